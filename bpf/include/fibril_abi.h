@@ -1,0 +1,224 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * The one kernel/user ABI of Fibril: every map key and value and every event
+ * record shared by the BPF programs and the agent. crates/abi mirrors these
+ * structs field for field; its tests compare sizes and offsets with what the
+ * C compiler computes, so any drift fails the build.
+ *
+ * Rules: fixed-width types only, explicit padding, no bitfields.
+ */
+#ifndef FIBRIL_ABI_H
+#define FIBRIL_ABI_H
+
+#include <linux/types.h>
+
+/* Reserved security identities (Cilium numbering). */
+enum fibril_identity {
+	ID_UNKNOWN = 0,
+	ID_HOST = 1,
+	ID_WORLD = 2,
+	ID_UNMANAGED = 3,
+	ID_HEALTH = 4,
+	ID_INIT = 5,
+	ID_REMOTE_NODE = 6,
+	ID_KUBE_APISERVER = 7,
+	ID_INGRESS = 8,
+	ID_WORLD_IPV4 = 9,
+	ID_WORLD_IPV6 = 10,
+};
+
+/* Monitor message types, Cilium's numbering (Hubble event_type.type). */
+enum fibril_event_type {
+	EVENT_DROP = 1,
+	EVENT_TRACE = 4,
+	EVENT_POLICY_VERDICT = 5,
+};
+
+/* Drop reasons: the values of Cilium's bpf/lib/common.h and flow.DropReason. */
+enum fibril_drop_reason {
+	DROP_INVALID_SOURCE_IP = 132,
+	DROP_POLICY_DENIED = 133,
+	DROP_INVALID_PACKET = 134,
+	DROP_CT_INVALID_HEADER = 135,
+	DROP_UNSUPPORTED_L3 = 139,
+	DROP_UNKNOWN_L4 = 142,
+	DROP_CT_MAP_INSERT_FAILED = 155,
+	DROP_POLICY_DENY = 181,
+};
+
+/* Trace observation points, datapath numbering (TraceToLxc = 0 ...). */
+enum fibril_trace_point {
+	TRACE_TO_LXC = 0,
+	TRACE_TO_PROXY = 1,
+	TRACE_TO_HOST = 2,
+	TRACE_TO_STACK = 3,
+	TRACE_TO_OVERLAY = 4,
+	TRACE_FROM_LXC = 5,
+};
+
+/* Verdicts, flow.Verdict numbering. */
+enum fibril_verdict {
+	VERDICT_FORWARDED = 1,
+	VERDICT_DROPPED = 2,
+	VERDICT_AUDIT = 4,
+};
+
+/* Connection-tracking state of a packet, flow.TraceReason numbering. */
+enum fibril_ct_state {
+	CT_NEW = 1,
+	CT_ESTABLISHED = 2,
+	CT_REPLY = 3,
+	CT_RELATED = 4,
+};
+
+/* Traffic direction, flow.TrafficDirection numbering. */
+enum fibril_direction {
+	DIR_INGRESS = 1,
+	DIR_EGRESS = 2,
+};
+
+/* Policy match types, Hubble policy_match_type numbering. */
+enum fibril_policy_match {
+	MATCH_NONE = 0,
+	MATCH_L3_ONLY = 1,
+	MATCH_L3_L4 = 2,
+	MATCH_L4_ONLY = 3,
+	MATCH_ALL = 4,
+	MATCH_L3_PROTO = 5,
+	MATCH_PROTO_ONLY = 6,
+};
+
+/* Endpoint flags (endpoint_info.flags). */
+#define EP_F_INGRESS_ENFORCED 0x1
+#define EP_F_EGRESS_ENFORCED 0x2
+
+/* Policy entry flags (policy_value.flags). */
+#define POLICY_F_DENY 0x1
+
+/*
+ * ipcache: LPM trie, IPv4 prefix -> security identity.
+ * prefixlen counts the bits of `addr` only.
+ */
+struct ipcache_key {
+	__u32 prefixlen;
+	__u8 addr[4]; /* network byte order */
+};
+_Static_assert(sizeof(struct ipcache_key) == 8, "ipcache_key size");
+
+struct ipcache_value {
+	__u32 identity;
+	__u32 pad;
+};
+_Static_assert(sizeof(struct ipcache_value) == 8, "ipcache_value size");
+
+/*
+ * Local endpoints, keyed by IPv4 address (network byte order): used for
+ * same-node delivery and to learn the identity of a local peer.
+ */
+struct endpoint_key {
+	__u32 addr;
+};
+_Static_assert(sizeof(struct endpoint_key) == 4, "endpoint_key size");
+
+struct endpoint_info {
+	__u32 ep_id;
+	__u32 identity;
+	__u32 host_ifindex; /* host side of the pod's veth */
+	__u32 flags;        /* EP_F_* */
+	__u8 pod_mac[6];
+	__u8 host_mac[6];
+	__u32 pad;
+};
+_Static_assert(sizeof(struct endpoint_info) == 32, "endpoint_info size");
+
+/*
+ * Policy: one LPM trie for every endpoint. The static part of the key
+ * (endpoint id, peer identity, direction) is always matched exactly; the LPM
+ * prefix only covers protocol and port, as Cilium's policy map does:
+ *   prefixlen 72 = any protocol, any port
+ *   prefixlen 80 = this protocol, any port
+ *   prefixlen 81..96 = this protocol, port prefix (ranges are split into
+ *                      power-of-two blocks)
+ * Peer identity 0 is the "any identity" entry, looked up separately.
+ */
+#define POLICY_STATIC_PREFIX_BITS 72
+#define POLICY_FULL_PREFIX_BITS 96
+
+struct policy_key {
+	__u32 prefixlen;
+	__u32 ep_id;    /* big endian, matched exactly */
+	__u32 identity; /* big endian, matched exactly */
+	__u8 direction; /* DIR_INGRESS / DIR_EGRESS */
+	__u8 protocol;  /* IPPROTO_*, 0 = any */
+	__u16 dport;    /* network byte order */
+};
+_Static_assert(sizeof(struct policy_key) == 16, "policy_key size");
+
+struct policy_value {
+	__u32 cookie;   /* which rule put it there: attribution for flows */
+	__u8 flags;     /* POLICY_F_* */
+	__u8 prefix;    /* copy of the key's proto/port prefix length (0..24) */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct policy_value) == 8, "policy_value size");
+
+/*
+ * Connection tracking: LRU hash. A connection is stored once per enforcing
+ * side, keyed by its original-direction tuple and the direction (relative to
+ * the endpoint) in which it was opened. A packet whose own tuple matches is
+ * ESTABLISHED; one whose reversed tuple matches with the opposite direction
+ * is a REPLY.
+ */
+struct ct_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 protocol;
+	__u8 direction;
+	__u16 pad;
+};
+_Static_assert(sizeof(struct ct_key) == 16, "ct_key size");
+
+struct ct_value {
+	__u64 expires_ns;       /* bpf_ktime_get_ns() deadline */
+	__u64 packets;
+	__u64 bytes;
+	__u64 last_report_ns;   /* monitor aggregation */
+	__u32 policy_cookie;
+	__u8 tx_flags_seen;     /* TCP flags seen from the opener */
+	__u8 rx_flags_seen;     /* TCP flags seen from the peer */
+	__u8 closing;
+	__u8 pad;
+};
+_Static_assert(sizeof(struct ct_value) == 40, "ct_value size");
+
+/* One datapath notification on the events ring buffer. */
+struct flow_event {
+	__u64 ts_ns;            /* bpf_ktime_get_ns() */
+	__u8 type;              /* fibril_event_type */
+	__u8 subtype;           /* drop reason or trace point */
+	__u8 direction;         /* fibril_direction */
+	__u8 verdict;           /* fibril_verdict */
+	__u8 ct_state;          /* fibril_ct_state */
+	__u8 protocol;
+	__u8 tcp_flags;
+	__u8 ip_version;
+	__u32 ep_id;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 ifindex;
+	__u32 saddr;            /* network byte order */
+	__u32 daddr;            /* network byte order */
+	__u16 sport;            /* host byte order */
+	__u16 dport;            /* host byte order; ICMP: type << 8 | code */
+	__u16 pkt_len;
+	__u8 policy_match;      /* fibril_policy_match */
+	__u8 pad0;
+	__u32 policy_cookie;
+	__u8 smac[6];
+	__u8 dmac[6];
+};
+_Static_assert(sizeof(struct flow_event) == 64, "flow_event size");
+
+#endif /* FIBRIL_ABI_H */

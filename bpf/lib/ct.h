@@ -1,0 +1,127 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Connection tracking. Policy is evaluated for NEW packets only; packets of a
+ * tracked connection (either way) pass without a policy lookup. */
+#ifndef FIBRIL_CT_H
+#define FIBRIL_CT_H
+
+#include "maps.h"
+#include "parse.h"
+
+#define NSEC_PER_SEC 1000000000ULL
+
+/* Timeouts, set by the agent at load time. Defaults are Cilium's. */
+const volatile __u64 ct_timeout_tcp_syn_s = 60;
+const volatile __u64 ct_timeout_tcp_established_s = 8000;
+const volatile __u64 ct_timeout_tcp_close_s = 10;
+const volatile __u64 ct_timeout_any_s = 60;
+
+struct ct_result {
+	__u8 state;              /* fibril_ct_state */
+	__u8 report;             /* worth a trace event (monitor aggregation) */
+	__u32 policy_cookie;
+};
+
+static __always_inline void ct_fill_key(struct ct_key *key, const struct packet *pkt,
+					__u8 direction, int reverse)
+{
+	if (reverse) {
+		key->saddr = pkt->daddr;
+		key->daddr = pkt->saddr;
+		key->sport = pkt->dport;
+		key->dport = pkt->sport;
+	} else {
+		key->saddr = pkt->saddr;
+		key->daddr = pkt->daddr;
+		key->sport = pkt->sport;
+		key->dport = pkt->dport;
+	}
+	key->protocol = pkt->protocol;
+	key->direction = direction;
+	key->pad = 0;
+}
+
+static __always_inline __u64 ct_timeout(const struct packet *pkt, struct ct_value *v)
+{
+	if (pkt->protocol != IPPROTO_TCP)
+		return ct_timeout_any_s * NSEC_PER_SEC;
+	if (v->closing)
+		return ct_timeout_tcp_close_s * NSEC_PER_SEC;
+	if ((v->tx_flags_seen & TCP_ACK) && (v->rx_flags_seen & TCP_ACK))
+		return ct_timeout_tcp_established_s * NSEC_PER_SEC;
+	return ct_timeout_tcp_syn_s * NSEC_PER_SEC;
+}
+
+/* Updates a found entry with this packet; decides whether it is worth an
+ * event: the first sighting of SYN, FIN or RST in its direction. */
+static __always_inline int ct_touch(struct ct_value *v, const struct packet *pkt, int from_opener,
+				    __u64 now)
+{
+	__u8 interesting = pkt->tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST);
+	__u8 *seen = from_opener ? &v->tx_flags_seen : &v->rx_flags_seen;
+	int report = (interesting & ~*seen) != 0;
+
+	if ((pkt->tcp_flags & ~*seen) != 0)
+		*seen |= pkt->tcp_flags;
+	if (pkt->tcp_flags & (TCP_FIN | TCP_RST))
+		v->closing = 1;
+	v->packets++;
+	v->bytes += pkt->len;
+
+	__u64 expires = now + ct_timeout(pkt, v);
+	/* Avoid writing the shared cache line on every packet. */
+	if (expires > v->expires_ns + NSEC_PER_SEC || v->closing)
+		v->expires_ns = expires;
+	if (report)
+		v->last_report_ns = now;
+	return report;
+}
+
+/* Looks the packet up in the direction `dir` (as seen from the endpoint whose
+ * program runs). Returns CT_NEW when no live entry exists. */
+static __always_inline void ct_lookup(const struct packet *pkt, __u8 dir, struct ct_result *res)
+{
+	struct ct_key key;
+	struct ct_value *v;
+	__u64 now = bpf_ktime_get_ns();
+	__u8 opposite = dir == DIR_INGRESS ? DIR_EGRESS : DIR_INGRESS;
+
+	res->report = 0;
+	res->policy_cookie = 0;
+
+	ct_fill_key(&key, pkt, dir, 0);
+	v = bpf_map_lookup_elem(&fibril_ct, &key);
+	if (v && v->expires_ns > now) {
+		res->state = CT_ESTABLISHED;
+		res->policy_cookie = v->policy_cookie;
+		res->report = ct_touch(v, pkt, 1, now);
+		return;
+	}
+	ct_fill_key(&key, pkt, opposite, 1);
+	v = bpf_map_lookup_elem(&fibril_ct, &key);
+	if (v && v->expires_ns > now) {
+		res->state = CT_REPLY;
+		res->policy_cookie = v->policy_cookie;
+		res->report = ct_touch(v, pkt, 0, now);
+		return;
+	}
+	res->state = CT_NEW;
+	res->report = 1;
+}
+
+static __always_inline int ct_create(const struct packet *pkt, __u8 dir, __u32 cookie)
+{
+	struct ct_key key;
+	struct ct_value v = {};
+	__u64 now = bpf_ktime_get_ns();
+
+	ct_fill_key(&key, pkt, dir, 0);
+	v.policy_cookie = cookie;
+	v.tx_flags_seen = pkt->tcp_flags;
+	v.packets = 1;
+	v.bytes = pkt->len;
+	v.last_report_ns = now;
+	v.expires_ns = now + ct_timeout(pkt, &v);
+	return bpf_map_update_elem(&fibril_ct, &key, &v, BPF_ANY);
+}
+
+#endif

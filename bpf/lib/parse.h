@@ -1,0 +1,129 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Packet parsing: Ethernet, IPv4 and the first bytes of TCP/UDP/ICMP. */
+#ifndef FIBRIL_PARSE_H
+#define FIBRIL_PARSE_H
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/in.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_PSH 0x08
+#define TCP_ACK 0x10
+#define TCP_URG 0x20
+
+enum parse_result {
+	PARSE_IPV4 = 0,
+	PARSE_ARP,
+	PARSE_IPV6,
+	PARSE_OTHER_L3,
+	PARSE_INVALID,
+};
+
+struct packet {
+	__u32 saddr;   /* network byte order */
+	__u32 daddr;
+	__u16 sport;   /* host byte order */
+	__u16 dport;   /* host byte order */
+	__u16 policy_port_be; /* the port policy is keyed on, network order */
+	__u16 len;
+	__u8 protocol;
+	__u8 tcp_flags;
+	__u8 icmp_type;
+	__u8 icmp_code;
+	__u8 smac[6];
+	__u8 dmac[6];
+};
+
+static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *pkt)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return PARSE_INVALID;
+	__builtin_memcpy(pkt->smac, eth->h_source, 6);
+	__builtin_memcpy(pkt->dmac, eth->h_dest, 6);
+	pkt->len = skb->len > 0xffff ? 0xffff : skb->len;
+
+	if (eth->h_proto == bpf_htons(ETH_P_ARP))
+		return PARSE_ARP;
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return PARSE_IPV6;
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return PARSE_OTHER_L3;
+
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > data_end)
+		return PARSE_INVALID;
+	if (ip->version != 4 || ip->ihl < 5)
+		return PARSE_INVALID;
+	__u32 ihl = ip->ihl * 4;
+	void *l4 = (void *)ip + ihl;
+
+	pkt->saddr = ip->saddr;
+	pkt->daddr = ip->daddr;
+	pkt->protocol = ip->protocol;
+	pkt->sport = 0;
+	pkt->dport = 0;
+	pkt->policy_port_be = 0;
+	pkt->tcp_flags = 0;
+	pkt->icmp_type = 0;
+	pkt->icmp_code = 0;
+
+	/* Non-first fragments carry no L4 header: keyed on port 0. */
+	if (ip->frag_off & bpf_htons(0x1fff))
+		return PARSE_IPV4;
+
+	switch (ip->protocol) {
+	case IPPROTO_TCP: {
+		__u8 *tcp = l4;
+		if ((void *)(tcp + 14) > data_end)
+			return PARSE_INVALID;
+		pkt->sport = ((__u16)tcp[0] << 8) | tcp[1];
+		pkt->dport = ((__u16)tcp[2] << 8) | tcp[3];
+		pkt->tcp_flags = tcp[13];
+		pkt->policy_port_be = bpf_htons(pkt->dport);
+		break;
+	}
+	case IPPROTO_UDP:
+	case IPPROTO_SCTP: {
+		__u8 *udp = l4;
+		if ((void *)(udp + 4) > data_end)
+			return PARSE_INVALID;
+		pkt->sport = ((__u16)udp[0] << 8) | udp[1];
+		pkt->dport = ((__u16)udp[2] << 8) | udp[3];
+		pkt->policy_port_be = bpf_htons(pkt->dport);
+		break;
+	}
+	case IPPROTO_ICMP: {
+		__u8 *icmp = l4;
+		if ((void *)(icmp + 8) > data_end)
+			return PARSE_INVALID;
+		/* Echo id in both port slots so that request and reply share a
+		 * tuple; the type and code travel in the event. */
+		__u16 id = ((__u16)icmp[4] << 8) | icmp[5];
+		__u8 type = icmp[0];
+		if (type == 8 || type == 0) {
+			pkt->sport = id;
+			pkt->dport = id;
+		}
+		/* ICMP policy is keyed on the type in the port slot, as Cilium. */
+		pkt->policy_port_be = bpf_htons((__u16)type);
+		pkt->icmp_type = type;
+		pkt->icmp_code = icmp[1];
+		break;
+	}
+	default:
+		break;
+	}
+	return PARSE_IPV4;
+}
+
+#endif

@@ -1,0 +1,70 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Policy lookup, Cilium's two-lookup algorithm: one for the peer identity,
+ * one for "any identity"; a deny from either wins; otherwise the longer
+ * protocol/port prefix wins, and the identity-specific entry on a tie. */
+#ifndef FIBRIL_POLICY_H
+#define FIBRIL_POLICY_H
+
+#include "maps.h"
+
+struct policy_verdict {
+	__u8 allowed;
+	__u8 drop_reason;
+	__u8 match;      /* fibril_policy_match */
+	__u32 cookie;
+};
+
+static __always_inline __u8 match_type(int l3, __u8 prefix)
+{
+	if (l3)
+		return prefix == 0 ? MATCH_L3_ONLY : prefix == 8 ? MATCH_L3_PROTO : MATCH_L3_L4;
+	return prefix == 0 ? MATCH_ALL : prefix == 8 ? MATCH_PROTO_ONLY : MATCH_L4_ONLY;
+}
+
+static __always_inline void policy_lookup(__u32 ep_id, __u32 peer, __u8 dir, __u8 protocol,
+					  __u16 port_be, struct policy_verdict *out)
+{
+	struct policy_key key = {
+		.prefixlen = POLICY_FULL_PREFIX_BITS,
+		.ep_id = bpf_htonl(ep_id),
+		.identity = bpf_htonl(peer),
+		.direction = dir,
+		.protocol = protocol,
+		.dport = port_be,
+	};
+	struct policy_value *l3, *l4, *win;
+	int l3_wins;
+
+	l3 = bpf_map_lookup_elem(&fibril_policy, &key);
+	if (l3 && (l3->flags & POLICY_F_DENY)) {
+		out->allowed = 0;
+		out->drop_reason = DROP_POLICY_DENY;
+		out->match = match_type(1, l3->prefix);
+		out->cookie = l3->cookie;
+		return;
+	}
+	key.identity = 0;
+	l4 = bpf_map_lookup_elem(&fibril_policy, &key);
+	if (l4 && (l4->flags & POLICY_F_DENY)) {
+		out->allowed = 0;
+		out->drop_reason = DROP_POLICY_DENY;
+		out->match = match_type(0, l4->prefix);
+		out->cookie = l4->cookie;
+		return;
+	}
+	if (!l3 && !l4) {
+		out->allowed = 0;
+		out->drop_reason = DROP_POLICY_DENIED;
+		out->match = MATCH_NONE;
+		out->cookie = 0;
+		return;
+	}
+	l3_wins = l3 && (!l4 || l3->prefix >= l4->prefix);
+	win = l3_wins ? l3 : l4;
+	out->allowed = 1;
+	out->drop_reason = 0;
+	out->match = match_type(l3_wins, win->prefix);
+	out->cookie = win->cookie;
+}
+
+#endif

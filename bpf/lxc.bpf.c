@@ -1,0 +1,157 @@
+// SPDX-License-Identifier: Apache-2.0
+/*
+ * Programs on the host side of a pod's veth pair, one instance per endpoint
+ * (its identity is set at load time):
+ *   from_container: tc ingress of the host veth = packets leaving the pod
+ *                   (egress policy, same-node delivery)
+ *   to_container:   tc egress of the host veth = packets entering the pod
+ *                   (ingress policy)
+ */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "fibril_abi.h"
+#include "lib/maps.h"
+#include "lib/parse.h"
+#include "lib/ct.h"
+#include "lib/policy.h"
+#include "lib/events.h"
+
+/* This endpoint, set by the agent when it loads the program. */
+const volatile __u32 endpoint_id = 0;
+const volatile __u32 endpoint_ipv4 = 0; /* network byte order */
+
+static __always_inline struct endpoint_info *local_endpoint(__u32 addr)
+{
+	struct endpoint_key key = { .addr = addr };
+	return bpf_map_lookup_elem(&fibril_endpoints, &key);
+}
+
+/* The identity of a remote address: a local endpoint, else the longest
+ * ipcache prefix, else world. */
+static __always_inline __u32 identity_of(__u32 addr)
+{
+	struct endpoint_info *ep = local_endpoint(addr);
+	if (ep)
+		return ep->identity;
+	struct ipcache_key key = { .prefixlen = 32 };
+	__builtin_memcpy(key.addr, &addr, 4);
+	struct ipcache_value *v = bpf_map_lookup_elem(&fibril_ipcache, &key);
+	return v ? v->identity : ID_WORLD;
+}
+
+static __always_inline int drop(struct __sk_buff *skb, const struct packet *pkt, __u8 reason,
+				__u8 dir, __u32 src_id, __u32 dst_id, __u8 match, __u32 cookie)
+{
+	emit_event(skb, pkt, endpoint_id, EVENT_DROP, reason, dir, VERDICT_DROPPED, CT_NEW,
+		   src_id, dst_id, match, cookie);
+	return TC_ACT_SHOT;
+}
+
+/* Non-IPv4 traffic: ARP always passes; anything else passes only while no
+ * policy applies in that direction (IPv6 is not enforced yet, so it is
+ * dropped with a reason rather than silently allowed). */
+static __always_inline int handle_non_ipv4(struct __sk_buff *skb, struct packet *pkt, int kind,
+					   __u8 dir, __u32 enforced_flag)
+{
+	struct endpoint_info *self = local_endpoint(endpoint_ipv4);
+
+	if (kind == PARSE_ARP)
+		return TC_ACT_OK;
+	if (kind == PARSE_INVALID)
+		return drop(skb, pkt, DROP_INVALID_PACKET, dir, 0, 0, MATCH_NONE, 0);
+	if (!self || (self->flags & enforced_flag))
+		return drop(skb, pkt, DROP_UNSUPPORTED_L3, dir, 0, 0, MATCH_NONE, 0);
+	return TC_ACT_OK;
+}
+
+SEC("classifier")
+int from_container(struct __sk_buff *skb)
+{
+	struct packet pkt = {};
+	struct ct_result ct;
+	struct policy_verdict pv = {};
+	int kind = parse_packet(skb, &pkt);
+
+	if (kind != PARSE_IPV4)
+		return handle_non_ipv4(skb, &pkt, kind, DIR_EGRESS, EP_F_EGRESS_ENFORCED);
+
+	struct endpoint_info *self = local_endpoint(endpoint_ipv4);
+	if (!self || pkt.saddr != endpoint_ipv4)
+		return drop(skb, &pkt, DROP_INVALID_SOURCE_IP, DIR_EGRESS, 0, 0, MATCH_NONE, 0);
+	__u32 src_id = self->identity;
+	__u32 flags = self->flags;
+	__u32 dst_id = identity_of(pkt.daddr);
+
+	ct_lookup(&pkt, DIR_EGRESS, &ct);
+	if (ct.state == CT_NEW) {
+		if (flags & EP_F_EGRESS_ENFORCED) {
+			policy_lookup(endpoint_id, dst_id, DIR_EGRESS, pkt.protocol,
+				      pkt.policy_port_be, &pv);
+			if (!pv.allowed)
+				return drop(skb, &pkt, pv.drop_reason, DIR_EGRESS, src_id, dst_id,
+					    pv.match, pv.cookie);
+		}
+		if (ct_create(&pkt, DIR_EGRESS, pv.cookie) < 0)
+			return drop(skb, &pkt, DROP_CT_MAP_INSERT_FAILED, DIR_EGRESS, src_id,
+				    dst_id, pv.match, pv.cookie);
+		ct.policy_cookie = pv.cookie;
+	}
+	if (ct.report)
+		emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_FROM_LXC, DIR_EGRESS,
+			   VERDICT_FORWARDED, ct.state, src_id, dst_id, pv.match, ct.policy_cookie);
+
+	/* Same-node delivery: straight to the peer's veth, where to_container
+	 * applies the peer's ingress policy. No trip through the host stack. */
+	struct endpoint_info *peer = local_endpoint(pkt.daddr);
+	if (peer && peer->host_ifindex) {
+		if (bpf_skb_store_bytes(skb, 0, peer->pod_mac, 6, 0) < 0 ||
+		    bpf_skb_store_bytes(skb, 6, peer->host_mac, 6, 0) < 0)
+			return drop(skb, &pkt, DROP_INVALID_PACKET, DIR_EGRESS, src_id, dst_id,
+				    MATCH_NONE, 0);
+		return bpf_redirect(peer->host_ifindex, 0);
+	}
+	return TC_ACT_OK;
+}
+
+SEC("classifier")
+int to_container(struct __sk_buff *skb)
+{
+	struct packet pkt = {};
+	struct ct_result ct;
+	struct policy_verdict pv = {};
+	int kind = parse_packet(skb, &pkt);
+
+	if (kind != PARSE_IPV4)
+		return handle_non_ipv4(skb, &pkt, kind, DIR_INGRESS, EP_F_INGRESS_ENFORCED);
+
+	struct endpoint_info *self = local_endpoint(endpoint_ipv4);
+	if (!self || pkt.daddr != endpoint_ipv4)
+		return TC_ACT_OK; /* broadcast or not addressed to the pod */
+	__u32 dst_id = self->identity;
+	__u32 flags = self->flags;
+	__u32 src_id = identity_of(pkt.saddr);
+
+	ct_lookup(&pkt, DIR_INGRESS, &ct);
+	if (ct.state == CT_NEW) {
+		if (flags & EP_F_INGRESS_ENFORCED) {
+			policy_lookup(endpoint_id, src_id, DIR_INGRESS, pkt.protocol,
+				      pkt.policy_port_be, &pv);
+			if (!pv.allowed)
+				return drop(skb, &pkt, pv.drop_reason, DIR_INGRESS, src_id, dst_id,
+					    pv.match, pv.cookie);
+		}
+		if (ct_create(&pkt, DIR_INGRESS, pv.cookie) < 0)
+			return drop(skb, &pkt, DROP_CT_MAP_INSERT_FAILED, DIR_INGRESS, src_id,
+				    dst_id, pv.match, pv.cookie);
+		ct.policy_cookie = pv.cookie;
+	}
+	if (ct.report)
+		emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_TO_LXC, DIR_INGRESS,
+			   VERDICT_FORWARDED, ct.state, src_id, dst_id, pv.match, ct.policy_cookie);
+	return TC_ACT_OK;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

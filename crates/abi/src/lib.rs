@@ -1,0 +1,329 @@
+//! Rust mirrors of `bpf/include/fibril_abi.h`, the one kernel/user ABI.
+//!
+//! Every struct here is `#[repr(C)]` with the same fields, widths and explicit
+//! padding as its C twin. `tests/layout.rs` compiles the C header and compares
+//! every size and field offset, and every enum value, with these definitions.
+#![no_std]
+#![deny(unsafe_code)]
+
+/// Reserved security identities (Cilium numbering, `spec/cilium-semantics.md` §1.3).
+pub mod identity {
+    pub const UNKNOWN: u32 = 0;
+    pub const HOST: u32 = 1;
+    pub const WORLD: u32 = 2;
+    pub const UNMANAGED: u32 = 3;
+    pub const HEALTH: u32 = 4;
+    pub const INIT: u32 = 5;
+    pub const REMOTE_NODE: u32 = 6;
+    pub const KUBE_APISERVER: u32 = 7;
+    pub const INGRESS: u32 = 8;
+    pub const WORLD_IPV4: u32 = 9;
+    pub const WORLD_IPV6: u32 = 10;
+    /// First identity handed out for label sets (cluster id 0).
+    pub const FIRST_CLUSTER_LOCAL: u32 = 256;
+    /// Last cluster-local identity (cluster id 0).
+    pub const LAST_CLUSTER_LOCAL: u32 = 65535;
+}
+
+/// Monitor message types (Hubble `event_type.type`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventType {
+    Drop = 1,
+    Trace = 4,
+    PolicyVerdict = 5,
+}
+
+impl EventType {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Drop),
+            4 => Some(Self::Trace),
+            5 => Some(Self::PolicyVerdict),
+            _ => None,
+        }
+    }
+}
+
+/// Drop reasons the datapath emits (values of `flow.DropReason`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    InvalidSourceIp = 132,
+    PolicyDenied = 133,
+    InvalidPacket = 134,
+    CtInvalidHeader = 135,
+    UnsupportedL3 = 139,
+    UnknownL4 = 142,
+    CtMapInsertFailed = 155,
+    PolicyDeny = 181,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 8] = [
+        Self::InvalidSourceIp,
+        Self::PolicyDenied,
+        Self::InvalidPacket,
+        Self::CtInvalidHeader,
+        Self::UnsupportedL3,
+        Self::UnknownL4,
+        Self::CtMapInsertFailed,
+        Self::PolicyDeny,
+    ];
+
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| *r as u8 == v)
+    }
+}
+
+/// Trace observation points, datapath numbering.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TracePoint {
+    ToLxc = 0,
+    ToProxy = 1,
+    ToHost = 2,
+    ToStack = 3,
+    ToOverlay = 4,
+    FromLxc = 5,
+}
+
+impl TracePoint {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::ToLxc),
+            1 => Some(Self::ToProxy),
+            2 => Some(Self::ToHost),
+            3 => Some(Self::ToStack),
+            4 => Some(Self::ToOverlay),
+            5 => Some(Self::FromLxc),
+            _ => None,
+        }
+    }
+}
+
+/// Verdicts (`flow.Verdict` numbering).
+pub mod verdict {
+    pub const FORWARDED: u8 = 1;
+    pub const DROPPED: u8 = 2;
+    pub const AUDIT: u8 = 4;
+}
+
+/// Connection-tracking state of a packet (`flow.TraceReason` numbering).
+pub mod ct_state {
+    pub const NEW: u8 = 1;
+    pub const ESTABLISHED: u8 = 2;
+    pub const REPLY: u8 = 3;
+    pub const RELATED: u8 = 4;
+}
+
+/// Traffic direction (`flow.TrafficDirection` numbering).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
+    Ingress = 1,
+    Egress = 2,
+}
+
+impl Direction {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Ingress),
+            2 => Some(Self::Egress),
+            _ => None,
+        }
+    }
+}
+
+/// Policy match types (Hubble `policy_match_type`).
+pub mod policy_match {
+    pub const NONE: u8 = 0;
+    pub const L3_ONLY: u8 = 1;
+    pub const L3_L4: u8 = 2;
+    pub const L4_ONLY: u8 = 3;
+    pub const ALL: u8 = 4;
+    pub const L3_PROTO: u8 = 5;
+    pub const PROTO_ONLY: u8 = 6;
+}
+
+pub const EP_F_INGRESS_ENFORCED: u32 = 0x1;
+pub const EP_F_EGRESS_ENFORCED: u32 = 0x2;
+pub const POLICY_F_DENY: u8 = 0x1;
+pub const POLICY_STATIC_PREFIX_BITS: u32 = 72;
+pub const POLICY_FULL_PREFIX_BITS: u32 = 96;
+
+/// ipcache key: IPv4 prefix (`prefixlen` counts address bits only).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpcacheValue {
+    pub identity: u32,
+    pub pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointInfo {
+    pub ep_id: u32,
+    pub identity: u32,
+    pub host_ifindex: u32,
+    pub flags: u32,
+    pub pod_mac: [u8; 6],
+    pub host_mac: [u8; 6],
+    pub pad: u32,
+}
+
+/// The data part of a policy LPM key (after `prefixlen`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKeyData {
+    /// Big endian.
+    pub ep_id: u32,
+    /// Big endian.
+    pub identity: u32,
+    pub direction: u8,
+    pub protocol: u8,
+    /// Network byte order.
+    pub dport: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyValue {
+    pub cookie: u32,
+    pub flags: u8,
+    pub prefix: u8,
+    pub pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    pub direction: u8,
+    pub pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    pub expires_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub last_report_ns: u64,
+    pub policy_cookie: u32,
+    pub tx_flags_seen: u8,
+    pub rx_flags_seen: u8,
+    pub closing: u8,
+    pub pad: u8,
+}
+
+/// One datapath notification read from the events ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub ts_ns: u64,
+    pub r#type: u8,
+    pub subtype: u8,
+    pub direction: u8,
+    pub verdict: u8,
+    pub ct_state: u8,
+    pub protocol: u8,
+    pub tcp_flags: u8,
+    pub ip_version: u8,
+    pub ep_id: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub ifindex: u32,
+    /// Network byte order.
+    pub saddr: u32,
+    /// Network byte order.
+    pub daddr: u32,
+    pub sport: u16,
+    /// For ICMP: `type << 8 | code`.
+    pub dport: u16,
+    pub pkt_len: u16,
+    pub policy_match: u8,
+    pub pad0: u8,
+    pub policy_cookie: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+impl FlowEvent {
+    pub const SIZE: usize = core::mem::size_of::<FlowEvent>();
+
+    /// Decodes an event from ring-buffer bytes; `None` when too short.
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() < Self::SIZE {
+            return None;
+        }
+        let u16_at = |o: usize| u16::from_ne_bytes([b[o], b[o + 1]]);
+        let u32_at = |o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let mut ts = [0u8; 8];
+        ts.copy_from_slice(&b[0..8]);
+        let mut smac = [0u8; 6];
+        smac.copy_from_slice(&b[52..58]);
+        let mut dmac = [0u8; 6];
+        dmac.copy_from_slice(&b[58..64]);
+        Some(Self {
+            ts_ns: u64::from_ne_bytes(ts),
+            r#type: b[8],
+            subtype: b[9],
+            direction: b[10],
+            verdict: b[11],
+            ct_state: b[12],
+            protocol: b[13],
+            tcp_flags: b[14],
+            ip_version: b[15],
+            ep_id: u32_at(16),
+            src_identity: u32_at(20),
+            dst_identity: u32_at(24),
+            ifindex: u32_at(28),
+            saddr: u32_at(32),
+            daddr: u32_at(36),
+            sport: u16_at(40),
+            dport: u16_at(42),
+            pkt_len: u16_at(44),
+            policy_match: b[46],
+            pad0: b[47],
+            policy_cookie: u32_at(48),
+            smac,
+            dmac,
+        })
+    }
+}
+
+#[cfg(feature = "aya")]
+mod pod {
+    #![allow(unsafe_code)]
+    use super::*;
+    // SAFETY: each type is #[repr(C)], made only of integers and byte arrays,
+    // with explicit padding fields, so every bit pattern is valid and there
+    // are no implicit padding bytes (pinned by tests/layout.rs).
+    unsafe impl aya::Pod for IpcacheValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for EndpointKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for EndpointInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PolicyKeyData {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PolicyValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CtKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CtValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowEvent {}
+}

@@ -1,0 +1,236 @@
+//! Tier 2: the Rust mirrors must agree with the C header, byte for byte.
+//! Compiles a small C program against `bpf/include/fibril_abi.h` that prints
+//! every size, field offset and enum value, and compares with Rust.
+
+use std::collections::HashMap;
+use std::mem::{offset_of, size_of};
+use std::path::PathBuf;
+use std::process::Command;
+
+use fibril_abi::*;
+
+const PROBE: &str = r#"
+#include <stdio.h>
+#include <stddef.h>
+#include "fibril_abi.h"
+#define S(t) printf("sizeof " #t " %zu\n", sizeof(struct t));
+#define O(t, f) printf("offsetof " #t "." #f " %zu\n", offsetof(struct t, f));
+#define E(n) printf("enum " #n " %d\n", (int)(n));
+int main(void) {
+  S(ipcache_key) S(ipcache_value) S(endpoint_key) S(endpoint_info) S(policy_key)
+  S(policy_value) S(ct_key) S(ct_value) S(flow_event)
+  O(ipcache_value, identity)
+  O(endpoint_info, ep_id) O(endpoint_info, identity) O(endpoint_info, host_ifindex)
+  O(endpoint_info, flags) O(endpoint_info, pod_mac) O(endpoint_info, host_mac)
+  O(policy_key, ep_id) O(policy_key, identity) O(policy_key, direction)
+  O(policy_key, protocol) O(policy_key, dport)
+  O(policy_value, cookie) O(policy_value, flags) O(policy_value, prefix)
+  O(ct_key, saddr) O(ct_key, daddr) O(ct_key, sport) O(ct_key, dport) O(ct_key, protocol)
+  O(ct_key, direction)
+  O(ct_value, expires_ns) O(ct_value, packets) O(ct_value, bytes) O(ct_value, last_report_ns)
+  O(ct_value, policy_cookie) O(ct_value, tx_flags_seen) O(ct_value, rx_flags_seen)
+  O(ct_value, closing)
+  O(flow_event, ts_ns) O(flow_event, type) O(flow_event, subtype) O(flow_event, direction)
+  O(flow_event, verdict) O(flow_event, ct_state) O(flow_event, protocol)
+  O(flow_event, tcp_flags) O(flow_event, ip_version) O(flow_event, ep_id)
+  O(flow_event, src_identity) O(flow_event, dst_identity) O(flow_event, ifindex)
+  O(flow_event, saddr) O(flow_event, daddr) O(flow_event, sport) O(flow_event, dport)
+  O(flow_event, pkt_len) O(flow_event, policy_match) O(flow_event, policy_cookie)
+  O(flow_event, smac) O(flow_event, dmac)
+  E(ID_HOST) E(ID_WORLD) E(ID_UNMANAGED) E(ID_HEALTH) E(ID_INIT) E(ID_REMOTE_NODE)
+  E(ID_KUBE_APISERVER) E(ID_INGRESS) E(ID_WORLD_IPV4) E(ID_WORLD_IPV6)
+  E(EVENT_DROP) E(EVENT_TRACE) E(EVENT_POLICY_VERDICT)
+  E(DROP_INVALID_SOURCE_IP) E(DROP_POLICY_DENIED) E(DROP_INVALID_PACKET)
+  E(DROP_CT_INVALID_HEADER) E(DROP_UNSUPPORTED_L3) E(DROP_UNKNOWN_L4)
+  E(DROP_CT_MAP_INSERT_FAILED) E(DROP_POLICY_DENY)
+  E(TRACE_TO_LXC) E(TRACE_TO_PROXY) E(TRACE_TO_HOST) E(TRACE_TO_STACK) E(TRACE_TO_OVERLAY)
+  E(TRACE_FROM_LXC)
+  E(VERDICT_FORWARDED) E(VERDICT_DROPPED) E(VERDICT_AUDIT)
+  E(CT_NEW) E(CT_ESTABLISHED) E(CT_REPLY) E(CT_RELATED)
+  E(DIR_INGRESS) E(DIR_EGRESS)
+  E(MATCH_NONE) E(MATCH_L3_ONLY) E(MATCH_L3_L4) E(MATCH_L4_ONLY) E(MATCH_ALL)
+  E(MATCH_L3_PROTO) E(MATCH_PROTO_ONLY)
+  E(EP_F_INGRESS_ENFORCED) E(EP_F_EGRESS_ENFORCED) E(POLICY_F_DENY)
+  E(POLICY_STATIC_PREFIX_BITS) E(POLICY_FULL_PREFIX_BITS)
+  return 0;
+}
+"#;
+
+fn c_layout() -> HashMap<String, usize> {
+    let include = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bpf/include");
+    let dir = std::env::temp_dir().join(format!("fibril-abi-probe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("probe.c");
+    let bin = dir.join("probe");
+    std::fs::write(&src, PROBE).unwrap();
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let out = Command::new(&cc)
+        .arg("-I")
+        .arg(&include)
+        .arg(&src)
+        .arg("-o")
+        .arg(&bin)
+        .output()
+        .expect("a C compiler (cc) is needed for the ABI layout test");
+    assert!(
+        out.status.success(),
+        "compiling the layout probe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = Command::new(&bin).output().unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    String::from_utf8(run.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut it = l.split_whitespace();
+            let (_, name, val) = (it.next(), it.next().unwrap(), it.next().unwrap());
+            (name.to_string(), val.parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn sizes_offsets_and_enums_match_the_c_header() {
+    let c = c_layout();
+    let mut rust: Vec<(&str, usize)> = vec![
+        ("ipcache_key", 8),
+        ("ipcache_value", size_of::<IpcacheValue>()),
+        ("endpoint_key", size_of::<EndpointKey>()),
+        ("endpoint_info", size_of::<EndpointInfo>()),
+        ("policy_key", 4 + size_of::<PolicyKeyData>()),
+        ("policy_value", size_of::<PolicyValue>()),
+        ("ct_key", size_of::<CtKey>()),
+        ("ct_value", size_of::<CtValue>()),
+        ("flow_event", size_of::<FlowEvent>()),
+        ("ipcache_value.identity", offset_of!(IpcacheValue, identity)),
+        ("endpoint_info.ep_id", offset_of!(EndpointInfo, ep_id)),
+        ("endpoint_info.identity", offset_of!(EndpointInfo, identity)),
+        ("endpoint_info.host_ifindex", offset_of!(EndpointInfo, host_ifindex)),
+        ("endpoint_info.flags", offset_of!(EndpointInfo, flags)),
+        ("endpoint_info.pod_mac", offset_of!(EndpointInfo, pod_mac)),
+        ("endpoint_info.host_mac", offset_of!(EndpointInfo, host_mac)),
+        // The LPM key's data follows the 4-byte prefixlen.
+        ("policy_key.ep_id", 4 + offset_of!(PolicyKeyData, ep_id)),
+        ("policy_key.identity", 4 + offset_of!(PolicyKeyData, identity)),
+        ("policy_key.direction", 4 + offset_of!(PolicyKeyData, direction)),
+        ("policy_key.protocol", 4 + offset_of!(PolicyKeyData, protocol)),
+        ("policy_key.dport", 4 + offset_of!(PolicyKeyData, dport)),
+        ("policy_value.cookie", offset_of!(PolicyValue, cookie)),
+        ("policy_value.flags", offset_of!(PolicyValue, flags)),
+        ("policy_value.prefix", offset_of!(PolicyValue, prefix)),
+        ("ct_key.saddr", offset_of!(CtKey, saddr)),
+        ("ct_key.daddr", offset_of!(CtKey, daddr)),
+        ("ct_key.sport", offset_of!(CtKey, sport)),
+        ("ct_key.dport", offset_of!(CtKey, dport)),
+        ("ct_key.protocol", offset_of!(CtKey, protocol)),
+        ("ct_key.direction", offset_of!(CtKey, direction)),
+        ("ct_value.expires_ns", offset_of!(CtValue, expires_ns)),
+        ("ct_value.packets", offset_of!(CtValue, packets)),
+        ("ct_value.bytes", offset_of!(CtValue, bytes)),
+        ("ct_value.last_report_ns", offset_of!(CtValue, last_report_ns)),
+        ("ct_value.policy_cookie", offset_of!(CtValue, policy_cookie)),
+        ("ct_value.tx_flags_seen", offset_of!(CtValue, tx_flags_seen)),
+        ("ct_value.rx_flags_seen", offset_of!(CtValue, rx_flags_seen)),
+        ("ct_value.closing", offset_of!(CtValue, closing)),
+        ("flow_event.ts_ns", offset_of!(FlowEvent, ts_ns)),
+        ("flow_event.type", offset_of!(FlowEvent, r#type)),
+        ("flow_event.subtype", offset_of!(FlowEvent, subtype)),
+        ("flow_event.direction", offset_of!(FlowEvent, direction)),
+        ("flow_event.verdict", offset_of!(FlowEvent, verdict)),
+        ("flow_event.ct_state", offset_of!(FlowEvent, ct_state)),
+        ("flow_event.protocol", offset_of!(FlowEvent, protocol)),
+        ("flow_event.tcp_flags", offset_of!(FlowEvent, tcp_flags)),
+        ("flow_event.ip_version", offset_of!(FlowEvent, ip_version)),
+        ("flow_event.ep_id", offset_of!(FlowEvent, ep_id)),
+        ("flow_event.src_identity", offset_of!(FlowEvent, src_identity)),
+        ("flow_event.dst_identity", offset_of!(FlowEvent, dst_identity)),
+        ("flow_event.ifindex", offset_of!(FlowEvent, ifindex)),
+        ("flow_event.saddr", offset_of!(FlowEvent, saddr)),
+        ("flow_event.daddr", offset_of!(FlowEvent, daddr)),
+        ("flow_event.sport", offset_of!(FlowEvent, sport)),
+        ("flow_event.dport", offset_of!(FlowEvent, dport)),
+        ("flow_event.pkt_len", offset_of!(FlowEvent, pkt_len)),
+        ("flow_event.policy_match", offset_of!(FlowEvent, policy_match)),
+        ("flow_event.policy_cookie", offset_of!(FlowEvent, policy_cookie)),
+        ("flow_event.smac", offset_of!(FlowEvent, smac)),
+        ("flow_event.dmac", offset_of!(FlowEvent, dmac)),
+        ("ID_HOST", identity::HOST as usize),
+        ("ID_WORLD", identity::WORLD as usize),
+        ("ID_UNMANAGED", identity::UNMANAGED as usize),
+        ("ID_HEALTH", identity::HEALTH as usize),
+        ("ID_INIT", identity::INIT as usize),
+        ("ID_REMOTE_NODE", identity::REMOTE_NODE as usize),
+        ("ID_KUBE_APISERVER", identity::KUBE_APISERVER as usize),
+        ("ID_INGRESS", identity::INGRESS as usize),
+        ("ID_WORLD_IPV4", identity::WORLD_IPV4 as usize),
+        ("ID_WORLD_IPV6", identity::WORLD_IPV6 as usize),
+        ("EVENT_DROP", EventType::Drop as usize),
+        ("EVENT_TRACE", EventType::Trace as usize),
+        ("EVENT_POLICY_VERDICT", EventType::PolicyVerdict as usize),
+        ("DROP_INVALID_SOURCE_IP", DropReason::InvalidSourceIp as usize),
+        ("DROP_POLICY_DENIED", DropReason::PolicyDenied as usize),
+        ("DROP_INVALID_PACKET", DropReason::InvalidPacket as usize),
+        ("DROP_CT_INVALID_HEADER", DropReason::CtInvalidHeader as usize),
+        ("DROP_UNSUPPORTED_L3", DropReason::UnsupportedL3 as usize),
+        ("DROP_UNKNOWN_L4", DropReason::UnknownL4 as usize),
+        ("DROP_CT_MAP_INSERT_FAILED", DropReason::CtMapInsertFailed as usize),
+        ("DROP_POLICY_DENY", DropReason::PolicyDeny as usize),
+        ("TRACE_TO_LXC", TracePoint::ToLxc as usize),
+        ("TRACE_TO_PROXY", TracePoint::ToProxy as usize),
+        ("TRACE_TO_HOST", TracePoint::ToHost as usize),
+        ("TRACE_TO_STACK", TracePoint::ToStack as usize),
+        ("TRACE_TO_OVERLAY", TracePoint::ToOverlay as usize),
+        ("TRACE_FROM_LXC", TracePoint::FromLxc as usize),
+        ("VERDICT_FORWARDED", verdict::FORWARDED as usize),
+        ("VERDICT_DROPPED", verdict::DROPPED as usize),
+        ("VERDICT_AUDIT", verdict::AUDIT as usize),
+        ("CT_NEW", ct_state::NEW as usize),
+        ("CT_ESTABLISHED", ct_state::ESTABLISHED as usize),
+        ("CT_REPLY", ct_state::REPLY as usize),
+        ("CT_RELATED", ct_state::RELATED as usize),
+        ("DIR_INGRESS", Direction::Ingress as usize),
+        ("DIR_EGRESS", Direction::Egress as usize),
+        ("MATCH_NONE", policy_match::NONE as usize),
+        ("MATCH_L3_ONLY", policy_match::L3_ONLY as usize),
+        ("MATCH_L3_L4", policy_match::L3_L4 as usize),
+        ("MATCH_L4_ONLY", policy_match::L4_ONLY as usize),
+        ("MATCH_ALL", policy_match::ALL as usize),
+        ("MATCH_L3_PROTO", policy_match::L3_PROTO as usize),
+        ("MATCH_PROTO_ONLY", policy_match::PROTO_ONLY as usize),
+        ("EP_F_INGRESS_ENFORCED", EP_F_INGRESS_ENFORCED as usize),
+        ("EP_F_EGRESS_ENFORCED", EP_F_EGRESS_ENFORCED as usize),
+        ("POLICY_F_DENY", POLICY_F_DENY as usize),
+        ("POLICY_STATIC_PREFIX_BITS", POLICY_STATIC_PREFIX_BITS as usize),
+        ("POLICY_FULL_PREFIX_BITS", POLICY_FULL_PREFIX_BITS as usize),
+    ];
+    rust.sort();
+    let mut mismatches = Vec::new();
+    for (name, value) in &rust {
+        match c.get(*name) {
+            Some(cv) if cv == value => {}
+            other => mismatches.push(format!("{name}: C {other:?}, Rust {value}")),
+        }
+    }
+    assert!(c.len() == rust.len(), "the probe printed {} items, Rust checks {}", c.len(), rust.len());
+    assert!(mismatches.is_empty(), "ABI drift:\n{}", mismatches.join("\n"));
+}
+
+#[test]
+fn flow_event_decodes_from_bytes() {
+    let mut b = [0u8; 64];
+    b[0..8].copy_from_slice(&123u64.to_ne_bytes());
+    b[8] = 1;
+    b[9] = 133;
+    b[20..24].copy_from_slice(&256u32.to_ne_bytes());
+    b[42..44].copy_from_slice(&8080u16.to_ne_bytes());
+    b[58..64].copy_from_slice(&[1, 2, 3, 4, 5, 6]);
+    let e = FlowEvent::from_bytes(&b).unwrap();
+    assert_eq!(e.ts_ns, 123);
+    assert_eq!(EventType::from_u8(e.r#type), Some(EventType::Drop));
+    assert_eq!(DropReason::from_u8(e.subtype), Some(DropReason::PolicyDenied));
+    assert_eq!(e.src_identity, 256);
+    assert_eq!(e.dport, 8080);
+    assert_eq!(e.dmac, [1, 2, 3, 4, 5, 6]);
+    assert!(FlowEvent::from_bytes(&b[..63]).is_none());
+}

@@ -1,0 +1,392 @@
+//! The datapath: loads the BPF programs of `bpf/`, owns every map, attaches
+//! programs to pod veths, and sets up veth pairs and namespaces.
+//!
+//! Architecture invariant: this is the only crate that knows map and program
+//! names, makes BPF syscalls or changes links and namespaces.
+
+pub mod events;
+pub mod net;
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use abi::{CtKey, CtValue, EndpointInfo, EndpointKey, IpcacheValue, PolicyKeyData, PolicyValue};
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::TcAttachOptions;
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions};
+use aya::{Ebpf, EbpfLoader};
+
+pub use events::EventReader;
+
+/// The compiled `bpf/lxc.bpf.c`, embedded at build time.
+static LXC_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lxc.bpf.o"));
+
+const MAP_IPCACHE: &str = "fibril_ipcache";
+const MAP_ENDPOINTS: &str = "fibril_endpoints";
+const MAP_POLICY: &str = "fibril_policy";
+const MAP_CT: &str = "fibril_ct";
+const MAP_EVENTS: &str = "fibril_events";
+const MAP_EVENTS_LOST: &str = "fibril_events_lost";
+const PROG_FROM_CONTAINER: &str = "from_container";
+const PROG_TO_CONTAINER: &str = "to_container";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("loading the BPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("BPF program {program}: {source}")]
+    Program {
+        program: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("BPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("BPF map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("link pin {path}: {message}")]
+    Link { path: PathBuf, message: String },
+    #[error("bpffs at {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Load-time settings of the datapath.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// bpffs directory that holds this datapath's pinned maps and links.
+    pub pin_dir: PathBuf,
+    /// Pending event bytes that wake the agent's reader (batched wake-ups).
+    pub events_wakeup_bytes: u64,
+}
+
+impl Config {
+    pub fn new(pin_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            pin_dir: pin_dir.into(),
+            events_wakeup_bytes: 64 * abi::FlowEvent::SIZE as u64,
+        }
+    }
+}
+
+struct Maps {
+    ipcache: LpmTrie<MapData, u32, IpcacheValue>,
+    endpoints: BpfHashMap<MapData, EndpointKey, EndpointInfo>,
+    policy: LpmTrie<MapData, PolicyKeyData, PolicyValue>,
+    ct: BpfHashMap<MapData, CtKey, CtValue>,
+    events_lost: PerCpuArray<MapData, u64>,
+}
+
+/// One policy map entry: key data with its LPM prefix length, and value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyEntry {
+    pub prefix_len: u32,
+    pub key: PolicyKeyData,
+    pub value: PolicyValue,
+}
+
+/// The loaded datapath: pinned maps (created on first use, reused after).
+pub struct Datapath {
+    config: Config,
+    maps: Mutex<Maps>,
+    events: Mutex<Option<RingBuf<MapData>>>,
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
+    move |source| Error::Map { map, source }
+}
+
+fn prog_err(program: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> Error {
+    move |source| Error::Program { program, source }
+}
+
+impl Datapath {
+    /// Opens the datapath: mounts bpffs if needed, creates or reuses the
+    /// pinned maps under `config.pin_dir`.
+    pub fn open(config: Config) -> Result<Self, Error> {
+        ensure_bpffs(&config.pin_dir)?;
+        let mut bpf = loader(&config).load(LXC_OBJECT)?;
+        let mut take = |name: &'static str| bpf.take_map(name).ok_or(Error::MissingMap(name));
+        let maps = Maps {
+            ipcache: LpmTrie::try_from(take(MAP_IPCACHE)?).map_err(map_err(MAP_IPCACHE))?,
+            endpoints: BpfHashMap::try_from(take(MAP_ENDPOINTS)?).map_err(map_err(MAP_ENDPOINTS))?,
+            policy: LpmTrie::try_from(take(MAP_POLICY)?).map_err(map_err(MAP_POLICY))?,
+            ct: BpfHashMap::try_from(take(MAP_CT)?).map_err(map_err(MAP_CT))?,
+            events_lost: PerCpuArray::try_from(take(MAP_EVENTS_LOST)?)
+                .map_err(map_err(MAP_EVENTS_LOST))?,
+        };
+        let events = RingBuf::try_from(take(MAP_EVENTS)?).map_err(map_err(MAP_EVENTS))?;
+        Ok(Self {
+            config,
+            maps: Mutex::new(maps),
+            events: Mutex::new(Some(events)),
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.config.pin_dir
+    }
+
+    /// Hands out the events ring buffer reader (once).
+    pub fn take_event_reader(&self) -> Option<EventReader> {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .map(EventReader::new)
+    }
+
+    fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
+        self.maps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Loads one endpoint's programs (its id and address are load-time
+    /// constants), without attaching them.
+    pub fn load_endpoint_programs(&self, ep_id: u32, ipv4: Ipv4Addr) -> Result<EndpointPrograms, Error> {
+        let addr_be = u32::from(ipv4).to_be();
+        let mut l = loader(&self.config);
+        l.override_global("endpoint_id", &ep_id, true)
+            .override_global("endpoint_ipv4", &addr_be, true);
+        let mut bpf = l.load(LXC_OBJECT)?;
+        for name in [PROG_FROM_CONTAINER, PROG_TO_CONTAINER] {
+            classifier(&mut bpf, name)?.load().map_err(prog_err(name))?;
+        }
+        Ok(EndpointPrograms { bpf })
+    }
+
+    /// Attaches an endpoint's programs to the host side of its veth, or
+    /// atomically replaces the programs of links pinned by an earlier run.
+    /// Links are pinned, so they stay attached while the agent restarts.
+    pub fn attach_endpoint(&self, ep_id: u32, ipv4: Ipv4Addr, host_ifname: &str) -> Result<(), Error> {
+        let mut progs = self.load_endpoint_programs(ep_id, ipv4)?;
+        let links = self.config.pin_dir.join("links");
+        std::fs::create_dir_all(&links).map_err(|source| Error::PinDir {
+            path: links.clone(),
+            source,
+        })?;
+        for (name, attach) in [
+            (PROG_FROM_CONTAINER, TcAttachType::Ingress),
+            (PROG_TO_CONTAINER, TcAttachType::Egress),
+        ] {
+            let pin = links.join(format!("{host_ifname}.{name}"));
+            let prog = classifier(&mut progs.bpf, name)?;
+            let link_id = match PinnedLink::from_pin(&pin) {
+                Ok(old) => {
+                    let link = FdLink::from(old).try_into().map_err(|e| Error::Link {
+                        path: pin.clone(),
+                        message: format!("{e}"),
+                    })?;
+                    // The old pin is replaced below by the same link.
+                    std::fs::remove_file(&pin).ok();
+                    prog.attach_to_link(link).map_err(prog_err(name))?
+                }
+                Err(_) => prog
+                    .attach_with_options(
+                        host_ifname,
+                        attach,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .map_err(prog_err(name))?,
+            };
+            let link = prog.take_link(link_id).map_err(prog_err(name))?;
+            let fd_link: FdLink = link.try_into().map_err(|e| Error::Link {
+                path: pin.clone(),
+                message: format!("{e}"),
+            })?;
+            fd_link.pin(&pin).map_err(|e| Error::Link {
+                path: pin.clone(),
+                message: format!("{e}"),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Detaches an endpoint's programs (removing the pins drops the links).
+    pub fn detach_endpoint(&self, host_ifname: &str) {
+        for name in [PROG_FROM_CONTAINER, PROG_TO_CONTAINER] {
+            let pin = self.config.pin_dir.join("links").join(format!("{host_ifname}.{name}"));
+            std::fs::remove_file(pin).ok();
+        }
+    }
+
+    pub fn upsert_endpoint(&self, ipv4: Ipv4Addr, info: EndpointInfo) -> Result<(), Error> {
+        let key = EndpointKey {
+            addr: u32::from(ipv4).to_be(),
+        };
+        self.maps()
+            .endpoints
+            .insert(key, info, 0)
+            .map_err(map_err(MAP_ENDPOINTS))
+    }
+
+    pub fn remove_endpoint(&self, ipv4: Ipv4Addr) -> Result<(), Error> {
+        let key = EndpointKey {
+            addr: u32::from(ipv4).to_be(),
+        };
+        match self.maps().endpoints.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(MAP_ENDPOINTS)(e)),
+        }
+    }
+
+    pub fn endpoint(&self, ipv4: Ipv4Addr) -> Option<EndpointInfo> {
+        let key = EndpointKey {
+            addr: u32::from(ipv4).to_be(),
+        };
+        self.maps().endpoints.get(&key, 0).ok()
+    }
+
+    pub fn upsert_ipcache(&self, addr: Ipv4Addr, prefix_len: u32, identity: u32) -> Result<(), Error> {
+        let key = Key::new(prefix_len, u32::from(addr).to_be());
+        let value = IpcacheValue { identity, pad: 0 };
+        self.maps()
+            .ipcache
+            .insert(&key, value, 0)
+            .map_err(map_err(MAP_IPCACHE))
+    }
+
+    pub fn remove_ipcache(&self, addr: Ipv4Addr, prefix_len: u32) -> Result<(), Error> {
+        let key = Key::new(prefix_len, u32::from(addr).to_be());
+        match self.maps().ipcache.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(MAP_IPCACHE)(e)),
+        }
+    }
+
+    pub fn upsert_policy(&self, entry: &PolicyEntry) -> Result<(), Error> {
+        let key = Key::new(entry.prefix_len, entry.key);
+        self.maps()
+            .policy
+            .insert(&key, entry.value, 0)
+            .map_err(map_err(MAP_POLICY))
+    }
+
+    pub fn remove_policy(&self, prefix_len: u32, key: PolicyKeyData) -> Result<(), Error> {
+        let key = Key::new(prefix_len, key);
+        match self.maps().policy.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(MAP_POLICY)(e)),
+        }
+    }
+
+    /// Every policy entry in the kernel map (used to resync after a restart).
+    pub fn policy_entries(&self) -> Result<Vec<PolicyEntry>, Error> {
+        let maps = self.maps();
+        let mut out = Vec::new();
+        for item in maps.policy.iter() {
+            let (k, value) = item.map_err(map_err(MAP_POLICY))?;
+            out.push(PolicyEntry {
+                prefix_len: k.prefix_len(),
+                key: k.data(),
+                value,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Number of live connection-tracking entries.
+    pub fn ct_entries(&self) -> usize {
+        self.maps().ct.keys().filter(|k| k.is_ok()).count()
+    }
+
+    /// Events the kernel could not write because the ring buffer was full.
+    pub fn events_lost(&self) -> u64 {
+        self.maps()
+            .events_lost
+            .get(&0, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+
+    /// Removes every pinned map and link of this datapath.
+    pub fn unpin_all(pin_dir: &Path) {
+        std::fs::remove_dir_all(pin_dir).ok();
+    }
+}
+
+/// One endpoint's loaded (not necessarily attached) programs; used by the
+/// agent to attach and by tests to run packets through BPF_PROG_TEST_RUN.
+pub struct EndpointPrograms {
+    bpf: Ebpf,
+}
+
+/// Which program of an endpoint.
+#[derive(Clone, Copy, Debug)]
+pub enum Hook {
+    /// Packets leaving the pod (egress policy).
+    FromContainer,
+    /// Packets entering the pod (ingress policy).
+    ToContainer,
+}
+
+/// The outcome of one BPF_PROG_TEST_RUN.
+#[derive(Debug)]
+pub struct TestRunOutcome {
+    /// The tc action code (0 = TC_ACT_OK, 2 = TC_ACT_SHOT, 7 = TC_ACT_REDIRECT).
+    pub action: u32,
+    pub packet: Vec<u8>,
+}
+
+impl EndpointPrograms {
+    /// Runs one packet through a program with BPF_PROG_TEST_RUN.
+    pub fn test_run(&mut self, hook: Hook, packet: &[u8]) -> Result<TestRunOutcome, Error> {
+        let name = match hook {
+            Hook::FromContainer => PROG_FROM_CONTAINER,
+            Hook::ToContainer => PROG_TO_CONTAINER,
+        };
+        let prog = classifier(&mut self.bpf, name)?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let res = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .map_err(prog_err(name))?;
+        out.truncate(res.data_size_out as usize);
+        Ok(TestRunOutcome {
+            action: res.return_value,
+            packet: out,
+        })
+    }
+}
+
+fn loader(config: &Config) -> EbpfLoader<'_> {
+    let mut l = EbpfLoader::new();
+    l.default_map_pin_directory(&config.pin_dir)
+        .override_global("events_wakeup_bytes", &config.events_wakeup_bytes, true);
+    l
+}
+
+fn classifier<'a>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, Error> {
+    let prog = bpf.program_mut(name).ok_or(Error::Program {
+        program: name,
+        source: aya::programs::ProgramError::NotLoaded,
+    })?;
+    prog.try_into().map_err(prog_err(name))
+}
+
+/// Makes sure bpffs is mounted at /sys/fs/bpf and `dir` exists on it.
+fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
+    let root = Path::new("/sys/fs/bpf");
+    let mounted = std::fs::read_to_string("/proc/self/mounts")
+        .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")))
+        .unwrap_or(false);
+    if !mounted && dir.starts_with(root) {
+        net::run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]).map_err(|e| Error::PinDir {
+            path: root.into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    }
+    std::fs::create_dir_all(dir).map_err(|source| Error::PinDir {
+        path: dir.into(),
+        source,
+    })
+}

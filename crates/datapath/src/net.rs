@@ -1,0 +1,210 @@
+//! Links, addresses, routes and network namespaces, through iproute2.
+//!
+//! Shelling out to `ip` keeps this process free of fork-in-a-threaded-process
+//! hazards (a child execs at once) and of setns on shared worker threads.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("`{command}` failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("cannot run `{command}`: {source}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("unexpected output from `{command}`: {output}")]
+    Parse { command: String, output: String },
+}
+
+/// Runs a command and returns its stdout, or an error with its stderr.
+pub fn run(cmd: &str, args: &[&str]) -> Result<String, NetError> {
+    let command = format!("{cmd} {}", args.join(" "));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|source| NetError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(NetError::Command {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> Result<String, NetError> {
+    run("ip", args)
+}
+
+/// Runs `ip` inside the network namespace at `netns`.
+fn ip_in(netns: &Path, args: &[&str]) -> Result<String, NetError> {
+    let ns = format!("--net={}", netns.display());
+    let mut full = vec![ns.as_str(), "ip"];
+    full.extend_from_slice(args);
+    run("nsenter", &full)
+}
+
+/// Creates a named network namespace (/run/netns/NAME), as a runtime would.
+pub fn create_netns(name: &str) -> Result<(), NetError> {
+    ip(&["netns", "add", name])?;
+    // Loopback up, so that pods can talk to themselves.
+    ip(&["-n", name, "link", "set", "lo", "up"]).map(|_| ())
+}
+
+/// Deletes a named network namespace; missing is fine.
+pub fn delete_netns(name: &str) {
+    ip(&["netns", "del", name]).ok();
+}
+
+pub fn netns_exists(name: &str) -> bool {
+    Path::new("/run/netns").join(name).exists()
+}
+
+pub fn link_exists(ifname: &str) -> bool {
+    Path::new("/sys/class/net").join(ifname).exists()
+}
+
+/// Deletes a link in the host namespace (its veth peer goes with it).
+pub fn delete_link(ifname: &str) {
+    if link_exists(ifname) {
+        ip(&["link", "del", ifname]).ok();
+    }
+}
+
+pub fn ifindex(ifname: &str) -> Result<u32, NetError> {
+    let path = format!("/sys/class/net/{ifname}/ifindex");
+    let s = std::fs::read_to_string(&path).map_err(|e| NetError::Spawn {
+        command: format!("read {path}"),
+        source: e,
+    })?;
+    s.trim().parse().map_err(|_| NetError::Parse {
+        command: path,
+        output: s,
+    })
+}
+
+fn parse_mac(command: &str, output: &str) -> Result<[u8; 6], NetError> {
+    let err = || NetError::Parse {
+        command: command.into(),
+        output: output.into(),
+    };
+    let word = output
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .ok_or_else(err)?;
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = word.split(':').collect();
+    if parts.len() != 6 {
+        return Err(err());
+    }
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).map_err(|_| err())?;
+    }
+    Ok(mac)
+}
+
+pub fn mac_string(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// What a pod's veth pair looks like once it is set up.
+#[derive(Clone, Debug)]
+pub struct VethPair {
+    pub host_ifname: String,
+    pub host_ifindex: u32,
+    pub host_mac: [u8; 6],
+    pub pod_mac: [u8; 6],
+}
+
+/// Creates a veth pair with `host_ifname` in the host namespace and
+/// `pod_ifname` in `netns`, gives the pod `addr/32` with a default route via
+/// `gateway` (resolved statically to the host side, so no ARP is needed), and
+/// routes `addr/32` to the host side.
+pub fn setup_pod_veth(
+    host_ifname: &str,
+    netns: &Path,
+    pod_ifname: &str,
+    addr: Ipv4Addr,
+    gateway: Ipv4Addr,
+) -> Result<VethPair, NetError> {
+    let tmp = format!("{host_ifname}p");
+    let ns = netns.display().to_string();
+    ip(&["link", "add", host_ifname, "type", "veth", "peer", "name", &tmp])?;
+    let result = (|| {
+        ip(&["link", "set", &tmp, "netns", &ns])?;
+        ip_in(netns, &["link", "set", &tmp, "name", pod_ifname])?;
+        // No IPv6 on pods yet: IPAM hands out IPv4 only.
+        run(
+            "nsenter",
+            &[&format!("--net={ns}"), "sysctl", "-qw", &format!("net.ipv6.conf.{pod_ifname}.disable_ipv6=1")],
+        )?;
+        ip_in(netns, &["link", "set", "lo", "up"])?;
+        ip_in(netns, &["link", "set", pod_ifname, "up"])?;
+        ip(&["link", "set", host_ifname, "up"])?;
+        let host_out = ip(&["-o", "link", "show", host_ifname])?;
+        let host_mac = parse_mac("ip link show", &host_out)?;
+        let pod_out = ip_in(netns, &["-o", "link", "show", pod_ifname])?;
+        let pod_mac = parse_mac("ip link show", &pod_out)?;
+        let cidr = format!("{addr}/32");
+        let gw = gateway.to_string();
+        ip_in(netns, &["addr", "add", &cidr, "dev", pod_ifname])?;
+        ip_in(netns, &["route", "add", &gw, "dev", pod_ifname, "scope", "link"])?;
+        ip_in(netns, &["route", "add", "default", "via", &gw, "dev", pod_ifname])?;
+        ip_in(
+            netns,
+            &["neigh", "replace", &gw, "lladdr", &mac_string(&host_mac), "dev", pod_ifname, "nud", "permanent"],
+        )?;
+        ip(&["route", "replace", &cidr, "dev", host_ifname])?;
+        ip(&[
+            "neigh", "replace", &addr.to_string(), "lladdr", &mac_string(&pod_mac), "dev", host_ifname, "nud",
+            "permanent",
+        ])?;
+        Ok(VethPair {
+            host_ifname: host_ifname.to_string(),
+            host_ifindex: ifindex(host_ifname)?,
+            host_mac,
+            pod_mac,
+        })
+    })();
+    if result.is_err() {
+        delete_link(host_ifname);
+    }
+    result
+}
+
+/// The MAC and IPv4 addresses of `ifname` inside `netns`, if it exists.
+pub fn pod_interface(netns: &Path, ifname: &str) -> Result<([u8; 6], Vec<Ipv4Addr>), NetError> {
+    let out = ip_in(netns, &["-o", "link", "show", ifname])?;
+    let mac = parse_mac("ip link show", &out)?;
+    let addrs = ip_in(netns, &["-o", "-4", "addr", "show", "dev", ifname])?;
+    let ips = addrs
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|c| c.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .into_iter()
+        .collect();
+    Ok((mac, ips))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_mac_from_ip_link_output() {
+        let out = "7: fib1@if6: <BROADCAST> mtu 1500 qdisc noqueue\\    link/ether 0a:1b:2c:3d:4e:5f brd ff:ff:ff:ff:ff:ff";
+        assert_eq!(parse_mac("ip", out).unwrap(), [0x0a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f]);
+        assert!(parse_mac("ip", "no mac here").is_err());
+        assert!(parse_mac("ip", "link/ether zz:1b").is_err());
+    }
+}

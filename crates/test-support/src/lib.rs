@@ -1,0 +1,127 @@
+//! Helpers for tests: crafted packets and unique names for test resources.
+#![forbid(unsafe_code)]
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// A unique, short name for a test resource (netns, veth, pin dir): the
+/// prefix, this process id and a counter, so parallel tests never collide.
+pub fn unique_name(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}{}x{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// An L4 header to put in a crafted packet.
+#[derive(Clone, Copy, Debug)]
+pub enum L4 {
+    Tcp { sport: u16, dport: u16, flags: u8 },
+    Udp { sport: u16, dport: u16 },
+    IcmpEcho { request: bool, id: u16 },
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for chunk in data.chunks(2) {
+        let word = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            u16::from_be_bytes([chunk[0], 0])
+        };
+        sum += word as u32;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Builds an Ethernet + IPv4 + L4 frame with a valid IP header checksum.
+pub fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, l4: L4) -> Vec<u8> {
+    let (proto, l4_bytes) = match l4 {
+        L4::Tcp { sport, dport, flags } => {
+            let mut t = vec![0u8; 20];
+            t[0..2].copy_from_slice(&sport.to_be_bytes());
+            t[2..4].copy_from_slice(&dport.to_be_bytes());
+            t[12] = 5 << 4;
+            t[13] = flags;
+            t[14..16].copy_from_slice(&65535u16.to_be_bytes());
+            (6u8, t)
+        }
+        L4::Udp { sport, dport } => {
+            let mut u = vec![0u8; 8];
+            u[0..2].copy_from_slice(&sport.to_be_bytes());
+            u[2..4].copy_from_slice(&dport.to_be_bytes());
+            u[4..6].copy_from_slice(&8u16.to_be_bytes());
+            (17u8, u)
+        }
+        L4::IcmpEcho { request, id } => {
+            let mut i = vec![0u8; 8];
+            i[0] = if request { 8 } else { 0 };
+            i[4..6].copy_from_slice(&id.to_be_bytes());
+            (1u8, i)
+        }
+    };
+    let mut p = Vec::with_capacity(14 + 20 + l4_bytes.len());
+    p.extend_from_slice(&[0x02, 0, 0, 0, 0, 2]); // dst mac
+    p.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]); // src mac
+    p.extend_from_slice(&0x0800u16.to_be_bytes());
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + l4_bytes.len()) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let c = checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(&ip);
+    p.extend_from_slice(&l4_bytes);
+    p
+}
+
+/// A minimal Ethernet + IPv6 + UDP frame (for the "IPv6 is not silently
+/// allowed" checks).
+pub fn ipv6_udp_packet() -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&[0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1]);
+    p.extend_from_slice(&0x86ddu16.to_be_bytes());
+    let mut ip = vec![0u8; 40];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&8u16.to_be_bytes());
+    ip[6] = 17;
+    ip[7] = 64;
+    ip[23] = 1;
+    ip[39] = 2;
+    p.extend_from_slice(&ip);
+    p.extend_from_slice(&[0x30, 0x39, 0x1f, 0x90, 0, 8, 0, 0]);
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_header_checksum_verifies() {
+        let p = ipv4_packet(
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(10, 0, 0, 2),
+            L4::Tcp { sport: 1, dport: 2, flags: TCP_SYN },
+        );
+        assert_eq!(checksum(&p[14..34]), 0);
+        assert_eq!(p.len(), 14 + 20 + 20);
+    }
+
+    #[test]
+    fn unique_names_differ_and_fit_an_interface_name() {
+        let a = unique_name("ft");
+        let b = unique_name("ft");
+        assert_ne!(a, b);
+        assert!(a.len() <= 15);
+    }
+}
