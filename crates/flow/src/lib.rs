@@ -1,1 +1,12 @@
+//! Flows: datapath events turned into Hubble-shaped records, filters over
+//! them, the fixed-capacity flow ring, and Hubble's text formats.
+#![forbid(unsafe_code)]
 
+pub mod filter;
+pub mod format;
+pub mod record;
+pub mod ring;
+
+pub use filter::Filter;
+pub use record::{Endpoint, Flow};
+pub use ring::Ring;

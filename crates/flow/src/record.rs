@@ -1,0 +1,390 @@
+//! The flow record, serialised exactly as `hubble observe -o json` prints a
+//! `flow.Flow` (snake_case keys, enum names, `IP`/`Type`/`Summary` spellings).
+
+use std::net::Ipv4Addr;
+
+use abi::{ct_state, verdict, DropReason, EventType, FlowEvent, TracePoint};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    #[serde(rename = "ID", default, skip_serializing_if = "is_zero")]
+    pub id: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub identity: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cluster_name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod_name: String,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ethernet {
+    pub source: String,
+    pub destination: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ip {
+    pub source: String,
+    pub destination: String,
+    #[serde(rename = "ipVersion")]
+    pub ip_version: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpFlags {
+    #[serde(rename = "FIN", default, skip_serializing_if = "std::ops::Not::not")]
+    pub fin: bool,
+    #[serde(rename = "SYN", default, skip_serializing_if = "std::ops::Not::not")]
+    pub syn: bool,
+    #[serde(rename = "RST", default, skip_serializing_if = "std::ops::Not::not")]
+    pub rst: bool,
+    #[serde(rename = "PSH", default, skip_serializing_if = "std::ops::Not::not")]
+    pub psh: bool,
+    #[serde(rename = "ACK", default, skip_serializing_if = "std::ops::Not::not")]
+    pub ack: bool,
+    #[serde(rename = "URG", default, skip_serializing_if = "std::ops::Not::not")]
+    pub urg: bool,
+}
+
+impl TcpFlags {
+    pub fn from_bits(b: u8) -> Self {
+        Self {
+            fin: b & 0x01 != 0,
+            syn: b & 0x02 != 0,
+            rst: b & 0x04 != 0,
+            psh: b & 0x08 != 0,
+            ack: b & 0x10 != 0,
+            urg: b & 0x20 != 0,
+        }
+    }
+
+    /// `SYN, ACK` in Hubble's order.
+    pub fn summary(&self) -> String {
+        let mut v = Vec::new();
+        for (set, name) in [
+            (self.syn, "SYN"),
+            (self.ack, "ACK"),
+            (self.rst, "RST"),
+            (self.fin, "FIN"),
+            (self.psh, "PSH"),
+            (self.urg, "URG"),
+        ] {
+            if set {
+                v.push(name);
+            }
+        }
+        v.join(", ")
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tcp {
+    pub source_port: u16,
+    pub destination_port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flags: Option<TcpFlags>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Udp {
+    pub source_port: u16,
+    pub destination_port: u16,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Icmp {
+    #[serde(rename = "type", default)]
+    pub r#type: u32,
+    #[serde(default)]
+    pub code: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layer4 {
+    #[serde(rename = "TCP", default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<Tcp>,
+    #[serde(rename = "UDP", default, skip_serializing_if = "Option::is_none")]
+    pub udp: Option<Udp>,
+    #[serde(rename = "SCTP", default, skip_serializing_if = "Option::is_none")]
+    pub sctp: Option<Udp>,
+    #[serde(rename = "ICMPv4", default, skip_serializing_if = "Option::is_none")]
+    pub icmpv4: Option<Icmp>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventTypeField {
+    #[serde(rename = "type")]
+    pub r#type: i32,
+    #[serde(default, skip_serializing_if = "is_zero_i32")]
+    pub sub_type: i32,
+}
+
+fn is_zero_i32(v: &i32) -> bool {
+    *v == 0
+}
+
+/// One flow, as Hubble's `flow.Flow` JSON.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flow {
+    /// RFC 3339 with nanoseconds, UTC.
+    pub time: String,
+    pub uuid: String,
+    pub verdict: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub drop_reason: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ethernet: Option<Ethernet>,
+    #[serde(rename = "IP", default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ip>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l4: Option<Layer4>,
+    #[serde(default)]
+    pub source: Endpoint,
+    #[serde(default)]
+    pub destination: Endpoint,
+    #[serde(rename = "Type")]
+    pub r#type: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node_name: String,
+    pub event_type: EventTypeField,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub traffic_direction: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub trace_observation_point: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub trace_reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub is_reply: Option<bool>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub drop_reason_desc: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub policy_match_type: u32,
+    #[serde(rename = "Summary", default)]
+    pub summary: String,
+}
+
+/// What the agent knows about the two ends of a flow.
+pub trait Enricher {
+    /// The endpoint owning `ip`, or a bare endpoint with the identity.
+    fn endpoint(&self, ip: Ipv4Addr, identity: u32) -> Endpoint;
+}
+
+/// Hubble's drop-reason names (`flow.DropReason`).
+pub fn drop_reason_name(code: u8) -> &'static str {
+    match DropReason::from_u8(code) {
+        Some(DropReason::InvalidSourceIp) => "INVALID_SOURCE_IP",
+        Some(DropReason::PolicyDenied) => "POLICY_DENIED",
+        Some(DropReason::InvalidPacket) => "INVALID_PACKET_DROPPED",
+        Some(DropReason::CtInvalidHeader) => "CT_TRUNCATED_OR_INVALID_HEADER",
+        Some(DropReason::UnsupportedL3) => "UNSUPPORTED_L3_PROTOCOL",
+        Some(DropReason::UnknownL4) => "UNKNOWN_L4_PROTOCOL",
+        Some(DropReason::CtMapInsertFailed) => "CT_MAP_INSERTION_FAILED",
+        Some(DropReason::PolicyDeny) => "POLICY_DENY",
+        None => "DROP_REASON_UNKNOWN",
+    }
+}
+
+/// The text the CLI prints for a drop reason (Cilium's drop table).
+pub fn drop_reason_text(name: &str) -> &'static str {
+    match name {
+        "INVALID_SOURCE_IP" => "Invalid source ip",
+        "POLICY_DENIED" => "Policy denied",
+        "INVALID_PACKET_DROPPED" => "Invalid packet",
+        "CT_TRUNCATED_OR_INVALID_HEADER" => "CT: Truncated or invalid header",
+        "UNSUPPORTED_L3_PROTOCOL" => "Unsupported L3 protocol",
+        "UNKNOWN_L4_PROTOCOL" => "Unknown L4 protocol",
+        "CT_MAP_INSERTION_FAILED" => "CT: Map insertion failed",
+        "POLICY_DENY" => "Policy denied by denylist",
+        _ => "Unknown drop reason",
+    }
+}
+
+fn mac(m: &[u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Days since 1970-01-01 -> (year, month, day) (proleptic Gregorian).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// RFC 3339 UTC with nanoseconds, as protobuf JSON prints Timestamps.
+pub fn rfc3339(unix_ns: u64) -> String {
+    let secs = (unix_ns / 1_000_000_000) as i64;
+    let nanos = unix_ns % 1_000_000_000;
+    let (y, mo, d) = civil_from_days(secs.div_euclid(86_400));
+    let rem = secs.rem_euclid(86_400);
+    format!(
+        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+/// Turns one datapath event into a flow. `unix_ns` is the event time on the
+/// wall clock; `uuid` a unique id; `node` this node's name.
+pub fn from_event(e: &FlowEvent, unix_ns: u64, uuid: String, node: &str, enricher: &dyn Enricher) -> Flow {
+    let src = Ipv4Addr::from(u32::from_be(e.saddr));
+    let dst = Ipv4Addr::from(u32::from_be(e.daddr));
+    let is_drop = e.r#type == EventType::Drop as u8;
+    let (l4, summary) = match e.protocol {
+        6 => {
+            let flags = TcpFlags::from_bits(e.tcp_flags);
+            let summary = format!("TCP Flags: {}", flags.summary());
+            (
+                Layer4 {
+                    tcp: Some(Tcp {
+                        source_port: e.sport,
+                        destination_port: e.dport,
+                        flags: Some(flags),
+                    }),
+                    ..Default::default()
+                },
+                summary,
+            )
+        }
+        17 => (
+            Layer4 {
+                udp: Some(Udp {
+                    source_port: e.sport,
+                    destination_port: e.dport,
+                }),
+                ..Default::default()
+            },
+            "UDP".to_string(),
+        ),
+        132 => (
+            Layer4 {
+                sctp: Some(Udp {
+                    source_port: e.sport,
+                    destination_port: e.dport,
+                }),
+                ..Default::default()
+            },
+            "SCTP".to_string(),
+        ),
+        1 => {
+            let (t, c) = ((e.dport >> 8) as u32, (e.dport & 0xff) as u32);
+            let name = match t {
+                0 => "EchoReply".to_string(),
+                3 => "DestinationUnreachable".to_string(),
+                8 => "EchoRequest".to_string(),
+                11 => "TimeExceeded".to_string(),
+                other => format!("{other}({c})"),
+            };
+            (
+                Layer4 {
+                    icmpv4: Some(Icmp { r#type: t, code: c }),
+                    ..Default::default()
+                },
+                format!("ICMPv4 {name}"),
+            )
+        }
+        _ => (Layer4::default(), String::new()),
+    };
+    let has_ip = e.ip_version == 4;
+    let (verdict_name, drop_desc) = if is_drop {
+        ("DROPPED".to_string(), drop_reason_name(e.subtype).to_string())
+    } else {
+        let v = match e.verdict {
+            verdict::FORWARDED => "FORWARDED",
+            verdict::DROPPED => "DROPPED",
+            verdict::AUDIT => "AUDIT",
+            _ => "VERDICT_UNKNOWN",
+        };
+        (v.to_string(), String::new())
+    };
+    let (point, sub_type) = if is_drop {
+        (String::new(), e.subtype as i32)
+    } else {
+        match TracePoint::from_u8(e.subtype) {
+            Some(TracePoint::ToLxc) => ("TO_ENDPOINT".to_string(), 0),
+            Some(TracePoint::FromLxc) => ("FROM_ENDPOINT".to_string(), 5),
+            Some(TracePoint::ToStack) => ("TO_STACK".to_string(), 3),
+            Some(TracePoint::ToHost) => ("TO_HOST".to_string(), 2),
+            Some(TracePoint::ToProxy) => ("TO_PROXY".to_string(), 1),
+            Some(TracePoint::ToOverlay) => ("TO_OVERLAY".to_string(), 4),
+            None => (String::new(), e.subtype as i32),
+        }
+    };
+    let trace_reason = match e.ct_state {
+        ct_state::NEW => "NEW",
+        ct_state::ESTABLISHED => "ESTABLISHED",
+        ct_state::REPLY => "REPLY",
+        ct_state::RELATED => "RELATED",
+        _ => "",
+    };
+    let direction = match e.direction {
+        1 => "INGRESS",
+        2 => "EGRESS",
+        _ => "",
+    };
+    Flow {
+        time: rfc3339(unix_ns),
+        uuid,
+        verdict: verdict_name,
+        drop_reason: if is_drop { e.subtype as u32 } else { 0 },
+        ethernet: Some(Ethernet {
+            source: mac(&e.smac),
+            destination: mac(&e.dmac),
+        }),
+        ip: has_ip.then(|| Ip {
+            source: src.to_string(),
+            destination: dst.to_string(),
+            ip_version: "IPv4".into(),
+        }),
+        l4: has_ip.then_some(l4),
+        source: if has_ip { enricher.endpoint(src, e.src_identity) } else { Endpoint::default() },
+        destination: if has_ip { enricher.endpoint(dst, e.dst_identity) } else { Endpoint::default() },
+        r#type: "L3_L4".into(),
+        node_name: node.to_string(),
+        event_type: EventTypeField {
+            r#type: e.r#type as i32,
+            sub_type,
+        },
+        traffic_direction: direction.into(),
+        trace_observation_point: point,
+        trace_reason: if is_drop { String::new() } else { trace_reason.into() },
+        is_reply: (!is_drop && e.ct_state != 0).then_some(e.ct_state == ct_state::REPLY),
+        drop_reason_desc: drop_desc,
+        policy_match_type: e.policy_match as u32,
+        summary,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(rfc3339(1_768_471_200_123_456_789), "2026-01-15T10:00:00.123456789Z");
+    }
+
+    #[test]
+    fn tcp_flags_summarise_in_hubble_order() {
+        assert_eq!(TcpFlags::from_bits(0x12).summary(), "SYN, ACK");
+        assert_eq!(TcpFlags::from_bits(0x11).summary(), "ACK, FIN");
+    }
+}

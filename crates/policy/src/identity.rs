@@ -1,0 +1,153 @@
+//! Security identities: numbers for label sets (Cilium's numbering:
+//! reserved 1-10, cluster-local from 256).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::labels::LabelSet;
+
+/// The reserved identities and their labels.
+pub fn reserved() -> Vec<(u32, LabelSet)> {
+    [
+        (1, "host"),
+        (2, "world"),
+        (3, "unmanaged"),
+        (4, "health"),
+        (5, "init"),
+        (6, "remote-node"),
+        (7, "kube-apiserver"),
+        (8, "ingress"),
+        (9, "world-ipv4"),
+        (10, "world-ipv6"),
+    ]
+    .into_iter()
+    .map(|(id, name)| (id, LabelSet::reserved(name)))
+    .collect()
+}
+
+/// The name Hubble prints for a reserved identity.
+pub fn reserved_name(id: u32) -> Option<&'static str> {
+    Some(match id {
+        0 => "unknown",
+        1 => "host",
+        2 => "world",
+        3 => "unmanaged",
+        4 => "health",
+        5 => "init",
+        6 => "remote-node",
+        7 => "kube-apiserver",
+        8 => "ingress",
+        9 => "world-ipv4",
+        10 => "world-ipv6",
+        _ => return None,
+    })
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("no cluster-local identity left (256-65535 are all in use)")]
+pub struct Exhausted;
+
+/// Allocates identities for label sets; serialisable so that the agent can
+/// persist it and hand out the same numbers after a restart.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(from = "Vec<Allocation>", into = "Vec<Allocation>")]
+pub struct Allocator {
+    by_labels: BTreeMap<LabelSet, Allocation>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Allocation {
+    labels: LabelSet,
+    id: u32,
+    refs: u32,
+}
+
+impl From<Vec<Allocation>> for Allocator {
+    fn from(v: Vec<Allocation>) -> Self {
+        Self {
+            by_labels: v.into_iter().map(|a| (a.labels.clone(), a)).collect(),
+        }
+    }
+}
+
+impl From<Allocator> for Vec<Allocation> {
+    fn from(a: Allocator) -> Self {
+        a.by_labels.into_values().collect()
+    }
+}
+
+const FIRST: u32 = 256;
+const LAST: u32 = 65535;
+
+impl Allocator {
+    /// Returns the identity of `labels`, allocating one if needed, and takes
+    /// a reference on it.
+    pub fn acquire(&mut self, labels: &LabelSet) -> Result<u32, Exhausted> {
+        if let Some(a) = self.by_labels.get_mut(labels) {
+            a.refs += 1;
+            return Ok(a.id);
+        }
+        let used: std::collections::BTreeSet<u32> = self.by_labels.values().map(|a| a.id).collect();
+        let id = (FIRST..=LAST).find(|id| !used.contains(id)).ok_or(Exhausted)?;
+        self.by_labels.insert(labels.clone(), Allocation { labels: labels.clone(), id, refs: 1 });
+        Ok(id)
+    }
+
+    /// Drops a reference; the identity is freed with its last reference.
+    pub fn release(&mut self, labels: &LabelSet) {
+        if let Some(a) = self.by_labels.get_mut(labels) {
+            a.refs = a.refs.saturating_sub(1);
+            if a.refs == 0 {
+                self.by_labels.remove(labels);
+            }
+        }
+    }
+
+    /// Every allocated identity with its labels, reserved ones first.
+    pub fn all(&self) -> Vec<(u32, LabelSet)> {
+        let mut out = reserved();
+        let mut local: Vec<(u32, LabelSet)> = self.by_labels.iter().map(|(l, a)| (a.id, l.clone())).collect();
+        local.sort();
+        out.extend(local);
+        out
+    }
+
+    pub fn labels_of(&self, id: u32) -> Option<LabelSet> {
+        self.all().into_iter().find(|(i, _)| *i == id).map(|(_, l)| l)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::labels::Label;
+
+    fn set(app: &str) -> LabelSet {
+        LabelSet::new(vec![Label::new("k8s", "app", app)])
+    }
+
+    #[test]
+    fn same_labels_share_an_identity_and_numbers_start_at_256() {
+        let mut a = Allocator::default();
+        assert_eq!(a.acquire(&set("web")).unwrap(), 256);
+        assert_eq!(a.acquire(&set("db")).unwrap(), 257);
+        assert_eq!(a.acquire(&set("web")).unwrap(), 256);
+        a.release(&set("web"));
+        assert_eq!(a.acquire(&set("api")).unwrap(), 258, "256 still referenced once");
+        a.release(&set("web"));
+        a.release(&set("web"));
+        assert_eq!(a.acquire(&set("new")).unwrap(), 256, "freed with its last reference");
+    }
+
+    #[test]
+    fn survives_serialisation() {
+        let mut a = Allocator::default();
+        a.acquire(&set("web")).unwrap();
+        let json = serde_json::to_string(&a).unwrap();
+        let mut b: Allocator = serde_json::from_str(&json).unwrap();
+        assert_eq!(b.acquire(&set("web")).unwrap(), 256);
+        assert_eq!(reserved_name(2), Some("world"));
+        assert_eq!(b.labels_of(2).unwrap().to_strings(), vec!["reserved:world"]);
+    }
+}
