@@ -1,1 +1,504 @@
+//! The agent: endpoints, IPAM, identities, policy and the flow observer,
+//! wired to the datapath; served on a local Unix socket.
+#![forbid(unsafe_code)]
 
+pub mod observer;
+pub mod policy_sync;
+pub mod server;
+pub mod state;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use api::{AddResult, Attachment, AttachmentId, EndpointInfo, IdentityInfo, Request, Response, StatusInfo};
+use datapath::{net, Datapath};
+use policy::labels::{pod_identity_labels, PodMeta};
+
+use crate::observer::Observer;
+use crate::policy_sync::PolicySync;
+use crate::state::{Cidr, Endpoint, State, Store};
+
+/// Agent settings (validated at start-up).
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node_name: String,
+    pub cluster_name: String,
+    pub pod_cidr: Cidr,
+    pub state_dir: PathBuf,
+    pub bpf_dir: PathBuf,
+    pub socket: PathBuf,
+    /// Flow ring capacity (2^n-1).
+    pub flow_capacity: usize,
+}
+
+/// What the event enricher needs to know about local endpoints.
+#[derive(Clone, Debug)]
+pub struct EndpointMeta {
+    pub id: u32,
+    pub namespace: String,
+    pub pod: String,
+    pub labels: Vec<String>,
+}
+
+pub type EndpointIndex = Arc<RwLock<HashMap<Ipv4Addr, EndpointMeta>>>;
+
+pub struct Agent {
+    config: Config,
+    datapath: Arc<Datapath>,
+    store: Store,
+    state: Mutex<State>,
+    policy: Mutex<PolicySync>,
+    index: EndpointIndex,
+    pub observer: Arc<Observer>,
+    started: Instant,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("datapath: {0}")]
+    Datapath(#[from] datapath::Error),
+    #[error("network setup: {0}")]
+    Net(#[from] net::NetError),
+    #[error("saving state: {0}")]
+    Store(#[from] std::io::Error),
+}
+
+fn invalid(m: impl Into<String>) -> Error {
+    Error::Invalid(m.into())
+}
+
+/// Host-side interface name for an attachment: stable and unique per
+/// (container, ifname), at most 15 characters.
+pub fn host_ifname(container_id: &str, ifname: &str) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in container_id.bytes().chain([0]).chain(ifname.bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("fib{:011x}", h & 0xfff_ffff_ffff)
+}
+
+impl Agent {
+    /// Opens the datapath and restores the persisted state: endpoints whose
+    /// veth still exists get their programs re-attached (atomically replacing
+    /// the pinned links), so established connections keep flowing.
+    pub fn new(config: Config) -> Result<Arc<Self>, Error> {
+        if config.flow_capacity == 0 || !(config.flow_capacity + 1).is_power_of_two() {
+            return Err(invalid(format!("flow capacity must be 2^n-1, found {}", config.flow_capacity)));
+        }
+        let store = Store::new(&config.state_dir)?;
+        let mut state = store.load().map_err(invalid)?;
+        let datapath = Arc::new(Datapath::open(datapath::Config::new(&config.bpf_dir))?);
+        let observer = Arc::new(Observer::new(config.flow_capacity, config.node_name.clone()));
+        let mut policy = PolicySync::default();
+        policy.load_realized(&datapath)?;
+
+        let stale: Vec<u32> = state
+            .endpoints
+            .values()
+            .filter(|e| !net::link_exists(&e.host_ifname))
+            .map(|e| e.id)
+            .collect();
+        for id in stale {
+            if let Some(ep) = state.endpoints.remove(&id) {
+                tracing::warn!(endpoint_id = id, pod = %ep.pod, "veth gone while the agent was away; endpoint removed");
+                state.identities.release(&ep.labels);
+                datapath.remove_endpoint(ep.ipv4)?;
+            }
+        }
+        for ep in state.endpoints.values() {
+            datapath.attach_endpoint(ep.id, ep.ipv4, &ep.host_ifname)?;
+        }
+        let agent = Arc::new(Self {
+            config,
+            datapath,
+            store,
+            state: Mutex::new(state),
+            policy: Mutex::new(policy),
+            index: Arc::new(RwLock::new(HashMap::new())),
+            observer,
+            started: Instant::now(),
+        });
+        {
+            let state = agent.lock_state();
+            agent.sync(&state)?;
+            agent.store.save(&state)?;
+        }
+        Ok(agent)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn datapath(&self) -> &Arc<Datapath> {
+        &self.datapath
+    }
+
+    pub fn index(&self) -> EndpointIndex {
+        self.index.clone()
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Brings the kernel maps and the enrichment index in line with `state`.
+    fn sync(&self, state: &State) -> Result<(), Error> {
+        let mut index = HashMap::new();
+        for ep in state.endpoints.values() {
+            index.insert(
+                ep.ipv4,
+                EndpointMeta {
+                    id: ep.id,
+                    namespace: ep.namespace.clone(),
+                    pod: ep.pod.clone(),
+                    labels: ep.labels.to_strings(),
+                },
+            );
+        }
+        *self.index.write().unwrap_or_else(|e| e.into_inner()) = index;
+        self.policy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply(state, &self.datapath)
+    }
+
+    fn commit(&self, state: &State) -> Result<(), Error> {
+        self.sync(state)?;
+        self.store.save(state)?;
+        Ok(())
+    }
+
+    pub fn handle(&self, req: Request) -> Response {
+        let result = match req {
+            Request::Status => Ok(Response::Status(self.status())),
+            Request::PodUpsert(pod) => self.pod_upsert(pod).map(|_| Response::Ok),
+            Request::PodDelete { namespace, name } => {
+                let mut s = self.lock_state();
+                s.pods.remove(&format!("{namespace}/{name}"));
+                self.store.save(&s).map(|_| Response::Ok).map_err(Error::from)
+            }
+            Request::EndpointAdd(a) => self.endpoint_add(a).map(Response::Added),
+            Request::EndpointDel { container_id, ifname } => {
+                self.endpoint_del(&container_id, &ifname).map(|_| Response::Ok)
+            }
+            Request::EndpointCheck(a) => self.endpoint_check(&a).map(|_| Response::Ok),
+            Request::EndpointGc { valid } => self.endpoint_gc(&valid).map(|_| Response::Ok),
+            Request::EndpointList => Ok(Response::Endpoints {
+                endpoints: self.endpoint_list(),
+            }),
+            Request::IdentityList => Ok(Response::Identities {
+                identities: self
+                    .lock_state()
+                    .identities
+                    .all()
+                    .into_iter()
+                    .map(|(id, l)| IdentityInfo {
+                        id,
+                        labels: l.to_strings(),
+                    })
+                    .collect(),
+            }),
+            Request::PolicyImport { file, yaml, namespace } => self.policy_import(&file, &yaml, namespace.as_deref()),
+            Request::PolicyGet => {
+                let s = self.lock_state();
+                let list: Vec<_> = s.policies.values().collect();
+                serde_json::to_value(list)
+                    .map(|policies| Response::Policies { policies })
+                    .map_err(|e| invalid(e.to_string()))
+            }
+            Request::PolicyDelete { key } => self.policy_delete(&key).map(|_| Response::Ok),
+            Request::Observe(_) => Err(invalid("observe is served as a stream")),
+        };
+        result.unwrap_or_else(|e| Response::Error { message: e.to_string() })
+    }
+
+    fn status(&self) -> StatusInfo {
+        let s = self.lock_state();
+        let (buffered, seen) = self.observer.counts();
+        StatusInfo {
+            node_name: self.config.node_name.clone(),
+            pod_cidr: self.config.pod_cidr.to_string(),
+            endpoints: s.endpoints.len(),
+            identities: s.identities.all().len(),
+            policies: s.policies.len(),
+            flows_seen: seen,
+            flows_buffered: buffered,
+            flow_capacity: self.config.flow_capacity,
+            events_lost_kernel: self.datapath.events_lost(),
+            ct_entries: self.datapath.ct_entries(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+        }
+    }
+
+    fn pod_upsert(&self, pod: api::Pod) -> Result<(), Error> {
+        for (k, v) in pod.labels.iter().chain(pod.namespace_labels.iter()) {
+            policy::labels::validate_label_key(k).map_err(|e| invalid(format!("pod {}/{}: {e}", pod.namespace, pod.name)))?;
+            policy::labels::validate_label_value(v).map_err(|e| invalid(format!("pod {}/{}: {e}", pod.namespace, pod.name)))?;
+        }
+        if pod.namespace.is_empty() || pod.name.is_empty() {
+            return Err(invalid("a pod needs a namespace and a name"));
+        }
+        let mut s = self.lock_state();
+        let key = format!("{}/{}", pod.namespace, pod.name);
+        s.pods.insert(key, pod.clone());
+        // A label change moves the pod's endpoints to their new identity.
+        let ids: Vec<u32> = s
+            .endpoints
+            .values()
+            .filter(|e| e.namespace == pod.namespace && e.pod == pod.name)
+            .map(|e| e.id)
+            .collect();
+        for id in ids {
+            let labels = self.identity_labels(&s, &pod.namespace, &pod.name);
+            let old = s.endpoints[&id].labels.clone();
+            if old != labels {
+                let identity = s.identities.acquire(&labels).map_err(|e| invalid(e.to_string()))?;
+                s.identities.release(&old);
+                let ep = s.endpoints.get_mut(&id).ok_or_else(|| invalid("endpoint vanished"))?;
+                ep.labels = labels;
+                ep.identity = identity;
+            }
+        }
+        self.commit(&s)
+    }
+
+    fn identity_labels(&self, s: &State, namespace: &str, pod: &str) -> policy::LabelSet {
+        let empty = BTreeMap::new();
+        let meta = s.pods.get(&format!("{namespace}/{pod}"));
+        pod_identity_labels(&PodMeta {
+            namespace,
+            labels: meta.map(|p| &p.labels).unwrap_or(&empty),
+            namespace_labels: meta.map(|p| &p.namespace_labels).unwrap_or(&empty),
+            service_account: meta.and_then(|p| p.service_account.as_deref()).unwrap_or("default"),
+            cluster: &self.config.cluster_name,
+        })
+    }
+
+    fn endpoint_add(&self, a: Attachment) -> Result<AddResult, Error> {
+        validate_attachment(&a)?;
+        let mut s = self.lock_state();
+        if s.find_endpoint(&a.container_id, &a.ifname).is_some() {
+            return Err(invalid(format!(
+                "container {} already has an interface {} on this network",
+                a.container_id, a.ifname
+            )));
+        }
+        let ipv4 = s
+            .allocate_ip(&self.config.pod_cidr)
+            .ok_or_else(|| invalid(format!("pod CIDR {} is exhausted", self.config.pod_cidr)))?;
+        let id = s
+            .allocate_endpoint_id()
+            .ok_or_else(|| invalid("no endpoint id left"))?;
+        let labels = self.identity_labels(&s, &a.namespace, &a.pod);
+        let host = host_ifname(&a.container_id, &a.ifname);
+        let veth = net::setup_pod_veth(&host, Path::new(&a.netns), &a.ifname, ipv4, self.config.pod_cidr.gateway())?;
+        let identity = match s.identities.acquire(&labels) {
+            Ok(id) => id,
+            Err(e) => {
+                net::delete_link(&host);
+                return Err(invalid(e.to_string()));
+            }
+        };
+        let ep = Endpoint {
+            id,
+            container_id: a.container_id.clone(),
+            ifname: a.ifname.clone(),
+            netns: a.netns.clone(),
+            namespace: a.namespace.clone(),
+            pod: a.pod.clone(),
+            ipv4,
+            host_ifname: host.clone(),
+            host_ifindex: veth.host_ifindex,
+            host_mac: veth.host_mac,
+            pod_mac: veth.pod_mac,
+            labels: labels.clone(),
+            identity,
+        };
+        s.endpoints.insert(id, ep);
+        // Policy and the endpoint map first, programs last: the first packet
+        // already meets the right policy.
+        let attached = self
+            .commit(&s)
+            .and_then(|_| self.datapath.attach_endpoint(id, ipv4, &host).map_err(Error::from));
+        if let Err(e) = attached {
+            s.endpoints.remove(&id);
+            s.identities.release(&labels);
+            self.datapath.detach_endpoint(&host);
+            net::delete_link(&host);
+            self.commit(&s).ok();
+            return Err(e);
+        }
+        self.observer.agent_event(format!(
+            "ENDPOINT_CREATED (id: {id}, namespace: {}, pod name: {})",
+            a.namespace, a.pod
+        ));
+        tracing::info!(endpoint_id = id, namespace = %a.namespace, pod = %a.pod, %ipv4, identity, "endpoint created");
+        Ok(AddResult {
+            ipv4: format!("{ipv4}/32"),
+            gateway: self.config.pod_cidr.gateway().to_string(),
+            pod_mac: net::mac_string(&veth.pod_mac),
+            host_ifname: host,
+            host_mac: net::mac_string(&veth.host_mac),
+        })
+    }
+
+    fn endpoint_del(&self, container_id: &str, ifname: &str) -> Result<(), Error> {
+        let mut s = self.lock_state();
+        let Some(ep) = s.find_endpoint(container_id, ifname).cloned() else {
+            // DEL is idempotent: an unknown attachment is already gone.
+            return Ok(());
+        };
+        s.endpoints.remove(&ep.id);
+        s.identities.release(&ep.labels);
+        self.datapath.detach_endpoint(&ep.host_ifname);
+        self.datapath.remove_endpoint(ep.ipv4)?;
+        net::delete_link(&ep.host_ifname);
+        self.commit(&s)?;
+        tracing::info!(endpoint_id = ep.id, pod = %ep.pod, "endpoint deleted");
+        self.observer.agent_event(format!(
+            "ENDPOINT_DELETED (id: {}, namespace: {}, pod name: {})",
+            ep.id, ep.namespace, ep.pod
+        ));
+        Ok(())
+    }
+
+    fn endpoint_check(&self, a: &Attachment) -> Result<(), Error> {
+        let ep = self
+            .lock_state()
+            .find_endpoint(&a.container_id, &a.ifname)
+            .cloned()
+            .ok_or_else(|| invalid(format!("no endpoint for container {} interface {}", a.container_id, a.ifname)))?;
+        if !net::link_exists(&ep.host_ifname) {
+            return Err(invalid(format!("host interface {} is missing", ep.host_ifname)));
+        }
+        let (mac, ips) = net::pod_interface(Path::new(&a.netns), &a.ifname)?;
+        if mac != ep.pod_mac || !ips.contains(&ep.ipv4) {
+            return Err(invalid(format!(
+                "interface {} in {} no longer has {} / {}",
+                a.ifname,
+                a.netns,
+                ep.ipv4,
+                net::mac_string(&ep.pod_mac)
+            )));
+        }
+        if self.datapath.endpoint(ep.ipv4).is_none() {
+            return Err(invalid(format!("endpoint {} is missing from the datapath", ep.id)));
+        }
+        Ok(())
+    }
+
+    fn endpoint_gc(&self, valid: &[AttachmentId]) -> Result<(), Error> {
+        let stale: Vec<(String, String)> = self
+            .lock_state()
+            .endpoints
+            .values()
+            .filter(|e| !valid.iter().any(|v| v.container_id == e.container_id && v.ifname == e.ifname))
+            .map(|e| (e.container_id.clone(), e.ifname.clone()))
+            .collect();
+        for (c, i) in stale {
+            self.endpoint_del(&c, &i)?;
+        }
+        Ok(())
+    }
+
+    fn endpoint_list(&self) -> Vec<EndpointInfo> {
+        let s = self.lock_state();
+        let policy = self.policy.lock().unwrap_or_else(|e| e.into_inner());
+        s.endpoints
+            .values()
+            .map(|e| {
+                let computed = policy.computed(e.id);
+                EndpointInfo {
+                    id: e.id,
+                    namespace: e.namespace.clone(),
+                    pod_name: e.pod.clone(),
+                    container_id: e.container_id.clone(),
+                    ifname: e.ifname.clone(),
+                    host_ifname: e.host_ifname.clone(),
+                    ipv4: e.ipv4.to_string(),
+                    identity: e.identity,
+                    labels: e.labels.to_strings(),
+                    ingress_enforced: computed.is_some_and(|c| c.ingress_enforced),
+                    egress_enforced: computed.is_some_and(|c| c.egress_enforced),
+                    policy_entries: computed.map_or(0, |c| c.entries.len()),
+                }
+            })
+            .collect()
+    }
+
+    fn policy_import(&self, file: &str, yaml: &str, namespace: Option<&str>) -> Result<Response, Error> {
+        let parsed = policy::parse(file, yaml, namespace.unwrap_or("default")).map_err(|e| invalid(e.to_string()))?;
+        if parsed.policies.is_empty() {
+            return Err(invalid(format!("{file}: no policy found")));
+        }
+        let mut s = self.lock_state();
+        let mut names = Vec::new();
+        for p in parsed.policies {
+            names.push(p.key());
+            s.policies.insert(p.key(), p);
+        }
+        self.commit(&s)?;
+        for n in &names {
+            self.observer.agent_event(format!("POLICY_UPDATED ({n})"));
+        }
+        Ok(Response::Imported {
+            policies: names,
+            skipped: parsed
+                .skipped
+                .into_iter()
+                .map(|(doc, kind)| format!("document {doc}: {kind} is not a policy"))
+                .collect(),
+        })
+    }
+
+    fn policy_delete(&self, key: &str) -> Result<(), Error> {
+        let mut s = self.lock_state();
+        if s.policies.remove(key).is_none() {
+            return Err(invalid(format!("no policy {key:?}")));
+        }
+        self.commit(&s)?;
+        self.observer.agent_event(format!("POLICY_DELETED ({key})"));
+        Ok(())
+    }
+}
+
+fn validate_attachment(a: &Attachment) -> Result<(), Error> {
+    let ok_id = |s: &str| {
+        s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    };
+    if !ok_id(&a.container_id) {
+        return Err(invalid(format!("container id {:?} is not valid", a.container_id)));
+    }
+    if a.ifname.is_empty() || a.ifname.len() > 15 || a.ifname.contains('/') || a.ifname.contains(char::is_whitespace) {
+        return Err(invalid(format!("interface name {:?} is not valid", a.ifname)));
+    }
+    if !Path::new(&a.netns).exists() {
+        return Err(invalid(format!("network namespace {} does not exist", a.netns)));
+    }
+    if a.namespace.is_empty() || a.pod.is_empty() {
+        return Err(invalid("the pod's namespace and name are needed (K8S_POD_NAMESPACE, K8S_POD_NAME)"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_ifnames_are_short_stable_and_distinct() {
+        let a = host_ifname("lab1-frontend", "eth0");
+        assert_eq!(a, host_ifname("lab1-frontend", "eth0"));
+        assert_ne!(a, host_ifname("lab1-backend", "eth0"));
+        assert_ne!(a, host_ifname("lab1-frontend", "eth1"));
+        assert_eq!(a.len(), 14);
+    }
+}

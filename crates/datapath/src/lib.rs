@@ -311,6 +311,15 @@ impl Datapath {
     }
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`, so
+/// that event times can be moved onto the wall clock.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid, writable timespec; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// One endpoint's loaded (not necessarily attached) programs; used by the
 /// agent to attach and by tests to run packets through BPF_PROG_TEST_RUN.
 pub struct EndpointPrograms {

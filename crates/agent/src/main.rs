@@ -1,0 +1,68 @@
+//! fibril-agent: wires the subsystems together and runs them.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use fibril_agent::{server, state::Cidr, Agent, Config};
+
+#[derive(Parser)]
+#[command(name = "fibril-agent", about = "Fibril per-node agent")]
+struct Args {
+    #[arg(long, default_value = "fibril-node")]
+    node_name: String,
+    #[arg(long, default_value = "default")]
+    cluster_name: String,
+    /// This node's pod CIDR (ipam.mode=kubernetes hands it from the Node).
+    #[arg(long, default_value = "10.200.0.0/24")]
+    pod_cidr: String,
+    #[arg(long, default_value = "/var/lib/fibril")]
+    state_dir: PathBuf,
+    /// bpffs directory for pinned maps and links.
+    #[arg(long, default_value = "/sys/fs/bpf/fibril")]
+    bpf_dir: PathBuf,
+    #[arg(long, default_value = api::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Flow ring capacity, 2^n-1 (Hubble's hubble-event-buffer-capacity).
+    #[arg(long, default_value_t = 4095)]
+    flow_capacity: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let pod_cidr: Cidr = args.pod_cidr.parse().map_err(|e| anyhow::anyhow!("--pod-cidr: {e}"))?;
+    let config = Config {
+        node_name: args.node_name,
+        cluster_name: args.cluster_name,
+        pod_cidr,
+        state_dir: args.state_dir,
+        bpf_dir: args.bpf_dir,
+        socket: args.socket,
+        flow_capacity: args.flow_capacity,
+    };
+    let agent = Agent::new(config.clone()).context("starting the agent")?;
+    let reader = agent
+        .datapath()
+        .take_event_reader()
+        .context("the events ring buffer is already taken")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let (observer, index, cluster, stop) =
+            (agent.observer.clone(), agent.index(), config.cluster_name.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("events".into())
+            .spawn(move || observer.run_reader(reader, index, cluster, stop))?;
+    }
+    let listener = server::bind(&config.socket).with_context(|| format!("binding {}", config.socket.display()))?;
+    agent.observer.agent_event("AGENT_STARTED".into());
+    tracing::info!(socket = %config.socket.display(), node = %config.node_name, "agent ready");
+    server::serve(agent, listener);
+    Ok(())
+}

@@ -1,0 +1,131 @@
+//! The flow observer: reads datapath events, enriches them into flows and
+//! keeps them in the flow ring for `observe` readers.
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use flow::record::{from_event, Enricher};
+use flow::{Endpoint, Flow, Ring};
+
+use crate::EndpointIndex;
+
+pub struct Observer {
+    ring: Mutex<Ring<Arc<Flow>>>,
+    changed: Condvar,
+    seen: AtomicU64,
+    node: String,
+    uuid_counter: AtomicU64,
+    /// Agent events (endpoint created, policy updated ...), newest last.
+    agent_events: Mutex<Vec<String>>,
+}
+
+struct IndexEnricher<'a> {
+    index: &'a EndpointIndex,
+    cluster: &'a str,
+}
+
+impl Enricher for IndexEnricher<'_> {
+    fn endpoint(&self, ip: Ipv4Addr, identity: u32) -> Endpoint {
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        match index.get(&ip) {
+            Some(m) => Endpoint {
+                id: m.id,
+                identity,
+                cluster_name: self.cluster.to_string(),
+                namespace: m.namespace.clone(),
+                labels: m.labels.clone(),
+                pod_name: m.pod.clone(),
+            },
+            None => Endpoint {
+                identity,
+                labels: policy::identity::reserved_name(identity)
+                    .map(|n| vec![format!("reserved:{n}")])
+                    .unwrap_or_default(),
+                ..Default::default()
+            },
+        }
+    }
+}
+
+impl Observer {
+    pub fn new(capacity: usize, node: String) -> Self {
+        Self {
+            ring: Mutex::new(Ring::new(capacity).unwrap_or_else(|_| Ring::new(4095).expect("4095 is 2^12-1"))),
+            changed: Condvar::new(),
+            seen: AtomicU64::new(0),
+            node,
+            uuid_counter: AtomicU64::new(0),
+            agent_events: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn agent_event(&self, text: String) {
+        let mut ev = self.agent_events.lock().unwrap_or_else(|e| e.into_inner());
+        ev.push(text);
+        let excess = ev.len().saturating_sub(1024);
+        ev.drain(..excess);
+    }
+
+    /// (flows buffered, flows seen since start).
+    pub fn counts(&self) -> (usize, u64) {
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        (ring.len(), self.seen.load(Ordering::Relaxed))
+    }
+
+    pub fn push(&self, f: Flow) {
+        self.seen.fetch_add(1, Ordering::Relaxed);
+        self.ring.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::new(f));
+        self.changed.notify_all();
+    }
+
+    /// Sequence number where a reader asking for the last `n` starts.
+    pub fn start_seq(&self, last: usize, follow: bool) -> u64 {
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        if last > 0 {
+            ring.seq_of_last(last)
+        } else if follow {
+            ring.next_seq()
+        } else {
+            ring.seq_of_last(ring.capacity())
+        }
+    }
+
+    /// Flows from `seq` on (waiting up to `wait` for new ones when there
+    /// are none), with the count lost to overwrites.
+    pub fn read(&self, seq: u64, wait: Duration) -> (u64, Vec<Arc<Flow>>, u64) {
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        if ring.next_seq() <= seq && !wait.is_zero() {
+            ring = self
+                .changed
+                .wait_timeout(ring, wait)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        let r = ring.read_from(seq);
+        (r.lost, r.entries.into_iter().cloned().collect(), r.next_seq)
+    }
+
+    /// Runs the event reader until `stop` is set: kernel ring buffer ->
+    /// flows. Kernel-side losses are reported as a lost-events count.
+    pub fn run_reader(
+        self: &Arc<Self>,
+        mut reader: datapath::EventReader,
+        index: EndpointIndex,
+        cluster: String,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        // bpf_ktime_get_ns() is CLOCK_MONOTONIC; move it onto the wall clock.
+        let wall_now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
+        let offset = wall_now.saturating_sub(datapath::monotonic_ns());
+        let enricher = IndexEnricher { index: &index, cluster: &cluster };
+        while !stop.load(Ordering::Relaxed) {
+            reader.poll(Duration::from_millis(20), |e| {
+                let n = self.uuid_counter.fetch_add(1, Ordering::Relaxed);
+                let uuid = format!("{:08x}-0000-4000-8000-{:012x}", offset as u32, n);
+                self.push(from_event(&e, e.ts_ns + offset, uuid, &self.node, &enricher));
+            });
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! The agent's persisted state: endpoints (and so IPAM), pods, policies and
+//! identities. Written atomically after every change, so a restart hands
+//! every endpoint back its address and identity and never reuses an address.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use policy::identity::Allocator;
+use policy::{LabelSet, Policy};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub id: u32,
+    pub container_id: String,
+    pub ifname: String,
+    pub netns: String,
+    pub namespace: String,
+    pub pod: String,
+    pub ipv4: Ipv4Addr,
+    pub host_ifname: String,
+    pub host_ifindex: u32,
+    pub host_mac: [u8; 6],
+    pub pod_mac: [u8; 6],
+    pub labels: LabelSet,
+    pub identity: u32,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct State {
+    pub next_endpoint_id: u32,
+    pub endpoints: BTreeMap<u32, Endpoint>,
+    pub pods: BTreeMap<String, api::Pod>,
+    pub policies: BTreeMap<String, Policy>,
+    pub identities: Allocator,
+}
+
+/// An IPv4 pod CIDR, e.g. 10.200.0.0/24.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub network: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = s.split_once('/').ok_or_else(|| format!("{s:?} is not a CIDR (a.b.c.d/n)"))?;
+        let addr: Ipv4Addr = a.parse().map_err(|_| format!("{a:?} is not an IPv4 address"))?;
+        let prefix: u8 = p
+            .parse()
+            .ok()
+            .filter(|p| (8..=30).contains(p))
+            .ok_or_else(|| format!("prefix length {p:?} must be 8-30"))?;
+        let mask = u32::MAX << (32 - prefix);
+        if u32::from(addr) & !mask != 0 {
+            return Err(format!("{s} has host bits set"));
+        }
+        Ok(Self { network: addr, prefix })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+impl Cidr {
+    /// The gateway pods route through: the first address.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) + 1)
+    }
+
+    /// Addresses handed to pods: all but network, gateway and broadcast.
+    pub fn pod_addresses(&self) -> impl Iterator<Item = Ipv4Addr> {
+        let base = u32::from(self.network);
+        let size = 1u32 << (32 - self.prefix);
+        (2..size - 1).map(move |i| Ipv4Addr::from(base + i))
+    }
+}
+
+impl State {
+    /// The first free pod address.
+    pub fn allocate_ip(&self, cidr: &Cidr) -> Option<Ipv4Addr> {
+        let used: std::collections::BTreeSet<Ipv4Addr> = self.endpoints.values().map(|e| e.ipv4).collect();
+        cidr.pod_addresses().find(|a| !used.contains(a))
+    }
+
+    /// The next free endpoint id (1-65535).
+    pub fn allocate_endpoint_id(&mut self) -> Option<u32> {
+        for _ in 0..65535 {
+            self.next_endpoint_id = self.next_endpoint_id % 65535 + 1;
+            if !self.endpoints.contains_key(&self.next_endpoint_id) {
+                return Some(self.next_endpoint_id);
+            }
+        }
+        None
+    }
+
+    pub fn find_endpoint(&self, container_id: &str, ifname: &str) -> Option<&Endpoint> {
+        self.endpoints
+            .values()
+            .find(|e| e.container_id == container_id && e.ifname == ifname)
+    }
+}
+
+/// Loads and saves the state file.
+pub struct Store {
+    path: PathBuf,
+}
+
+impl Store {
+    pub fn new(dir: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        Ok(Self {
+            path: dir.join("state.json"),
+        })
+    }
+
+    pub fn load(&self) -> Result<State, String> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| format!("state file {} is corrupt: {e}", self.path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+            Err(e) => Err(format!("cannot read {}: {e}", self.path.display())),
+        }
+    }
+
+    /// Writes atomically (temp file + rename).
+    pub fn save(&self, state: &State) -> std::io::Result<()> {
+        let tmp = self.path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, &self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_parsing_and_pod_addresses() {
+        let c: Cidr = "10.200.0.0/29".parse().unwrap();
+        assert_eq!(c.gateway(), Ipv4Addr::new(10, 200, 0, 1));
+        let addrs: Vec<_> = c.pod_addresses().collect();
+        assert_eq!(addrs.first(), Some(&Ipv4Addr::new(10, 200, 0, 2)));
+        assert_eq!(addrs.last(), Some(&Ipv4Addr::new(10, 200, 0, 6)));
+        for bad in ["10.200.0.1/24", "10.200.0.0", "10.200.0.0/31", "x/24", "10.0.0.0/abc"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ids_and_addresses_are_never_handed_out_twice() {
+        let c: Cidr = "10.200.0.0/30".parse().unwrap();
+        let mut s = State::default();
+        let ip = s.allocate_ip(&c).unwrap();
+        let id = s.allocate_endpoint_id().unwrap();
+        s.endpoints.insert(
+            id,
+            Endpoint {
+                id,
+                container_id: "c".into(),
+                ifname: "eth0".into(),
+                netns: String::new(),
+                namespace: "default".into(),
+                pod: "p".into(),
+                ipv4: ip,
+                host_ifname: String::new(),
+                host_ifindex: 0,
+                host_mac: [0; 6],
+                pod_mac: [0; 6],
+                labels: LabelSet::default(),
+                identity: 256,
+            },
+        );
+        assert_eq!(s.allocate_ip(&c), None, "a /30 has one pod address");
+        assert_ne!(s.allocate_endpoint_id(), Some(id));
+    }
+}

@@ -1,0 +1,213 @@
+//! The agent's local API: one JSON request per line on a Unix socket that
+//! only root can open; one JSON response per line (a stream of them for
+//! `Observe` with `follow`).
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use flow::{Filter, Flow};
+
+/// Default socket of the agent.
+pub const DEFAULT_SOCKET: &str = "/run/fibril/agent.sock";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    /// Registers a pod's metadata (what Kubernetes would tell the agent).
+    PodUpsert(Pod),
+    PodDelete { namespace: String, name: String },
+    /// CNI ADD: create the endpoint of a pod in `netns`.
+    EndpointAdd(Attachment),
+    /// CNI DEL: idempotent.
+    EndpointDel { container_id: String, ifname: String },
+    /// CNI CHECK.
+    EndpointCheck(Attachment),
+    /// CNI GC: remove every endpoint not in `valid`.
+    EndpointGc { valid: Vec<AttachmentId> },
+    EndpointList,
+    IdentityList,
+    /// Imports every policy in `yaml` (all or nothing).
+    PolicyImport { file: String, yaml: String, namespace: Option<String> },
+    PolicyGet,
+    /// `namespace/name` or a cluster-wide policy's `name`.
+    PolicyDelete { key: String },
+    Observe(ObserveRequest),
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub namespace_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub service_account: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentId {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Attachment {
+    pub container_id: String,
+    pub ifname: String,
+    pub netns: String,
+    pub namespace: String,
+    pub pod: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ObserveRequest {
+    /// Only the last N flows (0 = all buffered when not following).
+    #[serde(default)]
+    pub last: usize,
+    #[serde(default)]
+    pub follow: bool,
+    #[serde(default)]
+    pub filter: Filter,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EndpointInfo {
+    pub id: u32,
+    pub namespace: String,
+    pub pod_name: String,
+    pub container_id: String,
+    pub ifname: String,
+    pub host_ifname: String,
+    pub ipv4: String,
+    pub identity: u32,
+    pub labels: Vec<String>,
+    pub ingress_enforced: bool,
+    pub egress_enforced: bool,
+    pub policy_entries: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IdentityInfo {
+    pub id: u32,
+    pub labels: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusInfo {
+    pub node_name: String,
+    pub pod_cidr: String,
+    pub endpoints: usize,
+    pub identities: usize,
+    pub policies: usize,
+    pub flows_seen: u64,
+    pub flows_buffered: usize,
+    pub flow_capacity: usize,
+    pub events_lost_kernel: u64,
+    pub ct_entries: usize,
+    pub uptime_seconds: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AddResult {
+    pub ipv4: String,
+    pub gateway: String,
+    pub pod_mac: String,
+    pub host_ifname: String,
+    pub host_mac: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Response {
+    Ok,
+    Error { message: String },
+    Status(StatusInfo),
+    Added(AddResult),
+    Endpoints { endpoints: Vec<EndpointInfo> },
+    Identities { identities: Vec<IdentityInfo> },
+    Imported { policies: Vec<String>, skipped: Vec<String> },
+    Policies { policies: serde_json::Value },
+    Flow { flow: Box<Flow> },
+    /// Flows a reader lost because it fell behind the ring.
+    LostEvents { source: String, num_events_lost: u64 },
+    /// End of a non-follow observe stream.
+    End,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the agent at {path}: {source} (is it running? `fibril lab up` starts one)")]
+    Connect { path: String, source: std::io::Error },
+    #[error("talking to the agent: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the agent sent something that is not a response: {0}")]
+    Decode(#[from] serde_json::Error),
+    #[error("the agent closed the connection")]
+    Closed,
+    #[error("{0}")]
+    Agent(String),
+}
+
+/// A connection to the agent.
+pub struct Client {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Client {
+    pub fn connect(path: &Path) -> Result<Self, ClientError> {
+        let s = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let writer = s.try_clone()?;
+        Ok(Self {
+            reader: BufReader::new(s),
+            writer,
+        })
+    }
+
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> Result<(), ClientError> {
+        self.writer.set_read_timeout(t)?;
+        Ok(())
+    }
+
+    pub fn send(&mut self, req: &Request) -> Result<(), ClientError> {
+        let mut line = serde_json::to_vec(req)?;
+        line.push(b'\n');
+        self.writer.write_all(&line)?;
+        Ok(())
+    }
+
+    /// Reads one response; agent errors come back as `ClientError::Agent`.
+    pub fn recv(&mut self) -> Result<Response, ClientError> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(ClientError::Closed);
+        }
+        match serde_json::from_str(&line)? {
+            Response::Error { message } => Err(ClientError::Agent(message)),
+            r => Ok(r),
+        }
+    }
+
+    /// One request, one response.
+    pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
+        self.send(req)?;
+        self.recv()
+    }
+}
+
+/// Connects and makes one call.
+pub fn call(socket: &Path, req: &Request) -> Result<Response, ClientError> {
+    Client::connect(socket)?.call(req)
+}
