@@ -7,7 +7,9 @@ fn main() {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("../../bpf");
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-changed={}", root.display());
-    for entry in ["lxc"] {
+    // One object per attach point; more entries join this list.
+    let entries: &[&str] = &["lxc"];
+    for entry in entries {
         let src = root.join(format!("{entry}.bpf.c"));
         let obj = out.join(format!("{entry}.bpf.o"));
         let clang = std::env::var("BPF_CLANG").unwrap_or_else(|_| "clang".into());

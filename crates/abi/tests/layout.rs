@@ -106,15 +106,27 @@ fn sizes_offsets_and_enums_match_the_c_header() {
         ("ipcache_value.identity", offset_of!(IpcacheValue, identity)),
         ("endpoint_info.ep_id", offset_of!(EndpointInfo, ep_id)),
         ("endpoint_info.identity", offset_of!(EndpointInfo, identity)),
-        ("endpoint_info.host_ifindex", offset_of!(EndpointInfo, host_ifindex)),
+        (
+            "endpoint_info.host_ifindex",
+            offset_of!(EndpointInfo, host_ifindex),
+        ),
         ("endpoint_info.flags", offset_of!(EndpointInfo, flags)),
         ("endpoint_info.pod_mac", offset_of!(EndpointInfo, pod_mac)),
         ("endpoint_info.host_mac", offset_of!(EndpointInfo, host_mac)),
         // The LPM key's data follows the 4-byte prefixlen.
         ("policy_key.ep_id", 4 + offset_of!(PolicyKeyData, ep_id)),
-        ("policy_key.identity", 4 + offset_of!(PolicyKeyData, identity)),
-        ("policy_key.direction", 4 + offset_of!(PolicyKeyData, direction)),
-        ("policy_key.protocol", 4 + offset_of!(PolicyKeyData, protocol)),
+        (
+            "policy_key.identity",
+            4 + offset_of!(PolicyKeyData, identity),
+        ),
+        (
+            "policy_key.direction",
+            4 + offset_of!(PolicyKeyData, direction),
+        ),
+        (
+            "policy_key.protocol",
+            4 + offset_of!(PolicyKeyData, protocol),
+        ),
         ("policy_key.dport", 4 + offset_of!(PolicyKeyData, dport)),
         ("policy_value.cookie", offset_of!(PolicyValue, cookie)),
         ("policy_value.flags", offset_of!(PolicyValue, flags)),
@@ -128,7 +140,10 @@ fn sizes_offsets_and_enums_match_the_c_header() {
         ("ct_value.expires_ns", offset_of!(CtValue, expires_ns)),
         ("ct_value.packets", offset_of!(CtValue, packets)),
         ("ct_value.bytes", offset_of!(CtValue, bytes)),
-        ("ct_value.last_report_ns", offset_of!(CtValue, last_report_ns)),
+        (
+            "ct_value.last_report_ns",
+            offset_of!(CtValue, last_report_ns),
+        ),
         ("ct_value.policy_cookie", offset_of!(CtValue, policy_cookie)),
         ("ct_value.tx_flags_seen", offset_of!(CtValue, tx_flags_seen)),
         ("ct_value.rx_flags_seen", offset_of!(CtValue, rx_flags_seen)),
@@ -143,16 +158,28 @@ fn sizes_offsets_and_enums_match_the_c_header() {
         ("flow_event.tcp_flags", offset_of!(FlowEvent, tcp_flags)),
         ("flow_event.ip_version", offset_of!(FlowEvent, ip_version)),
         ("flow_event.ep_id", offset_of!(FlowEvent, ep_id)),
-        ("flow_event.src_identity", offset_of!(FlowEvent, src_identity)),
-        ("flow_event.dst_identity", offset_of!(FlowEvent, dst_identity)),
+        (
+            "flow_event.src_identity",
+            offset_of!(FlowEvent, src_identity),
+        ),
+        (
+            "flow_event.dst_identity",
+            offset_of!(FlowEvent, dst_identity),
+        ),
         ("flow_event.ifindex", offset_of!(FlowEvent, ifindex)),
         ("flow_event.saddr", offset_of!(FlowEvent, saddr)),
         ("flow_event.daddr", offset_of!(FlowEvent, daddr)),
         ("flow_event.sport", offset_of!(FlowEvent, sport)),
         ("flow_event.dport", offset_of!(FlowEvent, dport)),
         ("flow_event.pkt_len", offset_of!(FlowEvent, pkt_len)),
-        ("flow_event.policy_match", offset_of!(FlowEvent, policy_match)),
-        ("flow_event.policy_cookie", offset_of!(FlowEvent, policy_cookie)),
+        (
+            "flow_event.policy_match",
+            offset_of!(FlowEvent, policy_match),
+        ),
+        (
+            "flow_event.policy_cookie",
+            offset_of!(FlowEvent, policy_cookie),
+        ),
         ("flow_event.smac", offset_of!(FlowEvent, smac)),
         ("flow_event.dmac", offset_of!(FlowEvent, dmac)),
         ("ID_HOST", identity::HOST as usize),
@@ -168,13 +195,22 @@ fn sizes_offsets_and_enums_match_the_c_header() {
         ("EVENT_DROP", EventType::Drop as usize),
         ("EVENT_TRACE", EventType::Trace as usize),
         ("EVENT_POLICY_VERDICT", EventType::PolicyVerdict as usize),
-        ("DROP_INVALID_SOURCE_IP", DropReason::InvalidSourceIp as usize),
+        (
+            "DROP_INVALID_SOURCE_IP",
+            DropReason::InvalidSourceIp as usize,
+        ),
         ("DROP_POLICY_DENIED", DropReason::PolicyDenied as usize),
         ("DROP_INVALID_PACKET", DropReason::InvalidPacket as usize),
-        ("DROP_CT_INVALID_HEADER", DropReason::CtInvalidHeader as usize),
+        (
+            "DROP_CT_INVALID_HEADER",
+            DropReason::CtInvalidHeader as usize,
+        ),
         ("DROP_UNSUPPORTED_L3", DropReason::UnsupportedL3 as usize),
         ("DROP_UNKNOWN_L4", DropReason::UnknownL4 as usize),
-        ("DROP_CT_MAP_INSERT_FAILED", DropReason::CtMapInsertFailed as usize),
+        (
+            "DROP_CT_MAP_INSERT_FAILED",
+            DropReason::CtMapInsertFailed as usize,
+        ),
         ("DROP_POLICY_DENY", DropReason::PolicyDeny as usize),
         ("TRACE_TO_LXC", TracePoint::ToLxc as usize),
         ("TRACE_TO_PROXY", TracePoint::ToProxy as usize),
@@ -201,7 +237,10 @@ fn sizes_offsets_and_enums_match_the_c_header() {
         ("EP_F_INGRESS_ENFORCED", EP_F_INGRESS_ENFORCED as usize),
         ("EP_F_EGRESS_ENFORCED", EP_F_EGRESS_ENFORCED as usize),
         ("POLICY_F_DENY", POLICY_F_DENY as usize),
-        ("POLICY_STATIC_PREFIX_BITS", POLICY_STATIC_PREFIX_BITS as usize),
+        (
+            "POLICY_STATIC_PREFIX_BITS",
+            POLICY_STATIC_PREFIX_BITS as usize,
+        ),
         ("POLICY_FULL_PREFIX_BITS", POLICY_FULL_PREFIX_BITS as usize),
     ];
     rust.sort();
@@ -212,8 +251,17 @@ fn sizes_offsets_and_enums_match_the_c_header() {
             other => mismatches.push(format!("{name}: C {other:?}, Rust {value}")),
         }
     }
-    assert!(c.len() == rust.len(), "the probe printed {} items, Rust checks {}", c.len(), rust.len());
-    assert!(mismatches.is_empty(), "ABI drift:\n{}", mismatches.join("\n"));
+    assert!(
+        c.len() == rust.len(),
+        "the probe printed {} items, Rust checks {}",
+        c.len(),
+        rust.len()
+    );
+    assert!(
+        mismatches.is_empty(),
+        "ABI drift:\n{}",
+        mismatches.join("\n")
+    );
 }
 
 #[test]
@@ -228,7 +276,10 @@ fn flow_event_decodes_from_bytes() {
     let e = FlowEvent::from_bytes(&b).unwrap();
     assert_eq!(e.ts_ns, 123);
     assert_eq!(EventType::from_u8(e.r#type), Some(EventType::Drop));
-    assert_eq!(DropReason::from_u8(e.subtype), Some(DropReason::PolicyDenied));
+    assert_eq!(
+        DropReason::from_u8(e.subtype),
+        Some(DropReason::PolicyDenied)
+    );
     assert_eq!(e.src_identity, 256);
     assert_eq!(e.dport, 8080);
     assert_eq!(e.dmac, [1, 2, 3, 4, 5, 6]);

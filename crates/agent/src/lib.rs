@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use api::{AddResult, Attachment, AttachmentId, EndpointInfo, IdentityInfo, Request, Response, StatusInfo};
+use api::{
+    AddResult, Attachment, AttachmentId, EndpointInfo, IdentityInfo, Request, Response, StatusInfo,
+};
 use datapath::{net, Datapath};
 use policy::labels::{pod_identity_labels, PodMeta};
 
@@ -72,16 +74,7 @@ fn invalid(m: impl Into<String>) -> Error {
     Error::Invalid(m.into())
 }
 
-/// Host-side interface name for an attachment: stable and unique per
-/// (container, ifname), at most 15 characters.
-pub fn host_ifname(container_id: &str, ifname: &str) -> String {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in container_id.bytes().chain([0]).chain(ifname.bytes()) {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    format!("fib{:011x}", h & 0xfff_ffff_ffff)
-}
+pub use api::host_ifname;
 
 impl Agent {
     /// Opens the datapath and restores the persisted state: endpoints whose
@@ -89,12 +82,18 @@ impl Agent {
     /// the pinned links), so established connections keep flowing.
     pub fn new(config: Config) -> Result<Arc<Self>, Error> {
         if config.flow_capacity == 0 || !(config.flow_capacity + 1).is_power_of_two() {
-            return Err(invalid(format!("flow capacity must be 2^n-1, found {}", config.flow_capacity)));
+            return Err(invalid(format!(
+                "flow capacity must be 2^n-1, found {}",
+                config.flow_capacity
+            )));
         }
         let store = Store::new(&config.state_dir)?;
         let mut state = store.load().map_err(invalid)?;
         let datapath = Arc::new(Datapath::open(datapath::Config::new(&config.bpf_dir))?);
-        let observer = Arc::new(Observer::new(config.flow_capacity, config.node_name.clone()));
+        let observer = Arc::new(Observer::new(
+            config.flow_capacity,
+            config.node_name.clone(),
+        ));
         let mut policy = PolicySync::default();
         policy.load_realized(&datapath)?;
 
@@ -182,12 +181,18 @@ impl Agent {
             Request::PodDelete { namespace, name } => {
                 let mut s = self.lock_state();
                 s.pods.remove(&format!("{namespace}/{name}"));
-                self.store.save(&s).map(|_| Response::Ok).map_err(Error::from)
+                self.store
+                    .save(&s)
+                    .map(|_| Response::Ok)
+                    .map_err(Error::from)
             }
             Request::EndpointAdd(a) => self.endpoint_add(a).map(Response::Added),
-            Request::EndpointDel { container_id, ifname } => {
-                self.endpoint_del(&container_id, &ifname).map(|_| Response::Ok)
-            }
+            Request::EndpointDel {
+                container_id,
+                ifname,
+            } => self
+                .endpoint_del(&container_id, &ifname)
+                .map(|_| Response::Ok),
             Request::EndpointCheck(a) => self.endpoint_check(&a).map(|_| Response::Ok),
             Request::EndpointGc { valid } => self.endpoint_gc(&valid).map(|_| Response::Ok),
             Request::EndpointList => Ok(Response::Endpoints {
@@ -205,7 +210,11 @@ impl Agent {
                     })
                     .collect(),
             }),
-            Request::PolicyImport { file, yaml, namespace } => self.policy_import(&file, &yaml, namespace.as_deref()),
+            Request::PolicyImport {
+                file,
+                yaml,
+                namespace,
+            } => self.policy_import(&file, &yaml, namespace.as_deref()),
             Request::PolicyGet => {
                 let s = self.lock_state();
                 let list: Vec<_> = s.policies.values().collect();
@@ -216,7 +225,9 @@ impl Agent {
             Request::PolicyDelete { key } => self.policy_delete(&key).map(|_| Response::Ok),
             Request::Observe(_) => Err(invalid("observe is served as a stream")),
         };
-        result.unwrap_or_else(|e| Response::Error { message: e.to_string() })
+        result.unwrap_or_else(|e| Response::Error {
+            message: e.to_string(),
+        })
     }
 
     fn status(&self) -> StatusInfo {
@@ -239,8 +250,10 @@ impl Agent {
 
     fn pod_upsert(&self, pod: api::Pod) -> Result<(), Error> {
         for (k, v) in pod.labels.iter().chain(pod.namespace_labels.iter()) {
-            policy::labels::validate_label_key(k).map_err(|e| invalid(format!("pod {}/{}: {e}", pod.namespace, pod.name)))?;
-            policy::labels::validate_label_value(v).map_err(|e| invalid(format!("pod {}/{}: {e}", pod.namespace, pod.name)))?;
+            policy::labels::validate_label_key(k)
+                .map_err(|e| invalid(format!("pod {}/{}: {e}", pod.namespace, pod.name)))?;
+            policy::labels::validate_label_value(v)
+                .map_err(|e| invalid(format!("pod {}/{}: {e}", pod.namespace, pod.name)))?;
         }
         if pod.namespace.is_empty() || pod.name.is_empty() {
             return Err(invalid("a pod needs a namespace and a name"));
@@ -259,9 +272,15 @@ impl Agent {
             let labels = self.identity_labels(&s, &pod.namespace, &pod.name);
             let old = s.endpoints[&id].labels.clone();
             if old != labels {
-                let identity = s.identities.acquire(&labels).map_err(|e| invalid(e.to_string()))?;
+                let identity = s
+                    .identities
+                    .acquire(&labels)
+                    .map_err(|e| invalid(e.to_string()))?;
                 s.identities.release(&old);
-                let ep = s.endpoints.get_mut(&id).ok_or_else(|| invalid("endpoint vanished"))?;
+                let ep = s
+                    .endpoints
+                    .get_mut(&id)
+                    .ok_or_else(|| invalid("endpoint vanished"))?;
                 ep.labels = labels;
                 ep.identity = identity;
             }
@@ -276,7 +295,9 @@ impl Agent {
             namespace,
             labels: meta.map(|p| &p.labels).unwrap_or(&empty),
             namespace_labels: meta.map(|p| &p.namespace_labels).unwrap_or(&empty),
-            service_account: meta.and_then(|p| p.service_account.as_deref()).unwrap_or("default"),
+            service_account: meta
+                .and_then(|p| p.service_account.as_deref())
+                .unwrap_or("default"),
             cluster: &self.config.cluster_name,
         })
     }
@@ -298,7 +319,13 @@ impl Agent {
             .ok_or_else(|| invalid("no endpoint id left"))?;
         let labels = self.identity_labels(&s, &a.namespace, &a.pod);
         let host = host_ifname(&a.container_id, &a.ifname);
-        let veth = net::setup_pod_veth(&host, Path::new(&a.netns), &a.ifname, ipv4, self.config.pod_cidr.gateway())?;
+        let veth = net::setup_pod_veth(
+            &host,
+            Path::new(&a.netns),
+            &a.ifname,
+            ipv4,
+            self.config.pod_cidr.gateway(),
+        )?;
         let identity = match s.identities.acquire(&labels) {
             Ok(id) => id,
             Err(e) => {
@@ -324,9 +351,11 @@ impl Agent {
         s.endpoints.insert(id, ep);
         // Policy and the endpoint map first, programs last: the first packet
         // already meets the right policy.
-        let attached = self
-            .commit(&s)
-            .and_then(|_| self.datapath.attach_endpoint(id, ipv4, &host).map_err(Error::from));
+        let attached = self.commit(&s).and_then(|_| {
+            self.datapath
+                .attach_endpoint(id, ipv4, &host)
+                .map_err(Error::from)
+        });
         if let Err(e) = attached {
             s.endpoints.remove(&id);
             s.identities.release(&labels);
@@ -374,9 +403,17 @@ impl Agent {
             .lock_state()
             .find_endpoint(&a.container_id, &a.ifname)
             .cloned()
-            .ok_or_else(|| invalid(format!("no endpoint for container {} interface {}", a.container_id, a.ifname)))?;
+            .ok_or_else(|| {
+                invalid(format!(
+                    "no endpoint for container {} interface {}",
+                    a.container_id, a.ifname
+                ))
+            })?;
         if !net::link_exists(&ep.host_ifname) {
-            return Err(invalid(format!("host interface {} is missing", ep.host_ifname)));
+            return Err(invalid(format!(
+                "host interface {} is missing",
+                ep.host_ifname
+            )));
         }
         let (mac, ips) = net::pod_interface(Path::new(&a.netns), &a.ifname)?;
         if mac != ep.pod_mac || !ips.contains(&ep.ipv4) {
@@ -389,7 +426,10 @@ impl Agent {
             )));
         }
         if self.datapath.endpoint(ep.ipv4).is_none() {
-            return Err(invalid(format!("endpoint {} is missing from the datapath", ep.id)));
+            return Err(invalid(format!(
+                "endpoint {} is missing from the datapath",
+                ep.id
+            )));
         }
         Ok(())
     }
@@ -399,7 +439,11 @@ impl Agent {
             .lock_state()
             .endpoints
             .values()
-            .filter(|e| !valid.iter().any(|v| v.container_id == e.container_id && v.ifname == e.ifname))
+            .filter(|e| {
+                !valid
+                    .iter()
+                    .any(|v| v.container_id == e.container_id && v.ifname == e.ifname)
+            })
             .map(|e| (e.container_id.clone(), e.ifname.clone()))
             .collect();
         for (c, i) in stale {
@@ -433,8 +477,14 @@ impl Agent {
             .collect()
     }
 
-    fn policy_import(&self, file: &str, yaml: &str, namespace: Option<&str>) -> Result<Response, Error> {
-        let parsed = policy::parse(file, yaml, namespace.unwrap_or("default")).map_err(|e| invalid(e.to_string()))?;
+    fn policy_import(
+        &self,
+        file: &str,
+        yaml: &str,
+        namespace: Option<&str>,
+    ) -> Result<Response, Error> {
+        let parsed = policy::parse(file, yaml, namespace.unwrap_or("default"))
+            .map_err(|e| invalid(e.to_string()))?;
         if parsed.policies.is_empty() {
             return Err(invalid(format!("{file}: no policy found")));
         }
@@ -472,19 +522,35 @@ impl Agent {
 fn validate_attachment(a: &Attachment) -> Result<(), Error> {
     let ok_id = |s: &str| {
         s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-            && s.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
     };
     if !ok_id(&a.container_id) {
-        return Err(invalid(format!("container id {:?} is not valid", a.container_id)));
+        return Err(invalid(format!(
+            "container id {:?} is not valid",
+            a.container_id
+        )));
     }
-    if a.ifname.is_empty() || a.ifname.len() > 15 || a.ifname.contains('/') || a.ifname.contains(char::is_whitespace) {
-        return Err(invalid(format!("interface name {:?} is not valid", a.ifname)));
+    if a.ifname.is_empty()
+        || a.ifname.len() > 15
+        || a.ifname.contains('/')
+        || a.ifname.contains(char::is_whitespace)
+    {
+        return Err(invalid(format!(
+            "interface name {:?} is not valid",
+            a.ifname
+        )));
     }
     if !Path::new(&a.netns).exists() {
-        return Err(invalid(format!("network namespace {} does not exist", a.netns)));
+        return Err(invalid(format!(
+            "network namespace {} does not exist",
+            a.netns
+        )));
     }
     if a.namespace.is_empty() || a.pod.is_empty() {
-        return Err(invalid("the pod's namespace and name are needed (K8S_POD_NAMESPACE, K8S_POD_NAME)"));
+        return Err(invalid(
+            "the pod's namespace and name are needed (K8S_POD_NAMESPACE, K8S_POD_NAME)",
+        ));
     }
     Ok(())
 }

@@ -33,11 +33,16 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let pod_cidr: Cidr = args.pod_cidr.parse().map_err(|e| anyhow::anyhow!("--pod-cidr: {e}"))?;
+    let pod_cidr: Cidr = args
+        .pod_cidr
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--pod-cidr: {e}"))?;
     let config = Config {
         node_name: args.node_name,
         cluster_name: args.cluster_name,
@@ -54,13 +59,18 @@ fn main() -> anyhow::Result<()> {
         .context("the events ring buffer is already taken")?;
     let stop = Arc::new(AtomicBool::new(false));
     {
-        let (observer, index, cluster, stop) =
-            (agent.observer.clone(), agent.index(), config.cluster_name.clone(), stop.clone());
+        let (observer, index, cluster, stop) = (
+            agent.observer.clone(),
+            agent.index(),
+            config.cluster_name.clone(),
+            stop.clone(),
+        );
         std::thread::Builder::new()
             .name("events".into())
             .spawn(move || observer.run_reader(reader, index, cluster, stop))?;
     }
-    let listener = server::bind(&config.socket).with_context(|| format!("binding {}", config.socket.display()))?;
+    let listener = server::bind(&config.socket)
+        .with_context(|| format!("binding {}", config.socket.display()))?;
     agent.observer.agent_event("AGENT_STARTED".into());
     tracing::info!(socket = %config.socket.display(), node = %config.node_name, "agent ready");
     server::serve(agent, listener);

@@ -52,7 +52,9 @@ impl Enricher for IndexEnricher<'_> {
 impl Observer {
     pub fn new(capacity: usize, node: String) -> Self {
         Self {
-            ring: Mutex::new(Ring::new(capacity).unwrap_or_else(|_| Ring::new(4095).expect("4095 is 2^12-1"))),
+            ring: Mutex::new(
+                Ring::new(capacity).unwrap_or_else(|_| Ring::new(4095).expect("4095 is 2^12-1")),
+            ),
             changed: Condvar::new(),
             seen: AtomicU64::new(0),
             node,
@@ -76,7 +78,10 @@ impl Observer {
 
     pub fn push(&self, f: Flow) {
         self.seen.fetch_add(1, Ordering::Relaxed);
-        self.ring.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::new(f));
+        self.ring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::new(f));
         self.changed.notify_all();
     }
 
@@ -117,14 +122,26 @@ impl Observer {
         stop: Arc<std::sync::atomic::AtomicBool>,
     ) {
         // bpf_ktime_get_ns() is CLOCK_MONOTONIC; move it onto the wall clock.
-        let wall_now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
+        let wall_now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
         let offset = wall_now.saturating_sub(datapath::monotonic_ns());
-        let enricher = IndexEnricher { index: &index, cluster: &cluster };
+        let enricher = IndexEnricher {
+            index: &index,
+            cluster: &cluster,
+        };
         while !stop.load(Ordering::Relaxed) {
             reader.poll(Duration::from_millis(20), |e| {
                 let n = self.uuid_counter.fetch_add(1, Ordering::Relaxed);
                 let uuid = format!("{:08x}-0000-4000-8000-{:012x}", offset as u32, n);
-                self.push(from_event(&e, e.ts_ns + offset, uuid, &self.node, &enricher));
+                self.push(from_event(
+                    &e,
+                    e.ts_ns + offset,
+                    uuid,
+                    &self.node,
+                    &enricher,
+                ));
             });
         }
     }

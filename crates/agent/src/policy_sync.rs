@@ -3,7 +3,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use abi::{PolicyKeyData, PolicyValue, EP_F_EGRESS_ENFORCED, EP_F_INGRESS_ENFORCED, POLICY_F_DENY, POLICY_STATIC_PREFIX_BITS};
+use abi::{
+    PolicyKeyData, PolicyValue, EP_F_EGRESS_ENFORCED, EP_F_INGRESS_ENFORCED, POLICY_F_DENY,
+    POLICY_STATIC_PREFIX_BITS,
+};
 use datapath::{Datapath, PolicyEntry};
 use policy::{Direction, EndpointPolicy, Origin};
 
@@ -27,7 +30,10 @@ impl PolicySync {
     pub fn load_realized(&mut self, dp: &Datapath) -> Result<(), Error> {
         for e in dp.policy_entries()? {
             let ep = u32::from_be(e.key.ep_id);
-            self.realized.entry(ep).or_default().insert((e.prefix_len, e.key), e.value);
+            self.realized
+                .entry(ep)
+                .or_default()
+                .insert((e.prefix_len, e.key), e.value);
         }
         Ok(())
     }
@@ -38,7 +44,9 @@ impl PolicySync {
 
     /// The rule a datapath cookie stands for.
     pub fn origin(&self, cookie: u32) -> Option<&Origin> {
-        cookie.checked_sub(1).and_then(|i| self.origins.get(i as usize))
+        cookie
+            .checked_sub(1)
+            .and_then(|i| self.origins.get(i as usize))
     }
 
     fn cookie(&mut self, o: &Origin) -> u32 {
@@ -92,7 +100,11 @@ impl PolicySync {
             let have = self.realized.get(&ep.id).unwrap_or(&empty);
             for (k, v) in &wanted {
                 if have.get(k) != Some(v) {
-                    dp.upsert_policy(&PolicyEntry { prefix_len: k.0, key: k.1, value: *v })?;
+                    dp.upsert_policy(&PolicyEntry {
+                        prefix_len: k.0,
+                        key: k.1,
+                        value: *v,
+                    })?;
                 }
             }
             dp.upsert_endpoint(

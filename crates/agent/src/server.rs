@@ -51,7 +51,12 @@ fn handle_conn(agent: &Agent, conn: UnixStream) -> std::io::Result<()> {
         let req: Request = match serde_json::from_str(&line) {
             Ok(r) => r,
             Err(e) => {
-                write(&mut w, &Response::Error { message: format!("bad request: {e}") })?;
+                write(
+                    &mut w,
+                    &Response::Error {
+                        message: format!("bad request: {e}"),
+                    },
+                )?;
                 continue;
             }
         };
@@ -64,12 +69,21 @@ fn handle_conn(agent: &Agent, conn: UnixStream) -> std::io::Result<()> {
 
 fn observe(agent: &Agent, w: &mut UnixStream, o: ObserveRequest) -> std::io::Result<()> {
     if let Err(e) = o.filter.validate() {
-        return write(w, &Response::Error { message: e.to_string() });
+        return write(
+            w,
+            &Response::Error {
+                message: e.to_string(),
+            },
+        );
     }
     let mut seq = agent.observer.start_seq(o.last, o.follow);
     let mut remaining = if o.last > 0 { o.last } else { usize::MAX };
     loop {
-        let wait = if o.follow { Duration::from_millis(500) } else { Duration::ZERO };
+        let wait = if o.follow {
+            Duration::from_millis(500)
+        } else {
+            Duration::ZERO
+        };
         let (lost, flows, next) = agent.observer.read(seq, wait);
         if lost > 0 {
             write(
@@ -88,7 +102,12 @@ fn observe(agent: &Agent, w: &mut UnixStream, o: ObserveRequest) -> std::io::Res
                 break;
             }
             remaining = remaining.saturating_sub(1);
-            write(w, &Response::Flow { flow: Box::new((*f).clone()) })?;
+            write(
+                w,
+                &Response::Flow {
+                    flow: Box::new((*f).clone()),
+                },
+            )?;
         }
         seq = next;
         if !o.follow {

@@ -46,8 +46,12 @@ pub struct Cidr {
 impl std::str::FromStr for Cidr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (a, p) = s.split_once('/').ok_or_else(|| format!("{s:?} is not a CIDR (a.b.c.d/n)"))?;
-        let addr: Ipv4Addr = a.parse().map_err(|_| format!("{a:?} is not an IPv4 address"))?;
+        let (a, p) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not a CIDR (a.b.c.d/n)"))?;
+        let addr: Ipv4Addr = a
+            .parse()
+            .map_err(|_| format!("{a:?} is not an IPv4 address"))?;
         let prefix: u8 = p
             .parse()
             .ok()
@@ -57,7 +61,10 @@ impl std::str::FromStr for Cidr {
         if u32::from(addr) & !mask != 0 {
             return Err(format!("{s} has host bits set"));
         }
-        Ok(Self { network: addr, prefix })
+        Ok(Self {
+            network: addr,
+            prefix,
+        })
     }
 }
 
@@ -84,7 +91,8 @@ impl Cidr {
 impl State {
     /// The first free pod address.
     pub fn allocate_ip(&self, cidr: &Cidr) -> Option<Ipv4Addr> {
-        let used: std::collections::BTreeSet<Ipv4Addr> = self.endpoints.values().map(|e| e.ipv4).collect();
+        let used: std::collections::BTreeSet<Ipv4Addr> =
+            self.endpoints.values().map(|e| e.ipv4).collect();
         cidr.pod_addresses().find(|a| !used.contains(a))
     }
 
@@ -148,7 +156,13 @@ mod tests {
         let addrs: Vec<_> = c.pod_addresses().collect();
         assert_eq!(addrs.first(), Some(&Ipv4Addr::new(10, 200, 0, 2)));
         assert_eq!(addrs.last(), Some(&Ipv4Addr::new(10, 200, 0, 6)));
-        for bad in ["10.200.0.1/24", "10.200.0.0", "10.200.0.0/31", "x/24", "10.0.0.0/abc"] {
+        for bad in [
+            "10.200.0.1/24",
+            "10.200.0.0",
+            "10.200.0.0/31",
+            "x/24",
+            "10.0.0.0/abc",
+        ] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
     }

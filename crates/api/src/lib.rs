@@ -13,6 +13,17 @@ use serde::{Deserialize, Serialize};
 
 pub use flow::{Filter, Flow};
 
+/// Host-side interface name for an attachment: stable and unique per
+/// (container, ifname), at most 15 characters.
+pub fn host_ifname(container_id: &str, ifname: &str) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in container_id.bytes().chain([0]).chain(ifname.bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("fib{:011x}", h & 0xfff_ffff_ffff)
+}
+
 /// Default socket of the agent.
 pub const DEFAULT_SOCKET: &str = "/run/fibril/agent.sock";
 
@@ -22,22 +33,36 @@ pub enum Request {
     Status,
     /// Registers a pod's metadata (what Kubernetes would tell the agent).
     PodUpsert(Pod),
-    PodDelete { namespace: String, name: String },
+    PodDelete {
+        namespace: String,
+        name: String,
+    },
     /// CNI ADD: create the endpoint of a pod in `netns`.
     EndpointAdd(Attachment),
     /// CNI DEL: idempotent.
-    EndpointDel { container_id: String, ifname: String },
+    EndpointDel {
+        container_id: String,
+        ifname: String,
+    },
     /// CNI CHECK.
     EndpointCheck(Attachment),
     /// CNI GC: remove every endpoint not in `valid`.
-    EndpointGc { valid: Vec<AttachmentId> },
+    EndpointGc {
+        valid: Vec<AttachmentId>,
+    },
     EndpointList,
     IdentityList,
     /// Imports every policy in `yaml` (all or nothing).
-    PolicyImport { file: String, yaml: String, namespace: Option<String> },
+    PolicyImport {
+        file: String,
+        yaml: String,
+        namespace: Option<String>,
+    },
     PolicyGet,
     /// `namespace/name` or a cluster-wide policy's `name`.
-    PolicyDelete { key: String },
+    PolicyDelete {
+        key: String,
+    },
     Observe(ObserveRequest),
 }
 
@@ -129,24 +154,45 @@ pub struct AddResult {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Response {
     Ok,
-    Error { message: String },
+    Error {
+        message: String,
+    },
     Status(StatusInfo),
     Added(AddResult),
-    Endpoints { endpoints: Vec<EndpointInfo> },
-    Identities { identities: Vec<IdentityInfo> },
-    Imported { policies: Vec<String>, skipped: Vec<String> },
-    Policies { policies: serde_json::Value },
-    Flow { flow: Box<Flow> },
+    Endpoints {
+        endpoints: Vec<EndpointInfo>,
+    },
+    Identities {
+        identities: Vec<IdentityInfo>,
+    },
+    Imported {
+        policies: Vec<String>,
+        skipped: Vec<String>,
+    },
+    Policies {
+        policies: serde_json::Value,
+    },
+    Flow {
+        flow: Box<Flow>,
+    },
     /// Flows a reader lost because it fell behind the ring.
-    LostEvents { source: String, num_events_lost: u64 },
+    LostEvents {
+        source: String,
+        num_events_lost: u64,
+    },
     /// End of a non-follow observe stream.
     End,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the agent at {path}: {source} (is it running? `fibril lab up` starts one)")]
-    Connect { path: String, source: std::io::Error },
+    #[error(
+        "cannot reach the agent at {path}: {source} (is it running? `fibril lab up` starts one)"
+    )]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("talking to the agent: {0}")]
     Io(#[from] std::io::Error),
     #[error("the agent sent something that is not a response: {0}")]

@@ -45,14 +45,25 @@ pub struct NetConf {
 
 /// Parses and checks the configuration; `command` decides what is needed.
 pub fn parse_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
-    let v: Value = serde_json::from_slice(stdin).map_err(|e| err(6, "failed to decode network configuration", e.to_string()))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| err(6, "failed to decode network configuration", "expected a JSON object"))?;
+    let v: Value = serde_json::from_slice(stdin)
+        .map_err(|e| err(6, "failed to decode network configuration", e.to_string()))?;
+    let obj = v.as_object().ok_or_else(|| {
+        err(
+            6,
+            "failed to decode network configuration",
+            "expected a JSON object",
+        )
+    })?;
     let version = obj
         .get("cniVersion")
         .and_then(Value::as_str)
-        .ok_or_else(|| err(7, "invalid network config", "cniVersion is missing or not a string"))?;
+        .ok_or_else(|| {
+            err(
+                7,
+                "invalid network config",
+                "cniVersion is missing or not a string",
+            )
+        })?;
     if !SUPPORTED_VERSIONS.contains(&version) {
         return Err(err(
             1,
@@ -64,21 +75,48 @@ pub fn parse_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
         .get("name")
         .and_then(Value::as_str)
         .filter(|n| !n.is_empty())
-        .ok_or_else(|| err(7, "missing network name", "the network configuration needs a name"))?;
-    let name_ok = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        .ok_or_else(|| {
+            err(
+                7,
+                "missing network name",
+                "the network configuration needs a name",
+            )
+        })?;
+    let name_ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
     if !name_ok {
-        return Err(err(7, "invalid network config", format!("network name {name:?} has characters outside [A-Za-z0-9_.-]")));
+        return Err(err(
+            7,
+            "invalid network config",
+            format!("network name {name:?} has characters outside [A-Za-z0-9_.-]"),
+        ));
     }
     let agent_socket = match obj.get("agentSocket") {
         None => api::DEFAULT_SOCKET.to_string(),
         Some(Value::String(s)) if s.starts_with('/') => s.clone(),
-        Some(other) => return Err(err(2, "unsupported field in network configuration", format!("agentSocket={other}: expected an absolute path"))),
+        Some(other) => {
+            return Err(err(
+                2,
+                "unsupported field in network configuration",
+                format!("agentSocket={other}: expected an absolute path"),
+            ))
+        }
     };
     let valid_attachments = match obj.get("cni.dev/valid-attachments") {
         None => vec![],
         Some(v) => serde_json::from_value::<Vec<BTreeMap<String, String>>>(v.clone())
-            .map_err(|e| err(6, "failed to decode cni.dev/valid-attachments", e.to_string()))?
+            .map_err(|e| {
+                err(
+                    6,
+                    "failed to decode cni.dev/valid-attachments",
+                    e.to_string(),
+                )
+            })?
             .into_iter()
             .map(|m| AttachmentId {
                 container_id: m.get("containerID").cloned().unwrap_or_default(),
@@ -130,7 +168,11 @@ impl Env {
         if missing.is_empty() {
             Ok(())
         } else {
-            Err(err(4, &format!("required env variables [{}] missing", missing.join(",")), "see the CNI spec, section 'Parameters'"))
+            Err(err(
+                4,
+                &format!("required env variables [{}] missing", missing.join(",")),
+                "see the CNI spec, section 'Parameters'",
+            ))
         }
     }
 
@@ -138,7 +180,13 @@ impl Env {
     pub fn pod(&self) -> Result<(String, String), CniError> {
         let mut ns = None;
         let mut pod = None;
-        for kv in self.args.as_deref().unwrap_or("").split(';').filter(|s| !s.is_empty()) {
+        for kv in self
+            .args
+            .as_deref()
+            .unwrap_or("")
+            .split(';')
+            .filter(|s| !s.is_empty())
+        {
             let (k, v) = kv
                 .split_once('=')
                 .ok_or_else(|| err(4, "invalid CNI_ARGS", format!("{kv:?} is not KEY=VALUE")))?;
@@ -158,15 +206,24 @@ pub trait AgentCall {
     fn call(&mut self, req: &Request) -> Result<Response, CniError>;
 }
 
+/// Opens a connection to the agent at a socket path.
+pub type Connect<'a> = dyn FnMut(&str) -> Result<Box<dyn AgentCall>, CniError> + 'a;
+
 /// Runs one CNI command. Returns what goes to stdout on success (nothing
 /// for DEL, CHECK, GC and STATUS).
-pub fn run(env: &Env, stdin: &[u8], agent: &mut dyn FnMut(&str) -> Result<Box<dyn AgentCall>, CniError>) -> Result<Option<Value>, CniError> {
+pub fn run(env: &Env, stdin: &[u8], agent: &mut Connect<'_>) -> Result<Option<Value>, CniError> {
     if env.command == "VERSION" {
         let requested = serde_json::from_slice::<Value>(stdin)
             .ok()
-            .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(String::from))
+            .and_then(|v| {
+                v.get("cniVersion")
+                    .and_then(Value::as_str)
+                    .map(String::from)
+            })
             .unwrap_or_else(|| "1.1.0".into());
-        return Ok(Some(json!({"cniVersion": requested, "supportedVersions": SUPPORTED_VERSIONS})));
+        return Ok(Some(
+            json!({"cniVersion": requested, "supportedVersions": SUPPORTED_VERSIONS}),
+        ));
     }
     let conf = parse_conf(stdin)?;
     match env.command.as_str() {
@@ -180,7 +237,8 @@ pub fn run(env: &Env, stdin: &[u8], agent: &mut dyn FnMut(&str) -> Result<Box<dy
                 namespace,
                 pod,
             };
-            let resp = agent(&conf.agent_socket)?.call(&Request::EndpointAdd(attachment.clone()))?;
+            let resp =
+                agent(&conf.agent_socket)?.call(&Request::EndpointAdd(attachment.clone()))?;
             match resp {
                 Response::Added(r) => Ok(Some(add_result(&conf, &attachment, &r))),
                 other => Err(err(999, "unexpected agent response", format!("{other:?}"))),
@@ -197,7 +255,11 @@ pub fn run(env: &Env, stdin: &[u8], agent: &mut dyn FnMut(&str) -> Result<Box<dy
         "CHECK" => {
             env.require(&["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"])?;
             if conf.prev_result.is_none() {
-                return Err(err(7, "invalid network config", "CHECK needs prevResult (the result of ADD)"));
+                return Err(err(
+                    7,
+                    "invalid network config",
+                    "CHECK needs prevResult (the result of ADD)",
+                ));
             }
             let (namespace, pod) = env.pod()?;
             agent(&conf.agent_socket)?.call(&Request::EndpointCheck(Attachment {
@@ -210,8 +272,10 @@ pub fn run(env: &Env, stdin: &[u8], agent: &mut dyn FnMut(&str) -> Result<Box<dy
             Ok(None)
         }
         "STATUS" => {
-            let mut a = agent(&conf.agent_socket).map_err(|e| err(50, "plugin not available", e.details))?;
-            a.call(&Request::Status).map_err(|e| err(50, "plugin not available", e.details))?;
+            let mut a = agent(&conf.agent_socket)
+                .map_err(|e| err(50, "plugin not available", e.details))?;
+            a.call(&Request::Status)
+                .map_err(|e| err(50, "plugin not available", e.details))?;
             Ok(None)
         }
         "GC" => {
@@ -220,8 +284,16 @@ pub fn run(env: &Env, stdin: &[u8], agent: &mut dyn FnMut(&str) -> Result<Box<dy
             })?;
             Ok(None)
         }
-        "" => Err(err(4, "required env variables [CNI_COMMAND] missing", "set CNI_COMMAND to ADD, DEL, CHECK, STATUS, GC or VERSION")),
-        other => Err(err(4, &format!("unknown CNI_COMMAND: {other}"), "expected ADD, DEL, CHECK, STATUS, GC or VERSION")),
+        "" => Err(err(
+            4,
+            "required env variables [CNI_COMMAND] missing",
+            "set CNI_COMMAND to ADD, DEL, CHECK, STATUS, GC or VERSION",
+        )),
+        other => Err(err(
+            4,
+            &format!("unknown CNI_COMMAND: {other}"),
+            "expected ADD, DEL, CHECK, STATUS, GC or VERSION",
+        )),
     }
 }
 
@@ -232,9 +304,21 @@ fn add_result(conf: &NetConf, a: &Attachment, r: &AddResult) -> Value {
     let mut routes: Vec<Value> = Vec::new();
     let mut dns = json!({});
     if let Some(prev) = &conf.prev_result {
-        interfaces = prev.get("interfaces").and_then(Value::as_array).cloned().unwrap_or_default();
-        ips = prev.get("ips").and_then(Value::as_array).cloned().unwrap_or_default();
-        routes = prev.get("routes").and_then(Value::as_array).cloned().unwrap_or_default();
+        interfaces = prev
+            .get("interfaces")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        ips = prev
+            .get("ips")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        routes = prev
+            .get("routes")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
         dns = prev.get("dns").cloned().unwrap_or(json!({}));
     }
     interfaces.push(json!({"name": r.host_ifname, "mac": r.host_mac}));
@@ -260,9 +344,17 @@ mod tests {
         check_err("[]", 6, "JSON object");
         check_err(r#"{"name":"n","type":"fibril-cni"}"#, 7, "cniVersion");
         check_err(r#"{"cniVersion":"0.4.0","name":"n"}"#, 1, "incompatible");
-        check_err(r#"{"cniVersion":"1.0.0","type":"fibril-cni"}"#, 7, "missing network name");
+        check_err(
+            r#"{"cniVersion":"1.0.0","type":"fibril-cni"}"#,
+            7,
+            "missing network name",
+        );
         check_err(r#"{"cniVersion":"1.0.0","name":"bad name"}"#, 7, "bad name");
-        check_err(r#"{"cniVersion":"1.0.0","name":"n","agentSocket":3}"#, 2, "agentSocket=3");
+        check_err(
+            r#"{"cniVersion":"1.0.0","name":"n","agentSocket":3}"#,
+            2,
+            "agentSocket=3",
+        );
     }
 
     #[test]
@@ -272,7 +364,12 @@ mod tests {
             ifname: Some("eth0".into()),
             ..Default::default()
         };
-        let e = run(&env, br#"{"cniVersion":"1.0.0","name":"n"}"#, &mut |_| unreachable!()).unwrap_err();
+        let e = run(
+            &env,
+            br#"{"cniVersion":"1.0.0","name":"n"}"#,
+            &mut |_| unreachable!(),
+        )
+        .unwrap_err();
         assert_eq!(e.code, 4);
         assert!(e.msg.contains("CNI_CONTAINERID,CNI_NETNS"), "{}", e.msg);
     }
@@ -284,14 +381,22 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(env.pod().unwrap(), ("shop".into(), "web-1".into()));
-        let bad = Env { args: Some("junk".into()), ..Default::default() };
+        let bad = Env {
+            args: Some("junk".into()),
+            ..Default::default()
+        };
         assert_eq!(bad.pod().unwrap_err().code, 4);
     }
 
     #[test]
     fn version_reports_supported_versions() {
-        let env = Env { command: "VERSION".into(), ..Default::default() };
-        let out = run(&env, br#"{"cniVersion":"1.1.0"}"#, &mut |_| unreachable!()).unwrap().unwrap();
+        let env = Env {
+            command: "VERSION".into(),
+            ..Default::default()
+        };
+        let out = run(&env, br#"{"cniVersion":"1.1.0"}"#, &mut |_| unreachable!())
+            .unwrap()
+            .unwrap();
         assert_eq!(out["supportedVersions"], json!(["1.0.0", "1.1.0"]));
         assert_eq!(out["cniVersion"], "1.1.0");
     }

@@ -12,9 +12,21 @@ struct Socket(Client);
 
 fn from_client(e: ClientError) -> CniError {
     match e {
-        ClientError::Agent(m) => CniError { code: 999, msg: "the agent refused the request".into(), details: m },
-        ClientError::Connect { .. } => CniError { code: 11, msg: "try again later".into(), details: e.to_string() },
-        other => CniError { code: 5, msg: "I/O failure talking to the agent".into(), details: other.to_string() },
+        ClientError::Agent(m) => CniError {
+            code: 999,
+            msg: "the agent refused the request".into(),
+            details: m,
+        },
+        ClientError::Connect { .. } => CniError {
+            code: 11,
+            msg: "try again later".into(),
+            details: e.to_string(),
+        },
+        other => CniError {
+            code: 5,
+            msg: "I/O failure talking to the agent".into(),
+            details: other.to_string(),
+        },
     }
 }
 
@@ -28,16 +40,26 @@ fn main() {
     let env = Env::from_fn(|k| std::env::var(k).ok());
     let mut stdin = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
-        let e = CniError { code: 5, msg: "failed to read stdin".into(), details: e.to_string() };
+        let e = CniError {
+            code: 5,
+            msg: "failed to read stdin".into(),
+            details: e.to_string(),
+        };
         println!("{}", e.to_json("1.1.0"));
         std::process::exit(1);
     }
     let version = serde_json::from_slice::<serde_json::Value>(&stdin)
         .ok()
-        .and_then(|v| v.get("cniVersion").and_then(|s| s.as_str()).map(String::from))
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(|s| s.as_str())
+                .map(String::from)
+        })
         .unwrap_or_else(|| "1.1.0".into());
     let mut connect = |path: &str| -> Result<Box<dyn AgentCall>, CniError> {
-        Ok(Box::new(Socket(Client::connect(Path::new(path)).map_err(from_client)?)))
+        Ok(Box::new(Socket(
+            Client::connect(Path::new(path)).map_err(from_client)?,
+        )))
     };
     match run(&env, &stdin, &mut connect) {
         Ok(Some(out)) => println!("{out}"),

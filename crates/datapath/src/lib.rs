@@ -116,7 +116,8 @@ impl Datapath {
         let mut take = |name: &'static str| bpf.take_map(name).ok_or(Error::MissingMap(name));
         let maps = Maps {
             ipcache: LpmTrie::try_from(take(MAP_IPCACHE)?).map_err(map_err(MAP_IPCACHE))?,
-            endpoints: BpfHashMap::try_from(take(MAP_ENDPOINTS)?).map_err(map_err(MAP_ENDPOINTS))?,
+            endpoints: BpfHashMap::try_from(take(MAP_ENDPOINTS)?)
+                .map_err(map_err(MAP_ENDPOINTS))?,
             policy: LpmTrie::try_from(take(MAP_POLICY)?).map_err(map_err(MAP_POLICY))?,
             ct: BpfHashMap::try_from(take(MAP_CT)?).map_err(map_err(MAP_CT))?,
             events_lost: PerCpuArray::try_from(take(MAP_EVENTS_LOST)?)
@@ -149,7 +150,11 @@ impl Datapath {
 
     /// Loads one endpoint's programs (its id and address are load-time
     /// constants), without attaching them.
-    pub fn load_endpoint_programs(&self, ep_id: u32, ipv4: Ipv4Addr) -> Result<EndpointPrograms, Error> {
+    pub fn load_endpoint_programs(
+        &self,
+        ep_id: u32,
+        ipv4: Ipv4Addr,
+    ) -> Result<EndpointPrograms, Error> {
         let addr_be = u32::from(ipv4).to_be();
         let mut l = loader(&self.config);
         l.override_global("endpoint_id", &ep_id, true)
@@ -164,7 +169,12 @@ impl Datapath {
     /// Attaches an endpoint's programs to the host side of its veth, or
     /// atomically replaces the programs of links pinned by an earlier run.
     /// Links are pinned, so they stay attached while the agent restarts.
-    pub fn attach_endpoint(&self, ep_id: u32, ipv4: Ipv4Addr, host_ifname: &str) -> Result<(), Error> {
+    pub fn attach_endpoint(
+        &self,
+        ep_id: u32,
+        ipv4: Ipv4Addr,
+        host_ifname: &str,
+    ) -> Result<(), Error> {
         let mut progs = self.load_endpoint_programs(ep_id, ipv4)?;
         let links = self.config.pin_dir.join("links");
         std::fs::create_dir_all(&links).map_err(|source| Error::PinDir {
@@ -175,7 +185,7 @@ impl Datapath {
             (PROG_FROM_CONTAINER, TcAttachType::Ingress),
             (PROG_TO_CONTAINER, TcAttachType::Egress),
         ] {
-            let pin = links.join(format!("{host_ifname}.{name}"));
+            let pin = links.join(format!("{host_ifname}_{name}"));
             let prog = classifier(&mut progs.bpf, name)?;
             let link_id = match PinnedLink::from_pin(&pin) {
                 Ok(old) => {
@@ -211,7 +221,11 @@ impl Datapath {
     /// Detaches an endpoint's programs (removing the pins drops the links).
     pub fn detach_endpoint(&self, host_ifname: &str) {
         for name in [PROG_FROM_CONTAINER, PROG_TO_CONTAINER] {
-            let pin = self.config.pin_dir.join("links").join(format!("{host_ifname}.{name}"));
+            let pin = self
+                .config
+                .pin_dir
+                .join("links")
+                .join(format!("{host_ifname}_{name}"));
             std::fs::remove_file(pin).ok();
         }
     }
@@ -243,7 +257,12 @@ impl Datapath {
         self.maps().endpoints.get(&key, 0).ok()
     }
 
-    pub fn upsert_ipcache(&self, addr: Ipv4Addr, prefix_len: u32, identity: u32) -> Result<(), Error> {
+    pub fn upsert_ipcache(
+        &self,
+        addr: Ipv4Addr,
+        prefix_len: u32,
+        identity: u32,
+    ) -> Result<(), Error> {
         let key = Key::new(prefix_len, u32::from(addr).to_be());
         let value = IpcacheValue { identity, pad: 0 };
         self.maps()
@@ -314,7 +333,10 @@ impl Datapath {
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`, so
 /// that event times can be moved onto the wall clock.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: ts is a valid, writable timespec; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -386,7 +408,10 @@ fn classifier<'a>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Sched
 fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
     let root = Path::new("/sys/fs/bpf");
     let mounted = std::fs::read_to_string("/proc/self/mounts")
-        .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")))
+        .map(|m| {
+            m.lines()
+                .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+        })
         .unwrap_or(false);
     if !mounted && dir.starts_with(root) {
         net::run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]).map_err(|e| Error::PinDir {

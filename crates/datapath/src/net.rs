@@ -112,7 +112,10 @@ fn parse_mac(command: &str, output: &str) -> Result<[u8; 6], NetError> {
 }
 
 pub fn mac_string(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// What a pod's veth pair looks like once it is set up.
@@ -137,17 +140,39 @@ pub fn setup_pod_veth(
 ) -> Result<VethPair, NetError> {
     let tmp = format!("{host_ifname}p");
     let ns = netns.display().to_string();
-    ip(&["link", "add", host_ifname, "type", "veth", "peer", "name", &tmp])?;
+    ip(&[
+        "link",
+        "add",
+        host_ifname,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &tmp,
+    ])?;
     let result = (|| {
         ip(&["link", "set", &tmp, "netns", &ns])?;
         ip_in(netns, &["link", "set", &tmp, "name", pod_ifname])?;
         // No IPv6 on pods yet: IPAM hands out IPv4 only.
         run(
             "nsenter",
-            &[&format!("--net={ns}"), "sysctl", "-qw", &format!("net.ipv6.conf.{pod_ifname}.disable_ipv6=1")],
+            &[
+                &format!("--net={ns}"),
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{pod_ifname}.disable_ipv6=1"),
+            ],
         )?;
         ip_in(netns, &["link", "set", "lo", "up"])?;
         ip_in(netns, &["link", "set", pod_ifname, "up"])?;
+        // The host side speaks no IPv6 to the pod either (no ND/MLD noise).
+        run(
+            "sysctl",
+            &[
+                "-qw",
+                &format!("net.ipv6.conf.{host_ifname}.disable_ipv6=1"),
+            ],
+        )?;
         ip(&["link", "set", host_ifname, "up"])?;
         let host_out = ip(&["-o", "link", "show", host_ifname])?;
         let host_mac = parse_mac("ip link show", &host_out)?;
@@ -156,15 +181,38 @@ pub fn setup_pod_veth(
         let cidr = format!("{addr}/32");
         let gw = gateway.to_string();
         ip_in(netns, &["addr", "add", &cidr, "dev", pod_ifname])?;
-        ip_in(netns, &["route", "add", &gw, "dev", pod_ifname, "scope", "link"])?;
-        ip_in(netns, &["route", "add", "default", "via", &gw, "dev", pod_ifname])?;
         ip_in(
             netns,
-            &["neigh", "replace", &gw, "lladdr", &mac_string(&host_mac), "dev", pod_ifname, "nud", "permanent"],
+            &["route", "add", &gw, "dev", pod_ifname, "scope", "link"],
+        )?;
+        ip_in(
+            netns,
+            &["route", "add", "default", "via", &gw, "dev", pod_ifname],
+        )?;
+        ip_in(
+            netns,
+            &[
+                "neigh",
+                "replace",
+                &gw,
+                "lladdr",
+                &mac_string(&host_mac),
+                "dev",
+                pod_ifname,
+                "nud",
+                "permanent",
+            ],
         )?;
         ip(&["route", "replace", &cidr, "dev", host_ifname])?;
         ip(&[
-            "neigh", "replace", &addr.to_string(), "lladdr", &mac_string(&pod_mac), "dev", host_ifname, "nud",
+            "neigh",
+            "replace",
+            &addr.to_string(),
+            "lladdr",
+            &mac_string(&pod_mac),
+            "dev",
+            host_ifname,
+            "nud",
             "permanent",
         ])?;
         Ok(VethPair {
@@ -203,7 +251,10 @@ mod tests {
     #[test]
     fn parses_mac_from_ip_link_output() {
         let out = "7: fib1@if6: <BROADCAST> mtu 1500 qdisc noqueue\\    link/ether 0a:1b:2c:3d:4e:5f brd ff:ff:ff:ff:ff:ff";
-        assert_eq!(parse_mac("ip", out).unwrap(), [0x0a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f]);
+        assert_eq!(
+            parse_mac("ip", out).unwrap(),
+            [0x0a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f]
+        );
         assert!(parse_mac("ip", "no mac here").is_err());
         assert!(parse_mac("ip", "link/ether zz:1b").is_err());
     }

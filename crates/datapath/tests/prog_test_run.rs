@@ -6,8 +6,9 @@
 use std::net::Ipv4Addr;
 
 use abi::{
-    DropReason, EndpointInfo, EventType, FlowEvent, PolicyKeyData, PolicyValue, EP_F_EGRESS_ENFORCED,
-    EP_F_INGRESS_ENFORCED, POLICY_F_DENY, POLICY_FULL_PREFIX_BITS, POLICY_STATIC_PREFIX_BITS,
+    DropReason, EndpointInfo, EventType, FlowEvent, PolicyKeyData, PolicyValue,
+    EP_F_EGRESS_ENFORCED, EP_F_INGRESS_ENFORCED, POLICY_FULL_PREFIX_BITS, POLICY_F_DENY,
+    POLICY_STATIC_PREFIX_BITS,
 };
 use fibril_datapath::{Config, Datapath, EndpointPrograms, Hook, PolicyEntry};
 use test_support::{ipv4_packet, ipv6_udp_packet, unique_name, L4, TCP_ACK, TCP_SYN};
@@ -100,7 +101,11 @@ fn progs(lab: &Lab, ep: u32, ip: Ipv4Addr) -> EndpointPrograms {
 }
 
 fn syn(sport: u16, dport: u16) -> L4 {
-    L4::Tcp { sport, dport, flags: TCP_SYN }
+    L4::Tcp {
+        sport,
+        dport,
+        flags: TCP_SYN,
+    }
 }
 
 #[test]
@@ -108,7 +113,10 @@ fn unenforced_endpoint_forwards_and_tracks_the_connection() {
     let lab = lab();
     let mut client = progs(&lab, 1, CLIENT);
     let out = client
-        .test_run(Hook::FromContainer, &ipv4_packet(CLIENT, Ipv4Addr::new(192, 0, 2, 1), syn(40000, 80)))
+        .test_run(
+            Hook::FromContainer,
+            &ipv4_packet(CLIENT, Ipv4Addr::new(192, 0, 2, 1), syn(40000, 80)),
+        )
         .unwrap();
     assert_eq!(out.action, TC_ACT_OK);
     assert_eq!(lab.dp.ct_entries(), 1);
@@ -125,38 +133,71 @@ fn same_node_delivery_redirects_with_the_peer_macs() {
     let lab = lab();
     let mut client = progs(&lab, 1, CLIENT);
     let out = client
-        .test_run(Hook::FromContainer, &ipv4_packet(CLIENT, SERVER, syn(40000, 8080)))
+        .test_run(
+            Hook::FromContainer,
+            &ipv4_packet(CLIENT, SERVER, syn(40000, 8080)),
+        )
         .unwrap();
     assert_eq!(out.action, TC_ACT_REDIRECT);
-    assert_eq!(&out.packet[0..6], &[0x02, 0, 0, 0, 1, 2], "dst mac = server pod");
-    assert_eq!(&out.packet[6..12], &[0x02, 0, 0, 0, 2, 2], "src mac = server host veth");
+    assert_eq!(
+        &out.packet[0..6],
+        &[0x02, 0, 0, 0, 1, 2],
+        "dst mac = server pod"
+    );
+    assert_eq!(
+        &out.packet[6..12],
+        &[0x02, 0, 0, 0, 2, 2],
+        "src mac = server host veth"
+    );
 }
 
 #[test]
 fn ingress_policy_allows_the_selected_identity_and_port_only() {
     let lab = lab();
     enforce(&lab, SERVER, EP_F_INGRESS_ENFORCED);
-    allow(&lab, 2, CLIENT_ID, abi::Direction::Ingress as u8, 6, 8080, false);
+    allow(
+        &lab,
+        2,
+        CLIENT_ID,
+        abi::Direction::Ingress as u8,
+        6,
+        8080,
+        false,
+    );
     let mut server = progs(&lab, 2, SERVER);
 
     let ok = server
-        .test_run(Hook::ToContainer, &ipv4_packet(CLIENT, SERVER, syn(40000, 8080)))
+        .test_run(
+            Hook::ToContainer,
+            &ipv4_packet(CLIENT, SERVER, syn(40000, 8080)),
+        )
         .unwrap();
     assert_eq!(ok.action, TC_ACT_OK);
     let wrong_port = server
-        .test_run(Hook::ToContainer, &ipv4_packet(CLIENT, SERVER, syn(40001, 8081)))
+        .test_run(
+            Hook::ToContainer,
+            &ipv4_packet(CLIENT, SERVER, syn(40001, 8081)),
+        )
         .unwrap();
     assert_eq!(wrong_port.action, TC_ACT_SHOT);
     let stranger = Ipv4Addr::new(10, 77, 0, 99);
     let wrong_peer = server
-        .test_run(Hook::ToContainer, &ipv4_packet(stranger, SERVER, syn(40002, 8080)))
+        .test_run(
+            Hook::ToContainer,
+            &ipv4_packet(stranger, SERVER, syn(40002, 8080)),
+        )
         .unwrap();
     assert_eq!(wrong_peer.action, TC_ACT_SHOT);
 
     let ev = events(&lab);
-    let drops: Vec<_> = ev.iter().filter(|e| e.r#type == EventType::Drop as u8).collect();
+    let drops: Vec<_> = ev
+        .iter()
+        .filter(|e| e.r#type == EventType::Drop as u8)
+        .collect();
     assert_eq!(drops.len(), 2);
-    assert!(drops.iter().all(|d| d.subtype == DropReason::PolicyDenied as u8));
+    assert!(drops
+        .iter()
+        .all(|d| d.subtype == DropReason::PolicyDenied as u8));
     assert_eq!(drops[1].src_identity, abi::identity::WORLD);
 }
 
@@ -164,24 +205,47 @@ fn ingress_policy_allows_the_selected_identity_and_port_only() {
 fn replies_of_allowed_connections_pass_without_policy() {
     let lab = lab();
     enforce(&lab, CLIENT, EP_F_INGRESS_ENFORCED | EP_F_EGRESS_ENFORCED);
-    allow(&lab, 1, SERVER_ID, abi::Direction::Egress as u8, 6, 8080, false);
+    allow(
+        &lab,
+        1,
+        SERVER_ID,
+        abi::Direction::Egress as u8,
+        6,
+        8080,
+        false,
+    );
     let mut client = progs(&lab, 1, CLIENT);
     let out = client
-        .test_run(Hook::FromContainer, &ipv4_packet(CLIENT, SERVER, syn(40000, 8080)))
+        .test_run(
+            Hook::FromContainer,
+            &ipv4_packet(CLIENT, SERVER, syn(40000, 8080)),
+        )
         .unwrap();
     assert_eq!(out.action, TC_ACT_REDIRECT);
     // The SYN-ACK comes back into the client: ingress is enforced with no
     // allow at all, but it is the reply of a tracked connection.
-    let reply = L4::Tcp { sport: 8080, dport: 40000, flags: TCP_SYN | TCP_ACK };
-    let back = client.test_run(Hook::ToContainer, &ipv4_packet(SERVER, CLIENT, reply)).unwrap();
+    let reply = L4::Tcp {
+        sport: 8080,
+        dport: 40000,
+        flags: TCP_SYN | TCP_ACK,
+    };
+    let back = client
+        .test_run(Hook::ToContainer, &ipv4_packet(SERVER, CLIENT, reply))
+        .unwrap();
     assert_eq!(back.action, TC_ACT_OK);
     // A new connection from the server to the client is not a reply.
     let new = client
-        .test_run(Hook::ToContainer, &ipv4_packet(SERVER, CLIENT, syn(8080, 40001)))
+        .test_run(
+            Hook::ToContainer,
+            &ipv4_packet(SERVER, CLIENT, syn(8080, 40001)),
+        )
         .unwrap();
     assert_eq!(new.action, TC_ACT_SHOT);
     let ev = events(&lab);
-    let reply_ev = ev.iter().find(|e| e.ct_state == abi::ct_state::REPLY).expect("reply traced");
+    let reply_ev = ev
+        .iter()
+        .find(|e| e.ct_state == abi::ct_state::REPLY)
+        .expect("reply traced");
     assert_eq!(reply_ev.tcp_flags, TCP_SYN | TCP_ACK);
 }
 
@@ -191,14 +255,28 @@ fn deny_beats_a_more_specific_allow_and_wildcards_match() {
     enforce(&lab, SERVER, EP_F_INGRESS_ENFORCED);
     // Any identity on 8080/TCP is allowed; the client identity is denied.
     allow(&lab, 2, 0, abi::Direction::Ingress as u8, 6, 8080, false);
-    allow(&lab, 2, CLIENT_ID, abi::Direction::Ingress as u8, 0, 0, true);
+    allow(
+        &lab,
+        2,
+        CLIENT_ID,
+        abi::Direction::Ingress as u8,
+        0,
+        0,
+        true,
+    );
     let mut server = progs(&lab, 2, SERVER);
     let denied = server
-        .test_run(Hook::ToContainer, &ipv4_packet(CLIENT, SERVER, syn(40000, 8080)))
+        .test_run(
+            Hook::ToContainer,
+            &ipv4_packet(CLIENT, SERVER, syn(40000, 8080)),
+        )
         .unwrap();
     assert_eq!(denied.action, TC_ACT_SHOT);
     let other = server
-        .test_run(Hook::ToContainer, &ipv4_packet(Ipv4Addr::new(10, 77, 0, 5), SERVER, syn(40000, 8080)))
+        .test_run(
+            Hook::ToContainer,
+            &ipv4_packet(Ipv4Addr::new(10, 77, 0, 5), SERVER, syn(40000, 8080)),
+        )
         .unwrap();
     assert_eq!(other.action, TC_ACT_OK);
     let ev = events(&lab);
@@ -214,12 +292,27 @@ fn spoofed_source_and_ipv6_under_policy_are_dropped_with_reasons() {
         .unwrap();
     assert_eq!(spoofed.action, TC_ACT_SHOT);
     // IPv6 passes while no policy applies, and is dropped once one does.
-    assert_eq!(client.test_run(Hook::FromContainer, &ipv6_udp_packet()).unwrap().action, TC_ACT_OK);
+    assert_eq!(
+        client
+            .test_run(Hook::FromContainer, &ipv6_udp_packet())
+            .unwrap()
+            .action,
+        TC_ACT_OK
+    );
     enforce(&lab, CLIENT, EP_F_EGRESS_ENFORCED);
-    assert_eq!(client.test_run(Hook::FromContainer, &ipv6_udp_packet()).unwrap().action, TC_ACT_SHOT);
+    assert_eq!(
+        client
+            .test_run(Hook::FromContainer, &ipv6_udp_packet())
+            .unwrap()
+            .action,
+        TC_ACT_SHOT
+    );
     // A truncated TCP header is an invalid packet.
     let short = &ipv4_packet(CLIENT, SERVER, syn(1, 2))[..14 + 20 + 4];
-    assert_eq!(client.test_run(Hook::FromContainer, short).unwrap().action, TC_ACT_SHOT);
+    assert_eq!(
+        client.test_run(Hook::FromContainer, short).unwrap().action,
+        TC_ACT_SHOT
+    );
     let reasons: Vec<u8> = events(&lab).iter().map(|e| e.subtype).collect();
     assert_eq!(
         reasons,
@@ -235,24 +328,71 @@ fn spoofed_source_and_ipv6_under_policy_are_dropped_with_reasons() {
 fn udp_and_icmp_follow_policy_and_conntrack() {
     let lab = lab();
     enforce(&lab, SERVER, EP_F_INGRESS_ENFORCED);
-    allow(&lab, 2, CLIENT_ID, abi::Direction::Ingress as u8, 17, 5353, false);
+    allow(
+        &lab,
+        2,
+        CLIENT_ID,
+        abi::Direction::Ingress as u8,
+        17,
+        5353,
+        false,
+    );
     let mut server = progs(&lab, 2, SERVER);
-    let udp = L4::Udp { sport: 5000, dport: 5353 };
-    assert_eq!(server.test_run(Hook::ToContainer, &ipv4_packet(CLIENT, SERVER, udp)).unwrap().action, TC_ACT_OK);
+    let udp = L4::Udp {
+        sport: 5000,
+        dport: 5353,
+    };
+    assert_eq!(
+        server
+            .test_run(Hook::ToContainer, &ipv4_packet(CLIENT, SERVER, udp))
+            .unwrap()
+            .action,
+        TC_ACT_OK
+    );
     let tcp_same_port = syn(5000, 5353);
     assert_eq!(
-        server.test_run(Hook::ToContainer, &ipv4_packet(CLIENT, SERVER, tcp_same_port)).unwrap().action,
+        server
+            .test_run(
+                Hook::ToContainer,
+                &ipv4_packet(CLIENT, SERVER, tcp_same_port)
+            )
+            .unwrap()
+            .action,
         TC_ACT_SHOT
     );
-    let ping = L4::IcmpEcho { request: true, id: 7 };
-    assert_eq!(server.test_run(Hook::ToContainer, &ipv4_packet(CLIENT, SERVER, ping)).unwrap().action, TC_ACT_SHOT);
+    let ping = L4::IcmpEcho {
+        request: true,
+        id: 7,
+    };
+    assert_eq!(
+        server
+            .test_run(Hook::ToContainer, &ipv4_packet(CLIENT, SERVER, ping))
+            .unwrap()
+            .action,
+        TC_ACT_SHOT
+    );
     // Outbound ping from the server is tracked; its echo reply comes back in.
     let mut server_out = progs(&lab, 2, SERVER);
-    let out_ping = L4::IcmpEcho { request: true, id: 9 };
+    let out_ping = L4::IcmpEcho {
+        request: true,
+        id: 9,
+    };
     assert_eq!(
-        server_out.test_run(Hook::FromContainer, &ipv4_packet(SERVER, CLIENT, out_ping)).unwrap().action,
+        server_out
+            .test_run(Hook::FromContainer, &ipv4_packet(SERVER, CLIENT, out_ping))
+            .unwrap()
+            .action,
         TC_ACT_REDIRECT
     );
-    let pong = L4::IcmpEcho { request: false, id: 9 };
-    assert_eq!(server.test_run(Hook::ToContainer, &ipv4_packet(CLIENT, SERVER, pong)).unwrap().action, TC_ACT_OK);
+    let pong = L4::IcmpEcho {
+        request: false,
+        id: 9,
+    };
+    assert_eq!(
+        server
+            .test_run(Hook::ToContainer, &ipv4_packet(CLIENT, SERVER, pong))
+            .unwrap()
+            .action,
+        TC_ACT_OK
+    );
 }

@@ -34,7 +34,15 @@ pub enum FilterError {
     Protocol(String),
 }
 
-const VERDICTS: [&str; 7] = ["FORWARDED", "DROPPED", "ERROR", "AUDIT", "REDIRECTED", "TRACED", "TRANSLATED"];
+const VERDICTS: [&str; 7] = [
+    "FORWARDED",
+    "DROPPED",
+    "ERROR",
+    "AUDIT",
+    "REDIRECTED",
+    "TRACED",
+    "TRANSLATED",
+];
 const PROTOCOLS: [&str; 5] = ["tcp", "udp", "sctp", "icmp", "icmpv4"];
 
 fn pod_matches(pattern: &str, ep: &Endpoint) -> bool {
@@ -45,20 +53,32 @@ fn pod_matches(pattern: &str, ep: &Endpoint) -> bool {
 impl Filter {
     /// Checks the filter's values; a bad one is an error, never "no match".
     pub fn validate(&self) -> Result<(), FilterError> {
-        if let Some(v) = self.verdict.iter().find(|v| !VERDICTS.contains(&v.to_uppercase().as_str())) {
+        if let Some(v) = self
+            .verdict
+            .iter()
+            .find(|v| !VERDICTS.contains(&v.to_uppercase().as_str()))
+        {
             return Err(FilterError::Verdict(v.clone()));
         }
-        if let Some(p) = self.protocol.iter().find(|p| !PROTOCOLS.contains(&p.to_lowercase().as_str())) {
+        if let Some(p) = self
+            .protocol
+            .iter()
+            .find(|p| !PROTOCOLS.contains(&p.to_lowercase().as_str()))
+        {
             return Err(FilterError::Protocol(p.clone()));
         }
         Ok(())
     }
 
     pub fn matches(&self, f: &Flow) -> bool {
-        let any = |list: &[String], pred: &dyn Fn(&str) -> bool| list.is_empty() || list.iter().any(|v| pred(v));
-        any(&self.namespace, &|ns| f.source.namespace == ns || f.destination.namespace == ns)
-            && any(&self.pod, &|p| pod_matches(p, &f.source) || pod_matches(p, &f.destination))
-            && any(&self.from_pod, &|p| pod_matches(p, &f.source))
+        let any = |list: &[String], pred: &dyn Fn(&str) -> bool| {
+            list.is_empty() || list.iter().any(|v| pred(v))
+        };
+        any(&self.namespace, &|ns| {
+            f.source.namespace == ns || f.destination.namespace == ns
+        }) && any(&self.pod, &|p| {
+            pod_matches(p, &f.source) || pod_matches(p, &f.destination)
+        }) && any(&self.from_pod, &|p| pod_matches(p, &f.source))
             && any(&self.to_pod, &|p| pod_matches(p, &f.destination))
             && any(&self.verdict, &|v| f.verdict.eq_ignore_ascii_case(v))
             && any(&self.protocol, &|p| {

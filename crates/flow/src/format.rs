@@ -2,18 +2,33 @@
 
 use crate::record::{drop_reason_text, Endpoint, Flow};
 
-const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
 
 /// `Jan _2 15:04:05.000` from an RFC 3339 time; `N/A` when unparsable.
 pub fn compact_time(rfc3339: &str) -> String {
     let parse = || -> Option<String> {
         let (date, rest) = rfc3339.split_once('T')?;
         let mut d = date.split('-');
-        let (_, m, day) = (d.next()?, d.next()?.parse::<usize>().ok()?, d.next()?.parse::<u32>().ok()?);
+        let (_, m, day) = (
+            d.next()?,
+            d.next()?.parse::<usize>().ok()?,
+            d.next()?.parse::<u32>().ok()?,
+        );
         let hms = rest.get(0..8)?;
-        let frac: String = rest.get(9..).unwrap_or("").chars().take_while(|c| c.is_ascii_digit()).collect();
+        let frac: String = rest
+            .get(9..)
+            .unwrap_or("")
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect();
         let ms = format!("{frac:0<3}");
-        Some(format!("{} {day:>2} {hms}.{}", MONTHS.get(m.checked_sub(1)?)?, &ms[..3]))
+        Some(format!(
+            "{} {day:>2} {hms}.{}",
+            MONTHS.get(m.checked_sub(1)?)?,
+            &ms[..3]
+        ))
     };
     parse().unwrap_or_else(|| "N/A".into())
 }
@@ -84,14 +99,17 @@ fn type_text(f: &Flow) -> String {
 
 /// One line per flow, as `hubble observe` prints by default.
 pub fn compact(f: &Flow) -> String {
-    let (sip, dip) = f
-        .ip
-        .as_ref()
-        .map(|ip| (ip.source.clone(), ip.destination.clone()))
-        .unwrap_or_default();
+    let (sip, dip) =
+        f.ip.as_ref()
+            .map(|ip| (ip.source.clone(), ip.destination.clone()))
+            .unwrap_or_default();
     let (sport, dport) = ports(f);
     let mut src = format!("{} {}", host(&f.source, &sip, sport), identity(&f.source));
-    let mut dst = format!("{} {}", host(&f.destination, &dip, dport), identity(&f.destination));
+    let mut dst = format!(
+        "{} {}",
+        host(&f.destination, &dip, dport),
+        identity(&f.destination)
+    );
     let arrow = match f.is_reply {
         Some(true) => {
             std::mem::swap(&mut src, &mut dst);

@@ -210,7 +210,10 @@ pub fn drop_reason_text(name: &str) -> &'static str {
 }
 
 fn mac(m: &[u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Days since 1970-01-01 -> (year, month, day) (proleptic Gregorian).
@@ -243,7 +246,13 @@ pub fn rfc3339(unix_ns: u64) -> String {
 
 /// Turns one datapath event into a flow. `unix_ns` is the event time on the
 /// wall clock; `uuid` a unique id; `node` this node's name.
-pub fn from_event(e: &FlowEvent, unix_ns: u64, uuid: String, node: &str, enricher: &dyn Enricher) -> Flow {
+pub fn from_event(
+    e: &FlowEvent,
+    unix_ns: u64,
+    uuid: String,
+    node: &str,
+    enricher: &dyn Enricher,
+) -> Flow {
     let src = Ipv4Addr::from(u32::from_be(e.saddr));
     let dst = Ipv4Addr::from(u32::from_be(e.daddr));
     let is_drop = e.r#type == EventType::Drop as u8;
@@ -304,7 +313,10 @@ pub fn from_event(e: &FlowEvent, unix_ns: u64, uuid: String, node: &str, enriche
     };
     let has_ip = e.ip_version == 4;
     let (verdict_name, drop_desc) = if is_drop {
-        ("DROPPED".to_string(), drop_reason_name(e.subtype).to_string())
+        (
+            "DROPPED".to_string(),
+            drop_reason_name(e.subtype).to_string(),
+        )
     } else {
         let v = match e.verdict {
             verdict::FORWARDED => "FORWARDED",
@@ -354,8 +366,16 @@ pub fn from_event(e: &FlowEvent, unix_ns: u64, uuid: String, node: &str, enriche
             ip_version: "IPv4".into(),
         }),
         l4: has_ip.then_some(l4),
-        source: if has_ip { enricher.endpoint(src, e.src_identity) } else { Endpoint::default() },
-        destination: if has_ip { enricher.endpoint(dst, e.dst_identity) } else { Endpoint::default() },
+        source: if has_ip {
+            enricher.endpoint(src, e.src_identity)
+        } else {
+            Endpoint::default()
+        },
+        destination: if has_ip {
+            enricher.endpoint(dst, e.dst_identity)
+        } else {
+            Endpoint::default()
+        },
         r#type: "L3_L4".into(),
         node_name: node.to_string(),
         event_type: EventTypeField {
@@ -364,7 +384,11 @@ pub fn from_event(e: &FlowEvent, unix_ns: u64, uuid: String, node: &str, enriche
         },
         traffic_direction: direction.into(),
         trace_observation_point: point,
-        trace_reason: if is_drop { String::new() } else { trace_reason.into() },
+        trace_reason: if is_drop {
+            String::new()
+        } else {
+            trace_reason.into()
+        },
         is_reply: (!is_drop && e.ct_state != 0).then_some(e.ct_state == ct_state::REPLY),
         drop_reason_desc: drop_desc,
         policy_match_type: e.policy_match as u32,
@@ -379,7 +403,10 @@ mod tests {
     #[test]
     fn timestamps_are_rfc3339_utc() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000000Z");
-        assert_eq!(rfc3339(1_768_471_200_123_456_789), "2026-01-15T10:00:00.123456789Z");
+        assert_eq!(
+            rfc3339(1_768_471_200_123_456_789),
+            "2026-01-15T10:00:00.123456789Z"
+        );
     }
 
     #[test]

@@ -22,7 +22,9 @@ impl<T> Ring<T> {
     /// `capacity` must be 2^n-1, as Hubble's `hubble-event-buffer-capacity`.
     pub fn new(capacity: usize) -> Result<Self, String> {
         if capacity == 0 || !(capacity + 1).is_power_of_two() {
-            return Err(format!("ring capacity must be 2^n-1 (e.g. 4095), found {capacity}"));
+            return Err(format!(
+                "ring capacity must be 2^n-1 (e.g. 4095), found {capacity}"
+            ));
         }
         Ok(Self {
             capacity,

@@ -67,7 +67,11 @@ impl EntryKey {
         if self.protocol != other.protocol || self.port_bits > other.port_bits {
             return false;
         }
-        let mask = if self.port_bits == 0 { 0 } else { u16::MAX << (16 - self.port_bits) };
+        let mask = if self.port_bits == 0 {
+            0
+        } else {
+            u16::MAX << (16 - self.port_bits)
+        };
         self.port & mask == other.port & mask
     }
 }
@@ -121,12 +125,24 @@ fn port_keys(identity: u32, direction: Direction, ports: &[PortRange]) -> Vec<En
     let mut out = Vec::new();
     for p in ports {
         if p.start == 0 && p.protocol == crate::model::Protocol::Any {
-            out.push(EntryKey { identity, direction, protocol: 0, port: 0, port_bits: 0 });
+            out.push(EntryKey {
+                identity,
+                direction,
+                protocol: 0,
+                port: 0,
+                port_bits: 0,
+            });
             continue;
         }
         for &proto in p.protocol.numbers() {
             for (port, port_bits) in port_blocks(p.start, p.end) {
-                out.push(EntryKey { identity, direction, protocol: proto, port, port_bits });
+                out.push(EntryKey {
+                    identity,
+                    direction,
+                    protocol: proto,
+                    port,
+                    port_bits,
+                });
             }
         }
     }
@@ -135,7 +151,11 @@ fn port_keys(identity: u32, direction: Direction, ports: &[PortRange]) -> Vec<En
 
 /// Computes one endpoint's policy from every policy and every identity
 /// known (identity -> labels).
-pub fn endpoint_policy(labels: &LabelSet, policies: &[Policy], identities: &[(u32, LabelSet)]) -> EndpointPolicy {
+pub fn endpoint_policy(
+    labels: &LabelSet,
+    policies: &[Policy],
+    identities: &[(u32, LabelSet)],
+) -> EndpointPolicy {
     let mut out = EndpointPolicy::default();
     let mut allows: BTreeMap<EntryKey, EntryValue> = BTreeMap::new();
     let mut denies: BTreeMap<EntryKey, EntryValue> = BTreeMap::new();
@@ -144,7 +164,10 @@ pub fn endpoint_policy(labels: &LabelSet, policies: &[Policy], identities: &[(u3
             if !rule.selector.matches(labels) {
                 continue;
             }
-            for (direction, section) in [(Direction::Ingress, &rule.ingress), (Direction::Egress, &rule.egress)] {
+            for (direction, section) in [
+                (Direction::Ingress, &rule.ingress),
+                (Direction::Egress, &rule.egress),
+            ] {
                 let Some(peer_rules) = section else { continue };
                 let (enforced, selected_by) = match direction {
                     Direction::Ingress => (&mut out.ingress_enforced, &mut out.ingress_selected_by),

@@ -150,7 +150,11 @@ impl Ctx<'_> {
     }
 }
 
-const POLICY_KINDS: [&str; 3] = ["CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy", "NetworkPolicy"];
+const POLICY_KINDS: [&str; 3] = [
+    "CiliumNetworkPolicy",
+    "CiliumClusterwideNetworkPolicy",
+    "NetworkPolicy",
+];
 
 /// Parses every YAML document of `text` (named `file` in errors).
 /// `default_namespace` is used for namespaced policies without one.
@@ -163,27 +167,46 @@ pub fn parse(file: &str, text: &str, default_namespace: &str) -> Result<Parsed, 
     })?;
     let mut parsed = Parsed::default();
     for (i, doc) in docs.into_iter().enumerate() {
-        let ctx = Ctx { file, document: i + 1 };
+        let ctx = Ctx {
+            file,
+            document: i + 1,
+        };
         if doc.is_null() {
             continue;
         }
-        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
+        let kind = doc
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
         if !kind.is_empty() && !POLICY_KINDS.contains(&kind.as_str()) {
             parsed.skipped.push((i + 1, kind));
             continue;
         }
-        parsed.policies.push(parse_document(&ctx, doc, default_namespace)?);
+        parsed
+            .policies
+            .push(parse_document(&ctx, doc, default_namespace)?);
     }
     Ok(parsed)
 }
 
 fn parse_document(ctx: &Ctx<'_>, doc: Value, default_namespace: &str) -> Result<Policy, Error> {
     if !doc.is_object() {
-        return Err(ctx.err("(document)", "expected a mapping with apiVersion, kind, metadata and spec"));
+        return Err(ctx.err(
+            "(document)",
+            "expected a mapping with apiVersion, kind, metadata and spec",
+        ));
     }
     let raw: RawDoc = serde_path_to_error::deserialize(doc).map_err(|e| {
         let path = e.path().to_string();
-        ctx.err(if path == "." { "(document)".into() } else { path }, e.into_inner().to_string())
+        ctx.err(
+            if path == "." {
+                "(document)".into()
+            } else {
+                path
+            },
+            e.into_inner().to_string(),
+        )
     })?;
     let kind = match raw.kind.as_str() {
         "CiliumNetworkPolicy" => PolicyKind::Cnp,
@@ -191,10 +214,18 @@ fn parse_document(ctx: &Ctx<'_>, doc: Value, default_namespace: &str) -> Result<
         "NetworkPolicy" => {
             return Err(ctx.err("kind", "Kubernetes NetworkPolicy is not supported yet"));
         }
-        other => return Err(ctx.err("kind", format!("expected one of {POLICY_KINDS:?}, found {other:?}"))),
+        other => {
+            return Err(ctx.err(
+                "kind",
+                format!("expected one of {POLICY_KINDS:?}, found {other:?}"),
+            ))
+        }
     };
     if raw.api_version != "cilium.io/v2" {
-        return Err(ctx.err("apiVersion", format!("expected \"cilium.io/v2\", found {:?}", raw.api_version)));
+        return Err(ctx.err(
+            "apiVersion",
+            format!("expected \"cilium.io/v2\", found {:?}", raw.api_version),
+        ));
     }
     let name = raw
         .metadata
@@ -203,10 +234,17 @@ fn parse_document(ctx: &Ctx<'_>, doc: Value, default_namespace: &str) -> Result<
         .ok_or_else(|| ctx.err("metadata.name", "a policy needs a name"))?;
     validate_dns_name(&name).map_err(|m| ctx.err("metadata.name", m))?;
     let namespace = match kind {
-        PolicyKind::Cnp => Some(raw.metadata.namespace.unwrap_or_else(|| default_namespace.to_string())),
+        PolicyKind::Cnp => Some(
+            raw.metadata
+                .namespace
+                .unwrap_or_else(|| default_namespace.to_string()),
+        ),
         PolicyKind::Ccnp => {
             if raw.metadata.namespace.is_some() {
-                return Err(ctx.err("metadata.namespace", "a cluster-wide policy has no namespace"));
+                return Err(ctx.err(
+                    "metadata.namespace",
+                    "a cluster-wide policy has no namespace",
+                ));
             }
             None
         }
@@ -214,9 +252,11 @@ fn parse_document(ctx: &Ctx<'_>, doc: Value, default_namespace: &str) -> Result<
     let raw_rules: Vec<(String, RawRule)> = match (raw.spec, raw.specs) {
         (Some(_), Some(_)) => return Err(ctx.err("spec", "give either spec or specs, not both")),
         (Some(r), None) => vec![("spec".into(), r)],
-        (None, Some(rs)) if !rs.is_empty() => {
-            rs.into_iter().enumerate().map(|(i, r)| (format!("specs[{i}]"), r)).collect()
-        }
+        (None, Some(rs)) if !rs.is_empty() => rs
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| (format!("specs[{i}]"), r))
+            .collect(),
         _ => return Err(ctx.err("spec", "a policy needs spec or specs")),
     };
     let mut rules = Vec::new();
@@ -233,7 +273,10 @@ fn parse_document(ctx: &Ctx<'_>, doc: Value, default_namespace: &str) -> Result<
 
 fn unsupported(ctx: &Ctx<'_>, path: &str, present: &[(&str, bool)]) -> Result<(), Error> {
     if let Some((field, _)) = present.iter().find(|(_, p)| *p) {
-        return Err(ctx.err(format!("{path}.{field}"), format!("{field} is not supported yet")));
+        return Err(ctx.err(
+            format!("{path}.{field}"),
+            format!("{field} is not supported yet"),
+        ));
     }
     Ok(())
 }
@@ -254,20 +297,37 @@ fn convert_rule(
             ("log", r.log.is_some()),
         ],
     )?;
-    let mut selector = r
-        .endpoint_selector
-        .ok_or_else(|| ctx.err(format!("{path}.endpointSelector"), "a rule needs an endpointSelector"))?;
+    let mut selector = r.endpoint_selector.ok_or_else(|| {
+        ctx.err(
+            format!("{path}.endpointSelector"),
+            "a rule needs an endpointSelector",
+        )
+    })?;
     validate_selector(ctx, &format!("{path}.endpointSelector"), &selector)?;
     if let Some(ns) = namespace {
         // A namespaced policy only ever selects pods of its own namespace.
-        selector.match_labels.retain(|k, _| split_source(k).1 != NAMESPACE_LABEL);
-        selector.match_labels.insert(format!("k8s:{NAMESPACE_LABEL}"), ns.to_string());
+        selector
+            .match_labels
+            .retain(|k, _| split_source(k).1 != NAMESPACE_LABEL);
+        selector
+            .match_labels
+            .insert(format!("k8s:{NAMESPACE_LABEL}"), ns.to_string());
     }
     let peer_rules = |list: Option<Vec<RawPeerRule>>, field: &str, ingress: bool, deny: bool| {
         list.map(|l| {
             l.into_iter()
                 .enumerate()
-                .map(|(i, p)| convert_peer_rule(ctx, &format!("{path}.{field}[{i}]"), p, ingress, deny, kind, namespace))
+                .map(|(i, p)| {
+                    convert_peer_rule(
+                        ctx,
+                        &format!("{path}.{field}[{i}]"),
+                        p,
+                        ingress,
+                        deny,
+                        kind,
+                        namespace,
+                    )
+                })
                 .collect::<Result<Vec<_>, _>>()
         })
         .transpose()
@@ -303,8 +363,15 @@ fn convert_peer_rule(
         (p.from_endpoints.is_some(), "toEndpoints")
     };
     if wrong {
-        let field = if ingress { "toEndpoints" } else { "fromEndpoints" };
-        return Err(ctx.err(format!("{path}.{field}"), format!("not allowed in this direction; use {right}")));
+        let field = if ingress {
+            "toEndpoints"
+        } else {
+            "fromEndpoints"
+        };
+        return Err(ctx.err(
+            format!("{path}.{field}"),
+            format!("not allowed in this direction; use {right}"),
+        ));
     }
     if ingress
         && (p.to_cidr.is_some()
@@ -333,12 +400,30 @@ fn convert_peer_rule(
         ctx,
         path,
         &[
-            (&format!("{prefix}CIDR"), p.from_cidr.is_some() || p.to_cidr.is_some()),
-            (&format!("{prefix}CIDRSet"), p.from_cidr_set.is_some() || p.to_cidr_set.is_some()),
-            (&format!("{prefix}Entities"), p.from_entities.is_some() || p.to_entities.is_some()),
-            (&format!("{prefix}Requires"), p.from_requires.is_some() || p.to_requires.is_some()),
-            (&format!("{prefix}Groups"), p.from_groups.is_some() || p.to_groups.is_some()),
-            (&format!("{prefix}Nodes"), p.from_nodes.is_some() || p.to_nodes.is_some()),
+            (
+                &format!("{prefix}CIDR"),
+                p.from_cidr.is_some() || p.to_cidr.is_some(),
+            ),
+            (
+                &format!("{prefix}CIDRSet"),
+                p.from_cidr_set.is_some() || p.to_cidr_set.is_some(),
+            ),
+            (
+                &format!("{prefix}Entities"),
+                p.from_entities.is_some() || p.to_entities.is_some(),
+            ),
+            (
+                &format!("{prefix}Requires"),
+                p.from_requires.is_some() || p.to_requires.is_some(),
+            ),
+            (
+                &format!("{prefix}Groups"),
+                p.from_groups.is_some() || p.to_groups.is_some(),
+            ),
+            (
+                &format!("{prefix}Nodes"),
+                p.from_nodes.is_some() || p.to_nodes.is_some(),
+            ),
             ("toServices", p.to_services.is_some()),
             ("toFQDNs", p.to_fqdns.is_some()),
             ("icmps", p.icmps.is_some()),
@@ -346,7 +431,11 @@ fn convert_peer_rule(
         ],
     )?;
     let field = format!("{prefix}Endpoints");
-    let peers = match if ingress { p.from_endpoints } else { p.to_endpoints } {
+    let peers = match if ingress {
+        p.from_endpoints
+    } else {
+        p.to_endpoints
+    } {
         None => None,
         Some(list) => {
             let mut out = Vec::new();
@@ -386,7 +475,8 @@ fn inject_peer_namespace(s: &mut Selector, kind: PolicyKind, namespace: Option<&
     }
     match (kind, namespace) {
         (PolicyKind::Cnp, Some(ns)) => {
-            s.match_labels.insert(format!("k8s:{NAMESPACE_LABEL}"), ns.to_string());
+            s.match_labels
+                .insert(format!("k8s:{NAMESPACE_LABEL}"), ns.to_string());
         }
         _ => {
             let selects_init = s.match_labels.keys().any(|k| k == "reserved:init");
@@ -406,10 +496,16 @@ fn validate_selector(ctx: &Ctx<'_>, path: &str, s: &Selector) -> Result<(), Erro
         let rpath = format!("{path}.matchExpressions[{i}]");
         match r.operator {
             Operator::In | Operator::NotIn if r.values.is_empty() => {
-                return Err(ctx.err(format!("{rpath}.values"), format!("operator {:?} needs at least one value", r.operator)));
+                return Err(ctx.err(
+                    format!("{rpath}.values"),
+                    format!("operator {:?} needs at least one value", r.operator),
+                ));
             }
             Operator::Exists | Operator::DoesNotExist if !r.values.is_empty() => {
-                return Err(ctx.err(format!("{rpath}.values"), format!("operator {:?} takes no values", r.operator)));
+                return Err(ctx.err(
+                    format!("{rpath}.values"),
+                    format!("operator {:?} takes no values", r.operator),
+                ));
             }
             _ => {}
         }
@@ -442,7 +538,8 @@ fn convert_port(ctx: &Ctx<'_>, path: &str, p: RawPort) -> Result<PortRange, Erro
         Some(Value::Number(n)) => n
             .as_u64()
             .filter(|n| *n <= 65535)
-            .ok_or_else(|| ctx.err(&port_path, format!("port {n} is out of range 0-65535")))? as u16,
+            .ok_or_else(|| ctx.err(&port_path, format!("port {n} is out of range 0-65535")))?
+            as u16,
         Some(Value::String(s)) => match s.parse::<i64>() {
             Ok(n) if (0..=65535).contains(&n) => n as u16,
             Ok(n) => return Err(ctx.err(&port_path, format!("port {n} is out of range 0-65535"))),
@@ -451,7 +548,12 @@ fn convert_port(ctx: &Ctx<'_>, path: &str, p: RawPort) -> Result<PortRange, Erro
                 return Err(ctx.err(&port_path, format!("named port {s:?} is not supported yet")));
             }
         },
-        Some(other) => return Err(ctx.err(&port_path, format!("expected a port number or name, found {other}"))),
+        Some(other) => {
+            return Err(ctx.err(
+                &port_path,
+                format!("expected a port number or name, found {other}"),
+            ))
+        }
     };
     let end = match p.end_port {
         None => start,
@@ -463,29 +565,39 @@ fn convert_port(ctx: &Ctx<'_>, path: &str, p: RawPort) -> Result<PortRange, Erro
             ))
         }
     };
-    Ok(PortRange { protocol, start, end })
+    Ok(PortRange {
+        protocol,
+        start,
+        end,
+    })
 }
 
 fn validate_port_name(s: &str) -> Result<(), String> {
     let ok = !s.is_empty()
         && s.len() <= 15
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && s.chars().any(|c| c.is_ascii_lowercase());
     if ok {
         Ok(())
     } else {
-        Err(format!("{s:?} is neither a port number (0-65535) nor a valid port name"))
+        Err(format!(
+            "{s:?} is neither a port number (0-65535) nor a valid port name"
+        ))
     }
 }
 
 fn validate_dns_name(s: &str) -> Result<(), String> {
     let ok = s.len() <= 253
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
         && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
         && s.chars().last().is_some_and(|c| c.is_ascii_alphanumeric());
     if ok {
         Ok(())
     } else {
-        Err(format!("{s:?} is not a valid name (lowercase letters, digits, '-' and '.')"))
+        Err(format!(
+            "{s:?} is not a valid name (lowercase letters, digits, '-' and '.')"
+        ))
     }
 }

@@ -89,8 +89,17 @@ impl Allocator {
             return Ok(a.id);
         }
         let used: std::collections::BTreeSet<u32> = self.by_labels.values().map(|a| a.id).collect();
-        let id = (FIRST..=LAST).find(|id| !used.contains(id)).ok_or(Exhausted)?;
-        self.by_labels.insert(labels.clone(), Allocation { labels: labels.clone(), id, refs: 1 });
+        let id = (FIRST..=LAST)
+            .find(|id| !used.contains(id))
+            .ok_or(Exhausted)?;
+        self.by_labels.insert(
+            labels.clone(),
+            Allocation {
+                labels: labels.clone(),
+                id,
+                refs: 1,
+            },
+        );
         Ok(id)
     }
 
@@ -107,14 +116,21 @@ impl Allocator {
     /// Every allocated identity with its labels, reserved ones first.
     pub fn all(&self) -> Vec<(u32, LabelSet)> {
         let mut out = reserved();
-        let mut local: Vec<(u32, LabelSet)> = self.by_labels.iter().map(|(l, a)| (a.id, l.clone())).collect();
+        let mut local: Vec<(u32, LabelSet)> = self
+            .by_labels
+            .iter()
+            .map(|(l, a)| (a.id, l.clone()))
+            .collect();
         local.sort();
         out.extend(local);
         out
     }
 
     pub fn labels_of(&self, id: u32) -> Option<LabelSet> {
-        self.all().into_iter().find(|(i, _)| *i == id).map(|(_, l)| l)
+        self.all()
+            .into_iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, l)| l)
     }
 }
 
@@ -134,10 +150,18 @@ mod tests {
         assert_eq!(a.acquire(&set("db")).unwrap(), 257);
         assert_eq!(a.acquire(&set("web")).unwrap(), 256);
         a.release(&set("web"));
-        assert_eq!(a.acquire(&set("api")).unwrap(), 258, "256 still referenced once");
+        assert_eq!(
+            a.acquire(&set("api")).unwrap(),
+            258,
+            "256 still referenced once"
+        );
         a.release(&set("web"));
         a.release(&set("web"));
-        assert_eq!(a.acquire(&set("new")).unwrap(), 256, "freed with its last reference");
+        assert_eq!(
+            a.acquire(&set("new")).unwrap(),
+            256,
+            "freed with its last reference"
+        );
     }
 
     #[test]

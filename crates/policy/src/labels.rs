@@ -14,7 +14,15 @@ pub const SERVICE_ACCOUNT_LABEL: &str = "io.cilium.k8s.policy.serviceaccount";
 pub const CLUSTER_LABEL: &str = "io.cilium.k8s.policy.cluster";
 
 /// Label sources a key may be prefixed with.
-pub const SOURCES: [&str; 7] = ["k8s", "reserved", "any", "unspec", "container", "cidr", "fqdn"];
+pub const SOURCES: [&str; 7] = [
+    "k8s",
+    "reserved",
+    "any",
+    "unspec",
+    "container",
+    "cidr",
+    "fqdn",
+];
 
 /// Keys that are not identity-relevant by default (Cilium's exclusive
 /// patterns, anchored at the start of the key).
@@ -96,7 +104,11 @@ impl LabelSet {
 
     /// Values of labels with `key` whose source matches `source` (`any`
     /// matches every source).
-    pub fn values<'a>(&'a self, source: &'a str, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    pub fn values<'a>(
+        &'a self,
+        source: &'a str,
+        key: &'a str,
+    ) -> impl Iterator<Item = &'a str> + 'a {
         self.0
             .iter()
             .filter(move |l| l.key == key && (source == "any" || l.source == source))
@@ -135,9 +147,17 @@ pub fn pod_identity_labels(meta: &PodMeta<'_>) -> LabelSet {
         .collect();
     out.push(Label::new("k8s", NAMESPACE_LABEL, meta.namespace));
     for (k, v) in meta.namespace_labels {
-        out.push(Label::new("k8s", &format!("{NAMESPACE_LABELS_PREFIX}{k}"), v));
+        out.push(Label::new(
+            "k8s",
+            &format!("{NAMESPACE_LABELS_PREFIX}{k}"),
+            v,
+        ));
     }
-    out.push(Label::new("k8s", SERVICE_ACCOUNT_LABEL, meta.service_account));
+    out.push(Label::new(
+        "k8s",
+        SERVICE_ACCOUNT_LABEL,
+        meta.service_account,
+    ));
     out.push(Label::new("k8s", CLUSTER_LABEL, meta.cluster));
     LabelSet::new(out)
 }
@@ -149,7 +169,12 @@ pub fn validate_label_key(key: &str) -> Result<(), String> {
         None => (None, key),
     };
     if let Some(p) = prefix {
-        if p.is_empty() || p.len() > 253 || !p.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-') {
+        if p.is_empty()
+            || p.len() > 253
+            || !p
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        {
             return Err(format!("label key {key:?}: prefix must be a DNS subdomain"));
         }
     }

@@ -28,9 +28,17 @@ pub struct Requirement {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Selector {
-    #[serde(default, rename = "matchLabels", skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        rename = "matchLabels",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub match_labels: BTreeMap<String, String>,
-    #[serde(default, rename = "matchExpressions", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        rename = "matchExpressions",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub match_expressions: Vec<Requirement>,
 }
 
@@ -42,13 +50,21 @@ impl Selector {
     /// Whether the selector names `key` (with any source prefix).
     pub fn mentions_key(&self, key: &str) -> bool {
         self.match_labels.keys().any(|k| split_source(k).1 == key)
-            || self.match_expressions.iter().any(|r| split_source(&r.key).1 == key)
+            || self
+                .match_expressions
+                .iter()
+                .any(|r| split_source(&r.key).1 == key)
     }
 
     /// Whether the selector names any key starting with `prefix`.
     pub fn mentions_key_prefix(&self, prefix: &str) -> bool {
-        self.match_labels.keys().any(|k| split_source(k).1.starts_with(prefix))
-            || self.match_expressions.iter().any(|r| split_source(&r.key).1.starts_with(prefix))
+        self.match_labels
+            .keys()
+            .any(|k| split_source(k).1.starts_with(prefix))
+            || self
+                .match_expressions
+                .iter()
+                .any(|r| split_source(&r.key).1.starts_with(prefix))
     }
 
     pub fn matches(&self, labels: &LabelSet) -> bool {
@@ -70,7 +86,11 @@ impl Selector {
 
 impl fmt::Display for Selector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut parts: Vec<String> = self.match_labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut parts: Vec<String> = self
+            .match_labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         for r in &self.match_expressions {
             parts.push(match r.operator {
                 Operator::Exists => r.key.clone(),
@@ -101,7 +121,11 @@ mod tests {
     }
 
     fn check(selector: &str, labels: &LabelSet, expected: bool) {
-        assert_eq!(sel(selector).matches(labels), expected, "{selector} vs {labels:?}");
+        assert_eq!(
+            sel(selector).matches(labels),
+            expected,
+            "{selector} vs {labels:?}"
+        );
     }
 
     #[test]
@@ -113,11 +137,35 @@ mod tests {
         check("matchLabels: {container:app: web}", &web, false);
         check("matchLabels: {app: db}", &web, false);
         check("matchLabels: {app: web, tier: back}", &web, false);
-        check("matchExpressions: [{key: app, operator: In, values: [db, web]}]", &web, true);
-        check("matchExpressions: [{key: app, operator: NotIn, values: [web]}]", &web, false);
-        check("matchExpressions: [{key: missing, operator: NotIn, values: [web]}]", &web, true);
-        check("matchExpressions: [{key: tier, operator: Exists}]", &web, true);
-        check("matchExpressions: [{key: tier, operator: DoesNotExist}]", &web, false);
-        check("matchExpressions: [{key: other, operator: DoesNotExist}]", &web, true);
+        check(
+            "matchExpressions: [{key: app, operator: In, values: [db, web]}]",
+            &web,
+            true,
+        );
+        check(
+            "matchExpressions: [{key: app, operator: NotIn, values: [web]}]",
+            &web,
+            false,
+        );
+        check(
+            "matchExpressions: [{key: missing, operator: NotIn, values: [web]}]",
+            &web,
+            true,
+        );
+        check(
+            "matchExpressions: [{key: tier, operator: Exists}]",
+            &web,
+            true,
+        );
+        check(
+            "matchExpressions: [{key: tier, operator: DoesNotExist}]",
+            &web,
+            false,
+        );
+        check(
+            "matchExpressions: [{key: other, operator: DoesNotExist}]",
+            &web,
+            true,
+        );
     }
 }

@@ -13,7 +13,11 @@ pub const TCP_ACK: u8 = 0x10;
 /// prefix, this process id and a counter, so parallel tests never collide.
 pub fn unique_name(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}{}x{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}{}x{}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// An L4 header to put in a crafted packet.
@@ -43,7 +47,11 @@ fn checksum(data: &[u8]) -> u16 {
 /// Builds an Ethernet + IPv4 + L4 frame with a valid IP header checksum.
 pub fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, l4: L4) -> Vec<u8> {
     let (proto, l4_bytes) = match l4 {
-        L4::Tcp { sport, dport, flags } => {
+        L4::Tcp {
+            sport,
+            dport,
+            flags,
+        } => {
             let mut t = vec![0u8; 20];
             t[0..2].copy_from_slice(&sport.to_be_bytes());
             t[2..4].copy_from_slice(&dport.to_be_bytes());
@@ -111,7 +119,11 @@ mod tests {
         let p = ipv4_packet(
             Ipv4Addr::new(10, 0, 0, 1),
             Ipv4Addr::new(10, 0, 0, 2),
-            L4::Tcp { sport: 1, dport: 2, flags: TCP_SYN },
+            L4::Tcp {
+                sport: 1,
+                dport: 2,
+                flags: TCP_SYN,
+            },
         );
         assert_eq!(checksum(&p[14..34]), 0);
         assert_eq!(p.len(), 14 + 20 + 20);

@@ -1,0 +1,489 @@
+//! `fibril lab`: a one-host lab, set up exactly as a container runtime
+//! would: a network namespace per pod, attached through the real CNI
+//! binary, then the pod's program started inside it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use datapath::net;
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_LAB: &str = include_str!("../../../labs/default.yaml");
+const DEFAULT_POLICY: &str = include_str!("../../../labs/policies/allow-frontend-to-backend.yaml");
+
+/// A lab file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabFile {
+    #[serde(rename = "podCIDR", default = "default_cidr")]
+    pub pod_cidr: String,
+    #[serde(default)]
+    pub namespaces: Vec<Namespace>,
+    pub pods: Vec<PodSpec>,
+    #[serde(default)]
+    pub policies: Vec<PolicyRef>,
+}
+
+fn default_cidr() -> String {
+    "10.200.0.0/24".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Namespace {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodSpec {
+    pub name: String,
+    #[serde(default = "default_ns")]
+    pub namespace: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub command: Vec<String>,
+}
+
+fn default_ns() -> String {
+    "default".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRef {
+    pub file: Option<String>,
+    pub inline: Option<String>,
+}
+
+/// What `lab up` created, so that `lab down` removes exactly that.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct LabState {
+    pub name: String,
+    pub pod_cidr: String,
+    pub agent_pid: Option<u32>,
+    pub agent_args: Vec<String>,
+    pub pods: Vec<PodState>,
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct PodState {
+    pub namespace: String,
+    pub name: String,
+    pub netns: String,
+    pub container_id: String,
+    pub cni_result: Option<serde_json::Value>,
+    pub pid: Option<u32>,
+}
+
+pub fn lab_dir(lab: &str) -> PathBuf {
+    PathBuf::from("/run/fibril/labs").join(lab)
+}
+
+pub fn socket(lab: &str) -> PathBuf {
+    lab_dir(lab).join("agent.sock")
+}
+
+pub fn bpf_dir(lab: &str) -> PathBuf {
+    PathBuf::from("/sys/fs/bpf").join(format!("fibril-{lab}"))
+}
+
+fn state_path(lab: &str) -> PathBuf {
+    lab_dir(lab).join("lab.json")
+}
+
+fn save(st: &LabState) -> anyhow::Result<()> {
+    std::fs::write(state_path(&st.name), serde_json::to_vec_pretty(st)?)?;
+    Ok(())
+}
+
+pub fn load_state(lab: &str) -> anyhow::Result<LabState> {
+    let p = state_path(lab);
+    let bytes = std::fs::read(&p)
+        .with_context(|| format!("lab {lab:?} is not up ({} missing)", p.display()))?;
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+/// Where our binaries live: next to the running `fibril`.
+pub fn bin_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// `fibril-echo` and friends resolve to our own build; other names to PATH.
+fn resolve(cmd: &str) -> String {
+    let ours = bin_dir().join(cmd);
+    if cmd.starts_with("fibril") && ours.exists() {
+        ours.display().to_string()
+    } else {
+        cmd.to_string()
+    }
+}
+
+fn valid_name(what: &str, s: &str) -> anyhow::Result<()> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if !ok {
+        bail!("{what} {s:?} must be a DNS label: lowercase letters, digits and '-', at most 63 characters");
+    }
+    Ok(())
+}
+
+/// A parsed, fully validated lab: nothing is created before this passes.
+pub struct Lab {
+    pub file: LabFile,
+    /// (file name, YAML) of each policy.
+    pub policies: Vec<(String, String)>,
+}
+
+pub fn parse(path: Option<&Path>) -> anyhow::Result<Lab> {
+    let (name, text, base) = match path {
+        Some(p) => (
+            p.display().to_string(),
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            p.parent().map(Path::to_path_buf).unwrap_or_default(),
+        ),
+        None => (
+            "default lab".to_string(),
+            DEFAULT_LAB.to_string(),
+            PathBuf::new(),
+        ),
+    };
+    let value: serde_json::Value = serde_saphyr::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{name}: not valid YAML: {e}"))?;
+    let file: LabFile = serde_path_to_error::deserialize(value)
+        .map_err(|e| anyhow::anyhow!("{name}: {}: {}", e.path(), e.inner()))?;
+    if !file.pod_cidr.contains('/') {
+        bail!(
+            "{name}: podCIDR: {:?} is not a CIDR (a.b.c.d/n)",
+            file.pod_cidr
+        );
+    }
+    for (i, ns) in file.namespaces.iter().enumerate() {
+        valid_name(&format!("{name}: namespaces[{i}].name"), &ns.name)?;
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, p) in file.pods.iter().enumerate() {
+        valid_name(&format!("{name}: pods[{i}].name"), &p.name)?;
+        valid_name(&format!("{name}: pods[{i}].namespace"), &p.namespace)?;
+        for (k, v) in &p.labels {
+            policy::labels::validate_label_key(k)
+                .map_err(|e| anyhow::anyhow!("{name}: pods[{i}].labels: {e}"))?;
+            policy::labels::validate_label_value(v)
+                .map_err(|e| anyhow::anyhow!("{name}: pods[{i}].labels: {e}"))?;
+        }
+        if !seen.insert((p.namespace.clone(), p.name.clone())) {
+            bail!(
+                "{name}: pods[{i}]: pod {}/{} appears twice",
+                p.namespace,
+                p.name
+            );
+        }
+    }
+    let mut policies = Vec::new();
+    for (i, r) in file.policies.iter().enumerate() {
+        let (pname, yaml) = match (&r.file, &r.inline) {
+            (Some(f), None) if path.is_none() && f == "policies/allow-frontend-to-backend.yaml" => {
+                (f.clone(), DEFAULT_POLICY.to_string())
+            }
+            (Some(f), None) => {
+                let p = base.join(f);
+                (
+                    p.display().to_string(),
+                    std::fs::read_to_string(&p).with_context(|| {
+                        format!("{name}: policies[{i}].file: reading {}", p.display())
+                    })?,
+                )
+            }
+            (None, Some(y)) => (format!("{name}: policies[{i}].inline"), y.clone()),
+            _ => bail!("{name}: policies[{i}]: give exactly one of file or inline"),
+        };
+        // Validate now, so that a bad policy stops the lab before it starts.
+        policy::parse(&pname, &yaml, "default").map_err(|e| anyhow::anyhow!("{e}"))?;
+        policies.push((pname, yaml));
+    }
+    Ok(Lab { file, policies })
+}
+
+fn wait_for_agent(sock: &Path, timeout: Duration) -> anyhow::Result<()> {
+    let end = Instant::now() + timeout;
+    loop {
+        match api::call(sock, &api::Request::Status) {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() > end => bail!("the agent did not come up: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Starts an agent for `st` in the background and waits until it answers.
+pub fn start_agent(st: &mut LabState) -> anyhow::Result<()> {
+    let dir = lab_dir(&st.name);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("agent.log"))?;
+    let child = Command::new("setsid")
+        .arg(bin_dir().join("fibril-agent"))
+        .args(&st.agent_args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting fibril-agent")?;
+    st.agent_pid = Some(child.id());
+    save(st)?;
+    wait_for_agent(&socket(&st.name), Duration::from_secs(15))
+        .with_context(|| format!("see {}", dir.join("agent.log").display()))
+}
+
+fn kill(pid: u32) {
+    let _ = Command::new("kill")
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+}
+
+fn wait_gone(pid: u32) {
+    let end = Instant::now() + Duration::from_secs(5);
+    while alive(pid) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn stop_agent(st: &LabState) {
+    if let Some(pid) = st.agent_pid {
+        kill(pid);
+        wait_gone(pid);
+    }
+}
+
+fn cni_config(lab: &str) -> String {
+    serde_json::json!({
+        "cniVersion": "1.1.0",
+        "name": "fibril",
+        "type": "fibril-cni",
+        "agentSocket": socket(lab).display().to_string(),
+    })
+    .to_string()
+}
+
+/// Runs the CNI plugin the way a runtime does.
+fn cni(command: &str, pod: &PodState, stdin: &str) -> anyhow::Result<Option<serde_json::Value>> {
+    use std::io::Write;
+    let mut child = Command::new(bin_dir().join("fibril-cni"))
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", &pod.container_id)
+        .env("CNI_NETNS", format!("/run/netns/{}", pod.netns))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", bin_dir())
+        .env(
+            "CNI_ARGS",
+            format!(
+                "K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
+                pod.namespace, pod.name
+            ),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("running fibril-cni")?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(stdin.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "CNI {command} for {}/{} failed: {}",
+            pod.namespace,
+            pod.name,
+            text.trim()
+        );
+    }
+    Ok(if text.trim().is_empty() {
+        None
+    } else {
+        Some(serde_json::from_str(&text)?)
+    })
+}
+
+pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
+    valid_name("lab name", lab)?;
+    let parsed = parse(lab_file)?;
+    if state_path(lab).exists() {
+        bail!("lab {lab:?} is already up; `fibril lab down --lab {lab}` first");
+    }
+    let dir = lab_dir(lab);
+    std::fs::create_dir_all(dir.join("pods"))?;
+    let mut st = LabState {
+        name: lab.to_string(),
+        pod_cidr: parsed.file.pod_cidr.clone(),
+        agent_args: vec![
+            "--node-name".into(),
+            format!("{lab}-node"),
+            "--pod-cidr".into(),
+            parsed.file.pod_cidr.clone(),
+            "--state-dir".into(),
+            dir.join("state").display().to_string(),
+            "--bpf-dir".into(),
+            bpf_dir(lab).display().to_string(),
+            "--socket".into(),
+            socket(lab).display().to_string(),
+        ],
+        ..Default::default()
+    };
+    save(&st)?;
+    let result = (|| -> anyhow::Result<()> {
+        start_agent(&mut st)?;
+        let sock = socket(lab);
+        let ns_labels: BTreeMap<&str, &BTreeMap<String, String>> = parsed
+            .file
+            .namespaces
+            .iter()
+            .map(|n| (n.name.as_str(), &n.labels))
+            .collect();
+        let empty = BTreeMap::new();
+        for p in &parsed.file.pods {
+            let netns = format!("fibril-{lab}-{}-{}", p.namespace, p.name);
+            let pod = PodState {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                netns: netns.clone(),
+                container_id: format!("{lab}-{}-{}", p.namespace, p.name),
+                cni_result: None,
+                pid: None,
+            };
+            api::call(
+                &sock,
+                &api::Request::PodUpsert(api::Pod {
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                    labels: p.labels.clone(),
+                    namespace_labels: (*ns_labels.get(p.namespace.as_str()).unwrap_or(&&empty))
+                        .clone(),
+                    service_account: None,
+                }),
+            )?;
+            net::create_netns(&netns)?;
+            st.pods.push(pod);
+            save(&st)?;
+            let idx = st.pods.len() - 1;
+            st.pods[idx].cni_result = cni("ADD", &st.pods[idx], &cni_config(lab))?;
+            save(&st)?;
+        }
+        for (name, yaml) in &parsed.policies {
+            api::call(
+                &sock,
+                &api::Request::PolicyImport {
+                    file: name.clone(),
+                    yaml: yaml.clone(),
+                    namespace: None,
+                },
+            )?;
+        }
+        for (i, p) in parsed.file.pods.iter().enumerate() {
+            if p.command.is_empty() {
+                continue;
+            }
+            let log = std::fs::File::create(
+                dir.join("pods")
+                    .join(format!("{}_{}.log", p.namespace, p.name)),
+            )?;
+            let child = Command::new("setsid")
+                .args(["ip", "netns", "exec", &st.pods[i].netns])
+                .arg(resolve(&p.command[0]))
+                .args(&p.command[1..])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| {
+                    format!("starting {:?} in {}/{}", p.command, p.namespace, p.name)
+                })?;
+            st.pods[i].pid = Some(child.id());
+        }
+        save(&st)?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        down(lab).ok();
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Removes everything `up` created, and nothing else. Safe to run on a
+/// half-created lab.
+pub fn down(lab: &str) -> anyhow::Result<()> {
+    let st = load_state(lab)?;
+    for p in &st.pods {
+        if let Some(pid) = p.pid {
+            kill(pid);
+        }
+    }
+    // CNI DEL in reverse order, as a runtime does.
+    for p in st.pods.iter().rev() {
+        let mut conf: serde_json::Value = serde_json::from_str(&cni_config(lab))?;
+        if let Some(r) = &p.cni_result {
+            conf["prevResult"] = r.clone();
+        }
+        if let Err(e) = cni("DEL", p, &conf.to_string()) {
+            eprintln!("warning: {e:#}");
+        }
+    }
+    stop_agent(&st);
+    for p in &st.pods {
+        net::delete_netns(&p.netns);
+        // If the agent was gone, the host side of the veth may remain.
+        net::delete_link(&api::host_ifname(&p.container_id, "eth0"));
+    }
+    datapath::Datapath::unpin_all(&bpf_dir(lab));
+    std::fs::remove_dir_all(lab_dir(lab)).ok();
+    Ok(())
+}
+
+/// Stops and starts the lab's agent (pods, maps and programs stay).
+pub fn restart_agent(lab: &str) -> anyhow::Result<()> {
+    let mut st = load_state(lab)?;
+    stop_agent(&st);
+    start_agent(&mut st)
+}
+
+/// Runs a command inside a pod, like `kubectl exec`.
+pub fn exec(lab: &str, target: &str, cmd: &[String]) -> anyhow::Result<i32> {
+    let st = load_state(lab)?;
+    let (ns, name) = target.split_once('/').unwrap_or(("default", target));
+    let pod = st
+        .pods
+        .iter()
+        .find(|p| p.namespace == ns && p.name == name)
+        .with_context(|| format!("no pod {ns}/{name} in lab {lab:?}"))?;
+    let first = cmd.first().context("no command given")?;
+    let status = Command::new("ip")
+        .args(["netns", "exec", &pod.netns])
+        .arg(resolve(first))
+        .args(&cmd[1..])
+        .status()?;
+    Ok(status.code().unwrap_or(1))
+}

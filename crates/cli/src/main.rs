@@ -1,0 +1,385 @@
+//! fibril: the command line (`cilium`/`hubble` roles for one node).
+#![forbid(unsafe_code)]
+
+mod lab;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use api::{Client, ObserveRequest, Request, Response};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "fibril",
+    about = "Fibril: eBPF networking, identity-based policy and flow observability"
+)]
+struct Cli {
+    /// The lab whose agent to talk to (env FIBRIL_LAB).
+    #[arg(long, global = true, env = "FIBRIL_LAB", default_value = "default")]
+    lab: String,
+    /// Agent socket; defaults to the lab's.
+    #[arg(long, global = true, env = "FIBRIL_SOCKET")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Compact,
+    Json,
+    Table,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// One-host labs.
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
+    /// Agent status.
+    Status {
+        #[arg(short, long, value_enum, default_value = "compact")]
+        output: Output,
+    },
+    Endpoint {
+        #[command(subcommand)]
+        cmd: ListCmd,
+    },
+    Identity {
+        #[command(subcommand)]
+        cmd: ListCmd,
+    },
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+    /// Observe flows (hubble observe's flags).
+    Observe(ObserveArgs),
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Create the lab (default: the seed's microservices example).
+    Up {
+        #[arg(short = 'f', long)]
+        file: Option<PathBuf>,
+    },
+    /// Remove everything the lab created.
+    Down,
+    /// Run a command in a pod: `fibril lab exec NS/POD -- CMD...`.
+    Exec {
+        pod: String,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Restart the lab's agent (pods, programs and maps stay).
+    RestartAgent,
+    /// Print the default lab file.
+    Default,
+}
+
+#[derive(Subcommand)]
+enum ListCmd {
+    List {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Import every policy of the files (all or nothing).
+    Import {
+        files: Vec<PathBuf>,
+        #[arg(short, long)]
+        namespace: Option<String>,
+    },
+    /// Check files without importing anything.
+    Validate {
+        files: Vec<PathBuf>,
+    },
+    Get,
+    /// Delete `namespace/name` (or a cluster-wide policy's name).
+    Delete {
+        key: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct ObserveArgs {
+    /// Keep printing new flows.
+    #[arg(short, long)]
+    follow: bool,
+    /// Print the last N flows.
+    #[arg(long)]
+    last: Option<usize>,
+    /// All flows in the buffer.
+    #[arg(long)]
+    all: bool,
+    #[arg(short, long)]
+    namespace: Vec<String>,
+    #[arg(long)]
+    pod: Vec<String>,
+    #[arg(long)]
+    from_pod: Vec<String>,
+    #[arg(long)]
+    to_pod: Vec<String>,
+    #[arg(long)]
+    verdict: Vec<String>,
+    #[arg(long)]
+    protocol: Vec<String>,
+    #[arg(short, long, value_enum, default_value = "compact")]
+    output: Output,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("fibril: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    let socket = cli.socket.clone().unwrap_or_else(|| lab::socket(&cli.lab));
+    let call = |req: Request| -> anyhow::Result<Response> { Ok(api::call(&socket, &req)?) };
+    match cli.cmd {
+        Cmd::Lab { cmd } => match cmd {
+            LabCmd::Up { file } => {
+                lab::up(&cli.lab, file.as_deref())?;
+                if let Response::Endpoints { endpoints } = call(Request::EndpointList)? {
+                    println!("lab {:?} is up:", cli.lab);
+                    for e in endpoints {
+                        println!(
+                            "  {}/{}  {}  identity {}",
+                            e.namespace, e.pod_name, e.ipv4, e.identity
+                        );
+                    }
+                }
+                Ok(0)
+            }
+            LabCmd::Down => {
+                lab::down(&cli.lab)?;
+                println!("lab {:?} removed", cli.lab);
+                Ok(0)
+            }
+            LabCmd::Exec { pod, cmd } => lab::exec(&cli.lab, &pod, &cmd),
+            LabCmd::RestartAgent => {
+                lab::restart_agent(&cli.lab)?;
+                Ok(0)
+            }
+            LabCmd::Default => {
+                print!("{}", lab::DEFAULT_LAB);
+                Ok(0)
+            }
+        },
+        Cmd::Status { output } => {
+            let Response::Status(s) = call(Request::Status)? else {
+                bail!("unexpected response")
+            };
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("Node:          {}", s.node_name);
+                println!("Pod CIDR:      {}", s.pod_cidr);
+                println!("Endpoints:     {}", s.endpoints);
+                println!("Identities:    {}", s.identities);
+                println!("Policies:      {}", s.policies);
+                println!("Conntrack:     {} entries", s.ct_entries);
+                println!(
+                    "Flows:         {}/{} (Seen {}, kernel events lost {})",
+                    s.flows_buffered, s.flow_capacity, s.flows_seen, s.events_lost_kernel
+                );
+                println!("Uptime:        {}s", s.uptime_seconds);
+            }
+            Ok(0)
+        }
+        Cmd::Endpoint {
+            cmd: ListCmd::List { output },
+        } => {
+            let Response::Endpoints { endpoints } = call(Request::EndpointList)? else {
+                bail!("unexpected response")
+            };
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&endpoints)?);
+            } else {
+                println!(
+                    "{:<6} {:<30} {:<16} {:<9} {:<8} {:<8} LABELS",
+                    "ID", "POD", "IPV4", "IDENTITY", "INGRESS", "EGRESS"
+                );
+                for e in endpoints {
+                    let enforced = |b: bool| if b { "Enabled" } else { "Disabled" };
+                    println!(
+                        "{:<6} {:<30} {:<16} {:<9} {:<8} {:<8} {}",
+                        e.id,
+                        format!("{}/{}", e.namespace, e.pod_name),
+                        e.ipv4,
+                        e.identity,
+                        enforced(e.ingress_enforced),
+                        enforced(e.egress_enforced),
+                        e.labels.join(",")
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Identity {
+            cmd: ListCmd::List { output },
+        } => {
+            let Response::Identities { identities } = call(Request::IdentityList)? else {
+                bail!("unexpected response")
+            };
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&identities)?);
+            } else {
+                println!("{:<8} LABELS", "ID");
+                for i in identities {
+                    println!("{:<8} {}", i.id, i.labels.join("\n         "));
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Policy { cmd } => policy_cmd(cmd, &call),
+        Cmd::Observe(o) => observe(&socket, o),
+    }
+}
+
+fn policy_cmd(
+    cmd: PolicyCmd,
+    call: &dyn Fn(Request) -> anyhow::Result<Response>,
+) -> anyhow::Result<i32> {
+    match cmd {
+        PolicyCmd::Validate { files } => {
+            if files.is_empty() {
+                bail!("name at least one file");
+            }
+            let mut bad = 0;
+            for f in files {
+                let text = std::fs::read_to_string(&f)
+                    .with_context(|| format!("reading {}", f.display()))?;
+                match policy::parse(&f.display().to_string(), &text, "default") {
+                    Ok(p) => {
+                        for pol in &p.policies {
+                            println!(
+                                "{}: {} {} is valid",
+                                f.display(),
+                                pol.kind.name(),
+                                pol.key()
+                            );
+                        }
+                        for (doc, kind) in &p.skipped {
+                            println!(
+                                "{}: document {doc}: skipped {kind} (not a policy)",
+                                f.display()
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("{e}");
+                        bad += 1;
+                    }
+                }
+            }
+            Ok(if bad > 0 { 1 } else { 0 })
+        }
+        PolicyCmd::Import { files, namespace } => {
+            if files.is_empty() {
+                bail!("name at least one file");
+            }
+            // Read and validate every file before importing any.
+            let mut docs = Vec::new();
+            for f in &files {
+                let text = std::fs::read_to_string(f)
+                    .with_context(|| format!("reading {}", f.display()))?;
+                policy::parse(
+                    &f.display().to_string(),
+                    &text,
+                    namespace.as_deref().unwrap_or("default"),
+                )
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                docs.push((f.display().to_string(), text));
+            }
+            for (file, yaml) in docs {
+                if let Response::Imported { policies, skipped } = call(Request::PolicyImport {
+                    file: file.clone(),
+                    yaml,
+                    namespace: namespace.clone(),
+                })? {
+                    for p in policies {
+                        println!("imported {p}");
+                    }
+                    for s in skipped {
+                        println!("{file}: {s}, skipped");
+                    }
+                }
+            }
+            Ok(0)
+        }
+        PolicyCmd::Get => {
+            let Response::Policies { policies } = call(Request::PolicyGet)? else {
+                bail!("unexpected response")
+            };
+            println!("{}", serde_json::to_string_pretty(&policies)?);
+            Ok(0)
+        }
+        PolicyCmd::Delete { key } => {
+            call(Request::PolicyDelete { key: key.clone() })?;
+            println!("deleted {key}");
+            Ok(0)
+        }
+    }
+}
+
+fn observe(socket: &std::path::Path, o: ObserveArgs) -> anyhow::Result<i32> {
+    let filter = api::Filter {
+        namespace: o.namespace,
+        pod: o.pod,
+        from_pod: o.from_pod,
+        to_pod: o.to_pod,
+        verdict: o.verdict,
+        protocol: o.protocol,
+    };
+    filter.validate()?;
+    let last = match (o.last, o.all, o.follow) {
+        (Some(n), _, _) => n,
+        (None, true, _) => 0,
+        (None, false, true) => 0,
+        // hubble observe without flags prints the last 20 flows.
+        (None, false, false) => 20,
+    };
+    let mut client = Client::connect(socket)?;
+    client.send(&Request::Observe(ObserveRequest {
+        last,
+        follow: o.follow,
+        filter,
+    }))?;
+    loop {
+        match client.recv()? {
+            Response::Flow { flow } => match o.output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({"flow": flow, "node_name": flow.node_name, "time": flow.time})
+                ),
+                _ => println!("{}", flow::format::compact(&flow)),
+            },
+            Response::LostEvents {
+                source,
+                num_events_lost,
+            } => match o.output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({"lost_events": {"source": source, "num_events_lost": num_events_lost.to_string()}})
+                ),
+                _ => println!("EVENTS LOST: {source} {num_events_lost}"),
+            },
+            Response::End => return Ok(0),
+            other => bail!("unexpected response {other:?}"),
+        }
+    }
+}

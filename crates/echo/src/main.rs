@@ -1,0 +1,307 @@
+//! fibril-echo: the programs lab pods run. Servers log every accepted
+//! connection (so tests can tell whether a connection ever reached the
+//! socket); clients exit non-zero when they fail.
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "fibril-echo")]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// HTTP/1.1 server answering every request with 200 and a short body.
+    HttpServer {
+        #[arg(long)]
+        port: u16,
+    },
+    /// GET a URL (http://host:port/path); prints the status line.
+    HttpGet {
+        url: String,
+        #[arg(long, default_value_t = 3.0)]
+        timeout: f64,
+    },
+    /// UDP echo server.
+    UdpServer {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Sends one datagram and waits for the echo.
+    UdpSend {
+        addr: String,
+        #[arg(long, default_value = "ping")]
+        message: String,
+        #[arg(long, default_value_t = 3.0)]
+        timeout: f64,
+    },
+    /// Request/response and stream server for benchmarks.
+    BenchServer {
+        #[arg(long)]
+        port: u16,
+    },
+    /// TCP request/response rate (1-byte ping-pong) for `seconds`.
+    BenchRr {
+        addr: String,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
+    /// TCP throughput (bulk send) for `seconds`, in bytes/s.
+    BenchStream {
+        addr: String,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
+    /// Holds a TCP connection open and sends one request per `interval`
+    /// until `seconds` pass; fails as soon as one request fails.
+    HttpHold {
+        addr: String,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 0.2)]
+        interval: f64,
+    },
+}
+
+fn say(line: String) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn http_server(port: u16) -> anyhow::Result<()> {
+    let l = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("bind :{port}"))?;
+    say(format!("listening on :{port}"));
+    for conn in l.incoming() {
+        let Ok(conn) = conn else { continue };
+        let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        say(format!("accepted {peer}"));
+        std::thread::spawn(move || serve_http(conn));
+    }
+    Ok(())
+}
+
+/// Keep-alive HTTP/1.1: answers requests until the client closes.
+fn serve_http(conn: TcpStream) {
+    let Ok(mut w) = conn.try_clone() else { return };
+    let mut r = BufReader::new(conn);
+    loop {
+        let mut request_line = String::new();
+        if r.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            if h == "\r\n" || h == "\n" {
+                break;
+            }
+        }
+        let body = format!("fibril-echo: {}", request_line.trim());
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if w.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn parse_url(url: &str) -> anyhow::Result<(String, String)> {
+    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let hostport = if hostport.contains(':') {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:80")
+    };
+    Ok((hostport, path.to_string()))
+}
+
+fn connect(addr: &str, timeout: Duration) -> anyhow::Result<TcpStream> {
+    let sa = addr.to_socket_addrs()?.next().context("no address")?;
+    let s = TcpStream::connect_timeout(&sa, timeout).with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+fn http_request(
+    s: &mut TcpStream,
+    r: &mut BufReader<TcpStream>,
+    host: &str,
+    path: &str,
+) -> anyhow::Result<String> {
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: fibril-echo\r\n\r\n"
+    )?;
+    let mut status = String::new();
+    r.read_line(&mut status)?;
+    let mut len = 0usize;
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 {
+            bail!("connection closed in headers");
+        }
+        if h == "\r\n" {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(status.trim().to_string())
+}
+
+fn http_get(url: &str, timeout: f64) -> anyhow::Result<()> {
+    let (hostport, path) = parse_url(url)?;
+    let mut s = connect(&hostport, Duration::from_secs_f64(timeout))?;
+    let mut r = BufReader::new(s.try_clone()?);
+    let status = http_request(&mut s, &mut r, &hostport, &path)?;
+    say(status.clone());
+    if !status.contains(" 2") {
+        bail!("HTTP status {status}");
+    }
+    Ok(())
+}
+
+fn http_hold(addr: &str, seconds: f64, interval: f64) -> anyhow::Result<()> {
+    let mut s = connect(addr, Duration::from_secs(3))?;
+    let mut r = BufReader::new(s.try_clone()?);
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut n = 0;
+    while Instant::now() < end {
+        let status = http_request(&mut s, &mut r, addr, "/hold")
+            .with_context(|| format!("request {n} on the held connection"))?;
+        if !status.contains(" 2") {
+            bail!("HTTP status {status}");
+        }
+        n += 1;
+        std::thread::sleep(Duration::from_secs_f64(interval));
+    }
+    say(format!("held connection: {n} requests ok"));
+    Ok(())
+}
+
+fn udp_server(port: u16) -> anyhow::Result<()> {
+    let s = UdpSocket::bind(("0.0.0.0", port))?;
+    say(format!("listening on udp :{port}"));
+    let mut buf = [0u8; 2048];
+    loop {
+        let (n, peer) = s.recv_from(&mut buf)?;
+        say(format!("datagram from {peer}"));
+        s.send_to(&buf[..n], peer)?;
+    }
+}
+
+fn udp_send(addr: &str, msg: &str, timeout: f64) -> anyhow::Result<()> {
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.set_read_timeout(Some(Duration::from_secs_f64(timeout)))?;
+    s.send_to(msg.as_bytes(), addr)?;
+    let mut buf = [0u8; 2048];
+    let (n, _) = s.recv_from(&mut buf).context("no echo")?;
+    say(String::from_utf8_lossy(&buf[..n]).into_owned());
+    Ok(())
+}
+
+fn bench_server(port: u16) -> anyhow::Result<()> {
+    let l = TcpListener::bind(("0.0.0.0", port))?;
+    for conn in l.incoming() {
+        let Ok(mut c) = conn else { continue };
+        std::thread::spawn(move || {
+            let _ = c.set_nodelay(true);
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    // A 1-byte read is a ping: answer it; bulk data is drained.
+                    Ok(1) => {
+                        if c.write_all(&buf[..1]).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn bench_rr(addr: &str, seconds: f64) -> anyhow::Result<()> {
+    let mut s = connect(addr, Duration::from_secs(3))?;
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let mut n = 0u64;
+    let mut b = [0u8; 1];
+    while Instant::now() < end {
+        s.write_all(b"x")?;
+        s.read_exact(&mut b)?;
+        n += 1;
+    }
+    say(format!(
+        "rr_per_sec {:.0}",
+        n as f64 / start.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+fn bench_stream(addr: &str, seconds: f64) -> anyhow::Result<()> {
+    let mut s = connect(addr, Duration::from_secs(3))?;
+    let buf = vec![0x5au8; 1 << 16];
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let mut bytes = 0u64;
+    while Instant::now() < end {
+        s.write_all(&buf)?;
+        bytes += buf.len() as u64;
+    }
+    say(format!(
+        "bytes_per_sec {:.0}",
+        bytes as f64 / start.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+fn main() {
+    let args = Args::parse();
+    let r = match args.cmd {
+        Cmd::HttpServer { port } => http_server(port),
+        Cmd::HttpGet { url, timeout } => http_get(&url, timeout),
+        Cmd::UdpServer { port } => udp_server(port),
+        Cmd::UdpSend {
+            addr,
+            message,
+            timeout,
+        } => udp_send(&addr, &message, timeout),
+        Cmd::BenchServer { port } => bench_server(port),
+        Cmd::BenchRr { addr, seconds } => bench_rr(&addr, seconds),
+        Cmd::BenchStream { addr, seconds } => bench_stream(&addr, seconds),
+        Cmd::HttpHold {
+            addr,
+            seconds,
+            interval,
+        } => http_hold(&addr, seconds, interval),
+    };
+    if let Err(e) = r {
+        eprintln!("fibril-echo: {e:#}");
+        std::process::exit(1);
+    }
+}
