@@ -149,7 +149,7 @@ mod tests {
         drop.verdict = "DROPPED".into();
         drop.drop_reason_desc = "POLICY_DENIED".into();
         drop.is_reply = None;
-        assert!(compact(&drop).contains(" <> "));
+        assert!(compact(&drop).contains(" <> "), "is_reply unset prints <>");
         assert!(compact(&drop).ends_with("Policy denied DROPPED (TCP Flags: SYN)"));
     }
 

@@ -389,7 +389,8 @@ pub fn from_event(
         } else {
             trace_reason.into()
         },
-        is_reply: (!is_drop && e.ct_state != 0).then_some(e.ct_state == ct_state::REPLY),
+        // Policy only drops packets that open connections: never replies.
+        is_reply: (has_ip && e.ct_state != 0).then_some(e.ct_state == ct_state::REPLY),
         drop_reason_desc: drop_desc,
         policy_match_type: e.policy_match as u32,
         summary,

@@ -1,0 +1,331 @@
+//! Tier 5: end to end on a real lab: agent + CNI + CLI, real pods in
+//! network namespaces, real packets. Each test runs its own lab (unique
+//! name, unique pod CIDR) and removes it even when it fails. Needs root.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+
+fn bin(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_BIN_EXE_fibril")).with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build)",
+        p.display()
+    );
+    p
+}
+
+struct Lab {
+    name: String,
+    cidr_prefix: String,
+    dir: PathBuf,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.fibril(&["lab", "down"]);
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl Lab {
+    /// The default lab (the seed's example) under a unique name and CIDR.
+    fn default_lab() -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("t{}x{n}", std::process::id() % 100_000);
+        // 10.201-10.249: one /24 per test of this process.
+        let cidr_prefix = format!("10.{}.{}", 201 + (std::process::id() % 40), 10 + n);
+        let dir = std::env::temp_dir().join(format!("fibril-e2e-{name}"));
+        std::fs::create_dir_all(dir.join("policies")).unwrap();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../labs");
+        let lab = std::fs::read_to_string(root.join("default.yaml"))
+            .unwrap()
+            .replace("10.200.0.0/24", &format!("{cidr_prefix}.0/24"));
+        std::fs::write(dir.join("lab.yaml"), lab).unwrap();
+        std::fs::copy(
+            root.join("policies/allow-frontend-to-backend.yaml"),
+            dir.join("policies/allow-frontend-to-backend.yaml"),
+        )
+        .unwrap();
+        let lab = Lab {
+            name,
+            cidr_prefix,
+            dir,
+        };
+        let up = lab.fibril(&[
+            "lab",
+            "up",
+            "-f",
+            lab.dir.join("lab.yaml").to_str().unwrap(),
+        ]);
+        assert!(
+            up.status.success(),
+            "lab up failed: {}",
+            String::from_utf8_lossy(&up.stderr)
+        );
+        lab
+    }
+
+    fn fibril(&self, args: &[&str]) -> Output {
+        Command::new(bin("fibril"))
+            .arg("--lab")
+            .arg(&self.name)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ip(&self, host: u8) -> String {
+        format!("{}.{host}", self.cidr_prefix)
+    }
+
+    /// frontend = .2, backend = .3, other-client = .4 (created in that order).
+    fn get(&self, from: &str, timeout: &str) -> bool {
+        let url = format!("http://{}:8080/", self.ip(3));
+        self.fibril(&[
+            "lab",
+            "exec",
+            &format!("microservices/{from}"),
+            "--",
+            "fibril-echo",
+            "http-get",
+            "--timeout",
+            timeout,
+            &url,
+        ])
+        .status
+        .success()
+    }
+
+    fn backend_log(&self) -> String {
+        std::fs::read_to_string(format!(
+            "/run/fibril/labs/{}/pods/microservices_backend.log",
+            self.name
+        ))
+        .unwrap_or_default()
+    }
+
+    fn flows(&self) -> Vec<Value> {
+        let out = self.fibril(&["observe", "--all", "-o", "json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter_map(|v| v.get("flow").cloned())
+            .collect()
+    }
+
+    fn endpoints(&self) -> Value {
+        let out = self.fibril(&["endpoint", "list", "-o", "json"]);
+        assert!(out.status.success());
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..100 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[test]
+fn default_lab_enforces_the_seed_policy_in_the_kernel() {
+    let lab = Lab::default_lab();
+    wait_until("backend to listen", || {
+        lab.backend_log().contains("listening")
+    });
+
+    assert!(
+        lab.get("frontend", "3"),
+        "frontend -> backend:8080 must succeed"
+    );
+    assert!(
+        !lab.get("other-client", "1"),
+        "other-client -> backend:8080 must fail"
+    );
+
+    // The kernel dropped the SYN: the server socket never saw other-client.
+    let log = lab.backend_log();
+    assert!(log.contains(&format!("accepted {}:", lab.ip(2))), "{log}");
+    assert!(!log.contains(&format!("accepted {}:", lab.ip(4))), "{log}");
+
+    wait_until("the drop flow", || {
+        lab.flows().iter().any(|f| f["verdict"] == "DROPPED")
+    });
+    let flows = lab.flows();
+    let drop = flows
+        .iter()
+        .find(|f| f["verdict"] == "DROPPED" && f["source"]["pod_name"] == "other-client")
+        .expect("a DROPPED flow from other-client");
+    assert_eq!(drop["drop_reason_desc"], "POLICY_DENIED");
+    assert_eq!(drop["destination"]["pod_name"], "backend");
+    assert_eq!(drop["destination"]["namespace"], "microservices");
+    assert_eq!(drop["traffic_direction"], "INGRESS");
+    assert_eq!(drop["l4"]["TCP"]["destination_port"], 8080);
+    assert!(flows.iter().any(|f| f["verdict"] == "FORWARDED"
+        && f["source"]["pod_name"] == "frontend"
+        && f["destination"]["pod_name"] == "backend"
+        && f["trace_observation_point"] == "TO_ENDPOINT"));
+
+    let compact = String::from_utf8(
+        lab.fibril(&["observe", "--verdict", "DROPPED", "--last", "5"])
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        compact.contains("microservices/other-client:")
+            && compact.contains("-> microservices/backend:8080")
+            && compact.contains("Policy denied DROPPED"),
+        "{compact}"
+    );
+    let filtered = String::from_utf8(
+        lab.fibril(&["observe", "--from-pod", "microservices/frontend", "--all"])
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        !filtered.contains("other-client") && filtered.contains("frontend"),
+        "{filtered}"
+    );
+
+    // Deleting the policy restores reachability, without restarting anything.
+    let del = lab.fibril(&[
+        "policy",
+        "delete",
+        "microservices/allow-frontend-to-backend",
+    ]);
+    assert!(
+        del.status.success(),
+        "{}",
+        String::from_utf8_lossy(&del.stderr)
+    );
+    assert!(
+        lab.get("other-client", "3"),
+        "other-client reaches backend once the policy is gone"
+    );
+}
+
+#[test]
+fn agent_restart_keeps_connections_addresses_and_identities() {
+    let lab = Lab::default_lab();
+    wait_until("backend to listen", || {
+        lab.backend_log().contains("listening")
+    });
+    let before = lab.endpoints();
+
+    // A connection that stays open across the restart, one request per 100 ms.
+    let url = format!("{}:8080", lab.ip(3));
+    let hold = Command::new(bin("fibril"))
+        .args([
+            "--lab",
+            &lab.name,
+            "lab",
+            "exec",
+            "microservices/frontend",
+            "--",
+        ])
+        .args([
+            "fibril-echo",
+            "http-hold",
+            &url,
+            "--seconds",
+            "4",
+            "--interval",
+            "0.1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let restart = lab.fibril(&["lab", "restart-agent"]);
+    assert!(
+        restart.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restart.stderr)
+    );
+    let held = hold.wait_with_output().unwrap();
+    assert!(
+        held.status.success(),
+        "the held connection broke: {} {}",
+        String::from_utf8_lossy(&held.stdout),
+        String::from_utf8_lossy(&held.stderr)
+    );
+
+    let after = lab.endpoints();
+    let key = |v: &Value| -> Vec<(String, String, u64)> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["pod_name"].as_str().unwrap().to_string(),
+                    e["ipv4"].as_str().unwrap().to_string(),
+                    e["identity"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(key(&before), key(&after));
+    // Policy is still enforced after the restart.
+    assert!(!lab.get("other-client", "1"));
+    assert!(lab.get("frontend", "3"));
+}
+
+#[test]
+fn bad_input_gets_a_precise_error_and_changes_nothing() {
+    // A malformed lab file: nothing is created.
+    let dir = std::env::temp_dir().join(format!("fibril-e2e-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad_lab = dir.join("bad.yaml");
+    std::fs::write(
+        &bad_lab,
+        "pods:\n  - name: web\n    labels: {app: web}\n    comand: [x]\n",
+    )
+    .unwrap();
+    let name = format!("bad{}", std::process::id() % 100_000);
+    let out = Command::new(bin("fibril"))
+        .args(["--lab", &name, "lab", "up", "-f", bad_lab.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("pods[0]") && err.contains("comand"), "{err}");
+    assert!(!Path::new(&format!("/run/fibril/labs/{name}")).exists());
+    std::fs::remove_dir_all(&dir).ok();
+
+    // A bad policy on a running lab: refused, policies unchanged.
+    let lab = Lab::default_lab();
+    let policies_before = lab.fibril(&["policy", "get"]).stdout;
+    let bad_policy = lab.dir.join("bad-policy.yaml");
+    std::fs::write(
+        &bad_policy,
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  ingress:\n  - toPorts:\n    - ports: [{port: \"70000\", protocol: TCP}]\n",
+    )
+    .unwrap();
+    let out = lab.fibril(&["policy", "import", bad_policy.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("document 1")
+            && err.contains("spec.ingress[0].toPorts[0].ports[0].port")
+            && err.contains("70000"),
+        "{err}"
+    );
+    assert_eq!(lab.fibril(&["policy", "get"]).stdout, policies_before);
+    assert!(lab.get("frontend", "3"));
+}
