@@ -1,0 +1,243 @@
+//! `cargo xtask bench`: TCP request/response rate and throughput between two
+//! lab pods (programs and a policy attached), as a ratio to two namespaces on
+//! a bare veth pair measured in the same run; then again with 10,000
+//! unrelated policy entries on the server endpoint.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::run;
+
+struct Cleanup(Vec<Box<dyn FnMut()>>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for f in self.0.iter_mut().rev() {
+            f();
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("ip").args(args).stdout(Stdio::null()))
+}
+
+fn measure(cmd: &mut Command, key: &str) -> anyhow::Result<f64> {
+    let out = cmd.output().context("running the bench client")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "bench client failed: {} {}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok()))
+        .with_context(|| format!("no {key} in {text:?}"))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+pub fn run_bench(bin: &Path, args: &[String]) -> anyhow::Result<()> {
+    let seconds: f64 = args
+        .windows(2)
+        .find(|w| w[0] == "--seconds")
+        .and_then(|w| w[1].parse().ok())
+        .unwrap_or(3.0);
+    let rounds = 3;
+    let echo = bin.join("fibril-echo");
+    let echo = echo.to_str().context("path")?;
+    let id = std::process::id() % 10_000;
+    let (ns_a, ns_b) = (format!("fbench-a{id}"), format!("fbench-b{id}"));
+    let (va, vb) = (format!("fbva{id}"), format!("fbvb{id}"));
+    let lab = format!("bench{id}");
+    let fibril = |args: &[&str]| {
+        let mut c = Command::new(bin.join("fibril"));
+        c.arg("--lab").arg(&lab).args(args);
+        c
+    };
+
+    let mut cleanup = Cleanup(vec![]);
+    // Baseline: two namespaces on one bare veth pair.
+    ip(&["netns", "add", &ns_a])?;
+    {
+        let a = ns_a.clone();
+        cleanup.0.push(Box::new(move || {
+            let _ = Command::new("ip").args(["netns", "del", &a]).status();
+        }));
+    }
+    ip(&["netns", "add", &ns_b])?;
+    {
+        let b = ns_b.clone();
+        cleanup.0.push(Box::new(move || {
+            let _ = Command::new("ip").args(["netns", "del", &b]).status();
+        }));
+    }
+    ip(&[
+        "link", "add", &va, "netns", &ns_a, "type", "veth", "peer", "name", &vb, "netns", &ns_b,
+    ])?;
+    ip(&["-n", &ns_a, "addr", "add", "10.196.0.1/24", "dev", &va])?;
+    ip(&["-n", &ns_b, "addr", "add", "10.196.0.2/24", "dev", &vb])?;
+    for (ns, dev) in [(&ns_a, &va), (&ns_b, &vb)] {
+        ip(&["-n", ns, "link", "set", dev, "up"])?;
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+    }
+    let server: Child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns_b,
+            echo,
+            "bench-server",
+            "--port",
+            "9000",
+        ])
+        .spawn()?;
+    let mut server = Some(server);
+    cleanup.0.push(Box::new(move || {
+        if let Some(mut s) = server.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    }));
+
+    // The lab: two pods through the CNI, programs attached, a policy.
+    let dir = std::env::temp_dir().join(format!("fibril-bench-{id}"));
+    std::fs::create_dir_all(&dir)?;
+    let lab_file = dir.join("lab.yaml");
+    std::fs::write(
+        &lab_file,
+        format!(
+            r#"podCIDR: 10.197.0.0/24
+pods:
+  - {{name: client, namespace: bench, labels: {{app: client}}}}
+  - {{name: server, namespace: bench, labels: {{app: server}}, command: [fibril-echo, bench-server, --port, "9000"]}}
+policies:
+  - inline: |
+      apiVersion: cilium.io/v2
+      kind: CiliumNetworkPolicy
+      metadata: {{name: allow-client, namespace: bench}}
+      spec:
+        endpointSelector: {{matchLabels: {{app: server}}}}
+        ingress:
+        - fromEndpoints: [{{matchLabels: {{app: client}}}}]
+          toPorts: [{{ports: [{{port: "9000", protocol: TCP}}]}}]
+"#
+        ),
+    )?;
+    run(fibril(&["lab", "up", "-f", lab_file.to_str().context("path")?]).stdout(Stdio::null()))?;
+    {
+        let bin = bin.to_path_buf();
+        let lab = lab.clone();
+        let dir = dir.clone();
+        cleanup.0.push(Box::new(move || {
+            let _ = Command::new(bin.join("fibril"))
+                .args(["--lab", &lab, "lab", "down"])
+                .status();
+            std::fs::remove_dir_all(&dir).ok();
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let secs = seconds.to_string();
+    let bare = |what: &str, key: &str| -> anyhow::Result<f64> {
+        measure(
+            Command::new("ip").args([
+                "netns",
+                "exec",
+                &ns_a,
+                echo,
+                what,
+                "10.196.0.2:9000",
+                "--seconds",
+                &secs,
+            ]),
+            key,
+        )
+    };
+    let pods = |what: &str, key: &str| -> anyhow::Result<f64> {
+        measure(
+            &mut fibril(&[
+                "lab",
+                "exec",
+                "bench/client",
+                "--",
+                "fibril-echo",
+                what,
+                "10.197.0.3:9000",
+                "--seconds",
+                &secs,
+            ]),
+            key,
+        )
+    };
+    let mut rows = Vec::new();
+    let mut measure_all = |label: &str| -> anyhow::Result<(f64, f64, f64, f64)> {
+        let (mut b_rr, mut p_rr, mut b_st, mut p_st) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..rounds {
+            b_rr.push(bare("bench-rr", "rr_per_sec")?);
+            p_rr.push(pods("bench-rr", "rr_per_sec")?);
+            b_st.push(bare("bench-stream", "bytes_per_sec")?);
+            p_st.push(pods("bench-stream", "bytes_per_sec")?);
+        }
+        let r = (median(b_rr), median(p_rr), median(b_st), median(p_st));
+        rows.push((label.to_string(), r));
+        Ok(r)
+    };
+    measure_all("policy (1 rule)")?;
+
+    // 10,000 unrelated entries on the server endpoint: L4 allows on ports
+    // 20000-29999 that the benchmark traffic never uses.
+    let ports: Vec<String> = (20000..30000)
+        .map(|p| format!("{{port: \"{p}\", protocol: TCP}}"))
+        .collect();
+    let big = dir.join("10k.yaml");
+    std::fs::write(
+        &big,
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: ten-thousand, namespace: bench}}\nspec:\n  endpointSelector: {{matchLabels: {{app: server}}}}\n  ingress:\n  - toPorts: [{{ports: [{}]}}]\n",
+            ports.join(", ")
+        ),
+    )?;
+    run(fibril(&["policy", "import", big.to_str().context("path")?]).stdout(Stdio::null()))?;
+    let list = fibril(&["endpoint", "list", "-o", "json"]).output()?;
+    let text = String::from_utf8_lossy(&list.stdout);
+    let entries: u64 = text
+        .split("\"policy_entries\":")
+        .skip(1)
+        .filter_map(|s| {
+            s.trim_start()
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0);
+    if entries < 10_000 {
+        bail!("expected at least 10,000 policy entries on the server, found {entries}");
+    }
+    measure_all(&format!("policy ({entries} entries)"))?;
+
+    println!("\nfibril datapath benchmark ({rounds} rounds x {seconds}s, medians; baseline = bare veth pair, same run)");
+    println!(
+        "{:<26} {:>14} {:>14} {:>7} {:>14} {:>14} {:>7}",
+        "configuration", "bare rr/s", "lab rr/s", "ratio", "bare MB/s", "lab MB/s", "ratio"
+    );
+    for (label, (b_rr, p_rr, b_st, p_st)) in &rows {
+        println!(
+            "{label:<26} {b_rr:>14.0} {p_rr:>14.0} {:>7.3} {:>14.1} {:>14.1} {:>7.3}",
+            p_rr / b_rr,
+            b_st / 1e6,
+            p_st / 1e6,
+            p_st / b_st
+        );
+    }
+    Ok(())
+}
