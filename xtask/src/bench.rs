@@ -114,23 +114,21 @@ pub fn run_bench(bin: &Path, args: &[String]) -> anyhow::Result<()> {
     let lab_file = dir.join("lab.yaml");
     std::fs::write(
         &lab_file,
-        format!(
-            r#"podCIDR: 10.197.0.0/24
+        r#"podCIDR: 10.197.0.0/24
 pods:
-  - {{name: client, namespace: bench, labels: {{app: client}}}}
-  - {{name: server, namespace: bench, labels: {{app: server}}, command: [fibril-echo, bench-server, --port, "9000"]}}
+  - {name: client, namespace: bench, labels: {app: client}}
+  - {name: server, namespace: bench, labels: {app: server}, command: [fibril-echo, bench-server, --port, "9000"]}
 policies:
   - inline: |
       apiVersion: cilium.io/v2
       kind: CiliumNetworkPolicy
-      metadata: {{name: allow-client, namespace: bench}}
+      metadata: {name: allow-client, namespace: bench}
       spec:
-        endpointSelector: {{matchLabels: {{app: server}}}}
+        endpointSelector: {matchLabels: {app: server}}
         ingress:
-        - fromEndpoints: [{{matchLabels: {{app: client}}}}]
-          toPorts: [{{ports: [{{port: "9000", protocol: TCP}}]}}]
-"#
-        ),
+        - fromEndpoints: [{matchLabels: {app: client}}]
+          toPorts: [{ports: [{port: "9000", protocol: TCP}]}]
+"#,
     )?;
     run(fibril(&["lab", "up", "-f", lab_file.to_str().context("path")?]).stdout(Stdio::null()))?;
     {
