@@ -36,7 +36,8 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 fn cargo() -> Command {
-    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    // The rustup proxy, so that rust-toolchain.toml decides the toolchain.
+    let mut c = Command::new("cargo");
     c.current_dir(root());
     c
 }
@@ -100,7 +101,51 @@ fn test() -> anyhow::Result<()> {
     ]))?;
     // Lab tests run the binaries next to the test executables.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
-    run(cargo().args(["test", "--workspace", "--", "--test-threads", "2"]))
+    let (passed, failed) = cargo_test()?;
+    // One plain closing line for the whole run (cargo's last line is only
+    // its last test binary's).
+    println!("\nall tiers: {passed} passed, {failed} failed");
+    if failed > 0 || passed == 0 {
+        bail!("{failed} tests failed, {passed} passed");
+    }
+    Ok(())
+}
+
+/// Runs the workspace tests, echoing their output, and sums every
+/// `test result:` line.
+fn cargo_test() -> anyhow::Result<(u64, u64)> {
+    use std::io::BufRead;
+    let mut child = cargo()
+        .args(["test", "--workspace", "--", "--test-threads", "2"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let (mut passed, mut failed) = (0, 0);
+    let out = child.stdout.take().context("cargo test stdout")?;
+    for line in std::io::BufReader::new(out).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(word)
+                    })
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() && failed == 0 {
+        bail!("cargo test failed ({status})");
+    }
+    Ok((passed, failed))
 }
 
 fn fibril(release_dir: &Path) -> Command {

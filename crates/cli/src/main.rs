@@ -336,6 +336,15 @@ fn policy_cmd(
     }
 }
 
+/// A `GetFlowsResponse` as `hubble observe -o json` prints it: keys in
+/// proto field order.
+#[derive(serde::Serialize)]
+struct Envelope<'a> {
+    flow: &'a api::Flow,
+    node_name: &'a str,
+    time: &'a str,
+}
+
 fn observe(socket: &std::path::Path, o: ObserveArgs) -> anyhow::Result<i32> {
     let filter = api::Filter {
         namespace: o.namespace,
@@ -364,7 +373,11 @@ fn observe(socket: &std::path::Path, o: ObserveArgs) -> anyhow::Result<i32> {
             Response::Flow { flow } => match o.output {
                 Output::Json => println!(
                     "{}",
-                    serde_json::json!({"flow": flow, "node_name": flow.node_name, "time": flow.time})
+                    serde_json::to_string(&Envelope {
+                        flow: &flow,
+                        node_name: &flow.node_name,
+                        time: &flow.time
+                    })?
                 ),
                 _ => println!("{}", flow::format::compact(&flow)),
             },
