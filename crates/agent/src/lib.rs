@@ -162,10 +162,34 @@ impl Agent {
             );
         }
         *self.index.write().unwrap_or_else(|e| e.into_inner()) = index;
+        self.sync_ipcache(state)?;
         self.policy
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .apply(state, &self.datapath)
+    }
+
+    /// ipcache: every pod /32 -> its identity, and 0.0.0.0/0 -> world, so
+    /// that every address resolves to an identity (longest prefix wins).
+    fn sync_ipcache(&self, state: &State) -> Result<(), Error> {
+        let mut wanted: BTreeMap<(Ipv4Addr, u32), u32> = state
+            .endpoints
+            .values()
+            .map(|e| ((e.ipv4, 32), e.identity))
+            .collect();
+        wanted.insert((Ipv4Addr::UNSPECIFIED, 0), abi::identity::WORLD);
+        let have = self.datapath.ipcache_entries()?;
+        for (addr, len, _) in &have {
+            if !wanted.contains_key(&(*addr, *len)) {
+                self.datapath.remove_ipcache(*addr, *len)?;
+            }
+        }
+        for ((addr, len), id) in wanted {
+            if !have.contains(&(addr, len, id)) {
+                self.datapath.upsert_ipcache(addr, len, id)?;
+            }
+        }
+        Ok(())
     }
 
     fn commit(&self, state: &State) -> Result<(), Error> {

@@ -329,3 +329,58 @@ fn bad_input_gets_a_precise_error_and_changes_nothing() {
     assert_eq!(lab.fibril(&["policy", "get"]).stdout, policies_before);
     assert!(lab.get("frontend", "3"));
 }
+
+#[test]
+fn observe_follow_streams_new_flows_through_filters() {
+    use std::io::BufRead;
+    let lab = Lab::default_lab();
+    wait_until("backend to listen", || {
+        lab.backend_log().contains("listening")
+    });
+    let mut follow = Command::new(bin("fibril"))
+        .args([
+            "--lab",
+            &lab.name,
+            "observe",
+            "-f",
+            "--verdict",
+            "DROPPED",
+            "--protocol",
+            "tcp",
+            "-o",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(lab.get("frontend", "3"));
+    assert!(!lab.get("other-client", "1"));
+    let line = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a followed flow");
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["flow"]["verdict"], "DROPPED");
+    assert_eq!(v["flow"]["source"]["pod_name"], "other-client");
+    // Forwarded flows of the allowed request were filtered out on the server.
+    assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+
+    // Bad filter values are refused, not silently matched against nothing.
+    let bad = lab.fibril(&["observe", "--verdict", "MAYBE"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown verdict"));
+}

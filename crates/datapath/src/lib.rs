@@ -279,6 +279,21 @@ impl Datapath {
         }
     }
 
+    /// Every ipcache entry: (address, prefix length, identity).
+    pub fn ipcache_entries(&self) -> Result<Vec<(Ipv4Addr, u32, u32)>, Error> {
+        let maps = self.maps();
+        let mut out = Vec::new();
+        for item in maps.ipcache.iter() {
+            let (k, v) = item.map_err(map_err(MAP_IPCACHE))?;
+            out.push((
+                Ipv4Addr::from(u32::from_be(k.data())),
+                k.prefix_len(),
+                v.identity,
+            ));
+        }
+        Ok(out)
+    }
+
     pub fn upsert_policy(&self, entry: &PolicyEntry) -> Result<(), Error> {
         let key = Key::new(entry.prefix_len, entry.key);
         self.maps()

@@ -396,3 +396,44 @@ fn udp_and_icmp_follow_policy_and_conntrack() {
         TC_ACT_OK
     );
 }
+
+#[test]
+fn ipcache_longest_prefix_gives_the_peer_identity() {
+    let lab = lab();
+    let cidr_identity = (1 << 24) + 1;
+    lab.dp
+        .upsert_ipcache(Ipv4Addr::new(0, 0, 0, 0), 0, abi::identity::WORLD)
+        .unwrap();
+    lab.dp
+        .upsert_ipcache(Ipv4Addr::new(192, 0, 2, 0), 24, cidr_identity)
+        .unwrap();
+    enforce(&lab, CLIENT, EP_F_EGRESS_ENFORCED);
+    allow(
+        &lab,
+        1,
+        cidr_identity,
+        abi::Direction::Egress as u8,
+        6,
+        443,
+        false,
+    );
+    let mut client = progs(&lab, 1, CLIENT);
+    let inside = client
+        .test_run(
+            Hook::FromContainer,
+            &ipv4_packet(CLIENT, Ipv4Addr::new(192, 0, 2, 7), syn(40000, 443)),
+        )
+        .unwrap();
+    assert_eq!(inside.action, TC_ACT_OK);
+    let outside = client
+        .test_run(
+            Hook::FromContainer,
+            &ipv4_packet(CLIENT, Ipv4Addr::new(198, 51, 100, 7), syn(40000, 443)),
+        )
+        .unwrap();
+    assert_eq!(outside.action, TC_ACT_SHOT);
+    let ev = events(&lab);
+    assert_eq!(ev[0].dst_identity, cidr_identity);
+    assert_eq!(ev[1].dst_identity, abi::identity::WORLD);
+    assert_eq!(lab.dp.ipcache_entries().unwrap().len(), 2);
+}

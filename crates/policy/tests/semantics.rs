@@ -1,0 +1,242 @@
+//! Table-driven tests of policy meaning: documents in, per-endpoint map
+//! entries out (semantics §3.1-3.4, §3.10).
+
+use std::collections::BTreeMap;
+
+use fibril_policy::identity::Allocator;
+use fibril_policy::{
+    endpoint_policy, parse, pod_identity_labels, Direction, EntryKey, LabelSet, PodMeta, Policy,
+};
+
+fn labels(ns: &str, pairs: &[(&str, &str)]) -> LabelSet {
+    let l: BTreeMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    pod_identity_labels(&PodMeta {
+        namespace: ns,
+        labels: &l,
+        namespace_labels: &BTreeMap::new(),
+        service_account: "default",
+        cluster: "default",
+    })
+}
+
+/// A small cluster: identities for a few pods in two namespaces.
+struct World {
+    ids: Vec<(u32, LabelSet)>,
+}
+
+impl World {
+    fn new() -> Self {
+        let mut a = Allocator::default();
+        for (ns, app) in [
+            ("shop", "frontend"),
+            ("shop", "backend"),
+            ("shop", "other"),
+            ("ops", "frontend"),
+        ] {
+            a.acquire(&labels(ns, &[("app", app)])).unwrap();
+        }
+        Self { ids: a.all() }
+    }
+
+    fn id(&self, ns: &str, app: &str) -> u32 {
+        let l = labels(ns, &[("app", app)]);
+        self.ids.iter().find(|(_, x)| *x == l).unwrap().0
+    }
+}
+
+fn policies(yaml: &str) -> Vec<Policy> {
+    parse("test.yaml", yaml, "shop").unwrap().policies
+}
+
+fn key(identity: u32, direction: Direction, protocol: u8, port: u16) -> EntryKey {
+    EntryKey {
+        identity,
+        direction,
+        protocol,
+        port,
+        port_bits: if protocol == 0 || port == 0 { 0 } else { 16 },
+    }
+}
+
+const SEED: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: allow-frontend-to-backend, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: backend}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: frontend}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"#;
+
+#[test]
+fn selected_direction_becomes_default_deny_plus_allows() {
+    let w = World::new();
+    let p = policies(SEED);
+    let backend = endpoint_policy(&labels("shop", &[("app", "backend")]), &p, &w.ids);
+    assert!(backend.ingress_enforced && !backend.egress_enforced);
+    let keys: Vec<EntryKey> = backend.entries.keys().copied().collect();
+    // Namespace injection: only shop/frontend, not ops/frontend.
+    assert_eq!(
+        keys,
+        vec![key(w.id("shop", "frontend"), Direction::Ingress, 6, 8080)]
+    );
+    let origin = &backend.entries[&keys[0]].origin;
+    assert_eq!(
+        (origin.policy.as_str(), origin.rule),
+        ("shop/allow-frontend-to-backend", 0)
+    );
+
+    let frontend = endpoint_policy(&labels("shop", &[("app", "frontend")]), &p, &w.ids);
+    assert!(!frontend.ingress_enforced && !frontend.egress_enforced && frontend.entries.is_empty());
+}
+
+#[test]
+fn rule_shapes_map_to_the_right_entries() {
+    let w = World::new();
+    let backend = labels("shop", &[("app", "backend")]);
+    let fe = w.id("shop", "frontend");
+    for (rules, expected) in [
+        // `ingress: [{}]`: enforced, allows nothing.
+        ("ingress: [{}]", vec![]),
+        // L4 only: any identity on the port, every protocol for ANY.
+        (
+            "ingress: [{toPorts: [{ports: [{port: \"53\"}]}]}]",
+            vec![key(0, Direction::Ingress, 6, 53), key(0, Direction::Ingress, 17, 53), key(0, Direction::Ingress, 132, 53)],
+        ),
+        // L3 only.
+        ("ingress: [{fromEndpoints: [{matchLabels: {app: frontend}}]}]", vec![key(fe, Direction::Ingress, 0, 0)]),
+        // matchExpressions, In.
+        (
+            "ingress: [{fromEndpoints: [{matchExpressions: [{key: app, operator: In, values: [frontend, other]}]}], toPorts: [{ports: [{port: \"80\", protocol: UDP}]}]}]",
+            vec![key(fe, Direction::Ingress, 17, 80), key(w.id("shop", "other"), Direction::Ingress, 17, 80)],
+        ),
+        // An explicit namespace reaches another namespace.
+        (
+            "ingress: [{fromEndpoints: [{matchLabels: {app: frontend, k8s:io.kubernetes.pod.namespace: ops}}]}]",
+            vec![key(w.id("ops", "frontend"), Direction::Ingress, 0, 0)],
+        ),
+        // Port 0 with TCP: every TCP port.
+        ("ingress: [{toPorts: [{ports: [{port: \"0\", protocol: TCP}]}]}]", vec![key(0, Direction::Ingress, 6, 0)]),
+    ] {
+        let yaml = format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p}}\nspec:\n  endpointSelector: {{matchLabels: {{app: backend}}}}\n  {rules}\n"
+        );
+        let pol = endpoint_policy(&backend, &policies(&yaml), &w.ids);
+        assert!(pol.ingress_enforced, "{rules}");
+        let mut got: Vec<EntryKey> = pol.entries.keys().copied().collect();
+        let mut want = expected.clone();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "{rules}");
+    }
+}
+
+#[test]
+fn port_ranges_become_prefix_entries() {
+    let w = World::new();
+    let yaml = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  egress:\n  - toPorts: [{ports: [{port: \"8080\", endPort: 8083, protocol: TCP}]}]\n";
+    let pol = endpoint_policy(
+        &labels("shop", &[("app", "frontend")]),
+        &policies(yaml),
+        &w.ids,
+    );
+    assert!(pol.egress_enforced && !pol.ingress_enforced);
+    let keys: Vec<EntryKey> = pol.entries.keys().copied().collect();
+    assert_eq!(
+        keys,
+        vec![EntryKey {
+            identity: 0,
+            direction: Direction::Egress,
+            protocol: 6,
+            port: 8080,
+            port_bits: 14
+        }]
+    );
+}
+
+#[test]
+fn deny_suppresses_the_allows_it_covers() {
+    let w = World::new();
+    let yaml = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p}
+spec:
+  endpointSelector: {matchLabels: {app: backend}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: frontend}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}, {port: "9090", protocol: TCP}]}]
+  - toPorts: [{ports: [{port: "7070", protocol: TCP}]}]
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {app: frontend}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"#;
+    let pol = endpoint_policy(
+        &labels("shop", &[("app", "backend")]),
+        &policies(yaml),
+        &w.ids,
+    );
+    let fe = w.id("shop", "frontend");
+    let deny = &pol.entries[&key(fe, Direction::Ingress, 6, 8080)];
+    assert!(deny.deny);
+    assert!(!pol.entries[&key(fe, Direction::Ingress, 6, 9090)].deny);
+    assert!(!pol.entries[&key(0, Direction::Ingress, 6, 7070)].deny);
+    assert_eq!(pol.entries.len(), 3);
+}
+
+#[test]
+fn cluster_wide_policies_select_across_namespaces() {
+    let w = World::new();
+    let yaml = "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: fe}\nspec:\n  endpointSelector: {matchLabels: {app: backend}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: frontend}}]\n";
+    let pol = endpoint_policy(
+        &labels("shop", &[("app", "backend")]),
+        &policies(yaml),
+        &w.ids,
+    );
+    let ids: Vec<u32> = pol.entries.keys().map(|k| k.identity).collect();
+    assert_eq!(ids.len(), 2, "frontend in shop and in ops");
+    assert!(ids.contains(&w.id("ops", "frontend")));
+    // Reserved identities (world) have no namespace: not selected by `{}`.
+    let all = "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: all}\nspec:\n  endpointSelector: {}\n  ingress:\n  - fromEndpoints: [{}]\n";
+    let pol = endpoint_policy(
+        &labels("shop", &[("app", "backend")]),
+        &policies(all),
+        &w.ids,
+    );
+    assert!(pol.entries.keys().all(|k| k.identity >= 256));
+}
+
+#[test]
+fn bad_documents_are_refused_with_file_document_and_field() {
+    for (yaml, path, needle) in [
+        ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  ingress:\n  - toPorts: [{ports: [{port: \"70000\"}]}]\n", "spec.ingress[0].toPorts[0].ports[0].port", "out of range"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  ingress:\n  - toPorts: [{ports: [{port: \"80\", protocol: ICMP}]}]\n", "spec.ingress[0].toPorts[0].ports[0].protocol", "TCP, UDP, SCTP, ANY"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  ingres: []\n", "spec.ingres", "unknown field `ingres`"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  egress:\n  - fromEndpoints: [{}]\n", "spec.egress[0].fromEndpoints", "use toEndpoints"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector:\n    matchExpressions: [{key: app, operator: In}]\n", "spec.endpointSelector.matchExpressions[0].values", "at least one value"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  ingress:\n  - toPorts: [{ports: [{port: \"8080\", endPort: 80}]}]\n", "spec.ingress[0].toPorts[0].ports[0].endPort", "endPort 80"),
+        ("apiVersion: cilium.io/v1\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec: {endpointSelector: {}}\n", "apiVersion", "cilium.io/v2"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {}\nspec: {endpointSelector: {}}\n", "metadata.name", "needs a name"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec: {endpointSelector: {}}\nspecs: [{endpointSelector: {}}]\n", "spec", "not both"),
+    ] {
+        let e = parse("bad.yaml", &format!("---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c}}\n---\n{yaml}"), "default").unwrap_err();
+        assert_eq!(e.file, "bad.yaml");
+        assert_eq!(e.document, 2, "{yaml}");
+        assert_eq!(e.path, path, "{yaml}: {e}");
+        assert!(e.message.contains(needle), "{yaml}: {e}");
+    }
+    let e = parse("x.yaml", "a: [unclosed", "default").unwrap_err();
+    assert!(e.message.contains("not valid YAML"), "{e}");
+}
+
+#[test]
+fn other_kinds_are_skipped_with_a_notice() {
+    let yaml = format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s}}\n---\n{SEED}");
+    let parsed = parse("mixed.yaml", &yaml, "default").unwrap();
+    assert_eq!(parsed.policies.len(), 1);
+    assert_eq!(parsed.skipped, vec![(1, "Service".to_string())]);
+}
