@@ -3,9 +3,10 @@
  * Programs on the host side of a pod's veth pair, one instance per endpoint
  * (its identity is set at load time):
  *   from_container: tc ingress of the host veth = packets leaving the pod
- *                   (egress policy, same-node delivery)
+ *                   (egress policy; for a peer on this node also the peer's
+ *                   ingress policy, then bpf_redirect_peer into the peer)
  *   to_container:   tc egress of the host veth = packets entering the pod
- *                   (ingress policy)
+ *                   from the host stack (ingress policy)
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -67,6 +68,43 @@ static __always_inline int handle_non_ipv4(struct __sk_buff *skb, struct packet 
 	return TC_ACT_OK;
 }
 
+/* Ingress enforcement for a local endpoint (`ep_id`): conntrack, policy for
+ * new connections, the to-endpoint trace. Runs in to_container for traffic
+ * from the host stack and in the sender's from_container for pod-to-pod
+ * traffic on this node. */
+static __always_inline int ingress_to_endpoint(struct __sk_buff *skb, struct packet *pkt,
+					       __u32 ep_id, __u32 dst_id, __u32 flags,
+					       __u32 src_id)
+{
+	struct ct_result ct;
+	struct policy_verdict pv = {};
+
+	ct_lookup(pkt, DIR_INGRESS, &ct);
+	if (ct.state == CT_NEW) {
+		if (flags & EP_F_INGRESS_ENFORCED) {
+			policy_lookup(ep_id, src_id, DIR_INGRESS, pkt->protocol,
+				      pkt->policy_port_be, &pv);
+			if (!pv.allowed) {
+				emit_event(skb, pkt, ep_id, EVENT_DROP, pv.drop_reason, DIR_INGRESS,
+					   VERDICT_DROPPED, CT_NEW, src_id, dst_id, pv.match,
+					   pv.cookie);
+				return TC_ACT_SHOT;
+			}
+		}
+		if (ct_create(pkt, DIR_INGRESS, pv.cookie) < 0) {
+			emit_event(skb, pkt, ep_id, EVENT_DROP, DROP_CT_MAP_INSERT_FAILED,
+				   DIR_INGRESS, VERDICT_DROPPED, CT_NEW, src_id, dst_id, pv.match,
+				   pv.cookie);
+			return TC_ACT_SHOT;
+		}
+		ct.policy_cookie = pv.cookie;
+	}
+	if (ct.report)
+		emit_event(skb, pkt, ep_id, EVENT_TRACE, TRACE_TO_LXC, DIR_INGRESS,
+			   VERDICT_FORWARDED, ct.state, src_id, dst_id, pv.match, ct.policy_cookie);
+	return TC_ACT_OK;
+}
+
 SEC("classifier")
 int from_container(struct __sk_buff *skb)
 {
@@ -103,15 +141,21 @@ int from_container(struct __sk_buff *skb)
 		emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_FROM_LXC, DIR_EGRESS,
 			   VERDICT_FORWARDED, ct.state, src_id, dst_id, pv.match, ct.policy_cookie);
 
-	/* Same-node delivery: straight to the peer's veth, where to_container
-	 * applies the peer's ingress policy. No trip through the host stack. */
+	/* Same-node delivery: apply the peer's ingress policy here (as Cilium
+	 * tail-calls the peer's policy program), then hand the packet straight
+	 * to the peer's interface inside its namespace: one veth hop, no host
+	 * stack, no iptables. */
 	struct endpoint_info *peer = local_endpoint(pkt.daddr);
 	if (peer && peer->host_ifindex) {
+		int verdict = ingress_to_endpoint(skb, &pkt, peer->ep_id, peer->identity,
+						  peer->flags, src_id);
+		if (verdict != TC_ACT_OK)
+			return verdict;
 		if (bpf_skb_store_bytes(skb, 0, peer->pod_mac, 6, 0) < 0 ||
 		    bpf_skb_store_bytes(skb, 6, peer->host_mac, 6, 0) < 0)
 			return drop(skb, &pkt, DROP_INVALID_PACKET, DIR_EGRESS, src_id, dst_id,
 				    MATCH_NONE, 0);
-		return bpf_redirect(peer->host_ifindex, 0);
+		return bpf_redirect_peer(peer->host_ifindex, 0);
 	}
 	return TC_ACT_OK;
 }
@@ -120,8 +164,6 @@ SEC("classifier")
 int to_container(struct __sk_buff *skb)
 {
 	struct packet pkt = {};
-	struct ct_result ct;
-	struct policy_verdict pv = {};
 	int kind = parse_packet(skb, &pkt);
 
 	if (kind != PARSE_IPV4)
@@ -130,28 +172,8 @@ int to_container(struct __sk_buff *skb)
 	struct endpoint_info *self = local_endpoint(endpoint_ipv4);
 	if (!self || pkt.daddr != endpoint_ipv4)
 		return TC_ACT_OK; /* broadcast or not addressed to the pod */
-	__u32 dst_id = self->identity;
-	__u32 flags = self->flags;
-	__u32 src_id = identity_of(pkt.saddr);
-
-	ct_lookup(&pkt, DIR_INGRESS, &ct);
-	if (ct.state == CT_NEW) {
-		if (flags & EP_F_INGRESS_ENFORCED) {
-			policy_lookup(endpoint_id, src_id, DIR_INGRESS, pkt.protocol,
-				      pkt.policy_port_be, &pv);
-			if (!pv.allowed)
-				return drop(skb, &pkt, pv.drop_reason, DIR_INGRESS, src_id, dst_id,
-					    pv.match, pv.cookie);
-		}
-		if (ct_create(&pkt, DIR_INGRESS, pv.cookie) < 0)
-			return drop(skb, &pkt, DROP_CT_MAP_INSERT_FAILED, DIR_INGRESS, src_id,
-				    dst_id, pv.match, pv.cookie);
-		ct.policy_cookie = pv.cookie;
-	}
-	if (ct.report)
-		emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_TO_LXC, DIR_INGRESS,
-			   VERDICT_FORWARDED, ct.state, src_id, dst_id, pv.match, ct.policy_cookie);
-	return TC_ACT_OK;
+	return ingress_to_endpoint(skb, &pkt, endpoint_id, self->identity, self->flags,
+				   identity_of(pkt.saddr));
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -26,6 +26,7 @@ const SERVER_ID: u32 = 301;
 struct Lab {
     dp: Datapath,
     pin_dir: std::path::PathBuf,
+    reader: std::cell::RefCell<Option<fibril_datapath::EventReader>>,
 }
 
 impl Drop for Lab {
@@ -52,7 +53,11 @@ fn lab() -> Lab {
         )
         .unwrap();
     }
-    Lab { dp, pin_dir }
+    Lab {
+        dp,
+        pin_dir,
+        reader: Default::default(),
+    }
 }
 
 fn enforce(lab: &Lab, ip: Ipv4Addr, flags: u32) {
@@ -90,7 +95,8 @@ fn allow(lab: &Lab, ep: u32, identity: u32, dir: u8, proto: u8, port: u16, deny:
 }
 
 fn events(lab: &Lab) -> Vec<FlowEvent> {
-    let mut reader = lab.dp.take_event_reader().unwrap();
+    let mut slot = lab.reader.borrow_mut();
+    let reader = slot.get_or_insert_with(|| lab.dp.take_event_reader().unwrap());
     let mut out = Vec::new();
     reader.poll(std::time::Duration::from_millis(0), |e| out.push(e));
     out
@@ -436,4 +442,55 @@ fn ipcache_longest_prefix_gives_the_peer_identity() {
     assert_eq!(ev[0].dst_identity, cidr_identity);
     assert_eq!(ev[1].dst_identity, abi::identity::WORLD);
     assert_eq!(lab.dp.ipcache_entries().unwrap().len(), 2);
+}
+
+#[test]
+fn same_node_traffic_meets_the_peers_ingress_policy_at_the_sender() {
+    let lab = lab();
+    enforce(&lab, SERVER, EP_F_INGRESS_ENFORCED);
+    let mut client = progs(&lab, 1, CLIENT);
+    let out = client
+        .test_run(
+            Hook::FromContainer,
+            &ipv4_packet(CLIENT, SERVER, syn(40000, 8080)),
+        )
+        .unwrap();
+    assert_eq!(
+        out.action, TC_ACT_SHOT,
+        "dropped before it ever reaches the server's veth"
+    );
+    let ev = events(&lab);
+    let drop = ev
+        .iter()
+        .find(|e| e.r#type == EventType::Drop as u8)
+        .expect("a drop event");
+    assert_eq!(drop.ep_id, 2, "attributed to the server endpoint");
+    assert_eq!(drop.direction, abi::Direction::Ingress as u8);
+    assert_eq!(drop.subtype, DropReason::PolicyDenied as u8);
+    assert_eq!(
+        (drop.src_identity, drop.dst_identity),
+        (CLIENT_ID, SERVER_ID)
+    );
+    // With an allow, the same packet goes through, traced on both sides.
+    allow(
+        &lab,
+        2,
+        CLIENT_ID,
+        abi::Direction::Ingress as u8,
+        6,
+        8080,
+        false,
+    );
+    let out = client
+        .test_run(
+            Hook::FromContainer,
+            &ipv4_packet(CLIENT, SERVER, syn(40001, 8080)),
+        )
+        .unwrap();
+    assert_eq!(out.action, TC_ACT_REDIRECT);
+    let points: Vec<u8> = events(&lab).iter().map(|e| e.subtype).collect();
+    assert_eq!(
+        points,
+        vec![abi::TracePoint::FromLxc as u8, abi::TracePoint::ToLxc as u8]
+    );
 }
