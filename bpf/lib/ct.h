@@ -62,10 +62,8 @@ static __always_inline int ct_touch(struct ct_value *v, const struct packet *pkt
 
 	if ((pkt->tcp_flags & ~*seen) != 0)
 		*seen |= pkt->tcp_flags;
-	if (pkt->tcp_flags & (TCP_FIN | TCP_RST))
+	if ((pkt->tcp_flags & (TCP_FIN | TCP_RST)) && !v->closing)
 		v->closing = 1;
-	v->packets++;
-	v->bytes += pkt->len;
 
 	__u64 expires = now + ct_timeout(pkt, v);
 	/* Avoid writing the shared cache line on every packet. */
