@@ -23,6 +23,25 @@ pub mod identity {
     pub const FIRST_CLUSTER_LOCAL: u32 = 256;
     /// Last cluster-local identity (cluster id 0).
     pub const LAST_CLUSTER_LOCAL: u32 = 65535;
+
+    /// The name of a reserved identity (`reserved:<name>`, and what Hubble
+    /// prints in parentheses).
+    pub fn reserved_name(id: u32) -> Option<&'static str> {
+        Some(match id {
+            UNKNOWN => "unknown",
+            HOST => "host",
+            WORLD => "world",
+            UNMANAGED => "unmanaged",
+            HEALTH => "health",
+            INIT => "init",
+            REMOTE_NODE => "remote-node",
+            KUBE_APISERVER => "kube-apiserver",
+            INGRESS => "ingress",
+            WORLD_IPV4 => "world-ipv4",
+            WORLD_IPV6 => "world-ipv6",
+            _ => return None,
+        })
+    }
 }
 
 /// Monitor message types (Hubble `event_type.type`).

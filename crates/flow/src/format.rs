@@ -34,27 +34,10 @@ pub fn compact_time(rfc3339: &str) -> String {
 }
 
 fn identity(ep: &Endpoint) -> String {
-    match policy_name(ep.identity) {
+    match abi::identity::reserved_name(ep.identity) {
         Some(n) => format!("({n})"),
         None => format!("(ID:{})", ep.identity),
     }
-}
-
-fn policy_name(id: u32) -> Option<&'static str> {
-    Some(match id {
-        0 => "unknown",
-        1 => "host",
-        2 => "world",
-        3 => "unmanaged",
-        4 => "health",
-        5 => "init",
-        6 => "remote-node",
-        7 => "kube-apiserver",
-        8 => "ingress",
-        9 => "world-ipv4",
-        10 => "world-ipv6",
-        _ => return None,
-    })
 }
 
 fn host(ep: &Endpoint, ip: &str, port: u16) -> String {

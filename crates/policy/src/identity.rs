@@ -9,40 +9,12 @@ use crate::labels::LabelSet;
 
 /// The reserved identities and their labels.
 pub fn reserved() -> Vec<(u32, LabelSet)> {
-    [
-        (1, "host"),
-        (2, "world"),
-        (3, "unmanaged"),
-        (4, "health"),
-        (5, "init"),
-        (6, "remote-node"),
-        (7, "kube-apiserver"),
-        (8, "ingress"),
-        (9, "world-ipv4"),
-        (10, "world-ipv6"),
-    ]
-    .into_iter()
-    .map(|(id, name)| (id, LabelSet::reserved(name)))
-    .collect()
+    (abi::identity::HOST..=abi::identity::WORLD_IPV6)
+        .filter_map(|id| Some((id, LabelSet::reserved(abi::identity::reserved_name(id)?))))
+        .collect()
 }
 
-/// The name Hubble prints for a reserved identity.
-pub fn reserved_name(id: u32) -> Option<&'static str> {
-    Some(match id {
-        0 => "unknown",
-        1 => "host",
-        2 => "world",
-        3 => "unmanaged",
-        4 => "health",
-        5 => "init",
-        6 => "remote-node",
-        7 => "kube-apiserver",
-        8 => "ingress",
-        9 => "world-ipv4",
-        10 => "world-ipv6",
-        _ => return None,
-    })
-}
+pub use abi::identity::reserved_name;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("no cluster-local identity left (256-65535 are all in use)")]
