@@ -384,3 +384,70 @@ fn observe_follow_streams_new_flows_through_filters() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown verdict"));
 }
+
+#[test]
+fn lab_down_removes_everything_it_created_and_nothing_else() {
+    // Something of ours that is not the lab's must survive `lab down`.
+    let bystander = format!("fibril-bystander-{}", std::process::id() % 100_000);
+    assert!(Command::new("ip")
+        .args(["netns", "add", &bystander])
+        .status()
+        .unwrap()
+        .success());
+    struct Remove(String);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _bystander = Remove(bystander.clone());
+
+    let lab = Lab::default_lab();
+    let netns_prefix = format!("fibril-{}-", lab.name);
+    let host_links: Vec<String> = lab
+        .endpoints()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["host_ifname"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(host_links.len(), 3);
+    let ours = |name: &str| name.starts_with(&netns_prefix);
+    let netns = || -> Vec<String> {
+        std::fs::read_dir("/run/netns")
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(netns().iter().filter(|n| ours(n)).count(), 3);
+
+    let down = lab.fibril(&["lab", "down"]);
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    assert!(netns().iter().all(|n| !ours(n)), "pod namespaces removed");
+    assert!(
+        netns().contains(&bystander),
+        "a namespace the lab did not create is untouched"
+    );
+    for l in &host_links {
+        assert!(!Path::new("/sys/class/net").join(l).exists(), "{l} removed");
+    }
+    assert!(
+        !Path::new(&format!("/sys/fs/bpf/fibril-{}", lab.name)).exists(),
+        "pinned maps and links removed"
+    );
+    assert!(
+        !Path::new(&format!("/run/fibril/labs/{}", lab.name)).exists(),
+        "lab state removed"
+    );
+    // A second `down` says the lab is not up, and changes nothing.
+    let again = lab.fibril(&["lab", "down"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("is not up"));
+}
