@@ -85,10 +85,14 @@ static __always_inline int ingress_to_endpoint(struct __sk_buff *skb, struct pac
 			policy_lookup(ep_id, src_id, DIR_INGRESS, pkt->protocol,
 				      pkt->policy_port_be, &pv);
 			if (!pv.allowed) {
-				emit_event(skb, pkt, ep_id, EVENT_DROP, pv.drop_reason, DIR_INGRESS,
-					   VERDICT_DROPPED, CT_NEW, src_id, dst_id, pv.match,
-					   pv.cookie);
-				return TC_ACT_SHOT;
+				if (!policy_audited(&pv, flags, EP_F_INGRESS_AUDIT)) {
+					emit_event(skb, pkt, ep_id, EVENT_DROP, pv.drop_reason,
+						   DIR_INGRESS, VERDICT_DROPPED, CT_NEW, src_id,
+						   dst_id, pv.match, pv.cookie);
+					return TC_ACT_SHOT;
+				}
+				emit_event(skb, pkt, ep_id, EVENT_POLICY_VERDICT, pv.drop_reason, DIR_INGRESS,
+					   VERDICT_AUDIT, CT_NEW, src_id, dst_id, pv.match, pv.cookie);
 			}
 		}
 		if (ct_create(pkt, DIR_INGRESS, pv.cookie) < 0) {
@@ -128,9 +132,13 @@ int from_container(struct __sk_buff *skb)
 		if (flags & EP_F_EGRESS_ENFORCED) {
 			policy_lookup(endpoint_id, dst_id, DIR_EGRESS, pkt.protocol,
 				      pkt.policy_port_be, &pv);
-			if (!pv.allowed)
-				return drop(skb, &pkt, pv.drop_reason, DIR_EGRESS, src_id, dst_id,
-					    pv.match, pv.cookie);
+			if (!pv.allowed) {
+				if (!policy_audited(&pv, flags, EP_F_EGRESS_AUDIT))
+					return drop(skb, &pkt, pv.drop_reason, DIR_EGRESS, src_id,
+						    dst_id, pv.match, pv.cookie);
+				emit_event(skb, &pkt, endpoint_id, EVENT_POLICY_VERDICT, pv.drop_reason, DIR_EGRESS,
+					   VERDICT_AUDIT, CT_NEW, src_id, dst_id, pv.match, pv.cookie);
+			}
 		}
 		if (ct_create(&pkt, DIR_EGRESS, pv.cookie) < 0)
 			return drop(skb, &pkt, DROP_CT_MAP_INSERT_FAILED, DIR_EGRESS, src_id,

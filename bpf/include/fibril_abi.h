@@ -91,9 +91,13 @@ enum fibril_policy_match {
 /* Endpoint flags (endpoint_info.flags). */
 #define EP_F_INGRESS_ENFORCED 0x1
 #define EP_F_EGRESS_ENFORCED 0x2
+#define EP_F_INGRESS_AUDIT 0x4  /* enforced by audit-mode policies only */
+#define EP_F_EGRESS_AUDIT 0x8
 
 /* Policy entry flags (policy_value.flags). */
 #define POLICY_F_DENY 0x1
+#define POLICY_F_AUDIT 0x2    /* a deny from a policy in audit mode */
+#define POLICY_F_REDIRECT 0x4 /* L7 rules: traffic belongs to the proxy */
 
 /*
  * ipcache: LPM trie, IPv4 prefix -> security identity.

@@ -11,6 +11,7 @@ struct policy_verdict {
 	__u8 allowed;
 	__u8 drop_reason;
 	__u8 match;      /* fibril_policy_match */
+	__u8 flags;      /* POLICY_F_* of the deciding entry */
 	__u32 cookie;
 };
 
@@ -40,6 +41,7 @@ static __always_inline void policy_lookup(__u32 ep_id, __u32 peer, __u8 dir, __u
 		out->allowed = 0;
 		out->drop_reason = DROP_POLICY_DENY;
 		out->match = match_type(1, l3->prefix);
+		out->flags = l3->flags;
 		out->cookie = l3->cookie;
 		return;
 	}
@@ -49,6 +51,7 @@ static __always_inline void policy_lookup(__u32 ep_id, __u32 peer, __u8 dir, __u
 		out->allowed = 0;
 		out->drop_reason = DROP_POLICY_DENY;
 		out->match = match_type(0, l4->prefix);
+		out->flags = l4->flags;
 		out->cookie = l4->cookie;
 		return;
 	}
@@ -56,6 +59,7 @@ static __always_inline void policy_lookup(__u32 ep_id, __u32 peer, __u8 dir, __u
 		out->allowed = 0;
 		out->drop_reason = DROP_POLICY_DENIED;
 		out->match = MATCH_NONE;
+		out->flags = 0;
 		out->cookie = 0;
 		return;
 	}
@@ -64,7 +68,19 @@ static __always_inline void policy_lookup(__u32 ep_id, __u32 peer, __u8 dir, __u
 	out->allowed = 1;
 	out->drop_reason = 0;
 	out->match = match_type(l3_wins, win->prefix);
+	out->flags = win->flags;
 	out->cookie = win->cookie;
+}
+
+/* Audit mode: a policy drop that becomes a forward reported as AUDIT. Either
+ * the deciding deny comes from an audit-mode policy, or nothing matched and
+ * the endpoint is enforced in this direction by audit-mode policies only. */
+static __always_inline int policy_audited(const struct policy_verdict *pv, __u32 ep_flags,
+					  __u32 audit_flag)
+{
+	if (pv->drop_reason == DROP_POLICY_DENY)
+		return (pv->flags & POLICY_F_AUDIT) != 0;
+	return (ep_flags & audit_flag) != 0;
 }
 
 #endif

@@ -192,15 +192,21 @@ policies:
 
     // 10,000 unrelated entries on the server endpoint: L4 allows on ports
     // 20000-29999 that the benchmark traffic never uses.
-    let ports: Vec<String> = (20000..30000)
-        .map(|p| format!("{{port: \"{p}\", protocol: TCP}}"))
+    // Cilium admits at most 40 ports per toPorts entry: 250 entries of 40.
+    let to_ports: Vec<String> = (0..250)
+        .map(|chunk| {
+            let ports: Vec<String> = (0..40)
+                .map(|i| format!("{{port: \"{}\", protocol: TCP}}", 20000 + chunk * 40 + i))
+                .collect();
+            format!("{{ports: [{}]}}", ports.join(", "))
+        })
         .collect();
     let big = dir.join("10k.yaml");
     std::fs::write(
         &big,
         format!(
-            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: ten-thousand, namespace: bench}}\nspec:\n  endpointSelector: {{matchLabels: {{app: server}}}}\n  ingress:\n  - toPorts: [{{ports: [{}]}}]\n",
-            ports.join(", ")
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: ten-thousand, namespace: bench}}\nspec:\n  endpointSelector: {{matchLabels: {{app: server}}}}\n  ingress:\n  - toPorts: [{}]\n",
+            to_ports.join(", ")
         ),
     )?;
     run(fibril(&["policy", "import", big.to_str().context("path")?]).stdout(Stdio::null()))?;

@@ -167,7 +167,11 @@ pub mod policy_match {
 
 pub const EP_F_INGRESS_ENFORCED: u32 = 0x1;
 pub const EP_F_EGRESS_ENFORCED: u32 = 0x2;
+pub const EP_F_INGRESS_AUDIT: u32 = 0x4;
+pub const EP_F_EGRESS_AUDIT: u32 = 0x8;
 pub const POLICY_F_DENY: u8 = 0x1;
+pub const POLICY_F_AUDIT: u8 = 0x2;
+pub const POLICY_F_REDIRECT: u8 = 0x4;
 pub const POLICY_STATIC_PREFIX_BITS: u32 = 72;
 pub const POLICY_FULL_PREFIX_BITS: u32 = 96;
 

@@ -139,8 +139,17 @@ impl Agent {
         &self.datapath
     }
 
-    pub fn index(&self) -> EndpointIndex {
-        self.index.clone()
+    /// What the observer enriches flows from.
+    pub fn flow_sources(&self) -> observer::Sources {
+        observer::Sources {
+            index: self.index.clone(),
+            origins: self
+                .policy
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .origins(),
+            cluster: self.config.cluster_name.clone(),
+        }
     }
 
     fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -163,21 +172,30 @@ impl Agent {
         }
         *self.index.write().unwrap_or_else(|e| e.into_inner()) = index;
         self.sync_ipcache(state)?;
-        self.policy
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .apply(state, &self.datapath)
+        self.policy.lock().unwrap_or_else(|e| e.into_inner()).apply(
+            state,
+            &self.datapath,
+            &self.config.cluster_name,
+        )
     }
 
     /// ipcache: every pod /32 -> its identity, and 0.0.0.0/0 -> world, so
     /// that every address resolves to an identity (longest prefix wins).
     fn sync_ipcache(&self, state: &State) -> Result<(), Error> {
-        let mut wanted: BTreeMap<(Ipv4Addr, u32), u32> = state
-            .endpoints
-            .values()
-            .map(|e| ((e.ipv4, 32), e.identity))
-            .collect();
+        let mut wanted: BTreeMap<(Ipv4Addr, u32), u32> = BTreeMap::new();
         wanted.insert((Ipv4Addr::UNSPECIFIED, 0), abi::identity::WORLD);
+        // CIDR identities (IPv6 prefixes wait for the IPv6 datapath).
+        for (prefix, id) in &state.cidr_identities {
+            if let ipnet::IpNet::V4(p) = prefix {
+                wanted.insert((p.network(), p.prefix_len() as u32), *id);
+            }
+        }
+        for addr in net::host_ipv4_addresses()? {
+            wanted.insert((addr, 32), abi::identity::HOST);
+        }
+        for e in state.endpoints.values() {
+            wanted.insert((e.ipv4, 32), e.identity);
+        }
         let have = self.datapath.ipcache_entries()?;
         for (addr, len, _) in &have {
             if !wanted.contains_key(&(*addr, *len)) {
@@ -192,7 +210,8 @@ impl Agent {
         Ok(())
     }
 
-    fn commit(&self, state: &State) -> Result<(), Error> {
+    fn commit(&self, state: &mut State) -> Result<(), Error> {
+        state.refresh_cidr_identities().map_err(invalid)?;
         self.sync(state)?;
         self.store.save(state)?;
         Ok(())
@@ -247,6 +266,7 @@ impl Agent {
                     .map_err(|e| invalid(e.to_string()))
             }
             Request::PolicyDelete { key } => self.policy_delete(&key).map(|_| Response::Ok),
+            Request::PolicyTrace(t) => self.policy_trace(&t),
             Request::Observe(_) => Err(invalid("observe is served as a stream")),
         };
         result.unwrap_or_else(|e| Response::Error {
@@ -309,7 +329,7 @@ impl Agent {
                 ep.identity = identity;
             }
         }
-        self.commit(&s)
+        self.commit(&mut s)
     }
 
     fn identity_labels(&self, s: &State, namespace: &str, pod: &str) -> policy::LabelSet {
@@ -375,7 +395,7 @@ impl Agent {
         s.endpoints.insert(id, ep);
         // Policy and the endpoint map first, programs last: the first packet
         // already meets the right policy.
-        let attached = self.commit(&s).and_then(|_| {
+        let attached = self.commit(&mut s).and_then(|_| {
             self.datapath
                 .attach_endpoint(id, ipv4, &host)
                 .map_err(Error::from)
@@ -385,7 +405,7 @@ impl Agent {
             s.identities.release(&labels);
             self.datapath.detach_endpoint(&host);
             net::delete_link(&host);
-            self.commit(&s).ok();
+            self.commit(&mut s).ok();
             return Err(e);
         }
         self.observer.agent_event(format!(
@@ -413,7 +433,7 @@ impl Agent {
         self.datapath.detach_endpoint(&ep.host_ifname);
         self.datapath.remove_endpoint(ep.ipv4)?;
         net::delete_link(&ep.host_ifname);
-        self.commit(&s)?;
+        self.commit(&mut s)?;
         tracing::info!(endpoint_id = ep.id, pod = %ep.pod, "endpoint deleted");
         self.observer.agent_event(format!(
             "ENDPOINT_DELETED (id: {}, namespace: {}, pod name: {})",
@@ -518,11 +538,12 @@ impl Agent {
             names.push(p.key());
             s.policies.insert(p.key(), p);
         }
-        self.commit(&s)?;
+        self.commit(&mut s)?;
         for n in &names {
             self.observer.agent_event(format!("POLICY_UPDATED ({n})"));
         }
         Ok(Response::Imported {
+            warnings: parsed.warnings.iter().map(|w| w.to_string()).collect(),
             policies: names,
             skipped: parsed
                 .skipped
@@ -532,12 +553,75 @@ impl Agent {
         })
     }
 
+    /// The identity (and local endpoint, if any) of a trace end:
+    /// `namespace/pod`, `pod` (namespace default) or an IPv4 address.
+    fn trace_end(&self, s: &State, end: &str) -> Result<(u32, Option<u32>), Error> {
+        if let Ok(addr) = end.parse::<Ipv4Addr>() {
+            if let Some(e) = s.endpoints.values().find(|e| e.ipv4 == addr) {
+                return Ok((e.identity, Some(e.id)));
+            }
+            // The ipcache's answer: the host, else the longest CIDR
+            // identity prefix, else the world.
+            if net::host_ipv4_addresses()?.contains(&addr) {
+                return Ok((abi::identity::HOST, None));
+            }
+            let cidr = s
+                .cidr_identities
+                .iter()
+                .filter(|(p, _)| p.contains(&std::net::IpAddr::V4(addr)))
+                .max_by_key(|(p, _)| p.prefix_len());
+            return Ok((cidr.map_or(abi::identity::WORLD, |(_, id)| *id), None));
+        }
+        let (ns, pod) = end.split_once('/').unwrap_or(("default", end));
+        let e = s
+            .endpoints
+            .values()
+            .find(|e| e.namespace == ns && e.pod == pod)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "no endpoint for pod {ns}/{pod} (give namespace/pod or an IPv4 address)"
+                ))
+            })?;
+        Ok((e.identity, Some(e.id)))
+    }
+
+    fn policy_trace(&self, t: &api::TraceRequest) -> Result<Response, Error> {
+        let s = self.lock_state();
+        let (from_identity, from_ep) = self.trace_end(&s, &t.from)?;
+        let (to_identity, to_ep) = self.trace_end(&s, &t.to)?;
+        let sync = self.policy.lock().unwrap_or_else(|e| e.into_inner());
+        let decide = |ep: Option<u32>, peer: u32, dir: policy::Direction| {
+            ep.map(|id| {
+                sync.computed(id)
+                    .map(|c| c.decide(peer, dir, t.protocol, t.port))
+                    .unwrap_or(policy::Decision::NotEnforced)
+            })
+        };
+        let egress = decide(from_ep, to_identity, policy::Direction::Egress);
+        let ingress = decide(to_ep, from_identity, policy::Direction::Ingress);
+        let passes = |d: &Option<policy::Decision>| {
+            matches!(
+                d,
+                None | Some(policy::Decision::NotEnforced) | Some(policy::Decision::Allowed { .. })
+            )
+        };
+        Ok(Response::Trace {
+            from: t.from.clone(),
+            to: t.to.clone(),
+            from_identity,
+            to_identity,
+            allowed: passes(&egress) && passes(&ingress),
+            egress,
+            ingress,
+        })
+    }
+
     fn policy_delete(&self, key: &str) -> Result<(), Error> {
         let mut s = self.lock_state();
         if s.policies.remove(key).is_none() {
             return Err(invalid(format!("no policy {key:?}")));
         }
-        self.commit(&s)?;
+        self.commit(&mut s)?;
         self.observer.agent_event(format!("POLICY_DELETED ({key})"));
         Ok(())
     }

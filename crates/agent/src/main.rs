@@ -59,15 +59,11 @@ fn main() -> anyhow::Result<()> {
         .context("the events ring buffer is already taken")?;
     let stop = Arc::new(AtomicBool::new(false));
     {
-        let (observer, index, cluster, stop) = (
-            agent.observer.clone(),
-            agent.index(),
-            config.cluster_name.clone(),
-            stop.clone(),
-        );
+        let (observer, sources, stop) =
+            (agent.observer.clone(), agent.flow_sources(), stop.clone());
         std::thread::Builder::new()
             .name("events".into())
-            .spawn(move || observer.run_reader(reader, index, cluster, stop))?;
+            .spawn(move || observer.run_reader(reader, sources, stop))?;
     }
     let listener = server::bind(&config.socket)
         .with_context(|| format!("binding {}", config.socket.display()))?;

@@ -21,12 +21,38 @@ pub struct Observer {
     agent_events: Mutex<Vec<String>>,
 }
 
-struct IndexEnricher<'a> {
-    index: &'a EndpointIndex,
-    cluster: &'a str,
+/// What the observer enriches flows from: the local endpoints by address,
+/// and the rule table behind the datapath's policy cookies.
+pub struct Sources {
+    pub index: EndpointIndex,
+    pub origins: std::sync::Arc<std::sync::RwLock<Vec<policy::Origin>>>,
+    pub cluster: String,
 }
 
-impl Enricher for IndexEnricher<'_> {
+impl Enricher for Sources {
+    fn policy(&self, cookie: u32) -> Option<flow::record::PolicyRef> {
+        let origins = self.origins.read().unwrap_or_else(|e| e.into_inner());
+        let o = origins.get(cookie.checked_sub(1)? as usize)?;
+        let (namespace, name) = match o.policy.split_once('/') {
+            Some((ns, n)) => (ns.to_string(), n.to_string()),
+            None => (String::new(), o.policy.clone()),
+        };
+        let mut labels = vec![
+            format!("k8s:io.cilium.k8s.policy.derived-from={}", o.kind),
+            format!("k8s:io.cilium.k8s.policy.name={name}"),
+        ];
+        if !namespace.is_empty() {
+            labels.push(format!("k8s:io.cilium.k8s.policy.namespace={namespace}"));
+        }
+        Some(flow::record::PolicyRef {
+            name,
+            namespace,
+            labels,
+            revision: 0,
+            kind: o.kind.clone(),
+        })
+    }
+
     fn endpoint(&self, ip: Ipv4Addr, identity: u32) -> Endpoint {
         let index = self.index.read().unwrap_or_else(|e| e.into_inner());
         match index.get(&ip) {
@@ -117,8 +143,7 @@ impl Observer {
     pub fn run_reader(
         self: &Arc<Self>,
         mut reader: datapath::EventReader,
-        index: EndpointIndex,
-        cluster: String,
+        sources: Sources,
         stop: Arc<std::sync::atomic::AtomicBool>,
     ) {
         // bpf_ktime_get_ns() is CLOCK_MONOTONIC; move it onto the wall clock.
@@ -127,21 +152,11 @@ impl Observer {
             .unwrap_or_default()
             .as_nanos() as u64;
         let offset = wall_now.saturating_sub(datapath::monotonic_ns());
-        let enricher = IndexEnricher {
-            index: &index,
-            cluster: &cluster,
-        };
         while !stop.load(Ordering::Relaxed) {
             reader.poll(Duration::from_millis(20), |e| {
                 let n = self.uuid_counter.fetch_add(1, Ordering::Relaxed);
                 let uuid = format!("{:08x}-0000-4000-8000-{:012x}", offset as u32, n);
-                self.push(from_event(
-                    &e,
-                    e.ts_ns + offset,
-                    uuid,
-                    &self.node,
-                    &enricher,
-                ));
+                self.push(from_event(&e, e.ts_ns + offset, uuid, &self.node, &sources));
             });
         }
     }

@@ -4,7 +4,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use abi::{
-    PolicyKeyData, PolicyValue, EP_F_EGRESS_ENFORCED, EP_F_INGRESS_ENFORCED, POLICY_F_DENY,
+    PolicyKeyData, PolicyValue, EP_F_EGRESS_AUDIT, EP_F_EGRESS_ENFORCED, EP_F_INGRESS_AUDIT,
+    EP_F_INGRESS_ENFORCED, POLICY_F_AUDIT, POLICY_F_DENY, POLICY_F_REDIRECT,
     POLICY_STATIC_PREFIX_BITS,
 };
 use datapath::{Datapath, PolicyEntry};
@@ -15,13 +16,19 @@ use crate::Error;
 
 type MapKey = (u32, PolicyKeyData);
 
+/// Entries one endpoint may hold (Cilium's `bpf-policy-map-max`).
+pub const MAX_ENTRIES_PER_ENDPOINT: usize = 16384;
+
 #[derive(Default)]
 pub struct PolicySync {
+    /// Endpoints whose policy did not fit: they fail closed.
+    pub overflowed: std::collections::BTreeSet<u32>,
     /// What the kernel map holds, per endpoint id.
     realized: HashMap<u32, BTreeMap<MapKey, PolicyValue>>,
     computed: HashMap<u32, EndpointPolicy>,
-    /// Cookie -> rule attribution; cookie 0 means "no rule".
-    origins: Vec<Origin>,
+    /// Cookie -> rule attribution; cookie 0 means "no rule". Shared with
+    /// the observer, which attributes flows with it.
+    origins: std::sync::Arc<std::sync::RwLock<Vec<Origin>>>,
     cookies: HashMap<Origin, u32>,
 }
 
@@ -42,30 +49,35 @@ impl PolicySync {
         self.computed.get(&ep)
     }
 
-    /// The rule a datapath cookie stands for.
-    pub fn origin(&self, cookie: u32) -> Option<&Origin> {
-        cookie
-            .checked_sub(1)
-            .and_then(|i| self.origins.get(i as usize))
+    /// The cookie -> rule table, for flow attribution.
+    pub fn origins(&self) -> std::sync::Arc<std::sync::RwLock<Vec<Origin>>> {
+        self.origins.clone()
     }
 
     fn cookie(&mut self, o: &Origin) -> u32 {
         if let Some(c) = self.cookies.get(o) {
             return *c;
         }
-        self.origins.push(o.clone());
-        let c = self.origins.len() as u32;
+        let mut origins = self.origins.write().unwrap_or_else(|e| e.into_inner());
+        origins.push(o.clone());
+        let c = origins.len() as u32;
         self.cookies.insert(o.clone(), c);
         c
     }
 
     /// Recomputes every endpoint's policy and writes the differences.
-    pub fn apply(&mut self, state: &State, dp: &Datapath) -> Result<(), Error> {
+    pub fn apply(&mut self, state: &State, dp: &Datapath, cluster: &str) -> Result<(), Error> {
         let policies: Vec<policy::Policy> = state.policies.values().cloned().collect();
-        let identities = state.identities.all();
+        let identities = state.all_identities();
+        let named_ports = state.named_ports();
+        let ctx = policy::Context {
+            identities: &identities,
+            named_ports: &named_ports,
+            cluster,
+        };
         let mut wanted_all: HashMap<u32, BTreeMap<MapKey, PolicyValue>> = HashMap::new();
         for ep in state.endpoints.values() {
-            let computed = policy::endpoint_policy(&ep.labels, &policies, &identities);
+            let computed = policy::endpoint_policy(ep.identity, &ep.labels, &policies, &ctx);
             let mut wanted = BTreeMap::new();
             for (k, v) in &computed.entries {
                 let prefix = k.proto_port_prefix();
@@ -79,9 +91,19 @@ impl PolicySync {
                     protocol: k.protocol,
                     dport: k.port.to_be(),
                 };
+                let mut flags = 0;
+                if v.deny {
+                    flags |= POLICY_F_DENY;
+                }
+                if v.audit {
+                    flags |= POLICY_F_AUDIT;
+                }
+                if v.l7.is_some() {
+                    flags |= POLICY_F_REDIRECT;
+                }
                 let value = PolicyValue {
                     cookie: self.cookie(&v.origin),
-                    flags: if v.deny { POLICY_F_DENY } else { 0 },
+                    flags,
                     prefix,
                     pad: 0,
                 };
@@ -93,6 +115,28 @@ impl PolicySync {
             }
             if computed.egress_enforced {
                 flags |= EP_F_EGRESS_ENFORCED;
+            }
+            if computed.ingress_audit {
+                flags |= EP_F_INGRESS_AUDIT;
+            }
+            if computed.egress_audit {
+                flags |= EP_F_EGRESS_AUDIT;
+            }
+            if wanted.len() > MAX_ENTRIES_PER_ENDPOINT {
+                // Never truncate silently: fail closed, say so loudly.
+                tracing::error!(
+                    endpoint_id = ep.id,
+                    pod = %ep.pod,
+                    namespace = %ep.namespace,
+                    entries = wanted.len(),
+                    max = MAX_ENTRIES_PER_ENDPOINT,
+                    "policy map would overflow: endpoint fails closed (all traffic denied)"
+                );
+                self.overflowed.insert(ep.id);
+                wanted.clear();
+                flags = EP_F_INGRESS_ENFORCED | EP_F_EGRESS_ENFORCED;
+            } else {
+                self.overflowed.remove(&ep.id);
             }
             // Entries before flags: an endpoint that becomes enforced
             // already finds its allows.

@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
+use ipnet::IpNet;
 use policy::identity::Allocator;
-use policy::{LabelSet, Policy};
+use policy::{LabelSet, NamedPort, Policy};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -34,6 +35,9 @@ pub struct State {
     pub pods: BTreeMap<String, api::Pod>,
     pub policies: BTreeMap<String, Policy>,
     pub identities: Allocator,
+    /// Node-local CIDR identities, one per prefix the policies name.
+    #[serde(default)]
+    pub cidr_identities: BTreeMap<IpNet, u32>,
 }
 
 /// An IPv4 pod CIDR, e.g. 10.200.0.0/24.
@@ -105,6 +109,54 @@ impl State {
             }
         }
         None
+    }
+
+    /// Gives every prefix the policies name a CIDR identity (keeping the
+    /// numbers of prefixes that stay) and drops the ones no longer named.
+    pub fn refresh_cidr_identities(&mut self) -> Result<(), String> {
+        let policies: Vec<Policy> = self.policies.values().cloned().collect();
+        let wanted = policy::cidr::prefixes(&policies);
+        self.cidr_identities.retain(|p, _| wanted.contains(p));
+        for p in wanted {
+            if self.cidr_identities.contains_key(&p) {
+                continue;
+            }
+            let used: std::collections::BTreeSet<u32> =
+                self.cidr_identities.values().copied().collect();
+            let id = (policy::cidr::FIRST_LOCAL..=policy::cidr::LAST_LOCAL)
+                .find(|id| !used.contains(id))
+                .ok_or("no CIDR identity left")?;
+            self.cidr_identities.insert(p, id);
+        }
+        Ok(())
+    }
+
+    /// Every identity with its labels: reserved, pods, CIDRs.
+    pub fn all_identities(&self) -> Vec<(u32, LabelSet)> {
+        let mut out = self.identities.all();
+        let prefixes = self.cidr_identities.keys().copied().collect();
+        for (prefix, labels) in policy::cidr::identity_labels(&prefixes) {
+            if let Some(id) = self.cidr_identities.get(&prefix) {
+                out.push((*id, labels));
+            }
+        }
+        out
+    }
+
+    /// Declared container ports per identity (union over its endpoints).
+    pub fn named_ports(&self) -> BTreeMap<u32, Vec<NamedPort>> {
+        let mut out: BTreeMap<u32, Vec<NamedPort>> = BTreeMap::new();
+        for e in self.endpoints.values() {
+            if let Some(pod) = self.pods.get(&format!("{}/{}", e.namespace, e.pod)) {
+                let ports = out.entry(e.identity).or_default();
+                for p in &pod.ports {
+                    if !ports.contains(p) {
+                        ports.push(p.clone());
+                    }
+                }
+            }
+        }
+        out
     }
 
     pub fn find_endpoint(&self, container_id: &str, ifname: &str) -> Option<&Endpoint> {

@@ -63,6 +63,9 @@ pub enum Request {
     PolicyDelete {
         key: String,
     },
+    /// Explains the verdict for a connection between two pods (or a pod
+    /// and an address), with the rule that decides it.
+    PolicyTrace(TraceRequest),
     Observe(ObserveRequest),
 }
 
@@ -76,6 +79,9 @@ pub struct Pod {
     pub namespace_labels: BTreeMap<String, String>,
     #[serde(default)]
     pub service_account: Option<String>,
+    /// Declared container ports (for named ports in policies).
+    #[serde(default)]
+    pub ports: Vec<policy::NamedPort>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +97,17 @@ pub struct Attachment {
     pub netns: String,
     pub namespace: String,
     pub pod: String,
+}
+
+/// One end of a traced connection: `namespace/pod`, or an IPv4 address.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TraceRequest {
+    pub from: String,
+    pub to: String,
+    /// IP protocol number (6 TCP, 17 UDP, 132 SCTP, 1 ICMP).
+    pub protocol: u8,
+    /// Destination port (ICMP: the type).
+    pub port: u16,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -168,9 +185,20 @@ pub enum Response {
     Imported {
         policies: Vec<String>,
         skipped: Vec<String>,
+        warnings: Vec<String>,
     },
     Policies {
         policies: serde_json::Value,
+    },
+    Trace {
+        from: String,
+        to: String,
+        from_identity: u32,
+        to_identity: u32,
+        /// `None` when that side is not a local endpoint.
+        egress: Option<policy::Decision>,
+        ingress: Option<policy::Decision>,
+        allowed: bool,
     },
     Flow {
         flow: Box<Flow>,

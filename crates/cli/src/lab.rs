@@ -49,6 +49,23 @@ pub struct PodSpec {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub command: Vec<String>,
+    /// Declared container ports, as a pod spec's `ports` (named ports).
+    #[serde(default)]
+    pub ports: Vec<ContainerPort>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerPort {
+    pub name: String,
+    #[serde(rename = "containerPort")]
+    pub container_port: u16,
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+}
+
+fn default_protocol() -> String {
+    "TCP".into()
 }
 
 fn default_ns() -> String {
@@ -183,6 +200,17 @@ pub fn parse(path: Option<&Path>) -> anyhow::Result<Lab> {
                 .map_err(|e| anyhow::anyhow!("{name}: pods[{i}].labels: {e}"))?;
             policy::labels::validate_label_value(v)
                 .map_err(|e| anyhow::anyhow!("{name}: pods[{i}].labels: {e}"))?;
+        }
+        for (j, c) in p.ports.iter().enumerate() {
+            if !["TCP", "UDP", "SCTP"].contains(&c.protocol.as_str()) {
+                bail!(
+                    "{name}: pods[{i}].ports[{j}].protocol: expected TCP, UDP or SCTP, found {:?}",
+                    c.protocol
+                );
+            }
+            if c.container_port == 0 {
+                bail!("{name}: pods[{i}].ports[{j}].containerPort: 0 is not a port");
+            }
         }
         if !seen.insert((p.namespace.clone(), p.name.clone())) {
             bail!(
@@ -383,6 +411,19 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                     namespace_labels: (*ns_labels.get(p.namespace.as_str()).unwrap_or(&&empty))
                         .clone(),
                     service_account: None,
+                    ports: p
+                        .ports
+                        .iter()
+                        .map(|c| policy::NamedPort {
+                            name: c.name.clone(),
+                            port: c.container_port,
+                            protocol: match c.protocol.as_str() {
+                                "UDP" => policy::Protocol::Udp,
+                                "SCTP" => policy::Protocol::Sctp,
+                                _ => policy::Protocol::Tcp,
+                            },
+                        })
+                        .collect(),
                 }),
             )?;
             net::create_netns(&netns)?;

@@ -106,6 +106,18 @@ enum PolicyCmd {
     Delete {
         key: String,
     },
+    /// Explain the verdict for a connection and the rule that decides it.
+    Trace {
+        /// `namespace/pod` or an IPv4 address.
+        #[arg(long)]
+        from: String,
+        /// `namespace/pod` or an IPv4 address.
+        #[arg(long)]
+        to: String,
+        /// `8080/TCP`, `53/UDP`, `8/ICMP` (ICMP: the type); protocol defaults to TCP.
+        #[arg(long)]
+        port: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -279,6 +291,9 @@ fn policy_cmd(
                                 f.display()
                             );
                         }
+                        for w in &p.warnings {
+                            eprintln!("warning: {w}");
+                        }
                     }
                     Err(e) => {
                         eprintln!("{e}");
@@ -306,7 +321,11 @@ fn policy_cmd(
                 docs.push((f.display().to_string(), text));
             }
             for (file, yaml) in docs {
-                if let Response::Imported { policies, skipped } = call(Request::PolicyImport {
+                if let Response::Imported {
+                    policies,
+                    skipped,
+                    warnings,
+                } = call(Request::PolicyImport {
                     file: file.clone(),
                     yaml,
                     namespace: namespace.clone(),
@@ -317,9 +336,44 @@ fn policy_cmd(
                     for s in skipped {
                         println!("{file}: {s}, skipped");
                     }
+                    for w in warnings {
+                        eprintln!("warning: {w}");
+                    }
                 }
             }
             Ok(0)
+        }
+        PolicyCmd::Trace { from, to, port } => {
+            let (protocol, port) = parse_port(&port)?;
+            let Response::Trace {
+                from,
+                to,
+                from_identity,
+                to_identity,
+                egress,
+                ingress,
+                allowed,
+            } = call(Request::PolicyTrace(api::TraceRequest {
+                from,
+                to,
+                protocol,
+                port,
+            }))?
+            else {
+                bail!("unexpected response")
+            };
+            println!(
+                "{from} (identity {from_identity}) -> {to} (identity {to_identity}), {}",
+                port_text(protocol, port)
+            );
+            for (what, d) in [
+                ("egress of the source", egress),
+                ("ingress of the destination", ingress),
+            ] {
+                println!("  {what}: {}", decision_text(d.as_ref()));
+            }
+            println!("verdict: {}", if allowed { "ALLOWED" } else { "DENIED" });
+            Ok(if allowed { 0 } else { 2 })
         }
         PolicyCmd::Get => {
             let Response::Policies { policies } = call(Request::PolicyGet)? else {
@@ -393,6 +447,62 @@ fn observe(socket: &std::path::Path, o: ObserveArgs) -> anyhow::Result<i32> {
             },
             Response::End => return Ok(0),
             other => bail!("unexpected response {other:?}"),
+        }
+    }
+}
+
+/// `8080/TCP` -> (6, 8080).
+fn parse_port(s: &str) -> anyhow::Result<(u8, u16)> {
+    let (port, proto) = s.split_once('/').unwrap_or((s, "TCP"));
+    let protocol = match proto.to_ascii_uppercase().as_str() {
+        "TCP" => 6,
+        "UDP" => 17,
+        "SCTP" => 132,
+        "ICMP" => 1,
+        other => bail!("--port: unknown protocol {other:?}: expected TCP, UDP, SCTP or ICMP"),
+    };
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("--port: {port:?} is not a port number"))?;
+    if protocol == 1 && port > 255 {
+        bail!("--port: ICMP type {port} is out of range 0-255");
+    }
+    Ok((protocol, port))
+}
+
+fn port_text(protocol: u8, port: u16) -> String {
+    match protocol {
+        6 => format!("{port}/TCP"),
+        17 => format!("{port}/UDP"),
+        132 => format!("{port}/SCTP"),
+        1 => format!("ICMP type {port}"),
+        p => format!("{port}/proto {p}"),
+    }
+}
+
+fn decision_text(d: Option<&policy::Decision>) -> String {
+    let rule = |o: &policy::Origin| {
+        let dir = match o.direction {
+            policy::Direction::Ingress => "ingress",
+            policy::Direction::Egress => "egress",
+        };
+        format!(
+            "{} {} rule {} ({dir}[{}])",
+            o.kind, o.policy, o.rule, o.entry
+        )
+    };
+    match d {
+        None => "not a local endpoint: no policy applies here".into(),
+        Some(policy::Decision::NotEnforced) => {
+            "allowed: no policy selects it in this direction".into()
+        }
+        Some(policy::Decision::Allowed { by, l7: None }) => format!("allowed by {}", rule(by)),
+        Some(policy::Decision::Allowed { by, l7: Some(k) }) => {
+            format!("allowed by {} (its {k} rules apply in the proxy)", rule(by))
+        }
+        Some(policy::Decision::Denied { by }) => format!("denied by {}", rule(by)),
+        Some(policy::Decision::DefaultDeny { selected_by }) => {
+            format!("default deny: selected by {}", selected_by.join(", "))
         }
     }
 }

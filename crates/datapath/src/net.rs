@@ -228,6 +228,19 @@ pub fn setup_pod_veth(
     result
 }
 
+/// Every IPv4 address of the host's own interfaces (they are the `host`
+/// identity).
+pub fn host_ipv4_addresses() -> Result<Vec<Ipv4Addr>, NetError> {
+    let out = ip(&["-o", "-4", "addr", "show"])?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace().skip_while(|w| *w != "inet");
+            w.nth(1)?.split('/').next()?.parse().ok()
+        })
+        .collect())
+}
+
 /// The MAC and IPv4 addresses of `ifname` inside `netns`, if it exists.
 pub fn pod_interface(netns: &Path, ifname: &str) -> Result<([u8; 6], Vec<Ipv4Addr>), NetError> {
     let out = ip_in(netns, &["-o", "link", "show", ifname])?;

@@ -75,7 +75,18 @@ fn type_text(f: &Flow) -> String {
             p => p.to_lowercase().replace('_', "-"),
         },
         1 => drop_reason_text(&f.drop_reason_desc).into(),
-        5 => format!("policy-verdict:none {}", f.traffic_direction),
+        5 => {
+            let m = match f.policy_match_type {
+                1 => "L3-Only",
+                2 => "L3-L4",
+                3 => "L4-Only",
+                4 => "all",
+                5 => "L3-Proto",
+                6 => "Proto-Only",
+                _ => "none",
+            };
+            format!("policy-verdict:{m} {}", f.traffic_direction)
+        }
         _ => "UNKNOWN".into(),
     }
 }
@@ -101,11 +112,17 @@ pub fn compact(f: &Flow) -> String {
         Some(false) => "->",
         None => "<>",
     };
+    // Policy-verdict events speak of decisions, as the CLI prints them.
+    let verdict = match (f.event_type.r#type, f.verdict.as_str()) {
+        (5, "FORWARDED" | "REDIRECTED") => "ALLOWED",
+        (5, "DROPPED" | "ERROR") => "DENIED",
+        (5, "AUDIT") => "AUDITED",
+        (_, v) => v,
+    };
     format!(
-        "{}: {src} {arrow} {dst} {} {} ({})",
+        "{}: {src} {arrow} {dst} {} {verdict} ({})",
         compact_time(&f.time),
         type_text(f),
-        f.verdict,
         f.summary
     )
 }

@@ -169,14 +169,44 @@ pub struct Flow {
     pub drop_reason_desc: String,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub policy_match_type: u32,
+    /// The policies that allowed or denied the flow (Hubble's attribution).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_allowed_by: Vec<PolicyRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress_allowed_by: Vec<PolicyRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_denied_by: Vec<PolicyRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress_denied_by: Vec<PolicyRef>,
     #[serde(rename = "Summary", default)]
     pub summary: String,
+}
+
+/// `flow.Policy`: a policy a flow is attributed to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub revision: u64,
+    pub kind: String,
+}
+
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
 }
 
 /// What the agent knows about the two ends of a flow.
 pub trait Enricher {
     /// The endpoint owning `ip`, or a bare endpoint with the identity.
     fn endpoint(&self, ip: Ipv4Addr, identity: u32) -> Endpoint;
+    /// The policy (and rule) a datapath cookie stands for.
+    fn policy(&self, _cookie: u32) -> Option<PolicyRef> {
+        None
+    }
 }
 
 /// Hubble's drop-reason names (`flow.DropReason`).
@@ -328,6 +358,8 @@ pub fn from_event(
     };
     let (point, sub_type) = if is_drop {
         (String::new(), e.subtype as i32)
+    } else if e.r#type == EventType::PolicyVerdict as u8 {
+        (String::new(), 0)
     } else {
         match TracePoint::from_u8(e.subtype) {
             Some(TracePoint::ToLxc) => ("TO_ENDPOINT".to_string(), 0),
@@ -339,6 +371,24 @@ pub fn from_event(
             None => (String::new(), e.subtype as i32),
         }
     };
+    // Attribution: the rule that decided a new connection or a drop.
+    let mut attribution: [Vec<PolicyRef>; 4] = Default::default();
+    let decided = is_drop || e.ct_state == ct_state::NEW;
+    if let (true, Some(p)) = (
+        decided && e.policy_cookie != 0,
+        enricher.policy(e.policy_cookie),
+    ) {
+        let denied =
+            is_drop || e.verdict == verdict::AUDIT && e.subtype == DropReason::PolicyDeny as u8;
+        let slot = match (e.direction, denied) {
+            (2, false) => 0,
+            (1, false) => 1,
+            (2, true) => 2,
+            _ => 3,
+        };
+        attribution[slot].push(p);
+    }
+    let [egress_allowed_by, ingress_allowed_by, egress_denied_by, ingress_denied_by] = attribution;
     let trace_reason = match e.ct_state {
         ct_state::NEW => "NEW",
         ct_state::ESTABLISHED => "ESTABLISHED",
@@ -393,6 +443,10 @@ pub fn from_event(
         is_reply: (has_ip && e.ct_state != 0).then_some(e.ct_state == ct_state::REPLY),
         drop_reason_desc: drop_desc,
         policy_match_type: e.policy_match as u32,
+        egress_allowed_by,
+        ingress_allowed_by,
+        egress_denied_by,
+        ingress_denied_by,
         summary,
     }
 }

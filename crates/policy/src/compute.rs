@@ -1,18 +1,19 @@
 //! Policy model -> per-endpoint policy map entries (semantics §3.10).
 //!
 //! An endpoint is default-allow in a direction until a rule selects it with
-//! a section for that direction; then it is default-deny plus the union of
-//! the allows. Deny entries win over allows: an allow that a deny of the
-//! same or the wildcard identity covers is not emitted at all (the datapath
-//! returns only the longest match per lookup, so a shadowed allow could
-//! otherwise hide the deny).
+//! a section for that direction (and `enableDefaultDeny` is not false); then
+//! it is default-deny plus the union of the allows. Deny entries win over
+//! allows: an allow that a deny of the same or the wildcard identity covers
+//! is not emitted at all (the datapath returns only the longest match per
+//! lookup, so a shadowed allow could otherwise hide the deny).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::labels::LabelSet;
-use crate::model::{PeerRule, Policy, PortRange};
+use crate::labels::{LabelSet, CLUSTER_LABEL};
+use crate::model::{Entity, NamedPort, Peer, PeerRule, Policy, Port, Protocol};
+use crate::selector::Selector;
 
 /// Traffic direction, relative to the endpoint the policy applies to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -30,7 +31,8 @@ pub struct Origin {
     /// Index of the rule in `spec`/`specs`.
     pub rule: usize,
     pub direction: Direction,
-    /// Index of the ingress/egress entry within the rule.
+    /// Index of the ingress/egress entry within the rule (allows first,
+    /// then denies, in document order).
     pub entry: usize,
 }
 
@@ -57,22 +59,27 @@ impl EntryKey {
         }
     }
 
-    fn covers(&self, other: &EntryKey) -> bool {
-        if self.direction != other.direction {
-            return false;
-        }
-        if self.protocol == 0 {
-            return true;
-        }
-        if self.protocol != other.protocol || self.port_bits > other.port_bits {
-            return false;
-        }
-        let mask = if self.port_bits == 0 {
+    fn port_mask(&self) -> u16 {
+        if self.port_bits == 0 {
             0
         } else {
             u16::MAX << (16 - self.port_bits)
-        };
-        self.port & mask == other.port & mask
+        }
+    }
+
+    /// Whether this entry's proto/port part covers `protocol`/`port`.
+    pub fn matches(&self, protocol: u8, port: u16) -> bool {
+        self.protocol == 0
+            || (self.protocol == protocol
+                && port & self.port_mask() == self.port & self.port_mask())
+    }
+
+    fn covers(&self, other: &EntryKey) -> bool {
+        self.direction == other.direction
+            && (self.protocol == 0
+                || (self.protocol == other.protocol
+                    && self.port_bits <= other.port_bits
+                    && other.port & self.port_mask() == self.port & self.port_mask()))
     }
 }
 
@@ -80,6 +87,10 @@ impl EntryKey {
 pub struct EntryValue {
     pub deny: bool,
     pub origin: Origin,
+    /// L7 rules on this entry (http, dns, kafka, l7proto): redirect to the proxy.
+    pub l7: Option<String>,
+    /// From a policy in audit mode.
+    pub audit: bool,
 }
 
 /// The computed policy of one endpoint.
@@ -87,10 +98,101 @@ pub struct EntryValue {
 pub struct EndpointPolicy {
     pub ingress_enforced: bool,
     pub egress_enforced: bool,
+    /// Enforced only by policies in audit mode: drops become AUDIT.
+    pub ingress_audit: bool,
+    pub egress_audit: bool,
     pub entries: BTreeMap<EntryKey, EntryValue>,
     /// Policies (`namespace/name`) that select the endpoint, per direction.
     pub ingress_selected_by: Vec<String>,
     pub egress_selected_by: Vec<String>,
+}
+
+/// What the policy map says about one packet opening a connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Decision {
+    /// No policy selects the endpoint in this direction.
+    NotEnforced,
+    Allowed {
+        by: Origin,
+        l7: Option<String>,
+    },
+    Denied {
+        by: Origin,
+    },
+    /// Selected, and no rule allows it.
+    DefaultDeny {
+        selected_by: Vec<String>,
+    },
+}
+
+impl EndpointPolicy {
+    /// The datapath's algorithm: the longest proto/port match for the peer
+    /// identity and for "any identity"; a deny from either wins; otherwise
+    /// the longer prefix, and the identity-specific entry on a tie.
+    pub fn lookup(
+        &self,
+        identity: u32,
+        direction: Direction,
+        protocol: u8,
+        port: u16,
+    ) -> Option<(&EntryKey, &EntryValue)> {
+        let longest = |id: u32| {
+            self.entries
+                .iter()
+                .filter(|(k, _)| {
+                    k.identity == id && k.direction == direction && k.matches(protocol, port)
+                })
+                .max_by_key(|(k, _)| k.proto_port_prefix())
+        };
+        let l3 = longest(identity);
+        let l4 = if identity == 0 { None } else { longest(0) };
+        for hit in [l3, l4].into_iter().flatten() {
+            if hit.1.deny {
+                return Some(hit);
+            }
+        }
+        match (l3, l4) {
+            (Some(a), Some(b)) => Some(if a.0.proto_port_prefix() >= b.0.proto_port_prefix() {
+                a
+            } else {
+                b
+            }),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The decision for a connection from/to a peer identity.
+    pub fn decide(&self, identity: u32, direction: Direction, protocol: u8, port: u16) -> Decision {
+        let (enforced, selected_by) = match direction {
+            Direction::Ingress => (self.ingress_enforced, &self.ingress_selected_by),
+            Direction::Egress => (self.egress_enforced, &self.egress_selected_by),
+        };
+        if !enforced {
+            return Decision::NotEnforced;
+        }
+        match self.lookup(identity, direction, protocol, port) {
+            Some((_, v)) if v.deny => Decision::Denied {
+                by: v.origin.clone(),
+            },
+            Some((_, v)) => Decision::Allowed {
+                by: v.origin.clone(),
+                l7: v.l7.clone(),
+            },
+            None => Decision::DefaultDeny {
+                selected_by: selected_by.clone(),
+            },
+        }
+    }
+}
+
+/// Everything outside the endpoint that its policy depends on.
+pub struct Context<'a> {
+    /// Every identity with its labels (reserved, pods, CIDRs).
+    pub identities: &'a [(u32, LabelSet)],
+    /// Declared container ports per identity, for named ports.
+    pub named_ports: &'a BTreeMap<u32, Vec<NamedPort>>,
+    /// This cluster's name (the `cluster` entity).
+    pub cluster: &'a str,
 }
 
 /// Splits a port range into maximal aligned power-of-two blocks:
@@ -112,92 +214,258 @@ pub fn port_blocks(start: u16, end: u16) -> Vec<(u16, u8)> {
     out
 }
 
-fn port_keys(identity: u32, direction: Direction, ports: &[PortRange]) -> Vec<EntryKey> {
-    if ports.is_empty() {
-        return vec![EntryKey {
-            identity,
-            direction,
-            protocol: 0,
-            port: 0,
-            port_bits: 0,
-        }];
-    }
-    let mut out = Vec::new();
-    for p in ports {
-        if p.start == 0 && p.protocol == crate::model::Protocol::Any {
-            out.push(EntryKey {
-                identity,
-                direction,
-                protocol: 0,
-                port: 0,
-                port_bits: 0,
-            });
-            continue;
-        }
-        for &proto in p.protocol.numbers() {
-            for (port, port_bits) in port_blocks(p.start, p.end) {
-                out.push(EntryKey {
-                    identity,
-                    direction,
-                    protocol: proto,
-                    port,
-                    port_bits,
-                });
-            }
-        }
-    }
-    out
+fn is_world(labels: &LabelSet) -> bool {
+    labels.iter().any(|l| {
+        l.source == "reserved"
+            && (l.key == "world" || l.key == "world-ipv4" || l.key == "world-ipv6")
+    })
 }
 
-/// Computes one endpoint's policy from every policy and every identity
-/// known (identity -> labels).
-pub fn endpoint_policy(
-    labels: &LabelSet,
-    policies: &[Policy],
-    identities: &[(u32, LabelSet)],
-) -> EndpointPolicy {
-    let mut out = EndpointPolicy::default();
-    let mut allows: BTreeMap<EntryKey, EntryValue> = BTreeMap::new();
-    let mut denies: BTreeMap<EntryKey, EntryValue> = BTreeMap::new();
-    for policy in policies {
-        for (rule_index, rule) in policy.rules.iter().enumerate() {
-            if !rule.selector.matches(labels) {
-                continue;
-            }
-            for (direction, section) in [
-                (Direction::Ingress, &rule.ingress),
-                (Direction::Egress, &rule.egress),
-            ] {
-                let Some(peer_rules) = section else { continue };
-                let (enforced, selected_by) = match direction {
-                    Direction::Ingress => (&mut out.ingress_enforced, &mut out.ingress_selected_by),
-                    Direction::Egress => (&mut out.egress_enforced, &mut out.egress_selected_by),
-                };
-                *enforced = true;
-                if !selected_by.contains(&policy.key()) {
-                    selected_by.push(policy.key());
+fn has_cidr_label(labels: &LabelSet, prefix: &ipnet::IpNet) -> bool {
+    let want = prefix.to_string();
+    labels.iter().any(|l| l.source == "cidr" && l.key == want)
+}
+
+fn cidr_family(labels: &LabelSet) -> Option<bool> {
+    labels
+        .iter()
+        .find(|l| l.source == "cidr")
+        .map(|l| l.key.contains(':'))
+}
+
+fn entity_matches(e: Entity, id: u32, labels: &LabelSet, cluster: &str) -> bool {
+    use abi::identity as r;
+    match e {
+        Entity::All => true,
+        Entity::None => false,
+        Entity::World => is_world(labels),
+        Entity::WorldIpv4 => {
+            id == r::WORLD
+                || id == r::WORLD_IPV4
+                || (id > r::WORLD_IPV6 && is_world(labels) && cidr_family(labels) == Some(false))
+        }
+        Entity::WorldIpv6 => {
+            id == r::WORLD
+                || id == r::WORLD_IPV6
+                || (id > r::WORLD_IPV6 && is_world(labels) && cidr_family(labels) == Some(true))
+        }
+        Entity::Host => id == r::HOST,
+        Entity::RemoteNode => id == r::REMOTE_NODE || id == r::KUBE_APISERVER,
+        Entity::KubeApiserver => id == r::KUBE_APISERVER,
+        Entity::Ingress => id == r::INGRESS,
+        Entity::Init => id == r::INIT,
+        Entity::Health => id == r::HEALTH,
+        Entity::Unmanaged => id == r::UNMANAGED,
+        Entity::Cluster => {
+            matches!(
+                id,
+                r::HOST
+                    | r::UNMANAGED
+                    | r::HEALTH
+                    | r::INIT
+                    | r::REMOTE_NODE
+                    | r::KUBE_APISERVER
+                    | r::INGRESS
+            ) || labels.values("k8s", CLUSTER_LABEL).any(|v| v == cluster)
+        }
+    }
+}
+
+/// The identities a peer selects; 0 stands for "any identity".
+fn peer_identities(peer: &Peer, ctx: &Context<'_>) -> Vec<u32> {
+    let select = |pred: &dyn Fn(u32, &LabelSet) -> bool| -> Vec<u32> {
+        ctx.identities
+            .iter()
+            .filter(|(id, l)| pred(*id, l))
+            .map(|(id, _)| *id)
+            .collect()
+    };
+    match peer {
+        Peer::Entity(Entity::All) => vec![0],
+        Peer::Entity(e) => select(&|id, l| entity_matches(*e, id, l, ctx.cluster)),
+        Peer::Endpoints(s) => select(&|_, l| s.matches(l)),
+        Peer::Cidr { prefix, except } => select(&|_, l| {
+            let inside = if prefix.prefix_len() == 0 {
+                is_world(l)
+                    && cidr_family(l).is_none_or(|v6| v6 == matches!(prefix, ipnet::IpNet::V6(_)))
+            } else {
+                has_cidr_label(l, prefix)
+            };
+            inside && !except.iter().any(|e| has_cidr_label(l, e))
+        }),
+        Peer::Fqdn(_) | Peer::Unresolved(_) => vec![],
+    }
+}
+
+/// (protocol number, port, port bits) triples a peer rule allows, for a
+/// peer whose named ports are `named`.
+fn port_keys(pr: &PeerRule, named: &dyn Fn(&str) -> Vec<(u8, u16)>) -> Vec<(u8, u16, u8)> {
+    if pr.ports.is_empty() && pr.icmps.is_empty() {
+        return vec![(0, 0, 0)];
+    }
+    let mut out = Vec::new();
+    for p in &pr.ports {
+        match &p.port {
+            Port::Any if p.protocol == Protocol::Any => out.push((0, 0, 0)),
+            Port::Any => out.extend(p.protocol.numbers().iter().map(|&n| (n, 0, 0))),
+            Port::Range(a, b) => {
+                for &n in p.protocol.numbers() {
+                    out.extend(
+                        port_blocks(*a, *b)
+                            .into_iter()
+                            .map(|(port, bits)| (n, port, bits)),
+                    );
                 }
-                for (entry, pr) in peer_rules.iter().enumerate() {
-                    let origin = Origin {
-                        kind: policy.kind.name().to_string(),
-                        policy: policy.key(),
-                        rule: rule_index,
-                        direction,
-                        entry,
-                    };
-                    let target = if pr.deny { &mut denies } else { &mut allows };
-                    for id in peer_identities(pr, identities) {
-                        for key in port_keys(id, direction, &pr.ports) {
-                            target.entry(key).or_insert_with(|| EntryValue {
-                                deny: pr.deny,
-                                origin: origin.clone(),
-                            });
-                        }
+            }
+            Port::Named(name) => {
+                for (n, port) in named(name) {
+                    if p.protocol.numbers().contains(&n) {
+                        out.push((n, port, 16));
                     }
                 }
             }
         }
     }
+    for i in &pr.icmps {
+        out.push((if i.ipv6 { 58 } else { 1 }, i.icmp_type as u16, 16));
+    }
+    out
+}
+
+fn resolve_named(ports: Option<&Vec<NamedPort>>, name: &str) -> Vec<(u8, u16)> {
+    ports
+        .into_iter()
+        .flatten()
+        .filter(|p| p.name == name)
+        .flat_map(|p| p.protocol.numbers().iter().map(move |&n| (n, p.port)))
+        .collect()
+}
+
+/// Computes one endpoint's policy. `identity` and `labels` are the
+/// endpoint's own.
+pub fn endpoint_policy(
+    identity: u32,
+    labels: &LabelSet,
+    policies: &[Policy],
+    ctx: &Context<'_>,
+) -> EndpointPolicy {
+    let mut out = EndpointPolicy::default();
+    let mut allows: BTreeMap<EntryKey, EntryValue> = BTreeMap::new();
+    let mut denies: BTreeMap<EntryKey, EntryValue> = BTreeMap::new();
+    let mut enforced_for_real = [false, false];
+
+    // Rules selecting this endpoint, and the requirements they add per direction.
+    let selecting: Vec<(&Policy, usize, &crate::model::Rule)> = policies
+        .iter()
+        .flat_map(|p| p.rules.iter().enumerate().map(move |(i, r)| (p, i, r)))
+        .filter(|(_, _, r)| r.selector.matches(labels))
+        .collect();
+    let requires = |dir: Direction| -> Vec<&Selector> {
+        selecting
+            .iter()
+            .flat_map(|(_, _, r)| match dir {
+                Direction::Ingress => r.ingress.iter().flatten(),
+                Direction::Egress => r.egress.iter().flatten(),
+            })
+            .flat_map(|pr| pr.requires.iter())
+            .collect()
+    };
+    let requires = [requires(Direction::Ingress), requires(Direction::Egress)];
+    let all_named: Vec<NamedPort> = ctx
+        .named_ports
+        .values()
+        .flatten()
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+
+    for (policy, rule_index, rule) in &selecting {
+        for (direction, section, default_deny) in [
+            (Direction::Ingress, &rule.ingress, rule.ingress_default_deny),
+            (Direction::Egress, &rule.egress, rule.egress_default_deny),
+        ] {
+            let Some(peer_rules) = section else { continue };
+            let d = direction as usize;
+            if default_deny {
+                let (enforced, selected_by) = match direction {
+                    Direction::Ingress => (&mut out.ingress_enforced, &mut out.ingress_selected_by),
+                    Direction::Egress => (&mut out.egress_enforced, &mut out.egress_selected_by),
+                };
+                *enforced = true;
+                if !policy.audit {
+                    enforced_for_real[d] = true;
+                }
+                if !selected_by.contains(&policy.key()) {
+                    selected_by.push(policy.key());
+                }
+            }
+            for (entry, pr) in peer_rules.iter().enumerate() {
+                if pr.auth_required && !pr.deny {
+                    continue;
+                }
+                let origin = Origin {
+                    kind: policy.kind.name().to_string(),
+                    policy: policy.key(),
+                    rule: *rule_index,
+                    direction,
+                    entry,
+                };
+                let mut ids: Vec<u32> = match &pr.peers {
+                    None if pr.ports.is_empty() && pr.icmps.is_empty() => vec![],
+                    None => vec![0],
+                    Some(peers) => peers.iter().flat_map(|p| peer_identities(p, ctx)).collect(),
+                };
+                if !requires[d].is_empty() {
+                    let meets = |l: &LabelSet| requires[d].iter().all(|s| s.matches(l));
+                    let expanded: Vec<u32> = if ids.contains(&0) {
+                        ctx.identities
+                            .iter()
+                            .filter(|(_, l)| meets(l))
+                            .map(|(id, _)| *id)
+                            .collect()
+                    } else {
+                        ctx.identities
+                            .iter()
+                            .filter(|(id, l)| ids.contains(id) && meets(l))
+                            .map(|(id, _)| *id)
+                            .collect()
+                    };
+                    ids = expanded;
+                }
+                ids.sort_unstable();
+                ids.dedup();
+                let target = if pr.deny { &mut denies } else { &mut allows };
+                for id in ids {
+                    // Named ports: the endpoint's own for ingress, the
+                    // peer's for egress (every endpoint's for "any peer").
+                    let peer_ports = match (direction, id) {
+                        (Direction::Ingress, _) => ctx.named_ports.get(&identity),
+                        (Direction::Egress, 0) => Some(&all_named),
+                        (Direction::Egress, id) => ctx.named_ports.get(&id),
+                    };
+                    let named = |name: &str| resolve_named(peer_ports, name);
+                    for (protocol, port, port_bits) in port_keys(pr, &named) {
+                        let key = EntryKey {
+                            identity: id,
+                            direction,
+                            protocol,
+                            port,
+                            port_bits,
+                        };
+                        target.entry(key).or_insert_with(|| EntryValue {
+                            deny: pr.deny,
+                            origin: origin.clone(),
+                            l7: pr.l7.as_ref().map(|l| l.kind().to_string()),
+                            audit: policy.audit,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    out.ingress_audit = out.ingress_enforced && !enforced_for_real[Direction::Ingress as usize];
+    out.egress_audit = out.egress_enforced && !enforced_for_real[Direction::Egress as usize];
     allows.retain(|k, _| {
         !denies
             .keys()
@@ -206,20 +474,6 @@ pub fn endpoint_policy(
     out.entries = allows;
     out.entries.extend(denies);
     out
-}
-
-/// The identities a peer rule applies to: 0 (any) when it has no L3
-/// selector but names ports; nothing for the empty rule `{}`.
-fn peer_identities(pr: &PeerRule, identities: &[(u32, LabelSet)]) -> Vec<u32> {
-    match &pr.peers {
-        None if pr.ports.is_empty() => vec![],
-        None => vec![0],
-        Some(selectors) => identities
-            .iter()
-            .filter(|(_, l)| selectors.iter().any(|s| s.matches(l)))
-            .map(|(id, _)| *id)
-            .collect(),
-    }
 }
 
 #[cfg(test)]
@@ -241,8 +495,7 @@ mod tests {
             let (lo, hi) = (a.min(b), a.max(b));
             let blocks = port_blocks(lo, hi);
             let covered = |p: u16| blocks.iter().any(|(bp, bits)| {
-                let mask = if *bits == 0 { 0 } else { u16::MAX << (16 - bits) };
-                p & mask == *bp & mask
+                EntryKey { identity: 0, direction: Direction::Ingress, protocol: 6, port: *bp, port_bits: *bits }.matches(6, p)
             });
             for p in [lo, hi, lo.saturating_sub(1).max(1), hi.saturating_add(1), lo / 2 + hi / 2] {
                 proptest::prop_assert_eq!(covered(p), p >= lo && p <= hi, "port {}", p);

@@ -2,15 +2,19 @@
 //! policy map entries; labels, selectors and identities. No I/O.
 #![forbid(unsafe_code)]
 
+pub mod cidr;
 pub mod compute;
 pub mod document;
 pub mod identity;
+mod knp;
 pub mod labels;
 pub mod model;
 pub mod selector;
 
-pub use compute::{endpoint_policy, Direction, EndpointPolicy, EntryKey, EntryValue, Origin};
-pub use document::{parse, Error, Parsed};
+pub use compute::{
+    endpoint_policy, Context, Decision, Direction, EndpointPolicy, EntryKey, EntryValue, Origin,
+};
+pub use document::{parse, Error, Parsed, Warning};
 pub use labels::{pod_identity_labels, Label, LabelSet, PodMeta};
-pub use model::{PeerRule, Policy, PolicyKind, PortRange, Protocol, Rule};
+pub use model::{NamedPort, Peer, PeerRule, Policy, PolicyKind, Port, PortSpec, Protocol, Rule};
 pub use selector::Selector;

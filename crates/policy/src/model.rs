@@ -1,5 +1,7 @@
-//! The validated policy model: what the rest of Fibril reasons about.
+//! The validated policy model: what the rest of Fibril reasons about. Every
+//! policy kind (CNP, CCNP, Kubernetes NetworkPolicy) is translated into it.
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::selector::Selector;
@@ -10,6 +12,8 @@ pub enum PolicyKind {
     Cnp,
     #[serde(rename = "CiliumClusterwideNetworkPolicy")]
     Ccnp,
+    #[serde(rename = "NetworkPolicy")]
+    Knp,
 }
 
 impl PolicyKind {
@@ -17,6 +21,7 @@ impl PolicyKind {
         match self {
             Self::Cnp => "CiliumNetworkPolicy",
             Self::Ccnp => "CiliumClusterwideNetworkPolicy",
+            Self::Knp => "NetworkPolicy",
         }
     }
 }
@@ -30,6 +35,10 @@ pub struct Policy {
     /// `None` for cluster-wide policies.
     pub namespace: Option<String>,
     pub rules: Vec<Rule>,
+    /// Audit mode (annotation `policy.fibril.io/audit-mode: "true"`): what
+    /// this policy would deny is forwarded and reported with verdict AUDIT.
+    #[serde(default)]
+    pub audit: bool,
 }
 
 impl Policy {
@@ -46,20 +55,109 @@ impl Policy {
 pub struct Rule {
     pub selector: Selector,
     /// `None`: the rule says nothing about ingress. `Some(_)`, even empty
-    /// of allows: endpoints it selects are default-deny for ingress.
+    /// of allows: endpoints it selects are default-deny for ingress (unless
+    /// `ingress_default_deny` is false).
     pub ingress: Option<Vec<PeerRule>>,
     pub egress: Option<Vec<PeerRule>>,
+    /// `enableDefaultDeny.ingress` (default true).
+    pub ingress_default_deny: bool,
+    pub egress_default_deny: bool,
     pub description: String,
 }
 
 /// One ingress or egress rule: peers AND ports.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerRule {
-    /// `None`: no L3 selector (any peer, when ports are given).
-    pub peers: Option<Vec<Selector>>,
-    /// Empty: all ports and protocols.
-    pub ports: Vec<PortRange>,
+    /// `None`: no L3 selector (any peer, when ports or ICMP types are given).
+    pub peers: Option<Vec<Peer>>,
+    /// `fromRequires`/`toRequires`: ANDed onto every peer of every rule
+    /// that selects the same endpoint in this direction.
+    pub requires: Vec<Selector>,
+    /// Empty (and no ICMP types): all ports and protocols.
+    pub ports: Vec<PortSpec>,
+    pub icmps: Vec<Icmp>,
     pub deny: bool,
+    /// L7 rules on these ports: traffic is redirected to a proxy.
+    pub l7: Option<L7>,
+    /// `authentication.mode: required`: allows nothing until mutual
+    /// authentication exists.
+    pub auth_required: bool,
+}
+
+/// An L3 peer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Peer {
+    Endpoints(Selector),
+    Entity(Entity),
+    Cidr {
+        prefix: IpNet,
+        except: Vec<IpNet>,
+    },
+    /// toFQDNs: IPs learned by the DNS proxy.
+    Fqdn(FqdnSelector),
+    /// A peer kind this node cannot resolve (services, cloud groups, node
+    /// selectors): selects nothing; the reason is reported at import.
+    Unresolved(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Entity {
+    All,
+    World,
+    WorldIpv4,
+    WorldIpv6,
+    Cluster,
+    Host,
+    RemoteNode,
+    KubeApiserver,
+    Ingress,
+    Init,
+    Health,
+    Unmanaged,
+    None,
+}
+
+impl Entity {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "all" => Self::All,
+            "world" => Self::World,
+            "world-ipv4" => Self::WorldIpv4,
+            "world-ipv6" => Self::WorldIpv6,
+            "cluster" => Self::Cluster,
+            "host" => Self::Host,
+            "remote-node" => Self::RemoteNode,
+            "kube-apiserver" => Self::KubeApiserver,
+            "ingress" => Self::Ingress,
+            "init" => Self::Init,
+            "health" => Self::Health,
+            "unmanaged" => Self::Unmanaged,
+            "none" => Self::None,
+            _ => return None,
+        })
+    }
+
+    pub const NAMES: [&'static str; 13] = [
+        "all",
+        "world",
+        "world-ipv4",
+        "world-ipv6",
+        "cluster",
+        "host",
+        "remote-node",
+        "kube-apiserver",
+        "ingress",
+        "init",
+        "health",
+        "unmanaged",
+        "none",
+    ];
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FqdnSelector {
+    MatchName(String),
+    MatchPattern(String),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -80,12 +178,94 @@ impl Protocol {
             Self::Any => &[6, 17, 132],
         }
     }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            6 => Some(Self::Tcp),
+            17 => Some(Self::Udp),
+            132 => Some(Self::Sctp),
+            _ => None,
+        }
+    }
 }
 
-/// `start..=end`; `start == 0` means every port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PortRange {
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Port {
+    /// Every port.
+    Any,
+    /// `start..=end`.
+    Range(u16, u16),
+    /// A named container port, resolved per endpoint.
+    Named(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortSpec {
     pub protocol: Protocol,
-    pub start: u16,
-    pub end: u16,
+    pub port: Port,
+}
+
+/// An ICMP type allowed (`icmps`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Icmp {
+    pub ipv6: bool,
+    pub icmp_type: u8,
+}
+
+/// A declared container port, for named-port resolution.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct NamedPort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum L7 {
+    Http(Vec<HttpRule>),
+    Kafka(Vec<KafkaRule>),
+    Dns(Vec<FqdnSelector>),
+    Generic {
+        proto: String,
+        rules: Vec<std::collections::BTreeMap<String, String>>,
+    },
+}
+
+impl L7 {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Http(_) => "http",
+            Self::Kafka(_) => "kafka",
+            Self::Dns(_) => "dns",
+            Self::Generic { .. } => "l7proto",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpRule {
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub host: Option<String>,
+    /// `Name` or `Name: value`.
+    pub headers: Vec<String>,
+    pub header_matches: Vec<HeaderMatch>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeaderMatch {
+    pub name: String,
+    pub value: Option<String>,
+    /// `namespace/name` of the secret holding the value.
+    pub secret: Option<String>,
+    pub mismatch: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KafkaRule {
+    pub role: Option<String>,
+    pub api_key: Option<String>,
+    pub api_version: Option<String>,
+    pub client_id: Option<String>,
+    pub topic: Option<String>,
 }

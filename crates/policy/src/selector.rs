@@ -20,7 +20,11 @@ pub enum Operator {
 pub struct Requirement {
     pub key: String,
     pub operator: Operator,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub values: Vec<String>,
 }
 
@@ -31,15 +35,27 @@ pub struct Selector {
     #[serde(
         default,
         rename = "matchLabels",
-        skip_serializing_if = "BTreeMap::is_empty"
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "null_as_default"
     )]
     pub match_labels: BTreeMap<String, String>,
     #[serde(
         default,
         rename = "matchExpressions",
-        skip_serializing_if = "Vec::is_empty"
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
     )]
     pub match_expressions: Vec<Requirement>,
+}
+
+/// `matchLabels:` with nothing after it is YAML null: the empty map, as the
+/// Kubernetes API reads it.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 impl Selector {

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use fibril_policy::identity::Allocator;
 use fibril_policy::{
-    endpoint_policy, parse, pod_identity_labels, Direction, EntryKey, LabelSet, PodMeta, Policy,
+    endpoint_policy, parse, pod_identity_labels, Context, Direction, EndpointPolicy, EntryKey,
+    LabelSet, PodMeta, Policy,
 };
 
 fn labels(ns: &str, pairs: &[(&str, &str)]) -> LabelSet {
@@ -39,6 +40,21 @@ impl World {
             a.acquire(&labels(ns, &[("app", app)])).unwrap();
         }
         Self { ids: a.all() }
+    }
+
+    fn compute(&self, labels: &LabelSet, policies: &[Policy]) -> EndpointPolicy {
+        let identity = self
+            .ids
+            .iter()
+            .find(|(_, l)| l == labels)
+            .map_or(0, |(id, _)| *id);
+        let named = BTreeMap::new();
+        let ctx = Context {
+            identities: &self.ids,
+            named_ports: &named,
+            cluster: "default",
+        };
+        endpoint_policy(identity, labels, policies, &ctx)
     }
 
     fn id(&self, ns: &str, app: &str) -> u32 {
@@ -76,7 +92,7 @@ spec:
 fn selected_direction_becomes_default_deny_plus_allows() {
     let w = World::new();
     let p = policies(SEED);
-    let backend = endpoint_policy(&labels("shop", &[("app", "backend")]), &p, &w.ids);
+    let backend = w.compute(&labels("shop", &[("app", "backend")]), &p);
     assert!(backend.ingress_enforced && !backend.egress_enforced);
     let keys: Vec<EntryKey> = backend.entries.keys().copied().collect();
     // Namespace injection: only shop/frontend, not ops/frontend.
@@ -90,7 +106,7 @@ fn selected_direction_becomes_default_deny_plus_allows() {
         ("shop/allow-frontend-to-backend", 0)
     );
 
-    let frontend = endpoint_policy(&labels("shop", &[("app", "frontend")]), &p, &w.ids);
+    let frontend = w.compute(&labels("shop", &[("app", "frontend")]), &p);
     assert!(!frontend.ingress_enforced && !frontend.egress_enforced && frontend.entries.is_empty());
 }
 
@@ -125,7 +141,7 @@ fn rule_shapes_map_to_the_right_entries() {
         let yaml = format!(
             "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p}}\nspec:\n  endpointSelector: {{matchLabels: {{app: backend}}}}\n  {rules}\n"
         );
-        let pol = endpoint_policy(&backend, &policies(&yaml), &w.ids);
+        let pol = w.compute(&backend, &policies(&yaml));
         assert!(pol.ingress_enforced, "{rules}");
         let mut got: Vec<EntryKey> = pol.entries.keys().copied().collect();
         let mut want = expected.clone();
@@ -139,11 +155,7 @@ fn rule_shapes_map_to_the_right_entries() {
 fn port_ranges_become_prefix_entries() {
     let w = World::new();
     let yaml = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  egress:\n  - toPorts: [{ports: [{port: \"8080\", endPort: 8083, protocol: TCP}]}]\n";
-    let pol = endpoint_policy(
-        &labels("shop", &[("app", "frontend")]),
-        &policies(yaml),
-        &w.ids,
-    );
+    let pol = w.compute(&labels("shop", &[("app", "frontend")]), &policies(yaml));
     assert!(pol.egress_enforced && !pol.ingress_enforced);
     let keys: Vec<EntryKey> = pol.entries.keys().copied().collect();
     assert_eq!(
@@ -175,11 +187,7 @@ spec:
   - fromEndpoints: [{matchLabels: {app: frontend}}]
     toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
 "#;
-    let pol = endpoint_policy(
-        &labels("shop", &[("app", "backend")]),
-        &policies(yaml),
-        &w.ids,
-    );
+    let pol = w.compute(&labels("shop", &[("app", "backend")]), &policies(yaml));
     let fe = w.id("shop", "frontend");
     let deny = &pol.entries[&key(fe, Direction::Ingress, 6, 8080)];
     assert!(deny.deny);
@@ -192,21 +200,13 @@ spec:
 fn cluster_wide_policies_select_across_namespaces() {
     let w = World::new();
     let yaml = "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: fe}\nspec:\n  endpointSelector: {matchLabels: {app: backend}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: frontend}}]\n";
-    let pol = endpoint_policy(
-        &labels("shop", &[("app", "backend")]),
-        &policies(yaml),
-        &w.ids,
-    );
+    let pol = w.compute(&labels("shop", &[("app", "backend")]), &policies(yaml));
     let ids: Vec<u32> = pol.entries.keys().map(|k| k.identity).collect();
     assert_eq!(ids.len(), 2, "frontend in shop and in ops");
     assert!(ids.contains(&w.id("ops", "frontend")));
     // Reserved identities (world) have no namespace: not selected by `{}`.
     let all = "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: all}\nspec:\n  endpointSelector: {}\n  ingress:\n  - fromEndpoints: [{}]\n";
-    let pol = endpoint_policy(
-        &labels("shop", &[("app", "backend")]),
-        &policies(all),
-        &w.ids,
-    );
+    let pol = w.compute(&labels("shop", &[("app", "backend")]), &policies(all));
     assert!(pol.entries.keys().all(|k| k.identity >= 256));
 }
 
@@ -216,7 +216,7 @@ fn bad_documents_are_refused_with_file_document_and_field() {
         ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  ingress:\n  - toPorts: [{ports: [{port: \"70000\"}]}]\n", "spec.ingress[0].toPorts[0].ports[0].port", "out of range"),
         ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  ingress:\n  - toPorts: [{ports: [{port: \"80\", protocol: ICMP}]}]\n", "spec.ingress[0].toPorts[0].ports[0].protocol", "TCP, UDP, SCTP, ANY"),
         ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  ingres: []\n", "spec.ingres", "unknown field `ingres`"),
-        ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  egress:\n  - fromEndpoints: [{}]\n", "spec.egress[0].fromEndpoints", "use toEndpoints"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  egress:\n  - fromEndpoints: [{}]\n", "spec.egress[0].fromEndpoints", "use the to* spelling"),
         ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector:\n    matchExpressions: [{key: app, operator: In}]\n", "spec.endpointSelector.matchExpressions[0].values", "at least one value"),
         ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  ingress:\n  - toPorts: [{ports: [{port: \"8080\", endPort: 80}]}]\n", "spec.ingress[0].toPorts[0].ports[0].endPort", "endPort 80"),
         ("apiVersion: cilium.io/v1\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec: {endpointSelector: {}}\n", "apiVersion", "cilium.io/v2"),

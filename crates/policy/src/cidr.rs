@@ -1,0 +1,82 @@
+//! CIDR identities: every prefix a policy names (including `except`
+//! prefixes) gets a node-local identity labelled `reserved:world` plus
+//! `cidr:<p>` for each policy prefix that contains it, so that a CIDR
+//! selector matches the identities of its own and of every narrower prefix,
+//! and the ipcache's longest-prefix match picks the most specific one.
+
+use std::collections::BTreeSet;
+
+use ipnet::IpNet;
+
+use crate::labels::{Label, LabelSet};
+use crate::model::{Peer, Policy};
+
+/// First and last node-local CIDR identity (flag bit 24, as Cilium).
+pub const FIRST_LOCAL: u32 = (1 << 24) + 1;
+pub const LAST_LOCAL: u32 = (1 << 24) + 0xffff;
+
+/// Every non-zero-length prefix the policies name.
+pub fn prefixes(policies: &[Policy]) -> BTreeSet<IpNet> {
+    let mut out = BTreeSet::new();
+    for p in policies {
+        for r in &p.rules {
+            for pr in r.ingress.iter().chain(r.egress.iter()).flatten() {
+                for peer in pr.peers.iter().flatten() {
+                    if let Peer::Cidr { prefix, except } = peer {
+                        out.insert(*prefix);
+                        out.extend(except.iter().copied());
+                    }
+                }
+            }
+        }
+    }
+    out.retain(|p| p.prefix_len() > 0);
+    out
+}
+
+/// The labels of each prefix's identity.
+pub fn identity_labels(prefixes: &BTreeSet<IpNet>) -> Vec<(IpNet, LabelSet)> {
+    prefixes
+        .iter()
+        .map(|p| {
+            let mut labels = vec![Label::new("reserved", "world", "")];
+            labels.extend(
+                prefixes
+                    .iter()
+                    .filter(|q| q.contains(p))
+                    .map(|q| Label::new("cidr", &q.to_string(), "")),
+            );
+            (*p, LabelSet::new(labels))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn narrower_prefixes_carry_the_wider_labels() {
+        let set: BTreeSet<IpNet> = ["10.0.0.0/8", "10.96.0.0/12", "192.0.2.0/24"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let l = identity_labels(&set);
+        let of = |p: &str| {
+            l.iter()
+                .find(|(q, _)| q.to_string() == p)
+                .unwrap()
+                .1
+                .to_strings()
+        };
+        assert_eq!(
+            of("10.96.0.0/12"),
+            vec!["cidr:10.0.0.0/8", "cidr:10.96.0.0/12", "reserved:world"]
+        );
+        assert_eq!(of("10.0.0.0/8"), vec!["cidr:10.0.0.0/8", "reserved:world"]);
+        assert_eq!(
+            of("192.0.2.0/24"),
+            vec!["cidr:192.0.2.0/24", "reserved:world"]
+        );
+    }
+}
