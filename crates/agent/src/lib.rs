@@ -602,7 +602,9 @@ impl Agent {
         let passes = |d: &Option<policy::Decision>| {
             matches!(
                 d,
-                None | Some(policy::Decision::NotEnforced) | Some(policy::Decision::Allowed { .. })
+                None | Some(policy::Decision::NotEnforced)
+                    | Some(policy::Decision::Allowed { .. })
+                    | Some(policy::Decision::Audited { .. })
             )
         };
         Ok(Response::Trace {

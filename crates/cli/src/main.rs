@@ -504,5 +504,9 @@ fn decision_text(d: Option<&policy::Decision>) -> String {
         Some(policy::Decision::DefaultDeny { selected_by }) => {
             format!("default deny: selected by {}", selected_by.join(", "))
         }
+        Some(policy::Decision::Audited { would_be }) => format!(
+            "audit mode: forwarded and reported, would be {}",
+            decision_text(Some(would_be))
+        ),
     }
 }

@@ -451,3 +451,252 @@ fn lab_down_removes_everything_it_created_and_nothing_else() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("is not up"));
 }
+
+/// A lab with its own YAML (policies inline), unique name and CIDR.
+fn custom_lab(lab_yaml: &str) -> Lab {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let name = format!("t{}x{n}", std::process::id() % 100_000);
+    let cidr_prefix = format!("10.{}.{}", 201 + (std::process::id() % 40), 10 + n);
+    let dir = std::env::temp_dir().join(format!("fibril-e2e-{name}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("lab.yaml"),
+        lab_yaml.replace("POD_CIDR_HERE", &format!("{cidr_prefix}.0/24")),
+    )
+    .unwrap();
+    let lab = Lab {
+        name,
+        cidr_prefix,
+        dir,
+    };
+    let up = lab.fibril(&[
+        "lab",
+        "up",
+        "-f",
+        lab.dir.join("lab.yaml").to_str().unwrap(),
+    ]);
+    assert!(
+        up.status.success(),
+        "lab up failed: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    lab
+}
+
+const SEMANTICS_LAB: &str = r#"
+podCIDR: POD_CIDR_HERE
+namespaces:
+  - {name: x, labels: {team: x}}
+  - {name: "y", labels: {team: "y"}}
+pods:
+  - name: server
+    namespace: x
+    labels: {app: server}
+    ports: [{name: web, containerPort: 8080}]
+    command: [fibril-echo, http-server, --port, "8080"]
+  - name: server2
+    namespace: x
+    labels: {app: server2}
+    command: [fibril-echo, http-server, --port, "9090"]
+  - {name: client-a, namespace: x, labels: {app: client, role: a}}
+  - {name: client-b, namespace: "y", labels: {app: client, role: b}}
+policies:
+  - inline: |
+      # Named port; fromEndpoints is namespace-scoped: only x/client-a.
+      apiVersion: cilium.io/v2
+      kind: CiliumNetworkPolicy
+      metadata: {name: allow-web, namespace: x}
+      spec:
+        endpointSelector: {matchLabels: {app: server}}
+        ingress:
+        - fromEndpoints: [{matchLabels: {app: client}}]
+          toPorts: [{ports: [{port: web, protocol: TCP}]}]
+  - inline: |
+      # A port range for every client; a deny for role b beats it.
+      apiVersion: cilium.io/v2
+      kind: CiliumClusterwideNetworkPolicy
+      metadata: {name: server2-range}
+      spec:
+        endpointSelector: {matchLabels: {app: server2}}
+        ingress:
+        - fromEndpoints: [{matchLabels: {app: client}}]
+          toPorts: [{ports: [{port: "9000", endPort: 9100, protocol: TCP}]}]
+        ingressDeny:
+        - fromEndpoints: [{matchLabels: {role: b}}]
+  - inline: |
+      # Kubernetes NetworkPolicy: y's clients may only reach namespace x on 8080 and 9090.
+      apiVersion: networking.k8s.io/v1
+      kind: NetworkPolicy
+      metadata: {name: y-egress, namespace: "y"}
+      spec:
+        podSelector: {matchLabels: {app: client}}
+        policyTypes: [Egress]
+        egress:
+        - to: [{namespaceSelector: {matchLabels: {team: x}}}]
+          ports: [{port: 8080}, {port: 9090}]
+  - inline: |
+      # Audit mode: client-a's egress would be default-deny; it is only reported.
+      apiVersion: cilium.io/v2
+      kind: CiliumNetworkPolicy
+      metadata:
+        name: audit-client-a
+        namespace: x
+        annotations: {policy.fibril.io/audit-mode: "true"}
+      spec:
+        endpointSelector: {matchLabels: {role: a}}
+        egress:
+        - toEndpoints: [{matchLabels: {app: nothing-here}}]
+"#;
+
+#[test]
+fn policy_language_semantics_hold_in_the_kernel() {
+    let lab = custom_lab(SEMANTICS_LAB);
+    wait_until("servers to listen", || {
+        let log = |p: &str| {
+            std::fs::read_to_string(format!("/run/fibril/labs/{}/pods/x_{p}.log", lab.name))
+                .unwrap_or_default()
+        };
+        log("server").contains("listening") && log("server2").contains("listening")
+    });
+    // Pods were created in this order: server .2, server2 .3, client-a .4, client-b .5.
+    let get = |from: &str, ip: u8, port: u16, timeout: &str| {
+        let url = format!("http://{}:{port}/", lab.ip(ip));
+        lab.fibril(&[
+            "lab",
+            "exec",
+            from,
+            "--",
+            "fibril-echo",
+            "http-get",
+            "--timeout",
+            timeout,
+            &url,
+        ])
+        .status
+        .success()
+    };
+    assert!(
+        get("x/client-a", 2, 8080, "3"),
+        "named port 'web' resolves to 8080 for x/client-a"
+    );
+    assert!(
+        !get("y/client-b", 2, 8080, "1"),
+        "namespace injection: y/client-b is not selected"
+    );
+    assert!(
+        get("x/client-a", 3, 9090, "3"),
+        "9090 is inside the 9000-9100 range"
+    );
+    assert!(
+        !get("y/client-b", 3, 9090, "1"),
+        "the deny for role b wins over the range allow"
+    );
+    assert!(
+        !get("y/client-b", 3, 7000, "1"),
+        "the NetworkPolicy allows y's egress only on 8080 and 9090"
+    );
+
+    wait_until("all drop flows", || {
+        lab.flows()
+            .iter()
+            .filter(|f| f["verdict"] == "DROPPED")
+            .count()
+            >= 3
+    });
+    let flows = lab.flows();
+    let drop_to = |port: u64| {
+        flows
+            .iter()
+            .find(|f| {
+                f["verdict"] == "DROPPED"
+                    && f["source"]["pod_name"] == "client-b"
+                    && f["l4"]["TCP"]["destination_port"] == port
+            })
+            .unwrap_or_else(|| panic!("a drop to port {port}"))
+    };
+    let d8080 = drop_to(8080);
+    assert_eq!(
+        (
+            d8080["drop_reason_desc"].as_str(),
+            d8080["traffic_direction"].as_str()
+        ),
+        (Some("POLICY_DENIED"), Some("INGRESS"))
+    );
+    let d9090 = drop_to(9090);
+    assert_eq!(d9090["drop_reason_desc"], "POLICY_DENY");
+    assert_eq!(d9090["ingress_denied_by"][0]["name"], "server2-range");
+    assert_eq!(
+        d9090["ingress_denied_by"][0]["kind"],
+        "CiliumClusterwideNetworkPolicy"
+    );
+    let d7000 = drop_to(7000);
+    assert_eq!(
+        (
+            d7000["drop_reason_desc"].as_str(),
+            d7000["traffic_direction"].as_str()
+        ),
+        (Some("POLICY_DENIED"), Some("EGRESS"))
+    );
+    // Attribution of allowed connections.
+    assert!(flows
+        .iter()
+        .any(|f| f["ingress_allowed_by"][0]["name"] == "allow-web"
+            && f["source"]["pod_name"] == "client-a"));
+    assert!(flows
+        .iter()
+        .any(|f| f["egress_allowed_by"][0]["name"] == "y-egress"
+            && f["egress_allowed_by"][0]["kind"] == "NetworkPolicy"));
+    // Audit: client-a's egress was forwarded and reported.
+    let audit = flows
+        .iter()
+        .find(|f| f["verdict"] == "AUDIT" && f["source"]["pod_name"] == "client-a")
+        .expect("an AUDIT flow for client-a");
+    assert_eq!(audit["traffic_direction"], "EGRESS");
+    let compact = String::from_utf8(
+        lab.fibril(&["observe", "--all", "--verdict", "AUDIT"])
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        compact.contains("policy-verdict:none EGRESS AUDITED"),
+        "{compact}"
+    );
+
+    // Explain.
+    let trace = |from: &str, to: &str, port: &str| {
+        let out = lab.fibril(&[
+            "policy", "trace", "--from", from, "--to", to, "--port", port,
+        ]);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, text) = trace("x/client-a", "x/server", "8080/TCP");
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("allowed by CiliumNetworkPolicy x/allow-web rule 0 (ingress[0])"),
+        "{text}"
+    );
+    let (code, text) = trace("y/client-b", "x/server", "8080/TCP");
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains("allowed by NetworkPolicy y/y-egress"),
+        "{text}"
+    );
+    assert!(
+        text.contains("default deny: selected by x/allow-web"),
+        "{text}"
+    );
+    let (code, text) = trace("y/client-b", "x/server2", "9090/TCP");
+    assert_eq!(code, Some(2));
+    assert!(
+        text.contains("denied by CiliumClusterwideNetworkPolicy server2-range rule 0 (ingress[1])"),
+        "{text}"
+    );
+    let bad = lab.fibril(&[
+        "policy", "trace", "--from", "x/nobody", "--to", "x/server", "--port", "80",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no endpoint for pod x/nobody"));
+}

@@ -123,6 +123,11 @@ pub enum Decision {
     DefaultDeny {
         selected_by: Vec<String>,
     },
+    /// Would be denied, but only by policies in audit mode: forwarded and
+    /// reported with verdict AUDIT.
+    Audited {
+        would_be: Box<Decision>,
+    },
 }
 
 impl EndpointPolicy {
@@ -163,14 +168,28 @@ impl EndpointPolicy {
 
     /// The decision for a connection from/to a peer identity.
     pub fn decide(&self, identity: u32, direction: Direction, protocol: u8, port: u16) -> Decision {
-        let (enforced, selected_by) = match direction {
-            Direction::Ingress => (self.ingress_enforced, &self.ingress_selected_by),
-            Direction::Egress => (self.egress_enforced, &self.egress_selected_by),
+        let (enforced, audit, selected_by) = match direction {
+            Direction::Ingress => (
+                self.ingress_enforced,
+                self.ingress_audit,
+                &self.ingress_selected_by,
+            ),
+            Direction::Egress => (
+                self.egress_enforced,
+                self.egress_audit,
+                &self.egress_selected_by,
+            ),
         };
         if !enforced {
             return Decision::NotEnforced;
         }
+        let audited = |d: Decision| Decision::Audited {
+            would_be: Box::new(d),
+        };
         match self.lookup(identity, direction, protocol, port) {
+            Some((_, v)) if v.deny && v.audit => audited(Decision::Denied {
+                by: v.origin.clone(),
+            }),
             Some((_, v)) if v.deny => Decision::Denied {
                 by: v.origin.clone(),
             },
@@ -178,6 +197,9 @@ impl EndpointPolicy {
                 by: v.origin.clone(),
                 l7: v.l7.clone(),
             },
+            None if audit => audited(Decision::DefaultDeny {
+                selected_by: selected_by.clone(),
+            }),
             None => Decision::DefaultDeny {
                 selected_by: selected_by.clone(),
             },
