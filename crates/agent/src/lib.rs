@@ -172,11 +172,18 @@ impl Agent {
         }
         *self.index.write().unwrap_or_else(|e| e.into_inner()) = index;
         self.sync_ipcache(state)?;
-        self.policy.lock().unwrap_or_else(|e| e.into_inner()).apply(
-            state,
-            &self.datapath,
-            &self.config.cluster_name,
-        )
+        let started = std::time::Instant::now();
+        let rewritten = self
+            .policy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply(state, &self.datapath, &self.config.cluster_name)?;
+        tracing::debug!(
+            rewritten,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "policy synced"
+        );
+        Ok(())
     }
 
     /// ipcache: every pod /32 -> its identity, and 0.0.0.0/0 -> world, so
@@ -502,7 +509,7 @@ impl Agent {
         s.endpoints
             .values()
             .map(|e| {
-                let computed = policy.computed(e.id);
+                let computed = policy.computed(e.identity);
                 EndpointInfo {
                     id: e.id,
                     namespace: e.namespace.clone(),
@@ -553,12 +560,13 @@ impl Agent {
         })
     }
 
-    /// The identity (and local endpoint, if any) of a trace end:
+    /// The identity of a trace end, and again if it is a local endpoint (whose
+    /// policy applies):
     /// `namespace/pod`, `pod` (namespace default) or an IPv4 address.
     fn trace_end(&self, s: &State, end: &str) -> Result<(u32, Option<u32>), Error> {
         if let Ok(addr) = end.parse::<Ipv4Addr>() {
             if let Some(e) = s.endpoints.values().find(|e| e.ipv4 == addr) {
-                return Ok((e.identity, Some(e.id)));
+                return Ok((e.identity, Some(e.identity)));
             }
             // The ipcache's answer: the host, else the longest CIDR
             // identity prefix, else the world.
@@ -582,7 +590,7 @@ impl Agent {
                     "no endpoint for pod {ns}/{pod} (give namespace/pod or an IPv4 address)"
                 ))
             })?;
-        Ok((e.identity, Some(e.id)))
+        Ok((e.identity, Some(e.identity)))
     }
 
     fn policy_trace(&self, t: &api::TraceRequest) -> Result<Response, Error> {

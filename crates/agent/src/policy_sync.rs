@@ -1,5 +1,6 @@
-//! Computed policy -> kernel policy map, by difference: only entries that
-//! changed are written or removed, so an unrelated change touches nothing.
+//! Policy -> kernel policy map, incrementally: the policy engine recomputes
+//! only the identities a change touches, and only the entries that differ
+//! from what the kernel holds are written or removed.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -9,7 +10,7 @@ use abi::{
     POLICY_STATIC_PREFIX_BITS,
 };
 use datapath::{Datapath, PolicyEntry};
-use policy::{Direction, EndpointPolicy, Origin};
+use policy::{Direction, EndpointPolicy, Engine, LabelSet, Origin};
 
 use crate::state::State;
 use crate::Error;
@@ -23,9 +24,11 @@ pub const MAX_ENTRIES_PER_ENDPOINT: usize = 16384;
 pub struct PolicySync {
     /// Endpoints whose policy did not fit: they fail closed.
     pub overflowed: std::collections::BTreeSet<u32>,
+    engine: Option<Engine>,
     /// What the kernel map holds, per endpoint id.
     realized: HashMap<u32, BTreeMap<MapKey, PolicyValue>>,
-    computed: HashMap<u32, EndpointPolicy>,
+    /// The identity each endpoint's realized entries were computed for.
+    realized_identity: HashMap<u32, u32>,
     /// Cookie -> rule attribution; cookie 0 means "no rule". Shared with
     /// the observer, which attributes flows with it.
     origins: std::sync::Arc<std::sync::RwLock<Vec<Origin>>>,
@@ -45,8 +48,9 @@ impl PolicySync {
         Ok(())
     }
 
-    pub fn computed(&self, ep: u32) -> Option<&EndpointPolicy> {
-        self.computed.get(&ep)
+    /// The computed policy of an endpoint (by its identity).
+    pub fn computed(&self, identity: u32) -> Option<&EndpointPolicy> {
+        self.engine.as_ref()?.policy(identity)
     }
 
     /// The cookie -> rule table, for flow attribution.
@@ -65,63 +69,78 @@ impl PolicySync {
         c
     }
 
-    /// Recomputes every endpoint's policy and writes the differences.
-    pub fn apply(&mut self, state: &State, dp: &Datapath, cluster: &str) -> Result<(), Error> {
-        let policies: Vec<policy::Policy> = state.policies.values().cloned().collect();
+    /// The map entries and endpoint flags for one endpoint's policy.
+    fn entries(
+        &mut self,
+        ep_id: u32,
+        computed: &EndpointPolicy,
+    ) -> (BTreeMap<MapKey, PolicyValue>, u32) {
+        let mut wanted = BTreeMap::new();
+        for (k, v) in &computed.entries {
+            let prefix = k.proto_port_prefix();
+            let key = PolicyKeyData {
+                ep_id: ep_id.to_be(),
+                identity: k.identity.to_be(),
+                direction: match k.direction {
+                    Direction::Ingress => abi::Direction::Ingress as u8,
+                    Direction::Egress => abi::Direction::Egress as u8,
+                },
+                protocol: k.protocol,
+                dport: k.port.to_be(),
+            };
+            let mut flags = 0;
+            if v.deny {
+                flags |= POLICY_F_DENY;
+            }
+            if v.audit {
+                flags |= POLICY_F_AUDIT;
+            }
+            if v.l7.is_some() {
+                flags |= POLICY_F_REDIRECT;
+            }
+            let value = PolicyValue {
+                cookie: self.cookie(&v.origin),
+                flags,
+                prefix,
+                pad: 0,
+            };
+            wanted.insert((POLICY_STATIC_PREFIX_BITS + prefix as u32, key), value);
+        }
+        let mut flags = 0;
+        for (on, flag) in [
+            (computed.ingress_enforced, EP_F_INGRESS_ENFORCED),
+            (computed.egress_enforced, EP_F_EGRESS_ENFORCED),
+            (computed.ingress_audit, EP_F_INGRESS_AUDIT),
+            (computed.egress_audit, EP_F_EGRESS_AUDIT),
+        ] {
+            if on {
+                flags |= flag;
+            }
+        }
+        (wanted, flags)
+    }
+
+    /// Brings the kernel in line with `state`, touching only endpoints whose
+    /// policy changed. Returns how many endpoints were rewritten.
+    pub fn apply(&mut self, state: &State, dp: &Datapath, cluster: &str) -> Result<usize, Error> {
         let identities = state.all_identities();
         let named_ports = state.named_ports();
-        let ctx = policy::Context {
-            identities: &identities,
-            named_ports: &named_ports,
-            cluster,
-        };
-        let mut wanted_all: HashMap<u32, BTreeMap<MapKey, PolicyValue>> = HashMap::new();
+        let local: BTreeMap<u32, LabelSet> = state
+            .endpoints
+            .values()
+            .map(|e| (e.identity, e.labels.clone()))
+            .collect();
+        let mut engine = self.engine.take().unwrap_or_else(|| Engine::new(cluster));
+        let changed = engine.update(&state.policies, &identities, &named_ports, &local);
+        let mut rewritten = 0;
         for ep in state.endpoints.values() {
-            let computed = policy::endpoint_policy(ep.identity, &ep.labels, &policies, &ctx);
-            let mut wanted = BTreeMap::new();
-            for (k, v) in &computed.entries {
-                let prefix = k.proto_port_prefix();
-                let key = PolicyKeyData {
-                    ep_id: ep.id.to_be(),
-                    identity: k.identity.to_be(),
-                    direction: match k.direction {
-                        Direction::Ingress => abi::Direction::Ingress as u8,
-                        Direction::Egress => abi::Direction::Egress as u8,
-                    },
-                    protocol: k.protocol,
-                    dport: k.port.to_be(),
-                };
-                let mut flags = 0;
-                if v.deny {
-                    flags |= POLICY_F_DENY;
-                }
-                if v.audit {
-                    flags |= POLICY_F_AUDIT;
-                }
-                if v.l7.is_some() {
-                    flags |= POLICY_F_REDIRECT;
-                }
-                let value = PolicyValue {
-                    cookie: self.cookie(&v.origin),
-                    flags,
-                    prefix,
-                    pad: 0,
-                };
-                wanted.insert((POLICY_STATIC_PREFIX_BITS + prefix as u32, key), value);
+            let fresh = self.realized_identity.get(&ep.id) != Some(&ep.identity);
+            if !fresh && !changed.contains(&ep.identity) {
+                continue;
             }
-            let mut flags = 0;
-            if computed.ingress_enforced {
-                flags |= EP_F_INGRESS_ENFORCED;
-            }
-            if computed.egress_enforced {
-                flags |= EP_F_EGRESS_ENFORCED;
-            }
-            if computed.ingress_audit {
-                flags |= EP_F_INGRESS_AUDIT;
-            }
-            if computed.egress_audit {
-                flags |= EP_F_EGRESS_AUDIT;
-            }
+            rewritten += 1;
+            let computed = engine.policy(ep.identity).cloned().unwrap_or_default();
+            let (mut wanted, mut flags) = self.entries(ep.id, &computed);
             if wanted.len() > MAX_ENTRIES_PER_ENDPOINT {
                 // Never truncate silently: fail closed, say so loudly.
                 tracing::error!(
@@ -140,8 +159,7 @@ impl PolicySync {
             }
             // Entries before flags: an endpoint that becomes enforced
             // already finds its allows.
-            let empty = BTreeMap::new();
-            let have = self.realized.get(&ep.id).unwrap_or(&empty);
+            let have = self.realized.remove(&ep.id).unwrap_or_default();
             for (k, v) in &wanted {
                 if have.get(k) != Some(v) {
                     dp.upsert_policy(&PolicyEntry {
@@ -168,19 +186,26 @@ impl PolicySync {
                     dp.remove_policy(k.0, k.1)?;
                 }
             }
-            self.computed.insert(ep.id, computed);
-            wanted_all.insert(ep.id, wanted);
+            self.realized.insert(ep.id, wanted);
+            self.realized_identity.insert(ep.id, ep.identity);
         }
         // Endpoints that are gone: remove everything they had.
-        for (ep, have) in &self.realized {
-            if !wanted_all.contains_key(ep) {
+        let gone: Vec<u32> = self
+            .realized
+            .keys()
+            .filter(|id| !state.endpoints.contains_key(id))
+            .copied()
+            .collect();
+        for id in gone {
+            if let Some(have) = self.realized.remove(&id) {
                 for k in have.keys() {
                     dp.remove_policy(k.0, k.1)?;
                 }
-                self.computed.remove(ep);
             }
+            self.realized_identity.remove(&id);
+            self.overflowed.remove(&id);
         }
-        self.realized = wanted_all;
-        Ok(())
+        self.engine = Some(engine);
+        Ok(rewritten)
     }
 }

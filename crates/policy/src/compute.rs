@@ -295,18 +295,22 @@ fn entity_matches(e: Entity, id: u32, labels: &LabelSet, cluster: &str) -> bool 
 
 /// The identities a peer selects; 0 stands for "any identity".
 fn peer_identities(peer: &Peer, ctx: &Context<'_>) -> Vec<u32> {
-    let select = |pred: &dyn Fn(u32, &LabelSet) -> bool| -> Vec<u32> {
-        ctx.identities
-            .iter()
-            .filter(|(id, l)| pred(*id, l))
-            .map(|(id, _)| *id)
-            .collect()
-    };
+    if let Peer::Entity(Entity::All) = peer {
+        return vec![0];
+    }
+    ctx.identities
+        .iter()
+        .filter(|(id, l)| peer_matches(peer, *id, l, ctx.cluster))
+        .map(|(id, _)| *id)
+        .collect()
+}
+
+/// Whether one peer selects one (non-wildcard) identity.
+fn peer_matches(peer: &Peer, id: u32, l: &LabelSet, cluster: &str) -> bool {
     match peer {
-        Peer::Entity(Entity::All) => vec![0],
-        Peer::Entity(e) => select(&|id, l| entity_matches(*e, id, l, ctx.cluster)),
-        Peer::Endpoints(s) => select(&|_, l| s.matches(l)),
-        Peer::Cidr { prefix, except } => select(&|_, l| {
+        Peer::Entity(e) => entity_matches(*e, id, l, cluster),
+        Peer::Endpoints(s) => s.matches(l),
+        Peer::Cidr { prefix, except } => {
             let inside = if prefix.prefix_len() == 0 {
                 is_world(l)
                     && cidr_family(l).is_none_or(|v6| v6 == matches!(prefix, ipnet::IpNet::V6(_)))
@@ -314,8 +318,19 @@ fn peer_identities(peer: &Peer, ctx: &Context<'_>) -> Vec<u32> {
                 has_cidr_label(l, prefix)
             };
             inside && !except.iter().any(|e| has_cidr_label(l, e))
-        }),
-        Peer::Fqdn(_) | Peer::Unresolved(_) => vec![],
+        }
+        Peer::Fqdn(_) | Peer::Unresolved(_) => false,
+    }
+}
+
+/// Whether a peer rule's L3 part selects this identity (for incremental
+/// updates of cached peer sets; rules without L3 peers select "any").
+pub fn peer_selects(pr: &PeerRule, id: u32, labels: &LabelSet, ctx: &Context<'_>) -> bool {
+    match &pr.peers {
+        None => false,
+        Some(peers) => peers
+            .iter()
+            .any(|p| peer_matches(p, id, labels, ctx.cluster)),
     }
 }
 
@@ -371,17 +386,48 @@ pub fn endpoint_policy(
     policies: &[Policy],
     ctx: &Context<'_>,
 ) -> EndpointPolicy {
-    let mut out = EndpointPolicy::default();
-    let mut allows: BTreeMap<EntryKey, EntryValue> = BTreeMap::new();
-    let mut denies: BTreeMap<EntryKey, EntryValue> = BTreeMap::new();
-    let mut enforced_for_real = [false, false];
-
-    // Rules selecting this endpoint, and the requirements they add per direction.
-    let selecting: Vec<(&Policy, usize, &crate::model::Rule)> = policies
+    let selecting: Vec<Selected<'_>> = policies
         .iter()
         .flat_map(|p| p.rules.iter().enumerate().map(move |(i, r)| (p, i, r)))
         .filter(|(_, _, r)| r.selector.matches(labels))
         .collect();
+    compute_selected(identity, &selecting, ctx, &|_, _, _, _, pr| {
+        resolve_peers(pr, ctx)
+    })
+}
+
+/// A rule selecting an endpoint: the policy, the rule's index, the rule.
+pub type Selected<'a> = (&'a Policy, usize, &'a crate::model::Rule);
+
+/// Resolves a peer rule to its peer identities: (policy, rule index,
+/// direction, entry index, peer rule) -> sorted identities (0 = any).
+pub type Resolve<'a> = dyn Fn(&Policy, usize, Direction, usize, &PeerRule) -> Vec<u32> + 'a;
+
+/// The identities a peer rule's L3 part selects (sorted; 0 = any peer,
+/// none for the empty rule `{}`).
+pub fn resolve_peers(pr: &PeerRule, ctx: &Context<'_>) -> Vec<u32> {
+    let mut ids: Vec<u32> = match &pr.peers {
+        None if pr.ports.is_empty() && pr.icmps.is_empty() => vec![],
+        None => vec![0],
+        Some(peers) => peers.iter().flat_map(|p| peer_identities(p, ctx)).collect(),
+    };
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// An endpoint's policy from the rules that select it, with peers resolved
+/// by `resolve` (a scan, or the engine's cache).
+pub fn compute_selected(
+    identity: u32,
+    selecting: &[Selected<'_>],
+    ctx: &Context<'_>,
+    resolve: &Resolve<'_>,
+) -> EndpointPolicy {
+    let mut out = EndpointPolicy::default();
+    let mut allows: BTreeMap<EntryKey, EntryValue> = BTreeMap::new();
+    let mut denies: BTreeMap<EntryKey, EntryValue> = BTreeMap::new();
+    let mut enforced_for_real = [false, false];
     let requires = |dir: Direction| -> Vec<&Selector> {
         selecting
             .iter()
@@ -402,7 +448,7 @@ pub fn endpoint_policy(
         .into_iter()
         .collect();
 
-    for (policy, rule_index, rule) in &selecting {
+    for (policy, rule_index, rule) in selecting {
         for (direction, section, default_deny) in [
             (Direction::Ingress, &rule.ingress, rule.ingress_default_deny),
             (Direction::Egress, &rule.egress, rule.egress_default_deny),
@@ -433,11 +479,7 @@ pub fn endpoint_policy(
                     direction,
                     entry,
                 };
-                let mut ids: Vec<u32> = match &pr.peers {
-                    None if pr.ports.is_empty() && pr.icmps.is_empty() => vec![],
-                    None => vec![0],
-                    Some(peers) => peers.iter().flat_map(|p| peer_identities(p, ctx)).collect(),
-                };
+                let mut ids = resolve(policy, *rule_index, direction, entry, pr);
                 if !requires[d].is_empty() {
                     let meets = |l: &LabelSet| requires[d].iter().all(|s| s.matches(l));
                     let expanded: Vec<u32> = if ids.contains(&0) {
@@ -449,7 +491,7 @@ pub fn endpoint_policy(
                     } else {
                         ctx.identities
                             .iter()
-                            .filter(|(id, l)| ids.contains(id) && meets(l))
+                            .filter(|(id, l)| ids.binary_search(id).is_ok() && meets(l))
                             .map(|(id, _)| *id)
                             .collect()
                     };

@@ -5,6 +5,7 @@
 pub mod cidr;
 pub mod compute;
 pub mod document;
+pub mod engine;
 pub mod identity;
 mod knp;
 pub mod labels;
@@ -15,6 +16,7 @@ pub use compute::{
     endpoint_policy, Context, Decision, Direction, EndpointPolicy, EntryKey, EntryValue, Origin,
 };
 pub use document::{parse, Error, Parsed, Warning};
+pub use engine::Engine;
 pub use labels::{pod_identity_labels, Label, LabelSet, PodMeta};
 pub use model::{NamedPort, Peer, PeerRule, Policy, PolicyKind, Port, PortSpec, Protocol, Rule};
 pub use selector::Selector;

@@ -1,0 +1,392 @@
+//! Incremental policy computation (Cilium's selector cache idea).
+//!
+//! The engine keeps, for every peer rule, the identities it selects, and for
+//! every local identity, the rules that select it. An update (policies,
+//! identities, named ports, local endpoints) is diffed against what the
+//! engine holds; only the peer sets and the local identities it touches are
+//! recomputed, and the caller learns exactly which identities' policy
+//! changed, so that only their endpoints' map entries are rewritten.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::compute::{
+    compute_selected, peer_selects, resolve_peers, Context, Direction, EndpointPolicy, Selected,
+};
+use crate::labels::LabelSet;
+use crate::model::{NamedPort, PeerRule, Policy, Port};
+
+/// (policy key, rule index)
+type RuleRef = (String, usize);
+/// (policy key, rule index, direction, entry index)
+type PeerKey = (String, usize, Direction, usize);
+
+#[derive(Default)]
+pub struct Engine {
+    cluster: String,
+    policies: BTreeMap<String, Policy>,
+    /// Every identity, sorted by number (the `Context` slice).
+    identities: Vec<(u32, LabelSet)>,
+    named_ports: BTreeMap<u32, Vec<NamedPort>>,
+    /// Identities of local endpoints: the ones whose policy is computed.
+    local: BTreeMap<u32, LabelSet>,
+    peers: HashMap<PeerKey, Vec<u32>>,
+    selecting: HashMap<u32, BTreeSet<RuleRef>>,
+    computed: HashMap<u32, EndpointPolicy>,
+}
+
+fn peer_rules(p: &Policy) -> impl Iterator<Item = (usize, Direction, usize, &PeerRule)> {
+    p.rules.iter().enumerate().flat_map(|(ri, r)| {
+        let ing = r
+            .ingress
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(move |(e, pr)| (ri, Direction::Ingress, e, pr));
+        let eg = r
+            .egress
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(move |(e, pr)| (ri, Direction::Egress, e, pr));
+        ing.chain(eg)
+    })
+}
+
+fn uses_named_ports(p: &Policy, rule: usize) -> bool {
+    peer_rules(p)
+        .filter(|(ri, ..)| *ri == rule)
+        .any(|(.., pr)| {
+            pr.ports
+                .iter()
+                .any(|port| matches!(port.port, Port::Named(_)))
+        })
+}
+
+fn uses_requires(p: &Policy, rule: usize) -> bool {
+    peer_rules(p)
+        .filter(|(ri, ..)| *ri == rule)
+        .any(|(.., pr)| !pr.requires.is_empty())
+}
+
+impl Engine {
+    pub fn new(cluster: &str) -> Self {
+        Self {
+            cluster: cluster.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// The computed policy of a local identity.
+    pub fn policy(&self, identity: u32) -> Option<&EndpointPolicy> {
+        self.computed.get(&identity)
+    }
+
+    fn ctx(&self) -> Context<'_> {
+        Context {
+            identities: &self.identities,
+            named_ports: &self.named_ports,
+            cluster: &self.cluster,
+        }
+    }
+
+    /// Brings the engine in line with the given state; returns the local
+    /// identities whose computed policy changed.
+    pub fn update(
+        &mut self,
+        policies: &BTreeMap<String, Policy>,
+        identities: &[(u32, LabelSet)],
+        named_ports: &BTreeMap<u32, Vec<NamedPort>>,
+        local: &BTreeMap<u32, LabelSet>,
+    ) -> BTreeSet<u32> {
+        let mut dirty: BTreeSet<u32> = BTreeSet::new();
+
+        // Which identities changed (added, removed, relabelled).
+        let old_ids: HashMap<u32, &LabelSet> =
+            self.identities.iter().map(|(i, l)| (*i, l)).collect();
+        let new_ids: HashMap<u32, &LabelSet> = identities.iter().map(|(i, l)| (*i, l)).collect();
+        let mut changed_ids: BTreeSet<u32> = BTreeSet::new();
+        for (id, l) in &new_ids {
+            if old_ids.get(id) != Some(l) {
+                changed_ids.insert(*id);
+            }
+        }
+        for id in old_ids.keys() {
+            if !new_ids.contains_key(id) {
+                changed_ids.insert(*id);
+            }
+        }
+        drop(old_ids);
+        if !changed_ids.is_empty() {
+            let mut sorted = identities.to_vec();
+            sorted.sort_by_key(|(id, _)| *id);
+            self.identities = sorted;
+        }
+
+        // Which policies changed.
+        let mut changed_policies: Vec<String> = policies
+            .iter()
+            .filter(|(k, p)| self.policies.get(*k) != Some(*p))
+            .map(|(k, _)| k.clone())
+            .collect();
+        changed_policies.extend(
+            self.policies
+                .keys()
+                .filter(|k| !policies.contains_key(*k))
+                .cloned(),
+        );
+
+        let mut changed_rules: BTreeSet<RuleRef> = BTreeSet::new();
+        // Changed policies: drop their old peer sets and selections, build new ones.
+        for key in &changed_policies {
+            if let Some(old) = self.policies.remove(key) {
+                for ri in 0..old.rules.len() {
+                    changed_rules.insert((key.clone(), ri));
+                }
+                self.peers.retain(|k, _| &k.0 != key);
+                for rules in self.selecting.values_mut() {
+                    rules.retain(|r| &r.0 != key);
+                }
+            }
+            if let Some(new) = policies.get(key) {
+                for ri in 0..new.rules.len() {
+                    changed_rules.insert((key.clone(), ri));
+                }
+                self.policies.insert(key.clone(), new.clone());
+            }
+        }
+        let ctx_ids = std::mem::take(&mut self.identities);
+        {
+            let ctx = Context {
+                identities: &ctx_ids,
+                named_ports: named_ports,
+                cluster: &self.cluster,
+            };
+            for key in &changed_policies {
+                if let Some(p) = self.policies.get(key) {
+                    for (ri, dir, e, pr) in peer_rules(p) {
+                        self.peers
+                            .insert((key.clone(), ri, dir, e), resolve_peers(pr, &ctx));
+                    }
+                }
+            }
+            // Unchanged policies: move only the changed identities in or out
+            // of their peer sets.
+            if !changed_ids.is_empty() {
+                let labels: HashMap<u32, &LabelSet> =
+                    ctx_ids.iter().map(|(i, l)| (*i, l)).collect();
+                for (key, p) in &self.policies {
+                    if changed_policies.contains(key) {
+                        continue;
+                    }
+                    for (ri, dir, e, pr) in peer_rules(p) {
+                        let Some(set) = self.peers.get_mut(&(key.clone(), ri, dir, e)) else {
+                            continue;
+                        };
+                        if set.first() == Some(&0) || pr.peers.is_none() {
+                            continue;
+                        }
+                        let mut moved = false;
+                        for id in &changed_ids {
+                            let now = labels
+                                .get(id)
+                                .is_some_and(|l| peer_selects(pr, *id, l, &ctx));
+                            let pos = set.binary_search(id);
+                            match (now, pos) {
+                                (true, Err(at)) => {
+                                    set.insert(at, *id);
+                                    moved = true;
+                                }
+                                (false, Ok(at)) => {
+                                    set.remove(at);
+                                    moved = true;
+                                }
+                                _ => {}
+                            }
+                        }
+                        if moved {
+                            changed_rules.insert((key.clone(), ri));
+                        }
+                    }
+                }
+            }
+        }
+        self.identities = ctx_ids;
+
+        // Local identities: new ones get their selecting rules; changed
+        // rules are re-matched against every local identity.
+        self.local.retain(|id, _| local.contains_key(id));
+        self.selecting.retain(|id, _| local.contains_key(id));
+        self.computed.retain(|id, _| local.contains_key(id));
+        for (id, labels) in local {
+            if self.local.get(id) != Some(labels) {
+                let rules: BTreeSet<RuleRef> = self
+                    .policies
+                    .iter()
+                    .flat_map(|(k, p)| p.rules.iter().enumerate().map(move |(ri, r)| (k, ri, r)))
+                    .filter(|(_, _, r)| r.selector.matches(labels))
+                    .map(|(k, ri, _)| (k.clone(), ri))
+                    .collect();
+                self.selecting.insert(*id, rules);
+                self.local.insert(*id, labels.clone());
+                dirty.insert(*id);
+            }
+        }
+        for (key, ri) in &changed_rules {
+            let rule = self.policies.get(key).and_then(|p| p.rules.get(*ri));
+            for (id, labels) in &self.local {
+                let rules = self.selecting.entry(*id).or_default();
+                let selects = rule.is_some_and(|r| r.selector.matches(labels));
+                let had = rules.contains(&(key.clone(), *ri));
+                if selects {
+                    rules.insert((key.clone(), *ri));
+                }
+                if selects || had {
+                    dirty.insert(*id);
+                }
+            }
+        }
+        // Named ports and requires depend on more than the peer sets.
+        let named_changed = &self.named_ports != named_ports;
+        if named_changed {
+            self.named_ports = named_ports.clone();
+        }
+        if named_changed || !changed_ids.is_empty() {
+            for (id, rules) in &self.selecting {
+                let affected = rules.iter().any(|(k, ri)| {
+                    self.policies.get(k).is_some_and(|p| {
+                        (named_changed && uses_named_ports(p, *ri))
+                            || (!changed_ids.is_empty() && uses_requires(p, *ri))
+                    })
+                });
+                if affected {
+                    dirty.insert(*id);
+                }
+            }
+        }
+
+        // Recompute the dirty identities from the caches.
+        let mut changed = BTreeSet::new();
+        for id in dirty {
+            let Some(rules) = self.selecting.get(&id) else {
+                continue;
+            };
+            let selected: Vec<Selected<'_>> = rules
+                .iter()
+                .filter_map(|(k, ri)| {
+                    let p = self.policies.get(k)?;
+                    Some((p, *ri, p.rules.get(*ri)?))
+                })
+                .collect();
+            let peers = &self.peers;
+            let resolve = |p: &Policy, ri: usize, dir: Direction, e: usize, _: &PeerRule| {
+                peers
+                    .get(&(p.key(), ri, dir, e))
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            let computed = compute_selected(id, &selected, &self.ctx(), &resolve);
+            if self.computed.get(&id) != Some(&computed) {
+                self.computed.insert(id, computed);
+                changed.insert(id);
+            }
+        }
+        changed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compute::endpoint_policy;
+    use crate::labels::Label;
+
+    fn set(ns: &str, app: &str) -> LabelSet {
+        LabelSet::new(vec![
+            Label::new("k8s", "app", app),
+            Label::new("k8s", crate::labels::NAMESPACE_LABEL, ns),
+        ])
+    }
+
+    fn policies(yaml: &str) -> BTreeMap<String, Policy> {
+        crate::parse("t.yaml", yaml, "shop")
+            .unwrap()
+            .policies
+            .into_iter()
+            .map(|p| (p.key(), p))
+            .collect()
+    }
+
+    /// The engine's incremental answer equals a full computation.
+    fn check_against_full(
+        e: &Engine,
+        pols: &BTreeMap<String, Policy>,
+        ids: &[(u32, LabelSet)],
+        local: &BTreeMap<u32, LabelSet>,
+    ) {
+        let list: Vec<Policy> = pols.values().cloned().collect();
+        let named = BTreeMap::new();
+        let ctx = Context {
+            identities: ids,
+            named_ports: &named,
+            cluster: "default",
+        };
+        for (id, labels) in local {
+            assert_eq!(
+                e.policy(*id),
+                Some(&endpoint_policy(*id, labels, &list, &ctx)),
+                "identity {id}"
+            );
+        }
+    }
+
+    #[test]
+    fn incremental_updates_equal_full_computation_and_touch_only_what_changed() {
+        let mut ids = vec![
+            (256, set("shop", "web")),
+            (257, set("shop", "db")),
+            (258, set("shop", "cache")),
+        ];
+        let mut local: BTreeMap<u32, LabelSet> = ids.iter().cloned().collect();
+        let mut pols = policies(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: db}\nspec:\n  endpointSelector: {matchLabels: {app: db}}\n  ingress:\n  - fromEndpoints: [{matchExpressions: [{key: app, operator: In, values: [web, api]}]}]\n",
+        );
+        let named = BTreeMap::new();
+        let mut e = Engine::new("default");
+        let changed = e.update(&pols, &ids, &named, &local);
+        assert_eq!(changed, BTreeSet::from([256, 257, 258]));
+        check_against_full(&e, &pols, &ids, &local);
+
+        // A new identity a peer selector matches: only db's policy changes.
+        ids.push((259, set("shop", "api")));
+        local.insert(259, set("shop", "api"));
+        let changed = e.update(&pols, &ids, &named, &local);
+        assert_eq!(
+            changed,
+            BTreeSet::from([257, 259]),
+            "db gains api; api itself is new"
+        );
+        check_against_full(&e, &pols, &ids, &local);
+
+        // An unrelated identity: nothing changes but the new endpoint.
+        ids.push((260, set("shop", "batch")));
+        local.insert(260, set("shop", "batch"));
+        assert_eq!(e.update(&pols, &ids, &named, &local), BTreeSet::from([260]));
+
+        // A policy selecting cache: only cache changes.
+        pols.extend(policies(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: cache}\nspec:\n  endpointSelector: {matchLabels: {app: cache}}\n  ingress: [{}]\n",
+        ));
+        assert_eq!(e.update(&pols, &ids, &named, &local), BTreeSet::from([258]));
+        check_against_full(&e, &pols, &ids, &local);
+
+        // Removing web's identity takes it out of db's peers.
+        ids.retain(|(id, _)| *id != 256);
+        local.remove(&256);
+        assert_eq!(e.update(&pols, &ids, &named, &local), BTreeSet::from([257]));
+        check_against_full(&e, &pols, &ids, &local);
+        assert!(
+            e.update(&pols, &ids, &named, &local).is_empty(),
+            "no change, no work"
+        );
+    }
+}
