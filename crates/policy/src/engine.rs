@@ -143,8 +143,12 @@ impl Engine {
                     changed_rules.insert((key.clone(), ri));
                 }
                 self.peers.retain(|k, _| &k.0 != key);
-                for rules in self.selecting.values_mut() {
+                for (id, rules) in self.selecting.iter_mut() {
+                    let before = rules.len();
                     rules.retain(|r| &r.0 != key);
+                    if rules.len() != before {
+                        dirty.insert(*id);
+                    }
                 }
             }
             if let Some(new) = policies.get(key) {
@@ -158,7 +162,7 @@ impl Engine {
         {
             let ctx = Context {
                 identities: &ctx_ids,
-                named_ports: named_ports,
+                named_ports,
                 cluster: &self.cluster,
             };
             for key in &changed_policies {
@@ -378,6 +382,12 @@ mod tests {
         ));
         assert_eq!(e.update(&pols, &ids, &named, &local), BTreeSet::from([258]));
         check_against_full(&e, &pols, &ids, &local);
+
+        // Deleting a policy releases what it selected.
+        pols.remove("shop/cache");
+        assert_eq!(e.update(&pols, &ids, &named, &local), BTreeSet::from([258]));
+        check_against_full(&e, &pols, &ids, &local);
+        assert!(!e.policy(258).unwrap().ingress_enforced);
 
         // Removing web's identity takes it out of db's peers.
         ids.retain(|(id, _)| *id != 256);
