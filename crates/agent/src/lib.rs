@@ -545,6 +545,7 @@ impl Agent {
             names.push(p.key());
             s.policies.insert(p.key(), p);
         }
+        s.policy_generation += 1;
         self.commit(&mut s)?;
         for n in &names {
             self.observer.agent_event(format!("POLICY_UPDATED ({n})"));
@@ -631,6 +632,7 @@ impl Agent {
         if s.policies.remove(key).is_none() {
             return Err(invalid(format!("no policy {key:?}")));
         }
+        s.policy_generation += 1;
         self.commit(&mut s)?;
         self.observer.agent_event(format!("POLICY_DELETED ({key})"));
         Ok(())

@@ -123,15 +123,28 @@ impl PolicySync {
     /// Brings the kernel in line with `state`, touching only endpoints whose
     /// policy changed. Returns how many endpoints were rewritten.
     pub fn apply(&mut self, state: &State, dp: &Datapath, cluster: &str) -> Result<usize, Error> {
-        let identities = state.all_identities();
+        // Borrow everything: cloning 5,000 label sets per change would cost
+        // more than the change itself.
+        let cidr = state.cidr_identity_labels();
+        let identities: Vec<(u32, &LabelSet)> = state
+            .identities
+            .iter()
+            .chain(cidr.iter().map(|(id, l)| (*id, l)))
+            .collect();
         let named_ports = state.named_ports();
-        let local: BTreeMap<u32, LabelSet> = state
+        let local: BTreeMap<u32, &LabelSet> = state
             .endpoints
             .values()
-            .map(|e| (e.identity, e.labels.clone()))
+            .map(|e| (e.identity, &e.labels))
             .collect();
         let mut engine = self.engine.take().unwrap_or_else(|| Engine::new(cluster));
-        let changed = engine.update(&state.policies, &identities, &named_ports, &local);
+        let changed = engine.update(&policy::engine::Inputs {
+            policies: &state.policies,
+            policy_generation: state.policy_generation,
+            identities: &identities,
+            named_ports: &named_ports,
+            local: &local,
+        });
         let mut rewritten = 0;
         for ep in state.endpoints.values() {
             let fresh = self.realized_identity.get(&ep.id) != Some(&ep.identity);

@@ -38,6 +38,10 @@ pub struct State {
     /// Node-local CIDR identities, one per prefix the policies name.
     #[serde(default)]
     pub cidr_identities: BTreeMap<IpNet, u32>,
+    /// Bumped whenever `policies` changes (lets the policy engine skip
+    /// comparing every policy on unrelated changes).
+    #[serde(skip)]
+    pub policy_generation: u64,
 }
 
 /// An IPv4 pod CIDR, e.g. 10.200.0.0/24.
@@ -134,25 +138,38 @@ impl State {
     /// Every identity with its labels: reserved, pods, CIDRs.
     pub fn all_identities(&self) -> Vec<(u32, LabelSet)> {
         let mut out = self.identities.all();
-        let prefixes = self.cidr_identities.keys().copied().collect();
-        for (prefix, labels) in policy::cidr::identity_labels(&prefixes) {
-            if let Some(id) = self.cidr_identities.get(&prefix) {
-                out.push((*id, labels));
-            }
-        }
+        out.extend(self.cidr_identity_labels());
         out
+    }
+
+    /// The CIDR identities with their labels.
+    pub fn cidr_identity_labels(&self) -> Vec<(u32, LabelSet)> {
+        let prefixes = self.cidr_identities.keys().copied().collect();
+        policy::cidr::identity_labels(&prefixes)
+            .into_iter()
+            .filter_map(|(prefix, labels)| Some((*self.cidr_identities.get(&prefix)?, labels)))
+            .collect()
     }
 
     /// Declared container ports per identity (union over its endpoints).
     pub fn named_ports(&self) -> BTreeMap<u32, Vec<NamedPort>> {
         let mut out: BTreeMap<u32, Vec<NamedPort>> = BTreeMap::new();
+        let with_ports: Vec<&api::Pod> =
+            self.pods.values().filter(|p| !p.ports.is_empty()).collect();
+        if with_ports.is_empty() {
+            return out;
+        }
         for e in self.endpoints.values() {
-            if let Some(pod) = self.pods.get(&format!("{}/{}", e.namespace, e.pod)) {
-                let ports = out.entry(e.identity).or_default();
-                for p in &pod.ports {
-                    if !ports.contains(p) {
-                        ports.push(p.clone());
-                    }
+            let Some(pod) = with_ports
+                .iter()
+                .find(|p| p.namespace == e.namespace && p.name == e.pod)
+            else {
+                continue;
+            };
+            let ports = out.entry(e.identity).or_default();
+            for p in &pod.ports {
+                if !ports.contains(p) {
+                    ports.push(p.clone());
                 }
             }
         }

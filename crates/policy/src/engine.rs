@@ -20,8 +20,21 @@ type RuleRef = (String, usize);
 /// (policy key, rule index, direction, entry index)
 type PeerKey = (String, usize, Direction, usize);
 
+/// What the engine computes from; everything borrowed from the caller.
+#[derive(Clone, Copy)]
+pub struct Inputs<'a> {
+    pub policies: &'a BTreeMap<String, Policy>,
+    /// Changes whenever `policies` changes (equal: the policy diff is skipped).
+    pub policy_generation: u64,
+    pub identities: &'a [(u32, &'a LabelSet)],
+    pub named_ports: &'a BTreeMap<u32, Vec<NamedPort>>,
+    /// The identities of local endpoints (whose policy is wanted).
+    pub local: &'a BTreeMap<u32, &'a LabelSet>,
+}
+
 #[derive(Default)]
 pub struct Engine {
+    policy_generation: Option<u64>,
     cluster: String,
     policies: BTreeMap<String, Policy>,
     /// Every identity, sorted by number (the `Context` slice).
@@ -90,48 +103,55 @@ impl Engine {
     }
 
     /// Brings the engine in line with the given state; returns the local
-    /// identities whose computed policy changed.
-    pub fn update(
-        &mut self,
-        policies: &BTreeMap<String, Policy>,
-        identities: &[(u32, LabelSet)],
-        named_ports: &BTreeMap<u32, Vec<NamedPort>>,
-        local: &BTreeMap<u32, LabelSet>,
-    ) -> BTreeSet<u32> {
+    /// identities whose computed policy changed. Cheap when little changed:
+    /// nothing is cloned but what is new.
+    pub fn update(&mut self, input: &Inputs<'_>) -> BTreeSet<u32> {
+        let Inputs {
+            policies,
+            policy_generation,
+            identities,
+            named_ports,
+            local,
+        } = *input;
         let mut dirty: BTreeSet<u32> = BTreeSet::new();
 
-        // Which identities changed (added, removed, relabelled).
-        let old_ids: HashMap<u32, &LabelSet> =
-            self.identities.iter().map(|(i, l)| (*i, l)).collect();
-        let new_ids: HashMap<u32, &LabelSet> = identities.iter().map(|(i, l)| (*i, l)).collect();
+        // Which identities changed (added, removed, relabelled): patched in
+        // place in the sorted list.
+        let new_ids: HashMap<u32, &LabelSet> = identities.iter().map(|(i, l)| (*i, *l)).collect();
         let mut changed_ids: BTreeSet<u32> = BTreeSet::new();
-        for (id, l) in &new_ids {
-            if old_ids.get(id) != Some(l) {
-                changed_ids.insert(*id);
+        for (id, l) in identities {
+            match self.identities.binary_search_by_key(id, |(i, _)| *i) {
+                Ok(at) if &self.identities[at].1 == *l => {}
+                Ok(at) => {
+                    self.identities[at].1 = (*l).clone();
+                    changed_ids.insert(*id);
+                }
+                Err(at) => {
+                    self.identities.insert(at, (*id, (*l).clone()));
+                    changed_ids.insert(*id);
+                }
             }
         }
-        for id in old_ids.keys() {
-            if !new_ids.contains_key(id) {
+        self.identities.retain(|(id, _)| {
+            let keep = new_ids.contains_key(id);
+            if !keep {
                 changed_ids.insert(*id);
             }
-        }
-        drop(old_ids);
-        if !changed_ids.is_empty() {
-            let mut sorted = identities.to_vec();
-            sorted.sort_by_key(|(id, _)| *id);
-            self.identities = sorted;
-        }
+            keep
+        });
 
-        // Which policies changed.
+        // Which policies changed (skipped when the generation says none).
+        let unchanged = self.policy_generation == Some(policy_generation);
+        self.policy_generation = Some(policy_generation);
         let mut changed_policies: Vec<String> = policies
             .iter()
-            .filter(|(k, p)| self.policies.get(*k) != Some(*p))
+            .filter(|(k, p)| !unchanged && self.policies.get(*k) != Some(*p))
             .map(|(k, _)| k.clone())
             .collect();
         changed_policies.extend(
             self.policies
                 .keys()
-                .filter(|k| !policies.contains_key(*k))
+                .filter(|k| !unchanged && !policies.contains_key(*k))
                 .cloned(),
         );
 
@@ -222,6 +242,7 @@ impl Engine {
         self.selecting.retain(|id, _| local.contains_key(id));
         self.computed.retain(|id, _| local.contains_key(id));
         for (id, labels) in local {
+            let labels: &LabelSet = labels;
             if self.local.get(id) != Some(labels) {
                 let rules: BTreeSet<RuleRef> = self
                     .policies
@@ -311,6 +332,32 @@ mod tests {
         ])
     }
 
+    /// One update; the policy generation is the policies' own content, so
+    /// that the test never lies about whether they changed.
+    fn run(
+        e: &mut Engine,
+        pols: &BTreeMap<String, Policy>,
+        ids: &[(u32, LabelSet)],
+        local: &BTreeMap<u32, LabelSet>,
+    ) -> BTreeSet<u32> {
+        let named = BTreeMap::new();
+        let id_refs: Vec<(u32, &LabelSet)> = ids.iter().map(|(i, l)| (*i, l)).collect();
+        let local_refs: BTreeMap<u32, &LabelSet> = local.iter().map(|(i, l)| (*i, l)).collect();
+        let generation = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            format!("{pols:?}").hash(&mut h);
+            h.finish()
+        };
+        e.update(&Inputs {
+            policies: pols,
+            policy_generation: generation,
+            identities: &id_refs,
+            named_ports: &named,
+            local: &local_refs,
+        })
+    }
+
     fn policies(yaml: &str) -> BTreeMap<String, Policy> {
         crate::parse("t.yaml", yaml, "shop")
             .unwrap()
@@ -354,16 +401,15 @@ mod tests {
         let mut pols = policies(
             "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: db}\nspec:\n  endpointSelector: {matchLabels: {app: db}}\n  ingress:\n  - fromEndpoints: [{matchExpressions: [{key: app, operator: In, values: [web, api]}]}]\n",
         );
-        let named = BTreeMap::new();
         let mut e = Engine::new("default");
-        let changed = e.update(&pols, &ids, &named, &local);
+        let changed = run(&mut e, &pols, &ids, &local);
         assert_eq!(changed, BTreeSet::from([256, 257, 258]));
         check_against_full(&e, &pols, &ids, &local);
 
         // A new identity a peer selector matches: only db's policy changes.
         ids.push((259, set("shop", "api")));
         local.insert(259, set("shop", "api"));
-        let changed = e.update(&pols, &ids, &named, &local);
+        let changed = run(&mut e, &pols, &ids, &local);
         assert_eq!(
             changed,
             BTreeSet::from([257, 259]),
@@ -374,28 +420,28 @@ mod tests {
         // An unrelated identity: nothing changes but the new endpoint.
         ids.push((260, set("shop", "batch")));
         local.insert(260, set("shop", "batch"));
-        assert_eq!(e.update(&pols, &ids, &named, &local), BTreeSet::from([260]));
+        assert_eq!(run(&mut e, &pols, &ids, &local), BTreeSet::from([260]));
 
         // A policy selecting cache: only cache changes.
         pols.extend(policies(
             "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: cache}\nspec:\n  endpointSelector: {matchLabels: {app: cache}}\n  ingress: [{}]\n",
         ));
-        assert_eq!(e.update(&pols, &ids, &named, &local), BTreeSet::from([258]));
+        assert_eq!(run(&mut e, &pols, &ids, &local), BTreeSet::from([258]));
         check_against_full(&e, &pols, &ids, &local);
 
         // Deleting a policy releases what it selected.
         pols.remove("shop/cache");
-        assert_eq!(e.update(&pols, &ids, &named, &local), BTreeSet::from([258]));
+        assert_eq!(run(&mut e, &pols, &ids, &local), BTreeSet::from([258]));
         check_against_full(&e, &pols, &ids, &local);
         assert!(!e.policy(258).unwrap().ingress_enforced);
 
         // Removing web's identity takes it out of db's peers.
         ids.retain(|(id, _)| *id != 256);
         local.remove(&256);
-        assert_eq!(e.update(&pols, &ids, &named, &local), BTreeSet::from([257]));
+        assert_eq!(run(&mut e, &pols, &ids, &local), BTreeSet::from([257]));
         check_against_full(&e, &pols, &ids, &local);
         assert!(
-            e.update(&pols, &ids, &named, &local).is_empty(),
+            run(&mut e, &pols, &ids, &local).is_empty(),
             "no change, no work"
         );
     }

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 use crate::labels::LabelSet;
 
 /// The reserved identities and their labels.
+static RESERVED: std::sync::LazyLock<Vec<(u32, LabelSet)>> = std::sync::LazyLock::new(reserved);
+
 pub fn reserved() -> Vec<(u32, LabelSet)> {
     (abi::identity::HOST..=abi::identity::WORLD_IPV6)
         .filter_map(|id| Some((id, LabelSet::reserved(abi::identity::reserved_name(id)?))))
@@ -83,6 +85,15 @@ impl Allocator {
                 self.by_labels.remove(labels);
             }
         }
+    }
+
+    /// Every identity with its labels, borrowed: reserved ones first, then
+    /// the allocated ones by number.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &LabelSet)> {
+        let mut local: Vec<(u32, &LabelSet)> =
+            self.by_labels.iter().map(|(l, a)| (a.id, l)).collect();
+        local.sort_by_key(|(id, _)| *id);
+        RESERVED.iter().map(|(id, l)| (*id, l)).chain(local)
     }
 
     /// Every allocated identity with its labels, reserved ones first.
