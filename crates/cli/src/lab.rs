@@ -25,7 +25,24 @@ pub struct LabFile {
     pub pods: Vec<PodSpec>,
     #[serde(default)]
     pub policies: Vec<PolicyRef>,
+    /// Hosts outside the cluster (the `world` for policies): namespaces
+    /// attached straight to the host, with no Fibril endpoint.
+    #[serde(default)]
+    pub externals: Vec<External>,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct External {
+    pub name: String,
+    /// An IPv4 address outside the pod CIDR.
+    pub address: std::net::Ipv4Addr,
+    #[serde(default)]
+    pub command: Vec<String>,
+}
+
+/// The gateway externals route through (link-local, resolved statically).
+const EXTERNAL_GATEWAY: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 1, 1);
 
 fn default_cidr() -> String {
     "10.200.0.0/24".into()
@@ -87,6 +104,16 @@ pub struct LabState {
     pub agent_pid: Option<u32>,
     pub agent_args: Vec<String>,
     pub pods: Vec<PodState>,
+    #[serde(default)]
+    pub externals: Vec<ExternalState>,
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct ExternalState {
+    pub name: String,
+    pub netns: String,
+    pub host_ifname: String,
+    pub pid: Option<u32>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -219,6 +246,33 @@ pub fn parse(path: Option<&Path>) -> anyhow::Result<Lab> {
                 p.name
             );
         }
+    }
+    for (i, x) in file.externals.iter().enumerate() {
+        valid_name(&format!("{name}: externals[{i}].name"), &x.name)?;
+        if let Ok(cidr) = file.pod_cidr.parse::<ipnet::Ipv4Net>() {
+            if cidr.contains(&x.address) {
+                bail!(
+                    "{name}: externals[{i}].address: {} is inside the pod CIDR {cidr}",
+                    x.address
+                );
+            }
+        }
+        if x.address.is_loopback()
+            || x.address.is_unspecified()
+            || x.address.is_multicast()
+            || x.address.is_broadcast()
+        {
+            bail!(
+                "{name}: externals[{i}].address: {} is not a host address",
+                x.address
+            );
+        }
+    }
+    if let Err(e) = file.pod_cidr.parse::<ipnet::Ipv4Net>() {
+        bail!(
+            "{name}: podCIDR: {:?} is not a CIDR (a.b.c.d/n): {e}",
+            file.pod_cidr
+        );
     }
     let mut policies = Vec::new();
     for (i, r) in file.policies.iter().enumerate() {
@@ -443,26 +497,40 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                 },
             )?;
         }
-        for (i, p) in parsed.file.pods.iter().enumerate() {
-            if p.command.is_empty() {
-                continue;
-            }
-            let log = std::fs::File::create(
-                dir.join("pods")
-                    .join(format!("{}_{}.log", p.namespace, p.name)),
+        for x in &parsed.file.externals {
+            let netns = format!("fibril-{lab}-ext-{}", x.name);
+            net::create_netns(&netns)?;
+            let host_ifname = api::host_ifname(&format!("{lab}-external-{}", x.name), "eth0");
+            st.externals.push(ExternalState {
+                name: x.name.clone(),
+                netns: netns.clone(),
+                host_ifname: host_ifname.clone(),
+                pid: None,
+            });
+            save(&st)?;
+            // Attached like a pod, but with no endpoint: to the pods it is
+            // the world.
+            net::setup_pod_veth(
+                &host_ifname,
+                Path::new(&format!("/run/netns/{netns}")),
+                "eth0",
+                x.address,
+                EXTERNAL_GATEWAY,
             )?;
-            let child = Command::new("setsid")
-                .args(["ip", "netns", "exec", &st.pods[i].netns])
-                .arg(resolve(&p.command[0]))
-                .args(&p.command[1..])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .with_context(|| {
-                    format!("starting {:?} in {}/{}", p.command, p.namespace, p.name)
-                })?;
-            st.pods[i].pid = Some(child.id());
+        }
+        for (i, p) in parsed.file.pods.iter().enumerate() {
+            if !p.command.is_empty() {
+                let log = dir
+                    .join("pods")
+                    .join(format!("{}_{}.log", p.namespace, p.name));
+                st.pods[i].pid = Some(spawn_in(&st.pods[i].netns, &p.command, &log)?);
+            }
+        }
+        for (i, x) in parsed.file.externals.iter().enumerate() {
+            if !x.command.is_empty() {
+                let log = dir.join("pods").join(format!("external_{}.log", x.name));
+                st.externals[i].pid = Some(spawn_in(&st.externals[i].netns, &x.command, &log)?);
+            }
         }
         save(&st)?;
         Ok(())
@@ -474,14 +542,36 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Starts `command` in the background inside `netns`, output to `log`.
+fn spawn_in(netns: &str, command: &[String], log: &Path) -> anyhow::Result<u32> {
+    let out = std::fs::File::create(log)?;
+    let child = Command::new("setsid")
+        .args(["ip", "netns", "exec", netns])
+        .arg(resolve(&command[0]))
+        .args(&command[1..])
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("starting {command:?} in {netns}"))?;
+    Ok(child.id())
+}
+
 /// Removes everything `up` created, and nothing else. Safe to run on a
 /// half-created lab.
 pub fn down(lab: &str) -> anyhow::Result<()> {
     let st = load_state(lab)?;
-    for p in &st.pods {
-        if let Some(pid) = p.pid {
-            kill(pid);
-        }
+    for pid in st
+        .pods
+        .iter()
+        .filter_map(|p| p.pid)
+        .chain(st.externals.iter().filter_map(|x| x.pid))
+    {
+        kill(pid);
+    }
+    for x in &st.externals {
+        net::delete_link(&x.host_ifname);
+        net::delete_netns(&x.netns);
     }
     // CNI DEL in reverse order, as a runtime does.
     for p in st.pods.iter().rev() {
@@ -515,6 +605,20 @@ pub fn restart_agent(lab: &str) -> anyhow::Result<()> {
 pub fn exec(lab: &str, target: &str, cmd: &[String]) -> anyhow::Result<i32> {
     let st = load_state(lab)?;
     let (ns, name) = target.split_once('/').unwrap_or(("default", target));
+    if ns == "external" {
+        let x = st
+            .externals
+            .iter()
+            .find(|x| x.name == name)
+            .with_context(|| format!("no external {name} in lab {lab:?}"))?;
+        let first = cmd.first().context("no command given")?;
+        let status = Command::new("ip")
+            .args(["netns", "exec", &x.netns])
+            .arg(resolve(first))
+            .args(&cmd[1..])
+            .status()?;
+        return Ok(status.code().unwrap_or(1));
+    }
     let pod = st
         .pods
         .iter()

@@ -700,3 +700,123 @@ fn policy_language_semantics_hold_in_the_kernel() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("no endpoint for pod x/nobody"));
 }
+
+const WORLD_LAB: &str = r#"
+podCIDR: POD_CIDR_HERE
+pods:
+  - {name: client, namespace: w, labels: {app: client}}
+  - {name: open, namespace: w, labels: {app: open}}
+  - name: web
+    namespace: w
+    labels: {app: web}
+    command: [fibril-echo, http-server, --port, "8080"]
+externals:
+  - {name: inside, address: 192.0.2.10, command: [fibril-echo, http-server, --port, "8080"]}
+  - {name: excepted, address: 192.0.2.200, command: [fibril-echo, http-server, --port, "8080"]}
+policies:
+  - inline: |
+      apiVersion: cilium.io/v2
+      kind: CiliumNetworkPolicy
+      metadata: {name: client-to-cidr, namespace: w}
+      spec:
+        endpointSelector: {matchLabels: {app: client}}
+        egress:
+        - toCIDRSet: [{cidr: 192.0.2.0/24, except: [192.0.2.128/25]}]
+          toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+  - inline: |
+      apiVersion: cilium.io/v2
+      kind: CiliumNetworkPolicy
+      metadata: {name: open-to-world, namespace: w}
+      spec:
+        endpointSelector: {matchLabels: {app: open}}
+        egress:
+        - toEntities: [world]
+  - inline: |
+      apiVersion: cilium.io/v2
+      kind: CiliumNetworkPolicy
+      metadata: {name: web-from-cidr, namespace: w}
+      spec:
+        endpointSelector: {matchLabels: {app: web}}
+        ingress:
+        - fromCIDR: [192.0.2.0/25]
+"#;
+
+#[test]
+fn cidr_sets_with_except_and_the_world_entity_hold_in_the_kernel() {
+    let lab = custom_lab(WORLD_LAB);
+    let log = |f: &str| {
+        std::fs::read_to_string(format!("/run/fibril/labs/{}/pods/{f}.log", lab.name))
+            .unwrap_or_default()
+    };
+    wait_until("servers to listen", || {
+        log("w_web").contains("listening")
+            && log("external_inside").contains("listening")
+            && log("external_excepted").contains("listening")
+    });
+    let get = |from: &str, host: &str, timeout: &str| {
+        let url = format!("http://{host}:8080/");
+        lab.fibril(&[
+            "lab",
+            "exec",
+            from,
+            "--",
+            "fibril-echo",
+            "http-get",
+            "--timeout",
+            timeout,
+            &url,
+        ])
+        .status
+        .success()
+    };
+    let web = lab.ip(4);
+    assert!(get("w/client", "192.0.2.10", "3"), "inside the CIDR set");
+    assert!(!get("w/client", "192.0.2.200", "1"), "in the except range");
+    assert!(
+        !get("w/client", &web, "1"),
+        "a CIDR rule never selects a pod"
+    );
+    assert!(
+        get("w/open", "192.0.2.200", "3"),
+        "world includes every CIDR identity"
+    );
+    assert!(!get("w/open", &web, "1"), "pods are not the world");
+    assert!(
+        get("external/inside", &web, "3"),
+        "fromCIDR 192.0.2.0/25 admits .10"
+    );
+    assert!(!get("external/excepted", &web, "1"), "and not .200");
+    assert!(
+        !log("w_web").contains("accepted 192.0.2.200"),
+        "the kernel dropped it before the socket"
+    );
+
+    let flows = lab.flows();
+    let drop = flows
+        .iter()
+        .find(|f| f["verdict"] == "DROPPED" && f["IP"]["destination"] == "192.0.2.200")
+        .expect("the drop to the excepted address");
+    let id = drop["destination"]["identity"].as_u64().unwrap();
+    assert!(id > 1 << 24, "a node-local CIDR identity, found {id}");
+    let from_world = flows
+        .iter()
+        .find(|f| f["verdict"] == "DROPPED" && f["IP"]["source"] == "192.0.2.200")
+        .expect("the drop from the excepted address");
+    assert_eq!(from_world["destination"]["pod_name"], "web");
+    let out = lab.fibril(&[
+        "policy",
+        "trace",
+        "--from",
+        "w/client",
+        "--to",
+        "192.0.2.200",
+        "--port",
+        "8080/TCP",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("default deny: selected by w/client-to-cidr"),
+        "{text}"
+    );
+}

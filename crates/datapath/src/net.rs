@@ -173,6 +173,13 @@ pub fn setup_pod_veth(
                 &format!("net.ipv6.conf.{host_ifname}.disable_ipv6=1"),
             ],
         )?;
+        // Traffic to addresses outside the node goes through the host stack:
+        // forwarding on this interface only (the host's global setting and
+        // every other interface stay as they are).
+        run(
+            "sysctl",
+            &["-qw", &format!("net.ipv4.conf.{host_ifname}.forwarding=1")],
+        )?;
         ip(&["link", "set", host_ifname, "up"])?;
         let host_out = ip(&["-o", "link", "show", host_ifname])?;
         let host_mac = parse_mac("ip link show", &host_out)?;
