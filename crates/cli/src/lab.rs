@@ -267,12 +267,32 @@ pub fn parse(path: Option<&Path>) -> anyhow::Result<Lab> {
                 x.address
             );
         }
+        // Never shadow a network this host is really on: the external's /32
+        // route would take traffic meant for a real neighbour.
+        for (addr, len) in net::host_ipv4_networks()? {
+            let host_net = ipnet::Ipv4Net::new(addr, len).map(|n| n.trunc());
+            if host_net.is_ok_and(|n| n.contains(&x.address)) {
+                bail!(
+                    "{name}: externals[{i}].address: {} is on a network this host is attached to ({addr}/{len}); pick an address outside it (e.g. 203.0.113.0/24)",
+                    x.address
+                );
+            }
+        }
     }
     if let Err(e) = file.pod_cidr.parse::<ipnet::Ipv4Net>() {
         bail!(
             "{name}: podCIDR: {:?} is not a CIDR (a.b.c.d/n): {e}",
             file.pod_cidr
         );
+    }
+    if let Ok(cidr) = file.pod_cidr.parse::<ipnet::Ipv4Net>() {
+        for (addr, len) in net::host_ipv4_networks()? {
+            if let Ok(host_net) = ipnet::Ipv4Net::new(addr, len).map(|n| n.trunc()) {
+                if host_net.contains(&cidr.network()) || cidr.contains(&host_net.network()) {
+                    bail!("{name}: podCIDR: {cidr} overlaps {host_net}, a network this host is attached to");
+                }
+            }
+        }
     }
     let mut policies = Vec::new();
     for (i, r) in file.policies.iter().enumerate() {

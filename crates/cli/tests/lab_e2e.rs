@@ -711,8 +711,8 @@ pods:
     labels: {app: web}
     command: [fibril-echo, http-server, --port, "8080"]
 externals:
-  - {name: inside, address: 192.0.2.10, command: [fibril-echo, http-server, --port, "8080"]}
-  - {name: excepted, address: 192.0.2.200, command: [fibril-echo, http-server, --port, "8080"]}
+  - {name: inside, address: 203.0.113.10, command: [fibril-echo, http-server, --port, "8080"]}
+  - {name: excepted, address: 203.0.113.200, command: [fibril-echo, http-server, --port, "8080"]}
 policies:
   - inline: |
       apiVersion: cilium.io/v2
@@ -721,7 +721,7 @@ policies:
       spec:
         endpointSelector: {matchLabels: {app: client}}
         egress:
-        - toCIDRSet: [{cidr: 192.0.2.0/24, except: [192.0.2.128/25]}]
+        - toCIDRSet: [{cidr: 203.0.113.0/24, except: [203.0.113.128/25]}]
           toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
   - inline: |
       apiVersion: cilium.io/v2
@@ -738,7 +738,7 @@ policies:
       spec:
         endpointSelector: {matchLabels: {app: web}}
         ingress:
-        - fromCIDR: [192.0.2.0/25]
+        - fromCIDR: [203.0.113.0/25]
 "#;
 
 #[test]
@@ -770,37 +770,40 @@ fn cidr_sets_with_except_and_the_world_entity_hold_in_the_kernel() {
         .success()
     };
     let web = lab.ip(4);
-    assert!(get("w/client", "192.0.2.10", "3"), "inside the CIDR set");
-    assert!(!get("w/client", "192.0.2.200", "1"), "in the except range");
+    assert!(get("w/client", "203.0.113.10", "3"), "inside the CIDR set");
+    assert!(
+        !get("w/client", "203.0.113.200", "1"),
+        "in the except range"
+    );
     assert!(
         !get("w/client", &web, "1"),
         "a CIDR rule never selects a pod"
     );
     assert!(
-        get("w/open", "192.0.2.200", "3"),
+        get("w/open", "203.0.113.200", "3"),
         "world includes every CIDR identity"
     );
     assert!(!get("w/open", &web, "1"), "pods are not the world");
     assert!(
         get("external/inside", &web, "3"),
-        "fromCIDR 192.0.2.0/25 admits .10"
+        "fromCIDR 203.0.113.0/25 admits .10"
     );
     assert!(!get("external/excepted", &web, "1"), "and not .200");
     assert!(
-        !log("w_web").contains("accepted 192.0.2.200"),
+        !log("w_web").contains("accepted 203.0.113.200"),
         "the kernel dropped it before the socket"
     );
 
     let flows = lab.flows();
     let drop = flows
         .iter()
-        .find(|f| f["verdict"] == "DROPPED" && f["IP"]["destination"] == "192.0.2.200")
+        .find(|f| f["verdict"] == "DROPPED" && f["IP"]["destination"] == "203.0.113.200")
         .expect("the drop to the excepted address");
     let id = drop["destination"]["identity"].as_u64().unwrap();
     assert!(id > 1 << 24, "a node-local CIDR identity, found {id}");
     let from_world = flows
         .iter()
-        .find(|f| f["verdict"] == "DROPPED" && f["IP"]["source"] == "192.0.2.200")
+        .find(|f| f["verdict"] == "DROPPED" && f["IP"]["source"] == "203.0.113.200")
         .expect("the drop from the excepted address");
     assert_eq!(from_world["destination"]["pod_name"], "web");
     let out = lab.fibril(&[
@@ -809,7 +812,7 @@ fn cidr_sets_with_except_and_the_world_entity_hold_in_the_kernel() {
         "--from",
         "w/client",
         "--to",
-        "192.0.2.200",
+        "203.0.113.200",
         "--port",
         "8080/TCP",
     ]);

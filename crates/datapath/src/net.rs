@@ -248,6 +248,19 @@ pub fn host_ipv4_addresses() -> Result<Vec<Ipv4Addr>, NetError> {
         .collect())
 }
 
+/// The IPv4 networks directly connected to the host (address/prefix).
+pub fn host_ipv4_networks() -> Result<Vec<(Ipv4Addr, u8)>, NetError> {
+    let out = ip(&["-o", "-4", "addr", "show"])?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace().skip_while(|w| *w != "inet");
+            let (addr, len) = w.nth(1)?.split_once('/')?;
+            Some((addr.parse().ok()?, len.parse().ok()?))
+        })
+        .collect())
+}
+
 /// The MAC and IPv4 addresses of `ifname` inside `netns`, if it exists.
 pub fn pod_interface(netns: &Path, ifname: &str) -> Result<([u8; 6], Vec<Ipv4Addr>), NetError> {
     let out = ip_in(netns, &["-o", "link", "show", ifname])?;
