@@ -129,6 +129,7 @@ fn main() -> anyhow::Result<()> {
         identities: &id_refs,
         named_ports: &named,
         local: &local,
+        audit_namespaces: &Default::default(),
     });
     let full = t.elapsed();
     let entries: usize = touched

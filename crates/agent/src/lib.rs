@@ -274,6 +274,16 @@ impl Agent {
             }
             Request::PolicyDelete { key } => self.policy_delete(&key).map(|_| Response::Ok),
             Request::PolicyTrace(t) => self.policy_trace(&t),
+            Request::NamespaceAudit { namespace, audit } => {
+                let mut s = self.lock_state();
+                let changed = if audit {
+                    s.audit_namespaces.insert(namespace.clone())
+                } else {
+                    s.audit_namespaces.remove(&namespace)
+                };
+                let done = if changed { self.commit(&mut s) } else { Ok(()) };
+                done.map(|_| Response::Ok)
+            }
             Request::Observe(_) => Err(invalid("observe is served as a stream")),
         };
         result.unwrap_or_else(|e| Response::Error {
@@ -295,6 +305,12 @@ impl Agent {
             flow_capacity: self.config.flow_capacity,
             events_lost_kernel: self.datapath.events_lost(),
             ct_entries: self.datapath.ct_entries(),
+            policy_overflows: self
+                .policy
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .overflowed
+                .len(),
             uptime_seconds: self.started.elapsed().as_secs(),
         }
     }
@@ -523,6 +539,7 @@ impl Agent {
                     ingress_enforced: computed.is_some_and(|c| c.ingress_enforced),
                     egress_enforced: computed.is_some_and(|c| c.egress_enforced),
                     policy_entries: computed.map_or(0, |c| c.entries.len()),
+                    policy_overflow: policy.overflowed.contains(&e.id),
                 }
             })
             .collect()

@@ -144,6 +144,7 @@ impl PolicySync {
             identities: &identities,
             named_ports: &named_ports,
             local: &local,
+            audit_namespaces: &state.audit_namespaces,
         });
         let mut rewritten = 0;
         for ep in state.endpoints.values() {

@@ -42,6 +42,10 @@ pub struct State {
     /// comparing every policy on unrelated changes).
     #[serde(skip)]
     pub policy_generation: u64,
+    /// Namespaces in audit mode: policy drops there are forwarded and
+    /// reported with verdict AUDIT.
+    #[serde(default)]
+    pub audit_namespaces: std::collections::BTreeSet<String>,
 }
 
 /// An IPv4 pod CIDR, e.g. 10.200.0.0/24.

@@ -66,6 +66,11 @@ pub enum Request {
     /// Explains the verdict for a connection between two pods (or a pod
     /// and an address), with the rule that decides it.
     PolicyTrace(TraceRequest),
+    /// Puts a namespace in (or out of) audit mode.
+    NamespaceAudit {
+        namespace: String,
+        audit: bool,
+    },
     Observe(ObserveRequest),
 }
 
@@ -135,6 +140,8 @@ pub struct EndpointInfo {
     pub ingress_enforced: bool,
     pub egress_enforced: bool,
     pub policy_entries: usize,
+    /// Its policy did not fit the policy map: it fails closed.
+    pub policy_overflow: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -155,6 +162,8 @@ pub struct StatusInfo {
     pub flow_capacity: usize,
     pub events_lost_kernel: u64,
     pub ct_entries: usize,
+    /// Endpoints failing closed because their policy did not fit.
+    pub policy_overflows: usize,
     pub uptime_seconds: u64,
 }
 

@@ -54,6 +54,9 @@ pub struct Namespace {
     pub name: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Audit mode for the namespace's policies.
+    #[serde(rename = "auditMode", default)]
+    pub audit_mode: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -466,6 +469,15 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
             .map(|n| (n.name.as_str(), &n.labels))
             .collect();
         let empty = BTreeMap::new();
+        for n in parsed.file.namespaces.iter().filter(|n| n.audit_mode) {
+            api::call(
+                &sock,
+                &api::Request::NamespaceAudit {
+                    namespace: n.name.clone(),
+                    audit: true,
+                },
+            )?;
+        }
         for p in &parsed.file.pods {
             let netns = format!("fibril-{lab}-{}-{}", p.namespace, p.name);
             let pod = PodState {

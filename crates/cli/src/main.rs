@@ -106,6 +106,13 @@ enum PolicyCmd {
     Delete {
         key: String,
     },
+    /// Put a namespace in audit mode: what policy would drop there is
+    /// forwarded and reported with verdict AUDIT (`--off` ends it).
+    Audit {
+        namespace: String,
+        #[arg(long)]
+        off: bool,
+    },
     /// Explain the verdict for a connection and the rule that decides it.
     Trace {
         /// `namespace/pod` or an IPv4 address.
@@ -204,6 +211,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 println!("Identities:    {}", s.identities);
                 println!("Policies:      {}", s.policies);
                 println!("Conntrack:     {} entries", s.ct_entries);
+                if s.policy_overflows > 0 {
+                    println!(
+                        "Policy:        {} endpoint(s) FAIL CLOSED: their policy does not fit the policy map (see `fibril endpoint list`)",
+                        s.policy_overflows
+                    );
+                }
                 println!(
                     "Flows:         {}/{} (Seen {}, kernel events lost {})",
                     s.flows_buffered, s.flow_capacity, s.flows_seen, s.events_lost_kernel
@@ -341,6 +354,17 @@ fn policy_cmd(
                     }
                 }
             }
+            Ok(0)
+        }
+        PolicyCmd::Audit { namespace, off } => {
+            call(Request::NamespaceAudit {
+                namespace: namespace.clone(),
+                audit: !off,
+            })?;
+            println!(
+                "namespace {namespace}: audit mode {}",
+                if off { "off" } else { "on" }
+            );
             Ok(0)
         }
         PolicyCmd::Trace { from, to, port } => {

@@ -823,3 +823,118 @@ fn cidr_sets_with_except_and_the_world_entity_hold_in_the_kernel() {
         "{text}"
     );
 }
+
+const AUDIT_AND_OVERFLOW_LAB: &str = r#"
+podCIDR: POD_CIDR_HERE
+namespaces:
+  - {name: aud, auditMode: true}
+pods:
+  - {name: srv, namespace: aud, labels: {app: srv}, command: [fibril-echo, http-server, --port, "8080"]}
+  - {name: cli, namespace: aud, labels: {app: cli}}
+  - {name: bsrv, namespace: big, labels: {app: bsrv}, command: [fibril-echo, http-server, --port, "8080"]}
+  - {name: bcli, namespace: big, labels: {app: bcli}}
+policies:
+  - inline: |
+      apiVersion: cilium.io/v2
+      kind: CiliumNetworkPolicy
+      metadata: {name: lock-srv, namespace: aud}
+      spec:
+        endpointSelector: {matchLabels: {app: srv}}
+        ingress: [{}]
+"#;
+
+#[test]
+fn namespace_audit_mode_and_policy_map_overflow() {
+    let lab = custom_lab(AUDIT_AND_OVERFLOW_LAB);
+    let log = |f: &str| {
+        std::fs::read_to_string(format!("/run/fibril/labs/{}/pods/{f}.log", lab.name))
+            .unwrap_or_default()
+    };
+    wait_until("servers", || {
+        log("aud_srv").contains("listening") && log("big_bsrv").contains("listening")
+    });
+    let get = |from: &str, ip: u8, timeout: &str| {
+        let url = format!("http://{}:8080/", lab.ip(ip));
+        lab.fibril(&[
+            "lab",
+            "exec",
+            from,
+            "--",
+            "fibril-echo",
+            "http-get",
+            "--timeout",
+            timeout,
+            &url,
+        ])
+        .status
+        .success()
+    };
+    // srv .2, cli .3, bsrv .4, bcli .5
+    assert!(
+        get("aud/cli", 2, "3"),
+        "audit mode forwards what the policy would drop"
+    );
+    wait_until("the AUDIT flow", || {
+        lab.flows()
+            .iter()
+            .any(|f| f["verdict"] == "AUDIT" && f["destination"]["pod_name"] == "srv")
+    });
+    let off = lab.fibril(&["policy", "audit", "aud", "--off"]);
+    assert!(off.status.success());
+    assert!(
+        !get("aud/cli", 2, "1"),
+        "out of audit mode the policy drops"
+    );
+
+    // 16,400 allowed ports (8080 among them) cannot fit the 16,384 entries
+    // of an endpoint's policy map: the endpoint fails closed, loudly.
+    assert!(get("big/bcli", 4, "3"));
+    let to_ports: Vec<String> = (0..410)
+        .map(|c| {
+            let ports: Vec<String> = (0..40)
+                .map(|i| format!("{{port: \"{}\", protocol: TCP}}", 8080 + c * 40 + i))
+                .collect();
+            format!("{{ports: [{}]}}", ports.join(", "))
+        })
+        .collect();
+    let big = lab.dir.join("big.yaml");
+    std::fs::write(
+        &big,
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: too-big, namespace: big}}\nspec:\n  endpointSelector: {{matchLabels: {{app: bsrv}}}}\n  ingress:\n  - toPorts: [{}]\n",
+            to_ports.join(", ")
+        ),
+    )
+    .unwrap();
+    let out = lab.fibril(&["policy", "import", big.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !get("big/bcli", 4, "1"),
+        "fails closed although 8080 is allowed"
+    );
+    let status = String::from_utf8(lab.fibril(&["status"]).stdout).unwrap();
+    assert!(status.contains("1 endpoint(s) FAIL CLOSED"), "{status}");
+    let eps = lab.endpoints();
+    let bsrv = eps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["pod_name"] == "bsrv")
+        .unwrap();
+    assert_eq!(bsrv["policy_overflow"], true);
+    let agent_log =
+        std::fs::read_to_string(format!("/run/fibril/labs/{}/agent.log", lab.name)).unwrap();
+    assert!(agent_log.contains("policy map would overflow"));
+    // Removing the policy heals it.
+    assert!(lab
+        .fibril(&["policy", "delete", "big/too-big"])
+        .status
+        .success());
+    assert!(get("big/bcli", 4, "3"));
+    let status = String::from_utf8(lab.fibril(&["status"]).stdout).unwrap();
+    assert!(!status.contains("FAIL CLOSED"), "{status}");
+}

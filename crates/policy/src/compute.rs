@@ -215,6 +215,8 @@ pub struct Context<'a> {
     pub named_ports: &'a BTreeMap<u32, Vec<NamedPort>>,
     /// This cluster's name (the `cluster` entity).
     pub cluster: &'a str,
+    /// Namespaces in audit mode.
+    pub audit_namespaces: &'a std::collections::BTreeSet<String>,
 }
 
 /// Splits a port range into maximal aligned power-of-two blocks:
@@ -380,6 +382,23 @@ fn resolve_named(ports: Option<&Vec<NamedPort>>, name: &str) -> Vec<(u8, u16)> {
 
 /// Computes one endpoint's policy. `identity` and `labels` are the
 /// endpoint's own.
+/// Audit mode for a whole namespace: every drop the policy would make in
+/// either direction is forwarded and reported with verdict AUDIT.
+pub fn audit_everything(p: &mut EndpointPolicy) {
+    p.ingress_audit = p.ingress_enforced;
+    p.egress_audit = p.egress_enforced;
+    for v in p.entries.values_mut() {
+        if v.deny {
+            v.audit = true;
+        }
+    }
+}
+
+/// The namespace an identity's labels place it in.
+pub fn namespace_of(labels: &LabelSet) -> Option<&str> {
+    labels.values("k8s", crate::labels::NAMESPACE_LABEL).next()
+}
+
 pub fn endpoint_policy(
     identity: u32,
     labels: &LabelSet,
@@ -391,9 +410,13 @@ pub fn endpoint_policy(
         .flat_map(|p| p.rules.iter().enumerate().map(move |(i, r)| (p, i, r)))
         .filter(|(_, _, r)| r.selector.matches(labels))
         .collect();
-    compute_selected(identity, &selecting, ctx, &|_, _, _, _, pr| {
+    let mut out = compute_selected(identity, &selecting, ctx, &|_, _, _, _, pr| {
         resolve_peers(pr, ctx)
-    })
+    });
+    if namespace_of(labels).is_some_and(|ns| ctx.audit_namespaces.contains(ns)) {
+        audit_everything(&mut out);
+    }
+    out
 }
 
 /// A rule selecting an endpoint: the policy, the rule's index, the rule.

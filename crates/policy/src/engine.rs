@@ -10,7 +10,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::compute::{
-    compute_selected, peer_selects, resolve_peers, Context, Direction, EndpointPolicy, Selected,
+    audit_everything, compute_selected, namespace_of, peer_selects, resolve_peers, Context,
+    Direction, EndpointPolicy, Selected,
 };
 use crate::labels::LabelSet;
 use crate::model::{NamedPort, PeerRule, Policy, Port};
@@ -30,11 +31,14 @@ pub struct Inputs<'a> {
     pub named_ports: &'a BTreeMap<u32, Vec<NamedPort>>,
     /// The identities of local endpoints (whose policy is wanted).
     pub local: &'a BTreeMap<u32, &'a LabelSet>,
+    /// Namespaces in audit mode.
+    pub audit_namespaces: &'a BTreeSet<String>,
 }
 
 #[derive(Default)]
 pub struct Engine {
     policy_generation: Option<u64>,
+    audit_namespaces: BTreeSet<String>,
     cluster: String,
     policies: BTreeMap<String, Policy>,
     /// Every identity, sorted by number (the `Context` slice).
@@ -99,6 +103,7 @@ impl Engine {
             identities: &self.identities,
             named_ports: &self.named_ports,
             cluster: &self.cluster,
+            audit_namespaces: &self.audit_namespaces,
         }
     }
 
@@ -112,8 +117,21 @@ impl Engine {
             identities,
             named_ports,
             local,
+            audit_namespaces,
         } = *input;
         let mut dirty: BTreeSet<u32> = BTreeSet::new();
+        if &self.audit_namespaces != audit_namespaces {
+            let flipped: BTreeSet<&String> = self
+                .audit_namespaces
+                .symmetric_difference(audit_namespaces)
+                .collect();
+            for (id, labels) in &self.local {
+                if namespace_of(labels).is_some_and(|ns| flipped.iter().any(|f| f.as_str() == ns)) {
+                    dirty.insert(*id);
+                }
+            }
+            self.audit_namespaces = audit_namespaces.clone();
+        }
 
         // Which identities changed (added, removed, relabelled): patched in
         // place in the sorted list.
@@ -184,6 +202,7 @@ impl Engine {
                 identities: &ctx_ids,
                 named_ports,
                 cluster: &self.cluster,
+                audit_namespaces,
             };
             for key in &changed_policies {
                 if let Some(p) = self.policies.get(key) {
@@ -309,7 +328,11 @@ impl Engine {
                     .cloned()
                     .unwrap_or_default()
             };
-            let computed = compute_selected(id, &selected, &self.ctx(), &resolve);
+            let mut computed = compute_selected(id, &selected, &self.ctx(), &resolve);
+            let ns = self.local.get(&id).and_then(|l| namespace_of(l));
+            if ns.is_some_and(|ns| self.audit_namespaces.contains(ns)) {
+                audit_everything(&mut computed);
+            }
             if self.computed.get(&id) != Some(&computed) {
                 self.computed.insert(id, computed);
                 changed.insert(id);
@@ -355,6 +378,7 @@ mod tests {
             identities: &id_refs,
             named_ports: &named,
             local: &local_refs,
+            audit_namespaces: &Default::default(),
         })
     }
 
@@ -376,10 +400,12 @@ mod tests {
     ) {
         let list: Vec<Policy> = pols.values().cloned().collect();
         let named = BTreeMap::new();
+        let audit = Default::default();
         let ctx = Context {
             identities: ids,
             named_ports: &named,
             cluster: "default",
+            audit_namespaces: &audit,
         };
         for (id, labels) in local {
             assert_eq!(

@@ -7,7 +7,10 @@
 use std::collections::BTreeMap;
 
 use fibril_policy::identity::Allocator;
-use fibril_policy::{endpoint_policy, parse, pod_identity_labels, Context, Decision, Direction, LabelSet, PodMeta, Policy};
+use fibril_policy::{
+    endpoint_policy, parse, pod_identity_labels, Context, Decision, Direction, LabelSet, PodMeta,
+    Policy,
+};
 use proptest::prelude::*;
 
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
@@ -38,8 +41,12 @@ impl Sel {
             Sel::All => "{}".into(),
             // Quoted: YAML 1.1 reads a bare `y` as a boolean.
             Sel::Is(a) => format!("{{matchLabels: {{{key}: \"{a}\"}}}}"),
-            Sel::In(a, b) => format!("{{matchExpressions: [{{key: {key}, operator: In, values: [\"{a}\", \"{b}\"]}}]}}"),
-            Sel::NotIn(a) => format!("{{matchExpressions: [{{key: {key}, operator: NotIn, values: [\"{a}\"]}}]}}"),
+            Sel::In(a, b) => format!(
+                "{{matchExpressions: [{{key: {key}, operator: In, values: [\"{a}\", \"{b}\"]}}]}}"
+            ),
+            Sel::NotIn(a) => format!(
+                "{{matchExpressions: [{{key: {key}, operator: NotIn, values: [\"{a}\"]}}]}}"
+            ),
         }
     }
 }
@@ -81,20 +88,32 @@ fn sel(names: &'static [&'static str; 3]) -> impl Strategy<Value = Sel> {
 }
 
 fn peer() -> impl Strategy<Value = Peer> {
-    (proptest::option::of(sel(&PODS)), proptest::option::of(sel(&NAMESPACES)))
-        .prop_filter("a peer needs a selector", |(p, n)| p.is_some() || n.is_some())
+    (
+        proptest::option::of(sel(&PODS)),
+        proptest::option::of(sel(&NAMESPACES)),
+    )
+        .prop_filter("a peer needs a selector", |(p, n)| {
+            p.is_some() || n.is_some()
+        })
         .prop_map(|(pods, namespaces)| Peer { pods, namespaces })
 }
 
 fn port_rule() -> impl Strategy<Value = PortRule> {
-    (proptest::option::of(0..3usize), proptest::option::of(0..2usize)).prop_map(|(pr, po)| PortRule {
-        protocol: pr.map(|i| PROTOCOLS[i].0),
-        port: po.map(|i| PORTS[i]),
-    })
+    (
+        proptest::option::of(0..3usize),
+        proptest::option::of(0..2usize),
+    )
+        .prop_map(|(pr, po)| PortRule {
+            protocol: pr.map(|i| PROTOCOLS[i].0),
+            port: po.map(|i| PORTS[i]),
+        })
 }
 
 fn np_rule() -> impl Strategy<Value = NpRule> {
-    (proptest::option::of(prop::collection::vec(peer(), 0..3)), proptest::option::of(prop::collection::vec(port_rule(), 0..3)))
+    (
+        proptest::option::of(prop::collection::vec(peer(), 0..3)),
+        proptest::option::of(prop::collection::vec(port_rule(), 0..3)),
+    )
         .prop_map(|(peers, ports)| NpRule { peers, ports })
 }
 
@@ -102,7 +121,9 @@ fn np() -> impl Strategy<Value = Np> {
     (
         0..3usize,
         sel(&PODS),
-        proptest::option::of((any::<bool>(), any::<bool>()).prop_filter("non-empty", |(i, e)| *i || *e)),
+        proptest::option::of(
+            (any::<bool>(), any::<bool>()).prop_filter("non-empty", |(i, e)| *i || *e),
+        ),
         proptest::option::of(prop::collection::vec(np_rule(), 0..3)),
         proptest::option::of(prop::collection::vec(np_rule(), 0..3)),
     )
@@ -179,7 +200,13 @@ fn yaml(i: usize, p: &Np) -> String {
 
 /// The reference: Kubernetes NetworkPolicy semantics, straight from the
 /// API documentation, on (namespace, pod) pairs.
-fn k8s_allows(policies: &[Np], src: (&str, &str), dst: (&str, &str), proto: &str, port: u16) -> bool {
+fn k8s_allows(
+    policies: &[Np],
+    src: (&str, &str),
+    dst: (&str, &str),
+    proto: &str,
+    port: u16,
+) -> bool {
     let types = |p: &Np| {
         p.types
             .unwrap_or((true, p.egress.as_ref().is_some_and(|e| !e.is_empty())))
@@ -199,9 +226,9 @@ fn k8s_allows(policies: &[Np], src: (&str, &str), dst: (&str, &str), proto: &str
         let ports_ok = match &r.ports {
             None => true,
             Some(v) if v.is_empty() => true,
-            Some(v) => v
-                .iter()
-                .any(|po| po.protocol.unwrap_or("TCP") == proto && po.port.is_none_or(|n| n == port)),
+            Some(v) => v.iter().any(|po| {
+                po.protocol.unwrap_or("TCP") == proto && po.port.is_none_or(|n| n == port)
+            }),
         };
         peers_ok && ports_ok
     };
@@ -256,7 +283,8 @@ proptest! {
             policies.extend(parsed.policies);
         }
         let named = BTreeMap::new();
-        let ctx = Context { identities: &identities, named_ports: &named, cluster: "default" };
+        let audit = Default::default();
+        let ctx = Context { identities: &identities, named_ports: &named, cluster: "default", audit_namespaces: &audit };
         let computed: Vec<_> = pods.iter().map(|(_, id, l)| endpoint_policy(*id, l, &policies, &ctx)).collect();
         let passes = |d: Decision| matches!(d, Decision::NotEnforced | Decision::Allowed { .. });
         for (si, (src, src_id, _)) in pods.iter().enumerate() {

@@ -49,10 +49,12 @@ impl World {
             .find(|(_, l)| l == labels)
             .map_or(0, |(id, _)| *id);
         let named = BTreeMap::new();
+        let audit = Default::default();
         let ctx = Context {
             identities: &self.ids,
             named_ports: &named,
             cluster: "default",
+            audit_namespaces: &audit,
         };
         endpoint_policy(identity, labels, policies, &ctx)
     }
@@ -255,7 +257,10 @@ fn enable_default_deny_false_keeps_the_direction_open() {
     );
     assert!(!pol.ingress_enforced, "not default-deny");
     assert_eq!(pol.entries.len(), 1, "its allows still exist");
-    assert!(pol.decide(w.id("shop", "other"), Direction::Ingress, 6, 80) == fibril_policy::Decision::NotEnforced);
+    assert!(
+        pol.decide(w.id("shop", "other"), Direction::Ingress, 6, 80)
+            == fibril_policy::Decision::NotEnforced
+    );
 }
 
 #[test]
@@ -277,7 +282,11 @@ fn icmp_types_and_entities_become_entries() {
         &backend,
         &policies(&cnp("  ingress:\n  - fromEntities: [world, host]\n    icmps: [{fields: [{type: 8}, {type: EchoReply, family: IPv4}, {type: EchoRequest, family: IPv6}]}]\n")),
     );
-    let mut got: Vec<(u32, u8, u16)> = pol.entries.keys().map(|k| (k.identity, k.protocol, k.port)).collect();
+    let mut got: Vec<(u32, u8, u16)> = pol
+        .entries
+        .keys()
+        .map(|k| (k.identity, k.protocol, k.port))
+        .collect();
     got.sort();
     let mut want = vec![];
     for id in [1, 2, 9, 10] {
@@ -286,13 +295,22 @@ fn icmp_types_and_entities_become_entries() {
     want.sort();
     assert_eq!(got, want);
     // `cluster` selects the reserved in-cluster identities and every pod of this cluster.
-    let pol = w.compute(&backend, &policies(&cnp("  ingress:\n  - fromEntities: [cluster]\n")));
+    let pol = w.compute(
+        &backend,
+        &policies(&cnp("  ingress:\n  - fromEntities: [cluster]\n")),
+    );
     let ids: Vec<u32> = pol.entries.keys().map(|k| k.identity).collect();
     assert!(ids.contains(&1) && ids.contains(&6) && ids.contains(&w.id("ops", "frontend")));
     assert!(!ids.contains(&2), "world is not the cluster");
     // `all` is the wildcard identity.
-    let pol = w.compute(&backend, &policies(&cnp("  ingress:\n  - fromEntities: [all]\n")));
-    assert_eq!(pol.entries.keys().map(|k| k.identity).collect::<Vec<_>>(), vec![0]);
+    let pol = w.compute(
+        &backend,
+        &policies(&cnp("  ingress:\n  - fromEntities: [all]\n")),
+    );
+    assert_eq!(
+        pol.entries.keys().map(|k| k.identity).collect::<Vec<_>>(),
+        vec![0]
+    );
     for bad in ["  ingress:\n  - fromEntities: [everything]\n", "  ingress:\n  - fromEntities: [world]\n    icmps: [{fields: [{type: 300}]}]\n", "  ingress:\n  - icmps: [{fields: [{type: 8}]}]\n    toPorts: [{ports: [{port: \"80\"}]}]\n"] {
         assert!(parse("x.yaml", &cnp(bad), "shop").is_err(), "{bad}");
     }
@@ -307,25 +325,48 @@ fn kubernetes_network_policy_translation() {
     let w = World::new();
     let backend = labels("shop", &[("app", "backend")]);
     // No policyTypes and no egress: ingress only; `ingress: []` denies all ingress.
-    let pol = w.compute(&backend, &knp("  podSelector: {matchLabels: {app: backend}}\n"));
+    let pol = w.compute(
+        &backend,
+        &knp("  podSelector: {matchLabels: {app: backend}}\n"),
+    );
     assert!(pol.ingress_enforced && !pol.egress_enforced && pol.entries.is_empty());
     // policyTypes [Egress] only: ingress stays open.
-    let pol = w.compute(&backend, &knp("  podSelector: {}\n  policyTypes: [Egress]\n"));
+    let pol = w.compute(
+        &backend,
+        &knp("  podSelector: {}\n  policyTypes: [Egress]\n"),
+    );
     assert!(!pol.ingress_enforced && pol.egress_enforced);
     // An empty `from` is everything, including the world; ports default to TCP.
-    let pol = w.compute(&backend, &knp("  podSelector: {}\n  ingress:\n  - ports: [{port: 80}, {protocol: UDP}]\n"));
+    let pol = w.compute(
+        &backend,
+        &knp("  podSelector: {}\n  ingress:\n  - ports: [{port: 80}, {protocol: UDP}]\n"),
+    );
     let keys: Vec<EntryKey> = pol.entries.keys().copied().collect();
-    assert_eq!(keys, vec![key(0, Direction::Ingress, 6, 80), key(0, Direction::Ingress, 17, 0)]);
+    assert_eq!(
+        keys,
+        vec![
+            key(0, Direction::Ingress, 6, 80),
+            key(0, Direction::Ingress, 17, 0)
+        ]
+    );
     // namespaceSelector: {} is every pod of every namespace, not the world.
-    let pol = w.compute(&backend, &knp("  podSelector: {}\n  ingress:\n  - from: [{namespaceSelector: {}}]\n"));
+    let pol = w.compute(
+        &backend,
+        &knp("  podSelector: {}\n  ingress:\n  - from: [{namespaceSelector: {}}]\n"),
+    );
     assert!(pol.entries.keys().all(|k| k.identity >= 256));
     assert_eq!(pol.entries.len(), 4);
     // podSelector alone: the policy's namespace only; with a namespaceSelector: AND.
     let pol = w.compute(&backend, &knp("  podSelector: {}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: frontend}}}]\n"));
-    assert_eq!(pol.entries.keys().map(|k| k.identity).collect::<Vec<_>>(), vec![w.id("shop", "frontend")]);
+    assert_eq!(
+        pol.entries.keys().map(|k| k.identity).collect::<Vec<_>>(),
+        vec![w.id("shop", "frontend")]
+    );
     // ipBlock with except becomes a CIDR peer; except must be inside.
     let p = knp("  podSelector: {}\n  egress:\n  - to: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}}]\n");
-    assert!(matches!(&p[0].rules[0].egress.as_ref().unwrap()[0].peers.as_ref().unwrap()[0], fibril_policy::Peer::Cidr { except, .. } if except.len() == 1));
+    assert!(
+        matches!(&p[0].rules[0].egress.as_ref().unwrap()[0].peers.as_ref().unwrap()[0], fibril_policy::Peer::Cidr { except, .. } if except.len() == 1)
+    );
     for bad in [
         "  podSelector: {}\n  egress:\n  - to: [{ipBlock: {cidr: 10.0.0.0/8, except: [11.0.0.0/16]}}]\n",
         "  podSelector: {}\n  policyTypes: [Sideways]\n",
