@@ -938,3 +938,39 @@ fn namespace_audit_mode_and_policy_map_overflow() {
     let status = String::from_utf8(lab.fibril(&["status"]).stdout).unwrap();
     assert!(!status.contains("FAIL CLOSED"), "{status}");
 }
+
+#[test]
+fn policy_validate_checks_files_without_an_agent() {
+    let dir = std::env::temp_dir().join(format!("fibril-validate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.yaml");
+    std::fs::write(
+        &good,
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: fqdn, namespace: shop}\nspec:\n  endpointSelector: {}\n  egress:\n  - toFQDNs: [{matchName: api.github.com}]\n    toPorts: [{ports: [{port: \"443\", protocol: TCP}]}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: s}\n",
+    )
+    .unwrap();
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  egress:\n  - toPorts: [{ports: [{port: \"80\", protocol: TCP}], rules: {http: [{method: \"GET(\"}]}}]\n").unwrap();
+    let out = Command::new(bin("fibril"))
+        .args(["--lab", "no-such-lab", "policy", "validate"])
+        .arg(&good)
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(out.status.code(), Some(1), "one file is bad");
+    assert!(
+        stdout.contains("CiliumNetworkPolicy shop/fqdn is valid"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("document 2: skipped Service"), "{stdout}");
+    assert!(
+        stderr.contains("warning:") && stderr.contains("toFQDNs") && stderr.contains("DNS"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("bad.yaml: document 1: spec.egress[0].toPorts[0].rules.http[0].method: not a valid regular expression"), "{stderr}");
+}
