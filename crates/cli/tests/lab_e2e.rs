@@ -37,20 +37,33 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 impl Lab {
     /// The default lab (the seed's example) under a unique name and CIDR.
     fn default_lab() -> Self {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("t{}x{n}", std::process::id() % 100_000);
-        // 10.201-10.249: one /24 per test of this process.
-        let cidr_prefix = format!("10.{}.{}", 201 + (std::process::id() % 40), 10 + n);
-        let dir = std::env::temp_dir().join(format!("fibril-e2e-{name}"));
-        std::fs::create_dir_all(dir.join("policies")).unwrap();
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../labs");
         let lab = std::fs::read_to_string(root.join("default.yaml"))
             .unwrap()
-            .replace("10.200.0.0/24", &format!("{cidr_prefix}.0/24"));
-        std::fs::write(dir.join("lab.yaml"), lab).unwrap();
-        std::fs::copy(
-            root.join("policies/allow-frontend-to-backend.yaml"),
-            dir.join("policies/allow-frontend-to-backend.yaml"),
+            .replace("10.200.0.0/24", "POD_CIDR_HERE");
+        let policy = "policies/allow-frontend-to-backend.yaml";
+        let text = std::fs::read_to_string(root.join(policy)).unwrap();
+        Self::start(&lab, &[(policy, &text)])
+    }
+
+    /// Writes `lab_yaml` (its `POD_CIDR_HERE` replaced by a /24 of this
+    /// test's own) and `files` beside it, then brings the lab up under a
+    /// unique name.
+    fn start(lab_yaml: &str, files: &[(&str, &str)]) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("t{}x{n}", std::process::id() % 100_000);
+        // 10.201-10.240: one /24 per test of this process.
+        let cidr_prefix = format!("10.{}.{}", 201 + (std::process::id() % 40), 10 + n);
+        let dir = std::env::temp_dir().join(format!("fibril-e2e-{name}"));
+        for (path, text) in files {
+            let p = dir.join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("lab.yaml"),
+            lab_yaml.replace("POD_CIDR_HERE", &format!("{cidr_prefix}.0/24")),
         )
         .unwrap();
         let lab = Lab {
@@ -454,33 +467,7 @@ fn lab_down_removes_everything_it_created_and_nothing_else() {
 
 /// A lab with its own YAML (policies inline), unique name and CIDR.
 fn custom_lab(lab_yaml: &str) -> Lab {
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let name = format!("t{}x{n}", std::process::id() % 100_000);
-    let cidr_prefix = format!("10.{}.{}", 201 + (std::process::id() % 40), 10 + n);
-    let dir = std::env::temp_dir().join(format!("fibril-e2e-{name}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("lab.yaml"),
-        lab_yaml.replace("POD_CIDR_HERE", &format!("{cidr_prefix}.0/24")),
-    )
-    .unwrap();
-    let lab = Lab {
-        name,
-        cidr_prefix,
-        dir,
-    };
-    let up = lab.fibril(&[
-        "lab",
-        "up",
-        "-f",
-        lab.dir.join("lab.yaml").to_str().unwrap(),
-    ]);
-    assert!(
-        up.status.success(),
-        "lab up failed: {}",
-        String::from_utf8_lossy(&up.stderr)
-    );
-    lab
+    Lab::start(lab_yaml, &[])
 }
 
 const SEMANTICS_LAB: &str = r#"
