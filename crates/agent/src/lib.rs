@@ -2,6 +2,7 @@
 //! wired to the datapath; served on a local Unix socket.
 #![forbid(unsafe_code)]
 
+pub mod metrics;
 pub mod observer;
 pub mod policy_sync;
 pub mod server;
@@ -291,7 +292,7 @@ impl Agent {
         })
     }
 
-    fn status(&self) -> StatusInfo {
+    pub fn status(&self) -> StatusInfo {
         let s = self.lock_state();
         let (buffered, seen) = self.observer.counts();
         StatusInfo {

@@ -29,6 +29,10 @@ struct Args {
     /// Flow ring capacity, 2^n-1 (Hubble's hubble-event-buffer-capacity).
     #[arg(long, default_value_t = 4095)]
     flow_capacity: usize,
+    /// Serve Prometheus metrics on this address (port 0: any free port;
+    /// the bound address is written to STATE_DIR/metrics.addr).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,6 +68,18 @@ fn main() -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("events".into())
             .spawn(move || observer.run_reader(reader, sources, stop))?;
+    }
+    if let Some(addr) = args.metrics_addr {
+        let l = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("binding metrics on {addr}"))?;
+        std::fs::write(
+            config.state_dir.join("metrics.addr"),
+            l.local_addr()?.to_string(),
+        )?;
+        let agent = agent.clone();
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || fibril_agent::metrics::serve(agent, l))?;
     }
     let listener = server::bind(&config.socket)
         .with_context(|| format!("binding {}", config.socket.display()))?;

@@ -455,6 +455,9 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
             bpf_dir(lab).display().to_string(),
             "--socket".into(),
             socket(lab).display().to_string(),
+            // Metrics on loopback, any free port (state/metrics.addr says which).
+            "--metrics-addr".into(),
+            "127.0.0.1:0".into(),
         ],
         ..Default::default()
     };

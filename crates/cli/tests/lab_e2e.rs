@@ -138,6 +138,21 @@ impl Lab {
             .collect()
     }
 
+    /// GET /metrics from the lab agent's metrics endpoint (loopback).
+    fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let addr =
+            std::fs::read_to_string(format!("/run/fibril/labs/{}/state/metrics.addr", self.name))
+                .unwrap();
+        let mut c = std::net::TcpStream::connect(addr.trim()).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        out
+    }
+
     fn endpoints(&self) -> Value {
         let out = self.fibril(&["endpoint", "list", "-o", "json"]);
         assert!(out.status.success());
@@ -916,6 +931,15 @@ fn namespace_audit_mode_and_policy_map_overflow() {
     let agent_log =
         std::fs::read_to_string(format!("/run/fibril/labs/{}/agent.log", lab.name)).unwrap();
     assert!(agent_log.contains("policy map would overflow"));
+    let metrics = lab.metrics();
+    assert!(
+        metrics.contains("\nfibril_policy_overflow_endpoints 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("\nfibril_endpoint_endpoints 4\n"),
+        "{metrics}"
+    );
     // Removing the policy heals it.
     assert!(lab
         .fibril(&["policy", "delete", "big/too-big"])

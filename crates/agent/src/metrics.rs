@@ -1,0 +1,112 @@
+//! Prometheus metrics of the agent (`fibril_<subsystem>_<name>`), served in
+//! the text exposition format on `/metrics`. A deliberately small HTTP/1.1
+//! responder: one request per connection, bounded request size.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::Agent;
+
+/// Renders every metric from the agent's current status.
+pub fn render(agent: &Agent) -> String {
+    let s = agent.status();
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    };
+    metric(
+        "fibril_endpoint_endpoints",
+        "gauge",
+        "Endpoints managed on this node.",
+        s.endpoints as u64,
+    );
+    metric(
+        "fibril_identity_identities",
+        "gauge",
+        "Security identities known (reserved included).",
+        s.identities as u64,
+    );
+    metric(
+        "fibril_policy_policies",
+        "gauge",
+        "Policies imported.",
+        s.policies as u64,
+    );
+    metric(
+        "fibril_policy_overflow_endpoints",
+        "gauge",
+        "Endpoints failing closed because their policy does not fit the policy map.",
+        s.policy_overflows as u64,
+    );
+    metric(
+        "fibril_datapath_conntrack_entries",
+        "gauge",
+        "Connection-tracking entries.",
+        s.ct_entries as u64,
+    );
+    metric(
+        "fibril_datapath_events_lost_total",
+        "counter",
+        "Datapath events lost because the ring buffer was full.",
+        s.events_lost_kernel,
+    );
+    metric(
+        "fibril_observer_flows_seen_total",
+        "counter",
+        "Flows the observer has seen.",
+        s.flows_seen,
+    );
+    metric(
+        "fibril_observer_flows_buffered",
+        "gauge",
+        "Flows in the flow ring.",
+        s.flows_buffered as u64,
+    );
+    out
+}
+
+fn answer(agent: &Agent, mut conn: TcpStream) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = [0u8; 4096];
+    let mut len = 0;
+    // Read the request head only (no bodies on GET).
+    while len < buf.len() {
+        let n = conn.read(&mut buf[len..])?;
+        if n == 0 {
+            break;
+        }
+        len += n;
+        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..len]);
+    let line = head.lines().next().unwrap_or_default();
+    let (status, body, kind) = match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+        ["GET", "/metrics", _] => ("200 OK", render(agent), "text/plain; version=0.0.4"),
+        ["GET", _, _] => (
+            "404 Not Found",
+            "not found; try /metrics\n".to_string(),
+            "text/plain",
+        ),
+        _ => ("400 Bad Request", "bad request\n".to_string(), "text/plain"),
+    };
+    write!(
+        conn,
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Serves `/metrics` until the process ends.
+pub fn serve(agent: Arc<Agent>, listener: TcpListener) {
+    for conn in listener.incoming().flatten() {
+        if let Err(e) = answer(&agent, conn) {
+            tracing::debug!(error = %e, "metrics client");
+        }
+    }
+}
