@@ -274,6 +274,50 @@ pub fn rfc3339(unix_ns: u64) -> String {
     )
 }
 
+/// Parses the RFC 3339 UTC times this crate writes (`...T..:..:..[.n]Z`)
+/// back into Unix nanoseconds.
+pub fn parse_rfc3339(s: &str) -> Option<u64> {
+    let (date, rest) = s.split_once('T')?;
+    let mut d = date.split('-');
+    let (y, m, day): (i64, i64, i64) = (
+        d.next()?.parse().ok()?,
+        d.next()?.parse().ok()?,
+        d.next()?.parse().ok()?,
+    );
+    let rest = rest.strip_suffix('Z')?;
+    let (hms, frac) = rest.split_once('.').unwrap_or((rest, ""));
+    let mut t = hms.split(':');
+    let (hh, mm, ss): (i64, i64, i64) = (
+        t.next()?.parse().ok()?,
+        t.next()?.parse().ok()?,
+        t.next()?.parse().ok()?,
+    );
+    if !(1..=12).contains(&m)
+        || !(1..=31).contains(&day)
+        || hh > 23
+        || mm > 59
+        || ss > 60
+        || frac.len() > 9
+    {
+        return None;
+    }
+    let nanos: u64 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<9}").parse().ok()?
+    };
+    // Days from civil (the inverse of civil_from_days).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    u64::try_from(secs).ok().map(|s| s * 1_000_000_000 + nanos)
+}
+
 /// Turns one datapath event into a flow. `unix_ns` is the event time on the
 /// wall clock; `uuid` a unique id; `node` this node's name.
 pub fn from_event(
@@ -462,6 +506,15 @@ mod tests {
             rfc3339(1_768_471_200_123_456_789),
             "2026-01-15T10:00:00.123456789Z"
         );
+        for ns in [0, 1_768_471_200_123_456_789, 951_782_400_000_000_001] {
+            assert_eq!(parse_rfc3339(&rfc3339(ns)), Some(ns));
+        }
+        assert_eq!(
+            parse_rfc3339("2026-01-15T10:00:00Z"),
+            Some(1_768_471_200_000_000_000)
+        );
+        assert_eq!(parse_rfc3339("garbage"), None);
+        assert_eq!(parse_rfc3339("2026-13-15T10:00:00Z"), None);
     }
 
     #[test]

@@ -1,0 +1,169 @@
+//! Fibril's flow record -> `flow.Flow` (field for field, enum by name).
+
+use proto::flow as pb;
+
+fn enum_value(name: &str, from: fn(&str) -> Option<i32>) -> i32 {
+    from(name).unwrap_or(0)
+}
+
+fn timestamp(unix_ns: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: (unix_ns / 1_000_000_000) as i64,
+        nanos: (unix_ns % 1_000_000_000) as i32,
+    }
+}
+
+fn endpoint(e: &flow::Endpoint) -> pb::Endpoint {
+    pb::Endpoint {
+        id: e.id,
+        identity: e.identity,
+        cluster_name: e.cluster_name.clone(),
+        namespace: e.namespace.clone(),
+        labels: e.labels.clone(),
+        pod_name: e.pod_name.clone(),
+        ..Default::default()
+    }
+}
+
+fn policies(list: &[flow::record::PolicyRef]) -> Vec<pb::Policy> {
+    list.iter()
+        .map(|p| pb::Policy {
+            name: p.name.clone(),
+            namespace: p.namespace.clone(),
+            labels: p.labels.clone(),
+            revision: p.revision,
+            kind: p.kind.clone(),
+        })
+        .collect()
+}
+
+/// One Fibril flow as a `flow.Flow` message. `drop_reason` and `Summary`
+/// are deprecated in the proto, yet clients still read them (the CLI prints
+/// `Summary`), so they are filled.
+#[allow(deprecated)]
+pub fn flow(f: &flow::Flow) -> pb::Flow {
+    let l4 = f.l4.as_ref().and_then(|l4| {
+        use pb::layer4::Protocol;
+        let protocol = if let Some(t) = &l4.tcp {
+            Protocol::Tcp(pb::Tcp {
+                source_port: t.source_port as u32,
+                destination_port: t.destination_port as u32,
+                flags: t.flags.as_ref().map(|fl| pb::TcpFlags {
+                    fin: fl.fin,
+                    syn: fl.syn,
+                    rst: fl.rst,
+                    psh: fl.psh,
+                    ack: fl.ack,
+                    urg: fl.urg,
+                    ..Default::default()
+                }),
+            })
+        } else if let Some(u) = &l4.udp {
+            Protocol::Udp(pb::Udp {
+                source_port: u.source_port as u32,
+                destination_port: u.destination_port as u32,
+            })
+        } else if let Some(s) = &l4.sctp {
+            Protocol::Sctp(pb::Sctp {
+                source_port: s.source_port as u32,
+                destination_port: s.destination_port as u32,
+            })
+        } else if let Some(i) = &l4.icmpv4 {
+            Protocol::IcmPv4(pb::IcmPv4 {
+                r#type: i.r#type,
+                code: i.code,
+            })
+        } else {
+            return None;
+        };
+        Some(pb::Layer4 {
+            protocol: Some(protocol),
+        })
+    });
+    pb::Flow {
+        time: flow::record::parse_rfc3339(&f.time).map(timestamp),
+        uuid: f.uuid.clone(),
+        verdict: enum_value(&f.verdict, |n| {
+            pb::Verdict::from_str_name(n).map(|v| v as i32)
+        }),
+        drop_reason: f.drop_reason,
+        ethernet: f.ethernet.as_ref().map(|e| pb::Ethernet {
+            source: e.source.clone(),
+            destination: e.destination.clone(),
+        }),
+        ip: f.ip.as_ref().map(|ip| pb::Ip {
+            source: ip.source.clone(),
+            destination: ip.destination.clone(),
+            ip_version: enum_value(&ip.ip_version, |n| {
+                pb::IpVersion::from_str_name(n).map(|v| v as i32)
+            }),
+            ..Default::default()
+        }),
+        l4,
+        source: Some(endpoint(&f.source)),
+        destination: Some(endpoint(&f.destination)),
+        r#type: enum_value(&f.r#type, |n| {
+            pb::FlowType::from_str_name(n).map(|v| v as i32)
+        }),
+        node_name: f.node_name.clone(),
+        event_type: Some(pb::CiliumEventType {
+            r#type: f.event_type.r#type,
+            sub_type: f.event_type.sub_type,
+        }),
+        traffic_direction: enum_value(&f.traffic_direction, |n| {
+            pb::TrafficDirection::from_str_name(n).map(|v| v as i32)
+        }),
+        trace_observation_point: enum_value(&f.trace_observation_point, |n| {
+            pb::TraceObservationPoint::from_str_name(n).map(|v| v as i32)
+        }),
+        trace_reason: enum_value(&f.trace_reason, |n| {
+            pb::TraceReason::from_str_name(n).map(|v| v as i32)
+        }),
+        is_reply: f.is_reply,
+        drop_reason_desc: enum_value(&f.drop_reason_desc, |n| {
+            pb::DropReason::from_str_name(n).map(|v| v as i32)
+        }),
+        policy_match_type: f.policy_match_type,
+        egress_allowed_by: policies(&f.egress_allowed_by),
+        ingress_allowed_by: policies(&f.ingress_allowed_by),
+        egress_denied_by: policies(&f.egress_denied_by),
+        ingress_denied_by: policies(&f.ingress_denied_by),
+        summary: f.summary.clone(),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[allow(deprecated)]
+    fn converts_every_field_the_cli_reads() {
+        let json = r#"{"time":"2026-01-15T10:00:00.123456789Z","uuid":"u1","verdict":"DROPPED","drop_reason":133,"IP":{"source":"10.0.1.10","destination":"10.0.2.20","ipVersion":"IPv4"},"l4":{"TCP":{"source_port":43210,"destination_port":80,"flags":{"SYN":true}}},"source":{"ID":1,"identity":256,"namespace":"default","labels":["k8s:app=a"],"pod_name":"a"},"destination":{"identity":257,"namespace":"default","pod_name":"b"},"Type":"L3_L4","node_name":"n1","event_type":{"type":1,"sub_type":133},"traffic_direction":"INGRESS","is_reply":false,"drop_reason_desc":"POLICY_DENIED","Summary":"TCP Flags: SYN","ingress_denied_by":[{"name":"p","namespace":"default","kind":"CiliumNetworkPolicy"}]}"#;
+        let f: flow::Flow = serde_json::from_str(json).unwrap();
+        let p = flow(&f);
+        assert_eq!(p.time.unwrap().seconds, 1_768_471_200);
+        assert_eq!(p.time.unwrap().nanos, 123_456_789);
+        assert_eq!(p.verdict, pb::Verdict::Dropped as i32);
+        assert_eq!(p.drop_reason_desc, pb::DropReason::PolicyDenied as i32);
+        assert_eq!(p.r#type, pb::FlowType::L3L4 as i32);
+        assert_eq!(p.traffic_direction, pb::TrafficDirection::Ingress as i32);
+        assert_eq!(
+            p.ip.as_ref().unwrap().ip_version,
+            pb::IpVersion::IPv4 as i32
+        );
+        let Some(pb::layer4::Protocol::Tcp(t)) = p.l4.unwrap().protocol else {
+            panic!("tcp")
+        };
+        assert_eq!(
+            (t.source_port, t.destination_port, t.flags.unwrap().syn),
+            (43210, 80, true)
+        );
+        assert_eq!(p.source.unwrap().pod_name, "a");
+        assert_eq!(p.is_reply, Some(false));
+        assert_eq!(p.summary, "TCP Flags: SYN");
+        assert_eq!(p.ingress_denied_by[0].name, "p");
+        assert_eq!(p.event_type.unwrap().sub_type, 133);
+    }
+}

@@ -1,0 +1,822 @@
+//! Hubble's `FlowFilter` semantics (spec/hubble-api.md §3.6): within one
+//! filter every set field must match (AND), the values of one field are
+//! alternatives (OR); a flow passes when some allowlist filter matches (or
+//! the allowlist is empty) and no denylist filter does. Filters are checked
+//! when the request arrives: a bad value is an error, never "no match".
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use proto::flow as pb;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FilterError {
+    #[error("invalid {field} {value:?}: {why}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        why: String,
+    },
+    #[error("filter field {0} is not supported yet")]
+    Unsupported(&'static str),
+}
+
+fn invalid(field: &'static str, value: &str, why: &str) -> FilterError {
+    FilterError::Invalid {
+        field,
+        value: value.to_string(),
+        why: why.to_string(),
+    }
+}
+
+enum IpMatch {
+    Exact(String),
+    Cidr(IpNet),
+}
+
+/// `ns/prefix`, `ns/`, `/prefix`, `prefix` (namespace `default`), `/`.
+struct PodMatch {
+    namespace: Option<String>,
+    prefix: String,
+}
+
+impl PodMatch {
+    fn parse(field: &'static str, v: &str) -> Result<Self, FilterError> {
+        if v.is_empty() {
+            return Err(invalid(field, v, "empty pod name"));
+        }
+        Ok(match v.split_once('/') {
+            Some((ns, pod)) => PodMatch {
+                namespace: (!ns.is_empty()).then(|| ns.to_string()),
+                prefix: pod.to_string(),
+            },
+            None => PodMatch {
+                namespace: Some("default".into()),
+                prefix: v.to_string(),
+            },
+        })
+    }
+
+    fn matches(&self, e: Option<&pb::Endpoint>) -> bool {
+        let Some(e) = e else { return false };
+        if e.namespace.is_empty() && e.pod_name.is_empty() {
+            return false;
+        }
+        self.namespace.as_deref().is_none_or(|ns| ns == e.namespace)
+            && e.pod_name.starts_with(&self.prefix)
+    }
+}
+
+/// A label selector term: `key`, `!key`, `key=value`, `key!=value`.
+/// Keys without a source prefix match any source (`any:`).
+enum LabelMatch {
+    Exists(String),
+    Absent(String),
+    Equals(String, String),
+    NotEquals(String, String),
+}
+
+fn split_label(l: &str) -> (&str, &str) {
+    let (key, value) = l.split_once('=').unwrap_or((l, ""));
+    let key = match key.split_once(':') {
+        Some((_, k)) => k,
+        None => key,
+    };
+    (key, value)
+}
+
+fn key_matches(want: &str, have: &str) -> bool {
+    match want.split_once(':') {
+        Some(("any", k)) => k == split_label(have).0,
+        Some(_) => want == have.split_once('=').map_or(have, |(k, _)| k),
+        None => want == split_label(have).0,
+    }
+}
+
+impl LabelMatch {
+    fn parse(field: &'static str, term: &str) -> Result<Self, FilterError> {
+        let t = term.trim();
+        if t.is_empty() || t.contains(" in ") || t.contains(" notin ") || t.contains('(') {
+            return Err(invalid(
+                field,
+                term,
+                "supported selector terms are key, !key, key=value and key!=value",
+            ));
+        }
+        Ok(if let Some(k) = t.strip_prefix('!') {
+            LabelMatch::Absent(k.to_string())
+        } else if let Some((k, v)) = t.split_once("!=") {
+            LabelMatch::NotEquals(k.to_string(), v.to_string())
+        } else if let Some((k, v)) = t.split_once("==").or_else(|| t.split_once('=')) {
+            LabelMatch::Equals(k.to_string(), v.to_string())
+        } else {
+            LabelMatch::Exists(t.to_string())
+        })
+    }
+
+    fn matches(&self, labels: &[String]) -> bool {
+        let value_of = |k: &str| {
+            labels
+                .iter()
+                .find(|l| key_matches(k, l))
+                .map(|l| split_label(l).1)
+        };
+        match self {
+            LabelMatch::Exists(k) => value_of(k).is_some(),
+            LabelMatch::Absent(k) => value_of(k).is_none(),
+            LabelMatch::Equals(k, v) => labels
+                .iter()
+                .any(|l| key_matches(k, l) && split_label(l).1 == v),
+            LabelMatch::NotEquals(k, v) => !labels
+                .iter()
+                .any(|l| key_matches(k, l) && split_label(l).1 == v),
+        }
+    }
+}
+
+/// One compiled `FlowFilter`.
+pub struct Compiled {
+    uuid: Vec<String>,
+    source_ip: Vec<IpMatch>,
+    destination_ip: Vec<IpMatch>,
+    source_pod: Vec<PodMatch>,
+    destination_pod: Vec<PodMatch>,
+    /// Comma-separated selectors: every term must match; any selector may.
+    source_label: Vec<Vec<LabelMatch>>,
+    destination_label: Vec<Vec<LabelMatch>>,
+    traffic_direction: Vec<i32>,
+    verdict: Vec<i32>,
+    drop_reason_desc: Vec<i32>,
+    event_type: Vec<pb::EventTypeFilter>,
+    protocol: Vec<String>,
+    source_port: Vec<u32>,
+    destination_port: Vec<u32>,
+    reply: Vec<bool>,
+    source_identity: Vec<u32>,
+    destination_identity: Vec<u32>,
+    tcp_flags: Vec<pb::TcpFlags>,
+    node_name: Vec<String>,
+    ip_version: Vec<i32>,
+}
+
+const PROTOCOLS: [&str; 11] = [
+    "icmp", "icmpv4", "icmpv6", "tcp", "udp", "sctp", "vrrp", "igmp", "dns", "http", "kafka",
+];
+
+fn ips(field: &'static str, list: &[String]) -> Result<Vec<IpMatch>, FilterError> {
+    list.iter()
+        .map(|v| {
+            if v.contains('/') {
+                v.parse::<IpNet>()
+                    .map(IpMatch::Cidr)
+                    .map_err(|_| invalid(field, v, "not an IP address or CIDR"))
+            } else {
+                v.parse::<IpAddr>()
+                    .map(|_| IpMatch::Exact(v.clone()))
+                    .map_err(|_| invalid(field, v, "not an IP address or CIDR"))
+            }
+        })
+        .collect()
+}
+
+fn ports(field: &'static str, list: &[String]) -> Result<Vec<u32>, FilterError> {
+    list.iter()
+        .map(|v| {
+            v.parse::<u16>()
+                .map(u32::from)
+                .map_err(|_| invalid(field, v, "not a port number 0-65535"))
+        })
+        .collect()
+}
+
+fn labels(field: &'static str, list: &[String]) -> Result<Vec<Vec<LabelMatch>>, FilterError> {
+    list.iter()
+        .map(|sel| {
+            sel.split(',')
+                .map(|t| LabelMatch::parse(field, t))
+                .collect()
+        })
+        .collect()
+}
+
+/// Checks and compiles one filter.
+pub fn compile(f: &pb::FlowFilter) -> Result<Compiled, FilterError> {
+    let unsupported: [(&'static str, bool); 17] = [
+        ("source_ip_xlated", !f.source_ip_xlated.is_empty()),
+        ("source_fqdn", !f.source_fqdn.is_empty()),
+        ("destination_fqdn", !f.destination_fqdn.is_empty()),
+        ("source_service", !f.source_service.is_empty()),
+        ("destination_service", !f.destination_service.is_empty()),
+        ("source_workload", !f.source_workload.is_empty()),
+        ("destination_workload", !f.destination_workload.is_empty()),
+        ("interface", !f.interface.is_empty()),
+        ("http_status_code", !f.http_status_code.is_empty()),
+        ("dns_query", !f.dns_query.is_empty()),
+        ("http_method", !f.http_method.is_empty()),
+        ("http_path", !f.http_path.is_empty()),
+        ("http_url", !f.http_url.is_empty()),
+        ("http_header", !f.http_header.is_empty()),
+        ("node_labels", !f.node_labels.is_empty()),
+        (
+            "trace_id",
+            !f.trace_id.is_empty() || !f.ip_trace_id.is_empty(),
+        ),
+        (
+            "experimental",
+            f.experimental
+                .as_ref()
+                .is_some_and(|e| !e.cel_expression.is_empty()),
+        ),
+    ];
+    if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
+        return Err(FilterError::Unsupported(field));
+    }
+    for (field, list) in [
+        ("source_cluster_name", &f.source_cluster_name),
+        ("destination_cluster_name", &f.destination_cluster_name),
+    ] {
+        if !list.is_empty() {
+            return Err(FilterError::Unsupported(field));
+        }
+    }
+    if !f.encrypted.is_empty() {
+        return Err(FilterError::Unsupported("encrypted"));
+    }
+    for p in &f.protocol {
+        if !PROTOCOLS.contains(&p.to_lowercase().as_str()) {
+            return Err(invalid("protocol", p, "expected one of icmp, icmpv4, icmpv6, tcp, udp, sctp, vrrp, igmp, dns, http, kafka"));
+        }
+    }
+    Ok(Compiled {
+        uuid: f.uuid.clone(),
+        source_ip: ips("source_ip", &f.source_ip)?,
+        destination_ip: ips("destination_ip", &f.destination_ip)?,
+        source_pod: f
+            .source_pod
+            .iter()
+            .map(|v| PodMatch::parse("source_pod", v))
+            .collect::<Result<_, _>>()?,
+        destination_pod: f
+            .destination_pod
+            .iter()
+            .map(|v| PodMatch::parse("destination_pod", v))
+            .collect::<Result<_, _>>()?,
+        source_label: labels("source_label", &f.source_label)?,
+        destination_label: labels("destination_label", &f.destination_label)?,
+        traffic_direction: f.traffic_direction.clone(),
+        verdict: f.verdict.clone(),
+        drop_reason_desc: f.drop_reason_desc.clone(),
+        event_type: f.event_type.clone(),
+        protocol: f.protocol.iter().map(|p| p.to_lowercase()).collect(),
+        source_port: ports("source_port", &f.source_port)?,
+        destination_port: ports("destination_port", &f.destination_port)?,
+        reply: f.reply.clone(),
+        source_identity: f.source_identity.clone(),
+        destination_identity: f.destination_identity.clone(),
+        tcp_flags: f.tcp_flags.clone(),
+        node_name: f.node_name.clone(),
+        ip_version: f.ip_version.clone(),
+    })
+}
+
+fn ip_matches(list: &[IpMatch], addr: Option<&str>) -> bool {
+    let Some(addr) = addr.filter(|a| !a.is_empty()) else {
+        return false;
+    };
+    list.iter().any(|m| match m {
+        IpMatch::Exact(s) => s == addr,
+        IpMatch::Cidr(net) => addr.parse::<IpAddr>().is_ok_and(|a| net.contains(&a)),
+    })
+}
+
+fn l4_ports(f: &pb::Flow) -> Option<(u32, u32)> {
+    use pb::layer4::Protocol;
+    match f.l4.as_ref()?.protocol.as_ref()? {
+        Protocol::Tcp(t) => Some((t.source_port, t.destination_port)),
+        Protocol::Udp(u) => Some((u.source_port, u.destination_port)),
+        Protocol::Sctp(s) => Some((s.source_port, s.destination_port)),
+        _ => None,
+    }
+}
+
+fn protocol_of(f: &pb::Flow, want: &str) -> bool {
+    use pb::layer4::Protocol;
+    let l4 = f.l4.as_ref().and_then(|l| l.protocol.as_ref());
+    match want {
+        "tcp" => matches!(l4, Some(Protocol::Tcp(_))),
+        "udp" => matches!(l4, Some(Protocol::Udp(_))),
+        "sctp" => matches!(l4, Some(Protocol::Sctp(_))),
+        "icmpv4" => matches!(l4, Some(Protocol::IcmPv4(_))),
+        "icmpv6" => matches!(l4, Some(Protocol::IcmPv6(_))),
+        "icmp" => matches!(l4, Some(Protocol::IcmPv4(_) | Protocol::IcmPv6(_))),
+        "vrrp" => matches!(l4, Some(Protocol::Vrrp(_))),
+        "igmp" => matches!(l4, Some(Protocol::Igmp(_))),
+        // L7 records: the proxies are not there yet, so no flow has one.
+        _ => false,
+    }
+}
+
+/// `cluster/node`, `node`, `cluster/`; `*` globs within a name.
+fn node_matches(pattern: &str, node: &str) -> bool {
+    let node = if node.contains('/') {
+        node.to_string()
+    } else {
+        format!("default/{node}")
+    };
+    let pattern = if pattern.contains('/') {
+        pattern.to_string()
+    } else {
+        format!("*/{pattern}")
+    };
+    let (pc, pn) = pattern.split_once('/').unwrap_or(("*", &pattern));
+    let (nc, nn) = node.split_once('/').unwrap_or(("default", &node));
+    glob(pc, nc) && (pn.is_empty() || glob(pn, nn))
+}
+
+fn glob(p: &str, s: &str) -> bool {
+    match p.split_once('*') {
+        None => p == s,
+        Some((head, rest)) => {
+            if !s.starts_with(head) {
+                return false;
+            }
+            let s = &s[head.len()..];
+            (0..=s.len()).any(|i| s.is_char_boundary(i) && glob(rest, &s[i..]))
+        }
+    }
+}
+
+impl Compiled {
+    pub fn matches(&self, f: &pb::Flow) -> bool {
+        let any = |empty: bool, hit: &dyn Fn() -> bool| empty || hit();
+        let ip = f.ip.as_ref();
+        let ports = l4_ports(f);
+        let flags = match f.l4.as_ref().and_then(|l| l.protocol.as_ref()) {
+            Some(pb::layer4::Protocol::Tcp(t)) => t.flags,
+            _ => None,
+        };
+        let dropped = f.verdict == pb::Verdict::Dropped as i32;
+        any(self.uuid.is_empty(), &|| self.uuid.contains(&f.uuid))
+            && any(self.source_ip.is_empty(), &|| {
+                ip_matches(&self.source_ip, ip.map(|i| i.source.as_str()))
+            })
+            && any(self.destination_ip.is_empty(), &|| {
+                ip_matches(&self.destination_ip, ip.map(|i| i.destination.as_str()))
+            })
+            && any(self.source_pod.is_empty(), &|| {
+                self.source_pod.iter().any(|p| p.matches(f.source.as_ref()))
+            })
+            && any(self.destination_pod.is_empty(), &|| {
+                self.destination_pod
+                    .iter()
+                    .any(|p| p.matches(f.destination.as_ref()))
+            })
+            && any(self.source_label.is_empty(), &|| {
+                let l = f.source.as_ref().map_or(&[][..], |e| &e.labels[..]);
+                self.source_label
+                    .iter()
+                    .any(|sel| sel.iter().all(|t| t.matches(l)))
+            })
+            && any(self.destination_label.is_empty(), &|| {
+                let l = f.destination.as_ref().map_or(&[][..], |e| &e.labels[..]);
+                self.destination_label
+                    .iter()
+                    .any(|sel| sel.iter().all(|t| t.matches(l)))
+            })
+            && any(self.traffic_direction.is_empty(), &|| {
+                self.traffic_direction.contains(&f.traffic_direction)
+            })
+            && any(self.verdict.is_empty(), &|| {
+                self.verdict.contains(&f.verdict)
+            })
+            && any(self.drop_reason_desc.is_empty(), &|| {
+                dropped && self.drop_reason_desc.contains(&f.drop_reason_desc)
+            })
+            && any(self.event_type.is_empty(), &|| {
+                let et = f.event_type.unwrap_or_default();
+                self.event_type.iter().any(|e| {
+                    e.r#type == 0
+                        || (e.r#type == et.r#type
+                            && (!e.match_sub_type || e.sub_type == et.sub_type))
+                })
+            })
+            && any(self.protocol.is_empty(), &|| {
+                self.protocol.iter().any(|p| protocol_of(f, p))
+            })
+            && any(self.source_port.is_empty(), &|| {
+                ports.is_some_and(|(s, _)| self.source_port.contains(&s))
+            })
+            && any(self.destination_port.is_empty(), &|| {
+                ports.is_some_and(|(_, d)| self.destination_port.contains(&d))
+            })
+            && any(self.reply.is_empty(), &|| {
+                let r = f.is_reply.or(dropped.then_some(false));
+                r.is_some_and(|r| self.reply.contains(&r))
+            })
+            && any(self.source_identity.is_empty(), &|| {
+                f.source
+                    .as_ref()
+                    .is_some_and(|e| self.source_identity.contains(&e.identity))
+            })
+            && any(self.destination_identity.is_empty(), &|| {
+                f.destination
+                    .as_ref()
+                    .is_some_and(|e| self.destination_identity.contains(&e.identity))
+            })
+            && any(self.tcp_flags.is_empty(), &|| {
+                flags.is_some_and(|have| {
+                    self.tcp_flags.iter().any(|want| {
+                        (!want.syn || have.syn)
+                            && (!want.ack || have.ack)
+                            && (!want.fin || have.fin)
+                            && (!want.rst || have.rst)
+                            && (!want.psh || have.psh)
+                            && (!want.urg || have.urg)
+                            && (!want.ece || have.ece)
+                            && (!want.cwr || have.cwr)
+                            && (!want.ns || have.ns)
+                    })
+                })
+            })
+            && any(self.node_name.is_empty(), &|| {
+                self.node_name.iter().any(|p| node_matches(p, &f.node_name))
+            })
+            && any(self.ip_version.is_empty(), &|| {
+                self.ip_version
+                    .contains(&ip.map_or(pb::IpVersion::IpNotUsed as i32, |i| i.ip_version))
+            })
+    }
+}
+
+/// An allowlist and a denylist.
+pub struct Filters {
+    allow: Vec<Compiled>,
+    deny: Vec<Compiled>,
+}
+
+impl Filters {
+    pub fn new(
+        whitelist: &[pb::FlowFilter],
+        blacklist: &[pb::FlowFilter],
+    ) -> Result<Self, FilterError> {
+        Ok(Self {
+            allow: whitelist.iter().map(compile).collect::<Result<_, _>>()?,
+            deny: blacklist.iter().map(compile).collect::<Result<_, _>>()?,
+        })
+    }
+
+    pub fn matches(&self, f: &pb::Flow) -> bool {
+        (self.allow.is_empty() || self.allow.iter().any(|c| c.matches(f)))
+            && !self.deny.iter().any(|c| c.matches(f))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow() -> pb::Flow {
+        pb::Flow {
+            uuid: "u1".into(),
+            verdict: pb::Verdict::Dropped as i32,
+            drop_reason_desc: pb::DropReason::PolicyDenied as i32,
+            ip: Some(pb::Ip {
+                source: "10.0.0.5".into(),
+                destination: "10.0.1.7".into(),
+                ip_version: pb::IpVersion::IPv4 as i32,
+                ..Default::default()
+            }),
+            l4: Some(pb::Layer4 {
+                protocol: Some(pb::layer4::Protocol::Tcp(pb::Tcp {
+                    source_port: 40000,
+                    destination_port: 8080,
+                    flags: Some(pb::TcpFlags {
+                        syn: true,
+                        ..Default::default()
+                    }),
+                })),
+            }),
+            source: Some(pb::Endpoint {
+                identity: 300,
+                namespace: "shop".into(),
+                pod_name: "web-1".into(),
+                labels: vec![
+                    "k8s:app=web".into(),
+                    "k8s:io.kubernetes.pod.namespace=shop".into(),
+                ],
+                ..Default::default()
+            }),
+            destination: Some(pb::Endpoint {
+                identity: 2,
+                labels: vec!["reserved:world".into()],
+                ..Default::default()
+            }),
+            traffic_direction: pb::TrafficDirection::Egress as i32,
+            event_type: Some(pb::CiliumEventType {
+                r#type: 1,
+                sub_type: 133,
+            }),
+            node_name: "lab-node".into(),
+            ..Default::default()
+        }
+    }
+
+    fn check(filter: pb::FlowFilter, expected: bool) {
+        let c = compile(&filter).unwrap_or_else(|e| panic!("{e}: {filter:?}"));
+        assert_eq!(c.matches(&flow()), expected, "{filter:?}");
+    }
+
+    #[test]
+    fn each_filter_family_matches_as_hubble_does() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        check(pb::FlowFilter::default(), true);
+        check(
+            pb::FlowFilter {
+                uuid: s(&["u1"]),
+                ..Default::default()
+            },
+            true,
+        );
+        check(
+            pb::FlowFilter {
+                source_ip: s(&["10.0.0.0/24"]),
+                ..Default::default()
+            },
+            true,
+        );
+        check(
+            pb::FlowFilter {
+                source_ip: s(&["10.0.0.6"]),
+                ..Default::default()
+            },
+            false,
+        );
+        check(
+            pb::FlowFilter {
+                destination_ip: s(&["10.0.1.7"]),
+                ..Default::default()
+            },
+            true,
+        );
+        check(
+            pb::FlowFilter {
+                source_pod: s(&["shop/web"]),
+                ..Default::default()
+            },
+            true,
+        );
+        check(
+            pb::FlowFilter {
+                source_pod: s(&["web"]),
+                ..Default::default()
+            },
+            false,
+        );
+        check(
+            pb::FlowFilter {
+                source_pod: s(&["shop/"]),
+                ..Default::default()
+            },
+            true,
+        );
+        check(
+            pb::FlowFilter {
+                source_pod: s(&["/web-1"]),
+                ..Default::default()
+            },
+            true,
+        );
+        check(
+            pb::FlowFilter {
+                destination_pod: s(&["/"]),
+                ..Default::default()
+            },
+            false,
+        );
+        check(
+            pb::FlowFilter {
+                source_label: s(&["app=web"]),
+                ..Default::default()
+            },
+            true,
+        );
+        check(
+            pb::FlowFilter {
+                source_label: s(&["k8s:app=web,!tier"]),
+                ..Default::default()
+            },
+            true,
+        );
+        check(
+            pb::FlowFilter {
+                destination_label: s(&["reserved:world"]),
+                ..Default::default()
+            },
+            true,
+        );
+        check(
+            pb::FlowFilter {
+                destination_label: s(&["app=web"]),
+                ..Default::default()
+            },
+            false,
+        );
+        check(
+            pb::FlowFilter {
+                verdict: vec![pb::Verdict::Forwarded as i32],
+                ..Default::default()
+            },
+            false,
+        );
+        check(
+            pb::FlowFilter {
+                verdict: vec![pb::Verdict::Forwarded as i32, pb::Verdict::Dropped as i32],
+                ..Default::default()
+            },
+            true,
+        );
+        check(
+            pb::FlowFilter {
+                drop_reason_desc: vec![pb::DropReason::PolicyDenied as i32],
+                ..Default::default()
+            },
+            true,
+        );
+        check(
+            pb::FlowFilter {
+                traffic_direction: vec![pb::TrafficDirection::Ingress as i32],
+                ..Default::default()
+            },
+            false,
+        );
+        check(
+            pb::FlowFilter {
+                event_type: vec![pb::EventTypeFilter {
+                    r#type: 1,
+                    match_sub_type: true,
+                    sub_type: 133,
+                }],
+                ..Default::default()
+            },
+            true,
+        );
+        check(
+            pb::FlowFilter {
+                event_type: vec![pb::EventTypeFilter {
+                    r#type: 4,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            false,
+        );
+        check(
+            pb::FlowFilter {
+                protocol: s(&["TCP"]),
+                ..Default::default()
+            },
+            true,
+        );
+        check(
+            pb::FlowFilter {
+                protocol: s(&["udp", "icmp"]),
+                ..Default::default()
+            },
+            false,
+        );
+        check(
+            pb::FlowFilter {
+                destination_port: s(&["8080"]),
+                ..Default::default()
+            },
+            true,
+        );
+        check(
+            pb::FlowFilter {
+                source_port: s(&["8080"]),
+                ..Default::default()
+            },
+            false,
+        );
+        check(
+            pb::FlowFilter {
+                reply: vec![false],
+                ..Default::default()
+            },
+            true,
+        );
+        check(
+            pb::FlowFilter {
+                source_identity: vec![300],
+                destination_identity: vec![2],
+                ..Default::default()
+            },
+            true,
+        );
+        check(
+            pb::FlowFilter {
+                tcp_flags: vec![pb::TcpFlags {
+                    syn: true,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            true,
+        );
+        check(
+            pb::FlowFilter {
+                tcp_flags: vec![pb::TcpFlags {
+                    syn: true,
+                    ack: true,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            false,
+        );
+        check(
+            pb::FlowFilter {
+                node_name: s(&["lab-*"]),
+                ..Default::default()
+            },
+            true,
+        );
+        check(
+            pb::FlowFilter {
+                node_name: s(&["default/"]),
+                ..Default::default()
+            },
+            true,
+        );
+        check(
+            pb::FlowFilter {
+                node_name: s(&["other/lab-node"]),
+                ..Default::default()
+            },
+            false,
+        );
+        check(
+            pb::FlowFilter {
+                ip_version: vec![pb::IpVersion::IPv6 as i32],
+                ..Default::default()
+            },
+            false,
+        );
+    }
+
+    #[test]
+    fn allow_and_deny_lists_combine() {
+        let by_ns = |ns: &str| pb::FlowFilter {
+            source_pod: vec![format!("{ns}/")],
+            ..Default::default()
+        };
+        let f = flow();
+        assert!(Filters::new(&[], &[]).unwrap().matches(&f));
+        assert!(Filters::new(&[by_ns("other"), by_ns("shop")], &[])
+            .unwrap()
+            .matches(&f));
+        assert!(!Filters::new(&[by_ns("shop")], &[by_ns("shop")])
+            .unwrap()
+            .matches(&f));
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        let s = |v: &str| vec![v.to_string()];
+        for f in [
+            pb::FlowFilter {
+                source_ip: s("10.0.0.0/99"),
+                ..Default::default()
+            },
+            pb::FlowFilter {
+                source_pod: s(""),
+                ..Default::default()
+            },
+            pb::FlowFilter {
+                destination_port: s("http"),
+                ..Default::default()
+            },
+            pb::FlowFilter {
+                protocol: s("quic"),
+                ..Default::default()
+            },
+            pb::FlowFilter {
+                source_label: s("app in (a,b)"),
+                ..Default::default()
+            },
+        ] {
+            assert!(
+                matches!(compile(&f), Err(FilterError::Invalid { .. })),
+                "{f:?}"
+            );
+        }
+        let fqdn = pb::FlowFilter {
+            source_fqdn: s("*.example.com"),
+            ..Default::default()
+        };
+        assert_eq!(
+            compile(&fqdn).err(),
+            Some(FilterError::Unsupported("source_fqdn"))
+        );
+    }
+}
