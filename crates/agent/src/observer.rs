@@ -3,18 +3,16 @@
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flow::record::{from_event, Enricher};
-use flow::{Endpoint, Flow, Ring};
+use flow::{Endpoint, Flow};
 
 use crate::EndpointIndex;
 
 pub struct Observer {
-    ring: Mutex<Ring<Arc<Flow>>>,
-    changed: Condvar,
-    seen: AtomicU64,
+    flows: flow::ring::Shared<Arc<Flow>>,
     node: String,
     uuid_counter: AtomicU64,
     /// Agent events (endpoint created, policy updated ...), newest last.
@@ -78,11 +76,9 @@ impl Enricher for Sources {
 impl Observer {
     pub fn new(capacity: usize, node: String) -> Self {
         Self {
-            ring: Mutex::new(
-                Ring::new(capacity).unwrap_or_else(|_| Ring::new(4095).expect("4095 is 2^12-1")),
-            ),
-            changed: Condvar::new(),
-            seen: AtomicU64::new(0),
+            // The capacity was validated at start-up (Agent::new).
+            flows: flow::ring::Shared::new(capacity)
+                .unwrap_or_else(|_| flow::ring::Shared::new(4095).expect("4095 is 2^12-1")),
             node,
             uuid_counter: AtomicU64::new(0),
             agent_events: Mutex::new(Vec::new()),
@@ -97,45 +93,39 @@ impl Observer {
     }
 
     /// (flows buffered, flows seen since start).
+    /// (flows buffered, flows seen since start).
     pub fn counts(&self) -> (usize, u64) {
-        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
-        (ring.len(), self.seen.load(Ordering::Relaxed))
+        let (len, _, seen) = self.flows.counts();
+        (len, seen)
+    }
+
+    pub fn flows(&self) -> &flow::ring::Shared<Arc<Flow>> {
+        &self.flows
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.node
     }
 
     pub fn push(&self, f: Flow) {
-        self.seen.fetch_add(1, Ordering::Relaxed);
-        self.ring
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Arc::new(f));
-        self.changed.notify_all();
+        self.flows.push(Arc::new(f));
     }
 
     /// Sequence number where a reader asking for the last `n` starts.
     pub fn start_seq(&self, last: usize, follow: bool) -> u64 {
-        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         if last > 0 {
-            ring.seq_of_last(last)
+            self.flows.seq_of_last(last)
         } else if follow {
-            ring.next_seq()
+            self.flows.next_seq()
         } else {
-            ring.seq_of_last(ring.capacity())
+            self.flows.oldest_seq()
         }
     }
 
     /// Flows from `seq` on (waiting up to `wait` for new ones when there
     /// are none), with the count lost to overwrites.
     pub fn read(&self, seq: u64, wait: Duration) -> (u64, Vec<Arc<Flow>>, u64) {
-        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
-        if ring.next_seq() <= seq && !wait.is_zero() {
-            ring = self
-                .changed
-                .wait_timeout(ring, wait)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
-        }
-        let r = ring.read_from(seq);
-        (r.lost, r.entries.into_iter().cloned().collect(), r.next_seq)
+        self.flows.read(seq, wait)
     }
 
     /// Runs the event reader until `stop` is set: kernel ring buffer ->

@@ -106,3 +106,70 @@ mod tests {
         assert_eq!(r.seq_of_last(100), 5);
     }
 }
+
+/// A ring shared between one writer and many readers: readers wait for new
+/// entries on a condition variable; the writer never waits for them.
+pub struct Shared<T: Clone> {
+    ring: std::sync::Mutex<Ring<T>>,
+    changed: std::sync::Condvar,
+    seen: std::sync::atomic::AtomicU64,
+}
+
+impl<T: Clone> Shared<T> {
+    pub fn new(capacity: usize) -> Result<Self, String> {
+        Ok(Self {
+            ring: std::sync::Mutex::new(Ring::new(capacity)?),
+            changed: std::sync::Condvar::new(),
+            seen: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ring<T>> {
+        self.ring.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn push(&self, v: T) {
+        self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.lock().push(v);
+        self.changed.notify_all();
+    }
+
+    /// (entries buffered, capacity, entries ever pushed).
+    pub fn counts(&self) -> (usize, usize, u64) {
+        let r = self.lock();
+        (
+            r.len(),
+            r.capacity(),
+            self.seen.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    pub fn oldest_seq(&self) -> u64 {
+        let r = self.lock();
+        r.seq_of_last(r.capacity())
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.lock().next_seq()
+    }
+
+    /// Sequence number of the n-th newest entry.
+    pub fn seq_of_last(&self, n: usize) -> u64 {
+        self.lock().seq_of_last(n)
+    }
+
+    /// Entries from `seq` on (waiting up to `wait` when there are none yet),
+    /// the number lost to overwrites before them, and the next position.
+    pub fn read(&self, seq: u64, wait: std::time::Duration) -> (u64, Vec<T>, u64) {
+        let mut ring = self.lock();
+        if ring.next_seq() <= seq && !wait.is_zero() {
+            ring = self
+                .changed
+                .wait_timeout(ring, wait)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        let r = ring.read_from(seq);
+        (r.lost, r.entries.into_iter().cloned().collect(), r.next_seq)
+    }
+}

@@ -5,3 +5,4 @@
 
 pub mod convert;
 pub mod filter;
+pub mod server;

@@ -1,0 +1,352 @@
+//! The gRPC services: `observer.Observer`, `peer.Peer` and
+//! `grpc.health.v1.Health` (SERVING for `hubble.server.Observer`), on a
+//! Unix socket and on TCP, plaintext h2c as the hubble CLI speaks it.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::flow as pb;
+use proto::observer::observer_server::{Observer, ObserverServer};
+use proto::observer::{
+    GetAgentEventsRequest, GetAgentEventsResponse, GetDebugEventsRequest, GetDebugEventsResponse,
+    GetFlowsRequest, GetFlowsResponse, GetNamespacesRequest, GetNamespacesResponse,
+    GetNodesRequest, GetNodesResponse, Namespace, Node, ServerStatusRequest, ServerStatusResponse,
+};
+use proto::peer::peer_server::{Peer, PeerServer};
+use proto::peer::{ChangeNotification, ChangeNotificationType, NotifyRequest};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::convert;
+use crate::filter::Filters;
+
+/// The Hubble API version Fibril speaks (the CLI warns when a server's minor
+/// version is newer than its own).
+pub const API_VERSION: &str = "1.19.0";
+
+/// What the server reads flows and status from (the agent's observer).
+pub trait Backend: Send + Sync + 'static {
+    /// Sequence number of the oldest flow still in the ring.
+    fn oldest_seq(&self) -> u64;
+    /// Sequence number the next flow will get.
+    fn next_seq(&self) -> u64;
+    /// Flows from `seq` on (waiting up to `wait` when there are none), the
+    /// number lost to overwrites before them, and the next sequence number.
+    fn read(&self, seq: u64, wait: Duration) -> (u64, Vec<Arc<flow::Flow>>, u64);
+    /// (flows buffered, ring capacity, flows seen, uptime in ns).
+    fn counters(&self) -> (u64, u64, u64, u64);
+    fn node_name(&self) -> String;
+    /// The address peers reach this node's observer at.
+    fn address(&self) -> String;
+}
+
+pub struct Service<B: Backend> {
+    backend: Arc<B>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn with_version<T>(mut r: Response<T>) -> Response<T> {
+    if let Ok(v) = API_VERSION.parse() {
+        r.metadata_mut().insert("hubble-server-version", v);
+    }
+    r
+}
+
+fn to_ns(t: &Option<prost_types::Timestamp>) -> Option<u64> {
+    t.as_ref()
+        .map(|t| (t.seconds.max(0) as u64) * 1_000_000_000 + t.nanos.max(0) as u64)
+}
+
+fn flow_ns(f: &pb::Flow) -> u64 {
+    to_ns(&f.time).unwrap_or(0)
+}
+
+fn lost(node: &str, n: u64) -> GetFlowsResponse {
+    use proto::observer::get_flows_response::ResponseTypes;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    GetFlowsResponse {
+        response_types: Some(ResponseTypes::LostEvents(pb::LostEvent {
+            source: pb::LostEventSource::HubbleRingBuffer as i32,
+            num_events_lost: n,
+            cpu: None,
+            first: None,
+            last: None,
+        })),
+        node_name: node.to_string(),
+        time: Some(prost_types::Timestamp {
+            seconds: now.as_secs() as i64,
+            nanos: now.subsec_nanos() as i32,
+        }),
+    }
+}
+
+fn flow_response(f: pb::Flow) -> GetFlowsResponse {
+    use proto::observer::get_flows_response::ResponseTypes;
+    GetFlowsResponse {
+        node_name: f.node_name.clone(),
+        time: f.time,
+        response_types: Some(ResponseTypes::Flow(f)),
+    }
+}
+
+/// Runs one GetFlows stream on a blocking thread (the ring is read with
+/// blocking waits); ends when done or when the client goes away.
+fn stream_flows<B: Backend>(
+    backend: Arc<B>,
+    req: GetFlowsRequest,
+    filters: Filters,
+    tx: mpsc::Sender<Result<GetFlowsResponse, Status>>,
+) {
+    let node = backend.node_name();
+    let since = to_ns(&req.since);
+    let until = if req.follow { None } else { to_ns(&req.until) };
+    let number = req.number as usize;
+    let send = |r: GetFlowsResponse| tx.blocking_send(Ok(r)).is_ok();
+
+    // History: the buffered flows, oldest first.
+    let live_from = backend.next_seq();
+    let start = if req.follow && number == 0 && since.is_none() {
+        live_from
+    } else {
+        backend.oldest_seq()
+    };
+    let (lost_before, history, mut seq) = backend.read(start, Duration::ZERO);
+    if lost_before > 0 && !send(lost(&node, lost_before)) {
+        return;
+    }
+    let mut kept: VecDeque<pb::Flow> = VecDeque::new();
+    let mut sent = 0usize;
+    for f in history {
+        let p = convert::flow(&f);
+        let t = flow_ns(&p);
+        if since.is_some_and(|s| t < s) {
+            continue;
+        }
+        if until.is_some_and(|u| t > u) {
+            break;
+        }
+        if !filters.matches(&p) {
+            continue;
+        }
+        if req.first {
+            if number > 0 && sent == number {
+                break;
+            }
+            if !send(flow_response(p)) {
+                return;
+            }
+            sent += 1;
+        } else {
+            kept.push_back(p);
+            if number > 0 && kept.len() > number {
+                kept.pop_front();
+            }
+        }
+    }
+    for p in kept {
+        if !send(flow_response(p)) {
+            return;
+        }
+    }
+    if !req.follow {
+        return;
+    }
+    // Live: everything new that matches, until the client cancels.
+    loop {
+        if tx.is_closed() {
+            return;
+        }
+        let (lost_now, flows, next) = backend.read(seq, Duration::from_millis(250));
+        seq = next;
+        if lost_now > 0 && !send(lost(&node, lost_now)) {
+            return;
+        }
+        for f in flows {
+            let p = convert::flow(&f);
+            if filters.matches(&p) && !send(flow_response(p)) {
+                return;
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl<B: Backend> Observer for Service<B> {
+    type GetFlowsStream = BoxStream<GetFlowsResponse>;
+    type GetAgentEventsStream = BoxStream<GetAgentEventsResponse>;
+    type GetDebugEventsStream = BoxStream<GetDebugEventsResponse>;
+
+    async fn get_flows(
+        &self,
+        request: Request<GetFlowsRequest>,
+    ) -> Result<Response<Self::GetFlowsStream>, Status> {
+        let req = request.into_inner();
+        if req.first && req.follow {
+            return Err(Status::invalid_argument(
+                "first cannot be specified with follow",
+            ));
+        }
+        let filters = Filters::new(&req.whitelist, &req.blacklist)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (tx, rx) = mpsc::channel(256);
+        let backend = self.backend.clone();
+        std::thread::Builder::new()
+            .name("hubble-getflows".into())
+            .spawn(move || stream_flows(backend, req, filters, tx))
+            .map_err(|e| Status::internal(format!("cannot start the flow stream: {e}")))?;
+        Ok(with_version(Response::new(Box::pin(ReceiverStream::new(
+            rx,
+        )))))
+    }
+
+    async fn get_agent_events(
+        &self,
+        _: Request<GetAgentEventsRequest>,
+    ) -> Result<Response<Self::GetAgentEventsStream>, Status> {
+        Err(Status::unimplemented(
+            "agent events are not served over gRPC yet",
+        ))
+    }
+
+    /// Fibril's datapath emits no debug events: the stream has nothing to
+    /// send; with `follow` it stays open until the client leaves.
+    async fn get_debug_events(
+        &self,
+        request: Request<GetDebugEventsRequest>,
+    ) -> Result<Response<Self::GetDebugEventsStream>, Status> {
+        let req = request.into_inner();
+        if req.first && req.follow {
+            return Err(Status::invalid_argument(
+                "first cannot be specified with follow",
+            ));
+        }
+        let (tx, rx) = mpsc::channel::<Result<GetDebugEventsResponse, Status>>(1);
+        if req.follow {
+            tokio::spawn(async move { tx.closed().await });
+        }
+        Ok(with_version(Response::new(Box::pin(ReceiverStream::new(
+            rx,
+        )))))
+    }
+
+    async fn get_nodes(
+        &self,
+        _: Request<GetNodesRequest>,
+    ) -> Result<Response<GetNodesResponse>, Status> {
+        let (num, max, seen, uptime) = self.backend.counters();
+        let node = Node {
+            name: self.backend.node_name(),
+            version: API_VERSION.into(),
+            address: self.backend.address(),
+            state: proto::relay::NodeState::NodeConnected as i32,
+            tls: None,
+            uptime_ns: uptime,
+            num_flows: num,
+            max_flows: max,
+            seen_flows: seen,
+        };
+        Ok(with_version(Response::new(GetNodesResponse {
+            nodes: vec![node],
+        })))
+    }
+
+    async fn get_namespaces(
+        &self,
+        _: Request<GetNamespacesRequest>,
+    ) -> Result<Response<GetNamespacesResponse>, Status> {
+        // Namespaces seen in buffered flows during the last hour.
+        let (_, flows, _) = self.backend.read(self.backend.oldest_seq(), Duration::ZERO);
+        let hour_ago = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64
+            - 3_600_000_000_000;
+        let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
+        for f in flows {
+            if flow::record::parse_rfc3339(&f.time).is_some_and(|t| t < hour_ago) {
+                continue;
+            }
+            for e in [&f.source, &f.destination] {
+                if !e.namespace.is_empty() {
+                    seen.insert((e.cluster_name.clone(), e.namespace.clone()));
+                }
+            }
+        }
+        let namespaces = seen
+            .into_iter()
+            .map(|(cluster, namespace)| Namespace { cluster, namespace })
+            .collect();
+        Ok(with_version(Response::new(GetNamespacesResponse {
+            namespaces,
+        })))
+    }
+
+    async fn server_status(
+        &self,
+        _: Request<ServerStatusRequest>,
+    ) -> Result<Response<ServerStatusResponse>, Status> {
+        let (num, max, seen, uptime) = self.backend.counters();
+        let minutes = (uptime / 60_000_000_000).max(1) as f64;
+        Ok(with_version(Response::new(ServerStatusResponse {
+            num_flows: num,
+            max_flows: max,
+            seen_flows: seen,
+            uptime_ns: uptime,
+            version: format!("{API_VERSION}+fibril-{}", env!("CARGO_PKG_VERSION")),
+            flows_rate: seen as f64 / (minutes * 60.0),
+            ..Default::default()
+        })))
+    }
+}
+
+#[tonic::async_trait]
+impl<B: Backend> Peer for Service<B> {
+    type NotifyStream = BoxStream<ChangeNotification>;
+
+    /// This node is the only peer: announced once, then the stream stays open.
+    async fn notify(
+        &self,
+        _: Request<NotifyRequest>,
+    ) -> Result<Response<Self::NotifyStream>, Status> {
+        let (tx, rx) = mpsc::channel(1);
+        let me = ChangeNotification {
+            name: self.backend.node_name(),
+            address: self.backend.address(),
+            r#type: ChangeNotificationType::PeerAdded as i32,
+            tls: None,
+        };
+        tokio::spawn(async move {
+            if tx.send(Ok(me)).await.is_ok() {
+                tx.closed().await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// The three services, ready to be served.
+pub async fn router<B: Backend>(backend: Arc<B>) -> tonic::transport::server::Router {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(
+            "hubble.server.Observer",
+            tonic_health::ServingStatus::Serving,
+        )
+        .await;
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(ObserverServer::new(Service {
+            backend: backend.clone(),
+        }))
+        .add_service(PeerServer::new(Service { backend }))
+}

@@ -1,0 +1,314 @@
+//! The observer API served for real and called with a real gRPC client
+//! (tonic, the project's own protos) over TCP loopback.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fibril_hubble::server::{self, Backend};
+use flow::ring::Shared;
+use proto::flow as pb;
+use proto::observer::observer_client::ObserverClient;
+use proto::observer::{
+    get_flows_response::ResponseTypes, GetFlowsRequest, GetFlowsResponse, GetNodesRequest,
+    ServerStatusRequest,
+};
+
+struct TestBackend {
+    flows: Shared<Arc<flow::Flow>>,
+    /// While set, readers park before touching the ring: a slow reader.
+    paused: std::sync::atomic::AtomicBool,
+}
+
+impl Backend for TestBackend {
+    fn oldest_seq(&self) -> u64 {
+        self.flows.oldest_seq()
+    }
+    fn next_seq(&self) -> u64 {
+        self.flows.next_seq()
+    }
+    fn read(&self, seq: u64, wait: Duration) -> (u64, Vec<Arc<flow::Flow>>, u64) {
+        while self.paused.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.flows.read(seq, wait)
+    }
+    fn counters(&self) -> (u64, u64, u64, u64) {
+        let (n, cap, seen) = self.flows.counts();
+        (n as u64, cap as u64, seen, 42)
+    }
+    fn node_name(&self) -> String {
+        "test-node".into()
+    }
+    fn address(&self) -> String {
+        "127.0.0.1:4244".into()
+    }
+}
+
+/// Flow number `i`: from pod client-i to server, DROPPED when i is odd.
+fn flow(i: u64) -> flow::Flow {
+    let json = format!(
+        r#"{{"time":"{}","uuid":"u{i}","verdict":"{}","IP":{{"source":"10.0.0.{}","destination":"10.0.1.1","ipVersion":"IPv4"}},"l4":{{"TCP":{{"source_port":{},"destination_port":8080,"flags":{{"SYN":true}}}}}},"source":{{"identity":300,"namespace":"shop","pod_name":"client-{i}"}},"destination":{{"identity":301,"namespace":"shop","pod_name":"server"}},"Type":"L3_L4","node_name":"test-node","event_type":{{"type":4}},"is_reply":false,"Summary":"TCP Flags: SYN"}}"#,
+        flow::record::rfc3339(1_768_471_200_000_000_000 + i * 1_000_000_000),
+        if i % 2 == 1 { "DROPPED" } else { "FORWARDED" },
+        i % 250,
+        40000 + i
+    );
+    serde_json::from_str(&json).unwrap()
+}
+
+struct Fixture {
+    backend: Arc<TestBackend>,
+    client: ObserverClient<tonic::transport::Channel>,
+    channel: tonic::transport::Channel,
+    _rt: tokio::runtime::Runtime,
+    rt: tokio::runtime::Handle,
+}
+
+fn fixture(capacity: usize, flows: u64) -> Fixture {
+    let backend = Arc::new(TestBackend {
+        flows: Shared::new(capacity).unwrap(),
+        paused: false.into(),
+    });
+    for i in 0..flows {
+        backend.flows.push(Arc::new(flow(i)));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let b = backend.clone();
+    rt.spawn(async move {
+        server::router(b)
+            .await
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    let channel = rt
+        .block_on(
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect(),
+        )
+        .unwrap();
+    let handle = rt.handle().clone();
+    Fixture {
+        backend,
+        client: ObserverClient::new(channel.clone()),
+        channel,
+        _rt: rt,
+        rt: handle,
+    }
+}
+
+impl Fixture {
+    fn get(&mut self, req: GetFlowsRequest) -> Result<Vec<GetFlowsResponse>, tonic::Status> {
+        let mut client = self.client.clone();
+        self.rt.block_on(async move {
+            let mut stream = client.get_flows(req).await?.into_inner();
+            let mut out = Vec::new();
+            while let Some(r) = stream.message().await? {
+                out.push(r);
+            }
+            Ok(out)
+        })
+    }
+}
+
+fn uuids(rs: &[GetFlowsResponse]) -> Vec<String> {
+    rs.iter()
+        .filter_map(|r| match &r.response_types {
+            Some(ResponseTypes::Flow(f)) => Some(f.uuid.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn health_status_nodes_and_the_version_header() {
+    let mut fx = fixture(15, 5);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(fx.channel.clone());
+    let status = fx
+        .rt
+        .block_on(health.check(tonic_health::pb::HealthCheckRequest {
+            service: "hubble.server.Observer".into(),
+        }))
+        .unwrap();
+    assert_eq!(
+        status.into_inner().status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let resp = fx
+        .rt
+        .block_on(fx.client.server_status(ServerStatusRequest {}))
+        .unwrap();
+    assert_eq!(
+        resp.metadata().get("hubble-server-version").unwrap(),
+        server::API_VERSION
+    );
+    let s = resp.into_inner();
+    assert_eq!(
+        (s.num_flows, s.max_flows, s.seen_flows, s.uptime_ns),
+        (5, 15, 5, 42)
+    );
+    let nodes = fx
+        .rt
+        .block_on(fx.client.get_nodes(GetNodesRequest {}))
+        .unwrap()
+        .into_inner()
+        .nodes;
+    assert_eq!(nodes[0].name, "test-node");
+    assert_eq!(nodes[0].num_flows, 5);
+}
+
+#[test]
+fn get_flows_number_first_since_until_and_filters() {
+    let mut fx = fixture(31, 10);
+    let all = |n: u64| GetFlowsRequest {
+        number: n,
+        ..Default::default()
+    };
+    assert_eq!(
+        uuids(&fx.get(all(3)).unwrap()),
+        ["u7", "u8", "u9"],
+        "the last N, oldest first"
+    );
+    assert_eq!(
+        uuids(&fx.get(all(0)).unwrap()).len(),
+        10,
+        "0 = everything buffered"
+    );
+    let first = GetFlowsRequest {
+        number: 2,
+        first: true,
+        ..Default::default()
+    };
+    assert_eq!(uuids(&fx.get(first).unwrap()), ["u0", "u1"]);
+    let dropped = pb::FlowFilter {
+        verdict: vec![pb::Verdict::Dropped as i32],
+        ..Default::default()
+    };
+    let req = GetFlowsRequest {
+        number: 2,
+        whitelist: vec![dropped.clone()],
+        ..Default::default()
+    };
+    assert_eq!(
+        uuids(&fx.get(req).unwrap()),
+        ["u7", "u9"],
+        "the last N matching"
+    );
+    let req = GetFlowsRequest {
+        blacklist: vec![dropped],
+        ..Default::default()
+    };
+    assert_eq!(uuids(&fx.get(req).unwrap()), ["u0", "u2", "u4", "u6", "u8"]);
+    let ts = |i: i64| prost_types::Timestamp {
+        seconds: 1_768_471_200 + i,
+        nanos: 0,
+    };
+    let req = GetFlowsRequest {
+        since: Some(ts(3)),
+        until: Some(ts(5)),
+        ..Default::default()
+    };
+    assert_eq!(uuids(&fx.get(req).unwrap()), ["u3", "u4", "u5"]);
+    let pod = pb::FlowFilter {
+        source_pod: vec!["shop/client-4".into()],
+        ..Default::default()
+    };
+    let req = GetFlowsRequest {
+        whitelist: vec![pod],
+        ..Default::default()
+    };
+    let got = fx.get(req).unwrap();
+    assert_eq!(uuids(&got), ["u4"]);
+    assert_eq!(got[0].node_name, "test-node");
+    assert!(got[0].time.is_some());
+
+    let err = fx
+        .get(GetFlowsRequest {
+            first: true,
+            follow: true,
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(err.message(), "first cannot be specified with follow");
+    let bad = pb::FlowFilter {
+        source_ip: vec!["10.0.0.0/99".into()],
+        ..Default::default()
+    };
+    let err = fx
+        .get(GetFlowsRequest {
+            whitelist: vec![bad],
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("source_ip"), "{}", err.message());
+}
+
+#[test]
+fn follow_streams_new_flows_and_readers_learn_what_they_lost() {
+    let fx = fixture(7, 3);
+    let mut client = fx.client.clone();
+    let backend = fx.backend.clone();
+    let got: Vec<GetFlowsResponse> = fx.rt.block_on(async move {
+        let req = GetFlowsRequest {
+            follow: true,
+            ..Default::default()
+        };
+        let mut stream = client.get_flows(req).await.unwrap().into_inner();
+        // Only flows arriving after the call.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        backend.flows.push(Arc::new(flow(100)));
+        let first = stream.message().await.unwrap().unwrap();
+        let mut out = vec![first];
+        // Overrun the 7-entry ring while the reader is parked (its current
+        // wait times out first): 20 flows, of which 13 are overwritten.
+        backend
+            .paused
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        for i in 200..220 {
+            backend.flows.push(Arc::new(flow(i)));
+        }
+        backend
+            .paused
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        while out.len() < 9 {
+            match tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
+                Ok(Ok(Some(r))) => out.push(r),
+                other => panic!("stream ended early: {other:?}"),
+            }
+        }
+        out
+    });
+    assert_eq!(uuids(&got[..1]), ["u100"]);
+    let lost: u64 = got
+        .iter()
+        .filter_map(|r| match &r.response_types {
+            Some(ResponseTypes::LostEvents(l)) => {
+                assert_eq!(l.source, pb::LostEventSource::HubbleRingBuffer as i32);
+                Some(l.num_events_lost)
+            }
+            _ => None,
+        })
+        .sum();
+    let delivered = uuids(&got[1..]).len() as u64;
+    assert_eq!(
+        (lost, delivered),
+        (13, 7),
+        "every flow is delivered or counted as lost"
+    );
+    assert_eq!(
+        uuids(&got[2..]),
+        (213..220).map(|i| format!("u{i}")).collect::<Vec<_>>()
+    );
+}
