@@ -76,37 +76,6 @@ impl<T> Ring<T> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn capacity_must_be_a_power_of_two_minus_one() {
-        assert!(Ring::<u32>::new(4095).is_ok());
-        assert!(Ring::<u32>::new(4096).is_err());
-        assert!(Ring::<u32>::new(0).is_err());
-    }
-
-    #[test]
-    fn slow_readers_learn_exactly_how_much_they_lost() {
-        let mut r = Ring::new(3).unwrap();
-        for i in 0..3 {
-            r.push(i);
-        }
-        let read = r.read_from(1);
-        assert_eq!((read.lost, read.entries.len()), (0, 2));
-        for i in 3..8 {
-            r.push(i);
-        }
-        let read = r.read_from(1);
-        assert_eq!(read.lost, 4, "entries 1..5 were overwritten");
-        assert_eq!(read.entries, vec![&5, &6, &7]);
-        assert_eq!(read.next_seq, 8);
-        assert_eq!(r.seq_of_last(2), 6);
-        assert_eq!(r.seq_of_last(100), 5);
-    }
-}
-
 /// A ring shared between one writer and many readers: readers wait for new
 /// entries on a condition variable; the writer never waits for them.
 pub struct Shared<T: Clone> {
@@ -171,5 +140,36 @@ impl<T: Clone> Shared<T> {
         }
         let r = ring.read_from(seq);
         (r.lost, r.entries.into_iter().cloned().collect(), r.next_seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_must_be_a_power_of_two_minus_one() {
+        assert!(Ring::<u32>::new(4095).is_ok());
+        assert!(Ring::<u32>::new(4096).is_err());
+        assert!(Ring::<u32>::new(0).is_err());
+    }
+
+    #[test]
+    fn slow_readers_learn_exactly_how_much_they_lost() {
+        let mut r = Ring::new(3).unwrap();
+        for i in 0..3 {
+            r.push(i);
+        }
+        let read = r.read_from(1);
+        assert_eq!((read.lost, read.entries.len()), (0, 2));
+        for i in 3..8 {
+            r.push(i);
+        }
+        let read = r.read_from(1);
+        assert_eq!(read.lost, 4, "entries 1..5 were overwritten");
+        assert_eq!(read.entries, vec![&5, &6, &7]);
+        assert_eq!(read.next_seq, 8);
+        assert_eq!(r.seq_of_last(2), 6);
+        assert_eq!(r.seq_of_last(100), 5);
     }
 }
