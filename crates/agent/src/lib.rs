@@ -2,6 +2,7 @@
 //! wired to the datapath; served on a local Unix socket.
 #![forbid(unsafe_code)]
 
+pub mod hubble_backend;
 pub mod metrics;
 pub mod observer;
 pub mod policy_sync;
@@ -138,6 +139,10 @@ impl Agent {
 
     pub fn datapath(&self) -> &Arc<Datapath> {
         &self.datapath
+    }
+
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
     }
 
     /// What the observer enriches flows from.

@@ -29,10 +29,72 @@ struct Args {
     /// Flow ring capacity, 2^n-1 (Hubble's hubble-event-buffer-capacity).
     #[arg(long, default_value_t = 4095)]
     flow_capacity: usize,
+    /// The Hubble observer API on a Unix socket (the hubble CLI:
+    /// `--server unix://PATH`).
+    #[arg(long, default_value = "/run/fibril/hubble.sock")]
+    hubble_socket: PathBuf,
+    /// The Hubble observer API on TCP (port 0: any free port; the bound
+    /// address is written to STATE_DIR/hubble.addr).
+    #[arg(long, default_value = "127.0.0.1:4244")]
+    hubble_listen_address: std::net::SocketAddr,
     /// Serve Prometheus metrics on this address (port 0: any free port;
     /// the bound address is written to STATE_DIR/metrics.addr).
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// Serves the Hubble API (gRPC) on a Unix socket and on TCP, on a tokio
+/// runtime of its own (the rest of the agent runs on plain threads).
+fn start_hubble(
+    agent: Arc<Agent>,
+    socket: &std::path::Path,
+    tcp: std::net::SocketAddr,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("hubble")
+        .enable_all()
+        .build()?;
+    let tcp_listener = rt
+        .block_on(tokio::net::TcpListener::bind(tcp))
+        .with_context(|| format!("binding the Hubble API on {tcp}"))?;
+    let bound = tcp_listener.local_addr()?;
+    std::fs::write(state_dir.join("hubble.addr"), bound.to_string())?;
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::remove_file(socket).ok();
+    let unix_listener = {
+        let _guard = rt.enter();
+        tokio::net::UnixListener::bind(socket)
+            .with_context(|| format!("binding {}", socket.display()))?
+    };
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    let backend = Arc::new(fibril_agent::hubble_backend::HubbleBackend {
+        agent,
+        address: bound.to_string(),
+    });
+    tracing::info!(tcp = %bound, socket = %socket.display(), "Hubble API ready");
+    std::thread::Builder::new()
+        .name("hubble".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let tcp = hubble::server::router(backend.clone())
+                    .await
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
+                        tcp_listener,
+                    ));
+                let unix = hubble::server::router(backend).await.serve_with_incoming(
+                    tokio_stream::wrappers::UnixListenerStream::new(unix_listener),
+                );
+                if let Err(e) = tokio::try_join!(tcp, unix) {
+                    tracing::error!(error = %e, "Hubble API stopped");
+                }
+            })
+        })?;
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -81,6 +143,12 @@ fn main() -> anyhow::Result<()> {
             .name("metrics".into())
             .spawn(move || fibril_agent::metrics::serve(agent, l))?;
     }
+    start_hubble(
+        agent.clone(),
+        &args.hubble_socket,
+        args.hubble_listen_address,
+        &config.state_dir,
+    )?;
     let listener = server::bind(&config.socket)
         .with_context(|| format!("binding {}", config.socket.display()))?;
     agent.observer.agent_event("AGENT_STARTED".into());

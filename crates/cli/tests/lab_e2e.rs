@@ -985,3 +985,81 @@ fn policy_validate_checks_files_without_an_agent() {
     );
     assert!(stderr.contains("bad.yaml: document 1: spec.egress[0].toPorts[0].rules.http[0].method: not a valid regular expression"), "{stderr}");
 }
+
+#[test]
+fn hubble_api_serves_the_labs_flows_to_a_grpc_client() {
+    use proto::flow as pb;
+    use proto::observer::{
+        get_flows_response::ResponseTypes, observer_client::ObserverClient, GetFlowsRequest,
+    };
+    let lab = Lab::default_lab();
+    wait_until("backend to listen", || {
+        lab.backend_log().contains("listening")
+    });
+    assert!(lab.get("frontend", "3"));
+    assert!(!lab.get("other-client", "1"));
+    wait_until("the drop flow", || {
+        lab.flows().iter().any(|f| f["verdict"] == "DROPPED")
+    });
+
+    let addr = std::fs::read_to_string(format!("/run/fibril/labs/{}/state/hubble.addr", lab.name))
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (healthy, drops, status_version) = rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", addr.trim()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        let healthy = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "hubble.server.Observer".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        let mut client = ObserverClient::new(channel);
+        let req = GetFlowsRequest {
+            number: 10,
+            whitelist: vec![pb::FlowFilter {
+                verdict: vec![pb::Verdict::Dropped as i32],
+                destination_pod: vec!["microservices/backend".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let resp = client.get_flows(req).await.unwrap();
+        let version = resp
+            .metadata()
+            .get("hubble-server-version")
+            .map(|v| v.to_str().unwrap().to_string());
+        let mut stream = resp.into_inner();
+        let mut drops = Vec::new();
+        while let Some(r) = stream.message().await.unwrap() {
+            if let Some(ResponseTypes::Flow(f)) = r.response_types {
+                drops.push(f);
+            }
+        }
+        (healthy, drops, version)
+    });
+    assert_eq!(
+        healthy,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    assert_eq!(status_version.as_deref(), Some("1.19.0"));
+    assert!(!drops.is_empty());
+    for f in &drops {
+        assert_eq!(f.verdict, pb::Verdict::Dropped as i32);
+        assert_eq!(f.drop_reason_desc, pb::DropReason::PolicyDenied as i32);
+        assert_eq!(f.source.as_ref().unwrap().pod_name, "other-client");
+        assert_eq!(f.destination.as_ref().unwrap().pod_name, "backend");
+        assert_eq!(f.node_name, format!("{}-node", lab.name));
+        assert_eq!(f.event_type.unwrap().r#type, 1);
+    }
+}
