@@ -41,6 +41,15 @@ struct PodMatch {
 }
 
 impl PodMatch {
+    fn matches_service(&self, s: Option<&pb::Service>) -> bool {
+        let Some(s) = s else { return false };
+        if s.namespace.is_empty() && s.name.is_empty() {
+            return false;
+        }
+        self.namespace.as_deref().is_none_or(|ns| ns == s.namespace)
+            && s.name.starts_with(&self.prefix)
+    }
+
     fn parse(field: &'static str, v: &str) -> Result<Self, FilterError> {
         if v.is_empty() {
             return Err(invalid(field, v, "empty pod name"));
@@ -157,6 +166,60 @@ pub struct Compiled {
     tcp_flags: Vec<pb::TcpFlags>,
     node_name: Vec<String>,
     ip_version: Vec<i32>,
+    source_ip_xlated: Vec<IpMatch>,
+    source_fqdn: Vec<String>,
+    destination_fqdn: Vec<String>,
+    source_service: Vec<PodMatch>,
+    destination_service: Vec<PodMatch>,
+    source_workload: Vec<pb::Workload>,
+    destination_workload: Vec<pb::Workload>,
+    source_cluster_name: Vec<String>,
+    destination_cluster_name: Vec<String>,
+    interface: Vec<pb::NetworkInterface>,
+    http_status_code: Vec<(u32, u32)>,
+    http_method: Vec<String>,
+    http_path: Vec<regex::Regex>,
+    http_url: Vec<regex::Regex>,
+    http_header: Vec<pb::HttpHeader>,
+    dns_query: Vec<regex::Regex>,
+    node_labels: Vec<Vec<LabelMatch>>,
+    trace_id: Vec<String>,
+    ip_trace_id: Vec<u64>,
+    encrypted: Vec<bool>,
+}
+
+fn regexes(field: &'static str, list: &[String]) -> Result<Vec<regex::Regex>, FilterError> {
+    list.iter()
+        .map(|r| regex::Regex::new(r).map_err(|e| invalid(field, r, &e.to_string())))
+        .collect()
+}
+
+/// `404` exact, `4+` or `40+` a prefix of the three-digit code: (low, high).
+fn status_codes(list: &[String]) -> Result<Vec<(u32, u32)>, FilterError> {
+    list.iter()
+        .map(|v| {
+            let bad = || invalid("http_status_code", v, "expected NNN, N+ or NN+");
+            match v.strip_suffix('+') {
+                Some(p) if (1..=2).contains(&p.len()) && p.chars().all(|c| c.is_ascii_digit()) => {
+                    let n: u32 = p.parse().map_err(|_| bad())?;
+                    let scale = 10u32.pow(3 - p.len() as u32);
+                    Ok((n * scale, n * scale + scale - 1))
+                }
+                None if v.len() == 3 && v.chars().all(|c| c.is_ascii_digit()) => {
+                    let n: u32 = v.parse().map_err(|_| bad())?;
+                    Ok((n, n))
+                }
+                _ => Err(bad()),
+            }
+        })
+        .collect()
+}
+
+/// FQDN patterns: `*` is any run of DNS characters, case-insensitive, one
+/// trailing dot ignored.
+fn fqdn_matches(pattern: &str, name: &str) -> bool {
+    let norm = |s: &str| s.trim_end_matches('.').to_lowercase();
+    glob(&norm(pattern), &norm(name))
 }
 
 const PROTOCOLS: [&str; 11] = [
@@ -201,46 +264,34 @@ fn labels(field: &'static str, list: &[String]) -> Result<Vec<Vec<LabelMatch>>, 
 
 /// Checks and compiles one filter.
 pub fn compile(f: &pb::FlowFilter) -> Result<Compiled, FilterError> {
-    let unsupported: [(&'static str, bool); 17] = [
-        ("source_ip_xlated", !f.source_ip_xlated.is_empty()),
-        ("source_fqdn", !f.source_fqdn.is_empty()),
-        ("destination_fqdn", !f.destination_fqdn.is_empty()),
-        ("source_service", !f.source_service.is_empty()),
-        ("destination_service", !f.destination_service.is_empty()),
-        ("source_workload", !f.source_workload.is_empty()),
-        ("destination_workload", !f.destination_workload.is_empty()),
-        ("interface", !f.interface.is_empty()),
-        ("http_status_code", !f.http_status_code.is_empty()),
-        ("dns_query", !f.dns_query.is_empty()),
-        ("http_method", !f.http_method.is_empty()),
-        ("http_path", !f.http_path.is_empty()),
-        ("http_url", !f.http_url.is_empty()),
-        ("http_header", !f.http_header.is_empty()),
-        ("node_labels", !f.node_labels.is_empty()),
-        (
-            "trace_id",
-            !f.trace_id.is_empty() || !f.ip_trace_id.is_empty(),
-        ),
-        (
-            "experimental",
-            f.experimental
-                .as_ref()
-                .is_some_and(|e| !e.cel_expression.is_empty()),
-        ),
-    ];
-    if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
-        return Err(FilterError::Unsupported(field));
+    if f.experimental
+        .as_ref()
+        .is_some_and(|e| !e.cel_expression.is_empty())
+    {
+        return Err(FilterError::Unsupported("experimental.cel_expression"));
+    }
+    let http = !f.http_status_code.is_empty()
+        || !f.http_method.is_empty()
+        || !f.http_path.is_empty()
+        || !f.http_url.is_empty()
+        || !f.http_header.is_empty();
+    if http && !f.event_type.is_empty() && !f.event_type.iter().any(|e| e.r#type == 129) {
+        return Err(invalid(
+            "event_type",
+            &format!(
+                "{:?}",
+                f.event_type.iter().map(|e| e.r#type).collect::<Vec<_>>()
+            ),
+            "HTTP filters need the l7 event type (129) when event types are given",
+        ));
     }
     for (field, list) in [
         ("source_cluster_name", &f.source_cluster_name),
         ("destination_cluster_name", &f.destination_cluster_name),
     ] {
-        if !list.is_empty() {
-            return Err(FilterError::Unsupported(field));
+        if list.iter().any(|c| c.is_empty()) {
+            return Err(invalid(field, "", "empty cluster name"));
         }
-    }
-    if !f.encrypted.is_empty() {
-        return Err(FilterError::Unsupported("encrypted"));
     }
     for p in &f.protocol {
         if !PROTOCOLS.contains(&p.to_lowercase().as_str()) {
@@ -276,6 +327,34 @@ pub fn compile(f: &pb::FlowFilter) -> Result<Compiled, FilterError> {
         tcp_flags: f.tcp_flags.clone(),
         node_name: f.node_name.clone(),
         ip_version: f.ip_version.clone(),
+        source_ip_xlated: ips("source_ip_xlated", &f.source_ip_xlated)?,
+        source_fqdn: f.source_fqdn.clone(),
+        destination_fqdn: f.destination_fqdn.clone(),
+        source_service: f
+            .source_service
+            .iter()
+            .map(|v| PodMatch::parse("source_service", v))
+            .collect::<Result<_, _>>()?,
+        destination_service: f
+            .destination_service
+            .iter()
+            .map(|v| PodMatch::parse("destination_service", v))
+            .collect::<Result<_, _>>()?,
+        source_workload: f.source_workload.clone(),
+        destination_workload: f.destination_workload.clone(),
+        source_cluster_name: f.source_cluster_name.clone(),
+        destination_cluster_name: f.destination_cluster_name.clone(),
+        interface: f.interface.clone(),
+        http_status_code: status_codes(&f.http_status_code)?,
+        http_method: f.http_method.iter().map(|m| m.to_uppercase()).collect(),
+        http_path: regexes("http_path", &f.http_path)?,
+        http_url: regexes("http_url", &f.http_url)?,
+        http_header: f.http_header.clone(),
+        dns_query: regexes("dns_query", &f.dns_query)?,
+        node_labels: labels("node_labels", &f.node_labels)?,
+        trace_id: f.trace_id.clone(),
+        ip_trace_id: f.ip_trace_id.clone(),
+        encrypted: f.encrypted.clone(),
     })
 }
 
@@ -445,6 +524,117 @@ impl Compiled {
                 self.ip_version
                     .contains(&ip.map_or(pb::IpVersion::IpNotUsed as i32, |i| i.ip_version))
             })
+            && self.matches_more(f)
+    }
+
+    /// The fields whose data comes from enrichment and the L7 proxies.
+    fn matches_more(&self, f: &pb::Flow) -> bool {
+        use pb::layer7::Record;
+        let any = |empty: bool, hit: &dyn Fn() -> bool| empty || hit();
+        let http = match f.l7.as_ref().and_then(|l| l.record.as_ref()) {
+            Some(Record::Http(h)) => Some(h),
+            _ => None,
+        };
+        let dns = match f.l7.as_ref().and_then(|l| l.record.as_ref()) {
+            Some(Record::Dns(d)) => Some(d),
+            _ => None,
+        };
+        let workload = |want: &[pb::Workload], e: Option<&pb::Endpoint>| {
+            e.is_some_and(|e| {
+                e.workloads.iter().any(|w| {
+                    want.iter().any(|x| {
+                        (x.name.is_empty() || x.name == w.name)
+                            && (x.kind.is_empty() || x.kind == w.kind)
+                    })
+                })
+            })
+        };
+        let path_of = |url: &str| -> Option<String> {
+            let rest = url
+                .split_once("://")
+                .map_or(url, |(_, r)| r.find('/').map_or("/", |i| &r[i..]));
+            Some(rest.split(['?', '#']).next()?.to_string())
+        };
+        any(self.source_ip_xlated.is_empty(), &|| {
+            ip_matches(
+                &self.source_ip_xlated,
+                f.ip.as_ref().map(|i| i.source_xlated.as_str()),
+            )
+        }) && any(self.source_fqdn.is_empty(), &|| {
+            self.source_fqdn
+                .iter()
+                .any(|p| f.source_names.iter().any(|n| fqdn_matches(p, n)))
+        }) && any(self.destination_fqdn.is_empty(), &|| {
+            self.destination_fqdn
+                .iter()
+                .any(|p| f.destination_names.iter().any(|n| fqdn_matches(p, n)))
+        }) && any(self.source_service.is_empty(), &|| {
+            self.source_service
+                .iter()
+                .any(|m| m.matches_service(f.source_service.as_ref()))
+        }) && any(self.destination_service.is_empty(), &|| {
+            self.destination_service
+                .iter()
+                .any(|m| m.matches_service(f.destination_service.as_ref()))
+        }) && any(self.source_workload.is_empty(), &|| {
+            workload(&self.source_workload, f.source.as_ref())
+        }) && any(self.destination_workload.is_empty(), &|| {
+            workload(&self.destination_workload, f.destination.as_ref())
+        }) && any(self.source_cluster_name.is_empty(), &|| {
+            f.source
+                .as_ref()
+                .is_some_and(|e| self.source_cluster_name.contains(&e.cluster_name))
+        }) && any(self.destination_cluster_name.is_empty(), &|| {
+            f.destination
+                .as_ref()
+                .is_some_and(|e| self.destination_cluster_name.contains(&e.cluster_name))
+        }) && any(self.interface.is_empty(), &|| {
+            f.interface.as_ref().is_some_and(|i| {
+                self.interface.iter().any(|w| {
+                    (w.index == 0 || w.index == i.index) && (w.name.is_empty() || w.name == i.name)
+                })
+            })
+        }) && any(self.http_status_code.is_empty(), &|| {
+            http.is_some_and(|h| {
+                h.code != 0
+                    && self
+                        .http_status_code
+                        .iter()
+                        .any(|(lo, hi)| (*lo..=*hi).contains(&h.code))
+            })
+        }) && any(self.http_method.is_empty(), &|| {
+            http.is_some_and(|h| self.http_method.contains(&h.method.to_uppercase()))
+        }) && any(self.http_path.is_empty(), &|| {
+            http.and_then(|h| path_of(&h.url))
+                .is_some_and(|p| self.http_path.iter().any(|r| r.is_match(&p)))
+        }) && any(self.http_url.is_empty(), &|| {
+            http.is_some_and(|h| self.http_url.iter().any(|r| r.is_match(&h.url)))
+        }) && any(self.http_header.is_empty(), &|| {
+            http.is_some_and(|h| {
+                h.headers.iter().any(|x| {
+                    self.http_header
+                        .iter()
+                        .any(|w| w.key == x.key && w.value == x.value)
+                })
+            })
+        }) && any(self.dns_query.is_empty(), &|| {
+            dns.is_some_and(|d| self.dns_query.iter().any(|r| r.is_match(&d.query)))
+        }) && any(self.node_labels.is_empty(), &|| {
+            self.node_labels
+                .iter()
+                .any(|sel| sel.iter().all(|t| t.matches(&f.node_labels)))
+        }) && any(self.trace_id.is_empty(), &|| {
+            f.trace_context
+                .as_ref()
+                .and_then(|t| t.parent.as_ref())
+                .is_some_and(|p| self.trace_id.contains(&p.trace_id))
+        }) && any(self.ip_trace_id.is_empty(), &|| {
+            f.ip_trace_id
+                .is_some_and(|t| self.ip_trace_id.contains(&t.trace_id))
+        }) && any(self.encrypted.is_empty(), &|| {
+            self.encrypted
+                .contains(&f.ip.as_ref().is_some_and(|i| i.encrypted))
+        })
     }
 }
 
@@ -762,6 +952,97 @@ mod tests {
             },
             false,
         );
+        // Enrichment and L7 fields: an L3/L4 flow without them never matches.
+        check(
+            pb::FlowFilter {
+                destination_fqdn: s(&["*.example.com"]),
+                ..Default::default()
+            },
+            false,
+        );
+        check(
+            pb::FlowFilter {
+                http_method: s(&["GET"]),
+                ..Default::default()
+            },
+            false,
+        );
+        check(
+            pb::FlowFilter {
+                source_cluster_name: s(&["default"]),
+                ..Default::default()
+            },
+            false,
+        );
+    }
+
+    #[test]
+    fn l7_and_enrichment_fields_match_when_present() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let mut f = flow();
+        f.destination_names = s(&["api.Example.com."]);
+        f.event_type = Some(pb::CiliumEventType {
+            r#type: 129,
+            sub_type: 0,
+        });
+        f.l7 = Some(pb::Layer7 {
+            r#type: pb::L7FlowType::Response as i32,
+            latency_ns: 0,
+            record: Some(pb::layer7::Record::Http(pb::Http {
+                code: 404,
+                method: "get".into(),
+                url: "http://shop/api/items?id=3".into(),
+                protocol: "HTTP/1.1".into(),
+                headers: vec![pb::HttpHeader {
+                    key: "x-user".into(),
+                    value: "a".into(),
+                }],
+            })),
+        });
+        let m = |flt: pb::FlowFilter| compile(&flt).unwrap().matches(&f);
+        assert!(m(pb::FlowFilter {
+            destination_fqdn: s(&["*.example.com"]),
+            ..Default::default()
+        }));
+        assert!(m(pb::FlowFilter {
+            http_status_code: s(&["4+"]),
+            ..Default::default()
+        }));
+        assert!(m(pb::FlowFilter {
+            http_status_code: s(&["404"]),
+            ..Default::default()
+        }));
+        assert!(!m(pb::FlowFilter {
+            http_status_code: s(&["5+"]),
+            ..Default::default()
+        }));
+        assert!(m(pb::FlowFilter {
+            http_method: s(&["GET"]),
+            ..Default::default()
+        }));
+        assert!(m(pb::FlowFilter {
+            http_path: s(&["^/api/.*$"]),
+            ..Default::default()
+        }));
+        assert!(!m(pb::FlowFilter {
+            http_path: s(&["^/admin"]),
+            ..Default::default()
+        }));
+        assert!(m(pb::FlowFilter {
+            http_url: s(&["id=3"]),
+            ..Default::default()
+        }));
+        assert!(m(pb::FlowFilter {
+            http_header: vec![pb::HttpHeader {
+                key: "x-user".into(),
+                value: "a".into()
+            }],
+            event_type: vec![pb::EventTypeFilter {
+                r#type: 129,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }));
     }
 
     #[test]
@@ -810,13 +1091,38 @@ mod tests {
                 "{f:?}"
             );
         }
-        let fqdn = pb::FlowFilter {
-            source_fqdn: s("*.example.com"),
+        for f in [
+            pb::FlowFilter {
+                http_status_code: s("4xx"),
+                ..Default::default()
+            },
+            pb::FlowFilter {
+                http_path: s("(unclosed"),
+                ..Default::default()
+            },
+            pb::FlowFilter {
+                http_method: s("GET"),
+                event_type: vec![pb::EventTypeFilter {
+                    r#type: 4,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        ] {
+            assert!(
+                matches!(compile(&f), Err(FilterError::Invalid { .. })),
+                "{f:?}"
+            );
+        }
+        let cel = pb::FlowFilter {
+            experimental: Some(pb::flow_filter::Experimental {
+                cel_expression: s("true"),
+            }),
             ..Default::default()
         };
         assert_eq!(
-            compile(&fqdn).err(),
-            Some(FilterError::Unsupported("source_fqdn"))
+            compile(&cel).err(),
+            Some(FilterError::Unsupported("experimental.cel_expression"))
         );
     }
 }
