@@ -24,6 +24,10 @@ impl hubble::server::Backend for HubbleBackend {
         self.agent.observer.read(seq, wait)
     }
 
+    fn agent_events(&self) -> &flow::ring::Shared<Arc<flow::agent_event::AgentEvent>> {
+        self.agent.observer.agent_events()
+    }
+
     fn counters(&self) -> (u64, u64, u64, u64) {
         let (len, cap, seen) = self.agent.observer.flows().counts();
         (

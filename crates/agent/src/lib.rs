@@ -437,10 +437,13 @@ impl Agent {
             self.commit(&mut s).ok();
             return Err(e);
         }
-        self.observer.agent_event(format!(
-            "ENDPOINT_CREATED (id: {id}, namespace: {}, pod name: {})",
-            a.namespace, a.pod
-        ));
+        self.observer
+            .agent_event(flow::agent_event::Kind::EndpointCreated {
+                id: id as u64,
+                namespace: a.namespace.clone(),
+                pod: a.pod.clone(),
+                labels: labels.to_strings(),
+            });
         tracing::info!(endpoint_id = id, namespace = %a.namespace, pod = %a.pod, %ipv4, identity, "endpoint created");
         Ok(AddResult {
             ipv4: format!("{ipv4}/32"),
@@ -464,10 +467,13 @@ impl Agent {
         net::delete_link(&ep.host_ifname);
         self.commit(&mut s)?;
         tracing::info!(endpoint_id = ep.id, pod = %ep.pod, "endpoint deleted");
-        self.observer.agent_event(format!(
-            "ENDPOINT_DELETED (id: {}, namespace: {}, pod name: {})",
-            ep.id, ep.namespace, ep.pod
-        ));
+        self.observer
+            .agent_event(flow::agent_event::Kind::EndpointDeleted {
+                id: ep.id as u64,
+                namespace: ep.namespace.clone(),
+                pod: ep.pod.clone(),
+                labels: ep.labels.to_strings(),
+            });
         Ok(())
     }
 
@@ -571,7 +577,13 @@ impl Agent {
         s.policy_generation += 1;
         self.commit(&mut s)?;
         for n in &names {
-            self.observer.agent_event(format!("POLICY_UPDATED ({n})"));
+            let rules = s.policies.get(n).map_or(0, |p| p.rules.len() as i64);
+            self.observer
+                .agent_event(flow::agent_event::Kind::PolicyUpdated {
+                    labels: policy_labels(s.policies.get(n)),
+                    revision: s.policy_generation,
+                    rules,
+                });
         }
         Ok(Response::Imported {
             warnings: parsed.warnings.iter().map(|w| w.to_string()).collect(),
@@ -652,14 +664,33 @@ impl Agent {
 
     fn policy_delete(&self, key: &str) -> Result<(), Error> {
         let mut s = self.lock_state();
-        if s.policies.remove(key).is_none() {
+        let removed = s.policies.remove(key);
+        if removed.is_none() {
             return Err(invalid(format!("no policy {key:?}")));
         }
         s.policy_generation += 1;
         self.commit(&mut s)?;
-        self.observer.agent_event(format!("POLICY_DELETED ({key})"));
+        self.observer
+            .agent_event(flow::agent_event::Kind::PolicyDeleted {
+                labels: policy_labels(removed.as_ref()),
+                revision: s.policy_generation,
+                rules: removed.as_ref().map_or(0, |p| p.rules.len() as i64),
+            });
         Ok(())
     }
+}
+
+/// A policy's labels as Cilium derives them (name, namespace, kind).
+fn policy_labels(p: Option<&policy::Policy>) -> Vec<String> {
+    let Some(p) = p else { return vec![] };
+    let mut out = vec![
+        format!("k8s:io.cilium.k8s.policy.derived-from={}", p.kind.name()),
+        format!("k8s:io.cilium.k8s.policy.name={}", p.name),
+    ];
+    if let Some(ns) = &p.namespace {
+        out.push(format!("k8s:io.cilium.k8s.policy.namespace={ns}"));
+    }
+    out
 }
 
 fn validate_attachment(a: &Attachment) -> Result<(), Error> {

@@ -151,7 +151,9 @@ fn main() -> anyhow::Result<()> {
     )?;
     let listener = server::bind(&config.socket)
         .with_context(|| format!("binding {}", config.socket.display()))?;
-    agent.observer.agent_event("AGENT_STARTED".into());
+    agent
+        .observer
+        .agent_event(flow::agent_event::Kind::AgentStarted);
     tracing::info!(socket = %config.socket.display(), node = %config.node_name, "agent ready");
     server::serve(agent, listener);
     Ok(())

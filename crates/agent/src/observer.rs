@@ -3,7 +3,7 @@
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flow::record::{from_event, Enricher};
@@ -15,8 +15,8 @@ pub struct Observer {
     flows: flow::ring::Shared<Arc<Flow>>,
     node: String,
     uuid_counter: AtomicU64,
-    /// Agent events (endpoint created, policy updated ...), newest last.
-    agent_events: Mutex<Vec<String>>,
+    /// Agent events (endpoint created, policy updated ...).
+    agent_events: flow::ring::Shared<Arc<flow::agent_event::AgentEvent>>,
 }
 
 /// What the observer enriches flows from: the local endpoints by address,
@@ -81,15 +81,17 @@ impl Observer {
                 .unwrap_or_else(|_| flow::ring::Shared::new(4095).expect("4095 is 2^12-1")),
             node,
             uuid_counter: AtomicU64::new(0),
-            agent_events: Mutex::new(Vec::new()),
+            agent_events: flow::ring::Shared::new(1023).expect("1023 is 2^10-1"),
         }
     }
 
-    pub fn agent_event(&self, text: String) {
-        let mut ev = self.agent_events.lock().unwrap_or_else(|e| e.into_inner());
-        ev.push(text);
-        let excess = ev.len().saturating_sub(1024);
-        ev.drain(..excess);
+    pub fn agent_event(&self, kind: flow::agent_event::Kind) {
+        self.agent_events
+            .push(Arc::new(flow::agent_event::AgentEvent::now(kind)));
+    }
+
+    pub fn agent_events(&self) -> &flow::ring::Shared<Arc<flow::agent_event::AgentEvent>> {
+        &self.agent_events
     }
 
     /// (flows buffered, flows seen since start).

@@ -2,6 +2,7 @@
 //! them, the fixed-capacity flow ring, and Hubble's text formats.
 #![forbid(unsafe_code)]
 
+pub mod agent_event;
 pub mod filter;
 pub mod format;
 pub mod record;

@@ -6,7 +6,7 @@ fn enum_value(name: &str, from: fn(&str) -> Option<i32>) -> i32 {
     from(name).unwrap_or(0)
 }
 
-fn timestamp(unix_ns: u64) -> prost_types::Timestamp {
+pub fn timestamp(unix_ns: u64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: (unix_ns / 1_000_000_000) as i64,
         nanos: (unix_ns % 1_000_000_000) as i32,
@@ -35,6 +35,54 @@ fn policies(list: &[flow::record::PolicyRef]) -> Vec<pb::Policy> {
             kind: p.kind.clone(),
         })
         .collect()
+}
+
+/// An agent event as a `flow.AgentEvent` message.
+pub fn agent_event(e: &flow::agent_event::AgentEvent) -> pb::AgentEvent {
+    use flow::agent_event::Kind;
+    use pb::agent_event::Notification;
+    let r#type = pb::AgentEventType::from_str_name(e.type_name()).map_or(0, |t| t as i32);
+    let notification = match &e.kind {
+        Kind::AgentStarted => Notification::AgentStart(pb::TimeNotification {
+            time: Some(timestamp(e.time_ns)),
+        }),
+        Kind::PolicyUpdated {
+            labels,
+            revision,
+            rules,
+        }
+        | Kind::PolicyDeleted {
+            labels,
+            revision,
+            rules,
+        } => Notification::PolicyUpdate(pb::PolicyUpdateNotification {
+            labels: labels.clone(),
+            revision: *revision,
+            rule_count: *rules,
+        }),
+        Kind::EndpointCreated {
+            id,
+            namespace,
+            pod,
+            labels,
+        }
+        | Kind::EndpointDeleted {
+            id,
+            namespace,
+            pod,
+            labels,
+        } => Notification::EndpointUpdate(pb::EndpointUpdateNotification {
+            id: *id,
+            labels: labels.clone(),
+            error: String::new(),
+            pod_name: pod.clone(),
+            namespace: namespace.clone(),
+        }),
+    };
+    pb::AgentEvent {
+        r#type,
+        notification: Some(notification),
+    }
 }
 
 /// One Fibril flow as a `flow.Flow` message. `drop_reason` and `Summary`

@@ -37,6 +37,8 @@ pub trait Backend: Send + Sync + 'static {
     /// Flows from `seq` on (waiting up to `wait` when there are none), the
     /// number lost to overwrites before them, and the next sequence number.
     fn read(&self, seq: u64, wait: Duration) -> (u64, Vec<Arc<flow::Flow>>, u64);
+    /// The agent events.
+    fn agent_events(&self) -> &flow::ring::Shared<Arc<flow::agent_event::AgentEvent>>;
     /// (flows buffered, ring capacity, flows seen, uptime in ns).
     fn counters(&self) -> (u64, u64, u64, u64);
     fn node_name(&self) -> String;
@@ -96,8 +98,94 @@ fn flow_response(f: pb::Flow) -> GetFlowsResponse {
     }
 }
 
-/// Runs one GetFlows stream on a blocking thread (the ring is read with
-/// blocking waits); ends when done or when the client goes away.
+/// The number/first/follow/since/until window of a streaming request.
+struct Window {
+    number: usize,
+    first: bool,
+    follow: bool,
+    since: Option<u64>,
+    until: Option<u64>,
+}
+
+/// Streams a ring's entries through a window (on a blocking thread: the
+/// ring is read with blocking waits); ends when done or when the client
+/// goes away. `accept` turns an entry into (time, response) or rejects it
+/// (filters); `lost` turns a count of overwritten entries into a response.
+fn run_window<T, R>(
+    w: &Window,
+    (oldest, next): (u64, u64),
+    read: impl Fn(u64, Duration) -> (u64, Vec<T>, u64),
+    accept: impl Fn(&T) -> Option<(u64, R)>,
+    lost: impl Fn(u64) -> Option<R>,
+    tx: &mpsc::Sender<Result<R, Status>>,
+) {
+    let send = |r: R| tx.blocking_send(Ok(r)).is_ok();
+    let report = |n: u64| n == 0 || lost(n).is_none_or(&send);
+    // History: the buffered entries, oldest first.
+    let start = if w.follow && w.number == 0 && w.since.is_none() {
+        next
+    } else {
+        oldest
+    };
+    let (lost_before, history, mut seq) = read(start, Duration::ZERO);
+    if !report(lost_before) {
+        return;
+    }
+    let mut kept: VecDeque<R> = VecDeque::new();
+    let mut sent = 0usize;
+    for item in history {
+        let Some((t, r)) = accept(&item) else {
+            continue;
+        };
+        if w.since.is_some_and(|s| t < s) {
+            continue;
+        }
+        if w.until.is_some_and(|u| t > u) {
+            break;
+        }
+        if w.first {
+            if w.number > 0 && sent == w.number {
+                break;
+            }
+            if !send(r) {
+                return;
+            }
+            sent += 1;
+        } else {
+            kept.push_back(r);
+            if w.number > 0 && kept.len() > w.number {
+                kept.pop_front();
+            }
+        }
+    }
+    for r in kept {
+        if !send(r) {
+            return;
+        }
+    }
+    if !w.follow {
+        return;
+    }
+    // Live: everything new that is accepted, until the client cancels.
+    loop {
+        if tx.is_closed() {
+            return;
+        }
+        let (lost_now, items, n) = read(seq, Duration::from_millis(250));
+        seq = n;
+        if !report(lost_now) {
+            return;
+        }
+        for item in items {
+            if let Some((_, r)) = accept(&item) {
+                if !send(r) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 fn stream_flows<B: Backend>(
     backend: Arc<B>,
     req: GetFlowsRequest,
@@ -105,76 +193,24 @@ fn stream_flows<B: Backend>(
     tx: mpsc::Sender<Result<GetFlowsResponse, Status>>,
 ) {
     let node = backend.node_name();
-    let since = to_ns(&req.since);
-    let until = if req.follow { None } else { to_ns(&req.until) };
-    let number = req.number as usize;
-    let send = |r: GetFlowsResponse| tx.blocking_send(Ok(r)).is_ok();
-
-    // History: the buffered flows, oldest first.
-    let live_from = backend.next_seq();
-    let start = if req.follow && number == 0 && since.is_none() {
-        live_from
-    } else {
-        backend.oldest_seq()
+    let window = Window {
+        number: req.number as usize,
+        first: req.first,
+        follow: req.follow,
+        since: to_ns(&req.since),
+        until: if req.follow { None } else { to_ns(&req.until) },
     };
-    let (lost_before, history, mut seq) = backend.read(start, Duration::ZERO);
-    if lost_before > 0 && !send(lost(&node, lost_before)) {
-        return;
-    }
-    let mut kept: VecDeque<pb::Flow> = VecDeque::new();
-    let mut sent = 0usize;
-    for f in history {
-        let p = convert::flow(&f);
-        let t = flow_ns(&p);
-        if since.is_some_and(|s| t < s) {
-            continue;
-        }
-        if until.is_some_and(|u| t > u) {
-            break;
-        }
-        if !filters.matches(&p) {
-            continue;
-        }
-        if req.first {
-            if number > 0 && sent == number {
-                break;
-            }
-            if !send(flow_response(p)) {
-                return;
-            }
-            sent += 1;
-        } else {
-            kept.push_back(p);
-            if number > 0 && kept.len() > number {
-                kept.pop_front();
-            }
-        }
-    }
-    for p in kept {
-        if !send(flow_response(p)) {
-            return;
-        }
-    }
-    if !req.follow {
-        return;
-    }
-    // Live: everything new that matches, until the client cancels.
-    loop {
-        if tx.is_closed() {
-            return;
-        }
-        let (lost_now, flows, next) = backend.read(seq, Duration::from_millis(250));
-        seq = next;
-        if lost_now > 0 && !send(lost(&node, lost_now)) {
-            return;
-        }
-        for f in flows {
-            let p = convert::flow(&f);
-            if filters.matches(&p) && !send(flow_response(p)) {
-                return;
-            }
-        }
-    }
+    run_window(
+        &window,
+        (backend.oldest_seq(), backend.next_seq()),
+        |seq, wait| backend.read(seq, wait),
+        |f: &Arc<flow::Flow>| {
+            let p = convert::flow(f);
+            filters.matches(&p).then(|| (flow_ns(&p), flow_response(p)))
+        },
+        |n| Some(lost(&node, n)),
+        &tx,
+    );
 }
 
 #[tonic::async_trait]
@@ -206,13 +242,55 @@ impl<B: Backend> Observer for Service<B> {
         )))))
     }
 
+    /// The same number/first/follow/since/until semantics as GetFlows,
+    /// without filters.
     async fn get_agent_events(
         &self,
-        _: Request<GetAgentEventsRequest>,
+        request: Request<GetAgentEventsRequest>,
     ) -> Result<Response<Self::GetAgentEventsStream>, Status> {
-        Err(Status::unimplemented(
-            "agent events are not served over gRPC yet",
-        ))
+        let req = request.into_inner();
+        if req.first && req.follow {
+            return Err(Status::invalid_argument(
+                "first cannot be specified with follow",
+            ));
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let backend = self.backend.clone();
+        std::thread::Builder::new()
+            .name("hubble-agentevents".into())
+            .spawn(move || {
+                let node = backend.node_name();
+                let events = backend.agent_events();
+                let window = Window {
+                    number: req.number as usize,
+                    first: req.first,
+                    follow: req.follow,
+                    since: to_ns(&req.since),
+                    until: if req.follow { None } else { to_ns(&req.until) },
+                };
+                run_window(
+                    &window,
+                    (events.oldest_seq(), events.next_seq()),
+                    |seq, wait| events.read(seq, wait),
+                    |e: &Arc<flow::agent_event::AgentEvent>| {
+                        let time = Some(convert::timestamp(e.time_ns));
+                        Some((
+                            e.time_ns,
+                            GetAgentEventsResponse {
+                                agent_event: Some(convert::agent_event(e)),
+                                node_name: node.clone(),
+                                time,
+                            },
+                        ))
+                    },
+                    |_| None,
+                    &tx,
+                )
+            })
+            .map_err(|e| Status::internal(format!("cannot start the event stream: {e}")))?;
+        Ok(with_version(Response::new(Box::pin(ReceiverStream::new(
+            rx,
+        )))))
     }
 
     /// Fibril's datapath emits no debug events: the stream has nothing to

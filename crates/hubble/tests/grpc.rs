@@ -15,6 +15,7 @@ use proto::observer::{
 
 struct TestBackend {
     flows: Shared<Arc<flow::Flow>>,
+    events: Shared<Arc<flow::agent_event::AgentEvent>>,
     /// While set, readers park before touching the ring: a slow reader.
     paused: std::sync::atomic::AtomicBool,
 }
@@ -31,6 +32,9 @@ impl Backend for TestBackend {
             std::thread::sleep(Duration::from_millis(1));
         }
         self.flows.read(seq, wait)
+    }
+    fn agent_events(&self) -> &Shared<Arc<flow::agent_event::AgentEvent>> {
+        &self.events
     }
     fn counters(&self) -> (u64, u64, u64, u64) {
         let (n, cap, seen) = self.flows.counts();
@@ -67,6 +71,7 @@ struct Fixture {
 fn fixture(capacity: usize, flows: u64) -> Fixture {
     let backend = Arc::new(TestBackend {
         flows: Shared::new(capacity).unwrap(),
+        events: Shared::new(15).unwrap(),
         paused: false.into(),
     });
     for i in 0..flows {
@@ -311,4 +316,63 @@ fn follow_streams_new_flows_and_readers_learn_what_they_lost() {
         uuids(&got[2..]),
         (213..220).map(|i| format!("u{i}")).collect::<Vec<_>>()
     );
+}
+
+#[test]
+fn agent_events_stream_with_their_notifications() {
+    use flow::agent_event::{AgentEvent, Kind};
+    use proto::observer::GetAgentEventsRequest;
+    let fx = fixture(7, 0);
+    fx.backend.events.push(Arc::new(AgentEvent {
+        time_ns: 1_000_000_000,
+        kind: Kind::AgentStarted,
+    }));
+    fx.backend.events.push(Arc::new(AgentEvent {
+        time_ns: 2_000_000_000,
+        kind: Kind::EndpointCreated {
+            id: 7,
+            namespace: "shop".into(),
+            pod: "web".into(),
+            labels: vec!["k8s:app=web".into()],
+        },
+    }));
+    let mut client = fx.client.clone();
+    let got = fx.rt.block_on(async move {
+        let mut s = client
+            .get_agent_events(GetAgentEventsRequest {
+                number: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(r) = s.message().await.unwrap() {
+            out.push(r);
+        }
+        out
+    });
+    assert_eq!(got.len(), 2);
+    let types: Vec<i32> = got
+        .iter()
+        .map(|r| r.agent_event.as_ref().unwrap().r#type)
+        .collect();
+    assert_eq!(
+        types,
+        vec![
+            pb::AgentEventType::AgentStarted as i32,
+            pb::AgentEventType::EndpointCreated as i32
+        ]
+    );
+    let Some(pb::agent_event::Notification::EndpointUpdate(n)) =
+        &got[1].agent_event.as_ref().unwrap().notification
+    else {
+        panic!("an endpoint notification")
+    };
+    assert_eq!(
+        (n.id, n.pod_name.as_str(), n.namespace.as_str()),
+        (7, "web", "shop")
+    );
+    assert_eq!(got[1].node_name, "test-node");
+    assert_eq!(got[1].time.unwrap().seconds, 2);
 }

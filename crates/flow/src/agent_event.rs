@@ -1,0 +1,60 @@
+//! Agent events (Hubble's `flow.AgentEvent`): what the agent did, as
+//! `hubble observe agent-events` shows it.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    AgentStarted,
+    /// A policy imported or changed: its labels, revision, rule count.
+    PolicyUpdated {
+        labels: Vec<String>,
+        revision: u64,
+        rules: i64,
+    },
+    PolicyDeleted {
+        labels: Vec<String>,
+        revision: u64,
+        rules: i64,
+    },
+    EndpointCreated {
+        id: u64,
+        namespace: String,
+        pod: String,
+        labels: Vec<String>,
+    },
+    EndpointDeleted {
+        id: u64,
+        namespace: String,
+        pod: String,
+        labels: Vec<String>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentEvent {
+    /// Unix nanoseconds.
+    pub time_ns: u64,
+    pub kind: Kind,
+}
+
+impl AgentEvent {
+    pub fn now(kind: Kind) -> Self {
+        let time_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        Self { time_ns, kind }
+    }
+
+    /// Hubble's `flow.AgentEventType` name.
+    pub fn type_name(&self) -> &'static str {
+        match self.kind {
+            Kind::AgentStarted => "AGENT_STARTED",
+            Kind::PolicyUpdated { .. } => "POLICY_UPDATED",
+            Kind::PolicyDeleted { .. } => "POLICY_DELETED",
+            Kind::EndpointCreated { .. } => "ENDPOINT_CREATED",
+            Kind::EndpointDeleted { .. } => "ENDPOINT_DELETED",
+        }
+    }
+}
