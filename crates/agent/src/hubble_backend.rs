@@ -38,6 +38,10 @@ impl hubble::server::Backend for HubbleBackend {
         )
     }
 
+    fn count_lost(&self, n: u64) {
+        self.agent.observer.metrics.lost("HUBBLE_RING_BUFFER", n);
+    }
+
     fn node_name(&self) -> String {
         self.agent.config().node_name.clone()
     }

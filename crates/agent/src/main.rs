@@ -41,6 +41,10 @@ struct Args {
     /// the bound address is written to STATE_DIR/metrics.addr).
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Serve Hubble's flow metrics (`hubble_*`) on this address (port 0:
+    /// any free port, written to STATE_DIR/hubble-metrics.addr).
+    #[arg(long, default_value = "127.0.0.1:9965")]
+    hubble_metrics_addr: std::net::SocketAddr,
 }
 
 /// Serves the Hubble API (gRPC) on a Unix socket and on TCP, on a tokio
@@ -131,17 +135,26 @@ fn main() -> anyhow::Result<()> {
             .name("events".into())
             .spawn(move || observer.run_reader(reader, sources, stop))?;
     }
-    if let Some(addr) = args.metrics_addr {
+    let metrics = args.metrics_addr.map(|a| {
+        (
+            a,
+            "metrics.addr",
+            fibril_agent::metrics::render as fn(&Agent) -> String,
+        )
+    });
+    let hubble_metrics = Some((
+        args.hubble_metrics_addr,
+        "hubble-metrics.addr",
+        fibril_agent::metrics::render_hubble as fn(&Agent) -> String,
+    ));
+    for (addr, file, render) in metrics.into_iter().chain(hubble_metrics) {
         let l = std::net::TcpListener::bind(addr)
             .with_context(|| format!("binding metrics on {addr}"))?;
-        std::fs::write(
-            config.state_dir.join("metrics.addr"),
-            l.local_addr()?.to_string(),
-        )?;
+        std::fs::write(config.state_dir.join(file), l.local_addr()?.to_string())?;
         let agent = agent.clone();
         std::thread::Builder::new()
             .name("metrics".into())
-            .spawn(move || fibril_agent::metrics::serve(agent, l))?;
+            .spawn(move || fibril_agent::metrics::serve(agent, l, render))?;
     }
     start_hubble(
         agent.clone(),

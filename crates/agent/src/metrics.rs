@@ -69,7 +69,20 @@ pub fn render(agent: &Agent) -> String {
     out
 }
 
-fn answer(agent: &Agent, mut conn: TcpStream) -> std::io::Result<()> {
+/// Hubble's flow metrics (`hubble_*`), with the kernel's lost events.
+pub fn render_hubble(agent: &Agent) -> String {
+    let kernel_lost = agent.datapath().events_lost();
+    agent
+        .observer
+        .metrics
+        .render(&[("PERF_EVENT_RING_BUFFER", kernel_lost)])
+}
+
+fn answer(
+    agent: &Agent,
+    render_fn: fn(&Agent) -> String,
+    mut conn: TcpStream,
+) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut buf = [0u8; 4096];
     let mut len = 0;
@@ -87,7 +100,7 @@ fn answer(agent: &Agent, mut conn: TcpStream) -> std::io::Result<()> {
     let head = String::from_utf8_lossy(&buf[..len]);
     let line = head.lines().next().unwrap_or_default();
     let (status, body, kind) = match line.split_whitespace().collect::<Vec<_>>().as_slice() {
-        ["GET", "/metrics", _] => ("200 OK", render(agent), "text/plain; version=0.0.4"),
+        ["GET", "/metrics", _] => ("200 OK", render_fn(agent), "text/plain; version=0.0.4"),
         ["GET", _, _] => (
             "404 Not Found",
             "not found; try /metrics\n".to_string(),
@@ -102,10 +115,10 @@ fn answer(agent: &Agent, mut conn: TcpStream) -> std::io::Result<()> {
     )
 }
 
-/// Serves `/metrics` until the process ends.
-pub fn serve(agent: Arc<Agent>, listener: TcpListener) {
+/// Serves `/metrics` (rendered by `render_fn`) until the process ends.
+pub fn serve(agent: Arc<Agent>, listener: TcpListener, render_fn: fn(&Agent) -> String) {
     for conn in listener.incoming().flatten() {
-        if let Err(e) = answer(&agent, conn) {
+        if let Err(e) = answer(&agent, render_fn, conn) {
             tracing::debug!(error = %e, "metrics client");
         }
     }

@@ -13,6 +13,8 @@ use crate::EndpointIndex;
 
 pub struct Observer {
     flows: flow::ring::Shared<Arc<Flow>>,
+    /// Hubble's flow metrics, counted as flows arrive.
+    pub metrics: flow::metrics::Counters,
     node: String,
     uuid_counter: AtomicU64,
     /// Agent events (endpoint created, policy updated ...).
@@ -79,6 +81,7 @@ impl Observer {
             // The capacity was validated at start-up (Agent::new).
             flows: flow::ring::Shared::new(capacity)
                 .unwrap_or_else(|_| flow::ring::Shared::new(4095).expect("4095 is 2^12-1")),
+            metrics: Default::default(),
             node,
             uuid_counter: AtomicU64::new(0),
             agent_events: flow::ring::Shared::new(1023).expect("1023 is 2^10-1"),
@@ -110,6 +113,7 @@ impl Observer {
     }
 
     pub fn push(&self, f: Flow) {
+        self.metrics.observe(&f);
         self.flows.push(Arc::new(f));
     }
 

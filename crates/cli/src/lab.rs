@@ -464,6 +464,8 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
             dir.join("hubble.sock").display().to_string(),
             "--hubble-listen-address".into(),
             "127.0.0.1:0".into(),
+            "--hubble-metrics-addr".into(),
+            "127.0.0.1:0".into(),
         ],
         ..Default::default()
     };

@@ -140,10 +140,14 @@ impl Lab {
 
     /// GET /metrics from the lab agent's metrics endpoint (loopback).
     fn metrics(&self) -> String {
+        self.http_get_metrics("metrics.addr")
+    }
+
+    /// GET /metrics from the agent endpoint whose address is in `file`.
+    fn http_get_metrics(&self, file: &str) -> String {
         use std::io::{Read, Write};
-        let addr =
-            std::fs::read_to_string(format!("/run/fibril/labs/{}/state/metrics.addr", self.name))
-                .unwrap();
+        let addr = std::fs::read_to_string(format!("/run/fibril/labs/{}/state/{file}", self.name))
+            .unwrap();
         let mut c = std::net::TcpStream::connect(addr.trim()).unwrap();
         c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
             .unwrap();
@@ -1062,4 +1066,20 @@ fn hubble_api_serves_the_labs_flows_to_a_grpc_client() {
         assert_eq!(f.node_name, format!("{}-node", lab.name));
         assert_eq!(f.event_type.unwrap().r#type, 1);
     }
+    let hubble_metrics = lab.http_get_metrics("hubble-metrics.addr");
+    assert!(
+        hubble_metrics
+            .lines()
+            .any(|l| l.starts_with(r#"hubble_drop_total{protocol="TCP",reason="POLICY_DENIED"}"#)),
+        "{hubble_metrics}"
+    );
+    assert!(hubble_metrics.contains(
+        r#"hubble_flows_processed_total{subtype="to-endpoint",type="Trace",verdict="FORWARDED"}"#
+    ));
+    assert!(
+        hubble_metrics.contains(
+            r#"hubble_policy_verdicts_total{action="forwarded",direction="ingress",match="l3-l4"}"#
+        ),
+        "{hubble_metrics}"
+    );
 }

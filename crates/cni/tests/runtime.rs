@@ -54,6 +54,7 @@ impl Env {
             .arg("--hubble-socket")
             .arg(dir.join("hubble.sock"))
             .args(["--hubble-listen-address", "127.0.0.1:0"])
+            .args(["--hubble-metrics-addr", "127.0.0.1:0"])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
             .spawn()

@@ -5,6 +5,7 @@
 pub mod agent_event;
 pub mod filter;
 pub mod format;
+pub mod metrics;
 pub mod record;
 pub mod ring;
 

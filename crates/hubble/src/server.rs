@@ -42,6 +42,8 @@ pub trait Backend: Send + Sync + 'static {
     /// (flows buffered, ring capacity, flows seen, uptime in ns).
     fn counters(&self) -> (u64, u64, u64, u64);
     fn node_name(&self) -> String;
+    /// Told when a reader lost `n` flows to ring overwrites (for metrics).
+    fn count_lost(&self, _n: u64) {}
     /// The address peers reach this node's observer at.
     fn address(&self) -> String;
 }
@@ -208,7 +210,10 @@ fn stream_flows<B: Backend>(
             let p = convert::flow(f);
             filters.matches(&p).then(|| (flow_ns(&p), flow_response(p)))
         },
-        |n| Some(lost(&node, n)),
+        |n| {
+            backend.count_lost(n);
+            Some(lost(&node, n))
+        },
         &tx,
     );
 }
