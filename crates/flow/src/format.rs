@@ -92,6 +92,86 @@ fn type_text(f: &Flow) -> String {
 }
 
 /// One line per flow, as `hubble observe` prints by default.
+/// `compact` with the node name after the time (`--print-node-name`).
+pub fn compact_with_node(f: &Flow) -> String {
+    let line = compact(f);
+    match line.split_once(": ") {
+        Some((t, rest)) => format!("{t} [{}]: {rest}", f.node_name),
+        None => line,
+    }
+}
+
+/// `dict`: one block per flow; replies are not swapped and there are no
+/// identities.
+pub fn dict(f: &Flow, print_node: bool) -> String {
+    let (sip, dip) = f
+        .ip
+        .as_ref()
+        .map(|ip| (ip.source.clone(), ip.destination.clone()))
+        .unwrap_or_default();
+    let (sport, dport) = ports(f);
+    let mut out = format!("  TIMESTAMP: {}\n", compact_time(&f.time));
+    if print_node {
+        out.push_str(&format!("       NODE: {}\n", f.node_name));
+    }
+    out.push_str(&format!("     SOURCE: {}\n", host(&f.source, &sip, sport)));
+    out.push_str(&format!("DESTINATION: {}\n", host(&f.destination, &dip, dport)));
+    out.push_str(&format!("       TYPE: {}\n", type_text(f)));
+    out.push_str(&format!("    VERDICT: {}\n", f.verdict));
+    out.push_str(&format!("    SUMMARY: {}", f.summary));
+    out
+}
+
+/// `table`: aligned columns (tabwriter: min width 2, padding 3), printed
+/// at the end.
+pub fn table(flows: &[Flow], print_node: bool) -> String {
+    let mut rows: Vec<Vec<String>> = vec![];
+    let mut header = vec!["TIMESTAMP"];
+    if print_node {
+        header.push("NODE");
+    }
+    header.extend(["SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY"]);
+    rows.push(header.into_iter().map(String::from).collect());
+    for f in flows {
+        let (sip, dip) = f
+            .ip
+            .as_ref()
+            .map(|ip| (ip.source.clone(), ip.destination.clone()))
+            .unwrap_or_default();
+        let (sport, dport) = ports(f);
+        let mut r = vec![compact_time(&f.time)];
+        if print_node {
+            r.push(f.node_name.clone());
+        }
+        r.extend([
+            host(&f.source, &sip, sport),
+            host(&f.destination, &dip, dport),
+            type_text(f),
+            f.verdict.clone(),
+            f.summary.clone(),
+        ]);
+        rows.push(r);
+    }
+    let cols = rows[0].len();
+    let widths: Vec<usize> = (0..cols - 1)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0).max(2) + 3)
+        .collect();
+    rows.iter()
+        .map(|r| {
+            let mut line = String::new();
+            for (c, cell) in r.iter().enumerate() {
+                if c + 1 < cols {
+                    line.push_str(&format!("{cell:<w$}", w = widths[c]));
+                } else {
+                    line.push_str(cell);
+                }
+            }
+            line
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 pub fn compact(f: &Flow) -> String {
     let (sip, dip) =
         f.ip.as_ref()
@@ -151,6 +231,18 @@ mod tests {
         drop.is_reply = None;
         assert!(compact(&drop).contains(" <> "), "is_reply unset prints <>");
         assert!(compact(&drop).ends_with("Policy denied DROPPED (TCP Flags: SYN)"));
+        assert_eq!(
+            dict(&f_dict(), false),
+            "  TIMESTAMP: Jan 15 10:00:00.123\n     SOURCE: default/xwing-7d9f8b6c5-abcde:43210\nDESTINATION: default/deathstar-6c94dcc57b-xyz12:80\n       TYPE: to-endpoint\n    VERDICT: FORWARDED\n    SUMMARY: TCP Flags: SYN"
+        );
+        let t = table(&[f_dict()], false);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("TIMESTAMP             SOURCE"), "{t}");
+        assert!(lines[1].ends_with("to-endpoint   FORWARDED   TCP Flags: SYN"), "{t}");
+    }
+
+    fn f_dict() -> Flow {
+        serde_json::from_str(r#"{"time":"2026-01-15T10:00:00.123456789Z","uuid":"u","verdict":"FORWARDED","IP":{"source":"10.0.1.10","destination":"10.0.2.20","ipVersion":"IPv4"},"l4":{"TCP":{"source_port":43210,"destination_port":80,"flags":{"SYN":true}}},"source":{"identity":12345,"namespace":"default","pod_name":"xwing-7d9f8b6c5-abcde"},"destination":{"identity":23456,"namespace":"default","pod_name":"deathstar-6c94dcc57b-xyz12"},"Type":"L3_L4","event_type":{"type":4},"trace_observation_point":"TO_ENDPOINT","is_reply":false,"Summary":"TCP Flags: SYN"}"#).unwrap()
     }
 
     #[test]

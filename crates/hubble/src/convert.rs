@@ -215,3 +215,134 @@ mod tests {
         assert_eq!(p.event_type.unwrap().sub_type, 133);
     }
 }
+
+fn endpoint_back(e: Option<&pb::Endpoint>) -> flow::Endpoint {
+    e.map(|e| flow::Endpoint {
+        id: e.id,
+        identity: e.identity,
+        cluster_name: e.cluster_name.clone(),
+        namespace: e.namespace.clone(),
+        labels: e.labels.clone(),
+        pod_name: e.pod_name.clone(),
+    })
+    .unwrap_or_default()
+}
+
+fn policies_back(list: &[pb::Policy]) -> Vec<flow::record::PolicyRef> {
+    list.iter()
+        .map(|p| flow::record::PolicyRef {
+            name: p.name.clone(),
+            namespace: p.namespace.clone(),
+            labels: p.labels.clone(),
+            revision: p.revision,
+            kind: p.kind.clone(),
+        })
+        .collect()
+}
+
+fn name_of<E>(v: i32, from: fn(i32) -> Option<E>, name: fn(&E) -> &'static str) -> String {
+    from(v).map(|e| name(&e).to_string()).unwrap_or_default()
+}
+
+/// A `flow.Flow` from any Hubble-compatible server as Fibril's record, for
+/// printing (fields Fibril does not model yet, such as L7, are left out).
+#[allow(deprecated)]
+pub fn from_pb(p: &pb::Flow) -> flow::Flow {
+    use flow::record::{Icmp, Layer4, Tcp, TcpFlags, Udp};
+    use pb::layer4::Protocol;
+    let l4 = p.l4.as_ref().and_then(|l| l.protocol.as_ref()).map(|proto| {
+        let mut out = Layer4::default();
+        match proto {
+            Protocol::Tcp(t) => {
+                out.tcp = Some(Tcp {
+                    source_port: t.source_port as u16,
+                    destination_port: t.destination_port as u16,
+                    flags: t.flags.map(|f| TcpFlags {
+                        fin: f.fin,
+                        syn: f.syn,
+                        rst: f.rst,
+                        psh: f.psh,
+                        ack: f.ack,
+                        urg: f.urg,
+                    }),
+                })
+            }
+            Protocol::Udp(u) => {
+                out.udp = Some(Udp {
+                    source_port: u.source_port as u16,
+                    destination_port: u.destination_port as u16,
+                })
+            }
+            Protocol::Sctp(u) => {
+                out.sctp = Some(Udp {
+                    source_port: u.source_port as u16,
+                    destination_port: u.destination_port as u16,
+                })
+            }
+            Protocol::IcmPv4(i) => out.icmpv4 = Some(Icmp { r#type: i.r#type, code: i.code }),
+            _ => {}
+        }
+        out
+    });
+    let time = p
+        .time
+        .map(|t| flow::record::rfc3339(t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64))
+        .unwrap_or_default();
+    flow::Flow {
+        time,
+        uuid: p.uuid.clone(),
+        verdict: name_of(p.verdict, |v| pb::Verdict::try_from(v).ok(), |e| e.as_str_name()),
+        drop_reason: p.drop_reason,
+        ethernet: p.ethernet.as_ref().map(|e| flow::record::Ethernet {
+            source: e.source.clone(),
+            destination: e.destination.clone(),
+        }),
+        ip: p.ip.as_ref().map(|ip| flow::record::Ip {
+            source: ip.source.clone(),
+            destination: ip.destination.clone(),
+            ip_version: name_of(ip.ip_version, |v| pb::IpVersion::try_from(v).ok(), |e| e.as_str_name()),
+        }),
+        l4,
+        source: endpoint_back(p.source.as_ref()),
+        destination: endpoint_back(p.destination.as_ref()),
+        r#type: name_of(p.r#type, |v| pb::FlowType::try_from(v).ok(), |e| e.as_str_name()),
+        node_name: p.node_name.clone(),
+        event_type: flow::record::EventTypeField {
+            r#type: p.event_type.map_or(0, |e| e.r#type),
+            sub_type: p.event_type.map_or(0, |e| e.sub_type),
+        },
+        traffic_direction: match p.traffic_direction {
+            0 => String::new(),
+            v => name_of(v, |v| pb::TrafficDirection::try_from(v).ok(), |e| e.as_str_name()),
+        },
+        trace_observation_point: match p.trace_observation_point {
+            0 => String::new(),
+            v => name_of(v, |v| pb::TraceObservationPoint::try_from(v).ok(), |e| e.as_str_name()),
+        },
+        trace_reason: match p.trace_reason {
+            0 => String::new(),
+            v => name_of(v, |v| pb::TraceReason::try_from(v).ok(), |e| e.as_str_name()),
+        },
+        is_reply: p.is_reply,
+        drop_reason_desc: match p.drop_reason_desc {
+            0 => String::new(),
+            v => name_of(v, |v| pb::DropReason::try_from(v).ok(), |e| e.as_str_name()),
+        },
+        policy_match_type: p.policy_match_type,
+        egress_allowed_by: policies_back(&p.egress_allowed_by),
+        ingress_allowed_by: policies_back(&p.ingress_allowed_by),
+        egress_denied_by: policies_back(&p.egress_denied_by),
+        ingress_denied_by: policies_back(&p.ingress_denied_by),
+        summary: p.summary.clone(),
+    }
+}
+
+#[cfg(test)]
+mod roundtrip {
+    #[test]
+    fn from_pb_inverts_flow() {
+        let json = r#"{"time":"2026-01-15T10:00:00.123456789Z","uuid":"u1","verdict":"DROPPED","drop_reason":133,"IP":{"source":"10.0.1.10","destination":"10.0.2.20","ipVersion":"IPv4"},"l4":{"TCP":{"source_port":43210,"destination_port":80,"flags":{"SYN":true}}},"source":{"ID":1,"identity":256,"namespace":"default","labels":["k8s:app=a"],"pod_name":"a"},"destination":{"identity":257,"namespace":"default","pod_name":"b"},"Type":"L3_L4","node_name":"n1","event_type":{"type":1,"sub_type":133},"traffic_direction":"INGRESS","is_reply":false,"drop_reason_desc":"POLICY_DENIED","Summary":"TCP Flags: SYN","ingress_denied_by":[{"name":"p","namespace":"default","kind":"CiliumNetworkPolicy"}]}"#;
+        let f: flow::Flow = serde_json::from_str(json).unwrap();
+        assert_eq!(super::from_pb(&super::flow(&f)), f);
+    }
+}
