@@ -290,7 +290,6 @@ impl Agent {
                 let done = if changed { self.commit(&mut s) } else { Ok(()) };
                 done.map(|_| Response::Ok)
             }
-            Request::Observe(_) => Err(invalid("observe is served as a stream")),
         };
         result.unwrap_or_else(|e| Response::Error {
             message: e.to_string(),

@@ -5,9 +5,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
-use std::time::Duration;
 
-use api::{ObserveRequest, Request, Response};
+use api::{Request, Response};
 
 use crate::Agent;
 
@@ -60,60 +59,6 @@ fn handle_conn(agent: &Agent, conn: UnixStream) -> std::io::Result<()> {
                 continue;
             }
         };
-        match req {
-            Request::Observe(o) => return observe(agent, &mut w, o),
-            other => write(&mut w, &agent.handle(other))?,
-        }
-    }
-}
-
-fn observe(agent: &Agent, w: &mut UnixStream, o: ObserveRequest) -> std::io::Result<()> {
-    if let Err(e) = o.filter.validate() {
-        return write(
-            w,
-            &Response::Error {
-                message: e.to_string(),
-            },
-        );
-    }
-    let mut seq = agent.observer.start_seq(o.last, o.follow);
-    let mut remaining = if o.last > 0 { o.last } else { usize::MAX };
-    loop {
-        let wait = if o.follow {
-            Duration::from_millis(500)
-        } else {
-            Duration::ZERO
-        };
-        let (lost, flows, next) = agent.observer.read(seq, wait);
-        if lost > 0 {
-            write(
-                w,
-                &Response::LostEvents {
-                    source: "HUBBLE_RING_BUFFER".into(),
-                    num_events_lost: lost,
-                },
-            )?;
-        }
-        for f in flows {
-            if !o.filter.matches(&f) {
-                continue;
-            }
-            if !o.follow && remaining == 0 {
-                break;
-            }
-            remaining = remaining.saturating_sub(1);
-            write(
-                w,
-                &Response::Flow {
-                    flow: Box::new((*f).clone()),
-                },
-            )?;
-        }
-        seq = next;
-        if !o.follow {
-            return write(w, &Response::End);
-        }
-        // Detect a client that went away while idle.
-        w.write_all(b"")?;
+        write(&mut w, &agent.handle(req))?;
     }
 }

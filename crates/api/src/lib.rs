@@ -1,6 +1,6 @@
 //! The agent's local API: one JSON request per line on a Unix socket that
-//! only root can open; one JSON response per line (a stream of them for
-//! `Observe` with `follow`).
+//! only root can open; one JSON response per line. (Flows are served by the
+//! Hubble gRPC API, not here.)
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -10,8 +10,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-
-pub use flow::{Filter, Flow};
 
 /// Host-side interface name for an attachment: stable and unique per
 /// (container, ifname), at most 15 characters.
@@ -71,7 +69,6 @@ pub enum Request {
         namespace: String,
         audit: bool,
     },
-    Observe(ObserveRequest),
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -113,17 +110,6 @@ pub struct TraceRequest {
     pub protocol: u8,
     /// Destination port (ICMP: the type).
     pub port: u16,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct ObserveRequest {
-    /// Only the last N flows (0 = all buffered when not following).
-    #[serde(default)]
-    pub last: usize,
-    #[serde(default)]
-    pub follow: bool,
-    #[serde(default)]
-    pub filter: Filter,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -209,16 +195,6 @@ pub enum Response {
         ingress: Option<policy::Decision>,
         allowed: bool,
     },
-    Flow {
-        flow: Box<Flow>,
-    },
-    /// Flows a reader lost because it fell behind the ring.
-    LostEvents {
-        source: String,
-        num_events_lost: u64,
-    },
-    /// End of a non-follow observe stream.
-    End,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -2,11 +2,12 @@
 #![forbid(unsafe_code)]
 
 mod lab;
+mod observe;
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use api::{Client, ObserveRequest, Request, Response};
+use api::{Request, Response};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -57,7 +58,7 @@ enum Cmd {
         cmd: PolicyCmd,
     },
     /// Observe flows (hubble observe's flags).
-    Observe(ObserveArgs),
+    Observe(Box<observe::Args>),
 }
 
 #[derive(Subcommand)]
@@ -125,33 +126,6 @@ enum PolicyCmd {
         #[arg(long)]
         port: String,
     },
-}
-
-#[derive(clap::Args)]
-struct ObserveArgs {
-    /// Keep printing new flows.
-    #[arg(short, long)]
-    follow: bool,
-    /// Print the last N flows.
-    #[arg(long)]
-    last: Option<usize>,
-    /// All flows in the buffer.
-    #[arg(long)]
-    all: bool,
-    #[arg(short, long)]
-    namespace: Vec<String>,
-    #[arg(long)]
-    pod: Vec<String>,
-    #[arg(long)]
-    from_pod: Vec<String>,
-    #[arg(long)]
-    to_pod: Vec<String>,
-    #[arg(long)]
-    verdict: Vec<String>,
-    #[arg(long)]
-    protocol: Vec<String>,
-    #[arg(short, long, value_enum, default_value = "compact")]
-    output: Output,
 }
 
 fn main() {
@@ -271,7 +245,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Cmd::Policy { cmd } => policy_cmd(cmd, &call),
-        Cmd::Observe(o) => observe(&socket, o),
+        Cmd::Observe(o) => observe(&cli.lab, *o),
     }
 }
 
@@ -414,65 +388,23 @@ fn policy_cmd(
     }
 }
 
-/// A `GetFlowsResponse` as `hubble observe -o json` prints it: keys in
-/// proto field order.
-#[derive(serde::Serialize)]
-struct Envelope<'a> {
-    flow: &'a api::Flow,
-    node_name: &'a str,
-    time: &'a str,
-}
-
-fn observe(socket: &std::path::Path, o: ObserveArgs) -> anyhow::Result<i32> {
-    let filter = api::Filter {
-        namespace: o.namespace,
-        pod: o.pod,
-        from_pod: o.from_pod,
-        to_pod: o.to_pod,
-        verdict: o.verdict,
-        protocol: o.protocol,
-    };
-    filter.validate()?;
-    let last = match (o.last, o.all, o.follow) {
-        (Some(n), _, _) => n,
-        (None, true, _) => 0,
-        (None, false, true) => 0,
-        // hubble observe without flags prints the last 20 flows.
-        (None, false, false) => 20,
-    };
-    let mut client = Client::connect(socket)?;
-    client.send(&Request::Observe(ObserveRequest {
-        last,
-        follow: o.follow,
-        filter,
-    }))?;
-    loop {
-        match client.recv()? {
-            Response::Flow { flow } => match o.output {
-                Output::Json => println!(
-                    "{}",
-                    serde_json::to_string(&Envelope {
-                        flow: &flow,
-                        node_name: &flow.node_name,
-                        time: &flow.time
-                    })?
-                ),
-                _ => println!("{}", flow::format::compact(&flow)),
-            },
-            Response::LostEvents {
-                source,
-                num_events_lost,
-            } => match o.output {
-                Output::Json => println!(
-                    "{}",
-                    serde_json::json!({"lost_events": {"source": source, "num_events_lost": num_events_lost.to_string()}})
-                ),
-                _ => println!("EVENTS LOST: {source} {num_events_lost}"),
-            },
-            Response::End => return Ok(0),
-            other => bail!("unexpected response {other:?}"),
+fn observe(lab_name: &str, o: observe::Args) -> anyhow::Result<i32> {
+    let server = match &o.server {
+        Some(s) => s.clone(),
+        None => {
+            let file = lab::lab_dir(lab_name).join("state/hubble.addr");
+            std::fs::read_to_string(&file)
+                .with_context(|| {
+                    format!(
+                        "no Hubble API address in {} (is lab {lab_name:?} up? or give --server)",
+                        file.display()
+                    )
+                })?
+                .trim()
+                .to_string()
         }
-    }
+    };
+    observe::run(&server, &o)
 }
 
 /// `8080/TCP` -> (6, 8080).

@@ -414,7 +414,7 @@ fn observe_follow_streams_new_flows_through_filters() {
     // Bad filter values are refused, not silently matched against nothing.
     let bad = lab.fibril(&["observe", "--verdict", "MAYBE"]);
     assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown verdict"));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("is not one of FORWARDED"));
 }
 
 #[test]

@@ -104,18 +104,20 @@ pub fn compact_with_node(f: &Flow) -> String {
 /// `dict`: one block per flow; replies are not swapped and there are no
 /// identities.
 pub fn dict(f: &Flow, print_node: bool) -> String {
-    let (sip, dip) = f
-        .ip
-        .as_ref()
-        .map(|ip| (ip.source.clone(), ip.destination.clone()))
-        .unwrap_or_default();
+    let (sip, dip) =
+        f.ip.as_ref()
+            .map(|ip| (ip.source.clone(), ip.destination.clone()))
+            .unwrap_or_default();
     let (sport, dport) = ports(f);
     let mut out = format!("  TIMESTAMP: {}\n", compact_time(&f.time));
     if print_node {
         out.push_str(&format!("       NODE: {}\n", f.node_name));
     }
     out.push_str(&format!("     SOURCE: {}\n", host(&f.source, &sip, sport)));
-    out.push_str(&format!("DESTINATION: {}\n", host(&f.destination, &dip, dport)));
+    out.push_str(&format!(
+        "DESTINATION: {}\n",
+        host(&f.destination, &dip, dport)
+    ));
     out.push_str(&format!("       TYPE: {}\n", type_text(f)));
     out.push_str(&format!("    VERDICT: {}\n", f.verdict));
     out.push_str(&format!("    SUMMARY: {}", f.summary));
@@ -133,11 +135,10 @@ pub fn table(flows: &[Flow], print_node: bool) -> String {
     header.extend(["SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY"]);
     rows.push(header.into_iter().map(String::from).collect());
     for f in flows {
-        let (sip, dip) = f
-            .ip
-            .as_ref()
-            .map(|ip| (ip.source.clone(), ip.destination.clone()))
-            .unwrap_or_default();
+        let (sip, dip) =
+            f.ip.as_ref()
+                .map(|ip| (ip.source.clone(), ip.destination.clone()))
+                .unwrap_or_default();
         let (sport, dport) = ports(f);
         let mut r = vec![compact_time(&f.time)];
         if print_node {
@@ -154,7 +155,14 @@ pub fn table(flows: &[Flow], print_node: bool) -> String {
     }
     let cols = rows[0].len();
     let widths: Vec<usize> = (0..cols - 1)
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0).max(2) + 3)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r[c].chars().count())
+                .max()
+                .unwrap_or(0)
+                .max(2)
+                + 3
+        })
         .collect();
     rows.iter()
         .map(|r| {
@@ -238,7 +246,10 @@ mod tests {
         let t = table(&[f_dict()], false);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("TIMESTAMP             SOURCE"), "{t}");
-        assert!(lines[1].ends_with("to-endpoint   FORWARDED   TCP Flags: SYN"), "{t}");
+        assert!(
+            lines[1].ends_with("to-endpoint   FORWARDED   TCP Flags: SYN"),
+            "{t}"
+        );
     }
 
     fn f_dict() -> Flow {

@@ -3,12 +3,10 @@
 #![forbid(unsafe_code)]
 
 pub mod agent_event;
-pub mod filter;
 pub mod format;
 pub mod metrics;
 pub mod record;
 pub mod ring;
 
-pub use filter::Filter;
 pub use record::{Endpoint, Flow};
 pub use ring::Ring;

@@ -250,48 +250,62 @@ fn name_of<E>(v: i32, from: fn(i32) -> Option<E>, name: fn(&E) -> &'static str) 
 pub fn from_pb(p: &pb::Flow) -> flow::Flow {
     use flow::record::{Icmp, Layer4, Tcp, TcpFlags, Udp};
     use pb::layer4::Protocol;
-    let l4 = p.l4.as_ref().and_then(|l| l.protocol.as_ref()).map(|proto| {
-        let mut out = Layer4::default();
-        match proto {
-            Protocol::Tcp(t) => {
-                out.tcp = Some(Tcp {
-                    source_port: t.source_port as u16,
-                    destination_port: t.destination_port as u16,
-                    flags: t.flags.map(|f| TcpFlags {
-                        fin: f.fin,
-                        syn: f.syn,
-                        rst: f.rst,
-                        psh: f.psh,
-                        ack: f.ack,
-                        urg: f.urg,
-                    }),
-                })
-            }
-            Protocol::Udp(u) => {
-                out.udp = Some(Udp {
-                    source_port: u.source_port as u16,
-                    destination_port: u.destination_port as u16,
-                })
-            }
-            Protocol::Sctp(u) => {
-                out.sctp = Some(Udp {
-                    source_port: u.source_port as u16,
-                    destination_port: u.destination_port as u16,
-                })
-            }
-            Protocol::IcmPv4(i) => out.icmpv4 = Some(Icmp { r#type: i.r#type, code: i.code }),
-            _ => {}
-        }
-        out
-    });
+    let l4 =
+        p.l4.as_ref()
+            .and_then(|l| l.protocol.as_ref())
+            .map(|proto| {
+                let mut out = Layer4::default();
+                match proto {
+                    Protocol::Tcp(t) => {
+                        out.tcp = Some(Tcp {
+                            source_port: t.source_port as u16,
+                            destination_port: t.destination_port as u16,
+                            flags: t.flags.map(|f| TcpFlags {
+                                fin: f.fin,
+                                syn: f.syn,
+                                rst: f.rst,
+                                psh: f.psh,
+                                ack: f.ack,
+                                urg: f.urg,
+                            }),
+                        })
+                    }
+                    Protocol::Udp(u) => {
+                        out.udp = Some(Udp {
+                            source_port: u.source_port as u16,
+                            destination_port: u.destination_port as u16,
+                        })
+                    }
+                    Protocol::Sctp(u) => {
+                        out.sctp = Some(Udp {
+                            source_port: u.source_port as u16,
+                            destination_port: u.destination_port as u16,
+                        })
+                    }
+                    Protocol::IcmPv4(i) => {
+                        out.icmpv4 = Some(Icmp {
+                            r#type: i.r#type,
+                            code: i.code,
+                        })
+                    }
+                    _ => {}
+                }
+                out
+            });
     let time = p
         .time
-        .map(|t| flow::record::rfc3339(t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64))
+        .map(|t| {
+            flow::record::rfc3339(t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64)
+        })
         .unwrap_or_default();
     flow::Flow {
         time,
         uuid: p.uuid.clone(),
-        verdict: name_of(p.verdict, |v| pb::Verdict::try_from(v).ok(), |e| e.as_str_name()),
+        verdict: name_of(
+            p.verdict,
+            |v| pb::Verdict::try_from(v).ok(),
+            |e| e.as_str_name(),
+        ),
         drop_reason: p.drop_reason,
         ethernet: p.ethernet.as_ref().map(|e| flow::record::Ethernet {
             source: e.source.clone(),
@@ -300,12 +314,20 @@ pub fn from_pb(p: &pb::Flow) -> flow::Flow {
         ip: p.ip.as_ref().map(|ip| flow::record::Ip {
             source: ip.source.clone(),
             destination: ip.destination.clone(),
-            ip_version: name_of(ip.ip_version, |v| pb::IpVersion::try_from(v).ok(), |e| e.as_str_name()),
+            ip_version: name_of(
+                ip.ip_version,
+                |v| pb::IpVersion::try_from(v).ok(),
+                |e| e.as_str_name(),
+            ),
         }),
         l4,
         source: endpoint_back(p.source.as_ref()),
         destination: endpoint_back(p.destination.as_ref()),
-        r#type: name_of(p.r#type, |v| pb::FlowType::try_from(v).ok(), |e| e.as_str_name()),
+        r#type: name_of(
+            p.r#type,
+            |v| pb::FlowType::try_from(v).ok(),
+            |e| e.as_str_name(),
+        ),
         node_name: p.node_name.clone(),
         event_type: flow::record::EventTypeField {
             r#type: p.event_type.map_or(0, |e| e.r#type),
@@ -313,15 +335,27 @@ pub fn from_pb(p: &pb::Flow) -> flow::Flow {
         },
         traffic_direction: match p.traffic_direction {
             0 => String::new(),
-            v => name_of(v, |v| pb::TrafficDirection::try_from(v).ok(), |e| e.as_str_name()),
+            v => name_of(
+                v,
+                |v| pb::TrafficDirection::try_from(v).ok(),
+                |e| e.as_str_name(),
+            ),
         },
         trace_observation_point: match p.trace_observation_point {
             0 => String::new(),
-            v => name_of(v, |v| pb::TraceObservationPoint::try_from(v).ok(), |e| e.as_str_name()),
+            v => name_of(
+                v,
+                |v| pb::TraceObservationPoint::try_from(v).ok(),
+                |e| e.as_str_name(),
+            ),
         },
         trace_reason: match p.trace_reason {
             0 => String::new(),
-            v => name_of(v, |v| pb::TraceReason::try_from(v).ok(), |e| e.as_str_name()),
+            v => name_of(
+                v,
+                |v| pb::TraceReason::try_from(v).ok(),
+                |e| e.as_str_name(),
+            ),
         },
         is_reply: p.is_reply,
         drop_reason_desc: match p.drop_reason_desc {

@@ -1,0 +1,540 @@
+//! `fibril observe`: `hubble observe` against any Hubble-compatible server
+//! (the lab's agent by default), with Hubble's flags and output formats.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use proto::flow as pb;
+use proto::observer::{
+    get_flows_response::ResponseTypes, observer_client::ObserverClient, GetFlowsRequest,
+};
+
+/// Output formats of `hubble observe`.
+#[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    Compact,
+    Dict,
+    Table,
+    Json,
+    Jsonpb,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A Hubble-compatible server (`host:port`); default: the lab agent's.
+    #[arg(long, env = "HUBBLE_SERVER")]
+    pub server: Option<String>,
+    /// Keep printing new flows.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// The last N flows.
+    #[arg(long)]
+    pub last: Option<u64>,
+    /// The first N flows in the buffer.
+    #[arg(long)]
+    pub first: Option<u64>,
+    /// Every flow in the buffer.
+    #[arg(long)]
+    pub all: bool,
+    /// Flows since this time (`30s`, `5m`, `1h30m` ago, or RFC 3339).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Flows until this time (same forms as --since).
+    #[arg(long)]
+    pub until: Option<String>,
+    #[arg(short = 'n', long)]
+    pub namespace: Vec<String>,
+    #[arg(long)]
+    pub from_namespace: Vec<String>,
+    #[arg(long)]
+    pub to_namespace: Vec<String>,
+    #[arg(long)]
+    pub pod: Vec<String>,
+    #[arg(long)]
+    pub from_pod: Vec<String>,
+    #[arg(long)]
+    pub to_pod: Vec<String>,
+    #[arg(long)]
+    pub ip: Vec<String>,
+    #[arg(long)]
+    pub from_ip: Vec<String>,
+    #[arg(long)]
+    pub to_ip: Vec<String>,
+    #[arg(short = 'l', long)]
+    pub label: Vec<String>,
+    #[arg(long)]
+    pub from_label: Vec<String>,
+    #[arg(long)]
+    pub to_label: Vec<String>,
+    #[arg(long)]
+    pub port: Vec<String>,
+    #[arg(long)]
+    pub from_port: Vec<String>,
+    #[arg(long)]
+    pub to_port: Vec<String>,
+    #[arg(long)]
+    pub identity: Vec<String>,
+    #[arg(long)]
+    pub from_identity: Vec<String>,
+    #[arg(long)]
+    pub to_identity: Vec<String>,
+    #[arg(long)]
+    pub fqdn: Vec<String>,
+    #[arg(long)]
+    pub from_fqdn: Vec<String>,
+    #[arg(long)]
+    pub to_fqdn: Vec<String>,
+    #[arg(long)]
+    pub protocol: Vec<String>,
+    /// FORWARDED, DROPPED, AUDIT, REDIRECTED, ERROR, TRACED, TRANSLATED.
+    #[arg(long)]
+    pub verdict: Vec<String>,
+    #[arg(long)]
+    pub drop_reason_desc: Vec<String>,
+    /// Event type: drop, trace, policy-verdict, l7 ... or a number, with an
+    /// optional `:subtype`.
+    #[arg(short = 't', long = "type")]
+    pub event_type: Vec<String>,
+    /// `syn,ack` ...
+    #[arg(long)]
+    pub tcp_flags: Vec<String>,
+    /// ingress or egress.
+    #[arg(long)]
+    pub traffic_direction: Vec<String>,
+    #[arg(long)]
+    pub node_name: Vec<String>,
+    #[arg(long)]
+    pub uuid: Vec<String>,
+    #[arg(long)]
+    pub http_status: Vec<String>,
+    #[arg(long)]
+    pub http_method: Vec<String>,
+    #[arg(long)]
+    pub http_path: Vec<String>,
+    #[arg(short = 'o', long, value_enum, default_value = "compact")]
+    pub output: Format,
+    #[arg(long)]
+    pub print_node_name: bool,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64
+}
+
+/// `30s`, `5m`, `1h43m` ago, or an RFC 3339 time.
+fn parse_time(flag: &str, v: &str) -> anyhow::Result<prost_types::Timestamp> {
+    let ns = if let Some(t) = flow::record::parse_rfc3339(v) {
+        t
+    } else {
+        let mut total = 0u64;
+        let mut num = String::new();
+        for c in v.chars() {
+            if c.is_ascii_digit() {
+                num.push(c);
+                continue;
+            }
+            let n: u64 = num
+                .parse()
+                .with_context(|| format!("--{flag}: {v:?} is not a duration or RFC 3339 time"))?;
+            num.clear();
+            total += n * match c {
+                's' => 1,
+                'm' => 60,
+                'h' => 3600,
+                'd' => 86_400,
+                _ => bail!("--{flag}: unknown unit {c:?} in {v:?} (s, m, h, d)"),
+            };
+        }
+        if !num.is_empty() {
+            bail!("--{flag}: {v:?} needs a unit (e.g. 5m)");
+        }
+        now_ns().saturating_sub(total * 1_000_000_000)
+    };
+    Ok(prost_types::Timestamp {
+        seconds: (ns / 1_000_000_000) as i64,
+        nanos: (ns % 1_000_000_000) as i32,
+    })
+}
+
+fn identity_value(v: &str) -> anyhow::Result<u32> {
+    if let Ok(n) = v.parse() {
+        return Ok(n);
+    }
+    (0..=10)
+        .find(|id| abi::identity::reserved_name(*id) == Some(v))
+        .with_context(|| format!("identity {v:?}: a number or a reserved name (host, world, ...)"))
+}
+
+fn event_type(v: &str) -> anyhow::Result<pb::EventTypeFilter> {
+    let (t, sub) = v.split_once(':').map_or((v, None), |(t, s)| (t, Some(s)));
+    let r#type = match t {
+        "drop" => 1,
+        "debug" => 2,
+        "capture" => 3,
+        "trace" => 4,
+        "policy-verdict" => 5,
+        "trace-sock" => 7,
+        "l7" => 129,
+        "agent" => 130,
+        n => n
+            .parse()
+            .with_context(|| format!("--type: unknown event type {n:?}"))?,
+    };
+    let trace_points = [
+        "to-endpoint",
+        "to-proxy",
+        "to-host",
+        "to-stack",
+        "to-overlay",
+        "from-endpoint",
+        "from-proxy",
+        "from-host",
+        "from-stack",
+        "from-overlay",
+        "from-network",
+        "to-network",
+        "from-crypto",
+        "to-crypto",
+    ];
+    let sub_type = match sub {
+        None => None,
+        Some(s) => Some(match s.parse::<i32>() {
+            Ok(n) => n,
+            Err(_) => trace_points
+                .iter()
+                .position(|p| *p == s)
+                .with_context(|| format!("--type: unknown subtype {s:?}"))?
+                as i32,
+        }),
+    };
+    Ok(pb::EventTypeFilter {
+        r#type,
+        match_sub_type: sub_type.is_some(),
+        sub_type: sub_type.unwrap_or(0),
+    })
+}
+
+/// The filters `hubble observe` would send: flags on one side go into one
+/// filter; "either side" flags make a source-side and a destination-side
+/// filter, OR-ed.
+pub fn filters(a: &Args) -> anyhow::Result<Vec<pb::FlowFilter>> {
+    let mut common = pb::FlowFilter::default();
+    let ns_prefixed = |nss: &[String], pods: &[String]| -> Vec<String> {
+        match (nss.is_empty(), pods.is_empty()) {
+            (true, _) => pods.to_vec(),
+            (false, true) => nss.iter().map(|n| format!("{n}/")).collect(),
+            (false, false) => nss
+                .iter()
+                .flat_map(|n| pods.iter().map(move |p| format!("{n}/{p}")))
+                .collect(),
+        }
+    };
+    common.source_pod = ns_prefixed(&a.from_namespace, &a.from_pod);
+    common.destination_pod = ns_prefixed(&a.to_namespace, &a.to_pod);
+    common.source_ip = a.from_ip.clone();
+    common.destination_ip = a.to_ip.clone();
+    common.source_label = a.from_label.clone();
+    common.destination_label = a.to_label.clone();
+    common.source_port = a.from_port.clone();
+    common.destination_port = a.to_port.clone();
+    common.source_fqdn = a.from_fqdn.clone();
+    common.destination_fqdn = a.to_fqdn.clone();
+    common.source_identity = a
+        .from_identity
+        .iter()
+        .map(|v| identity_value(v))
+        .collect::<Result<_, _>>()?;
+    common.destination_identity = a
+        .to_identity
+        .iter()
+        .map(|v| identity_value(v))
+        .collect::<Result<_, _>>()?;
+    common.protocol = a.protocol.clone();
+    for v in &a.verdict {
+        let verdict = pb::Verdict::from_str_name(v)
+            .filter(|_| v != "VERDICT_UNKNOWN")
+            .with_context(|| format!("--verdict: {v:?} is not one of FORWARDED, DROPPED, AUDIT, REDIRECTED, ERROR, TRACED, TRANSLATED"))?;
+        common.verdict.push(verdict as i32);
+    }
+    for v in &a.drop_reason_desc {
+        common.drop_reason_desc.push(
+            pb::DropReason::from_str_name(v)
+                .with_context(|| format!("--drop-reason-desc: unknown drop reason {v:?}"))?
+                as i32,
+        );
+    }
+    for v in &a.traffic_direction {
+        let d = match v.to_lowercase().as_str() {
+            "ingress" => pb::TrafficDirection::Ingress,
+            "egress" => pb::TrafficDirection::Egress,
+            _ => bail!("--traffic-direction: {v:?} is not ingress or egress"),
+        };
+        common.traffic_direction.push(d as i32);
+    }
+    common.event_type = a
+        .event_type
+        .iter()
+        .map(|v| event_type(v))
+        .collect::<Result<_, _>>()?;
+    for v in &a.tcp_flags {
+        for flag in v.split(',') {
+            let mut f = pb::TcpFlags::default();
+            match flag.trim().to_uppercase().as_str() {
+                "SYN" => f.syn = true,
+                "ACK" => f.ack = true,
+                "FIN" => f.fin = true,
+                "RST" => f.rst = true,
+                "PSH" => f.psh = true,
+                "URG" => f.urg = true,
+                "ECE" => f.ece = true,
+                "CWR" => f.cwr = true,
+                "NS" => f.ns = true,
+                other => bail!("--tcp-flags: unknown flag {other:?}"),
+            }
+            common.tcp_flags.push(f);
+        }
+    }
+    common.node_name = a.node_name.clone();
+    common.uuid = a.uuid.clone();
+    common.http_status_code = a.http_status.clone();
+    common.http_method = a.http_method.clone();
+    common.http_path = a.http_path.clone();
+
+    // Either side: one filter for the source, one for the destination.
+    let either = !(a.namespace.is_empty()
+        && a.pod.is_empty()
+        && a.ip.is_empty()
+        && a.label.is_empty()
+        && a.port.is_empty()
+        && a.identity.is_empty()
+        && a.fqdn.is_empty());
+    if !either {
+        return Ok(if common == pb::FlowFilter::default() {
+            vec![]
+        } else {
+            vec![common]
+        });
+    }
+    let identities: Vec<u32> = a
+        .identity
+        .iter()
+        .map(|v| identity_value(v))
+        .collect::<Result<_, _>>()?;
+    let pods = ns_prefixed(&a.namespace, &a.pod);
+    let mut src = common.clone();
+    src.source_pod.extend(pods.iter().cloned());
+    src.source_ip.extend(a.ip.iter().cloned());
+    src.source_label.extend(a.label.iter().cloned());
+    src.source_port.extend(a.port.iter().cloned());
+    src.source_identity.extend(identities.iter().copied());
+    src.source_fqdn.extend(a.fqdn.iter().cloned());
+    let mut dst = common;
+    dst.destination_pod.extend(pods);
+    dst.destination_ip.extend(a.ip.iter().cloned());
+    dst.destination_label.extend(a.label.iter().cloned());
+    dst.destination_port.extend(a.port.iter().cloned());
+    dst.destination_identity.extend(identities);
+    dst.destination_fqdn.extend(a.fqdn.iter().cloned());
+    Ok(if src == dst {
+        vec![src]
+    } else {
+        vec![src, dst]
+    })
+}
+
+/// The request `hubble observe` would send for these flags.
+pub fn request(a: &Args) -> anyhow::Result<GetFlowsRequest> {
+    if a.first.is_some() && a.follow {
+        bail!("--first cannot be combined with --follow");
+    }
+    if a.output == Format::Table && a.follow {
+        bail!("the table output is printed at the end: it cannot be used with --follow");
+    }
+    let number = match (a.last, a.first, a.all) {
+        (Some(n), None, false) => n,
+        (None, Some(n), false) => n,
+        (None, None, true) => u64::MAX,
+        (None, None, false) if a.follow || a.since.is_some() || a.until.is_some() => 0,
+        (None, None, false) => 20,
+        _ => bail!("give one of --last, --first and --all"),
+    };
+    Ok(GetFlowsRequest {
+        number,
+        first: a.first.is_some(),
+        follow: a.follow,
+        whitelist: filters(a)?,
+        since: a
+            .since
+            .as_deref()
+            .map(|v| parse_time("since", v))
+            .transpose()?,
+        until: if a.follow {
+            None
+        } else {
+            a.until
+                .as_deref()
+                .map(|v| parse_time("until", v))
+                .transpose()?
+        },
+        ..Default::default()
+    })
+}
+
+/// A `GetFlowsResponse` as `hubble observe -o json` prints it.
+#[derive(serde::Serialize)]
+struct Envelope<'a> {
+    flow: &'a flow::Flow,
+    node_name: &'a str,
+    time: &'a str,
+}
+
+pub fn run(address: &str, a: &Args) -> anyhow::Result<i32> {
+    let req = request(a)?;
+    let endpoint = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
+            .with_context(|| format!("--server {address:?} is not an address"))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach the Hubble API at {address}"))?;
+        let mut client = ObserverClient::new(channel);
+        let mut stream = client
+            .get_flows(req)
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+            .into_inner();
+        let mut table = Vec::new();
+        let mut first_dict = true;
+        while let Some(r) = stream.message().await.map_err(|s| anyhow::anyhow!("{}", s.message()))? {
+            match r.response_types {
+                Some(ResponseTypes::Flow(p)) => {
+                    let f = hubble::convert::from_pb(&p);
+                    match a.output {
+                        Format::Compact if a.print_node_name => println!("{}", flow::format::compact_with_node(&f)),
+                        Format::Compact => println!("{}", flow::format::compact(&f)),
+                        Format::Dict => {
+                            if !first_dict {
+                                println!("------------");
+                            }
+                            first_dict = false;
+                            println!("{}", flow::format::dict(&f, a.print_node_name));
+                        }
+                        Format::Table => table.push(f),
+                        Format::Json | Format::Jsonpb => println!(
+                            "{}",
+                            serde_json::to_string(&Envelope {
+                                flow: &f,
+                                node_name: &r.node_name,
+                                time: &f.time
+                            })?
+                        ),
+                    }
+                }
+                Some(ResponseTypes::LostEvents(l)) => {
+                    let source = pb::LostEventSource::try_from(l.source)
+                        .map(|s| s.as_str_name())
+                        .unwrap_or("UNKNOWN_LOST_EVENT_SOURCE");
+                    let time = r
+                        .time
+                        .map(|t| flow::record::rfc3339(t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64))
+                        .unwrap_or_default();
+                    match a.output {
+                        Format::Json | Format::Jsonpb => println!(
+                            "{}",
+                            serde_json::json!({"lost_events": {"source": source, "num_events_lost": l.num_events_lost.to_string(), "cpu": l.cpu.unwrap_or(0)}, "node_name": r.node_name, "time": time})
+                        ),
+                        _ => println!(
+                            "{} EVENTS LOST: {source} CPU({}) {}",
+                            flow::format::compact_time(&time),
+                            l.cpu.unwrap_or(0),
+                            l.num_events_lost
+                        ),
+                    }
+                }
+                _ => {}
+            }
+        }
+        if a.output == Format::Table {
+            println!("{}", flow::format::table(&table, a.print_node_name));
+        }
+        Ok(0)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn req(argv: &[&str]) -> anyhow::Result<GetFlowsRequest> {
+        let cli = Cli::try_parse_from(std::iter::once("observe").chain(argv.iter().copied()))?;
+        request(&cli.args)
+    }
+
+    #[test]
+    fn flags_map_to_the_request_as_hubble_does() {
+        assert_eq!(req(&[]).unwrap().number, 20);
+        assert_eq!(req(&["-f"]).unwrap().number, 0);
+        assert_eq!(req(&["--all"]).unwrap().number, u64::MAX);
+        let r = req(&["--first", "3"]).unwrap();
+        assert!(r.first && r.number == 3);
+        assert!(req(&["--first", "3", "-f"]).is_err());
+        assert_eq!(req(&["--since", "5m"]).unwrap().number, 0);
+        assert!(req(&["--since", "5 minutes"]).is_err());
+        // Either-side flags: a source filter and a destination filter.
+        let r = req(&["-n", "shop", "--pod", "web"]).unwrap();
+        assert_eq!(r.whitelist.len(), 2);
+        assert_eq!(r.whitelist[0].source_pod, vec!["shop/web"]);
+        assert_eq!(r.whitelist[1].destination_pod, vec!["shop/web"]);
+        // One-sided flags: one filter.
+        let r = req(&[
+            "--from-pod",
+            "shop/web",
+            "--verdict",
+            "DROPPED",
+            "--to-port",
+            "80",
+            "-t",
+            "trace:to-endpoint",
+        ])
+        .unwrap();
+        assert_eq!(r.whitelist.len(), 1);
+        let f = &r.whitelist[0];
+        assert_eq!(f.verdict, vec![pb::Verdict::Dropped as i32]);
+        assert_eq!(f.destination_port, vec!["80"]);
+        assert_eq!(
+            f.event_type[0],
+            pb::EventTypeFilter {
+                r#type: 4,
+                match_sub_type: true,
+                sub_type: 0
+            }
+        );
+        assert!(
+            req(&["--verdict", "dropped"]).is_err(),
+            "exact enum names, as the CLI"
+        );
+        assert_eq!(
+            req(&["--identity", "world"]).unwrap().whitelist[0].source_identity,
+            vec![2]
+        );
+        assert!(req(&["-o", "table", "-f"]).is_err());
+    }
+}
