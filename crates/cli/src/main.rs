@@ -1,6 +1,7 @@
 //! fibril: the command line (`cilium`/`hubble` roles for one node).
 #![forbid(unsafe_code)]
 
+mod hubble_cmds;
 mod lab;
 mod observe;
 
@@ -57,8 +58,24 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// Hubble's list commands: `list nodes`, `list namespaces`.
+    List {
+        #[command(subcommand)]
+        what: ListWhat,
+        /// A Hubble-compatible server; default: the lab agent's.
+        #[arg(long, env = "HUBBLE_SERVER", global = true)]
+        server: Option<String>,
+        #[arg(short, long, value_enum, default_value = "table", global = true)]
+        output: Output,
+    },
     /// Observe flows (hubble observe's flags).
     Observe(Box<observe::Args>),
+}
+
+#[derive(Subcommand)]
+enum ListWhat {
+    Nodes,
+    Namespaces,
 }
 
 #[derive(Subcommand)]
@@ -196,6 +213,14 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     s.flows_buffered, s.flow_capacity, s.flows_seen, s.events_lost_kernel
                 );
                 println!("Uptime:        {}s", s.uptime_seconds);
+                match hubble_address(&cli.lab, None).and_then(|a| hubble_cmds::status_lines(&a)) {
+                    Ok(lines) => {
+                        for l in lines {
+                            println!("{l}");
+                        }
+                    }
+                    Err(e) => println!("Hubble:        unreachable: {e:#}"),
+                }
             }
             Ok(0)
         }
@@ -246,6 +271,20 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::Policy { cmd } => policy_cmd(cmd, &call),
         Cmd::Observe(o) => observe(&cli.lab, *o),
+        Cmd::List {
+            what,
+            server,
+            output,
+        } => {
+            let address = hubble_address(&cli.lab, server)?;
+            match what {
+                ListWhat::Nodes => hubble_cmds::list_nodes(&address, output == Output::Json)?,
+                ListWhat::Namespaces => {
+                    hubble_cmds::list_namespaces(&address, output == Output::Json)?
+                }
+            }
+            Ok(0)
+        }
     }
 }
 
@@ -388,23 +427,26 @@ fn policy_cmd(
     }
 }
 
+/// The Hubble API to talk to: `--server`, else the lab agent's.
+fn hubble_address(lab_name: &str, server: Option<String>) -> anyhow::Result<String> {
+    if let Some(s) = server {
+        return Ok(s);
+    }
+    let file = lab::lab_dir(lab_name).join("state/hubble.addr");
+    Ok(std::fs::read_to_string(&file)
+        .with_context(|| {
+            format!(
+                "no Hubble API address in {} (is lab {lab_name:?} up? or give --server)",
+                file.display()
+            )
+        })?
+        .trim()
+        .to_string())
+}
+
 fn observe(lab_name: &str, o: observe::Args) -> anyhow::Result<i32> {
-    let server = match &o.server {
-        Some(s) => s.clone(),
-        None => {
-            let file = lab::lab_dir(lab_name).join("state/hubble.addr");
-            std::fs::read_to_string(&file)
-                .with_context(|| {
-                    format!(
-                        "no Hubble API address in {} (is lab {lab_name:?} up? or give --server)",
-                        file.display()
-                    )
-                })?
-                .trim()
-                .to_string()
-        }
-    };
-    observe::run(&server, &o)
+    let address = hubble_address(lab_name, o.server.clone())?;
+    observe::run(&address, &o)
 }
 
 /// `8080/TCP` -> (6, 8080).

@@ -391,24 +391,28 @@ struct Envelope<'a> {
     time: &'a str,
 }
 
-pub fn run(address: &str, a: &Args) -> anyhow::Result<i32> {
-    let req = request(a)?;
+/// A gRPC channel to a Hubble-compatible server (`host:port` or a URL).
+pub async fn connect(address: &str) -> anyhow::Result<tonic::transport::Channel> {
     let endpoint = if address.contains("://") {
         address.to_string()
     } else {
         format!("http://{address}")
     };
+    tonic::transport::Endpoint::from_shared(endpoint)
+        .with_context(|| format!("--server {address:?} is not an address"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the Hubble API at {address}"))
+}
+
+pub fn run(address: &str, a: &Args) -> anyhow::Result<i32> {
+    let req = request(a)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
-            .with_context(|| format!("--server {address:?} is not an address"))?
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .with_context(|| format!("cannot reach the Hubble API at {address}"))?;
-        let mut client = ObserverClient::new(channel);
+        let mut client = ObserverClient::new(connect(address).await?);
         let mut stream = client
             .get_flows(req)
             .await

@@ -1066,6 +1066,56 @@ fn hubble_api_serves_the_labs_flows_to_a_grpc_client() {
         assert_eq!(f.node_name, format!("{}-node", lab.name));
         assert_eq!(f.event_type.unwrap().r#type, 1);
     }
+    // The hubble CLI's other commands, through `fibril`.
+    let out = |args: &[&str]| String::from_utf8(lab.fibril(args).stdout).unwrap();
+    let status = out(&["status"]);
+    assert!(
+        status.contains("Healthcheck (via 127.0.0.1:") && status.contains("): Ok"),
+        "{status}"
+    );
+    assert!(
+        status.contains("Current/Max Flows: ") && status.contains("/4,095 ("),
+        "{status}"
+    );
+    let nodes = out(&["list", "nodes"]);
+    assert!(
+        nodes.starts_with("NAME")
+            && nodes.contains(&format!("{}-node", lab.name))
+            && nodes.contains("Connected"),
+        "{nodes}"
+    );
+    let namespaces = out(&["list", "namespaces"]);
+    assert_eq!(
+        namespaces.lines().collect::<Vec<_>>(),
+        vec!["NAMESPACE", "microservices"]
+    );
+    let table = out(&[
+        "observe",
+        "-o",
+        "table",
+        "--verdict",
+        "DROPPED",
+        "--last",
+        "1",
+    ]);
+    assert!(
+        table.starts_with("TIMESTAMP") && table.contains("Policy denied"),
+        "{table}"
+    );
+    let dict = out(&[
+        "observe",
+        "-o",
+        "dict",
+        "--verdict",
+        "DROPPED",
+        "--last",
+        "1",
+        "--print-node-name",
+    ]);
+    assert!(
+        dict.contains("DESTINATION: microservices/backend:8080") && dict.contains("       NODE: "),
+        "{dict}"
+    );
     let hubble_metrics = lab.http_get_metrics("hubble-metrics.addr");
     assert!(
         hubble_metrics
