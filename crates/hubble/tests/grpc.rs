@@ -376,3 +376,87 @@ fn agent_events_stream_with_their_notifications() {
     assert_eq!(got[1].node_name, "test-node");
     assert_eq!(got[1].time.unwrap().seconds, 2);
 }
+
+/// The request bytes the real hubble CLI sends (spec §4), decoded with
+/// Fibril's protos and served: field numbers, packing and defaults agree.
+#[test]
+fn the_real_clis_request_bytes_decode_and_are_served() {
+    use prost::Message;
+    // The default field mask the CLI sends with compact output (field 10).
+    let paths = [
+        "time",
+        "verdict",
+        "ethernet",
+        "IP",
+        "l4",
+        "source.identity",
+        "source.namespace",
+        "source.pod_name",
+        "destination.identity",
+        "destination.namespace",
+        "destination.pod_name",
+        "Type",
+        "node_name",
+        "l7",
+        "event_type",
+        "source_service",
+        "destination_service",
+        "is_reply",
+        "Summary",
+        "ip_trace_id",
+    ];
+    let mut mask = Vec::new();
+    for p in paths {
+        mask.push(0x0a);
+        mask.push(p.len() as u8);
+        mask.extend_from_slice(p.as_bytes());
+    }
+    let mut with_mask = |head: &[u8]| {
+        let mut b = head.to_vec();
+        b.push(0x52);
+        // varint length (fits two bytes here)
+        let n = mask.len();
+        b.extend_from_slice(&[(n as u8 & 0x7f) | 0x80, (n >> 7) as u8]);
+        b.extend_from_slice(&mask);
+        b
+    };
+    assert_eq!(mask.len(), 0xfe, "the spec's capture says 52 fe01");
+    let observe = with_mask(&[0x08, 0x14]);
+    let first2 = with_mask(&[0x08, 0x02, 0x48, 0x01]);
+    let follow_dropped = with_mask(&[0x18, 0x01, 0x32, 0x03, 0x2a, 0x01, 0x02]);
+    let last3: Vec<u8> = vec![0x08, 0x03];
+    let mut all = vec![
+        0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01, 0x52, 0x0f, 0x0a, 0x04,
+    ];
+    all.extend_from_slice(b"time");
+    all.extend_from_slice(&[0x0a, 0x07]);
+    all.extend_from_slice(b"verdict");
+
+    let decode = |b: &[u8]| GetFlowsRequest::decode(b).expect("decodes");
+    let r = decode(&observe);
+    assert_eq!(r.number, 20);
+    assert_eq!(r.field_mask.as_ref().unwrap().paths.len(), 20);
+    let r = decode(&first2);
+    assert!(r.first && r.number == 2);
+    let r = decode(&follow_dropped);
+    assert!(r.follow && r.number == 0);
+    assert_eq!(
+        r.whitelist[0].verdict,
+        vec![pb::Verdict::Dropped as i32],
+        "packed repeated enum"
+    );
+    assert_eq!(decode(&last3).number, 3);
+    let r = decode(&all);
+    assert_eq!(r.number, u64::MAX);
+    assert_eq!(r.field_mask.unwrap().paths, vec!["time", "verdict"]);
+
+    // Served as the CLI expects (the mask is tolerated: whole flows come back).
+    let mut fx = fixture(31, 25);
+    assert_eq!(uuids(&fx.get(decode(&observe)).unwrap()).len(), 20);
+    assert_eq!(uuids(&fx.get(decode(&first2)).unwrap()), ["u0", "u1"]);
+    assert_eq!(
+        uuids(&fx.get(decode(&last3)).unwrap()),
+        ["u22", "u23", "u24"]
+    );
+    assert_eq!(uuids(&fx.get(decode(&all)).unwrap()).len(), 25);
+}
