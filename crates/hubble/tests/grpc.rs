@@ -411,7 +411,7 @@ fn the_real_clis_request_bytes_decode_and_are_served() {
         mask.push(p.len() as u8);
         mask.extend_from_slice(p.as_bytes());
     }
-    let mut with_mask = |head: &[u8]| {
+    let with_mask = |head: &[u8]| {
         let mut b = head.to_vec();
         b.push(0x52);
         // varint length (fits two bytes here)
