@@ -7,6 +7,8 @@
 //! - `demo`:  the default lab (the seed's microservices example), traffic,
 //!   flows; `--keep` leaves the lab up.
 //! - `bench`: policy computation (full and incremental, into real maps);
+//!   the flow pipeline (kernel ring buffer to flow ring, lost events) and
+//!   GetFlows throughput;
 //!   datapath request/response rate and throughput against bare veth, with
 //!   and without 10,000 policy entries.
 //! - `ci`:    what `.ci/run` runs (= test).
@@ -231,6 +233,16 @@ fn main() -> anyhow::Result<()> {
                 "fibril-agent",
                 "--example",
                 "policy_bench",
+            ]))?;
+            println!("\n== flow pipeline and Hubble API");
+            run(cargo().args([
+                "run",
+                "--quiet",
+                "--release",
+                "-p",
+                "fibril-agent",
+                "--example",
+                "flow_bench",
             ]))?;
             println!("\n== datapath");
             bench::run_bench(&root().join("target/release"), &args[1..])

@@ -383,6 +383,17 @@ pub struct TestRunOutcome {
 impl EndpointPrograms {
     /// Runs one packet through a program with BPF_PROG_TEST_RUN.
     pub fn test_run(&mut self, hook: Hook, packet: &[u8]) -> Result<TestRunOutcome, Error> {
+        self.test_run_repeat(hook, packet, 1)
+    }
+
+    /// Runs the same packet `repeat` times in the kernel (one syscall): a
+    /// way to make the datapath emit events at its full rate.
+    pub fn test_run_repeat(
+        &mut self,
+        hook: Hook,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<TestRunOutcome, Error> {
         let name = match hook {
             Hook::FromContainer => PROG_FROM_CONTAINER,
             Hook::ToContainer => PROG_TO_CONTAINER,
@@ -393,6 +404,7 @@ impl EndpointPrograms {
             .test_run(TestRunOptions {
                 data_in: Some(packet),
                 data_out: Some(&mut out),
+                repeat: repeat.max(1),
                 ..Default::default()
             })
             .map_err(prog_err(name))?;

@@ -494,3 +494,26 @@ fn same_node_traffic_meets_the_peers_ingress_policy_at_the_sender() {
         vec![abi::TracePoint::FromLxc as u8, abi::TracePoint::ToLxc as u8]
     );
 }
+
+#[test]
+fn an_overloaded_ring_buffer_counts_every_lost_event_exactly() {
+    // Every packet is a policy drop, so every run emits one event. Nobody
+    // reads while 300,000 are emitted into a ring that holds far fewer.
+    let lab = lab();
+    enforce(&lab, SERVER, EP_F_INGRESS_ENFORCED);
+    let mut server = progs(&lab, 2, SERVER);
+    let packet = ipv4_packet(CLIENT, SERVER, syn(40000, 9999));
+    let runs: u64 = 300_000;
+    let out = server
+        .test_run_repeat(Hook::ToContainer, &packet, runs as u32)
+        .unwrap();
+    assert_eq!(out.action, TC_ACT_SHOT);
+    let delivered = events(&lab).len() as u64;
+    let lost = lab.dp.events_lost();
+    assert!(lost > 0, "the ring must have overflowed");
+    assert_eq!(
+        delivered + lost,
+        runs,
+        "{delivered} delivered + {lost} lost"
+    );
+}
