@@ -37,6 +37,15 @@ struct Args {
     /// address is written to STATE_DIR/hubble.addr).
     #[arg(long, default_value = "127.0.0.1:4244")]
     hubble_listen_address: std::net::SocketAddr,
+    /// TLS for the Hubble API's TCP listener: certificate (PEM).
+    #[arg(long, requires = "hubble_tls_key_file")]
+    hubble_tls_cert_file: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "hubble_tls_cert_file")]
+    hubble_tls_key_file: Option<PathBuf>,
+    /// CA certificates (PEM) client certificates must chain to: mutual TLS.
+    #[arg(long, requires = "hubble_tls_cert_file")]
+    hubble_tls_client_ca_files: Option<PathBuf>,
     /// Serve Prometheus metrics on this address (port 0: any free port;
     /// the bound address is written to STATE_DIR/metrics.addr).
     #[arg(long)]
@@ -53,6 +62,7 @@ fn start_hubble(
     agent: Arc<Agent>,
     socket: &std::path::Path,
     tcp: std::net::SocketAddr,
+    tls: Option<hubble::server::Tls>,
     state_dir: &std::path::Path,
 ) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -85,11 +95,17 @@ fn start_hubble(
         .name("hubble".into())
         .spawn(move || {
             rt.block_on(async move {
-                let tcp = hubble::server::router(backend.clone())
-                    .await
-                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
-                        tcp_listener,
-                    ));
+                let tcp = match hubble::server::router_with_tls(backend.clone(), tls.as_ref()).await
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(error = %e, "Hubble API TLS configuration");
+                        return;
+                    }
+                };
+                let tcp = tcp.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
+                    tcp_listener,
+                ));
                 let unix = hubble::server::router(backend).await.serve_with_incoming(
                     tokio_stream::wrappers::UnixListenerStream::new(unix_listener),
                 );
@@ -101,6 +117,23 @@ fn start_hubble(
     Ok(())
 }
 
+/// Reads the Hubble API's TLS files, if configured.
+fn hubble_tls(args: &Args) -> anyhow::Result<Option<hubble::server::Tls>> {
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let (Some(cert), Some(key)) = (&args.hubble_tls_cert_file, &args.hubble_tls_key_file) else {
+        return Ok(None);
+    };
+    Ok(Some(hubble::server::Tls {
+        cert_pem: read(cert)?,
+        key_pem: read(key)?,
+        client_ca_pem: args
+            .hubble_tls_client_ca_files
+            .as_ref()
+            .map(read)
+            .transpose()?,
+    }))
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -109,6 +142,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let tls = hubble_tls(&args)?;
     let pod_cidr: Cidr = args
         .pod_cidr
         .parse()
@@ -160,6 +194,7 @@ fn main() -> anyhow::Result<()> {
         agent.clone(),
         &args.hubble_socket,
         args.hubble_listen_address,
+        tls,
         &config.state_dir,
     )?;
     let listener = server::bind(&config.socket)

@@ -414,7 +414,50 @@ impl<B: Backend> Peer for Service<B> {
     }
 }
 
-/// The three services, ready to be served.
+/// TLS for the TCP listener: the server's certificate and key (PEM), and
+/// with `client_ca` the CAs client certificates must chain to (mTLS).
+#[derive(Clone, Debug)]
+pub struct Tls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+/// The three services, ready to be served, over TLS (mTLS with a client
+/// CA) when `tls` is given.
+pub async fn router_with_tls<B: Backend>(
+    backend: Arc<B>,
+    tls: Option<&Tls>,
+) -> Result<tonic::transport::server::Router, tonic::transport::Error> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(
+            "hubble.server.Observer",
+            tonic_health::ServingStatus::Serving,
+        )
+        .await;
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        let mut config = tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
+        );
+        if let Some(ca) = &tls.client_ca_pem {
+            config = config.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(config)?;
+    }
+    Ok(builder
+        .add_service(health)
+        .add_service(ObserverServer::new(Service {
+            backend: backend.clone(),
+        }))
+        .add_service(PeerServer::new(Service { backend })))
+}
+
+/// The three services, ready to be served (plaintext).
 pub async fn router<B: Backend>(backend: Arc<B>) -> tonic::transport::server::Router {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter

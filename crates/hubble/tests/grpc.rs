@@ -460,3 +460,86 @@ fn the_real_clis_request_bytes_decode_and_are_served() {
     );
     assert_eq!(uuids(&fx.get(decode(&all)).unwrap()).len(), 25);
 }
+
+#[test]
+fn tls_and_mutual_tls() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let issue = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = issue(vec!["localhost".into()]);
+    let (client_cert, client_key) = issue(vec!["client".into()]);
+    let tls = server::Tls {
+        cert_pem: server_cert.into_bytes(),
+        key_pem: server_key.into_bytes(),
+        client_ca_pem: Some(ca.pem().into_bytes()),
+    };
+
+    let backend = Arc::new(TestBackend {
+        flows: Shared::new(7).unwrap(),
+        events: Shared::new(7).unwrap(),
+        paused: false.into(),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move {
+        server::router_with_tls(backend, Some(&tls))
+            .await
+            .unwrap()
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    let ca_pem = ca.pem();
+    let status = |client_identity: Option<(String, String)>, tls: bool| {
+        let ca_pem = ca_pem.clone();
+        rt.block_on(async move {
+            let scheme = if tls { "https" } else { "http" };
+            let mut ep = tonic::transport::Endpoint::from_shared(format!(
+                "{scheme}://localhost:{}",
+                addr.port()
+            ))
+            .unwrap();
+            if tls {
+                let mut cfg = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
+                    .domain_name("localhost");
+                if let Some((c, k)) = client_identity {
+                    cfg = cfg.identity(tonic::transport::Identity::from_pem(c, k));
+                }
+                ep = ep.tls_config(cfg).unwrap();
+            }
+            let channel = ep.connect().await.map_err(|e| e.to_string())?;
+            ObserverClient::new(channel)
+                .server_status(ServerStatusRequest {})
+                .await
+                .map(|r| r.into_inner().max_flows)
+                .map_err(|e| e.to_string())
+        })
+    };
+    assert_eq!(
+        status(Some((client_cert.clone(), client_key.clone())), true),
+        Ok(7),
+        "mTLS with a client certificate"
+    );
+    assert!(
+        status(None, true).is_err(),
+        "no client certificate: refused"
+    );
+    assert!(status(None, false).is_err(), "plaintext: refused");
+}
