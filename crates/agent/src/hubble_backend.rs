@@ -38,6 +38,10 @@ impl hubble::server::Backend for HubbleBackend {
         )
     }
 
+    fn kernel_lost(&self) -> u64 {
+        self.agent.datapath().events_lost()
+    }
+
     fn count_lost(&self, n: u64) {
         self.agent.observer.metrics.lost("HUBBLE_RING_BUFFER", n);
     }

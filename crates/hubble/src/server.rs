@@ -44,6 +44,10 @@ pub trait Backend: Send + Sync + 'static {
     fn node_name(&self) -> String;
     /// Told when a reader lost `n` flows to ring overwrites (for metrics).
     fn count_lost(&self, _n: u64) {}
+    /// Events the kernel could not hand over (ring buffer full), so far.
+    fn kernel_lost(&self) -> u64 {
+        0
+    }
     /// The address peers reach this node's observer at.
     fn address(&self) -> String;
 }
@@ -71,13 +75,17 @@ fn flow_ns(f: &pb::Flow) -> u64 {
 }
 
 fn lost(node: &str, n: u64) -> GetFlowsResponse {
+    lost_from(node, pb::LostEventSource::HubbleRingBuffer, n)
+}
+
+fn lost_from(node: &str, source: pb::LostEventSource, n: u64) -> GetFlowsResponse {
     use proto::observer::get_flows_response::ResponseTypes;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     GetFlowsResponse {
         response_types: Some(ResponseTypes::LostEvents(pb::LostEvent {
-            source: pb::LostEventSource::HubbleRingBuffer as i32,
+            source: source as i32,
             num_events_lost: n,
             cpu: None,
             first: None,
@@ -119,6 +127,7 @@ fn run_window<T, R>(
     read: impl Fn(u64, Duration) -> (u64, Vec<T>, u64),
     accept: impl Fn(&T) -> Option<(u64, R)>,
     lost: impl Fn(u64) -> Option<R>,
+    elsewhere: impl Fn() -> Option<R>,
     tx: &mpsc::Sender<Result<R, Status>>,
 ) {
     let send = |r: R| tx.blocking_send(Ok(r)).is_ok();
@@ -178,6 +187,12 @@ fn run_window<T, R>(
         if !report(lost_now) {
             return;
         }
+        // Losses upstream of the ring (the kernel's ring buffer).
+        if let Some(r) = elsewhere() {
+            if !send(r) {
+                return;
+            }
+        }
         for item in items {
             if let Some((_, r)) = accept(&item) {
                 if !send(r) {
@@ -195,6 +210,7 @@ fn stream_flows<B: Backend>(
     tx: mpsc::Sender<Result<GetFlowsResponse, Status>>,
 ) {
     let node = backend.node_name();
+    let kernel_seen = std::sync::atomic::AtomicU64::new(backend.kernel_lost());
     let window = Window {
         number: req.number as usize,
         first: req.first,
@@ -213,6 +229,18 @@ fn stream_flows<B: Backend>(
         |n| {
             backend.count_lost(n);
             Some(lost(&node, n))
+        },
+        || {
+            // Kernel losses since the stream started, reported as they grow.
+            let now = backend.kernel_lost();
+            let before = kernel_seen.swap(now, std::sync::atomic::Ordering::Relaxed);
+            (now > before).then(|| {
+                lost_from(
+                    &node,
+                    pb::LostEventSource::PerfEventRingBuffer,
+                    now - before,
+                )
+            })
         },
         &tx,
     );
@@ -289,6 +317,7 @@ impl<B: Backend> Observer for Service<B> {
                         ))
                     },
                     |_| None,
+                    || None,
                     &tx,
                 )
             })

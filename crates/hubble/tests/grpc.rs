@@ -18,6 +18,7 @@ struct TestBackend {
     events: Shared<Arc<flow::agent_event::AgentEvent>>,
     /// While set, readers park before touching the ring: a slow reader.
     paused: std::sync::atomic::AtomicBool,
+    kernel_lost: std::sync::atomic::AtomicU64,
 }
 
 impl Backend for TestBackend {
@@ -35,6 +36,9 @@ impl Backend for TestBackend {
     }
     fn agent_events(&self) -> &Shared<Arc<flow::agent_event::AgentEvent>> {
         &self.events
+    }
+    fn kernel_lost(&self) -> u64 {
+        self.kernel_lost.load(std::sync::atomic::Ordering::SeqCst)
     }
     fn counters(&self) -> (u64, u64, u64, u64) {
         let (n, cap, seen) = self.flows.counts();
@@ -73,6 +77,7 @@ fn fixture(capacity: usize, flows: u64) -> Fixture {
         flows: Shared::new(capacity).unwrap(),
         events: Shared::new(15).unwrap(),
         paused: false.into(),
+        kernel_lost: 0.into(),
     });
     for i in 0..flows {
         backend.flows.push(Arc::new(flow(i)));
@@ -487,6 +492,7 @@ fn tls_and_mutual_tls() {
         flows: Shared::new(7).unwrap(),
         events: Shared::new(7).unwrap(),
         paused: false.into(),
+        kernel_lost: 0.into(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -542,4 +548,39 @@ fn tls_and_mutual_tls() {
         "no client certificate: refused"
     );
     assert!(status(None, false).is_err(), "plaintext: refused");
+}
+
+#[test]
+fn kernel_losses_reach_followers_as_lost_events() {
+    let fx = fixture(7, 0);
+    fx.backend
+        .kernel_lost
+        .store(5, std::sync::atomic::Ordering::SeqCst);
+    let mut client = fx.client.clone();
+    let backend = fx.backend.clone();
+    let lost = fx.rt.block_on(async move {
+        let mut s = client
+            .get_flows(GetFlowsRequest {
+                follow: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Losses from before the stream started are not this stream's.
+        backend
+            .kernel_lost
+            .fetch_add(42, std::sync::atomic::Ordering::SeqCst);
+        let r = tokio::time::timeout(Duration::from_secs(5), s.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match r.response_types {
+            Some(ResponseTypes::LostEvents(l)) => (l.source, l.num_events_lost),
+            other => panic!("{other:?}"),
+        }
+    });
+    assert_eq!(lost, (pb::LostEventSource::PerfEventRingBuffer as i32, 42));
 }
