@@ -5,7 +5,7 @@ use anyhow::Context;
 use proto::observer::observer_client::ObserverClient;
 use proto::observer::{GetNamespacesRequest, GetNodesRequest, ServerStatusRequest};
 
-use crate::observe::connect;
+use crate::observe::{connect, Server};
 
 /// `1234567` -> `1,234,567`.
 pub fn grouped(n: u64) -> String {
@@ -38,9 +38,9 @@ fn block<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::
 }
 
 /// The lines `hubble status` prints (compact).
-pub fn status_lines(address: &str) -> anyhow::Result<Vec<String>> {
+pub fn status_lines(address: &str, server: &Server) -> anyhow::Result<Vec<String>> {
     block(async {
-        let channel = connect(address).await?;
+        let channel = connect(address, server).await?;
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
         let ok = health
             .check(tonic_health::pb::HealthCheckRequest {
@@ -83,9 +83,9 @@ pub fn status_lines(address: &str) -> anyhow::Result<Vec<String>> {
     })
 }
 
-pub fn list_nodes(address: &str, json: bool) -> anyhow::Result<()> {
+pub fn list_nodes(address: &str, server: &Server, json: bool) -> anyhow::Result<()> {
     let mut nodes = block(async {
-        Ok(ObserverClient::new(connect(address).await?)
+        Ok(ObserverClient::new(connect(address, server).await?)
             .get_nodes(GetNodesRequest {})
             .await
             .map_err(|e| anyhow::anyhow!("{}", e.message()))?
@@ -145,9 +145,9 @@ pub fn list_nodes(address: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn list_namespaces(address: &str, json: bool) -> anyhow::Result<()> {
+pub fn list_namespaces(address: &str, server: &Server, json: bool) -> anyhow::Result<()> {
     let namespaces = block(async {
-        Ok(ObserverClient::new(connect(address).await?)
+        Ok(ObserverClient::new(connect(address, server).await?)
             .get_namespaces(GetNamespacesRequest {})
             .await
             .map_err(|e| anyhow::anyhow!("{}", e.message()))

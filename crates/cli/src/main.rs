@@ -62,9 +62,8 @@ enum Cmd {
     List {
         #[command(subcommand)]
         what: ListWhat,
-        /// A Hubble-compatible server; default: the lab agent's.
-        #[arg(long, env = "HUBBLE_SERVER", global = true)]
-        server: Option<String>,
+        #[command(flatten)]
+        server: observe::Server,
         #[arg(short, long, value_enum, default_value = "table", global = true)]
         output: Output,
     },
@@ -213,7 +212,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     s.flows_buffered, s.flow_capacity, s.flows_seen, s.events_lost_kernel
                 );
                 println!("Uptime:        {}s", s.uptime_seconds);
-                match hubble_address(&cli.lab, None).and_then(|a| hubble_cmds::status_lines(&a)) {
+                match hubble_address(&cli.lab, None)
+                    .and_then(|a| hubble_cmds::status_lines(&a, &observe::Server::default()))
+                {
                     Ok(lines) => {
                         for l in lines {
                             println!("{l}");
@@ -276,12 +277,11 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             server,
             output,
         } => {
-            let address = hubble_address(&cli.lab, server)?;
+            let address = hubble_address(&cli.lab, server.server.clone())?;
+            let json = output == Output::Json;
             match what {
-                ListWhat::Nodes => hubble_cmds::list_nodes(&address, output == Output::Json)?,
-                ListWhat::Namespaces => {
-                    hubble_cmds::list_namespaces(&address, output == Output::Json)?
-                }
+                ListWhat::Nodes => hubble_cmds::list_nodes(&address, &server, json)?,
+                ListWhat::Namespaces => hubble_cmds::list_namespaces(&address, &server, json)?,
             }
             Ok(0)
         }
@@ -445,7 +445,7 @@ fn hubble_address(lab_name: &str, server: Option<String>) -> anyhow::Result<Stri
 }
 
 fn observe(lab_name: &str, o: observe::Args) -> anyhow::Result<i32> {
-    let address = hubble_address(lab_name, o.server.clone())?;
+    let address = hubble_address(lab_name, o.server.server.clone())?;
     observe::run(&address, &o)
 }
 

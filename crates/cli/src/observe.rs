@@ -21,9 +21,8 @@ pub enum Format {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A Hubble-compatible server (`host:port`); default: the lab agent's.
-    #[arg(long, env = "HUBBLE_SERVER")]
-    pub server: Option<String>,
+    #[command(flatten)]
+    pub server: Server,
     /// Keep printing new flows.
     #[arg(short, long)]
     pub follow: bool,
@@ -391,19 +390,79 @@ struct Envelope<'a> {
     time: &'a str,
 }
 
-/// A gRPC channel to a Hubble-compatible server (`host:port` or a URL).
-pub async fn connect(address: &str) -> anyhow::Result<tonic::transport::Channel> {
-    let endpoint = if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
+/// How to reach a Hubble-compatible server: the hubble CLI's server flags.
+#[derive(clap::Args, Clone, Default)]
+pub struct Server {
+    /// `host:port`, `unix:///path/to/hubble.sock` or `tls://host:port`;
+    /// default: the lab agent's.
+    #[arg(long, env = "HUBBLE_SERVER", global = true)]
+    pub server: Option<String>,
+    /// Use TLS.
+    #[arg(long, global = true)]
+    pub tls: bool,
+    /// CA certificate (PEM) to verify the server with.
+    #[arg(long, global = true)]
+    pub tls_ca_cert_files: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, global = true, requires = "tls_client_key_file")]
+    pub tls_client_cert_file: Option<std::path::PathBuf>,
+    #[arg(long, global = true, requires = "tls_client_cert_file")]
+    pub tls_client_key_file: Option<std::path::PathBuf>,
+    /// Server name to verify (default: the host of --server).
+    #[arg(long, global = true)]
+    pub tls_server_name: Option<String>,
+}
+
+/// A gRPC channel to a Hubble-compatible server.
+pub async fn connect(address: &str, s: &Server) -> anyhow::Result<tonic::transport::Channel> {
+    let fail = || format!("cannot reach the Hubble API at {address}");
+    if let Some(path) = address
+        .strip_prefix("unix://")
+        .or_else(|| address.strip_prefix("unix:"))
+    {
+        let path = std::path::PathBuf::from(path);
+        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        });
+        return tonic::transport::Endpoint::from_static("http://localhost")
+            .connect_with_connector(connector)
+            .await
+            .with_context(fail);
+    }
+    let (tls, host_port) = match address.strip_prefix("tls://") {
+        Some(rest) => (true, rest),
+        None => (s.tls, address.strip_prefix("http://").unwrap_or(address)),
     };
-    tonic::transport::Endpoint::from_shared(endpoint)
+    let scheme = if tls { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{host_port}"))
         .with_context(|| format!("--server {address:?} is not an address"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the Hubble API at {address}"))
+        .connect_timeout(Duration::from_secs(5));
+    if tls {
+        let read = |p: &std::path::PathBuf| {
+            std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+        };
+        let host = host_port.rsplit_once(':').map_or(host_port, |(h, _)| h);
+        let mut cfg = tonic::transport::ClientTlsConfig::new().domain_name(
+            s.tls_server_name
+                .clone()
+                .unwrap_or_else(|| host.to_string()),
+        );
+        if let Some(ca) = &s.tls_ca_cert_files {
+            cfg = cfg.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(c), Some(k)) = (&s.tls_client_cert_file, &s.tls_client_key_file) {
+            cfg = cfg.identity(tonic::transport::Identity::from_pem(read(c)?, read(k)?));
+        }
+        endpoint = endpoint.tls_config(cfg)?;
+    } else if s.tls_ca_cert_files.is_some() || s.tls_client_cert_file.is_some() {
+        bail!("transport layer security required: the TLS flags need --tls or a tls:// server");
+    }
+    endpoint.connect().await.with_context(fail)
 }
 
 pub fn run(address: &str, a: &Args) -> anyhow::Result<i32> {
@@ -412,7 +471,7 @@ pub fn run(address: &str, a: &Args) -> anyhow::Result<i32> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let mut client = ObserverClient::new(connect(address).await?);
+        let mut client = ObserverClient::new(connect(address, &a.server).await?);
         let mut stream = client
             .get_flows(req)
             .await

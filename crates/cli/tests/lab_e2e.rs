@@ -1116,6 +1116,28 @@ fn hubble_api_serves_the_labs_flows_to_a_grpc_client() {
         dict.contains("DESTINATION: microservices/backend:8080") && dict.contains("       NODE: "),
         "{dict}"
     );
+    // The agent's Unix socket, as `hubble --server unix://...`.
+    let sock = format!("unix:///run/fibril/labs/{}/hubble.sock", lab.name);
+    let via_unix = out(&[
+        "observe",
+        "--server",
+        &sock,
+        "--verdict",
+        "DROPPED",
+        "--last",
+        "1",
+    ]);
+    assert!(via_unix.contains("Policy denied DROPPED"), "{via_unix}");
+    let needs_tls = lab.fibril(&[
+        "observe",
+        "--tls-ca-cert-files",
+        "/nonexistent.pem",
+        "--last",
+        "1",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&needs_tls.stderr).contains("transport layer security required")
+    );
     let hubble_metrics = lab.http_get_metrics("hubble-metrics.addr");
     assert!(
         hubble_metrics
