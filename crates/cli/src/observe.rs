@@ -23,23 +23,26 @@ pub enum Format {
 pub struct Args {
     #[command(flatten)]
     pub server: Server,
-    /// Keep printing new flows.
-    #[arg(short, long)]
+    /// flows (default), agent-events or debug-events.
+    #[command(subcommand)]
+    pub what: Option<What>,
+    /// Keep printing new events.
+    #[arg(short, long, global = true)]
     pub follow: bool,
-    /// The last N flows.
-    #[arg(long)]
+    /// The last N events.
+    #[arg(long, global = true)]
     pub last: Option<u64>,
-    /// The first N flows in the buffer.
-    #[arg(long)]
+    /// The first N events in the buffer.
+    #[arg(long, global = true)]
     pub first: Option<u64>,
-    /// Every flow in the buffer.
-    #[arg(long)]
+    /// Every event in the buffer.
+    #[arg(long, global = true)]
     pub all: bool,
-    /// Flows since this time (`30s`, `5m`, `1h30m` ago, or RFC 3339).
-    #[arg(long)]
+    /// Events since this time (`30s`, `5m`, `1h30m` ago, or RFC 3339).
+    #[arg(long, global = true)]
     pub since: Option<String>,
-    /// Flows until this time (same forms as --since).
-    #[arg(long)]
+    /// Events until this time (same forms as --since).
+    #[arg(long, global = true)]
     pub until: Option<String>,
     #[arg(short = 'n', long)]
     pub namespace: Vec<String>,
@@ -110,10 +113,133 @@ pub struct Args {
     pub http_method: Vec<String>,
     #[arg(long)]
     pub http_path: Vec<String>,
-    #[arg(short = 'o', long, value_enum, default_value = "compact")]
+    #[arg(
+        short = 'o',
+        long,
+        value_enum,
+        default_value = "compact",
+        global = true
+    )]
     pub output: Format,
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub print_node_name: bool,
+}
+
+/// What `fibril observe` streams.
+#[derive(clap::Subcommand, Clone, Copy, PartialEq, Eq)]
+pub enum What {
+    /// Flows (the default).
+    Flows,
+    /// What the agent did: started, endpoints, policies.
+    AgentEvents,
+    /// Datapath debug events (Fibril's datapath emits none).
+    DebugEvents,
+}
+
+/// `AGENT_STARTED (start time: ...)`, `ENDPOINT_CREATED (id: 7, namespace:
+/// shop, pod name: web)`, as `hubble observe agent-events` prints them.
+fn agent_event_text(e: &pb::AgentEvent) -> String {
+    use pb::agent_event::Notification;
+    let kind = pb::AgentEventType::try_from(e.r#type)
+        .map(|t| t.as_str_name())
+        .unwrap_or("AGENT_EVENT_UNKNOWN");
+    let detail = match &e.notification {
+        Some(Notification::AgentStart(t)) => {
+            let ns = t.time.map_or(0, |t| {
+                t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64
+            });
+            format!(
+                "start time: {}",
+                flow::format::compact_time(&flow::record::rfc3339(ns))
+            )
+        }
+        Some(Notification::EndpointUpdate(u)) => {
+            format!(
+                "id: {}, namespace: {}, pod name: {}",
+                u.id, u.namespace, u.pod_name
+            )
+        }
+        Some(Notification::PolicyUpdate(p)) => {
+            format!(
+                "labels: [{}], revision: {}, count: {}",
+                p.labels.join(" "),
+                p.revision,
+                p.rule_count
+            )
+        }
+        _ => String::new(),
+    };
+    format!("{kind} ({detail})")
+}
+
+fn ts_text(t: Option<prost_types::Timestamp>) -> String {
+    t.map(|t| {
+        flow::record::rfc3339(t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64)
+    })
+    .unwrap_or_default()
+}
+
+/// `fibril observe agent-events` / `debug-events`.
+fn run_events(address: &str, a: &Args, what: What) -> anyhow::Result<i32> {
+    use proto::observer::{GetAgentEventsRequest, GetDebugEventsRequest};
+    if a.first.is_some() && a.follow {
+        bail!("--first cannot be combined with --follow");
+    }
+    // Agent and debug events default to the last 20, with --follow too.
+    let number = match (a.last, a.first, a.all) {
+        (Some(n), None, false) | (None, Some(n), false) => n,
+        (None, None, true) => u64::MAX,
+        (None, None, false) => 20,
+        _ => bail!("give one of --last, --first and --all"),
+    };
+    let since = a
+        .since
+        .as_deref()
+        .map(|v| parse_time("since", v))
+        .transpose()?;
+    let until = if a.follow {
+        None
+    } else {
+        a.until
+            .as_deref()
+            .map(|v| parse_time("until", v))
+            .transpose()?
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut client = ObserverClient::new(connect(address, &a.server).await?);
+        let err = |s: tonic::Status| anyhow::anyhow!("{}", s.message());
+        if what == What::DebugEvents {
+            let req = GetDebugEventsRequest { number, first: a.first.is_some(), follow: a.follow, since, until };
+            let mut s = client.get_debug_events(req).await.map_err(err)?.into_inner();
+            while let Some(r) = s.message().await.map_err(err)? {
+                println!("{}: debug event {:?}", flow::format::compact_time(&ts_text(r.time)), r.debug_event);
+            }
+            return Ok(0);
+        }
+        let req = GetAgentEventsRequest { number, first: a.first.is_some(), follow: a.follow, since, until };
+        let mut s = client.get_agent_events(req).await.map_err(err)?.into_inner();
+        while let Some(r) = s.message().await.map_err(err)? {
+            let Some(e) = &r.agent_event else { continue };
+            let time = ts_text(r.time);
+            match a.output {
+                Format::Json | Format::Jsonpb => {
+                    let kind = pb::AgentEventType::try_from(e.r#type).map(|t| t.as_str_name()).unwrap_or("AGENT_EVENT_UNKNOWN");
+                    println!(
+                        "{}",
+                        serde_json::json!({"agent_event": {"type": kind, "text": agent_event_text(e)}, "node_name": r.node_name, "time": time})
+                    );
+                }
+                _ if a.print_node_name => {
+                    println!("{} [{}]: {}", flow::format::compact_time(&time), r.node_name, agent_event_text(e))
+                }
+                _ => println!("{}: {}", flow::format::compact_time(&time), agent_event_text(e)),
+            }
+        }
+        Ok(0)
+    })
 }
 
 fn now_ns() -> u64 {
@@ -466,6 +592,9 @@ pub async fn connect(address: &str, s: &Server) -> anyhow::Result<tonic::transpo
 }
 
 pub fn run(address: &str, a: &Args) -> anyhow::Result<i32> {
+    if let Some(what @ (What::AgentEvents | What::DebugEvents)) = a.what {
+        return run_events(address, a, what);
+    }
     let req = request(a)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

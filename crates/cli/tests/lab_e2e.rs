@@ -1116,6 +1116,20 @@ fn hubble_api_serves_the_labs_flows_to_a_grpc_client() {
         dict.contains("DESTINATION: microservices/backend:8080") && dict.contains("       NODE: "),
         "{dict}"
     );
+    let events = out(&["observe", "agent-events", "--last", "20"]);
+    assert!(events.contains("AGENT_STARTED (start time: "), "{events}");
+    assert!(
+        events.contains(": ENDPOINT_CREATED (id: 2, namespace: microservices, pod name: backend)"),
+        "{events}"
+    );
+    assert!(
+        events.contains(
+            "POLICY_UPDATED (labels: [k8s:io.cilium.k8s.policy.derived-from=CiliumNetworkPolicy"
+        ),
+        "{events}"
+    );
+    let debug = lab.fibril(&["observe", "debug-events"]);
+    assert!(debug.status.success() && debug.stdout.is_empty());
     // The agent's Unix socket, as `hubble --server unix://...`.
     let sock = format!("unix:///run/fibril/labs/{}/hubble.sock", lab.name);
     let via_unix = out(&[
