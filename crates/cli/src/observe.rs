@@ -113,6 +113,54 @@ pub struct Args {
     pub http_method: Vec<String>,
     #[arg(long)]
     pub http_path: Vec<String>,
+    #[arg(long)]
+    pub http_url: Vec<String>,
+    /// `key:value`.
+    #[arg(long)]
+    pub http_header: Vec<String>,
+    #[arg(long)]
+    pub service: Vec<String>,
+    #[arg(long)]
+    pub from_service: Vec<String>,
+    #[arg(long)]
+    pub to_service: Vec<String>,
+    /// `name`, `Kind/name` or `Kind/`.
+    #[arg(long)]
+    pub workload: Vec<String>,
+    #[arg(long)]
+    pub from_workload: Vec<String>,
+    #[arg(long)]
+    pub to_workload: Vec<String>,
+    #[arg(long)]
+    pub cluster: Vec<String>,
+    #[arg(long)]
+    pub from_cluster: Vec<String>,
+    #[arg(long)]
+    pub to_cluster: Vec<String>,
+    /// Flows of every namespace.
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+    #[arg(short = '4', long)]
+    pub ipv4: bool,
+    #[arg(short = '6', long)]
+    pub ipv6: bool,
+    /// v4, v6 or none.
+    #[arg(long)]
+    pub ip_version: Vec<String>,
+    #[arg(long)]
+    pub snat_ip: Vec<String>,
+    #[arg(long)]
+    pub node_label: Vec<String>,
+    #[arg(long)]
+    pub trace_id: Vec<String>,
+    #[arg(long)]
+    pub ip_trace_id: Vec<u64>,
+    #[arg(long)]
+    pub interface: Vec<String>,
+    #[arg(long, conflicts_with = "unencrypted")]
+    pub encrypted: bool,
+    #[arg(long)]
+    pub unencrypted: bool,
     #[arg(
         short = 'o',
         long,
@@ -423,13 +471,77 @@ pub fn filters(a: &Args) -> anyhow::Result<Vec<pb::FlowFilter>> {
         }
     }
     common.node_name = a.node_name.clone();
+    common.http_url = a.http_url.clone();
+    for h in &a.http_header {
+        let (k, v) = h
+            .split_once(':')
+            .with_context(|| format!("--http-header: {h:?} is not key:value"))?;
+        common.http_header.push(pb::HttpHeader {
+            key: k.to_string(),
+            value: v.to_string(),
+        });
+    }
+    let workload = |w: &str| match w.split_once('/') {
+        Some((kind, name)) => pb::Workload {
+            kind: kind.into(),
+            name: name.into(),
+        },
+        None => pb::Workload {
+            kind: String::new(),
+            name: w.into(),
+        },
+    };
+    common.source_service = ns_prefixed(&a.from_namespace, &a.from_service);
+    common.destination_service = ns_prefixed(&a.to_namespace, &a.to_service);
+    common.source_workload = a.from_workload.iter().map(|w| workload(w)).collect();
+    common.destination_workload = a.to_workload.iter().map(|w| workload(w)).collect();
+    common.source_cluster_name = a.from_cluster.clone();
+    common.destination_cluster_name = a.to_cluster.clone();
+    common.source_ip_xlated = a.snat_ip.clone();
+    common.node_labels = a.node_label.clone();
+    common.trace_id = a.trace_id.clone();
+    common.ip_trace_id = a.ip_trace_id.clone();
+    common.interface = a
+        .interface
+        .iter()
+        .map(|n| pb::NetworkInterface {
+            index: 0,
+            name: n.clone(),
+        })
+        .collect();
+    if a.encrypted {
+        common.encrypted.push(true);
+    }
+    if a.unencrypted {
+        common.encrypted.push(false);
+    }
+    let mut versions: Vec<&str> = a.ip_version.iter().map(String::as_str).collect();
+    if a.ipv4 {
+        versions.push("v4");
+    }
+    if a.ipv6 {
+        versions.push("v6");
+    }
+    for v in versions {
+        common.ip_version.push(match v {
+            "v4" | "4" => pb::IpVersion::IPv4,
+            "v6" | "6" => pb::IpVersion::IPv6,
+            "none" => pb::IpVersion::IpNotUsed,
+            other => bail!("--ip-version: {other:?} is not v4, v6 or none"),
+        } as i32);
+    }
     common.uuid = a.uuid.clone();
     common.http_status_code = a.http_status.clone();
     common.http_method = a.http_method.clone();
     common.http_path = a.http_path.clone();
 
     // Either side: one filter for the source, one for the destination.
+    let all_ns = a.all_namespaces.then(|| "/".to_string());
     let either = !(a.namespace.is_empty()
+        && all_ns.is_none()
+        && a.service.is_empty()
+        && a.workload.is_empty()
+        && a.cluster.is_empty()
         && a.pod.is_empty()
         && a.ip.is_empty()
         && a.label.is_empty()
@@ -448,9 +560,15 @@ pub fn filters(a: &Args) -> anyhow::Result<Vec<pb::FlowFilter>> {
         .iter()
         .map(|v| identity_value(v))
         .collect::<Result<_, _>>()?;
-    let pods = ns_prefixed(&a.namespace, &a.pod);
+    let mut pods = ns_prefixed(&a.namespace, &a.pod);
+    pods.extend(all_ns);
+    let services = ns_prefixed(&a.namespace, &a.service);
+    let workloads: Vec<pb::Workload> = a.workload.iter().map(|w| workload(w)).collect();
     let mut src = common.clone();
     src.source_pod.extend(pods.iter().cloned());
+    src.source_service.extend(services.iter().cloned());
+    src.source_workload.extend(workloads.iter().cloned());
+    src.source_cluster_name.extend(a.cluster.iter().cloned());
     src.source_ip.extend(a.ip.iter().cloned());
     src.source_label.extend(a.label.iter().cloned());
     src.source_port.extend(a.port.iter().cloned());
@@ -458,6 +576,10 @@ pub fn filters(a: &Args) -> anyhow::Result<Vec<pb::FlowFilter>> {
     src.source_fqdn.extend(a.fqdn.iter().cloned());
     let mut dst = common;
     dst.destination_pod.extend(pods);
+    dst.destination_service.extend(services);
+    dst.destination_workload.extend(workloads);
+    dst.destination_cluster_name
+        .extend(a.cluster.iter().cloned());
     dst.destination_ip.extend(a.ip.iter().cloned());
     dst.destination_label.extend(a.label.iter().cloned());
     dst.destination_port.extend(a.port.iter().cloned());
@@ -728,5 +850,18 @@ mod tests {
             vec![2]
         );
         assert!(req(&["-o", "table", "-f"]).is_err());
+        // Newer one-sided and either-side flags.
+        let r = req(&["-4", "--http-url", "/api", "--unencrypted"]).unwrap();
+        assert_eq!(r.whitelist.len(), 1);
+        assert_eq!(r.whitelist[0].ip_version, vec![pb::IpVersion::IPv4 as i32]);
+        assert_eq!(r.whitelist[0].http_url, vec!["/api"]);
+        assert_eq!(r.whitelist[0].encrypted, vec![false]);
+        assert!(req(&["--ip-version", "v5"]).is_err());
+        let r = req(&["-A"]).unwrap();
+        assert_eq!(r.whitelist.len(), 2);
+        assert_eq!(r.whitelist[0].source_pod, vec!["/"]);
+        let r = req(&["--workload", "Deployment/web", "-n", "shop"]).unwrap();
+        assert_eq!(r.whitelist[1].destination_workload[0].kind, "Deployment");
+        assert_eq!(r.whitelist[1].destination_workload[0].name, "web");
     }
 }
