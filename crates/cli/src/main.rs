@@ -145,7 +145,12 @@ enum PolicyCmd {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    // `--not` is order-dependent, so it is taken out before clap parses.
+    let (argv, negated) = observe::split_not(std::env::args().collect());
+    let mut cli = Cli::parse_from(argv);
+    if let Cmd::Observe(o) = &mut cli.cmd {
+        o.negated = negated;
+    }
     match run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {

@@ -23,6 +23,12 @@ pub enum Format {
 pub struct Args {
     #[command(flatten)]
     pub server: Server,
+    /// Negate the next filter flag: `--not --namespace kube-system`.
+    #[arg(long = "not")]
+    pub not: bool,
+    /// The filter flags that followed `--not` (see `split_not`).
+    #[arg(skip)]
+    pub negated: Vec<String>,
     /// flows (default), agent-events or debug-events.
     #[command(subcommand)]
     pub what: Option<What>,
@@ -592,6 +598,82 @@ pub fn filters(a: &Args) -> anyhow::Result<Vec<pb::FlowFilter>> {
     })
 }
 
+/// Takes `hubble observe`'s `--not` out of a command line: each `--not`
+/// moves the flag after it (with its value) to the returned negated list,
+/// which becomes the request's blacklist. Order matters, so clap cannot do
+/// this itself. Only the words after an `observe` subcommand are looked at
+/// (`fibril --lab x observe ...`), never a command given to `lab exec`.
+pub fn split_not(argv: Vec<String>) -> (Vec<String>, Vec<String>) {
+    // The first word that is neither a global option nor its value.
+    let mut i = 1;
+    while argv.get(i).is_some_and(|w| w.starts_with('-')) {
+        i += if argv[i].contains('=') { 1 } else { 2 };
+    }
+    if argv.get(i).map(String::as_str) != Some("observe") {
+        return (argv, Vec::new());
+    }
+    let start = i;
+    let cmd = <Args as clap::Args>::augment_args(clap::Command::new("observe"));
+    let takes_value = |word: &str| -> bool {
+        let found = if let Some(long) = word.strip_prefix("--") {
+            if long.contains('=') {
+                return false;
+            }
+            cmd.get_arguments().find(|a| a.get_long() == Some(long))
+        } else {
+            let short = word.strip_prefix('-').unwrap_or(word);
+            if short.chars().count() != 1 {
+                return false; // `-nkube-system`: the value is attached
+            }
+            cmd.get_arguments()
+                .find(|a| a.get_short().map(String::from).as_deref() == Some(short))
+        };
+        found.is_some_and(|a| a.get_action().takes_values())
+    };
+    let (mut kept, mut negated) = (Vec::new(), Vec::new());
+    let mut words = argv.into_iter().enumerate().peekable();
+    while let Some((i, w)) = words.next() {
+        if i <= start {
+            kept.push(w);
+        } else if w == "--" {
+            kept.push(w);
+            kept.extend(words.by_ref().map(|(_, w)| w));
+        } else if w == "--not" && words.peek().is_some() {
+            let (_, flag) = words.next().expect("peeked");
+            let value = takes_value(&flag).then(|| words.next()).flatten();
+            negated.push(flag);
+            negated.extend(value.map(|(_, v)| v));
+        } else {
+            kept.push(w);
+        }
+    }
+    (kept, negated)
+}
+
+/// The blacklist for the flags that followed `--not`.
+fn negated_filters(a: &Args) -> anyhow::Result<Vec<pb::FlowFilter>> {
+    if a.not {
+        bail!("--not must be followed by a filter flag");
+    }
+    if a.negated.is_empty() {
+        return Ok(Vec::new());
+    }
+    let cmd = <Args as clap::Args>::augment_args(clap::Command::new("observe"));
+    let words = std::iter::once("observe".to_string()).chain(a.negated.iter().cloned());
+    let matches = cmd
+        .try_get_matches_from(words)
+        .map_err(|e| anyhow::anyhow!("--not {}: {}", a.negated.join(" "), e.kind()))?;
+    let negated = <Args as clap::FromArgMatches>::from_arg_matches(&matches)?;
+    let filters = filters(&negated)?;
+    if filters.is_empty() || filters.iter().any(|f| *f == pb::FlowFilter::default()) {
+        bail!(
+            "--not must be followed by a filter flag, not {}",
+            a.negated.join(" ")
+        );
+    }
+    Ok(filters)
+}
+
 /// The request `hubble observe` would send for these flags.
 pub fn request(a: &Args) -> anyhow::Result<GetFlowsRequest> {
     if a.first.is_some() && a.follow {
@@ -613,6 +695,7 @@ pub fn request(a: &Args) -> anyhow::Result<GetFlowsRequest> {
         first: a.first.is_some(),
         follow: a.follow,
         whitelist: filters(a)?,
+        blacklist: negated_filters(a)?,
         since: a
             .since
             .as_deref()
@@ -850,6 +933,44 @@ mod tests {
             vec![2]
         );
         assert!(req(&["-o", "table", "-f"]).is_err());
+        // `--not` negates the next filter flag only: it goes to the blacklist.
+        let neg = |argv: &[&str]| {
+            let words = ["fibril", "--lab", "x", "observe"].iter().chain(argv);
+            let (kept, negated) = split_not(words.map(|w| w.to_string()).collect());
+            let cli = Cli::try_parse_from(kept.into_iter().skip(3))?;
+            let mut args = cli.args;
+            args.negated = negated;
+            request(&args)
+        };
+        let r = neg(&[
+            "--not",
+            "--namespace",
+            "kube-system",
+            "--verdict",
+            "DROPPED",
+        ])
+        .unwrap();
+        assert_eq!(r.whitelist.len(), 1);
+        assert_eq!(r.whitelist[0].verdict, vec![pb::Verdict::Dropped as i32]);
+        assert_eq!(r.blacklist.len(), 2);
+        assert_eq!(r.blacklist[0].source_pod, vec!["kube-system/"]);
+        assert_eq!(r.blacklist[1].destination_pod, vec!["kube-system/"]);
+        let r = neg(&["-f", "--not", "--unencrypted", "--to-port=80"]).unwrap();
+        assert!(r.follow);
+        assert_eq!(r.blacklist[0].encrypted, vec![false]);
+        assert_eq!(r.whitelist[0].destination_port, vec!["80"]);
+        assert_eq!(neg(&["--not", "-t", "drop"]).unwrap().blacklist.len(), 1);
+        assert!(neg(&["--not", "-f"]).is_err(), "not a filter flag");
+        assert!(
+            neg(&["--pod", "web", "--not"]).is_err(),
+            "nothing to negate"
+        );
+        assert!(neg(&["--not", "--bogus"]).is_err());
+        let words = |w: &[&str]| w.iter().map(|w| w.to_string()).collect::<Vec<_>>();
+        let exec = words(&["fibril", "lab", "exec", "p", "--", "observe", "--not", "-f"]);
+        assert_eq!(split_not(exec.clone()), (exec, vec![]));
+        let (kept, negated) = split_not(words(&["fibril", "--lab=x", "observe", "--not", "-4"]));
+        assert_eq!((kept.len(), negated), (3, words(&["-4"])));
         // Newer one-sided and either-side flags.
         let r = req(&["-4", "--http-url", "/api", "--unencrypted"]).unwrap();
         assert_eq!(r.whitelist.len(), 1);

@@ -411,6 +411,35 @@ fn observe_follow_streams_new_flows_through_filters() {
     follow.kill().unwrap();
     follow.wait().unwrap();
 
+    // `--not` negates the next filter only: no forwarded flow, but the drop.
+    let out = lab.fibril(&[
+        "observe",
+        "--not",
+        "--verdict",
+        "FORWARDED",
+        "--protocol",
+        "tcp",
+        "-o",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verdicts: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["flow"]["verdict"].to_string())
+        .collect();
+    assert!(
+        verdicts.contains(&"\"DROPPED\"".to_string()),
+        "{verdicts:?}"
+    );
+    assert!(
+        !verdicts.contains(&"\"FORWARDED\"".to_string()),
+        "{verdicts:?}"
+    );
+
     // Bad filter values are refused, not silently matched against nothing.
     let bad = lab.fibril(&["observe", "--verdict", "MAYBE"]);
     assert!(!bad.status.success());
