@@ -4,6 +4,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
+use flow::format::TimeFormat;
 use proto::flow as pb;
 use proto::observer::{
     get_flows_response::ResponseTypes, observer_client::ObserverClient, GetFlowsRequest,
@@ -177,6 +178,13 @@ pub struct Args {
     pub output: Format,
     #[arg(long, global = true)]
     pub print_node_name: bool,
+    /// StampMilli, RFC3339, RFC3339Milli, RFC3339Micro, RFC3339Nano or RFC1123Z.
+    #[arg(long, global = true, default_value = "StampMilli", value_parser = time_format)]
+    pub time_format: TimeFormat,
+}
+
+fn time_format(name: &str) -> Result<TimeFormat, String> {
+    TimeFormat::by_name(name).ok_or_else(|| format!("not one of {}", TimeFormat::NAMES.join(", ")))
 }
 
 /// What `fibril observe` streams.
@@ -269,7 +277,7 @@ fn run_events(address: &str, a: &Args, what: What) -> anyhow::Result<i32> {
             let req = GetDebugEventsRequest { number, first: a.first.is_some(), follow: a.follow, since, until };
             let mut s = client.get_debug_events(req).await.map_err(err)?.into_inner();
             while let Some(r) = s.message().await.map_err(err)? {
-                println!("{}: debug event {:?}", flow::format::compact_time(&ts_text(r.time)), r.debug_event);
+                println!("{}: debug event {:?}", a.time_format.format(&ts_text(r.time)), r.debug_event);
             }
             return Ok(0);
         }
@@ -287,9 +295,9 @@ fn run_events(address: &str, a: &Args, what: What) -> anyhow::Result<i32> {
                     );
                 }
                 _ if a.print_node_name => {
-                    println!("{} [{}]: {}", flow::format::compact_time(&time), r.node_name, agent_event_text(e))
+                    println!("{} [{}]: {}", a.time_format.format(&time), r.node_name, agent_event_text(e))
                 }
-                _ => println!("{}: {}", flow::format::compact_time(&time), agent_event_text(e)),
+                _ => println!("{}: {}", a.time_format.format(&time), agent_event_text(e)),
             }
         }
         Ok(0)
@@ -818,14 +826,14 @@ pub fn run(address: &str, a: &Args) -> anyhow::Result<i32> {
                 Some(ResponseTypes::Flow(p)) => {
                     let f = hubble::convert::from_pb(&p);
                     match a.output {
-                        Format::Compact if a.print_node_name => println!("{}", flow::format::compact_with_node(&f)),
-                        Format::Compact => println!("{}", flow::format::compact(&f)),
+                        Format::Compact if a.print_node_name => println!("{}", flow::format::compact_with_node(&f, a.time_format)),
+                        Format::Compact => println!("{}", flow::format::compact(&f, a.time_format)),
                         Format::Dict => {
                             if !first_dict {
                                 println!("------------");
                             }
                             first_dict = false;
-                            println!("{}", flow::format::dict(&f, a.print_node_name));
+                            println!("{}", flow::format::dict(&f, a.print_node_name, a.time_format));
                         }
                         Format::Table => table.push(f),
                         Format::Json | Format::Jsonpb => println!(
@@ -853,7 +861,7 @@ pub fn run(address: &str, a: &Args) -> anyhow::Result<i32> {
                         ),
                         _ => println!(
                             "{} EVENTS LOST: {source} CPU({}) {}",
-                            flow::format::compact_time(&time),
+                            a.time_format.format(&time),
                             l.cpu.unwrap_or(0),
                             l.num_events_lost
                         ),
@@ -863,7 +871,7 @@ pub fn run(address: &str, a: &Args) -> anyhow::Result<i32> {
             }
         }
         if a.output == Format::Table {
-            println!("{}", flow::format::table(&table, a.print_node_name));
+            println!("{}", flow::format::table(&table, a.print_node_name, a.time_format));
         }
         Ok(0)
     })
@@ -933,6 +941,16 @@ mod tests {
             vec![2]
         );
         assert!(req(&["-o", "table", "-f"]).is_err());
+        let parsed = |argv: &[&str]| {
+            let words = std::iter::once("observe").chain(argv.iter().copied());
+            Cli::try_parse_from(words).map(|c| c.args.time_format)
+        };
+        assert_eq!(parsed(&[]).unwrap(), TimeFormat::StampMilli);
+        assert_eq!(
+            parsed(&["--time-format", "RFC3339Nano"]).unwrap(),
+            TimeFormat::Rfc3339Nano
+        );
+        assert!(parsed(&["--time-format", "iso"]).is_err());
         // `--not` negates the next filter flag only: it goes to the blacklist.
         let neg = |argv: &[&str]| {
             let words = ["fibril", "--lab", "x", "observe"].iter().chain(argv);

@@ -440,6 +440,15 @@ fn observe_follow_streams_new_flows_through_filters() {
         "{verdicts:?}"
     );
 
+    // `--time-format` reaches the printed line.
+    let out = lab.fibril(&["observe", "--last", "1", "--time-format", "RFC3339Milli"]);
+    let line = String::from_utf8_lossy(&out.stdout).to_string();
+    let stamp = line.split(": ").next().unwrap_or("");
+    assert!(
+        stamp.len() == 24 && stamp.as_bytes()[10] == b'T' && stamp.ends_with('Z'),
+        "{line}"
+    );
+
     // Bad filter values are refused, not silently matched against nothing.
     let bad = lab.fibril(&["observe", "--verdict", "MAYBE"]);
     assert!(!bad.status.success());

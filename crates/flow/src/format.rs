@@ -6,31 +6,99 @@ const MONTHS: [&str; 12] = [
     "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
 ];
 
+/// The hubble CLI's `--time-format` layouts (Go's names); times are UTC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TimeFormat {
+    /// `Jan _2 15:04:05.000`
+    #[default]
+    StampMilli,
+    /// `2006-01-02T15:04:05Z`
+    Rfc3339,
+    /// `2006-01-02T15:04:05.000Z`
+    Rfc3339Milli,
+    /// `2006-01-02T15:04:05.000000Z`
+    Rfc3339Micro,
+    /// `2006-01-02T15:04:05.999999999Z`: trailing zeros trimmed, as Go does.
+    Rfc3339Nano,
+    /// `Mon, 02 Jan 2006 15:04:05 +0000`
+    Rfc1123Z,
+}
+
+impl TimeFormat {
+    pub const NAMES: [&'static str; 6] = [
+        "StampMilli",
+        "RFC3339",
+        "RFC3339Milli",
+        "RFC3339Micro",
+        "RFC3339Nano",
+        "RFC1123Z",
+    ];
+
+    /// By the CLI's name (`RFC3339Milli`); `None` for anything else.
+    pub fn by_name(name: &str) -> Option<Self> {
+        use TimeFormat::*;
+        let all = [
+            StampMilli,
+            Rfc3339,
+            Rfc3339Milli,
+            Rfc3339Micro,
+            Rfc3339Nano,
+            Rfc1123Z,
+        ];
+        Self::NAMES.iter().position(|n| *n == name).map(|i| all[i])
+    }
+
+    /// Formats an RFC 3339 UTC time; `N/A` when unparsable.
+    pub fn format(self, rfc3339: &str) -> String {
+        let parse = || -> Option<String> {
+            let (date, rest) = rfc3339.split_once('T')?;
+            let mut d = date.split('-');
+            let (y, m, day) = (
+                d.next()?.parse::<i64>().ok()?,
+                d.next()?.parse::<usize>().ok()?,
+                d.next()?.parse::<u32>().ok()?,
+            );
+            let month = MONTHS.get(m.checked_sub(1)?)?;
+            let hms = rest.get(0..8)?;
+            let frac: String = rest
+                .get(9..)
+                .unwrap_or("")
+                .chars()
+                .take_while(|c| c.is_ascii_digit())
+                .collect();
+            let frac = format!("{frac:0<9}");
+            let date = format!("{y:04}-{m:02}-{day:02}");
+            Some(match self {
+                TimeFormat::StampMilli => format!("{month} {day:>2} {hms}.{}", &frac[..3]),
+                TimeFormat::Rfc3339 => format!("{date}T{hms}Z"),
+                TimeFormat::Rfc3339Milli => format!("{date}T{hms}.{}Z", &frac[..3]),
+                TimeFormat::Rfc3339Micro => format!("{date}T{hms}.{}Z", &frac[..6]),
+                TimeFormat::Rfc3339Nano => match frac[..9].trim_end_matches('0') {
+                    "" => format!("{date}T{hms}Z"),
+                    f => format!("{date}T{hms}.{f}Z"),
+                },
+                TimeFormat::Rfc1123Z => format!(
+                    "{}, {day:02} {month} {y:04} {hms} +0000",
+                    weekday(y, m as i64, day as i64)
+                ),
+            })
+        };
+        parse().unwrap_or_else(|| "N/A".into())
+    }
+}
+
+/// The English weekday of a Gregorian date (Sakamoto's method).
+fn weekday(y: i64, m: i64, d: i64) -> &'static str {
+    const OFFSET: [i64; 12] = [0, 3, 2, 5, 0, 3, 5, 1, 4, 6, 2, 4];
+    const DAYS: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+    let y = if m < 3 { y - 1 } else { y };
+    let i = (y + y / 4 - y / 100 + y / 400 + OFFSET[(m - 1) as usize] + d).rem_euclid(7);
+    DAYS[i as usize]
+}
+
 /// `Jan _2 15:04:05.000` from an RFC 3339 time; `N/A` when unparsable.
 pub fn compact_time(rfc3339: &str) -> String {
-    let parse = || -> Option<String> {
-        let (date, rest) = rfc3339.split_once('T')?;
-        let mut d = date.split('-');
-        let (_, m, day) = (
-            d.next()?,
-            d.next()?.parse::<usize>().ok()?,
-            d.next()?.parse::<u32>().ok()?,
-        );
-        let hms = rest.get(0..8)?;
-        let frac: String = rest
-            .get(9..)
-            .unwrap_or("")
-            .chars()
-            .take_while(|c| c.is_ascii_digit())
-            .collect();
-        let ms = format!("{frac:0<3}");
-        Some(format!(
-            "{} {day:>2} {hms}.{}",
-            MONTHS.get(m.checked_sub(1)?)?,
-            &ms[..3]
-        ))
-    };
-    parse().unwrap_or_else(|| "N/A".into())
+    TimeFormat::StampMilli.format(rfc3339)
 }
 
 fn identity(ep: &Endpoint) -> String {
@@ -93,8 +161,8 @@ fn type_text(f: &Flow) -> String {
 
 /// One line per flow, as `hubble observe` prints by default.
 /// `compact` with the node name after the time (`--print-node-name`).
-pub fn compact_with_node(f: &Flow) -> String {
-    let line = compact(f);
+pub fn compact_with_node(f: &Flow, time: TimeFormat) -> String {
+    let line = compact(f, time);
     match line.split_once(": ") {
         Some((t, rest)) => format!("{t} [{}]: {rest}", f.node_name),
         None => line,
@@ -103,13 +171,13 @@ pub fn compact_with_node(f: &Flow) -> String {
 
 /// `dict`: one block per flow; replies are not swapped and there are no
 /// identities.
-pub fn dict(f: &Flow, print_node: bool) -> String {
+pub fn dict(f: &Flow, print_node: bool, time: TimeFormat) -> String {
     let (sip, dip) =
         f.ip.as_ref()
             .map(|ip| (ip.source.clone(), ip.destination.clone()))
             .unwrap_or_default();
     let (sport, dport) = ports(f);
-    let mut out = format!("  TIMESTAMP: {}\n", compact_time(&f.time));
+    let mut out = format!("  TIMESTAMP: {}\n", time.format(&f.time));
     if print_node {
         out.push_str(&format!("       NODE: {}\n", f.node_name));
     }
@@ -126,7 +194,7 @@ pub fn dict(f: &Flow, print_node: bool) -> String {
 
 /// `table`: aligned columns (tabwriter: min width 2, padding 3), printed
 /// at the end.
-pub fn table(flows: &[Flow], print_node: bool) -> String {
+pub fn table(flows: &[Flow], print_node: bool, time: TimeFormat) -> String {
     let mut rows: Vec<Vec<String>> = vec![];
     let mut header = vec!["TIMESTAMP"];
     if print_node {
@@ -140,7 +208,7 @@ pub fn table(flows: &[Flow], print_node: bool) -> String {
                 .map(|ip| (ip.source.clone(), ip.destination.clone()))
                 .unwrap_or_default();
         let (sport, dport) = ports(f);
-        let mut r = vec![compact_time(&f.time)];
+        let mut r = vec![time.format(&f.time)];
         if print_node {
             r.push(f.node_name.clone());
         }
@@ -180,7 +248,7 @@ pub fn table(flows: &[Flow], print_node: bool) -> String {
         .join("\n")
 }
 
-pub fn compact(f: &Flow) -> String {
+pub fn compact(f: &Flow, time: TimeFormat) -> String {
     let (sip, dip) =
         f.ip.as_ref()
             .map(|ip| (ip.source.clone(), ip.destination.clone()))
@@ -209,7 +277,7 @@ pub fn compact(f: &Flow) -> String {
     };
     format!(
         "{}: {src} {arrow} {dst} {} {verdict} ({})",
-        compact_time(&f.time),
+        time.format(&f.time),
         type_text(f),
         f.summary
     )
@@ -226,24 +294,28 @@ mod tests {
         let json = r#"{"time":"2026-01-15T10:00:00.123456789Z","uuid":"u","verdict":"FORWARDED","IP":{"source":"10.0.1.10","destination":"10.0.2.20","ipVersion":"IPv4"},"l4":{"TCP":{"source_port":43210,"destination_port":80,"flags":{"SYN":true}}},"source":{"ID":1001,"identity":12345,"namespace":"default","labels":["k8s:app=xwing"],"pod_name":"xwing-7d9f8b6c5-abcde"},"destination":{"ID":1002,"identity":23456,"namespace":"default","labels":["k8s:app=deathstar"],"pod_name":"deathstar-6c94dcc57b-xyz12"},"Type":"L3_L4","event_type":{"type":4},"traffic_direction":"EGRESS","trace_observation_point":"TO_ENDPOINT","is_reply":false,"Summary":"TCP Flags: SYN"}"#;
         let f: Flow = serde_json::from_str(json).unwrap();
         assert_eq!(
-            compact(&f),
+            compact(&f, TimeFormat::StampMilli),
             "Jan 15 10:00:00.123: default/xwing-7d9f8b6c5-abcde:43210 (ID:12345) -> default/deathstar-6c94dcc57b-xyz12:80 (ID:23456) to-endpoint FORWARDED (TCP Flags: SYN)"
         );
         let mut reply = f.clone();
         reply.is_reply = Some(true);
-        assert!(compact(&reply).contains("(ID:23456) <- default/xwing"));
+        assert!(compact(&reply, TimeFormat::StampMilli).contains("(ID:23456) <- default/xwing"));
         let mut drop = f;
         drop.event_type.r#type = 1;
         drop.verdict = "DROPPED".into();
         drop.drop_reason_desc = "POLICY_DENIED".into();
         drop.is_reply = None;
-        assert!(compact(&drop).contains(" <> "), "is_reply unset prints <>");
-        assert!(compact(&drop).ends_with("Policy denied DROPPED (TCP Flags: SYN)"));
+        assert!(
+            compact(&drop, TimeFormat::StampMilli).contains(" <> "),
+            "is_reply unset prints <>"
+        );
+        assert!(compact(&drop, TimeFormat::StampMilli)
+            .ends_with("Policy denied DROPPED (TCP Flags: SYN)"));
         assert_eq!(
-            dict(&f_dict(), false),
+            dict(&f_dict(), false, TimeFormat::StampMilli),
             "  TIMESTAMP: Jan 15 10:00:00.123\n     SOURCE: default/xwing-7d9f8b6c5-abcde:43210\nDESTINATION: default/deathstar-6c94dcc57b-xyz12:80\n       TYPE: to-endpoint\n    VERDICT: FORWARDED\n    SUMMARY: TCP Flags: SYN"
         );
-        let t = table(&[f_dict()], false);
+        let t = table(&[f_dict()], false, TimeFormat::StampMilli);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("TIMESTAMP             SOURCE"), "{t}");
         assert!(
@@ -259,6 +331,30 @@ mod tests {
     #[test]
     fn bad_time_prints_na() {
         assert_eq!(compact_time("garbage"), "N/A");
+        assert_eq!(TimeFormat::Rfc3339Nano.format("garbage"), "N/A");
         assert_eq!(compact_time("2026-03-08T02:04:05Z"), "Mar  8 02:04:05.000");
+    }
+
+    #[test]
+    fn time_formats_match_go_layouts() {
+        let t = "2026-01-15T10:00:00.123400000Z";
+        let f = |name| TimeFormat::by_name(name).unwrap().format(t);
+        assert_eq!(f("StampMilli"), "Jan 15 10:00:00.123");
+        assert_eq!(f("RFC3339"), "2026-01-15T10:00:00Z");
+        assert_eq!(f("RFC3339Milli"), "2026-01-15T10:00:00.123Z");
+        assert_eq!(f("RFC3339Micro"), "2026-01-15T10:00:00.123400Z");
+        assert_eq!(f("RFC3339Nano"), "2026-01-15T10:00:00.1234Z");
+        assert_eq!(f("RFC1123Z"), "Thu, 15 Jan 2026 10:00:00 +0000");
+        let whole = TimeFormat::Rfc3339Nano.format("2024-02-29T23:59:59Z");
+        assert_eq!(whole, "2024-02-29T23:59:59Z");
+        assert_eq!(
+            TimeFormat::Rfc1123Z.format("2024-02-29T23:59:59Z"),
+            "Thu, 29 Feb 2024 23:59:59 +0000"
+        );
+        assert_eq!(
+            TimeFormat::by_name("rfc3339"),
+            None,
+            "exact names, as the CLI"
+        );
     }
 }
