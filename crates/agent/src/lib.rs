@@ -340,6 +340,7 @@ impl Agent {
             .filter(|e| e.namespace == pod.namespace && e.pod == pod.name)
             .map(|e| e.id)
             .collect();
+        let mut moved = Vec::new();
         for id in ids {
             let labels = self.identity_labels(&s, &pod.namespace, &pod.name);
             let old = s.endpoints[&id].labels.clone();
@@ -354,10 +355,23 @@ impl Agent {
                     .get_mut(&id)
                     .ok_or_else(|| invalid("endpoint vanished"))?;
                 ep.labels = labels;
+                moved.push((ep.ipv4, identity, ep.identity));
                 ep.identity = identity;
             }
         }
-        self.commit(&mut s)
+        self.commit(&mut s)?;
+        drop(s);
+        for (ipv4, identity, old) in moved {
+            self.observer
+                .agent_event(flow::agent_event::Kind::IpcacheUpserted {
+                    cidr: format!("{ipv4}/32"),
+                    identity,
+                    old_identity: (old != identity).then_some(old),
+                    namespace: pod.namespace.clone(),
+                    pod: pod.name.clone(),
+                });
+        }
+        Ok(())
     }
 
     fn identity_labels(&self, s: &State, namespace: &str, pod: &str) -> policy::LabelSet {
@@ -443,6 +457,14 @@ impl Agent {
                 pod: a.pod.clone(),
                 labels: labels.to_strings(),
             });
+        self.observer
+            .agent_event(flow::agent_event::Kind::IpcacheUpserted {
+                cidr: format!("{ipv4}/32"),
+                identity,
+                old_identity: None,
+                namespace: a.namespace.clone(),
+                pod: a.pod.clone(),
+            });
         tracing::info!(endpoint_id = id, namespace = %a.namespace, pod = %a.pod, %ipv4, identity, "endpoint created");
         Ok(AddResult {
             ipv4: format!("{ipv4}/32"),
@@ -472,6 +494,13 @@ impl Agent {
                 namespace: ep.namespace.clone(),
                 pod: ep.pod.clone(),
                 labels: ep.labels.to_strings(),
+            });
+        self.observer
+            .agent_event(flow::agent_event::Kind::IpcacheDeleted {
+                cidr: format!("{}/32", ep.ipv4),
+                identity: ep.identity,
+                namespace: ep.namespace.clone(),
+                pod: ep.pod.clone(),
             });
         Ok(())
     }

@@ -184,7 +184,12 @@ pub struct Args {
 }
 
 fn time_format(name: &str) -> Result<TimeFormat, String> {
-    TimeFormat::by_name(name).ok_or_else(|| format!("not one of {}", TimeFormat::NAMES.join(", ")))
+    TimeFormat::by_name(name).ok_or_else(|| {
+        format!(
+            "not one of {}",
+            TimeFormat::NAMES.map(|(n, _)| n).join(", ")
+        )
+    })
 }
 
 /// What `fibril observe` streams.
@@ -228,6 +233,19 @@ fn agent_event_text(e: &pb::AgentEvent) -> String {
                 p.revision,
                 p.rule_count
             )
+        }
+        Some(Notification::IpcacheUpdate(c)) => {
+            let mut t = format!("cidr: {}, identity: {}", c.cidr, c.identity);
+            if let Some(old) = c.old_identity {
+                t.push_str(&format!(", old identity: {old}"));
+            }
+            if !c.namespace.is_empty() {
+                t.push_str(&format!(", namespace: {}", c.namespace));
+            }
+            if !c.pod_name.is_empty() {
+                t.push_str(&format!(", pod name: {}", c.pod_name));
+            }
+            t
         }
         _ => String::new(),
     };

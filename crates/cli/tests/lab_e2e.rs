@@ -1154,7 +1154,13 @@ fn hubble_api_serves_the_labs_flows_to_a_grpc_client() {
         dict.contains("DESTINATION: microservices/backend:8080") && dict.contains("       NODE: "),
         "{dict}"
     );
-    let events = out(&["observe", "agent-events", "--last", "20"]);
+    let events = out(&["observe", "agent-events", "--last", "200"]);
+    let backend_ip = format!("IPCACHE_UPSERTED (cidr: {}/32, identity: ", lab.ip(3));
+    assert!(
+        events.lines().any(|l| l.contains(&backend_ip)
+            && l.ends_with(", namespace: microservices, pod name: backend)")),
+        "{events}"
+    );
     assert!(events.contains("AGENT_STARTED (start time: "), "{events}");
     assert!(
         events.contains(": ENDPOINT_CREATED (id: 2, namespace: microservices, pod name: backend)"),

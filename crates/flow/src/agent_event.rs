@@ -29,6 +29,21 @@ pub enum Kind {
         pod: String,
         labels: Vec<String>,
     },
+    /// An address mapped to an identity: a new endpoint, or an endpoint
+    /// whose labels moved it to another identity (`old_identity`).
+    IpcacheUpserted {
+        cidr: String,
+        identity: u32,
+        old_identity: Option<u32>,
+        namespace: String,
+        pod: String,
+    },
+    IpcacheDeleted {
+        cidr: String,
+        identity: u32,
+        namespace: String,
+        pod: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +70,8 @@ impl AgentEvent {
             Kind::PolicyDeleted { .. } => "POLICY_DELETED",
             Kind::EndpointCreated { .. } => "ENDPOINT_CREATED",
             Kind::EndpointDeleted { .. } => "ENDPOINT_DELETED",
+            Kind::IpcacheUpserted { .. } => "IPCACHE_UPSERTED",
+            Kind::IpcacheDeleted { .. } => "IPCACHE_DELETED",
         }
     }
 }

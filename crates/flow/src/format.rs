@@ -25,27 +25,22 @@ pub enum TimeFormat {
 }
 
 impl TimeFormat {
-    pub const NAMES: [&'static str; 6] = [
-        "StampMilli",
-        "RFC3339",
-        "RFC3339Milli",
-        "RFC3339Micro",
-        "RFC3339Nano",
-        "RFC1123Z",
+    /// The CLI's names for the layouts.
+    pub const NAMES: [(&'static str, TimeFormat); 6] = [
+        ("StampMilli", TimeFormat::StampMilli),
+        ("RFC3339", TimeFormat::Rfc3339),
+        ("RFC3339Milli", TimeFormat::Rfc3339Milli),
+        ("RFC3339Micro", TimeFormat::Rfc3339Micro),
+        ("RFC3339Nano", TimeFormat::Rfc3339Nano),
+        ("RFC1123Z", TimeFormat::Rfc1123Z),
     ];
 
     /// By the CLI's name (`RFC3339Milli`); `None` for anything else.
     pub fn by_name(name: &str) -> Option<Self> {
-        use TimeFormat::*;
-        let all = [
-            StampMilli,
-            Rfc3339,
-            Rfc3339Milli,
-            Rfc3339Micro,
-            Rfc3339Nano,
-            Rfc1123Z,
-        ];
-        Self::NAMES.iter().position(|n| *n == name).map(|i| all[i])
+        Self::NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, f)| *f)
     }
 
     /// Formats an RFC 3339 UTC time; `N/A` when unparsable.

@@ -78,6 +78,32 @@ pub fn agent_event(e: &flow::agent_event::AgentEvent) -> pb::AgentEvent {
             pod_name: pod.clone(),
             namespace: namespace.clone(),
         }),
+        Kind::IpcacheUpserted {
+            cidr,
+            identity,
+            old_identity,
+            namespace,
+            pod,
+        } => Notification::IpcacheUpdate(pb::IpCacheNotification {
+            cidr: cidr.clone(),
+            identity: *identity,
+            old_identity: *old_identity,
+            namespace: namespace.clone(),
+            pod_name: pod.clone(),
+            ..Default::default()
+        }),
+        Kind::IpcacheDeleted {
+            cidr,
+            identity,
+            namespace,
+            pod,
+        } => Notification::IpcacheUpdate(pb::IpCacheNotification {
+            cidr: cidr.clone(),
+            identity: *identity,
+            namespace: namespace.clone(),
+            pod_name: pod.clone(),
+            ..Default::default()
+        }),
     };
     pb::AgentEvent {
         r#type,

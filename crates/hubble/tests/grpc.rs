@@ -341,6 +341,16 @@ fn agent_events_stream_with_their_notifications() {
             labels: vec!["k8s:app=web".into()],
         },
     }));
+    fx.backend.events.push(Arc::new(AgentEvent {
+        time_ns: 3_000_000_000,
+        kind: Kind::IpcacheUpserted {
+            cidr: "10.9.0.7/32".into(),
+            identity: 1234,
+            old_identity: Some(1200),
+            namespace: "shop".into(),
+            pod: "web".into(),
+        },
+    }));
     let mut client = fx.client.clone();
     let got = fx.rt.block_on(async move {
         let mut s = client
@@ -357,7 +367,7 @@ fn agent_events_stream_with_their_notifications() {
         }
         out
     });
-    assert_eq!(got.len(), 2);
+    assert_eq!(got.len(), 3);
     let types: Vec<i32> = got
         .iter()
         .map(|r| r.agent_event.as_ref().unwrap().r#type)
@@ -366,8 +376,23 @@ fn agent_events_stream_with_their_notifications() {
         types,
         vec![
             pb::AgentEventType::AgentStarted as i32,
-            pb::AgentEventType::EndpointCreated as i32
+            pb::AgentEventType::EndpointCreated as i32,
+            pb::AgentEventType::IpcacheUpserted as i32
         ]
+    );
+    let Some(pb::agent_event::Notification::IpcacheUpdate(c)) =
+        &got[2].agent_event.as_ref().unwrap().notification
+    else {
+        panic!("an ipcache notification")
+    };
+    assert_eq!(
+        (
+            c.cidr.as_str(),
+            c.identity,
+            c.old_identity,
+            c.pod_name.as_str()
+        ),
+        ("10.9.0.7/32", 1234, Some(1200), "web")
     );
     let Some(pb::agent_event::Notification::EndpointUpdate(n)) =
         &got[1].agent_event.as_ref().unwrap().notification
