@@ -181,6 +181,36 @@ pub struct Args {
     /// StampMilli, RFC3339, RFC3339Milli, RFC3339Micro, RFC3339Nano or RFC1123Z.
     #[arg(long, global = true, default_value = "StampMilli", value_parser = time_format)]
     pub time_format: TimeFormat,
+    /// Colour the output: auto (a terminal without NO_COLOR), always, never.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    pub color: Color,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+pub enum Color {
+    Auto,
+    Always,
+    Never,
+}
+
+impl Args {
+    /// How to print flows, as `--time-format` and `--color` say.
+    fn style(&self) -> flow::format::Style {
+        use std::io::IsTerminal;
+        let color = match self.color {
+            Color::Always => true,
+            Color::Never => false,
+            Color::Auto => {
+                std::io::stdout().is_terminal()
+                    && std::env::var_os("NO_COLOR").is_none()
+                    && std::env::var("TERM").map_or(true, |t| t != "dumb")
+            }
+        };
+        flow::format::Style {
+            time: self.time_format,
+            color,
+        }
+    }
 }
 
 fn time_format(name: &str) -> Result<TimeFormat, String> {
@@ -838,20 +868,21 @@ pub fn run(address: &str, a: &Args) -> anyhow::Result<i32> {
             .map_err(|s| anyhow::anyhow!("{}", s.message()))?
             .into_inner();
         let mut table = Vec::new();
+        let style = a.style();
         let mut first_dict = true;
         while let Some(r) = stream.message().await.map_err(|s| anyhow::anyhow!("{}", s.message()))? {
             match r.response_types {
                 Some(ResponseTypes::Flow(p)) => {
                     let f = hubble::convert::from_pb(&p);
                     match a.output {
-                        Format::Compact if a.print_node_name => println!("{}", flow::format::compact_with_node(&f, a.time_format)),
-                        Format::Compact => println!("{}", flow::format::compact(&f, a.time_format)),
+                        Format::Compact if a.print_node_name => println!("{}", flow::format::compact_with_node(&f, style)),
+                        Format::Compact => println!("{}", flow::format::compact(&f, style)),
                         Format::Dict => {
                             if !first_dict {
                                 println!("------------");
                             }
                             first_dict = false;
-                            println!("{}", flow::format::dict(&f, a.print_node_name, a.time_format));
+                            println!("{}", flow::format::dict(&f, a.print_node_name, style));
                         }
                         Format::Table => table.push(f),
                         Format::Json | Format::Jsonpb => println!(
@@ -969,6 +1000,13 @@ mod tests {
             TimeFormat::Rfc3339Nano
         );
         assert!(parsed(&["--time-format", "iso"]).is_err());
+        let style = |argv: &[&str]| {
+            let words = std::iter::once("observe").chain(argv.iter().copied());
+            Cli::try_parse_from(words).map(|c| c.args.style().color)
+        };
+        assert!(style(&["--color", "always"]).unwrap());
+        assert!(!style(&["--color", "never"]).unwrap());
+        assert!(style(&["--color", "sometimes"]).is_err());
         // `--not` negates the next filter flag only: it goes to the blacklist.
         let neg = |argv: &[&str]| {
             let words = ["fibril", "--lab", "x", "observe"].iter().chain(argv);

@@ -449,6 +449,20 @@ fn observe_follow_streams_new_flows_through_filters() {
         "{line}"
     );
 
+    // `--color always` paints the verdict as the CLI does; piped output is plain.
+    let out = lab.fibril(&[
+        "observe",
+        "--verdict",
+        "DROPPED",
+        "--last",
+        "1",
+        "--color",
+        "always",
+    ]);
+    let colored = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(colored.contains("\x1b[31mDROPPED\x1b[0m"), "{colored}");
+    assert!(!line.contains('\x1b'), "auto: no colour into a pipe");
+
     // Bad filter values are refused, not silently matched against nothing.
     let bad = lab.fibril(&["observe", "--verdict", "MAYBE"]);
     assert!(!bad.status.success());

@@ -82,6 +82,34 @@ impl TimeFormat {
     }
 }
 
+/// How flows are printed: `--time-format` and `--color`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Style {
+    pub time: TimeFormat,
+    /// ANSI colours as the hubble CLI's: hosts cyan, ports yellow,
+    /// identities magenta, verdicts green (forwarded), red (dropped) or
+    /// yellow (audit, traced, translated). The table is never coloured: its
+    /// columns are aligned by width.
+    pub color: bool,
+}
+
+fn paint(on: bool, code: u8, text: &str) -> String {
+    if on {
+        format!("\x1b[{code}m{text}\x1b[0m")
+    } else {
+        text.to_string()
+    }
+}
+
+fn paint_verdict(on: bool, verdict: &str) -> String {
+    let code = match verdict {
+        "FORWARDED" | "ALLOWED" => 32,
+        "DROPPED" | "DENIED" | "ERROR" => 31,
+        _ => 33,
+    };
+    paint(on, code, verdict)
+}
+
 /// The English weekday of a Gregorian date (Sakamoto's method).
 fn weekday(y: i64, m: i64, d: i64) -> &'static str {
     const OFFSET: [i64; 12] = [0, 3, 2, 5, 0, 3, 5, 1, 4, 6, 2, 4];
@@ -96,21 +124,23 @@ pub fn compact_time(rfc3339: &str) -> String {
     TimeFormat::StampMilli.format(rfc3339)
 }
 
-fn identity(ep: &Endpoint) -> String {
-    match abi::identity::reserved_name(ep.identity) {
+fn identity(ep: &Endpoint, color: bool) -> String {
+    let text = match abi::identity::reserved_name(ep.identity) {
         Some(n) => format!("({n})"),
         None => format!("(ID:{})", ep.identity),
-    }
+    };
+    paint(color, 35, &text)
 }
 
-fn host(ep: &Endpoint, ip: &str, port: u16) -> String {
+fn host(ep: &Endpoint, ip: &str, port: u16, color: bool) -> String {
     let h = if !ep.pod_name.is_empty() {
         format!("{}/{}", ep.namespace, ep.pod_name)
     } else {
         ip.to_string()
     };
+    let h = paint(color, 36, &h);
     if port != 0 {
-        format!("{h}:{port}")
+        format!("{h}:{}", paint(color, 33, &port.to_string()))
     } else {
         h
     }
@@ -156,8 +186,8 @@ fn type_text(f: &Flow) -> String {
 
 /// One line per flow, as `hubble observe` prints by default.
 /// `compact` with the node name after the time (`--print-node-name`).
-pub fn compact_with_node(f: &Flow, time: TimeFormat) -> String {
-    let line = compact(f, time);
+pub fn compact_with_node(f: &Flow, style: Style) -> String {
+    let line = compact(f, style);
     match line.split_once(": ") {
         Some((t, rest)) => format!("{t} [{}]: {rest}", f.node_name),
         None => line,
@@ -166,23 +196,29 @@ pub fn compact_with_node(f: &Flow, time: TimeFormat) -> String {
 
 /// `dict`: one block per flow; replies are not swapped and there are no
 /// identities.
-pub fn dict(f: &Flow, print_node: bool, time: TimeFormat) -> String {
+pub fn dict(f: &Flow, print_node: bool, style: Style) -> String {
     let (sip, dip) =
         f.ip.as_ref()
             .map(|ip| (ip.source.clone(), ip.destination.clone()))
             .unwrap_or_default();
     let (sport, dport) = ports(f);
-    let mut out = format!("  TIMESTAMP: {}\n", time.format(&f.time));
+    let mut out = format!("  TIMESTAMP: {}\n", style.time.format(&f.time));
     if print_node {
         out.push_str(&format!("       NODE: {}\n", f.node_name));
     }
-    out.push_str(&format!("     SOURCE: {}\n", host(&f.source, &sip, sport)));
+    out.push_str(&format!(
+        "     SOURCE: {}\n",
+        host(&f.source, &sip, sport, style.color)
+    ));
     out.push_str(&format!(
         "DESTINATION: {}\n",
-        host(&f.destination, &dip, dport)
+        host(&f.destination, &dip, dport, style.color)
     ));
     out.push_str(&format!("       TYPE: {}\n", type_text(f)));
-    out.push_str(&format!("    VERDICT: {}\n", f.verdict));
+    out.push_str(&format!(
+        "    VERDICT: {}\n",
+        paint_verdict(style.color, &f.verdict)
+    ));
     out.push_str(&format!("    SUMMARY: {}", f.summary));
     out
 }
@@ -208,8 +244,8 @@ pub fn table(flows: &[Flow], print_node: bool, time: TimeFormat) -> String {
             r.push(f.node_name.clone());
         }
         r.extend([
-            host(&f.source, &sip, sport),
-            host(&f.destination, &dip, dport),
+            host(&f.source, &sip, sport, false),
+            host(&f.destination, &dip, dport, false),
             type_text(f),
             f.verdict.clone(),
             f.summary.clone(),
@@ -243,17 +279,22 @@ pub fn table(flows: &[Flow], print_node: bool, time: TimeFormat) -> String {
         .join("\n")
 }
 
-pub fn compact(f: &Flow, time: TimeFormat) -> String {
+pub fn compact(f: &Flow, style: Style) -> String {
     let (sip, dip) =
         f.ip.as_ref()
             .map(|ip| (ip.source.clone(), ip.destination.clone()))
             .unwrap_or_default();
     let (sport, dport) = ports(f);
-    let mut src = format!("{} {}", host(&f.source, &sip, sport), identity(&f.source));
+    let c = style.color;
+    let mut src = format!(
+        "{} {}",
+        host(&f.source, &sip, sport, c),
+        identity(&f.source, c)
+    );
     let mut dst = format!(
         "{} {}",
-        host(&f.destination, &dip, dport),
-        identity(&f.destination)
+        host(&f.destination, &dip, dport, c),
+        identity(&f.destination, c)
     );
     let arrow = match f.is_reply {
         Some(true) => {
@@ -271,9 +312,10 @@ pub fn compact(f: &Flow, time: TimeFormat) -> String {
         (_, v) => v,
     };
     format!(
-        "{}: {src} {arrow} {dst} {} {verdict} ({})",
-        time.format(&f.time),
+        "{}: {src} {arrow} {dst} {} {} ({})",
+        style.time.format(&f.time),
         type_text(f),
+        paint_verdict(style.color, verdict),
         f.summary
     )
 }
@@ -289,25 +331,26 @@ mod tests {
         let json = r#"{"time":"2026-01-15T10:00:00.123456789Z","uuid":"u","verdict":"FORWARDED","IP":{"source":"10.0.1.10","destination":"10.0.2.20","ipVersion":"IPv4"},"l4":{"TCP":{"source_port":43210,"destination_port":80,"flags":{"SYN":true}}},"source":{"ID":1001,"identity":12345,"namespace":"default","labels":["k8s:app=xwing"],"pod_name":"xwing-7d9f8b6c5-abcde"},"destination":{"ID":1002,"identity":23456,"namespace":"default","labels":["k8s:app=deathstar"],"pod_name":"deathstar-6c94dcc57b-xyz12"},"Type":"L3_L4","event_type":{"type":4},"traffic_direction":"EGRESS","trace_observation_point":"TO_ENDPOINT","is_reply":false,"Summary":"TCP Flags: SYN"}"#;
         let f: Flow = serde_json::from_str(json).unwrap();
         assert_eq!(
-            compact(&f, TimeFormat::StampMilli),
+            compact(&f, Style::default()),
             "Jan 15 10:00:00.123: default/xwing-7d9f8b6c5-abcde:43210 (ID:12345) -> default/deathstar-6c94dcc57b-xyz12:80 (ID:23456) to-endpoint FORWARDED (TCP Flags: SYN)"
         );
         let mut reply = f.clone();
         reply.is_reply = Some(true);
-        assert!(compact(&reply, TimeFormat::StampMilli).contains("(ID:23456) <- default/xwing"));
+        assert!(compact(&reply, Style::default()).contains("(ID:23456) <- default/xwing"));
         let mut drop = f;
         drop.event_type.r#type = 1;
         drop.verdict = "DROPPED".into();
         drop.drop_reason_desc = "POLICY_DENIED".into();
         drop.is_reply = None;
         assert!(
-            compact(&drop, TimeFormat::StampMilli).contains(" <> "),
+            compact(&drop, Style::default()).contains(" <> "),
             "is_reply unset prints <>"
         );
-        assert!(compact(&drop, TimeFormat::StampMilli)
-            .ends_with("Policy denied DROPPED (TCP Flags: SYN)"));
+        assert!(
+            compact(&drop, Style::default()).ends_with("Policy denied DROPPED (TCP Flags: SYN)")
+        );
         assert_eq!(
-            dict(&f_dict(), false, TimeFormat::StampMilli),
+            dict(&f_dict(), false, Style::default()),
             "  TIMESTAMP: Jan 15 10:00:00.123\n     SOURCE: default/xwing-7d9f8b6c5-abcde:43210\nDESTINATION: default/deathstar-6c94dcc57b-xyz12:80\n       TYPE: to-endpoint\n    VERDICT: FORWARDED\n    SUMMARY: TCP Flags: SYN"
         );
         let t = table(&[f_dict()], false, TimeFormat::StampMilli);
@@ -351,5 +394,23 @@ mod tests {
             None,
             "exact names, as the CLI"
         );
+    }
+
+    #[test]
+    fn color_as_the_cli() {
+        let f = f_dict();
+        let on = Style {
+            color: true,
+            ..Style::default()
+        };
+        let line = compact(&f, on);
+        assert!(
+            line.contains("\x1b[36mdefault/xwing-7d9f8b6c5-abcde\x1b[0m:\x1b[33m43210\x1b[0m"),
+            "{line}"
+        );
+        assert!(line.contains("\x1b[35m(ID:12345)\x1b[0m"), "{line}");
+        assert!(line.contains(" \x1b[32mFORWARDED\x1b[0m ("), "{line}");
+        assert!(dict(&f, false, on).contains("VERDICT: \x1b[32mFORWARDED\x1b[0m"));
+        assert!(!compact(&f, Style::default()).contains('\x1b'));
     }
 }
