@@ -1168,7 +1168,23 @@ fn hubble_api_serves_the_labs_flows_to_a_grpc_client() {
         dict.contains("DESTINATION: microservices/backend:8080") && dict.contains("       NODE: "),
         "{dict}"
     );
+    // A label change moves a pod to another identity: Cilium reports it as
+    // an ipcache upsert carrying the old identity.
+    let sock = PathBuf::from(format!("/run/fibril/labs/{}/agent.sock", lab.name));
+    let relabel = api::Request::PodUpsert(api::Pod {
+        namespace: "microservices".into(),
+        name: "other-client".into(),
+        labels: [("app".to_string(), "relabelled".to_string())].into(),
+        ..Default::default()
+    });
+    assert!(matches!(api::call(&sock, &relabel), Ok(api::Response::Ok)));
     let events = out(&["observe", "agent-events", "--last", "200"]);
+    let moved = events.lines().any(|l| {
+        l.contains("IPCACHE_UPSERTED")
+            && l.contains(", old identity: ")
+            && l.ends_with("pod name: other-client)")
+    });
+    assert!(moved, "{events}");
     let backend_ip = format!("IPCACHE_UPSERTED (cidr: {}/32, identity: ", lab.ip(3));
     assert!(
         events.lines().any(|l| l.contains(&backend_ip)
