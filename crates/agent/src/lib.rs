@@ -47,7 +47,15 @@ pub struct EndpointMeta {
     pub labels: Vec<String>,
 }
 
-pub type EndpointIndex = Arc<RwLock<HashMap<Ipv4Addr, EndpointMeta>>>;
+/// The local endpoints as the enricher looks them up, rebuilt on each sync.
+#[derive(Default)]
+pub struct EndpointLookup {
+    pub by_ip: HashMap<Ipv4Addr, EndpointMeta>,
+    /// Host-side veth names by ifindex: a flow's `interface`.
+    pub ifname_by_index: HashMap<u32, String>,
+}
+
+pub type EndpointIndex = Arc<RwLock<EndpointLookup>>;
 
 pub struct Agent {
     config: Config,
@@ -121,7 +129,7 @@ impl Agent {
             store,
             state: Mutex::new(state),
             policy: Mutex::new(policy),
-            index: Arc::new(RwLock::new(HashMap::new())),
+            index: Arc::new(RwLock::new(EndpointLookup::default())),
             observer,
             started: Instant::now(),
         });
@@ -164,9 +172,12 @@ impl Agent {
 
     /// Brings the kernel maps and the enrichment index in line with `state`.
     fn sync(&self, state: &State) -> Result<(), Error> {
-        let mut index = HashMap::new();
+        let mut index = EndpointLookup::default();
         for ep in state.endpoints.values() {
-            index.insert(
+            index
+                .ifname_by_index
+                .insert(ep.host_ifindex, ep.host_ifname.clone());
+            index.by_ip.insert(
                 ep.ipv4,
                 EndpointMeta {
                     id: ep.id,

@@ -53,9 +53,14 @@ impl Enricher for Sources {
         })
     }
 
+    fn interface_name(&self, ifindex: u32) -> Option<String> {
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        index.ifname_by_index.get(&ifindex).cloned()
+    }
+
     fn endpoint(&self, ip: Ipv4Addr, identity: u32) -> Endpoint {
         let index = self.index.read().unwrap_or_else(|e| e.into_inner());
-        match index.get(&ip) {
+        match index.by_ip.get(&ip) {
             Some(m) => Endpoint {
                 id: m.id,
                 identity,

@@ -449,6 +449,41 @@ fn observe_follow_streams_new_flows_through_filters() {
         "{line}"
     );
 
+    // Flows name the host-side veth the datapath saw them on, and
+    // `--interface` selects by it.
+    let ifnames: Vec<String> = lab
+        .endpoints()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["host_ifname"].as_str().unwrap().to_string())
+        .collect();
+    let json_flows = |args: &[&str]| -> Vec<Value> {
+        let out = lab.fibril(&[&["observe", "-o", "json"], args].concat());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let dropped = json_flows(&["--verdict", "DROPPED", "--last", "1"]);
+    let seen_on = dropped[0]["flow"]["interface"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(ifnames.contains(&seen_on), "{seen_on} in {ifnames:?}");
+    assert!(dropped[0]["flow"]["interface"]["index"].as_u64().unwrap() > 0);
+    let on_it = json_flows(&["--interface", &seen_on]);
+    assert!(!on_it.is_empty());
+    assert!(on_it
+        .iter()
+        .all(|v| v["flow"]["interface"]["name"] == seen_on.as_str()));
+    assert!(json_flows(&["--interface", "no-such-if0"]).is_empty());
+
     // `--color always` paints the verdict as the CLI does; piped output is plain.
     let out = lab.fibril(&[
         "observe",

@@ -167,6 +167,9 @@ pub struct Flow {
     pub is_reply: Option<bool>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub drop_reason_desc: String,
+    /// Where the datapath saw the packet (the endpoint's host-side veth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<NetworkInterface>,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub policy_match_type: u32,
     /// The policies that allowed or denied the flow (Hubble's attribution).
@@ -180,6 +183,15 @@ pub struct Flow {
     pub ingress_denied_by: Vec<PolicyRef>,
     #[serde(rename = "Summary", default)]
     pub summary: String,
+}
+
+/// `flow.NetworkInterface`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkInterface {
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub index: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
 }
 
 /// `flow.Policy`: a policy a flow is attributed to.
@@ -205,6 +217,10 @@ pub trait Enricher {
     fn endpoint(&self, ip: Ipv4Addr, identity: u32) -> Endpoint;
     /// The policy (and rule) a datapath cookie stands for.
     fn policy(&self, _cookie: u32) -> Option<PolicyRef> {
+        None
+    }
+    /// The name of the interface the datapath saw the packet on.
+    fn interface_name(&self, _ifindex: u32) -> Option<String> {
         None
     }
 }
@@ -486,6 +502,10 @@ pub fn from_event(
         // Policy only drops packets that open connections: never replies.
         is_reply: (has_ip && e.ct_state != 0).then_some(e.ct_state == ct_state::REPLY),
         drop_reason_desc: drop_desc,
+        interface: (e.ifindex != 0).then(|| NetworkInterface {
+            index: e.ifindex,
+            name: enricher.interface_name(e.ifindex).unwrap_or_default(),
+        }),
         policy_match_type: e.policy_match as u32,
         egress_allowed_by,
         ingress_allowed_by,

@@ -197,6 +197,10 @@ pub fn flow(f: &flow::Flow) -> pb::Flow {
         drop_reason_desc: enum_value(&f.drop_reason_desc, |n| {
             pb::DropReason::from_str_name(n).map(|v| v as i32)
         }),
+        interface: f.interface.as_ref().map(|i| pb::NetworkInterface {
+            index: i.index,
+            name: i.name.clone(),
+        }),
         policy_match_type: f.policy_match_type,
         egress_allowed_by: policies(&f.egress_allowed_by),
         ingress_allowed_by: policies(&f.ingress_allowed_by),
@@ -388,6 +392,13 @@ pub fn from_pb(p: &pb::Flow) -> flow::Flow {
             0 => String::new(),
             v => name_of(v, |v| pb::DropReason::try_from(v).ok(), |e| e.as_str_name()),
         },
+        interface: p
+            .interface
+            .as_ref()
+            .map(|i| flow::record::NetworkInterface {
+                index: i.index,
+                name: i.name.clone(),
+            }),
         policy_match_type: p.policy_match_type,
         egress_allowed_by: policies_back(&p.egress_allowed_by),
         ingress_allowed_by: policies_back(&p.ingress_allowed_by),
