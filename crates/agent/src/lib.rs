@@ -377,7 +377,7 @@ impl Agent {
                 .agent_event(flow::agent_event::Kind::IpcacheUpserted {
                     cidr: format!("{ipv4}/32"),
                     identity,
-                    old_identity: (old != identity).then_some(old),
+                    old_identity: Some(old),
                     namespace: pod.namespace.clone(),
                     pod: pod.name.clone(),
                 });

@@ -103,7 +103,6 @@ impl Observer {
     }
 
     /// (flows buffered, flows seen since start).
-    /// (flows buffered, flows seen since start).
     pub fn counts(&self) -> (usize, u64) {
         let (len, _, seen) = self.flows.counts();
         (len, seen)

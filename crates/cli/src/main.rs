@@ -450,8 +450,7 @@ fn hubble_address(lab_name: &str, server: Option<String>) -> anyhow::Result<Stri
 }
 
 fn observe(lab_name: &str, o: observe::Args) -> anyhow::Result<i32> {
-    let address = hubble_address(lab_name, o.server.server.clone())?;
-    observe::run(&address, &o)
+    observe::run(&o, || hubble_address(lab_name, o.server.server.clone()))
 }
 
 /// `8080/TCP` -> (6, 8080).

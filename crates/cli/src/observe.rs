@@ -290,7 +290,11 @@ fn ts_text(t: Option<prost_types::Timestamp>) -> String {
 }
 
 /// `fibril observe agent-events` / `debug-events`.
-fn run_events(address: &str, a: &Args, what: What) -> anyhow::Result<i32> {
+fn run_events(
+    address: impl FnOnce() -> anyhow::Result<String>,
+    a: &Args,
+    what: What,
+) -> anyhow::Result<i32> {
     use proto::observer::{GetAgentEventsRequest, GetDebugEventsRequest};
     if a.first.is_some() && a.follow {
         bail!("--first cannot be combined with --follow");
@@ -315,11 +319,12 @@ fn run_events(address: &str, a: &Args, what: What) -> anyhow::Result<i32> {
             .map(|v| parse_time("until", v))
             .transpose()?
     };
+    let address = address()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let mut client = ObserverClient::new(connect(address, &a.server).await?);
+        let mut client = ObserverClient::new(connect(&address, &a.server).await?);
         let err = |s: tonic::Status| anyhow::anyhow!("{}", s.message());
         if what == What::DebugEvents {
             let req = GetDebugEventsRequest { number, first: a.first.is_some(), follow: a.follow, since, until };
@@ -852,16 +857,19 @@ pub async fn connect(address: &str, s: &Server) -> anyhow::Result<tonic::transpo
     endpoint.connect().await.with_context(fail)
 }
 
-pub fn run(address: &str, a: &Args) -> anyhow::Result<i32> {
+/// Runs `fibril observe`. The flags are checked before `address` is
+/// resolved, so bad input is reported as such even when no agent is up.
+pub fn run(a: &Args, address: impl FnOnce() -> anyhow::Result<String>) -> anyhow::Result<i32> {
     if let Some(what @ (What::AgentEvents | What::DebugEvents)) = a.what {
         return run_events(address, a, what);
     }
     let req = request(a)?;
+    let address = address()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let mut client = ObserverClient::new(connect(address, &a.server).await?);
+        let mut client = ObserverClient::new(connect(&address, &a.server).await?);
         let mut stream = client
             .get_flows(req)
             .await

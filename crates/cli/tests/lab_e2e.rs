@@ -1278,3 +1278,36 @@ fn hubble_api_serves_the_labs_flows_to_a_grpc_client() {
         "{hubble_metrics}"
     );
 }
+
+#[test]
+fn bad_observe_flags_are_refused_before_any_agent_is_needed() {
+    // No lab of this name exists: the flags must be judged on their own.
+    let lab = format!("nolab{}", std::process::id() % 100_000);
+    for (args, expected) in [
+        (&["--verdict", "MAYBE"][..], "is not one of FORWARDED"),
+        (
+            &["--not", "-f"][..],
+            "--not must be followed by a filter flag",
+        ),
+        (
+            &["--pod", "web", "--not"][..],
+            "--not must be followed by a filter flag",
+        ),
+        (&["--not", "--bogus"][..], "--not --bogus"),
+        (
+            &["--first", "3", "-f"][..],
+            "--first cannot be combined with --follow",
+        ),
+    ] {
+        let out = Command::new(bin("fibril"))
+            .args(["--lab", &lab, "observe"])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(expected),
+            "{args:?}: {err}"
+        );
+    }
+}
