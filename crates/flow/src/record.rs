@@ -159,19 +159,21 @@ pub struct Flow {
     pub event_type: EventTypeField,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub traffic_direction: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub policy_match_type: u32,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub trace_observation_point: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub trace_reason: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub is_reply: Option<bool>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub drop_reason_desc: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub is_reply: Option<bool>,
     /// Where the datapath saw the packet (the endpoint's host-side veth).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<NetworkInterface>,
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub policy_match_type: u32,
+    #[serde(rename = "Summary", default)]
+    pub summary: String,
     /// The policies that allowed or denied the flow (Hubble's attribution).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress_allowed_by: Vec<PolicyRef>,
@@ -181,8 +183,6 @@ pub struct Flow {
     pub egress_denied_by: Vec<PolicyRef>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ingress_denied_by: Vec<PolicyRef>,
-    #[serde(rename = "Summary", default)]
-    pub summary: String,
 }
 
 /// `flow.NetworkInterface`.
@@ -541,5 +541,88 @@ mod tests {
     fn tcp_flags_summarise_in_hubble_order() {
         assert_eq!(TcpFlags::from_bits(0x12).summary(), "SYN, ACK");
         assert_eq!(TcpFlags::from_bits(0x11).summary(), "ACK, FIN");
+    }
+
+    /// `hubble observe -o json` prints keys in the proto's declaration
+    /// order; tools that diff or grep the output rely on it.
+    #[test]
+    fn json_keys_follow_the_proto_declaration_order() {
+        let proto = include_str!("../../../proto/flow/flow.proto");
+        let message = &proto[proto.find("message Flow {").unwrap()..];
+        let message = &message[..message.find("\n}").unwrap()];
+        let declared: Vec<&str> = message
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split('=').next()?.split_whitespace().last())
+            .collect();
+        let ref_ = PolicyRef {
+            name: "p".into(),
+            ..Default::default()
+        };
+        let f = Flow {
+            time: "t".into(),
+            uuid: "u".into(),
+            verdict: "DROPPED".into(),
+            drop_reason: 133,
+            ethernet: Some(Default::default()),
+            ip: Some(Default::default()),
+            l4: Some(Default::default()),
+            r#type: "L3_L4".into(),
+            node_name: "n".into(),
+            traffic_direction: "INGRESS".into(),
+            policy_match_type: 1,
+            trace_observation_point: "TO_ENDPOINT".into(),
+            trace_reason: "NEW".into(),
+            drop_reason_desc: "POLICY_DENIED".into(),
+            is_reply: Some(false),
+            interface: Some(NetworkInterface {
+                index: 1,
+                name: "i".into(),
+            }),
+            summary: "s".into(),
+            egress_allowed_by: vec![ref_.clone()],
+            ingress_allowed_by: vec![ref_.clone()],
+            egress_denied_by: vec![ref_.clone()],
+            ingress_denied_by: vec![ref_],
+            ..Default::default()
+        };
+        let keys = top_level_keys(&serde_json::to_string(&f).unwrap());
+        assert!(
+            keys.iter().all(|k| declared.contains(&k.as_str())),
+            "{keys:?}"
+        );
+        let in_proto_order: Vec<&str> = declared
+            .iter()
+            .copied()
+            .filter(|d| keys.iter().any(|k| k == d))
+            .collect();
+        assert_eq!(keys, in_proto_order);
+    }
+
+    /// The keys of a JSON object in the order they are written
+    /// (`serde_json::Value` would sort them).
+    fn top_level_keys(json: &str) -> Vec<String> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = Vec<String>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut keys = Vec::new();
+                while let Some(k) = m.next_key::<String>()? {
+                    m.next_value::<serde::de::IgnoredAny>()?;
+                    keys.push(k);
+                }
+                Ok(keys)
+            }
+        }
+        use serde::Deserializer;
+        serde_json::Deserializer::from_str(json)
+            .deserialize_map(Keys)
+            .unwrap()
     }
 }
