@@ -98,22 +98,28 @@ impl Lab {
         format!("{}.{host}", self.cidr_prefix)
     }
 
-    /// frontend = .2, backend = .3, other-client = .4 (created in that order).
-    fn get(&self, from: &str, timeout: &str) -> bool {
-        let url = format!("http://{}:8080/", self.ip(3));
+    /// Whether an HTTP GET of `url` from the pod `from` (`ns/name`)
+    /// succeeds within `timeout` seconds.
+    fn http_get(&self, from: &str, url: &str, timeout: &str) -> bool {
         self.fibril(&[
             "lab",
             "exec",
-            &format!("microservices/{from}"),
+            from,
             "--",
             "fibril-echo",
             "http-get",
             "--timeout",
             timeout,
-            &url,
+            url,
         ])
         .status
         .success()
+    }
+
+    /// frontend = .2, backend = .3, other-client = .4 (created in that order).
+    fn get(&self, from: &str, timeout: &str) -> bool {
+        let url = format!("http://{}:8080/", self.ip(3));
+        self.http_get(&format!("microservices/{from}"), &url, timeout)
     }
 
     fn backend_log(&self) -> String {
@@ -653,20 +659,7 @@ fn policy_language_semantics_hold_in_the_kernel() {
     });
     // Pods were created in this order: server .2, server2 .3, client-a .4, client-b .5.
     let get = |from: &str, ip: u8, port: u16, timeout: &str| {
-        let url = format!("http://{}:{port}/", lab.ip(ip));
-        lab.fibril(&[
-            "lab",
-            "exec",
-            from,
-            "--",
-            "fibril-echo",
-            "http-get",
-            "--timeout",
-            timeout,
-            &url,
-        ])
-        .status
-        .success()
+        lab.http_get(from, &format!("http://{}:{port}/", lab.ip(ip)), timeout)
     };
     assert!(
         get("x/client-a", 2, 8080, "3"),
@@ -847,20 +840,7 @@ fn cidr_sets_with_except_and_the_world_entity_hold_in_the_kernel() {
             && log("external_excepted").contains("listening")
     });
     let get = |from: &str, host: &str, timeout: &str| {
-        let url = format!("http://{host}:8080/");
-        lab.fibril(&[
-            "lab",
-            "exec",
-            from,
-            "--",
-            "fibril-echo",
-            "http-get",
-            "--timeout",
-            timeout,
-            &url,
-        ])
-        .status
-        .success()
+        lab.http_get(from, &format!("http://{host}:8080/"), timeout)
     };
     let web = lab.ip(4);
     assert!(get("w/client", "203.0.113.10", "3"), "inside the CIDR set");
@@ -947,20 +927,7 @@ fn namespace_audit_mode_and_policy_map_overflow() {
         log("aud_srv").contains("listening") && log("big_bsrv").contains("listening")
     });
     let get = |from: &str, ip: u8, timeout: &str| {
-        let url = format!("http://{}:8080/", lab.ip(ip));
-        lab.fibril(&[
-            "lab",
-            "exec",
-            from,
-            "--",
-            "fibril-echo",
-            "http-get",
-            "--timeout",
-            timeout,
-            &url,
-        ])
-        .status
-        .success()
+        lab.http_get(from, &format!("http://{}:8080/", lab.ip(ip)), timeout)
     };
     // srv .2, cli .3, bsrv .4, bcli .5
     assert!(
