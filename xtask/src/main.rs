@@ -225,25 +225,14 @@ fn main() -> anyhow::Result<()> {
             deps()?;
             run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
             println!("== policy computation (5,000 endpoints, 2,000 identities, 1,000 rules)");
-            run(cargo().args([
-                "run",
-                "--quiet",
-                "--release",
-                "-p",
-                "fibril-agent",
-                "--example",
-                "policy_bench",
-            ]))?;
+            let agent_example = |name: &str| {
+                run(cargo()
+                    .args(["run", "--quiet", "--release", "-p", "fibril-agent"])
+                    .args(["--example", name]))
+            };
+            agent_example("policy_bench")?;
             println!("\n== flow pipeline and Hubble API");
-            run(cargo().args([
-                "run",
-                "--quiet",
-                "--release",
-                "-p",
-                "fibril-agent",
-                "--example",
-                "flow_bench",
-            ]))?;
+            agent_example("flow_bench")?;
             println!("\n== datapath");
             bench::run_bench(&root().join("target/release"), &args[1..])
         }
