@@ -45,6 +45,7 @@ pub struct EndpointMeta {
     pub namespace: String,
     pub pod: String,
     pub labels: Vec<String>,
+    pub workloads: Vec<flow::Workload>,
 }
 
 /// The local endpoints as the enricher looks them up, rebuilt on each sync.
@@ -184,6 +185,11 @@ impl Agent {
                     namespace: ep.namespace.clone(),
                     pod: ep.pod.clone(),
                     labels: ep.labels.to_strings(),
+                    workloads: state
+                        .pods
+                        .get(&format!("{}/{}", ep.namespace, ep.pod))
+                        .map(|p| p.workloads.clone())
+                        .unwrap_or_default(),
                 },
             );
         }
@@ -340,6 +346,10 @@ impl Agent {
         }
         if pod.namespace.is_empty() || pod.name.is_empty() {
             return Err(invalid("a pod needs a namespace and a name"));
+        }
+        for w in &pod.workloads {
+            w.validate()
+                .map_err(|e| invalid(format!("pod {}/{}: {e}", pod.namespace, pod.name)))?;
         }
         let mut s = self.lock_state();
         let key = format!("{}/{}", pod.namespace, pod.name);

@@ -68,6 +68,7 @@ impl Enricher for Sources {
                 namespace: m.namespace.clone(),
                 labels: m.labels.clone(),
                 pod_name: m.pod.clone(),
+                workloads: m.workloads.clone(),
             },
             None => Endpoint {
                 identity,

@@ -84,6 +84,9 @@ pub struct Pod {
     /// Declared container ports (for named ports in policies).
     #[serde(default)]
     pub ports: Vec<policy::NamedPort>,
+    /// The pod's owners (Deployment, StatefulSet, ...), shown in flows.
+    #[serde(default)]
+    pub workloads: Vec<flow::Workload>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -72,6 +72,17 @@ pub struct PodSpec {
     /// Declared container ports, as a pod spec's `ports` (named ports).
     #[serde(default)]
     pub ports: Vec<ContainerPort>,
+    /// The pod's owner, as Kubernetes' ownerReferences resolve it
+    /// (`{kind: Deployment, name: frontend}`); flows show it as a workload.
+    #[serde(default)]
+    pub workload: Option<WorkloadRef>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadRef {
+    pub kind: String,
+    pub name: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -241,6 +252,14 @@ pub fn parse(path: Option<&Path>) -> anyhow::Result<Lab> {
             if c.container_port == 0 {
                 bail!("{name}: pods[{i}].ports[{j}].containerPort: 0 is not a port");
             }
+        }
+        if let Some(w) = &p.workload {
+            flow::Workload {
+                kind: w.kind.clone(),
+                name: w.name.clone(),
+            }
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{name}: pods[{i}].workload: {e}"))?;
         }
         if !seen.insert((p.namespace.clone(), p.name.clone())) {
             bail!(
@@ -508,6 +527,14 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                     namespace_labels: (*ns_labels.get(p.namespace.as_str()).unwrap_or(&&empty))
                         .clone(),
                     service_account: None,
+                    workloads: p
+                        .workload
+                        .iter()
+                        .map(|w| flow::Workload {
+                            kind: w.kind.clone(),
+                            name: w.name.clone(),
+                        })
+                        .collect(),
                     ports: p
                         .ports
                         .iter()

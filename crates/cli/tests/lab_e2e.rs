@@ -344,6 +344,22 @@ fn bad_input_gets_a_precise_error_and_changes_nothing() {
     assert!(!out.status.success());
     assert!(err.contains("pods[0]") && err.contains("comand"), "{err}");
     assert!(!Path::new(&format!("/run/fibril/labs/{name}")).exists());
+    std::fs::write(
+        &bad_lab,
+        "pods:\n  - name: web\n    workload: {kind: deployment, name: web}\n",
+    )
+    .unwrap();
+    let out = Command::new(bin("fibril"))
+        .args(["--lab", &name, "lab", "up", "-f", bad_lab.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("pods[0].workload") && err.contains("\"deployment\" is not a Kubernetes kind"),
+        "{err}"
+    );
+    assert!(!Path::new(&format!("/run/fibril/labs/{name}")).exists());
     std::fs::remove_dir_all(&dir).ok();
 
     // A bad policy on a running lab: refused, policies unchanged.
@@ -489,6 +505,23 @@ fn observe_follow_streams_new_flows_through_filters() {
         .iter()
         .all(|v| v["flow"]["interface"]["name"] == seen_on.as_str()));
     assert!(json_flows(&["--interface", "no-such-if0"]).is_empty());
+
+    // Pods carry their owning workload (the lab's `workload`), and the
+    // workload flags select by kind and name as Hubble's do.
+    let from_other = json_flows(&["--from-workload", "Deployment/other-client"]);
+    assert!(!from_other.is_empty());
+    for v in &from_other {
+        assert_eq!(
+            v["flow"]["source"]["workloads"],
+            serde_json::json!([{"name": "other-client", "kind": "Deployment"}]),
+            "{v}"
+        );
+    }
+    assert!(json_flows(&["--workload", "backend"])
+        .iter()
+        .all(|v| v["flow"]["source"]["pod_name"] == "backend"
+            || v["flow"]["destination"]["pod_name"] == "backend"));
+    assert!(json_flows(&["--workload", "StatefulSet/"]).is_empty());
 
     // `--color always` paints the verdict as the CLI does; piped output is plain.
     let out = lab.fibril(&[

@@ -8,5 +8,5 @@ pub mod metrics;
 pub mod record;
 pub mod ring;
 
-pub use record::{Endpoint, Flow};
+pub use record::{Endpoint, Flow, Workload};
 pub use ring::Ring;

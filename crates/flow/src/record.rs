@@ -20,6 +20,53 @@ pub struct Endpoint {
     pub labels: Vec<String>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub pod_name: String,
+    /// The pod's owning workloads (e.g. Deployment `frontend`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<Workload>,
+}
+
+/// A pod's owner, as `flow.Workload` (JSON keys in declaration order).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Workload {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kind: String,
+}
+
+impl Workload {
+    /// A workload is an owner object: a kind (`Deployment`) and a name that is a
+    /// Kubernetes object name (lower-case DNS subdomain, at most 253 bytes).
+    pub fn validate(&self) -> Result<(), String> {
+        let w = self;
+        let kind_ok = w
+            .kind
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_uppercase())
+            && w.kind.len() <= 63
+            && w.kind.chars().all(|c| c.is_ascii_alphanumeric());
+        if !kind_ok {
+            return Err(format!(
+                "workload kind {:?} is not a Kubernetes kind (e.g. Deployment)",
+                w.kind
+            ));
+        }
+        let name_ok = !w.name.is_empty()
+            && w.name.len() <= 253
+            && w.name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+            && !w.name.starts_with(['-', '.'])
+            && !w.name.ends_with(['-', '.']);
+        if !name_ok {
+            return Err(format!(
+                "workload name {:?} is not a Kubernetes object name",
+                w.name
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -518,6 +565,29 @@ pub fn from_event(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workloads_are_kubernetes_kinds_and_object_names() {
+        let w = |kind: &str, name: &str| Workload {
+            kind: kind.into(),
+            name: name.into(),
+        };
+        assert!(w("Deployment", "frontend").validate().is_ok());
+        assert!(w("StatefulSet", "db.v2-0").validate().is_ok());
+        for (kind, name) in [
+            ("deployment", "x"),
+            ("", "x"),
+            ("Deploy-ment", "x"),
+            ("Deployment", ""),
+            ("Deployment", "Frontend"),
+            ("Deployment", "-x"),
+            ("Deployment", "x_y"),
+        ] {
+            assert!(w(kind, name).validate().is_err(), "{kind}/{name}");
+        }
+        let json = serde_json::to_string(&w("Deployment", "frontend")).unwrap();
+        assert_eq!(json, r#"{"name":"frontend","kind":"Deployment"}"#);
+    }
 
     #[test]
     fn timestamps_are_rfc3339_utc() {

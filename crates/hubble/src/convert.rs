@@ -21,7 +21,14 @@ fn endpoint(e: &flow::Endpoint) -> pb::Endpoint {
         namespace: e.namespace.clone(),
         labels: e.labels.clone(),
         pod_name: e.pod_name.clone(),
-        ..Default::default()
+        workloads: e
+            .workloads
+            .iter()
+            .map(|w| pb::Workload {
+                name: w.name.clone(),
+                kind: w.kind.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -254,6 +261,14 @@ fn endpoint_back(e: Option<&pb::Endpoint>) -> flow::Endpoint {
         namespace: e.namespace.clone(),
         labels: e.labels.clone(),
         pod_name: e.pod_name.clone(),
+        workloads: e
+            .workloads
+            .iter()
+            .map(|w| flow::Workload {
+                name: w.name.clone(),
+                kind: w.kind.clone(),
+            })
+            .collect(),
     })
     .unwrap_or_default()
 }
