@@ -68,44 +68,108 @@ static __always_inline int handle_non_ipv4(struct __sk_buff *skb, struct packet 
 	return TC_ACT_OK;
 }
 
-/* Ingress enforcement for a local endpoint (`ep_id`): conntrack, policy for
- * new connections, the to-endpoint trace. Runs in to_container for traffic
- * from the host stack and in the sender's from_container for pod-to-pod
- * traffic on this node. */
+/* The agent's L7 proxy, set at load time: its listener on 127.0.0.1, the mark
+ * that routes a packet to the local stack (a policy-routing rule of the
+ * agent's), and the mark on the proxy's own upstream sockets. 0 = no proxy. */
+const volatile __u16 proxy_port = 0;
+const volatile __u32 proxy_mark_to = 0;
+const volatile __u32 proxy_mark_from = 0;
+
+/* Ingress policy for a connection opening towards local endpoint `ep_id`.
+ * TC_ACT_OK when allowed (then `*redirect` is set if its L7 rules need the
+ * proxy), TC_ACT_SHOT (with the drop event) otherwise. */
+static __always_inline int ingress_policy(struct __sk_buff *skb, const struct packet *pkt,
+					  __u32 ep_id, __u32 dst_id, __u32 flags, __u32 src_id,
+					  struct policy_verdict *pv, int *redirect)
+{
+	if (!(flags & EP_F_INGRESS_ENFORCED))
+		return TC_ACT_OK;
+	policy_lookup(ep_id, src_id, DIR_INGRESS, pkt->protocol, pkt->policy_port_be, pv);
+	if (!pv->allowed) {
+		if (!policy_audited(pv, flags, EP_F_INGRESS_AUDIT)) {
+			emit_event(skb, pkt, ep_id, EVENT_DROP, pv->drop_reason, DIR_INGRESS,
+				   VERDICT_DROPPED, CT_NEW, src_id, dst_id, pv->match, pv->cookie);
+			return TC_ACT_SHOT;
+		}
+		emit_event(skb, pkt, ep_id, EVENT_POLICY_VERDICT, pv->drop_reason, DIR_INGRESS,
+			   VERDICT_AUDIT, CT_NEW, src_id, dst_id, pv->match, pv->cookie);
+		return TC_ACT_OK;
+	}
+	if ((pv->flags & POLICY_F_REDIRECT) && proxy_port)
+		*redirect = 1;
+	return TC_ACT_OK;
+}
+
+enum ingress_mode {
+	INGRESS_CHECK,   /* evaluate the policy for new connections */
+	INGRESS_CHECKED, /* the caller evaluated it (verdict in `pv`) */
+	INGRESS_FROM_PROXY, /* the proxy's upstream: its client was checked */
+};
+
+/* Ingress for a local endpoint (`ep_id`): conntrack, policy for new
+ * connections, the to-endpoint trace. Runs in to_container for traffic from
+ * the host stack and in the sender's from_container for pod-to-pod traffic
+ * on this node. Returns -1 when the L7 rules need the proxy. */
 static __always_inline int ingress_to_endpoint(struct __sk_buff *skb, struct packet *pkt,
 					       __u32 ep_id, __u32 dst_id, __u32 flags,
-					       __u32 src_id)
+					       __u32 src_id, enum ingress_mode mode,
+					       struct policy_verdict *pv)
 {
 	struct ct_result ct;
-	struct policy_verdict pv = {};
+	__u8 ct_flags = 0;
 
 	ct_lookup(pkt, DIR_INGRESS, &ct);
 	if (ct.state == CT_NEW) {
-		if (flags & EP_F_INGRESS_ENFORCED) {
-			policy_lookup(ep_id, src_id, DIR_INGRESS, pkt->protocol,
-				      pkt->policy_port_be, &pv);
-			if (!pv.allowed) {
-				if (!policy_audited(&pv, flags, EP_F_INGRESS_AUDIT)) {
-					emit_event(skb, pkt, ep_id, EVENT_DROP, pv.drop_reason,
-						   DIR_INGRESS, VERDICT_DROPPED, CT_NEW, src_id,
-						   dst_id, pv.match, pv.cookie);
-					return TC_ACT_SHOT;
-				}
-				emit_event(skb, pkt, ep_id, EVENT_POLICY_VERDICT, pv.drop_reason, DIR_INGRESS,
-					   VERDICT_AUDIT, CT_NEW, src_id, dst_id, pv.match, pv.cookie);
-			}
+		if (mode == INGRESS_CHECK) {
+			int redirect = 0;
+			int verdict = ingress_policy(skb, pkt, ep_id, dst_id, flags, src_id, pv,
+						     &redirect);
+			if (verdict != TC_ACT_OK)
+				return verdict;
+			if (redirect)
+				return -1;
+		} else if (mode == INGRESS_FROM_PROXY) {
+			ct_flags = CT_F_FROM_PROXY;
 		}
-		if (ct_create(pkt, DIR_INGRESS, pv.cookie) < 0) {
+		if (ct_create(pkt, DIR_INGRESS, pv->cookie, ct_flags) < 0) {
 			emit_event(skb, pkt, ep_id, EVENT_DROP, DROP_CT_MAP_INSERT_FAILED,
-				   DIR_INGRESS, VERDICT_DROPPED, CT_NEW, src_id, dst_id, pv.match,
-				   pv.cookie);
+				   DIR_INGRESS, VERDICT_DROPPED, CT_NEW, src_id, dst_id, pv->match,
+				   pv->cookie);
 			return TC_ACT_SHOT;
 		}
-		ct.policy_cookie = pv.cookie;
+		ct.policy_cookie = pv->cookie;
 	}
 	if (ct.report)
 		emit_event(skb, pkt, ep_id, EVENT_TRACE, TRACE_TO_LXC, DIR_INGRESS,
-			   VERDICT_FORWARDED, ct.state, src_id, dst_id, pv.match, ct.policy_cookie);
+			   VERDICT_FORWARDED, ct.state, src_id, dst_id, pv->match, ct.policy_cookie);
+	return TC_ACT_OK;
+}
+
+/* Hands a packet to the proxy in the host stack: the mark routes it to the
+ * local stack (whatever its destination address), and a connection's first
+ * packet is assigned to the proxy's listener, which accepts it with the
+ * original destination as its local address (transparent to the client).
+ * Later packets find the accepted socket by the usual lookup. */
+static __always_inline int to_proxy(struct __sk_buff *skb, const struct packet *pkt,
+				    __u32 src_id, __u32 dst_id)
+{
+	skb->mark = proxy_mark_to;
+	if (!(pkt->tcp_flags & TCP_SYN) || (pkt->tcp_flags & TCP_ACK))
+		return TC_ACT_OK;
+
+	struct bpf_sock_tuple tuple = {};
+	tuple.ipv4.daddr = bpf_htonl(0x7f000001);
+	tuple.ipv4.dport = bpf_htons(proxy_port);
+	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4),
+						 BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return drop(skb, pkt, DROP_SOCKET_LOOKUP_FAILED, DIR_EGRESS, src_id, dst_id,
+			    MATCH_NONE, 0);
+	long err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (err)
+		return drop(skb, pkt, DROP_SOCKET_ASSIGN_FAILED, DIR_EGRESS, src_id, dst_id,
+			    MATCH_NONE, 0);
 	return TC_ACT_OK;
 }
 
@@ -115,7 +179,9 @@ int from_container(struct __sk_buff *skb)
 	struct packet pkt = {};
 	struct ct_result ct;
 	struct policy_verdict pv = {};
+	struct policy_verdict peer_pv = {};
 	int kind = parse_packet(skb, &pkt);
+	int redirect = 0;
 
 	if (kind != PARSE_IPV4)
 		return handle_non_ipv4(skb, &pkt, kind, DIR_EGRESS, EP_F_EGRESS_ENFORCED);
@@ -126,8 +192,20 @@ int from_container(struct __sk_buff *skb)
 	__u32 src_id = self->identity;
 	__u32 flags = self->flags;
 	__u32 dst_id = identity_of(pkt.daddr);
+	struct endpoint_info *peer = local_endpoint(pkt.daddr);
+	int peer_here = peer && peer->host_ifindex;
 
 	ct_lookup(&pkt, DIR_EGRESS, &ct);
+	if (ct.state == CT_REPLY && (ct.flags & CT_F_FROM_PROXY)) {
+		/* This pod answers a connection the proxy opened on behalf of a
+		 * client: back to the proxy's socket in the host stack. */
+		if (ct.report)
+			emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_TO_PROXY, DIR_EGRESS,
+				   VERDICT_FORWARDED, ct.state, src_id, dst_id, MATCH_NONE,
+				   ct.policy_cookie);
+		skb->mark = proxy_mark_to;
+		return TC_ACT_OK;
+	}
 	if (ct.state == CT_NEW) {
 		if (flags & EP_F_EGRESS_ENFORCED) {
 			policy_lookup(endpoint_id, dst_id, DIR_EGRESS, pkt.protocol,
@@ -138,25 +216,67 @@ int from_container(struct __sk_buff *skb)
 						    dst_id, pv.match, pv.cookie);
 				emit_event(skb, &pkt, endpoint_id, EVENT_POLICY_VERDICT, pv.drop_reason, DIR_EGRESS,
 					   VERDICT_AUDIT, CT_NEW, src_id, dst_id, pv.match, pv.cookie);
+			} else if ((pv.flags & POLICY_F_REDIRECT) && proxy_port) {
+				redirect = 1;
 			}
 		}
-		if (ct_create(&pkt, DIR_EGRESS, pv.cookie) < 0)
+		if (redirect && pkt.protocol != IPPROTO_TCP)
+			return drop(skb, &pkt, DROP_PROXY_UNSUPPORTED, DIR_EGRESS, src_id, dst_id,
+				    pv.match, pv.cookie);
+		if (ct_create(&pkt, DIR_EGRESS, pv.cookie, redirect ? CT_F_PROXY_REDIRECT : 0) < 0)
 			return drop(skb, &pkt, DROP_CT_MAP_INSERT_FAILED, DIR_EGRESS, src_id,
 				    dst_id, pv.match, pv.cookie);
 		ct.policy_cookie = pv.cookie;
+	} else if (ct.state == CT_ESTABLISHED && (ct.flags & CT_F_PROXY_REDIRECT)) {
+		redirect = 1;
 	}
-	if (ct.report)
+	if (ct.report && !redirect)
 		emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_FROM_LXC, DIR_EGRESS,
 			   VERDICT_FORWARDED, ct.state, src_id, dst_id, pv.match, ct.policy_cookie);
 
-	/* Same-node delivery: apply the peer's ingress policy here (as Cilium
-	 * tail-calls the peer's policy program), then hand the packet straight
-	 * to the peer's interface inside its namespace: one veth hop, no host
-	 * stack, no iptables. */
-	struct endpoint_info *peer = local_endpoint(pkt.daddr);
-	if (peer && peer->host_ifindex) {
+	/* A peer on this node: its ingress policy is applied here (as Cilium
+	 * tail-calls the peer's policy program); its L7 rules may also need
+	 * the proxy. */
+	if (ct.state == CT_NEW && peer_here) {
+		int was = redirect;
+		int verdict = ingress_policy(skb, &pkt, peer->ep_id, peer->identity, peer->flags,
+					     src_id, &peer_pv, &redirect);
+		if (verdict != TC_ACT_OK)
+			return verdict;
+		if (redirect && !was) {
+			if (pkt.protocol != IPPROTO_TCP)
+				return drop(skb, &pkt, DROP_PROXY_UNSUPPORTED, DIR_INGRESS, src_id,
+					    dst_id, peer_pv.match, peer_pv.cookie);
+			ct_add_flags(&pkt, DIR_EGRESS, CT_F_PROXY_REDIRECT);
+		}
+	}
+	if (redirect) {
+		if (ct.report)
+			emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_TO_PROXY, DIR_EGRESS,
+				   VERDICT_FORWARDED, ct.state, src_id, dst_id, pv.match,
+				   ct.policy_cookie);
+		return to_proxy(skb, &pkt, src_id, dst_id);
+	}
+
+	/* Same-node delivery: hand the packet straight to the peer's interface
+	 * inside its namespace: one veth hop, no host stack, no iptables. */
+	if (peer_here) {
 		int verdict = ingress_to_endpoint(skb, &pkt, peer->ep_id, peer->identity,
-						  peer->flags, src_id);
+						  peer->flags, src_id,
+						  ct.state == CT_NEW ? INGRESS_CHECKED : INGRESS_CHECK,
+						  &peer_pv);
+		if (verdict == -1) {
+			/* A connection tracked before the peer's L7 rules came: its
+			 * next packets belong to the proxy. */
+			if (pkt.protocol != IPPROTO_TCP)
+				return drop(skb, &pkt, DROP_PROXY_UNSUPPORTED, DIR_INGRESS, src_id,
+					    dst_id, peer_pv.match, peer_pv.cookie);
+			ct_add_flags(&pkt, DIR_EGRESS, CT_F_PROXY_REDIRECT);
+			emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_TO_PROXY, DIR_EGRESS,
+				   VERDICT_FORWARDED, ct.state, src_id, dst_id, peer_pv.match,
+				   peer_pv.cookie);
+			return to_proxy(skb, &pkt, src_id, dst_id);
+		}
 		if (verdict != TC_ACT_OK)
 			return verdict;
 		if (bpf_skb_store_bytes(skb, 0, peer->pod_mac, 6, 0) < 0 ||
@@ -172,6 +292,7 @@ SEC("classifier")
 int to_container(struct __sk_buff *skb)
 {
 	struct packet pkt = {};
+	struct policy_verdict pv = {};
 	int kind = parse_packet(skb, &pkt);
 
 	if (kind != PARSE_IPV4)
@@ -180,8 +301,17 @@ int to_container(struct __sk_buff *skb)
 	struct endpoint_info *self = local_endpoint(endpoint_ipv4);
 	if (!self || pkt.daddr != endpoint_ipv4)
 		return TC_ACT_OK; /* broadcast or not addressed to the pod */
-	return ingress_to_endpoint(skb, &pkt, endpoint_id, self->identity, self->flags,
-				   identity_of(pkt.saddr));
+	__u32 src_id = identity_of(pkt.saddr);
+	enum ingress_mode mode = proxy_port && skb->mark == proxy_mark_from
+		? INGRESS_FROM_PROXY : INGRESS_CHECK;
+	int verdict = ingress_to_endpoint(skb, &pkt, endpoint_id, self->identity, self->flags,
+					  src_id, mode, &pv);
+	/* L7 rules for a client outside this node's pods: the proxy is reached
+	 * from the pods' side only, so refuse rather than skip the rules. */
+	if (verdict == -1)
+		return drop(skb, &pkt, DROP_PROXY_UNSUPPORTED, DIR_INGRESS, src_id,
+			    self->identity, pv.match, pv.cookie);
+	return verdict;
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -43,6 +43,9 @@ enum fibril_drop_reason {
 	DROP_UNSUPPORTED_L3 = 139,
 	DROP_UNKNOWN_L4 = 142,
 	DROP_CT_MAP_INSERT_FAILED = 155,
+	DROP_SOCKET_LOOKUP_FAILED = 178,  /* the proxy's listener is not there */
+	DROP_SOCKET_ASSIGN_FAILED = 179,
+	DROP_PROXY_UNSUPPORTED = 180,     /* L7 redirect on a path that cannot reach the proxy */
 	DROP_POLICY_DENY = 181,
 };
 
@@ -98,6 +101,10 @@ enum fibril_policy_match {
 #define POLICY_F_DENY 0x1
 #define POLICY_F_AUDIT 0x2    /* a deny from a policy in audit mode */
 #define POLICY_F_REDIRECT 0x4 /* L7 rules: traffic belongs to the proxy */
+
+/* Connection flags (ct_value.flags). */
+#define CT_F_PROXY_REDIRECT 0x1 /* the opener's packets go to the L7 proxy */
+#define CT_F_FROM_PROXY 0x2     /* opened by the proxy for its client: replies go back to it */
 
 /*
  * ipcache: LPM trie, IPv4 prefix -> security identity.
@@ -193,7 +200,7 @@ struct ct_value {
 	__u8 tx_flags_seen;     /* TCP flags seen from the opener */
 	__u8 rx_flags_seen;     /* TCP flags seen from the peer */
 	__u8 closing;
-	__u8 pad;
+	__u8 flags;             /* CT_F_* */
 };
 _Static_assert(sizeof(struct ct_value) == 40, "ct_value size");
 

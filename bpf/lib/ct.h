@@ -18,6 +18,7 @@ const volatile __u64 ct_timeout_any_s = 60;
 struct ct_result {
 	__u8 state;              /* fibril_ct_state */
 	__u8 report;             /* worth a trace event (monitor aggregation) */
+	__u8 flags;              /* CT_F_* of the entry */
 	__u32 policy_cookie;
 };
 
@@ -84,12 +85,14 @@ static __always_inline void ct_lookup(const struct packet *pkt, __u8 dir, struct
 	__u8 opposite = dir == DIR_INGRESS ? DIR_EGRESS : DIR_INGRESS;
 
 	res->report = 0;
+	res->flags = 0;
 	res->policy_cookie = 0;
 
 	ct_fill_key(&key, pkt, dir, 0);
 	v = bpf_map_lookup_elem(&fibril_ct, &key);
 	if (v && v->expires_ns > now) {
 		res->state = CT_ESTABLISHED;
+		res->flags = v->flags;
 		res->policy_cookie = v->policy_cookie;
 		res->report = ct_touch(v, pkt, 1, now);
 		return;
@@ -98,6 +101,7 @@ static __always_inline void ct_lookup(const struct packet *pkt, __u8 dir, struct
 	v = bpf_map_lookup_elem(&fibril_ct, &key);
 	if (v && v->expires_ns > now) {
 		res->state = CT_REPLY;
+		res->flags = v->flags;
 		res->policy_cookie = v->policy_cookie;
 		res->report = ct_touch(v, pkt, 0, now);
 		return;
@@ -106,7 +110,8 @@ static __always_inline void ct_lookup(const struct packet *pkt, __u8 dir, struct
 	res->report = 1;
 }
 
-static __always_inline int ct_create(const struct packet *pkt, __u8 dir, __u32 cookie)
+static __always_inline int ct_create(const struct packet *pkt, __u8 dir, __u32 cookie,
+				     __u8 flags)
 {
 	struct ct_key key;
 	struct ct_value v = {};
@@ -114,12 +119,25 @@ static __always_inline int ct_create(const struct packet *pkt, __u8 dir, __u32 c
 
 	ct_fill_key(&key, pkt, dir, 0);
 	v.policy_cookie = cookie;
+	v.flags = flags;
 	v.tx_flags_seen = pkt->tcp_flags;
 	v.packets = 1;
 	v.bytes = pkt->len;
 	v.last_report_ns = now;
 	v.expires_ns = now + ct_timeout(pkt, &v);
 	return bpf_map_update_elem(&fibril_ct, &key, &v, BPF_ANY);
+}
+
+/* Marks an existing connection (opened in `dir` by this packet's sender). */
+static __always_inline void ct_add_flags(const struct packet *pkt, __u8 dir, __u8 flags)
+{
+	struct ct_key key;
+	struct ct_value *v;
+
+	ct_fill_key(&key, pkt, dir, 0);
+	v = bpf_map_lookup_elem(&fibril_ct, &key);
+	if (v)
+		v->flags |= flags;
 }
 
 #endif

@@ -62,6 +62,8 @@ fn deps() -> anyhow::Result<()> {
         ("util-linux", "/usr/bin/nsenter"),
         ("containernetworking-plugins", "/usr/lib/cni/portmap"),
         ("procps", "/usr/sbin/sysctl"),
+        // The L7 tests' HTTP/1.1 and HTTP/2 client inside lab pods.
+        ("curl", "/usr/bin/curl"),
     ];
     let missing: Vec<&str> = needed
         .iter()

@@ -75,11 +75,14 @@ pub enum DropReason {
     UnsupportedL3 = 139,
     UnknownL4 = 142,
     CtMapInsertFailed = 155,
+    SocketLookupFailed = 178,
+    SocketAssignFailed = 179,
+    ProxyUnsupported = 180,
     PolicyDeny = 181,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 11] = [
         Self::InvalidSourceIp,
         Self::PolicyDenied,
         Self::InvalidPacket,
@@ -87,6 +90,9 @@ impl DropReason {
         Self::UnsupportedL3,
         Self::UnknownL4,
         Self::CtMapInsertFailed,
+        Self::SocketLookupFailed,
+        Self::SocketAssignFailed,
+        Self::ProxyUnsupported,
         Self::PolicyDeny,
     ];
 
@@ -172,6 +178,9 @@ pub const EP_F_EGRESS_AUDIT: u32 = 0x8;
 pub const POLICY_F_DENY: u8 = 0x1;
 pub const POLICY_F_AUDIT: u8 = 0x2;
 pub const POLICY_F_REDIRECT: u8 = 0x4;
+/// Connection flags (`ct_value.flags`).
+pub const CT_F_PROXY_REDIRECT: u8 = 0x1;
+pub const CT_F_FROM_PROXY: u8 = 0x2;
 pub const POLICY_STATIC_PREFIX_BITS: u32 = 72;
 pub const POLICY_FULL_PREFIX_BITS: u32 = 96;
 
@@ -248,7 +257,8 @@ pub struct CtValue {
     pub tx_flags_seen: u8,
     pub rx_flags_seen: u8,
     pub closing: u8,
-    pub pad: u8,
+    /// `CT_F_*`.
+    pub flags: u8,
 }
 
 /// One datapath notification read from the events ring buffer.

@@ -29,7 +29,7 @@ int main(void) {
   O(ct_key, direction)
   O(ct_value, expires_ns) O(ct_value, packets) O(ct_value, bytes) O(ct_value, last_report_ns)
   O(ct_value, policy_cookie) O(ct_value, tx_flags_seen) O(ct_value, rx_flags_seen)
-  O(ct_value, closing)
+  O(ct_value, closing) O(ct_value, flags)
   O(flow_event, ts_ns) O(flow_event, type) O(flow_event, subtype) O(flow_event, direction)
   O(flow_event, verdict) O(flow_event, ct_state) O(flow_event, protocol)
   O(flow_event, tcp_flags) O(flow_event, ip_version) O(flow_event, ep_id)
@@ -42,7 +42,8 @@ int main(void) {
   E(EVENT_DROP) E(EVENT_TRACE) E(EVENT_POLICY_VERDICT)
   E(DROP_INVALID_SOURCE_IP) E(DROP_POLICY_DENIED) E(DROP_INVALID_PACKET)
   E(DROP_CT_INVALID_HEADER) E(DROP_UNSUPPORTED_L3) E(DROP_UNKNOWN_L4)
-  E(DROP_CT_MAP_INSERT_FAILED) E(DROP_POLICY_DENY)
+  E(DROP_CT_MAP_INSERT_FAILED) E(DROP_POLICY_DENY) E(DROP_SOCKET_LOOKUP_FAILED)
+  E(DROP_SOCKET_ASSIGN_FAILED) E(DROP_PROXY_UNSUPPORTED) E(CT_F_PROXY_REDIRECT) E(CT_F_FROM_PROXY)
   E(TRACE_TO_LXC) E(TRACE_TO_PROXY) E(TRACE_TO_HOST) E(TRACE_TO_STACK) E(TRACE_TO_OVERLAY)
   E(TRACE_FROM_LXC)
   E(VERDICT_FORWARDED) E(VERDICT_DROPPED) E(VERDICT_AUDIT)
@@ -149,6 +150,7 @@ fn sizes_offsets_and_enums_match_the_c_header() {
         ("ct_value.tx_flags_seen", offset_of!(CtValue, tx_flags_seen)),
         ("ct_value.rx_flags_seen", offset_of!(CtValue, rx_flags_seen)),
         ("ct_value.closing", offset_of!(CtValue, closing)),
+        ("ct_value.flags", offset_of!(CtValue, flags)),
         ("flow_event.ts_ns", offset_of!(FlowEvent, ts_ns)),
         ("flow_event.type", offset_of!(FlowEvent, r#type)),
         ("flow_event.subtype", offset_of!(FlowEvent, subtype)),
@@ -213,6 +215,20 @@ fn sizes_offsets_and_enums_match_the_c_header() {
             DropReason::CtMapInsertFailed as usize,
         ),
         ("DROP_POLICY_DENY", DropReason::PolicyDeny as usize),
+        (
+            "DROP_SOCKET_LOOKUP_FAILED",
+            DropReason::SocketLookupFailed as usize,
+        ),
+        (
+            "DROP_SOCKET_ASSIGN_FAILED",
+            DropReason::SocketAssignFailed as usize,
+        ),
+        (
+            "DROP_PROXY_UNSUPPORTED",
+            DropReason::ProxyUnsupported as usize,
+        ),
+        ("CT_F_PROXY_REDIRECT", CT_F_PROXY_REDIRECT as usize),
+        ("CT_F_FROM_PROXY", CT_F_FROM_PROXY as usize),
         ("TRACE_TO_LXC", TracePoint::ToLxc as usize),
         ("TRACE_TO_PROXY", TracePoint::ToProxy as usize),
         ("TRACE_TO_HOST", TracePoint::ToHost as usize),

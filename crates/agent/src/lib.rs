@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod hubble_backend;
+pub mod l7;
 pub mod metrics;
 pub mod observer;
 pub mod policy_sync;
@@ -36,6 +37,8 @@ pub struct Config {
     pub socket: PathBuf,
     /// Flow ring capacity (2^n-1).
     pub flow_capacity: usize,
+    /// Where the datapath sends connections that L7 rules cover.
+    pub proxy: Option<datapath::ProxyRedirect>,
 }
 
 /// What the event enricher needs to know about local endpoints.
@@ -63,10 +66,11 @@ pub struct Agent {
     datapath: Arc<Datapath>,
     store: Store,
     state: Mutex<State>,
-    policy: Mutex<PolicySync>,
+    pub(crate) policy: Mutex<PolicySync>,
     index: EndpointIndex,
     pub observer: Arc<Observer>,
     started: Instant,
+    proxy_stats: std::sync::OnceLock<Arc<proxy::Stats>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +104,12 @@ impl Agent {
         }
         let store = Store::new(&config.state_dir)?;
         let mut state = store.load().map_err(invalid)?;
-        let datapath = Arc::new(Datapath::open(datapath::Config::new(&config.bpf_dir))?);
+        let mut dp_config = datapath::Config::new(&config.bpf_dir);
+        dp_config.proxy = config.proxy;
+        let datapath = Arc::new(Datapath::open(dp_config)?);
+        if let Some(p) = &config.proxy {
+            proxy_routing(&config.state_dir, p)?;
+        }
         let observer = Arc::new(Observer::new(
             config.flow_capacity,
             config.node_name.clone(),
@@ -133,6 +142,7 @@ impl Agent {
             index: Arc::new(RwLock::new(EndpointLookup::default())),
             observer,
             started: Instant::now(),
+            proxy_stats: std::sync::OnceLock::new(),
         });
         {
             let state = agent.lock_state();
@@ -150,6 +160,15 @@ impl Agent {
         &self.datapath
     }
 
+    /// The L7 proxy's counters, once it runs.
+    pub fn set_proxy_stats(&self, stats: Arc<proxy::Stats>) {
+        self.proxy_stats.set(stats).ok();
+    }
+
+    pub fn proxy_stats(&self) -> Option<&Arc<proxy::Stats>> {
+        self.proxy_stats.get()
+    }
+
     pub fn uptime(&self) -> std::time::Duration {
         self.started.elapsed()
     }
@@ -165,6 +184,25 @@ impl Agent {
                 .origins(),
             cluster: self.config.cluster_name.clone(),
         }
+    }
+
+    /// For a connection the L7 proxy accepted: the client's identity (it
+    /// is a local pod: the datapath redirects from the pods' side), the
+    /// server's identity, and whether the server is a pod on this node.
+    pub fn l7_peers(&self, client: Ipv4Addr, server: Ipv4Addr) -> Option<(u32, u32, bool)> {
+        let s = self.lock_state();
+        let find = |ip: Ipv4Addr| s.endpoints.values().find(|e| e.ipv4 == ip);
+        let client = find(client)?.identity;
+        if let Some(e) = find(server) {
+            return Some((client, e.identity, true));
+        }
+        let cidr = s
+            .cidr_identities
+            .iter()
+            .filter(|(p, _)| p.contains(&std::net::IpAddr::V4(server)))
+            .max_by_key(|(p, _)| p.prefix_len())
+            .map_or(abi::identity::WORLD, |(_, id)| *id);
+        Some((client, cidr, false))
     }
 
     fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -740,6 +778,15 @@ fn policy_labels(p: Option<&policy::Policy>) -> Vec<String> {
         out.push(format!("k8s:io.cilium.k8s.policy.namespace={ns}"));
     }
     out
+}
+
+/// Installs the proxy's policy routing, first removing a previous run's.
+fn proxy_routing(state_dir: &std::path::Path, p: &datapath::ProxyRedirect) -> Result<(), Error> {
+    let record = state_dir.join(net::PROXY_ROUTING_FILE);
+    net::proxy_routing_forget(&record);
+    net::proxy_routing_up(p.mark_to, p.table)?;
+    std::fs::write(&record, format!("{} {}\n", p.mark_to, p.table))?;
+    Ok(())
 }
 
 fn validate_attachment(a: &Attachment) -> Result<(), Error> {

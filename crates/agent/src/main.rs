@@ -54,6 +54,54 @@ struct Args {
     /// any free port, written to STATE_DIR/hubble-metrics.addr).
     #[arg(long, default_value = "127.0.0.1:9965")]
     hubble_metrics_addr: std::net::SocketAddr,
+    /// The L7 proxy's port on 127.0.0.1 (0: the previous run's if free,
+    /// else any free port).
+    #[arg(long, default_value_t = 0)]
+    proxy_port: u16,
+}
+
+/// Binds the L7 proxy's listener (before the datapath loads: the programs
+/// carry its port). A restarted agent takes its previous port back if it can.
+fn bind_proxy(args: &Args) -> anyhow::Result<std::net::TcpListener> {
+    if args.proxy_port == 0 {
+        let record = args.state_dir.join(datapath::net::PROXY_ROUTING_FILE);
+        if let Some((_, table)) = datapath::net::read_proxy_routing(&record) {
+            if let Ok(l) = proxy::socket::listen((table & 0xffff) as u16) {
+                return Ok(l);
+            }
+        }
+    }
+    proxy::socket::listen(args.proxy_port)
+        .with_context(|| format!("binding the L7 proxy on 127.0.0.1:{}", args.proxy_port))
+}
+
+/// Runs the L7 proxy on a tokio runtime of its own.
+fn start_proxy(
+    agent: Arc<Agent>,
+    listener: std::net::TcpListener,
+    from_mark: u32,
+) -> anyhow::Result<Arc<proxy::Stats>> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("proxy")
+        .enable_all()
+        .build()?;
+    let stats = Arc::new(proxy::Stats::default());
+    let policy = Arc::new(fibril_agent::l7::ProxyPolicy::new(agent));
+    let config = proxy::http::Config {
+        from_mark,
+        ..Default::default()
+    };
+    let s = stats.clone();
+    std::thread::Builder::new()
+        .name("proxy".into())
+        .spawn(move || {
+            let _guard = rt.enter();
+            if let Err(e) = rt.block_on(proxy::http::serve(listener, policy, config, s)) {
+                tracing::error!(error = %e, "L7 proxy stopped");
+            }
+        })?;
+    Ok(stats)
 }
 
 /// Serves the Hubble API (gRPC) on a Unix socket and on TCP, on a tokio
@@ -147,6 +195,9 @@ fn main() -> anyhow::Result<()> {
         .pod_cidr
         .parse()
         .map_err(|e| anyhow::anyhow!("--pod-cidr: {e}"))?;
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating {}", args.state_dir.display()))?;
+    let proxy_listener = bind_proxy(&args)?;
     let config = Config {
         node_name: args.node_name,
         cluster_name: args.cluster_name,
@@ -155,6 +206,12 @@ fn main() -> anyhow::Result<()> {
         bpf_dir: args.bpf_dir,
         socket: args.socket,
         flow_capacity: args.flow_capacity,
+        proxy: None,
+    };
+    let redirect = datapath::ProxyRedirect::for_port(proxy_listener.local_addr()?.port());
+    let config = Config {
+        proxy: Some(redirect),
+        ..config
     };
     let agent = Agent::new(config.clone()).context("starting the agent")?;
     let reader = agent
@@ -190,6 +247,9 @@ fn main() -> anyhow::Result<()> {
             .name("metrics".into())
             .spawn(move || fibril_agent::metrics::serve(agent, l, render))?;
     }
+    let proxy_stats = start_proxy(agent.clone(), proxy_listener, redirect.mark_from)?;
+    agent.set_proxy_stats(proxy_stats);
+    tracing::info!(port = redirect.port, "L7 proxy ready");
     start_hubble(
         agent.clone(),
         &args.hubble_socket,

@@ -66,6 +66,11 @@ pub fn render(agent: &Agent) -> String {
         "Flows in the flow ring.",
         s.flows_buffered as u64,
     );
+    if let Some(stats) = agent.proxy_stats() {
+        for (name, help, value) in stats.snapshot() {
+            metric(name, "counter", help, value);
+        }
+    }
     out
 }
 

@@ -29,28 +29,32 @@ pub struct Sources {
     pub cluster: String,
 }
 
+/// A rule's policy as flows name it, with Cilium's derived-from labels.
+pub fn policy_ref(o: &policy::Origin) -> flow::record::PolicyRef {
+    let (namespace, name) = match o.policy.split_once('/') {
+        Some((ns, n)) => (ns.to_string(), n.to_string()),
+        None => (String::new(), o.policy.clone()),
+    };
+    let mut labels = vec![
+        format!("k8s:io.cilium.k8s.policy.derived-from={}", o.kind),
+        format!("k8s:io.cilium.k8s.policy.name={name}"),
+    ];
+    if !namespace.is_empty() {
+        labels.push(format!("k8s:io.cilium.k8s.policy.namespace={namespace}"));
+    }
+    flow::record::PolicyRef {
+        name,
+        namespace,
+        labels,
+        revision: 0,
+        kind: o.kind.clone(),
+    }
+}
+
 impl Enricher for Sources {
     fn policy(&self, cookie: u32) -> Option<flow::record::PolicyRef> {
         let origins = self.origins.read().unwrap_or_else(|e| e.into_inner());
-        let o = origins.get(cookie.checked_sub(1)? as usize)?;
-        let (namespace, name) = match o.policy.split_once('/') {
-            Some((ns, n)) => (ns.to_string(), n.to_string()),
-            None => (String::new(), o.policy.clone()),
-        };
-        let mut labels = vec![
-            format!("k8s:io.cilium.k8s.policy.derived-from={}", o.kind),
-            format!("k8s:io.cilium.k8s.policy.name={name}"),
-        ];
-        if !namespace.is_empty() {
-            labels.push(format!("k8s:io.cilium.k8s.policy.namespace={namespace}"));
-        }
-        Some(flow::record::PolicyRef {
-            name,
-            namespace,
-            labels,
-            revision: 0,
-            kind: o.kind.clone(),
-        })
+        Some(policy_ref(origins.get(cookie.checked_sub(1)? as usize)?))
     }
 
     fn interface_name(&self, ifindex: u32) -> Option<String> {
@@ -120,6 +124,13 @@ impl Observer {
     pub fn push(&self, f: Flow) {
         self.metrics.observe(&f);
         self.flows.push(Arc::new(f));
+    }
+
+    /// A request or response the L7 proxy reports.
+    pub fn push_l7(&self, r: &flow::record::L7Record, sources: &Sources) {
+        let n = self.uuid_counter.fetch_add(1, Ordering::Relaxed);
+        let uuid = format!("{:08x}-0000-4000-8007-{:012x}", r.unix_ns as u32, n);
+        self.push(flow::record::from_l7(r, uuid, &self.node, sources));
     }
 
     /// Sequence number where a reader asking for the last `n` starts.

@@ -95,7 +95,9 @@ impl PolicySync {
             if v.audit {
                 flags |= POLICY_F_AUDIT;
             }
-            if v.l7.is_some() {
+            // HTTP rules send the connection to the L7 proxy; the other
+            // L7 kinds are not enforced yet (import warns) and allow at L4.
+            if matches!(v.l7, Some(policy::L7::Http(_))) {
                 flags |= POLICY_F_REDIRECT;
             }
             let value = PolicyValue {

@@ -654,6 +654,7 @@ pub fn down(lab: &str) -> anyhow::Result<()> {
         }
     }
     stop_agent(&st);
+    net::proxy_routing_forget(&lab_dir(lab).join("state").join(net::PROXY_ROUTING_FILE));
     for p in &st.pods {
         net::delete_netns(&p.netns);
         // If the agent was gone, the host side of the veth may remain.

@@ -2,183 +2,14 @@
 //! network namespaces, real packets. Each test runs its own lab (unique
 //! name, unique pod CIDR) and removes it even when it fails. Needs root.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::Command;
 use std::time::Duration;
 
+use common::{bin, custom_lab, wait_until, Lab};
 use serde_json::Value;
-
-fn bin(name: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_BIN_EXE_fibril")).with_file_name(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace first (cargo build)",
-        p.display()
-    );
-    p
-}
-
-struct Lab {
-    name: String,
-    cidr_prefix: String,
-    dir: PathBuf,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = self.fibril(&["lab", "down"]);
-        std::fs::remove_dir_all(&self.dir).ok();
-    }
-}
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-impl Lab {
-    /// The default lab (the seed's example) under a unique name and CIDR.
-    fn default_lab() -> Self {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../labs");
-        let lab = std::fs::read_to_string(root.join("default.yaml"))
-            .unwrap()
-            .replace("10.200.0.0/24", "POD_CIDR_HERE");
-        let policy = "policies/allow-frontend-to-backend.yaml";
-        let text = std::fs::read_to_string(root.join(policy)).unwrap();
-        Self::start(&lab, &[(policy, &text)])
-    }
-
-    /// Writes `lab_yaml` (its `POD_CIDR_HERE` replaced by a /24 of this
-    /// test's own) and `files` beside it, then brings the lab up under a
-    /// unique name.
-    fn start(lab_yaml: &str, files: &[(&str, &str)]) -> Self {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("t{}x{n}", std::process::id() % 100_000);
-        // 10.201-10.240: one /24 per test of this process.
-        let cidr_prefix = format!("10.{}.{}", 201 + (std::process::id() % 40), 10 + n);
-        let dir = std::env::temp_dir().join(format!("fibril-e2e-{name}"));
-        for (path, text) in files {
-            let p = dir.join(path);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(p, text).unwrap();
-        }
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("lab.yaml"),
-            lab_yaml.replace("POD_CIDR_HERE", &format!("{cidr_prefix}.0/24")),
-        )
-        .unwrap();
-        let lab = Lab {
-            name,
-            cidr_prefix,
-            dir,
-        };
-        let up = lab.fibril(&[
-            "lab",
-            "up",
-            "-f",
-            lab.dir.join("lab.yaml").to_str().unwrap(),
-        ]);
-        assert!(
-            up.status.success(),
-            "lab up failed: {}",
-            String::from_utf8_lossy(&up.stderr)
-        );
-        lab
-    }
-
-    fn fibril(&self, args: &[&str]) -> Output {
-        Command::new(bin("fibril"))
-            .arg("--lab")
-            .arg(&self.name)
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn ip(&self, host: u8) -> String {
-        format!("{}.{host}", self.cidr_prefix)
-    }
-
-    /// Whether an HTTP GET of `url` from the pod `from` (`ns/name`)
-    /// succeeds within `timeout` seconds.
-    fn http_get(&self, from: &str, url: &str, timeout: &str) -> bool {
-        self.fibril(&[
-            "lab",
-            "exec",
-            from,
-            "--",
-            "fibril-echo",
-            "http-get",
-            "--timeout",
-            timeout,
-            url,
-        ])
-        .status
-        .success()
-    }
-
-    /// frontend = .2, backend = .3, other-client = .4 (created in that order).
-    fn get(&self, from: &str, timeout: &str) -> bool {
-        let url = format!("http://{}:8080/", self.ip(3));
-        self.http_get(&format!("microservices/{from}"), &url, timeout)
-    }
-
-    fn backend_log(&self) -> String {
-        std::fs::read_to_string(format!(
-            "/run/fibril/labs/{}/pods/microservices_backend.log",
-            self.name
-        ))
-        .unwrap_or_default()
-    }
-
-    fn flows(&self) -> Vec<Value> {
-        let out = self.fibril(&["observe", "--all", "-o", "json"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
-            .filter_map(|v| v.get("flow").cloned())
-            .collect()
-    }
-
-    /// GET /metrics from the lab agent's metrics endpoint (loopback).
-    fn metrics(&self) -> String {
-        self.http_get_metrics("metrics.addr")
-    }
-
-    /// GET /metrics from the agent endpoint whose address is in `file`.
-    fn http_get_metrics(&self, file: &str) -> String {
-        use std::io::{Read, Write};
-        let addr = std::fs::read_to_string(format!("/run/fibril/labs/{}/state/{file}", self.name))
-            .unwrap();
-        let mut c = std::net::TcpStream::connect(addr.trim()).unwrap();
-        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
-        let mut out = String::new();
-        c.read_to_string(&mut out).unwrap();
-        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
-        out
-    }
-
-    fn endpoints(&self) -> Value {
-        let out = self.fibril(&["endpoint", "list", "-o", "json"]);
-        assert!(out.status.success());
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..100 {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out waiting for {what}");
-}
 
 #[test]
 fn default_lab_enforces_the_seed_policy_in_the_kernel() {
@@ -608,11 +439,6 @@ fn lab_down_removes_everything_it_created_and_nothing_else() {
     let again = lab.fibril(&["lab", "down"]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("is not up"));
-}
-
-/// A lab with its own YAML (policies inline), unique name and CIDR.
-fn custom_lab(lab_yaml: &str) -> Lab {
-    Lab::start(lab_yaml, &[])
 }
 
 const SEMANTICS_LAB: &str = r#"

@@ -65,6 +65,32 @@ pub struct Config {
     pub pin_dir: PathBuf,
     /// Pending event bytes that wake the agent's reader (batched wake-ups).
     pub events_wakeup_bytes: u64,
+    /// Where L7 redirects go; `None`: L7 rules are not redirected.
+    pub proxy: Option<ProxyRedirect>,
+}
+
+/// How packets reach the L7 proxy: its listener's port on 127.0.0.1, the
+/// mark (and policy-routing table) that delivers a packet to the local
+/// stack, and the mark of the proxy's upstream sockets. All derive from the
+/// port, so agents side by side on one host (labs) never share them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProxyRedirect {
+    pub port: u16,
+    pub mark_to: u32,
+    pub mark_from: u32,
+    pub table: u32,
+}
+
+impl ProxyRedirect {
+    pub fn for_port(port: u16) -> Self {
+        let p = (port as u32) << 16;
+        Self {
+            port,
+            mark_to: p | 0x0F1B,
+            mark_from: p | 0x0F1C,
+            table: 0x0F1B_0000 | port as u32,
+        }
+    }
 }
 
 impl Config {
@@ -72,6 +98,7 @@ impl Config {
         Self {
             pin_dir: pin_dir.into(),
             events_wakeup_bytes: 64 * abi::FlowEvent::SIZE as u64,
+            proxy: None,
         }
     }
 }
@@ -420,6 +447,11 @@ fn loader(config: &Config) -> EbpfLoader<'_> {
     let mut l = EbpfLoader::new();
     l.default_map_pin_directory(&config.pin_dir)
         .override_global("events_wakeup_bytes", &config.events_wakeup_bytes, true);
+    if let Some(p) = &config.proxy {
+        l.override_global("proxy_port", &p.port, true)
+            .override_global("proxy_mark_to", &p.mark_to, true)
+            .override_global("proxy_mark_from", &p.mark_from, true);
+    }
     l
 }
 

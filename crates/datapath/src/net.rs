@@ -277,6 +277,67 @@ pub fn pod_interface(netns: &Path, ifname: &str) -> Result<([u8; 6], Vec<Ipv4Add
     Ok((mac, ips))
 }
 
+/// Policy routing for the L7 proxy: packets carrying `mark` are delivered to
+/// the local stack (`local 0.0.0.0/0 dev lo` in `table`), whatever their
+/// destination address. Idempotent.
+pub fn proxy_routing_up(mark: u32, table: u32) -> Result<(), NetError> {
+    proxy_routing_down(mark, table);
+    let (mark, table) = (format!("{mark:#x}"), table.to_string());
+    run(
+        "ip",
+        &[
+            "-4",
+            "route",
+            "replace",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            &table,
+        ],
+    )?;
+    run(
+        "ip",
+        &[
+            "-4", "rule", "add", "fwmark", &mark, "lookup", &table, "pref", "90",
+        ],
+    )?;
+    Ok(())
+}
+
+/// Removes what `proxy_routing_up` added (nothing else: the rule is matched
+/// by its mark and table, the routes by their table).
+pub fn proxy_routing_down(mark: u32, table: u32) {
+    let (mark, table) = (format!("{mark:#x}"), table.to_string());
+    while run(
+        "ip",
+        &["-4", "rule", "del", "fwmark", &mark, "lookup", &table],
+    )
+    .is_ok()
+    {}
+    run("ip", &["-4", "route", "flush", "table", &table]).ok();
+}
+
+/// The file (in the agent's state directory) recording the proxy's policy
+/// routing, so that the next run or `lab down` removes exactly that.
+pub const PROXY_ROUTING_FILE: &str = "proxy-routing";
+
+/// `(mark, table)` from a proxy routing record.
+pub fn read_proxy_routing(record: &Path) -> Option<(u32, u32)> {
+    let text = std::fs::read_to_string(record).ok()?;
+    let mut it = text.split_whitespace().map(|t| t.parse::<u32>().ok());
+    Some((it.next()??, it.next()??))
+}
+
+/// Removes the policy routing a record names, and the record.
+pub fn proxy_routing_forget(record: &Path) {
+    if let Some((mark, table)) = read_proxy_routing(record) {
+        proxy_routing_down(mark, table);
+    }
+    std::fs::remove_file(record).ok();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,6 +24,12 @@ enum Cmd {
         #[arg(long)]
         port: u16,
     },
+    /// HTTP/2 server (cleartext, prior knowledge: what gRPC speaks)
+    /// answering every request with 200 and a short body.
+    H2Server {
+        #[arg(long)]
+        port: u16,
+    },
     /// GET a URL (http://host:port/path); prints the status line.
     HttpGet {
         url: String,
@@ -68,6 +74,8 @@ enum Cmd {
         seconds: f64,
         #[arg(long, default_value_t = 0.2)]
         interval: f64,
+        #[arg(long, default_value = "/hold")]
+        path: String,
     },
 }
 
@@ -89,7 +97,8 @@ fn http_server(port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Keep-alive HTTP/1.1: answers requests until the client closes.
+/// Keep-alive HTTP/1.1: answers requests until the client closes, logging
+/// each request line (tests check what reached the server).
 fn serve_http(conn: TcpStream) {
     let Ok(mut w) = conn.try_clone() else { return };
     let mut r = BufReader::new(conn);
@@ -98,6 +107,7 @@ fn serve_http(conn: TcpStream) {
         if r.read_line(&mut request_line).unwrap_or(0) == 0 {
             return;
         }
+        let mut content_length = 0usize;
         loop {
             let mut h = String::new();
             if r.read_line(&mut h).unwrap_or(0) == 0 {
@@ -106,7 +116,17 @@ fn serve_http(conn: TcpStream) {
             if h == "\r\n" || h == "\n" {
                 break;
             }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.trim().eq_ignore_ascii_case("content-length") {
+                    content_length = v.trim().parse().unwrap_or(0);
+                }
+            }
         }
+        let mut body_in = vec![0u8; content_length.min(1 << 20)];
+        if r.read_exact(&mut body_in).is_err() {
+            return;
+        }
+        say(format!("request {}", request_line.trim()));
         let body = format!("fibril-echo: {}", request_line.trim());
         let resp = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
@@ -182,13 +202,13 @@ fn http_get(url: &str, timeout: f64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn http_hold(addr: &str, seconds: f64, interval: f64) -> anyhow::Result<()> {
+fn http_hold(addr: &str, seconds: f64, interval: f64, path: &str) -> anyhow::Result<()> {
     let mut s = connect(addr, Duration::from_secs(3))?;
     let mut r = BufReader::new(s.try_clone()?);
     let end = Instant::now() + Duration::from_secs_f64(seconds);
     let mut n = 0;
     while Instant::now() < end {
-        let status = http_request(&mut s, &mut r, addr, "/hold")
+        let status = http_request(&mut s, &mut r, addr, path)
             .with_context(|| format!("request {n} on the held connection"))?;
         if !status.contains(" 2") {
             bail!("HTTP status {status}");
@@ -280,10 +300,43 @@ fn bench_stream(addr: &str, seconds: f64) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn h2_server(port: u16) -> anyhow::Result<()> {
+    use http_body_util::Full;
+    use hyper::body::{Bytes, Incoming};
+    use hyper::{Request, Response};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let l = tokio::net::TcpListener::bind(("0.0.0.0", port))
+            .await
+            .with_context(|| format!("bind :{port}"))?;
+        say(format!("listening on :{port}"));
+        loop {
+            let (conn, peer) = l.accept().await?;
+            say(format!("accepted {peer}"));
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let line = format!("{} {} HTTP/2", req.method(), req.uri().path());
+                    say(format!("request {line}"));
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
+                        format!("fibril-echo: {line}"),
+                    ))))
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(conn), service)
+                        .await;
+            });
+        }
+    })
+}
+
 fn main() {
     let args = Args::parse();
     let r = match args.cmd {
         Cmd::HttpServer { port } => http_server(port),
+        Cmd::H2Server { port } => h2_server(port),
         Cmd::HttpGet { url, timeout } => http_get(&url, timeout),
         Cmd::UdpServer { port } => udp_server(port),
         Cmd::UdpSend {
@@ -298,7 +351,8 @@ fn main() {
             addr,
             seconds,
             interval,
-        } => http_hold(&addr, seconds, interval),
+            path,
+        } => http_hold(&addr, seconds, interval, &path),
     };
     if let Err(e) = r {
         eprintln!("fibril-echo: {e:#}");

@@ -180,6 +180,13 @@ fn type_text(f: &Flow) -> String {
             };
             format!("policy-verdict:{m} {}", f.traffic_direction)
         }
+        crate::record::EVENT_TYPE_ACCESS_LOG => match &f.l7 {
+            Some(l7) => {
+                let proto = if l7.http.is_some() { "http" } else { "l7" };
+                format!("{proto}-{}", l7.r#type.to_lowercase())
+            }
+            None => "UNKNOWN".into(),
+        },
         _ => "UNKNOWN".into(),
     }
 }
@@ -323,6 +330,40 @@ pub fn compact(f: &Flow, style: Style) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The HTTP request and response of `spec/hubble-samples/observe-o-json.jsonl`,
+    /// printed as the real CLI printed them (`cli-observe-outputs.txt`).
+    #[test]
+    fn l7_http_flows_print_as_the_cli_does() {
+        let req = r#"{"time":"2026-01-15T10:00:01Z","uuid":"a","verdict":"FORWARDED","IP":{"source":"10.0.1.10","destination":"10.0.2.20","ipVersion":"IPv4"},"l4":{"TCP":{"source_port":43210,"destination_port":80}},"source":{"identity":12345,"namespace":"default","labels":["k8s:app=xwing"],"pod_name":"xwing-7d9f8b6c5-abcde"},"destination":{"identity":23456,"namespace":"default","labels":["k8s:app=deathstar"],"pod_name":"deathstar-6c94dcc57b-xyz12"},"Type":"L7","node_name":"kind-worker","l7":{"type":"REQUEST","http":{"method":"POST","url":"http://deathstar.default.svc.cluster.local/v1/request-landing","protocol":"HTTP/1.1","headers":[{"key":"User-Agent","value":"curl/8.0"}]}},"event_type":{"type":129},"traffic_direction":"INGRESS","is_reply":false,"Summary":"HTTP/1.1 POST http://deathstar.default.svc.cluster.local/v1/request-landing"}"#;
+        let resp = r#"{"time":"2026-01-15T10:00:01.002Z","uuid":"b","verdict":"FORWARDED","IP":{"source":"10.0.2.20","destination":"10.0.1.10","ipVersion":"IPv4"},"l4":{"TCP":{"source_port":80,"destination_port":43210}},"source":{"identity":23456,"namespace":"default","labels":["k8s:app=deathstar"],"pod_name":"deathstar-6c94dcc57b-xyz12"},"destination":{"identity":12345,"namespace":"default","labels":["k8s:app=xwing"],"pod_name":"xwing-7d9f8b6c5-abcde"},"Type":"L7","node_name":"kind-worker","l7":{"type":"RESPONSE","latency_ns":"2000000","http":{"code":200,"method":"POST","url":"http://deathstar.default.svc.cluster.local/v1/request-landing","protocol":"HTTP/1.1"}},"event_type":{"type":129},"traffic_direction":"INGRESS","is_reply":true,"Summary":"HTTP/1.1 200 2ms (POST http://deathstar.default.svc.cluster.local/v1/request-landing)"}"#;
+        let req: Flow = serde_json::from_str(req).unwrap();
+        let resp: Flow = serde_json::from_str(resp).unwrap();
+        assert_eq!(
+            compact(&req, Style::default()),
+            "Jan 15 10:00:01.000: default/xwing-7d9f8b6c5-abcde:43210 (ID:12345) -> default/deathstar-6c94dcc57b-xyz12:80 (ID:23456) http-request FORWARDED (HTTP/1.1 POST http://deathstar.default.svc.cluster.local/v1/request-landing)"
+        );
+        assert_eq!(
+            compact(&resp, Style::default()),
+            "Jan 15 10:00:01.002: default/xwing-7d9f8b6c5-abcde:43210 (ID:12345) <- default/deathstar-6c94dcc57b-xyz12:80 (ID:23456) http-response FORWARDED (HTTP/1.1 200 2ms (POST http://deathstar.default.svc.cluster.local/v1/request-landing))"
+        );
+        // The summary the proxy writes is the one the CLI printed.
+        let http = resp.l7.as_ref().unwrap().http.as_ref().unwrap();
+        assert_eq!(http.summary(Some(2_000_000)), resp.summary);
+        assert_eq!(
+            req.l7
+                .as_ref()
+                .unwrap()
+                .http
+                .as_ref()
+                .unwrap()
+                .summary(None),
+            req.summary
+        );
+        // And it serializes back with the same keys in the same order.
+        let again = serde_json::to_string(&resp).unwrap();
+        assert!(again.contains(r#""node_name":"kind-worker","l7":{"type":"RESPONSE","latency_ns":"2000000","http":{"code":200,"method":"POST""#), "{again}");
+    }
 
     /// The first flow of `spec/hubble-samples/flows-input.jsonl`, printed as
     /// the real CLI printed it.

@@ -203,6 +203,9 @@ pub struct Flow {
     pub r#type: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub node_name: String,
+    /// Requests and responses seen by the L7 proxy (Type L7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l7: Option<Layer7>,
     pub event_type: EventTypeField,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub traffic_direction: String,
@@ -230,6 +233,81 @@ pub struct Flow {
     pub egress_denied_by: Vec<PolicyRef>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ingress_denied_by: Vec<PolicyRef>,
+}
+
+/// `flow.Layer7`: what the L7 proxy saw (keys in declaration order).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layer7 {
+    /// REQUEST, RESPONSE or SAMPLE.
+    #[serde(rename = "type")]
+    pub r#type: String,
+    /// Responses: time since the request (64-bit: a JSON string).
+    #[serde(default, skip_serializing_if = "is_zero_u64", with = "u64_as_string")]
+    pub latency_ns: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<Http>,
+}
+
+/// `flow.HTTP`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Http {
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub code: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub method: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub url: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub protocol: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HttpHeader>,
+}
+
+/// `flow.HTTPHeader`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpHeader {
+    pub key: String,
+    pub value: String,
+}
+
+impl Http {
+    /// The Summary Hubble prints for a request (`HTTP/1.1 GET http://...`)
+    /// or, given the latency, a response (`HTTP/1.1 200 2ms (GET http://...)`).
+    pub fn summary(&self, response_latency_ns: Option<u64>) -> String {
+        match response_latency_ns {
+            None => format!("{} {} {}", self.protocol, self.method, self.url),
+            Some(ns) => format!(
+                "{} {} {}ms ({} {})",
+                self.protocol,
+                self.code,
+                ns / 1_000_000,
+                self.method,
+                self.url
+            ),
+        }
+    }
+}
+
+/// Protobuf JSON writes 64-bit integers as strings.
+mod u64_as_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&v.to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum N {
+            S(String),
+            N(u64),
+        }
+        match N::deserialize(d)? {
+            N::S(s) => s.parse().map_err(serde::de::Error::custom),
+            N::N(n) => Ok(n),
+        }
+    }
 }
 
 /// `flow.NetworkInterface`.
@@ -283,6 +361,9 @@ pub fn drop_reason_name(code: u8) -> &'static str {
         Some(DropReason::UnknownL4) => "UNKNOWN_L4_PROTOCOL",
         Some(DropReason::CtMapInsertFailed) => "CT_MAP_INSERTION_FAILED",
         Some(DropReason::PolicyDeny) => "POLICY_DENY",
+        Some(DropReason::SocketLookupFailed) => "SOCKET_LOOKUP_FAILED",
+        Some(DropReason::SocketAssignFailed) => "SOCKET_ASSIGN_FAILED",
+        Some(DropReason::ProxyUnsupported) => "PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL",
         None => "DROP_REASON_UNKNOWN",
     }
 }
@@ -298,6 +379,11 @@ pub fn drop_reason_text(name: &str) -> &'static str {
         "UNKNOWN_L4_PROTOCOL" => "Unknown L4 protocol",
         "CT_MAP_INSERTION_FAILED" => "CT: Map insertion failed",
         "POLICY_DENY" => "Policy denied by denylist",
+        "SOCKET_LOOKUP_FAILED" => "Socket lookup failed",
+        "SOCKET_ASSIGN_FAILED" => "Socket assign failed",
+        "PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL" => {
+            "Proxy redirection not supported for protocol"
+        }
         _ => "Unknown drop reason",
     }
 }
@@ -559,6 +645,91 @@ pub fn from_event(
         egress_denied_by,
         ingress_denied_by,
         summary,
+        l7: None,
+    }
+}
+
+/// Monitor message type of proxy access-log records (Hubble `event_type` 129).
+pub const EVENT_TYPE_ACCESS_LOG: i32 = 129;
+
+/// What the L7 proxy reports about one request or response.
+#[derive(Clone, Debug)]
+pub struct L7Record {
+    pub unix_ns: u64,
+    /// The connection's opener and its original destination.
+    pub client: std::net::SocketAddrV4,
+    pub server: std::net::SocketAddrV4,
+    pub client_identity: u32,
+    pub server_identity: u32,
+    /// A response: the flow runs server -> client.
+    pub is_reply: bool,
+    /// FORWARDED or DROPPED.
+    pub verdict: &'static str,
+    /// INGRESS when the server's policy redirected the connection, else EGRESS.
+    pub ingress: bool,
+    pub l7: Layer7,
+    /// The policies whose L7 rules decided it, each with its side (true:
+    /// the server's ingress policy, false: the client's egress policy).
+    pub decided_by: Vec<(bool, PolicyRef)>,
+}
+
+/// Turns an L7 proxy record into a flow (Type L7).
+pub fn from_l7(r: &L7Record, uuid: String, node: &str, enricher: &dyn Enricher) -> Flow {
+    let (src, dst, src_id, dst_id) = if r.is_reply {
+        (r.server, r.client, r.server_identity, r.client_identity)
+    } else {
+        (r.client, r.server, r.client_identity, r.server_identity)
+    };
+    let summary = match &r.l7.http {
+        Some(h) => h.summary((r.l7.r#type == "RESPONSE").then_some(r.l7.latency_ns)),
+        None => String::new(),
+    };
+    let dropped = r.verdict == "DROPPED";
+    let mut attribution: [Vec<PolicyRef>; 4] = Default::default();
+    for (ingress, p) in &r.decided_by {
+        attribution[match (ingress, dropped) {
+            (false, false) => 0,
+            (true, false) => 1,
+            (false, true) => 2,
+            (true, true) => 3,
+        }]
+        .push(p.clone());
+    }
+    let [egress_allowed_by, ingress_allowed_by, egress_denied_by, ingress_denied_by] = attribution;
+    Flow {
+        time: rfc3339(r.unix_ns),
+        uuid,
+        verdict: r.verdict.to_string(),
+        ip: Some(Ip {
+            source: src.ip().to_string(),
+            destination: dst.ip().to_string(),
+            ip_version: "IPv4".into(),
+        }),
+        l4: Some(Layer4 {
+            tcp: Some(Tcp {
+                source_port: src.port(),
+                destination_port: dst.port(),
+                flags: None,
+            }),
+            ..Default::default()
+        }),
+        source: enricher.endpoint(*src.ip(), src_id),
+        destination: enricher.endpoint(*dst.ip(), dst_id),
+        r#type: "L7".into(),
+        node_name: node.to_string(),
+        l7: Some(r.l7.clone()),
+        event_type: EventTypeField {
+            r#type: EVENT_TYPE_ACCESS_LOG,
+            sub_type: 0,
+        },
+        traffic_direction: if r.ingress { "INGRESS" } else { "EGRESS" }.into(),
+        is_reply: Some(r.is_reply),
+        egress_allowed_by,
+        ingress_allowed_by,
+        egress_denied_by,
+        ingress_denied_by,
+        summary,
+        ..Default::default()
     }
 }
 

@@ -187,6 +187,28 @@ pub fn flow(f: &flow::Flow) -> pb::Flow {
             pb::FlowType::from_str_name(n).map(|v| v as i32)
         }),
         node_name: f.node_name.clone(),
+        l7: f.l7.as_ref().map(|l| pb::Layer7 {
+            r#type: enum_value(&l.r#type, |n| {
+                pb::L7FlowType::from_str_name(n).map(|v| v as i32)
+            }),
+            latency_ns: l.latency_ns,
+            record: l.http.as_ref().map(|h| {
+                pb::layer7::Record::Http(pb::Http {
+                    code: h.code,
+                    method: h.method.clone(),
+                    url: h.url.clone(),
+                    protocol: h.protocol.clone(),
+                    headers: h
+                        .headers
+                        .iter()
+                        .map(|x| pb::HttpHeader {
+                            key: x.key.clone(),
+                            value: x.value.clone(),
+                        })
+                        .collect(),
+                })
+            }),
+        }),
         event_type: Some(pb::CiliumEventType {
             r#type: f.event_type.r#type,
             sub_type: f.event_type.sub_type,
@@ -374,6 +396,31 @@ pub fn from_pb(p: &pb::Flow) -> flow::Flow {
             |e| e.as_str_name(),
         ),
         node_name: p.node_name.clone(),
+        l7: p.l7.as_ref().map(|l| flow::record::Layer7 {
+            r#type: name_of(
+                l.r#type,
+                |v| pb::L7FlowType::try_from(v).ok(),
+                |e| e.as_str_name(),
+            ),
+            latency_ns: l.latency_ns,
+            http: match &l.record {
+                Some(pb::layer7::Record::Http(h)) => Some(flow::record::Http {
+                    code: h.code,
+                    method: h.method.clone(),
+                    url: h.url.clone(),
+                    protocol: h.protocol.clone(),
+                    headers: h
+                        .headers
+                        .iter()
+                        .map(|x| flow::record::HttpHeader {
+                            key: x.key.clone(),
+                            value: x.value.clone(),
+                        })
+                        .collect(),
+                }),
+                _ => None,
+            },
+        }),
         event_type: flow::record::EventTypeField {
             r#type: p.event_type.map_or(0, |e| e.r#type),
             sub_type: p.event_type.map_or(0, |e| e.sub_type),

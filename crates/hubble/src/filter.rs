@@ -390,8 +390,18 @@ fn protocol_of(f: &pb::Flow, want: &str) -> bool {
         "icmp" => matches!(l4, Some(Protocol::IcmPv4(_) | Protocol::IcmPv6(_))),
         "vrrp" => matches!(l4, Some(Protocol::Vrrp(_))),
         "igmp" => matches!(l4, Some(Protocol::Igmp(_))),
-        // L7 records: the proxies are not there yet, so no flow has one.
-        _ => false,
+        // L7 records, by the kind the proxy saw.
+        _ => {
+            use pb::layer7::Record;
+            let record = f.l7.as_ref().and_then(|l| l.record.as_ref());
+            match want {
+                "http" => matches!(record, Some(Record::Http(_))),
+                "dns" => matches!(record, Some(Record::Dns(_))),
+                #[allow(deprecated)] // Kafka is deprecated in flow.proto, still a valid filter
+                "kafka" => matches!(record, Some(Record::Kafka(_))),
+                _ => false,
+            }
+        }
     }
 }
 

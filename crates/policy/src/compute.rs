@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::labels::{LabelSet, CLUSTER_LABEL};
-use crate::model::{Entity, NamedPort, Peer, PeerRule, Policy, Port, Protocol};
+use crate::model::{Entity, NamedPort, Peer, PeerRule, Policy, Port, Protocol, L7};
 use crate::selector::Selector;
 
 /// Traffic direction, relative to the endpoint the policy applies to.
@@ -87,8 +87,10 @@ impl EntryKey {
 pub struct EntryValue {
     pub deny: bool,
     pub origin: Origin,
-    /// L7 rules on this entry (http, dns, kafka, l7proto): redirect to the proxy.
-    pub l7: Option<String>,
+    /// L7 rules on this entry (http, dns, kafka, l7proto): redirect to the
+    /// proxy, which enforces them. Rules of several policies on the same
+    /// key are a union.
+    pub l7: Option<L7>,
     /// From a policy in audit mode.
     pub audit: bool,
 }
@@ -195,7 +197,7 @@ impl EndpointPolicy {
             },
             Some((_, v)) => Decision::Allowed {
                 by: v.origin.clone(),
-                l7: v.l7.clone(),
+                l7: v.l7.as_ref().map(|l| l.kind().to_string()),
             },
             None if audit => audited(Decision::DefaultDeny {
                 selected_by: selected_by.clone(),
@@ -540,12 +542,21 @@ pub fn compute_selected(
                             port,
                             port_bits,
                         };
-                        target.entry(key).or_insert_with(|| EntryValue {
-                            deny: pr.deny,
-                            origin: origin.clone(),
-                            l7: pr.l7.as_ref().map(|l| l.kind().to_string()),
-                            audit: policy.audit,
-                        });
+                        match target.entry(key) {
+                            std::collections::btree_map::Entry::Vacant(v) => {
+                                v.insert(EntryValue {
+                                    deny: pr.deny,
+                                    origin: origin.clone(),
+                                    l7: pr.l7.clone(),
+                                    audit: policy.audit,
+                                });
+                            }
+                            std::collections::btree_map::Entry::Occupied(mut o) => {
+                                if !pr.deny {
+                                    merge_l7(&mut o.get_mut().l7, pr.l7.as_ref());
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -561,6 +572,37 @@ pub fn compute_selected(
     out.entries = allows;
     out.entries.extend(denies);
     out
+}
+
+/// Two allows on the same key: a plain allow subsumes L7 rules (§3.8: the L7
+/// restriction has no effect for those peers); rules of one kind are a union,
+/// where an empty list already allows every request. Different kinds on one
+/// port keep the first (Cilium refuses such policies).
+fn merge_l7(existing: &mut Option<L7>, new: Option<&L7>) {
+    let Some(current) = existing.as_mut() else {
+        return;
+    };
+    let Some(new) = new else {
+        *existing = None;
+        return;
+    };
+    fn union<T: Clone + PartialEq>(a: &mut Vec<T>, b: &[T]) {
+        if a.is_empty() || b.is_empty() {
+            a.clear();
+        } else {
+            for r in b {
+                if !a.contains(r) {
+                    a.push(r.clone());
+                }
+            }
+        }
+    }
+    match (current, new) {
+        (L7::Http(a), L7::Http(b)) => union(a, b),
+        (L7::Dns(a), L7::Dns(b)) => union(a, b),
+        (L7::Kafka(a), L7::Kafka(b)) => union(a, b),
+        _ => {}
+    }
 }
 
 #[cfg(test)]

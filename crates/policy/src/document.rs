@@ -874,10 +874,10 @@ fn convert_peer_rule(
         }
         ports.extend(converted);
     }
-    if l7.is_some() {
+    if let Some(kind) = l7.as_ref().map(|l| l.kind()).filter(|k| *k != "http") {
         ctx.warn(
             path,
-            "L7 rules are parsed and the traffic is marked for the proxy, but the L7 proxy is not available yet: only the L4 part is enforced",
+            format!("{kind} rules are parsed, but Fibril's proxy enforces only http rules so far: only the L4 part is enforced"),
         );
     }
     Ok(PeerRule {

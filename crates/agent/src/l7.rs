@@ -1,0 +1,98 @@
+//! The agent's side of the L7 proxy: what policy says about a redirected
+//! connection (each side's `http` rules, compiled once per distinct rule
+//! list), and where the proxy's flows go.
+
+use std::net::SocketAddrV4;
+use std::sync::{Arc, Mutex};
+
+use policy::{Decision, Direction, HttpRule, L7};
+
+use crate::observer::{policy_ref, Sources};
+use crate::Agent;
+
+/// Distinct rule lists kept compiled; beyond this the cache starts over.
+const COMPILED_CACHE_LIMIT: usize = 1024;
+
+pub struct ProxyPolicy {
+    agent: Arc<Agent>,
+    sources: Sources,
+    compiled: Mutex<Vec<(Vec<HttpRule>, Arc<proxy::HttpRules>)>>,
+}
+
+impl ProxyPolicy {
+    pub fn new(agent: Arc<Agent>) -> Self {
+        let sources = agent.flow_sources();
+        Self {
+            agent,
+            sources,
+            compiled: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn compile(&self, rules: &[HttpRule]) -> Option<Arc<proxy::HttpRules>> {
+        let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, c)) = cache.iter().find(|(r, _)| r.as_slice() == rules) {
+            return Some(c.clone());
+        }
+        // Import validated the expressions; a failure here refuses the
+        // connection rather than letting requests through unchecked.
+        let compiled = match proxy::HttpRules::compile(rules) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                tracing::error!(error = %e, "http rules do not compile");
+                return None;
+            }
+        };
+        if cache.len() >= COMPILED_CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.push((rules.to_vec(), compiled.clone()));
+        Some(compiled)
+    }
+}
+
+impl proxy::Policy for ProxyPolicy {
+    fn connection(&self, client: SocketAddrV4, dst: SocketAddrV4) -> Option<proxy::Connection> {
+        let (client_identity, server_identity, server_local) =
+            self.agent.l7_peers(*client.ip(), *dst.ip())?;
+        let sync = self.agent.policy.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sides = Vec::new();
+        let ends = [
+            (Some(client_identity), server_identity, Direction::Egress),
+            (
+                server_local.then_some(server_identity),
+                client_identity,
+                Direction::Ingress,
+            ),
+        ];
+        for (endpoint, peer, direction) in ends {
+            let Some(policy) = endpoint.and_then(|id| sync.computed(id)) else {
+                continue;
+            };
+            match policy.decide(peer, direction, 6, dst.port()) {
+                Decision::Allowed { .. } => {}
+                Decision::NotEnforced | Decision::Audited { .. } => continue,
+                Decision::Denied { .. } | Decision::DefaultDeny { .. } => return None,
+            }
+            if let Some((_, v)) = policy.lookup(peer, direction, 6, dst.port()) {
+                if let Some(L7::Http(rules)) = &v.l7 {
+                    sides.push(proxy::Side {
+                        ingress: direction == Direction::Ingress,
+                        rules: self.compile(rules)?,
+                        policy: policy_ref(&v.origin),
+                    });
+                }
+            }
+        }
+        Some(proxy::Connection {
+            client_identity,
+            server_identity,
+            sides,
+            transparent: server_local,
+        })
+    }
+
+    fn record(&self, record: flow::record::L7Record) {
+        self.agent.observer.push_l7(&record, &self.sources);
+    }
+}

@@ -1,0 +1,377 @@
+//! The HTTP proxy: HTTP/1.1 (keep-alive, pipelining) and HTTP/2 (prior
+//! knowledge, so gRPC methods are paths) on one listener, one upstream
+//! connection per client connection, in the client's protocol.
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::http::{header, HeaderMap, Request, Response, StatusCode, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+
+use crate::rules::{HeaderEdit, RequestView};
+use crate::{Connection, Policy, Stats};
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Largest request head accepted (bigger ones get 431).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// SO_MARK of upstream sockets (the datapath skips the policy it
+    /// already applied for the proxy's client).
+    pub from_mark: u32,
+    pub connect_timeout: Duration,
+    /// How long a client may take to send a request head.
+    pub header_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            from_mark: 0,
+            connect_timeout: Duration::from_secs(2),
+            header_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Accepts redirected connections until the listener fails.
+pub async fn serve(
+    listener: std::net::TcpListener,
+    policy: Arc<dyn Policy>,
+    config: Config,
+    stats: Arc<Stats>,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let config = Arc::new(config);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off, go on.
+                tracing::warn!(error = %e, "proxy accept");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let (SocketAddr::V4(client), Ok(SocketAddr::V4(dst))) = (peer, stream.local_addr()) else {
+            continue;
+        };
+        Stats::inc(&stats.connections);
+        let Some(conn) = policy.connection(client, dst) else {
+            Stats::inc(&stats.connections_refused);
+            continue;
+        };
+        let state = Arc::new(Conn {
+            client,
+            dst,
+            conn,
+            policy: policy.clone(),
+            config: config.clone(),
+            stats: stats.clone(),
+            upstream: tokio::sync::Mutex::new(None),
+        });
+        tokio::spawn(state.serve(stream));
+    }
+}
+
+enum Upstream {
+    H1(hyper::client::conn::http1::SendRequest<Incoming>),
+    H2(hyper::client::conn::http2::SendRequest<Incoming>),
+}
+
+/// One client connection and its upstream.
+struct Conn {
+    client: SocketAddrV4,
+    dst: SocketAddrV4,
+    conn: Connection,
+    policy: Arc<dyn Policy>,
+    config: Arc<Config>,
+    stats: Arc<Stats>,
+    upstream: tokio::sync::Mutex<Option<Upstream>>,
+}
+
+/// Header values that never reach flows.
+const REDACTED_HEADERS: [&str; 3] = ["authorization", "proxy-authorization", "cookie"];
+
+fn flow_headers(h: &HeaderMap) -> Vec<flow::record::HttpHeader> {
+    h.iter()
+        .map(|(k, v)| flow::record::HttpHeader {
+            key: k.as_str().to_string(),
+            value: if REDACTED_HEADERS.contains(&k.as_str()) {
+                "HUBBLE_REDACTED".into()
+            } else {
+                String::from_utf8_lossy(v.as_bytes()).into_owned()
+            },
+        })
+        .collect()
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, "text/plain".parse().expect("static"));
+    r.headers_mut().insert(
+        header::CONTENT_LENGTH,
+        body.len().to_string().parse().expect("digits"),
+    );
+    r
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64
+}
+
+impl Conn {
+    async fn serve(self: Arc<Self>, stream: tokio::net::TcpStream) {
+        stream.set_nodelay(true).ok();
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.config.header_timeout)
+            .max_buf_size(MAX_HEADER_BYTES)
+            .keep_alive(true)
+            .pipeline_flush(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEADER_BYTES as u32);
+        let this = self.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let this = this.clone();
+            async move { Ok::<_, Infallible>(this.request(req).await) }
+        });
+        if let Err(e) = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .await
+        {
+            let parse = e
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(|h| h.is_parse() || h.is_parse_too_large() || h.is_parse_status());
+            let h2_protocol = e.downcast_ref::<hyper::Error>().is_some_and(|h| {
+                std::error::Error::source(h)
+                    .and_then(|s| s.downcast_ref::<h2_error::H2Error>())
+                    .is_some()
+            });
+            if parse || h2_protocol {
+                Stats::inc(&self.stats.malformed);
+            }
+            tracing::debug!(client = %self.client, error = %e, "proxied connection ended");
+        }
+    }
+
+    fn record(
+        &self,
+        is_reply: bool,
+        verdict: &'static str,
+        l7: flow::record::Layer7,
+        by: Vec<(bool, flow::record::PolicyRef)>,
+    ) {
+        self.policy.record(flow::record::L7Record {
+            unix_ns: now_ns(),
+            client: self.client,
+            server: self.dst,
+            client_identity: self.conn.client_identity,
+            server_identity: self.conn.server_identity,
+            is_reply,
+            verdict,
+            ingress: self.conn.sides.iter().any(|s| s.ingress) || self.conn.sides.is_empty(),
+            l7,
+            decided_by: by,
+        });
+    }
+
+    async fn request(&self, mut req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let protocol = match req.version() {
+            Version::HTTP_2 => "HTTP/2",
+            Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        };
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(String::from)
+            })
+            .unwrap_or_else(|| self.dst.to_string());
+        let method = req.method().as_str().to_string();
+        let mut http = flow::record::Http {
+            code: 0,
+            method: method.clone(),
+            url: format!("http://{host}{path}"),
+            protocol: protocol.into(),
+            headers: flow_headers(req.headers()),
+        };
+
+        let view = RequestView {
+            method: &method,
+            path: &path,
+            host: &host,
+            headers: req.headers(),
+        };
+        let mut edits = Vec::new();
+        for side in &self.conn.sides {
+            match side.rules.check(&view) {
+                Some(e) => edits.extend(e),
+                None => {
+                    Stats::inc(&self.stats.requests_denied);
+                    self.record(
+                        false,
+                        "DROPPED",
+                        flow::record::Layer7 {
+                            r#type: "REQUEST".into(),
+                            latency_ns: 0,
+                            http: Some(http),
+                        },
+                        vec![(side.ingress, side.policy.clone())],
+                    );
+                    return text(StatusCode::FORBIDDEN, "Access denied\r\n");
+                }
+            }
+        }
+        for e in edits {
+            match e {
+                HeaderEdit::Add(n, v) => {
+                    req.headers_mut().append(n, v);
+                }
+                HeaderEdit::Set(n, v) => {
+                    req.headers_mut().insert(n, v);
+                }
+                HeaderEdit::Remove(n) => {
+                    req.headers_mut().remove(n);
+                }
+                HeaderEdit::Log(n) => {
+                    tracing::info!(client = %self.client, header = %n, "headerMatches mismatch (LOG)")
+                }
+            }
+        }
+        let by: Vec<_> = self
+            .conn
+            .sides
+            .iter()
+            .map(|s| (s.ingress, s.policy.clone()))
+            .collect();
+        Stats::inc(&self.stats.requests_forwarded);
+        self.record(
+            false,
+            "FORWARDED",
+            flow::record::Layer7 {
+                r#type: "REQUEST".into(),
+                latency_ns: 0,
+                http: Some(http.clone()),
+            },
+            by.clone(),
+        );
+
+        http.headers.clear();
+        let resp = match self.forward(req).await {
+            Ok(r) => r.map(|b| b.boxed()),
+            Err(e) => {
+                tracing::debug!(server = %self.dst, error = %e, "upstream");
+                Stats::inc(&self.stats.upstream_errors);
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error or disconnect/reset before headers\r\n",
+                )
+            }
+        };
+        http.code = resp.status().as_u16() as u32;
+        self.record(
+            true,
+            "FORWARDED",
+            flow::record::Layer7 {
+                r#type: "RESPONSE".into(),
+                latency_ns: started.elapsed().as_nanos().max(1) as u64,
+                http: Some(http),
+            },
+            by,
+        );
+        resp
+    }
+
+    /// Sends the request on this connection's upstream, (re)connecting
+    /// when there is none or the server closed it.
+    async fn forward(&self, req: Request<Incoming>) -> Result<Response<Incoming>, String> {
+        let h2 = req.version() == Version::HTTP_2;
+        let mut guard = self.upstream.lock().await;
+        let usable = match guard.as_mut() {
+            Some(Upstream::H1(s)) => !h2 && s.ready().await.is_ok(),
+            Some(Upstream::H2(s)) => h2 && s.ready().await.is_ok(),
+            None => false,
+        };
+        if !usable {
+            *guard = Some(self.connect(h2).await?);
+        }
+        match guard.as_mut() {
+            Some(Upstream::H1(s)) => s.send_request(req).await.map_err(|e| e.to_string()),
+            Some(Upstream::H2(s)) => {
+                let mut s = s.clone();
+                drop(guard);
+                s.send_request(req).await.map_err(|e| e.to_string())
+            }
+            None => Err("no upstream".into()),
+        }
+    }
+
+    async fn connect(&self, h2: bool) -> Result<Upstream, String> {
+        let stream = tokio::time::timeout(
+            self.config.connect_timeout,
+            crate::socket::connect(
+                *self.client.ip(),
+                self.dst,
+                self.conn.transparent,
+                self.config.from_mark,
+            ),
+        )
+        .await
+        .map_err(|_| format!("connecting to {} timed out", self.dst))?
+        .map_err(|e| format!("connecting to {}: {e}", self.dst))?;
+        let io = TokioIo::new(stream);
+        if h2 {
+            let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            Ok(Upstream::H2(send))
+        } else {
+            let (send, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            Ok(Upstream::H1(send))
+        }
+    }
+}
+
+/// HTTP/2 protocol errors, as hyper reports them (its `h2` source).
+mod h2_error {
+    pub type H2Error = h2::Error;
+}

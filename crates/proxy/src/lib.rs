@@ -1,0 +1,107 @@
+//! Fibril's L7 proxy. The datapath hands it connections that a policy's
+//! `http` rules cover (transparently: it accepts them with the original
+//! destination as its local address); it checks every request against the
+//! rules of each side that redirected the connection (the client's egress,
+//! the server's ingress), answers refused ones with `403 Access denied` on a
+//! connection that stays usable, forwards the rest from the client's own
+//! address, and reports each request and response as an L7 flow.
+
+pub mod http;
+pub mod rules;
+pub mod socket;
+
+use std::net::SocketAddrV4;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+pub use rules::HttpRules;
+
+/// One side's L7 rules for a connection.
+#[derive(Clone, Debug)]
+pub struct Side {
+    /// The server's ingress policy (else the client's egress policy).
+    pub ingress: bool,
+    pub rules: Arc<HttpRules>,
+    /// The policy the rules come from (flow attribution).
+    pub policy: flow::record::PolicyRef,
+}
+
+/// What policy says about one redirected connection.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    pub client_identity: u32,
+    pub server_identity: u32,
+    /// Every side's rules must allow a request. Empty: the policy no longer
+    /// restricts L7 here; requests are forwarded (and still reported).
+    pub sides: Vec<Side>,
+    /// The server is a pod on this node: connect from the client's address
+    /// so that it sees the real client.
+    pub transparent: bool,
+}
+
+/// The proxy's view of the agent.
+pub trait Policy: Send + Sync + 'static {
+    /// The rules for a connection from `client` to `original_dst`; `None`
+    /// when policy does not allow the connection at all (it is closed).
+    fn connection(&self, client: SocketAddrV4, original_dst: SocketAddrV4) -> Option<Connection>;
+    /// Reports one request or response.
+    fn record(&self, record: flow::record::L7Record);
+}
+
+/// Counters, for the agent's metrics (`fibril_proxy_*`).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub connections: AtomicU64,
+    /// Connections policy no longer allows (closed at once).
+    pub connections_refused: AtomicU64,
+    pub requests_forwarded: AtomicU64,
+    pub requests_denied: AtomicU64,
+    /// Requests hyper could not parse (bad framing, oversized headers):
+    /// answered with 400/431 by the HTTP layer, the connection closed.
+    pub malformed: AtomicU64,
+    /// The server could not be reached or reset the connection (503).
+    pub upstream_errors: AtomicU64,
+}
+
+impl Stats {
+    pub(crate) fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `(name, help, value)` for each counter.
+    pub fn snapshot(&self) -> [(&'static str, &'static str, u64); 6] {
+        let v = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            (
+                "fibril_proxy_connections_total",
+                "Connections the datapath redirected to the L7 proxy",
+                v(&self.connections),
+            ),
+            (
+                "fibril_proxy_connections_refused_total",
+                "Redirected connections policy no longer allows",
+                v(&self.connections_refused),
+            ),
+            (
+                "fibril_proxy_http_requests_forwarded_total",
+                "HTTP requests the L7 rules allowed",
+                v(&self.requests_forwarded),
+            ),
+            (
+                "fibril_proxy_http_requests_denied_total",
+                "HTTP requests refused with 403 by the L7 rules",
+                v(&self.requests_denied),
+            ),
+            (
+                "fibril_proxy_http_malformed_total",
+                "Malformed HTTP (bad framing, oversized headers) rejected",
+                v(&self.malformed),
+            ),
+            (
+                "fibril_proxy_upstream_errors_total",
+                "Requests answered with 503: server unreachable or reset",
+                v(&self.upstream_errors),
+            ),
+        ]
+    }
+}

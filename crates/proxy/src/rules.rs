@@ -1,0 +1,334 @@
+//! A policy's `http` rules, compiled for matching requests (semantics §3.8):
+//! `method`, `path` and `host` are full-string regular expressions (RE2
+//! semantics, as Envoy's `safe_regex`), `headers` require presence (and a
+//! value), `headerMatches` compare exact values or apply their `mismatch`
+//! action. A request is allowed when any rule matches; no rules allow all.
+
+use hyper::http::{HeaderMap, HeaderName, HeaderValue};
+use regex::Regex;
+
+/// What a rule looks at in a request.
+pub struct RequestView<'a> {
+    pub method: &'a str,
+    /// `:path`: path and query, as Envoy matches it (after normalisation).
+    pub path: &'a str,
+    /// `:authority` (the Host header for HTTP/1.1).
+    pub host: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+/// A header change a matching rule's `headerMatches` asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeaderEdit {
+    /// ADD: append the value.
+    Add(HeaderName, HeaderValue),
+    /// REPLACE: set the value.
+    Set(HeaderName, HeaderValue),
+    /// DELETE.
+    Remove(HeaderName),
+    /// LOG: the mismatch is only reported.
+    Log(HeaderName),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mismatch {
+    Deny,
+    Log,
+    Add,
+    Delete,
+    Replace,
+}
+
+#[derive(Debug)]
+struct HeaderMatch {
+    name: HeaderName,
+    /// `None`: the value lives in a Kubernetes secret this node cannot read,
+    /// so it never matches.
+    value: Option<HeaderValue>,
+    mismatch: Mismatch,
+}
+
+#[derive(Debug)]
+struct Rule {
+    method: Option<Regex>,
+    path: Option<Regex>,
+    host: Option<Regex>,
+    headers: Vec<(HeaderName, Option<String>)>,
+    header_matches: Vec<HeaderMatch>,
+}
+
+/// The `http` rules of one policy entry, compiled.
+#[derive(Debug, Default)]
+pub struct HttpRules {
+    rules: Vec<Rule>,
+}
+
+fn full_match(field: &str, re: &Option<String>) -> Result<Option<Regex>, String> {
+    re.as_ref()
+        .map(|r| {
+            Regex::new(&format!("^(?:{r})$"))
+                .map_err(|e| format!("{field}: {r:?} is not a valid regular expression: {e}"))
+        })
+        .transpose()
+}
+
+fn header_name(n: &str) -> Result<HeaderName, String> {
+    HeaderName::from_bytes(n.trim().as_bytes()).map_err(|_| format!("{n:?} is not a header name"))
+}
+
+impl HttpRules {
+    pub fn compile(rules: &[policy::HttpRule]) -> Result<Self, String> {
+        let mut out = Vec::with_capacity(rules.len());
+        for r in rules {
+            let mut headers = Vec::new();
+            for h in &r.headers {
+                headers.push(match h.split_once(':') {
+                    Some((n, v)) => (header_name(n)?, Some(v.trim().to_string())),
+                    None => (header_name(h)?, None),
+                });
+            }
+            let mut header_matches = Vec::new();
+            for m in &r.header_matches {
+                let mismatch = match m.mismatch.as_deref() {
+                    None | Some("") => Mismatch::Deny,
+                    Some("LOG") => Mismatch::Log,
+                    Some("ADD") => Mismatch::Add,
+                    Some("DELETE") => Mismatch::Delete,
+                    Some("REPLACE") => Mismatch::Replace,
+                    Some(other) => return Err(format!("unknown mismatch action {other:?}")),
+                };
+                header_matches.push(HeaderMatch {
+                    name: header_name(&m.name)?,
+                    value: m
+                        .value
+                        .as_deref()
+                        .map(|v| {
+                            HeaderValue::from_str(v)
+                                .map_err(|_| format!("{v:?} is not a header value"))
+                        })
+                        .transpose()?,
+                    mismatch,
+                });
+            }
+            out.push(Rule {
+                method: full_match("method", &r.method)?,
+                path: full_match("path", &r.path)?,
+                host: full_match("host", &r.host)?,
+                headers,
+                header_matches,
+            });
+        }
+        Ok(Self { rules: out })
+    }
+
+    /// `Some(edits)` when the request is allowed, with the header changes
+    /// of the first rule that allows it; `None` when no rule does.
+    pub fn check(&self, req: &RequestView<'_>) -> Option<Vec<HeaderEdit>> {
+        if self.rules.is_empty() {
+            return Some(Vec::new());
+        }
+        let path = normalize_path(req.path);
+        self.rules.iter().find_map(|r| r.check(req, &path))
+    }
+}
+
+impl Rule {
+    fn check(&self, req: &RequestView<'_>, path: &str) -> Option<Vec<HeaderEdit>> {
+        let re = |re: &Option<Regex>, s: &str| re.as_ref().is_none_or(|re| re.is_match(s));
+        if !re(&self.method, req.method) || !re(&self.path, path) || !re(&self.host, req.host) {
+            return None;
+        }
+        for (name, value) in &self.headers {
+            let mut present = req.headers.get_all(name).iter();
+            let ok = match value {
+                None => present.next().is_some(),
+                Some(v) => present.any(|h| h.as_bytes() == v.as_bytes()),
+            };
+            if !ok {
+                return None;
+            }
+        }
+        let mut edits = Vec::new();
+        for m in &self.header_matches {
+            let matched = m
+                .value
+                .as_ref()
+                .is_some_and(|v| req.headers.get_all(&m.name).iter().any(|h| h == v));
+            if matched {
+                continue;
+            }
+            match (m.mismatch, &m.value) {
+                (Mismatch::Deny, _) => return None,
+                (Mismatch::Log, _) => edits.push(HeaderEdit::Log(m.name.clone())),
+                (Mismatch::Delete, _) => edits.push(HeaderEdit::Remove(m.name.clone())),
+                (Mismatch::Add, Some(v)) => edits.push(HeaderEdit::Add(m.name.clone(), v.clone())),
+                (Mismatch::Replace, Some(v)) => {
+                    edits.push(HeaderEdit::Set(m.name.clone(), v.clone()))
+                }
+                // ADD/REPLACE with a secret's value this node cannot read.
+                (Mismatch::Add | Mismatch::Replace, None) => return None,
+            }
+        }
+        Some(edits)
+    }
+}
+
+/// Envoy's path normalisation before matching (RFC 3986 dot segments
+/// removed, repeated slashes merged); the query is kept as it is.
+pub fn normalize_path(path_and_query: &str) -> String {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_and_query, None),
+    };
+    let mut segments: Vec<&str> = Vec::new();
+    let trailing = path.ends_with('/') || path.ends_with("/.") || path.ends_with("/..");
+    for seg in path.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(path.len() + 1);
+    out.push('/');
+    out.push_str(&segments.join("/"));
+    if trailing && !segments.is_empty() {
+        out.push('/');
+    }
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(method: Option<&str>, path: Option<&str>) -> policy::HttpRule {
+        policy::HttpRule {
+            method: method.map(String::from),
+            path: path.map(String::from),
+            ..Default::default()
+        }
+    }
+
+    fn check(rules: &HttpRules, method: &str, path: &str, headers: &[(&str, &str)]) -> bool {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        rules
+            .check(&RequestView {
+                method,
+                path,
+                host: "backend:8080",
+                headers: &map,
+            })
+            .is_some()
+    }
+
+    #[test]
+    fn method_and_path_are_full_string_regexes() {
+        let r = HttpRules::compile(&[rule(Some("GET"), Some("/api/.*"))]).unwrap();
+        assert!(check(&r, "GET", "/api/v1", &[]));
+        assert!(check(&r, "GET", "/api/", &[]));
+        assert!(check(&r, "GET", "/api/x?y=1", &[]));
+        assert!(!check(&r, "POST", "/api/v1", &[]));
+        assert!(
+            !check(&r, "GETX", "/api/v1", &[]),
+            "no implicit prefix match"
+        );
+        assert!(!check(&r, "GET", "/x/api/v1", &[]), "anchored at the start");
+        assert!(!check(&r, "GET", "/api", &[]));
+        // Normalised before matching, as Envoy does.
+        assert!(check(&r, "GET", "//api//v1", &[]));
+        assert!(!check(&r, "GET", "/api/../admin", &[]));
+        let public = HttpRules::compile(&[rule(None, Some("/public"))]).unwrap();
+        assert!(!check(&public, "GET", "/public/x", &[]));
+    }
+
+    #[test]
+    fn rules_are_a_union_and_no_rules_allow_everything() {
+        let r =
+            HttpRules::compile(&[rule(Some("GET"), None), rule(Some("PUT"), Some("/a"))]).unwrap();
+        assert!(check(&r, "GET", "/anything", &[]));
+        assert!(check(&r, "PUT", "/a", &[]));
+        assert!(!check(&r, "PUT", "/b", &[]));
+        assert!(check(&HttpRules::compile(&[]).unwrap(), "DELETE", "/", &[]));
+        // A rule with no fields matches every request.
+        assert!(check(
+            &HttpRules::compile(&[rule(None, None)]).unwrap(),
+            "DELETE",
+            "/",
+            &[]
+        ));
+    }
+
+    #[test]
+    fn headers_and_header_matches() {
+        let r = HttpRules::compile(&[policy::HttpRule {
+            headers: vec!["X-Team".into(), "X-Env: prod".into()],
+            ..Default::default()
+        }])
+        .unwrap();
+        assert!(check(&r, "GET", "/", &[("x-team", "a"), ("x-env", "prod")]));
+        assert!(!check(&r, "GET", "/", &[("x-env", "prod")]));
+        assert!(!check(&r, "GET", "/", &[("x-team", "a"), ("x-env", "dev")]));
+
+        let hm = |mismatch: Option<&str>| {
+            HttpRules::compile(&[policy::HttpRule {
+                header_matches: vec![policy::HeaderMatch {
+                    name: "X-Token".into(),
+                    value: Some("s3cret".into()),
+                    secret: None,
+                    mismatch: mismatch.map(String::from),
+                }],
+                ..Default::default()
+            }])
+            .unwrap()
+        };
+        assert!(check(&hm(None), "GET", "/", &[("x-token", "s3cret")]));
+        assert!(!check(&hm(None), "GET", "/", &[("x-token", "other")]));
+        let mut map = HeaderMap::new();
+        map.insert("x-token", HeaderValue::from_static("other"));
+        let view = RequestView {
+            method: "GET",
+            path: "/",
+            host: "h",
+            headers: &map,
+        };
+        assert_eq!(
+            hm(Some("REPLACE")).check(&view),
+            Some(vec![HeaderEdit::Set(
+                HeaderName::from_static("x-token"),
+                HeaderValue::from_static("s3cret")
+            )])
+        );
+        assert_eq!(
+            hm(Some("DELETE")).check(&view),
+            Some(vec![HeaderEdit::Remove(HeaderName::from_static("x-token"))])
+        );
+    }
+
+    #[test]
+    fn bad_regexes_are_refused_at_compile_time() {
+        let e = HttpRules::compile(&[rule(Some("GET("), None)]).unwrap_err();
+        assert!(e.contains("method") && e.contains("GET("), "{e}");
+    }
+
+    #[test]
+    fn paths_normalise_like_envoy() {
+        assert_eq!(normalize_path("/a/./b/../c"), "/a/c");
+        assert_eq!(normalize_path("//a///b/"), "/a/b/");
+        assert_eq!(normalize_path("/../../x"), "/x");
+        assert_eq!(normalize_path("/a/b?x=/../y"), "/a/b?x=/../y");
+        assert_eq!(normalize_path("/"), "/");
+    }
+}

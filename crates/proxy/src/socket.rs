@@ -1,0 +1,40 @@
+//! The proxy's sockets: a listener the datapath assigns connections to, and
+//! upstream connections from the client's own address.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Listens on 127.0.0.1:`port` (0: any free port). IP_TRANSPARENT lets it
+/// accept connections addressed to other hosts (the pods' servers).
+pub fn listen(port: u16) -> io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_ip_transparent_v4(true)?;
+    s.bind(&SocketAddrV4::new(Ipv4Addr::LOCALHOST, port).into())?;
+    s.listen(1024)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+/// Connects to `dst`. Transparent: from `client`'s address (an ephemeral
+/// port), with `mark` so that the datapath knows the proxy already applied
+/// the policy.
+pub async fn connect(
+    client: Ipv4Addr,
+    dst: SocketAddrV4,
+    transparent: bool,
+    mark: u32,
+) -> io::Result<tokio::net::TcpStream> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    if transparent {
+        s.set_ip_transparent_v4(true)?;
+        s.set_mark(mark)?;
+        s.bind(&SocketAddrV4::new(client, 0).into())?;
+    }
+    s.set_nonblocking(true)?;
+    s.set_tcp_nodelay(true)?;
+    let socket = tokio::net::TcpSocket::from_std_stream(s.into());
+    socket.connect(dst.into()).await
+}
