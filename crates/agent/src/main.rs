@@ -77,6 +77,7 @@ fn bind_proxy(args: &Args) -> anyhow::Result<std::net::TcpListener> {
 
 /// Runs the L7 proxy on a tokio runtime of its own.
 fn start_proxy(
+    agent_state_dir: &std::path::Path,
     agent: Arc<Agent>,
     listener: std::net::TcpListener,
     from_mark: u32,
@@ -93,10 +94,29 @@ fn start_proxy(
         ..Default::default()
     };
     let s = stats.clone();
+    let record = agent_state_dir.join(datapath::net::PROXY_ROUTING_FILE);
     std::thread::Builder::new()
         .name("proxy".into())
         .spawn(move || {
             let _guard = rt.enter();
+            // SIGTERM/SIGINT: take the proxy's policy routing away with us
+            // (pinned programs and maps stay: traffic keeps flowing).
+            rt.spawn(async move {
+                use tokio::signal::unix::{signal, SignalKind};
+                let (Ok(mut term), Ok(mut int)) = (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) else {
+                    return;
+                };
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                datapath::net::proxy_routing_forget(&record);
+                tracing::info!("stopping");
+                std::process::exit(0);
+            });
             if let Err(e) = rt.block_on(proxy::http::serve(listener, policy, config, s)) {
                 tracing::error!(error = %e, "L7 proxy stopped");
             }
@@ -247,7 +267,12 @@ fn main() -> anyhow::Result<()> {
             .name("metrics".into())
             .spawn(move || fibril_agent::metrics::serve(agent, l, render))?;
     }
-    let proxy_stats = start_proxy(agent.clone(), proxy_listener, redirect.mark_from)?;
+    let proxy_stats = start_proxy(
+        &config.state_dir,
+        agent.clone(),
+        proxy_listener,
+        redirect.mark_from,
+    )?;
     agent.set_proxy_stats(proxy_stats);
     tracing::info!(port = redirect.port, "L7 proxy ready");
     start_hubble(

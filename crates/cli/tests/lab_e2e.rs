@@ -412,6 +412,17 @@ fn lab_down_removes_everything_it_created_and_nothing_else() {
             .unwrap_or_default()
     };
     assert_eq!(netns().iter().filter(|n| ours(n)).count(), 3);
+    // The L7 proxy's policy-routing rule (its mark is the agent's own).
+    let record =
+        std::fs::read_to_string(format!("/run/fibril/labs/{}/state/proxy-routing", lab.name))
+            .unwrap();
+    let mark: u32 = record.split_whitespace().next().unwrap().parse().unwrap();
+    let mark = format!("fwmark {mark:#x} ");
+    let rules = || {
+        String::from_utf8_lossy(&Command::new("ip").args(["rule"]).output().unwrap().stdout)
+            .to_string()
+    };
+    assert!(rules().contains(&mark), "{}", rules());
 
     let down = lab.fibril(&["lab", "down"]);
     assert!(
@@ -435,6 +446,7 @@ fn lab_down_removes_everything_it_created_and_nothing_else() {
         !Path::new(&format!("/run/fibril/labs/{}", lab.name)).exists(),
         "lab state removed"
     );
+    assert!(!rules().contains(&mark), "{}", rules());
     // A second `down` says the lab is not up, and changes nothing.
     let again = lab.fibril(&["lab", "down"]);
     assert!(!again.status.success());

@@ -106,6 +106,12 @@ impl Drop for Env {
         let _ = api::call(&self.socket(), &api::Request::EndpointGc { valid: vec![] });
         let _ = self.agent.kill();
         let _ = self.agent.wait();
+        datapath::net::proxy_routing_forget(
+            &self
+                .dir
+                .join("state")
+                .join(datapath::net::PROXY_ROUTING_FILE),
+        );
         datapath::net::delete_netns(&self.netns);
         datapath::Datapath::unpin_all(&self.bpf);
         std::fs::remove_dir_all(&self.dir).ok();
