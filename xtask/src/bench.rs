@@ -245,3 +245,130 @@ policies:
     }
     Ok(())
 }
+
+/// `cargo xtask bench`, L7 part: HTTP/1.1 keep-alive GETs from one lab pod
+/// to two identical servers, one allowed at L4 (direct) and one behind an
+/// `http` rule (through the proxy), alternating in the same run.
+pub fn run_l7_bench(bin: &Path, args: &[String]) -> anyhow::Result<()> {
+    let seconds: f64 = args
+        .windows(2)
+        .find(|w| w[0] == "--seconds")
+        .and_then(|w| w[1].parse().ok())
+        .unwrap_or(3.0);
+    let rounds = 3;
+    let id = std::process::id() % 10_000;
+    let lab = format!("l7bench{id}");
+    let fibril = |args: &[&str]| {
+        let mut c = Command::new(bin.join("fibril"));
+        c.arg("--lab").arg(&lab).args(args);
+        c
+    };
+    let dir = std::env::temp_dir().join(format!("fibril-l7bench-{id}"));
+    std::fs::create_dir_all(&dir)?;
+    let lab_file = dir.join("lab.yaml");
+    std::fs::write(
+        &lab_file,
+        r#"podCIDR: 10.198.0.0/24
+pods:
+  - {name: client, namespace: bench, labels: {app: client}}
+  - {name: direct, namespace: bench, labels: {app: direct}, command: [fibril-echo, http-server, --port, "8080"]}
+  - {name: proxied, namespace: bench, labels: {app: proxied}, command: [fibril-echo, http-server, --port, "8080"]}
+policies:
+  - inline: |
+      apiVersion: cilium.io/v2
+      kind: CiliumNetworkPolicy
+      metadata: {name: direct-l4, namespace: bench}
+      spec:
+        endpointSelector: {matchLabels: {app: direct}}
+        ingress:
+        - fromEndpoints: [{matchLabels: {app: client}}]
+          toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+  - inline: |
+      apiVersion: cilium.io/v2
+      kind: CiliumNetworkPolicy
+      metadata: {name: proxied-l7, namespace: bench}
+      spec:
+        endpointSelector: {matchLabels: {app: proxied}}
+        ingress:
+        - fromEndpoints: [{matchLabels: {app: client}}]
+          toPorts:
+          - ports: [{port: "8080", protocol: TCP}]
+            rules: {http: [{method: GET, path: "/api/.*"}]}
+"#,
+    )?;
+    run(fibril(&["lab", "up", "-f", lab_file.to_str().context("path")?]).stdout(Stdio::null()))?;
+    let _cleanup = {
+        let bin = bin.to_path_buf();
+        let lab = lab.clone();
+        let dir = dir.clone();
+        Cleanup(vec![Box::new(move || {
+            let _ = Command::new(bin.join("fibril"))
+                .args(["--lab", &lab, "lab", "down"])
+                .status();
+            std::fs::remove_dir_all(&dir).ok();
+        })])
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let secs = seconds.to_string();
+    let load = |host: &str, connections: &str| -> anyhow::Result<(f64, f64, f64)> {
+        let url = format!("http://{host}:8080/api/bench");
+        let mut cmd = fibril(&[
+            "lab",
+            "exec",
+            "bench/client",
+            "--",
+            "fibril-echo",
+            "http-load",
+            &url,
+            "--seconds",
+            &secs,
+            "--connections",
+            connections,
+        ]);
+        let out = cmd.output().context("running http-load")?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if !out.status.success() {
+            bail!(
+                "http-load failed: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let get = |key: &str| -> anyhow::Result<f64> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok()))
+                .with_context(|| format!("no {key} in {text:?}"))
+        };
+        Ok((get("requests_per_sec")?, get("p50_us")?, get("p99_us")?))
+    };
+    println!(
+        "\nfibril L7 proxy benchmark (HTTP/1.1 keep-alive GET, {rounds} rounds x {seconds}s, medians; direct = the same server allowed at L4, same run)"
+    );
+    println!(
+        "{:<6} {:>12} {:>12} {:>7} {:>10} {:>10} {:>10} {:>10}",
+        "conns",
+        "direct rq/s",
+        "proxied rq/s",
+        "ratio",
+        "p50 direct",
+        "p50 proxy",
+        "p99 direct",
+        "p99 proxy"
+    );
+    for connections in ["4", "16"] {
+        let (mut d, mut p) = (vec![], vec![]);
+        for _ in 0..rounds {
+            d.push(load("10.198.0.3", connections)?);
+            p.push(load("10.198.0.4", connections)?);
+        }
+        let med = |v: &[(f64, f64, f64)], f: fn(&(f64, f64, f64)) -> f64| {
+            median(v.iter().map(f).collect())
+        };
+        let (d_rps, d50, d99) = (med(&d, |x| x.0), med(&d, |x| x.1), med(&d, |x| x.2));
+        let (p_rps, p50, p99) = (med(&p, |x| x.0), med(&p, |x| x.1), med(&p, |x| x.2));
+        println!(
+            "{connections:<6} {d_rps:>12.0} {p_rps:>12.0} {:>7.3} {d50:>8.0}us {p50:>8.0}us {d99:>8.0}us {p99:>8.0}us",
+            p_rps / d_rps
+        );
+    }
+    Ok(())
+}

@@ -224,20 +224,38 @@ fn main() -> anyhow::Result<()> {
         Some("test") | Some("ci") => test(),
         Some("demo") => demo(args.iter().any(|a| a == "--keep")),
         Some("bench") => {
+            // `--only policy|flows|datapath|l7` runs one part.
+            let only = args
+                .windows(2)
+                .find(|w| w[0] == "--only")
+                .map(|w| w[1].clone());
+            let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
             deps()?;
             run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
-            println!("== policy computation (5,000 endpoints, 2,000 identities, 1,000 rules)");
             let agent_example = |name: &str| {
                 run(cargo()
                     .args(["run", "--quiet", "--release", "-p", "fibril-agent"])
                     .args(["--example", name]))
             };
-            agent_example("policy_bench")?;
-            println!("\n== flow pipeline and Hubble API");
-            agent_example("flow_bench")?;
-            println!("\n== datapath");
-            bench::run_bench(&root().join("target/release"), &args[1..])
+            let release = root().join("target/release");
+            if part("policy") {
+                println!("== policy computation (5,000 endpoints, 2,000 identities, 1,000 rules)");
+                agent_example("policy_bench")?;
+            }
+            if part("flows") {
+                println!("\n== flow pipeline and Hubble API");
+                agent_example("flow_bench")?;
+            }
+            if part("datapath") {
+                println!("\n== datapath");
+                bench::run_bench(&release, &args[1..])?;
+            }
+            if part("l7") {
+                println!("\n== L7 proxy");
+                bench::run_l7_bench(&release, &args[1..])?;
+            }
+            Ok(())
         }
-        _ => bail!("usage: cargo xtask <deps|test|demo [--keep]|bench [--seconds N]|ci>"),
+        _ => bail!("usage: cargo xtask <deps|test|demo [--keep]|bench [--seconds N] [--only policy|flows|datapath|l7]|ci>"),
     }
 }

@@ -9,6 +9,12 @@ use anyhow::Context;
 use clap::Parser;
 use fibril_agent::{server, state::Cidr, Agent, Config};
 
+// Flows are many small allocations made on one thread and freed on another
+// (the ring evicts them); mimalloc handles that pattern far better than
+// glibc's malloc (the L7 proxy spent ~15% of its time in malloc/free).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "fibril-agent", about = "Fibril per-node agent")]
 struct Args {
@@ -82,8 +88,7 @@ fn start_proxy(
     listener: std::net::TcpListener,
     from_mark: u32,
 ) -> anyhow::Result<Arc<proxy::Stats>> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let rt = tokio::runtime::Builder::new_current_thread()
         .thread_name("proxy")
         .enable_all()
         .build()?;

@@ -36,6 +36,16 @@ enum Cmd {
         #[arg(long, default_value_t = 3.0)]
         timeout: f64,
     },
+    /// HTTP/1.1 load: `connections` keep-alive connections sending GETs
+    /// back to back for `seconds`; prints the request rate and the p50/p99
+    /// latency.
+    HttpLoad {
+        url: String,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+    },
     /// UDP echo server.
     UdpServer {
         #[arg(long)]
@@ -166,10 +176,9 @@ fn http_request(
     host: &str,
     path: &str,
 ) -> anyhow::Result<String> {
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: fibril-echo\r\n\r\n"
-    )?;
+    // One write per request (write! on a socket would send each piece).
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: fibril-echo\r\n\r\n");
+    s.write_all(request.as_bytes())?;
     let mut status = String::new();
     r.read_line(&mut status)?;
     let mut len = 0usize;
@@ -217,6 +226,50 @@ fn http_hold(addr: &str, seconds: f64, interval: f64, path: &str) -> anyhow::Res
         std::thread::sleep(Duration::from_secs_f64(interval));
     }
     say(format!("held connection: {n} requests ok"));
+    Ok(())
+}
+
+fn http_load(url: &str, seconds: f64, connections: usize) -> anyhow::Result<()> {
+    let (hostport, path) = parse_url(url)?;
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let workers: Vec<_> = (0..connections.max(1))
+        .map(|_| {
+            let (hostport, path) = (hostport.clone(), path.clone());
+            std::thread::spawn(move || -> anyhow::Result<Vec<u32>> {
+                let mut s = connect(&hostport, Duration::from_secs(3))?;
+                let mut r = BufReader::new(s.try_clone()?);
+                let mut lat = Vec::with_capacity(1 << 16);
+                while Instant::now() < end {
+                    let t = Instant::now();
+                    let status = http_request(&mut s, &mut r, &hostport, &path)?;
+                    if !status.contains(" 2") {
+                        bail!("HTTP status {status}");
+                    }
+                    lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                }
+                Ok(lat)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.join().map_err(|_| anyhow::anyhow!("worker panicked"))??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    say(format!("requests {}", all.len()));
+    say(format!(
+        "requests_per_sec {:.0}",
+        all.len() as f64 / elapsed
+    ));
+    say(format!("p50_us {}", pct(0.50)));
+    say(format!("p99_us {}", pct(0.99)));
     Ok(())
 }
 
@@ -337,6 +390,11 @@ fn main() {
     let r = match args.cmd {
         Cmd::HttpServer { port } => http_server(port),
         Cmd::H2Server { port } => h2_server(port),
+        Cmd::HttpLoad {
+            url,
+            seconds,
+            connections,
+        } => http_load(&url, seconds, connections),
         Cmd::HttpGet { url, timeout } => http_get(&url, timeout),
         Cmd::UdpServer { port } => udp_server(port),
         Cmd::UdpSend {
