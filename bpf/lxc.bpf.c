@@ -72,6 +72,7 @@ static __always_inline int handle_non_ipv4(struct __sk_buff *skb, struct packet 
  * that routes a packet to the local stack (a policy-routing rule of the
  * agent's), and the mark on the proxy's own upstream sockets. 0 = no proxy. */
 const volatile __u16 proxy_port = 0;
+const volatile __u16 dns_proxy_port = 0; /* UDP and TCP, on 127.0.0.1 */
 const volatile __u32 proxy_mark_to = 0;
 const volatile __u32 proxy_mark_from = 0;
 
@@ -145,26 +146,45 @@ static __always_inline int ingress_to_endpoint(struct __sk_buff *skb, struct pac
 	return TC_ACT_OK;
 }
 
-/* Hands a packet to the proxy in the host stack: the mark routes it to the
- * local stack (whatever its destination address), and a connection's first
- * packet is assigned to the proxy's listener, which accepts it with the
- * original destination as its local address (transparent to the client).
- * Later packets find the accepted socket by the usual lookup. */
-static __always_inline int to_proxy(struct __sk_buff *skb, const struct packet *pkt,
-				    __u32 src_id, __u32 dst_id)
-{
-	skb->mark = proxy_mark_to;
-	if (!(pkt->tcp_flags & TCP_SYN) || (pkt->tcp_flags & TCP_ACK))
-		return TC_ACT_OK;
+enum redirect_kind {
+	REDIRECT_NONE,
+	REDIRECT_HTTP,
+	REDIRECT_DNS,
+};
 
+/* Hands a packet to a proxy in the host stack: the mark routes it to the
+ * local stack (whatever its destination address), and a connection's first
+ * packet (every datagram, for UDP) is assigned to the proxy's socket, which
+ * sees the original destination as its local address (transparent to the
+ * client). Later TCP packets find the accepted socket by the usual lookup.
+ * Returns -1 when the DNS proxy is not there (the agent restarts): DNS then
+ * goes to the resolver directly, so that pods keep resolving; the HTTP proxy
+ * missing fails closed. */
+static __always_inline int to_proxy(struct __sk_buff *skb, const struct packet *pkt,
+				    __u32 src_id, __u32 dst_id, int kind)
+{
 	struct bpf_sock_tuple tuple = {};
+	struct bpf_sock *sk;
+	int first = pkt->protocol == IPPROTO_UDP ||
+		    ((pkt->tcp_flags & TCP_SYN) && !(pkt->tcp_flags & TCP_ACK));
+
+	if (!first) {
+		skb->mark = proxy_mark_to;
+		return TC_ACT_OK;
+	}
 	tuple.ipv4.daddr = bpf_htonl(0x7f000001);
-	tuple.ipv4.dport = bpf_htons(proxy_port);
-	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4),
-						 BPF_F_CURRENT_NETNS, 0);
-	if (!sk)
+	tuple.ipv4.dport = bpf_htons(kind == REDIRECT_DNS ? dns_proxy_port : proxy_port);
+	if (pkt->protocol == IPPROTO_UDP)
+		sk = bpf_sk_lookup_udp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	else
+		sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (!sk) {
+		if (kind == REDIRECT_DNS)
+			return -1;
 		return drop(skb, pkt, DROP_SOCKET_LOOKUP_FAILED, DIR_EGRESS, src_id, dst_id,
 			    MATCH_NONE, 0);
+	}
+	skb->mark = proxy_mark_to;
 	long err = bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);
 	if (err)
@@ -216,19 +236,25 @@ int from_container(struct __sk_buff *skb)
 						    dst_id, pv.match, pv.cookie);
 				emit_event(skb, &pkt, endpoint_id, EVENT_POLICY_VERDICT, pv.drop_reason, DIR_EGRESS,
 					   VERDICT_AUDIT, CT_NEW, src_id, dst_id, pv.match, pv.cookie);
+			} else if ((pv.flags & POLICY_F_REDIRECT_DNS) && dns_proxy_port &&
+				   (pkt.protocol == IPPROTO_UDP || pkt.protocol == IPPROTO_TCP)) {
+				redirect = REDIRECT_DNS;
 			} else if ((pv.flags & POLICY_F_REDIRECT) && proxy_port) {
-				redirect = 1;
+				redirect = REDIRECT_HTTP;
 			}
 		}
-		if (redirect && pkt.protocol != IPPROTO_TCP)
+		if (redirect == REDIRECT_HTTP && pkt.protocol != IPPROTO_TCP)
 			return drop(skb, &pkt, DROP_PROXY_UNSUPPORTED, DIR_EGRESS, src_id, dst_id,
 				    pv.match, pv.cookie);
-		if (ct_create(&pkt, DIR_EGRESS, pv.cookie, redirect ? CT_F_PROXY_REDIRECT : 0) < 0)
+		__u8 ct_flags = redirect ? CT_F_PROXY_REDIRECT : 0;
+		if (redirect == REDIRECT_DNS)
+			ct_flags |= CT_F_DNS;
+		if (ct_create(&pkt, DIR_EGRESS, pv.cookie, ct_flags) < 0)
 			return drop(skb, &pkt, DROP_CT_MAP_INSERT_FAILED, DIR_EGRESS, src_id,
 				    dst_id, pv.match, pv.cookie);
 		ct.policy_cookie = pv.cookie;
 	} else if (ct.state == CT_ESTABLISHED && (ct.flags & CT_F_PROXY_REDIRECT)) {
-		redirect = 1;
+		redirect = (ct.flags & CT_F_DNS) ? REDIRECT_DNS : REDIRECT_HTTP;
 	}
 	if (ct.report && !redirect)
 		emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_FROM_LXC, DIR_EGRESS,
@@ -239,10 +265,18 @@ int from_container(struct __sk_buff *skb)
 	 * the proxy. */
 	if (ct.state == CT_NEW && peer_here) {
 		int was = redirect;
+		int ingress_redirect = 0;
 		int verdict = ingress_policy(skb, &pkt, peer->ep_id, peer->identity, peer->flags,
-					     src_id, &peer_pv, &redirect);
+					     src_id, &peer_pv, &ingress_redirect);
 		if (verdict != TC_ACT_OK)
 			return verdict;
+		/* The server's HTTP rules need the HTTP proxy (which then also
+		 * applies an egress HTTP rule); DNS rules are egress-only. */
+		if (ingress_redirect && was != REDIRECT_HTTP) {
+			redirect = REDIRECT_HTTP;
+			if (was == REDIRECT_DNS)
+				ct_clear_flags(&pkt, DIR_EGRESS, CT_F_DNS);
+		}
 		if (redirect && !was) {
 			if (pkt.protocol != IPPROTO_TCP)
 				return drop(skb, &pkt, DROP_PROXY_UNSUPPORTED, DIR_INGRESS, src_id,
@@ -251,11 +285,21 @@ int from_container(struct __sk_buff *skb)
 		}
 	}
 	if (redirect) {
+		int verdict = to_proxy(skb, &pkt, src_id, dst_id, redirect);
+		if (verdict != -1) {
+			if (ct.report)
+				emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_TO_PROXY,
+					   DIR_EGRESS, VERDICT_FORWARDED, ct.state, src_id, dst_id,
+					   pv.match, ct.policy_cookie);
+			return verdict;
+		}
+		/* No DNS proxy: straight to the resolver, this connection for good. */
+		if (pkt.protocol == IPPROTO_TCP)
+			ct_clear_flags(&pkt, DIR_EGRESS, CT_F_PROXY_REDIRECT | CT_F_DNS);
 		if (ct.report)
-			emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_TO_PROXY, DIR_EGRESS,
+			emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_FROM_LXC, DIR_EGRESS,
 				   VERDICT_FORWARDED, ct.state, src_id, dst_id, pv.match,
 				   ct.policy_cookie);
-		return to_proxy(skb, &pkt, src_id, dst_id);
 	}
 
 	/* Same-node delivery: hand the packet straight to the peer's interface
@@ -275,7 +319,7 @@ int from_container(struct __sk_buff *skb)
 			emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_TO_PROXY, DIR_EGRESS,
 				   VERDICT_FORWARDED, ct.state, src_id, dst_id, peer_pv.match,
 				   peer_pv.cookie);
-			return to_proxy(skb, &pkt, src_id, dst_id);
+			return to_proxy(skb, &pkt, src_id, dst_id, REDIRECT_HTTP);
 		}
 		if (verdict != TC_ACT_OK)
 			return verdict;

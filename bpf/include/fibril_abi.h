@@ -101,10 +101,12 @@ enum fibril_policy_match {
 #define POLICY_F_DENY 0x1
 #define POLICY_F_AUDIT 0x2    /* a deny from a policy in audit mode */
 #define POLICY_F_REDIRECT 0x4 /* L7 rules: traffic belongs to the proxy */
+#define POLICY_F_REDIRECT_DNS 0x8 /* DNS rules: traffic belongs to the DNS proxy */
 
 /* Connection flags (ct_value.flags). */
 #define CT_F_PROXY_REDIRECT 0x1 /* the opener's packets go to the L7 proxy */
 #define CT_F_FROM_PROXY 0x2     /* opened by the proxy for its client: replies go back to it */
+#define CT_F_DNS 0x4            /* with CT_F_PROXY_REDIRECT: the DNS proxy's */
 
 /*
  * ipcache: LPM trie, IPv4 prefix -> security identity.

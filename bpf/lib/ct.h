@@ -140,4 +140,15 @@ static __always_inline void ct_add_flags(const struct packet *pkt, __u8 dir, __u
 		v->flags |= flags;
 }
 
+static __always_inline void ct_clear_flags(const struct packet *pkt, __u8 dir, __u8 flags)
+{
+	struct ct_key key;
+	struct ct_value *v;
+
+	ct_fill_key(&key, pkt, dir, 0);
+	v = bpf_map_lookup_elem(&fibril_ct, &key);
+	if (v)
+		v->flags &= ~flags;
+}
+
 #endif

@@ -178,9 +178,11 @@ pub const EP_F_EGRESS_AUDIT: u32 = 0x8;
 pub const POLICY_F_DENY: u8 = 0x1;
 pub const POLICY_F_AUDIT: u8 = 0x2;
 pub const POLICY_F_REDIRECT: u8 = 0x4;
+pub const POLICY_F_REDIRECT_DNS: u8 = 0x8;
 /// Connection flags (`ct_value.flags`).
 pub const CT_F_PROXY_REDIRECT: u8 = 0x1;
 pub const CT_F_FROM_PROXY: u8 = 0x2;
+pub const CT_F_DNS: u8 = 0x4;
 pub const POLICY_STATIC_PREFIX_BITS: u32 = 72;
 pub const POLICY_FULL_PREFIX_BITS: u32 = 96;
 

@@ -92,6 +92,61 @@ impl proxy::Policy for ProxyPolicy {
         })
     }
 
+    fn dns(
+        &self,
+        client: SocketAddrV4,
+        resolver: SocketAddrV4,
+        tcp: bool,
+    ) -> Option<proxy::dns::DnsConnection> {
+        let (client_identity, server_identity, server_local) =
+            self.agent.l7_peers(*client.ip(), *resolver.ip())?;
+        let sync = self.agent.policy.lock().unwrap_or_else(|e| e.into_inner());
+        let protocol = if tcp { 6 } else { 17 };
+        let mut conn = proxy::dns::DnsConnection {
+            client_identity,
+            server_identity,
+            selectors: Vec::new(),
+            policy: None,
+            transparent: server_local,
+        };
+        let Some(p) = sync.computed(client_identity) else {
+            return Some(conn);
+        };
+        match p.decide(
+            server_identity,
+            Direction::Egress,
+            protocol,
+            resolver.port(),
+        ) {
+            Decision::Allowed { .. } => {}
+            Decision::NotEnforced | Decision::Audited { .. } => return Some(conn),
+            Decision::Denied { .. } | Decision::DefaultDeny { .. } => return None,
+        }
+        if let Some((_, v)) = p.lookup(
+            server_identity,
+            Direction::Egress,
+            protocol,
+            resolver.port(),
+        ) {
+            if let Some(L7::Dns(selectors)) = &v.l7 {
+                conn.selectors = selectors.clone();
+                conn.policy = Some(policy_ref(&v.origin));
+            }
+        }
+        Some(conn)
+    }
+
+    fn learned(
+        &self,
+        client: std::net::Ipv4Addr,
+        name: &str,
+        answers: &[(std::net::Ipv4Addr, u32)],
+    ) {
+        if let Err(e) = self.agent.fqdn_learned(client, name, answers) {
+            tracing::warn!(error = %e, name, "learning a DNS answer");
+        }
+    }
+
     fn record(&self, record: flow::record::L7Record) {
         self.agent.observer.push_l7(&record, &self.sources);
     }

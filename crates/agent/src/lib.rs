@@ -2,6 +2,7 @@
 //! wired to the datapath; served on a local Unix socket.
 #![forbid(unsafe_code)]
 
+pub mod fqdn;
 pub mod hubble_backend;
 pub mod l7;
 pub mod metrics;
@@ -39,6 +40,7 @@ pub struct Config {
     pub flow_capacity: usize,
     /// Where the datapath sends connections that L7 rules cover.
     pub proxy: Option<datapath::ProxyRedirect>,
+    pub fqdn: fqdn::FqdnConfig,
 }
 
 /// What the event enricher needs to know about local endpoints.
@@ -57,6 +59,8 @@ pub struct EndpointLookup {
     pub by_ip: HashMap<Ipv4Addr, EndpointMeta>,
     /// Host-side veth names by ifindex: a flow's `interface`.
     pub ifname_by_index: HashMap<u32, String>,
+    /// DNS names learned addresses belong to (flows' `*_names`).
+    pub names_by_ip: HashMap<Ipv4Addr, Vec<String>>,
 }
 
 pub type EndpointIndex = Arc<RwLock<EndpointLookup>>;
@@ -71,6 +75,8 @@ pub struct Agent {
     pub observer: Arc<Observer>,
     started: Instant,
     proxy_stats: std::sync::OnceLock<Arc<proxy::Stats>>,
+    /// DNS addresses not learned because an endpoint was at its limit.
+    pub fqdn_refused: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +149,7 @@ impl Agent {
             observer,
             started: Instant::now(),
             proxy_stats: std::sync::OnceLock::new(),
+            fqdn_refused: Default::default(),
         });
         {
             let state = agent.lock_state();
@@ -230,6 +237,11 @@ impl Agent {
                         .unwrap_or_default(),
                 },
             );
+        }
+        for (name, entry) in &state.fqdn {
+            for ip in entry.ips.keys() {
+                index.names_by_ip.entry(*ip).or_default().push(name.clone());
+            }
         }
         *self.index.write().unwrap_or_else(|e| e.into_inner()) = index;
         self.sync_ipcache(state)?;
@@ -783,7 +795,9 @@ fn policy_labels(p: Option<&policy::Policy>) -> Vec<String> {
 /// Installs the proxy's policy routing, first removing a previous run's.
 fn proxy_routing(state_dir: &std::path::Path, p: &datapath::ProxyRedirect) -> Result<(), Error> {
     let record = state_dir.join(net::PROXY_ROUTING_FILE);
-    net::proxy_routing_forget(&record);
+    if net::read_proxy_routing(&record) != Some((p.mark_to, p.table)) {
+        net::proxy_routing_forget(&record);
+    }
     net::proxy_routing_up(p.mark_to, p.table)?;
     std::fs::write(&record, format!("{} {}\n", p.mark_to, p.table))?;
     Ok(())

@@ -64,6 +64,20 @@ struct Args {
     /// else any free port).
     #[arg(long, default_value_t = 0)]
     proxy_port: u16,
+    /// The DNS proxy's port (UDP and TCP) on 127.0.0.1 (0: any free port).
+    #[arg(long, default_value_t = 0)]
+    dns_proxy_port: u16,
+    /// toFQDNs: a DNS answer is kept at least this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    tofqdns_min_ttl: u64,
+    /// toFQDNs: seconds an expired address stays once its connections
+    /// are idle.
+    #[arg(long, default_value_t = 60)]
+    tofqdns_idle_connection_grace_period: u64,
+    /// toFQDNs: learned addresses per endpoint (beyond: not learned,
+    /// counted in fibril_fqdn_ips_refused_total).
+    #[arg(long, default_value_t = 1000)]
+    tofqdns_max_ips_per_endpoint: usize,
 }
 
 /// Binds the L7 proxy's listener (before the datapath loads: the programs
@@ -83,9 +97,9 @@ fn bind_proxy(args: &Args) -> anyhow::Result<std::net::TcpListener> {
 
 /// Runs the L7 proxy on a tokio runtime of its own.
 fn start_proxy(
-    agent_state_dir: &std::path::Path,
     agent: Arc<Agent>,
     listener: std::net::TcpListener,
+    dns: (std::net::UdpSocket, std::net::TcpListener),
     from_mark: u32,
 ) -> anyhow::Result<Arc<proxy::Stats>> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -98,30 +112,57 @@ fn start_proxy(
         from_mark,
         ..Default::default()
     };
+    let (dns_udp, dns_tcp) = dns;
+    let drain = Arc::new(proxy::dns::Drain::default());
+    {
+        // UDP DNS: a blocking reader thread; queries run on the runtime.
+        let (policy, stats, handle) = (policy.clone(), stats.clone(), rt.handle().clone());
+        let policy: Arc<dyn proxy::Policy> = policy;
+        let drain = drain.clone();
+        std::thread::Builder::new()
+            .name("dns-proxy".into())
+            .spawn(move || {
+                proxy::dns::serve_udp(dns_udp, policy, from_mark, stats, handle, drain)
+            })?;
+    }
+    {
+        // SIGTERM/SIGINT (an upgrade, `lab restart-agent`): hand DNS back to
+        // the datapath's direct path first and answer the queries in
+        // flight, so that no pod loses a lookup to the restart.
+        let drain = drain.clone();
+        rt.spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!("stopping: draining the DNS proxy");
+            std::thread::spawn(move || {
+                drain.run(std::time::Duration::from_secs(2));
+                std::process::exit(0);
+            });
+        });
+    }
+    {
+        let (policy, stats) = (policy.clone(), stats.clone());
+        rt.spawn(async move {
+            if let Err(e) = proxy::dns::serve_tcp(dns_tcp, policy, from_mark, stats).await {
+                tracing::error!(error = %e, "DNS proxy (TCP) stopped");
+            }
+        });
+    }
     let s = stats.clone();
-    let record = agent_state_dir.join(datapath::net::PROXY_ROUTING_FILE);
     std::thread::Builder::new()
         .name("proxy".into())
         .spawn(move || {
             let _guard = rt.enter();
-            // SIGTERM/SIGINT: take the proxy's policy routing away with us
-            // (pinned programs and maps stay: traffic keeps flowing).
-            rt.spawn(async move {
-                use tokio::signal::unix::{signal, SignalKind};
-                let (Ok(mut term), Ok(mut int)) = (
-                    signal(SignalKind::terminate()),
-                    signal(SignalKind::interrupt()),
-                ) else {
-                    return;
-                };
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-                datapath::net::proxy_routing_forget(&record);
-                tracing::info!("stopping");
-                std::process::exit(0);
-            });
+
             if let Err(e) = rt.block_on(proxy::http::serve(listener, policy, config, s)) {
                 tracing::error!(error = %e, "L7 proxy stopped");
             }
@@ -223,6 +264,8 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
     let proxy_listener = bind_proxy(&args)?;
+    let (dns_udp, dns_tcp) = proxy::dns::listen(args.dns_proxy_port)
+        .with_context(|| format!("binding the DNS proxy on 127.0.0.1:{}", args.dns_proxy_port))?;
     let config = Config {
         node_name: args.node_name,
         cluster_name: args.cluster_name,
@@ -232,8 +275,16 @@ fn main() -> anyhow::Result<()> {
         socket: args.socket,
         flow_capacity: args.flow_capacity,
         proxy: None,
+        fqdn: fibril_agent::fqdn::FqdnConfig {
+            min_ttl_s: args.tofqdns_min_ttl,
+            idle_grace_s: args.tofqdns_idle_connection_grace_period,
+            max_ips_per_endpoint: args.tofqdns_max_ips_per_endpoint,
+        },
     };
-    let redirect = datapath::ProxyRedirect::for_port(proxy_listener.local_addr()?.port());
+    let redirect = datapath::ProxyRedirect {
+        dns_port: dns_tcp.local_addr()?.port(),
+        ..datapath::ProxyRedirect::for_port(proxy_listener.local_addr()?.port())
+    };
     let config = Config {
         proxy: Some(redirect),
         ..config
@@ -273,12 +324,24 @@ fn main() -> anyhow::Result<()> {
             .spawn(move || fibril_agent::metrics::serve(agent, l, render))?;
     }
     let proxy_stats = start_proxy(
-        &config.state_dir,
         agent.clone(),
         proxy_listener,
+        (dns_udp, dns_tcp),
         redirect.mark_from,
     )?;
     agent.set_proxy_stats(proxy_stats);
+    {
+        // toFQDNs: expired names go (their addresses once idle).
+        let agent = agent.clone();
+        std::thread::Builder::new()
+            .name("fqdn-gc".into())
+            .spawn(move || loop {
+                std::thread::sleep(std::time::Duration::from_secs(5));
+                if let Err(e) = agent.fqdn_gc() {
+                    tracing::warn!(error = %e, "toFQDNs garbage collection");
+                }
+            })?;
+    }
     tracing::info!(port = redirect.port, "L7 proxy ready");
     start_hubble(
         agent.clone(),

@@ -66,6 +66,18 @@ pub fn render(agent: &Agent) -> String {
         "Flows in the flow ring.",
         s.flows_buffered as u64,
     );
+    metric(
+        "fibril_fqdn_names",
+        "gauge",
+        "DNS names learned for toFQDNs.",
+        agent.fqdn_cache().len() as u64,
+    );
+    metric(
+        "fibril_fqdn_ips_refused_total",
+        "counter",
+        "DNS answer addresses not learned because an endpoint was at --tofqdns-max-ips-per-endpoint.",
+        agent.fqdn_refused.load(std::sync::atomic::Ordering::Relaxed),
+    );
     if let Some(stats) = agent.proxy_stats() {
         for (name, help, value) in stats.snapshot() {
             metric(name, "counter", help, value);

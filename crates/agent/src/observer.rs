@@ -57,6 +57,11 @@ impl Enricher for Sources {
         Some(policy_ref(origins.get(cookie.checked_sub(1)? as usize)?))
     }
 
+    fn names(&self, ip: Ipv4Addr) -> Vec<String> {
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        index.names_by_ip.get(&ip).cloned().unwrap_or_default()
+    }
+
     fn interface_name(&self, ifindex: u32) -> Option<String> {
         let index = self.index.read().unwrap_or_else(|e| e.into_inner());
         index.ifname_by_index.get(&ifindex).cloned()

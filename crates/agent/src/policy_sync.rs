@@ -95,10 +95,13 @@ impl PolicySync {
             if v.audit {
                 flags |= POLICY_F_AUDIT;
             }
-            // HTTP rules send the connection to the L7 proxy; the other
-            // L7 kinds are not enforced yet (import warns) and allow at L4.
-            if matches!(v.l7, Some(policy::L7::Http(_))) {
-                flags |= POLICY_F_REDIRECT;
+            // HTTP rules send the connection to the L7 proxy, DNS rules to
+            // the DNS proxy; kafka/l7proto are not enforced yet (import
+            // warns) and allow at L4.
+            match v.l7 {
+                Some(policy::L7::Http(_)) => flags |= POLICY_F_REDIRECT,
+                Some(policy::L7::Dns(_)) => flags |= abi::POLICY_F_REDIRECT_DNS,
+                _ => {}
             }
             let value = PolicyValue {
                 cookie: self.cookie(&v.origin),

@@ -46,6 +46,20 @@ pub struct State {
     /// reported with verdict AUDIT.
     #[serde(default)]
     pub audit_namespaces: std::collections::BTreeSet<String>,
+    /// Names the DNS proxy saw resolved, node-wide (as Cilium's cache):
+    /// what toFQDNs selects. Persisted: learned names survive a restart.
+    #[serde(default)]
+    pub fqdn: BTreeMap<String, FqdnName>,
+}
+
+/// One learned DNS name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FqdnName {
+    /// Address -> expiry (Unix seconds): the answer's TTL, at least the
+    /// minimum TTL.
+    pub ips: BTreeMap<Ipv4Addr, u64>,
+    /// Endpoints whose lookups returned it.
+    pub endpoints: std::collections::BTreeSet<u32>,
 }
 
 /// An IPv4 pod CIDR, e.g. 10.200.0.0/24.
@@ -123,7 +137,13 @@ impl State {
     /// numbers of prefixes that stay) and drops the ones no longer named.
     pub fn refresh_cidr_identities(&mut self) -> Result<(), String> {
         let policies: Vec<Policy> = self.policies.values().cloned().collect();
-        let wanted = policy::cidr::prefixes(&policies);
+        let mut wanted = policy::cidr::prefixes(&policies);
+        // Learned addresses of names a toFQDNs selector matches: /32s.
+        wanted.extend(
+            self.fqdn_labels(&policies)
+                .into_keys()
+                .map(|ip| IpNet::V4(ipnet::Ipv4Net::from(ip))),
+        );
         self.cidr_identities.retain(|p, _| wanted.contains(p));
         for p in wanted {
             if self.cidr_identities.contains_key(&p) {
@@ -146,13 +166,55 @@ impl State {
         out
     }
 
-    /// The CIDR identities with their labels.
+    /// The CIDR identities with their labels; a learned address also
+    /// carries `fqdn:<selector>` for each toFQDNs selector whose names
+    /// resolved to it.
     pub fn cidr_identity_labels(&self) -> Vec<(u32, LabelSet)> {
         let prefixes = self.cidr_identities.keys().copied().collect();
+        let policies: Vec<Policy> = self.policies.values().cloned().collect();
+        let fqdn = self.fqdn_labels(&policies);
         policy::cidr::identity_labels(&prefixes)
             .into_iter()
-            .filter_map(|(prefix, labels)| Some((*self.cidr_identities.get(&prefix)?, labels)))
+            .filter_map(|(prefix, labels)| {
+                let id = *self.cidr_identities.get(&prefix)?;
+                let extra = match prefix {
+                    IpNet::V4(p) if p.prefix_len() == 32 => fqdn.get(&p.addr()),
+                    _ => None,
+                };
+                let labels = match extra {
+                    Some(keys) => LabelSet::new(
+                        labels
+                            .iter()
+                            .cloned()
+                            .chain(keys.iter().map(|k| policy::Label::new("fqdn", k, "")))
+                            .collect(),
+                    ),
+                    None => labels,
+                };
+                Some((id, labels))
+            })
             .collect()
+    }
+
+    /// Learned addresses that a toFQDNs selector selects, with the selectors'
+    /// label keys.
+    fn fqdn_labels(
+        &self,
+        policies: &[Policy],
+    ) -> BTreeMap<Ipv4Addr, std::collections::BTreeSet<String>> {
+        let mut out: BTreeMap<Ipv4Addr, std::collections::BTreeSet<String>> = BTreeMap::new();
+        if self.fqdn.is_empty() {
+            return out;
+        }
+        let selectors = policy::cidr::fqdn_selectors(policies);
+        for (name, entry) in &self.fqdn {
+            for sel in selectors.iter().filter(|s| s.matches(name)) {
+                for ip in entry.ips.keys() {
+                    out.entry(*ip).or_default().insert(sel.label_key());
+                }
+            }
+        }
+        out
     }
 
     /// Declared container ports per identity (union over its endpoints).

@@ -425,3 +425,187 @@ fn malformed_http_is_rejected_counted_and_harms_no_other_connection() {
         String::from_utf8_lossy(&held.stderr)
     );
 }
+
+const DNS_LAB: &str = r#"
+podCIDR: POD_CIDR_HERE
+namespaces:
+  - name: shop
+pods:
+  - {name: client, namespace: shop, labels: {app: client}}
+externals:
+  - {name: dns, address: 198.51.100.53, command: [fibril-echo, dns-server, --port, "53", --record, "allowed.example=198.51.100.10", --record, "sub.wild.example=198.51.100.11", --record, "a.b.wild.example=198.51.100.11", --record, "other.example=198.51.100.12", --record, "denied.example=198.51.100.10"]}
+  - {name: allowed, address: 198.51.100.10, command: [fibril-echo, http-server, --port, "8080"]}
+  - {name: wild, address: 198.51.100.11, command: [fibril-echo, http-server, --port, "8080"]}
+  - {name: other, address: 198.51.100.12, command: [fibril-echo, http-server, --port, "8080"]}
+policies:
+  - inline: |
+      apiVersion: cilium.io/v2
+      kind: CiliumNetworkPolicy
+      metadata: {name: fqdn, namespace: shop}
+      spec:
+        endpointSelector: {matchLabels: {app: client}}
+        egress:
+        - toCIDR: [198.51.100.53/32]
+          toPorts:
+          - ports: [{port: "53", protocol: UDP}, {port: "53", protocol: TCP}]
+            rules:
+              dns: [{matchName: allowed.example}, {matchPattern: "*.wild.example"}, {matchName: other.example}]
+        - toFQDNs: [{matchName: allowed.example}, {matchPattern: "*.wild.example"}]
+          toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"#;
+
+#[test]
+fn dns_rules_and_to_fqdns_allow_exactly_the_resolved_names() {
+    let lab = Lab::start(DNS_LAB, &[]);
+    let dns_log = || {
+        std::fs::read_to_string(format!(
+            "/run/fibril/labs/{}/pods/external_dns.log",
+            lab.name
+        ))
+        .unwrap_or_default()
+    };
+    wait_until("the DNS server listens", || dns_log().contains("listening"));
+    let exec = |cmd: &[&str]| {
+        let out = lab.fibril(&[&["lab", "exec", "shop/client", "--"], cmd].concat());
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let query = |name: &str, tcp: bool| {
+        let mut cmd = vec!["fibril-echo", "dns-query", "198.51.100.53", name];
+        if tcp {
+            cmd.push("--tcp");
+        }
+        exec(&cmd).1
+    };
+    let get = |ip: &str| {
+        exec(&[
+            "fibril-echo",
+            "http-get",
+            "--timeout",
+            "1",
+            &format!("http://{ip}:8080/"),
+        ])
+        .0
+    };
+
+    // Nothing resolved yet: the addresses are just the world.
+    assert!(!get("198.51.100.10"));
+    // Resolving through the DNS proxy allows the name's address at once.
+    let a = query("allowed.example", false);
+    assert!(
+        a.contains("rcode NoError") && a.contains("address 198.51.100.10"),
+        "{a}"
+    );
+    assert!(get("198.51.100.10"), "the first connection after resolving");
+    // matchPattern: one label deep only.
+    assert!(query("sub.wild.example", false).contains("address 198.51.100.11"));
+    assert!(get("198.51.100.11"));
+    assert!(query("a.b.wild.example", false).contains("rcode Refused"));
+    // Allowed by the DNS rules, but no toFQDNs selector names it.
+    assert!(query("other.example", false).contains("address 198.51.100.12"));
+    assert!(!get("198.51.100.12"));
+    // Not in the DNS rules: REFUSED by the proxy, never seen by the server.
+    assert!(query("denied.example", false).contains("rcode Refused"));
+    assert!(!dns_log().contains("denied.example") && !dns_log().contains("a.b.wild"));
+    // DNS over TCP goes through the proxy too.
+    assert!(query("allowed.example", true).contains("address 198.51.100.10"));
+    assert!(query("denied.example", true).contains("rcode Refused"));
+
+    // DNS flows: query, answer addresses, TTL, rcode, qtypes, source.
+    let flows = |args: &[&str]| -> Vec<Value> {
+        let out = lab.fibril(&[&["observe", "--all", "-o", "json"], args].concat());
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["flow"].clone())
+            .collect()
+    };
+    let dns = flows(&["--protocol", "dns"]);
+    let answer = dns
+        .iter()
+        .find(|f| f["l7"]["type"] == "RESPONSE" && f["l7"]["dns"]["query"] == "allowed.example.")
+        .expect("a DNS answer flow");
+    assert_eq!(
+        answer["l7"]["dns"]["ips"],
+        serde_json::json!(["198.51.100.10"])
+    );
+    assert_eq!(answer["l7"]["dns"]["ttl"], 300);
+    assert_eq!(answer["l7"]["dns"]["qtypes"], serde_json::json!(["A"]));
+    assert_eq!(answer["l7"]["dns"]["observation_source"], "proxy");
+    assert_eq!(
+        answer["Summary"],
+        "DNS Answer \"198.51.100.10\" TTL: 300 (Proxy allowed.example. A)"
+    );
+    let refused: Vec<&Value> = dns.iter().filter(|f| f["verdict"] == "DROPPED").collect();
+    assert_eq!(refused.len(), 3, "{refused:?}");
+    assert!(refused
+        .iter()
+        .all(|f| f["egress_denied_by"][0]["name"] == "fqdn"
+            && (f["l4"]["UDP"].is_object() || f["l4"]["TCP"].is_object())));
+    // `--fqdn` finds the connections to the learned address by name.
+    wait_until("flows to allowed.example", || {
+        flows(&["--fqdn", "allowed.example", "--protocol", "tcp"])
+            .iter()
+            .any(|f| f["IP"]["destination"] == "198.51.100.10")
+    });
+    let out = lab.fibril(&[
+        "observe",
+        "--all",
+        "--protocol",
+        "dns",
+        "--verdict",
+        "DROPPED",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("dns-request proxy DROPPED (DNS Query denied.example. A)"),
+        "{text}"
+    );
+
+    // The agent restarts: pods keep resolving throughout (the datapath
+    // sends DNS straight to the resolver while the proxy is away), and the
+    // learned names are still allowed afterwards without a new lookup.
+    let name = lab.name.clone();
+    let during = std::thread::spawn(move || {
+        let mut failed = 0;
+        for _ in 0..30 {
+            let out = std::process::Command::new(common::bin("fibril"))
+                .args(["--lab", &name, "lab", "exec", "shop/client", "--"])
+                .args([
+                    "fibril-echo",
+                    "dns-query",
+                    "--timeout",
+                    "1",
+                    "198.51.100.53",
+                    "allowed.example",
+                ])
+                .output()
+                .unwrap();
+            if !out.status.success() {
+                failed += 1;
+                eprintln!(
+                    "query during the restart failed: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(30));
+        }
+        failed
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let out = lab.fibril(&["lab", "restart-agent"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        during.join().unwrap(),
+        0,
+        "DNS failed while the agent restarted"
+    );
+    assert!(get("198.51.100.11"), "learned before the restart");
+    assert!(!get("198.51.100.12"));
+}

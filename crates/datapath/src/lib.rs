@@ -76,6 +76,8 @@ pub struct Config {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProxyRedirect {
     pub port: u16,
+    /// The DNS proxy's port (UDP and TCP) on 127.0.0.1; 0: none.
+    pub dns_port: u16,
     pub mark_to: u32,
     pub mark_from: u32,
     pub table: u32,
@@ -86,6 +88,7 @@ impl ProxyRedirect {
         let p = (port as u32) << 16;
         Self {
             port,
+            dns_port: 0,
             mark_to: p | 0x0F1B,
             mark_from: p | 0x0F1C,
             table: 0x0F1B_0000 | port as u32,
@@ -357,6 +360,20 @@ impl Datapath {
         self.maps().ct.keys().filter(|k| k.is_ok()).count()
     }
 
+    /// Addresses that live (unexpired) connections lead to or come from.
+    pub fn ct_addresses(&self) -> std::collections::HashSet<Ipv4Addr> {
+        let now = monotonic_ns();
+        let maps = self.maps();
+        let mut out = std::collections::HashSet::new();
+        for (k, v) in maps.ct.iter().filter_map(|e| e.ok()) {
+            if v.expires_ns > now {
+                out.insert(Ipv4Addr::from(u32::from_be(k.saddr)));
+                out.insert(Ipv4Addr::from(u32::from_be(k.daddr)));
+            }
+        }
+        out
+    }
+
     /// Events the kernel could not write because the ring buffer was full.
     pub fn events_lost(&self) -> u64 {
         self.maps()
@@ -449,6 +466,7 @@ fn loader(config: &Config) -> EbpfLoader<'_> {
         .override_global("events_wakeup_bytes", &config.events_wakeup_bytes, true);
     if let Some(p) = &config.proxy {
         l.override_global("proxy_port", &p.port, true)
+            .override_global("dns_proxy_port", &p.dns_port, true)
             .override_global("proxy_mark_to", &p.mark_to, true)
             .override_global("proxy_mark_from", &p.mark_from, true);
     }

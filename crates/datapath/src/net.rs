@@ -279,9 +279,10 @@ pub fn pod_interface(netns: &Path, ifname: &str) -> Result<([u8; 6], Vec<Ipv4Add
 
 /// Policy routing for the L7 proxy: packets carrying `mark` are delivered to
 /// the local stack (`local 0.0.0.0/0 dev lo` in `table`), whatever their
-/// destination address. Idempotent.
+/// destination address. Idempotent, and never briefly absent when it was
+/// there already (a packet assigned to a proxy socket but then forwarded
+/// would be dropped).
 pub fn proxy_routing_up(mark: u32, table: u32) -> Result<(), NetError> {
-    proxy_routing_down(mark, table);
     let (mark, table) = (format!("{mark:#x}"), table.to_string());
     run(
         "ip",
@@ -297,12 +298,18 @@ pub fn proxy_routing_up(mark: u32, table: u32) -> Result<(), NetError> {
             &table,
         ],
     )?;
-    run(
+    let present = run(
         "ip",
-        &[
-            "-4", "rule", "add", "fwmark", &mark, "lookup", &table, "pref", "90",
-        ],
+        &["-4", "rule", "list", "fwmark", &mark, "lookup", &table],
     )?;
+    if present.trim().is_empty() {
+        run(
+            "ip",
+            &[
+                "-4", "rule", "add", "fwmark", &mark, "lookup", &table, "pref", "90",
+            ],
+        )?;
+    }
     Ok(())
 }
 

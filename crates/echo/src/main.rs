@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
+mod dns;
+
 #[derive(Parser)]
 #[command(name = "fibril-echo")]
 struct Args {
@@ -45,6 +47,31 @@ enum Cmd {
         seconds: f64,
         #[arg(long, default_value_t = 4)]
         connections: usize,
+    },
+    /// A small authoritative DNS server (UDP and TCP): A records given as
+    /// `--record name=address`; other names get NXDOMAIN. Logs each query.
+    DnsServer {
+        #[arg(long, default_value_t = 53)]
+        port: u16,
+        #[arg(long = "record")]
+        records: Vec<String>,
+        #[arg(long, default_value_t = 300)]
+        ttl: u32,
+    },
+    /// One DNS query (type A); prints `rcode NAME` and `address A.B.C.D`
+    /// lines; exits non-zero when no answer arrives.
+    DnsQuery {
+        server: String,
+        name: String,
+        #[arg(long)]
+        tcp: bool,
+        /// Seconds per attempt.
+        #[arg(long, default_value_t = 3.0)]
+        timeout: f64,
+        /// UDP attempts, as a stub resolver makes (resolv.conf `attempts`,
+        /// 2 by default).
+        #[arg(long, default_value_t = 2)]
+        attempts: u32,
     },
     /// UDP echo server.
     UdpServer {
@@ -390,6 +417,14 @@ fn main() {
     let r = match args.cmd {
         Cmd::HttpServer { port } => http_server(port),
         Cmd::H2Server { port } => h2_server(port),
+        Cmd::DnsServer { port, records, ttl } => dns::server(port, &records, ttl),
+        Cmd::DnsQuery {
+            server,
+            name,
+            tcp,
+            timeout,
+            attempts,
+        } => dns::query(&server, &name, tcp, timeout, attempts),
         Cmd::HttpLoad {
             url,
             seconds,

@@ -182,8 +182,16 @@ fn type_text(f: &Flow) -> String {
         }
         crate::record::EVENT_TYPE_ACCESS_LOG => match &f.l7 {
             Some(l7) => {
-                let proto = if l7.http.is_some() { "http" } else { "l7" };
-                format!("{proto}-{}", l7.r#type.to_lowercase())
+                let proto = match (&l7.http, &l7.dns) {
+                    (Some(_), _) => "http",
+                    (None, Some(_)) => "dns",
+                    _ => "l7",
+                };
+                let mut t = format!("{proto}-{}", l7.r#type.to_lowercase());
+                if let Some(d) = l7.dns.as_ref().filter(|d| !d.observation_source.is_empty()) {
+                    t = format!("{t} {}", d.observation_source);
+                }
+                t
             }
             None => "UNKNOWN".into(),
         },

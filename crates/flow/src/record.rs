@@ -203,6 +203,11 @@ pub struct Flow {
     pub r#type: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub node_name: String,
+    /// DNS names the source's / destination's address was learned for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_names: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination_names: Vec<String>,
     /// Requests and responses seen by the L7 proxy (Type L7).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub l7: Option<Layer7>,
@@ -245,7 +250,69 @@ pub struct Layer7 {
     #[serde(default, skip_serializing_if = "is_zero_u64", with = "u64_as_string")]
     pub latency_ns: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Dns>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<Http>,
+}
+
+/// `flow.DNS`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dns {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub query: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<String>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ttl: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cnames: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub observation_source: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rcode: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub qtypes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rrtypes: Vec<String>,
+}
+
+impl Dns {
+    /// Hubble's Summary: `DNS Query cilium.io. A`, or for a response
+    /// `DNS Answer "1.2.3.4" TTL: 3600 (Proxy cilium.io. A)`.
+    pub fn summary(&self, response: bool) -> String {
+        let qtypes = self.qtypes.join(",");
+        if !response {
+            return format!("DNS Query {} {qtypes}", self.query);
+        }
+        let answer = if self.rcode != 0 {
+            format!("RCode: {}", rcode_name(self.rcode))
+        } else {
+            let mut a = format!("{:?} TTL: {}", self.ips.join(","), self.ttl);
+            if !self.cnames.is_empty() {
+                a = format!("{a} CNAMEs: {:?}", self.cnames.join(","));
+            }
+            a
+        };
+        let source = if self.observation_source == "proxy" {
+            "Proxy"
+        } else {
+            "Query"
+        };
+        format!("DNS Answer {answer} ({source} {} {qtypes})", self.query)
+    }
+}
+
+/// DNS response codes by the names Hubble prints.
+pub fn rcode_name(rcode: u32) -> &'static str {
+    match rcode {
+        0 => "NoError",
+        1 => "FormErr",
+        2 => "ServFail",
+        3 => "NXDomain",
+        4 => "NotImp",
+        5 => "Refused",
+        _ => "Unknown",
+    }
 }
 
 /// `flow.HTTP`.
@@ -343,6 +410,10 @@ pub trait Enricher {
     /// The policy (and rule) a datapath cookie stands for.
     fn policy(&self, _cookie: u32) -> Option<PolicyRef> {
         None
+    }
+    /// DNS names `ip` was learned for (toFQDNs), for `*_names`.
+    fn names(&self, _ip: Ipv4Addr) -> Vec<String> {
+        Vec::new()
     }
     /// The name of the interface the datapath saw the packet on.
     fn interface_name(&self, _ifindex: u32) -> Option<String> {
@@ -621,6 +692,16 @@ pub fn from_event(
         },
         r#type: "L3_L4".into(),
         node_name: node.to_string(),
+        source_names: if has_ip {
+            enricher.names(src)
+        } else {
+            Vec::new()
+        },
+        destination_names: if has_ip {
+            enricher.names(dst)
+        } else {
+            Vec::new()
+        },
         event_type: EventTypeField {
             r#type: e.r#type as i32,
             sub_type,
@@ -668,6 +749,11 @@ pub struct L7Record {
     /// INGRESS when the server's policy redirected the connection, else EGRESS.
     pub ingress: bool,
     pub l7: Layer7,
+    /// IP protocol of the connection (6 TCP, 17 UDP).
+    pub protocol: u8,
+    /// The names the destination's address was learned for (DNS), for
+    /// `destination_names`.
+    pub destination_names: Vec<String>,
     /// The policies whose L7 rules decided it, each with its side (true:
     /// the server's ingress policy, false: the client's egress policy).
     pub decided_by: Vec<(bool, PolicyRef)>,
@@ -680,9 +766,11 @@ pub fn from_l7(r: &L7Record, uuid: String, node: &str, enricher: &dyn Enricher) 
     } else {
         (r.client, r.server, r.client_identity, r.server_identity)
     };
-    let summary = match &r.l7.http {
-        Some(h) => h.summary((r.l7.r#type == "RESPONSE").then_some(r.l7.latency_ns)),
-        None => String::new(),
+    let response = r.l7.r#type == "RESPONSE";
+    let summary = match (&r.l7.http, &r.l7.dns) {
+        (Some(h), _) => h.summary(response.then_some(r.l7.latency_ns)),
+        (None, Some(d)) => d.summary(response),
+        _ => String::new(),
     };
     let dropped = r.verdict == "DROPPED";
     let mut attribution: [Vec<PolicyRef>; 4] = Default::default();
@@ -705,18 +793,38 @@ pub fn from_l7(r: &L7Record, uuid: String, node: &str, enricher: &dyn Enricher) 
             destination: dst.ip().to_string(),
             ip_version: "IPv4".into(),
         }),
-        l4: Some(Layer4 {
-            tcp: Some(Tcp {
-                source_port: src.port(),
-                destination_port: dst.port(),
-                flags: None,
-            }),
-            ..Default::default()
+        l4: Some(if r.protocol == 17 {
+            Layer4 {
+                udp: Some(Udp {
+                    source_port: src.port(),
+                    destination_port: dst.port(),
+                }),
+                ..Default::default()
+            }
+        } else {
+            Layer4 {
+                tcp: Some(Tcp {
+                    source_port: src.port(),
+                    destination_port: dst.port(),
+                    flags: None,
+                }),
+                ..Default::default()
+            }
         }),
         source: enricher.endpoint(*src.ip(), src_id),
         destination: enricher.endpoint(*dst.ip(), dst_id),
         r#type: "L7".into(),
         node_name: node.to_string(),
+        destination_names: if r.is_reply {
+            Vec::new()
+        } else {
+            r.destination_names.clone()
+        },
+        source_names: if r.is_reply {
+            r.destination_names.clone()
+        } else {
+            Vec::new()
+        },
         l7: Some(r.l7.clone()),
         event_type: EventTypeField {
             r#type: EVENT_TYPE_ACCESS_LOG,

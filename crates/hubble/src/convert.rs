@@ -187,27 +187,41 @@ pub fn flow(f: &flow::Flow) -> pb::Flow {
             pb::FlowType::from_str_name(n).map(|v| v as i32)
         }),
         node_name: f.node_name.clone(),
+        source_names: f.source_names.clone(),
+        destination_names: f.destination_names.clone(),
         l7: f.l7.as_ref().map(|l| pb::Layer7 {
             r#type: enum_value(&l.r#type, |n| {
                 pb::L7FlowType::from_str_name(n).map(|v| v as i32)
             }),
             latency_ns: l.latency_ns,
-            record: l.http.as_ref().map(|h| {
-                pb::layer7::Record::Http(pb::Http {
-                    code: h.code,
-                    method: h.method.clone(),
-                    url: h.url.clone(),
-                    protocol: h.protocol.clone(),
-                    headers: h
-                        .headers
-                        .iter()
-                        .map(|x| pb::HttpHeader {
-                            key: x.key.clone(),
-                            value: x.value.clone(),
-                        })
-                        .collect(),
-                })
-            }),
+            record: match (&l.http, &l.dns) {
+                (None, Some(d)) => Some(pb::layer7::Record::Dns(pb::Dns {
+                    query: d.query.clone(),
+                    ips: d.ips.clone(),
+                    ttl: d.ttl,
+                    cnames: d.cnames.clone(),
+                    observation_source: d.observation_source.clone(),
+                    rcode: d.rcode,
+                    qtypes: d.qtypes.clone(),
+                    rrtypes: d.rrtypes.clone(),
+                })),
+                _ => l.http.as_ref().map(|h| {
+                    pb::layer7::Record::Http(pb::Http {
+                        code: h.code,
+                        method: h.method.clone(),
+                        url: h.url.clone(),
+                        protocol: h.protocol.clone(),
+                        headers: h
+                            .headers
+                            .iter()
+                            .map(|x| pb::HttpHeader {
+                                key: x.key.clone(),
+                                value: x.value.clone(),
+                            })
+                            .collect(),
+                    })
+                }),
+            },
         }),
         event_type: Some(pb::CiliumEventType {
             r#type: f.event_type.r#type,
@@ -396,6 +410,8 @@ pub fn from_pb(p: &pb::Flow) -> flow::Flow {
             |e| e.as_str_name(),
         ),
         node_name: p.node_name.clone(),
+        source_names: p.source_names.clone(),
+        destination_names: p.destination_names.clone(),
         l7: p.l7.as_ref().map(|l| flow::record::Layer7 {
             r#type: name_of(
                 l.r#type,
@@ -403,6 +419,19 @@ pub fn from_pb(p: &pb::Flow) -> flow::Flow {
                 |e| e.as_str_name(),
             ),
             latency_ns: l.latency_ns,
+            dns: match &l.record {
+                Some(pb::layer7::Record::Dns(d)) => Some(flow::record::Dns {
+                    query: d.query.clone(),
+                    ips: d.ips.clone(),
+                    ttl: d.ttl,
+                    cnames: d.cnames.clone(),
+                    observation_source: d.observation_source.clone(),
+                    rcode: d.rcode,
+                    qtypes: d.qtypes.clone(),
+                    rrtypes: d.rrtypes.clone(),
+                }),
+                _ => None,
+            },
             http: match &l.record {
                 Some(pb::layer7::Record::Http(h)) => Some(flow::record::Http {
                     code: h.code,

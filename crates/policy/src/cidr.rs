@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use ipnet::IpNet;
 
 use crate::labels::{Label, LabelSet};
-use crate::model::{Peer, Policy};
+use crate::model::{FqdnSelector, Peer, Policy};
 
 /// First and last node-local CIDR identity (flag bit 24, as Cilium).
 pub const FIRST_LOCAL: u32 = (1 << 24) + 1;
@@ -31,6 +31,23 @@ pub fn prefixes(policies: &[Policy]) -> BTreeSet<IpNet> {
         }
     }
     out.retain(|p| p.prefix_len() > 0);
+    out
+}
+
+/// Every toFQDNs selector the policies name.
+pub fn fqdn_selectors(policies: &[Policy]) -> BTreeSet<FqdnSelector> {
+    let mut out = BTreeSet::new();
+    for p in policies {
+        for r in &p.rules {
+            for pr in r.ingress.iter().chain(r.egress.iter()).flatten() {
+                for peer in pr.peers.iter().flatten() {
+                    if let Peer::Fqdn(s) = peer {
+                        out.insert(s.clone());
+                    }
+                }
+            }
+        }
+    }
     out
 }
 

@@ -323,7 +323,13 @@ fn peer_matches(peer: &Peer, id: u32, l: &LabelSet, cluster: &str) -> bool {
             };
             inside && !except.iter().any(|e| has_cidr_label(l, e))
         }
-        Peer::Fqdn(_) | Peer::Unresolved(_) => false,
+        // IPs learned by the DNS proxy carry the labels of the selectors
+        // whose names resolved to them.
+        Peer::Fqdn(sel) => {
+            let key = sel.label_key();
+            l.iter().any(|x| x.source == "fqdn" && x.key == key)
+        }
+        Peer::Unresolved(_) => false,
     }
 }
 

@@ -154,10 +154,71 @@ impl Entity {
     ];
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum FqdnSelector {
     MatchName(String),
     MatchPattern(String),
+}
+
+/// A DNS name as matched: lower case, with the trailing dot.
+pub fn fqdn(name: &str) -> String {
+    let mut n = name.to_ascii_lowercase();
+    if !n.ends_with('.') {
+        n.push('.');
+    }
+    n
+}
+
+/// `*` matches any run of name characters within one label (not `.`).
+fn glob(p: &[u8], s: &[u8]) -> bool {
+    match p.split_first() {
+        None => s.is_empty(),
+        Some((b'*', rest)) => {
+            let mut i = 0;
+            loop {
+                if glob(rest, &s[i..]) {
+                    return true;
+                }
+                if i == s.len() || s[i] == b'.' {
+                    return false;
+                }
+                i += 1;
+            }
+        }
+        Some((c, rest)) => s.first() == Some(c) && glob(rest, &s[1..]),
+    }
+}
+
+impl FqdnSelector {
+    /// Cilium's semantics (§3.9): `matchName` is the exact name (any case,
+    /// trailing dot optional); in `matchPattern`, `*` alone selects every
+    /// name, `*` inside a label stands for any characters of that label, and
+    /// a leading `**.` for any depth of subdomains (not the apex).
+    pub fn matches(&self, name: &str) -> bool {
+        let name = fqdn(name);
+        match self {
+            Self::MatchName(n) => fqdn(n) == name,
+            Self::MatchPattern(p) if p == "*" => true,
+            Self::MatchPattern(p) => {
+                let p = fqdn(p);
+                match p.strip_prefix("**.") {
+                    Some(rest) => name
+                        .match_indices('.')
+                        .any(|(i, _)| i > 0 && glob(rest.as_bytes(), &name.as_bytes()[i + 1..])),
+                    None => glob(p.as_bytes(), name.as_bytes()),
+                }
+            }
+        }
+    }
+
+    /// The label (`fqdn:<selector>`) of identities whose addresses a name
+    /// this selector matches resolved to.
+    pub fn label_key(&self) -> String {
+        match self {
+            Self::MatchName(n) => fqdn(n),
+            Self::MatchPattern(p) => format!("pattern={}", fqdn(p)),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -268,4 +329,35 @@ pub struct KafkaRule {
     pub api_version: Option<String>,
     pub client_id: Option<String>,
     pub topic: Option<String>,
+}
+
+#[cfg(test)]
+mod fqdn_tests {
+    use super::FqdnSelector::{MatchName, MatchPattern};
+
+    #[test]
+    fn match_name_is_exact_and_case_insensitive() {
+        let s = MatchName("api.github.com".into());
+        assert!(s.matches("api.github.com"));
+        assert!(s.matches("API.GitHub.com."));
+        assert!(!s.matches("github.com"));
+        assert!(!s.matches("x.api.github.com"));
+    }
+
+    #[test]
+    fn match_pattern_follows_cilium() {
+        let p = |x: &str| MatchPattern(x.into());
+        assert!(p("*").matches("anything.example"));
+        assert!(p("*.cilium.io").matches("sub.cilium.io"));
+        assert!(!p("*.cilium.io").matches("cilium.io"));
+        assert!(!p("*.cilium.io").matches("a.b.cilium.io"));
+        assert!(p("sub*.cilium.io").matches("sub1.cilium.io"));
+        assert!(p("sub*.cilium.io").matches("sub.cilium.io"));
+        assert!(!p("sub*.cilium.io").matches("xsub.cilium.io"));
+        assert!(p("**.cilium.io").matches("a.b.cilium.io"));
+        assert!(p("**.cilium.io").matches("b.cilium.io"));
+        assert!(!p("**.cilium.io").matches("cilium.io"));
+        assert!(!p("**.cilium.io").matches("evilcilium.io"));
+        assert!(p("api.*.svc.cluster.local").matches("api.shop.svc.cluster.local."));
+    }
 }

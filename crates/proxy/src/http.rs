@@ -22,6 +22,10 @@ type Body = BoxBody<Bytes, hyper::Error>;
 /// Largest request head accepted (bigger ones get 431).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
+/// How much of a refused request's body is read to keep its connection
+/// usable; a bigger body closes the connection after the 403.
+const DRAIN_LIMIT: usize = 1 << 20;
+
 #[derive(Clone, Debug)]
 pub struct Config {
     /// SO_MARK of upstream sockets (the datapath skips the policy it
@@ -130,7 +134,7 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     r
 }
 
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -193,7 +197,9 @@ impl Conn {
             verdict,
             ingress: self.conn.sides.iter().any(|s| s.ingress) || self.conn.sides.is_empty(),
             l7,
+            destination_names: Vec::new(),
             decided_by: by,
+            protocol: 6,
         });
     }
 
@@ -247,11 +253,20 @@ impl Conn {
                         flow::record::Layer7 {
                             r#type: "REQUEST".into(),
                             latency_ns: 0,
+                            dns: None,
                             http: Some(http),
                         },
                         vec![(side.ingress, side.policy.clone())],
                     );
-                    return text(StatusCode::FORBIDDEN, "Access denied\r\n");
+                    // Read the refused request's body (up to a limit), so
+                    // that the connection stays usable for the next request.
+                    let mut resp = text(StatusCode::FORBIDDEN, "Access denied\r\n");
+                    let body = http_body_util::Limited::new(req.into_body(), DRAIN_LIMIT);
+                    if body.collect().await.is_err() {
+                        resp.headers_mut()
+                            .insert(header::CONNECTION, "close".parse().expect("static"));
+                    }
+                    return resp;
                 }
             }
         }
@@ -284,6 +299,7 @@ impl Conn {
             flow::record::Layer7 {
                 r#type: "REQUEST".into(),
                 latency_ns: 0,
+                dns: None,
                 http: Some(http.clone()),
             },
             by.clone(),
@@ -308,6 +324,7 @@ impl Conn {
             flow::record::Layer7 {
                 r#type: "RESPONSE".into(),
                 latency_ns: started.elapsed().as_nanos().max(1) as u64,
+                dns: None,
                 http: Some(http),
             },
             by,

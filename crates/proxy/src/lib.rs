@@ -6,6 +6,7 @@
 //! connection that stays usable, forwards the rest from the client's own
 //! address, and reports each request and response as an L7 flow.
 
+pub mod dns;
 pub mod http;
 pub mod rules;
 pub mod socket;
@@ -44,6 +45,22 @@ pub trait Policy: Send + Sync + 'static {
     /// The rules for a connection from `client` to `original_dst`; `None`
     /// when policy does not allow the connection at all (it is closed).
     fn connection(&self, client: SocketAddrV4, original_dst: SocketAddrV4) -> Option<Connection>;
+    /// The DNS rules for a pod's queries to `resolver` (over TCP or UDP);
+    /// `None` when policy does not allow them at all (dropped).
+    fn dns(
+        &self,
+        client: SocketAddrV4,
+        resolver: SocketAddrV4,
+        tcp: bool,
+    ) -> Option<dns::DnsConnection>;
+    /// An allowed query's answer: `name` resolved to these addresses (with
+    /// TTLs) for `client`. Returns once policy can use them.
+    fn learned(
+        &self,
+        client: std::net::Ipv4Addr,
+        name: &str,
+        answers: &[(std::net::Ipv4Addr, u32)],
+    );
     /// Reports one request or response.
     fn record(&self, record: flow::record::L7Record);
 }
@@ -59,8 +76,14 @@ pub struct Stats {
     /// Requests hyper could not parse (bad framing, oversized headers):
     /// answered with 400/431 by the HTTP layer, the connection closed.
     pub malformed: AtomicU64,
-    /// The server could not be reached or reset the connection (503).
+    /// The server could not be reached or reset the connection (503), or
+    /// a resolver did not answer.
     pub upstream_errors: AtomicU64,
+    pub dns_forwarded: AtomicU64,
+    /// Queries answered REFUSED by the DNS rules.
+    pub dns_refused: AtomicU64,
+    /// Datagrams or messages that are not DNS queries (dropped).
+    pub dns_malformed: AtomicU64,
 }
 
 impl Stats {
@@ -69,7 +92,7 @@ impl Stats {
     }
 
     /// `(name, help, value)` for each counter.
-    pub fn snapshot(&self) -> [(&'static str, &'static str, u64); 6] {
+    pub fn snapshot(&self) -> [(&'static str, &'static str, u64); 9] {
         let v = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             (
@@ -99,8 +122,23 @@ impl Stats {
             ),
             (
                 "fibril_proxy_upstream_errors_total",
-                "Requests answered with 503: server unreachable or reset",
+                "HTTP requests answered with 503 (server unreachable or reset) and DNS queries the resolver did not answer",
                 v(&self.upstream_errors),
+            ),
+            (
+                "fibril_proxy_dns_queries_forwarded_total",
+                "DNS queries the DNS rules allowed",
+                v(&self.dns_forwarded),
+            ),
+            (
+                "fibril_proxy_dns_queries_refused_total",
+                "DNS queries answered REFUSED by the DNS rules",
+                v(&self.dns_refused),
+            ),
+            (
+                "fibril_proxy_dns_malformed_total",
+                "Datagrams or messages to the DNS proxy that are not DNS queries",
+                v(&self.dns_malformed),
             ),
         ]
     }

@@ -1,0 +1,137 @@
+//! toFQDNs: what the DNS proxy learns becomes identities in the ipcache and
+//! the policy maps before the answer reaches the pod (so its first
+//! connection to the address is already allowed); expired names go, unless
+//! connections to their addresses are still open (Cilium's "zombies").
+
+use std::net::Ipv4Addr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::{invalid, Agent, Error};
+
+/// Limits and timings (Cilium's `--tofqdns-*` knobs).
+#[derive(Clone, Copy, Debug)]
+pub struct FqdnConfig {
+    /// An answer is kept at least this long, whatever its TTL.
+    pub min_ttl_s: u64,
+    /// After expiry, how long an address whose connections are idle stays.
+    pub idle_grace_s: u64,
+    /// Learned addresses per endpoint; beyond it new ones are not learned
+    /// (counted and logged, never silent).
+    pub max_ips_per_endpoint: usize,
+}
+
+impl Default for FqdnConfig {
+    fn default() -> Self {
+        Self {
+            min_ttl_s: 3600,
+            idle_grace_s: 60,
+            max_ips_per_endpoint: 1000,
+        }
+    }
+}
+
+/// What learning one answer did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Learned {
+    /// New addresses (their identities and policy entries are in place).
+    pub added: usize,
+    /// Addresses not learned: the endpoint is at its limit.
+    pub refused: usize,
+}
+
+pub(crate) fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+impl Agent {
+    /// The DNS proxy saw `name` resolve to `answers` (address, TTL) for the
+    /// pod at `client`. Returns once the ipcache and policy maps know the
+    /// new addresses.
+    pub fn fqdn_learned(
+        &self,
+        client: Ipv4Addr,
+        name: &str,
+        answers: &[(Ipv4Addr, u32)],
+    ) -> Result<Learned, Error> {
+        let name = policy::model::fqdn(name);
+        let cfg = self.config.fqdn;
+        let now = now_s();
+        let mut s = self.lock_state();
+        let endpoint = s
+            .endpoints
+            .values()
+            .find(|e| e.ipv4 == client)
+            .map(|e| e.id)
+            .ok_or_else(|| invalid(format!("no endpoint has address {client}")))?;
+        let mut held: usize = s
+            .fqdn
+            .values()
+            .filter(|n| n.endpoints.contains(&endpoint))
+            .map(|n| n.ips.len())
+            .sum();
+        let mut out = Learned::default();
+        let entry = s.fqdn.entry(name.clone()).or_default();
+        entry.endpoints.insert(endpoint);
+        for (ip, ttl) in answers {
+            let expires = now + (*ttl as u64).max(cfg.min_ttl_s);
+            match entry.ips.get_mut(ip) {
+                Some(e) => *e = (*e).max(expires),
+                None if held >= cfg.max_ips_per_endpoint => out.refused += 1,
+                None => {
+                    entry.ips.insert(*ip, expires);
+                    held += 1;
+                    out.added += 1;
+                }
+            }
+        }
+        if out.refused > 0 {
+            self.fqdn_refused
+                .fetch_add(out.refused as u64, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(
+                endpoint,
+                name,
+                refused = out.refused,
+                limit = cfg.max_ips_per_endpoint,
+                "endpoint at its limit of learned DNS addresses; new ones are not allowed"
+            );
+        }
+        if out.added > 0 {
+            self.commit(&mut s)?;
+        }
+        Ok(out)
+    }
+
+    /// Drops addresses past their expiry and grace period whose connections
+    /// are all gone, and names left without addresses.
+    pub fn fqdn_gc(&self) -> Result<usize, Error> {
+        let grace = self.config.fqdn.idle_grace_s;
+        let now = now_s();
+        let live = self.datapath.ct_addresses();
+        let mut s = self.lock_state();
+        let mut removed = 0;
+        for entry in s.fqdn.values_mut() {
+            let before = entry.ips.len();
+            entry
+                .ips
+                .retain(|ip, expires| *expires + grace > now || live.contains(ip));
+            removed += before - entry.ips.len();
+        }
+        s.fqdn.retain(|_, e| !e.ips.is_empty());
+        if removed > 0 {
+            self.commit(&mut s)?;
+        }
+        Ok(removed)
+    }
+
+    /// Learned names and their addresses, for `fibril fqdn list`.
+    pub fn fqdn_cache(&self) -> Vec<(String, Vec<(Ipv4Addr, u64)>)> {
+        let s = self.lock_state();
+        s.fqdn
+            .iter()
+            .map(|(n, e)| (n.clone(), e.ips.iter().map(|(i, x)| (*i, *x)).collect()))
+            .collect()
+    }
+}

@@ -1,0 +1,403 @@
+//! The DNS proxy: pods whose egress policy has `dns` rules send their
+//! queries here (the datapath assigns UDP datagrams and TCP connections to
+//! port 53 to these sockets; the original destination is the pod's
+//! resolver). A query whose name no rule allows is answered REFUSED; the
+//! rest go to the resolver, and the answer's addresses are learned (and
+//! turned into policy) before the answer is released to the pod.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::rr::RData;
+use hickory_proto::serialize::binary::BinEncodable;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{Policy, Stats};
+
+/// How long the resolver has to answer.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What policy says about a pod's queries to one resolver.
+#[derive(Clone, Debug)]
+pub struct DnsConnection {
+    pub client_identity: u32,
+    pub server_identity: u32,
+    /// `matchName`/`matchPattern` of the rule; empty: every name.
+    pub selectors: Vec<policy::model::FqdnSelector>,
+    pub policy: Option<flow::record::PolicyRef>,
+    /// The resolver is a pod on this node: query from the client's address.
+    pub transparent: bool,
+}
+
+/// The DNS proxy's sockets on 127.0.0.1:`port` (0: any free port), UDP and
+/// TCP on the same port number.
+pub fn listen(port: u16) -> std::io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    for _ in 0..16 {
+        let udp = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+        udp.set_ip_transparent_v4(true)?;
+        udp.bind(&SocketAddrV4::new(Ipv4Addr::LOCALHOST, port).into())?;
+        nix::sys::socket::setsockopt(&udp, nix::sys::socket::sockopt::Ipv4OrigDstAddr, &true)
+            .map_err(std::io::Error::from)?;
+        let bound = udp
+            .local_addr()?
+            .as_socket()
+            .map(|a| a.port())
+            .unwrap_or(port);
+        match crate::socket::listen(bound) {
+            Ok(tcp) => return Ok((udp.into(), tcp)),
+            // Someone holds that TCP port: try another number.
+            Err(_) if port == 0 => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("no port free for both UDP and TCP"))
+}
+
+/// One datagram and where the pod sent it.
+fn recv_with_destination(
+    sock: &std::net::UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddrV4, SocketAddrV4)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrIn};
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let mut cmsg = nix::cmsg_space!(nix::libc::sockaddr_in);
+    let msg = recvmsg::<SockaddrIn>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )
+    .map_err(std::io::Error::from)?;
+    let client = msg
+        .address
+        .map(|a| SocketAddrV4::new(a.ip(), a.port()))
+        .ok_or_else(|| std::io::Error::other("datagram without a source"))?;
+    let mut dst = None;
+    for c in msg.cmsgs().map_err(std::io::Error::from)? {
+        if let ControlMessageOwned::Ipv4OrigDstAddr(a) = c {
+            dst = Some(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            ));
+        }
+    }
+    let dst = dst.ok_or_else(|| std::io::Error::other("datagram without its destination"))?;
+    Ok((msg.bytes, client, dst))
+}
+
+/// Sends `payload` to `client` from `from` (the resolver's address, which
+/// the pod expects the answer from).
+fn reply_from(from: SocketAddrV4, client: SocketAddrV4, payload: &[u8]) -> std::io::Result<()> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_ip_transparent_v4(true)?;
+    s.set_reuse_address(true)?;
+    s.bind(&from.into())?;
+    s.send_to(payload, &client.into())?;
+    Ok(())
+}
+
+/// Serves DNS over UDP (a thread of its own reads; queries run on `rt`).
+///
+/// Until `drain.stop` is set: then the socket is closed (the datapath sends
+/// new queries straight to the resolvers) and the function returns; the
+/// queries in flight are counted in `drain.in_flight`.
+pub fn serve_udp(
+    sock: std::net::UdpSocket,
+    policy: Arc<dyn Policy>,
+    from_mark: u32,
+    stats: Arc<Stats>,
+    rt: tokio::runtime::Handle,
+    drain: Arc<Drain>,
+) {
+    let mut buf = vec![0u8; 65_535];
+    // Wake up now and then to notice `stop`.
+    sock.set_read_timeout(Some(Duration::from_millis(50))).ok();
+    while !drain.stop.load(Ordering::Relaxed) {
+        let (n, client, dst) = match recv_with_destination(&sock, &mut buf) {
+            Ok(x) => x,
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::WouldBlock {
+                    tracing::debug!(error = %e, "dns proxy recv");
+                }
+                continue;
+            }
+        };
+        let query = buf[..n].to_vec();
+        let (policy, stats, drain) = (policy.clone(), stats.clone(), drain.clone());
+        drain.in_flight.fetch_add(1, Ordering::SeqCst);
+        rt.spawn(async move {
+            if let Some(answer) =
+                answer(&query, client, dst, false, &*policy, from_mark, &stats).await
+            {
+                if let Err(e) = reply_from(dst, client, &answer) {
+                    tracing::debug!(error = %e, %client, "dns proxy reply");
+                }
+            }
+            drain.in_flight.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+    drop(sock);
+    drain.closed.store(true, Ordering::SeqCst);
+}
+
+/// A graceful stop of the UDP DNS proxy (the agent restarting): close the
+/// socket, then let the queries in flight finish.
+#[derive(Debug, Default)]
+pub struct Drain {
+    pub stop: AtomicBool,
+    pub closed: AtomicBool,
+    pub in_flight: AtomicUsize,
+}
+
+impl Drain {
+    /// Stops taking queries and waits (up to `limit`) for those in flight.
+    pub fn run(&self, limit: Duration) {
+        self.stop.store(true, Ordering::SeqCst);
+        let end = Instant::now() + limit;
+        while Instant::now() < end
+            && (!self.closed.load(Ordering::SeqCst) || self.in_flight.load(Ordering::SeqCst) > 0)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Serves DNS over TCP (length-prefixed messages, several per connection).
+pub async fn serve_tcp(
+    listener: std::net::TcpListener,
+    policy: Arc<dyn Policy>,
+    from_mark: u32,
+    stats: Arc<Stats>,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    loop {
+        let (mut stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "dns proxy accept");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let (SocketAddr::V4(client), Ok(SocketAddr::V4(dst))) = (peer, stream.local_addr()) else {
+            continue;
+        };
+        let (policy, stats) = (policy.clone(), stats.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok(len) = stream.read_u16().await else {
+                    return;
+                };
+                let mut query = vec![0u8; len as usize];
+                if stream.read_exact(&mut query).await.is_err() {
+                    return;
+                }
+                let Some(answer) =
+                    answer(&query, client, dst, true, &*policy, from_mark, &stats).await
+                else {
+                    return;
+                };
+                let Ok(len) = u16::try_from(answer.len()) else {
+                    return;
+                };
+                if stream.write_u16(len).await.is_err() || stream.write_all(&answer).await.is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+fn refused(query: &Message) -> Option<Vec<u8>> {
+    let mut r = Message::new();
+    r.set_id(query.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(query.op_code())
+        .set_recursion_desired(query.recursion_desired())
+        .set_recursion_available(true)
+        .set_response_code(ResponseCode::Refused);
+    r.add_queries(query.queries().to_vec());
+    r.to_bytes().ok()
+}
+
+/// The answer for one query (None: drop it).
+async fn answer(
+    bytes: &[u8],
+    client: SocketAddrV4,
+    dst: SocketAddrV4,
+    tcp: bool,
+    policy: &dyn Policy,
+    from_mark: u32,
+    stats: &Stats,
+) -> Option<Vec<u8>> {
+    let started = Instant::now();
+    let query = match Message::from_vec(bytes) {
+        Ok(m) if m.message_type() == MessageType::Query && !m.queries().is_empty() => m,
+        _ => {
+            Stats::inc(&stats.dns_malformed);
+            return None;
+        }
+    };
+    let Some(conn) = policy.dns(client, dst, tcp) else {
+        Stats::inc(&stats.connections_refused);
+        return None;
+    };
+    let names: Vec<String> = query
+        .queries()
+        .iter()
+        .map(|q| policy::model::fqdn(&q.name().to_ascii()))
+        .collect();
+    let qtypes: Vec<String> = query
+        .queries()
+        .iter()
+        .map(|q| q.query_type().to_string())
+        .collect();
+    let flow = |is_reply: bool, verdict: &'static str, dns: flow::record::Dns, latency: u64| {
+        flow::record::L7Record {
+            unix_ns: crate::http::now_ns(),
+            client,
+            server: dst,
+            client_identity: conn.client_identity,
+            server_identity: conn.server_identity,
+            is_reply,
+            verdict,
+            ingress: false,
+            l7: flow::record::Layer7 {
+                r#type: if is_reply { "RESPONSE" } else { "REQUEST" }.into(),
+                latency_ns: latency,
+                dns: Some(dns),
+                http: None,
+            },
+            destination_names: Vec::new(),
+            decided_by: conn.policy.iter().map(|p| (false, p.clone())).collect(),
+            protocol: if tcp { 6 } else { 17 },
+        }
+    };
+    let request = flow::record::Dns {
+        query: names.join(","),
+        observation_source: "proxy".into(),
+        qtypes: qtypes.clone(),
+        ..Default::default()
+    };
+    // Every name of the query must be allowed (search domains expand into
+    // several queries, each checked on its own).
+    let allowed = conn.selectors.is_empty()
+        || names
+            .iter()
+            .all(|n| conn.selectors.iter().any(|s| s.matches(n)));
+    if !allowed {
+        Stats::inc(&stats.dns_refused);
+        policy.record(flow(false, "DROPPED", request, 0));
+        return refused(&query);
+    }
+    Stats::inc(&stats.dns_forwarded);
+    policy.record(flow(false, "FORWARDED", request, 0));
+
+    let reply = match forward(bytes, client, dst, tcp, conn.transparent, from_mark).await {
+        Ok(r) => r,
+        Err(e) => {
+            Stats::inc(&stats.upstream_errors);
+            tracing::debug!(error = %e, resolver = %dst, "dns upstream");
+            return None;
+        }
+    };
+    let Ok(msg) = Message::from_vec(&reply) else {
+        Stats::inc(&stats.upstream_errors);
+        return None;
+    };
+    // Learn before releasing the answer: the pod's first connection to an
+    // address it just resolved must already be allowed.
+    let mut ips = Vec::new();
+    let mut cnames = Vec::new();
+    let mut rrtypes = Vec::new();
+    let mut learned: Vec<(Ipv4Addr, u32)> = Vec::new();
+    let mut ttl = u32::MAX;
+    for r in msg.answers() {
+        rrtypes.push(r.record_type().to_string());
+        ttl = ttl.min(r.ttl());
+        match r.data() {
+            RData::A(a) => {
+                ips.push(a.0.to_string());
+                learned.push((a.0, r.ttl()));
+            }
+            RData::AAAA(a) => ips.push(a.0.to_string()),
+            RData::CNAME(c) => cnames.push(policy::model::fqdn(&c.0.to_ascii())),
+            _ => {}
+        }
+    }
+    if !learned.is_empty() && msg.response_code() == ResponseCode::NoError {
+        for name in &names {
+            policy.learned(*client.ip(), name, &learned);
+        }
+    }
+    let response = flow::record::Dns {
+        query: names.join(","),
+        ips,
+        ttl: if ttl == u32::MAX { 0 } else { ttl },
+        cnames,
+        observation_source: "proxy".into(),
+        rcode: u16::from(msg.response_code()) as u32,
+        qtypes,
+        rrtypes,
+    };
+    policy.record(flow(
+        true,
+        "FORWARDED",
+        response,
+        started.elapsed().as_nanos().max(1) as u64,
+    ));
+    Some(reply)
+}
+
+/// Sends the query to the resolver and returns its answer.
+async fn forward(
+    query: &[u8],
+    client: SocketAddrV4,
+    dst: SocketAddrV4,
+    tcp: bool,
+    transparent: bool,
+    from_mark: u32,
+) -> std::io::Result<Vec<u8>> {
+    if tcp {
+        let mut s = tokio::time::timeout(
+            UPSTREAM_TIMEOUT,
+            crate::socket::connect(*client.ip(), dst, transparent, from_mark),
+        )
+        .await
+        .map_err(|_| std::io::Error::other("resolver connect timed out"))??;
+        let len = u16::try_from(query.len()).map_err(std::io::Error::other)?;
+        s.write_u16(len).await?;
+        s.write_all(query).await?;
+        let read = async {
+            let n = s.read_u16().await?;
+            let mut buf = vec![0u8; n as usize];
+            s.read_exact(&mut buf).await?;
+            Ok::<_, std::io::Error>(buf)
+        };
+        return tokio::time::timeout(UPSTREAM_TIMEOUT, read)
+            .await
+            .map_err(|_| std::io::Error::other("resolver timed out"))?;
+    }
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    if transparent {
+        s.set_ip_transparent_v4(true)?;
+        s.set_mark(from_mark)?;
+        s.bind(&SocketAddrV4::new(*client.ip(), 0).into())?;
+    }
+    s.set_nonblocking(true)?;
+    let s = tokio::net::UdpSocket::from_std(s.into())?;
+    s.connect(dst).await?;
+    s.send(query).await?;
+    let mut buf = vec![0u8; 65_535];
+    let n = tokio::time::timeout(UPSTREAM_TIMEOUT, s.recv(&mut buf))
+        .await
+        .map_err(|_| std::io::Error::other("resolver timed out"))??;
+    buf.truncate(n);
+    Ok(buf)
+}
