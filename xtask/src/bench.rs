@@ -273,7 +273,22 @@ pods:
   - {name: client, namespace: bench, labels: {app: client}}
   - {name: direct, namespace: bench, labels: {app: direct}, command: [fibril-echo, http-server, --port, "8080"]}
   - {name: proxied, namespace: bench, labels: {app: proxied}, command: [fibril-echo, http-server, --port, "8080"]}
+  - {name: dns-direct, namespace: bench, labels: {app: dns-direct}}
+  - {name: dns-proxied, namespace: bench, labels: {app: dns-proxied}}
+externals:
+  - {name: resolver, address: 198.19.0.53, command: [fibril-echo, dns-server, --record, "bench.example=198.19.0.10"]}
 policies:
+  - inline: |
+      apiVersion: cilium.io/v2
+      kind: CiliumNetworkPolicy
+      metadata: {name: dns-rules, namespace: bench}
+      spec:
+        endpointSelector: {matchLabels: {app: dns-proxied}}
+        egress:
+        - toCIDR: [198.19.0.53/32]
+          toPorts:
+          - ports: [{port: "53", protocol: UDP}]
+            rules: {dns: [{matchPattern: "*.example"}]}
   - inline: |
       apiVersion: cilium.io/v2
       kind: CiliumNetworkPolicy
@@ -368,6 +383,69 @@ policies:
         println!(
             "{connections:<6} {d_rps:>12.0} {p_rps:>12.0} {:>7.3} {d50:>8.0}us {p50:>8.0}us {d99:>8.0}us {p99:>8.0}us",
             p_rps / d_rps
+        );
+    }
+
+    // DNS: the same resolver queried from a pod without DNS rules (direct)
+    // and from one whose rules send its DNS through the proxy.
+    let dns = |pod: &str| -> anyhow::Result<(f64, f64, f64, f64)> {
+        let out = fibril(&[
+            "lab",
+            "exec",
+            pod,
+            "--",
+            "fibril-echo",
+            "dns-load",
+            "198.19.0.53",
+            "bench.example",
+            "--seconds",
+            &secs,
+            "--concurrency",
+            "4",
+        ])
+        .output()
+        .context("running dns-load")?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if !out.status.success() {
+            bail!(
+                "dns-load failed: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let get = |key: &str| -> anyhow::Result<f64> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok()))
+                .with_context(|| format!("no {key} in {text:?}"))
+        };
+        Ok((
+            get("queries_per_sec")?,
+            get("p50_us")?,
+            get("p99_us")?,
+            get("unanswered")?,
+        ))
+    };
+    let (mut d, mut p) = (vec![], vec![]);
+    for _ in 0..rounds {
+        d.push(dns("bench/dns-direct")?);
+        p.push(dns("bench/dns-proxied")?);
+    }
+    let med = |v: &[(f64, f64, f64, f64)], f: fn(&(f64, f64, f64, f64)) -> f64| {
+        median(v.iter().map(f).collect())
+    };
+    println!(
+        "\nDNS over UDP, 4 concurrent clients ({rounds} rounds x {seconds}s, medians; direct = a pod without DNS rules, same resolver)"
+    );
+    println!(
+        "{:<8} {:>10} {:>8} {:>8} {:>11}",
+        "path", "queries/s", "p50 us", "p99 us", "unanswered"
+    );
+    for (label, v) in [("direct", &d), ("proxied", &p)] {
+        println!(
+            "{label:<8} {:>10.0} {:>8.0} {:>8.0} {:>11.0}",
+            med(v, |x| x.0),
+            med(v, |x| x.1),
+            med(v, |x| x.2),
+            med(v, |x| x.3)
         );
     }
     Ok(())

@@ -29,6 +29,23 @@ pub struct LabFile {
     /// attached straight to the host, with no Fibril endpoint.
     #[serde(default)]
     pub externals: Vec<External>,
+    /// The agent's DNS proxy knobs (Cilium's Helm `dnsProxy.*` names).
+    #[serde(rename = "dnsProxy", default)]
+    pub dns_proxy: DnsProxy,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsProxy {
+    /// Seconds an answer is kept at least (`--tofqdns-min-ttl`).
+    #[serde(rename = "minTtl")]
+    pub min_ttl: Option<u64>,
+    /// Seconds an expired address with idle connections stays.
+    #[serde(rename = "idleConnectionGracePeriod")]
+    pub idle_connection_grace_period: Option<u64>,
+    /// Learned addresses per endpoint.
+    #[serde(rename = "maxIpsPerEndpoint")]
+    pub max_ips_per_endpoint: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -488,6 +505,22 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
         ],
         ..Default::default()
     };
+    let d = &parsed.file.dns_proxy;
+    for (flag, value) in [
+        ("--tofqdns-min-ttl", d.min_ttl.map(|v| v.to_string())),
+        (
+            "--tofqdns-idle-connection-grace-period",
+            d.idle_connection_grace_period.map(|v| v.to_string()),
+        ),
+        (
+            "--tofqdns-max-ips-per-endpoint",
+            d.max_ips_per_endpoint.map(|v| v.to_string()),
+        ),
+    ] {
+        if let Some(v) = value {
+            st.agent_args.extend([flag.to_string(), v]);
+        }
+    }
     save(&st)?;
     let result = (|| -> anyhow::Result<()> {
         start_agent(&mut st)?;

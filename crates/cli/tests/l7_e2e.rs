@@ -334,6 +334,19 @@ fn http_rules_are_enforced_by_the_proxy_for_ingress_and_egress() {
         "{line}"
     );
 
+    // Hubble's httpV2 metrics, refusals included (Cilium counts only
+    // responses, so its refusals are invisible there).
+    let hm = l.lab.http_get_metrics("hubble-metrics.addr");
+    assert!(
+        hm.contains(r#"hubble_http_requests_total{method="POST",protocol="HTTP/1.1",reporter="server",status="403"}"#)
+            && hm.contains(r#"hubble_http_requests_total{method="GET",protocol="HTTP/1.1",reporter="server",status="200"}"#)
+            && hm.contains(r#"hubble_http_requests_total{method="GET",protocol="HTTP/1.1",reporter="client",status="403"}"#)
+            && hm.contains("# TYPE hubble_http_request_duration_seconds histogram")
+            && hm.contains(r#"hubble_http_request_duration_seconds_bucket{le="+Inf",method="GET",reporter="server"}"#)
+            && hm.contains(r#"hubble_http_request_duration_seconds_count{method="GET",reporter="server"}"#),
+        "{hm}"
+    );
+
     // Traffic no L7 rule covers never goes through the proxy.
     let before = l.metric("fibril_proxy_connections_total");
     assert_eq!(l.curl("frontend", &[&l.url(6, 8080, "/anything")]), ["200"]);
@@ -543,6 +556,16 @@ fn dns_rules_and_to_fqdns_allow_exactly_the_resolved_names() {
         .iter()
         .all(|f| f["egress_denied_by"][0]["name"] == "fqdn"
             && (f["l4"]["UDP"].is_object() || f["l4"]["TCP"].is_object())));
+    let hm = lab.http_get_metrics("hubble-metrics.addr");
+    assert!(
+        hm.contains(r#"hubble_dns_responses_total{ips_returned="0",qtypes="A",rcode="Refused"}"#)
+            && hm.contains(
+                r#"hubble_dns_responses_total{ips_returned="1",qtypes="A",rcode="NoError"}"#
+            )
+            && hm.contains(r#"hubble_dns_response_types_total{qtypes="A",type="A"}"#)
+            && hm.contains(r#"hubble_dns_queries_total{ips_returned="0",qtypes="A",rcode=""}"#),
+        "{hm}"
+    );
     // `--fqdn` finds the connections to the learned address by name.
     wait_until("flows to allowed.example", || {
         flows(&["--fqdn", "allowed.example", "--protocol", "tcp"])
@@ -608,4 +631,86 @@ fn dns_rules_and_to_fqdns_allow_exactly_the_resolved_names() {
     );
     assert!(get("198.51.100.11"), "learned before the restart");
     assert!(!get("198.51.100.12"));
+}
+
+#[test]
+fn learned_names_expire_are_bounded_and_bad_dns_is_counted() {
+    let lab_yaml = DNS_LAB
+        .replace(
+            "--record, \"denied.example=198.51.100.10\"",
+            "--record, \"denied.example=198.18.7.10\", --record, \"x.wild.example=198.18.7.14\", --ttl, \"1\"",
+        )
+        .replace(
+            "policies:",
+            "dnsProxy: {minTtl: 0, idleConnectionGracePeriod: 0, maxIpsPerEndpoint: 2}\npolicies:",
+        )
+        // Its own external addresses: tests run side by side on one host.
+        .replace("198.51.100.", "198.18.7.");
+    let lab = Lab::start(&lab_yaml, &[]);
+    let dns_log = || {
+        std::fs::read_to_string(format!(
+            "/run/fibril/labs/{}/pods/external_dns.log",
+            lab.name
+        ))
+        .unwrap_or_default()
+    };
+    wait_until("the DNS server listens", || dns_log().contains("listening"));
+    let exec = |cmd: &[&str]| {
+        let out = lab.fibril(&[&["lab", "exec", "shop/client", "--"], cmd].concat());
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let query = |name: &str| exec(&["fibril-echo", "dns-query", "198.18.7.53", name]).1;
+    let get = |ip: &str| {
+        exec(&[
+            "fibril-echo",
+            "http-get",
+            "--timeout",
+            "1",
+            &format!("http://{ip}:8080/"),
+        ])
+        .0
+    };
+    let metric = |name: &str| -> u64 {
+        lab.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name}"))
+    };
+
+    // Bad DNS: garbage to the resolver's port is dropped and counted, and
+    // the proxy goes on answering.
+    exec(&[
+        "fibril-echo",
+        "udp-send",
+        "198.18.7.53:53",
+        "--message",
+        "not a dns message",
+        "--timeout",
+        "0.3",
+    ]);
+    assert!(metric("fibril_proxy_dns_malformed_total") >= 1);
+
+    // The bound: two learned addresses per endpoint; the third is answered
+    // but not learned (so not allowed), and that is counted.
+    assert!(query("allowed.example").contains("address 198.18.7.10"));
+    assert!(query("sub.wild.example").contains("address 198.18.7.11"));
+    assert!(query("x.wild.example").contains("address 198.18.7.14"));
+    assert_eq!(metric("fibril_fqdn_ips_refused_total"), 1);
+    assert!(get("198.18.7.10"));
+    assert!(!get("198.18.7.14"));
+
+    // TTL 1 s, no minimum, no grace: sub.wild.example's address goes at the
+    // next collection; allowed.example's stays while its connection is
+    // tracked (Cilium's "zombie").
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while metric("fibril_fqdn_names") > 1 && std::time::Instant::now() < end {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(metric("fibril_fqdn_names"), 1);
+    assert!(!get("198.18.7.11"), "expired: no longer allowed");
+    assert!(get("198.18.7.10"), "kept while its connections live");
 }

@@ -154,3 +154,63 @@ pub fn query(
     }
     Ok(())
 }
+
+pub fn load(server: &str, name: &str, seconds: f64, concurrency: usize) -> anyhow::Result<()> {
+    let server = if server.contains(':') {
+        server.to_string()
+    } else {
+        format!("{server}:53")
+    };
+    let end = std::time::Instant::now() + Duration::from_secs_f64(seconds);
+    let started = std::time::Instant::now();
+    let workers: Vec<_> = (0..concurrency.max(1))
+        .map(|w| {
+            let (server, name) = (server.clone(), name.to_string());
+            std::thread::spawn(move || -> anyhow::Result<(Vec<u32>, u64)> {
+                let s = UdpSocket::bind("0.0.0.0:0")?;
+                s.connect(&server)?;
+                s.set_read_timeout(Some(Duration::from_secs(1)))?;
+                let mut lat = Vec::with_capacity(1 << 16);
+                let mut lost = 0;
+                let mut buf = [0u8; 4096];
+                let mut id: u16 = (w as u16) << 12;
+                while std::time::Instant::now() < end {
+                    id = id.wrapping_add(1);
+                    let mut m = Message::new();
+                    m.set_id(id)
+                        .set_message_type(MessageType::Query)
+                        .set_recursion_desired(true);
+                    m.add_query(Query::query(Name::from_str(&name)?, RecordType::A));
+                    let t = std::time::Instant::now();
+                    s.send(&m.to_bytes()?)?;
+                    match s.recv(&mut buf) {
+                        Ok(n) if Message::from_vec(&buf[..n]).is_ok_and(|r| r.id() == id) => {
+                            lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32)
+                        }
+                        _ => lost += 1,
+                    }
+                }
+                Ok((lat, lost))
+            })
+        })
+        .collect();
+    let (mut all, mut lost) = (Vec::new(), 0);
+    for w in workers {
+        let (l, x) = w.join().map_err(|_| anyhow::anyhow!("worker panicked"))??;
+        all.extend(l);
+        lost += x;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    say(format!("queries {}", all.len()));
+    say(format!("unanswered {lost}"));
+    say(format!("queries_per_sec {:.0}", all.len() as f64 / elapsed));
+    say(format!("p50_us {}", pct(0.50)));
+    say(format!("p99_us {}", pct(0.99)));
+    Ok(())
+}

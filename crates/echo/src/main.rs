@@ -73,6 +73,16 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         attempts: u32,
     },
+    /// DNS load over UDP: `concurrency` clients querying back to back for
+    /// `seconds`; prints the query rate and the p50/p99 latency.
+    DnsLoad {
+        server: String,
+        name: String,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+    },
     /// UDP echo server.
     UdpServer {
         #[arg(long)]
@@ -418,6 +428,12 @@ fn main() {
         Cmd::HttpServer { port } => http_server(port),
         Cmd::H2Server { port } => h2_server(port),
         Cmd::DnsServer { port, records, ttl } => dns::server(port, &records, ttl),
+        Cmd::DnsLoad {
+            server,
+            name,
+            seconds,
+            concurrency,
+        } => dns::load(&server, &name, seconds, concurrency),
         Cmd::DnsQuery {
             server,
             name,

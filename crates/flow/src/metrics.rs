@@ -14,7 +14,7 @@ pub struct Counters {
     series: Mutex<Series>,
 }
 
-const HELP: [(&str, &str); 5] = [
+const HELP: [(&str, &str); 10] = [
     (
         "hubble_flows_processed_total",
         "Total number of flows processed",
@@ -23,6 +23,39 @@ const HELP: [(&str, &str); 5] = [
     ("hubble_policy_verdicts_total", "Number of policy verdicts"),
     ("hubble_tcp_flags_total", "TCP flag occurrences"),
     ("hubble_lost_events_total", "Number of lost events"),
+    (
+        "hubble_http_requests_total",
+        "Count of HTTP requests (refused ones counted with the 403 the client got)",
+    ),
+    (
+        "hubble_http_request_duration_seconds_bucket",
+        "Quantiles of HTTP request duration in seconds (histogram buckets)",
+    ),
+    ("hubble_dns_queries_total", "Number of DNS queries observed"),
+    (
+        "hubble_dns_responses_total",
+        "Number of DNS responses observed (refused queries included)",
+    ),
+    (
+        "hubble_dns_response_types_total",
+        "Number of DNS response types",
+    ),
+];
+
+/// Upper bounds (seconds) of the HTTP duration histogram.
+const DURATION_BUCKETS: [(&str, u64); 12] = [
+    ("0.005", 5_000_000),
+    ("0.01", 10_000_000),
+    ("0.025", 25_000_000),
+    ("0.05", 50_000_000),
+    ("0.1", 100_000_000),
+    ("0.25", 250_000_000),
+    ("0.5", 500_000_000),
+    ("1", 1_000_000_000),
+    ("2.5", 2_500_000_000),
+    ("5", 5_000_000_000),
+    ("10", 10_000_000_000),
+    ("+Inf", u64::MAX),
 ];
 
 fn subtype(f: &Flow) -> String {
@@ -80,7 +113,8 @@ impl Counters {
             ],
             1,
         );
-        if f.verdict == "DROPPED" {
+        self.observe_l7(&mut s, f);
+        if f.verdict == "DROPPED" && f.l7.is_none() {
             self.add(
                 &mut s,
                 "hubble_drop_total",
@@ -146,6 +180,92 @@ impl Counters {
         }
     }
 
+    /// Hubble's `httpV2` and `dns` handlers, from L7 flows.
+    fn observe_l7(&self, s: &mut Series, f: &Flow) {
+        let Some(l7) = &f.l7 else { return };
+        // The proxy reports as the server for ingress rules, else the client.
+        let reporter = if f.traffic_direction == "INGRESS" {
+            "server"
+        } else {
+            "client"
+        };
+        if let Some(h) = &l7.http {
+            let status = match (l7.r#type.as_str(), f.verdict.as_str()) {
+                ("RESPONSE", _) => h.code.to_string(),
+                ("REQUEST", "DROPPED") => "403".to_string(),
+                _ => return,
+            };
+            let labels = |extra: Option<(&'static str, String)>| {
+                let mut l = vec![
+                    ("method", h.method.clone()),
+                    ("protocol", h.protocol.clone()),
+                    ("reporter", reporter.to_string()),
+                ];
+                l.extend(extra);
+                l
+            };
+            self.add(
+                s,
+                "hubble_http_requests_total",
+                labels(Some(("status", status))),
+                1,
+            );
+            if l7.r#type == "RESPONSE" {
+                for (le, bound) in DURATION_BUCKETS {
+                    if l7.latency_ns <= bound {
+                        let l = vec![
+                            ("le", le.to_string()),
+                            ("method", h.method.clone()),
+                            ("reporter", reporter.to_string()),
+                        ];
+                        self.add(s, "hubble_http_request_duration_seconds_bucket", l, 1);
+                    }
+                }
+                let l = vec![
+                    ("method", h.method.clone()),
+                    ("reporter", reporter.to_string()),
+                ];
+                // The sum is kept in microseconds and rendered in seconds.
+                self.add(
+                    s,
+                    "hubble_http_request_duration_seconds_sum",
+                    l.clone(),
+                    l7.latency_ns / 1000,
+                );
+                self.add(s, "hubble_http_request_duration_seconds_count", l, 1);
+            }
+        }
+        if let Some(d) = &l7.dns {
+            let qtypes = d.qtypes.join(",");
+            let refused = l7.r#type == "REQUEST" && f.verdict == "DROPPED";
+            if l7.r#type == "REQUEST" {
+                let l = vec![
+                    ("ips_returned", "0".to_string()),
+                    ("qtypes", qtypes.clone()),
+                    ("rcode", String::new()),
+                ];
+                self.add(s, "hubble_dns_queries_total", l, 1);
+            }
+            if l7.r#type == "RESPONSE" || refused {
+                let rcode = if refused {
+                    "Refused"
+                } else {
+                    crate::record::rcode_name(d.rcode)
+                };
+                let l = vec![
+                    ("ips_returned", d.ips.len().to_string()),
+                    ("qtypes", qtypes.clone()),
+                    ("rcode", rcode.to_string()),
+                ];
+                self.add(s, "hubble_dns_responses_total", l, 1);
+                for t in &d.rrtypes {
+                    let l = vec![("qtypes", qtypes.clone()), ("type", t.clone())];
+                    self.add(s, "hubble_dns_response_types_total", l, 1);
+                }
+            }
+        }
+    }
+
     /// Counts events lost at `source` (a `flow.LostEventSource` name).
     pub fn lost(&self, source: &str, n: u64) {
         let mut s = self.series.lock().unwrap_or_else(|e| e.into_inner());
@@ -174,7 +294,11 @@ impl Counters {
         }
         let mut out = String::new();
         for (name, help) in HELP {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+            let (family, kind) = match name.strip_suffix("_bucket") {
+                Some(base) => (base, "histogram"),
+                None => (name, "counter"),
+            };
+            out.push_str(&format!("# HELP {family} {help}\n# TYPE {family} {kind}\n"));
             for ((n, labels), v) in &s {
                 if *n != name {
                     continue;
@@ -186,6 +310,24 @@ impl Counters {
                     })
                     .collect();
                 out.push_str(&format!("{name}{{{}}} {v}\n", l.join(",")));
+            }
+            if kind == "histogram" {
+                for suffix in ["_sum", "_count"] {
+                    let series = format!("{family}{suffix}");
+                    for ((n, labels), v) in &s {
+                        if *n != series {
+                            continue;
+                        }
+                        let l: Vec<String> =
+                            labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+                        let value = if suffix == "_sum" {
+                            format!("{}", *v as f64 / 1e6)
+                        } else {
+                            v.to_string()
+                        };
+                        out.push_str(&format!("{series}{{{}}} {value}\n", l.join(",")));
+                    }
+                }
             }
         }
         out

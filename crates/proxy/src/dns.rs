@@ -90,15 +90,40 @@ fn recv_with_destination(
     Ok((msg.bytes, client, dst))
 }
 
-/// Sends `payload` to `client` from `from` (the resolver's address, which
-/// the pod expects the answer from).
-fn reply_from(from: SocketAddrV4, client: SocketAddrV4, payload: &[u8]) -> std::io::Result<()> {
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    s.set_ip_transparent_v4(true)?;
-    s.set_reuse_address(true)?;
-    s.bind(&from.into())?;
-    s.send_to(payload, &client.into())?;
-    Ok(())
+/// Sockets bound (transparently) to resolvers' addresses, to answer pods
+/// from the address they asked; a handful per node, kept.
+#[derive(Default)]
+struct ReplySockets(std::sync::Mutex<std::collections::HashMap<SocketAddrV4, Arc<Socket>>>);
+
+impl ReplySockets {
+    /// Sends `payload` to `client` from `from` (the resolver's address).
+    fn send(
+        &self,
+        from: SocketAddrV4,
+        client: SocketAddrV4,
+        payload: &[u8],
+    ) -> std::io::Result<()> {
+        let sock = {
+            let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            if map.len() > 256 {
+                map.clear();
+            }
+            match map.get(&from) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+                    s.set_ip_transparent_v4(true)?;
+                    s.set_reuse_address(true)?;
+                    s.bind(&from.into())?;
+                    let s = Arc::new(s);
+                    map.insert(from, s.clone());
+                    s
+                }
+            }
+        };
+        sock.send_to(payload, &client.into())?;
+        Ok(())
+    }
 }
 
 /// Serves DNS over UDP (a thread of its own reads; queries run on `rt`).
@@ -115,6 +140,7 @@ pub fn serve_udp(
     drain: Arc<Drain>,
 ) {
     let mut buf = vec![0u8; 65_535];
+    let replies = Arc::new(ReplySockets::default());
     // Wake up now and then to notice `stop`.
     sock.set_read_timeout(Some(Duration::from_millis(50))).ok();
     while !drain.stop.load(Ordering::Relaxed) {
@@ -128,13 +154,18 @@ pub fn serve_udp(
             }
         };
         let query = buf[..n].to_vec();
-        let (policy, stats, drain) = (policy.clone(), stats.clone(), drain.clone());
+        let (policy, stats, drain, replies) = (
+            policy.clone(),
+            stats.clone(),
+            drain.clone(),
+            replies.clone(),
+        );
         drain.in_flight.fetch_add(1, Ordering::SeqCst);
         rt.spawn(async move {
             if let Some(answer) =
                 answer(&query, client, dst, false, &*policy, from_mark, &stats).await
             {
-                if let Err(e) = reply_from(dst, client, &answer) {
+                if let Err(e) = replies.send(dst, client, &answer) {
                     tracing::debug!(error = %e, %client, "dns proxy reply");
                 }
             }
