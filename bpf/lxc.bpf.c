@@ -275,13 +275,13 @@ int from_container(struct __sk_buff *skb)
 		if (ingress_redirect && was != REDIRECT_HTTP) {
 			redirect = REDIRECT_HTTP;
 			if (was == REDIRECT_DNS)
-				ct_clear_flags(&pkt, DIR_EGRESS, CT_F_DNS);
+				ct_update_flags(&pkt, DIR_EGRESS, 0, CT_F_DNS);
 		}
 		if (redirect && !was) {
 			if (pkt.protocol != IPPROTO_TCP)
 				return drop(skb, &pkt, DROP_PROXY_UNSUPPORTED, DIR_INGRESS, src_id,
 					    dst_id, peer_pv.match, peer_pv.cookie);
-			ct_add_flags(&pkt, DIR_EGRESS, CT_F_PROXY_REDIRECT);
+			ct_update_flags(&pkt, DIR_EGRESS, CT_F_PROXY_REDIRECT, 0);
 		}
 	}
 	if (redirect) {
@@ -295,7 +295,7 @@ int from_container(struct __sk_buff *skb)
 		}
 		/* No DNS proxy: straight to the resolver, this connection for good. */
 		if (pkt.protocol == IPPROTO_TCP)
-			ct_clear_flags(&pkt, DIR_EGRESS, CT_F_PROXY_REDIRECT | CT_F_DNS);
+			ct_update_flags(&pkt, DIR_EGRESS, 0, CT_F_PROXY_REDIRECT | CT_F_DNS);
 		if (ct.report)
 			emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_FROM_LXC, DIR_EGRESS,
 				   VERDICT_FORWARDED, ct.state, src_id, dst_id, pv.match,
@@ -315,7 +315,7 @@ int from_container(struct __sk_buff *skb)
 			if (pkt.protocol != IPPROTO_TCP)
 				return drop(skb, &pkt, DROP_PROXY_UNSUPPORTED, DIR_INGRESS, src_id,
 					    dst_id, peer_pv.match, peer_pv.cookie);
-			ct_add_flags(&pkt, DIR_EGRESS, CT_F_PROXY_REDIRECT);
+			ct_update_flags(&pkt, DIR_EGRESS, CT_F_PROXY_REDIRECT, 0);
 			emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_TO_PROXY, DIR_EGRESS,
 				   VERDICT_FORWARDED, ct.state, src_id, dst_id, peer_pv.match,
 				   peer_pv.cookie);

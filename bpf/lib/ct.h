@@ -128,8 +128,10 @@ static __always_inline int ct_create(const struct packet *pkt, __u8 dir, __u32 c
 	return bpf_map_update_elem(&fibril_ct, &key, &v, BPF_ANY);
 }
 
-/* Marks an existing connection (opened in `dir` by this packet's sender). */
-static __always_inline void ct_add_flags(const struct packet *pkt, __u8 dir, __u8 flags)
+/* Sets and clears flags of an existing connection (opened in `dir` by this
+ * packet's sender). */
+static __always_inline void ct_update_flags(const struct packet *pkt, __u8 dir, __u8 set,
+					    __u8 clear)
 {
 	struct ct_key key;
 	struct ct_value *v;
@@ -137,18 +139,7 @@ static __always_inline void ct_add_flags(const struct packet *pkt, __u8 dir, __u
 	ct_fill_key(&key, pkt, dir, 0);
 	v = bpf_map_lookup_elem(&fibril_ct, &key);
 	if (v)
-		v->flags |= flags;
-}
-
-static __always_inline void ct_clear_flags(const struct packet *pkt, __u8 dir, __u8 flags)
-{
-	struct ct_key key;
-	struct ct_value *v;
-
-	ct_fill_key(&key, pkt, dir, 0);
-	v = bpf_map_lookup_elem(&fibril_ct, &key);
-	if (v)
-		v->flags &= ~flags;
+		v->flags = (v->flags & ~clear) | set;
 }
 
 #endif

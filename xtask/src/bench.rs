@@ -26,6 +26,11 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 }
 
 fn measure(cmd: &mut Command, key: &str) -> anyhow::Result<f64> {
+    Ok(measure_keys(cmd, &[key])?[0])
+}
+
+/// Runs a bench client and reads the `key value` lines it prints.
+fn measure_keys(cmd: &mut Command, keys: &[&str]) -> anyhow::Result<Vec<f64>> {
     let out = cmd.output().context("running the bench client")?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
@@ -35,9 +40,13 @@ fn measure(cmd: &mut Command, key: &str) -> anyhow::Result<f64> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    text.lines()
-        .find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok()))
-        .with_context(|| format!("no {key} in {text:?}"))
+    keys.iter()
+        .map(|key| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok()))
+                .with_context(|| format!("no {key} in {text:?}"))
+        })
+        .collect()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -327,33 +336,23 @@ policies:
     let secs = seconds.to_string();
     let load = |host: &str, connections: &str| -> anyhow::Result<(f64, f64, f64)> {
         let url = format!("http://{host}:8080/api/bench");
-        let mut cmd = fibril(&[
-            "lab",
-            "exec",
-            "bench/client",
-            "--",
-            "fibril-echo",
-            "http-load",
-            &url,
-            "--seconds",
-            &secs,
-            "--connections",
-            connections,
-        ]);
-        let out = cmd.output().context("running http-load")?;
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        if !out.status.success() {
-            bail!(
-                "http-load failed: {text} {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let get = |key: &str| -> anyhow::Result<f64> {
-            text.lines()
-                .find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok()))
-                .with_context(|| format!("no {key} in {text:?}"))
-        };
-        Ok((get("requests_per_sec")?, get("p50_us")?, get("p99_us")?))
+        let v = measure_keys(
+            &mut fibril(&[
+                "lab",
+                "exec",
+                "bench/client",
+                "--",
+                "fibril-echo",
+                "http-load",
+                &url,
+                "--seconds",
+                &secs,
+                "--connections",
+                connections,
+            ]),
+            &["requests_per_sec", "p50_us", "p99_us"],
+        )?;
+        Ok((v[0], v[1], v[2]))
     };
     println!(
         "\nfibril L7 proxy benchmark (HTTP/1.1 keep-alive GET, {rounds} rounds x {seconds}s, medians; direct = the same server allowed at L4, same run)"
@@ -389,40 +388,24 @@ policies:
     // DNS: the same resolver queried from a pod without DNS rules (direct)
     // and from one whose rules send its DNS through the proxy.
     let dns = |pod: &str| -> anyhow::Result<(f64, f64, f64, f64)> {
-        let out = fibril(&[
-            "lab",
-            "exec",
-            pod,
-            "--",
-            "fibril-echo",
-            "dns-load",
-            "198.19.0.53",
-            "bench.example",
-            "--seconds",
-            &secs,
-            "--concurrency",
-            "4",
-        ])
-        .output()
-        .context("running dns-load")?;
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        if !out.status.success() {
-            bail!(
-                "dns-load failed: {text} {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let get = |key: &str| -> anyhow::Result<f64> {
-            text.lines()
-                .find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok()))
-                .with_context(|| format!("no {key} in {text:?}"))
-        };
-        Ok((
-            get("queries_per_sec")?,
-            get("p50_us")?,
-            get("p99_us")?,
-            get("unanswered")?,
-        ))
+        let v = measure_keys(
+            &mut fibril(&[
+                "lab",
+                "exec",
+                pod,
+                "--",
+                "fibril-echo",
+                "dns-load",
+                "198.19.0.53",
+                "bench.example",
+                "--seconds",
+                &secs,
+                "--concurrency",
+                "4",
+            ]),
+            &["queries_per_sec", "p50_us", "p99_us", "unanswered"],
+        )?;
+        Ok((v[0], v[1], v[2], v[3]))
     };
     let (mut d, mut p) = (vec![], vec![]);
     for _ in 0..rounds {

@@ -104,10 +104,7 @@ impl L7Lab {
 
     /// Runs a command in a pod; its stdout.
     fn exec(&self, pod: &str, cmd: &[&str]) -> String {
-        let out = self
-            .lab
-            .fibril(&[&["lab", "exec", &format!("shop/{pod}"), "--"], cmd].concat());
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.lab.exec(&format!("shop/{pod}"), cmd).1
     }
 
     /// curl from a pod: `%{http_code}` of each transfer, one per line.
@@ -137,31 +134,12 @@ impl L7Lab {
     }
 
     fn l7_flows(&self, filters: &[&str]) -> Vec<Value> {
-        let out = self.lab.fibril(
-            &[
-                &["observe", "--all", "-o", "json", "--protocol", "http"],
-                filters,
-            ]
-            .concat(),
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap()["flow"].clone())
-            .collect()
+        self.lab
+            .observe_json(&[&["--all", "--protocol", "http"], filters].concat())
     }
 
     fn metric(&self, name: &str) -> u64 {
-        self.lab
-            .metrics()
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no metric {name}"))
+        self.lab.metric(name)
     }
 }
 
@@ -469,39 +447,10 @@ policies:
 
 #[test]
 fn dns_rules_and_to_fqdns_allow_exactly_the_resolved_names() {
-    let lab = Lab::start(DNS_LAB, &[]);
-    let dns_log = || {
-        std::fs::read_to_string(format!(
-            "/run/fibril/labs/{}/pods/external_dns.log",
-            lab.name
-        ))
-        .unwrap_or_default()
-    };
-    wait_until("the DNS server listens", || dns_log().contains("listening"));
-    let exec = |cmd: &[&str]| {
-        let out = lab.fibril(&[&["lab", "exec", "shop/client", "--"], cmd].concat());
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-        )
-    };
-    let query = |name: &str, tcp: bool| {
-        let mut cmd = vec!["fibril-echo", "dns-query", "198.51.100.53", name];
-        if tcp {
-            cmd.push("--tcp");
-        }
-        exec(&cmd).1
-    };
-    let get = |ip: &str| {
-        exec(&[
-            "fibril-echo",
-            "http-get",
-            "--timeout",
-            "1",
-            &format!("http://{ip}:8080/"),
-        ])
-        .0
-    };
+    let d = DnsLab::start(DNS_LAB.to_string());
+    let (lab, dns_log) = (&d.lab, || d.dns_log());
+    let query = |name: &str, tcp: bool| d.query(name, tcp);
+    let get = |ip: &str| d.get(ip);
 
     // Nothing resolved yet: the addresses are just the world.
     assert!(!get("198.51.100.10"));
@@ -527,13 +476,7 @@ fn dns_rules_and_to_fqdns_allow_exactly_the_resolved_names() {
     assert!(query("denied.example", true).contains("rcode Refused"));
 
     // DNS flows: query, answer addresses, TTL, rcode, qtypes, source.
-    let flows = |args: &[&str]| -> Vec<Value> {
-        let out = lab.fibril(&[&["observe", "--all", "-o", "json"], args].concat());
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap()["flow"].clone())
-            .collect()
-    };
+    let flows = |args: &[&str]| lab.observe_json(&[&["--all"], args].concat());
     let dns = flows(&["--protocol", "dns"]);
     let answer = dns
         .iter()
@@ -646,40 +589,11 @@ fn learned_names_expire_are_bounded_and_bad_dns_is_counted() {
         )
         // Its own external addresses: tests run side by side on one host.
         .replace("198.51.100.", "198.18.7.");
-    let lab = Lab::start(&lab_yaml, &[]);
-    let dns_log = || {
-        std::fs::read_to_string(format!(
-            "/run/fibril/labs/{}/pods/external_dns.log",
-            lab.name
-        ))
-        .unwrap_or_default()
-    };
-    wait_until("the DNS server listens", || dns_log().contains("listening"));
-    let exec = |cmd: &[&str]| {
-        let out = lab.fibril(&[&["lab", "exec", "shop/client", "--"], cmd].concat());
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-        )
-    };
-    let query = |name: &str| exec(&["fibril-echo", "dns-query", "198.18.7.53", name]).1;
-    let get = |ip: &str| {
-        exec(&[
-            "fibril-echo",
-            "http-get",
-            "--timeout",
-            "1",
-            &format!("http://{ip}:8080/"),
-        ])
-        .0
-    };
-    let metric = |name: &str| -> u64 {
-        lab.metrics()
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no metric {name}"))
-    };
+    let d = DnsLab::start(lab_yaml);
+    let (lab, exec) = (&d.lab, |cmd: &[&str]| d.lab.exec("shop/client", cmd));
+    let query = |name: &str| d.query(name, false);
+    let get = |ip: &str| d.get(ip);
+    let metric = |name: &str| lab.metric(name);
 
     // Bad DNS: garbage to the resolver's port is dropped and counted, and
     // the proxy goes on answering.
@@ -713,4 +627,55 @@ fn learned_names_expire_are_bounded_and_bad_dns_is_counted() {
     assert_eq!(metric("fibril_fqdn_names"), 1);
     assert!(!get("198.18.7.11"), "expired: no longer allowed");
     assert!(get("198.18.7.10"), "kept while its connections live");
+}
+
+/// A lab with a DNS server and HTTP servers as externals, one client pod.
+struct DnsLab {
+    lab: Lab,
+    resolver: String,
+}
+
+impl DnsLab {
+    fn start(yaml: String) -> Self {
+        let resolver = yaml
+            .split("name: dns, address: ")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .expect("a dns external")
+            .to_string();
+        let d = Self {
+            lab: Lab::start(&yaml, &[]),
+            resolver,
+        };
+        wait_until("the DNS server listens", || {
+            d.dns_log().contains("listening")
+        });
+        d
+    }
+
+    fn dns_log(&self) -> String {
+        std::fs::read_to_string(format!(
+            "/run/fibril/labs/{}/pods/external_dns.log",
+            self.lab.name
+        ))
+        .unwrap_or_default()
+    }
+
+    fn query(&self, name: &str, tcp: bool) -> String {
+        let mut cmd = vec!["fibril-echo", "dns-query", &self.resolver, name];
+        if tcp {
+            cmd.push("--tcp");
+        }
+        self.lab.exec("shop/client", &cmd).1
+    }
+
+    fn get(&self, ip: &str) -> bool {
+        let url = format!("http://{ip}:8080/");
+        self.lab
+            .exec(
+                "shop/client",
+                &["fibril-echo", "http-get", "--timeout", "1", &url],
+            )
+            .0
+    }
 }

@@ -200,17 +200,7 @@ pub fn load(server: &str, name: &str, seconds: f64, concurrency: usize) -> anyho
         all.extend(l);
         lost += x;
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    all.sort_unstable();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
-    };
-    say(format!("queries {}", all.len()));
     say(format!("unanswered {lost}"));
-    say(format!("queries_per_sec {:.0}", all.len() as f64 / elapsed));
-    say(format!("p50_us {}", pct(0.50)));
-    say(format!("p99_us {}", pct(0.99)));
+    crate::report_latencies("queries", &mut all, started.elapsed().as_secs_f64());
     Ok(())
 }

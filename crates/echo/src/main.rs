@@ -293,21 +293,26 @@ fn http_load(url: &str, seconds: f64, connections: usize) -> anyhow::Result<()> 
     for w in workers {
         all.extend(w.join().map_err(|_| anyhow::anyhow!("worker panicked"))??);
     }
-    let elapsed = started.elapsed().as_secs_f64();
+    report_latencies("requests", &mut all, started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Prints `{what} N`, `{what}_per_sec R`, `p50_us` and `p99_us` for a
+/// load run's latencies (microseconds).
+pub(crate) fn report_latencies(what: &str, all: &mut [u32], elapsed_s: f64) {
     all.sort_unstable();
     let pct = |p: f64| {
         all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
             .copied()
             .unwrap_or(0)
     };
-    say(format!("requests {}", all.len()));
+    say(format!("{what} {}", all.len()));
     say(format!(
-        "requests_per_sec {:.0}",
-        all.len() as f64 / elapsed
+        "{what}_per_sec {:.0}",
+        all.len() as f64 / elapsed_s
     ));
     say(format!("p50_us {}", pct(0.50)));
     say(format!("p99_us {}", pct(0.99)));
-    Ok(())
 }
 
 fn udp_server(port: u16) -> anyhow::Result<()> {

@@ -131,7 +131,12 @@ impl Lab {
     }
 
     pub fn flows(&self) -> Vec<Value> {
-        let out = self.fibril(&["observe", "--all", "-o", "json"]);
+        self.observe_json(&["--all"])
+    }
+
+    /// `fibril observe -o json ARGS`: the flows.
+    pub fn observe_json(&self, args: &[&str]) -> Vec<Value> {
+        let out = self.fibril(&[&["observe", "-o", "json"], args].concat());
         assert!(
             out.status.success(),
             "{}",
@@ -142,6 +147,24 @@ impl Lab {
             .map(|l| serde_json::from_str::<Value>(l).unwrap())
             .filter_map(|v| v.get("flow").cloned())
             .collect()
+    }
+
+    /// One value from the agent's metrics (`fibril_*`).
+    pub fn metric(&self, name: &str) -> u64 {
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name}"))
+    }
+
+    /// Runs a command in `pod` (`ns/name`): (success, stdout).
+    pub fn exec(&self, pod: &str, cmd: &[&str]) -> (bool, String) {
+        let out = self.fibril(&[&["lab", "exec", pod, "--"], cmd].concat());
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
     }
 
     /// GET /metrics from the lab agent's metrics endpoint (loopback).
