@@ -140,7 +140,7 @@ impl State {
         let mut wanted = policy::cidr::prefixes(&policies);
         // Learned addresses of names a toFQDNs selector matches: /32s.
         wanted.extend(
-            self.fqdn_labels(&policies)
+            self.fqdn_labels()
                 .into_keys()
                 .map(|ip| IpNet::V4(ipnet::Ipv4Net::from(ip))),
         );
@@ -171,8 +171,7 @@ impl State {
     /// resolved to it.
     pub fn cidr_identity_labels(&self) -> Vec<(u32, LabelSet)> {
         let prefixes = self.cidr_identities.keys().copied().collect();
-        let policies: Vec<Policy> = self.policies.values().cloned().collect();
-        let fqdn = self.fqdn_labels(&policies);
+        let fqdn = self.fqdn_labels();
         policy::cidr::identity_labels(&prefixes)
             .into_iter()
             .filter_map(|(prefix, labels)| {
@@ -198,15 +197,12 @@ impl State {
 
     /// Learned addresses that a toFQDNs selector selects, with the selectors'
     /// label keys.
-    fn fqdn_labels(
-        &self,
-        policies: &[Policy],
-    ) -> BTreeMap<Ipv4Addr, std::collections::BTreeSet<String>> {
+    fn fqdn_labels(&self) -> BTreeMap<Ipv4Addr, std::collections::BTreeSet<String>> {
         let mut out: BTreeMap<Ipv4Addr, std::collections::BTreeSet<String>> = BTreeMap::new();
         if self.fqdn.is_empty() {
             return out;
         }
-        let selectors = policy::cidr::fqdn_selectors(policies);
+        let selectors = policy::cidr::fqdn_selectors(self.policies.values());
         for (name, entry) in &self.fqdn {
             for sel in selectors.iter().filter(|s| s.matches(name)) {
                 for ip in entry.ips.keys() {

@@ -35,7 +35,9 @@ pub fn prefixes(policies: &[Policy]) -> BTreeSet<IpNet> {
 }
 
 /// Every toFQDNs selector the policies name.
-pub fn fqdn_selectors(policies: &[Policy]) -> BTreeSet<FqdnSelector> {
+pub fn fqdn_selectors<'a>(
+    policies: impl IntoIterator<Item = &'a Policy>,
+) -> BTreeSet<FqdnSelector> {
     let mut out = BTreeSet::new();
     for p in policies {
         for r in &p.rules {

@@ -163,7 +163,7 @@ pub fn serve_udp(
         drain.in_flight.fetch_add(1, Ordering::SeqCst);
         rt.spawn(async move {
             if let Some(answer) =
-                answer(&query, client, dst, false, &*policy, from_mark, &stats).await
+                answer(&query, client, dst, false, &policy, from_mark, &stats).await
             {
                 if let Err(e) = replies.send(dst, client, &answer) {
                     tracing::debug!(error = %e, %client, "dns proxy reply");
@@ -229,7 +229,7 @@ pub async fn serve_tcp(
                     return;
                 }
                 let Some(answer) =
-                    answer(&query, client, dst, true, &*policy, from_mark, &stats).await
+                    answer(&query, client, dst, true, &policy, from_mark, &stats).await
                 else {
                     return;
                 };
@@ -263,7 +263,7 @@ async fn answer(
     client: SocketAddrV4,
     dst: SocketAddrV4,
     tcp: bool,
-    policy: &dyn Policy,
+    policy: &Arc<dyn Policy>,
     from_mark: u32,
     stats: &Stats,
 ) -> Option<Vec<u8>> {
@@ -363,8 +363,16 @@ async fn answer(
         }
     }
     if !learned.is_empty() && msg.response_code() == ResponseCode::NoError {
-        for name in &names {
-            policy.learned(*client.ip(), name, &learned);
+        // Updating the maps may take a while: off the proxy's thread, and
+        // the answer waits for it.
+        let (p, names, learned) = (policy.clone(), names.clone(), learned.clone());
+        let done = tokio::task::spawn_blocking(move || {
+            for name in &names {
+                p.learned(*client.ip(), name, &learned);
+            }
+        });
+        if done.await.is_err() {
+            tracing::warn!("learning a DNS answer panicked");
         }
     }
     let response = flow::record::Dns {
