@@ -360,6 +360,11 @@ impl Datapath {
         self.maps().ct.keys().filter(|k| k.is_ok()).count()
     }
 
+    /// Every connection-tracking entry (tests and diagnostics).
+    pub fn ct_list(&self) -> Vec<(CtKey, CtValue)> {
+        self.maps().ct.iter().filter_map(|e| e.ok()).collect()
+    }
+
     /// Addresses that live (unexpired) connections lead to or come from.
     pub fn ct_addresses(&self) -> std::collections::HashSet<Ipv4Addr> {
         let now = monotonic_ns();

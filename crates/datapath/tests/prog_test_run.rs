@@ -6,9 +6,9 @@
 use std::net::Ipv4Addr;
 
 use abi::{
-    DropReason, EndpointInfo, EventType, FlowEvent, PolicyKeyData, PolicyValue,
-    EP_F_EGRESS_ENFORCED, EP_F_INGRESS_ENFORCED, POLICY_FULL_PREFIX_BITS, POLICY_F_DENY,
-    POLICY_STATIC_PREFIX_BITS,
+    DropReason, EndpointInfo, EventType, FlowEvent, PolicyKeyData, PolicyValue, CT_F_DNS,
+    CT_F_PROXY_REDIRECT, EP_F_EGRESS_ENFORCED, EP_F_INGRESS_ENFORCED, POLICY_FULL_PREFIX_BITS,
+    POLICY_F_DENY, POLICY_F_REDIRECT, POLICY_F_REDIRECT_DNS, POLICY_STATIC_PREFIX_BITS,
 };
 use fibril_datapath::{Config, Datapath, EndpointPrograms, Hook, PolicyEntry};
 use test_support::{ipv4_packet, ipv6_udp_packet, unique_name, L4, TCP_ACK, TCP_SYN};
@@ -36,8 +36,15 @@ impl Drop for Lab {
 }
 
 fn lab() -> Lab {
+    lab_with(|_| {})
+}
+
+/// A lab whose datapath configuration `adjust` changes first.
+fn lab_with(adjust: impl FnOnce(&mut Config)) -> Lab {
     let pin_dir = std::path::PathBuf::from("/sys/fs/bpf").join(unique_name("fibril-test-"));
-    let dp = Datapath::open(Config::new(&pin_dir)).expect("open datapath (needs root and BPF)");
+    let mut config = Config::new(&pin_dir);
+    adjust(&mut config);
+    let dp = Datapath::open(config).expect("open datapath (needs root and BPF)");
     for (ip, ep, id, ifindex) in [(CLIENT, 1, CLIENT_ID, 1000), (SERVER, 2, SERVER_ID, 1001)] {
         dp.upsert_endpoint(
             ip,
@@ -516,4 +523,127 @@ fn an_overloaded_ring_buffer_counts_every_lost_event_exactly() {
         runs,
         "{delivered} delivered + {lost} lost"
     );
+}
+
+/// A free port number on 127.0.0.1 (nothing listens on it afterwards).
+fn unused_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn redirect(lab: &Lab, ep: u32, identity: u32, dir: u8, proto: u8, port: u16, flag: u8) {
+    lab.dp
+        .upsert_policy(&PolicyEntry {
+            prefix_len: POLICY_FULL_PREFIX_BITS,
+            key: PolicyKeyData {
+                ep_id: ep.to_be(),
+                identity: identity.to_be(),
+                direction: dir,
+                protocol: proto,
+                dport: port.to_be(),
+            },
+            value: PolicyValue {
+                cookie: 7,
+                flags: flag,
+                prefix: (POLICY_FULL_PREFIX_BITS - POLICY_STATIC_PREFIX_BITS) as u8,
+                pad: 0,
+            },
+        })
+        .unwrap();
+}
+
+#[test]
+fn l7_redirects_fail_closed_for_http_and_fall_back_for_dns() {
+    let (http_port, dns_port) = (unused_port(), unused_port());
+    let lab = lab_with(|c| {
+        c.proxy = Some(fibril_datapath::ProxyRedirect {
+            dns_port,
+            ..fibril_datapath::ProxyRedirect::for_port(http_port)
+        })
+    });
+    let mut client = progs(&lab, 1, CLIENT);
+
+    // The server's ingress has http rules on 8080: the connection belongs
+    // to the proxy; with no proxy listening it is dropped, never delivered.
+    enforce(&lab, SERVER, EP_F_INGRESS_ENFORCED);
+    redirect(
+        &lab,
+        2,
+        CLIENT_ID,
+        abi::Direction::Ingress as u8,
+        6,
+        8080,
+        POLICY_F_REDIRECT,
+    );
+    let out = client
+        .test_run(
+            Hook::FromContainer,
+            &ipv4_packet(CLIENT, SERVER, syn(41000, 8080)),
+        )
+        .unwrap();
+    assert_eq!(out.action, TC_ACT_SHOT);
+    let drop = events(&lab)
+        .into_iter()
+        .find(|e| e.r#type == EventType::Drop as u8)
+        .expect("a drop event");
+    assert_eq!(drop.subtype, DropReason::SocketLookupFailed as u8);
+
+    // HTTP rules cannot apply to UDP: refused with its own reason.
+    redirect(
+        &lab,
+        2,
+        CLIENT_ID,
+        abi::Direction::Ingress as u8,
+        17,
+        8080,
+        POLICY_F_REDIRECT,
+    );
+    let udp = L4::Udp {
+        sport: 41001,
+        dport: 8080,
+    };
+    let out = client
+        .test_run(Hook::FromContainer, &ipv4_packet(CLIENT, SERVER, udp))
+        .unwrap();
+    assert_eq!(out.action, TC_ACT_SHOT);
+    assert!(events(&lab)
+        .iter()
+        .any(|e| e.subtype == DropReason::ProxyUnsupported as u8));
+
+    // The client's egress has dns rules: with no DNS proxy socket (the agent
+    // restarting) the query goes to the resolver directly, still marked for
+    // the proxy in conntrack so the next datagram tries it again.
+    let resolver = Ipv4Addr::new(192, 0, 2, 53);
+    enforce(&lab, CLIENT, EP_F_EGRESS_ENFORCED);
+    redirect(
+        &lab,
+        1,
+        abi::identity::WORLD,
+        abi::Direction::Egress as u8,
+        17,
+        53,
+        POLICY_F_REDIRECT_DNS,
+    );
+    let query = L4::Udp {
+        sport: 41002,
+        dport: 53,
+    };
+    let out = client
+        .test_run(Hook::FromContainer, &ipv4_packet(CLIENT, resolver, query))
+        .unwrap();
+    assert_eq!(out.action, TC_ACT_OK, "DNS keeps working without the proxy");
+    assert!(events(&lab)
+        .iter()
+        .all(|e| e.r#type != EventType::Drop as u8));
+    let flags: Vec<u8> = lab
+        .dp
+        .ct_list()
+        .into_iter()
+        .filter(|(k, _)| k.daddr == u32::from(resolver).to_be())
+        .map(|(_, v)| v.flags)
+        .collect();
+    assert_eq!(flags, vec![CT_F_PROXY_REDIRECT | CT_F_DNS]);
 }
