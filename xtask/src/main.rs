@@ -193,6 +193,36 @@ fn demo(keep: bool) -> anyhow::Result<()> {
             ])
             .status()?;
         println!("(exit status {denied})");
+        println!(
+            "\n== L7: replace the L4 policy by the seed's allow-only-get-requests (GET /api/.* only)"
+        );
+        run(fibril(&bin).args([
+            "policy",
+            "delete",
+            "microservices/allow-frontend-to-backend",
+        ]))?;
+        let l7 = root().join("labs/policies/allow-only-get-requests.yaml");
+        run(fibril(&bin).args(["policy", "import", l7.to_str().unwrap_or_default()]))?;
+        for (method, path) in [("GET", "/api/items"), ("POST", "/api/items"), ("GET", "/admin")] {
+            println!("-- frontend: {method} {path}");
+            run(fibril(&bin).args([
+                "lab",
+                "exec",
+                "microservices/frontend",
+                "--",
+                "curl",
+                "-s",
+                "-m",
+                "3",
+                "-X",
+                method,
+                "-w",
+                " [HTTP %{http_code}]\n",
+                &format!("http://10.200.0.3:8080{path}"),
+            ]))?;
+        }
+        println!("\n== fibril observe --protocol http --last 4");
+        run(fibril(&bin).args(["observe", "--protocol", "http", "--last", "4"]))?;
         println!("\n== fibril endpoint list");
         run(fibril(&bin).args(["endpoint", "list"]))?;
         println!("\n== fibril observe --last 20");
