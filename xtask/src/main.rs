@@ -203,7 +203,11 @@ fn demo(keep: bool) -> anyhow::Result<()> {
         ]))?;
         let l7 = root().join("labs/policies/allow-only-get-requests.yaml");
         run(fibril(&bin).args(["policy", "import", l7.to_str().unwrap_or_default()]))?;
-        for (method, path) in [("GET", "/api/items"), ("POST", "/api/items"), ("GET", "/admin")] {
+        for (method, path) in [
+            ("GET", "/api/items"),
+            ("POST", "/api/items"),
+            ("GET", "/admin"),
+        ] {
             println!("-- frontend: {method} {path}");
             run(fibril(&bin).args([
                 "lab",
