@@ -357,6 +357,13 @@ impl Agent {
                 let done = if changed { self.commit(&mut s) } else { Ok(()) };
                 done.map(|_| Response::Ok)
             }
+            Request::FqdnList => Ok(Response::Fqdn {
+                names: self
+                    .fqdn_cache()
+                    .into_iter()
+                    .map(|(name, ips)| api::FqdnInfo { name, ips })
+                    .collect(),
+            }),
         };
         result.unwrap_or_else(|e| Response::Error {
             message: e.to_string(),

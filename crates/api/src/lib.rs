@@ -69,6 +69,16 @@ pub enum Request {
         namespace: String,
         audit: bool,
     },
+    /// The DNS names the DNS proxy learned (toFQDNs), with their addresses.
+    FqdnList,
+}
+
+/// One learned DNS name (`fibril fqdn list`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FqdnInfo {
+    pub name: String,
+    /// Address and expiry (Unix seconds).
+    pub ips: Vec<(std::net::Ipv4Addr, u64)>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -187,6 +197,9 @@ pub enum Response {
     },
     Policies {
         policies: serde_json::Value,
+    },
+    Fqdn {
+        names: Vec<FqdnInfo>,
     },
     Trace {
         from: String,

@@ -54,6 +54,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ListCmd,
     },
+    /// DNS names the DNS proxy learned for toFQDNs (`fqdn list`).
+    Fqdn {
+        #[command(subcommand)]
+        cmd: ListCmd,
+    },
     Policy {
         #[command(subcommand)]
         cmd: PolicyCmd,
@@ -271,6 +276,32 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 println!("{:<8} LABELS", "ID");
                 for i in identities {
                     println!("{:<8} {}", i.id, i.labels.join("\n         "));
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Fqdn {
+            cmd: ListCmd::List { output },
+        } => {
+            let Response::Fqdn { names } = call(Request::FqdnList)? else {
+                bail!("unexpected response")
+            };
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&names)?);
+            } else {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                println!("{:<40} {:<16} EXPIRES IN", "NAME", "ADDRESS");
+                for n in names {
+                    for (ip, expires) in n.ips {
+                        let left = match expires.checked_sub(now) {
+                            Some(s) => format!("{s}s"),
+                            None => "expired (connections open)".into(),
+                        };
+                        println!("{:<40} {:<16} {left}", n.name, ip.to_string());
+                    }
                 }
             }
             Ok(0)

@@ -475,6 +475,19 @@ fn dns_rules_and_to_fqdns_allow_exactly_the_resolved_names() {
     assert!(query("allowed.example", true).contains("address 198.51.100.10"));
     assert!(query("denied.example", true).contains("rcode Refused"));
 
+    // `fibril fqdn list` shows what was learned; names the DNS rules allow
+    // but no toFQDNs selector names are learned too (Cilium's cache is
+    // node-wide), the refused ones are not.
+    let out = lab.fibril(&["fqdn", "list"]);
+    let list = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        list.contains("allowed.example.")
+            && list.contains("198.51.100.10")
+            && list.contains("sub.wild.example.")
+            && !list.contains("denied.example"),
+        "{list}"
+    );
+
     // DNS flows: query, answer addresses, TTL, rcode, qtypes, source.
     let flows = |args: &[&str]| lab.observe_json(&[&["--all"], args].concat());
     let dns = flows(&["--protocol", "dns"]);
