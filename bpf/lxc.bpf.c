@@ -30,17 +30,21 @@ static __always_inline struct endpoint_info *local_endpoint(__u32 addr)
 	return bpf_map_lookup_elem(&fibril_endpoints, &key);
 }
 
-/* The identity of a remote address: a local endpoint, else the longest
+/* The identity of an address that is no local endpoint: the longest
  * ipcache prefix, else world. */
-static __always_inline __u32 identity_of(__u32 addr)
+static __always_inline __u32 ipcache_identity(__u32 addr)
 {
-	struct endpoint_info *ep = local_endpoint(addr);
-	if (ep)
-		return ep->identity;
 	struct ipcache_key key = { .prefixlen = 32 };
 	__builtin_memcpy(key.addr, &addr, 4);
 	struct ipcache_value *v = bpf_map_lookup_elem(&fibril_ipcache, &key);
 	return v ? v->identity : ID_WORLD;
+}
+
+/* The identity of a remote address: a local endpoint, else the ipcache. */
+static __always_inline __u32 identity_of(__u32 addr)
+{
+	struct endpoint_info *ep = local_endpoint(addr);
+	return ep ? ep->identity : ipcache_identity(addr);
 }
 
 static __always_inline int drop(struct __sk_buff *skb, const struct packet *pkt, __u8 reason,
@@ -211,8 +215,9 @@ int from_container(struct __sk_buff *skb)
 		return drop(skb, &pkt, DROP_INVALID_SOURCE_IP, DIR_EGRESS, 0, 0, MATCH_NONE, 0);
 	__u32 src_id = self->identity;
 	__u32 flags = self->flags;
-	__u32 dst_id = identity_of(pkt.daddr);
+	/* One endpoint-map lookup: the peer, if local, also gives its identity. */
 	struct endpoint_info *peer = local_endpoint(pkt.daddr);
+	__u32 dst_id = peer ? peer->identity : ipcache_identity(pkt.daddr);
 	int peer_here = peer && peer->host_ifindex;
 
 	ct_lookup(&pkt, DIR_EGRESS, &ct);

@@ -49,17 +49,48 @@ fn measure_keys(cmd: &mut Command, keys: &[&str]) -> anyhow::Result<Vec<f64>> {
         .collect()
 }
 
+/// `--seconds N` (default 3).
+fn seconds_arg(args: &[String]) -> f64 {
+    args.windows(2)
+        .find(|w| w[0] == "--seconds")
+        .and_then(|w| w[1].parse().ok())
+        .unwrap_or(3.0)
+}
+
+/// Writes `yaml` to `dir/lab.yaml` and brings the lab up; the returned
+/// closure takes it down and removes `dir`.
+fn lab_up(bin: &Path, lab: &str, dir: &Path, yaml: &str) -> anyhow::Result<Box<dyn FnMut()>> {
+    std::fs::create_dir_all(dir)?;
+    let lab_file = dir.join("lab.yaml");
+    std::fs::write(&lab_file, yaml)?;
+    let (bin, lab, dir) = (bin.to_path_buf(), lab.to_string(), dir.to_path_buf());
+    let down = {
+        let (bin, lab, dir) = (bin.clone(), lab.clone(), dir.clone());
+        move || {
+            let _ = Command::new(bin.join("fibril"))
+                .args(["--lab", &lab, "lab", "down"])
+                .status();
+            std::fs::remove_dir_all(&dir).ok();
+        }
+    };
+    let mut up = Command::new(bin.join("fibril"));
+    up.args(["--lab", &lab, "lab", "up", "-f"])
+        .arg(&lab_file)
+        .stdout(Stdio::null());
+    if let Err(e) = run(&mut up) {
+        down();
+        return Err(e);
+    }
+    Ok(Box::new(down))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 
 pub fn run_bench(bin: &Path, args: &[String]) -> anyhow::Result<()> {
-    let seconds: f64 = args
-        .windows(2)
-        .find(|w| w[0] == "--seconds")
-        .and_then(|w| w[1].parse().ok())
-        .unwrap_or(3.0);
+    let seconds = seconds_arg(args);
     let rounds = 3;
     let echo = bin.join("fibril-echo");
     let echo = echo.to_str().context("path")?;
@@ -119,10 +150,10 @@ pub fn run_bench(bin: &Path, args: &[String]) -> anyhow::Result<()> {
 
     // The lab: two pods through the CNI, programs attached, a policy.
     let dir = std::env::temp_dir().join(format!("fibril-bench-{id}"));
-    std::fs::create_dir_all(&dir)?;
-    let lab_file = dir.join("lab.yaml");
-    std::fs::write(
-        &lab_file,
+    cleanup.0.push(lab_up(
+        bin,
+        &lab,
+        &dir,
         r#"podCIDR: 10.197.0.0/24
 pods:
   - {name: client, namespace: bench, labels: {app: client}}
@@ -138,19 +169,7 @@ policies:
         - fromEndpoints: [{matchLabels: {app: client}}]
           toPorts: [{ports: [{port: "9000", protocol: TCP}]}]
 "#,
-    )?;
-    run(fibril(&["lab", "up", "-f", lab_file.to_str().context("path")?]).stdout(Stdio::null()))?;
-    {
-        let bin = bin.to_path_buf();
-        let lab = lab.clone();
-        let dir = dir.clone();
-        cleanup.0.push(Box::new(move || {
-            let _ = Command::new(bin.join("fibril"))
-                .args(["--lab", &lab, "lab", "down"])
-                .status();
-            std::fs::remove_dir_all(&dir).ok();
-        }));
-    }
+    )?);
     std::thread::sleep(Duration::from_millis(500));
     let secs = seconds.to_string();
     let bare = |what: &str, key: &str| -> anyhow::Result<f64> {
@@ -259,11 +278,7 @@ policies:
 /// to two identical servers, one allowed at L4 (direct) and one behind an
 /// `http` rule (through the proxy), alternating in the same run.
 pub fn run_l7_bench(bin: &Path, args: &[String]) -> anyhow::Result<()> {
-    let seconds: f64 = args
-        .windows(2)
-        .find(|w| w[0] == "--seconds")
-        .and_then(|w| w[1].parse().ok())
-        .unwrap_or(3.0);
+    let seconds = seconds_arg(args);
     let rounds = 3;
     let id = std::process::id() % 10_000;
     let lab = format!("l7bench{id}");
@@ -273,10 +288,10 @@ pub fn run_l7_bench(bin: &Path, args: &[String]) -> anyhow::Result<()> {
         c
     };
     let dir = std::env::temp_dir().join(format!("fibril-l7bench-{id}"));
-    std::fs::create_dir_all(&dir)?;
-    let lab_file = dir.join("lab.yaml");
-    std::fs::write(
-        &lab_file,
+    let _cleanup = Cleanup(vec![lab_up(
+        bin,
+        &lab,
+        &dir,
         r#"podCIDR: 10.198.0.0/24
 pods:
   - {name: client, namespace: bench, labels: {app: client}}
@@ -319,19 +334,7 @@ policies:
           - ports: [{port: "8080", protocol: TCP}]
             rules: {http: [{method: GET, path: "/api/.*"}]}
 "#,
-    )?;
-    run(fibril(&["lab", "up", "-f", lab_file.to_str().context("path")?]).stdout(Stdio::null()))?;
-    let _cleanup = {
-        let bin = bin.to_path_buf();
-        let lab = lab.clone();
-        let dir = dir.clone();
-        Cleanup(vec![Box::new(move || {
-            let _ = Command::new(bin.join("fibril"))
-                .args(["--lab", &lab, "lab", "down"])
-                .status();
-            std::fs::remove_dir_all(&dir).ok();
-        })])
-    };
+    )?]);
     std::thread::sleep(Duration::from_millis(500));
     let secs = seconds.to_string();
     let load = |host: &str, connections: &str| -> anyhow::Result<(f64, f64, f64)> {

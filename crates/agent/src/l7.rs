@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use policy::{Decision, Direction, HttpRule, L7};
 
 use crate::observer::{policy_ref, Sources};
+use crate::policy_sync::PolicySync;
 use crate::Agent;
 
 /// Distinct rule lists kept compiled; beyond this the cache starts over.
@@ -66,22 +67,15 @@ impl proxy::Policy for ProxyPolicy {
             ),
         ];
         for (endpoint, peer, direction) in ends {
-            let Some(policy) = endpoint.and_then(|id| sync.computed(id)) else {
-                continue;
-            };
-            match policy.decide(peer, direction, 6, dst.port()) {
-                Decision::Allowed { .. } => {}
-                Decision::NotEnforced | Decision::Audited { .. } => continue,
-                Decision::Denied { .. } | Decision::DefaultDeny { .. } => return None,
-            }
-            if let Some((_, v)) = policy.lookup(peer, direction, 6, dst.port()) {
-                if let Some(L7::Http(rules)) = &v.l7 {
-                    sides.push(proxy::Side {
-                        ingress: direction == Direction::Ingress,
-                        rules: self.compile(rules)?,
-                        policy: policy_ref(&v.origin),
-                    });
-                }
+            let Some(endpoint) = endpoint else { continue };
+            if let Some((L7::Http(rules), by)) =
+                l7_rules(&sync, endpoint, peer, direction, 6, dst.port())?
+            {
+                sides.push(proxy::Side {
+                    ingress: direction == Direction::Ingress,
+                    rules: self.compile(&rules)?,
+                    policy: policy_ref(&by),
+                });
             }
         }
         Some(proxy::Connection {
@@ -102,38 +96,25 @@ impl proxy::Policy for ProxyPolicy {
             self.agent.l7_peers(*client.ip(), *resolver.ip())?;
         let sync = self.agent.policy.lock().unwrap_or_else(|e| e.into_inner());
         let protocol = if tcp { 6 } else { 17 };
-        let mut conn = proxy::dns::DnsConnection {
+        let rules = l7_rules(
+            &sync,
             client_identity,
             server_identity,
-            selectors: Vec::new(),
-            policy: None,
+            Direction::Egress,
+            protocol,
+            resolver.port(),
+        )?;
+        let (selectors, policy) = match rules {
+            Some((L7::Dns(selectors), by)) => (selectors, Some(policy_ref(&by))),
+            _ => (Vec::new(), None),
+        };
+        Some(proxy::dns::DnsConnection {
+            client_identity,
+            server_identity,
+            selectors,
+            policy,
             transparent: server_local,
-        };
-        let Some(p) = sync.computed(client_identity) else {
-            return Some(conn);
-        };
-        match p.decide(
-            server_identity,
-            Direction::Egress,
-            protocol,
-            resolver.port(),
-        ) {
-            Decision::Allowed { .. } => {}
-            Decision::NotEnforced | Decision::Audited { .. } => return Some(conn),
-            Decision::Denied { .. } | Decision::DefaultDeny { .. } => return None,
-        }
-        if let Some((_, v)) = p.lookup(
-            server_identity,
-            Direction::Egress,
-            protocol,
-            resolver.port(),
-        ) {
-            if let Some(L7::Dns(selectors)) = &v.l7 {
-                conn.selectors = selectors.clone();
-                conn.policy = Some(policy_ref(&v.origin));
-            }
-        }
-        Some(conn)
+        })
     }
 
     fn learned(
@@ -149,5 +130,25 @@ impl proxy::Policy for ProxyPolicy {
 
     fn record(&self, record: flow::record::L7Record) {
         self.agent.observer.push_l7(&record, &self.sources);
+    }
+}
+
+/// What `endpoint`'s policy says about a connection with `peer`: `None` when
+/// it does not allow it; otherwise the L7 rules of the allowing entry, if any.
+fn l7_rules(
+    sync: &PolicySync,
+    endpoint: u32,
+    peer: u32,
+    direction: Direction,
+    protocol: u8,
+    port: u16,
+) -> Option<Option<(L7, policy::Origin)>> {
+    let Some(p) = sync.computed(endpoint) else {
+        return Some(None);
+    };
+    match p.decide(peer, direction, protocol, port) {
+        Decision::Allowed { by, l7 } => Some(l7.map(|l| (l, by))),
+        Decision::NotEnforced | Decision::Audited { .. } => Some(None),
+        Decision::Denied { .. } | Decision::DefaultDeny { .. } => None,
     }
 }

@@ -200,16 +200,10 @@ impl Agent {
         let s = self.lock_state();
         let find = |ip: Ipv4Addr| s.endpoints.values().find(|e| e.ipv4 == ip);
         let client = find(client)?.identity;
-        if let Some(e) = find(server) {
-            return Some((client, e.identity, true));
+        match find(server) {
+            Some(e) => Some((client, e.identity, true)),
+            None => Some((client, s.cidr_identity_of(server), false)),
         }
-        let cidr = s
-            .cidr_identities
-            .iter()
-            .filter(|(p, _)| p.contains(&std::net::IpAddr::V4(server)))
-            .max_by_key(|(p, _)| p.prefix_len())
-            .map_or(abi::identity::WORLD, |(_, id)| *id);
-        Some((client, cidr, false))
     }
 
     fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -715,12 +709,7 @@ impl Agent {
             if net::host_ipv4_addresses()?.contains(&addr) {
                 return Ok((abi::identity::HOST, None));
             }
-            let cidr = s
-                .cidr_identities
-                .iter()
-                .filter(|(p, _)| p.contains(&std::net::IpAddr::V4(addr)))
-                .max_by_key(|(p, _)| p.prefix_len());
-            return Ok((cidr.map_or(abi::identity::WORLD, |(_, id)| *id), None));
+            return Ok((s.cidr_identity_of(addr), None));
         }
         let (ns, pod) = end.split_once('/').unwrap_or(("default", end));
         let e = s

@@ -57,19 +57,15 @@ impl Enricher for Sources {
         Some(policy_ref(origins.get(cookie.checked_sub(1)? as usize)?))
     }
 
-    fn names(&self, ip: Ipv4Addr) -> Vec<String> {
-        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
-        index.names_by_ip.get(&ip).cloned().unwrap_or_default()
-    }
-
     fn interface_name(&self, ifindex: u32) -> Option<String> {
         let index = self.index.read().unwrap_or_else(|e| e.into_inner());
         index.ifname_by_index.get(&ifindex).cloned()
     }
 
-    fn endpoint(&self, ip: Ipv4Addr, identity: u32) -> Endpoint {
+    fn endpoint(&self, ip: Ipv4Addr, identity: u32) -> (Endpoint, Vec<String>) {
         let index = self.index.read().unwrap_or_else(|e| e.into_inner());
-        match index.by_ip.get(&ip) {
+        let names = index.names_by_ip.get(&ip).cloned().unwrap_or_default();
+        let endpoint = match index.by_ip.get(&ip) {
             Some(m) => Endpoint {
                 id: m.id,
                 identity,
@@ -86,7 +82,8 @@ impl Enricher for Sources {
                     .unwrap_or_default(),
                 ..Default::default()
             },
-        }
+        };
+        (endpoint, names)
     }
 }
 

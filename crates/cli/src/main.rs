@@ -530,9 +530,11 @@ fn decision_text(d: Option<&policy::Decision>) -> String {
             "allowed: no policy selects it in this direction".into()
         }
         Some(policy::Decision::Allowed { by, l7: None }) => format!("allowed by {}", rule(by)),
-        Some(policy::Decision::Allowed { by, l7: Some(k) }) => {
-            format!("allowed by {} (its {k} rules apply in the proxy)", rule(by))
-        }
+        Some(policy::Decision::Allowed { by, l7: Some(l7) }) => format!(
+            "allowed by {} (its {} rules apply in the proxy)",
+            rule(by),
+            l7.kind()
+        ),
         Some(policy::Decision::Denied { by }) => format!("denied by {}", rule(by)),
         Some(policy::Decision::DefaultDeny { selected_by }) => {
             format!("default deny: selected by {}", selected_by.join(", "))

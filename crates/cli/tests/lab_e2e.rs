@@ -311,30 +311,19 @@ fn observe_follow_streams_new_flows_through_filters() {
         .iter()
         .map(|e| e["host_ifname"].as_str().unwrap().to_string())
         .collect();
-    let json_flows = |args: &[&str]| -> Vec<Value> {
-        let out = lab.fibril(&[&["observe", "-o", "json"], args].concat());
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    };
+    let json_flows = |args: &[&str]| lab.observe_json(args);
     let dropped = json_flows(&["--verdict", "DROPPED", "--last", "1"]);
-    let seen_on = dropped[0]["flow"]["interface"]["name"]
+    let seen_on = dropped[0]["interface"]["name"]
         .as_str()
         .unwrap()
         .to_string();
     assert!(ifnames.contains(&seen_on), "{seen_on} in {ifnames:?}");
-    assert!(dropped[0]["flow"]["interface"]["index"].as_u64().unwrap() > 0);
+    assert!(dropped[0]["interface"]["index"].as_u64().unwrap() > 0);
     let on_it = json_flows(&["--interface", &seen_on]);
     assert!(!on_it.is_empty());
     assert!(on_it
         .iter()
-        .all(|v| v["flow"]["interface"]["name"] == seen_on.as_str()));
+        .all(|v| v["interface"]["name"] == seen_on.as_str()));
     assert!(json_flows(&["--interface", "no-such-if0"]).is_empty());
 
     // Pods carry their owning workload (the lab's `workload`), and the
@@ -343,15 +332,19 @@ fn observe_follow_streams_new_flows_through_filters() {
     assert!(!from_other.is_empty());
     for v in &from_other {
         assert_eq!(
-            v["flow"]["source"]["workloads"],
+            v["source"]["workloads"],
             serde_json::json!([{"name": "other-client", "kind": "Deployment"}]),
             "{v}"
         );
     }
-    assert!(json_flows(&["--workload", "backend"])
-        .iter()
-        .all(|v| v["flow"]["source"]["pod_name"] == "backend"
-            || v["flow"]["destination"]["pod_name"] == "backend"));
+    let backend = json_flows(&["--workload", "backend"]);
+    assert!(!backend.is_empty());
+    assert!(
+        backend
+            .iter()
+            .all(|v| v["source"]["pod_name"] == "backend"
+                || v["destination"]["pod_name"] == "backend")
+    );
     assert!(json_flows(&["--workload", "StatefulSet/"]).is_empty());
 
     // `--color always` paints the verdict as the CLI does; piped output is plain.

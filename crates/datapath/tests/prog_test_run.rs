@@ -74,6 +74,13 @@ fn enforce(lab: &Lab, ip: Ipv4Addr, flags: u32) {
 }
 
 fn allow(lab: &Lab, ep: u32, identity: u32, dir: u8, proto: u8, port: u16, deny: bool) {
+    let flags = if deny { POLICY_F_DENY } else { 0 };
+    policy_entry(lab, ep, identity, dir, proto, port, flags);
+}
+
+/// A policy map entry: any protocol (`proto` 0), any port (`port` 0) or
+/// one port, with `flags` (`POLICY_F_*`).
+fn policy_entry(lab: &Lab, ep: u32, identity: u32, dir: u8, proto: u8, port: u16, flags: u8) {
     let prefix_len = if proto == 0 {
         POLICY_STATIC_PREFIX_BITS
     } else if port == 0 {
@@ -93,7 +100,7 @@ fn allow(lab: &Lab, ep: u32, identity: u32, dir: u8, proto: u8, port: u16, deny:
             },
             value: PolicyValue {
                 cookie: 42,
-                flags: if deny { POLICY_F_DENY } else { 0 },
+                flags,
                 prefix: (prefix_len - POLICY_STATIC_PREFIX_BITS) as u8,
                 pad: 0,
             },
@@ -534,27 +541,6 @@ fn unused_port() -> u16 {
         .port()
 }
 
-fn redirect(lab: &Lab, ep: u32, identity: u32, dir: u8, proto: u8, port: u16, flag: u8) {
-    lab.dp
-        .upsert_policy(&PolicyEntry {
-            prefix_len: POLICY_FULL_PREFIX_BITS,
-            key: PolicyKeyData {
-                ep_id: ep.to_be(),
-                identity: identity.to_be(),
-                direction: dir,
-                protocol: proto,
-                dport: port.to_be(),
-            },
-            value: PolicyValue {
-                cookie: 7,
-                flags: flag,
-                prefix: (POLICY_FULL_PREFIX_BITS - POLICY_STATIC_PREFIX_BITS) as u8,
-                pad: 0,
-            },
-        })
-        .unwrap();
-}
-
 #[test]
 fn l7_redirects_fail_closed_for_http_and_fall_back_for_dns() {
     let (http_port, dns_port) = (unused_port(), unused_port());
@@ -569,7 +555,7 @@ fn l7_redirects_fail_closed_for_http_and_fall_back_for_dns() {
     // The server's ingress has http rules on 8080: the connection belongs
     // to the proxy; with no proxy listening it is dropped, never delivered.
     enforce(&lab, SERVER, EP_F_INGRESS_ENFORCED);
-    redirect(
+    policy_entry(
         &lab,
         2,
         CLIENT_ID,
@@ -592,7 +578,7 @@ fn l7_redirects_fail_closed_for_http_and_fall_back_for_dns() {
     assert_eq!(drop.subtype, DropReason::SocketLookupFailed as u8);
 
     // HTTP rules cannot apply to UDP: refused with its own reason.
-    redirect(
+    policy_entry(
         &lab,
         2,
         CLIENT_ID,
@@ -618,7 +604,7 @@ fn l7_redirects_fail_closed_for_http_and_fall_back_for_dns() {
     // the proxy in conntrack so the next datagram tries it again.
     let resolver = Ipv4Addr::new(192, 0, 2, 53);
     enforce(&lab, CLIENT, EP_F_EGRESS_ENFORCED);
-    redirect(
+    policy_entry(
         &lab,
         1,
         abi::identity::WORLD,

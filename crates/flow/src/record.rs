@@ -405,15 +405,13 @@ fn is_zero_u64(v: &u64) -> bool {
 
 /// What the agent knows about the two ends of a flow.
 pub trait Enricher {
-    /// The endpoint owning `ip`, or a bare endpoint with the identity.
-    fn endpoint(&self, ip: Ipv4Addr, identity: u32) -> Endpoint;
+    /// The endpoint owning `ip` (or a bare endpoint with the identity) and
+    /// the DNS names `ip` was learned for (toFQDNs): one lookup per end of a
+    /// flow, as this runs for every flow.
+    fn endpoint(&self, ip: Ipv4Addr, identity: u32) -> (Endpoint, Vec<String>);
     /// The policy (and rule) a datapath cookie stands for.
     fn policy(&self, _cookie: u32) -> Option<PolicyRef> {
         None
-    }
-    /// DNS names `ip` was learned for (toFQDNs), for `*_names`.
-    fn names(&self, _ip: Ipv4Addr) -> Vec<String> {
-        Vec::new()
     }
     /// The name of the interface the datapath saw the packet on.
     fn interface_name(&self, _ifindex: u32) -> Option<String> {
@@ -606,6 +604,14 @@ pub fn from_event(
         _ => (Layer4::default(), String::new()),
     };
     let has_ip = e.ip_version == 4;
+    let ((source, source_names), (destination, destination_names)) = if has_ip {
+        (
+            enricher.endpoint(src, e.src_identity),
+            enricher.endpoint(dst, e.dst_identity),
+        )
+    } else {
+        Default::default()
+    };
     let (verdict_name, drop_desc) = if is_drop {
         (
             "DROPPED".to_string(),
@@ -680,28 +686,12 @@ pub fn from_event(
             ip_version: "IPv4".into(),
         }),
         l4: has_ip.then_some(l4),
-        source: if has_ip {
-            enricher.endpoint(src, e.src_identity)
-        } else {
-            Endpoint::default()
-        },
-        destination: if has_ip {
-            enricher.endpoint(dst, e.dst_identity)
-        } else {
-            Endpoint::default()
-        },
+        source,
+        destination,
         r#type: "L3_L4".into(),
         node_name: node.to_string(),
-        source_names: if has_ip {
-            enricher.names(src)
-        } else {
-            Vec::new()
-        },
-        destination_names: if has_ip {
-            enricher.names(dst)
-        } else {
-            Vec::new()
-        },
+        source_names,
+        destination_names,
         event_type: EventTypeField {
             r#type: e.r#type as i32,
             sub_type,
@@ -751,9 +741,6 @@ pub struct L7Record {
     pub l7: Layer7,
     /// IP protocol of the connection (6 TCP, 17 UDP).
     pub protocol: u8,
-    /// The names the destination's address was learned for (DNS), for
-    /// `destination_names`.
-    pub destination_names: Vec<String>,
     /// The policies whose L7 rules decided it, each with its side (true:
     /// the server's ingress policy, false: the client's egress policy).
     pub decided_by: Vec<(bool, PolicyRef)>,
@@ -766,6 +753,8 @@ pub fn from_l7(r: &L7Record, uuid: String, node: &str, enricher: &dyn Enricher) 
     } else {
         (r.client, r.server, r.client_identity, r.server_identity)
     };
+    let (source, source_names) = enricher.endpoint(*src.ip(), src_id);
+    let (destination, destination_names) = enricher.endpoint(*dst.ip(), dst_id);
     let response = r.l7.r#type == "RESPONSE";
     let summary = match (&r.l7.http, &r.l7.dns) {
         (Some(h), _) => h.summary(response.then_some(r.l7.latency_ns)),
@@ -811,20 +800,12 @@ pub fn from_l7(r: &L7Record, uuid: String, node: &str, enricher: &dyn Enricher) 
                 ..Default::default()
             }
         }),
-        source: enricher.endpoint(*src.ip(), src_id),
-        destination: enricher.endpoint(*dst.ip(), dst_id),
+        source,
+        destination,
         r#type: "L7".into(),
         node_name: node.to_string(),
-        destination_names: if r.is_reply {
-            Vec::new()
-        } else {
-            r.destination_names.clone()
-        },
-        source_names: if r.is_reply {
-            r.destination_names.clone()
-        } else {
-            Vec::new()
-        },
+        source_names,
+        destination_names,
         l7: Some(r.l7.clone()),
         event_type: EventTypeField {
             r#type: EVENT_TYPE_ACCESS_LOG,

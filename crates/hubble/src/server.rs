@@ -58,6 +58,17 @@ pub struct Service<B: Backend> {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// `first` reads from the oldest end of the buffer, `follow` waits at the
+/// newest: Hubble refuses the two together.
+fn check_window(first: bool, follow: bool) -> Result<(), Status> {
+    if first && follow {
+        return Err(Status::invalid_argument(
+            "first cannot be specified with follow",
+        ));
+    }
+    Ok(())
+}
+
 fn with_version<T>(mut r: Response<T>) -> Response<T> {
     if let Ok(v) = API_VERSION.parse() {
         r.metadata_mut().insert("hubble-server-version", v);
@@ -257,11 +268,7 @@ impl<B: Backend> Observer for Service<B> {
         request: Request<GetFlowsRequest>,
     ) -> Result<Response<Self::GetFlowsStream>, Status> {
         let req = request.into_inner();
-        if req.first && req.follow {
-            return Err(Status::invalid_argument(
-                "first cannot be specified with follow",
-            ));
-        }
+        check_window(req.first, req.follow)?;
         let filters = Filters::new(&req.whitelist, &req.blacklist)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (tx, rx) = mpsc::channel(256);
@@ -282,11 +289,7 @@ impl<B: Backend> Observer for Service<B> {
         request: Request<GetAgentEventsRequest>,
     ) -> Result<Response<Self::GetAgentEventsStream>, Status> {
         let req = request.into_inner();
-        if req.first && req.follow {
-            return Err(Status::invalid_argument(
-                "first cannot be specified with follow",
-            ));
-        }
+        check_window(req.first, req.follow)?;
         let (tx, rx) = mpsc::channel(64);
         let backend = self.backend.clone();
         std::thread::Builder::new()
@@ -334,11 +337,7 @@ impl<B: Backend> Observer for Service<B> {
         request: Request<GetDebugEventsRequest>,
     ) -> Result<Response<Self::GetDebugEventsStream>, Status> {
         let req = request.into_inner();
-        if req.first && req.follow {
-            return Err(Status::invalid_argument(
-                "first cannot be specified with follow",
-            ));
-        }
+        check_window(req.first, req.follow)?;
         let (tx, rx) = mpsc::channel::<Result<GetDebugEventsResponse, Status>>(1);
         if req.follow {
             tokio::spawn(async move { tx.closed().await });

@@ -116,7 +116,8 @@ pub enum Decision {
     NotEnforced,
     Allowed {
         by: Origin,
-        l7: Option<String>,
+        /// L7 rules the proxy applies to the connection.
+        l7: Option<L7>,
     },
     Denied {
         by: Origin,
@@ -197,7 +198,7 @@ impl EndpointPolicy {
             },
             Some((_, v)) => Decision::Allowed {
                 by: v.origin.clone(),
-                l7: v.l7.as_ref().map(|l| l.kind().to_string()),
+                l7: v.l7.clone(),
             },
             None if audit => audited(Decision::DefaultDeny {
                 selected_by: selected_by.clone(),

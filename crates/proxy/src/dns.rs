@@ -305,7 +305,6 @@ async fn answer(
                 dns: Some(dns),
                 http: None,
             },
-            destination_names: Vec::new(),
             decided_by: conn.policy.iter().map(|p| (false, p.clone())).collect(),
             protocol: if tcp { 6 } else { 17 },
         }
@@ -423,13 +422,7 @@ async fn forward(
             .await
             .map_err(|_| std::io::Error::other("resolver timed out"))?;
     }
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    if transparent {
-        s.set_ip_transparent_v4(true)?;
-        s.set_mark(from_mark)?;
-        s.bind(&SocketAddrV4::new(*client.ip(), 0).into())?;
-    }
-    s.set_nonblocking(true)?;
+    let s = crate::socket::upstream(Type::DGRAM, *client.ip(), transparent, from_mark)?;
     let s = tokio::net::UdpSocket::from_std(s.into())?;
     s.connect(dst).await?;
     s.send(query).await?;

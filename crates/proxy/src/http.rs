@@ -197,7 +197,6 @@ impl Conn {
             verdict,
             ingress: self.conn.sides.iter().any(|s| s.ingress) || self.conn.sides.is_empty(),
             l7,
-            destination_names: Vec::new(),
             decided_by: by,
             protocol: 6,
         });

@@ -18,6 +18,24 @@ pub fn listen(port: u16) -> io::Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
+/// A non-blocking socket towards a server. Transparent: bound to `client`'s
+/// address (an ephemeral port) and marked with `mark`.
+pub fn upstream(ty: Type, client: Ipv4Addr, transparent: bool, mark: u32) -> io::Result<Socket> {
+    let protocol = if ty == Type::DGRAM {
+        Protocol::UDP
+    } else {
+        Protocol::TCP
+    };
+    let s = Socket::new(Domain::IPV4, ty, Some(protocol))?;
+    if transparent {
+        s.set_ip_transparent_v4(true)?;
+        s.set_mark(mark)?;
+        s.bind(&SocketAddrV4::new(client, 0).into())?;
+    }
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
 /// Connects to `dst`. Transparent: from `client`'s address (an ephemeral
 /// port), with `mark` so that the datapath knows the proxy already applied
 /// the policy.
@@ -27,13 +45,7 @@ pub async fn connect(
     transparent: bool,
     mark: u32,
 ) -> io::Result<tokio::net::TcpStream> {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    if transparent {
-        s.set_ip_transparent_v4(true)?;
-        s.set_mark(mark)?;
-        s.bind(&SocketAddrV4::new(client, 0).into())?;
-    }
-    s.set_nonblocking(true)?;
+    let s = upstream(Type::STREAM, client, transparent, mark)?;
     s.set_tcp_nodelay(true)?;
     let socket = tokio::net::TcpSocket::from_std_stream(s.into());
     socket.connect(dst.into()).await
