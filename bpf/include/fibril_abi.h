@@ -108,6 +108,14 @@ enum fibril_policy_match {
 #define CT_F_FROM_PROXY 0x2     /* opened by the proxy for its client: replies go back to it */
 #define CT_F_DNS 0x4            /* with CT_F_PROXY_REDIRECT: the DNS proxy's */
 
+/* Counters of the proxy's socket shortcut (fibril_sockmap_stats index). */
+enum fibril_sockmap_stat {
+	SOCKMAP_STAT_SOCKETS = 0,    /* connection ends added to the socket maps */
+	SOCKMAP_STAT_REDIRECTED = 1, /* sends moved straight to the other end */
+	SOCKMAP_STAT_PLAIN = 2,      /* sends that took the stack (other end unknown) */
+	SOCKMAP_STAT_MAX = 3,
+};
+
 /*
  * ipcache: LPM trie, IPv4 prefix -> security identity.
  * prefixlen counts the bits of `addr` only.

@@ -183,6 +183,10 @@ pub const POLICY_F_REDIRECT_DNS: u8 = 0x8;
 pub const CT_F_PROXY_REDIRECT: u8 = 0x1;
 pub const CT_F_FROM_PROXY: u8 = 0x2;
 pub const CT_F_DNS: u8 = 0x4;
+/// Counters of the L7 proxy's socket shortcut (`fibril_sockmap_stats`).
+pub const SOCKMAP_STAT_SOCKETS: u32 = 0;
+pub const SOCKMAP_STAT_REDIRECTED: u32 = 1;
+pub const SOCKMAP_STAT_PLAIN: u32 = 2;
 pub const POLICY_STATIC_PREFIX_BITS: u32 = 72;
 pub const POLICY_FULL_PREFIX_BITS: u32 = 96;
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use policy::{Decision, Direction, HttpRule, L7};
 
-use crate::observer::{policy_ref, Sources};
+use crate::observer::policy_ref;
 use crate::policy_sync::PolicySync;
 use crate::Agent;
 
@@ -16,16 +16,13 @@ const COMPILED_CACHE_LIMIT: usize = 1024;
 
 pub struct ProxyPolicy {
     agent: Arc<Agent>,
-    sources: Sources,
     compiled: Mutex<Vec<(Vec<HttpRule>, Arc<proxy::HttpRules>)>>,
 }
 
 impl ProxyPolicy {
     pub fn new(agent: Arc<Agent>) -> Self {
-        let sources = agent.flow_sources();
         Self {
             agent,
-            sources,
             compiled: Mutex::new(Vec::new()),
         }
     }
@@ -129,7 +126,7 @@ impl proxy::Policy for ProxyPolicy {
     }
 
     fn record(&self, record: flow::record::L7Record) {
-        self.agent.observer.push_l7(&record, &self.sources);
+        self.agent.observer.queue_l7(record);
     }
 }
 

@@ -385,6 +385,14 @@ impl Agent {
                 .overflowed
                 .len(),
             uptime_seconds: self.started.elapsed().as_secs(),
+            proxy_shortcut: self
+                .datapath
+                .proxy_shortcut_stats()
+                .map(|s| api::ProxyShortcutInfo {
+                    sockets: s.sockets,
+                    redirected: s.redirected,
+                    plain: s.plain,
+                }),
         }
     }
 

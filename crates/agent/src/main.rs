@@ -60,6 +60,11 @@ struct Args {
     /// any free port, written to STATE_DIR/hubble-metrics.addr).
     #[arg(long, default_value = "127.0.0.1:9965")]
     hubble_metrics_addr: std::net::SocketAddr,
+    /// A cgroup v2 directory (Cilium's --cgroup-root): proxied connections
+    /// of the processes under it (pods and this agent) move their payload
+    /// socket to socket, past the TCP/IP stack. None: no shortcut.
+    #[arg(long)]
+    cgroup_root: Option<std::path::PathBuf>,
     /// The L7 proxy's port on 127.0.0.1 (0: the previous run's if free,
     /// else any free port).
     #[arg(long, default_value_t = 0)]
@@ -94,6 +99,9 @@ fn bind_proxy(args: &Args) -> anyhow::Result<std::net::TcpListener> {
     proxy::socket::listen(args.proxy_port)
         .with_context(|| format!("binding the L7 proxy on 127.0.0.1:{}", args.proxy_port))
 }
+
+/// HTTP proxy threads.
+const PROXY_WORKERS: usize = 2;
 
 /// Runs the L7 proxy on a tokio runtime of its own.
 fn start_proxy(
@@ -157,13 +165,24 @@ fn start_proxy(
             }
         });
     }
+    // HTTP connections are spread over worker threads, each an event loop
+    // of its own (a current-thread runtime: no work stealing between them).
+    let mut workers = vec![rt.handle().clone()];
+    for i in 1..PROXY_WORKERS {
+        let worker = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        workers.push(worker.handle().clone());
+        std::thread::Builder::new()
+            .name(format!("proxy-{i}"))
+            .spawn(move || worker.block_on(std::future::pending::<()>()))?;
+    }
     let s = stats.clone();
     std::thread::Builder::new()
         .name("proxy".into())
         .spawn(move || {
             let _guard = rt.enter();
-
-            if let Err(e) = rt.block_on(proxy::http::serve(listener, policy, config, s)) {
+            if let Err(e) = rt.block_on(proxy::http::serve(listener, policy, config, s, workers)) {
                 tracing::error!(error = %e, "L7 proxy stopped");
             }
         })?;
@@ -330,6 +349,15 @@ fn main() -> anyhow::Result<()> {
         redirect.mark_from,
     )?;
     agent.set_proxy_stats(proxy_stats);
+    if let Some(cgroup) = &args.cgroup_root {
+        match agent.datapath().attach_proxy_shortcut(cgroup) {
+            Ok(()) => {
+                tracing::info!(cgroup = %cgroup.display(), "L7 proxy socket shortcut attached")
+            }
+            // Everything works without it, through the stack.
+            Err(e) => tracing::warn!(error = %e, "L7 proxy socket shortcut unavailable"),
+        }
+    }
     {
         // toFQDNs: expired names go (their addresses once idle).
         let agent = agent.clone();

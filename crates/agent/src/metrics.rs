@@ -83,6 +83,27 @@ pub fn render(agent: &Agent) -> String {
             metric(name, "counter", help, value);
         }
     }
+    if let Some(s) = agent.datapath().proxy_shortcut_stats() {
+        for (name, help, value) in [
+            (
+                "fibril_proxy_shortcut_sockets_total",
+                "Proxied connection ends whose payload goes socket to socket",
+                s.sockets,
+            ),
+            (
+                "fibril_proxy_shortcut_redirected_total",
+                "Sends moved straight into the other end's receive queue",
+                s.redirected,
+            ),
+            (
+                "fibril_proxy_shortcut_plain_total",
+                "Sends of shortcut sockets that took the TCP/IP stack (other end not known)",
+                s.plain,
+            ),
+        ] {
+            metric(name, "counter", help, value);
+        }
+    }
     out
 }
 

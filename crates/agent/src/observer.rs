@@ -11,6 +11,9 @@ use flow::{Endpoint, Flow};
 
 use crate::EndpointIndex;
 
+/// L7 reports queued at most between two rounds of the events thread.
+const L7_QUEUE_LIMIT: usize = 1 << 16;
+
 pub struct Observer {
     flows: flow::ring::Shared<Arc<Flow>>,
     /// Hubble's flow metrics, counted as flows arrive.
@@ -19,6 +22,10 @@ pub struct Observer {
     uuid_counter: AtomicU64,
     /// Agent events (endpoint created, policy updated ...).
     agent_events: flow::ring::Shared<Arc<flow::agent_event::AgentEvent>>,
+    /// L7 proxy reports not yet made into flows. The proxy only queues
+    /// them: enriching a flow costs as much as forwarding a request, and the
+    /// events thread does it in batches, on whichever core is free.
+    l7_pending: std::sync::Mutex<Vec<flow::record::L7Record>>,
 }
 
 /// What the observer enriches flows from: the local endpoints by address,
@@ -97,6 +104,7 @@ impl Observer {
             node,
             uuid_counter: AtomicU64::new(0),
             agent_events: flow::ring::Shared::new(1023).expect("1023 is 2^10-1"),
+            l7_pending: Default::default(),
         }
     }
 
@@ -128,11 +136,38 @@ impl Observer {
         self.flows.push(Arc::new(f));
     }
 
-    /// A request or response the L7 proxy reports.
-    pub fn push_l7(&self, r: &flow::record::L7Record, sources: &Sources) {
-        let n = self.uuid_counter.fetch_add(1, Ordering::Relaxed);
-        let uuid = format!("{:08x}-0000-4000-8007-{:012x}", r.unix_ns as u32, n);
-        self.push(flow::record::from_l7(r, uuid, &self.node, sources));
+    /// Counts and stores a batch (one lock and one reader wake-up).
+    fn push_batch(&self, batch: &mut Vec<Arc<Flow>>) {
+        for f in batch.iter() {
+            self.metrics.observe(f);
+        }
+        self.flows.push_all(batch.drain(..));
+    }
+
+    /// A request or response the L7 proxy reports; it becomes a flow on the
+    /// events thread's next round (within its poll interval, 20 ms), as
+    /// datapath events do.
+    pub fn queue_l7(&self, r: flow::record::L7Record) {
+        let mut pending = self.l7_pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.len() >= L7_QUEUE_LIMIT {
+            // The events thread is stuck: bounded memory, loss counted.
+            drop(pending);
+            self.metrics.lost("OBSERVER_EVENTS_QUEUE", 1);
+            return;
+        }
+        pending.push(r);
+    }
+
+    /// Turns the queued L7 reports into flows, in the order they came.
+    fn flush_l7(&self, sources: &Sources, out: &mut Vec<Arc<Flow>>) {
+        let batch = std::mem::take(&mut *self.l7_pending.lock().unwrap_or_else(|e| e.into_inner()));
+        for r in batch {
+            let n = self.uuid_counter.fetch_add(1, Ordering::Relaxed);
+            let uuid = format!("{:08x}-0000-4000-8007-{:012x}", r.unix_ns as u32, n);
+            out.push(Arc::new(flow::record::from_l7(
+                r, uuid, &self.node, sources,
+            )));
+        }
     }
 
     /// Sequence number where a reader asking for the last `n` starts.
@@ -166,12 +201,20 @@ impl Observer {
             .unwrap_or_default()
             .as_nanos() as u64;
         let offset = wall_now.saturating_sub(datapath::monotonic_ns());
+        let mut batch = Vec::new();
         while !stop.load(Ordering::Relaxed) {
             reader.poll(Duration::from_millis(20), |e| {
                 let n = self.uuid_counter.fetch_add(1, Ordering::Relaxed);
                 let uuid = format!("{:08x}-0000-4000-8000-{:012x}", offset as u32, n);
-                self.push(from_event(&e, e.ts_ns + offset, uuid, &self.node, &sources));
+                let f = from_event(&e, e.ts_ns + offset, uuid, &self.node, &sources);
+                batch.push(Arc::new(f));
+                // Readers see flows in batches of bounded size.
+                if batch.len() >= 1024 {
+                    self.push_batch(&mut batch);
+                }
             });
+            self.flush_l7(&sources, &mut batch);
+            self.push_batch(&mut batch);
         }
     }
 }

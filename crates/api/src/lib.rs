@@ -164,6 +164,20 @@ pub struct StatusInfo {
     /// Endpoints failing closed because their policy did not fit.
     pub policy_overflows: usize,
     pub uptime_seconds: u64,
+    /// The L7 proxy's socket shortcut; None when not attached.
+    #[serde(default)]
+    pub proxy_shortcut: Option<ProxyShortcutInfo>,
+}
+
+/// Counters of the L7 proxy's socket shortcut.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ProxyShortcutInfo {
+    /// Proxied connection ends (sockets) whose payload goes socket to socket.
+    pub sockets: u64,
+    /// Sends moved straight into the other end's receive queue.
+    pub redirected: u64,
+    /// Sends that took the TCP/IP stack (the other end was not known).
+    pub plain: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -169,6 +169,36 @@ pub fn bpf_dir(lab: &str) -> PathBuf {
     PathBuf::from("/sys/fs/bpf").join(format!("fibril-{lab}"))
 }
 
+/// The lab's cgroup (v2): the agent, the pods and `lab exec` commands run
+/// in it, and the agent's L7 proxy shortcut covers it (`--cgroup-root`).
+/// None without a cgroup v2 hierarchy.
+pub fn cgroup_dir(lab: &str) -> Option<PathBuf> {
+    Some(datapath::shortcut::cgroup2_mount()?.join(format!("fibril-{lab}")))
+}
+
+/// Makes `cmd` start inside the lab's cgroup (when it has one), before it
+/// can open a socket.
+fn in_lab_cgroup(cmd: &mut std::process::Command, lab: &str) {
+    if let Some(dir) = cgroup_dir(lab).filter(|d| d.exists()) {
+        datapath::shortcut::start_in_cgroup(cmd, &dir);
+    }
+}
+
+/// Removes the lab's cgroup once the processes in it are gone.
+fn remove_cgroup(lab: &str) {
+    let Some(dir) = cgroup_dir(lab) else { return };
+    let end = Instant::now() + Duration::from_secs(5);
+    while dir.exists() && std::fs::remove_dir(&dir).is_err() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if dir.exists() {
+        eprintln!(
+            "warning: could not remove cgroup {} (processes left in it)",
+            dir.display()
+        );
+    }
+}
+
 fn state_path(lab: &str) -> PathBuf {
     lab_dir(lab).join("lab.json")
 }
@@ -376,7 +406,9 @@ pub fn start_agent(st: &mut LabState) -> anyhow::Result<()> {
         .create(true)
         .append(true)
         .open(dir.join("agent.log"))?;
-    let child = Command::new("setsid")
+    let mut cmd = Command::new("setsid");
+    in_lab_cgroup(&mut cmd, &st.name);
+    let child = cmd
         .arg(bin_dir().join("fibril-agent"))
         .args(&st.agent_args)
         .stdin(Stdio::null())
@@ -521,6 +553,21 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
             st.agent_args.extend([flag.to_string(), v]);
         }
     }
+    if let Some(cg) = cgroup_dir(lab) {
+        // One left by a lab that crashed is reused.
+        match std::fs::create_dir(&cg).or_else(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => Ok(()),
+            _ => Err(e),
+        }) {
+            Ok(()) => st
+                .agent_args
+                .extend(["--cgroup-root".to_string(), cg.display().to_string()]),
+            Err(e) => eprintln!(
+                "warning: lab cgroup {}: {e} (no L7 proxy shortcut)",
+                cg.display()
+            ),
+        }
+    }
     save(&st)?;
     let result = (|| -> anyhow::Result<()> {
         start_agent(&mut st)?;
@@ -626,13 +673,14 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                 let log = dir
                     .join("pods")
                     .join(format!("{}_{}.log", p.namespace, p.name));
-                st.pods[i].pid = Some(spawn_in(&st.pods[i].netns, &p.command, &log)?);
+                st.pods[i].pid = Some(spawn_in(lab, &st.pods[i].netns, &p.command, &log)?);
             }
         }
         for (i, x) in parsed.file.externals.iter().enumerate() {
             if !x.command.is_empty() {
                 let log = dir.join("pods").join(format!("external_{}.log", x.name));
-                st.externals[i].pid = Some(spawn_in(&st.externals[i].netns, &x.command, &log)?);
+                st.externals[i].pid =
+                    Some(spawn_in(lab, &st.externals[i].netns, &x.command, &log)?);
             }
         }
         save(&st)?;
@@ -646,9 +694,11 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
 }
 
 /// Starts `command` in the background inside `netns`, output to `log`.
-fn spawn_in(netns: &str, command: &[String], log: &Path) -> anyhow::Result<u32> {
+fn spawn_in(lab: &str, netns: &str, command: &[String], log: &Path) -> anyhow::Result<u32> {
     let out = std::fs::File::create(log)?;
-    let child = Command::new("setsid")
+    let mut cmd = Command::new("setsid");
+    in_lab_cgroup(&mut cmd, lab);
+    let child = cmd
         .args(["ip", "netns", "exec", netns])
         .arg(resolve(&command[0]))
         .args(&command[1..])
@@ -694,6 +744,7 @@ pub fn down(lab: &str) -> anyhow::Result<()> {
         net::delete_link(&api::host_ifname(&p.container_id, "eth0"));
     }
     datapath::Datapath::unpin_all(&bpf_dir(lab));
+    remove_cgroup(lab);
     std::fs::remove_dir_all(lab_dir(lab)).ok();
     Ok(())
 }
@@ -716,7 +767,9 @@ pub fn exec(lab: &str, target: &str, cmd: &[String]) -> anyhow::Result<i32> {
             .find(|x| x.name == name)
             .with_context(|| format!("no external {name} in lab {lab:?}"))?;
         let first = cmd.first().context("no command given")?;
-        let status = Command::new("ip")
+        let mut ip = Command::new("ip");
+        in_lab_cgroup(&mut ip, lab);
+        let status = ip
             .args(["netns", "exec", &x.netns])
             .arg(resolve(first))
             .args(&cmd[1..])
@@ -729,7 +782,9 @@ pub fn exec(lab: &str, target: &str, cmd: &[String]) -> anyhow::Result<i32> {
         .find(|p| p.namespace == ns && p.name == name)
         .with_context(|| format!("no pod {ns}/{name} in lab {lab:?}"))?;
     let first = cmd.first().context("no command given")?;
-    let status = Command::new("ip")
+    let mut ip = Command::new("ip");
+    in_lab_cgroup(&mut ip, lab);
+    let status = ip
         .args(["netns", "exec", &pod.netns])
         .arg(resolve(first))
         .args(&cmd[1..])

@@ -221,6 +221,13 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     "Flows:         {}/{} (Seen {}, kernel events lost {})",
                     s.flows_buffered, s.flow_capacity, s.flows_seen, s.events_lost_kernel
                 );
+                match &s.proxy_shortcut {
+                    Some(p) => println!(
+                        "L7 shortcut:   on ({} proxied connection ends; {} sends socket to socket, {} through the stack)",
+                        p.sockets, p.redirected, p.plain
+                    ),
+                    None => println!("L7 shortcut:   off (proxied payload crosses the TCP/IP stack)"),
+                }
                 println!("Uptime:        {}s", s.uptime_seconds);
                 match hubble_address(&cli.lab, None)
                     .and_then(|a| hubble_cmds::status_lines(&a, &observe::Server::default()))

@@ -250,6 +250,13 @@ fn http_rules_are_enforced_by_the_proxy_for_ingress_and_egress() {
     );
 
     // Every request and response is an L7 flow, with the rule's policy.
+    // Flows arrive in order within the observer's round (~20 ms): once the
+    // last request's is there, all are.
+    wait_until("the last request's flow", || {
+        l.l7_flows(&["--verdict", "DROPPED", "--from-pod", "shop/other"])
+            .len()
+            == 3
+    });
     let dropped = l.l7_flows(&[
         "--verdict",
         "DROPPED",
@@ -490,6 +497,9 @@ fn dns_rules_and_to_fqdns_allow_exactly_the_resolved_names() {
 
     // DNS flows: query, answer addresses, TTL, rcode, qtypes, source.
     let flows = |args: &[&str]| lab.observe_json(&[&["--all"], args].concat());
+    wait_until("the last query's flow", || {
+        flows(&["--protocol", "dns", "--verdict", "DROPPED"]).len() == 3
+    });
     let dns = flows(&["--protocol", "dns"]);
     let answer = dns
         .iter()
@@ -691,4 +701,122 @@ impl DnsLab {
             )
             .0
     }
+}
+
+/// The socket shortcut (proxied payload moved socket to socket): several
+/// MiB each way arrive intact and in order, the proxy still applies its
+/// rules and reports flows, and connections without L7 rules never take
+/// the shortcut.
+#[test]
+fn proxied_bytes_take_the_socket_shortcut_intact_both_ways() {
+    const LAB: &str = r#"
+podCIDR: POD_CIDR_HERE
+pods:
+  - {name: client, namespace: bulk, labels: {app: client}}
+  - {name: store, namespace: bulk, labels: {app: store}, command: [fibril-echo, http-server, --port, "8080"]}
+  - {name: plain, namespace: bulk, labels: {app: plain}, command: [fibril-echo, http-server, --port, "8080"]}
+policies:
+  - inline: |
+      apiVersion: cilium.io/v2
+      kind: CiliumNetworkPolicy
+      metadata: {name: bulk-l7, namespace: bulk}
+      spec:
+        endpointSelector: {matchLabels: {app: store}}
+        ingress:
+        - fromEndpoints: [{matchLabels: {app: client}}]
+          toPorts:
+          - ports: [{port: "8080", protocol: TCP}]
+            rules:
+              http:
+              - {method: PUT, path: "/upload"}
+              - {method: GET, path: "/bytes/[0-9]+"}
+"#;
+    // client .2, store .3, plain .4
+    let lab = Lab::start(LAB, &[]);
+    wait_until("the servers listen", || {
+        ["store", "plain"].iter().all(|p| {
+            std::fs::read_to_string(format!("/run/fibril/labs/{}/pods/bulk_{p}.log", lab.name))
+                .unwrap_or_default()
+                .contains("listening")
+        })
+    });
+    let size = 6 * 1024 * 1024 + 12_345;
+    let upload: Vec<u8> = (0..size).map(|i| (i * 13 % 256) as u8).collect();
+    let upload_file = lab.dir.join("upload.bin");
+    let download_file = lab.dir.join("download.bin");
+    std::fs::write(&upload_file, &upload).unwrap();
+    let store = |path: &str| format!("http://{}:8080{path}", lab.ip(3));
+
+    // Up: the server reports the length and hash of what it read.
+    let (ok, out) = lab.exec(
+        "bulk/client",
+        &[
+            "curl",
+            "-s",
+            "-m",
+            "20",
+            "-X",
+            "PUT",
+            "--data-binary",
+            &format!("@{}", upload_file.display()),
+            &store("/upload"),
+        ],
+    );
+    let want = format!(
+        "body {size} fnv {:016x}",
+        test_support::fnv1a(test_support::FNV_OFFSET, &upload)
+    );
+    assert!(
+        ok && out.contains(&want),
+        "upload through the proxy: {out:?}, want {want:?}"
+    );
+
+    // Down, on one keep-alive connection: a big answer, then a refused
+    // request (403 from the proxy), then another big answer.
+    let (ok, out) = lab.exec(
+        "bulk/client",
+        &[
+            "curl",
+            "-s",
+            "-m",
+            "20",
+            "-w",
+            "%{http_code}\\n",
+            "-o",
+            download_file.to_str().unwrap(),
+            &store(&format!("/bytes/{size}")),
+            "-o",
+            "/dev/null",
+            &store("/upload"),
+            "-o",
+            "/dev/null",
+            &store("/bytes/70000"),
+        ],
+    );
+    assert!(ok, "download: {out}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["200", "403", "200"],
+        "{out}"
+    );
+    let got = std::fs::read(&download_file).unwrap();
+    assert_eq!(got.len(), size);
+    if let Some(i) = (0..size).find(|&i| got[i] != test_support::pattern_byte(i)) {
+        panic!("the download differs from byte {i} on");
+    }
+
+    // Those bytes took the shortcut; the L7 flows are there as ever.
+    let sockets = lab.metric("fibril_proxy_shortcut_sockets_total");
+    assert!(sockets >= 4, "client, proxy (2) and server ends: {sockets}");
+    assert!(lab.metric("fibril_proxy_shortcut_redirected_total") > 0);
+    let status = String::from_utf8_lossy(&lab.fibril(&["status"]).stdout).into_owned();
+    assert!(status.contains("L7 shortcut:   on ("), "{status}");
+    wait_until("the refused request's L7 flow", || {
+        !lab.observe_json(&["--all", "--protocol", "http", "--verdict", "DROPPED"])
+            .is_empty()
+    });
+
+    // A connection without L7 rules is no business of the shortcut.
+    assert!(lab.http_get("bulk/client", &format!("http://{}:8080/x", lab.ip(4)), "5"));
+    assert_eq!(lab.metric("fibril_proxy_shortcut_sockets_total"), sockets);
 }

@@ -6,6 +6,7 @@
 
 pub mod events;
 pub mod net;
+pub mod shortcut;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -51,6 +52,11 @@ pub enum Error {
     MissingMap(&'static str),
     #[error("link pin {path}: {message}")]
     Link { path: PathBuf, message: String },
+    #[error("cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("bpffs at {path}: {source}")]
     PinDir {
         path: PathBuf,
@@ -127,6 +133,7 @@ pub struct Datapath {
     config: Config,
     maps: Mutex<Maps>,
     events: Mutex<Option<RingBuf<MapData>>>,
+    shortcut: Mutex<Option<shortcut::ProxyShortcut>>,
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
@@ -158,6 +165,7 @@ impl Datapath {
             config,
             maps: Mutex::new(maps),
             events: Mutex::new(Some(events)),
+            shortcut: Mutex::new(None),
         })
     }
 
@@ -388,6 +396,23 @@ impl Datapath {
             .unwrap_or(0)
     }
 
+    /// Accelerates proxied connections of the processes under `cgroup`
+    /// (see `shortcut`); replaces an earlier attachment.
+    pub fn attach_proxy_shortcut(&self, cgroup: &Path) -> Result<(), Error> {
+        let s = shortcut::ProxyShortcut::attach(&self.config, cgroup)?;
+        *self.shortcut.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+        Ok(())
+    }
+
+    /// The shortcut's counters, when it is attached.
+    pub fn proxy_shortcut_stats(&self) -> Option<shortcut::ShortcutStats> {
+        self.shortcut
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|s| s.stats())
+    }
+
     /// Removes every pinned map and link of this datapath.
     pub fn unpin_all(pin_dir: &Path) {
         std::fs::remove_dir_all(pin_dir).ok();
@@ -465,10 +490,17 @@ impl EndpointPrograms {
     }
 }
 
-fn loader(config: &Config) -> EbpfLoader<'_> {
+/// A loader that shares the pinned maps of `config.pin_dir`.
+fn pinned_loader(config: &Config) -> EbpfLoader<'_> {
     let mut l = EbpfLoader::new();
-    l.default_map_pin_directory(&config.pin_dir)
-        .override_global("events_wakeup_bytes", &config.events_wakeup_bytes, true);
+    l.default_map_pin_directory(&config.pin_dir);
+    l
+}
+
+/// The endpoint programs' loader: pinned maps and load-time settings.
+fn loader(config: &Config) -> EbpfLoader<'_> {
+    let mut l = pinned_loader(config);
+    l.override_global("events_wakeup_bytes", &config.events_wakeup_bytes, true);
     if let Some(p) = &config.proxy {
         l.override_global("proxy_port", &p.port, true)
             .override_global("dns_proxy_port", &p.dns_port, true)

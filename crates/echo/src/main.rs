@@ -169,12 +169,53 @@ fn serve_http(conn: TcpStream) {
                 }
             }
         }
-        let mut body_in = vec![0u8; content_length.min(1 << 20)];
-        if r.read_exact(&mut body_in).is_err() {
-            return;
+        // The body, streamed: its length and FNV-1a hash go into the log
+        // and the answer (tests check that bytes crossed the proxy intact).
+        let (mut left, mut hash) = (content_length, test_support::FNV_OFFSET);
+        let mut chunk = [0u8; 64 * 1024];
+        while left > 0 {
+            let n = match r.read(&mut chunk[..left.min(64 * 1024)]) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            hash = test_support::fnv1a(hash, &chunk[..n]);
+            left -= n;
         }
         say(format!("request {}", request_line.trim()));
-        let body = format!("fibril-echo: {}", request_line.trim());
+        // GET /bytes/N answers N bytes of `test_support::pattern_byte`.
+        let wanted = request_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.strip_prefix("/bytes/"))
+            .and_then(|n| n.parse::<usize>().ok());
+        if let Some(n) = wanted {
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {n}\r\n\r\n"
+            );
+            if w.write_all(head.as_bytes()).is_err() {
+                return;
+            }
+            let mut sent = 0;
+            while sent < n {
+                let len = (n - sent).min(chunk.len());
+                for (i, b) in chunk[..len].iter_mut().enumerate() {
+                    *b = test_support::pattern_byte(sent + i);
+                }
+                if w.write_all(&chunk[..len]).is_err() {
+                    return;
+                }
+                sent += len;
+            }
+            continue;
+        }
+        let body = if content_length > 0 {
+            format!(
+                "fibril-echo: {} body {content_length} fnv {hash:016x}",
+                request_line.trim()
+            )
+        } else {
+            format!("fibril-echo: {}", request_line.trim())
+        };
         let resp = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()

@@ -6,8 +6,15 @@ use std::sync::Mutex;
 
 use crate::Flow;
 
-/// (metric name, sorted label pairs) -> count.
-type Series = BTreeMap<(&'static str, Vec<(&'static str, String)>), u64>;
+/// A series: metric name and label pairs (in label order).
+type Key = (&'static str, Vec<(&'static str, String)>);
+
+/// Series in name and label order -> count.
+type Sorted = BTreeMap<Key, u64>;
+
+/// Series by the hash of their key -> counts.
+#[derive(Default)]
+struct Series(std::collections::HashMap<u64, Vec<(Key, u64)>>);
 
 #[derive(Default)]
 pub struct Counters {
@@ -87,12 +94,157 @@ fn match_name(m: u32) -> &'static str {
     }
 }
 
-impl Counters {
-    fn add(&self, s: &mut Series, name: &'static str, labels: Vec<(&'static str, String)>, n: u64) {
-        let _ = self;
-        *s.entry((name, labels)).or_default() += n;
+/// A histogram's buckets as Prometheus wants them (each counts the
+/// observations up to its bound) from per-bucket counts, in bound order.
+fn cumulative_buckets(s: &Sorted, name: &str) -> Vec<(Vec<(&'static str, String)>, u64)> {
+    let mut per_labels: BTreeMap<Vec<(&'static str, String)>, [u64; DURATION_BUCKETS.len()]> =
+        BTreeMap::new();
+    for ((n, labels), v) in s {
+        if *n != name {
+            continue;
+        }
+        let le = labels
+            .iter()
+            .find(|(k, _)| *k == "le")
+            .map(|(_, v)| v.as_str());
+        let Some(i) = DURATION_BUCKETS.iter().position(|(b, _)| Some(*b) == le) else {
+            continue;
+        };
+        let rest: Vec<_> = labels.iter().filter(|(k, _)| *k != "le").cloned().collect();
+        per_labels.entry(rest).or_default()[i] += v;
+    }
+    let mut out = Vec::new();
+    for (rest, counts) in per_labels {
+        let mut total = 0;
+        for ((le, _), n) in DURATION_BUCKETS.iter().zip(counts) {
+            total += n;
+            let mut labels = vec![("le", le.to_string())];
+            labels.extend(rest.iter().cloned());
+            out.push((labels, total));
+        }
+    }
+    out
+}
+
+/// Hubble's `httpV2` and `dns` handlers, from L7 flows.
+fn observe_l7(s: &mut Series, f: &Flow) {
+    let Some(l7) = &f.l7 else { return };
+    // The proxy reports as the server for ingress rules, else the client.
+    let reporter = if f.traffic_direction == "INGRESS" {
+        "server"
+    } else {
+        "client"
+    };
+    if let Some(h) = &l7.http {
+        let status = match (l7.r#type.as_str(), f.verdict.as_str()) {
+            ("RESPONSE", _) => h.code.to_string(),
+            ("REQUEST", "DROPPED") => "403".to_string(),
+            _ => return,
+        };
+        s.add(
+            "hubble_http_requests_total",
+            &[
+                ("method", &h.method),
+                ("protocol", &h.protocol),
+                ("reporter", reporter),
+                ("status", &status),
+            ],
+            1,
+        );
+        if l7.r#type == "RESPONSE" {
+            // One count in the request's own bucket; render() makes the
+            // buckets cumulative.
+            let (le, _) = DURATION_BUCKETS
+                .iter()
+                .find(|(_, bound)| l7.latency_ns <= *bound)
+                .unwrap_or(&DURATION_BUCKETS[DURATION_BUCKETS.len() - 1]);
+            s.add(
+                "hubble_http_request_duration_seconds_bucket",
+                &[("le", le), ("method", &h.method), ("reporter", reporter)],
+                1,
+            );
+            let l = [("method", h.method.as_str()), ("reporter", reporter)];
+            // The sum is kept in microseconds and rendered in seconds.
+            s.add(
+                "hubble_http_request_duration_seconds_sum",
+                &l,
+                l7.latency_ns / 1000,
+            );
+            s.add("hubble_http_request_duration_seconds_count", &l, 1);
+        }
+    }
+    if let Some(d) = &l7.dns {
+        let qtypes = d.qtypes.join(",");
+        let refused = l7.r#type == "REQUEST" && f.verdict == "DROPPED";
+        if l7.r#type == "REQUEST" {
+            s.add(
+                "hubble_dns_queries_total",
+                &[("ips_returned", "0"), ("qtypes", &qtypes), ("rcode", "")],
+                1,
+            );
+        }
+        if l7.r#type == "RESPONSE" || refused {
+            let rcode = if refused {
+                "Refused"
+            } else {
+                crate::record::rcode_name(d.rcode)
+            };
+            s.add(
+                "hubble_dns_responses_total",
+                &[
+                    ("ips_returned", &d.ips.len().to_string()),
+                    ("qtypes", &qtypes),
+                    ("rcode", rcode),
+                ],
+                1,
+            );
+            for t in &d.rrtypes {
+                s.add(
+                    "hubble_dns_response_types_total",
+                    &[("qtypes", &qtypes), ("type", t)],
+                    1,
+                );
+            }
+        }
+    }
+}
+
+impl Series {
+    /// Adds `n` to a series. Labels are borrowed: an existing series is
+    /// found without allocating (this runs for every flow).
+    fn add(&mut self, name: &'static str, labels: &[(&'static str, &str)], n: u64) {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        name.hash(&mut h);
+        labels.hash(&mut h);
+        let same = |(kn, kl): &Key| {
+            *kn == name
+                && kl.len() == labels.len()
+                && kl
+                    .iter()
+                    .zip(labels)
+                    .all(|((a, b), (c, d))| a == c && b == d)
+        };
+        let bucket = self.0.entry(h.finish()).or_default();
+        match bucket.iter_mut().find(|(k, _)| same(k)) {
+            Some((_, v)) => *v += n,
+            None => bucket.push((
+                (
+                    name,
+                    labels.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+                ),
+                n,
+            )),
+        }
     }
 
+    /// Every series, in name and label order (for rendering).
+    fn sorted(&self) -> Sorted {
+        self.0.values().flatten().cloned().collect()
+    }
+}
+
+impl Counters {
     /// Counts one processed flow.
     pub fn observe(&self, f: &Flow) {
         let mut s = self.series.lock().unwrap_or_else(|e| e.into_inner());
@@ -103,25 +255,21 @@ impl Counters {
             129 => "L7",
             _ => "Unknown",
         };
-        self.add(
-            &mut s,
+        let subtype = subtype(f);
+        s.add(
             "hubble_flows_processed_total",
-            vec![
-                ("subtype", subtype(f)),
-                ("type", kind.into()),
-                ("verdict", f.verdict.clone()),
+            &[
+                ("subtype", &subtype),
+                ("type", kind),
+                ("verdict", &f.verdict),
             ],
             1,
         );
-        self.observe_l7(&mut s, f);
+        observe_l7(&mut s, f);
         if f.verdict == "DROPPED" && f.l7.is_none() {
-            self.add(
-                &mut s,
+            s.add(
                 "hubble_drop_total",
-                vec![
-                    ("protocol", protocol(f).into()),
-                    ("reason", f.drop_reason_desc.clone()),
-                ],
+                &[("protocol", protocol(f)), ("reason", &f.drop_reason_desc)],
                 1,
             );
         }
@@ -134,13 +282,12 @@ impl Counters {
             _ => None,
         };
         if let Some(action) = decided {
-            self.add(
-                &mut s,
+            s.add(
                 "hubble_policy_verdicts_total",
-                vec![
-                    ("action", action.into()),
-                    ("direction", f.traffic_direction.to_lowercase()),
-                    ("match", match_name(f.policy_match_type).into()),
+                &[
+                    ("action", action),
+                    ("direction", &f.traffic_direction.to_lowercase()),
+                    ("match", match_name(f.policy_match_type)),
                 ],
                 1,
             );
@@ -150,10 +297,7 @@ impl Counters {
                 .and_then(|l| l.tcp.as_ref())
                 .and_then(|t| t.flags.as_ref())
         {
-            let family =
-                f.ip.as_ref()
-                    .map_or("", |i| i.ip_version.as_str())
-                    .to_string();
+            let family = f.ip.as_ref().map_or("", |i| i.ip_version.as_str());
             for (set, flag) in [
                 (flags.syn, "SYN"),
                 (flags.ack, "ACK"),
@@ -169,98 +313,11 @@ impl Counters {
                     flag
                 };
                 if set && !(flag == "ACK" && flags.syn) {
-                    self.add(
-                        &mut s,
+                    s.add(
                         "hubble_tcp_flags_total",
-                        vec![("family", family.clone()), ("flag", name.into())],
+                        &[("family", family), ("flag", name)],
                         1,
                     );
-                }
-            }
-        }
-    }
-
-    /// Hubble's `httpV2` and `dns` handlers, from L7 flows.
-    fn observe_l7(&self, s: &mut Series, f: &Flow) {
-        let Some(l7) = &f.l7 else { return };
-        // The proxy reports as the server for ingress rules, else the client.
-        let reporter = if f.traffic_direction == "INGRESS" {
-            "server"
-        } else {
-            "client"
-        };
-        if let Some(h) = &l7.http {
-            let status = match (l7.r#type.as_str(), f.verdict.as_str()) {
-                ("RESPONSE", _) => h.code.to_string(),
-                ("REQUEST", "DROPPED") => "403".to_string(),
-                _ => return,
-            };
-            let labels = |extra: Option<(&'static str, String)>| {
-                let mut l = vec![
-                    ("method", h.method.clone()),
-                    ("protocol", h.protocol.clone()),
-                    ("reporter", reporter.to_string()),
-                ];
-                l.extend(extra);
-                l
-            };
-            self.add(
-                s,
-                "hubble_http_requests_total",
-                labels(Some(("status", status))),
-                1,
-            );
-            if l7.r#type == "RESPONSE" {
-                for (le, bound) in DURATION_BUCKETS {
-                    if l7.latency_ns <= bound {
-                        let l = vec![
-                            ("le", le.to_string()),
-                            ("method", h.method.clone()),
-                            ("reporter", reporter.to_string()),
-                        ];
-                        self.add(s, "hubble_http_request_duration_seconds_bucket", l, 1);
-                    }
-                }
-                let l = vec![
-                    ("method", h.method.clone()),
-                    ("reporter", reporter.to_string()),
-                ];
-                // The sum is kept in microseconds and rendered in seconds.
-                self.add(
-                    s,
-                    "hubble_http_request_duration_seconds_sum",
-                    l.clone(),
-                    l7.latency_ns / 1000,
-                );
-                self.add(s, "hubble_http_request_duration_seconds_count", l, 1);
-            }
-        }
-        if let Some(d) = &l7.dns {
-            let qtypes = d.qtypes.join(",");
-            let refused = l7.r#type == "REQUEST" && f.verdict == "DROPPED";
-            if l7.r#type == "REQUEST" {
-                let l = vec![
-                    ("ips_returned", "0".to_string()),
-                    ("qtypes", qtypes.clone()),
-                    ("rcode", String::new()),
-                ];
-                self.add(s, "hubble_dns_queries_total", l, 1);
-            }
-            if l7.r#type == "RESPONSE" || refused {
-                let rcode = if refused {
-                    "Refused"
-                } else {
-                    crate::record::rcode_name(d.rcode)
-                };
-                let l = vec![
-                    ("ips_returned", d.ips.len().to_string()),
-                    ("qtypes", qtypes.clone()),
-                    ("rcode", rcode.to_string()),
-                ];
-                self.add(s, "hubble_dns_responses_total", l, 1);
-                for t in &d.rrtypes {
-                    let l = vec![("qtypes", qtypes.clone()), ("type", t.clone())];
-                    self.add(s, "hubble_dns_response_types_total", l, 1);
                 }
             }
         }
@@ -269,12 +326,7 @@ impl Counters {
     /// Counts events lost at `source` (a `flow.LostEventSource` name).
     pub fn lost(&self, source: &str, n: u64) {
         let mut s = self.series.lock().unwrap_or_else(|e| e.into_inner());
-        self.add(
-            &mut s,
-            "hubble_lost_events_total",
-            vec![("source", source.to_string())],
-            n,
-        );
+        s.add("hubble_lost_events_total", &[("source", source)], n);
     }
 
     /// Prometheus text exposition; `extra` lost counts (e.g. the kernel's,
@@ -284,7 +336,7 @@ impl Counters {
             .series
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
+            .sorted();
         for (source, n) in extra_lost {
             *s.entry((
                 "hubble_lost_events_total",
@@ -299,10 +351,15 @@ impl Counters {
                 None => (name, "counter"),
             };
             out.push_str(&format!("# HELP {family} {help}\n# TYPE {family} {kind}\n"));
-            for ((n, labels), v) in &s {
-                if *n != name {
-                    continue;
-                }
+            let rows: Vec<(Vec<(&str, String)>, u64)> = if kind == "histogram" {
+                cumulative_buckets(&s, name)
+            } else {
+                s.iter()
+                    .filter(|((n, _), _)| *n == name)
+                    .map(|((_, l), v)| (l.clone(), *v))
+                    .collect()
+            };
+            for (labels, v) in &rows {
                 let l: Vec<String> = labels
                     .iter()
                     .map(|(k, v)| {
@@ -363,5 +420,37 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }
+    }
+
+    #[test]
+    fn http_duration_buckets_are_cumulative() {
+        let c = Counters::default();
+        for latency_ns in [1_000_000u64, 7_000_000, 3_000_000_000] {
+            c.observe(&flow(&format!(
+                r#"{{"time":"","uuid":"","verdict":"FORWARDED","Type":"L7","event_type":{{"type":129}},"traffic_direction":"INGRESS","l7":{{"type":"RESPONSE","latency_ns":{latency_ns},"http":{{"code":200,"method":"GET","url":"/","protocol":"HTTP/1.1"}}}},"Summary":""}}"#
+            )));
+        }
+        let text = c.render(&[]);
+        let bucket = |le: &str| {
+            format!(
+                r#"hubble_http_request_duration_seconds_bucket{{le="{le}",method="GET",reporter="server"}}"#
+            )
+        };
+        for (le, n) in [("0.005", 1), ("0.01", 2), ("2.5", 2), ("5", 3), ("+Inf", 3)] {
+            let line = format!("{} {n}", bucket(le));
+            assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
+        }
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with(&bucket(""))).count(),
+            0
+        );
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("hubble_http_request_duration_seconds_bucket"))
+                .count(),
+            12
+        );
+        assert!(text.lines().any(|l| l
+            == r#"hubble_http_request_duration_seconds_count{method="GET",reporter="server"} 3"#));
     }
 }

@@ -743,11 +743,12 @@ pub struct L7Record {
     pub protocol: u8,
     /// The policies whose L7 rules decided it, each with its side (true:
     /// the server's ingress policy, false: the client's egress policy).
-    pub decided_by: Vec<(bool, PolicyRef)>,
+    /// Shared: a connection's requests all carry the same attribution.
+    pub decided_by: std::sync::Arc<[(bool, PolicyRef)]>,
 }
 
 /// Turns an L7 proxy record into a flow (Type L7).
-pub fn from_l7(r: &L7Record, uuid: String, node: &str, enricher: &dyn Enricher) -> Flow {
+pub fn from_l7(r: L7Record, uuid: String, node: &str, enricher: &dyn Enricher) -> Flow {
     let (src, dst, src_id, dst_id) = if r.is_reply {
         (r.server, r.client, r.server_identity, r.client_identity)
     } else {
@@ -763,7 +764,7 @@ pub fn from_l7(r: &L7Record, uuid: String, node: &str, enricher: &dyn Enricher) 
     };
     let dropped = r.verdict == "DROPPED";
     let mut attribution: [Vec<PolicyRef>; 4] = Default::default();
-    for (ingress, p) in &r.decided_by {
+    for (ingress, p) in r.decided_by.iter() {
         attribution[match (ingress, dropped) {
             (false, false) => 0,
             (true, false) => 1,
@@ -806,7 +807,7 @@ pub fn from_l7(r: &L7Record, uuid: String, node: &str, enricher: &dyn Enricher) 
         node_name: node.to_string(),
         source_names,
         destination_names,
-        l7: Some(r.l7.clone()),
+        l7: Some(r.l7),
         event_type: EventTypeField {
             r#type: EVENT_TYPE_ACCESS_LOG,
             sub_type: 0,

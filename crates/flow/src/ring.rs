@@ -50,12 +50,16 @@ impl<T> Ring<T> {
         self.first_seq + self.entries.len() as u64
     }
 
-    pub fn push(&mut self, v: T) {
-        if self.entries.len() == self.capacity {
-            self.entries.pop_front();
+    /// Appends `v`; returns the oldest entry when it had to make room.
+    pub fn push(&mut self, v: T) -> Option<T> {
+        let evicted = if self.entries.len() == self.capacity {
             self.first_seq += 1;
-        }
+            self.entries.pop_front()
+        } else {
+            None
+        };
         self.entries.push_back(v);
+        evicted
     }
 
     /// Sequence number of the n-th newest entry (for `--last N`).
@@ -98,9 +102,27 @@ impl<T: Clone> Shared<T> {
     }
 
     pub fn push(&self, v: T) {
-        self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.lock().push(v);
-        self.changed.notify_all();
+        self.push_all(std::iter::once(v));
+    }
+
+    /// Appends a batch under one lock and wakes readers once. Evicted
+    /// entries are dropped after the lock is released (freeing a flow is
+    /// not free, and readers wait on this lock).
+    pub fn push_all(&self, batch: impl IntoIterator<Item = T>) {
+        let mut evicted = Vec::new();
+        let mut n = 0;
+        {
+            let mut ring = self.lock();
+            for v in batch {
+                n += 1;
+                evicted.extend(ring.push(v));
+            }
+        }
+        if n > 0 {
+            self.seen.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            self.changed.notify_all();
+        }
+        drop(evicted);
     }
 
     /// (entries buffered, capacity, entries ever pushed).

@@ -46,15 +46,19 @@ impl Default for Config {
     }
 }
 
-/// Accepts redirected connections until the listener fails.
+/// Accepts redirected connections until the listener fails. Connections
+/// are handed round-robin to `workers` (runtime handles, one per thread);
+/// each connection stays on its worker.
 pub async fn serve(
     listener: std::net::TcpListener,
     policy: Arc<dyn Policy>,
     config: Config,
     stats: Arc<Stats>,
+    workers: Vec<tokio::runtime::Handle>,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let config = Arc::new(config);
+    let mut next = 0;
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -73,16 +77,38 @@ pub async fn serve(
             Stats::inc(&stats.connections_refused);
             continue;
         };
+        let allowed_by = conn
+            .sides
+            .iter()
+            .map(|s| (s.ingress, s.policy.clone()))
+            .collect();
         let state = Arc::new(Conn {
             client,
             dst,
+            allowed_by,
             conn,
             policy: policy.clone(),
             config: config.clone(),
             stats: stats.clone(),
             upstream: tokio::sync::Mutex::new(None),
         });
-        tokio::spawn(state.serve(stream));
+        match workers.get(next % workers.len().max(1)) {
+            Some(worker) => {
+                // The socket moves to the worker's own event loop.
+                let Ok(stream) = stream.into_std() else {
+                    continue;
+                };
+                worker.spawn(async move {
+                    if let Ok(stream) = tokio::net::TcpStream::from_std(stream) {
+                        state.serve(stream).await;
+                    }
+                });
+            }
+            None => {
+                tokio::spawn(state.serve(stream));
+            }
+        }
+        next = next.wrapping_add(1);
     }
 }
 
@@ -95,6 +121,8 @@ enum Upstream {
 struct Conn {
     client: SocketAddrV4,
     dst: SocketAddrV4,
+    /// Attribution of forwarded requests (every side allowed them).
+    allowed_by: Arc<[(bool, flow::record::PolicyRef)]>,
     conn: Connection,
     policy: Arc<dyn Policy>,
     config: Arc<Config>,
@@ -185,7 +213,7 @@ impl Conn {
         is_reply: bool,
         verdict: &'static str,
         l7: flow::record::Layer7,
-        by: Vec<(bool, flow::record::PolicyRef)>,
+        by: Arc<[(bool, flow::record::PolicyRef)]>,
     ) {
         self.policy.record(flow::record::L7Record {
             unix_ns: now_ns(),
@@ -255,7 +283,7 @@ impl Conn {
                             dns: None,
                             http: Some(http),
                         },
-                        vec![(side.ingress, side.policy.clone())],
+                        Arc::new([(side.ingress, side.policy.clone())]),
                     );
                     // Read the refused request's body (up to a limit), so
                     // that the connection stays usable for the next request.
@@ -285,12 +313,6 @@ impl Conn {
                 }
             }
         }
-        let by: Vec<_> = self
-            .conn
-            .sides
-            .iter()
-            .map(|s| (s.ingress, s.policy.clone()))
-            .collect();
         Stats::inc(&self.stats.requests_forwarded);
         self.record(
             false,
@@ -301,7 +323,7 @@ impl Conn {
                 dns: None,
                 http: Some(http.clone()),
             },
-            by.clone(),
+            self.allowed_by.clone(),
         );
 
         http.headers.clear();
@@ -326,7 +348,7 @@ impl Conn {
                 dns: None,
                 http: Some(http),
             },
-            by,
+            self.allowed_by.clone(),
         );
         resp
     }

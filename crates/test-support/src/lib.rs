@@ -9,6 +9,25 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
+/// FNV-1a (64 bit) start value.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a (64 bit), continued from `hash` over `bytes`: checks that a body
+/// crossed a path intact (lab servers report it, tests compare).
+pub fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+    for b in bytes {
+        hash ^= *b as u64;
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+/// Byte `i` of a lab server's `/bytes/N` answer: not periodic in any power
+/// of two, so a reordered, lost or repeated chunk shows.
+pub fn pattern_byte(i: usize) -> u8 {
+    ((i * 7 + i / 251) % 251) as u8
+}
+
 /// A unique, short name for a test resource (netns, veth, pin dir): the
 /// prefix, this process id and a counter, so parallel tests never collide.
 pub fn unique_name(prefix: &str) -> String {
