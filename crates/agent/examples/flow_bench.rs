@@ -18,6 +18,10 @@ use fibril_agent::observer::{Observer, Sources};
 use hubble::server::Backend;
 use test_support::{ipv4_packet, L4, TCP_SYN};
 
+// The agent's allocator, so that the figures are the agent's.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 10);
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 20);
 

@@ -43,14 +43,11 @@ pub struct Config {
     pub fqdn: fqdn::FqdnConfig,
 }
 
-/// What the event enricher needs to know about local endpoints.
+/// What the event enricher needs to know about a local endpoint: the
+/// endpoint as flows show it (with its identity), shared by all its flows.
 #[derive(Clone, Debug)]
 pub struct EndpointMeta {
-    pub id: u32,
-    pub namespace: String,
-    pub pod: String,
-    pub labels: Vec<String>,
-    pub workloads: Vec<flow::Workload>,
+    pub endpoint: Arc<flow::Endpoint>,
 }
 
 /// The local endpoints as the enricher looks them up, rebuilt on each sync.
@@ -220,15 +217,19 @@ impl Agent {
             index.by_ip.insert(
                 ep.ipv4,
                 EndpointMeta {
-                    id: ep.id,
-                    namespace: ep.namespace.clone(),
-                    pod: ep.pod.clone(),
-                    labels: ep.labels.to_strings(),
-                    workloads: state
-                        .pods
-                        .get(&format!("{}/{}", ep.namespace, ep.pod))
-                        .map(|p| p.workloads.clone())
-                        .unwrap_or_default(),
+                    endpoint: Arc::new(flow::Endpoint {
+                        id: ep.id,
+                        identity: ep.identity,
+                        cluster_name: self.config.cluster_name.clone(),
+                        namespace: ep.namespace.clone(),
+                        labels: ep.labels.to_strings(),
+                        pod_name: ep.pod.clone(),
+                        workloads: state
+                            .pods
+                            .get(&format!("{}/{}", ep.namespace, ep.pod))
+                            .map(|p| p.workloads.clone())
+                            .unwrap_or_default(),
+                    }),
                 },
             );
         }

@@ -69,26 +69,23 @@ impl Enricher for Sources {
         index.ifname_by_index.get(&ifindex).cloned()
     }
 
-    fn endpoint(&self, ip: Ipv4Addr, identity: u32) -> (Endpoint, Vec<String>) {
+    fn endpoint(&self, ip: Ipv4Addr, identity: u32) -> (Arc<Endpoint>, Vec<String>) {
         let index = self.index.read().unwrap_or_else(|e| e.into_inner());
         let names = index.names_by_ip.get(&ip).cloned().unwrap_or_default();
         let endpoint = match index.by_ip.get(&ip) {
-            Some(m) => Endpoint {
-                id: m.id,
+            Some(m) if m.endpoint.identity == identity => m.endpoint.clone(),
+            // An event from before the endpoint's identity changed.
+            Some(m) => Arc::new(Endpoint {
                 identity,
-                cluster_name: self.cluster.to_string(),
-                namespace: m.namespace.clone(),
-                labels: m.labels.clone(),
-                pod_name: m.pod.clone(),
-                workloads: m.workloads.clone(),
-            },
-            None => Endpoint {
+                ..(*m.endpoint).clone()
+            }),
+            None => Arc::new(Endpoint {
                 identity,
                 labels: policy::identity::reserved_name(identity)
                     .map(|n| vec![format!("reserved:{n}")])
                     .unwrap_or_default(),
                 ..Default::default()
-            },
+            }),
         };
         (endpoint, names)
     }

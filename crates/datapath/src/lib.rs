@@ -511,6 +511,14 @@ fn loader(config: &Config) -> EbpfLoader<'_> {
 }
 
 fn classifier<'a>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, Error> {
+    program(bpf, name)
+}
+
+/// A program of `bpf` by name, as its type (`SchedClassifier`, `SockOps`...).
+fn program<'a, P>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, Error>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     let prog = bpf.program_mut(name).ok_or(Error::Program {
         program: name,
         source: aya::programs::ProgramError::NotLoaded,

@@ -10,7 +10,7 @@ use aya::maps::{MapData, PerCpuArray, SockHash};
 use aya::programs::{CgroupAttachMode, SkMsg, SockOps};
 use aya::Ebpf;
 
-use crate::{map_err, pinned_loader, prog_err, Config, Error};
+use crate::{map_err, pinned_loader, prog_err, program, Config, Error};
 
 /// The compiled `bpf/sockops.bpf.c`, embedded at build time.
 static SOCKOPS_OBJECT: &[u8] =
@@ -56,14 +56,7 @@ impl ProxyShortcut {
             let sockets: SockHash<MapData, SockKey> =
                 SockHash::try_from(bpf.take_map(map).ok_or(Error::MissingMap(map))?)
                     .map_err(map_err(map))?;
-            let p: &mut SkMsg = bpf
-                .program_mut(prog)
-                .ok_or(Error::Program {
-                    program: prog,
-                    source: aya::programs::ProgramError::NotLoaded,
-                })?
-                .try_into()
-                .map_err(prog_err(prog))?;
+            let p: &mut SkMsg = program(&mut bpf, prog)?;
             p.load().map_err(prog_err(prog))?;
             p.attach(sockets.fd()).map_err(prog_err(prog))?;
             socket_maps.push(sockets);
@@ -72,14 +65,7 @@ impl ProxyShortcut {
             path: cgroup.into(),
             source,
         })?;
-        let p: &mut SockOps = bpf
-            .program_mut(PROG_SOCKOPS)
-            .ok_or(Error::Program {
-                program: PROG_SOCKOPS,
-                source: aya::programs::ProgramError::NotLoaded,
-            })?
-            .try_into()
-            .map_err(prog_err(PROG_SOCKOPS))?;
+        let p: &mut SockOps = program(&mut bpf, PROG_SOCKOPS)?;
         p.load().map_err(prog_err(PROG_SOCKOPS))?;
         // A link (the kernel has them since 5.7): cgroup links always allow
         // several programs side by side (a restarting agent's successor,

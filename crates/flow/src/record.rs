@@ -195,10 +195,11 @@ pub struct Flow {
     pub ip: Option<Ip>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub l4: Option<Layer4>,
+    /// Shared: every flow of an endpoint points at one copy.
     #[serde(default)]
-    pub source: Endpoint,
+    pub source: std::sync::Arc<Endpoint>,
     #[serde(default)]
-    pub destination: Endpoint,
+    pub destination: std::sync::Arc<Endpoint>,
     #[serde(rename = "Type")]
     pub r#type: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -408,7 +409,7 @@ pub trait Enricher {
     /// The endpoint owning `ip` (or a bare endpoint with the identity) and
     /// the DNS names `ip` was learned for (toFQDNs): one lookup per end of a
     /// flow, as this runs for every flow.
-    fn endpoint(&self, ip: Ipv4Addr, identity: u32) -> (Endpoint, Vec<String>);
+    fn endpoint(&self, ip: Ipv4Addr, identity: u32) -> (std::sync::Arc<Endpoint>, Vec<String>);
     /// The policy (and rule) a datapath cookie stands for.
     fn policy(&self, _cookie: u32) -> Option<PolicyRef> {
         None

@@ -402,8 +402,8 @@ pub fn from_pb(p: &pb::Flow) -> flow::Flow {
             ),
         }),
         l4,
-        source: endpoint_back(p.source.as_ref()),
-        destination: endpoint_back(p.destination.as_ref()),
+        source: endpoint_back(p.source.as_ref()).into(),
+        destination: endpoint_back(p.destination.as_ref()).into(),
         r#type: name_of(
             p.r#type,
             |v| pb::FlowType::try_from(v).ok(),
