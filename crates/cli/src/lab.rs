@@ -203,8 +203,13 @@ fn state_path(lab: &str) -> PathBuf {
     lab_dir(lab).join("lab.json")
 }
 
+/// Writes the lab's state atomically (a temporary file renamed over it):
+/// `lab exec` and the like read it while `lab restart-agent` writes it.
 fn save(st: &LabState) -> anyhow::Result<()> {
-    std::fs::write(state_path(&st.name), serde_json::to_vec_pretty(st)?)?;
+    let path = state_path(&st.name);
+    let tmp = path.with_extension(format!("json.{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(st)?)?;
+    std::fs::rename(&tmp, &path)?;
     Ok(())
 }
 
