@@ -194,12 +194,15 @@ impl Agent {
     /// is a local pod: the datapath redirects from the pods' side), the
     /// server's identity, and whether the server is a pod on this node.
     pub fn l7_peers(&self, client: Ipv4Addr, server: Ipv4Addr) -> Option<(u32, u32, bool)> {
-        let s = self.lock_state();
-        let find = |ip: Ipv4Addr| s.endpoints.values().find(|e| e.ipv4 == ip);
-        let client = find(client)?.identity;
-        match find(server) {
-            Some(e) => Some((client, e.identity, true)),
-            None => Some((client, s.cidr_identity_of(server), false)),
+        // The enrichment index: by address, rebuilt with the maps at sync.
+        let (client, server_pod) = {
+            let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+            let identity = |ip| index.by_ip.get(&ip).map(|m| m.endpoint.identity);
+            (identity(client)?, identity(server))
+        };
+        match server_pod {
+            Some(id) => Some((client, id, true)),
+            None => Some((client, self.lock_state().cidr_identity_of(server), false)),
         }
     }
 

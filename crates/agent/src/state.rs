@@ -145,15 +145,19 @@ impl State {
                 .map(|ip| IpNet::V4(ipnet::Ipv4Net::from(ip))),
         );
         self.cidr_identities.retain(|p, _| wanted.contains(p));
+        let mut used: std::collections::BTreeSet<u32> =
+            self.cidr_identities.values().copied().collect();
+        // Numbers are handed out lowest free first; `next` only moves up.
+        let mut next = policy::cidr::FIRST_LOCAL;
         for p in wanted {
             if self.cidr_identities.contains_key(&p) {
                 continue;
             }
-            let used: std::collections::BTreeSet<u32> =
-                self.cidr_identities.values().copied().collect();
-            let id = (policy::cidr::FIRST_LOCAL..=policy::cidr::LAST_LOCAL)
+            let id = (next..=policy::cidr::LAST_LOCAL)
                 .find(|id| !used.contains(id))
                 .ok_or("no CIDR identity left")?;
+            used.insert(id);
+            next = id + 1;
             self.cidr_identities.insert(p, id);
         }
         Ok(())
