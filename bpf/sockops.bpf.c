@@ -124,21 +124,21 @@ int fibril_sockops(struct bpf_sock_ops *ops)
 	__u32 daddr = active ? key.remote_ip : key.local_ip;
 	__u16 sport = active ? key.local_port : key.remote_port;
 	__u16 dport = active ? key.remote_port : key.local_port;
-	void *map;
+	int proxy_side;
 
 	/* pod -> proxy: the client (opener) is a pod, the accepting end the proxy. */
 	__u8 redirected = ct_flags(saddr, daddr, sport, dport, DIR_EGRESS);
-	/* proxy -> pod: the upstream (opener) is the proxy, the accepting end the server. */
-	__u8 from_proxy = ct_flags(saddr, daddr, sport, dport, DIR_INGRESS);
 	if ((redirected & CT_F_PROXY_REDIRECT) && !(redirected & CT_F_DNS))
-		map = active ? (void *)&fibril_pod_socks : (void *)&fibril_proxy_socks;
-	else if (from_proxy & CT_F_FROM_PROXY)
-		map = active ? (void *)&fibril_proxy_socks : (void *)&fibril_pod_socks;
+		proxy_side = !active;
+	/* proxy -> pod: the upstream (opener) is the proxy, the accepting end the server. */
+	else if (ct_flags(saddr, daddr, sport, dport, DIR_INGRESS) & CT_F_FROM_PROXY)
+		proxy_side = active;
 	else
 		return 1;
+	void *map = proxy_side ? (void *)&fibril_proxy_socks : (void *)&fibril_pod_socks;
 
 	/* A new connection with a recycled 4-tuple starts accelerated. */
-	struct plain_key plain = { .sock = key, .side = map == (void *)&fibril_proxy_socks };
+	struct plain_key plain = { .sock = key, .side = proxy_side };
 	bpf_map_delete_elem(&fibril_sock_plain, &plain);
 	if (bpf_sock_hash_update(ops, map, &key, BPF_ANY) == 0)
 		count(SOCKMAP_STAT_SOCKETS);

@@ -128,11 +128,6 @@ impl Observer {
         &self.node
     }
 
-    pub fn push(&self, f: Flow) {
-        self.metrics.observe(&f);
-        self.flows.push(Arc::new(f));
-    }
-
     /// Counts and stores a batch (one lock and one reader wake-up).
     fn push_batch(&self, batch: &mut Vec<Arc<Flow>>) {
         for f in batch.iter() {

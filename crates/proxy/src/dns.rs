@@ -5,7 +5,7 @@
 //! rest go to the resolver, and the answer's addresses are learned (and
 //! turned into policy) before the answer is released to the pod.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -207,17 +207,7 @@ pub async fn serve_tcp(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     loop {
-        let (mut stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "dns proxy accept");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        };
-        let (SocketAddr::V4(client), Ok(SocketAddr::V4(dst))) = (peer, stream.local_addr()) else {
-            continue;
-        };
+        let (mut stream, client, dst) = crate::socket::accept(&listener).await;
         let (policy, stats) = (policy.clone(), stats.clone());
         tokio::spawn(async move {
             loop {

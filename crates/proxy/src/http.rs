@@ -3,7 +3,7 @@
 //! connection per client connection, in the client's protocol.
 
 use std::convert::Infallible;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddrV4;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -47,8 +47,8 @@ impl Default for Config {
 }
 
 /// Accepts redirected connections until the listener fails. Connections
-/// are handed round-robin to `workers` (runtime handles, one per thread);
-/// each connection stays on its worker.
+/// are handed round-robin to `workers` (runtime handles, one per thread;
+/// none: this runtime); each connection stays on its worker.
 pub async fn serve(
     listener: std::net::TcpListener,
     policy: Arc<dyn Policy>,
@@ -58,20 +58,14 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let config = Arc::new(config);
+    let workers = if workers.is_empty() {
+        vec![tokio::runtime::Handle::current()]
+    } else {
+        workers
+    };
     let mut next = 0;
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                // Out of file descriptors and the like: back off, go on.
-                tracing::warn!(error = %e, "proxy accept");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        };
-        let (SocketAddr::V4(client), Ok(SocketAddr::V4(dst))) = (peer, stream.local_addr()) else {
-            continue;
-        };
+        let (stream, client, dst) = crate::socket::accept(&listener).await;
         Stats::inc(&stats.connections);
         let Some(conn) = policy.connection(client, dst) else {
             Stats::inc(&stats.connections_refused);
@@ -85,6 +79,7 @@ pub async fn serve(
         let state = Arc::new(Conn {
             client,
             dst,
+            ingress: conn.sides.iter().any(|s| s.ingress) || conn.sides.is_empty(),
             allowed_by,
             conn,
             policy: policy.clone(),
@@ -92,22 +87,15 @@ pub async fn serve(
             stats: stats.clone(),
             upstream: tokio::sync::Mutex::new(None),
         });
-        match workers.get(next % workers.len().max(1)) {
-            Some(worker) => {
-                // The socket moves to the worker's own event loop.
-                let Ok(stream) = stream.into_std() else {
-                    continue;
-                };
-                worker.spawn(async move {
-                    if let Ok(stream) = tokio::net::TcpStream::from_std(stream) {
-                        state.serve(stream).await;
-                    }
-                });
+        // The socket moves to its worker's own event loop.
+        let Ok(stream) = stream.into_std() else {
+            continue;
+        };
+        workers[next % workers.len()].spawn(async move {
+            if let Ok(stream) = tokio::net::TcpStream::from_std(stream) {
+                state.serve(stream).await;
             }
-            None => {
-                tokio::spawn(state.serve(stream));
-            }
-        }
+        });
         next = next.wrapping_add(1);
     }
 }
@@ -121,6 +109,9 @@ enum Upstream {
 struct Conn {
     client: SocketAddrV4,
     dst: SocketAddrV4,
+    /// The flows' direction: INGRESS when the server's policy redirected
+    /// the connection (or none restricts it any more), else EGRESS.
+    ingress: bool,
     /// Attribution of forwarded requests (every side allowed them).
     allowed_by: Arc<[(bool, flow::record::PolicyRef)]>,
     conn: Connection,
@@ -208,11 +199,13 @@ impl Conn {
         }
     }
 
+    /// Reports a request (`is_reply` false) or its response.
     fn record(
         &self,
         is_reply: bool,
         verdict: &'static str,
-        l7: flow::record::Layer7,
+        http: flow::record::Http,
+        latency_ns: u64,
         by: Arc<[(bool, flow::record::PolicyRef)]>,
     ) {
         self.policy.record(flow::record::L7Record {
@@ -223,8 +216,13 @@ impl Conn {
             server_identity: self.conn.server_identity,
             is_reply,
             verdict,
-            ingress: self.conn.sides.iter().any(|s| s.ingress) || self.conn.sides.is_empty(),
-            l7,
+            ingress: self.ingress,
+            l7: flow::record::Layer7 {
+                r#type: if is_reply { "RESPONSE" } else { "REQUEST" }.into(),
+                latency_ns,
+                dns: None,
+                http: Some(http),
+            },
             decided_by: by,
             protocol: 6,
         });
@@ -277,12 +275,8 @@ impl Conn {
                     self.record(
                         false,
                         "DROPPED",
-                        flow::record::Layer7 {
-                            r#type: "REQUEST".into(),
-                            latency_ns: 0,
-                            dns: None,
-                            http: Some(http),
-                        },
+                        http,
+                        0,
                         Arc::new([(side.ingress, side.policy.clone())]),
                     );
                     // Read the refused request's body (up to a limit), so
@@ -314,17 +308,7 @@ impl Conn {
             }
         }
         Stats::inc(&self.stats.requests_forwarded);
-        self.record(
-            false,
-            "FORWARDED",
-            flow::record::Layer7 {
-                r#type: "REQUEST".into(),
-                latency_ns: 0,
-                dns: None,
-                http: Some(http.clone()),
-            },
-            self.allowed_by.clone(),
-        );
+        self.record(false, "FORWARDED", http.clone(), 0, self.allowed_by.clone());
 
         http.headers.clear();
         let resp = match self.forward(req).await {
@@ -339,17 +323,8 @@ impl Conn {
             }
         };
         http.code = resp.status().as_u16() as u32;
-        self.record(
-            true,
-            "FORWARDED",
-            flow::record::Layer7 {
-                r#type: "RESPONSE".into(),
-                latency_ns: started.elapsed().as_nanos().max(1) as u64,
-                dns: None,
-                http: Some(http),
-            },
-            self.allowed_by.clone(),
-        );
+        let latency_ns = started.elapsed().as_nanos().max(1) as u64;
+        self.record(true, "FORWARDED", http, latency_ns, self.allowed_by.clone());
         resp
     }
 

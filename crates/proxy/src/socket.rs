@@ -50,3 +50,27 @@ pub async fn connect(
     let socket = tokio::net::TcpSocket::from_std_stream(s.into());
     socket.connect(dst.into()).await
 }
+
+/// Accepts the next connection the datapath assigned to `listener`: the
+/// stream, its client and its original destination (the proxy's local
+/// address). Accept errors (out of file descriptors and the like) back off
+/// and go on; non-IPv4 connections are skipped.
+pub async fn accept(
+    listener: &tokio::net::TcpListener,
+) -> (tokio::net::TcpStream, SocketAddrV4, SocketAddrV4) {
+    use std::net::SocketAddr;
+    loop {
+        match listener.accept().await {
+            Ok((stream, SocketAddr::V4(client))) => {
+                if let Ok(SocketAddr::V4(dst)) = stream.local_addr() {
+                    return (stream, client, dst);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "proxy accept");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
