@@ -135,6 +135,90 @@ fn run(
     }
 }
 
+/// Process CPU time (user + system) so far, from /proc/self/stat.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command's closing parenthesis; utime and stime are
+    // the 12th and 13th of them, in clock ticks (100 per second here).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    Duration::from_millis(f.iter().sum::<u64>() * 10)
+}
+
+/// What the HTTP proxy reports per request and per response: `pairs`
+/// of each, queued as the proxy does, in chunks the queue holds. Returns
+/// (elapsed, flows delivered, process CPU time).
+fn run_l7(p: &Pipeline, pairs: u64) -> (Duration, u64, Duration) {
+    let by: Arc<[(bool, flow::record::PolicyRef)]> = Arc::new([(
+        true,
+        fibril_agent::observer::policy_ref(&policy::Origin {
+            policy: "bench/allow-get".into(),
+            kind: "CiliumNetworkPolicy".into(),
+            rule: 0,
+            direction: policy::compute::Direction::Ingress,
+            entry: 0,
+        }),
+    )]);
+    let record = |i: u64, is_reply: bool| flow::record::L7Record {
+        unix_ns: 1_768_471_200_000_000_000 + i * 1000,
+        client: std::net::SocketAddrV4::new(CLIENT, 40000 + (i % 20000) as u16),
+        server: std::net::SocketAddrV4::new(SERVER, 8080),
+        client_identity: 300,
+        server_identity: 301,
+        is_reply,
+        verdict: "FORWARDED",
+        ingress: true,
+        l7: flow::record::Layer7 {
+            r#type: if is_reply { "RESPONSE" } else { "REQUEST" }.into(),
+            latency_ns: if is_reply { 150_000 } else { 0 },
+            dns: None,
+            http: Some(flow::record::Http {
+                code: if is_reply { 200 } else { 0 },
+                method: "GET".into(),
+                url: "http://10.88.0.20:8080/api/items".into(),
+                protocol: "HTTP/1.1".into(),
+                headers: if is_reply {
+                    vec![]
+                } else {
+                    vec![flow::record::HttpHeader {
+                        key: "User-Agent".into(),
+                        value: "bench".into(),
+                    }]
+                },
+            }),
+        },
+        protocol: 6,
+        decided_by: by.clone(),
+    };
+    let (_, seen0) = p.observer.counts();
+    let (start, cpu0) = (Instant::now(), cpu_time());
+    let chunk = 20_000;
+    let mut queued = 0;
+    while queued < pairs {
+        let n = chunk.min(pairs - queued);
+        for i in queued..queued + n {
+            p.observer.queue_l7(record(i, false));
+            p.observer.queue_l7(record(i, true));
+        }
+        queued += n;
+        // Stay under the queue's bound: wait for the events thread.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while p.observer.counts().1 - seen0 < 2 * queued && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    (
+        start.elapsed(),
+        p.observer.counts().1 - seen0,
+        cpu_time() - cpu0,
+    )
+}
+
 struct ObserverBackend(Arc<Observer>);
 
 impl Backend for ObserverBackend {
@@ -222,6 +306,16 @@ fn main() -> anyhow::Result<()> {
         "unpaced (kernel's full rate), no subscriber",
         2_000_000,
         run(&p, &mut progs, &packet, 2_000_000, 0),
+    );
+
+    let (t, delivered, cpu) = run_l7(&p, 500_000);
+    println!(
+        "{:<44} {:>10} {delivered:>10} {:>8} {:>12.0}   ({:.2} us CPU per flow)",
+        "L7 proxy records (HTTP request + response)",
+        1_000_000,
+        1_000_000 - delivered,
+        delivered as f64 / t.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / delivered.max(1) as f64
     );
 
     let stop = Arc::new(AtomicBool::new(false));

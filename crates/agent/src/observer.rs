@@ -155,7 +155,7 @@ impl Observer {
         let batch = std::mem::take(&mut *self.l7_pending.lock().unwrap_or_else(|e| e.into_inner()));
         for r in batch {
             let n = self.uuid_counter.fetch_add(1, Ordering::Relaxed);
-            let uuid = format!("{:08x}-0000-4000-8007-{:012x}", r.unix_ns as u32, n);
+            let uuid = flow::text::flow_uuid(r.unix_ns as u32, 7, n);
             out.push(Arc::new(flow::record::from_l7(
                 r, uuid, &self.node, sources,
             )));
@@ -197,7 +197,7 @@ impl Observer {
         while !stop.load(Ordering::Relaxed) {
             reader.poll(Duration::from_millis(20), |e| {
                 let n = self.uuid_counter.fetch_add(1, Ordering::Relaxed);
-                let uuid = format!("{:08x}-0000-4000-8000-{:012x}", offset as u32, n);
+                let uuid = flow::text::flow_uuid(offset as u32, 0, n);
                 let f = from_event(&e, e.ts_ns + offset, uuid, &self.node, &sources);
                 batch.push(Arc::new(f));
                 // Readers see flows in batches of bounded size.

@@ -7,6 +7,7 @@ pub mod format;
 pub mod metrics;
 pub mod record;
 pub mod ring;
+pub mod text;
 
 pub use record::{Endpoint, Flow, Workload};
 pub use ring::Ring;

@@ -117,7 +117,7 @@ impl TcpFlags {
 
     /// `SYN, ACK` in Hubble's order.
     pub fn summary(&self) -> String {
-        let mut v = Vec::new();
+        let mut s = String::with_capacity(24);
         for (set, name) in [
             (self.syn, "SYN"),
             (self.ack, "ACK"),
@@ -127,10 +127,13 @@ impl TcpFlags {
             (self.urg, "URG"),
         ] {
             if set {
-                v.push(name);
+                if !s.is_empty() {
+                    s.push_str(", ");
+                }
+                s.push_str(name);
             }
         }
-        v.join(", ")
+        s
     }
 }
 
@@ -342,17 +345,29 @@ impl Http {
     /// The Summary Hubble prints for a request (`HTTP/1.1 GET http://...`)
     /// or, given the latency, a response (`HTTP/1.1 200 2ms (GET http://...)`).
     pub fn summary(&self, response_latency_ns: Option<u64>) -> String {
+        // `format!` would cost as much as the rest of the flow.
+        let mut s =
+            String::with_capacity(self.protocol.len() + self.method.len() + self.url.len() + 24);
+        s.push_str(&self.protocol);
+        s.push(' ');
         match response_latency_ns {
-            None => format!("{} {} {}", self.protocol, self.method, self.url),
-            Some(ns) => format!(
-                "{} {} {}ms ({} {})",
-                self.protocol,
-                self.code,
-                ns / 1_000_000,
-                self.method,
-                self.url
-            ),
+            None => {
+                s.push_str(&self.method);
+                s.push(' ');
+                s.push_str(&self.url);
+            }
+            Some(ns) => {
+                crate::text::push_dec(&mut s, self.code.into(), 1);
+                s.push(' ');
+                crate::text::push_dec(&mut s, ns / 1_000_000, 1);
+                s.push_str("ms (");
+                s.push_str(&self.method);
+                s.push(' ');
+                s.push_str(&self.url);
+                s.push(')');
+            }
         }
+        s
     }
 }
 
@@ -458,13 +473,6 @@ pub fn drop_reason_text(name: &str) -> &'static str {
     }
 }
 
-fn mac(m: &[u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 /// Days since 1970-01-01 -> (year, month, day) (proleptic Gregorian).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
@@ -484,13 +492,22 @@ pub fn rfc3339(unix_ns: u64) -> String {
     let secs = (unix_ns / 1_000_000_000) as i64;
     let nanos = unix_ns % 1_000_000_000;
     let (y, mo, d) = civil_from_days(secs.div_euclid(86_400));
-    let rem = secs.rem_euclid(86_400);
-    format!(
-        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
+    let rem = secs.rem_euclid(86_400) as u64;
+    let mut s = String::with_capacity(30);
+    for (sep, v, width) in [
+        ("", y.max(0) as u64, 4),
+        ("-", mo.into(), 2),
+        ("-", d.into(), 2),
+        ("T", rem / 3600, 2),
+        (":", (rem / 60) % 60, 2),
+        (":", rem % 60, 2),
+        (".", nanos, 9),
+    ] {
+        s.push_str(sep);
+        crate::text::push_dec(&mut s, v, width);
+    }
+    s.push('Z');
+    s
 }
 
 /// Parses the RFC 3339 UTC times this crate writes (`...T..:..:..[.n]Z`)
@@ -552,7 +569,7 @@ pub fn from_event(
     let (l4, summary) = match e.protocol {
         6 => {
             let flags = TcpFlags::from_bits(e.tcp_flags);
-            let summary = format!("TCP Flags: {}", flags.summary());
+            let summary = ["TCP Flags: ", &flags.summary()].concat();
             (
                 Layer4 {
                     tcp: Some(Tcp {
@@ -678,12 +695,12 @@ pub fn from_event(
         verdict: verdict_name,
         drop_reason: if is_drop { e.subtype as u32 } else { 0 },
         ethernet: Some(Ethernet {
-            source: mac(&e.smac),
-            destination: mac(&e.dmac),
+            source: crate::text::mac(&e.smac),
+            destination: crate::text::mac(&e.dmac),
         }),
         ip: has_ip.then(|| Ip {
-            source: src.to_string(),
-            destination: dst.to_string(),
+            source: crate::text::ipv4(src),
+            destination: crate::text::ipv4(dst),
             ip_version: "IPv4".into(),
         }),
         l4: has_ip.then_some(l4),
@@ -780,8 +797,8 @@ pub fn from_l7(r: L7Record, uuid: String, node: &str, enricher: &dyn Enricher) -
         uuid,
         verdict: r.verdict.to_string(),
         ip: Some(Ip {
-            source: src.ip().to_string(),
-            destination: dst.ip().to_string(),
+            source: crate::text::ipv4(*src.ip()),
+            destination: crate::text::ipv4(*dst.ip()),
             ip_version: "IPv4".into(),
         }),
         l4: Some(if r.protocol == 17 {
