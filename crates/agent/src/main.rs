@@ -100,8 +100,16 @@ fn bind_proxy(args: &Args) -> anyhow::Result<std::net::TcpListener> {
         .with_context(|| format!("binding the L7 proxy on 127.0.0.1:{}", args.proxy_port))
 }
 
-/// HTTP proxy threads.
-const PROXY_WORKERS: usize = 2;
+/// Pins a proxy thread to its CPU. If that is refused, the thread runs
+/// unpinned: its connections still come to it, only less often from its
+/// own CPU.
+fn pin_proxy_thread(cpu: Option<usize>) {
+    if let Some(cpu) = cpu {
+        if let Err(e) = proxy::workers::pin_current_thread(cpu) {
+            tracing::warn!(cpu, error = %e, "could not pin an HTTP proxy thread");
+        }
+    }
+}
 
 /// Runs the L7 proxy on a tokio runtime of its own.
 fn start_proxy(
@@ -165,23 +173,39 @@ fn start_proxy(
             }
         });
     }
-    // HTTP connections are spread over worker threads, each an event loop
-    // of its own (a current-thread runtime: no work stealing between them).
-    let mut workers = vec![rt.handle().clone()];
-    for i in 1..PROXY_WORKERS {
+    // HTTP connections are served by one thread per CPU, each pinned to
+    // its CPU and an event loop of its own (a current-thread runtime: no
+    // work stealing); the acceptor's thread is the first of them.
+    let cpus = proxy::workers::allowed_cpus();
+    let cpu_of = |i: usize| cpus.get(i).copied();
+    let mut workers = vec![proxy::workers::Worker {
+        cpu: cpu_of(0),
+        handle: rt.handle().clone(),
+    }];
+    for i in 1..cpus.len() {
         let worker = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        workers.push(worker.handle().clone());
+        workers.push(proxy::workers::Worker {
+            cpu: cpu_of(i),
+            handle: worker.handle().clone(),
+        });
+        let cpu = cpu_of(i);
         std::thread::Builder::new()
             .name(format!("proxy-{i}"))
-            .spawn(move || worker.block_on(std::future::pending::<()>()))?;
+            .spawn(move || {
+                pin_proxy_thread(cpu);
+                worker.block_on(std::future::pending::<()>())
+            })?;
     }
+    tracing::info!(cpus = ?cpus, "HTTP proxy: one thread per CPU");
     let s = stats.clone();
+    let first_cpu = cpu_of(0);
     std::thread::Builder::new()
         .name("proxy".into())
         .spawn(move || {
             let _guard = rt.enter();
+            pin_proxy_thread(first_cpu);
             if let Err(e) = rt.block_on(proxy::http::serve(listener, policy, config, s, workers)) {
                 tracing::error!(error = %e, "L7 proxy stopped");
             }

@@ -46,24 +46,26 @@ impl Default for Config {
     }
 }
 
-/// Accepts redirected connections until the listener fails. Connections
-/// are handed round-robin to `workers` (runtime handles, one per thread;
-/// none: this runtime); each connection stays on its worker.
+/// Accepts redirected connections until the listener fails. Each
+/// connection goes to the worker pinned to the CPU it arrived on (else
+/// round-robin; no workers: this runtime) and stays there.
 pub async fn serve(
     listener: std::net::TcpListener,
     policy: Arc<dyn Policy>,
     config: Config,
     stats: Arc<Stats>,
-    workers: Vec<tokio::runtime::Handle>,
+    workers: Vec<crate::workers::Worker>,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let config = Arc::new(config);
-    let workers = if workers.is_empty() {
-        vec![tokio::runtime::Handle::current()]
+    let mut router = crate::workers::Router::new(if workers.is_empty() {
+        vec![crate::workers::Worker {
+            cpu: None,
+            handle: tokio::runtime::Handle::current(),
+        }]
     } else {
         workers
-    };
-    let mut next = 0;
+    });
     loop {
         let (stream, client, dst) = crate::socket::accept(&listener).await;
         Stats::inc(&stats.connections);
@@ -91,12 +93,12 @@ pub async fn serve(
         let Ok(stream) = stream.into_std() else {
             continue;
         };
-        workers[next % workers.len()].spawn(async move {
+        let worker = router.pick(crate::workers::incoming_cpu(&stream));
+        worker.handle.spawn(async move {
             if let Ok(stream) = tokio::net::TcpStream::from_std(stream) {
                 state.serve(stream).await;
             }
         });
-        next = next.wrapping_add(1);
     }
 }
 

@@ -10,6 +10,7 @@ pub mod dns;
 pub mod http;
 pub mod rules;
 pub mod socket;
+pub mod workers;
 
 use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicU64, Ordering};
