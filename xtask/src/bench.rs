@@ -363,11 +363,12 @@ policies:
         "\nfibril L7 proxy benchmark (HTTP/1.1 keep-alive GET, {rounds} rounds x {seconds}s, medians; direct = the same server allowed at L4, same run)"
     );
     println!(
-        "{:<6} {:>12} {:>12} {:>7} {:>10} {:>10} {:>10} {:>10}",
+        "{:<6} {:>12} {:>12} {:>7} {:>12} {:>10} {:>10} {:>10} {:>10}",
         "conns",
         "direct rq/s",
         "proxied rq/s",
         "ratio",
+        "round ratios",
         "p50 direct",
         "p50 proxy",
         "p99 direct",
@@ -384,9 +385,16 @@ policies:
         };
         let (d_rps, d50, d99) = (med(&d, |x| x.0), med(&d, |x| x.1), med(&d, |x| x.2));
         let (p_rps, p50, p99) = (med(&p, |x| x.0), med(&p, |x| x.1), med(&p, |x| x.2));
+        // Each round's own ratio: the direct figure moves between two
+        // modes here (whether client and server threads share a CPU).
+        let ratios: Vec<f64> = d.iter().zip(&p).map(|(d, p)| p.0 / d.0).collect();
+        let (lo, hi) = ratios
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
         println!(
-            "{connections:<6} {d_rps:>12.0} {p_rps:>12.0} {:>7.3} {d50:>8.0}us {p50:>8.0}us {d99:>8.0}us {p99:>8.0}us",
-            p_rps / d_rps
+            "{connections:<6} {d_rps:>12.0} {p_rps:>12.0} {:>7.3} {:>12} {d50:>8.0}us {p50:>8.0}us {d99:>8.0}us {p99:>8.0}us",
+            p_rps / d_rps,
+            format!("{lo:.2}-{hi:.2}")
         );
     }
 
