@@ -39,6 +39,45 @@ pub struct Learned {
     pub refused: usize,
 }
 
+/// When an answer with `ttl` seen at `now` expires.
+fn expiry(now: u64, ttl: u32, cfg: FqdnConfig) -> u64 {
+    now + (ttl as u64).max(cfg.min_ttl_s)
+}
+
+/// Extends the expiry of `answers` if `client`'s endpoint holds every one
+/// of them for `name` already; false (nothing changed) otherwise.
+fn refresh(
+    s: &mut crate::state::State,
+    client: Ipv4Addr,
+    name: &str,
+    answers: &[(Ipv4Addr, u32)],
+    now: u64,
+    cfg: FqdnConfig,
+) -> bool {
+    let Some(endpoint) = s
+        .endpoints
+        .values()
+        .find(|e| e.ipv4 == client)
+        .map(|e| e.id)
+    else {
+        return false;
+    };
+    let Some(entry) = s.fqdn.get_mut(name) else {
+        return false;
+    };
+    if !entry.endpoints.contains(&endpoint)
+        || !answers.iter().all(|(ip, _)| entry.ips.contains_key(ip))
+    {
+        return false;
+    }
+    for (ip, ttl) in answers {
+        if let Some(e) = entry.ips.get_mut(ip) {
+            *e = (*e).max(expiry(now, *ttl, cfg));
+        }
+    }
+    true
+}
+
 pub(crate) fn now_s() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -60,6 +99,9 @@ impl Agent {
         let cfg = self.config.fqdn;
         let now = now_s();
         let mut s = self.lock_state();
+        if refresh(&mut s, client, &name, answers, now, cfg) {
+            return Ok(Learned::default());
+        }
         let endpoint = s
             .endpoints
             .values()
@@ -76,7 +118,7 @@ impl Agent {
         let entry = s.fqdn.entry(name.clone()).or_default();
         entry.endpoints.insert(endpoint);
         for (ip, ttl) in answers {
-            let expires = now + (*ttl as u64).max(cfg.min_ttl_s);
+            let expires = expiry(now, *ttl, cfg);
             match entry.ips.get_mut(ip) {
                 Some(e) => *e = (*e).max(expires),
                 None if held >= cfg.max_ips_per_endpoint => out.refused += 1,
@@ -102,6 +144,20 @@ impl Agent {
             self.commit(&mut s)?;
         }
         Ok(out)
+    }
+
+    /// The common case of `fqdn_learned`, cheap enough for the DNS proxy's
+    /// own thread: every address of the answer is already learned for
+    /// `name` by `client`'s endpoint, so only their expiry moves (in
+    /// memory; the maps do not change). Returns false, having changed
+    /// nothing, when there is more to do (or the agent's state is busy):
+    /// then `fqdn_learned` must run.
+    pub fn fqdn_refresh(&self, client: Ipv4Addr, name: &str, answers: &[(Ipv4Addr, u32)]) -> bool {
+        let Ok(mut s) = self.state.try_lock() else {
+            return false;
+        };
+        let name = policy::model::fqdn(name);
+        refresh(&mut s, client, &name, answers, now_s(), self.config.fqdn)
     }
 
     /// Drops addresses past their expiry and grace period whose connections
@@ -133,5 +189,89 @@ impl Agent {
             .iter()
             .map(|(n, e)| (n.clone(), e.ips.iter().map(|(i, x)| (*i, *x)).collect()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Endpoint, FqdnName, State};
+
+    fn state() -> State {
+        let mut s = State::default();
+        s.endpoints.insert(
+            7,
+            Endpoint {
+                id: 7,
+                container_id: "c".into(),
+                ifname: "eth0".into(),
+                netns: "/run/netns/x".into(),
+                namespace: "default".into(),
+                pod: "client".into(),
+                ipv4: Ipv4Addr::new(10, 0, 0, 7),
+                host_ifname: "h".into(),
+                host_ifindex: 1,
+                host_mac: [0; 6],
+                pod_mac: [0; 6],
+                labels: Default::default(),
+                identity: 300,
+            },
+        );
+        s.fqdn.insert(
+            "api.example.".into(),
+            FqdnName {
+                ips: [(Ipv4Addr::new(192, 0, 2, 1), 1_000)].into(),
+                endpoints: [7].into(),
+            },
+        );
+        s
+    }
+
+    /// The proxy's fast path: answers already learned only move their
+    /// expiry (never back); anything else is left to `fqdn_learned`
+    /// untouched.
+    #[test]
+    fn refresh_takes_known_answers_and_leaves_the_rest_alone() {
+        let cfg = FqdnConfig {
+            min_ttl_s: 10,
+            ..Default::default()
+        };
+        let client = Ipv4Addr::new(10, 0, 0, 7);
+        let known = Ipv4Addr::new(192, 0, 2, 1);
+        let mut s = state();
+        assert!(refresh(
+            &mut s,
+            client,
+            "api.example.",
+            &[(known, 300)],
+            2_000,
+            cfg
+        ));
+        assert_eq!(s.fqdn["api.example."].ips[&known], 2_300);
+        // A short TTL counts as the minimum; an earlier expiry never wins.
+        assert!(refresh(
+            &mut s,
+            client,
+            "api.example.",
+            &[(known, 1)],
+            2_000,
+            cfg
+        ));
+        assert_eq!(s.fqdn["api.example."].ips[&known], 2_300);
+
+        let before = s.fqdn.clone();
+        let new = Ipv4Addr::new(192, 0, 2, 2);
+        for (client, name, answers) in [
+            (client, "api.example.", vec![(known, 60), (new, 60)]),
+            (client, "other.example.", vec![(known, 60)]),
+            (
+                Ipv4Addr::new(10, 0, 0, 8),
+                "api.example.",
+                vec![(known, 60)],
+            ),
+        ] {
+            assert!(!refresh(&mut s, client, name, &answers, 3_000, cfg));
+            assert_eq!(s.fqdn, before, "{client} {name}");
+        }
     }
 }

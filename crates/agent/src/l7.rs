@@ -125,6 +125,15 @@ impl proxy::Policy for ProxyPolicy {
         }
     }
 
+    fn refresh_learned(
+        &self,
+        client: std::net::Ipv4Addr,
+        name: &str,
+        answers: &[(std::net::Ipv4Addr, u32)],
+    ) -> bool {
+        self.agent.fqdn_refresh(client, name, answers)
+    }
+
     fn record(&self, record: flow::record::L7Record) {
         self.agent.observer.queue_l7(record);
     }

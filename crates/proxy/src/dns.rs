@@ -352,16 +352,24 @@ async fn answer(
         }
     }
     if !learned.is_empty() && msg.response_code() == ResponseCode::NoError {
-        // Updating the maps may take a while: off the proxy's thread, and
-        // the answer waits for it.
-        let (p, names, learned) = (policy.clone(), names.clone(), learned.clone());
-        let done = tokio::task::spawn_blocking(move || {
-            for name in &names {
-                p.learned(*client.ip(), name, &learned);
+        // Addresses learned before only move their expiry, here. New ones
+        // update the maps, which may take a while: off the proxy's thread,
+        // and the answer waits for it.
+        let new: Vec<String> = names
+            .iter()
+            .filter(|n| !policy.refresh_learned(*client.ip(), n, &learned))
+            .cloned()
+            .collect();
+        if !new.is_empty() {
+            let (p, learned) = (policy.clone(), learned.clone());
+            let done = tokio::task::spawn_blocking(move || {
+                for name in &new {
+                    p.learned(*client.ip(), name, &learned);
+                }
+            });
+            if done.await.is_err() {
+                tracing::warn!("learning a DNS answer panicked");
             }
-        });
-        if done.await.is_err() {
-            tracing::warn!("learning a DNS answer panicked");
         }
     }
     let response = flow::record::Dns {
@@ -416,10 +424,27 @@ async fn forward(
     let s = tokio::net::UdpSocket::from_std(s.into())?;
     s.connect(dst).await?;
     s.send(query).await?;
-    let mut buf = vec![0u8; 65_535];
-    let n = tokio::time::timeout(UPSTREAM_TIMEOUT, s.recv(&mut buf))
+    let recv = async {
+        loop {
+            s.readable().await?;
+            // Received into the thread's buffer, then copied at its size:
+            // a zeroed 64 KiB buffer per query cost more than the copy.
+            let answer = RECV_BUFFER.with_borrow_mut(|buf| match s.try_recv(buf) {
+                Ok(n) => Ok(Some(buf[..n].to_vec())),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+                Err(e) => Err(e),
+            });
+            if let Some(answer) = answer? {
+                return Ok(answer);
+            }
+        }
+    };
+    tokio::time::timeout(UPSTREAM_TIMEOUT, recv)
         .await
-        .map_err(|_| std::io::Error::other("resolver timed out"))??;
-    buf.truncate(n);
-    Ok(buf)
+        .map_err(|_| std::io::Error::other("resolver timed out"))?
+}
+
+thread_local! {
+    /// Room for the largest UDP answer.
+    static RECV_BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 65_535]);
 }

@@ -62,6 +62,16 @@ pub trait Policy: Send + Sync + 'static {
         name: &str,
         answers: &[(std::net::Ipv4Addr, u32)],
     );
+    /// The common case of `learned`, on the proxy's thread: true when every
+    /// address was already learned for `name` by `client` (only their
+    /// expiry moves); false, having changed nothing, when `learned` must
+    /// run.
+    fn refresh_learned(
+        &self,
+        client: std::net::Ipv4Addr,
+        name: &str,
+        answers: &[(std::net::Ipv4Addr, u32)],
+    ) -> bool;
     /// Reports one request or response.
     fn record(&self, record: flow::record::L7Record);
 }
