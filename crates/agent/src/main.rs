@@ -131,14 +131,22 @@ fn start_proxy(
     let (dns_udp, dns_tcp) = dns;
     let drain = Arc::new(proxy::dns::Drain::default());
     {
-        // UDP DNS: a blocking reader thread; queries run on the runtime.
-        let (policy, stats, handle) = (policy.clone(), stats.clone(), rt.handle().clone());
+        // UDP DNS: a thread and event loop of its own, reading and
+        // answering (apart from the HTTP threads, which are pinned).
+        let (policy, stats) = (policy.clone(), stats.clone());
         let policy: Arc<dyn proxy::Policy> = policy;
         let drain = drain.clone();
+        let dns_rt = tokio::runtime::Builder::new_current_thread()
+            .thread_name("dns-proxy")
+            .enable_all()
+            .build()?;
         std::thread::Builder::new()
             .name("dns-proxy".into())
             .spawn(move || {
-                proxy::dns::serve_udp(dns_udp, policy, from_mark, stats, handle, drain)
+                let serve = proxy::dns::serve_udp(dns_udp, policy, from_mark, stats, drain);
+                if let Err(e) = dns_rt.block_on(serve) {
+                    tracing::error!(error = %e, "DNS proxy (UDP) stopped");
+                }
             })?;
     }
     {

@@ -60,7 +60,7 @@ pub fn listen(port: u16) -> std::io::Result<(std::net::UdpSocket, std::net::TcpL
 
 /// One datagram and where the pod sent it.
 fn recv_with_destination(
-    sock: &std::net::UdpSocket,
+    sock: &impl AsRawFd,
     buf: &mut [u8],
 ) -> std::io::Result<(usize, SocketAddrV4, SocketAddrV4)> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrIn};
@@ -126,30 +126,40 @@ impl ReplySockets {
     }
 }
 
-/// Serves DNS over UDP (a thread of its own reads; queries run on `rt`).
+/// Serves DNS over UDP on the current (current-thread) runtime: the socket
+/// is read and every query answered on the same thread, so a query costs
+/// no hand-off between threads.
 ///
 /// Until `drain.stop` is set: then the socket is closed (the datapath sends
-/// new queries straight to the resolvers) and the function returns; the
-/// queries in flight are counted in `drain.in_flight`.
-pub fn serve_udp(
+/// new queries straight to the resolvers); the function returns once the
+/// queries in flight, counted in `drain.in_flight`, are answered.
+pub async fn serve_udp(
     sock: std::net::UdpSocket,
     policy: Arc<dyn Policy>,
     from_mark: u32,
     stats: Arc<Stats>,
-    rt: tokio::runtime::Handle,
     drain: Arc<Drain>,
-) {
+) -> std::io::Result<()> {
+    sock.set_nonblocking(true)?;
+    let sock = tokio::net::UdpSocket::from_std(sock)?;
     let mut buf = vec![0u8; 65_535];
     let replies = Arc::new(ReplySockets::default());
-    // Wake up now and then to notice `stop`.
-    sock.set_read_timeout(Some(Duration::from_millis(50))).ok();
     while !drain.stop.load(Ordering::Relaxed) {
-        let (n, client, dst) = match recv_with_destination(&sock, &mut buf) {
+        // Wake up now and then to notice `stop`.
+        let Ok(ready) = tokio::time::timeout(Duration::from_millis(50), sock.readable()).await
+        else {
+            continue;
+        };
+        ready?;
+        let received = sock.try_io(tokio::io::Interest::READABLE, || {
+            recv_with_destination(&sock, &mut buf)
+        });
+        let (n, client, dst) = match received {
             Ok(x) => x,
+            // Read everything there was: wait for more.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => {
-                if e.kind() != std::io::ErrorKind::WouldBlock {
-                    tracing::debug!(error = %e, "dns proxy recv");
-                }
+                tracing::debug!(error = %e, "dns proxy recv");
                 continue;
             }
         };
@@ -161,7 +171,7 @@ pub fn serve_udp(
             replies.clone(),
         );
         drain.in_flight.fetch_add(1, Ordering::SeqCst);
-        rt.spawn(async move {
+        tokio::spawn(async move {
             if let Some(answer) =
                 answer(&query, client, dst, false, &policy, from_mark, &stats).await
             {
@@ -174,6 +184,11 @@ pub fn serve_udp(
     }
     drop(sock);
     drain.closed.store(true, Ordering::SeqCst);
+    // The queries in flight run on this runtime: keep it going for them.
+    while drain.in_flight.load(Ordering::SeqCst) > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
 }
 
 /// A graceful stop of the UDP DNS proxy (the agent restarting): close the
