@@ -99,9 +99,6 @@ impl Agent {
         let cfg = self.config.fqdn;
         let now = now_s();
         let mut s = self.lock_state();
-        if refresh(&mut s, client, &name, answers, now, cfg) {
-            return Ok(Learned::default());
-        }
         let endpoint = s
             .endpoints
             .values()
@@ -239,25 +236,19 @@ mod tests {
         let client = Ipv4Addr::new(10, 0, 0, 7);
         let known = Ipv4Addr::new(192, 0, 2, 1);
         let mut s = state();
-        assert!(refresh(
-            &mut s,
-            client,
-            "api.example.",
-            &[(known, 300)],
-            2_000,
-            cfg
-        ));
-        assert_eq!(s.fqdn["api.example."].ips[&known], 2_300);
-        // A short TTL counts as the minimum; an earlier expiry never wins.
-        assert!(refresh(
-            &mut s,
-            client,
-            "api.example.",
-            &[(known, 1)],
-            2_000,
-            cfg
-        ));
-        assert_eq!(s.fqdn["api.example."].ips[&known], 2_300);
+        // The expiry moves out; a short TTL counts as the minimum, and an
+        // earlier expiry never wins.
+        for (ttl, expires) in [(300, 2_300), (1, 2_300)] {
+            assert!(refresh(
+                &mut s,
+                client,
+                "api.example.",
+                &[(known, ttl)],
+                2_000,
+                cfg
+            ));
+            assert_eq!(s.fqdn["api.example."].ips[&known], expires, "ttl {ttl}");
+        }
 
         let before = s.fqdn.clone();
         let new = Ipv4Addr::new(192, 0, 2, 2);

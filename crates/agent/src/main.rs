@@ -185,20 +185,20 @@ fn start_proxy(
     // its CPU and an event loop of its own (a current-thread runtime: no
     // work stealing); the acceptor's thread is the first of them.
     let cpus = proxy::workers::allowed_cpus();
-    let cpu_of = |i: usize| cpus.get(i).copied();
+    let first_cpu = cpus.first().copied();
     let mut workers = vec![proxy::workers::Worker {
-        cpu: cpu_of(0),
+        cpu: first_cpu,
         handle: rt.handle().clone(),
     }];
-    for i in 1..cpus.len() {
+    for (i, &cpu) in cpus.iter().enumerate().skip(1) {
         let worker = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
+        let cpu = Some(cpu);
         workers.push(proxy::workers::Worker {
-            cpu: cpu_of(i),
+            cpu,
             handle: worker.handle().clone(),
         });
-        let cpu = cpu_of(i);
         std::thread::Builder::new()
             .name(format!("proxy-{i}"))
             .spawn(move || {
@@ -208,7 +208,6 @@ fn start_proxy(
     }
     tracing::info!(cpus = ?cpus, "HTTP proxy: one thread per CPU");
     let s = stats.clone();
-    let first_cpu = cpu_of(0);
     std::thread::Builder::new()
         .name("proxy".into())
         .spawn(move || {
