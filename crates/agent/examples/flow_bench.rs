@@ -39,7 +39,7 @@ impl Pipeline {
         let reader = dp.take_event_reader().expect("event reader");
         let sources = Sources {
             index: Default::default(),
-            origins: Default::default(),
+            policy_refs: Default::default(),
             cluster: "default".into(),
         };
         let (o, s) = (observer.clone(), stop.clone());
@@ -154,15 +154,15 @@ fn cpu_time() -> Duration {
 /// of each, queued as the proxy does, in chunks the queue holds. Returns
 /// (elapsed, flows delivered, process CPU time).
 fn run_l7(p: &Pipeline, pairs: u64) -> (Duration, u64, Duration) {
-    let by: Arc<[(bool, flow::record::PolicyRef)]> = Arc::new([(
+    let by: Arc<[(bool, flow::record::SharedPolicyRef)]> = Arc::new([(
         true,
-        fibril_agent::observer::policy_ref(&policy::Origin {
+        Arc::new(fibril_agent::observer::policy_ref(&policy::Origin {
             policy: "bench/allow-get".into(),
             kind: "CiliumNetworkPolicy".into(),
             rule: 0,
             direction: policy::compute::Direction::Ingress,
             entry: 0,
-        }),
+        })),
     )]);
     let record = |i: u64, is_reply: bool| flow::record::L7Record {
         unix_ns: 1_768_471_200_000_000_000 + i * 1000,

@@ -71,7 +71,7 @@ impl proxy::Policy for ProxyPolicy {
                 sides.push(proxy::Side {
                     ingress: direction == Direction::Ingress,
                     rules: self.compile(&rules)?,
-                    policy: policy_ref(&by),
+                    policy: Arc::new(policy_ref(&by)),
                 });
             }
         }
@@ -102,7 +102,7 @@ impl proxy::Policy for ProxyPolicy {
             resolver.port(),
         )?;
         let (selectors, policy) = match rules {
-            Some((L7::Dns(selectors), by)) => (selectors, Some(policy_ref(&by))),
+            Some((L7::Dns(selectors), by)) => (selectors, Some(Arc::new(policy_ref(&by)))),
             _ => (Vec::new(), None),
         };
         Some(proxy::dns::DnsConnection {

@@ -181,11 +181,11 @@ impl Agent {
     pub fn flow_sources(&self) -> observer::Sources {
         observer::Sources {
             index: self.index.clone(),
-            origins: self
+            policy_refs: self
                 .policy
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .origins(),
+                .policy_refs(),
             cluster: self.config.cluster_name.clone(),
         }
     }

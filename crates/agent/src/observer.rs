@@ -13,6 +13,9 @@ use crate::EndpointIndex;
 
 /// L7 reports queued at most between two rounds of the events thread.
 const L7_QUEUE_LIMIT: usize = 1 << 16;
+/// Reports' capacity the queue keeps between rounds (a round at 100k
+/// reports/s needs ~2,000).
+const L7_KEPT_CAPACITY: usize = 4096;
 
 pub struct Observer {
     flows: flow::ring::Shared<Arc<Flow>>,
@@ -32,7 +35,8 @@ pub struct Observer {
 /// and the rule table behind the datapath's policy cookies.
 pub struct Sources {
     pub index: EndpointIndex,
-    pub origins: std::sync::Arc<std::sync::RwLock<Vec<policy::Origin>>>,
+    /// Cookie - 1 -> the rule's attribution (see `PolicySync::policy_refs`).
+    pub policy_refs: std::sync::Arc<std::sync::RwLock<Vec<flow::record::SharedPolicyRef>>>,
     pub cluster: String,
 }
 
@@ -59,9 +63,9 @@ pub fn policy_ref(o: &policy::Origin) -> flow::record::PolicyRef {
 }
 
 impl Enricher for Sources {
-    fn policy(&self, cookie: u32) -> Option<flow::record::PolicyRef> {
-        let origins = self.origins.read().unwrap_or_else(|e| e.into_inner());
-        Some(policy_ref(origins.get(cookie.checked_sub(1)? as usize)?))
+    fn policy(&self, cookie: u32) -> Option<flow::record::SharedPolicyRef> {
+        let refs = self.policy_refs.read().unwrap_or_else(|e| e.into_inner());
+        refs.get(cookie.checked_sub(1)? as usize).cloned()
     }
 
     fn interface_name(&self, ifindex: u32) -> Option<String> {
@@ -151,15 +155,28 @@ impl Observer {
     }
 
     /// Turns the queued L7 reports into flows, in the order they came.
-    fn flush_l7(&self, sources: &Sources, out: &mut Vec<Arc<Flow>>) {
-        let batch = std::mem::take(&mut *self.l7_pending.lock().unwrap_or_else(|e| e.into_inner()));
-        for r in batch {
+    /// `spare` (empty) becomes the queue: the two vectors keep their
+    /// capacity, so the proxy's pushes do not grow one from nothing every
+    /// round.
+    fn flush_l7(
+        &self,
+        sources: &Sources,
+        spare: &mut Vec<flow::record::L7Record>,
+        out: &mut Vec<Arc<Flow>>,
+    ) {
+        std::mem::swap(
+            &mut *self.l7_pending.lock().unwrap_or_else(|e| e.into_inner()),
+            spare,
+        );
+        for r in spare.drain(..) {
             let n = self.uuid_counter.fetch_add(1, Ordering::Relaxed);
             let uuid = flow::text::flow_uuid(r.unix_ns as u32, 7, n);
             out.push(Arc::new(flow::record::from_l7(
                 r, uuid, &self.node, sources,
             )));
         }
+        // A burst's capacity is not kept.
+        spare.shrink_to(L7_KEPT_CAPACITY);
     }
 
     /// Sequence number where a reader asking for the last `n` starts.
@@ -194,6 +211,7 @@ impl Observer {
             .as_nanos() as u64;
         let offset = wall_now.saturating_sub(datapath::monotonic_ns());
         let mut batch = Vec::new();
+        let mut l7_spare = Vec::new();
         while !stop.load(Ordering::Relaxed) {
             reader.poll(Duration::from_millis(20), |e| {
                 let n = self.uuid_counter.fetch_add(1, Ordering::Relaxed);
@@ -205,7 +223,7 @@ impl Observer {
                     self.push_batch(&mut batch);
                 }
             });
-            self.flush_l7(&sources, &mut batch);
+            self.flush_l7(&sources, &mut l7_spare, &mut batch);
             self.push_batch(&mut batch);
         }
     }

@@ -29,9 +29,10 @@ pub struct PolicySync {
     realized: HashMap<u32, BTreeMap<MapKey, PolicyValue>>,
     /// The identity each endpoint's realized entries were computed for.
     realized_identity: HashMap<u32, u32>,
-    /// Cookie -> rule attribution; cookie 0 means "no rule". Shared with
-    /// the observer, which attributes flows with it.
-    origins: std::sync::Arc<std::sync::RwLock<Vec<Origin>>>,
+    /// Cookie - 1 -> rule attribution; cookie 0 means "no rule". Shared
+    /// with the observer, which attributes flows with it: built once per
+    /// rule, so a flow's attribution is a reference count, not a copy.
+    policy_refs: std::sync::Arc<std::sync::RwLock<Vec<flow::record::SharedPolicyRef>>>,
     cookies: HashMap<Origin, u32>,
 }
 
@@ -54,17 +55,19 @@ impl PolicySync {
     }
 
     /// The cookie -> rule table, for flow attribution.
-    pub fn origins(&self) -> std::sync::Arc<std::sync::RwLock<Vec<Origin>>> {
-        self.origins.clone()
+    pub fn policy_refs(
+        &self,
+    ) -> std::sync::Arc<std::sync::RwLock<Vec<flow::record::SharedPolicyRef>>> {
+        self.policy_refs.clone()
     }
 
     fn cookie(&mut self, o: &Origin) -> u32 {
         if let Some(c) = self.cookies.get(o) {
             return *c;
         }
-        let mut origins = self.origins.write().unwrap_or_else(|e| e.into_inner());
-        origins.push(o.clone());
-        let c = origins.len() as u32;
+        let mut refs = self.policy_refs.write().unwrap_or_else(|e| e.into_inner());
+        refs.push(std::sync::Arc::new(crate::observer::policy_ref(o)));
+        let c = refs.len() as u32;
         self.cookies.insert(o.clone(), c);
         c
     }

@@ -163,7 +163,7 @@ fn ports(f: &Flow) -> (u16, u16) {
 
 fn type_text(f: &Flow) -> String {
     match f.event_type.r#type {
-        4 => match f.trace_observation_point.as_str() {
+        4 => match &*f.trace_observation_point {
             "" => "UNKNOWN".into(),
             p => p.to_lowercase().replace('_', "-"),
         },
@@ -262,7 +262,7 @@ pub fn table(flows: &[Flow], print_node: bool, time: TimeFormat) -> String {
             host(&f.source, &sip, sport, false),
             host(&f.destination, &dip, dport, false),
             type_text(f),
-            f.verdict.clone(),
+            f.verdict.to_string(),
             f.summary.clone(),
         ]);
         rows.push(r);
@@ -320,7 +320,7 @@ pub fn compact(f: &Flow, style: Style) -> String {
         None => "<>",
     };
     // Policy-verdict events speak of decisions, as the CLI prints them.
-    let verdict = match (f.event_type.r#type, f.verdict.as_str()) {
+    let verdict = match (f.event_type.r#type, &*f.verdict) {
         (5, "FORWARDED" | "REDIRECTED") => "ALLOWED",
         (5, "DROPPED" | "ERROR") => "DENIED",
         (5, "AUDIT") => "AUDITED",

@@ -6,6 +6,15 @@ use std::net::Ipv4Addr;
 use abi::{ct_state, verdict, DropReason, EventType, FlowEvent, TracePoint};
 use serde::{Deserialize, Serialize};
 
+/// A string field whose values are mostly a fixed vocabulary (verdicts,
+/// types, directions, HTTP methods): the common values are borrowed, so
+/// building a flow does not allocate them (and dropping one does not free
+/// them).
+pub type Text = std::borrow::Cow<'static, str>;
+
+/// A policy attribution, shared by every flow it decided.
+pub type SharedPolicyRef = std::sync::Arc<PolicyRef>;
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
     #[serde(rename = "ID", default, skip_serializing_if = "is_zero")]
@@ -84,7 +93,7 @@ pub struct Ip {
     pub source: String,
     pub destination: String,
     #[serde(rename = "ipVersion")]
-    pub ip_version: String,
+    pub ip_version: Text,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,7 +198,7 @@ pub struct Flow {
     /// RFC 3339 with nanoseconds, UTC.
     pub time: String,
     pub uuid: String,
-    pub verdict: String,
+    pub verdict: Text,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub drop_reason: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -204,7 +213,7 @@ pub struct Flow {
     #[serde(default)]
     pub destination: std::sync::Arc<Endpoint>,
     #[serde(rename = "Type")]
-    pub r#type: String,
+    pub r#type: Text,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub node_name: String,
     /// DNS names the source's / destination's address was learned for.
@@ -216,16 +225,16 @@ pub struct Flow {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub l7: Option<Layer7>,
     pub event_type: EventTypeField,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub traffic_direction: String,
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    pub traffic_direction: Text,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub policy_match_type: u32,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub trace_observation_point: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub trace_reason: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub drop_reason_desc: String,
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    pub trace_observation_point: Text,
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    pub trace_reason: Text,
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    pub drop_reason_desc: Text,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub is_reply: Option<bool>,
     /// Where the datapath saw the packet (the endpoint's host-side veth).
@@ -235,13 +244,13 @@ pub struct Flow {
     pub summary: String,
     /// The policies that allowed or denied the flow (Hubble's attribution).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub egress_allowed_by: Vec<PolicyRef>,
+    pub egress_allowed_by: Vec<SharedPolicyRef>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ingress_allowed_by: Vec<PolicyRef>,
+    pub ingress_allowed_by: Vec<SharedPolicyRef>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub egress_denied_by: Vec<PolicyRef>,
+    pub egress_denied_by: Vec<SharedPolicyRef>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ingress_denied_by: Vec<PolicyRef>,
+    pub ingress_denied_by: Vec<SharedPolicyRef>,
 }
 
 /// `flow.Layer7`: what the L7 proxy saw (keys in declaration order).
@@ -249,7 +258,7 @@ pub struct Flow {
 pub struct Layer7 {
     /// REQUEST, RESPONSE or SAMPLE.
     #[serde(rename = "type")]
-    pub r#type: String,
+    pub r#type: Text,
     /// Responses: time since the request (64-bit: a JSON string).
     #[serde(default, skip_serializing_if = "is_zero_u64", with = "u64_as_string")]
     pub latency_ns: u64,
@@ -324,12 +333,12 @@ pub fn rcode_name(rcode: u32) -> &'static str {
 pub struct Http {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub code: u32,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub method: String,
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    pub method: Text,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub url: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub protocol: String,
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    pub protocol: Text,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<HttpHeader>,
 }
@@ -426,7 +435,7 @@ pub trait Enricher {
     /// flow, as this runs for every flow.
     fn endpoint(&self, ip: Ipv4Addr, identity: u32) -> (std::sync::Arc<Endpoint>, Vec<String>);
     /// The policy (and rule) a datapath cookie stands for.
-    fn policy(&self, _cookie: u32) -> Option<PolicyRef> {
+    fn policy(&self, _cookie: u32) -> Option<SharedPolicyRef> {
         None
     }
     /// The name of the interface the datapath saw the packet on.
@@ -631,10 +640,7 @@ pub fn from_event(
         Default::default()
     };
     let (verdict_name, drop_desc) = if is_drop {
-        (
-            "DROPPED".to_string(),
-            drop_reason_name(e.subtype).to_string(),
-        )
+        ("DROPPED", drop_reason_name(e.subtype))
     } else {
         let v = match e.verdict {
             verdict::FORWARDED => "FORWARDED",
@@ -642,25 +648,25 @@ pub fn from_event(
             verdict::AUDIT => "AUDIT",
             _ => "VERDICT_UNKNOWN",
         };
-        (v.to_string(), String::new())
+        (v, "")
     };
     let (point, sub_type) = if is_drop {
-        (String::new(), e.subtype as i32)
+        ("", e.subtype as i32)
     } else if e.r#type == EventType::PolicyVerdict as u8 {
-        (String::new(), 0)
+        ("", 0)
     } else {
         match TracePoint::from_u8(e.subtype) {
-            Some(TracePoint::ToLxc) => ("TO_ENDPOINT".to_string(), 0),
-            Some(TracePoint::FromLxc) => ("FROM_ENDPOINT".to_string(), 5),
-            Some(TracePoint::ToStack) => ("TO_STACK".to_string(), 3),
-            Some(TracePoint::ToHost) => ("TO_HOST".to_string(), 2),
-            Some(TracePoint::ToProxy) => ("TO_PROXY".to_string(), 1),
-            Some(TracePoint::ToOverlay) => ("TO_OVERLAY".to_string(), 4),
-            None => (String::new(), e.subtype as i32),
+            Some(TracePoint::ToLxc) => ("TO_ENDPOINT", 0),
+            Some(TracePoint::FromLxc) => ("FROM_ENDPOINT", 5),
+            Some(TracePoint::ToStack) => ("TO_STACK", 3),
+            Some(TracePoint::ToHost) => ("TO_HOST", 2),
+            Some(TracePoint::ToProxy) => ("TO_PROXY", 1),
+            Some(TracePoint::ToOverlay) => ("TO_OVERLAY", 4),
+            None => ("", e.subtype as i32),
         }
     };
     // Attribution: the rule that decided a new connection or a drop.
-    let mut attribution: [Vec<PolicyRef>; 4] = Default::default();
+    let mut attribution: [Vec<SharedPolicyRef>; 4] = Default::default();
     let decided = is_drop || e.ct_state == ct_state::NEW;
     if let (true, Some(p)) = (
         decided && e.policy_cookie != 0,
@@ -692,7 +698,7 @@ pub fn from_event(
     Flow {
         time: rfc3339(unix_ns),
         uuid,
-        verdict: verdict_name,
+        verdict: verdict_name.into(),
         drop_reason: if is_drop { e.subtype as u32 } else { 0 },
         ethernet: Some(Ethernet {
             source: crate::text::mac(&e.smac),
@@ -715,15 +721,11 @@ pub fn from_event(
             sub_type,
         },
         traffic_direction: direction.into(),
-        trace_observation_point: point,
-        trace_reason: if is_drop {
-            String::new()
-        } else {
-            trace_reason.into()
-        },
+        trace_observation_point: point.into(),
+        trace_reason: if is_drop { "" } else { trace_reason }.into(),
         // Policy only drops packets that open connections: never replies.
         is_reply: (has_ip && e.ct_state != 0).then_some(e.ct_state == ct_state::REPLY),
-        drop_reason_desc: drop_desc,
+        drop_reason_desc: drop_desc.into(),
         interface: (e.ifindex != 0).then(|| NetworkInterface {
             index: e.ifindex,
             name: enricher.interface_name(e.ifindex).unwrap_or_default(),
@@ -762,7 +764,7 @@ pub struct L7Record {
     /// The policies whose L7 rules decided it, each with its side (true:
     /// the server's ingress policy, false: the client's egress policy).
     /// Shared: a connection's requests all carry the same attribution.
-    pub decided_by: std::sync::Arc<[(bool, PolicyRef)]>,
+    pub decided_by: std::sync::Arc<[(bool, SharedPolicyRef)]>,
 }
 
 /// Turns an L7 proxy record into a flow (Type L7).
@@ -781,7 +783,7 @@ pub fn from_l7(r: L7Record, uuid: String, node: &str, enricher: &dyn Enricher) -
         _ => String::new(),
     };
     let dropped = r.verdict == "DROPPED";
-    let mut attribution: [Vec<PolicyRef>; 4] = Default::default();
+    let mut attribution: [Vec<SharedPolicyRef>; 4] = Default::default();
     for (ingress, p) in r.decided_by.iter() {
         attribution[match (ingress, dropped) {
             (false, false) => 0,
@@ -795,7 +797,7 @@ pub fn from_l7(r: L7Record, uuid: String, node: &str, enricher: &dyn Enricher) -
     Flow {
         time: rfc3339(r.unix_ns),
         uuid,
-        verdict: r.verdict.to_string(),
+        verdict: r.verdict.into(),
         ip: Some(Ip {
             source: crate::text::ipv4(*src.ip()),
             destination: crate::text::ipv4(*dst.ip()),
@@ -904,10 +906,10 @@ mod tests {
             .skip(1)
             .filter_map(|l| l.split('=').next()?.split_whitespace().last())
             .collect();
-        let ref_ = PolicyRef {
+        let ref_ = std::sync::Arc::new(PolicyRef {
             name: "p".into(),
             ..Default::default()
-        };
+        });
         let f = Flow {
             time: "t".into(),
             uuid: "u".into(),

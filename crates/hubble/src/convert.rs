@@ -32,7 +32,7 @@ fn endpoint(e: &flow::Endpoint) -> pb::Endpoint {
     }
 }
 
-fn policies(list: &[flow::record::PolicyRef]) -> Vec<pb::Policy> {
+fn policies(list: &[flow::record::SharedPolicyRef]) -> Vec<pb::Policy> {
     list.iter()
         .map(|p| pb::Policy {
             name: p.name.clone(),
@@ -208,9 +208,9 @@ pub fn flow(f: &flow::Flow) -> pb::Flow {
                 _ => l.http.as_ref().map(|h| {
                     pb::layer7::Record::Http(pb::Http {
                         code: h.code,
-                        method: h.method.clone(),
+                        method: h.method.to_string(),
                         url: h.url.clone(),
-                        protocol: h.protocol.clone(),
+                        protocol: h.protocol.to_string(),
                         headers: h
                             .headers
                             .iter()
@@ -309,20 +309,26 @@ fn endpoint_back(e: Option<&pb::Endpoint>) -> flow::Endpoint {
     .unwrap_or_default()
 }
 
-fn policies_back(list: &[pb::Policy]) -> Vec<flow::record::PolicyRef> {
+fn policies_back(list: &[pb::Policy]) -> Vec<flow::record::SharedPolicyRef> {
     list.iter()
-        .map(|p| flow::record::PolicyRef {
-            name: p.name.clone(),
-            namespace: p.namespace.clone(),
-            labels: p.labels.clone(),
-            revision: p.revision,
-            kind: p.kind.clone(),
+        .map(|p| {
+            std::sync::Arc::new(flow::record::PolicyRef {
+                name: p.name.clone(),
+                namespace: p.namespace.clone(),
+                labels: p.labels.clone(),
+                revision: p.revision,
+                kind: p.kind.clone(),
+            })
         })
         .collect()
 }
 
-fn name_of<E>(v: i32, from: fn(i32) -> Option<E>, name: fn(&E) -> &'static str) -> String {
-    from(v).map(|e| name(&e).to_string()).unwrap_or_default()
+fn name_of<E>(
+    v: i32,
+    from: fn(i32) -> Option<E>,
+    name: fn(&E) -> &'static str,
+) -> flow::record::Text {
+    from(v).map(|e| name(&e)).unwrap_or_default().into()
 }
 
 /// A `flow.Flow` from any Hubble-compatible server as Fibril's record, for
@@ -435,9 +441,9 @@ pub fn from_pb(p: &pb::Flow) -> flow::Flow {
             http: match &l.record {
                 Some(pb::layer7::Record::Http(h)) => Some(flow::record::Http {
                     code: h.code,
-                    method: h.method.clone(),
+                    method: h.method.clone().into(),
                     url: h.url.clone(),
-                    protocol: h.protocol.clone(),
+                    protocol: h.protocol.clone().into(),
                     headers: h
                         .headers
                         .iter()
@@ -455,7 +461,7 @@ pub fn from_pb(p: &pb::Flow) -> flow::Flow {
             sub_type: p.event_type.map_or(0, |e| e.sub_type),
         },
         traffic_direction: match p.traffic_direction {
-            0 => String::new(),
+            0 => "".into(),
             v => name_of(
                 v,
                 |v| pb::TrafficDirection::try_from(v).ok(),
@@ -463,7 +469,7 @@ pub fn from_pb(p: &pb::Flow) -> flow::Flow {
             ),
         },
         trace_observation_point: match p.trace_observation_point {
-            0 => String::new(),
+            0 => "".into(),
             v => name_of(
                 v,
                 |v| pb::TraceObservationPoint::try_from(v).ok(),
@@ -471,7 +477,7 @@ pub fn from_pb(p: &pb::Flow) -> flow::Flow {
             ),
         },
         trace_reason: match p.trace_reason {
-            0 => String::new(),
+            0 => "".into(),
             v => name_of(
                 v,
                 |v| pb::TraceReason::try_from(v).ok(),
@@ -480,7 +486,7 @@ pub fn from_pb(p: &pb::Flow) -> flow::Flow {
         },
         is_reply: p.is_reply,
         drop_reason_desc: match p.drop_reason_desc {
-            0 => String::new(),
+            0 => "".into(),
             v => name_of(v, |v| pb::DropReason::try_from(v).ok(), |e| e.as_str_name()),
         },
         interface: p

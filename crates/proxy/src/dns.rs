@@ -29,7 +29,7 @@ pub struct DnsConnection {
     pub server_identity: u32,
     /// `matchName`/`matchPattern` of the rule; empty: every name.
     pub selectors: Vec<policy::model::FqdnSelector>,
-    pub policy: Option<flow::record::PolicyRef>,
+    pub policy: Option<flow::record::SharedPolicyRef>,
     /// The resolver is a pod on this node: query from the client's address.
     pub transparent: bool,
 }

@@ -115,7 +115,7 @@ struct Conn {
     /// the connection (or none restricts it any more), else EGRESS.
     ingress: bool,
     /// Attribution of forwarded requests (every side allowed them).
-    allowed_by: Arc<[(bool, flow::record::PolicyRef)]>,
+    allowed_by: Arc<[(bool, flow::record::SharedPolicyRef)]>,
     conn: Connection,
     policy: Arc<dyn Policy>,
     config: Arc<Config>,
@@ -137,6 +137,17 @@ fn flow_headers(h: &HeaderMap) -> Vec<flow::record::HttpHeader> {
             },
         })
         .collect()
+}
+
+/// The flow's method: the standard ones without an allocation.
+fn method_text(m: &hyper::Method) -> flow::record::Text {
+    const STANDARD: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+    ];
+    match STANDARD.iter().find(|s| **s == m.as_str()) {
+        Some(s) => (*s).into(),
+        None => m.as_str().to_string().into(),
+    }
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
@@ -208,7 +219,7 @@ impl Conn {
         verdict: &'static str,
         http: flow::record::Http,
         latency_ns: u64,
-        by: Arc<[(bool, flow::record::PolicyRef)]>,
+        by: Arc<[(bool, flow::record::SharedPolicyRef)]>,
     ) {
         self.policy.record(flow::record::L7Record {
             unix_ns: now_ns(),
@@ -237,6 +248,7 @@ impl Conn {
             Version::HTTP_10 => "HTTP/1.0",
             _ => "HTTP/1.1",
         };
+        let method = method_text(req.method());
         let path = req
             .uri()
             .path_and_query()
@@ -253,17 +265,19 @@ impl Conn {
                     .map(String::from)
             })
             .unwrap_or_else(|| self.dst.to_string());
-        let method = req.method().as_str().to_string();
+        // The response's flow repeats the request's method and URL, not
+        // its headers; the request's flow has the headers as they came.
         let mut http = flow::record::Http {
             code: 0,
-            method: method.clone(),
+            method,
             url: format!("http://{host}{path}"),
             protocol: protocol.into(),
-            headers: flow_headers(req.headers()),
+            headers: Vec::new(),
         };
+        let request_headers = flow_headers(req.headers());
 
         let view = RequestView {
-            method: &method,
+            method: req.method().as_str(),
             path: &path,
             host: &host,
             headers: req.headers(),
@@ -274,6 +288,10 @@ impl Conn {
                 Some(e) => edits.extend(e),
                 None => {
                     Stats::inc(&self.stats.requests_denied);
+                    let http = flow::record::Http {
+                        headers: request_headers,
+                        ..http
+                    };
                     self.record(
                         false,
                         "DROPPED",
@@ -310,9 +328,12 @@ impl Conn {
             }
         }
         Stats::inc(&self.stats.requests_forwarded);
-        self.record(false, "FORWARDED", http.clone(), 0, self.allowed_by.clone());
+        let request = flow::record::Http {
+            headers: request_headers,
+            ..http.clone()
+        };
+        self.record(false, "FORWARDED", request, 0, self.allowed_by.clone());
 
-        http.headers.clear();
         let resp = match self.forward(req).await {
             Ok(r) => r.map(|b| b.boxed()),
             Err(e) => {

@@ -25,7 +25,7 @@ pub struct Side {
     pub ingress: bool,
     pub rules: Arc<HttpRules>,
     /// The policy the rules come from (flow attribution).
-    pub policy: flow::record::PolicyRef,
+    pub policy: flow::record::SharedPolicyRef,
 }
 
 /// What policy says about one redirected connection.
