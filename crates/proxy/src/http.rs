@@ -249,37 +249,34 @@ impl Conn {
             _ => "HTTP/1.1",
         };
         let method = method_text(req.method());
-        let path = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into());
-        let host = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
+        // The flows' URL, `http://{host}{path}`: the rules see its host
+        // and path parts (one allocation for the three).
+        let (url, host_end) = {
+            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            let dst;
+            let host = match req.uri().authority().map(|a| a.as_str()).or_else(|| {
                 req.headers()
                     .get(header::HOST)
                     .and_then(|h| h.to_str().ok())
-                    .map(String::from)
-            })
-            .unwrap_or_else(|| self.dst.to_string());
-        // The response's flow repeats the request's method and URL, not
-        // its headers; the request's flow has the headers as they came.
-        let mut http = flow::record::Http {
-            code: 0,
-            method,
-            url: format!("http://{host}{path}"),
-            protocol: protocol.into(),
-            headers: Vec::new(),
+            }) {
+                Some(h) => h,
+                None => {
+                    dst = self.dst.to_string();
+                    &dst
+                }
+            };
+            let mut url = String::with_capacity(7 + host.len() + path.len());
+            url.push_str("http://");
+            url.push_str(host);
+            url.push_str(path);
+            (url, 7 + host.len())
         };
         let request_headers = flow_headers(req.headers());
 
         let view = RequestView {
             method: req.method().as_str(),
-            path: &path,
-            host: &host,
+            path: &url[host_end..],
+            host: &url[7..host_end],
             headers: req.headers(),
         };
         let mut edits = Vec::new();
@@ -289,8 +286,11 @@ impl Conn {
                 None => {
                     Stats::inc(&self.stats.requests_denied);
                     let http = flow::record::Http {
+                        code: 0,
+                        method,
+                        url,
+                        protocol: protocol.into(),
                         headers: request_headers,
-                        ..http
                     };
                     self.record(
                         false,
@@ -328,6 +328,15 @@ impl Conn {
             }
         }
         Stats::inc(&self.stats.requests_forwarded);
+        // The response's flow repeats the request's method and URL, not
+        // its headers; the request's flow has the headers as they came.
+        let mut http = flow::record::Http {
+            code: 0,
+            method,
+            url,
+            protocol: protocol.into(),
+            headers: Vec::new(),
+        };
         let request = flow::record::Http {
             headers: request_headers,
             ..http.clone()

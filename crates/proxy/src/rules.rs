@@ -174,12 +174,26 @@ impl Rule {
 }
 
 /// Envoy's path normalisation before matching (RFC 3986 dot segments
-/// removed, repeated slashes merged); the query is kept as it is.
-pub fn normalize_path(path_and_query: &str) -> String {
+/// removed, repeated slashes merged); the query is kept as it is. A path
+/// that is already normal (most are) is returned as it is, unallocated.
+pub fn normalize_path(path_and_query: &str) -> std::borrow::Cow<'_, str> {
     let (path, query) = match path_and_query.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (path_and_query, None),
     };
+    let mut segments = path.strip_prefix('/').map(|p| p.split('/').peekable());
+    let normal = segments.as_mut().is_some_and(|segments| {
+        // Only the last segment may be empty (a trailing slash).
+        while let Some(seg) = segments.next() {
+            if seg == "." || seg == ".." || seg.is_empty() && segments.peek().is_some() {
+                return false;
+            }
+        }
+        true
+    });
+    if normal {
+        return path_and_query.into();
+    }
     let mut segments: Vec<&str> = Vec::new();
     let trailing = path.ends_with('/') || path.ends_with("/.") || path.ends_with("/..");
     for seg in path.split('/') {
@@ -201,7 +215,7 @@ pub fn normalize_path(path_and_query: &str) -> String {
         out.push('?');
         out.push_str(q);
     }
-    out
+    out.into()
 }
 
 #[cfg(test)]
@@ -330,5 +344,25 @@ mod tests {
         assert_eq!(normalize_path("/../../x"), "/x");
         assert_eq!(normalize_path("/a/b?x=/../y"), "/a/b?x=/../y");
         assert_eq!(normalize_path("/"), "/");
+        // Already normal: the same string, borrowed.
+        for p in ["/", "/a", "/a/b/", "/api/v1?x=/../y", "/a.b/..c/.d"] {
+            assert!(
+                matches!(normalize_path(p), std::borrow::Cow::Borrowed(s) if s == p),
+                "{p}"
+            );
+        }
+        // Not normal: rewritten (the fast path must not take these).
+        for (p, want) in [
+            ("/a//b", "/a/b"),
+            ("/a/.", "/a/"),
+            ("/a/..", "/"),
+            ("/./a", "/a"),
+            ("//", "/"),
+            ("", "/"),
+            ("*", "/*"),
+            ("a/b", "/a/b"),
+        ] {
+            assert_eq!(normalize_path(p), want, "{p}");
+        }
     }
 }
