@@ -208,6 +208,34 @@ fn http_rules_are_enforced_by_the_proxy_for_ingress_and_egress() {
         .collect();
     assert_eq!(statuses, ["200", "403", "200"], "{out}");
 
+    // The direct HTTP/1.1 path: a chunked response (its chunks and trailer
+    // forwarded as they came), then a request it leaves to the general
+    // path (HTTP/1.0) on the same connection.
+    let raw = format!(
+        "exec 3<>/dev/tcp/{}/8080; printf 'GET /api/chunked/3 HTTP/1.1\\r\\nHost: a\\r\\n\\r\\nGET /api/p4 HTTP/1.1\\r\\nHost: a\\r\\n\\r\\nGET /api/p5 HTTP/1.0\\r\\nHost: a\\r\\n\\r\\n' >&3; timeout 5 cat <&3",
+        l.lab.ip(3)
+    );
+    let out = l.exec("frontend", &["bash", "-c", &raw]);
+    // (Status lines only: the echo bodies quote request lines.)
+    let statuses: Vec<&str> = out
+        .match_indices("HTTP/1.")
+        .filter_map(|(i, _)| out.get(i..i + 12))
+        .filter(|s| s.as_bytes()[8] == b' ')
+        .collect();
+    assert_eq!(
+        statuses,
+        ["HTTP/1.1 200", "HTTP/1.1 200", "HTTP/1.0 200"],
+        "{out}"
+    );
+    assert!(
+        out.contains("8\r\nchunk 0\n\r\n8\r\nchunk 1\n\r\n8\r\nchunk 2\n\r\n0\r\nX-Chunks: 3\r\n\r\nHTTP/1.1 200"),
+        "{out:?}"
+    );
+    assert!(
+        out.contains("fibril-echo: GET /api/p4") && out.contains("fibril-echo: GET /api/p5"),
+        "{out:?}"
+    );
+
     // HTTP/2 (prior knowledge, as gRPC): methods are paths.
     let grpc = |path: &str| l.url(4, 9090, path);
     let h2 = ["--http2-prior-knowledge", "-X", "POST"];

@@ -188,6 +188,27 @@ fn serve_http(conn: TcpStream) {
             .nth(1)
             .and_then(|p| p.strip_prefix("/bytes/"))
             .and_then(|n| n.parse::<usize>().ok());
+        // GET .../chunked/N answers N chunks (separate writes) and a trailer.
+        let chunks = request_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.rsplit_once("/chunked/"))
+            .and_then(|(_, n)| n.parse::<usize>().ok());
+        if let Some(n) = chunks {
+            let mut parts = vec![
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    .to_string(),
+            ];
+            for i in 0..n {
+                let data = format!("chunk {i}\n");
+                parts.push(format!("{:x}\r\n{data}\r\n", data.len()));
+            }
+            parts.push(format!("0\r\nX-Chunks: {n}\r\n\r\n"));
+            if parts.iter().any(|p| w.write_all(p.as_bytes()).is_err()) {
+                return;
+            }
+            continue;
+        }
         if let Some(n) = wanted {
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {n}\r\n\r\n"

@@ -15,6 +15,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 
 use crate::rules::{HeaderEdit, RequestView};
+
+mod h1;
 use crate::{Connection, Policy, Stats};
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -140,13 +142,13 @@ fn flow_headers(h: &HeaderMap) -> Vec<flow::record::HttpHeader> {
 }
 
 /// The flow's method: the standard ones without an allocation.
-fn method_text(m: &hyper::Method) -> flow::record::Text {
+fn method_text(m: &str) -> flow::record::Text {
     const STANDARD: [&str; 9] = [
         "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
     ];
-    match STANDARD.iter().find(|s| **s == m.as_str()) {
+    match STANDARD.iter().find(|s| **s == m) {
         Some(s) => (*s).into(),
-        None => m.as_str().to_string().into(),
+        None => m.to_string().into(),
     }
 }
 
@@ -176,6 +178,15 @@ pub(crate) fn now_ns() -> u64 {
 impl Conn {
     async fn serve(self: Arc<Self>, stream: tokio::net::TcpStream) {
         stream.set_nodelay(true).ok();
+        match self.serve_direct(stream).await {
+            h1::End::Done => {}
+            h1::End::Fallback(stream, read) => self.serve_hyper(h1::Rewind { read, stream }).await,
+        }
+    }
+
+    /// The general path: hyper's server, for HTTP/2 and whatever the
+    /// direct path leaves to it.
+    async fn serve_hyper(self: Arc<Self>, stream: h1::Rewind) {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -248,7 +259,7 @@ impl Conn {
             Version::HTTP_10 => "HTTP/1.0",
             _ => "HTTP/1.1",
         };
-        let method = method_text(req.method());
+        let method = method_text(req.method().as_str());
         // The flows' URL, `http://{host}{path}`: the rules see its host
         // and path parts (one allocation for the three).
         let (url, host_end) = {

@@ -1,0 +1,840 @@
+//! The direct HTTP/1.1 path. Most proxied requests are plain HTTP/1.1: a
+//! head and at most a `Content-Length` body, answered by a head and a
+//! `Content-Length` or chunked body. For those the proxy forwards the bytes
+//! as they came (parsed with httparse, checked against the rules, never
+//! re-encoded), which costs a fraction of going through a server and a
+//! client connection of hyper's. Anything else (HTTP/2, `Transfer-Encoding`
+//! or `Expect` on a request, upgrades, absolute-form targets, header edits
+//! by `headerMatches`, heads httparse does not accept) goes to the general
+//! path (`Conn::serve_hyper`) with the bytes already read, between two
+//! requests, so that hyper decides about and counts malformed input.
+
+use std::io;
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::http::{header, HeaderMap, HeaderName, HeaderValue};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{flow_headers, method_text, Conn, DRAIN_LIMIT, MAX_HEADER_BYTES};
+use crate::rules::RequestView;
+use crate::Stats;
+
+/// Headers per head the direct path parses (more: the general path).
+const MAX_HEADERS: usize = 64;
+
+/// Room made for each read of a body.
+const BODY_READ: usize = 64 * 1024;
+
+/// How the direct path ended.
+pub(super) enum End {
+    /// The connection is done (closed by either side, or failed).
+    Done,
+    /// The general path takes the connection over, starting with `Bytes`.
+    Fallback(TcpStream, Bytes),
+}
+
+/// What a request head says, when the direct path can take the request.
+#[derive(Debug)]
+struct RequestHead {
+    /// Bytes of the head.
+    len: usize,
+    /// `Content-Length` (0 without one).
+    body: u64,
+    /// `Connection: close`.
+    close: bool,
+    /// HEAD: the response has no body, whatever its head says.
+    head_method: bool,
+    method: String,
+    /// `http://{host}{path}` and where the host ends in it.
+    url: String,
+    host_end: usize,
+    headers: HeaderMap,
+}
+
+#[derive(Debug)]
+enum Parsed {
+    /// The head is not complete yet.
+    Partial,
+    Request(RequestHead),
+    /// For the general path.
+    General,
+}
+
+/// How a response's body ends.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Framing {
+    Length(u64),
+    Chunked,
+    /// At the server's end of the connection.
+    Close,
+}
+
+struct ResponseHead {
+    len: usize,
+    code: u16,
+    framing: Framing,
+    close: bool,
+}
+
+/// What comes after a request on the direct path.
+enum Next {
+    Request,
+    Close,
+    /// The request needs the general path (nothing of it was sent).
+    General,
+}
+
+/// The upstream connection and what was read from it.
+struct Upstream {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+fn parse_request(buf: &[u8]) -> Parsed {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut slots);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEADER_BYTES => return Parsed::Partial,
+        _ => return Parsed::General,
+    };
+    let (Some(1), Some(method), Some(path)) = (req.version, req.method, req.path) else {
+        return Parsed::General;
+    };
+    // The bytes go upstream as they came: only heads every parser reads
+    // the same way (CRLF line ends; httparse also takes a bare LF, which
+    // the general path rewrites).
+    let bare_lf = buf[..len]
+        .iter()
+        .enumerate()
+        .any(|(i, b)| *b == b'\n' && (i == 0 || buf[i - 1] != b'\r'));
+    if bare_lf {
+        return Parsed::General;
+    }
+    if method == "CONNECT" || !path.starts_with('/') {
+        return Parsed::General;
+    }
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    let (mut body, mut close, mut host) = (None, false, None);
+    for h in req.headers.iter() {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(h.value),
+        ) else {
+            return Parsed::General;
+        };
+        match name {
+            header::TRANSFER_ENCODING | header::EXPECT | header::UPGRADE | header::TE => {
+                return Parsed::General
+            }
+            header::CONTENT_LENGTH => match (body, content_length(h.value)) {
+                (None, Some(n)) => body = Some(n),
+                _ => return Parsed::General,
+            },
+            header::CONNECTION => {
+                for token in h.value.split(|b| *b == b',').map(|t| t.trim_ascii()) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if token.eq_ignore_ascii_case(b"upgrade") {
+                        return Parsed::General;
+                    }
+                }
+            }
+            header::HOST => match (host, value.to_str()) {
+                (None, Ok(v)) if !v.is_empty() => host = Some(v.to_string()),
+                _ => return Parsed::General,
+            },
+            _ => {}
+        }
+        headers.append(name, value);
+    }
+    let Some(host) = host else {
+        return Parsed::General;
+    };
+    let mut url = String::with_capacity(7 + host.len() + path.len());
+    url.push_str("http://");
+    url.push_str(&host);
+    url.push_str(path);
+    Parsed::Request(RequestHead {
+        len,
+        body: body.unwrap_or(0),
+        close,
+        head_method: method == "HEAD",
+        method: method.to_string(),
+        url,
+        host_end: 7 + host.len(),
+        headers,
+    })
+}
+
+/// A `Content-Length` value: digits only, as RFC 9112 §6.3 wants it.
+fn content_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// A response head; `Err` for a head the proxy cannot frame (an error of
+/// the server's: 502).
+fn parse_response(buf: &[u8], head_method: bool) -> Result<Option<ResponseHead>, ()> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut slots);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEADER_BYTES => return Ok(None),
+        _ => return Err(()),
+    };
+    let code = resp.code.ok_or(())?;
+    let (mut length, mut chunked, mut transfer_encoding, mut close) = (None, false, false, false);
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let n = content_length(h.value).ok_or(())?;
+            if length.is_some_and(|l| l != n) {
+                return Err(());
+            }
+            length = Some(n);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // The last coding decides (RFC 9112 §6.3).
+            transfer_encoding = true;
+            chunked = h
+                .value
+                .split(|b| *b == b',')
+                .next_back()
+                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            close |= h
+                .value
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        }
+    }
+    let framing = if head_method || code == 204 || code == 304 || (100..200).contains(&code) {
+        Framing::Length(0)
+    } else if transfer_encoding {
+        if chunked {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        }
+    } else {
+        length.map_or(Framing::Close, Framing::Length)
+    };
+    Ok(Some(ResponseHead {
+        len,
+        code,
+        framing,
+        // Both lengths reach the client as they came: the connection ends
+        // with this response, whichever the client believed.
+        close: close || framing == Framing::Close || transfer_encoding && length.is_some(),
+    }))
+}
+
+/// Finds where a chunked body ends (RFC 9112 §7.1), fed the bytes in
+/// pieces as they arrive.
+#[derive(Debug, Default)]
+struct ChunkedEnd {
+    state: ChunkState,
+    /// Data bytes left of the current chunk.
+    left: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+enum ChunkState {
+    /// In a chunk-size line (the hex size, then any extension, up to LF).
+    #[default]
+    Size,
+    /// After the size's hex digits: an extension or whitespace, up to LF.
+    SizeRest,
+    Data,
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// Trailer lines after the last chunk; `true` at the start of a line.
+    Trailer(bool),
+}
+
+impl ChunkedEnd {
+    /// How many of `data`'s bytes finish the body (`Some`), or `None` when
+    /// all of them belong to it and more are to come. `Err`: not chunked
+    /// framing.
+    fn scan(&mut self, data: &[u8]) -> Result<Option<usize>, ()> {
+        let mut i = 0;
+        while i < data.len() {
+            let b = data[i];
+            match self.state {
+                ChunkState::Size => match (b as char).to_digit(16) {
+                    Some(d) => {
+                        self.left = self.left.checked_mul(16).ok_or(())? + d as u64;
+                        if self.left > 1 << 48 {
+                            return Err(());
+                        }
+                    }
+                    None if b == b'\n' => self.end_size_line(),
+                    None => self.state = ChunkState::SizeRest,
+                },
+                ChunkState::SizeRest => {
+                    if b == b'\n' {
+                        self.end_size_line();
+                    }
+                }
+                ChunkState::Data => {
+                    let n = (self.left.min((data.len() - i) as u64)) as usize;
+                    self.left -= n as u64;
+                    i += n;
+                    if self.left == 0 {
+                        self.state = ChunkState::DataEnd;
+                    }
+                    continue;
+                }
+                ChunkState::DataEnd => match b {
+                    b'\r' => {}
+                    b'\n' => self.state = ChunkState::Size,
+                    _ => return Err(()),
+                },
+                ChunkState::Trailer(line_start) => match b {
+                    b'\n' if line_start => return Ok(Some(i + 1)),
+                    b'\n' => self.state = ChunkState::Trailer(true),
+                    b'\r' => {}
+                    _ => self.state = ChunkState::Trailer(false),
+                },
+            }
+            i += 1;
+        }
+        Ok(None)
+    }
+
+    fn end_size_line(&mut self) {
+        self.state = if self.left == 0 {
+            ChunkState::Trailer(true)
+        } else {
+            ChunkState::Data
+        };
+    }
+}
+
+/// A head of the proxy's own (403, 502, 503) with a short text body.
+fn own_response(status: &str, body: &str, close: bool) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}date: {}\r\n\r\n{body}",
+        body.len(),
+        if close { "connection: close\r\n" } else { "" },
+        httpdate::fmt_http_date(std::time::SystemTime::now()),
+    )
+    .into_bytes()
+}
+
+impl Conn {
+    /// Serves `client` on the direct path until it ends or a request needs
+    /// the general path.
+    pub(super) async fn serve_direct(&self, mut client: TcpStream) -> End {
+        let mut buf = BytesMut::with_capacity(8 * 1024);
+        let mut upstream: Option<Upstream> = None;
+        loop {
+            // A request head, within the header timeout.
+            let deadline = tokio::time::Instant::now() + self.config.header_timeout;
+            let head = loop {
+                match parse_request(&buf) {
+                    Parsed::Request(head) => break head,
+                    Parsed::General => return End::Fallback(client, buf.freeze()),
+                    Parsed::Partial => {}
+                }
+                match tokio::time::timeout_at(deadline, client.read_buf(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return End::Done,
+                }
+            };
+            let started = Instant::now();
+            match self
+                .direct_request(&mut client, &mut buf, &mut upstream, head, started)
+                .await
+            {
+                Ok(Next::Request) => {}
+                Ok(Next::General) => return End::Fallback(client, buf.freeze()),
+                Ok(Next::Close) | Err(_) => {
+                    let _ = client.shutdown().await;
+                    return End::Done;
+                }
+            }
+        }
+    }
+
+    /// One request: checked, then refused or forwarded with its response.
+    async fn direct_request(
+        &self,
+        client: &mut TcpStream,
+        buf: &mut BytesMut,
+        upstream: &mut Option<Upstream>,
+        head: RequestHead,
+        started: Instant,
+    ) -> io::Result<Next> {
+        let view = RequestView {
+            method: &head.method,
+            path: &head.url[head.host_end..],
+            host: &head.url[7..head.host_end],
+            headers: &head.headers,
+        };
+        let mut denied_by = None;
+        for side in &self.conn.sides {
+            match side.rules.check(&view) {
+                // Header edits are the general path's (see `Conn::request`).
+                Some(edits) if !edits.is_empty() => return Ok(Next::General),
+                Some(_) => {}
+                None => {
+                    denied_by = Some(side);
+                    break;
+                }
+            }
+        }
+        let mut http = flow::record::Http {
+            code: 0,
+            method: method_text(&head.method),
+            url: head.url,
+            protocol: "HTTP/1.1".into(),
+            headers: Vec::new(),
+        };
+        let request = flow::record::Http {
+            headers: flow_headers(&head.headers),
+            ..http.clone()
+        };
+        if let Some(side) = denied_by {
+            Stats::inc(&self.stats.requests_denied);
+            self.record(
+                false,
+                "DROPPED",
+                request,
+                0,
+                std::sync::Arc::new([(side.ingress, side.policy.clone())]),
+            );
+            // The refused request's body is read (up to a limit), so that
+            // the connection stays usable for the next request.
+            buf.advance(head.len);
+            let keep = !head.close
+                && head.body <= DRAIN_LIMIT as u64
+                && skip(client, buf, head.body, self.config.header_timeout).await;
+            client
+                .write_all(&own_response("403 Forbidden", "Access denied\r\n", !keep))
+                .await?;
+            return Ok(if keep { Next::Request } else { Next::Close });
+        }
+        Stats::inc(&self.stats.requests_forwarded);
+        self.record(false, "FORWARDED", request, 0, self.allowed_by.clone());
+
+        let sent = match self
+            .send_upstream(client, buf, upstream, (head.len, head.body))
+            .await
+        {
+            Ok(up) => Some(up),
+            Err(e) => {
+                tracing::debug!(server = %self.dst, error = %e, "upstream");
+                None
+            }
+        };
+        let response = match sent {
+            Some(up) => final_response_head(up, client, head.head_method).await,
+            None => Err(io::Error::other("no upstream")),
+        };
+        let Ok(resp) = response else {
+            Stats::inc(&self.stats.upstream_errors);
+            *upstream = None;
+            http.code = 503;
+            let latency = started.elapsed().as_nanos().max(1) as u64;
+            self.record(true, "FORWARDED", http, latency, self.allowed_by.clone());
+            let body = "upstream connect error or disconnect/reset before headers\r\n";
+            client
+                .write_all(&own_response("503 Service Unavailable", body, true))
+                .await?;
+            return Ok(Next::Close);
+        };
+        http.code = resp.code as u32;
+        let latency = started.elapsed().as_nanos().max(1) as u64;
+        self.record(true, "FORWARDED", http, latency, self.allowed_by.clone());
+        let up = upstream.as_mut().expect("sent on it");
+        if forward_response(up, client, &resp).await.is_err() {
+            *upstream = None;
+            return Ok(Next::Close);
+        }
+        if resp.close {
+            *upstream = None;
+        }
+        Ok(if head.close || resp.framing == Framing::Close {
+            Next::Close
+        } else {
+            Next::Request
+        })
+    }
+
+    /// Sends the request (its head's and body's lengths at the start of
+    /// `buf`) upstream, (re)connecting when there is no connection or the
+    /// server closed it.
+    async fn send_upstream<'u>(
+        &self,
+        client: &mut TcpStream,
+        buf: &mut BytesMut,
+        upstream: &'u mut Option<Upstream>,
+        (head_len, body): (usize, u64),
+    ) -> io::Result<&'u mut Upstream> {
+        if let Some(up) = upstream.as_mut() {
+            // An idle keep-alive connection the server closed (or wrote
+            // to out of turn) is not reused.
+            let mut probe = [0u8; 1];
+            match up.stream.try_read(&mut probe) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                _ => *upstream = None,
+            }
+        }
+        if upstream.is_none() {
+            let stream = tokio::time::timeout(
+                self.config.connect_timeout,
+                crate::socket::connect(
+                    *self.client.ip(),
+                    self.dst,
+                    self.conn.transparent,
+                    self.config.from_mark,
+                ),
+            )
+            .await
+            .map_err(|_| io::Error::other(format!("connecting to {} timed out", self.dst)))??;
+            *upstream = Some(Upstream {
+                stream,
+                buf: BytesMut::with_capacity(8 * 1024),
+            });
+        }
+        let up = upstream.as_mut().expect("just set");
+        let have = (buf.len() - head_len).min(body as usize);
+        up.stream.write_all(&buf[..head_len + have]).await?;
+        buf.advance(head_len + have);
+        let mut left = body - have as u64;
+        while left > 0 {
+            if buf.is_empty() {
+                buf.reserve(BODY_READ);
+                if client.read_buf(buf).await? == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+            let n = buf.len().min(left as usize);
+            up.stream.write_all(&buf[..n]).await?;
+            buf.advance(n);
+            left -= n as u64;
+        }
+        Ok(up)
+    }
+}
+
+/// Reads up to the final response head, which stays at the start of
+/// `up.buf`; interim (1xx) heads go to the client as they are.
+async fn final_response_head(
+    up: &mut Upstream,
+    client: &mut TcpStream,
+    head_method: bool,
+) -> io::Result<ResponseHead> {
+    loop {
+        match parse_response(&up.buf, head_method) {
+            Ok(Some(head)) if head.code == 101 => {
+                return Err(io::Error::other("101 without an upgrade request"))
+            }
+            Ok(Some(head)) if (100..200).contains(&head.code) => {
+                client.write_all(&up.buf[..head.len]).await?;
+                up.buf.advance(head.len);
+                continue;
+            }
+            Ok(Some(head)) => return Ok(head),
+            Ok(None) => {}
+            Err(()) => return Err(io::Error::other("unframable response")),
+        }
+        if up.stream.read_buf(&mut up.buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// Forwards the response whose head `resp` is at the start of `up.buf`,
+/// then its body.
+async fn forward_response(
+    up: &mut Upstream,
+    client: &mut TcpStream,
+    resp: &ResponseHead,
+) -> io::Result<()> {
+    let resp_len = resp.len;
+    match resp.framing {
+        Framing::Length(n) => {
+            let have = (up.buf.len() - resp_len).min(n as usize);
+            client.write_all(&up.buf[..resp_len + have]).await?;
+            up.buf.advance(resp_len + have);
+            let mut left = n - have as u64;
+            while left > 0 {
+                up.buf.reserve(BODY_READ);
+                if up.stream.read_buf(&mut up.buf).await? == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                let k = up.buf.len().min(left as usize);
+                client.write_all(&up.buf[..k]).await?;
+                up.buf.advance(k);
+                left -= k as u64;
+            }
+        }
+        Framing::Chunked => {
+            let mut end = ChunkedEnd::default();
+            let mut from = resp_len;
+            loop {
+                let scanned = end
+                    .scan(&up.buf[from..])
+                    .map_err(|()| io::Error::other("bad chunked framing"))?;
+                let k = scanned.map_or(up.buf.len(), |k| from + k);
+                client.write_all(&up.buf[..k]).await?;
+                up.buf.advance(k);
+                if scanned.is_some() {
+                    break;
+                }
+                from = 0;
+                up.buf.reserve(BODY_READ);
+                if up.stream.read_buf(&mut up.buf).await? == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+        }
+        Framing::Close => {
+            client.write_all(&up.buf).await?;
+            up.buf.clear();
+            loop {
+                up.buf.reserve(BODY_READ);
+                if up.stream.read_buf(&mut up.buf).await? == 0 {
+                    break;
+                }
+                client.write_all(&up.buf).await?;
+                up.buf.clear();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads and drops `n` body bytes (from `buf`, then `client`); false when
+/// the client does not send them in time.
+async fn skip(
+    client: &mut TcpStream,
+    buf: &mut BytesMut,
+    n: u64,
+    timeout: std::time::Duration,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut left = n;
+    loop {
+        let k = buf.len().min(left as usize);
+        buf.advance(k);
+        left -= k as u64;
+        if left == 0 {
+            return true;
+        }
+        match tokio::time::timeout_at(deadline, client.read_buf(buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return false,
+        }
+    }
+}
+
+/// The connection handed to the general path: the bytes the direct path
+/// already read come first.
+pub(super) struct Rewind {
+    pub read: Bytes,
+    pub stream: TcpStream,
+}
+
+impl tokio::io::AsyncRead for Rewind {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            buf.put_slice(&self.read[..n]);
+            self.read.advance(n);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(raw: &str) -> Parsed {
+        parse_request(raw.as_bytes())
+    }
+
+    #[test]
+    fn plain_requests_take_the_direct_path_and_the_rest_the_general_one() {
+        let Parsed::Request(h) = request(
+            "POST /api/x?y=1 HTTP/1.1\r\nHost: svc:8080\r\nContent-Length: 5\r\nConnection: keep-alive, close\r\n\r\nhello",
+        ) else {
+            panic!("direct")
+        };
+        assert_eq!(
+            (h.len, h.body, h.close, h.head_method),
+            (94, 5, true, false)
+        );
+        assert_eq!(
+            (h.method.as_str(), h.url.as_str()),
+            ("POST", "http://svc:8080/api/x?y=1")
+        );
+        assert_eq!(&h.url[7..h.host_end], "svc:8080");
+        assert!(matches!(
+            request("GET / HTTP/1.1\r\nHost: a\r\n"),
+            Parsed::Partial
+        ));
+        for general in [
+            "GET / HTTP/1.0\r\nHost: a\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            "CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "GET / HTTP/1.1\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost a\r\n\r\n",
+            "G\u{1}T / HTTP/1.1\r\nHost: a\r\n\r\n",
+        ] {
+            assert!(matches!(request(general), Parsed::General), "{general:?}");
+        }
+        let many = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\n{}\r\n",
+            "X-A: 1\r\n".repeat(70)
+        );
+        assert!(matches!(request(&many), Parsed::General));
+        let huge = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX-A: {}",
+            "a".repeat(MAX_HEADER_BYTES)
+        );
+        assert!(matches!(request(&huge), Parsed::General));
+    }
+
+    #[test]
+    fn responses_are_framed_by_length_chunks_or_close() {
+        let framing = |raw: &str, head: bool| {
+            parse_response(raw.as_bytes(), head).map(|r| r.map(|r| (r.code, r.framing, r.close)))
+        };
+        use Framing::*;
+        for (raw, head, want) in [
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",
+                false,
+                (200, Length(3), false),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",
+                true,
+                (200, Length(0), false),
+            ),
+            (
+                "HTTP/1.1 204 No Content\r\n\r\n",
+                false,
+                (204, Length(0), false),
+            ),
+            (
+                "HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+                false,
+                (304, Length(0), false),
+            ),
+            (
+                "HTTP/1.1 100 Continue\r\n\r\n",
+                false,
+                (100, Length(0), false),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                false,
+                (200, Chunked, false),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+                false,
+                (200, Chunked, true),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                false,
+                (200, Close, true),
+            ),
+            ("HTTP/1.1 200 OK\r\n\r\n", false, (200, Close, true)),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: Close\r\n\r\n",
+                false,
+                (200, Length(3), true),
+            ),
+        ] {
+            assert_eq!(framing(raw, head), Ok(Some(want)), "{raw:?}");
+        }
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n", false),
+            Ok(None)
+        );
+        for bad in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: -3\r\n\r\n",
+            "HTTP/1.1 2000 OK\r\n\r\n",
+            "junk\r\n\r\n",
+        ] {
+            assert_eq!(framing(bad, false), Err(()), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_end_where_their_last_chunk_and_trailers_do() {
+        let body = b"4;ext=1\r\nwiki\r\n5\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nX-Trailer: t\r\n\r\nGET /next";
+        let end = body.len() - "GET /next".len();
+        // Whole, and in every split into two pieces.
+        assert_eq!(ChunkedEnd::default().scan(body), Ok(Some(end)));
+        for cut in 1..end {
+            let mut c = ChunkedEnd::default();
+            assert_eq!(c.scan(&body[..cut]), Ok(None), "cut {cut}");
+            assert_eq!(c.scan(&body[cut..]), Ok(Some(end - cut)), "cut {cut}");
+        }
+        assert_eq!(ChunkedEnd::default().scan(b"0\r\n\r\n"), Ok(Some(5)));
+        assert_eq!(ChunkedEnd::default().scan(b"3\r\nabcX"), Err(()));
+        assert_eq!(ChunkedEnd::default().scan(b"fffffffffffff\r\n"), Err(()));
+    }
+}
