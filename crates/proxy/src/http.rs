@@ -395,8 +395,10 @@ impl Conn {
         }
     }
 
-    async fn connect(&self, h2: bool) -> Result<Upstream, String> {
-        let stream = tokio::time::timeout(
+    /// A connection to the server (from the client's address when
+    /// transparent), within the connect timeout.
+    async fn dial(&self) -> Result<tokio::net::TcpStream, String> {
+        tokio::time::timeout(
             self.config.connect_timeout,
             crate::socket::connect(
                 *self.client.ip(),
@@ -407,7 +409,11 @@ impl Conn {
         )
         .await
         .map_err(|_| format!("connecting to {} timed out", self.dst))?
-        .map_err(|e| format!("connecting to {}: {e}", self.dst))?;
+        .map_err(|e| format!("connecting to {}: {e}", self.dst))
+    }
+
+    async fn connect(&self, h2: bool) -> Result<Upstream, String> {
+        let stream = self.dial().await?;
         let io = TokioIo::new(stream);
         if h2 {
             let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())

@@ -485,17 +485,7 @@ impl Conn {
             }
         }
         if upstream.is_none() {
-            let stream = tokio::time::timeout(
-                self.config.connect_timeout,
-                crate::socket::connect(
-                    *self.client.ip(),
-                    self.dst,
-                    self.conn.transparent,
-                    self.config.from_mark,
-                ),
-            )
-            .await
-            .map_err(|_| io::Error::other(format!("connecting to {} timed out", self.dst)))??;
+            let stream = self.dial().await.map_err(io::Error::other)?;
             *upstream = Some(Upstream {
                 stream,
                 buf: BytesMut::with_capacity(8 * 1024),
