@@ -456,5 +456,90 @@ policies:
             med(v, |x| x.3)
         );
     }
+
+    // The same HTTP load with the agent, both servers and the client on one
+    // CPU: no thread waits for another vCPU, so the rates are the CPU each
+    // request costs (steady from run to run, unlike the two-CPU figures,
+    // which move with where the scheduler puts each thread). Last: it
+    // pins the lab's processes.
+    let cpu = one_cpu_lab(&lab)?.to_string();
+    let pinned_load = |host: &str| -> anyhow::Result<f64> {
+        let url = format!("http://{host}:8080/api/bench");
+        Ok(measure_keys(
+            &mut fibril(&[
+                "lab",
+                "exec",
+                "bench/client",
+                "--",
+                "taskset",
+                "-c",
+                &cpu,
+                "fibril-echo",
+                "http-load",
+                &url,
+                "--seconds",
+                &secs,
+                "--connections",
+                "4",
+            ]),
+            &["requests_per_sec"],
+        )?[0])
+    };
+    let (mut d, mut p) = (vec![], vec![]);
+    for _ in 0..3 {
+        d.push(pinned_load("10.198.0.3")?);
+        p.push(pinned_load("10.198.0.4")?);
+    }
+    let (d, p) = (median(d), median(p));
+    println!(
+        "
+HTTP on one CPU (agent, servers and client on CPU {cpu}; 4 connections, 3 rounds, medians)"
+    );
+    println!(
+        "direct {d:.0} rq/s ({:.1} us of CPU each), proxied {p:.0} rq/s ({:.1} us), ratio {:.3}",
+        1e6 / d,
+        1e6 / p,
+        p / d
+    );
     Ok(())
+}
+
+/// Pins the agent and every pod's process of `lab` (all their threads) to
+/// the first CPU this process may use, and returns it.
+fn one_cpu_lab(lab: &str) -> anyhow::Result<usize> {
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(format!("/run/fibril/labs/{lab}/lab.json"))?)?;
+    let cpu = first_allowed_cpu()?;
+    let pids = std::iter::once(&state["agent_pid"])
+        .chain(
+            state["pods"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| &p["pid"]),
+        )
+        .filter_map(|p| p.as_u64());
+    for pid in pids {
+        let ok = Command::new("taskset")
+            .args(["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .status()?
+            .success();
+        anyhow::ensure!(ok, "taskset of {pid} failed");
+    }
+    Ok(cpu)
+}
+
+/// The first CPU in this process's affinity list (`taskset -p`).
+fn first_allowed_cpu() -> anyhow::Result<usize> {
+    let out = Command::new("taskset")
+        .args(["-c", "-p", &std::process::id().to_string()])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "pid N's current affinity list: 0,2-3"
+    text.rsplit(':')
+        .next()
+        .and_then(|l| l.trim().split([',', '-']).next())
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no affinity list in {text:?}"))
 }
