@@ -686,6 +686,7 @@ impl tokio::io::AsyncWrite for Rewind {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn request(raw: &str) -> Parsed {
         parse_request(raw.as_bytes())
@@ -810,6 +811,254 @@ mod tests {
         ] {
             assert_eq!(framing(bad, false), Err(()), "{bad:?}");
         }
+    }
+
+    /// Records the proxy's reports; the rest of the policy is unused here.
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<flow::record::L7Record>>);
+
+    impl crate::Policy for Recorder {
+        fn connection(
+            &self,
+            _: std::net::SocketAddrV4,
+            _: std::net::SocketAddrV4,
+        ) -> Option<crate::Connection> {
+            None
+        }
+        fn dns(
+            &self,
+            _: std::net::SocketAddrV4,
+            _: std::net::SocketAddrV4,
+            _: bool,
+        ) -> Option<crate::dns::DnsConnection> {
+            None
+        }
+        fn learned(&self, _: std::net::Ipv4Addr, _: &str, _: &[(std::net::Ipv4Addr, u32)]) {}
+        fn refresh_learned(
+            &self,
+            _: std::net::Ipv4Addr,
+            _: &str,
+            _: &[(std::net::Ipv4Addr, u32)],
+        ) -> bool {
+            false
+        }
+        fn record(&self, record: flow::record::L7Record) {
+            self.0.lock().unwrap().push(record);
+        }
+    }
+
+    /// A keep-alive server on loopback: answers a path ending in /chunked
+    /// with three chunks (three writes) and a trailer, anything else with
+    /// the request line and the body's length.
+    fn server() -> std::net::SocketAddrV4 {
+        use std::io::{BufRead, Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let std::net::SocketAddr::V4(addr) = l.local_addr().unwrap() else {
+            unreachable!()
+        };
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut w = s.try_clone().unwrap();
+                    let mut r = std::io::BufReader::new(s);
+                    loop {
+                        let (mut line, mut len) = (String::new(), 0);
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        loop {
+                            let mut h = String::new();
+                            r.read_line(&mut h).unwrap();
+                            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:")
+                            {
+                                len = v.trim().parse().unwrap();
+                            }
+                            if h == "\r\n" {
+                                break;
+                            }
+                        }
+                        r.read_exact(&mut vec![0; len]).unwrap();
+                        let line = line.trim_end();
+                        if line.contains("/chunked ") {
+                            for part in [
+                                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nab",
+                                "c\r\n2\r\nde\r",
+                                "\n0\r\nX-T: 1\r\n\r\n",
+                            ] {
+                                w.write_all(part.as_bytes()).unwrap();
+                                std::thread::sleep(std::time::Duration::from_millis(5));
+                            }
+                        } else {
+                            let body = format!("{line} body {len}");
+                            let head = format!(
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                                body.len()
+                            );
+                            w.write_all((head + &body).as_bytes()).unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// A proxied connection to `dst` with `rules` (the server's ingress
+    /// side): the client's end and the direct path's outcome.
+    async fn proxied(
+        dst: std::net::SocketAddrV4,
+        rules: Vec<policy::HttpRule>,
+        policy: std::sync::Arc<Recorder>,
+    ) -> (TcpStream, tokio::task::JoinHandle<End>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (accepted, std::net::SocketAddr::V4(from)) = l.accept().await.unwrap() else {
+            unreachable!()
+        };
+        let side = crate::Side {
+            ingress: true,
+            rules: std::sync::Arc::new(crate::HttpRules::compile(&rules).unwrap()),
+            policy: Default::default(),
+        };
+        let conn = Conn {
+            client: from,
+            dst,
+            ingress: true,
+            allowed_by: std::sync::Arc::new([(true, side.policy.clone())]),
+            conn: crate::Connection {
+                client_identity: 1,
+                server_identity: 2,
+                sides: vec![side],
+                transparent: false,
+            },
+            policy,
+            config: Default::default(),
+            stats: Default::default(),
+            upstream: tokio::sync::Mutex::new(None),
+        };
+        (
+            client,
+            tokio::spawn(async move { conn.serve_direct(accepted).await }),
+        )
+    }
+
+    /// Reads until `n` bytes came (a test fails rather than hangs).
+    async fn read_n(s: &mut TcpStream, n: usize) -> String {
+        let mut out = vec![0; n];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_exact(&mut out));
+        read.await.expect("answered in time").unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test]
+    async fn requests_are_checked_forwarded_refused_and_reported() {
+        let policy = std::sync::Arc::new(Recorder::default());
+        let get_api = policy::HttpRule {
+            method: Some("GET".into()),
+            path: Some("/api/.*".into()),
+            ..Default::default()
+        };
+        let (mut c, end) = proxied(server(), vec![get_api], policy.clone()).await;
+        // Allowed, refused (its body drained: the connection stays usable),
+        // a chunked answer, then two pipelined requests in one write.
+        c.write_all(b"GET /api/a HTTP/1.1\r\nHost: s\r\n\r\n")
+            .await
+            .unwrap();
+        let a = "HTTP/1.1 200 OK\r\nContent-Length: 26\r\n\r\nGET /api/a HTTP/1.1 body 0";
+        assert_eq!(read_n(&mut c, a.len()).await, a);
+        c.write_all(b"POST /api/b HTTP/1.1\r\nHost: s\r\nContent-Length: 2\r\n\r\nhi")
+            .await
+            .unwrap();
+        let refused = read_n(&mut c, 120).await;
+        assert!(
+            refused.starts_with("HTTP/1.1 403 Forbidden\r\n"),
+            "{refused}"
+        );
+        let refused = refused.split_once("\r\n\r\n").unwrap().1.to_string();
+        let rest = read_n(&mut c, "Access denied\r\n".len() - refused.len()).await;
+        assert_eq!(refused + &rest, "Access denied\r\n");
+        c.write_all(b"GET /api/chunked HTTP/1.1\r\nHost: s\r\n\r\n")
+            .await
+            .unwrap();
+        let chunked = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\nX-T: 1\r\n\r\n";
+        assert_eq!(read_n(&mut c, chunked.len()).await, chunked);
+        c.write_all(b"GET /api/p HTTP/1.1\r\nHost: s\r\nContent-Length: 3\r\n\r\nxyzGET /api/q HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut both = String::new();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            c.read_to_string(&mut both),
+        );
+        read.await.expect("closed in time").unwrap();
+        assert_eq!(
+            both,
+            "HTTP/1.1 200 OK\r\nContent-Length: 26\r\n\r\nGET /api/p HTTP/1.1 body 3HTTP/1.1 200 OK\r\nContent-Length: 26\r\n\r\nGET /api/q HTTP/1.1 body 0"
+        );
+        assert!(matches!(end.await.unwrap(), End::Done));
+        let records = policy.0.lock().unwrap();
+        let seen: Vec<_> = records
+            .iter()
+            .map(|r| {
+                let h = r.l7.http.as_ref().unwrap();
+                (
+                    r.verdict,
+                    &*r.l7.r#type,
+                    h.method.to_string(),
+                    h.url.clone(),
+                    h.code,
+                )
+            })
+            .collect();
+        let row = |v, t, m: &str, path: &str, code| {
+            (v, t, m.to_string(), format!("http://s{path}"), code)
+        };
+        assert_eq!(
+            seen,
+            [
+                row("FORWARDED", "REQUEST", "GET", "/api/a", 0),
+                row("FORWARDED", "RESPONSE", "GET", "/api/a", 200),
+                row("DROPPED", "REQUEST", "POST", "/api/b", 0),
+                row("FORWARDED", "REQUEST", "GET", "/api/chunked", 0),
+                row("FORWARDED", "RESPONSE", "GET", "/api/chunked", 200),
+                row("FORWARDED", "REQUEST", "GET", "/api/p", 0),
+                row("FORWARDED", "RESPONSE", "GET", "/api/p", 200),
+                row("FORWARDED", "REQUEST", "GET", "/api/q", 0),
+                row("FORWARDED", "RESPONSE", "GET", "/api/q", 200),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn header_edits_and_unusual_requests_go_to_the_general_path_untouched() {
+        let add_token = policy::HttpRule {
+            header_matches: vec![policy::HeaderMatch {
+                name: "X-Token".into(),
+                value: Some("t".into()),
+                secret: None,
+                mismatch: Some("ADD".into()),
+            }],
+            ..Default::default()
+        };
+        let policy = std::sync::Arc::new(Recorder::default());
+        for (rules, request) in [
+            (vec![add_token], "GET /x HTTP/1.1\r\nHost: s\r\n\r\n"),
+            (
+                vec![],
+                "POST /x HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            ),
+        ] {
+            let (mut c, end) = proxied(server(), rules, policy.clone()).await;
+            c.write_all(request.as_bytes()).await.unwrap();
+            let End::Fallback(_, read) = end.await.unwrap() else {
+                panic!("direct path kept {request:?}")
+            };
+            assert_eq!(read, request.as_bytes());
+        }
+        assert!(
+            policy.0.lock().unwrap().is_empty(),
+            "the general path reports them"
+        );
     }
 
     #[test]
