@@ -2,8 +2,10 @@
 //! head and at most a `Content-Length` body, answered by a head and a
 //! `Content-Length` or chunked body. For those the proxy forwards the bytes
 //! as they came (parsed with httparse, checked against the rules, never
-//! re-encoded), which costs a fraction of going through a server and a
-//! client connection of hyper's. Anything else (HTTP/2, `Transfer-Encoding`
+//! re-encoded). On the lab's VM, everything on one CPU, a proxied request
+//! costs 27.7 µs of CPU this way against 31.1 through hyper's server and
+//! client connections (a relay doing no HTTP work at all: 23.0; direct:
+//! 20.5). Anything else (HTTP/2, `Transfer-Encoding`
 //! or `Expect` on a request, upgrades, absolute-form targets, header edits
 //! by `headerMatches`, heads httparse does not accept) goes to the general
 //! path (`Conn::serve_hyper`) with the bytes already read, between two
