@@ -339,25 +339,28 @@ policies:
     )?]);
     std::thread::sleep(Duration::from_millis(500));
     let secs = seconds.to_string();
-    let load = |host: &str, connections: &str| -> anyhow::Result<(f64, f64, f64)> {
+    // HTTP load from the client pod (its threads on CPU `pin`, if given):
+    // requests/s, p50 and p99 in µs.
+    let http_load = |host: &str, connections: &str, pin: Option<&str>| {
         let url = format!("http://{host}:8080/api/bench");
+        let mut args = vec!["lab", "exec", "bench/client", "--"];
+        if let Some(cpu) = pin {
+            args.extend(["taskset", "-c", cpu]);
+        }
+        args.extend([
+            "fibril-echo",
+            "http-load",
+            &url,
+            "--seconds",
+            &secs,
+            "--connections",
+            connections,
+        ]);
         let v = measure_keys(
-            &mut fibril(&[
-                "lab",
-                "exec",
-                "bench/client",
-                "--",
-                "fibril-echo",
-                "http-load",
-                &url,
-                "--seconds",
-                &secs,
-                "--connections",
-                connections,
-            ]),
+            &mut fibril(&args),
             &["requests_per_sec", "p50_us", "p99_us"],
         )?;
-        Ok((v[0], v[1], v[2]))
+        anyhow::Ok((v[0], v[1], v[2]))
     };
     println!(
         "\nfibril L7 proxy benchmark (HTTP/1.1 keep-alive GET, {rounds} rounds x {seconds}s, medians; direct = the same server allowed at L4, same run)"
@@ -377,8 +380,8 @@ policies:
     for connections in ["4", "16"] {
         let (mut d, mut p) = (vec![], vec![]);
         for _ in 0..rounds {
-            d.push(load("10.198.0.3", connections)?);
-            p.push(load("10.198.0.4", connections)?);
+            d.push(http_load("10.198.0.3", connections, None)?);
+            p.push(http_load("10.198.0.4", connections, None)?);
         }
         let med = |v: &[(f64, f64, f64)], f: fn(&(f64, f64, f64)) -> f64| {
             median(v.iter().map(f).collect())
@@ -463,37 +466,14 @@ policies:
     // which move with where the scheduler puts each thread). Last: it
     // pins the lab's processes.
     let cpu = one_cpu_lab(&lab)?.to_string();
-    let pinned_load = |host: &str| -> anyhow::Result<f64> {
-        let url = format!("http://{host}:8080/api/bench");
-        Ok(measure_keys(
-            &mut fibril(&[
-                "lab",
-                "exec",
-                "bench/client",
-                "--",
-                "taskset",
-                "-c",
-                &cpu,
-                "fibril-echo",
-                "http-load",
-                &url,
-                "--seconds",
-                &secs,
-                "--connections",
-                "4",
-            ]),
-            &["requests_per_sec"],
-        )?[0])
-    };
     let (mut d, mut p) = (vec![], vec![]);
     for _ in 0..3 {
-        d.push(pinned_load("10.198.0.3")?);
-        p.push(pinned_load("10.198.0.4")?);
+        d.push(http_load("10.198.0.3", "4", Some(&cpu))?.0);
+        p.push(http_load("10.198.0.4", "4", Some(&cpu))?.0);
     }
     let (d, p) = (median(d), median(p));
     println!(
-        "
-HTTP on one CPU (agent, servers and client on CPU {cpu}; 4 connections, 3 rounds, medians)"
+        "\nHTTP on one CPU (agent, servers and client on CPU {cpu}; 4 connections, 3 rounds, medians)"
     );
     println!(
         "direct {d:.0} rq/s ({:.1} us of CPU each), proxied {p:.0} rq/s ({:.1} us), ratio {:.3}",
@@ -530,16 +510,13 @@ fn one_cpu_lab(lab: &str) -> anyhow::Result<usize> {
     Ok(cpu)
 }
 
-/// The first CPU in this process's affinity list (`taskset -p`).
+/// The first CPU this process may run on (`Cpus_allowed_list: 0,2-3`).
 fn first_allowed_cpu() -> anyhow::Result<usize> {
-    let out = Command::new("taskset")
-        .args(["-c", "-p", &std::process::id().to_string()])
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    // "pid N's current affinity list: 0,2-3"
-    text.rsplit(':')
-        .next()
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
         .and_then(|l| l.trim().split([',', '-']).next())
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no affinity list in {text:?}"))
+        .ok_or_else(|| anyhow::anyhow!("no Cpus_allowed_list in /proc/self/status"))
 }

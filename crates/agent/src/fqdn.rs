@@ -44,6 +44,11 @@ fn expiry(now: u64, ttl: u32, cfg: FqdnConfig) -> u64 {
     now + (ttl as u64).max(cfg.min_ttl_s)
 }
 
+/// The id of the endpoint whose address is `ip`.
+fn endpoint_of(s: &crate::state::State, ip: Ipv4Addr) -> Option<u32> {
+    s.endpoints.values().find(|e| e.ipv4 == ip).map(|e| e.id)
+}
+
 /// Extends the expiry of `answers` if `client`'s endpoint holds every one
 /// of them for `name` already; false (nothing changed) otherwise.
 fn refresh(
@@ -54,12 +59,7 @@ fn refresh(
     now: u64,
     cfg: FqdnConfig,
 ) -> bool {
-    let Some(endpoint) = s
-        .endpoints
-        .values()
-        .find(|e| e.ipv4 == client)
-        .map(|e| e.id)
-    else {
+    let Some(endpoint) = endpoint_of(s, client) else {
         return false;
     };
     let Some(entry) = s.fqdn.get_mut(name) else {
@@ -99,11 +99,7 @@ impl Agent {
         let cfg = self.config.fqdn;
         let now = now_s();
         let mut s = self.lock_state();
-        let endpoint = s
-            .endpoints
-            .values()
-            .find(|e| e.ipv4 == client)
-            .map(|e| e.id)
+        let endpoint = endpoint_of(&s, client)
             .ok_or_else(|| invalid(format!("no endpoint has address {client}")))?;
         let mut held: usize = s
             .fqdn

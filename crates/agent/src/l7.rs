@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 
 use policy::{Decision, Direction, HttpRule, L7};
 
-use crate::observer::policy_ref;
 use crate::policy_sync::PolicySync;
 use crate::Agent;
 
@@ -71,7 +70,7 @@ impl proxy::Policy for ProxyPolicy {
                 sides.push(proxy::Side {
                     ingress: direction == Direction::Ingress,
                     rules: self.compile(&rules)?,
-                    policy: Arc::new(policy_ref(&by)),
+                    policy: sync.attribution(&by),
                 });
             }
         }
@@ -102,7 +101,7 @@ impl proxy::Policy for ProxyPolicy {
             resolver.port(),
         )?;
         let (selectors, policy) = match rules {
-            Some((L7::Dns(selectors), by)) => (selectors, Some(Arc::new(policy_ref(&by)))),
+            Some((L7::Dns(selectors), by)) => (selectors, Some(sync.attribution(&by))),
             _ => (Vec::new(), None),
         };
         Some(proxy::dns::DnsConnection {

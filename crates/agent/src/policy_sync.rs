@@ -61,6 +61,17 @@ impl PolicySync {
         self.policy_refs.clone()
     }
 
+    /// The shared attribution of a rule: the one its cookie stands for
+    /// (every rule in the maps has one), else built afresh.
+    pub fn attribution(&self, o: &Origin) -> flow::record::SharedPolicyRef {
+        let refs = self.policy_refs.read().unwrap_or_else(|e| e.into_inner());
+        self.cookies
+            .get(o)
+            .and_then(|c| refs.get(*c as usize - 1))
+            .cloned()
+            .unwrap_or_else(|| std::sync::Arc::new(crate::observer::policy_ref(o)))
+    }
+
     fn cookie(&mut self, o: &Origin) -> u32 {
         if let Some(c) = self.cookies.get(o) {
             return *c;
@@ -229,5 +240,32 @@ impl PolicySync {
         }
         self.engine = Some(engine);
         Ok(rewritten)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attributions_are_the_cookie_tables_own() {
+        let rule = |policy: &str| Origin {
+            kind: "CiliumNetworkPolicy".into(),
+            policy: policy.into(),
+            rule: 0,
+            direction: policy::compute::Direction::Ingress,
+            entry: 0,
+        };
+        let mut sync = PolicySync::default();
+        let cookie = sync.cookie(&rule("shop/a"));
+        let shared = sync.attribution(&rule("shop/a"));
+        let table = sync.policy_refs();
+        assert!(std::sync::Arc::ptr_eq(
+            &shared,
+            &table.read().unwrap()[cookie as usize - 1]
+        ));
+        // A rule without a cookie yet: built, not taken from another rule.
+        assert_eq!(sync.attribution(&rule("shop/b")).name, "b");
+        assert_eq!(shared.name, "a");
     }
 }

@@ -7,9 +7,10 @@ use std::net::Ipv4Addr;
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// Appends `v` in decimal, zero-padded to at least `width` digits.
-pub fn push_dec(s: &mut String, v: u64, width: usize) {
-    let mut buf = [b'0'; 20];
+/// `v` in decimal, zero-padded to at least `width` digits, written into
+/// `buf` (no allocation).
+pub fn dec(buf: &mut [u8; 20], v: u64, width: usize) -> &str {
+    buf.fill(b'0');
     let (mut v, mut i) = (v, buf.len());
     loop {
         i -= 1;
@@ -20,7 +21,12 @@ pub fn push_dec(s: &mut String, v: u64, width: usize) {
         }
     }
     let start = i.min(buf.len().saturating_sub(width));
-    buf[start..].iter().for_each(|&b| s.push(char::from(b)));
+    std::str::from_utf8(&buf[start..]).expect("ASCII digits")
+}
+
+/// Appends `v` in decimal, zero-padded to at least `width` digits.
+pub fn push_dec(s: &mut String, v: u64, width: usize) {
+    s.push_str(dec(&mut [0; 20], v, width));
 }
 
 /// Appends the low `digits` hex digits of `v` (lower case).
@@ -77,6 +83,7 @@ mod tests {
                 let mut s = String::new();
                 push_dec(&mut s, v, w);
                 assert_eq!(s, format!("{v:0w$}"));
+                assert_eq!(dec(&mut [b'7'; 20], v, w), s, "stale digits");
             }
             let mut s = String::new();
             push_hex(&mut s, v, 12);

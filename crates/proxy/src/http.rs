@@ -15,9 +15,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 
 use crate::rules::{HeaderEdit, RequestView};
+use crate::{Connection, Policy, Stats};
 
 mod h1;
-use crate::{Connection, Policy, Stats};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -141,6 +141,39 @@ fn flow_headers(h: &HeaderMap) -> Vec<flow::record::HttpHeader> {
         .collect()
 }
 
+/// `http://{host}{path}`, the flows' URL, and where its host ends: the
+/// rules see its host (`url[7..end]`) and path (`url[end..]`), so the three
+/// take one allocation.
+fn flow_url(host: &str, path: &str) -> (String, usize) {
+    let mut url = String::with_capacity(7 + host.len() + path.len());
+    url.push_str("http://");
+    url.push_str(host);
+    url.push_str(path);
+    (url, 7 + host.len())
+}
+
+/// The flows of a request (with its headers as they came) and of its
+/// response (the same method and URL, no headers).
+fn request_flows(
+    method: flow::record::Text,
+    url: String,
+    protocol: &'static str,
+    headers: &HeaderMap,
+) -> (flow::record::Http, flow::record::Http) {
+    let response = flow::record::Http {
+        code: 0,
+        method,
+        url,
+        protocol: protocol.into(),
+        headers: Vec::new(),
+    };
+    let request = flow::record::Http {
+        headers: flow_headers(headers),
+        ..response.clone()
+    };
+    (request, response)
+}
+
 /// The flow's method: the standard ones without an allocation.
 fn method_text(m: &str) -> flow::record::Text {
     const STANDARD: [&str; 9] = [
@@ -223,6 +256,28 @@ impl Conn {
         }
     }
 
+    /// What every side's rules say of a request: the header edits of the
+    /// rules allowing it, or the side refusing it.
+    fn check(&self, view: &RequestView<'_>) -> Result<Vec<HeaderEdit>, &crate::Side> {
+        let mut edits = Vec::new();
+        for side in &self.conn.sides {
+            edits.extend(side.rules.check(view).ok_or(side)?);
+        }
+        Ok(edits)
+    }
+
+    /// Counts and reports a request `side` refused.
+    fn refused(&self, side: &crate::Side, request: flow::record::Http) {
+        Stats::inc(&self.stats.requests_denied);
+        self.record(
+            false,
+            "DROPPED",
+            request,
+            0,
+            Arc::new([(side.ingress, side.policy.clone())]),
+        );
+    }
+
     /// Reports a request (`is_reply` false) or its response.
     fn record(
         &self,
@@ -259,69 +314,46 @@ impl Conn {
             Version::HTTP_10 => "HTTP/1.0",
             _ => "HTTP/1.1",
         };
-        let method = method_text(req.method().as_str());
-        // The flows' URL, `http://{host}{path}`: the rules see its host
-        // and path parts (one allocation for the three).
         let (url, host_end) = {
             let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-            let dst;
-            let host = match req.uri().authority().map(|a| a.as_str()).or_else(|| {
+            let host = req.uri().authority().map(|a| a.as_str()).or_else(|| {
                 req.headers()
                     .get(header::HOST)
                     .and_then(|h| h.to_str().ok())
-            }) {
-                Some(h) => h,
-                None => {
-                    dst = self.dst.to_string();
-                    &dst
-                }
-            };
-            let mut url = String::with_capacity(7 + host.len() + path.len());
-            url.push_str("http://");
-            url.push_str(host);
-            url.push_str(path);
-            (url, 7 + host.len())
+            });
+            match host {
+                Some(host) => flow_url(host, path),
+                None => flow_url(&self.dst.to_string(), path),
+            }
         };
-        let request_headers = flow_headers(req.headers());
-
         let view = RequestView {
             method: req.method().as_str(),
             path: &url[host_end..],
             host: &url[7..host_end],
             headers: req.headers(),
         };
-        let mut edits = Vec::new();
-        for side in &self.conn.sides {
-            match side.rules.check(&view) {
-                Some(e) => edits.extend(e),
-                None => {
-                    Stats::inc(&self.stats.requests_denied);
-                    let http = flow::record::Http {
-                        code: 0,
-                        method,
-                        url,
-                        protocol: protocol.into(),
-                        headers: request_headers,
-                    };
-                    self.record(
-                        false,
-                        "DROPPED",
-                        http,
-                        0,
-                        Arc::new([(side.ingress, side.policy.clone())]),
-                    );
-                    // Read the refused request's body (up to a limit), so
-                    // that the connection stays usable for the next request.
-                    let mut resp = text(StatusCode::FORBIDDEN, "Access denied\r\n");
-                    let body = http_body_util::Limited::new(req.into_body(), DRAIN_LIMIT);
-                    if body.collect().await.is_err() {
-                        resp.headers_mut()
-                            .insert(header::CONNECTION, "close".parse().expect("static"));
-                    }
-                    return resp;
+        let verdict = self.check(&view);
+        let (request, mut http) = request_flows(
+            method_text(req.method().as_str()),
+            url,
+            protocol,
+            req.headers(),
+        );
+        let edits = match verdict {
+            Ok(edits) => edits,
+            Err(side) => {
+                self.refused(side, request);
+                // Read the refused request's body (up to a limit), so
+                // that the connection stays usable for the next request.
+                let mut resp = text(StatusCode::FORBIDDEN, "Access denied\r\n");
+                let body = http_body_util::Limited::new(req.into_body(), DRAIN_LIMIT);
+                if body.collect().await.is_err() {
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, "close".parse().expect("static"));
                 }
+                return resp;
             }
-        }
+        };
         for e in edits {
             match e {
                 HeaderEdit::Add(n, v) => {
@@ -339,19 +371,6 @@ impl Conn {
             }
         }
         Stats::inc(&self.stats.requests_forwarded);
-        // The response's flow repeats the request's method and URL, not
-        // its headers; the request's flow has the headers as they came.
-        let mut http = flow::record::Http {
-            code: 0,
-            method,
-            url,
-            protocol: protocol.into(),
-            headers: Vec::new(),
-        };
-        let request = flow::record::Http {
-            headers: request_headers,
-            ..http.clone()
-        };
         self.record(false, "FORWARDED", request, 0, self.allowed_by.clone());
 
         let resp = match self.forward(req).await {

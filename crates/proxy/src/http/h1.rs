@@ -19,7 +19,7 @@ use hyper::http::{header, HeaderMap, HeaderName, HeaderValue};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{flow_headers, method_text, Conn, DRAIN_LIMIT, MAX_HEADER_BYTES};
+use super::{flow_url, request_flows, Conn, DRAIN_LIMIT, MAX_HEADER_BYTES};
 use crate::rules::RequestView;
 use crate::Stats;
 
@@ -48,7 +48,7 @@ struct RequestHead {
     close: bool,
     /// HEAD: the response has no body, whatever its head says.
     head_method: bool,
-    method: String,
+    method: flow::record::Text,
     /// `http://{host}{path}` and where the host ends in it.
     url: String,
     host_end: usize,
@@ -155,18 +155,15 @@ fn parse_request(buf: &[u8]) -> Parsed {
     let Some(host) = host else {
         return Parsed::General;
     };
-    let mut url = String::with_capacity(7 + host.len() + path.len());
-    url.push_str("http://");
-    url.push_str(&host);
-    url.push_str(path);
+    let (url, host_end) = flow_url(&host, path);
     Parsed::Request(RequestHead {
         len,
         body: body.unwrap_or(0),
         close,
         head_method: method == "HEAD",
-        method: method.to_string(),
+        method: super::method_text(method),
         url,
-        host_end: 7 + host.len(),
+        host_end,
         headers,
     })
 }
@@ -377,38 +374,14 @@ impl Conn {
             host: &head.url[7..head.host_end],
             headers: &head.headers,
         };
-        let mut denied_by = None;
-        for side in &self.conn.sides {
-            match side.rules.check(&view) {
-                // Header edits are the general path's (see `Conn::request`).
-                Some(edits) if !edits.is_empty() => return Ok(Next::General),
-                Some(_) => {}
-                None => {
-                    denied_by = Some(side);
-                    break;
-                }
-            }
-        }
-        let mut http = flow::record::Http {
-            code: 0,
-            method: method_text(&head.method),
-            url: head.url,
-            protocol: "HTTP/1.1".into(),
-            headers: Vec::new(),
+        let verdict = match self.check(&view) {
+            // Header edits are the general path's (see `Conn::request`).
+            Ok(edits) if !edits.is_empty() => return Ok(Next::General),
+            v => v,
         };
-        let request = flow::record::Http {
-            headers: flow_headers(&head.headers),
-            ..http.clone()
-        };
-        if let Some(side) = denied_by {
-            Stats::inc(&self.stats.requests_denied);
-            self.record(
-                false,
-                "DROPPED",
-                request,
-                0,
-                std::sync::Arc::new([(side.ingress, side.policy.clone())]),
-            );
+        let (request, mut http) = request_flows(head.method, head.url, "HTTP/1.1", &head.headers);
+        if let Err(side) = verdict {
+            self.refused(side, request);
             // The refused request's body is read (up to a limit), so that
             // the connection stays usable for the next request.
             buf.advance(head.len);
@@ -494,24 +467,37 @@ impl Conn {
             });
         }
         let up = upstream.as_mut().expect("just set");
-        let have = (buf.len() - head_len).min(body as usize);
-        up.stream.write_all(&buf[..head_len + have]).await?;
-        buf.advance(head_len + have);
-        let mut left = body - have as u64;
-        while left > 0 {
-            if buf.is_empty() {
-                buf.reserve(BODY_READ);
-                if client.read_buf(buf).await? == 0 {
-                    return Err(io::ErrorKind::UnexpectedEof.into());
-                }
-            }
-            let n = buf.len().min(left as usize);
-            up.stream.write_all(&buf[..n]).await?;
-            buf.advance(n);
-            left -= n as u64;
-        }
+        forward_exact(buf, head_len, body, client, &mut up.stream).await?;
         Ok(up)
     }
+}
+
+/// Writes to `to` the `head` bytes at the start of `buf` and the `n` body
+/// bytes after them, reading from `from` what `buf` lacks; bytes past the
+/// body (a pipelined request, say) stay in `buf`.
+async fn forward_exact(
+    buf: &mut BytesMut,
+    head: usize,
+    n: u64,
+    from: &mut TcpStream,
+    to: &mut TcpStream,
+) -> io::Result<()> {
+    let have = (buf.len() - head).min(n as usize);
+    to.write_all(&buf[..head + have]).await?;
+    buf.advance(head + have);
+    let mut left = n - have as u64;
+    // Here `buf` is empty: all of it was body.
+    while left > 0 {
+        buf.reserve(BODY_READ);
+        if from.read_buf(buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let k = buf.len().min(left as usize);
+        to.write_all(&buf[..k]).await?;
+        buf.advance(k);
+        left -= k as u64;
+    }
+    Ok(())
 }
 
 /// Reads up to the final response head, which stays at the start of
@@ -551,20 +537,7 @@ async fn forward_response(
     let resp_len = resp.len;
     match resp.framing {
         Framing::Length(n) => {
-            let have = (up.buf.len() - resp_len).min(n as usize);
-            client.write_all(&up.buf[..resp_len + have]).await?;
-            up.buf.advance(resp_len + have);
-            let mut left = n - have as u64;
-            while left > 0 {
-                up.buf.reserve(BODY_READ);
-                if up.stream.read_buf(&mut up.buf).await? == 0 {
-                    return Err(io::ErrorKind::UnexpectedEof.into());
-                }
-                let k = up.buf.len().min(left as usize);
-                client.write_all(&up.buf[..k]).await?;
-                up.buf.advance(k);
-                left -= k as u64;
-            }
+            forward_exact(&mut up.buf, resp_len, n, &mut up.stream, client).await?;
         }
         Framing::Chunked => {
             let mut end = ChunkedEnd::default();
@@ -706,7 +679,7 @@ mod tests {
             (94, 5, true, false)
         );
         assert_eq!(
-            (h.method.as_str(), h.url.as_str()),
+            (&*h.method, h.url.as_str()),
             ("POST", "http://svc:8080/api/x?y=1")
         );
         assert_eq!(&h.url[7..h.host_end], "svc:8080");
