@@ -341,6 +341,9 @@ policies:
     let secs = seconds.to_string();
     // HTTP load from the client pod (its threads on CPU `pin`, if given):
     // requests/s, p50 and p99 in µs.
+    // By its path: `lab exec` looks up only the command's first word
+    // (taskset, when pinned) next to `fibril`.
+    let echo = bin.join("fibril-echo").to_string_lossy().into_owned();
     let http_load = |host: &str, connections: &str, pin: Option<&str>| {
         let url = format!("http://{host}:8080/api/bench");
         let mut args = vec!["lab", "exec", "bench/client", "--"];
@@ -348,7 +351,7 @@ policies:
             args.extend(["taskset", "-c", cpu]);
         }
         args.extend([
-            "fibril-echo",
+            &echo,
             "http-load",
             &url,
             "--seconds",
