@@ -417,31 +417,43 @@ impl Conn {
         Stats::inc(&self.stats.requests_forwarded);
         self.record(false, "FORWARDED", request, 0, self.allowed_by.clone());
 
-        let sent = match self
-            .send_upstream(client, buf, upstream, (head.len, head.body))
-            .await
-        {
-            Ok(up) => Some(up),
-            Err(e) => {
+        // The server failing before a response head gets a 503. The
+        // connection stays usable when the whole request was read: sent
+        // upstream, or (the server unreachable) skipped like a refused one.
+        let response = match self.connected(upstream).await {
+            Err(e) => Err((e, RequestRead::HeadOnly)),
+            Ok(up) => match forward_exact(buf, head.len, head.body, client, &mut up.stream).await {
+                Err(e) => Err((e, RequestRead::PartOfBody)),
+                Ok(()) => final_response_head(up, client, head.head_method)
+                    .await
+                    .map_err(|e| (e, RequestRead::Whole)),
+            },
+        };
+        let resp = match response {
+            Ok(resp) => resp,
+            Err((e, read)) => {
                 tracing::debug!(server = %self.dst, error = %e, "upstream");
-                None
+                Stats::inc(&self.stats.upstream_errors);
+                *upstream = None;
+                http.code = 503;
+                let latency = started.elapsed().as_nanos().max(1) as u64;
+                self.record(true, "FORWARDED", http, latency, self.allowed_by.clone());
+                let keep = !head.close
+                    && match read {
+                        RequestRead::Whole => true,
+                        RequestRead::PartOfBody => false,
+                        RequestRead::HeadOnly => {
+                            buf.advance(head.len);
+                            head.body <= DRAIN_LIMIT as u64
+                                && skip(client, buf, head.body, self.config.header_timeout).await
+                        }
+                    };
+                let body = "upstream connect error or disconnect/reset before headers\r\n";
+                client
+                    .write_all(&own_response("503 Service Unavailable", body, !keep))
+                    .await?;
+                return Ok(if keep { Next::Request } else { Next::Close });
             }
-        };
-        let response = match sent {
-            Some(up) => final_response_head(up, client, head.head_method).await,
-            None => Err(io::Error::other("no upstream")),
-        };
-        let Ok(resp) = response else {
-            Stats::inc(&self.stats.upstream_errors);
-            *upstream = None;
-            http.code = 503;
-            let latency = started.elapsed().as_nanos().max(1) as u64;
-            self.record(true, "FORWARDED", http, latency, self.allowed_by.clone());
-            let body = "upstream connect error or disconnect/reset before headers\r\n";
-            client
-                .write_all(&own_response("503 Service Unavailable", body, true))
-                .await?;
-            return Ok(Next::Close);
         };
         http.code = resp.code as u32;
         let latency = started.elapsed().as_nanos().max(1) as u64;
@@ -461,15 +473,11 @@ impl Conn {
         })
     }
 
-    /// Sends the request (its head's and body's lengths at the start of
-    /// `buf`) upstream, (re)connecting when there is no connection or the
+    /// The upstream connection, (re)connecting when there is none or the
     /// server closed it.
-    async fn send_upstream<'u>(
+    async fn connected<'u>(
         &self,
-        client: &mut TcpStream,
-        buf: &mut BytesMut,
         upstream: &'u mut Option<Upstream>,
-        (head_len, body): (usize, u64),
     ) -> io::Result<&'u mut Upstream> {
         if let Some(up) = upstream.as_mut() {
             // An idle keep-alive connection the server closed (or wrote
@@ -487,10 +495,18 @@ impl Conn {
                 buf: BytesMut::with_capacity(8 * 1024),
             });
         }
-        let up = upstream.as_mut().expect("just set");
-        forward_exact(buf, head_len, body, client, &mut up.stream).await?;
-        Ok(up)
+        Ok(upstream.as_mut().expect("just set"))
     }
+}
+
+/// How much of a request the proxy had read from its client when the
+/// server failed.
+enum RequestRead {
+    /// Only the head (the server could not be reached).
+    HeadOnly,
+    /// Part of the body: the rest is still coming.
+    PartOfBody,
+    Whole,
 }
 
 /// Writes to `to` the `head` bytes at the start of `buf` and the `n` body
@@ -953,6 +969,78 @@ mod tests {
         let read = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_exact(&mut out));
         read.await.expect("answered in time").unwrap();
         String::from_utf8(out).unwrap()
+    }
+
+    /// One response of the proxy's own: its head and its body.
+    async fn own_answer(s: &mut TcpStream) -> (String, String) {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(0);
+            let last = head.len() - 1;
+            s.read_exact(&mut head[last..]).await.unwrap();
+        }
+        let head = String::from_utf8(head).unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        (head, read_n(s, len).await)
+    }
+
+    /// A server that cannot be reached gets a 503 for each request, on a
+    /// client connection that stays usable (a request's body is read
+    /// past), and each is reported with its 503.
+    #[tokio::test]
+    async fn an_unreachable_server_gets_503s_on_a_connection_that_stays_usable() {
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let std::net::SocketAddr::V4(a) = l.local_addr().unwrap() else {
+                unreachable!()
+            };
+            a
+        };
+        let policy = std::sync::Arc::new(Recorder::default());
+        let any = policy::HttpRule::default();
+        let (mut c, end) = proxied(closed, vec![any], policy.clone()).await;
+        c.write_all(b"POST /api/a HTTP/1.1\r\nHost: s\r\nContent-Length: 5\r\n\r\nhello")
+            .await
+            .unwrap();
+        let (head, body) = own_answer(&mut c).await;
+        assert!(
+            head.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{head}"
+        );
+        assert!(!head.contains("connection: close"), "{head}");
+        assert!(body.starts_with("upstream connect error"), "{body}");
+        c.write_all(b"GET /api/b HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, _) = own_answer(&mut c).await;
+        assert!(
+            head.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("connection: close"), "{head}");
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        assert!(matches!(end.await.unwrap(), End::Done));
+        let records = policy.0.lock().unwrap();
+        let codes: Vec<_> = records
+            .iter()
+            .map(|r| (&*r.l7.r#type, r.l7.http.as_ref().unwrap().code))
+            .collect();
+        assert_eq!(
+            codes,
+            [
+                ("REQUEST", 0),
+                ("RESPONSE", 503),
+                ("REQUEST", 0),
+                ("RESPONSE", 503)
+            ]
+        );
     }
 
     /// The header timeout closes a client that stalls in a head, and moves
