@@ -57,6 +57,14 @@ fn seconds_arg(args: &[String]) -> f64 {
         .unwrap_or(3.0)
 }
 
+/// `--rounds N` (at least 1), else `default`.
+fn rounds_arg(args: &[String], default: usize) -> usize {
+    args.windows(2)
+        .find(|w| w[0] == "--rounds")
+        .and_then(|w| w[1].parse().ok())
+        .map_or(default, |n: usize| n.max(1))
+}
+
 /// Writes `yaml` to `dir/lab.yaml` and brings the lab up; the returned
 /// closure takes it down and removes `dir`.
 fn lab_up(bin: &Path, lab: &str, dir: &Path, yaml: &str) -> anyhow::Result<Box<dyn FnMut()>> {
@@ -91,7 +99,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 pub fn run_bench(bin: &Path, args: &[String]) -> anyhow::Result<()> {
     let seconds = seconds_arg(args);
-    let rounds = 3;
+    let rounds = rounds_arg(args, 3);
     let echo = bin.join("fibril-echo");
     let echo = echo.to_str().context("path")?;
     let id = std::process::id() % 10_000;
@@ -280,8 +288,8 @@ policies:
 pub fn run_l7_bench(bin: &Path, args: &[String]) -> anyhow::Result<()> {
     let seconds = seconds_arg(args);
     // The direct figure moves a lot from run to run here (which vCPU each
-    // thread lands on): five rounds, medians.
-    let rounds = 5;
+    // thread lands on): five rounds by default, medians.
+    let rounds = rounds_arg(args, 5);
     let id = std::process::id() % 10_000;
     let lab = format!("l7bench{id}");
     let fibril = |args: &[&str]| {
