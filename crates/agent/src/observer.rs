@@ -11,11 +11,21 @@ use flow::{Endpoint, Flow};
 
 use crate::EndpointIndex;
 
-/// L7 reports queued at most between two rounds of the events thread.
-const L7_QUEUE_LIMIT: usize = 1 << 16;
-/// Reports' capacity the queue keeps between rounds (a round at 100k
+/// L7 report queues: each thread that reports (a proxy thread per CPU, the
+/// DNS proxy's) keeps to one, so that proxy threads on different CPUs do
+/// not take one lock and write into one vector's cache lines.
+const L7_QUEUES: usize = 4;
+/// L7 reports one queue holds at most between two rounds of the events
+/// thread.
+const L7_QUEUE_LIMIT: usize = 1 << 14;
+/// Reports' capacity a queue keeps between rounds (a round at 100k
 /// reports/s needs ~2,000).
 const L7_KEPT_CAPACITY: usize = 4096;
+
+/// A queue of L7 reports, alone on its cache lines.
+#[derive(Default)]
+#[repr(align(128))]
+struct L7Queue(std::sync::Mutex<Vec<flow::record::L7Record>>);
 
 pub struct Observer {
     flows: flow::ring::Shared<Arc<Flow>>,
@@ -28,7 +38,26 @@ pub struct Observer {
     /// L7 proxy reports not yet made into flows. The proxy only queues
     /// them: enriching a flow costs as much as forwarding a request, and the
     /// events thread does it in batches, on whichever core is free.
-    l7_pending: std::sync::Mutex<Vec<flow::record::L7Record>>,
+    l7_pending: [L7Queue; L7_QUEUES],
+}
+
+/// Empties `queues` (each in time order) into `f`, merged in time order.
+fn in_time_order(
+    queues: &mut [Vec<flow::record::L7Record>],
+    mut f: impl FnMut(flow::record::L7Record),
+) {
+    let mut queues: Vec<_> = queues.iter_mut().map(|q| q.drain(..).peekable()).collect();
+    loop {
+        let earliest = queues
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, q)| Some((q.peek()?.unix_ns, i)))
+            .min();
+        let Some(r) = earliest.and_then(|(_, i)| queues[i].next()) else {
+            return;
+        };
+        f(r);
+    }
 }
 
 /// What the observer enriches flows from: the local endpoints by address,
@@ -144,7 +173,8 @@ impl Observer {
     /// events thread's next round (within its poll interval, 20 ms), as
     /// datapath events do.
     pub fn queue_l7(&self, r: flow::record::L7Record) {
-        let mut pending = self.l7_pending.lock().unwrap_or_else(|e| e.into_inner());
+        let queue = &self.l7_pending[proxy::workers::thread_slot() % L7_QUEUES].0;
+        let mut pending = queue.lock().unwrap_or_else(|e| e.into_inner());
         if pending.len() >= L7_QUEUE_LIMIT {
             // The events thread is stuck: bounded memory, loss counted.
             drop(pending);
@@ -154,29 +184,33 @@ impl Observer {
         pending.push(r);
     }
 
-    /// Turns the queued L7 reports into flows, in the order they came.
-    /// `spare` (empty) becomes the queue: the two vectors keep their
-    /// capacity, so the proxy's pushes do not grow one from nothing every
-    /// round.
+    /// Turns the queued L7 reports into flows, in the order of their times
+    /// (each queue is in order; they are merged). `spares` (empty, one per
+    /// queue) become the queues: the vectors keep their capacity, so the
+    /// proxy's pushes do not grow one from nothing every round.
     fn flush_l7(
         &self,
         sources: &Sources,
-        spare: &mut Vec<flow::record::L7Record>,
+        spares: &mut [Vec<flow::record::L7Record>; L7_QUEUES],
         out: &mut Vec<Arc<Flow>>,
     ) {
-        std::mem::swap(
-            &mut *self.l7_pending.lock().unwrap_or_else(|e| e.into_inner()),
-            spare,
-        );
-        for r in spare.drain(..) {
+        for (queue, spare) in self.l7_pending.iter().zip(spares.iter_mut()) {
+            std::mem::swap(
+                &mut *queue.0.lock().unwrap_or_else(|e| e.into_inner()),
+                spare,
+            );
+        }
+        in_time_order(spares, |r| {
             let n = self.uuid_counter.fetch_add(1, Ordering::Relaxed);
             let uuid = flow::text::flow_uuid(r.unix_ns as u32, 7, n);
             out.push(Arc::new(flow::record::from_l7(
                 r, uuid, &self.node, sources,
             )));
+        });
+        for spare in spares {
+            // A burst's capacity is not kept.
+            spare.shrink_to(L7_KEPT_CAPACITY);
         }
-        // A burst's capacity is not kept.
-        spare.shrink_to(L7_KEPT_CAPACITY);
     }
 
     /// Sequence number where a reader asking for the last `n` starts.
@@ -211,7 +245,7 @@ impl Observer {
             .as_nanos() as u64;
         let offset = wall_now.saturating_sub(datapath::monotonic_ns());
         let mut batch = Vec::new();
-        let mut l7_spare = Vec::new();
+        let mut l7_spares = Default::default();
         while !stop.load(Ordering::Relaxed) {
             reader.poll(Duration::from_millis(20), |e| {
                 let n = self.uuid_counter.fetch_add(1, Ordering::Relaxed);
@@ -223,8 +257,58 @@ impl Observer {
                     self.push_batch(&mut batch);
                 }
             });
-            self.flush_l7(&sources, &mut l7_spare, &mut batch);
+            self.flush_l7(&sources, &mut l7_spares, &mut batch);
             self.push_batch(&mut batch);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report at `unix_ns`, told apart by its client port `tag`.
+    fn report(unix_ns: u64, tag: u16) -> flow::record::L7Record {
+        flow::record::L7Record {
+            unix_ns,
+            client: std::net::SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), tag),
+            server: std::net::SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 8080),
+            client_identity: 1,
+            server_identity: 2,
+            is_reply: false,
+            verdict: "FORWARDED",
+            ingress: true,
+            l7: Default::default(),
+            protocol: 6,
+            decided_by: Arc::new([]),
+        }
+    }
+
+    /// The proxy threads' queues (each in its own order) become one
+    /// sequence in time order; equal times keep the queues' order.
+    #[test]
+    fn queues_merge_in_time_order() {
+        let mut queues = [
+            vec![report(10, 1), report(30, 2), report(30, 3), report(70, 4)],
+            vec![],
+            vec![report(20, 5), report(30, 6), report(60, 7)],
+            vec![report(5, 8)],
+        ];
+        let mut seen = Vec::new();
+        in_time_order(&mut queues, |r| seen.push((r.unix_ns, r.client.port())));
+        assert_eq!(
+            seen,
+            [
+                (5, 8),
+                (10, 1),
+                (20, 5),
+                (30, 2),
+                (30, 3),
+                (30, 6),
+                (60, 7),
+                (70, 4)
+            ]
+        );
+        assert!(queues.iter().all(Vec::is_empty));
     }
 }
