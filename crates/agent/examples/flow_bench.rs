@@ -197,7 +197,8 @@ fn run_l7(p: &Pipeline, pairs: u64) -> (Duration, u64, Duration) {
     };
     let (_, seen0) = p.observer.counts();
     let (start, cpu0) = (Instant::now(), cpu_time());
-    let chunk = 20_000;
+    // Pairs per chunk: one thread's queue holds 32,768 reports.
+    let chunk = 10_000;
     let mut queued = 0;
     while queued < pairs {
         let n = chunk.min(pairs - queued);

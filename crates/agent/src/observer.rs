@@ -16,8 +16,8 @@ use crate::EndpointIndex;
 /// not take one lock and write into one vector's cache lines.
 const L7_QUEUES: usize = 4;
 /// L7 reports one queue holds at most between two rounds of the events
-/// thread.
-const L7_QUEUE_LIMIT: usize = 1 << 14;
+/// thread (a proxy thread makes at most ~100k a second).
+const L7_QUEUE_LIMIT: usize = 1 << 15;
 /// Reports' capacity a queue keeps between rounds (a round at 100k
 /// reports/s needs ~2,000).
 const L7_KEPT_CAPACITY: usize = 4096;
