@@ -276,12 +276,12 @@ async fn answer(
     let query = match Message::from_vec(bytes) {
         Ok(m) if m.message_type() == MessageType::Query && !m.queries().is_empty() => m,
         _ => {
-            Stats::inc(&stats.dns_malformed);
+            stats.dns_malformed.inc();
             return None;
         }
     };
     let Some(conn) = policy.dns(client, dst, tcp) else {
-        Stats::inc(&stats.connections_refused);
+        stats.connections_refused.inc();
         return None;
     };
     let names: Vec<String> = query
@@ -327,23 +327,23 @@ async fn answer(
             .iter()
             .all(|n| conn.selectors.iter().any(|s| s.matches(n)));
     if !allowed {
-        Stats::inc(&stats.dns_refused);
+        stats.dns_refused.inc();
         policy.record(flow(false, "DROPPED", request, 0));
         return refused(&query);
     }
-    Stats::inc(&stats.dns_forwarded);
+    stats.dns_forwarded.inc();
     policy.record(flow(false, "FORWARDED", request, 0));
 
     let reply = match forward(bytes, client, dst, tcp, conn.transparent, from_mark).await {
         Ok(r) => r,
         Err(e) => {
-            Stats::inc(&stats.upstream_errors);
+            stats.upstream_errors.inc();
             tracing::debug!(error = %e, resolver = %dst, "dns upstream");
             return None;
         }
     };
     let Ok(msg) = Message::from_vec(&reply) else {
-        Stats::inc(&stats.upstream_errors);
+        stats.upstream_errors.inc();
         return None;
     };
     // Learn before releasing the answer: the pod's first connection to an

@@ -70,9 +70,9 @@ pub async fn serve(
     });
     loop {
         let (stream, client, dst) = crate::socket::accept(&listener).await;
-        Stats::inc(&stats.connections);
+        stats.connections.inc();
         let Some(conn) = policy.connection(client, dst) else {
-            Stats::inc(&stats.connections_refused);
+            stats.connections_refused.inc();
             continue;
         };
         let allowed_by = conn
@@ -250,7 +250,7 @@ impl Conn {
                     .is_some()
             });
             if parse || h2_protocol {
-                Stats::inc(&self.stats.malformed);
+                self.stats.malformed.inc();
             }
             tracing::debug!(client = %self.client, error = %e, "proxied connection ended");
         }
@@ -268,7 +268,7 @@ impl Conn {
 
     /// Counts and reports a request `side` refused.
     fn refused(&self, side: &crate::Side, request: flow::record::Http) {
-        Stats::inc(&self.stats.requests_denied);
+        self.stats.requests_denied.inc();
         self.record(
             false,
             "DROPPED",
@@ -370,14 +370,14 @@ impl Conn {
                 }
             }
         }
-        Stats::inc(&self.stats.requests_forwarded);
+        self.stats.requests_forwarded.inc();
         self.record(false, "FORWARDED", request, 0, self.allowed_by.clone());
 
         let resp = match self.forward(req).await {
             Ok(r) => r.map(|b| b.boxed()),
             Err(e) => {
                 tracing::debug!(server = %self.dst, error = %e, "upstream");
-                Stats::inc(&self.stats.upstream_errors);
+                self.stats.upstream_errors.inc();
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "upstream connect error or disconnect/reset before headers\r\n",

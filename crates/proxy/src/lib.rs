@@ -123,10 +123,6 @@ impl Counter {
 }
 
 impl Stats {
-    pub(crate) fn inc(counter: &Counter) {
-        counter.inc();
-    }
-
     /// `(name, help, value)` for each counter.
     pub fn snapshot(&self) -> [(&'static str, &'static str, u64); 9] {
         let v = Counter::get;

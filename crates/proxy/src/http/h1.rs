@@ -21,7 +21,6 @@ use tokio::net::TcpStream;
 
 use super::{flow_url, request_flows, Conn, DRAIN_LIMIT, MAX_HEADER_BYTES};
 use crate::rules::RequestView;
-use crate::Stats;
 
 /// Headers per head the direct path parses (more: the general path).
 const MAX_HEADERS: usize = 64;
@@ -400,21 +399,15 @@ impl Conn {
             Ok(edits) if !edits.is_empty() => return Ok(Next::General),
             v => v,
         };
+        // What `read_past` needs once the flows took the method and URL.
+        let extent = (head.len, head.body, head.close);
         let (request, mut http) = request_flows(head.method, head.url, "HTTP/1.1", &head.headers);
         if let Err(side) = verdict {
             self.refused(side, request);
-            // The refused request's body is read (up to a limit), so that
-            // the connection stays usable for the next request.
-            buf.advance(head.len);
-            let keep = !head.close
-                && head.body <= DRAIN_LIMIT as u64
-                && skip(client, buf, head.body, self.config.header_timeout).await;
-            client
-                .write_all(&own_response("403 Forbidden", "Access denied\r\n", !keep))
-                .await?;
-            return Ok(if keep { Next::Request } else { Next::Close });
+            let keep = self.read_past(client, buf, extent).await;
+            return answer(client, "403 Forbidden", "Access denied\r\n", keep).await;
         }
-        Stats::inc(&self.stats.requests_forwarded);
+        self.stats.requests_forwarded.inc();
         self.record(false, "FORWARDED", request, 0, self.allowed_by.clone());
 
         // The server failing before a response head gets a 503. The
@@ -433,26 +426,18 @@ impl Conn {
             Ok(resp) => resp,
             Err((e, read)) => {
                 tracing::debug!(server = %self.dst, error = %e, "upstream");
-                Stats::inc(&self.stats.upstream_errors);
+                self.stats.upstream_errors.inc();
                 *upstream = None;
                 http.code = 503;
                 let latency = started.elapsed().as_nanos().max(1) as u64;
                 self.record(true, "FORWARDED", http, latency, self.allowed_by.clone());
-                let keep = !head.close
-                    && match read {
-                        RequestRead::Whole => true,
-                        RequestRead::PartOfBody => false,
-                        RequestRead::HeadOnly => {
-                            buf.advance(head.len);
-                            head.body <= DRAIN_LIMIT as u64
-                                && skip(client, buf, head.body, self.config.header_timeout).await
-                        }
-                    };
+                let keep = match read {
+                    RequestRead::Whole => !head.close,
+                    RequestRead::PartOfBody => false,
+                    RequestRead::HeadOnly => self.read_past(client, buf, extent).await,
+                };
                 let body = "upstream connect error or disconnect/reset before headers\r\n";
-                client
-                    .write_all(&own_response("503 Service Unavailable", body, !keep))
-                    .await?;
-                return Ok(if keep { Next::Request } else { Next::Close });
+                return answer(client, "503 Service Unavailable", body, keep).await;
             }
         };
         http.code = resp.code as u32;
@@ -471,6 +456,23 @@ impl Conn {
         } else {
             Next::Request
         })
+    }
+
+    /// Reads past a request the proxy answers itself (its head's length,
+    /// its body's and whether it asked to close: its head is at the start of
+    /// `buf`, its body up to a limit is read and dropped), so that the
+    /// connection stays usable. False when it cannot: the client asked to
+    /// close, or the body is too big or did not come in time.
+    async fn read_past(
+        &self,
+        client: &mut TcpStream,
+        buf: &mut BytesMut,
+        (head, body, close): (usize, u64, bool),
+    ) -> bool {
+        buf.advance(head);
+        !close
+            && body <= DRAIN_LIMIT as u64
+            && skip(client, buf, body, self.config.header_timeout).await
     }
 
     /// The upstream connection, (re)connecting when there is none or the
@@ -507,6 +509,13 @@ enum RequestRead {
     /// Part of the body: the rest is still coming.
     PartOfBody,
     Whole,
+}
+
+/// Answers the client with a response of the proxy's own; the connection
+/// goes on if `keep`.
+async fn answer(client: &mut TcpStream, status: &str, body: &str, keep: bool) -> io::Result<Next> {
+    client.write_all(&own_response(status, body, !keep)).await?;
+    Ok(if keep { Next::Request } else { Next::Close })
 }
 
 /// Writes to `to` the `head` bytes at the start of `buf` and the `n` body
