@@ -15,20 +15,31 @@ const COMPILED_CACHE_LIMIT: usize = 1024;
 
 pub struct ProxyPolicy {
     agent: Arc<Agent>,
-    compiled: Mutex<Vec<(Vec<HttpRule>, Arc<proxy::HttpRules>)>>,
+    compiled: CompiledRules,
 }
 
 impl ProxyPolicy {
     pub fn new(agent: Arc<Agent>) -> Self {
         Self {
             agent,
-            compiled: Mutex::new(Vec::new()),
+            compiled: CompiledRules::default(),
         }
     }
 
     fn compile(&self, rules: &[HttpRule]) -> Option<Arc<proxy::HttpRules>> {
-        let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, c)) = cache.iter().find(|(r, _)| r.as_slice() == rules) {
+        self.compiled.get(rules)
+    }
+}
+
+/// Rule lists compiled once each (every connection a rule list covers asks
+/// for it), found by hash.
+#[derive(Default)]
+struct CompiledRules(Mutex<std::collections::HashMap<Vec<HttpRule>, Arc<proxy::HttpRules>>>);
+
+impl CompiledRules {
+    fn get(&self, rules: &[HttpRule]) -> Option<Arc<proxy::HttpRules>> {
+        let mut cache = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cache.get(rules) {
             return Some(c.clone());
         }
         // Import validated the expressions; a failure here refuses the
@@ -43,7 +54,7 @@ impl ProxyPolicy {
         if cache.len() >= COMPILED_CACHE_LIMIT {
             cache.clear();
         }
-        cache.push((rules.to_vec(), compiled.clone()));
+        cache.insert(rules.to_vec(), compiled.clone());
         Some(compiled)
     }
 }
@@ -155,5 +166,36 @@ fn l7_rules(
         Decision::Allowed { by, l7 } => Some(l7.map(|l| (l, by))),
         Decision::NotEnforced | Decision::Audited { .. } => Some(None),
         Decision::Denied { .. } | Decision::DefaultDeny { .. } => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_rule_list_is_compiled_once_and_bad_ones_refused() {
+        let cache = CompiledRules::default();
+        let get = HttpRule {
+            method: Some("GET".into()),
+            ..Default::default()
+        };
+        let post = HttpRule {
+            method: Some("POST".into()),
+            ..Default::default()
+        };
+        let a = cache.get(std::slice::from_ref(&get)).unwrap();
+        assert!(Arc::ptr_eq(
+            &a,
+            &cache.get(std::slice::from_ref(&get)).unwrap()
+        ));
+        let b = cache.get(&[get.clone(), post.clone()]).unwrap();
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert!(Arc::ptr_eq(&b, &cache.get(&[get, post]).unwrap()));
+        let bad = HttpRule {
+            path: Some("(".into()),
+            ..Default::default()
+        };
+        assert!(cache.get(&[bad]).is_none());
     }
 }

@@ -303,7 +303,7 @@ impl L7 {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct HttpRule {
     pub method: Option<String>,
     pub path: Option<String>,
@@ -313,7 +313,7 @@ pub struct HttpRule {
     pub header_matches: Vec<HeaderMatch>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct HeaderMatch {
     pub name: String,
     pub value: Option<String>,
