@@ -50,19 +50,20 @@ fn measure_keys(cmd: &mut Command, keys: &[&str]) -> anyhow::Result<Vec<f64>> {
 }
 
 /// `--seconds N` (default 3).
-fn seconds_arg(args: &[String]) -> f64 {
+/// The value after `--{name}` in `args`, if given and valid.
+pub fn flag<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
     args.windows(2)
-        .find(|w| w[0] == "--seconds")
+        .find(|w| w[0].strip_prefix("--") == Some(name))
         .and_then(|w| w[1].parse().ok())
-        .unwrap_or(3.0)
+}
+
+fn seconds_arg(args: &[String]) -> f64 {
+    flag(args, "seconds").unwrap_or(3.0)
 }
 
 /// `--rounds N` (at least 1), else `default`.
 fn rounds_arg(args: &[String], default: usize) -> usize {
-    args.windows(2)
-        .find(|w| w[0] == "--rounds")
-        .and_then(|w| w[1].parse().ok())
-        .map_or(default, |n: usize| n.max(1))
+    flag(args, "rounds").map_or(default, |n: usize| n.max(1))
 }
 
 /// Writes `yaml` to `dir/lab.yaml` and brings the lab up; the returned
@@ -351,7 +352,8 @@ policies:
     // requests/s, p50 and p99 in µs.
     // By its path: `lab exec` looks up only the command's first word
     // (taskset, when pinned) next to `fibril`.
-    let echo = bin.join("fibril-echo").to_string_lossy().into_owned();
+    let echo = bin.join("fibril-echo");
+    let echo = echo.to_str().context("path")?;
     let http_load = |host: &str, connections: &str, pin: Option<&str>| {
         let url = format!("http://{host}:8080/api/bench");
         let mut args = vec!["lab", "exec", "bench/client", "--"];
@@ -359,7 +361,7 @@ policies:
             args.extend(["taskset", "-c", cpu]);
         }
         args.extend([
-            &echo,
+            echo,
             "http-load",
             &url,
             "--seconds",

@@ -259,10 +259,7 @@ fn main() -> anyhow::Result<()> {
         Some("demo") => demo(args.iter().any(|a| a == "--keep")),
         Some("bench") => {
             // `--only policy|flows|datapath|l7` runs one part.
-            let only = args
-                .windows(2)
-                .find(|w| w[0] == "--only")
-                .map(|w| w[1].clone());
+            let only: Option<String> = bench::flag(&args, "only");
             let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
             deps()?;
             run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;

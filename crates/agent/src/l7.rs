@@ -25,10 +25,6 @@ impl ProxyPolicy {
             compiled: CompiledRules::default(),
         }
     }
-
-    fn compile(&self, rules: &[HttpRule]) -> Option<Arc<proxy::HttpRules>> {
-        self.compiled.get(rules)
-    }
 }
 
 /// Rule lists compiled once each (every connection a rule list covers asks
@@ -80,7 +76,7 @@ impl proxy::Policy for ProxyPolicy {
             {
                 sides.push(proxy::Side {
                     ingress: direction == Direction::Ingress,
-                    rules: self.compile(&rules)?,
+                    rules: self.compiled.get(&rules)?,
                     policy: sync.attribution(&by),
                 });
             }

@@ -67,7 +67,7 @@ impl PolicySync {
         let refs = self.policy_refs.read().unwrap_or_else(|e| e.into_inner());
         self.cookies
             .get(o)
-            .and_then(|c| refs.get(*c as usize - 1))
+            .and_then(|c| refs.get(c.checked_sub(1)? as usize))
             .cloned()
             .unwrap_or_else(|| std::sync::Arc::new(crate::observer::policy_ref(o)))
     }
