@@ -310,6 +310,8 @@ pods:
   - {name: proxied, namespace: bench, labels: {app: proxied}, command: [fibril-echo, http-server, --port, "8080"]}
   - {name: dns-direct, namespace: bench, labels: {app: dns-direct}}
   - {name: dns-proxied, namespace: bench, labels: {app: dns-proxied}}
+  - {name: direct-affine, namespace: bench, labels: {app: direct}, command: [fibril-echo, http-server, --port, "8080", --cpu-affine]}
+  - {name: proxied-affine, namespace: bench, labels: {app: proxied}, command: [fibril-echo, http-server, --port, "8080", --cpu-affine]}
 externals:
   - {name: resolver, address: 198.19.0.53, command: [fibril-echo, dns-server, --record, "bench.example=198.19.0.10"]}
 policies:
@@ -348,16 +350,16 @@ policies:
     )?]);
     std::thread::sleep(Duration::from_millis(500));
     let secs = seconds.to_string();
-    // HTTP load from the client pod (its threads on CPU `pin`, if given):
+    // HTTP load from the client pod, its threads placed by `placement`:
     // requests/s, p50 and p99 in µs.
     // By its path: `lab exec` looks up only the command's first word
     // (taskset, when pinned) next to `fibril`.
     let echo = bin.join("fibril-echo");
     let echo = echo.to_str().context("path")?;
-    let http_load = |host: &str, connections: &str, pin: Option<&str>| {
+    let http_load = |host: &str, connections: &str, placement: Placement| {
         let url = format!("http://{host}:8080/api/bench");
         let mut args = vec!["lab", "exec", "bench/client", "--"];
-        if let Some(cpu) = pin {
+        if let Placement::OneCpu(cpu) = placement {
             args.extend(["taskset", "-c", cpu]);
         }
         args.extend([
@@ -369,50 +371,72 @@ policies:
             "--connections",
             connections,
         ]);
+        if let Placement::Pairs = placement {
+            args.push("--spread");
+        }
         let v = measure_keys(
             &mut fibril(&args),
             &["requests_per_sec", "p50_us", "p99_us"],
         )?;
         anyhow::Ok((v[0], v[1], v[2]))
     };
-    println!(
-        "\nfibril L7 proxy benchmark (HTTP/1.1 keep-alive GET, {rounds} rounds x {seconds}s, medians; direct = the same server allowed at L4, same run)"
-    );
-    println!(
-        "{:<6} {:>12} {:>12} {:>7} {:>12} {:>10} {:>10} {:>10} {:>10}",
-        "conns",
-        "direct rq/s",
-        "proxied rq/s",
-        "ratio",
-        "round ratios",
-        "p50 direct",
-        "p50 proxy",
-        "p99 direct",
-        "p99 proxy"
-    );
-    for connections in ["4", "16"] {
-        let (mut d, mut p) = (vec![], vec![]);
-        for _ in 0..rounds {
-            d.push(http_load("10.198.0.3", connections, None)?);
-            p.push(http_load("10.198.0.4", connections, None)?);
-        }
-        let med = |v: &[(f64, f64, f64)], f: fn(&(f64, f64, f64)) -> f64| {
-            median(v.iter().map(f).collect())
-        };
-        let (d_rps, d50, d99) = (med(&d, |x| x.0), med(&d, |x| x.1), med(&d, |x| x.2));
-        let (p_rps, p50, p99) = (med(&p, |x| x.0), med(&p, |x| x.1), med(&p, |x| x.2));
-        // Each round's own ratio: the direct figure moves between two
-        // modes here (whether client and server threads share a CPU).
-        let ratios: Vec<f64> = d.iter().zip(&p).map(|(d, p)| p.0 / d.0).collect();
-        let (lo, hi) = ratios
-            .iter()
-            .fold((f64::MAX, 0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+    // Direct and proxied, alternating, at 4 and 16 connections.
+    let table = |title: &str, direct: &str, proxied: &str, placement: Placement| {
+        println!("\n{title}");
         println!(
-            "{connections:<6} {d_rps:>12.0} {p_rps:>12.0} {:>7.3} {:>12} {d50:>8.0}us {p50:>8.0}us {d99:>8.0}us {p99:>8.0}us",
-            p_rps / d_rps,
-            format!("{lo:.2}-{hi:.2}")
+            "{:<6} {:>12} {:>12} {:>7} {:>12} {:>10} {:>10} {:>10} {:>10}",
+            "conns",
+            "direct rq/s",
+            "proxied rq/s",
+            "ratio",
+            "round ratios",
+            "p50 direct",
+            "p50 proxy",
+            "p99 direct",
+            "p99 proxy"
         );
-    }
+        for connections in ["4", "16"] {
+            let (mut d, mut p) = (vec![], vec![]);
+            for _ in 0..rounds {
+                d.push(http_load(direct, connections, placement)?);
+                p.push(http_load(proxied, connections, placement)?);
+            }
+            let med = |v: &[(f64, f64, f64)], f: fn(&(f64, f64, f64)) -> f64| {
+                median(v.iter().map(f).collect())
+            };
+            let (d_rps, d50, d99) = (med(&d, |x| x.0), med(&d, |x| x.1), med(&d, |x| x.2));
+            let (p_rps, p50, p99) = (med(&p, |x| x.0), med(&p, |x| x.1), med(&p, |x| x.2));
+            // Each round's own ratio: unplaced, the direct figure moves
+            // between two modes (whether client and server threads share
+            // a CPU).
+            let ratios: Vec<f64> = d.iter().zip(&p).map(|(d, p)| p.0 / d.0).collect();
+            let (lo, hi) = ratios
+                .iter()
+                .fold((f64::MAX, 0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+            println!(
+                "{connections:<6} {d_rps:>12.0} {p_rps:>12.0} {:>7.3} {:>12} {d50:>8.0}us {p50:>8.0}us {d99:>8.0}us {p99:>8.0}us",
+                p_rps / d_rps,
+                format!("{lo:.2}-{hi:.2}")
+            );
+        }
+        anyhow::Ok(())
+    };
+    table(
+        &format!("fibril L7 proxy benchmark (HTTP/1.1 keep-alive GET, {rounds} rounds x {seconds}s, medians; direct = the same server allowed at L4, same run)"),
+        "10.198.0.3",
+        "10.198.0.4",
+        Placement::Scheduler,
+    )?;
+    // The same with every thread placed: client connection i on CPU i mod
+    // n, and its server thread (and proxy thread, which follows the
+    // client) on the same CPU. Unplaced, where the scheduler starts each
+    // thread decides most of the two-CPU figures above.
+    table(
+        "Each client/server pair on one CPU (client threads spread over the CPUs, servers run each connection on its client's CPU)",
+        "10.198.0.7",
+        "10.198.0.8",
+        Placement::Pairs,
+    )?;
 
     // Proof that proxied payload took the socket shortcut (and how much
     // of it did not).
@@ -481,8 +505,8 @@ policies:
     let cpu = one_cpu_lab(&lab)?.to_string();
     let (mut d, mut p) = (vec![], vec![]);
     for _ in 0..3 {
-        d.push(http_load("10.198.0.3", "4", Some(&cpu))?.0);
-        p.push(http_load("10.198.0.4", "4", Some(&cpu))?.0);
+        d.push(http_load("10.198.0.3", "4", Placement::OneCpu(&cpu))?.0);
+        p.push(http_load("10.198.0.4", "4", Placement::OneCpu(&cpu))?.0);
     }
     let (d, p) = (median(d), median(p));
     println!(
@@ -495,6 +519,18 @@ policies:
         p / d
     );
     Ok(())
+}
+
+/// Where the L7 bench's client and server threads run.
+#[derive(Clone, Copy)]
+enum Placement<'a> {
+    /// Wherever the scheduler puts them.
+    Scheduler,
+    /// Client connection i's thread on CPU i mod n, its server's thread on
+    /// the same CPU (the servers started with `--cpu-affine`).
+    Pairs,
+    /// The client on this CPU (the lab pinned to it by `one_cpu_lab`).
+    OneCpu(&'a str),
 }
 
 /// Pins the agent and every pod's process of `lab` (all their threads) to

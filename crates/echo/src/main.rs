@@ -25,6 +25,11 @@ enum Cmd {
     HttpServer {
         #[arg(long)]
         port: u16,
+        /// Run each connection's thread on the CPU its handshake arrived on
+        /// (the client's), as a server tuned with per-CPU workers and
+        /// SO_INCOMING_CPU steering does.
+        #[arg(long)]
+        cpu_affine: bool,
     },
     /// HTTP/2 server (cleartext, prior knowledge: what gRPC speaks)
     /// answering every request with 200 and a short body.
@@ -47,6 +52,10 @@ enum Cmd {
         seconds: f64,
         #[arg(long, default_value_t = 4)]
         connections: usize,
+        /// Run connection i's thread on the i-th CPU this process may use
+        /// (round-robin), instead of wherever the scheduler starts it.
+        #[arg(long)]
+        spread: bool,
     },
     /// A small authoritative DNS server (UDP and TCP): A records given as
     /// `--record name=address`; other names get NXDOMAIN. Logs each query.
@@ -132,16 +141,44 @@ fn say(line: String) {
     let _ = out.flush();
 }
 
-fn http_server(port: u16) -> anyhow::Result<()> {
+fn http_server(port: u16, cpu_affine: bool) -> anyhow::Result<()> {
     let l = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("bind :{port}"))?;
     say(format!("listening on :{port}"));
     for conn in l.incoming() {
         let Ok(conn) = conn else { continue };
         let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
         say(format!("accepted {peer}"));
-        std::thread::spawn(move || serve_http(conn));
+        std::thread::spawn(move || {
+            if cpu_affine {
+                if let Ok(cpu) = socket2::SockRef::from(&conn).cpu_affinity() {
+                    match pin_current_thread(cpu) {
+                        Ok(()) => say(format!("connection from {peer} runs on CPU {cpu}")),
+                        Err(e) => say(format!("cannot run on CPU {cpu}: {e}")),
+                    }
+                }
+            }
+            serve_http(conn)
+        });
     }
     Ok(())
+}
+
+/// Keeps the calling thread on `cpu`.
+fn pin_current_thread(cpu: usize) -> nix::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+}
+
+/// The CPUs this process may run on, in order.
+fn allowed_cpus() -> Vec<usize> {
+    use nix::sched::{sched_getaffinity, CpuSet};
+    let Ok(set) = sched_getaffinity(nix::unistd::Pid::from_raw(0)) else {
+        return Vec::new();
+    };
+    (0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect()
 }
 
 /// Keep-alive HTTP/1.1: answers requests until the client closes, logging
@@ -328,14 +365,21 @@ fn http_hold(addr: &str, seconds: f64, interval: f64, path: &str) -> anyhow::Res
     Ok(())
 }
 
-fn http_load(url: &str, seconds: f64, connections: usize) -> anyhow::Result<()> {
+fn http_load(url: &str, seconds: f64, connections: usize, spread: bool) -> anyhow::Result<()> {
     let (hostport, path) = parse_url(url)?;
     let end = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
+    let cpus = if spread { allowed_cpus() } else { Vec::new() };
     let workers: Vec<_> = (0..connections.max(1))
-        .map(|_| {
+        .map(|i| {
             let (hostport, path) = (hostport.clone(), path.clone());
+            let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
             std::thread::spawn(move || -> anyhow::Result<Vec<u32>> {
+                // Before connecting: the handshake is then processed on
+                // this CPU, which is what servers and the proxy steer by.
+                if let Some(cpu) = cpu {
+                    pin_current_thread(cpu).with_context(|| format!("run on CPU {cpu}"))?;
+                }
                 let mut s = connect(&hostport, Duration::from_secs(3))?;
                 let mut r = BufReader::new(s.try_clone()?);
                 let mut lat = Vec::with_capacity(1 << 16);
@@ -492,7 +536,7 @@ fn h2_server(port: u16) -> anyhow::Result<()> {
 fn main() {
     let args = Args::parse();
     let r = match args.cmd {
-        Cmd::HttpServer { port } => http_server(port),
+        Cmd::HttpServer { port, cpu_affine } => http_server(port, cpu_affine),
         Cmd::H2Server { port } => h2_server(port),
         Cmd::DnsServer { port, records, ttl } => dns::server(port, &records, ttl),
         Cmd::DnsLoad {
@@ -512,7 +556,8 @@ fn main() {
             url,
             seconds,
             connections,
-        } => http_load(&url, seconds, connections),
+            spread,
+        } => http_load(&url, seconds, connections, spread),
         Cmd::HttpGet { url, timeout } => http_get(&url, timeout),
         Cmd::UdpServer { port } => udp_server(port),
         Cmd::UdpSend {

@@ -1,0 +1,101 @@
+//! The benchmark's thread placement, over loopback: `http-load --spread`
+//! runs connection i on CPU i mod n, and `http-server --cpu-affine` runs
+//! each connection's thread on the CPU its client ran on.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ECHO: &str = env!("CARGO_BIN_EXE_fibril-echo");
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn allowed_cpus() -> Vec<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim();
+    list.split(',')
+        .flat_map(|part| {
+            let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+            lo.parse::<usize>().unwrap()..=hi.parse::<usize>().unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn spread_clients_and_cpu_affine_server_threads_share_cpus() {
+    // A free port: bound, then released for the server.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Killed(
+        Command::new(ECHO)
+            .args(["http-server", "--port", &port.to_string(), "--cpu-affine"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = server.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    assert!(rx
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap()
+        .starts_with("listening"));
+
+    let cpus = allowed_cpus();
+    let connections = 2 * cpus.len();
+    let load = Command::new(ECHO)
+        .args([
+            "http-load",
+            &format!("http://127.0.0.1:{port}/"),
+            "--seconds",
+            "0.3",
+            "--connections",
+            &connections.to_string(),
+            "--spread",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        load.status.success(),
+        "{}",
+        String::from_utf8_lossy(&load.stderr)
+    );
+
+    // Each connection's server thread says where it runs: every CPU twice,
+    // as the client spread its connections.
+    let mut placed = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while placed.len() < connections && Instant::now() < deadline {
+        let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {
+            continue;
+        };
+        assert!(!line.starts_with("cannot run"), "{line}");
+        if let Some(cpu) = line.split(" runs on CPU ").nth(1) {
+            placed.push(cpu.parse::<usize>().unwrap());
+        }
+    }
+    placed.sort();
+    let mut expected: Vec<usize> = cpus.iter().flat_map(|&c| [c, c]).collect();
+    expected.sort();
+    assert_eq!(placed, expected);
+}
