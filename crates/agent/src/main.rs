@@ -69,6 +69,11 @@ struct Args {
     /// else any free port).
     #[arg(long, default_value_t = 0)]
     proxy_port: u16,
+    /// Seconds a request the L7 proxy forwarded may wait for its response
+    /// head; then the client gets 504 (Cilium's http-request-timeout). 0:
+    /// no limit.
+    #[arg(long, default_value_t = 3600)]
+    http_request_timeout: u64,
     /// The DNS proxy's port (UDP and TCP) on 127.0.0.1 (0: any free port).
     #[arg(long, default_value_t = 0)]
     dns_proxy_port: u16,
@@ -116,7 +121,7 @@ fn start_proxy(
     agent: Arc<Agent>,
     listener: std::net::TcpListener,
     dns: (std::net::UdpSocket, std::net::TcpListener),
-    from_mark: u32,
+    config: proxy::http::Config,
 ) -> anyhow::Result<Arc<proxy::Stats>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .thread_name("proxy")
@@ -124,11 +129,8 @@ fn start_proxy(
         .build()?;
     let stats = Arc::new(proxy::Stats::default());
     let policy = Arc::new(fibril_agent::l7::ProxyPolicy::new(agent));
-    let config = proxy::http::Config {
-        from_mark,
-        ..Default::default()
-    };
     let (dns_udp, dns_tcp) = dns;
+    let from_mark = config.from_mark;
     let drain = Arc::new(proxy::dns::Drain::default());
     {
         // UDP DNS: a thread and event loop of its own, reading and
@@ -377,7 +379,11 @@ fn main() -> anyhow::Result<()> {
         agent.clone(),
         proxy_listener,
         (dns_udp, dns_tcp),
-        redirect.mark_from,
+        proxy::http::Config {
+            from_mark: redirect.mark_from,
+            request_timeout: std::time::Duration::from_secs(args.http_request_timeout),
+            ..Default::default()
+        },
     )?;
     agent.set_proxy_stats(proxy_stats);
     if let Some(cgroup) = &args.cgroup_root {

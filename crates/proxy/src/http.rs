@@ -28,6 +28,9 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// usable; a bigger body closes the connection after the 403.
 const DRAIN_LIMIT: usize = 1 << 20;
 
+/// The 504's body when a response head does not come in time (Envoy's).
+pub(crate) const REQUEST_TIMEOUT_BODY: &str = "upstream request timeout\r\n";
+
 #[derive(Clone, Debug)]
 pub struct Config {
     /// SO_MARK of upstream sockets (the datapath skips the policy it
@@ -36,6 +39,12 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// How long a client may take to send a request head.
     pub header_timeout: Duration,
+    /// How long a forwarded request may wait for its response head
+    /// (Cilium's `http-request-timeout`); then the client gets 504 and the
+    /// upstream connection is closed. Counted from the end of the request
+    /// on the direct HTTP/1.1 path, from its start on the general one
+    /// (hyper streams the body). Zero: no limit.
+    pub request_timeout: Duration,
 }
 
 impl Default for Config {
@@ -44,6 +53,7 @@ impl Default for Config {
             from_mark: 0,
             connect_timeout: Duration::from_secs(2),
             header_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -373,15 +383,31 @@ impl Conn {
         self.stats.requests_forwarded.inc();
         self.record(false, "FORWARDED", request, 0, self.allowed_by.clone());
 
-        let resp = match self.forward(req).await {
-            Ok(r) => r.map(|b| b.boxed()),
-            Err(e) => {
+        let h1 = req.version() != Version::HTTP_2;
+        let limit = self.config.request_timeout;
+        let forwarded = if limit.is_zero() {
+            Some(self.forward(req).await)
+        } else {
+            tokio::time::timeout(limit, self.forward(req)).await.ok()
+        };
+        let resp = match forwarded {
+            Some(Ok(r)) => r.map(|b| b.boxed()),
+            Some(Err(e)) => {
                 tracing::debug!(server = %self.dst, error = %e, "upstream");
                 self.stats.upstream_errors.inc();
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "upstream connect error or disconnect/reset before headers\r\n",
                 )
+            }
+            None => {
+                self.stats.request_timeouts.inc();
+                if h1 {
+                    // Its answer may still come: the connection is not
+                    // reused. (An HTTP/2 stream was reset by the drop.)
+                    *self.upstream.lock().await = None;
+                }
+                text(StatusCode::GATEWAY_TIMEOUT, REQUEST_TIMEOUT_BODY)
             }
         };
         http.code = resp.status().as_u16() as u32;

@@ -90,6 +90,9 @@ pub struct Stats {
     /// The server could not be reached or reset the connection (503), or
     /// a resolver did not answer.
     pub upstream_errors: Counter,
+    /// Forwarded requests whose response head did not come within the
+    /// request timeout (answered with 504).
+    pub request_timeouts: Counter,
     pub dns_forwarded: Counter,
     /// Queries answered REFUSED by the DNS rules.
     pub dns_refused: Counter,
@@ -124,7 +127,7 @@ impl Counter {
 
 impl Stats {
     /// `(name, help, value)` for each counter.
-    pub fn snapshot(&self) -> [(&'static str, &'static str, u64); 9] {
+    pub fn snapshot(&self) -> [(&'static str, &'static str, u64); 10] {
         let v = Counter::get;
         [
             (
@@ -156,6 +159,11 @@ impl Stats {
                 "fibril_proxy_upstream_errors_total",
                 "HTTP requests answered with 503 (server unreachable or reset) and DNS queries the resolver did not answer",
                 v(&self.upstream_errors),
+            ),
+            (
+                "fibril_proxy_http_request_timeouts_total",
+                "HTTP requests answered with 504: no response head within the request timeout",
+                v(&self.request_timeouts),
             ),
             (
                 "fibril_proxy_dns_queries_forwarded_total",

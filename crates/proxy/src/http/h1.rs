@@ -342,6 +342,9 @@ impl Conn {
         let timeout = self.config.header_timeout;
         let head_timer = tokio::time::sleep(timeout);
         tokio::pin!(head_timer);
+        // The same for the response heads (see `direct_request`).
+        let response_timer = tokio::time::sleep(self.config.request_timeout);
+        tokio::pin!(response_timer);
         loop {
             // A request head, within the header timeout.
             let due = tokio::time::Instant::now() + timeout;
@@ -366,7 +369,14 @@ impl Conn {
             };
             let started = Instant::now();
             match self
-                .direct_request(&mut client, &mut buf, &mut upstream, head, started)
+                .direct_request(
+                    &mut client,
+                    &mut buf,
+                    &mut upstream,
+                    head,
+                    started,
+                    response_timer.as_mut(),
+                )
                 .await
             {
                 Ok(Next::Request) => {}
@@ -387,6 +397,7 @@ impl Conn {
         upstream: &mut Option<Upstream>,
         head: RequestHead,
         started: Instant,
+        mut response_timer: std::pin::Pin<&mut tokio::time::Sleep>,
     ) -> io::Result<Next> {
         let view = RequestView {
             method: &head.method,
@@ -410,25 +421,59 @@ impl Conn {
         self.stats.requests_forwarded.inc();
         self.record(false, "FORWARDED", request, 0, self.allowed_by.clone());
 
-        // The server failing before a response head gets a 503. The
-        // connection stays usable when the whole request was read: sent
-        // upstream, or (the server unreachable) skipped like a refused one.
-        let response = match self.connected(upstream).await {
-            Err(e) => Err((e, RequestRead::HeadOnly)),
+        // The server failing before a response head gets a 503, and not
+        // sending one within the request timeout (counted from the end of
+        // the request, as Envoy does) a 504. The connection stays usable
+        // when the whole request was read: sent upstream, or (the server
+        // unreachable) skipped like a refused one.
+        let sent = match self.connected(upstream).await {
+            Err(e) => Err((Some(e), RequestRead::HeadOnly)),
             Ok(up) => match forward_exact(buf, head.len, head.body, client, &mut up.stream).await {
-                Err(e) => Err((e, RequestRead::PartOfBody)),
-                Ok(()) => final_response_head(up, client, head.head_method)
-                    .await
-                    .map_err(|e| (e, RequestRead::Whole)),
+                Err(e) => Err((Some(e), RequestRead::PartOfBody)),
+                Ok(()) => Ok(up),
             },
+        };
+        let response = match sent {
+            Err(failure) => Err(failure),
+            Ok(up) => {
+                // One timer serves the connection, moved forward as the
+                // header timer is (a request gets 7/8 of the timeout at
+                // least): a timer armed per request made the event loop
+                // wake itself.
+                let limit = self.config.request_timeout;
+                let due = tokio::time::Instant::now() + limit;
+                if due > response_timer.deadline() + limit / HEAD_TIMER_SLACK {
+                    response_timer.as_mut().reset(due);
+                }
+                tokio::select! {
+                    biased;
+                    r = final_response_head(up, client, head.head_method) => {
+                        r.map_err(|e| (Some(e), RequestRead::Whole))
+                    }
+                    () = response_timer, if !limit.is_zero() => Err((None, RequestRead::Whole)),
+                }
+            }
         };
         let resp = match response {
             Ok(resp) => resp,
-            Err((e, read)) => {
-                tracing::debug!(server = %self.dst, error = %e, "upstream");
-                self.stats.upstream_errors.inc();
+            Err((failure, read)) => {
                 *upstream = None;
-                http.code = 503;
+                let (code, status, body) = match failure {
+                    Some(e) => {
+                        tracing::debug!(server = %self.dst, error = %e, "upstream");
+                        self.stats.upstream_errors.inc();
+                        (
+                            503,
+                            "503 Service Unavailable",
+                            "upstream connect error or disconnect/reset before headers\r\n",
+                        )
+                    }
+                    None => {
+                        self.stats.request_timeouts.inc();
+                        (504, "504 Gateway Timeout", super::REQUEST_TIMEOUT_BODY)
+                    }
+                };
+                http.code = code;
                 let latency = started.elapsed().as_nanos().max(1) as u64;
                 self.record(true, "FORWARDED", http, latency, self.allowed_by.clone());
                 let keep = match read {
@@ -436,8 +481,7 @@ impl Conn {
                     RequestRead::PartOfBody => false,
                     RequestRead::HeadOnly => self.read_past(client, buf, extent).await,
                 };
-                let body = "upstream connect error or disconnect/reset before headers\r\n";
-                return answer(client, "503 Service Unavailable", body, keep).await;
+                return answer(client, status, body, keep).await;
             }
         };
         http.code = resp.code as u32;
@@ -869,8 +913,9 @@ mod tests {
     }
 
     /// A keep-alive server on loopback: answers a path ending in /chunked
-    /// with three chunks (three writes) and a trailer, anything else with
-    /// the request line and the body's length.
+    /// with three chunks (three writes) and a trailer, does not answer
+    /// /silent, and answers anything else with the request line and the
+    /// body's length.
     fn server() -> std::net::SocketAddrV4 {
         use std::io::{BufRead, Read, Write};
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -900,6 +945,10 @@ mod tests {
                         }
                         r.read_exact(&mut vec![0; len]).unwrap();
                         let line = line.trim_end();
+                        if line.contains("/silent ") {
+                            // Never answered: the proxy's request timeout.
+                            continue;
+                        }
                         if line.contains("/chunked ") {
                             for part in [
                                 "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nab",
@@ -940,6 +989,21 @@ mod tests {
         policy: std::sync::Arc<Recorder>,
         config: crate::http::Config,
     ) -> (TcpStream, tokio::task::JoinHandle<End>) {
+        let (client, accepted, conn) = connection(dst, rules, policy, config).await;
+        (
+            client,
+            tokio::spawn(async move { conn.serve_direct(accepted).await }),
+        )
+    }
+
+    /// A client's connection to the proxy: the client's end, the proxy's
+    /// and the proxy's state for it.
+    async fn connection(
+        dst: std::net::SocketAddrV4,
+        rules: Vec<policy::HttpRule>,
+        policy: std::sync::Arc<Recorder>,
+        config: crate::http::Config,
+    ) -> (TcpStream, TcpStream, Conn) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (accepted, std::net::SocketAddr::V4(from)) = l.accept().await.unwrap() else {
@@ -966,10 +1030,7 @@ mod tests {
             stats: Default::default(),
             upstream: tokio::sync::Mutex::new(None),
         };
-        (
-            client,
-            tokio::spawn(async move { conn.serve_direct(accepted).await }),
-        )
+        (client, accepted, conn)
     }
 
     /// Reads until `n` bytes came (a test fails rather than hangs).
@@ -991,18 +1052,27 @@ mod tests {
         out
     }
 
-    /// One response of the proxy's own: its head and its body.
+    /// One response with a length (the proxy's own, or a server's): its
+    /// head and its body.
     async fn own_answer(s: &mut TcpStream) -> (String, String) {
         let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            head.push(0);
-            let last = head.len() - 1;
-            s.read_exact(&mut head[last..]).await.unwrap();
-        }
+        let read_head = async {
+            while !head.ends_with(b"\r\n\r\n") {
+                head.push(0);
+                let last = head.len() - 1;
+                s.read_exact(&mut head[last..]).await.unwrap();
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), read_head)
+            .await
+            .expect("answered in time");
         let head = String::from_utf8(head).unwrap();
         let len: usize = head
             .lines()
-            .find_map(|l| l.strip_prefix("content-length: "))
+            .find_map(|l| {
+                let (name, value) = l.split_once(": ")?;
+                name.eq_ignore_ascii_case("content-length").then_some(value)
+            })
             .unwrap()
             .parse()
             .unwrap();
@@ -1163,6 +1233,70 @@ mod tests {
                 row("FORWARDED", "RESPONSE", "GET", "/api/q", 200),
             ]
         );
+    }
+
+    /// A server that does not answer within the request timeout: the
+    /// client gets a 504, on the direct path and on the general one, its
+    /// connection stays usable and the next request goes to a new upstream
+    /// connection. Each 504 is reported and counted.
+    #[tokio::test]
+    async fn a_silent_server_gets_504s_after_the_request_timeout_on_both_paths() {
+        let timeout = std::time::Duration::from_millis(300);
+        let config = crate::http::Config {
+            request_timeout: timeout,
+            ..Default::default()
+        };
+        // Header edits send every request to the general path.
+        let add_token = policy::HttpRule {
+            header_matches: vec![policy::HeaderMatch {
+                name: "X-Token".into(),
+                value: Some("t".into()),
+                secret: None,
+                mismatch: Some("ADD".into()),
+            }],
+            ..Default::default()
+        };
+        for rules in [vec![policy::HttpRule::default()], vec![add_token]] {
+            let policy = std::sync::Arc::new(Recorder::default());
+            let (mut c, accepted, conn) =
+                connection(server(), rules, policy.clone(), config.clone()).await;
+            let conn = std::sync::Arc::new(conn);
+            tokio::spawn(conn.clone().serve(accepted));
+            for _ in 0..2 {
+                let started = std::time::Instant::now();
+                c.write_all(b"GET /silent HTTP/1.1\r\nHost: s\r\n\r\n")
+                    .await
+                    .unwrap();
+                let (head, body) = own_answer(&mut c).await;
+                assert!(head.starts_with("HTTP/1.1 504 "), "{head}");
+                assert_eq!(body, "upstream request timeout\r\n");
+                assert!(started.elapsed() >= timeout * 7 / 8);
+                c.write_all(b"GET /next HTTP/1.1\r\nHost: s\r\n\r\n")
+                    .await
+                    .unwrap();
+                let (head, body) = own_answer(&mut c).await;
+                assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+                assert_eq!(body, "GET /next HTTP/1.1 body 0");
+            }
+            let codes: Vec<(String, u32)> = policy
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    let h = r.l7.http.as_ref().unwrap();
+                    (h.url.clone(), h.code)
+                })
+                .collect();
+            let round = [
+                ("http://s/silent".to_string(), 0),
+                ("http://s/silent".to_string(), 504),
+                ("http://s/next".to_string(), 0),
+                ("http://s/next".to_string(), 200),
+            ];
+            assert_eq!(codes, [round.clone(), round].concat());
+            assert_eq!(conn.stats.request_timeouts.get(), 2);
+        }
     }
 
     #[tokio::test]
