@@ -71,8 +71,8 @@ struct Args {
     proxy_port: u16,
     /// Seconds a request the L7 proxy forwarded may wait for its response
     /// head; then the client gets 504 (Cilium's http-request-timeout). 0:
-    /// no limit.
-    #[arg(long, default_value_t = 3600)]
+    /// no limit. At most a year.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(0..=365 * 86_400))]
     http_request_timeout: u64,
     /// The DNS proxy's port (UDP and TCP) on 127.0.0.1 (0: any free port).
     #[arg(long, default_value_t = 0)]

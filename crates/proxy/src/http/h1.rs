@@ -1235,6 +1235,20 @@ mod tests {
         );
     }
 
+    /// A rule that adds a header to requests without it (a header edit:
+    /// the general path's).
+    fn add_token() -> policy::HttpRule {
+        policy::HttpRule {
+            header_matches: vec![policy::HeaderMatch {
+                name: "X-Token".into(),
+                value: Some("t".into()),
+                secret: None,
+                mismatch: Some("ADD".into()),
+            }],
+            ..Default::default()
+        }
+    }
+
     /// A server that does not answer within the request timeout: the
     /// client gets a 504, on the direct path and on the general one, its
     /// connection stays usable and the next request goes to a new upstream
@@ -1247,16 +1261,7 @@ mod tests {
             ..Default::default()
         };
         // Header edits send every request to the general path.
-        let add_token = policy::HttpRule {
-            header_matches: vec![policy::HeaderMatch {
-                name: "X-Token".into(),
-                value: Some("t".into()),
-                secret: None,
-                mismatch: Some("ADD".into()),
-            }],
-            ..Default::default()
-        };
-        for rules in [vec![policy::HttpRule::default()], vec![add_token]] {
+        for rules in [vec![policy::HttpRule::default()], vec![add_token()]] {
             let policy = std::sync::Arc::new(Recorder::default());
             let (mut c, accepted, conn) =
                 connection(server(), rules, policy.clone(), config.clone()).await;
@@ -1301,18 +1306,9 @@ mod tests {
 
     #[tokio::test]
     async fn header_edits_and_unusual_requests_go_to_the_general_path_untouched() {
-        let add_token = policy::HttpRule {
-            header_matches: vec![policy::HeaderMatch {
-                name: "X-Token".into(),
-                value: Some("t".into()),
-                secret: None,
-                mismatch: Some("ADD".into()),
-            }],
-            ..Default::default()
-        };
         let policy = std::sync::Arc::new(Recorder::default());
         for (rules, request) in [
-            (vec![add_token], "GET /x HTTP/1.1\r\nHost: s\r\n\r\n"),
+            (vec![add_token()], "GET /x HTTP/1.1\r\nHost: s\r\n\r\n"),
             (
                 vec![],
                 "POST /x HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
