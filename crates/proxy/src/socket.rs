@@ -26,13 +26,14 @@ pub fn upstream(ty: Type, client: Ipv4Addr, transparent: bool, mark: u32) -> io:
     } else {
         Protocol::TCP
     };
-    let s = Socket::new(Domain::IPV4, ty, Some(protocol))?;
+    // Non-blocking from the start (SOCK_NONBLOCK): the DNS proxy opens one
+    // per query, and setting it afterwards costs two fcntl calls.
+    let s = Socket::new(Domain::IPV4, ty.nonblocking(), Some(protocol))?;
     if transparent {
         s.set_ip_transparent_v4(true)?;
         s.set_mark(mark)?;
         s.bind(&SocketAddrV4::new(client, 0).into())?;
     }
-    s.set_nonblocking(true)?;
     Ok(s)
 }
 
