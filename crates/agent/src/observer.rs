@@ -12,9 +12,9 @@ use flow::{Endpoint, Flow};
 use crate::EndpointIndex;
 
 /// L7 report queues: each thread that reports (a proxy thread per CPU, the
-/// DNS proxy's) keeps to one, so that proxy threads on different CPUs do
-/// not take one lock and write into one vector's cache lines.
-const L7_QUEUES: usize = 4;
+/// DNS proxy's) keeps to its slot's, so that proxy threads on different
+/// CPUs do not take one lock and write into one vector's cache lines.
+const L7_QUEUES: usize = proxy::workers::THREAD_SLOTS;
 /// L7 reports one queue holds at most between two rounds of the events
 /// thread (a proxy thread makes at most ~100k a second).
 const L7_QUEUE_LIMIT: usize = 1 << 15;
@@ -173,7 +173,7 @@ impl Observer {
     /// events thread's next round (within its poll interval, 20 ms), as
     /// datapath events do.
     pub fn queue_l7(&self, r: flow::record::L7Record) {
-        let queue = &self.l7_pending[proxy::workers::thread_slot() % L7_QUEUES].0;
+        let queue = &self.l7_pending[proxy::workers::thread_slot()].0;
         let mut pending = queue.lock().unwrap_or_else(|e| e.into_inner());
         if pending.len() >= L7_QUEUE_LIMIT {
             // The events thread is stuck: bounded memory, loss counted.

@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+// Threads placed as the L7 proxy places its own (bench `--spread`,
+// `--cpu-affine`).
+use proxy::workers;
 
 mod dns;
 
@@ -150,8 +153,8 @@ fn http_server(port: u16, cpu_affine: bool) -> anyhow::Result<()> {
         say(format!("accepted {peer}"));
         std::thread::spawn(move || {
             if cpu_affine {
-                if let Ok(cpu) = socket2::SockRef::from(&conn).cpu_affinity() {
-                    match pin_current_thread(cpu) {
+                if let Some(cpu) = workers::incoming_cpu(&conn) {
+                    match workers::pin_current_thread(cpu) {
                         Ok(()) => say(format!("connection from {peer} runs on CPU {cpu}")),
                         Err(e) => say(format!("cannot run on CPU {cpu}: {e}")),
                     }
@@ -161,24 +164,6 @@ fn http_server(port: u16, cpu_affine: bool) -> anyhow::Result<()> {
         });
     }
     Ok(())
-}
-
-/// Keeps the calling thread on `cpu`.
-fn pin_current_thread(cpu: usize) -> nix::Result<()> {
-    let mut set = nix::sched::CpuSet::new();
-    set.set(cpu)?;
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
-}
-
-/// The CPUs this process may run on, in order.
-fn allowed_cpus() -> Vec<usize> {
-    use nix::sched::{sched_getaffinity, CpuSet};
-    let Ok(set) = sched_getaffinity(nix::unistd::Pid::from_raw(0)) else {
-        return Vec::new();
-    };
-    (0..CpuSet::count())
-        .filter(|&c| set.is_set(c).unwrap_or(false))
-        .collect()
 }
 
 /// Keep-alive HTTP/1.1: answers requests until the client closes, logging
@@ -369,7 +354,11 @@ fn http_load(url: &str, seconds: f64, connections: usize, spread: bool) -> anyho
     let (hostport, path) = parse_url(url)?;
     let end = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
-    let cpus = if spread { allowed_cpus() } else { Vec::new() };
+    let cpus = if spread {
+        workers::allowed_cpus()
+    } else {
+        Vec::new()
+    };
     let workers: Vec<_> = (0..connections.max(1))
         .map(|i| {
             let (hostport, path) = (hostport.clone(), path.clone());
@@ -378,7 +367,8 @@ fn http_load(url: &str, seconds: f64, connections: usize, spread: bool) -> anyho
                 // Before connecting: the handshake is then processed on
                 // this CPU, which is what servers and the proxy steer by.
                 if let Some(cpu) = cpu {
-                    pin_current_thread(cpu).with_context(|| format!("run on CPU {cpu}"))?;
+                    workers::pin_current_thread(cpu)
+                        .with_context(|| format!("run on CPU {cpu}"))?;
                 }
                 let mut s = connect(&hostport, Duration::from_secs(3))?;
                 let mut r = BufReader::new(s.try_clone()?);

@@ -17,21 +17,6 @@ impl Drop for Killed {
     }
 }
 
-fn allowed_cpus() -> Vec<usize> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let list = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .unwrap()
-        .trim();
-    list.split(',')
-        .flat_map(|part| {
-            let (lo, hi) = part.split_once('-').unwrap_or((part, part));
-            lo.parse::<usize>().unwrap()..=hi.parse::<usize>().unwrap()
-        })
-        .collect()
-}
-
 #[test]
 fn spread_clients_and_cpu_affine_server_threads_share_cpus() {
     // A free port: bound, then released for the server.
@@ -61,7 +46,7 @@ fn spread_clients_and_cpu_affine_server_threads_share_cpus() {
         .unwrap()
         .starts_with("listening"));
 
-    let cpus = allowed_cpus();
+    let cpus = proxy::workers::allowed_cpus();
     let connections = 2 * cpus.len();
     let load = Command::new(ECHO)
         .args([

@@ -28,6 +28,9 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// usable; a bigger body closes the connection after the 403.
 const DRAIN_LIMIT: usize = 1 << 20;
 
+/// The 503's body when the server fails before a response head (Envoy's).
+pub(crate) const UPSTREAM_ERROR_BODY: &str =
+    "upstream connect error or disconnect/reset before headers\r\n";
 /// The 504's body when a response head does not come in time (Envoy's).
 pub(crate) const REQUEST_TIMEOUT_BODY: &str = "upstream request timeout\r\n";
 
@@ -395,10 +398,7 @@ impl Conn {
             Some(Err(e)) => {
                 tracing::debug!(server = %self.dst, error = %e, "upstream");
                 self.stats.upstream_errors.inc();
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream connect error or disconnect/reset before headers\r\n",
-                )
+                text(StatusCode::SERVICE_UNAVAILABLE, UPSTREAM_ERROR_BODY)
             }
             None => {
                 self.stats.request_timeouts.inc();

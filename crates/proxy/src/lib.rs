@@ -105,9 +105,7 @@ pub struct Stats {
 /// sum. One shared atomic, incremented by the proxy thread of each CPU for
 /// every request, cost a cache-line transfer per request.
 #[derive(Debug, Default)]
-pub struct Counter([CounterSlot; COUNTER_SLOTS]);
-
-const COUNTER_SLOTS: usize = 4;
+pub struct Counter([CounterSlot; workers::THREAD_SLOTS]);
 
 #[derive(Debug, Default)]
 #[repr(align(128))]
@@ -115,7 +113,7 @@ struct CounterSlot(AtomicU64);
 
 impl Counter {
     pub fn inc(&self) {
-        self.0[workers::thread_slot() % COUNTER_SLOTS]
+        self.0[workers::thread_slot()]
             .0
             .fetch_add(1, Ordering::Relaxed);
     }

@@ -63,17 +63,25 @@ impl Router {
     }
 }
 
-/// A small number of the calling thread's own (0, 1, 2 ... in the order
-/// threads first ask): per-thread slots of shared counters and queues are
-/// picked with it, so that threads on different CPUs write to different
-/// cache lines.
+/// Slots of per-thread counters and queues: one for each proxy thread of a
+/// 2-4 CPU node and the DNS proxy's; more threads share.
+pub const THREAD_SLOTS: usize = 4;
+
+/// The calling thread's slot (below `THREAD_SLOTS`, taken in turn in the
+/// order threads first ask), so that threads on different CPUs write to
+/// different cache lines of a shared counter or queue.
 pub fn thread_slot() -> usize {
+    thread_number() % THREAD_SLOTS
+}
+
+/// 0, 1, 2 ... in the order threads first ask.
+fn thread_number() -> usize {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
-        static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+        static NUMBER: usize = NEXT.fetch_add(1, Ordering::Relaxed);
     }
-    SLOT.with(|s| *s)
+    NUMBER.with(|n| *n)
 }
 
 /// The CPU that processed `stream`'s last incoming packet.
@@ -111,7 +119,7 @@ mod tests {
     }
 
     #[test]
-    fn threads_get_slots_of_their_own_and_counters_sum_them() {
+    fn threads_get_numbers_of_their_own_and_counters_sum_their_slots() {
         let counter = std::sync::Arc::new(crate::Counter::default());
         let mut slots: Vec<usize> = (0..6)
             .map(|_| {
@@ -120,7 +128,8 @@ mod tests {
                     for _ in 0..1000 {
                         c.inc();
                     }
-                    thread_slot()
+                    assert!(thread_slot() < THREAD_SLOTS);
+                    thread_number()
                 })
             })
             .map(|t| t.join().unwrap())

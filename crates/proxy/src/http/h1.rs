@@ -25,15 +25,24 @@ use crate::rules::RequestView;
 /// Headers per head the direct path parses (more: the general path).
 const MAX_HEADERS: usize = 64;
 
-/// A keep-alive connection's header timeout is one timer for its whole
-/// life, moved forward only when it is more than a `1/HEAD_TIMER_SLACK`
-/// of the timeout behind (so a client has between 7/8 of the timeout and
-/// all of it for a head). A timer armed per request cost a timer-wheel
-/// insert and, whenever the event loop had gone to sleep with no timer
-/// pending (all its connections waiting on their servers), a wake-up of
-/// the loop by itself: an eventfd write and one more `epoll_wait`, for
-/// half the requests of the L7 bench.
-const HEAD_TIMER_SLACK: u32 = 8;
+/// A keep-alive connection's header timeout and its request timeout are
+/// one timer each for the connection's whole life (`rearm`), moved forward
+/// only when more than `1/TIMER_SLACK` of the timeout behind: a request
+/// gets between 7/8 of the timeout and all of it. A timer armed per request
+/// cost a timer-wheel insert and, whenever the event loop had gone to sleep
+/// with no timer pending (all its connections waiting on their servers), a
+/// wake-up of the loop by itself: an eventfd write and one more
+/// `epoll_wait`, for half the requests of the L7 bench.
+const TIMER_SLACK: u32 = 8;
+
+/// Gives a connection's `timer` (see `TIMER_SLACK`) at least 7/8 of
+/// `timeout` from now.
+fn rearm(timer: std::pin::Pin<&mut tokio::time::Sleep>, timeout: std::time::Duration) {
+    let due = tokio::time::Instant::now() + timeout;
+    if due > timer.deadline() + timeout / TIMER_SLACK {
+        timer.reset(due);
+    }
+}
 
 /// Room made for each read of a body.
 const BODY_READ: usize = 64 * 1024;
@@ -342,15 +351,12 @@ impl Conn {
         let timeout = self.config.header_timeout;
         let head_timer = tokio::time::sleep(timeout);
         tokio::pin!(head_timer);
-        // The same for the response heads (see `direct_request`).
+        // The same for the response heads (the request timeout).
         let response_timer = tokio::time::sleep(self.config.request_timeout);
         tokio::pin!(response_timer);
         loop {
             // A request head, within the header timeout.
-            let due = tokio::time::Instant::now() + timeout;
-            if due > head_timer.deadline() + timeout / HEAD_TIMER_SLACK {
-                head_timer.as_mut().reset(due);
-            }
+            rearm(head_timer.as_mut(), timeout);
             let head = loop {
                 match parse_request(&buf) {
                     Parsed::Request(head) => break head,
@@ -436,15 +442,8 @@ impl Conn {
         let response = match sent {
             Err(failure) => Err(failure),
             Ok(up) => {
-                // One timer serves the connection, moved forward as the
-                // header timer is (a request gets 7/8 of the timeout at
-                // least): a timer armed per request made the event loop
-                // wake itself.
                 let limit = self.config.request_timeout;
-                let due = tokio::time::Instant::now() + limit;
-                if due > response_timer.deadline() + limit / HEAD_TIMER_SLACK {
-                    response_timer.as_mut().reset(due);
-                }
+                rearm(response_timer.as_mut(), limit);
                 tokio::select! {
                     biased;
                     r = final_response_head(up, client, head.head_method) => {
@@ -462,11 +461,7 @@ impl Conn {
                     Some(e) => {
                         tracing::debug!(server = %self.dst, error = %e, "upstream");
                         self.stats.upstream_errors.inc();
-                        (
-                            503,
-                            "503 Service Unavailable",
-                            "upstream connect error or disconnect/reset before headers\r\n",
-                        )
+                        (503, "503 Service Unavailable", super::UPSTREAM_ERROR_BODY)
                     }
                     None => {
                         self.stats.request_timeouts.inc();
@@ -882,6 +877,30 @@ mod tests {
     #[derive(Default)]
     struct Recorder(std::sync::Mutex<Vec<flow::record::L7Record>>);
 
+    /// What a test checks of a report: verdict, type, method, URL, code.
+    type Row = (&'static str, String, String, String, u32);
+
+    /// A report's row, its URL `http://s{path}`.
+    fn row(verdict: &'static str, r#type: &str, method: &str, path: &str, code: u32) -> Row {
+        let url = format!("http://s{path}");
+        (verdict, r#type.into(), method.into(), url, code)
+    }
+
+    impl Recorder {
+        /// The reports so far, as rows.
+        fn rows(&self) -> Vec<Row> {
+            let records = self.0.lock().unwrap();
+            records
+                .iter()
+                .map(|r| {
+                    let h = r.l7.http.as_ref().unwrap();
+                    let (method, url) = (h.method.to_string(), h.url.clone());
+                    (r.verdict, r.l7.r#type.to_string(), method, url, h.code)
+                })
+                .collect()
+        }
+    }
+
     impl crate::Policy for Recorder {
         fn connection(
             &self,
@@ -1115,18 +1134,13 @@ mod tests {
         }
         assert_eq!(read_to_close(&mut c).await, "");
         assert!(matches!(end.await.unwrap(), End::Done));
-        let records = policy.0.lock().unwrap();
-        let codes: Vec<_> = records
-            .iter()
-            .map(|r| (&*r.l7.r#type, r.l7.http.as_ref().unwrap().code))
-            .collect();
         assert_eq!(
-            codes,
+            policy.rows(),
             [
-                ("REQUEST", 0),
-                ("RESPONSE", 503),
-                ("REQUEST", 0),
-                ("RESPONSE", 503)
+                row("FORWARDED", "REQUEST", "POST", "/api/a", 0),
+                row("FORWARDED", "RESPONSE", "POST", "/api/a", 503),
+                row("FORWARDED", "REQUEST", "GET", "/api/b", 0),
+                row("FORWARDED", "RESPONSE", "GET", "/api/b", 503),
             ]
         );
     }
@@ -1202,25 +1216,8 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Length: 26\r\n\r\nGET /api/p HTTP/1.1 body 3HTTP/1.1 200 OK\r\nContent-Length: 26\r\n\r\nGET /api/q HTTP/1.1 body 0"
         );
         assert!(matches!(end.await.unwrap(), End::Done));
-        let records = policy.0.lock().unwrap();
-        let seen: Vec<_> = records
-            .iter()
-            .map(|r| {
-                let h = r.l7.http.as_ref().unwrap();
-                (
-                    r.verdict,
-                    &*r.l7.r#type,
-                    h.method.to_string(),
-                    h.url.clone(),
-                    h.code,
-                )
-            })
-            .collect();
-        let row = |v, t, m: &str, path: &str, code| {
-            (v, t, m.to_string(), format!("http://s{path}"), code)
-        };
         assert_eq!(
-            seen,
+            policy.rows(),
             [
                 row("FORWARDED", "REQUEST", "GET", "/api/a", 0),
                 row("FORWARDED", "RESPONSE", "GET", "/api/a", 200),
@@ -1283,23 +1280,13 @@ mod tests {
                 assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
                 assert_eq!(body, "GET /next HTTP/1.1 body 0");
             }
-            let codes: Vec<(String, u32)> = policy
-                .0
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|r| {
-                    let h = r.l7.http.as_ref().unwrap();
-                    (h.url.clone(), h.code)
-                })
-                .collect();
             let round = [
-                ("http://s/silent".to_string(), 0),
-                ("http://s/silent".to_string(), 504),
-                ("http://s/next".to_string(), 0),
-                ("http://s/next".to_string(), 200),
+                row("FORWARDED", "REQUEST", "GET", "/silent", 0),
+                row("FORWARDED", "RESPONSE", "GET", "/silent", 504),
+                row("FORWARDED", "REQUEST", "GET", "/next", 0),
+                row("FORWARDED", "RESPONSE", "GET", "/next", 200),
             ];
-            assert_eq!(codes, [round.clone(), round].concat());
+            assert_eq!(policy.rows(), [round.clone(), round].concat());
             assert_eq!(conn.stats.request_timeouts.get(), 2);
         }
     }
