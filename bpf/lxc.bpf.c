@@ -251,12 +251,6 @@ int from_container(struct __sk_buff *skb)
 		if (redirect == REDIRECT_HTTP && pkt.protocol != IPPROTO_TCP)
 			return drop(skb, &pkt, DROP_PROXY_UNSUPPORTED, DIR_EGRESS, src_id, dst_id,
 				    pv.match, pv.cookie);
-		__u8 ct_flags = redirect ? CT_F_PROXY_REDIRECT : 0;
-		if (redirect == REDIRECT_DNS)
-			ct_flags |= CT_F_DNS;
-		if (ct_create(&pkt, DIR_EGRESS, pv.cookie, ct_flags) < 0)
-			return drop(skb, &pkt, DROP_CT_MAP_INSERT_FAILED, DIR_EGRESS, src_id,
-				    dst_id, pv.match, pv.cookie);
 		ct.policy_cookie = pv.cookie;
 	} else if (ct.state == CT_ESTABLISHED && (ct.flags & CT_F_PROXY_REDIRECT)) {
 		redirect = (ct.flags & CT_F_DNS) ? REDIRECT_DNS : REDIRECT_HTTP;
@@ -269,7 +263,6 @@ int from_container(struct __sk_buff *skb)
 	 * tail-calls the peer's policy program); its L7 rules may also need
 	 * the proxy. */
 	if (ct.state == CT_NEW && peer_here) {
-		int was = redirect;
 		int ingress_redirect = 0;
 		int verdict = ingress_policy(skb, &pkt, peer->ep_id, peer->identity, peer->flags,
 					     src_id, &peer_pv, &ingress_redirect);
@@ -277,17 +270,22 @@ int from_container(struct __sk_buff *skb)
 			return verdict;
 		/* The server's HTTP rules need the HTTP proxy (which then also
 		 * applies an egress HTTP rule); DNS rules are egress-only. */
-		if (ingress_redirect && was != REDIRECT_HTTP) {
-			redirect = REDIRECT_HTTP;
-			if (was == REDIRECT_DNS)
-				ct_update_flags(&pkt, DIR_EGRESS, 0, CT_F_DNS);
-		}
-		if (redirect && !was) {
+		if (ingress_redirect && redirect != REDIRECT_HTTP) {
 			if (pkt.protocol != IPPROTO_TCP)
 				return drop(skb, &pkt, DROP_PROXY_UNSUPPORTED, DIR_INGRESS, src_id,
 					    dst_id, peer_pv.match, peer_pv.cookie);
-			ct_update_flags(&pkt, DIR_EGRESS, CT_F_PROXY_REDIRECT, 0);
+			redirect = REDIRECT_HTTP;
 		}
+	}
+	/* Tracked only once both sides' policies let it through: a connection
+	 * the peer's ingress refuses leaves no entry behind. */
+	if (ct.state == CT_NEW) {
+		__u8 ct_flags = redirect ? CT_F_PROXY_REDIRECT : 0;
+		if (redirect == REDIRECT_DNS)
+			ct_flags |= CT_F_DNS;
+		if (ct_create(&pkt, DIR_EGRESS, pv.cookie, ct_flags) < 0)
+			return drop(skb, &pkt, DROP_CT_MAP_INSERT_FAILED, DIR_EGRESS, src_id,
+				    dst_id, pv.match, pv.cookie);
 	}
 	if (redirect) {
 		int verdict = to_proxy(skb, &pkt, src_id, dst_id, redirect);

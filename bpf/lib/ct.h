@@ -75,8 +75,25 @@ static __always_inline int ct_touch(struct ct_value *v, const struct packet *pkt
 	return report;
 }
 
+/* A SYN without ACK opens a connection. Met on an entry that is closing, or
+ * whose sender has already completed a handshake on this tuple (sent an ACK;
+ * a SYN is retransmitted only before that), it cannot belong to the tracked
+ * connection: the tuple is reused by a new one, which must meet policy again
+ * (Cilium's CT_REOPENED). Replies of the reused tuple then follow the new
+ * entry, never the stale one's verdict or proxy flags. */
+static __always_inline int ct_reopens(const struct packet *pkt, const struct ct_value *v,
+				      int from_opener)
+{
+	if (pkt->protocol != IPPROTO_TCP || (pkt->tcp_flags & (TCP_SYN | TCP_ACK)) != TCP_SYN)
+		return 0;
+	__u8 seen = from_opener ? v->tx_flags_seen : v->rx_flags_seen;
+	return v->closing || (seen & TCP_ACK);
+}
+
 /* Looks the packet up in the direction `dir` (as seen from the endpoint whose
- * program runs). Returns CT_NEW when no live entry exists. */
+ * program runs). Returns CT_NEW when no live entry exists, or when the packet
+ * reopens the tuple (the stale entry is then deleted, so that a connection
+ * the policy now refuses leaves nothing behind). */
 static __always_inline void ct_lookup(const struct packet *pkt, __u8 dir, struct ct_result *res)
 {
 	struct ct_key key;
@@ -90,6 +107,10 @@ static __always_inline void ct_lookup(const struct packet *pkt, __u8 dir, struct
 
 	ct_fill_key(&key, pkt, dir, 0);
 	v = bpf_map_lookup_elem(&fibril_ct, &key);
+	if (v && v->expires_ns > now && ct_reopens(pkt, v, 1)) {
+		bpf_map_delete_elem(&fibril_ct, &key);
+		goto new;
+	}
 	if (v && v->expires_ns > now) {
 		res->state = CT_ESTABLISHED;
 		res->flags = v->flags;
@@ -99,6 +120,10 @@ static __always_inline void ct_lookup(const struct packet *pkt, __u8 dir, struct
 	}
 	ct_fill_key(&key, pkt, opposite, 1);
 	v = bpf_map_lookup_elem(&fibril_ct, &key);
+	if (v && v->expires_ns > now && ct_reopens(pkt, v, 0)) {
+		bpf_map_delete_elem(&fibril_ct, &key);
+		goto new;
+	}
 	if (v && v->expires_ns > now) {
 		res->state = CT_REPLY;
 		res->flags = v->flags;
@@ -106,6 +131,7 @@ static __always_inline void ct_lookup(const struct packet *pkt, __u8 dir, struct
 		res->report = ct_touch(v, pkt, 0, now);
 		return;
 	}
+new:
 	res->state = CT_NEW;
 	res->report = 1;
 }

@@ -11,7 +11,9 @@ use abi::{
     POLICY_F_DENY, POLICY_F_REDIRECT, POLICY_F_REDIRECT_DNS, POLICY_STATIC_PREFIX_BITS,
 };
 use fibril_datapath::{Config, Datapath, EndpointPrograms, Hook, PolicyEntry};
-use test_support::{ipv4_packet, ipv6_udp_packet, unique_name, L4, TCP_ACK, TCP_SYN};
+use test_support::{
+    ipv4_packet, ipv6_udp_packet, unique_name, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -632,4 +634,172 @@ fn l7_redirects_fail_closed_for_http_and_fall_back_for_dns() {
         .map(|(_, v)| v.flags)
         .collect();
     assert_eq!(flags, vec![CT_F_PROXY_REDIRECT | CT_F_DNS]);
+}
+
+fn tcp(sport: u16, dport: u16, flags: u8) -> L4 {
+    L4::Tcp {
+        sport,
+        dport,
+        flags,
+    }
+}
+
+/// Removes the policy entry `allow`/`policy_entry` wrote for one port.
+fn remove_entry(lab: &Lab, ep: u32, identity: u32, dir: u8, proto: u8, port: u16) {
+    lab.dp
+        .remove_policy(
+            POLICY_FULL_PREFIX_BITS,
+            PolicyKeyData {
+                ep_id: ep.to_be(),
+                identity: identity.to_be(),
+                direction: dir,
+                protocol: proto,
+                dport: port.to_be(),
+            },
+        )
+        .unwrap();
+}
+
+/// A SYN reusing the tuple of a connection that closed (or that completed
+/// its handshake) is a new connection: policy is evaluated again, so a
+/// client cannot keep a revoked allow alive by reconnecting from the same
+/// port (Cilium's CT_REOPENED). Checked from the host stack (to_container)
+/// and pod to pod (the sender's from_container runs both sides' policy).
+#[test]
+fn a_syn_reusing_a_closed_tuple_meets_policy_again() {
+    for (closing_flags, what) in [
+        (TCP_FIN | TCP_ACK, "after a FIN"),
+        (TCP_RST, "after a RST"),
+        (TCP_ACK, "after the handshake, with no close seen"),
+    ] {
+        for hook in [Hook::ToContainer, Hook::FromContainer] {
+            let lab = lab();
+            let ingress = abi::Direction::Ingress as u8;
+            enforce(&lab, SERVER, EP_F_INGRESS_ENFORCED);
+            allow(&lab, 2, CLIENT_ID, ingress, 6, 8080, false);
+            let mut p = match hook {
+                Hook::ToContainer => progs(&lab, 2, SERVER),
+                Hook::FromContainer => progs(&lab, 1, CLIENT),
+            };
+            let pass = match hook {
+                Hook::ToContainer => TC_ACT_OK,
+                Hook::FromContainer => TC_ACT_REDIRECT,
+            };
+            let mut send = |flags: u8| {
+                p.test_run(hook, &ipv4_packet(CLIENT, SERVER, tcp(40000, 8080, flags)))
+                    .unwrap()
+                    .action
+            };
+            assert_eq!(send(TCP_SYN), pass, "{what} {hook:?}: allowed SYN");
+            assert_eq!(send(TCP_ACK), pass);
+            assert_eq!(send(closing_flags), pass);
+            // The allow is revoked; the same source port opens again.
+            remove_entry(&lab, 2, CLIENT_ID, ingress, 6, 8080);
+            assert_eq!(
+                send(TCP_SYN),
+                TC_ACT_SHOT,
+                "{what} {hook:?}: a reused tuple must meet the new policy"
+            );
+            // Nothing of the old connection is left to carry the rest.
+            assert_eq!(send(TCP_ACK), TC_ACT_SHOT, "{what} {hook:?}: stale ACK");
+            assert!(
+                events(&lab)
+                    .iter()
+                    .any(|e| e.r#type == EventType::Drop as u8
+                        && e.subtype == DropReason::PolicyDenied as u8
+                        && e.tcp_flags == TCP_SYN),
+                "{what} {hook:?}: the reopening SYN is reported as a policy drop"
+            );
+        }
+    }
+}
+
+/// A retransmitted SYN (the opener has not sent an ACK yet) still belongs to
+/// its connection; it is not a reopen, and neither is a SYN on a live tuple
+/// of another direction's entry.
+#[test]
+fn a_retransmitted_syn_is_the_same_connection() {
+    let lab = lab();
+    let ingress = abi::Direction::Ingress as u8;
+    enforce(&lab, SERVER, EP_F_INGRESS_ENFORCED);
+    allow(&lab, 2, CLIENT_ID, ingress, 6, 8080, false);
+    let mut server = progs(&lab, 2, SERVER);
+    let syn = ipv4_packet(CLIENT, SERVER, tcp(40000, 8080, TCP_SYN));
+    assert_eq!(
+        server.test_run(Hook::ToContainer, &syn).unwrap().action,
+        TC_ACT_OK
+    );
+    remove_entry(&lab, 2, CLIENT_ID, ingress, 6, 8080);
+    // The connection was allowed when it opened: its retransmission passes.
+    assert_eq!(
+        server.test_run(Hook::ToContainer, &syn).unwrap().action,
+        TC_ACT_OK
+    );
+    let states: Vec<u8> = events(&lab).iter().map(|e| e.ct_state).collect();
+    assert_eq!(
+        states,
+        vec![abi::ct_state::NEW],
+        "one new connection, one event"
+    );
+}
+
+/// A connection the L7 proxy carried leaves entries flagged for the proxy;
+/// a new connection on the same tuple once the L7 rule is gone goes straight
+/// to the server, and its replies are not sent up to the proxy. The other
+/// way round, a tuple reused after an L7 rule arrives goes to the proxy.
+#[test]
+fn a_reopened_tuple_gets_the_redirect_of_the_new_policy() {
+    let (http_port, dns_port) = (unused_port(), unused_port());
+    let lab = lab_with(|c| {
+        c.proxy = Some(fibril_datapath::ProxyRedirect {
+            dns_port,
+            ..fibril_datapath::ProxyRedirect::for_port(http_port)
+        })
+    });
+    let ingress = abi::Direction::Ingress as u8;
+    enforce(&lab, SERVER, EP_F_INGRESS_ENFORCED);
+    allow(&lab, 2, CLIENT_ID, ingress, 6, 8080, false);
+    let mut client = progs(&lab, 1, CLIENT);
+    let mut send = |flags: u8| {
+        client
+            .test_run(
+                Hook::FromContainer,
+                &ipv4_packet(CLIENT, SERVER, tcp(40000, 8080, flags)),
+            )
+            .unwrap()
+            .action
+    };
+    assert_eq!(send(TCP_SYN), TC_ACT_REDIRECT);
+    assert_eq!(send(TCP_ACK), TC_ACT_REDIRECT);
+    assert_eq!(send(TCP_FIN | TCP_ACK), TC_ACT_REDIRECT);
+    // An http rule now covers the port: the reused tuple belongs to the
+    // proxy (which is not listening here, so it fails closed).
+    policy_entry(&lab, 2, CLIENT_ID, ingress, 6, 8080, POLICY_F_REDIRECT);
+    assert_eq!(send(TCP_SYN), TC_ACT_SHOT);
+    let drop = events(&lab)
+        .into_iter()
+        .find(|e| e.r#type == EventType::Drop as u8)
+        .expect("a drop event");
+    assert_eq!(drop.subtype, DropReason::SocketLookupFailed as u8);
+    assert!(lab
+        .dp
+        .ct_list()
+        .iter()
+        .any(|(k, v)| k.sport == 40000 && v.flags & CT_F_PROXY_REDIRECT != 0));
+
+    // The rule goes again: the tuple flagged for the proxy is reused after
+    // a RST and is delivered straight to the server once more.
+    assert_eq!(
+        send(TCP_RST),
+        TC_ACT_OK,
+        "to the host stack, marked for the proxy"
+    );
+    allow(&lab, 2, CLIENT_ID, ingress, 6, 8080, false);
+    assert_eq!(send(TCP_SYN), TC_ACT_REDIRECT);
+    assert!(lab
+        .dp
+        .ct_list()
+        .iter()
+        .filter(|(k, _)| k.sport == 40000)
+        .all(|(_, v)| v.flags & (CT_F_PROXY_REDIRECT | abi::CT_F_FROM_PROXY) == 0));
 }

@@ -45,6 +45,11 @@ enum Cmd {
         url: String,
         #[arg(long, default_value_t = 3.0)]
         timeout: f64,
+        /// Connect from this source port, and close with a RST so that no
+        /// TIME_WAIT holds it: the next run can reuse the same tuple (how
+        /// tests check that a reused tuple meets policy again).
+        #[arg(long)]
+        local_port: Option<u16>,
     },
     /// HTTP/1.1 load: `connections` keep-alive connections sending GETs
     /// back to back for `seconds`; prints the request rate and the p50/p99
@@ -291,6 +296,23 @@ fn connect(addr: &str, timeout: Duration) -> anyhow::Result<TcpStream> {
     Ok(s)
 }
 
+/// `connect` from a fixed source port; the stream closes with a RST.
+fn connect_from(addr: &str, port: u16, timeout: Duration) -> anyhow::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let sa = addr.to_socket_addrs()?.next().context("no address")?;
+    let s = Socket::new(Domain::for_address(sa), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_linger(Some(Duration::ZERO))?;
+    s.bind(&std::net::SocketAddr::new([0, 0, 0, 0].into(), port).into())
+        .with_context(|| format!("bind source port {port}"))?;
+    s.connect_timeout(&sa.into(), timeout)
+        .with_context(|| format!("connect {addr} from port {port}"))?;
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(timeout))?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
 fn http_request(
     s: &mut TcpStream,
     r: &mut BufReader<TcpStream>,
@@ -320,9 +342,13 @@ fn http_request(
     Ok(status.trim().to_string())
 }
 
-fn http_get(url: &str, timeout: f64) -> anyhow::Result<()> {
+fn http_get(url: &str, timeout: f64, local_port: Option<u16>) -> anyhow::Result<()> {
     let (hostport, path) = parse_url(url)?;
-    let mut s = connect(&hostport, Duration::from_secs_f64(timeout))?;
+    let timeout = Duration::from_secs_f64(timeout);
+    let mut s = match local_port {
+        Some(port) => connect_from(&hostport, port, timeout)?,
+        None => connect(&hostport, timeout)?,
+    };
     let mut r = BufReader::new(s.try_clone()?);
     let status = http_request(&mut s, &mut r, &hostport, &path)?;
     say(status.clone());
@@ -548,7 +574,11 @@ fn main() {
             connections,
             spread,
         } => http_load(&url, seconds, connections, spread),
-        Cmd::HttpGet { url, timeout } => http_get(&url, timeout),
+        Cmd::HttpGet {
+            url,
+            timeout,
+            local_port,
+        } => http_get(&url, timeout, local_port),
         Cmd::UdpServer { port } => udp_server(port),
         Cmd::UdpSend {
             addr,

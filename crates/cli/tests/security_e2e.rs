@@ -1,0 +1,141 @@
+//! Tier 5: what an attacker inside a pod or a local user tries, against a
+//! real lab (agent, CNI, pods, real packets). Needs root.
+
+mod common;
+
+use common::{custom_lab, wait_until, Lab};
+
+/// server .2 (HTTP on 8080), client .3, keeper .4; the keeper's allow keeps
+/// the server's ingress enforced whatever happens to the client's.
+const REUSE_LAB: &str = r#"
+podCIDR: POD_CIDR_HERE
+namespaces:
+  - name: sec
+pods:
+  - name: server
+    namespace: sec
+    labels: {app: server}
+    command: [fibril-echo, http-server, --port, "8080"]
+  - {name: client, namespace: sec, labels: {app: client}}
+  - {name: keeper, namespace: sec, labels: {app: keeper}}
+policies:
+  - inline: |
+      apiVersion: cilium.io/v2
+      kind: CiliumNetworkPolicy
+      metadata: {name: allow-client, namespace: sec}
+      spec:
+        endpointSelector: {matchLabels: {app: server}}
+        ingress:
+        - fromEndpoints: [{matchLabels: {app: client}}]
+          toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+  - inline: |
+      apiVersion: cilium.io/v2
+      kind: CiliumNetworkPolicy
+      metadata: {name: allow-keeper, namespace: sec}
+      spec:
+        endpointSelector: {matchLabels: {app: server}}
+        ingress:
+        - fromEndpoints: [{matchLabels: {app: keeper}}]
+          toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"#;
+
+/// `allow-client` again, with `rules` under its port (empty: L4 only).
+fn allow_client(rules: &str) -> String {
+    format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: allow-client, namespace: sec}}\nspec:\n  endpointSelector: {{matchLabels: {{app: server}}}}\n  ingress:\n  - fromEndpoints: [{{matchLabels: {{app: client}}}}]\n    toPorts:\n    - ports: [{{port: \"8080\", protocol: TCP}}]\n{rules}"
+    )
+}
+
+fn import(lab: &Lab, name: &str, text: &str) {
+    let path = lab.dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    let out = lab.fibril(&["policy", "import", path.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// GET `path` on the server from the client, from source port `port`
+/// (closed with a RST, so the next call can reuse the tuple at once).
+fn get_from_port(lab: &Lab, port: u16, path: &str, timeout: &str) -> bool {
+    let url = format!("http://{}:8080{path}", lab.ip(2));
+    let port = port.to_string();
+    lab.exec(
+        "sec/client",
+        &[
+            "fibril-echo",
+            "http-get",
+            "--timeout",
+            timeout,
+            "--local-port",
+            &port,
+            &url,
+        ],
+    )
+    .0
+}
+
+fn server_log(lab: &Lab) -> String {
+    std::fs::read_to_string(format!("/run/fibril/labs/{}/pods/sec_server.log", lab.name))
+        .unwrap_or_default()
+}
+
+/// A revoked allow stays revoked for a client that reconnects from the
+/// same source port while the old connection's conntrack entry is still in
+/// its closing window; an L7 rule added later applies to the reused tuple,
+/// and one removed later no longer sends it to the proxy.
+#[test]
+fn a_reused_source_port_meets_the_current_policy() {
+    let lab = custom_lab(REUSE_LAB);
+    wait_until("server to listen", || {
+        server_log(&lab).contains("listening")
+    });
+    let client = lab.ip(3);
+
+    assert!(get_from_port(&lab, 41000, "/", "3"), "allowed at first");
+    let del = lab.fibril(&["policy", "delete", "sec/allow-client"]);
+    assert!(del.status.success());
+    for attempt in 0..3 {
+        assert!(
+            !get_from_port(&lab, 41000, "/", "1"),
+            "attempt {attempt}: the reused tuple got through a revoked allow"
+        );
+    }
+    assert!(!lab.http_get("sec/client", &format!("http://{}:8080/", lab.ip(2)), "1"));
+    let accepted = format!("accepted {client}:41000");
+    assert_eq!(
+        server_log(&lab).matches(&accepted).count(),
+        1,
+        "the server socket saw the reused tuple again:\n{}",
+        server_log(&lab)
+    );
+
+    // L4 allow again, then an L7 rule on the same policy: the tuple that
+    // got /admin through at L4 gets the proxy's 403 once the rule exists.
+    import(&lab, "l4.yaml", &allow_client(""));
+    assert!(
+        get_from_port(&lab, 41001, "/admin", "3"),
+        "L4 allows /admin"
+    );
+    import(
+        &lab,
+        "l7.yaml",
+        &allow_client("      rules: {http: [{method: GET, path: \"/api/.*\"}]}\n"),
+    );
+    for attempt in 0..2 {
+        assert!(
+            !get_from_port(&lab, 41001, "/admin", "3"),
+            "attempt {attempt}: /admin from the reused tuple skipped the L7 rule"
+        );
+        assert!(get_from_port(&lab, 41001, "/api/x", "3"));
+    }
+    // The L7 rule goes: the proxied tuple is reused straight to the server
+    // (its replies are not sent up to the proxy any more).
+    import(&lab, "l4-again.yaml", &allow_client(""));
+    assert!(
+        get_from_port(&lab, 41001, "/admin", "3"),
+        "a tuple the proxy carried before works without it"
+    );
+}
