@@ -362,6 +362,7 @@ impl Agent {
                     .map(|(name, ips)| api::FqdnInfo { name, ips })
                     .collect(),
             }),
+            Request::ConntrackList { address } => Ok(self.conntrack_list(address)),
         };
         result.unwrap_or_else(|e| Response::Error {
             message: e.to_string(),
@@ -398,6 +399,52 @@ impl Agent {
                     plain: s.plain,
                 }),
         }
+    }
+
+    fn conntrack_list(&self, address: Option<Ipv4Addr>) -> Response {
+        let now = datapath::monotonic_ns() as i64;
+        let be = address.map(|a| u32::from(a).to_be());
+        let mut entries = Vec::new();
+        let mut truncated = false;
+        for (k, v) in self.datapath.ct_list() {
+            if be.is_some_and(|a| k.saddr != a && k.daddr != a) {
+                continue;
+            }
+            if entries.len() == api::CONNTRACK_LIST_MAX {
+                truncated = true;
+                break;
+            }
+            let addr = |a: u32, port: u16| format!("{}:{port}", Ipv4Addr::from(u32::from_be(a)));
+            let mut flags = Vec::new();
+            for (bit, name) in [
+                (abi::CT_F_PROXY_REDIRECT, "proxy-redirect"),
+                (abi::CT_F_FROM_PROXY, "from-proxy"),
+                (abi::CT_F_DNS, "dns"),
+            ] {
+                if v.flags & bit != 0 {
+                    flags.push(name.to_string());
+                }
+            }
+            if v.closing != 0 {
+                flags.insert(0, "closing".into());
+            }
+            entries.push(api::ConntrackInfo {
+                protocol: k.protocol,
+                source: addr(k.saddr, k.sport),
+                destination: addr(k.daddr, k.dport),
+                direction: if k.direction == abi::Direction::Ingress as u8 {
+                    "ingress"
+                } else {
+                    "egress"
+                }
+                .into(),
+                expires_in_s: (v.expires_ns as i64 - now) / 1_000_000_000,
+                flags,
+                packets: v.packets,
+                bytes: v.bytes,
+            });
+        }
+        Response::Conntrack { entries, truncated }
     }
 
     fn pod_upsert(&self, pod: api::Pod) -> Result<(), Error> {
@@ -482,8 +529,11 @@ impl Agent {
             )));
         }
         let ipv4 = s
-            .allocate_ip(&self.config.pod_cidr)
+            .allocate_ip(&self.config.pod_cidr, fqdn::now_s())
             .ok_or_else(|| invalid(format!("pod CIDR {} is exhausted", self.config.pod_cidr)))?;
+        // Flushed when its endpoint went; again in case a peer's stray
+        // packet opened an entry since (a quarantined address reused early).
+        self.datapath.ct_flush_address(ipv4);
         let id = s
             .allocate_endpoint_id()
             .ok_or_else(|| invalid("no endpoint id left"))?;
@@ -570,8 +620,13 @@ impl Agent {
         self.datapath.detach_endpoint(&ep.host_ifname);
         self.datapath.remove_endpoint(ep.ipv4)?;
         net::delete_link(&ep.host_ifname);
+        // Its connections go with it (both directions, every program's
+        // view, proxy flags), before its address can be handed out: a pod
+        // given the address later must not ride on them.
+        let flushed = self.datapath.ct_flush_address(ep.ipv4);
+        s.quarantine_ip(ep.ipv4, fqdn::now_s());
         self.commit(&mut s)?;
-        tracing::info!(endpoint_id = ep.id, pod = %ep.pod, "endpoint deleted");
+        tracing::info!(endpoint_id = ep.id, pod = %ep.pod, ct_flushed = flushed, "endpoint deleted");
         self.observer
             .agent_event(flow::agent_event::Kind::EndpointDeleted {
                 id: ep.id as u64,

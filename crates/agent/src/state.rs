@@ -50,7 +50,17 @@ pub struct State {
     /// what toFQDNs selects. Persisted: learned names survive a restart.
     #[serde(default)]
     pub fqdn: BTreeMap<String, FqdnName>,
+    /// Addresses of deleted endpoints -> when (Unix seconds) they leave
+    /// quarantine: a peer's connections to the old pod must not reach a new
+    /// one, so a freed address is handed out again only when no other is
+    /// free (and its conntrack is flushed once more then).
+    #[serde(default)]
+    pub quarantined: BTreeMap<Ipv4Addr, u64>,
 }
+
+/// How long a deleted endpoint's address waits before it is reused: longer
+/// than conntrack keeps an entry that a stray packet opened (60 s).
+pub const ADDRESS_QUARANTINE_S: u64 = 90;
 
 /// One learned DNS name.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,11 +125,33 @@ impl Cidr {
 }
 
 impl State {
-    /// The first free pod address.
-    pub fn allocate_ip(&self, cidr: &Cidr) -> Option<Ipv4Addr> {
+    /// A free pod address at `now` (Unix seconds): the first that is not in
+    /// quarantine, else the one leaving quarantine first (the caller
+    /// flushes its conntrack again); `None` when every address is in use.
+    pub fn allocate_ip(&mut self, cidr: &Cidr, now: u64) -> Option<Ipv4Addr> {
+        self.quarantined.retain(|_, until| *until > now);
         let used: std::collections::BTreeSet<Ipv4Addr> =
             self.endpoints.values().map(|e| e.ipv4).collect();
-        cidr.pod_addresses().find(|a| !used.contains(a))
+        let free = cidr.pod_addresses().filter(|a| !used.contains(a));
+        let (mut fresh, mut oldest) = (None, None::<(u64, Ipv4Addr)>);
+        for a in free {
+            match self.quarantined.get(&a) {
+                None => {
+                    fresh = Some(a);
+                    break;
+                }
+                Some(&until) if oldest.is_none_or(|(u, _)| until < u) => oldest = Some((until, a)),
+                Some(_) => {}
+            }
+        }
+        let ip = fresh.or(oldest.map(|(_, a)| a))?;
+        self.quarantined.remove(&ip);
+        Some(ip)
+    }
+
+    /// Puts a deleted endpoint's address in quarantine from `now`.
+    pub fn quarantine_ip(&mut self, ip: Ipv4Addr, now: u64) {
+        self.quarantined.insert(ip, now + ADDRESS_QUARANTINE_S);
     }
 
     /// The next free endpoint id (1-65535).
@@ -316,7 +348,7 @@ mod tests {
     fn ids_and_addresses_are_never_handed_out_twice() {
         let c: Cidr = "10.200.0.0/30".parse().unwrap();
         let mut s = State::default();
-        let ip = s.allocate_ip(&c).unwrap();
+        let ip = s.allocate_ip(&c, 0).unwrap();
         let id = s.allocate_endpoint_id().unwrap();
         s.endpoints.insert(
             id,
@@ -336,7 +368,26 @@ mod tests {
                 identity: 256,
             },
         );
-        assert_eq!(s.allocate_ip(&c), None, "a /30 has one pod address");
+        assert_eq!(s.allocate_ip(&c, 0), None, "a /30 has one pod address");
         assert_ne!(s.allocate_endpoint_id(), Some(id));
+    }
+
+    #[test]
+    fn a_freed_address_waits_in_quarantine_unless_no_other_is_free() {
+        let c: Cidr = "10.200.0.0/29".parse().unwrap(); // .2 - .6
+        let mut s = State::default();
+        let first = Ipv4Addr::new(10, 200, 0, 2);
+        s.quarantine_ip(first, 100);
+        s.quarantine_ip(Ipv4Addr::new(10, 200, 0, 3), 50);
+        assert_eq!(s.allocate_ip(&c, 100), Some(Ipv4Addr::new(10, 200, 0, 4)));
+        // Past its quarantine, the first address is the first free again.
+        assert_eq!(s.allocate_ip(&c, 100 + ADDRESS_QUARANTINE_S), Some(first));
+        assert!(s.quarantined.is_empty(), "expired and handed-out ones go");
+        // Nothing else free: the one leaving quarantine first is reused.
+        let mut s = State::default();
+        for (i, a) in c.pod_addresses().enumerate() {
+            s.quarantine_ip(a, 10 - i as u64);
+        }
+        assert_eq!(s.allocate_ip(&c, 1), Some(Ipv4Addr::new(10, 200, 0, 6)));
     }
 }

@@ -71,6 +71,34 @@ pub enum Request {
     },
     /// The DNS names the DNS proxy learned (toFQDNs), with their addresses.
     FqdnList,
+    /// Conntrack entries (at most `CONNTRACK_LIST_MAX`), optionally only
+    /// those to or from `address`.
+    ConntrackList {
+        #[serde(default)]
+        address: Option<std::net::Ipv4Addr>,
+    },
+}
+
+/// The most conntrack entries one `ConntrackList` answer carries.
+pub const CONNTRACK_LIST_MAX: usize = 10_000;
+
+/// One conntrack entry (`fibril ct list`), as the program of the endpoint
+/// that tracks it sees it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ConntrackInfo {
+    /// IP protocol number.
+    pub protocol: u8,
+    /// The opener, `address:port`.
+    pub source: String,
+    pub destination: String,
+    /// `ingress` or `egress`, relative to the tracking endpoint.
+    pub direction: String,
+    /// Seconds until it expires (negative: expired, not yet evicted).
+    pub expires_in_s: i64,
+    /// `closing`, `proxy-redirect`, `from-proxy`, `dns`.
+    pub flags: Vec<String>,
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// One learned DNS name (`fibril fqdn list`).
@@ -214,6 +242,11 @@ pub enum Response {
     },
     Fqdn {
         names: Vec<FqdnInfo>,
+    },
+    Conntrack {
+        entries: Vec<ConntrackInfo>,
+        /// More entries matched than one answer carries.
+        truncated: bool,
     },
     Trace {
         from: String,

@@ -63,6 +63,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// Connection tracking (`ct list [--address IP]`, as `cilium bpf ct
+    /// list global`).
+    Ct {
+        #[command(subcommand)]
+        cmd: CtCmd,
+    },
     /// Hubble's list commands: `list nodes`, `list namespaces`.
     List {
         #[command(subcommand)]
@@ -106,6 +112,17 @@ enum LabCmd {
 #[derive(Subcommand)]
 enum ListCmd {
     List {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtCmd {
+    List {
+        /// Only entries to or from this address.
+        #[arg(long)]
+        address: Option<std::net::Ipv4Addr>,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
@@ -310,6 +327,41 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         println!("{:<40} {:<16} {left}", n.name, ip.to_string());
                     }
                 }
+            }
+            Ok(0)
+        }
+        Cmd::Ct {
+            cmd: CtCmd::List { address, output },
+        } => {
+            let Response::Conntrack { entries, truncated } =
+                call(Request::ConntrackList { address })?
+            else {
+                bail!("unexpected response")
+            };
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                println!(
+                    "{:<6} {:<22} {:<22} {:<8} {:>8} FLAGS",
+                    "PROTO", "SOURCE", "DESTINATION", "DIR", "EXPIRES"
+                );
+                for e in &entries {
+                    println!(
+                        "{:<6} {:<22} {:<22} {:<8} {:>7}s {}",
+                        e.protocol,
+                        e.source,
+                        e.destination,
+                        e.direction,
+                        e.expires_in_s,
+                        e.flags.join(",")
+                    );
+                }
+            }
+            if truncated {
+                eprintln!(
+                    "(only the first {} entries; narrow with --address)",
+                    api::CONNTRACK_LIST_MAX
+                );
             }
             Ok(0)
         }

@@ -353,3 +353,51 @@ fn chains_with_portmap_bandwidth_and_tuning() {
     }
     assert_eq!(env.endpoints(), 0);
 }
+
+/// Conntrack entries to or from `addr` in the agent's datapath.
+fn ct_entries(env: &Env, addr: &str) -> usize {
+    let req = api::Request::ConntrackList {
+        address: Some(addr.parse().unwrap()),
+    };
+    match api::call(&env.socket(), &req).unwrap() {
+        api::Response::Conntrack { entries, .. } => entries.len(),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A deleted pod's connections go with it, and its address is not handed
+/// to the next pod: a pod that policy denies must never inherit an allowed
+/// pod's address together with its conntrack entries.
+#[test]
+fn del_flushes_the_pods_conntrack_and_its_address_is_not_reused_at_once() {
+    let env = Env::new();
+    let (ok, first) = cni(&env, "ADD", "ctr-a", &env.conf("1.1.0"));
+    assert!(ok, "{first}");
+    let cidr = first["ips"][0]["address"].as_str().unwrap();
+    let addr = cidr.trim_end_matches("/32").to_string();
+    let gateway = first["ips"][0]["gateway"].as_str().unwrap();
+    // Traffic out of the pod (answered or not) opens conntrack entries.
+    Command::new("ip")
+        .args(["netns", "exec", &env.netns])
+        .arg(bin("fibril-echo"))
+        .args(["udp-send", &format!("{gateway}:9"), "--timeout", "0.2"])
+        .output()
+        .unwrap();
+    assert!(ct_entries(&env, &addr) > 0, "the pod's datagram is tracked");
+
+    let mut del = env.conf("1.1.0");
+    del["prevResult"] = first.clone();
+    assert!(cni(&env, "DEL", "ctr-a", &del).0);
+    assert_eq!(
+        ct_entries(&env, &addr),
+        0,
+        "DEL flushed the pod's conntrack"
+    );
+
+    let (ok, second) = cni(&env, "ADD", "ctr-b", &env.conf("1.1.0"));
+    assert!(ok, "{second}");
+    assert_ne!(
+        second["ips"][0]["address"], first["ips"][0]["address"],
+        "a freed address waits in quarantine while others are free"
+    );
+}

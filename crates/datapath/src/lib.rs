@@ -373,6 +373,27 @@ impl Datapath {
         self.maps().ct.iter().filter_map(|e| e.ok()).collect()
     }
 
+    /// Deletes the conntrack entries `doomed` picks (both directions and
+    /// every program's view are separate entries; their proxy flags go
+    /// with them). Returns how many were deleted.
+    pub fn ct_flush(&self, doomed: impl Fn(&CtKey, &CtValue) -> bool) -> usize {
+        let mut maps = self.maps();
+        let keys: Vec<CtKey> = maps
+            .ct
+            .iter()
+            .filter_map(|e| e.ok())
+            .filter(|(k, v)| doomed(k, v))
+            .map(|(k, _)| k)
+            .collect();
+        keys.iter().filter(|k| maps.ct.remove(k).is_ok()).count()
+    }
+
+    /// Deletes every conntrack entry to or from `addr`.
+    pub fn ct_flush_address(&self, addr: Ipv4Addr) -> usize {
+        let be = u32::from(addr).to_be();
+        self.ct_flush(|k, _| k.saddr == be || k.daddr == be)
+    }
+
     /// Addresses that live (unexpired) connections lead to or come from.
     pub fn ct_addresses(&self) -> std::collections::HashSet<Ipv4Addr> {
         let now = monotonic_ns();
