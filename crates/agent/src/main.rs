@@ -39,10 +39,13 @@ struct Args {
     /// `--server unix://PATH`).
     #[arg(long, default_value = "/run/fibril/hubble.sock")]
     hubble_socket: PathBuf,
-    /// The Hubble observer API on TCP (port 0: any free port; the bound
-    /// address is written to STATE_DIR/hubble.addr).
-    #[arg(long, default_value = "127.0.0.1:4244")]
-    hubble_listen_address: std::net::SocketAddr,
+    /// The Hubble observer API on TCP as well (port 0: any free port; the
+    /// bound address is written to STATE_DIR/hubble.addr). Off by default:
+    /// anyone who can connect reads every flow, so give it with TLS and a
+    /// client CA (mTLS, as Cilium's 4244) wherever others can reach it.
+    /// Without it STATE_DIR/hubble.addr says `unix://SOCKET`.
+    #[arg(long)]
+    hubble_listen_address: Option<std::net::SocketAddr>,
     /// TLS for the Hubble API's TCP listener: certificate (PEM).
     #[arg(long, requires = "hubble_tls_key_file")]
     hubble_tls_cert_file: Option<PathBuf>,
@@ -227,7 +230,7 @@ fn start_proxy(
 fn start_hubble(
     agent: Arc<Agent>,
     socket: &std::path::Path,
-    tcp: std::net::SocketAddr,
+    tcp: Option<std::net::SocketAddr>,
     tls: Option<hubble::server::Tls>,
     state_dir: &std::path::Path,
 ) -> anyhow::Result<()> {
@@ -237,11 +240,24 @@ fn start_hubble(
         .thread_name("hubble")
         .enable_all()
         .build()?;
-    let tcp_listener = rt
-        .block_on(tokio::net::TcpListener::bind(tcp))
-        .with_context(|| format!("binding the Hubble API on {tcp}"))?;
-    let bound = tcp_listener.local_addr()?;
-    std::fs::write(state_dir.join("hubble.addr"), bound.to_string())?;
+    let tcp_listener = match tcp {
+        Some(tcp) => Some(
+            rt.block_on(tokio::net::TcpListener::bind(tcp))
+                .with_context(|| format!("binding the Hubble API on {tcp}"))?,
+        ),
+        None => None,
+    };
+    let address = match &tcp_listener {
+        Some(l) => {
+            let bound = l.local_addr()?;
+            if tls.as_ref().is_none_or(|t| t.client_ca_pem.is_none()) {
+                tracing::warn!(tcp = %bound, "the Hubble API on TCP without mutual TLS: whoever can connect reads every flow");
+            }
+            bound.to_string()
+        }
+        None => format!("unix://{}", socket.display()),
+    };
+    std::fs::write(state_dir.join("hubble.addr"), &address)?;
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -254,27 +270,42 @@ fn start_hubble(
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
     let backend = Arc::new(fibril_agent::hubble_backend::HubbleBackend {
         agent,
-        address: bound.to_string(),
+        address: address.clone(),
     });
-    tracing::info!(tcp = %bound, socket = %socket.display(), "Hubble API ready");
+    tracing::info!(%address, socket = %socket.display(), "Hubble API ready");
+    let limits = hubble::limits::Limits::default();
     std::thread::Builder::new()
         .name("hubble".into())
         .spawn(move || {
             rt.block_on(async move {
-                let tcp = match hubble::server::router_with_tls(backend.clone(), tls.as_ref()).await
-                {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::error!(error = %e, "Hubble API TLS configuration");
-                        return;
-                    }
+                let tcp = async {
+                    let Some(listener) = tcp_listener else {
+                        return Ok(());
+                    };
+                    let router =
+                        match hubble::server::router_with(backend.clone(), tls.as_ref(), limits)
+                            .await
+                        {
+                            Ok(r) => r,
+                            Err(e) => {
+                                tracing::error!(error = %e, "Hubble API TLS configuration");
+                                return Ok(());
+                            }
+                        };
+                    let incoming = hubble::limits::incoming(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        limits,
+                    );
+                    router.serve_with_incoming(incoming).await
                 };
-                let tcp = tcp.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
-                    tcp_listener,
-                ));
-                let unix = hubble::server::router(backend).await.serve_with_incoming(
-                    tokio_stream::wrappers::UnixListenerStream::new(unix_listener),
-                );
+                let unix = async {
+                    let router = hubble::server::router_plain(backend.clone(), limits).await;
+                    let incoming = hubble::limits::incoming(
+                        tokio_stream::wrappers::UnixListenerStream::new(unix_listener),
+                        limits,
+                    );
+                    router.serve_with_incoming(incoming).await
+                };
                 if let Err(e) = tokio::try_join!(tcp, unix) {
                     tracing::error!(error = %e, "Hubble API stopped");
                 }

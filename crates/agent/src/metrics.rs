@@ -121,11 +121,18 @@ fn answer(
     render_fn: fn(&Agent) -> String,
     mut conn: TcpStream,
 ) -> std::io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    // The whole head within the deadline, however slowly it trickles in.
+    let deadline = std::time::Instant::now() + CLIENT_TIMEOUT;
+    conn.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     let mut buf = [0u8; 4096];
     let mut len = 0;
     // Read the request head only (no bodies on GET).
     while len < buf.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        conn.set_read_timeout(Some(left))?;
         let n = conn.read(&mut buf[len..])?;
         if n == 0 {
             break;
@@ -153,11 +160,43 @@ fn answer(
     )
 }
 
-/// Serves `/metrics` (rendered by `render_fn`) until the process ends.
+/// How long a metrics client may take to send its request and to read
+/// the answer.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Clients answered at once; more are closed at once (a scraper retries).
+pub const MAX_CLIENTS: usize = 16;
+
+/// Serves `/metrics` (rendered by `render_fn`) until the process ends:
+/// each client on a thread of its own (a slow one delays nobody else), at
+/// most `MAX_CLIENTS` at once, each within `CLIENT_TIMEOUT`.
 pub fn serve(agent: Arc<Agent>, listener: TcpListener, render_fn: fn(&Agent) -> String) {
-    for conn in listener.incoming().flatten() {
-        if let Err(e) = answer(&agent, render_fn, conn) {
-            tracing::debug!(error = %e, "metrics client");
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let busy = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if busy.fetch_add(1, Ordering::Relaxed) >= MAX_CLIENTS {
+            busy.fetch_sub(1, Ordering::Relaxed);
+            continue; // dropped: closed
+        }
+        let (agent, done) = (agent.clone(), busy.clone());
+        let spawned = std::thread::Builder::new()
+            .name("metrics-client".into())
+            .spawn(move || {
+                if let Err(e) = answer(&agent, render_fn, conn) {
+                    tracing::debug!(error = %e, "metrics client");
+                }
+                done.fetch_sub(1, Ordering::Relaxed);
+            });
+        if let Err(e) = spawned {
+            busy.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "metrics: cannot start a client thread");
         }
     }
 }

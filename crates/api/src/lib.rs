@@ -269,6 +269,8 @@ pub enum ClientError {
         path: String,
         source: std::io::Error,
     },
+    #[error("the agent at {path} did not answer within {seconds} s")]
+    Timeout { path: String, seconds: f64 },
     #[error("talking to the agent: {0}")]
     Io(#[from] std::io::Error),
     #[error("the agent sent something that is not a response: {0}")]
@@ -283,37 +285,92 @@ pub enum ClientError {
 pub struct Client {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    path: String,
+    timeout: Option<Duration>,
 }
+
+/// How long `Client::connect` waits for the agent, per connect and per
+/// call (a policy import of many large files stays well within it).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Client {
     pub fn connect(path: &Path) -> Result<Self, ClientError> {
-        let s = UnixStream::connect(path).map_err(|source| ClientError::Connect {
-            path: path.display().to_string(),
-            source,
-        })?;
+        Self::connect_timeout(path, CALL_TIMEOUT)
+    }
+
+    /// Connects within `timeout` (an agent that does not accept, its
+    /// backlog full, is waited for no longer) and bounds every call by it.
+    pub fn connect_timeout(path: &Path, timeout: Duration) -> Result<Self, ClientError> {
+        let shown = path.display().to_string();
+        let deadline = std::time::Instant::now() + timeout;
+        let s = loop {
+            let sock = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+            sock.set_nonblocking(true)?;
+            let addr = socket2::SockAddr::unix(path)?;
+            match sock.connect(&addr) {
+                Ok(()) => break sock,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(ClientError::Timeout {
+                            path: shown,
+                            seconds: timeout.as_secs_f64(),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(source) => {
+                    return Err(ClientError::Connect {
+                        path: shown,
+                        source,
+                    })
+                }
+            }
+        };
+        s.set_nonblocking(false)?;
+        let s: UnixStream = s.into();
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
         let writer = s.try_clone()?;
         Ok(Self {
             reader: BufReader::new(s),
             writer,
+            path: shown,
+            timeout: Some(timeout),
         })
     }
 
-    pub fn set_read_timeout(&self, t: Option<Duration>) -> Result<(), ClientError> {
+    fn timed_out(&self, e: std::io::Error) -> ClientError {
+        match (e.kind(), self.timeout) {
+            (std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut, Some(t)) => {
+                ClientError::Timeout {
+                    path: self.path.clone(),
+                    seconds: t.as_secs_f64(),
+                }
+            }
+            _ => ClientError::Io(e),
+        }
+    }
+
+    pub fn set_read_timeout(&mut self, t: Option<Duration>) -> Result<(), ClientError> {
         self.writer.set_read_timeout(t)?;
+        self.timeout = t;
         Ok(())
     }
 
     pub fn send(&mut self, req: &Request) -> Result<(), ClientError> {
         let mut line = serde_json::to_vec(req)?;
         line.push(b'\n');
-        self.writer.write_all(&line)?;
+        self.writer
+            .write_all(&line)
+            .map_err(|e| self.timed_out(e))?;
         Ok(())
     }
 
     /// Reads one response; agent errors come back as `ClientError::Agent`.
     pub fn recv(&mut self) -> Result<Response, ClientError> {
         let mut line = String::new();
-        if self.reader.read_line(&mut line)? == 0 {
+        let read = self.reader.read_line(&mut line);
+        if read.map_err(|e| self.timed_out(e))? == 0 {
             return Err(ClientError::Closed);
         }
         match serde_json::from_str(&line)? {

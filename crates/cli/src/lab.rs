@@ -531,12 +531,10 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
             // Metrics on loopback, any free port (state/metrics.addr says which).
             "--metrics-addr".into(),
             "127.0.0.1:0".into(),
-            // The Hubble API: the lab's own socket, TCP on any free port
-            // (state/hubble.addr says which).
+            // The Hubble API on the lab's own root-only socket, no TCP
+            // (state/hubble.addr says `unix://...`).
             "--hubble-socket".into(),
             dir.join("hubble.sock").display().to_string(),
-            "--hubble-listen-address".into(),
-            "127.0.0.1:0".into(),
             "--hubble-metrics-addr".into(),
             "127.0.0.1:0".into(),
         ],

@@ -938,9 +938,22 @@ fn hubble_api_serves_the_labs_flows_to_a_grpc_client() {
         .build()
         .unwrap();
     let (healthy, drops, status_version) = rt.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", addr.trim()))
-            .unwrap()
-            .connect()
+        // The lab serves the Hubble API on its root-only socket alone.
+        let path = PathBuf::from(
+            addr.trim()
+                .strip_prefix("unix://")
+                .expect("a unix:// address"),
+        );
+        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        });
+        let channel = tonic::transport::Endpoint::from_static("http://localhost")
+            .connect_with_connector(connector)
             .await
             .unwrap();
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
@@ -994,7 +1007,7 @@ fn hubble_api_serves_the_labs_flows_to_a_grpc_client() {
     let out = |args: &[&str]| String::from_utf8(lab.fibril(args).stdout).unwrap();
     let status = out(&["status"]);
     assert!(
-        status.contains("Healthcheck (via 127.0.0.1:") && status.contains("): Ok"),
+        status.contains("Healthcheck (via unix:///run/fibril/labs/") && status.contains("): Ok"),
         "{status}"
     );
     assert!(

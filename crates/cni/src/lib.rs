@@ -39,6 +39,10 @@ pub struct NetConf {
     pub name: String,
     /// The agent socket (`agentSocket`, default /run/fibril/agent.sock).
     pub agent_socket: String,
+    /// How long one call to the agent may take (`agentTimeoutSeconds`,
+    /// default `DEFAULT_AGENT_TIMEOUT`): a wedged agent gets the runtime
+    /// "try again later" (code 11), never a hang.
+    pub agent_timeout: std::time::Duration,
     pub prev_result: Option<Value>,
     pub valid_attachments: Vec<AttachmentId>,
 }
@@ -107,6 +111,22 @@ pub fn parse_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
             ))
         }
     };
+    let agent_timeout = match obj.get("agentTimeoutSeconds") {
+        None => DEFAULT_AGENT_TIMEOUT,
+        Some(v) => v
+            .as_f64()
+            .filter(|s| *s > 0.0 && *s <= 600.0)
+            .map(std::time::Duration::from_secs_f64)
+            .ok_or_else(|| {
+                err(
+                    2,
+                    "unsupported field in network configuration",
+                    format!(
+                        "agentTimeoutSeconds={v}: expected seconds, more than 0 and at most 600"
+                    ),
+                )
+            })?,
+    };
     let valid_attachments = match obj.get("cni.dev/valid-attachments") {
         None => vec![],
         Some(v) => serde_json::from_value::<Vec<BTreeMap<String, String>>>(v.clone())
@@ -128,6 +148,7 @@ pub fn parse_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
         cni_version: version.into(),
         name: name.into(),
         agent_socket,
+        agent_timeout,
         prev_result: obj.get("prevResult").cloned(),
         valid_attachments,
     })
@@ -207,7 +228,11 @@ pub trait AgentCall {
 }
 
 /// Opens a connection to the agent at a socket path.
-pub type Connect<'a> = dyn FnMut(&str) -> Result<Box<dyn AgentCall>, CniError> + 'a;
+pub type Connect<'a> =
+    dyn FnMut(&str, std::time::Duration) -> Result<Box<dyn AgentCall>, CniError> + 'a;
+
+/// The agent call's bound when the configuration names none.
+pub const DEFAULT_AGENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Runs one CNI command. Returns what goes to stdout on success (nothing
 /// for DEL, CHECK, GC and STATUS).
@@ -237,8 +262,8 @@ pub fn run(env: &Env, stdin: &[u8], agent: &mut Connect<'_>) -> Result<Option<Va
                 namespace,
                 pod,
             };
-            let resp =
-                agent(&conf.agent_socket)?.call(&Request::EndpointAdd(attachment.clone()))?;
+            let resp = agent(&conf.agent_socket, conf.agent_timeout)?
+                .call(&Request::EndpointAdd(attachment.clone()))?;
             match resp {
                 Response::Added(r) => Ok(Some(add_result(&conf, &attachment, &r))),
                 other => Err(err(999, "unexpected agent response", format!("{other:?}"))),
@@ -246,7 +271,7 @@ pub fn run(env: &Env, stdin: &[u8], agent: &mut Connect<'_>) -> Result<Option<Va
         }
         "DEL" => {
             env.require(&["CNI_CONTAINERID", "CNI_IFNAME"])?;
-            agent(&conf.agent_socket)?.call(&Request::EndpointDel {
+            agent(&conf.agent_socket, conf.agent_timeout)?.call(&Request::EndpointDel {
                 container_id: env.container_id.clone().unwrap_or_default(),
                 ifname: env.ifname.clone().unwrap_or_default(),
             })?;
@@ -262,24 +287,26 @@ pub fn run(env: &Env, stdin: &[u8], agent: &mut Connect<'_>) -> Result<Option<Va
                 ));
             }
             let (namespace, pod) = env.pod()?;
-            agent(&conf.agent_socket)?.call(&Request::EndpointCheck(Attachment {
-                container_id: env.container_id.clone().unwrap_or_default(),
-                ifname: env.ifname.clone().unwrap_or_default(),
-                netns: env.netns.clone().unwrap_or_default(),
-                namespace,
-                pod,
-            }))?;
+            agent(&conf.agent_socket, conf.agent_timeout)?.call(&Request::EndpointCheck(
+                Attachment {
+                    container_id: env.container_id.clone().unwrap_or_default(),
+                    ifname: env.ifname.clone().unwrap_or_default(),
+                    netns: env.netns.clone().unwrap_or_default(),
+                    namespace,
+                    pod,
+                },
+            ))?;
             Ok(None)
         }
         "STATUS" => {
-            let mut a = agent(&conf.agent_socket)
+            let mut a = agent(&conf.agent_socket, conf.agent_timeout)
                 .map_err(|e| err(50, "plugin not available", e.details))?;
             a.call(&Request::Status)
                 .map_err(|e| err(50, "plugin not available", e.details))?;
             Ok(None)
         }
         "GC" => {
-            agent(&conf.agent_socket)?.call(&Request::EndpointGc {
+            agent(&conf.agent_socket, conf.agent_timeout)?.call(&Request::EndpointGc {
                 valid: conf.valid_attachments.clone(),
             })?;
             Ok(None)
@@ -367,7 +394,7 @@ mod tests {
         let e = run(
             &env,
             br#"{"cniVersion":"1.0.0","name":"n"}"#,
-            &mut |_| unreachable!(),
+            &mut |_, _| unreachable!(),
         )
         .unwrap_err();
         assert_eq!(e.code, 4);
@@ -394,9 +421,13 @@ mod tests {
             command: "VERSION".into(),
             ..Default::default()
         };
-        let out = run(&env, br#"{"cniVersion":"1.1.0"}"#, &mut |_| unreachable!())
-            .unwrap()
-            .unwrap();
+        let out = run(
+            &env,
+            br#"{"cniVersion":"1.1.0"}"#,
+            &mut |_, _| unreachable!(),
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(out["supportedVersions"], json!(["1.0.0", "1.1.0"]));
         assert_eq!(out["cniVersion"], "1.1.0");
     }

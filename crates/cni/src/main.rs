@@ -17,7 +17,7 @@ fn from_client(e: ClientError) -> CniError {
             msg: "the agent refused the request".into(),
             details: m,
         },
-        ClientError::Connect { .. } => CniError {
+        ClientError::Connect { .. } | ClientError::Timeout { .. } => CniError {
             code: 11,
             msg: "try again later".into(),
             details: e.to_string(),
@@ -56,9 +56,9 @@ fn main() {
                 .map(String::from)
         })
         .unwrap_or_else(|| "1.1.0".into());
-    let mut connect = |path: &str| -> Result<Box<dyn AgentCall>, CniError> {
+    let mut connect = |path: &str, timeout| -> Result<Box<dyn AgentCall>, CniError> {
         Ok(Box::new(Socket(
-            Client::connect(Path::new(path)).map_err(from_client)?,
+            Client::connect_timeout(Path::new(path), timeout).map_err(from_client)?,
         )))
     };
     match run(&env, &stdin, &mut connect) {

@@ -401,3 +401,46 @@ fn del_flushes_the_pods_conntrack_and_its_address_is_not_reused_at_once() {
         "a freed address waits in quarantine while others are free"
     );
 }
+
+/// A wedged agent (here: stopped) must not hang the runtime: the call is
+/// bounded by `agentTimeoutSeconds` and answered with code 11, "try again
+/// later"; a bad timeout in the configuration is refused up front.
+#[test]
+fn a_wedged_agent_gets_try_again_later_instead_of_a_hang() {
+    let env = Env::new();
+    let mut bad = env.conf("1.1.0");
+    bad["agentTimeoutSeconds"] = json!(-1);
+    let (ok, err) = cni(&env, "ADD", "ctr-w", &bad);
+    assert!(!ok);
+    assert_eq!(err["code"], 2, "{err}");
+    assert!(err["details"]
+        .as_str()
+        .unwrap()
+        .contains("agentTimeoutSeconds"));
+
+    let mut conf = env.conf("1.1.0");
+    conf["agentTimeoutSeconds"] = json!(0.5);
+    let pid = env.agent.id().to_string();
+    let signal = |sig: &str| {
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    signal("-STOP");
+    let (add_ok, add) = cni(&env, "ADD", "ctr-w", &conf);
+    let (del_ok, del) = cni(&env, "DEL", "ctr-w", &conf);
+    signal("-CONT");
+    for (ok, err) in [(add_ok, add), (del_ok, del)] {
+        assert!(!ok);
+        assert_eq!(err["code"], 11, "{err}");
+        assert!(
+            err["details"]
+                .as_str()
+                .unwrap()
+                .contains("did not answer within 0.5 s"),
+            "{err}"
+        );
+    }
+}

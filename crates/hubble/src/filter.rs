@@ -19,6 +19,120 @@ pub enum FilterError {
     },
     #[error("filter field {0} is not supported yet")]
     Unsupported(&'static str),
+    /// Past one of the bounds below: the client asked for more than one
+    /// request may cost (gRPC RESOURCE_EXHAUSTED).
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+/// Filters in one request (allowlist and denylist together).
+pub const MAX_FILTERS: usize = 64;
+/// Values of one field of one filter.
+pub const MAX_VALUES: usize = 256;
+/// Bytes of one value (a regex, a glob, a name).
+pub const MAX_VALUE_LEN: usize = 1024;
+/// Regular expressions in one request, over every filter.
+pub const MAX_REGEXES: usize = 64;
+/// The most memory one compiled regex may take (the regex crate's
+/// `size_limit` and `dfa_size_limit`).
+pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+fn too_large(what: String) -> FilterError {
+    FilterError::TooLarge(what)
+}
+
+/// Checks the count and size of a filter's string values before anything
+/// is compiled or matched against them.
+fn check_sizes(f: &pb::FlowFilter) -> Result<(), FilterError> {
+    for (field, list) in [
+        ("uuid", &f.uuid),
+        ("source_ip", &f.source_ip),
+        ("source_ip_xlated", &f.source_ip_xlated),
+        ("source_pod", &f.source_pod),
+        ("source_fqdn", &f.source_fqdn),
+        ("source_label", &f.source_label),
+        ("source_service", &f.source_service),
+        ("source_cluster_name", &f.source_cluster_name),
+        ("destination_ip", &f.destination_ip),
+        ("destination_pod", &f.destination_pod),
+        ("destination_fqdn", &f.destination_fqdn),
+        ("destination_label", &f.destination_label),
+        ("destination_service", &f.destination_service),
+        ("destination_cluster_name", &f.destination_cluster_name),
+        ("http_status_code", &f.http_status_code),
+        ("protocol", &f.protocol),
+        ("source_port", &f.source_port),
+        ("destination_port", &f.destination_port),
+        ("dns_query", &f.dns_query),
+        ("http_method", &f.http_method),
+        ("http_path", &f.http_path),
+        ("http_url", &f.http_url),
+        ("node_name", &f.node_name),
+        ("node_labels", &f.node_labels),
+        ("trace_id", &f.trace_id),
+    ] {
+        if list.len() > MAX_VALUES {
+            return Err(too_large(format!(
+                "{field} has {} values; at most {MAX_VALUES} per filter",
+                list.len()
+            )));
+        }
+        if let Some(v) = list.iter().find(|v| v.len() > MAX_VALUE_LEN) {
+            return Err(too_large(format!(
+                "a {field} value is {} bytes; at most {MAX_VALUE_LEN}",
+                v.len()
+            )));
+        }
+    }
+    let others = [
+        ("source_workload", f.source_workload.len()),
+        ("destination_workload", f.destination_workload.len()),
+        ("http_header", f.http_header.len()),
+        ("interface", f.interface.len()),
+        ("event_type", f.event_type.len()),
+        ("tcp_flags", f.tcp_flags.len()),
+    ];
+    if let Some((field, n)) = others.iter().find(|(_, n)| *n > MAX_VALUES) {
+        return Err(too_large(format!(
+            "{field} has {n} values; at most {MAX_VALUES} per filter"
+        )));
+    }
+    Ok(())
+}
+
+/// Compiled regexes by pattern, shared by every request: a client that
+/// repeats its filters (every `hubble observe` of a dashboard) compiles
+/// them once. Cleared when full.
+static REGEX_CACHE: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, regex::Regex>>,
+> = std::sync::LazyLock::new(Default::default);
+const REGEX_CACHE_MAX: usize = 1024;
+
+fn regex(field: &'static str, pattern: &str) -> Result<regex::Regex, FilterError> {
+    let cached = REGEX_CACHE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(pattern)
+        .cloned();
+    if let Some(r) = cached {
+        return Ok(r);
+    }
+    let r = regex::RegexBuilder::new(pattern)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .dfa_size_limit(REGEX_SIZE_LIMIT)
+        .build()
+        .map_err(|e| match e {
+            regex::Error::CompiledTooBig(limit) => too_large(format!(
+                "{field} {pattern:?} compiles to more than {limit} bytes"
+            )),
+            e => invalid(field, pattern, &e.to_string()),
+        })?;
+    let mut cache = REGEX_CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if cache.len() >= REGEX_CACHE_MAX {
+        cache.clear();
+    }
+    cache.insert(pattern.to_string(), r.clone());
+    Ok(r)
 }
 
 fn invalid(field: &'static str, value: &str, why: &str) -> FilterError {
@@ -189,9 +303,7 @@ pub struct Compiled {
 }
 
 fn regexes(field: &'static str, list: &[String]) -> Result<Vec<regex::Regex>, FilterError> {
-    list.iter()
-        .map(|r| regex::Regex::new(r).map_err(|e| invalid(field, r, &e.to_string())))
-        .collect()
+    list.iter().map(|r| regex(field, r)).collect()
 }
 
 /// `404` exact, `4+` or `40+` a prefix of the three-digit code: (low, high).
@@ -264,6 +376,7 @@ fn labels(field: &'static str, list: &[String]) -> Result<Vec<Vec<LabelMatch>>, 
 
 /// Checks and compiles one filter.
 pub fn compile(f: &pb::FlowFilter) -> Result<Compiled, FilterError> {
+    check_sizes(f)?;
     if f.experimental
         .as_ref()
         .is_some_and(|e| !e.cel_expression.is_empty())
@@ -422,17 +535,26 @@ fn node_matches(pattern: &str, node: &str) -> bool {
     glob(pc, nc) && (pn.is_empty() || glob(pn, nn))
 }
 
+/// `*` matches any run of characters. Linear in the name: the pieces
+/// between stars are found left to right, each at its first place (for a
+/// star-only glob the leftmost match of each piece is never wrong), so no
+/// pattern can make it backtrack.
 fn glob(p: &str, s: &str) -> bool {
-    match p.split_once('*') {
-        None => p == s,
-        Some((head, rest)) => {
-            if !s.starts_with(head) {
-                return false;
-            }
-            let s = &s[head.len()..];
-            (0..=s.len()).any(|i| s.is_char_boundary(i) && glob(rest, &s[i..]))
+    let mut pieces = p.split('*');
+    let first = pieces.next().unwrap_or("");
+    let Some(mut rest) = s.strip_prefix(first) else {
+        return false;
+    };
+    let Some(last) = pieces.next_back() else {
+        return rest.is_empty(); // no star: the whole name
+    };
+    for piece in pieces {
+        match rest.find(piece) {
+            Some(i) => rest = &rest[i + piece.len()..],
+            None => return false,
         }
     }
+    rest.ends_with(last)
 }
 
 impl Compiled {
@@ -655,10 +777,28 @@ pub struct Filters {
 }
 
 impl Filters {
+    /// Checks and compiles a request's filters, within the bounds above.
+    /// Compiling regexes costs CPU: call it off an async runtime.
     pub fn new(
         whitelist: &[pb::FlowFilter],
         blacklist: &[pb::FlowFilter],
     ) -> Result<Self, FilterError> {
+        let filters = whitelist.len() + blacklist.len();
+        if filters > MAX_FILTERS {
+            return Err(too_large(format!(
+                "{filters} filters; at most {MAX_FILTERS} per request"
+            )));
+        }
+        let regexes: usize = whitelist
+            .iter()
+            .chain(blacklist)
+            .map(|f| f.http_path.len() + f.http_url.len() + f.dns_query.len())
+            .sum();
+        if regexes > MAX_REGEXES {
+            return Err(too_large(format!(
+                "{regexes} regular expressions (http_path, http_url, dns_query); at most {MAX_REGEXES} per request"
+            )));
+        }
         Ok(Self {
             allow: whitelist.iter().map(compile).collect::<Result<_, _>>()?,
             deny: blacklist.iter().map(compile).collect::<Result<_, _>>()?,
@@ -1134,5 +1274,58 @@ mod tests {
             compile(&cel).err(),
             Some(FilterError::Unsupported("experimental.cel_expression"))
         );
+    }
+
+    #[test]
+    fn globs_match_in_linear_time() {
+        for (p, name, want) in [
+            ("node-*", "node-1", true),
+            ("*", "", true),
+            ("a*a", "a", false),
+            ("*a*a", "aa", true),
+            ("*ab*b", "abb", true),
+            ("x*y*z", "xyyz", true),
+            ("x*y*z", "xzy", false),
+            ("exact", "exact", true),
+            ("exact", "exactly", false),
+        ] {
+            assert_eq!(glob(p, name), want, "{p} {name}");
+        }
+        // The backtracking matcher took seconds (14 stars, minutes more);
+        // this one scans the name once per piece.
+        let stars = "*a".repeat(500) + "b";
+        let name = "a".repeat(1000);
+        assert!(!glob(&stars, &name));
+    }
+
+    #[test]
+    fn requests_past_the_bounds_are_refused_before_compiling() {
+        let many = |n: usize| vec!["/x".to_string(); n];
+        let filter = |paths: Vec<String>| pb::FlowFilter {
+            http_path: paths,
+            ..Default::default()
+        };
+        assert!(matches!(
+            Filters::new(&[filter(many(MAX_REGEXES + 1))], &[]),
+            Err(FilterError::TooLarge(m)) if m.contains("regular expressions")
+        ));
+        assert!(Filters::new(&[filter(many(MAX_REGEXES))], &[]).is_ok());
+        let filters = vec![pb::FlowFilter::default(); MAX_FILTERS + 1];
+        assert!(matches!(
+            Filters::new(&filters, &[]),
+            Err(FilterError::TooLarge(_))
+        ));
+        let long = pb::FlowFilter {
+            node_name: vec!["*".repeat(MAX_VALUE_LEN + 1)],
+            ..Default::default()
+        };
+        assert!(matches!(compile(&long), Err(FilterError::TooLarge(m)) if m.contains("node_name")));
+        // Small text, huge program: refused by the compiled-size limit.
+        let huge = filter(vec!["\\w{1000}\\w{1000}\\w{1000}".into()]);
+        assert!(
+            matches!(compile(&huge), Err(FilterError::TooLarge(m)) if m.contains("compiles to more"))
+        );
+        let bad = filter(vec!["(".into()]);
+        assert!(matches!(compile(&bad), Err(FilterError::Invalid { .. })));
     }
 }

@@ -5,4 +5,5 @@
 
 pub mod convert;
 pub mod filter;
+pub mod limits;
 pub mod server;

@@ -22,7 +22,8 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
-use crate::filter::Filters;
+use crate::filter::{FilterError, Filters};
+use crate::limits::{self, Limits, StreamSlot, Streams};
 
 /// The Hubble API version Fibril speaks (the CLI warns when a server's minor
 /// version is newer than its own).
@@ -54,6 +55,27 @@ pub trait Backend: Send + Sync + 'static {
 
 pub struct Service<B: Backend> {
     backend: Arc<B>,
+    streams: Arc<Streams>,
+}
+
+impl<B: Backend> Service<B> {
+    /// A slot for one more stream of `req`'s connection, or
+    /// RESOURCE_EXHAUSTED.
+    fn stream_slot<T>(&self, req: &Request<T>) -> Result<StreamSlot, Status> {
+        self.streams.open(limits::conn_state(req)).ok_or_else(|| {
+            Status::resource_exhausted(format!(
+                "too many streams open on this Hubble server (at most {}); try again later",
+                self.streams.max()
+            ))
+        })
+    }
+}
+
+fn filter_status(e: FilterError) -> Status {
+    match e {
+        FilterError::TooLarge(_) => Status::resource_exhausted(e.to_string()),
+        _ => Status::invalid_argument(e.to_string()),
+    }
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -267,15 +289,25 @@ impl<B: Backend> Observer for Service<B> {
         &self,
         request: Request<GetFlowsRequest>,
     ) -> Result<Response<Self::GetFlowsStream>, Status> {
+        let slot = self.stream_slot(&request)?;
         let req = request.into_inner();
         check_window(req.first, req.follow)?;
-        let filters = Filters::new(&req.whitelist, &req.blacklist)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Regexes cost CPU to compile: off the runtime's threads.
+        let (req, filters) = tokio::task::spawn_blocking(move || {
+            let filters = Filters::new(&req.whitelist, &req.blacklist);
+            (req, filters)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("compiling the filters: {e}")))?;
+        let filters = filters.map_err(filter_status)?;
         let (tx, rx) = mpsc::channel(256);
         let backend = self.backend.clone();
         std::thread::Builder::new()
             .name("hubble-getflows".into())
-            .spawn(move || stream_flows(backend, req, filters, tx))
+            .spawn(move || {
+                let _slot = slot;
+                stream_flows(backend, req, filters, tx)
+            })
             .map_err(|e| Status::internal(format!("cannot start the flow stream: {e}")))?;
         Ok(with_version(Response::new(Box::pin(ReceiverStream::new(
             rx,
@@ -288,6 +320,7 @@ impl<B: Backend> Observer for Service<B> {
         &self,
         request: Request<GetAgentEventsRequest>,
     ) -> Result<Response<Self::GetAgentEventsStream>, Status> {
+        let slot = self.stream_slot(&request)?;
         let req = request.into_inner();
         check_window(req.first, req.follow)?;
         let (tx, rx) = mpsc::channel(64);
@@ -295,6 +328,7 @@ impl<B: Backend> Observer for Service<B> {
         std::thread::Builder::new()
             .name("hubble-agentevents".into())
             .spawn(move || {
+                let _slot = slot;
                 let node = backend.node_name();
                 let events = backend.agent_events();
                 let window = Window {
@@ -336,11 +370,15 @@ impl<B: Backend> Observer for Service<B> {
         &self,
         request: Request<GetDebugEventsRequest>,
     ) -> Result<Response<Self::GetDebugEventsStream>, Status> {
+        let slot = self.stream_slot(&request)?;
         let req = request.into_inner();
         check_window(req.first, req.follow)?;
         let (tx, rx) = mpsc::channel::<Result<GetDebugEventsResponse, Status>>(1);
         if req.follow {
-            tokio::spawn(async move { tx.closed().await });
+            tokio::spawn(async move {
+                let _slot = slot;
+                tx.closed().await
+            });
         }
         Ok(with_version(Response::new(Box::pin(ReceiverStream::new(
             rx,
@@ -424,8 +462,9 @@ impl<B: Backend> Peer for Service<B> {
     /// This node is the only peer: announced once, then the stream stays open.
     async fn notify(
         &self,
-        _: Request<NotifyRequest>,
+        request: Request<NotifyRequest>,
     ) -> Result<Response<Self::NotifyStream>, Status> {
+        let slot = self.stream_slot(&request)?;
         let (tx, rx) = mpsc::channel(1);
         let me = ChangeNotification {
             name: self.backend.node_name(),
@@ -434,6 +473,7 @@ impl<B: Backend> Peer for Service<B> {
             tls: None,
         };
         tokio::spawn(async move {
+            let _slot = slot;
             if tx.send(Ok(me)).await.is_ok() {
                 tx.closed().await;
             }
@@ -451,22 +491,36 @@ pub struct Tls {
     pub client_ca_pem: Option<Vec<u8>>,
 }
 
+/// The three services, ready to be served (plaintext), with the default
+/// limits; serve them on `limits::incoming(listener, Limits::default())`.
+pub async fn router<B: Backend>(backend: Arc<B>) -> tonic::transport::server::Router {
+    router_plain(backend, Limits::default()).await
+}
+
+/// The three services (plaintext) with `limits` on their streams (the
+/// connection limits are `limits::incoming`'s).
+pub async fn router_plain<B: Backend>(
+    backend: Arc<B>,
+    limits: Limits,
+) -> tonic::transport::server::Router {
+    services(backend, limits, tonic::transport::Server::builder()).await
+}
+
 /// The three services, ready to be served, over TLS (mTLS with a client
-/// CA) when `tls` is given.
+/// CA) when `tls` is given, with the default limits.
 pub async fn router_with_tls<B: Backend>(
     backend: Arc<B>,
     tls: Option<&Tls>,
 ) -> Result<tonic::transport::server::Router, tonic::transport::Error> {
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status(
-            "hubble.server.Observer",
-            tonic_health::ServingStatus::Serving,
-        )
-        .await;
-    reporter
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
+    router_with(backend, tls, Limits::default()).await
+}
+
+/// `router_with_tls` with `limits`.
+pub async fn router_with<B: Backend>(
+    backend: Arc<B>,
+    tls: Option<&Tls>,
+    limits: Limits,
+) -> Result<tonic::transport::server::Router, tonic::transport::Error> {
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         let mut config = tonic::transport::ServerTlsConfig::new().identity(
@@ -477,16 +531,18 @@ pub async fn router_with_tls<B: Backend>(
         }
         builder = builder.tls_config(config)?;
     }
-    Ok(builder
-        .add_service(health)
-        .add_service(ObserverServer::new(Service {
-            backend: backend.clone(),
-        }))
-        .add_service(PeerServer::new(Service { backend })))
+    Ok(services(backend, limits, builder).await)
 }
 
-/// The three services, ready to be served (plaintext).
-pub async fn router<B: Backend>(backend: Arc<B>) -> tonic::transport::server::Router {
+/// Health, Observer and Peer on `builder`. HTTP/2 allows a few more
+/// concurrent streams per connection than `limits.max_streams` (unary calls
+/// beside the streams): past that a client's request would wait for a slot
+/// instead of being told RESOURCE_EXHAUSTED.
+async fn services<B: Backend>(
+    backend: Arc<B>,
+    limits: Limits,
+    builder: tonic::transport::Server,
+) -> tonic::transport::server::Router {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_service_status(
@@ -497,10 +553,13 @@ pub async fn router<B: Backend>(backend: Arc<B>) -> tonic::transport::server::Ro
     reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    tonic::transport::Server::builder()
+    let streams = Arc::new(Streams::new(limits.max_streams));
+    builder
+        .max_concurrent_streams(u32::try_from(limits.max_streams + 32).unwrap_or(u32::MAX))
         .add_service(health)
         .add_service(ObserverServer::new(Service {
             backend: backend.clone(),
+            streams: streams.clone(),
         }))
-        .add_service(PeerServer::new(Service { backend }))
+        .add_service(PeerServer::new(Service { backend, streams }))
 }

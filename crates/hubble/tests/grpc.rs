@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use fibril_hubble::limits::Limits;
 use fibril_hubble::server::{self, Backend};
 use flow::ring::Shared;
 use proto::flow as pb;
@@ -68,11 +69,18 @@ struct Fixture {
     backend: Arc<TestBackend>,
     client: ObserverClient<tonic::transport::Channel>,
     channel: tonic::transport::Channel,
+    addr: std::net::SocketAddr,
     _rt: tokio::runtime::Runtime,
     rt: tokio::runtime::Handle,
 }
 
 fn fixture(capacity: usize, flows: u64) -> Fixture {
+    fixture_with(capacity, flows, None)
+}
+
+/// A fixture whose server runs under `limits` (its connections through
+/// `limits::incoming`), or as `router` serves when `None`.
+fn fixture_with(capacity: usize, flows: u64, limits: Option<Limits>) -> Fixture {
     let backend = Arc::new(TestBackend {
         flows: Shared::new(capacity).unwrap(),
         events: Shared::new(15).unwrap(),
@@ -93,11 +101,19 @@ fn fixture(capacity: usize, flows: u64) -> Fixture {
     let addr = listener.local_addr().unwrap();
     let b = backend.clone();
     rt.spawn(async move {
-        server::router(b)
-            .await
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .unwrap();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        match limits {
+            Some(limits) => server::router_plain(b, limits)
+                .await
+                .serve_with_incoming(fibril_hubble::limits::incoming(incoming, limits))
+                .await
+                .unwrap(),
+            None => server::router(b)
+                .await
+                .serve_with_incoming(incoming)
+                .await
+                .unwrap(),
+        }
     });
     let channel = rt
         .block_on(
@@ -111,6 +127,7 @@ fn fixture(capacity: usize, flows: u64) -> Fixture {
         backend,
         client: ObserverClient::new(channel.clone()),
         channel,
+        addr,
         _rt: rt,
         rt: handle,
     }
@@ -608,4 +625,125 @@ fn kernel_losses_reach_followers_as_lost_events() {
         }
     });
     assert_eq!(lost, (pb::LostEventSource::PerfEventRingBuffer as i32, 42));
+}
+
+/// Connections past the limit are refused at once, idle ones are closed
+/// (which frees their slots), and a connection whose stream waits for flows
+/// is never idle; streams past the limit get RESOURCE_EXHAUSTED.
+#[test]
+fn connections_and_streams_are_bounded_and_idle_connections_closed() {
+    use std::io::Read;
+    let limits = Limits {
+        max_connections: 3,
+        max_per_client: 3,
+        max_streams: 2,
+        idle_timeout: Duration::from_millis(300),
+    };
+    let fx = fixture_with(15, 3, Some(limits));
+    let addr = fx.addr;
+    // The fixture's channel holds one slot: these two take the others.
+    let raw: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    let mut refused = std::net::TcpStream::connect(addr).unwrap();
+    refused
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let n = refused.read(&mut [0u8; 64]).unwrap_or(0);
+    assert_eq!(n, 0, "a connection past the limit is closed at once");
+    // Silent connections are closed after the idle timeout.
+    for mut c in raw {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 256];
+        let mut total = 0;
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => total += n, // the server's HTTP/2 preface
+                Err(e) => panic!("an idle connection stayed open: {e} after {total} bytes"),
+            }
+        }
+    }
+
+    // Slots are free again (the fixture's idle connection went too: a new
+    // channel): two follow streams, then a third is refused.
+    let channel = fx
+        .rt
+        .block_on(
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect(),
+        )
+        .unwrap();
+    let mut client = ObserverClient::new(channel);
+    let follow = || GetFlowsRequest {
+        follow: true,
+        ..Default::default()
+    };
+    let (mut a, mut b) = fx.rt.block_on(async {
+        let a = client.get_flows(follow()).await.unwrap().into_inner();
+        let b = client.get_flows(follow()).await.unwrap().into_inner();
+        (a, b)
+    });
+    let third = fx.rt.block_on(client.get_flows(follow()));
+    assert_eq!(
+        third.err().map(|e| e.code()),
+        Some(tonic::Code::ResourceExhausted)
+    );
+    // Waiting for flows for three idle timeouts: the connection stays.
+    fx.rt.block_on(async {
+        for s in [&mut a, &mut b] {
+            for _ in 0..3 {
+                // The three flows in the ring come first.
+                let _ = tokio::time::timeout(Duration::from_millis(50), s.message()).await;
+            }
+        }
+        let waited = tokio::time::timeout(Duration::from_millis(900), a.message()).await;
+        assert!(waited.is_err(), "the follow stream ended: {waited:?}");
+    });
+    drop((a, b));
+    // Their slots come back once the streams' threads notice.
+    let mut ok = false;
+    for _ in 0..100 {
+        if fx.rt.block_on(client.get_flows(follow())).is_ok() {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(ok, "closed streams gave their slots back");
+}
+
+/// Filters past the bounds get RESOURCE_EXHAUSTED, bad ones
+/// INVALID_ARGUMENT, and a glob made to backtrack is answered.
+#[test]
+fn abusive_filters_are_refused_or_cheap() {
+    let mut fx = fixture(15, 5);
+    let filter = |f: pb::FlowFilter| GetFlowsRequest {
+        number: 5,
+        whitelist: vec![f],
+        ..Default::default()
+    };
+    let many = pb::FlowFilter {
+        http_path: vec!["/api/.*".to_string(); fibril_hubble::filter::MAX_REGEXES + 1],
+        ..Default::default()
+    };
+    assert_eq!(
+        fx.get(filter(many)).unwrap_err().code(),
+        tonic::Code::ResourceExhausted
+    );
+    let bad = pb::FlowFilter {
+        http_path: vec!["(".into()],
+        ..Default::default()
+    };
+    assert_eq!(
+        fx.get(filter(bad)).unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+    // 14 stars took the backtracking matcher 29 s of CPU per flow.
+    let stars = pb::FlowFilter {
+        node_name: vec![format!("{}x", "*a".repeat(14))],
+        ..Default::default()
+    };
+    assert!(uuids(&fx.get(filter(stars)).unwrap()).is_empty());
 }

@@ -1,0 +1,388 @@
+//! Hostile clients against a real agent (its own state, bpffs directory,
+//! sockets and ports; removed at the end): floods of connections and
+//! streams, garbage and oversized requests, abusive Hubble filters, slow
+//! metrics clients. Throughout, a status call from another client must be
+//! answered, and the agent's file descriptors, threads and memory stay
+//! bounded. Bounded in count and time; needs root (the agent loads BPF).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use proto::observer::observer_client::ObserverClient;
+use proto::observer::GetFlowsRequest;
+
+/// The status bound every flood is measured against: a status call from a
+/// client that is not flooding must be answered within it.
+const STATUS_BOUND: Duration = Duration::from_secs(2);
+
+struct Agent {
+    child: Child,
+    dir: PathBuf,
+    bpf: PathBuf,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        datapath::net::proxy_routing_forget(
+            &self
+                .dir
+                .join("state")
+                .join(datapath::net::PROXY_ROUTING_FILE),
+        );
+        datapath::Datapath::unpin_all(&self.bpf);
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+impl Agent {
+    fn start() -> Self {
+        let id = test_support::unique_name("h");
+        let dir = std::env::temp_dir().join(format!("fibril-hostile-{id}"));
+        let bpf = PathBuf::from("/sys/fs/bpf").join(format!("fibril-hostile-{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_fibril-agent"))
+            .args(["--node-name", "hostile", "--pod-cidr", "10.249.77.0/24"])
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--bpf-dir")
+            .arg(&bpf)
+            .arg("--socket")
+            .arg(dir.join("agent.sock"))
+            .arg("--hubble-socket")
+            .arg(dir.join("hubble.sock"))
+            .args(["--hubble-listen-address", "127.0.0.1:0"])
+            .args(["--hubble-metrics-addr", "127.0.0.1:0"])
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let agent = Agent { child, dir, bpf };
+        for _ in 0..200 {
+            if api::call(&agent.socket(), &api::Request::Status).is_ok()
+                && agent.dir.join("state/hubble.addr").exists()
+            {
+                return agent;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!(
+            "agent did not start: {}",
+            std::fs::read_to_string(agent.dir.join("agent.log")).unwrap_or_default()
+        );
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+
+    fn addr(&self, file: &str) -> String {
+        std::fs::read_to_string(self.dir.join("state").join(file))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// A status call with `STATUS_BOUND` as its timeout: panics if the
+    /// agent does not answer within it.
+    fn status_answers(&self, during: &str) {
+        let mut c = api::Client::connect_timeout(&self.socket(), STATUS_BOUND)
+            .unwrap_or_else(|e| panic!("{during}: cannot connect: {e}"));
+        match c.call(&api::Request::Status) {
+            Ok(api::Response::Status(_)) => {}
+            other => panic!("{during}: status did not answer: {other:?}"),
+        }
+    }
+
+    fn proc_status(&self, field: &str) -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc status"))
+    }
+
+    /// (open file descriptors, threads, RSS in MiB).
+    fn usage(&self) -> (usize, u64, u64) {
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .unwrap()
+            .count();
+        (
+            fds,
+            self.proc_status("Threads:"),
+            self.proc_status("VmRSS:") / 1024,
+        )
+    }
+
+    fn assert_bounded(&self, during: &str) {
+        let (fds, threads, rss) = self.usage();
+        eprintln!("{during}: agent fds {fds}, threads {threads}, RSS {rss} MiB");
+        assert!(fds < 600, "{during}: {fds} file descriptors");
+        assert!(threads < 200, "{during}: {threads} threads");
+        assert!(rss < 512, "{during}: RSS {rss} MiB");
+    }
+}
+
+/// Not a test of its own: the flooding process the agent-socket test
+/// starts (`FIBRIL_FLOOD_SOCKET` set), so that the flood comes from other
+/// processes than the status calls. Holds its connections until stdin
+/// closes.
+#[test]
+fn flood_helper() {
+    let Ok(path) = std::env::var("FIBRIL_FLOOD_SOCKET") else {
+        return;
+    };
+    let n: usize = std::env::var("FIBRIL_FLOOD_COUNT")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..n {
+        let Ok(mut s) = UnixStream::connect(&path) else {
+            refused += 1;
+            continue;
+        };
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut b = [0u8; 256];
+        match s.read(&mut b) {
+            Ok(n) if n > 0 && String::from_utf8_lossy(&b[..n]).contains("too many connections") => {
+                refused += 1
+            }
+            _ => held.push(s),
+        }
+    }
+    println!("held {} refused {refused}", held.len());
+    let _ = std::io::stdin().read(&mut [0u8; 1]);
+}
+
+#[test]
+fn the_agent_socket_survives_floods_garbage_and_huge_requests() {
+    let agent = Agent::start();
+    let sock = agent.socket();
+
+    // Four processes open 100 idle connections each.
+    let floods: Vec<Child> = (0..4)
+        .map(|_| {
+            Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "flood_helper",
+                    "--nocapture",
+                    "--test-threads",
+                    "1",
+                ])
+                .env("FIBRIL_FLOOD_SOCKET", &sock)
+                .env("FIBRIL_FLOOD_COUNT", "100")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut floods: Vec<(Child, BufReader<std::process::ChildStdout>)> = floods
+        .into_iter()
+        .map(|mut c| {
+            let out = BufReader::new(c.stdout.take().unwrap());
+            (c, out)
+        })
+        .collect();
+    for (_, out) in &mut floods {
+        let mut line = String::new();
+        // libtest writes "test flood_helper ... " before the helper's line.
+        let report = loop {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "flood helper ended");
+            if let Some(i) = line.find("held ") {
+                break line[i..].to_string();
+            }
+        };
+        let held: usize = report.split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(held <= 8, "one process holds at most 8 connections: {line}");
+    }
+    agent.status_answers("400 idle connections from 4 processes");
+    agent.assert_bounded("agent socket flood");
+    for (mut c, _) in floods {
+        drop(c.stdin.take());
+        let _ = c.wait();
+    }
+
+    // Garbage: invalid UTF-8 and broken JSON get precise errors and the
+    // connection stays usable.
+    let mut c = UnixStream::connect(&sock).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    let mut answer = |c: &mut UnixStream, bytes: &[u8]| {
+        c.write_all(bytes).unwrap();
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        line
+    };
+    let a = answer(&mut c, b"{\"op\": \"status\xff\xfe\"}\n");
+    assert!(a.contains("not UTF-8 (invalid byte at offset 14)"), "{a}");
+    let a = answer(&mut c, b"{\"op\": \"nonsense\"}\n");
+    assert!(a.contains("bad request: unknown variant `nonsense`"), "{a}");
+    let a = answer(&mut c, b"{\"op\": \"status\"}\n");
+    assert!(a.contains("\"kind\":\"status\""), "{a}");
+
+    // A request past 16 MiB is refused with the limit, not a broken pipe.
+    let mut big = UnixStream::connect(&sock).unwrap();
+    big.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reader = big.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..20 {
+            if big.write_all(&chunk).is_err() {
+                break; // closed by the agent after its answer
+            }
+        }
+    });
+    let mut text = String::new();
+    let _ = reader.read_to_string(&mut text);
+    writer.join().unwrap();
+    assert!(
+        text.contains("request too large") && text.contains("the limit is 16777216 bytes"),
+        "{text}"
+    );
+    agent.status_answers("after the garbage");
+    agent.assert_bounded("after the garbage");
+}
+
+fn hubble_channel(rt: &tokio::runtime::Runtime, addr: &str) -> tonic::transport::Channel {
+    rt.block_on(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn hubble_floods_and_abusive_filters_leave_the_agent_responsive() {
+    let agent = Agent::start();
+    let tcp = agent.addr("hubble.addr");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    // 1,200 connections (the count that exhausted the agent's descriptors
+    // before): all but the per-client bound are closed at once.
+    let mut held = Vec::new();
+    let mut closed = 0;
+    for _ in 0..1200 {
+        match std::net::TcpStream::connect(&tcp) {
+            Ok(s) => held.push(s),
+            Err(_) => closed += 1,
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for s in &mut held {
+        s.set_nonblocking(true).unwrap();
+    }
+    let open = held
+        .iter_mut()
+        .filter(|s| {
+            let mut b = [0u8; 256];
+            loop {
+                match (&**s).read(&mut b) {
+                    Ok(0) => return false,
+                    Ok(_) => continue, // the server's preface
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                    Err(_) => return false,
+                }
+            }
+        })
+        .count();
+    eprintln!("hubble TCP flood: {open} held, {closed} refused at connect");
+    assert!(open <= 32, "{open} connections held by one client");
+    agent.status_answers("1,200 Hubble connections");
+    agent.assert_bounded("Hubble connection flood");
+    drop(held);
+
+    // 300 streams: at most 64 at once, the rest RESOURCE_EXHAUSTED; one
+    // thread each for those that are open, no more.
+    let channel = hubble_channel(&rt, &tcp);
+    let (streams, exhausted) = rt.block_on(async {
+        let mut streams = Vec::new();
+        let mut exhausted = 0;
+        for _ in 0..300 {
+            let mut c = ObserverClient::new(channel.clone());
+            match c
+                .get_flows(GetFlowsRequest {
+                    follow: true,
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(s) => streams.push(s.into_inner()),
+                Err(e) => {
+                    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+                    exhausted += 1;
+                }
+            }
+        }
+        (streams, exhausted)
+    });
+    assert_eq!(streams.len(), 64);
+    assert_eq!(exhausted, 236);
+    agent.status_answers("300 GetFlows streams");
+    agent.assert_bounded("GetFlows stream flood");
+    drop(streams);
+
+    // 20,000 http_path regexes (589 KB): refused before compiling.
+    let mut c = ObserverClient::new(channel.clone());
+    let err = rt
+        .block_on(c.get_flows(GetFlowsRequest {
+            number: 1,
+            whitelist: vec![proto::flow::FlowFilter {
+                http_path: (0..20_000).map(|i| format!("/api/{i}/.*x{{1,9}}")).collect(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }))
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    // A glob with 14 stars is answered (it kept a CPU busy for 29 s).
+    let stars = rt.block_on(c.get_flows(GetFlowsRequest {
+        number: 10,
+        whitelist: vec![proto::flow::FlowFilter {
+            node_name: vec![format!("{}x", "*a".repeat(14))],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }));
+    assert!(stars.is_ok());
+    agent.status_answers("abusive filters");
+    agent.assert_bounded("abusive filters");
+}
+
+/// A metrics client that connects and sends nothing delays no other scrape.
+#[test]
+fn a_slow_metrics_client_blocks_no_scrape() {
+    let agent = Agent::start();
+    for file in ["metrics.addr", "hubble-metrics.addr"] {
+        let addr = agent.addr(file);
+        let slow: Vec<_> = (0..4)
+            .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+            .collect();
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        c.set_read_timeout(Some(STATUS_BOUND)).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out)
+            .unwrap_or_else(|e| panic!("{file}: scrape blocked by slow clients: {e}"));
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{file}: {out}");
+        drop(slow);
+    }
+    agent.assert_bounded("slow metrics clients");
+}
