@@ -1103,6 +1103,8 @@ fn hubble_api_serves_the_labs_flows_to_a_grpc_client() {
     assert!(via_unix.contains("Policy denied DROPPED"), "{via_unix}");
     let needs_tls = lab.fibril(&[
         "observe",
+        "--server",
+        "127.0.0.1:4244",
         "--tls-ca-cert-files",
         "/nonexistent.pem",
         "--last",
