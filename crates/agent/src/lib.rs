@@ -299,14 +299,15 @@ impl Agent {
         let result = match req {
             Request::Status => Ok(Response::Status(self.status())),
             Request::PodUpsert(pod) => self.pod_upsert(pod).map(|_| Response::Ok),
-            Request::PodDelete { namespace, name } => {
-                let mut s = self.lock_state();
-                s.pods.remove(&format!("{namespace}/{name}"));
-                self.store
-                    .save(&s)
-                    .map(|_| Response::Ok)
-                    .map_err(Error::from)
-            }
+            Request::PodDelete { namespace, name } => validate_pod_names(&namespace, &name)
+                .and_then(|_| {
+                    let mut s = self.lock_state();
+                    s.pods.remove(&format!("{namespace}/{name}"));
+                    self.store
+                        .save(&s)
+                        .map(|_| Response::Ok)
+                        .map_err(Error::from)
+                }),
             Request::EndpointAdd(a) => self.endpoint_add(a).map(Response::Added),
             Request::EndpointDel {
                 container_id,
@@ -345,7 +346,8 @@ impl Agent {
             }
             Request::PolicyDelete { key } => self.policy_delete(&key).map(|_| Response::Ok),
             Request::PolicyTrace(t) => self.policy_trace(&t),
-            Request::NamespaceAudit { namespace, audit } => {
+            Request::NamespaceAudit { namespace, audit } => (|| {
+                policy::labels::validate_namespace(&namespace).map_err(invalid)?;
                 let mut s = self.lock_state();
                 let changed = if audit {
                     s.audit_namespaces.insert(namespace.clone())
@@ -354,7 +356,7 @@ impl Agent {
                 };
                 let done = if changed { self.commit(&mut s) } else { Ok(()) };
                 done.map(|_| Response::Ok)
-            }
+            })(),
             Request::FqdnList => Ok(Response::Fqdn {
                 names: self
                     .fqdn_cache()
@@ -448,6 +450,10 @@ impl Agent {
     }
 
     fn pod_upsert(&self, pod: api::Pod) -> Result<(), Error> {
+        validate_pod_names(&pod.namespace, &pod.name)?;
+        if let Some(sa) = &pod.service_account {
+            policy::labels::validate_object_name("service account", sa).map_err(invalid)?;
+        }
         for (k, v) in pod.labels.iter().chain(pod.namespace_labels.iter()) {
             policy::labels::validate_label_key(k)
                 .map_err(|e| invalid(format!("pod {}/{}: {e}", pod.namespace, pod.name)))?;
@@ -866,6 +872,13 @@ fn proxy_routing(state_dir: &std::path::Path, p: &datapath::ProxyRedirect) -> Re
     Ok(())
 }
 
+/// A pod's namespace and name, as Kubernetes admits them: nothing else
+/// reaches identities, flows or the CLI's tables.
+fn validate_pod_names(namespace: &str, pod: &str) -> Result<(), Error> {
+    policy::labels::validate_namespace(namespace).map_err(invalid)?;
+    policy::labels::validate_object_name("pod", pod).map_err(invalid)
+}
+
 fn validate_attachment(a: &Attachment) -> Result<(), Error> {
     let ok_id = |s: &str| {
         s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
@@ -899,7 +912,7 @@ fn validate_attachment(a: &Attachment) -> Result<(), Error> {
             "the pod's namespace and name are needed (K8S_POD_NAMESPACE, K8S_POD_NAME)",
         ));
     }
-    Ok(())
+    validate_pod_names(&a.namespace, &a.pod)
 }
 
 #[cfg(test)]
@@ -913,5 +926,25 @@ mod tests {
         assert_ne!(a, host_ifname("lab1-backend", "eth0"));
         assert_ne!(a, host_ifname("lab1-frontend", "eth1"));
         assert_eq!(a.len(), 14);
+    }
+
+    #[test]
+    fn pod_names_are_checked_as_kubernetes_does() {
+        for (ns, pod, ok) in [
+            ("shop", "web-0", true),
+            ("shop", "web.v2.example", true),
+            ("kube-system", "a", true),
+            ("Shop", "web", false),
+            ("../../etc/passwd", "web", false),
+            ("shop", "web\nlabel", false),
+            ("shop", "\u{1b}[31mred", false),
+            ("shop", "-web", false),
+            ("shop", "web.", false),
+            ("", "web", false),
+            (&"a".repeat(64), "web", false),
+            ("shop", &"a".repeat(254), false),
+        ] {
+            assert_eq!(validate_pod_names(ns, pod).is_ok(), ok, "{ns:?} {pod:?}");
+        }
     }
 }

@@ -298,7 +298,10 @@ pub struct Store {
 
 impl Store {
     pub fn new(dir: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(dir)?;
+        // Endpoints, pods and policies are root's alone.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         Ok(Self {
             path: dir.join("state.json"),
         })
@@ -317,7 +320,17 @@ impl Store {
     pub fn save(&self, state: &State) -> std::io::Result<()> {
         let tmp = self.path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
-        std::fs::write(&tmp, bytes)?;
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?
+                .write_all(&bytes)?;
+        }
         std::fs::rename(&tmp, &self.path)
     }
 }

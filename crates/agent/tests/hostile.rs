@@ -386,3 +386,60 @@ fn a_slow_metrics_client_blocks_no_scrape() {
     }
     agent.assert_bounded("slow metrics clients");
 }
+
+/// Names enter only as Kubernetes admits them (DNS-1123 labels and
+/// subdomains): a newline, an escape sequence or a path is refused with the
+/// rule it breaks, and nothing is stored.
+#[test]
+fn names_enter_only_as_kubernetes_admits_them() {
+    let agent = Agent::start();
+    let call = |req: api::Request| api::call(&agent.socket(), &req);
+    let refused = |req: api::Request, needle: &str| match call(req) {
+        Err(api::ClientError::Agent(m)) => assert!(m.contains(needle), "{m}"),
+        other => panic!("accepted: {other:?}"),
+    };
+    let pod = |namespace: &str, name: &str| {
+        api::Request::PodUpsert(api::Pod {
+            namespace: namespace.into(),
+            name: name.into(),
+            ..Default::default()
+        })
+    };
+    refused(
+        pod("shop", "web\nk8s:app=admin"),
+        "not a DNS-1123 subdomain",
+    );
+    refused(pod("shop", "\u{1b}[2Jweb"), "not a DNS-1123 subdomain");
+    refused(pod("../../etc/passwd", "web"), "not a DNS-1123 label");
+    refused(
+        api::Request::NamespaceAudit {
+            namespace: "../../etc/passwd".into(),
+            audit: true,
+        },
+        "not a DNS-1123 label",
+    );
+    let netns = test_support::unique_name("fibril-names-");
+    datapath::net::create_netns(&netns).unwrap();
+    let add = call(api::Request::EndpointAdd(api::Attachment {
+        container_id: "c1".into(),
+        ifname: "eth0".into(),
+        netns: format!("/run/netns/{netns}"),
+        namespace: "Shop".into(),
+        pod: "web".into(),
+    }));
+    datapath::net::delete_netns(&netns);
+    assert!(
+        matches!(&add, Err(api::ClientError::Agent(m)) if m.contains("namespace \"Shop\"")),
+        "{add:?}"
+    );
+    match call(api::Request::Status).unwrap() {
+        api::Response::Status(s) => assert_eq!(s.endpoints, 0),
+        other => panic!("{other:?}"),
+    }
+    let state = std::fs::read_to_string(agent.dir.join("state/state.json")).unwrap_or_default();
+    assert!(
+        !state.contains("passwd") && !state.contains("admin"),
+        "{state}"
+    );
+    assert!(call(pod("shop", "web-0.v2")).is_ok());
+}

@@ -199,6 +199,18 @@ fn remove_cgroup(lab: &str) {
     }
 }
 
+/// A new file (truncated if it exists) only root can read or write: the
+/// lab's state, logs and pod output are nobody else's business.
+fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
 fn state_path(lab: &str) -> PathBuf {
     lab_dir(lab).join("lab.json")
 }
@@ -208,7 +220,7 @@ fn state_path(lab: &str) -> PathBuf {
 fn save(st: &LabState) -> anyhow::Result<()> {
     let path = state_path(&st.name);
     let tmp = path.with_extension(format!("json.{}", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(st)?)?;
+    std::io::Write::write_all(&mut private_file(&tmp)?, &serde_json::to_vec_pretty(st)?)?;
     std::fs::rename(&tmp, &path)?;
     Ok(())
 }
@@ -407,10 +419,14 @@ fn wait_for_agent(sock: &Path, timeout: Duration) -> anyhow::Result<()> {
 /// Starts an agent for `st` in the background and waits until it answers.
 pub fn start_agent(st: &mut LabState) -> anyhow::Result<()> {
     let dir = lab_dir(&st.name);
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("agent.log"))?;
+    let log = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(dir.join("agent.log"))?
+    };
     let mut cmd = Command::new("setsid");
     in_lab_cgroup(&mut cmd, &st.name);
     let child = cmd
@@ -514,6 +530,11 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
     }
     let dir = lab_dir(lab);
     std::fs::create_dir_all(dir.join("pods"))?;
+    // State, logs and sockets: root's alone (the lab dir is the gate).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    }
     let mut st = LabState {
         name: lab.to_string(),
         pod_cidr: parsed.file.pod_cidr.clone(),
@@ -698,7 +719,7 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
 
 /// Starts `command` in the background inside `netns`, output to `log`.
 fn spawn_in(lab: &str, netns: &str, command: &[String], log: &Path) -> anyhow::Result<u32> {
-    let out = std::fs::File::create(log)?;
+    let out = private_file(log)?;
     let mut cmd = Command::new("setsid");
     in_lab_cgroup(&mut cmd, lab);
     let child = cmd

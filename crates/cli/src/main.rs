@@ -277,12 +277,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     println!(
                         "{:<6} {:<30} {:<16} {:<9} {:<8} {:<8} {}",
                         e.id,
-                        format!("{}/{}", e.namespace, e.pod_name),
+                        shown(&format!("{}/{}", e.namespace, e.pod_name)),
                         e.ipv4,
                         e.identity,
                         enforced(e.ingress_enforced),
                         enforced(e.egress_enforced),
-                        e.labels.join(",")
+                        shown(&e.labels.join(","))
                     );
                 }
             }
@@ -299,7 +299,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             } else {
                 println!("{:<8} LABELS", "ID");
                 for i in identities {
-                    println!("{:<8} {}", i.id, i.labels.join("\n         "));
+                    let labels: Vec<String> = i.labels.iter().map(|l| shown(l)).collect();
+                    println!("{:<8} {}", i.id, labels.join("\n         "));
                 }
             }
             Ok(0)
@@ -602,5 +603,17 @@ fn decision_text(d: Option<&policy::Decision>) -> String {
             "audit mode: forwarded and reported, would be {}",
             decision_text(Some(would_be))
         ),
+    }
+}
+
+/// Text from the agent as a terminal should show it: control characters
+/// (newlines, escape sequences) escaped, so that no name can forge a table
+/// row or drive the terminal. The agent refuses such names; state written
+/// by an older agent may still hold them.
+fn shown(s: &str) -> String {
+    if s.chars().any(char::is_control) {
+        s.chars().flat_map(char::escape_default).collect()
+    } else {
+        s.to_string()
     }
 }

@@ -139,3 +139,31 @@ fn a_reused_source_port_meets_the_current_policy() {
         "a tuple the proxy carried before works without it"
     );
 }
+
+/// What a local user who is not root can reach of a lab: nothing of its
+/// state, logs or flows. The lab directory is root's alone, its files too,
+/// and the Hubble API is served on the lab's root-only socket, not on TCP.
+#[test]
+fn a_labs_state_logs_and_flows_are_roots_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = custom_lab(REUSE_LAB);
+    let dir = std::path::PathBuf::from(format!("/run/fibril/labs/{}", lab.name));
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700, "the lab directory");
+    for file in [
+        "lab.json",
+        "agent.log",
+        "state/state.json",
+        "pods/sec_server.log",
+        "hubble.sock",
+        "agent.sock",
+    ] {
+        let m = mode(&dir.join(file));
+        assert_eq!(m & 0o077, 0, "{file} is open to others: {m:o}");
+    }
+    let hubble = std::fs::read_to_string(dir.join("state/hubble.addr")).unwrap();
+    assert!(
+        hubble.starts_with("unix://"),
+        "the lab's Hubble API listens on {hubble}"
+    );
+}

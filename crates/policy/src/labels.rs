@@ -181,6 +181,41 @@ pub fn validate_label_key(key: &str) -> Result<(), String> {
     validate_label_name(name).map_err(|e| format!("label key {key:?}: {e}"))
 }
 
+/// Checks a namespace name as Kubernetes does: a DNS-1123 label (1 to 63
+/// lowercase letters, digits and '-', starting and ending with a letter or
+/// digit).
+pub fn validate_namespace(ns: &str) -> Result<(), String> {
+    if dns1123_label(ns) {
+        Ok(())
+    } else {
+        Err(format!(
+            "namespace {ns:?} is not a DNS-1123 label (1-63 lowercase letters, digits and '-', starting and ending with a letter or digit)"
+        ))
+    }
+}
+
+/// Checks a pod (or service account) name as Kubernetes does: a DNS-1123
+/// subdomain (at most 253 characters, dot-separated DNS-1123 labels).
+pub fn validate_object_name(what: &str, name: &str) -> Result<(), String> {
+    if name.len() <= 253 && name.split('.').all(dns1123_label) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} name {name:?} is not a DNS-1123 subdomain (at most 253 lowercase letters, digits, '-' and '.', each part starting and ending with a letter or digit)"
+        ))
+    }
+}
+
+fn dns1123_label(s: &str) -> bool {
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && alnum(s.chars().next())
+        && alnum(s.chars().last())
+}
+
 /// Checks a Kubernetes label value (may be empty).
 pub fn validate_label_value(value: &str) -> Result<(), String> {
     if value.is_empty() {
