@@ -155,10 +155,10 @@ impl Agent {
 
     /// Drops addresses past their expiry and grace period whose connections
     /// are all gone, and names left without addresses.
-    pub fn fqdn_gc(&self) -> Result<usize, Error> {
+    /// `live`: the addresses of live connections (`Datapath::ct_census`).
+    pub fn fqdn_gc(&self, live: &std::collections::HashSet<Ipv4Addr>) -> Result<usize, Error> {
         let grace = self.config.fqdn.idle_grace_s;
         let now = now_s();
-        let live = self.datapath.ct_addresses();
         let mut s = self.lock_state();
         let mut removed = 0;
         for entry in s.fqdn.values_mut() {

@@ -74,6 +74,9 @@ pub struct Agent {
     proxy_stats: std::sync::OnceLock<Arc<proxy::Stats>>,
     /// DNS addresses not learned because an endpoint was at its limit.
     pub fqdn_refused: std::sync::atomic::AtomicU64,
+    /// Conntrack entries at the last census (`ct_census`): status reads
+    /// this instead of walking the table.
+    ct_entries: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +134,8 @@ impl Agent {
                 tracing::warn!(endpoint_id = id, pod = %ep.pod, "veth gone while the agent was away; endpoint removed");
                 state.identities.release(&ep.labels);
                 datapath.remove_endpoint(ep.ipv4)?;
+                datapath.ct_flush_address(ep.ipv4);
+                state.quarantine_ip(ep.ipv4, fqdn::now_s());
             }
         }
         for ep in state.endpoints.values() {
@@ -147,13 +152,25 @@ impl Agent {
             started: Instant::now(),
             proxy_stats: std::sync::OnceLock::new(),
             fqdn_refused: Default::default(),
+            ct_entries: Default::default(),
         });
+        agent.ct_census();
         {
             let state = agent.lock_state();
             agent.sync(&state)?;
             agent.store.save(&state)?;
         }
         Ok(agent)
+    }
+
+    /// Walks the conntrack table once (in the background, every few
+    /// seconds): the entry count status shows, and the live addresses the
+    /// toFQDNs garbage collection keeps.
+    pub fn ct_census(&self) -> std::collections::HashSet<Ipv4Addr> {
+        let census = self.datapath.ct_census();
+        self.ct_entries
+            .store(census.entries, std::sync::atomic::Ordering::Relaxed);
+        census.live_addresses
     }
 
     pub fn config(&self) -> &Config {
@@ -384,7 +401,7 @@ impl Agent {
             flows_buffered: buffered,
             flow_capacity: self.config.flow_capacity,
             events_lost_kernel: self.datapath.events_lost(),
-            ct_entries: self.datapath.ct_entries(),
+            ct_entries: self.ct_entries.load(std::sync::atomic::Ordering::Relaxed),
             policy_overflows: self
                 .policy
                 .lock()
@@ -532,6 +549,15 @@ impl Agent {
             return Err(invalid(format!(
                 "container {} already has an interface {} on this network",
                 a.container_id, a.ifname
+            )));
+        }
+        // One interface per pod on this network: the pod's default route
+        // and its identity belong to one address. (Interfaces on other
+        // networks, from other plugins, are not ours to count.)
+        if let Some(other) = s.endpoints.values().find(|e| e.netns == a.netns) {
+            return Err(invalid(format!(
+                "network namespace {} already has interface {} on this network (container {}); Fibril gives a pod one interface, add {} on another network",
+                a.netns, other.ifname, other.container_id, a.ifname
             )));
         }
         let ipv4 = s

@@ -427,13 +427,15 @@ fn main() -> anyhow::Result<()> {
         }
     }
     {
-        // toFQDNs: expired names go (their addresses once idle).
+        // The conntrack census (status's entry count), then toFQDNs:
+        // expired names go (their addresses once idle).
         let agent = agent.clone();
         std::thread::Builder::new()
-            .name("fqdn-gc".into())
+            .name("ct-census".into())
             .spawn(move || loop {
                 std::thread::sleep(std::time::Duration::from_secs(5));
-                if let Err(e) = agent.fqdn_gc() {
+                let live = agent.ct_census();
+                if let Err(e) = agent.fqdn_gc(&live) {
                     tracing::warn!(error = %e, "toFQDNs garbage collection");
                 }
             })?;

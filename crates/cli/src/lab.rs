@@ -365,11 +365,20 @@ pub fn parse(path: Option<&Path>) -> anyhow::Result<Lab> {
             }
         }
     }
-    if let Err(e) = file.pod_cidr.parse::<ipnet::Ipv4Net>() {
-        bail!(
+    match file.pod_cidr.parse::<ipnet::Ipv4Net>() {
+        Err(e) => bail!(
             "{name}: podCIDR: {:?} is not a CIDR (a.b.c.d/n): {e}",
             file.pod_cidr
-        );
+        ),
+        // The agent's own rules, checked before anything is created.
+        Ok(c) if !(8..=30).contains(&c.prefix_len()) => bail!(
+            "{name}: podCIDR: {c}: the prefix length must be 8-30 (a /31 or /32 has no pod addresses)"
+        ),
+        Ok(c) if c != c.trunc() => bail!(
+            "{name}: podCIDR: {c} has host bits set (did you mean {}?)",
+            c.trunc()
+        ),
+        Ok(_) => {}
     }
     if let Ok(cidr) = file.pod_cidr.parse::<ipnet::Ipv4Net>() {
         for (addr, len) in net::host_ipv4_networks()? {
@@ -405,15 +414,33 @@ pub fn parse(path: Option<&Path>) -> anyhow::Result<Lab> {
     Ok(Lab { file, policies })
 }
 
-fn wait_for_agent(sock: &Path, timeout: Duration) -> anyhow::Result<()> {
+/// Waits until the agent answers; fails at once when it exits first.
+fn wait_for_agent(sock: &Path, pid: u32, timeout: Duration) -> anyhow::Result<()> {
     let end = Instant::now() + timeout;
     loop {
         match api::call(sock, &api::Request::Status) {
             Ok(_) => return Ok(()),
+            Err(_) if !alive(pid) => bail!("the agent exited while starting"),
             Err(e) if Instant::now() > end => bail!("the agent did not come up: {e}"),
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
+}
+
+/// Keeps the log of an agent that failed to start where `lab down` (which
+/// cleans up after the failure) does not remove it, and quotes its end.
+fn failed_start(lab: &str, log: &Path) -> String {
+    let kept = std::env::temp_dir().join(format!("fibril-lab-{lab}-agent.log"));
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let saved =
+        private_file(&kept).and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()));
+    let tail: Vec<&str> = text.lines().rev().take(10).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    let where_ = match saved {
+        Ok(()) => format!("the agent's log is kept in {}", kept.display()),
+        Err(e) => format!("the agent's log could not be kept: {e}"),
+    };
+    format!("{where_}; it ends:\n{}", tail.join("\n"))
 }
 
 /// Starts an agent for `st` in the background and waits until it answers.
@@ -439,8 +466,8 @@ pub fn start_agent(st: &mut LabState) -> anyhow::Result<()> {
         .context("starting fibril-agent")?;
     st.agent_pid = Some(child.id());
     save(st)?;
-    wait_for_agent(&socket(&st.name), Duration::from_secs(15))
-        .with_context(|| format!("see {}", dir.join("agent.log").display()))
+    wait_for_agent(&socket(&st.name), child.id(), Duration::from_secs(15))
+        .with_context(|| failed_start(&st.name, &dir.join("agent.log")))
 }
 
 fn kill(pid: u32) {

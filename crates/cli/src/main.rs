@@ -166,7 +166,27 @@ enum PolicyCmd {
     },
 }
 
+/// `fibril status | head -1`: once the reader is gone, printing fails with
+/// EPIPE, and Rust's print macros panic on it. Exit as other Unix tools do
+/// when SIGPIPE kills them (status 141), without a panic message.
+fn quiet_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if msg.starts_with("failed printing to std") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info)
+    }));
+}
+
 fn main() {
+    quiet_on_broken_pipe();
     // `--not` is order-dependent, so it is taken out before clap parses.
     let (argv, negated) = observe::split_not(std::env::args().collect());
     let mut cli = Cli::parse_from(argv);

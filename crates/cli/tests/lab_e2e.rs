@@ -191,6 +191,29 @@ fn bad_input_gets_a_precise_error_and_changes_nothing() {
         "{err}"
     );
     assert!(!Path::new(&format!("/run/fibril/labs/{name}")).exists());
+    // Pod CIDRs the agent cannot use are refused up front, not after a wait.
+    for (cidr, why) in [
+        (
+            "10.233.0.1/24",
+            "has host bits set (did you mean 10.233.0.0/24?)",
+        ),
+        ("10.233.0.0/31", "the prefix length must be 8-30"),
+        ("10.0.0.0/7", "the prefix length must be 8-30"),
+    ] {
+        std::fs::write(&bad_lab, format!("podCIDR: {cidr}\n")).unwrap();
+        let out = Command::new(bin("fibril"))
+            .args(["--lab", &name, "lab", "up", "-f", bad_lab.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains(&format!("podCIDR: {}", cidr.split('/').next().unwrap()))
+                && err.contains(why),
+            "{cidr}: {err}"
+        );
+        assert!(!Path::new(&format!("/run/fibril/labs/{name}")).exists());
+    }
     std::fs::remove_dir_all(&dir).ok();
 
     // A bad policy on a running lab: refused, policies unchanged.

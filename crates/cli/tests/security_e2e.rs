@@ -167,3 +167,20 @@ fn a_labs_state_logs_and_flows_are_roots_alone() {
         "the lab's Hubble API listens on {hubble}"
     );
 }
+
+/// `fibril ... | head -1`: a reader that went away ends the command
+/// quietly (as SIGPIPE ends other tools), without a panic.
+#[test]
+fn printing_into_a_closed_pipe_exits_quietly() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(common::bin("fibril"))
+        .args(["lab", "default"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.is_empty(), "{err}");
+    assert_eq!(out.status.code(), Some(141));
+}

@@ -444,3 +444,47 @@ fn a_wedged_agent_gets_try_again_later_instead_of_a_hang() {
         );
     }
 }
+
+/// A second interface on this network in the same pod namespace is refused
+/// with what to do instead, and changes nothing; the first keeps working.
+#[test]
+fn a_second_interface_in_one_pod_is_refused_clearly() {
+    let env = Env::new();
+    let (ok, first) = cni(&env, "ADD", "ctr-1", &env.conf("1.1.0"));
+    assert!(ok, "{first}");
+    let mut cmd = Command::new(bin("fibril-cni"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", "ctr-1")
+        .env("CNI_IFNAME", "eth1")
+        .env("CNI_NETNS", env.netns_path())
+        .env("CNI_PATH", bin("fibril-cni").parent().unwrap())
+        .env(
+            "CNI_ARGS",
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0",
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(env.conf("1.1.0").to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let details = err["details"].as_str().unwrap();
+    assert!(
+        details.contains("already has interface eth0 on this network"),
+        "{err}"
+    );
+    assert_eq!(env.endpoints(), 1);
+    let links = Command::new("ip")
+        .args(["-n", &env.netns, "-o", "link"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&links.stdout).contains("eth1"));
+}

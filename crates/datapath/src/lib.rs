@@ -394,15 +394,20 @@ impl Datapath {
         self.ct_flush(|k, _| k.saddr == be || k.daddr == be)
     }
 
-    /// Addresses that live (unexpired) connections lead to or come from.
-    pub fn ct_addresses(&self) -> std::collections::HashSet<Ipv4Addr> {
+    /// One pass over the conntrack table: how many entries it holds and
+    /// which addresses live (unexpired) connections lead to or come from.
+    /// Costs time in proportion to the table: run it in the background.
+    pub fn ct_census(&self) -> CtCensus {
         let now = monotonic_ns();
         let maps = self.maps();
-        let mut out = std::collections::HashSet::new();
+        let mut out = CtCensus::default();
         for (k, v) in maps.ct.iter().filter_map(|e| e.ok()) {
+            out.entries += 1;
             if v.expires_ns > now {
-                out.insert(Ipv4Addr::from(u32::from_be(k.saddr)));
-                out.insert(Ipv4Addr::from(u32::from_be(k.daddr)));
+                out.live_addresses
+                    .insert(Ipv4Addr::from(u32::from_be(k.saddr)));
+                out.live_addresses
+                    .insert(Ipv4Addr::from(u32::from_be(k.daddr)));
             }
         }
         out
@@ -438,6 +443,13 @@ impl Datapath {
     pub fn unpin_all(pin_dir: &Path) {
         std::fs::remove_dir_all(pin_dir).ok();
     }
+}
+
+/// What `Datapath::ct_census` found.
+#[derive(Debug, Default)]
+pub struct CtCensus {
+    pub entries: usize,
+    pub live_addresses: std::collections::HashSet<Ipv4Addr>,
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`, so

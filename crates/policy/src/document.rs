@@ -294,6 +294,33 @@ const POLICY_KINDS: [&str; 3] = [
     "NetworkPolicy",
 ];
 
+/// What went wrong reading the YAML. The parser's budget (nodes, depth,
+/// aliases: what keeps a hostile file from exhausting memory) is a limit,
+/// not a syntax error, and says so with the way round it.
+fn yaml_error(e: &serde_saphyr::Error) -> String {
+    use serde_saphyr::budget::BudgetBreach;
+    let mut inner = e;
+    while let serde_saphyr::Error::WithSnippet { error, .. } = inner {
+        inner = error;
+    }
+    let serde_saphyr::Error::Budget { breach, location } = inner else {
+        return format!("not valid YAML: {e}");
+    };
+    let at = format!("line {}", location.line());
+    let limit = serde_saphyr::Budget::default();
+    match breach {
+        BudgetBreach::Nodes { .. } => format!(
+            "too large: more than {} YAML nodes (reached at {at}); split the policies into several files or imports (about 10,000 rules each)",
+            limit.max_nodes
+        ),
+        BudgetBreach::Depth { .. } => format!(
+            "nested deeper than {} levels (at {at}); no policy needs that",
+            limit.max_depth
+        ),
+        other => format!("exceeds the YAML parser's limits ({other:?} at {at}); split the file"),
+    }
+}
+
 /// Parses every YAML document of `text` (named `file` in errors).
 /// `default_namespace` is used for namespaced policies without one.
 pub fn parse(file: &str, text: &str, default_namespace: &str) -> Result<Parsed, Error> {
@@ -301,7 +328,7 @@ pub fn parse(file: &str, text: &str, default_namespace: &str) -> Result<Parsed, 
         file: file.into(),
         document: 0,
         path: "(yaml)".into(),
-        message: format!("not valid YAML: {e}"),
+        message: yaml_error(&e),
     })?;
     let mut parsed = Parsed::default();
     for (i, doc) in docs.into_iter().enumerate() {

@@ -233,6 +233,20 @@ fn bad_documents_are_refused_with_file_document_and_field() {
     }
     let e = parse("x.yaml", "a: [unclosed", "default").unwrap_err();
     assert!(e.message.contains("not valid YAML"), "{e}");
+    // Past the parser's node budget: the limit and the way round it, not
+    // "not valid YAML".
+    let rules: String = (0..25_000)
+        .map(|i| format!("  - fromEndpoints: [{{matchLabels: {{app: a{i}}}}}]\n    toPorts: [{{ports: [{{port: \"80\"}}]}}]\n"))
+        .collect();
+    let big = format!("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: big}}\nspec:\n  endpointSelector: {{}}\n  ingress:\n{rules}");
+    let Err(e) = parse("big.yaml", &big, "default") else {
+        panic!("a file past the parser's node budget was accepted");
+    };
+    assert!(
+        e.message.contains("too large: more than 250000 YAML nodes")
+            && e.message.contains("split the policies"),
+        "{e}"
+    );
 }
 
 #[test]
