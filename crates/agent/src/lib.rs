@@ -382,6 +382,9 @@ impl Agent {
                     .collect(),
             }),
             Request::ConntrackList { address } => Ok(self.conntrack_list(address)),
+            Request::EnforceEstablished => self
+                .enforce_established()
+                .map(|(checked, cut)| Response::Enforced { checked, cut }),
         };
         result.unwrap_or_else(|e| Response::Error {
             message: e.to_string(),
@@ -418,6 +421,63 @@ impl Agent {
                     plain: s.plain,
                 }),
         }
+    }
+
+    /// Checks every tracked connection of a local endpoint against the
+    /// policy in force, as its first packet was (same lookup as the
+    /// datapath's), and deletes every entry of each one it now refuses
+    /// (both directions and both orientations of the tuple): its next
+    /// packet is then a new connection and meets the policy in the kernel.
+    /// Connections the proxy opened are left to the proxy, which checks
+    /// every request. Returns (connections checked, cut).
+    fn enforce_established(&self) -> Result<(usize, usize), Error> {
+        let s = self.lock_state();
+        let sync = self.policy.lock().unwrap_or_else(|e| e.into_inner());
+        let host = net::host_ipv4_addresses()?;
+        let by_addr: HashMap<Ipv4Addr, &Endpoint> =
+            s.endpoints.values().map(|e| (e.ipv4, e)).collect();
+        let identity = |a: Ipv4Addr| match by_addr.get(&a) {
+            Some(e) => e.identity,
+            None if host.contains(&a) => abi::identity::HOST,
+            None => s.cidr_identity_of(a),
+        };
+        let ip = |a: u32| Ipv4Addr::from(u32::from_be(a));
+        let mut checked = 0;
+        let mut refused = std::collections::HashSet::new();
+        for (k, v) in self.datapath.ct_list() {
+            if v.flags & abi::CT_F_FROM_PROXY != 0 {
+                continue;
+            }
+            let (ep, peer, dir) = if k.direction == abi::Direction::Ingress as u8 {
+                (ip(k.daddr), ip(k.saddr), policy::Direction::Ingress)
+            } else {
+                (ip(k.saddr), ip(k.daddr), policy::Direction::Egress)
+            };
+            let Some(policy) = by_addr.get(&ep).and_then(|e| sync.computed(e.identity)) else {
+                continue;
+            };
+            checked += 1;
+            // ICMP: policy is keyed on the type, and only echo is tracked.
+            let port = if k.protocol == 1 { 8 } else { k.dport };
+            let decision = policy.decide(identity(peer), dir, k.protocol, port);
+            if matches!(
+                decision,
+                policy::Decision::Denied { .. } | policy::Decision::DefaultDeny { .. }
+            ) {
+                refused.insert((k.saddr, k.daddr, k.sport, k.dport, k.protocol));
+            }
+        }
+        drop(sync);
+        drop(s);
+        let cut = refused.len();
+        if cut > 0 {
+            self.datapath.ct_flush(|k, _| {
+                refused.contains(&(k.saddr, k.daddr, k.sport, k.dport, k.protocol))
+                    || refused.contains(&(k.daddr, k.saddr, k.dport, k.sport, k.protocol))
+            });
+        }
+        tracing::info!(checked, cut, "established connections re-evaluated");
+        Ok((checked, cut))
     }
 
     fn conntrack_list(&self, address: Option<Ipv4Addr>) -> Response {

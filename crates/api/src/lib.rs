@@ -71,6 +71,11 @@ pub enum Request {
     },
     /// The DNS names the DNS proxy learned (toFQDNs), with their addresses.
     FqdnList,
+    /// Re-evaluates every tracked connection against the policy now in
+    /// force and cuts those it no longer allows (`policy import
+    /// --enforce-established`): established connections otherwise keep
+    /// going until they close, as in Cilium.
+    EnforceEstablished,
     /// Conntrack entries (at most `CONNTRACK_LIST_MAX`), optionally only
     /// those to or from `address`.
     ConntrackList {
@@ -242,6 +247,11 @@ pub enum Response {
     },
     Fqdn {
         names: Vec<FqdnInfo>,
+    },
+    /// `EnforceEstablished`: connections checked and cut.
+    Enforced {
+        checked: usize,
+        cut: usize,
     },
     Conntrack {
         entries: Vec<ConntrackInfo>,

@@ -135,6 +135,11 @@ enum PolicyCmd {
         files: Vec<PathBuf>,
         #[arg(short, long)]
         namespace: Option<String>,
+        /// Then check established connections against the new policy and
+        /// cut those it no longer allows (by default they go on until they
+        /// close, as in Cilium).
+        #[arg(long)]
+        enforce_established: bool,
     },
     /// Check files without importing anything.
     Validate {
@@ -144,6 +149,10 @@ enum PolicyCmd {
     /// Delete `namespace/name` (or a cluster-wide policy's name).
     Delete {
         key: String,
+        /// Then cut established connections the remaining policy does not
+        /// allow.
+        #[arg(long)]
+        enforce_established: bool,
     },
     /// Put a namespace in audit mode: what policy would drop there is
     /// forwarded and reported with verdict AUDIT (`--off` ends it).
@@ -445,7 +454,11 @@ fn policy_cmd(
             }
             Ok(if bad > 0 { 1 } else { 0 })
         }
-        PolicyCmd::Import { files, namespace } => {
+        PolicyCmd::Import {
+            files,
+            namespace,
+            enforce_established,
+        } => {
             if files.is_empty() {
                 bail!("name at least one file");
             }
@@ -482,6 +495,9 @@ fn policy_cmd(
                         eprintln!("warning: {w}");
                     }
                 }
+            }
+            if enforce_established {
+                enforce(call)?;
             }
             Ok(0)
         }
@@ -535,12 +551,27 @@ fn policy_cmd(
             println!("{}", serde_json::to_string_pretty(&policies)?);
             Ok(0)
         }
-        PolicyCmd::Delete { key } => {
+        PolicyCmd::Delete {
+            key,
+            enforce_established,
+        } => {
             call(Request::PolicyDelete { key: key.clone() })?;
             println!("deleted {key}");
+            if enforce_established {
+                enforce(call)?;
+            }
             Ok(0)
         }
     }
+}
+
+/// `--enforce-established`: established connections meet the policy now.
+fn enforce(call: &dyn Fn(Request) -> anyhow::Result<Response>) -> anyhow::Result<()> {
+    let Response::Enforced { checked, cut } = call(Request::EnforceEstablished)? else {
+        bail!("unexpected response")
+    };
+    println!("established connections: {checked} checked, {cut} cut");
+    Ok(())
 }
 
 /// The Hubble API to talk to: `--server`, else the lab agent's.

@@ -184,3 +184,61 @@ fn printing_into_a_closed_pipe_exits_quietly() {
     assert!(err.is_empty(), "{err}");
     assert_eq!(out.status.code(), Some(141));
 }
+
+/// Holds a connection from the client to the server, one request per
+/// 100 ms for `seconds`: the child exits non-zero once a request fails.
+fn hold(lab: &Lab, seconds: &str) -> std::process::Child {
+    std::process::Command::new(common::bin("fibril"))
+        .args(["--lab", &lab.name, "lab", "exec", "sec/client", "--"])
+        .args(["fibril-echo", "http-hold", &format!("{}:8080", lab.ip(2))])
+        .args(["--seconds", seconds, "--interval", "0.1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// By default an established connection outlives the policy that allowed
+/// it (as in Cilium); `--enforce-established` cuts it at once.
+#[test]
+fn enforce_established_cuts_what_the_policy_no_longer_allows() {
+    let lab = custom_lab(REUSE_LAB);
+    wait_until("server to listen", || {
+        server_log(&lab).contains("listening")
+    });
+
+    let held = hold(&lab, "2");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(lab
+        .fibril(&["policy", "delete", "sec/allow-client"])
+        .status
+        .success());
+    let out = held.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the default: an established connection goes on: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    import(&lab, "again.yaml", &allow_client(""));
+    let held = hold(&lab, "4");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let del = lab.fibril(&[
+        "policy",
+        "delete",
+        "sec/allow-client",
+        "--enforce-established",
+    ]);
+    let said = String::from_utf8_lossy(&del.stdout).to_string();
+    assert!(del.status.success() && said.contains(" cut"), "{said}");
+    assert!(!said.contains(" 0 cut"), "{said}");
+    let out = held.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "the held connection survived --enforce-established: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The keeper's connections were checked too, and not cut.
+    let url = format!("http://{}:8080/", lab.ip(2));
+    assert!(lab.http_get("sec/keeper", &url, "3"));
+}
