@@ -121,7 +121,14 @@ fn test() -> anyhow::Result<()> {
 fn cargo_test() -> anyhow::Result<(u64, u64)> {
     use std::io::BufRead;
     let mut child = cargo()
-        .args(["test", "--workspace", "--", "--test-threads", "2"])
+        .args([
+            "test",
+            "--workspace",
+            "--no-fail-fast",
+            "--",
+            "--test-threads",
+            "2",
+        ])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("running cargo test")?;
