@@ -993,6 +993,17 @@ fn validate_attachment(a: &Attachment) -> Result<(), Error> {
             a.netns
         )));
     }
+    // A path that exists is not yet a namespace (`/`, `/etc/passwd`): only a
+    // namespace file (nsfs: /run/netns/NAME, /proc/PID/ns/net) is one.
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    let is_netns = nix::sys::statfs::statfs(Path::new(&a.netns))
+        .is_ok_and(|s| s.filesystem_type().0 as i64 == NSFS_MAGIC);
+    if !is_netns {
+        return Err(invalid(format!(
+            "{} is not a network namespace (expected a namespace file such as /run/netns/NAME or /proc/PID/ns/net)",
+            a.netns
+        )));
+    }
     if a.namespace.is_empty() || a.pod.is_empty() {
         return Err(invalid(
             "the pod's namespace and name are needed (K8S_POD_NAMESPACE, K8S_POD_NAME)",

@@ -457,3 +457,98 @@ fn names_enter_only_as_kubernetes_admits_them() {
     );
     assert!(call(pod("shop", "web-0.v2")).is_ok());
 }
+
+/// One generated request line: garbage, a random JSON value, or a real
+/// operation with hostile field values.
+fn request_line() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+    let text = || {
+        prop_oneof![
+            "[a-z0-9./-]{0,24}",
+            "\\PC{0,32}",
+            Just("../../etc/passwd".to_string()),
+            Just("/".to_string()),
+            Just("/proc/self/ns/net".to_string()),
+        ]
+    };
+    let op = prop_oneof![
+        Just(json!({"op": "status"})),
+        (text(), text()).prop_map(|(n, p)| json!({"op": "pod_upsert", "namespace": n, "name": p, "labels": {p.clone(): n}})),
+        (text(), text()).prop_map(|(n, p)| json!({"op": "pod_delete", "namespace": n, "name": p})),
+        (text(), text(), text(), text()).prop_map(|(c, i, ns, p)| json!({"op": "endpoint_add", "container_id": c, "ifname": i, "netns": ns, "namespace": p, "pod": p})),
+        (text(), text()).prop_map(|(c, i)| json!({"op": "endpoint_del", "container_id": c, "ifname": i})),
+        (text(), text(), text()).prop_map(|(c, i, ns)| json!({"op": "endpoint_check", "container_id": c, "ifname": i, "netns": ns, "namespace": "a", "pod": "b"})),
+        Just(json!({"op": "endpoint_list"})),
+        Just(json!({"op": "identity_list"})),
+        (text(), text()).prop_map(|(f, y)| json!({"op": "policy_import", "file": f, "yaml": y, "namespace": null})),
+        text().prop_map(|k| json!({"op": "policy_delete", "key": k})),
+        (text(), text(), any::<u8>(), any::<u16>()).prop_map(|(f, t, p, port)| json!({"op": "policy_trace", "from": f, "to": t, "protocol": p, "port": port})),
+        (text(), any::<bool>()).prop_map(|(n, a)| json!({"op": "namespace_audit", "namespace": n, "audit": a})),
+        Just(json!({"op": "fqdn_list"})),
+        Just(json!({"op": "conntrack_list", "address": "10.249.77.2"})),
+    ];
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<i64>().prop_map(Value::from),
+        text().prop_map(Value::from),
+    ];
+    let value = leaf.prop_recursive(3, 16, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+            prop::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    });
+    prop_oneof![
+        4 => op.prop_map(|v| serde_json::to_vec(&v).unwrap()),
+        1 => value.prop_map(|v| serde_json::to_vec(&v).unwrap()),
+        1 => prop::collection::vec(any::<u8>(), 0..200),
+    ]
+    .prop_map(|mut line| {
+        line.retain(|&b| b != b'\n');
+        line.push(b'\n');
+        line
+    })
+}
+
+/// Generated requests against a real agent: every line gets exactly one
+/// answer, and afterwards the agent answers status, holds no endpoint
+/// (nothing generated is a real pod) and stays within its bounds.
+#[test]
+fn generated_requests_each_get_one_answer() {
+    use proptest::test_runner::{Config, TestRunner};
+    let agent = Agent::start();
+    let conn = std::cell::RefCell::new(None::<(UnixStream, BufReader<UnixStream>)>);
+    let mut runner = TestRunner::new(Config {
+        cases: 400,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&request_line(), |line| {
+            let mut slot = conn.borrow_mut();
+            let (w, r) = slot.get_or_insert_with(|| {
+                let s = UnixStream::connect(agent.socket()).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                (s.try_clone().unwrap(), BufReader::new(s))
+            });
+            w.write_all(&line).unwrap();
+            let mut answer = String::new();
+            r.read_line(&mut answer).unwrap();
+            let parsed: Result<api::Response, _> = serde_json::from_str(&answer);
+            proptest::prop_assert!(
+                parsed.is_ok(),
+                "{:?} -> {answer:?}",
+                String::from_utf8_lossy(&line)
+            );
+            Ok(())
+        })
+        .unwrap();
+    agent.status_answers("generated requests");
+    match api::call(&agent.socket(), &api::Request::Status).unwrap() {
+        api::Response::Status(s) => assert_eq!(s.endpoints, 0),
+        other => panic!("{other:?}"),
+    }
+    agent.assert_bounded("generated requests");
+}
