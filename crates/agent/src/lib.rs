@@ -997,7 +997,7 @@ fn validate_attachment(a: &Attachment) -> Result<(), Error> {
     // namespace file (nsfs: /run/netns/NAME, /proc/PID/ns/net) is one.
     const NSFS_MAGIC: i64 = 0x6e73_6673;
     let is_netns = nix::sys::statfs::statfs(Path::new(&a.netns))
-        .is_ok_and(|s| s.filesystem_type().0 as i64 == NSFS_MAGIC);
+        .is_ok_and(|s| s.filesystem_type().0 == NSFS_MAGIC);
     if !is_netns {
         return Err(invalid(format!(
             "{} is not a network namespace (expected a namespace file such as /run/netns/NAME or /proc/PID/ns/net)",
