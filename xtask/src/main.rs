@@ -265,7 +265,7 @@ fn main() -> anyhow::Result<()> {
         Some("test") | Some("ci") => test(),
         Some("demo") => demo(args.iter().any(|a| a == "--keep")),
         Some("bench") => {
-            // `--only policy|flows|datapath|l7` runs one part.
+            // `--only policy|flows|packet|datapath|l7` runs one part.
             let only: Option<String> = bench::flag(&args, "only");
             let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
             deps()?;
@@ -284,6 +284,12 @@ fn main() -> anyhow::Result<()> {
                 println!("\n== flow pipeline and Hubble API");
                 agent_example("flow_bench")?;
             }
+            if part("packet") {
+                println!("\n== per-packet cost of the programs (BPF_PROG_TEST_RUN, median of 5 x 1,000,000)");
+                run(cargo()
+                    .args(["run", "--quiet", "--release", "-p", "fibril-datapath"])
+                    .args(["--example", "packet_bench"]))?;
+            }
             if part("datapath") {
                 println!("\n== datapath");
                 bench::run_bench(&release, &args[1..])?;
@@ -294,6 +300,6 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        _ => bail!("usage: cargo xtask <deps|test|demo [--keep]|bench [--seconds N] [--only policy|flows|datapath|l7]|ci>"),
+        _ => bail!("usage: cargo xtask <deps|test|demo [--keep]|bench [--seconds N] [--only policy|flows|packet|datapath|l7]|ci>"),
     }
 }

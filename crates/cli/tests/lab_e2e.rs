@@ -200,7 +200,7 @@ fn bad_input_gets_a_precise_error_and_changes_nothing() {
         ("10.233.0.0/31", "the prefix length must be 8-30"),
         ("10.0.0.0/7", "the prefix length must be 8-30"),
     ] {
-        std::fs::write(&bad_lab, format!("podCIDR: {cidr}\n")).unwrap();
+        std::fs::write(&bad_lab, format!("podCIDR: {cidr}\npods: []\n")).unwrap();
         let out = Command::new(bin("fibril"))
             .args(["--lab", &name, "lab", "up", "-f", bad_lab.to_str().unwrap()])
             .output()

@@ -485,6 +485,8 @@ pub struct TestRunOutcome {
     /// The tc action code (0 = TC_ACT_OK, 2 = TC_ACT_SHOT, 7 = TC_ACT_REDIRECT).
     pub action: u32,
     pub packet: Vec<u8>,
+    /// The kernel's mean time per run, in nanoseconds (`repeat` runs).
+    pub ns_per_run: u64,
 }
 
 impl EndpointPrograms {
@@ -519,6 +521,7 @@ impl EndpointPrograms {
         Ok(TestRunOutcome {
             action: res.return_value,
             packet: out,
+            ns_per_run: res.duration.as_nanos() as u64,
         })
     }
 }
