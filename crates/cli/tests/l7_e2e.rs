@@ -680,6 +680,102 @@ fn learned_names_expire_are_bounded_and_bad_dns_is_counted() {
     assert!(get("198.18.7.10"), "kept while its connections live");
 }
 
+/// A resolver that answers several questions in one message, adds a record
+/// nobody asked for to every answer, and follows a CNAME; the client's DNS
+/// rules allow any name under `example`, its toFQDNs only `allowed.example`
+/// and `alias.example`. Its externals' addresses are its own (labs side by
+/// side need distinct ones).
+const HOSTILE_DNS_LAB: &str = r#"
+podCIDR: POD_CIDR_HERE
+namespaces:
+  - name: shop
+pods:
+  - {name: client, namespace: shop, labels: {app: client}}
+externals:
+  - {name: dns, address: 198.18.9.53, command: [fibril-echo, dns-server, --port, "53", --record, "allowed.example=198.18.9.10", --record, "other.example=198.18.9.12", --cname, "alias.example=target.example", --record, "target.example=198.18.9.11", --extra, "evil.test=198.18.9.13"]}
+  - {name: allowed, address: 198.18.9.10, command: [fibril-echo, http-server, --port, "8080"]}
+  - {name: target, address: 198.18.9.11, command: [fibril-echo, http-server, --port, "8080"]}
+  - {name: other, address: 198.18.9.12, command: [fibril-echo, http-server, --port, "8080"]}
+  - {name: evil, address: 198.18.9.13, command: [fibril-echo, http-server, --port, "8080"]}
+policies:
+  - inline: |
+      apiVersion: cilium.io/v2
+      kind: CiliumNetworkPolicy
+      metadata: {name: fqdn, namespace: shop}
+      spec:
+        endpointSelector: {matchLabels: {app: client}}
+        egress:
+        - toCIDR: [198.18.9.53/32]
+          toPorts:
+          - ports: [{port: "53", protocol: UDP}, {port: "53", protocol: TCP}]
+            rules:
+              dns: [{matchPattern: "*.example"}]
+        - toFQDNs: [{matchName: allowed.example}, {matchName: alias.example}]
+          toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"#;
+
+/// The toFQDNs bypasses an attacker in a pod found: a second question
+/// learning one name's addresses for another, records outside the CNAME
+/// chain learned for the queried name, and a label holding a dot read as
+/// two labels by a pattern. Each is refused or ignored; what the chain
+/// really resolves to is learned as before.
+#[test]
+fn dns_answers_teach_only_what_the_queried_name_resolves_to() {
+    let d = DnsLab::start(HOSTILE_DNS_LAB.to_string());
+    let lab = &d.lab;
+    let learned = || String::from_utf8_lossy(&lab.fibril(&["fqdn", "list"]).stdout).to_string();
+
+    // Two questions in one query: FORMERR from the proxy, nothing learned.
+    let two = lab
+        .exec(
+            "shop/client",
+            &[
+                "fibril-echo",
+                "dns-query",
+                &d.resolver,
+                "allowed.example",
+                "--also",
+                "other.example",
+            ],
+        )
+        .1;
+    assert!(two.contains("rcode FormErr"), "{two}");
+    assert!(
+        !d.dns_log().contains("other.example"),
+        "the resolver never saw it"
+    );
+    assert!(
+        !d.get("198.18.9.12"),
+        "other.example's address stays closed"
+    );
+
+    // The answer carries evil.test's record too: forwarded, not learned.
+    let a = d.query("allowed.example", false);
+    assert!(a.contains("address 198.18.9.10"), "{a}");
+    assert!(d.get("198.18.9.10"));
+    assert!(!d.get("198.18.9.13"), "an out-of-chain record was learned");
+    let list = learned();
+    assert!(
+        list.contains("198.18.9.10") && !list.contains("198.18.9.13"),
+        "{list}"
+    );
+
+    // A CNAME chain: the target's address is learned for the alias.
+    let alias = d.query("alias.example", true);
+    assert!(alias.contains("address 198.18.9.11"), "{alias}");
+    assert!(d.get("198.18.9.11"));
+
+    // One label holding a dot: refused, never forwarded.
+    let dotted = d.query("allowed\\.example", false);
+    assert!(dotted.contains("rcode Refused"), "{dotted}");
+    assert!(
+        !d.dns_log().contains("allowed\\.example"),
+        "{}",
+        d.dns_log()
+    );
+    assert!(!learned().contains("198.18.9.12") && !learned().contains("198.18.9.13"));
+}
+
 /// A lab with a DNS server and HTTP servers as externals, one client pod.
 struct DnsLab {
     lab: Lab,

@@ -13,7 +13,25 @@ use hickory_proto::serialize::binary::BinEncodable;
 
 use crate::say;
 
-fn answer(query: &[u8], records: &[(String, Ipv4Addr)], ttl: u32) -> Option<Vec<u8>> {
+/// What the server answers: A records, CNAMEs (alias -> target) and
+/// records added to every answer.
+#[derive(Clone, Default)]
+pub struct Zone {
+    pub records: Vec<(String, String)>,
+    pub cnames: Vec<(String, String)>,
+    pub extras: Vec<(String, String)>,
+}
+
+fn a_record(owner: &str, ip: &str, ttl: u32) -> Option<Record> {
+    let ip: Ipv4Addr = ip.parse().ok()?;
+    Some(Record::from_rdata(
+        Name::from_str(owner).ok()?,
+        ttl,
+        RData::A(A(ip)),
+    ))
+}
+
+fn answer(query: &[u8], zone: &Zone, ttl: u32) -> Option<Vec<u8>> {
     let q = Message::from_vec(query).ok()?;
     let mut r = Message::new();
     r.set_id(q.id())
@@ -23,41 +41,62 @@ fn answer(query: &[u8], records: &[(String, Ipv4Addr)], ttl: u32) -> Option<Vec<
         .set_recursion_desired(q.recursion_desired());
     r.add_queries(q.queries().to_vec());
     let mut found = false;
+    // Every question is answered (a real resolver refuses several).
     for question in q.queries() {
-        let name = question.name().to_ascii().to_ascii_lowercase();
+        let mut name = question.name().to_ascii().to_ascii_lowercase();
         say(format!("query {name} {}", question.query_type()));
-        for (n, ip) in records.iter().filter(|(n, _)| *n == name) {
+        if let Some((alias, target)) = zone.cnames.iter().find(|(a, _)| *a == name) {
+            let rdata = RData::CNAME(hickory_proto::rr::rdata::CNAME(
+                Name::from_str(target).ok()?,
+            ));
+            r.add_answer(Record::from_rdata(Name::from_str(alias).ok()?, ttl, rdata));
+            found = true;
+            name = target.clone();
+        }
+        for (n, ip) in zone.records.iter().filter(|(n, _)| *n == name) {
             found = true;
             if question.query_type() == RecordType::A {
-                let owner = Name::from_str(n).ok()?;
-                r.add_answer(Record::from_rdata(owner, ttl, RData::A(A(*ip))));
+                r.add_answer(a_record(n, ip, ttl)?);
             }
         }
     }
-    if !found {
+    if found {
+        for (owner, ip) in &zone.extras {
+            r.add_answer(a_record(owner, ip, ttl)?);
+        }
+    } else {
         r.set_response_code(ResponseCode::NXDomain);
     }
     r.to_bytes().ok()
 }
 
-fn parse_records(records: &[String]) -> anyhow::Result<Vec<(String, Ipv4Addr)>> {
-    records
+/// `name=value` pairs, names as fully qualified lower case.
+pub fn parse_pairs(pairs: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    let fqdn = |n: &str| {
+        let mut n = n.to_ascii_lowercase();
+        if !n.ends_with('.') {
+            n.push('.');
+        }
+        n
+    };
+    pairs
         .iter()
         .map(|r| {
-            let (n, ip) = r
+            let (n, v) = r
                 .split_once('=')
-                .with_context(|| format!("record {r:?}: expected name=address"))?;
-            let mut n = n.to_ascii_lowercase();
-            if !n.ends_with('.') {
-                n.push('.');
-            }
-            Ok((n, ip.parse().with_context(|| format!("record {r:?}"))?))
+                .with_context(|| format!("{r:?}: expected name=value"))?;
+            let v = if v.parse::<Ipv4Addr>().is_ok() {
+                v.to_string()
+            } else {
+                fqdn(v)
+            };
+            Ok((fqdn(n), v))
         })
         .collect()
 }
 
-pub fn server(port: u16, records: &[String], ttl: u32) -> anyhow::Result<()> {
-    let records = parse_records(records)?;
+pub fn server(port: u16, zone: &Zone, ttl: u32) -> anyhow::Result<()> {
+    let records = zone.clone();
     let udp = UdpSocket::bind(("0.0.0.0", port)).with_context(|| format!("bind udp :{port}"))?;
     let tcp = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("bind tcp :{port}"))?;
     say(format!("listening on dns :{port}"));
@@ -101,6 +140,7 @@ pub fn server(port: u16, records: &[String], ttl: u32) -> anyhow::Result<()> {
 pub fn query(
     server: &str,
     name: &str,
+    also: &[String],
     tcp: bool,
     timeout: f64,
     attempts: u32,
@@ -114,7 +154,9 @@ pub fn query(
     m.set_id(std::process::id() as u16)
         .set_message_type(MessageType::Query)
         .set_recursion_desired(true);
-    m.add_query(Query::query(Name::from_str(name)?, RecordType::A));
+    for n in std::iter::once(name).chain(also.iter().map(String::as_str)) {
+        m.add_query(Query::query(Name::from_str(n)?, RecordType::A));
+    }
     let bytes = m.to_bytes()?;
     let timeout = Duration::from_secs_f64(timeout);
     let reply = if tcp {

@@ -72,6 +72,14 @@ enum Cmd {
         port: u16,
         #[arg(long = "record")]
         records: Vec<String>,
+        /// `alias=target`: a query for alias gets a CNAME to target and
+        /// target's A records.
+        #[arg(long = "cname")]
+        cnames: Vec<String>,
+        /// `owner=address`: an A record for owner added to every answer
+        /// (as a hostile or broken resolver sends records nobody asked for).
+        #[arg(long = "extra")]
+        extras: Vec<String>,
         #[arg(long, default_value_t = 300)]
         ttl: u32,
     },
@@ -80,6 +88,9 @@ enum Cmd {
     DnsQuery {
         server: String,
         name: String,
+        /// More questions in the same message (resolvers refuse that).
+        #[arg(long = "also")]
+        also: Vec<String>,
         #[arg(long)]
         tcp: bool,
         /// Seconds per attempt.
@@ -554,7 +565,20 @@ fn main() {
     let r = match args.cmd {
         Cmd::HttpServer { port, cpu_affine } => http_server(port, cpu_affine),
         Cmd::H2Server { port } => h2_server(port),
-        Cmd::DnsServer { port, records, ttl } => dns::server(port, &records, ttl),
+        Cmd::DnsServer {
+            port,
+            records,
+            cnames,
+            extras,
+            ttl,
+        } => (|| {
+            let zone = dns::Zone {
+                records: dns::parse_pairs(&records)?,
+                cnames: dns::parse_pairs(&cnames)?,
+                extras: dns::parse_pairs(&extras)?,
+            };
+            dns::server(port, &zone, ttl)
+        })(),
         Cmd::DnsLoad {
             server,
             name,
@@ -564,10 +588,11 @@ fn main() {
         Cmd::DnsQuery {
             server,
             name,
+            also,
             tcp,
             timeout,
             attempts,
-        } => dns::query(&server, &name, tcp, timeout, attempts),
+        } => dns::query(&server, &name, &also, tcp, timeout, attempts),
         Cmd::HttpLoad {
             url,
             seconds,

@@ -199,6 +199,9 @@ impl FqdnSelector {
         match self {
             Self::MatchName(n) => fqdn(n) == name,
             Self::MatchPattern(p) if p == "*" => true,
+            // An escaped byte (`allowed\.example`: one label holding a
+            // dot) must not let `*` read the text as other labels.
+            Self::MatchPattern(_) if name.contains('\\') => false,
             Self::MatchPattern(p) => {
                 let p = fqdn(p);
                 match p.strip_prefix("**.") {
@@ -359,5 +362,9 @@ mod fqdn_tests {
         assert!(!p("**.cilium.io").matches("cilium.io"));
         assert!(!p("**.cilium.io").matches("evilcilium.io"));
         assert!(p("api.*.svc.cluster.local").matches("api.shop.svc.cluster.local."));
+        // One label holding a dot (presentation `allowed\.example.`) is
+        // not two labels: neither `*` nor `**.` reads it so.
+        assert!(!p("*.example").matches("allowed\\.example."));
+        assert!(!p("**.example").matches("allowed\\.example."));
     }
 }

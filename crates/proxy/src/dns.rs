@@ -250,16 +250,76 @@ pub async fn serve_tcp(
     }
 }
 
-fn refused(query: &Message) -> Option<Vec<u8>> {
+/// The proxy's own answer to `query`: REFUSED (the rules say no) or
+/// FORMERR (not one question).
+fn refusal(query: &Message, code: ResponseCode) -> Option<Vec<u8>> {
     let mut r = Message::new();
     r.set_id(query.id())
         .set_message_type(MessageType::Response)
         .set_op_code(query.op_code())
         .set_recursion_desired(query.recursion_desired())
         .set_recursion_available(true)
-        .set_response_code(ResponseCode::Refused);
+        .set_response_code(code);
     r.add_queries(query.queries().to_vec());
     r.to_bytes().ok()
+}
+
+/// A query name as the rules see it (lower case, trailing dot), when every
+/// label is a plain hostname label (letters, digits, '-', '_'). A label
+/// holding a dot, a backslash or any other byte would make the name's text
+/// say something else than its labels (`allowed\.example` is one label,
+/// which a pattern must not read as two): such names are refused.
+pub fn plain_name(name: &hickory_proto::rr::Name) -> Option<String> {
+    let mut out = String::new();
+    for label in name.iter() {
+        if label.is_empty()
+            || !label
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+        {
+            return None;
+        }
+        out.push_str(std::str::from_utf8(label).ok()?);
+        out.push('.');
+    }
+    if out.is_empty() {
+        out.push('.');
+    }
+    Some(out.to_ascii_lowercase())
+}
+
+/// The A records of `answer` that belong to `qname`: those whose owner is
+/// `qname` or a name its CNAME chain leads to (in any order, as resolvers
+/// send them). Records about other names (a hostile resolver's extras) are
+/// never learned for `qname`. Also returns the chain's names.
+pub fn chain_addresses(qname: &str, answer: &Message) -> (Vec<(Ipv4Addr, u32)>, Vec<String>) {
+    let owner = |r: &hickory_proto::rr::Record| policy::model::fqdn(&r.name().to_ascii());
+    let mut chain = vec![qname.to_string()];
+    // Each pass adds at least one name or stops: bounded by the answers.
+    for _ in 0..answer.answers().len() {
+        let before = chain.len();
+        for r in answer.answers() {
+            if let RData::CNAME(c) = r.data() {
+                let target = policy::model::fqdn(&c.0.to_ascii());
+                if chain.contains(&owner(r)) && !chain.contains(&target) {
+                    chain.push(target);
+                }
+            }
+        }
+        if chain.len() == before {
+            break;
+        }
+    }
+    let addresses = answer
+        .answers()
+        .iter()
+        .filter(|r| chain.contains(&owner(r)))
+        .filter_map(|r| match r.data() {
+            RData::A(a) => Some((a.0, r.ttl())),
+            _ => None,
+        })
+        .collect();
+    (addresses, chain)
 }
 
 /// The answer for one query (None: drop it).
@@ -284,11 +344,17 @@ async fn answer(
         stats.connections_refused.inc();
         return None;
     };
-    let names: Vec<String> = query
-        .queries()
-        .iter()
-        .map(|q| policy::model::fqdn(&q.name().to_ascii()))
-        .collect();
+    // One question per query, as resolvers in practice accept: with
+    // several, one name's answer could be learned for another.
+    if query.queries().len() != 1 {
+        stats.dns_malformed.inc();
+        return refusal(&query, ResponseCode::FormErr);
+    }
+    let question = &query.queries()[0];
+    let plain = plain_name(question.name());
+    let names: Vec<String> = vec![plain
+        .clone()
+        .unwrap_or_else(|| policy::model::fqdn(&question.name().to_ascii()))];
     let qtypes: Vec<String> = query
         .queries()
         .iter()
@@ -323,13 +389,14 @@ async fn answer(
     // Every name of the query must be allowed (search domains expand into
     // several queries, each checked on its own).
     let allowed = conn.selectors.is_empty()
-        || names
-            .iter()
-            .all(|n| conn.selectors.iter().any(|s| s.matches(n)));
+        || (plain.is_some()
+            && names
+                .iter()
+                .all(|n| conn.selectors.iter().any(|s| s.matches(n))));
     if !allowed {
         stats.dns_refused.inc();
         policy.record(flow(false, "DROPPED", request, 0));
-        return refused(&query);
+        return refusal(&query, ResponseCode::Refused);
     }
     stats.dns_forwarded.inc();
     policy.record(flow(false, "FORWARDED", request, 0));
@@ -342,31 +409,39 @@ async fn answer(
             return None;
         }
     };
-    let Ok(msg) = Message::from_vec(&reply) else {
-        stats.upstream_errors.inc();
-        return None;
+    // The answer must be to the question asked (same id, name and type);
+    // anything else is dropped, never learned.
+    let answers_question = |msg: &Message| {
+        msg.id() == query.id()
+            && msg.queries().len() == 1
+            && msg.queries()[0].query_type() == question.query_type()
+            && policy::model::fqdn(&msg.queries()[0].name().to_ascii()) == names[0]
+    };
+    let msg = match Message::from_vec(&reply) {
+        Ok(m) if answers_question(&m) => m,
+        _ => {
+            stats.upstream_errors.inc();
+            return None;
+        }
     };
     // Learn before releasing the answer: the pod's first connection to an
-    // address it just resolved must already be allowed.
-    let mut ips = Vec::new();
-    let mut cnames = Vec::new();
+    // address it just resolved must already be allowed. Only the addresses
+    // of the queried name and its CNAME chain.
+    let (learned, chain) = chain_addresses(&names[0], &msg);
+    let mut ips: Vec<String> = learned.iter().map(|(a, _)| a.to_string()).collect();
+    let cnames: Vec<String> = chain.into_iter().skip(1).collect();
     let mut rrtypes = Vec::new();
-    let mut learned: Vec<(Ipv4Addr, u32)> = Vec::new();
     let mut ttl = u32::MAX;
     for r in msg.answers() {
         rrtypes.push(r.record_type().to_string());
         ttl = ttl.min(r.ttl());
-        match r.data() {
-            RData::A(a) => {
-                ips.push(a.0.to_string());
-                learned.push((a.0, r.ttl()));
-            }
-            RData::AAAA(a) => ips.push(a.0.to_string()),
-            RData::CNAME(c) => cnames.push(policy::model::fqdn(&c.0.to_ascii())),
-            _ => {}
+        if let RData::AAAA(a) = r.data() {
+            ips.push(a.0.to_string());
         }
     }
-    if !learned.is_empty() && msg.response_code() == ResponseCode::NoError {
+    // A name whose labels are not plain is never learned (no selector may
+    // read its text as other labels).
+    if plain.is_some() && !learned.is_empty() && msg.response_code() == ResponseCode::NoError {
         // Addresses learned before only move their expiry, here. New ones
         // update the maps, which may take a while: off the proxy's thread,
         // and the answer waits for it.
@@ -462,4 +537,69 @@ async fn forward(
 thread_local! {
     /// Room for the largest UDP answer.
     static RECV_BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 65_535]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::rr::{rdata, Name, Record};
+    use std::str::FromStr;
+
+    #[test]
+    fn only_plain_labels_make_a_name() {
+        let name = |s: &str| plain_name(&Name::from_str(s).unwrap());
+        assert_eq!(name("Allowed.Example."), Some("allowed.example.".into()));
+        assert_eq!(
+            name("_srv._tcp.x-1.example"),
+            Some("_srv._tcp.x-1.example.".into())
+        );
+        assert_eq!(name("allowed\\.example."), None, "one label holding a dot");
+        // Labels as the wire carries them: any bytes.
+        let raw = |labels: &[&[u8]]| {
+            let labels: Vec<hickory_proto::rr::domain::Label> = labels
+                .iter()
+                .map(|l| hickory_proto::rr::domain::Label::from_raw_bytes(l).unwrap())
+                .collect();
+            plain_name(&Name::from_labels(labels).unwrap())
+        };
+        assert_eq!(raw(&[b"a\\b", b"example"]), None, "a backslash");
+        assert_eq!(raw(&[b"a\0b", b"example"]), None, "a zero byte");
+        assert_eq!(raw(&[b"*", b"example"]), None, "a star");
+        assert_eq!(raw(&[b"ok", b"example"]), Some("ok.example.".into()));
+    }
+
+    #[test]
+    fn only_the_chain_of_the_queried_name_is_learned() {
+        let a = |owner: &str, ip: [u8; 4]| {
+            Record::from_rdata(
+                Name::from_str(owner).unwrap(),
+                60,
+                RData::A(rdata::A(ip.into())),
+            )
+        };
+        let cname = |owner: &str, target: &str| {
+            Record::from_rdata(
+                Name::from_str(owner).unwrap(),
+                60,
+                RData::CNAME(rdata::CNAME(Name::from_str(target).unwrap())),
+            )
+        };
+        let mut m = Message::new();
+        // Out of order, with records about names nobody asked for.
+        m.add_answer(a("target.example.", [10, 0, 0, 2]));
+        m.add_answer(a("evil.test.", [10, 0, 0, 66]));
+        m.add_answer(cname("mid.example.", "target.example."));
+        m.add_answer(cname("alias.example.", "mid.example."));
+        m.add_answer(cname("evil.test.", "alias.example."));
+        m.add_answer(a("alias.example.", [10, 0, 0, 1]));
+        let (learned, chain) = chain_addresses("alias.example.", &m);
+        let ips: Vec<Ipv4Addr> = learned.iter().map(|(ip, _)| *ip).collect();
+        assert_eq!(
+            ips,
+            [Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 1)]
+        );
+        assert_eq!(chain, ["alias.example.", "mid.example.", "target.example."]);
+        let (learned, _) = chain_addresses("other.example.", &m);
+        assert!(learned.is_empty());
+    }
 }
