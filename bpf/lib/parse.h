@@ -66,6 +66,18 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *pk
 		return PARSE_INVALID;
 	__u32 ihl = ip->ihl * 4;
 	void *l4 = (void *)ip + ihl;
+	/* Every L4 read is bounded by the IP header's total length, not by
+	 * the end of the frame: bytes past it are padding, never a header.
+	 * A total length the frame cannot hold (or shorter than the IP
+	 * header) is a malformed packet. IPv4 BIG TCP (GSO packets over 64 KiB)
+	 * sets it to 0: the frame's length stands in. */
+	__u32 frame_ip_len = skb->len > ETH_HLEN ? skb->len - ETH_HLEN : 0;
+	__u32 tot_len = bpf_ntohs(ip->tot_len);
+	if (tot_len == 0 && frame_ip_len > 0xffff)
+		tot_len = frame_ip_len;
+	if (tot_len < ihl || tot_len > frame_ip_len)
+		return PARSE_INVALID;
+	__u32 l4_len = tot_len - ihl;
 
 	pkt->saddr = ip->saddr;
 	pkt->daddr = ip->daddr;
@@ -84,7 +96,7 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *pk
 	switch (ip->protocol) {
 	case IPPROTO_TCP: {
 		__u8 *tcp = l4;
-		if ((void *)(tcp + 14) > data_end)
+		if (l4_len < 14 || (void *)(tcp + 14) > data_end)
 			return PARSE_INVALID;
 		pkt->sport = ((__u16)tcp[0] << 8) | tcp[1];
 		pkt->dport = ((__u16)tcp[2] << 8) | tcp[3];
@@ -95,7 +107,7 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *pk
 	case IPPROTO_UDP:
 	case IPPROTO_SCTP: {
 		__u8 *udp = l4;
-		if ((void *)(udp + 4) > data_end)
+		if (l4_len < 4 || (void *)(udp + 4) > data_end)
 			return PARSE_INVALID;
 		pkt->sport = ((__u16)udp[0] << 8) | udp[1];
 		pkt->dport = ((__u16)udp[2] << 8) | udp[3];
@@ -104,7 +116,7 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *pk
 	}
 	case IPPROTO_ICMP: {
 		__u8 *icmp = l4;
-		if ((void *)(icmp + 8) > data_end)
+		if (l4_len < 8 || (void *)(icmp + 8) > data_end)
 			return PARSE_INVALID;
 		/* Echo id in both port slots so that request and reply share a
 		 * tuple; the type and code travel in the event. */

@@ -803,3 +803,69 @@ fn a_reopened_tuple_gets_the_redirect_of_the_new_policy() {
         .filter(|(k, _)| k.sport == 40000)
         .all(|(_, v)| v.flags & (CT_F_PROXY_REDIRECT | abi::CT_F_FROM_PROXY) == 0));
 }
+
+/// Sets the IPv4 total length of a frame built by `ipv4_packet` (the IP
+/// header checksum is not checked by the programs).
+fn with_tot_len(mut frame: Vec<u8>, tot_len: u16) -> Vec<u8> {
+    frame[16..18].copy_from_slice(&tot_len.to_be_bytes());
+    frame
+}
+
+/// L4 fields come from inside the IP packet's total length, never from the
+/// frame's padding; a total length the frame cannot hold is malformed.
+#[test]
+fn headers_are_read_within_the_ip_total_length_only() {
+    let lab = lab();
+    let mut server = progs(&lab, 2, SERVER);
+    // A SYN followed by 20 bytes of padding that look like a TCP ACK.
+    let mut padded = ipv4_packet(CLIENT, SERVER, tcp(40100, 8080, TCP_SYN));
+    let fake = ipv4_packet(CLIENT, SERVER, tcp(1, 2, TCP_ACK));
+    padded.extend_from_slice(&fake[34..54]);
+    let out = server.test_run(Hook::ToContainer, &padded).unwrap();
+    assert_eq!(out.action, TC_ACT_OK, "padding is allowed");
+    let ev = events(&lab);
+    assert_eq!(ev.len(), 1);
+    assert_eq!(
+        ev[0].tcp_flags, TCP_SYN,
+        "flags from the header, not the padding"
+    );
+    assert_eq!(ev[0].sport, 40100);
+
+    // An IP packet of 20 bytes (no TCP header) with a TCP header in the
+    // padding: malformed, dropped; so is one claiming more than the frame.
+    let headerless = with_tot_len(ipv4_packet(CLIENT, SERVER, tcp(40101, 8080, TCP_SYN)), 20);
+    let truncated = with_tot_len(ipv4_packet(CLIENT, SERVER, tcp(40102, 8080, TCP_SYN)), 60);
+    let short = with_tot_len(ipv4_packet(CLIENT, SERVER, tcp(40103, 8080, TCP_SYN)), 12);
+    for (frame, what) in [
+        (headerless, "no TCP header inside the total length"),
+        (truncated, "a total length past the frame"),
+        (short, "a total length shorter than the IP header"),
+    ] {
+        let out = server.test_run(Hook::ToContainer, &frame).unwrap();
+        assert_eq!(out.action, TC_ACT_SHOT, "{what}");
+        let ev = events(&lab);
+        assert_eq!(ev.len(), 1, "{what}");
+        assert_eq!(ev[0].subtype, DropReason::InvalidPacket as u8, "{what}");
+    }
+    assert!(
+        lab.dp.ct_list().iter().all(|(k, _)| k.sport == 40100),
+        "nothing malformed is tracked"
+    );
+}
+
+/// A pod-to-pod connection the peer's ingress refuses leaves no conntrack
+/// entry at the sender (it is tracked only once both sides allowed it).
+#[test]
+fn a_connection_the_peer_refuses_leaves_no_entry() {
+    let lab = lab();
+    enforce(&lab, SERVER, EP_F_INGRESS_ENFORCED);
+    let mut client = progs(&lab, 1, CLIENT);
+    let out = client
+        .test_run(
+            Hook::FromContainer,
+            &ipv4_packet(CLIENT, SERVER, tcp(40200, 8080, TCP_SYN)),
+        )
+        .unwrap();
+    assert_eq!(out.action, TC_ACT_SHOT);
+    assert_eq!(lab.dp.ct_entries(), 0, "{:?}", lab.dp.ct_list());
+}
