@@ -197,6 +197,19 @@ static __always_inline int to_proxy(struct __sk_buff *skb, const struct packet *
 	return TC_ACT_OK;
 }
 
+/* Hands a packet to a local peer's interface inside its namespace: one
+ * veth hop, no host stack, no iptables. */
+static __always_inline int deliver_to_peer(struct __sk_buff *skb, const struct packet *pkt,
+					   const struct endpoint_info *peer, __u32 src_id,
+					   __u32 dst_id)
+{
+	if (bpf_skb_store_bytes(skb, 0, peer->pod_mac, 6, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, 6, peer->host_mac, 6, 0) < 0)
+		return drop(skb, pkt, DROP_INVALID_PACKET, DIR_EGRESS, src_id, dst_id, MATCH_NONE,
+			    0);
+	return bpf_redirect_peer(peer->host_ifindex, 0);
+}
+
 SEC("classifier")
 int from_container(struct __sk_buff *skb)
 {
@@ -219,6 +232,14 @@ int from_container(struct __sk_buff *skb)
 	struct endpoint_info *peer = local_endpoint(pkt.daddr);
 	__u32 dst_id = peer ? peer->identity : ipcache_identity(pkt.daddr);
 	int peer_here = peer && peer->host_ifindex;
+
+	/* An ICMP error about a tracked connection (fragmentation needed, port
+	 * unreachable...) passes without a policy lookup. */
+	if (ct_related(&pkt, DIR_EGRESS)) {
+		emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_FROM_LXC, DIR_EGRESS,
+			   VERDICT_FORWARDED, CT_RELATED, src_id, dst_id, MATCH_NONE, 0);
+		return peer_here ? deliver_to_peer(skb, &pkt, peer, src_id, dst_id) : TC_ACT_OK;
+	}
 
 	ct_lookup(&pkt, DIR_EGRESS, &ct);
 	if (ct.state == CT_REPLY && (ct.flags & CT_F_FROM_PROXY)) {
@@ -326,11 +347,7 @@ int from_container(struct __sk_buff *skb)
 		}
 		if (verdict != TC_ACT_OK)
 			return verdict;
-		if (bpf_skb_store_bytes(skb, 0, peer->pod_mac, 6, 0) < 0 ||
-		    bpf_skb_store_bytes(skb, 6, peer->host_mac, 6, 0) < 0)
-			return drop(skb, &pkt, DROP_INVALID_PACKET, DIR_EGRESS, src_id, dst_id,
-				    MATCH_NONE, 0);
-		return bpf_redirect_peer(peer->host_ifindex, 0);
+		return deliver_to_peer(skb, &pkt, peer, src_id, dst_id);
 	}
 	return TC_ACT_OK;
 }
@@ -349,6 +366,11 @@ int to_container(struct __sk_buff *skb)
 	if (!self || pkt.daddr != endpoint_ipv4)
 		return TC_ACT_OK; /* broadcast or not addressed to the pod */
 	__u32 src_id = identity_of(pkt.saddr);
+	if (ct_related(&pkt, DIR_INGRESS)) {
+		emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_TO_LXC, DIR_INGRESS,
+			   VERDICT_FORWARDED, CT_RELATED, src_id, self->identity, MATCH_NONE, 0);
+		return TC_ACT_OK;
+	}
 	enum ingress_mode mode = proxy_port && skb->mark == proxy_mark_from
 		? INGRESS_FROM_PROXY : INGRESS_CHECK;
 	int verdict = ingress_to_endpoint(skb, &pkt, endpoint_id, self->identity, self->flags,

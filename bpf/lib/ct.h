@@ -136,6 +136,42 @@ new:
 	res->report = 1;
 }
 
+/* An ICMP error about a tracked connection is related to it (Cilium's
+ * CT_RELATED): path-MTU discovery and error reports must reach the
+ * endpoint, in both directions, without a policy lookup. The error goes
+ * back the way the packet it quotes came: at the endpoint whose program
+ * runs in `dir`, that packet travelled the other way, so its connection is
+ * the quoted tuple opened in the opposite direction, or (when it was a
+ * reply) the reversed tuple opened in `dir`. Entries are only read. */
+static __always_inline int ct_related(const struct packet *pkt, __u8 dir)
+{
+	/* The error is addressed to the quoted packet's sender. Checked
+	 * first: every other packet leaves here. */
+	if (!pkt->icmp_error || pkt->daddr != pkt->inner_saddr)
+		return 0;
+	struct ct_key key = {};
+	__u8 opposite = dir == DIR_INGRESS ? DIR_EGRESS : DIR_INGRESS;
+	__u64 now = bpf_ktime_get_ns();
+	struct ct_value *v;
+
+	key.protocol = pkt->inner_protocol;
+	key.saddr = pkt->inner_saddr;
+	key.daddr = pkt->inner_daddr;
+	key.sport = pkt->inner_sport;
+	key.dport = pkt->inner_dport;
+	key.direction = opposite;
+	v = bpf_map_lookup_elem(&fibril_ct, &key);
+	if (v && v->expires_ns > now)
+		return 1;
+	key.saddr = pkt->inner_daddr;
+	key.daddr = pkt->inner_saddr;
+	key.sport = pkt->inner_dport;
+	key.dport = pkt->inner_sport;
+	key.direction = dir;
+	v = bpf_map_lookup_elem(&fibril_ct, &key);
+	return v && v->expires_ns > now;
+}
+
 static __always_inline int ct_create(const struct packet *pkt, __u8 dir, __u32 cookie,
 				     __u8 flags)
 {

@@ -38,7 +38,43 @@ struct packet {
 	__u8 icmp_code;
 	__u8 smac[6];
 	__u8 dmac[6];
+	/* An ICMP error (destination unreachable, fragmentation needed, time
+	 * exceeded, parameter problem): the tuple of the packet it is about,
+	 * as that packet travelled (`icmp_error` set). */
+	__u8 icmp_error;
+	__u8 inner_protocol;
+	__u16 inner_sport; /* host byte order */
+	__u16 inner_dport;
+	__u32 inner_saddr; /* network byte order */
+	__u32 inner_daddr;
 };
+
+/* ICMP errors carry the IP header and the first 8 bytes of the packet they
+ * are about. Reads the tuple of that packet (its IP header without options
+ * only) when it lies inside the outer packet's total length. */
+static __always_inline void parse_icmp_error(struct packet *pkt, __u8 *icmp, __u32 l4_len,
+					     void *data_end)
+{
+	__u8 *inner = icmp + 8;
+	if (l4_len < 8 + 20 + 8 || (void *)(inner + 28) > data_end)
+		return;
+	if (inner[0] != 0x45) /* IPv4, no options */
+		return;
+	__u8 *l4 = inner + 20;
+	pkt->inner_protocol = inner[9];
+	__builtin_memcpy(&pkt->inner_saddr, inner + 12, 4);
+	__builtin_memcpy(&pkt->inner_daddr, inner + 16, 4);
+	if (pkt->inner_protocol == IPPROTO_ICMP) {
+		/* An error about an echo: the id is the tuple's port. */
+		__u16 id = ((__u16)l4[4] << 8) | l4[5];
+		pkt->inner_sport = id;
+		pkt->inner_dport = id;
+	} else {
+		pkt->inner_sport = ((__u16)l4[0] << 8) | l4[1];
+		pkt->inner_dport = ((__u16)l4[2] << 8) | l4[3];
+	}
+	pkt->icmp_error = 1;
+}
 
 static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *pkt)
 {
@@ -88,6 +124,7 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *pk
 	pkt->tcp_flags = 0;
 	pkt->icmp_type = 0;
 	pkt->icmp_code = 0;
+	pkt->icmp_error = 0;
 
 	/* Non-first fragments carry no L4 header: keyed on port 0. */
 	if (ip->frag_off & bpf_htons(0x1fff))
@@ -130,6 +167,8 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *pk
 		pkt->policy_port_be = bpf_htons((__u16)type);
 		pkt->icmp_type = type;
 		pkt->icmp_code = icmp[1];
+		if (type == 3 || type == 11 || type == 12)
+			parse_icmp_error(pkt, icmp, l4_len, data_end);
 		break;
 	}
 	default:

@@ -1186,3 +1186,56 @@ fn bad_observe_flags_are_refused_before_any_agent_is_needed() {
         );
     }
 }
+
+/// Path-MTU discovery through an enforcing endpoint: the path to the
+/// external is narrower (1280) than the pod's link (1500), so the host
+/// answers the pod's full-size segments with "fragmentation needed". The
+/// pod's ingress allows nothing, yet that ICMP error (about its own
+/// connection) must reach it, or the upload stalls in a black hole.
+#[test]
+fn icmp_errors_about_a_pods_connections_reach_it_through_policy() {
+    const LAB: &str = r#"
+podCIDR: POD_CIDR_HERE
+namespaces:
+  - name: mtu
+pods:
+  - {name: client, namespace: mtu, labels: {app: client}}
+externals:
+  - {name: far, address: 198.18.10.10, command: [fibril-echo, http-server, --port, "8080"]}
+policies:
+  - inline: |
+      apiVersion: cilium.io/v2
+      kind: CiliumNetworkPolicy
+      metadata: {name: client, namespace: mtu}
+      spec:
+        endpointSelector: {matchLabels: {app: client}}
+        ingress:
+        - fromEndpoints: [{matchLabels: {app: nobody}}]
+        egress:
+        - toCIDR: [198.18.10.10/32]
+          toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"#;
+    let lab = custom_lab(LAB);
+    let far_log = || {
+        std::fs::read_to_string(format!(
+            "/run/fibril/labs/{}/pods/external_far.log",
+            lab.name
+        ))
+        .unwrap_or_default()
+    };
+    wait_until("the external listens", || far_log().contains("listening"));
+    let host_side = api::host_ifname(&format!("{}-external-far", lab.name), "eth0");
+    let mtu = Command::new("ip")
+        .args(["link", "set", "dev", &host_side, "mtu", "1280"])
+        .status()
+        .unwrap();
+    assert!(mtu.success());
+    let upload = "head -c 262144 /dev/zero | curl -s -o /dev/null -w '%{http_code}' --max-time 8 --data-binary @- http://198.18.10.10:8080/upload";
+    let (ok, code) = lab.exec("mtu/client", &["bash", "-c", upload]);
+    assert!(ok && code == "200", "the upload stalled: {code:?}");
+    wait_until("the related flow", || {
+        lab.flows()
+            .iter()
+            .any(|f| f["trace_reason"] == "RELATED" && f["verdict"] == "FORWARDED")
+    });
+}

@@ -869,3 +869,97 @@ fn a_connection_the_peer_refuses_leaves_no_entry() {
     assert_eq!(out.action, TC_ACT_SHOT);
     assert_eq!(lab.dp.ct_entries(), 0, "{:?}", lab.dp.ct_list());
 }
+
+/// ICMP errors about a tracked connection (fragmentation needed, port
+/// unreachable, time exceeded) pass where policy is enforced, both ways,
+/// without a policy lookup; one about nothing tracked meets the policy
+/// (and is dropped where nothing allows ICMP).
+#[test]
+fn icmp_errors_about_tracked_connections_are_related() {
+    use test_support::icmp_error_packet;
+    let lab = lab();
+    let (ingress, egress) = (abi::Direction::Ingress as u8, abi::Direction::Egress as u8);
+    // The server accepts the client on 8080 and may send nothing itself;
+    // the client may reach the world on 443 and accepts nothing.
+    enforce(&lab, SERVER, EP_F_INGRESS_ENFORCED | EP_F_EGRESS_ENFORCED);
+    enforce(&lab, CLIENT, EP_F_INGRESS_ENFORCED | EP_F_EGRESS_ENFORCED);
+    allow(&lab, 2, CLIENT_ID, ingress, 6, 8080, false);
+    allow(&lab, 1, SERVER_ID, egress, 6, 8080, false);
+    allow(&lab, 1, abi::identity::WORLD, egress, 17, 443, false);
+    let mut client = progs(&lab, 1, CLIENT);
+    let mut server = progs(&lab, 2, SERVER);
+    let to_server = ipv4_packet(CLIENT, SERVER, tcp(40300, 8080, TCP_SYN));
+    assert_eq!(
+        client
+            .test_run(Hook::FromContainer, &to_server)
+            .unwrap()
+            .action,
+        TC_ACT_REDIRECT
+    );
+    let far = Ipv4Addr::new(203, 0, 113, 5);
+    let to_world = ipv4_packet(
+        CLIENT,
+        far,
+        L4::Udp {
+            sport: 40301,
+            dport: 443,
+        },
+    );
+    assert_eq!(
+        client
+            .test_run(Hook::FromContainer, &to_world)
+            .unwrap()
+            .action,
+        TC_ACT_OK
+    );
+    events(&lab);
+
+    // The server's "fragmentation needed" about the client's packet: to the
+    // client's pod directly, though the server's egress allows nothing.
+    let frag_needed = icmp_error_packet(SERVER, CLIENT, 3, 4, &to_server);
+    let out = server.test_run(Hook::FromContainer, &frag_needed).unwrap();
+    assert_eq!(out.action, TC_ACT_REDIRECT);
+    // A router's "time exceeded" about the client's datagram to the world:
+    // into the client, though its ingress allows nothing.
+    let router = Ipv4Addr::new(192, 0, 2, 254);
+    let exceeded = icmp_error_packet(router, CLIENT, 11, 0, &to_world);
+    assert_eq!(
+        client
+            .test_run(Hook::ToContainer, &exceeded)
+            .unwrap()
+            .action,
+        TC_ACT_OK
+    );
+    let ev = events(&lab);
+    assert_eq!(ev.len(), 2);
+    assert!(ev
+        .iter()
+        .all(|e| e.ct_state == abi::ct_state::RELATED && e.verdict == abi::verdict::FORWARDED));
+
+    // About nothing tracked: another port, another datagram, or addressed
+    // to someone other than the quoted sender.
+    let untracked = ipv4_packet(
+        CLIENT,
+        far,
+        L4::Udp {
+            sport: 40302,
+            dport: 443,
+        },
+    );
+    let stray = icmp_error_packet(router, CLIENT, 3, 3, &untracked);
+    assert_eq!(
+        client.test_run(Hook::ToContainer, &stray).unwrap().action,
+        TC_ACT_SHOT
+    );
+    let misdirected = icmp_error_packet(router, SERVER, 3, 3, &to_world);
+    assert_eq!(
+        server
+            .test_run(Hook::ToContainer, &misdirected)
+            .unwrap()
+            .action,
+        TC_ACT_SHOT
+    );
+    assert!(events(&lab)
+        .iter()
+        .all(|e| e.r#type == EventType::Drop as u8));
+}

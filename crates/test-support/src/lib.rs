@@ -111,6 +111,33 @@ pub fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, l4: L4) -> Vec<u8> {
     p
 }
 
+/// An ICMP error (`icmp_type`, `code`) from `src` to `dst` about the packet
+/// of `quoted_frame` (a frame from `ipv4_packet`): it carries that packet's
+/// IP header and first 8 bytes of L4, as routers and hosts send them.
+pub fn icmp_error_packet(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    icmp_type: u8,
+    code: u8,
+    quoted_frame: &[u8],
+) -> Vec<u8> {
+    let quoted = &quoted_frame[14..(14 + 28).min(quoted_frame.len())];
+    let mut icmp = vec![icmp_type, code, 0, 0, 0, 0, 0x05, 0xdc]; // MTU 1500
+    icmp.extend_from_slice(quoted);
+    let mut frame = ipv4_packet(
+        src,
+        dst,
+        L4::IcmpEcho {
+            request: true,
+            id: 0,
+        },
+    );
+    frame.truncate(34);
+    frame[16..18].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    frame.extend_from_slice(&icmp);
+    frame
+}
+
 /// A minimal Ethernet + IPv6 + UDP frame (for the "IPv6 is not silently
 /// allowed" checks).
 pub fn ipv6_udp_packet() -> Vec<u8> {
