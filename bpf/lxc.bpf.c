@@ -17,6 +17,7 @@
 #include "lib/maps.h"
 #include "lib/parse.h"
 #include "lib/ct.h"
+#include "lib/frag.h"
 #include "lib/policy.h"
 #include "lib/events.h"
 
@@ -226,6 +227,11 @@ int from_container(struct __sk_buff *skb)
 	struct endpoint_info *self = local_endpoint(endpoint_ipv4);
 	if (!self || pkt.saddr != endpoint_ipv4)
 		return drop(skb, &pkt, DROP_INVALID_SOURCE_IP, DIR_EGRESS, 0, 0, MATCH_NONE, 0);
+	int frag = frag_track(&pkt);
+	if (frag != FRAG_OK)
+		return drop(skb, &pkt,
+			    frag == FRAG_NOT_FOUND ? DROP_FRAG_NOT_FOUND : DROP_INVALID_PACKET,
+			    DIR_EGRESS, self->identity, 0, MATCH_NONE, 0);
 	__u32 src_id = self->identity;
 	__u32 flags = self->flags;
 	/* One endpoint-map lookup: the peer, if local, also gives its identity. */
@@ -365,6 +371,11 @@ int to_container(struct __sk_buff *skb)
 	struct endpoint_info *self = local_endpoint(endpoint_ipv4);
 	if (!self || pkt.daddr != endpoint_ipv4)
 		return TC_ACT_OK; /* broadcast or not addressed to the pod */
+	int frag = frag_track(&pkt);
+	if (frag != FRAG_OK)
+		return drop(skb, &pkt,
+			    frag == FRAG_NOT_FOUND ? DROP_FRAG_NOT_FOUND : DROP_INVALID_PACKET,
+			    DIR_INGRESS, 0, self->identity, MATCH_NONE, 0);
 	__u32 src_id = identity_of(pkt.saddr);
 	if (ct_related(&pkt, DIR_INGRESS)) {
 		emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_TO_LXC, DIR_INGRESS,

@@ -43,6 +43,7 @@ enum fibril_drop_reason {
 	DROP_UNSUPPORTED_L3 = 139,
 	DROP_UNKNOWN_L4 = 142,
 	DROP_CT_MAP_INSERT_FAILED = 155,
+	DROP_FRAG_NOT_FOUND = 175,        /* a later fragment whose first was not seen */
 	DROP_SOCKET_LOOKUP_FAILED = 178,  /* the proxy's listener is not there */
 	DROP_SOCKET_ASSIGN_FAILED = 179,
 	DROP_PROXY_UNSUPPORTED = 180,     /* L7 redirect on a path that cannot reach the proxy */

@@ -43,6 +43,33 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } fibril_ct SEC(".maps");
 
+/* IPv4 fragments: the datagram's ports, from its first fragment, for the
+ * fragments after it (they carry no L4 header). Kernel-only (the agent
+ * never reads it), so its structs live in lib/frag.h. */
+struct frag_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 id; /* network byte order */
+	__u8 protocol;
+	__u8 pad;
+};
+
+struct frag_ports {
+	__u16 sport;          /* host byte order */
+	__u16 dport;
+	__u16 policy_port_be; /* what policy is keyed on */
+	__u16 pad;
+	__u64 expires_ns;     /* as IP reassembly gives up (30 s) */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct frag_key);
+	__type(value, struct frag_ports);
+	__uint(max_entries, 8192);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fibril_frags SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 8 << 20);

@@ -17,6 +17,12 @@
 #define TCP_ACK 0x10
 #define TCP_URG 0x20
 
+enum frag_kind {
+	FRAG_NONE = 0,
+	FRAG_FIRST,  /* offset 0, more to come: carries the L4 header */
+	FRAG_LATER,  /* no L4 header: ports from the first (lib/frag.h) */
+};
+
 enum parse_result {
 	PARSE_IPV4 = 0,
 	PARSE_ARP,
@@ -41,6 +47,8 @@ struct packet {
 	/* An ICMP error (destination unreachable, fragmentation needed, time
 	 * exceeded, parameter problem): the tuple of the packet it is about,
 	 * as that packet travelled (`icmp_error` set). */
+	__u8 frag;       /* FRAG_NONE, FRAG_FIRST, FRAG_LATER */
+	__u16 ip_id;     /* network byte order, for fragments */
 	__u8 icmp_error;
 	__u8 inner_protocol;
 	__u16 inner_sport; /* host byte order */
@@ -126,9 +134,21 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *pk
 	pkt->icmp_code = 0;
 	pkt->icmp_error = 0;
 
-	/* Non-first fragments carry no L4 header: keyed on port 0. */
-	if (ip->frag_off & bpf_htons(0x1fff))
+	/* Fragments: the first carries the L4 header (it must hold it whole
+	 * enough for the fields read below); the later ones get the ports it
+	 * had (lib/frag.h). A TCP fragment at offset 8 could rewrite the
+	 * flags of the first (RFC 1858): refused. */
+	__u16 frag_off = bpf_ntohs(ip->frag_off);
+	pkt->ip_id = ip->id;
+	pkt->frag = FRAG_NONE;
+	if (frag_off & 0x1fff) {
+		if (ip->protocol == IPPROTO_TCP && (frag_off & 0x1fff) == 1)
+			return PARSE_INVALID;
+		pkt->frag = FRAG_LATER;
 		return PARSE_IPV4;
+	}
+	if (frag_off & 0x2000) /* more fragments */
+		pkt->frag = FRAG_FIRST;
 
 	switch (ip->protocol) {
 	case IPPROTO_TCP: {

@@ -75,6 +75,8 @@ pub enum DropReason {
     UnsupportedL3 = 139,
     UnknownL4 = 142,
     CtMapInsertFailed = 155,
+    /// A later fragment whose first fragment (with the ports) was not seen.
+    FragNotFound = 175,
     SocketLookupFailed = 178,
     SocketAssignFailed = 179,
     ProxyUnsupported = 180,
@@ -82,7 +84,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         Self::InvalidSourceIp,
         Self::PolicyDenied,
         Self::InvalidPacket,
@@ -90,6 +92,7 @@ impl DropReason {
         Self::UnsupportedL3,
         Self::UnknownL4,
         Self::CtMapInsertFailed,
+        Self::FragNotFound,
         Self::SocketLookupFailed,
         Self::SocketAssignFailed,
         Self::ProxyUnsupported,

@@ -1239,3 +1239,75 @@ policies:
             .any(|f| f["trace_reason"] == "RELATED" && f["verdict"] == "FORWARDED")
     });
 }
+
+/// A 4,000-byte UDP datagram (three fragments on a 1,500-byte link) to a
+/// port the policy allows arrives whole and its echo comes back whole; the
+/// same datagram to a port the policy refuses arrives in no part.
+#[test]
+fn fragmented_datagrams_are_judged_whole() {
+    const LAB: &str = r#"
+podCIDR: POD_CIDR_HERE
+namespaces:
+  - name: frag
+pods:
+  - name: server
+    namespace: frag
+    labels: {app: server}
+    command: [fibril-echo, udp-server, --port, "9999"]
+  - name: other
+    namespace: frag
+    labels: {app: other}
+    command: [fibril-echo, udp-server, --port, "9998"]
+  - {name: client, namespace: frag, labels: {app: client}}
+policies:
+  - inline: |
+      apiVersion: cilium.io/v2
+      kind: CiliumNetworkPolicy
+      metadata: {name: udp, namespace: frag}
+      spec:
+        endpointSelector: {matchLabels: {app: server}}
+        ingress:
+        - fromEndpoints: [{matchLabels: {app: client}}]
+          toPorts: [{ports: [{port: "9999", protocol: UDP}]}]
+  - inline: |
+      apiVersion: cilium.io/v2
+      kind: CiliumNetworkPolicy
+      metadata: {name: other, namespace: frag}
+      spec:
+        endpointSelector: {matchLabels: {app: other}}
+        ingress:
+        - fromEndpoints: [{matchLabels: {app: server}}]
+"#;
+    let lab = custom_lab(LAB);
+    let log = |pod: &str| {
+        std::fs::read_to_string(format!("/run/fibril/labs/{}/pods/frag_{pod}.log", lab.name))
+            .unwrap_or_default()
+    };
+    wait_until("the servers listen", || {
+        log("server").contains("listening") && log("other").contains("listening")
+    });
+    let send = |ip: u8, port: u16| {
+        lab.exec(
+            "frag/client",
+            &[
+                "fibril-echo",
+                "udp-send",
+                &format!("{}:{port}", lab.ip(ip)),
+                "--size",
+                "4000",
+                "--timeout",
+                "2",
+            ],
+        )
+    };
+    let (ok, out) = send(2, 9999);
+    assert!(ok && out.contains("echo 4000 bytes"), "{out}");
+    assert!(
+        log("server").contains("datagram of 4000 bytes"),
+        "{}",
+        log("server")
+    );
+    let (ok, _) = send(3, 9998);
+    assert!(!ok, "a refused port got the datagram");
+    assert!(!log("other").contains("datagram of"), "{}", log("other"));
+}

@@ -3,8 +3,10 @@
 //! run `REPEAT` times in one syscall; the kernel reports the mean). The
 //! connection-tracking paths every packet takes: an established packet
 //! pod to pod (the sender's program delivers into the peer) and from the
-//! host stack, a retransmitted SYN, a SYN reopening a closed tuple, and a
-//! new connection refused by policy (lookup and drop event). Needs root.
+//! host stack, a retransmitted SYN, a SYN reopening a closed tuple, a later
+//! fragment (ports from its first), an ICMP error about a tracked
+//! connection, and a new connection refused by policy (lookup and drop
+//! event). Needs root.
 //! Pinned maps live in a directory of their own, removed at the end.
 
 use std::net::Ipv4Addr;
@@ -101,9 +103,9 @@ fn main() -> anyhow::Result<()> {
         }
     };
 
-    println!("{:<48} {:>10} {:>8}", "path", "ns/packet", "action");
+    println!("{:<56} {:>10} {:>8}", "path", "ns/packet", "action");
     let mut show = |name: &str, (ns, action): (u64, u32)| {
-        println!("{name:<48} {ns:>10} {action:>8}");
+        println!("{name:<56} {ns:>10} {action:>8}");
         if let Some(r) = reader.as_mut() {
             r.poll(std::time::Duration::ZERO, |_| {});
         }
@@ -154,6 +156,51 @@ fn main() -> anyhow::Result<()> {
                 let _ = p.test_run(Hook::ToContainer, &pkt(40003, TCP_FIN | TCP_ACK));
             },
             1,
+        )?,
+    );
+    // A datagram's later fragment: its ports from the first (frag map),
+    // then the established path.
+    let first = test_support::ipv4_fragment(CLIENT, SERVER, 6, 7, 0, true, &{
+        let mut t = vec![0u8; 20];
+        t[0..2].copy_from_slice(&40005u16.to_be_bytes());
+        t[2..4].copy_from_slice(&8080u16.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = TCP_ACK;
+        t
+    });
+    show(
+        "later fragment of a tracked connection (to_container)",
+        measure(
+            &mut server,
+            Hook::ToContainer,
+            &test_support::ipv4_fragment(CLIENT, SERVER, 6, 7, 3, false, &[0u8; 64]),
+            |p| {
+                open(p, Hook::ToContainer, 40005);
+                let _ = p.test_run(Hook::ToContainer, &first);
+            },
+            REPEAT,
+        )?,
+    );
+    // An ICMP error about a tracked connection (related, no policy).
+    show(
+        "ICMP error about a tracked connection (to_container)",
+        measure(
+            &mut server,
+            Hook::ToContainer,
+            &test_support::icmp_error_packet(CLIENT, SERVER, 3, 4, &{
+                // The quoted packet went from the server to the client.
+                ipv4_packet(
+                    SERVER,
+                    CLIENT,
+                    L4::Tcp {
+                        sport: 8080,
+                        dport: 40006,
+                        flags: TCP_ACK,
+                    },
+                )
+            }),
+            |p| open(p, Hook::ToContainer, 40006),
+            REPEAT,
         )?,
     );
     show(

@@ -963,3 +963,103 @@ fn icmp_errors_about_tracked_connections_are_related() {
         .iter()
         .all(|e| e.r#type == EventType::Drop as u8));
 }
+
+/// A UDP header (ports, a length for `data_len` bytes) and `data_len`
+/// bytes: the first fragment's payload.
+fn udp_head(sport: u16, dport: u16, data_len: usize) -> Vec<u8> {
+    let mut u = Vec::new();
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&((8 + data_len) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend(std::iter::repeat_n(0x5a, data_len));
+    u
+}
+
+/// Fragmented datagrams are judged as a whole: the fragments after the
+/// first take its ports (so an allowed datagram arrives whole and a refused
+/// one is refused whole); a later fragment whose first was not seen, a
+/// second first fragment changing the ports, a first fragment too small for
+/// the L4 header, and a TCP fragment at offset 8 are dropped.
+#[test]
+fn fragments_follow_their_first_fragment() {
+    use test_support::ipv4_fragment;
+    let lab = lab();
+    let ingress = abi::Direction::Ingress as u8;
+    enforce(&lab, SERVER, EP_F_INGRESS_ENFORCED);
+    allow(&lab, 2, CLIENT_ID, ingress, 17, 53, false);
+    let mut server = progs(&lab, 2, SERVER);
+    let run = |p: &mut EndpointPrograms, frame: &[u8]| {
+        p.test_run(Hook::ToContainer, frame).unwrap().action
+    };
+    let frag = |id, offset, more, payload: &[u8]| {
+        ipv4_fragment(CLIENT, SERVER, 17, id, offset, more, payload)
+    };
+
+    // In order: the first (ports inside), a middle and the last.
+    assert_eq!(
+        run(&mut server, &frag(1, 0, true, &udp_head(40500, 53, 1472))),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        run(&mut server, &frag(1, 185, true, &[0u8; 1480])),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        run(&mut server, &frag(1, 370, false, &[0u8; 1000])),
+        TC_ACT_OK
+    );
+    let ev = events(&lab);
+    assert!(ev.iter().all(|e| e.dport == 53), "{ev:?}");
+    // A refused port: every fragment refused.
+    assert_eq!(
+        run(&mut server, &frag(2, 0, true, &udp_head(40501, 5353, 1472))),
+        TC_ACT_SHOT
+    );
+    assert_eq!(
+        run(&mut server, &frag(2, 185, false, &[0u8; 100])),
+        TC_ACT_SHOT
+    );
+    let ev = events(&lab);
+    assert!(ev
+        .iter()
+        .all(|e| e.subtype == DropReason::PolicyDenied as u8 && e.dport == 5353));
+    assert_eq!(
+        ev.len(),
+        2,
+        "both fragments reported with the datagram's ports"
+    );
+
+    // Out of order: a later fragment before its first is dropped.
+    assert_eq!(
+        run(&mut server, &frag(3, 185, false, &[0u8; 100])),
+        TC_ACT_SHOT
+    );
+    let ev = events(&lab);
+    assert_eq!(ev[0].subtype, DropReason::FragNotFound as u8);
+    // Overlap: a second first fragment with other ports is malformed.
+    assert_eq!(
+        run(&mut server, &frag(4, 0, true, &udp_head(40504, 53, 64))),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        run(&mut server, &frag(4, 0, true, &udp_head(40504, 5353, 64))),
+        TC_ACT_SHOT
+    );
+    // A first fragment too small for the UDP ports.
+    assert_eq!(
+        run(&mut server, &frag(5, 0, true, &[0x9c, 0x40])),
+        TC_ACT_SHOT
+    );
+    // TCP at offset 8 (RFC 1858: would rewrite the first's flags).
+    let tcp_overlap = ipv4_fragment(CLIENT, SERVER, 6, 6, 1, false, &[0u8; 16]);
+    assert_eq!(run(&mut server, &tcp_overlap), TC_ACT_SHOT);
+    let drops: Vec<FlowEvent> = events(&lab)
+        .into_iter()
+        .filter(|e| e.r#type == EventType::Drop as u8)
+        .collect();
+    assert_eq!(drops.len(), 3, "{drops:?}");
+    assert!(drops
+        .iter()
+        .all(|e| e.subtype == DropReason::InvalidPacket as u8));
+}

@@ -121,6 +121,10 @@ enum Cmd {
         addr: String,
         #[arg(long, default_value = "ping")]
         message: String,
+        /// Send this many bytes (a pattern) instead of the message, and
+        /// check that the echo is the same: large datagrams go fragmented.
+        #[arg(long)]
+        size: Option<usize>,
         #[arg(long, default_value_t = 3.0)]
         timeout: f64,
     },
@@ -451,21 +455,32 @@ pub(crate) fn report_latencies(what: &str, all: &mut [u32], elapsed_s: f64) {
 fn udp_server(port: u16) -> anyhow::Result<()> {
     let s = UdpSocket::bind(("0.0.0.0", port))?;
     say(format!("listening on udp :{port}"));
-    let mut buf = [0u8; 2048];
+    let mut buf = vec![0u8; 65_535];
     loop {
         let (n, peer) = s.recv_from(&mut buf)?;
-        say(format!("datagram from {peer}"));
+        say(format!("datagram of {n} bytes from {peer}"));
         s.send_to(&buf[..n], peer)?;
     }
 }
 
-fn udp_send(addr: &str, msg: &str, timeout: f64) -> anyhow::Result<()> {
+fn udp_send(addr: &str, msg: &str, size: Option<usize>, timeout: f64) -> anyhow::Result<()> {
     let s = UdpSocket::bind("0.0.0.0:0")?;
     s.set_read_timeout(Some(Duration::from_secs_f64(timeout)))?;
-    s.send_to(msg.as_bytes(), addr)?;
-    let mut buf = [0u8; 2048];
+    let payload: Vec<u8> = match size {
+        Some(n) => (0..n).map(test_support::pattern_byte).collect(),
+        None => msg.as_bytes().to_vec(),
+    };
+    s.send_to(&payload, addr)?;
+    let mut buf = vec![0u8; 65_535];
     let (n, _) = s.recv_from(&mut buf).context("no echo")?;
-    say(String::from_utf8_lossy(&buf[..n]).into_owned());
+    if size.is_some() {
+        if buf[..n] != payload[..] {
+            bail!("the echo differs: {n} bytes back of {}", payload.len());
+        }
+        say(format!("echo {n} bytes"));
+    } else {
+        say(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
     Ok(())
 }
 
@@ -608,8 +623,9 @@ fn main() {
         Cmd::UdpSend {
             addr,
             message,
+            size,
             timeout,
-        } => udp_send(&addr, &message, timeout),
+        } => udp_send(&addr, &message, size, timeout),
         Cmd::BenchServer { port } => bench_server(port),
         Cmd::BenchRr { addr, seconds } => bench_rr(&addr, seconds),
         Cmd::BenchStream { addr, seconds } => bench_stream(&addr, seconds),

@@ -138,6 +138,28 @@ pub fn icmp_error_packet(
     frame
 }
 
+/// One IPv4 fragment: `payload` (for the first, the L4 header and data) at
+/// `offset` (in 8-byte units) of datagram `id`, with MF set when `more`.
+pub fn ipv4_fragment(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: u8,
+    id: u16,
+    offset: u16,
+    more: bool,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut frame = ipv4_packet(src, dst, L4::Udp { sport: 0, dport: 0 });
+    frame.truncate(34);
+    frame[16..18].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    frame[18..20].copy_from_slice(&id.to_be_bytes());
+    let flags_offset = offset | if more { 0x2000 } else { 0 };
+    frame[20..22].copy_from_slice(&flags_offset.to_be_bytes());
+    frame[23] = protocol;
+    frame.extend_from_slice(payload);
+    frame
+}
+
 /// A minimal Ethernet + IPv6 + UDP frame (for the "IPv6 is not silently
 /// allowed" checks).
 pub fn ipv6_udp_packet() -> Vec<u8> {
