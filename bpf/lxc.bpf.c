@@ -119,7 +119,7 @@ enum ingress_mode {
 static __always_inline int ingress_to_endpoint(struct __sk_buff *skb, struct packet *pkt,
 					       __u32 ep_id, __u32 dst_id, __u32 flags,
 					       __u32 src_id, enum ingress_mode mode,
-					       struct policy_verdict *pv)
+					       struct policy_verdict *pv, __u32 owner)
 {
 	struct ct_result ct;
 	__u8 ct_flags = 0;
@@ -137,7 +137,13 @@ static __always_inline int ingress_to_endpoint(struct __sk_buff *skb, struct pac
 		} else if (mode == INGRESS_FROM_PROXY) {
 			ct_flags = CT_F_FROM_PROXY;
 		}
-		if (ct_create(pkt, DIR_INGRESS, pv->cookie, ct_flags) < 0) {
+		/* Charged to the sender when it is a local endpoint (the proxy
+		 * connects from its client's address), else to this one. */
+		if (!owner) {
+			struct endpoint_info *sender = local_endpoint(pkt->saddr);
+			owner = sender ? sender->ep_id : ep_id;
+		}
+		if (ct_create(pkt, DIR_INGRESS, pv->cookie, ct_flags, owner) < 0) {
 			emit_event(skb, pkt, ep_id, EVENT_DROP, DROP_CT_MAP_INSERT_FAILED,
 				   DIR_INGRESS, VERDICT_DROPPED, CT_NEW, src_id, dst_id, pv->match,
 				   pv->cookie);
@@ -310,7 +316,7 @@ int from_container(struct __sk_buff *skb)
 		__u8 ct_flags = redirect ? CT_F_PROXY_REDIRECT : 0;
 		if (redirect == REDIRECT_DNS)
 			ct_flags |= CT_F_DNS;
-		if (ct_create(&pkt, DIR_EGRESS, pv.cookie, ct_flags) < 0)
+		if (ct_create(&pkt, DIR_EGRESS, pv.cookie, ct_flags, endpoint_id) < 0)
 			return drop(skb, &pkt, DROP_CT_MAP_INSERT_FAILED, DIR_EGRESS, src_id,
 				    dst_id, pv.match, pv.cookie);
 	}
@@ -338,7 +344,7 @@ int from_container(struct __sk_buff *skb)
 		int verdict = ingress_to_endpoint(skb, &pkt, peer->ep_id, peer->identity,
 						  peer->flags, src_id,
 						  ct.state == CT_NEW ? INGRESS_CHECKED : INGRESS_CHECK,
-						  &peer_pv);
+						  &peer_pv, endpoint_id);
 		if (verdict == -1) {
 			/* A connection tracked before the peer's L7 rules came: its
 			 * next packets belong to the proxy. */
@@ -385,7 +391,7 @@ int to_container(struct __sk_buff *skb)
 	enum ingress_mode mode = proxy_port && skb->mark == proxy_mark_from
 		? INGRESS_FROM_PROXY : INGRESS_CHECK;
 	int verdict = ingress_to_endpoint(skb, &pkt, endpoint_id, self->identity, self->flags,
-					  src_id, mode, &pv);
+					  src_id, mode, &pv, 0);
 	/* L7 rules for a client outside this node's pods: the proxy is reached
 	 * from the pods' side only, so refuse rather than skip the rules. */
 	if (verdict == -1)

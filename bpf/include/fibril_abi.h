@@ -215,6 +215,21 @@ struct ct_value {
 };
 _Static_assert(sizeof(struct ct_value) == 40, "ct_value size");
 
+/*
+ * Conntrack budget, per endpoint (hash keyed by endpoint id, __u32): the
+ * entries the endpoint's traffic holds in the shared table, so that one pod
+ * opening flows as fast as it can fills its own budget, never the table
+ * (whose LRU would evict other pods' connections). The datapath counts up
+ * as it creates entries; the agent's census recounts them (expired and
+ * evicted ones go) every few seconds and writes the true count back.
+ */
+struct ct_budget {
+	__u32 entries;
+	__u32 pad;
+	__u64 overflows; /* new connections refused at the budget */
+};
+_Static_assert(sizeof(struct ct_budget) == 16, "ct_budget size");
+
 /* One datapath notification on the events ring buffer. */
 struct flow_event {
 	__u64 ts_ns;            /* bpf_ktime_get_ns() */

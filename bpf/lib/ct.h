@@ -14,6 +14,9 @@ const volatile __u64 ct_timeout_tcp_syn_s = 60;
 const volatile __u64 ct_timeout_tcp_established_s = 8000;
 const volatile __u64 ct_timeout_tcp_close_s = 10;
 const volatile __u64 ct_timeout_any_s = 60;
+/* Entries one endpoint's traffic may hold (set by the agent at load time;
+ * 0: no budget). */
+const volatile __u32 ct_endpoint_budget = 65536;
 
 struct ct_result {
 	__u8 state;              /* fibril_ct_state */
@@ -172,12 +175,43 @@ static __always_inline int ct_related(const struct packet *pkt, __u8 dir)
 	return v && v->expires_ns > now;
 }
 
+/* Takes one entry of `owner`'s budget. Returns 0, or -1 when the budget is
+ * spent (counted as an overflow). */
+static __always_inline int ct_budget_take(__u32 owner)
+{
+	struct ct_budget *b;
+
+	if (!ct_endpoint_budget)
+		return 0;
+	b = bpf_map_lookup_elem(&fibril_ct_budget, &owner);
+	if (!b) {
+		struct ct_budget fresh = {};
+		bpf_map_update_elem(&fibril_ct_budget, &owner, &fresh, BPF_NOEXIST);
+		b = bpf_map_lookup_elem(&fibril_ct_budget, &owner);
+		if (!b)
+			return 0; /* the budget map is full: the table's LRU decides */
+	}
+	if (b->entries >= ct_endpoint_budget) {
+		__sync_fetch_and_add(&b->overflows, 1);
+		return -1;
+	}
+	__sync_fetch_and_add(&b->entries, 1);
+	return 0;
+}
+
+/* Creates the entry of a new connection, charged to endpoint `owner` (the
+ * local endpoint that sent the packet; for traffic from the host stack, the
+ * receiving one). Negative when it cannot: the owner's budget is spent or
+ * the map refused it. */
 static __always_inline int ct_create(const struct packet *pkt, __u8 dir, __u32 cookie,
-				     __u8 flags)
+				     __u8 flags, __u32 owner)
 {
 	struct ct_key key;
 	struct ct_value v = {};
 	__u64 now = bpf_ktime_get_ns();
+
+	if (ct_budget_take(owner) < 0)
+		return -1;
 
 	ct_fill_key(&key, pkt, dir, 0);
 	v.policy_cookie = cookie;

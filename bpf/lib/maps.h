@@ -43,6 +43,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } fibril_ct SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32); /* endpoint id */
+	__type(value, struct ct_budget);
+	__uint(max_entries, 65536);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fibril_ct_budget SEC(".maps");
+
 /* IPv4 fragments: the datagram's ports, from its first fragment, for the
  * fragments after it (they carry no L4 header). Kernel-only (the agent
  * never reads it), so its structs live in lib/frag.h. */

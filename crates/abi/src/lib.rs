@@ -270,6 +270,16 @@ pub struct CtValue {
     pub flags: u8,
 }
 
+/// An endpoint's conntrack budget (`fibril_ct_budget`, keyed by endpoint
+/// id): entries its traffic holds, and new connections refused at the budget.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtBudget {
+    pub entries: u32,
+    pub pad: u32,
+    pub overflows: u64,
+}
+
 /// One datapath notification read from the events ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -368,4 +378,6 @@ mod pod {
     unsafe impl aya::Pod for CtValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FlowEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CtBudget {}
 }

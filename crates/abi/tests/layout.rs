@@ -18,7 +18,8 @@ const PROBE: &str = r#"
 #define E(n) printf("enum " #n " %d\n", (int)(n));
 int main(void) {
   S(ipcache_key) S(ipcache_value) S(endpoint_key) S(endpoint_info) S(policy_key)
-  S(policy_value) S(ct_key) S(ct_value) S(flow_event)
+  S(policy_value) S(ct_key) S(ct_value) S(flow_event) S(ct_budget)
+  O(ct_budget, entries) O(ct_budget, overflows)
   O(ipcache_value, identity)
   O(endpoint_info, ep_id) O(endpoint_info, identity) O(endpoint_info, host_ifindex)
   O(endpoint_info, flags) O(endpoint_info, pod_mac) O(endpoint_info, host_mac)
@@ -105,6 +106,9 @@ fn sizes_offsets_and_enums_match_the_c_header() {
         ("policy_value", size_of::<PolicyValue>()),
         ("ct_key", size_of::<CtKey>()),
         ("ct_value", size_of::<CtValue>()),
+        ("ct_budget", size_of::<CtBudget>()),
+        ("ct_budget.entries", offset_of!(CtBudget, entries)),
+        ("ct_budget.overflows", offset_of!(CtBudget, overflows)),
         ("flow_event", size_of::<FlowEvent>()),
         ("ipcache_value.identity", offset_of!(IpcacheValue, identity)),
         ("endpoint_info.ep_id", offset_of!(EndpointInfo, ep_id)),

@@ -41,6 +41,8 @@ pub struct Config {
     /// Where the datapath sends connections that L7 rules cover.
     pub proxy: Option<datapath::ProxyRedirect>,
     pub fqdn: fqdn::FqdnConfig,
+    /// Conntrack entries one endpoint's traffic may hold (0: no budget).
+    pub ct_endpoint_budget: u32,
 }
 
 /// What the event enricher needs to know about a local endpoint: the
@@ -77,6 +79,12 @@ pub struct Agent {
     /// Conntrack entries at the last census (`ct_census`): status reads
     /// this instead of walking the table.
     ct_entries: std::sync::atomic::AtomicUsize,
+    /// The census's busiest endpoint (live entries its traffic holds).
+    ct_busiest: std::sync::atomic::AtomicU32,
+    /// New connections refused at an endpoint's budget: the endpoints
+    /// there at the last census, plus those deleted since the start.
+    ct_overflows: std::sync::atomic::AtomicU64,
+    ct_overflows_retired: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +120,7 @@ impl Agent {
         let mut state = store.load().map_err(invalid)?;
         let mut dp_config = datapath::Config::new(&config.bpf_dir);
         dp_config.proxy = config.proxy;
+        dp_config.ct_endpoint_budget = config.ct_endpoint_budget;
         let datapath = Arc::new(Datapath::open(dp_config)?);
         if let Some(p) = &config.proxy {
             proxy_routing(&config.state_dir, p)?;
@@ -153,6 +162,9 @@ impl Agent {
             proxy_stats: std::sync::OnceLock::new(),
             fqdn_refused: Default::default(),
             ct_entries: Default::default(),
+            ct_busiest: Default::default(),
+            ct_overflows: Default::default(),
+            ct_overflows_retired: Default::default(),
         });
         agent.ct_census();
         {
@@ -167,9 +179,11 @@ impl Agent {
     /// seconds): the entry count status shows, and the live addresses the
     /// toFQDNs garbage collection keeps.
     pub fn ct_census(&self) -> std::collections::HashSet<Ipv4Addr> {
+        use std::sync::atomic::Ordering::Relaxed;
         let census = self.datapath.ct_census();
-        self.ct_entries
-            .store(census.entries, std::sync::atomic::Ordering::Relaxed);
+        self.ct_entries.store(census.entries, Relaxed);
+        self.ct_busiest.store(census.busiest, Relaxed);
+        self.ct_overflows.store(census.overflows, Relaxed);
         census.live_addresses
     }
 
@@ -405,6 +419,12 @@ impl Agent {
             flow_capacity: self.config.flow_capacity,
             events_lost_kernel: self.datapath.events_lost(),
             ct_entries: self.ct_entries.load(std::sync::atomic::Ordering::Relaxed),
+            ct_endpoint_budget: self.config.ct_endpoint_budget,
+            ct_busiest_endpoint: self.ct_busiest.load(std::sync::atomic::Ordering::Relaxed),
+            ct_budget_overflows: self.ct_overflows.load(std::sync::atomic::Ordering::Relaxed)
+                + self
+                    .ct_overflows_retired
+                    .load(std::sync::atomic::Ordering::Relaxed),
             policy_overflows: self
                 .policy
                 .lock()
@@ -716,6 +736,10 @@ impl Agent {
         // view, proxy flags), before its address can be handed out: a pod
         // given the address later must not ride on them.
         let flushed = self.datapath.ct_flush_address(ep.ipv4);
+        self.ct_overflows_retired.fetch_add(
+            self.datapath.ct_budget_forget(ep.id),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         s.quarantine_ip(ep.ipv4, fqdn::now_s());
         self.commit(&mut s)?;
         tracing::info!(endpoint_id = ep.id, pod = %ep.pod, ct_flushed = flushed, "endpoint deleted");

@@ -91,6 +91,13 @@ struct Args {
     /// counted in fibril_fqdn_ips_refused_total).
     #[arg(long, default_value_t = 1000)]
     tofqdns_max_ips_per_endpoint: usize,
+    /// Conntrack entries one endpoint's traffic may hold in the shared
+    /// table (262,144 entries); past it the endpoint's new connections are
+    /// refused (CT_MAP_INSERTION_FAILED, counted), so that one pod opening
+    /// flows as fast as it can never evicts other pods' connections. 0: no
+    /// budget.
+    #[arg(long, default_value_t = datapath::DEFAULT_CT_ENDPOINT_BUDGET)]
+    ct_endpoint_budget: u32,
 }
 
 /// Binds the L7 proxy's listener (before the datapath loads: the programs
@@ -358,6 +365,7 @@ fn main() -> anyhow::Result<()> {
         socket: args.socket,
         flow_capacity: args.flow_capacity,
         proxy: None,
+        ct_endpoint_budget: args.ct_endpoint_budget,
         fqdn: fibril_agent::fqdn::FqdnConfig {
             min_ttl_s: args.tofqdns_min_ttl,
             idle_grace_s: args.tofqdns_idle_connection_grace_period,

@@ -49,6 +49,18 @@ pub fn render(agent: &Agent) -> String {
         s.ct_entries as u64,
     );
     metric(
+        "fibril_datapath_conntrack_busiest_endpoint_entries",
+        "gauge",
+        "Connection-tracking entries the busiest endpoint's traffic holds (of its budget).",
+        s.ct_busiest_endpoint as u64,
+    );
+    metric(
+        "fibril_datapath_conntrack_budget_overflows_total",
+        "counter",
+        "New connections refused because their endpoint's conntrack budget was spent.",
+        s.ct_budget_overflows,
+    );
+    metric(
         "fibril_datapath_events_lost_total",
         "counter",
         "Datapath events lost because the ring buffer was full.",

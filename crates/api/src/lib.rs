@@ -194,6 +194,15 @@ pub struct StatusInfo {
     pub flow_capacity: usize,
     pub events_lost_kernel: u64,
     pub ct_entries: usize,
+    /// Conntrack entries one endpoint's traffic may hold (0: no budget).
+    #[serde(default)]
+    pub ct_endpoint_budget: u32,
+    /// The most entries one endpoint's traffic holds (last census).
+    #[serde(default)]
+    pub ct_busiest_endpoint: u32,
+    /// New connections refused at an endpoint's budget, since the start.
+    #[serde(default)]
+    pub ct_budget_overflows: u64,
     /// Endpoints failing closed because their policy did not fit.
     pub policy_overflows: usize,
     pub uptime_seconds: u64,

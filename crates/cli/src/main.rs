@@ -256,7 +256,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 println!("Endpoints:     {}", s.endpoints);
                 println!("Identities:    {}", s.identities);
                 println!("Policies:      {}", s.policies);
-                println!("Conntrack:     {} entries", s.ct_entries);
+                println!(
+                    "Conntrack:     {} entries (busiest endpoint {} of its budget {}; {} new connections refused at a budget)",
+                    s.ct_entries, s.ct_busiest_endpoint, s.ct_endpoint_budget, s.ct_budget_overflows
+                );
                 if s.policy_overflows > 0 {
                     println!(
                         "Policy:        {} endpoint(s) FAIL CLOSED: their policy does not fit the policy map (see `fibril endpoint list`)",

@@ -242,3 +242,82 @@ fn enforce_established_cuts_what_the_policy_no_longer_allows() {
     let url = format!("http://{}:8080/", lab.ip(2));
     assert!(lab.http_get("sec/keeper", &url, "3"));
 }
+
+/// One pod opening flows as fast as it can (UDP to every port of an
+/// external, from eight sockets) for 10 s: another pod's idle established
+/// connection survives it. The server speaks first after the flood, and its
+/// egress allows no new connection, so the push gets through only on the
+/// connection's own conntrack entries. The flooding pod hits its budget
+/// (counted); the table never fills, so nothing of the others is evicted.
+#[test]
+fn a_pod_flooding_new_flows_cannot_evict_another_pods_connection() {
+    const LAB: &str = r#"
+podCIDR: POD_CIDR_HERE
+namespaces:
+  - name: flood
+pods:
+  - name: server
+    namespace: flood
+    labels: {app: server}
+    command: [fibril-echo, push-server, --port, "7000", --after, "13"]
+  - {name: client, namespace: flood, labels: {app: client}}
+  - {name: flooder, namespace: flood, labels: {app: flooder}}
+externals:
+  - {name: sink, address: 198.18.11.10, command: [sleep, infinity]}
+policies:
+  - inline: |
+      apiVersion: cilium.io/v2
+      kind: CiliumNetworkPolicy
+      metadata: {name: server, namespace: flood}
+      spec:
+        endpointSelector: {matchLabels: {app: server}}
+        ingress:
+        - fromEndpoints: [{matchLabels: {app: client}}]
+          toPorts: [{ports: [{port: "7000", protocol: TCP}]}]
+        egress:
+        - toEndpoints: [{matchLabels: {app: nobody}}]
+"#;
+    let lab = custom_lab(LAB);
+    let server_log = || {
+        std::fs::read_to_string(format!(
+            "/run/fibril/labs/{}/pods/flood_server.log",
+            lab.name
+        ))
+        .unwrap_or_default()
+    };
+    wait_until("the server listens", || server_log().contains("listening"));
+    let waiting = std::process::Command::new(common::bin("fibril"))
+        .args(["--lab", &lab.name, "lab", "exec", "flood/client", "--"])
+        .args(["fibril-echo", "tcp-wait", &format!("{}:7000", lab.ip(2))])
+        .args(["--timeout", "25"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the connection", || server_log().contains("accepted"));
+    let (ok, flood) = lab.exec(
+        "flood/flooder",
+        &[
+            "fibril-echo",
+            "udp-flood",
+            "198.18.11.10:1",
+            "--seconds",
+            "10",
+        ],
+    );
+    assert!(ok, "{flood}");
+    let out = waiting.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    let status = String::from_utf8_lossy(&lab.fibril(&["status"]).stdout).to_string();
+    eprintln!("flood: {flood}; {status}");
+    assert!(
+        out.status.success() && said.contains("pushed"),
+        "the idle connection broke under the flood ({flood}): {said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        status.contains("new connections refused at a budget")
+            && !status.contains(" 0 new connections refused"),
+        "{status}"
+    );
+}

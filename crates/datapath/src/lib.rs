@@ -29,6 +29,7 @@ const MAP_IPCACHE: &str = "fibril_ipcache";
 const MAP_ENDPOINTS: &str = "fibril_endpoints";
 const MAP_POLICY: &str = "fibril_policy";
 const MAP_CT: &str = "fibril_ct";
+const MAP_CT_BUDGET: &str = "fibril_ct_budget";
 const MAP_EVENTS: &str = "fibril_events";
 const MAP_EVENTS_LOST: &str = "fibril_events_lost";
 const PROG_FROM_CONTAINER: &str = "from_container";
@@ -73,7 +74,14 @@ pub struct Config {
     pub events_wakeup_bytes: u64,
     /// Where L7 redirects go; `None`: L7 rules are not redirected.
     pub proxy: Option<ProxyRedirect>,
+    /// Conntrack entries one endpoint's traffic may hold (0: no budget).
+    pub ct_endpoint_budget: u32,
 }
+
+/// The default per-endpoint conntrack budget: a quarter of the table
+/// (262,144 entries), so that it takes four flooding pods, not one, to
+/// fill it.
+pub const DEFAULT_CT_ENDPOINT_BUDGET: u32 = 65_536;
 
 /// How packets reach the L7 proxy: its listener's port on 127.0.0.1, the
 /// mark (and policy-routing table) that delivers a packet to the local
@@ -108,6 +116,7 @@ impl Config {
             pin_dir: pin_dir.into(),
             events_wakeup_bytes: 64 * abi::FlowEvent::SIZE as u64,
             proxy: None,
+            ct_endpoint_budget: DEFAULT_CT_ENDPOINT_BUDGET,
         }
     }
 }
@@ -117,6 +126,7 @@ struct Maps {
     endpoints: BpfHashMap<MapData, EndpointKey, EndpointInfo>,
     policy: LpmTrie<MapData, PolicyKeyData, PolicyValue>,
     ct: BpfHashMap<MapData, CtKey, CtValue>,
+    ct_budget: BpfHashMap<MapData, u32, abi::CtBudget>,
     events_lost: PerCpuArray<MapData, u64>,
 }
 
@@ -157,6 +167,8 @@ impl Datapath {
                 .map_err(map_err(MAP_ENDPOINTS))?,
             policy: LpmTrie::try_from(take(MAP_POLICY)?).map_err(map_err(MAP_POLICY))?,
             ct: BpfHashMap::try_from(take(MAP_CT)?).map_err(map_err(MAP_CT))?,
+            ct_budget: BpfHashMap::try_from(take(MAP_CT_BUDGET)?)
+                .map_err(map_err(MAP_CT_BUDGET))?,
             events_lost: PerCpuArray::try_from(take(MAP_EVENTS_LOST)?)
                 .map_err(map_err(MAP_EVENTS_LOST))?,
         };
@@ -394,13 +406,23 @@ impl Datapath {
         self.ct_flush(|k, _| k.saddr == be || k.daddr == be)
     }
 
-    /// One pass over the conntrack table: how many entries it holds and
-    /// which addresses live (unexpired) connections lead to or come from.
-    /// Costs time in proportion to the table: run it in the background.
+    /// One pass over the conntrack table: how many entries it holds, which
+    /// addresses live (unexpired) connections lead to or come from, and how
+    /// many live entries each endpoint's traffic holds, which is written
+    /// back as the endpoints' budget counts (the datapath only counts up;
+    /// expired and evicted entries leave the counts here). Costs time in
+    /// proportion to the table: run it in the background.
     pub fn ct_census(&self) -> CtCensus {
         let now = monotonic_ns();
-        let maps = self.maps();
+        let mut maps = self.maps();
+        let ep_of: std::collections::HashMap<u32, u32> = maps
+            .endpoints
+            .iter()
+            .filter_map(|e| e.ok())
+            .map(|(k, v)| (k.addr, v.ep_id))
+            .collect();
         let mut out = CtCensus::default();
+        let mut held: std::collections::HashMap<u32, u32> = Default::default();
         for (k, v) in maps.ct.iter().filter_map(|e| e.ok()) {
             out.entries += 1;
             if v.expires_ns > now {
@@ -408,9 +430,31 @@ impl Datapath {
                     .insert(Ipv4Addr::from(u32::from_be(k.saddr)));
                 out.live_addresses
                     .insert(Ipv4Addr::from(u32::from_be(k.daddr)));
+                // The owner, as the datapath charges it: the sender when
+                // it is a local endpoint, else the receiver.
+                if let Some(ep) = ep_of.get(&k.saddr).or_else(|| ep_of.get(&k.daddr)) {
+                    *held.entry(*ep).or_default() += 1;
+                }
             }
         }
+        let budgets: Vec<(u32, abi::CtBudget)> =
+            maps.ct_budget.iter().filter_map(|e| e.ok()).collect();
+        for (ep, mut b) in budgets {
+            out.overflows += b.overflows;
+            b.entries = held.get(&ep).copied().unwrap_or(0);
+            out.busiest = out.busiest.max(b.entries);
+            let _ = maps.ct_budget.insert(ep, b, 0);
+        }
         out
+    }
+
+    /// Forgets an endpoint's budget (it is gone); returns the new
+    /// connections it had refused.
+    pub fn ct_budget_forget(&self, ep_id: u32) -> u64 {
+        let mut maps = self.maps();
+        let overflows = maps.ct_budget.get(&ep_id, 0).map_or(0, |b| b.overflows);
+        let _ = maps.ct_budget.remove(&ep_id);
+        overflows
     }
 
     /// Events the kernel could not write because the ring buffer was full.
@@ -450,6 +494,11 @@ impl Datapath {
 pub struct CtCensus {
     pub entries: usize,
     pub live_addresses: std::collections::HashSet<Ipv4Addr>,
+    /// The most live entries one endpoint's traffic holds.
+    pub busiest: u32,
+    /// New connections refused at an endpoint's budget, so far (of the
+    /// endpoints that are still there).
+    pub overflows: u64,
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`, so
@@ -536,7 +585,8 @@ fn pinned_loader(config: &Config) -> EbpfLoader<'_> {
 /// The endpoint programs' loader: pinned maps and load-time settings.
 fn loader(config: &Config) -> EbpfLoader<'_> {
     let mut l = pinned_loader(config);
-    l.override_global("events_wakeup_bytes", &config.events_wakeup_bytes, true);
+    l.override_global("events_wakeup_bytes", &config.events_wakeup_bytes, true)
+        .override_global("ct_endpoint_budget", &config.ct_endpoint_budget, true);
     if let Some(p) = &config.proxy {
         l.override_global("proxy_port", &p.port, true)
             .override_global("dns_proxy_port", &p.dns_port, true)

@@ -1063,3 +1063,58 @@ fn fragments_follow_their_first_fragment() {
         .iter()
         .all(|e| e.subtype == DropReason::InvalidPacket as u8));
 }
+
+/// Each endpoint's traffic holds at most its budget of conntrack entries:
+/// past it, its new connections are refused (and counted) while other
+/// endpoints' go on; the census recounts what is really held, so entries
+/// that went give their room back.
+#[test]
+fn a_pod_past_its_conntrack_budget_cannot_crowd_out_the_others() {
+    let lab = lab_with(|c| c.ct_endpoint_budget = 3);
+    let mut client = progs(&lab, 1, CLIENT);
+    let mut server = progs(&lab, 2, SERVER);
+    let world = Ipv4Addr::new(192, 0, 2, 9);
+    let mut send = |p: &mut EndpointPrograms, from, port: u16| {
+        p.test_run(
+            Hook::FromContainer,
+            &ipv4_packet(
+                from,
+                world,
+                L4::Udp {
+                    sport: 40600,
+                    dport: port,
+                },
+            ),
+        )
+        .unwrap()
+        .action
+    };
+    for port in 1..=3 {
+        assert_eq!(send(&mut client, CLIENT, port), TC_ACT_OK);
+    }
+    assert_eq!(send(&mut client, CLIENT, 4), TC_ACT_SHOT, "past the budget");
+    assert_eq!(
+        send(&mut client, CLIENT, 1),
+        TC_ACT_OK,
+        "a tracked flow goes on"
+    );
+    assert_eq!(
+        send(&mut server, SERVER, 4),
+        TC_ACT_OK,
+        "another endpoint is not charged"
+    );
+    let drops: Vec<FlowEvent> = events(&lab)
+        .into_iter()
+        .filter(|e| e.r#type == EventType::Drop as u8)
+        .collect();
+    assert_eq!(drops.len(), 1);
+    assert_eq!(drops[0].subtype, DropReason::CtMapInsertFailed as u8);
+    let census = lab.dp.ct_census();
+    assert_eq!((census.busiest, census.overflows), (3, 1));
+
+    // The client's entries go (its connections ended): the census gives
+    // the room back.
+    lab.dp.ct_flush_address(CLIENT);
+    lab.dp.ct_census();
+    assert_eq!(send(&mut client, CLIENT, 4), TC_ACT_OK);
+}

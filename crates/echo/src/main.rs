@@ -128,6 +128,31 @@ enum Cmd {
         #[arg(long, default_value_t = 3.0)]
         timeout: f64,
     },
+    /// UDP datagrams to `addr`'s host on every port in turn from
+    /// `sockets` sockets, as fast as it can for `seconds` (two datagrams per
+    /// flow); prints `sent N`. For conntrack flood tests.
+    UdpFlood {
+        addr: String,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 8)]
+        sockets: usize,
+    },
+    /// Accepts TCP connections and, `after` seconds of silence on each,
+    /// writes `pushed` (a server that speaks first on an idle connection).
+    PushServer {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 5.0)]
+        after: f64,
+    },
+    /// Connects and waits for one line from the server; prints it, fails
+    /// when none comes within `timeout`.
+    TcpWait {
+        addr: String,
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+    },
     /// Request/response and stream server for benchmarks.
     BenchServer {
         #[arg(long)]
@@ -484,6 +509,72 @@ fn udp_send(addr: &str, msg: &str, size: Option<usize>, timeout: f64) -> anyhow:
     Ok(())
 }
 
+fn udp_flood(addr: &str, seconds: f64, sockets: usize) -> anyhow::Result<()> {
+    let host: std::net::IpAddr = addr
+        .split(':')
+        .next()
+        .unwrap_or(addr)
+        .parse()
+        .with_context(|| format!("{addr}: expected an address"))?;
+    let socks: Vec<UdpSocket> = (0..sockets.max(1))
+        .map(|_| UdpSocket::bind("0.0.0.0:0"))
+        .collect::<Result<_, _>>()?;
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut sent = 0u64;
+    let mut port: u16 = 1;
+    while Instant::now() < end {
+        for _ in 0..256 {
+            for s in &socks {
+                // Twice per flow: its entry is then as recently used as
+                // any live connection's, and competes with them for the
+                // table. Errors (a full queue, an ICMP error reported
+                // back) do not stop the flood.
+                for _ in 0..2 {
+                    if s.send_to(b"x", (host, port)).is_ok() {
+                        sent += 1;
+                    }
+                }
+            }
+            port = port.checked_add(1).unwrap_or(1);
+        }
+    }
+    say(format!("sent {sent}"));
+    Ok(())
+}
+
+fn push_server(port: u16, after: f64) -> anyhow::Result<()> {
+    let l = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("bind :{port}"))?;
+    say(format!("listening on :{port}"));
+    for conn in l.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        say(format!(
+            "accepted {}",
+            conn.peer_addr().map(|a| a.to_string()).unwrap_or_default()
+        ));
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs_f64(after));
+            let pushed = conn.write_all(b"pushed\n").is_ok();
+            say(format!("pushed: {pushed}"));
+            // Held until the client goes.
+            let _ = conn.read(&mut [0u8; 1]);
+        });
+    }
+    Ok(())
+}
+
+fn tcp_wait(addr: &str, timeout: f64) -> anyhow::Result<()> {
+    let s = connect(addr, Duration::from_secs_f64(timeout))?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .context("nothing from the server")?;
+    if line.is_empty() {
+        bail!("the server closed the connection");
+    }
+    say(line.trim().to_string());
+    Ok(())
+}
+
 fn bench_server(port: u16) -> anyhow::Result<()> {
     let l = TcpListener::bind(("0.0.0.0", port))?;
     for conn in l.incoming() {
@@ -626,6 +717,13 @@ fn main() {
             size,
             timeout,
         } => udp_send(&addr, &message, size, timeout),
+        Cmd::UdpFlood {
+            addr,
+            seconds,
+            sockets,
+        } => udp_flood(&addr, seconds, sockets),
+        Cmd::PushServer { port, after } => push_server(port, after),
+        Cmd::TcpWait { addr, timeout } => tcp_wait(&addr, timeout),
         Cmd::BenchServer { port } => bench_server(port),
         Cmd::BenchRr { addr, seconds } => bench_rr(&addr, seconds),
         Cmd::BenchStream { addr, seconds } => bench_stream(&addr, seconds),
