@@ -1074,7 +1074,7 @@ fn a_pod_past_its_conntrack_budget_cannot_crowd_out_the_others() {
     let mut client = progs(&lab, 1, CLIENT);
     let mut server = progs(&lab, 2, SERVER);
     let world = Ipv4Addr::new(192, 0, 2, 9);
-    let mut send = |p: &mut EndpointPrograms, from, port: u16| {
+    let send = |p: &mut EndpointPrograms, from, port: u16| {
         p.test_run(
             Hook::FromContainer,
             &ipv4_packet(
