@@ -1216,13 +1216,7 @@ policies:
           toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
 "#;
     let lab = custom_lab(LAB);
-    let far_log = || {
-        std::fs::read_to_string(format!(
-            "/run/fibril/labs/{}/pods/external_far.log",
-            lab.name
-        ))
-        .unwrap_or_default()
-    };
+    let far_log = || lab.log("external/far");
     wait_until("the external listens", || far_log().contains("listening"));
     let host_side = api::host_ifname(&format!("{}-external-far", lab.name), "eth0");
     let mtu = Command::new("ip")
@@ -1279,10 +1273,7 @@ policies:
         - fromEndpoints: [{matchLabels: {app: server}}]
 "#;
     let lab = custom_lab(LAB);
-    let log = |pod: &str| {
-        std::fs::read_to_string(format!("/run/fibril/labs/{}/pods/frag_{pod}.log", lab.name))
-            .unwrap_or_default()
-    };
+    let log = |pod: &str| lab.log(&format!("frag/{pod}"));
     wait_until("the servers listen", || {
         log("server").contains("listening") && log("other").contains("listening")
     });

@@ -78,8 +78,7 @@ fn get_from_port(lab: &Lab, port: u16, path: &str, timeout: &str) -> bool {
 }
 
 fn server_log(lab: &Lab) -> String {
-    std::fs::read_to_string(format!("/run/fibril/labs/{}/pods/sec_server.log", lab.name))
-        .unwrap_or_default()
+    lab.log("sec/server")
 }
 
 /// A revoked allow stays revoked for a client that reconnects from the
@@ -278,13 +277,7 @@ policies:
         - toEndpoints: [{matchLabels: {app: nobody}}]
 "#;
     let lab = custom_lab(LAB);
-    let server_log = || {
-        std::fs::read_to_string(format!(
-            "/run/fibril/labs/{}/pods/flood_server.log",
-            lab.name
-        ))
-        .unwrap_or_default()
-    };
+    let server_log = || lab.log("flood/server");
     wait_until("the server listens", || server_log().contains("listening"));
     let waiting = std::process::Command::new(common::bin("fibril"))
         .args(["--lab", &lab.name, "lab", "exec", "flood/client", "--"])

@@ -122,6 +122,17 @@ impl Lab {
         self.http_get(&format!("microservices/{from}"), &url, timeout)
     }
 
+    /// What a pod (`ns/name`) or an external (`external/name`) printed so
+    /// far (empty before it started).
+    pub fn log(&self, who: &str) -> String {
+        std::fs::read_to_string(format!(
+            "/run/fibril/labs/{}/pods/{}.log",
+            self.name,
+            who.replace('/', "_")
+        ))
+        .unwrap_or_default()
+    }
+
     pub fn backend_log(&self) -> String {
         std::fs::read_to_string(format!(
             "/run/fibril/labs/{}/pods/microservices_backend.log",
