@@ -45,19 +45,12 @@ impl Agent {
         let dir = std::env::temp_dir().join(format!("fibril-hostile-{id}"));
         let bpf = PathBuf::from("/sys/fs/bpf").join(format!("fibril-hostile-{id}"));
         std::fs::create_dir_all(&dir).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_fibril-agent"))
-            .args(["--node-name", "hostile", "--pod-cidr", "10.249.77.0/24"])
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--bpf-dir")
-            .arg(&bpf)
-            .arg("--socket")
-            .arg(dir.join("agent.sock"))
-            .arg("--hubble-socket")
-            .arg(dir.join("hubble.sock"))
-            .args(["--hubble-listen-address", "127.0.0.1:0"])
-            .args(["--hubble-metrics-addr", "127.0.0.1:0"])
-            .args(["--metrics-addr", "127.0.0.1:0"])
+        // A pod CIDR of its own per agent of this process.
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cidr = format!("10.249.{}.0/24", 70 + n);
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_fibril-agent"));
+        let child = test_support::agent_command(bin, &dir, &bpf, "hostile", &cidr)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
             .spawn()

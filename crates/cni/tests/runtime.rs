@@ -43,22 +43,12 @@ impl Env {
         let bpf = PathBuf::from("/sys/fs/bpf").join(format!("fibril-cni-{id}"));
         std::fs::create_dir_all(&dir).unwrap();
         let cidr = format!("10.{}.{}.0/24", 250 + (std::process::id() % 5), 10 + n);
-        let agent = Command::new(bin("fibril-agent"))
-            .args(["--node-name", "cni-test", "--pod-cidr", &cidr])
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--bpf-dir")
-            .arg(&bpf)
-            .arg("--socket")
-            .arg(dir.join("agent.sock"))
-            .arg("--hubble-socket")
-            .arg(dir.join("hubble.sock"))
-            .args(["--hubble-listen-address", "127.0.0.1:0"])
-            .args(["--hubble-metrics-addr", "127.0.0.1:0"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
-            .spawn()
-            .unwrap();
+        let agent =
+            test_support::agent_command(&bin("fibril-agent"), &dir, &bpf, "cni-test", &cidr)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
+                .spawn()
+                .unwrap();
         let netns = format!("fibril-{id}");
         let env = Env {
             agent,

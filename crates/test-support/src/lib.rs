@@ -178,6 +178,34 @@ pub fn ipv6_udp_packet() -> Vec<u8> {
     p
 }
 
+/// The command that starts a `fibril-agent` (binary `bin`) of a test's own:
+/// state, sockets and log under `dir`, maps under the bpffs directory
+/// `bpf`, pod CIDR `cidr`, its Hubble API on the Unix socket and on
+/// loopback TCP, metrics on loopback ports (any free ones; each written to
+/// `dir/state/*.addr`). The caller kills it and removes both directories.
+pub fn agent_command(
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+    bpf: &std::path::Path,
+    node: &str,
+    cidr: &str,
+) -> std::process::Command {
+    let mut c = std::process::Command::new(bin);
+    c.args(["--node-name", node, "--pod-cidr", cidr])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--bpf-dir")
+        .arg(bpf)
+        .arg("--socket")
+        .arg(dir.join("agent.sock"))
+        .arg("--hubble-socket")
+        .arg(dir.join("hubble.sock"))
+        .args(["--hubble-listen-address", "127.0.0.1:0"])
+        .args(["--hubble-metrics-addr", "127.0.0.1:0"])
+        .args(["--metrics-addr", "127.0.0.1:0"]);
+    c
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
