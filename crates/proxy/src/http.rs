@@ -198,6 +198,29 @@ fn method_text(m: &str) -> flow::record::Text {
     }
 }
 
+/// The body of a 400 for a request target the proxy refuses.
+pub(crate) const BAD_TARGET_BODY: &str =
+    "Bad request: the path is ambiguous (encoded slash, fragment or bad encoding)\r\n";
+
+/// Replaces `req`'s path by its canonical form (`rules::canonical_target`),
+/// or says why it is refused.
+fn canonicalize<B>(req: &mut Request<B>) -> Result<(), crate::rules::TargetError> {
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let canonical = match crate::rules::canonical_target(target)? {
+        std::borrow::Cow::Borrowed(_) => return Ok(()),
+        std::borrow::Cow::Owned(c) => c,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(
+        canonical
+            .parse()
+            .map_err(|_| crate::rules::TargetError::BadCharacter)?,
+    );
+    *req.uri_mut() =
+        hyper::Uri::from_parts(parts).map_err(|_| crate::rules::TargetError::BadCharacter)?;
+    Ok(())
+}
+
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut r = Response::new(
         Full::new(Bytes::from_static(body.as_bytes()))
@@ -327,6 +350,18 @@ impl Conn {
             Version::HTTP_10 => "HTTP/1.0",
             _ => "HTTP/1.1",
         };
+        // The path the rules check is the one the server gets.
+        if let Err(e) = canonicalize(&mut req) {
+            self.stats.malformed.inc();
+            tracing::debug!(client = %self.client, error = %e, "request target refused");
+            let body = http_body_util::Limited::new(req.into_body(), DRAIN_LIMIT);
+            let mut resp = text(StatusCode::BAD_REQUEST, BAD_TARGET_BODY);
+            if body.collect().await.is_err() {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, "close".parse().expect("static"));
+            }
+            return resp;
+        }
         let (url, host_end) = {
             let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
             let host = req.uri().authority().map(|a| a.as_str()).or_else(|| {

@@ -173,6 +173,91 @@ impl Rule {
     }
 }
 
+/// Why a request target is refused (answered 400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetError {
+    /// Not origin-form (`/path?query`).
+    NotOriginForm,
+    /// `%2F` or `%5C`: servers disagree on whether it separates segments.
+    EscapedSlash,
+    /// A `#fragment`: clients never send one; servers cut there.
+    Fragment,
+    /// A `%` not followed by two hex digits.
+    BadPercent,
+    /// A control character, a space, a backslash or a non-ASCII byte.
+    BadCharacter,
+}
+
+impl std::fmt::Display for TargetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::NotOriginForm => "the request target is not a path",
+            Self::EscapedSlash => "an encoded slash or backslash (%2F, %5C) in the path",
+            Self::Fragment => "a fragment (#) in the request target",
+            Self::BadPercent => "a malformed percent-encoding in the path",
+            Self::BadCharacter => "a character the request target may not hold",
+        })
+    }
+}
+
+/// The one request target the rules check and the server is sent (so that
+/// the server cannot see a path other than the one checked): percent-encoded
+/// unreserved characters decoded (RFC 3986 §6.2.2.2) and the other
+/// encodings' hex upper-cased (§6.2.2.1), dot segments resolved and
+/// repeated slashes merged (Envoy's `normalize_path` and `merge_slashes`);
+/// the query is kept. Encoded slashes and backslashes are refused, as
+/// Envoy's `path_with_escaped_slashes_action: REJECT_REQUEST` does, and so
+/// are fragments, bad encodings and characters a target may not hold.
+/// Borrowed when the target is canonical already (nearly always).
+pub fn canonical_target(target: &str) -> Result<std::borrow::Cow<'_, str>, TargetError> {
+    let bytes = target.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return Err(TargetError::NotOriginForm);
+    }
+    let path_end = target.find('?').unwrap_or(target.len());
+    let mut needs_decoding = false;
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'#' => return Err(TargetError::Fragment),
+            b'\\' | 0..=0x20 | 0x7f.. => return Err(TargetError::BadCharacter),
+            // The path's encodings are decoded; the query is the server's.
+            b'%' if i < path_end => {
+                let hex = |j: usize| bytes.get(j).is_some_and(u8::is_ascii_hexdigit);
+                if !hex(i + 1) || !hex(i + 2) {
+                    return Err(TargetError::BadPercent);
+                }
+                needs_decoding = true;
+            }
+            _ => {}
+        }
+    }
+    if !needs_decoding {
+        return Ok(normalize_path(target));
+    }
+    let (path, query) = target.split_at(path_end);
+    let mut decoded = String::with_capacity(target.len());
+    let mut rest = path;
+    while let Some(at) = rest.find('%') {
+        decoded.push_str(&rest[..at]);
+        let code =
+            u8::from_str_radix(&rest[at + 1..at + 3], 16).map_err(|_| TargetError::BadPercent)?;
+        match code {
+            b'/' | b'\\' => return Err(TargetError::EscapedSlash),
+            c if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') => {
+                decoded.push(c as char)
+            }
+            c => {
+                decoded.push('%');
+                decoded.push_str(&format!("{c:02X}"));
+            }
+        }
+        rest = &rest[at + 3..];
+    }
+    decoded.push_str(rest);
+    decoded.push_str(query);
+    Ok(normalize_path(&decoded).into_owned().into())
+}
+
 /// Envoy's path normalisation before matching (RFC 3986 dot segments
 /// removed, repeated slashes merged); the query is kept as it is. A path
 /// that is already normal (most are) is returned as it is, unallocated.
@@ -221,6 +306,57 @@ pub fn normalize_path(path_and_query: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_canonical_target_is_checked_and_sent() {
+        let ok = |raw: &str, want: &str| {
+            assert_eq!(canonical_target(raw).as_deref(), Ok(want), "{raw}");
+        };
+        // RFC 3986 §5.4 (dot segments) and §6.2.2 (case, unreserved).
+        ok("/a/b/c/./../../g", "/a/g");
+        ok("/mid/content=5/../6", "/mid/6");
+        ok("/%7Euser/%41%42c", "/~user/ABc");
+        ok("/a%2db", "/a-b");
+        ok("/x%3ay", "/x%3Ay");
+        ok("/api/x?q=%2e%2e/../y", "/api/x?q=%2e%2e/../y");
+        // Bypasses: encoded dots are dots, so they are resolved.
+        for raw in [
+            "/api/%2e%2e/admin",
+            "/api/%2E%2E/admin",
+            "/api/.%2e/admin",
+            "/api/%2e./admin",
+            "/api/x/%2e%2e/%2e%2e/admin",
+        ] {
+            ok(raw, "/admin");
+        }
+        ok("/api//x", "/api/x");
+        // What servers read differently is refused.
+        let bad =
+            |raw: &str, why: TargetError| assert_eq!(canonical_target(raw), Err(why), "{raw}");
+        for raw in [
+            "/api/..%2fadmin",
+            "/api/..%2Fadmin",
+            "/api/%2e%2e%2fadmin",
+            "/api/..%5cadmin",
+        ] {
+            bad(raw, TargetError::EscapedSlash);
+        }
+        bad("/admin#/../api/x", TargetError::Fragment);
+        bad("/api/..\\admin", TargetError::BadCharacter);
+        bad("/api/\u{7f}", TargetError::BadCharacter);
+        bad("/api/%zz", TargetError::BadPercent);
+        bad("/api/%2", TargetError::BadPercent);
+        bad("http://api.example/api/x", TargetError::NotOriginForm);
+        bad("*", TargetError::NotOriginForm);
+        // Double encoding stays encoded once (the server decodes it once).
+        ok("/api/%252e%252e/admin", "/api/%252e%252e/admin");
+        ok("/api/x?q=100%", "/api/x?q=100%");
+        // Already canonical: not copied.
+        assert!(matches!(
+            canonical_target("/api/x?y=1"),
+            Ok(std::borrow::Cow::Borrowed(_))
+        ));
+    }
 
     fn rule(method: Option<&str>, path: Option<&str>) -> policy::HttpRule {
         policy::HttpRule {

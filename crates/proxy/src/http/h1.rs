@@ -80,6 +80,8 @@ enum Parsed {
     Request(RequestHead),
     /// For the general path.
     General,
+    /// A request target no server may read otherwise than the rules: 400.
+    BadTarget,
 }
 
 /// How a response's body ends.
@@ -135,6 +137,15 @@ fn parse_request(buf: &[u8]) -> Parsed {
     }
     if method == "CONNECT" || !path.starts_with('/') {
         return Parsed::General;
+    }
+    // Only a canonical target goes byte for byte; the general path
+    // rewrites any other to its canonical form. One servers would read
+    // otherwise (a fragment, an encoded slash) is refused here, where the
+    // raw target is still seen (hyper's parser drops fragments).
+    match crate::rules::canonical_target(path) {
+        Ok(std::borrow::Cow::Borrowed(_)) => {}
+        Ok(std::borrow::Cow::Owned(_)) => return Parsed::General,
+        Err(_) => return Parsed::BadTarget,
     }
     let mut headers = HeaderMap::with_capacity(req.headers.len());
     let (mut body, mut close, mut host) = (None, false, None);
@@ -361,6 +372,18 @@ impl Conn {
                 match parse_request(&buf) {
                     Parsed::Request(head) => break head,
                     Parsed::General => return End::Fallback(client, buf.freeze()),
+                    Parsed::BadTarget => {
+                        self.stats.malformed.inc();
+                        // The rest of the request is not read: closed.
+                        let _ = answer(
+                            &mut client,
+                            "400 Bad Request",
+                            super::BAD_TARGET_BODY,
+                            false,
+                        )
+                        .await;
+                        return End::Done;
+                    }
                     Parsed::Partial => {}
                 }
                 let read = tokio::select! {
