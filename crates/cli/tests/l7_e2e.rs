@@ -956,8 +956,14 @@ fn encoded_paths_cannot_reach_what_the_rule_refuses() {
     let raw = |target: &str, extra: &str| {
         // printf's own escapes: a literal % is %%.
         let target = target.replace('%', "%%");
+        // A Host of the caller's, or the usual one.
+        let host = if extra.starts_with("Host:") {
+            ""
+        } else {
+            "Host: api\\r\\n"
+        };
         let script = format!(
-            "exec 3<>/dev/tcp/{}/8080; printf 'GET {target} HTTP/1.1\\r\\nHost: api\\r\\n{extra}Connection: close\\r\\n\\r\\n' >&3; timeout 5 cat <&3",
+            "exec 3<>/dev/tcp/{}/8080; printf 'GET {target} HTTP/1.1\\r\\n{host}{extra}Connection: close\\r\\n\\r\\n' >&3; timeout 5 cat <&3",
             l.lab.ip(3)
         );
         let out = l.exec("frontend", &["bash", "-c", &script]);
@@ -993,6 +999,17 @@ fn encoded_paths_cannot_reach_what_the_rule_refuses() {
         let status = raw(target, "");
         assert!(status.starts_with("HTTP/1.1 400"), "{target}: {status}");
     }
+    // Absolute-form: the URI's host is the one checked and sent, whatever
+    // Host said; two Host fields are refused.
+    let abs = raw("http://api.example/api/abs", "Host: evil\\r\\n");
+    assert!(abs.starts_with("HTTP/1.1 200"), "{abs}");
+    assert!(raw("/api/x", "X: y\\r\\nHost: other\\r\\n").starts_with("HTTP/1.1 400"));
+    let log = l.pod_log("api");
+    assert!(
+        log.contains("host api.example\nrequest GET /api/abs HTTP/1.1"),
+        "{log}"
+    );
+    assert!(!log.contains("host evil"), "{log}");
     // Encoded unreserved characters reach the server decoded: the path the
     // rule allowed.
     assert!(raw("/api/%78y", "").starts_with("HTTP/1.1 200"));

@@ -231,6 +231,11 @@ fn serve_http(conn: TcpStream) {
                 break;
             }
             if let Some((k, v)) = h.split_once(':') {
+                // Which host each request names (tests check what the
+                // proxy forwarded).
+                if k.trim().eq_ignore_ascii_case("host") {
+                    say(format!("host {}", v.trim()));
+                }
                 if k.trim().eq_ignore_ascii_case("content-length") {
                     content_length = v.trim().parse().unwrap_or(0);
                 }

@@ -202,6 +202,38 @@ fn method_text(m: &str) -> flow::record::Text {
 pub(crate) const BAD_TARGET_BODY: &str =
     "Bad request: the path is ambiguous (encoded slash, fragment or bad encoding)\r\n";
 
+/// The body of a 400 for a request with more than one Host.
+const BAD_HOST_BODY: &str = "Bad request: more than one Host\r\n";
+
+/// HTTP/1: refuses several Host fields (false), and turns an absolute-form
+/// request (`GET http://api.example/x`) into origin-form with Host set to
+/// the URI's authority, as RFC 9112 §3.2.2 says a server must read it: the
+/// rules and the server then see the same host, whatever Host said.
+fn single_host<B>(req: &mut Request<B>) -> bool {
+    if req.version() == Version::HTTP_2 {
+        return true;
+    }
+    if req.headers().get_all(header::HOST).iter().count() > 1 {
+        return false;
+    }
+    let Some(authority) = req.uri().authority().cloned() else {
+        return true;
+    };
+    let Ok(host) = header::HeaderValue::from_str(authority.as_str()) else {
+        return false;
+    };
+    req.headers_mut().insert(header::HOST, host);
+    let mut parts = hyper::http::uri::Parts::default();
+    parts.path_and_query = req.uri().path_and_query().cloned();
+    match hyper::Uri::from_parts(parts) {
+        Ok(origin) => {
+            *req.uri_mut() = origin;
+            true
+        }
+        Err(_) => false,
+    }
+}
+
 /// Replaces `req`'s path by its canonical form (`rules::canonical_target`),
 /// or says why it is refused.
 fn canonicalize<B>(req: &mut Request<B>) -> Result<(), crate::rules::TargetError> {
@@ -350,6 +382,11 @@ impl Conn {
             Version::HTTP_10 => "HTTP/1.0",
             _ => "HTTP/1.1",
         };
+        // One Host, the one the rules check and the server gets.
+        if !single_host(&mut req) {
+            self.stats.malformed.inc();
+            return text(StatusCode::BAD_REQUEST, BAD_HOST_BODY);
+        }
         // The path the rules check is the one the server gets.
         if let Err(e) = canonicalize(&mut req) {
             self.stats.malformed.inc();

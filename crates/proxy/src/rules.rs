@@ -139,10 +139,9 @@ impl Rule {
             return None;
         }
         for (name, value) in &self.headers {
-            let mut present = req.headers.get_all(name).iter();
             let ok = match value {
-                None => present.next().is_some(),
-                Some(v) => present.any(|h| h.as_bytes() == v.as_bytes()),
+                None => req.headers.contains_key(name),
+                Some(v) => joined_value_is(req.headers, name, v.as_bytes()),
             };
             if !ok {
                 return None;
@@ -153,7 +152,7 @@ impl Rule {
             let matched = m
                 .value
                 .as_ref()
-                .is_some_and(|v| req.headers.get_all(&m.name).iter().any(|h| h == v));
+                .is_some_and(|v| joined_value_is(req.headers, &m.name, v.as_bytes()));
             if matched {
                 continue;
             }
@@ -171,6 +170,28 @@ impl Rule {
         }
         Some(edits)
     }
+}
+
+/// Whether the value of every field `name` of `headers`, joined with `,`
+/// as one header (RFC 9110 §5.3), is `want`: a request carrying `X-Token:
+/// wrong` and `X-Token: abc` does not match `X-Token: abc` (the server may
+/// act on either; Envoy's fix for CVE-2020-25017). No allocation for the
+/// usual single field.
+fn joined_value_is(headers: &HeaderMap, name: &HeaderName, want: &[u8]) -> bool {
+    let mut fields = headers.get_all(name).iter();
+    let Some(first) = fields.next() else {
+        return false;
+    };
+    let mut rest = fields.peekable();
+    if rest.peek().is_none() {
+        return first.as_bytes() == want;
+    }
+    let mut joined = first.as_bytes().to_vec();
+    for f in rest {
+        joined.push(b',');
+        joined.extend_from_slice(f.as_bytes());
+    }
+    joined == want
 }
 
 /// Why a request target is refused (answered 400).
@@ -431,6 +452,19 @@ mod tests {
         assert!(check(&r, "GET", "/", &[("x-team", "a"), ("x-env", "prod")]));
         assert!(!check(&r, "GET", "/", &[("x-env", "prod")]));
         assert!(!check(&r, "GET", "/", &[("x-team", "a"), ("x-env", "dev")]));
+        // Duplicates: the joined value must match, not any one of them.
+        assert!(!check(
+            &r,
+            "GET",
+            "/",
+            &[("x-team", "a"), ("x-env", "dev"), ("x-env", "prod")]
+        ));
+        assert!(!check(
+            &r,
+            "GET",
+            "/",
+            &[("x-team", "a"), ("x-env", "prod"), ("x-env", "dev")]
+        ));
 
         let hm = |mismatch: Option<&str>| {
             HttpRules::compile(&[policy::HttpRule {
@@ -446,6 +480,12 @@ mod tests {
         };
         assert!(check(&hm(None), "GET", "/", &[("x-token", "s3cret")]));
         assert!(!check(&hm(None), "GET", "/", &[("x-token", "other")]));
+        assert!(!check(
+            &hm(None),
+            "GET",
+            "/",
+            &[("x-token", "wrong"), ("x-token", "s3cret")]
+        ));
         let mut map = HeaderMap::new();
         map.insert("x-token", HeaderValue::from_static("other"));
         let view = RequestView {
