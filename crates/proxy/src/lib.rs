@@ -93,6 +93,9 @@ pub struct Stats {
     /// Forwarded requests whose response head did not come within the
     /// request timeout (answered with 504).
     pub request_timeouts: Counter,
+    /// Upstream connections closed because the server sent more than the
+    /// response to a request (never delivered to the client).
+    pub unsolicited: Counter,
     pub dns_forwarded: Counter,
     /// Queries answered REFUSED by the DNS rules.
     pub dns_refused: Counter,
@@ -125,7 +128,7 @@ impl Counter {
 
 impl Stats {
     /// `(name, help, value)` for each counter.
-    pub fn snapshot(&self) -> [(&'static str, &'static str, u64); 10] {
+    pub fn snapshot(&self) -> [(&'static str, &'static str, u64); 11] {
         let v = Counter::get;
         [
             (
@@ -162,6 +165,11 @@ impl Stats {
                 "fibril_proxy_http_request_timeouts_total",
                 "HTTP requests answered with 504: no response head within the request timeout",
                 v(&self.request_timeouts),
+            ),
+            (
+                "fibril_proxy_http_unsolicited_responses_total",
+                "Upstream connections closed because the server sent more than the response to a request (never delivered)",
+                v(&self.unsolicited),
             ),
             (
                 "fibril_proxy_dns_queries_forwarded_total",

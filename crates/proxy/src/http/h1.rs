@@ -510,7 +510,13 @@ impl Conn {
             *upstream = None;
             return Ok(Next::Close);
         }
-        if resp.close {
+        // Bytes after the response are an answer to nothing this client
+        // asked (a request smuggled to the server, say): never delivered to
+        // the next request; the connection goes.
+        if !up.buf.is_empty() {
+            self.stats.unsolicited.inc();
+            *upstream = None;
+        } else if resp.close {
             *upstream = None;
         }
         Ok(if head.close || resp.framing == Framing::Close {
@@ -544,11 +550,19 @@ impl Conn {
         upstream: &'u mut Option<Upstream>,
     ) -> io::Result<&'u mut Upstream> {
         if let Some(up) = upstream.as_mut() {
-            // An idle keep-alive connection the server closed (or wrote
-            // to out of turn) is not reused.
+            // An idle keep-alive connection the server closed, or wrote to
+            // out of turn (bytes already read count too), is not reused.
             let mut probe = [0u8; 1];
             match up.stream.try_read(&mut probe) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && up.buf.is_empty() => {}
+                Ok(n) if n > 0 => {
+                    self.stats.unsolicited.inc();
+                    *upstream = None;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.stats.unsolicited.inc();
+                    *upstream = None;
+                }
                 _ => *upstream = None,
             }
         }
@@ -991,6 +1005,14 @@ mod tests {
                             // Never answered: the proxy's request timeout.
                             continue;
                         }
+                        if line.contains("/twice ") {
+                            // Two answers to one request (as a server
+                            // running a request smuggled in a body would).
+                            let one = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst";
+                            let two = "HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED";
+                            w.write_all((one.to_string() + two).as_bytes()).unwrap();
+                            continue;
+                        }
                         if line.contains("/chunked ") {
                             for part in [
                                 "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nab",
@@ -1166,6 +1188,42 @@ mod tests {
                 row("FORWARDED", "RESPONSE", "GET", "/api/b", 503),
             ]
         );
+    }
+
+    /// A server that answers one request twice: the extra answer is never
+    /// delivered (to the next request or anyone), the upstream connection
+    /// goes, and it is counted; the next request gets its own answer.
+    #[tokio::test]
+    async fn an_answer_nobody_asked_for_is_never_delivered() {
+        let dst = server();
+        let policy = std::sync::Arc::new(Recorder::default());
+        let (mut c, accepted, conn) = connection(
+            dst,
+            vec![policy::HttpRule::default()],
+            policy.clone(),
+            Default::default(),
+        )
+        .await;
+        let conn = std::sync::Arc::new(conn);
+        let serving = conn.clone();
+        let end = tokio::spawn(async move { serving.serve_direct(accepted).await });
+        c.write_all(b"GET /api/twice HTTP/1.1\r\nHost: s\r\n\r\n")
+            .await
+            .unwrap();
+        let (_, first) = own_answer(&mut c).await;
+        assert_eq!(first, "first");
+        // Give the second answer time to arrive at the proxy.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        for _ in 0..3 {
+            c.write_all(b"GET /api/next HTTP/1.1\r\nHost: s\r\n\r\n")
+                .await
+                .unwrap();
+            let (_, body) = own_answer(&mut c).await;
+            assert_eq!(body, "GET /api/next HTTP/1.1 body 0");
+        }
+        assert!(conn.stats.unsolicited.get() >= 1);
+        drop(c);
+        let _ = end.await;
     }
 
     /// The header timeout closes a client that stalls in a head, and moves
