@@ -347,35 +347,44 @@ pub fn peer_selects(pr: &PeerRule, id: u32, labels: &LabelSet, ctx: &Context<'_>
 
 /// (protocol number, port, port bits) triples a peer rule allows, for a
 /// peer whose named ports are `named`.
-fn port_keys(pr: &PeerRule, named: &dyn Fn(&str) -> Vec<(u8, u16)>) -> Vec<(u8, u16, u8)> {
-    if pr.ports.is_empty() && pr.icmps.is_empty() {
-        return vec![(0, 0, 0)];
+fn port_keys<'a>(
+    pr: &'a PeerRule,
+    named: &dyn Fn(&str) -> Vec<(u8, u16)>,
+) -> Vec<(u8, u16, u8, Option<&'a L7>)> {
+    if pr.all_ports() {
+        return vec![(0, 0, 0, None)];
     }
     let mut out = Vec::new();
-    for p in &pr.ports {
-        match &p.port {
-            Port::Any if p.protocol == Protocol::Any => out.push((0, 0, 0)),
-            Port::Any => out.extend(p.protocol.numbers().iter().map(|&n| (n, 0, 0))),
-            Port::Range(a, b) => {
-                for &n in p.protocol.numbers() {
-                    out.extend(
-                        port_blocks(*a, *b)
-                            .into_iter()
-                            .map(|(port, bits)| (n, port, bits)),
-                    );
+    for t in &pr.to_ports {
+        let l7 = t.l7.as_ref();
+        if t.ports.is_empty() {
+            out.push((0, 0, 0, l7));
+        }
+        for p in &t.ports {
+            match &p.port {
+                Port::Any if p.protocol == Protocol::Any => out.push((0, 0, 0, l7)),
+                Port::Any => out.extend(p.protocol.numbers().iter().map(|&n| (n, 0, 0, l7))),
+                Port::Range(a, b) => {
+                    for &n in p.protocol.numbers() {
+                        out.extend(
+                            port_blocks(*a, *b)
+                                .into_iter()
+                                .map(|(port, bits)| (n, port, bits, l7)),
+                        );
+                    }
                 }
-            }
-            Port::Named(name) => {
-                for (n, port) in named(name) {
-                    if p.protocol.numbers().contains(&n) {
-                        out.push((n, port, 16));
+                Port::Named(name) => {
+                    for (n, port) in named(name) {
+                        if p.protocol.numbers().contains(&n) {
+                            out.push((n, port, 16, l7));
+                        }
                     }
                 }
             }
         }
     }
     for i in &pr.icmps {
-        out.push((if i.ipv6 { 58 } else { 1 }, i.icmp_type as u16, 16));
+        out.push((if i.ipv6 { 58 } else { 1 }, i.icmp_type as u16, 16, None));
     }
     out
 }
@@ -439,7 +448,7 @@ pub type Resolve<'a> = dyn Fn(&Policy, usize, Direction, usize, &PeerRule) -> Ve
 /// none for the empty rule `{}`).
 pub fn resolve_peers(pr: &PeerRule, ctx: &Context<'_>) -> Vec<u32> {
     let mut ids: Vec<u32> = match &pr.peers {
-        None if pr.ports.is_empty() && pr.icmps.is_empty() => vec![],
+        None if pr.all_ports() => vec![],
         None => vec![0],
         Some(peers) => peers.iter().flat_map(|p| peer_identities(p, ctx)).collect(),
     };
@@ -541,7 +550,7 @@ pub fn compute_selected(
                         (Direction::Egress, id) => ctx.named_ports.get(&id),
                     };
                     let named = |name: &str| resolve_named(peer_ports, name);
-                    for (protocol, port, port_bits) in port_keys(pr, &named) {
+                    for (protocol, port, port_bits, l7) in port_keys(pr, &named) {
                         let key = EntryKey {
                             identity: id,
                             direction,
@@ -554,13 +563,13 @@ pub fn compute_selected(
                                 v.insert(EntryValue {
                                     deny: pr.deny,
                                     origin: origin.clone(),
-                                    l7: pr.l7.clone(),
+                                    l7: l7.cloned(),
                                     audit: policy.audit,
                                 });
                             }
                             std::collections::btree_map::Entry::Occupied(mut o) => {
                                 if !pr.deny {
-                                    merge_l7(&mut o.get_mut().l7, pr.l7.as_ref());
+                                    merge_l7(&mut o.get_mut().l7, l7);
                                 }
                             }
                         }

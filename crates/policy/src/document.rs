@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::labels::{split_source, NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX};
 use crate::model::{
     Entity, FqdnSelector, HeaderMatch, HttpRule, Icmp, KafkaRule, Peer, PeerRule, Policy,
-    PolicyKind, Port, PortSpec, Protocol, Rule, L7,
+    PolicyKind, Port, PortRule, PortSpec, Protocol, Rule, L7,
 };
 use crate::selector::{Operator, Requirement, Selector};
 
@@ -368,7 +368,7 @@ fn warn_fqdn_without_dns(file: &str, parsed: &mut Parsed) {
         r.egress
             .iter()
             .flatten()
-            .any(|pr| matches!(pr.l7, Some(L7::Dns(_))))
+            .any(|pr| pr.l7().any(|l| matches!(l, L7::Dns(_))))
     });
     if has_dns {
         return;
@@ -834,8 +834,7 @@ fn convert_peer_rule(
         }
     };
 
-    let mut ports = Vec::new();
-    let mut l7: Option<L7> = None;
+    let mut to_ports: Vec<PortRule> = Vec::new();
     for (i, pr) in p.to_ports.into_iter().flatten().enumerate() {
         let ppath = format!("{path}.toPorts[{i}]");
         let these = pr.ports.unwrap_or_default();
@@ -876,6 +875,7 @@ fn convert_peer_rule(
                 ctx.warn(format!("{ppath}.{field}"), format!("{what} needs the L7 proxy, which is not available yet: only the L4 part is enforced"));
             }
         }
+        let mut l7 = None;
         if let Some(rules) = pr.rules {
             if deny {
                 return Err(ctx.err(
@@ -883,57 +883,51 @@ fn convert_peer_rule(
                     "deny rules support L3 and L4 only (no L7 rules)",
                 ));
             }
-            if let Some(parsed) = convert_l7(ctx, &format!("{ppath}.rules"), rules, &converted)? {
-                if let Some(prev) = &l7 {
-                    if prev.kind() != parsed.kind() {
-                        return Err(ctx.err(
-                            format!("{ppath}.rules"),
-                            format!(
-                                "{} and {} rules in one rule cannot share ports",
-                                prev.kind(),
-                                parsed.kind()
-                            ),
-                        ));
-                    }
-                }
-                l7 = Some(merge_l7(l7.take(), parsed));
+            l7 = convert_l7(ctx, &format!("{ppath}.rules"), rules, &converted)?;
+        }
+        // Rules of two kinds on one port: no proxy could apply both
+        // (Cilium refuses such policies too).
+        if let Some(kind) = l7.as_ref().map(L7::kind) {
+            let clash = to_ports.iter().find(|t| {
+                t.l7.as_ref().is_some_and(|l| l.kind() != kind)
+                    && (t.ports.is_empty()
+                        || converted.is_empty()
+                        || t.ports.iter().any(|p| converted.contains(p)))
+            });
+            if let Some(other) = clash.and_then(|t| t.l7.as_ref()) {
+                return Err(ctx.err(
+                    format!("{ppath}.rules"),
+                    format!(
+                        "{} and {kind} rules in one rule cannot share ports",
+                        other.kind()
+                    ),
+                ));
             }
         }
-        ports.extend(converted);
+        to_ports.push(PortRule {
+            ports: converted,
+            l7,
+        });
     }
-    if let Some(kind) = l7.as_ref().map(|l| l.kind()).filter(|k| *k != "http") {
+    let kinds: std::collections::BTreeSet<&str> = to_ports
+        .iter()
+        .filter_map(|t| t.l7.as_ref().map(L7::kind))
+        .filter(|k| *k != "http" && *k != "dns")
+        .collect();
+    for kind in kinds {
         ctx.warn(
             path,
-            format!("{kind} rules are parsed, but Fibril's proxy enforces only http rules so far: only the L4 part is enforced"),
+            format!("{kind} rules are parsed, but Fibril's proxy enforces only http and dns rules so far: only the L4 part is enforced"),
         );
     }
     Ok(PeerRule {
         peers,
         requires,
-        ports,
+        to_ports,
         icmps,
         deny,
-        l7,
         auth_required,
     })
-}
-
-fn merge_l7(prev: Option<L7>, next: L7) -> L7 {
-    match (prev, next) {
-        (Some(L7::Http(mut a)), L7::Http(b)) => {
-            a.extend(b);
-            L7::Http(a)
-        }
-        (Some(L7::Kafka(mut a)), L7::Kafka(b)) => {
-            a.extend(b);
-            L7::Kafka(a)
-        }
-        (Some(L7::Dns(mut a)), L7::Dns(b)) => {
-            a.extend(b);
-            L7::Dns(a)
-        }
-        (_, next) => next,
-    }
 }
 
 fn convert_l7(

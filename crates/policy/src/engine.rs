@@ -72,11 +72,7 @@ fn peer_rules(p: &Policy) -> impl Iterator<Item = (usize, Direction, usize, &Pee
 fn uses_named_ports(p: &Policy, rule: usize) -> bool {
     peer_rules(p)
         .filter(|(ri, ..)| *ri == rule)
-        .any(|(.., pr)| {
-            pr.ports
-                .iter()
-                .any(|port| matches!(port.port, Port::Named(_)))
-        })
+        .any(|(.., pr)| pr.ports().any(|port| matches!(port.port, Port::Named(_))))
 }
 
 fn uses_requires(p: &Policy, rule: usize) -> bool {

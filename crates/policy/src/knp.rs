@@ -9,7 +9,9 @@ use crate::document::{
     port_value, validate_selector, Ctx, Error, RawMeta,
 };
 use crate::labels::{split_source, NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX};
-use crate::model::{Entity, Peer, PeerRule, Policy, PolicyKind, Port, PortSpec, Protocol, Rule};
+use crate::model::{
+    Entity, Peer, PeerRule, Policy, PolicyKind, Port, PortRule, PortSpec, Protocol, Rule,
+};
 use crate::selector::{Operator, Requirement, Selector};
 
 #[derive(Deserialize)]
@@ -228,10 +230,13 @@ fn convert_rule(
     Ok(PeerRule {
         peers: Some(peers),
         requires: vec![],
-        ports,
+        to_ports: if ports.is_empty() {
+            vec![]
+        } else {
+            vec![PortRule { ports, l7: None }]
+        },
         icmps: vec![],
         deny: false,
-        l7: None,
         auth_required: false,
     })
 }

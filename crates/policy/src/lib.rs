@@ -19,7 +19,7 @@ pub use document::{parse, Error, Parsed, Warning};
 pub use engine::Engine;
 pub use labels::{pod_identity_labels, Label, LabelSet, PodMeta};
 pub use model::{
-    HeaderMatch, HttpRule, NamedPort, Peer, PeerRule, Policy, PolicyKind, Port, PortSpec, Protocol,
-    Rule, L7,
+    HeaderMatch, HttpRule, NamedPort, Peer, PeerRule, Policy, PolicyKind, Port, PortRule, PortSpec,
+    Protocol, Rule, L7,
 };
 pub use selector::Selector;

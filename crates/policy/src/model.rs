@@ -67,21 +67,86 @@ pub struct Rule {
 
 /// One ingress or egress rule: peers AND ports.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredPeerRule")]
 pub struct PeerRule {
     /// `None`: no L3 selector (any peer, when ports or ICMP types are given).
     pub peers: Option<Vec<Peer>>,
     /// `fromRequires`/`toRequires`: ANDed onto every peer of every rule
     /// that selects the same endpoint in this direction.
     pub requires: Vec<Selector>,
-    /// Empty (and no ICMP types): all ports and protocols.
-    pub ports: Vec<PortSpec>,
+    /// `toPorts`, each entry with its own L7 rules. Empty (and no ICMP
+    /// types): all ports and protocols.
+    pub to_ports: Vec<PortRule>,
     pub icmps: Vec<Icmp>,
     pub deny: bool,
-    /// L7 rules on these ports: traffic is redirected to a proxy.
-    pub l7: Option<L7>,
     /// `authentication.mode: required`: allows nothing until mutual
     /// authentication exists.
     pub auth_required: bool,
+}
+
+/// One `toPorts` entry: its ports and the L7 rules that apply on them (and
+/// on no other port of the rule).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortRule {
+    /// Empty: every port.
+    pub ports: Vec<PortSpec>,
+    /// L7 rules on these ports: traffic is redirected to a proxy.
+    pub l7: Option<L7>,
+}
+
+impl PeerRule {
+    /// Whether the rule names no port and no ICMP type (all traffic).
+    pub fn all_ports(&self) -> bool {
+        self.to_ports.is_empty() && self.icmps.is_empty()
+    }
+
+    /// Every port the rule names, of every `toPorts` entry.
+    pub fn ports(&self) -> impl Iterator<Item = &PortSpec> {
+        self.to_ports.iter().flat_map(|t| &t.ports)
+    }
+
+    /// Every L7 rule set of the rule.
+    pub fn l7(&self) -> impl Iterator<Item = &L7> {
+        self.to_ports.iter().filter_map(|t| t.l7.as_ref())
+    }
+}
+
+/// A `PeerRule` as the state file holds it, also as agents wrote it before
+/// `to_ports` (all ports in `ports`, one `l7` for all of them: read back as
+/// one entry, which is what those agents enforced).
+#[derive(Deserialize)]
+struct StoredPeerRule {
+    peers: Option<Vec<Peer>>,
+    requires: Vec<Selector>,
+    #[serde(default)]
+    to_ports: Vec<PortRule>,
+    #[serde(default)]
+    ports: Vec<PortSpec>,
+    #[serde(default)]
+    l7: Option<L7>,
+    icmps: Vec<Icmp>,
+    deny: bool,
+    auth_required: bool,
+}
+
+impl From<StoredPeerRule> for PeerRule {
+    fn from(s: StoredPeerRule) -> Self {
+        let mut to_ports = s.to_ports;
+        if !s.ports.is_empty() || s.l7.is_some() {
+            to_ports.push(PortRule {
+                ports: s.ports,
+                l7: s.l7,
+            });
+        }
+        PeerRule {
+            peers: s.peers,
+            requires: s.requires,
+            to_ports,
+            icmps: s.icmps,
+            deny: s.deny,
+            auth_required: s.auth_required,
+        }
+    }
 }
 
 /// An L3 peer.

@@ -392,3 +392,76 @@ fn kubernetes_network_policy_translation() {
         assert!(r.is_err(), "{bad}");
     }
 }
+
+/// Each toPorts entry's L7 rules apply on its own ports only (a port of
+/// another entry, with other rules or none, is not restricted by them):
+/// `GET /api/.*` on 8080 must not let a request without the token through
+/// on 8082, whose entry requires it.
+#[test]
+fn each_to_ports_entry_keeps_its_own_l7_rules() {
+    use fibril_policy::{Decision, HttpRule, L7};
+    let w = World::new();
+    let doc = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: backend}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: frontend}}]
+    toPorts:
+    - ports: [{port: "8080", protocol: TCP}, {port: "8081", protocol: TCP}]
+      rules:
+        http: [{method: GET, path: "/api/.*"}]
+    - ports: [{port: "8082", protocol: TCP}]
+      rules:
+        http: [{method: GET, path: "/api/.*", headers: ["X-Token: abc"]}]
+    - ports: [{port: "9090", protocol: TCP}]
+    - ports: [{port: "8081", protocol: TCP}]
+      rules:
+        http: [{method: POST}]
+"#;
+    let policies = parse("t.yaml", doc, "shop").unwrap().policies;
+    let p = w.compute(&labels("shop", &[("app", "backend")]), &policies);
+    let frontend = labels("shop", &[("app", "frontend")]);
+    let fe = w.ids.iter().find(|(_, l)| *l == frontend).unwrap().0;
+    let l7 = |port| match p.decide(fe, Direction::Ingress, 6, port) {
+        Decision::Allowed { l7, .. } => l7,
+        other => panic!("{port}: {other:?}"),
+    };
+    let api = HttpRule {
+        method: Some("GET".into()),
+        path: Some("/api/.*".into()),
+        ..Default::default()
+    };
+    let token = HttpRule {
+        headers: vec!["X-Token: abc".into()],
+        ..api.clone()
+    };
+    let post = HttpRule {
+        method: Some("POST".into()),
+        ..Default::default()
+    };
+    assert_eq!(l7(8080), Some(L7::Http(vec![api.clone()])));
+    assert_eq!(l7(8082), Some(L7::Http(vec![token])));
+    assert_eq!(l7(9090), None);
+    // One port in two entries: either entry's rules (a union, §3.8).
+    assert_eq!(l7(8081), Some(L7::Http(vec![api, post])));
+}
+
+/// A state file written before `to_ports` (one `ports` list and one `l7`
+/// for the whole rule) still loads, as the rule those agents enforced.
+#[test]
+fn peer_rules_stored_by_older_agents_still_load() {
+    let old = r#"{"peers":null,"requires":[],"ports":[{"protocol":"Tcp","port":{"Range":[80,80]}}],
+        "icmps":[],"deny":false,"l7":{"Http":[{"method":"GET","path":null,"host":null,"headers":[],"header_matches":[]}]},
+        "auth_required":false}"#;
+    let pr: fibril_policy::model::PeerRule = serde_json::from_str(old).unwrap();
+    assert_eq!(pr.to_ports.len(), 1);
+    assert_eq!(pr.to_ports[0].ports.len(), 1);
+    assert!(pr.to_ports[0].l7.is_some());
+    // And the new shape round-trips.
+    let again: fibril_policy::model::PeerRule =
+        serde_json::from_str(&serde_json::to_string(&pr).unwrap()).unwrap();
+    assert_eq!(again, pr);
+}
