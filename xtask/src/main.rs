@@ -64,6 +64,8 @@ fn deps() -> anyhow::Result<()> {
         ("procps", "/usr/sbin/sysctl"),
         // The L7 tests' HTTP/1.1 and HTTP/2 client inside lab pods.
         ("curl", "/usr/bin/curl"),
+        // The real server behind the proxy in the L7 bypass corpus.
+        ("nginx-light", "/usr/sbin/nginx"),
     ];
     let missing: Vec<&str> = needed
         .iter()
@@ -83,10 +85,26 @@ fn deps() -> anyhow::Result<()> {
     run(Command::new("apt-get")
         .args(["update", "-q"])
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    run(Command::new("apt-get")
+    // Packages install only: no service starts (nginx would take the
+    // host's port 80). policy-rc.d answering 101 is Debian's way to say
+    // so; one already there is left as it is.
+    let policy_rc = Path::new("/usr/sbin/policy-rc.d");
+    let ours = !policy_rc.exists();
+    if ours {
+        std::fs::write(policy_rc, "#!/bin/sh\nexit 101\n")?;
+        std::fs::set_permissions(
+            policy_rc,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )?;
+    }
+    let installed = run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+        .env("DEBIAN_FRONTEND", "noninteractive"));
+    if ours {
+        std::fs::remove_file(policy_rc).ok();
+    }
+    installed
 }
 
 fn test() -> anyhow::Result<()> {

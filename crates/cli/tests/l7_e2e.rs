@@ -1017,3 +1017,30 @@ fn encoded_paths_cannot_reach_what_the_rule_refuses() {
     assert!(log.contains("GET /api/xy "), "{log}");
     assert!(!log.contains("/admin") && !log.contains("%2"), "{log}");
 }
+
+/// A WebSocket upgrade the rules allow continues as a tunnel after the
+/// server's 101 (bytes both ways); one they refuse gets 403; an h2c
+/// upgrade is taken out of the request, so the server answers in HTTP/1.1
+/// and the connection stays one the proxy reads.
+#[test]
+fn websocket_upgrades_the_rules_allow_become_tunnels() {
+    let l = L7Lab::start();
+    let upgrade = |path: &str, protocol: &str, then: &str| {
+        let script = format!(
+            "exec 3<>/dev/tcp/{}/8080; printf 'GET {path} HTTP/1.1\\r\\nHost: api\\r\\nConnection: Upgrade\\r\\nUpgrade: {protocol}\\r\\n\\r\\n' >&3; sleep 0.5; printf '{then}' >&3; timeout 2 cat <&3",
+            l.lab.ip(3)
+        );
+        l.exec("frontend", &["bash", "-c", &script])
+    };
+    let tunnel = upgrade("/api/ws", "websocket", "ping-through-tunnel");
+    assert!(tunnel.starts_with("HTTP/1.1 101 "), "{tunnel}");
+    assert!(tunnel.ends_with("\r\n\r\nping-through-tunnel"), "{tunnel}");
+    let refused = upgrade("/admin", "websocket", "");
+    assert!(refused.starts_with("HTTP/1.1 403 "), "{refused}");
+    let h2c = upgrade("/api/h2c", "h2c", "");
+    assert!(h2c.starts_with("HTTP/1.1 200 "), "{h2c}");
+    let log = l.pod_log("api");
+    assert_eq!(log.matches("upgraded").count(), 1, "{log}");
+    assert!(!log.contains("/admin"), "{log}");
+    assert_eq!(l.metric("fibril_proxy_http_upgrades_total"), 1);
+}

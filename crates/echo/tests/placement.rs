@@ -2,50 +2,17 @@
 //! runs connection i on CPU i mod n, and `http-server --cpu-affine` runs
 //! each connection's thread on the CPU its client ran on.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const ECHO: &str = env!("CARGO_BIN_EXE_fibril-echo");
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{Server, ECHO};
 
 #[test]
 fn spread_clients_and_cpu_affine_server_threads_share_cpus() {
-    // A free port: bound, then released for the server.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut server = Killed(
-        Command::new(ECHO)
-            .args(["http-server", "--port", &port.to_string(), "--cpu-affine"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let (tx, rx) = std::sync::mpsc::channel();
-    let out = server.0.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    assert!(rx
-        .recv_timeout(Duration::from_secs(5))
-        .unwrap()
-        .starts_with("listening"));
-
+    let server = Server::start("http-server", &["--cpu-affine"]);
+    let (port, rx) = (server.port, &server.lines);
     let cpus = proxy::workers::allowed_cpus();
     let connections = 2 * cpus.len();
     let load = Command::new(ECHO)

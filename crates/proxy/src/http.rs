@@ -234,14 +234,86 @@ fn single_host<B>(req: &mut Request<B>) -> bool {
     }
 }
 
-/// Replaces `req`'s path by its canonical form (`rules::canonical_target`),
-/// or says why it is refused.
-fn canonicalize<B>(req: &mut Request<B>) -> Result<(), crate::rules::TargetError> {
+/// Whether an HTTP/1 request's upgrade may happen: WebSocket only, as
+/// Envoy allows by default. Any other (`h2c`, say, after which the
+/// connection would carry HTTP/2 requests no rule saw) is taken out of the
+/// request (`Upgrade`, the `upgrade` token of `Connection`,
+/// `HTTP2-Settings`), so the server answers it in HTTP/1.1 and the
+/// connection stays one the proxy reads.
+fn websocket_upgrade<B>(req: &mut Request<B>) -> bool {
+    if req.version() == Version::HTTP_2 {
+        return false;
+    }
+    let headers = req.headers();
+    let asked = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"));
+    if !headers.contains_key(header::UPGRADE) && !asked {
+        return false;
+    }
+    let mut protocols = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(|t| t.trim_ascii());
+    let websocket = matches!(
+        (protocols.next(), protocols.next()),
+        (Some(p), None) if p.eq_ignore_ascii_case(b"websocket")
+    );
+    if asked && websocket && req.method() == hyper::Method::GET {
+        return true;
+    }
+    let headers = req.headers_mut();
+    headers.remove(header::UPGRADE);
+    headers.remove("http2-settings");
+    let kept: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(|t| String::from_utf8_lossy(t.trim_ascii()).into_owned())
+        .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("upgrade"))
+        .collect();
+    headers.remove(header::CONNECTION);
+    if let Ok(v) = header::HeaderValue::from_str(&kept.join(", ")) {
+        if !kept.is_empty() {
+            headers.insert(header::CONNECTION, v);
+        }
+    }
+    false
+}
+
+/// Joins a client connection and its server's after both agreed to a
+/// WebSocket upgrade: bytes flow both ways until either side closes.
+fn tunnel(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        let (Ok(client), Ok(server)) = (client.await, server.await) else {
+            return;
+        };
+        let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
+            tracing::debug!(error = %e, "upgraded connection ended");
+        }
+    });
+}
+
+/// The flow header that shows a request's target as the client sent it,
+/// when the proxy checked and forwarded its canonical form instead (Envoy
+/// keeps a rewritten path in `x-envoy-original-path` the same way): an
+/// operator sees the attempt (`hubble observe --http-header
+/// x-fibril-original-path:...`, or `-o json`).
+pub const ORIGINAL_PATH_HEADER: &str = "x-fibril-original-path";
+
+/// Replaces `req`'s path by its canonical form (`rules::canonical_target`)
+/// and returns the one it replaced, or says why it is refused.
+fn canonicalize<B>(req: &mut Request<B>) -> Result<Option<String>, crate::rules::TargetError> {
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let canonical = match crate::rules::canonical_target(target)? {
-        std::borrow::Cow::Borrowed(_) => return Ok(()),
+        std::borrow::Cow::Borrowed(_) => return Ok(None),
         std::borrow::Cow::Owned(c) => c,
     };
+    let original = target.to_string();
     let mut parts = req.uri().clone().into_parts();
     parts.path_and_query = Some(
         canonical
@@ -250,7 +322,7 @@ fn canonicalize<B>(req: &mut Request<B>) -> Result<(), crate::rules::TargetError
     );
     *req.uri_mut() =
         hyper::Uri::from_parts(parts).map_err(|_| crate::rules::TargetError::BadCharacter)?;
-    Ok(())
+    Ok(Some(original))
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
@@ -295,7 +367,9 @@ impl Conn {
             .header_read_timeout(self.config.header_timeout)
             .max_buf_size(MAX_HEADER_BYTES)
             .keep_alive(true)
-            .pipeline_flush(true);
+            // Not `pipeline_flush`: it drops the 400 hyper writes for a
+            // head it cannot parse (the connection ends unflushed).
+            .pipeline_flush(false);
         builder
             .http2()
             .timer(TokioTimer::new())
@@ -306,7 +380,7 @@ impl Conn {
             async move { Ok::<_, Infallible>(this.request(req).await) }
         });
         if let Err(e) = builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .await
         {
             let parse = e
@@ -332,6 +406,28 @@ impl Conn {
             edits.extend(side.rules.check(view).ok_or(side)?);
         }
         Ok(edits)
+    }
+
+    /// The flows' URL of `req` and where its host ends (`flow_url`): the
+    /// host from the URI, else Host, else the server's address.
+    fn flow_url<B>(&self, req: &Request<B>) -> (String, usize) {
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let host = req.uri().authority().map(|a| a.as_str()).or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        });
+        match host {
+            Some(host) => flow_url(host, path),
+            None => flow_url(&self.dst.to_string(), path),
+        }
+    }
+
+    /// Counts and reports a request refused with 400 for its target, before
+    /// any rule (the URL holds the target as it came).
+    fn bad_target(&self, request: flow::record::Http) {
+        self.stats.malformed.inc();
+        self.record(false, "DROPPED", request, 0, Arc::new([]));
     }
 
     /// Counts and reports a request `side` refused.
@@ -388,27 +484,21 @@ impl Conn {
             return text(StatusCode::BAD_REQUEST, BAD_HOST_BODY);
         }
         // The path the rules check is the one the server gets.
-        if let Err(e) = canonicalize(&mut req) {
-            self.stats.malformed.inc();
-            tracing::debug!(client = %self.client, error = %e, "request target refused");
-            let body = http_body_util::Limited::new(req.into_body(), DRAIN_LIMIT);
-            let mut resp = text(StatusCode::BAD_REQUEST, BAD_TARGET_BODY);
-            if body.collect().await.is_err() {
-                resp.headers_mut()
-                    .insert(header::CONNECTION, "close".parse().expect("static"));
-            }
-            return resp;
-        }
-        let (url, host_end) = {
-            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-            let host = req.uri().authority().map(|a| a.as_str()).or_else(|| {
-                req.headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-            });
-            match host {
-                Some(host) => flow_url(host, path),
-                None => flow_url(&self.dst.to_string(), path),
+        let canonical = canonicalize(&mut req);
+        let (url, host_end) = self.flow_url(&req);
+        let original = match canonical {
+            Ok(original) => original,
+            Err(e) => {
+                tracing::debug!(client = %self.client, error = %e, "request target refused");
+                let method = method_text(req.method().as_str());
+                self.bad_target(request_flows(method, url, protocol, req.headers()).0);
+                let body = http_body_util::Limited::new(req.into_body(), DRAIN_LIMIT);
+                let mut resp = text(StatusCode::BAD_REQUEST, BAD_TARGET_BODY);
+                if body.collect().await.is_err() {
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, "close".parse().expect("static"));
+                }
+                return resp;
             }
         };
         let view = RequestView {
@@ -418,12 +508,18 @@ impl Conn {
             headers: req.headers(),
         };
         let verdict = self.check(&view);
-        let (request, mut http) = request_flows(
+        let (mut request, mut http) = request_flows(
             method_text(req.method().as_str()),
             url,
             protocol,
             req.headers(),
         );
+        if let Some(original) = original {
+            request.headers.push(flow::record::HttpHeader {
+                key: ORIGINAL_PATH_HEADER.into(),
+                value: original,
+            });
+        }
         let edits = match verdict {
             Ok(edits) => edits,
             Err(side) => {
@@ -459,6 +555,9 @@ impl Conn {
         self.record(false, "FORWARDED", request, 0, self.allowed_by.clone());
 
         let h1 = req.version() != Version::HTTP_2;
+        // The client's side of an allowed WebSocket upgrade, taken before
+        // the request goes.
+        let upgrade = websocket_upgrade(&mut req).then(|| hyper::upgrade::on(&mut req));
         let limit = self.config.request_timeout;
         let forwarded = if limit.is_zero() {
             Some(self.forward(req).await)
@@ -466,11 +565,39 @@ impl Conn {
             tokio::time::timeout(limit, self.forward(req)).await.ok()
         };
         let resp = match forwarded {
+            Some(Ok(mut r)) if r.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                // The upstream connection is the tunnel's now, or (a 101
+                // to a request that asked for no upgrade, or for one the
+                // proxy took out) no longer HTTP: never reused.
+                *self.upstream.lock().await = None;
+                match upgrade {
+                    Some(client) => {
+                        self.stats.upgrades.inc();
+                        tunnel(client, hyper::upgrade::on(&mut r));
+                        r.map(|b| b.boxed())
+                    }
+                    None => {
+                        tracing::debug!(server = %self.dst, "101 to a request that asked for no upgrade");
+                        self.stats.upstream_errors.inc();
+                        text(StatusCode::SERVICE_UNAVAILABLE, UPSTREAM_ERROR_BODY)
+                    }
+                }
+            }
             Some(Ok(r)) => r.map(|b| b.boxed()),
-            Some(Err(e)) => {
+            Some(Err(Forward::Upstream(e))) => {
                 tracing::debug!(server = %self.dst, error = %e, "upstream");
                 self.stats.upstream_errors.inc();
                 text(StatusCode::SERVICE_UNAVAILABLE, UPSTREAM_ERROR_BODY)
+            }
+            Some(Err(Forward::ClientBody(e))) => {
+                // The server saw a request cut short: never reused.
+                tracing::debug!(client = %self.client, error = %e, "request body");
+                *self.upstream.lock().await = None;
+                self.stats.malformed.inc();
+                let mut resp = text(StatusCode::BAD_REQUEST, BAD_BODY);
+                resp.headers_mut()
+                    .insert(header::CONNECTION, "close".parse().expect("static"));
+                resp
             }
             None => {
                 self.stats.request_timeouts.inc();
@@ -490,7 +617,7 @@ impl Conn {
 
     /// Sends the request on this connection's upstream, (re)connecting
     /// when there is none or the server closed it.
-    async fn forward(&self, req: Request<Incoming>) -> Result<Response<Incoming>, String> {
+    async fn forward(&self, req: Request<Incoming>) -> Result<Response<Incoming>, Forward> {
         let h2 = req.version() == Version::HTTP_2;
         let mut guard = self.upstream.lock().await;
         let usable = match guard.as_mut() {
@@ -499,16 +626,16 @@ impl Conn {
             None => false,
         };
         if !usable {
-            *guard = Some(self.connect(h2).await?);
+            *guard = Some(self.connect(h2).await.map_err(Forward::Upstream)?);
         }
         match guard.as_mut() {
-            Some(Upstream::H1(s)) => s.send_request(req).await.map_err(|e| e.to_string()),
+            Some(Upstream::H1(s)) => s.send_request(req).await.map_err(Forward::from),
             Some(Upstream::H2(s)) => {
                 let mut s = s.clone();
                 drop(guard);
-                s.send_request(req).await.map_err(|e| e.to_string())
+                s.send_request(req).await.map_err(Forward::from)
             }
-            None => Err("no upstream".into()),
+            None => Err(Forward::Upstream("no upstream".into())),
         }
     }
 
@@ -544,11 +671,32 @@ impl Conn {
             let (send, conn) = hyper::client::conn::http1::handshake(io)
                 .await
                 .map_err(|e| e.to_string())?;
-            tokio::spawn(conn);
+            tokio::spawn(conn.with_upgrades());
             Ok(Upstream::H1(send))
         }
     }
 }
+
+/// Why a forwarded request got no response.
+enum Forward {
+    /// The server could not be reached, or failed.
+    Upstream(String),
+    /// The client's body broke off or was malformed (a bad chunk, say).
+    ClientBody(hyper::Error),
+}
+
+impl From<hyper::Error> for Forward {
+    fn from(e: hyper::Error) -> Self {
+        if e.is_user() {
+            Forward::ClientBody(e)
+        } else {
+            Forward::Upstream(e.to_string())
+        }
+    }
+}
+
+/// The body of a 400 for a request whose body is malformed.
+const BAD_BODY: &str = "Bad request: malformed body\r\n";
 
 /// HTTP/2 protocol errors, as hyper reports them (its `h2` source).
 mod h2_error {

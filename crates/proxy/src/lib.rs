@@ -96,6 +96,9 @@ pub struct Stats {
     /// Upstream connections closed because the server sent more than the
     /// response to a request (never delivered to the client).
     pub unsolicited: Counter,
+    /// WebSocket upgrades the rules allowed and the server accepted (101):
+    /// the connection went on as a tunnel.
+    pub upgrades: Counter,
     pub dns_forwarded: Counter,
     /// Queries answered REFUSED by the DNS rules.
     pub dns_refused: Counter,
@@ -128,7 +131,7 @@ impl Counter {
 
 impl Stats {
     /// `(name, help, value)` for each counter.
-    pub fn snapshot(&self) -> [(&'static str, &'static str, u64); 11] {
+    pub fn snapshot(&self) -> [(&'static str, &'static str, u64); 12] {
         let v = Counter::get;
         [
             (
@@ -170,6 +173,11 @@ impl Stats {
                 "fibril_proxy_http_unsolicited_responses_total",
                 "Upstream connections closed because the server sent more than the response to a request (never delivered)",
                 v(&self.unsolicited),
+            ),
+            (
+                "fibril_proxy_http_upgrades_total",
+                "WebSocket upgrades allowed and accepted by the server (the connection continues as a tunnel)",
+                v(&self.upgrades),
             ),
             (
                 "fibril_proxy_dns_queries_forwarded_total",

@@ -80,8 +80,13 @@ enum Parsed {
     Request(RequestHead),
     /// For the general path.
     General,
-    /// A request target no server may read otherwise than the rules: 400.
-    BadTarget,
+    /// A request target no server may read otherwise than the rules: 400
+    /// (what the flow reports: the raw target in the URL).
+    BadTarget {
+        method: flow::record::Text,
+        url: String,
+        headers: HeaderMap,
+    },
 }
 
 /// How a response's body ends.
@@ -139,14 +144,14 @@ fn parse_request(buf: &[u8]) -> Parsed {
         return Parsed::General;
     }
     // Only a canonical target goes byte for byte; the general path
-    // rewrites any other to its canonical form. One servers would read
-    // otherwise (a fragment, an encoded slash) is refused here, where the
-    // raw target is still seen (hyper's parser drops fragments).
-    match crate::rules::canonical_target(path) {
-        Ok(std::borrow::Cow::Borrowed(_)) => {}
-        Ok(std::borrow::Cow::Owned(_)) => return Parsed::General,
-        Err(_) => return Parsed::BadTarget,
-    }
+    // rewrites any other to its canonical form (after the head is known
+    // to be complete). One servers would read otherwise (a fragment, an
+    // encoded slash) is refused here, whatever the rest of the head, where
+    // the raw target is still seen (hyper's parser drops fragments).
+    let rewrite = match crate::rules::canonical_target(path) {
+        Ok(target) => matches!(target, std::borrow::Cow::Owned(_)),
+        Err(_) => return bad_target(method, path, req.headers),
+    };
     let mut headers = HeaderMap::with_capacity(req.headers.len());
     let (mut body, mut close, mut host) = (None, false, None);
     for h in req.headers.iter() {
@@ -185,6 +190,9 @@ fn parse_request(buf: &[u8]) -> Parsed {
         return Parsed::General;
     };
     let (url, host_end) = flow_url(&host, path);
+    if rewrite {
+        return Parsed::General;
+    }
     Parsed::Request(RequestHead {
         len,
         body: body.unwrap_or(0),
@@ -195,6 +203,30 @@ fn parse_request(buf: &[u8]) -> Parsed {
         host_end,
         headers,
     })
+}
+
+/// A refused target's report: its method, URL (host from the first Host)
+/// and the headers that are valid.
+fn bad_target(method: &str, path: &str, fields: &[httparse::Header<'_>]) -> Parsed {
+    let mut headers = HeaderMap::new();
+    for h in fields {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(h.value),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let (url, _) = flow_url(host, path);
+    Parsed::BadTarget {
+        method: super::method_text(method),
+        url,
+        headers,
+    }
 }
 
 /// A `Content-Length` value: digits only, as RFC 9112 §6.3 wants it.
@@ -372,8 +404,12 @@ impl Conn {
                 match parse_request(&buf) {
                     Parsed::Request(head) => break head,
                     Parsed::General => return End::Fallback(client, buf.freeze()),
-                    Parsed::BadTarget => {
-                        self.stats.malformed.inc();
+                    Parsed::BadTarget {
+                        method,
+                        url,
+                        headers,
+                    } => {
+                        self.bad_target(request_flows(method, url, "HTTP/1.1", &headers).0);
                         // The rest of the request is not read: closed.
                         let _ = answer(
                             &mut client,
@@ -985,6 +1021,7 @@ mod tests {
                     let mut r = std::io::BufReader::new(s);
                     loop {
                         let (mut line, mut len) = (String::new(), 0);
+                        let mut upgrade = None;
                         if r.read_line(&mut line).unwrap_or(0) == 0 {
                             return;
                         }
@@ -994,6 +1031,9 @@ mod tests {
                             if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:")
                             {
                                 len = v.trim().parse().unwrap();
+                            }
+                            if let Some(v) = h.to_ascii_lowercase().strip_prefix("upgrade:") {
+                                upgrade = Some(v.trim().to_string());
                             }
                             if h == "\r\n" {
                                 break;
@@ -1013,6 +1053,15 @@ mod tests {
                             w.write_all((one.to_string() + two).as_bytes()).unwrap();
                             continue;
                         }
+                        if line.contains("/ws ") && upgrade.as_deref() == Some("websocket")
+                            || line.contains("/rogue101 ")
+                        {
+                            // Switches, then echoes what comes until the
+                            // client closes.
+                            w.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").unwrap();
+                            let _ = std::io::copy(&mut r, &mut w);
+                            return;
+                        }
                         if line.contains("/chunked ") {
                             for part in [
                                 "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nab",
@@ -1023,7 +1072,10 @@ mod tests {
                                 std::thread::sleep(std::time::Duration::from_millis(5));
                             }
                         } else {
-                            let body = format!("{line} body {len}");
+                            let mut body = format!("{line} body {len}");
+                            if let Some(u) = upgrade {
+                                body += &format!(" upgrade {u}");
+                            }
                             let head = format!(
                                 "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
                                 body.len()
@@ -1137,7 +1189,7 @@ mod tests {
                 let (name, value) = l.split_once(": ")?;
                 name.eq_ignore_ascii_case("content-length").then_some(value)
             })
-            .unwrap()
+            .unwrap_or_else(|| panic!("no length: {head}"))
             .parse()
             .unwrap();
         (head, read_n(s, len).await)
@@ -1393,6 +1445,226 @@ mod tests {
             policy.0.lock().unwrap().is_empty(),
             "the general path reports them"
         );
+    }
+
+    /// A WebSocket upgrade the rules allow continues as a tunnel after the
+    /// server's 101; one they refuse gets 403 and the connection stays
+    /// HTTP. Other upgrades (h2c: HTTP/2 no rule would see) never reach
+    /// the server, which answers in HTTP/1.1; a 101 nobody asked for is
+    /// never passed on.
+    #[tokio::test]
+    async fn websocket_upgrades_tunnel_and_other_upgrades_are_taken_out() {
+        let policy = std::sync::Arc::new(Recorder::default());
+        let allowed = policy::HttpRule {
+            path: Some("/ws|/h2c|/rogue101".into()),
+            ..Default::default()
+        };
+        let (mut c, accepted, conn) =
+            connection(server(), vec![allowed], policy.clone(), Default::default()).await;
+        let conn = std::sync::Arc::new(conn);
+        tokio::spawn(conn.clone().serve(accepted));
+
+        // Refused: 403, then the same connection serves a plain request.
+        c.write_all(
+            b"GET /other HTTP/1.1\r\nHost: s\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let (head, _) = own_answer(&mut c).await;
+        assert!(head.starts_with("HTTP/1.1 403 "), "{head}");
+        // h2c: the server never sees the upgrade; the answer is HTTP/1.1.
+        c.write_all(b"GET /h2c HTTP/1.1\r\nHost: s\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = own_answer(&mut c).await;
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+        assert_eq!(body, "GET /h2c HTTP/1.1 body 0");
+        // A WebSocket upgrade the server declines: the answer, and the
+        // connection stays HTTP.
+        c.write_all(
+            b"GET /h2c HTTP/1.1\r\nHost: s\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let (head, body) = own_answer(&mut c).await;
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+        assert_eq!(body, "GET /h2c HTTP/1.1 body 0 upgrade websocket");
+        // A 101 to a request that asked for nothing: not passed on.
+        c.write_all(b"GET /rogue101 HTTP/1.1\r\nHost: s\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, _) = own_answer(&mut c).await;
+        assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+        // Allowed: 101, then bytes both ways.
+        c.write_all(
+            b"GET /ws HTTP/1.1\r\nHost: s\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8];
+            tokio::time::timeout(std::time::Duration::from_secs(5), c.read_exact(&mut b))
+                .await
+                .expect("101 in time")
+                .unwrap();
+            head.push(b[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        for frame in ["hello", "GET /admin HTTP/1.1\r\n\r\n"] {
+            c.write_all(frame.as_bytes()).await.unwrap();
+            assert_eq!(read_n(&mut c, frame.len()).await, frame);
+        }
+        assert_eq!(conn.stats.upgrades.get(), 1);
+        assert_eq!(
+            policy.rows(),
+            [
+                row("DROPPED", "REQUEST", "GET", "/other", 0),
+                row("FORWARDED", "REQUEST", "GET", "/h2c", 0),
+                row("FORWARDED", "RESPONSE", "GET", "/h2c", 200),
+                row("FORWARDED", "REQUEST", "GET", "/h2c", 0),
+                row("FORWARDED", "RESPONSE", "GET", "/h2c", 200),
+                row("FORWARDED", "REQUEST", "GET", "/rogue101", 0),
+                row("FORWARDED", "RESPONSE", "GET", "/rogue101", 503),
+                row("FORWARDED", "REQUEST", "GET", "/ws", 0),
+                row("FORWARDED", "RESPONSE", "GET", "/ws", 101),
+            ]
+        );
+    }
+
+    /// Flows show the path the rules checked, and the target as it came
+    /// when the proxy rewrote it; a target refused with 400 is reported
+    /// as dropped, with the raw target in its URL (both paths).
+    #[tokio::test]
+    async fn flows_show_the_checked_path_and_the_target_as_it_came() {
+        let api = || policy::HttpRule {
+            path: Some("/api/.*".into()),
+            ..Default::default()
+        };
+        let policy = std::sync::Arc::new(Recorder::default());
+        let (mut c, accepted, conn) =
+            connection(server(), vec![api()], policy.clone(), Default::default()).await;
+        tokio::spawn(std::sync::Arc::new(conn).serve(accepted));
+        c.write_all(b"GET /api/%78y HTTP/1.1\r\nHost: s\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = own_answer(&mut c).await;
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+        assert_eq!(body, "GET /api/xy HTTP/1.1 body 0");
+        // Refused on the general path (Expect) and on the direct one.
+        for (request, raw) in [
+            (
+                "GET /api/..%5cadmin HTTP/1.1\r\nHost: s\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n",
+                "/api/..%5cadmin",
+            ),
+            (
+                "GET /api/..%2fadmin HTTP/1.1\r\nHost: s\r\n\r\n",
+                "/api/..%2fadmin",
+            ),
+        ] {
+            c.write_all(request.as_bytes()).await.unwrap();
+            let (head, _) = own_answer(&mut c).await;
+            assert!(head.starts_with("HTTP/1.1 400 "), "{head}");
+            assert!(policy.rows().last() == Some(&row("DROPPED", "REQUEST", "GET", raw, 0)));
+        }
+        assert_eq!(
+            policy.rows()[0],
+            row("FORWARDED", "REQUEST", "GET", "/api/xy", 0)
+        );
+        let original: Vec<_> = policy
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let h = r.l7.http.as_ref().unwrap();
+                h.headers
+                    .iter()
+                    .filter(|h| h.key == crate::http::ORIGINAL_PATH_HEADER)
+                    .map(|h| h.value.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(original[0], ["/api/%78y"]);
+        assert!(original[1..].iter().all(|o| o.is_empty()), "{original:?}");
+    }
+
+    /// Requests no parser may read one way only get an answer of the
+    /// proxy's before it closes (never a silent close), counted as
+    /// malformed; nothing reaches the server.
+    #[tokio::test]
+    async fn malformed_requests_get_an_answer_before_the_close() {
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: s\r\nX: {}\r\n\r\n",
+            "a".repeat(70_000)
+        );
+        let cases: Vec<(String, &str)> = vec![
+            ("GARBAGE\r\n\r\n".into(), "400"),
+            ("\x00\x01\x02 / HTTP/1.1\r\n\r\n".into(), "400"),
+            ("GET / HTTP/1.1\r\nHost : s\r\n\r\n".into(), "400"),
+            (
+                "GET / HTTP/1.1\r\nHost: s\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"
+                    .into(),
+                "400",
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: s\r\nContent-Length: -1\r\n\r\n".into(),
+                "400",
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: gzip\r\n\r\n".into(),
+                "400",
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".into(),
+                "400",
+            ),
+            ("GET / HTTP/1.2\r\nHost: s\r\n\r\n".into(), "400"),
+            ("GET / HTTP/3.0\r\nHost: s\r\n\r\n".into(), "400"),
+            (big, "431"),
+        ];
+        for (request, status) in cases {
+            let policy = std::sync::Arc::new(Recorder::default());
+            let (mut c, accepted, conn) =
+                connection(server(), vec![], policy.clone(), Default::default()).await;
+            let conn = std::sync::Arc::new(conn);
+            tokio::spawn(conn.clone().serve(accepted));
+            let _ = c.write_all(request.as_bytes()).await;
+            let mut out = Vec::new();
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(5), c.read_to_end(&mut out))
+                    .await
+                    .expect("closed in time");
+            let out = String::from_utf8_lossy(&out);
+            let shown = &request[..request.len().min(80)];
+            assert!(
+                out.starts_with(&format!("HTTP/1.1 {status} ")),
+                "{shown:?}: {out:?}"
+            );
+            assert_eq!(conn.stats.malformed.get(), 1, "{shown:?}");
+            // A bad body shows after its head went (the server's
+            // connection is closed then).
+            let body_error = request.ends_with("zz\r\n");
+            assert_eq!(
+                conn.stats.requests_forwarded.get(),
+                body_error as u64,
+                "{shown:?}"
+            );
+        }
+        // Framed two ways: read by Transfer-Encoding alone (the server
+        // gets no Content-Length), and the connection closes after (RFC
+        // 9112 §6.3).
+        let (mut c, accepted, conn) =
+            connection(server(), vec![], Default::default(), Default::default()).await;
+        tokio::spawn(std::sync::Arc::new(conn).serve(accepted));
+        c.write_all(b"POST / HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n")
+            .await
+            .unwrap();
+        let out = read_to_close(&mut c).await;
+        assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+        assert!(out.contains("connection: close"), "{out}");
+        assert!(out.ends_with("POST / HTTP/1.1 body 0"), "{out}");
     }
 
     #[test]
