@@ -313,6 +313,10 @@ fn main() -> anyhow::Result<()> {
                 bench::run_bench(&release, &args[1..])?;
             }
             if part("l7") {
+                println!("\n== L7 proxy: canonical request target and rule check, per call");
+                run(cargo()
+                    .args(["run", "--quiet", "--release", "-p", "fibril-proxy"])
+                    .args(["--example", "target_bench"]))?;
                 println!("\n== L7 proxy");
                 bench::run_l7_bench(&release, &args[1..])?;
             }

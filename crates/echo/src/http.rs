@@ -113,9 +113,12 @@ fn parse_head(lines: &[Vec<u8>]) -> Result<Head, Refusal> {
     if !token(method) || target.is_empty() || target.bytes().any(|b| b <= b' ' || b == 0x7f) {
         return Err(BAD_REQUEST);
     }
-    if version != "HTTP/1.1" {
-        return Err(Refusal("505 HTTP Version Not Supported"));
-    }
+    // HTTP/1.0 closes after its answer unless it asks to keep alive.
+    let mut keep_alive = match version {
+        "HTTP/1.1" => true,
+        "HTTP/1.0" => false,
+        _ => return Err(Refusal("505 HTTP Version Not Supported")),
+    };
     let (mut host, mut length, mut codings) = (None, None::<u64>, None::<String>);
     let (mut close, mut upgrade, mut websocket) = (false, false, false);
     for field in fields {
@@ -152,6 +155,7 @@ fn parse_head(lines: &[Vec<u8>]) -> Result<Head, Refusal> {
             "connection" => {
                 for t in value.split(',').map(str::trim) {
                     close |= t.eq_ignore_ascii_case("close");
+                    keep_alive |= t.eq_ignore_ascii_case("keep-alive");
                     upgrade |= t.eq_ignore_ascii_case("upgrade");
                 }
             }
@@ -172,7 +176,7 @@ fn parse_head(lines: &[Vec<u8>]) -> Result<Head, Refusal> {
         line: line.to_string(),
         host,
         body,
-        close,
+        close: close || !keep_alive,
         websocket: upgrade && websocket && method == "GET",
     })
 }
@@ -372,6 +376,12 @@ mod tests {
             .unwrap();
         assert_eq!(h.body, Body::Length(5));
         assert!(head("").unwrap().is_none());
+        let h = head("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert!(h.close);
+        let h = head("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!h.close);
         for (raw, status) in [
             (
                 "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
@@ -391,7 +401,7 @@ mod tests {
             ("GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", "400"),
             ("GET / HTTP/1.1\nHost: x\r\n\r\n", "400"),
             ("GET / HTTP/1.1\r\n folded\r\n\r\n", "400"),
-            ("GET / HTTP/1.0\r\n\r\n", "505"),
+            ("GET / HTTP/2.0\r\n\r\n", "505"),
             ("GET /a b HTTP/1.1\r\n\r\n", "400"),
             ("GET / HTTP/1.1\r\nHost: x\r\n", "400"),
         ] {

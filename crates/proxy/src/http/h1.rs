@@ -1149,6 +1149,20 @@ mod tests {
         (client, accepted, conn)
     }
 
+    /// A client's connection served by both paths (`Conn::serve`): the
+    /// client's end and the proxy's state for it.
+    async fn serving(
+        dst: std::net::SocketAddrV4,
+        rules: Vec<policy::HttpRule>,
+        policy: std::sync::Arc<Recorder>,
+        config: crate::http::Config,
+    ) -> (TcpStream, std::sync::Arc<Conn>) {
+        let (client, accepted, conn) = connection(dst, rules, policy, config).await;
+        let conn = std::sync::Arc::new(conn);
+        tokio::spawn(conn.clone().serve(accepted));
+        (client, conn)
+    }
+
     /// Reads until `n` bytes came (a test fails rather than hangs).
     async fn read_n(s: &mut TcpStream, n: usize) -> String {
         let mut out = vec![0; n];
@@ -1393,10 +1407,7 @@ mod tests {
         // Header edits send every request to the general path.
         for rules in [vec![policy::HttpRule::default()], vec![add_token()]] {
             let policy = std::sync::Arc::new(Recorder::default());
-            let (mut c, accepted, conn) =
-                connection(server(), rules, policy.clone(), config.clone()).await;
-            let conn = std::sync::Arc::new(conn);
-            tokio::spawn(conn.clone().serve(accepted));
+            let (mut c, conn) = serving(server(), rules, policy.clone(), config.clone()).await;
             for _ in 0..2 {
                 let started = std::time::Instant::now();
                 c.write_all(b"GET /silent HTTP/1.1\r\nHost: s\r\n\r\n")
@@ -1459,10 +1470,8 @@ mod tests {
             path: Some("/ws|/h2c|/rogue101".into()),
             ..Default::default()
         };
-        let (mut c, accepted, conn) =
-            connection(server(), vec![allowed], policy.clone(), Default::default()).await;
-        let conn = std::sync::Arc::new(conn);
-        tokio::spawn(conn.clone().serve(accepted));
+        let (mut c, conn) =
+            serving(server(), vec![allowed], policy.clone(), Default::default()).await;
 
         // Refused: 403, then the same connection serves a plain request.
         c.write_all(
@@ -1543,9 +1552,7 @@ mod tests {
             ..Default::default()
         };
         let policy = std::sync::Arc::new(Recorder::default());
-        let (mut c, accepted, conn) =
-            connection(server(), vec![api()], policy.clone(), Default::default()).await;
-        tokio::spawn(std::sync::Arc::new(conn).serve(accepted));
+        let (mut c, _) = serving(server(), vec![api()], policy.clone(), Default::default()).await;
         c.write_all(b"GET /api/%78y HTTP/1.1\r\nHost: s\r\n\r\n")
             .await
             .unwrap();
@@ -1626,10 +1633,7 @@ mod tests {
         ];
         for (request, status) in cases {
             let policy = std::sync::Arc::new(Recorder::default());
-            let (mut c, accepted, conn) =
-                connection(server(), vec![], policy.clone(), Default::default()).await;
-            let conn = std::sync::Arc::new(conn);
-            tokio::spawn(conn.clone().serve(accepted));
+            let (mut c, conn) = serving(server(), vec![], policy.clone(), Default::default()).await;
             let _ = c.write_all(request.as_bytes()).await;
             let mut out = Vec::new();
             let _ =
@@ -1655,9 +1659,7 @@ mod tests {
         // Framed two ways: read by Transfer-Encoding alone (the server
         // gets no Content-Length), and the connection closes after (RFC
         // 9112 §6.3).
-        let (mut c, accepted, conn) =
-            connection(server(), vec![], Default::default(), Default::default()).await;
-        tokio::spawn(std::sync::Arc::new(conn).serve(accepted));
+        let (mut c, _) = serving(server(), vec![], Default::default(), Default::default()).await;
         c.write_all(b"POST / HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n")
             .await
             .unwrap();
