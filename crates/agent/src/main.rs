@@ -77,6 +77,12 @@ struct Args {
     /// no limit. At most a year.
     #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(0..=365 * 86_400))]
     http_request_timeout: u64,
+    /// What the L7 proxy does with an encoded slash or backslash (`%2F`,
+    /// `%5C`) in a request's path, which servers read differently: reject
+    /// (400, Envoy's default REJECT_REQUEST) or unescape (decoded to `/`,
+    /// resolved, and sent so to the server).
+    #[arg(long, default_value = "reject")]
+    http_escaped_slashes: proxy::rules::EscapedSlashes,
     /// The DNS proxy's port (UDP and TCP) on 127.0.0.1 (0: any free port).
     #[arg(long, default_value_t = 0)]
     dns_proxy_port: u16,
@@ -421,6 +427,7 @@ fn main() -> anyhow::Result<()> {
         proxy::http::Config {
             from_mark: redirect.mark_from,
             request_timeout: std::time::Duration::from_secs(args.http_request_timeout),
+            escaped_slashes: args.http_escaped_slashes,
             ..Default::default()
         },
     )?;

@@ -48,6 +48,8 @@ pub struct Config {
     /// on the direct HTTP/1.1 path, from its start on the general one
     /// (hyper streams the body). Zero: no limit.
     pub request_timeout: Duration,
+    /// What `%2F` and `%5C` in a request's path get.
+    pub escaped_slashes: crate::rules::EscapedSlashes,
 }
 
 impl Default for Config {
@@ -57,6 +59,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(2),
             header_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(3600),
+            escaped_slashes: Default::default(),
         }
     }
 }
@@ -307,9 +310,12 @@ pub const ORIGINAL_PATH_HEADER: &str = "x-fibril-original-path";
 
 /// Replaces `req`'s path by its canonical form (`rules::canonical_target`)
 /// and returns the one it replaced, or says why it is refused.
-fn canonicalize<B>(req: &mut Request<B>) -> Result<Option<String>, crate::rules::TargetError> {
+fn canonicalize<B>(
+    req: &mut Request<B>,
+    escaped_slashes: crate::rules::EscapedSlashes,
+) -> Result<Option<String>, crate::rules::TargetError> {
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let canonical = match crate::rules::canonical_target(target)? {
+    let canonical = match crate::rules::canonical_target(target, escaped_slashes)? {
         std::borrow::Cow::Borrowed(_) => return Ok(None),
         std::borrow::Cow::Owned(c) => c,
     };
@@ -484,7 +490,7 @@ impl Conn {
             return text(StatusCode::BAD_REQUEST, BAD_HOST_BODY);
         }
         // The path the rules check is the one the server gets.
-        let canonical = canonicalize(&mut req);
+        let canonical = canonicalize(&mut req, self.config.escaped_slashes);
         let (url, host_end) = self.flow_url(&req);
         let original = match canonical {
             Ok(original) => original,

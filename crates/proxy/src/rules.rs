@@ -194,6 +194,29 @@ fn joined_value_is(headers: &HeaderMap, name: &HeaderName, want: &[u8]) -> bool 
     joined == want
 }
 
+/// What a request target's encoded slashes and backslashes (`%2F`, `%5C`)
+/// get: servers disagree on whether they separate segments.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum EscapedSlashes {
+    /// 400 (Envoy's `REJECT_REQUEST`).
+    #[default]
+    Reject,
+    /// Decoded to `/`, then resolved like any other slash; the server gets
+    /// the result (Envoy's `UNESCAPE_AND_FORWARD`).
+    Unescape,
+}
+
+impl std::str::FromStr for EscapedSlashes {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "reject" => Ok(Self::Reject),
+            "unescape" => Ok(Self::Unescape),
+            other => Err(format!("expected reject or unescape, found {other:?}")),
+        }
+    }
+}
+
 /// Why a request target is refused (answered 400).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetError {
@@ -230,7 +253,12 @@ impl std::fmt::Display for TargetError {
 /// Envoy's `path_with_escaped_slashes_action: REJECT_REQUEST` does, and so
 /// are fragments, bad encodings and characters a target may not hold.
 /// Borrowed when the target is canonical already (nearly always).
-pub fn canonical_target(target: &str) -> Result<std::borrow::Cow<'_, str>, TargetError> {
+/// `EscapedSlashes::Unescape` decodes them to `/` instead (Envoy's
+/// `UNESCAPE_AND_FORWARD`, backslashes made slashes as its normaliser does).
+pub fn canonical_target(
+    target: &str,
+    escaped_slashes: EscapedSlashes,
+) -> Result<std::borrow::Cow<'_, str>, TargetError> {
     let bytes = target.as_bytes();
     if bytes.first() != Some(&b'/') {
         return Err(TargetError::NotOriginForm);
@@ -263,6 +291,7 @@ pub fn canonical_target(target: &str) -> Result<std::borrow::Cow<'_, str>, Targe
         let code =
             u8::from_str_radix(&rest[at + 1..at + 3], 16).map_err(|_| TargetError::BadPercent)?;
         match code {
+            b'/' | b'\\' if escaped_slashes == EscapedSlashes::Unescape => decoded.push('/'),
             b'/' | b'\\' => return Err(TargetError::EscapedSlash),
             c if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') => {
                 decoded.push(c as char)
@@ -331,7 +360,11 @@ mod tests {
     #[test]
     fn one_canonical_target_is_checked_and_sent() {
         let ok = |raw: &str, want: &str| {
-            assert_eq!(canonical_target(raw).as_deref(), Ok(want), "{raw}");
+            assert_eq!(
+                canonical_target(raw, EscapedSlashes::Reject).as_deref(),
+                Ok(want),
+                "{raw}"
+            );
         };
         // RFC 3986 §5.4 (dot segments) and §6.2.2 (case, unreserved).
         ok("/a/b/c/./../../g", "/a/g");
@@ -352,8 +385,13 @@ mod tests {
         }
         ok("/api//x", "/api/x");
         // What servers read differently is refused.
-        let bad =
-            |raw: &str, why: TargetError| assert_eq!(canonical_target(raw), Err(why), "{raw}");
+        let bad = |raw: &str, why: TargetError| {
+            assert_eq!(
+                canonical_target(raw, EscapedSlashes::Reject),
+                Err(why),
+                "{raw}"
+            )
+        };
         for raw in [
             "/api/..%2fadmin",
             "/api/..%2Fadmin",
@@ -374,9 +412,25 @@ mod tests {
         ok("/api/x?q=100%", "/api/x?q=100%");
         // Already canonical: not copied.
         assert!(matches!(
-            canonical_target("/api/x?y=1"),
+            canonical_target("/api/x?y=1", EscapedSlashes::Reject),
             Ok(std::borrow::Cow::Borrowed(_))
         ));
+    }
+
+    #[test]
+    fn escaped_slashes_can_be_decoded_and_resolved_instead() {
+        fn unescaped(raw: &str) -> Result<std::borrow::Cow<'_, str>, TargetError> {
+            canonical_target(raw, EscapedSlashes::Unescape)
+        }
+        assert_eq!(unescaped("/api/..%2fadmin").as_deref(), Ok("/admin"));
+        assert_eq!(unescaped("/api/%2e%2e%2Fadmin").as_deref(), Ok("/admin"));
+        assert_eq!(unescaped("/api/..%5cadmin").as_deref(), Ok("/admin"));
+        assert_eq!(unescaped("/api/a%2Fb").as_deref(), Ok("/api/a/b"));
+        // The query is the server's, and the rest is refused as before.
+        assert_eq!(unescaped("/a?x=%2F").as_deref(), Ok("/a?x=%2F"));
+        assert_eq!(unescaped("/a#x"), Err(TargetError::Fragment));
+        assert_eq!("unescape".parse(), Ok(EscapedSlashes::Unescape));
+        assert!("keep".parse::<EscapedSlashes>().is_err());
     }
 
     fn rule(method: Option<&str>, path: Option<&str>) -> policy::HttpRule {

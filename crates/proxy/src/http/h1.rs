@@ -119,7 +119,7 @@ struct Upstream {
     buf: BytesMut,
 }
 
-fn parse_request(buf: &[u8]) -> Parsed {
+fn parse_request(buf: &[u8], escaped_slashes: crate::rules::EscapedSlashes) -> Parsed {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut slots);
     let len = match req.parse(buf) {
@@ -148,7 +148,7 @@ fn parse_request(buf: &[u8]) -> Parsed {
     // to be complete). One servers would read otherwise (a fragment, an
     // encoded slash) is refused here, whatever the rest of the head, where
     // the raw target is still seen (hyper's parser drops fragments).
-    let rewrite = match crate::rules::canonical_target(path) {
+    let rewrite = match crate::rules::canonical_target(path, escaped_slashes) {
         Ok(target) => matches!(target, std::borrow::Cow::Owned(_)),
         Err(_) => return bad_target(method, path, req.headers),
     };
@@ -401,7 +401,7 @@ impl Conn {
             // A request head, within the header timeout.
             rearm(head_timer.as_mut(), timeout);
             let head = loop {
-                match parse_request(&buf) {
+                match parse_request(&buf, self.config.escaped_slashes) {
                     Parsed::Request(head) => break head,
                     Parsed::General => return End::Fallback(client, buf.freeze()),
                     Parsed::BadTarget {
@@ -822,7 +822,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn request(raw: &str) -> Parsed {
-        parse_request(raw.as_bytes())
+        parse_request(raw.as_bytes(), Default::default())
     }
 
     #[test]
@@ -1667,6 +1667,32 @@ mod tests {
         assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
         assert!(out.contains("connection: close"), "{out}");
         assert!(out.ends_with("POST / HTTP/1.1 body 0"), "{out}");
+    }
+
+    /// With `EscapedSlashes::Unescape`, an encoded slash is a slash: the
+    /// rule checks the resolved path and the server gets it.
+    #[tokio::test]
+    async fn unescaped_slashes_are_checked_and_sent_resolved() {
+        let api = policy::HttpRule {
+            path: Some("/api/.*".into()),
+            ..Default::default()
+        };
+        let config = crate::http::Config {
+            escaped_slashes: crate::rules::EscapedSlashes::Unescape,
+            ..Default::default()
+        };
+        let (mut c, _) = serving(server(), vec![api], Default::default(), config).await;
+        c.write_all(b"GET /api/..%2fadmin HTTP/1.1\r\nHost: s\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, _) = own_answer(&mut c).await;
+        assert!(head.starts_with("HTTP/1.1 403 "), "{head}");
+        c.write_all(b"GET /api/a%2Fb HTTP/1.1\r\nHost: s\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = own_answer(&mut c).await;
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+        assert_eq!(body, "GET /api/a/b HTTP/1.1 body 0");
     }
 
     #[test]
