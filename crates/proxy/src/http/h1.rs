@@ -418,6 +418,7 @@ impl Conn {
                             false,
                         )
                         .await;
+                        linger(client);
                         return End::Done;
                     }
                     Parsed::Partial => {}
@@ -447,7 +448,7 @@ impl Conn {
                 Ok(Next::Request) => {}
                 Ok(Next::General) => return End::Fallback(client, buf.freeze()),
                 Ok(Next::Close) | Err(_) => {
-                    let _ = client.shutdown().await;
+                    linger(client);
                     return End::Done;
                 }
             }
@@ -757,11 +758,59 @@ async fn skip(
     }
 }
 
+/// How long a closing client connection is read from (and what comes
+/// dropped) after the proxy's last answer, at most and between two reads.
+const LINGER_TOTAL: std::time::Duration = std::time::Duration::from_secs(10);
+const LINGER_IDLE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Closes a client connection the proxy is done with: FIN after the last
+/// answer, then what the client still sends (the rest of a refused upload,
+/// requests pipelined after `Connection: close`) is read and dropped until
+/// it closes too, or for `LINGER_TOTAL` at most. Closing a socket with
+/// unread bytes sends a reset, which makes the client's kernel drop the
+/// answer it has not read yet (nginx's `lingering_close` does the same).
+pub(super) fn linger(mut stream: TcpStream) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        if stream.shutdown().await.is_err() {
+            return;
+        }
+        let mut sink = vec![0u8; 16 * 1024];
+        let until = tokio::time::Instant::now() + LINGER_TOTAL;
+        loop {
+            let deadline = until.min(tokio::time::Instant::now() + LINGER_IDLE);
+            match tokio::time::timeout_at(deadline, stream.read(&mut sink)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+        }
+    });
+}
+
 /// The connection handed to the general path: the bytes the direct path
-/// already read come first.
+/// already read come first. Dropped, it lingers (`linger`).
 pub(super) struct Rewind {
     pub read: Bytes,
     pub stream: TcpStream,
+}
+
+impl Drop for Rewind {
+    fn drop(&mut self) {
+        // hyper drops the connection when it is done with it; a second
+        // descriptor of the socket keeps it open for `linger`.
+        use std::os::fd::AsFd;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let Ok(fd) = self.stream.as_fd().try_clone_to_owned() else {
+            return;
+        };
+        if let Ok(stream) = TcpStream::from_std(std::net::TcpStream::from(fd)) {
+            linger(stream);
+        }
+    }
 }
 
 impl tokio::io::AsyncRead for Rewind {
@@ -1693,6 +1742,49 @@ mod tests {
         let (head, body) = own_answer(&mut c).await;
         assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
         assert_eq!(body, "GET /api/a/b HTTP/1.1 body 0");
+    }
+
+    /// A refused upload too big to drain: the client still gets its 403
+    /// (the proxy reads and drops the rest after answering, rather than
+    /// resetting the connection under the answer), on both paths.
+    #[tokio::test]
+    async fn a_refused_big_upload_still_gets_its_answer() {
+        const BODY: usize = 6 << 20;
+        let api = policy::HttpRule {
+            path: Some("/api/.*".into()),
+            ..Default::default()
+        };
+        for expect in ["", "Expect: 100-continue\r\n"] {
+            let (c, _) = serving(
+                server(),
+                vec![api.clone()],
+                Default::default(),
+                Default::default(),
+            )
+            .await;
+            let (mut r, mut w) = c.into_split();
+            let head = format!(
+                "POST /admin HTTP/1.1\r\nHost: s\r\n{expect}Content-Length: {BODY}\r\n\r\n"
+            );
+            let writer = tokio::spawn(async move {
+                w.write_all(head.as_bytes()).await?;
+                let chunk = vec![b'x'; 64 * 1024];
+                for _ in 0..BODY / chunk.len() {
+                    w.write_all(&chunk).await?;
+                }
+                std::io::Result::Ok(w)
+            });
+            let mut out = Vec::new();
+            let read =
+                tokio::time::timeout(std::time::Duration::from_secs(10), r.read_to_end(&mut out));
+            read.await.expect("closed in time").expect("no reset");
+            let out = String::from_utf8_lossy(&out);
+            assert!(out.contains(" 403 "), "{expect:?}: {out}");
+            assert!(
+                writer.await.unwrap().is_ok(),
+                "{expect:?}: the upload was cut off"
+            );
+        }
     }
 
     #[test]
