@@ -310,4 +310,13 @@ fn nginx_never_serves_what_the_rule_refuses() {
             })
     });
     assert!(original, "{flows:?}");
+    // And Hubble's header filter finds it.
+    let found = l.lab.observe_json(&[
+        "--all",
+        "--http-header",
+        "x-fibril-original-path:/api/%2e%2e/admin",
+    ]);
+    // Sent four times: both HTTP/1.1 paths, HTTP/2, and absolute-form.
+    assert_eq!(found.len(), 4, "{found:?}");
+    assert!(found.iter().all(|f| f["verdict"] == "DROPPED"), "{found:?}");
 }
