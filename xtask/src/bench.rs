@@ -533,13 +533,21 @@ enum Placement<'a> {
     OneCpu(&'a str),
 }
 
-/// Pins the agent and every pod's process of `lab` (all their threads) to
-/// the first CPU this process may use, and returns it.
+/// Pins the agent, the HTTP proxy process and every pod's process of `lab`
+/// (all their threads) to the first CPU this process may use, and returns
+/// it.
 fn one_cpu_lab(lab: &str) -> anyhow::Result<usize> {
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(format!("/run/fibril/labs/{lab}/lab.json"))?)?;
     let cpu = first_allowed_cpu()?;
+    // `api::L7_PROXY_PID_FILE` (xtask builds without the workspace).
+    let proxy: Option<serde_json::Value> =
+        std::fs::read_to_string(format!("/run/fibril/labs/{lab}/state/l7proxy.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u64>().ok())
+            .map(Into::into);
     let pids = std::iter::once(&state["agent_pid"])
+        .chain(proxy.as_ref())
         .chain(
             state["pods"]
                 .as_array()

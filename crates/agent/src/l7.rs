@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 
 use policy::{Decision, Direction, HttpRule, L7};
 
-use crate::policy_sync::PolicySync;
 use crate::Agent;
 
 /// Distinct rule lists kept compiled; beyond this the cache starts over.
@@ -15,25 +14,21 @@ const COMPILED_CACHE_LIMIT: usize = 1024;
 
 pub struct ProxyPolicy {
     agent: Arc<Agent>,
-    compiled: CompiledRules,
 }
 
 impl ProxyPolicy {
     pub fn new(agent: Arc<Agent>) -> Self {
-        Self {
-            agent,
-            compiled: CompiledRules::default(),
-        }
+        Self { agent }
     }
 }
 
 /// Rule lists compiled once each (every connection a rule list covers asks
 /// for it), found by hash.
 #[derive(Default)]
-struct CompiledRules(Mutex<std::collections::HashMap<Vec<HttpRule>, Arc<proxy::HttpRules>>>);
+pub struct CompiledRules(Mutex<std::collections::HashMap<Vec<HttpRule>, Arc<proxy::HttpRules>>>);
 
 impl CompiledRules {
-    fn get(&self, rules: &[HttpRule]) -> Option<Arc<proxy::HttpRules>> {
+    pub fn get(&self, rules: &[HttpRule]) -> Option<Arc<proxy::HttpRules>> {
         let mut cache = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = cache.get(rules) {
             return Some(c.clone());
@@ -56,37 +51,10 @@ impl CompiledRules {
 }
 
 impl proxy::Policy for ProxyPolicy {
-    fn connection(&self, client: SocketAddrV4, dst: SocketAddrV4) -> Option<proxy::Connection> {
-        let (client_identity, server_identity, server_local) =
-            self.agent.l7_peers(*client.ip(), *dst.ip())?;
-        let sync = self.agent.policy.lock().unwrap_or_else(|e| e.into_inner());
-        let mut sides = Vec::new();
-        let ends = [
-            (Some(client_identity), server_identity, Direction::Egress),
-            (
-                server_local.then_some(server_identity),
-                client_identity,
-                Direction::Ingress,
-            ),
-        ];
-        for (endpoint, peer, direction) in ends {
-            let Some(endpoint) = endpoint else { continue };
-            if let Some((L7::Http(rules), by)) =
-                l7_rules(&sync, endpoint, peer, direction, 6, dst.port())?
-            {
-                sides.push(proxy::Side {
-                    ingress: direction == Direction::Ingress,
-                    rules: self.compiled.get(&rules)?,
-                    policy: sync.attribution(&by),
-                });
-            }
-        }
-        Some(proxy::Connection {
-            client_identity,
-            server_identity,
-            sides,
-            transparent: server_local,
-        })
+    /// HTTP is served by `fibril-l7proxy` (see `l7proxy.rs`), which decides
+    /// with the agent's snapshots; the agent's own proxy is DNS only.
+    fn connection(&self, _: SocketAddrV4, _: SocketAddrV4) -> Option<proxy::Connection> {
+        None
     }
 
     fn dns(
@@ -100,8 +68,7 @@ impl proxy::Policy for ProxyPolicy {
         let sync = self.agent.policy.lock().unwrap_or_else(|e| e.into_inner());
         let protocol = if tcp { 6 } else { 17 };
         let rules = l7_rules(
-            &sync,
-            client_identity,
+            sync.computed(client_identity),
             server_identity,
             Direction::Egress,
             protocol,
@@ -145,17 +112,17 @@ impl proxy::Policy for ProxyPolicy {
     }
 }
 
-/// What `endpoint`'s policy says about a connection with `peer`: `None` when
-/// it does not allow it; otherwise the L7 rules of the allowing entry, if any.
-fn l7_rules(
-    sync: &PolicySync,
-    endpoint: u32,
+/// What an endpoint's policy (`computed`, none: no policy) says about a
+/// connection with `peer`: `None` when it does not allow it; otherwise the
+/// L7 rules of the allowing entry, if any.
+pub(crate) fn l7_rules(
+    computed: Option<&policy::EndpointPolicy>,
     peer: u32,
     direction: Direction,
     protocol: u8,
     port: u16,
 ) -> Option<Option<(L7, policy::Origin)>> {
-    let Some(p) = sync.computed(endpoint) else {
+    let Some(p) = computed else {
         return Some(None);
     };
     match p.decide(peer, direction, protocol, port) {

@@ -5,6 +5,7 @@
 pub mod fqdn;
 pub mod hubble_backend;
 pub mod l7;
+pub mod l7proxy;
 pub mod metrics;
 pub mod observer;
 pub mod policy_sync;
@@ -74,6 +75,10 @@ pub struct Agent {
     pub observer: Arc<Observer>,
     started: Instant,
     proxy_stats: std::sync::OnceLock<Arc<proxy::Stats>>,
+    /// The HTTP proxy process, once connected (`l7proxy`).
+    l7_link: std::sync::OnceLock<Arc<l7proxy::Link>>,
+    /// Its counters as it last sent them (`proxy::Stats::snapshot` order).
+    l7_stats: Mutex<Vec<u64>>,
     /// DNS addresses not learned because an endpoint was at its limit.
     pub fqdn_refused: std::sync::atomic::AtomicU64,
     /// Conntrack entries at the last census (`ct_census`): status reads
@@ -160,6 +165,8 @@ impl Agent {
             observer,
             started: Instant::now(),
             proxy_stats: std::sync::OnceLock::new(),
+            l7_link: std::sync::OnceLock::new(),
+            l7_stats: Mutex::new(Vec::new()),
             fqdn_refused: Default::default(),
             ct_entries: Default::default(),
             ct_busiest: Default::default(),
@@ -202,6 +209,54 @@ impl Agent {
 
     pub fn proxy_stats(&self) -> Option<&Arc<proxy::Stats>> {
         self.proxy_stats.get()
+    }
+
+    /// The proxies' counters: the agent's own (DNS) and the HTTP proxy
+    /// process's, added up.
+    pub fn proxy_counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let Some(local) = self.proxy_stats.get() else {
+            return Vec::new();
+        };
+        let remote = self.l7_stats.lock().unwrap_or_else(|e| e.into_inner());
+        local
+            .snapshot()
+            .iter()
+            .enumerate()
+            .map(|(i, (name, help, v))| (*name, *help, v + remote.get(i).copied().unwrap_or(0)))
+            .collect()
+    }
+
+    /// Connects the HTTP proxy process: it gets a snapshot now and after
+    /// every change.
+    pub fn attach_l7_proxy(&self, link: Arc<l7proxy::Link>) {
+        if self.l7_link.set(link).is_ok() {
+            let state = self.lock_state();
+            self.publish_l7(&state);
+        }
+    }
+
+    /// Sends the HTTP proxy what it decides with, if it is connected.
+    fn publish_l7(&self, state: &State) {
+        let Some(link) = self.l7_link.get() else {
+            return;
+        };
+        let sync = self.policy.lock().unwrap_or_else(|e| e.into_inner());
+        let mut snapshot = l7proxy::Snapshot {
+            cidrs: state
+                .cidr_identities
+                .iter()
+                .map(|(p, id)| (*p, *id))
+                .collect(),
+            ..Default::default()
+        };
+        for ep in state.endpoints.values() {
+            snapshot.pods.insert(ep.ipv4, ep.identity);
+            if let Some(p) = sync.computed(ep.identity) {
+                snapshot.policies.insert(ep.identity, p.clone());
+            }
+        }
+        drop(sync);
+        link.publish(snapshot);
     }
 
     pub fn uptime(&self) -> std::time::Duration {
@@ -322,6 +377,7 @@ impl Agent {
     fn commit(&self, state: &mut State) -> Result<(), Error> {
         state.refresh_cidr_identities().map_err(invalid)?;
         self.sync(state)?;
+        self.publish_l7(state);
         self.store.save(state)?;
         Ok(())
     }
@@ -1034,6 +1090,18 @@ fn validate_attachment(a: &Attachment) -> Result<(), Error> {
         ));
     }
     validate_pod_names(&a.namespace, &a.pod)
+}
+
+/// What the HTTP proxy process sends: its flows join the agent's, its
+/// counters the metrics.
+impl l7proxy::Sink for Agent {
+    fn record(&self, record: flow::record::L7Record) {
+        self.observer.queue_l7(record);
+    }
+
+    fn stats(&self, values: Vec<u64>) {
+        *self.l7_stats.lock().unwrap_or_else(|e| e.into_inner()) = values;
+    }
 }
 
 #[cfg(test)]

@@ -106,38 +106,22 @@ struct Args {
     ct_endpoint_budget: u32,
 }
 
-/// Binds the L7 proxy's listener (before the datapath loads: the programs
-/// carry its port). A restarted agent takes its previous port back if it can.
-fn bind_proxy(args: &Args) -> anyhow::Result<std::net::TcpListener> {
-    if args.proxy_port == 0 {
-        let record = args.state_dir.join(datapath::net::PROXY_ROUTING_FILE);
-        if let Some((_, table)) = datapath::net::read_proxy_routing(&record) {
-            if let Ok(l) = proxy::socket::listen((table & 0xffff) as u16) {
-                return Ok(l);
-            }
-        }
+/// The HTTP proxy process's port a restarted agent asks for when it has
+/// to start the proxy again: its previous one, if it had one.
+fn previous_proxy_port(args: &Args) -> u16 {
+    if args.proxy_port != 0 {
+        return args.proxy_port;
     }
-    proxy::socket::listen(args.proxy_port)
-        .with_context(|| format!("binding the L7 proxy on 127.0.0.1:{}", args.proxy_port))
+    let record = args.state_dir.join(datapath::net::PROXY_ROUTING_FILE);
+    datapath::net::read_proxy_routing(&record).map_or(0, |(_, table)| (table & 0xffff) as u16)
 }
 
-/// Pins a proxy thread to its CPU. If that is refused, the thread runs
-/// unpinned: its connections still come to it, only less often from its
-/// own CPU.
-fn pin_proxy_thread(cpu: Option<usize>) {
-    if let Some(cpu) = cpu {
-        if let Err(e) = proxy::workers::pin_current_thread(cpu) {
-            tracing::warn!(cpu, error = %e, "could not pin an HTTP proxy thread");
-        }
-    }
-}
-
-/// Runs the L7 proxy on a tokio runtime of its own.
-fn start_proxy(
+/// Runs the DNS proxy on tokio runtimes of its own (HTTP is the
+/// `fibril-l7proxy` process's).
+fn start_dns_proxy(
     agent: Arc<Agent>,
-    listener: std::net::TcpListener,
     dns: (std::net::UdpSocket, std::net::TcpListener),
-    config: proxy::http::Config,
+    from_mark: u32,
 ) -> anyhow::Result<Arc<proxy::Stats>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .thread_name("proxy")
@@ -146,7 +130,6 @@ fn start_proxy(
     let stats = Arc::new(proxy::Stats::default());
     let policy = Arc::new(fibril_agent::l7::ProxyPolicy::new(agent));
     let (dns_udp, dns_tcp) = dns;
-    let from_mark = config.from_mark;
     let drain = Arc::new(proxy::dns::Drain::default());
     {
         // UDP DNS: a thread and event loop of its own, reading and
@@ -199,42 +182,9 @@ fn start_proxy(
             }
         });
     }
-    // HTTP connections are served by one thread per CPU, each pinned to
-    // its CPU and an event loop of its own (a current-thread runtime: no
-    // work stealing); the acceptor's thread is the first of them.
-    let cpus = proxy::workers::allowed_cpus();
-    let first_cpu = cpus.first().copied();
-    let mut workers = vec![proxy::workers::Worker {
-        cpu: first_cpu,
-        handle: rt.handle().clone(),
-    }];
-    for (i, &cpu) in cpus.iter().enumerate().skip(1) {
-        let worker = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let cpu = Some(cpu);
-        workers.push(proxy::workers::Worker {
-            cpu,
-            handle: worker.handle().clone(),
-        });
-        std::thread::Builder::new()
-            .name(format!("proxy-{i}"))
-            .spawn(move || {
-                pin_proxy_thread(cpu);
-                worker.block_on(std::future::pending::<()>())
-            })?;
-    }
-    tracing::info!(cpus = ?cpus, "HTTP proxy: one thread per CPU");
-    let s = stats.clone();
     std::thread::Builder::new()
         .name("proxy".into())
-        .spawn(move || {
-            let _guard = rt.enter();
-            pin_proxy_thread(first_cpu);
-            if let Err(e) = rt.block_on(proxy::http::serve(listener, policy, config, s, workers)) {
-                tracing::error!(error = %e, "L7 proxy stopped");
-            }
-        })?;
+        .spawn(move || rt.block_on(std::future::pending::<()>()))?;
     Ok(stats)
 }
 
@@ -359,7 +309,16 @@ fn main() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("--pod-cidr: {e}"))?;
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
-    let proxy_listener = bind_proxy(&args)?;
+    // The HTTP proxy runs as a process of its own that outlives the agent:
+    // a restarted agent finds it (and its port) on its socket.
+    let l7_link = fibril_agent::l7proxy::Link::connect(fibril_agent::l7proxy::SpawnConfig {
+        program: std::env::current_exe()?.with_file_name("fibril-l7proxy"),
+        state_dir: args.state_dir.clone(),
+        port: previous_proxy_port(&args),
+        request_timeout_s: args.http_request_timeout,
+        escaped_slashes: args.http_escaped_slashes.to_string(),
+    })
+    .context("starting the L7 proxy")?;
     let (dns_udp, dns_tcp) = proxy::dns::listen(args.dns_proxy_port)
         .with_context(|| format!("binding the DNS proxy on 127.0.0.1:{}", args.dns_proxy_port))?;
     let config = Config {
@@ -380,7 +339,7 @@ fn main() -> anyhow::Result<()> {
     };
     let redirect = datapath::ProxyRedirect {
         dns_port: dns_tcp.local_addr()?.port(),
-        ..datapath::ProxyRedirect::for_port(proxy_listener.local_addr()?.port())
+        ..datapath::ProxyRedirect::for_port(l7_link.port)
     };
     let config = Config {
         proxy: Some(redirect),
@@ -420,17 +379,9 @@ fn main() -> anyhow::Result<()> {
             .name("metrics".into())
             .spawn(move || fibril_agent::metrics::serve(agent, l, render))?;
     }
-    let proxy_stats = start_proxy(
-        agent.clone(),
-        proxy_listener,
-        (dns_udp, dns_tcp),
-        proxy::http::Config {
-            from_mark: redirect.mark_from,
-            request_timeout: std::time::Duration::from_secs(args.http_request_timeout),
-            escaped_slashes: args.http_escaped_slashes,
-            ..Default::default()
-        },
-    )?;
+    let proxy_stats = start_dns_proxy(agent.clone(), (dns_udp, dns_tcp), redirect.mark_from)?;
+    l7_link.start_reading(agent.clone())?;
+    agent.attach_l7_proxy(l7_link);
     agent.set_proxy_stats(proxy_stats);
     if let Some(cgroup) = &args.cgroup_root {
         match agent.datapath().attach_proxy_shortcut(cgroup) {

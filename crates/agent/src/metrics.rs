@@ -90,10 +90,8 @@ pub fn render(agent: &Agent) -> String {
         "DNS answer addresses not learned because an endpoint was at --tofqdns-max-ips-per-endpoint.",
         agent.fqdn_refused.load(std::sync::atomic::Ordering::Relaxed),
     );
-    if let Some(stats) = agent.proxy_stats() {
-        for (name, help, value) in stats.snapshot() {
-            metric(name, "counter", help, value);
-        }
+    for (name, help, value) in agent.proxy_counters() {
+        metric(name, "counter", help, value);
     }
     if let Some(s) = agent.datapath().proxy_shortcut_stats() {
         for (name, help, value) in [

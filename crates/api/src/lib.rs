@@ -25,6 +25,10 @@ pub fn host_ifname(container_id: &str, ifname: &str) -> String {
 /// Default socket of the agent.
 pub const DEFAULT_SOCKET: &str = "/run/fibril/agent.sock";
 
+/// The HTTP proxy process's pid file in the agent's state directory (it
+/// outlives the agent; whoever removes the node stops it).
+pub const L7_PROXY_PID_FILE: &str = "l7proxy.pid";
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {

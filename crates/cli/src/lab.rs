@@ -496,6 +496,18 @@ pub fn stop_agent(st: &LabState) {
     }
 }
 
+/// Stops the lab's HTTP proxy process, which outlives agent restarts.
+fn stop_l7_proxy(lab: &str) {
+    let pid_file = lab_dir(lab).join("state").join(api::L7_PROXY_PID_FILE);
+    if let Some(pid) = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+    {
+        kill(pid);
+        wait_gone(pid);
+    }
+}
+
 fn cni_config(lab: &str) -> String {
     serde_json::json!({
         "cniVersion": "1.1.0",
@@ -788,6 +800,7 @@ pub fn down(lab: &str) -> anyhow::Result<()> {
         }
     }
     stop_agent(&st);
+    stop_l7_proxy(lab);
     net::proxy_routing_forget(&lab_dir(lab).join("state").join(net::PROXY_ROUTING_FILE));
     for p in &st.pods {
         net::delete_netns(&p.netns);

@@ -1044,3 +1044,66 @@ fn websocket_upgrades_the_rules_allow_become_tunnels() {
     assert!(!log.contains("/admin"), "{log}");
     assert_eq!(l.metric("fibril_proxy_http_upgrades_total"), 1);
 }
+
+/// The HTTP proxy is a process of its own (`fibril-l7proxy`): killing the
+/// agent with SIGKILL and starting it again two seconds later fails none of
+/// a steady load's requests, neither on held keep-alive connections nor on
+/// connections opened during the outage (checked with the last policy the
+/// proxy had: /admin is still refused then); flows made while the agent
+/// was away reach the new one.
+#[test]
+fn proxied_connections_survive_an_agent_crash() {
+    let l = L7Lab::start();
+    let proxy_pid = || {
+        std::fs::read_to_string(format!("/run/fibril/labs/{}/state/l7proxy.pid", l.lab.name))
+            .unwrap()
+    };
+    let before = proxy_pid();
+    let url = l.url(3, 8080, "/api/steady");
+    let load = {
+        let (lab, url) = (l.lab.name.clone(), url.clone());
+        std::thread::spawn(move || {
+            let out = std::process::Command::new(common::bin("fibril"))
+                .args(["--lab", &lab, "lab", "exec", "shop/frontend", "--"])
+                .args(["fibril-echo", "http-steady", &url, "--seconds", "7"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let lab_json: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("/run/fibril/labs/{}/lab.json", l.lab.name)).unwrap(),
+    )
+    .unwrap();
+    let agent = lab_json["agent_pid"].as_u64().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &agent])
+        .status()
+        .unwrap()
+        .success());
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // The outage: the last policy still holds for new connections.
+    assert_eq!(l.curl("frontend", &[&l.url(3, 8080, "/admin")]), ["403"]);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let restarted = l.lab.fibril(&["lab", "restart-agent"]);
+    assert!(restarted.status.success(), "{restarted:?}");
+    let out = load.join().unwrap();
+    let count = |key: &str| -> u64 {
+        out.lines()
+            .find_map(|line| line.strip_prefix(key)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {out}"))
+    };
+    assert!(count("held_requests") > 100, "{out}");
+    assert!(count("new_requests") > 50, "{out}");
+    assert_eq!(count("held_failed"), 0, "{out}");
+    assert_eq!(count("new_failed"), 0, "{out}");
+    // The same proxy throughout; the refusal made during the outage was
+    // reported to the new agent.
+    assert_eq!(proxy_pid(), before);
+    wait_until("the outage's flows reach the new agent", || {
+        !l.l7_flows(&["--http-path", "/admin", "--verdict", "DROPPED"])
+            .is_empty()
+    });
+    assert_eq!(l.curl("frontend", &[&l.url(3, 8080, "/admin")]), ["403"]);
+}

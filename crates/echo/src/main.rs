@@ -174,6 +174,20 @@ enum Cmd {
     },
     /// Holds a TCP connection open and sends one request per `interval`
     /// until `seconds` pass; fails as soon as one request fails.
+    /// A steady load that counts its failures instead of stopping at the
+    /// first: `connections` keep-alive connections sending a GET every
+    /// `interval` seconds (a failed one reconnects), and every `interval`
+    /// one more request on a new connection. Prints `held_requests`,
+    /// `held_failed`, `new_requests`, `new_failed` and `slowest_new_ms`.
+    HttpSteady {
+        url: String,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 2)]
+        connections: usize,
+        #[arg(long, default_value_t = 0.02)]
+        interval: f64,
+    },
     HttpHold {
         addr: String,
         #[arg(long, default_value_t = 10.0)]
@@ -290,6 +304,74 @@ fn http_hold(addr: &str, seconds: f64, interval: f64, path: &str) -> anyhow::Res
         std::thread::sleep(Duration::from_secs_f64(interval));
     }
     say(format!("held connection: {n} requests ok"));
+    Ok(())
+}
+
+fn http_steady(url: &str, seconds: f64, connections: usize, interval: f64) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    let (hostport, path) = parse_url(url)?;
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let pause = Duration::from_secs_f64(interval);
+    let counts: std::sync::Arc<[AtomicU64; 5]> = Default::default();
+    let one = |s: &mut TcpStream, r: &mut BufReader<TcpStream>| -> anyhow::Result<()> {
+        let status = http_request(s, r, &hostport, &path)?;
+        if !status.contains(" 2") {
+            bail!("HTTP status {status}");
+        }
+        Ok(())
+    };
+    let connect_one = || -> anyhow::Result<(TcpStream, BufReader<TcpStream>)> {
+        let s = connect(&hostport, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let r = BufReader::new(s.try_clone()?);
+        Ok((s, r))
+    };
+    std::thread::scope(|scope| {
+        for _ in 0..connections.max(1) {
+            let counts = counts.clone();
+            scope.spawn(move || {
+                let mut held = None;
+                while Instant::now() < end {
+                    let ok = match held.as_mut() {
+                        Some((s, r)) => one(s, r).is_ok(),
+                        None => connect_one()
+                            .and_then(|(mut s, mut r)| {
+                                one(&mut s, &mut r)?;
+                                held = Some((s, r));
+                                Ok(())
+                            })
+                            .is_ok(),
+                    };
+                    counts[0].fetch_add(1, Relaxed);
+                    if !ok {
+                        counts[1].fetch_add(1, Relaxed);
+                        held = None;
+                    }
+                    std::thread::sleep(pause);
+                }
+            });
+        }
+        let counts = counts.clone();
+        scope.spawn(move || {
+            while Instant::now() < end {
+                let started = Instant::now();
+                let ok = connect_one()
+                    .and_then(|(mut s, mut r)| one(&mut s, &mut r))
+                    .is_ok();
+                let ms = started.elapsed().as_millis() as u64;
+                counts[2].fetch_add(1, Relaxed);
+                counts[3].fetch_add(u64::from(!ok), Relaxed);
+                counts[4].fetch_max(ms, Relaxed);
+                std::thread::sleep(pause);
+            }
+        });
+    });
+    let [held, held_failed, new, new_failed, slowest] = counts.each_ref().map(|c| c.load(Relaxed));
+    say(format!("held_requests {held}"));
+    say(format!("held_failed {held_failed}"));
+    say(format!("new_requests {new}"));
+    say(format!("new_failed {new_failed}"));
+    say(format!("slowest_new_ms {slowest}"));
     Ok(())
 }
 
@@ -604,6 +686,12 @@ fn main() {
         Cmd::BenchServer { port } => bench_server(port),
         Cmd::BenchRr { addr, seconds } => bench_rr(&addr, seconds),
         Cmd::BenchStream { addr, seconds } => bench_stream(&addr, seconds),
+        Cmd::HttpSteady {
+            url,
+            seconds,
+            connections,
+            interval,
+        } => http_steady(&url, seconds, connections, interval),
         Cmd::HttpHold {
             addr,
             seconds,

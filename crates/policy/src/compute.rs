@@ -103,10 +103,32 @@ pub struct EndpointPolicy {
     /// Enforced only by policies in audit mode: drops become AUDIT.
     pub ingress_audit: bool,
     pub egress_audit: bool,
+    /// As a list of pairs when serialized (JSON keys must be strings).
+    #[serde(with = "entries_as_pairs")]
     pub entries: BTreeMap<EntryKey, EntryValue>,
     /// Policies (`namespace/name`) that select the endpoint, per direction.
     pub ingress_selected_by: Vec<String>,
     pub egress_selected_by: Vec<String>,
+}
+
+mod entries_as_pairs {
+    use super::{EntryKey, EntryValue};
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::collections::BTreeMap;
+
+    pub fn serialize<S: Serializer>(
+        m: &BTreeMap<EntryKey, EntryValue>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(m.iter())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<EntryKey, EntryValue>, D::Error> {
+        let pairs: Vec<(EntryKey, EntryValue)> = Deserialize::deserialize(d)?;
+        Ok(pairs.into_iter().collect())
+    }
 }
 
 /// What the policy map says about one packet opening a connection.

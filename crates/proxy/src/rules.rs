@@ -206,6 +206,15 @@ pub enum EscapedSlashes {
     Unescape,
 }
 
+impl std::fmt::Display for EscapedSlashes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Reject => "reject",
+            Self::Unescape => "unescape",
+        })
+    }
+}
+
 impl std::str::FromStr for EscapedSlashes {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -89,6 +89,66 @@ pub fn incoming_cpu(stream: &TcpStream) -> Option<usize> {
     socket2::SockRef::from(stream).cpu_affinity().ok()
 }
 
+/// Serves HTTP on `listener` from one thread per allowed CPU, each pinned
+/// to its CPU with an event loop of its own (a current-thread runtime: no
+/// work stealing); the acceptor's thread is the first of them. Returns once
+/// the threads run; they serve until the process ends.
+pub fn spawn_http(
+    listener: std::net::TcpListener,
+    policy: std::sync::Arc<dyn crate::Policy>,
+    config: crate::http::Config,
+    stats: std::sync::Arc<crate::Stats>,
+) -> std::io::Result<()> {
+    let cpus = allowed_cpus();
+    let first_cpu = cpus.first().copied();
+    let acceptor = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut workers = vec![Worker {
+        cpu: first_cpu,
+        handle: acceptor.handle().clone(),
+    }];
+    for (i, &cpu) in cpus.iter().enumerate().skip(1) {
+        let worker = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let cpu = Some(cpu);
+        workers.push(Worker {
+            cpu,
+            handle: worker.handle().clone(),
+        });
+        std::thread::Builder::new()
+            .name(format!("proxy-{i}"))
+            .spawn(move || {
+                pin_or_warn(cpu);
+                worker.block_on(std::future::pending::<()>())
+            })?;
+    }
+    tracing::info!(cpus = ?cpus, "HTTP proxy: one thread per CPU");
+    std::thread::Builder::new()
+        .name("proxy".into())
+        .spawn(move || {
+            let _guard = acceptor.enter();
+            pin_or_warn(first_cpu);
+            let serve = crate::http::serve(listener, policy, config, stats, workers);
+            if let Err(e) = acceptor.block_on(serve) {
+                tracing::error!(error = %e, "L7 proxy stopped");
+            }
+        })?;
+    Ok(())
+}
+
+/// Pins a proxy thread to its CPU. If that is refused, the thread runs
+/// unpinned: its connections still come to it, only less often from its
+/// own CPU.
+fn pin_or_warn(cpu: Option<usize>) {
+    if let Some(cpu) = cpu {
+        if let Err(e) = pin_current_thread(cpu) {
+            tracing::warn!(cpu, error = %e, "could not pin an HTTP proxy thread");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,562 @@
+//! The HTTP proxy as a process of its own (`fibril-l7proxy`), as Cilium
+//! runs Envoy standalone: it outlives the agent, so proxied connections go
+//! on across an agent restart or crash, and new ones keep being checked
+//! against the last policy the agent gave it.
+//!
+//! The two talk over `<state-dir>/l7proxy.sock`, one JSON message a line:
+//! the proxy says `Hello` (its port) when the agent connects; the agent
+//! sends a `Snapshot` of what the proxy decides with (local endpoints, CIDR
+//! identities, the computed policy of each local endpoint) at connect and
+//! after every change; the proxy sends its flows (`Record`) and counters
+//! (`Stats`, every second). Flows made while no agent is connected wait in
+//! a bounded queue. The proxy exits when its socket file is removed (the
+//! state directory gone: `lab down`, a test's cleanup).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use ipnet::IpNet;
+use policy::{Direction, EndpointPolicy, L7};
+use serde::{Deserialize, Serialize};
+
+use crate::l7::{l7_rules, CompiledRules};
+
+/// The socket's file in the state directory.
+pub const SOCKET_FILE: &str = "l7proxy.sock";
+/// The proxy's pid, for `lab down`.
+pub const PID_FILE: &str = api::L7_PROXY_PID_FILE;
+/// Flows kept while no agent is connected; beyond, the oldest go.
+const QUEUE_LIMIT: usize = 65_536;
+
+/// What the proxy decides with.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// This node's endpoints: address -> identity.
+    pub pods: BTreeMap<Ipv4Addr, u32>,
+    /// CIDR identities (the most specific prefix holding an address wins;
+    /// none: world).
+    pub cidrs: Vec<(IpNet, u32)>,
+    /// The computed policy of each local endpoint's identity.
+    pub policies: BTreeMap<u32, EndpointPolicy>,
+}
+
+impl Snapshot {
+    fn cidr_identity_of(&self, addr: Ipv4Addr) -> u32 {
+        self.cidrs
+            .iter()
+            .filter(|(p, _)| p.contains(&std::net::IpAddr::V4(addr)))
+            .max_by_key(|(p, _)| p.prefix_len())
+            .map_or(abi::identity::WORLD, |(_, id)| *id)
+    }
+
+    /// What policy says about a redirected connection: each side's http
+    /// rules; `None` when policy no longer allows it at all.
+    pub fn connection(
+        &self,
+        client: SocketAddrV4,
+        dst: SocketAddrV4,
+        compiled: &CompiledRules,
+    ) -> Option<proxy::Connection> {
+        let client_identity = *self.pods.get(client.ip())?;
+        let (server_identity, server_local) = match self.pods.get(dst.ip()) {
+            Some(id) => (*id, true),
+            None => (self.cidr_identity_of(*dst.ip()), false),
+        };
+        let ends = [
+            (Some(client_identity), server_identity, Direction::Egress),
+            (
+                server_local.then_some(server_identity),
+                client_identity,
+                Direction::Ingress,
+            ),
+        ];
+        let mut sides = Vec::new();
+        for (endpoint, peer, direction) in ends {
+            let Some(endpoint) = endpoint else { continue };
+            let computed = self.policies.get(&endpoint);
+            if let Some((L7::Http(rules), by)) = l7_rules(computed, peer, direction, 6, dst.port())?
+            {
+                sides.push(proxy::Side {
+                    ingress: direction == Direction::Ingress,
+                    rules: compiled.get(&rules)?,
+                    policy: Arc::new(crate::observer::policy_ref(&by)),
+                });
+            }
+        }
+        Some(proxy::Connection {
+            client_identity,
+            server_identity,
+            sides,
+            transparent: server_local,
+        })
+    }
+}
+
+/// An L7 flow as it crosses the socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireRecord {
+    unix_ns: u64,
+    client: SocketAddrV4,
+    server: SocketAddrV4,
+    client_identity: u32,
+    server_identity: u32,
+    is_reply: bool,
+    dropped: bool,
+    ingress: bool,
+    l7: flow::record::Layer7,
+    protocol: u8,
+    decided_by: Vec<(bool, flow::record::PolicyRef)>,
+}
+
+impl From<flow::record::L7Record> for WireRecord {
+    fn from(r: flow::record::L7Record) -> Self {
+        WireRecord {
+            unix_ns: r.unix_ns,
+            client: r.client,
+            server: r.server,
+            client_identity: r.client_identity,
+            server_identity: r.server_identity,
+            is_reply: r.is_reply,
+            dropped: r.verdict == "DROPPED",
+            ingress: r.ingress,
+            l7: r.l7,
+            protocol: r.protocol,
+            decided_by: r
+                .decided_by
+                .iter()
+                .map(|(i, p)| (*i, (**p).clone()))
+                .collect(),
+        }
+    }
+}
+
+impl From<WireRecord> for flow::record::L7Record {
+    fn from(r: WireRecord) -> Self {
+        flow::record::L7Record {
+            unix_ns: r.unix_ns,
+            client: r.client,
+            server: r.server,
+            client_identity: r.client_identity,
+            server_identity: r.server_identity,
+            is_reply: r.is_reply,
+            verdict: if r.dropped { "DROPPED" } else { "FORWARDED" },
+            ingress: r.ingress,
+            l7: r.l7,
+            protocol: r.protocol,
+            decided_by: r
+                .decided_by
+                .into_iter()
+                .map(|(i, p)| (i, Arc::new(p)))
+                .collect(),
+        }
+    }
+}
+
+/// Agent -> proxy.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ToProxy {
+    Snapshot(Snapshot),
+}
+
+/// Proxy -> agent.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum FromProxy {
+    Hello {
+        port: u16,
+        pid: u32,
+    },
+    Record(Box<WireRecord>),
+    /// `proxy::Stats::snapshot` values, in its order.
+    Stats(Vec<u64>),
+}
+
+fn send<T: Serialize>(w: &mut impl Write, msg: &T) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line)
+}
+
+/// How the agent starts a proxy when none answers on the socket.
+#[derive(Debug, Clone)]
+pub struct SpawnConfig {
+    pub program: PathBuf,
+    pub state_dir: PathBuf,
+    /// 0: any free port (the datapath is told the one it got).
+    pub port: u16,
+    pub request_timeout_s: u64,
+    pub escaped_slashes: String,
+}
+
+impl SpawnConfig {
+    fn spawn(&self) -> anyhow::Result<()> {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state_dir.join("l7proxy.log"))?;
+        std::process::Command::new(&self.program)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(["--port", &self.port.to_string()])
+            .args(["--request-timeout", &self.request_timeout_s.to_string()])
+            .args(["--escaped-slashes", &self.escaped_slashes])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Its own process group: a signal to the agent's group (a
+            // terminal's ^C) does not reach it.
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {}", self.program.display()))?;
+        Ok(())
+    }
+}
+
+/// The agent's end: the connection to the proxy, re-made (and the proxy
+/// started again, on the same port) if it goes.
+pub struct Link {
+    spawn: SpawnConfig,
+    writer: Mutex<Option<UnixStream>>,
+    /// The first connection's reading end, until `start_reading`.
+    reader: Mutex<Option<UnixStream>>,
+    last: Mutex<Option<Arc<Snapshot>>>,
+    pub port: u16,
+}
+
+/// What the agent does with what the proxy sends.
+pub trait Sink: Send + Sync + 'static {
+    fn record(&self, record: flow::record::L7Record);
+    fn stats(&self, values: Vec<u64>);
+}
+
+impl Link {
+    /// Connects to the proxy of `spawn.state_dir`, starting one if none
+    /// answers (before the datapath loads: its programs carry the port).
+    pub fn connect(spawn: SpawnConfig) -> anyhow::Result<Arc<Link>> {
+        let (stream, port) = connect(&spawn)?;
+        Ok(Arc::new(Link {
+            spawn: SpawnConfig { port, ..spawn },
+            writer: Mutex::new(Some(stream.try_clone()?)),
+            reader: Mutex::new(Some(stream)),
+            last: Mutex::new(None),
+            port,
+        }))
+    }
+
+    /// A thread hands the proxy's flows and counters to `sink`, and
+    /// reconnects (restarting the proxy if need be) when the connection
+    /// ends.
+    pub fn start_reading(self: &Arc<Self>, sink: Arc<dyn Sink>) -> std::io::Result<()> {
+        let Some(mut stream) = self.reader.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return Ok(());
+        };
+        let weak = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("l7proxy-link".into())
+            .spawn(move || loop {
+                read_from_proxy(&stream, sink.as_ref());
+                let Some(link) = weak.upgrade() else { return };
+                tracing::warn!("the L7 proxy connection ended: reconnecting");
+                *link.writer.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                stream = loop {
+                    match connect(&link.spawn) {
+                        Ok((s, _)) => break s,
+                        Err(e) => {
+                            tracing::error!(error = %format!("{e:#}"), "the L7 proxy");
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
+                    }
+                };
+                if let Ok(w) = stream.try_clone() {
+                    *link.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
+                }
+                let last = link.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                if let Some(snapshot) = last {
+                    link.send(&snapshot);
+                }
+            })?;
+        Ok(())
+    }
+
+    /// Gives the proxy `snapshot` (kept, and sent again on reconnecting).
+    pub fn publish(&self, snapshot: Snapshot) {
+        let snapshot = Arc::new(snapshot);
+        {
+            let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+            if last.as_deref() == Some(&*snapshot) {
+                return;
+            }
+            *last = Some(snapshot.clone());
+        }
+        self.send(&snapshot);
+    }
+
+    fn send(&self, snapshot: &Snapshot) {
+        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = writer.as_mut() {
+            if let Err(e) = send(w, &ToProxy::Snapshot(snapshot.clone())) {
+                tracing::warn!(error = %e, "sending the L7 proxy its policy");
+                *writer = None;
+            }
+        }
+    }
+}
+
+/// A connection to the proxy and its port, starting the proxy if none
+/// answers.
+fn connect(spawn: &SpawnConfig) -> anyhow::Result<(UnixStream, u16)> {
+    let path = spawn.state_dir.join(SOCKET_FILE);
+    let stream = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(_) => {
+            spawn.spawn()?;
+            let mut waited = Duration::ZERO;
+            loop {
+                match UnixStream::connect(&path) {
+                    Ok(s) => break s,
+                    Err(e) if waited >= Duration::from_secs(10) => {
+                        return Err(e).with_context(|| {
+                            format!(
+                                "the L7 proxy did not start (see {})",
+                                spawn.state_dir.join("l7proxy.log").display()
+                            )
+                        })
+                    }
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(20));
+                        waited += Duration::from_millis(20);
+                    }
+                }
+            }
+        }
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    stream.set_read_timeout(None)?;
+    match serde_json::from_str(&line) {
+        Ok(FromProxy::Hello { port, pid }) => {
+            tracing::info!(port, pid, "connected to the L7 proxy");
+            Ok((stream, port))
+        }
+        _ => anyhow::bail!("the L7 proxy did not say hello: {line:?}"),
+    }
+}
+
+fn read_from_proxy(stream: &UnixStream, sink: &dyn Sink) {
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else { return };
+        match serde_json::from_str(&line) {
+            Ok(FromProxy::Record(r)) => sink.record((*r).into()),
+            Ok(FromProxy::Stats(v)) => sink.stats(v),
+            Ok(FromProxy::Hello { .. }) => {}
+            Err(e) => tracing::warn!(error = %e, "a message from the L7 proxy"),
+        }
+    }
+}
+
+/// The proxy's policy: the last snapshot the agent sent.
+pub struct SnapshotPolicy {
+    snapshot: RwLock<Arc<Snapshot>>,
+    compiled: CompiledRules,
+    records: RecordQueue,
+}
+
+impl proxy::Policy for SnapshotPolicy {
+    fn connection(&self, client: SocketAddrV4, dst: SocketAddrV4) -> Option<proxy::Connection> {
+        let snapshot = self
+            .snapshot
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        snapshot.connection(client, dst, &self.compiled)
+    }
+
+    fn dns(&self, _: SocketAddrV4, _: SocketAddrV4, _: bool) -> Option<proxy::dns::DnsConnection> {
+        // DNS stays with the agent (what it learns goes into its maps).
+        None
+    }
+
+    fn learned(&self, _: Ipv4Addr, _: &str, _: &[(Ipv4Addr, u32)]) {}
+
+    fn refresh_learned(&self, _: Ipv4Addr, _: &str, _: &[(Ipv4Addr, u32)]) -> bool {
+        false
+    }
+
+    fn record(&self, record: flow::record::L7Record) {
+        self.records.push(record.into());
+    }
+}
+
+/// Flows on their way to the agent (kept while it is away).
+#[derive(Default)]
+struct RecordQueue {
+    queue: Mutex<VecDeque<WireRecord>>,
+    ready: Condvar,
+}
+
+impl RecordQueue {
+    fn push(&self, r: WireRecord) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= QUEUE_LIMIT {
+            q.pop_front();
+        }
+        q.push_back(r);
+        self.ready.notify_one();
+    }
+
+    /// Waits up to `wait` for flows; all that are there.
+    fn take(&self, wait: Duration) -> Vec<WireRecord> {
+        let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut q, _) = self
+            .ready
+            .wait_timeout_while(q, wait, |q| q.is_empty())
+            .unwrap_or_else(|e| e.into_inner());
+        q.drain(..).collect()
+    }
+
+    /// Puts back flows an agent did not get (at the front, in order).
+    fn unsend(&self, rs: Vec<WireRecord>) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        for r in rs.into_iter().rev() {
+            if q.len() >= QUEUE_LIMIT {
+                break;
+            }
+            q.push_front(r);
+        }
+    }
+}
+
+/// The proxy process's options (`fibril-l7proxy --help`).
+#[derive(Debug, Clone)]
+pub struct ProcessConfig {
+    pub state_dir: PathBuf,
+    pub port: u16,
+    pub http: proxy::http::Config,
+}
+
+/// Runs the proxy process until its socket file is removed.
+pub fn run_process(config: ProcessConfig) -> anyhow::Result<()> {
+    let socket = config.state_dir.join(SOCKET_FILE);
+    let listener = match proxy::socket::listen(config.port) {
+        Ok(l) => l,
+        // The previous port, taken by now: any (the agent gets the port
+        // from the hello; an agent whose datapath has the old one says so).
+        Err(e) if config.port != 0 => {
+            tracing::warn!(port = config.port, error = %e, "port taken: binding any");
+            proxy::socket::listen(0)?
+        }
+        Err(e) => return Err(e).context("binding the L7 proxy"),
+    };
+    let port = listener.local_addr()?.port();
+    // Upstream sockets carry the mark of this port's redirect, so that the
+    // datapath does not redirect them again.
+    let http = proxy::http::Config {
+        from_mark: datapath::ProxyRedirect::for_port(port).mark_from,
+        ..config.http
+    };
+    std::fs::remove_file(&socket).ok();
+    let control =
+        UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+    std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    std::fs::write(
+        config.state_dir.join(PID_FILE),
+        std::process::id().to_string(),
+    )?;
+    let policy = Arc::new(SnapshotPolicy {
+        snapshot: RwLock::new(Arc::default()),
+        compiled: CompiledRules::default(),
+        records: RecordQueue::default(),
+    });
+    let stats = Arc::new(proxy::Stats::default());
+    proxy::workers::spawn_http(listener, policy.clone(), http, stats.clone())?;
+    tracing::info!(port, "L7 proxy ready");
+    watch_socket_file(socket);
+    // One agent at a time: a new connection replaces the old.
+    for agent in control.incoming() {
+        let Ok(agent) = agent else { continue };
+        if let Err(e) = serve_agent(agent, port, &policy, &stats) {
+            tracing::warn!(error = %e, "agent connection");
+        }
+    }
+    Ok(())
+}
+
+/// Exits the process once `socket` is gone (its state directory removed).
+fn watch_socket_file(socket: PathBuf) {
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_secs(1));
+        if !Path::new(&socket).exists() {
+            tracing::info!("socket removed: stopping");
+            std::process::exit(0);
+        }
+    });
+}
+
+/// Says hello, then sends flows and counters to `agent` on a thread while
+/// reading its snapshots here, until it goes.
+fn serve_agent(
+    agent: UnixStream,
+    port: u16,
+    policy: &Arc<SnapshotPolicy>,
+    stats: &Arc<proxy::Stats>,
+) -> std::io::Result<()> {
+    let mut w = agent.try_clone()?;
+    send(
+        &mut w,
+        &FromProxy::Hello {
+            port,
+            pid: std::process::id(),
+        },
+    )?;
+    let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (policy, stats, gone) = (policy.clone(), stats.clone(), gone.clone());
+        std::thread::spawn(move || {
+            let mut last_stats = std::time::Instant::now();
+            while !gone.load(std::sync::atomic::Ordering::Relaxed) {
+                let records = policy.records.take(Duration::from_millis(200));
+                let mut buf = std::io::BufWriter::new(&mut w);
+                let mut sent = 0;
+                for r in &records {
+                    if send(&mut buf, &FromProxy::Record(Box::new(r.clone()))).is_err() {
+                        break;
+                    }
+                    sent += 1;
+                }
+                let flushed = buf.flush().is_ok();
+                drop(buf);
+                if !flushed || sent < records.len() {
+                    // Kept for the next agent (some may arrive twice).
+                    policy.records.unsend(records);
+                    return;
+                }
+                if last_stats.elapsed() >= Duration::from_secs(1) {
+                    last_stats = std::time::Instant::now();
+                    let values = stats.snapshot().iter().map(|(_, _, v)| *v).collect();
+                    if send(&mut w, &FromProxy::Stats(values)).is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+    };
+    for line in BufReader::new(&agent).lines() {
+        let line = line?;
+        match serde_json::from_str(&line) {
+            Ok(ToProxy::Snapshot(s)) => {
+                *policy.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(s);
+            }
+            Err(e) => tracing::warn!(error = %e, "a message from the agent"),
+        }
+    }
+    gone.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().ok();
+    Ok(())
+}
