@@ -8,7 +8,7 @@
 //! sends a `Snapshot` of what the proxy decides with (local endpoints, CIDR
 //! identities, the computed policy of each local endpoint) at connect and
 //! after every change; the proxy sends its flows (`Record`) and counters
-//! (`Stats`, every second). Flows made while no agent is connected wait in
+//! (`Stats`, when they change). Flows made while no agent is connected wait in
 //! a bounded queue. The proxy exits when its socket file is removed (the
 //! state directory gone: `lab down`, a test's cleanup).
 
@@ -172,7 +172,8 @@ pub enum FromProxy {
         pid: u32,
     },
     Record(Box<WireRecord>),
-    /// `proxy::Stats::snapshot` values, in its order.
+    /// `proxy::Stats::snapshot` values, in its order (sent when they
+    /// change, within 200 ms).
     Stats(Vec<u64>),
 }
 
@@ -519,7 +520,7 @@ fn serve_agent(
     let writer = {
         let (policy, stats, gone) = (policy.clone(), stats.clone(), gone.clone());
         std::thread::spawn(move || {
-            let mut last_stats = std::time::Instant::now();
+            let mut last_stats = Vec::new();
             while !gone.load(std::sync::atomic::Ordering::Relaxed) {
                 let records = policy.records.take(Duration::from_millis(200));
                 let mut buf = std::io::BufWriter::new(&mut w);
@@ -537,12 +538,14 @@ fn serve_agent(
                     policy.records.unsend(records);
                     return;
                 }
-                if last_stats.elapsed() >= Duration::from_secs(1) {
-                    last_stats = std::time::Instant::now();
-                    let values = stats.snapshot().iter().map(|(_, _, v)| *v).collect();
-                    if send(&mut w, &FromProxy::Stats(values)).is_err() {
+                // Counters when they moved (after the flows that moved
+                // them), so the agent's metrics lag by one wake-up at most.
+                let values: Vec<u64> = stats.snapshot().iter().map(|(_, _, v)| *v).collect();
+                if values != last_stats {
+                    if send(&mut w, &FromProxy::Stats(values.clone())).is_err() {
                         return;
                     }
+                    last_stats = values;
                 }
             }
         })
