@@ -497,6 +497,41 @@ policies:
         );
     }
 
+    // An agent crash under a steady proxied load (two held keep-alive
+    // connections and a new connection every 20 ms): SIGKILL after 2 s, a
+    // restart 2 s later. The HTTP proxy, a process of its own, carries on.
+    let steady = {
+        let mut cmd = fibril(&["lab", "exec", "bench/client", "--", echo, "http-steady"]);
+        cmd.args(["http://10.198.0.4:8080/api/steady", "--seconds", "7"]);
+        std::thread::spawn(move || {
+            measure_keys(
+                &mut cmd,
+                &[
+                    "held_requests",
+                    "held_failed",
+                    "new_requests",
+                    "new_failed",
+                    "slowest_new_ms",
+                ],
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(format!("/run/fibril/labs/{lab}/lab.json"))?)?;
+    let agent = state["agent_pid"].as_u64().context("no agent pid")?;
+    run(Command::new("kill").args(["-9", &agent.to_string()]))?;
+    std::thread::sleep(Duration::from_secs(2));
+    run(fibril(&["lab", "restart-agent"]).stdout(Stdio::null()))?;
+    let v = steady
+        .join()
+        .map_err(|_| anyhow::anyhow!("steady load panicked"))??;
+    println!("\nAgent killed (SIGKILL) and restarted 2 s later under a steady proxied load (7 s)");
+    println!(
+        "held connections: {:.0} requests, {:.0} failed; new connections: {:.0}, {:.0} failed, slowest {:.0} ms",
+        v[0], v[1], v[2], v[3], v[4]
+    );
+
     // The same HTTP load with the agent, both servers and the client on one
     // CPU: no thread waits for another vCPU, so the rates are the CPU each
     // request costs (steady from run to run, unlike the two-CPU figures,
