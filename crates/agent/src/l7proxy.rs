@@ -3,21 +3,22 @@
 //! on across an agent restart or crash, and new ones keep being checked
 //! against the last policy the agent gave it.
 //!
-//! The two talk over `<state-dir>/l7proxy.sock`, one JSON message a line:
+//! The two talk over `<state-dir>/l7proxy.sock` in length-prefixed
+//! postcard messages (JSON cost more CPU than the request a flow describes):
 //! the proxy says `Hello` (its port) when the agent connects; the agent
 //! sends a `Snapshot` of what the proxy decides with (local endpoints, CIDR
 //! identities, the computed policy of each local endpoint) at connect and
-//! after every change; the proxy sends its flows (`Record`) and counters
-//! (`Stats`, when they change). Flows made while no agent is connected wait in
+//! after every change; the proxy sends its flows (`Records`, batched every
+//! 20 ms) and counters (`Stats`, when they change). Flows made while no agent is connected wait in
 //! a bounded queue. The proxy exits when its socket file is removed (the
 //! state directory gone: `lab down`, a test's cleanup).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -98,7 +99,8 @@ impl Snapshot {
     }
 }
 
-/// An L7 flow as it crosses the socket.
+/// An HTTP flow as it crosses the socket: plain fields, no Hubble JSON
+/// shape (postcard needs every field written), in a few hundred bytes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WireRecord {
     unix_ns: u64,
@@ -109,13 +111,29 @@ pub struct WireRecord {
     is_reply: bool,
     dropped: bool,
     ingress: bool,
-    l7: flow::record::Layer7,
     protocol: u8,
-    decided_by: Vec<(bool, flow::record::PolicyRef)>,
+    response: bool,
+    latency_ns: u64,
+    code: u32,
+    method: String,
+    url: String,
+    http_protocol: String,
+    headers: Vec<(String, String)>,
+    decided_by: Vec<(bool, WirePolicyRef)>,
 }
 
-impl From<flow::record::L7Record> for WireRecord {
-    fn from(r: flow::record::L7Record) -> Self {
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct WirePolicyRef {
+    name: String,
+    namespace: String,
+    labels: Vec<String>,
+    revision: u64,
+    kind: String,
+}
+
+impl From<&flow::record::L7Record> for WireRecord {
+    fn from(r: &flow::record::L7Record) -> Self {
+        let http = r.l7.http.clone().unwrap_or_default();
         WireRecord {
             unix_ns: r.unix_ns,
             client: r.client,
@@ -125,19 +143,57 @@ impl From<flow::record::L7Record> for WireRecord {
             is_reply: r.is_reply,
             dropped: r.verdict == "DROPPED",
             ingress: r.ingress,
-            l7: r.l7,
             protocol: r.protocol,
+            response: r.l7.r#type == "RESPONSE",
+            latency_ns: r.l7.latency_ns,
+            code: http.code,
+            method: http.method.into_owned(),
+            url: http.url,
+            http_protocol: http.protocol.into_owned(),
+            headers: http.headers.into_iter().map(|h| (h.key, h.value)).collect(),
             decided_by: r
                 .decided_by
                 .iter()
-                .map(|(i, p)| (*i, (**p).clone()))
+                .map(|(ingress, p)| {
+                    let p = &**p;
+                    let wire = WirePolicyRef {
+                        name: p.name.clone(),
+                        namespace: p.namespace.clone(),
+                        labels: p.labels.clone(),
+                        revision: p.revision,
+                        kind: p.kind.clone(),
+                    };
+                    (*ingress, wire)
+                })
                 .collect(),
         }
     }
 }
 
+/// The standard methods and protocols without an allocation.
+fn text(s: String, known: &[&'static str]) -> flow::record::Text {
+    match known.iter().find(|k| **k == s) {
+        Some(k) => (*k).into(),
+        None => s.into(),
+    }
+}
+
 impl From<WireRecord> for flow::record::L7Record {
     fn from(r: WireRecord) -> Self {
+        let http = flow::record::Http {
+            code: r.code,
+            method: text(
+                r.method,
+                &["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"],
+            ),
+            url: r.url,
+            protocol: text(r.http_protocol, &["HTTP/1.1", "HTTP/2", "HTTP/1.0"]),
+            headers: r
+                .headers
+                .into_iter()
+                .map(|(key, value)| flow::record::HttpHeader { key, value })
+                .collect(),
+        };
         flow::record::L7Record {
             unix_ns: r.unix_ns,
             client: r.client,
@@ -147,12 +203,26 @@ impl From<WireRecord> for flow::record::L7Record {
             is_reply: r.is_reply,
             verdict: if r.dropped { "DROPPED" } else { "FORWARDED" },
             ingress: r.ingress,
-            l7: r.l7,
+            l7: flow::record::Layer7 {
+                r#type: if r.response { "RESPONSE" } else { "REQUEST" }.into(),
+                latency_ns: r.latency_ns,
+                dns: None,
+                http: Some(http),
+            },
             protocol: r.protocol,
             decided_by: r
                 .decided_by
                 .into_iter()
-                .map(|(i, p)| (i, Arc::new(p)))
+                .map(|(i, p)| {
+                    let p = flow::record::PolicyRef {
+                        name: p.name,
+                        namespace: p.namespace,
+                        labels: p.labels,
+                        revision: p.revision,
+                        kind: p.kind,
+                    };
+                    (i, Arc::new(p))
+                })
                 .collect(),
         }
     }
@@ -171,16 +241,43 @@ pub enum FromProxy {
         port: u16,
         pid: u32,
     },
-    Record(Box<WireRecord>),
+    /// Flows, in the order they were made.
+    Records(Vec<WireRecord>),
     /// `proxy::Stats::snapshot` values, in its order (sent when they
-    /// change, within 200 ms).
+    /// change, with the flows).
     Stats(Vec<u64>),
 }
 
+/// Largest message read (a snapshot of a big node's policies).
+const MAX_MESSAGE: usize = 256 << 20;
+
+/// One message: its length (u32, little-endian), then postcard.
 fn send<T: Serialize>(w: &mut impl Write, msg: &T) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
-    line.push(b'\n');
-    w.write_all(&line)
+    let body = postcard::to_stdvec(msg).map_err(std::io::Error::other)?;
+    let len = u32::try_from(body.len()).map_err(std::io::Error::other)?;
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&len.to_le_bytes());
+    frame.extend_from_slice(&body);
+    w.write_all(&frame)
+}
+
+/// The next message; `None` at the end of the stream.
+fn recv<T: serde::de::DeserializeOwned>(r: &mut impl Read) -> std::io::Result<Option<T>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_MESSAGE {
+        return Err(std::io::Error::other(format!("a message of {len} bytes")));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    postcard::from_bytes(&body)
+        .map(Some)
+        .map_err(std::io::Error::other)
 }
 
 /// How the agent starts a proxy when none answers on the socket.
@@ -338,26 +435,29 @@ fn connect(spawn: &SpawnConfig) -> anyhow::Result<(UnixStream, u16)> {
         }
     };
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line)?;
+    let hello = recv(&mut &stream);
     stream.set_read_timeout(None)?;
-    match serde_json::from_str(&line) {
-        Ok(FromProxy::Hello { port, pid }) => {
+    match hello {
+        Ok(Some(FromProxy::Hello { port, pid })) => {
             tracing::info!(port, pid, "connected to the L7 proxy");
             Ok((stream, port))
         }
-        _ => anyhow::bail!("the L7 proxy did not say hello: {line:?}"),
+        other => anyhow::bail!("the L7 proxy did not say hello: {other:?}"),
     }
 }
 
 fn read_from_proxy(stream: &UnixStream, sink: &dyn Sink) {
-    for line in BufReader::new(stream).lines() {
-        let Ok(line) = line else { return };
-        match serde_json::from_str(&line) {
-            Ok(FromProxy::Record(r)) => sink.record((*r).into()),
-            Ok(FromProxy::Stats(v)) => sink.stats(v),
-            Ok(FromProxy::Hello { .. }) => {}
-            Err(e) => tracing::warn!(error = %e, "a message from the L7 proxy"),
+    let mut r = BufReader::with_capacity(1 << 16, stream);
+    loop {
+        match recv(&mut r) {
+            Ok(Some(FromProxy::Records(rs))) => rs.into_iter().for_each(|r| sink.record(r.into())),
+            Ok(Some(FromProxy::Stats(v))) => sink.stats(v),
+            Ok(Some(FromProxy::Hello { .. })) => {}
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading from the L7 proxy");
+                return;
+            }
         }
     }
 }
@@ -391,39 +491,39 @@ impl proxy::Policy for SnapshotPolicy {
     }
 
     fn record(&self, record: flow::record::L7Record) {
-        self.records.push(record.into());
+        self.records.push(record);
     }
 }
 
-/// Flows on their way to the agent (kept while it is away).
+/// Flows on their way to the agent (kept while it is away). The sender
+/// takes them in batches every `BATCH_EVERY`: a wake-up, a write and the
+/// agent's read per flow cost more CPU than the request they describe.
 #[derive(Default)]
 struct RecordQueue {
-    queue: Mutex<VecDeque<WireRecord>>,
-    ready: Condvar,
+    queue: Mutex<VecDeque<flow::record::L7Record>>,
 }
 
+/// How often flows go to the agent (their delay in the agent's API).
+const BATCH_EVERY: Duration = Duration::from_millis(20);
+
 impl RecordQueue {
-    fn push(&self, r: WireRecord) {
+    fn push(&self, r: flow::record::L7Record) {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         if q.len() >= QUEUE_LIMIT {
             q.pop_front();
         }
         q.push_back(r);
-        self.ready.notify_one();
     }
 
-    /// Waits up to `wait` for flows; all that are there.
-    fn take(&self, wait: Duration) -> Vec<WireRecord> {
-        let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        let (mut q, _) = self
-            .ready
-            .wait_timeout_while(q, wait, |q| q.is_empty())
-            .unwrap_or_else(|e| e.into_inner());
+    /// Waits `BATCH_EVERY`; the flows there are then.
+    fn take(&self) -> Vec<flow::record::L7Record> {
+        std::thread::sleep(BATCH_EVERY);
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         q.drain(..).collect()
     }
 
     /// Puts back flows an agent did not get (at the front, in order).
-    fn unsend(&self, rs: Vec<WireRecord>) {
+    fn unsend(&self, rs: Vec<flow::record::L7Record>) {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         for r in rs.into_iter().rev() {
             if q.len() >= QUEUE_LIMIT {
@@ -522,21 +622,14 @@ fn serve_agent(
         std::thread::spawn(move || {
             let mut last_stats = Vec::new();
             while !gone.load(std::sync::atomic::Ordering::Relaxed) {
-                let records = policy.records.take(Duration::from_millis(200));
-                let mut buf = std::io::BufWriter::new(&mut w);
-                let mut sent = 0;
-                for r in &records {
-                    if send(&mut buf, &FromProxy::Record(Box::new(r.clone()))).is_err() {
-                        break;
+                let records = policy.records.take();
+                if !records.is_empty() {
+                    let batch: Vec<WireRecord> = records.iter().map(Into::into).collect();
+                    if send(&mut w, &FromProxy::Records(batch)).is_err() {
+                        // Kept for the next agent.
+                        policy.records.unsend(records);
+                        return;
                     }
-                    sent += 1;
-                }
-                let flushed = buf.flush().is_ok();
-                drop(buf);
-                if !flushed || sent < records.len() {
-                    // Kept for the next agent (some may arrive twice).
-                    policy.records.unsend(records);
-                    return;
                 }
                 // Counters when they moved (after the flows that moved
                 // them), so the agent's metrics lag by one wake-up at most.
@@ -550,16 +643,17 @@ fn serve_agent(
             }
         })
     };
-    for line in BufReader::new(&agent).lines() {
-        let line = line?;
-        match serde_json::from_str(&line) {
-            Ok(ToProxy::Snapshot(s)) => {
+    let mut r = BufReader::new(&agent);
+    let read = loop {
+        match recv(&mut r) {
+            Ok(Some(ToProxy::Snapshot(s))) => {
                 *policy.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(s);
             }
-            Err(e) => tracing::warn!(error = %e, "a message from the agent"),
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
         }
-    }
+    };
     gone.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.join().ok();
-    Ok(())
+    read
 }

@@ -108,10 +108,14 @@ impl BypassLab {
             &[],
         );
         let l = BypassLab { lab, _dir: dir };
-        wait_until("nginx listens", || {
-            l.exec(&["bash", "-c", &format!("exec 3<>/dev/tcp/{}/8080", l.web())])
-                .0
-        });
+        // From inside its own pod: a connection from the frontend would be
+        // accepted by the proxy whether nginx listens yet or not.
+        for port in [8080, 8081, 8082] {
+            wait_until("nginx listens", || {
+                let probe = format!("exec 3<>/dev/tcp/127.0.0.1/{port}");
+                l.lab.exec("shop/web", &["bash", "-c", &probe]).0
+            });
+        }
         l
     }
 
