@@ -286,22 +286,38 @@ pub enum Response {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(
-        "cannot reach the agent at {path}: {source} (is it running? `fibril lab up` starts one)"
+        "cannot reach the agent at {path}: {error} (is it running? `fibril lab up` starts one)"
     )]
     Connect {
         path: String,
-        source: std::io::Error,
+        // Not `source`: the message says it, and error chains (`{:#}`)
+        // would say it a second time.
+        error: std::io::Error,
     },
     #[error("the agent at {path} did not answer within {seconds} s")]
     Timeout { path: String, seconds: f64 },
     #[error("talking to the agent: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("the agent sent something that is not a response: {0}")]
-    Decode(#[from] serde_json::Error),
+    Decode(serde_json::Error),
     #[error("the agent closed the connection")]
     Closed,
     #[error("{0}")]
     Agent(String),
+}
+
+// By hand, not `#[from]`: that would make the inner error a `source` as
+// well, and error chains would print it twice.
+impl From<std::io::Error> for ClientError {
+    fn from(e: std::io::Error) -> Self {
+        ClientError::Io(e)
+    }
+}
+
+impl From<serde_json::Error> for ClientError {
+    fn from(e: serde_json::Error) -> Self {
+        ClientError::Decode(e)
+    }
 }
 
 /// A connection to the agent.
@@ -341,12 +357,7 @@ impl Client {
                     }
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                Err(source) => {
-                    return Err(ClientError::Connect {
-                        path: shown,
-                        source,
-                    })
-                }
+                Err(error) => return Err(ClientError::Connect { path: shown, error }),
             }
         };
         s.set_nonblocking(false)?;
@@ -412,4 +423,35 @@ impl Client {
 /// Connects and makes one call.
 pub fn call(socket: &Path, req: &Request) -> Result<Response, ClientError> {
     Client::connect(socket)?.call(req)
+}
+
+#[cfg(test)]
+mod client_error_tests {
+    use super::ClientError;
+
+    /// Each error says its cause once, in `{}` and in a chain alike.
+    #[test]
+    fn client_errors_say_their_cause_once() {
+        let cases = [
+            ClientError::Connect {
+                path: "/x.sock".into(),
+                error: std::io::ErrorKind::NotFound.into(),
+            },
+            ClientError::Io(std::io::ErrorKind::BrokenPipe.into()),
+        ];
+        for e in cases {
+            let cause = match &e {
+                ClientError::Connect { error, .. } | ClientError::Io(error) => error.to_string(),
+                _ => unreachable!(),
+            };
+            // What an error chain (anyhow's `{:#}`) prints.
+            let mut chain = e.to_string();
+            let mut next = std::error::Error::source(&e);
+            while let Some(inner) = next {
+                chain += &format!(": {inner}");
+                next = inner.source();
+            }
+            assert_eq!(chain.matches(&cause).count(), 1, "{chain}");
+        }
+    }
 }

@@ -43,13 +43,16 @@ enum Cmd {
     },
     /// Agent status.
     Status {
+        /// Output format.
         #[arg(short, long, value_enum, default_value = "compact")]
         output: Output,
     },
+    /// Local endpoints: pods, their addresses and identities (`endpoint list`).
     Endpoint {
         #[command(subcommand)]
         cmd: ListCmd,
     },
+    /// Security identities and their labels (`identity list`).
     Identity {
         #[command(subcommand)]
         cmd: ListCmd,
@@ -59,6 +62,7 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ListCmd,
     },
+    /// Network policies: import, validate, get, delete, audit, trace.
     Policy {
         #[command(subcommand)]
         cmd: PolicyCmd,
@@ -75,6 +79,7 @@ enum Cmd {
         what: ListWhat,
         #[command(flatten)]
         server: observe::Server,
+        /// Output format.
         #[arg(short, long, value_enum, default_value = "table", global = true)]
         output: Output,
     },
@@ -84,7 +89,9 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum ListWhat {
+    /// The nodes the server knows, their state and flow counts.
     Nodes,
+    /// The namespaces seen in flows.
     Namespaces,
 }
 
@@ -92,6 +99,7 @@ enum ListWhat {
 enum LabCmd {
     /// Create the lab (default: the seed's microservices example).
     Up {
+        /// The lab file (YAML: pods, namespaces, policies).
         #[arg(short = 'f', long)]
         file: Option<PathBuf>,
     },
@@ -99,7 +107,9 @@ enum LabCmd {
     Down,
     /// Run a command in a pod: `fibril lab exec NS/POD -- CMD...`.
     Exec {
+        /// `namespace/pod`.
         pod: String,
+        /// The command and its arguments.
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
@@ -111,7 +121,9 @@ enum LabCmd {
 
 #[derive(Subcommand)]
 enum ListCmd {
+    /// List them.
     List {
+        /// Output format.
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
@@ -119,10 +131,12 @@ enum ListCmd {
 
 #[derive(Subcommand)]
 enum CtCmd {
+    /// List the tracked connections.
     List {
         /// Only entries to or from this address.
         #[arg(long)]
         address: Option<std::net::Ipv4Addr>,
+        /// Output format.
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
@@ -132,7 +146,9 @@ enum CtCmd {
 enum PolicyCmd {
     /// Import every policy of the files (all or nothing).
     Import {
+        /// YAML or JSON files, each with one or more policies.
         files: Vec<PathBuf>,
+        /// The namespace of policies that name none (default: `default`).
         #[arg(short, long)]
         namespace: Option<String>,
         /// Then check established connections against the new policy and
@@ -143,11 +159,14 @@ enum PolicyCmd {
     },
     /// Check files without importing anything.
     Validate {
+        /// YAML or JSON files, each with one or more policies.
         files: Vec<PathBuf>,
     },
+    /// Print the imported policies and their revision.
     Get,
     /// Delete `namespace/name` (or a cluster-wide policy's name).
     Delete {
+        /// `namespace/name`, or `name` for a cluster-wide policy.
         key: String,
         /// Then cut established connections the remaining policy does not
         /// allow.
@@ -157,7 +176,9 @@ enum PolicyCmd {
     /// Put a namespace in audit mode: what policy would drop there is
     /// forwarded and reported with verdict AUDIT (`--off` ends it).
     Audit {
+        /// The namespace.
         namespace: String,
+        /// End audit mode: enforce again.
         #[arg(long)]
         off: bool,
     },
@@ -669,5 +690,34 @@ fn shown(s: &str) -> String {
         s.chars().flat_map(char::escape_default).collect()
     } else {
         s.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every command, subcommand and flag says in a line what it is
+    /// (`fibril --help` listed some with nothing beside them).
+    #[test]
+    fn every_command_and_flag_has_a_line_of_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let builtin = ["help", "version"].contains(&arg.get_id().as_str());
+                if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} --{}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let name = format!("{path} {}", sub.get_name());
+                if sub.get_name() != "help" && sub.get_about().is_none() {
+                    missing.push(name.clone());
+                }
+                walk(sub, &name, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "fibril", &mut missing);
+        assert!(missing.is_empty(), "no help for: {missing:#?}");
     }
 }

@@ -51,123 +51,170 @@ pub struct Args {
     /// Events until this time (same forms as --since).
     #[arg(long, global = true)]
     pub until: Option<String>,
+    /// Flows from or to pods of this namespace.
     #[arg(short = 'n', long)]
     pub namespace: Vec<String>,
+    /// Flows from pods of this namespace.
     #[arg(long)]
     pub from_namespace: Vec<String>,
+    /// Flows to pods of this namespace.
     #[arg(long)]
     pub to_namespace: Vec<String>,
+    /// Flows from or to this pod (`[namespace/]name`, a prefix).
     #[arg(long)]
     pub pod: Vec<String>,
+    /// Flows from this pod (`[namespace/]name`, a prefix).
     #[arg(long)]
     pub from_pod: Vec<String>,
+    /// Flows to this pod (`[namespace/]name`, a prefix).
     #[arg(long)]
     pub to_pod: Vec<String>,
+    /// Flows from or to this address or CIDR.
     #[arg(long)]
     pub ip: Vec<String>,
+    /// Flows from this address or CIDR.
     #[arg(long)]
     pub from_ip: Vec<String>,
+    /// Flows to this address or CIDR.
     #[arg(long)]
     pub to_ip: Vec<String>,
+    /// Flows from or to endpoints with these labels (`app=web,tier`).
     #[arg(short = 'l', long)]
     pub label: Vec<String>,
+    /// Flows from endpoints with these labels.
     #[arg(long)]
     pub from_label: Vec<String>,
+    /// Flows to endpoints with these labels.
     #[arg(long)]
     pub to_label: Vec<String>,
+    /// Flows from or to this L4 port.
     #[arg(long)]
     pub port: Vec<String>,
+    /// Flows from this L4 port.
     #[arg(long)]
     pub from_port: Vec<String>,
+    /// Flows to this L4 port.
     #[arg(long)]
     pub to_port: Vec<String>,
+    /// Flows from or to this security identity.
     #[arg(long)]
     pub identity: Vec<String>,
+    /// Flows from this security identity.
     #[arg(long)]
     pub from_identity: Vec<String>,
+    /// Flows to this security identity.
     #[arg(long)]
     pub to_identity: Vec<String>,
+    /// Flows from or to this DNS name (`*` wildcards).
     #[arg(long)]
     pub fqdn: Vec<String>,
+    /// Flows from this DNS name.
     #[arg(long)]
     pub from_fqdn: Vec<String>,
+    /// Flows to this DNS name.
     #[arg(long)]
     pub to_fqdn: Vec<String>,
+    /// Flows of this protocol: tcp, udp, icmp, http, dns ...
     #[arg(long)]
     pub protocol: Vec<String>,
     /// FORWARDED, DROPPED, AUDIT, REDIRECTED, ERROR, TRACED, TRANSLATED.
     #[arg(long)]
     pub verdict: Vec<String>,
+    /// Drops of this reason (`POLICY_DENIED`, ...).
     #[arg(long)]
     pub drop_reason_desc: Vec<String>,
     /// Event type: drop, trace, policy-verdict, l7 ... or a number, with an
     /// optional `:subtype`.
     #[arg(short = 't', long = "type")]
     pub event_type: Vec<String>,
-    /// `syn,ack` ...
+    /// TCP flags a flow must all carry (`syn,ack`); repeat for either.
     #[arg(long)]
     pub tcp_flags: Vec<String>,
     /// ingress or egress.
     #[arg(long)]
     pub traffic_direction: Vec<String>,
+    /// Flows seen on this node (`cluster/node`, `*` wildcards).
     #[arg(long)]
     pub node_name: Vec<String>,
+    /// The flow with this UUID.
     #[arg(long)]
     pub uuid: Vec<String>,
+    /// HTTP responses with this status (`404`, `5+`).
     #[arg(long)]
     pub http_status: Vec<String>,
+    /// HTTP requests with this method.
     #[arg(long)]
     pub http_method: Vec<String>,
+    /// HTTP requests whose path matches this regex.
     #[arg(long)]
     pub http_path: Vec<String>,
+    /// HTTP requests whose URL matches this regex.
     #[arg(long)]
     pub http_url: Vec<String>,
     /// `key:value`.
     #[arg(long)]
     pub http_header: Vec<String>,
+    /// Flows from or to this service (`[namespace/]name`).
     #[arg(long)]
     pub service: Vec<String>,
+    /// Flows from this service.
     #[arg(long)]
     pub from_service: Vec<String>,
+    /// Flows to this service.
     #[arg(long)]
     pub to_service: Vec<String>,
     /// `name`, `Kind/name` or `Kind/`.
     #[arg(long)]
     pub workload: Vec<String>,
+    /// Flows from this workload.
     #[arg(long)]
     pub from_workload: Vec<String>,
+    /// Flows to this workload.
     #[arg(long)]
     pub to_workload: Vec<String>,
+    /// Flows from or to this cluster.
     #[arg(long)]
     pub cluster: Vec<String>,
+    /// Flows from this cluster.
     #[arg(long)]
     pub from_cluster: Vec<String>,
+    /// Flows to this cluster.
     #[arg(long)]
     pub to_cluster: Vec<String>,
     /// Flows of every namespace.
     #[arg(short = 'A', long)]
     pub all_namespaces: bool,
+    /// IPv4 flows only.
     #[arg(short = '4', long)]
     pub ipv4: bool,
+    /// IPv6 flows only.
     #[arg(short = '6', long)]
     pub ipv6: bool,
     /// v4, v6 or none.
     #[arg(long)]
     pub ip_version: Vec<String>,
+    /// Flows whose source was translated to this address.
     #[arg(long)]
     pub snat_ip: Vec<String>,
+    /// Flows seen on nodes with these labels.
     #[arg(long)]
     pub node_label: Vec<String>,
+    /// Flows of this trace ID.
     #[arg(long)]
     pub trace_id: Vec<String>,
+    /// Flows with this IP option trace ID.
     #[arg(long)]
     pub ip_trace_id: Vec<u64>,
+    /// Flows through this network interface.
     #[arg(long)]
     pub interface: Vec<String>,
+    /// Encrypted flows only.
     #[arg(long, conflicts_with = "unencrypted")]
     pub encrypted: bool,
+    /// Unencrypted flows only.
     #[arg(long)]
     pub unencrypted: bool,
+    /// Output format.
     #[arg(
         short = 'o',
         long,
@@ -176,6 +223,7 @@ pub struct Args {
         global = true
     )]
     pub output: Format,
+    /// Print the node name with each flow.
     #[arg(long, global = true)]
     pub print_node_name: bool,
     /// StampMilli, RFC3339, RFC3339Milli, RFC3339Micro, RFC3339Nano or RFC1123Z.
@@ -300,7 +348,7 @@ fn run_events(
         bail!("--first cannot be combined with --follow");
     }
     // Agent and debug events default to the last 20, with --follow too.
-    let number = match (a.last, a.first, a.all) {
+    let number = match (last(a), a.first, a.all) {
         (Some(n), None, false) | (None, Some(n), false) => n,
         (None, None, true) => u64::MAX,
         (None, None, false) => 20,
@@ -519,9 +567,11 @@ pub fn filters(a: &Args) -> anyhow::Result<Vec<pb::FlowFilter>> {
         .iter()
         .map(|v| event_type(v))
         .collect::<Result<_, _>>()?;
+    // Each value is one filter that wants all its flags, as the real CLI
+    // sends `--tcp-flags syn,ack` (several values: any of them).
     for v in &a.tcp_flags {
+        let mut f = pb::TcpFlags::default();
         for flag in v.split(',') {
-            let mut f = pb::TcpFlags::default();
             match flag.trim().to_uppercase().as_str() {
                 "SYN" => f.syn = true,
                 "ACK" => f.ack = true,
@@ -534,8 +584,8 @@ pub fn filters(a: &Args) -> anyhow::Result<Vec<pb::FlowFilter>> {
                 "NS" => f.ns = true,
                 other => bail!("--tcp-flags: unknown flag {other:?}"),
             }
-            common.tcp_flags.push(f);
         }
+        common.tcp_flags.push(f);
     }
     common.node_name = a.node_name.clone();
     common.http_url = a.http_url.clone();
@@ -735,6 +785,12 @@ fn negated_filters(a: &Args) -> anyhow::Result<Vec<pb::FlowFilter>> {
     Ok(filters)
 }
 
+/// `--last`, where `--last 0` means no `--last` (the default count), as the
+/// real CLI reads it.
+fn last(a: &Args) -> Option<u64> {
+    a.last.filter(|n| *n > 0)
+}
+
 /// The request `hubble observe` would send for these flags.
 pub fn request(a: &Args) -> anyhow::Result<GetFlowsRequest> {
     if a.first.is_some() && a.follow {
@@ -743,7 +799,7 @@ pub fn request(a: &Args) -> anyhow::Result<GetFlowsRequest> {
     if a.output == Format::Table && a.follow {
         bail!("the table output is printed at the end: it cannot be used with --follow");
     }
-    let number = match (a.last, a.first, a.all) {
+    let number = match (last(a), a.first.filter(|n| *n > 0), a.all) {
         (Some(n), None, false) => n,
         (None, Some(n), false) => n,
         (None, None, true) => u64::MAX,
@@ -753,7 +809,7 @@ pub fn request(a: &Args) -> anyhow::Result<GetFlowsRequest> {
     };
     Ok(GetFlowsRequest {
         number,
-        first: a.first.is_some(),
+        first: a.first.is_some_and(|n| n > 0),
         follow: a.follow,
         whitelist: filters(a)?,
         blacklist: negated_filters(a)?,
@@ -798,6 +854,7 @@ pub struct Server {
     /// Client certificate (PEM) for mutual TLS.
     #[arg(long, global = true, requires = "tls_client_key_file")]
     pub tls_client_cert_file: Option<std::path::PathBuf>,
+    /// Client key (PEM) for mutual TLS.
     #[arg(long, global = true, requires = "tls_client_cert_file")]
     pub tls_client_key_file: Option<std::path::PathBuf>,
     /// Server name to verify (default: the host of --server).
@@ -953,8 +1010,16 @@ mod tests {
     #[test]
     fn flags_map_to_the_request_as_hubble_does() {
         assert_eq!(req(&[]).unwrap().number, 20);
+        // `syn,ack`: one filter with both flags; two values: either.
+        let r = req(&["--tcp-flags", "syn,ack", "--tcp-flags", "fin"]).unwrap();
+        let flags = &r.whitelist[0].tcp_flags;
+        assert_eq!(flags.len(), 2);
+        assert!(flags[0].syn && flags[0].ack && !flags[0].fin);
+        assert!(flags[1].fin && !flags[1].syn);
         assert_eq!(req(&["-f"]).unwrap().number, 0);
         assert_eq!(req(&["--all"]).unwrap().number, u64::MAX);
+        assert_eq!(req(&["--last", "0"]).unwrap().number, 20);
+        assert_eq!(req(&["--last", "0", "-f"]).unwrap().number, 0);
         let r = req(&["--first", "3"]).unwrap();
         assert!(r.first && r.number == 3);
         assert!(req(&["--first", "3", "-f"]).is_err());
