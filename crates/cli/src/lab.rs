@@ -467,7 +467,34 @@ pub fn start_agent(st: &mut LabState) -> anyhow::Result<()> {
     st.agent_pid = Some(child.id());
     save(st)?;
     wait_for_agent(&socket(&st.name), child.id(), Duration::from_secs(15))
-        .with_context(|| failed_start(&st.name, &dir.join("agent.log")))
+        .with_context(|| failed_start(&st.name, &dir.join("agent.log")))?;
+    keep_bound_ports(st, &dir.join("state"));
+    save(st)
+}
+
+/// Addresses given with port 0 become the ports the agent bound, so a
+/// restarted agent listens where the first one did (a user's saved
+/// scrape target or `hubble config` keeps working for the lab's life).
+fn keep_bound_ports(st: &mut LabState, state_dir: &Path) {
+    for (flag, file) in [
+        ("--metrics-addr", "metrics.addr"),
+        ("--hubble-metrics-addr", "hubble-metrics.addr"),
+        ("--hubble-listen-address", "hubble.addr"),
+    ] {
+        let Some(i) = st.agent_args.iter().position(|a| a == flag) else {
+            continue;
+        };
+        let Some(value) = st.agent_args.get(i + 1) else {
+            continue;
+        };
+        if !value.ends_with(":0") {
+            continue;
+        }
+        let bound = std::fs::read_to_string(state_dir.join(file)).unwrap_or_default();
+        if let Ok(addr) = bound.trim().parse::<std::net::SocketAddr>() {
+            st.agent_args[i + 1] = addr.to_string();
+        }
+    }
 }
 
 fn kill(pid: u32) {

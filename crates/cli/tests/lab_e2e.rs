@@ -121,12 +121,19 @@ fn agent_restart_keeps_connections_addresses_and_identities() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
+    let bound = |file: &str| {
+        std::fs::read_to_string(format!("/run/fibril/labs/{}/state/{file}", lab.name)).unwrap()
+    };
+    let ports_before = (bound("metrics.addr"), bound("hubble-metrics.addr"));
     let restart = lab.fibril(&["lab", "restart-agent"]);
     assert!(
         restart.status.success(),
         "{}",
         String::from_utf8_lossy(&restart.stderr)
     );
+    // The restarted agent listens where the first one did.
+    let ports_after = (bound("metrics.addr"), bound("hubble-metrics.addr"));
+    assert_eq!(ports_before, ports_after);
     let held = hold.wait_with_output().unwrap();
     assert!(
         held.status.success(),
