@@ -168,6 +168,9 @@ impl PodMatch {
         if v.is_empty() {
             return Err(invalid(field, v, "empty pod name"));
         }
+        if v.matches('/').count() > 1 {
+            return Err(invalid(field, v, "more than one '/' (`namespace/name`)"));
+        }
         Ok(match v.split_once('/') {
             Some((ns, pod)) => PodMatch {
                 namespace: (!ns.is_empty()).then(|| ns.to_string()),
@@ -334,6 +337,28 @@ fn fqdn_matches(pattern: &str, name: &str) -> bool {
     glob(&norm(pattern), &norm(name))
 }
 
+/// FQDN patterns as Hubble takes them: DNS characters and `*` only (a
+/// regex or a typo matches nothing and should say so).
+fn fqdns(field: &'static str, list: &[String]) -> Result<Vec<String>, FilterError> {
+    list.iter()
+        .map(|v| {
+            let p = v.trim().trim_end_matches('.');
+            let ok = !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '*'));
+            if ok {
+                Ok(v.clone())
+            } else {
+                Err(invalid(
+                    field,
+                    v,
+                    "only letters, digits, '-', '_', '.' and the wildcard '*' are allowed",
+                ))
+            }
+        })
+        .collect()
+}
+
 const PROTOCOLS: [&str; 11] = [
     "icmp", "icmpv4", "icmpv6", "tcp", "udp", "sctp", "vrrp", "igmp", "dns", "http", "kafka",
 ];
@@ -441,8 +466,8 @@ pub fn compile(f: &pb::FlowFilter) -> Result<Compiled, FilterError> {
         node_name: f.node_name.clone(),
         ip_version: f.ip_version.clone(),
         source_ip_xlated: ips("source_ip_xlated", &f.source_ip_xlated)?,
-        source_fqdn: f.source_fqdn.clone(),
-        destination_fqdn: f.destination_fqdn.clone(),
+        source_fqdn: fqdns("source_fqdn", &f.source_fqdn)?,
+        destination_fqdn: fqdns("destination_fqdn", &f.destination_fqdn)?,
         source_service: f
             .source_service
             .iter()
@@ -1274,6 +1299,43 @@ mod tests {
             compile(&cel).err(),
             Some(FilterError::Unsupported("experimental.cel_expression"))
         );
+    }
+
+    #[test]
+    fn bad_fqdn_and_pod_values_are_refused() {
+        let bad = [
+            pb::FlowFilter {
+                destination_fqdn: vec!["[bad".into()],
+                ..Default::default()
+            },
+            pb::FlowFilter {
+                source_fqdn: vec![" ".into()],
+                ..Default::default()
+            },
+            pb::FlowFilter {
+                source_pod: vec!["x/y/z".into()],
+                ..Default::default()
+            },
+            pb::FlowFilter {
+                destination_service: vec!["a/b/c".into()],
+                ..Default::default()
+            },
+        ];
+        for f in bad {
+            assert!(
+                matches!(
+                    Filters::new(std::slice::from_ref(&f), &[]),
+                    Err(FilterError::Invalid { .. })
+                ),
+                "{f:?}"
+            );
+        }
+        let good = pb::FlowFilter {
+            destination_fqdn: vec!["*.Example.com.".into(), "api-1_x.example".into()],
+            source_pod: vec!["shop/".into(), "/web".into(), "web".into()],
+            ..Default::default()
+        };
+        assert!(Filters::new(&[good], &[]).is_ok());
     }
 
     #[test]
