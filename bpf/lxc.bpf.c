@@ -93,6 +93,9 @@ static __always_inline int ingress_policy(struct __sk_buff *skb, const struct pa
 	policy_lookup(ep_id, src_id, DIR_INGRESS, pkt->protocol, pkt->policy_port_be, pv);
 	if (!pv->allowed) {
 		if (!policy_audited(pv, flags, EP_F_INGRESS_AUDIT)) {
+			emit_event(skb, pkt, ep_id, EVENT_POLICY_VERDICT, pv->drop_reason,
+				   DIR_INGRESS, VERDICT_DROPPED, CT_NEW, src_id, dst_id, pv->match,
+				   pv->cookie);
 			emit_event(skb, pkt, ep_id, EVENT_DROP, pv->drop_reason, DIR_INGRESS,
 				   VERDICT_DROPPED, CT_NEW, src_id, dst_id, pv->match, pv->cookie);
 			return TC_ACT_SHOT;
@@ -101,6 +104,10 @@ static __always_inline int ingress_policy(struct __sk_buff *skb, const struct pa
 			   VERDICT_AUDIT, CT_NEW, src_id, dst_id, pv->match, pv->cookie);
 		return TC_ACT_OK;
 	}
+	/* Cilium's policy-verdict notification: the first packet of each
+	 * connection the policy decided, with how it matched. */
+	emit_event(skb, pkt, ep_id, EVENT_POLICY_VERDICT, 0, DIR_INGRESS, VERDICT_FORWARDED,
+		   CT_NEW, src_id, dst_id, pv->match, pv->cookie);
 	if ((pv->flags & POLICY_F_REDIRECT) && proxy_port)
 		*redirect = 1;
 	return TC_ACT_OK;
@@ -269,16 +276,23 @@ int from_container(struct __sk_buff *skb)
 			policy_lookup(endpoint_id, dst_id, DIR_EGRESS, pkt.protocol,
 				      pkt.policy_port_be, &pv);
 			if (!pv.allowed) {
-				if (!policy_audited(&pv, flags, EP_F_EGRESS_AUDIT))
+				if (!policy_audited(&pv, flags, EP_F_EGRESS_AUDIT)) {
+					emit_event(skb, &pkt, endpoint_id, EVENT_POLICY_VERDICT,
+						   pv.drop_reason, DIR_EGRESS, VERDICT_DROPPED, CT_NEW,
+						   src_id, dst_id, pv.match, pv.cookie);
 					return drop(skb, &pkt, pv.drop_reason, DIR_EGRESS, src_id,
 						    dst_id, pv.match, pv.cookie);
+				}
 				emit_event(skb, &pkt, endpoint_id, EVENT_POLICY_VERDICT, pv.drop_reason, DIR_EGRESS,
 					   VERDICT_AUDIT, CT_NEW, src_id, dst_id, pv.match, pv.cookie);
-			} else if ((pv.flags & POLICY_F_REDIRECT_DNS) && dns_proxy_port &&
-				   (pkt.protocol == IPPROTO_UDP || pkt.protocol == IPPROTO_TCP)) {
-				redirect = REDIRECT_DNS;
-			} else if ((pv.flags & POLICY_F_REDIRECT) && proxy_port) {
-				redirect = REDIRECT_HTTP;
+			} else {
+				emit_event(skb, &pkt, endpoint_id, EVENT_POLICY_VERDICT, 0, DIR_EGRESS,
+					   VERDICT_FORWARDED, CT_NEW, src_id, dst_id, pv.match, pv.cookie);
+				if ((pv.flags & POLICY_F_REDIRECT_DNS) && dns_proxy_port &&
+				    (pkt.protocol == IPPROTO_UDP || pkt.protocol == IPPROTO_TCP))
+					redirect = REDIRECT_DNS;
+				else if ((pv.flags & POLICY_F_REDIRECT) && proxy_port)
+					redirect = REDIRECT_HTTP;
 			}
 		}
 		if (redirect == REDIRECT_HTTP && pkt.protocol != IPPROTO_TCP)

@@ -110,7 +110,17 @@ fn policy_entry(lab: &Lab, ep: u32, identity: u32, dir: u8, proto: u8, port: u16
         .unwrap();
 }
 
+/// The trace, drop and audit events so far (the policy-verdict events of
+/// allowed and denied connections are `all_events`' and
+/// `policy_verdicts_report_each_decided_connection_once`'s concern).
 fn events(lab: &Lab) -> Vec<FlowEvent> {
+    all_events(lab)
+        .into_iter()
+        .filter(|e| e.r#type != EventType::PolicyVerdict as u8 || e.verdict == abi::verdict::AUDIT)
+        .collect()
+}
+
+fn all_events(lab: &Lab) -> Vec<FlowEvent> {
     let mut slot = lab.reader.borrow_mut();
     let reader = slot.get_or_insert_with(|| lab.dp.take_event_reader().unwrap());
     let mut out = Vec::new();
@@ -171,6 +181,67 @@ fn same_node_delivery_redirects_with_the_peer_macs() {
         &[0x02, 0, 0, 0, 2, 2],
         "src mac = server host veth"
     );
+}
+
+/// Cilium's policy-verdict events: one for the first packet of each
+/// connection an enforcing policy decides (allowed: FORWARDED; denied:
+/// DROPPED, before the drop event), with the match type; none for the
+/// packets that follow or for endpoints without enforcement.
+#[test]
+fn policy_verdicts_report_each_decided_connection_once() {
+    let lab = lab();
+    enforce(&lab, SERVER, EP_F_INGRESS_ENFORCED);
+    allow(
+        &lab,
+        2,
+        CLIENT_ID,
+        abi::Direction::Ingress as u8,
+        6,
+        8080,
+        false,
+    );
+    let mut server = progs(&lab, 2, SERVER);
+    let mut run = |packet: &[u8]| server.test_run(Hook::ToContainer, packet).unwrap().action;
+    assert_eq!(
+        run(&ipv4_packet(CLIENT, SERVER, syn(40000, 8080))),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        run(&ipv4_packet(CLIENT, SERVER, tcp(40000, 8080, TCP_ACK))),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        run(&ipv4_packet(CLIENT, SERVER, syn(40001, 8081))),
+        TC_ACT_SHOT
+    );
+    let verdicts: Vec<(u8, u8)> = all_events(&lab)
+        .iter()
+        .map(|e| (e.r#type, e.verdict))
+        .filter(|(t, _)| *t != EventType::Trace as u8)
+        .collect();
+    let pv = EventType::PolicyVerdict as u8;
+    assert_eq!(
+        verdicts,
+        vec![
+            (pv, abi::verdict::FORWARDED),
+            (pv, abi::verdict::DROPPED),
+            (EventType::Drop as u8, abi::verdict::DROPPED),
+        ]
+    );
+    let ev = all_events(&lab);
+    assert!(ev.is_empty(), "{} more", ev.len());
+
+    // The client side enforces nothing: no verdict for its egress.
+    let mut client = progs(&lab, 1, CLIENT);
+    client
+        .test_run(
+            Hook::FromContainer,
+            &ipv4_packet(CLIENT, Ipv4Addr::new(198, 51, 100, 7), syn(40002, 443)),
+        )
+        .unwrap();
+    assert!(all_events(&lab)
+        .iter()
+        .all(|e| e.r#type != EventType::PolicyVerdict as u8));
 }
 
 #[test]
@@ -524,12 +595,13 @@ fn an_overloaded_ring_buffer_counts_every_lost_event_exactly() {
         .test_run_repeat(Hook::ToContainer, &packet, runs as u32)
         .unwrap();
     assert_eq!(out.action, TC_ACT_SHOT);
-    let delivered = events(&lab).len() as u64;
+    let delivered = all_events(&lab).len() as u64;
     let lost = lab.dp.events_lost();
     assert!(lost > 0, "the ring must have overflowed");
+    // Two events a run: the policy verdict, then the drop.
     assert_eq!(
         delivered + lost,
-        runs,
+        2 * runs,
         "{delivered} delivered + {lost} lost"
     );
 }

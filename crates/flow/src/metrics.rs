@@ -280,12 +280,14 @@ impl Counters {
                 1,
             );
         }
-        // A policy decision: a new connection's first trace, a policy drop,
-        // or an audit.
+        // Policy decisions: the datapath's policy-verdict events (the first
+        // packet of each connection an enforcing policy decided), as
+        // Cilium's policy handler counts them.
         let decided = match &*f.verdict {
-            "DROPPED" => Some("dropped").filter(|_| f.drop_reason_desc.starts_with("POLICY_DEN")),
+            _ if f.event_type.r#type != 5 => None,
+            "DROPPED" => Some("dropped"),
             "AUDIT" => Some("audit"),
-            "FORWARDED" if f.trace_reason == "NEW" && f.policy_match_type > 0 => Some("forwarded"),
+            "FORWARDED" => Some("forwarded"),
             _ => None,
         };
         if let Some(action) = decided {
@@ -411,6 +413,9 @@ mod tests {
         let c = Counters::default();
         c.observe(&flow(r#"{"time":"","uuid":"","verdict":"FORWARDED","IP":{"source":"a","destination":"b","ipVersion":"IPv4"},"l4":{"TCP":{"source_port":1,"destination_port":80,"flags":{"SYN":true}}},"Type":"L3_L4","event_type":{"type":4},"trace_observation_point":"TO_ENDPOINT","trace_reason":"NEW","traffic_direction":"INGRESS","policy_match_type":2,"Summary":""}"#));
         c.observe(&flow(r#"{"time":"","uuid":"","verdict":"DROPPED","IP":{"source":"a","destination":"b","ipVersion":"IPv4"},"l4":{"TCP":{"source_port":1,"destination_port":80,"flags":{"SYN":true,"ACK":true}}},"Type":"L3_L4","event_type":{"type":1,"sub_type":133},"drop_reason_desc":"POLICY_DENIED","traffic_direction":"INGRESS","Summary":""}"#));
+        // The policy-verdict events of those two connections.
+        c.observe(&flow(r#"{"time":"","uuid":"","verdict":"FORWARDED","Type":"L3_L4","event_type":{"type":5},"traffic_direction":"INGRESS","policy_match_type":2,"Summary":""}"#));
+        c.observe(&flow(r#"{"time":"","uuid":"","verdict":"DROPPED","Type":"L3_L4","event_type":{"type":5},"drop_reason_desc":"POLICY_DENIED","traffic_direction":"INGRESS","Summary":""}"#));
         c.lost("HUBBLE_RING_BUFFER", 3);
         let text = c.render(&[("PERF_EVENT_RING_BUFFER", 2)]);
         for line in [

@@ -577,6 +577,9 @@ pub fn from_event(
     let src = Ipv4Addr::from(u32::from_be(e.saddr));
     let dst = Ipv4Addr::from(u32::from_be(e.daddr));
     let is_drop = e.r#type == EventType::Drop as u8;
+    // A policy-verdict event for a denied connection (its drop follows).
+    let denied_verdict =
+        e.r#type == EventType::PolicyVerdict as u8 && e.verdict == verdict::DROPPED;
     let (l4, summary) = match e.protocol {
         6 => {
             let flags = TcpFlags::from_bits(e.tcp_flags);
@@ -641,7 +644,7 @@ pub fn from_event(
     } else {
         Default::default()
     };
-    let (verdict_name, drop_desc) = if is_drop {
+    let (verdict_name, drop_desc) = if is_drop || denied_verdict {
         ("DROPPED", drop_reason_name(e.subtype))
     } else {
         let v = match e.verdict {
@@ -674,8 +677,9 @@ pub fn from_event(
         decided && e.policy_cookie != 0,
         enricher.policy(e.policy_cookie),
     ) {
-        let denied =
-            is_drop || e.verdict == verdict::AUDIT && e.subtype == DropReason::PolicyDeny as u8;
+        let denied = is_drop
+            || denied_verdict
+            || e.verdict == verdict::AUDIT && e.subtype == DropReason::PolicyDeny as u8;
         let slot = match (e.direction, denied) {
             (2, false) => 0,
             (1, false) => 1,
@@ -701,7 +705,11 @@ pub fn from_event(
         time: rfc3339(unix_ns),
         uuid,
         verdict: verdict_name.into(),
-        drop_reason: if is_drop { e.subtype as u32 } else { 0 },
+        drop_reason: if is_drop || denied_verdict {
+            e.subtype as u32
+        } else {
+            0
+        },
         ethernet: Some(Ethernet {
             source: crate::text::mac(&e.smac),
             destination: crate::text::mac(&e.dmac),
