@@ -70,6 +70,18 @@ fn default_lab_enforces_the_seed_policy_in_the_kernel() {
         !filtered.contains("other-client") && filtered.contains("frontend"),
         "{filtered}"
     );
+    // Policy-verdict events: the backend's policy allowed the frontend's
+    // connection and denied other-client's, each with how it matched.
+    let verdicts = String::from_utf8(
+        lab.fibril(&["observe", "-t", "policy-verdict", "--all"])
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        verdicts.contains("policy-verdict:L3-L4 INGRESS ALLOWED")
+            && verdicts.contains("policy-verdict:none INGRESS DENIED"),
+        "{verdicts}"
+    );
 
     // Deleting the policy restores reachability, without restarting anything.
     let del = lab.fibril(&[
@@ -1031,7 +1043,14 @@ fn hubble_api_serves_the_labs_flows_to_a_grpc_client() {
         assert_eq!(f.source.as_ref().unwrap().pod_name, "other-client");
         assert_eq!(f.destination.as_ref().unwrap().pod_name, "backend");
         assert_eq!(f.node_name, format!("{}-node", lab.name));
-        assert_eq!(f.event_type.unwrap().r#type, 1);
+        // The drop, and (as in Cilium) the policy verdict before it.
+        assert!([1, 5].contains(&f.event_type.unwrap().r#type), "{f:?}");
+    }
+    for kind in [1, 5] {
+        assert!(
+            drops.iter().any(|f| f.event_type.unwrap().r#type == kind),
+            "no event of type {kind}"
+        );
     }
     // The hubble CLI's other commands, through `fibril`.
     let out = |args: &[&str]| String::from_utf8(lab.fibril(args).stdout).unwrap();
