@@ -193,13 +193,16 @@ impl PodMatch {
     }
 }
 
-/// A label selector term: `key`, `!key`, `key=value`, `key!=value`.
+/// A label selector term, as Kubernetes label selectors write them: `key`,
+/// `!key`, `key=value`, `key!=value`, `key in (a,b)`, `key notin (a,b)`.
 /// Keys without a source prefix match any source (`any:`).
 enum LabelMatch {
     Exists(String),
     Absent(String),
     Equals(String, String),
     NotEquals(String, String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
 }
 
 fn split_label(l: &str) -> (&str, &str) {
@@ -222,13 +225,35 @@ fn key_matches(want: &str, have: &str) -> bool {
 impl LabelMatch {
     fn parse(field: &'static str, term: &str) -> Result<Self, FilterError> {
         let t = term.trim();
-        if t.is_empty() || t.contains(" in ") || t.contains(" notin ") || t.contains('(') {
-            return Err(invalid(
-                field,
-                term,
-                "supported selector terms are key, !key, key=value and key!=value",
-            ));
+        let bad = |why: &str| Err(invalid(field, term, why));
+        if t.is_empty() {
+            return bad("an empty selector term");
         }
+        if t.contains('(') || t.contains(')') {
+            // `key in (a,b)` / `key notin (a,b)`.
+            let Some((head, set)) = t.split_once('(') else {
+                return bad("a ')' without '('");
+            };
+            let Some(set) = set.trim_end().strip_suffix(')') else {
+                return bad("a set must end with ')'");
+            };
+            let values: Vec<String> = set.split(',').map(|v| v.trim().to_string()).collect();
+            if values
+                .iter()
+                .any(|v| v.is_empty() || v.contains(['(', ')']))
+            {
+                return bad("a set holds non-empty values: `key in (a,b)`");
+            }
+            let mut words = head.split_whitespace();
+            return match (words.next(), words.next(), words.next()) {
+                (Some(k), Some("in"), None) => Ok(LabelMatch::In(k.to_string(), values)),
+                (Some(k), Some("notin"), None) => Ok(LabelMatch::NotIn(k.to_string(), values)),
+                _ => bad("a set is written `key in (a,b)` or `key notin (a,b)`"),
+            };
+        }
+        // Keys and values hold no spaces: `app = web` is `app=web`.
+        let t: String = t.split_whitespace().collect();
+        let t = t.as_str();
         Ok(if let Some(k) = t.strip_prefix('!') {
             LabelMatch::Absent(k.to_string())
         } else if let Some((k, v)) = t.split_once("!=") {
@@ -256,6 +281,12 @@ impl LabelMatch {
             LabelMatch::NotEquals(k, v) => !labels
                 .iter()
                 .any(|l| key_matches(k, l) && split_label(l).1 == v),
+            LabelMatch::In(k, set) => labels
+                .iter()
+                .any(|l| key_matches(k, l) && set.iter().any(|v| v == split_label(l).1)),
+            LabelMatch::NotIn(k, set) => !labels
+                .iter()
+                .any(|l| key_matches(k, l) && set.iter().any(|v| v == split_label(l).1)),
         }
     }
 }
@@ -392,11 +423,31 @@ fn ports(field: &'static str, list: &[String]) -> Result<Vec<u32>, FilterError> 
 fn labels(field: &'static str, list: &[String]) -> Result<Vec<Vec<LabelMatch>>, FilterError> {
     list.iter()
         .map(|sel| {
-            sel.split(',')
+            selector_terms(sel)
+                .into_iter()
                 .map(|t| LabelMatch::parse(field, t))
                 .collect()
         })
         .collect()
+}
+
+/// A selector's terms: split at the commas outside `( )`.
+fn selector_terms(sel: &str) -> Vec<&str> {
+    let mut terms = Vec::new();
+    let (mut depth, mut start) = (0i32, 0);
+    for (i, c) in sel.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                terms.push(&sel[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    terms.push(&sel[start..]);
+    terms
 }
 
 /// Checks and compiles one filter.
@@ -972,6 +1023,24 @@ mod tests {
             },
             true,
         );
+        // Set-based terms; the source endpoint is app=web without tier.
+        for (selector, want) in [
+            ("app in (api, web)", true),
+            ("app in (api),!tier", false),
+            ("k8s:app notin (api,db)", true),
+            ("app notin (web)", false),
+            ("tier notin (x)", true),
+            ("app in (web),tier in (x)", false),
+            ("app = web, ! tier", true),
+        ] {
+            check(
+                pb::FlowFilter {
+                    source_label: s(&[selector]),
+                    ..Default::default()
+                },
+                want,
+            );
+        }
         check(
             pb::FlowFilter {
                 destination_label: s(&["reserved:world"]),
@@ -1257,7 +1326,15 @@ mod tests {
                 ..Default::default()
             },
             pb::FlowFilter {
-                source_label: s("app in (a,b)"),
+                source_label: s("app in (a,"),
+                ..Default::default()
+            },
+            pb::FlowFilter {
+                source_label: s("app within (a)"),
+                ..Default::default()
+            },
+            pb::FlowFilter {
+                source_label: s("app in ()"),
                 ..Default::default()
             },
         ] {
