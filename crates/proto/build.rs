@@ -8,6 +8,14 @@ fn main() {
     println!("cargo:rerun-if-changed={}", root.display());
     let fds =
         protox::compile(files, [&root]).unwrap_or_else(|e| panic!("proto/ does not compile: {e}"));
+    // The descriptors too, for what needs field names at run time (Hubble's
+    // field masks).
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    std::fs::write(
+        out.join("descriptors.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )
+    .unwrap_or_else(|e| panic!("writing the descriptors: {e}"));
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -223,6 +223,10 @@ pub struct Args {
         global = true
     )]
     pub output: Format,
+    /// Only these fields of each flow (`time,verdict,source.pod_name`);
+    /// needs `-o json` or `-o jsonpb`.
+    #[arg(long, value_delimiter = ',')]
+    pub field_mask: Vec<String>,
     /// Print the node name with each flow.
     #[arg(long, global = true)]
     pub print_node_name: bool,
@@ -785,6 +789,48 @@ fn negated_filters(a: &Args) -> anyhow::Result<Vec<pb::FlowFilter>> {
     Ok(filters)
 }
 
+/// The parts of a flow's JSON that field-mask paths name (`source.pod_name`
+/// keeps `{"source": {"pod_name": ..}}`); the JSON keys are the proto's
+/// field names.
+fn project(value: serde_json::Value, paths: &[String]) -> serde_json::Value {
+    use serde_json::Value;
+    let serde_json::Value::Object(map) = value else {
+        return value;
+    };
+    let mut out = serde_json::Map::new();
+    for (key, v) in map {
+        let deeper: Vec<String> = paths
+            .iter()
+            .filter_map(|p| match p.split_once('.') {
+                Some((head, rest)) if head == key => Some(rest.to_string()),
+                _ => None,
+            })
+            .collect();
+        if paths.contains(&key) {
+            out.insert(key, v);
+        } else if !deeper.is_empty() {
+            let kept = match v {
+                Value::Array(items) => {
+                    Value::Array(items.into_iter().map(|i| project(i, &deeper)).collect())
+                }
+                other => project(other, &deeper),
+            };
+            out.insert(key, kept);
+        }
+    }
+    Value::Object(out)
+}
+
+fn format_name(f: Format) -> &'static str {
+    match f {
+        Format::Compact => "compact",
+        Format::Dict => "dict",
+        Format::Table => "table",
+        Format::Json => "json",
+        Format::Jsonpb => "jsonpb",
+    }
+}
+
 /// `--last`, where `--last 0` means no `--last` (the default count), as the
 /// real CLI reads it.
 fn last(a: &Args) -> Option<u64> {
@@ -795,6 +841,12 @@ fn last(a: &Args) -> Option<u64> {
 pub fn request(a: &Args) -> anyhow::Result<GetFlowsRequest> {
     if a.first.is_some() && a.follow {
         bail!("--first cannot be combined with --follow");
+    }
+    if !a.field_mask.is_empty() && !matches!(a.output, Format::Json | Format::Jsonpb) {
+        bail!(
+            "--field-mask is not compatible with the {} output: use -o json or -o jsonpb",
+            format_name(a.output)
+        );
     }
     if a.output == Format::Table && a.follow {
         bail!("the table output is printed at the end: it cannot be used with --follow");
@@ -809,6 +861,9 @@ pub fn request(a: &Args) -> anyhow::Result<GetFlowsRequest> {
     };
     Ok(GetFlowsRequest {
         number,
+        field_mask: (!a.field_mask.is_empty()).then(|| prost_types::FieldMask {
+            paths: a.field_mask.clone(),
+        }),
         first: a.first.is_some_and(|n| n > 0),
         follow: a.follow,
         whitelist: filters(a)?,
@@ -950,6 +1005,16 @@ pub fn run(a: &Args, address: impl FnOnce() -> anyhow::Result<String>) -> anyhow
                             println!("{}", flow::format::dict(&f, a.print_node_name, style));
                         }
                         Format::Table => table.push(f),
+                        // Only the masked fields (the server sent no others;
+                        // the JSON form would show their empty values).
+                        Format::Json | Format::Jsonpb if !a.field_mask.is_empty() => {
+                            let flow = project(serde_json::to_value(&f)?, &a.field_mask);
+                            let time = r
+                                .time
+                                .map(|t| flow::record::rfc3339(t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64))
+                                .unwrap_or_default();
+                            println!("{}", serde_json::json!({"flow": flow, "node_name": r.node_name, "time": time}));
+                        }
                         Format::Json | Format::Jsonpb => println!(
                             "{}",
                             serde_json::to_string(&Envelope {
@@ -1020,6 +1085,9 @@ mod tests {
         assert_eq!(req(&["--all"]).unwrap().number, u64::MAX);
         assert_eq!(req(&["--last", "0"]).unwrap().number, 20);
         assert_eq!(req(&["--last", "0", "-f"]).unwrap().number, 0);
+        let r = req(&["-o", "json", "--field-mask", "time,source.pod_name"]).unwrap();
+        assert_eq!(r.field_mask.unwrap().paths, ["time", "source.pod_name"]);
+        assert!(req(&["--field-mask", "time"]).is_err(), "compact output");
         let r = req(&["--first", "3"]).unwrap();
         assert!(r.first && r.number == 3);
         assert!(req(&["--first", "3", "-f"]).is_err());

@@ -70,6 +70,31 @@ fn default_lab_enforces_the_seed_policy_in_the_kernel() {
         !filtered.contains("other-client") && filtered.contains("frontend"),
         "{filtered}"
     );
+    // A field mask: only the named fields come back.
+    let masked = String::from_utf8(
+        lab.fibril(&[
+            "observe",
+            "-o",
+            "json",
+            "--field-mask",
+            "verdict,source.pod_name",
+            "--last",
+            "3",
+        ])
+        .stdout,
+    )
+    .unwrap();
+    let masked: Vec<Value> = masked
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(masked.len(), 3);
+    for f in &masked {
+        let keys: Vec<&String> = f["flow"].as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["source", "verdict"], "{f}");
+        let source: Vec<&String> = f["flow"]["source"].as_object().unwrap().keys().collect();
+        assert_eq!(source, ["pod_name"], "{f}");
+    }
     // Policy-verdict events: the backend's policy allowed the frontend's
     // connection and denied other-client's, each with how it matched.
     let verdicts = String::from_utf8(

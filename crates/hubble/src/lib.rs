@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod convert;
+pub mod field_mask;
 pub mod filter;
 pub mod limits;
 pub mod server;

@@ -22,6 +22,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
+use crate::field_mask::FieldMask;
 use crate::filter::{FilterError, Filters};
 use crate::limits::{self, Limits, StreamSlot, Streams};
 
@@ -240,6 +241,7 @@ fn stream_flows<B: Backend>(
     backend: Arc<B>,
     req: GetFlowsRequest,
     filters: Filters,
+    mask: Option<FieldMask>,
     tx: mpsc::Sender<Result<GetFlowsResponse, Status>>,
 ) {
     let node = backend.node_name();
@@ -257,7 +259,23 @@ fn stream_flows<B: Backend>(
         |seq, wait| backend.read(seq, wait),
         |f: &Arc<flow::Flow>| {
             let p = convert::flow(f);
-            filters.matches(&p).then(|| (flow_ns(&p), flow_response(p)))
+            if !filters.matches(&p) {
+                return None;
+            }
+            // The response's time and node (and the stream's order) are the
+            // flow's, whatever the mask keeps of it.
+            let ns = flow_ns(&p);
+            let response = match &mask {
+                Some(m) => {
+                    use proto::observer::get_flows_response::ResponseTypes;
+                    let masked = m.apply(&p);
+                    let mut r = flow_response(p);
+                    r.response_types = Some(ResponseTypes::Flow(masked));
+                    r
+                }
+                None => flow_response(p),
+            };
+            Some((ns, response))
         },
         |n| {
             backend.count_lost(n);
@@ -300,13 +318,15 @@ impl<B: Backend> Observer for Service<B> {
         .await
         .map_err(|e| Status::internal(format!("compiling the filters: {e}")))?;
         let filters = filters.map_err(filter_status)?;
+        let paths = req.field_mask.as_ref().map(|m| m.paths.as_slice());
+        let mask = FieldMask::new(paths.unwrap_or_default()).map_err(filter_status)?;
         let (tx, rx) = mpsc::channel(256);
         let backend = self.backend.clone();
         std::thread::Builder::new()
             .name("hubble-getflows".into())
             .spawn(move || {
                 let _slot = slot;
-                stream_flows(backend, req, filters, tx)
+                stream_flows(backend, req, filters, mask, tx)
             })
             .map_err(|e| Status::internal(format!("cannot start the flow stream: {e}")))?;
         Ok(with_version(Response::new(Box::pin(ReceiverStream::new(

@@ -281,6 +281,57 @@ fn get_flows_number_first_since_until_and_filters() {
     assert!(err.message().contains("source_ip"), "{}", err.message());
 }
 
+/// `field_mask` (the CLI's `--field-mask`): flows carry only the named
+/// fields, filters still see whole flows, and an unknown path is refused.
+#[test]
+fn field_masks_keep_only_the_named_fields() {
+    let mut fx = fixture(31, 10);
+    let mask = |paths: &[&str]| {
+        Some(prost_types::FieldMask {
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+        })
+    };
+    let req = GetFlowsRequest {
+        number: 3,
+        whitelist: vec![pb::FlowFilter {
+            source_pod: vec!["shop/client-4".into()],
+            ..Default::default()
+        }],
+        field_mask: mask(&["verdict", "source.pod_name"]),
+        ..Default::default()
+    };
+    let got = fx.get(req).unwrap();
+    let flows: Vec<&pb::Flow> = got
+        .iter()
+        .filter_map(|r| match &r.response_types {
+            Some(ResponseTypes::Flow(f)) => Some(f),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(flows.len(), 1);
+    let want = pb::Flow {
+        verdict: flows[0].verdict,
+        source: Some(pb::Endpoint {
+            pod_name: "client-4".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    assert_eq!(*flows[0], want);
+    assert_ne!(want.verdict, 0);
+    // The response keeps the flow's time and node.
+    assert_eq!(got[0].node_name, "test-node");
+    assert!(got[0].time.is_some());
+    let err = fx
+        .get(GetFlowsRequest {
+            field_mask: mask(&["source.nope"]),
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("nope"), "{}", err.message());
+}
+
 #[test]
 fn follow_streams_new_flows_and_readers_learn_what_they_lost() {
     let fx = fixture(7, 3);

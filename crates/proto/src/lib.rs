@@ -14,3 +14,6 @@ pub mod observer {
 pub mod peer {
     tonic::include_proto!("peer");
 }
+
+/// The encoded `FileDescriptorSet` of proto/ (field names and numbers).
+pub const DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
