@@ -548,15 +548,36 @@ fn the_real_clis_request_bytes_decode_and_are_served() {
     assert_eq!(r.number, u64::MAX);
     assert_eq!(r.field_mask.unwrap().paths, vec!["time", "verdict"]);
 
-    // Served as the CLI expects (the mask is tolerated: whole flows come back).
+    // Served as the CLI expects, its field mask applied as Hubble does: the
+    // fields it prints come back, others (the UUID) do not.
     let mut fx = fixture(31, 25);
-    assert_eq!(uuids(&fx.get(decode(&observe)).unwrap()).len(), 20);
-    assert_eq!(uuids(&fx.get(decode(&first2)).unwrap()), ["u0", "u1"]);
+    let pods = |rs: &[GetFlowsResponse]| -> Vec<String> {
+        rs.iter()
+            .filter_map(|r| match &r.response_types {
+                Some(ResponseTypes::Flow(f)) => {
+                    assert!(f.uuid.is_empty() && f.time.is_some(), "{f:?}");
+                    f.source.as_ref().map(|s| s.pod_name.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(pods(&fx.get(decode(&observe)).unwrap()).len(), 20);
+    assert_eq!(
+        pods(&fx.get(decode(&first2)).unwrap()),
+        ["client-0", "client-1"]
+    );
+    // No mask: whole flows.
     assert_eq!(
         uuids(&fx.get(decode(&last3)).unwrap()),
         ["u22", "u23", "u24"]
     );
-    assert_eq!(uuids(&fx.get(decode(&all)).unwrap()).len(), 25);
+    let all = fx.get(decode(&all)).unwrap();
+    assert_eq!(all.len(), 25);
+    assert!(all.iter().all(|r| match &r.response_types {
+        Some(ResponseTypes::Flow(f)) => f.source.is_none() && f.verdict != 0,
+        _ => false,
+    }));
 }
 
 #[test]
