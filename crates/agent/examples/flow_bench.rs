@@ -4,8 +4,8 @@
 //! GetFlows throughput to one gRPC client.
 //!
 //! Events are real: BPF_PROG_TEST_RUN runs the datapath program on a packet
-//! that policy drops, so every run emits one drop event into the ring
-//! buffer. Run: `cargo run --release -p fibril-agent --example flow_bench` (root).
+//! that policy drops, so every run emits two events into the ring buffer
+//! (the policy verdict and the drop). Run: `cargo run --release -p fibril-agent --example flow_bench` (root).
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -92,8 +92,12 @@ fn follower(
     })
 }
 
-/// Emits `total` drop events at `rate` per second (0 = as fast as the
-/// kernel goes) and waits until the pipeline has seen or lost them all.
+/// Events one run of the dropped packet emits: its policy verdict and its
+/// drop.
+const EVENTS_PER_RUN: u64 = 2;
+
+/// Emits `total` events at `rate` per second (0 = as fast as the kernel
+/// goes) and waits until the pipeline has seen or lost them all.
 /// Returns (elapsed, delivered, lost in the kernel).
 fn run(
     p: &Pipeline,
@@ -114,7 +118,7 @@ fn run(
     while sent < total {
         let n = chunk.min(total - sent);
         progs
-            .test_run_repeat(Hook::ToContainer, packet, n as u32)
+            .test_run_repeat(Hook::ToContainer, packet, (n / EVENTS_PER_RUN) as u32)
             .expect("test run");
         sent += n;
         if rate > 0 {
