@@ -81,6 +81,23 @@ const volatile __u16 dns_proxy_port = 0; /* UDP and TCP, on 127.0.0.1 */
 const volatile __u32 proxy_mark_to = 0;
 const volatile __u32 proxy_mark_from = 0;
 
+/* Cilium's policy-verdict notification, for the first packet of each
+ * connection a policy lookup decided (`pv`), with how it matched. Returns the
+ * verdict: FORWARDED, AUDIT (denied, but by audit-mode policy) or DROPPED. */
+static __always_inline __u8 policy_verdict_event(struct __sk_buff *skb, const struct packet *pkt,
+						 __u32 ep_id, __u8 dir, __u32 ep_flags,
+						 __u32 audit_flag, __u32 src_id, __u32 dst_id,
+						 const struct policy_verdict *pv)
+{
+	__u8 verdict = VERDICT_FORWARDED;
+
+	if (!pv->allowed)
+		verdict = policy_audited(pv, ep_flags, audit_flag) ? VERDICT_AUDIT : VERDICT_DROPPED;
+	emit_event(skb, pkt, ep_id, EVENT_POLICY_VERDICT, pv->allowed ? 0 : pv->drop_reason, dir,
+		   verdict, CT_NEW, src_id, dst_id, pv->match, pv->cookie);
+	return verdict;
+}
+
 /* Ingress policy for a connection opening towards local endpoint `ep_id`.
  * TC_ACT_OK when allowed (then `*redirect` is set if its L7 rules need the
  * proxy), TC_ACT_SHOT (with the drop event) otherwise. */
@@ -91,24 +108,14 @@ static __always_inline int ingress_policy(struct __sk_buff *skb, const struct pa
 	if (!(flags & EP_F_INGRESS_ENFORCED))
 		return TC_ACT_OK;
 	policy_lookup(ep_id, src_id, DIR_INGRESS, pkt->protocol, pkt->policy_port_be, pv);
-	if (!pv->allowed) {
-		if (!policy_audited(pv, flags, EP_F_INGRESS_AUDIT)) {
-			emit_event(skb, pkt, ep_id, EVENT_POLICY_VERDICT, pv->drop_reason,
-				   DIR_INGRESS, VERDICT_DROPPED, CT_NEW, src_id, dst_id, pv->match,
-				   pv->cookie);
-			emit_event(skb, pkt, ep_id, EVENT_DROP, pv->drop_reason, DIR_INGRESS,
-				   VERDICT_DROPPED, CT_NEW, src_id, dst_id, pv->match, pv->cookie);
-			return TC_ACT_SHOT;
-		}
-		emit_event(skb, pkt, ep_id, EVENT_POLICY_VERDICT, pv->drop_reason, DIR_INGRESS,
-			   VERDICT_AUDIT, CT_NEW, src_id, dst_id, pv->match, pv->cookie);
-		return TC_ACT_OK;
+	__u8 verdict = policy_verdict_event(skb, pkt, ep_id, DIR_INGRESS, flags,
+					    EP_F_INGRESS_AUDIT, src_id, dst_id, pv);
+	if (verdict == VERDICT_DROPPED) {
+		emit_event(skb, pkt, ep_id, EVENT_DROP, pv->drop_reason, DIR_INGRESS,
+			   VERDICT_DROPPED, CT_NEW, src_id, dst_id, pv->match, pv->cookie);
+		return TC_ACT_SHOT;
 	}
-	/* Cilium's policy-verdict notification: the first packet of each
-	 * connection the policy decided, with how it matched. */
-	emit_event(skb, pkt, ep_id, EVENT_POLICY_VERDICT, 0, DIR_INGRESS, VERDICT_FORWARDED,
-		   CT_NEW, src_id, dst_id, pv->match, pv->cookie);
-	if ((pv->flags & POLICY_F_REDIRECT) && proxy_port)
+	if (verdict == VERDICT_FORWARDED && (pv->flags & POLICY_F_REDIRECT) && proxy_port)
 		*redirect = 1;
 	return TC_ACT_OK;
 }
@@ -275,19 +282,12 @@ int from_container(struct __sk_buff *skb)
 		if (flags & EP_F_EGRESS_ENFORCED) {
 			policy_lookup(endpoint_id, dst_id, DIR_EGRESS, pkt.protocol,
 				      pkt.policy_port_be, &pv);
-			if (!pv.allowed) {
-				if (!policy_audited(&pv, flags, EP_F_EGRESS_AUDIT)) {
-					emit_event(skb, &pkt, endpoint_id, EVENT_POLICY_VERDICT,
-						   pv.drop_reason, DIR_EGRESS, VERDICT_DROPPED, CT_NEW,
-						   src_id, dst_id, pv.match, pv.cookie);
-					return drop(skb, &pkt, pv.drop_reason, DIR_EGRESS, src_id,
-						    dst_id, pv.match, pv.cookie);
-				}
-				emit_event(skb, &pkt, endpoint_id, EVENT_POLICY_VERDICT, pv.drop_reason, DIR_EGRESS,
-					   VERDICT_AUDIT, CT_NEW, src_id, dst_id, pv.match, pv.cookie);
-			} else {
-				emit_event(skb, &pkt, endpoint_id, EVENT_POLICY_VERDICT, 0, DIR_EGRESS,
-					   VERDICT_FORWARDED, CT_NEW, src_id, dst_id, pv.match, pv.cookie);
+			__u8 verdict = policy_verdict_event(skb, &pkt, endpoint_id, DIR_EGRESS, flags,
+							    EP_F_EGRESS_AUDIT, src_id, dst_id, &pv);
+			if (verdict == VERDICT_DROPPED)
+				return drop(skb, &pkt, pv.drop_reason, DIR_EGRESS, src_id, dst_id,
+					    pv.match, pv.cookie);
+			if (verdict == VERDICT_FORWARDED) {
 				if ((pv.flags & POLICY_F_REDIRECT_DNS) && dns_proxy_port &&
 				    (pkt.protocol == IPPROTO_UDP || pkt.protocol == IPPROTO_TCP))
 					redirect = REDIRECT_DNS;

@@ -170,24 +170,13 @@ impl From<&flow::record::L7Record> for WireRecord {
     }
 }
 
-/// The standard methods and protocols without an allocation.
-fn text(s: String, known: &[&'static str]) -> flow::record::Text {
-    match known.iter().find(|k| **k == s) {
-        Some(k) => (*k).into(),
-        None => s.into(),
-    }
-}
-
 impl From<WireRecord> for flow::record::L7Record {
     fn from(r: WireRecord) -> Self {
         let http = flow::record::Http {
             code: r.code,
-            method: text(
-                r.method,
-                &["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"],
-            ),
+            method: flow::record::http_method(&r.method),
             url: r.url,
-            protocol: text(r.http_protocol, &["HTTP/1.1", "HTTP/2", "HTTP/1.0"]),
+            protocol: flow::record::http_protocol(&r.http_protocol),
             headers: r
                 .headers
                 .into_iter()

@@ -821,16 +821,6 @@ fn project(value: serde_json::Value, paths: &[String]) -> serde_json::Value {
     Value::Object(out)
 }
 
-fn format_name(f: Format) -> &'static str {
-    match f {
-        Format::Compact => "compact",
-        Format::Dict => "dict",
-        Format::Table => "table",
-        Format::Json => "json",
-        Format::Jsonpb => "jsonpb",
-    }
-}
-
 /// `--last`, where `--last 0` means no `--last` (the default count), as the
 /// real CLI reads it.
 fn last(a: &Args) -> Option<u64> {
@@ -843,10 +833,7 @@ pub fn request(a: &Args) -> anyhow::Result<GetFlowsRequest> {
         bail!("--first cannot be combined with --follow");
     }
     if !a.field_mask.is_empty() && !matches!(a.output, Format::Json | Format::Jsonpb) {
-        bail!(
-            "--field-mask is not compatible with the {} output: use -o json or -o jsonpb",
-            format_name(a.output)
-        );
+        bail!("--field-mask needs the json or jsonpb output (-o json)");
     }
     if a.output == Format::Table && a.follow {
         bail!("the table output is printed at the end: it cannot be used with --follow");
@@ -1009,11 +996,7 @@ pub fn run(a: &Args, address: impl FnOnce() -> anyhow::Result<String>) -> anyhow
                         // the JSON form would show their empty values).
                         Format::Json | Format::Jsonpb if !a.field_mask.is_empty() => {
                             let flow = project(serde_json::to_value(&f)?, &a.field_mask);
-                            let time = r
-                                .time
-                                .map(|t| flow::record::rfc3339(t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64))
-                                .unwrap_or_default();
-                            println!("{}", serde_json::json!({"flow": flow, "node_name": r.node_name, "time": time}));
+                            println!("{}", serde_json::json!({"flow": flow, "node_name": r.node_name, "time": ts_text(r.time)}));
                         }
                         Format::Json | Format::Jsonpb => println!(
                             "{}",
@@ -1029,10 +1012,7 @@ pub fn run(a: &Args, address: impl FnOnce() -> anyhow::Result<String>) -> anyhow
                     let source = pb::LostEventSource::try_from(l.source)
                         .map(|s| s.as_str_name())
                         .unwrap_or("UNKNOWN_LOST_EVENT_SOURCE");
-                    let time = r
-                        .time
-                        .map(|t| flow::record::rfc3339(t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64))
-                        .unwrap_or_default();
+                    let time = ts_text(r.time);
                     match a.output {
                         Format::Json | Format::Jsonpb => println!(
                             "{}",

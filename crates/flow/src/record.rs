@@ -12,6 +12,29 @@ use serde::{Deserialize, Serialize};
 /// them).
 pub type Text = std::borrow::Cow<'static, str>;
 
+/// `m` as `Text`, borrowed when it is one of `known`.
+fn known_text(m: &str, known: &[&'static str]) -> Text {
+    match known.iter().find(|k| **k == m) {
+        Some(k) => (*k).into(),
+        None => m.to_string().into(),
+    }
+}
+
+/// An HTTP method for a flow: the standard ones without an allocation.
+pub fn http_method(m: &str) -> Text {
+    known_text(
+        m,
+        &[
+            "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+        ],
+    )
+}
+
+/// An HTTP version for a flow (`HTTP/1.1`), borrowed for the usual ones.
+pub fn http_protocol(p: &str) -> Text {
+    known_text(p, &["HTTP/1.1", "HTTP/2", "HTTP/1.0"])
+}
+
 /// A policy attribution, shared by every flow it decided.
 pub type SharedPolicyRef = std::sync::Arc<PolicyRef>;
 

@@ -190,17 +190,6 @@ fn request_flows(
     (request, response)
 }
 
-/// The flow's method: the standard ones without an allocation.
-fn method_text(m: &str) -> flow::record::Text {
-    const STANDARD: [&str; 9] = [
-        "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
-    ];
-    match STANDARD.iter().find(|s| **s == m) {
-        Some(s) => (*s).into(),
-        None => m.to_string().into(),
-    }
-}
-
 /// The body of a 400 for a request target the proxy refuses.
 pub(crate) const BAD_TARGET_BODY: &str =
     "Bad request: the path is ambiguous (encoded slash, fragment or bad encoding)\r\n";
@@ -496,7 +485,7 @@ impl Conn {
             Ok(original) => original,
             Err(e) => {
                 tracing::debug!(client = %self.client, error = %e, "request target refused");
-                let method = method_text(req.method().as_str());
+                let method = flow::record::http_method(req.method().as_str());
                 self.bad_target(request_flows(method, url, protocol, req.headers()).0);
                 let body = http_body_util::Limited::new(req.into_body(), DRAIN_LIMIT);
                 let mut resp = text(StatusCode::BAD_REQUEST, BAD_TARGET_BODY);
@@ -515,7 +504,7 @@ impl Conn {
         };
         let verdict = self.check(&view);
         let (mut request, mut http) = request_flows(
-            method_text(req.method().as_str()),
+            flow::record::http_method(req.method().as_str()),
             url,
             protocol,
             req.headers(),

@@ -198,7 +198,7 @@ fn parse_request(buf: &[u8], escaped_slashes: crate::rules::EscapedSlashes) -> P
         body: body.unwrap_or(0),
         close,
         head_method: method == "HEAD",
-        method: super::method_text(method),
+        method: flow::record::http_method(method),
         url,
         host_end,
         headers,
@@ -223,7 +223,7 @@ fn bad_target(method: &str, path: &str, fields: &[httparse::Header<'_>]) -> Pars
         .unwrap_or_default();
     let (url, _) = flow_url(host, path);
     Parsed::BadTarget {
-        method: super::method_text(method),
+        method: flow::record::http_method(method),
         url,
         headers,
     }
