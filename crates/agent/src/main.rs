@@ -263,10 +263,13 @@ fn start_hubble(
                 };
                 let unix = async {
                     let router = hubble::server::router_plain(backend.clone(), limits).await;
-                    let incoming = hubble::limits::incoming(
+                    // Clients here may name the socket's path as the
+                    // authority: `UnixAuthority` makes that acceptable.
+                    let accepted = tokio_stream::StreamExt::map(
                         tokio_stream::wrappers::UnixListenerStream::new(unix_listener),
-                        limits,
+                        |conn| conn.map(hubble::unix_authority::UnixAuthority::new),
                     );
+                    let incoming = hubble::limits::incoming(accepted, limits);
                     router.serve_with_incoming(incoming).await
                 };
                 if let Err(e) = tokio::try_join!(tcp, unix) {

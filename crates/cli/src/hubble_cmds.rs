@@ -37,26 +37,35 @@ fn block<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::
         .block_on(f)
 }
 
+/// A unary call bounded by `--request-timeout`.
+async fn unary<T>(
+    server: &Server,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(server.request_timeout, call).await {
+        Ok(r) => Ok(r
+            .map_err(|e| anyhow::anyhow!("{}", e.message()))?
+            .into_inner()),
+        Err(_) => anyhow::bail!(
+            "no answer within the request timeout ({:?}, --request-timeout)",
+            server.request_timeout
+        ),
+    }
+}
+
 /// The lines `hubble status` prints (compact).
 pub fn status_lines(address: &str, server: &Server) -> anyhow::Result<Vec<String>> {
     block(async {
         let channel = connect(address, server).await?;
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-        let ok = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: "hubble.server.Observer".into(),
-            })
-            .await
-            .map(|r| {
-                r.into_inner().status
-                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-            })
-            .unwrap_or(false);
-        let s = ObserverClient::new(channel)
-            .server_status(ServerStatusRequest {})
-            .await
-            .map_err(|e| anyhow::anyhow!("{}", e.message()))?
-            .into_inner();
+        let check = health.check(tonic_health::pb::HealthCheckRequest {
+            service: "hubble.server.Observer".into(),
+        });
+        let ok = unary(server, check).await.is_ok_and(|r| {
+            r.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        });
+        let mut client = ObserverClient::new(channel);
+        let s = unary(server, client.server_status(ServerStatusRequest {})).await?;
         let mut out = vec![format!(
             "Healthcheck (via {address}): {}",
             if ok { "Ok" } else { "Unavailable" }
@@ -85,11 +94,9 @@ pub fn status_lines(address: &str, server: &Server) -> anyhow::Result<Vec<String
 
 pub fn list_nodes(address: &str, server: &Server, json: bool) -> anyhow::Result<()> {
     let mut nodes = block(async {
-        Ok(ObserverClient::new(connect(address, server).await?)
-            .get_nodes(GetNodesRequest {})
-            .await
-            .map_err(|e| anyhow::anyhow!("{}", e.message()))?
-            .into_inner()
+        let mut client = ObserverClient::new(connect(address, server).await?);
+        Ok(unary(server, client.get_nodes(GetNodesRequest {}))
+            .await?
             .nodes)
     })?;
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
@@ -147,12 +154,11 @@ pub fn list_nodes(address: &str, server: &Server, json: bool) -> anyhow::Result<
 
 pub fn list_namespaces(address: &str, server: &Server, json: bool) -> anyhow::Result<()> {
     let namespaces = block(async {
-        Ok(ObserverClient::new(connect(address, server).await?)
-            .get_namespaces(GetNamespacesRequest {})
+        let mut client = ObserverClient::new(connect(address, server).await?);
+        let call = client.get_namespaces(GetNamespacesRequest {});
+        Ok(unary(server, call)
             .await
-            .map_err(|e| anyhow::anyhow!("{}", e.message()))
             .context("GetNamespaces")?
-            .into_inner()
             .namespaces)
     })?;
     if json {

@@ -184,6 +184,29 @@ pub struct Args {
     /// Flows of every namespace.
     #[arg(short = 'A', long)]
     pub all_namespaces: bool,
+    /// Flows from pods of any namespace.
+    #[arg(long)]
+    pub from_all_namespaces: bool,
+    /// Flows to pods of any namespace.
+    #[arg(long)]
+    pub to_all_namespaces: bool,
+    /// Flows matching this CEL expression (sent as hubble does; Fibril's
+    /// server refuses CEL with a clear error).
+    #[arg(long)]
+    pub cel_expression: Vec<String>,
+    /// Filters to send as they are: JSON FlowFilters (repeatable).
+    #[arg(long)]
+    pub allowlist: Vec<String>,
+    /// Flows to leave out: JSON FlowFilters (repeatable).
+    #[arg(long)]
+    pub denylist: Vec<String>,
+    /// Print the allowlist and denylist as YAML and exit without a request.
+    #[arg(long)]
+    pub print_raw_filters: bool,
+    /// Read flows from this file (`hubble observe -o jsonpb` lines; `-` for
+    /// standard input) instead of a server, filtering them here.
+    #[arg(long)]
+    pub input_file: Option<std::path::PathBuf>,
     /// IPv4 flows only.
     #[arg(short = '4', long)]
     pub ipv4: bool,
@@ -230,7 +253,22 @@ pub struct Args {
     /// Print the node name with each flow.
     #[arg(long, global = true)]
     pub print_node_name: bool,
-    /// StampMilli, RFC3339, RFC3339Milli, RFC3339Micro, RFC3339Nano or RFC1123Z.
+    /// Print the names of the policies that allowed or denied each flow.
+    #[arg(long, global = true)]
+    pub print_policy_names: bool,
+    /// Print addresses, never pod or DNS names (as --ip-translation=false).
+    #[arg(long, global = true)]
+    pub numeric: bool,
+    /// Show pods and learned DNS names instead of addresses
+    /// (`--ip-translation=false` to turn off).
+    #[arg(long, global = true, default_value_t = true, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    pub ip_translation: bool,
+    /// Print no errors or warnings of the stream (nodes unavailable).
+    #[arg(short = 's', long, global = true)]
+    pub silent_errors: bool,
+    /// StampMilli, YearMonthDay, YearMonthDayHour, YearMonthDayHourMinute, RFC3339,
+    /// RFC3339Milli, RFC3339Micro, RFC3339Nano or RFC1123Z.
     #[arg(long, global = true, default_value = "StampMilli", value_parser = time_format)]
     pub time_format: TimeFormat,
     /// Colour the output: auto (a terminal without NO_COLOR), always, never.
@@ -261,6 +299,8 @@ impl Args {
         flow::format::Style {
             time: self.time_format,
             color,
+            ip_translation: self.ip_translation && !self.numeric,
+            policy_names: self.print_policy_names,
         }
     }
 }
@@ -509,50 +549,193 @@ fn event_type(v: &str) -> anyhow::Result<pb::EventTypeFilter> {
     })
 }
 
-/// The filters `hubble observe` would send: flags on one side go into one
-/// filter; "either side" flags make a source-side and a destination-side
-/// filter, OR-ed.
-pub fn filters(a: &Args) -> anyhow::Result<Vec<pb::FlowFilter>> {
-    let mut common = pb::FlowFilter::default();
-    let ns_prefixed = |nss: &[String], pods: &[String]| -> Vec<String> {
-        match (nss.is_empty(), pods.is_empty()) {
-            (true, _) => pods.to_vec(),
-            (false, true) => nss.iter().map(|n| format!("{n}/")).collect(),
-            (false, false) => nss
-                .iter()
-                .flat_map(|n| pods.iter().map(move |p| format!("{n}/{p}")))
-                .collect(),
+/// Filter flags hubble refuses together, its groups in its order: within a
+/// group any two set flags conflict.
+const CONFLICTS: &[&[&str]] = &[
+    &[
+        "from-fqdn",
+        "from-ip",
+        "ip",
+        "fqdn",
+        "from-namespace",
+        "namespace",
+        "from-all-namespaces",
+        "all-namespaces",
+    ],
+    &["from-fqdn", "from-ip", "ip", "fqdn", "from-pod", "pod"],
+    &[
+        "to-fqdn",
+        "to-ip",
+        "ip",
+        "fqdn",
+        "to-namespace",
+        "namespace",
+        "to-all-namespaces",
+        "all-namespaces",
+    ],
+    &["to-fqdn", "to-ip", "ip", "fqdn", "to-pod", "pod"],
+    &["to-pod", "namespace", "all-namespaces"],
+    &["from-pod", "namespace", "all-namespaces"],
+    &["to-service", "namespace", "all-namespaces"],
+    &["from-service", "namespace", "all-namespaces"],
+    &["label", "from-label"],
+    &["label", "to-label"],
+    &["service", "from-service"],
+    &["service", "to-service"],
+    &["port", "to-port"],
+    &["port", "from-port"],
+    &["identity", "to-identity"],
+    &["identity", "from-identity"],
+    &["workload", "to-workload"],
+    &["workload", "from-workload"],
+    &["encrypted", "unencrypted"],
+];
+
+/// The filter flags given (by their long names).
+fn flags_set(a: &Args) -> Vec<&'static str> {
+    let lists: [(&str, bool); 20] = [
+        ("namespace", !a.namespace.is_empty()),
+        ("from-namespace", !a.from_namespace.is_empty()),
+        ("to-namespace", !a.to_namespace.is_empty()),
+        ("all-namespaces", a.all_namespaces),
+        ("from-all-namespaces", a.from_all_namespaces),
+        ("to-all-namespaces", a.to_all_namespaces),
+        ("pod", !a.pod.is_empty()),
+        ("from-pod", !a.from_pod.is_empty()),
+        ("to-pod", !a.to_pod.is_empty()),
+        ("ip", !a.ip.is_empty()),
+        ("from-ip", !a.from_ip.is_empty()),
+        ("to-ip", !a.to_ip.is_empty()),
+        ("fqdn", !a.fqdn.is_empty()),
+        ("from-fqdn", !a.from_fqdn.is_empty()),
+        ("to-fqdn", !a.to_fqdn.is_empty()),
+        ("label", !a.label.is_empty()),
+        ("from-label", !a.from_label.is_empty()),
+        ("to-label", !a.to_label.is_empty()),
+        ("encrypted", a.encrypted),
+        ("unencrypted", a.unencrypted),
+    ];
+    let more: [(&str, bool); 12] = [
+        ("service", !a.service.is_empty()),
+        ("from-service", !a.from_service.is_empty()),
+        ("to-service", !a.to_service.is_empty()),
+        ("port", !a.port.is_empty()),
+        ("from-port", !a.from_port.is_empty()),
+        ("to-port", !a.to_port.is_empty()),
+        ("identity", !a.identity.is_empty()),
+        ("from-identity", !a.from_identity.is_empty()),
+        ("to-identity", !a.to_identity.is_empty()),
+        ("workload", !a.workload.is_empty()),
+        ("from-workload", !a.from_workload.is_empty()),
+        ("to-workload", !a.to_workload.is_empty()),
+    ];
+    lists
+        .into_iter()
+        .chain(more)
+        .filter(|(_, on)| *on)
+        .map(|(n, _)| n)
+        .collect()
+}
+
+/// Hubble's refusal of flags that cannot be combined (the first conflict
+/// in its group order).
+fn check_conflicts(set: &[&str]) -> anyhow::Result<()> {
+    for group in CONFLICTS {
+        for flag in group.iter().filter(|f| set.contains(f)) {
+            if let Some(other) = group.iter().find(|o| *o != flag && set.contains(o)) {
+                bail!("filters --{flag} and --{other} cannot be combined");
+            }
         }
+    }
+    Ok(())
+}
+
+/// Namespaces given with `-n`/`--from-namespace`/... (`""` for "all"),
+/// applied to one side's pods and services as hubble does: names with a
+/// namespace of their own are kept, the others get each namespace; a side
+/// with neither pods nor services gets `ns/` (every pod of it).
+fn apply_namespaces(pods: &mut Vec<String>, services: &mut Vec<String>, namespaces: &[String]) {
+    if namespaces.is_empty() {
+        return;
+    }
+    if pods.is_empty() && services.is_empty() {
+        pods.push(String::new());
+    }
+    let with_ns = |names: &mut Vec<String>| {
+        if names.is_empty() {
+            return;
+        }
+        *names = names
+            .iter()
+            .flat_map(|n| {
+                if n.contains('/') {
+                    vec![n.clone()]
+                } else {
+                    namespaces.iter().map(|ns| format!("{ns}/{n}")).collect()
+                }
+            })
+            .collect();
     };
-    common.source_pod = ns_prefixed(&a.from_namespace, &a.from_pod);
-    common.destination_pod = ns_prefixed(&a.to_namespace, &a.to_pod);
-    common.source_ip = a.from_ip.clone();
-    common.destination_ip = a.to_ip.clone();
-    common.source_label = a.from_label.clone();
-    common.destination_label = a.to_label.clone();
-    common.source_port = a.from_port.clone();
-    common.destination_port = a.to_port.clone();
-    common.source_fqdn = a.from_fqdn.clone();
-    common.destination_fqdn = a.to_fqdn.clone();
-    common.source_identity = a
+    with_ns(pods);
+    with_ns(services);
+}
+
+/// `namespace conflict: "a" does not contain "b/x"`, as hubble refuses a
+/// pod or service of another namespace than the one given.
+fn check_namespaces(namespaces: &[String], names: &[String]) -> anyhow::Result<()> {
+    for ns in namespaces {
+        for name in names {
+            if let Some((n, _)) = name.split_once('/') {
+                if !n.is_empty() && n != ns {
+                    bail!("namespace conflict: {ns:?} does not contain {name:?}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The filters `hubble observe` would send. As hubble builds them: a
+/// "left" filter and a "right" one, every one-sided flag going into both,
+/// an either-side flag (`--pod`, `--ip`, `-n` ...) into the left as source
+/// and the right as destination; one filter when both come out equal.
+pub fn filters(a: &Args) -> anyhow::Result<Vec<pb::FlowFilter>> {
+    let set = flags_set(a);
+    check_conflicts(&set)?;
+    let mut c = pb::FlowFilter {
+        source_pod: a.from_pod.clone(),
+        destination_pod: a.to_pod.clone(),
+        source_ip: a.from_ip.clone(),
+        destination_ip: a.to_ip.clone(),
+        source_label: a.from_label.clone(),
+        destination_label: a.to_label.clone(),
+        source_port: a.from_port.clone(),
+        destination_port: a.to_port.clone(),
+        source_fqdn: a.from_fqdn.clone(),
+        destination_fqdn: a.to_fqdn.clone(),
+        source_service: a.from_service.clone(),
+        destination_service: a.to_service.clone(),
+        ..Default::default()
+    };
+    c.source_identity = a
         .from_identity
         .iter()
         .map(|v| identity_value(v))
         .collect::<Result<_, _>>()?;
-    common.destination_identity = a
+    c.destination_identity = a
         .to_identity
         .iter()
         .map(|v| identity_value(v))
         .collect::<Result<_, _>>()?;
-    common.protocol = a.protocol.clone();
+    c.protocol = a.protocol.clone();
     for v in &a.verdict {
         let verdict = pb::Verdict::from_str_name(v)
             .filter(|_| v != "VERDICT_UNKNOWN")
             .with_context(|| format!("--verdict: {v:?} is not one of FORWARDED, DROPPED, AUDIT, REDIRECTED, ERROR, TRACED, TRANSLATED"))?;
-        common.verdict.push(verdict as i32);
+        c.verdict.push(verdict as i32);
     }
     for v in &a.drop_reason_desc {
-        common.drop_reason_desc.push(
+        c.drop_reason_desc.push(
             pb::DropReason::from_str_name(v)
                 .with_context(|| format!("--drop-reason-desc: unknown drop reason {v:?}"))?
                 as i32,
@@ -564,9 +747,9 @@ pub fn filters(a: &Args) -> anyhow::Result<Vec<pb::FlowFilter>> {
             "egress" => pb::TrafficDirection::Egress,
             _ => bail!("--traffic-direction: {v:?} is not ingress or egress"),
         };
-        common.traffic_direction.push(d as i32);
+        c.traffic_direction.push(d as i32);
     }
-    common.event_type = a
+    c.event_type = a
         .event_type
         .iter()
         .map(|v| event_type(v))
@@ -589,40 +772,41 @@ pub fn filters(a: &Args) -> anyhow::Result<Vec<pb::FlowFilter>> {
                 other => bail!("--tcp-flags: unknown flag {other:?}"),
             }
         }
-        common.tcp_flags.push(f);
+        c.tcp_flags.push(f);
     }
-    common.node_name = a.node_name.clone();
-    common.http_url = a.http_url.clone();
+    c.node_name = a.node_name.clone();
+    c.http_url = a.http_url.clone();
     for h in &a.http_header {
         let (k, v) = h
             .split_once(':')
             .with_context(|| format!("--http-header: {h:?} is not key:value"))?;
-        common.http_header.push(pb::HttpHeader {
+        c.http_header.push(pb::HttpHeader {
             key: k.to_string(),
             value: v.to_string(),
         });
     }
-    let workload = |w: &str| match w.split_once('/') {
+    let workload = |w: &String| match w.split_once('/') {
         Some((kind, name)) => pb::Workload {
             kind: kind.into(),
             name: name.into(),
         },
         None => pb::Workload {
             kind: String::new(),
-            name: w.into(),
+            name: w.clone(),
         },
     };
-    common.source_service = ns_prefixed(&a.from_namespace, &a.from_service);
-    common.destination_service = ns_prefixed(&a.to_namespace, &a.to_service);
-    common.source_workload = a.from_workload.iter().map(|w| workload(w)).collect();
-    common.destination_workload = a.to_workload.iter().map(|w| workload(w)).collect();
-    common.source_cluster_name = a.from_cluster.clone();
-    common.destination_cluster_name = a.to_cluster.clone();
-    common.source_ip_xlated = a.snat_ip.clone();
-    common.node_labels = a.node_label.clone();
-    common.trace_id = a.trace_id.clone();
-    common.ip_trace_id = a.ip_trace_id.clone();
-    common.interface = a
+    c.source_workload = a.from_workload.iter().map(workload).collect();
+    c.destination_workload = a.to_workload.iter().map(workload).collect();
+    c.source_cluster_name = a.from_cluster.clone();
+    c.destination_cluster_name = a.to_cluster.clone();
+    c.source_ip_xlated = a.snat_ip.clone();
+    c.node_labels = a.node_label.clone();
+    c.trace_id = a.trace_id.clone();
+    if a.ip_trace_id.contains(&0) {
+        bail!("invalid --ip-trace-id value; must be greater than 0");
+    }
+    c.ip_trace_id = a.ip_trace_id.clone();
+    c.interface = a
         .interface
         .iter()
         .map(|n| pb::NetworkInterface {
@@ -631,10 +815,10 @@ pub fn filters(a: &Args) -> anyhow::Result<Vec<pb::FlowFilter>> {
         })
         .collect();
     if a.encrypted {
-        common.encrypted.push(true);
+        c.encrypted.push(true);
     }
     if a.unencrypted {
-        common.encrypted.push(false);
+        c.encrypted.push(false);
     }
     let mut versions: Vec<&str> = a.ip_version.iter().map(String::as_str).collect();
     if a.ipv4 {
@@ -644,73 +828,110 @@ pub fn filters(a: &Args) -> anyhow::Result<Vec<pb::FlowFilter>> {
         versions.push("v6");
     }
     for v in versions {
-        common.ip_version.push(match v {
-            "v4" | "4" => pb::IpVersion::IPv4,
-            "v6" | "6" => pb::IpVersion::IPv6,
+        c.ip_version.push(match v.to_lowercase().as_str() {
+            "4" | "v4" | "ipv4" | "ip4" => pb::IpVersion::IPv4,
+            "6" | "v6" | "ipv6" | "ip6" => pb::IpVersion::IPv6,
             "none" => pb::IpVersion::IpNotUsed,
-            other => bail!("--ip-version: {other:?} is not v4, v6 or none"),
+            _ => bail!("--ip-version: {v:?} is not v4, v6 or none"),
         } as i32);
     }
-    common.uuid = a.uuid.clone();
-    common.http_status_code = a.http_status.clone();
-    common.http_method = a.http_method.clone();
-    common.http_path = a.http_path.clone();
-
-    // Either side: one filter for the source, one for the destination.
-    let all_ns = a.all_namespaces.then(|| "/".to_string());
-    let either = !(a.namespace.is_empty()
-        && all_ns.is_none()
-        && a.service.is_empty()
-        && a.workload.is_empty()
-        && a.cluster.is_empty()
-        && a.pod.is_empty()
-        && a.ip.is_empty()
-        && a.label.is_empty()
-        && a.port.is_empty()
-        && a.identity.is_empty()
-        && a.fqdn.is_empty());
-    if !either {
-        return Ok(if common == pb::FlowFilter::default() {
-            vec![]
-        } else {
-            vec![common]
+    c.uuid = a.uuid.clone();
+    c.http_status_code = a.http_status.clone();
+    c.http_method = a.http_method.clone();
+    c.http_path = a.http_path.clone();
+    if !a.cel_expression.is_empty() {
+        c.experimental = Some(pb::flow_filter::Experimental {
+            cel_expression: a.cel_expression.clone(),
         });
     }
+
+    // Either side: the left filter takes them as source, the right as
+    // destination.
     let identities: Vec<u32> = a
         .identity
         .iter()
         .map(|v| identity_value(v))
         .collect::<Result<_, _>>()?;
-    let mut pods = ns_prefixed(&a.namespace, &a.pod);
-    pods.extend(all_ns);
-    let services = ns_prefixed(&a.namespace, &a.service);
-    let workloads: Vec<pb::Workload> = a.workload.iter().map(|w| workload(w)).collect();
-    let mut src = common.clone();
-    src.source_pod.extend(pods.iter().cloned());
-    src.source_service.extend(services.iter().cloned());
-    src.source_workload.extend(workloads.iter().cloned());
-    src.source_cluster_name.extend(a.cluster.iter().cloned());
-    src.source_ip.extend(a.ip.iter().cloned());
-    src.source_label.extend(a.label.iter().cloned());
-    src.source_port.extend(a.port.iter().cloned());
-    src.source_identity.extend(identities.iter().copied());
-    src.source_fqdn.extend(a.fqdn.iter().cloned());
-    let mut dst = common;
-    dst.destination_pod.extend(pods);
-    dst.destination_service.extend(services);
-    dst.destination_workload.extend(workloads);
-    dst.destination_cluster_name
+    let (mut left, mut right) = (c.clone(), c);
+    left.source_pod.extend(a.pod.iter().cloned());
+    left.source_service.extend(a.service.iter().cloned());
+    left.source_workload.extend(a.workload.iter().map(workload));
+    left.source_cluster_name.extend(a.cluster.iter().cloned());
+    left.source_ip.extend(a.ip.iter().cloned());
+    left.source_label.extend(a.label.iter().cloned());
+    left.source_port.extend(a.port.iter().cloned());
+    left.source_identity.extend(identities.iter().copied());
+    left.source_fqdn.extend(a.fqdn.iter().cloned());
+    right.destination_pod.extend(a.pod.iter().cloned());
+    right.destination_service.extend(a.service.iter().cloned());
+    right
+        .destination_workload
+        .extend(a.workload.iter().map(workload));
+    right
+        .destination_cluster_name
         .extend(a.cluster.iter().cloned());
-    dst.destination_ip.extend(a.ip.iter().cloned());
-    dst.destination_label.extend(a.label.iter().cloned());
-    dst.destination_port.extend(a.port.iter().cloned());
-    dst.destination_identity.extend(identities);
-    dst.destination_fqdn.extend(a.fqdn.iter().cloned());
-    Ok(if src == dst {
-        vec![src]
-    } else {
-        vec![src, dst]
+    right.destination_ip.extend(a.ip.iter().cloned());
+    right.destination_label.extend(a.label.iter().cloned());
+    right.destination_port.extend(a.port.iter().cloned());
+    right.destination_identity.extend(identities);
+    right.destination_fqdn.extend(a.fqdn.iter().cloned());
+
+    let all = |on: bool| on.then(String::new);
+    let mut ns = a.namespace.clone();
+    ns.extend(all(a.all_namespaces));
+    let mut src_ns = a.from_namespace.clone();
+    src_ns.extend(all(a.from_all_namespaces));
+    let mut dst_ns = a.to_namespace.clone();
+    dst_ns.extend(all(a.to_all_namespaces));
+    for f in [&left, &right] {
+        for names in [&f.source_pod, &f.source_service] {
+            check_namespaces(&ns, names)?;
+            check_namespaces(&src_ns, names)?;
+        }
+        for names in [&f.destination_pod, &f.destination_service] {
+            check_namespaces(&ns, names)?;
+            check_namespaces(&dst_ns, names)?;
+        }
+    }
+    for f in [&mut left, &mut right] {
+        apply_namespaces(&mut f.destination_pod, &mut f.destination_service, &dst_ns);
+        apply_namespaces(&mut f.source_pod, &mut f.source_service, &src_ns);
+    }
+    apply_namespaces(&mut left.source_pod, &mut left.source_service, &ns);
+    apply_namespaces(
+        &mut right.destination_pod,
+        &mut right.destination_service,
+        &ns,
+    );
+
+    let empty = pb::FlowFilter::default();
+    Ok(match (left == right, left == empty) {
+        (true, true) => vec![],
+        (true, false) => vec![left],
+        (false, _) => vec![left, right],
     })
+}
+
+/// `hubble observe --print-raw-filters`: the request's filters as YAML,
+/// each in hubble's JSON form.
+pub fn raw_filters_yaml(req: &GetFlowsRequest) -> String {
+    let list = |name: &str, filters: &[pb::FlowFilter]| -> String {
+        if filters.is_empty() {
+            return String::new();
+        }
+        let mut out = format!("{name}:\n");
+        for f in filters {
+            let json = hubble::json::filter_to_json(f);
+            out.push_str(&format!("    - '{}'\n", json.replace('\'', "''")));
+        }
+        out
+    };
+    let out = list("allowlist", &req.whitelist) + &list("denylist", &req.blacklist);
+    if out.is_empty() {
+        "{}\n".into()
+    } else {
+        out
+    }
 }
 
 /// Takes `hubble observe`'s `--not` out of a command line: each `--not`
@@ -827,6 +1048,21 @@ fn last(a: &Args) -> Option<u64> {
     a.last.filter(|n| *n > 0)
 }
 
+/// `filters` followed by those given as JSON (`--allowlist`/`--denylist`).
+fn with_raw(
+    mut filters: Vec<pb::FlowFilter>,
+    raw: &[String],
+    flag: &str,
+) -> anyhow::Result<Vec<pb::FlowFilter>> {
+    for text in raw {
+        let parsed = hubble::json::filters_from_json(text).map_err(|e| {
+            anyhow::anyhow!("invalid --{flag} flag: failed to decode {text:?}: {e}")
+        })?;
+        filters.extend(parsed);
+    }
+    Ok(filters)
+}
+
 /// The request `hubble observe` would send for these flags.
 pub fn request(a: &Args) -> anyhow::Result<GetFlowsRequest> {
     if a.first.is_some() && a.follow {
@@ -842,7 +1078,11 @@ pub fn request(a: &Args) -> anyhow::Result<GetFlowsRequest> {
         (Some(n), None, false) => n,
         (None, Some(n), false) => n,
         (None, None, true) => u64::MAX,
-        (None, None, false) if a.follow || a.since.is_some() || a.until.is_some() => 0,
+        (None, None, false)
+            if a.follow || a.since.is_some() || a.until.is_some() || a.input_file.is_some() =>
+        {
+            0
+        }
         (None, None, false) => 20,
         _ => bail!("give one of --last, --first and --all"),
     };
@@ -853,8 +1093,8 @@ pub fn request(a: &Args) -> anyhow::Result<GetFlowsRequest> {
         }),
         first: a.first.is_some_and(|n| n > 0),
         follow: a.follow,
-        whitelist: filters(a)?,
-        blacklist: negated_filters(a)?,
+        whitelist: with_raw(filters(a)?, &a.allowlist, "allowlist")?,
+        blacklist: with_raw(negated_filters(a)?, &a.denylist, "denylist")?,
         since: a
             .since
             .as_deref()
@@ -881,7 +1121,7 @@ struct Envelope<'a> {
 }
 
 /// How to reach a Hubble-compatible server: the hubble CLI's server flags.
-#[derive(clap::Args, Clone, Default)]
+#[derive(clap::Args, Clone)]
 pub struct Server {
     /// `host:port`, `unix:///path/to/hubble.sock` or `tls://host:port`;
     /// default: the lab agent's.
@@ -902,6 +1142,58 @@ pub struct Server {
     /// Server name to verify (default: the host of --server).
     #[arg(long, global = true)]
     pub tls_server_name: Option<String>,
+    /// How long to wait for the connection to the server (`5s`, `1m`).
+    #[arg(long, global = true, default_value = "5s", value_parser = duration)]
+    pub timeout: Duration,
+    /// How long a unary request (status, list) may take (`12s`).
+    #[arg(long, global = true, default_value = "12s", value_parser = duration)]
+    pub request_timeout: Duration,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            server: None,
+            tls: false,
+            tls_ca_cert_files: None,
+            tls_client_cert_file: None,
+            tls_client_key_file: None,
+            tls_server_name: None,
+            timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(12),
+        }
+    }
+}
+
+/// `300ms`, `5s`, `2m`, `1h30m` (Go's duration form, without fractions).
+pub fn duration(v: &str) -> Result<Duration, String> {
+    let mut total = Duration::ZERO;
+    let mut rest = v;
+    if rest.is_empty() {
+        return Err("a duration such as 5s".into());
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("{v:?} is not a duration such as 5s"))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(1),
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            u => return Err(format!("{v:?}: unknown unit {u:?} (ms, s, m, h)")),
+        };
+        total += unit * u32::try_from(n).map_err(|_| format!("{v:?} is too long"))?;
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
 }
 
 /// A gRPC channel to a Hubble-compatible server.
@@ -921,6 +1213,7 @@ pub async fn connect(address: &str, s: &Server) -> anyhow::Result<tonic::transpo
             }
         });
         return tonic::transport::Endpoint::from_static("http://localhost")
+            .connect_timeout(s.timeout)
             .connect_with_connector(connector)
             .await
             .with_context(fail);
@@ -932,7 +1225,7 @@ pub async fn connect(address: &str, s: &Server) -> anyhow::Result<tonic::transpo
     let scheme = if tls { "https" } else { "http" };
     let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{host_port}"))
         .with_context(|| format!("--server {address:?} is not an address"))?
-        .connect_timeout(Duration::from_secs(5));
+        .connect_timeout(s.timeout);
     if tls {
         let read = |p: &std::path::PathBuf| {
             std::fs::read(p).with_context(|| format!("reading {}", p.display()))
@@ -956,6 +1249,190 @@ pub async fn connect(address: &str, s: &Server) -> anyhow::Result<tonic::transpo
     endpoint.connect().await.with_context(fail)
 }
 
+/// Prints GetFlows responses in the chosen output, from a server or a file.
+struct Printer<'a> {
+    a: &'a Args,
+    style: flow::format::Style,
+    table: Vec<flow::Flow>,
+    first_dict: bool,
+}
+
+impl<'a> Printer<'a> {
+    fn new(a: &'a Args) -> Self {
+        Printer {
+            a,
+            style: a.style(),
+            table: Vec::new(),
+            first_dict: true,
+        }
+    }
+
+    fn print(&mut self, r: proto::observer::GetFlowsResponse) -> anyhow::Result<()> {
+        let a = self.a;
+        let style = self.style;
+        match r.response_types {
+            Some(ResponseTypes::Flow(p)) => {
+                let f = hubble::convert::from_pb(&p);
+                match a.output {
+                    Format::Compact if a.print_node_name => {
+                        println!("{}", flow::format::compact_with_node(&f, style))
+                    }
+                    Format::Compact => println!("{}", flow::format::compact(&f, style)),
+                    Format::Dict => {
+                        if !self.first_dict {
+                            println!("------------");
+                        }
+                        self.first_dict = false;
+                        println!("{}", flow::format::dict(&f, a.print_node_name, style));
+                    }
+                    Format::Table => self.table.push(f),
+                    // Only the masked fields (the server sent no others;
+                    // the JSON form would show their empty values).
+                    Format::Json | Format::Jsonpb if !a.field_mask.is_empty() => {
+                        let flow = project(serde_json::to_value(&f)?, &a.field_mask);
+                        println!(
+                            "{}",
+                            serde_json::json!({"flow": flow, "node_name": r.node_name, "time": ts_text(r.time)})
+                        );
+                    }
+                    Format::Json | Format::Jsonpb => println!(
+                        "{}",
+                        serde_json::to_string(&Envelope {
+                            flow: &f,
+                            node_name: &r.node_name,
+                            time: &f.time
+                        })?
+                    ),
+                }
+            }
+            Some(ResponseTypes::LostEvents(l)) => {
+                let source = pb::LostEventSource::try_from(l.source)
+                    .map(|s| s.as_str_name())
+                    .unwrap_or("UNKNOWN_LOST_EVENT_SOURCE");
+                let time = ts_text(r.time);
+                match a.output {
+                    Format::Json | Format::Jsonpb => println!(
+                        "{}",
+                        serde_json::json!({"lost_events": {"source": source, "num_events_lost": l.num_events_lost.to_string(), "cpu": l.cpu.unwrap_or(0)}, "node_name": r.node_name, "time": time})
+                    ),
+                    _ => println!(
+                        "{} EVENTS LOST: {source} CPU({}) {}",
+                        a.time_format.format(&time),
+                        l.cpu.unwrap_or(0),
+                        l.num_events_lost
+                    ),
+                }
+            }
+            // Trouble with nodes goes to stderr, as hubble prints it, unless
+            // --silent-errors; news of nodes connecting is not trouble.
+            Some(ResponseTypes::NodeStatus(n)) if !a.silent_errors => {
+                use proto::relay::NodeState;
+                let names = n.node_names.join(", ");
+                let count = n.node_names.len();
+                let prefix = format!(
+                    "{} [{}]",
+                    a.time_format.format(&ts_text(r.time)),
+                    r.node_name
+                );
+                match NodeState::try_from(n.state_change) {
+                    Ok(NodeState::NodeUnavailable) => {
+                        eprintln!("{prefix}: {count} nodes are unavailable: {names}")
+                    }
+                    Ok(NodeState::NodeError) => {
+                        eprintln!("{prefix}: Error {:?} on {count} nodes: {names}", n.message)
+                    }
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn finish(self) {
+        if self.a.output == Format::Table {
+            println!(
+                "{}",
+                flow::format::table(&self.table, self.a.print_node_name, self.style)
+            );
+        }
+    }
+}
+
+/// `--input-file`: hubble's jsonpb lines read back and answered as a server
+/// would, filters, time range, `--first`/`--last` applied here. Lines that
+/// do not decode are reported (unless --silent-errors) and skipped.
+fn run_input_file(a: &Args, path: &std::path::Path, req: &GetFlowsRequest) -> anyhow::Result<i32> {
+    use std::io::BufRead;
+    let filters = hubble::filter::Filters::new(&req.whitelist, &req.blacklist)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(path)
+                .with_context(|| format!("--input-file {}", path.display()))?,
+        ))
+    };
+    let ns = |t: &prost_types::Timestamp| (t.seconds as i128) * 1_000_000_000 + t.nanos as i128;
+    let (since, until) = (req.since.as_ref().map(ns), req.until.as_ref().map(ns));
+    let limit = if req.number == 0 || req.number == u64::MAX {
+        None
+    } else {
+        Some(req.number)
+    };
+    let mut last = std::collections::VecDeque::new();
+    let mut printer = Printer::new(a);
+    let mut printed = 0u64;
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let r = match hubble::json::response_from_json(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                if !a.silent_errors {
+                    eprintln!("line {}: not a GetFlowsResponse: {e}", i + 1);
+                }
+                continue;
+            }
+        };
+        let t = r.time.as_ref().map(ns).unwrap_or(0);
+        if since.is_some_and(|s| t < s) || until.is_some_and(|u| t > u) {
+            continue;
+        }
+        let wanted = match &r.response_types {
+            Some(ResponseTypes::Flow(f)) => filters.matches(f),
+            _ => req.whitelist.is_empty(),
+        };
+        if !wanted {
+            continue;
+        }
+        match limit {
+            Some(n) if !req.first => {
+                last.push_back(r);
+                if last.len() as u64 > n {
+                    last.pop_front();
+                }
+            }
+            Some(n) => {
+                printer.print(r)?;
+                printed += 1;
+                if printed == n {
+                    break;
+                }
+            }
+            None => printer.print(r)?,
+        }
+    }
+    for r in last {
+        printer.print(r)?;
+    }
+    printer.finish();
+    Ok(0)
+}
+
 /// Runs `fibril observe`. The flags are checked before `address` is
 /// resolved, so bad input is reported as such even when no agent is up.
 pub fn run(a: &Args, address: impl FnOnce() -> anyhow::Result<String>) -> anyhow::Result<i32> {
@@ -963,6 +1440,13 @@ pub fn run(a: &Args, address: impl FnOnce() -> anyhow::Result<String>) -> anyhow
         return run_events(address, a, what);
     }
     let req = request(a)?;
+    if a.print_raw_filters {
+        print!("{}", raw_filters_yaml(&req));
+        return Ok(0);
+    }
+    if let Some(path) = &a.input_file {
+        return run_input_file(a, path, &req);
+    }
     let address = address()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -974,64 +1458,15 @@ pub fn run(a: &Args, address: impl FnOnce() -> anyhow::Result<String>) -> anyhow
             .await
             .map_err(|s| anyhow::anyhow!("{}", s.message()))?
             .into_inner();
-        let mut table = Vec::new();
-        let style = a.style();
-        let mut first_dict = true;
-        while let Some(r) = stream.message().await.map_err(|s| anyhow::anyhow!("{}", s.message()))? {
-            match r.response_types {
-                Some(ResponseTypes::Flow(p)) => {
-                    let f = hubble::convert::from_pb(&p);
-                    match a.output {
-                        Format::Compact if a.print_node_name => println!("{}", flow::format::compact_with_node(&f, style)),
-                        Format::Compact => println!("{}", flow::format::compact(&f, style)),
-                        Format::Dict => {
-                            if !first_dict {
-                                println!("------------");
-                            }
-                            first_dict = false;
-                            println!("{}", flow::format::dict(&f, a.print_node_name, style));
-                        }
-                        Format::Table => table.push(f),
-                        // Only the masked fields (the server sent no others;
-                        // the JSON form would show their empty values).
-                        Format::Json | Format::Jsonpb if !a.field_mask.is_empty() => {
-                            let flow = project(serde_json::to_value(&f)?, &a.field_mask);
-                            println!("{}", serde_json::json!({"flow": flow, "node_name": r.node_name, "time": ts_text(r.time)}));
-                        }
-                        Format::Json | Format::Jsonpb => println!(
-                            "{}",
-                            serde_json::to_string(&Envelope {
-                                flow: &f,
-                                node_name: &r.node_name,
-                                time: &f.time
-                            })?
-                        ),
-                    }
-                }
-                Some(ResponseTypes::LostEvents(l)) => {
-                    let source = pb::LostEventSource::try_from(l.source)
-                        .map(|s| s.as_str_name())
-                        .unwrap_or("UNKNOWN_LOST_EVENT_SOURCE");
-                    let time = ts_text(r.time);
-                    match a.output {
-                        Format::Json | Format::Jsonpb => println!(
-                            "{}",
-                            serde_json::json!({"lost_events": {"source": source, "num_events_lost": l.num_events_lost.to_string(), "cpu": l.cpu.unwrap_or(0)}, "node_name": r.node_name, "time": time})
-                        ),
-                        _ => println!(
-                            "{} EVENTS LOST: {source} CPU({}) {}",
-                            a.time_format.format(&time),
-                            l.cpu.unwrap_or(0),
-                            l.num_events_lost
-                        ),
-                    }
-                }
-                _ => {}
-            }
+        let mut printer = Printer::new(a);
+        while let Some(r) = stream
+            .message()
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        {
+            printer.print(r)?;
         }
-        if a.output == Format::Table {
-            println!("{}", flow::format::table(&table, a.print_node_name, a.time_format));
-        }
+        printer.finish();
         Ok(0)
     })
 }

@@ -12,6 +12,12 @@ pub enum TimeFormat {
     /// `Jan _2 15:04:05.000`
     #[default]
     StampMilli,
+    /// `2006-01-02`
+    YearMonthDay,
+    /// `2006-01-02T15Z07:00` (UTC: `Z`)
+    YearMonthDayHour,
+    /// `2006-01-02T15:04Z07:00`
+    YearMonthDayHourMinute,
     /// `2006-01-02T15:04:05Z`
     Rfc3339,
     /// `2006-01-02T15:04:05.000Z`
@@ -26,8 +32,11 @@ pub enum TimeFormat {
 
 impl TimeFormat {
     /// The CLI's names for the layouts.
-    pub const NAMES: [(&'static str, TimeFormat); 6] = [
+    pub const NAMES: [(&'static str, TimeFormat); 9] = [
         ("StampMilli", TimeFormat::StampMilli),
+        ("YearMonthDay", TimeFormat::YearMonthDay),
+        ("YearMonthDayHour", TimeFormat::YearMonthDayHour),
+        ("YearMonthDayHourMinute", TimeFormat::YearMonthDayHourMinute),
         ("RFC3339", TimeFormat::Rfc3339),
         ("RFC3339Milli", TimeFormat::Rfc3339Milli),
         ("RFC3339Micro", TimeFormat::Rfc3339Micro),
@@ -35,11 +44,11 @@ impl TimeFormat {
         ("RFC1123Z", TimeFormat::Rfc1123Z),
     ];
 
-    /// By the CLI's name (`RFC3339Milli`); `None` for anything else.
+    /// By the CLI's name (`RFC3339Milli`, in any case); `None` for anything else.
     pub fn by_name(name: &str) -> Option<Self> {
         Self::NAMES
             .iter()
-            .find(|(n, _)| *n == name)
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, f)| *f)
     }
 
@@ -65,13 +74,22 @@ impl TimeFormat {
             let date = format!("{y:04}-{m:02}-{day:02}");
             Some(match self {
                 TimeFormat::StampMilli => format!("{month} {day:>2} {hms}.{}", &frac[..3]),
+                TimeFormat::YearMonthDay => date,
+                TimeFormat::YearMonthDayHour => format!("{date}T{}Z", &hms[..2]),
+                TimeFormat::YearMonthDayHourMinute => format!("{date}T{}Z", &hms[..5]),
                 TimeFormat::Rfc3339 => format!("{date}T{hms}Z"),
-                TimeFormat::Rfc3339Milli => format!("{date}T{hms}.{}Z", &frac[..3]),
-                TimeFormat::Rfc3339Micro => format!("{date}T{hms}.{}Z", &frac[..6]),
-                TimeFormat::Rfc3339Nano => match frac[..9].trim_end_matches('0') {
-                    "" => format!("{date}T{hms}Z"),
-                    f => format!("{date}T{hms}.{f}Z"),
-                },
+                // Go's `.999` layouts: trailing zeros (and a bare dot) dropped.
+                TimeFormat::Rfc3339Milli | TimeFormat::Rfc3339Micro | TimeFormat::Rfc3339Nano => {
+                    let digits = match self {
+                        TimeFormat::Rfc3339Milli => 3,
+                        TimeFormat::Rfc3339Micro => 6,
+                        _ => 9,
+                    };
+                    match frac[..digits].trim_end_matches('0') {
+                        "" => format!("{date}T{hms}Z"),
+                        f => format!("{date}T{hms}.{f}Z"),
+                    }
+                }
                 TimeFormat::Rfc1123Z => format!(
                     "{}, {day:02} {month} {y:04} {hms} +0000",
                     weekday(y, m as i64, day as i64)
@@ -82,8 +100,9 @@ impl TimeFormat {
     }
 }
 
-/// How flows are printed: `--time-format` and `--color`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// How flows are printed: `--time-format`, `--color`, `--ip-translation`
+/// (`--numeric`), `--print-policy-names`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Style {
     pub time: TimeFormat,
     /// ANSI colours as the hubble CLI's: hosts cyan, ports yellow,
@@ -91,6 +110,24 @@ pub struct Style {
     /// yellow (audit, traced, translated). The table is never coloured: its
     /// columns are aligned by width.
     pub color: bool,
+    /// Ends named as pods (`ns/pod`) or by their DNS names
+    /// (`source_names`/`destination_names`, what the DNS proxy learned)
+    /// rather than by address.
+    pub ip_translation: bool,
+    /// The verdict followed by ` BY name (Kind), ...`: the policies that
+    /// allowed or denied the flow.
+    pub policy_names: bool,
+}
+
+impl Default for Style {
+    fn default() -> Self {
+        Style {
+            time: TimeFormat::default(),
+            color: false,
+            ip_translation: true,
+            policy_names: false,
+        }
+    }
 }
 
 fn paint(on: bool, code: u8, text: &str) -> String {
@@ -132,18 +169,81 @@ fn identity(ep: &Endpoint, color: bool) -> String {
     paint(color, 35, &text)
 }
 
-fn host(ep: &Endpoint, ip: &str, port: u16, color: bool) -> String {
-    let h = if !ep.pod_name.is_empty() {
+/// One end as hubble names it: `ns/pod`, else its DNS names, else its
+/// address (only the address without IP translation); `:port` when there
+/// is one (an IPv6 address in brackets); MAC addresses for a flow with no
+/// IP layer.
+fn host(f: &Flow, source: bool, port: u16, style: Style) -> String {
+    let (ep, names) = if source {
+        (&f.source, &f.source_names)
+    } else {
+        (&f.destination, &f.destination_names)
+    };
+    let ip = match (&f.ip, &f.ethernet) {
+        (Some(ip), _) => {
+            if source {
+                ip.source.as_str()
+            } else {
+                ip.destination.as_str()
+            }
+        }
+        (None, Some(eth)) => {
+            let mac = if source {
+                &eth.source
+            } else {
+                &eth.destination
+            };
+            return paint(style.color, 36, mac);
+        }
+        (None, None) => "",
+    };
+    let h = if style.ip_translation && !ep.pod_name.is_empty() {
         format!("{}/{}", ep.namespace, ep.pod_name)
+    } else if style.ip_translation && !names.is_empty() {
+        names.join(",")
+    } else if port != 0 && ip.contains(':') {
+        format!("[{ip}]")
     } else {
         ip.to_string()
     };
-    let h = paint(color, 36, &h);
+    let h = paint(style.color, 36, &h);
     if port != 0 {
-        format!("{h}:{}", paint(color, 33, &port.to_string()))
+        format!("{h}:{}", paint(style.color, 33, &port.to_string()))
     } else {
         h
     }
+}
+
+/// ` BY name (Kind), ...` for `--print-policy-names`: the policies that
+/// denied a dropped flow, else those that allowed it.
+fn policy_names(f: &Flow) -> String {
+    let dropped = matches!(&*f.verdict, "DROPPED" | "ERROR");
+    let refs: Vec<&crate::record::SharedPolicyRef> = if dropped {
+        f.egress_denied_by
+            .iter()
+            .chain(&f.ingress_denied_by)
+            .collect()
+    } else {
+        f.egress_allowed_by
+            .iter()
+            .chain(&f.ingress_allowed_by)
+            .collect()
+    };
+    if refs.is_empty() {
+        return String::new();
+    }
+    let names: Vec<String> = refs
+        .iter()
+        .map(|p| {
+            let name = if p.namespace.is_empty() {
+                p.name.clone()
+            } else {
+                format!("{}/{}", p.namespace, p.name)
+            };
+            format!("{name} ({})", p.kind)
+        })
+        .collect();
+    format!(" BY {}", names.join(", "))
 }
 
 fn ports(f: &Flow) -> (u16, u16) {
@@ -212,35 +312,42 @@ pub fn compact_with_node(f: &Flow, style: Style) -> String {
 /// `dict`: one block per flow; replies are not swapped and there are no
 /// identities.
 pub fn dict(f: &Flow, print_node: bool, style: Style) -> String {
-    let (sip, dip) =
-        f.ip.as_ref()
-            .map(|ip| (ip.source.clone(), ip.destination.clone()))
-            .unwrap_or_default();
     let (sport, dport) = ports(f);
     let mut out = format!("  TIMESTAMP: {}\n", style.time.format(&f.time));
     if print_node {
         out.push_str(&format!("       NODE: {}\n", f.node_name));
     }
-    out.push_str(&format!(
-        "     SOURCE: {}\n",
-        host(&f.source, &sip, sport, style.color)
-    ));
-    out.push_str(&format!(
-        "DESTINATION: {}\n",
-        host(&f.destination, &dip, dport, style.color)
-    ));
+    out.push_str(&format!("     SOURCE: {}\n", host(f, true, sport, style)));
+    out.push_str(&format!("DESTINATION: {}\n", host(f, false, dport, style)));
     out.push_str(&format!("       TYPE: {}\n", type_text(f)));
-    out.push_str(&format!(
-        "    VERDICT: {}\n",
-        paint_verdict(style.color, &f.verdict)
-    ));
+    out.push_str(&format!("    VERDICT: {}\n", verdict_text(f, style)));
     out.push_str(&format!("    SUMMARY: {}", f.summary));
     out
 }
 
+/// The verdict as printed: policy-verdict events speak of decisions
+/// (ALLOWED, DENIED, AUDITED), with the policies' names when asked.
+fn verdict_text(f: &Flow, style: Style) -> String {
+    let verdict = match (f.event_type.r#type, &*f.verdict) {
+        (5, "FORWARDED" | "REDIRECTED") => "ALLOWED",
+        (5, "DROPPED" | "ERROR") => "DENIED",
+        (5, "AUDIT") => "AUDITED",
+        (_, v) => v,
+    };
+    let mut text = paint_verdict(style.color, verdict);
+    if style.policy_names {
+        text.push_str(&policy_names(f));
+    }
+    text
+}
+
 /// `table`: aligned columns (tabwriter: min width 2, padding 3), printed
 /// at the end.
-pub fn table(flows: &[Flow], print_node: bool, time: TimeFormat) -> String {
+pub fn table(flows: &[Flow], print_node: bool, style: Style) -> String {
+    let style = Style {
+        color: false,
+        ..style
+    };
     let mut rows: Vec<Vec<String>> = vec![];
     let mut header = vec!["TIMESTAMP"];
     if print_node {
@@ -249,20 +356,16 @@ pub fn table(flows: &[Flow], print_node: bool, time: TimeFormat) -> String {
     header.extend(["SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY"]);
     rows.push(header.into_iter().map(String::from).collect());
     for f in flows {
-        let (sip, dip) =
-            f.ip.as_ref()
-                .map(|ip| (ip.source.clone(), ip.destination.clone()))
-                .unwrap_or_default();
         let (sport, dport) = ports(f);
-        let mut r = vec![time.format(&f.time)];
+        let mut r = vec![style.time.format(&f.time)];
         if print_node {
             r.push(f.node_name.clone());
         }
         r.extend([
-            host(&f.source, &sip, sport, false),
-            host(&f.destination, &dip, dport, false),
+            host(f, true, sport, style),
+            host(f, false, dport, style),
             type_text(f),
-            f.verdict.to_string(),
+            verdict_text(f, style),
             f.summary.clone(),
         ]);
         rows.push(r);
@@ -295,20 +398,12 @@ pub fn table(flows: &[Flow], print_node: bool, time: TimeFormat) -> String {
 }
 
 pub fn compact(f: &Flow, style: Style) -> String {
-    let (sip, dip) =
-        f.ip.as_ref()
-            .map(|ip| (ip.source.clone(), ip.destination.clone()))
-            .unwrap_or_default();
     let (sport, dport) = ports(f);
     let c = style.color;
-    let mut src = format!(
-        "{} {}",
-        host(&f.source, &sip, sport, c),
-        identity(&f.source, c)
-    );
+    let mut src = format!("{} {}", host(f, true, sport, style), identity(&f.source, c));
     let mut dst = format!(
         "{} {}",
-        host(&f.destination, &dip, dport, c),
+        host(f, false, dport, style),
         identity(&f.destination, c)
     );
     let arrow = match f.is_reply {
@@ -319,18 +414,11 @@ pub fn compact(f: &Flow, style: Style) -> String {
         Some(false) => "->",
         None => "<>",
     };
-    // Policy-verdict events speak of decisions, as the CLI prints them.
-    let verdict = match (f.event_type.r#type, &*f.verdict) {
-        (5, "FORWARDED" | "REDIRECTED") => "ALLOWED",
-        (5, "DROPPED" | "ERROR") => "DENIED",
-        (5, "AUDIT") => "AUDITED",
-        (_, v) => v,
-    };
     format!(
         "{}: {src} {arrow} {dst} {} {} ({})",
         style.time.format(&f.time),
         type_text(f),
-        paint_verdict(style.color, verdict),
+        verdict_text(f, style),
         f.summary
     )
 }
@@ -402,7 +490,7 @@ mod tests {
             dict(&f_dict(), false, Style::default()),
             "  TIMESTAMP: Jan 15 10:00:00.123\n     SOURCE: default/xwing-7d9f8b6c5-abcde:43210\nDESTINATION: default/deathstar-6c94dcc57b-xyz12:80\n       TYPE: to-endpoint\n    VERDICT: FORWARDED\n    SUMMARY: TCP Flags: SYN"
         );
-        let t = table(&[f_dict()], false, TimeFormat::StampMilli);
+        let t = table(&[f_dict()], false, Style::default());
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("TIMESTAMP             SOURCE"), "{t}");
         assert!(
@@ -429,20 +517,26 @@ mod tests {
         assert_eq!(f("StampMilli"), "Jan 15 10:00:00.123");
         assert_eq!(f("RFC3339"), "2026-01-15T10:00:00Z");
         assert_eq!(f("RFC3339Milli"), "2026-01-15T10:00:00.123Z");
-        assert_eq!(f("RFC3339Micro"), "2026-01-15T10:00:00.123400Z");
+        // Go's `.999999`: trailing zeros dropped.
+        assert_eq!(f("RFC3339Micro"), "2026-01-15T10:00:00.1234Z");
+        assert_eq!(
+            TimeFormat::Rfc3339Milli.format("2026-01-15T10:00:00Z"),
+            "2026-01-15T10:00:00Z"
+        );
         assert_eq!(f("RFC3339Nano"), "2026-01-15T10:00:00.1234Z");
         assert_eq!(f("RFC1123Z"), "Thu, 15 Jan 2026 10:00:00 +0000");
+        assert_eq!(f("YearMonthDay"), "2026-01-15");
+        assert_eq!(f("YearMonthDayHour"), "2026-01-15T10Z");
+        assert_eq!(f("YearMonthDayHourMinute"), "2026-01-15T10:00Z");
         let whole = TimeFormat::Rfc3339Nano.format("2024-02-29T23:59:59Z");
         assert_eq!(whole, "2024-02-29T23:59:59Z");
         assert_eq!(
             TimeFormat::Rfc1123Z.format("2024-02-29T23:59:59Z"),
             "Thu, 29 Feb 2024 23:59:59 +0000"
         );
-        assert_eq!(
-            TimeFormat::by_name("rfc3339"),
-            None,
-            "exact names, as the CLI"
-        );
+        // hubble lowercases the name before it looks it up.
+        assert_eq!(TimeFormat::by_name("rfc3339"), Some(TimeFormat::Rfc3339));
+        assert_eq!(TimeFormat::by_name("RFC3339Pico"), None);
     }
 
     #[test]
@@ -461,5 +555,59 @@ mod tests {
         assert!(line.contains(" \x1b[32mFORWARDED\x1b[0m ("), "{line}");
         assert!(dict(&f, false, on).contains("VERDICT: \x1b[32mFORWARDED\x1b[0m"));
         assert!(!compact(&f, Style::default()).contains('\x1b'));
+    }
+
+    /// `--ip-translation` (the default) names ends by pod, else by the DNS
+    /// names learned for them; `--numeric` prints addresses; IPv6 with a
+    /// port in brackets; `--print-policy-names` appends who decided.
+    #[test]
+    fn translation_numeric_and_policy_names() {
+        let mut f = f_dict();
+        f.destination = std::sync::Arc::new(crate::record::Endpoint {
+            identity: 2,
+            ..Default::default()
+        });
+        f.destination_names = vec!["cilium.io".into(), "www.cilium.io".into()];
+        let line = compact(&f, Style::default());
+        assert!(
+            line.contains("-> cilium.io,www.cilium.io:80 (world)"),
+            "{line}"
+        );
+        let numeric = Style {
+            ip_translation: false,
+            ..Style::default()
+        };
+        let line = compact(&f, numeric);
+        assert!(
+            line.contains("10.0.1.10:43210 (ID:12345) -> 10.0.2.20:80 (world)"),
+            "{line}"
+        );
+        let mut v6 = f.clone();
+        if let Some(ip) = v6.ip.as_mut() {
+            ip.destination = "fd00::1".into();
+        }
+        v6.destination_names.clear();
+        assert!(compact(&v6, Style::default()).contains("-> [fd00::1]:80 (world)"));
+
+        let mut verdict = f_dict();
+        verdict.event_type.r#type = 5;
+        verdict.ingress_allowed_by = vec![std::sync::Arc::new(crate::record::PolicyRef {
+            name: "allow-web".into(),
+            namespace: "default".into(),
+            kind: "CiliumNetworkPolicy".into(),
+            ..Default::default()
+        })];
+        let names = Style {
+            policy_names: true,
+            ..Style::default()
+        };
+        assert!(compact(&verdict, names)
+            .contains(" ALLOWED BY default/allow-web (CiliumNetworkPolicy) ("));
+        assert!(!compact(&verdict, Style::default()).contains(" BY "));
+        verdict.verdict = "DROPPED".into();
+        assert!(
+            compact(&verdict, names).contains(" DENIED ("),
+            "no denying policy named"
+        );
     }
 }

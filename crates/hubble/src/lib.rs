@@ -6,5 +6,7 @@
 pub mod convert;
 pub mod field_mask;
 pub mod filter;
+pub mod json;
 pub mod limits;
 pub mod server;
+pub mod unix_authority;

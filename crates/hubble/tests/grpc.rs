@@ -1,5 +1,5 @@
 //! The observer API served for real and called with a real gRPC client
-//! (tonic, the project's own protos) over TCP loopback.
+//! (tonic, the project's own protos) over TCP loopback (and, for the authority rewrite, raw HTTP/2 over a Unix socket).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -818,4 +818,116 @@ fn abusive_filters_are_refused_or_cheap() {
         ..Default::default()
     };
     assert!(uuids(&fx.get(filter(stars)).unwrap()).is_empty());
+}
+
+/// A ServerStatus call in raw HTTP/2 over `path`, with `authority` as its
+/// `:authority`: the call's grpc-status, or the code of the stream's reset.
+fn raw_server_status(path: &std::path::Path, authority: &[u8]) -> Result<String, u32> {
+    use std::io::{Read, Write};
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+    let mut conn = std::os::unix::net::UnixStream::connect(path).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let headers: [(&[u8], &[u8]); 6] = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", b"/observer.Observer/ServerStatus"),
+        (b":authority", authority),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ];
+    let block = loona_hpack::Encoder::new().encode(headers);
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    out.extend(frame(0x1, 0x4, 1, &block));
+    out.extend(frame(0x0, 0x1, 1, &[0, 0, 0, 0, 0]));
+    conn.write_all(&out).unwrap();
+    let mut decoder = loona_hpack::Decoder::new();
+    let mut fields = Vec::new();
+    loop {
+        let mut head = [0u8; 9];
+        conn.read_exact(&mut head).unwrap();
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        conn.read_exact(&mut payload).unwrap();
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        match (head[3], stream) {
+            (0x3, 1) => return Err(u32::from_be_bytes(payload[..4].try_into().unwrap())),
+            (0x1, 1) => {
+                fields.extend(decoder.decode(&payload).unwrap());
+                if head[4] & 0x1 != 0 {
+                    let status = fields.iter().find(|(n, _)| n == b"grpc-status");
+                    return Ok(String::from_utf8_lossy(&status.unwrap().1).into_owned());
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// grpc-java sends the socket's path as the authority, grpcio (since 1.57)
+/// the path percent-encoded: on the Unix socket, behind `UnixAuthority`,
+/// both are served, where the HTTP/2 server alone resets the stream.
+#[test]
+fn a_socket_path_as_authority_is_served_on_the_unix_socket() {
+    use fibril_hubble::unix_authority::UnixAuthority;
+    let fx = fixture(15, 3);
+    let dir = std::env::temp_dir().join(test_support::unique_name("fibril-uds"));
+    std::fs::create_dir_all(&dir).unwrap();
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            std::fs::remove_dir_all(&self.0).ok();
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
+    let serve = |name: &str, wrap: bool| {
+        let path = dir.join(name);
+        let _guard = fx.rt.enter();
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let b = fx.backend.clone();
+        fx.rt.spawn(async move {
+            let accepted = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            let router = server::router_plain(b, Limits::default()).await;
+            if wrap {
+                let wrapped = tokio_stream::StreamExt::map(accepted, |c| c.map(UnixAuthority::new));
+                router
+                    .serve_with_incoming(fibril_hubble::limits::incoming(
+                        wrapped,
+                        Limits::default(),
+                    ))
+                    .await
+            } else {
+                router
+                    .serve_with_incoming(fibril_hubble::limits::incoming(
+                        accepted,
+                        Limits::default(),
+                    ))
+                    .await
+            }
+        });
+        path
+    };
+    let bare = serve("bare.sock", false);
+    let fixed = serve("fixed.sock", true);
+    let path = fixed.to_str().unwrap().as_bytes().to_vec();
+    let encoded = fixed.to_str().unwrap().replace('/', "%2F").into_bytes();
+    for authority in [&path[..], &encoded[..], b"localhost", b"127.0.0.1:4245"] {
+        let shown = String::from_utf8_lossy(authority);
+        assert_eq!(
+            raw_server_status(&fixed, authority),
+            Ok("0".into()),
+            "{shown}"
+        );
+    }
+    // The same requests without it: h2 resets them (PROTOCOL_ERROR).
+    assert_eq!(raw_server_status(&bare, &path), Err(1));
+    assert_eq!(raw_server_status(&bare, &encoded), Err(1));
+    assert_eq!(raw_server_status(&bare, b"localhost"), Ok("0".into()));
 }
