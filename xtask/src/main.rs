@@ -11,6 +11,8 @@
 //!   GetFlows throughput;
 //!   datapath request/response rate and throughput against bare veth, with
 //!   and without 10,000 policy entries.
+//! - `layering`: the check `test` makes that `policy`, `flow` and `abi` pull
+//!   in no aya, tokio, tonic, hyper, h2 or prost.
 //! - `ci`:    what `.ci/run` runs (= test).
 #![forbid(unsafe_code)]
 
@@ -122,6 +124,7 @@ fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    layering()?;
     // Lab tests run the binaries next to the test executables.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     let (passed, failed) = cargo_test()?;
@@ -131,6 +134,56 @@ fn test() -> anyhow::Result<()> {
     if failed > 0 || passed == 0 {
         bail!("{failed} tests failed, {passed} passed");
     }
+    Ok(())
+}
+
+/// The pure crates stay pure: what `policy`, `flow`, `abi` (without its
+/// `aya` feature) and `netns` pull in, transitively, has no eBPF loader,
+/// async runtime or gRPC stack, so the kernel's and the API's concerns
+/// cannot leak into the policy model or the flow type; and no crate but
+/// `datapath` (and the agent through it) links aya.
+fn layering() -> anyhow::Result<()> {
+    const PURE: [&str; 4] = ["fibril-policy", "fibril-flow", "fibril-abi", "fibril-netns"];
+    const FORBIDDEN: [&str; 6] = ["aya", "tokio", "tonic", "hyper", "h2", "prost"];
+    // Only the datapath (and the agent, through it) links the eBPF loader.
+    const NO_AYA: [&str; 6] = [
+        "fibril-cli",
+        "fibril-cni",
+        "fibril-hubble",
+        "fibril-api",
+        "fibril-proxy",
+        "fibril-echo",
+    ];
+    let checks = PURE
+        .iter()
+        .map(|k| (*k, &FORBIDDEN[..]))
+        .chain(NO_AYA.iter().map(|k| (*k, &FORBIDDEN[..1])));
+    for (krate, forbidden) in checks {
+        let out = Command::new(env!("CARGO"))
+            .args(["tree", "-p", krate, "-e", "normal", "--prefix", "none"])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "cargo tree -p {krate}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let tree = String::from_utf8_lossy(&out.stdout);
+        let pulled: std::collections::BTreeSet<&str> = tree
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|name| forbidden.contains(name))
+            .collect();
+        if !pulled.is_empty() {
+            bail!("{krate} depends on {pulled:?}: see the layering rule in xtask (layering())");
+        }
+    }
+    println!(
+        "layering: {} depend on none of {}; {} not on aya",
+        PURE.join(", "),
+        FORBIDDEN.join(", "),
+        NO_AYA.join(", ")
+    );
     Ok(())
 }
 
@@ -322,6 +375,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        _ => bail!("usage: cargo xtask <deps|test|demo [--keep]|bench [--seconds N] [--only policy|flows|packet|datapath|l7]|ci>"),
+        Some("layering") => layering(),
+        _ => bail!("usage: cargo xtask <deps|test|layering|demo [--keep]|bench [--seconds N] [--only policy|flows|packet|datapath|l7]|ci>"),
     }
 }

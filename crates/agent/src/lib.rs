@@ -21,7 +21,8 @@ use std::time::Instant;
 use api::{
     AddResult, Attachment, AttachmentId, EndpointInfo, IdentityInfo, Request, Response, StatusInfo,
 };
-use datapath::{net, Datapath};
+use datapath::Datapath;
+use netns as net;
 use policy::labels::{pod_identity_labels, PodMeta};
 
 use crate::observer::Observer;

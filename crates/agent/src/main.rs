@@ -112,8 +112,8 @@ fn previous_proxy_port(args: &Args) -> u16 {
     if args.proxy_port != 0 {
         return args.proxy_port;
     }
-    let record = args.state_dir.join(datapath::net::PROXY_ROUTING_FILE);
-    datapath::net::read_proxy_routing(&record).map_or(0, |(_, table)| (table & 0xffff) as u16)
+    let record = args.state_dir.join(netns::PROXY_ROUTING_FILE);
+    netns::read_proxy_routing(&record).map_or(0, |(_, table)| (table & 0xffff) as u16)
 }
 
 /// Runs the DNS proxy on tokio runtimes of its own (HTTP is the

@@ -28,12 +28,7 @@ impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        datapath::net::proxy_routing_forget(
-            &self
-                .dir
-                .join("state")
-                .join(datapath::net::PROXY_ROUTING_FILE),
-        );
+        netns::proxy_routing_forget(&self.dir.join("state").join(netns::PROXY_ROUTING_FILE));
         datapath::Datapath::unpin_all(&self.bpf);
         std::fs::remove_dir_all(&self.dir).ok();
     }
@@ -426,7 +421,7 @@ fn names_enter_only_as_kubernetes_admits_them() {
         "not a DNS-1123 label",
     );
     let netns = test_support::unique_name("fibril-names-");
-    datapath::net::create_netns(&netns).unwrap();
+    netns::create_netns(&netns).unwrap();
     let add = call(api::Request::EndpointAdd(api::Attachment {
         container_id: "c1".into(),
         ifname: "eth0".into(),
@@ -434,7 +429,7 @@ fn names_enter_only_as_kubernetes_admits_them() {
         namespace: "Shop".into(),
         pod: "web".into(),
     }));
-    datapath::net::delete_netns(&netns);
+    netns::delete_netns(&netns);
     assert!(
         matches!(&add, Err(api::ClientError::Agent(m)) if m.contains("namespace \"Shop\"")),
         "{add:?}"

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use datapath::net;
+use netns as net;
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_LAB: &str = include_str!("../../../labs/default.yaml");
@@ -173,14 +173,14 @@ pub fn bpf_dir(lab: &str) -> PathBuf {
 /// in it, and the agent's L7 proxy shortcut covers it (`--cgroup-root`).
 /// None without a cgroup v2 hierarchy.
 pub fn cgroup_dir(lab: &str) -> Option<PathBuf> {
-    Some(datapath::shortcut::cgroup2_mount()?.join(format!("fibril-{lab}")))
+    Some(netns::cgroup::cgroup2_mount()?.join(format!("fibril-{lab}")))
 }
 
 /// Makes `cmd` start inside the lab's cgroup (when it has one), before it
 /// can open a socket.
 fn in_lab_cgroup(cmd: &mut std::process::Command, lab: &str) {
     if let Some(dir) = cgroup_dir(lab).filter(|d| d.exists()) {
-        datapath::shortcut::start_in_cgroup(cmd, &dir);
+        netns::cgroup::start_in_cgroup(cmd, &dir);
     }
 }
 
@@ -834,7 +834,8 @@ pub fn down(lab: &str) -> anyhow::Result<()> {
         // If the agent was gone, the host side of the veth may remain.
         net::delete_link(&api::host_ifname(&p.container_id, "eth0"));
     }
-    datapath::Datapath::unpin_all(&bpf_dir(lab));
+    // The agent's pinned maps and links: the lab's own bpffs directory.
+    std::fs::remove_dir_all(bpf_dir(lab)).ok();
     remove_cgroup(lab);
     std::fs::remove_dir_all(lab_dir(lab)).ok();
     Ok(())

@@ -59,7 +59,7 @@ impl Env {
         };
         for _ in 0..200 {
             if api::call(&env.socket(), &api::Request::Status).is_ok() {
-                datapath::net::create_netns(&env.netns).unwrap();
+                netns::create_netns(&env.netns).unwrap();
                 return env;
             }
             std::thread::sleep(Duration::from_millis(25));
@@ -96,13 +96,8 @@ impl Drop for Env {
         let _ = api::call(&self.socket(), &api::Request::EndpointGc { valid: vec![] });
         let _ = self.agent.kill();
         let _ = self.agent.wait();
-        datapath::net::proxy_routing_forget(
-            &self
-                .dir
-                .join("state")
-                .join(datapath::net::PROXY_ROUTING_FILE),
-        );
-        datapath::net::delete_netns(&self.netns);
+        netns::proxy_routing_forget(&self.dir.join("state").join(netns::PROXY_ROUTING_FILE));
+        netns::delete_netns(&self.netns);
         datapath::Datapath::unpin_all(&self.bpf);
         std::fs::remove_dir_all(&self.dir).ok();
     }

@@ -5,7 +5,6 @@
 //! names, makes BPF syscalls or changes links and namespaces.
 
 pub mod events;
-pub mod net;
 pub mod shortcut;
 
 use std::net::Ipv4Addr;
@@ -622,7 +621,7 @@ fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
         })
         .unwrap_or(false);
     if !mounted && dir.starts_with(root) {
-        net::run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]).map_err(|e| Error::PinDir {
+        netns::run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]).map_err(|e| Error::PinDir {
             path: root.into(),
             source: std::io::Error::other(e.to_string()),
         })?;

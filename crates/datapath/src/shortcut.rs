@@ -4,7 +4,7 @@
 //! server) instead of crossing the TCP/IP stack and the veth. Handshakes and
 //! policy stay on the packet path.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use aya::maps::{MapData, PerCpuArray, SockHash};
 use aya::programs::{CgroupAttachMode, SkMsg, SockOps};
@@ -91,39 +91,5 @@ impl ProxyShortcut {
             redirected: at(abi::SOCKMAP_STAT_REDIRECTED),
             plain: at(abi::SOCKMAP_STAT_PLAIN),
         }
-    }
-}
-
-/// The cgroup v2 hierarchy's mount point (`/sys/fs/cgroup` on unified
-/// hosts, `/sys/fs/cgroup/unified` on hybrid ones), if mounted.
-pub fn cgroup2_mount() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(dir))
-    })
-}
-
-/// Makes `cmd` start as a member of the cgroup `dir` (before it runs any of
-/// its own code, so every socket it opens belongs to that cgroup).
-pub fn start_in_cgroup(cmd: &mut std::process::Command, dir: &Path) {
-    use std::os::unix::process::CommandExt;
-    let Ok(procs) = std::ffi::CString::new(dir.join("cgroup.procs").as_os_str().as_encoded_bytes())
-    else {
-        return;
-    };
-    // SAFETY: between fork and exec the closure only makes raw syscalls
-    // (open, write, close) on memory prepared before the fork; writing "0"
-    // to cgroup.procs moves the writing process itself.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd >= 0 {
-                libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-            }
-            Ok(())
-        });
     }
 }

@@ -486,6 +486,50 @@ pub fn drop_reason_name(code: u8) -> &'static str {
     }
 }
 
+/// Hubble's name (`flow.Verdict`) of a datapath verdict.
+pub fn verdict_name(v: u8) -> &'static str {
+    match v {
+        verdict::FORWARDED => "FORWARDED",
+        verdict::DROPPED => "DROPPED",
+        verdict::AUDIT => "AUDIT",
+        _ => "VERDICT_UNKNOWN",
+    }
+}
+
+/// Hubble's name (`flow.TraceObservationPoint`) of a trace point; `""`
+/// for one the datapath does not define.
+pub fn trace_point_name(point: u8) -> &'static str {
+    match TracePoint::from_u8(point) {
+        Some(TracePoint::ToLxc) => "TO_ENDPOINT",
+        Some(TracePoint::FromLxc) => "FROM_ENDPOINT",
+        Some(TracePoint::ToStack) => "TO_STACK",
+        Some(TracePoint::ToHost) => "TO_HOST",
+        Some(TracePoint::ToProxy) => "TO_PROXY",
+        Some(TracePoint::ToOverlay) => "TO_OVERLAY",
+        None => "",
+    }
+}
+
+/// Hubble's name (`flow.TraceReason`) of a conntrack state; `""` if none.
+pub fn trace_reason_name(state: u8) -> &'static str {
+    match state {
+        ct_state::NEW => "NEW",
+        ct_state::ESTABLISHED => "ESTABLISHED",
+        ct_state::REPLY => "REPLY",
+        ct_state::RELATED => "RELATED",
+        _ => "",
+    }
+}
+
+/// Hubble's name (`flow.TrafficDirection`) of a datapath direction.
+pub fn direction_name(d: u8) -> &'static str {
+    match d {
+        1 => "INGRESS",
+        2 => "EGRESS",
+        _ => "",
+    }
+}
+
 /// The text the CLI prints for a drop reason (Cilium's drop table).
 pub fn drop_reason_text(name: &str) -> &'static str {
     match name {
@@ -670,28 +714,15 @@ pub fn from_event(
     let (verdict_name, drop_desc) = if is_drop || denied_verdict {
         ("DROPPED", drop_reason_name(e.subtype))
     } else {
-        let v = match e.verdict {
-            verdict::FORWARDED => "FORWARDED",
-            verdict::DROPPED => "DROPPED",
-            verdict::AUDIT => "AUDIT",
-            _ => "VERDICT_UNKNOWN",
-        };
-        (v, "")
+        (verdict_name(e.verdict), "")
     };
     let (point, sub_type) = if is_drop {
         ("", e.subtype as i32)
     } else if e.r#type == EventType::PolicyVerdict as u8 {
         ("", 0)
     } else {
-        match TracePoint::from_u8(e.subtype) {
-            Some(TracePoint::ToLxc) => ("TO_ENDPOINT", 0),
-            Some(TracePoint::FromLxc) => ("FROM_ENDPOINT", 5),
-            Some(TracePoint::ToStack) => ("TO_STACK", 3),
-            Some(TracePoint::ToHost) => ("TO_HOST", 2),
-            Some(TracePoint::ToProxy) => ("TO_PROXY", 1),
-            Some(TracePoint::ToOverlay) => ("TO_OVERLAY", 4),
-            None => ("", e.subtype as i32),
-        }
+        // Hubble's sub_type of a trace event is the datapath's point.
+        (trace_point_name(e.subtype), e.subtype as i32)
     };
     // Attribution: the rule that decided a new connection or a drop.
     let mut attribution: [Vec<SharedPolicyRef>; 4] = Default::default();
@@ -712,18 +743,8 @@ pub fn from_event(
         attribution[slot].push(p);
     }
     let [egress_allowed_by, ingress_allowed_by, egress_denied_by, ingress_denied_by] = attribution;
-    let trace_reason = match e.ct_state {
-        ct_state::NEW => "NEW",
-        ct_state::ESTABLISHED => "ESTABLISHED",
-        ct_state::REPLY => "REPLY",
-        ct_state::RELATED => "RELATED",
-        _ => "",
-    };
-    let direction = match e.direction {
-        1 => "INGRESS",
-        2 => "EGRESS",
-        _ => "",
-    };
+    let trace_reason = trace_reason_name(e.ct_state);
+    let direction = direction_name(e.direction);
     Flow {
         time: rfc3339(unix_ns),
         uuid,

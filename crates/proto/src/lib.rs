@@ -1,6 +1,7 @@
 //! Generated code for Fibril's Hubble-compatible gRPC API. The `.proto` files
 //! in `proto/` are the contract; nothing but generated code lives here.
 #![allow(clippy::all, missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod flow {
     tonic::include_proto!("flow");

@@ -5,6 +5,7 @@
 //! the server's ingress), answers refused ones with `403 Access denied` on a
 //! connection that stays usable, forwards the rest from the client's own
 //! address, and reports each request and response as an L7 flow.
+#![forbid(unsafe_code)]
 
 pub mod dns;
 pub mod http;

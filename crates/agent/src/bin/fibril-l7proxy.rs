@@ -1,5 +1,6 @@
 //! fibril-l7proxy: the HTTP proxy as a process of its own, started by the
 //! agent and outliving it (see `fibril_agent::l7proxy`).
+#![forbid(unsafe_code)]
 
 use clap::Parser;
 

@@ -19,9 +19,19 @@ pub struct Server {
 
 impl Server {
     /// Starts `fibril-echo <command> --port P <extra...>` and waits for it
-    /// to listen.
+    /// to listen. The port is found free, then released for the server: if
+    /// another process takes it in between (tests run side by side), the
+    /// server cannot bind and is started again on another.
     pub fn start(command: &str, extra: &[&str]) -> Server {
-        // A free port: bound, then released for the server.
+        for _ in 0..5 {
+            if let Some(server) = Self::try_start(command, extra) {
+                return server;
+            }
+        }
+        panic!("fibril-echo {command} did not start listening in 5 tries");
+    }
+
+    fn try_start(command: &str, extra: &[&str]) -> Option<Server> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -42,10 +52,11 @@ impl Server {
                 }
             }
         });
+        // Dropped (killed) if it does not come up.
         let server = Server { child, port, lines };
-        let first = server.lines.recv_timeout(Duration::from_secs(5)).unwrap();
+        let first = server.lines.recv_timeout(Duration::from_secs(5)).ok()?;
         assert!(first.starts_with("listening"), "{first}");
-        server
+        Some(server)
     }
 
     /// The log lines that came so far (waiting `settle` for more).

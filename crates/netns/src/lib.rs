@@ -1,7 +1,12 @@
-//! Links, addresses, routes and network namespaces, through iproute2.
+//! Links, addresses, routes and network namespaces, through iproute2, and
+//! cgroup membership: what the agent (endpoints, proxy routing) and the lab
+//! runtime (pods, nodes) share. No eBPF here: only `datapath` links aya.
 //!
 //! Shelling out to `ip` keeps this process free of fork-in-a-threaded-process
 //! hazards (a child execs at once) and of setns on shared worker threads.
+//! The one unsafe block (`cgroup::start_in_cgroup`'s pre-exec hook) is why
+//! this crate denies rather than forbids unsafe code.
+#![deny(unsafe_code)]
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -358,5 +363,46 @@ mod tests {
         );
         assert!(parse_mac("ip", "no mac here").is_err());
         assert!(parse_mac("ip", "link/ether zz:1b").is_err());
+    }
+}
+
+/// Cgroup v2 membership for processes a runtime starts.
+pub mod cgroup {
+    use std::path::{Path, PathBuf};
+
+    /// The cgroup v2 hierarchy's mount point (`/sys/fs/cgroup` on unified
+    /// hosts, `/sys/fs/cgroup/unified` on hybrid ones), if mounted.
+    pub fn cgroup2_mount() -> Option<PathBuf> {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+        mounts.lines().find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dir))
+        })
+    }
+
+    /// Makes `cmd` start as a member of the cgroup `dir` (before it runs any of
+    /// its own code, so every socket it opens belongs to that cgroup).
+    #[allow(unsafe_code)]
+    pub fn start_in_cgroup(cmd: &mut std::process::Command, dir: &Path) {
+        use std::os::unix::process::CommandExt;
+        let Ok(procs) =
+            std::ffi::CString::new(dir.join("cgroup.procs").as_os_str().as_encoded_bytes())
+        else {
+            return;
+        };
+        // SAFETY: between fork and exec the closure only makes raw syscalls
+        // (open, write, close) on memory prepared before the fork; writing "0"
+        // to cgroup.procs moves the writing process itself.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd >= 0 {
+                    libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                }
+                Ok(())
+            });
+        }
     }
 }
