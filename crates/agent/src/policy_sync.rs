@@ -15,7 +15,8 @@ use policy::{Direction, EndpointPolicy, Engine, LabelSet, Origin};
 use crate::state::State;
 use crate::Error;
 
-type MapKey = (u32, PolicyKeyData);
+/// A policy-map key with its LPM prefix length.
+pub type MapKey = (u32, PolicyKeyData);
 
 /// Entries one endpoint may hold (Cilium's `bpf-policy-map-max`).
 pub const MAX_ENTRIES_PER_ENDPOINT: usize = 16384;
@@ -89,54 +90,7 @@ impl PolicySync {
         ep_id: u32,
         computed: &EndpointPolicy,
     ) -> (BTreeMap<MapKey, PolicyValue>, u32) {
-        let mut wanted = BTreeMap::new();
-        for (k, v) in &computed.entries {
-            let prefix = k.proto_port_prefix();
-            let key = PolicyKeyData {
-                ep_id: ep_id.to_be(),
-                identity: k.identity.to_be(),
-                direction: match k.direction {
-                    Direction::Ingress => abi::Direction::Ingress as u8,
-                    Direction::Egress => abi::Direction::Egress as u8,
-                },
-                protocol: k.protocol,
-                dport: k.port.to_be(),
-            };
-            let mut flags = 0;
-            if v.deny {
-                flags |= POLICY_F_DENY;
-            }
-            if v.audit {
-                flags |= POLICY_F_AUDIT;
-            }
-            // HTTP rules send the connection to the L7 proxy, DNS rules to
-            // the DNS proxy; kafka/l7proto are not enforced yet (import
-            // warns) and allow at L4.
-            match v.l7 {
-                Some(policy::L7::Http(_)) => flags |= POLICY_F_REDIRECT,
-                Some(policy::L7::Dns(_)) => flags |= abi::POLICY_F_REDIRECT_DNS,
-                _ => {}
-            }
-            let value = PolicyValue {
-                cookie: self.cookie(&v.origin),
-                flags,
-                prefix,
-                pad: 0,
-            };
-            wanted.insert((POLICY_STATIC_PREFIX_BITS + prefix as u32, key), value);
-        }
-        let mut flags = 0;
-        for (on, flag) in [
-            (computed.ingress_enforced, EP_F_INGRESS_ENFORCED),
-            (computed.egress_enforced, EP_F_EGRESS_ENFORCED),
-            (computed.ingress_audit, EP_F_INGRESS_AUDIT),
-            (computed.egress_audit, EP_F_EGRESS_AUDIT),
-        ] {
-            if on {
-                flags |= flag;
-            }
-        }
-        (wanted, flags)
+        map_entries(ep_id, computed, |o| self.cookie(o))
     }
 
     /// Brings the kernel in line with `state`, touching only endpoints whose
@@ -241,6 +195,64 @@ impl PolicySync {
         self.engine = Some(engine);
         Ok(rewritten)
     }
+}
+
+/// The kernel's form of one endpoint's computed policy: its policy-map
+/// entries (keyed by LPM prefix length and key) and its endpoint flags
+/// (`EP_F_*`); `cookie` names each rule for flow attribution.
+pub fn map_entries(
+    ep_id: u32,
+    computed: &EndpointPolicy,
+    mut cookie: impl FnMut(&Origin) -> u32,
+) -> (BTreeMap<MapKey, PolicyValue>, u32) {
+    let mut wanted = BTreeMap::new();
+    for (k, v) in &computed.entries {
+        let prefix = k.proto_port_prefix();
+        let key = PolicyKeyData {
+            ep_id: ep_id.to_be(),
+            identity: k.identity.to_be(),
+            direction: match k.direction {
+                Direction::Ingress => abi::Direction::Ingress as u8,
+                Direction::Egress => abi::Direction::Egress as u8,
+            },
+            protocol: k.protocol,
+            dport: k.port.to_be(),
+        };
+        let mut flags = 0;
+        if v.deny {
+            flags |= POLICY_F_DENY;
+        }
+        if v.audit {
+            flags |= POLICY_F_AUDIT;
+        }
+        // HTTP rules send the connection to the L7 proxy, DNS rules to
+        // the DNS proxy; kafka/l7proto are not enforced yet (import
+        // warns) and allow at L4.
+        match v.l7 {
+            Some(policy::L7::Http(_)) => flags |= POLICY_F_REDIRECT,
+            Some(policy::L7::Dns(_)) => flags |= abi::POLICY_F_REDIRECT_DNS,
+            _ => {}
+        }
+        let value = PolicyValue {
+            cookie: cookie(&v.origin),
+            flags,
+            prefix,
+            pad: 0,
+        };
+        wanted.insert((POLICY_STATIC_PREFIX_BITS + prefix as u32, key), value);
+    }
+    let mut flags = 0;
+    for (on, flag) in [
+        (computed.ingress_enforced, EP_F_INGRESS_ENFORCED),
+        (computed.egress_enforced, EP_F_EGRESS_ENFORCED),
+        (computed.ingress_audit, EP_F_INGRESS_AUDIT),
+        (computed.egress_audit, EP_F_EGRESS_AUDIT),
+    ] {
+        if on {
+            flags |= flag;
+        }
+    }
+    (wanted, flags)
 }
 
 #[cfg(test)]
