@@ -1359,3 +1359,151 @@ policies:
     assert!(!ok, "a refused port got the datagram");
     assert!(!log("other").contains("datagram of"), "{}", log("other"));
 }
+
+/// The real hubble CLI (v1.19.4, built from the Go module proxy by `cargo
+/// xtask deps`) against a lab's agent, unmodified: status, nodes,
+/// namespaces, and `observe` printing exactly what `fibril observe` prints
+/// for the same flows, with filters, policy verdicts and JSON.
+#[test]
+fn the_real_hubble_cli_reads_the_lab() {
+    let hubble = test_support::hubble_cli();
+    let lab = Lab::default_lab();
+    wait_until("backend to listen", || {
+        lab.backend_log().contains("listening")
+    });
+    assert!(lab.get("frontend", "3"));
+    assert!(!lab.get("other-client", "1"));
+    wait_until("the drop flow", || {
+        lab.flows().iter().any(|f| f["verdict"] == "DROPPED")
+    });
+    let addr = std::fs::read_to_string(format!("/run/fibril/labs/{}/state/hubble.addr", lab.name))
+        .unwrap();
+    let server = addr.trim().to_string();
+    let real = |args: &[&str]| -> String {
+        let out = Command::new(&hubble)
+            .args(args)
+            .args(["--server", &server])
+            .env("HOME", "/nonexistent") // no user config of the machine's
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "hubble {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    let status = real(&["status"]);
+    assert!(
+        status.contains(&format!("Healthcheck (via {server}): Ok")),
+        "{status}"
+    );
+    assert!(status.contains("Current/Max Flows:"), "{status}");
+    let nodes = real(&["list", "nodes"]);
+    assert!(nodes.contains("Connected"), "{nodes}");
+    let namespaces = real(&["list", "namespaces"]);
+    assert!(namespaces.contains("microservices"), "{namespaces}");
+
+    // The same flows, printed by both CLIs, line for line: `--until` pins
+    // the window so flows arriving in between cannot differ. The real CLI
+    // is asked for whole flows: its default field mask (compact output)
+    // leaves out `traffic_direction` and `policy_match_type`, which its
+    // own printer needs for policy verdicts (checked below).
+    let stamp = {
+        let out = lab.fibril(&["observe", "--last", "1", "-o", "json"]);
+        let v: Value =
+            serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap())
+                .unwrap();
+        v["time"].as_str().unwrap().to_string()
+    };
+    for args in [
+        vec!["observe", "--all", "--until", stamp.as_str()],
+        vec![
+            "observe",
+            "--all",
+            "--until",
+            stamp.as_str(),
+            "--verdict",
+            "DROPPED",
+        ],
+        vec![
+            "observe",
+            "--all",
+            "--until",
+            stamp.as_str(),
+            "-t",
+            "policy-verdict",
+        ],
+        vec![
+            "observe",
+            "--all",
+            "--until",
+            stamp.as_str(),
+            "--to-pod",
+            "microservices/backend",
+            "-o",
+            "dict",
+        ],
+        vec![
+            "observe",
+            "--all",
+            "--until",
+            stamp.as_str(),
+            "--not",
+            "--namespace",
+            "microservices",
+        ],
+    ] {
+        let theirs = real(&[&args[..], &["--use-default-field-masks=false"]].concat());
+        let ours = lab.fibril(&args);
+        assert!(ours.status.success(), "{args:?}");
+        assert_eq!(String::from_utf8_lossy(&ours.stdout), theirs, "{args:?}");
+        if !args.contains(&"--not") {
+            assert!(!theirs.is_empty(), "{args:?} printed nothing");
+        }
+    }
+    let verdicts = real(&[
+        "observe",
+        "--all",
+        "-t",
+        "policy-verdict",
+        "--use-default-field-masks=false",
+    ]);
+    assert!(
+        verdicts.contains("policy-verdict:none INGRESS DENIED"),
+        "{verdicts}"
+    );
+    assert!(
+        verdicts.contains("policy-verdict:L3-L4 INGRESS ALLOWED"),
+        "{verdicts}"
+    );
+    // With its default mask the server sends only the 20 fields the CLI
+    // names, as Hubble does: the direction is not among them.
+    let masked = real(&["observe", "--all", "-t", "policy-verdict"]);
+    assert!(
+        masked.contains("policy-verdict:none TRAFFIC_DIRECTION_UNKNOWN DENIED"),
+        "{masked}"
+    );
+
+    // JSON: each line the real CLI prints decodes, and names the lab's pods.
+    let json = real(&[
+        "observe",
+        "--all",
+        "-o",
+        "jsonpb",
+        "--from-pod",
+        "microservices/frontend",
+    ]);
+    let lines: Vec<Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!lines.is_empty());
+    assert!(
+        lines
+            .iter()
+            .all(|v| v["flow"]["source"]["pod_name"] == "frontend"),
+        "{json}"
+    );
+}

@@ -233,3 +233,43 @@ mod tests {
         assert!(a.len() <= 15);
     }
 }
+
+/// Where built third-party programs are cached (`$XDG_CACHE_HOME/fibril`,
+/// else `~/.cache/fibril`), keyed by version; `cargo xtask deps` fills it.
+pub fn cache_dir() -> std::path::PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| std::path::PathBuf::from("/var/cache"))
+        .join("fibril")
+}
+
+/// The real hubble CLI (`HUBBLE_CLI`, else the one `cargo xtask deps`
+/// built for the version `tools/hubble-cli/go.mod` names). Panics with
+/// what to run when it is absent.
+pub fn hubble_cli() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("HUBBLE_CLI") {
+        return p.into();
+    }
+    let go_mod =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/hubble-cli/go.mod");
+    let text = std::fs::read_to_string(&go_mod).expect("tools/hubble-cli/go.mod");
+    let version = text
+        .lines()
+        .find_map(|l| {
+            // `require github.com/cilium/hubble vX` or a line of a block.
+            let l = l.trim().trim_start_matches("require ").trim();
+            l.strip_prefix("github.com/cilium/hubble ")?
+                .split_whitespace()
+                .next()
+        })
+        .expect("tools/hubble-cli/go.mod names the hubble version")
+        .trim();
+    let path = cache_dir().join(format!("hubble-{version}")).join("hubble");
+    assert!(
+        path.exists(),
+        "the real hubble CLI is not built: run `cargo xtask deps` (it builds {})",
+        path.display()
+    );
+    path
+}
