@@ -20,7 +20,7 @@ impl hubble::server::Backend for HubbleBackend {
         self.agent.observer.flows().next_seq()
     }
 
-    fn read(&self, seq: u64, wait: Duration) -> (u64, Vec<Arc<flow::Flow>>, u64) {
+    fn read(&self, seq: u64, wait: Duration) -> (u64, Vec<Arc<hubble::entry::FlowEntry>>, u64) {
         self.agent.observer.read(seq, wait)
     }
 

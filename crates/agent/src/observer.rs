@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flow::record::{from_event, Enricher};
-use flow::{Endpoint, Flow};
+use flow::Endpoint;
+use hubble::entry::FlowEntry;
 
 use crate::EndpointIndex;
 
@@ -28,7 +29,7 @@ const L7_KEPT_CAPACITY: usize = 4096;
 struct L7Queue(std::sync::Mutex<Vec<flow::record::L7Record>>);
 
 pub struct Observer {
-    flows: flow::ring::Shared<Arc<Flow>>,
+    flows: flow::ring::Shared<Arc<FlowEntry>>,
     /// Hubble's flow metrics, counted as flows arrive.
     pub metrics: flow::metrics::Counters,
     node: String,
@@ -153,7 +154,7 @@ impl Observer {
         (len, seen)
     }
 
-    pub fn flows(&self) -> &flow::ring::Shared<Arc<Flow>> {
+    pub fn flows(&self) -> &flow::ring::Shared<Arc<FlowEntry>> {
         &self.flows
     }
 
@@ -162,7 +163,7 @@ impl Observer {
     }
 
     /// Counts and stores a batch (one lock and one reader wake-up).
-    fn push_batch(&self, batch: &mut Vec<Arc<Flow>>) {
+    fn push_batch(&self, batch: &mut Vec<Arc<FlowEntry>>) {
         for f in batch.iter() {
             self.metrics.observe(f);
         }
@@ -192,7 +193,7 @@ impl Observer {
         &self,
         sources: &Sources,
         spares: &mut [Vec<flow::record::L7Record>; L7_QUEUES],
-        out: &mut Vec<Arc<Flow>>,
+        out: &mut Vec<Arc<FlowEntry>>,
     ) {
         for (queue, spare) in self.l7_pending.iter().zip(spares.iter_mut()) {
             std::mem::swap(
@@ -203,9 +204,9 @@ impl Observer {
         in_time_order(spares, |r| {
             let n = self.uuid_counter.fetch_add(1, Ordering::Relaxed);
             let uuid = flow::text::flow_uuid(r.unix_ns as u32, 7, n);
-            out.push(Arc::new(flow::record::from_l7(
+            out.push(Arc::new(FlowEntry::new(flow::record::from_l7(
                 r, uuid, &self.node, sources,
-            )));
+            ))));
         });
         for spare in spares {
             // A burst's capacity is not kept.
@@ -226,7 +227,7 @@ impl Observer {
 
     /// Flows from `seq` on (waiting up to `wait` for new ones when there
     /// are none), with the count lost to overwrites.
-    pub fn read(&self, seq: u64, wait: Duration) -> (u64, Vec<Arc<Flow>>, u64) {
+    pub fn read(&self, seq: u64, wait: Duration) -> (u64, Vec<Arc<FlowEntry>>, u64) {
         self.flows.read(seq, wait)
     }
 
@@ -251,7 +252,7 @@ impl Observer {
                 let n = self.uuid_counter.fetch_add(1, Ordering::Relaxed);
                 let uuid = flow::text::flow_uuid(offset as u32, 0, n);
                 let f = from_event(&e, e.ts_ns + offset, uuid, &self.node, &sources);
-                batch.push(Arc::new(f));
+                batch.push(Arc::new(FlowEntry::new(f)));
                 // Readers see flows in batches of bounded size.
                 if batch.len() >= 1024 {
                     self.push_batch(&mut batch);

@@ -97,11 +97,16 @@ impl FieldMask {
 
     /// The flow with only the masked fields.
     pub fn apply(&self, flow: &pb::Flow) -> pb::Flow {
-        let bytes = flow.encode_to_vec();
-        let mut out = Vec::with_capacity(bytes.len());
-        self.copy(&bytes, &mut out);
+        let out = self.apply_encoded(&flow.encode_to_vec());
         // What is copied are whole fields of a valid encoding.
         pb::Flow::decode(out.as_slice()).unwrap_or_default()
+    }
+
+    /// The masked fields of an encoded `flow.Flow`, still encoded.
+    pub fn apply_encoded(&self, flow: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(flow.len());
+        self.copy(flow, &mut out);
+        out
     }
 
     /// Copies the masked fields of one encoded message; stops at anything

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod convert;
+pub mod entry;
 pub mod field_mask;
 pub mod filter;
 pub mod json;

@@ -22,6 +22,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
+use crate::entry::{Encoded, FlowEntry};
 use crate::field_mask::FieldMask;
 use crate::filter::{FilterError, Filters};
 use crate::limits::{self, Limits, StreamSlot, Streams};
@@ -38,7 +39,7 @@ pub trait Backend: Send + Sync + 'static {
     fn next_seq(&self) -> u64;
     /// Flows from `seq` on (waiting up to `wait` when there are none), the
     /// number lost to overwrites before them, and the next sequence number.
-    fn read(&self, seq: u64, wait: Duration) -> (u64, Vec<Arc<flow::Flow>>, u64);
+    fn read(&self, seq: u64, wait: Duration) -> (u64, Vec<Arc<FlowEntry>>, u64);
     /// The agent events.
     fn agent_events(&self) -> &flow::ring::Shared<Arc<flow::agent_event::AgentEvent>>;
     /// (flows buffered, ring capacity, flows seen, uptime in ns).
@@ -104,10 +105,6 @@ fn to_ns(t: &Option<prost_types::Timestamp>) -> Option<u64> {
         .map(|t| (t.seconds.max(0) as u64) * 1_000_000_000 + t.nanos.max(0) as u64)
 }
 
-fn flow_ns(f: &pb::Flow) -> u64 {
-    to_ns(&f.time).unwrap_or(0)
-}
-
 fn lost(node: &str, n: u64) -> GetFlowsResponse {
     lost_from(node, pb::LostEventSource::HubbleRingBuffer, n)
 }
@@ -133,15 +130,6 @@ fn lost_from(node: &str, source: pb::LostEventSource, n: u64) -> GetFlowsRespons
     }
 }
 
-fn flow_response(f: pb::Flow) -> GetFlowsResponse {
-    use proto::observer::get_flows_response::ResponseTypes;
-    GetFlowsResponse {
-        node_name: f.node_name.clone(),
-        time: f.time,
-        response_types: Some(ResponseTypes::Flow(f)),
-    }
-}
-
 /// The number/first/follow/since/until window of a streaming request.
 struct Window {
     number: usize,
@@ -162,9 +150,20 @@ fn run_window<T, R>(
     accept: impl Fn(&T) -> Option<(u64, R)>,
     lost: impl Fn(u64) -> Option<R>,
     elsewhere: impl Fn() -> Option<R>,
-    tx: &mpsc::Sender<Result<R, Status>>,
+    tx: &mpsc::Sender<Vec<R>>,
 ) {
-    let send = |r: R| tx.blocking_send(Ok(r)).is_ok();
+    // Responses go to the connection in batches (one channel hand-over per
+    // `BATCH`, not per flow): flushed when full, when the history is out
+    // and after each wait for live flows.
+    let pending = std::cell::RefCell::new(Vec::with_capacity(BATCH));
+    let flush = || {
+        let batch = std::mem::replace(&mut *pending.borrow_mut(), Vec::with_capacity(BATCH));
+        batch.is_empty() || tx.blocking_send(batch).is_ok()
+    };
+    let send = |r: R| {
+        pending.borrow_mut().push(r);
+        pending.borrow().len() < BATCH || flush()
+    };
     let report = |n: u64| n == 0 || lost(n).is_none_or(&send);
     // History: the buffered entries, oldest first.
     let start = if w.follow && w.number == 0 && w.since.is_none() {
@@ -208,7 +207,7 @@ fn run_window<T, R>(
             return;
         }
     }
-    if !w.follow {
+    if !flush() || !w.follow {
         return;
     }
     // Live: everything new that is accepted, until the client cancels.
@@ -234,6 +233,47 @@ fn run_window<T, R>(
                 }
             }
         }
+        if !flush() {
+            return;
+        }
+    }
+}
+
+/// Responses handed to the connection at once (see `run_window`).
+const BATCH: usize = 128;
+
+/// The responses of a stream's batches, one by one.
+fn unbatch<R: Send + Unpin + 'static>(rx: mpsc::Receiver<Vec<R>>) -> BoxStream<R> {
+    Box::pin(Unbatch {
+        rx,
+        current: Vec::new().into_iter(),
+    })
+}
+
+struct Unbatch<R> {
+    rx: mpsc::Receiver<Vec<R>>,
+    current: std::vec::IntoIter<R>,
+}
+
+impl<R: Unpin> Stream for Unbatch<R> {
+    type Item = Result<R, Status>;
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        loop {
+            if let Some(r) = this.current.next() {
+                return Poll::Ready(Some(Ok(r)));
+            }
+            match this.rx.poll_recv(cx) {
+                Poll::Ready(Some(batch)) => this.current = batch.into_iter(),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
@@ -242,7 +282,7 @@ fn stream_flows<B: Backend>(
     req: GetFlowsRequest,
     filters: Filters,
     mask: Option<FieldMask>,
-    tx: mpsc::Sender<Result<GetFlowsResponse, Status>>,
+    tx: mpsc::Sender<Vec<Encoded>>,
 ) {
     let node = backend.node_name();
     let kernel_seen = std::sync::atomic::AtomicU64::new(backend.kernel_lost());
@@ -257,56 +297,47 @@ fn stream_flows<B: Backend>(
         &window,
         (backend.oldest_seq(), backend.next_seq()),
         |seq, wait| backend.read(seq, wait),
-        |f: &Arc<flow::Flow>| {
-            let p = convert::flow(f);
-            if !filters.matches(&p) {
+        |f: &Arc<FlowEntry>| {
+            let wire = f.wire();
+            if !filters.matches(&wire.flow) {
                 return None;
             }
             // The response's time and node (and the stream's order) are the
-            // flow's, whatever the mask keeps of it.
-            let ns = flow_ns(&p);
+            // flow's, whatever the mask keeps of it; unmasked, the response
+            // every stream shares goes out as it was encoded.
             let response = match &mask {
-                Some(m) => {
-                    use proto::observer::get_flows_response::ResponseTypes;
-                    let masked = m.apply(&p);
-                    let mut r = flow_response(p);
-                    r.response_types = Some(ResponseTypes::Flow(masked));
-                    r
-                }
-                None => flow_response(p),
+                Some(m) => Encoded(wire.masked(m)),
+                None => Encoded(wire.response.clone()),
             };
-            Some((ns, response))
+            Some((wire.ns, response))
         },
         |n| {
             backend.count_lost(n);
-            Some(lost(&node, n))
+            Some(Encoded::of(&lost(&node, n)))
         },
         || {
             // Kernel losses since the stream started, reported as they grow.
             let now = backend.kernel_lost();
             let before = kernel_seen.swap(now, std::sync::atomic::Ordering::Relaxed);
             (now > before).then(|| {
-                lost_from(
+                Encoded::of(&lost_from(
                     &node,
                     pb::LostEventSource::PerfEventRingBuffer,
                     now - before,
-                )
+                ))
             })
         },
         &tx,
     );
 }
 
-#[tonic::async_trait]
-impl<B: Backend> Observer for Service<B> {
-    type GetFlowsStream = BoxStream<GetFlowsResponse>;
-    type GetAgentEventsStream = BoxStream<GetAgentEventsResponse>;
-    type GetDebugEventsStream = BoxStream<GetDebugEventsResponse>;
-
-    async fn get_flows(
+impl<B: Backend> Service<B> {
+    /// GetFlows with each response already encoded (what the GetFlows
+    /// route sends, see `ObserverRoutes`).
+    async fn get_flows_encoded(
         &self,
         request: Request<GetFlowsRequest>,
-    ) -> Result<Response<Self::GetFlowsStream>, Status> {
+    ) -> Result<Response<BoxStream<Encoded>>, Status> {
         let slot = self.stream_slot(&request)?;
         let req = request.into_inner();
         check_window(req.first, req.follow)?;
@@ -320,7 +351,7 @@ impl<B: Backend> Observer for Service<B> {
         let filters = filters.map_err(filter_status)?;
         let paths = req.field_mask.as_ref().map(|m| m.paths.as_slice());
         let mask = FieldMask::new(paths.unwrap_or_default()).map_err(filter_status)?;
-        let (tx, rx) = mpsc::channel(256);
+        let (tx, rx) = mpsc::channel(8);
         let backend = self.backend.clone();
         std::thread::Builder::new()
             .name("hubble-getflows".into())
@@ -329,9 +360,99 @@ impl<B: Backend> Observer for Service<B> {
                 stream_flows(backend, req, filters, mask, tx)
             })
             .map_err(|e| Status::internal(format!("cannot start the flow stream: {e}")))?;
-        Ok(with_version(Response::new(Box::pin(ReceiverStream::new(
-            rx,
-        )))))
+        Ok(with_version(Response::new(unbatch(rx))))
+    }
+}
+
+/// The Observer service as served: GetFlows sends the responses the ring
+/// encoded once (`Encoded`), every other method is the generated server's.
+/// Byte for byte what the generated GetFlows would send.
+pub struct ObserverRoutes<B: Backend> {
+    service: Arc<Service<B>>,
+    generated: ObserverServer<Service<B>>,
+}
+
+impl<B: Backend> Clone for ObserverRoutes<B> {
+    fn clone(&self) -> Self {
+        ObserverRoutes {
+            service: self.service.clone(),
+            generated: self.generated.clone(),
+        }
+    }
+}
+
+impl<B: Backend> tonic::server::NamedService for ObserverRoutes<B> {
+    const NAME: &'static str = "observer.Observer";
+}
+
+struct EncodedGetFlows<B: Backend>(Arc<Service<B>>);
+
+impl<B: Backend> tonic::server::ServerStreamingService<GetFlowsRequest> for EncodedGetFlows<B> {
+    type Response = Encoded;
+    type ResponseStream = BoxStream<Encoded>;
+    type Future = tonic::codegen::BoxFuture<Response<Self::ResponseStream>, Status>;
+
+    fn call(&mut self, request: Request<GetFlowsRequest>) -> Self::Future {
+        let service = self.0.clone();
+        Box::pin(async move { service.get_flows_encoded(request).await })
+    }
+}
+
+impl<B, Body> tonic::codegen::Service<tonic::codegen::http::Request<Body>> for ObserverRoutes<B>
+where
+    B: Backend,
+    Body: tonic::codegen::Body + Send + 'static,
+    Body::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        tonic::codegen::Service::<tonic::codegen::http::Request<Body>>::poll_ready(
+            &mut self.generated,
+            cx,
+        )
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<Body>) -> Self::Future {
+        if req.uri().path() != "/observer.Observer/GetFlows" {
+            return self.generated.call(req);
+        }
+        let method = EncodedGetFlows(self.service.clone());
+        Box::pin(async move {
+            let codec = tonic_prost::ProstCodec::<Encoded, GetFlowsRequest>::default();
+            Ok(tonic::server::Grpc::new(codec)
+                .server_streaming(method, req)
+                .await)
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl<B: Backend> Observer for Service<B> {
+    type GetFlowsStream = BoxStream<GetFlowsResponse>;
+    type GetAgentEventsStream = BoxStream<GetAgentEventsResponse>;
+    type GetDebugEventsStream = BoxStream<GetDebugEventsResponse>;
+
+    /// The generated route's GetFlows (`ObserverRoutes` serves GetFlows
+    /// itself): the same stream, decoded back into messages.
+    async fn get_flows(
+        &self,
+        request: Request<GetFlowsRequest>,
+    ) -> Result<Response<Self::GetFlowsStream>, Status> {
+        use prost::Message;
+        let encoded = self.get_flows_encoded(request).await?;
+        let (meta, stream, ext) = encoded.into_parts();
+        let decoded = tokio_stream::StreamExt::map(stream, |r| {
+            r.and_then(|e| {
+                GetFlowsResponse::decode(e.0).map_err(|e| Status::internal(e.to_string()))
+            })
+        });
+        Ok(Response::from_parts(meta, Box::pin(decoded), ext))
     }
 
     /// The same number/first/follow/since/until semantics as GetFlows,
@@ -343,7 +464,7 @@ impl<B: Backend> Observer for Service<B> {
         let slot = self.stream_slot(&request)?;
         let req = request.into_inner();
         check_window(req.first, req.follow)?;
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = mpsc::channel(4);
         let backend = self.backend.clone();
         std::thread::Builder::new()
             .name("hubble-agentevents".into())
@@ -379,9 +500,7 @@ impl<B: Backend> Observer for Service<B> {
                 )
             })
             .map_err(|e| Status::internal(format!("cannot start the event stream: {e}")))?;
-        Ok(with_version(Response::new(Box::pin(ReceiverStream::new(
-            rx,
-        )))))
+        Ok(with_version(Response::new(unbatch(rx))))
     }
 
     /// Fibril's datapath emits no debug events: the stream has nothing to
@@ -577,9 +696,15 @@ async fn services<B: Backend>(
     builder
         .max_concurrent_streams(u32::try_from(limits.max_streams + 32).unwrap_or(u32::MAX))
         .add_service(health)
-        .add_service(ObserverServer::new(Service {
-            backend: backend.clone(),
-            streams: streams.clone(),
-        }))
+        .add_service(ObserverRoutes {
+            service: Arc::new(Service {
+                backend: backend.clone(),
+                streams: streams.clone(),
+            }),
+            generated: ObserverServer::new(Service {
+                backend: backend.clone(),
+                streams: streams.clone(),
+            }),
+        })
         .add_service(PeerServer::new(Service { backend, streams }))
 }

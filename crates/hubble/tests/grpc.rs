@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use fibril_hubble::entry::FlowEntry;
 use fibril_hubble::limits::Limits;
 use fibril_hubble::server::{self, Backend};
 use flow::ring::Shared;
@@ -15,7 +16,7 @@ use proto::observer::{
 };
 
 struct TestBackend {
-    flows: Shared<Arc<flow::Flow>>,
+    flows: Shared<Arc<FlowEntry>>,
     events: Shared<Arc<flow::agent_event::AgentEvent>>,
     /// While set, readers park before touching the ring: a slow reader.
     paused: std::sync::atomic::AtomicBool,
@@ -29,7 +30,7 @@ impl Backend for TestBackend {
     fn next_seq(&self) -> u64 {
         self.flows.next_seq()
     }
-    fn read(&self, seq: u64, wait: Duration) -> (u64, Vec<Arc<flow::Flow>>, u64) {
+    fn read(&self, seq: u64, wait: Duration) -> (u64, Vec<Arc<FlowEntry>>, u64) {
         while self.paused.load(std::sync::atomic::Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -88,7 +89,7 @@ fn fixture_with(capacity: usize, flows: u64, limits: Option<Limits>) -> Fixture 
         kernel_lost: 0.into(),
     });
     for i in 0..flows {
-        backend.flows.push(Arc::new(flow(i)));
+        backend.flows.push(Arc::new(FlowEntry::new(flow(i))));
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -345,7 +346,7 @@ fn follow_streams_new_flows_and_readers_learn_what_they_lost() {
         let mut stream = client.get_flows(req).await.unwrap().into_inner();
         // Only flows arriving after the call.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        backend.flows.push(Arc::new(flow(100)));
+        backend.flows.push(Arc::new(FlowEntry::new(flow(100))));
         let first = stream.message().await.unwrap().unwrap();
         let mut out = vec![first];
         // Overrun the 7-entry ring while the reader is parked (its current
@@ -355,7 +356,7 @@ fn follow_streams_new_flows_and_readers_learn_what_they_lost() {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(400)).await;
         for i in 200..220 {
-            backend.flows.push(Arc::new(flow(i)));
+            backend.flows.push(Arc::new(FlowEntry::new(flow(i))));
         }
         backend
             .paused

@@ -206,34 +206,6 @@ pub fn agent_command(
     c
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ip_header_checksum_verifies() {
-        let p = ipv4_packet(
-            Ipv4Addr::new(10, 0, 0, 1),
-            Ipv4Addr::new(10, 0, 0, 2),
-            L4::Tcp {
-                sport: 1,
-                dport: 2,
-                flags: TCP_SYN,
-            },
-        );
-        assert_eq!(checksum(&p[14..34]), 0);
-        assert_eq!(p.len(), 14 + 20 + 20);
-    }
-
-    #[test]
-    fn unique_names_differ_and_fit_an_interface_name() {
-        let a = unique_name("ft");
-        let b = unique_name("ft");
-        assert_ne!(a, b);
-        assert!(a.len() <= 15);
-    }
-}
-
 /// Where built third-party programs are cached (`$XDG_CACHE_HOME/fibril`,
 /// else `~/.cache/fibril`), keyed by version; `cargo xtask deps` fills it.
 pub fn cache_dir() -> std::path::PathBuf {
@@ -272,4 +244,32 @@ pub fn hubble_cli() -> std::path::PathBuf {
         path.display()
     );
     path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_header_checksum_verifies() {
+        let p = ipv4_packet(
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(10, 0, 0, 2),
+            L4::Tcp {
+                sport: 1,
+                dport: 2,
+                flags: TCP_SYN,
+            },
+        );
+        assert_eq!(checksum(&p[14..34]), 0);
+        assert_eq!(p.len(), 14 + 20 + 20);
+    }
+
+    #[test]
+    fn unique_names_differ_and_fit_an_interface_name() {
+        let a = unique_name("ft");
+        let b = unique_name("ft");
+        assert_ne!(a, b);
+        assert!(a.len() <= 15);
+    }
 }
