@@ -1,4 +1,4 @@
-// SPDX-License-Identifier: Apache-2.0
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
  * Programs on the host side of a pod's veth pair, one instance per endpoint
  * (its identity is set at load time):

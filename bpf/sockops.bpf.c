@@ -1,4 +1,4 @@
-// SPDX-License-Identifier: Apache-2.0
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
  * Socket-level shortcut for connections through the L7 proxy.
  *
@@ -187,4 +187,4 @@ int fibril_proxy_msg(struct sk_msg_md *msg)
 	return shortcut(msg, &fibril_pod_socks, 1);
 }
 
-char _license[] SEC("license") = "GPL";
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: Apache-2.0 */
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * The one kernel/user ABI of Fibril: every map key and value and every event
  * record shared by the BPF programs and the agent. crates/abi mirrors these

@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: Apache-2.0 */
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* Connection tracking. Policy is evaluated for NEW packets only; packets of a
  * tracked connection (either way) pass without a policy lookup. */
 #ifndef FIBRIL_CT_H
@@ -97,12 +97,15 @@ static __always_inline int ct_reopens(const struct packet *pkt, const struct ct_
  * program runs). Returns CT_NEW when no live entry exists, or when the packet
  * reopens the tuple (the stale entry is then deleted, so that a connection
  * the policy now refuses leaves nothing behind). */
-static __always_inline void ct_lookup(const struct packet *pkt, __u8 dir, struct ct_result *res)
+FIBRIL_GLOBAL int ct_lookup(const struct packet *pkt, __u8 dir, struct ct_result *res)
 {
 	struct ct_key key;
 	struct ct_value *v;
 	__u64 now = bpf_ktime_get_ns();
 	__u8 opposite = dir == DIR_INGRESS ? DIR_EGRESS : DIR_INGRESS;
+
+	if (!pkt || !res)
+		return 0;
 
 	res->report = 0;
 	res->flags = 0;
@@ -119,7 +122,7 @@ static __always_inline void ct_lookup(const struct packet *pkt, __u8 dir, struct
 		res->flags = v->flags;
 		res->policy_cookie = v->policy_cookie;
 		res->report = ct_touch(v, pkt, 1, now);
-		return;
+		return 0;
 	}
 	ct_fill_key(&key, pkt, opposite, 1);
 	v = bpf_map_lookup_elem(&fibril_ct, &key);
@@ -132,11 +135,12 @@ static __always_inline void ct_lookup(const struct packet *pkt, __u8 dir, struct
 		res->flags = v->flags;
 		res->policy_cookie = v->policy_cookie;
 		res->report = ct_touch(v, pkt, 0, now);
-		return;
+		return 0;
 	}
 new:
 	res->state = CT_NEW;
 	res->report = 1;
+	return 0;
 }
 
 /* An ICMP error about a tracked connection is related to it (Cilium's
@@ -203,13 +207,15 @@ static __always_inline int ct_budget_take(__u32 owner)
  * local endpoint that sent the packet; for traffic from the host stack, the
  * receiving one). Negative when it cannot: the owner's budget is spent or
  * the map refused it. */
-static __always_inline int ct_create(const struct packet *pkt, __u8 dir, __u32 cookie,
-				     __u8 flags, __u32 owner)
+FIBRIL_GLOBAL int ct_create(const struct packet *pkt, __u8 dir, __u32 cookie, __u8 flags,
+			    __u32 owner)
 {
 	struct ct_key key;
 	struct ct_value v = {};
 	__u64 now = bpf_ktime_get_ns();
 
+	if (!pkt)
+		return -1;
 	if (ct_budget_take(owner) < 0)
 		return -1;
 

@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: Apache-2.0 */
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* Flow events to the agent through one ring buffer. Wake-ups are batched:
  * userspace is only woken once enough data is waiting (and polls on a short
  * timer for the rest), which keeps the per-packet cost low under load. */
@@ -18,27 +18,43 @@ static __always_inline void count_lost_event(void)
 		*lost += 1;
 }
 
-static __always_inline void emit_event(struct __sk_buff *skb, const struct packet *pkt, __u32 ep_id,
-				       __u8 type, __u8 subtype, __u8 dir, __u8 verdict, __u8 ct_state,
-				       __u32 src_id, __u32 dst_id, __u8 match, __u32 cookie)
+/* What an event says beyond the packet itself. */
+struct event_meta {
+	__u32 ep_id;
+	__u32 src_id;
+	__u32 dst_id;
+	__u32 cookie;
+	__u8 type;
+	__u8 subtype;
+	__u8 dir;
+	__u8 verdict;
+	__u8 ct_state;
+	__u8 match;
+	__u8 pad[2];
+};
+
+FIBRIL_GLOBAL int emit_event_meta(struct __sk_buff *skb, const struct packet *pkt,
+				  const struct event_meta *m)
 {
+	if (!skb || !pkt || !m)
+		return 0;
 	struct flow_event *e = bpf_ringbuf_reserve(&fibril_events, sizeof(*e), 0);
 	if (!e) {
 		count_lost_event();
-		return;
+		return 0;
 	}
 	e->ts_ns = bpf_ktime_get_ns();
-	e->type = type;
-	e->subtype = subtype;
-	e->direction = dir;
-	e->verdict = verdict;
-	e->ct_state = ct_state;
+	e->type = m->type;
+	e->subtype = m->subtype;
+	e->direction = m->dir;
+	e->verdict = m->verdict;
+	e->ct_state = m->ct_state;
 	e->protocol = pkt->protocol;
 	e->tcp_flags = pkt->tcp_flags;
 	e->ip_version = pkt->saddr || pkt->daddr ? 4 : 0;
-	e->ep_id = ep_id;
-	e->src_identity = src_id;
-	e->dst_identity = dst_id;
+	e->ep_id = m->ep_id;
+	e->src_identity = m->src_id;
+	e->dst_identity = m->dst_id;
 	e->ifindex = skb->ifindex;
 	e->saddr = pkt->saddr;
 	e->daddr = pkt->daddr;
@@ -50,14 +66,34 @@ static __always_inline void emit_event(struct __sk_buff *skb, const struct packe
 		e->dport = pkt->dport;
 	}
 	e->pkt_len = pkt->len;
-	e->policy_match = match;
+	e->policy_match = m->match;
 	e->pad0 = 0;
-	e->policy_cookie = cookie;
+	e->policy_cookie = m->cookie;
 	__builtin_memcpy(e->smac, pkt->smac, 6);
 	__builtin_memcpy(e->dmac, pkt->dmac, 6);
 
 	__u64 pending = bpf_ringbuf_query(&fibril_events, BPF_RB_AVAIL_DATA);
 	bpf_ringbuf_submit(e, pending >= events_wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+	return 0;
+}
+
+static __always_inline void emit_event(struct __sk_buff *skb, const struct packet *pkt, __u32 ep_id,
+				       __u8 type, __u8 subtype, __u8 dir, __u8 verdict, __u8 ct_state,
+				       __u32 src_id, __u32 dst_id, __u8 match, __u32 cookie)
+{
+	struct event_meta m = {
+		.ep_id = ep_id,
+		.src_id = src_id,
+		.dst_id = dst_id,
+		.cookie = cookie,
+		.type = type,
+		.subtype = subtype,
+		.dir = dir,
+		.verdict = verdict,
+		.ct_state = ct_state,
+		.match = match,
+	};
+	emit_event_meta(skb, pkt, &m);
 }
 
 #endif

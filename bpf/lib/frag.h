@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: Apache-2.0 */
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* IPv4 fragments, as Cilium tracks them: a datagram's first fragment
  * records its ports (keyed by source, destination, protocol and IP id);
  * the fragments after it, which carry no L4 header, take those ports and

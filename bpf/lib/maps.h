@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: Apache-2.0 */
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* Every map of the datapath. All are pinned by name so that they outlive an
  * agent restart: established connections, policy and identities stay in the
  * kernel while the agent is away. */
@@ -8,6 +8,12 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include "fibril_abi.h"
+
+/* A function the verifier checks once, on its own, rather than at every
+ * call site of every program (BPF's global functions): what keeps loading
+ * an endpoint's programs fast. At most five arguments, a scalar result;
+ * pointer arguments may be NULL as far as the verifier knows. */
+#define FIBRIL_GLOBAL __attribute__((noinline))
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);

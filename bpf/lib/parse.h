@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: Apache-2.0 */
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* Packet parsing: Ethernet, IPv4 and the first bytes of TCP/UDP/ICMP. */
 #ifndef FIBRIL_PARSE_H
 #define FIBRIL_PARSE_H

@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: Apache-2.0 */
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* Policy lookup, Cilium's two-lookup algorithm: one for the peer identity,
  * one for "any identity"; a deny from either wins; otherwise the longer
  * protocol/port prefix wins, and the identity-specific entry on a tie. */
@@ -22,16 +22,26 @@ static __always_inline __u8 match_type(int l3, __u8 prefix)
 	return prefix == 0 ? MATCH_ALL : prefix == 8 ? MATCH_PROTO_ONLY : MATCH_L4_ONLY;
 }
 
-static __always_inline void policy_lookup(__u32 ep_id, __u32 peer, __u8 dir, __u8 protocol,
-					  __u16 port_be, struct policy_verdict *out)
+/* The connection a policy lookup decides. */
+struct policy_query {
+	__u32 ep_id;
+	__u32 peer;
+	__u16 port_be;
+	__u8 dir;
+	__u8 protocol;
+};
+
+FIBRIL_GLOBAL int policy_lookup_query(const struct policy_query *q, struct policy_verdict *out)
 {
+	if (!q || !out)
+		return 0;
 	struct policy_key key = {
 		.prefixlen = POLICY_FULL_PREFIX_BITS,
-		.ep_id = bpf_htonl(ep_id),
-		.identity = bpf_htonl(peer),
-		.direction = dir,
-		.protocol = protocol,
-		.dport = port_be,
+		.ep_id = bpf_htonl(q->ep_id),
+		.identity = bpf_htonl(q->peer),
+		.direction = q->dir,
+		.protocol = q->protocol,
+		.dport = q->port_be,
 	};
 	struct policy_value *l3, *l4, *win;
 	int l3_wins;
@@ -43,7 +53,7 @@ static __always_inline void policy_lookup(__u32 ep_id, __u32 peer, __u8 dir, __u
 		out->match = match_type(1, l3->prefix);
 		out->flags = l3->flags;
 		out->cookie = l3->cookie;
-		return;
+		return 0;
 	}
 	key.identity = 0;
 	l4 = bpf_map_lookup_elem(&fibril_policy, &key);
@@ -53,7 +63,7 @@ static __always_inline void policy_lookup(__u32 ep_id, __u32 peer, __u8 dir, __u
 		out->match = match_type(0, l4->prefix);
 		out->flags = l4->flags;
 		out->cookie = l4->cookie;
-		return;
+		return 0;
 	}
 	if (!l3 && !l4) {
 		out->allowed = 0;
@@ -61,7 +71,7 @@ static __always_inline void policy_lookup(__u32 ep_id, __u32 peer, __u8 dir, __u
 		out->match = MATCH_NONE;
 		out->flags = 0;
 		out->cookie = 0;
-		return;
+		return 0;
 	}
 	l3_wins = l3 && (!l4 || l3->prefix >= l4->prefix);
 	win = l3_wins ? l3 : l4;
@@ -70,6 +80,20 @@ static __always_inline void policy_lookup(__u32 ep_id, __u32 peer, __u8 dir, __u
 	out->match = match_type(l3_wins, win->prefix);
 	out->flags = win->flags;
 	out->cookie = win->cookie;
+	return 0;
+}
+
+static __always_inline void policy_lookup(__u32 ep_id, __u32 peer, __u8 dir, __u8 protocol,
+					  __u16 port_be, struct policy_verdict *out)
+{
+	struct policy_query q = {
+		.ep_id = ep_id,
+		.peer = peer,
+		.port_be = port_be,
+		.dir = dir,
+		.protocol = protocol,
+	};
+	policy_lookup_query(&q, out);
 }
 
 /* Audit mode: a policy drop that becomes a forward reported as AUDIT. Either

@@ -3,9 +3,9 @@
 //! a bare veth pair measured in the same run; then again with 10,000
 //! unrelated policy entries on the server endpoint.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
@@ -91,6 +91,19 @@ fn lab_up(bin: &Path, lab: &str, dir: &Path, yaml: &str) -> anyhow::Result<Box<d
         return Err(e);
     }
     Ok(Box::new(down))
+}
+
+/// `ip ARGS` without echoing the command (loops run it hundreds of times).
+fn quiet_ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip").args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -611,4 +624,117 @@ fn first_allowed_cpu() -> anyhow::Result<usize> {
         .and_then(|l| l.trim().split([',', '-']).next())
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| anyhow::anyhow!("no Cpus_allowed_list in /proc/self/status"))
+}
+
+/// Pod creation as a runtime does it: `fibril-cni ADD` (the binary, CNI_*
+/// in its environment, the configuration on stdin) into a fresh network
+/// namespace, against a lab's agent, until the result: the endpoint is
+/// then working (veth, address, policy, programs attached). `--rounds N`
+/// ADD/DEL cycles (default 100); p50 and p99 of ADD and of DEL, beside the
+/// baseline of creating the same namespace and veth pair with `ip` alone.
+pub fn run_cni_bench(bin: &Path, args: &[String]) -> anyhow::Result<()> {
+    let rounds = rounds_arg(args, 100);
+    let id = std::process::id() % 10_000;
+    let lab = format!("cnib{id}");
+    let mut cleanup = Cleanup(vec![]);
+    let dir = std::env::temp_dir().join(format!("fibril-cni-bench-{id}"));
+    // One pod and a policy selecting pods, so ADD computes and writes policy.
+    cleanup.0.push(lab_up(
+        bin,
+        &lab,
+        &dir,
+        r#"podCIDR: 10.196.0.0/22
+pods:
+  - {name: server, namespace: bench, labels: {app: server}}
+policies:
+  - inline: |
+      apiVersion: cilium.io/v2
+      kind: CiliumNetworkPolicy
+      metadata: {name: allow-bench, namespace: bench}
+      spec:
+        endpointSelector: {matchLabels: {app: server}}
+        ingress:
+        - fromEndpoints: [{matchLabels: {app: client}}]
+          toPorts: [{ports: [{port: "9000", protocol: TCP}]}]
+"#,
+    )?);
+    let socket = PathBuf::from("/run/fibril/labs")
+        .join(&lab)
+        .join("agent.sock");
+    let conf = serde_json::json!({
+        "cniVersion": "1.1.0", "name": "fibril-bench", "type": "fibril-cni",
+        "agentSocket": socket,
+    })
+    .to_string();
+    let cni = |command: &str, container: &str, netns: &str| -> anyhow::Result<Duration> {
+        use std::io::Write;
+        let start = Instant::now();
+        let mut child = Command::new(bin.join("fibril-cni"))
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container)
+            .env("CNI_NETNS", format!("/run/netns/{netns}"))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", bin)
+            .env(
+                "CNI_ARGS",
+                format!("K8S_POD_NAMESPACE=bench;K8S_POD_NAME={container}"),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(conf.as_bytes())?;
+        let out = child.wait_with_output()?;
+        let took = start.elapsed();
+        if !out.status.success() {
+            bail!(
+                "fibril-cni {command}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        Ok(took)
+    };
+    let (mut adds, mut dels, mut bare) = (vec![], vec![], vec![]);
+    for i in 0..rounds {
+        let netns = format!("fcnib{id}-{i}");
+        quiet_ip(&["netns", "add", &netns])?;
+        let n = netns.clone();
+        let _gone = Cleanup(vec![Box::new(move || {
+            let _ = Command::new("ip").args(["netns", "del", &n]).status();
+        })]);
+        let container = format!("client-{i}");
+        adds.push(cni("ADD", &container, &netns)?.as_secs_f64() * 1e3);
+        dels.push(cni("DEL", &container, &netns)?.as_secs_f64() * 1e3);
+        // Baseline: the same namespace plumbing with `ip` alone.
+        let (host, peer) = (format!("fcb{id}h"), format!("fcb{id}p"));
+        let start = Instant::now();
+        quiet_ip(&["link", "add", &host, "type", "veth", "peer", "name", &peer])?;
+        quiet_ip(&["link", "set", &peer, "netns", &netns])?;
+        quiet_ip(&["-n", &netns, "addr", "add", "10.195.0.2/32", "dev", &peer])?;
+        quiet_ip(&["-n", &netns, "link", "set", &peer, "up"])?;
+        quiet_ip(&["link", "set", &host, "up"])?;
+        bare.push(start.elapsed().as_secs_f64() * 1e3);
+        quiet_ip(&["link", "del", &host])?;
+    }
+    let pct = |mut v: Vec<f64>, p: f64| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[((v.len() - 1) as f64 * p).round() as usize]
+    };
+    println!("{rounds} cycles, ms            p50      p99");
+    for (what, v) in [
+        ("CNI ADD (working endpoint)", adds),
+        ("CNI DEL", dels),
+        ("baseline: ip netns/veth/addr", bare),
+    ] {
+        println!(
+            "{what:<28} {:>7.1}  {:>7.1}",
+            pct(v.clone(), 0.5),
+            pct(v, 0.99)
+        );
+    }
+    Ok(())
 }

@@ -391,7 +391,7 @@ fn main() -> anyhow::Result<()> {
         Some("test") | Some("ci") => test(),
         Some("demo") => demo(args.iter().any(|a| a == "--keep")),
         Some("bench") => {
-            // `--only policy|flows|packet|datapath|l7` runs one part.
+            // `--only policy|flows|packet|datapath|cni|l7` runs one part.
             let only: Option<String> = bench::flag(&args, "only");
             let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
             deps()?;
@@ -420,6 +420,10 @@ fn main() -> anyhow::Result<()> {
                 println!("\n== datapath");
                 bench::run_bench(&release, &args[1..])?;
             }
+            if part("cni") {
+                println!("\n== pod creation: CNI ADD/DEL through the binary, against a lab's agent");
+                bench::run_cni_bench(&release, &args[1..])?;
+            }
             if part("l7") {
                 println!("\n== L7 proxy: canonical request target and rule check, per call");
                 run(cargo()
@@ -431,6 +435,6 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some("layering") => layering(),
-        _ => bail!("usage: cargo xtask <deps|test|layering|demo [--keep]|bench [--seconds N] [--only policy|flows|packet|datapath|l7]|ci>"),
+        _ => bail!("usage: cargo xtask <deps|test|layering|demo [--keep]|bench [--seconds N] [--only policy|flows|packet|datapath|cni|l7]|ci>"),
     }
 }

@@ -132,10 +132,15 @@ pub struct VethPair {
     pub pod_mac: [u8; 6],
 }
 
-/// Creates a veth pair with `host_ifname` in the host namespace and
-/// `pod_ifname` in `netns`, gives the pod `addr/32` with a default route via
-/// `gateway` (resolved statically to the host side, so no ARP is needed), and
-/// routes `addr/32` to the host side.
+/// Creates the veth pair of a pod: the host side `host_ifname`, the pod
+/// side moved into `netns` as `pod_ifname` with `addr`/32, a link route to
+/// the gateway and a default route through it, a permanent neighbour entry
+/// for the gateway (the host side's MAC), IPv6 off on both sides, and on
+/// the host a route and a permanent neighbour entry for `addr`. Four
+/// processes in all (two `ip -batch` on the host, one in the namespace and
+/// one sysctl there): each costs milliseconds, and pod creation waits for
+/// them.
+/// On failure the pair is removed.
 pub fn setup_pod_veth(
     host_ifname: &str,
     netns: &Path,
@@ -143,9 +148,16 @@ pub fn setup_pod_veth(
     addr: Ipv4Addr,
     gateway: Ipv4Addr,
 ) -> Result<VethPair, NetError> {
-    let tmp = format!("{host_ifname}p");
     let ns = netns.display().to_string();
-    ip(&[
+    let pod_mac = random_mac()?;
+    let pod_mac_text = mac_string(&pod_mac);
+    let cidr = format!("{addr}/32");
+    let gw = gateway.to_string();
+    let addr_text = addr.to_string();
+    // The pod side is born in the pod's namespace under its final name:
+    // moving an interface between namespaces waits for an RCU grace period
+    // (some 25 ms), creating it there does not.
+    let create: &[&str] = &[
         "link",
         "add",
         host_ifname,
@@ -153,11 +165,43 @@ pub fn setup_pod_veth(
         "veth",
         "peer",
         "name",
-        &tmp,
-    ])?;
+        pod_ifname,
+        "address",
+        &pod_mac_text,
+        "netns",
+        &ns,
+    ];
+    ip_batch(None, &[create])?;
     let result = (|| {
-        ip(&["link", "set", &tmp, "netns", &ns])?;
-        ip_in(netns, &["link", "set", &tmp, "name", pod_ifname])?;
+        // The host side speaks no IPv6 to the pod (no ND/MLD noise), and
+        // forwards: traffic to addresses outside the node goes through the
+        // host stack (this interface only; the host's global setting and
+        // every other interface stay as they are).
+        write_sysctl(&format!("net/ipv6/conf/{host_ifname}/disable_ipv6"), "1")?;
+        write_sysctl(&format!("net/ipv4/conf/{host_ifname}/forwarding"), "1")?;
+        let host_mac = read_mac(host_ifname)?;
+        let host_mac_text = mac_string(&host_mac);
+        ip_batch(
+            Some(netns),
+            &[
+                &["link", "set", "lo", "up"],
+                &["link", "set", pod_ifname, "up"],
+                &["addr", "add", &cidr, "dev", pod_ifname],
+                &["route", "add", &gw, "dev", pod_ifname, "scope", "link"],
+                &["route", "add", "default", "via", &gw, "dev", pod_ifname],
+                &[
+                    "neigh",
+                    "replace",
+                    &gw,
+                    "lladdr",
+                    &host_mac_text,
+                    "dev",
+                    pod_ifname,
+                    "nud",
+                    "permanent",
+                ],
+            ],
+        )?;
         // No IPv6 on pods yet: IPAM hands out IPv4 only.
         run(
             "nsenter",
@@ -168,65 +212,24 @@ pub fn setup_pod_veth(
                 &format!("net.ipv6.conf.{pod_ifname}.disable_ipv6=1"),
             ],
         )?;
-        ip_in(netns, &["link", "set", "lo", "up"])?;
-        ip_in(netns, &["link", "set", pod_ifname, "up"])?;
-        // The host side speaks no IPv6 to the pod either (no ND/MLD noise).
-        run(
-            "sysctl",
+        ip_batch(
+            None,
             &[
-                "-qw",
-                &format!("net.ipv6.conf.{host_ifname}.disable_ipv6=1"),
+                &["link", "set", host_ifname, "up"],
+                &["route", "replace", &cidr, "dev", host_ifname],
+                &[
+                    "neigh",
+                    "replace",
+                    &addr_text,
+                    "lladdr",
+                    &pod_mac_text,
+                    "dev",
+                    host_ifname,
+                    "nud",
+                    "permanent",
+                ],
             ],
         )?;
-        // Traffic to addresses outside the node goes through the host stack:
-        // forwarding on this interface only (the host's global setting and
-        // every other interface stay as they are).
-        run(
-            "sysctl",
-            &["-qw", &format!("net.ipv4.conf.{host_ifname}.forwarding=1")],
-        )?;
-        ip(&["link", "set", host_ifname, "up"])?;
-        let host_out = ip(&["-o", "link", "show", host_ifname])?;
-        let host_mac = parse_mac("ip link show", &host_out)?;
-        let pod_out = ip_in(netns, &["-o", "link", "show", pod_ifname])?;
-        let pod_mac = parse_mac("ip link show", &pod_out)?;
-        let cidr = format!("{addr}/32");
-        let gw = gateway.to_string();
-        ip_in(netns, &["addr", "add", &cidr, "dev", pod_ifname])?;
-        ip_in(
-            netns,
-            &["route", "add", &gw, "dev", pod_ifname, "scope", "link"],
-        )?;
-        ip_in(
-            netns,
-            &["route", "add", "default", "via", &gw, "dev", pod_ifname],
-        )?;
-        ip_in(
-            netns,
-            &[
-                "neigh",
-                "replace",
-                &gw,
-                "lladdr",
-                &mac_string(&host_mac),
-                "dev",
-                pod_ifname,
-                "nud",
-                "permanent",
-            ],
-        )?;
-        ip(&["route", "replace", &cidr, "dev", host_ifname])?;
-        ip(&[
-            "neigh",
-            "replace",
-            &addr.to_string(),
-            "lladdr",
-            &mac_string(&pod_mac),
-            "dev",
-            host_ifname,
-            "nud",
-            "permanent",
-        ])?;
         Ok(VethPair {
             host_ifname: host_ifname.to_string(),
             host_ifindex: ifindex(host_ifname)?,
@@ -238,6 +241,81 @@ pub fn setup_pod_veth(
         delete_link(host_ifname);
     }
     result
+}
+
+/// Runs `commands` through one `ip -batch` (inside `netns` when given),
+/// which stops at the first that fails.
+fn ip_batch(netns: Option<&Path>, commands: &[&[&str]]) -> Result<(), NetError> {
+    use std::io::Write;
+    let script: String = commands.iter().map(|c| c.join(" ") + "\n").collect();
+    let ns_arg = netns.map(|n| format!("--net={}", n.display()));
+    let mut cmd = match &ns_arg {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.args([ns.as_str(), "ip", "-batch", "-"]);
+            c
+        }
+        None => {
+            let mut c = Command::new("ip");
+            c.args(["-batch", "-"]);
+            c
+        }
+    };
+    let command = format!("ip -batch ({})", script.trim().replace('\n', "; "));
+    let spawn_err = |source| NetError::Spawn {
+        command: command.clone(),
+        source,
+    };
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(script.as_bytes()).map_err(spawn_err)?;
+    }
+    let out = child.wait_with_output().map_err(spawn_err)?;
+    if !out.status.success() {
+        return Err(NetError::Command {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Writes a sysctl of this process's network namespace (`net/ipv4/...`).
+fn write_sysctl(key: &str, value: &str) -> Result<(), NetError> {
+    let path = format!("/proc/sys/{key}");
+    std::fs::write(&path, value).map_err(|source| NetError::Spawn {
+        command: format!("write {value} to {path}"),
+        source,
+    })
+}
+
+/// An interface's MAC address, from sysfs.
+fn read_mac(ifname: &str) -> Result<[u8; 6], NetError> {
+    let path = format!("/sys/class/net/{ifname}/address");
+    let text = std::fs::read_to_string(&path).map_err(|source| NetError::Spawn {
+        command: format!("read {path}"),
+        source,
+    })?;
+    parse_mac(&path, &format!("link/ether {}", text.trim()))
+}
+
+/// A random locally administered unicast MAC address.
+fn random_mac() -> Result<[u8; 6], NetError> {
+    use std::io::Read;
+    let mut mac = [0u8; 6];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut mac))
+        .map_err(|source| NetError::Spawn {
+            command: "read /dev/urandom".into(),
+            source,
+        })?;
+    mac[0] = (mac[0] | 0x02) & !0x01;
+    Ok(mac)
 }
 
 /// Every IPv4 address of the host's own interfaces (they are the `host`
