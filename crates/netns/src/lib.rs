@@ -320,15 +320,34 @@ fn random_mac() -> Result<[u8; 6], NetError> {
 
 /// Every IPv4 address of the host's own interfaces (they are the `host`
 /// identity).
+///
+/// Read from the kernel's FIB (`/proc/net/fib_trie`, this namespace's):
+/// the addresses of `host LOCAL` /32 routes, which the kernel adds for
+/// every address an interface holds. A file read of microseconds, where
+/// `ip addr show` costs a process (milliseconds) on every change the agent
+/// commits.
 pub fn host_ipv4_addresses() -> Result<Vec<Ipv4Addr>, NetError> {
-    let out = ip(&["-o", "-4", "addr", "show"])?;
-    Ok(out
-        .lines()
-        .filter_map(|l| {
-            let mut w = l.split_whitespace().skip_while(|w| *w != "inet");
-            w.nth(1)?.split('/').next()?.parse().ok()
-        })
-        .collect())
+    let path = "/proc/net/fib_trie";
+    let text = std::fs::read_to_string(path).map_err(|source| NetError::Spawn {
+        command: format!("read {path}"),
+        source,
+    })?;
+    Ok(local_addresses(&text))
+}
+
+/// The `/32 host LOCAL` leaves of a `fib_trie` listing, sorted, once each.
+fn local_addresses(fib_trie: &str) -> Vec<Ipv4Addr> {
+    let mut leaf: Option<Ipv4Addr> = None;
+    let mut out = std::collections::BTreeSet::new();
+    for line in fib_trie.lines() {
+        let line = line.trim();
+        if let Some(addr) = line.strip_prefix("|-- ") {
+            leaf = addr.trim().parse().ok();
+        } else if line.starts_with("/32 host LOCAL") {
+            out.extend(leaf);
+        }
+    }
+    out.into_iter().collect()
 }
 
 /// The IPv4 networks directly connected to the host (address/prefix).
@@ -428,22 +447,6 @@ pub fn proxy_routing_forget(record: &Path) {
     std::fs::remove_file(record).ok();
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_mac_from_ip_link_output() {
-        let out = "7: fib1@if6: <BROADCAST> mtu 1500 qdisc noqueue\\    link/ether 0a:1b:2c:3d:4e:5f brd ff:ff:ff:ff:ff:ff";
-        assert_eq!(
-            parse_mac("ip", out).unwrap(),
-            [0x0a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f]
-        );
-        assert!(parse_mac("ip", "no mac here").is_err());
-        assert!(parse_mac("ip", "link/ether zz:1b").is_err());
-    }
-}
-
 /// Cgroup v2 membership for processes a runtime starts.
 pub mod cgroup {
     use std::path::{Path, PathBuf};
@@ -482,5 +485,46 @@ pub mod cgroup {
                 Ok(())
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_mac_from_ip_link_output() {
+        let out = "7: fib1@if6: <BROADCAST> mtu 1500 qdisc noqueue\\    link/ether 0a:1b:2c:3d:4e:5f brd ff:ff:ff:ff:ff:ff";
+        assert_eq!(
+            parse_mac("ip", out).unwrap(),
+            [0x0a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f]
+        );
+        assert!(parse_mac("ip", "no mac here").is_err());
+        assert!(parse_mac("ip", "link/ether zz:1b").is_err());
+    }
+
+    #[test]
+    fn local_addresses_come_from_the_fib() {
+        let trie = "Main:\n  +-- 0.0.0.0/0 3 0 6\n     |-- 0.0.0.0\n        /0 universe UNICAST\n     |-- 192.0.2.0\n        /24 link UNICAST\nLocal:\n  +-- 0.0.0.0/0 2 0 2\n     +-- 127.0.0.0/8 2 0 2\n           |-- 127.0.0.0\n              /8 host LOCAL\n           |-- 127.0.0.1\n              /32 host LOCAL\n        |-- 127.255.255.255\n           /32 link BROADCAST\n        |-- 192.0.2.2\n           /32 host LOCAL\n        |-- 192.0.2.255\n           /32 link BROADCAST\n";
+        assert_eq!(
+            local_addresses(trie),
+            vec![Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(192, 0, 2, 2)]
+        );
+    }
+
+    /// The same addresses `ip -4 addr show` lists, on this machine.
+    #[test]
+    fn host_addresses_are_what_ip_addr_shows() {
+        let out = ip(&["-o", "-4", "addr", "show"]).unwrap();
+        let mut shown: Vec<Ipv4Addr> = out
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace().skip_while(|w| *w != "inet");
+                w.nth(1)?.split('/').next()?.parse().ok()
+            })
+            .collect();
+        shown.sort();
+        shown.dedup();
+        assert_eq!(host_ipv4_addresses().unwrap(), shown);
     }
 }
