@@ -97,6 +97,12 @@ pub struct Agent {
 pub enum Error {
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Exhausted(String),
     #[error("datapath: {0}")]
     Datapath(#[from] datapath::Error),
     #[error("network setup: {0}")]
@@ -107,6 +113,21 @@ pub enum Error {
 
 fn invalid(m: impl Into<String>) -> Error {
     Error::Invalid(m.into())
+}
+
+impl Error {
+    /// The kind callers decide on (the CNI plugin's error codes).
+    pub fn kind(&self) -> api::ErrorKind {
+        match self {
+            Error::Invalid(_) => api::ErrorKind::Invalid,
+            Error::NotFound(_) => api::ErrorKind::NotFound,
+            Error::Conflict(_) => api::ErrorKind::Conflict,
+            Error::Exhausted(_) => api::ErrorKind::Exhausted,
+            Error::Net(_) => api::ErrorKind::Network,
+            Error::Datapath(_) => api::ErrorKind::Datapath,
+            Error::Store(_) => api::ErrorKind::Internal,
+        }
+    }
 }
 
 pub use api::host_ifname;
@@ -459,6 +480,7 @@ impl Agent {
         };
         result.unwrap_or_else(|e| Response::Error {
             message: e.to_string(),
+            cause: e.kind(),
         })
     }
 
@@ -683,7 +705,7 @@ impl Agent {
         validate_attachment(&a)?;
         let mut s = self.lock_state();
         if s.find_endpoint(&a.container_id, &a.ifname).is_some() {
-            return Err(invalid(format!(
+            return Err(Error::Conflict(format!(
                 "container {} already has an interface {} on this network",
                 a.container_id, a.ifname
             )));
@@ -692,20 +714,22 @@ impl Agent {
         // and its identity belong to one address. (Interfaces on other
         // networks, from other plugins, are not ours to count.)
         if let Some(other) = s.endpoints.values().find(|e| e.netns == a.netns) {
-            return Err(invalid(format!(
+            return Err(Error::Conflict(format!(
                 "network namespace {} already has interface {} on this network (container {}); Fibril gives a pod one interface, add {} on another network",
                 a.netns, other.ifname, other.container_id, a.ifname
             )));
         }
         let ipv4 = s
             .allocate_ip(&self.config.pod_cidr, fqdn::now_s())
-            .ok_or_else(|| invalid(format!("pod CIDR {} is exhausted", self.config.pod_cidr)))?;
+            .ok_or_else(|| {
+                Error::Exhausted(format!("pod CIDR {} is exhausted", self.config.pod_cidr))
+            })?;
         // Flushed when its endpoint went; again in case a peer's stray
         // packet opened an entry since (a quarantined address reused early).
         self.datapath.ct_flush_address(ipv4);
         let id = s
             .allocate_endpoint_id()
-            .ok_or_else(|| invalid("no endpoint id left"))?;
+            .ok_or_else(|| Error::Exhausted("no endpoint id left".into()))?;
         let labels = self.identity_labels(&s, &a.namespace, &a.pod);
         let host = host_ifname(&a.container_id, &a.ifname);
         let veth = net::setup_pod_veth(
@@ -823,7 +847,7 @@ impl Agent {
             .find_endpoint(&a.container_id, &a.ifname)
             .cloned()
             .ok_or_else(|| {
-                invalid(format!(
+                Error::NotFound(format!(
                     "no endpoint for container {} interface {}",
                     a.container_id, a.ifname
                 ))

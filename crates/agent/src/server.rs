@@ -138,8 +138,13 @@ pub fn serve(agent: Arc<Agent>, listener: UnixListener) {
     }
 }
 
+/// A request the socket refuses before the agent sees it (garbage, too
+/// long, too slow).
 fn error(message: String) -> Response {
-    Response::Error { message }
+    Response::Error {
+        message,
+        cause: api::ErrorKind::Invalid,
+    }
 }
 
 fn write(w: &mut UnixStream, r: &Response) -> std::io::Result<()> {

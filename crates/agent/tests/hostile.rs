@@ -397,7 +397,7 @@ fn names_enter_only_as_kubernetes_admits_them() {
     let agent = Agent::start();
     let call = |req: api::Request| api::call(&agent.socket(), &req);
     let refused = |req: api::Request, needle: &str| match call(req) {
-        Err(api::ClientError::Agent(m)) => assert!(m.contains(needle), "{m}"),
+        Err(api::ClientError::Agent { message: m, .. }) => assert!(m.contains(needle), "{m}"),
         other => panic!("accepted: {other:?}"),
     };
     let pod = |namespace: &str, name: &str| {
@@ -431,7 +431,7 @@ fn names_enter_only_as_kubernetes_admits_them() {
     }));
     netns::delete_netns(&netns);
     assert!(
-        matches!(&add, Err(api::ClientError::Agent(m)) if m.contains("namespace \"Shop\"")),
+        matches!(&add, Err(api::ClientError::Agent { message: m, cause: api::ErrorKind::Invalid }) if m.contains("namespace \"Shop\"")),
         "{add:?}"
     );
     match call(api::Request::Status).unwrap() {

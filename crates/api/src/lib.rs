@@ -235,12 +235,38 @@ pub struct AddResult {
     pub host_mac: String,
 }
 
+/// Why the agent refused or failed a request: what a caller (the CNI
+/// plugin's error codes, a runtime's retry) decides on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request itself is wrong (names, paths, values).
+    Invalid,
+    /// What it names does not exist (an endpoint, a policy).
+    NotFound,
+    /// It conflicts with what exists (an interface already attached).
+    Conflict,
+    /// A pool ran out (pod addresses, endpoint ids).
+    Exhausted,
+    /// Setting up the pod's network failed (links, addresses, routes).
+    Network,
+    /// Loading or updating the datapath failed.
+    Datapath,
+    /// Anything else: state storage, internal failures.
+    #[default]
+    Internal,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Response {
     Ok,
     Error {
         message: String,
+        /// What kind of failure (absent from older agents: `Internal`).
+        /// Not `kind`: that names the response.
+        #[serde(default)]
+        cause: ErrorKind,
     },
     Status(StatusInfo),
     Added(AddResult),
@@ -302,8 +328,8 @@ pub enum ClientError {
     Decode(serde_json::Error),
     #[error("the agent closed the connection")]
     Closed,
-    #[error("{0}")]
-    Agent(String),
+    #[error("{message}")]
+    Agent { message: String, cause: ErrorKind },
 }
 
 // By hand, not `#[from]`: that would make the inner error a `source` as
@@ -408,7 +434,7 @@ impl Client {
             return Err(ClientError::Closed);
         }
         match serde_json::from_str(&line)? {
-            Response::Error { message } => Err(ClientError::Agent(message)),
+            Response::Error { message, cause } => Err(ClientError::Agent { message, cause }),
             r => Ok(r),
         }
     }

@@ -222,6 +222,24 @@ impl Env {
     }
 }
 
+/// The CNI error for an agent's refusal: the spec's well-known codes where
+/// one fits, Fibril's own (100 and up) for the rest, so a runtime can tell
+/// a retry from a mistake.
+pub fn agent_error(cause: api::ErrorKind, details: String) -> CniError {
+    use api::ErrorKind::*;
+    let (code, msg) = match cause {
+        // The pod's names and namespace path come from CNI_ARGS/CNI_NETNS.
+        Invalid => (4, "invalid environment variables"),
+        NotFound => (3, "container unknown or does not exist"),
+        Conflict => (100, "the container is already attached"),
+        Exhausted => (101, "the node's address or endpoint pool is exhausted"),
+        Network => (102, "setting up the pod's network failed"),
+        Datapath => (103, "loading the datapath failed"),
+        Internal => (999, "the agent failed"),
+    };
+    err(code, msg, details)
+}
+
 /// Something that answers agent requests (the socket, or a test double).
 pub trait AgentCall {
     fn call(&mut self, req: &Request) -> Result<Response, CniError>;

@@ -12,11 +12,7 @@ struct Socket(Client);
 
 fn from_client(e: ClientError) -> CniError {
     match e {
-        ClientError::Agent(m) => CniError {
-            code: 999,
-            msg: "the agent refused the request".into(),
-            details: m,
-        },
+        ClientError::Agent { message, cause } => fibril_cni::agent_error(cause, message),
         ClientError::Connect { .. } | ClientError::Timeout { .. } => CniError {
             code: 11,
             msg: "try again later".into(),

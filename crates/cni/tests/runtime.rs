@@ -191,6 +191,8 @@ fn add_check_del_follow_the_spec() {
             .contains("already has an interface eth0"),
         "{err}"
     );
+    // The agent's refusal keeps its kind: a conflict, not an unknown failure.
+    assert_eq!(err["code"], 100, "{err}");
     assert_eq!(env.endpoints(), 1);
 
     let mut check = env.conf("1.1.0");
@@ -207,8 +209,9 @@ fn add_check_del_follow_the_spec() {
     assert!(cni(&env, "DEL", "ctr-1", &check).0);
     assert_eq!(env.endpoints(), 0);
     assert!(cni(&env, "DEL", "ctr-1", &check).0, "DEL is idempotent");
-    let (ok, _) = cni(&env, "CHECK", "ctr-1", &check);
+    let (ok, err) = cni(&env, "CHECK", "ctr-1", &check);
     assert!(!ok, "CHECK after DEL fails");
+    assert_eq!(err["code"], 3, "container unknown: {err}");
 }
 
 #[test]
