@@ -4,6 +4,7 @@
 
 pub mod fqdn;
 pub mod hubble_backend;
+pub mod ipcache;
 pub mod l7;
 pub mod l7proxy;
 pub mod metrics;
@@ -73,6 +74,9 @@ pub struct Agent {
     state: Mutex<State>,
     pub(crate) policy: Mutex<PolicySync>,
     index: EndpointIndex,
+    /// What the kernel's ipcache holds, as of the last sync: the resolver
+    /// of addresses to identities for everything but the datapath.
+    ipcache: std::sync::RwLock<Arc<ipcache::Ipcache>>,
     pub observer: Arc<Observer>,
     started: Instant,
     proxy_stats: std::sync::OnceLock<Arc<proxy::Stats>>,
@@ -184,6 +188,7 @@ impl Agent {
             state: Mutex::new(state),
             policy: Mutex::new(policy),
             index: Arc::new(RwLock::new(EndpointLookup::default())),
+            ipcache: Default::default(),
             observer,
             started: Instant::now(),
             proxy_stats: std::sync::OnceLock::new(),
@@ -263,11 +268,18 @@ impl Agent {
             return;
         };
         let sync = self.policy.lock().unwrap_or_else(|e| e.into_inner());
+        // The proxy resolves non-pod addresses through `cidrs`: the
+        // ipcache's prefixes, the host's own addresses (`host`) included.
         let mut snapshot = l7proxy::Snapshot {
-            cidrs: state
-                .cidr_identities
+            cidrs: self
+                .ipcache()
+                .entries()
                 .iter()
-                .map(|(p, id)| (*p, *id))
+                .filter(|((_, len), id)| *len > 0 || **id != abi::identity::WORLD)
+                .map(|(&(addr, len), &id)| {
+                    let net = ipnet::Ipv4Net::new(addr, len as u8).unwrap_or_default();
+                    (ipnet::IpNet::V4(net), id)
+                })
                 .collect(),
             ..Default::default()
         };
@@ -310,7 +322,7 @@ impl Agent {
         };
         match server_pod {
             Some(id) => Some((client, id, true)),
-            None => Some((client, self.lock_state().cidr_identity_of(server), false)),
+            None => Some((client, self.ipcache().identity_of(server), false)),
         }
     }
 
@@ -368,32 +380,28 @@ impl Agent {
     /// ipcache: every pod /32 -> its identity, and 0.0.0.0/0 -> world, so
     /// that every address resolves to an identity (longest prefix wins).
     fn sync_ipcache(&self, state: &State) -> Result<(), Error> {
-        let mut wanted: BTreeMap<(Ipv4Addr, u32), u32> = BTreeMap::new();
-        wanted.insert((Ipv4Addr::UNSPECIFIED, 0), abi::identity::WORLD);
-        // CIDR identities (IPv6 prefixes wait for the IPv6 datapath).
-        for (prefix, id) in &state.cidr_identities {
-            if let ipnet::IpNet::V4(p) = prefix {
-                wanted.insert((p.network(), p.prefix_len() as u32), *id);
-            }
-        }
-        for addr in net::host_ipv4_addresses()? {
-            wanted.insert((addr, 32), abi::identity::HOST);
-        }
-        for e in state.endpoints.values() {
-            wanted.insert((e.ipv4, 32), e.identity);
-        }
+        let wanted = ipcache::Ipcache::build(state, &net::host_ipv4_addresses()?);
         let have = self.datapath.ipcache_entries()?;
         for (addr, len, _) in &have {
-            if !wanted.contains_key(&(*addr, *len)) {
+            if !wanted.entries().contains_key(&(*addr, *len)) {
                 self.datapath.remove_ipcache(*addr, *len)?;
             }
         }
-        for ((addr, len), id) in wanted {
+        for (&(addr, len), &id) in wanted.entries() {
             if !have.contains(&(addr, len, id)) {
                 self.datapath.upsert_ipcache(addr, len, id)?;
             }
         }
+        *self.ipcache.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(wanted);
         Ok(())
+    }
+
+    /// The ipcache as of the last sync.
+    fn ipcache(&self) -> Arc<ipcache::Ipcache> {
+        self.ipcache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn commit(&self, state: &mut State) -> Result<(), Error> {
@@ -532,13 +540,12 @@ impl Agent {
     fn enforce_established(&self) -> Result<(usize, usize), Error> {
         let s = self.lock_state();
         let sync = self.policy.lock().unwrap_or_else(|e| e.into_inner());
-        let host = net::host_ipv4_addresses()?;
+        let ipcache = self.ipcache();
         let by_addr: HashMap<Ipv4Addr, &Endpoint> =
             s.endpoints.values().map(|e| (e.ipv4, e)).collect();
         let identity = |a: Ipv4Addr| match by_addr.get(&a) {
             Some(e) => e.identity,
-            None if host.contains(&a) => abi::identity::HOST,
-            None => s.cidr_identity_of(a),
+            None => ipcache.identity_of(a),
         };
         let ip = |a: u32| Ipv4Addr::from(u32::from_be(a));
         let mut checked = 0;
@@ -970,10 +977,7 @@ impl Agent {
             }
             // The ipcache's answer: the host, else the longest CIDR
             // identity prefix, else the world.
-            if net::host_ipv4_addresses()?.contains(&addr) {
-                return Ok((abi::identity::HOST, None));
-            }
-            return Ok((s.cidr_identity_of(addr), None));
+            return Ok((self.ipcache().identity_of(addr), None));
         }
         let (ns, pod) = end.split_once('/').unwrap_or(("default", end));
         let e = s

@@ -195,16 +195,6 @@ impl State {
         Ok(())
     }
 
-    /// The identity of a non-pod address as the ipcache resolves it (host
-    /// addresses aside): the longest CIDR identity prefix, else the world.
-    pub fn cidr_identity_of(&self, addr: Ipv4Addr) -> u32 {
-        self.cidr_identities
-            .iter()
-            .filter(|(p, _)| p.contains(&std::net::IpAddr::V4(addr)))
-            .max_by_key(|(p, _)| p.prefix_len())
-            .map_or(abi::identity::WORLD, |(_, id)| *id)
-    }
-
     /// Every identity with its labels: reserved, pods, CIDRs.
     pub fn all_identities(&self) -> Vec<(u32, LabelSet)> {
         let mut out = self.identities.all();
