@@ -9,7 +9,8 @@
 
 #define NSEC_PER_SEC 1000000000ULL
 
-/* Timeouts, set by the agent at load time. Defaults are Cilium's. */
+/* Timeouts: Cilium's defaults. Load-time settings like the others
+ * (datapath::knobs), though the agent keeps these defaults today. */
 const volatile __u64 ct_timeout_tcp_syn_s = 60;
 const volatile __u64 ct_timeout_tcp_established_s = 8000;
 const volatile __u64 ct_timeout_tcp_close_s = 10;

@@ -5,6 +5,7 @@
 //! names, makes BPF syscalls or changes links and namespaces.
 
 pub mod events;
+pub mod knobs;
 pub mod shortcut;
 
 use std::net::Ipv4Addr;
@@ -206,8 +207,8 @@ impl Datapath {
     ) -> Result<EndpointPrograms, Error> {
         let addr_be = u32::from(ipv4).to_be();
         let mut l = loader(&self.config);
-        l.override_global("endpoint_id", &ep_id, true)
-            .override_global("endpoint_ipv4", &addr_be, true);
+        knobs::set(&mut l, knobs::ENDPOINT_ID, &ep_id);
+        knobs::set(&mut l, knobs::ENDPOINT_IPV4, &addr_be);
         let mut bpf = l.load(LXC_OBJECT)?;
         for name in [PROG_FROM_CONTAINER, PROG_TO_CONTAINER] {
             classifier(&mut bpf, name)?.load().map_err(prog_err(name))?;
@@ -584,13 +585,21 @@ fn pinned_loader(config: &Config) -> EbpfLoader<'_> {
 /// The endpoint programs' loader: pinned maps and load-time settings.
 fn loader(config: &Config) -> EbpfLoader<'_> {
     let mut l = pinned_loader(config);
-    l.override_global("events_wakeup_bytes", &config.events_wakeup_bytes, true)
-        .override_global("ct_endpoint_budget", &config.ct_endpoint_budget, true);
+    knobs::set(
+        &mut l,
+        knobs::EVENTS_WAKEUP_BYTES,
+        &config.events_wakeup_bytes,
+    );
+    knobs::set(
+        &mut l,
+        knobs::CT_ENDPOINT_BUDGET,
+        &config.ct_endpoint_budget,
+    );
     if let Some(p) = &config.proxy {
-        l.override_global("proxy_port", &p.port, true)
-            .override_global("dns_proxy_port", &p.dns_port, true)
-            .override_global("proxy_mark_to", &p.mark_to, true)
-            .override_global("proxy_mark_from", &p.mark_from, true);
+        knobs::set(&mut l, knobs::PROXY_PORT, &p.port);
+        knobs::set(&mut l, knobs::DNS_PROXY_PORT, &p.dns_port);
+        knobs::set(&mut l, knobs::PROXY_MARK_TO, &p.mark_to);
+        knobs::set(&mut l, knobs::PROXY_MARK_FROM, &p.mark_from);
     }
     l
 }

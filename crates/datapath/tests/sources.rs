@@ -39,3 +39,41 @@ fn every_bpf_source_has_one_license() {
         }
     }
 }
+
+/// Every `const volatile` setting in `bpf/` is in `knobs` (set by the
+/// loader, with the C type's size) or listed as kept at its C default; and
+/// every knob the loader sets exists in C.
+#[test]
+fn every_load_time_setting_is_declared_once_in_knobs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bpf");
+    let mut files = Vec::new();
+    sources(&root, &mut files);
+    let mut in_c = std::collections::BTreeMap::new();
+    for f in files {
+        for line in std::fs::read_to_string(&f).unwrap().lines() {
+            let Some(rest) = line.trim().strip_prefix("const volatile ") else {
+                continue;
+            };
+            let mut words = rest.split_whitespace();
+            let (ty, name) = (words.next().unwrap(), words.next().unwrap());
+            let bits: usize = ty.trim_start_matches("__u").parse().unwrap();
+            in_c.insert(name.trim_end_matches(';').to_string(), bits / 8);
+        }
+    }
+    use fibril_datapath::knobs::{C_DEFAULTS, SET};
+    for (name, size) in SET {
+        assert_eq!(
+            in_c.get(name),
+            Some(&size),
+            "knob {name}: C says {:?}",
+            in_c.get(name)
+        );
+    }
+    for name in in_c.keys() {
+        assert!(
+            SET.iter().any(|(n, _)| n == name) || C_DEFAULTS.contains(&name.as_str()),
+            "{name} is declared in bpf/ but neither set by the loader nor listed as a C default"
+        );
+    }
+    assert!(C_DEFAULTS.iter().all(|n| in_c.contains_key(*n)));
+}
