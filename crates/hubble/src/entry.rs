@@ -15,7 +15,8 @@ use crate::convert;
 
 pub struct FlowEntry {
     flow: flow::Flow,
-    wire: OnceLock<Wire>,
+    /// Boxed: most flows are never read, and the ring holds them all.
+    wire: OnceLock<Box<Wire>>,
 }
 
 /// The wire forms of a flow.
@@ -42,28 +43,30 @@ impl FlowEntry {
 
     pub fn wire(&self) -> &Wire {
         self.wire.get_or_init(|| {
-            let flow = convert::flow(&self.flow);
-            let ns = flow.time.map_or(0, |t| {
-                t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64
-            });
-            let encoded = flow.encode_to_vec();
-            let envelope = GetFlowsResponse {
-                node_name: flow.node_name.clone(),
-                time: flow.time,
-                response_types: None,
-            };
-            let mut buf = Vec::with_capacity(encoded.len() + envelope.encoded_len() + 8);
-            let start = with_flow(&mut buf, &encoded);
-            let end = buf.len();
-            envelope.encode_raw(&mut buf);
-            let response = Bytes::from(buf);
-            Wire {
-                flow,
-                ns,
-                flow_bytes: response.slice(start..end),
-                rest: response.slice(end..),
-                response,
-            }
+            Box::new({
+                let flow = convert::flow(&self.flow);
+                let ns = flow.time.map_or(0, |t| {
+                    t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64
+                });
+                let encoded = flow.encode_to_vec();
+                let envelope = GetFlowsResponse {
+                    node_name: flow.node_name.clone(),
+                    time: flow.time,
+                    response_types: None,
+                };
+                let mut buf = Vec::with_capacity(encoded.len() + envelope.encoded_len() + 8);
+                let start = with_flow(&mut buf, &encoded);
+                let end = buf.len();
+                envelope.encode_raw(&mut buf);
+                let response = Bytes::from(buf);
+                Wire {
+                    flow,
+                    ns,
+                    flow_bytes: response.slice(start..end),
+                    rest: response.slice(end..),
+                    response,
+                }
+            })
         })
     }
 }
