@@ -68,29 +68,13 @@ fn deps() -> anyhow::Result<()> {
 /// outside the clone where the tests look for it
 /// (`test_support::hubble_cli`). About 3 minutes the first time.
 fn hubble_cli() -> anyhow::Result<()> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let tool = root.join("tools/hubble-cli");
-    let go_mod = std::fs::read_to_string(tool.join("go.mod"))?;
-    let version = go_mod
-        .lines()
-        .find_map(|l| {
-            // `require github.com/cilium/hubble vX` or a line of a block.
-            let l = l.trim().trim_start_matches("require ").trim();
-            l.strip_prefix("github.com/cilium/hubble ")?
-                .split_whitespace()
-                .next()
-        })
-        .context("tools/hubble-cli/go.mod requires no github.com/cilium/hubble version")?
-        .trim()
-        .to_string();
-    let out = test_support_cache()
-        .join(format!("hubble-{version}"))
-        .join("hubble");
+    let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/hubble-cli");
+    let out = test_support::hubble_cli_build_path();
     if out.exists() {
         return Ok(());
     }
     eprintln!(
-        "building the real hubble CLI {version} (from the Go module proxy) into {}",
+        "building the real hubble CLI (from the Go module proxy) into {}",
         out.display()
     );
     run(Command::new("go")
@@ -99,16 +83,6 @@ fn hubble_cli() -> anyhow::Result<()> {
         .arg("github.com/cilium/hubble")
         .current_dir(&tool))
     .context("building the hubble CLI needs Go and the Go module proxy")
-}
-
-/// Where built third-party programs are cached (`$XDG_CACHE_HOME/fibril`,
-/// else `~/.cache/fibril`): the same rule as `test_support::cache_dir`.
-fn test_support_cache() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from("/var/cache"))
-        .join("fibril")
 }
 
 fn apt_packages() -> anyhow::Result<()> {

@@ -216,13 +216,9 @@ pub fn cache_dir() -> std::path::PathBuf {
         .join("fibril")
 }
 
-/// The real hubble CLI (`HUBBLE_CLI`, else the one `cargo xtask deps`
-/// built for the version `tools/hubble-cli/go.mod` names). Panics with
-/// what to run when it is absent.
-pub fn hubble_cli() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("HUBBLE_CLI") {
-        return p.into();
-    }
+/// Where `cargo xtask deps` builds the real hubble CLI: the cache, by the
+/// version `tools/hubble-cli/go.mod` requires.
+pub fn hubble_cli_build_path() -> std::path::PathBuf {
     let go_mod =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/hubble-cli/go.mod");
     let text = std::fs::read_to_string(&go_mod).expect("tools/hubble-cli/go.mod");
@@ -235,9 +231,17 @@ pub fn hubble_cli() -> std::path::PathBuf {
                 .split_whitespace()
                 .next()
         })
-        .expect("tools/hubble-cli/go.mod names the hubble version")
-        .trim();
-    let path = cache_dir().join(format!("hubble-{version}")).join("hubble");
+        .expect("tools/hubble-cli/go.mod names the hubble version");
+    cache_dir().join(format!("hubble-{version}")).join("hubble")
+}
+
+/// The real hubble CLI (`HUBBLE_CLI`, else the one `cargo xtask deps`
+/// built). Panics with what to run when it is absent.
+pub fn hubble_cli() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("HUBBLE_CLI") {
+        return p.into();
+    }
+    let path = hubble_cli_build_path();
     assert!(
         path.exists(),
         "the real hubble CLI is not built: run `cargo xtask deps` (it builds {})",
