@@ -120,6 +120,13 @@ static __always_inline int ingress_policy(struct __sk_buff *skb, const struct pa
 	return TC_ACT_OK;
 }
 
+/* What the helpers below return beside tc's verdicts (TC_ACT_*, of which
+ * TC_ACT_UNSPEC is -1): never a verdict, always handled by the caller. */
+enum helper_result {
+	NEEDS_PROXY = -100,   /* the connection's L7 rules need the proxy */
+	NO_DNS_PROXY = -101,  /* the DNS proxy is not there */
+};
+
 enum ingress_mode {
 	INGRESS_CHECK,   /* evaluate the policy for new connections */
 	INGRESS_CHECKED, /* the caller evaluated it (verdict in `pv`) */
@@ -129,7 +136,7 @@ enum ingress_mode {
 /* Ingress for a local endpoint (`ep_id`): conntrack, policy for new
  * connections, the to-endpoint trace. Runs in to_container for traffic from
  * the host stack and in the sender's from_container for pod-to-pod traffic
- * on this node. Returns -1 when the L7 rules need the proxy. */
+ * on this node. Returns NEEDS_PROXY when the L7 rules need the proxy. */
 static __always_inline int ingress_to_endpoint(struct __sk_buff *skb, struct packet *pkt,
 					       __u32 ep_id, __u32 dst_id, __u32 flags,
 					       __u32 src_id, enum ingress_mode mode,
@@ -147,7 +154,7 @@ static __always_inline int ingress_to_endpoint(struct __sk_buff *skb, struct pac
 			if (verdict != TC_ACT_OK)
 				return verdict;
 			if (redirect)
-				return -1;
+				return NEEDS_PROXY;
 		} else if (mode == INGRESS_FROM_PROXY) {
 			ct_flags = CT_F_FROM_PROXY;
 		}
@@ -182,7 +189,7 @@ enum redirect_kind {
  * packet (every datagram, for UDP) is assigned to the proxy's socket, which
  * sees the original destination as its local address (transparent to the
  * client). Later TCP packets find the accepted socket by the usual lookup.
- * Returns -1 when the DNS proxy is not there (the agent restarts): DNS then
+ * Returns NO_DNS_PROXY when the DNS proxy is not there (the agent restarts): DNS then
  * goes to the resolver directly, so that pods keep resolving; the HTTP proxy
  * missing fails closed. */
 static __always_inline int to_proxy(struct __sk_buff *skb, const struct packet *pkt,
@@ -205,7 +212,7 @@ static __always_inline int to_proxy(struct __sk_buff *skb, const struct packet *
 		sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
 	if (!sk) {
 		if (kind == REDIRECT_DNS)
-			return -1;
+			return NO_DNS_PROXY;
 		return drop(skb, pkt, DROP_SOCKET_LOOKUP_FAILED, DIR_EGRESS, src_id, dst_id,
 			    MATCH_NONE, 0);
 	}
@@ -336,7 +343,7 @@ int from_container(struct __sk_buff *skb)
 	}
 	if (redirect) {
 		int verdict = to_proxy(skb, &pkt, src_id, dst_id, redirect);
-		if (verdict != -1) {
+		if (verdict != NO_DNS_PROXY) {
 			if (ct.report)
 				emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_TO_PROXY,
 					   DIR_EGRESS, VERDICT_FORWARDED, ct.state, src_id, dst_id,
@@ -359,7 +366,7 @@ int from_container(struct __sk_buff *skb)
 						  peer->flags, src_id,
 						  ct.state == CT_NEW ? INGRESS_CHECKED : INGRESS_CHECK,
 						  &peer_pv, endpoint_id);
-		if (verdict == -1) {
+		if (verdict == NEEDS_PROXY) {
 			/* A connection tracked before the peer's L7 rules came: its
 			 * next packets belong to the proxy. */
 			if (pkt.protocol != IPPROTO_TCP)
@@ -408,7 +415,7 @@ int to_container(struct __sk_buff *skb)
 					  src_id, mode, &pv, 0);
 	/* L7 rules for a client outside this node's pods: the proxy is reached
 	 * from the pods' side only, so refuse rather than skip the rules. */
-	if (verdict == -1)
+	if (verdict == NEEDS_PROXY)
 		return drop(skb, &pkt, DROP_PROXY_UNSUPPORTED, DIR_INGRESS, src_id,
 			    self->identity, pv.match, pv.cookie);
 	return verdict;
