@@ -2,7 +2,7 @@
 //! `grpc.health.v1.Health` (SERVING for `hubble.server.Observer`), on a
 //! Unix socket and on TCP, plaintext h2c as the hubble CLI speaks it.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -175,34 +175,24 @@ fn run_window<T, R>(
     if !report(lost_before) {
         return;
     }
-    let mut kept: VecDeque<R> = VecDeque::new();
-    let mut sent = 0usize;
-    for item in history {
-        let Some((t, r)) = accept(&item) else {
-            continue;
-        };
-        if w.since.is_some_and(|s| t < s) {
-            continue;
+    // In event-time order: the ring holds flows as they were made, and the
+    // proxy's L7 flows arrive a round after the datapath's of the same
+    // moment. Nearly sorted already, so the stable sort costs little.
+    let mut window: Vec<(u64, R)> = history
+        .iter()
+        .filter_map(&accept)
+        .filter(|(t, _)| w.since.is_none_or(|s| *t >= s) && w.until.is_none_or(|u| *t <= u))
+        .collect();
+    window.sort_by_key(|(t, _)| *t);
+    let picked: Box<dyn Iterator<Item = (u64, R)>> = match (w.first, w.number) {
+        (_, 0) => Box::new(window.into_iter()),
+        (true, n) => Box::new(window.into_iter().take(n)),
+        (false, n) => {
+            let skip = window.len().saturating_sub(n);
+            Box::new(window.into_iter().skip(skip))
         }
-        if w.until.is_some_and(|u| t > u) {
-            break;
-        }
-        if w.first {
-            if w.number > 0 && sent == w.number {
-                break;
-            }
-            if !send(r) {
-                return;
-            }
-            sent += 1;
-        } else {
-            kept.push_back(r);
-            if w.number > 0 && kept.len() > w.number {
-                kept.pop_front();
-            }
-        }
-    }
-    for r in kept {
+    };
+    for (_, r) in picked {
         if !send(r) {
             return;
         }

@@ -932,3 +932,31 @@ fn a_socket_path_as_authority_is_served_on_the_unix_socket() {
     assert_eq!(raw_server_status(&bare, &encoded), Err(1));
     assert_eq!(raw_server_status(&bare, b"localhost"), Ok("0".into()));
 }
+
+/// Flows come out in event-time order, whatever order the ring got them
+/// in (the proxy's L7 flows land a round after the datapath's of the same
+/// moment): `--last N` is the N latest, `--first N` the N earliest.
+#[test]
+fn replies_are_in_event_time_order() {
+    let mut fx = fixture(15, 0);
+    for i in [0, 1, 3, 4, 2] {
+        fx.backend.flows.push(Arc::new(FlowEntry::new(flow(i))));
+    }
+    let all = fx.get(GetFlowsRequest::default()).unwrap();
+    assert_eq!(uuids(&all), ["u0", "u1", "u2", "u3", "u4"]);
+    let last = fx
+        .get(GetFlowsRequest {
+            number: 3,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(uuids(&last), ["u2", "u3", "u4"]);
+    let first = fx
+        .get(GetFlowsRequest {
+            number: 3,
+            first: true,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(uuids(&first), ["u0", "u1", "u2"]);
+}
