@@ -334,12 +334,9 @@ fn agent_event_text(e: &pb::AgentEvent) -> String {
         .unwrap_or("AGENT_EVENT_UNKNOWN");
     let detail = match &e.notification {
         Some(Notification::AgentStart(t)) => {
-            let ns = t.time.map_or(0, |t| {
-                t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64
-            });
             format!(
                 "start time: {}",
-                flow::format::compact_time(&flow::record::rfc3339(ns))
+                flow::format::compact_time(&ts_text(t.time))
             )
         }
         Some(Notification::EndpointUpdate(u)) => {
@@ -375,10 +372,8 @@ fn agent_event_text(e: &pb::AgentEvent) -> String {
 }
 
 fn ts_text(t: Option<prost_types::Timestamp>) -> String {
-    t.map(|t| {
-        flow::record::rfc3339(t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64)
-    })
-    .unwrap_or_default()
+    t.map(|t| flow::record::rfc3339(hubble::convert::unix_ns(&t)))
+        .unwrap_or_default()
 }
 
 /// `fibril observe agent-events` / `debug-events`.
@@ -593,7 +588,7 @@ const CONFLICTS: &[&[&str]] = &[
 
 /// The filter flags given (by their long names).
 fn flags_set(a: &Args) -> Vec<&'static str> {
-    let lists: [(&str, bool); 20] = [
+    let flags: [(&str, bool); 32] = [
         ("namespace", !a.namespace.is_empty()),
         ("from-namespace", !a.from_namespace.is_empty()),
         ("to-namespace", !a.to_namespace.is_empty()),
@@ -614,8 +609,6 @@ fn flags_set(a: &Args) -> Vec<&'static str> {
         ("to-label", !a.to_label.is_empty()),
         ("encrypted", a.encrypted),
         ("unencrypted", a.unencrypted),
-    ];
-    let more: [(&str, bool); 12] = [
         ("service", !a.service.is_empty()),
         ("from-service", !a.from_service.is_empty()),
         ("to-service", !a.to_service.is_empty()),
@@ -629,9 +622,8 @@ fn flags_set(a: &Args) -> Vec<&'static str> {
         ("from-workload", !a.from_workload.is_empty()),
         ("to-workload", !a.to_workload.is_empty()),
     ];
-    lists
+    flags
         .into_iter()
-        .chain(more)
         .filter(|(_, on)| *on)
         .map(|(n, _)| n)
         .collect()
@@ -1374,7 +1366,7 @@ fn run_input_file(a: &Args, path: &std::path::Path, req: &GetFlowsRequest) -> an
                 .with_context(|| format!("--input-file {}", path.display()))?,
         ))
     };
-    let ns = |t: &prost_types::Timestamp| (t.seconds as i128) * 1_000_000_000 + t.nanos as i128;
+    let ns = hubble::convert::unix_ns;
     let (since, until) = (req.since.as_ref().map(ns), req.until.as_ref().map(ns));
     let limit = if req.number == 0 || req.number == u64::MAX {
         None

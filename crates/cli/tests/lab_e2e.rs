@@ -994,17 +994,8 @@ fn hubble_api_serves_the_labs_flows_to_a_grpc_client() {
         get_flows_response::ResponseTypes, observer_client::ObserverClient, GetFlowsRequest,
     };
     let lab = Lab::default_lab();
-    wait_until("backend to listen", || {
-        lab.backend_log().contains("listening")
-    });
-    assert!(lab.get("frontend", "3"));
-    assert!(!lab.get("other-client", "1"));
-    wait_until("the drop flow", || {
-        lab.flows().iter().any(|f| f["verdict"] == "DROPPED")
-    });
-
-    let addr = std::fs::read_to_string(format!("/run/fibril/labs/{}/state/hubble.addr", lab.name))
-        .unwrap();
+    lab.seed_traffic();
+    let addr = lab.hubble_address();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -1368,17 +1359,8 @@ policies:
 fn the_real_hubble_cli_reads_the_lab() {
     let hubble = test_support::hubble_cli();
     let lab = Lab::default_lab();
-    wait_until("backend to listen", || {
-        lab.backend_log().contains("listening")
-    });
-    assert!(lab.get("frontend", "3"));
-    assert!(!lab.get("other-client", "1"));
-    wait_until("the drop flow", || {
-        lab.flows().iter().any(|f| f["verdict"] == "DROPPED")
-    });
-    let addr = std::fs::read_to_string(format!("/run/fibril/labs/{}/state/hubble.addr", lab.name))
-        .unwrap();
-    let server = addr.trim().to_string();
+    lab.seed_traffic();
+    let server = lab.hubble_address();
     let real = |args: &[&str]| -> String {
         let out = Command::new(&hubble)
             .args(args)

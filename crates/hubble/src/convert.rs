@@ -6,6 +6,11 @@ fn enum_value(name: &str, from: fn(&str) -> Option<i32>) -> i32 {
     from(name).unwrap_or(0)
 }
 
+/// Nanoseconds since the epoch of a `Timestamp` (times before it: 0).
+pub fn unix_ns(t: &prost_types::Timestamp) -> u64 {
+    t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64
+}
+
 pub fn timestamp(unix_ns: u64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: (unix_ns / 1_000_000_000) as i64,
@@ -381,9 +386,7 @@ pub fn from_pb(p: &pb::Flow) -> flow::Flow {
             });
     let time = p
         .time
-        .map(|t| {
-            flow::record::rfc3339(t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64)
-        })
+        .map(|t| flow::record::rfc3339(unix_ns(&t)))
         .unwrap_or_default();
     flow::Flow {
         time,

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use bytes::Bytes;
 use prost::Message;
 use proto::flow as pb;
-use proto::observer::{get_flows_response::ResponseTypes, GetFlowsResponse};
+use proto::observer::GetFlowsResponse;
 
 use crate::convert;
 
@@ -45,9 +45,7 @@ impl FlowEntry {
         self.wire.get_or_init(|| {
             Box::new({
                 let flow = convert::flow(&self.flow);
-                let ns = flow.time.map_or(0, |t| {
-                    t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64
-                });
+                let ns = flow.time.as_ref().map_or(0, convert::unix_ns);
                 let encoded = flow.encode_to_vec();
                 let envelope = GetFlowsResponse {
                     node_name: flow.node_name.clone(),
@@ -93,25 +91,10 @@ fn with_flow(buf: &mut Vec<u8>, flow: &[u8]) -> usize {
     start
 }
 
-/// The response that carries `flow`: its node and time are the flow's.
-pub fn response(flow: pb::Flow) -> GetFlowsResponse {
-    GetFlowsResponse {
-        node_name: flow.node_name.clone(),
-        time: flow.time,
-        response_types: Some(ResponseTypes::Flow(flow)),
-    }
-}
-
 impl std::ops::Deref for FlowEntry {
     type Target = flow::Flow;
     fn deref(&self) -> &flow::Flow {
         &self.flow
-    }
-}
-
-impl From<flow::Flow> for FlowEntry {
-    fn from(flow: flow::Flow) -> Self {
-        FlowEntry::new(flow)
     }
 }
 
@@ -153,6 +136,7 @@ impl Message for Encoded {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proto::observer::get_flows_response::ResponseTypes;
 
     #[test]
     fn the_cached_response_is_the_response_prost_would_send() {
@@ -161,7 +145,13 @@ mod tests {
         let wire = entry.wire();
         assert_eq!(wire.ns, 1_768_471_200_500_000_000);
         let decoded = GetFlowsResponse::decode(wire.response.clone()).unwrap();
-        assert_eq!(decoded, response(convert::flow(&f)));
+        let flow = convert::flow(&f);
+        let expected = GetFlowsResponse {
+            node_name: flow.node_name.clone(),
+            time: flow.time,
+            response_types: Some(ResponseTypes::Flow(flow)),
+        };
+        assert_eq!(decoded, expected);
         assert_eq!(decoded.node_name, "n1");
         // Encoded carries it byte for byte.
         let e = Encoded(wire.response.clone());

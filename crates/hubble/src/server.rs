@@ -101,8 +101,7 @@ fn with_version<T>(mut r: Response<T>) -> Response<T> {
 }
 
 fn to_ns(t: &Option<prost_types::Timestamp>) -> Option<u64> {
-    t.as_ref()
-        .map(|t| (t.seconds.max(0) as u64) * 1_000_000_000 + t.nanos.max(0) as u64)
+    t.as_ref().map(convert::unix_ns)
 }
 
 fn lost(node: &str, n: u64) -> GetFlowsResponse {
@@ -184,15 +183,13 @@ fn run_window<T, R>(
         .filter(|(t, _)| w.since.is_none_or(|s| *t >= s) && w.until.is_none_or(|u| *t <= u))
         .collect();
     window.sort_by_key(|(t, _)| *t);
-    let picked: Box<dyn Iterator<Item = (u64, R)>> = match (w.first, w.number) {
-        (_, 0) => Box::new(window.into_iter()),
-        (true, n) => Box::new(window.into_iter().take(n)),
-        (false, n) => {
-            let skip = window.len().saturating_sub(n);
-            Box::new(window.into_iter().skip(skip))
-        }
+    // `number` 0: all of it; else the first or the last `number`.
+    let (skip, take) = match (w.first, w.number) {
+        (_, 0) => (0, usize::MAX),
+        (true, n) => (0, n),
+        (false, n) => (window.len().saturating_sub(n), n),
     };
-    for (_, r) in picked {
+    for (_, r) in window.into_iter().skip(skip).take(take) {
         if !send(r) {
             return;
         }
@@ -686,15 +683,15 @@ async fn services<B: Backend>(
     builder
         .max_concurrent_streams(u32::try_from(limits.max_streams + 32).unwrap_or(u32::MAX))
         .add_service(health)
-        .add_service(ObserverRoutes {
-            service: Arc::new(Service {
+        .add_service({
+            let service = Arc::new(Service {
                 backend: backend.clone(),
                 streams: streams.clone(),
-            }),
-            generated: ObserverServer::new(Service {
-                backend: backend.clone(),
-                streams: streams.clone(),
-            }),
+            });
+            ObserverRoutes {
+                generated: ObserverServer::from_arc(service.clone()),
+                service,
+            }
         })
         .add_service(PeerServer::new(Service { backend, streams }))
 }

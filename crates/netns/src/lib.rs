@@ -95,21 +95,30 @@ pub fn ifindex(ifname: &str) -> Result<u32, NetError> {
     })
 }
 
+/// The MAC after `link/ether` in `ip link show`'s output.
 fn parse_mac(command: &str, output: &str) -> Result<[u8; 6], NetError> {
-    let err = || NetError::Parse {
-        command: command.into(),
-        output: output.into(),
-    };
     let word = output
         .split_whitespace()
         .skip_while(|w| *w != "link/ether")
         .nth(1)
-        .ok_or_else(err)?;
-    let mut mac = [0u8; 6];
-    let parts: Vec<&str> = word.split(':').collect();
+        .unwrap_or("");
+    mac_from_text(command, word).map_err(|_| NetError::Parse {
+        command: command.into(),
+        output: output.into(),
+    })
+}
+
+/// `aa:bb:cc:dd:ee:ff` as bytes (`source` names where it came from).
+fn mac_from_text(source: &str, text: &str) -> Result<[u8; 6], NetError> {
+    let err = || NetError::Parse {
+        command: source.into(),
+        output: text.into(),
+    };
+    let parts: Vec<&str> = text.split(':').collect();
     if parts.len() != 6 {
         return Err(err());
     }
+    let mut mac = [0u8; 6];
     for (m, p) in mac.iter_mut().zip(parts) {
         *m = u8::from_str_radix(p, 16).map_err(|_| err())?;
     }
@@ -301,7 +310,7 @@ fn read_mac(ifname: &str) -> Result<[u8; 6], NetError> {
         command: format!("read {path}"),
         source,
     })?;
-    parse_mac(&path, &format!("link/ether {}", text.trim()))
+    mac_from_text(&path, text.trim())
 }
 
 /// A random locally administered unicast MAC address.

@@ -141,6 +141,25 @@ impl Lab {
         .unwrap_or_default()
     }
 
+    /// The seed's traffic: frontend reaches the backend, other-client is
+    /// refused in the kernel; returns once the drop's flow is in the ring.
+    pub fn seed_traffic(&self) {
+        wait_until("backend to listen", || {
+            self.backend_log().contains("listening")
+        });
+        assert!(self.get("frontend", "3"));
+        assert!(!self.get("other-client", "1"));
+        wait_until("the drop flow", || {
+            self.flows().iter().any(|f| f["verdict"] == "DROPPED")
+        });
+    }
+
+    /// Where the agent serves the Hubble API (`unix:///...`).
+    pub fn hubble_address(&self) -> String {
+        let path = format!("/run/fibril/labs/{}/state/hubble.addr", self.name);
+        std::fs::read_to_string(path).unwrap().trim().to_string()
+    }
+
     pub fn flows(&self) -> Vec<Value> {
         self.observe_json(&["--all"])
     }
