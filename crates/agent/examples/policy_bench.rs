@@ -2,9 +2,12 @@
 //! 2,000 identities and 1,000 rules.
 //!
 //! - full computation (pure engine) time and memory;
-//! - full sync into real kernel maps (a private bpffs directory);
-//! - one incremental change each: a new pod, a label change, one policy
-//!   added, timed until the kernel maps hold the result.
+//! - the agent's start: a full sync into real kernel maps (a private bpffs
+//!   directory) and the state snapshot;
+//! - one change of each kind through the agent's commit (`Control`): a new
+//!   pod, a label change, a policy added, a learned DNS answer; timed until
+//!   the kernel maps, the views and the state log hold it (p50/p99 of
+//!   `ROUNDS`), and the process's RSS.
 //!
 //! Run: `cargo run --release -p fibril-agent --example policy_bench` (root).
 
@@ -12,8 +15,9 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
+use fibril_agent::control::Control;
 use fibril_agent::policy_sync::PolicySync;
-use fibril_agent::state::{Endpoint, State};
+use fibril_agent::state::{Endpoint, State, Store};
 use policy::labels::{pod_identity_labels, PodMeta};
 
 const NAMESPACES: usize = 20;
@@ -80,33 +84,58 @@ fn policy_yaml(k: usize) -> String {
     )
 }
 
+/// A toFQDNs policy: the first app of each namespace may reach names
+/// under example.com, so learned answers become identities it selects.
+fn fqdn_policy_yaml(ns: usize) -> String {
+    format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: fqdn{ns}, namespace: ns{ns}}}\nspec:\n  endpointSelector: {{matchLabels: {{app: a0}}}}\n  egress:\n  - toFQDNs: [{{matchPattern: \"*.example.com\"}}]\n    toPorts: [{{ports: [{{port: \"443\", protocol: TCP}}]}}]\n"
+    )
+}
+
+fn parse_one(yaml: &str) -> anyhow::Result<policy::Policy> {
+    Ok(policy::parse("bench", yaml, "default")
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .policies
+        .remove(0))
+}
+
+/// p50 / p99 / max of `samples` (ms).
+fn summary(samples: &mut [f64]) -> String {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    format!(
+        "p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms ({} changes)",
+        at(0.5),
+        at(0.99),
+        at(1.0),
+        samples.len()
+    )
+}
+
+/// Changes of each kind timed through the agent's commit.
+const ROUNDS: usize = 200;
+
 fn main() -> anyhow::Result<()> {
     let mut state = State::default();
     for k in 0..RULES {
-        let p = policy::parse("bench", &policy_yaml(k), "default")
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .policies
-            .remove(0);
-        state.policies.insert(p.key(), p);
+        state.insert_policy(parse_one(&policy_yaml(k))?);
+    }
+    for ns in 0..NAMESPACES {
+        state.insert_policy(parse_one(&fqdn_policy_yaml(ns))?);
     }
     for e in 0..ENDPOINTS {
         let (ns, app) = ((e % (NAMESPACES * APPS)) / APPS, e % APPS);
-        let l = labels(ns, app);
-        let identity = state
-            .identities
-            .acquire(&l)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
         state
-            .endpoints
-            .insert(e as u32 + 1, endpoint(e as u32 + 1, ns, app, identity));
+            .add_endpoint(endpoint(e as u32 + 1, ns, app, 0))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     let identities = state.all_identities();
     println!(
         "workload: {} endpoints, {} identities, {} rules",
-        state.endpoints.len(),
-        state.identities.all().len() - 10,
+        state.endpoints().len(),
+        state.identities().all().len() - 10,
         state
-            .policies
+            .policies()
             .values()
             .map(|p| p.rules.len())
             .sum::<usize>()
@@ -115,7 +144,7 @@ fn main() -> anyhow::Result<()> {
     // 1. Pure computation, every endpoint's policy from scratch.
     let named = state.named_ports();
     let local: BTreeMap<u32, &policy::LabelSet> = state
-        .endpoints
+        .endpoints()
         .values()
         .map(|e| (e.identity, &e.labels))
         .collect();
@@ -124,7 +153,7 @@ fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     let mut engine = policy::Engine::new("default");
     let touched = engine.update(&policy::engine::Inputs {
-        policies: &state.policies,
+        policies: state.policies(),
         policy_generation: 0,
         identities: &id_refs,
         named_ports: &named,
@@ -147,68 +176,88 @@ fn main() -> anyhow::Result<()> {
     );
     drop(engine);
 
-    // 2. The same through the agent's sync into real kernel maps.
-    let pin = std::path::PathBuf::from(format!(
-        "/sys/fs/bpf/fibril-policy-bench-{}",
-        std::process::id()
-    ));
-    struct Unpin(std::path::PathBuf);
-    impl Drop for Unpin {
+    // 2. The agent's commit path on real kernel maps (a private bpffs
+    // directory) and a state directory of its own.
+    let name = format!("fibril-policy-bench-{}", std::process::id());
+    let pin = std::path::PathBuf::from("/sys/fs/bpf").join(&name);
+    let dir = std::env::temp_dir().join(&name);
+    struct Cleanup(std::path::PathBuf, std::path::PathBuf);
+    impl Drop for Cleanup {
         fn drop(&mut self) {
             datapath::Datapath::unpin_all(&self.0);
+            std::fs::remove_dir_all(&self.1).ok();
         }
     }
-    let _unpin = Unpin(pin.clone());
-    let dp = datapath::Datapath::open(datapath::Config::new(&pin))?;
-    let mut sync = PolicySync::default();
+    let _cleanup = Cleanup(pin.clone(), dir.clone());
+    let dp = std::sync::Arc::new(datapath::Datapath::open(datapath::Config::new(&pin))?);
+    let store = Store::new(&dir)?;
     let t = Instant::now();
-    let n = sync.apply(&state, &dp, "default")?;
+    let control = Control::open("default", dp, store, state, PolicySync::default())?;
     println!(
-        "full sync to kernel maps: {:.1} ms ({n} endpoints written)",
+        "full sync to kernel maps (agent start): {:.1} ms",
         t.elapsed().as_secs_f64() * 1e3
     );
 
-    let mut timed =
-        |what: &str, state: &mut State, change: &mut dyn FnMut(&mut State)| -> anyhow::Result<()> {
+    let timed = |what: &str, change: &mut dyn FnMut(&mut State, usize)| -> anyhow::Result<()> {
+        let mut samples = Vec::with_capacity(ROUNDS);
+        for round in 0..ROUNDS {
+            let mut s = control.lock();
             let t = Instant::now();
-            change(state);
-            let n = sync.apply(state, &dp, "default")?;
-            println!(
-                "incremental, {what}: {:.2} ms ({n} endpoints rewritten)",
-                t.elapsed().as_secs_f64() * 1e3
-            );
-            Ok(())
+            change(&mut s, round);
+            control.commit(&mut s)?;
+            samples.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        println!("one change, {what}: {}", summary(&mut samples));
+        Ok(())
+    };
+    // 3a. A new pod with a new identity that other rules' selectors match
+    // (added, then deleted the next round).
+    let canary = {
+        let mut l = labels(3, 7).0;
+        l.push(policy::Label::new("k8s", "version", "canary"));
+        policy::LabelSet::new(l)
+    };
+    timed("new pod (new identity) / its deletion", &mut |s, round| {
+        if round % 2 == 0 {
+            let mut ep = endpoint(9001, 3, 7, 0);
+            ep.labels = canary.clone();
+            s.add_endpoint(ep).expect("identity");
+        } else {
+            s.remove_endpoint(9001);
+        }
+    })?;
+    // 3b. A label change: a pod moves to another identity and back.
+    timed("label change", &mut |s, round| {
+        let to = if round % 2 == 0 {
+            labels(4, 12)
+        } else {
+            labels(0, 1)
         };
-    // 3a. A new pod with a new identity that other rules' selectors match.
-    timed("new pod (new identity)", &mut state, &mut |s| {
-        let l = labels(3, 7);
-        let mut l2 = l.0.clone();
-        l2.push(policy::Label::new("k8s", "version", "canary"));
-        let l2 = policy::LabelSet::new(l2);
-        let identity = s.identities.acquire(&l2).expect("identity");
-        let mut ep = endpoint(9001, 3, 7, identity);
-        ep.labels = l2;
-        s.endpoints.insert(9001, ep);
+        s.relabel_endpoint(1, to).expect("relabel");
     })?;
-    // 3b. A label change: the pod moves to another identity.
-    timed("label change", &mut state, &mut |s| {
-        let new = labels(4, 12);
-        let identity = s.identities.acquire(&new).expect("identity");
-        let ep = s.endpoints.get_mut(&9001).expect("endpoint");
-        s.identities.release(&ep.labels.clone());
-        ep.labels = new;
-        ep.identity = identity;
-    })?;
-    // 3c. One policy added.
-    timed("one policy added", &mut state, &mut |s| {
-        let p = policy::parse("bench", &policy_yaml(RULES + 17), "default")
-            .expect("policy")
-            .policies
-            .remove(0);
-        let mut p = p;
+    // 3c. One policy added, then deleted the next round.
+    let extra = {
+        let mut p = parse_one(&policy_yaml(RULES + 17))?;
         p.name = "extra".into();
-        s.policies.insert(p.key(), p);
-        s.policy_generation += 1;
+        p
+    };
+    timed("policy added / deleted", &mut |s, round| {
+        if round % 2 == 0 {
+            s.insert_policy(extra.clone());
+        } else {
+            s.remove_policy(&extra.key());
+        }
     })?;
+    // 3d. A learned DNS answer: a new address for a name the toFQDNs
+    // policies select (a CIDR identity, its ipcache entry and the policy
+    // entries of the endpoints those policies select).
+    timed("learned DNS answer (new address)", &mut |s, round| {
+        let entry = s.fqdn_entry(&format!("api{}.example.com.", round % 7));
+        entry.endpoints.insert(1);
+        entry
+            .ips
+            .insert(Ipv4Addr::from(0xc633_6400 + round as u32), u64::MAX / 2);
+    })?;
+    println!("agent RSS at {ENDPOINTS} endpoints: {} KiB", rss_kib());
     Ok(())
 }

@@ -46,7 +46,7 @@ fn expiry(now: u64, ttl: u32, cfg: FqdnConfig) -> u64 {
 
 /// The id of the endpoint whose address is `ip`.
 fn endpoint_of(s: &crate::state::State, ip: Ipv4Addr) -> Option<u32> {
-    s.endpoints.values().find(|e| e.ipv4 == ip).map(|e| e.id)
+    s.endpoints().values().find(|e| e.ipv4 == ip).map(|e| e.id)
 }
 
 /// Extends the expiry of `answers` if `client`'s endpoint holds every one
@@ -62,7 +62,7 @@ fn refresh(
     let Some(endpoint) = endpoint_of(s, client) else {
         return false;
     };
-    let Some(entry) = s.fqdn.get_mut(name) else {
+    let Some(entry) = s.fqdn().get(name) else {
         return false;
     };
     if !entry.endpoints.contains(&endpoint)
@@ -70,6 +70,9 @@ fn refresh(
     {
         return false;
     }
+    let Some(entry) = s.fqdn_get_mut(name) else {
+        return false;
+    };
     for (ip, ttl) in answers {
         if let Some(e) = entry.ips.get_mut(ip) {
             *e = (*e).max(expiry(now, *ttl, cfg));
@@ -102,13 +105,13 @@ impl Agent {
         let endpoint = endpoint_of(&s, client)
             .ok_or_else(|| invalid(format!("no endpoint has address {client}")))?;
         let mut held: usize = s
-            .fqdn
+            .fqdn()
             .values()
             .filter(|n| n.endpoints.contains(&endpoint))
             .map(|n| n.ips.len())
             .sum();
         let mut out = Learned::default();
-        let entry = s.fqdn.entry(name.clone()).or_default();
+        let entry = s.fqdn_entry(&name);
         entry.endpoints.insert(endpoint);
         for (ip, ttl) in answers {
             let expires = expiry(now, *ttl, cfg);
@@ -146,7 +149,7 @@ impl Agent {
     /// nothing, when there is more to do (or the agent's state is busy):
     /// then `fqdn_learned` must run.
     pub fn fqdn_refresh(&self, client: Ipv4Addr, name: &str, answers: &[(Ipv4Addr, u32)]) -> bool {
-        let Ok(mut s) = self.state.try_lock() else {
+        let Some(mut s) = self.control.try_lock() else {
             return false;
         };
         let name = policy::model::fqdn(name);
@@ -160,15 +163,7 @@ impl Agent {
         let grace = self.config.fqdn.idle_grace_s;
         let now = now_s();
         let mut s = self.lock_state();
-        let mut removed = 0;
-        for entry in s.fqdn.values_mut() {
-            let before = entry.ips.len();
-            entry
-                .ips
-                .retain(|ip, expires| *expires + grace > now || live.contains(ip));
-            removed += before - entry.ips.len();
-        }
-        s.fqdn.retain(|_, e| !e.ips.is_empty());
+        let removed = s.fqdn_retain_ips(|ip, expires| expires + grace > now || live.contains(ip));
         if removed > 0 {
             self.commit(&mut s)?;
         }
@@ -178,7 +173,7 @@ impl Agent {
     /// Learned names and their addresses, for `fibril fqdn list`.
     pub fn fqdn_cache(&self) -> Vec<(String, Vec<(Ipv4Addr, u64)>)> {
         let s = self.lock_state();
-        s.fqdn
+        s.fqdn()
             .iter()
             .map(|(n, e)| (n.clone(), e.ips.iter().map(|(i, x)| (*i, *x)).collect()))
             .collect()
@@ -192,31 +187,26 @@ mod tests {
 
     fn state() -> State {
         let mut s = State::default();
-        s.endpoints.insert(
-            7,
-            Endpoint {
-                id: 7,
-                container_id: "c".into(),
-                ifname: "eth0".into(),
-                netns: "/run/netns/x".into(),
-                namespace: "default".into(),
-                pod: "client".into(),
-                ipv4: Ipv4Addr::new(10, 0, 0, 7),
-                host_ifname: "h".into(),
-                host_ifindex: 1,
-                host_mac: [0; 6],
-                pod_mac: [0; 6],
-                labels: Default::default(),
-                identity: 300,
-            },
-        );
-        s.fqdn.insert(
-            "api.example.".into(),
-            FqdnName {
-                ips: [(Ipv4Addr::new(192, 0, 2, 1), 1_000)].into(),
-                endpoints: [7].into(),
-            },
-        );
+        s.add_endpoint(Endpoint {
+            id: 7,
+            container_id: "c".into(),
+            ifname: "eth0".into(),
+            netns: "/run/netns/x".into(),
+            namespace: "default".into(),
+            pod: "client".into(),
+            ipv4: Ipv4Addr::new(10, 0, 0, 7),
+            host_ifname: "h".into(),
+            host_ifindex: 1,
+            host_mac: [0; 6],
+            pod_mac: [0; 6],
+            labels: Default::default(),
+            identity: 0,
+        })
+        .unwrap();
+        *s.fqdn_entry("api.example.") = FqdnName {
+            ips: [(Ipv4Addr::new(192, 0, 2, 1), 1_000)].into(),
+            endpoints: [7].into(),
+        };
         s
     }
 
@@ -243,10 +233,10 @@ mod tests {
                 2_000,
                 cfg
             ));
-            assert_eq!(s.fqdn["api.example."].ips[&known], expires, "ttl {ttl}");
+            assert_eq!(s.fqdn()["api.example."].ips[&known], expires, "ttl {ttl}");
         }
 
-        let before = s.fqdn.clone();
+        let before = s.fqdn().clone();
         let new = Ipv4Addr::new(192, 0, 2, 2);
         for (client, name, answers) in [
             (client, "api.example.", vec![(known, 60), (new, 60)]),
@@ -258,7 +248,7 @@ mod tests {
             ),
         ] {
             assert!(!refresh(&mut s, client, name, &answers, 3_000, cfg));
-            assert_eq!(s.fqdn, before, "{client} {name}");
+            assert_eq!(*s.fqdn(), before, "{client} {name}");
         }
     }
 }

@@ -3,52 +3,129 @@
 //! `policy trace`, the proxies and `enforce-established` name a peer as the
 //! kernel does (a host address is `host`, not `world`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
 use crate::state::State;
 
-/// Prefix (address, length) -> identity: every pod /32, every host
-/// address /32 (`host`), every IPv4 CIDR identity, and `0.0.0.0/0` (world).
+/// A kernel ipcache key: (address, prefix length).
+pub type Prefix = (Ipv4Addr, u32);
+
+/// What the kernel's ipcache holds: every local endpoint's /32, and the
+/// rest (`prefixes`): the host's own addresses /32 (`host`), every IPv4
+/// CIDR identity, and `0.0.0.0/0` (world). Kept apart because endpoints
+/// change often and the rest rarely: a commit copies only the part it
+/// changes (a map of plain numbers, copied as one block).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ipcache {
-    entries: BTreeMap<(Ipv4Addr, u32), u32>,
+    endpoints: HashMap<Ipv4Addr, u32>,
+    prefixes: BTreeMap<Prefix, u32>,
 }
 
 impl Ipcache {
     /// What the kernel's ipcache must hold for `state`, with the host's
     /// own addresses `host`.
     pub fn build(state: &State, host: &[Ipv4Addr]) -> Self {
-        let mut entries = BTreeMap::new();
-        entries.insert((Ipv4Addr::UNSPECIFIED, 0), abi::identity::WORLD);
+        Ipcache {
+            endpoints: state
+                .endpoints()
+                .values()
+                .map(|e| (e.ipv4, e.identity))
+                .collect(),
+            prefixes: Self::prefixes_of(state, host),
+        }
+    }
+
+    /// Everything but the endpoints.
+    pub fn prefixes_of(state: &State, host: &[Ipv4Addr]) -> BTreeMap<Prefix, u32> {
+        let mut prefixes = BTreeMap::new();
+        prefixes.insert((Ipv4Addr::UNSPECIFIED, 0), abi::identity::WORLD);
         // CIDR identities (IPv6 prefixes wait for the IPv6 datapath).
-        for (prefix, id) in &state.cidr_identities {
+        for (prefix, id) in state.cidr_identities() {
             if let ipnet::IpNet::V4(p) = prefix {
-                entries.insert((p.network(), p.prefix_len() as u32), *id);
+                prefixes.insert((p.network(), p.prefix_len() as u32), *id);
             }
         }
         for addr in host {
-            entries.insert((*addr, 32), abi::identity::HOST);
+            prefixes.insert((*addr, 32), abi::identity::HOST);
         }
-        for e in state.endpoints.values() {
-            entries.insert((e.ipv4, 32), e.identity);
-        }
-        Ipcache { entries }
+        prefixes
     }
 
-    pub fn entries(&self) -> &BTreeMap<(Ipv4Addr, u32), u32> {
-        &self.entries
+    /// This ipcache with `endpoints` set (`Some`) or removed (`None`), and
+    /// the prefixes replaced when given.
+    pub fn with(
+        &self,
+        endpoints: &[(Ipv4Addr, Option<u32>)],
+        prefixes: Option<BTreeMap<Prefix, u32>>,
+    ) -> Self {
+        let mut next = Ipcache {
+            endpoints: if endpoints.is_empty() {
+                self.endpoints.clone()
+            } else {
+                let mut m = self.endpoints.clone();
+                for (addr, id) in endpoints {
+                    match id {
+                        Some(id) => m.insert(*addr, *id),
+                        None => m.remove(addr),
+                    };
+                }
+                m
+            },
+            prefixes: prefixes.unwrap_or_else(|| self.prefixes.clone()),
+        };
+        next.endpoints.shrink_to_fit();
+        next
+    }
+
+    /// Every kernel entry: (prefix -> identity); an endpoint's /32 wins
+    /// over a prefix with the same key.
+    pub fn entries(&self) -> BTreeMap<Prefix, u32> {
+        let mut out = self.prefixes.clone();
+        out.extend(self.endpoints.iter().map(|(a, id)| ((*a, 32), *id)));
+        out
+    }
+
+    /// The entries that are not local endpoints.
+    pub fn prefixes(&self) -> &BTreeMap<Prefix, u32> {
+        &self.prefixes
+    }
+
+    /// The kernel entry of `key` in this ipcache.
+    pub fn get(&self, key: &Prefix) -> Option<u32> {
+        if key.1 == 32 {
+            if let Some(id) = self.endpoints.get(&key.0) {
+                return Some(*id);
+            }
+        }
+        self.prefixes.get(key).copied()
+    }
+
+    /// The keys whose entry differs between `self` and `next`, among the
+    /// endpoints' `touched` addresses and, if they differ, the prefixes.
+    pub fn changed_keys(&self, next: &Ipcache, touched: &[Ipv4Addr]) -> Vec<Prefix> {
+        let mut keys: Vec<Prefix> = touched.iter().map(|a| (*a, 32)).collect();
+        if self.prefixes != next.prefixes {
+            keys.extend(self.prefixes.keys().chain(next.prefixes.keys()));
+        }
+        keys.sort();
+        keys.dedup();
+        keys.retain(|k| self.get(k) != next.get(k));
+        keys
     }
 
     /// The identity of `addr`: the longest prefix holding it, as the
     /// kernel's LPM lookup (world when nothing else holds it).
     pub fn identity_of(&self, addr: Ipv4Addr) -> u32 {
+        if let Some(id) = self.endpoints.get(&addr) {
+            return *id;
+        }
         let bits = u32::from(addr);
         (0..=32u32)
             .rev()
             .find_map(|len| {
                 let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-                self.entries
+                self.prefixes
                     .get(&(Ipv4Addr::from(bits & mask), len))
                     .copied()
             })
@@ -57,7 +134,8 @@ impl Ipcache {
 
     /// Whether `addr` is one of the host's own addresses.
     pub fn is_host(&self, addr: Ipv4Addr) -> bool {
-        self.entries.get(&(addr, 32)) == Some(&abi::identity::HOST)
+        !self.endpoints.contains_key(&addr)
+            && self.prefixes.get(&(addr, 32)) == Some(&abi::identity::HOST)
     }
 }
 
@@ -69,15 +147,13 @@ mod tests {
     fn the_longest_prefix_wins_as_in_the_kernel() {
         let mut state = State::default();
         let cidr = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
-        state
-            .cidr_identities
-            .insert(cidr("192.0.2.0/24"), 16_777_217);
-        state
-            .cidr_identities
-            .insert(cidr("192.0.2.128/25"), 16_777_218);
-        state
-            .cidr_identities
-            .insert(cidr("2001:db8::/32"), 16_777_219);
+        for (prefix, id) in [
+            ("192.0.2.0/24", 16_777_217),
+            ("192.0.2.128/25", 16_777_218),
+            ("2001:db8::/32", 16_777_219),
+        ] {
+            state.set_cidr_identity(cidr(prefix), id);
+        }
         let host = [Ipv4Addr::new(192, 0, 2, 130)];
         let c = Ipcache::build(&state, &host);
         assert_eq!(c.identity_of(Ipv4Addr::new(192, 0, 2, 5)), 16_777_217);

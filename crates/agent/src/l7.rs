@@ -65,7 +65,7 @@ impl proxy::Policy for ProxyPolicy {
     ) -> Option<proxy::dns::DnsConnection> {
         let (client_identity, server_identity, server_local) =
             self.agent.l7_peers(*client.ip(), *resolver.ip())?;
-        let sync = self.agent.policy.lock().unwrap_or_else(|e| e.into_inner());
+        let sync = self.agent.control.policy();
         let protocol = if tcp { 6 } else { 17 };
         let rules = l7_rules(
             sync.computed(client_identity),

@@ -2,6 +2,7 @@
 //! wired to the datapath; served on a local Unix socket.
 #![forbid(unsafe_code)]
 
+pub mod control;
 pub mod fqdn;
 pub mod hubble_backend;
 pub mod ipcache;
@@ -16,7 +17,7 @@ pub mod state;
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use api::{
@@ -48,40 +49,16 @@ pub struct Config {
     pub ct_endpoint_budget: u32,
 }
 
-/// What the event enricher needs to know about a local endpoint: the
-/// endpoint as flows show it (with its identity), shared by all its flows.
-#[derive(Clone, Debug)]
-pub struct EndpointMeta {
-    pub endpoint: Arc<flow::Endpoint>,
-}
-
-/// The local endpoints as the enricher looks them up, rebuilt on each sync.
-#[derive(Default)]
-pub struct EndpointLookup {
-    pub by_ip: HashMap<Ipv4Addr, EndpointMeta>,
-    /// Host-side veth names by ifindex: a flow's `interface`.
-    pub ifname_by_index: HashMap<u32, String>,
-    /// DNS names learned addresses belong to (flows' `*_names`).
-    pub names_by_ip: HashMap<Ipv4Addr, Vec<String>>,
-}
-
-pub type EndpointIndex = Arc<RwLock<EndpointLookup>>;
+pub use control::{EndpointIndex, EndpointLookup, EndpointMeta};
 
 pub struct Agent {
     config: Config,
     datapath: Arc<Datapath>,
-    store: Store,
-    state: Mutex<State>,
-    pub(crate) policy: Mutex<PolicySync>,
-    index: EndpointIndex,
-    /// What the kernel's ipcache holds, as of the last sync: the resolver
-    /// of addresses to identities for everything but the datapath.
-    ipcache: std::sync::RwLock<Arc<ipcache::Ipcache>>,
+    /// The state and what is derived from it (the commit path).
+    pub(crate) control: control::Control,
     pub observer: Arc<Observer>,
     started: Instant,
     proxy_stats: std::sync::OnceLock<Arc<proxy::Stats>>,
-    /// The HTTP proxy process, once connected (`l7proxy`).
-    l7_link: std::sync::OnceLock<Arc<l7proxy::Link>>,
     /// Its counters as it last sent them (`proxy::Stats::snapshot` order).
     l7_stats: Mutex<Vec<u64>>,
     /// DNS addresses not learned because an endpoint was at its limit.
@@ -164,35 +141,31 @@ impl Agent {
         policy.load_realized(&datapath)?;
 
         let stale: Vec<u32> = state
-            .endpoints
+            .endpoints()
             .values()
             .filter(|e| !net::link_exists(&e.host_ifname))
             .map(|e| e.id)
             .collect();
         for id in stale {
-            if let Some(ep) = state.endpoints.remove(&id) {
+            if let Some(ep) = state.remove_endpoint(id) {
                 tracing::warn!(endpoint_id = id, pod = %ep.pod, "veth gone while the agent was away; endpoint removed");
-                state.identities.release(&ep.labels);
                 datapath.remove_endpoint(ep.ipv4)?;
                 datapath.ct_flush_address(ep.ipv4);
                 state.quarantine_ip(ep.ipv4, fqdn::now_s());
             }
         }
-        for ep in state.endpoints.values() {
+        for ep in state.endpoints().values() {
             datapath.attach_endpoint(ep.id, ep.ipv4, &ep.host_ifname)?;
         }
+        let control =
+            control::Control::open(&config.cluster_name, datapath.clone(), store, state, policy)?;
         let agent = Arc::new(Self {
             config,
             datapath,
-            store,
-            state: Mutex::new(state),
-            policy: Mutex::new(policy),
-            index: Arc::new(RwLock::new(EndpointLookup::default())),
-            ipcache: Default::default(),
+            control,
             observer,
             started: Instant::now(),
             proxy_stats: std::sync::OnceLock::new(),
-            l7_link: std::sync::OnceLock::new(),
             l7_stats: Mutex::new(Vec::new()),
             fqdn_refused: Default::default(),
             ct_entries: Default::default(),
@@ -201,11 +174,17 @@ impl Agent {
             ct_overflows_retired: Default::default(),
         });
         agent.ct_census();
-        {
-            let state = agent.lock_state();
-            agent.sync(&state)?;
-            agent.store.save(&state)?;
-        }
+        // The ipcache's `host` entries follow the host's addresses.
+        let weak = Arc::downgrade(&agent);
+        net::watch_ipv4_addresses(move || {
+            let Some(agent) = weak.upgrade() else {
+                return false;
+            };
+            if let Err(e) = agent.control.refresh_host_addresses() {
+                tracing::warn!(error = %e, "reading the host's addresses");
+            }
+            true
+        })?;
         Ok(agent)
     }
 
@@ -256,41 +235,7 @@ impl Agent {
     /// Connects the HTTP proxy process: it gets a snapshot now and after
     /// every change.
     pub fn attach_l7_proxy(&self, link: Arc<l7proxy::Link>) {
-        if self.l7_link.set(link).is_ok() {
-            let state = self.lock_state();
-            self.publish_l7(&state);
-        }
-    }
-
-    /// Sends the HTTP proxy what it decides with, if it is connected.
-    fn publish_l7(&self, state: &State) {
-        let Some(link) = self.l7_link.get() else {
-            return;
-        };
-        let sync = self.policy.lock().unwrap_or_else(|e| e.into_inner());
-        // The proxy resolves non-pod addresses through `cidrs`: the
-        // ipcache's prefixes, the host's own addresses (`host`) included.
-        let mut snapshot = l7proxy::Snapshot {
-            cidrs: self
-                .ipcache()
-                .entries()
-                .iter()
-                .filter(|((_, len), id)| *len > 0 || **id != abi::identity::WORLD)
-                .map(|(&(addr, len), &id)| {
-                    let net = ipnet::Ipv4Net::new(addr, len as u8).unwrap_or_default();
-                    (ipnet::IpNet::V4(net), id)
-                })
-                .collect(),
-            ..Default::default()
-        };
-        for ep in state.endpoints.values() {
-            snapshot.pods.insert(ep.ipv4, ep.identity);
-            if let Some(p) = sync.computed(ep.identity) {
-                snapshot.policies.insert(ep.identity, p.clone());
-            }
-        }
-        drop(sync);
-        link.publish(snapshot);
+        self.control.attach_l7_proxy(link);
     }
 
     pub fn uptime(&self) -> std::time::Duration {
@@ -300,12 +245,8 @@ impl Agent {
     /// What the observer enriches flows from.
     pub fn flow_sources(&self) -> observer::Sources {
         observer::Sources {
-            index: self.index.clone(),
-            policy_refs: self
-                .policy
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .policy_refs(),
+            index: self.control.index(),
+            policy_refs: self.control.policy().policy_refs(),
             cluster: self.config.cluster_name.clone(),
         }
     }
@@ -316,7 +257,7 @@ impl Agent {
     pub fn l7_peers(&self, client: Ipv4Addr, server: Ipv4Addr) -> Option<(u32, u32, bool)> {
         // The enrichment index: by address, rebuilt with the maps at sync.
         let (client, server_pod) = {
-            let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+            let index = self.control.index().load();
             let identity = |ip| index.by_ip.get(&ip).map(|m| m.endpoint.identity);
             (identity(client)?, identity(server))
         };
@@ -327,89 +268,15 @@ impl Agent {
     }
 
     fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.control.lock()
     }
 
-    /// Brings the kernel maps and the enrichment index in line with `state`.
-    fn sync(&self, state: &State) -> Result<(), Error> {
-        let mut index = EndpointLookup::default();
-        for ep in state.endpoints.values() {
-            index
-                .ifname_by_index
-                .insert(ep.host_ifindex, ep.host_ifname.clone());
-            index.by_ip.insert(
-                ep.ipv4,
-                EndpointMeta {
-                    endpoint: Arc::new(flow::Endpoint {
-                        id: ep.id,
-                        identity: ep.identity,
-                        cluster_name: self.config.cluster_name.clone(),
-                        namespace: ep.namespace.clone(),
-                        labels: ep.labels.to_strings(),
-                        pod_name: ep.pod.clone(),
-                        workloads: state
-                            .pods
-                            .get(&format!("{}/{}", ep.namespace, ep.pod))
-                            .map(|p| p.workloads.clone())
-                            .unwrap_or_default(),
-                    }),
-                },
-            );
-        }
-        for (name, entry) in &state.fqdn {
-            for ip in entry.ips.keys() {
-                index.names_by_ip.entry(*ip).or_default().push(name.clone());
-            }
-        }
-        *self.index.write().unwrap_or_else(|e| e.into_inner()) = index;
-        self.sync_ipcache(state)?;
-        let started = std::time::Instant::now();
-        let rewritten = self
-            .policy
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .apply(state, &self.datapath, &self.config.cluster_name)?;
-        tracing::debug!(
-            rewritten,
-            elapsed_us = started.elapsed().as_micros() as u64,
-            "policy synced"
-        );
-        Ok(())
-    }
-
-    /// ipcache: every pod /32 -> its identity, and 0.0.0.0/0 -> world, so
-    /// that every address resolves to an identity (longest prefix wins).
-    fn sync_ipcache(&self, state: &State) -> Result<(), Error> {
-        let wanted = ipcache::Ipcache::build(state, &net::host_ipv4_addresses()?);
-        let have = self.datapath.ipcache_entries()?;
-        for (addr, len, _) in &have {
-            if !wanted.entries().contains_key(&(*addr, *len)) {
-                self.datapath.remove_ipcache(*addr, *len)?;
-            }
-        }
-        for (&(addr, len), &id) in wanted.entries() {
-            if !have.contains(&(addr, len, id)) {
-                self.datapath.upsert_ipcache(addr, len, id)?;
-            }
-        }
-        *self.ipcache.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(wanted);
-        Ok(())
-    }
-
-    /// The ipcache as of the last sync.
     fn ipcache(&self) -> Arc<ipcache::Ipcache> {
-        self.ipcache
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.control.ipcache()
     }
 
     fn commit(&self, state: &mut State) -> Result<(), Error> {
-        state.refresh_cidr_identities().map_err(invalid)?;
-        self.sync(state)?;
-        self.publish_l7(state);
-        self.store.save(state)?;
-        Ok(())
+        self.control.commit(state)
     }
 
     pub fn handle(&self, req: Request) -> Response {
@@ -419,11 +286,8 @@ impl Agent {
             Request::PodDelete { namespace, name } => validate_pod_names(&namespace, &name)
                 .and_then(|_| {
                     let mut s = self.lock_state();
-                    s.pods.remove(&format!("{namespace}/{name}"));
-                    self.store
-                        .save(&s)
-                        .map(|_| Response::Ok)
-                        .map_err(Error::from)
+                    s.remove_pod(&format!("{namespace}/{name}"));
+                    self.commit(&mut s).map(|_| Response::Ok)
                 }),
             Request::EndpointAdd(a) => self.endpoint_add(a).map(Response::Added),
             Request::EndpointDel {
@@ -440,7 +304,7 @@ impl Agent {
             Request::IdentityList => Ok(Response::Identities {
                 identities: self
                     .lock_state()
-                    .identities
+                    .identities()
                     .all()
                     .into_iter()
                     .map(|(id, l)| IdentityInfo {
@@ -456,7 +320,7 @@ impl Agent {
             } => self.policy_import(&file, &yaml, namespace.as_deref()),
             Request::PolicyGet => {
                 let s = self.lock_state();
-                let list: Vec<_> = s.policies.values().collect();
+                let list: Vec<_> = s.policies().values().collect();
                 serde_json::to_value(list)
                     .map(|policies| Response::Policies { policies })
                     .map_err(|e| invalid(e.to_string()))
@@ -466,11 +330,7 @@ impl Agent {
             Request::NamespaceAudit { namespace, audit } => (|| {
                 policy::labels::validate_namespace(&namespace).map_err(invalid)?;
                 let mut s = self.lock_state();
-                let changed = if audit {
-                    s.audit_namespaces.insert(namespace.clone())
-                } else {
-                    s.audit_namespaces.remove(&namespace)
-                };
+                let changed = s.set_audit(&namespace, audit);
                 let done = if changed { self.commit(&mut s) } else { Ok(()) };
                 done.map(|_| Response::Ok)
             })(),
@@ -498,9 +358,9 @@ impl Agent {
         StatusInfo {
             node_name: self.config.node_name.clone(),
             pod_cidr: self.config.pod_cidr.to_string(),
-            endpoints: s.endpoints.len(),
-            identities: s.identities.all().len(),
-            policies: s.policies.len(),
+            endpoints: s.endpoints().len(),
+            identities: s.identities().all().len(),
+            policies: s.policies().len(),
             flows_seen: seen,
             flows_buffered: buffered,
             flow_capacity: self.config.flow_capacity,
@@ -512,12 +372,7 @@ impl Agent {
                 + self
                     .ct_overflows_retired
                     .load(std::sync::atomic::Ordering::Relaxed),
-            policy_overflows: self
-                .policy
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .overflowed
-                .len(),
+            policy_overflows: self.control.policy().overflowed.len(),
             uptime_seconds: self.started.elapsed().as_secs(),
             proxy_shortcut: self
                 .datapath
@@ -539,10 +394,10 @@ impl Agent {
     /// every request. Returns (connections checked, cut).
     fn enforce_established(&self) -> Result<(usize, usize), Error> {
         let s = self.lock_state();
-        let sync = self.policy.lock().unwrap_or_else(|e| e.into_inner());
+        let sync = self.control.policy();
         let ipcache = self.ipcache();
         let by_addr: HashMap<Ipv4Addr, &Endpoint> =
-            s.endpoints.values().map(|e| (e.ipv4, e)).collect();
+            s.endpoints().values().map(|e| (e.ipv4, e)).collect();
         let identity = |a: Ipv4Addr| match by_addr.get(&a) {
             Some(e) => e.identity,
             None => ipcache.identity_of(a),
@@ -651,32 +506,21 @@ impl Agent {
                 .map_err(|e| invalid(format!("pod {}/{}: {e}", pod.namespace, pod.name)))?;
         }
         let mut s = self.lock_state();
-        let key = format!("{}/{}", pod.namespace, pod.name);
-        s.pods.insert(key, pod.clone());
+        s.upsert_pod(pod.clone());
         // A label change moves the pod's endpoints to their new identity.
         let ids: Vec<u32> = s
-            .endpoints
+            .endpoints()
             .values()
             .filter(|e| e.namespace == pod.namespace && e.pod == pod.name)
             .map(|e| e.id)
             .collect();
+        let labels = self.identity_labels(&s, &pod.namespace, &pod.name);
         let mut moved = Vec::new();
         for id in ids {
-            let labels = self.identity_labels(&s, &pod.namespace, &pod.name);
-            let old = s.endpoints[&id].labels.clone();
-            if old != labels {
-                let identity = s
-                    .identities
-                    .acquire(&labels)
-                    .map_err(|e| invalid(e.to_string()))?;
-                s.identities.release(&old);
-                let ep = s
-                    .endpoints
-                    .get_mut(&id)
-                    .ok_or_else(|| invalid("endpoint vanished"))?;
-                ep.labels = labels;
-                moved.push((ep.ipv4, identity, ep.identity));
-                ep.identity = identity;
+            if let Some((old, identity)) =
+                s.relabel_endpoint(id, labels.clone()).map_err(invalid)?
+            {
+                moved.push((s.endpoints()[&id].ipv4, identity, old));
             }
         }
         self.commit(&mut s)?;
@@ -696,7 +540,7 @@ impl Agent {
 
     fn identity_labels(&self, s: &State, namespace: &str, pod: &str) -> policy::LabelSet {
         let empty = BTreeMap::new();
-        let meta = s.pods.get(&format!("{namespace}/{pod}"));
+        let meta = s.pods().get(&format!("{namespace}/{pod}"));
         pod_identity_labels(&PodMeta {
             namespace,
             labels: meta.map(|p| &p.labels).unwrap_or(&empty),
@@ -720,7 +564,7 @@ impl Agent {
         // One interface per pod on this network: the pod's default route
         // and its identity belong to one address. (Interfaces on other
         // networks, from other plugins, are not ours to count.)
-        if let Some(other) = s.endpoints.values().find(|e| e.netns == a.netns) {
+        if let Some(other) = s.endpoints().values().find(|e| e.netns == a.netns) {
             return Err(Error::Conflict(format!(
                 "network namespace {} already has interface {} on this network (container {}); Fibril gives a pod one interface, add {} on another network",
                 a.netns, other.ifname, other.container_id, a.ifname
@@ -746,13 +590,6 @@ impl Agent {
             ipv4,
             self.config.pod_cidr.gateway(),
         )?;
-        let identity = match s.identities.acquire(&labels) {
-            Ok(id) => id,
-            Err(e) => {
-                net::delete_link(&host);
-                return Err(invalid(e.to_string()));
-            }
-        };
         let ep = Endpoint {
             id,
             container_id: a.container_id.clone(),
@@ -766,9 +603,15 @@ impl Agent {
             host_mac: veth.host_mac,
             pod_mac: veth.pod_mac,
             labels: labels.clone(),
-            identity,
+            identity: 0,
         };
-        s.endpoints.insert(id, ep);
+        let identity = match s.add_endpoint(ep) {
+            Ok(identity) => identity,
+            Err(e) => {
+                net::delete_link(&host);
+                return Err(invalid(e));
+            }
+        };
         // Policy and the endpoint map first, programs last: the first packet
         // already meets the right policy.
         let attached = self.commit(&mut s).and_then(|_| {
@@ -777,8 +620,7 @@ impl Agent {
                 .map_err(Error::from)
         });
         if let Err(e) = attached {
-            s.endpoints.remove(&id);
-            s.identities.release(&labels);
+            s.remove_endpoint(id);
             self.datapath.detach_endpoint(&host);
             net::delete_link(&host);
             self.commit(&mut s).ok();
@@ -815,8 +657,7 @@ impl Agent {
             // DEL is idempotent: an unknown attachment is already gone.
             return Ok(());
         };
-        s.endpoints.remove(&ep.id);
-        s.identities.release(&ep.labels);
+        s.remove_endpoint(ep.id);
         self.datapath.detach_endpoint(&ep.host_ifname);
         self.datapath.remove_endpoint(ep.ipv4)?;
         net::delete_link(&ep.host_ifname);
@@ -887,7 +728,7 @@ impl Agent {
     fn endpoint_gc(&self, valid: &[AttachmentId]) -> Result<(), Error> {
         let stale: Vec<(String, String)> = self
             .lock_state()
-            .endpoints
+            .endpoints()
             .values()
             .filter(|e| {
                 !valid
@@ -904,8 +745,8 @@ impl Agent {
 
     fn endpoint_list(&self) -> Vec<EndpointInfo> {
         let s = self.lock_state();
-        let policy = self.policy.lock().unwrap_or_else(|e| e.into_inner());
-        s.endpoints
+        let policy = self.control.policy();
+        s.endpoints()
             .values()
             .map(|e| {
                 let computed = policy.computed(e.identity);
@@ -943,16 +784,15 @@ impl Agent {
         let mut names = Vec::new();
         for p in parsed.policies {
             names.push(p.key());
-            s.policies.insert(p.key(), p);
+            s.insert_policy(p);
         }
-        s.policy_generation += 1;
         self.commit(&mut s)?;
         for n in &names {
-            let rules = s.policies.get(n).map_or(0, |p| p.rules.len() as i64);
+            let rules = s.policies().get(n).map_or(0, |p| p.rules.len() as i64);
             self.observer
                 .agent_event(flow::agent_event::Kind::PolicyUpdated {
-                    labels: policy_labels(s.policies.get(n)),
-                    revision: s.policy_generation,
+                    labels: policy_labels(s.policies().get(n)),
+                    revision: s.policy_generation(),
                     rules,
                 });
         }
@@ -972,7 +812,7 @@ impl Agent {
     /// `namespace/pod`, `pod` (namespace default) or an IPv4 address.
     fn trace_end(&self, s: &State, end: &str) -> Result<(u32, Option<u32>), Error> {
         if let Ok(addr) = end.parse::<Ipv4Addr>() {
-            if let Some(e) = s.endpoints.values().find(|e| e.ipv4 == addr) {
+            if let Some(e) = s.endpoints().values().find(|e| e.ipv4 == addr) {
                 return Ok((e.identity, Some(e.identity)));
             }
             // The ipcache's answer: the host, else the longest CIDR
@@ -981,7 +821,7 @@ impl Agent {
         }
         let (ns, pod) = end.split_once('/').unwrap_or(("default", end));
         let e = s
-            .endpoints
+            .endpoints()
             .values()
             .find(|e| e.namespace == ns && e.pod == pod)
             .ok_or_else(|| {
@@ -996,7 +836,7 @@ impl Agent {
         let s = self.lock_state();
         let (from_identity, from_ep) = self.trace_end(&s, &t.from)?;
         let (to_identity, to_ep) = self.trace_end(&s, &t.to)?;
-        let sync = self.policy.lock().unwrap_or_else(|e| e.into_inner());
+        let sync = self.control.policy();
         let decide = |ep: Option<u32>, peer: u32, dir: policy::Direction| {
             ep.map(|id| {
                 sync.computed(id)
@@ -1027,16 +867,15 @@ impl Agent {
 
     fn policy_delete(&self, key: &str) -> Result<(), Error> {
         let mut s = self.lock_state();
-        let removed = s.policies.remove(key);
+        let removed = s.remove_policy(key);
         if removed.is_none() {
             return Err(invalid(format!("no policy {key:?}")));
         }
-        s.policy_generation += 1;
         self.commit(&mut s)?;
         self.observer
             .agent_event(flow::agent_event::Kind::PolicyDeleted {
                 labels: policy_labels(removed.as_ref()),
-                revision: s.policy_generation,
+                revision: s.policy_generation(),
                 rules: removed.as_ref().map_or(0, |p| p.rules.len() as i64),
             });
         Ok(())

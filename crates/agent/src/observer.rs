@@ -99,12 +99,12 @@ impl Enricher for Sources {
     }
 
     fn interface_name(&self, ifindex: u32) -> Option<String> {
-        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        let index = self.index.load();
         index.ifname_by_index.get(&ifindex).cloned()
     }
 
     fn endpoint(&self, ip: Ipv4Addr, identity: u32) -> (Arc<Endpoint>, Vec<String>) {
-        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        let index = self.index.load();
         let names = index.names_by_ip.get(&ip).cloned().unwrap_or_default();
         let endpoint = match index.by_ip.get(&ip) {
             Some(m) if m.endpoint.identity == identity => m.endpoint.clone(),

@@ -100,27 +100,27 @@ impl PolicySync {
         // more than the change itself.
         let cidr = state.cidr_identity_labels();
         let identities: Vec<(u32, &LabelSet)> = state
-            .identities
+            .identities()
             .iter()
             .chain(cidr.iter().map(|(id, l)| (*id, l)))
             .collect();
         let named_ports = state.named_ports();
         let local: BTreeMap<u32, &LabelSet> = state
-            .endpoints
+            .endpoints()
             .values()
             .map(|e| (e.identity, &e.labels))
             .collect();
         let mut engine = self.engine.take().unwrap_or_else(|| Engine::new(cluster));
         let changed = engine.update(&policy::engine::Inputs {
-            policies: &state.policies,
-            policy_generation: state.policy_generation,
+            policies: state.policies(),
+            policy_generation: state.policy_generation(),
             identities: &identities,
             named_ports: &named_ports,
             local: &local,
-            audit_namespaces: &state.audit_namespaces,
+            audit_namespaces: state.audit_namespaces(),
         });
         let mut rewritten = 0;
-        for ep in state.endpoints.values() {
+        for ep in state.endpoints().values() {
             let fresh = self.realized_identity.get(&ep.id) != Some(&ep.identity);
             if !fresh && !changed.contains(&ep.identity) {
                 continue;
@@ -180,7 +180,7 @@ impl PolicySync {
         let gone: Vec<u32> = self
             .realized
             .keys()
-            .filter(|id| !state.endpoints.contains_key(id))
+            .filter(|id| !state.endpoints().contains_key(id))
             .copied()
             .collect();
         for id in gone {

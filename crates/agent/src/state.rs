@@ -2,7 +2,7 @@
 //! identities. Written atomically after every change, so a restart hands
 //! every endpoint back its address and identity and never reuses an address.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -28,34 +28,73 @@ pub struct Endpoint {
     pub identity: u32,
 }
 
+/// The node's state. Every change goes through a method that records what
+/// it touched (`Changes`): the commit (`control`) brings exactly that into
+/// the kernel, the views and the state log, and nothing else.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct State {
-    pub next_endpoint_id: u32,
-    pub endpoints: BTreeMap<u32, Endpoint>,
-    pub pods: BTreeMap<String, api::Pod>,
-    pub policies: BTreeMap<String, Policy>,
-    pub identities: Allocator,
+    next_endpoint_id: u32,
+    endpoints: BTreeMap<u32, Endpoint>,
+    pods: BTreeMap<String, api::Pod>,
+    policies: BTreeMap<String, Policy>,
+    /// A function of the endpoints (each holds a reference on its labels'
+    /// identity): rebuilt from them on load, never stored.
+    #[serde(skip)]
+    identities: Allocator,
     /// Node-local CIDR identities, one per prefix the policies name.
     #[serde(default)]
-    pub cidr_identities: BTreeMap<IpNet, u32>,
+    cidr_identities: BTreeMap<IpNet, u32>,
     /// Bumped whenever `policies` changes (lets the policy engine skip
     /// comparing every policy on unrelated changes).
     #[serde(skip)]
-    pub policy_generation: u64,
+    policy_generation: u64,
     /// Namespaces in audit mode: policy drops there are forwarded and
     /// reported with verdict AUDIT.
     #[serde(default)]
-    pub audit_namespaces: std::collections::BTreeSet<String>,
+    audit_namespaces: std::collections::BTreeSet<String>,
     /// Names the DNS proxy saw resolved, node-wide (as Cilium's cache):
     /// what toFQDNs selects. Persisted: learned names survive a restart.
     #[serde(default)]
-    pub fqdn: BTreeMap<String, FqdnName>,
+    fqdn: BTreeMap<String, FqdnName>,
     /// Addresses of deleted endpoints -> when (Unix seconds) they leave
     /// quarantine: a peer's connections to the old pod must not reach a new
     /// one, so a freed address is handed out again only when no other is
     /// free (and its conntrack is flushed once more then).
     #[serde(default)]
-    pub quarantined: BTreeMap<Ipv4Addr, u64>,
+    quarantined: BTreeMap<Ipv4Addr, u64>,
+    #[serde(skip)]
+    changes: Changes,
+}
+
+/// What changed since the last commit, by key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub endpoints: BTreeSet<u32>,
+    pub pods: BTreeSet<String>,
+    pub policies: BTreeSet<String>,
+    pub fqdn: BTreeSet<String>,
+    pub cidr_identities: BTreeSet<IpNet>,
+    pub quarantined: BTreeSet<Ipv4Addr>,
+    pub audit_namespaces: BTreeSet<String>,
+    pub next_endpoint_id: bool,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        *self == Changes::default()
+    }
+
+    /// Adds `other`'s keys (a failed commit's changes, to be retried).
+    pub fn merge(&mut self, other: Changes) {
+        self.endpoints.extend(other.endpoints);
+        self.pods.extend(other.pods);
+        self.policies.extend(other.policies);
+        self.fqdn.extend(other.fqdn);
+        self.cidr_identities.extend(other.cidr_identities);
+        self.quarantined.extend(other.quarantined);
+        self.audit_namespaces.extend(other.audit_namespaces);
+        self.next_endpoint_id |= other.next_endpoint_id;
+    }
 }
 
 /// How long a deleted endpoint's address waits before it is reused: longer
@@ -129,7 +168,16 @@ impl State {
     /// quarantine, else the one leaving quarantine first (the caller
     /// flushes its conntrack again); `None` when every address is in use.
     pub fn allocate_ip(&mut self, cidr: &Cidr, now: u64) -> Option<Ipv4Addr> {
-        self.quarantined.retain(|_, until| *until > now);
+        let expired: Vec<Ipv4Addr> = self
+            .quarantined
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in expired {
+            self.quarantined.remove(&ip);
+            self.changes.quarantined.insert(ip);
+        }
         let used: std::collections::BTreeSet<Ipv4Addr> =
             self.endpoints.values().map(|e| e.ipv4).collect();
         let free = cidr.pod_addresses().filter(|a| !used.contains(a));
@@ -145,19 +193,23 @@ impl State {
             }
         }
         let ip = fresh.or(oldest.map(|(_, a)| a))?;
-        self.quarantined.remove(&ip);
+        if self.quarantined.remove(&ip).is_some() {
+            self.changes.quarantined.insert(ip);
+        }
         Some(ip)
     }
 
     /// Puts a deleted endpoint's address in quarantine from `now`.
     pub fn quarantine_ip(&mut self, ip: Ipv4Addr, now: u64) {
         self.quarantined.insert(ip, now + ADDRESS_QUARANTINE_S);
+        self.changes.quarantined.insert(ip);
     }
 
     /// The next free endpoint id (1-65535).
     pub fn allocate_endpoint_id(&mut self) -> Option<u32> {
         for _ in 0..65535 {
             self.next_endpoint_id = self.next_endpoint_id % 65535 + 1;
+            self.changes.next_endpoint_id = true;
             if !self.endpoints.contains_key(&self.next_endpoint_id) {
                 return Some(self.next_endpoint_id);
             }
@@ -168,17 +220,24 @@ impl State {
     /// Gives every prefix the policies name a CIDR identity (keeping the
     /// numbers of prefixes that stay) and drops the ones no longer named.
     pub fn refresh_cidr_identities(&mut self) -> Result<(), String> {
-        let policies: Vec<Policy> = self.policies.values().cloned().collect();
-        let mut wanted = policy::cidr::prefixes(&policies);
+        let mut wanted = policy::cidr::prefixes(self.policies.values());
         // Learned addresses of names a toFQDNs selector matches: /32s.
         wanted.extend(
             self.fqdn_labels()
                 .into_keys()
                 .map(|ip| IpNet::V4(ipnet::Ipv4Net::from(ip))),
         );
-        self.cidr_identities.retain(|p, _| wanted.contains(p));
-        let mut used: std::collections::BTreeSet<u32> =
-            self.cidr_identities.values().copied().collect();
+        let gone: Vec<IpNet> = self
+            .cidr_identities
+            .keys()
+            .filter(|p| !wanted.contains(p))
+            .copied()
+            .collect();
+        for p in gone {
+            self.cidr_identities.remove(&p);
+            self.changes.cidr_identities.insert(p);
+        }
+        let mut used: BTreeSet<u32> = self.cidr_identities.values().copied().collect();
         // Numbers are handed out lowest free first; `next` only moves up.
         let mut next = policy::cidr::FIRST_LOCAL;
         for p in wanted {
@@ -191,6 +250,7 @@ impl State {
             used.insert(id);
             next = id + 1;
             self.cidr_identities.insert(p, id);
+            self.changes.cidr_identities.insert(p);
         }
         Ok(())
     }
@@ -233,8 +293,8 @@ impl State {
 
     /// Learned addresses that a toFQDNs selector selects, with the selectors'
     /// label keys.
-    fn fqdn_labels(&self) -> BTreeMap<Ipv4Addr, std::collections::BTreeSet<String>> {
-        let mut out: BTreeMap<Ipv4Addr, std::collections::BTreeSet<String>> = BTreeMap::new();
+    fn fqdn_labels(&self) -> BTreeMap<Ipv4Addr, BTreeSet<String>> {
+        let mut out: BTreeMap<Ipv4Addr, BTreeSet<String>> = BTreeMap::new();
         if self.fqdn.is_empty() {
             return out;
         }
@@ -274,6 +334,180 @@ impl State {
         out
     }
 
+    pub fn endpoints(&self) -> &BTreeMap<u32, Endpoint> {
+        &self.endpoints
+    }
+
+    pub fn pods(&self) -> &BTreeMap<String, api::Pod> {
+        &self.pods
+    }
+
+    pub fn policies(&self) -> &BTreeMap<String, Policy> {
+        &self.policies
+    }
+
+    pub fn policy_generation(&self) -> u64 {
+        self.policy_generation
+    }
+
+    pub fn identities(&self) -> &Allocator {
+        &self.identities
+    }
+
+    pub fn cidr_identities(&self) -> &BTreeMap<IpNet, u32> {
+        &self.cidr_identities
+    }
+
+    pub fn audit_namespaces(&self) -> &BTreeSet<String> {
+        &self.audit_namespaces
+    }
+
+    pub fn fqdn(&self) -> &BTreeMap<String, FqdnName> {
+        &self.fqdn
+    }
+
+    pub fn quarantined(&self) -> &BTreeMap<Ipv4Addr, u64> {
+        &self.quarantined
+    }
+
+    /// Adds an endpoint with the identity of its labels (a reference taken
+    /// on it); returns that identity.
+    pub fn add_endpoint(&mut self, mut ep: Endpoint) -> Result<u32, String> {
+        let identity = self
+            .identities
+            .acquire(&ep.labels)
+            .map_err(|e| e.to_string())?;
+        ep.identity = identity;
+        self.changes.endpoints.insert(ep.id);
+        self.endpoints.insert(ep.id, ep);
+        Ok(identity)
+    }
+
+    /// Removes an endpoint, dropping its reference on its identity.
+    pub fn remove_endpoint(&mut self, id: u32) -> Option<Endpoint> {
+        let ep = self.endpoints.remove(&id)?;
+        self.identities.release(&ep.labels);
+        self.changes.endpoints.insert(id);
+        Some(ep)
+    }
+
+    /// Moves an endpoint to the identity of `labels`; returns (old, new)
+    /// identity, or `None` when its labels are those already.
+    pub fn relabel_endpoint(
+        &mut self,
+        id: u32,
+        labels: LabelSet,
+    ) -> Result<Option<(u32, u32)>, String> {
+        let Some(ep) = self.endpoints.get(&id) else {
+            return Err(format!("no endpoint {id}"));
+        };
+        if ep.labels == labels {
+            return Ok(None);
+        }
+        let identity = self
+            .identities
+            .acquire(&labels)
+            .map_err(|e| e.to_string())?;
+        let ep = self.endpoints.get_mut(&id).expect("checked above");
+        let old_labels = std::mem::replace(&mut ep.labels, labels);
+        let old = std::mem::replace(&mut ep.identity, identity);
+        self.identities.release(&old_labels);
+        self.changes.endpoints.insert(id);
+        Ok(Some((old, identity)))
+    }
+
+    pub fn upsert_pod(&mut self, pod: api::Pod) {
+        let key = format!("{}/{}", pod.namespace, pod.name);
+        self.changes.pods.insert(key.clone());
+        self.pods.insert(key, pod);
+    }
+
+    pub fn remove_pod(&mut self, key: &str) -> Option<api::Pod> {
+        let pod = self.pods.remove(key)?;
+        self.changes.pods.insert(key.to_string());
+        Some(pod)
+    }
+
+    pub fn insert_policy(&mut self, p: Policy) {
+        let key = p.key();
+        self.changes.policies.insert(key.clone());
+        self.policies.insert(key, p);
+        self.policy_generation += 1;
+    }
+
+    pub fn remove_policy(&mut self, key: &str) -> Option<Policy> {
+        let p = self.policies.remove(key)?;
+        self.changes.policies.insert(key.to_string());
+        self.policy_generation += 1;
+        Some(p)
+    }
+
+    /// Puts a namespace in or out of audit mode; false when it already was.
+    pub fn set_audit(&mut self, namespace: &str, audit: bool) -> bool {
+        let changed = if audit {
+            self.audit_namespaces.insert(namespace.to_string())
+        } else {
+            self.audit_namespaces.remove(namespace)
+        };
+        if changed {
+            self.changes.audit_namespaces.insert(namespace.to_string());
+        }
+        changed
+    }
+
+    /// A learned name, created empty if new, to change.
+    pub fn fqdn_entry(&mut self, name: &str) -> &mut FqdnName {
+        self.changes.fqdn.insert(name.to_string());
+        self.fqdn.entry(name.to_string()).or_default()
+    }
+
+    /// A learned name, if known, to change.
+    pub fn fqdn_get_mut(&mut self, name: &str) -> Option<&mut FqdnName> {
+        let entry = self.fqdn.get_mut(name)?;
+        self.changes.fqdn.insert(name.to_string());
+        Some(entry)
+    }
+
+    /// Drops the learned addresses `keep` refuses (address, expiry), and
+    /// names left without any; returns how many addresses went.
+    pub fn fqdn_retain_ips(&mut self, mut keep: impl FnMut(&Ipv4Addr, u64) -> bool) -> usize {
+        let mut removed = 0;
+        let changes = &mut self.changes.fqdn;
+        self.fqdn.retain(|name, entry| {
+            let before = entry.ips.len();
+            entry.ips.retain(|ip, expires| keep(ip, *expires));
+            if entry.ips.len() != before {
+                removed += before - entry.ips.len();
+                changes.insert(name.clone());
+            }
+            !entry.ips.is_empty()
+        });
+        removed
+    }
+
+    #[cfg(test)]
+    pub(crate) fn set_cidr_identity(&mut self, prefix: IpNet, id: u32) {
+        self.cidr_identities.insert(prefix, id);
+        self.changes.cidr_identities.insert(prefix);
+    }
+
+    /// What changed since the last call.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// Hands back changes a failed commit did not bring everywhere.
+    pub fn restore_changes(&mut self, changes: Changes) {
+        self.changes.merge(changes);
+    }
+
+    /// Rebuilds what is derived, not stored: identities from the endpoints.
+    fn rebuild(&mut self) -> Result<(), String> {
+        self.identities =
+            Allocator::restore(self.endpoints.values().map(|e| (&e.labels, e.identity)))?;
+        Ok(())
+    }
+
     pub fn find_endpoint(&self, container_id: &str, ifname: &str) -> Option<&Endpoint> {
         self.endpoints
             .values()
@@ -281,10 +515,144 @@ impl State {
     }
 }
 
-/// Loads and saves the state file.
-pub struct Store {
-    path: PathBuf,
+/// One change to one object, as the state log holds it: the object's
+/// whole new value, or `None` when it is gone. Replaying a record twice
+/// leaves what replaying it once does.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Record {
+    Endpoint {
+        id: u32,
+        value: Option<Endpoint>,
+    },
+    Pod {
+        key: String,
+        value: Option<api::Pod>,
+    },
+    Policy {
+        key: String,
+        value: Option<Policy>,
+    },
+    Fqdn {
+        name: String,
+        value: Option<FqdnName>,
+    },
+    CidrIdentity {
+        prefix: IpNet,
+        value: Option<u32>,
+    },
+    Quarantined {
+        ip: Ipv4Addr,
+        value: Option<u64>,
+    },
+    AuditNamespace {
+        namespace: String,
+        value: bool,
+    },
+    NextEndpointId {
+        value: u32,
+    },
 }
+
+impl State {
+    /// The records that bring a copy of the state before `changes` to now.
+    fn records(&self, c: &Changes) -> Vec<Record> {
+        let mut out = Vec::new();
+        for id in &c.endpoints {
+            out.push(Record::Endpoint {
+                id: *id,
+                value: self.endpoints.get(id).cloned(),
+            });
+        }
+        for key in &c.pods {
+            out.push(Record::Pod {
+                key: key.clone(),
+                value: self.pods.get(key).cloned(),
+            });
+        }
+        for key in &c.policies {
+            out.push(Record::Policy {
+                key: key.clone(),
+                value: self.policies.get(key).cloned(),
+            });
+        }
+        for name in &c.fqdn {
+            out.push(Record::Fqdn {
+                name: name.clone(),
+                value: self.fqdn.get(name).cloned(),
+            });
+        }
+        for prefix in &c.cidr_identities {
+            out.push(Record::CidrIdentity {
+                prefix: *prefix,
+                value: self.cidr_identities.get(prefix).copied(),
+            });
+        }
+        for ip in &c.quarantined {
+            out.push(Record::Quarantined {
+                ip: *ip,
+                value: self.quarantined.get(ip).copied(),
+            });
+        }
+        for ns in &c.audit_namespaces {
+            out.push(Record::AuditNamespace {
+                namespace: ns.clone(),
+                value: self.audit_namespaces.contains(ns),
+            });
+        }
+        if c.next_endpoint_id {
+            out.push(Record::NextEndpointId {
+                value: self.next_endpoint_id,
+            });
+        }
+        out
+    }
+
+    fn replay(&mut self, r: Record) {
+        fn put<K: Ord, V>(m: &mut BTreeMap<K, V>, k: K, v: Option<V>) {
+            match v {
+                Some(v) => m.insert(k, v),
+                None => m.remove(&k),
+            };
+        }
+        match r {
+            Record::Endpoint { id, value } => put(&mut self.endpoints, id, value),
+            Record::Pod { key, value } => put(&mut self.pods, key, value),
+            Record::Policy { key, value } => {
+                put(&mut self.policies, key, value);
+                self.policy_generation += 1;
+            }
+            Record::Fqdn { name, value } => put(&mut self.fqdn, name, value),
+            Record::CidrIdentity { prefix, value } => put(&mut self.cidr_identities, prefix, value),
+            Record::Quarantined { ip, value } => put(&mut self.quarantined, ip, value),
+            Record::AuditNamespace { namespace, value } => {
+                if value {
+                    self.audit_namespaces.insert(namespace);
+                } else {
+                    self.audit_namespaces.remove(&namespace);
+                }
+            }
+            Record::NextEndpointId { value } => self.next_endpoint_id = value,
+        }
+    }
+}
+
+/// The state on disk: a snapshot (`state.json`, written atomically: temp
+/// file + rename) and a log (`state.log`) of what changed since, one line
+/// per commit (a JSON array of `Record`s) appended in one write. A change
+/// costs a line the size of what it touched; the snapshot is rewritten,
+/// and the log emptied, every `COMPACT_AFTER` commits and at start-up.
+/// A last line cut short (the agent died writing it) is a commit that did
+/// not happen; any other bad line is corruption and refuses the load.
+pub struct Store {
+    snapshot: PathBuf,
+    log: PathBuf,
+    /// The log, open for appending, and the commits it holds.
+    appender: Option<(std::fs::File, usize)>,
+}
+
+/// Commits the log takes before the snapshot is rewritten.
+pub const COMPACT_AFTER: usize = 4096;
 
 impl Store {
     pub fn new(dir: &Path) -> std::io::Result<Self> {
@@ -293,23 +661,95 @@ impl Store {
         // Endpoints, pods and policies are root's alone.
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         Ok(Self {
-            path: dir.join("state.json"),
+            snapshot: dir.join("state.json"),
+            log: dir.join("state.log"),
+            appender: None,
         })
     }
 
+    /// The snapshot with the log replayed on it; identities rebuilt from
+    /// the endpoints.
     pub fn load(&self) -> Result<State, String> {
-        match std::fs::read(&self.path) {
+        let mut state = match std::fs::read(&self.snapshot) {
             Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| format!("state file {} is corrupt: {e}", self.path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-            Err(e) => Err(format!("cannot read {}: {e}", self.path.display())),
+                .map_err(|e| format!("state file {} is corrupt: {e}", self.snapshot.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(e) => return Err(format!("cannot read {}: {e}", self.snapshot.display())),
+        };
+        let log = match std::fs::read(&self.log) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(format!("cannot read {}: {e}", self.log.display())),
+        };
+        let complete = log.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        if complete < log.len() {
+            tracing::warn!(
+                log = %self.log.display(),
+                bytes = log.len() - complete,
+                "state log ends in a commit cut short; it did not happen"
+            );
         }
+        for (n, line) in log[..complete].split(|b| *b == b'\n').enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            let records: Vec<Record> = serde_json::from_slice(line).map_err(|e| {
+                format!(
+                    "state log {} is corrupt at line {}: {e}",
+                    self.log.display(),
+                    n + 1
+                )
+            })?;
+            for r in records {
+                state.replay(r);
+            }
+        }
+        state
+            .rebuild()
+            .map_err(|e| format!("state in {} is inconsistent: {e}", self.snapshot.display()))?;
+        Ok(state)
     }
 
-    /// Writes atomically (temp file + rename).
-    pub fn save(&self, state: &State) -> std::io::Result<()> {
-        let tmp = self.path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
+    /// Appends the records of `changes` (already applied to `state`) as
+    /// one line; rewrites the snapshot when the log is long enough.
+    pub fn append(&mut self, state: &State, changes: &Changes) -> std::io::Result<()> {
+        let records = state.records(changes);
+        if records.is_empty() {
+            return Ok(());
+        }
+        if self
+            .appender
+            .as_ref()
+            .is_some_and(|(_, n)| *n >= COMPACT_AFTER)
+        {
+            return self.save(state);
+        }
+        let mut line = serde_json::to_vec(&records).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let (file, n) = match &mut self.appender {
+            Some(a) => a,
+            None => {
+                use std::os::unix::fs::OpenOptionsExt;
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .mode(0o600)
+                    .open(&self.log)?;
+                self.appender.insert((f, 0))
+            }
+        };
+        use std::io::Write;
+        file.write_all(&line)?;
+        *n += 1;
+        Ok(())
+    }
+
+    /// Writes the whole state as the snapshot, then empties the log (a
+    /// crash in between replays the log on the new snapshot: the same
+    /// state).
+    pub fn save(&mut self, state: &State) -> std::io::Result<()> {
+        let tmp = self.snapshot.with_extension("json.tmp");
+        let bytes = serde_json::to_vec(state).map_err(std::io::Error::other)?;
         {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
@@ -321,7 +761,17 @@ impl Store {
                 .open(&tmp)?
                 .write_all(&bytes)?;
         }
-        std::fs::rename(&tmp, &self.path)
+        std::fs::rename(&tmp, &self.snapshot)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&self.log)?;
+        drop(f);
+        self.appender = None;
+        Ok(())
     }
 }
 
@@ -353,24 +803,22 @@ mod tests {
         let mut s = State::default();
         let ip = s.allocate_ip(&c, 0).unwrap();
         let id = s.allocate_endpoint_id().unwrap();
-        s.endpoints.insert(
+        s.add_endpoint(Endpoint {
             id,
-            Endpoint {
-                id,
-                container_id: "c".into(),
-                ifname: "eth0".into(),
-                netns: String::new(),
-                namespace: "default".into(),
-                pod: "p".into(),
-                ipv4: ip,
-                host_ifname: String::new(),
-                host_ifindex: 0,
-                host_mac: [0; 6],
-                pod_mac: [0; 6],
-                labels: LabelSet::default(),
-                identity: 256,
-            },
-        );
+            container_id: "c".into(),
+            ifname: "eth0".into(),
+            netns: String::new(),
+            namespace: "default".into(),
+            pod: "p".into(),
+            ipv4: ip,
+            host_ifname: String::new(),
+            host_ifindex: 0,
+            host_mac: [0; 6],
+            pod_mac: [0; 6],
+            labels: LabelSet::default(),
+            identity: 256,
+        })
+        .unwrap();
         assert_eq!(s.allocate_ip(&c, 0), None, "a /30 has one pod address");
         assert_ne!(s.allocate_endpoint_id(), Some(id));
     }
@@ -392,5 +840,127 @@ mod tests {
             s.quarantine_ip(a, 10 - i as u64);
         }
         assert_eq!(s.allocate_ip(&c, 1), Some(Ipv4Addr::new(10, 200, 0, 6)));
+    }
+
+    fn endpoint(id: u32, app: &str) -> Endpoint {
+        Endpoint {
+            id,
+            container_id: format!("c{id}"),
+            ifname: "eth0".into(),
+            netns: String::new(),
+            namespace: "default".into(),
+            pod: format!("p{id}"),
+            ipv4: Ipv4Addr::new(10, 200, 0, id as u8),
+            host_ifname: String::new(),
+            host_ifindex: 0,
+            host_mac: [0; 6],
+            pod_mac: [0; 6],
+            labels: LabelSet::new(vec![policy::Label::new("k8s", "app", app)]),
+            identity: 0,
+        }
+    }
+
+    /// Loaded state as the tests compare it: what is stored and what is
+    /// rebuilt (identities), not the change record.
+    fn image(s: &State) -> String {
+        format!(
+            "{:?} {:?}",
+            serde_json::to_string(s).unwrap(),
+            s.identities.all()
+        )
+    }
+
+    /// Every kind of change survives a restart through the log alone, a
+    /// compaction, and a log replayed over the snapshot that already holds
+    /// it (a crash between the two).
+    #[test]
+    fn the_log_replays_every_change_and_compaction_keeps_it() {
+        let dir = std::env::temp_dir().join(format!("fibril-state-log-{}", std::process::id()));
+        std::fs::remove_dir_all(&dir).ok();
+        let mut store = Store::new(&dir).unwrap();
+        let mut s = State::default();
+        let commit = |s: &mut State, store: &mut Store| {
+            let c = s.take_changes();
+            store.append(s, &c).unwrap();
+        };
+        for (id, app) in [(1, "a"), (2, "a"), (3, "b")] {
+            s.allocate_endpoint_id();
+            s.add_endpoint(endpoint(id, app)).unwrap();
+            commit(&mut s, &mut store);
+        }
+        s.relabel_endpoint(3, endpoint(0, "a").labels).unwrap();
+        s.remove_endpoint(2);
+        s.quarantine_ip(Ipv4Addr::new(10, 200, 0, 2), 100);
+        s.set_audit("shop", true);
+        s.fqdn_entry("api.example.")
+            .ips
+            .insert(Ipv4Addr::new(192, 0, 2, 1), 500);
+        let p = policy::parse(
+            "t",
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  egress:\n  - toCIDR: [192.0.2.0/24]\n",
+            "default",
+        )
+        .unwrap()
+        .policies
+        .remove(0);
+        s.insert_policy(p);
+        s.refresh_cidr_identities().unwrap();
+        commit(&mut s, &mut store);
+        assert!(!s.cidr_identities().is_empty());
+        assert_eq!(image(&store.load().unwrap()), image(&s));
+
+        // A snapshot, then a log replayed over it: the same state.
+        let log = std::fs::read(dir.join("state.log")).unwrap();
+        store.save(&s).unwrap();
+        assert_eq!(std::fs::read(dir.join("state.log")).unwrap(), b"");
+        std::fs::write(dir.join("state.log"), &log).unwrap();
+        assert_eq!(image(&store.load().unwrap()), image(&s));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A last line cut short is a commit that did not happen; a bad line
+    /// before it is corruption, and the load says where.
+    #[test]
+    fn a_torn_last_commit_is_dropped_and_corruption_refused() {
+        let dir = std::env::temp_dir().join(format!("fibril-state-torn-{}", std::process::id()));
+        std::fs::remove_dir_all(&dir).ok();
+        let mut store = Store::new(&dir).unwrap();
+        let mut s = State::default();
+        s.add_endpoint(endpoint(1, "a")).unwrap();
+        let c = s.take_changes();
+        store.append(&s, &c).unwrap();
+        let before = image(&s);
+        s.add_endpoint(endpoint(2, "a")).unwrap();
+        let c = s.take_changes();
+        store.append(&s, &c).unwrap();
+        let log = std::fs::read(dir.join("state.log")).unwrap();
+        std::fs::write(dir.join("state.log"), &log[..log.len() - 5]).unwrap();
+        assert_eq!(image(&store.load().unwrap()), before);
+
+        let mut bad = b"[{\"nonsense\":1}]\n".to_vec();
+        bad.extend_from_slice(&log);
+        std::fs::write(dir.join("state.log"), &bad).unwrap();
+        let err = store.load().unwrap_err();
+        assert!(err.contains("corrupt at line 1"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Identities are the endpoints' own: rebuilt on load with their
+    /// numbers and reference counts, so a release frees exactly as before.
+    #[test]
+    fn identities_are_rebuilt_from_the_endpoints() {
+        let mut s = State::default();
+        let a = s.add_endpoint(endpoint(1, "a")).unwrap();
+        assert_eq!(s.add_endpoint(endpoint(2, "a")).unwrap(), a);
+        let b = s.add_endpoint(endpoint(3, "b")).unwrap();
+        let json = serde_json::to_vec(&s).unwrap();
+        let mut back: State = serde_json::from_slice(&json).unwrap();
+        back.rebuild().unwrap();
+        assert_eq!(back.identities.all(), s.identities.all());
+        back.remove_endpoint(1);
+        assert!(back.identities.all().iter().any(|(id, _)| *id == a));
+        back.remove_endpoint(2);
+        assert!(!back.identities.all().iter().any(|(id, _)| *id == a));
+        assert!(back.identities.all().iter().any(|(id, _)| *id == b));
     }
 }

@@ -344,6 +344,48 @@ pub fn host_ipv4_addresses() -> Result<Vec<Ipv4Addr>, NetError> {
     Ok(local_addresses(&text))
 }
 
+/// Calls `changed` on a thread of its own after the kernel announces a
+/// change to an IPv4 address of this network namespace (rtnetlink's
+/// `RTMGRP_IPV4_IFADDR` group), and once at the start (an address that
+/// changed before the subscription); stops when it returns false (at the
+/// next event). A reader that fell behind (`ENOBUFS`) counts as a change:
+/// the caller reads the addresses again either way.
+pub fn watch_ipv4_addresses(
+    mut changed: impl FnMut() -> bool + Send + 'static,
+) -> Result<(), NetError> {
+    const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+    let netlink = |source| NetError::Spawn {
+        command: "netlink address subscription".into(),
+        source,
+    };
+    let mut socket =
+        netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE).map_err(netlink)?;
+    socket
+        .bind(&netlink_sys::SocketAddr::new(0, RTMGRP_IPV4_IFADDR))
+        .map_err(netlink)?;
+    std::thread::Builder::new()
+        .name("fibril-addr-watch".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            if !changed() {
+                return;
+            }
+            loop {
+                match socket.recv(&mut &mut buf[..], 0) {
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => return,
+                }
+                if !changed() {
+                    return;
+                }
+            }
+        })
+        .map_err(netlink)?;
+    Ok(())
+}
+
 /// The `/32 host LOCAL` leaves of a `fib_trie` listing, sorted, once each.
 fn local_addresses(fib_trie: &str) -> Vec<Ipv4Addr> {
     let mut leaf: Option<Ipv4Addr> = None;

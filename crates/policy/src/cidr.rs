@@ -16,7 +16,7 @@ pub const FIRST_LOCAL: u32 = (1 << 24) + 1;
 pub const LAST_LOCAL: u32 = (1 << 24) + 0xffff;
 
 /// Every non-zero-length prefix the policies name.
-pub fn prefixes(policies: &[Policy]) -> BTreeSet<IpNet> {
+pub fn prefixes<'a>(policies: impl IntoIterator<Item = &'a Policy>) -> BTreeSet<IpNet> {
     let mut out = BTreeSet::new();
     for p in policies {
         for r in &p.rules {

@@ -77,6 +77,42 @@ impl Allocator {
         Ok(id)
     }
 
+    /// The allocator that holds `held` (labels, identity), a reference per
+    /// item: what a restart rebuilds from the endpoints it kept, so the
+    /// numbers stay theirs. Refused when two label sets claim one number or
+    /// one label set two numbers.
+    pub fn restore<'a>(
+        held: impl IntoIterator<Item = (&'a LabelSet, u32)>,
+    ) -> Result<Self, String> {
+        let mut by_labels: BTreeMap<LabelSet, Allocation> = BTreeMap::new();
+        let mut owner: BTreeMap<u32, &'a LabelSet> = BTreeMap::new();
+        for (labels, id) in held {
+            if let Some(other) = owner.insert(id, labels) {
+                if other != labels {
+                    return Err(format!(
+                        "identity {id} is held by two label sets ({:?} and {:?})",
+                        other.to_strings(),
+                        labels.to_strings()
+                    ));
+                }
+            }
+            let a = by_labels.entry(labels.clone()).or_insert(Allocation {
+                labels: labels.clone(),
+                id,
+                refs: 0,
+            });
+            if a.id != id {
+                return Err(format!(
+                    "labels {:?} hold two identities ({} and {id})",
+                    labels.to_strings(),
+                    a.id
+                ));
+            }
+            a.refs += 1;
+        }
+        Ok(Self { by_labels })
+    }
+
     /// Drops a reference; the identity is freed with its last reference.
     pub fn release(&mut self, labels: &LabelSet) {
         if let Some(a) = self.by_labels.get_mut(labels) {

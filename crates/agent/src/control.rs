@@ -1,0 +1,357 @@
+//! The node's state and everything derived from it, changed in one place.
+//!
+//! A change to `State` records the keys it touched (`state::Changes`); a
+//! commit brings exactly those into line: CIDR identities (only when
+//! policies or learned names changed), the endpoint index the flow enricher
+//! reads, the ipcache (the kernel's LPM map and the Rust resolver, diffed
+//! by key), the policy maps (`PolicySync`: only identities whose policy
+//! changed), the L7 proxy's view, and one line in the state log. Readers on
+//! hot paths (the enricher, the proxies) load immutable snapshots (the
+//! index, the ipcache) that a commit swaps; they take no lock.
+//!
+//! Lock order: `state`, then `policy`, then `store`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use arc_swap::ArcSwap;
+use datapath::Datapath;
+
+use crate::ipcache::Ipcache;
+use crate::policy_sync::PolicySync;
+use crate::state::{Changes, Endpoint, State, Store};
+use crate::{invalid, l7proxy, Error};
+
+/// What the event enricher needs to know about a local endpoint: the
+/// endpoint as flows show it (with its identity), shared by all its flows.
+#[derive(Clone, Debug)]
+pub struct EndpointMeta {
+    pub endpoint: Arc<flow::Endpoint>,
+}
+
+/// The local endpoints as the enricher looks them up: a snapshot, replaced
+/// (copied and patched) by each commit that changes it.
+#[derive(Clone, Default)]
+pub struct EndpointLookup {
+    pub by_ip: HashMap<Ipv4Addr, EndpointMeta>,
+    /// Host-side veth names by ifindex: a flow's `interface`.
+    pub ifname_by_index: HashMap<u32, String>,
+    /// DNS names learned addresses belong to (flows' `*_names`).
+    pub names_by_ip: HashMap<Ipv4Addr, Vec<String>>,
+    /// Endpoint id -> (address, host ifindex) as indexed: what to remove
+    /// when the endpoint changes or goes.
+    keys: HashMap<u32, (Ipv4Addr, u32)>,
+}
+
+/// The index as readers hold it.
+pub type EndpointIndex = Arc<ArcSwap<EndpointLookup>>;
+
+pub struct Control {
+    cluster: String,
+    datapath: Arc<Datapath>,
+    state: Mutex<State>,
+    policy: Mutex<PolicySync>,
+    store: Mutex<Store>,
+    index: EndpointIndex,
+    /// What the kernel's ipcache holds, as of the last commit: the
+    /// resolver of addresses to identities for everything but the datapath.
+    ipcache: ArcSwap<Ipcache>,
+    /// The host's own IPv4 addresses (ipcache `host`), as last read:
+    /// refreshed on the kernel's address events, not per change.
+    host: Mutex<Vec<Ipv4Addr>>,
+    /// The HTTP proxy process, once connected (`l7proxy`).
+    l7_link: OnceLock<Arc<l7proxy::Link>>,
+}
+
+impl Control {
+    /// Takes over `state` (as loaded) and brings everything derived from it
+    /// in line in full: the kernel ipcache is diffed against what the
+    /// kernel holds (an earlier run's entries), the policy maps against
+    /// `policy`'s realized entries; the snapshot is rewritten.
+    pub fn open(
+        cluster: &str,
+        datapath: Arc<Datapath>,
+        mut store: Store,
+        mut state: State,
+        mut policy: PolicySync,
+    ) -> Result<Self, Error> {
+        let host = netns::host_ipv4_addresses()?;
+        state.refresh_cidr_identities().map_err(invalid)?;
+        state.take_changes();
+        let ipcache = Ipcache::build(&state, &host);
+        let have = datapath.ipcache_entries()?;
+        let wanted = ipcache.entries();
+        for (addr, len, _) in &have {
+            if !wanted.contains_key(&(*addr, *len)) {
+                datapath.remove_ipcache(*addr, *len)?;
+            }
+        }
+        for (&(addr, len), &id) in &wanted {
+            if !have.contains(&(addr, len, id)) {
+                datapath.upsert_ipcache(addr, len, id)?;
+            }
+        }
+        policy.apply(&state, &datapath, cluster)?;
+        store.save(&state)?;
+        let control = Self {
+            cluster: cluster.to_string(),
+            datapath,
+            index: Arc::new(ArcSwap::from_pointee(EndpointLookup::default())),
+            ipcache: ArcSwap::from_pointee(ipcache),
+            host: Mutex::new(host),
+            policy: Mutex::new(policy),
+            store: Mutex::new(store),
+            state: Mutex::new(state),
+            l7_link: OnceLock::new(),
+        };
+        {
+            let s = control.lock();
+            let all: BTreeSet<u32> = s.endpoints().keys().copied().collect();
+            control.update_index(&s, &all, true);
+        }
+        Ok(control)
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The state, unless another holds it (the DNS proxy's fast path must
+    /// not wait).
+    pub fn try_lock(&self) -> Option<MutexGuard<'_, State>> {
+        self.state.try_lock().ok()
+    }
+
+    /// The policy maps' owner (computed policies, the cookie table).
+    pub fn policy(&self) -> MutexGuard<'_, PolicySync> {
+        self.policy.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn index(&self) -> EndpointIndex {
+        self.index.clone()
+    }
+
+    /// The ipcache as of the last commit.
+    pub fn ipcache(&self) -> Arc<Ipcache> {
+        self.ipcache.load_full()
+    }
+
+    pub fn datapath(&self) -> &Arc<Datapath> {
+        &self.datapath
+    }
+
+    /// Brings what `s` changed since the last commit into the kernel, the
+    /// views and the state log. On failure the changes stay recorded, so
+    /// the next commit tries them again.
+    pub fn commit(&self, s: &mut State) -> Result<(), Error> {
+        self.commit_with(s, false)
+    }
+
+    fn commit_with(&self, s: &mut State, host_changed: bool) -> Result<(), Error> {
+        let mut changes = s.take_changes();
+        if !changes.policies.is_empty() || !changes.fqdn.is_empty() {
+            let refreshed = s.refresh_cidr_identities();
+            changes.merge(s.take_changes());
+            if let Err(e) = refreshed {
+                s.restore_changes(changes);
+                return Err(invalid(e));
+            }
+        }
+        if changes.is_empty() && !host_changed {
+            return Ok(());
+        }
+        let result = self.apply(s, &changes, host_changed);
+        if result.is_err() {
+            s.restore_changes(changes);
+        }
+        result
+    }
+
+    fn apply(&self, s: &State, c: &Changes, host_changed: bool) -> Result<(), Error> {
+        // Endpoints whose index entry or ipcache entry may differ: the
+        // changed ones and those of changed pods (their workloads).
+        let mut touched = c.endpoints.clone();
+        if !c.pods.is_empty() {
+            touched.extend(
+                s.endpoints()
+                    .values()
+                    .filter(|e| {
+                        c.pods.iter().any(|k| {
+                            k.split_once('/') == Some((e.namespace.as_str(), e.pod.as_str()))
+                        })
+                    })
+                    .map(|e| e.id),
+            );
+        }
+        let old_keys = self.update_index(s, &touched, !c.fqdn.is_empty());
+        self.update_ipcache(s, &old_keys, host_changed || !c.cidr_identities.is_empty())?;
+        let started = std::time::Instant::now();
+        let rewritten = self.policy().apply(s, &self.datapath, &self.cluster)?;
+        tracing::debug!(
+            rewritten,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "policy synced"
+        );
+        self.publish_l7(s);
+        self.store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .append(s, c)?;
+        Ok(())
+    }
+
+    /// Patches the endpoint index for `touched` endpoints (and the learned
+    /// names, when `names`); returns the touched endpoints' old (address,
+    /// ifindex), for the ipcache.
+    fn update_index(
+        &self,
+        s: &State,
+        touched: &BTreeSet<u32>,
+        names: bool,
+    ) -> Vec<(u32, Option<(Ipv4Addr, u32)>)> {
+        let mut old_keys = Vec::new();
+        if touched.is_empty() && !names {
+            return old_keys;
+        }
+        let mut next = EndpointLookup::clone(&self.index.load());
+        for id in touched {
+            let old = next.keys.remove(id);
+            if let Some((ip, ifindex)) = old {
+                next.by_ip.remove(&ip);
+                next.ifname_by_index.remove(&ifindex);
+            }
+            old_keys.push((*id, old));
+            let Some(ep) = s.endpoints().get(id) else {
+                continue;
+            };
+            next.keys.insert(ep.id, (ep.ipv4, ep.host_ifindex));
+            next.ifname_by_index
+                .insert(ep.host_ifindex, ep.host_ifname.clone());
+            next.by_ip.insert(ep.ipv4, self.endpoint_meta(s, ep));
+        }
+        if names {
+            next.names_by_ip.clear();
+            for (name, entry) in s.fqdn() {
+                for ip in entry.ips.keys() {
+                    next.names_by_ip.entry(*ip).or_default().push(name.clone());
+                }
+            }
+        }
+        self.index.store(Arc::new(next));
+        old_keys
+    }
+
+    fn endpoint_meta(&self, s: &State, ep: &Endpoint) -> EndpointMeta {
+        EndpointMeta {
+            endpoint: Arc::new(flow::Endpoint {
+                id: ep.id,
+                identity: ep.identity,
+                cluster_name: self.cluster.clone(),
+                namespace: ep.namespace.clone(),
+                labels: ep.labels.to_strings(),
+                pod_name: ep.pod.clone(),
+                workloads: s
+                    .pods()
+                    .get(&format!("{}/{}", ep.namespace, ep.pod))
+                    .map(|p| p.workloads.clone())
+                    .unwrap_or_default(),
+            }),
+        }
+    }
+
+    /// Writes the ipcache entries that differ: the touched endpoints' old
+    /// and new addresses, and the prefixes when they may have changed.
+    fn update_ipcache(
+        &self,
+        s: &State,
+        old_keys: &[(u32, Option<(Ipv4Addr, u32)>)],
+        prefixes_changed: bool,
+    ) -> Result<(), Error> {
+        let mut endpoints = Vec::new();
+        for (id, old) in old_keys {
+            if let Some((ip, _)) = old {
+                endpoints.push((*ip, None));
+            }
+            if let Some(ep) = s.endpoints().get(id) {
+                endpoints.push((ep.ipv4, Some(ep.identity)));
+            }
+        }
+        if endpoints.is_empty() && !prefixes_changed {
+            return Ok(());
+        }
+        let prefixes = prefixes_changed.then(|| {
+            let host = self.host.lock().unwrap_or_else(|e| e.into_inner());
+            Ipcache::prefixes_of(s, &host)
+        });
+        let old = self.ipcache.load_full();
+        let next = old.with(&endpoints, prefixes);
+        let touched: Vec<Ipv4Addr> = endpoints.iter().map(|(a, _)| *a).collect();
+        for (addr, len) in old.changed_keys(&next, &touched) {
+            match next.get(&(addr, len)) {
+                Some(id) => self.datapath.upsert_ipcache(addr, len, id)?,
+                None => self.datapath.remove_ipcache(addr, len)?,
+            }
+        }
+        self.ipcache.store(Arc::new(next));
+        Ok(())
+    }
+
+    /// Reads the host's addresses again (on an address event); when they
+    /// changed, the ipcache's `host` entries follow. Returns whether they
+    /// changed.
+    pub fn refresh_host_addresses(&self) -> Result<bool, Error> {
+        let mut s = self.lock();
+        let now = netns::host_ipv4_addresses()?;
+        {
+            let mut host = self.host.lock().unwrap_or_else(|e| e.into_inner());
+            if *host == now {
+                return Ok(false);
+            }
+            tracing::info!(addresses = ?now, "host addresses changed");
+            *host = now;
+        }
+        self.commit_with(&mut s, true)?;
+        Ok(true)
+    }
+
+    /// Connects the HTTP proxy process: it gets a snapshot now and after
+    /// every change.
+    pub fn attach_l7_proxy(&self, link: Arc<l7proxy::Link>) {
+        if self.l7_link.set(link).is_ok() {
+            let state = self.lock();
+            self.publish_l7(&state);
+        }
+    }
+
+    /// Sends the HTTP proxy what it decides with, if it is connected.
+    fn publish_l7(&self, state: &State) {
+        let Some(link) = self.l7_link.get() else {
+            return;
+        };
+        let sync = self.policy();
+        // The proxy resolves non-pod addresses through `cidrs`: the
+        // ipcache's prefixes, the host's own addresses (`host`) included.
+        let mut snapshot = l7proxy::Snapshot {
+            cidrs: self
+                .ipcache()
+                .prefixes()
+                .iter()
+                .filter(|((_, len), id)| *len > 0 || **id != abi::identity::WORLD)
+                .map(|(&(addr, len), &id)| {
+                    let net = ipnet::Ipv4Net::new(addr, len as u8).unwrap_or_default();
+                    (ipnet::IpNet::V4(net), id)
+                })
+                .collect(),
+            ..Default::default()
+        };
+        for ep in state.endpoints().values() {
+            snapshot.pods.insert(ep.ipv4, ep.identity);
+            if let Some(p) = sync.computed(ep.identity) {
+                snapshot.policies.insert(ep.identity, p.clone());
+            }
+        }
+        drop(sync);
+        link.publish(snapshot);
+    }
+}
