@@ -159,6 +159,7 @@ fn main() -> anyhow::Result<()> {
         named_ports: &named,
         local: &local,
         audit_namespaces: &Default::default(),
+        hint: None,
     });
     let full = t.elapsed();
     let entries: usize = touched

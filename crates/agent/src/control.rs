@@ -92,7 +92,7 @@ impl Control {
                 datapath.upsert_ipcache(addr, len, id)?;
             }
         }
-        policy.apply(&state, &datapath, cluster)?;
+        policy.apply(&state, &datapath, cluster, None)?;
         store.save(&state)?;
         let control = Self {
             cluster: cluster.to_string(),
@@ -187,7 +187,9 @@ impl Control {
         let old_keys = self.update_index(s, &touched, !c.fqdn.is_empty());
         self.update_ipcache(s, &old_keys, host_changed || !c.cidr_identities.is_empty())?;
         let started = std::time::Instant::now();
-        let rewritten = self.policy().apply(s, &self.datapath, &self.cluster)?;
+        let rewritten = self
+            .policy()
+            .apply(s, &self.datapath, &self.cluster, Some(c))?;
         tracing::debug!(
             rewritten,
             elapsed_us = started.elapsed().as_micros() as u64,

@@ -2,7 +2,7 @@
 //! only the identities a change touches, and only the entries that differ
 //! from what the kernel holds are written or removed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use abi::{
     PolicyKeyData, PolicyValue, EP_F_EGRESS_AUDIT, EP_F_EGRESS_ENFORCED, EP_F_INGRESS_AUDIT,
@@ -12,7 +12,7 @@ use abi::{
 use datapath::{Datapath, PolicyEntry};
 use policy::{Direction, EndpointPolicy, Engine, LabelSet, Origin};
 
-use crate::state::State;
+use crate::state::{Changes, State};
 use crate::Error;
 
 /// A policy-map key with its LPM prefix length.
@@ -35,6 +35,13 @@ pub struct PolicySync {
     /// rule, so a flow's attribution is a reference count, not a copy.
     policy_refs: std::sync::Arc<std::sync::RwLock<Vec<flow::record::SharedPolicyRef>>>,
     cookies: HashMap<Origin, u32>,
+    /// The CIDR identities with their labels, sorted by number, as of the
+    /// last apply (recomputed when prefixes, names or policies change).
+    cidr_labels: Vec<(u32, LabelSet)>,
+    /// Declared container ports per identity, as of the last apply.
+    named_ports: BTreeMap<u32, Vec<policy::NamedPort>>,
+    /// The last apply failed part way: the next compares everything.
+    needs_full: bool,
 }
 
 impl PolicySync {
@@ -94,40 +101,102 @@ impl PolicySync {
     }
 
     /// Brings the kernel in line with `state`, touching only endpoints whose
-    /// policy changed. Returns how many endpoints were rewritten.
-    pub fn apply(&mut self, state: &State, dp: &Datapath, cluster: &str) -> Result<usize, Error> {
+    /// policy changed. `changes`: what changed since the last apply (from
+    /// the state's record), so that only that is compared; `None` compares
+    /// everything. Returns how many endpoints were rewritten.
+    pub fn apply(
+        &mut self,
+        state: &State,
+        dp: &Datapath,
+        cluster: &str,
+        changes: Option<&Changes>,
+    ) -> Result<usize, Error> {
+        // After a failed apply, what the kernel holds is not known by key.
+        let full = changes.is_none() || std::mem::take(&mut self.needs_full);
+        let c = changes.cloned().unwrap_or_default();
+        // CIDR identities' labels depend on the prefixes, the learned names
+        // and the policies' toFQDNs selectors.
+        let cidr_changed =
+            !c.cidr_identities.is_empty() || !c.fqdn.is_empty() || !c.policies.is_empty();
+        let old_cidr: BTreeSet<u32> = self.cidr_labels.iter().map(|(id, _)| *id).collect();
+        if full || cidr_changed {
+            let mut cidr = state.cidr_identity_labels();
+            cidr.sort_by_key(|(id, _)| *id);
+            self.cidr_labels = cidr;
+        }
+        if full || !c.pods.is_empty() || !c.endpoints.is_empty() {
+            self.named_ports = state.named_ports();
+        }
         // Borrow everything: cloning 5,000 label sets per change would cost
-        // more than the change itself.
-        let cidr = state.cidr_identity_labels();
+        // more than the change itself. Sorted by number: reserved, pods',
+        // CIDRs'.
         let identities: Vec<(u32, &LabelSet)> = state
             .identities()
             .iter()
-            .chain(cidr.iter().map(|(id, l)| (*id, l)))
+            .chain(self.cidr_labels.iter().map(|(id, l)| (*id, l)))
             .collect();
-        let named_ports = state.named_ports();
         let local: BTreeMap<u32, &LabelSet> = state
             .endpoints()
             .values()
             .map(|e| (e.identity, &e.labels))
             .collect();
+        // The identities the changed endpoints had and have now.
+        let mut hint = policy::engine::Hint::default();
+        for id in &c.endpoints {
+            hint.local.extend(self.realized_identity.get(id));
+            hint.local
+                .extend(state.endpoints().get(id).map(|e| e.identity));
+        }
+        hint.identities = hint.local.clone();
+        if cidr_changed {
+            hint.identities.extend(old_cidr);
+            hint.identities
+                .extend(self.cidr_labels.iter().map(|(id, _)| *id));
+        }
         let mut engine = self.engine.take().unwrap_or_else(|| Engine::new(cluster));
         let changed = engine.update(&policy::engine::Inputs {
             policies: state.policies(),
             policy_generation: state.policy_generation(),
             identities: &identities,
-            named_ports: &named_ports,
+            named_ports: &self.named_ports,
             local: &local,
             audit_namespaces: state.audit_namespaces(),
+            hint: (!full).then_some(&hint),
         });
+        let result = self.write(state, dp, &engine, &changed, (!full).then_some(&c));
+        self.engine = Some(engine);
+        self.needs_full = result.is_err();
+        result
+    }
+
+    /// Writes the entries of endpoints whose policy changed (`changed`
+    /// identities) or that are new or moved (`changes`; `None`: any).
+    fn write(
+        &mut self,
+        state: &State,
+        dp: &Datapath,
+        engine: &Engine,
+        changed: &BTreeSet<u32>,
+        changes: Option<&Changes>,
+    ) -> Result<usize, Error> {
+        let empty = EndpointPolicy::default();
+        let candidates: Vec<&crate::state::Endpoint> = match changes {
+            Some(c) if changed.is_empty() => c
+                .endpoints
+                .iter()
+                .filter_map(|id| state.endpoints().get(id))
+                .collect(),
+            _ => state.endpoints().values().collect(),
+        };
         let mut rewritten = 0;
-        for ep in state.endpoints().values() {
+        for ep in candidates {
             let fresh = self.realized_identity.get(&ep.id) != Some(&ep.identity);
             if !fresh && !changed.contains(&ep.identity) {
                 continue;
             }
             rewritten += 1;
-            let computed = engine.policy(ep.identity).cloned().unwrap_or_default();
-            let (mut wanted, mut flags) = self.entries(ep.id, &computed);
+            let computed = engine.policy(ep.identity).unwrap_or(&empty);
+            let (mut wanted, mut flags) = self.entries(ep.id, computed);
             if wanted.len() > MAX_ENTRIES_PER_ENDPOINT {
                 // Never truncate silently: fail closed, say so loudly.
                 tracing::error!(
@@ -146,7 +215,10 @@ impl PolicySync {
             }
             // Entries before flags: an endpoint that becomes enforced
             // already finds its allows.
+            // Forgotten until written: a write that fails leaves the
+            // endpoint to be rewritten whole.
             let have = self.realized.remove(&ep.id).unwrap_or_default();
+            self.realized_identity.remove(&ep.id);
             for (k, v) in &wanted {
                 if have.get(k) != Some(v) {
                     dp.upsert_policy(&PolicyEntry {
@@ -177,12 +249,20 @@ impl PolicySync {
             self.realized_identity.insert(ep.id, ep.identity);
         }
         // Endpoints that are gone: remove everything they had.
-        let gone: Vec<u32> = self
-            .realized
-            .keys()
-            .filter(|id| !state.endpoints().contains_key(id))
-            .copied()
-            .collect();
+        let gone: Vec<u32> = match changes {
+            Some(c) => c
+                .endpoints
+                .iter()
+                .filter(|id| !state.endpoints().contains_key(id) && self.realized.contains_key(id))
+                .copied()
+                .collect(),
+            None => self
+                .realized
+                .keys()
+                .filter(|id| !state.endpoints().contains_key(id))
+                .copied()
+                .collect(),
+        };
         for id in gone {
             if let Some(have) = self.realized.remove(&id) {
                 for k in have.keys() {
@@ -192,7 +272,6 @@ impl PolicySync {
             self.realized_identity.remove(&id);
             self.overflowed.remove(&id);
         }
-        self.engine = Some(engine);
         Ok(rewritten)
     }
 }

@@ -312,16 +312,17 @@ impl State {
     /// Declared container ports per identity (union over its endpoints).
     pub fn named_ports(&self) -> BTreeMap<u32, Vec<NamedPort>> {
         let mut out: BTreeMap<u32, Vec<NamedPort>> = BTreeMap::new();
-        let with_ports: Vec<&api::Pod> =
-            self.pods.values().filter(|p| !p.ports.is_empty()).collect();
+        let with_ports: std::collections::HashMap<(&str, &str), &api::Pod> = self
+            .pods
+            .values()
+            .filter(|p| !p.ports.is_empty())
+            .map(|p| ((p.namespace.as_str(), p.name.as_str()), p))
+            .collect();
         if with_ports.is_empty() {
             return out;
         }
         for e in self.endpoints.values() {
-            let Some(pod) = with_ports
-                .iter()
-                .find(|p| p.namespace == e.namespace && p.name == e.pod)
-            else {
+            let Some(pod) = with_ports.get(&(e.namespace.as_str(), e.pod.as_str())) else {
                 continue;
             };
             let ports = out.entry(e.identity).or_default();

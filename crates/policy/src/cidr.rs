@@ -59,10 +59,12 @@ pub fn identity_labels(prefixes: &BTreeSet<IpNet>) -> Vec<(IpNet, LabelSet)> {
         .iter()
         .map(|p| {
             let mut labels = vec![Label::new("reserved", "world", "")];
+            // The prefixes holding p are p cut to each shorter length:
+            // a lookup per length, not a scan of every prefix per prefix.
             labels.extend(
-                prefixes
-                    .iter()
-                    .filter(|q| q.contains(p))
+                (0..=p.prefix_len())
+                    .filter_map(|len| IpNet::new(p.addr(), len).ok().map(|q| q.trunc()))
+                    .filter(|q| prefixes.contains(q))
                     .map(|q| Label::new("cidr", &q.to_string(), "")),
             );
             (*p, LabelSet::new(labels))

@@ -18,8 +18,8 @@ use crate::model::{NamedPort, PeerRule, Policy, Port};
 
 /// (policy key, rule index)
 type RuleRef = (String, usize);
-/// (policy key, rule index, direction, entry index)
-type PeerKey = (String, usize, Direction, usize);
+/// A peer rule within its policy: (rule index, direction, entry index).
+type PeerAt = (usize, Direction, usize);
 
 /// What the engine computes from; everything borrowed from the caller.
 #[derive(Clone, Copy)]
@@ -33,6 +33,21 @@ pub struct Inputs<'a> {
     pub local: &'a BTreeMap<u32, &'a LabelSet>,
     /// Namespaces in audit mode.
     pub audit_namespaces: &'a BTreeSet<String>,
+    /// What may differ from the last update, when the caller knows;
+    /// `None`: compare everything.
+    pub hint: Option<&'a Hint>,
+}
+
+/// The identities an update may have changed: only these are compared
+/// with what the engine holds (a caller that tracks its changes saves the
+/// comparison of every identity's labels on every update).
+#[derive(Clone, Debug, Default)]
+pub struct Hint {
+    /// Identities that may have been added, removed or relabelled
+    /// (`Inputs::identities` must then be sorted by number).
+    pub identities: BTreeSet<u32>,
+    /// Local identities that may have come or gone.
+    pub local: BTreeSet<u32>,
 }
 
 #[derive(Default)]
@@ -46,7 +61,8 @@ pub struct Engine {
     named_ports: BTreeMap<u32, Vec<NamedPort>>,
     /// Identities of local endpoints: the ones whose policy is computed.
     local: BTreeMap<u32, LabelSet>,
-    peers: HashMap<PeerKey, Vec<u32>>,
+    /// Per policy key: each peer rule's selected identities (sorted).
+    peers: HashMap<String, HashMap<PeerAt, Vec<u32>>>,
     selecting: HashMap<u32, BTreeSet<RuleRef>>,
     computed: HashMap<u32, EndpointPolicy>,
 }
@@ -114,6 +130,7 @@ impl Engine {
             named_ports,
             local,
             audit_namespaces,
+            hint,
         } = *input;
         let mut dirty: BTreeSet<u32> = BTreeSet::new();
         if &self.audit_namespaces != audit_namespaces {
@@ -131,28 +148,53 @@ impl Engine {
 
         // Which identities changed (added, removed, relabelled): patched in
         // place in the sorted list.
-        let new_ids: HashMap<u32, &LabelSet> = identities.iter().map(|(i, l)| (*i, *l)).collect();
         let mut changed_ids: BTreeSet<u32> = BTreeSet::new();
-        for (id, l) in identities {
-            match self.identities.binary_search_by_key(id, |(i, _)| *i) {
-                Ok(at) if &self.identities[at].1 == *l => {}
-                Ok(at) => {
-                    self.identities[at].1 = (*l).clone();
+        match hint {
+            Some(h) => {
+                debug_assert!(identities.windows(2).all(|w| w[0].0 < w[1].0));
+                for id in &h.identities {
+                    let new = identities
+                        .binary_search_by_key(id, |(i, _)| *i)
+                        .ok()
+                        .map(|at| identities[at].1);
+                    let old = self.identities.binary_search_by_key(id, |(i, _)| *i);
+                    match (old, new) {
+                        (Ok(at), Some(l)) if &self.identities[at].1 == l => continue,
+                        (Ok(at), Some(l)) => self.identities[at].1 = l.clone(),
+                        (Err(at), Some(l)) => self.identities.insert(at, (*id, l.clone())),
+                        (Ok(at), None) => {
+                            self.identities.remove(at);
+                        }
+                        (Err(_), None) => continue,
+                    }
                     changed_ids.insert(*id);
                 }
-                Err(at) => {
-                    self.identities.insert(at, (*id, (*l).clone()));
-                    changed_ids.insert(*id);
+            }
+            None => {
+                let new_ids: HashMap<u32, &LabelSet> =
+                    identities.iter().map(|(i, l)| (*i, *l)).collect();
+                for (id, l) in identities {
+                    match self.identities.binary_search_by_key(id, |(i, _)| *i) {
+                        Ok(at) if &self.identities[at].1 == *l => {}
+                        Ok(at) => {
+                            self.identities[at].1 = (*l).clone();
+                            changed_ids.insert(*id);
+                        }
+                        Err(at) => {
+                            self.identities.insert(at, (*id, (*l).clone()));
+                            changed_ids.insert(*id);
+                        }
+                    }
                 }
+                self.identities.retain(|(id, _)| {
+                    let keep = new_ids.contains_key(id);
+                    if !keep {
+                        changed_ids.insert(*id);
+                    }
+                    keep
+                });
             }
         }
-        self.identities.retain(|(id, _)| {
-            let keep = new_ids.contains_key(id);
-            if !keep {
-                changed_ids.insert(*id);
-            }
-            keep
-        });
 
         // Which policies changed (skipped when the generation says none).
         let unchanged = self.policy_generation == Some(policy_generation);
@@ -169,14 +211,18 @@ impl Engine {
                 .cloned(),
         );
 
+        // Rules whose selector may have changed (their policy did): matched
+        // again against every local identity.
         let mut changed_rules: BTreeSet<RuleRef> = BTreeSet::new();
+        // Rules whose peers moved: recomputed for the identities they select.
+        let mut moved_rules: BTreeSet<RuleRef> = BTreeSet::new();
         // Changed policies: drop their old peer sets and selections, build new ones.
         for key in &changed_policies {
             if let Some(old) = self.policies.remove(key) {
                 for ri in 0..old.rules.len() {
                     changed_rules.insert((key.clone(), ri));
                 }
-                self.peers.retain(|k, _| &k.0 != key);
+                self.peers.remove(key);
                 for (id, rules) in self.selecting.iter_mut() {
                     let before = rules.len();
                     rules.retain(|r| &r.0 != key);
@@ -202,10 +248,10 @@ impl Engine {
             };
             for key in &changed_policies {
                 if let Some(p) = self.policies.get(key) {
-                    for (ri, dir, e, pr) in peer_rules(p) {
-                        self.peers
-                            .insert((key.clone(), ri, dir, e), resolve_peers(pr, &ctx));
-                    }
+                    let sets = peer_rules(p)
+                        .map(|(ri, dir, e, pr)| ((ri, dir, e), resolve_peers(pr, &ctx)))
+                        .collect();
+                    self.peers.insert(key.clone(), sets);
                 }
             }
             // Unchanged policies: move only the changed identities in or out
@@ -217,8 +263,11 @@ impl Engine {
                     if changed_policies.contains(key) {
                         continue;
                     }
+                    let Some(sets) = self.peers.get_mut(key) else {
+                        continue;
+                    };
                     for (ri, dir, e, pr) in peer_rules(p) {
-                        let Some(set) = self.peers.get_mut(&(key.clone(), ri, dir, e)) else {
+                        let Some(set) = sets.get_mut(&(ri, dir, e)) else {
                             continue;
                         };
                         if set.first() == Some(&0) || pr.peers.is_none() {
@@ -243,7 +292,7 @@ impl Engine {
                             }
                         }
                         if moved {
-                            changed_rules.insert((key.clone(), ri));
+                            moved_rules.insert((key.clone(), ri));
                         }
                     }
                 }
@@ -253,22 +302,58 @@ impl Engine {
 
         // Local identities: new ones get their selecting rules; changed
         // rules are re-matched against every local identity.
-        self.local.retain(|id, _| local.contains_key(id));
-        self.selecting.retain(|id, _| local.contains_key(id));
-        self.computed.retain(|id, _| local.contains_key(id));
-        for (id, labels) in local {
-            let labels: &LabelSet = labels;
-            if self.local.get(id) != Some(labels) {
-                let rules: BTreeSet<RuleRef> = self
+        let gone: Vec<u32> = match hint {
+            Some(h) => h
+                .local
+                .iter()
+                .filter(|id| !local.contains_key(id))
+                .copied()
+                .collect(),
+            None => self
+                .local
+                .keys()
+                .filter(|id| !local.contains_key(id))
+                .copied()
+                .collect(),
+        };
+        for id in gone {
+            self.local.remove(&id);
+            self.selecting.remove(&id);
+            self.computed.remove(&id);
+        }
+        let mut fresh = |id: &u32, labels: &LabelSet, this: &mut Self| {
+            if this.local.get(id) != Some(labels) {
+                let rules: BTreeSet<RuleRef> = this
                     .policies
                     .iter()
                     .flat_map(|(k, p)| p.rules.iter().enumerate().map(move |(ri, r)| (k, ri, r)))
                     .filter(|(_, _, r)| r.selector.matches(labels))
                     .map(|(k, ri, _)| (k.clone(), ri))
                     .collect();
-                self.selecting.insert(*id, rules);
-                self.local.insert(*id, labels.clone());
+                this.selecting.insert(*id, rules);
+                this.local.insert(*id, labels.clone());
                 dirty.insert(*id);
+            }
+        };
+        match hint {
+            Some(h) => {
+                for id in &h.local {
+                    if let Some(labels) = local.get(id) {
+                        fresh(id, labels, self);
+                    }
+                }
+            }
+            None => {
+                for (id, labels) in local {
+                    fresh(id, labels, self);
+                }
+            }
+        }
+        if !moved_rules.is_empty() {
+            for (id, rules) in &self.selecting {
+                if moved_rules.iter().any(|r| rules.contains(r)) {
+                    dirty.insert(*id);
+                }
             }
         }
         for (key, ri) in &changed_rules {
@@ -291,15 +376,25 @@ impl Engine {
             self.named_ports = named_ports.clone();
         }
         if named_changed || !changed_ids.is_empty() {
-            for (id, rules) in &self.selecting {
-                let affected = rules.iter().any(|(k, ri)| {
-                    self.policies.get(k).is_some_and(|p| {
-                        (named_changed && uses_named_ports(p, *ri))
-                            || (!changed_ids.is_empty() && uses_requires(p, *ri))
-                    })
-                });
-                if affected {
-                    dirty.insert(*id);
+            // The rules that depend on more, found once per update.
+            let depending: BTreeSet<(&str, usize)> = self
+                .policies
+                .iter()
+                .flat_map(|(k, p)| (0..p.rules.len()).map(move |ri| (k, p, ri)))
+                .filter(|(_, p, ri)| {
+                    (named_changed && uses_named_ports(p, *ri))
+                        || (!changed_ids.is_empty() && uses_requires(p, *ri))
+                })
+                .map(|(k, _, ri)| (k.as_str(), ri))
+                .collect();
+            if !depending.is_empty() {
+                for (id, rules) in &self.selecting {
+                    if rules
+                        .iter()
+                        .any(|(k, ri)| depending.contains(&(k.as_str(), *ri)))
+                    {
+                        dirty.insert(*id);
+                    }
                 }
             }
         }
@@ -320,7 +415,8 @@ impl Engine {
             let peers = &self.peers;
             let resolve = |p: &Policy, ri: usize, dir: Direction, e: usize, _: &PeerRule| {
                 peers
-                    .get(&(p.key(), ri, dir, e))
+                    .get(&p.key())
+                    .and_then(|sets| sets.get(&(ri, dir, e)))
                     .cloned()
                     .unwrap_or_default()
             };
@@ -351,31 +447,63 @@ mod tests {
         ])
     }
 
-    /// One update; the policy generation is the policies' own content, so
-    /// that the test never lies about whether they changed.
-    fn run(
-        e: &mut Engine,
-        pols: &BTreeMap<String, Policy>,
-        ids: &[(u32, LabelSet)],
-        local: &BTreeMap<u32, LabelSet>,
-    ) -> BTreeSet<u32> {
-        let named = BTreeMap::new();
-        let id_refs: Vec<(u32, &LabelSet)> = ids.iter().map(|(i, l)| (*i, l)).collect();
-        let local_refs: BTreeMap<u32, &LabelSet> = local.iter().map(|(i, l)| (*i, l)).collect();
-        let generation = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            format!("{pols:?}").hash(&mut h);
-            h.finish()
-        };
-        e.update(&Inputs {
-            policies: pols,
-            policy_generation: generation,
-            identities: &id_refs,
-            named_ports: &named,
-            local: &local_refs,
-            audit_namespaces: &Default::default(),
-        })
+    /// Runs updates as a caller would: with no hint, or (`hinted`) with
+    /// the hint a caller that tracks its changes gives (exactly the
+    /// identities that differ from the previous update's inputs).
+    #[derive(Default)]
+    struct Runner {
+        hinted: bool,
+        prev_ids: Vec<(u32, LabelSet)>,
+        prev_local: BTreeMap<u32, LabelSet>,
+    }
+
+    fn differing(a: &BTreeMap<u32, LabelSet>, b: &BTreeMap<u32, LabelSet>) -> BTreeSet<u32> {
+        a.keys()
+            .chain(b.keys())
+            .filter(|id| a.get(id) != b.get(id))
+            .copied()
+            .collect()
+    }
+
+    impl Runner {
+        /// One update; the policy generation is the policies' own content, so
+        /// that the test never lies about whether they changed.
+        fn run(
+            &mut self,
+            e: &mut Engine,
+            pols: &BTreeMap<String, Policy>,
+            ids: &[(u32, LabelSet)],
+            local: &BTreeMap<u32, LabelSet>,
+        ) -> BTreeSet<u32> {
+            let named = BTreeMap::new();
+            let mut id_refs: Vec<(u32, &LabelSet)> = ids.iter().map(|(i, l)| (*i, l)).collect();
+            id_refs.sort_by_key(|(i, _)| *i);
+            let local_refs: BTreeMap<u32, &LabelSet> = local.iter().map(|(i, l)| (*i, l)).collect();
+            let generation = {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                format!("{pols:?}").hash(&mut h);
+                h.finish()
+            };
+            let hint = Hint {
+                identities: differing(
+                    &self.prev_ids.iter().cloned().collect(),
+                    &ids.iter().cloned().collect(),
+                ),
+                local: differing(&self.prev_local, local),
+            };
+            self.prev_ids = ids.to_vec();
+            self.prev_local = local.clone();
+            e.update(&Inputs {
+                policies: pols,
+                policy_generation: generation,
+                identities: &id_refs,
+                named_ports: &named,
+                local: &local_refs,
+                audit_namespaces: &Default::default(),
+                hint: self.hinted.then_some(&hint),
+            })
+        }
     }
 
     fn policies(yaml: &str) -> BTreeMap<String, Policy> {
@@ -414,6 +542,26 @@ mod tests {
 
     #[test]
     fn incremental_updates_equal_full_computation_and_touch_only_what_changed() {
+        scenario(false);
+    }
+
+    /// The same with the caller's hints: only the hinted identities are
+    /// compared, and the answers are the same.
+    #[test]
+    fn hinted_updates_equal_full_computation() {
+        scenario(true);
+    }
+
+    fn scenario(hinted: bool) {
+        let mut runner = Runner {
+            hinted,
+            ..Default::default()
+        };
+        let mut run =
+            |e: &mut Engine,
+             pols: &BTreeMap<String, Policy>,
+             ids: &[(u32, LabelSet)],
+             local: &BTreeMap<u32, LabelSet>| runner.run(e, pols, ids, local);
         let mut ids = vec![
             (256, set("shop", "web")),
             (257, set("shop", "db")),
