@@ -30,11 +30,10 @@ pub struct PolicySync {
     realized: HashMap<u32, BTreeMap<MapKey, PolicyValue>>,
     /// The identity each endpoint's realized entries were computed for.
     realized_identity: HashMap<u32, u32>,
-    /// Cookie - 1 -> rule attribution; cookie 0 means "no rule". Shared
-    /// with the observer, which attributes flows with it: built once per
-    /// rule, so a flow's attribution is a reference count, not a copy.
-    policy_refs: std::sync::Arc<std::sync::RwLock<Vec<flow::record::SharedPolicyRef>>>,
-    cookies: HashMap<Origin, u32>,
+    /// Endpoints whose realized entries came from the kernel at start
+    /// (an earlier run's cookies: not counted in `cookies`).
+    uncounted: std::collections::HashSet<u32>,
+    cookies: Cookies,
     /// The CIDR identities with their labels, sorted by number, as of the
     /// last apply (recomputed when prefixes, names or policies change).
     cidr_labels: Vec<(u32, LabelSet)>,
@@ -49,6 +48,7 @@ impl PolicySync {
     pub fn load_realized(&mut self, dp: &Datapath) -> Result<(), Error> {
         for e in dp.policy_entries()? {
             let ep = u32::from_be(e.key.ep_id);
+            self.uncounted.insert(ep);
             self.realized
                 .entry(ep)
                 .or_default()
@@ -66,14 +66,15 @@ impl PolicySync {
     pub fn policy_refs(
         &self,
     ) -> std::sync::Arc<std::sync::RwLock<Vec<flow::record::SharedPolicyRef>>> {
-        self.policy_refs.clone()
+        self.cookies.refs.clone()
     }
 
     /// The shared attribution of a rule: the one its cookie stands for
     /// (every rule in the maps has one), else built afresh.
     pub fn attribution(&self, o: &Origin) -> flow::record::SharedPolicyRef {
-        let refs = self.policy_refs.read().unwrap_or_else(|e| e.into_inner());
+        let refs = self.cookies.refs.read().unwrap_or_else(|e| e.into_inner());
         self.cookies
+            .by_origin
             .get(o)
             .and_then(|c| refs.get(c.checked_sub(1)? as usize))
             .cloned()
@@ -81,14 +82,27 @@ impl PolicySync {
     }
 
     fn cookie(&mut self, o: &Origin) -> u32 {
-        if let Some(c) = self.cookies.get(o) {
-            return *c;
+        self.cookies.get(o, std::time::Instant::now())
+    }
+
+    /// Moves cookie holds from an endpoint's old entries to its new ones
+    /// (new ones first: a rule that stays keeps its cookie); `counted`:
+    /// the old ones were counted (not an earlier run's).
+    fn move_holds(
+        &mut self,
+        old: &BTreeMap<MapKey, PolicyValue>,
+        counted: bool,
+        new: &BTreeMap<MapKey, PolicyValue>,
+    ) {
+        let now = std::time::Instant::now();
+        for v in new.values() {
+            self.cookies.hold(v.cookie);
         }
-        let mut refs = self.policy_refs.write().unwrap_or_else(|e| e.into_inner());
-        refs.push(std::sync::Arc::new(crate::observer::policy_ref(o)));
-        let c = refs.len() as u32;
-        self.cookies.insert(o.clone(), c);
-        c
+        if counted {
+            for v in old.values() {
+                self.cookies.release(v.cookie, now);
+            }
+        }
     }
 
     /// The map entries and endpoint flags for one endpoint's policy.
@@ -217,7 +231,10 @@ impl PolicySync {
             // already finds its allows.
             // Forgotten until written: a write that fails leaves the
             // endpoint to be rewritten whole.
+            // (A failed write leaves the old entries' cookies held: a
+            // cookie kept too long, never one reused while in the maps.)
             let have = self.realized.remove(&ep.id).unwrap_or_default();
+            let counted = !self.uncounted.remove(&ep.id);
             self.realized_identity.remove(&ep.id);
             for (k, v) in &wanted {
                 if have.get(k) != Some(v) {
@@ -245,6 +262,7 @@ impl PolicySync {
                     dp.remove_policy(k.0, k.1)?;
                 }
             }
+            self.move_holds(&have, counted, &wanted);
             self.realized.insert(ep.id, wanted);
             self.realized_identity.insert(ep.id, ep.identity);
         }
@@ -265,14 +283,95 @@ impl PolicySync {
         };
         for id in gone {
             if let Some(have) = self.realized.remove(&id) {
+                let counted = !self.uncounted.remove(&id);
                 for k in have.keys() {
                     dp.remove_policy(k.0, k.1)?;
                 }
+                self.move_holds(&have, counted, &BTreeMap::new());
             }
             self.realized_identity.remove(&id);
             self.overflowed.remove(&id);
         }
         Ok(rewritten)
+    }
+}
+
+/// How long a released cookie waits before it names another rule: events
+/// already in the ring buffer or the proxy's queue still carry it.
+const COOKIE_REUSE_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Rule cookies: the number a policy-map entry carries so that a flow can
+/// name the rule that decided it (cookie - 1 indexes `refs`; 0 is "no
+/// rule"). A cookie is held while realized entries carry it; released, it
+/// is handed to another rule after `COOKIE_REUSE_AFTER`, so the table is
+/// as large as the rules in force, not every rule ever seen.
+#[derive(Default)]
+struct Cookies {
+    /// Shared with the observer, which attributes flows with it: built
+    /// once per rule, so a flow's attribution is a reference count.
+    refs: std::sync::Arc<std::sync::RwLock<Vec<flow::record::SharedPolicyRef>>>,
+    by_origin: HashMap<Origin, u32>,
+    /// Cookie - 1 -> its rule (`None`: released).
+    origins: Vec<Option<Origin>>,
+    /// Cookie - 1 -> realized entries carrying it.
+    held: Vec<u32>,
+    /// Released cookies, oldest first, with when.
+    released: std::collections::VecDeque<(std::time::Instant, u32)>,
+}
+
+impl Cookies {
+    fn get(&mut self, o: &Origin, now: std::time::Instant) -> u32 {
+        if let Some(c) = self.by_origin.get(o) {
+            return *c;
+        }
+        let attribution = std::sync::Arc::new(crate::observer::policy_ref(o));
+        let mut refs = self.refs.write().unwrap_or_else(|e| e.into_inner());
+        let reusable = self
+            .released
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) >= COOKIE_REUSE_AFTER);
+        let reused = if reusable {
+            self.released.pop_front()
+        } else {
+            None
+        };
+        let c = match reused {
+            Some((_, c)) => {
+                refs[c as usize - 1] = attribution;
+                self.origins[c as usize - 1] = Some(o.clone());
+                c
+            }
+            None => {
+                refs.push(attribution);
+                self.origins.push(Some(o.clone()));
+                self.held.push(0);
+                refs.len() as u32
+            }
+        };
+        self.by_origin.insert(o.clone(), c);
+        c
+    }
+
+    fn hold(&mut self, c: u32) {
+        if let Some(n) = c.checked_sub(1).and_then(|i| self.held.get_mut(i as usize)) {
+            *n += 1;
+        }
+    }
+
+    fn release(&mut self, c: u32, now: std::time::Instant) {
+        let Some(i) = c.checked_sub(1).map(|i| i as usize) else {
+            return;
+        };
+        let Some(n) = self.held.get_mut(i) else {
+            return;
+        };
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            if let Some(o) = self.origins[i].take() {
+                self.by_origin.remove(&o);
+                self.released.push_back((now, c));
+            }
+        }
     }
 }
 
@@ -337,6 +436,44 @@ pub fn map_entries(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cookie lives while entries carry it; released, it names another
+    /// rule only after the reuse delay, and the table stays the size of
+    /// the rules in force.
+    #[test]
+    fn released_cookies_are_reused_after_the_delay() {
+        let rule = |policy: &str| Origin {
+            kind: "CiliumNetworkPolicy".into(),
+            policy: policy.into(),
+            rule: 0,
+            direction: policy::compute::Direction::Ingress,
+            entry: 0,
+        };
+        let t0 = std::time::Instant::now();
+        let mut c = Cookies::default();
+        let a = c.get(&rule("shop/a"), t0);
+        c.hold(a);
+        c.hold(a);
+        c.release(a, t0);
+        assert_eq!(c.get(&rule("shop/a"), t0), a, "still held once");
+        c.release(a, t0);
+        // Released: a new rule soon after gets a new number ...
+        let b = c.get(&rule("shop/b"), t0 + std::time::Duration::from_secs(1));
+        assert_ne!(b, a);
+        assert_eq!(
+            c.refs.read().unwrap()[a as usize - 1].name,
+            "a",
+            "in-flight events still read a"
+        );
+        // ... and one after the delay takes a's.
+        let later = t0 + COOKIE_REUSE_AFTER;
+        let d = c.get(&rule("shop/d"), later);
+        assert_eq!(d, a);
+        assert_eq!(c.refs.read().unwrap()[a as usize - 1].name, "d");
+        assert_eq!(c.refs.read().unwrap().len(), 2);
+        // The released rule asks again: a fresh cookie, not its old one.
+        assert_ne!(c.get(&rule("shop/a"), later), a);
+    }
 
     #[test]
     fn attributions_are_the_cookie_tables_own() {
