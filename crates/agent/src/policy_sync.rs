@@ -3,6 +3,7 @@
 //! from what the kernel holds are written or removed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use abi::{
     PolicyKeyData, PolicyValue, EP_F_EGRESS_AUDIT, EP_F_EGRESS_ENFORCED, EP_F_INGRESS_AUDIT,
@@ -36,14 +37,95 @@ pub struct PolicySync {
     cookies: Cookies,
     /// The CIDR identities with their labels, sorted by number, as of the
     /// last apply (recomputed when prefixes, names or policies change).
-    cidr_labels: Vec<(u32, LabelSet)>,
+    cidr_labels: BTreeMap<u32, (ipnet::IpNet, LabelSet)>,
+    /// Prefix -> its number in `cidr_labels`.
+    cidr_ids: HashMap<ipnet::IpNet, u32>,
     /// Declared container ports per identity, as of the last apply.
     named_ports: BTreeMap<u32, Vec<policy::NamedPort>>,
     /// The last apply failed part way: the next compares everything.
     needs_full: bool,
+    /// Each local identity's entries as last written to its endpoints.
+    templates: HashMap<u32, Arc<Template>>,
+    /// Endpoints realizing each identity (`realized_identity` counted).
+    identity_users: HashMap<u32, usize>,
+}
+
+/// One identity's policy in the kernel's form, for any of its endpoints.
+struct Template {
+    /// Keys with endpoint 0 (`for_endpoint` sets it).
+    entries: BTreeMap<MapKey, PolicyValue>,
+    flags: u32,
+}
+
+impl Template {
+    fn for_endpoint(&self, ep_id: u32) -> BTreeMap<MapKey, PolicyValue> {
+        self.entries
+            .iter()
+            .map(|(k, v)| {
+                let mut k = *k;
+                k.1.ep_id = ep_id.to_be();
+                (k, *v)
+            })
+            .collect()
+    }
+}
+
+/// What changes between two templates of one identity: keys to write
+/// (`None`: remove) and new flags if they differ.
+struct Delta {
+    entries: Vec<(MapKey, Option<PolicyValue>)>,
+    flags: Option<u32>,
+}
+
+impl Delta {
+    fn between(old: &Template, new: &Template) -> Arc<Self> {
+        let mut entries: Vec<(MapKey, Option<PolicyValue>)> = new
+            .entries
+            .iter()
+            .filter(|(k, v)| old.entries.get(k) != Some(v))
+            .map(|(k, v)| (*k, Some(*v)))
+            .collect();
+        // Writes before removals: an entry replaced by a wider one never
+        // leaves a gap.
+        entries.extend(
+            old.entries
+                .keys()
+                .filter(|k| !new.entries.contains_key(k))
+                .map(|k| (*k, None)),
+        );
+        Arc::new(Delta {
+            entries,
+            flags: (old.flags != new.flags).then_some(new.flags),
+        })
+    }
+}
+
+fn upsert_endpoint(dp: &Datapath, ep: &crate::state::Endpoint, flags: u32) -> Result<(), Error> {
+    dp.upsert_endpoint(
+        ep.ipv4,
+        abi::EndpointInfo {
+            ep_id: ep.id,
+            identity: ep.identity,
+            host_ifindex: ep.host_ifindex,
+            flags,
+            pod_mac: ep.pod_mac,
+            host_mac: ep.host_mac,
+            pad: 0,
+        },
+    )?;
+    Ok(())
 }
 
 impl PolicySync {
+    /// A policy sync whose released rule cookies are handed out again
+    /// after `delay` (tests: reuse at once, the hardest case for the
+    /// accounting of which cookies are in the maps).
+    pub fn with_cookie_reuse_after(delay: std::time::Duration) -> Self {
+        let mut sync = Self::default();
+        sync.cookies.reuse_after = delay;
+        sync
+    }
+
     /// Reads what an earlier run left in the kernel map.
     pub fn load_realized(&mut self, dp: &Datapath) -> Result<(), Error> {
         for e in dp.policy_entries()? {
@@ -105,13 +187,82 @@ impl PolicySync {
         }
     }
 
-    /// The map entries and endpoint flags for one endpoint's policy.
-    fn entries(
+    /// Records the identity an endpoint's realized entries are for (an
+    /// identity's template lives while an endpoint realizes it: its
+    /// cookies are held only through those endpoints' entries; `write`
+    /// drops the others when it is done).
+    fn set_realized_identity(&mut self, ep: u32, identity: Option<u32>) {
+        let old = match identity {
+            Some(id) => {
+                *self.identity_users.entry(id).or_default() += 1;
+                self.realized_identity.insert(ep, id)
+            }
+            None => self.realized_identity.remove(&ep),
+        };
+        if let Some(old) = old {
+            if let Some(n) = self.identity_users.get_mut(&old) {
+                *n -= 1;
+                if *n == 0 {
+                    self.identity_users.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// An identity's entries (keys with endpoint 0) and endpoint flags,
+    /// made once per identity and change: its endpoints share them.
+    fn template(&mut self, engine: &Engine, identity: u32) -> Arc<Template> {
+        if let Some(t) = self.templates.get(&identity) {
+            return t.clone();
+        }
+        let empty = EndpointPolicy::default();
+        let computed = engine.policy(identity).unwrap_or(&empty);
+        let (entries, flags) = map_entries(0, computed, |o| self.cookie(o));
+        let t = Arc::new(Template { entries, flags });
+        self.templates.insert(identity, t.clone());
+        t
+    }
+
+    /// Brings an endpoint whose realized entries are its identity's old
+    /// template to the new one: only `delta`'s keys are written.
+    fn write_delta(
         &mut self,
-        ep_id: u32,
-        computed: &EndpointPolicy,
-    ) -> (BTreeMap<MapKey, PolicyValue>, u32) {
-        map_entries(ep_id, computed, |o| self.cookie(o))
+        dp: &Datapath,
+        ep: &crate::state::Endpoint,
+        delta: &Delta,
+    ) -> Result<(), Error> {
+        let now = std::time::Instant::now();
+        // Forgotten until written, as a whole write.
+        let mut have = self.realized.remove(&ep.id).unwrap_or_default();
+        self.set_realized_identity(ep.id, None);
+        for (k, v) in &delta.entries {
+            let mut k = *k;
+            k.1.ep_id = ep.id.to_be();
+            let was = match v {
+                Some(v) => {
+                    dp.upsert_policy(&PolicyEntry {
+                        prefix_len: k.0,
+                        key: k.1,
+                        value: *v,
+                    })?;
+                    self.cookies.hold(v.cookie);
+                    have.insert(k, *v)
+                }
+                None => {
+                    dp.remove_policy(k.0, k.1)?;
+                    have.remove(&k)
+                }
+            };
+            if let Some(was) = was {
+                self.cookies.release(was.cookie, now);
+            }
+        }
+        if let Some(flags) = delta.flags {
+            upsert_endpoint(dp, ep, flags)?;
+        }
+        self.realized.insert(ep.id, have);
+        self.set_realized_identity(ep.id, Some(ep.identity));
+        Ok(())
     }
 
     /// Brings the kernel in line with `state`, touching only endpoints whose
@@ -129,15 +280,9 @@ impl PolicySync {
         let full = changes.is_none() || std::mem::take(&mut self.needs_full);
         let c = changes.cloned().unwrap_or_default();
         // CIDR identities' labels depend on the prefixes, the learned names
-        // and the policies' toFQDNs selectors.
-        let cidr_changed =
-            !c.cidr_identities.is_empty() || !c.fqdn.is_empty() || !c.policies.is_empty();
-        let old_cidr: BTreeSet<u32> = self.cidr_labels.iter().map(|(id, _)| *id).collect();
-        if full || cidr_changed {
-            let mut cidr = state.cidr_identity_labels();
-            cidr.sort_by_key(|(id, _)| *id);
-            self.cidr_labels = cidr;
-        }
+        // and the policies' toFQDNs selectors. Patched for the /32s that
+        // changed (a learned address) when that is all; else made anew.
+        let cidr_touched = self.refresh_cidr_labels(state, &c, full);
         if full || !c.pods.is_empty() || !c.endpoints.is_empty() {
             self.named_ports = state.named_ports();
         }
@@ -147,7 +292,7 @@ impl PolicySync {
         let identities: Vec<(u32, &LabelSet)> = state
             .identities()
             .iter()
-            .chain(self.cidr_labels.iter().map(|(id, l)| (*id, l)))
+            .chain(self.cidr_labels.iter().map(|(id, (_, l))| (*id, l)))
             .collect();
         let local: BTreeMap<u32, &LabelSet> = state
             .endpoints()
@@ -162,11 +307,7 @@ impl PolicySync {
                 .extend(state.endpoints().get(id).map(|e| e.identity));
         }
         hint.identities = hint.local.clone();
-        if cidr_changed {
-            hint.identities.extend(old_cidr);
-            hint.identities
-                .extend(self.cidr_labels.iter().map(|(id, _)| *id));
-        }
+        hint.identities.extend(cidr_touched);
         let mut engine = self.engine.take().unwrap_or_else(|| Engine::new(cluster));
         let changed = engine.update(&policy::engine::Inputs {
             policies: state.policies(),
@@ -183,8 +324,61 @@ impl PolicySync {
         result
     }
 
+    /// Brings `cidr_labels` in line with `state`; returns the identities
+    /// whose labels may have changed (added, removed, relabelled).
+    fn refresh_cidr_labels(&mut self, state: &State, c: &Changes, full: bool) -> BTreeSet<u32> {
+        let mut touched: BTreeSet<u32> = BTreeSet::new();
+        if !full && c.cidr_identities.is_empty() && c.fqdn.is_empty() && c.policies.is_empty() {
+            return touched;
+        }
+        // A wider prefix changes the labels of those it holds, a policy
+        // the toFQDNs selectors: everything again.
+        let only_hosts = !full
+            && c.policies.is_empty()
+            && c.cidr_identities
+                .iter()
+                .all(|p| p.prefix_len() == p.max_prefix_len());
+        let prefixes: BTreeSet<ipnet::IpNet> = if only_hosts {
+            // The changed names' addresses, before and after.
+            let mut set = c.cidr_identities.clone();
+            let host = |ip: &std::net::Ipv4Addr| ipnet::IpNet::V4((*ip).into());
+            set.extend(c.fqdn_ips.iter().map(host));
+            for name in &c.fqdn {
+                set.extend(
+                    state
+                        .fqdn()
+                        .get(name)
+                        .into_iter()
+                        .flat_map(|e| e.ips.keys())
+                        .map(host),
+                );
+            }
+            set
+        } else {
+            touched.extend(self.cidr_labels.keys());
+            self.cidr_labels.clear();
+            self.cidr_ids.clear();
+            state.cidr_identities().keys().copied().collect()
+        };
+        for p in &prefixes {
+            if let Some(id) = self.cidr_ids.remove(p) {
+                self.cidr_labels.remove(&id);
+                touched.insert(id);
+            }
+        }
+        for (p, id, labels) in state.cidr_labels_of(&prefixes) {
+            touched.insert(id);
+            self.cidr_ids.insert(p, id);
+            self.cidr_labels.insert(id, (p, labels));
+        }
+        touched
+    }
+
     /// Writes the entries of endpoints whose policy changed (`changed`
-    /// identities) or that are new or moved (`changes`; `None`: any).
+    /// identities) or that are new or moved (`changes`; `None`: every
+    /// endpoint is compared with what the kernel holds). An endpoint that
+    /// kept its identity gets only the difference between its identity's
+    /// old and new entries (a learned address: one entry, not a rebuild).
     fn write(
         &mut self,
         state: &State,
@@ -193,7 +387,10 @@ impl PolicySync {
         changed: &BTreeSet<u32>,
         changes: Option<&Changes>,
     ) -> Result<usize, Error> {
-        let empty = EndpointPolicy::default();
+        let all = changes.is_none();
+        if all {
+            self.templates.clear();
+        }
         let candidates: Vec<&crate::state::Endpoint> = match changes {
             Some(c) if changed.is_empty() => c
                 .endpoints
@@ -202,16 +399,42 @@ impl PolicySync {
                 .collect(),
             _ => state.endpoints().values().collect(),
         };
+        // The changed identities' entries as last written, for the deltas.
+        let old: HashMap<u32, Arc<Template>> = changed
+            .iter()
+            .filter_map(|id| Some((*id, self.templates.remove(id)?)))
+            .collect();
+        let mut deltas: HashMap<u32, Arc<Delta>> = HashMap::new();
         let mut rewritten = 0;
         for ep in candidates {
             let fresh = self.realized_identity.get(&ep.id) != Some(&ep.identity);
-            if !fresh && !changed.contains(&ep.identity) {
+            if !all && !fresh && !changed.contains(&ep.identity) {
                 continue;
             }
-            rewritten += 1;
-            let computed = engine.policy(ep.identity).unwrap_or(&empty);
-            let (mut wanted, mut flags) = self.entries(ep.id, computed);
-            if wanted.len() > MAX_ENTRIES_PER_ENDPOINT {
+            let template = self.template(engine, ep.identity);
+            let overflows = template.entries.len() > MAX_ENTRIES_PER_ENDPOINT;
+            let previous = old.get(&ep.identity);
+            if let Some(previous) = previous.filter(|_| {
+                !all && !fresh
+                    && !overflows
+                    && !self.overflowed.contains(&ep.id)
+                    && !self.uncounted.contains(&ep.id)
+                    && self.realized.contains_key(&ep.id)
+            }) {
+                rewritten += 1;
+                let delta = deltas
+                    .entry(ep.identity)
+                    .or_insert_with(|| Delta::between(previous, &template))
+                    .clone();
+                self.write_delta(dp, ep, &delta)?;
+                continue;
+            }
+            if !all && !fresh && !changed.contains(&ep.identity) {
+                continue;
+            }
+            let mut wanted = template.for_endpoint(ep.id);
+            let mut flags = template.flags;
+            if overflows {
                 // Never truncate silently: fail closed, say so loudly.
                 tracing::error!(
                     endpoint_id = ep.id,
@@ -235,9 +458,11 @@ impl PolicySync {
             // cookie kept too long, never one reused while in the maps.)
             let have = self.realized.remove(&ep.id).unwrap_or_default();
             let counted = !self.uncounted.remove(&ep.id);
-            self.realized_identity.remove(&ep.id);
+            self.set_realized_identity(ep.id, None);
+            let mut wrote = false;
             for (k, v) in &wanted {
                 if have.get(k) != Some(v) {
+                    wrote = true;
                     dp.upsert_policy(&PolicyEntry {
                         prefix_len: k.0,
                         key: k.1,
@@ -245,26 +470,19 @@ impl PolicySync {
                     })?;
                 }
             }
-            dp.upsert_endpoint(
-                ep.ipv4,
-                abi::EndpointInfo {
-                    ep_id: ep.id,
-                    identity: ep.identity,
-                    host_ifindex: ep.host_ifindex,
-                    flags,
-                    pod_mac: ep.pod_mac,
-                    host_mac: ep.host_mac,
-                    pad: 0,
-                },
-            )?;
+            upsert_endpoint(dp, ep, flags)?;
             for k in have.keys() {
                 if !wanted.contains_key(k) {
+                    wrote = true;
                     dp.remove_policy(k.0, k.1)?;
                 }
             }
+            if wrote || fresh {
+                rewritten += 1;
+            }
             self.move_holds(&have, counted, &wanted);
             self.realized.insert(ep.id, wanted);
-            self.realized_identity.insert(ep.id, ep.identity);
+            self.set_realized_identity(ep.id, Some(ep.identity));
         }
         // Endpoints that are gone: remove everything they had.
         let gone: Vec<u32> = match changes {
@@ -289,9 +507,11 @@ impl PolicySync {
                 }
                 self.move_holds(&have, counted, &BTreeMap::new());
             }
-            self.realized_identity.remove(&id);
+            self.set_realized_identity(id, None);
             self.overflowed.remove(&id);
         }
+        let users = &self.identity_users;
+        self.templates.retain(|id, _| users.contains_key(id));
         Ok(rewritten)
     }
 }
@@ -305,8 +525,9 @@ const COOKIE_REUSE_AFTER: std::time::Duration = std::time::Duration::from_secs(6
 /// rule"). A cookie is held while realized entries carry it; released, it
 /// is handed to another rule after `COOKIE_REUSE_AFTER`, so the table is
 /// as large as the rules in force, not every rule ever seen.
-#[derive(Default)]
 struct Cookies {
+    /// `COOKIE_REUSE_AFTER`, but for tests.
+    reuse_after: std::time::Duration,
     /// Shared with the observer, which attributes flows with it: built
     /// once per rule, so a flow's attribution is a reference count.
     refs: std::sync::Arc<std::sync::RwLock<Vec<flow::record::SharedPolicyRef>>>,
@@ -319,6 +540,19 @@ struct Cookies {
     released: std::collections::VecDeque<(std::time::Instant, u32)>,
 }
 
+impl Default for Cookies {
+    fn default() -> Self {
+        Self {
+            reuse_after: COOKIE_REUSE_AFTER,
+            refs: Default::default(),
+            by_origin: Default::default(),
+            origins: Default::default(),
+            held: Default::default(),
+            released: Default::default(),
+        }
+    }
+}
+
 impl Cookies {
     fn get(&mut self, o: &Origin, now: std::time::Instant) -> u32 {
         if let Some(c) = self.by_origin.get(o) {
@@ -329,7 +563,7 @@ impl Cookies {
         let reusable = self
             .released
             .front()
-            .is_some_and(|(at, _)| now.duration_since(*at) >= COOKIE_REUSE_AFTER);
+            .is_some_and(|(at, _)| now.duration_since(*at) >= self.reuse_after);
         let reused = if reusable {
             self.released.pop_front()
         } else {

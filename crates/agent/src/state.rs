@@ -73,6 +73,9 @@ pub struct Changes {
     pub pods: BTreeSet<String>,
     pub policies: BTreeSet<String>,
     pub fqdn: BTreeSet<String>,
+    /// The addresses changed names had before the change (their labels
+    /// may change with it).
+    pub fqdn_ips: BTreeSet<Ipv4Addr>,
     pub cidr_identities: BTreeSet<IpNet>,
     pub quarantined: BTreeSet<Ipv4Addr>,
     pub audit_namespaces: BTreeSet<String>,
@@ -90,6 +93,7 @@ impl Changes {
         self.pods.extend(other.pods);
         self.policies.extend(other.policies);
         self.fqdn.extend(other.fqdn);
+        self.fqdn_ips.extend(other.fqdn_ips);
         self.cidr_identities.extend(other.cidr_identities);
         self.quarantined.extend(other.quarantined);
         self.audit_namespaces.extend(other.audit_namespaces);
@@ -266,12 +270,32 @@ impl State {
     /// carries `fqdn:<selector>` for each toFQDNs selector whose names
     /// resolved to it.
     pub fn cidr_identity_labels(&self) -> Vec<(u32, LabelSet)> {
-        let prefixes = self.cidr_identities.keys().copied().collect();
-        let fqdn = self.fqdn_labels();
-        policy::cidr::identity_labels(&prefixes)
+        self.cidr_labels_of(self.cidr_identities.keys())
             .into_iter()
-            .filter_map(|(prefix, labels)| {
-                let id = *self.cidr_identities.get(&prefix)?;
+            .map(|(_, id, l)| (id, l))
+            .collect()
+    }
+
+    /// The same for `prefixes` only (those that have an identity).
+    pub fn cidr_labels_of<'a>(
+        &self,
+        prefixes: impl IntoIterator<Item = &'a IpNet>,
+    ) -> Vec<(IpNet, u32, LabelSet)> {
+        let prefixes: Vec<&IpNet> = prefixes.into_iter().collect();
+        let hosts: BTreeSet<Ipv4Addr> = prefixes
+            .iter()
+            .filter_map(|p| match p {
+                IpNet::V4(p) if p.prefix_len() == 32 => Some(p.addr()),
+                _ => None,
+            })
+            .collect();
+        let fqdn = self.fqdn_labels_of(&hosts);
+        prefixes
+            .into_iter()
+            .filter_map(|prefix| {
+                let id = *self.cidr_identities.get(prefix)?;
+                let labels =
+                    policy::cidr::prefix_labels(prefix, |q| self.cidr_identities.contains_key(q));
                 let extra = match prefix {
                     IpNet::V4(p) if p.prefix_len() == 32 => fqdn.get(&p.addr()),
                     _ => None,
@@ -279,16 +303,36 @@ impl State {
                 let labels = match extra {
                     Some(keys) => LabelSet::new(
                         labels
-                            .iter()
-                            .cloned()
+                            .0
+                            .into_iter()
                             .chain(keys.iter().map(|k| policy::Label::new("fqdn", k, "")))
                             .collect(),
                     ),
                     None => labels,
                 };
-                Some((id, labels))
+                Some((*prefix, id, labels))
             })
             .collect()
+    }
+
+    /// `fqdn_labels` for the addresses in `of` only.
+    fn fqdn_labels_of(&self, of: &BTreeSet<Ipv4Addr>) -> BTreeMap<Ipv4Addr, BTreeSet<String>> {
+        let mut out: BTreeMap<Ipv4Addr, BTreeSet<String>> = BTreeMap::new();
+        if self.fqdn.is_empty() || of.is_empty() {
+            return out;
+        }
+        let selectors = policy::cidr::fqdn_selectors(self.policies.values());
+        for (name, entry) in &self.fqdn {
+            if !entry.ips.keys().any(|ip| of.contains(ip)) {
+                continue;
+            }
+            for sel in selectors.iter().filter(|s| s.matches(name)) {
+                for ip in entry.ips.keys().filter(|ip| of.contains(ip)) {
+                    out.entry(*ip).or_default().insert(sel.label_key());
+                }
+            }
+        }
+        out
     }
 
     /// Learned addresses that a toFQDNs selector selects, with the selectors'
@@ -459,13 +503,16 @@ impl State {
     /// A learned name, created empty if new, to change.
     pub fn fqdn_entry(&mut self, name: &str) -> &mut FqdnName {
         self.changes.fqdn.insert(name.to_string());
-        self.fqdn.entry(name.to_string()).or_default()
+        let entry = self.fqdn.entry(name.to_string()).or_default();
+        self.changes.fqdn_ips.extend(entry.ips.keys());
+        entry
     }
 
     /// A learned name, if known, to change.
     pub fn fqdn_get_mut(&mut self, name: &str) -> Option<&mut FqdnName> {
         let entry = self.fqdn.get_mut(name)?;
         self.changes.fqdn.insert(name.to_string());
+        self.changes.fqdn_ips.extend(entry.ips.keys());
         Some(entry)
     }
 
@@ -473,13 +520,20 @@ impl State {
     /// names left without any; returns how many addresses went.
     pub fn fqdn_retain_ips(&mut self, mut keep: impl FnMut(&Ipv4Addr, u64) -> bool) -> usize {
         let mut removed = 0;
-        let changes = &mut self.changes.fqdn;
+        let changes = &mut self.changes;
         self.fqdn.retain(|name, entry| {
             let before = entry.ips.len();
-            entry.ips.retain(|ip, expires| keep(ip, *expires));
+            entry.ips.retain(|ip, expires| {
+                let kept = keep(ip, *expires);
+                if !kept {
+                    changes.fqdn_ips.insert(*ip);
+                }
+                kept
+            });
             if entry.ips.len() != before {
                 removed += before - entry.ips.len();
-                changes.insert(name.clone());
+                changes.fqdn.insert(name.clone());
+                changes.fqdn_ips.extend(entry.ips.keys());
             }
             !entry.ips.is_empty()
         });

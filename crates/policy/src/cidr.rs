@@ -57,19 +57,23 @@ pub fn fqdn_selectors<'a>(
 pub fn identity_labels(prefixes: &BTreeSet<IpNet>) -> Vec<(IpNet, LabelSet)> {
     prefixes
         .iter()
-        .map(|p| {
-            let mut labels = vec![Label::new("reserved", "world", "")];
-            // The prefixes holding p are p cut to each shorter length:
-            // a lookup per length, not a scan of every prefix per prefix.
-            labels.extend(
-                (0..=p.prefix_len())
-                    .filter_map(|len| IpNet::new(p.addr(), len).ok().map(|q| q.trunc()))
-                    .filter(|q| prefixes.contains(q))
-                    .map(|q| Label::new("cidr", &q.to_string(), "")),
-            );
-            (*p, LabelSet::new(labels))
-        })
+        .map(|p| (*p, prefix_labels(p, |q| prefixes.contains(q))))
         .collect()
+}
+
+/// The labels of one prefix's identity among the prefixes `present` says
+/// exist: `reserved:world` and `cidr:<q>` for every present q holding it.
+pub fn prefix_labels(p: &IpNet, present: impl Fn(&IpNet) -> bool) -> LabelSet {
+    let mut labels = vec![Label::new("reserved", "world", "")];
+    // The prefixes holding p are p cut to each shorter length: a lookup
+    // per length, not a scan of every prefix per prefix.
+    labels.extend(
+        (0..=p.prefix_len())
+            .filter_map(|len| IpNet::new(p.addr(), len).ok().map(|q| q.trunc()))
+            .filter(|q| present(q))
+            .map(|q| Label::new("cidr", &q.to_string(), "")),
+    );
+    LabelSet::new(labels)
 }
 
 #[cfg(test)]

@@ -351,7 +351,7 @@ impl Engine {
         }
         if !moved_rules.is_empty() {
             for (id, rules) in &self.selecting {
-                if moved_rules.iter().any(|r| rules.contains(r)) {
+                if rules.iter().any(|r| moved_rules.contains(r)) {
                     dirty.insert(*id);
                 }
             }
