@@ -7,7 +7,8 @@
 //! - one change of each kind through the agent's commit (`Control`): a new
 //!   pod, a label change, a policy added, a learned DNS answer; timed until
 //!   the kernel maps, the views and the state log hold it (p50/p99 of
-//!   `ROUNDS`), and the process's RSS.
+//!   `ROUNDS`), with the HTTP proxy process attached (each commit sends it
+//!   what changed), and the process's RSS.
 //!
 //! Run: `cargo run --release -p fibril-agent --example policy_bench` (root).
 
@@ -196,6 +197,29 @@ fn main() -> anyhow::Result<()> {
     let control = Control::open("default", dp, store, state, PolicySync::default())?;
     println!(
         "full sync to kernel maps (agent start): {:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    // The HTTP proxy process, as the agent runs it: every commit sends it
+    // what changed (`cargo build --release --bins` first; xtask does).
+    let proxy = std::env::current_exe()?
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("fibril-l7proxy"))
+        .filter(|p| p.exists())
+        .ok_or_else(|| {
+            anyhow::anyhow!("build fibril-l7proxy first (cargo build --release --bins)")
+        })?;
+    let t = Instant::now();
+    let link = fibril_agent::l7proxy::Link::connect(fibril_agent::l7proxy::SpawnConfig {
+        program: proxy,
+        state_dir: dir.clone(),
+        port: 0,
+        request_timeout_s: 10,
+        escaped_slashes: "reject".into(),
+    })?;
+    control.attach_l7_proxy(link);
+    println!(
+        "L7 proxy started and given the whole snapshot: {:.1} ms",
         t.elapsed().as_secs_f64() * 1e3
     );
 

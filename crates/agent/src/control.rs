@@ -185,17 +185,33 @@ impl Control {
             );
         }
         let old_keys = self.update_index(s, &touched, !c.fqdn.is_empty());
-        self.update_ipcache(s, &old_keys, host_changed || !c.cidr_identities.is_empty())?;
+        let prefixes_changed =
+            self.update_ipcache(s, &old_keys, host_changed || !c.cidr_identities.is_empty())?;
         let started = std::time::Instant::now();
-        let rewritten = self
-            .policy()
-            .apply(s, &self.datapath, &self.cluster, Some(c))?;
+        let mut policy = self.policy();
+        let rewritten = policy.apply(s, &self.datapath, &self.cluster, Some(c))?;
         tracing::debug!(
             rewritten,
             elapsed_us = started.elapsed().as_micros() as u64,
             "policy synced"
         );
-        self.publish_l7(s);
+        if let Some(link) = self.l7_link.get() {
+            let mut update = l7proxy::Update {
+                cidrs: prefixes_changed.then(|| self.l7_cidrs()),
+                ..Default::default()
+            };
+            for (id, old) in &old_keys {
+                if let Some((ip, _)) = old {
+                    update.pods.push((*ip, None));
+                }
+                if let Some(ep) = s.endpoints().get(id) {
+                    update.pods.push((ep.ipv4, Some(ep.identity)));
+                }
+            }
+            update.policies = policy.proxy_changes();
+            drop(policy);
+            link.update(update);
+        }
         self.store
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -264,12 +280,13 @@ impl Control {
 
     /// Writes the ipcache entries that differ: the touched endpoints' old
     /// and new addresses, and the prefixes when they may have changed.
+    /// Returns whether the prefixes changed.
     fn update_ipcache(
         &self,
         s: &State,
         old_keys: &[(u32, Option<(Ipv4Addr, u32)>)],
         prefixes_changed: bool,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         let mut endpoints = Vec::new();
         for (id, old) in old_keys {
             if let Some((ip, _)) = old {
@@ -280,7 +297,7 @@ impl Control {
             }
         }
         if endpoints.is_empty() && !prefixes_changed {
-            return Ok(());
+            return Ok(false);
         }
         let prefixes = prefixes_changed.then(|| {
             let host = self.host.lock().unwrap_or_else(|e| e.into_inner());
@@ -295,8 +312,9 @@ impl Control {
                 None => self.datapath.remove_ipcache(addr, len)?,
             }
         }
+        let changed = old.prefixes() != next.prefixes();
         self.ipcache.store(Arc::new(next));
-        Ok(())
+        Ok(changed)
     }
 
     /// Reads the host's addresses again (on an address event); when they
@@ -326,25 +344,19 @@ impl Control {
         }
     }
 
-    /// Sends the HTTP proxy what it decides with, if it is connected.
+    /// Sends the HTTP proxy everything it decides with (at connect; each
+    /// commit then sends what it changed).
     fn publish_l7(&self, state: &State) {
-        let Some(link) = self.l7_link.get() else {
-            return;
-        };
+        if let Some(link) = self.l7_link.get() {
+            link.publish(self.l7_snapshot(state));
+        }
+    }
+
+    /// Everything the HTTP proxy decides with, for `state` as committed.
+    pub fn l7_snapshot(&self, state: &State) -> l7proxy::Snapshot {
         let sync = self.policy();
-        // The proxy resolves non-pod addresses through `cidrs`: the
-        // ipcache's prefixes, the host's own addresses (`host`) included.
         let mut snapshot = l7proxy::Snapshot {
-            cidrs: self
-                .ipcache()
-                .prefixes()
-                .iter()
-                .filter(|((_, len), id)| *len > 0 || **id != abi::identity::WORLD)
-                .map(|(&(addr, len), &id)| {
-                    let net = ipnet::Ipv4Net::new(addr, len as u8).unwrap_or_default();
-                    (ipnet::IpNet::V4(net), id)
-                })
-                .collect(),
+            cidrs: self.l7_cidrs(),
             ..Default::default()
         };
         for ep in state.endpoints().values() {
@@ -353,7 +365,20 @@ impl Control {
                 snapshot.policies.insert(ep.identity, p.clone());
             }
         }
-        drop(sync);
-        link.publish(snapshot);
+        snapshot
+    }
+
+    /// The proxy resolves non-pod addresses through these: the ipcache's
+    /// prefixes, the host's own addresses (`host`) included.
+    fn l7_cidrs(&self) -> Vec<(ipnet::IpNet, u32)> {
+        self.ipcache()
+            .prefixes()
+            .iter()
+            .filter(|((_, len), id)| *len > 0 || **id != abi::identity::WORLD)
+            .map(|(&(addr, len), &id)| {
+                let net = ipnet::Ipv4Net::new(addr, len as u8).unwrap_or_default();
+                (ipnet::IpNet::V4(net), id)
+            })
+            .collect()
     }
 }

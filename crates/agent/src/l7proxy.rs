@@ -5,10 +5,10 @@
 //!
 //! The two talk over `<state-dir>/l7proxy.sock` in length-prefixed
 //! postcard messages (JSON cost more CPU than the request a flow describes):
-//! the proxy says `Hello` (its port) when the agent connects; the agent
-//! sends a `Snapshot` of what the proxy decides with (local endpoints, CIDR
-//! identities, the computed policy of each local endpoint) at connect and
-//! after every change; the proxy sends its flows (`Records`, batched every
+//! the proxy says `Hello` (its protocol version and port) when the agent
+//! connects; the agent sends a `Snapshot` of what the proxy decides with
+//! (local endpoints, CIDR identities, the computed policy of each local
+//! endpoint) at connect and an `Update` of what each commit changed; the proxy sends its flows (`Records`, batched every
 //! 20 ms) and counters (`Stats`, when they change). Flows made while no agent is connected wait in
 //! a bounded queue. The proxy exits when its socket file is removed (the
 //! state directory gone: `lab down`, a test's cleanup).
@@ -47,7 +47,104 @@ pub struct Snapshot {
     pub policies: BTreeMap<u32, EndpointPolicy>,
 }
 
+/// What changed since the agent's last message: a commit's worth, the
+/// size of what it touched (not every endpoint's policy again). Applying
+/// one twice leaves what applying it once does (a reconnect may resend).
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Update {
+    /// Endpoint addresses set (`Some`) or gone (`None`).
+    pub pods: Vec<(Ipv4Addr, Option<u32>)>,
+    /// The whole CIDR list, when it changed.
+    pub cidrs: Option<Vec<(IpNet, u32)>>,
+    /// Computed policies changed, by identity.
+    pub policies: Vec<(u32, PolicyChange)>,
+}
+
+/// How one identity's computed policy changed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PolicyChange {
+    /// The whole policy (an identity new to the proxy).
+    Set(EndpointPolicy),
+    /// Entries set and removed, and the rest of the policy (its flags and
+    /// selecting policies, with no entries): a learned address is one entry.
+    Patch {
+        rest: EndpointPolicy,
+        set: Vec<(policy::EntryKey, policy::EntryValue)>,
+        removed: Vec<policy::EntryKey>,
+    },
+    /// No longer a local identity.
+    Gone,
+}
+
+impl PolicyChange {
+    /// The change from `old` to `new`.
+    pub fn between(old: &EndpointPolicy, new: &EndpointPolicy) -> Self {
+        PolicyChange::Patch {
+            rest: new.clone_without_entries(),
+            set: new
+                .entries
+                .iter()
+                .filter(|(k, v)| old.entries.get(k) != Some(v))
+                .map(|(k, v)| (*k, v.clone()))
+                .collect(),
+            removed: old
+                .entries
+                .keys()
+                .filter(|k| !new.entries.contains_key(k))
+                .copied()
+                .collect(),
+        }
+    }
+
+    fn apply(&self, to: Option<&mut EndpointPolicy>) -> Option<EndpointPolicy> {
+        match (self, to) {
+            (PolicyChange::Set(p), _) => Some(p.clone()),
+            (PolicyChange::Patch { rest, set, removed }, Some(p)) => {
+                let mut entries = std::mem::take(&mut p.entries);
+                for k in removed {
+                    entries.remove(k);
+                }
+                entries.extend(set.iter().cloned());
+                *p = EndpointPolicy {
+                    entries,
+                    ..rest.clone()
+                };
+                None
+            }
+            // A patch of a policy this side does not hold cannot happen
+            // (the agent patches only what it sent); nothing to patch.
+            (PolicyChange::Patch { .. }, None) | (PolicyChange::Gone, _) => None,
+        }
+    }
+}
+
+impl Update {
+    pub fn is_empty(&self) -> bool {
+        self.pods.is_empty() && self.cidrs.is_none() && self.policies.is_empty()
+    }
+}
+
 impl Snapshot {
+    /// `u` applied.
+    pub fn apply(&mut self, u: &Update) {
+        for (addr, id) in &u.pods {
+            match id {
+                Some(id) => self.pods.insert(*addr, *id),
+                None => self.pods.remove(addr),
+            };
+        }
+        if let Some(cidrs) = &u.cidrs {
+            self.cidrs = cidrs.clone();
+        }
+        for (id, change) in &u.policies {
+            if let PolicyChange::Gone = change {
+                self.policies.remove(id);
+            } else if let Some(p) = change.apply(self.policies.get_mut(id)) {
+                self.policies.insert(*id, p);
+            }
+        }
+    }
+
     fn cidr_identity_of(&self, addr: Ipv4Addr) -> u32 {
         self.cidrs
             .iter()
@@ -220,13 +317,22 @@ impl From<WireRecord> for flow::record::L7Record {
 /// Agent -> proxy.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ToProxy {
+    /// Everything (at connect).
     Snapshot(Snapshot),
+    /// What a commit changed.
+    Update(Update),
 }
+
+/// The messages' version: the proxy says it in its hello, and an agent
+/// refuses a proxy of another (a proxy left running across an upgrade:
+/// `lab down` or its pid file stops it).
+pub const PROTOCOL: u32 = 2;
 
 /// Proxy -> agent.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum FromProxy {
     Hello {
+        protocol: u32,
         port: u16,
         pid: u32,
     },
@@ -307,13 +413,28 @@ impl SpawnConfig {
 
 /// The agent's end: the connection to the proxy, re-made (and the proxy
 /// started again, on the same port) if it goes.
+///
+/// Snapshots and updates reach the proxy in commit order through one
+/// sender thread (a commit only queues its update: encoding and writing
+/// it are off the commit's path). The writer's lock covers the kept
+/// snapshot's change and the write, and a reconnect's new stream and
+/// resent snapshot, so the proxy never gets an update older than its
+/// snapshot.
 pub struct Link {
     spawn: SpawnConfig,
     writer: Mutex<Option<UnixStream>>,
     /// The first connection's reading end, until `start_reading`.
     reader: Mutex<Option<UnixStream>>,
     last: Mutex<Option<Arc<Snapshot>>>,
+    outbox: Mutex<std::sync::mpsc::Sender<Outgoing>>,
     pub port: u16,
+}
+
+enum Outgoing {
+    Snapshot(Snapshot),
+    Update(Update),
+    /// Answered once everything queued before it is sent.
+    Flush(std::sync::mpsc::SyncSender<()>),
 }
 
 /// What the agent does with what the proxy sends.
@@ -327,13 +448,32 @@ impl Link {
     /// answers (before the datapath loads: its programs carry the port).
     pub fn connect(spawn: SpawnConfig) -> anyhow::Result<Arc<Link>> {
         let (stream, port) = connect(&spawn)?;
-        Ok(Arc::new(Link {
+        let (outbox, queued) = std::sync::mpsc::channel();
+        let link = Arc::new(Link {
             spawn: SpawnConfig { port, ..spawn },
             writer: Mutex::new(Some(stream.try_clone()?)),
             reader: Mutex::new(Some(stream)),
             last: Mutex::new(None),
+            outbox: Mutex::new(outbox),
             port,
-        }))
+        });
+        let weak = Arc::downgrade(&link);
+        std::thread::Builder::new()
+            .name("l7proxy-send".into())
+            .spawn(move || {
+                // Ends when the link goes (its sender with it).
+                for out in queued {
+                    let Some(link) = weak.upgrade() else { return };
+                    match out {
+                        Outgoing::Snapshot(s) => link.give(s),
+                        Outgoing::Update(u) => link.give_update(u),
+                        Outgoing::Flush(done) => {
+                            done.send(()).ok();
+                        }
+                    }
+                }
+            })?;
+        Ok(link)
     }
 
     /// A thread hands the proxy's flows and counters to `sink`, and
@@ -360,12 +500,11 @@ impl Link {
                         }
                     }
                 };
-                if let Ok(w) = stream.try_clone() {
-                    *link.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
-                }
+                let mut writer = link.writer.lock().unwrap_or_else(|e| e.into_inner());
+                *writer = stream.try_clone().ok();
                 let last = link.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 if let Some(snapshot) = last {
-                    link.send(&snapshot);
+                    write(&mut writer, &ToProxy::Snapshot((*snapshot).clone()));
                 }
             })?;
         Ok(())
@@ -373,24 +512,71 @@ impl Link {
 
     /// Gives the proxy `snapshot` (kept, and sent again on reconnecting).
     pub fn publish(&self, snapshot: Snapshot) {
-        let snapshot = Arc::new(snapshot);
-        {
-            let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-            if last.as_deref() == Some(&*snapshot) {
-                return;
-            }
-            *last = Some(snapshot.clone());
-        }
-        self.send(&snapshot);
+        self.queue(Outgoing::Snapshot(snapshot));
     }
 
-    fn send(&self, snapshot: &Snapshot) {
+    /// Gives the proxy what a commit changed (applied to the kept
+    /// snapshot too). Before the first snapshot there is nothing to change.
+    pub fn update(&self, update: Update) {
+        if !update.is_empty() {
+            self.queue(Outgoing::Update(update));
+        }
+    }
+
+    /// Waits until everything given so far is sent.
+    pub fn flush(&self) {
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        self.queue(Outgoing::Flush(done));
+        wait.recv().ok();
+    }
+
+    /// What the proxy was last given (kept to give it again when it
+    /// reconnects).
+    pub fn last_snapshot(&self) -> Option<Arc<Snapshot>> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn queue(&self, out: Outgoing) {
+        // The sender thread lives as long as the link.
+        self.outbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(out)
+            .ok();
+    }
+
+    fn give(&self, snapshot: Snapshot) {
         let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(w) = writer.as_mut() {
-            if let Err(e) = send(w, &ToProxy::Snapshot(snapshot.clone())) {
-                tracing::warn!(error = %e, "sending the L7 proxy its policy");
-                *writer = None;
+        {
+            let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+            if last.as_deref() == Some(&snapshot) {
+                return;
             }
+            *last = Some(Arc::new(snapshot.clone()));
+        }
+        write(&mut writer, &ToProxy::Snapshot(snapshot));
+    }
+
+    fn give_update(&self, update: Update) {
+        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(snapshot) = last.as_mut() else {
+                return;
+            };
+            Arc::make_mut(snapshot).apply(&update);
+        }
+        write(&mut writer, &ToProxy::Update(update));
+    }
+}
+
+/// Writes `message` to the proxy; a failed write drops the stream (the
+/// reading thread reconnects and resends the snapshot).
+fn write(writer: &mut Option<UnixStream>, message: &ToProxy) {
+    if let Some(w) = writer.as_mut() {
+        if let Err(e) = send(w, message) {
+            tracing::warn!(error = %e, "sending the L7 proxy its policy");
+            *writer = None;
         }
     }
 }
@@ -427,11 +613,20 @@ fn connect(spawn: &SpawnConfig) -> anyhow::Result<(UnixStream, u16)> {
     let hello = recv(&mut &stream);
     stream.set_read_timeout(None)?;
     match hello {
-        Ok(Some(FromProxy::Hello { port, pid })) => {
+        Ok(Some(FromProxy::Hello {
+            protocol: PROTOCOL,
+            port,
+            pid,
+        })) => {
             tracing::info!(port, pid, "connected to the L7 proxy");
             Ok((stream, port))
         }
-        other => anyhow::bail!("the L7 proxy did not say hello: {other:?}"),
+        Ok(Some(FromProxy::Hello { protocol, pid, .. })) => anyhow::bail!(
+            "the L7 proxy (pid {pid}) speaks protocol {protocol}, this agent {PROTOCOL}: stop it (it is from another build)"
+        ),
+        other => anyhow::bail!(
+            "the L7 proxy did not say hello (a proxy from another build?): {other:?}"
+        ),
     }
 }
 
@@ -601,6 +796,7 @@ fn serve_agent(
     send(
         &mut w,
         &FromProxy::Hello {
+            protocol: PROTOCOL,
             port,
             pid: std::process::id(),
         },
@@ -637,6 +833,11 @@ fn serve_agent(
         match recv(&mut r) {
             Ok(Some(ToProxy::Snapshot(s))) => {
                 *policy.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(s);
+            }
+            Ok(Some(ToProxy::Update(u))) => {
+                let mut snapshot = policy.snapshot.write().unwrap_or_else(|e| e.into_inner());
+                // In place unless a connection's check holds it right now.
+                Arc::make_mut(&mut snapshot).apply(&u);
             }
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),

@@ -48,6 +48,15 @@ pub struct PolicySync {
     templates: HashMap<u32, Arc<Template>>,
     /// Endpoints realizing each identity (`realized_identity` counted).
     identity_users: HashMap<u32, usize>,
+    /// The identities whose computed policy the last apply changed
+    /// (what the L7 proxy is sent again) ...
+    last_changed: BTreeSet<u32>,
+    /// ... and those that stopped being local (dropped there).
+    last_gone: BTreeSet<u32>,
+    /// The local identities as of the last apply.
+    last_local: BTreeSet<u32>,
+    /// The last apply compared everything (the proxy is sent everything).
+    last_full: bool,
 }
 
 /// One identity's policy in the kernel's form, for any of its endpoints.
@@ -142,6 +151,41 @@ impl PolicySync {
     /// The computed policy of an endpoint (by its identity).
     pub fn computed(&self, identity: u32) -> Option<&EndpointPolicy> {
         self.engine.as_ref()?.policy(identity)
+    }
+
+    /// What the last apply changed in the computed policies, as the L7
+    /// proxy takes it: a difference from what it was sent before, a whole
+    /// policy for a new local identity, `Gone` for one no longer local.
+    pub fn proxy_changes(&self) -> Vec<(u32, crate::l7proxy::PolicyChange)> {
+        use crate::l7proxy::PolicyChange;
+        let Some(engine) = self.engine.as_ref() else {
+            return Vec::new();
+        };
+        if self.last_full {
+            // After a failure the proxy may have missed a change: whole
+            // policies, not differences.
+            let mut out: Vec<(u32, PolicyChange)> = self
+                .last_local
+                .iter()
+                .filter_map(|id| Some((*id, PolicyChange::Set(engine.policy(*id)?.clone()))))
+                .collect();
+            out.extend(self.last_gone.iter().map(|id| (*id, PolicyChange::Gone)));
+            return out;
+        }
+        let mut out: Vec<(u32, PolicyChange)> = self
+            .last_changed
+            .iter()
+            .map(|id| {
+                let change = match (engine.replaced(*id), engine.policy(*id)) {
+                    (Some(old), Some(new)) => PolicyChange::between(old, new),
+                    (None, Some(new)) => PolicyChange::Set(new.clone()),
+                    (_, None) => PolicyChange::Gone,
+                };
+                (*id, change)
+            })
+            .collect();
+        out.extend(self.last_gone.iter().map(|id| (*id, PolicyChange::Gone)));
+        out
     }
 
     /// The cookie -> rule table, for flow attribution.
@@ -318,6 +362,34 @@ impl PolicySync {
             audit_namespaces: state.audit_namespaces(),
             hint: (!full).then_some(&hint),
         });
+        // For the L7 proxy: the identities whose policy changed, and the
+        // ones that stopped being local (after a full apply: any).
+        self.last_changed = changed.clone();
+        self.last_full = full;
+        self.last_gone = if full {
+            self.last_local
+                .iter()
+                .filter(|id| !local.contains_key(id))
+                .copied()
+                .collect()
+        } else {
+            hint.local
+                .iter()
+                .filter(|id| !local.contains_key(id))
+                .copied()
+                .collect()
+        };
+        if full {
+            self.last_local = local.keys().copied().collect();
+        } else {
+            for id in &hint.local {
+                if local.contains_key(id) {
+                    self.last_local.insert(*id);
+                } else {
+                    self.last_local.remove(id);
+                }
+            }
+        }
         let result = self.write(state, dp, &engine, &changed, (!full).then_some(&c));
         self.engine = Some(engine);
         self.needs_full = result.is_err();

@@ -7,7 +7,10 @@
 //! `Control::commit` on real kernel maps, and after each change the maps
 //! must equal what a fresh engine computes for the whole state: every
 //! policy entry (with the rule its cookie names), every endpoint's flags,
-//! every ipcache entry. The state files must load back to the same state.
+//! every ipcache entry; and the snapshot the HTTP proxy (the real
+//! `fibril-l7proxy`, started as the agent starts it) holds after the
+//! commits' updates must be the one made from the whole state. The state
+//! files must load back to the same state.
 //! Rule cookies are reused at once here (the hardest case for knowing
 //! which are still in the maps). Needs root (BPF); a failing run prints
 //! its seed (`FIBRIL_COMMIT_SEED` repeats it).
@@ -18,6 +21,7 @@ use std::net::Ipv4Addr;
 use datapath::{Config, Datapath};
 use fibril_agent::control::Control;
 use fibril_agent::ipcache::Ipcache;
+use fibril_agent::l7proxy::{Link, SpawnConfig};
 use fibril_agent::policy_sync::{map_entries, PolicySync};
 use fibril_agent::state::{Endpoint, State, Store};
 use policy::labels::{pod_identity_labels, PodMeta};
@@ -185,9 +189,15 @@ fn actual(dp: &Datapath, control: &Control) -> Vec<Entry> {
     out
 }
 
-fn check(step: usize, what: &str, dp: &Datapath, control: &Control, seed: u64) {
+fn check(step: usize, what: &str, dp: &Datapath, control: &Control, link: &Link, seed: u64) {
+    link.flush();
     let state = control.lock();
     let context = format!("seed {seed}, step {step} ({what})");
+    assert_eq!(
+        link.last_snapshot().as_deref(),
+        Some(&control.l7_snapshot(&state)),
+        "the proxy's snapshot, {context}"
+    );
     let (entries, flags) = expected(&state);
     assert_eq!(actual(dp, control), entries, "policy entries, {context}");
     for ep in state.endpoints().values() {
@@ -267,7 +277,17 @@ fn every_change_ends_where_a_full_computation_does() {
         PolicySync::with_cookie_reuse_after(std::time::Duration::ZERO),
     )
     .unwrap();
-    check(0, "start", &dp, &control, seed);
+    std::fs::create_dir_all(&dir).unwrap();
+    let link = Link::connect(SpawnConfig {
+        program: env!("CARGO_BIN_EXE_fibril-l7proxy").into(),
+        state_dir: dir.clone(),
+        port: 0,
+        request_timeout_s: 10,
+        escaped_slashes: "reject".into(),
+    })
+    .unwrap();
+    control.attach_l7_proxy(link.clone());
+    check(0, "start", &dp, &control, &link, seed);
 
     for step in 1..=150 {
         let mut s = control.lock();
@@ -325,7 +345,7 @@ fn every_change_ends_where_a_full_computation_does() {
             .commit(&mut s)
             .unwrap_or_else(|e| panic!("seed {seed}, step {step} ({what}): {e}"));
         drop(s);
-        check(step, what, &dp, &control, seed);
+        check(step, what, &dp, &control, &link, seed);
     }
 
     // What is on disk is the state: endpoints, identities, policies,

@@ -111,6 +111,22 @@ pub struct EndpointPolicy {
     pub egress_selected_by: Vec<String>,
 }
 
+impl EndpointPolicy {
+    /// The policy's flags and selecting policies, without its entries
+    /// (cheap: what a difference carries besides the entries).
+    pub fn clone_without_entries(&self) -> Self {
+        EndpointPolicy {
+            ingress_enforced: self.ingress_enforced,
+            egress_enforced: self.egress_enforced,
+            ingress_audit: self.ingress_audit,
+            egress_audit: self.egress_audit,
+            entries: Default::default(),
+            ingress_selected_by: self.ingress_selected_by.clone(),
+            egress_selected_by: self.egress_selected_by.clone(),
+        }
+    }
+}
+
 mod entries_as_pairs {
     use super::{EntryKey, EntryValue};
     use serde::{Deserialize, Deserializer, Serializer};

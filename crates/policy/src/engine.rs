@@ -65,6 +65,9 @@ pub struct Engine {
     peers: HashMap<String, HashMap<PeerAt, Vec<u32>>>,
     selecting: HashMap<u32, BTreeSet<RuleRef>>,
     computed: HashMap<u32, EndpointPolicy>,
+    /// What the last update replaced: the changed identities' policies
+    /// before it (for callers that send differences).
+    replaced: HashMap<u32, EndpointPolicy>,
 }
 
 fn peer_rules(p: &Policy) -> impl Iterator<Item = (usize, Direction, usize, &PeerRule)> {
@@ -105,6 +108,11 @@ impl Engine {
         }
     }
 
+    /// The policy a local identity had before the last update changed it.
+    pub fn replaced(&self, identity: u32) -> Option<&EndpointPolicy> {
+        self.replaced.get(&identity)
+    }
+
     /// The computed policy of a local identity.
     pub fn policy(&self, identity: u32) -> Option<&EndpointPolicy> {
         self.computed.get(&identity)
@@ -132,6 +140,7 @@ impl Engine {
             audit_namespaces,
             hint,
         } = *input;
+        self.replaced.clear();
         let mut dirty: BTreeSet<u32> = BTreeSet::new();
         if &self.audit_namespaces != audit_namespaces {
             let flipped: BTreeSet<&String> = self
@@ -426,7 +435,9 @@ impl Engine {
                 audit_everything(&mut computed);
             }
             if self.computed.get(&id) != Some(&computed) {
-                self.computed.insert(id, computed);
+                if let Some(old) = self.computed.insert(id, computed) {
+                    self.replaced.insert(id, old);
+                }
                 changed.insert(id);
             }
         }
