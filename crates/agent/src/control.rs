@@ -317,6 +317,16 @@ impl Control {
         Ok(changed)
     }
 
+    /// Writes the whole state as the snapshot (the log emptied): the
+    /// drain's last step, with the state lock held.
+    pub fn checkpoint(&self, s: &State) -> Result<(), Error> {
+        self.store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .save(s)?;
+        Ok(())
+    }
+
     /// Reads the host's addresses again (on an address event); when they
     /// changed, the ipcache's `host` entries follow. Returns whether they
     /// changed.

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod control;
+pub mod drain;
 pub mod fqdn;
 pub mod hubble_backend;
 pub mod ipcache;
@@ -198,6 +199,11 @@ impl Agent {
         self.ct_busiest.store(census.busiest, Relaxed);
         self.ct_overflows.store(census.overflows, Relaxed);
         census.live_addresses
+    }
+
+    /// The state and what is derived from it.
+    pub fn control(&self) -> &control::Control {
+        &self.control
     }
 
     pub fn config(&self) -> &Config {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use fibril_agent::{server, state::Cidr, Agent, Config};
+use fibril_agent::{drain::Drain, server, state::Cidr, Agent, Config};
 
 // Flows are many small allocations made on one thread and freed on another
 // (the ring evicts them); mimalloc handles that pattern far better than
@@ -117,12 +117,13 @@ fn previous_proxy_port(args: &Args) -> u16 {
 }
 
 /// Runs the DNS proxy on tokio runtimes of its own (HTTP is the
-/// `fibril-l7proxy` process's).
+/// `fibril-l7proxy` process's). Returns its counters and its drain (the
+/// agent's drain runs it first).
 fn start_dns_proxy(
     agent: Arc<Agent>,
     dns: (std::net::UdpSocket, std::net::TcpListener),
     from_mark: u32,
-) -> anyhow::Result<Arc<proxy::Stats>> {
+) -> anyhow::Result<(Arc<proxy::Stats>, Arc<proxy::dns::Drain>)> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .thread_name("proxy")
         .enable_all()
@@ -151,30 +152,6 @@ fn start_dns_proxy(
             })?;
     }
     {
-        // SIGTERM/SIGINT (an upgrade, `lab restart-agent`): hand DNS back to
-        // the datapath's direct path first and answer the queries in
-        // flight, so that no pod loses a lookup to the restart.
-        let drain = drain.clone();
-        rt.spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                return;
-            };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-            tracing::info!("stopping: draining the DNS proxy");
-            std::thread::spawn(move || {
-                drain.run(std::time::Duration::from_secs(2));
-                std::process::exit(0);
-            });
-        });
-    }
-    {
         let (policy, stats) = (policy.clone(), stats.clone());
         rt.spawn(async move {
             if let Err(e) = proxy::dns::serve_tcp(dns_tcp, policy, from_mark, stats).await {
@@ -185,18 +162,26 @@ fn start_dns_proxy(
     std::thread::Builder::new()
         .name("proxy".into())
         .spawn(move || rt.block_on(std::future::pending::<()>()))?;
-    Ok(stats)
+    Ok((stats, drain))
 }
 
 /// Serves the Hubble API (gRPC) on a Unix socket and on TCP, on a tokio
 /// runtime of its own (the rest of the agent runs on plain threads).
+/// How long Hubble clients' streams (`observe --follow`) may stay open
+/// once the drain starts.
+const HUBBLE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Serves the Hubble API on a runtime of its own until the drain: then it
+/// stops accepting, lets calls in flight finish within `HUBBLE_GRACE`, and
+/// its thread ends.
 fn start_hubble(
     agent: Arc<Agent>,
     socket: &std::path::Path,
     tcp: Option<std::net::SocketAddr>,
     tls: Option<hubble::server::Tls>,
     state_dir: &std::path::Path,
-) -> anyhow::Result<()> {
+    drain: Drain,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
     use std::os::unix::fs::PermissionsExt;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -237,10 +222,11 @@ fn start_hubble(
     });
     tracing::info!(%address, socket = %socket.display(), "Hubble API ready");
     let limits = hubble::limits::Limits::default();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("hubble".into())
         .spawn(move || {
             rt.block_on(async move {
+                let stop = drain.signaled();
                 let tcp = async {
                     let Some(listener) = tcp_listener else {
                         return Ok(());
@@ -259,7 +245,9 @@ fn start_hubble(
                         tokio_stream::wrappers::TcpListenerStream::new(listener),
                         limits,
                     );
-                    router.serve_with_incoming(incoming).await
+                    router
+                        .serve_with_incoming_shutdown(incoming, drain.signaled())
+                        .await
                 };
                 let unix = async {
                     let router = hubble::server::router_plain(backend.clone(), limits).await;
@@ -270,14 +258,25 @@ fn start_hubble(
                         |conn| conn.map(hubble::unix_authority::UnixAuthority::new),
                     );
                     let incoming = hubble::limits::incoming(accepted, limits);
-                    router.serve_with_incoming(incoming).await
+                    router
+                        .serve_with_incoming_shutdown(incoming, drain.signaled())
+                        .await
                 };
-                if let Err(e) = tokio::try_join!(tcp, unix) {
-                    tracing::error!(error = %e, "Hubble API stopped");
+                let deadline = async {
+                    stop.await;
+                    tokio::time::sleep(HUBBLE_GRACE).await;
+                };
+                tokio::select! {
+                    served = async { tokio::try_join!(tcp, unix) } => {
+                        if let Err(e) = served {
+                            tracing::error!(error = %e, "Hubble API stopped");
+                        }
+                    }
+                    _ = deadline => tracing::info!("Hubble API: streams still open are cut"),
                 }
             })
         })?;
-    Ok(())
+    Ok(thread)
 }
 
 /// Reads the Hubble API's TLS files, if configured.
@@ -354,13 +353,13 @@ fn main() -> anyhow::Result<()> {
         .take_event_reader()
         .context("the events ring buffer is already taken")?;
     let stop = Arc::new(AtomicBool::new(false));
-    {
+    let events = {
         let (observer, sources, stop) =
             (agent.observer.clone(), agent.flow_sources(), stop.clone());
         std::thread::Builder::new()
             .name("events".into())
-            .spawn(move || observer.run_reader(reader, sources, stop))?;
-    }
+            .spawn(move || observer.run_reader(reader, sources, stop))?
+    };
     let metrics = args.metrics_addr.map(|a| {
         (
             a,
@@ -382,7 +381,8 @@ fn main() -> anyhow::Result<()> {
             .name("metrics".into())
             .spawn(move || fibril_agent::metrics::serve(agent, l, render))?;
     }
-    let proxy_stats = start_dns_proxy(agent.clone(), (dns_udp, dns_tcp), redirect.mark_from)?;
+    let (proxy_stats, dns_drain) =
+        start_dns_proxy(agent.clone(), (dns_udp, dns_tcp), redirect.mark_from)?;
     l7_link.start_reading(agent.clone())?;
     agent.attach_l7_proxy(l7_link);
     agent.set_proxy_stats(proxy_stats);
@@ -410,19 +410,64 @@ fn main() -> anyhow::Result<()> {
             })?;
     }
     tracing::info!(port = redirect.port, "L7 proxy ready");
-    start_hubble(
+    let drain = Drain::new();
+    let hubble = start_hubble(
         agent.clone(),
         &args.hubble_socket,
         args.hubble_listen_address,
         tls,
         &config.state_dir,
+        drain.clone(),
     )?;
     let listener = server::bind(&config.socket)
         .with_context(|| format!("binding {}", config.socket.display()))?;
+    {
+        // The drain shuts the local API's listener: its accept returns.
+        let listener = listener.try_clone()?;
+        drain.on_signals(move || {
+            use std::os::fd::AsRawFd;
+            nix::sys::socket::shutdown(listener.as_raw_fd(), nix::sys::socket::Shutdown::Both).ok();
+        })?;
+    }
     agent
         .observer
         .agent_event(flow::agent_event::Kind::AgentStarted);
     tracing::info!(socket = %config.socket.display(), node = %config.node_name, "agent ready");
-    server::serve(agent, listener);
-    Ok(())
+    server::serve(agent.clone(), listener, drain);
+    shut_down(&agent, &dns_drain, hubble, events, &stop)
+}
+
+/// The drain's end, in order: the local API is closed (`serve` returned);
+/// the DNS proxy stops taking queries (the datapath's direct path takes
+/// DNS over) and answers those in flight (their learned addresses are
+/// committed: the state lock is not taken yet); Hubble's calls end (within
+/// `HUBBLE_GRACE`); the events reader stops; then, with the state lock
+/// held so that no change is half-made or starts, the state is written
+/// whole, and the process exits. The datapath keeps enforcing with what
+/// is pinned; the HTTP proxy process keeps running.
+fn shut_down(
+    agent: &Agent,
+    dns: &proxy::dns::Drain,
+    hubble: std::thread::JoinHandle<()>,
+    events: std::thread::JoinHandle<()>,
+    stop: &AtomicBool,
+) -> ! {
+    let started = std::time::Instant::now();
+    dns.run(std::time::Duration::from_secs(2));
+    hubble.join().ok();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    events.join().ok();
+    let state = agent.control().lock();
+    let saved = agent.control().checkpoint(&state);
+    match &saved {
+        Ok(()) => tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "agent drained: state written, the datapath goes on enforcing"
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "agent drained, but writing the state failed (the log has every change)")
+        }
+    }
+    // Exits with the lock held: nothing changes the state after the write.
+    std::process::exit(if saved.is_ok() { 0 } else { 1 })
 }

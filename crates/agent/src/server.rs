@@ -101,9 +101,13 @@ fn peer_pid(conn: &UnixStream) -> i32 {
         .unwrap_or(0)
 }
 
-pub fn serve(agent: Arc<Agent>, listener: UnixListener) {
+/// Serves the local API until the drain starts (its listener shut down).
+pub fn serve(agent: Arc<Agent>, listener: UnixListener, drain: crate::drain::Drain) {
     let open = Arc::new(Mutex::new(Open::default()));
     for conn in listener.incoming() {
+        if drain.is_draining() {
+            return;
+        }
         let mut conn = match conn {
             Ok(c) => c,
             Err(e) => {

@@ -168,6 +168,22 @@ fn agent_restart_keeps_connections_addresses_and_identities() {
         "{}",
         String::from_utf8_lossy(&restart.stderr)
     );
+    // The first agent left through its drain (SIGTERM): the local API
+    // closed, Hubble's calls ended, the state written whole, in bounded
+    // time, not killed mid-change.
+    let agent_log =
+        std::fs::read_to_string(format!("/run/fibril/labs/{}/agent.log", lab.name)).unwrap();
+    let drained = agent_log
+        .lines()
+        .find(|l| l.contains("agent drained"))
+        .unwrap_or_else(|| panic!("no drain in the agent's log:\n{agent_log}"));
+    assert!(drained.contains("state written"), "{drained}");
+    assert!(
+        agent_log
+            .lines()
+            .any(|l| l.contains("draining") && l.contains("SIGTERM")),
+        "{agent_log}"
+    );
     // The restarted agent listens where the first one did.
     let ports_after = (bound("metrics.addr"), bound("hubble-metrics.addr"));
     assert_eq!(ports_before, ports_after);

@@ -631,11 +631,15 @@ fn tls_and_mutual_tls() {
         let ca_pem = ca_pem.clone();
         rt.block_on(async move {
             let scheme = if tls { "https" } else { "http" };
+            // The address, not `localhost`: no name lookup on a blocking
+            // thread (the certificate's name is given to TLS below).
             let mut ep = tonic::transport::Endpoint::from_shared(format!(
-                "{scheme}://localhost:{}",
+                "{scheme}://127.0.0.1:{}",
                 addr.port()
             ))
-            .unwrap();
+            .unwrap()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .timeout(std::time::Duration::from_secs(10));
             if tls {
                 let mut cfg = tonic::transport::ClientTlsConfig::new()
                     .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
@@ -645,12 +649,17 @@ fn tls_and_mutual_tls() {
                 }
                 ep = ep.tls_config(cfg).unwrap();
             }
-            let channel = ep.connect().await.map_err(|e| e.to_string())?;
-            ObserverClient::new(channel)
-                .server_status(ServerStatusRequest {})
-                .await
-                .map(|r| r.into_inner().max_flows)
-                .map_err(|e| e.to_string())
+            // Bounded: a refusal must come as an error, never as a hang.
+            tokio::time::timeout(std::time::Duration::from_secs(30), async {
+                let channel = ep.connect().await.map_err(|e| e.to_string())?;
+                ObserverClient::new(channel)
+                    .server_status(ServerStatusRequest {})
+                    .await
+                    .map(|r| r.into_inner().max_flows)
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .expect("the call neither succeeded nor failed within 30 s")
         })
     };
     assert_eq!(
