@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
  * Programs on the host side of a pod's veth pair, one instance per endpoint
- * (its identity is set at load time):
+ * (its id and address are set at load time); the logic they share with
+ * other attach points is in lib/ (identity, ingress to an endpoint,
+ * proxies, drops):
  *   from_container: tc ingress of the host veth = packets leaving the pod
  *                   (egress policy; for a peer on this node also the peer's
  *                   ingress policy, then bpf_redirect_peer into the peer)
@@ -20,40 +22,30 @@
 #include "lib/frag.h"
 #include "lib/policy.h"
 #include "lib/events.h"
+#include "lib/drop.h"
+#include "lib/identity.h"
+#include "lib/proxy.h"
+#include "lib/ingress.h"
 
 /* This endpoint, set by the agent when it loads the program. */
 const volatile __u32 endpoint_id = 0;
 const volatile __u32 endpoint_ipv4 = 0; /* network byte order */
 
-static __always_inline struct endpoint_info *local_endpoint(__u32 addr)
-{
-	struct endpoint_key key = { .addr = addr };
-	return bpf_map_lookup_elem(&fibril_endpoints, &key);
-}
-
-/* The identity of an address that is no local endpoint: the longest
- * ipcache prefix, else world. */
-static __always_inline __u32 ipcache_identity(__u32 addr)
-{
-	struct ipcache_key key = { .prefixlen = 32 };
-	__builtin_memcpy(key.addr, &addr, 4);
-	struct ipcache_value *v = bpf_map_lookup_elem(&fibril_ipcache, &key);
-	return v ? v->identity : ID_WORLD;
-}
-
-/* The identity of a remote address: a local endpoint, else the ipcache. */
-static __always_inline __u32 identity_of(__u32 addr)
-{
-	struct endpoint_info *ep = local_endpoint(addr);
-	return ep ? ep->identity : ipcache_identity(addr);
-}
-
+/* A drop at this endpoint. */
 static __always_inline int drop(struct __sk_buff *skb, const struct packet *pkt, __u8 reason,
 				__u8 dir, __u32 src_id, __u32 dst_id, __u8 match, __u32 cookie)
 {
-	emit_event(skb, pkt, endpoint_id, EVENT_DROP, reason, dir, VERDICT_DROPPED, CT_NEW,
-		   src_id, dst_id, match, cookie);
-	return TC_ACT_SHOT;
+	return drop_notify(skb, pkt, endpoint_id, reason, dir, src_id, dst_id, match, cookie);
+}
+
+/* A helper's result as tc's verdict: its drop (`DROP(...)`) reported at
+ * this endpoint, anything else as it is. */
+static __always_inline int verdict_or_drop(struct __sk_buff *skb, const struct packet *pkt,
+					   int ret, __u8 dir, __u32 src_id, __u32 dst_id)
+{
+	if (is_drop(ret))
+		return drop(skb, pkt, (__u8)-ret, dir, src_id, dst_id, MATCH_NONE, 0);
+	return ret;
 }
 
 /* Non-IPv4 traffic: ARP always passes; anything else passes only while no
@@ -71,171 +63,6 @@ static __always_inline int handle_non_ipv4(struct __sk_buff *skb, struct packet 
 	if (!self || (self->flags & enforced_flag))
 		return drop(skb, pkt, DROP_UNSUPPORTED_L3, dir, 0, 0, MATCH_NONE, 0);
 	return TC_ACT_OK;
-}
-
-/* The agent's L7 proxy, set at load time: its listener on 127.0.0.1, the mark
- * that routes a packet to the local stack (a policy-routing rule of the
- * agent's), and the mark on the proxy's own upstream sockets. 0 = no proxy. */
-const volatile __u16 proxy_port = 0;
-const volatile __u16 dns_proxy_port = 0; /* UDP and TCP, on 127.0.0.1 */
-const volatile __u32 proxy_mark_to = 0;
-const volatile __u32 proxy_mark_from = 0;
-
-/* Cilium's policy-verdict notification, for the first packet of each
- * connection a policy lookup decided (`pv`), with how it matched. Returns the
- * verdict: FORWARDED, AUDIT (denied, but by audit-mode policy) or DROPPED. */
-static __always_inline __u8 policy_verdict_event(struct __sk_buff *skb, const struct packet *pkt,
-						 __u32 ep_id, __u8 dir, __u32 ep_flags,
-						 __u32 audit_flag, __u32 src_id, __u32 dst_id,
-						 const struct policy_verdict *pv)
-{
-	__u8 verdict = VERDICT_FORWARDED;
-
-	if (!pv->allowed)
-		verdict = policy_audited(pv, ep_flags, audit_flag) ? VERDICT_AUDIT : VERDICT_DROPPED;
-	emit_event(skb, pkt, ep_id, EVENT_POLICY_VERDICT, pv->allowed ? 0 : pv->drop_reason, dir,
-		   verdict, CT_NEW, src_id, dst_id, pv->match, pv->cookie);
-	return verdict;
-}
-
-/* Ingress policy for a connection opening towards local endpoint `ep_id`.
- * TC_ACT_OK when allowed (then `*redirect` is set if its L7 rules need the
- * proxy), TC_ACT_SHOT (with the drop event) otherwise. */
-static __always_inline int ingress_policy(struct __sk_buff *skb, const struct packet *pkt,
-					  __u32 ep_id, __u32 dst_id, __u32 flags, __u32 src_id,
-					  struct policy_verdict *pv, int *redirect)
-{
-	if (!(flags & EP_F_INGRESS_ENFORCED))
-		return TC_ACT_OK;
-	policy_lookup(ep_id, src_id, DIR_INGRESS, pkt->protocol, pkt->policy_port_be, pv);
-	__u8 verdict = policy_verdict_event(skb, pkt, ep_id, DIR_INGRESS, flags,
-					    EP_F_INGRESS_AUDIT, src_id, dst_id, pv);
-	if (verdict == VERDICT_DROPPED) {
-		emit_event(skb, pkt, ep_id, EVENT_DROP, pv->drop_reason, DIR_INGRESS,
-			   VERDICT_DROPPED, CT_NEW, src_id, dst_id, pv->match, pv->cookie);
-		return TC_ACT_SHOT;
-	}
-	if (verdict == VERDICT_FORWARDED && (pv->flags & POLICY_F_REDIRECT) && proxy_port)
-		*redirect = 1;
-	return TC_ACT_OK;
-}
-
-/* What the helpers below return beside tc's verdicts (TC_ACT_*, of which
- * TC_ACT_UNSPEC is -1): never a verdict, always handled by the caller. */
-enum helper_result {
-	NEEDS_PROXY = -100,   /* the connection's L7 rules need the proxy */
-	NO_DNS_PROXY = -101,  /* the DNS proxy is not there */
-};
-
-enum ingress_mode {
-	INGRESS_CHECK,   /* evaluate the policy for new connections */
-	INGRESS_CHECKED, /* the caller evaluated it (verdict in `pv`) */
-	INGRESS_FROM_PROXY, /* the proxy's upstream: its client was checked */
-};
-
-/* Ingress for a local endpoint (`ep_id`): conntrack, policy for new
- * connections, the to-endpoint trace. Runs in to_container for traffic from
- * the host stack and in the sender's from_container for pod-to-pod traffic
- * on this node. Returns NEEDS_PROXY when the L7 rules need the proxy. */
-static __always_inline int ingress_to_endpoint(struct __sk_buff *skb, struct packet *pkt,
-					       __u32 ep_id, __u32 dst_id, __u32 flags,
-					       __u32 src_id, enum ingress_mode mode,
-					       struct policy_verdict *pv, __u32 owner)
-{
-	struct ct_result ct;
-	__u8 ct_flags = 0;
-
-	ct_lookup(pkt, DIR_INGRESS, &ct);
-	if (ct.state == CT_NEW) {
-		if (mode == INGRESS_CHECK) {
-			int redirect = 0;
-			int verdict = ingress_policy(skb, pkt, ep_id, dst_id, flags, src_id, pv,
-						     &redirect);
-			if (verdict != TC_ACT_OK)
-				return verdict;
-			if (redirect)
-				return NEEDS_PROXY;
-		} else if (mode == INGRESS_FROM_PROXY) {
-			ct_flags = CT_F_FROM_PROXY;
-		}
-		/* Charged to the sender when it is a local endpoint (the proxy
-		 * connects from its client's address), else to this one. */
-		if (!owner) {
-			struct endpoint_info *sender = local_endpoint(pkt->saddr);
-			owner = sender ? sender->ep_id : ep_id;
-		}
-		if (ct_create(pkt, DIR_INGRESS, pv->cookie, ct_flags, owner) < 0) {
-			emit_event(skb, pkt, ep_id, EVENT_DROP, DROP_CT_MAP_INSERT_FAILED,
-				   DIR_INGRESS, VERDICT_DROPPED, CT_NEW, src_id, dst_id, pv->match,
-				   pv->cookie);
-			return TC_ACT_SHOT;
-		}
-		ct.policy_cookie = pv->cookie;
-	}
-	if (ct.report)
-		emit_event(skb, pkt, ep_id, EVENT_TRACE, TRACE_TO_LXC, DIR_INGRESS,
-			   VERDICT_FORWARDED, ct.state, src_id, dst_id, pv->match, ct.policy_cookie);
-	return TC_ACT_OK;
-}
-
-enum redirect_kind {
-	REDIRECT_NONE,
-	REDIRECT_HTTP,
-	REDIRECT_DNS,
-};
-
-/* Hands a packet to a proxy in the host stack: the mark routes it to the
- * local stack (whatever its destination address), and a connection's first
- * packet (every datagram, for UDP) is assigned to the proxy's socket, which
- * sees the original destination as its local address (transparent to the
- * client). Later TCP packets find the accepted socket by the usual lookup.
- * Returns NO_DNS_PROXY when the DNS proxy is not there (the agent restarts): DNS then
- * goes to the resolver directly, so that pods keep resolving; the HTTP proxy
- * missing fails closed. */
-static __always_inline int to_proxy(struct __sk_buff *skb, const struct packet *pkt,
-				    __u32 src_id, __u32 dst_id, int kind)
-{
-	struct bpf_sock_tuple tuple = {};
-	struct bpf_sock *sk;
-	int first = pkt->protocol == IPPROTO_UDP ||
-		    ((pkt->tcp_flags & TCP_SYN) && !(pkt->tcp_flags & TCP_ACK));
-
-	if (!first) {
-		skb->mark = proxy_mark_to;
-		return TC_ACT_OK;
-	}
-	tuple.ipv4.daddr = bpf_htonl(0x7f000001);
-	tuple.ipv4.dport = bpf_htons(kind == REDIRECT_DNS ? dns_proxy_port : proxy_port);
-	if (pkt->protocol == IPPROTO_UDP)
-		sk = bpf_sk_lookup_udp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
-	else
-		sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
-	if (!sk) {
-		if (kind == REDIRECT_DNS)
-			return NO_DNS_PROXY;
-		return drop(skb, pkt, DROP_SOCKET_LOOKUP_FAILED, DIR_EGRESS, src_id, dst_id,
-			    MATCH_NONE, 0);
-	}
-	skb->mark = proxy_mark_to;
-	long err = bpf_sk_assign(skb, sk, 0);
-	bpf_sk_release(sk);
-	if (err)
-		return drop(skb, pkt, DROP_SOCKET_ASSIGN_FAILED, DIR_EGRESS, src_id, dst_id,
-			    MATCH_NONE, 0);
-	return TC_ACT_OK;
-}
-
-/* Hands a packet to a local peer's interface inside its namespace: one
- * veth hop, no host stack, no iptables. */
-static __always_inline int deliver_to_peer(struct __sk_buff *skb, const struct packet *pkt,
-					   const struct endpoint_info *peer, __u32 src_id,
-					   __u32 dst_id)
-{
-	if (bpf_skb_store_bytes(skb, 0, peer->pod_mac, 6, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, 6, peer->host_mac, 6, 0) < 0)
-		return drop(skb, pkt, DROP_INVALID_PACKET, DIR_EGRESS, src_id, dst_id, MATCH_NONE,
-			    0);
-	return bpf_redirect_peer(peer->host_ifindex, 0);
 }
 
 SEC("classifier")
@@ -271,7 +98,9 @@ int from_container(struct __sk_buff *skb)
 	if (ct_related(&pkt, DIR_EGRESS)) {
 		emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_FROM_LXC, DIR_EGRESS,
 			   VERDICT_FORWARDED, CT_RELATED, src_id, dst_id, MATCH_NONE, 0);
-		return peer_here ? deliver_to_peer(skb, &pkt, peer, src_id, dst_id) : TC_ACT_OK;
+		return peer_here ? verdict_or_drop(skb, &pkt, deliver_to_peer(skb, peer), DIR_EGRESS,
+						   src_id, dst_id)
+				 : TC_ACT_OK;
 	}
 
 	ct_lookup(&pkt, DIR_EGRESS, &ct);
@@ -342,7 +171,9 @@ int from_container(struct __sk_buff *skb)
 				    dst_id, pv.match, pv.cookie);
 	}
 	if (redirect) {
-		int verdict = to_proxy(skb, &pkt, src_id, dst_id, redirect);
+		int verdict = to_proxy(skb, &pkt, redirect);
+		if (is_drop(verdict))
+			return verdict_or_drop(skb, &pkt, verdict, DIR_EGRESS, src_id, dst_id);
 		if (verdict != NO_DNS_PROXY) {
 			if (ct.report)
 				emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_TO_PROXY,
@@ -376,11 +207,13 @@ int from_container(struct __sk_buff *skb)
 			emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_TO_PROXY, DIR_EGRESS,
 				   VERDICT_FORWARDED, ct.state, src_id, dst_id, peer_pv.match,
 				   peer_pv.cookie);
-			return to_proxy(skb, &pkt, src_id, dst_id, REDIRECT_HTTP);
+			return verdict_or_drop(skb, &pkt, to_proxy(skb, &pkt, REDIRECT_HTTP),
+					       DIR_EGRESS, src_id, dst_id);
 		}
 		if (verdict != TC_ACT_OK)
 			return verdict;
-		return deliver_to_peer(skb, &pkt, peer, src_id, dst_id);
+		return verdict_or_drop(skb, &pkt, deliver_to_peer(skb, peer), DIR_EGRESS, src_id,
+				       dst_id);
 	}
 	return TC_ACT_OK;
 }

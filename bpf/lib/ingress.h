@@ -1,0 +1,115 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Ingress to a local endpoint, wherever the packet comes from (the host
+ * stack in to_container, a pod on this node in the sender's
+ * from_container): conntrack, the endpoint's ingress policy for new
+ * connections with its policy-verdict event, the proxy's L7 rules, and the
+ * same-node delivery into the endpoint's namespace. */
+#ifndef FIBRIL_INGRESS_H
+#define FIBRIL_INGRESS_H
+
+#include <linux/pkt_cls.h>
+
+#include "ct.h"
+#include "drop.h"
+#include "identity.h"
+#include "policy.h"
+#include "proxy.h"
+
+/* Cilium's policy-verdict notification, for the first packet of each
+ * connection a policy lookup decided (`pv`), with how it matched. Returns the
+ * verdict: FORWARDED, AUDIT (denied, but by audit-mode policy) or DROPPED. */
+static __always_inline __u8 policy_verdict_event(struct __sk_buff *skb, const struct packet *pkt,
+						 __u32 ep_id, __u8 dir, __u32 ep_flags,
+						 __u32 audit_flag, __u32 src_id, __u32 dst_id,
+						 const struct policy_verdict *pv)
+{
+	__u8 verdict = VERDICT_FORWARDED;
+
+	if (!pv->allowed)
+		verdict = policy_audited(pv, ep_flags, audit_flag) ? VERDICT_AUDIT : VERDICT_DROPPED;
+	emit_event(skb, pkt, ep_id, EVENT_POLICY_VERDICT, pv->allowed ? 0 : pv->drop_reason, dir,
+		   verdict, CT_NEW, src_id, dst_id, pv->match, pv->cookie);
+	return verdict;
+}
+
+/* Ingress policy for a connection opening towards local endpoint `ep_id`.
+ * TC_ACT_OK when allowed (then `*redirect` is set if its L7 rules need the
+ * proxy), TC_ACT_SHOT (with the drop event) otherwise. */
+static __always_inline int ingress_policy(struct __sk_buff *skb, const struct packet *pkt,
+					  __u32 ep_id, __u32 dst_id, __u32 flags, __u32 src_id,
+					  struct policy_verdict *pv, int *redirect)
+{
+	if (!(flags & EP_F_INGRESS_ENFORCED))
+		return TC_ACT_OK;
+	policy_lookup(ep_id, src_id, DIR_INGRESS, pkt->protocol, pkt->policy_port_be, pv);
+	__u8 verdict = policy_verdict_event(skb, pkt, ep_id, DIR_INGRESS, flags,
+					    EP_F_INGRESS_AUDIT, src_id, dst_id, pv);
+	if (verdict == VERDICT_DROPPED)
+		return drop_notify(skb, pkt, ep_id, pv->drop_reason, DIR_INGRESS, src_id, dst_id,
+				   pv->match, pv->cookie);
+	if (verdict == VERDICT_FORWARDED && (pv->flags & POLICY_F_REDIRECT) && proxy_port)
+		*redirect = 1;
+	return TC_ACT_OK;
+}
+
+enum ingress_mode {
+	INGRESS_CHECK,   /* evaluate the policy for new connections */
+	INGRESS_CHECKED, /* the caller evaluated it (verdict in `pv`) */
+	INGRESS_FROM_PROXY, /* the proxy's upstream: its client was checked */
+};
+
+/* Ingress for a local endpoint (`ep_id`): conntrack, policy for new
+ * connections, the to-endpoint trace. Returns TC_ACT_OK, TC_ACT_SHOT (the
+ * drop reported), or NEEDS_PROXY when the L7 rules need the proxy.
+ * `owner`: the endpoint a new entry is charged to (0: the sender when it
+ * is a local endpoint, else this one). */
+static __always_inline int ingress_to_endpoint(struct __sk_buff *skb, struct packet *pkt,
+					       __u32 ep_id, __u32 dst_id, __u32 flags,
+					       __u32 src_id, enum ingress_mode mode,
+					       struct policy_verdict *pv, __u32 owner)
+{
+	struct ct_result ct;
+	__u8 ct_flags = 0;
+
+	ct_lookup(pkt, DIR_INGRESS, &ct);
+	if (ct.state == CT_NEW) {
+		if (mode == INGRESS_CHECK) {
+			int redirect = 0;
+			int verdict = ingress_policy(skb, pkt, ep_id, dst_id, flags, src_id, pv,
+						     &redirect);
+			if (verdict != TC_ACT_OK)
+				return verdict;
+			if (redirect)
+				return NEEDS_PROXY;
+		} else if (mode == INGRESS_FROM_PROXY) {
+			ct_flags = CT_F_FROM_PROXY;
+		}
+		/* Charged to the sender when it is a local endpoint (the proxy
+		 * connects from its client's address), else to this one. */
+		if (!owner) {
+			struct endpoint_info *sender = local_endpoint(pkt->saddr);
+			owner = sender ? sender->ep_id : ep_id;
+		}
+		if (ct_create(pkt, DIR_INGRESS, pv->cookie, ct_flags, owner) < 0)
+			return drop_notify(skb, pkt, ep_id, DROP_CT_MAP_INSERT_FAILED, DIR_INGRESS,
+					   src_id, dst_id, pv->match, pv->cookie);
+		ct.policy_cookie = pv->cookie;
+	}
+	if (ct.report)
+		emit_event(skb, pkt, ep_id, EVENT_TRACE, TRACE_TO_LXC, DIR_INGRESS,
+			   VERDICT_FORWARDED, ct.state, src_id, dst_id, pv->match, ct.policy_cookie);
+	return TC_ACT_OK;
+}
+
+/* Hands a packet to a local peer's interface inside its namespace: one
+ * veth hop, no host stack, no iptables. A redirect, or a drop
+ * (`DROP(...)`). */
+static __always_inline int deliver_to_peer(struct __sk_buff *skb, const struct endpoint_info *peer)
+{
+	if (bpf_skb_store_bytes(skb, 0, peer->pod_mac, 6, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, 6, peer->host_mac, 6, 0) < 0)
+		return DROP(DROP_INVALID_PACKET);
+	return bpf_redirect_peer(peer->host_ifindex, 0);
+}
+
+#endif
