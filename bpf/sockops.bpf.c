@@ -34,12 +34,6 @@
 #define IPPROTO_TCP 6
 
 /* One end of a connection, seen from its socket. Ports in host order. */
-struct sock_key {
-	__u32 local_ip;
-	__u32 remote_ip;
-	__u32 local_port;
-	__u32 remote_port;
-};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
@@ -57,11 +51,7 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } fibril_proxy_socks SEC(".maps");
 
-/* Ends that sent through the stack: (side, key) -> 1. Side 0 pod, 1 proxy. */
-struct plain_key {
-	struct sock_key sock;
-	__u32 side;
-};
+/* Ends that sent through the stack: `plain_key` (fibril_abi.h) -> 1. */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

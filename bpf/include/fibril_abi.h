@@ -137,6 +137,25 @@ _Static_assert(sizeof(struct ipcache_value) == 8, "ipcache_value size");
  * Local endpoints, keyed by IPv4 address (network byte order): used for
  * same-node delivery and to learn the identity of a local peer.
  */
+/* The proxy's socket shortcut (sockops.bpf.c): a TCP socket by its
+ * 4-tuple as the socket sees it (addresses network order, ports host order
+ * widened, as sock_ops gives them). */
+struct sock_key {
+	__u32 local_ip;
+	__u32 remote_ip;
+	__u32 local_port;
+	__u32 remote_port;
+};
+_Static_assert(sizeof(struct sock_key) == 16, "sock_key size");
+
+/* A socket end that sent through the stack: its key and side (0 pod,
+ * 1 proxy). */
+struct plain_key {
+	struct sock_key sock;
+	__u32 side;
+};
+_Static_assert(sizeof(struct plain_key) == 20, "plain_key size");
+
 struct endpoint_key {
 	__u32 addr;
 };

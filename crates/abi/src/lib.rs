@@ -201,6 +201,27 @@ pub struct IpcacheValue {
     pub pad: u32,
 }
 
+/// `struct sock_key`: the proxy shortcut's socket maps' key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    /// Network byte order.
+    pub local_ip: u32,
+    /// Network byte order.
+    pub remote_ip: u32,
+    pub local_port: u32,
+    pub remote_port: u32,
+}
+
+/// `struct plain_key`: an end that sent through the stack (side 0 pod, 1
+/// proxy).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PlainKey {
+    pub sock: SockKey,
+    pub side: u32,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct EndpointKey {
@@ -380,4 +401,8 @@ mod pod {
     unsafe impl aya::Pod for FlowEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CtBudget {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PlainKey {}
 }

@@ -18,7 +18,9 @@ const PROBE: &str = r#"
 #define E(n) printf("enum " #n " %d\n", (int)(n));
 int main(void) {
   S(ipcache_key) S(ipcache_value) S(endpoint_key) S(endpoint_info) S(policy_key)
-  S(policy_value) S(ct_key) S(ct_value) S(flow_event) S(ct_budget)
+  S(policy_value) S(ct_key) S(ct_value) S(flow_event) S(ct_budget) S(sock_key) S(plain_key)
+  O(sock_key, local_ip) O(sock_key, remote_ip) O(sock_key, local_port) O(sock_key, remote_port)
+  O(plain_key, sock) O(plain_key, side)
   O(ct_budget, entries) O(ct_budget, overflows)
   O(ipcache_value, identity)
   O(endpoint_info, ep_id) O(endpoint_info, identity) O(endpoint_info, host_ifindex)
@@ -107,6 +109,14 @@ fn sizes_offsets_and_enums_match_the_c_header() {
         ("ct_key", size_of::<CtKey>()),
         ("ct_value", size_of::<CtValue>()),
         ("ct_budget", size_of::<CtBudget>()),
+        ("sock_key", size_of::<SockKey>()),
+        ("plain_key", size_of::<PlainKey>()),
+        ("sock_key.local_ip", offset_of!(SockKey, local_ip)),
+        ("sock_key.remote_ip", offset_of!(SockKey, remote_ip)),
+        ("sock_key.local_port", offset_of!(SockKey, local_port)),
+        ("sock_key.remote_port", offset_of!(SockKey, remote_port)),
+        ("plain_key.sock", offset_of!(PlainKey, sock)),
+        ("plain_key.side", offset_of!(PlainKey, side)),
         ("ct_budget.entries", offset_of!(CtBudget, entries)),
         ("ct_budget.overflows", offset_of!(CtBudget, overflows)),
         ("flow_event", size_of::<FlowEvent>()),

@@ -326,10 +326,9 @@ impl Agent {
             } => self.policy_import(&file, &yaml, namespace.as_deref()),
             Request::PolicyGet => {
                 let s = self.lock_state();
-                let list: Vec<_> = s.policies().values().collect();
-                serde_json::to_value(list)
-                    .map(|policies| Response::Policies { policies })
-                    .map_err(|e| invalid(e.to_string()))
+                Ok(Response::Policies {
+                    policies: s.policies().values().cloned().collect(),
+                })
             }
             Request::PolicyDelete { key } => self.policy_delete(&key).map(|_| Response::Ok),
             Request::PolicyTrace(t) => self.policy_trace(&t),
@@ -845,21 +844,17 @@ impl Agent {
         let sync = self.control.policy();
         let decide = |ep: Option<u32>, peer: u32, dir: policy::Direction| {
             ep.map(|id| {
-                sync.computed(id)
-                    .map(|c| c.decide(peer, dir, t.protocol, t.port))
-                    .unwrap_or(policy::Decision::NotEnforced)
+                api::Decision::from(
+                    &sync
+                        .computed(id)
+                        .map(|c| c.decide(peer, dir, t.protocol, t.port))
+                        .unwrap_or(policy::Decision::NotEnforced),
+                )
             })
         };
         let egress = decide(from_ep, to_identity, policy::Direction::Egress);
         let ingress = decide(to_ep, from_identity, policy::Direction::Ingress);
-        let passes = |d: &Option<policy::Decision>| {
-            matches!(
-                d,
-                None | Some(policy::Decision::NotEnforced)
-                    | Some(policy::Decision::Allowed { .. })
-                    | Some(policy::Decision::Audited { .. })
-            )
-        };
+        let passes = |d: &Option<api::Decision>| d.as_ref().is_none_or(api::Decision::passes);
         Ok(Response::Trace {
             from: t.from.clone(),
             to: t.to.clone(),

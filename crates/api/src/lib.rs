@@ -282,7 +282,7 @@ pub enum Response {
         warnings: Vec<String>,
     },
     Policies {
-        policies: serde_json::Value,
+        policies: Vec<policy::Policy>,
     },
     Fqdn {
         names: Vec<FqdnInfo>,
@@ -303,10 +303,93 @@ pub enum Response {
         from_identity: u32,
         to_identity: u32,
         /// `None` when that side is not a local endpoint.
-        egress: Option<policy::Decision>,
-        ingress: Option<policy::Decision>,
+        egress: Option<Decision>,
+        ingress: Option<Decision>,
         allowed: bool,
     },
+}
+
+/// What one side's policy says about a connection (`policy trace`): the
+/// API's own form of the engine's decision, so that the wire does not move
+/// with the engine's internals.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "decision")]
+pub enum Decision {
+    /// No policy selects the endpoint in this direction.
+    NotEnforced,
+    Allowed {
+        by: RuleRef,
+        /// The kind of L7 rules the proxy then applies (`http`, `dns` ...).
+        l7: Option<String>,
+    },
+    Denied {
+        by: RuleRef,
+    },
+    /// Selected, and no rule allows it.
+    DefaultDeny {
+        selected_by: Vec<String>,
+    },
+    /// Would be denied, but only by policies in audit mode.
+    Audited {
+        would_be: Box<Decision>,
+    },
+}
+
+/// A rule as decisions name it: its policy, rule and entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleRef {
+    pub kind: String,
+    /// `namespace/name`, or the name of a clusterwide policy.
+    pub policy: String,
+    pub rule: usize,
+    /// `ingress` or `egress`.
+    pub direction: String,
+    pub entry: usize,
+}
+
+impl From<&policy::Origin> for RuleRef {
+    fn from(o: &policy::Origin) -> Self {
+        RuleRef {
+            kind: o.kind.clone(),
+            policy: o.policy.clone(),
+            rule: o.rule,
+            direction: match o.direction {
+                policy::Direction::Ingress => "ingress",
+                policy::Direction::Egress => "egress",
+            }
+            .into(),
+            entry: o.entry,
+        }
+    }
+}
+
+impl From<&policy::Decision> for Decision {
+    fn from(d: &policy::Decision) -> Self {
+        match d {
+            policy::Decision::NotEnforced => Decision::NotEnforced,
+            policy::Decision::Allowed { by, l7 } => Decision::Allowed {
+                by: by.into(),
+                l7: l7.as_ref().map(|l| l.kind().to_string()),
+            },
+            policy::Decision::Denied { by } => Decision::Denied { by: by.into() },
+            policy::Decision::DefaultDeny { selected_by } => Decision::DefaultDeny {
+                selected_by: selected_by.clone(),
+            },
+            policy::Decision::Audited { would_be } => Decision::Audited {
+                would_be: Box::new((&**would_be).into()),
+            },
+        }
+    }
+}
+
+impl Decision {
+    /// Whether the connection gets through on this side.
+    pub fn passes(&self) -> bool {
+        matches!(
+            self,
+            Decision::NotEnforced | Decision::Allowed { .. } | Decision::Audited { .. }
+        )
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -648,33 +648,28 @@ fn port_text(protocol: u8, port: u16) -> String {
     }
 }
 
-fn decision_text(d: Option<&policy::Decision>) -> String {
-    let rule = |o: &policy::Origin| {
-        let dir = match o.direction {
-            policy::Direction::Ingress => "ingress",
-            policy::Direction::Egress => "egress",
-        };
+fn decision_text(d: Option<&api::Decision>) -> String {
+    let rule = |o: &api::RuleRef| {
         format!(
-            "{} {} rule {} ({dir}[{}])",
-            o.kind, o.policy, o.rule, o.entry
+            "{} {} rule {} ({}[{}])",
+            o.kind, o.policy, o.rule, o.direction, o.entry
         )
     };
     match d {
         None => "not a local endpoint: no policy applies here".into(),
-        Some(policy::Decision::NotEnforced) => {
+        Some(api::Decision::NotEnforced) => {
             "allowed: no policy selects it in this direction".into()
         }
-        Some(policy::Decision::Allowed { by, l7: None }) => format!("allowed by {}", rule(by)),
-        Some(policy::Decision::Allowed { by, l7: Some(l7) }) => format!(
-            "allowed by {} (its {} rules apply in the proxy)",
-            rule(by),
-            l7.kind()
+        Some(api::Decision::Allowed { by, l7: None }) => format!("allowed by {}", rule(by)),
+        Some(api::Decision::Allowed { by, l7: Some(kind) }) => format!(
+            "allowed by {} (its {kind} rules apply in the proxy)",
+            rule(by)
         ),
-        Some(policy::Decision::Denied { by }) => format!("denied by {}", rule(by)),
-        Some(policy::Decision::DefaultDeny { selected_by }) => {
+        Some(api::Decision::Denied { by }) => format!("denied by {}", rule(by)),
+        Some(api::Decision::DefaultDeny { selected_by }) => {
             format!("default deny: selected by {}", selected_by.join(", "))
         }
-        Some(policy::Decision::Audited { would_be }) => format!(
+        Some(api::Decision::Audited { would_be }) => format!(
             "audit mode: forwarded and reported, would be {}",
             decision_text(Some(would_be))
         ),

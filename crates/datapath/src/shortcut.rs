@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+use abi::SockKey;
 use aya::maps::{MapData, PerCpuArray, SockHash};
 use aya::programs::{CgroupAttachMode, SkMsg, SockOps};
 use aya::Ebpf;
@@ -23,9 +24,6 @@ const MSG_PROGRAMS: [(&str, &str); 2] = [
     ("fibril_pod_msg", "fibril_pod_socks"),
     ("fibril_proxy_msg", "fibril_proxy_socks"),
 ];
-
-/// `sock_key` of the BPF side: local ip, remote ip, local port, remote port.
-type SockKey = [u32; 4];
 
 /// Counters of the shortcut since the maps were created.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
