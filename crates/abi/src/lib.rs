@@ -145,9 +145,12 @@ pub mod ct_state {
     pub const RELATED: u8 = 4;
 }
 
-/// Traffic direction (`flow.TrafficDirection` numbering).
+/// Traffic direction, relative to the endpoint (`flow.TrafficDirection`
+/// numbering): the one direction type, from the policy model to the map
+/// keys and the events.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Direction {
     Ingress = 1,
     Egress = 2,

@@ -11,7 +11,7 @@ use abi::{
     POLICY_STATIC_PREFIX_BITS,
 };
 use datapath::{Datapath, PolicyEntry};
-use policy::{Direction, EndpointPolicy, Engine, LabelSet, Origin};
+use policy::{EndpointPolicy, Engine, LabelSet, Origin};
 
 use crate::state::{Changes, State};
 use crate::Error;
@@ -695,10 +695,7 @@ pub fn map_entries(
         let key = PolicyKeyData {
             ep_id: ep_id.to_be(),
             identity: k.identity.to_be(),
-            direction: match k.direction {
-                Direction::Ingress => abi::Direction::Ingress as u8,
-                Direction::Egress => abi::Direction::Egress as u8,
-            },
+            direction: k.direction as u8,
             protocol: k.protocol,
             dport: k.port.to_be(),
         };

@@ -1109,7 +1109,7 @@ pub fn request(a: &Args) -> anyhow::Result<GetFlowsRequest> {
 struct Envelope<'a> {
     flow: &'a flow::Flow,
     node_name: &'a str,
-    time: &'a str,
+    time: &'a flow::record::Time,
 }
 
 /// How to reach a Hubble-compatible server: the hubble CLI's server flags.

@@ -313,7 +313,7 @@ pub fn compact_with_node(f: &Flow, style: Style) -> String {
 /// identities.
 pub fn dict(f: &Flow, print_node: bool, style: Style) -> String {
     let (sport, dport) = ports(f);
-    let mut out = format!("  TIMESTAMP: {}\n", style.time.format(&f.time));
+    let mut out = format!("  TIMESTAMP: {}\n", style.time.format(&f.time.to_string()));
     if print_node {
         out.push_str(&format!("       NODE: {}\n", f.node_name));
     }
@@ -357,7 +357,7 @@ pub fn table(flows: &[Flow], print_node: bool, style: Style) -> String {
     rows.push(header.into_iter().map(String::from).collect());
     for f in flows {
         let (sport, dport) = ports(f);
-        let mut r = vec![style.time.format(&f.time)];
+        let mut r = vec![style.time.format(&f.time.to_string())];
         if print_node {
             r.push(f.node_name.clone());
         }
@@ -416,7 +416,7 @@ pub fn compact(f: &Flow, style: Style) -> String {
     };
     format!(
         "{}: {src} {arrow} {dst} {} {} ({})",
-        style.time.format(&f.time),
+        style.time.format(&f.time.to_string()),
         type_text(f),
         verdict_text(f, style),
         f.summary

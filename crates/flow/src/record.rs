@@ -218,8 +218,8 @@ fn is_zero_i32(v: &i32) -> bool {
 /// One flow, as Hubble's `flow.Flow` JSON.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Flow {
-    /// RFC 3339 with nanoseconds, UTC.
-    pub time: String,
+    /// When the event happened; RFC 3339 with nanoseconds (UTC) in JSON.
+    pub time: Time,
     pub uuid: String,
     pub verdict: Text,
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -565,6 +565,47 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// A flow's time: Unix nanoseconds, kept as a number from the ring buffer
+/// to the wire (protobuf takes it as it is); text only where text is
+/// wanted: JSON (RFC 3339 with nanoseconds, as protobuf JSON prints
+/// Timestamps) and the CLI's formats. 0: unknown (no time on the wire, ""
+/// in JSON).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Time(pub u64);
+
+impl Time {
+    pub fn unix_ns(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for Time {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0 == 0 {
+            return Ok(());
+        }
+        f.write_str(&rfc3339(self.0))
+    }
+}
+
+impl Serialize for Time {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Time {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        if text.is_empty() {
+            return Ok(Time(0));
+        }
+        parse_rfc3339(&text)
+            .map(Time)
+            .ok_or_else(|| serde::de::Error::custom(format!("{text:?} is not an RFC 3339 UTC time")))
+    }
+}
+
 /// RFC 3339 UTC with nanoseconds, as protobuf JSON prints Timestamps.
 pub fn rfc3339(unix_ns: u64) -> String {
     let secs = (unix_ns / 1_000_000_000) as i64;
@@ -746,7 +787,7 @@ pub fn from_event(
     let trace_reason = trace_reason_name(e.ct_state);
     let direction = direction_name(e.direction);
     Flow {
-        time: rfc3339(unix_ns),
+        time: Time(unix_ns),
         uuid,
         verdict: verdict_name.into(),
         drop_reason: if is_drop || denied_verdict {
@@ -849,7 +890,7 @@ pub fn from_l7(r: L7Record, uuid: String, node: &str, enricher: &dyn Enricher) -
     }
     let [egress_allowed_by, ingress_allowed_by, egress_denied_by, ingress_denied_by] = attribution;
     Flow {
-        time: rfc3339(r.unix_ns),
+        time: Time(r.unix_ns),
         uuid,
         verdict: r.verdict.into(),
         ip: Some(Ip {
@@ -965,7 +1006,7 @@ mod tests {
             ..Default::default()
         });
         let f = Flow {
-            time: "t".into(),
+            time: Time(0),
             uuid: "u".into(),
             verdict: "DROPPED".into(),
             drop_reason: 133,

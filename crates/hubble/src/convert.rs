@@ -167,7 +167,7 @@ pub fn flow(f: &flow::Flow) -> pb::Flow {
         })
     });
     pb::Flow {
-        time: flow::record::parse_rfc3339(&f.time).map(timestamp),
+        time: (f.time.0 != 0).then(|| timestamp(f.time.0)),
         uuid: f.uuid.clone(),
         verdict: enum_value(&f.verdict, |n| {
             pb::Verdict::from_str_name(n).map(|v| v as i32)
@@ -384,10 +384,7 @@ pub fn from_pb(p: &pb::Flow) -> flow::Flow {
                 }
                 out
             });
-    let time = p
-        .time
-        .map(|t| flow::record::rfc3339(unix_ns(&t)))
-        .unwrap_or_default();
+    let time = flow::record::Time(p.time.map_or(0, |t| unix_ns(&t)));
     flow::Flow {
         time,
         uuid: p.uuid.clone(),

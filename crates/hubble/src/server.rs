@@ -545,7 +545,7 @@ impl<B: Backend> Observer for Service<B> {
             - 3_600_000_000_000;
         let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
         for f in flows {
-            if flow::record::parse_rfc3339(&f.time).is_some_and(|t| t < hour_ago) {
+            if f.time.0 != 0 && f.time.0 < hour_ago {
                 continue;
             }
             for e in [&f.source, &f.destination] {

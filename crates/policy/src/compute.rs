@@ -15,11 +15,16 @@ use crate::labels::{LabelSet, CLUSTER_LABEL};
 use crate::model::{Entity, NamedPort, Peer, PeerRule, Policy, Port, Protocol, L7};
 use crate::selector::Selector;
 
-/// Traffic direction, relative to the endpoint the policy applies to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Direction {
-    Ingress,
-    Egress,
+/// Traffic direction, relative to the endpoint the policy applies to: the
+/// kernel ABI's (one type from the model to the map keys).
+pub use abi::Direction;
+
+/// A per-direction array's index: ingress 0, egress 1.
+fn side(d: Direction) -> usize {
+    match d {
+        Direction::Ingress => 0,
+        Direction::Egress => 1,
+    }
 }
 
 /// Where an entry came from: the policy and the index of its rule.
@@ -533,7 +538,7 @@ pub fn compute_selected(
             (Direction::Egress, &rule.egress, rule.egress_default_deny),
         ] {
             let Some(peer_rules) = section else { continue };
-            let d = direction as usize;
+            let d = side(direction);
             if default_deny {
                 let (enforced, selected_by) = match direction {
                     Direction::Ingress => (&mut out.ingress_enforced, &mut out.ingress_selected_by),
@@ -616,8 +621,8 @@ pub fn compute_selected(
             }
         }
     }
-    out.ingress_audit = out.ingress_enforced && !enforced_for_real[Direction::Ingress as usize];
-    out.egress_audit = out.egress_enforced && !enforced_for_real[Direction::Egress as usize];
+    out.ingress_audit = out.ingress_enforced && !enforced_for_real[side(Direction::Ingress)];
+    out.egress_audit = out.egress_enforced && !enforced_for_real[side(Direction::Egress)];
     allows.retain(|k, _| {
         !denies
             .keys()
