@@ -4,6 +4,7 @@
 
 pub mod control;
 pub mod drain;
+pub mod endpoints;
 pub mod fqdn;
 pub mod hubble_backend;
 pub mod ipcache;
@@ -15,18 +16,15 @@ pub mod policy_sync;
 pub mod server;
 pub mod state;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use api::{
-    AddResult, Attachment, AttachmentId, EndpointInfo, IdentityInfo, Request, Response, StatusInfo,
-};
+use api::{IdentityInfo, Request, Response, StatusInfo};
 use datapath::Datapath;
 use netns as net;
-use policy::labels::{pod_identity_labels, PodMeta};
 
 use crate::observer::Observer;
 use crate::policy_sync::PolicySync;
@@ -56,7 +54,9 @@ pub struct Agent {
     config: Config,
     datapath: Arc<Datapath>,
     /// The state and what is derived from it (the commit path).
-    pub(crate) control: control::Control,
+    pub(crate) control: Arc<control::Control>,
+    /// Pods' attachments, CNI ADD to DEL.
+    endpoints: endpoints::Endpoints,
     pub observer: Arc<Observer>,
     started: Instant,
     proxy_stats: std::sync::OnceLock<Arc<proxy::Stats>>,
@@ -72,7 +72,6 @@ pub struct Agent {
     /// New connections refused at an endpoint's budget: the endpoints
     /// there at the last census, plus those deleted since the start.
     ct_overflows: std::sync::atomic::AtomicU64,
-    ct_overflows_retired: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,12 +157,25 @@ impl Agent {
         for ep in state.endpoints().values() {
             datapath.attach_endpoint(ep.id, ep.ipv4, &ep.host_ifname)?;
         }
-        let control =
-            control::Control::open(&config.cluster_name, datapath.clone(), store, state, policy)?;
+        let control = Arc::new(control::Control::open(
+            &config.cluster_name,
+            datapath.clone(),
+            store,
+            state,
+            policy,
+        )?);
+        let endpoints = endpoints::Endpoints::new(
+            config.pod_cidr,
+            &config.cluster_name,
+            datapath.clone(),
+            control.clone(),
+            observer.clone(),
+        );
         let agent = Arc::new(Self {
             config,
             datapath,
             control,
+            endpoints,
             observer,
             started: Instant::now(),
             proxy_stats: std::sync::OnceLock::new(),
@@ -172,7 +184,6 @@ impl Agent {
             ct_entries: Default::default(),
             ct_busiest: Default::default(),
             ct_overflows: Default::default(),
-            ct_overflows_retired: Default::default(),
         });
         agent.ct_census();
         // The ipcache's `host` entries follow the host's addresses.
@@ -288,24 +299,23 @@ impl Agent {
     pub fn handle(&self, req: Request) -> Response {
         let result = match req {
             Request::Status => Ok(Response::Status(self.status())),
-            Request::PodUpsert(pod) => self.pod_upsert(pod).map(|_| Response::Ok),
-            Request::PodDelete { namespace, name } => validate_pod_names(&namespace, &name)
-                .and_then(|_| {
-                    let mut s = self.lock_state();
-                    s.remove_pod(&format!("{namespace}/{name}"));
-                    self.commit(&mut s).map(|_| Response::Ok)
-                }),
-            Request::EndpointAdd(a) => self.endpoint_add(a).map(Response::Added),
+            Request::PodUpsert(pod) => self.endpoints.pod_upsert(pod).map(|_| Response::Ok),
+            Request::PodDelete { namespace, name } => self
+                .endpoints
+                .pod_delete(&namespace, &name)
+                .map(|_| Response::Ok),
+            Request::EndpointAdd(a) => self.endpoints.add(a).map(Response::Added),
             Request::EndpointDel {
                 container_id,
                 ifname,
             } => self
-                .endpoint_del(&container_id, &ifname)
+                .endpoints
+                .del(&container_id, &ifname)
                 .map(|_| Response::Ok),
-            Request::EndpointCheck(a) => self.endpoint_check(&a).map(|_| Response::Ok),
-            Request::EndpointGc { valid } => self.endpoint_gc(&valid).map(|_| Response::Ok),
+            Request::EndpointCheck(a) => self.endpoints.check(&a).map(|_| Response::Ok),
+            Request::EndpointGc { valid } => self.endpoints.gc(&valid).map(|_| Response::Ok),
             Request::EndpointList => Ok(Response::Endpoints {
-                endpoints: self.endpoint_list(),
+                endpoints: self.endpoints.list(),
             }),
             Request::IdentityList => Ok(Response::Identities {
                 identities: self
@@ -375,7 +385,8 @@ impl Agent {
             ct_busiest_endpoint: self.ct_busiest.load(std::sync::atomic::Ordering::Relaxed),
             ct_budget_overflows: self.ct_overflows.load(std::sync::atomic::Ordering::Relaxed)
                 + self
-                    .ct_overflows_retired
+                    .endpoints
+                    .overflows_retired
                     .load(std::sync::atomic::Ordering::Relaxed),
             policy_overflows: self.control.policy().overflowed.len(),
             uptime_seconds: self.started.elapsed().as_secs(),
@@ -490,288 +501,6 @@ impl Agent {
             });
         }
         Response::Conntrack { entries, truncated }
-    }
-
-    fn pod_upsert(&self, pod: api::Pod) -> Result<(), Error> {
-        validate_pod_names(&pod.namespace, &pod.name)?;
-        if let Some(sa) = &pod.service_account {
-            policy::labels::validate_object_name("service account", sa).map_err(invalid)?;
-        }
-        for (k, v) in pod.labels.iter().chain(pod.namespace_labels.iter()) {
-            policy::labels::validate_label_key(k)
-                .map_err(|e| invalid(format!("pod {}/{}: {e}", pod.namespace, pod.name)))?;
-            policy::labels::validate_label_value(v)
-                .map_err(|e| invalid(format!("pod {}/{}: {e}", pod.namespace, pod.name)))?;
-        }
-        if pod.namespace.is_empty() || pod.name.is_empty() {
-            return Err(invalid("a pod needs a namespace and a name"));
-        }
-        for w in &pod.workloads {
-            w.validate()
-                .map_err(|e| invalid(format!("pod {}/{}: {e}", pod.namespace, pod.name)))?;
-        }
-        let mut s = self.lock_state();
-        s.upsert_pod(pod.clone());
-        // A label change moves the pod's endpoints to their new identity.
-        let ids: Vec<u32> = s
-            .endpoints()
-            .values()
-            .filter(|e| e.namespace == pod.namespace && e.pod == pod.name)
-            .map(|e| e.id)
-            .collect();
-        let labels = self.identity_labels(&s, &pod.namespace, &pod.name);
-        let mut moved = Vec::new();
-        for id in ids {
-            if let Some((old, identity)) =
-                s.relabel_endpoint(id, labels.clone()).map_err(invalid)?
-            {
-                moved.push((s.endpoints()[&id].ipv4, identity, old));
-            }
-        }
-        self.commit(&mut s)?;
-        drop(s);
-        for (ipv4, identity, old) in moved {
-            self.observer
-                .agent_event(flow::agent_event::Kind::IpcacheUpserted {
-                    cidr: format!("{ipv4}/32"),
-                    identity,
-                    old_identity: Some(old),
-                    namespace: pod.namespace.clone(),
-                    pod: pod.name.clone(),
-                });
-        }
-        Ok(())
-    }
-
-    fn identity_labels(&self, s: &State, namespace: &str, pod: &str) -> policy::LabelSet {
-        let empty = BTreeMap::new();
-        let meta = s.pods().get(&format!("{namespace}/{pod}"));
-        pod_identity_labels(&PodMeta {
-            namespace,
-            labels: meta.map(|p| &p.labels).unwrap_or(&empty),
-            namespace_labels: meta.map(|p| &p.namespace_labels).unwrap_or(&empty),
-            service_account: meta
-                .and_then(|p| p.service_account.as_deref())
-                .unwrap_or("default"),
-            cluster: &self.config.cluster_name,
-        })
-    }
-
-    fn endpoint_add(&self, a: Attachment) -> Result<AddResult, Error> {
-        validate_attachment(&a)?;
-        let mut s = self.lock_state();
-        if s.find_endpoint(&a.container_id, &a.ifname).is_some() {
-            return Err(Error::Conflict(format!(
-                "container {} already has an interface {} on this network",
-                a.container_id, a.ifname
-            )));
-        }
-        // One interface per pod on this network: the pod's default route
-        // and its identity belong to one address. (Interfaces on other
-        // networks, from other plugins, are not ours to count.)
-        if let Some(other) = s.endpoints().values().find(|e| e.netns == a.netns) {
-            return Err(Error::Conflict(format!(
-                "network namespace {} already has interface {} on this network (container {}); Fibril gives a pod one interface, add {} on another network",
-                a.netns, other.ifname, other.container_id, a.ifname
-            )));
-        }
-        let ipv4 = s
-            .allocate_ip(&self.config.pod_cidr, fqdn::now_s())
-            .ok_or_else(|| {
-                Error::Exhausted(format!("pod CIDR {} is exhausted", self.config.pod_cidr))
-            })?;
-        // Flushed when its endpoint went; again in case a peer's stray
-        // packet opened an entry since (a quarantined address reused early).
-        self.datapath.ct_flush_address(ipv4);
-        let id = s
-            .allocate_endpoint_id()
-            .ok_or_else(|| Error::Exhausted("no endpoint id left".into()))?;
-        let labels = self.identity_labels(&s, &a.namespace, &a.pod);
-        let host = host_ifname(&a.container_id, &a.ifname);
-        let veth = net::setup_pod_veth(
-            &host,
-            Path::new(&a.netns),
-            &a.ifname,
-            ipv4,
-            self.config.pod_cidr.gateway(),
-        )?;
-        let ep = Endpoint {
-            id,
-            container_id: a.container_id.clone(),
-            ifname: a.ifname.clone(),
-            netns: a.netns.clone(),
-            namespace: a.namespace.clone(),
-            pod: a.pod.clone(),
-            ipv4,
-            host_ifname: host.clone(),
-            host_ifindex: veth.host_ifindex,
-            host_mac: veth.host_mac,
-            pod_mac: veth.pod_mac,
-            labels: labels.clone(),
-            identity: 0,
-        };
-        let identity = match s.add_endpoint(ep) {
-            Ok(identity) => identity,
-            Err(e) => {
-                net::delete_link(&host);
-                return Err(invalid(e));
-            }
-        };
-        // Policy and the endpoint map first, programs last: the first packet
-        // already meets the right policy.
-        let attached = self.commit(&mut s).and_then(|_| {
-            self.datapath
-                .attach_endpoint(id, ipv4, &host)
-                .map_err(Error::from)
-        });
-        if let Err(e) = attached {
-            s.remove_endpoint(id);
-            self.datapath.detach_endpoint(&host);
-            net::delete_link(&host);
-            self.commit(&mut s).ok();
-            return Err(e);
-        }
-        self.observer
-            .agent_event(flow::agent_event::Kind::EndpointCreated {
-                id: id as u64,
-                namespace: a.namespace.clone(),
-                pod: a.pod.clone(),
-                labels: labels.to_strings(),
-            });
-        self.observer
-            .agent_event(flow::agent_event::Kind::IpcacheUpserted {
-                cidr: format!("{ipv4}/32"),
-                identity,
-                old_identity: None,
-                namespace: a.namespace.clone(),
-                pod: a.pod.clone(),
-            });
-        tracing::info!(endpoint_id = id, namespace = %a.namespace, pod = %a.pod, %ipv4, identity, "endpoint created");
-        Ok(AddResult {
-            ipv4: format!("{ipv4}/32"),
-            gateway: self.config.pod_cidr.gateway().to_string(),
-            pod_mac: net::mac_string(&veth.pod_mac),
-            host_ifname: host,
-            host_mac: net::mac_string(&veth.host_mac),
-        })
-    }
-
-    fn endpoint_del(&self, container_id: &str, ifname: &str) -> Result<(), Error> {
-        let mut s = self.lock_state();
-        let Some(ep) = s.find_endpoint(container_id, ifname).cloned() else {
-            // DEL is idempotent: an unknown attachment is already gone.
-            return Ok(());
-        };
-        s.remove_endpoint(ep.id);
-        self.datapath.detach_endpoint(&ep.host_ifname);
-        self.datapath.remove_endpoint(ep.ipv4)?;
-        net::delete_link(&ep.host_ifname);
-        // Its connections go with it (both directions, every program's
-        // view, proxy flags), before its address can be handed out: a pod
-        // given the address later must not ride on them.
-        let flushed = self.datapath.ct_flush_address(ep.ipv4);
-        self.ct_overflows_retired.fetch_add(
-            self.datapath.ct_budget_forget(ep.id),
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        s.quarantine_ip(ep.ipv4, fqdn::now_s());
-        self.commit(&mut s)?;
-        tracing::info!(endpoint_id = ep.id, pod = %ep.pod, ct_flushed = flushed, "endpoint deleted");
-        self.observer
-            .agent_event(flow::agent_event::Kind::EndpointDeleted {
-                id: ep.id as u64,
-                namespace: ep.namespace.clone(),
-                pod: ep.pod.clone(),
-                labels: ep.labels.to_strings(),
-            });
-        self.observer
-            .agent_event(flow::agent_event::Kind::IpcacheDeleted {
-                cidr: format!("{}/32", ep.ipv4),
-                identity: ep.identity,
-                namespace: ep.namespace.clone(),
-                pod: ep.pod.clone(),
-            });
-        Ok(())
-    }
-
-    fn endpoint_check(&self, a: &Attachment) -> Result<(), Error> {
-        let ep = self
-            .lock_state()
-            .find_endpoint(&a.container_id, &a.ifname)
-            .cloned()
-            .ok_or_else(|| {
-                Error::NotFound(format!(
-                    "no endpoint for container {} interface {}",
-                    a.container_id, a.ifname
-                ))
-            })?;
-        if !net::link_exists(&ep.host_ifname) {
-            return Err(invalid(format!(
-                "host interface {} is missing",
-                ep.host_ifname
-            )));
-        }
-        let (mac, ips) = net::pod_interface(Path::new(&a.netns), &a.ifname)?;
-        if mac != ep.pod_mac || !ips.contains(&ep.ipv4) {
-            return Err(invalid(format!(
-                "interface {} in {} no longer has {} / {}",
-                a.ifname,
-                a.netns,
-                ep.ipv4,
-                net::mac_string(&ep.pod_mac)
-            )));
-        }
-        if self.datapath.endpoint(ep.ipv4).is_none() {
-            return Err(invalid(format!(
-                "endpoint {} is missing from the datapath",
-                ep.id
-            )));
-        }
-        Ok(())
-    }
-
-    fn endpoint_gc(&self, valid: &[AttachmentId]) -> Result<(), Error> {
-        let stale: Vec<(String, String)> = self
-            .lock_state()
-            .endpoints()
-            .values()
-            .filter(|e| {
-                !valid
-                    .iter()
-                    .any(|v| v.container_id == e.container_id && v.ifname == e.ifname)
-            })
-            .map(|e| (e.container_id.clone(), e.ifname.clone()))
-            .collect();
-        for (c, i) in stale {
-            self.endpoint_del(&c, &i)?;
-        }
-        Ok(())
-    }
-
-    fn endpoint_list(&self) -> Vec<EndpointInfo> {
-        let s = self.lock_state();
-        let policy = self.control.policy();
-        s.endpoints()
-            .values()
-            .map(|e| {
-                let computed = policy.computed(e.identity);
-                EndpointInfo {
-                    id: e.id,
-                    namespace: e.namespace.clone(),
-                    pod_name: e.pod.clone(),
-                    container_id: e.container_id.clone(),
-                    ifname: e.ifname.clone(),
-                    host_ifname: e.host_ifname.clone(),
-                    ipv4: e.ipv4.to_string(),
-                    identity: e.identity,
-                    labels: e.labels.to_strings(),
-                    ingress_enforced: computed.is_some_and(|c| c.ingress_enforced),
-                    egress_enforced: computed.is_some_and(|c| c.egress_enforced),
-                    policy_entries: computed.map_or(0, |c| c.entries.len()),
-                    policy_overflow: policy.overflowed.contains(&e.id),
-                }
-            })
-            .collect()
     }
 
     fn policy_import(
@@ -907,60 +636,6 @@ fn proxy_routing(state_dir: &std::path::Path, p: &datapath::ProxyRedirect) -> Re
     Ok(())
 }
 
-/// A pod's namespace and name, as Kubernetes admits them: nothing else
-/// reaches identities, flows or the CLI's tables.
-fn validate_pod_names(namespace: &str, pod: &str) -> Result<(), Error> {
-    policy::labels::validate_namespace(namespace).map_err(invalid)?;
-    policy::labels::validate_object_name("pod", pod).map_err(invalid)
-}
-
-fn validate_attachment(a: &Attachment) -> Result<(), Error> {
-    let ok_id = |s: &str| {
-        s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-    };
-    if !ok_id(&a.container_id) {
-        return Err(invalid(format!(
-            "container id {:?} is not valid",
-            a.container_id
-        )));
-    }
-    if a.ifname.is_empty()
-        || a.ifname.len() > 15
-        || a.ifname.contains('/')
-        || a.ifname.contains(char::is_whitespace)
-    {
-        return Err(invalid(format!(
-            "interface name {:?} is not valid",
-            a.ifname
-        )));
-    }
-    if !Path::new(&a.netns).exists() {
-        return Err(invalid(format!(
-            "network namespace {} does not exist",
-            a.netns
-        )));
-    }
-    // A path that exists is not yet a namespace (`/`, `/etc/passwd`): only a
-    // namespace file (nsfs: /run/netns/NAME, /proc/PID/ns/net) is one.
-    const NSFS_MAGIC: i64 = 0x6e73_6673;
-    let is_netns = nix::sys::statfs::statfs(Path::new(&a.netns))
-        .is_ok_and(|s| s.filesystem_type().0 == NSFS_MAGIC);
-    if !is_netns {
-        return Err(invalid(format!(
-            "{} is not a network namespace (expected a namespace file such as /run/netns/NAME or /proc/PID/ns/net)",
-            a.netns
-        )));
-    }
-    if a.namespace.is_empty() || a.pod.is_empty() {
-        return Err(invalid(
-            "the pod's namespace and name are needed (K8S_POD_NAMESPACE, K8S_POD_NAME)",
-        ));
-    }
-    validate_pod_names(&a.namespace, &a.pod)
-}
-
 /// What the HTTP proxy process sends: its flows join the agent's, its
 /// counters the metrics.
 impl l7proxy::Sink for Agent {
@@ -984,25 +659,5 @@ mod tests {
         assert_ne!(a, host_ifname("lab1-backend", "eth0"));
         assert_ne!(a, host_ifname("lab1-frontend", "eth1"));
         assert_eq!(a.len(), 14);
-    }
-
-    #[test]
-    fn pod_names_are_checked_as_kubernetes_does() {
-        for (ns, pod, ok) in [
-            ("shop", "web-0", true),
-            ("shop", "web.v2.example", true),
-            ("kube-system", "a", true),
-            ("Shop", "web", false),
-            ("../../etc/passwd", "web", false),
-            ("shop", "web\nlabel", false),
-            ("shop", "\u{1b}[31mred", false),
-            ("shop", "-web", false),
-            ("shop", "web.", false),
-            ("", "web", false),
-            (&"a".repeat(64), "web", false),
-            ("shop", &"a".repeat(254), false),
-        ] {
-            assert_eq!(validate_pod_names(ns, pod).is_ok(), ok, "{ns:?} {pod:?}");
-        }
     }
 }

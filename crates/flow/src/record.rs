@@ -600,9 +600,9 @@ impl<'de> Deserialize<'de> for Time {
         if text.is_empty() {
             return Ok(Time(0));
         }
-        parse_rfc3339(&text)
-            .map(Time)
-            .ok_or_else(|| serde::de::Error::custom(format!("{text:?} is not an RFC 3339 UTC time")))
+        parse_rfc3339(&text).map(Time).ok_or_else(|| {
+            serde::de::Error::custom(format!("{text:?} is not an RFC 3339 UTC time"))
+        })
     }
 }
 

@@ -1,0 +1,419 @@
+//! Endpoints: a pod's attachment from CNI ADD to DEL (IPAM with address
+//! quarantine, the veth, the identity, the programs), the pods' metadata
+//! its identity comes from, and the checks CNI CHECK and GC ask for. Its
+//! handles: the datapath (programs, conntrack), the control path (state
+//! and commit) and the observer (agent events), nothing else.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use api::{AddResult, Attachment, AttachmentId, EndpointInfo};
+use datapath::Datapath;
+use netns as net;
+use policy::labels::{pod_identity_labels, PodMeta};
+
+use crate::control::Control;
+use crate::observer::Observer;
+use crate::state::{Cidr, Endpoint, State};
+use crate::{fqdn, host_ifname, invalid, Error};
+
+pub struct Endpoints {
+    pod_cidr: Cidr,
+    cluster: String,
+    datapath: Arc<Datapath>,
+    control: Arc<Control>,
+    observer: Arc<Observer>,
+    /// New connections refused at a budget: those of endpoints deleted
+    /// since the start (the census counts the others).
+    pub overflows_retired: AtomicU64,
+}
+
+impl Endpoints {
+    pub fn new(
+        pod_cidr: Cidr,
+        cluster: &str,
+        datapath: Arc<Datapath>,
+        control: Arc<Control>,
+        observer: Arc<Observer>,
+    ) -> Self {
+        Endpoints {
+            pod_cidr,
+            cluster: cluster.to_string(),
+            datapath,
+            control,
+            observer,
+            overflows_retired: AtomicU64::new(0),
+        }
+    }
+
+    /// Forgets a pod's metadata (its endpoints keep their identity).
+    pub fn pod_delete(&self, namespace: &str, name: &str) -> Result<(), Error> {
+        validate_pod_names(namespace, name)?;
+        let mut s = self.control.lock();
+        s.remove_pod(&format!("{namespace}/{name}"));
+        self.control.commit(&mut s)
+    }
+
+    pub fn pod_upsert(&self, pod: api::Pod) -> Result<(), Error> {
+        validate_pod_names(&pod.namespace, &pod.name)?;
+        if let Some(sa) = &pod.service_account {
+            policy::labels::validate_object_name("service account", sa).map_err(invalid)?;
+        }
+        for (k, v) in pod.labels.iter().chain(pod.namespace_labels.iter()) {
+            policy::labels::validate_label_key(k)
+                .map_err(|e| invalid(format!("pod {}/{}: {e}", pod.namespace, pod.name)))?;
+            policy::labels::validate_label_value(v)
+                .map_err(|e| invalid(format!("pod {}/{}: {e}", pod.namespace, pod.name)))?;
+        }
+        if pod.namespace.is_empty() || pod.name.is_empty() {
+            return Err(invalid("a pod needs a namespace and a name"));
+        }
+        for w in &pod.workloads {
+            w.validate()
+                .map_err(|e| invalid(format!("pod {}/{}: {e}", pod.namespace, pod.name)))?;
+        }
+        let mut s = self.control.lock();
+        s.upsert_pod(pod.clone());
+        // A label change moves the pod's endpoints to their new identity.
+        let ids: Vec<u32> = s
+            .endpoints()
+            .values()
+            .filter(|e| e.namespace == pod.namespace && e.pod == pod.name)
+            .map(|e| e.id)
+            .collect();
+        let labels = self.identity_labels(&s, &pod.namespace, &pod.name);
+        let mut moved = Vec::new();
+        for id in ids {
+            if let Some((old, identity)) =
+                s.relabel_endpoint(id, labels.clone()).map_err(invalid)?
+            {
+                moved.push((s.endpoints()[&id].ipv4, identity, old));
+            }
+        }
+        self.control.commit(&mut s)?;
+        drop(s);
+        for (ipv4, identity, old) in moved {
+            self.observer
+                .agent_event(flow::agent_event::Kind::IpcacheUpserted {
+                    cidr: format!("{ipv4}/32"),
+                    identity,
+                    old_identity: Some(old),
+                    namespace: pod.namespace.clone(),
+                    pod: pod.name.clone(),
+                });
+        }
+        Ok(())
+    }
+
+    fn identity_labels(&self, s: &State, namespace: &str, pod: &str) -> policy::LabelSet {
+        let empty = BTreeMap::new();
+        let meta = s.pods().get(&format!("{namespace}/{pod}"));
+        pod_identity_labels(&PodMeta {
+            namespace,
+            labels: meta.map(|p| &p.labels).unwrap_or(&empty),
+            namespace_labels: meta.map(|p| &p.namespace_labels).unwrap_or(&empty),
+            service_account: meta
+                .and_then(|p| p.service_account.as_deref())
+                .unwrap_or("default"),
+            cluster: &self.cluster,
+        })
+    }
+
+    pub fn add(&self, a: Attachment) -> Result<AddResult, Error> {
+        validate_attachment(&a)?;
+        let mut s = self.control.lock();
+        if s.find_endpoint(&a.container_id, &a.ifname).is_some() {
+            return Err(Error::Conflict(format!(
+                "container {} already has an interface {} on this network",
+                a.container_id, a.ifname
+            )));
+        }
+        // One interface per pod on this network: the pod's default route
+        // and its identity belong to one address. (Interfaces on other
+        // networks, from other plugins, are not ours to count.)
+        if let Some(other) = s.endpoints().values().find(|e| e.netns == a.netns) {
+            return Err(Error::Conflict(format!(
+                "network namespace {} already has interface {} on this network (container {}); Fibril gives a pod one interface, add {} on another network",
+                a.netns, other.ifname, other.container_id, a.ifname
+            )));
+        }
+        let ipv4 = s
+            .allocate_ip(&self.pod_cidr, fqdn::now_s())
+            .ok_or_else(|| Error::Exhausted(format!("pod CIDR {} is exhausted", self.pod_cidr)))?;
+        // Flushed when its endpoint went; again in case a peer's stray
+        // packet opened an entry since (a quarantined address reused early).
+        self.datapath.ct_flush_address(ipv4);
+        let id = s
+            .allocate_endpoint_id()
+            .ok_or_else(|| Error::Exhausted("no endpoint id left".into()))?;
+        let labels = self.identity_labels(&s, &a.namespace, &a.pod);
+        let host = host_ifname(&a.container_id, &a.ifname);
+        let veth = net::setup_pod_veth(
+            &host,
+            Path::new(&a.netns),
+            &a.ifname,
+            ipv4,
+            self.pod_cidr.gateway(),
+        )?;
+        let ep = Endpoint {
+            id,
+            container_id: a.container_id.clone(),
+            ifname: a.ifname.clone(),
+            netns: a.netns.clone(),
+            namespace: a.namespace.clone(),
+            pod: a.pod.clone(),
+            ipv4,
+            host_ifname: host.clone(),
+            host_ifindex: veth.host_ifindex,
+            host_mac: veth.host_mac,
+            pod_mac: veth.pod_mac,
+            labels: labels.clone(),
+            identity: 0,
+        };
+        let identity = match s.add_endpoint(ep) {
+            Ok(identity) => identity,
+            Err(e) => {
+                net::delete_link(&host);
+                return Err(invalid(e));
+            }
+        };
+        // Policy and the endpoint map first, programs last: the first packet
+        // already meets the right policy.
+        let attached = self.control.commit(&mut s).and_then(|_| {
+            self.datapath
+                .attach_endpoint(id, ipv4, &host)
+                .map_err(Error::from)
+        });
+        if let Err(e) = attached {
+            s.remove_endpoint(id);
+            self.datapath.detach_endpoint(&host);
+            net::delete_link(&host);
+            self.control.commit(&mut s).ok();
+            return Err(e);
+        }
+        self.observer
+            .agent_event(flow::agent_event::Kind::EndpointCreated {
+                id: id as u64,
+                namespace: a.namespace.clone(),
+                pod: a.pod.clone(),
+                labels: labels.to_strings(),
+            });
+        self.observer
+            .agent_event(flow::agent_event::Kind::IpcacheUpserted {
+                cidr: format!("{ipv4}/32"),
+                identity,
+                old_identity: None,
+                namespace: a.namespace.clone(),
+                pod: a.pod.clone(),
+            });
+        tracing::info!(endpoint_id = id, namespace = %a.namespace, pod = %a.pod, %ipv4, identity, "endpoint created");
+        Ok(AddResult {
+            ipv4: format!("{ipv4}/32"),
+            gateway: self.pod_cidr.gateway().to_string(),
+            pod_mac: net::mac_string(&veth.pod_mac),
+            host_ifname: host,
+            host_mac: net::mac_string(&veth.host_mac),
+        })
+    }
+
+    pub fn del(&self, container_id: &str, ifname: &str) -> Result<(), Error> {
+        let mut s = self.control.lock();
+        let Some(ep) = s.find_endpoint(container_id, ifname).cloned() else {
+            // DEL is idempotent: an unknown attachment is already gone.
+            return Ok(());
+        };
+        s.remove_endpoint(ep.id);
+        self.datapath.detach_endpoint(&ep.host_ifname);
+        self.datapath.remove_endpoint(ep.ipv4)?;
+        net::delete_link(&ep.host_ifname);
+        // Its connections go with it (both directions, every program's
+        // view, proxy flags), before its address can be handed out: a pod
+        // given the address later must not ride on them.
+        let flushed = self.datapath.ct_flush_address(ep.ipv4);
+        self.overflows_retired.fetch_add(
+            self.datapath.ct_budget_forget(ep.id),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        s.quarantine_ip(ep.ipv4, fqdn::now_s());
+        self.control.commit(&mut s)?;
+        tracing::info!(endpoint_id = ep.id, pod = %ep.pod, ct_flushed = flushed, "endpoint deleted");
+        self.observer
+            .agent_event(flow::agent_event::Kind::EndpointDeleted {
+                id: ep.id as u64,
+                namespace: ep.namespace.clone(),
+                pod: ep.pod.clone(),
+                labels: ep.labels.to_strings(),
+            });
+        self.observer
+            .agent_event(flow::agent_event::Kind::IpcacheDeleted {
+                cidr: format!("{}/32", ep.ipv4),
+                identity: ep.identity,
+                namespace: ep.namespace.clone(),
+                pod: ep.pod.clone(),
+            });
+        Ok(())
+    }
+
+    pub fn check(&self, a: &Attachment) -> Result<(), Error> {
+        let ep = self
+            .control
+            .lock()
+            .find_endpoint(&a.container_id, &a.ifname)
+            .cloned()
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "no endpoint for container {} interface {}",
+                    a.container_id, a.ifname
+                ))
+            })?;
+        if !net::link_exists(&ep.host_ifname) {
+            return Err(invalid(format!(
+                "host interface {} is missing",
+                ep.host_ifname
+            )));
+        }
+        let (mac, ips) = net::pod_interface(Path::new(&a.netns), &a.ifname)?;
+        if mac != ep.pod_mac || !ips.contains(&ep.ipv4) {
+            return Err(invalid(format!(
+                "interface {} in {} no longer has {} / {}",
+                a.ifname,
+                a.netns,
+                ep.ipv4,
+                net::mac_string(&ep.pod_mac)
+            )));
+        }
+        if self.datapath.endpoint(ep.ipv4).is_none() {
+            return Err(invalid(format!(
+                "endpoint {} is missing from the datapath",
+                ep.id
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn gc(&self, valid: &[AttachmentId]) -> Result<(), Error> {
+        let stale: Vec<(String, String)> = self
+            .control
+            .lock()
+            .endpoints()
+            .values()
+            .filter(|e| {
+                !valid
+                    .iter()
+                    .any(|v| v.container_id == e.container_id && v.ifname == e.ifname)
+            })
+            .map(|e| (e.container_id.clone(), e.ifname.clone()))
+            .collect();
+        for (c, i) in stale {
+            self.del(&c, &i)?;
+        }
+        Ok(())
+    }
+
+    pub fn list(&self) -> Vec<EndpointInfo> {
+        let s = self.control.lock();
+        let policy = self.control.policy();
+        s.endpoints()
+            .values()
+            .map(|e| {
+                let computed = policy.computed(e.identity);
+                EndpointInfo {
+                    id: e.id,
+                    namespace: e.namespace.clone(),
+                    pod_name: e.pod.clone(),
+                    container_id: e.container_id.clone(),
+                    ifname: e.ifname.clone(),
+                    host_ifname: e.host_ifname.clone(),
+                    ipv4: e.ipv4.to_string(),
+                    identity: e.identity,
+                    labels: e.labels.to_strings(),
+                    ingress_enforced: computed.is_some_and(|c| c.ingress_enforced),
+                    egress_enforced: computed.is_some_and(|c| c.egress_enforced),
+                    policy_entries: computed.map_or(0, |c| c.entries.len()),
+                    policy_overflow: policy.overflowed.contains(&e.id),
+                }
+            })
+            .collect()
+    }
+}
+
+/// A pod's namespace and name, as Kubernetes admits them: nothing else
+/// reaches identities, flows or the CLI's tables.
+fn validate_pod_names(namespace: &str, pod: &str) -> Result<(), Error> {
+    policy::labels::validate_namespace(namespace).map_err(invalid)?;
+    policy::labels::validate_object_name("pod", pod).map_err(invalid)
+}
+
+fn validate_attachment(a: &Attachment) -> Result<(), Error> {
+    let ok_id = |s: &str| {
+        s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    };
+    if !ok_id(&a.container_id) {
+        return Err(invalid(format!(
+            "container id {:?} is not valid",
+            a.container_id
+        )));
+    }
+    if a.ifname.is_empty()
+        || a.ifname.len() > 15
+        || a.ifname.contains('/')
+        || a.ifname.contains(char::is_whitespace)
+    {
+        return Err(invalid(format!(
+            "interface name {:?} is not valid",
+            a.ifname
+        )));
+    }
+    if !Path::new(&a.netns).exists() {
+        return Err(invalid(format!(
+            "network namespace {} does not exist",
+            a.netns
+        )));
+    }
+    // A path that exists is not yet a namespace (`/`, `/etc/passwd`): only a
+    // namespace file (nsfs: /run/netns/NAME, /proc/PID/ns/net) is one.
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    let is_netns = nix::sys::statfs::statfs(Path::new(&a.netns))
+        .is_ok_and(|s| s.filesystem_type().0 == NSFS_MAGIC);
+    if !is_netns {
+        return Err(invalid(format!(
+            "{} is not a network namespace (expected a namespace file such as /run/netns/NAME or /proc/PID/ns/net)",
+            a.netns
+        )));
+    }
+    if a.namespace.is_empty() || a.pod.is_empty() {
+        return Err(invalid(
+            "the pod's namespace and name are needed (K8S_POD_NAMESPACE, K8S_POD_NAME)",
+        ));
+    }
+    validate_pod_names(&a.namespace, &a.pod)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_names_are_checked_as_kubernetes_does() {
+        for (ns, pod, ok) in [
+            ("shop", "web-0", true),
+            ("shop", "web.v2.example", true),
+            ("kube-system", "a", true),
+            ("Shop", "web", false),
+            ("../../etc/passwd", "web", false),
+            ("shop", "web\nlabel", false),
+            ("shop", "\u{1b}[31mred", false),
+            ("shop", "-web", false),
+            ("shop", "web.", false),
+            ("", "web", false),
+            (&"a".repeat(64), "web", false),
+            ("shop", &"a".repeat(254), false),
+        ] {
+            assert_eq!(validate_pod_names(ns, pod).is_ok(), ok, "{ns:?} {pod:?}");
+        }
+    }
+}
