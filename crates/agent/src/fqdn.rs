@@ -6,7 +6,11 @@
 use std::net::Ipv4Addr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::{invalid, Agent, Error};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use crate::control::Control;
+use crate::{invalid, Error};
 
 /// Limits and timings (Cilium's `--tofqdns-*` knobs).
 #[derive(Clone, Copy, Debug)]
@@ -88,20 +92,36 @@ pub(crate) fn now_s() -> u64 {
         .as_secs()
 }
 
-impl Agent {
+/// What the DNS proxy learns, kept and expired. Handles: the control path.
+pub struct Fqdn {
+    config: FqdnConfig,
+    control: Arc<Control>,
+    /// DNS addresses not learned because an endpoint was at its limit.
+    pub refused: AtomicU64,
+}
+
+impl Fqdn {
+    pub fn new(config: FqdnConfig, control: Arc<Control>) -> Self {
+        Fqdn {
+            config,
+            control,
+            refused: AtomicU64::new(0),
+        }
+    }
+
     /// The DNS proxy saw `name` resolve to `answers` (address, TTL) for the
     /// pod at `client`. Returns once the ipcache and policy maps know the
     /// new addresses.
-    pub fn fqdn_learned(
+    pub fn learned(
         &self,
         client: Ipv4Addr,
         name: &str,
         answers: &[(Ipv4Addr, u32)],
     ) -> Result<Learned, Error> {
         let name = policy::model::fqdn(name);
-        let cfg = self.config.fqdn;
+        let cfg = self.config;
         let now = now_s();
-        let mut s = self.lock_state();
+        let mut s = self.control.lock();
         let endpoint = endpoint_of(&s, client)
             .ok_or_else(|| invalid(format!("no endpoint has address {client}")))?;
         let mut held: usize = s
@@ -126,7 +146,7 @@ impl Agent {
             }
         }
         if out.refused > 0 {
-            self.fqdn_refused
+            self.refused
                 .fetch_add(out.refused as u64, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(
                 endpoint,
@@ -137,7 +157,7 @@ impl Agent {
             );
         }
         if out.added > 0 {
-            self.commit(&mut s)?;
+            self.control.commit(&mut s)?;
         }
         Ok(out)
     }
@@ -148,31 +168,31 @@ impl Agent {
     /// memory; the maps do not change). Returns false, having changed
     /// nothing, when there is more to do (or the agent's state is busy):
     /// then `fqdn_learned` must run.
-    pub fn fqdn_refresh(&self, client: Ipv4Addr, name: &str, answers: &[(Ipv4Addr, u32)]) -> bool {
+    pub fn refresh(&self, client: Ipv4Addr, name: &str, answers: &[(Ipv4Addr, u32)]) -> bool {
         let Some(mut s) = self.control.try_lock() else {
             return false;
         };
         let name = policy::model::fqdn(name);
-        refresh(&mut s, client, &name, answers, now_s(), self.config.fqdn)
+        refresh(&mut s, client, &name, answers, now_s(), self.config)
     }
 
     /// Drops addresses past their expiry and grace period whose connections
     /// are all gone, and names left without addresses.
     /// `live`: the addresses of live connections (`Datapath::ct_census`).
-    pub fn fqdn_gc(&self, live: &std::collections::HashSet<Ipv4Addr>) -> Result<usize, Error> {
-        let grace = self.config.fqdn.idle_grace_s;
+    pub fn gc(&self, live: &std::collections::HashSet<Ipv4Addr>) -> Result<usize, Error> {
+        let grace = self.config.idle_grace_s;
         let now = now_s();
-        let mut s = self.lock_state();
+        let mut s = self.control.lock();
         let removed = s.fqdn_retain_ips(|ip, expires| expires + grace > now || live.contains(ip));
         if removed > 0 {
-            self.commit(&mut s)?;
+            self.control.commit(&mut s)?;
         }
         Ok(removed)
     }
 
     /// Learned names and their addresses, for `fibril fqdn list`.
-    pub fn fqdn_cache(&self) -> Vec<(String, Vec<(Ipv4Addr, u64)>)> {
-        let s = self.lock_state();
+    pub fn cache(&self) -> Vec<(String, Vec<(Ipv4Addr, u64)>)> {
+        let s = self.control.lock();
         s.fqdn()
             .iter()
             .map(|(n, e)| (n.clone(), e.ips.iter().map(|(i, x)| (*i, *x)).collect()))

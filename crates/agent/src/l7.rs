@@ -93,7 +93,7 @@ impl proxy::Policy for ProxyPolicy {
         name: &str,
         answers: &[(std::net::Ipv4Addr, u32)],
     ) {
-        if let Err(e) = self.agent.fqdn_learned(client, name, answers) {
+        if let Err(e) = self.agent.fqdn.learned(client, name, answers) {
             tracing::warn!(error = %e, name, "learning a DNS answer");
         }
     }
@@ -104,7 +104,7 @@ impl proxy::Policy for ProxyPolicy {
         name: &str,
         answers: &[(std::net::Ipv4Addr, u32)],
     ) -> bool {
-        self.agent.fqdn_refresh(client, name, answers)
+        self.agent.fqdn.refresh(client, name, answers)
     }
 
     fn record(&self, record: flow::record::L7Record) {

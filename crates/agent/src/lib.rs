@@ -2,6 +2,7 @@
 //! wired to the datapath; served on a local Unix socket.
 #![forbid(unsafe_code)]
 
+pub mod conntrack;
 pub mod control;
 pub mod drain;
 pub mod endpoints;
@@ -12,11 +13,11 @@ pub mod l7;
 pub mod l7proxy;
 pub mod metrics;
 pub mod observer;
+pub mod policies;
 pub mod policy_sync;
 pub mod server;
 pub mod state;
 
-use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -28,7 +29,7 @@ use netns as net;
 
 use crate::observer::Observer;
 use crate::policy_sync::PolicySync;
-use crate::state::{Cidr, Endpoint, State, Store};
+use crate::state::{Cidr, Store};
 
 /// Agent settings (validated at start-up).
 #[derive(Clone, Debug)]
@@ -62,16 +63,12 @@ pub struct Agent {
     proxy_stats: std::sync::OnceLock<Arc<proxy::Stats>>,
     /// Its counters as it last sent them (`proxy::Stats::snapshot` order).
     l7_stats: Mutex<Vec<u64>>,
-    /// DNS addresses not learned because an endpoint was at its limit.
-    pub fqdn_refused: std::sync::atomic::AtomicU64,
-    /// Conntrack entries at the last census (`ct_census`): status reads
-    /// this instead of walking the table.
-    ct_entries: std::sync::atomic::AtomicUsize,
-    /// The census's busiest endpoint (live entries its traffic holds).
-    ct_busiest: std::sync::atomic::AtomicU32,
-    /// New connections refused at an endpoint's budget: the endpoints
-    /// there at the last census, plus those deleted since the start.
-    ct_overflows: std::sync::atomic::AtomicU64,
+    /// Learned DNS names (toFQDNs).
+    pub fqdn: fqdn::Fqdn,
+    /// Policies in force, audit mode, trace.
+    policies: policies::Policies,
+    /// The census, listing, re-checking established connections.
+    conntrack: conntrack::Conntrack,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -171,7 +168,13 @@ impl Agent {
             control.clone(),
             observer.clone(),
         );
+        let policies = policies::Policies::new(control.clone(), observer.clone());
+        let conntrack = conntrack::Conntrack::new(datapath.clone(), control.clone());
+        let fqdn = fqdn::Fqdn::new(config.fqdn, control.clone());
         let agent = Arc::new(Self {
+            fqdn,
+            policies,
+            conntrack,
             config,
             datapath,
             control,
@@ -180,12 +183,8 @@ impl Agent {
             started: Instant::now(),
             proxy_stats: std::sync::OnceLock::new(),
             l7_stats: Mutex::new(Vec::new()),
-            fqdn_refused: Default::default(),
-            ct_entries: Default::default(),
-            ct_busiest: Default::default(),
-            ct_overflows: Default::default(),
         });
-        agent.ct_census();
+        agent.conntrack.census();
         // The ipcache's `host` entries follow the host's addresses.
         let weak = Arc::downgrade(&agent);
         net::watch_ipv4_addresses(move || {
@@ -200,16 +199,10 @@ impl Agent {
         Ok(agent)
     }
 
-    /// Walks the conntrack table once (in the background, every few
-    /// seconds): the entry count status shows, and the live addresses the
-    /// toFQDNs garbage collection keeps.
+    /// Walks the conntrack table (every few seconds): status's counts and
+    /// the live addresses the toFQDNs garbage collection keeps.
     pub fn ct_census(&self) -> std::collections::HashSet<Ipv4Addr> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let census = self.datapath.ct_census();
-        self.ct_entries.store(census.entries, Relaxed);
-        self.ct_busiest.store(census.busiest, Relaxed);
-        self.ct_overflows.store(census.overflows, Relaxed);
-        census.live_addresses
+        self.conntrack.census()
     }
 
     /// The state and what is derived from it.
@@ -280,20 +273,8 @@ impl Agent {
         };
         match server_pod {
             Some(id) => Some((client, id, true)),
-            None => Some((client, self.ipcache().identity_of(server), false)),
+            None => Some((client, self.control.ipcache().identity_of(server), false)),
         }
-    }
-
-    fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.control.lock()
-    }
-
-    fn ipcache(&self) -> Arc<ipcache::Ipcache> {
-        self.control.ipcache()
-    }
-
-    fn commit(&self, state: &mut State) -> Result<(), Error> {
-        self.control.commit(state)
     }
 
     pub fn handle(&self, req: Request) -> Response {
@@ -319,7 +300,8 @@ impl Agent {
             }),
             Request::IdentityList => Ok(Response::Identities {
                 identities: self
-                    .lock_state()
+                    .control
+                    .lock()
                     .identities()
                     .all()
                     .into_iter()
@@ -333,31 +315,26 @@ impl Agent {
                 file,
                 yaml,
                 namespace,
-            } => self.policy_import(&file, &yaml, namespace.as_deref()),
-            Request::PolicyGet => {
-                let s = self.lock_state();
-                Ok(Response::Policies {
-                    policies: s.policies().values().cloned().collect(),
-                })
+            } => self.policies.import(&file, &yaml, namespace.as_deref()),
+            Request::PolicyGet => Ok(Response::Policies {
+                policies: self.policies.get(),
+            }),
+            Request::PolicyDelete { key } => self.policies.delete(&key).map(|_| Response::Ok),
+            Request::PolicyTrace(t) => self.policies.trace(&t),
+            Request::NamespaceAudit { namespace, audit } => {
+                self.policies.audit(&namespace, audit).map(|_| Response::Ok)
             }
-            Request::PolicyDelete { key } => self.policy_delete(&key).map(|_| Response::Ok),
-            Request::PolicyTrace(t) => self.policy_trace(&t),
-            Request::NamespaceAudit { namespace, audit } => (|| {
-                policy::labels::validate_namespace(&namespace).map_err(invalid)?;
-                let mut s = self.lock_state();
-                let changed = s.set_audit(&namespace, audit);
-                let done = if changed { self.commit(&mut s) } else { Ok(()) };
-                done.map(|_| Response::Ok)
-            })(),
             Request::FqdnList => Ok(Response::Fqdn {
                 names: self
-                    .fqdn_cache()
+                    .fqdn
+                    .cache()
                     .into_iter()
                     .map(|(name, ips)| api::FqdnInfo { name, ips })
                     .collect(),
             }),
-            Request::ConntrackList { address } => Ok(self.conntrack_list(address)),
+            Request::ConntrackList { address } => Ok(self.conntrack.list(address)),
             Request::EnforceEstablished => self
+                .conntrack
                 .enforce_established()
                 .map(|(checked, cut)| Response::Enforced { checked, cut }),
         };
@@ -368,7 +345,7 @@ impl Agent {
     }
 
     pub fn status(&self) -> StatusInfo {
-        let s = self.lock_state();
+        let s = self.control.lock();
         let (buffered, seen) = self.observer.counts();
         StatusInfo {
             node_name: self.config.node_name.clone(),
@@ -380,10 +357,19 @@ impl Agent {
             flows_buffered: buffered,
             flow_capacity: self.config.flow_capacity,
             events_lost_kernel: self.datapath.events_lost(),
-            ct_entries: self.ct_entries.load(std::sync::atomic::Ordering::Relaxed),
+            ct_entries: self
+                .conntrack
+                .entries
+                .load(std::sync::atomic::Ordering::Relaxed),
             ct_endpoint_budget: self.config.ct_endpoint_budget,
-            ct_busiest_endpoint: self.ct_busiest.load(std::sync::atomic::Ordering::Relaxed),
-            ct_budget_overflows: self.ct_overflows.load(std::sync::atomic::Ordering::Relaxed)
+            ct_busiest_endpoint: self
+                .conntrack
+                .busiest
+                .load(std::sync::atomic::Ordering::Relaxed),
+            ct_budget_overflows: self
+                .conntrack
+                .overflows
+                .load(std::sync::atomic::Ordering::Relaxed)
                 + self
                     .endpoints
                     .overflows_retired
@@ -400,229 +386,6 @@ impl Agent {
                 }),
         }
     }
-
-    /// Checks every tracked connection of a local endpoint against the
-    /// policy in force, as its first packet was (same lookup as the
-    /// datapath's), and deletes every entry of each one it now refuses
-    /// (both directions and both orientations of the tuple): its next
-    /// packet is then a new connection and meets the policy in the kernel.
-    /// Connections the proxy opened are left to the proxy, which checks
-    /// every request. Returns (connections checked, cut).
-    fn enforce_established(&self) -> Result<(usize, usize), Error> {
-        let s = self.lock_state();
-        let sync = self.control.policy();
-        let ipcache = self.ipcache();
-        let by_addr: HashMap<Ipv4Addr, &Endpoint> =
-            s.endpoints().values().map(|e| (e.ipv4, e)).collect();
-        let identity = |a: Ipv4Addr| match by_addr.get(&a) {
-            Some(e) => e.identity,
-            None => ipcache.identity_of(a),
-        };
-        let ip = |a: u32| Ipv4Addr::from(u32::from_be(a));
-        let mut checked = 0;
-        let mut refused = std::collections::HashSet::new();
-        for (k, v) in self.datapath.ct_list() {
-            if v.flags & abi::CT_F_FROM_PROXY != 0 {
-                continue;
-            }
-            let (ep, peer, dir) = if k.direction == abi::Direction::Ingress as u8 {
-                (ip(k.daddr), ip(k.saddr), policy::Direction::Ingress)
-            } else {
-                (ip(k.saddr), ip(k.daddr), policy::Direction::Egress)
-            };
-            let Some(policy) = by_addr.get(&ep).and_then(|e| sync.computed(e.identity)) else {
-                continue;
-            };
-            checked += 1;
-            // ICMP: policy is keyed on the type, and only echo is tracked.
-            let port = if k.protocol == 1 { 8 } else { k.dport };
-            let decision = policy.decide(identity(peer), dir, k.protocol, port);
-            if matches!(
-                decision,
-                policy::Decision::Denied { .. } | policy::Decision::DefaultDeny { .. }
-            ) {
-                refused.insert((k.saddr, k.daddr, k.sport, k.dport, k.protocol));
-            }
-        }
-        drop(sync);
-        drop(s);
-        let cut = refused.len();
-        if cut > 0 {
-            self.datapath.ct_flush(|k, _| {
-                refused.contains(&(k.saddr, k.daddr, k.sport, k.dport, k.protocol))
-                    || refused.contains(&(k.daddr, k.saddr, k.dport, k.sport, k.protocol))
-            });
-        }
-        tracing::info!(checked, cut, "established connections re-evaluated");
-        Ok((checked, cut))
-    }
-
-    fn conntrack_list(&self, address: Option<Ipv4Addr>) -> Response {
-        let now = datapath::monotonic_ns() as i64;
-        let be = address.map(|a| u32::from(a).to_be());
-        let mut entries = Vec::new();
-        let mut truncated = false;
-        for (k, v) in self.datapath.ct_list() {
-            if be.is_some_and(|a| k.saddr != a && k.daddr != a) {
-                continue;
-            }
-            if entries.len() == api::CONNTRACK_LIST_MAX {
-                truncated = true;
-                break;
-            }
-            let addr = |a: u32, port: u16| format!("{}:{port}", Ipv4Addr::from(u32::from_be(a)));
-            let mut flags = Vec::new();
-            for (bit, name) in [
-                (abi::CT_F_PROXY_REDIRECT, "proxy-redirect"),
-                (abi::CT_F_FROM_PROXY, "from-proxy"),
-                (abi::CT_F_DNS, "dns"),
-            ] {
-                if v.flags & bit != 0 {
-                    flags.push(name.to_string());
-                }
-            }
-            if v.closing != 0 {
-                flags.insert(0, "closing".into());
-            }
-            entries.push(api::ConntrackInfo {
-                protocol: k.protocol,
-                source: addr(k.saddr, k.sport),
-                destination: addr(k.daddr, k.dport),
-                direction: if k.direction == abi::Direction::Ingress as u8 {
-                    "ingress"
-                } else {
-                    "egress"
-                }
-                .into(),
-                expires_in_s: (v.expires_ns as i64 - now) / 1_000_000_000,
-                flags,
-                packets: v.packets,
-                bytes: v.bytes,
-            });
-        }
-        Response::Conntrack { entries, truncated }
-    }
-
-    fn policy_import(
-        &self,
-        file: &str,
-        yaml: &str,
-        namespace: Option<&str>,
-    ) -> Result<Response, Error> {
-        let parsed = policy::parse(file, yaml, namespace.unwrap_or("default"))
-            .map_err(|e| invalid(e.to_string()))?;
-        if parsed.policies.is_empty() {
-            return Err(invalid(format!("{file}: no policy found")));
-        }
-        let mut s = self.lock_state();
-        let mut names = Vec::new();
-        for p in parsed.policies {
-            names.push(p.key());
-            s.insert_policy(p);
-        }
-        self.commit(&mut s)?;
-        for n in &names {
-            let rules = s.policies().get(n).map_or(0, |p| p.rules.len() as i64);
-            self.observer
-                .agent_event(flow::agent_event::Kind::PolicyUpdated {
-                    labels: policy_labels(s.policies().get(n)),
-                    revision: s.policy_generation(),
-                    rules,
-                });
-        }
-        Ok(Response::Imported {
-            warnings: parsed.warnings.iter().map(|w| w.to_string()).collect(),
-            policies: names,
-            skipped: parsed
-                .skipped
-                .into_iter()
-                .map(|(doc, kind)| format!("document {doc}: {kind} is not a policy"))
-                .collect(),
-        })
-    }
-
-    /// The identity of a trace end, and again if it is a local endpoint (whose
-    /// policy applies):
-    /// `namespace/pod`, `pod` (namespace default) or an IPv4 address.
-    fn trace_end(&self, s: &State, end: &str) -> Result<(u32, Option<u32>), Error> {
-        if let Ok(addr) = end.parse::<Ipv4Addr>() {
-            if let Some(e) = s.endpoints().values().find(|e| e.ipv4 == addr) {
-                return Ok((e.identity, Some(e.identity)));
-            }
-            // The ipcache's answer: the host, else the longest CIDR
-            // identity prefix, else the world.
-            return Ok((self.ipcache().identity_of(addr), None));
-        }
-        let (ns, pod) = end.split_once('/').unwrap_or(("default", end));
-        let e = s
-            .endpoints()
-            .values()
-            .find(|e| e.namespace == ns && e.pod == pod)
-            .ok_or_else(|| {
-                invalid(format!(
-                    "no endpoint for pod {ns}/{pod} (give namespace/pod or an IPv4 address)"
-                ))
-            })?;
-        Ok((e.identity, Some(e.identity)))
-    }
-
-    fn policy_trace(&self, t: &api::TraceRequest) -> Result<Response, Error> {
-        let s = self.lock_state();
-        let (from_identity, from_ep) = self.trace_end(&s, &t.from)?;
-        let (to_identity, to_ep) = self.trace_end(&s, &t.to)?;
-        let sync = self.control.policy();
-        let decide = |ep: Option<u32>, peer: u32, dir: policy::Direction| {
-            ep.map(|id| {
-                api::Decision::from(
-                    &sync
-                        .computed(id)
-                        .map(|c| c.decide(peer, dir, t.protocol, t.port))
-                        .unwrap_or(policy::Decision::NotEnforced),
-                )
-            })
-        };
-        let egress = decide(from_ep, to_identity, policy::Direction::Egress);
-        let ingress = decide(to_ep, from_identity, policy::Direction::Ingress);
-        let passes = |d: &Option<api::Decision>| d.as_ref().is_none_or(api::Decision::passes);
-        Ok(Response::Trace {
-            from: t.from.clone(),
-            to: t.to.clone(),
-            from_identity,
-            to_identity,
-            allowed: passes(&egress) && passes(&ingress),
-            egress,
-            ingress,
-        })
-    }
-
-    fn policy_delete(&self, key: &str) -> Result<(), Error> {
-        let mut s = self.lock_state();
-        let removed = s.remove_policy(key);
-        if removed.is_none() {
-            return Err(invalid(format!("no policy {key:?}")));
-        }
-        self.commit(&mut s)?;
-        self.observer
-            .agent_event(flow::agent_event::Kind::PolicyDeleted {
-                labels: policy_labels(removed.as_ref()),
-                revision: s.policy_generation(),
-                rules: removed.as_ref().map_or(0, |p| p.rules.len() as i64),
-            });
-        Ok(())
-    }
-}
-
-/// A policy's labels as Cilium derives them (name, namespace, kind).
-fn policy_labels(p: Option<&policy::Policy>) -> Vec<String> {
-    let Some(p) = p else { return vec![] };
-    let mut out = vec![
-        format!("k8s:io.cilium.k8s.policy.derived-from={}", p.kind.name()),
-        format!("k8s:io.cilium.k8s.policy.name={}", p.name),
-    ];
-    if let Some(ns) = &p.namespace {
-        out.push(format!("k8s:io.cilium.k8s.policy.namespace={ns}"));
-    }
-    out
 }
 
 /// Installs the proxy's policy routing, first removing a previous run's.

@@ -404,7 +404,7 @@ fn main() -> anyhow::Result<()> {
             .spawn(move || loop {
                 std::thread::sleep(std::time::Duration::from_secs(5));
                 let live = agent.ct_census();
-                if let Err(e) = agent.fqdn_gc(&live) {
+                if let Err(e) = agent.fqdn.gc(&live) {
                     tracing::warn!(error = %e, "toFQDNs garbage collection");
                 }
             })?;

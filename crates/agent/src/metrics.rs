@@ -82,13 +82,13 @@ pub fn render(agent: &Agent) -> String {
         "fibril_fqdn_names",
         "gauge",
         "DNS names learned for toFQDNs.",
-        agent.fqdn_cache().len() as u64,
+        agent.fqdn.cache().len() as u64,
     );
     metric(
         "fibril_fqdn_ips_refused_total",
         "counter",
         "DNS answer addresses not learned because an endpoint was at --tofqdns-max-ips-per-endpoint.",
-        agent.fqdn_refused.load(std::sync::atomic::Ordering::Relaxed),
+        agent.fqdn.refused.load(std::sync::atomic::Ordering::Relaxed),
     );
     for (name, help, value) in agent.proxy_counters() {
         metric(name, "counter", help, value);
