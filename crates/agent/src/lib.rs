@@ -168,6 +168,7 @@ impl Agent {
             control.clone(),
             observer.clone(),
         );
+        endpoints.preload_next(&control.lock());
         let policies = policies::Policies::new(control.clone(), observer.clone());
         let conntrack = conntrack::Conntrack::new(datapath.clone(), control.clone());
         let fqdn = fqdn::Fqdn::new(config.fqdn, control.clone());

@@ -182,12 +182,20 @@ impl State {
             self.quarantined.remove(&ip);
             self.changes.quarantined.insert(ip);
         }
-        let used: std::collections::BTreeSet<Ipv4Addr> =
-            self.endpoints.values().map(|e| e.ipv4).collect();
+        let ip = self.next_ip(cidr, now)?;
+        if self.quarantined.remove(&ip).is_some() {
+            self.changes.quarantined.insert(ip);
+        }
+        Some(ip)
+    }
+
+    /// The address `allocate_ip` would hand out at `now`, changing nothing.
+    pub fn next_ip(&self, cidr: &Cidr, now: u64) -> Option<Ipv4Addr> {
+        let used: BTreeSet<Ipv4Addr> = self.endpoints.values().map(|e| e.ipv4).collect();
         let free = cidr.pod_addresses().filter(|a| !used.contains(a));
         let (mut fresh, mut oldest) = (None, None::<(u64, Ipv4Addr)>);
         for a in free {
-            match self.quarantined.get(&a) {
+            match self.quarantined.get(&a).filter(|until| **until > now) {
                 None => {
                     fresh = Some(a);
                     break;
@@ -196,11 +204,7 @@ impl State {
                 Some(_) => {}
             }
         }
-        let ip = fresh.or(oldest.map(|(_, a)| a))?;
-        if self.quarantined.remove(&ip).is_some() {
-            self.changes.quarantined.insert(ip);
-        }
-        Some(ip)
+        fresh.or(oldest.map(|(_, a)| a))
     }
 
     /// Puts a deleted endpoint's address in quarantine from `now`.
@@ -211,11 +215,19 @@ impl State {
 
     /// The next free endpoint id (1-65535).
     pub fn allocate_endpoint_id(&mut self) -> Option<u32> {
+        let id = self.next_endpoint_id()?;
+        self.next_endpoint_id = id;
+        self.changes.next_endpoint_id = true;
+        Some(id)
+    }
+
+    /// The id `allocate_endpoint_id` would hand out, changing nothing.
+    pub fn next_endpoint_id(&self) -> Option<u32> {
+        let mut id = self.next_endpoint_id;
         for _ in 0..65535 {
-            self.next_endpoint_id = self.next_endpoint_id % 65535 + 1;
-            self.changes.next_endpoint_id = true;
-            if !self.endpoints.contains_key(&self.next_endpoint_id) {
-                return Some(self.next_endpoint_id);
+            id = id % 65535 + 1;
+            if !self.endpoints.contains_key(&id) {
+                return Some(id);
             }
         }
         None

@@ -213,7 +213,7 @@ impl Datapath {
         for name in [PROG_FROM_CONTAINER, PROG_TO_CONTAINER] {
             classifier(&mut bpf, name)?.load().map_err(prog_err(name))?;
         }
-        Ok(EndpointPrograms { bpf })
+        Ok(EndpointPrograms { bpf, ep_id, ipv4 })
     }
 
     /// Attaches an endpoint's programs to the host side of its veth, or
@@ -225,7 +225,17 @@ impl Datapath {
         ipv4: Ipv4Addr,
         host_ifname: &str,
     ) -> Result<(), Error> {
-        let mut progs = self.load_endpoint_programs(ep_id, ipv4)?;
+        let progs = self.load_endpoint_programs(ep_id, ipv4)?;
+        self.attach_programs(progs, host_ifname)
+    }
+
+    /// `attach_endpoint` with programs loaded earlier (for the endpoint
+    /// they were loaded for: `EndpointPrograms::endpoint`).
+    pub fn attach_programs(
+        &self,
+        mut progs: EndpointPrograms,
+        host_ifname: &str,
+    ) -> Result<(), Error> {
         let links = self.config.pin_dir.join("links");
         std::fs::create_dir_all(&links).map_err(|source| Error::PinDir {
             path: links.clone(),
@@ -517,6 +527,16 @@ pub fn monotonic_ns() -> u64 {
 /// agent to attach and by tests to run packets through BPF_PROG_TEST_RUN.
 pub struct EndpointPrograms {
     bpf: Ebpf,
+    ep_id: u32,
+    ipv4: Ipv4Addr,
+}
+
+impl EndpointPrograms {
+    /// The endpoint (id, address) the programs were loaded for: constants
+    /// in them.
+    pub fn endpoint(&self) -> (u32, Ipv4Addr) {
+        (self.ep_id, self.ipv4)
+    }
 }
 
 /// Which program of an endpoint.
