@@ -74,7 +74,7 @@ pub struct Sources {
 pub fn policy_ref(o: &policy::Origin) -> flow::record::PolicyRef {
     let (namespace, name) = match o.policy.split_once('/') {
         Some((ns, n)) => (ns.to_string(), n.to_string()),
-        None => (String::new(), o.policy.clone()),
+        None => (String::new(), o.policy.to_string()),
     };
     let mut labels = vec![
         format!("k8s:io.cilium.k8s.policy.derived-from={}", o.kind),
@@ -88,7 +88,7 @@ pub fn policy_ref(o: &policy::Origin) -> flow::record::PolicyRef {
         namespace,
         labels,
         revision: 0,
-        kind: o.kind.clone(),
+        kind: o.kind.to_string(),
     }
 }
 

@@ -350,8 +350,8 @@ pub struct RuleRef {
 impl From<&policy::Origin> for RuleRef {
     fn from(o: &policy::Origin) -> Self {
         RuleRef {
-            kind: o.kind.clone(),
-            policy: o.policy.clone(),
+            kind: o.kind.to_string(),
+            policy: o.policy.to_string(),
             rule: o.rule,
             direction: match o.direction {
                 policy::Direction::Ingress => "ingress",

@@ -30,9 +30,10 @@ fn side(d: Direction) -> usize {
 /// Where an entry came from: the policy and the index of its rule.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Origin {
-    pub kind: String,
+    /// Shared by every entry of the rule (a clone is a reference count).
+    pub kind: std::sync::Arc<str>,
     /// `namespace/name` or `name`.
-    pub policy: String,
+    pub policy: std::sync::Arc<str>,
     /// Index of the rule in `spec`/`specs`.
     pub rule: usize,
     pub direction: Direction,
@@ -533,6 +534,9 @@ pub fn compute_selected(
         .collect();
 
     for (policy, rule_index, rule) in selecting {
+        // Made once per rule: every entry's origin shares them.
+        let (kind, key): (std::sync::Arc<str>, std::sync::Arc<str>) =
+            (policy.kind.name().into(), policy.key().into());
         for (direction, section, default_deny) in [
             (Direction::Ingress, &rule.ingress, rule.ingress_default_deny),
             (Direction::Egress, &rule.egress, rule.egress_default_deny),
@@ -548,8 +552,8 @@ pub fn compute_selected(
                 if !policy.audit {
                     enforced_for_real[d] = true;
                 }
-                if !selected_by.contains(&policy.key()) {
-                    selected_by.push(policy.key());
+                if !selected_by.iter().any(|p| **p == *key) {
+                    selected_by.push(key.to_string());
                 }
             }
             for (entry, pr) in peer_rules.iter().enumerate() {
@@ -557,8 +561,8 @@ pub fn compute_selected(
                     continue;
                 }
                 let origin = Origin {
-                    kind: policy.kind.name().to_string(),
-                    policy: policy.key(),
+                    kind: kind.clone(),
+                    policy: key.clone(),
                     rule: *rule_index,
                     direction,
                     entry,

@@ -104,7 +104,7 @@ fn selected_direction_becomes_default_deny_plus_allows() {
     );
     let origin = &backend.entries[&keys[0]].origin;
     assert_eq!(
-        (origin.policy.as_str(), origin.rule),
+        (&*origin.policy, origin.rule),
         ("shop/allow-frontend-to-backend", 0)
     );
 
