@@ -740,18 +740,22 @@ pub fn map_entries(
 mod tests {
     use super::*;
 
-    /// A cookie lives while entries carry it; released, it names another
-    /// rule only after the reuse delay, and the table stays the size of
-    /// the rules in force.
-    #[test]
-    fn released_cookies_are_reused_after_the_delay() {
-        let rule = |policy: &str| Origin {
+    /// Rule 0's first ingress entry of `policy`.
+    fn rule(policy: &str) -> Origin {
+        Origin {
             kind: "CiliumNetworkPolicy".into(),
             policy: policy.into(),
             rule: 0,
             direction: policy::compute::Direction::Ingress,
             entry: 0,
-        };
+        }
+    }
+
+    /// A cookie lives while entries carry it; released, it names another
+    /// rule only after the reuse delay, and the table stays the size of
+    /// the rules in force.
+    #[test]
+    fn released_cookies_are_reused_after_the_delay() {
         let t0 = std::time::Instant::now();
         let mut c = Cookies::default();
         let a = c.get(&rule("shop/a"), t0);
@@ -780,13 +784,6 @@ mod tests {
 
     #[test]
     fn attributions_are_the_cookie_tables_own() {
-        let rule = |policy: &str| Origin {
-            kind: "CiliumNetworkPolicy".into(),
-            policy: policy.into(),
-            rule: 0,
-            direction: policy::compute::Direction::Ingress,
-            entry: 0,
-        };
         let mut sync = PolicySync::default();
         let cookie = sync.cookie(&rule("shop/a"));
         let shared = sync.attribution(&rule("shop/a"));

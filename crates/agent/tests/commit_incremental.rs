@@ -25,25 +25,7 @@ use fibril_agent::l7proxy::{Link, SpawnConfig};
 use fibril_agent::policy_sync::{map_entries, PolicySync};
 use fibril_agent::state::{Endpoint, State, Store};
 use policy::labels::{pod_identity_labels, PodMeta};
-use test_support::unique_name;
-
-/// xorshift64*: small, seeded, reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<T: Clone>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize].clone()
-    }
-}
+use test_support::{unique_name, Rng};
 
 const NAMESPACES: [&str; 2] = ["shop", "ops"];
 const APPS: [&str; 4] = ["web", "client", "bad", "db"];
@@ -240,18 +222,8 @@ impl Drop for Cleanup {
 
 #[test]
 fn every_change_ends_where_a_full_computation_does() {
-    let seed = std::env::var("FIBRIL_COMMIT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
-    eprintln!("seed {seed} (FIBRIL_COMMIT_SEED={seed} repeats this run)");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::from_env("FIBRIL_COMMIT_SEED");
+    let seed = rng.0;
     let name = unique_name("fibril-commit-");
     let pin = std::path::PathBuf::from("/sys/fs/bpf").join(&name);
     let dir = std::env::temp_dir().join(&name);

@@ -15,7 +15,7 @@ use abi::{EndpointInfo, EventType, FlowEvent, PolicyKeyData, PolicyValue};
 use datapath::{Config, Datapath, EndpointPrograms, Hook, PolicyEntry};
 use fibril_agent::policy_sync::map_entries;
 use policy::{Decision, Direction, EndpointPolicy, EntryKey, EntryValue, Origin};
-use test_support::{ipv4_packet, unique_name, L4, TCP_SYN};
+use test_support::{ipv4_packet, unique_name, Rng, L4, TCP_SYN};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -35,24 +35,6 @@ const PEERS: [(Ipv4Addr, u32); 4] = [
 ];
 /// Ports near the edges of the prefixes the random entries cover.
 const PORTS: [u16; 10] = [53, 80, 81, 443, 1023, 1024, 8080, 8081, 32768, 65535];
-
-/// xorshift64*: small, seeded, reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-}
 
 /// A policy of 1 to 10 random entries in `direction`, enforced or not,
 /// audited or not.
@@ -220,18 +202,8 @@ fn run(
 
 #[test]
 fn the_kernel_decides_every_new_connection_as_decide_says() {
-    let seed = std::env::var("FIBRIL_DIFF_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
-    println!("seed {seed} (FIBRIL_DIFF_SEED={seed} repeats this run)");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::from_env("FIBRIL_DIFF_SEED");
+    let seed = rng.0;
 
     let pin_dir = std::path::PathBuf::from("/sys/fs/bpf").join(unique_name("fibril-diff-"));
     let dp = Datapath::open(Config::new(&pin_dir)).expect("open datapath (needs root and BPF)");

@@ -250,6 +250,44 @@ pub fn hubble_cli() -> std::path::PathBuf {
     path
 }
 
+/// xorshift64*: small, seeded, reproducible randomness for the seeded
+/// random tests.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// Seeded from `var` when set (to repeat a failing run), else from the
+    /// clock; the seed is printed, with how to repeat the run.
+    pub fn from_env(var: &str) -> Self {
+        let seed = std::env::var(var)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos() as u64
+                    | 1
+            });
+        eprintln!("seed {seed} ({var}={seed} repeats this run)");
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    pub fn pick<T: Clone>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len() as u64) as usize].clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
