@@ -45,15 +45,23 @@ impl FlowEntry {
         self.wire.get_or_init(|| {
             Box::new({
                 let flow = convert::flow(&self.flow);
-                let ns = flow.time.as_ref().map_or(0, convert::unix_ns);
-                let encoded = flow.encode_to_vec();
+                let ns = self.flow.time.unix_ns();
                 let envelope = GetFlowsResponse {
                     node_name: flow.node_name.clone(),
                     time: flow.time,
                     response_types: None,
                 };
-                let mut buf = Vec::with_capacity(encoded.len() + envelope.encoded_len() + 8);
-                let start = with_flow(&mut buf, &encoded);
+                // The flow encoded straight into the response (no copy).
+                let flow_len = flow.encoded_len();
+                let mut buf = Vec::with_capacity(flow_len + envelope.encoded_len() + 16);
+                prost::encoding::encode_key(
+                    1,
+                    prost::encoding::WireType::LengthDelimited,
+                    &mut buf,
+                );
+                prost::encoding::encode_varint(flow_len as u64, &mut buf);
+                let start = buf.len();
+                flow.encode_raw(&mut buf);
                 let end = buf.len();
                 envelope.encode_raw(&mut buf);
                 let response = Bytes::from(buf);

@@ -853,6 +853,11 @@ pub struct Filters {
 }
 
 impl Filters {
+    /// No filter at all: every flow matches.
+    pub fn is_empty(&self) -> bool {
+        self.allow.is_empty() && self.deny.is_empty()
+    }
+
     /// Checks and compiles a request's filters, within the bounds above.
     /// Compiling regexes costs CPU: call it off an async runtime.
     pub fn new(

@@ -140,13 +140,17 @@ struct Window {
 
 /// Streams a ring's entries through a window (on a blocking thread: the
 /// ring is read with blocking waits); ends when done or when the client
-/// goes away. `accept` turns an entry into (time, response) or rejects it
-/// (filters); `lost` turns a count of overwritten entries into a response.
-fn run_window<T, R>(
+/// goes away. `accept` turns an entry into (time, what to send) or rejects
+/// it (filters); `finish` makes what is sent into the response (so that
+/// work can wait until an entry is known to go out: `--last 20` of a full
+/// ring); `lost` turns a count of overwritten entries into a response.
+#[allow(clippy::too_many_arguments)]
+fn run_window<T, P, R>(
     w: &Window,
     (oldest, next): (u64, u64),
     read: impl Fn(u64, Duration) -> (u64, Vec<T>, u64),
-    accept: impl Fn(&T) -> Option<(u64, R)>,
+    accept: impl Fn(&T) -> Option<(u64, P)>,
+    finish: impl Fn(P) -> R,
     lost: impl Fn(u64) -> Option<R>,
     elsewhere: impl Fn() -> Option<R>,
     tx: &mpsc::Sender<Vec<R>>,
@@ -177,7 +181,7 @@ fn run_window<T, R>(
     // In event-time order: the ring holds flows as they were made, and the
     // proxy's L7 flows arrive a round after the datapath's of the same
     // moment. Nearly sorted already, so the stable sort costs little.
-    let mut window: Vec<(u64, R)> = history
+    let mut window: Vec<(u64, P)> = history
         .iter()
         .filter_map(&accept)
         .filter(|(t, _)| w.since.is_none_or(|s| *t >= s) && w.until.is_none_or(|u| *t <= u))
@@ -190,7 +194,7 @@ fn run_window<T, R>(
         (false, n) => (window.len().saturating_sub(n), n),
     };
     for (_, r) in window.into_iter().skip(skip).take(take) {
-        if !send(r) {
+        if !send(finish(r)) {
             return;
         }
     }
@@ -214,7 +218,7 @@ fn run_window<T, R>(
             }
         }
         for item in items {
-            if let Some((_, r)) = accept(&item) {
+            if let Some((_, r)) = accept(&item).map(|(t, p)| (t, finish(p))) {
                 if !send(r) {
                     return;
                 }
@@ -264,6 +268,13 @@ impl<R: Unpin> Stream for Unbatch<R> {
     }
 }
 
+/// A flow on its way out: its response, or the entry whose response is
+/// made when it is sent.
+enum Pending {
+    Entry(Arc<FlowEntry>),
+    Ready(Encoded),
+}
+
 fn stream_flows<B: Backend>(
     backend: Arc<B>,
     req: GetFlowsRequest,
@@ -285,6 +296,11 @@ fn stream_flows<B: Backend>(
         (backend.oldest_seq(), backend.next_seq()),
         |seq, wait| backend.read(seq, wait),
         |f: &Arc<FlowEntry>| {
+            // Nothing to decide on: the flow's wire form waits until it is
+            // known to be sent (a cold ring's `--last 20` converts 20).
+            if filters.is_empty() && mask.is_none() {
+                return Some((f.time.unix_ns(), Pending::Entry(f.clone())));
+            }
             let wire = f.wire();
             if !filters.matches(&wire.flow) {
                 return None;
@@ -296,7 +312,11 @@ fn stream_flows<B: Backend>(
                 Some(m) => Encoded(wire.masked(m)),
                 None => Encoded(wire.response.clone()),
             };
-            Some((wire.ns, response))
+            Some((wire.ns, Pending::Ready(response)))
+        },
+        |p| match p {
+            Pending::Entry(f) => Encoded(f.wire().response.clone()),
+            Pending::Ready(r) => r,
         },
         |n| {
             backend.count_lost(n);
@@ -481,6 +501,7 @@ impl<B: Backend> Observer for Service<B> {
                             },
                         ))
                     },
+                    |r| r,
                     |_| None,
                     || None,
                     &tx,
