@@ -351,6 +351,7 @@ impl PolicySync {
                 .extend(state.endpoints().get(id).map(|e| e.identity));
         }
         hint.identities = hint.local.clone();
+        hint.policies = c.policies.clone();
         hint.identities.extend(cidr_touched);
         let mut engine = self.engine.take().unwrap_or_else(|| Engine::new(cluster));
         let changed = engine.update(&policy::engine::Inputs {

@@ -48,6 +48,8 @@ pub struct Hint {
     pub identities: BTreeSet<u32>,
     /// Local identities that may have come or gone.
     pub local: BTreeSet<u32>,
+    /// Policies (by key) that may have been added, changed or removed.
+    pub policies: BTreeSet<String>,
 }
 
 #[derive(Default)]
@@ -208,17 +210,31 @@ impl Engine {
         // Which policies changed (skipped when the generation says none).
         let unchanged = self.policy_generation == Some(policy_generation);
         self.policy_generation = Some(policy_generation);
-        let mut changed_policies: Vec<String> = policies
-            .iter()
-            .filter(|(k, p)| !unchanged && self.policies.get(*k) != Some(*p))
-            .map(|(k, _)| k.clone())
-            .collect();
-        changed_policies.extend(
-            self.policies
-                .keys()
-                .filter(|k| !unchanged && !policies.contains_key(*k))
-                .cloned(),
-        );
+        let mut changed_policies: Vec<String> = Vec::new();
+        match hint {
+            // Only the policies the caller says it touched are compared.
+            Some(h) if !unchanged => changed_policies.extend(
+                h.policies
+                    .iter()
+                    .filter(|k| self.policies.get(*k) != policies.get(*k))
+                    .cloned(),
+            ),
+            Some(_) => {}
+            None => {
+                changed_policies.extend(
+                    policies
+                        .iter()
+                        .filter(|(k, p)| !unchanged && self.policies.get(*k) != Some(*p))
+                        .map(|(k, _)| k.clone()),
+                );
+                changed_policies.extend(
+                    self.policies
+                        .keys()
+                        .filter(|k| !unchanged && !policies.contains_key(*k))
+                        .cloned(),
+                );
+            }
+        }
 
         // Rules whose selector may have changed (their policy did): matched
         // again against every local identity.
@@ -466,6 +482,7 @@ mod tests {
         hinted: bool,
         prev_ids: Vec<(u32, LabelSet)>,
         prev_local: BTreeMap<u32, LabelSet>,
+        prev_policies: BTreeMap<String, Policy>,
     }
 
     fn differing(a: &BTreeMap<u32, LabelSet>, b: &BTreeMap<u32, LabelSet>) -> BTreeSet<u32> {
@@ -502,7 +519,15 @@ mod tests {
                     &ids.iter().cloned().collect(),
                 ),
                 local: differing(&self.prev_local, local),
+                policies: self
+                    .prev_policies
+                    .keys()
+                    .chain(pols.keys())
+                    .filter(|k| self.prev_policies.get(*k) != pols.get(*k))
+                    .cloned()
+                    .collect(),
             };
+            self.prev_policies = pols.clone();
             self.prev_ids = ids.to_vec();
             self.prev_local = local.clone();
             e.update(&Inputs {
