@@ -380,22 +380,13 @@ fn main() -> anyhow::Result<()> {
     // What `hubble observe` asks by default, `--last 20`, of a full ring
     // no one has read yet: only the 20 flows sent are converted.
     let (n, t) = rt.block_on(async move {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .connect()
-            .await?;
-        let mut client = proto::observer::observer_client::ObserverClient::new(channel);
+        let mut client = observer_client(addr).await?;
         let start = Instant::now();
-        let mut s = client
-            .get_flows(proto::observer::GetFlowsRequest {
-                number: 20,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        let mut total = 0u64;
-        while s.message().await?.is_some() {
-            total += 1;
-        }
+        let request = proto::observer::GetFlowsRequest {
+            number: 20,
+            ..Default::default()
+        };
+        let total = count_flows(&mut client, request).await?;
         Ok::<_, anyhow::Error>((total, start.elapsed()))
     })?;
     println!(
@@ -421,9 +412,7 @@ fn main() -> anyhow::Result<()> {
     ];
     for (what, passes, whitelist, field_mask) in runs {
         let (n, t) = rt.block_on(async move {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-                .connect()
-                .await?;
+            let channel = channel(addr).await?;
             let mut grpc = tonic::client::Grpc::new(channel);
             let start = Instant::now();
             let mut total = 0u64;
@@ -476,26 +465,18 @@ fn main() -> anyhow::Result<()> {
         ),
     ] {
         let (n, t) = rt.block_on(async move {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-                .connect()
-                .await?;
-            let mut client = proto::observer::observer_client::ObserverClient::new(channel);
+            let mut client = observer_client(addr).await?;
             let start = Instant::now();
             let mut total = 0u64;
             for _ in 0..4 {
-                let mut s = client
-                    .get_flows(proto::observer::GetFlowsRequest {
-                        number: u64::MAX,
-                        field_mask: (!paths.is_empty()).then(|| prost_types::FieldMask {
-                            paths: paths.clone(),
-                        }),
-                        ..Default::default()
-                    })
-                    .await?
-                    .into_inner();
-                while s.message().await?.is_some() {
-                    total += 1;
-                }
+                let request = proto::observer::GetFlowsRequest {
+                    number: u64::MAX,
+                    field_mask: (!paths.is_empty()).then(|| prost_types::FieldMask {
+                        paths: paths.clone(),
+                    }),
+                    ..Default::default()
+                };
+                total += count_flows(&mut client, request).await?;
             }
             Ok::<_, anyhow::Error>((total, start.elapsed()))
         })?;
@@ -506,4 +487,32 @@ fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A decoding Observer client (as the CLI is) of the server at `addr`.
+async fn observer_client(
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<proto::observer::observer_client::ObserverClient<tonic::transport::Channel>> {
+    Ok(proto::observer::observer_client::ObserverClient::new(
+        channel(addr).await?,
+    ))
+}
+
+/// A connection to the server at `addr`.
+async fn channel(addr: std::net::SocketAddr) -> anyhow::Result<tonic::transport::Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?;
+    Ok(endpoint.connect().await?)
+}
+
+/// The flows one GetFlows call answers with.
+async fn count_flows(
+    client: &mut proto::observer::observer_client::ObserverClient<tonic::transport::Channel>,
+    request: proto::observer::GetFlowsRequest,
+) -> anyhow::Result<u64> {
+    let mut s = client.get_flows(request).await?.into_inner();
+    let mut total = 0;
+    while s.message().await?.is_some() {
+        total += 1;
+    }
+    Ok(total)
 }
