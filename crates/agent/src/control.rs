@@ -128,8 +128,15 @@ impl Control {
         self.policy.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The index's handle, for a reader that keeps it (the enricher).
     pub fn index(&self) -> EndpointIndex {
         self.index.clone()
+    }
+
+    /// The index as of the last commit (a reader on a hot path: no lock,
+    /// no reference count on the handle).
+    pub fn lookup(&self) -> arc_swap::Guard<Arc<EndpointLookup>> {
+        self.index.load()
     }
 
     /// The ipcache as of the last commit.

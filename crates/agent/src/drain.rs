@@ -5,17 +5,12 @@
 //! the agent does: the datapath's programs and maps stay pinned and keep
 //! enforcing, the HTTP proxy process keeps running, the state is on disk.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// A handle on the drain: cheap to clone, one per part that watches it.
+/// The channel's value is the state: true once draining.
 #[derive(Clone)]
-pub struct Drain(Arc<Shared>);
-
-struct Shared {
-    draining: AtomicBool,
-    signaled: tokio::sync::watch::Sender<bool>,
-}
+pub struct Drain(Arc<tokio::sync::watch::Sender<bool>>);
 
 impl Default for Drain {
     fn default() -> Self {
@@ -25,27 +20,21 @@ impl Default for Drain {
 
 impl Drain {
     pub fn new() -> Self {
-        let (signaled, _) = tokio::sync::watch::channel(false);
-        Drain(Arc::new(Shared {
-            draining: AtomicBool::new(false),
-            signaled,
-        }))
+        Drain(Arc::new(tokio::sync::watch::channel(false).0))
     }
 
     /// Starts draining (again: nothing more happens).
     pub fn start(&self) {
-        if !self.0.draining.swap(true, Ordering::SeqCst) {
-            self.0.signaled.send_replace(true);
-        }
+        self.0.send_replace(true);
     }
 
     pub fn is_draining(&self) -> bool {
-        self.0.draining.load(Ordering::SeqCst)
+        *self.0.borrow()
     }
 
     /// Resolves once draining has started.
     pub async fn signaled(&self) {
-        let mut rx = self.0.signaled.subscribe();
+        let mut rx = self.0.subscribe();
         // An error means the sender is gone, which it is not while `self`
         // lives; either way there is nothing more to wait for.
         let _ = rx.wait_for(|draining| *draining).await;

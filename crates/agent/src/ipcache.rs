@@ -59,7 +59,7 @@ impl Ipcache {
         endpoints: &[(Ipv4Addr, Option<u32>)],
         prefixes: Option<BTreeMap<Prefix, u32>>,
     ) -> Self {
-        let mut next = Ipcache {
+        Ipcache {
             endpoints: if endpoints.is_empty() {
                 self.endpoints.clone()
             } else {
@@ -73,9 +73,7 @@ impl Ipcache {
                 m
             },
             prefixes: prefixes.unwrap_or_else(|| self.prefixes.clone()),
-        };
-        next.endpoints.shrink_to_fit();
-        next
+        }
     }
 
     /// Every kernel entry: (prefix -> identity); an endpoint's /32 wins

@@ -268,7 +268,7 @@ impl Agent {
     pub fn l7_peers(&self, client: Ipv4Addr, server: Ipv4Addr) -> Option<(u32, u32, bool)> {
         // The enrichment index: by address, rebuilt with the maps at sync.
         let (client, server_pod) = {
-            let index = self.control.index().load();
+            let index = self.control.lookup();
             let identity = |ip| index.by_ip.get(&ip).map(|m| m.endpoint.identity);
             (identity(client)?, identity(server))
         };

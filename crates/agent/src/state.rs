@@ -239,7 +239,7 @@ impl State {
         let mut wanted = policy::cidr::prefixes(self.policies.values());
         // Learned addresses of names a toFQDNs selector matches: /32s.
         wanted.extend(
-            self.fqdn_labels()
+            self.fqdn_labels(None)
                 .into_keys()
                 .map(|ip| IpNet::V4(ipnet::Ipv4Net::from(ip))),
         );
@@ -301,7 +301,7 @@ impl State {
                 _ => None,
             })
             .collect();
-        let fqdn = self.fqdn_labels_of(&hosts);
+        let fqdn = self.fqdn_labels(Some(&hosts));
         prefixes
             .into_iter()
             .filter_map(|prefix| {
@@ -327,37 +327,21 @@ impl State {
             .collect()
     }
 
-    /// `fqdn_labels` for the addresses in `of` only.
-    fn fqdn_labels_of(&self, of: &BTreeSet<Ipv4Addr>) -> BTreeMap<Ipv4Addr, BTreeSet<String>> {
+    /// Learned addresses that a toFQDNs selector selects, with the
+    /// selectors' label keys; only those in `of` when given.
+    fn fqdn_labels(&self, of: Option<&BTreeSet<Ipv4Addr>>) -> BTreeMap<Ipv4Addr, BTreeSet<String>> {
         let mut out: BTreeMap<Ipv4Addr, BTreeSet<String>> = BTreeMap::new();
-        if self.fqdn.is_empty() || of.is_empty() {
+        let wanted = |ip: &Ipv4Addr| of.is_none_or(|of| of.contains(ip));
+        if self.fqdn.is_empty() || of.is_some_and(|of| of.is_empty()) {
             return out;
         }
         let selectors = policy::cidr::fqdn_selectors(self.policies.values());
         for (name, entry) in &self.fqdn {
-            if !entry.ips.keys().any(|ip| of.contains(ip)) {
+            if !entry.ips.keys().any(wanted) {
                 continue;
             }
             for sel in selectors.iter().filter(|s| s.matches(name)) {
-                for ip in entry.ips.keys().filter(|ip| of.contains(ip)) {
-                    out.entry(*ip).or_default().insert(sel.label_key());
-                }
-            }
-        }
-        out
-    }
-
-    /// Learned addresses that a toFQDNs selector selects, with the selectors'
-    /// label keys.
-    fn fqdn_labels(&self) -> BTreeMap<Ipv4Addr, BTreeSet<String>> {
-        let mut out: BTreeMap<Ipv4Addr, BTreeSet<String>> = BTreeMap::new();
-        if self.fqdn.is_empty() {
-            return out;
-        }
-        let selectors = policy::cidr::fqdn_selectors(self.policies.values());
-        for (name, entry) in &self.fqdn {
-            for sel in selectors.iter().filter(|s| s.matches(name)) {
-                for ip in entry.ips.keys() {
+                for ip in entry.ips.keys().filter(|ip| wanted(ip)) {
                     out.entry(*ip).or_default().insert(sel.label_key());
                 }
             }
@@ -421,10 +405,6 @@ impl State {
 
     pub fn fqdn(&self) -> &BTreeMap<String, FqdnName> {
         &self.fqdn
-    }
-
-    pub fn quarantined(&self) -> &BTreeMap<Ipv4Addr, u64> {
-        &self.quarantined
     }
 
     /// Adds an endpoint with the identity of its labels (a reference taken

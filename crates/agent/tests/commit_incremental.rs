@@ -192,7 +192,7 @@ fn check(step: usize, what: &str, dp: &Datapath, control: &Control, link: &Link,
             ep.id
         );
         assert_eq!(info.flags, flags[&ep.ipv4], "flags of {}, {context}", ep.id);
-        let index = control.index().load();
+        let index = control.lookup();
         assert_eq!(
             index.by_ip.get(&ep.ipv4).map(|m| m.endpoint.identity),
             Some(ep.identity),

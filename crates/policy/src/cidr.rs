@@ -53,14 +53,6 @@ pub fn fqdn_selectors<'a>(
     out
 }
 
-/// The labels of each prefix's identity.
-pub fn identity_labels(prefixes: &BTreeSet<IpNet>) -> Vec<(IpNet, LabelSet)> {
-    prefixes
-        .iter()
-        .map(|p| (*p, prefix_labels(p, |q| prefixes.contains(q))))
-        .collect()
-}
-
 /// The labels of one prefix's identity among the prefixes `present` says
 /// exist: `reserved:world` and `cidr:<q>` for every present q holding it.
 pub fn prefix_labels(p: &IpNet, present: impl Fn(&IpNet) -> bool) -> LabelSet {
@@ -86,14 +78,7 @@ mod tests {
             .iter()
             .map(|s| s.parse().unwrap())
             .collect();
-        let l = identity_labels(&set);
-        let of = |p: &str| {
-            l.iter()
-                .find(|(q, _)| q.to_string() == p)
-                .unwrap()
-                .1
-                .to_strings()
-        };
+        let of = |p: &str| prefix_labels(&p.parse().unwrap(), |q| set.contains(q)).to_strings();
         assert_eq!(
             of("10.96.0.0/12"),
             vec!["cidr:10.0.0.0/8", "cidr:10.96.0.0/12", "reserved:world"]
