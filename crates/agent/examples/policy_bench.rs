@@ -144,11 +144,7 @@ fn main() -> anyhow::Result<()> {
 
     // 1. Pure computation, every endpoint's policy from scratch.
     let named = state.named_ports();
-    let local: BTreeMap<u32, &policy::LabelSet> = state
-        .endpoints()
-        .values()
-        .map(|e| (e.identity, &e.labels))
-        .collect();
+    let local = state.local_identities();
     let id_refs: Vec<(u32, &policy::LabelSet)> = identities.iter().map(|(i, l)| (*i, l)).collect();
     let rss0 = rss_kib();
     let t = Instant::now();
@@ -158,7 +154,7 @@ fn main() -> anyhow::Result<()> {
         policy_generation: 0,
         identities: &id_refs,
         named_ports: &named,
-        local: &local,
+        local,
         audit_namespaces: &Default::default(),
         hint: None,
     });

@@ -31,17 +31,19 @@ pub struct EndpointMeta {
 }
 
 /// The local endpoints as the enricher looks them up: a snapshot, replaced
-/// (copied and patched) by each commit that changes it.
+/// (copied and patched) by each commit that changes it. Each map is shared
+/// between snapshots until a commit changes it: a learned name copies the
+/// names, not the 5,000 endpoints.
 #[derive(Clone, Default)]
 pub struct EndpointLookup {
-    pub by_ip: HashMap<Ipv4Addr, EndpointMeta>,
+    pub by_ip: Arc<HashMap<Ipv4Addr, EndpointMeta>>,
     /// Host-side veth names by ifindex: a flow's `interface`.
-    pub ifname_by_index: HashMap<u32, String>,
+    pub ifname_by_index: Arc<HashMap<u32, String>>,
     /// DNS names learned addresses belong to (flows' `*_names`).
-    pub names_by_ip: HashMap<Ipv4Addr, Vec<String>>,
+    pub names_by_ip: Arc<HashMap<Ipv4Addr, Vec<String>>>,
     /// Endpoint id -> (address, host ifindex) as indexed: what to remove
     /// when the endpoint changes or goes.
-    keys: HashMap<u32, (Ipv4Addr, u32)>,
+    keys: Arc<HashMap<u32, (Ipv4Addr, u32)>>,
 }
 
 /// The index as readers hold it.
@@ -240,28 +242,33 @@ impl Control {
             return old_keys;
         }
         let mut next = EndpointLookup::clone(&self.index.load());
-        for id in touched {
-            let old = next.keys.remove(id);
-            if let Some((ip, ifindex)) = old {
-                next.by_ip.remove(&ip);
-                next.ifname_by_index.remove(&ifindex);
+        if !touched.is_empty() {
+            let keys = Arc::make_mut(&mut next.keys);
+            let by_ip = Arc::make_mut(&mut next.by_ip);
+            let ifnames = Arc::make_mut(&mut next.ifname_by_index);
+            for id in touched {
+                let old = keys.remove(id);
+                if let Some((ip, ifindex)) = old {
+                    by_ip.remove(&ip);
+                    ifnames.remove(&ifindex);
+                }
+                old_keys.push((*id, old));
+                let Some(ep) = s.endpoints().get(id) else {
+                    continue;
+                };
+                keys.insert(ep.id, (ep.ipv4, ep.host_ifindex));
+                ifnames.insert(ep.host_ifindex, ep.host_ifname.clone());
+                by_ip.insert(ep.ipv4, self.endpoint_meta(s, ep));
             }
-            old_keys.push((*id, old));
-            let Some(ep) = s.endpoints().get(id) else {
-                continue;
-            };
-            next.keys.insert(ep.id, (ep.ipv4, ep.host_ifindex));
-            next.ifname_by_index
-                .insert(ep.host_ifindex, ep.host_ifname.clone());
-            next.by_ip.insert(ep.ipv4, self.endpoint_meta(s, ep));
         }
         if names {
-            next.names_by_ip.clear();
+            let mut names_by_ip: HashMap<Ipv4Addr, Vec<String>> = HashMap::new();
             for (name, entry) in s.fqdn() {
                 for ip in entry.ips.keys() {
-                    next.names_by_ip.entry(*ip).or_default().push(name.clone());
+                    names_by_ip.entry(*ip).or_default().push(name.clone());
                 }
             }
+            next.names_by_ip = Arc::new(names_by_ip);
         }
         self.index.store(Arc::new(next));
         old_keys

@@ -46,8 +46,9 @@ pub struct PolicySync {
     needs_full: bool,
     /// Each local identity's entries as last written to its endpoints.
     templates: HashMap<u32, Arc<Template>>,
-    /// Endpoints realizing each identity (`realized_identity` counted).
-    identity_users: HashMap<u32, usize>,
+    /// Endpoints realizing each identity (`realized_identity` inverted):
+    /// a changed identity's endpoints without a walk over all of them.
+    identity_users: HashMap<u32, BTreeSet<u32>>,
     /// The identities whose computed policy the last apply changed
     /// (what the L7 proxy is sent again) ...
     last_changed: BTreeSet<u32>,
@@ -176,10 +177,26 @@ impl PolicySync {
             .last_changed
             .iter()
             .map(|id| {
-                let change = match (engine.replaced(*id), engine.policy(*id)) {
-                    (Some(old), Some(new)) => PolicyChange::between(old, new),
-                    (None, Some(new)) => PolicyChange::Set(new.clone()),
-                    (_, None) => PolicyChange::Gone,
+                let change = match (
+                    engine.patched(*id),
+                    engine.replaced(*id),
+                    engine.policy(*id),
+                ) {
+                    (Some(patch), _, Some(new)) => PolicyChange::Patch {
+                        rest: new.clone_without_entries(),
+                        set: patch
+                            .iter()
+                            .filter_map(|(k, v)| Some((*k, v.clone()?)))
+                            .collect(),
+                        removed: patch
+                            .iter()
+                            .filter(|(_, v)| v.is_none())
+                            .map(|(k, _)| *k)
+                            .collect(),
+                    },
+                    (None, Some(old), Some(new)) => PolicyChange::between(old, new),
+                    (None, None, Some(new)) => PolicyChange::Set(new.clone()),
+                    (_, _, None) => PolicyChange::Gone,
                 };
                 (*id, change)
             })
@@ -237,19 +254,19 @@ impl PolicySync {
     /// drops the others when it is done).
     fn set_realized_identity(&mut self, ep: u32, identity: Option<u32>) {
         let old = match identity {
-            Some(id) => {
-                *self.identity_users.entry(id).or_default() += 1;
-                self.realized_identity.insert(ep, id)
-            }
+            Some(id) => self.realized_identity.insert(ep, id),
             None => self.realized_identity.remove(&ep),
         };
         if let Some(old) = old {
-            if let Some(n) = self.identity_users.get_mut(&old) {
-                *n -= 1;
-                if *n == 0 {
+            if let Some(users) = self.identity_users.get_mut(&old) {
+                users.remove(&ep);
+                if users.is_empty() {
                     self.identity_users.remove(&old);
                 }
             }
+        }
+        if let Some(id) = identity {
+            self.identity_users.entry(id).or_default().insert(ep);
         }
     }
 
@@ -338,11 +355,7 @@ impl PolicySync {
             .iter()
             .chain(self.cidr_labels.iter().map(|(id, (_, l))| (*id, l)))
             .collect();
-        let local: BTreeMap<u32, &LabelSet> = state
-            .endpoints()
-            .values()
-            .map(|e| (e.identity, &e.labels))
-            .collect();
+        let local = state.local_identities();
         // The identities the changed endpoints had and have now.
         let mut hint = policy::engine::Hint::default();
         for id in &c.endpoints {
@@ -359,7 +372,7 @@ impl PolicySync {
             policy_generation: state.policy_generation(),
             identities: &identities,
             named_ports: &self.named_ports,
-            local: &local,
+            local,
             audit_namespaces: state.audit_namespaces(),
             hint: (!full).then_some(&hint),
         });
@@ -464,20 +477,69 @@ impl PolicySync {
         if all {
             self.templates.clear();
         }
+        // Incremental: the changed endpoints and those realizing a changed
+        // identity (an endpoint that moved to one is a changed endpoint).
         let candidates: Vec<&crate::state::Endpoint> = match changes {
-            Some(c) if changed.is_empty() => c
-                .endpoints
-                .iter()
-                .filter_map(|id| state.endpoints().get(id))
-                .collect(),
-            _ => state.endpoints().values().collect(),
+            Some(c) => {
+                let mut ids: BTreeSet<u32> = c.endpoints.clone();
+                for id in changed {
+                    ids.extend(self.identity_users.get(id).into_iter().flatten());
+                }
+                ids.iter()
+                    .filter_map(|id| state.endpoints().get(id))
+                    .collect()
+            }
+            None => state.endpoints().values().collect(),
         };
         // The changed identities' entries as last written, for the deltas.
-        let old: HashMap<u32, Arc<Template>> = changed
+        let mut old: HashMap<u32, Arc<Template>> = changed
             .iter()
             .filter_map(|id| Some((*id, self.templates.remove(id)?)))
             .collect();
         let mut deltas: HashMap<u32, Arc<Delta>> = HashMap::new();
+        // Identities whose policy changed in a few entries only (a learned
+        // address): the template is patched and the delta is the patch,
+        // no walk over the whole policy.
+        for id in changed {
+            let (Some(patch), false) = (engine.patched(*id), all) else {
+                continue;
+            };
+            let Some(previous) = old.remove(id) else {
+                continue;
+            };
+            let mut template = Arc::try_unwrap(previous).unwrap_or_else(|shared| Template {
+                entries: shared.entries.clone(),
+                flags: shared.flags,
+            });
+            // Writes before removals, as `Delta::between`.
+            let mut writes = Vec::new();
+            let mut removals = Vec::new();
+            for (k, v) in patch {
+                let key = map_key(0, k);
+                match v {
+                    Some(v) => {
+                        let value = map_value(k, v, &mut |o| {
+                            self.cookies.get(o, std::time::Instant::now())
+                        });
+                        template.entries.insert(key, value);
+                        writes.push((key, Some(value)));
+                    }
+                    None => {
+                        template.entries.remove(&key);
+                        removals.push((key, None));
+                    }
+                }
+            }
+            writes.extend(removals);
+            deltas.insert(
+                *id,
+                Arc::new(Delta {
+                    entries: writes,
+                    flags: None,
+                }),
+            );
+            self.templates.insert(*id, Arc::new(template));
+        }
         let mut rewritten = 0;
         for ep in candidates {
             let fresh = self.realized_identity.get(&ep.id) != Some(&ep.identity);
@@ -486,8 +548,17 @@ impl PolicySync {
             }
             let template = self.template(engine, ep.identity);
             let overflows = template.entries.len() > MAX_ENTRIES_PER_ENDPOINT;
-            let previous = old.get(&ep.identity);
-            if let Some(previous) = previous.filter(|_| {
+            let delta = match (deltas.get(&ep.identity), old.get(&ep.identity)) {
+                (Some(delta), _) => Some(delta.clone()),
+                (None, Some(previous)) => Some(
+                    deltas
+                        .entry(ep.identity)
+                        .or_insert_with(|| Delta::between(previous, &template))
+                        .clone(),
+                ),
+                (None, None) => None,
+            };
+            if let Some(delta) = delta.filter(|_| {
                 !all && !fresh
                     && !overflows
                     && !self.overflowed.contains(&ep.id)
@@ -495,10 +566,6 @@ impl PolicySync {
                     && self.realized.contains_key(&ep.id)
             }) {
                 rewritten += 1;
-                let delta = deltas
-                    .entry(ep.identity)
-                    .or_insert_with(|| Delta::between(previous, &template))
-                    .clone();
                 self.write_delta(dp, ep, &delta)?;
                 continue;
             }
@@ -690,39 +757,11 @@ pub fn map_entries(
     computed: &EndpointPolicy,
     mut cookie: impl FnMut(&Origin) -> u32,
 ) -> (BTreeMap<MapKey, PolicyValue>, u32) {
-    let mut wanted = BTreeMap::new();
-    for (k, v) in &computed.entries {
-        let prefix = k.proto_port_prefix();
-        let key = PolicyKeyData {
-            ep_id: ep_id.to_be(),
-            identity: k.identity.to_be(),
-            direction: k.direction as u8,
-            protocol: k.protocol,
-            dport: k.port.to_be(),
-        };
-        let mut flags = 0;
-        if v.deny {
-            flags |= POLICY_F_DENY;
-        }
-        if v.audit {
-            flags |= POLICY_F_AUDIT;
-        }
-        // HTTP rules send the connection to the L7 proxy, DNS rules to
-        // the DNS proxy; kafka/l7proto are not enforced yet (import
-        // warns) and allow at L4.
-        match v.l7 {
-            Some(policy::L7::Http(_)) => flags |= POLICY_F_REDIRECT,
-            Some(policy::L7::Dns(_)) => flags |= abi::POLICY_F_REDIRECT_DNS,
-            _ => {}
-        }
-        let value = PolicyValue {
-            cookie: cookie(&v.origin),
-            flags,
-            prefix,
-            pad: 0,
-        };
-        wanted.insert((POLICY_STATIC_PREFIX_BITS + prefix as u32, key), value);
-    }
+    let wanted = computed
+        .entries
+        .iter()
+        .map(|(k, v)| (map_key(ep_id, k), map_value(k, v, &mut cookie)))
+        .collect();
     let mut flags = 0;
     for (on, flag) in [
         (computed.ingress_enforced, EP_F_INGRESS_ENFORCED),
@@ -735,6 +774,48 @@ pub fn map_entries(
         }
     }
     (wanted, flags)
+}
+
+/// The policy-map key of one entry (LPM prefix length, key).
+fn map_key(ep_id: u32, k: &policy::EntryKey) -> MapKey {
+    let prefix = k.proto_port_prefix();
+    let key = PolicyKeyData {
+        ep_id: ep_id.to_be(),
+        identity: k.identity.to_be(),
+        direction: k.direction as u8,
+        protocol: k.protocol,
+        dport: k.port.to_be(),
+    };
+    (POLICY_STATIC_PREFIX_BITS + prefix as u32, key)
+}
+
+/// The policy-map value of one entry.
+fn map_value(
+    k: &policy::EntryKey,
+    v: &policy::EntryValue,
+    cookie: &mut impl FnMut(&Origin) -> u32,
+) -> PolicyValue {
+    let mut flags = 0;
+    if v.deny {
+        flags |= POLICY_F_DENY;
+    }
+    if v.audit {
+        flags |= POLICY_F_AUDIT;
+    }
+    // HTTP rules send the connection to the L7 proxy, DNS rules to the DNS
+    // proxy; kafka/l7proto are not enforced yet (import warns) and allow
+    // at L4.
+    match v.l7 {
+        Some(policy::L7::Http(_)) => flags |= POLICY_F_REDIRECT,
+        Some(policy::L7::Dns(_)) => flags |= abi::POLICY_F_REDIRECT_DNS,
+        _ => {}
+    }
+    PolicyValue {
+        cookie: cookie(&v.origin),
+        flags,
+        prefix: k.proto_port_prefix(),
+        pad: 0,
+    }
 }
 
 #[cfg(test)]

@@ -48,6 +48,11 @@ pub struct State {
     /// comparing every policy on unrelated changes).
     #[serde(skip)]
     policy_generation: u64,
+    /// The prefixes and toFQDNs selectors the policies name, found once
+    /// per policy change (not per learned DNS answer); emptied with every
+    /// change of `policies`.
+    #[serde(skip)]
+    policy_peers: std::sync::OnceLock<std::sync::Arc<PolicyPeers>>,
     /// Namespaces in audit mode: policy drops there are forwarded and
     /// reported with verdict AUDIT.
     #[serde(default)]
@@ -64,6 +69,13 @@ pub struct State {
     quarantined: BTreeMap<Ipv4Addr, u64>,
     #[serde(skip)]
     changes: Changes,
+}
+
+/// What the CIDR identities take from the policies.
+#[derive(Debug)]
+struct PolicyPeers {
+    prefixes: BTreeSet<IpNet>,
+    fqdn_selectors: BTreeSet<policy::model::FqdnSelector>,
 }
 
 /// What changed since the last commit, by key.
@@ -236,7 +248,7 @@ impl State {
     /// Gives every prefix the policies name a CIDR identity (keeping the
     /// numbers of prefixes that stay) and drops the ones no longer named.
     pub fn refresh_cidr_identities(&mut self) -> Result<(), String> {
-        let mut wanted = policy::cidr::prefixes(self.policies.values());
+        let mut wanted = self.policy_peers().prefixes.clone();
         // Learned addresses of names a toFQDNs selector matches: /32s.
         wanted.extend(
             self.fqdn_labels(None)
@@ -335,7 +347,7 @@ impl State {
         if self.fqdn.is_empty() || of.is_some_and(|of| of.is_empty()) {
             return out;
         }
-        let selectors = policy::cidr::fqdn_selectors(self.policies.values());
+        let selectors = &self.policy_peers().fqdn_selectors;
         for (name, entry) in &self.fqdn {
             if !entry.ips.keys().any(wanted) {
                 continue;
@@ -401,6 +413,12 @@ impl State {
 
     pub fn audit_namespaces(&self) -> &BTreeSet<String> {
         &self.audit_namespaces
+    }
+
+    /// The identities local endpoints hold, with their labels (the
+    /// allocator's: it numbers exactly those).
+    pub fn local_identities(&self) -> &BTreeMap<u32, LabelSet> {
+        self.identities.allocated()
     }
 
     pub fn fqdn(&self) -> &BTreeMap<String, FqdnName> {
@@ -469,13 +487,28 @@ impl State {
         let key = p.key();
         self.changes.policies.insert(key.clone());
         self.policies.insert(key, p);
+        self.policies_changed();
+    }
+
+    /// Every change of `policies` calls this.
+    fn policies_changed(&mut self) {
         self.policy_generation += 1;
+        self.policy_peers = Default::default();
+    }
+
+    fn policy_peers(&self) -> &PolicyPeers {
+        self.policy_peers.get_or_init(|| {
+            std::sync::Arc::new(PolicyPeers {
+                prefixes: policy::cidr::prefixes(self.policies.values()),
+                fqdn_selectors: policy::cidr::fqdn_selectors(self.policies.values()),
+            })
+        })
     }
 
     pub fn remove_policy(&mut self, key: &str) -> Option<Policy> {
         let p = self.policies.remove(key)?;
         self.changes.policies.insert(key.to_string());
-        self.policy_generation += 1;
+        self.policies_changed();
         Some(p)
     }
 
@@ -667,7 +700,7 @@ impl State {
             Record::Pod { key, value } => put(&mut self.pods, key, value),
             Record::Policy { key, value } => {
                 put(&mut self.policies, key, value);
-                self.policy_generation += 1;
+                self.policies_changed();
             }
             Record::Fqdn { name, value } => put(&mut self.fqdn, name, value),
             Record::CidrIdentity { prefix, value } => put(&mut self.cidr_identities, prefix, value),

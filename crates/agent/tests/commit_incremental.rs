@@ -106,11 +106,7 @@ fn key_bytes(k: &abi::PolicyKeyData) -> [u8; 12] {
 fn expected(state: &State) -> (Vec<Entry>, BTreeMap<Ipv4Addr, u32>) {
     let identities = state.all_identities();
     let ids: Vec<(u32, &policy::LabelSet)> = identities.iter().map(|(i, l)| (*i, l)).collect();
-    let local: BTreeMap<u32, &policy::LabelSet> = state
-        .endpoints()
-        .values()
-        .map(|e| (e.identity, &e.labels))
-        .collect();
+    let local = state.local_identities();
     let named = state.named_ports();
     let mut engine = policy::Engine::new("default");
     engine.update(&policy::engine::Inputs {
@@ -118,7 +114,7 @@ fn expected(state: &State) -> (Vec<Entry>, BTreeMap<Ipv4Addr, u32>) {
         policy_generation: 0,
         identities: &ids,
         named_ports: &named,
-        local: &local,
+        local,
         audit_namespaces: state.audit_namespaces(),
         hint: None,
     });

@@ -80,7 +80,7 @@ impl EntryKey {
                 && port & self.port_mask() == self.port & self.port_mask())
     }
 
-    fn covers(&self, other: &EntryKey) -> bool {
+    pub(crate) fn covers(&self, other: &EntryKey) -> bool {
         self.direction == other.direction
             && (self.protocol == 0
                 || (self.protocol == other.protocol

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::compute::{
     audit_everything, compute_selected, namespace_of, peer_selects, resolve_peers, Context,
-    Direction, EndpointPolicy, Selected,
+    Direction, EndpointPolicy, EntryKey, EntryValue, Selected,
 };
 use crate::labels::LabelSet;
 use crate::model::{NamedPort, PeerRule, Policy, Port};
@@ -29,8 +29,9 @@ pub struct Inputs<'a> {
     pub policy_generation: u64,
     pub identities: &'a [(u32, &'a LabelSet)],
     pub named_ports: &'a BTreeMap<u32, Vec<NamedPort>>,
-    /// The identities of local endpoints (whose policy is wanted).
-    pub local: &'a BTreeMap<u32, &'a LabelSet>,
+    /// The identities of local endpoints (whose policy is wanted): the
+    /// agent's identity allocator holds exactly these.
+    pub local: &'a BTreeMap<u32, LabelSet>,
     /// Namespaces in audit mode.
     pub audit_namespaces: &'a BTreeSet<String>,
     /// What may differ from the last update, when the caller knows;
@@ -68,9 +69,16 @@ pub struct Engine {
     selecting: HashMap<u32, BTreeSet<RuleRef>>,
     computed: HashMap<u32, EndpointPolicy>,
     /// What the last update replaced: the changed identities' policies
-    /// before it (for callers that send differences).
+    /// before it (for callers that send differences) ...
     replaced: HashMap<u32, EndpointPolicy>,
+    /// ... or, for those whose policy changed only in the entries of
+    /// peers that moved in or out of rules' peer sets, those entries
+    /// (`None`: removed); the rest of their policy stands.
+    patched: HashMap<u32, EntryPatch>,
 }
+
+/// Entries set (`Some`) and removed (`None`) in one policy.
+pub type EntryPatch = BTreeMap<EntryKey, Option<EntryValue>>;
 
 fn peer_rules(p: &Policy) -> impl Iterator<Item = (usize, Direction, usize, &PeerRule)> {
     p.rules.iter().enumerate().flat_map(|(ri, r)| {
@@ -115,6 +123,12 @@ impl Engine {
         self.replaced.get(&identity)
     }
 
+    /// The entries the last update changed in a local identity's policy,
+    /// when it changed nothing else (see `replaced` otherwise).
+    pub fn patched(&self, identity: u32) -> Option<&EntryPatch> {
+        self.patched.get(&identity)
+    }
+
     /// The computed policy of a local identity.
     pub fn policy(&self, identity: u32) -> Option<&EndpointPolicy> {
         self.computed.get(&identity)
@@ -143,6 +157,7 @@ impl Engine {
             hint,
         } = *input;
         self.replaced.clear();
+        self.patched.clear();
         let mut dirty: BTreeSet<u32> = BTreeSet::new();
         if &self.audit_namespaces != audit_namespaces {
             let flipped: BTreeSet<&String> = self
@@ -282,8 +297,14 @@ impl Engine {
             // Unchanged policies: move only the changed identities in or out
             // of their peer sets.
             if !changed_ids.is_empty() {
-                let labels: HashMap<u32, &LabelSet> =
-                    ctx_ids.iter().map(|(i, l)| (*i, l)).collect();
+                // Looked up once, not per rule (`ctx_ids` is sorted).
+                let changed_labels: Vec<(u32, Option<&LabelSet>)> = changed_ids
+                    .iter()
+                    .map(|id| {
+                        let at = ctx_ids.binary_search_by_key(id, |(i, _)| *i);
+                        (*id, at.ok().map(|at| &ctx_ids[at].1))
+                    })
+                    .collect();
                 for (key, p) in &self.policies {
                     if changed_policies.contains(key) {
                         continue;
@@ -299,10 +320,8 @@ impl Engine {
                             continue;
                         }
                         let mut moved = false;
-                        for id in &changed_ids {
-                            let now = labels
-                                .get(id)
-                                .is_some_and(|l| peer_selects(pr, *id, l, &ctx));
+                        for (id, labels) in &changed_labels {
+                            let now = labels.is_some_and(|l| peer_selects(pr, *id, l, &ctx));
                             let pos = set.binary_search(id);
                             match (now, pos) {
                                 (true, Err(at)) => {
@@ -374,10 +393,13 @@ impl Engine {
                 }
             }
         }
+        // Identities whose rules only gained or lost peers: recomputed for
+        // the changed peers alone (unless dirty for another reason).
+        let mut peers_moved: BTreeSet<u32> = BTreeSet::new();
         if !moved_rules.is_empty() {
             for (id, rules) in &self.selecting {
                 if rules.iter().any(|r| moved_rules.contains(r)) {
-                    dirty.insert(*id);
+                    peers_moved.insert(*id);
                 }
             }
         }
@@ -426,6 +448,11 @@ impl Engine {
 
         // Recompute the dirty identities from the caches.
         let mut changed = BTreeSet::new();
+        for id in peers_moved.difference(&dirty) {
+            if self.patch_peers(*id, &changed_ids) {
+                changed.insert(*id);
+            }
+        }
         for id in dirty {
             let Some(rules) = self.selecting.get(&id) else {
                 continue;
@@ -458,6 +485,70 @@ impl Engine {
             }
         }
         changed
+    }
+
+    /// Recomputes a local identity's entries for the `peers` that moved in
+    /// or out of its rules' peer sets, the rest of its policy standing
+    /// (those entries depend only on the peer: its own rules' verdicts,
+    /// its named ports, and the deny-any entries, which do not change
+    /// here; callers dirty identities with `requires` or named-port rules
+    /// the long way). Returns whether anything changed.
+    fn patch_peers(&mut self, id: u32, peers: &BTreeSet<u32>) -> bool {
+        let Some(rules) = self.selecting.get(&id) else {
+            return false;
+        };
+        let Some(current) = self.computed.get(&id) else {
+            return false;
+        };
+        let selected: Vec<Selected<'_>> = rules
+            .iter()
+            .filter_map(|(k, ri)| {
+                let p = self.policies.get(k)?;
+                Some((p, *ri, p.rules.get(*ri)?))
+            })
+            .collect();
+        let sets = &self.peers;
+        let only_moved = |p: &Policy, ri: usize, dir: Direction, e: usize, _: &PeerRule| {
+            sets.get(&p.key())
+                .and_then(|s| s.get(&(ri, dir, e)))
+                .map(|set| set.iter().filter(|i| peers.contains(i)).copied().collect())
+                .unwrap_or_default()
+        };
+        let mut fresh = compute_selected(id, &selected, &self.ctx(), &only_moved).entries;
+        // Deny-any entries (not recomputed: no peer of theirs moved) still
+        // shadow the new allows.
+        let deny_any: Vec<&EntryKey> = current
+            .entries
+            .iter()
+            .filter(|(k, v)| k.identity == 0 && v.deny)
+            .map(|(k, _)| k)
+            .collect();
+        fresh.retain(|k, v| v.deny || !deny_any.iter().any(|d| d.covers(k)));
+        let mut patch = EntryPatch::new();
+        for (k, _) in current.entries.iter() {
+            if peers.contains(&k.identity) && !fresh.contains_key(k) {
+                patch.insert(*k, None);
+            }
+        }
+        for (k, v) in fresh {
+            if current.entries.get(&k) != Some(&v) {
+                patch.insert(k, Some(v));
+            }
+        }
+        if patch.is_empty() {
+            return false;
+        }
+        let Some(policy) = self.computed.get_mut(&id) else {
+            return false;
+        };
+        for (k, v) in &patch {
+            match v {
+                Some(v) => policy.entries.insert(*k, v.clone()),
+                None => policy.entries.remove(k),
+            };
+        }
+        self.patched.insert(id, patch);
+        true
     }
 }
 
@@ -506,7 +597,6 @@ mod tests {
             let named = BTreeMap::new();
             let mut id_refs: Vec<(u32, &LabelSet)> = ids.iter().map(|(i, l)| (*i, l)).collect();
             id_refs.sort_by_key(|(i, _)| *i);
-            let local_refs: BTreeMap<u32, &LabelSet> = local.iter().map(|(i, l)| (*i, l)).collect();
             let generation = {
                 use std::hash::{Hash, Hasher};
                 let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -535,7 +625,7 @@ mod tests {
                 policy_generation: generation,
                 identities: &id_refs,
                 named_ports: &named,
-                local: &local_refs,
+                local,
                 audit_namespaces: &Default::default(),
                 hint: self.hinted.then_some(&hint),
             })
@@ -650,5 +740,60 @@ mod tests {
             run(&mut e, &pols, &ids, &local).is_empty(),
             "no change, no work"
         );
+    }
+
+    /// Peers coming and going (CIDR identities, as learned addresses do)
+    /// patch only their own entries, under deny-any entries, denies of
+    /// their own and an L7 rule a plain allow subsumes; the result is the
+    /// full computation's.
+    #[test]
+    fn moved_peers_patch_their_entries_only() {
+        for hinted in [false, true] {
+            let mut runner = Runner {
+                hinted,
+                ..Default::default()
+            };
+            let cidr = |p: &str| {
+                let p: ipnet::IpNet = p.parse().unwrap();
+                crate::cidr::prefix_labels(&p, |q| {
+                    ["10.0.0.0/8", "10.1.0.0/16"]
+                        .iter()
+                        .any(|x| x.parse::<ipnet::IpNet>().unwrap() == *q)
+                        || q == &p
+                })
+            };
+            let mut ids = vec![(256, set("shop", "web"))];
+            let local: BTreeMap<u32, LabelSet> = ids.iter().cloned().collect();
+            let pols = policies(
+                "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress:\n  - fromCIDR: [10.0.0.0/8]\n    toPorts: [{ports: [{port: \"80\", protocol: TCP}], rules: {http: [{method: GET}]}}]\n  - fromCIDR: [10.2.0.0/16]\n    toPorts: [{ports: [{port: \"80\", protocol: TCP}]}]\n  - fromCIDR: [10.0.0.0/8]\n    toPorts: [{ports: [{port: \"22\", protocol: TCP}]}]\n  ingressDeny:\n  - toPorts: [{ports: [{port: \"22\", protocol: TCP}]}]\n  - fromCIDR: [10.1.0.0/16]\n",
+            );
+            let mut e = Engine::new("default");
+            runner.run(&mut e, &pols, &ids, &local);
+            check_against_full(&e, &pols, &ids, &local);
+            for (id, prefix) in [
+                (16777217, "10.0.0.0/8"),
+                (16777218, "10.1.0.0/16"),
+                (16777219, "10.1.2.3/32"),
+                (16777220, "10.2.0.9/32"),
+            ] {
+                ids.push((id, cidr(prefix)));
+                assert_eq!(
+                    runner.run(&mut e, &pols, &ids, &local),
+                    BTreeSet::from([256]),
+                    "{prefix} (hinted: {hinted})"
+                );
+                let patch = e.patched(256).expect("patched, not recomputed");
+                assert!(patch.keys().all(|k| k.identity == id), "{patch:?}");
+                check_against_full(&e, &pols, &ids, &local);
+            }
+            // A peer going: its entries go.
+            ids.retain(|(id, _)| *id != 16777220);
+            assert_eq!(
+                runner.run(&mut e, &pols, &ids, &local),
+                BTreeSet::from([256])
+            );
+            assert!(e.patched(256).unwrap().values().all(Option::is_none));
+            check_against_full(&e, &pols, &ids, &local);
+        }
     }
 }

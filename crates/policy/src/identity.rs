@@ -27,9 +27,19 @@ pub struct Exhausted;
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(from = "Vec<Allocation>", into = "Vec<Allocation>")]
 pub struct Allocator {
-    by_labels: BTreeMap<LabelSet, Allocation>,
+    by_labels: BTreeMap<LabelSet, Held>,
+    /// The same allocations by number: lookups and ordered walks without
+    /// a sort (every commit walks them).
+    by_id: BTreeMap<u32, LabelSet>,
 }
 
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    id: u32,
+    refs: u32,
+}
+
+/// One allocation as persisted.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Allocation {
     labels: LabelSet,
@@ -39,15 +49,31 @@ struct Allocation {
 
 impl From<Vec<Allocation>> for Allocator {
     fn from(v: Vec<Allocation>) -> Self {
-        Self {
-            by_labels: v.into_iter().map(|a| (a.labels.clone(), a)).collect(),
+        let mut a = Allocator::default();
+        for x in v {
+            a.by_id.insert(x.id, x.labels.clone());
+            a.by_labels.insert(
+                x.labels,
+                Held {
+                    id: x.id,
+                    refs: x.refs,
+                },
+            );
         }
+        a
     }
 }
 
 impl From<Allocator> for Vec<Allocation> {
     fn from(a: Allocator) -> Self {
-        a.by_labels.into_values().collect()
+        a.by_labels
+            .into_iter()
+            .map(|(labels, h)| Allocation {
+                labels,
+                id: h.id,
+                refs: h.refs,
+            })
+            .collect()
     }
 }
 
@@ -56,24 +82,26 @@ const LAST: u32 = 65535;
 
 impl Allocator {
     /// Returns the identity of `labels`, allocating one if needed, and takes
-    /// a reference on it.
+    /// a reference on it. A new one gets the lowest free number.
     pub fn acquire(&mut self, labels: &LabelSet) -> Result<u32, Exhausted> {
         if let Some(a) = self.by_labels.get_mut(labels) {
             a.refs += 1;
             return Ok(a.id);
         }
-        let used: std::collections::BTreeSet<u32> = self.by_labels.values().map(|a| a.id).collect();
-        let id = (FIRST..=LAST)
-            .find(|id| !used.contains(id))
-            .ok_or(Exhausted)?;
-        self.by_labels.insert(
-            labels.clone(),
-            Allocation {
-                labels: labels.clone(),
-                id,
-                refs: 1,
-            },
-        );
+        // The first number not taken: where the allocated ones (sorted)
+        // first leave a gap.
+        let mut id = FIRST;
+        for taken in self.by_id.range(FIRST..).map(|(i, _)| *i) {
+            if taken != id {
+                break;
+            }
+            id += 1;
+        }
+        if id > LAST {
+            return Err(Exhausted);
+        }
+        self.by_labels.insert(labels.clone(), Held { id, refs: 1 });
+        self.by_id.insert(id, labels.clone());
         Ok(id)
     }
 
@@ -84,10 +112,9 @@ impl Allocator {
     pub fn restore<'a>(
         held: impl IntoIterator<Item = (&'a LabelSet, u32)>,
     ) -> Result<Self, String> {
-        let mut by_labels: BTreeMap<LabelSet, Allocation> = BTreeMap::new();
-        let mut owner: BTreeMap<u32, &'a LabelSet> = BTreeMap::new();
+        let mut a = Allocator::default();
         for (labels, id) in held {
-            if let Some(other) = owner.insert(id, labels) {
+            if let Some(other) = a.by_id.get(&id) {
                 if other != labels {
                     return Err(format!(
                         "identity {id} is held by two label sets ({:?} and {:?})",
@@ -96,21 +123,21 @@ impl Allocator {
                     ));
                 }
             }
-            let a = by_labels.entry(labels.clone()).or_insert(Allocation {
-                labels: labels.clone(),
-                id,
-                refs: 0,
-            });
-            if a.id != id {
+            let h = a
+                .by_labels
+                .entry(labels.clone())
+                .or_insert(Held { id, refs: 0 });
+            if h.id != id {
                 return Err(format!(
                     "labels {:?} hold two identities ({} and {id})",
                     labels.to_strings(),
-                    a.id
+                    h.id
                 ));
             }
-            a.refs += 1;
+            h.refs += 1;
+            a.by_id.insert(id, labels.clone());
         }
-        Ok(Self { by_labels })
+        Ok(a)
     }
 
     /// Drops a reference; the identity is freed with its last reference.
@@ -118,7 +145,9 @@ impl Allocator {
         if let Some(a) = self.by_labels.get_mut(labels) {
             a.refs = a.refs.saturating_sub(1);
             if a.refs == 0 {
+                let id = a.id;
                 self.by_labels.remove(labels);
+                self.by_id.remove(&id);
             }
         }
     }
@@ -126,30 +155,27 @@ impl Allocator {
     /// Every identity with its labels, borrowed: reserved ones first, then
     /// the allocated ones by number.
     pub fn iter(&self) -> impl Iterator<Item = (u32, &LabelSet)> {
-        let mut local: Vec<(u32, &LabelSet)> =
-            self.by_labels.iter().map(|(l, a)| (a.id, l)).collect();
-        local.sort_by_key(|(id, _)| *id);
-        RESERVED.iter().map(|(id, l)| (*id, l)).chain(local)
+        RESERVED
+            .iter()
+            .map(|(id, l)| (*id, l))
+            .chain(self.by_id.iter().map(|(id, l)| (*id, l)))
+    }
+
+    /// The allocated identities (not the reserved ones) by number.
+    pub fn allocated(&self) -> &BTreeMap<u32, LabelSet> {
+        &self.by_id
     }
 
     /// Every allocated identity with its labels, reserved ones first.
     pub fn all(&self) -> Vec<(u32, LabelSet)> {
-        let mut out = reserved();
-        let mut local: Vec<(u32, LabelSet)> = self
-            .by_labels
-            .iter()
-            .map(|(l, a)| (a.id, l.clone()))
-            .collect();
-        local.sort();
-        out.extend(local);
-        out
+        self.iter().map(|(id, l)| (id, l.clone())).collect()
     }
 
     pub fn labels_of(&self, id: u32) -> Option<LabelSet> {
-        self.all()
-            .into_iter()
-            .find(|(i, _)| *i == id)
-            .map(|(_, l)| l)
+        match RESERVED.iter().find(|(i, _)| *i == id) {
+            Some((_, l)) => Some(l.clone()),
+            None => self.by_id.get(&id).cloned(),
+        }
     }
 }
 
