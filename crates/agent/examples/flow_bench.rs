@@ -175,10 +175,14 @@ fn run_l7(p: &Pipeline, pairs: u64) -> (Duration, u64, Duration) {
         client_identity: 300,
         server_identity: 301,
         is_reply,
-        verdict: "FORWARDED",
+        verdict: flow::enums::Verdict::FORWARDED,
         ingress: true,
         l7: flow::record::Layer7 {
-            r#type: if is_reply { "RESPONSE" } else { "REQUEST" }.into(),
+            r#type: if is_reply {
+                flow::enums::L7FlowType::RESPONSE
+            } else {
+                flow::enums::L7FlowType::REQUEST
+            },
             latency_ns: if is_reply { 150_000 } else { 0 },
             dns: None,
             http: Some(flow::record::Http {

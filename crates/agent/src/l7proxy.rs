@@ -238,10 +238,10 @@ impl From<&flow::record::L7Record> for WireRecord {
             client_identity: r.client_identity,
             server_identity: r.server_identity,
             is_reply: r.is_reply,
-            dropped: r.verdict == "DROPPED",
+            dropped: r.verdict == flow::enums::Verdict::DROPPED,
             ingress: r.ingress,
             protocol: r.protocol,
-            response: r.l7.r#type == "RESPONSE",
+            response: r.l7.r#type == flow::enums::L7FlowType::RESPONSE,
             latency_ns: r.l7.latency_ns,
             code: http.code,
             method: http.method.into_owned(),
@@ -287,10 +287,18 @@ impl From<WireRecord> for flow::record::L7Record {
             client_identity: r.client_identity,
             server_identity: r.server_identity,
             is_reply: r.is_reply,
-            verdict: if r.dropped { "DROPPED" } else { "FORWARDED" },
+            verdict: if r.dropped {
+                flow::enums::Verdict::DROPPED
+            } else {
+                flow::enums::Verdict::FORWARDED
+            },
             ingress: r.ingress,
             l7: flow::record::Layer7 {
-                r#type: if r.response { "RESPONSE" } else { "REQUEST" }.into(),
+                r#type: if r.response {
+                    flow::enums::L7FlowType::RESPONSE
+                } else {
+                    flow::enums::L7FlowType::REQUEST
+                },
                 latency_ns: r.latency_ns,
                 dns: None,
                 http: Some(http),

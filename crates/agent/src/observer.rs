@@ -277,7 +277,7 @@ mod tests {
             client_identity: 1,
             server_identity: 2,
             is_reply: false,
-            verdict: "FORWARDED",
+            verdict: flow::enums::Verdict::FORWARDED,
             ingress: true,
             l7: Default::default(),
             protocol: 6,

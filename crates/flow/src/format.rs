@@ -1,5 +1,6 @@
 //! Hubble CLI text formats (compact), from `spec/hubble-api.md` §8.
 
+use crate::enums::Verdict;
 use crate::record::{drop_reason_text, Endpoint, Flow};
 
 const MONTHS: [&str; 12] = [
@@ -217,7 +218,7 @@ fn host(f: &Flow, source: bool, port: u16, style: Style) -> String {
 /// ` BY name (Kind), ...` for `--print-policy-names`: the policies that
 /// denied a dropped flow, else those that allowed it.
 fn policy_names(f: &Flow) -> String {
-    let dropped = matches!(&*f.verdict, "DROPPED" | "ERROR");
+    let dropped = matches!(f.verdict, Verdict::DROPPED | Verdict::ERROR);
     let refs: Vec<&crate::record::SharedPolicyRef> = if dropped {
         f.egress_denied_by
             .iter()
@@ -263,11 +264,11 @@ fn ports(f: &Flow) -> (u16, u16) {
 
 fn type_text(f: &Flow) -> String {
     match f.event_type.r#type {
-        4 => match &*f.trace_observation_point {
-            "" => "UNKNOWN".into(),
-            p => p.to_lowercase().replace('_', "-"),
+        4 => match f.trace_observation_point {
+            p if p.is_unset() => "UNKNOWN".into(),
+            p => p.to_string().to_lowercase().replace('_', "-"),
         },
-        1 => drop_reason_text(&f.drop_reason_desc).into(),
+        1 => drop_reason_text(f.drop_reason_desc).into(),
         5 => {
             let m = match f.policy_match_type {
                 1 => "L3-Only",
@@ -287,7 +288,7 @@ fn type_text(f: &Flow) -> String {
                     (None, Some(_)) => "dns",
                     _ => "l7",
                 };
-                let mut t = format!("{proto}-{}", l7.r#type.to_lowercase());
+                let mut t = format!("{proto}-{}", l7.r#type.as_str().to_lowercase());
                 if let Some(d) = l7.dns.as_ref().filter(|d| !d.observation_source.is_empty()) {
                     t = format!("{t} {}", d.observation_source);
                 }
@@ -328,11 +329,11 @@ pub fn dict(f: &Flow, print_node: bool, style: Style) -> String {
 /// The verdict as printed: policy-verdict events speak of decisions
 /// (ALLOWED, DENIED, AUDITED), with the policies' names when asked.
 fn verdict_text(f: &Flow, style: Style) -> String {
-    let verdict = match (f.event_type.r#type, &*f.verdict) {
-        (5, "FORWARDED" | "REDIRECTED") => "ALLOWED",
-        (5, "DROPPED" | "ERROR") => "DENIED",
-        (5, "AUDIT") => "AUDITED",
-        (_, v) => v,
+    let verdict = match (f.event_type.r#type, f.verdict) {
+        (5, Verdict::FORWARDED | Verdict::REDIRECTED) => "ALLOWED",
+        (5, Verdict::DROPPED | Verdict::ERROR) => "DENIED",
+        (5, Verdict::AUDIT) => "AUDITED",
+        (_, v) => v.as_str(),
     };
     let mut text = paint_verdict(style.color, verdict);
     if style.policy_names {
@@ -476,8 +477,8 @@ mod tests {
         assert!(compact(&reply, Style::default()).contains("(ID:23456) <- default/xwing"));
         let mut drop = f;
         drop.event_type.r#type = 1;
-        drop.verdict = "DROPPED".into();
-        drop.drop_reason_desc = "POLICY_DENIED".into();
+        drop.verdict = crate::enums::Verdict::DROPPED;
+        drop.drop_reason_desc = crate::enums::DropReason::POLICY_DENIED;
         drop.is_reply = None;
         assert!(
             compact(&drop, Style::default()).contains(" <> "),
@@ -604,7 +605,7 @@ mod tests {
         assert!(compact(&verdict, names)
             .contains(" ALLOWED BY default/allow-web (CiliumNetworkPolicy) ("));
         assert!(!compact(&verdict, Style::default()).contains(" BY "));
-        verdict.verdict = "DROPPED".into();
+        verdict.verdict = crate::enums::Verdict::DROPPED;
         assert!(
             compact(&verdict, names).contains(" DENIED ("),
             "no denying policy named"

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent_event;
+pub mod enums;
 pub mod format;
 pub mod metrics;
 pub mod record;

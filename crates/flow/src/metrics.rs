@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use crate::enums::{L7FlowType, TrafficDirection, Verdict};
 use crate::Flow;
 
 /// A series: metric name and label pairs (in label order).
@@ -72,7 +73,11 @@ const DURATION_BUCKETS: [(&str, u64); 12] = [
 
 fn subtype(f: &Flow) -> String {
     match f.event_type.r#type {
-        4 => f.trace_observation_point.to_lowercase().replace('_', "-"),
+        4 if !f.trace_observation_point.is_unset() => f
+            .trace_observation_point
+            .as_str()
+            .to_lowercase()
+            .replace('_', "-"),
         _ => String::new(),
     }
 }
@@ -135,7 +140,7 @@ fn cumulative_buckets(s: &Sorted, name: &str) -> Vec<(Vec<(&'static str, String)
 fn observe_l7(s: &mut Series, f: &Flow) {
     let Some(l7) = &f.l7 else { return };
     // The proxy reports as the server for ingress rules, else the client.
-    let reporter = if f.traffic_direction == "INGRESS" {
+    let reporter = if f.traffic_direction == TrafficDirection::INGRESS {
         "server"
     } else {
         "client"
@@ -143,9 +148,9 @@ fn observe_l7(s: &mut Series, f: &Flow) {
     if let Some(h) = &l7.http {
         // Formatted on the stack: this runs for every response.
         let mut digits = [0; 20];
-        let status = match (&*l7.r#type, &*f.verdict) {
-            ("RESPONSE", _) => crate::text::dec(&mut digits, h.code.into(), 1),
-            ("REQUEST", "DROPPED") => "403",
+        let status = match (l7.r#type, f.verdict) {
+            (L7FlowType::RESPONSE, _) => crate::text::dec(&mut digits, h.code.into(), 1),
+            (L7FlowType::REQUEST, Verdict::DROPPED) => "403",
             _ => return,
         };
         s.add(
@@ -158,7 +163,7 @@ fn observe_l7(s: &mut Series, f: &Flow) {
             ],
             1,
         );
-        if l7.r#type == "RESPONSE" {
+        if l7.r#type == L7FlowType::RESPONSE {
             // One count in the request's own bucket; render() makes the
             // buckets cumulative.
             let (le, _) = DURATION_BUCKETS
@@ -182,15 +187,15 @@ fn observe_l7(s: &mut Series, f: &Flow) {
     }
     if let Some(d) = &l7.dns {
         let qtypes = d.qtypes.join(",");
-        let refused = l7.r#type == "REQUEST" && f.verdict == "DROPPED";
-        if l7.r#type == "REQUEST" {
+        let refused = l7.r#type == L7FlowType::REQUEST && f.verdict == Verdict::DROPPED;
+        if l7.r#type == L7FlowType::REQUEST {
             s.add(
                 "hubble_dns_queries_total",
                 &[("ips_returned", "0"), ("qtypes", &qtypes), ("rcode", "")],
                 1,
             );
         }
-        if l7.r#type == "RESPONSE" || refused {
+        if l7.r#type == L7FlowType::RESPONSE || refused {
             let rcode = if refused {
                 "Refused"
             } else {
@@ -268,26 +273,29 @@ impl Counters {
             &[
                 ("subtype", &subtype),
                 ("type", kind),
-                ("verdict", &f.verdict),
+                ("verdict", f.verdict.as_str()),
             ],
             1,
         );
         observe_l7(&mut s, f);
-        if f.verdict == "DROPPED" && f.l7.is_none() {
+        if f.verdict == Verdict::DROPPED && f.l7.is_none() {
             s.add(
                 "hubble_drop_total",
-                &[("protocol", protocol(f)), ("reason", &f.drop_reason_desc)],
+                &[
+                    ("protocol", protocol(f)),
+                    ("reason", f.drop_reason_desc.as_str()),
+                ],
                 1,
             );
         }
         // Policy decisions: the datapath's policy-verdict events (the first
         // packet of each connection an enforcing policy decided), as
         // Cilium's policy handler counts them.
-        let decided = match &*f.verdict {
+        let decided = match f.verdict {
             _ if f.event_type.r#type != 5 => None,
-            "DROPPED" => Some("dropped"),
-            "AUDIT" => Some("audit"),
-            "FORWARDED" => Some("forwarded"),
+            Verdict::DROPPED => Some("dropped"),
+            Verdict::AUDIT => Some("audit"),
+            Verdict::FORWARDED => Some("forwarded"),
             _ => None,
         };
         if let Some(action) = decided {
@@ -295,7 +303,7 @@ impl Counters {
                 "hubble_policy_verdicts_total",
                 &[
                     ("action", action),
-                    ("direction", &f.traffic_direction.to_lowercase()),
+                    ("direction", &f.traffic_direction.as_str().to_lowercase()),
                     ("match", match_name(f.policy_match_type)),
                 ],
                 1,
@@ -306,7 +314,7 @@ impl Counters {
                 .and_then(|l| l.tcp.as_ref())
                 .and_then(|t| t.flags.as_ref())
         {
-            let family = f.ip.as_ref().map_or("", |i| &*i.ip_version);
+            let family = f.ip.as_ref().map_or("", |i| i.ip_version.as_str());
             for (set, flag) in [
                 (flags.syn, "SYN"),
                 (flags.ack, "ACK"),

@@ -6,6 +6,11 @@ use std::net::Ipv4Addr;
 use abi::{ct_state, verdict, DropReason, EventType, FlowEvent, TracePoint};
 use serde::{Deserialize, Serialize};
 
+use crate::enums::{
+    self, FlowType, IpVersion, L7FlowType, TraceObservationPoint, TraceReason, TrafficDirection,
+    Verdict,
+};
+
 /// A string field whose values are mostly a fixed vocabulary (verdicts,
 /// types, directions, HTTP methods): the common values are borrowed, so
 /// building a flow does not allocate them (and dropping one does not free
@@ -116,7 +121,7 @@ pub struct Ip {
     pub source: String,
     pub destination: String,
     #[serde(rename = "ipVersion")]
-    pub ip_version: Text,
+    pub ip_version: IpVersion,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,7 +226,7 @@ pub struct Flow {
     /// When the event happened; RFC 3339 with nanoseconds (UTC) in JSON.
     pub time: Time,
     pub uuid: String,
-    pub verdict: Text,
+    pub verdict: Verdict,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub drop_reason: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -236,7 +241,7 @@ pub struct Flow {
     #[serde(default)]
     pub destination: std::sync::Arc<Endpoint>,
     #[serde(rename = "Type")]
-    pub r#type: Text,
+    pub r#type: FlowType,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub node_name: String,
     /// DNS names the source's / destination's address was learned for.
@@ -248,16 +253,16 @@ pub struct Flow {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub l7: Option<Layer7>,
     pub event_type: EventTypeField,
-    #[serde(default, skip_serializing_if = "str::is_empty")]
-    pub traffic_direction: Text,
+    #[serde(default, skip_serializing_if = "TrafficDirection::is_unset")]
+    pub traffic_direction: TrafficDirection,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub policy_match_type: u32,
-    #[serde(default, skip_serializing_if = "str::is_empty")]
-    pub trace_observation_point: Text,
-    #[serde(default, skip_serializing_if = "str::is_empty")]
-    pub trace_reason: Text,
-    #[serde(default, skip_serializing_if = "str::is_empty")]
-    pub drop_reason_desc: Text,
+    #[serde(default, skip_serializing_if = "TraceObservationPoint::is_unset")]
+    pub trace_observation_point: TraceObservationPoint,
+    #[serde(default, skip_serializing_if = "TraceReason::is_unset")]
+    pub trace_reason: TraceReason,
+    #[serde(default, skip_serializing_if = "enums::DropReason::is_unset")]
+    pub drop_reason_desc: enums::DropReason,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub is_reply: Option<bool>,
     /// Where the datapath saw the packet (the endpoint's host-side veth).
@@ -281,7 +286,7 @@ pub struct Flow {
 pub struct Layer7 {
     /// REQUEST, RESPONSE or SAMPLE.
     #[serde(rename = "type")]
-    pub r#type: Text,
+    pub r#type: L7FlowType,
     /// Responses: time since the request (64-bit: a JSON string).
     #[serde(default, skip_serializing_if = "is_zero_u64", with = "u64_as_string")]
     pub latency_ns: u64,
@@ -467,84 +472,72 @@ pub trait Enricher {
     }
 }
 
-/// Hubble's drop-reason names (`flow.DropReason`).
-pub fn drop_reason_name(code: u8) -> &'static str {
+/// The `flow.DropReason` of a datapath drop code (the datapath numbers
+/// its codes as the proto does; a code it does not define: unknown).
+pub fn drop_reason(code: u8) -> enums::DropReason {
     match DropReason::from_u8(code) {
-        Some(DropReason::InvalidSourceIp) => "INVALID_SOURCE_IP",
-        Some(DropReason::PolicyDenied) => "POLICY_DENIED",
-        Some(DropReason::InvalidPacket) => "INVALID_PACKET_DROPPED",
-        Some(DropReason::CtInvalidHeader) => "CT_TRUNCATED_OR_INVALID_HEADER",
-        Some(DropReason::UnsupportedL3) => "UNSUPPORTED_L3_PROTOCOL",
-        Some(DropReason::UnknownL4) => "UNKNOWN_L4_PROTOCOL",
-        Some(DropReason::CtMapInsertFailed) => "CT_MAP_INSERTION_FAILED",
-        Some(DropReason::FragNotFound) => "FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND",
-        Some(DropReason::PolicyDeny) => "POLICY_DENY",
-        Some(DropReason::SocketLookupFailed) => "SOCKET_LOOKUP_FAILED",
-        Some(DropReason::SocketAssignFailed) => "SOCKET_ASSIGN_FAILED",
-        Some(DropReason::ProxyUnsupported) => "PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL",
-        None => "DROP_REASON_UNKNOWN",
+        Some(r) => enums::DropReason(r as i32),
+        None => enums::DropReason::DROP_REASON_UNKNOWN,
     }
 }
 
-/// Hubble's name (`flow.Verdict`) of a datapath verdict.
-pub fn verdict_name(v: u8) -> &'static str {
+/// The `flow.Verdict` of a datapath verdict (numbered as the proto).
+pub fn verdict(v: u8) -> Verdict {
     match v {
-        verdict::FORWARDED => "FORWARDED",
-        verdict::DROPPED => "DROPPED",
-        verdict::AUDIT => "AUDIT",
-        _ => "VERDICT_UNKNOWN",
+        verdict::FORWARDED | verdict::DROPPED | verdict::AUDIT => Verdict(v.into()),
+        _ => Verdict::VERDICT_UNKNOWN,
     }
 }
 
-/// Hubble's name (`flow.TraceObservationPoint`) of a trace point; `""`
-/// for one the datapath does not define.
-pub fn trace_point_name(point: u8) -> &'static str {
+/// The `flow.TraceObservationPoint` of a datapath trace point (the proto
+/// numbers some apart from the datapath: TO_ENDPOINT is 101).
+pub fn trace_point(point: u8) -> TraceObservationPoint {
     match TracePoint::from_u8(point) {
-        Some(TracePoint::ToLxc) => "TO_ENDPOINT",
-        Some(TracePoint::FromLxc) => "FROM_ENDPOINT",
-        Some(TracePoint::ToStack) => "TO_STACK",
-        Some(TracePoint::ToHost) => "TO_HOST",
-        Some(TracePoint::ToProxy) => "TO_PROXY",
-        Some(TracePoint::ToOverlay) => "TO_OVERLAY",
-        None => "",
+        Some(TracePoint::ToLxc) => TraceObservationPoint::TO_ENDPOINT,
+        Some(TracePoint::FromLxc) => TraceObservationPoint::FROM_ENDPOINT,
+        Some(TracePoint::ToStack) => TraceObservationPoint::TO_STACK,
+        Some(TracePoint::ToHost) => TraceObservationPoint::TO_HOST,
+        Some(TracePoint::ToProxy) => TraceObservationPoint::TO_PROXY,
+        Some(TracePoint::ToOverlay) => TraceObservationPoint::TO_OVERLAY,
+        None => TraceObservationPoint::UNKNOWN_POINT,
     }
 }
 
-/// Hubble's name (`flow.TraceReason`) of a conntrack state; `""` if none.
-pub fn trace_reason_name(state: u8) -> &'static str {
+/// The `flow.TraceReason` of a conntrack state (numbered as the proto).
+pub fn trace_reason(state: u8) -> TraceReason {
     match state {
-        ct_state::NEW => "NEW",
-        ct_state::ESTABLISHED => "ESTABLISHED",
-        ct_state::REPLY => "REPLY",
-        ct_state::RELATED => "RELATED",
-        _ => "",
+        ct_state::NEW | ct_state::ESTABLISHED | ct_state::REPLY | ct_state::RELATED => {
+            TraceReason(state.into())
+        }
+        _ => TraceReason::TRACE_REASON_UNKNOWN,
     }
 }
 
-/// Hubble's name (`flow.TrafficDirection`) of a datapath direction.
-pub fn direction_name(d: u8) -> &'static str {
+/// The `flow.TrafficDirection` of a datapath direction (numbered as the
+/// proto).
+pub fn direction(d: u8) -> TrafficDirection {
     match d {
-        1 => "INGRESS",
-        2 => "EGRESS",
-        _ => "",
+        1 | 2 => TrafficDirection(d.into()),
+        _ => TrafficDirection::TRAFFIC_DIRECTION_UNKNOWN,
     }
 }
 
 /// The text the CLI prints for a drop reason (Cilium's drop table).
-pub fn drop_reason_text(name: &str) -> &'static str {
-    match name {
-        "INVALID_SOURCE_IP" => "Invalid source ip",
-        "POLICY_DENIED" => "Policy denied",
-        "INVALID_PACKET_DROPPED" => "Invalid packet",
-        "CT_TRUNCATED_OR_INVALID_HEADER" => "CT: Truncated or invalid header",
-        "UNSUPPORTED_L3_PROTOCOL" => "Unsupported L3 protocol",
-        "UNKNOWN_L4_PROTOCOL" => "Unknown L4 protocol",
-        "CT_MAP_INSERTION_FAILED" => "CT: Map insertion failed",
-        "FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND" => "First logical datagram fragment not found",
-        "POLICY_DENY" => "Policy denied by denylist",
-        "SOCKET_LOOKUP_FAILED" => "Socket lookup failed",
-        "SOCKET_ASSIGN_FAILED" => "Socket assign failed",
-        "PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL" => {
+pub fn drop_reason_text(r: enums::DropReason) -> &'static str {
+    use enums::DropReason as R;
+    match r {
+        R::INVALID_SOURCE_IP => "Invalid source ip",
+        R::POLICY_DENIED => "Policy denied",
+        R::INVALID_PACKET_DROPPED => "Invalid packet",
+        R::CT_TRUNCATED_OR_INVALID_HEADER => "CT: Truncated or invalid header",
+        R::UNSUPPORTED_L3_PROTOCOL => "Unsupported L3 protocol",
+        R::UNKNOWN_L4_PROTOCOL => "Unknown L4 protocol",
+        R::CT_MAP_INSERTION_FAILED => "CT: Map insertion failed",
+        R::FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND => "First logical datagram fragment not found",
+        R::POLICY_DENY => "Policy denied by denylist",
+        R::SOCKET_LOOKUP_FAILED => "Socket lookup failed",
+        R::SOCKET_ASSIGN_FAILED => "Socket assign failed",
+        R::PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL => {
             "Proxy redirection not supported for protocol"
         }
         _ => "Unknown drop reason",
@@ -752,18 +745,18 @@ pub fn from_event(
     } else {
         Default::default()
     };
-    let (verdict_name, drop_desc) = if is_drop || denied_verdict {
-        ("DROPPED", drop_reason_name(e.subtype))
+    let (flow_verdict, drop_desc) = if is_drop || denied_verdict {
+        (Verdict::DROPPED, drop_reason(e.subtype))
     } else {
-        (verdict_name(e.verdict), "")
+        (verdict(e.verdict), enums::DropReason::default())
     };
     let (point, sub_type) = if is_drop {
-        ("", e.subtype as i32)
+        (TraceObservationPoint::default(), e.subtype as i32)
     } else if e.r#type == EventType::PolicyVerdict as u8 {
-        ("", 0)
+        (TraceObservationPoint::default(), 0)
     } else {
         // Hubble's sub_type of a trace event is the datapath's point.
-        (trace_point_name(e.subtype), e.subtype as i32)
+        (trace_point(e.subtype), e.subtype as i32)
     };
     // Attribution: the rule that decided a new connection or a drop.
     let mut attribution: [Vec<SharedPolicyRef>; 4] = Default::default();
@@ -784,12 +777,10 @@ pub fn from_event(
         attribution[slot].push(p);
     }
     let [egress_allowed_by, ingress_allowed_by, egress_denied_by, ingress_denied_by] = attribution;
-    let trace_reason = trace_reason_name(e.ct_state);
-    let direction = direction_name(e.direction);
     Flow {
         time: Time(unix_ns),
         uuid,
-        verdict: verdict_name.into(),
+        verdict: flow_verdict,
         drop_reason: if is_drop || denied_verdict {
             e.subtype as u32
         } else {
@@ -802,12 +793,12 @@ pub fn from_event(
         ip: has_ip.then(|| Ip {
             source: crate::text::ipv4(src),
             destination: crate::text::ipv4(dst),
-            ip_version: "IPv4".into(),
+            ip_version: IpVersion::IPv4,
         }),
         l4: has_ip.then_some(l4),
         source,
         destination,
-        r#type: "L3_L4".into(),
+        r#type: FlowType::L3_L4,
         node_name: node.to_string(),
         source_names,
         destination_names,
@@ -815,12 +806,16 @@ pub fn from_event(
             r#type: e.r#type as i32,
             sub_type,
         },
-        traffic_direction: direction.into(),
-        trace_observation_point: point.into(),
-        trace_reason: if is_drop { "" } else { trace_reason }.into(),
+        traffic_direction: direction(e.direction),
+        trace_observation_point: point,
+        trace_reason: if is_drop {
+            TraceReason::default()
+        } else {
+            trace_reason(e.ct_state)
+        },
         // Policy only drops packets that open connections: never replies.
         is_reply: (has_ip && e.ct_state != 0).then_some(e.ct_state == ct_state::REPLY),
-        drop_reason_desc: drop_desc.into(),
+        drop_reason_desc: drop_desc,
         interface: (e.ifindex != 0).then(|| NetworkInterface {
             index: e.ifindex,
             name: enricher.interface_name(e.ifindex).unwrap_or_default(),
@@ -850,7 +845,7 @@ pub struct L7Record {
     /// A response: the flow runs server -> client.
     pub is_reply: bool,
     /// FORWARDED or DROPPED.
-    pub verdict: &'static str,
+    pub verdict: Verdict,
     /// INGRESS when the server's policy redirected the connection, else EGRESS.
     pub ingress: bool,
     pub l7: Layer7,
@@ -871,13 +866,13 @@ pub fn from_l7(r: L7Record, uuid: String, node: &str, enricher: &dyn Enricher) -
     };
     let (source, source_names) = enricher.endpoint(*src.ip(), src_id);
     let (destination, destination_names) = enricher.endpoint(*dst.ip(), dst_id);
-    let response = r.l7.r#type == "RESPONSE";
+    let response = r.l7.r#type == L7FlowType::RESPONSE;
     let summary = match (&r.l7.http, &r.l7.dns) {
         (Some(h), _) => h.summary(response.then_some(r.l7.latency_ns)),
         (None, Some(d)) => d.summary(response),
         _ => String::new(),
     };
-    let dropped = r.verdict == "DROPPED";
+    let dropped = r.verdict == Verdict::DROPPED;
     let mut attribution: [Vec<SharedPolicyRef>; 4] = Default::default();
     for (ingress, p) in r.decided_by.iter() {
         attribution[match (ingress, dropped) {
@@ -892,11 +887,11 @@ pub fn from_l7(r: L7Record, uuid: String, node: &str, enricher: &dyn Enricher) -
     Flow {
         time: Time(r.unix_ns),
         uuid,
-        verdict: r.verdict.into(),
+        verdict: r.verdict,
         ip: Some(Ip {
             source: crate::text::ipv4(*src.ip()),
             destination: crate::text::ipv4(*dst.ip()),
-            ip_version: "IPv4".into(),
+            ip_version: IpVersion::IPv4,
         }),
         l4: Some(if r.protocol == 17 {
             Layer4 {
@@ -918,7 +913,7 @@ pub fn from_l7(r: L7Record, uuid: String, node: &str, enricher: &dyn Enricher) -
         }),
         source,
         destination,
-        r#type: "L7".into(),
+        r#type: FlowType::L7,
         node_name: node.to_string(),
         source_names,
         destination_names,
@@ -927,7 +922,11 @@ pub fn from_l7(r: L7Record, uuid: String, node: &str, enricher: &dyn Enricher) -
             r#type: EVENT_TYPE_ACCESS_LOG,
             sub_type: 0,
         },
-        traffic_direction: if r.ingress { "INGRESS" } else { "EGRESS" }.into(),
+        traffic_direction: if r.ingress {
+            TrafficDirection::INGRESS
+        } else {
+            TrafficDirection::EGRESS
+        },
         is_reply: Some(r.is_reply),
         egress_allowed_by,
         ingress_allowed_by,
@@ -1008,18 +1007,18 @@ mod tests {
         let f = Flow {
             time: Time(0),
             uuid: "u".into(),
-            verdict: "DROPPED".into(),
+            verdict: crate::enums::Verdict::DROPPED,
             drop_reason: 133,
             ethernet: Some(Default::default()),
             ip: Some(Default::default()),
             l4: Some(Default::default()),
-            r#type: "L3_L4".into(),
+            r#type: crate::enums::FlowType::L3_L4,
             node_name: "n".into(),
-            traffic_direction: "INGRESS".into(),
+            traffic_direction: crate::enums::TrafficDirection::INGRESS,
             policy_match_type: 1,
-            trace_observation_point: "TO_ENDPOINT".into(),
-            trace_reason: "NEW".into(),
-            drop_reason_desc: "POLICY_DENIED".into(),
+            trace_observation_point: crate::enums::TraceObservationPoint::TO_ENDPOINT,
+            trace_reason: crate::enums::TraceReason::NEW,
+            drop_reason_desc: crate::enums::DropReason::POLICY_DENIED,
             is_reply: Some(false),
             interface: Some(NetworkInterface {
                 index: 1,

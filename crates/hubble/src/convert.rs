@@ -1,10 +1,7 @@
-//! Fibril's flow record -> `flow.Flow` (field for field, enum by name).
+//! Fibril's flow record <-> `flow.Flow`, field for field; enums are the
+//! proto's numbers on both sides (no name looked up).
 
 use proto::flow as pb;
-
-fn enum_value(name: &str, from: fn(&str) -> Option<i32>) -> i32 {
-    from(name).unwrap_or(0)
-}
 
 /// Nanoseconds since the epoch of a `Timestamp` (times before it: 0).
 pub fn unix_ns(t: &prost_types::Timestamp) -> u64 {
@@ -169,9 +166,7 @@ pub fn flow(f: &flow::Flow) -> pb::Flow {
     pb::Flow {
         time: (f.time.0 != 0).then(|| timestamp(f.time.0)),
         uuid: f.uuid.clone(),
-        verdict: enum_value(&f.verdict, |n| {
-            pb::Verdict::from_str_name(n).map(|v| v as i32)
-        }),
+        verdict: f.verdict.0,
         drop_reason: f.drop_reason,
         ethernet: f.ethernet.as_ref().map(|e| pb::Ethernet {
             source: e.source.clone(),
@@ -180,24 +175,18 @@ pub fn flow(f: &flow::Flow) -> pb::Flow {
         ip: f.ip.as_ref().map(|ip| pb::Ip {
             source: ip.source.clone(),
             destination: ip.destination.clone(),
-            ip_version: enum_value(&ip.ip_version, |n| {
-                pb::IpVersion::from_str_name(n).map(|v| v as i32)
-            }),
+            ip_version: ip.ip_version.0,
             ..Default::default()
         }),
         l4,
         source: Some(endpoint(&f.source)),
         destination: Some(endpoint(&f.destination)),
-        r#type: enum_value(&f.r#type, |n| {
-            pb::FlowType::from_str_name(n).map(|v| v as i32)
-        }),
+        r#type: f.r#type.0,
         node_name: f.node_name.clone(),
         source_names: f.source_names.clone(),
         destination_names: f.destination_names.clone(),
         l7: f.l7.as_ref().map(|l| pb::Layer7 {
-            r#type: enum_value(&l.r#type, |n| {
-                pb::L7FlowType::from_str_name(n).map(|v| v as i32)
-            }),
+            r#type: l.r#type.0,
             latency_ns: l.latency_ns,
             record: match (&l.http, &l.dns) {
                 (None, Some(d)) => Some(pb::layer7::Record::Dns(pb::Dns {
@@ -232,19 +221,11 @@ pub fn flow(f: &flow::Flow) -> pb::Flow {
             r#type: f.event_type.r#type,
             sub_type: f.event_type.sub_type,
         }),
-        traffic_direction: enum_value(&f.traffic_direction, |n| {
-            pb::TrafficDirection::from_str_name(n).map(|v| v as i32)
-        }),
-        trace_observation_point: enum_value(&f.trace_observation_point, |n| {
-            pb::TraceObservationPoint::from_str_name(n).map(|v| v as i32)
-        }),
-        trace_reason: enum_value(&f.trace_reason, |n| {
-            pb::TraceReason::from_str_name(n).map(|v| v as i32)
-        }),
+        traffic_direction: f.traffic_direction.0,
+        trace_observation_point: f.trace_observation_point.0,
+        trace_reason: f.trace_reason.0,
         is_reply: f.is_reply,
-        drop_reason_desc: enum_value(&f.drop_reason_desc, |n| {
-            pb::DropReason::from_str_name(n).map(|v| v as i32)
-        }),
+        drop_reason_desc: f.drop_reason_desc.0,
         interface: f.interface.as_ref().map(|i| pb::NetworkInterface {
             index: i.index,
             name: i.name.clone(),
@@ -328,14 +309,6 @@ fn policies_back(list: &[pb::Policy]) -> Vec<flow::record::SharedPolicyRef> {
         .collect()
 }
 
-fn name_of<E>(
-    v: i32,
-    from: fn(i32) -> Option<E>,
-    name: fn(&E) -> &'static str,
-) -> flow::record::Text {
-    from(v).map(|e| name(&e)).unwrap_or_default().into()
-}
-
 /// A `flow.Flow` from any Hubble-compatible server as Fibril's record, for
 /// printing (fields Fibril does not model yet, such as L7, are left out).
 #[allow(deprecated)]
@@ -388,11 +361,7 @@ pub fn from_pb(p: &pb::Flow) -> flow::Flow {
     flow::Flow {
         time,
         uuid: p.uuid.clone(),
-        verdict: name_of(
-            p.verdict,
-            |v| pb::Verdict::try_from(v).ok(),
-            |e| e.as_str_name(),
-        ),
+        verdict: flow::enums::Verdict(p.verdict),
         drop_reason: p.drop_reason,
         ethernet: p.ethernet.as_ref().map(|e| flow::record::Ethernet {
             source: e.source.clone(),
@@ -401,29 +370,17 @@ pub fn from_pb(p: &pb::Flow) -> flow::Flow {
         ip: p.ip.as_ref().map(|ip| flow::record::Ip {
             source: ip.source.clone(),
             destination: ip.destination.clone(),
-            ip_version: name_of(
-                ip.ip_version,
-                |v| pb::IpVersion::try_from(v).ok(),
-                |e| e.as_str_name(),
-            ),
+            ip_version: flow::enums::IpVersion(ip.ip_version),
         }),
         l4,
         source: endpoint_back(p.source.as_ref()).into(),
         destination: endpoint_back(p.destination.as_ref()).into(),
-        r#type: name_of(
-            p.r#type,
-            |v| pb::FlowType::try_from(v).ok(),
-            |e| e.as_str_name(),
-        ),
+        r#type: flow::enums::FlowType(p.r#type),
         node_name: p.node_name.clone(),
         source_names: p.source_names.clone(),
         destination_names: p.destination_names.clone(),
         l7: p.l7.as_ref().map(|l| flow::record::Layer7 {
-            r#type: name_of(
-                l.r#type,
-                |v| pb::L7FlowType::try_from(v).ok(),
-                |e| e.as_str_name(),
-            ),
+            r#type: flow::enums::L7FlowType(l.r#type),
             latency_ns: l.latency_ns,
             dns: match &l.record {
                 Some(pb::layer7::Record::Dns(d)) => Some(flow::record::Dns {
@@ -460,35 +417,11 @@ pub fn from_pb(p: &pb::Flow) -> flow::Flow {
             r#type: p.event_type.map_or(0, |e| e.r#type),
             sub_type: p.event_type.map_or(0, |e| e.sub_type),
         },
-        traffic_direction: match p.traffic_direction {
-            0 => "".into(),
-            v => name_of(
-                v,
-                |v| pb::TrafficDirection::try_from(v).ok(),
-                |e| e.as_str_name(),
-            ),
-        },
-        trace_observation_point: match p.trace_observation_point {
-            0 => "".into(),
-            v => name_of(
-                v,
-                |v| pb::TraceObservationPoint::try_from(v).ok(),
-                |e| e.as_str_name(),
-            ),
-        },
-        trace_reason: match p.trace_reason {
-            0 => "".into(),
-            v => name_of(
-                v,
-                |v| pb::TraceReason::try_from(v).ok(),
-                |e| e.as_str_name(),
-            ),
-        },
+        traffic_direction: flow::enums::TrafficDirection(p.traffic_direction),
+        trace_observation_point: flow::enums::TraceObservationPoint(p.trace_observation_point),
+        trace_reason: flow::enums::TraceReason(p.trace_reason),
         is_reply: p.is_reply,
-        drop_reason_desc: match p.drop_reason_desc {
-            0 => "".into(),
-            v => name_of(v, |v| pb::DropReason::try_from(v).ok(), |e| e.as_str_name()),
-        },
+        drop_reason_desc: flow::enums::DropReason(p.drop_reason_desc),
         interface: p
             .interface
             .as_ref()

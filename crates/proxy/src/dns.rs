@@ -5,6 +5,7 @@
 //! rest go to the resolver, and the answer's addresses are learned (and
 //! turned into policy) before the answer is released to the pod.
 
+use flow::enums::{L7FlowType, Verdict};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -360,7 +361,7 @@ async fn answer(
         .iter()
         .map(|q| q.query_type().to_string())
         .collect();
-    let flow = |is_reply: bool, verdict: &'static str, dns: flow::record::Dns, latency: u64| {
+    let flow = |is_reply: bool, verdict: Verdict, dns: flow::record::Dns, latency: u64| {
         flow::record::L7Record {
             unix_ns: crate::http::now_ns(),
             client,
@@ -371,7 +372,11 @@ async fn answer(
             verdict,
             ingress: false,
             l7: flow::record::Layer7 {
-                r#type: if is_reply { "RESPONSE" } else { "REQUEST" }.into(),
+                r#type: if is_reply {
+                    L7FlowType::RESPONSE
+                } else {
+                    L7FlowType::REQUEST
+                },
                 latency_ns: latency,
                 dns: Some(dns),
                 http: None,
@@ -395,11 +400,11 @@ async fn answer(
                 .all(|n| conn.selectors.iter().any(|s| s.matches(n))));
     if !allowed {
         stats.dns_refused.inc();
-        policy.record(flow(false, "DROPPED", request, 0));
+        policy.record(flow(false, Verdict::DROPPED, request, 0));
         return refusal(&query, ResponseCode::Refused);
     }
     stats.dns_forwarded.inc();
-    policy.record(flow(false, "FORWARDED", request, 0));
+    policy.record(flow(false, Verdict::FORWARDED, request, 0));
 
     let reply = match forward(bytes, client, dst, tcp, conn.transparent, from_mark).await {
         Ok(r) => r,
@@ -474,7 +479,7 @@ async fn answer(
     };
     policy.record(flow(
         true,
-        "FORWARDED",
+        Verdict::FORWARDED,
         response,
         started.elapsed().as_nanos().max(1) as u64,
     ));

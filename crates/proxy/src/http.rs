@@ -2,6 +2,7 @@
 //! knowledge, so gRPC methods are paths) on one listener, one upstream
 //! connection per client connection, in the client's protocol.
 
+use flow::enums::{L7FlowType, Verdict};
 use std::convert::Infallible;
 use std::net::SocketAddrV4;
 use std::sync::Arc;
@@ -422,7 +423,7 @@ impl Conn {
     /// any rule (the URL holds the target as it came).
     fn bad_target(&self, request: flow::record::Http) {
         self.stats.malformed.inc();
-        self.record(false, "DROPPED", request, 0, Arc::new([]));
+        self.record(false, Verdict::DROPPED, request, 0, Arc::new([]));
     }
 
     /// Counts and reports a request `side` refused.
@@ -430,7 +431,7 @@ impl Conn {
         self.stats.requests_denied.inc();
         self.record(
             false,
-            "DROPPED",
+            Verdict::DROPPED,
             request,
             0,
             Arc::new([(side.ingress, side.policy.clone())]),
@@ -441,7 +442,7 @@ impl Conn {
     fn record(
         &self,
         is_reply: bool,
-        verdict: &'static str,
+        verdict: Verdict,
         http: flow::record::Http,
         latency_ns: u64,
         by: Arc<[(bool, flow::record::SharedPolicyRef)]>,
@@ -456,7 +457,11 @@ impl Conn {
             verdict,
             ingress: self.ingress,
             l7: flow::record::Layer7 {
-                r#type: if is_reply { "RESPONSE" } else { "REQUEST" }.into(),
+                r#type: if is_reply {
+                    L7FlowType::RESPONSE
+                } else {
+                    L7FlowType::REQUEST
+                },
                 latency_ns,
                 dns: None,
                 http: Some(http),
@@ -547,7 +552,13 @@ impl Conn {
             }
         }
         self.stats.requests_forwarded.inc();
-        self.record(false, "FORWARDED", request, 0, self.allowed_by.clone());
+        self.record(
+            false,
+            Verdict::FORWARDED,
+            request,
+            0,
+            self.allowed_by.clone(),
+        );
 
         let h1 = req.version() != Version::HTTP_2;
         // The client's side of an allowed WebSocket upgrade, taken before
@@ -606,7 +617,13 @@ impl Conn {
         };
         http.code = resp.status().as_u16() as u32;
         let latency_ns = started.elapsed().as_nanos().max(1) as u64;
-        self.record(true, "FORWARDED", http, latency_ns, self.allowed_by.clone());
+        self.record(
+            true,
+            Verdict::FORWARDED,
+            http,
+            latency_ns,
+            self.allowed_by.clone(),
+        );
         resp
     }
 

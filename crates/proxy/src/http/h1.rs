@@ -11,6 +11,7 @@
 //! path (`Conn::serve_hyper`) with the bytes already read, between two
 //! requests, so that hyper decides about and counts malformed input.
 
+use flow::enums::Verdict;
 use std::io;
 use std::time::Instant;
 
@@ -485,7 +486,13 @@ impl Conn {
             return answer(client, "403 Forbidden", "Access denied\r\n", keep).await;
         }
         self.stats.requests_forwarded.inc();
-        self.record(false, "FORWARDED", request, 0, self.allowed_by.clone());
+        self.record(
+            false,
+            Verdict::FORWARDED,
+            request,
+            0,
+            self.allowed_by.clone(),
+        );
 
         // The server failing before a response head gets a 503, and not
         // sending one within the request timeout (counted from the end of
@@ -530,7 +537,13 @@ impl Conn {
                 };
                 http.code = code;
                 let latency = started.elapsed().as_nanos().max(1) as u64;
-                self.record(true, "FORWARDED", http, latency, self.allowed_by.clone());
+                self.record(
+                    true,
+                    Verdict::FORWARDED,
+                    http,
+                    latency,
+                    self.allowed_by.clone(),
+                );
                 let keep = match read {
                     RequestRead::Whole => !head.close,
                     RequestRead::PartOfBody => false,
@@ -541,7 +554,13 @@ impl Conn {
         };
         http.code = resp.code as u32;
         let latency = started.elapsed().as_nanos().max(1) as u64;
-        self.record(true, "FORWARDED", http, latency, self.allowed_by.clone());
+        self.record(
+            true,
+            Verdict::FORWARDED,
+            http,
+            latency,
+            self.allowed_by.clone(),
+        );
         let up = upstream.as_mut().expect("sent on it");
         if forward_response(up, client, &resp).await.is_err() {
             *upstream = None;
@@ -1017,7 +1036,13 @@ mod tests {
                 .map(|r| {
                     let h = r.l7.http.as_ref().unwrap();
                     let (method, url) = (h.method.to_string(), h.url.clone());
-                    (r.verdict, r.l7.r#type.to_string(), method, url, h.code)
+                    (
+                        r.verdict.as_str(),
+                        r.l7.r#type.to_string(),
+                        method,
+                        url,
+                        h.code,
+                    )
                 })
                 .collect()
         }
