@@ -1,8 +1,10 @@
-//! A flow as the ring holds it for the Hubble API: the record, and (made
-//! on first read, once, whoever reads first) its `flow.Flow` for filters
-//! and the whole GetFlowsResponse already encoded, which every stream that
-//! sends the flow unmasked copies as it is. So a flow costs one conversion
-//! and one encoding however many clients read it.
+//! A flow as the ring holds it for the Hubble API: the record, and, each
+//! made on first need, once, whoever needs it first: its `flow.Flow` (for
+//! filters) and its whole GetFlowsResponse encoded (which every stream that
+//! sends the flow unmasked copies as it is). So a flow costs one conversion
+//! and one encoding however many clients read it; a read with no filter
+//! keeps only the encoding (~300 bytes, not the ~3 KB of a `flow.Flow`:
+//! a cold ring's first read is bound by touching fresh memory).
 
 use std::sync::OnceLock;
 
@@ -15,77 +17,82 @@ use crate::convert;
 
 pub struct FlowEntry {
     flow: flow::Flow,
-    /// Boxed: most flows are never read, and the ring holds them all.
-    wire: OnceLock<Box<Wire>>,
+    /// Boxed: most flows are never filtered, and the ring holds them all.
+    pb: OnceLock<Box<pb::Flow>>,
+    response: OnceLock<Response>,
 }
 
-/// The wire forms of a flow.
-pub struct Wire {
-    pub flow: pb::Flow,
-    /// Its time, in ns since the epoch (0 when it has none).
-    pub ns: u64,
-    /// `GetFlowsResponse { flow, node_name, time }`, encoded: the flow
-    /// (field 1) first, then the rest (`rest`).
-    pub response: Bytes,
-    /// The encoded `flow.Flow` within `response`.
-    pub flow_bytes: Bytes,
-    /// The response after the flow: its node name and time.
-    pub rest: Bytes,
+/// `GetFlowsResponse { flow, node_name, time }`, encoded: the flow (field
+/// 1) first, then the rest.
+struct Response {
+    bytes: Bytes,
+    /// Where the encoded `flow.Flow` lies within `bytes`.
+    flow: std::ops::Range<usize>,
 }
 
 impl FlowEntry {
     pub fn new(flow: flow::Flow) -> Self {
         FlowEntry {
             flow,
-            wire: OnceLock::new(),
+            pb: OnceLock::new(),
+            response: OnceLock::new(),
         }
     }
 
-    pub fn wire(&self) -> &Wire {
-        self.wire.get_or_init(|| {
-            Box::new({
-                let flow = convert::flow(&self.flow);
-                let ns = self.flow.time.unix_ns();
-                let envelope = GetFlowsResponse {
-                    node_name: flow.node_name.clone(),
-                    time: flow.time,
-                    response_types: None,
-                };
-                // The flow encoded straight into the response (no copy).
-                let flow_len = flow.encoded_len();
-                let mut buf = Vec::with_capacity(flow_len + envelope.encoded_len() + 16);
-                prost::encoding::encode_key(
-                    1,
-                    prost::encoding::WireType::LengthDelimited,
-                    &mut buf,
-                );
-                prost::encoding::encode_varint(flow_len as u64, &mut buf);
-                let start = buf.len();
-                flow.encode_raw(&mut buf);
-                let end = buf.len();
-                envelope.encode_raw(&mut buf);
-                let response = Bytes::from(buf);
-                Wire {
-                    flow,
-                    ns,
-                    flow_bytes: response.slice(start..end),
-                    rest: response.slice(end..),
-                    response,
-                }
-            })
+    /// The flow as `flow.Flow`.
+    pub fn pb(&self) -> &pb::Flow {
+        self.pb.get_or_init(|| Box::new(convert::flow(&self.flow)))
+    }
+
+    /// The flow's time in ns since the epoch (0 when it has none).
+    pub fn ns(&self) -> u64 {
+        self.flow.time.unix_ns()
+    }
+
+    /// The encoded response; shares its bytes.
+    pub fn response(&self) -> Bytes {
+        self.encoded().bytes.clone()
+    }
+
+    fn encoded(&self) -> &Response {
+        self.response.get_or_init(|| match self.pb.get() {
+            Some(flow) => encode(flow),
+            // Converted for the encoding only, and dropped.
+            None => encode(&convert::flow(&self.flow)),
         })
     }
-}
 
-impl Wire {
     /// The response with only what `mask` keeps of the flow; its node and
     /// time as they are.
     pub fn masked(&self, mask: &crate::field_mask::FieldMask) -> Bytes {
-        let kept = mask.apply_encoded(&self.flow_bytes);
-        let mut buf = Vec::with_capacity(kept.len() + self.rest.len() + 8);
+        let r = self.encoded();
+        let kept = mask.apply_encoded(&r.bytes.slice(r.flow.clone()));
+        let rest = &r.bytes[r.flow.end..];
+        let mut buf = Vec::with_capacity(kept.len() + rest.len() + 8);
         with_flow(&mut buf, &kept);
-        buf.extend_from_slice(&self.rest);
+        buf.extend_from_slice(rest);
         buf.into()
+    }
+}
+
+/// The response carrying `flow`, the flow encoded straight into it.
+fn encode(flow: &pb::Flow) -> Response {
+    let envelope = GetFlowsResponse {
+        node_name: flow.node_name.clone(),
+        time: flow.time,
+        response_types: None,
+    };
+    let flow_len = flow.encoded_len();
+    let mut buf = Vec::with_capacity(flow_len + envelope.encoded_len() + 16);
+    prost::encoding::encode_key(1, prost::encoding::WireType::LengthDelimited, &mut buf);
+    prost::encoding::encode_varint(flow_len as u64, &mut buf);
+    let start = buf.len();
+    flow.encode_raw(&mut buf);
+    let end = buf.len();
+    envelope.encode_raw(&mut buf);
+    Response {
+        bytes: Bytes::from(buf),
+        flow: start..end,
     }
 }
 
@@ -150,9 +157,13 @@ mod tests {
     fn the_cached_response_is_the_response_prost_would_send() {
         let f: flow::Flow = serde_json::from_str(r#"{"time":"2026-01-15T10:00:00.5Z","uuid":"u","verdict":"DROPPED","IP":{"source":"10.0.0.1","destination":"10.0.0.2","ipVersion":"IPv4"},"Type":"L3_L4","node_name":"n1","event_type":{"type":1,"sub_type":133},"drop_reason_desc":"POLICY_DENIED","Summary":"x"}"#).unwrap();
         let entry = FlowEntry::new(f.clone());
-        let wire = entry.wire();
-        assert_eq!(wire.ns, 1_768_471_200_500_000_000);
-        let decoded = GetFlowsResponse::decode(wire.response.clone()).unwrap();
+        assert_eq!(entry.ns(), 1_768_471_200_500_000_000);
+        let response = entry.response();
+        assert!(
+            entry.pb.get().is_none(),
+            "no flow.Flow kept for a plain read"
+        );
+        let decoded = GetFlowsResponse::decode(response.clone()).unwrap();
         let flow = convert::flow(&f);
         let expected = GetFlowsResponse {
             node_name: flow.node_name.clone(),
@@ -162,18 +173,19 @@ mod tests {
         assert_eq!(decoded, expected);
         assert_eq!(decoded.node_name, "n1");
         // Encoded carries it byte for byte.
-        let e = Encoded(wire.response.clone());
-        assert_eq!(e.encode_to_vec(), wire.response.to_vec());
-        assert!(std::ptr::eq(entry.wire(), wire), "made once");
-        assert_eq!(
-            pb::Flow::decode(wire.flow_bytes.clone()).unwrap(),
-            convert::flow(&f)
-        );
+        let e = Encoded(response.clone());
+        assert_eq!(e.encode_to_vec(), response.to_vec());
+        assert_eq!(entry.response().as_ptr(), response.as_ptr(), "made once");
+        assert_eq!(entry.pb(), &convert::flow(&f));
+        // Encoded from the kept flow.Flow, the same bytes.
+        let filtered_first = FlowEntry::new(f.clone());
+        filtered_first.pb();
+        assert_eq!(filtered_first.response(), response);
         // Masked: only the named fields of the flow, node and time kept.
         let mask = crate::field_mask::FieldMask::new(&["verdict".into(), "IP.source".into()])
             .unwrap()
             .unwrap();
-        let masked = GetFlowsResponse::decode(wire.masked(&mask)).unwrap();
+        let masked = GetFlowsResponse::decode(entry.masked(&mask)).unwrap();
         assert_eq!(
             (masked.node_name.as_str(), masked.time),
             ("n1", decoded.time)

@@ -301,21 +301,20 @@ fn stream_flows<B: Backend>(
             if filters.is_empty() && mask.is_none() {
                 return Some((f.time.unix_ns(), Pending::Entry(f.clone())));
             }
-            let wire = f.wire();
-            if !filters.matches(&wire.flow) {
+            if !filters.is_empty() && !filters.matches(f.pb()) {
                 return None;
             }
             // The response's time and node (and the stream's order) are the
             // flow's, whatever the mask keeps of it; unmasked, the response
             // every stream shares goes out as it was encoded.
             let response = match &mask {
-                Some(m) => Encoded(wire.masked(m)),
-                None => Encoded(wire.response.clone()),
+                Some(m) => Encoded(f.masked(m)),
+                None => Encoded(f.response()),
             };
-            Some((wire.ns, Pending::Ready(response)))
+            Some((f.ns(), Pending::Ready(response)))
         },
         |p| match p {
-            Pending::Entry(f) => Encoded(f.wire().response.clone()),
+            Pending::Entry(f) => Encoded(f.response()),
             Pending::Ready(r) => r,
         },
         |n| {
