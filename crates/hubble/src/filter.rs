@@ -334,6 +334,8 @@ pub struct Compiled {
     trace_id: Vec<String>,
     ip_trace_id: Vec<u64>,
     encrypted: Vec<bool>,
+    /// Only fields `rules_out` reads are set: the record alone decides.
+    record_decides: bool,
 }
 
 fn regexes(field: &'static str, list: &[String]) -> Result<Vec<regex::Regex>, FilterError> {
@@ -487,7 +489,21 @@ pub fn compile(f: &pb::FlowFilter) -> Result<Compiled, FilterError> {
             return Err(invalid("protocol", p, "expected one of icmp, icmpv4, icmpv6, tcp, udp, sctp, vrrp, igmp, dns, http, kafka"));
         }
     }
+    // Every field but those the record answers cleared: nothing left means
+    // the record decides (a field added to the proto later does not).
+    let record_decides = pb::FlowFilter {
+        traffic_direction: vec![],
+        verdict: vec![],
+        drop_reason_desc: vec![],
+        event_type: vec![],
+        source_identity: vec![],
+        destination_identity: vec![],
+        node_name: vec![],
+        ip_version: vec![],
+        ..f.clone()
+    } == pb::FlowFilter::default();
     Ok(Compiled {
+        record_decides,
         uuid: f.uuid.clone(),
         source_ip: ips("source_ip", &f.source_ip)?,
         destination_ip: ips("destination_ip", &f.destination_ip)?,
@@ -634,6 +650,49 @@ fn glob(p: &str, s: &str) -> bool {
 }
 
 impl Compiled {
+    /// Whether the record's own numbers (verdict, direction, drop reason,
+    /// event type, identities, IP version, node) already rule the flow out:
+    /// then it need not become a `flow.Flow` to be refused. Never true of a
+    /// flow `matches` would take (the conversion copies these fields).
+    pub fn rules_out(&self, f: &flow::Flow) -> bool {
+        let fails = |empty: bool, hit: bool| !empty && !hit;
+        let dropped = f.verdict == flow::enums::Verdict::DROPPED;
+        let et = &f.event_type;
+        fails(
+            self.traffic_direction.is_empty(),
+            self.traffic_direction.contains(&f.traffic_direction.0),
+        ) || fails(self.verdict.is_empty(), self.verdict.contains(&f.verdict.0))
+            || fails(
+                self.drop_reason_desc.is_empty(),
+                dropped && self.drop_reason_desc.contains(&f.drop_reason_desc.0),
+            )
+            || fails(
+                self.event_type.is_empty(),
+                self.event_type.iter().any(|e| {
+                    e.r#type == 0
+                        || (e.r#type == et.r#type
+                            && (!e.match_sub_type || e.sub_type == et.sub_type))
+                }),
+            )
+            || fails(
+                self.source_identity.is_empty(),
+                self.source_identity.contains(&f.source.identity),
+            )
+            || fails(
+                self.destination_identity.is_empty(),
+                self.destination_identity.contains(&f.destination.identity),
+            )
+            || fails(
+                self.node_name.is_empty(),
+                self.node_name.iter().any(|p| node_matches(p, &f.node_name)),
+            )
+            || fails(
+                self.ip_version.is_empty(),
+                self.ip_version
+                    .contains(&f.ip.as_ref().map_or(0, |i| i.ip_version.0)),
+            )
+    }
+
     pub fn matches(&self, f: &pb::Flow) -> bool {
         let any = |empty: bool, hit: &dyn Fn() -> bool| empty || hit();
         let ip = f.ip.as_ref();
@@ -890,6 +949,28 @@ impl Filters {
         (self.allow.is_empty() || self.allow.iter().any(|c| c.matches(f)))
             && !self.deny.iter().any(|c| c.matches(f))
     }
+
+    /// `matches` for a ring's flow, made a `flow.Flow` (`pb`) only when its
+    /// record does not decide: it is ruled out of every allow filter, or
+    /// an allow filter on record fields alone takes it (and none denies).
+    pub fn matches_record<'a>(
+        &self,
+        record: &flow::Flow,
+        pb: impl FnOnce() -> &'a pb::Flow,
+    ) -> bool {
+        if !self.allow.is_empty() && self.allow.iter().all(|c| c.rules_out(record)) {
+            return false;
+        }
+        if self.deny.is_empty()
+            && self
+                .allow
+                .iter()
+                .any(|c| c.record_decides && !c.rules_out(record))
+        {
+            return true;
+        }
+        self.matches(pb())
+    }
 }
 
 #[cfg(test)]
@@ -945,6 +1026,77 @@ mod tests {
     fn check(filter: pb::FlowFilter, expected: bool) {
         let c = compile(&filter).unwrap_or_else(|e| panic!("{e}: {filter:?}"));
         assert_eq!(c.matches(&flow()), expected, "{filter:?}");
+    }
+
+    /// What the record rules out, the message never matches; and the
+    /// shortcut does rule flows out.
+    #[test]
+    fn a_record_rules_out_only_what_would_not_match() {
+        let mut flows = vec![flow()];
+        let mut forwarded = flow();
+        forwarded.verdict = pb::Verdict::Forwarded as i32;
+        forwarded.traffic_direction = pb::TrafficDirection::Ingress as i32;
+        forwarded.event_type = Some(pb::CiliumEventType {
+            r#type: 4,
+            sub_type: 0,
+        });
+        forwarded.ip = None;
+        flows.push(forwarded);
+        let filters = [
+            pb::FlowFilter {
+                verdict: vec![pb::Verdict::Dropped as i32],
+                ..Default::default()
+            },
+            pb::FlowFilter {
+                verdict: vec![pb::Verdict::Forwarded as i32, pb::Verdict::Audit as i32],
+                traffic_direction: vec![pb::TrafficDirection::Ingress as i32],
+                ..Default::default()
+            },
+            pb::FlowFilter {
+                drop_reason_desc: vec![pb::DropReason::PolicyDenied as i32],
+                ..Default::default()
+            },
+            pb::FlowFilter {
+                event_type: vec![pb::EventTypeFilter {
+                    r#type: 1,
+                    match_sub_type: true,
+                    sub_type: 133,
+                }],
+                ..Default::default()
+            },
+            pb::FlowFilter {
+                source_identity: vec![300],
+                destination_identity: vec![2, 3],
+                ..Default::default()
+            },
+            pb::FlowFilter {
+                node_name: vec!["lab-*".into()],
+                ip_version: vec![pb::IpVersion::IpNotUsed as i32],
+                ..Default::default()
+            },
+            pb::FlowFilter {
+                source_pod: vec!["shop/web".into()],
+                ..Default::default()
+            },
+        ];
+        let mut ruled_out = 0;
+        for f in &flows {
+            let record = crate::convert::from_pb(f);
+            assert_eq!(&crate::convert::flow(&record).verdict, &f.verdict);
+            for filter in &filters {
+                let c = compile(filter).unwrap();
+                if c.rules_out(&record) {
+                    ruled_out += 1;
+                    assert!(!c.matches(f), "{filter:?} ruled out {f:?}");
+                }
+                let set = Filters {
+                    allow: vec![compile(filter).unwrap()],
+                    deny: vec![],
+                };
+                assert_eq!(set.matches_record(&record, || f), c.matches(f));
+            }
+        }
+        assert!(ruled_out >= 5, "{ruled_out}");
     }
 
     #[test]

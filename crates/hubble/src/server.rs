@@ -301,7 +301,7 @@ fn stream_flows<B: Backend>(
             if filters.is_empty() && mask.is_none() {
                 return Some((f.time.unix_ns(), Pending::Entry(f.clone())));
             }
-            if !filters.is_empty() && !filters.matches(f.pb()) {
+            if !filters.is_empty() && !filters.matches_record(f, || f.pb()) {
                 return None;
             }
             // The response's time and node (and the stream's order) are the
