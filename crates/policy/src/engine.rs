@@ -454,16 +454,9 @@ impl Engine {
             }
         }
         for id in dirty {
-            let Some(rules) = self.selecting.get(&id) else {
+            let Some(selected) = self.selected(id) else {
                 continue;
             };
-            let selected: Vec<Selected<'_>> = rules
-                .iter()
-                .filter_map(|(k, ri)| {
-                    let p = self.policies.get(k)?;
-                    Some((p, *ri, p.rules.get(*ri)?))
-                })
-                .collect();
             let peers = &self.peers;
             let resolve = |p: &Policy, ri: usize, dir: Direction, e: usize, _: &PeerRule| {
                 peers
@@ -487,6 +480,20 @@ impl Engine {
         changed
     }
 
+    /// The rules that select a local identity, with their policies.
+    fn selected(&self, id: u32) -> Option<Vec<Selected<'_>>> {
+        let rules = self.selecting.get(&id)?;
+        Some(
+            rules
+                .iter()
+                .filter_map(|(k, ri)| {
+                    let p = self.policies.get(k)?;
+                    Some((p, *ri, p.rules.get(*ri)?))
+                })
+                .collect(),
+        )
+    }
+
     /// Recomputes a local identity's entries for the `peers` that moved in
     /// or out of its rules' peer sets, the rest of its policy standing
     /// (those entries depend only on the peer: its own rules' verdicts,
@@ -494,19 +501,9 @@ impl Engine {
     /// here; callers dirty identities with `requires` or named-port rules
     /// the long way). Returns whether anything changed.
     fn patch_peers(&mut self, id: u32, peers: &BTreeSet<u32>) -> bool {
-        let Some(rules) = self.selecting.get(&id) else {
+        let (Some(selected), Some(current)) = (self.selected(id), self.computed.get(&id)) else {
             return false;
         };
-        let Some(current) = self.computed.get(&id) else {
-            return false;
-        };
-        let selected: Vec<Selected<'_>> = rules
-            .iter()
-            .filter_map(|(k, ri)| {
-                let p = self.policies.get(k)?;
-                Some((p, *ri, p.rules.get(*ri)?))
-            })
-            .collect();
         let sets = &self.peers;
         let only_moved = |p: &Policy, ri: usize, dir: Direction, e: usize, _: &PeerRule| {
             sets.get(&p.key())
