@@ -97,6 +97,15 @@ fn apt_packages() -> anyhow::Result<()> {
         ("curl", "/usr/bin/curl"),
         // The real server behind the proxy in the L7 bypass corpus.
         ("nginx-light", "/usr/sbin/nginx"),
+        // The cluster's kvstore (a real etcd), and protoc with the
+        // well-known types, which the etcd client's build generates its
+        // gRPC code with.
+        ("etcd-server", "/usr/bin/etcd"),
+        ("protobuf-compiler", "/usr/bin/protoc"),
+        (
+            "libprotobuf-dev",
+            "/usr/include/google/protobuf/descriptor.proto",
+        ),
     ];
     let missing: Vec<&str> = needed
         .iter()
