@@ -2,6 +2,7 @@
 //! wired to the datapath; served on a local Unix socket.
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod conntrack;
 pub mod control;
 pub mod drain;
@@ -47,6 +48,8 @@ pub struct Config {
     pub fqdn: fqdn::FqdnConfig,
     /// Conntrack entries one endpoint's traffic may hold (0: no budget).
     pub ct_endpoint_budget: u32,
+    /// Kvstore mode: the cluster's etcd (policies are the cluster's).
+    pub kvstore: Option<cluster::KvstoreConfig>,
 }
 
 pub use control::{EndpointIndex, EndpointLookup, EndpointMeta};
@@ -87,6 +90,9 @@ pub enum Error {
     Net(#[from] net::NetError),
     #[error("saving state: {0}")]
     Store(#[from] std::io::Error),
+    /// A service the request needs is unreachable (the kvstore).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 fn invalid(m: impl Into<String>) -> Error {
@@ -103,7 +109,7 @@ impl Error {
             Error::Exhausted(_) => api::ErrorKind::Exhausted,
             Error::Net(_) => api::ErrorKind::Network,
             Error::Datapath(_) => api::ErrorKind::Datapath,
-            Error::Store(_) => api::ErrorKind::Internal,
+            Error::Store(_) | Error::Unavailable(_) => api::ErrorKind::Internal,
         }
     }
 }
@@ -169,7 +175,20 @@ impl Agent {
             observer.clone(),
         );
         endpoints.preload_next(&control.lock());
-        let policies = policies::Policies::new(control.clone(), observer.clone());
+        let cluster = config
+            .kvstore
+            .clone()
+            .map(|k| {
+                cluster::Cluster::start(
+                    k,
+                    &config.cluster_name,
+                    &config.node_name,
+                    control.clone(),
+                    observer.clone(),
+                )
+            })
+            .transpose()?;
+        let policies = policies::Policies::new(control.clone(), observer.clone(), cluster);
         let conntrack = conntrack::Conntrack::new(datapath.clone(), control.clone());
         let fqdn = fqdn::Fqdn::new(config.fqdn, control.clone());
         let agent = Arc::new(Self {

@@ -107,6 +107,15 @@ struct Args {
     /// budget.
     #[arg(long, default_value_t = datapath::DEFAULT_CT_ENDPOINT_BUDGET)]
     ct_endpoint_budget: u32,
+    /// Kvstore mode (Cilium's `--kvstore etcd`): the cluster's etcd
+    /// members, `http://ip:port`, comma-separated. Policies are then the
+    /// cluster's, kept there. None: this node alone.
+    #[arg(long, value_delimiter = ',')]
+    kvstore: Vec<String>,
+    /// Seconds this node's keys in the kvstore outlive it (its lease;
+    /// Cilium's kvstore-lease-ttl, 15 min).
+    #[arg(long, default_value_t = 900, value_parser = clap::value_parser!(u64).range(2..=86_400))]
+    kvstore_lease_ttl: u64,
 }
 
 /// The HTTP proxy process's port a restarted agent asks for when it has
@@ -336,6 +345,10 @@ fn main() -> anyhow::Result<()> {
         flow_capacity: args.flow_capacity,
         proxy: None,
         ct_endpoint_budget: args.ct_endpoint_budget,
+        kvstore: (!args.kvstore.is_empty()).then(|| fibril_agent::cluster::KvstoreConfig {
+            endpoints: args.kvstore.clone(),
+            lease_ttl: std::time::Duration::from_secs(args.kvstore_lease_ttl),
+        }),
         fqdn: fibril_agent::fqdn::FqdnConfig {
             min_ttl_s: args.tofqdns_min_ttl,
             idle_grace_s: args.tofqdns_idle_connection_grace_period,

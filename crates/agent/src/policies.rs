@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use api::Response;
 
+use crate::cluster::Cluster;
 use crate::control::Control;
 use crate::observer::Observer;
 use crate::state::State;
@@ -16,11 +17,23 @@ use crate::{invalid, Error};
 pub struct Policies {
     control: Arc<Control>,
     observer: Arc<Observer>,
+    /// Kvstore mode: policies are the cluster's, kept in etcd; an import
+    /// or delete goes there first, and every node (this one too) applies
+    /// what it watches.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Policies {
-    pub fn new(control: Arc<Control>, observer: Arc<Observer>) -> Self {
-        Policies { control, observer }
+    pub fn new(
+        control: Arc<Control>,
+        observer: Arc<Observer>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Self {
+        Policies {
+            control,
+            observer,
+            cluster,
+        }
     }
 
     /// Every policy in force.
@@ -49,22 +62,12 @@ impl Policies {
         if parsed.policies.is_empty() {
             return Err(invalid(format!("{file}: no policy found")));
         }
-        let mut s = self.control.lock();
-        let mut names = Vec::new();
-        for p in parsed.policies {
-            names.push(p.key());
-            s.insert_policy(p);
+        if let Some(cluster) = &self.cluster {
+            // All or none, in the cluster first: a node that applied a
+            // policy the others never see would enforce alone.
+            cluster.put_policies(&parsed.policies)?;
         }
-        self.control.commit(&mut s)?;
-        for n in &names {
-            let rules = s.policies().get(n).map_or(0, |p| p.rules.len() as i64);
-            self.observer
-                .agent_event(flow::agent_event::Kind::PolicyUpdated {
-                    labels: policy_labels(s.policies().get(n)),
-                    revision: s.policy_generation(),
-                    rules,
-                });
-        }
+        let names = apply(&self.control, &self.observer, parsed.policies, vec![])?;
         Ok(Response::Imported {
             warnings: parsed.warnings.iter().map(|w| w.to_string()).collect(),
             policies: names,
@@ -131,20 +134,52 @@ impl Policies {
     }
 
     pub fn delete(&self, key: &str) -> Result<(), Error> {
-        let mut s = self.control.lock();
-        let removed = s.remove_policy(key);
-        if removed.is_none() {
+        let known = self.control.lock().policies().contains_key(key);
+        let in_cluster = match &self.cluster {
+            Some(cluster) => cluster.delete_policy(key)?,
+            None => false,
+        };
+        if !known && !in_cluster {
             return Err(invalid(format!("no policy {key:?}")));
         }
-        self.control.commit(&mut s)?;
-        self.observer
-            .agent_event(flow::agent_event::Kind::PolicyDeleted {
-                labels: policy_labels(removed.as_ref()),
-                revision: s.policy_generation(),
-                rules: removed.as_ref().map_or(0, |p| p.rules.len() as i64),
-            });
+        apply(&self.control, &self.observer, vec![], vec![key.to_string()])?;
         Ok(())
     }
+}
+
+/// Puts and removes policies in one commit, with Hubble's policy agent
+/// events; returns the keys put. Imports and the cluster's watch both come
+/// here.
+pub(crate) fn apply(
+    control: &Control,
+    observer: &Observer,
+    put: Vec<policy::Policy>,
+    remove: Vec<String>,
+) -> Result<Vec<String>, Error> {
+    let mut s = control.lock();
+    let mut names = Vec::new();
+    for p in put {
+        names.push(p.key());
+        s.insert_policy(p);
+    }
+    let removed: Vec<policy::Policy> = remove.iter().filter_map(|k| s.remove_policy(k)).collect();
+    control.commit(&mut s)?;
+    for n in &names {
+        let p = s.policies().get(n);
+        observer.agent_event(flow::agent_event::Kind::PolicyUpdated {
+            labels: policy_labels(p),
+            revision: s.policy_generation(),
+            rules: p.map_or(0, |p| p.rules.len() as i64),
+        });
+    }
+    for p in &removed {
+        observer.agent_event(flow::agent_event::Kind::PolicyDeleted {
+            labels: policy_labels(Some(p)),
+            revision: s.policy_generation(),
+            rules: p.rules.len() as i64,
+        });
+    }
+    Ok(names)
 }
 
 /// A policy's labels as Cilium derives them (name, namespace, kind).

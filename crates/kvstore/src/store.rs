@@ -104,6 +104,25 @@ impl Kvstore {
         Ok(())
     }
 
+    /// Puts every (key, value) at once, or none (one transaction), not
+    /// tied to the lease.
+    pub async fn put_all(&self, items: Vec<(String, Vec<u8>)>) -> Result<(), Error> {
+        let ops: Vec<etcd_client::TxnOp> = items
+            .into_iter()
+            .map(|(k, v)| etcd_client::TxnOp::put(k, v, None))
+            .collect();
+        self.client
+            .clone()
+            .txn(etcd_client::Txn::new().and_then(ops))
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes `key`; whether it was there.
+    pub async fn delete_existing(&self, key: &str) -> Result<bool, Error> {
+        Ok(self.client.clone().delete(key, None).await?.deleted() > 0)
+    }
+
     pub async fn delete(&self, key: &str) -> Result<(), Error> {
         self.client.clone().delete(key, None).await?;
         Ok(())

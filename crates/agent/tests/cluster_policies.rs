@@ -1,0 +1,190 @@
+//! Kvstore mode: two agents on one real etcd share their policies. An
+//! import on one is enforced by the other; a delete goes everywhere; a
+//! value that does not decode changes nothing; with etcd gone an import is
+//! refused and the last policies stay; with it back, both converge.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use kvstore::server::{Etcd, ETCD};
+
+struct Agent {
+    child: Child,
+    dir: PathBuf,
+    bpf: PathBuf,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        netns::proxy_routing_forget(&self.dir.join("state").join(netns::PROXY_ROUTING_FILE));
+        datapath::Datapath::unpin_all(&self.bpf);
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+impl Agent {
+    fn start(node: &str, cidr: &str, etcd: &str) -> Self {
+        let id = test_support::unique_name("k");
+        let dir = std::env::temp_dir().join(format!("fibril-cluster-{id}"));
+        let bpf = PathBuf::from("/sys/fs/bpf").join(format!("fibril-cluster-{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bin = Path::new(env!("CARGO_BIN_EXE_fibril-agent"));
+        let child = test_support::agent_command(bin, &dir, &bpf, node, cidr)
+            .args(["--cluster-name", "lab", "--kvstore", etcd])
+            .args(["--kvstore-lease-ttl", "5"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let agent = Agent { child, dir, bpf };
+        let up = eventually(Duration::from_secs(10), || {
+            api::call(&agent.socket(), &api::Request::Status).is_ok()
+        });
+        assert!(up, "agent did not start: {}", agent.log());
+        agent
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    fn call(&self, r: api::Request) -> Result<api::Response, api::ClientError> {
+        api::call(&self.socket(), &r)
+    }
+
+    fn import(&self, yaml: &str) -> Result<api::Response, api::ClientError> {
+        self.call(api::Request::PolicyImport {
+            file: "test.yaml".into(),
+            yaml: yaml.into(),
+            namespace: None,
+        })
+    }
+
+    fn policies(&self) -> Vec<String> {
+        match self.call(api::Request::PolicyGet) {
+            Ok(api::Response::Policies { policies }) => {
+                let mut keys: Vec<String> = policies.iter().map(|p| p.key()).collect();
+                keys.sort();
+                keys
+            }
+            other => panic!("policy get: {other:?}"),
+        }
+    }
+}
+
+/// Polls `check` until it holds, for at most `within` (a bound: the test
+/// fails only if it never holds).
+fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn policy(name: &str, app: &str) -> String {
+    format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  endpointSelector: {{matchLabels: {{app: {app}}}}}\n  ingress:\n  - fromEndpoints: [{{matchLabels: {{app: web}}}}]\n"
+    )
+}
+
+#[test]
+fn agents_share_their_policies_through_etcd() {
+    let dir = std::env::temp_dir().join(test_support::unique_name("fibril-cluster-etcd-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            std::fs::remove_dir_all(&self.0).ok();
+        }
+    }
+    let _dir = Dir(dir.clone());
+    let etcd = Etcd::single(&dir).unwrap();
+    let endpoint = etcd.endpoint();
+    let a = Agent::start("a", "10.249.90.0/24", &endpoint);
+    let b = Agent::start("b", "10.249.91.0/24", &endpoint);
+
+    // An import on a: b enforces it too.
+    let both = format!("{}---\n{}", policy("db", "db"), policy("cache", "cache"));
+    a.import(&both)
+        .unwrap_or_else(|e| panic!("{e}: {}", a.log()));
+    let want = vec!["shop/cache".to_string(), "shop/db".to_string()];
+    assert_eq!(a.policies(), want);
+    assert!(
+        eventually(Duration::from_secs(10), || b.policies() == want),
+        "b has {:?}: {}",
+        b.policies(),
+        b.log()
+    );
+
+    // A delete on b goes to a.
+    b.call(api::Request::PolicyDelete {
+        key: "shop/cache".into(),
+    })
+    .unwrap();
+    assert!(eventually(Duration::from_secs(10), || a.policies() == ["shop/db"]));
+
+    // Garbage under the prefix changes nothing anywhere.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let kv = kvstore::Kvstore::connect(
+            std::slice::from_ref(&endpoint),
+            "lab",
+            "test",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        kv.put(&kvstore::keys::policy("shop/junk"), "{not a policy")
+            .await
+            .unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(a.policies(), ["shop/db"]);
+    assert_eq!(b.policies(), ["shop/db"]);
+
+    // etcd goes away: an import is refused, saying why; the last policies
+    // stay in force.
+    let member = etcd.member().clone();
+    etcd.stop();
+    let refused = a.import(&policy("late", "late")).unwrap_err().to_string();
+    assert!(
+        refused.contains("kvstore (etcd) is not reachable"),
+        "{refused}"
+    );
+    assert_eq!(a.policies(), ["shop/db"]);
+    assert_eq!(b.policies(), ["shop/db"]);
+
+    // etcd comes back (same member, same data): imports work again and
+    // reach the other node.
+    let mut command = std::process::Command::new(ETCD);
+    command.args(member.args(std::slice::from_ref(&member), "fibril-test"));
+    let _etcd = Etcd::spawn(command, member, &dir.join("etcd2.log")).unwrap();
+    assert!(
+        eventually(Duration::from_secs(15), || a
+            .import(&policy("late", "late"))
+            .is_ok()),
+        "{}",
+        a.log()
+    );
+    let want = vec!["shop/db".to_string(), "shop/late".to_string()];
+    assert!(
+        eventually(Duration::from_secs(10), || b.policies() == want),
+        "b has {:?}: {}",
+        b.policies(),
+        b.log()
+    );
+}
