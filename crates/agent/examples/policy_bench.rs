@@ -254,7 +254,7 @@ fn main() -> anyhow::Result<()> {
         } else {
             labels(0, 1)
         };
-        s.relabel_endpoint(1, to).expect("relabel");
+        s.relabel_endpoint(1, to, None).expect("relabel");
     })?;
     // 3c. One policy added, then deleted the next round.
     let extra = {

@@ -3,8 +3,11 @@
 //! cluster's: an import or delete is written to etcd (all of a file's
 //! policies in one transaction) and every node applies what it watches
 //! under `fibril/state/policies/v1/`, listing again after any break, so a
-//! node that was away converges. While etcd is unreachable the node keeps
-//! the policies it last had (persisted in its state) and enforces them.
+//! node that was away converges. The cluster's identities (every node's
+//! pods') are followed the same way into the state, so that policy selects
+//! peers on other nodes by their labels. While etcd is unreachable the
+//! node keeps the policies and identities it last had (persisted in its
+//! state) and enforces them.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -51,7 +54,7 @@ impl Cluster {
             return Err(invalid("--kvstore: no etcd endpoint given"));
         }
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
+            .worker_threads(2)
             .thread_name("fibril-kvstore")
             .enable_all()
             .build()
@@ -63,9 +66,19 @@ impl Cluster {
                 match Kvstore::connect(&config.endpoints, &cluster, &node, config.lease_ttl).await {
                     Ok(kv) => {
                         tracing::info!(endpoints = ?config.endpoints, "kvstore connected");
+                        // This node's references on its endpoints' identities
+                        // are tied to the lease: a new lease (a restart, a
+                        // reconnect after expiry) takes them again.
+                        refresh_references(&kv, &control).await;
                         tx.send_replace(Some(kv.clone()));
-                        if let Err(e) = follow_policies(&kv, &control, &observer).await {
-                            tracing::warn!(error = %e, "kvstore: watching policies");
+                        // Until either breaks; then list and watch anew.
+                        tokio::select! {
+                            r = follow_policies(&kv, &control, &observer) => if let Err(e) = r {
+                                tracing::warn!(error = %e, "kvstore: following policies");
+                            },
+                            r = follow_identities(&kv, &control) => if let Err(e) = r {
+                                tracing::warn!(error = %e, "kvstore: following identities");
+                            },
                         }
                         tx.send_replace(None);
                     }
@@ -111,6 +124,31 @@ impl Cluster {
         self.rt
             .block_on(kv.delete_existing(&keys::policy(key)))
             .map_err(|e| Error::Unavailable(format!("writing to the kvstore: {e}")))
+    }
+
+    /// The cluster's identity of `labels`, with this node's reference on
+    /// it. Callers hold no lock on the state (the watches take it).
+    pub fn acquire_identity(&self, labels: &policy::LabelSet) -> Result<u32, Error> {
+        let kv = self.kv()?;
+        self.rt
+            .block_on(kv.acquire_identity(labels))
+            .map_err(|e| match e {
+                kvstore::Error::Exhausted => Error::Exhausted(e.to_string()),
+                e => Error::Unavailable(format!("allocating an identity in the kvstore: {e}")),
+            })
+    }
+
+    /// Drops this node's reference on the identity of `labels`; one that
+    /// cannot be dropped now goes with this node's lease.
+    pub fn release_identity(&self, labels: &policy::LabelSet) {
+        let released = self.kv().and_then(|kv| {
+            self.rt
+                .block_on(kv.release_identity(labels))
+                .map_err(|e| Error::Unavailable(e.to_string()))
+        });
+        if let Err(e) = released {
+            tracing::warn!(labels = ?labels.to_strings(), error = %e, "kvstore: identity reference not released");
+        }
     }
 
     /// Whether this node is connected now.
@@ -185,6 +223,96 @@ async fn follow_policies(
             }
         }
     }
+}
+
+/// Takes this node's reference on each identity its endpoints hold; says
+/// so when the cluster gives the labels another number (the endpoints keep
+/// theirs until they are re-created).
+async fn refresh_references(kv: &Kvstore, control: &Control) {
+    let held: Vec<(u32, policy::LabelSet)> = control
+        .lock()
+        .local_identities()
+        .iter()
+        .map(|(id, l)| (*id, l.clone()))
+        .collect();
+    for (id, labels) in held {
+        match kv.acquire_identity(&labels).await {
+            Ok(got) if got == id => {}
+            Ok(got) => tracing::error!(
+                labels = ?labels.to_strings(), local = id, cluster = got,
+                "kvstore: the cluster numbers these labels differently"
+            ),
+            Err(e) => tracing::warn!(error = %e, "kvstore: identity reference not taken"),
+        }
+    }
+}
+
+/// Lists the cluster's identities into the state (those gone from it
+/// removed), then applies each watched change; returns when the watch or
+/// the lease breaks.
+async fn follow_identities(kv: &Kvstore, control: &Control) -> Result<(), Error> {
+    let unavailable = |e: kvstore::Error| Error::Unavailable(format!("kvstore: {e}"));
+    let listing = kv.list(keys::IDENTITY_IDS).await.map_err(unavailable)?;
+    let listed: BTreeMap<u32, policy::LabelSet> = listing
+        .entries
+        .iter()
+        .filter_map(|(k, v)| identity(k, v))
+        .collect();
+    {
+        let mut s = control.lock();
+        let gone: Vec<u32> = s
+            .cluster_identities()
+            .keys()
+            .filter(|id| !listed.contains_key(id))
+            .copied()
+            .collect();
+        for id in gone {
+            s.set_cluster_identity(id, None);
+        }
+        for (id, labels) in listed {
+            s.set_cluster_identity(id, Some(labels));
+        }
+        control.commit(&mut s)?;
+    }
+    let mut events = kv
+        .watch(keys::IDENTITY_IDS, listing.revision)
+        .await
+        .map_err(unavailable)?;
+    let mut lease = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            event = events.recv() => {
+                let Some(event) = event else { return Ok(()) };
+                let mut s = control.lock();
+                match event {
+                    Event::Put(k, v) => {
+                        let Some((id, labels)) = identity(&k, &v) else { continue };
+                        s.set_cluster_identity(id, Some(labels));
+                    }
+                    Event::Delete(k) => {
+                        let Some(id) = keys::id_of(&k) else { continue };
+                        s.set_cluster_identity(id, None);
+                    }
+                }
+                control.commit(&mut s)?;
+            }
+            _ = lease.tick() => {
+                if !kv.is_alive() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// (number, labels) of an identity's master key; one that does not parse
+/// is skipped and said so.
+fn identity(key: &str, value: &[u8]) -> Option<(u32, policy::LabelSet)> {
+    let parsed = keys::id_of(key).zip(std::str::from_utf8(value).ok().and_then(keys::parse_labels));
+    if parsed.is_none() {
+        tracing::warn!(key, "kvstore: an identity that does not parse; skipped");
+    }
+    parsed
 }
 
 /// A policy as another node wrote it; one that does not decode is skipped

@@ -15,6 +15,7 @@ use datapath::{Datapath, EndpointPrograms};
 use netns as net;
 use policy::labels::{pod_identity_labels, PodMeta};
 
+use crate::cluster::Cluster;
 use crate::control::Control;
 use crate::observer::Observer;
 use crate::state::{Cidr, Endpoint, State};
@@ -35,6 +36,9 @@ pub struct Endpoints {
     preloaded: Arc<Mutex<Option<EndpointPrograms>>>,
     /// To the preloading thread: the (id, address) to load for.
     preload: Mutex<std::sync::mpsc::Sender<(u32, Ipv4Addr)>>,
+    /// Kvstore mode: identities are the cluster's. Asked with no lock on
+    /// the state held (its watch applies changes under that lock).
+    kvstore: Option<Arc<Cluster>>,
 }
 
 impl Endpoints {
@@ -44,6 +48,7 @@ impl Endpoints {
         datapath: Arc<Datapath>,
         control: Arc<Control>,
         observer: Arc<Observer>,
+        kvstore: Option<Arc<Cluster>>,
     ) -> Self {
         let preloaded: Arc<Mutex<Option<EndpointPrograms>>> = Arc::default();
         let (preload, wanted) = std::sync::mpsc::channel::<(u32, Ipv4Addr)>();
@@ -75,6 +80,7 @@ impl Endpoints {
                 .ok();
         }
         Endpoints {
+            kvstore,
             pod_cidr,
             cluster: cluster.to_string(),
             datapath,
@@ -150,6 +156,10 @@ impl Endpoints {
             w.validate()
                 .map_err(|e| invalid(format!("pod {}/{}: {e}", pod.namespace, pod.name)))?;
         }
+        let cluster_identity = match &self.kvstore {
+            Some(k) => Some(k.acquire_identity(&self.labels_of(&pod))?),
+            None => None,
+        };
         let mut s = self.control.lock();
         s.upsert_pod(pod.clone());
         // A label change moves the pod's endpoints to their new identity.
@@ -161,15 +171,32 @@ impl Endpoints {
             .collect();
         let labels = self.identity_labels(&s, &pod.namespace, &pod.name);
         let mut moved = Vec::new();
+        let mut released = Vec::new();
         for id in ids {
-            if let Some((old, identity)) =
-                s.relabel_endpoint(id, labels.clone()).map_err(invalid)?
+            let before = s.endpoints()[&id].labels.clone();
+            if let Some((old, identity)) = s
+                .relabel_endpoint(id, labels.clone(), cluster_identity)
+                .map_err(invalid)?
             {
                 moved.push((s.endpoints()[&id].ipv4, identity, old));
+                if !s.local_identities().contains_key(&old) {
+                    released.push(before);
+                }
             }
         }
         self.control.commit(&mut s)?;
+        let unused = cluster_identity.is_some_and(|id| !s.local_identities().contains_key(&id));
         drop(s);
+        if let Some(k) = &self.kvstore {
+            // Labels no endpoint here holds any more: this node's
+            // references go (a pod with no endpoint here never held one).
+            if unused {
+                released.push(labels.clone());
+            }
+            for l in released {
+                k.release_identity(&l);
+            }
+        }
         for (ipv4, identity, old) in moved {
             self.observer
                 .agent_event(flow::agent_event::Kind::IpcacheUpserted {
@@ -181,6 +208,17 @@ impl Endpoints {
                 });
         }
         Ok(())
+    }
+
+    /// The identity labels `pod` gives its endpoints.
+    fn labels_of(&self, pod: &api::Pod) -> policy::LabelSet {
+        pod_identity_labels(&PodMeta {
+            namespace: &pod.namespace,
+            labels: &pod.labels,
+            namespace_labels: &pod.namespace_labels,
+            service_account: pod.service_account.as_deref().unwrap_or("default"),
+            cluster: &self.cluster,
+        })
     }
 
     fn identity_labels(&self, s: &State, namespace: &str, pod: &str) -> policy::LabelSet {
@@ -199,6 +237,31 @@ impl Endpoints {
 
     pub fn add(&self, a: Attachment) -> Result<AddResult, Error> {
         validate_attachment(&a)?;
+        // The cluster's number for the pod's labels, asked before the
+        // state is locked.
+        let cluster_identity = match &self.kvstore {
+            Some(k) => {
+                let labels = self.identity_labels(&self.control.lock(), &a.namespace, &a.pod);
+                Some((k.acquire_identity(&labels)?, labels))
+            }
+            None => None,
+        };
+        let added = self.add_locked(&a, cluster_identity.clone());
+        if added.is_err() {
+            if let (Some(k), Some((id, labels))) = (&self.kvstore, cluster_identity) {
+                if !self.control.lock().local_identities().contains_key(&id) {
+                    k.release_identity(&labels);
+                }
+            }
+        }
+        added
+    }
+
+    fn add_locked(
+        &self,
+        a: &Attachment,
+        cluster_identity: Option<(u32, policy::LabelSet)>,
+    ) -> Result<AddResult, Error> {
         let mut s = self.control.lock();
         if s.find_endpoint(&a.container_id, &a.ifname).is_some() {
             return Err(Error::Conflict(format!(
@@ -224,7 +287,10 @@ impl Endpoints {
         let id = s
             .allocate_endpoint_id()
             .ok_or_else(|| Error::Exhausted("no endpoint id left".into()))?;
-        let labels = self.identity_labels(&s, &a.namespace, &a.pod);
+        let labels = match &cluster_identity {
+            Some((_, labels)) => labels.clone(),
+            None => self.identity_labels(&s, &a.namespace, &a.pod),
+        };
         let host = host_ifname(&a.container_id, &a.ifname);
         let added = std::thread::scope(|scope| -> Result<_, Error> {
             let programs = self.programs(scope, id, ipv4);
@@ -250,7 +316,11 @@ impl Endpoints {
                 labels: labels.clone(),
                 identity: 0,
             };
-            let identity = match s.add_endpoint(ep) {
+            let added = match &cluster_identity {
+                Some((id, _)) => s.add_endpoint_as(ep, *id),
+                None => s.add_endpoint(ep),
+            };
+            let identity = match added {
                 Ok(identity) => identity,
                 Err(e) => {
                     net::delete_link(&host);
@@ -330,6 +400,11 @@ impl Endpoints {
         s.quarantine_ip(ep.ipv4, fqdn::now_s());
         self.control.commit(&mut s)?;
         self.preload_next(&s);
+        let unused = !s.local_identities().contains_key(&ep.identity);
+        drop(s);
+        if let (Some(k), true) = (&self.kvstore, unused) {
+            k.release_identity(&ep.labels);
+        }
         tracing::info!(endpoint_id = ep.id, pod = %ep.pod, ct_flushed = flushed, "endpoint deleted");
         self.observer
             .agent_event(flow::agent_event::Kind::EndpointDeleted {

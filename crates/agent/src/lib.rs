@@ -167,14 +167,6 @@ impl Agent {
             state,
             policy,
         )?);
-        let endpoints = endpoints::Endpoints::new(
-            config.pod_cidr,
-            &config.cluster_name,
-            datapath.clone(),
-            control.clone(),
-            observer.clone(),
-        );
-        endpoints.preload_next(&control.lock());
         let cluster = config
             .kvstore
             .clone()
@@ -188,6 +180,15 @@ impl Agent {
                 )
             })
             .transpose()?;
+        let endpoints = endpoints::Endpoints::new(
+            config.pod_cidr,
+            &config.cluster_name,
+            datapath.clone(),
+            control.clone(),
+            observer.clone(),
+            cluster.clone(),
+        );
+        endpoints.preload_next(&control.lock());
         let policies = policies::Policies::new(control.clone(), observer.clone(), cluster);
         let conntrack = conntrack::Conntrack::new(datapath.clone(), control.clone());
         let fqdn = fqdn::Fqdn::new(config.fqdn, control.clone());
@@ -322,8 +323,7 @@ impl Agent {
                 identities: self
                     .control
                     .lock()
-                    .identities()
-                    .all()
+                    .all_identities()
                     .into_iter()
                     .map(|(id, l)| IdentityInfo {
                         id,
@@ -371,7 +371,7 @@ impl Agent {
             node_name: self.config.node_name.clone(),
             pod_cidr: self.config.pod_cidr.to_string(),
             endpoints: s.endpoints().len(),
-            identities: s.identities().all().len(),
+            identities: s.pod_identities().count(),
             policies: s.policies().len(),
             flows_seen: seen,
             flows_buffered: buffered,

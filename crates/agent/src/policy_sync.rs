@@ -348,11 +348,10 @@ impl PolicySync {
             self.named_ports = state.named_ports();
         }
         // Borrow everything: cloning 5,000 label sets per change would cost
-        // more than the change itself. Sorted by number: reserved, pods',
-        // CIDRs'.
+        // more than the change itself. Sorted by number: reserved, pods'
+        // (this node's and the cluster's), CIDRs'.
         let identities: Vec<(u32, &LabelSet)> = state
-            .identities()
-            .iter()
+            .pod_identities()
             .chain(self.cidr_labels.iter().map(|(id, (_, l))| (*id, l)))
             .collect();
         let local = state.local_identities();
@@ -366,6 +365,7 @@ impl PolicySync {
         hint.identities = hint.local.clone();
         hint.policies = c.policies.clone();
         hint.identities.extend(cidr_touched);
+        hint.identities.extend(&c.cluster_identities);
         let mut engine = self.engine.take().unwrap_or_else(|| Engine::new(cluster));
         let changed = engine.update(&policy::engine::Inputs {
             policies: state.policies(),

@@ -44,6 +44,11 @@ pub struct State {
     /// Node-local CIDR identities, one per prefix the policies name.
     #[serde(default)]
     cidr_identities: BTreeMap<IpNet, u32>,
+    /// Kvstore mode: the cluster's identities (other nodes' pods' too), as
+    /// last seen in etcd. Persisted: with etcd away after a restart, policy
+    /// still knows the peers it selected.
+    #[serde(default)]
+    cluster_identities: BTreeMap<u32, LabelSet>,
     /// Bumped whenever `policies` changes (lets the policy engine skip
     /// comparing every policy on unrelated changes).
     #[serde(skip)]
@@ -89,6 +94,7 @@ pub struct Changes {
     /// may change with it).
     pub fqdn_ips: BTreeSet<Ipv4Addr>,
     pub cidr_identities: BTreeSet<IpNet>,
+    pub cluster_identities: BTreeSet<u32>,
     pub quarantined: BTreeSet<Ipv4Addr>,
     pub audit_namespaces: BTreeSet<String>,
     pub next_endpoint_id: bool,
@@ -107,6 +113,7 @@ impl Changes {
         self.fqdn.extend(other.fqdn);
         self.fqdn_ips.extend(other.fqdn_ips);
         self.cidr_identities.extend(other.cidr_identities);
+        self.cluster_identities.extend(other.cluster_identities);
         self.quarantined.extend(other.quarantined);
         self.audit_namespaces.extend(other.audit_namespaces);
         self.next_endpoint_id |= other.next_endpoint_id;
@@ -283,11 +290,48 @@ impl State {
         Ok(())
     }
 
-    /// Every identity with its labels: reserved, pods, CIDRs.
+    /// Every identity with its labels: reserved, pods (this node's and,
+    /// in kvstore mode, the cluster's), CIDRs; by number.
     pub fn all_identities(&self) -> Vec<(u32, LabelSet)> {
-        let mut out = self.identities.all();
+        let mut out: Vec<(u32, LabelSet)> = self
+            .pod_identities()
+            .map(|(id, l)| (id, l.clone()))
+            .collect();
         out.extend(self.cidr_identity_labels());
         out
+    }
+
+    /// Reserved identities, then pods' by number: this node's allocations
+    /// and the cluster's (one list; this node's labels where both have a
+    /// number, which in kvstore mode are the cluster's anyway).
+    pub fn pod_identities(&self) -> impl Iterator<Item = (u32, &LabelSet)> {
+        let mut local = self.identities.iter().peekable();
+        let mut cluster = self.cluster_identities.iter().peekable();
+        std::iter::from_fn(move || match (local.peek(), cluster.peek()) {
+            (Some((l, _)), Some((c, _))) if **c < *l => cluster.next().map(|(i, l)| (*i, l)),
+            (Some((l, _)), Some((c, _))) if **c == *l => {
+                cluster.next();
+                local.next()
+            }
+            (Some(_), _) => local.next(),
+            (None, _) => cluster.next().map(|(i, l)| (*i, l)),
+        })
+    }
+
+    /// Sets (or, `None`, removes) a cluster identity.
+    pub fn set_cluster_identity(&mut self, id: u32, labels: Option<LabelSet>) {
+        if self.cluster_identities.get(&id) == labels.as_ref() {
+            return;
+        }
+        self.changes.cluster_identities.insert(id);
+        match labels {
+            Some(l) => self.cluster_identities.insert(id, l),
+            None => self.cluster_identities.remove(&id),
+        };
+    }
+
+    pub fn cluster_identities(&self) -> &BTreeMap<u32, LabelSet> {
+        &self.cluster_identities
     }
 
     /// The CIDR identities with their labels; a learned address also
@@ -438,6 +482,16 @@ impl State {
         Ok(identity)
     }
 
+    /// Adds an endpoint with the identity the cluster gave its labels
+    /// (kvstore mode): this node's allocator takes the same number.
+    pub fn add_endpoint_as(&mut self, mut ep: Endpoint, identity: u32) -> Result<u32, String> {
+        self.identities.adopt(&ep.labels, identity)?;
+        ep.identity = identity;
+        self.changes.endpoints.insert(ep.id);
+        self.endpoints.insert(ep.id, ep);
+        Ok(identity)
+    }
+
     /// Removes an endpoint, dropping its reference on its identity.
     pub fn remove_endpoint(&mut self, id: u32) -> Option<Endpoint> {
         let ep = self.endpoints.remove(&id)?;
@@ -446,12 +500,14 @@ impl State {
         Some(ep)
     }
 
-    /// Moves an endpoint to the identity of `labels`; returns (old, new)
+    /// Moves an endpoint to the identity of `labels` (the cluster's number
+    /// for them in kvstore mode, `cluster_identity`); returns (old, new)
     /// identity, or `None` when its labels are those already.
     pub fn relabel_endpoint(
         &mut self,
         id: u32,
         labels: LabelSet,
+        cluster_identity: Option<u32>,
     ) -> Result<Option<(u32, u32)>, String> {
         let Some(ep) = self.endpoints.get(&id) else {
             return Err(format!("no endpoint {id}"));
@@ -459,10 +515,13 @@ impl State {
         if ep.labels == labels {
             return Ok(None);
         }
-        let identity = self
-            .identities
-            .acquire(&labels)
-            .map_err(|e| e.to_string())?;
+        let identity = match cluster_identity {
+            Some(id) => self.identities.adopt(&labels, id)?,
+            None => self
+                .identities
+                .acquire(&labels)
+                .map_err(|e| e.to_string())?,
+        };
         let ep = self.endpoints.get_mut(&id).expect("checked above");
         let old_labels = std::mem::replace(&mut ep.labels, labels);
         let old = std::mem::replace(&mut ep.identity, identity);
@@ -621,6 +680,10 @@ enum Record {
         prefix: IpNet,
         value: Option<u32>,
     },
+    ClusterIdentity {
+        id: u32,
+        value: Option<LabelSet>,
+    },
     Quarantined {
         ip: Ipv4Addr,
         value: Option<u64>,
@@ -668,6 +731,12 @@ impl State {
                 value: self.cidr_identities.get(prefix).copied(),
             });
         }
+        for id in &c.cluster_identities {
+            out.push(Record::ClusterIdentity {
+                id: *id,
+                value: self.cluster_identities.get(id).cloned(),
+            });
+        }
         for ip in &c.quarantined {
             out.push(Record::Quarantined {
                 ip: *ip,
@@ -704,6 +773,7 @@ impl State {
             }
             Record::Fqdn { name, value } => put(&mut self.fqdn, name, value),
             Record::CidrIdentity { prefix, value } => put(&mut self.cidr_identities, prefix, value),
+            Record::ClusterIdentity { id, value } => put(&mut self.cluster_identities, id, value),
             Record::Quarantined { ip, value } => put(&mut self.quarantined, ip, value),
             Record::AuditNamespace { namespace, value } => {
                 if value {
@@ -968,7 +1038,8 @@ mod tests {
             s.add_endpoint(endpoint(id, app)).unwrap();
             commit(&mut s, &mut store);
         }
-        s.relabel_endpoint(3, endpoint(0, "a").labels).unwrap();
+        s.relabel_endpoint(3, endpoint(0, "a").labels, None)
+            .unwrap();
         s.remove_endpoint(2);
         s.quarantine_ip(Ipv4Addr::new(10, 200, 0, 2), 100);
         s.set_audit("shop", true);

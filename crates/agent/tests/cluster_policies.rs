@@ -188,3 +188,143 @@ fn agents_share_their_policies_through_etcd() {
         b.log()
     );
 }
+
+/// A network namespace of the test's own, removed when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Self {
+        let name = test_support::unique_name("fkv");
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip netns add {name}");
+        Netns(name)
+    }
+
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.0)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+impl Agent {
+    /// A pod `namespace/name` labelled `app` with one endpoint in `ns`.
+    fn pod(&self, name: &str, app: &str, ns: &Netns) {
+        let pod = api::Pod {
+            namespace: "shop".into(),
+            name: name.into(),
+            labels: [("app".to_string(), app.to_string())].into(),
+            namespace_labels: Default::default(),
+            service_account: None,
+            ports: vec![],
+            workloads: vec![],
+        };
+        self.call(api::Request::PodUpsert(pod)).unwrap();
+        self.call(api::Request::EndpointAdd(api::Attachment {
+            container_id: format!("c-{name}"),
+            ifname: "eth0".into(),
+            netns: ns.path(),
+            namespace: "shop".into(),
+            pod: name.into(),
+        }))
+        .unwrap_or_else(|e| panic!("{e}: {}", self.log()));
+    }
+
+    /// The identity listed with `k8s:app=<app>`.
+    fn identity_of(&self, app: &str) -> Option<u32> {
+        let Ok(api::Response::Identities { identities }) = self.call(api::Request::IdentityList)
+        else {
+            panic!("identity list")
+        };
+        let label = format!("k8s:app={app}");
+        identities
+            .iter()
+            .find(|i| i.labels.contains(&label))
+            .map(|i| i.id)
+    }
+}
+
+#[test]
+fn endpoints_on_two_nodes_get_the_clusters_identities() {
+    let dir = std::env::temp_dir().join(test_support::unique_name("fibril-cluster-etcd-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            std::fs::remove_dir_all(&self.0).ok();
+        }
+    }
+    let _dir = Dir(dir.clone());
+    let etcd = Etcd::single(&dir).unwrap();
+    let endpoint = etcd.endpoint();
+    let a = Agent::start("a", "10.249.92.0/24", &endpoint);
+    let b = Agent::start("b", "10.249.93.0/24", &endpoint);
+    let (n1, n2, n3) = (Netns::new(), Netns::new(), Netns::new());
+    a.pod("web-1", "web", &n1);
+    b.pod("db-1", "db", &n2);
+    b.pod("web-2", "web", &n3);
+
+    // One number per label set, cluster-wide, and each node knows the
+    // other's pods' identities with their labels.
+    let web = a.identity_of("web").expect("a's web");
+    let db = b.identity_of("db").expect("b's db");
+    assert_ne!(web, db);
+    assert_eq!(
+        b.identity_of("web"),
+        Some(web),
+        "the same labels, the same number"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || a.identity_of("db") == Some(db)),
+        "a learns b's identity: {}",
+        a.log()
+    );
+
+    // Both nodes reference web; when a's pod goes, only b's reference
+    // stays; the identity stays while one node uses it.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let refs = |app: &str| -> Vec<String> {
+        rt.block_on(async {
+            let kv = kvstore::Kvstore::connect(
+                std::slice::from_ref(&endpoint),
+                "lab",
+                "test",
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap();
+            let mut nodes: Vec<String> = kv
+                .list(kvstore::keys::IDENTITY_VALUES)
+                .await
+                .unwrap()
+                .entries
+                .into_iter()
+                .filter(|(k, _)| k.contains(&format!("k8s:app={app};")))
+                .filter_map(|(k, _)| Some(kvstore::keys::value_parts(&k)?.1.to_string()))
+                .collect();
+            nodes.sort();
+            nodes
+        })
+    };
+    assert_eq!(refs("web"), ["a", "b"]);
+    a.call(api::Request::EndpointDel {
+        container_id: "c-web-1".into(),
+        ifname: "eth0".into(),
+    })
+    .unwrap();
+    assert_eq!(refs("web"), ["b"]);
+    assert_eq!(b.identity_of("web"), Some(web));
+}

@@ -276,7 +276,7 @@ fn every_change_ends_where_a_full_computation_does() {
                 let id = rng.pick(&ids);
                 let ns = s.endpoints()[&id].namespace.clone();
                 let l = labels(&ns, rng.pick(&APPS), rng.below(3) == 0);
-                s.relabel_endpoint(id, l).unwrap();
+                s.relabel_endpoint(id, l, None).unwrap();
                 "endpoint relabelled"
             }
             3 => {

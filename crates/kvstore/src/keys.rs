@@ -31,6 +31,21 @@ pub fn labels(l: &LabelSet) -> String {
     out
 }
 
+/// The labels of `labels`-formatted text (`k8s:app=web;reserved:world;`);
+/// `None` if a label is not `source:key[=value]`.
+pub fn parse_labels(text: &str) -> Option<LabelSet> {
+    let mut out = Vec::new();
+    for l in text.split(';').filter(|l| !l.is_empty()) {
+        let (source, rest) = l.split_once(':')?;
+        let (key, value) = rest.split_once('=').unwrap_or((rest, ""));
+        if source.is_empty() || key.is_empty() {
+            return None;
+        }
+        out.push(policy::Label::new(source, key, value));
+    }
+    (!out.is_empty()).then(|| LabelSet::new(out))
+}
+
 pub fn identity_id(id: u32) -> String {
     format!("{IDENTITY_IDS}{id}")
 }
@@ -84,6 +99,15 @@ mod tests {
         ]);
         let text = labels(&l);
         assert_eq!(text, "k8s:app=web;k8s:io.kubernetes.pod.namespace=default;");
+        assert_eq!(parse_labels(&text), Some(l));
+        let world = LabelSet::new(vec![
+            policy::Label::new("reserved", "world", ""),
+            policy::Label::new("cidr", "10.0.0.0/8", ""),
+        ]);
+        assert_eq!(parse_labels(&labels(&world)), Some(world));
+        for bad in ["", ";", "app=web;", ":x;", "k8s:;"] {
+            assert_eq!(parse_labels(bad), None, "{bad:?}");
+        }
         assert_eq!(
             identity_value(&text, "node-1"),
             "cilium/state/identities/v1/value/k8s:app=web;k8s:io.kubernetes.pod.namespace=default;/node-1"

@@ -105,6 +105,32 @@ impl Allocator {
         Ok(id)
     }
 
+    /// Takes a reference on `labels` with the number `id` another
+    /// allocator gave it (the cluster's, in kvstore mode). Refused when the
+    /// labels hold another number here, or the number other labels.
+    pub fn adopt(&mut self, labels: &LabelSet, id: u32) -> Result<u32, String> {
+        if let Some(h) = self.by_labels.get_mut(labels) {
+            if h.id != id {
+                return Err(format!(
+                    "labels {:?} hold identity {} here, {id} in the cluster",
+                    labels.to_strings(),
+                    h.id
+                ));
+            }
+            h.refs += 1;
+            return Ok(id);
+        }
+        if let Some(other) = self.by_id.get(&id) {
+            return Err(format!(
+                "identity {id} is held here by {:?}",
+                other.to_strings()
+            ));
+        }
+        self.by_labels.insert(labels.clone(), Held { id, refs: 1 });
+        self.by_id.insert(id, labels.clone());
+        Ok(id)
+    }
+
     /// The allocator that holds `held` (labels, identity), a reference per
     /// item: what a restart rebuilds from the endpoints it kept, so the
     /// numbers stay theirs. Refused when two label sets claim one number or
@@ -205,6 +231,28 @@ mod tests {
         assert_eq!(
             a.acquire(&set("new")).unwrap(),
             256,
+            "freed with its last reference"
+        );
+    }
+
+    #[test]
+    fn adopted_numbers_are_referenced_and_conflicts_refused() {
+        let mut a = Allocator::default();
+        assert_eq!(a.adopt(&set("web"), 300), Ok(300));
+        assert_eq!(a.adopt(&set("web"), 300), Ok(300));
+        assert!(
+            a.adopt(&set("web"), 301).is_err(),
+            "labels hold another number"
+        );
+        assert!(
+            a.adopt(&set("db"), 300).is_err(),
+            "number held by other labels"
+        );
+        assert_eq!(a.acquire(&set("db")).unwrap(), 256, "the lowest free");
+        a.release(&set("web"));
+        a.release(&set("web"));
+        assert!(
+            a.allocated().get(&300).is_none(),
             "freed with its last reference"
         );
     }
