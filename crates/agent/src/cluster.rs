@@ -27,10 +27,17 @@ pub struct KvstoreConfig {
     pub endpoints: Vec<String>,
     /// The lease every key this node owns is tied to (Cilium: 15 min).
     pub lease_ttl: Duration,
+    /// This node's address on the network between nodes (where tunnels
+    /// and other nodes reach it).
+    pub node_address: std::net::Ipv4Addr,
+    /// This node's pod CIDR, as the node registry shows it.
+    pub pod_cidr: String,
 }
 
 pub struct Cluster {
     rt: tokio::runtime::Runtime,
+    node: String,
+    node_address: std::net::Ipv4Addr,
     /// The live connection, `None` while there is none.
     kv: watch::Receiver<Option<Kvstore>>,
 }
@@ -60,7 +67,9 @@ impl Cluster {
             .build()
             .map_err(|e| invalid(format!("kvstore runtime: {e}")))?;
         let (tx, kv) = watch::channel(None);
+        let node_address = config.node_address;
         let (cluster, node) = (cluster.to_string(), node.to_string());
+        let me = node.clone();
         rt.spawn(async move {
             loop {
                 match Kvstore::connect(&config.endpoints, &cluster, &node, config.lease_ttl).await {
@@ -70,6 +79,9 @@ impl Cluster {
                         // are tied to the lease: a new lease (a restart, a
                         // reconnect after expiry) takes them again.
                         refresh_references(&kv, &control).await;
+                        if let Err(e) = register(&kv, &config, &control).await {
+                            tracing::warn!(error = %e, "kvstore: registering this node");
+                        }
                         tx.send_replace(Some(kv.clone()));
                         // Until either breaks; then list and watch anew.
                         tokio::select! {
@@ -79,6 +91,9 @@ impl Cluster {
                             r = follow_identities(&kv, &control) => if let Err(e) = r {
                                 tracing::warn!(error = %e, "kvstore: following identities");
                             },
+                            r = follow_endpoints(&kv, &control) => if let Err(e) = r {
+                                tracing::warn!(error = %e, "kvstore: following other nodes' endpoints");
+                            },
                         }
                         tx.send_replace(None);
                     }
@@ -87,7 +102,12 @@ impl Cluster {
                 tokio::time::sleep(RETRY).await;
             }
         });
-        Ok(Arc::new(Cluster { rt, kv }))
+        Ok(Arc::new(Cluster {
+            rt,
+            kv,
+            node: me,
+            node_address,
+        }))
     }
 
     /// The connection, waiting a little for one.
@@ -113,9 +133,7 @@ impl Cluster {
                 (keys::policy(&p.key()), value)
             })
             .collect();
-        self.rt
-            .block_on(kv.put_all(items))
-            .map_err(|e| Error::Unavailable(format!("writing to the kvstore: {e}")))
+        self.rt.block_on(kv.put_all(items)).map_err(unreachable)
     }
 
     /// Deletes a policy from the cluster; whether it was there.
@@ -123,7 +141,7 @@ impl Cluster {
         let kv = self.kv()?;
         self.rt
             .block_on(kv.delete_existing(&keys::policy(key)))
-            .map_err(|e| Error::Unavailable(format!("writing to the kvstore: {e}")))
+            .map_err(unreachable)
     }
 
     /// The cluster's identity of `labels`, with this node's reference on
@@ -134,7 +152,7 @@ impl Cluster {
             .block_on(kv.acquire_identity(labels))
             .map_err(|e| match e {
                 kvstore::Error::Exhausted => Error::Exhausted(e.to_string()),
-                e => Error::Unavailable(format!("allocating an identity in the kvstore: {e}")),
+                e => unreachable(e),
             })
     }
 
@@ -148,6 +166,38 @@ impl Cluster {
         });
         if let Err(e) = released {
             tracing::warn!(labels = ?labels.to_strings(), error = %e, "kvstore: identity reference not released");
+        }
+    }
+
+    /// A local endpoint as the cluster lists it.
+    pub fn ip_identity(&self, ep: &crate::state::Endpoint) -> kvstore::IpIdentity {
+        ip_identity(ep, &self.node, self.node_address)
+    }
+
+    /// Publishes a local endpoint's address; one that cannot be published
+    /// now is published at the next (re)connect.
+    pub fn publish_endpoint(&self, ep: &crate::state::Endpoint) {
+        let ip = self.ip_identity(ep);
+        let done = self.kv().and_then(|kv| {
+            self.rt
+                .block_on(kv.put_ip(&ip))
+                .map_err(|e| Error::Unavailable(e.to_string()))
+        });
+        if let Err(e) = done {
+            tracing::warn!(ip = %ip.ip, error = %e, "kvstore: endpoint not published");
+        }
+    }
+
+    /// Withdraws a local endpoint's address; one that cannot be withdrawn
+    /// now goes with this node's lease.
+    pub fn withdraw_endpoint(&self, ip: std::net::Ipv4Addr) {
+        let done = self.kv().and_then(|kv| {
+            self.rt
+                .block_on(kv.delete_ip(ip))
+                .map_err(|e| Error::Unavailable(e.to_string()))
+        });
+        if let Err(e) = done {
+            tracing::warn!(%ip, error = %e, "kvstore: endpoint not withdrawn");
         }
     }
 
@@ -221,6 +271,138 @@ async fn follow_policies(
                     return Ok(());
                 }
             }
+        }
+    }
+}
+
+/// A kvstore operation that failed: said as the connection's absence is.
+fn unreachable(e: kvstore::Error) -> Error {
+    Error::Unavailable(format!("the kvstore (etcd) is not reachable: {e}"))
+}
+
+fn ip_identity(
+    ep: &crate::state::Endpoint,
+    node: &str,
+    address: std::net::Ipv4Addr,
+) -> kvstore::IpIdentity {
+    kvstore::IpIdentity {
+        ip: ep.ipv4,
+        host_ip: address,
+        identity: ep.identity,
+        key: 0,
+        namespace: ep.namespace.clone(),
+        pod: ep.pod.clone(),
+        node: node.to_string(),
+    }
+}
+
+/// Registers this node and publishes its endpoints (under the current
+/// lease).
+async fn register(
+    kv: &Kvstore,
+    config: &KvstoreConfig,
+    control: &Control,
+) -> Result<(), kvstore::Error> {
+    kv.register_node(&kvstore::Node {
+        name: kv.node().to_string(),
+        cluster: kv.cluster().to_string(),
+        addresses: vec![kvstore::types::NodeAddress {
+            kind: "InternalIP".into(),
+            ip: config.node_address,
+        }],
+        pod_cidr: config.pod_cidr.clone(),
+        hubble_address: String::new(),
+    })
+    .await?;
+    let mine: Vec<kvstore::IpIdentity> = control
+        .lock()
+        .endpoints()
+        .values()
+        .map(|ep| ip_identity(ep, kv.node(), config.node_address))
+        .collect();
+    for ip in &mine {
+        kv.put_ip(ip).await?;
+    }
+    Ok(())
+}
+
+/// Lists the other nodes' endpoints into the state (those gone removed),
+/// then applies each watched change; returns when the watch or the lease
+/// breaks.
+async fn follow_endpoints(kv: &Kvstore, control: &Control) -> Result<(), Error> {
+    let unavailable = |e: kvstore::Error| Error::Unavailable(format!("kvstore: {e}"));
+    let prefix = keys::ips_of(kv.cluster());
+    let listing = kv.list(&prefix).await.map_err(unavailable)?;
+    let listed: BTreeMap<std::net::Ipv4Addr, kvstore::IpIdentity> = listing
+        .entries
+        .iter()
+        .filter_map(|(k, v)| remote_endpoint(kv, k, v))
+        .map(|r| (r.ip, r))
+        .collect();
+    {
+        let mut s = control.lock();
+        let gone: Vec<std::net::Ipv4Addr> = s
+            .remote_endpoints()
+            .keys()
+            .filter(|ip| !listed.contains_key(ip))
+            .copied()
+            .collect();
+        for ip in gone {
+            s.set_remote_endpoint(ip, None);
+        }
+        for (ip, r) in listed {
+            s.set_remote_endpoint(ip, Some(r));
+        }
+        control.commit(&mut s)?;
+    }
+    let mut events = kv
+        .watch(&prefix, listing.revision)
+        .await
+        .map_err(unavailable)?;
+    let mut lease = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            event = events.recv() => {
+                let Some(event) = event else { return Ok(()) };
+                let mut s = control.lock();
+                match event {
+                    Event::Put(k, v) => {
+                        let Some(r) = remote_endpoint(kv, &k, &v) else { continue };
+                        s.set_remote_endpoint(r.ip, Some(r));
+                    }
+                    Event::Delete(k) => {
+                        let Some(ip) = k.strip_prefix(&prefix).and_then(|ip| ip.parse().ok()) else {
+                            continue;
+                        };
+                        s.set_remote_endpoint(ip, None);
+                    }
+                }
+                control.commit(&mut s)?;
+            }
+            _ = lease.tick() => {
+                if !kv.is_alive() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Another node's endpoint (this node's own are skipped); one that does
+/// not decode, or whose key and address disagree, is skipped and said so.
+fn remote_endpoint(kv: &Kvstore, key: &str, value: &[u8]) -> Option<kvstore::IpIdentity> {
+    match serde_json::from_slice::<kvstore::IpIdentity>(value) {
+        Ok(r) if keys::ip(kv.cluster(), r.ip) != key => {
+            tracing::warn!(
+                key,
+                "kvstore: an endpoint under another address's key; skipped"
+            );
+            None
+        }
+        Ok(r) => (r.node != kv.node()).then_some(r),
+        Err(e) => {
+            tracing::warn!(key, error = %e, "kvstore: an endpoint that does not decode; skipped");
+            None
         }
     }
 }

@@ -110,7 +110,8 @@ impl Control {
         {
             let s = control.lock();
             let all: BTreeSet<u32> = s.endpoints().keys().copied().collect();
-            control.update_index(&s, &all, true);
+            let remote: BTreeSet<Ipv4Addr> = s.remote_endpoints().keys().copied().collect();
+            control.update_index(&s, &all, &remote, true);
         }
         Ok(control)
     }
@@ -193,9 +194,24 @@ impl Control {
                     .map(|e| e.id),
             );
         }
-        let old_keys = self.update_index(s, &touched, !c.fqdn.is_empty());
-        let prefixes_changed =
-            self.update_ipcache(s, &old_keys, host_changed || !c.cidr_identities.is_empty())?;
+        // Other nodes' endpoints whose entry, or whose identity's labels,
+        // changed (the enricher names them by those).
+        let mut remote_touched = c.remote_endpoints.clone();
+        if !c.cluster_identities.is_empty() {
+            remote_touched.extend(
+                s.remote_endpoints()
+                    .iter()
+                    .filter(|(_, r)| c.cluster_identities.contains(&r.identity))
+                    .map(|(ip, _)| *ip),
+            );
+        }
+        let old_keys = self.update_index(s, &touched, &remote_touched, !c.fqdn.is_empty());
+        let prefixes_changed = self.update_ipcache(
+            s,
+            &old_keys,
+            &c.remote_endpoints,
+            host_changed || !c.cidr_identities.is_empty(),
+        )?;
         let started = std::time::Instant::now();
         let mut policy = self.policy();
         let rewritten = policy.apply(s, &self.datapath, &self.cluster, Some(c))?;
@@ -217,6 +233,15 @@ impl Control {
                     update.pods.push((ep.ipv4, Some(ep.identity)));
                 }
             }
+            // Other nodes' pods, as the ipcache has them (the proxy names
+            // peers as the kernel does).
+            for ip in &c.remote_endpoints {
+                if let Some(id) = self.ipcache.load().get(&(*ip, 32)) {
+                    update.pods.push((*ip, Some(id)));
+                } else {
+                    update.pods.push((*ip, None));
+                }
+            }
             update.policies = policy.proxy_changes();
             drop(policy);
             link.update(update);
@@ -235,10 +260,11 @@ impl Control {
         &self,
         s: &State,
         touched: &BTreeSet<u32>,
+        remote: &BTreeSet<Ipv4Addr>,
         names: bool,
     ) -> Vec<(u32, Option<(Ipv4Addr, u32)>)> {
         let mut old_keys = Vec::new();
-        if touched.is_empty() && !names {
+        if touched.is_empty() && remote.is_empty() && !names {
             return old_keys;
         }
         let mut next = EndpointLookup::clone(&self.index.load());
@@ -259,6 +285,17 @@ impl Control {
                 keys.insert(ep.id, (ep.ipv4, ep.host_ifindex));
                 ifnames.insert(ep.host_ifindex, ep.host_ifname.clone());
                 by_ip.insert(ep.ipv4, self.endpoint_meta(s, ep));
+            }
+        }
+        if !remote.is_empty() {
+            let local: std::collections::HashSet<Ipv4Addr> =
+                s.endpoints().values().map(|e| e.ipv4).collect();
+            let by_ip = Arc::make_mut(&mut next.by_ip);
+            for ip in remote.iter().filter(|ip| !local.contains(ip)) {
+                match s.remote_endpoints().get(ip) {
+                    Some(r) => by_ip.insert(*ip, self.remote_meta(s, r)),
+                    None => by_ip.remove(ip),
+                };
             }
         }
         if names {
@@ -292,6 +329,25 @@ impl Control {
         }
     }
 
+    /// Another node's endpoint as flows name it (its labels are its
+    /// identity's, as the cluster has them).
+    fn remote_meta(&self, s: &State, r: &kvstore::IpIdentity) -> EndpointMeta {
+        EndpointMeta {
+            endpoint: Arc::new(flow::Endpoint {
+                id: 0,
+                identity: r.identity,
+                cluster_name: self.cluster.clone(),
+                namespace: r.namespace.clone(),
+                labels: s
+                    .labels_of_identity(r.identity)
+                    .map(|l| l.to_strings())
+                    .unwrap_or_default(),
+                pod_name: r.pod.clone(),
+                workloads: vec![],
+            }),
+        }
+    }
+
     /// Writes the ipcache entries that differ: the touched endpoints' old
     /// and new addresses, and the prefixes when they may have changed.
     /// Returns whether the prefixes changed.
@@ -299,12 +355,24 @@ impl Control {
         &self,
         s: &State,
         old_keys: &[(u32, Option<(Ipv4Addr, u32)>)],
+        remote: &BTreeSet<Ipv4Addr>,
         prefixes_changed: bool,
     ) -> Result<bool, Error> {
         let mut endpoints = Vec::new();
+        // Other nodes' endpoints (an address that is also this node's, a
+        // stale remote entry, stays this node's); then this node's, which
+        // win where both are written.
+        if !remote.is_empty() {
+            let local: std::collections::HashSet<Ipv4Addr> =
+                s.endpoints().values().map(|e| e.ipv4).collect();
+            for ip in remote.iter().filter(|ip| !local.contains(ip)) {
+                endpoints.push((*ip, s.remote_endpoints().get(ip).map(|r| r.identity)));
+            }
+        }
         for (id, old) in old_keys {
             if let Some((ip, _)) = old {
-                endpoints.push((*ip, None));
+                // A local address gone falls back to a remote claim on it.
+                endpoints.push((*ip, s.remote_endpoints().get(ip).map(|r| r.identity)));
             }
             if let Some(ep) = s.endpoints().get(id) {
                 endpoints.push((ep.ipv4, Some(ep.identity)));
@@ -383,6 +451,9 @@ impl Control {
             cidrs: self.l7_cidrs(),
             ..Default::default()
         };
+        for (ip, r) in state.remote_endpoints() {
+            snapshot.pods.insert(*ip, r.identity);
+        }
         for ep in state.endpoints().values() {
             snapshot.pods.insert(ep.ipv4, ep.identity);
             if let Some(p) = sync.computed(ep.identity) {

@@ -156,9 +156,17 @@ impl Endpoints {
             w.validate()
                 .map_err(|e| invalid(format!("pod {}/{}: {e}", pod.namespace, pod.name)))?;
         }
+        // The cluster's number for the new labels, asked before the state
+        // is locked, and only for a pod with endpoints here.
+        let has_endpoints = self
+            .control
+            .lock()
+            .endpoints()
+            .values()
+            .any(|e| e.namespace == pod.namespace && e.pod == pod.name);
         let cluster_identity = match &self.kvstore {
-            Some(k) => Some(k.acquire_identity(&self.labels_of(&pod))?),
-            None => None,
+            Some(k) if has_endpoints => Some(k.acquire_identity(&self.labels_of(&pod))?),
+            _ => None,
         };
         let mut s = self.control.lock();
         s.upsert_pod(pod.clone());
@@ -186,8 +194,15 @@ impl Endpoints {
         }
         self.control.commit(&mut s)?;
         let unused = cluster_identity.is_some_and(|id| !s.local_identities().contains_key(&id));
+        let republish: Vec<Endpoint> = moved
+            .iter()
+            .filter_map(|(ip, ..)| s.endpoints().values().find(|e| e.ipv4 == *ip).cloned())
+            .collect();
         drop(s);
         if let Some(k) = &self.kvstore {
+            for ep in &republish {
+                k.publish_endpoint(ep);
+            }
             // Labels no endpoint here holds any more: this node's
             // references go (a pod with no endpoint here never held one).
             if unused {
@@ -353,7 +368,11 @@ impl Endpoints {
             return Err(e);
         }
         self.preload_next(&s);
+        let created = s.endpoints().get(&id).cloned();
         drop(s);
+        if let (Some(k), Some(ep)) = (&self.kvstore, created) {
+            k.publish_endpoint(&ep);
+        }
         self.observer
             .agent_event(flow::agent_event::Kind::EndpointCreated {
                 id: id as u64,
@@ -402,8 +421,11 @@ impl Endpoints {
         self.preload_next(&s);
         let unused = !s.local_identities().contains_key(&ep.identity);
         drop(s);
-        if let (Some(k), true) = (&self.kvstore, unused) {
-            k.release_identity(&ep.labels);
+        if let Some(k) = &self.kvstore {
+            k.withdraw_endpoint(ep.ipv4);
+            if unused {
+                k.release_identity(&ep.labels);
+            }
         }
         tracing::info!(endpoint_id = ep.id, pod = %ep.pod, ct_flushed = flushed, "endpoint deleted");
         self.observer

@@ -11,7 +11,8 @@ use crate::state::State;
 /// A kernel ipcache key: (address, prefix length).
 pub type Prefix = (Ipv4Addr, u32);
 
-/// What the kernel's ipcache holds: every local endpoint's /32, and the
+/// What the kernel's ipcache holds: every endpoint's /32 (this node's and,
+/// in kvstore mode, other nodes'; this node's win), and the
 /// rest (`prefixes`): the host's own addresses /32 (`host`), every IPv4
 /// CIDR identity, and `0.0.0.0/0` (world). Kept apart because endpoints
 /// change often and the rest rarely: a commit copies only the part it
@@ -28,9 +29,10 @@ impl Ipcache {
     pub fn build(state: &State, host: &[Ipv4Addr]) -> Self {
         Ipcache {
             endpoints: state
-                .endpoints()
-                .values()
-                .map(|e| (e.ipv4, e.identity))
+                .remote_endpoints()
+                .iter()
+                .map(|(ip, r)| (*ip, r.identity))
+                .chain(state.endpoints().values().map(|e| (e.ipv4, e.identity)))
                 .collect(),
             prefixes: Self::prefixes_of(state, host),
         }

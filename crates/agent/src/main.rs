@@ -116,6 +116,10 @@ struct Args {
     /// Cilium's kvstore-lease-ttl, 15 min).
     #[arg(long, default_value_t = 900, value_parser = clap::value_parser!(u64).range(2..=86_400))]
     kvstore_lease_ttl: u64,
+    /// Kvstore mode: this node's address on the network between nodes
+    /// (where other nodes reach it; its InternalIP).
+    #[arg(long, default_value = "0.0.0.0")]
+    node_address: std::net::Ipv4Addr,
 }
 
 /// The HTTP proxy process's port a restarted agent asks for when it has
@@ -348,6 +352,8 @@ fn main() -> anyhow::Result<()> {
         kvstore: (!args.kvstore.is_empty()).then(|| fibril_agent::cluster::KvstoreConfig {
             endpoints: args.kvstore.clone(),
             lease_ttl: std::time::Duration::from_secs(args.kvstore_lease_ttl),
+            node_address: args.node_address,
+            pod_cidr: pod_cidr.to_string(),
         }),
         fqdn: fibril_agent::fqdn::FqdnConfig {
             min_ttl_s: args.tofqdns_min_ttl,

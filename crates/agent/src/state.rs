@@ -49,6 +49,10 @@ pub struct State {
     /// still knows the peers it selected.
     #[serde(default)]
     cluster_identities: BTreeMap<u32, LabelSet>,
+    /// Kvstore mode: other nodes' endpoints (address, identity, node), as
+    /// last seen in etcd; their /32s go into the ipcache.
+    #[serde(default)]
+    remote_endpoints: BTreeMap<Ipv4Addr, kvstore::IpIdentity>,
     /// Bumped whenever `policies` changes (lets the policy engine skip
     /// comparing every policy on unrelated changes).
     #[serde(skip)]
@@ -95,6 +99,7 @@ pub struct Changes {
     pub fqdn_ips: BTreeSet<Ipv4Addr>,
     pub cidr_identities: BTreeSet<IpNet>,
     pub cluster_identities: BTreeSet<u32>,
+    pub remote_endpoints: BTreeSet<Ipv4Addr>,
     pub quarantined: BTreeSet<Ipv4Addr>,
     pub audit_namespaces: BTreeSet<String>,
     pub next_endpoint_id: bool,
@@ -114,6 +119,7 @@ impl Changes {
         self.fqdn_ips.extend(other.fqdn_ips);
         self.cidr_identities.extend(other.cidr_identities);
         self.cluster_identities.extend(other.cluster_identities);
+        self.remote_endpoints.extend(other.remote_endpoints);
         self.quarantined.extend(other.quarantined);
         self.audit_namespaces.extend(other.audit_namespaces);
         self.next_endpoint_id |= other.next_endpoint_id;
@@ -332,6 +338,31 @@ impl State {
 
     pub fn cluster_identities(&self) -> &BTreeMap<u32, LabelSet> {
         &self.cluster_identities
+    }
+
+    /// Sets (or, `None`, removes) another node's endpoint.
+    pub fn set_remote_endpoint(&mut self, ip: Ipv4Addr, value: Option<kvstore::IpIdentity>) {
+        if self.remote_endpoints.get(&ip) == value.as_ref() {
+            return;
+        }
+        self.changes.remote_endpoints.insert(ip);
+        match value {
+            Some(v) => self.remote_endpoints.insert(ip, v),
+            None => self.remote_endpoints.remove(&ip),
+        };
+    }
+
+    pub fn remote_endpoints(&self) -> &BTreeMap<Ipv4Addr, kvstore::IpIdentity> {
+        &self.remote_endpoints
+    }
+
+    /// The labels of identity `id` (this node's, the cluster's or a
+    /// reserved one).
+    pub fn labels_of_identity(&self, id: u32) -> Option<&LabelSet> {
+        self.identities
+            .allocated()
+            .get(&id)
+            .or_else(|| self.cluster_identities.get(&id))
     }
 
     /// The CIDR identities with their labels; a learned address also
@@ -684,6 +715,10 @@ enum Record {
         id: u32,
         value: Option<LabelSet>,
     },
+    RemoteEndpoint {
+        ip: Ipv4Addr,
+        value: Option<kvstore::IpIdentity>,
+    },
     Quarantined {
         ip: Ipv4Addr,
         value: Option<u64>,
@@ -737,6 +772,12 @@ impl State {
                 value: self.cluster_identities.get(id).cloned(),
             });
         }
+        for ip in &c.remote_endpoints {
+            out.push(Record::RemoteEndpoint {
+                ip: *ip,
+                value: self.remote_endpoints.get(ip).cloned(),
+            });
+        }
         for ip in &c.quarantined {
             out.push(Record::Quarantined {
                 ip: *ip,
@@ -774,6 +815,7 @@ impl State {
             Record::Fqdn { name, value } => put(&mut self.fqdn, name, value),
             Record::CidrIdentity { prefix, value } => put(&mut self.cidr_identities, prefix, value),
             Record::ClusterIdentity { id, value } => put(&mut self.cluster_identities, id, value),
+            Record::RemoteEndpoint { ip, value } => put(&mut self.remote_endpoints, ip, value),
             Record::Quarantined { ip, value } => put(&mut self.quarantined, ip, value),
             Record::AuditNamespace { namespace, value } => {
                 if value {

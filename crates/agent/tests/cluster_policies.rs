@@ -240,6 +240,36 @@ impl Agent {
         .unwrap_or_else(|e| panic!("{e}: {}", self.log()));
     }
 
+    /// The address of pod `shop/<name>`'s endpoint.
+    fn ip_of(&self, name: &str) -> String {
+        let Ok(api::Response::Endpoints { endpoints }) = self.call(api::Request::EndpointList)
+        else {
+            panic!("endpoint list")
+        };
+        endpoints
+            .into_iter()
+            .find(|e| e.pod_name == name)
+            .map(|e| e.ipv4.split('/').next().unwrap().to_string())
+            .unwrap()
+    }
+
+    /// (identity of `to`, allowed) as `policy trace` answers for TCP `port`.
+    fn trace(&self, from: &str, to: &str, port: u16) -> (u32, bool) {
+        match self.call(api::Request::PolicyTrace(api::TraceRequest {
+            from: from.into(),
+            to: to.into(),
+            protocol: 6,
+            port,
+        })) {
+            Ok(api::Response::Trace {
+                to_identity,
+                allowed,
+                ..
+            }) => (to_identity, allowed),
+            other => panic!("trace: {other:?}"),
+        }
+    }
+
     /// The identity listed with `k8s:app=<app>`.
     fn identity_of(&self, app: &str) -> Option<u32> {
         let Ok(api::Response::Identities { identities }) = self.call(api::Request::IdentityList)
@@ -319,6 +349,27 @@ fn endpoints_on_two_nodes_get_the_clusters_identities() {
             nodes
         })
     };
+    // a's ipcache names b's pods by their identity, and a's policy (the
+    // cluster's) decides by it.
+    let db_ip = b.ip_of("db-1");
+    assert!(
+        eventually(Duration::from_secs(10), || a
+            .trace("shop/web-1", &db_ip, 5432)
+            .0
+            == db),
+        "a does not know {db_ip} ({:?}, db {db}, {:?}): {}\nb: {}",
+        a.trace("shop/web-1", &db_ip, 5432),
+        a.call(api::Request::IdentityList),
+        a.log(),
+        b.log()
+    );
+    a.import(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web-to-db, namespace: shop}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  egress:\n  - toEndpoints: [{matchLabels: {app: db}}]\n    toPorts: [{ports: [{port: \"5432\", protocol: TCP}]}]\n",
+    )
+    .unwrap();
+    assert_eq!(a.trace("shop/web-1", &db_ip, 5432), (db, true));
+    assert_eq!(a.trace("shop/web-1", &db_ip, 80), (db, false));
+
     assert_eq!(refs("web"), ["a", "b"]);
     a.call(api::Request::EndpointDel {
         container_id: "c-web-1".into(),
@@ -327,4 +378,21 @@ fn endpoints_on_two_nodes_get_the_clusters_identities() {
     .unwrap();
     assert_eq!(refs("web"), ["b"]);
     assert_eq!(b.identity_of("web"), Some(web));
+
+    // b's pod goes: a forgets its address (the world's again).
+    b.call(api::Request::EndpointDel {
+        container_id: "c-db-1".into(),
+        ifname: "eth0".into(),
+    })
+    .unwrap();
+    let world = 2;
+    a.pod("web-3", "web", &n1);
+    assert!(
+        eventually(Duration::from_secs(10), || a
+            .trace("shop/web-3", &db_ip, 5432)
+            .0
+            == world),
+        "{}",
+        a.log()
+    );
 }

@@ -1,8 +1,9 @@
 //! Cluster-wide security identities, allocated as Cilium's kvstore
 //! allocator does: under a per-label-set lock (held with the agent's
 //! lease), an existing identity is found by its nodes' references
-//! (`value/<labels>/<node>`); else a free number is claimed by creating
-//! its master key (`id/<id>`) only if it does not exist (a transaction),
+//! (`value/<labels>/<node>`), or else by a master key (`id/<id>`) of the
+//! same labels that no node references yet; else a free number is claimed
+//! by creating its master key only if it does not exist (a transaction),
 //! so two nodes can never take one number, and the same labels get the
 //! same number on every node.
 
@@ -48,25 +49,40 @@ impl Kvstore {
                 Some(GetOptions::new().with_prefix()),
             )
             .await?;
-        if let Some(kv) = refs.kvs().first() {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            let id = parse_id(&key, kv.value())?;
+        let existing = match refs.kvs().first() {
+            Some(kv) => {
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                Some(parse_id(&key, kv.value())?)
+            }
+            None => None,
+        };
+        let masters = self.list(keys::IDENTITY_IDS).await?.entries;
+        // Referenced by a node, else a master of these labels no node
+        // references (yet to be collected): that number again.
+        let reuse = existing.or_else(|| {
+            masters
+                .iter()
+                .find(|(_, v)| v.as_slice() == text.as_bytes())
+                .and_then(|(k, _)| keys::id_of(k))
+        });
+        if let Some(id) = reuse {
             let master = keys::identity_id(id);
-            // Referenced only while its master key stands (a GC may have
-            // taken it since the references were read).
+            // Only while its master key stands, and touched (rewritten as
+            // it is) so that a collection that saw it unreferenced fails
+            // its own transaction instead of deleting it under this
+            // reference.
             let r = client
                 .txn(
                     Txn::new()
-                        .when([Compare::create_revision(
-                            master.clone(),
-                            CompareOp::Greater,
-                            0,
-                        )])
-                        .and_then([TxnOp::put(
-                            mine.clone(),
-                            id.to_string(),
-                            Some(PutOptions::new().with_lease(self.lease)),
-                        )]),
+                        .when([Compare::value(master.clone(), CompareOp::Equal, text)])
+                        .and_then([
+                            TxnOp::put(master, text, None),
+                            TxnOp::put(
+                                mine.clone(),
+                                id.to_string(),
+                                Some(PutOptions::new().with_lease(self.lease)),
+                            ),
+                        ]),
                 )
                 .await?;
             if r.succeeded() {
@@ -75,13 +91,7 @@ impl Kvstore {
         }
         // A new number: the lowest free ones first, each claimed only if
         // its master key does not exist.
-        let used: BTreeSet<u32> = self
-            .list(keys::IDENTITY_IDS)
-            .await?
-            .entries
-            .iter()
-            .filter_map(|(k, _)| keys::id_of(k))
-            .collect();
+        let used: BTreeSet<u32> = masters.iter().filter_map(|(k, _)| keys::id_of(k)).collect();
         let mut candidate = FIRST;
         loop {
             while used.contains(&candidate) {

@@ -211,6 +211,19 @@ async fn unreferenced_identities_are_collected_on_the_second_look() {
     // The number is free again; the kept labels keep theirs.
     assert_eq!(b.acquire_identity(&labels("kept")).await.unwrap(), kept);
     assert_eq!(b.acquire_identity(&labels("new")).await.unwrap(), dropped);
+    // Released and taken again before any collection: the same number
+    // (its master key is reused, not a second one made).
+    b.release_identity(&labels("new")).await.unwrap();
+    assert_eq!(a.acquire_identity(&labels("new")).await.unwrap(), dropped);
+    assert_eq!(
+        a.identities()
+            .await
+            .unwrap()
+            .values()
+            .filter(|l| l.contains("app=new;"))
+            .count(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
