@@ -47,6 +47,9 @@ pub struct Cluster {
 const CONNECT_WAIT: Duration = Duration::from_secs(3);
 /// Between attempts to (re)connect.
 const RETRY: Duration = Duration::from_secs(1);
+/// Between two looks for unreferenced identities (one is collected at its
+/// second look; Cilium's operator: 15 min).
+const IDENTITY_GC_EVERY: Duration = Duration::from_secs(300);
 
 impl Cluster {
     /// Starts connecting (and keeps at it) in the background.
@@ -100,6 +103,23 @@ impl Cluster {
                     Err(e) => tracing::warn!(error = %e, "kvstore unreachable"),
                 }
                 tokio::time::sleep(RETRY).await;
+            }
+        });
+        // Identities no node references go, as Cilium's operator collects
+        // them (every node may: the collection is transactional).
+        let mut slot = kv.clone();
+        rt.spawn(async move {
+            let mut marked = std::collections::BTreeSet::new();
+            loop {
+                tokio::time::sleep(IDENTITY_GC_EVERY).await;
+                let Some(kv) = slot.borrow_and_update().clone() else { continue };
+                match kv.gc_identities(&mut marked).await {
+                    Ok(gone) if !gone.is_empty() => {
+                        tracing::info!(identities = ?gone, "kvstore: unreferenced identities collected")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "kvstore: identity collection"),
+                }
             }
         });
         Ok(Arc::new(Cluster {
