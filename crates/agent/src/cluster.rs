@@ -36,7 +36,13 @@ pub struct KvstoreConfig {
 
 pub struct Cluster {
     rt: tokio::runtime::Runtime,
+    cluster: String,
     node: String,
+    /// Where this node's Hubble API listens, once it does (to the task
+    /// that registers the node).
+    hubble_address: watch::Sender<String>,
+    /// Every node's Hubble address by peer name (`cluster/node`).
+    peers: Arc<watch::Sender<BTreeMap<String, String>>>,
     node_address: std::net::Ipv4Addr,
     /// The live connection, `None` while there is none.
     kv: watch::Receiver<Option<Kvstore>>,
@@ -71,6 +77,10 @@ impl Cluster {
             .map_err(|e| invalid(format!("kvstore runtime: {e}")))?;
         let (tx, kv) = watch::channel(None);
         let node_address = config.node_address;
+        let (hubble_address, mut hubble) = watch::channel(String::new());
+        let peers = Arc::new(watch::channel(BTreeMap::new()).0);
+        let peer_tx = peers.clone();
+        let cluster_name = cluster.to_string();
         let (cluster, node) = (cluster.to_string(), node.to_string());
         let me = node.clone();
         rt.spawn(async move {
@@ -82,21 +92,42 @@ impl Cluster {
                         // are tied to the lease: a new lease (a restart, a
                         // reconnect after expiry) takes them again.
                         refresh_references(&kv, &control).await;
-                        if let Err(e) = register(&kv, &config, &control).await {
-                            tracing::warn!(error = %e, "kvstore: registering this node");
-                        }
                         tx.send_replace(Some(kv.clone()));
-                        // Until either breaks; then list and watch anew.
-                        tokio::select! {
-                            r = follow_policies(&kv, &control, &observer) => if let Err(e) = r {
-                                tracing::warn!(error = %e, "kvstore: following policies");
-                            },
-                            r = follow_identities(&kv, &control) => if let Err(e) = r {
-                                tracing::warn!(error = %e, "kvstore: following identities");
-                            },
-                            r = follow_endpoints(&kv, &control) => if let Err(e) = r {
-                                tracing::warn!(error = %e, "kvstore: following other nodes' endpoints");
-                            },
+                        // This task alone writes the node's entry: now, and
+                        // again when the Hubble address comes.
+                        let followers = async {
+                            tokio::select! {
+                                r = follow_policies(&kv, &control, &observer) => if let Err(e) = r {
+                                    tracing::warn!(error = %e, "kvstore: following policies");
+                                },
+                                r = follow_identities(&kv, &control) => if let Err(e) = r {
+                                    tracing::warn!(error = %e, "kvstore: following identities");
+                                },
+                                r = follow_endpoints(&kv, &control) => if let Err(e) = r {
+                                    tracing::warn!(error = %e, "kvstore: following other nodes' endpoints");
+                                },
+                                r = follow_nodes(&kv, &peer_tx) => if let Err(e) = r {
+                                    tracing::warn!(error = %e, "kvstore: following nodes");
+                                },
+                            }
+                        };
+                        tokio::pin!(followers);
+                        hubble.mark_changed();
+                        // Until a follower breaks; then list and watch anew.
+                        loop {
+                            tokio::select! {
+                                _ = &mut followers => break,
+                                changed = hubble.changed() => {
+                                    if changed.is_err() {
+                                        (&mut followers).await;
+                                        break;
+                                    }
+                                    let address = hubble.borrow_and_update().clone();
+                                    if let Err(e) = register(&kv, &config, &address, &control).await {
+                                        tracing::warn!(error = %e, "kvstore: registering this node");
+                                    }
+                                }
+                            }
                         }
                         tx.send_replace(None);
                     }
@@ -125,8 +156,11 @@ impl Cluster {
         Ok(Arc::new(Cluster {
             rt,
             kv,
+            cluster: cluster_name,
             node: me,
             node_address,
+            hubble_address,
+            peers,
         }))
     }
 
@@ -187,6 +221,22 @@ impl Cluster {
         if let Err(e) = released {
             tracing::warn!(labels = ?labels.to_strings(), error = %e, "kvstore: identity reference not released");
         }
+    }
+
+    /// Registers where this node's Hubble API listens (peers and the relay
+    /// find it in the node registry); until etcd has it, this node is its
+    /// own only peer.
+    pub fn set_hubble_address(&self, address: &str) {
+        let me = format!("{}/{}", self.cluster, self.node);
+        self.peers.send_modify(|m| {
+            m.insert(me, address.to_string());
+        });
+        self.hubble_address.send_replace(address.to_string());
+    }
+
+    /// Every node's Hubble address by peer name, as it changes.
+    pub fn peers(&self) -> watch::Receiver<BTreeMap<String, String>> {
+        self.peers.subscribe()
     }
 
     /// A local endpoint as the cluster lists it.
@@ -316,23 +366,39 @@ fn ip_identity(
     }
 }
 
+/// This node's registry entry.
+fn node_entry(
+    kv: &Kvstore,
+    address: std::net::Ipv4Addr,
+    pod_cidr: &str,
+    hubble_address: &str,
+) -> kvstore::Node {
+    kvstore::Node {
+        name: kv.node().to_string(),
+        cluster: kv.cluster().to_string(),
+        addresses: vec![kvstore::types::NodeAddress {
+            kind: "InternalIP".into(),
+            ip: address,
+        }],
+        pod_cidr: pod_cidr.to_string(),
+        hubble_address: hubble_address.to_string(),
+    }
+}
+
 /// Registers this node and publishes its endpoints (under the current
 /// lease).
 async fn register(
     kv: &Kvstore,
     config: &KvstoreConfig,
+    hubble_address: &str,
     control: &Control,
 ) -> Result<(), kvstore::Error> {
-    kv.register_node(&kvstore::Node {
-        name: kv.node().to_string(),
-        cluster: kv.cluster().to_string(),
-        addresses: vec![kvstore::types::NodeAddress {
-            kind: "InternalIP".into(),
-            ip: config.node_address,
-        }],
-        pod_cidr: config.pod_cidr.clone(),
-        hubble_address: String::new(),
-    })
+    kv.register_node(&node_entry(
+        kv,
+        config.node_address,
+        &config.pod_cidr,
+        hubble_address,
+    ))
     .await?;
     let mine: Vec<kvstore::IpIdentity> = control
         .lock()
@@ -344,6 +410,56 @@ async fn register(
         kv.put_ip(ip).await?;
     }
     Ok(())
+}
+
+/// Lists the cluster's nodes into `peers` (peer name -> Hubble address;
+/// nodes not serving Hubble yet left out), then follows them.
+async fn follow_nodes(
+    kv: &Kvstore,
+    peers: &watch::Sender<BTreeMap<String, String>>,
+) -> Result<(), Error> {
+    let unavailable = |e: kvstore::Error| Error::Unavailable(format!("kvstore: {e}"));
+    let prefix = keys::nodes_of(kv.cluster());
+    let listing = kv.list(&prefix).await.map_err(unavailable)?;
+    let address = |k: &str, v: &[u8]| match serde_json::from_slice::<kvstore::Node>(v) {
+        Ok(n) => Some(n.hubble_address).filter(|a| !a.is_empty()),
+        Err(e) => {
+            tracing::warn!(key = k, error = %e, "kvstore: a node that does not decode; skipped");
+            None
+        }
+    };
+    let name = |k: &str| format!("{}/{}", kv.cluster(), k.strip_prefix(&prefix).unwrap_or(k));
+    let mut nodes: BTreeMap<String, String> = listing
+        .entries
+        .iter()
+        .filter_map(|(k, v)| Some((name(k), address(k, v)?)))
+        .collect();
+    peers.send_replace(nodes.clone());
+    let mut events = kv
+        .watch(&prefix, listing.revision)
+        .await
+        .map_err(unavailable)?;
+    let mut lease = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            event = events.recv() => {
+                let Some(event) = event else { return Ok(()) };
+                match event {
+                    Event::Put(k, v) => match address(&k, &v) {
+                        Some(a) => nodes.insert(name(&k), a),
+                        None => nodes.remove(&name(&k)),
+                    },
+                    Event::Delete(k) => nodes.remove(&name(&k)),
+                };
+                peers.send_replace(nodes.clone());
+            }
+            _ = lease.tick() => {
+                if !kv.is_alive() {
+                    return Ok(());
+                }
+            }
+        }
+    }
 }
 
 /// Lists the other nodes' endpoints into the state (those gone removed),

@@ -53,4 +53,10 @@ impl hubble::server::Backend for HubbleBackend {
     fn address(&self) -> String {
         self.address.clone()
     }
+
+    fn cluster_peers(
+        &self,
+    ) -> Option<tokio::sync::watch::Receiver<std::collections::BTreeMap<String, String>>> {
+        self.agent.cluster().map(|c| c.peers())
+    }
 }

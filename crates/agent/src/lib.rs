@@ -72,6 +72,8 @@ pub struct Agent {
     policies: policies::Policies,
     /// The census, listing, re-checking established connections.
     conntrack: conntrack::Conntrack,
+    /// Kvstore mode: the cluster's etcd.
+    cluster: Option<Arc<cluster::Cluster>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -189,10 +191,11 @@ impl Agent {
             cluster.clone(),
         );
         endpoints.preload_next(&control.lock());
-        let policies = policies::Policies::new(control.clone(), observer.clone(), cluster);
+        let policies = policies::Policies::new(control.clone(), observer.clone(), cluster.clone());
         let conntrack = conntrack::Conntrack::new(datapath.clone(), control.clone());
         let fqdn = fqdn::Fqdn::new(config.fqdn, control.clone());
         let agent = Arc::new(Self {
+            cluster,
             fqdn,
             policies,
             conntrack,
@@ -229,6 +232,11 @@ impl Agent {
     /// The state and what is derived from it.
     pub fn control(&self) -> &control::Control {
         &self.control
+    }
+
+    /// Kvstore mode: the cluster's etcd.
+    pub fn cluster(&self) -> Option<&Arc<cluster::Cluster>> {
+        self.cluster.as_ref()
     }
 
     pub fn config(&self) -> &Config {

@@ -232,6 +232,11 @@ fn start_hubble(
             .with_context(|| format!("binding {}", socket.display()))?
     };
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    // Other nodes and the relay reach this node's Hubble API at its TCP
+    // address (a Unix socket is no peer's).
+    if let (Some(cluster), false) = (agent.cluster(), address.starts_with("unix://")) {
+        cluster.set_hubble_address(&address);
+    }
     let backend = Arc::new(fibril_agent::hubble_backend::HubbleBackend {
         agent,
         address: address.clone(),

@@ -396,3 +396,79 @@ fn endpoints_on_two_nodes_get_the_clusters_identities() {
         a.log()
     );
 }
+
+/// `peer.Peer/Notify` on each node lists every node of the cluster with
+/// its Hubble address (what a relay connects to), and a node whose lease
+/// expires is announced gone.
+#[test]
+fn every_node_announces_the_clusters_peers() {
+    let dir = std::env::temp_dir().join(test_support::unique_name("fibril-cluster-etcd-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            std::fs::remove_dir_all(&self.0).ok();
+        }
+    }
+    let _dir = Dir(dir.clone());
+    let etcd = Etcd::single(&dir).unwrap();
+    let a = Agent::start("a", "10.249.94.0/24", &etcd.endpoint());
+    let b = Agent::start("b", "10.249.95.0/24", &etcd.endpoint());
+    let hubble = |agent: &Agent| {
+        std::fs::read_to_string(agent.dir.join("state/hubble.addr"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let (a_addr, b_addr) = (hubble(&a), hubble(&b));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use proto::peer::peer_client::PeerClient;
+        use proto::peer::{ChangeNotificationType as T, NotifyRequest};
+        let mut client = PeerClient::connect(format!("http://{a_addr}"))
+            .await
+            .unwrap();
+        let mut stream = client
+            .notify(NotifyRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let mut peers = std::collections::BTreeMap::new();
+        let next = async |stream: &mut tonic::Streaming<proto::peer::ChangeNotification>| {
+            tokio::time::timeout(Duration::from_secs(15), stream.message())
+                .await
+                .expect("a change within the bound")
+                .unwrap()
+                .unwrap()
+        };
+        while peers.len() < 2 {
+            let n = next(&mut stream).await;
+            assert_ne!(n.r#type, T::PeerDeleted as i32, "{n:?}");
+            peers.insert(n.name, n.address);
+        }
+        assert_eq!(
+            peers,
+            [
+                ("lab/a".to_string(), a_addr.clone()),
+                ("lab/b".to_string(), b_addr.clone())
+            ]
+            .into()
+        );
+        // b dies; its lease (5 s) expires and it is announced gone.
+        drop(b);
+        loop {
+            let n = next(&mut stream).await;
+            if n.r#type == T::PeerDeleted as i32 {
+                assert_eq!(
+                    (n.name.as_str(), n.address.as_str()),
+                    ("lab/b", b_addr.as_str())
+                );
+                break;
+            }
+        }
+    });
+    drop(a);
+}

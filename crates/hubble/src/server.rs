@@ -2,7 +2,7 @@
 //! `grpc.health.v1.Health` (SERVING for `hubble.server.Observer`), on a
 //! Unix socket and on TCP, plaintext h2c as the hubble CLI speaks it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +53,12 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// The address peers reach this node's observer at.
     fn address(&self) -> String;
+    /// In a cluster: every node's Hubble address by peer name
+    /// (`cluster/node`), this node's included, as it changes. `None`: this
+    /// node alone.
+    fn cluster_peers(&self) -> Option<tokio::sync::watch::Receiver<BTreeMap<String, String>>> {
+        None
+    }
 }
 
 pub struct Service<B: Backend> {
@@ -605,23 +611,68 @@ impl<B: Backend> Observer for Service<B> {
 impl<B: Backend> Peer for Service<B> {
     type NotifyStream = BoxStream<ChangeNotification>;
 
-    /// This node is the only peer: announced once, then the stream stays open.
+    /// Every node of the cluster, then each change (a node added, gone, or
+    /// at a new address); alone, this node is the only peer, announced
+    /// once, and the stream stays open.
     async fn notify(
         &self,
         request: Request<NotifyRequest>,
     ) -> Result<Response<Self::NotifyStream>, Status> {
         let slot = self.stream_slot(&request)?;
-        let (tx, rx) = mpsc::channel(1);
-        let me = ChangeNotification {
-            name: self.backend.node_name(),
-            address: self.backend.address(),
-            r#type: ChangeNotificationType::PeerAdded as i32,
-            tls: None,
-        };
+        let (tx, rx) = mpsc::channel(16);
+        let me = (self.backend.node_name(), self.backend.address());
+        let peers = self.backend.cluster_peers();
         tokio::spawn(async move {
             let _slot = slot;
-            if tx.send(Ok(me)).await.is_ok() {
-                tx.closed().await;
+            let note = |name: &str, address: &str, t: ChangeNotificationType| {
+                Ok(ChangeNotification {
+                    name: name.to_string(),
+                    address: address.to_string(),
+                    r#type: t as i32,
+                    tls: None,
+                })
+            };
+            let Some(mut peers) = peers else {
+                if tx
+                    .send(note(&me.0, &me.1, ChangeNotificationType::PeerAdded))
+                    .await
+                    .is_ok()
+                {
+                    tx.closed().await;
+                }
+                return;
+            };
+            let mut known: BTreeMap<String, String> = BTreeMap::new();
+            loop {
+                let now = peers.borrow_and_update().clone();
+                for (name, address) in &now {
+                    let t = match known.get(name) {
+                        None => ChangeNotificationType::PeerAdded,
+                        Some(a) if a != address => ChangeNotificationType::PeerUpdated,
+                        Some(_) => continue,
+                    };
+                    if tx.send(note(name, address, t)).await.is_err() {
+                        return;
+                    }
+                }
+                for (name, address) in &known {
+                    if !now.contains_key(name)
+                        && tx
+                            .send(note(name, address, ChangeNotificationType::PeerDeleted))
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+                known = now;
+                tokio::select! {
+                    changed = peers.changed() => if changed.is_err() {
+                        tx.closed().await;
+                        return;
+                    },
+                    _ = tx.closed() => return,
+                }
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
