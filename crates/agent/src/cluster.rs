@@ -36,6 +36,8 @@ pub struct KvstoreConfig {
 
 pub struct Cluster {
     rt: tokio::runtime::Runtime,
+    /// The etcd members.
+    endpoints: Vec<String>,
     cluster: String,
     node: String,
     /// Where this node's Hubble API listens, once it does (to the task
@@ -77,6 +79,7 @@ impl Cluster {
             .map_err(|e| invalid(format!("kvstore runtime: {e}")))?;
         let (tx, kv) = watch::channel(None);
         let node_address = config.node_address;
+        let config_endpoints = config.endpoints.clone();
         let (hubble_address, mut hubble) = watch::channel(String::new());
         let peers = Arc::new(watch::channel(BTreeMap::new()).0);
         let peer_tx = peers.clone();
@@ -154,6 +157,7 @@ impl Cluster {
             }
         });
         Ok(Arc::new(Cluster {
+            endpoints: config_endpoints,
             rt,
             kv,
             cluster: cluster_name,
@@ -268,6 +272,25 @@ impl Cluster {
         });
         if let Err(e) = done {
             tracing::warn!(%ip, error = %e, "kvstore: endpoint not withdrawn");
+        }
+    }
+
+    /// The cluster as this node sees it (no lock on the state held).
+    pub fn info(&self, control: &Control) -> api::ClusterInfo {
+        let version = self.kv.borrow().clone().and_then(|kv| {
+            // The timer is made inside the runtime.
+            self.rt
+                .block_on(async { tokio::time::timeout(Duration::from_secs(1), kv.status()).await })
+                .ok()?
+                .ok()
+        });
+        let s = control.lock();
+        api::ClusterInfo {
+            kvstore: self.endpoints.clone(),
+            etcd_version: version,
+            nodes: self.peers.borrow().keys().cloned().collect(),
+            identities: s.cluster_identities().len(),
+            remote_endpoints: s.remote_endpoints().len(),
         }
     }
 

@@ -373,6 +373,9 @@ impl Agent {
     }
 
     pub fn status(&self) -> StatusInfo {
+        // Before the state is locked: asking etcd waits on the runtime
+        // whose watches take that lock.
+        let cluster = self.cluster.as_ref().map(|c| c.info(&self.control));
         let s = self.control.lock();
         let (buffered, seen) = self.observer.counts();
         StatusInfo {
@@ -412,6 +415,7 @@ impl Agent {
                     redirected: s.redirected,
                     plain: s.plain,
                 }),
+            cluster,
         }
     }
 }

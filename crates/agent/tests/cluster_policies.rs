@@ -67,6 +67,14 @@ impl Agent {
         })
     }
 
+    /// What `fibril status` shows of the cluster.
+    fn cluster(&self) -> api::ClusterInfo {
+        match self.call(api::Request::Status) {
+            Ok(api::Response::Status(s)) => s.cluster.expect("kvstore mode"),
+            other => panic!("status: {other:?}"),
+        }
+    }
+
     fn policies(&self) -> Vec<String> {
         match self.call(api::Request::PolicyGet) {
             Ok(api::Response::Policies { policies }) => {
@@ -156,10 +164,15 @@ fn agents_share_their_policies_through_etcd() {
     assert_eq!(a.policies(), ["shop/db"]);
     assert_eq!(b.policies(), ["shop/db"]);
 
+    let status = a.cluster();
+    assert_eq!(status.etcd_version.as_deref(), Some("3.4.23"));
+    assert_eq!(status.kvstore, vec![endpoint.clone()]);
+
     // etcd goes away: an import is refused, saying why; the last policies
-    // stay in force.
+    // stay in force, and status says etcd is unreachable.
     let member = etcd.member().clone();
     etcd.stop();
+    assert_eq!(a.cluster().etcd_version, None);
     let refused = a.import(&policy("late", "late")).unwrap_err().to_string();
     assert!(
         refused.contains("kvstore (etcd) is not reachable"),
@@ -457,6 +470,7 @@ fn every_node_announces_the_clusters_peers() {
             ]
             .into()
         );
+        assert_eq!(b.cluster().nodes, ["lab/a", "lab/b"]);
         // b dies; its lease (5 s) expires and it is announced gone.
         drop(b);
         loop {

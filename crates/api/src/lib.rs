@@ -213,6 +213,24 @@ pub struct StatusInfo {
     /// The L7 proxy's socket shortcut; None when not attached.
     #[serde(default)]
     pub proxy_shortcut: Option<ProxyShortcutInfo>,
+    /// Kvstore mode: the cluster as this node sees it; None alone.
+    #[serde(default)]
+    pub cluster: Option<ClusterInfo>,
+}
+
+/// The cluster as one node sees it (kvstore mode).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    /// The etcd endpoints.
+    pub kvstore: Vec<String>,
+    /// etcd's version when this node is connected; None when it is not.
+    pub etcd_version: Option<String>,
+    /// Nodes serving Hubble, `cluster/node`.
+    pub nodes: Vec<String>,
+    /// The cluster's identities (other nodes' pods' included).
+    pub identities: usize,
+    /// Other nodes' endpoints this node knows.
+    pub remote_endpoints: usize,
 }
 
 /// Counters of the L7 proxy's socket shortcut.

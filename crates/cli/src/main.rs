@@ -298,6 +298,24 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     ),
                     None => println!("L7 shortcut:   off (proxied payload crosses the TCP/IP stack)"),
                 }
+                if let Some(c) = &s.cluster {
+                    match &c.etcd_version {
+                        Some(v) => println!("Kvstore:       etcd {v} at {}", c.kvstore.join(",")),
+                        None => println!(
+                            "Kvstore:       UNREACHABLE at {} (the last policies and identities stay in force)",
+                            c.kvstore.join(",")
+                        ),
+                    }
+                    println!(
+                        "Cluster:       {} node(s): {}",
+                        c.nodes.len(),
+                        c.nodes.join(", ")
+                    );
+                    println!(
+                        "               {} cluster identities, {} endpoints on other nodes",
+                        c.identities, c.remote_endpoints
+                    );
+                }
                 println!("Uptime:        {}s", s.uptime_seconds);
                 match hubble_address(&cli.lab, None)
                     .and_then(|a| hubble_cmds::status_lines(&a, &observe::Server::default()))
