@@ -95,6 +95,44 @@ impl Etcd {
         Self::spawn(command, member, &dir.join("etcd.log"))
     }
 
+    /// A cluster of `n` members on loopback, data under `dir` (tests).
+    pub fn cluster(dir: &Path, n: usize) -> Result<Vec<Self>, Error> {
+        let members: Vec<Member> = (0..n)
+            .map(|i| {
+                Ok(Member {
+                    name: format!("m{i}"),
+                    client: free_port()?,
+                    peer: free_port()?,
+                    data_dir: dir.join(format!("data{i}")),
+                })
+            })
+            .collect::<Result<_, Error>>()?;
+        // Started together: each waits for a quorum to serve.
+        let mut children = Vec::new();
+        for m in &members {
+            let mut command = Command::new(ETCD);
+            command.args(m.args(&members, "fibril-test"));
+            let log = dir.join(format!("{}.log", m.name));
+            let out = std::fs::File::create(&log)
+                .map_err(|e| Error::Start(format!("{}: {e}", log.display())))?;
+            let err = out.try_clone().map_err(|e| Error::Start(e.to_string()))?;
+            let child = command
+                .stdin(Stdio::null())
+                .stdout(out)
+                .stderr(err)
+                .spawn()
+                .map_err(|e| Error::Start(format!("{ETCD}: {e} (run `cargo xtask deps`)")))?;
+            children.push(Etcd {
+                child,
+                member: m.clone(),
+            });
+        }
+        for c in &mut children {
+            c.wait_ready(Duration::from_secs(20))?;
+        }
+        Ok(children)
+    }
+
     pub fn member(&self) -> &Member {
         &self.member
     }

@@ -37,7 +37,8 @@ pub enum Event {
 }
 
 impl Kvstore {
-    /// Connects to `endpoints` (`http://ip:port`) and takes a lease of
+    /// Connects to the first of `endpoints` (`http://ip:port`) that answers
+    /// and takes a lease of
     /// `lease_ttl` that every owned key is tied to, renewed every third
     /// of it until the store is dropped or `close`d.
     pub async fn connect(
@@ -50,7 +51,33 @@ impl Kvstore {
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
-        let mut client = Client::connect(endpoints, Some(options)).await?;
+        // One member at a time, the first that answers: a member that is
+        // down would otherwise take its share of requests and fail them.
+        // A client whose member goes connects again (to another).
+        let mut client = None;
+        let mut last = None;
+        for e in endpoints {
+            let tried = async {
+                let mut c = Client::connect([e], Some(options.clone())).await?;
+                c.status().await?;
+                Ok::<_, etcd_client::Error>(c)
+            }
+            .await;
+            match tried {
+                Ok(c) => {
+                    client = Some(c);
+                    break;
+                }
+                Err(err) => last = Some(err),
+            }
+        }
+        let mut client = match (client, last) {
+            (Some(c), _) => c,
+            (None, Some(err)) => return Err(err.into()),
+            (None, None) => {
+                return Err(Error::Start("no etcd endpoint given".into()));
+            }
+        };
         let ttl = lease_ttl.as_secs().max(2) as i64;
         let lease = client.lease_grant(ttl, None).await?.id();
         let (tx, alive) = watch::channel(true);

@@ -244,3 +244,45 @@ async fn a_clean_close_removes_owned_keys_at_once_and_bad_values_are_errors() {
     assert!(b.is_alive());
     assert_eq!(b.status().await.unwrap(), "3.4.23");
 }
+
+/// Three members: one lost, the cluster keeps allocating (a quorum of two)
+/// and clients fail over to the members left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_member_cluster_survives_the_loss_of_one() {
+    let dir = std::env::temp_dir().join(test_support::unique_name("fibril-etcd3-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _dir = Dir(dir.clone());
+    let mut members = Etcd::cluster(&dir, 3).unwrap();
+    let endpoints: Vec<String> = members.iter().map(|m| m.endpoint()).collect();
+    let a = Kvstore::connect(&endpoints, "lab", "a", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let web = a.acquire_identity(&labels("web")).await.unwrap();
+    // The first member goes (the one clients are likeliest to use).
+    members.remove(0).stop();
+    let b = Kvstore::connect(&endpoints, "lab", "b", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(15), async || b
+            .acquire_identity(&labels("web"))
+            .await
+            .is_ok_and(|id| id == web))
+        .await,
+        "the same number from the members left"
+    );
+    let db = b.acquire_identity(&labels("db")).await.unwrap();
+    assert_ne!(db, web);
+    // A third node joining now sees both, with their numbers.
+    let c = Kvstore::connect(&endpoints, "lab", "c", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(c.acquire_identity(&labels("db")).await.unwrap(), db);
+    assert_eq!(c.acquire_identity(&labels("web")).await.unwrap(), web);
+}
