@@ -83,6 +83,7 @@ impl Cluster {
         let (hubble_address, mut hubble) = watch::channel(String::new());
         let peers = Arc::new(watch::channel(BTreeMap::new()).0);
         let peer_tx = peers.clone();
+        let own_hubble = hubble_address.subscribe();
         let cluster_name = cluster.to_string();
         let (cluster, node) = (cluster.to_string(), node.to_string());
         let me = node.clone();
@@ -109,7 +110,7 @@ impl Cluster {
                                 r = follow_endpoints(&kv, &control) => if let Err(e) = r {
                                     tracing::warn!(error = %e, "kvstore: following other nodes' endpoints");
                                 },
-                                r = follow_nodes(&kv, &peer_tx) => if let Err(e) = r {
+                                r = follow_nodes(&kv, &peer_tx, &own_hubble) => if let Err(e) = r {
                                     tracing::warn!(error = %e, "kvstore: following nodes");
                                 },
                             }
@@ -440,6 +441,7 @@ async fn register(
 async fn follow_nodes(
     kv: &Kvstore,
     peers: &watch::Sender<BTreeMap<String, String>>,
+    own_hubble: &watch::Receiver<String>,
 ) -> Result<(), Error> {
     let unavailable = |e: kvstore::Error| Error::Unavailable(format!("kvstore: {e}"));
     let prefix = keys::nodes_of(kv.cluster());
@@ -457,7 +459,17 @@ async fn follow_nodes(
         .iter()
         .filter_map(|(k, v)| Some((name(k), address(k, v)?)))
         .collect();
-    peers.send_replace(nodes.clone());
+    // This node as it serves now, whatever its entry says yet (it is
+    // registered with its address a moment after it has one).
+    let with_self = |nodes: &BTreeMap<String, String>| {
+        let mut all = nodes.clone();
+        let own = own_hubble.borrow().clone();
+        if !own.is_empty() {
+            all.insert(format!("{}/{}", kv.cluster(), kv.node()), own);
+        }
+        all
+    };
+    peers.send_replace(with_self(&nodes));
     let mut events = kv
         .watch(&prefix, listing.revision)
         .await
@@ -474,7 +486,7 @@ async fn follow_nodes(
                     },
                     Event::Delete(k) => nodes.remove(&name(&k)),
                 };
-                peers.send_replace(nodes.clone());
+                peers.send_replace(with_self(&nodes));
             }
             _ = lease.tick() => {
                 if !kv.is_alive() {

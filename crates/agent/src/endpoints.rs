@@ -138,6 +138,34 @@ impl Endpoints {
         self.control.commit(&mut s)
     }
 
+    /// Changes a known pod's labels: `set` put, `remove` taken away (all
+    /// checked before anything changes); its endpoints follow.
+    pub fn pod_label(
+        &self,
+        namespace: &str,
+        name: &str,
+        set: BTreeMap<String, String>,
+        remove: &[String],
+    ) -> Result<(), Error> {
+        validate_pod_names(namespace, name)?;
+        let mut pod = self
+            .control
+            .lock()
+            .pods()
+            .get(&format!("{namespace}/{name}"))
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("no pod {namespace}/{name}")))?;
+        for k in remove {
+            if pod.labels.remove(k).is_none() {
+                return Err(invalid(format!(
+                    "pod {namespace}/{name} has no label {k:?}"
+                )));
+            }
+        }
+        pod.labels.extend(set);
+        self.pod_upsert(pod)
+    }
+
     pub fn pod_upsert(&self, pod: api::Pod) -> Result<(), Error> {
         validate_pod_names(&pod.namespace, &pod.name)?;
         if let Some(sa) = &pod.service_account {

@@ -310,6 +310,15 @@ impl Agent {
         let result = match req {
             Request::Status => Ok(Response::Status(self.status())),
             Request::PodUpsert(pod) => self.endpoints.pod_upsert(pod).map(|_| Response::Ok),
+            Request::PodLabel {
+                namespace,
+                name,
+                set,
+                remove,
+            } => self
+                .endpoints
+                .pod_label(&namespace, &name, set, &remove)
+                .map(|_| Response::Ok),
             Request::PodDelete { namespace, name } => self
                 .endpoints
                 .pod_delete(&namespace, &name)

@@ -333,8 +333,7 @@ fn endpoints_on_two_nodes_get_the_clusters_identities() {
         a.log()
     );
 
-    // Both nodes reference web; when a's pod goes, only b's reference
-    // stays; the identity stays while one node uses it.
+    // Which nodes reference an identity (etcd's `value/` keys).
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -383,13 +382,47 @@ fn endpoints_on_two_nodes_get_the_clusters_identities() {
     assert_eq!(a.trace("shop/web-1", &db_ip, 5432), (db, true));
     assert_eq!(a.trace("shop/web-1", &db_ip, 80), (db, false));
 
-    assert_eq!(refs("web"), ["a", "b"]);
+    // A live label change on b (web-2 becomes a db) re-enforced on a: a's
+    // ipcache gives its address the db identity, and a's policy decides
+    // by it. Bad label changes are refused and change nothing.
+    let web2_ip = b.ip_of("web-2");
+    assert_eq!(a.trace("shop/web-1", &web2_ip, 5432), (web, false));
+    let label = |set: &[(&str, &str)], remove: &[&str]| {
+        b.call(api::Request::PodLabel {
+            namespace: "shop".into(),
+            name: "web-2".into(),
+            set: set
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            remove: remove.iter().map(|k| k.to_string()).collect(),
+        })
+    };
+    assert!(label(&[("app", "bad value!")], &[]).is_err());
+    assert!(label(&[], &["nope"]).is_err());
+    label(&[("app", "db")], &[]).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || a.trace(
+            "shop/web-1",
+            &web2_ip,
+            5432
+        ) == (db, true)),
+        "{:?}: {}",
+        a.trace("shop/web-1", &web2_ip, 5432),
+        a.log()
+    );
+
+    // b's only web pod is a db now: its reference on web went with it,
+    // a's stays while a's pod lives; the number stays the cluster's until
+    // collected.
+    assert_eq!(refs("web"), ["a"]);
+    assert_eq!(refs("db"), ["b"]);
     a.call(api::Request::EndpointDel {
         container_id: "c-web-1".into(),
         ifname: "eth0".into(),
     })
     .unwrap();
-    assert_eq!(refs("web"), ["b"]);
+    assert!(refs("web").is_empty());
     assert_eq!(b.identity_of("web"), Some(web));
 
     // b's pod goes: a forgets its address (the world's again).
@@ -470,7 +503,12 @@ fn every_node_announces_the_clusters_peers() {
             ]
             .into()
         );
-        assert_eq!(b.cluster().nodes, ["lab/a", "lab/b"]);
+        assert!(
+            eventually(Duration::from_secs(10), || b.cluster().nodes
+                == ["lab/a", "lab/b"]),
+            "{:?}",
+            b.cluster()
+        );
         // b dies; its lease (5 s) expires and it is announced gone.
         drop(b);
         loop {

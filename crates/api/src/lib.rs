@@ -39,6 +39,16 @@ pub enum Request {
         namespace: String,
         name: String,
     },
+    /// Changes a known pod's labels (`kubectl label`): `set` put, `remove`
+    /// taken away; its endpoints move to the identity of the result.
+    PodLabel {
+        namespace: String,
+        name: String,
+        #[serde(default)]
+        set: BTreeMap<String, String>,
+        #[serde(default)]
+        remove: Vec<String>,
+    },
     /// CNI ADD: create the endpoint of a pod in `netns`.
     EndpointAdd(Attachment),
     /// CNI DEL: idempotent.

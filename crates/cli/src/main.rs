@@ -115,6 +115,15 @@ enum LabCmd {
     },
     /// Restart the lab's agent (pods, programs and maps stay).
     RestartAgent,
+    /// Change a pod's labels live, as `kubectl label`: `key=value` sets,
+    /// `key-` removes; its identity follows on every node.
+    Label {
+        /// `namespace/pod`.
+        pod: String,
+        /// `key=value` or `key-`, one or more.
+        #[arg(required = true)]
+        labels: Vec<String>,
+    },
     /// Print the default lab file.
     Default,
 }
@@ -256,6 +265,31 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 Ok(0)
             }
             LabCmd::Exec { pod, cmd } => lab::exec(&cli.lab, &pod, &cmd),
+            LabCmd::Label { pod, labels } => {
+                let (namespace, name) = pod
+                    .split_once('/')
+                    .ok_or_else(|| anyhow::anyhow!("{pod:?}: give namespace/pod"))?;
+                let mut set = std::collections::BTreeMap::new();
+                let mut remove = Vec::new();
+                for l in &labels {
+                    match (l.split_once('='), l.strip_suffix('-')) {
+                        (Some((k, v)), _) => {
+                            set.insert(k.to_string(), v.to_string());
+                        }
+                        (None, Some(k)) => remove.push(k.to_string()),
+                        (None, None) => {
+                            bail!("{l:?}: give key=value to set a label, key- to remove it")
+                        }
+                    }
+                }
+                call(Request::PodLabel {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                    set,
+                    remove,
+                })?;
+                Ok(0)
+            }
             LabCmd::RestartAgent => {
                 lab::restart_agent(&cli.lab)?;
                 Ok(0)
