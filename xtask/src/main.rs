@@ -374,7 +374,7 @@ fn main() -> anyhow::Result<()> {
         Some("test") | Some("ci") => test(),
         Some("demo") => demo(args.iter().any(|a| a == "--keep")),
         Some("bench") => {
-            // `--only policy|flows|packet|datapath|cni|l7` runs one part.
+            // `--only policy|cluster|flows|packet|datapath|cni|l7` runs one part.
             let only: Option<String> = bench::flag(&args, "only");
             let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
             deps()?;
@@ -388,6 +388,10 @@ fn main() -> anyhow::Result<()> {
             if part("policy") {
                 println!("== policy computation (5,000 endpoints, 2,000 identities, 1,000 rules)");
                 agent_example("policy_bench")?;
+            }
+            if part("cluster") {
+                println!("\n== kvstore mode: convergence of a policy across three agents on one etcd");
+                agent_example("cluster_bench")?;
             }
             if part("flows") {
                 println!("\n== flow pipeline and Hubble API");
@@ -418,6 +422,6 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some("layering") => layering(),
-        _ => bail!("usage: cargo xtask <deps|test|layering|demo [--keep]|bench [--seconds N] [--only policy|flows|packet|datapath|cni|l7]|ci>"),
+        _ => bail!("usage: cargo xtask <deps|test|layering|demo [--keep]|bench [--seconds N] [--only policy|cluster|flows|packet|datapath|cni|l7]|ci>"),
     }
 }
