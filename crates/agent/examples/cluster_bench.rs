@@ -141,5 +141,105 @@ fn main() -> anyhow::Result<()> {
         NODES - 1,
         summary(&mut samples)
     );
+
+    // A new pod on node 0 (a real endpoint: netns, veth, programs) until
+    // node 1's ipcache gives its address the pod's identity (`policy
+    // trace` from it to a pod of node 1's own).
+    let netns: Vec<Netns> = (0..PODS + 1)
+        .map(Netns::new)
+        .collect::<anyhow::Result<_>>()?;
+    pod(&nodes[1], "local", "server", &netns[PODS])?;
+    let mut samples = Vec::with_capacity(PODS);
+    let mut after_add = Vec::with_capacity(PODS);
+    for (i, ns) in netns.iter().take(PODS).enumerate() {
+        let t = Instant::now();
+        let ip = pod(&nodes[0], &format!("p{i}"), &format!("a{i}"), ns)?;
+        let added = Instant::now();
+        loop {
+            let traced = api::call(
+                &nodes[1].socket(),
+                &api::Request::PolicyTrace(api::TraceRequest {
+                    from: ip.clone(),
+                    to: "bench/local".into(),
+                    protocol: 6,
+                    port: 80,
+                }),
+            )?;
+            if matches!(traced, api::Response::Trace { from_identity, .. } if from_identity != abi::identity::WORLD)
+            {
+                break;
+            }
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(10),
+                "{ip} never reached node 1"
+            );
+        }
+        samples.push(t.elapsed().as_secs_f64() * 1e3);
+        after_add.push(added.elapsed().as_secs_f64() * 1e3);
+    }
+    println!(
+        "new pod on one node (CNI ADD included) until another node's ipcache has its identity: {}",
+        summary(&mut samples).replace("imports", "pods")
+    );
+    println!(
+        "  of which after the ADD returned: {}",
+        summary(&mut after_add).replace("imports", "pods")
+    );
     Ok(())
+}
+
+const PODS: usize = 50;
+
+/// A network namespace of the bench's own, removed when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn new(i: usize) -> anyhow::Result<Self> {
+        let name = format!("fcb{}-{i}", std::process::id());
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()?
+            .success();
+        anyhow::ensure!(ok, "ip netns add {name}");
+        Ok(Netns(name))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+/// Pod `bench/<name>` labelled `app` with an endpoint in `ns` on `node`;
+/// its address.
+fn pod(node: &Node, name: &str, app: &str, ns: &Netns) -> anyhow::Result<String> {
+    api::call(
+        &node.socket(),
+        &api::Request::PodUpsert(api::Pod {
+            namespace: "bench".into(),
+            name: name.into(),
+            labels: [("app".to_string(), app.to_string())].into(),
+            namespace_labels: Default::default(),
+            service_account: None,
+            ports: vec![],
+            workloads: vec![],
+        }),
+    )?;
+    let api::Response::Added(added) = api::call(
+        &node.socket(),
+        &api::Request::EndpointAdd(api::Attachment {
+            container_id: format!("c-{name}"),
+            ifname: "eth0".into(),
+            netns: format!("/run/netns/{}", ns.0),
+            namespace: "bench".into(),
+            pod: name.into(),
+        }),
+    )?
+    else {
+        anyhow::bail!("unexpected answer to EndpointAdd");
+    };
+    Ok(added.ipv4.split('/').next().unwrap_or_default().to_string())
 }
