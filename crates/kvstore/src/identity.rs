@@ -56,9 +56,13 @@ impl Kvstore {
             }
             None => None,
         };
-        let masters = self.list(keys::IDENTITY_IDS).await?.entries;
         // Referenced by a node, else a master of these labels no node
-        // references (yet to be collected): that number again.
+        // references (yet to be collected): that number again. Every
+        // master is read only when no node references the labels.
+        let masters = match existing {
+            Some(_) => Vec::new(),
+            None => self.list(keys::IDENTITY_IDS).await?.entries,
+        };
         let reuse = existing.or_else(|| {
             masters
                 .iter()
@@ -91,6 +95,10 @@ impl Kvstore {
         }
         // A new number: the lowest free ones first, each claimed only if
         // its master key does not exist.
+        let masters = match masters.is_empty() {
+            true => self.list(keys::IDENTITY_IDS).await?.entries,
+            false => masters,
+        };
         let used: BTreeSet<u32> = masters.iter().filter_map(|(k, _)| keys::id_of(k)).collect();
         let mut candidate = FIRST;
         loop {
