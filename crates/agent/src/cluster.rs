@@ -302,71 +302,65 @@ impl Cluster {
 }
 
 /// Lists the cluster's policies, makes this node's the same, then applies
-/// each change it watches; returns when the watch or the lease breaks.
+/// each change it watches.
 async fn follow_policies(
     kv: &Kvstore,
     control: &Control,
     observer: &Observer,
 ) -> Result<(), Error> {
-    let unavailable = |e: kvstore::Error| Error::Unavailable(format!("kvstore: {e}"));
-    let listing = kv.list(keys::POLICIES).await.map_err(unavailable)?;
-    let mut cluster: BTreeMap<String, policy::Policy> = BTreeMap::new();
-    for (key, value) in &listing.entries {
-        if let Some(p) = decode(key, value) {
-            cluster.insert(p.key(), p);
-        }
-    }
-    let (put, remove) = {
-        let s = control.lock();
-        let put: Vec<policy::Policy> = cluster
-            .values()
-            .filter(|p| s.policies().get(&p.key()) != Some(*p))
-            .cloned()
-            .collect();
-        let remove: Vec<String> = s
-            .policies()
-            .keys()
-            .filter(|k| !cluster.contains_key(*k))
-            .cloned()
-            .collect();
-        (put, remove)
-    };
-    if !put.is_empty() || !remove.is_empty() {
-        tracing::info!(
-            put = put.len(),
-            removed = remove.len(),
-            "policies synchronised with the cluster"
-        );
-        crate::policies::apply(control, observer, put, remove)?;
-    }
-    let mut events = kv
-        .watch(keys::POLICIES, listing.revision)
-        .await
-        .map_err(unavailable)?;
-    let mut lease = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            event = events.recv() => {
-                let Some(event) = event else { return Ok(()) };
-                let (put, remove) = match event {
-                    Event::Put(key, value) => match decode(&key, &value) {
-                        Some(p) if control.lock().policies().get(&p.key()) != Some(&p) => (vec![p], vec![]),
-                        _ => continue,
-                    },
-                    Event::Delete(key) => match key.strip_prefix(keys::POLICIES) {
-                        Some(k) if control.lock().policies().contains_key(k) => (vec![], vec![k.to_string()]),
-                        _ => continue,
-                    },
-                };
-                crate::policies::apply(control, observer, put, remove)?;
+    follow(
+        kv,
+        keys::POLICIES,
+        |entries| {
+            let cluster: BTreeMap<String, policy::Policy> = entries
+                .iter()
+                .filter_map(|(k, v)| decode(k, v))
+                .map(|p| (p.key(), p))
+                .collect();
+            let (put, remove) = {
+                let s = control.lock();
+                let put: Vec<policy::Policy> = cluster
+                    .values()
+                    .filter(|p| s.policies().get(&p.key()) != Some(*p))
+                    .cloned()
+                    .collect();
+                let remove: Vec<String> = s
+                    .policies()
+                    .keys()
+                    .filter(|k| !cluster.contains_key(*k))
+                    .cloned()
+                    .collect();
+                (put, remove)
+            };
+            if put.is_empty() && remove.is_empty() {
+                return Ok(());
             }
-            _ = lease.tick() => {
-                if !kv.is_alive() {
-                    return Ok(());
-                }
-            }
-        }
-    }
+            tracing::info!(
+                put = put.len(),
+                removed = remove.len(),
+                "policies synchronised with the cluster"
+            );
+            crate::policies::apply(control, observer, put, remove).map(|_| ())
+        },
+        |event| {
+            let (put, remove) = match event {
+                Event::Put(key, value) => match decode(&key, &value) {
+                    Some(p) if control.lock().policies().get(&p.key()) != Some(&p) => {
+                        (vec![p], vec![])
+                    }
+                    _ => return Ok(()),
+                },
+                Event::Delete(key) => match key.strip_prefix(keys::POLICIES) {
+                    Some(k) if control.lock().policies().contains_key(k) => {
+                        (vec![], vec![k.to_string()])
+                    }
+                    _ => return Ok(()),
+                },
+            };
+            crate::policies::apply(control, observer, put, remove).map(|_| ())
+        },
+    )
+    .await
 }
 
 /// A kvstore operation that failed: said as the connection's absence is.
@@ -436,58 +430,27 @@ async fn register(
     Ok(())
 }
 
-/// Lists the cluster's nodes into `peers` (peer name -> Hubble address;
-/// nodes not serving Hubble yet left out), then follows them.
-async fn follow_nodes(
+/// Lists `prefix` and hands it to `listed`, then hands each change to
+/// `changed`, in order; returns when the watch or the lease breaks (the
+/// caller connects, lists and watches again).
+async fn follow(
     kv: &Kvstore,
-    peers: &watch::Sender<BTreeMap<String, String>>,
-    own_hubble: &watch::Receiver<String>,
+    prefix: &str,
+    listed: impl FnOnce(Vec<(String, Vec<u8>)>) -> Result<(), Error>,
+    mut changed: impl FnMut(Event) -> Result<(), Error>,
 ) -> Result<(), Error> {
     let unavailable = |e: kvstore::Error| Error::Unavailable(format!("kvstore: {e}"));
-    let prefix = keys::nodes_of(kv.cluster());
-    let listing = kv.list(&prefix).await.map_err(unavailable)?;
-    let address = |k: &str, v: &[u8]| match serde_json::from_slice::<kvstore::Node>(v) {
-        Ok(n) => Some(n.hubble_address).filter(|a| !a.is_empty()),
-        Err(e) => {
-            tracing::warn!(key = k, error = %e, "kvstore: a node that does not decode; skipped");
-            None
-        }
-    };
-    let name = |k: &str| format!("{}/{}", kv.cluster(), k.strip_prefix(&prefix).unwrap_or(k));
-    let mut nodes: BTreeMap<String, String> = listing
-        .entries
-        .iter()
-        .filter_map(|(k, v)| Some((name(k), address(k, v)?)))
-        .collect();
-    // This node as it serves now, whatever its entry says yet (it is
-    // registered with its address a moment after it has one).
-    let with_self = |nodes: &BTreeMap<String, String>| {
-        let mut all = nodes.clone();
-        let own = own_hubble.borrow().clone();
-        if !own.is_empty() {
-            all.insert(format!("{}/{}", kv.cluster(), kv.node()), own);
-        }
-        all
-    };
-    peers.send_replace(with_self(&nodes));
-    let mut events = kv
-        .watch(&prefix, listing.revision)
-        .await
-        .map_err(unavailable)?;
+    let listing = kv.list(prefix).await.map_err(unavailable)?;
+    let revision = listing.revision;
+    listed(listing.entries)?;
+    let mut events = kv.watch(prefix, revision).await.map_err(unavailable)?;
     let mut lease = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
-            event = events.recv() => {
-                let Some(event) = event else { return Ok(()) };
-                match event {
-                    Event::Put(k, v) => match address(&k, &v) {
-                        Some(a) => nodes.insert(name(&k), a),
-                        None => nodes.remove(&name(&k)),
-                    },
-                    Event::Delete(k) => nodes.remove(&name(&k)),
-                };
-                peers.send_replace(with_self(&nodes));
-            }
+            event = events.recv() => match event {
+                Some(event) => changed(event)?,
+                None => return Ok(()),
+            },
             _ = lease.tick() => {
                 if !kv.is_alive() {
                     return Ok(());
@@ -497,66 +460,106 @@ async fn follow_nodes(
     }
 }
 
+/// Lists the cluster's nodes into `peers` (peer name -> Hubble address;
+/// nodes not serving Hubble yet left out), then follows them.
+async fn follow_nodes(
+    kv: &Kvstore,
+    peers: &watch::Sender<BTreeMap<String, String>>,
+    own_hubble: &watch::Receiver<String>,
+) -> Result<(), Error> {
+    let prefix = keys::nodes_of(kv.cluster());
+    let address = |k: &str, v: &[u8]| match serde_json::from_slice::<kvstore::Node>(v) {
+        Ok(n) => Some(n.hubble_address).filter(|a| !a.is_empty()),
+        Err(e) => {
+            tracing::warn!(key = k, error = %e, "kvstore: a node that does not decode; skipped");
+            None
+        }
+    };
+    let name = |k: &str| format!("{}/{}", kv.cluster(), k.strip_prefix(&prefix).unwrap_or(k));
+    // This node as it serves now, whatever its entry says yet (it is
+    // registered with its address a moment after it has one).
+    let publish = |nodes: &BTreeMap<String, String>| {
+        let mut all = nodes.clone();
+        let own = own_hubble.borrow().clone();
+        if !own.is_empty() {
+            all.insert(format!("{}/{}", kv.cluster(), kv.node()), own);
+        }
+        peers.send_replace(all);
+    };
+    // Both closures update it, one at a time.
+    let nodes = std::sync::Mutex::new(BTreeMap::new());
+    follow(
+        kv,
+        &prefix,
+        |entries| {
+            let mut n = nodes.lock().unwrap_or_else(|e| e.into_inner());
+            *n = entries
+                .iter()
+                .filter_map(|(k, v)| Some((name(k), address(k, v)?)))
+                .collect();
+            publish(&n);
+            Ok(())
+        },
+        |event| {
+            let mut n = nodes.lock().unwrap_or_else(|e| e.into_inner());
+            match event {
+                Event::Put(k, v) => match address(&k, &v) {
+                    Some(a) => n.insert(name(&k), a),
+                    None => n.remove(&name(&k)),
+                },
+                Event::Delete(k) => n.remove(&name(&k)),
+            };
+            publish(&n);
+            Ok(())
+        },
+    )
+    .await
+}
+
 /// Lists the other nodes' endpoints into the state (those gone removed),
-/// then applies each watched change; returns when the watch or the lease
-/// breaks.
+/// then applies each watched change.
 async fn follow_endpoints(kv: &Kvstore, control: &Control) -> Result<(), Error> {
-    let unavailable = |e: kvstore::Error| Error::Unavailable(format!("kvstore: {e}"));
     let prefix = keys::ips_of(kv.cluster());
-    let listing = kv.list(&prefix).await.map_err(unavailable)?;
-    let listed: BTreeMap<std::net::Ipv4Addr, kvstore::IpIdentity> = listing
-        .entries
-        .iter()
-        .filter_map(|(k, v)| remote_endpoint(kv, k, v))
-        .map(|r| (r.ip, r))
-        .collect();
-    {
-        let mut s = control.lock();
-        let gone: Vec<std::net::Ipv4Addr> = s
-            .remote_endpoints()
-            .keys()
-            .filter(|ip| !listed.contains_key(ip))
-            .copied()
-            .collect();
-        for ip in gone {
-            s.set_remote_endpoint(ip, None);
-        }
-        for (ip, r) in listed {
-            s.set_remote_endpoint(ip, Some(r));
-        }
-        control.commit(&mut s)?;
-    }
-    let mut events = kv
-        .watch(&prefix, listing.revision)
-        .await
-        .map_err(unavailable)?;
-    let mut lease = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            event = events.recv() => {
-                let Some(event) = event else { return Ok(()) };
-                let mut s = control.lock();
-                match event {
-                    Event::Put(k, v) => {
-                        let Some(r) = remote_endpoint(kv, &k, &v) else { continue };
-                        s.set_remote_endpoint(r.ip, Some(r));
-                    }
-                    Event::Delete(k) => {
-                        let Some(ip) = k.strip_prefix(&prefix).and_then(|ip| ip.parse().ok()) else {
-                            continue;
-                        };
-                        s.set_remote_endpoint(ip, None);
-                    }
-                }
-                control.commit(&mut s)?;
+    follow(
+        kv,
+        &prefix,
+        |entries| {
+            let listed: BTreeMap<std::net::Ipv4Addr, kvstore::IpIdentity> = entries
+                .iter()
+                .filter_map(|(k, v)| remote_endpoint(kv, k, v))
+                .map(|r| (r.ip, r))
+                .collect();
+            let mut s = control.lock();
+            let gone: Vec<std::net::Ipv4Addr> = s
+                .remote_endpoints()
+                .keys()
+                .filter(|ip| !listed.contains_key(ip))
+                .copied()
+                .collect();
+            for ip in gone {
+                s.set_remote_endpoint(ip, None);
             }
-            _ = lease.tick() => {
-                if !kv.is_alive() {
-                    return Ok(());
-                }
+            for (ip, r) in listed {
+                s.set_remote_endpoint(ip, Some(r));
             }
-        }
-    }
+            control.commit(&mut s)
+        },
+        |event| {
+            let mut s = control.lock();
+            match event {
+                Event::Put(k, v) => match remote_endpoint(kv, &k, &v) {
+                    Some(r) => s.set_remote_endpoint(r.ip, Some(r)),
+                    None => return Ok(()),
+                },
+                Event::Delete(k) => match k.strip_prefix(&prefix).and_then(|ip| ip.parse().ok()) {
+                    Some(ip) => s.set_remote_endpoint(ip, None),
+                    None => return Ok(()),
+                },
+            }
+            control.commit(&mut s)
+        },
+    )
+    .await
 }
 
 /// Another node's endpoint (this node's own are skipped); one that does
@@ -601,61 +604,45 @@ async fn refresh_references(kv: &Kvstore, control: &Control) {
 }
 
 /// Lists the cluster's identities into the state (those gone from it
-/// removed), then applies each watched change; returns when the watch or
-/// the lease breaks.
+/// removed), then applies each watched change.
 async fn follow_identities(kv: &Kvstore, control: &Control) -> Result<(), Error> {
-    let unavailable = |e: kvstore::Error| Error::Unavailable(format!("kvstore: {e}"));
-    let listing = kv.list(keys::IDENTITY_IDS).await.map_err(unavailable)?;
-    let listed: BTreeMap<u32, policy::LabelSet> = listing
-        .entries
-        .iter()
-        .filter_map(|(k, v)| identity(k, v))
-        .collect();
-    {
-        let mut s = control.lock();
-        let gone: Vec<u32> = s
-            .cluster_identities()
-            .keys()
-            .filter(|id| !listed.contains_key(id))
-            .copied()
-            .collect();
-        for id in gone {
-            s.set_cluster_identity(id, None);
-        }
-        for (id, labels) in listed {
-            s.set_cluster_identity(id, Some(labels));
-        }
-        control.commit(&mut s)?;
-    }
-    let mut events = kv
-        .watch(keys::IDENTITY_IDS, listing.revision)
-        .await
-        .map_err(unavailable)?;
-    let mut lease = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            event = events.recv() => {
-                let Some(event) = event else { return Ok(()) };
-                let mut s = control.lock();
-                match event {
-                    Event::Put(k, v) => {
-                        let Some((id, labels)) = identity(&k, &v) else { continue };
-                        s.set_cluster_identity(id, Some(labels));
-                    }
-                    Event::Delete(k) => {
-                        let Some(id) = keys::id_of(&k) else { continue };
-                        s.set_cluster_identity(id, None);
-                    }
-                }
-                control.commit(&mut s)?;
+    follow(
+        kv,
+        keys::IDENTITY_IDS,
+        |entries| {
+            let listed: BTreeMap<u32, policy::LabelSet> =
+                entries.iter().filter_map(|(k, v)| identity(k, v)).collect();
+            let mut s = control.lock();
+            let gone: Vec<u32> = s
+                .cluster_identities()
+                .keys()
+                .filter(|id| !listed.contains_key(id))
+                .copied()
+                .collect();
+            for id in gone {
+                s.set_cluster_identity(id, None);
             }
-            _ = lease.tick() => {
-                if !kv.is_alive() {
-                    return Ok(());
-                }
+            for (id, labels) in listed {
+                s.set_cluster_identity(id, Some(labels));
             }
-        }
-    }
+            control.commit(&mut s)
+        },
+        |event| {
+            let mut s = control.lock();
+            match event {
+                Event::Put(k, v) => match identity(&k, &v) {
+                    Some((id, labels)) => s.set_cluster_identity(id, Some(labels)),
+                    None => return Ok(()),
+                },
+                Event::Delete(k) => match keys::id_of(&k) {
+                    Some(id) => s.set_cluster_identity(id, None),
+                    None => return Ok(()),
+                },
+            }
+            control.commit(&mut s)
+        },
+    )
+    .await
 }
 
 /// (number, labels) of an identity's master key; one that does not parse

@@ -87,6 +87,21 @@ impl Agent {
     }
 }
 
+/// A directory for a test's etcd, removed when the guard drops.
+struct Dir(PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
+}
+
+fn etcd_dir() -> (Dir, PathBuf) {
+    let dir = std::env::temp_dir().join(test_support::unique_name("fibril-cluster-etcd-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    (Dir(dir.clone()), dir)
+}
+
 /// Polls `check` until it holds, for at most `within` (a bound: the test
 /// fails only if it never holds).
 fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
@@ -108,15 +123,7 @@ fn policy(name: &str, app: &str) -> String {
 
 #[test]
 fn agents_share_their_policies_through_etcd() {
-    let dir = std::env::temp_dir().join(test_support::unique_name("fibril-cluster-etcd-"));
-    std::fs::create_dir_all(&dir).unwrap();
-    struct Dir(PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            std::fs::remove_dir_all(&self.0).ok();
-        }
-    }
-    let _dir = Dir(dir.clone());
+    let (_dir, dir) = etcd_dir();
     let etcd = Etcd::single(&dir).unwrap();
     let endpoint = etcd.endpoint();
     let a = Agent::start("a", "10.249.90.0/24", &endpoint);
@@ -299,15 +306,7 @@ impl Agent {
 
 #[test]
 fn endpoints_on_two_nodes_get_the_clusters_identities() {
-    let dir = std::env::temp_dir().join(test_support::unique_name("fibril-cluster-etcd-"));
-    std::fs::create_dir_all(&dir).unwrap();
-    struct Dir(PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            std::fs::remove_dir_all(&self.0).ok();
-        }
-    }
-    let _dir = Dir(dir.clone());
+    let (_dir, dir) = etcd_dir();
     let etcd = Etcd::single(&dir).unwrap();
     let endpoint = etcd.endpoint();
     let a = Agent::start("a", "10.249.92.0/24", &endpoint);
@@ -448,15 +447,7 @@ fn endpoints_on_two_nodes_get_the_clusters_identities() {
 /// expires is announced gone.
 #[test]
 fn every_node_announces_the_clusters_peers() {
-    let dir = std::env::temp_dir().join(test_support::unique_name("fibril-cluster-etcd-"));
-    std::fs::create_dir_all(&dir).unwrap();
-    struct Dir(PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            std::fs::remove_dir_all(&self.0).ok();
-        }
-    }
-    let _dir = Dir(dir.clone());
+    let (_dir, dir) = etcd_dir();
     let etcd = Etcd::single(&dir).unwrap();
     let a = Agent::start("a", "10.249.94.0/24", &etcd.endpoint());
     let b = Agent::start("b", "10.249.95.0/24", &etcd.endpoint());
