@@ -32,6 +32,11 @@ pub struct LabFile {
     /// The agent's DNS proxy knobs (Cilium's Helm `dnsProxy.*` names).
     #[serde(rename = "dnsProxy", default)]
     pub dns_proxy: DnsProxy,
+    /// Kvstore mode: the lab runs a real etcd of its own (on loopback,
+    /// its data in the lab's directory) and the agent keeps the cluster's
+    /// state there, as Cilium's `--kvstore etcd`.
+    #[serde(default)]
+    pub kvstore: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -137,6 +142,9 @@ pub struct LabState {
     pub pods: Vec<PodState>,
     #[serde(default)]
     pub externals: Vec<ExternalState>,
+    /// Kvstore mode: the lab's etcd process.
+    #[serde(default)]
+    pub etcd_pid: Option<u32>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -660,6 +668,16 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
     }
     save(&st)?;
     let result = (|| -> anyhow::Result<()> {
+        if parsed.file.kvstore {
+            let endpoint = start_etcd(&mut st)?;
+            st.agent_args.extend([
+                "--kvstore".to_string(),
+                endpoint,
+                "--node-address".to_string(),
+                "127.0.0.1".to_string(),
+            ]);
+            save(&st)?;
+        }
         start_agent(&mut st)?;
         let sock = socket(lab);
         let ns_labels: BTreeMap<&str, &BTreeMap<String, String>> = parsed
@@ -827,6 +845,10 @@ pub fn down(lab: &str) -> anyhow::Result<()> {
         }
     }
     stop_agent(&st);
+    if let Some(pid) = st.etcd_pid {
+        kill(pid);
+        wait_gone(pid);
+    }
     stop_l7_proxy(lab);
     net::proxy_routing_forget(&lab_dir(lab).join("state").join(net::PROXY_ROUTING_FILE));
     for p in &st.pods {
@@ -839,6 +861,47 @@ pub fn down(lab: &str) -> anyhow::Result<()> {
     remove_cgroup(lab);
     std::fs::remove_dir_all(lab_dir(lab)).ok();
     Ok(())
+}
+
+/// Starts the lab's etcd (one member on loopback, free ports, data under
+/// the lab's directory) and waits until it serves; returns its client URL.
+fn start_etcd(st: &mut LabState) -> anyhow::Result<String> {
+    let dir = lab_dir(&st.name);
+    let member = kvstore::server::Member {
+        name: format!("{}-etcd", st.name),
+        client: kvstore::server::free_port().map_err(|e| anyhow::anyhow!("{e}"))?,
+        peer: kvstore::server::free_port().map_err(|e| anyhow::anyhow!("{e}"))?,
+        data_dir: dir.join("etcd"),
+    };
+    let log = private_file(&dir.join("etcd.log"))?;
+    let mut cmd = Command::new("setsid");
+    let child = cmd
+        .arg(kvstore::server::ETCD)
+        .args(member.args(std::slice::from_ref(&member), &st.name))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| {
+            format!(
+                "starting {} (run `cargo xtask deps`)",
+                kvstore::server::ETCD
+            )
+        })?;
+    st.etcd_pid = Some(child.id());
+    save(st)?;
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect_timeout(&member.client, Duration::from_millis(200)).is_err()
+    {
+        if !alive(child.id()) || start.elapsed() > Duration::from_secs(20) {
+            bail!(
+                "etcd did not start; its log: {}",
+                dir.join("etcd.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(member.client_url())
 }
 
 /// Stops and starts the lab's agent (pods, maps and programs stay).

@@ -1505,3 +1505,68 @@ fn the_real_hubble_cli_reads_the_lab() {
         "{json}"
     );
 }
+
+/// `kvstore: true`: the lab runs a real etcd of its own and the agent keeps
+/// the cluster's state there (identities, endpoints, policies); a live label
+/// change moves the pod to the cluster's identity of its new labels; `lab
+/// down` stops etcd with the rest.
+#[test]
+fn a_kvstore_lab_runs_its_own_etcd() {
+    let lab = custom_lab(
+        "podCIDR: POD_CIDR_HERE\nkvstore: true\nnamespaces:\n- name: shop\npods:\n- {name: web, namespace: shop, labels: {app: web}, command: [fibril-echo, http-server, --port, \"8080\"]}\n- {name: client, namespace: shop, labels: {app: client}}\n",
+    );
+    let status = lab.fibril(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout).to_string();
+    assert!(
+        text.contains("Kvstore:       etcd 3.4.23 at http://127.0.0.1:"),
+        "{text}"
+    );
+    assert!(text.contains("cluster identities"), "{text}");
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("/run/fibril/labs/{}/lab.json", lab.name)).unwrap(),
+    )
+    .unwrap();
+    let etcd_pid = state["etcd_pid"]
+        .as_u64()
+        .expect("etcd's pid in the lab state") as u32;
+    assert!(Path::new(&format!("/proc/{etcd_pid}")).exists());
+
+    // Identities are the cluster's: two pods, two numbers, listed by etcd
+    // too (the agent follows them back into its identity list).
+    let identity_of = |pod: &str| -> u64 {
+        lab.endpoints()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["pod_name"] == pod)
+            .map(|e| e["identity"].as_u64().unwrap())
+            .unwrap()
+    };
+    let (web, client) = (identity_of("web"), identity_of("client"));
+    assert_ne!(web, client);
+    let relabel = lab.fibril(&["lab", "label", "shop/client", "app=web"]);
+    assert!(
+        relabel.status.success(),
+        "{}",
+        String::from_utf8_lossy(&relabel.stderr)
+    );
+    assert_eq!(
+        identity_of("client"),
+        web,
+        "the same labels, the cluster's number"
+    );
+    let refused = lab.fibril(&["lab", "label", "shop/client", "nope-"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("has no label \"nope\""));
+
+    let down = lab.fibril(&["lab", "down"]);
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    // Gone, or a zombie its new parent has yet to reap.
+    let running = std::fs::read_to_string(format!("/proc/{etcd_pid}/stat"))
+        .is_ok_and(|stat| !stat.contains(") Z "));
+    assert!(!running, "etcd stopped with the lab");
+}
