@@ -1559,6 +1559,31 @@ fn a_kvstore_lab_runs_its_own_etcd() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("has no label \"nope\""));
 
+    // An agent restart (a new lease) takes its references again and keeps
+    // every number.
+    let before = lab.endpoints();
+    let restart = lab.fibril(&["lab", "restart-agent"]);
+    assert!(
+        restart.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restart.stderr)
+    );
+    for pod in ["web", "client"] {
+        let id = |v: &Value| {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["pod_name"] == pod)
+                .map(|e| e["identity"].clone())
+        };
+        assert_eq!(id(&lab.endpoints()), id(&before), "{pod}");
+    }
+    wait_until("the restarted agent to reach etcd", || {
+        String::from_utf8_lossy(&lab.fibril(&["status"]).stdout).contains("Kvstore:       etcd")
+    });
+    let log = std::fs::read_to_string(format!("/run/fibril/labs/{}/agent.log", lab.name)).unwrap();
+    assert!(!log.contains("numbers these labels differently"), "{log}");
+
     let down = lab.fibril(&["lab", "down"]);
     assert!(
         down.status.success(),
