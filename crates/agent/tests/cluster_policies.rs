@@ -440,6 +440,19 @@ fn endpoints_on_two_nodes_get_the_clusters_identities() {
         "{}",
         a.log()
     );
+
+    // b dies: its lease (5 s) expires, its keys go, and a drops b's pods
+    // from its ipcache.
+    assert_eq!(a.trace("shop/web-3", &web2_ip, 5432), (db, true));
+    drop(b);
+    assert!(
+        eventually(Duration::from_secs(20), || a
+            .trace("shop/web-3", &web2_ip, 5432)
+            .0
+            == world),
+        "{}",
+        a.log()
+    );
 }
 
 /// `peer.Peer/Notify` on each node lists every node of the cluster with
