@@ -6,7 +6,8 @@
  * proxies, drops):
  *   from_container: tc ingress of the host veth = packets leaving the pod
  *                   (egress policy; for a peer on this node also the peer's
- *                   ingress policy, then bpf_redirect_peer into the peer)
+ *                   ingress policy, then bpf_redirect_peer into the peer;
+ *                   for one on another node, into the overlay tunnel)
  *   to_container:   tc egress of the host veth = packets entering the pod
  *                   from the host stack (ingress policy)
  */
@@ -26,6 +27,7 @@
 #include "lib/identity.h"
 #include "lib/proxy.h"
 #include "lib/ingress.h"
+#include "lib/tunnel.h"
 
 /* This endpoint, set by the agent when it loads the program. */
 const volatile __u32 endpoint_id = 0;
@@ -46,6 +48,18 @@ static __always_inline int verdict_or_drop(struct __sk_buff *skb, const struct p
 	if (is_drop(ret))
 		return drop(skb, pkt, (__u8)-ret, dir, src_id, dst_id, MATCH_NONE, 0);
 	return ret;
+}
+
+/* A packet that leaves this node's pods for `dst_id`: into the overlay
+ * when the destination is an endpoint behind a tunnel (`tunnel` its node's
+ * address), else on to the host stack. */
+static __always_inline int leave(struct __sk_buff *skb, const struct packet *pkt, __u32 tunnel,
+				 __u32 src_id, __u32 dst_id)
+{
+	if (!tunnel)
+		return TC_ACT_OK;
+	return verdict_or_drop(skb, pkt, encap_and_redirect(skb, tunnel, src_id), DIR_EGRESS,
+			       src_id, dst_id);
 }
 
 /* Non-IPv4 traffic: ARP always passes; anything else passes only while no
@@ -88,9 +102,20 @@ int from_container(struct __sk_buff *skb)
 			    DIR_EGRESS, self->identity, 0, MATCH_NONE, 0);
 	__u32 src_id = self->identity;
 	__u32 flags = self->flags;
-	/* One endpoint-map lookup: the peer, if local, also gives its identity. */
+	/* One endpoint-map lookup: the peer, if local, also gives its identity;
+	 * else the ipcache gives it, and the tunnel to a peer on another node. */
 	struct endpoint_info *peer = local_endpoint(pkt.daddr);
-	__u32 dst_id = peer ? peer->identity : ipcache_identity(pkt.daddr);
+	__u32 dst_id = ID_WORLD;
+	__u32 tunnel = 0;
+	if (peer) {
+		dst_id = peer->identity;
+	} else {
+		struct ipcache_value *remote = ipcache_lookup(pkt.daddr);
+		if (remote) {
+			dst_id = remote->identity;
+			tunnel = tunnel_ifindex ? remote->tunnel_endpoint : 0;
+		}
+	}
 	int peer_here = peer && peer->host_ifindex;
 
 	/* An ICMP error about a tracked connection (fragmentation needed, port
@@ -100,7 +125,7 @@ int from_container(struct __sk_buff *skb)
 			   VERDICT_FORWARDED, CT_RELATED, src_id, dst_id, MATCH_NONE, 0);
 		return peer_here ? verdict_or_drop(skb, &pkt, deliver_to_peer(skb, peer), DIR_EGRESS,
 						   src_id, dst_id)
-				 : TC_ACT_OK;
+				 : leave(skb, &pkt, tunnel, src_id, dst_id);
 	}
 
 	ct_lookup(&pkt, DIR_EGRESS, &ct);
@@ -215,7 +240,7 @@ int from_container(struct __sk_buff *skb)
 		return verdict_or_drop(skb, &pkt, deliver_to_peer(skb, peer), DIR_EGRESS, src_id,
 				       dst_id);
 	}
-	return TC_ACT_OK;
+	return leave(skb, &pkt, tunnel, src_id, dst_id);
 }
 
 SEC("classifier")

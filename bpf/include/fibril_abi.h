@@ -42,7 +42,9 @@ enum fibril_drop_reason {
 	DROP_CT_INVALID_HEADER = 135,
 	DROP_UNSUPPORTED_L3 = 139,
 	DROP_UNKNOWN_L4 = 142,
+	DROP_UNROUTABLE = 151,            /* from the overlay, for no endpoint of this node */
 	DROP_CT_MAP_INSERT_FAILED = 155,
+	DROP_INVALID_IDENTITY = 171,      /* a source identity a tunnel may not carry (host) */
 	DROP_FRAG_NOT_FOUND = 175,        /* a later fragment whose first was not seen */
 	DROP_SOCKET_LOOKUP_FAILED = 178,  /* the proxy's listener is not there */
 	DROP_SOCKET_ASSIGN_FAILED = 179,
@@ -58,6 +60,7 @@ enum fibril_trace_point {
 	TRACE_TO_STACK = 3,
 	TRACE_TO_OVERLAY = 4,
 	TRACE_FROM_LXC = 5,
+	TRACE_FROM_OVERLAY = 9,
 };
 
 /* Verdicts, flow.Verdict numbering. */
@@ -118,7 +121,9 @@ enum fibril_sockmap_stat {
 };
 
 /*
- * ipcache: LPM trie, IPv4 prefix -> security identity.
+ * ipcache: LPM trie, IPv4 prefix -> security identity, and for an
+ * endpoint on another node the node's address (the tunnel endpoint its
+ * traffic is encapsulated to; 0 = not behind a tunnel).
  * prefixlen counts the bits of `addr` only.
  */
 struct ipcache_key {
@@ -129,7 +134,7 @@ _Static_assert(sizeof(struct ipcache_key) == 8, "ipcache_key size");
 
 struct ipcache_value {
 	__u32 identity;
-	__u32 pad;
+	__u32 tunnel_endpoint; /* network byte order; 0 = none */
 };
 _Static_assert(sizeof(struct ipcache_value) == 8, "ipcache_value size");
 

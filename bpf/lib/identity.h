@@ -13,12 +13,18 @@ static __always_inline struct endpoint_info *local_endpoint(__u32 addr)
 	return bpf_map_lookup_elem(&fibril_endpoints, &key);
 }
 
-/* The identity of an address that is no local endpoint. */
-static __always_inline __u32 ipcache_identity(__u32 addr)
+/* The longest ipcache prefix holding `addr`, NULL when none does. */
+static __always_inline struct ipcache_value *ipcache_lookup(__u32 addr)
 {
 	struct ipcache_key key = { .prefixlen = 32 };
 	__builtin_memcpy(key.addr, &addr, 4);
-	struct ipcache_value *v = bpf_map_lookup_elem(&fibril_ipcache, &key);
+	return bpf_map_lookup_elem(&fibril_ipcache, &key);
+}
+
+/* The identity of an address that is no local endpoint. */
+static __always_inline __u32 ipcache_identity(__u32 addr)
+{
+	struct ipcache_value *v = ipcache_lookup(addr);
 	return v ? v->identity : ID_WORLD;
 }
 

@@ -106,6 +106,9 @@ fn apt_packages() -> anyhow::Result<()> {
             "libprotobuf-dev",
             "/usr/include/google/protobuf/descriptor.proto",
         ),
+        // The cluster tests' capture of the underlay (the VNI a packet
+        // carries).
+        ("tcpdump", "/usr/bin/tcpdump"),
     ];
     let missing: Vec<&str> = needed
         .iter()

@@ -74,7 +74,11 @@ pub enum DropReason {
     CtInvalidHeader = 135,
     UnsupportedL3 = 139,
     UnknownL4 = 142,
+    /// From the overlay, for an address that is no endpoint of this node.
+    Unroutable = 151,
     CtMapInsertFailed = 155,
+    /// A source identity a tunnel may not carry (another node's `host`).
+    InvalidIdentity = 171,
     /// A later fragment whose first fragment (with the ports) was not seen.
     FragNotFound = 175,
     SocketLookupFailed = 178,
@@ -84,14 +88,16 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 14] = [
         Self::InvalidSourceIp,
         Self::PolicyDenied,
         Self::InvalidPacket,
         Self::CtInvalidHeader,
         Self::UnsupportedL3,
         Self::UnknownL4,
+        Self::Unroutable,
         Self::CtMapInsertFailed,
+        Self::InvalidIdentity,
         Self::FragNotFound,
         Self::SocketLookupFailed,
         Self::SocketAssignFailed,
@@ -114,6 +120,7 @@ pub enum TracePoint {
     ToStack = 3,
     ToOverlay = 4,
     FromLxc = 5,
+    FromOverlay = 9,
 }
 
 impl TracePoint {
@@ -125,6 +132,7 @@ impl TracePoint {
             3 => Some(Self::ToStack),
             4 => Some(Self::ToOverlay),
             5 => Some(Self::FromLxc),
+            9 => Some(Self::FromOverlay),
             _ => None,
         }
     }
@@ -201,7 +209,9 @@ pub const POLICY_FULL_PREFIX_BITS: u32 = 96;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IpcacheValue {
     pub identity: u32,
-    pub pad: u32,
+    /// The node an endpoint on another node lives on: where its traffic
+    /// is tunnelled (network byte order; 0: not behind a tunnel).
+    pub tunnel_endpoint: u32,
 }
 
 /// `struct sock_key`: the proxy shortcut's socket maps' key.

@@ -22,7 +22,7 @@ int main(void) {
   O(sock_key, local_ip) O(sock_key, remote_ip) O(sock_key, local_port) O(sock_key, remote_port)
   O(plain_key, sock) O(plain_key, side)
   O(ct_budget, entries) O(ct_budget, overflows)
-  O(ipcache_value, identity)
+  O(ipcache_value, identity) O(ipcache_value, tunnel_endpoint)
   O(endpoint_info, ep_id) O(endpoint_info, identity) O(endpoint_info, host_ifindex)
   O(endpoint_info, flags) O(endpoint_info, pod_mac) O(endpoint_info, host_mac)
   O(policy_key, ep_id) O(policy_key, identity) O(policy_key, direction)
@@ -45,11 +45,11 @@ int main(void) {
   E(EVENT_DROP) E(EVENT_TRACE) E(EVENT_POLICY_VERDICT)
   E(DROP_INVALID_SOURCE_IP) E(DROP_POLICY_DENIED) E(DROP_INVALID_PACKET)
   E(DROP_CT_INVALID_HEADER) E(DROP_UNSUPPORTED_L3) E(DROP_UNKNOWN_L4)
-  E(DROP_CT_MAP_INSERT_FAILED) E(DROP_FRAG_NOT_FOUND) E(DROP_POLICY_DENY) E(DROP_SOCKET_LOOKUP_FAILED)
+  E(DROP_CT_MAP_INSERT_FAILED) E(DROP_UNROUTABLE) E(DROP_INVALID_IDENTITY) E(DROP_FRAG_NOT_FOUND) E(DROP_POLICY_DENY) E(DROP_SOCKET_LOOKUP_FAILED)
   E(DROP_SOCKET_ASSIGN_FAILED) E(DROP_PROXY_UNSUPPORTED) E(CT_F_PROXY_REDIRECT) E(CT_F_FROM_PROXY)
   E(CT_F_DNS) E(POLICY_F_REDIRECT_DNS)
   E(TRACE_TO_LXC) E(TRACE_TO_PROXY) E(TRACE_TO_HOST) E(TRACE_TO_STACK) E(TRACE_TO_OVERLAY)
-  E(TRACE_FROM_LXC)
+  E(TRACE_FROM_LXC) E(TRACE_FROM_OVERLAY)
   E(VERDICT_FORWARDED) E(VERDICT_DROPPED) E(VERDICT_AUDIT)
   E(CT_NEW) E(CT_ESTABLISHED) E(CT_REPLY) E(CT_RELATED)
   E(DIR_INGRESS) E(DIR_EGRESS)
@@ -121,6 +121,10 @@ fn sizes_offsets_and_enums_match_the_c_header() {
         ("ct_budget.overflows", offset_of!(CtBudget, overflows)),
         ("flow_event", size_of::<FlowEvent>()),
         ("ipcache_value.identity", offset_of!(IpcacheValue, identity)),
+        (
+            "ipcache_value.tunnel_endpoint",
+            offset_of!(IpcacheValue, tunnel_endpoint),
+        ),
         ("endpoint_info.ep_id", offset_of!(EndpointInfo, ep_id)),
         ("endpoint_info.identity", offset_of!(EndpointInfo, identity)),
         (
@@ -230,6 +234,11 @@ fn sizes_offsets_and_enums_match_the_c_header() {
             DropReason::CtMapInsertFailed as usize,
         ),
         ("DROP_FRAG_NOT_FOUND", DropReason::FragNotFound as usize),
+        ("DROP_UNROUTABLE", DropReason::Unroutable as usize),
+        (
+            "DROP_INVALID_IDENTITY",
+            DropReason::InvalidIdentity as usize,
+        ),
         ("DROP_POLICY_DENY", DropReason::PolicyDeny as usize),
         (
             "DROP_SOCKET_LOOKUP_FAILED",
@@ -253,6 +262,7 @@ fn sizes_offsets_and_enums_match_the_c_header() {
         ("TRACE_TO_STACK", TracePoint::ToStack as usize),
         ("TRACE_TO_OVERLAY", TracePoint::ToOverlay as usize),
         ("TRACE_FROM_LXC", TracePoint::FromLxc as usize),
+        ("TRACE_FROM_OVERLAY", TracePoint::FromOverlay as usize),
         ("VERDICT_FORWARDED", verdict::FORWARDED as usize),
         ("VERDICT_DROPPED", verdict::DROPPED as usize),
         ("VERDICT_AUDIT", verdict::AUDIT as usize),

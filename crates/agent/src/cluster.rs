@@ -110,7 +110,7 @@ impl Cluster {
                                 r = follow_endpoints(&kv, &control) => if let Err(e) = r {
                                     tracing::warn!(error = %e, "kvstore: following other nodes' endpoints");
                                 },
-                                r = follow_nodes(&kv, &peer_tx, &own_hubble) => if let Err(e) = r {
+                                r = follow_nodes(&kv, &control, &peer_tx, &own_hubble) => if let Err(e) = r {
                                     tracing::warn!(error = %e, "kvstore: following nodes");
                                 },
                             }
@@ -461,30 +461,44 @@ async fn follow(
 }
 
 /// Lists the cluster's nodes into `peers` (peer name -> Hubble address;
-/// nodes not serving Hubble yet left out), then follows them.
+/// nodes not serving Hubble yet left out) and the other nodes' addresses
+/// into the state (`remote-node` in the ipcache), then follows them.
 async fn follow_nodes(
     kv: &Kvstore,
+    control: &Control,
     peers: &watch::Sender<BTreeMap<String, String>>,
     own_hubble: &watch::Receiver<String>,
 ) -> Result<(), Error> {
     let prefix = keys::nodes_of(kv.cluster());
-    let address = |k: &str, v: &[u8]| match serde_json::from_slice::<kvstore::Node>(v) {
-        Ok(n) => Some(n.hubble_address).filter(|a| !a.is_empty()),
+    let decode = |k: &str, v: &[u8]| match serde_json::from_slice::<kvstore::Node>(v) {
+        Ok(n) => Some(n),
         Err(e) => {
             tracing::warn!(key = k, error = %e, "kvstore: a node that does not decode; skipped");
             None
         }
     };
-    let name = |k: &str| format!("{}/{}", kv.cluster(), k.strip_prefix(&prefix).unwrap_or(k));
+    let node_name = |k: &str| k.strip_prefix(&prefix).unwrap_or(k).to_string();
+    let name = |k: &str| format!("{}/{}", kv.cluster(), node_name(k));
     // This node as it serves now, whatever its entry says yet (it is
     // registered with its address a moment after it has one).
-    let publish = |nodes: &BTreeMap<String, String>| {
-        let mut all = nodes.clone();
+    let publish = |nodes: &BTreeMap<String, kvstore::Node>| {
+        let mut all: BTreeMap<String, String> = nodes
+            .iter()
+            .filter(|(_, n)| !n.hubble_address.is_empty())
+            .map(|(k, n)| (name(k), n.hubble_address.clone()))
+            .collect();
         let own = own_hubble.borrow().clone();
         if !own.is_empty() {
             all.insert(format!("{}/{}", kv.cluster(), kv.node()), own);
         }
         peers.send_replace(all);
+    };
+    // Another node's address, into the state (this node's own is `host`).
+    let set_address = |s: &mut crate::state::State, k: &str, n: Option<&kvstore::Node>| {
+        let node = node_name(k);
+        if node != kv.node() {
+            s.set_remote_node(&node, n.and_then(kvstore::Node::tunnel_endpoint));
+        }
     };
     // Both closures update it, one at a time.
     let nodes = std::sync::Mutex::new(BTreeMap::new());
@@ -495,22 +509,45 @@ async fn follow_nodes(
             let mut n = nodes.lock().unwrap_or_else(|e| e.into_inner());
             *n = entries
                 .iter()
-                .filter_map(|(k, v)| Some((name(k), address(k, v)?)))
+                .filter_map(|(k, v)| Some((k.clone(), decode(k, v)?)))
                 .collect();
             publish(&n);
-            Ok(())
+            let mut s = control.lock();
+            let gone: Vec<String> = s
+                .remote_nodes()
+                .keys()
+                .filter(|node| !n.contains_key(&keys::node(kv.cluster(), node)))
+                .cloned()
+                .collect();
+            for node in gone {
+                s.set_remote_node(&node, None);
+            }
+            for (k, node) in n.iter() {
+                set_address(&mut s, k, Some(node));
+            }
+            control.commit(&mut s)
         },
         |event| {
             let mut n = nodes.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = control.lock();
             match event {
-                Event::Put(k, v) => match address(&k, &v) {
-                    Some(a) => n.insert(name(&k), a),
-                    None => n.remove(&name(&k)),
+                Event::Put(k, v) => match decode(&k, &v) {
+                    Some(node) => {
+                        set_address(&mut s, &k, Some(&node));
+                        n.insert(k, node);
+                    }
+                    None => {
+                        set_address(&mut s, &k, None);
+                        n.remove(&k);
+                    }
                 },
-                Event::Delete(k) => n.remove(&name(&k)),
+                Event::Delete(k) => {
+                    set_address(&mut s, &k, None);
+                    n.remove(&k);
+                }
             };
             publish(&n);
-            Ok(())
+            control.commit(&mut s)
         },
     )
     .await

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use arc_swap::ArcSwap;
 use datapath::Datapath;
 
-use crate::ipcache::Ipcache;
+use crate::ipcache::{Entry, Ipcache};
 use crate::policy_sync::PolicySync;
 use crate::state::{Changes, Endpoint, State, Store};
 use crate::{invalid, l7proxy, Error};
@@ -84,14 +84,14 @@ impl Control {
         let ipcache = Ipcache::build(&state, &host);
         let have = datapath.ipcache_entries()?;
         let wanted = ipcache.entries();
-        for (addr, len, _) in &have {
+        for (addr, len, _, _) in &have {
             if !wanted.contains_key(&(*addr, *len)) {
                 datapath.remove_ipcache(*addr, *len)?;
             }
         }
-        for (&(addr, len), &id) in &wanted {
-            if !have.contains(&(addr, len, id)) {
-                datapath.upsert_ipcache(addr, len, id)?;
+        for (&(addr, len), e) in &wanted {
+            if !have.contains(&(addr, len, e.identity, e.tunnel)) {
+                datapath.upsert_ipcache(addr, len, e.identity, e.tunnel)?;
             }
         }
         policy.apply(&state, &datapath, cluster, None)?;
@@ -210,7 +210,7 @@ impl Control {
             s,
             &old_keys,
             &c.remote_endpoints,
-            host_changed || !c.cidr_identities.is_empty(),
+            host_changed || !c.cidr_identities.is_empty() || !c.remote_nodes.is_empty(),
         )?;
         let started = std::time::Instant::now();
         let mut policy = self.policy();
@@ -236,8 +236,8 @@ impl Control {
             // Other nodes' pods, as the ipcache has them (the proxy names
             // peers as the kernel does).
             for ip in &c.remote_endpoints {
-                if let Some(id) = self.ipcache.load().get(&(*ip, 32)) {
-                    update.pods.push((*ip, Some(id)));
+                if let Some(e) = self.ipcache.load().get(&(*ip, 32)) {
+                    update.pods.push((*ip, Some(e.identity)));
                 } else {
                     update.pods.push((*ip, None));
                 }
@@ -366,16 +366,16 @@ impl Control {
             let local: std::collections::HashSet<Ipv4Addr> =
                 s.endpoints().values().map(|e| e.ipv4).collect();
             for ip in remote.iter().filter(|ip| !local.contains(ip)) {
-                endpoints.push((*ip, s.remote_endpoints().get(ip).map(|r| r.identity)));
+                endpoints.push((*ip, s.remote_endpoints().get(ip).map(Entry::remote)));
             }
         }
         for (id, old) in old_keys {
             if let Some((ip, _)) = old {
                 // A local address gone falls back to a remote claim on it.
-                endpoints.push((*ip, s.remote_endpoints().get(ip).map(|r| r.identity)));
+                endpoints.push((*ip, s.remote_endpoints().get(ip).map(Entry::remote)));
             }
             if let Some(ep) = s.endpoints().get(id) {
-                endpoints.push((ep.ipv4, Some(ep.identity)));
+                endpoints.push((ep.ipv4, Some(Entry::local(ep.identity))));
             }
         }
         if endpoints.is_empty() && !prefixes_changed {
@@ -390,7 +390,9 @@ impl Control {
         let touched: Vec<Ipv4Addr> = endpoints.iter().map(|(a, _)| *a).collect();
         for (addr, len) in old.changed_keys(&next, &touched) {
             match next.get(&(addr, len)) {
-                Some(id) => self.datapath.upsert_ipcache(addr, len, id)?,
+                Some(e) => self
+                    .datapath
+                    .upsert_ipcache(addr, len, e.identity, e.tunnel)?,
                 None => self.datapath.remove_ipcache(addr, len)?,
             }
         }

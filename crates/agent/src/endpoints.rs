@@ -23,6 +23,8 @@ use crate::{fqdn, host_ifname, invalid, Error};
 
 pub struct Endpoints {
     pod_cidr: Cidr,
+    /// Pods' MTU (None: the system's default).
+    mtu: Option<u32>,
     cluster: String,
     datapath: Arc<Datapath>,
     control: Arc<Control>,
@@ -44,6 +46,7 @@ pub struct Endpoints {
 impl Endpoints {
     pub fn new(
         pod_cidr: Cidr,
+        mtu: Option<u32>,
         cluster: &str,
         datapath: Arc<Datapath>,
         control: Arc<Control>,
@@ -82,6 +85,7 @@ impl Endpoints {
         Endpoints {
             kvstore,
             pod_cidr,
+            mtu,
             cluster: cluster.to_string(),
             datapath,
             control,
@@ -343,6 +347,7 @@ impl Endpoints {
                 &a.ifname,
                 ipv4,
                 self.pod_cidr.gateway(),
+                self.mtu,
             )?;
             let ep = Endpoint {
                 id,

@@ -11,15 +11,42 @@ use crate::state::State;
 /// A kernel ipcache key: (address, prefix length).
 pub type Prefix = (Ipv4Addr, u32);
 
+/// A kernel ipcache value: the identity, and for an endpoint on another
+/// node that node's address (the tunnel its traffic goes through).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub identity: u32,
+    pub tunnel: Option<Ipv4Addr>,
+}
+
+impl Entry {
+    /// An entry reached without a tunnel.
+    pub fn local(identity: u32) -> Self {
+        Entry {
+            identity,
+            tunnel: None,
+        }
+    }
+
+    /// Another node's endpoint as the kvstore has it.
+    pub fn remote(r: &kvstore::IpIdentity) -> Self {
+        Entry {
+            identity: r.identity,
+            tunnel: Some(r.host_ip).filter(|a| !a.is_unspecified()),
+        }
+    }
+}
+
 /// What the kernel's ipcache holds: every endpoint's /32 (this node's and,
-/// in kvstore mode, other nodes'; this node's win), and the
-/// rest (`prefixes`): the host's own addresses /32 (`host`), every IPv4
-/// CIDR identity, and `0.0.0.0/0` (world). Kept apart because endpoints
+/// in kvstore mode, other nodes', with their node's address as the tunnel
+/// endpoint; this node's win), and the rest (`prefixes`): the host's own
+/// addresses /32 (`host`), the other nodes' addresses /32 (`remote-node`),
+/// every IPv4 CIDR identity, and `0.0.0.0/0` (world). Kept apart because endpoints
 /// change often and the rest rarely: a commit copies only the part it
 /// changes (a map of plain numbers, copied as one block).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ipcache {
-    endpoints: HashMap<Ipv4Addr, u32>,
+    endpoints: HashMap<Ipv4Addr, Entry>,
     prefixes: BTreeMap<Prefix, u32>,
 }
 
@@ -31,8 +58,13 @@ impl Ipcache {
             endpoints: state
                 .remote_endpoints()
                 .iter()
-                .map(|(ip, r)| (*ip, r.identity))
-                .chain(state.endpoints().values().map(|e| (e.ipv4, e.identity)))
+                .map(|(ip, r)| (*ip, Entry::remote(r)))
+                .chain(
+                    state
+                        .endpoints()
+                        .values()
+                        .map(|e| (e.ipv4, Entry::local(e.identity))),
+                )
                 .collect(),
             prefixes: Self::prefixes_of(state, host),
         }
@@ -48,6 +80,11 @@ impl Ipcache {
                 prefixes.insert((p.network(), p.prefix_len() as u32), *id);
             }
         }
+        // Other nodes (their host stacks), then this one's: an address
+        // both claim is this host's.
+        for addr in state.remote_nodes().values() {
+            prefixes.insert((*addr, 32), abi::identity::REMOTE_NODE);
+        }
         for addr in host {
             prefixes.insert((*addr, 32), abi::identity::HOST);
         }
@@ -58,7 +95,7 @@ impl Ipcache {
     /// the prefixes replaced when given.
     pub fn with(
         &self,
-        endpoints: &[(Ipv4Addr, Option<u32>)],
+        endpoints: &[(Ipv4Addr, Option<Entry>)],
         prefixes: Option<BTreeMap<Prefix, u32>>,
     ) -> Self {
         Ipcache {
@@ -78,11 +115,15 @@ impl Ipcache {
         }
     }
 
-    /// Every kernel entry: (prefix -> identity); an endpoint's /32 wins
-    /// over a prefix with the same key.
-    pub fn entries(&self) -> BTreeMap<Prefix, u32> {
-        let mut out = self.prefixes.clone();
-        out.extend(self.endpoints.iter().map(|(a, id)| ((*a, 32), *id)));
+    /// Every kernel entry; an endpoint's /32 wins over a prefix with the
+    /// same key.
+    pub fn entries(&self) -> BTreeMap<Prefix, Entry> {
+        let mut out: BTreeMap<Prefix, Entry> = self
+            .prefixes
+            .iter()
+            .map(|(k, id)| (*k, Entry::local(*id)))
+            .collect();
+        out.extend(self.endpoints.iter().map(|(a, e)| ((*a, 32), *e)));
         out
     }
 
@@ -92,13 +133,13 @@ impl Ipcache {
     }
 
     /// The kernel entry of `key` in this ipcache.
-    pub fn get(&self, key: &Prefix) -> Option<u32> {
+    pub fn get(&self, key: &Prefix) -> Option<Entry> {
         if key.1 == 32 {
-            if let Some(id) = self.endpoints.get(&key.0) {
-                return Some(*id);
+            if let Some(e) = self.endpoints.get(&key.0) {
+                return Some(*e);
             }
         }
-        self.prefixes.get(key).copied()
+        self.prefixes.get(key).map(|id| Entry::local(*id))
     }
 
     /// The keys whose entry differs between `self` and `next`, among the
@@ -117,8 +158,8 @@ impl Ipcache {
     /// The identity of `addr`: the longest prefix holding it, as the
     /// kernel's LPM lookup (world when nothing else holds it).
     pub fn identity_of(&self, addr: Ipv4Addr) -> u32 {
-        if let Some(id) = self.endpoints.get(&addr) {
-            return *id;
+        if let Some(e) = self.endpoints.get(&addr) {
+            return e.identity;
         }
         let bits = u32::from(addr);
         (0..=32u32)

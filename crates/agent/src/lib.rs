@@ -50,7 +50,19 @@ pub struct Config {
     pub ct_endpoint_budget: u32,
     /// Kvstore mode: the cluster's etcd (policies are the cluster's).
     pub kvstore: Option<cluster::KvstoreConfig>,
+    /// The overlay to other nodes' pods (Cilium's `tunnel-protocol:
+    /// vxlan`): the UDP port of the node's VXLAN device. Needs the
+    /// kvstore (where tunnel endpoints come from). None: no overlay.
+    pub tunnel_port: Option<u16>,
+    /// Pods' MTU; None: the system's default, or behind a tunnel the
+    /// underlay interface's MTU less the VXLAN overhead.
+    pub mtu: Option<u32>,
 }
+
+/// The node's VXLAN device (Cilium's `cilium_vxlan`).
+pub const TUNNEL_DEVICE: &str = "fibril_vxlan";
+/// What VXLAN adds to a packet (outer IPv4, UDP, VXLAN, inner Ethernet).
+const VXLAN_OVERHEAD: u32 = 50;
 
 pub use control::{EndpointIndex, EndpointLookup, EndpointMeta};
 
@@ -134,7 +146,21 @@ impl Agent {
         let mut dp_config = datapath::Config::new(&config.bpf_dir);
         dp_config.proxy = config.proxy;
         dp_config.ct_endpoint_budget = config.ct_endpoint_budget;
+        let mut mtu = config.mtu;
+        if let Some(port) = config.tunnel_port {
+            let kv = config.kvstore.as_ref().ok_or_else(|| {
+                invalid("a tunnel needs the kvstore (--kvstore): tunnel endpoints come from it")
+            })?;
+            dp_config.tunnel_ifindex = net::ensure_vxlan(TUNNEL_DEVICE, port)?;
+            if mtu.is_none() {
+                let underlay = net::interface_with_address(kv.node_address)?;
+                mtu = Some(net::mtu(&underlay)?.saturating_sub(VXLAN_OVERHEAD));
+            }
+        }
         let datapath = Arc::new(Datapath::open(dp_config)?);
+        if config.tunnel_port.is_some() {
+            datapath.attach_overlay(TUNNEL_DEVICE)?;
+        }
         if let Some(p) = &config.proxy {
             proxy_routing(&config.state_dir, p)?;
         }
@@ -184,6 +210,7 @@ impl Agent {
             .transpose()?;
         let endpoints = endpoints::Endpoints::new(
             config.pod_cidr,
+            mtu,
             &config.cluster_name,
             datapath.clone(),
             control.clone(),

@@ -120,6 +120,18 @@ struct Args {
     /// (where other nodes reach it; its InternalIP).
     #[arg(long, default_value = "0.0.0.0")]
     node_address: std::net::Ipv4Addr,
+    /// The overlay between nodes (Cilium's --tunnel-protocol): `vxlan`
+    /// tunnels traffic to other nodes' pods through a VXLAN device with the
+    /// sender's identity in the VNI (needs --kvstore and --node-address);
+    /// `disabled`: no overlay.
+    #[arg(long, default_value = "disabled", value_parser = ["vxlan", "disabled"])]
+    tunnel_protocol: String,
+    /// The VXLAN device's UDP port (Cilium's --tunnel-port).
+    #[arg(long, default_value_t = 8472, value_parser = clap::value_parser!(u16).range(1..))]
+    tunnel_port: u16,
+    /// Pods' MTU; 0: the default (behind a tunnel, the underlay's less 50).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=65_535))]
+    mtu: u32,
 }
 
 /// The HTTP proxy process's port a restarted agent asks for when it has
@@ -360,6 +372,8 @@ fn main() -> anyhow::Result<()> {
             node_address: args.node_address,
             pod_cidr: pod_cidr.to_string(),
         }),
+        tunnel_port: (args.tunnel_protocol == "vxlan").then_some(args.tunnel_port),
+        mtu: (args.mtu != 0).then_some(args.mtu),
         fqdn: fibril_agent::fqdn::FqdnConfig {
             min_ttl_s: args.tofqdns_min_ttl,
             idle_grace_s: args.tofqdns_idle_connection_grace_period,

@@ -53,6 +53,10 @@ pub struct State {
     /// last seen in etcd; their /32s go into the ipcache.
     #[serde(default)]
     remote_endpoints: BTreeMap<Ipv4Addr, kvstore::IpIdentity>,
+    /// Kvstore mode: the other nodes' addresses by name, as last seen in
+    /// etcd (`remote-node` in the ipcache).
+    #[serde(default)]
+    remote_nodes: BTreeMap<String, Ipv4Addr>,
     /// Bumped whenever `policies` changes (lets the policy engine skip
     /// comparing every policy on unrelated changes).
     #[serde(skip)]
@@ -100,6 +104,7 @@ pub struct Changes {
     pub cidr_identities: BTreeSet<IpNet>,
     pub cluster_identities: BTreeSet<u32>,
     pub remote_endpoints: BTreeSet<Ipv4Addr>,
+    pub remote_nodes: BTreeSet<String>,
     pub quarantined: BTreeSet<Ipv4Addr>,
     pub audit_namespaces: BTreeSet<String>,
     pub next_endpoint_id: bool,
@@ -120,6 +125,7 @@ impl Changes {
         self.cidr_identities.extend(other.cidr_identities);
         self.cluster_identities.extend(other.cluster_identities);
         self.remote_endpoints.extend(other.remote_endpoints);
+        self.remote_nodes.extend(other.remote_nodes);
         self.quarantined.extend(other.quarantined);
         self.audit_namespaces.extend(other.audit_namespaces);
         self.next_endpoint_id |= other.next_endpoint_id;
@@ -354,6 +360,22 @@ impl State {
 
     pub fn remote_endpoints(&self) -> &BTreeMap<Ipv4Addr, kvstore::IpIdentity> {
         &self.remote_endpoints
+    }
+
+    /// Sets (or with `None` removes) another node's address.
+    pub fn set_remote_node(&mut self, name: &str, address: Option<Ipv4Addr>) {
+        if self.remote_nodes.get(name) == address.as_ref() {
+            return;
+        }
+        self.changes.remote_nodes.insert(name.to_string());
+        match address {
+            Some(a) => self.remote_nodes.insert(name.to_string(), a),
+            None => self.remote_nodes.remove(name),
+        };
+    }
+
+    pub fn remote_nodes(&self) -> &BTreeMap<String, Ipv4Addr> {
+        &self.remote_nodes
     }
 
     /// The labels of identity `id` (this node's, the cluster's or a
@@ -719,6 +741,10 @@ enum Record {
         ip: Ipv4Addr,
         value: Option<kvstore::IpIdentity>,
     },
+    RemoteNode {
+        name: String,
+        value: Option<Ipv4Addr>,
+    },
     Quarantined {
         ip: Ipv4Addr,
         value: Option<u64>,
@@ -778,6 +804,12 @@ impl State {
                 value: self.remote_endpoints.get(ip).cloned(),
             });
         }
+        for name in &c.remote_nodes {
+            out.push(Record::RemoteNode {
+                name: name.clone(),
+                value: self.remote_nodes.get(name).copied(),
+            });
+        }
         for ip in &c.quarantined {
             out.push(Record::Quarantined {
                 ip: *ip,
@@ -816,6 +848,7 @@ impl State {
             Record::CidrIdentity { prefix, value } => put(&mut self.cidr_identities, prefix, value),
             Record::ClusterIdentity { id, value } => put(&mut self.cluster_identities, id, value),
             Record::RemoteEndpoint { ip, value } => put(&mut self.remote_endpoints, ip, value),
+            Record::RemoteNode { name, value } => put(&mut self.remote_nodes, name, value),
             Record::Quarantined { ip, value } => put(&mut self.quarantined, ip, value),
             Record::AuditNamespace { namespace, value } => {
                 if value {

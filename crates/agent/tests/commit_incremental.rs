@@ -196,10 +196,10 @@ fn check(step: usize, what: &str, dp: &Datapath, control: &Control, link: &Link,
         );
     }
     let host = netns::host_ipv4_addresses().unwrap();
-    let mut want: Vec<(Ipv4Addr, u32, u32)> = Ipcache::build(&state, &host)
+    let mut want: Vec<(Ipv4Addr, u32, u32, Option<Ipv4Addr>)> = Ipcache::build(&state, &host)
         .entries()
         .into_iter()
-        .map(|((a, l), id)| (a, l, id))
+        .map(|((a, l), e)| (a, l, e.identity, e.tunnel))
         .collect();
     let mut have = dp.ipcache_entries().unwrap();
     want.sort();

@@ -209,10 +209,10 @@ fn the_kernel_decides_every_new_connection_as_decide_says() {
     let dp = Datapath::open(Config::new(&pin_dir)).expect("open datapath (needs root and BPF)");
     let lab = Lab { dp, pin_dir };
     let dp = &lab.dp;
-    dp.upsert_ipcache(Ipv4Addr::UNSPECIFIED, 0, abi::identity::WORLD)
+    dp.upsert_ipcache(Ipv4Addr::UNSPECIFIED, 0, abi::identity::WORLD, None)
         .unwrap();
     for (ip, identity) in &PEERS[..3] {
-        dp.upsert_ipcache(*ip, 32, *identity).unwrap();
+        dp.upsert_ipcache(*ip, 32, *identity, None).unwrap();
     }
     dp.upsert_endpoint(CLIENT, endpoint(CLIENT_EP)).unwrap();
     dp.upsert_endpoint(SERVER, endpoint(SERVER_EP)).unwrap();

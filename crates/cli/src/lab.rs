@@ -37,6 +37,26 @@ pub struct LabFile {
     /// state there, as Cilium's `--kvstore etcd`.
     #[serde(default)]
     pub kvstore: bool,
+    /// Several nodes (names): each a network namespace of its own with its
+    /// own agent, pod CIDR (a /24 of `podCIDR`, or smaller when `podCIDR`
+    /// holds fewer), joined by a VXLAN overlay over the lab's underlay, the
+    /// cluster's state in the lab's etcd. None: one node, its agent in this
+    /// host's namespace.
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    /// The network between nodes (multi-node labs): the lab's router and
+    /// etcd at .1, node i at .(11+i).
+    #[serde(rename = "underlayCIDR", default = "default_underlay")]
+    pub underlay_cidr: String,
+    /// Seconds a node's keys outlive it in the kvstore (its lease; the
+    /// agent's default, 15 min, when absent): how long the other nodes keep
+    /// a dead node's pods.
+    #[serde(rename = "kvstoreLeaseTTL", default)]
+    pub kvstore_lease_ttl: Option<u64>,
+}
+
+fn default_underlay() -> String {
+    "10.201.0.0/24".into()
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -98,6 +118,10 @@ pub struct PodSpec {
     /// (`{kind: Deployment, name: frontend}`); flows show it as a workload.
     #[serde(default)]
     pub workload: Option<WorkloadRef>,
+    /// The node the pod runs on (multi-node labs); default: spread, pod i
+    /// on node i mod N.
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -145,6 +169,28 @@ pub struct LabState {
     /// Kvstore mode: the lab's etcd process.
     #[serde(default)]
     pub etcd_pid: Option<u32>,
+    /// Multi-node labs: the nodes (the lab's agent fields above unused).
+    #[serde(default)]
+    pub nodes: Vec<NodeState>,
+    /// Multi-node labs: the namespace of the underlay (its bridge, the
+    /// lab's router, etcd).
+    #[serde(default)]
+    pub underlay_netns: Option<String>,
+}
+
+/// One node of a multi-node lab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeState {
+    pub name: String,
+    pub netns: String,
+    /// Its address on the underlay (InternalIP, tunnel endpoint).
+    pub address: std::net::Ipv4Addr,
+    pub pod_cidr: String,
+    pub agent_pid: Option<u32>,
+    pub agent_args: Vec<String>,
+    /// Stopped by `lab stop-node` (agent killed, underlay link down).
+    #[serde(default)]
+    pub stopped: bool,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -153,6 +199,10 @@ pub struct ExternalState {
     pub netns: String,
     pub host_ifname: String,
     pub pid: Option<u32>,
+    /// Where `host_ifname` lives (multi-node labs: the underlay's
+    /// namespace; None: this host's).
+    #[serde(default)]
+    pub host_netns: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -163,18 +213,47 @@ pub struct PodState {
     pub container_id: String,
     pub cni_result: Option<serde_json::Value>,
     pub pid: Option<u32>,
+    /// Multi-node labs: the pod's node.
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 pub fn lab_dir(lab: &str) -> PathBuf {
     PathBuf::from("/run/fibril/labs").join(lab)
 }
 
+/// The default agent's socket: a one-node lab's, or the first node's.
 pub fn socket(lab: &str) -> PathBuf {
-    lab_dir(lab).join("agent.sock")
+    agent_dir(lab, None).join("agent.sock")
+}
+
+/// Where an agent of the lab keeps its socket, state and log: node
+/// `node`'s (multi-node labs), else the lab's own (one node), or the first
+/// node's when the lab has nodes.
+pub fn agent_dir(lab: &str, node: Option<&str>) -> PathBuf {
+    match node {
+        Some(n) => node_dir(lab, n),
+        None => match load_state(lab)
+            .ok()
+            .and_then(|st| st.nodes.first().cloned())
+        {
+            Some(n) => node_dir(lab, &n.name),
+            None => lab_dir(lab),
+        },
+    }
+}
+
+pub fn node_dir(lab: &str, node: &str) -> PathBuf {
+    lab_dir(lab).join("nodes").join(node)
 }
 
 pub fn bpf_dir(lab: &str) -> PathBuf {
     PathBuf::from("/sys/fs/bpf").join(format!("fibril-{lab}"))
+}
+
+/// A node's pinned maps and links.
+fn node_bpf_dir(lab: &str, node: &str) -> PathBuf {
+    PathBuf::from("/sys/fs/bpf").join(format!("fibril-{lab}-{node}"))
 }
 
 /// The lab's cgroup (v2): the agent, the pods and `lab exec` commands run
@@ -184,26 +263,45 @@ pub fn cgroup_dir(lab: &str) -> Option<PathBuf> {
     Some(netns::cgroup::cgroup2_mount()?.join(format!("fibril-{lab}")))
 }
 
-/// Makes `cmd` start inside the lab's cgroup (when it has one), before it
-/// can open a socket.
-fn in_lab_cgroup(cmd: &mut std::process::Command, lab: &str) {
-    if let Some(dir) = cgroup_dir(lab).filter(|d| d.exists()) {
+/// A node's cgroup inside the lab's (multi-node labs): its agent's L7
+/// shortcut covers its own pods only.
+fn node_cgroup_dir(lab: &str, node: &str) -> Option<PathBuf> {
+    Some(cgroup_dir(lab)?.join(node))
+}
+
+/// Makes `cmd` start inside the lab's cgroup (node `node`'s in a
+/// multi-node lab; when it has one), before it can open a socket.
+fn in_cgroup(cmd: &mut std::process::Command, lab: &str, node: Option<&str>) {
+    let dir = match node {
+        Some(n) => node_cgroup_dir(lab, n),
+        None => cgroup_dir(lab),
+    };
+    if let Some(dir) = dir.filter(|d| d.exists()) {
         netns::cgroup::start_in_cgroup(cmd, &dir);
     }
 }
 
-/// Removes the lab's cgroup once the processes in it are gone.
-fn remove_cgroup(lab: &str) {
-    let Some(dir) = cgroup_dir(lab) else { return };
-    let end = Instant::now() + Duration::from_secs(5);
-    while dir.exists() && std::fs::remove_dir(&dir).is_err() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    if dir.exists() {
-        eprintln!(
-            "warning: could not remove cgroup {} (processes left in it)",
-            dir.display()
-        );
+/// Removes the lab's cgroup (its nodes' first) once the processes in it
+/// are gone.
+fn remove_cgroup(lab: &str, nodes: &[NodeState]) {
+    let Some(lab_cg) = cgroup_dir(lab) else {
+        return;
+    };
+    let dirs = nodes
+        .iter()
+        .filter_map(|n| node_cgroup_dir(lab, &n.name))
+        .chain([lab_cg]);
+    for dir in dirs {
+        let end = Instant::now() + Duration::from_secs(5);
+        while dir.exists() && std::fs::remove_dir(&dir).is_err() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if dir.exists() {
+            eprintln!(
+                "warning: could not remove cgroup {} (processes left in it)",
+                dir.display()
+            );
+        }
     }
 }
 
@@ -397,6 +495,7 @@ pub fn parse(path: Option<&Path>) -> anyhow::Result<Lab> {
             }
         }
     }
+    validate_nodes(&name, &file)?;
     let mut policies = Vec::new();
     for (i, r) in file.policies.iter().enumerate() {
         let (pname, yaml) = match (&r.file, &r.inline) {
@@ -420,6 +519,84 @@ pub fn parse(path: Option<&Path>) -> anyhow::Result<Lab> {
         policies.push((pname, yaml));
     }
     Ok(Lab { file, policies })
+}
+
+/// The nodes of a lab file: unique DNS-label names, each pod's node one of
+/// them, an underlay with room for them outside the pod CIDR and the
+/// externals, a pod CIDR that splits into one block per node.
+fn validate_nodes(name: &str, file: &LabFile) -> anyhow::Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, n) in file.nodes.iter().enumerate() {
+        valid_name(&format!("{name}: nodes[{i}]"), n)?;
+        if n.len() > 20 {
+            bail!("{name}: nodes[{i}]: {n:?} is longer than 20 characters");
+        }
+        if !seen.insert(n.as_str()) {
+            bail!("{name}: nodes[{i}]: node {n:?} appears twice");
+        }
+    }
+    for (i, p) in file.pods.iter().enumerate() {
+        match &p.node {
+            Some(n) if file.nodes.is_empty() => bail!(
+                "{name}: pods[{i}].node: {n:?}, but the lab declares no nodes (add `nodes: [{n}, ...]`)"
+            ),
+            Some(n) if !seen.contains(n.as_str()) => bail!(
+                "{name}: pods[{i}].node: no node {n:?} (nodes: {})",
+                file.nodes.join(", ")
+            ),
+            _ => {}
+        }
+    }
+    if file.nodes.is_empty() {
+        return Ok(());
+    }
+    if file.nodes.len() > MAX_NODES {
+        bail!("{name}: nodes: at most {MAX_NODES} nodes in a lab");
+    }
+    let underlay: ipnet::Ipv4Net = file.underlay_cidr.parse().map_err(|e| {
+        anyhow::anyhow!(
+            "{name}: underlayCIDR: {:?} is not a CIDR (a.b.c.d/n): {e}",
+            file.underlay_cidr
+        )
+    })?;
+    if underlay != underlay.trunc() || !(8..=26).contains(&underlay.prefix_len()) {
+        bail!(
+            "{name}: underlayCIDR: {underlay}: give a network address with a prefix length of 8-26"
+        );
+    }
+    if let Ok(pods) = file.pod_cidr.parse::<ipnet::Ipv4Net>() {
+        if pods.contains(&underlay.network()) || underlay.contains(&pods.network()) {
+            bail!("{name}: underlayCIDR: {underlay} overlaps podCIDR {pods}");
+        }
+        node_cidrs(&pods, file.nodes.len()).map_err(|e| anyhow::anyhow!("{name}: podCIDR: {e}"))?;
+    }
+    for (i, x) in file.externals.iter().enumerate() {
+        if underlay.contains(&x.address) {
+            bail!(
+                "{name}: externals[{i}].address: {} is inside the underlay {underlay}",
+                x.address
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Nodes a lab may have.
+const MAX_NODES: usize = 16;
+
+/// One pod CIDR per node out of the cluster's: a /24 each, or smaller
+/// blocks when the cluster's CIDR holds fewer than one /24 per node.
+fn node_cidrs(cluster: &ipnet::Ipv4Net, nodes: usize) -> anyhow::Result<Vec<ipnet::Ipv4Net>> {
+    let bits = usize::BITS - nodes.saturating_sub(1).leading_zeros();
+    let prefix = (cluster.prefix_len() as u32 + bits).max(24);
+    if prefix > 28 {
+        bail!("{cluster} is too small for {nodes} nodes (each needs at least a /28)");
+    }
+    Ok(cluster
+        .subnets(prefix as u8)
+        .map_err(|e| anyhow::anyhow!("{cluster}: {e}"))?
+        .take(nodes)
+        .collect())
 }
 
 /// Waits until the agent answers; fails at once when it exits first.
@@ -451,9 +628,50 @@ fn failed_start(lab: &str, log: &Path) -> String {
     format!("{where_}; it ends:\n{}", tail.join("\n"))
 }
 
-/// Starts an agent for `st` in the background and waits until it answers.
+/// Starts the lab's agent (a one-node lab's) in the background and waits
+/// until it answers.
 pub fn start_agent(st: &mut LabState) -> anyhow::Result<()> {
     let dir = lab_dir(&st.name);
+    let pid = spawn_agent(&st.name, &dir, &st.agent_args, None, None)?;
+    st.agent_pid = Some(pid);
+    save(st)?;
+    wait_for_agent(&dir.join("agent.sock"), pid, Duration::from_secs(15))
+        .with_context(|| failed_start(&st.name, &dir.join("agent.log")))?;
+    keep_bound_ports(&mut st.agent_args, &dir.join("state"));
+    save(st)
+}
+
+/// Starts node `i`'s agent inside the node's namespace and waits until it
+/// answers.
+fn start_node_agent(st: &mut LabState, i: usize) -> anyhow::Result<()> {
+    let node = st.nodes[i].clone();
+    let dir = node_dir(&st.name, &node.name);
+    let pid = spawn_agent(
+        &st.name,
+        &dir,
+        &node.agent_args,
+        Some(&node.netns),
+        Some(&node.name),
+    )?;
+    st.nodes[i].agent_pid = Some(pid);
+    save(st)?;
+    wait_for_agent(&dir.join("agent.sock"), pid, Duration::from_secs(15))
+        .with_context(|| failed_start(&st.name, &dir.join("agent.log")))?;
+    keep_bound_ports(&mut st.nodes[i].agent_args, &dir.join("state"));
+    save(st)
+}
+
+/// Starts `fibril-agent` with `args`, its log in `dir`, inside the network
+/// namespace `netns` when given (entered alone: the agent shares this
+/// host's bpffs and paths), in the lab's (or the node's) cgroup.
+fn spawn_agent(
+    lab: &str,
+    dir: &Path,
+    args: &[String],
+    netns: Option<&str>,
+    node: Option<&str>,
+) -> anyhow::Result<u32> {
+    std::fs::create_dir_all(dir)?;
     let log = {
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new()
@@ -463,36 +681,34 @@ pub fn start_agent(st: &mut LabState) -> anyhow::Result<()> {
             .open(dir.join("agent.log"))?
     };
     let mut cmd = Command::new("setsid");
-    in_lab_cgroup(&mut cmd, &st.name);
+    in_cgroup(&mut cmd, lab, node);
+    if let Some(ns) = netns {
+        cmd.arg("nsenter").arg(format!("--net=/run/netns/{ns}"));
+    }
     let child = cmd
         .arg(bin_dir().join("fibril-agent"))
-        .args(&st.agent_args)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
         .context("starting fibril-agent")?;
-    st.agent_pid = Some(child.id());
-    save(st)?;
-    wait_for_agent(&socket(&st.name), child.id(), Duration::from_secs(15))
-        .with_context(|| failed_start(&st.name, &dir.join("agent.log")))?;
-    keep_bound_ports(st, &dir.join("state"));
-    save(st)
+    Ok(child.id())
 }
 
 /// Addresses given with port 0 become the ports the agent bound, so a
 /// restarted agent listens where the first one did (a user's saved
 /// scrape target or `hubble config` keeps working for the lab's life).
-fn keep_bound_ports(st: &mut LabState, state_dir: &Path) {
+fn keep_bound_ports(args: &mut [String], state_dir: &Path) {
     for (flag, file) in [
         ("--metrics-addr", "metrics.addr"),
         ("--hubble-metrics-addr", "hubble-metrics.addr"),
         ("--hubble-listen-address", "hubble.addr"),
     ] {
-        let Some(i) = st.agent_args.iter().position(|a| a == flag) else {
+        let Some(i) = args.iter().position(|a| a == flag) else {
             continue;
         };
-        let Some(value) = st.agent_args.get(i + 1) else {
+        let Some(value) = args.get(i + 1) else {
             continue;
         };
         if !value.ends_with(":0") {
@@ -500,7 +716,7 @@ fn keep_bound_ports(st: &mut LabState, state_dir: &Path) {
         }
         let bound = std::fs::read_to_string(state_dir.join(file)).unwrap_or_default();
         if let Ok(addr) = bound.trim().parse::<std::net::SocketAddr>() {
-            st.agent_args[i + 1] = addr.to_string();
+            args[i + 1] = addr.to_string();
         }
     }
 }
@@ -531,9 +747,10 @@ pub fn stop_agent(st: &LabState) {
     }
 }
 
-/// Stops the lab's HTTP proxy process, which outlives agent restarts.
-fn stop_l7_proxy(lab: &str) {
-    let pid_file = lab_dir(lab).join("state").join(api::L7_PROXY_PID_FILE);
+/// Stops an agent's HTTP proxy process (its pid file in `state_dir`),
+/// which outlives agent restarts.
+fn stop_l7_proxy(state_dir: &Path) {
+    let pid_file = state_dir.join(api::L7_PROXY_PID_FILE);
     if let Some(pid) = std::fs::read_to_string(pid_file)
         .ok()
         .and_then(|p| p.trim().parse().ok())
@@ -543,20 +760,64 @@ fn stop_l7_proxy(lab: &str) {
     }
 }
 
-fn cni_config(lab: &str) -> String {
+fn cni_config(agent_socket: &Path) -> String {
     serde_json::json!({
         "cniVersion": "1.1.0",
         "name": "fibril",
         "type": "fibril-cni",
-        "agentSocket": socket(lab).display().to_string(),
+        "agentSocket": agent_socket.display().to_string(),
     })
     .to_string()
 }
 
-/// Runs the CNI plugin the way a runtime does.
-fn cni(command: &str, pod: &PodState, stdin: &str) -> anyhow::Result<Option<serde_json::Value>> {
+/// The node of pod `pod` and that node's index (multi-node labs).
+fn node_of<'a>(st: &'a LabState, pod: &PodState) -> Option<(usize, &'a NodeState)> {
+    let name = pod.node.as_deref()?;
+    st.nodes.iter().enumerate().find(|(_, n)| n.name == name)
+}
+
+/// The socket of the agent that owns `pod`.
+fn agent_socket_of(st: &LabState, pod: &PodState) -> PathBuf {
+    match node_of(st, pod) {
+        Some((_, n)) => node_dir(&st.name, &n.name).join("agent.sock"),
+        None => lab_dir(&st.name).join("agent.sock"),
+    }
+}
+
+/// The socket of the agent that owns pod `ns/name` in lab `lab` (the
+/// lab's default agent when the pod is unknown).
+pub fn pod_socket(lab: &str, ns: &str, name: &str) -> PathBuf {
+    load_state(lab)
+        .ok()
+        .and_then(|st| {
+            let pod = st
+                .pods
+                .iter()
+                .find(|p| p.namespace == ns && p.name == name)?;
+            Some(agent_socket_of(&st, pod))
+        })
+        .unwrap_or_else(|| socket(lab))
+}
+
+/// Runs the CNI plugin the way a runtime does (inside the pod's node's
+/// namespace in a multi-node lab).
+fn cni(
+    st: &LabState,
+    command: &str,
+    pod: &PodState,
+    stdin: &str,
+) -> anyhow::Result<Option<serde_json::Value>> {
     use std::io::Write;
-    let mut child = Command::new(bin_dir().join("fibril-cni"))
+    let plugin = bin_dir().join("fibril-cni");
+    let mut cmd = match node_of(st, pod) {
+        Some((_, n)) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{}", n.netns)).arg(&plugin);
+            c
+        }
+        None => Command::new(&plugin),
+    };
+    let mut child = cmd
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", &pod.container_id)
         .env("CNI_NETNS", format!("/run/netns/{}", pod.netns))
@@ -596,6 +857,72 @@ fn cni(command: &str, pod: &PodState, stdin: &str) -> anyhow::Result<Option<serd
     })
 }
 
+/// The arguments every agent of a lab gets, with its directory
+/// `dir` (state, sockets), its pod CIDR and bpffs directory.
+fn agent_args(
+    node_name: &str,
+    pod_cidr: &str,
+    dir: &Path,
+    bpf: &Path,
+    d: &DnsProxy,
+) -> Vec<String> {
+    let mut args = vec![
+        "--node-name".into(),
+        node_name.to_string(),
+        "--pod-cidr".into(),
+        pod_cidr.to_string(),
+        "--state-dir".into(),
+        dir.join("state").display().to_string(),
+        "--bpf-dir".into(),
+        bpf.display().to_string(),
+        "--socket".into(),
+        dir.join("agent.sock").display().to_string(),
+        // Metrics on loopback, any free port (state/metrics.addr says which).
+        "--metrics-addr".into(),
+        "127.0.0.1:0".into(),
+        // The Hubble API on the lab's own root-only socket
+        // (state/hubble.addr says `unix://...` when there is no TCP).
+        "--hubble-socket".into(),
+        dir.join("hubble.sock").display().to_string(),
+        "--hubble-metrics-addr".into(),
+        "127.0.0.1:0".into(),
+    ];
+    for (flag, value) in [
+        ("--tofqdns-min-ttl", d.min_ttl.map(|v| v.to_string())),
+        (
+            "--tofqdns-idle-connection-grace-period",
+            d.idle_connection_grace_period.map(|v| v.to_string()),
+        ),
+        (
+            "--tofqdns-max-ips-per-endpoint",
+            d.max_ips_per_endpoint.map(|v| v.to_string()),
+        ),
+    ] {
+        if let Some(v) = value {
+            args.extend([flag.to_string(), v]);
+        }
+    }
+    args
+}
+
+/// Creates `dir` as a cgroup (one a crashed lab left is reused); whether
+/// it is there.
+fn make_cgroup(dir: &Path) -> bool {
+    match std::fs::create_dir(dir).or_else(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => Ok(()),
+        _ => Err(e),
+    }) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!(
+                "warning: lab cgroup {}: {e} (no L7 proxy shortcut)",
+                dir.display()
+            );
+            false
+        }
+    }
+}
+
 pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
     valid_name("lab name", lab)?;
     let parsed = parse(lab_file)?;
@@ -612,74 +939,84 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
     let mut st = LabState {
         name: lab.to_string(),
         pod_cidr: parsed.file.pod_cidr.clone(),
-        agent_args: vec![
-            "--node-name".into(),
-            format!("{lab}-node"),
-            "--pod-cidr".into(),
-            parsed.file.pod_cidr.clone(),
-            "--state-dir".into(),
-            dir.join("state").display().to_string(),
-            "--bpf-dir".into(),
-            bpf_dir(lab).display().to_string(),
-            "--socket".into(),
-            socket(lab).display().to_string(),
-            // Metrics on loopback, any free port (state/metrics.addr says which).
-            "--metrics-addr".into(),
-            "127.0.0.1:0".into(),
-            // The Hubble API on the lab's own root-only socket, no TCP
-            // (state/hubble.addr says `unix://...`).
-            "--hubble-socket".into(),
-            dir.join("hubble.sock").display().to_string(),
-            "--hubble-metrics-addr".into(),
-            "127.0.0.1:0".into(),
-        ],
         ..Default::default()
     };
-    let d = &parsed.file.dns_proxy;
-    for (flag, value) in [
-        ("--tofqdns-min-ttl", d.min_ttl.map(|v| v.to_string())),
-        (
-            "--tofqdns-idle-connection-grace-period",
-            d.idle_connection_grace_period.map(|v| v.to_string()),
-        ),
-        (
-            "--tofqdns-max-ips-per-endpoint",
-            d.max_ips_per_endpoint.map(|v| v.to_string()),
-        ),
-    ] {
-        if let Some(v) = value {
-            st.agent_args.extend([flag.to_string(), v]);
-        }
-    }
-    if let Some(cg) = cgroup_dir(lab) {
-        // One left by a lab that crashed is reused.
-        match std::fs::create_dir(&cg).or_else(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => Ok(()),
-            _ => Err(e),
-        }) {
-            Ok(()) => st
-                .agent_args
-                .extend(["--cgroup-root".to_string(), cg.display().to_string()]),
-            Err(e) => eprintln!(
-                "warning: lab cgroup {}: {e} (no L7 proxy shortcut)",
-                cg.display()
-            ),
+    let lab_cgroup = cgroup_dir(lab).filter(|cg| make_cgroup(cg));
+    if parsed.file.nodes.is_empty() {
+        st.agent_args = agent_args(
+            &format!("{lab}-node"),
+            &parsed.file.pod_cidr,
+            &dir,
+            &bpf_dir(lab),
+            &parsed.file.dns_proxy,
+        );
+        if let Some(cg) = &lab_cgroup {
+            st.agent_args
+                .extend(["--cgroup-root".to_string(), cg.display().to_string()]);
         }
     }
     save(&st)?;
     let result = (|| -> anyhow::Result<()> {
-        if parsed.file.kvstore {
-            let endpoint = start_etcd(&mut st)?;
-            st.agent_args.extend([
-                "--kvstore".to_string(),
-                endpoint,
-                "--node-address".to_string(),
-                "127.0.0.1".to_string(),
-            ]);
-            save(&st)?;
+        if !parsed.file.nodes.is_empty() {
+            build_underlay(&mut st, &parsed.file)?;
+            let etcd = start_underlay_etcd(&mut st)?;
+            for i in 0..st.nodes.len() {
+                let n = st.nodes[i].clone();
+                let ndir = node_dir(lab, &n.name);
+                let mut args = agent_args(
+                    &n.name,
+                    &n.pod_cidr,
+                    &ndir,
+                    &node_bpf_dir(lab, &n.name),
+                    &parsed.file.dns_proxy,
+                );
+                args.extend([
+                    "--hubble-listen-address".to_string(),
+                    format!("{}:{HUBBLE_PORT}", n.address),
+                    "--kvstore".to_string(),
+                    etcd.clone(),
+                    "--node-address".to_string(),
+                    n.address.to_string(),
+                    "--tunnel-protocol".to_string(),
+                    "vxlan".to_string(),
+                ]);
+                if let Some(ttl) = parsed.file.kvstore_lease_ttl {
+                    args.extend(["--kvstore-lease-ttl".to_string(), ttl.to_string()]);
+                }
+                if let Some(cg) = node_cgroup_dir(lab, &n.name)
+                    .filter(|cg| lab_cgroup.is_some() && make_cgroup(cg))
+                {
+                    args.extend(["--cgroup-root".to_string(), cg.display().to_string()]);
+                }
+                st.nodes[i].agent_args = args;
+                save(&st)?;
+                start_node_agent(&mut st, i)?;
+            }
+        } else {
+            if parsed.file.kvstore {
+                let endpoint = start_etcd(&mut st)?;
+                st.agent_args.extend([
+                    "--kvstore".to_string(),
+                    endpoint,
+                    "--node-address".to_string(),
+                    "127.0.0.1".to_string(),
+                ]);
+                if let Some(ttl) = parsed.file.kvstore_lease_ttl {
+                    st.agent_args
+                        .extend(["--kvstore-lease-ttl".to_string(), ttl.to_string()]);
+                }
+                save(&st)?;
+            }
+            start_agent(&mut st)?;
         }
-        start_agent(&mut st)?;
-        let sock = socket(lab);
+        let sockets: Vec<PathBuf> = if st.nodes.is_empty() {
+            vec![lab_dir(lab).join("agent.sock")]
+        } else {
+            st.nodes
+                .iter()
+                .map(|n| node_dir(lab, &n.name).join("agent.sock"))
+                .collect()
+        };
         let ns_labels: BTreeMap<&str, &BTreeMap<String, String>> = parsed
             .file
             .namespaces
@@ -688,16 +1025,23 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
             .collect();
         let empty = BTreeMap::new();
         for n in parsed.file.namespaces.iter().filter(|n| n.audit_mode) {
-            api::call(
-                &sock,
-                &api::Request::NamespaceAudit {
-                    namespace: n.name.clone(),
-                    audit: true,
-                },
-            )?;
+            for sock in &sockets {
+                api::call(
+                    sock,
+                    &api::Request::NamespaceAudit {
+                        namespace: n.name.clone(),
+                        audit: true,
+                    },
+                )?;
+            }
         }
-        for p in &parsed.file.pods {
+        for (i, p) in parsed.file.pods.iter().enumerate() {
             let netns = format!("fibril-{lab}-{}-{}", p.namespace, p.name);
+            let node = (!parsed.file.nodes.is_empty()).then(|| {
+                p.node
+                    .clone()
+                    .unwrap_or_else(|| parsed.file.nodes[i % parsed.file.nodes.len()].clone())
+            });
             let pod = PodState {
                 namespace: p.namespace.clone(),
                 name: p.name.clone(),
@@ -705,7 +1049,9 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                 container_id: format!("{lab}-{}-{}", p.namespace, p.name),
                 cni_result: None,
                 pid: None,
+                node,
             };
+            let sock = agent_socket_of(&st, &pod);
             api::call(
                 &sock,
                 &api::Request::PodUpsert(api::Pod {
@@ -742,12 +1088,12 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
             st.pods.push(pod);
             save(&st)?;
             let idx = st.pods.len() - 1;
-            st.pods[idx].cni_result = cni("ADD", &st.pods[idx], &cni_config(lab))?;
+            st.pods[idx].cni_result = cni(&st, "ADD", &st.pods[idx], &cni_config(&sock))?;
             save(&st)?;
         }
         for (name, yaml) in &parsed.policies {
             api::call(
-                &sock,
+                &sockets[0],
                 &api::Request::PolicyImport {
                     file: name.clone(),
                     yaml: yaml.clone(),
@@ -764,31 +1110,52 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                 netns: netns.clone(),
                 host_ifname: host_ifname.clone(),
                 pid: None,
+                host_netns: st.underlay_netns.clone(),
             });
             save(&st)?;
             // Attached like a pod, but with no endpoint: to the pods it is
-            // the world.
-            net::setup_pod_veth(
-                &host_ifname,
-                Path::new(&format!("/run/netns/{netns}")),
-                "eth0",
-                x.address,
-                EXTERNAL_GATEWAY,
-            )?;
+            // the world. In a multi-node lab it hangs off the lab's
+            // router, outside every node.
+            let attach = || {
+                net::setup_pod_veth(
+                    &host_ifname,
+                    Path::new(&format!("/run/netns/{netns}")),
+                    "eth0",
+                    x.address,
+                    EXTERNAL_GATEWAY,
+                    None,
+                )
+            };
+            match &st.underlay_netns {
+                Some(ul) => net::in_netns(ul, attach)??,
+                None => attach()?,
+            };
         }
         for (i, p) in parsed.file.pods.iter().enumerate() {
             if !p.command.is_empty() {
                 let log = dir
                     .join("pods")
                     .join(format!("{}_{}.log", p.namespace, p.name));
-                st.pods[i].pid = Some(spawn_in(lab, &st.pods[i].netns, &p.command, &log)?);
+                let node = st.pods[i].node.clone();
+                st.pods[i].pid = Some(spawn_in(
+                    lab,
+                    node.as_deref(),
+                    &st.pods[i].netns,
+                    &p.command,
+                    &log,
+                )?);
             }
         }
         for (i, x) in parsed.file.externals.iter().enumerate() {
             if !x.command.is_empty() {
                 let log = dir.join("pods").join(format!("external_{}.log", x.name));
-                st.externals[i].pid =
-                    Some(spawn_in(lab, &st.externals[i].netns, &x.command, &log)?);
+                st.externals[i].pid = Some(spawn_in(
+                    lab,
+                    None,
+                    &st.externals[i].netns,
+                    &x.command,
+                    &log,
+                )?);
             }
         }
         save(&st)?;
@@ -801,11 +1168,168 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts `command` in the background inside `netns`, output to `log`.
-fn spawn_in(lab: &str, netns: &str, command: &[String], log: &Path) -> anyhow::Result<u32> {
+/// Where each node's Hubble API listens on the underlay (Hubble's port):
+/// peers and the relay reach it there.
+pub const HUBBLE_PORT: u16 = 4244;
+/// The lab's etcd on the underlay's router address.
+const ETCD_CLIENT_PORT: u16 = 2379;
+const ETCD_PEER_PORT: u16 = 2380;
+
+/// The underlay's router (and etcd) address: its network's first host.
+fn underlay_router(underlay: &ipnet::Ipv4Net) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(u32::from(underlay.network()) + 1)
+}
+
+/// The underlay of a multi-node lab: a namespace with a bridge (the lab's
+/// router, at the network's first address), and per node a namespace
+/// joined to the bridge by a veth (`ul0` inside the node), its address,
+/// forwarding on, and its routes (`node_routes`).
+fn build_underlay(st: &mut LabState, file: &LabFile) -> anyhow::Result<()> {
+    let lab = st.name.clone();
+    let underlay: ipnet::Ipv4Net = file.underlay_cidr.parse()?;
+    let cluster: ipnet::Ipv4Net = file.pod_cidr.parse()?;
+    let cidrs = node_cidrs(&cluster, file.nodes.len())?;
+    let ul = format!("fibril-{lab}-ul");
+    net::create_netns(&ul)?;
+    st.underlay_netns = Some(ul.clone());
+    save(st)?;
+    let router = format!("{}/{}", underlay_router(&underlay), underlay.prefix_len());
+    for args in [
+        &["link", "set", "lo", "up"][..],
+        &["link", "add", "br0", "type", "bridge"],
+        &["link", "set", "br0", "up"],
+        &["addr", "add", &router, "dev", "br0"],
+    ] {
+        net::ip_netns(&ul, args)?;
+    }
+    forwarding_on(&ul)?;
+    for (i, name) in file.nodes.iter().enumerate() {
+        let netns = format!("fibril-{lab}-node-{name}");
+        net::create_netns(&netns)?;
+        let address = std::net::Ipv4Addr::from(u32::from(underlay.network()) + 11 + i as u32);
+        st.nodes.push(NodeState {
+            name: name.clone(),
+            netns: netns.clone(),
+            address,
+            pod_cidr: cidrs[i].to_string(),
+            agent_pid: None,
+            agent_args: Vec::new(),
+            stopped: false,
+        });
+        save(st)?;
+        let port = format!("n{i}");
+        net::ip_netns(
+            &ul,
+            &[
+                "link", "add", &port, "type", "veth", "peer", "name", "ul0", "netns", &netns,
+            ],
+        )?;
+        net::ip_netns(&ul, &["link", "set", &port, "master", "br0", "up"])?;
+        let cidr = format!("{address}/{}", underlay.prefix_len());
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &["addr", "add", &cidr, "dev", "ul0"],
+            &["link", "set", "ul0", "up"],
+        ] {
+            net::ip_netns(&netns, args)?;
+        }
+        forwarding_on(&netns)?;
+    }
+    for i in 0..st.nodes.len() {
+        node_routes(st, i, &underlay)?;
+        // The router reaches each node's pods through the node (replies
+        // from the externals).
+        let n = &st.nodes[i];
+        net::ip_netns(
+            &ul,
+            &[
+                "route",
+                "replace",
+                &n.pod_cidr,
+                "via",
+                &n.address.to_string(),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// IPv4 forwarding in namespace `netns` (the lab's own).
+fn forwarding_on(netns: &str) -> anyhow::Result<()> {
+    net::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            netns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ],
+    )?;
+    Ok(())
+}
+
+/// Node `i`'s routes: default through the lab's router (externals), and
+/// every other node's pod CIDR through that node (traffic of the node's
+/// host stack to other nodes' pods is routed, not tunnelled: it arrives
+/// as `remote-node`).
+fn node_routes(st: &LabState, i: usize, underlay: &ipnet::Ipv4Net) -> anyhow::Result<()> {
+    let n = &st.nodes[i];
+    let router = underlay_router(underlay).to_string();
+    net::ip_netns(&n.netns, &["route", "replace", "default", "via", &router])?;
+    for (j, other) in st.nodes.iter().enumerate() {
+        if j != i {
+            net::ip_netns(
+                &n.netns,
+                &[
+                    "route",
+                    "replace",
+                    &other.pod_cidr,
+                    "via",
+                    &other.address.to_string(),
+                ],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The lab's etcd in the underlay's namespace, on the router's address
+/// (reachable from every node, from nothing outside the lab); waits until
+/// it serves and returns its client URL.
+fn start_underlay_etcd(st: &mut LabState) -> anyhow::Result<String> {
+    let ul = st.underlay_netns.clone().context("no underlay")?;
+    let underlay: ipnet::Ipv4Net = net::ip_netns(&ul, &["-o", "-4", "addr", "show", "dev", "br0"])?
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .context("the underlay bridge has no address")?;
+    let router = underlay.addr();
+    let member = kvstore::server::Member {
+        name: format!("{}-etcd", st.name),
+        client: (router, ETCD_CLIENT_PORT).into(),
+        peer: (router, ETCD_PEER_PORT).into(),
+        data_dir: lab_dir(&st.name).join("etcd"),
+    };
+    let pid = spawn_etcd(st, &member, Some(&ul))?;
+    wait_for_etcd(st, &member, pid, Some(&ul))?;
+    Ok(member.client_url())
+}
+
+/// Starts `command` in the background inside `netns` (in the cgroup of
+/// node `node` when given), output to `log`.
+fn spawn_in(
+    lab: &str,
+    node: Option<&str>,
+    netns: &str,
+    command: &[String],
+    log: &Path,
+) -> anyhow::Result<u32> {
     let out = private_file(log)?;
     let mut cmd = Command::new("setsid");
-    in_lab_cgroup(&mut cmd, lab);
+    in_cgroup(&mut cmd, lab, node);
     let child = cmd
         .args(["ip", "netns", "exec", netns])
         .arg(resolve(&command[0]))
@@ -831,34 +1355,61 @@ pub fn down(lab: &str) -> anyhow::Result<()> {
         kill(pid);
     }
     for x in &st.externals {
-        net::delete_link(&x.host_ifname);
+        if x.host_netns.is_none() {
+            net::delete_link(&x.host_ifname);
+        }
         net::delete_netns(&x.netns);
     }
-    // CNI DEL in reverse order, as a runtime does.
+    // CNI DEL in reverse order, as a runtime does (a stopped node's agent
+    // is not there to answer: its namespace goes below).
     for p in st.pods.iter().rev() {
-        let mut conf: serde_json::Value = serde_json::from_str(&cni_config(lab))?;
+        if node_of(&st, p).is_some_and(|(_, n)| n.stopped) {
+            continue;
+        }
+        let mut conf: serde_json::Value =
+            serde_json::from_str(&cni_config(&agent_socket_of(&st, p)))?;
         if let Some(r) = &p.cni_result {
             conf["prevResult"] = r.clone();
         }
-        if let Err(e) = cni("DEL", p, &conf.to_string()) {
+        if let Err(e) = cni(&st, "DEL", p, &conf.to_string()) {
             eprintln!("warning: {e:#}");
         }
     }
     stop_agent(&st);
+    for n in &st.nodes {
+        if let Some(pid) = n.agent_pid {
+            kill(pid);
+            wait_gone(pid);
+        }
+    }
     if let Some(pid) = st.etcd_pid {
         kill(pid);
         wait_gone(pid);
     }
-    stop_l7_proxy(lab);
+    stop_l7_proxy(&lab_dir(lab).join("state"));
     net::proxy_routing_forget(&lab_dir(lab).join("state").join(net::PROXY_ROUTING_FILE));
+    for n in &st.nodes {
+        // Its proxy routing goes with its namespace.
+        stop_l7_proxy(&node_dir(lab, &n.name).join("state"));
+    }
     for p in &st.pods {
         net::delete_netns(&p.netns);
-        // If the agent was gone, the host side of the veth may remain.
-        net::delete_link(&api::host_ifname(&p.container_id, "eth0"));
+        if p.node.is_none() {
+            // If the agent was gone, the host side of the veth may remain.
+            net::delete_link(&api::host_ifname(&p.container_id, "eth0"));
+        }
+    }
+    // The nodes' namespaces take their veths, VXLAN devices and routes.
+    for n in &st.nodes {
+        net::delete_netns(&n.netns);
+        std::fs::remove_dir_all(node_bpf_dir(lab, &n.name)).ok();
+    }
+    if let Some(ul) = &st.underlay_netns {
+        net::delete_netns(ul);
     }
     // The agent's pinned maps and links: the lab's own bpffs directory.
     std::fs::remove_dir_all(bpf_dir(lab)).ok();
-    remove_cgroup(lab);
+    remove_cgroup(lab, &st.nodes);
     std::fs::remove_dir_all(lab_dir(lab)).ok();
     Ok(())
 }
@@ -866,18 +1417,32 @@ pub fn down(lab: &str) -> anyhow::Result<()> {
 /// Starts the lab's etcd (one member on loopback, free ports, data under
 /// the lab's directory) and waits until it serves; returns its client URL.
 fn start_etcd(st: &mut LabState) -> anyhow::Result<String> {
-    let dir = lab_dir(&st.name);
     let member = kvstore::server::Member {
         name: format!("{}-etcd", st.name),
         client: kvstore::server::free_port().map_err(|e| anyhow::anyhow!("{e}"))?,
         peer: kvstore::server::free_port().map_err(|e| anyhow::anyhow!("{e}"))?,
-        data_dir: dir.join("etcd"),
+        data_dir: lab_dir(&st.name).join("etcd"),
     };
-    let log = private_file(&dir.join("etcd.log"))?;
+    let pid = spawn_etcd(st, &member, None)?;
+    wait_for_etcd(st, &member, pid, None)?;
+    Ok(member.client_url())
+}
+
+/// Starts etcd as `member` (inside `netns` when given), its log in the
+/// lab's directory.
+fn spawn_etcd(
+    st: &mut LabState,
+    member: &kvstore::server::Member,
+    netns: Option<&str>,
+) -> anyhow::Result<u32> {
+    let log = private_file(&lab_dir(&st.name).join("etcd.log"))?;
     let mut cmd = Command::new("setsid");
+    if let Some(ns) = netns {
+        cmd.args(["ip", "netns", "exec", ns]);
+    }
     let child = cmd
         .arg(kvstore::server::ETCD)
-        .args(member.args(std::slice::from_ref(&member), &st.name))
+        .args(member.args(std::slice::from_ref(member), &st.name))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -890,57 +1455,148 @@ fn start_etcd(st: &mut LabState) -> anyhow::Result<String> {
         })?;
     st.etcd_pid = Some(child.id());
     save(st)?;
+    Ok(child.id())
+}
+
+/// Waits until etcd accepts connections on its client address (from
+/// inside `netns` when given).
+fn wait_for_etcd(
+    st: &LabState,
+    member: &kvstore::server::Member,
+    pid: u32,
+    netns: Option<&str>,
+) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
-    while std::net::TcpStream::connect_timeout(&member.client, Duration::from_millis(200)).is_err()
-    {
-        if !alive(child.id()) || start.elapsed() > Duration::from_secs(20) {
+    let serving =
+        || std::net::TcpStream::connect_timeout(&member.client, Duration::from_millis(200)).is_ok();
+    loop {
+        let up = match netns {
+            Some(ns) => net::in_netns(ns, serving)?,
+            None => serving(),
+        };
+        if up {
+            return Ok(());
+        }
+        if !alive(pid) || start.elapsed() > Duration::from_secs(20) {
             bail!(
                 "etcd did not start; its log: {}",
-                dir.join("etcd.log").display()
+                lab_dir(&st.name).join("etcd.log").display()
             );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(member.client_url())
 }
 
-/// Stops and starts the lab's agent (pods, maps and programs stay).
-pub fn restart_agent(lab: &str) -> anyhow::Result<()> {
+/// The index of node `node` in `st`, or an error naming the lab's nodes.
+fn node_index(st: &LabState, node: &str) -> anyhow::Result<usize> {
+    st.nodes
+        .iter()
+        .position(|n| n.name == node)
+        .with_context(|| {
+            if st.nodes.is_empty() {
+                format!("lab {:?} has no nodes (one node: omit --node)", st.name)
+            } else {
+                format!(
+                    "no node {node:?} in lab {:?} (nodes: {})",
+                    st.name,
+                    st.nodes
+                        .iter()
+                        .map(|n| n.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        })
+}
+
+/// Stops and starts the lab's agent, or node `node`'s (pods, maps and
+/// programs stay).
+pub fn restart_agent(lab: &str, node: Option<&str>) -> anyhow::Result<()> {
     let mut st = load_state(lab)?;
-    stop_agent(&st);
-    start_agent(&mut st)
+    match node {
+        None if st.nodes.is_empty() => {
+            stop_agent(&st);
+            start_agent(&mut st)
+        }
+        None => bail!("lab {lab:?} has several nodes: give --node NAME"),
+        Some(n) => {
+            let i = node_index(&st, n)?;
+            if let Some(pid) = st.nodes[i].agent_pid {
+                kill(pid);
+                wait_gone(pid);
+            }
+            start_node_agent(&mut st, i)
+        }
+    }
 }
 
-/// Runs a command inside a pod, like `kubectl exec`.
+/// Kills node `node`'s agent and cuts its underlay link: to the others
+/// the node is gone (its lease runs out, its keys expire).
+pub fn stop_node(lab: &str, node: &str) -> anyhow::Result<()> {
+    let mut st = load_state(lab)?;
+    let i = node_index(&st, node)?;
+    if let Some(pid) = st.nodes[i].agent_pid.take() {
+        kill(pid);
+        wait_gone(pid);
+    }
+    net::ip_netns(&st.nodes[i].netns, &["link", "set", "ul0", "down"])?;
+    st.nodes[i].stopped = true;
+    save(&st)
+}
+
+/// Brings a stopped node back: its link up, its routes, its agent.
+pub fn start_node(lab: &str, node: &str) -> anyhow::Result<()> {
+    let mut st = load_state(lab)?;
+    let i = node_index(&st, node)?;
+    let ul = st.underlay_netns.clone().context("no underlay")?;
+    net::ip_netns(&st.nodes[i].netns, &["link", "set", "ul0", "up"])?;
+    let underlay: ipnet::Ipv4Net = net::ip_netns(&ul, &["-o", "-4", "addr", "show", "dev", "br0"])?
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.parse::<ipnet::Ipv4Net>().ok())
+        .map(|n| n.trunc())
+        .context("the underlay bridge has no address")?;
+    node_routes(&st, i, &underlay)?;
+    if st.nodes[i].agent_pid.is_some_and(alive) {
+        bail!("node {node:?} is running");
+    }
+    st.nodes[i].stopped = false;
+    start_node_agent(&mut st, i)
+}
+
+/// Runs a command inside a pod, like `kubectl exec`; `external/NAME` in an
+/// external, `node/NAME` in a node's own namespace (a host-network pod).
 pub fn exec(lab: &str, target: &str, cmd: &[String]) -> anyhow::Result<i32> {
     let st = load_state(lab)?;
     let (ns, name) = target.split_once('/').unwrap_or(("default", target));
-    if ns == "external" {
-        let x = st
-            .externals
-            .iter()
-            .find(|x| x.name == name)
-            .with_context(|| format!("no external {name} in lab {lab:?}"))?;
-        let first = cmd.first().context("no command given")?;
-        let mut ip = Command::new("ip");
-        in_lab_cgroup(&mut ip, lab);
-        let status = ip
-            .args(["netns", "exec", &x.netns])
-            .arg(resolve(first))
-            .args(&cmd[1..])
-            .status()?;
-        return Ok(status.code().unwrap_or(1));
-    }
-    let pod = st
-        .pods
-        .iter()
-        .find(|p| p.namespace == ns && p.name == name)
-        .with_context(|| format!("no pod {ns}/{name} in lab {lab:?}"))?;
+    let (netns, node) = match ns {
+        "external" => {
+            let x = st
+                .externals
+                .iter()
+                .find(|x| x.name == name)
+                .with_context(|| format!("no external {name} in lab {lab:?}"))?;
+            (x.netns.clone(), None)
+        }
+        "node" if !st.nodes.is_empty() => {
+            let n = &st.nodes[node_index(&st, name)?];
+            (n.netns.clone(), Some(n.name.clone()))
+        }
+        _ => {
+            let pod = st
+                .pods
+                .iter()
+                .find(|p| p.namespace == ns && p.name == name)
+                .with_context(|| format!("no pod {ns}/{name} in lab {lab:?}"))?;
+            (pod.netns.clone(), pod.node.clone())
+        }
+    };
     let first = cmd.first().context("no command given")?;
     let mut ip = Command::new("ip");
-    in_lab_cgroup(&mut ip, lab);
+    in_cgroup(&mut ip, lab, node.as_deref());
     let status = ip
-        .args(["netns", "exec", &pod.netns])
+        .args(["netns", "exec", &netns])
         .arg(resolve(first))
         .args(&cmd[1..])
         .status()?;

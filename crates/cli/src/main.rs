@@ -20,9 +20,13 @@ struct Cli {
     /// The lab whose agent to talk to (env FIBRIL_LAB).
     #[arg(long, global = true, env = "FIBRIL_LAB", default_value = "default")]
     lab: String,
-    /// Agent socket; defaults to the lab's.
+    /// Agent socket; defaults to the lab's (its first node's, or `--node`'s).
     #[arg(long, global = true, env = "FIBRIL_SOCKET")]
     socket: Option<PathBuf>,
+    /// In a multi-node lab, the node whose agent to talk to (default: the
+    /// first).
+    #[arg(long, global = true, env = "FIBRIL_NODE")]
+    node: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -113,8 +117,14 @@ enum LabCmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
-    /// Restart the lab's agent (pods, programs and maps stay).
+    /// Restart the lab's agent, or `--node`'s (pods, programs and maps
+    /// stay).
     RestartAgent,
+    /// Kill a node's agent and cut its underlay link (multi-node labs): to
+    /// the others it is gone once its lease runs out.
+    StopNode { node: String },
+    /// Bring a stopped node back: its link, routes and agent.
+    StartNode { node: String },
     /// Change a pod's labels live, as `kubectl label`: `key=value` sets,
     /// `key-` removes; its identity follows on every node.
     Label {
@@ -242,19 +252,36 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
-    let socket = cli.socket.clone().unwrap_or_else(|| lab::socket(&cli.lab));
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(|| lab::agent_dir(&cli.lab, cli.node.as_deref()).join("agent.sock"));
     let call = |req: Request| -> anyhow::Result<Response> { Ok(api::call(&socket, &req)?) };
     match cli.cmd {
         Cmd::Lab { cmd } => match cmd {
             LabCmd::Up { file } => {
                 lab::up(&cli.lab, file.as_deref())?;
-                if let Response::Endpoints { endpoints } = call(Request::EndpointList)? {
-                    println!("lab {:?} is up:", cli.lab);
-                    for e in endpoints {
-                        println!(
-                            "  {}/{}  {}  identity {}",
-                            e.namespace, e.pod_name, e.ipv4, e.identity
-                        );
+                println!("lab {:?} is up:", cli.lab);
+                let st = lab::load_state(&cli.lab)?;
+                let nodes: Vec<Option<&str>> = if st.nodes.is_empty() {
+                    vec![None]
+                } else {
+                    st.nodes.iter().map(|n| Some(n.name.as_str())).collect()
+                };
+                for node in nodes {
+                    let sock = lab::agent_dir(&cli.lab, node).join("agent.sock");
+                    if let Some(n) = node {
+                        println!("  node {n}:");
+                    }
+                    if let Response::Endpoints { endpoints } =
+                        api::call(&sock, &Request::EndpointList)?
+                    {
+                        for e in endpoints {
+                            println!(
+                                "  {}/{}  {}  identity {}",
+                                e.namespace, e.pod_name, e.ipv4, e.identity
+                            );
+                        }
                     }
                 }
                 Ok(0)
@@ -282,16 +309,33 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         }
                     }
                 }
-                call(Request::PodLabel {
-                    namespace: namespace.to_string(),
-                    name: name.to_string(),
-                    set,
-                    remove,
-                })?;
+                // The pod's own node's agent (the others follow its
+                // identity through the kvstore).
+                let socket = match (&cli.socket, &cli.node) {
+                    (None, None) => lab::pod_socket(&cli.lab, namespace, name),
+                    _ => socket.clone(),
+                };
+                api::call(
+                    &socket,
+                    &Request::PodLabel {
+                        namespace: namespace.to_string(),
+                        name: name.to_string(),
+                        set,
+                        remove,
+                    },
+                )?;
                 Ok(0)
             }
             LabCmd::RestartAgent => {
-                lab::restart_agent(&cli.lab)?;
+                lab::restart_agent(&cli.lab, cli.node.as_deref())?;
+                Ok(0)
+            }
+            LabCmd::StopNode { node } => {
+                lab::stop_node(&cli.lab, &node)?;
+                Ok(0)
+            }
+            LabCmd::StartNode { node } => {
+                lab::start_node(&cli.lab, &node)?;
                 Ok(0)
             }
             LabCmd::Default => {
@@ -351,7 +395,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     );
                 }
                 println!("Uptime:        {}s", s.uptime_seconds);
-                match hubble_address(&cli.lab, None)
+                match hubble_address(&cli.lab, cli.node.as_deref(), None)
                     .and_then(|a| hubble_cmds::status_lines(&a, &observe::Server::default()))
                 {
                     Ok(lines) => {
@@ -472,13 +516,13 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Cmd::Policy { cmd } => policy_cmd(cmd, &call),
-        Cmd::Observe(o) => observe(&cli.lab, *o),
+        Cmd::Observe(o) => observe(&cli.lab, cli.node.as_deref(), *o),
         Cmd::List {
             what,
             server,
             output,
         } => {
-            let address = hubble_address(&cli.lab, server.server.clone())?;
+            let address = hubble_address(&cli.lab, cli.node.as_deref(), server.server.clone())?;
             let json = output == Output::Json;
             match what {
                 ListWhat::Nodes => hubble_cmds::list_nodes(&address, &server, json)?,
@@ -651,11 +695,21 @@ fn enforce(call: &dyn Fn(Request) -> anyhow::Result<Response>) -> anyhow::Result
 }
 
 /// The Hubble API to talk to: `--server`, else the lab agent's.
-fn hubble_address(lab_name: &str, server: Option<String>) -> anyhow::Result<String> {
+fn hubble_address(
+    lab_name: &str,
+    node: Option<&str>,
+    server: Option<String>,
+) -> anyhow::Result<String> {
     if let Some(s) = server {
         return Ok(s);
     }
-    let file = lab::lab_dir(lab_name).join("state/hubble.addr");
+    // The lab agent's own socket (a multi-node lab's nodes listen on TCP
+    // on the underlay, which this host cannot reach).
+    let dir = lab::agent_dir(lab_name, node);
+    if dir.join("hubble.sock").exists() {
+        return Ok(format!("unix://{}", dir.join("hubble.sock").display()));
+    }
+    let file = dir.join("state/hubble.addr");
     Ok(std::fs::read_to_string(&file)
         .with_context(|| {
             format!(
@@ -667,8 +721,10 @@ fn hubble_address(lab_name: &str, server: Option<String>) -> anyhow::Result<Stri
         .to_string())
 }
 
-fn observe(lab_name: &str, o: observe::Args) -> anyhow::Result<i32> {
-    observe::run(&o, || hubble_address(lab_name, o.server.server.clone()))
+fn observe(lab_name: &str, node: Option<&str>, o: observe::Args) -> anyhow::Result<i32> {
+    observe::run(&o, || {
+        hubble_address(lab_name, node, o.server.server.clone())
+    })
 }
 
 /// `8080/TCP` -> (6, 8080).

@@ -40,8 +40,11 @@ pub const PROXY_MARK_TO: Knob<u32> = Knob::new("proxy_mark_to");
 /// The mark on the proxy's own upstream sockets.
 pub const PROXY_MARK_FROM: Knob<u32> = Knob::new("proxy_mark_from");
 
+/// The node's VXLAN device (0: no overlay).
+pub const TUNNEL_IFINDEX: Knob<u32> = Knob::new("tunnel_ifindex");
+
 /// Every setting the loader sets: (name, size in bytes).
-pub const SET: [(&str, usize); 8] = [
+pub const SET: [(&str, usize); 9] = [
     (ENDPOINT_ID.name, 4),
     (ENDPOINT_IPV4.name, 4),
     (EVENTS_WAKEUP_BYTES.name, 8),
@@ -50,6 +53,7 @@ pub const SET: [(&str, usize); 8] = [
     (DNS_PROXY_PORT.name, 2),
     (PROXY_MARK_TO.name, 4),
     (PROXY_MARK_FROM.name, 4),
+    (TUNNEL_IFINDEX.name, 4),
 ];
 
 /// Settings the programs keep at their C default (conntrack timeouts, as

@@ -24,6 +24,9 @@ pub use events::EventReader;
 
 /// The compiled `bpf/lxc.bpf.c`, embedded at build time.
 static LXC_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lxc.bpf.o"));
+/// The compiled `bpf/overlay.bpf.c`.
+static OVERLAY_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay.bpf.o"));
 
 const MAP_IPCACHE: &str = "fibril_ipcache";
 const MAP_ENDPOINTS: &str = "fibril_endpoints";
@@ -34,6 +37,7 @@ const MAP_EVENTS: &str = "fibril_events";
 const MAP_EVENTS_LOST: &str = "fibril_events_lost";
 const PROG_FROM_CONTAINER: &str = "from_container";
 const PROG_TO_CONTAINER: &str = "to_container";
+const PROG_FROM_OVERLAY: &str = "from_overlay";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -76,6 +80,9 @@ pub struct Config {
     pub proxy: Option<ProxyRedirect>,
     /// Conntrack entries one endpoint's traffic may hold (0: no budget).
     pub ct_endpoint_budget: u32,
+    /// The node's VXLAN device (external mode): traffic to endpoints on
+    /// other nodes is tunnelled through it. 0: one node, no overlay.
+    pub tunnel_ifindex: u32,
 }
 
 /// The default per-endpoint conntrack budget: a quarter of the table
@@ -117,6 +124,7 @@ impl Config {
             events_wakeup_bytes: 64 * abi::FlowEvent::SIZE as u64,
             proxy: None,
             ct_endpoint_budget: DEFAULT_CT_ENDPOINT_BUDGET,
+            tunnel_ifindex: 0,
         }
     }
 }
@@ -245,37 +253,37 @@ impl Datapath {
             (PROG_FROM_CONTAINER, TcAttachType::Ingress),
             (PROG_TO_CONTAINER, TcAttachType::Egress),
         ] {
-            let pin = links.join(format!("{host_ifname}_{name}"));
-            let prog = classifier(&mut progs.bpf, name)?;
-            let link_id = match PinnedLink::from_pin(&pin) {
-                Ok(old) => {
-                    let link = FdLink::from(old).try_into().map_err(|e| Error::Link {
-                        path: pin.clone(),
-                        message: format!("{e}"),
-                    })?;
-                    // The old pin is replaced below by the same link.
-                    std::fs::remove_file(&pin).ok();
-                    prog.attach_to_link(link).map_err(prog_err(name))?
-                }
-                Err(_) => prog
-                    .attach_with_options(
-                        host_ifname,
-                        attach,
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
-                    )
-                    .map_err(prog_err(name))?,
-            };
-            let link = prog.take_link(link_id).map_err(prog_err(name))?;
-            let fd_link: FdLink = link.try_into().map_err(|e| Error::Link {
-                path: pin.clone(),
-                message: format!("{e}"),
-            })?;
-            fd_link.pin(&pin).map_err(|e| Error::Link {
-                path: pin.clone(),
-                message: format!("{e}"),
-            })?;
+            attach_pinned(
+                &mut progs.bpf,
+                name,
+                host_ifname,
+                attach,
+                &links.join(format!("{host_ifname}_{name}")),
+            )?;
         }
         Ok(())
+    }
+
+    /// Loads the overlay program and attaches it to the node's VXLAN
+    /// device (tc ingress), replacing the one a previous run pinned: the
+    /// device keeps enforcing while the agent restarts.
+    pub fn attach_overlay(&self, ifname: &str) -> Result<(), Error> {
+        let links = self.config.pin_dir.join("links");
+        std::fs::create_dir_all(&links).map_err(|source| Error::PinDir {
+            path: links.clone(),
+            source,
+        })?;
+        let mut bpf = loader(&self.config).load(OVERLAY_OBJECT)?;
+        classifier(&mut bpf, PROG_FROM_OVERLAY)?
+            .load()
+            .map_err(prog_err(PROG_FROM_OVERLAY))?;
+        attach_pinned(
+            &mut bpf,
+            PROG_FROM_OVERLAY,
+            ifname,
+            TcAttachType::Ingress,
+            &links.join(format!("{ifname}_{PROG_FROM_OVERLAY}")),
+        )
     }
 
     /// Detaches an endpoint's programs (removing the pins drops the links).
@@ -317,14 +325,20 @@ impl Datapath {
         self.maps().endpoints.get(&key, 0).ok()
     }
 
+    /// Sets an ipcache entry: `identity`, and for an endpoint on another
+    /// node the node's address its traffic is tunnelled to.
     pub fn upsert_ipcache(
         &self,
         addr: Ipv4Addr,
         prefix_len: u32,
         identity: u32,
+        tunnel_endpoint: Option<Ipv4Addr>,
     ) -> Result<(), Error> {
         let key = Key::new(prefix_len, u32::from(addr).to_be());
-        let value = IpcacheValue { identity, pad: 0 };
+        let value = IpcacheValue {
+            identity,
+            tunnel_endpoint: tunnel_endpoint.map_or(0, |a| u32::from(a).to_be()),
+        };
         self.maps()
             .ipcache
             .insert(&key, value, 0)
@@ -339,8 +353,10 @@ impl Datapath {
         }
     }
 
-    /// Every ipcache entry: (address, prefix length, identity).
-    pub fn ipcache_entries(&self) -> Result<Vec<(Ipv4Addr, u32, u32)>, Error> {
+    /// Every ipcache entry: (address, prefix length, identity, tunnel
+    /// endpoint).
+    #[allow(clippy::type_complexity)]
+    pub fn ipcache_entries(&self) -> Result<Vec<(Ipv4Addr, u32, u32, Option<Ipv4Addr>)>, Error> {
         let maps = self.maps();
         let mut out = Vec::new();
         for item in maps.ipcache.iter() {
@@ -349,6 +365,7 @@ impl Datapath {
                 Ipv4Addr::from(u32::from_be(k.data())),
                 k.prefix_len(),
                 v.identity,
+                (v.tunnel_endpoint != 0).then(|| Ipv4Addr::from(u32::from_be(v.tunnel_endpoint))),
             ));
         }
         Ok(out)
@@ -615,6 +632,7 @@ fn loader(config: &Config) -> EbpfLoader<'_> {
         knobs::CT_ENDPOINT_BUDGET,
         &config.ct_endpoint_budget,
     );
+    knobs::set(&mut l, knobs::TUNNEL_IFINDEX, &config.tunnel_ifindex);
     if let Some(p) = &config.proxy {
         knobs::set(&mut l, knobs::PROXY_PORT, &p.port);
         knobs::set(&mut l, knobs::DNS_PROXY_PORT, &p.dns_port);
@@ -622,6 +640,47 @@ fn loader(config: &Config) -> EbpfLoader<'_> {
         knobs::set(&mut l, knobs::PROXY_MARK_FROM, &p.mark_from);
     }
     l
+}
+
+/// Attaches program `name` of `bpf` to `ifname` (TCX, `attach` side), or
+/// atomically replaces the program of the link a previous run pinned at
+/// `pin`; the link is pinned there, so it outlives this process.
+fn attach_pinned(
+    bpf: &mut Ebpf,
+    name: &'static str,
+    ifname: &str,
+    attach: TcAttachType,
+    pin: &Path,
+) -> Result<(), Error> {
+    let prog = classifier(bpf, name)?;
+    let link_id = match PinnedLink::from_pin(pin) {
+        Ok(old) => {
+            let link = FdLink::from(old).try_into().map_err(|e| Error::Link {
+                path: pin.into(),
+                message: format!("{e}"),
+            })?;
+            // The old pin is replaced below by the same link.
+            std::fs::remove_file(pin).ok();
+            prog.attach_to_link(link).map_err(prog_err(name))?
+        }
+        Err(_) => prog
+            .attach_with_options(
+                ifname,
+                attach,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(prog_err(name))?,
+    };
+    let link = prog.take_link(link_id).map_err(prog_err(name))?;
+    let fd_link: FdLink = link.try_into().map_err(|e| Error::Link {
+        path: pin.into(),
+        message: format!("{e}"),
+    })?;
+    fd_link.pin(pin).map_err(|e| Error::Link {
+        path: pin.into(),
+        message: format!("{e}"),
+    })?;
+    Ok(())
 }
 
 fn classifier<'a>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, Error> {

@@ -495,10 +495,10 @@ fn ipcache_longest_prefix_gives_the_peer_identity() {
     let lab = lab();
     let cidr_identity = (1 << 24) + 1;
     lab.dp
-        .upsert_ipcache(Ipv4Addr::new(0, 0, 0, 0), 0, abi::identity::WORLD)
+        .upsert_ipcache(Ipv4Addr::new(0, 0, 0, 0), 0, abi::identity::WORLD, None)
         .unwrap();
     lab.dp
-        .upsert_ipcache(Ipv4Addr::new(192, 0, 2, 0), 24, cidr_identity)
+        .upsert_ipcache(Ipv4Addr::new(192, 0, 2, 0), 24, cidr_identity, None)
         .unwrap();
     enforce(&lab, CLIENT, EP_F_EGRESS_ENFORCED);
     allow(

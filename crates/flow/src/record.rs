@@ -499,6 +499,7 @@ pub fn trace_point(point: u8) -> TraceObservationPoint {
         Some(TracePoint::ToHost) => TraceObservationPoint::TO_HOST,
         Some(TracePoint::ToProxy) => TraceObservationPoint::TO_PROXY,
         Some(TracePoint::ToOverlay) => TraceObservationPoint::TO_OVERLAY,
+        Some(TracePoint::FromOverlay) => TraceObservationPoint::FROM_OVERLAY,
         None => TraceObservationPoint::UNKNOWN_POINT,
     }
 }

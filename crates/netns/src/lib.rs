@@ -4,8 +4,11 @@
 //!
 //! Shelling out to `ip` keeps this process free of fork-in-a-threaded-process
 //! hazards (a child execs at once) and of setns on shared worker threads.
-//! The one unsafe block (`cgroup::start_in_cgroup`'s pre-exec hook) is why
-//! this crate denies rather than forbids unsafe code.
+//! The unsafe blocks (`cgroup::start_in_cgroup`'s pre-exec hook, and the
+//! libc calls that read an interface's index, MAC and MTU in this
+//! process's network namespace, which sysfs answers only for the namespace
+//! it was mounted in) are why this crate denies rather than forbids unsafe
+//! code.
 #![deny(unsafe_code)]
 
 use std::net::Ipv4Addr;
@@ -73,7 +76,7 @@ pub fn netns_exists(name: &str) -> bool {
 }
 
 pub fn link_exists(ifname: &str) -> bool {
-    Path::new("/sys/class/net").join(ifname).exists()
+    ifindex(ifname).is_ok()
 }
 
 /// Deletes a link in the host namespace (its veth peer goes with it).
@@ -83,16 +86,119 @@ pub fn delete_link(ifname: &str) {
     }
 }
 
+/// An interface's index in this process's network namespace.
 pub fn ifindex(ifname: &str) -> Result<u32, NetError> {
-    let path = format!("/sys/class/net/{ifname}/ifindex");
-    let s = std::fs::read_to_string(&path).map_err(|e| NetError::Spawn {
-        command: format!("read {path}"),
-        source: e,
-    })?;
-    s.trim().parse().map_err(|_| NetError::Parse {
-        command: path,
-        output: s,
-    })
+    let name = c_ifname(ifname)?;
+    #[allow(unsafe_code)]
+    // SAFETY: `name` is a NUL-terminated string that outlives the call;
+    // if_nametoindex only reads it.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(NetError::Spawn {
+            command: format!("if_nametoindex({ifname})"),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(index)
+}
+
+/// `ifname` as the kernel's interface-name field (at most 15 bytes).
+fn c_ifname(ifname: &str) -> Result<std::ffi::CString, NetError> {
+    std::ffi::CString::new(ifname)
+        .ok()
+        .filter(|_| ifname.len() < libc::IFNAMSIZ)
+        .ok_or_else(|| NetError::Parse {
+            command: "interface name".into(),
+            output: ifname.into(),
+        })
+}
+
+/// Asks the kernel about interface `ifname` with `request` (an SIOCGIF*
+/// ioctl) on a datagram socket of this process's network namespace.
+fn ifreq(ifname: &str, request: libc::c_ulong) -> Result<libc::ifreq, NetError> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let err = |what: &str| NetError::Spawn {
+        command: format!("{what} {ifname}"),
+        source: std::io::Error::last_os_error(),
+    };
+    let name = c_ifname(ifname)?;
+    #[allow(unsafe_code)]
+    // SAFETY: socket(2) takes no pointers; a non-negative result is a new
+    // descriptor that only this OwnedFd owns.
+    let sock = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(err("socket for"));
+        }
+        OwnedFd::from_raw_fd(fd)
+    };
+    #[allow(unsafe_code)]
+    // SAFETY: an all-zero ifreq is valid (plain C data); the name is at
+    // most IFNAMSIZ-1 bytes (checked), so the copy stays inside ifr_name
+    // and leaves its NUL terminator; the ioctl writes only into `req`.
+    unsafe {
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
+            *dst = *src as libc::c_char;
+        }
+        if libc::ioctl(sock.as_raw_fd(), request as _, &mut req) < 0 {
+            return Err(err("ioctl on"));
+        }
+        Ok(req)
+    }
+}
+
+/// The VXLAN device of this namespace's node (Cilium's `cilium_vxlan`):
+/// external (collect_md) mode on UDP `port`, the tunnel endpoint and VNI
+/// set per packet by the datapath. Created when missing (an agent restart
+/// finds the one it made), set up; returns its index.
+pub fn ensure_vxlan(ifname: &str, port: u16) -> Result<u32, NetError> {
+    if !link_exists(ifname) {
+        let port = port.to_string();
+        // Learning off: the datapath says where each packet goes.
+        ip(&[
+            "link",
+            "add",
+            ifname,
+            "type",
+            "vxlan",
+            "external",
+            "dstport",
+            &port,
+            "nolearning",
+        ])?;
+    }
+    ip(&["link", "set", ifname, "up"])?;
+    ifindex(ifname)
+}
+
+/// The interface that holds `addr` (this node's address on the network
+/// between nodes).
+pub fn interface_with_address(addr: Ipv4Addr) -> Result<String, NetError> {
+    let cidr = format!("{addr}/32");
+    let out = ip(&["-o", "-4", "addr", "show", "to", &cidr])?;
+    out.split_whitespace()
+        .nth(1)
+        .map(|s| {
+            s.trim_end_matches(':')
+                .split('@')
+                .next()
+                .unwrap_or(s)
+                .to_string()
+        })
+        .ok_or_else(|| NetError::Parse {
+            command: format!("ip -o -4 addr show to {cidr}"),
+            output: out.clone(),
+        })
+}
+
+/// An interface's MTU.
+pub fn mtu(ifname: &str) -> Result<u32, NetError> {
+    let req = ifreq(ifname, libc::SIOCGIFMTU)?;
+    #[allow(unsafe_code)]
+    // SAFETY: SIOCGIFMTU fills the ifru_mtu member of the union.
+    let mtu = unsafe { req.ifr_ifru.ifru_mtu };
+    Ok(mtu as u32)
 }
 
 /// The MAC after `link/ether` in `ip link show`'s output.
@@ -156,8 +262,10 @@ pub fn setup_pod_veth(
     pod_ifname: &str,
     addr: Ipv4Addr,
     gateway: Ipv4Addr,
+    mtu: Option<u32>,
 ) -> Result<VethPair, NetError> {
     let ns = netns.display().to_string();
+    let mtu_text = mtu.map(|m| m.to_string());
     let pod_mac = random_mac()?;
     let pod_mac_text = mac_string(&pod_mac);
     let cidr = format!("{addr}/32");
@@ -166,21 +274,17 @@ pub fn setup_pod_veth(
     // The pod side is born in the pod's namespace under its final name:
     // moving an interface between namespaces waits for an RCU grace period
     // (some 25 ms), creating it there does not.
-    let create: &[&str] = &[
-        "link",
-        "add",
-        host_ifname,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        pod_ifname,
-        "address",
-        &pod_mac_text,
-        "netns",
-        &ns,
-    ];
-    ip_batch(None, &[create])?;
+    let mut create: Vec<&str> = vec!["link", "add", host_ifname];
+    // Both sides (behind a tunnel, the underlay's MTU less its overhead).
+    if let Some(m) = &mtu_text {
+        create.extend(["mtu", m]);
+    }
+    create.extend(["type", "veth", "peer", "name", pod_ifname]);
+    if let Some(m) = &mtu_text {
+        create.extend(["mtu", m]);
+    }
+    create.extend(["address", &pod_mac_text, "netns", &ns]);
+    ip_batch(None, &[&create])?;
     let result = (|| {
         // The host side speaks no IPv6 to the pod (no ND/MLD noise), and
         // forwards: traffic to addresses outside the node goes through the
@@ -303,14 +407,17 @@ fn write_sysctl(key: &str, value: &str) -> Result<(), NetError> {
     })
 }
 
-/// An interface's MAC address, from sysfs.
+/// An interface's MAC address.
 fn read_mac(ifname: &str) -> Result<[u8; 6], NetError> {
-    let path = format!("/sys/class/net/{ifname}/address");
-    let text = std::fs::read_to_string(&path).map_err(|source| NetError::Spawn {
-        command: format!("read {path}"),
-        source,
-    })?;
-    mac_from_text(&path, text.trim())
+    let req = ifreq(ifname, libc::SIOCGIFHWADDR)?;
+    #[allow(unsafe_code)]
+    // SAFETY: SIOCGIFHWADDR fills the ifru_hwaddr member of the union.
+    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    let mut mac = [0u8; 6];
+    for (m, d) in mac.iter_mut().zip(data) {
+        *m = d as u8;
+    }
+    Ok(mac)
 }
 
 /// A random locally administered unicast MAC address.
@@ -496,6 +603,45 @@ pub fn proxy_routing_forget(record: &Path) {
         proxy_routing_down(mark, table);
     }
     std::fs::remove_file(record).ok();
+}
+
+/// Runs `f` on a thread of its own inside the named network namespace
+/// (`/run/netns/NAME`): its sockets, `ip` processes and sysctl writes are
+/// that namespace's. The thread ends with `f`, so no thread of this
+/// process is left in another namespace.
+pub fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> Result<T, NetError> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/run/netns/{name}");
+    let file = std::fs::File::open(&path).map_err(|source| NetError::Spawn {
+        command: format!("open {path}"),
+        source,
+    })?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                #[allow(unsafe_code)]
+                // SAFETY: setns(2) with a namespace file descriptor that
+                // `file` keeps open for the call; it changes only this
+                // thread, which ends when `f` returns.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                if rc != 0 {
+                    return Err(NetError::Spawn {
+                        command: format!("setns {path}"),
+                        source: std::io::Error::last_os_error(),
+                    });
+                }
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// Runs `ip` with `args` inside the named network namespace.
+pub fn ip_netns(name: &str, args: &[&str]) -> Result<String, NetError> {
+    let mut full = vec!["-n", name];
+    full.extend_from_slice(args);
+    ip(&full)
 }
 
 /// Cgroup v2 membership for processes a runtime starts.

@@ -1,0 +1,89 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * The program on this node's VXLAN device (one per node):
+ *   from_overlay: tc ingress of the VXLAN device = packets other nodes'
+ *                 pods sent to this node's pods, decapsulated. The VNI is
+ *                 the sender's security identity (lib/tunnel.h); the
+ *                 destination's ingress policy and conntrack run here, then
+ *                 bpf_redirect_peer hands the packet into its namespace.
+ */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "fibril_abi.h"
+#include "lib/maps.h"
+#include "lib/parse.h"
+#include "lib/ct.h"
+#include "lib/frag.h"
+#include "lib/policy.h"
+#include "lib/events.h"
+#include "lib/drop.h"
+#include "lib/identity.h"
+#include "lib/proxy.h"
+#include "lib/ingress.h"
+#include "lib/tunnel.h"
+
+SEC("classifier")
+int from_overlay(struct __sk_buff *skb)
+{
+	struct packet pkt = {};
+	struct policy_verdict pv = {};
+	struct bpf_tunnel_key key = {};
+	int kind = parse_packet(skb, &pkt);
+
+	if (kind == PARSE_INVALID)
+		return drop_notify(skb, &pkt, 0, DROP_INVALID_PACKET, DIR_INGRESS, 0, 0, MATCH_NONE,
+				   0);
+	/* Pods' IPv6 is not carried yet; ARP never crosses (each node answers
+	 * for its own pods' gateway). */
+	if (kind != PARSE_IPV4)
+		return drop_notify(skb, &pkt, 0, DROP_UNSUPPORTED_L3, DIR_INGRESS, 0, 0, MATCH_NONE,
+				   0);
+	if (bpf_skb_get_tunnel_key(skb, &key, sizeof(key), 0) < 0)
+		return drop_notify(skb, &pkt, 0, DROP_INVALID_PACKET, DIR_INGRESS, 0, 0, MATCH_NONE,
+				   0);
+	__u32 src_id = key.tunnel_id;
+	struct endpoint_info *ep = local_endpoint(pkt.daddr);
+	__u32 ep_id = ep ? ep->ep_id : 0;
+	__u32 dst_id = ep ? ep->identity : ipcache_identity(pkt.daddr);
+
+	/* Another node's host stack never tunnels (its traffic to pods is
+	 * routed, and is `remote-node` by its address): a packet claiming to
+	 * be `host` (or no one) through the tunnel is forged. */
+	if (src_id == ID_HOST || src_id == ID_UNKNOWN)
+		return drop_notify(skb, &pkt, ep_id, DROP_INVALID_IDENTITY, DIR_INGRESS, src_id,
+				   dst_id, MATCH_NONE, 0);
+	/* Tunnelled traffic is for this node's pods only. */
+	if (!ep || !ep->host_ifindex)
+		return drop_notify(skb, &pkt, 0, DROP_UNROUTABLE, DIR_INGRESS, src_id, dst_id,
+				   MATCH_NONE, 0);
+	int frag = frag_track(&pkt);
+	if (frag != FRAG_OK)
+		return drop_notify(skb, &pkt, ep_id,
+				   frag == FRAG_NOT_FOUND ? DROP_FRAG_NOT_FOUND : DROP_INVALID_PACKET,
+				   DIR_INGRESS, src_id, dst_id, MATCH_NONE, 0);
+	if (ct_related(&pkt, DIR_INGRESS)) {
+		emit_event(skb, &pkt, ep_id, EVENT_TRACE, TRACE_TO_LXC, DIR_INGRESS,
+			   VERDICT_FORWARDED, CT_RELATED, src_id, dst_id, MATCH_NONE, 0);
+	} else {
+		int verdict = ingress_to_endpoint(skb, &pkt, ep_id, dst_id, ep->flags, src_id,
+						  INGRESS_CHECK, &pv, 0);
+		/* The HTTP proxy is reached from this node's pods' side only (as
+		 * for clients in the host stack): refuse rather than skip L7
+		 * rules. */
+		if (verdict == NEEDS_PROXY)
+			return drop_notify(skb, &pkt, ep_id, DROP_PROXY_UNSUPPORTED, DIR_INGRESS,
+					   src_id, dst_id, pv.match, pv.cookie);
+		if (verdict != TC_ACT_OK)
+			return verdict;
+	}
+	int ret = deliver_to_peer(skb, ep);
+	if (is_drop(ret))
+		return drop_notify(skb, &pkt, ep_id, (__u8)-ret, DIR_INGRESS, src_id, dst_id,
+				   MATCH_NONE, 0);
+	return ret;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
