@@ -367,6 +367,69 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     } else {
         run(fibril(&bin).args(["lab", "down"]))?;
     }
+    result?;
+    demo_two_nodes(&bin, keep)
+}
+
+/// The seed's example across two nodes (`labs/two-nodes.yaml`): frontend
+/// on node-1 reaches backend on node-2 through the overlay; other-client
+/// is dropped in node-2's kernel; each node shows its side of the flows.
+fn demo_two_nodes(bin: &Path, keep: bool) -> anyhow::Result<()> {
+    const LAB: &str = "two-nodes";
+    let lab = |args: &[&str]| {
+        let mut c = fibril(bin);
+        c.args(["--lab", LAB]).args(args);
+        c
+    };
+    let _ = lab(&["lab", "down"]).output();
+    let file = root().join("labs/two-nodes.yaml");
+    println!("\n== two nodes: fibril --lab {LAB} lab up -f labs/two-nodes.yaml");
+    run(&mut lab(&[
+        "lab",
+        "up",
+        "-f",
+        file.to_str().unwrap_or_default(),
+    ]))?;
+    let result = (|| -> anyhow::Result<()> {
+        // Each node learns the other's pods from etcd.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        println!("\n== fibril --lab {LAB} status (node-1)");
+        run(&mut lab(&["status"]))?;
+        println!("\n== frontend (node-1) -> backend (node-2):8080, allowed");
+        run(&mut lab(&[
+            "lab",
+            "exec",
+            "microservices/frontend",
+            "--",
+            "fibril-echo",
+            "http-get",
+            "http://10.202.1.2:8080/",
+        ]))?;
+        println!("\n== other-client (node-1) -> backend (node-2):8080, dropped in node-2's kernel");
+        let denied = lab(&[
+            "lab",
+            "exec",
+            "microservices/other-client",
+            "--",
+            "fibril-echo",
+            "http-get",
+            "--timeout",
+            "1",
+            "http://10.202.1.2:8080/",
+        ])
+        .status()?;
+        println!("(exit status {denied})");
+        for node in ["node-1", "node-2"] {
+            println!("\n== fibril --lab {LAB} --node {node} observe --last 8");
+            run(&mut lab(&["--node", node, "observe", "--last", "8"]))?;
+        }
+        Ok(())
+    })();
+    if keep {
+        println!("\nThe two-node lab is still up: `target/release/fibril --lab {LAB} --node node-2 observe -f`; `target/release/fibril --lab {LAB} lab down` removes it.");
+    } else {
+        run(&mut lab(&["lab", "down"]))?;
+    }
     result
 }
 

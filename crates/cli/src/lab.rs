@@ -169,6 +169,10 @@ pub struct LabState {
     /// Kvstore mode: the lab's etcd process.
     #[serde(default)]
     pub etcd_pid: Option<u32>,
+    /// Kvstore mode: where etcd serves clients and peers (a restart uses
+    /// them again, with the same data).
+    #[serde(default)]
+    pub etcd_addresses: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
     /// Multi-node labs: the nodes (the lab's agent fields above unused).
     #[serde(default)]
     pub nodes: Vec<NodeState>,
@@ -1318,6 +1322,43 @@ fn start_underlay_etcd(st: &mut LabState) -> anyhow::Result<String> {
     Ok(member.client_url())
 }
 
+/// The lab's etcd member as `up` started it: its addresses and data.
+fn etcd_member(st: &LabState) -> anyhow::Result<kvstore::server::Member> {
+    let (client, peer) = st
+        .etcd_addresses
+        .with_context(|| format!("lab {:?} runs no etcd", st.name))?;
+    Ok(kvstore::server::Member {
+        name: format!("{}-etcd", st.name),
+        client,
+        peer,
+        data_dir: lab_dir(&st.name).join("etcd"),
+    })
+}
+
+/// Stops the lab's etcd (tests and demos of the kvstore's loss): the
+/// agents keep enforcing what they have and reconnect when it is back.
+pub fn stop_etcd(lab: &str) -> anyhow::Result<()> {
+    let mut st = load_state(lab)?;
+    etcd_member(&st)?;
+    if let Some(pid) = st.etcd_pid.take() {
+        kill(pid);
+        wait_gone(pid);
+    }
+    save(&st)
+}
+
+/// Starts the lab's etcd again, where it was, with its data.
+pub fn start_etcd_again(lab: &str) -> anyhow::Result<()> {
+    let mut st = load_state(lab)?;
+    let member = etcd_member(&st)?;
+    if st.etcd_pid.is_some_and(alive) {
+        bail!("the lab's etcd is running");
+    }
+    let netns = st.underlay_netns.clone();
+    let pid = spawn_etcd(&mut st, &member, netns.as_deref())?;
+    wait_for_etcd(&st, &member, pid, netns.as_deref())
+}
+
 /// Starts `command` in the background inside `netns` (in the cgroup of
 /// node `node` when given), output to `log`.
 fn spawn_in(
@@ -1435,7 +1476,14 @@ fn spawn_etcd(
     member: &kvstore::server::Member,
     netns: Option<&str>,
 ) -> anyhow::Result<u32> {
-    let log = private_file(&lab_dir(&st.name).join("etcd.log"))?;
+    let log = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(lab_dir(&st.name).join("etcd.log"))?
+    };
     let mut cmd = Command::new("setsid");
     if let Some(ns) = netns {
         cmd.args(["ip", "netns", "exec", ns]);
@@ -1454,6 +1502,7 @@ fn spawn_etcd(
             )
         })?;
     st.etcd_pid = Some(child.id());
+    st.etcd_addresses = Some((member.client, member.peer));
     save(st)?;
     Ok(child.id())
 }

@@ -122,9 +122,19 @@ enum LabCmd {
     RestartAgent,
     /// Kill a node's agent and cut its underlay link (multi-node labs): to
     /// the others it is gone once its lease runs out.
-    StopNode { node: String },
+    StopNode {
+        /// The node's name, as the lab file gives it.
+        name: String,
+    },
     /// Bring a stopped node back: its link, routes and agent.
-    StartNode { node: String },
+    StartNode {
+        /// The node's name, as the lab file gives it.
+        name: String,
+    },
+    /// Stop the lab's etcd (kvstore labs): the datapath keeps enforcing.
+    StopEtcd,
+    /// Start the lab's etcd again with its data; the agents reconnect.
+    StartEtcd,
     /// Change a pod's labels live, as `kubectl label`: `key=value` sets,
     /// `key-` removes; its identity follows on every node.
     Label {
@@ -330,12 +340,20 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 lab::restart_agent(&cli.lab, cli.node.as_deref())?;
                 Ok(0)
             }
-            LabCmd::StopNode { node } => {
-                lab::stop_node(&cli.lab, &node)?;
+            LabCmd::StopNode { name } => {
+                lab::stop_node(&cli.lab, &name)?;
                 Ok(0)
             }
-            LabCmd::StartNode { node } => {
-                lab::start_node(&cli.lab, &node)?;
+            LabCmd::StartNode { name } => {
+                lab::start_node(&cli.lab, &name)?;
+                Ok(0)
+            }
+            LabCmd::StopEtcd => {
+                lab::stop_etcd(&cli.lab)?;
+                Ok(0)
+            }
+            LabCmd::StartEtcd => {
+                lab::start_etcd_again(&cli.lab)?;
                 Ok(0)
             }
             LabCmd::Default => {
