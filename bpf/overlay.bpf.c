@@ -25,6 +25,36 @@
 #include "lib/ingress.h"
 #include "lib/tunnel.h"
 
+/* A helper's result as tc's verdict: its drop reported at endpoint
+ * `ep_id`, anything else as it is. */
+static __always_inline int overlay_verdict(struct __sk_buff *skb, const struct packet *pkt,
+					   int ret, __u32 ep_id, __u32 src_id, __u32 dst_id)
+{
+	if (is_drop(ret))
+		return drop_notify(skb, pkt, ep_id, (__u8)-ret, DIR_INGRESS, src_id, dst_id,
+				   MATCH_NONE, 0);
+	return ret;
+}
+
+/* Hands the packet to this node's stack (a proxy's socket there). The
+ * decapsulated frame is addressed to the sending node's gateway MAC, so
+ * the stack would take it for another host's and drop it: it is this
+ * host's. */
+static __always_inline int to_stack(struct __sk_buff *skb, int verdict)
+{
+	if (verdict == TC_ACT_OK && bpf_skb_change_type(skb, 0 /* PACKET_HOST */) < 0)
+		return DROP(DROP_INVALID_PACKET);
+	return verdict;
+}
+
+/* Hands the packet into local endpoint `ep`'s namespace. */
+static __always_inline int deliver(struct __sk_buff *skb, const struct packet *pkt,
+				   const struct endpoint_info *ep, __u32 src_id)
+{
+	return overlay_verdict(skb, pkt, deliver_to_peer(skb, ep), ep->ep_id, src_id,
+			       ep->identity);
+}
+
 SEC("classifier")
 int from_overlay(struct __sk_buff *skb)
 {
@@ -67,23 +97,47 @@ int from_overlay(struct __sk_buff *skb)
 	if (ct_related(&pkt, DIR_INGRESS)) {
 		emit_event(skb, &pkt, ep_id, EVENT_TRACE, TRACE_TO_LXC, DIR_INGRESS,
 			   VERDICT_FORWARDED, CT_RELATED, src_id, dst_id, MATCH_NONE, 0);
-	} else {
-		int verdict = ingress_to_endpoint(skb, &pkt, ep_id, dst_id, ep->flags, src_id,
-						  INGRESS_CHECK, &pv, 0);
-		/* The HTTP proxy is reached from this node's pods' side only (as
-		 * for clients in the host stack): refuse rather than skip L7
-		 * rules. */
-		if (verdict == NEEDS_PROXY)
+		return deliver(skb, &pkt, ep, src_id);
+	}
+	/* A connection this node's HTTP proxy took over: its packets are the
+	 * proxy's (kept under the egress direction, apart from the entry of
+	 * the proxy's own upstream connection to the pod, which has the same
+	 * client address). */
+	if (pkt.protocol == IPPROTO_TCP && proxy_port) {
+		struct ct_result proxied;
+		ct_lookup(&pkt, DIR_EGRESS, &proxied);
+		if (proxied.state == CT_ESTABLISHED && (proxied.flags & CT_F_PROXY_REDIRECT)) {
+			if (proxied.report)
+				emit_event(skb, &pkt, ep_id, EVENT_TRACE, TRACE_TO_PROXY, DIR_INGRESS,
+					   VERDICT_FORWARDED, CT_ESTABLISHED, src_id, dst_id,
+					   MATCH_NONE, proxied.policy_cookie);
+			return overlay_verdict(skb, &pkt,
+					       to_stack(skb, to_proxy(skb, &pkt, REDIRECT_HTTP)),
+					       ep_id, src_id, dst_id);
+		}
+	}
+	int verdict = ingress_to_endpoint(skb, &pkt, ep_id, dst_id, ep->flags, src_id,
+					  INGRESS_FROM_OVERLAY, &pv, 0);
+	if (verdict == TO_HOST_STACK) {
+		skb->mark = proxy_mark_to;
+		return overlay_verdict(skb, &pkt, to_stack(skb, TC_ACT_OK), ep_id, src_id, dst_id);
+	}
+	if (verdict == NEEDS_PROXY) {
+		/* The destination's L7 rules: this node's HTTP proxy (TCP only). */
+		if (pkt.protocol != IPPROTO_TCP)
 			return drop_notify(skb, &pkt, ep_id, DROP_PROXY_UNSUPPORTED, DIR_INGRESS,
 					   src_id, dst_id, pv.match, pv.cookie);
-		if (verdict != TC_ACT_OK)
-			return verdict;
+		if (ct_create(&pkt, DIR_EGRESS, pv.cookie, CT_F_PROXY_REDIRECT, ep_id) < 0)
+			return drop_notify(skb, &pkt, ep_id, DROP_CT_MAP_INSERT_FAILED, DIR_INGRESS,
+					   src_id, dst_id, pv.match, pv.cookie);
+		emit_event(skb, &pkt, ep_id, EVENT_TRACE, TRACE_TO_PROXY, DIR_INGRESS,
+			   VERDICT_FORWARDED, CT_NEW, src_id, dst_id, pv.match, pv.cookie);
+		return overlay_verdict(skb, &pkt, to_stack(skb, to_proxy(skb, &pkt, REDIRECT_HTTP)),
+				       ep_id, src_id, dst_id);
 	}
-	int ret = deliver_to_peer(skb, ep);
-	if (is_drop(ret))
-		return drop_notify(skb, &pkt, ep_id, (__u8)-ret, DIR_INGRESS, src_id, dst_id,
-				   MATCH_NONE, 0);
-	return ret;
+	if (verdict != TC_ACT_OK)
+		return verdict;
+	return deliver(skb, &pkt, ep, src_id);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -56,11 +56,36 @@ enum ingress_mode {
 	INGRESS_CHECK,   /* evaluate the policy for new connections */
 	INGRESS_CHECKED, /* the caller evaluated it (verdict in `pv`) */
 	INGRESS_FROM_PROXY, /* the proxy's upstream: its client was checked */
+	INGRESS_FROM_OVERLAY, /* from another node: INGRESS_CHECK, and replies
+			       * for this node's proxies go to them */
 };
+
+/* Whether a TCP packet that opens nothing (no pure SYN) and matches no
+ * connection of the endpoint belongs to a socket of this node's stack: a
+ * proxy's upstream connection, bound to its client's address, whose
+ * server on another node answers through the overlay. */
+static __always_inline int for_host_socket(struct __sk_buff *skb, const struct packet *pkt)
+{
+	struct bpf_sock_tuple tuple = {};
+	struct bpf_sock *sk;
+
+	if (pkt->protocol != IPPROTO_TCP || (pkt->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
+		return 0;
+	tuple.ipv4.saddr = pkt->saddr;
+	tuple.ipv4.daddr = pkt->daddr;
+	tuple.ipv4.sport = bpf_htons(pkt->sport);
+	tuple.ipv4.dport = bpf_htons(pkt->dport);
+	sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return 0;
+	bpf_sk_release(sk);
+	return 1;
+}
 
 /* Ingress for a local endpoint (`ep_id`): conntrack, policy for new
  * connections, the to-endpoint trace. Returns TC_ACT_OK, TC_ACT_SHOT (the
- * drop reported), or NEEDS_PROXY when the L7 rules need the proxy.
+ * drop reported), NEEDS_PROXY when the L7 rules need the proxy, or (from
+ * the overlay) TO_HOST_STACK for a reply to a proxy's socket.
  * `owner`: the endpoint a new entry is charged to (0: the sender when it
  * is a local endpoint, else this one). */
 static __always_inline int ingress_to_endpoint(struct __sk_buff *skb, struct packet *pkt,
@@ -73,7 +98,9 @@ static __always_inline int ingress_to_endpoint(struct __sk_buff *skb, struct pac
 
 	ct_lookup(pkt, DIR_INGRESS, &ct);
 	if (ct.state == CT_NEW) {
-		if (mode == INGRESS_CHECK) {
+		if (mode == INGRESS_FROM_OVERLAY && for_host_socket(skb, pkt))
+			return TO_HOST_STACK;
+		if (mode == INGRESS_CHECK || mode == INGRESS_FROM_OVERLAY) {
 			int redirect = 0;
 			int verdict = ingress_policy(skb, pkt, ep_id, dst_id, flags, src_id, pv,
 						     &redirect);

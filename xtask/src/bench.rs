@@ -240,9 +240,25 @@ policies:
     };
     measure_all("policy (1 rule)")?;
 
-    // 10,000 unrelated entries on the server endpoint: L4 allows on ports
-    // 20000-29999 that the benchmark traffic never uses.
-    // Cilium admits at most 40 ports per toPorts entry: 250 entries of 40.
+    let entries = add_ten_thousand_entries(&dir, &fibril, None)?;
+    measure_all(&format!("policy ({entries} entries)"))?;
+
+    print_rows(
+        &format!("fibril datapath benchmark ({rounds} rounds x {seconds}s, medians; baseline = bare veth pair, same run)"),
+        &rows,
+    );
+    Ok(())
+}
+
+/// Imports, through `fibril` (with `node` when given), 10,000 entries on
+/// the server endpoint that the benchmark traffic never uses: L4 allows on
+/// ports 20000-29999 (Cilium admits at most 40 ports per toPorts entry:
+/// 250 entries of 40). Returns the server's policy entries.
+fn add_ten_thousand_entries(
+    dir: &Path,
+    fibril: &dyn Fn(&[&str]) -> Command,
+    node: Option<&str>,
+) -> anyhow::Result<u64> {
     let to_ports: Vec<String> = (0..250)
         .map(|chunk| {
             let ports: Vec<String> = (0..40)
@@ -260,31 +276,45 @@ policies:
         ),
     )?;
     run(fibril(&["policy", "import", big.to_str().context("path")?]).stdout(Stdio::null()))?;
-    let list = fibril(&["endpoint", "list", "-o", "json"]).output()?;
-    let text = String::from_utf8_lossy(&list.stdout);
-    let entries: u64 = text
-        .split("\"policy_entries\":")
-        .skip(1)
-        .filter_map(|s| {
-            s.trim_start()
-                .split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()
-        })
-        .max()
-        .unwrap_or(0);
-    if entries < 10_000 {
-        bail!("expected at least 10,000 policy entries on the server, found {entries}");
+    let node_args: Vec<&str> = node.map(|n| vec!["--node", n]).unwrap_or_default();
+    // The server's node applies it once it has watched it (kvstore mode).
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list =
+            fibril(&[&node_args[..], &["endpoint", "list", "-o", "json"]].concat()).output()?;
+        let text = String::from_utf8_lossy(&list.stdout);
+        let entries: u64 = text
+            .split("\"policy_entries\":")
+            .skip(1)
+            .filter_map(|s| {
+                s.trim_start()
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0);
+        if entries >= 10_000 {
+            return Ok(entries);
+        }
+        if Instant::now() > end {
+            bail!("expected at least 10,000 policy entries on the server, found {entries}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
-    measure_all(&format!("policy ({entries} entries)"))?;
+}
 
-    println!("\nfibril datapath benchmark ({rounds} rounds x {seconds}s, medians; baseline = bare veth pair, same run)");
+/// (configuration, (bare rr/s, lab rr/s, bare B/s, lab B/s)).
+type Row = (String, (f64, f64, f64, f64));
+
+fn print_rows(title: &str, rows: &[Row]) {
+    println!("\n{title}");
     println!(
         "{:<26} {:>14} {:>14} {:>7} {:>14} {:>14} {:>7}",
         "configuration", "bare rr/s", "lab rr/s", "ratio", "bare MB/s", "lab MB/s", "ratio"
     );
-    for (label, (b_rr, p_rr, b_st, p_st)) in &rows {
+    for (label, (b_rr, p_rr, b_st, p_st)) in rows {
         println!(
             "{label:<26} {b_rr:>14.0} {p_rr:>14.0} {:>7.3} {:>14.1} {:>14.1} {:>7.3}",
             p_rr / b_rr,
@@ -293,6 +323,174 @@ policies:
             p_st / b_st
         );
     }
+}
+
+/// `cargo xtask bench --only overlay`: TCP request/response rate and
+/// throughput between pods on two nodes of a lab (the VXLAN overlay, the
+/// identity in the VNI, a policy at the destination), as a ratio to two
+/// namespaces joined by a bare VXLAN tunnel (a veth pair underneath, no
+/// BPF) measured in the same run; then again with 10,000 unrelated policy
+/// entries on the server.
+pub fn run_overlay_bench(bin: &Path, args: &[String]) -> anyhow::Result<()> {
+    let seconds = seconds_arg(args);
+    let rounds = rounds_arg(args, 3);
+    let echo = bin.join("fibril-echo");
+    let echo = echo.to_str().context("path")?;
+    let id = std::process::id() % 10_000;
+    let (ns_a, ns_b) = (format!("fbvx-a{id}"), format!("fbvx-b{id}"));
+    let lab = format!("vxbench{id}");
+    let fibril = |args: &[&str]| {
+        let mut c = Command::new(bin.join("fibril"));
+        c.arg("--lab").arg(&lab).args(args);
+        c
+    };
+
+    let mut cleanup = Cleanup(vec![]);
+    // Baseline: two namespaces on a veth pair (the underlay), a VXLAN
+    // device in each, the traffic between their VXLAN addresses.
+    for ns in [&ns_a, &ns_b] {
+        ip(&["netns", "add", ns])?;
+        let n = ns.clone();
+        cleanup.0.push(Box::new(move || {
+            let _ = Command::new("ip").args(["netns", "del", &n]).status();
+        }));
+    }
+    ip(&[
+        "link", "add", "ul", "netns", &ns_a, "type", "veth", "peer", "name", "ul", "netns", &ns_b,
+    ])?;
+    for (ns, under, over, remote) in [
+        (&ns_a, "10.195.255.1/24", "10.195.254.1/24", "10.195.255.2"),
+        (&ns_b, "10.195.255.2/24", "10.195.254.2/24", "10.195.255.1"),
+    ] {
+        ip(&["-n", ns, "addr", "add", under, "dev", "ul"])?;
+        ip(&["-n", ns, "link", "set", "ul", "up"])?;
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n", ns, "link", "add", "vx", "type", "vxlan", "id", "42", "remote", remote,
+            "dstport", "8472", "dev", "ul",
+        ])?;
+        ip(&["-n", ns, "addr", "add", over, "dev", "vx"])?;
+        ip(&["-n", ns, "link", "set", "vx", "up"])?;
+    }
+    let server: Child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns_b,
+            echo,
+            "bench-server",
+            "--port",
+            "9000",
+        ])
+        .spawn()?;
+    let mut server = Some(server);
+    cleanup.0.push(Box::new(move || {
+        if let Some(mut s) = server.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    }));
+
+    // The lab: two nodes, a pod on each, a policy at the server.
+    let dir = std::env::temp_dir().join(format!("fibril-vxbench-{id}"));
+    cleanup.0.push(lab_up(
+        bin,
+        &lab,
+        &dir,
+        r#"podCIDR: 10.194.0.0/16
+underlayCIDR: 10.193.0.0/24
+nodes: [a, b]
+pods:
+  - {name: client, namespace: bench, labels: {app: client}, node: a}
+  - {name: server, namespace: bench, labels: {app: server}, node: b, command: [fibril-echo, bench-server, --port, "9000"]}
+policies:
+  - inline: |
+      apiVersion: cilium.io/v2
+      kind: CiliumNetworkPolicy
+      metadata: {name: allow-client, namespace: bench}
+      spec:
+        endpointSelector: {matchLabels: {app: server}}
+        ingress:
+        - fromEndpoints: [{matchLabels: {app: client}}]
+          toPorts: [{ports: [{port: "9000", protocol: TCP}]}]
+"#,
+    )?);
+    let secs = seconds.to_string();
+    // The client's node learns the server from etcd.
+    let end = Instant::now() + Duration::from_secs(10);
+    while !fibril(&[
+        "lab",
+        "exec",
+        "bench/client",
+        "--",
+        "fibril-echo",
+        "bench-rr",
+        "10.194.1.2:9000",
+        "--seconds",
+        "0.2",
+    ])
+    .output()?
+    .status
+    .success()
+    {
+        if Instant::now() > end {
+            bail!("the client never reached the server across the overlay");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let bare = |what: &str, key: &str| -> anyhow::Result<f64> {
+        measure(
+            Command::new("ip").args([
+                "netns",
+                "exec",
+                &ns_a,
+                echo,
+                what,
+                "10.195.254.2:9000",
+                "--seconds",
+                &secs,
+            ]),
+            key,
+        )
+    };
+    let pods = |what: &str, key: &str| -> anyhow::Result<f64> {
+        measure(
+            &mut fibril(&[
+                "lab",
+                "exec",
+                "bench/client",
+                "--",
+                "fibril-echo",
+                what,
+                "10.194.1.2:9000",
+                "--seconds",
+                &secs,
+            ]),
+            key,
+        )
+    };
+    let mut rows: Vec<Row> = Vec::new();
+    let mut measure_all = |label: &str| -> anyhow::Result<()> {
+        let (mut b_rr, mut p_rr, mut b_st, mut p_st) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..rounds {
+            b_rr.push(bare("bench-rr", "rr_per_sec")?);
+            p_rr.push(pods("bench-rr", "rr_per_sec")?);
+            b_st.push(bare("bench-stream", "bytes_per_sec")?);
+            p_st.push(pods("bench-stream", "bytes_per_sec")?);
+        }
+        rows.push((
+            label.to_string(),
+            (median(b_rr), median(p_rr), median(b_st), median(p_st)),
+        ));
+        Ok(())
+    };
+    measure_all("policy (1 rule)")?;
+    let entries = add_ten_thousand_entries(&dir, &fibril, Some("b"))?;
+    measure_all(&format!("policy ({entries} entries)"))?;
+    print_rows(
+        &format!("fibril overlay benchmark: pods on two nodes ({rounds} rounds x {seconds}s, medians; baseline = bare VXLAN between two namespaces, same run)"),
+        &rows,
+    );
     Ok(())
 }
 

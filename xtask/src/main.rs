@@ -440,7 +440,7 @@ fn main() -> anyhow::Result<()> {
         Some("test") | Some("ci") => test(),
         Some("demo") => demo(args.iter().any(|a| a == "--keep")),
         Some("bench") => {
-            // `--only policy|cluster|flows|packet|datapath|cni|l7` runs one part.
+            // `--only policy|cluster|flows|packet|datapath|overlay|cni|l7` runs one part.
             let only: Option<String> = bench::flag(&args, "only");
             let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
             deps()?;
@@ -472,6 +472,10 @@ fn main() -> anyhow::Result<()> {
             if part("datapath") {
                 println!("\n== datapath");
                 bench::run_bench(&release, &args[1..])?;
+            }
+            if part("overlay") {
+                println!("\n== overlay: pods on two nodes through VXLAN, against bare VXLAN");
+                bench::run_overlay_bench(&release, &args[1..])?;
             }
             if part("cni") {
                 println!("\n== pod creation: CNI ADD/DEL through the binary, against a lab's agent");

@@ -442,3 +442,96 @@ fn three_nodes_enforce_policy_across_the_overlay() {
         assert!(!std::path::Path::new(&format!("/sys/fs/bpf/fibril-{name}-{node}")).exists());
     }
 }
+
+/// L7 rules across nodes: the server's ingress HTTP rules on its own node's
+/// proxy (the connection arrives through the overlay), the client's egress
+/// HTTP rules on the client's node's proxy (whose upstream connection's
+/// replies come back through the overlay).
+#[test]
+fn http_rules_hold_across_nodes_both_ways() {
+    let lab = custom_lab(
+        r#"
+podCIDR: POD_CIDR_HERE
+nodes: [a, b]
+namespaces:
+- name: shop
+pods:
+- {name: client, namespace: shop, labels: {app: client}, node: a}
+- {name: web, namespace: shop, labels: {app: web}, node: b, command: [fibril-echo, http-server, --port, "8080"]}
+- {name: api, namespace: shop, labels: {app: api}, node: b, command: [fibril-echo, http-server, --port, "8080"]}
+policies:
+- inline: |
+    apiVersion: cilium.io/v2
+    kind: CiliumNetworkPolicy
+    metadata: {name: web-l7, namespace: shop}
+    spec:
+      endpointSelector: {matchLabels: {app: web}}
+      ingress:
+      - fromEndpoints: [{matchLabels: {app: client}}]
+        toPorts: [{ports: [{port: "8080", protocol: TCP}], rules: {http: [{method: GET, path: "/public"}]}}]
+- inline: |
+    apiVersion: cilium.io/v2
+    kind: CiliumNetworkPolicy
+    metadata: {name: client-l7, namespace: shop}
+    spec:
+      endpointSelector: {matchLabels: {app: client}}
+      egress:
+      - toEndpoints: [{matchLabels: {app: api}}]
+        toPorts: [{ports: [{port: "8080", protocol: TCP}], rules: {http: [{method: GET, path: "/public"}]}}]
+      - toEndpoints: [{matchLabels: {app: web}}]
+        toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"#,
+    );
+    // /25 blocks: a's first pod .2, b's .130 and .131.
+    let code = |host: u8, path: &str| -> String {
+        let url = format!("http://{}:8080{path}", lab.ip(host));
+        let (_, out) = lab.exec(
+            "shop/client",
+            &[
+                "curl",
+                "-s",
+                "-m",
+                "3",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &url,
+            ],
+        );
+        out
+    };
+    common::wait_until("the servers to listen", || {
+        lab.log("shop/web").contains("listening") && lab.log("shop/api").contains("listening")
+    });
+    eventually("a to know b's pods", Duration::from_secs(10), || {
+        code(130, "/public") == "200"
+    });
+    assert_eq!(code(130, "/private"), "403", "web's ingress rule, on b");
+    assert_eq!(code(131, "/public"), "200", "client's egress rule, on a");
+    assert_eq!(code(131, "/private"), "403", "client's egress rule, on a");
+    // The servers saw the allowed requests only.
+    for server in ["shop/web", "shop/api"] {
+        let log = lab.log(server);
+        assert!(log.contains("request GET /public"), "{log}");
+        assert!(!log.contains("request GET /private"), "{log}");
+    }
+    let flows = String::from_utf8_lossy(
+        &lab.fibril(&[
+            "--node",
+            "b",
+            "observe",
+            "--protocol",
+            "http",
+            "-o",
+            "json",
+            "--all",
+        ])
+        .stdout,
+    )
+    .into_owned();
+    assert!(
+        flows.contains("\"DROPPED\"") && flows.contains("/private"),
+        "{flows}"
+    );
+}
