@@ -328,8 +328,8 @@ fn print_rows(title: &str, rows: &[Row]) {
 /// `cargo xtask bench --only overlay`: TCP request/response rate and
 /// throughput between pods on two nodes of a lab (the VXLAN overlay, the
 /// identity in the VNI, a policy at the destination), as a ratio to two
-/// namespaces joined by a bare VXLAN tunnel (a veth pair underneath, no
-/// BPF) measured in the same run; then again with 10,000 unrelated policy
+/// namespaces joined by a bare VXLAN tunnel (no BPF) over the same underlay
+/// as the lab's (veths into a bridge), measured in the same run; then again with 10,000 unrelated policy
 /// entries on the server.
 pub fn run_overlay_bench(bin: &Path, args: &[String]) -> anyhow::Result<()> {
     let seconds = seconds_arg(args);
@@ -346,22 +346,39 @@ pub fn run_overlay_bench(bin: &Path, args: &[String]) -> anyhow::Result<()> {
     };
 
     let mut cleanup = Cleanup(vec![]);
-    // Baseline: two namespaces on a veth pair (the underlay), a VXLAN
-    // device in each, the traffic between their VXLAN addresses.
-    for ns in [&ns_a, &ns_b] {
+    // Baseline: two namespaces, each with a VXLAN device, over the same
+    // underlay as the lab's nodes (a veth from each into a bridge in a
+    // namespace of its own): the traffic between their VXLAN addresses.
+    let ns_u = format!("fbvx-u{id}");
+    for ns in [&ns_a, &ns_b, &ns_u] {
         ip(&["netns", "add", ns])?;
         let n = ns.clone();
         cleanup.0.push(Box::new(move || {
             let _ = Command::new("ip").args(["netns", "del", &n]).status();
         }));
     }
-    ip(&[
-        "link", "add", "ul", "netns", &ns_a, "type", "veth", "peer", "name", "ul", "netns", &ns_b,
-    ])?;
-    for (ns, under, over, remote) in [
-        (&ns_a, "10.195.255.1/24", "10.195.254.1/24", "10.195.255.2"),
-        (&ns_b, "10.195.255.2/24", "10.195.254.2/24", "10.195.255.1"),
+    ip(&["-n", &ns_u, "link", "add", "br0", "type", "bridge"])?;
+    ip(&["-n", &ns_u, "link", "set", "br0", "up"])?;
+    for (ns, port, under, over, remote) in [
+        (
+            &ns_a,
+            "pa",
+            "10.195.255.1/24",
+            "10.195.254.1/24",
+            "10.195.255.2",
+        ),
+        (
+            &ns_b,
+            "pb",
+            "10.195.255.2/24",
+            "10.195.254.2/24",
+            "10.195.255.1",
+        ),
     ] {
+        ip(&[
+            "-n", &ns_u, "link", "add", port, "type", "veth", "peer", "name", "ul", "netns", ns,
+        ])?;
+        ip(&["-n", &ns_u, "link", "set", port, "master", "br0", "up"])?;
         ip(&["-n", ns, "addr", "add", under, "dev", "ul"])?;
         ip(&["-n", ns, "link", "set", "ul", "up"])?;
         ip(&["-n", ns, "link", "set", "lo", "up"])?;
