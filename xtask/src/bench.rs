@@ -106,6 +106,29 @@ fn quiet_ip(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Starts `fibril-echo bench-server` on port 9000 inside `netns`; the
+/// returned closure stops it.
+fn bench_server(netns: &str, echo: &str) -> anyhow::Result<Box<dyn FnMut()>> {
+    let server: Child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            netns,
+            echo,
+            "bench-server",
+            "--port",
+            "9000",
+        ])
+        .spawn()?;
+    let mut server = Some(server);
+    Ok(Box::new(move || {
+        if let Some(mut s) = server.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    }))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -151,24 +174,7 @@ pub fn run_bench(bin: &Path, args: &[String]) -> anyhow::Result<()> {
         ip(&["-n", ns, "link", "set", dev, "up"])?;
         ip(&["-n", ns, "link", "set", "lo", "up"])?;
     }
-    let server: Child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns_b,
-            echo,
-            "bench-server",
-            "--port",
-            "9000",
-        ])
-        .spawn()?;
-    let mut server = Some(server);
-    cleanup.0.push(Box::new(move || {
-        if let Some(mut s) = server.take() {
-            let _ = s.kill();
-            let _ = s.wait();
-        }
-    }));
+    cleanup.0.push(bench_server(&ns_b, echo)?);
 
     // The lab: two pods through the CNI, programs attached, a policy.
     let dir = std::env::temp_dir().join(format!("fibril-bench-{id}"));
@@ -389,24 +395,7 @@ pub fn run_overlay_bench(bin: &Path, args: &[String]) -> anyhow::Result<()> {
         ip(&["-n", ns, "addr", "add", over, "dev", "vx"])?;
         ip(&["-n", ns, "link", "set", "vx", "up"])?;
     }
-    let server: Child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns_b,
-            echo,
-            "bench-server",
-            "--port",
-            "9000",
-        ])
-        .spawn()?;
-    let mut server = Some(server);
-    cleanup.0.push(Box::new(move || {
-        if let Some(mut s) = server.take() {
-            let _ = s.kill();
-            let _ = s.wait();
-        }
-    }));
+    cleanup.0.push(bench_server(&ns_b, echo)?);
 
     // The lab: two nodes, a pod on each, a policy at the server.
     let dir = std::env::temp_dir().join(format!("fibril-vxbench-{id}"));

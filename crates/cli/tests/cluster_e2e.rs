@@ -72,16 +72,7 @@ impl Cluster {
     }
 
     fn flows(&self, node: &str) -> Vec<Value> {
-        let out = self.on(node, &["observe", "-o", "json", "--all"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok()?.get("flow").cloned())
-            .collect()
+        self.lab.observe_json(&["--node", node, "--all"])
     }
 
     fn status(&self, node: &str) -> String {
