@@ -223,6 +223,34 @@ fn three_nodes_enforce_policy_across_the_overlay() {
         "n1 saw client's connection leave, the remote end named: {n1:?}"
     );
 
+    // A connection across nodes survives both ends' agents restarting
+    // (one request every 100 ms on one connection meanwhile; the flow
+    // rings start empty after it).
+    let hold = Command::new(common::bin("fibril"))
+        .args(["--lab", &c.lab.name, "lab", "exec", "shop/client", "--"])
+        .args(["fibril-echo", "http-hold", &format!("{}:8080", c.ip("web"))])
+        .args(["--seconds", "6", "--interval", "0.1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    for node in ["n2", "n1"] {
+        let restart = c.on(node, &["lab", "restart-agent"]);
+        assert!(
+            restart.status.success(),
+            "{}",
+            String::from_utf8_lossy(&restart.stderr)
+        );
+    }
+    let held = hold.wait_with_output().unwrap();
+    assert!(
+        held.status.success(),
+        "the held connection broke: {} {}",
+        String::from_utf8_lossy(&held.stdout),
+        String::from_utf8_lossy(&held.stderr)
+    );
+
     // The VNI carries the source's identity, on the wire between nodes.
     let ul = c.underlay_netns();
     let capture = Command::new("ip")
