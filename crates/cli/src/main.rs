@@ -1,6 +1,7 @@
 //! fibril: the command line (`cilium`/`hubble` roles for one node).
 #![forbid(unsafe_code)]
 
+mod connectivity;
 mod hubble_cmds;
 mod lab;
 mod observe;
@@ -29,6 +30,28 @@ struct Cli {
     node: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum ConnectivityCmd {
+    /// Run the scenarios: real requests from pods, checked by their result
+    /// and by the flows they produced.
+    Test {
+        /// Only the tests whose name matches this regular expression.
+        #[arg(long)]
+        test: Option<String>,
+        /// Also write the results as JUnit XML here.
+        #[arg(long)]
+        junit_file: Option<PathBuf>,
+        /// How flows are checked: strict (a missing flow fails the
+        /// action), warning, disabled.
+        #[arg(long, value_enum, default_value = "strict")]
+        flow_validation: connectivity::FlowValidation,
+        /// Invert this test's expectations on purpose (to see a failure
+        /// reported).
+        #[arg(long)]
+        break_test: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -89,6 +112,12 @@ enum Cmd {
     },
     /// Observe flows (hubble observe's flags).
     Observe(Box<observe::Args>),
+    /// Cilium's connectivity scenarios on a two-node lab of the test's own
+    /// (`connectivity test`; the lab is removed at the end).
+    Connectivity {
+        #[command(subcommand)]
+        cmd: ConnectivityCmd,
+    },
 }
 
 #[derive(Subcommand)]
@@ -535,6 +564,23 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::Policy { cmd } => policy_cmd(cmd, &call),
         Cmd::Observe(o) => observe(&cli.lab, cli.node.as_deref(), *o),
+        Cmd::Connectivity {
+            cmd:
+                ConnectivityCmd::Test {
+                    test,
+                    junit_file,
+                    flow_validation,
+                    break_test,
+                },
+        } => connectivity::run(&connectivity::Options {
+            test: test
+                .map(|t| regex::Regex::new(&t))
+                .transpose()
+                .context("--test")?,
+            junit_file,
+            flow_validation,
+            break_test,
+        }),
         Cmd::List {
             what,
             server,
