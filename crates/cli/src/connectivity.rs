@@ -48,8 +48,8 @@ namespaces:
 pods:
 - {name: client, namespace: cilium-test, labels: {kind: client, name: client}, node: node-1}
 - {name: client2, namespace: cilium-test, labels: {kind: client, name: client2, other: client}, node: node-1}
-- {name: echo-same-node, namespace: cilium-test, labels: {kind: echo, name: echo-same-node}, node: node-1, command: [fibril-echo, http-server, --port, "8080"]}
-- {name: echo-other-node, namespace: cilium-test, labels: {kind: echo, name: echo-other-node}, node: node-2, command: [fibril-echo, http-server, --port, "8080"]}
+- {name: echo-same-node, namespace: cilium-test, labels: {kind: echo, name: echo-same-node}, node: node-1, ports: [{name: http-8080, containerPort: 8080}], command: [fibril-echo, http-server, --port, "8080"]}
+- {name: echo-other-node, namespace: cilium-test, labels: {kind: echo, name: echo-other-node}, node: node-2, ports: [{name: http-8080, containerPort: 8080}], command: [fibril-echo, http-server, --port, "8080"]}
 externals:
 - {name: world, address: 203.0.113.77, command: [fibril-echo, http-server, --port, "80"]}
 "#;
@@ -120,6 +120,16 @@ fn http(
 fn cnp(name: &str, spec: &str) -> String {
     format!(
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: {name}, namespace: {NS}}}\nspec:\n{}",
+        spec.lines()
+            .map(|l| format!("  {l}\n"))
+            .collect::<String>()
+    )
+}
+
+/// A Kubernetes NetworkPolicy of the test namespace.
+fn knp(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {NS}}}\nspec:\n{}",
         spec.lines()
             .map(|l| format!("  {l}\n"))
             .collect::<String>()
@@ -240,6 +250,71 @@ fn scenarios() -> Vec<Scenario> {
             actions: vec![
                 act("client", "world", Ok),
                 act("client", "echo-other-node", Drop),
+            ],
+        },
+        Scenario {
+            name: "echo-ingress-named-port",
+            policies: vec![cnp(
+                "echo-ingress-from-client-named-port",
+                "endpointSelector: {matchLabels: {kind: echo}}\ningress:\n- fromEndpoints: [{matchLabels: {name: client}}]\n  toPorts: [{ports: [{port: http-8080, protocol: TCP}]}]",
+            )],
+            actions: vec![
+                act("client", "echo-same-node", Ok),
+                act("client", "echo-other-node", Ok),
+                act("client2", "echo-other-node", Drop),
+            ],
+        },
+        Scenario {
+            name: "echo-ingress-knp",
+            policies: vec![knp(
+                "echo-ingress-from-client-knp",
+                "podSelector: {matchLabels: {kind: echo}}\npolicyTypes: [Ingress]\ningress:\n- from: [{podSelector: {matchLabels: {name: client}}}]\n  ports: [{port: 8080, protocol: TCP}]",
+            )],
+            actions: vec![
+                act("client", "echo-same-node", Ok),
+                act("client", "echo-other-node", Ok),
+                act("client2", "echo-same-node", Drop),
+                act("client2", "echo-other-node", Drop),
+            ],
+        },
+        Scenario {
+            name: "all-ingress-deny-knp",
+            policies: vec![knp(
+                "all-ingress-deny-knp",
+                "podSelector: {}\npolicyTypes: [Ingress]",
+            )],
+            actions: everything(Drop, Ok),
+        },
+        Scenario {
+            name: "client-egress-knp",
+            policies: vec![knp(
+                "client-egress-to-echo-knp",
+                "podSelector: {matchLabels: {name: client}}\npolicyTypes: [Egress]\negress:\n- to: [{podSelector: {matchLabels: {kind: echo}}}]\n  ports: [{port: 8080, protocol: TCP}]",
+            )],
+            actions: vec![
+                act("client", "echo-same-node", Ok),
+                act("client", "echo-other-node", Ok),
+                act("client", "world", Drop),
+                act("client2", "world", Ok),
+            ],
+        },
+        Scenario {
+            name: "to-entities-all",
+            policies: vec![cnp(
+                "client-egress-to-entities-all",
+                "endpointSelector: {matchLabels: {kind: client}}\negress:\n- toEntities: [all]",
+            )],
+            actions: everything(Ok, Ok),
+        },
+        Scenario {
+            name: "to-cidr-external-except",
+            policies: vec![cnp(
+                "client-egress-to-cidr-except",
+                &format!("endpointSelector: {{matchLabels: {{kind: client}}}}\negress:\n- toCIDRSet: [{{cidr: 203.0.113.0/24, except: [{WORLD}/32]}}]\n- toEntities: [cluster]"),
+            )],
+            actions: vec![
+                act("client", "world", Drop),
+                act("client", "echo-other-node", Ok),
             ],
         },
         Scenario {

@@ -30,11 +30,11 @@ fn connectivity_test_passes_and_reports_a_broken_expectation() {
     let junit = std::env::temp_dir().join(format!("fibril-junit-{}.xml", std::process::id()));
     let (ok, out) = connectivity(&["--junit-file", junit.to_str().unwrap()]);
     assert!(ok, "{out}");
-    assert!(out.contains("16 tests, 16 passed, 0 failed"), "{out}");
+    assert!(out.contains("22 tests, 22 passed, 0 failed"), "{out}");
     let xml = std::fs::read_to_string(&junit).unwrap();
     assert!(
         xml.contains(
-            "<testsuite name=\"connectivity test\" package=\"fibril\" tests=\"16\" failures=\"0\""
+            "<testsuite name=\"connectivity test\" package=\"fibril\" tests=\"22\" failures=\"0\""
         ),
         "{xml}"
     );
