@@ -99,25 +99,11 @@ int from_overlay(struct __sk_buff *skb)
 			   VERDICT_FORWARDED, CT_RELATED, src_id, dst_id, MATCH_NONE, 0);
 		return deliver(skb, &pkt, ep, src_id);
 	}
-	/* A connection this node's HTTP proxy took over: its packets are the
-	 * proxy's (kept under the egress direction, apart from the entry of
-	 * the proxy's own upstream connection to the pod, which has the same
-	 * client address). */
-	if (pkt.protocol == IPPROTO_TCP && proxy_port) {
-		struct ct_result proxied;
-		ct_lookup(&pkt, DIR_EGRESS, &proxied);
-		if (proxied.state == CT_ESTABLISHED && (proxied.flags & CT_F_PROXY_REDIRECT)) {
-			if (proxied.report)
-				emit_event(skb, &pkt, ep_id, EVENT_TRACE, TRACE_TO_PROXY, DIR_INGRESS,
-					   VERDICT_FORWARDED, CT_ESTABLISHED, src_id, dst_id,
-					   MATCH_NONE, proxied.policy_cookie);
-			return overlay_verdict(skb, &pkt,
-					       to_stack(skb, to_proxy(skb, &pkt, REDIRECT_HTTP)),
-					       ep_id, src_id, dst_id);
-		}
-	}
 	int verdict = ingress_to_endpoint(skb, &pkt, ep_id, dst_id, ep->flags, src_id,
 					  INGRESS_FROM_OVERLAY, &pv, 0);
+	if (verdict == PROXIED)
+		return overlay_verdict(skb, &pkt, to_stack(skb, to_proxy(skb, &pkt, REDIRECT_HTTP)),
+				       ep_id, src_id, dst_id);
 	if (verdict == TO_HOST_STACK) {
 		skb->mark = proxy_mark_to;
 		return overlay_verdict(skb, &pkt, to_stack(skb, TC_ACT_OK), ep_id, src_id, dst_id);

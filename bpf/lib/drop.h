@@ -27,6 +27,7 @@ enum helper_result {
 	NEEDS_PROXY = -100,   /* the connection's L7 rules need the proxy */
 	NO_DNS_PROXY = -101,  /* the DNS proxy is not there */
 	TO_HOST_STACK = -102, /* a reply for a socket of this node's stack (a proxy's) */
+	PROXIED = -103,       /* a connection this node's proxy took over from the overlay */
 };
 
 /* Reports the drop of `pkt` at endpoint `ep_id` and drops it. */

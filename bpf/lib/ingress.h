@@ -61,7 +61,7 @@ enum ingress_mode {
 };
 
 /* Whether a TCP packet that opens nothing (no pure SYN) and matches no
- * connection of the endpoint belongs to a socket of this node's stack: a
+ * connection belongs to a socket of this node's stack: a
  * proxy's upstream connection, bound to its client's address, whose
  * server on another node answers through the overlay. */
 static __always_inline int for_host_socket(struct __sk_buff *skb, const struct packet *pkt)
@@ -82,10 +82,34 @@ static __always_inline int for_host_socket(struct __sk_buff *skb, const struct p
 	return 1;
 }
 
+/* A packet from the overlay that matches no connection of endpoint
+ * `ep_id`: PROXIED when it belongs to a connection this node's HTTP proxy
+ * took over (tracked under the egress direction with CT_F_PROXY_REDIRECT,
+ * apart from the proxy's own upstream entry to the endpoint, which has the
+ * same client address), TO_HOST_STACK when it answers a socket of this
+ * node's stack, else 0. */
+static __always_inline int overlay_taken(struct __sk_buff *skb, const struct packet *pkt,
+					 __u32 ep_id, __u32 src_id, __u32 dst_id)
+{
+	struct ct_result proxied;
+
+	if (pkt->protocol != IPPROTO_TCP || !proxy_port)
+		return 0;
+	ct_lookup(pkt, DIR_EGRESS, &proxied);
+	if (proxied.state == CT_ESTABLISHED && (proxied.flags & CT_F_PROXY_REDIRECT)) {
+		if (proxied.report)
+			emit_event(skb, pkt, ep_id, EVENT_TRACE, TRACE_TO_PROXY, DIR_INGRESS,
+				   VERDICT_FORWARDED, CT_ESTABLISHED, src_id, dst_id, MATCH_NONE,
+				   proxied.policy_cookie);
+		return PROXIED;
+	}
+	return for_host_socket(skb, pkt) ? TO_HOST_STACK : 0;
+}
+
 /* Ingress for a local endpoint (`ep_id`): conntrack, policy for new
  * connections, the to-endpoint trace. Returns TC_ACT_OK, TC_ACT_SHOT (the
  * drop reported), NEEDS_PROXY when the L7 rules need the proxy, or (from
- * the overlay) TO_HOST_STACK for a reply to a proxy's socket.
+ * the overlay) `overlay_taken`'s PROXIED or TO_HOST_STACK.
  * `owner`: the endpoint a new entry is charged to (0: the sender when it
  * is a local endpoint, else this one). */
 static __always_inline int ingress_to_endpoint(struct __sk_buff *skb, struct packet *pkt,
@@ -98,8 +122,14 @@ static __always_inline int ingress_to_endpoint(struct __sk_buff *skb, struct pac
 
 	ct_lookup(pkt, DIR_INGRESS, &ct);
 	if (ct.state == CT_NEW) {
-		if (mode == INGRESS_FROM_OVERLAY && for_host_socket(skb, pkt))
-			return TO_HOST_STACK;
+		/* From the overlay, a packet of no connection of the endpoint's
+		 * may still be tracked here: checked only then, so established
+		 * connections pay nothing for it. */
+		if (mode == INGRESS_FROM_OVERLAY) {
+			int taken = overlay_taken(skb, pkt, ep_id, src_id, dst_id);
+			if (taken)
+				return taken;
+		}
 		if (mode == INGRESS_CHECK || mode == INGRESS_FROM_OVERLAY) {
 			int redirect = 0;
 			int verdict = ingress_policy(skb, pkt, ep_id, dst_id, flags, src_id, pv,
