@@ -86,7 +86,8 @@ struct Action {
 
 struct Scenario {
     name: &'static str,
-    policies: Vec<String>,
+    /// (name, YAML) of each policy.
+    policies: Vec<(String, String)>,
     actions: Vec<Action>,
 }
 
@@ -116,23 +117,21 @@ fn http(
     }
 }
 
-/// A CiliumNetworkPolicy of the test namespace.
-fn cnp(name: &str, spec: &str) -> String {
-    format!(
-        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: {name}, namespace: {NS}}}\nspec:\n{}",
-        spec.lines()
-            .map(|l| format!("  {l}\n"))
-            .collect::<String>()
-    )
+/// A CiliumNetworkPolicy of the test namespace: (name, YAML).
+fn cnp(name: &str, spec: &str) -> (String, String) {
+    policy_doc("cilium.io/v2", "CiliumNetworkPolicy", name, spec)
 }
 
-/// A Kubernetes NetworkPolicy of the test namespace.
-fn knp(name: &str, spec: &str) -> String {
-    format!(
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {NS}}}\nspec:\n{}",
-        spec.lines()
-            .map(|l| format!("  {l}\n"))
-            .collect::<String>()
+/// A Kubernetes NetworkPolicy of the test namespace: (name, YAML).
+fn knp(name: &str, spec: &str) -> (String, String) {
+    policy_doc("networking.k8s.io/v1", "NetworkPolicy", name, spec)
+}
+
+fn policy_doc(api: &str, kind: &str, name: &str, spec: &str) -> (String, String) {
+    let spec: String = spec.lines().map(|l| format!("  {l}\n")).collect();
+    (
+        name.to_string(),
+        format!("apiVersion: {api}\nkind: {kind}\nmetadata: {{name: {name}, namespace: {NS}}}\nspec:\n{spec}"),
     )
 }
 
@@ -457,6 +456,17 @@ fn run_scenarios(opts: &Options, dir: &std::path::Path) -> anyhow::Result<Vec<Re
             .map(str::to_string)
             .with_context(|| format!("no address for {pod}"))
     };
+    let netns: std::collections::BTreeMap<&str, &str> = st
+        .pods
+        .iter()
+        .map(|p| (p.name.as_str(), p.netns.as_str()))
+        .collect();
+    let curl = |from: &str, to: &str, method: &str, path: &str| -> String {
+        match (netns.get(from), ip_of(to)) {
+            (Some(ns), Ok(ip)) => curl(ns, &ip, port_of(to), method, path),
+            _ => "000".into(),
+        }
+    };
     let node_of = |pod: &str| -> Option<String> {
         st.pods
             .iter()
@@ -468,7 +478,7 @@ fn run_scenarios(opts: &Options, dir: &std::path::Path) -> anyhow::Result<Vec<Re
         ["client", "client2"].iter().all(|c| {
             ["echo-same-node", "echo-other-node", "world"]
                 .iter()
-                .all(|e| curl(c, &ip_of(e).unwrap_or_default(), port_of(e), "GET", "/") == "200")
+                .all(|e| curl(c, e, "GET", "/") == "200")
         })
     })
     .context("the test pods never reached each other with no policy")?;
@@ -479,28 +489,18 @@ fn run_scenarios(opts: &Options, dir: &std::path::Path) -> anyhow::Result<Vec<Re
         }
         let started = Instant::now();
         println!("\n[=] Test [{}]", s.name);
-        for (i, p) in s.policies.iter().enumerate() {
-            let file = dir.join(format!("{}-{i}.yaml", s.name));
-            std::fs::write(&file, p)?;
+        for (name, yaml) in &s.policies {
+            let file = dir.join(format!("{name}.yaml"));
+            std::fs::write(&file, yaml)?;
             fibril(None, &["policy", "import", file.to_str().context("path")?])?;
         }
         // Each node has them once its engine applied them (kvstore: a
         // watch away).
-        let names: Vec<String> = s
-            .policies
-            .iter()
-            .filter_map(|p| {
-                p.split("name: ")
-                    .nth(1)?
-                    .split(',')
-                    .next()
-                    .map(str::to_string)
-            })
-            .collect();
+        let names: Vec<&str> = s.policies.iter().map(|(n, _)| n.as_str()).collect();
         for node in ["node-1", "node-2"] {
             wait(Duration::from_secs(10), || {
                 let out = fibril(Some(node), &["policy", "get"]).unwrap_or_default();
-                names.iter().all(|n| out.contains(n.as_str()))
+                names.iter().all(|n| out.contains(n))
             })
             .with_context(|| format!("{}: {node} never had its policies", s.name))?;
         }
@@ -513,7 +513,7 @@ fn run_scenarios(opts: &Options, dir: &std::path::Path) -> anyhow::Result<Vec<Re
             }
             let (src, dst) = (ip_of(a.from)?, ip_of(a.to)?);
             let since = now_rfc3339();
-            let code = curl(a.from, &dst, port_of(a.to), a.method, a.path);
+            let code = curl(a.from, a.to, a.method, a.path);
             let got = match code.as_str() {
                 "200" => Expect::Ok,
                 "403" => Expect::Refused,
@@ -565,7 +565,7 @@ fn run_scenarios(opts: &Options, dir: &std::path::Path) -> anyhow::Result<Vec<Re
         for node in ["node-1", "node-2"] {
             wait(Duration::from_secs(10), || {
                 let out = fibril(Some(node), &["policy", "get"]).unwrap_or_default();
-                names.iter().all(|n| !out.contains(n.as_str()))
+                names.iter().all(|n| !out.contains(n))
             })
             .with_context(|| format!("{}: {node} kept its policies", s.name))?;
         }
@@ -586,17 +586,11 @@ fn port_of(to: &str) -> u16 {
     }
 }
 
-/// curl from pod `from` in the test namespace: the HTTP code ("000" when
-/// nothing answered).
-fn curl(from: &str, ip: &str, port: u16, method: &str, path: &str) -> String {
-    let Ok(st) = lab::load_state(LAB) else {
-        return "000".into();
-    };
-    let Some(pod) = st.pods.iter().find(|p| p.name == from) else {
-        return "000".into();
-    };
+/// curl inside network namespace `netns` (a test pod's): the HTTP code
+/// ("000" when nothing answered).
+fn curl(netns: &str, ip: &str, port: u16, method: &str, path: &str) -> String {
     Command::new("ip")
-        .args(["netns", "exec", &pod.netns, "curl", "-s", "-m", "1.5"])
+        .args(["netns", "exec", netns, "curl", "-s", "-m", "1.5"])
         .args(["-o", "/dev/null", "-w", "%{http_code}", "-X", method])
         .arg(format!("http://{ip}:{port}{path}"))
         .output()

@@ -180,6 +180,10 @@ pub struct LabState {
     /// lab's router, etcd).
     #[serde(default)]
     pub underlay_netns: Option<String>,
+    /// Multi-node labs: the underlay's network (router at its first
+    /// address).
+    #[serde(default)]
+    pub underlay_cidr: Option<ipnet::Ipv4Net>,
 }
 
 /// One node of a multi-node lab.
@@ -1196,6 +1200,7 @@ fn build_underlay(st: &mut LabState, file: &LabFile) -> anyhow::Result<()> {
     let ul = format!("fibril-{lab}-ul");
     net::create_netns(&ul)?;
     st.underlay_netns = Some(ul.clone());
+    st.underlay_cidr = Some(underlay);
     save(st)?;
     let router = format!("{}/{}", underlay_router(&underlay), underlay.prefix_len());
     for args in [
@@ -1304,13 +1309,8 @@ fn node_routes(st: &LabState, i: usize, underlay: &ipnet::Ipv4Net) -> anyhow::Re
 /// it serves and returns its client URL.
 fn start_underlay_etcd(st: &mut LabState) -> anyhow::Result<String> {
     let ul = st.underlay_netns.clone().context("no underlay")?;
-    let underlay: ipnet::Ipv4Net = net::ip_netns(&ul, &["-o", "-4", "addr", "show", "dev", "br0"])?
-        .split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .context("the underlay bridge has no address")?;
-    let router = underlay.addr();
+    let underlay = st.underlay_cidr.context("no underlay")?;
+    let router = underlay_router(&underlay);
     let member = kvstore::server::Member {
         name: format!("{}-etcd", st.name),
         client: (router, ETCD_CLIENT_PORT).into(),
@@ -1597,15 +1597,8 @@ pub fn stop_node(lab: &str, node: &str) -> anyhow::Result<()> {
 pub fn start_node(lab: &str, node: &str) -> anyhow::Result<()> {
     let mut st = load_state(lab)?;
     let i = node_index(&st, node)?;
-    let ul = st.underlay_netns.clone().context("no underlay")?;
+    let underlay = st.underlay_cidr.context("no underlay")?;
     net::ip_netns(&st.nodes[i].netns, &["link", "set", "ul0", "up"])?;
-    let underlay: ipnet::Ipv4Net = net::ip_netns(&ul, &["-o", "-4", "addr", "show", "dev", "br0"])?
-        .split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)
-        .and_then(|a| a.parse::<ipnet::Ipv4Net>().ok())
-        .map(|n| n.trunc())
-        .context("the underlay bridge has no address")?;
     node_routes(&st, i, &underlay)?;
     if st.nodes[i].agent_pid.is_some_and(alive) {
         bail!("node {node:?} is running");
