@@ -226,14 +226,9 @@ fn three_nodes_enforce_policy_across_the_overlay() {
     // A connection across nodes survives both ends' agents restarting
     // (one request every 100 ms on one connection meanwhile; the flow
     // rings start empty after it).
-    let hold = Command::new(common::bin("fibril"))
-        .args(["--lab", &c.lab.name, "lab", "exec", "shop/client", "--"])
-        .args(["fibril-echo", "http-hold", &format!("{}:8080", c.ip("web"))])
-        .args(["--seconds", "6", "--interval", "0.1"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let hold = c
+        .lab
+        .hold("shop/client", &format!("{}:8080", c.ip("web")), "6");
     std::thread::sleep(Duration::from_millis(500));
     for node in ["n2", "n1"] {
         let restart = c.on(node, &["lab", "restart-agent"]);
@@ -448,14 +443,7 @@ fn three_nodes_enforce_policy_across_the_overlay() {
         "{}",
         String::from_utf8_lossy(&down.stderr)
     );
-    let netns = String::from_utf8_lossy(
-        &Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .into_owned();
+    let netns = common::netns_list();
     assert!(!netns.contains(&format!("fibril-{name}-")), "{netns}");
     for node in ["n1", "n2", "n3"] {
         assert!(!std::path::Path::new(&format!("/sys/fs/bpf/fibril-{name}-{node}")).exists());

@@ -62,13 +62,6 @@ fn connectivity_test_passes_and_reports_a_broken_expectation() {
     );
     std::fs::remove_file(&junit).ok();
 
-    let netns = String::from_utf8_lossy(
-        &Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .into_owned();
+    let netns = common::netns_list();
     assert!(!netns.contains("fibril-fibril-conn-test"), "{netns}");
 }

@@ -135,28 +135,7 @@ fn agent_restart_keeps_connections_addresses_and_identities() {
 
     // A connection that stays open across the restart, one request per 100 ms.
     let url = format!("{}:8080", lab.ip(3));
-    let hold = Command::new(bin("fibril"))
-        .args([
-            "--lab",
-            &lab.name,
-            "lab",
-            "exec",
-            "microservices/frontend",
-            "--",
-        ])
-        .args([
-            "fibril-echo",
-            "http-hold",
-            &url,
-            "--seconds",
-            "4",
-            "--interval",
-            "0.1",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let hold = lab.hold("microservices/frontend", &url, "4");
     std::thread::sleep(Duration::from_millis(500));
     let bound = |file: &str| {
         std::fs::read_to_string(format!("/run/fibril/labs/{}/state/{file}", lab.name)).unwrap()

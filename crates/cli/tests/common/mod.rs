@@ -94,6 +94,20 @@ impl Lab {
             .unwrap()
     }
 
+    /// One connection from `pod` (`ns/name`) to `addr` (`ip:port`) kept
+    /// open for `seconds`, a request every 100 ms (`fibril-echo
+    /// http-hold`): it fails if the connection breaks.
+    pub fn hold(&self, pod: &str, addr: &str, seconds: &str) -> std::process::Child {
+        Command::new(bin("fibril"))
+            .args(["--lab", &self.name, "lab", "exec", pod, "--"])
+            .args(["fibril-echo", "http-hold", addr, "--seconds", seconds])
+            .args(["--interval", "0.1"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     pub fn ip(&self, host: u8) -> String {
         format!("{}.{host}", self.cidr_prefix)
     }
@@ -221,6 +235,18 @@ impl Lab {
         assert!(out.status.success());
         serde_json::from_slice(&out.stdout).unwrap()
     }
+}
+
+/// `ip netns list`: the host's named network namespaces.
+pub fn netns_list() -> String {
+    String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned()
 }
 
 pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
