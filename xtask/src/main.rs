@@ -109,6 +109,8 @@ fn apt_packages() -> anyhow::Result<()> {
         // The cluster tests' capture of the underlay (the VNI a packet
         // carries).
         ("tcpdump", "/usr/bin/tcpdump"),
+        // The connectivity test's ICMP actions (ping from a pod).
+        ("iputils-ping", "/usr/bin/ping"),
     ];
     let missing: Vec<&str> = needed
         .iter()

@@ -245,14 +245,23 @@ impl Cluster {
     }
 
     /// A local endpoint as the cluster lists it.
-    pub fn ip_identity(&self, ep: &crate::state::Endpoint) -> kvstore::IpIdentity {
-        ip_identity(ep, &self.node, self.node_address)
+    pub fn ip_identity(
+        &self,
+        ep: &crate::state::Endpoint,
+        named_ports: Vec<kvstore::NamedPort>,
+    ) -> kvstore::IpIdentity {
+        ip_identity(ep, &self.node, self.node_address, named_ports)
     }
 
-    /// Publishes a local endpoint's address; one that cannot be published
-    /// now is published at the next (re)connect.
-    pub fn publish_endpoint(&self, ep: &crate::state::Endpoint) {
-        let ip = self.ip_identity(ep);
+    /// Publishes a local endpoint's address (with its pod's declared
+    /// ports); one that cannot be published now is published at the next
+    /// (re)connect.
+    pub fn publish_endpoint(
+        &self,
+        ep: &crate::state::Endpoint,
+        named_ports: Vec<kvstore::NamedPort>,
+    ) {
+        let ip = self.ip_identity(ep, named_ports);
         let done = self.kv().and_then(|kv| {
             self.rt
                 .block_on(kv.put_ip(&ip))
@@ -372,6 +381,7 @@ fn ip_identity(
     ep: &crate::state::Endpoint,
     node: &str,
     address: std::net::Ipv4Addr,
+    named_ports: Vec<kvstore::NamedPort>,
 ) -> kvstore::IpIdentity {
     kvstore::IpIdentity {
         ip: ep.ipv4,
@@ -381,6 +391,7 @@ fn ip_identity(
         namespace: ep.namespace.clone(),
         pod: ep.pod.clone(),
         node: node.to_string(),
+        named_ports,
     }
 }
 
@@ -418,12 +429,13 @@ async fn register(
         hubble_address,
     ))
     .await?;
-    let mine: Vec<kvstore::IpIdentity> = control
-        .lock()
-        .endpoints()
-        .values()
-        .map(|ep| ip_identity(ep, kv.node(), config.node_address))
-        .collect();
+    let mine: Vec<kvstore::IpIdentity> = {
+        let s = control.lock();
+        s.endpoints()
+            .values()
+            .map(|ep| ip_identity(ep, kv.node(), config.node_address, s.kv_named_ports(ep)))
+            .collect()
+    };
     for ip in &mine {
         kv.put_ip(ip).await?;
     }

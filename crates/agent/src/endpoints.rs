@@ -226,14 +226,15 @@ impl Endpoints {
         }
         self.control.commit(&mut s)?;
         let unused = cluster_identity.is_some_and(|id| !s.local_identities().contains_key(&id));
-        let republish: Vec<Endpoint> = moved
+        let republish: Vec<(Endpoint, _)> = moved
             .iter()
-            .filter_map(|(ip, ..)| s.endpoints().values().find(|e| e.ipv4 == *ip).cloned())
+            .filter_map(|(ip, ..)| s.endpoints().values().find(|e| e.ipv4 == *ip))
+            .map(|e| (e.clone(), s.kv_named_ports(e)))
             .collect();
         drop(s);
         if let Some(k) = &self.kvstore {
-            for ep in &republish {
-                k.publish_endpoint(ep);
+            for (ep, ports) in republish {
+                k.publish_endpoint(&ep, ports);
             }
             // Labels no endpoint here holds any more: this node's
             // references go (a pod with no endpoint here never held one).
@@ -401,10 +402,13 @@ impl Endpoints {
             return Err(e);
         }
         self.preload_next(&s);
-        let created = s.endpoints().get(&id).cloned();
+        let created = s
+            .endpoints()
+            .get(&id)
+            .map(|e| (e.clone(), s.kv_named_ports(e)));
         drop(s);
-        if let (Some(k), Some(ep)) = (&self.kvstore, created) {
-            k.publish_endpoint(&ep);
+        if let (Some(k), Some((ep, ports))) = (&self.kvstore, created) {
+            k.publish_endpoint(&ep, ports);
         }
         self.observer
             .agent_event(flow::agent_event::Kind::EndpointCreated {

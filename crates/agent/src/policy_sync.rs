@@ -344,7 +344,7 @@ impl PolicySync {
         // and the policies' toFQDNs selectors. Patched for the /32s that
         // changed (a learned address) when that is all; else made anew.
         let cidr_touched = self.refresh_cidr_labels(state, &c, full);
-        if full || !c.pods.is_empty() || !c.endpoints.is_empty() {
+        if full || !c.pods.is_empty() || !c.endpoints.is_empty() || !c.remote_endpoints.is_empty() {
             self.named_ports = state.named_ports();
         }
         // Borrow everything: cloning 5,000 label sets per change would cost

@@ -458,18 +458,50 @@ impl State {
         out
     }
 
-    /// Declared container ports per identity (union over its endpoints).
+    /// Endpoint `ep`'s pod's declared ports, as the kvstore lists them.
+    pub fn kv_named_ports(&self, ep: &Endpoint) -> Vec<kvstore::NamedPort> {
+        self.pods
+            .values()
+            .find(|p| p.namespace == ep.namespace && p.name == ep.pod)
+            .map(|p| {
+                p.ports
+                    .iter()
+                    .map(|n| kvstore::NamedPort {
+                        name: n.name.clone(),
+                        port: n.port,
+                        protocol: n.protocol.k8s_name().to_string(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Declared container ports per identity (union over its endpoints,
+    /// this node's and, through the kvstore, the other nodes').
     pub fn named_ports(&self) -> BTreeMap<u32, Vec<NamedPort>> {
         let mut out: BTreeMap<u32, Vec<NamedPort>> = BTreeMap::new();
+        for r in self.remote_endpoints.values() {
+            for n in &r.named_ports {
+                let Some(protocol) = policy::Protocol::from_k8s_name(&n.protocol) else {
+                    continue;
+                };
+                let p = NamedPort {
+                    name: n.name.clone(),
+                    port: n.port,
+                    protocol,
+                };
+                let ports = out.entry(r.identity).or_default();
+                if !ports.contains(&p) {
+                    ports.push(p);
+                }
+            }
+        }
         let with_ports: std::collections::HashMap<(&str, &str), &api::Pod> = self
             .pods
             .values()
             .filter(|p| !p.ports.is_empty())
             .map(|p| ((p.namespace.as_str(), p.name.as_str()), p))
             .collect();
-        if with_ports.is_empty() {
-            return out;
-        }
         for e in self.endpoints.values() {
             let Some(pod) = with_ports.get(&(e.namespace.as_str(), e.pod.as_str())) else {
                 continue;
@@ -1020,6 +1052,61 @@ mod tests {
         ] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn other_nodes_endpoints_lend_their_named_ports_to_their_identity() {
+        let mut s = State::default();
+        let remote = |ip: [u8; 4], id: u32, ports: &[(&str, u16, &str)]| kvstore::IpIdentity {
+            ip: ip.into(),
+            host_ip: Ipv4Addr::new(192, 168, 0, 2),
+            identity: id,
+            key: 0,
+            namespace: "default".into(),
+            pod: format!("pod-{}", ip[3]),
+            node: "n2".into(),
+            named_ports: ports
+                .iter()
+                .map(|(n, p, proto)| kvstore::NamedPort {
+                    name: n.to_string(),
+                    port: *p,
+                    protocol: proto.to_string(),
+                })
+                .collect(),
+        };
+        s.set_remote_endpoint(
+            Ipv4Addr::new(10, 0, 1, 5),
+            Some(remote([10, 0, 1, 5], 300, &[("http", 8080, "TCP")])),
+        );
+        // A second pod of the same identity: the union, once each; an
+        // unknown protocol is skipped, not guessed.
+        s.set_remote_endpoint(
+            Ipv4Addr::new(10, 0, 1, 6),
+            Some(remote(
+                [10, 0, 1, 6],
+                300,
+                &[
+                    ("http", 8080, "TCP"),
+                    ("dns", 53, "UDP"),
+                    ("odd", 9, "QUIC"),
+                ],
+            )),
+        );
+        let named = s.named_ports();
+        let names: Vec<(&str, u16, policy::Protocol)> = named[&300]
+            .iter()
+            .map(|p| (p.name.as_str(), p.port, p.protocol))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("http", 8080, policy::Protocol::Tcp),
+                ("dns", 53, policy::Protocol::Udp)
+            ]
+        );
+        s.set_remote_endpoint(Ipv4Addr::new(10, 0, 1, 5), None);
+        s.set_remote_endpoint(Ipv4Addr::new(10, 0, 1, 6), None);
+        assert!(s.named_ports().is_empty());
     }
 
     #[test]

@@ -122,6 +122,12 @@ pub struct PodSpec {
     /// on node i mod N.
     #[serde(default)]
     pub node: Option<String>,
+    /// Runs in its node's own network namespace, as a Kubernetes pod with
+    /// `hostNetwork: true`: no endpoint, no CNI; to policy it is the node
+    /// (`host` on its own node, `remote-node` on the others). Multi-node
+    /// labs only (in a one-node lab the node is this machine).
+    #[serde(rename = "hostNetwork", default)]
+    pub host_network: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -224,6 +230,9 @@ pub struct PodState {
     /// Multi-node labs: the pod's node.
     #[serde(default)]
     pub node: Option<String>,
+    /// A `hostNetwork` pod: `netns` is its node's.
+    #[serde(default)]
+    pub host_network: bool,
 }
 
 pub fn lab_dir(lab: &str) -> PathBuf {
@@ -544,6 +553,9 @@ fn validate_nodes(name: &str, file: &LabFile) -> anyhow::Result<()> {
         }
     }
     for (i, p) in file.pods.iter().enumerate() {
+        if p.host_network && file.nodes.is_empty() {
+            bail!("{name}: pods[{i}].hostNetwork: only in a lab with `nodes:` (a one-node lab's node is this machine)");
+        }
         match &p.node {
             Some(n) if file.nodes.is_empty() => bail!(
                 "{name}: pods[{i}].node: {n:?}, but the lab declares no nodes (add `nodes: [{n}, ...]`)"
@@ -1050,7 +1062,7 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                     .clone()
                     .unwrap_or_else(|| parsed.file.nodes[i % parsed.file.nodes.len()].clone())
             });
-            let pod = PodState {
+            let mut pod = PodState {
                 namespace: p.namespace.clone(),
                 name: p.name.clone(),
                 netns: netns.clone(),
@@ -1058,7 +1070,18 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                 cni_result: None,
                 pid: None,
                 node,
+                host_network: p.host_network,
             };
+            if p.host_network {
+                pod.netns = node_of(&st, &pod)
+                    .context("host-network pod with no node")?
+                    .1
+                    .netns
+                    .clone();
+                st.pods.push(pod);
+                save(&st)?;
+                continue;
+            }
             let sock = agent_socket_of(&st, &pod);
             api::call(
                 &sock,
@@ -1403,7 +1426,7 @@ pub fn down(lab: &str) -> anyhow::Result<()> {
     }
     // CNI DEL in reverse order, as a runtime does (a stopped node's agent
     // is not there to answer: its namespace goes below).
-    for p in st.pods.iter().rev() {
+    for p in st.pods.iter().rev().filter(|p| !p.host_network) {
         if node_of(&st, p).is_some_and(|(_, n)| n.stopped) {
             continue;
         }
@@ -1433,7 +1456,7 @@ pub fn down(lab: &str) -> anyhow::Result<()> {
         // Its proxy routing goes with its namespace.
         stop_l7_proxy(&node_dir(lab, &n.name).join("state"));
     }
-    for p in &st.pods {
+    for p in st.pods.iter().filter(|p| !p.host_network) {
         net::delete_netns(&p.netns);
         if p.node.is_none() {
             // If the agent was gone, the host side of the veth may remain.

@@ -30,15 +30,22 @@ fn connectivity_test_passes_and_reports_a_broken_expectation() {
     let junit = std::env::temp_dir().join(format!("fibril-junit-{}.xml", std::process::id()));
     let (ok, out) = connectivity(&["--junit-file", junit.to_str().unwrap()]);
     assert!(ok, "{out}");
-    assert!(out.contains("22 tests, 22 passed, 0 failed"), "{out}");
+    assert!(out.contains("48 tests, 48 passed, 0 failed"), "{out}");
     let xml = std::fs::read_to_string(&junit).unwrap();
     assert!(
         xml.contains(
-            "<testsuite name=\"connectivity test\" package=\"fibril\" tests=\"22\" failures=\"0\""
+            "<testsuite name=\"connectivity test\" package=\"fibril\" tests=\"48\" failures=\"0\""
         ),
         "{xml}"
     );
-    assert!(xml.contains("<testcase name=\"echo-ingress-l7\""), "{xml}");
+    for name in [
+        "echo-ingress-l7",
+        "client-ingress-icmp",
+        "to-fqdns",
+        "host-entity-egress",
+    ] {
+        assert!(xml.contains(&format!("<testcase name=\"{name}\"")), "{xml}");
+    }
 
     let (ok, out) = connectivity(&[
         "--test",

@@ -230,6 +230,24 @@ fn bad_input_gets_a_precise_error_and_changes_nothing() {
         "{err}"
     );
     assert!(!Path::new(&format!("/run/fibril/labs/{name}")).exists());
+    // A host-network pod needs a node of the lab's own (in a one-node lab
+    // its namespace would be this machine's).
+    std::fs::write(
+        &bad_lab,
+        "pods:\n  - name: hn\n    hostNetwork: true\n    command: [fibril-echo, http-server, --port, \"8080\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(bin("fibril"))
+        .args(["--lab", &name, "lab", "up", "-f", bad_lab.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("pods[0].hostNetwork: only in a lab with `nodes:`"),
+        "{err}"
+    );
+    assert!(!Path::new(&format!("/run/fibril/labs/{name}")).exists());
     // Pod CIDRs the agent cannot use are refused up front, not after a wait.
     for (cidr, why) in [
         (

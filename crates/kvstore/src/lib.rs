@@ -25,7 +25,7 @@ mod store;
 pub mod types;
 
 pub use store::{Event, Kvstore, Listing};
-pub use types::{IpIdentity, Node};
+pub use types::{IpIdentity, NamedPort, Node};
 
 /// Why a kvstore operation failed.
 #[derive(Debug, thiserror::Error)]

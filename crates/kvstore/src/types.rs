@@ -63,6 +63,22 @@ pub struct IpIdentity {
     /// The node's name (Fibril's: flows name the node of each end).
     #[serde(rename = "NodeName", default)]
     pub node: String,
+    /// The pod's declared container ports: other nodes resolve named
+    /// ports in their egress rules with them.
+    #[serde(rename = "NamedPorts", default, skip_serializing_if = "Vec::is_empty")]
+    pub named_ports: Vec<NamedPort>,
+}
+
+/// A declared container port (`NamedPorts` of an endpoint's address).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamedPort {
+    #[serde(rename = "Name")]
+    pub name: String,
+    #[serde(rename = "Port")]
+    pub port: u16,
+    /// `TCP`, `UDP` or `SCTP`.
+    #[serde(rename = "Protocol")]
+    pub protocol: String,
 }
 
 /// `value` of `key` as JSON of `T`.
@@ -90,8 +106,15 @@ mod tests {
             namespace: "default".into(),
             pod: "web-1".into(),
             node: "n2".into(),
+            named_ports: vec![NamedPort {
+                name: "http".into(),
+                port: 8080,
+                protocol: "TCP".into(),
+            }],
         };
         let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json["NamedPorts"][0]["Name"], "http");
+        assert_eq!(json["NamedPorts"][0]["Port"], 8080);
         assert_eq!(json["IP"], "10.0.1.5");
         assert_eq!(json["HostIP"], "192.168.77.2");
         assert_eq!(json["ID"], 300);

@@ -140,6 +140,7 @@ async fn a_dead_nodes_keys_expire_and_watchers_see_them_go() {
         namespace: "default".into(),
         pod: "web-1".into(),
         node: "n1".into(),
+        named_ports: vec![],
     };
     dying.put_ip(&ip).await.unwrap();
     let key = keys::ip("lab", ip.ip);

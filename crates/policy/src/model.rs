@@ -308,6 +308,27 @@ impl Protocol {
         }
     }
 
+    /// The name a Kubernetes port spec gives it (`TCP`, `UDP`, `SCTP`;
+    /// `ANY` is Cilium's).
+    pub fn k8s_name(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+            Self::Any => "ANY",
+        }
+    }
+
+    pub fn from_k8s_name(name: &str) -> Option<Self> {
+        match name {
+            "TCP" => Some(Self::Tcp),
+            "UDP" => Some(Self::Udp),
+            "SCTP" => Some(Self::Sctp),
+            "ANY" => Some(Self::Any),
+            _ => None,
+        }
+    }
+
     pub fn from_number(n: u8) -> Option<Self> {
         match n {
             6 => Some(Self::Tcp),
