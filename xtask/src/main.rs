@@ -458,7 +458,7 @@ fn main() -> anyhow::Result<()> {
                 agent_example("policy_bench")?;
             }
             if part("cluster") {
-                println!("\n== kvstore mode: convergence of a policy across three agents on one etcd");
+                println!("\n== kvstore mode: convergence across three agents on one etcd; agent RSS and etcd traffic at 3 x 1,000 pods");
                 agent_example("cluster_bench")?;
             }
             if part("flows") {

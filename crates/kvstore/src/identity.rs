@@ -158,8 +158,12 @@ impl Kvstore {
     /// taken. Returns the deleted numbers.
     pub async fn gc_identities(&self, marked: &mut BTreeSet<u32>) -> Result<Vec<u32>, Error> {
         let mut client = self.client.clone();
+        // Keys and revisions are all it needs: not the labels again.
         let masters = client
-            .get(keys::IDENTITY_IDS, Some(GetOptions::new().with_prefix()))
+            .get(
+                keys::IDENTITY_IDS,
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
             .await?;
         let referenced: BTreeSet<u32> = self
             .list(keys::IDENTITY_VALUES)
