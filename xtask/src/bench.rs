@@ -106,19 +106,13 @@ fn quiet_ip(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts `fibril-echo bench-server` on port 9000 inside `netns`; the
-/// returned closure stops it.
-fn bench_server(netns: &str, echo: &str) -> anyhow::Result<Box<dyn FnMut()>> {
+/// Starts `fibril-echo bench-server` on port 9000 inside `netns` (on CPU
+/// `cpu` alone when given); the returned closure stops it.
+fn bench_server(netns: &str, echo: &str, cpu: Option<usize>) -> anyhow::Result<Box<dyn FnMut()>> {
     let server: Child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            netns,
-            echo,
-            "bench-server",
-            "--port",
-            "9000",
-        ])
+        .args(["netns", "exec", netns])
+        .args(pinned(cpu))
+        .args([echo, "bench-server", "--port", "9000"])
         .spawn()?;
     let mut server = Some(server);
     Ok(Box::new(move || {
@@ -127,6 +121,54 @@ fn bench_server(netns: &str, echo: &str) -> anyhow::Result<Box<dyn FnMut()>> {
             let _ = s.wait();
         }
     }))
+}
+
+/// `taskset -c N` before a command when `cpu` is given.
+fn pinned(cpu: Option<usize>) -> Vec<String> {
+    cpu.map(|c| vec!["taskset".to_string(), "-c".to_string(), c.to_string()])
+        .unwrap_or_default()
+}
+
+/// Where a stream benchmark's client and server run: each on a CPU of
+/// its own (the first two this process may use), the same in every
+/// configuration. Left to the scheduler, they sometimes share one and the
+/// figure jumps by a third from run to run on a two-core machine.
+struct BenchCpus {
+    client: Option<usize>,
+    server: Option<usize>,
+}
+
+fn bench_cpus() -> BenchCpus {
+    let allowed: Vec<usize> = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let list = s
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
+            Some(
+                list.trim()
+                    .split(',')
+                    .flat_map(|r| match r.split_once('-') {
+                        Some((a, b)) => {
+                            let (a, b) = (a.parse().unwrap_or(0), b.parse().unwrap_or(0));
+                            (a..=b).collect::<Vec<usize>>()
+                        }
+                        None => r.parse().ok().into_iter().collect(),
+                    })
+                    .collect(),
+            )
+        })
+        .unwrap_or_default();
+    match allowed[..] {
+        [c, s, ..] => BenchCpus {
+            client: Some(c),
+            server: Some(s),
+        },
+        _ => BenchCpus {
+            client: None,
+            server: None,
+        },
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -174,7 +216,7 @@ pub fn run_bench(bin: &Path, args: &[String]) -> anyhow::Result<()> {
         ip(&["-n", ns, "link", "set", dev, "up"])?;
         ip(&["-n", ns, "link", "set", "lo", "up"])?;
     }
-    cleanup.0.push(bench_server(&ns_b, echo)?);
+    cleanup.0.push(bench_server(&ns_b, echo, None)?);
 
     // The lab: two pods through the CNI, programs attached, a policy.
     let dir = std::env::temp_dir().join(format!("fibril-bench-{id}"));
@@ -343,6 +385,7 @@ pub fn run_overlay_bench(bin: &Path, args: &[String]) -> anyhow::Result<()> {
     let echo = bin.join("fibril-echo");
     let echo = echo.to_str().context("path")?;
     let id = std::process::id() % 10_000;
+    let cpus = bench_cpus();
     let (ns_a, ns_b) = (format!("fbvx-a{id}"), format!("fbvx-b{id}"));
     let lab = format!("vxbench{id}");
     let fibril = |args: &[&str]| {
@@ -395,7 +438,7 @@ pub fn run_overlay_bench(bin: &Path, args: &[String]) -> anyhow::Result<()> {
         ip(&["-n", ns, "addr", "add", over, "dev", "vx"])?;
         ip(&["-n", ns, "link", "set", "vx", "up"])?;
     }
-    cleanup.0.push(bench_server(&ns_b, echo)?);
+    cleanup.0.push(bench_server(&ns_b, echo, cpus.server)?);
     // A second baseline: a pod namespace behind each of them on a veth,
     // routed over the same bare VXLAN (no BPF), as a plain routed overlay
     // would: what the pods' own veth hop costs.
@@ -456,31 +499,42 @@ pub fn run_overlay_bench(bin: &Path, args: &[String]) -> anyhow::Result<()> {
         ip(&["-n", pod, "link", "set", "lo", "up"])?;
         ip(&["-n", pod, "route", "add", "default", "via", &gateway])?;
     }
-    cleanup.0.push(bench_server(&pod_b, echo)?);
+    cleanup.0.push(bench_server(&pod_b, echo, cpus.server)?);
 
     // The lab: two nodes, a pod on each, a policy at the server.
     let dir = std::env::temp_dir().join(format!("fibril-vxbench-{id}"));
+    let server_command: Vec<String> = pinned(cpus.server)
+        .into_iter()
+        .chain([
+            echo.to_string(),
+            "bench-server".into(),
+            "--port".into(),
+            "9000".into(),
+        ])
+        .collect();
     cleanup.0.push(lab_up(
         bin,
         &lab,
         &dir,
-        r#"podCIDR: 10.194.0.0/16
+        &format!(
+            r#"podCIDR: 10.194.0.0/16
 underlayCIDR: 10.193.0.0/24
 nodes: [a, b]
 pods:
-  - {name: client, namespace: bench, labels: {app: client}, node: a}
-  - {name: server, namespace: bench, labels: {app: server}, node: b, command: [fibril-echo, bench-server, --port, "9000"]}
+  - {{name: client, namespace: bench, labels: {{app: client}}, node: a}}
+  - {{name: server, namespace: bench, labels: {{app: server}}, node: b, command: {server_command:?}}}
 policies:
   - inline: |
       apiVersion: cilium.io/v2
       kind: CiliumNetworkPolicy
-      metadata: {name: allow-client, namespace: bench}
+      metadata: {{name: allow-client, namespace: bench}}
       spec:
-        endpointSelector: {matchLabels: {app: server}}
+        endpointSelector: {{matchLabels: {{app: server}}}}
         ingress:
-        - fromEndpoints: [{matchLabels: {app: client}}]
-          toPorts: [{ports: [{port: "9000", protocol: TCP}]}]
-"#,
+        - fromEndpoints: [{{matchLabels: {{app: client}}}}]
+          toPorts: [{{ports: [{{port: "9000", protocol: TCP}}]}}]
+"#
+        ),
     )?);
     let secs = seconds.to_string();
     // The client's node learns the server from etcd.
@@ -505,49 +559,34 @@ policies:
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    let client = pinned(cpus.client);
     let bare = |what: &str, key: &str| -> anyhow::Result<f64> {
         measure(
-            Command::new("ip").args([
-                "netns",
-                "exec",
-                &ns_a,
-                echo,
-                what,
-                "10.195.254.2:9000",
-                "--seconds",
-                &secs,
-            ]),
+            Command::new("ip")
+                .args(["netns", "exec", &ns_a])
+                .args(&client)
+                .args([echo, what, "10.195.254.2:9000", "--seconds", &secs]),
             key,
         )
     };
     let routed = |what: &str, key: &str| -> anyhow::Result<f64> {
         measure(
-            Command::new("ip").args([
-                "netns",
-                "exec",
-                &pod_a,
-                echo,
-                what,
-                "10.195.2.2:9000",
-                "--seconds",
-                &secs,
-            ]),
+            Command::new("ip")
+                .args(["netns", "exec", &pod_a])
+                .args(&client)
+                .args([echo, what, "10.195.2.2:9000", "--seconds", &secs]),
             key,
         )
     };
     let pods = |what: &str, key: &str| -> anyhow::Result<f64> {
         measure(
-            &mut fibril(&[
-                "lab",
-                "exec",
-                "bench/client",
-                "--",
-                "fibril-echo",
-                what,
-                "10.194.1.2:9000",
-                "--seconds",
-                &secs,
-            ]),
+            fibril(&["lab", "exec", "bench/client", "--"])
+                .args(if client.is_empty() {
+                    vec![]
+                } else {
+                    client.clone()
+                })
+                .args([echo, what, "10.194.1.2:9000", "--seconds", &secs]),
             key,
         )
     };
