@@ -60,26 +60,40 @@ enum ingress_mode {
 			       * for this node's proxies go to them */
 };
 
-/* Whether a TCP packet that opens nothing (no pure SYN) and matches no
- * connection belongs to a socket of this node's stack: a
- * proxy's upstream connection, bound to its client's address, whose
- * server on another node answers through the overlay. */
+/* Whether a packet that matches no connection belongs to a socket of this
+ * node's stack: a proxy's upstream connection or query, bound to its
+ * client's address, whose server on another node answers through the
+ * overlay. TCP: a packet that opens nothing (no pure SYN). UDP: only a
+ * socket bound to the endpoint's own address (transparently: the DNS
+ * proxy's), so that a host socket on a wildcard address never takes an
+ * endpoint's datagrams. */
 static __always_inline int for_host_socket(struct __sk_buff *skb, const struct packet *pkt)
 {
 	struct bpf_sock_tuple tuple = {};
 	struct bpf_sock *sk;
+	int ours;
 
-	if (pkt->protocol != IPPROTO_TCP || (pkt->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
-		return 0;
 	tuple.ipv4.saddr = pkt->saddr;
 	tuple.ipv4.daddr = pkt->daddr;
 	tuple.ipv4.sport = bpf_htons(pkt->sport);
 	tuple.ipv4.dport = bpf_htons(pkt->dport);
-	sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (pkt->protocol == IPPROTO_TCP) {
+		if ((pkt->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
+			return 0;
+		sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+		if (!sk)
+			return 0;
+		bpf_sk_release(sk);
+		return 1;
+	}
+	if (pkt->protocol != IPPROTO_UDP)
+		return 0;
+	sk = bpf_sk_lookup_udp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
 	if (!sk)
 		return 0;
+	ours = sk->src_ip4 == pkt->daddr;
 	bpf_sk_release(sk);
-	return 1;
+	return ours;
 }
 
 /* A packet from the overlay that matches no connection of endpoint
@@ -87,21 +101,21 @@ static __always_inline int for_host_socket(struct __sk_buff *skb, const struct p
  * took over (tracked under the egress direction with CT_F_PROXY_REDIRECT,
  * apart from the proxy's own upstream entry to the endpoint, which has the
  * same client address), TO_HOST_STACK when it answers a socket of this
- * node's stack, else 0. */
+ * node's stack (TCP or UDP), else 0. */
 static __always_inline int overlay_taken(struct __sk_buff *skb, const struct packet *pkt,
 					 __u32 ep_id, __u32 src_id, __u32 dst_id)
 {
 	struct ct_result proxied;
 
-	if (pkt->protocol != IPPROTO_TCP || !proxy_port)
-		return 0;
-	ct_lookup(pkt, DIR_EGRESS, &proxied);
-	if (proxied.state == CT_ESTABLISHED && (proxied.flags & CT_F_PROXY_REDIRECT)) {
-		if (proxied.report)
-			emit_event(skb, pkt, ep_id, EVENT_TRACE, TRACE_TO_PROXY, DIR_INGRESS,
-				   VERDICT_FORWARDED, CT_ESTABLISHED, src_id, dst_id, MATCH_NONE,
-				   proxied.policy_cookie);
-		return PROXIED;
+	if (pkt->protocol == IPPROTO_TCP && proxy_port) {
+		ct_lookup(pkt, DIR_EGRESS, &proxied);
+		if (proxied.state == CT_ESTABLISHED && (proxied.flags & CT_F_PROXY_REDIRECT)) {
+			if (proxied.report)
+				emit_event(skb, pkt, ep_id, EVENT_TRACE, TRACE_TO_PROXY,
+					   DIR_INGRESS, VERDICT_FORWARDED, CT_ESTABLISHED, src_id,
+					   dst_id, MATCH_NONE, proxied.policy_cookie);
+			return PROXIED;
+		}
 	}
 	return for_host_socket(skb, pkt) ? TO_HOST_STACK : 0;
 }

@@ -44,8 +44,9 @@ const WORLD: &str = "203.0.113.77";
 const OTHER_WORLD: &str = "203.0.113.78";
 
 // Cilium's test workloads, plus its `host-netns` DaemonSet (a server in
-// each node's own namespace), kube-dns (on the clients' node, as a DNS
-// server reached without the overlay) and two outside addresses: the
+// each node's own namespace), kube-dns (on the other node than the
+// clients: their queries cross the overlay, through node-1's DNS proxy
+// when a DNS rule applies) and two outside addresses: the
 // `--external-target` and the `--external-other-target`.
 const LAB_YAML: &str = r#"
 podCIDR: 10.220.0.0/16
@@ -61,7 +62,7 @@ pods:
 - {name: echo-other-node, namespace: cilium-test, labels: {kind: echo, name: echo-other-node}, node: node-2, ports: [{name: http-8080, containerPort: 8080}], command: [fibril-echo, http-server, --port, "8080"]}
 - {name: host-netns-1, namespace: cilium-test, hostNetwork: true, node: node-1, command: [fibril-echo, http-server, --port, "8080"]}
 - {name: host-netns-2, namespace: cilium-test, hostNetwork: true, node: node-2, command: [fibril-echo, http-server, --port, "8080"]}
-- {name: kube-dns, namespace: kube-system, labels: {k8s-app: kube-dns}, node: node-1, ports: [{name: dns, containerPort: 53, protocol: UDP}], command: [fibril-echo, dns-server, --record, world.example=203.0.113.77, --record, other-world.example=203.0.113.78]}
+- {name: kube-dns, namespace: kube-system, labels: {k8s-app: kube-dns}, node: node-2, ports: [{name: dns, containerPort: 53, protocol: UDP}], command: [fibril-echo, dns-server, --record, world.example=203.0.113.77, --record, other-world.example=203.0.113.78]}
 externals:
 - {name: world, address: 203.0.113.77, command: [fibril-echo, http-server, --port, "80"]}
 - {name: other-world, address: 203.0.113.78, command: [fibril-echo, http-server, --port, "80"]}
