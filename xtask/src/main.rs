@@ -189,13 +189,14 @@ fn layering() -> anyhow::Result<()> {
     const PURE: [&str; 4] = ["fibril-policy", "fibril-flow", "fibril-abi", "fibril-netns"];
     const FORBIDDEN: [&str; 6] = ["aya", "tokio", "tonic", "hyper", "h2", "prost"];
     // Only the datapath (and the agent, through it) links the eBPF loader.
-    const NO_AYA: [&str; 6] = [
+    const NO_AYA: [&str; 7] = [
         "fibril-cli",
         "fibril-cni",
         "fibril-hubble",
         "fibril-api",
         "fibril-proxy",
         "fibril-echo",
+        "fibril-relay",
     ];
     let checks = PURE
         .iter()

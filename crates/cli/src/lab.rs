@@ -190,6 +190,10 @@ pub struct LabState {
     /// address).
     #[serde(default)]
     pub underlay_cidr: Option<ipnet::Ipv4Net>,
+    /// Multi-node labs: the lab's Hubble Relay (`fibril-relay` on the
+    /// router's address, port 4245, and on `relay.sock`).
+    #[serde(default)]
+    pub relay_pid: Option<u32>,
 }
 
 /// One node of a multi-node lab.
@@ -1012,6 +1016,7 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                 save(&st)?;
                 start_node_agent(&mut st, i)?;
             }
+            start_relay(&mut st)?;
         } else {
             if parsed.file.kvstore {
                 let endpoint = start_etcd(&mut st)?;
@@ -1327,6 +1332,47 @@ fn node_routes(st: &LabState, i: usize, underlay: &ipnet::Ipv4Net) -> anyhow::Re
     Ok(())
 }
 
+/// Hubble Relay's port.
+pub const RELAY_PORT: u16 = 4245;
+
+/// The lab's Hubble Relay socket (`hubble --server unix://...`).
+pub fn relay_socket(lab: &str) -> PathBuf {
+    lab_dir(lab).join("relay.sock")
+}
+
+/// Starts the lab's Hubble Relay in the underlay's namespace: on the
+/// router's address (port 4245, as the seed's) and on `relay.sock` for this
+/// host; it finds the nodes through their agents' `peer.Peer/Notify`.
+fn start_relay(st: &mut LabState) -> anyhow::Result<()> {
+    let ul = st.underlay_netns.clone().context("no underlay")?;
+    let router = underlay_router(&st.underlay_cidr.context("no underlay")?);
+    let mut command = vec![
+        "fibril-relay".to_string(),
+        "--listen-address".to_string(),
+        format!("{router}:{RELAY_PORT}"),
+        "--unix-socket".to_string(),
+        relay_socket(&st.name).display().to_string(),
+    ];
+    for n in &st.nodes {
+        command.extend([
+            "--peer-service".to_string(),
+            format!("{}:{HUBBLE_PORT}", n.address),
+        ]);
+    }
+    let log = lab_dir(&st.name).join("relay.log");
+    let pid = spawn_in(&st.name, None, &ul, &command, &log)?;
+    st.relay_pid = Some(pid);
+    save(st)?;
+    let start = std::time::Instant::now();
+    while !relay_socket(&st.name).exists() {
+        if !alive(pid) || start.elapsed() > Duration::from_secs(10) {
+            bail!("the relay did not start; its log: {}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// The lab's etcd in the underlay's namespace, on the router's address
 /// (reachable from every node, from nothing outside the lab); waits until
 /// it serves and returns its client URL.
@@ -1445,6 +1491,10 @@ pub fn down(lab: &str) -> anyhow::Result<()> {
             kill(pid);
             wait_gone(pid);
         }
+    }
+    if let Some(pid) = st.relay_pid {
+        kill(pid);
+        wait_gone(pid);
     }
     if let Some(pid) = st.etcd_pid {
         kill(pid);

@@ -1,0 +1,125 @@
+//! `fibril-relay`: Hubble Relay for a Fibril cluster. Thin: flags, the
+//! listeners, the services; `fibril_relay` does the work.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use fibril_relay::peers::Peers;
+use fibril_relay::service::{Relay, Timeouts};
+use proto::observer::observer_server::ObserverServer;
+
+#[derive(Parser)]
+#[command(
+    name = "fibril-relay",
+    about = "Hubble Relay: every node's flows as one stream"
+)]
+struct Args {
+    /// Serve the relay on this TCP address (Hubble Relay's port is 4245).
+    #[arg(long, default_value = "127.0.0.1:4245")]
+    listen_address: std::net::SocketAddr,
+    /// Also serve it on this Unix socket.
+    #[arg(long)]
+    unix_socket: Option<PathBuf>,
+    /// An agent's Hubble address (`host:port`) whose `peer.Peer/Notify`
+    /// lists the cluster's nodes; repeat it to have others to fall back on.
+    #[arg(long = "peer-service")]
+    peer_services: Vec<String>,
+    /// A node given by hand, `NAME=HOST:PORT` (repeatable).
+    #[arg(long = "static-peer")]
+    static_peers: Vec<String>,
+    /// How long a quiet node may hold the merged stream back, in ms.
+    #[arg(long, default_value_t = 500)]
+    drain_timeout_ms: u64,
+    /// How long a node has to answer (unary calls, opening a stream), in ms.
+    #[arg(long, default_value_t = 5000)]
+    request_timeout_ms: u64,
+    /// How long connecting to a node may take, in ms.
+    #[arg(long, default_value_t = 2000)]
+    dial_timeout_ms: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if args.peer_services.is_empty() && args.static_peers.is_empty() {
+        anyhow::bail!("give --peer-service HOST:PORT (an agent's Hubble address) or --static-peer NAME=HOST:PORT");
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let peers = Peers::new(Duration::from_millis(args.dial_timeout_ms));
+    for p in &args.static_peers {
+        let (name, address) = p
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--static-peer {p:?}: give NAME=HOST:PORT"))?;
+        peers.upsert(name, address)?;
+    }
+    if !args.peer_services.is_empty() {
+        tokio::spawn(fibril_relay::peers::follow(
+            peers.clone(),
+            args.peer_services.clone(),
+        ));
+    }
+    let relay = Arc::new(Relay::new(
+        peers,
+        Timeouts {
+            drain: Duration::from_millis(args.drain_timeout_ms),
+            request: Duration::from_millis(args.request_timeout_ms),
+        },
+    ));
+    let routes = || async {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status(
+                "hubble.server.Observer",
+                tonic_health::ServingStatus::Serving,
+            )
+            .await;
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(ObserverServer::from_arc(relay.clone()))
+    };
+    let tcp = tokio::net::TcpListener::bind(args.listen_address).await?;
+    tracing::info!(address = %tcp.local_addr()?, "relay serving");
+    let tcp_routes = routes().await;
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(async move {
+        tcp_routes
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(tcp))
+            .await
+    });
+    if let Some(path) = &args.unix_socket {
+        let _ = std::fs::remove_file(path);
+        let unix = tokio::net::UnixListener::bind(path)?;
+        let unix_routes = routes().await;
+        tasks.spawn(async move {
+            unix_routes
+                .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(unix))
+                .await
+        });
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        Some(done) = tasks.join_next() => done??,
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    if let Some(path) = &args.unix_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}

@@ -1,0 +1,440 @@
+//! `observer.Observer` over every node: streams merged in time order
+//! (`merge`), node trouble reported in the stream and in the status, and
+//! counters summed. A node that is down is reported, never fatal.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proto::observer::get_flows_response::ResponseTypes;
+use proto::observer::observer_server::Observer;
+use proto::observer::{
+    GetAgentEventsRequest, GetAgentEventsResponse, GetDebugEventsRequest, GetDebugEventsResponse,
+    GetFlowsRequest, GetFlowsResponse, GetNamespacesRequest, GetNamespacesResponse,
+    GetNodesRequest, GetNodesResponse, Namespace, Node, ServerStatusRequest, ServerStatusResponse,
+};
+use proto::relay::{NodeState, NodeStatusEvent};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::merge::Merge;
+use crate::peers::{self, Peers};
+
+type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+/// The relay's own name in the responses it makes (node status events).
+const RELAY_NAME: &str = "hubble-relay";
+
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// How long a quiet node may hold the merge back.
+    pub drain: Duration,
+    /// How long a node has to answer a unary call or open a stream.
+    pub request: Duration,
+}
+
+pub struct Relay {
+    peers: Arc<Peers>,
+    timeouts: Timeouts,
+}
+
+impl Relay {
+    pub fn new(peers: Arc<Peers>, timeouts: Timeouts) -> Self {
+        Relay { peers, timeouts }
+    }
+
+    /// Calls `call` on every node at once (each within the request
+    /// timeout): each node's answer or its error, by node.
+    async fn on_every_node<T, F, Fut>(&self, call: F) -> Vec<(peers::Node, Result<T, String>)>
+    where
+        T: Send + 'static,
+        F: Fn(peers::Node) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>> + Send + 'static,
+    {
+        let mut set = tokio::task::JoinSet::new();
+        let nodes = self.peers.snapshot();
+        for (i, n) in nodes.iter().enumerate() {
+            let fut = call(n.clone());
+            let limit = self.timeouts.request;
+            set.spawn(async move {
+                let r = match tokio::time::timeout(limit, fut).await {
+                    Ok(Ok(v)) => Ok(v),
+                    Ok(Err(s)) => Err(s.message().to_string()),
+                    Err(_) => Err(format!("no answer within {limit:?}")),
+                };
+                (i, r)
+            });
+        }
+        let mut out: Vec<Option<Result<T, String>>> = nodes.iter().map(|_| None).collect();
+        while let Some(Ok((i, r))) = set.join_next().await {
+            out[i] = Some(r);
+        }
+        nodes
+            .into_iter()
+            .zip(out)
+            .map(|(n, r)| (n, r.unwrap_or_else(|| Err("the call failed".into()))))
+            .collect()
+    }
+}
+
+fn ns_of(t: &Option<prost_types::Timestamp>) -> u64 {
+    t.as_ref()
+        .map(|t| (t.seconds.max(0) as u64) * 1_000_000_000 + t.nanos.max(0) as u64)
+        .unwrap_or(0)
+}
+
+fn now_timestamp() -> prost_types::Timestamp {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    prost_types::Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn node_status(state: NodeState, names: Vec<String>, message: String) -> GetFlowsResponse {
+    GetFlowsResponse {
+        node_name: RELAY_NAME.into(),
+        time: Some(now_timestamp()),
+        response_types: Some(ResponseTypes::NodeStatus(NodeStatusEvent {
+            state_change: state as i32,
+            node_names: names,
+            message,
+        })),
+    }
+}
+
+/// What a merged stream releases: the window of the request (`number`,
+/// `first`, `follow`) applied across the cluster.
+struct Window {
+    number: usize,
+    first: bool,
+    follow: bool,
+    /// The request's time: what is older is history (the last `number`
+    /// of it across the cluster, then the live stream).
+    started_ns: u64,
+}
+
+/// Merges node streams of `T` into `tx`, applying `window`. `time` gives
+/// an item's time.
+async fn merge_into<T: Send + 'static>(
+    streams: Vec<(String, Streaming<T>)>,
+    time: fn(&T) -> u64,
+    window: Window,
+    drain: Duration,
+    tx: mpsc::Sender<Result<T, Status>>,
+    on_error: impl Fn(String, String) -> Option<T> + Send + 'static,
+) {
+    let (items, mut rx) = mpsc::channel::<(usize, Result<Option<T>, Status>)>(1024);
+    let names: Vec<String> = streams.iter().map(|(n, _)| n.clone()).collect();
+    for (i, (_, mut s)) in streams.into_iter().enumerate() {
+        let items = items.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = s.message().await;
+                let end = !matches!(next, Ok(Some(_)));
+                if items.send((i, next)).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+    }
+    drop(items);
+    let mut merge = Merge::new(names.len(), drain, Instant::now());
+    // Last-`number` history, released once the history is over.
+    let mut history: Option<VecDeque<T>> = (window.number > 0 && !window.first).then(VecDeque::new);
+    let mut sent = 0usize;
+    loop {
+        let now = Instant::now();
+        while let Some(item) = merge.pop(now) {
+            if let Some(h) = history.as_mut() {
+                if !window.follow || time(&item) <= window.started_ns {
+                    if h.len() == window.number {
+                        h.pop_front();
+                    }
+                    h.push_back(item);
+                    continue;
+                }
+                for old in history.take().into_iter().flatten() {
+                    if tx.send(Ok(old)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            if tx.send(Ok(item)).await.is_err() {
+                return;
+            }
+            sent += 1;
+            if window.first && window.number > 0 && sent >= window.number {
+                return;
+            }
+        }
+        // Following: the history is over once nothing more is queued and
+        // every node has had its drain time.
+        let quiet = merge.queued() == 0 && merge.next_deadline().is_none_or(|d| d <= now);
+        if window.follow && quiet {
+            for old in history.take().into_iter().flatten() {
+                if tx.send(Ok(old)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        if merge.done() {
+            for old in history.take().into_iter().flatten() {
+                if tx.send(Ok(old)).await.is_err() {
+                    return;
+                }
+            }
+            return;
+        }
+        let wake = merge
+            .next_deadline()
+            .map(tokio::time::Instant::from_std)
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            got = rx.recv() => match got {
+                Some((i, Ok(Some(item)))) => merge.push(i, time(&item), item, Instant::now()),
+                Some((i, Ok(None))) => merge.end(i),
+                Some((i, Err(status))) => {
+                    merge.end(i);
+                    tracing::warn!(node = %names[i], error = %status.message(), "node stream failed");
+                    if let Some(e) = on_error(names[i].clone(), status.message().to_string()) {
+                        if tx.send(Ok(e)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                None => (0..names.len()).for_each(|i| merge.end(i)),
+            },
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = tx.closed() => return,
+        }
+    }
+}
+
+fn check_window(first: bool, follow: bool) -> Result<(), Status> {
+    if first && follow {
+        return Err(Status::invalid_argument(
+            "first cannot be specified with follow",
+        ));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Observer for Relay {
+    type GetFlowsStream = BoxStream<GetFlowsResponse>;
+    type GetAgentEventsStream = BoxStream<GetAgentEventsResponse>;
+    type GetDebugEventsStream = BoxStream<GetDebugEventsResponse>;
+
+    async fn get_flows(
+        &self,
+        request: Request<GetFlowsRequest>,
+    ) -> Result<Response<Self::GetFlowsStream>, Status> {
+        let req = request.into_inner();
+        check_window(req.first, req.follow)?;
+        let started_ns = ns_of(&Some(now_timestamp()));
+        let opened = self
+            .on_every_node(|n| {
+                let req = req.clone();
+                async move { Ok(n.client.clone().get_flows(req).await?.into_inner()) }
+            })
+            .await;
+        let (tx, rx) = mpsc::channel(256);
+        let mut streams = Vec::new();
+        let (mut up, mut down) = (Vec::new(), Vec::new());
+        for (n, r) in opened {
+            match r {
+                Ok(s) => {
+                    up.push(n.name.clone());
+                    streams.push((n.name, s));
+                }
+                Err(e) => down.push((n.name, e)),
+            }
+        }
+        // As Hubble Relay: who answered, then who did not.
+        if !up.is_empty() {
+            let _ = tx.try_send(Ok(node_status(NodeState::NodeConnected, up, String::new())));
+        }
+        if !down.is_empty() {
+            let message = down
+                .iter()
+                .map(|(n, e)| format!("{n}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            let names = down.into_iter().map(|(n, _)| n).collect();
+            let _ = tx.try_send(Ok(node_status(NodeState::NodeUnavailable, names, message)));
+        }
+        let window = Window {
+            number: req.number as usize,
+            first: req.first,
+            follow: req.follow,
+            started_ns,
+        };
+        tokio::spawn(merge_into(
+            streams,
+            |r: &GetFlowsResponse| ns_of(&r.time),
+            window,
+            self.timeouts.drain,
+            tx,
+            |node, message| Some(node_status(NodeState::NodeError, vec![node], message)),
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    /// Merged across the nodes as flows are (Hubble Relay answers
+    /// Unimplemented).
+    async fn get_agent_events(
+        &self,
+        request: Request<GetAgentEventsRequest>,
+    ) -> Result<Response<Self::GetAgentEventsStream>, Status> {
+        let req = request.into_inner();
+        check_window(req.first, req.follow)?;
+        let started_ns = ns_of(&Some(now_timestamp()));
+        let opened = self
+            .on_every_node(|n| async move {
+                Ok(n.client.clone().get_agent_events(req).await?.into_inner())
+            })
+            .await;
+        let streams = opened
+            .into_iter()
+            .filter_map(|(n, r)| r.ok().map(|s| (n.name, s)))
+            .collect();
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(merge_into(
+            streams,
+            |r: &GetAgentEventsResponse| ns_of(&r.time),
+            Window {
+                number: req.number as usize,
+                first: req.first,
+                follow: req.follow,
+                started_ns,
+            },
+            self.timeouts.drain,
+            tx,
+            |_, _| None,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_debug_events(
+        &self,
+        _: Request<GetDebugEventsRequest>,
+    ) -> Result<Response<Self::GetDebugEventsStream>, Status> {
+        Err(Status::unimplemented(
+            "GetDebugEvents is served by each node, not by the relay",
+        ))
+    }
+
+    async fn get_nodes(
+        &self,
+        _: Request<GetNodesRequest>,
+    ) -> Result<Response<GetNodesResponse>, Status> {
+        let answers = self
+            .on_every_node(|n| async move {
+                Ok(n.client
+                    .clone()
+                    .server_status(ServerStatusRequest {})
+                    .await?
+                    .into_inner())
+            })
+            .await;
+        let nodes = answers
+            .into_iter()
+            .map(|(n, r)| {
+                let tls = Some(proto::observer::Tls {
+                    enabled: false,
+                    server_name: String::new(),
+                });
+                match r {
+                    Ok(s) => Node {
+                        name: n.name,
+                        version: s.version,
+                        address: n.address,
+                        state: NodeState::NodeConnected as i32,
+                        tls,
+                        uptime_ns: s.uptime_ns,
+                        num_flows: s.num_flows,
+                        max_flows: s.max_flows,
+                        seen_flows: s.seen_flows,
+                    },
+                    Err(_) => Node {
+                        name: n.name,
+                        address: n.address,
+                        state: NodeState::NodeUnavailable as i32,
+                        tls,
+                        ..Default::default()
+                    },
+                }
+            })
+            .collect();
+        Ok(Response::new(GetNodesResponse { nodes }))
+    }
+
+    async fn get_namespaces(
+        &self,
+        _: Request<GetNamespacesRequest>,
+    ) -> Result<Response<GetNamespacesResponse>, Status> {
+        let answers = self
+            .on_every_node(|n| async move {
+                Ok(n.client
+                    .clone()
+                    .get_namespaces(GetNamespacesRequest {})
+                    .await?
+                    .into_inner())
+            })
+            .await;
+        let all: BTreeSet<(String, String)> = answers
+            .into_iter()
+            .filter_map(|(_, r)| r.ok())
+            .flat_map(|r| r.namespaces)
+            .map(|n| (n.cluster, n.namespace))
+            .collect();
+        Ok(Response::new(GetNamespacesResponse {
+            namespaces: all
+                .into_iter()
+                .map(|(cluster, namespace)| Namespace { cluster, namespace })
+                .collect(),
+        }))
+    }
+
+    async fn server_status(
+        &self,
+        _: Request<ServerStatusRequest>,
+    ) -> Result<Response<ServerStatusResponse>, Status> {
+        let answers = self
+            .on_every_node(|n| async move {
+                Ok(n.client
+                    .clone()
+                    .server_status(ServerStatusRequest {})
+                    .await?
+                    .into_inner())
+            })
+            .await;
+        let mut total = ServerStatusResponse {
+            version: format!("{}+fibril-relay", hubble::server::API_VERSION),
+            ..Default::default()
+        };
+        let (mut connected, mut unavailable) = (0u32, Vec::new());
+        for (n, r) in answers {
+            match r {
+                Ok(s) => {
+                    connected += 1;
+                    total.num_flows += s.num_flows;
+                    total.max_flows += s.max_flows;
+                    total.seen_flows += s.seen_flows;
+                    total.uptime_ns = total.uptime_ns.max(s.uptime_ns);
+                    total.flows_rate += s.flows_rate;
+                }
+                Err(_) => unavailable.push(n.name),
+            }
+        }
+        total.num_connected_nodes = Some(connected);
+        total.num_unavailable_nodes = Some(unavailable.len() as u32);
+        total.unavailable_nodes = unavailable;
+        Ok(Response::new(total))
+    }
+}

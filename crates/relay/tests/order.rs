@@ -1,0 +1,297 @@
+//! The relay's merge end to end over gRPC: three nodes (in-process
+//! `observer.Observer` servers that stream flows with given times), one of
+//! them late on purpose; the relay's GetFlows, as a client reads it, must
+//! come out in time order with nothing lost, and say which nodes answered.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use proto::observer::get_flows_response::ResponseTypes;
+use proto::observer::observer_client::ObserverClient;
+use proto::observer::observer_server::{Observer, ObserverServer};
+use proto::observer::*;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status};
+
+type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+/// A node that streams flows at `times` (ms after `base`), each after
+/// `delay` and then `gap` between flows; `follow` keeps the stream open.
+struct FakeNode {
+    name: String,
+    times: Vec<u64>,
+    delay: Duration,
+    gap: Duration,
+}
+
+const BASE_NS: u64 = 1_800_000_000_000_000_000;
+
+#[tonic::async_trait]
+impl Observer for FakeNode {
+    type GetFlowsStream = BoxStream<GetFlowsResponse>;
+    type GetAgentEventsStream = BoxStream<GetAgentEventsResponse>;
+    type GetDebugEventsStream = BoxStream<GetDebugEventsResponse>;
+
+    async fn get_flows(
+        &self,
+        request: Request<GetFlowsRequest>,
+    ) -> Result<Response<Self::GetFlowsStream>, Status> {
+        let follow = request.into_inner().follow;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (name, times, delay, gap) =
+            (self.name.clone(), self.times.clone(), self.delay, self.gap);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            for t in times {
+                let ns = BASE_NS + t * 1_000_000;
+                let time = Some(prost_types::Timestamp {
+                    seconds: (ns / 1_000_000_000) as i64,
+                    nanos: (ns % 1_000_000_000) as i32,
+                });
+                let flow = proto::flow::Flow {
+                    time,
+                    node_name: name.clone(),
+                    ..Default::default()
+                };
+                let r = GetFlowsResponse {
+                    node_name: name.clone(),
+                    time,
+                    response_types: Some(ResponseTypes::Flow(flow)),
+                };
+                if tx.send(Ok(r)).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(gap).await;
+            }
+            if follow {
+                tx.closed().await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_agent_events(
+        &self,
+        _: Request<GetAgentEventsRequest>,
+    ) -> Result<Response<Self::GetAgentEventsStream>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    async fn get_debug_events(
+        &self,
+        _: Request<GetDebugEventsRequest>,
+    ) -> Result<Response<Self::GetDebugEventsStream>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    async fn get_nodes(
+        &self,
+        _: Request<GetNodesRequest>,
+    ) -> Result<Response<GetNodesResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    async fn get_namespaces(
+        &self,
+        _: Request<GetNamespacesRequest>,
+    ) -> Result<Response<GetNamespacesResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    async fn server_status(
+        &self,
+        _: Request<ServerStatusRequest>,
+    ) -> Result<Response<ServerStatusResponse>, Status> {
+        Ok(Response::new(ServerStatusResponse {
+            num_flows: 1,
+            max_flows: 10,
+            seen_flows: 1,
+            ..Default::default()
+        }))
+    }
+}
+
+async fn serve<S>(service: S) -> String
+where
+    S: tonic::codegen::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    address
+}
+
+/// The relay over `nodes` (and one node that does not exist); a client of it.
+async fn relay_over(
+    nodes: Vec<FakeNode>,
+    drain: Duration,
+) -> ObserverClient<tonic::transport::Channel> {
+    let peers = fibril_relay::peers::Peers::new(Duration::from_millis(500));
+    for n in nodes {
+        let name = n.name.clone();
+        let address = serve(ObserverServer::new(n)).await;
+        peers.upsert(&name, &address).unwrap();
+    }
+    // Nothing listens there: a node that is down.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    peers.upsert("gone", &dead).unwrap();
+    let relay = fibril_relay::service::Relay::new(
+        peers,
+        fibril_relay::service::Timeouts {
+            drain,
+            request: Duration::from_secs(2),
+        },
+    );
+    let address = serve(ObserverServer::new(relay)).await;
+    ObserverClient::connect(format!("http://{address}"))
+        .await
+        .unwrap()
+}
+
+/// Reads the stream until `flows` flows came: their times (ms after the
+/// base) and the node status events.
+async fn read(
+    client: &mut ObserverClient<tonic::transport::Channel>,
+    req: GetFlowsRequest,
+    flows: usize,
+) -> (Vec<u64>, Vec<proto::relay::NodeStatusEvent>) {
+    let mut stream = client.get_flows(req).await.unwrap().into_inner();
+    let (mut times, mut status) = (Vec::new(), Vec::new());
+    while times.len() < flows {
+        let r = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("the relay kept the flows back")
+            .unwrap()
+            .expect("the stream ended early");
+        match r.response_types {
+            Some(ResponseTypes::Flow(f)) => {
+                let t = f.time.unwrap();
+                let ns = t.seconds as u64 * 1_000_000_000 + t.nanos as u64;
+                times.push((ns - BASE_NS) / 1_000_000);
+            }
+            Some(ResponseTypes::NodeStatus(s)) => status.push(s),
+            _ => {}
+        }
+    }
+    (times, status)
+}
+
+fn nodes(late: Duration) -> Vec<FakeNode> {
+    // Interleaved times; node c's stream starts late (its flows are as old
+    // as the others', they only arrive after them).
+    vec![
+        FakeNode {
+            name: "a".into(),
+            times: (0..50).map(|i| i * 3).collect(),
+            delay: Duration::ZERO,
+            gap: Duration::from_millis(2),
+        },
+        FakeNode {
+            name: "b".into(),
+            times: (0..50).map(|i| i * 3 + 1).collect(),
+            delay: Duration::ZERO,
+            gap: Duration::from_millis(2),
+        },
+        FakeNode {
+            name: "c".into(),
+            times: (0..50).map(|i| i * 3 + 2).collect(),
+            delay: late,
+            gap: Duration::from_millis(2),
+        },
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_node_does_not_put_flows_out_of_order() {
+    let mut client = relay_over(nodes(Duration::from_millis(300)), Duration::from_secs(2)).await;
+    let (times, status) = read(&mut client, GetFlowsRequest::default(), 150).await;
+    assert_eq!(
+        times,
+        (0..150).collect::<Vec<u64>>(),
+        "every flow, in time order"
+    );
+    let connected = status
+        .iter()
+        .find(|s| s.state_change == proto::relay::NodeState::NodeConnected as i32)
+        .expect("a CONNECTED status");
+    assert_eq!(connected.node_names, ["a", "b", "c"]);
+    let unavailable = status
+        .iter()
+        .find(|s| s.state_change == proto::relay::NodeState::NodeUnavailable as i32)
+        .expect("an UNAVAILABLE status");
+    assert_eq!(unavailable.node_names, ["gone"]);
+
+    // Following: the same, live.
+    let req = GetFlowsRequest {
+        follow: true,
+        ..Default::default()
+    };
+    let (times, _) = read(&mut client, req, 150).await;
+    assert_eq!(
+        times,
+        (0..150).collect::<Vec<u64>>(),
+        "following, in time order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn number_and_first_count_across_the_cluster() {
+    let mut client = relay_over(nodes(Duration::ZERO), Duration::from_secs(2)).await;
+    let last = GetFlowsRequest {
+        number: 10,
+        ..Default::default()
+    };
+    let (times, _) = read(&mut client, last, 10).await;
+    assert_eq!(
+        times,
+        (140..150).collect::<Vec<u64>>(),
+        "the cluster's last ten"
+    );
+    let first = GetFlowsRequest {
+        number: 10,
+        first: true,
+        ..Default::default()
+    };
+    let (times, _) = read(&mut client, first, 10).await;
+    assert_eq!(
+        times,
+        (0..10).collect::<Vec<u64>>(),
+        "the cluster's first ten"
+    );
+    let both = GetFlowsRequest {
+        first: true,
+        follow: true,
+        ..Default::default()
+    };
+    let err = client.get_flows(both).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_counts_the_nodes_that_answer() {
+    let mut client = relay_over(nodes(Duration::ZERO), Duration::from_secs(2)).await;
+    let s = client
+        .server_status(ServerStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.num_connected_nodes, Some(3));
+    assert_eq!(s.num_unavailable_nodes, Some(1));
+    assert_eq!(s.unavailable_nodes, ["gone"]);
+    assert_eq!((s.num_flows, s.max_flows), (3, 30));
+}
