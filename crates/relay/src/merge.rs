@@ -38,6 +38,17 @@ impl<T> Merge<T> {
         }
     }
 
+    /// A node that joins the merge at `now` (following: a node that came
+    /// or came back); its index.
+    pub fn add_node(&mut self, now: Instant) -> usize {
+        self.nodes.push(NodeQueue {
+            queue: VecDeque::new(),
+            open: true,
+            last_seen: now,
+        });
+        self.nodes.len() - 1
+    }
+
     /// Node `node` sent `item`, of time `time` (ns since the epoch).
     pub fn push(&mut self, node: usize, time: u64, item: T, now: Instant) {
         let n = &mut self.nodes[node];

@@ -118,8 +118,21 @@ struct Window {
     started_ns: u64,
 }
 
+/// A node's stream joining a merge already under way (following): its
+/// name, its stream, and what to say of it in the merged stream.
+struct Join<T> {
+    name: String,
+    stream: Streaming<T>,
+    say: Option<T>,
+}
+
+/// The names of the nodes a merge is reading, shared with its joiner.
+type ReadingSet = Arc<std::sync::Mutex<BTreeSet<String>>>;
+
 /// Merges node streams of `T` into `tx`, applying `window`. `time` gives
-/// an item's time.
+/// an item's time. Following, `joins` brings streams of nodes that come
+/// (or come back) later.
+#[allow(clippy::too_many_arguments)]
 async fn merge_into<T: Send + 'static>(
     streams: Vec<(String, Streaming<T>)>,
     time: fn(&T) -> u64,
@@ -127,10 +140,11 @@ async fn merge_into<T: Send + 'static>(
     drain: Duration,
     tx: mpsc::Sender<Result<T, Status>>,
     on_error: impl Fn(String, String) -> Option<T> + Send + 'static,
+    mut joins: Option<mpsc::Receiver<Join<T>>>,
+    reading: ReadingSet,
 ) {
     let (items, mut rx) = mpsc::channel::<(usize, Result<Option<T>, Status>)>(1024);
-    let names: Vec<String> = streams.iter().map(|(n, _)| n.clone()).collect();
-    for (i, (_, mut s)) in streams.into_iter().enumerate() {
+    let read = |i: usize, mut s: Streaming<T>| {
         let items = items.clone();
         tokio::spawn(async move {
             loop {
@@ -141,9 +155,19 @@ async fn merge_into<T: Send + 'static>(
                 }
             }
         });
+    };
+    let mut names: Vec<String> = Vec::new();
+    for (i, (name, s)) in streams.into_iter().enumerate() {
+        names.push(name);
+        read(i, s);
     }
-    drop(items);
     let mut merge = Merge::new(names.len(), drain, Instant::now());
+    let stopped = |name: &str| {
+        reading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+    };
     // Last-`number` history, released once the history is over.
     let mut history: Option<VecDeque<T>> = (window.number > 0 && !window.first).then(VecDeque::new);
     let mut sent = 0usize;
@@ -182,7 +206,8 @@ async fn merge_into<T: Send + 'static>(
                 }
             }
         }
-        if merge.done() {
+        // A follow with nodes still to come stays open with none streaming.
+        if merge.done() && joins.is_none() {
             for old in history.take().into_iter().flatten() {
                 if tx.send(Ok(old)).await.is_err() {
                     return;
@@ -194,12 +219,22 @@ async fn merge_into<T: Send + 'static>(
             .next_deadline()
             .map(tokio::time::Instant::from_std)
             .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        let join = async {
+            match joins.as_mut() {
+                Some(j) => j.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             got = rx.recv() => match got {
                 Some((i, Ok(Some(item)))) => merge.push(i, time(&item), item, Instant::now()),
-                Some((i, Ok(None))) => merge.end(i),
+                Some((i, Ok(None))) => {
+                    merge.end(i);
+                    stopped(&names[i]);
+                }
                 Some((i, Err(status))) => {
                     merge.end(i);
+                    stopped(&names[i]);
                     tracing::warn!(node = %names[i], error = %status.message(), "node stream failed");
                     if let Some(e) = on_error(names[i].clone(), status.message().to_string()) {
                         if tx.send(Ok(e)).await.is_err() {
@@ -209,10 +244,79 @@ async fn merge_into<T: Send + 'static>(
                 }
                 None => (0..names.len()).for_each(|i| merge.end(i)),
             },
+            joined = join => match joined {
+                Some(j) => {
+                    if let Some(say) = j.say {
+                        if tx.send(Ok(say)).await.is_err() {
+                            return;
+                        }
+                    }
+                    let i = merge.add_node(Instant::now());
+                    names.push(j.name);
+                    read(i, j.stream);
+                }
+                None => joins = None,
+            },
             _ = tokio::time::sleep_until(wake) => {}
             _ = tx.closed() => return,
         }
     }
+}
+
+/// Following: every second, opens a live-only stream (no history: the
+/// merge has moved past it) on each node that is not streaming, and hands
+/// it to the merge, which says CONNECTED for it. Ends with the merge.
+fn join_late_nodes(
+    peers: Arc<Peers>,
+    req: GetFlowsRequest,
+    timeout: Duration,
+    reading: ReadingSet,
+) -> mpsc::Receiver<Join<GetFlowsResponse>> {
+    let (tx, rx) = mpsc::channel(4);
+    let live = GetFlowsRequest {
+        number: 0,
+        first: false,
+        follow: true,
+        since: None,
+        ..req
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tx.closed() => return,
+            }
+            for n in peers.snapshot() {
+                if reading
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(&n.name)
+                {
+                    continue;
+                }
+                let opened =
+                    tokio::time::timeout(timeout, n.client.clone().get_flows(live.clone())).await;
+                let Ok(Ok(stream)) = opened else { continue };
+                reading
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(n.name.clone());
+                let join = Join {
+                    say: Some(node_status(
+                        NodeState::NodeConnected,
+                        vec![n.name.clone()],
+                        String::new(),
+                    )),
+                    name: n.name,
+                    stream: stream.into_inner(),
+                };
+                if tx.send(join).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
 }
 
 fn check_window(first: bool, follow: bool) -> Result<(), Status> {
@@ -274,6 +378,17 @@ impl Observer for Relay {
             follow: req.follow,
             started_ns,
         };
+        let reading: ReadingSet = Arc::new(std::sync::Mutex::new(
+            streams.iter().map(|(n, _)| n.clone()).collect(),
+        ));
+        let joins = req.follow.then(|| {
+            join_late_nodes(
+                self.peers.clone(),
+                req.clone(),
+                self.timeouts.request,
+                reading.clone(),
+            )
+        });
         tokio::spawn(merge_into(
             streams,
             |r: &GetFlowsResponse| ns_of(&r.time),
@@ -281,6 +396,8 @@ impl Observer for Relay {
             self.timeouts.drain,
             tx,
             |node, message| Some(node_status(NodeState::NodeError, vec![node], message)),
+            joins,
+            reading,
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -316,6 +433,8 @@ impl Observer for Relay {
             self.timeouts.drain,
             tx,
             |_, _| None,
+            None,
+            Default::default(),
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

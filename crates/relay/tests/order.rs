@@ -4,6 +4,7 @@
 //! come out in time order with nothing lost, and say which nodes answered.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use proto::observer::get_flows_response::ResponseTypes;
@@ -134,11 +135,14 @@ where
     address
 }
 
-/// The relay over `nodes` (and one node that does not exist); a client of it.
+type Client = ObserverClient<tonic::transport::Channel>;
+
+/// The relay over `nodes` (and one node that does not exist); a client of
+/// it, and its peers.
 async fn relay_over(
     nodes: Vec<FakeNode>,
     drain: Duration,
-) -> ObserverClient<tonic::transport::Channel> {
+) -> (Client, Arc<fibril_relay::peers::Peers>) {
     let peers = fibril_relay::peers::Peers::new(Duration::from_millis(500));
     for n in nodes {
         let name = n.name.clone();
@@ -151,16 +155,17 @@ async fn relay_over(
     drop(closed);
     peers.upsert("gone", &dead).unwrap();
     let relay = fibril_relay::service::Relay::new(
-        peers,
+        peers.clone(),
         fibril_relay::service::Timeouts {
             drain,
             request: Duration::from_secs(2),
         },
     );
     let address = serve(ObserverServer::new(relay)).await;
-    ObserverClient::connect(format!("http://{address}"))
+    let client = ObserverClient::connect(format!("http://{address}"))
         .await
-        .unwrap()
+        .unwrap();
+    (client, peers)
 }
 
 /// Reads the stream until `flows` flows came: their times (ms after the
@@ -218,7 +223,8 @@ fn nodes(late: Duration) -> Vec<FakeNode> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_node_does_not_put_flows_out_of_order() {
-    let mut client = relay_over(nodes(Duration::from_millis(300)), Duration::from_secs(2)).await;
+    let (mut client, _) =
+        relay_over(nodes(Duration::from_millis(300)), Duration::from_secs(2)).await;
     let (times, status) = read(&mut client, GetFlowsRequest::default(), 150).await;
     assert_eq!(
         times,
@@ -251,7 +257,7 @@ async fn a_late_node_does_not_put_flows_out_of_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn number_and_first_count_across_the_cluster() {
-    let mut client = relay_over(nodes(Duration::ZERO), Duration::from_secs(2)).await;
+    let (mut client, _) = relay_over(nodes(Duration::ZERO), Duration::from_secs(2)).await;
     let last = GetFlowsRequest {
         number: 10,
         ..Default::default()
@@ -284,7 +290,7 @@ async fn number_and_first_count_across_the_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_counts_the_nodes_that_answer() {
-    let mut client = relay_over(nodes(Duration::ZERO), Duration::from_secs(2)).await;
+    let (mut client, _) = relay_over(nodes(Duration::ZERO), Duration::from_secs(2)).await;
     let s = client
         .server_status(ServerStatusRequest {})
         .await
@@ -294,4 +300,47 @@ async fn status_counts_the_nodes_that_answer() {
     assert_eq!(s.num_unavailable_nodes, Some(1));
     assert_eq!(s.unavailable_nodes, ["gone"]);
     assert_eq!((s.num_flows, s.max_flows), (3, 30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_comes_later_joins_a_followed_stream() {
+    let (mut client, peers) = relay_over(nodes(Duration::ZERO), Duration::from_millis(300)).await;
+    let req = GetFlowsRequest {
+        follow: true,
+        ..Default::default()
+    };
+    let mut stream = client.get_flows(req).await.unwrap().into_inner();
+    let late = FakeNode {
+        name: "late".into(),
+        times: (1000..1010).collect(),
+        delay: Duration::ZERO,
+        gap: Duration::from_millis(2),
+    };
+    peers
+        .upsert("late", &serve(ObserverServer::new(late)).await)
+        .unwrap();
+    let (mut times, mut joined) = (Vec::new(), false);
+    while times.len() < 160 {
+        let r = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("the late node's flows never came")
+            .unwrap()
+            .unwrap();
+        match r.response_types {
+            Some(ResponseTypes::Flow(f)) => {
+                let t = f.time.unwrap();
+                times.push(
+                    (t.seconds as u64 * 1_000_000_000 + t.nanos as u64 - BASE_NS) / 1_000_000,
+                );
+            }
+            Some(ResponseTypes::NodeStatus(s)) => {
+                joined |= s.state_change == proto::relay::NodeState::NodeConnected as i32
+                    && s.node_names == ["late"];
+            }
+            _ => {}
+        }
+    }
+    assert!(joined, "a CONNECTED status for the node that joined");
+    let expected: Vec<u64> = (0..150).chain(1000..1010).collect();
+    assert_eq!(times, expected);
 }
