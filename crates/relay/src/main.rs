@@ -38,6 +38,29 @@ struct Args {
     /// How long connecting to a node may take, in ms.
     #[arg(long, default_value_t = 2000)]
     dial_timeout_ms: u64,
+    /// Reach the nodes over TLS: the CA (PEM) their Hubble servers'
+    /// certificates chain to (names `<node>.<cluster>.hubble-grpc.cilium.io`).
+    #[arg(long)]
+    tls_hubble_server_ca_files: Option<PathBuf>,
+    /// The relay's client certificate (PEM) for nodes that ask for one (mTLS).
+    #[arg(long, requires_all = ["tls_client_key_file", "tls_hubble_server_ca_files"])]
+    tls_client_cert_file: Option<PathBuf>,
+    #[arg(long, requires = "tls_client_cert_file")]
+    tls_client_key_file: Option<PathBuf>,
+    /// Serve the TCP listener over TLS with this certificate (PEM).
+    #[arg(long, requires = "tls_server_key_file")]
+    tls_server_cert_file: Option<PathBuf>,
+    #[arg(long, requires = "tls_server_cert_file")]
+    tls_server_key_file: Option<PathBuf>,
+    /// Ask the relay's own clients for a certificate chaining to this CA.
+    #[arg(long, requires = "tls_server_cert_file")]
+    tls_server_client_ca_files: Option<PathBuf>,
+}
+
+fn read(path: &Option<PathBuf>) -> anyhow::Result<Option<Vec<u8>>> {
+    path.as_ref()
+        .map(|p| std::fs::read(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display())))
+        .transpose()
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,7 +81,34 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let peers = Peers::new(Duration::from_millis(args.dial_timeout_ms));
+    let client_tls = match read(&args.tls_hubble_server_ca_files)? {
+        None => None,
+        Some(ca_pem) => Some(fibril_relay::peers::ClientTls {
+            ca_pem,
+            identity: match (
+                read(&args.tls_client_cert_file)?,
+                read(&args.tls_client_key_file)?,
+            ) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                _ => None,
+            },
+        }),
+    };
+    let server_tls = match (
+        read(&args.tls_server_cert_file)?,
+        read(&args.tls_server_key_file)?,
+    ) {
+        (Some(cert), Some(key)) => {
+            let mut config = tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(cert, key));
+            if let Some(ca) = read(&args.tls_server_client_ca_files)? {
+                config = config.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+            }
+            Some(config)
+        }
+        _ => None,
+    };
+    let peers = Peers::with_tls(Duration::from_millis(args.dial_timeout_ms), client_tls);
     for p in &args.static_peers {
         let (name, address) = p
             .split_once('=')
@@ -78,7 +128,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             request: Duration::from_millis(args.request_timeout_ms),
         },
     ));
-    let routes = || async {
+    let routes = |tls: Option<tonic::transport::ServerTlsConfig>| async {
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter
             .set_service_status(
@@ -89,13 +139,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         reporter
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
-        tonic::transport::Server::builder()
-            .add_service(health)
-            .add_service(ObserverServer::from_arc(relay.clone()))
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls)?;
+        }
+        Ok::<_, anyhow::Error>(
+            builder
+                .add_service(health)
+                .add_service(ObserverServer::from_arc(relay.clone())),
+        )
     };
     let tcp = tokio::net::TcpListener::bind(args.listen_address).await?;
-    tracing::info!(address = %tcp.local_addr()?, "relay serving");
-    let tcp_routes = routes().await;
+    tracing::info!(address = %tcp.local_addr()?, tls = server_tls.is_some(), "relay serving");
+    let tcp_routes = routes(server_tls).await?;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(async move {
         tcp_routes
@@ -105,7 +161,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(path) = &args.unix_socket {
         let _ = std::fs::remove_file(path);
         let unix = tokio::net::UnixListener::bind(path)?;
-        let unix_routes = routes().await;
+        // Root's own socket: no TLS.
+        let unix_routes = routes(None).await?;
         tasks.spawn(async move {
             unix_routes
                 .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(unix))

@@ -10,7 +10,7 @@ use std::time::Duration;
 use proto::observer::observer_client::ObserverClient;
 use proto::peer::peer_client::PeerClient;
 use proto::peer::{ChangeNotificationType, NotifyRequest};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// The largest message a node may send (a flow with long label lists and
 /// L7 detail stays far below).
@@ -24,17 +24,34 @@ pub struct Node {
     pub client: ObserverClient<Channel>,
 }
 
+/// TLS to the nodes' Hubble servers: the CAs their certificates chain to,
+/// and the relay's own certificate when they ask for one (mTLS).
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    pub ca_pem: Vec<u8>,
+    /// (certificate, key), PEM.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 /// The relay's nodes, by name.
 pub struct Peers {
     nodes: Mutex<BTreeMap<String, Node>>,
     dial_timeout: Duration,
+    tls: Option<ClientTls>,
 }
 
 impl Peers {
     pub fn new(dial_timeout: Duration) -> Arc<Self> {
+        Self::with_tls(dial_timeout, None)
+    }
+
+    /// Nodes reached over TLS (`tls`), each checked against the name
+    /// Hubble gives its server (`server_name`).
+    pub fn with_tls(dial_timeout: Duration, tls: Option<ClientTls>) -> Arc<Self> {
         Arc::new(Peers {
             nodes: Mutex::new(BTreeMap::new()),
             dial_timeout,
+            tls,
         })
     }
 
@@ -44,7 +61,22 @@ impl Peers {
         if nodes.get(name).is_some_and(|n| n.address == address) {
             return Ok(());
         }
-        let channel = endpoint(address, self.dial_timeout)?.connect_lazy();
+        let channel = match &self.tls {
+            None => endpoint(address, self.dial_timeout)?,
+            Some(tls) => {
+                let mut config = ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&tls.ca_pem))
+                    .domain_name(server_name(name));
+                if let Some((cert, key)) = &tls.identity {
+                    config = config.identity(Identity::from_pem(cert, key));
+                }
+                Endpoint::from_shared(format!("https://{address}"))?
+                    .connect_timeout(self.dial_timeout)
+                    .tcp_nodelay(true)
+                    .tls_config(config)?
+            }
+        }
+        .connect_lazy();
         tracing::info!(node = name, address, "peer added");
         nodes.insert(
             name.to_string(),
@@ -69,6 +101,14 @@ impl Peers {
         let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
         nodes.values().cloned().collect()
     }
+}
+
+/// The name a node's Hubble server certificate carries, as Hubble's:
+/// `<node>.<cluster>.hubble-grpc.cilium.io`, the node's dots made dashes
+/// (peer names are `cluster/node`; a bare name is of cluster `default`).
+pub fn server_name(peer: &str) -> String {
+    let (cluster, node) = peer.split_once('/').unwrap_or(("default", peer));
+    format!("{}.{cluster}.hubble-grpc.cilium.io", node.replace('.', "-"))
 }
 
 /// A plaintext HTTP/2 endpoint for `address` (`host:port`).
@@ -120,4 +160,19 @@ async fn notify(peers: &Peers, address: &str) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn server_names_are_hubbles() {
+        assert_eq!(
+            super::server_name("prod/node-1.example"),
+            "node-1-example.prod.hubble-grpc.cilium.io"
+        );
+        assert_eq!(
+            super::server_name("kind-worker"),
+            "kind-worker.default.hubble-grpc.cilium.io"
+        );
+    }
 }

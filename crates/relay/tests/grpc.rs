@@ -1,7 +1,9 @@
-//! The relay's merge end to end over gRPC: three nodes (in-process
-//! `observer.Observer` servers that stream flows with given times), one of
-//! them late on purpose; the relay's GetFlows, as a client reads it, must
-//! come out in time order with nothing lost, and say which nodes answered.
+//! The relay end to end over gRPC, against in-process `observer.Observer`
+//! servers that stream flows with given times (the real agents and the
+//! real hubble CLI are in `crates/cli/tests/relay_e2e.rs`): one node late
+//! on purpose and nothing out of order, nodes that answer and nodes that
+//! do not, windows across the cluster, a node joining a followed stream,
+//! TLS and mTLS to the nodes.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -125,10 +127,30 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
+    serve_tls(service, None).await
+}
+
+async fn serve_tls<S>(service: S, tls: Option<tonic::transport::ServerTlsConfig>) -> String
+where
+    S: tonic::codegen::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).unwrap();
+    }
     tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .add_service(service)
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
@@ -343,4 +365,72 @@ async fn a_node_that_comes_later_joins_a_followed_stream() {
     assert!(joined, "a CONNECTED status for the node that joined");
     let expected: Vec<u64> = (0..150).chain(1000..1010).collect();
     assert_eq!(times, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_over_tls_and_mutual_tls() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let issue = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
+    };
+    // The node's certificate carries Hubble's name for node `a` of cluster
+    // `prod`; it asks clients for a certificate of the same CA.
+    let (cert, key) = issue("a.prod.hubble-grpc.cilium.io");
+    let node_tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert, key))
+        .client_ca_root(tonic::transport::Certificate::from_pem(ca.pem()));
+    let node = FakeNode {
+        name: "a".into(),
+        times: (0..5).collect(),
+        delay: Duration::ZERO,
+        gap: Duration::ZERO,
+    };
+    let address = serve_tls(ObserverServer::new(node), Some(node_tls)).await;
+    let relay_client = issue("relay.hubble-relay.cilium.io");
+    let ask = |peer: &'static str, identity: Option<(Vec<u8>, Vec<u8>)>| {
+        let (address, ca_pem) = (address.clone(), ca.pem().into_bytes());
+        async move {
+            let peers = fibril_relay::peers::Peers::with_tls(
+                Duration::from_secs(2),
+                Some(fibril_relay::peers::ClientTls { ca_pem, identity }),
+            );
+            peers.upsert(peer, &address).unwrap();
+            let relay = fibril_relay::service::Relay::new(
+                peers,
+                fibril_relay::service::Timeouts {
+                    drain: Duration::from_millis(200),
+                    request: Duration::from_secs(3),
+                },
+            );
+            let relay_address = serve(ObserverServer::new(relay)).await;
+            let mut client = ObserverClient::connect(format!("http://{relay_address}"))
+                .await
+                .unwrap();
+            client
+                .server_status(ServerStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let s = ask("prod/a", Some(relay_client.clone())).await;
+    assert_eq!((s.num_connected_nodes, s.num_flows), (Some(1), 1), "mTLS");
+    // Without the relay's certificate the node refuses it.
+    let s = ask("prod/a", None).await;
+    assert_eq!(s.unavailable_nodes, ["prod/a"], "no client certificate");
+    // A node whose certificate does not carry its name is refused.
+    let s = ask("prod/b", Some(relay_client)).await;
+    assert_eq!(
+        s.unavailable_nodes,
+        ["prod/b"],
+        "another node's certificate"
+    );
 }
