@@ -128,26 +128,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
             request: Duration::from_millis(args.request_timeout_ms),
         },
     ));
-    let routes = |tls: Option<tonic::transport::ServerTlsConfig>| async {
-        let (reporter, health) = tonic_health::server::health_reporter();
-        reporter
-            .set_service_status(
-                "hubble.server.Observer",
-                tonic_health::ServingStatus::Serving,
+    let health = fibril_relay::service::health(relay.clone()).await;
+    let routes = |tls: Option<tonic::transport::ServerTlsConfig>| {
+        let health = health.clone();
+        let relay = relay.clone();
+        async move {
+            let mut builder = tonic::transport::Server::builder();
+            if let Some(tls) = tls {
+                builder = builder.tls_config(tls)?;
+            }
+            Ok::<_, anyhow::Error>(
+                builder
+                    .add_service(health)
+                    .add_service(ObserverServer::from_arc(relay)),
             )
-            .await;
-        reporter
-            .set_service_status("", tonic_health::ServingStatus::Serving)
-            .await;
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(tls) = tls {
-            builder = builder.tls_config(tls)?;
         }
-        Ok::<_, anyhow::Error>(
-            builder
-                .add_service(health)
-                .add_service(ObserverServer::from_arc(relay.clone())),
-        )
     };
     let tcp = tokio::net::TcpListener::bind(args.listen_address).await?;
     tracing::info!(address = %tcp.local_addr()?, tls = server_tls.is_some(), "relay serving");

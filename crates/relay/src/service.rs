@@ -79,6 +79,50 @@ impl Relay {
     }
 }
 
+/// gRPC health for the relay. Liveness (service "") is the process
+/// answering: always SERVING, so a slow or dead node never gets the relay
+/// restarted. Readiness (`hubble.server.Observer`, what `hubble status`
+/// checks) follows whether any node answers (`readiness`, spawned here).
+pub async fn health(
+    relay: Arc<Relay>,
+) -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    tokio::spawn(readiness(relay, reporter));
+    health
+}
+
+/// Keeps the Observer's readiness (`hubble.server.Observer` in gRPC
+/// health) true while at least one node answers its status, checked every
+/// 5 s (every second while not ready).
+async fn readiness(relay: Arc<Relay>, reporter: tonic_health::server::HealthReporter) {
+    loop {
+        let answers = relay
+            .on_every_node(|n| async move {
+                Ok(n.client
+                    .clone()
+                    .server_status(ServerStatusRequest {})
+                    .await?
+                    .into_inner())
+            })
+            .await;
+        let ready = answers.iter().any(|(_, r)| r.is_ok());
+        let status = if ready {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        reporter
+            .set_service_status("hubble.server.Observer", status)
+            .await;
+        // Not ready yet: look again soon (the nodes are being found).
+        let every = if ready { 5 } else { 1 };
+        tokio::time::sleep(Duration::from_secs(every)).await;
+    }
+}
+
 fn ns_of(t: &Option<prost_types::Timestamp>) -> u64 {
     t.as_ref()
         .map(|t| (t.seconds.max(0) as u64) * 1_000_000_000 + t.nanos.max(0) as u64)

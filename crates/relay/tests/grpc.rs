@@ -434,3 +434,62 @@ async fn nodes_over_tls_and_mutual_tls() {
         "another node's certificate"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_while_a_node_answers_alive_always() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let peers = fibril_relay::peers::Peers::new(Duration::from_millis(300));
+    let relay = Arc::new(fibril_relay::service::Relay::new(
+        peers.clone(),
+        fibril_relay::service::Timeouts {
+            drain: Duration::from_millis(200),
+            request: Duration::from_secs(1),
+        },
+    ));
+    let address = serve(fibril_relay::service::health(relay).await).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let client = HealthClient::new(channel);
+    let check = |service: &'static str| {
+        let mut client = client.clone();
+        async move {
+            client
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .map(|r| r.into_inner().status)
+        }
+    };
+    let wait_for = |service: &'static str, want: ServingStatus| {
+        async move {
+            for _ in 0..50 {
+                if check(service).await.ok() == Some(want as i32) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("{service} never {want:?}");
+        }
+    };
+    // No node: alive, not ready.
+    assert_eq!(check("").await.unwrap(), ServingStatus::Serving as i32);
+    wait_for("hubble.server.Observer", ServingStatus::NotServing).await;
+    // A node answers: ready.
+    let node = FakeNode {
+        name: "a".into(),
+        times: vec![],
+        delay: Duration::ZERO,
+        gap: Duration::ZERO,
+    };
+    peers
+        .upsert("a", &serve(ObserverServer::new(node)).await)
+        .unwrap();
+    wait_for("hubble.server.Observer", ServingStatus::Serving).await;
+    drop(client);
+}
