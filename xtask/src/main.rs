@@ -443,7 +443,7 @@ fn main() -> anyhow::Result<()> {
         Some("test") | Some("ci") => test(),
         Some("demo") => demo(args.iter().any(|a| a == "--keep")),
         Some("bench") => {
-            // `--only policy|cluster|flows|packet|datapath|overlay|cni|l7` runs one part.
+            // `--only policy|cluster|relay|flows|packet|datapath|overlay|cni|l7` runs one part.
             let only: Option<String> = bench::flag(&args, "only");
             let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
             deps()?;
@@ -461,6 +461,12 @@ fn main() -> anyhow::Result<()> {
             if part("cluster") {
                 println!("\n== kvstore mode: convergence across three agents on one etcd; agent RSS and etcd traffic at 3 x 1,000 pods");
                 agent_example("cluster_bench")?;
+            }
+            if part("relay") {
+                println!("\n== Hubble Relay: 3 nodes -> 1 client, flows/s, RSS, follow latency");
+                run(cargo()
+                    .args(["run", "--quiet", "--release", "-p", "fibril-relay"])
+                    .args(["--example", "relay_bench"]))?;
             }
             if part("flows") {
                 println!("\n== flow pipeline and Hubble API");
@@ -495,6 +501,6 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some("layering") => layering(),
-        _ => bail!("usage: cargo xtask <deps|test|layering|demo [--keep]|bench [--seconds N] [--only policy|cluster|flows|packet|datapath|cni|l7]|ci>"),
+        _ => bail!("usage: cargo xtask <deps|test|layering|demo [--keep]|bench [--seconds N] [--only policy|cluster|relay|flows|packet|datapath|overlay|cni|l7]|ci>"),
     }
 }

@@ -274,10 +274,8 @@ fn start_hubble(
                                 return Ok(());
                             }
                         };
-                    let incoming = hubble::limits::incoming(
-                        tokio_stream::wrappers::TcpListenerStream::new(listener),
-                        limits,
-                    );
+                    let incoming =
+                        hubble::limits::incoming(hubble::limits::tcp_nodelay(listener), limits);
                     router
                         .serve_with_incoming_shutdown(incoming, drain.signaled())
                         .await

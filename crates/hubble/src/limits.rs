@@ -227,6 +227,24 @@ impl<T: Connected> Connected for Limited<T> {
     }
 }
 
+/// A TCP listener's connections with Nagle's algorithm off: a stream of
+/// flows is many small writes, and Nagle with the peer's delayed ACKs held
+/// some back up to 40 ms (seen as the relay's follow latency).
+pub fn tcp_nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl Stream<Item = Result<tokio::net::TcpStream, io::Error>> + Send {
+    tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |conn| {
+            conn.inspect(|c| {
+                if let Err(e) = c.set_nodelay(true) {
+                    tracing::debug!(error = %e, "TCP_NODELAY");
+                }
+            })
+        },
+    )
+}
+
 /// A listener's connections under `limits` (see the module comment).
 /// `incoming` is e.g. a `TcpListenerStream` or a `UnixListenerStream`.
 pub fn incoming<S, T>(

@@ -5,4 +5,6 @@
 
 pub mod merge;
 pub mod peers;
+pub mod raw;
+pub mod routes;
 pub mod service;

@@ -8,7 +8,6 @@ use std::time::Duration;
 use clap::Parser;
 use fibril_relay::peers::Peers;
 use fibril_relay::service::{Relay, Timeouts};
-use proto::observer::observer_server::ObserverServer;
 
 #[derive(Parser)]
 #[command(
@@ -140,7 +139,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Ok::<_, anyhow::Error>(
                 builder
                     .add_service(health)
-                    .add_service(ObserverServer::from_arc(relay)),
+                    .add_service(fibril_relay::routes::Routes::new(relay)),
             )
         }
     };
@@ -150,7 +149,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(async move {
         tcp_routes
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(tcp))
+            .serve_with_incoming(hubble::limits::tcp_nodelay(tcp))
             .await
     });
     if let Some(path) = &args.unix_socket {

@@ -14,7 +14,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 /// The largest message a node may send (a flow with long label lists and
 /// L7 detail stays far below).
-const MAX_MESSAGE_BYTES: usize = 16 << 20;
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
 /// One node as the relay knows it.
 #[derive(Clone, Debug)]
@@ -22,6 +22,9 @@ pub struct Node {
     pub name: String,
     pub address: String,
     pub client: ObserverClient<Channel>,
+    /// The same connection, for calls made without the generated client
+    /// (`raw::get_flows`).
+    pub channel: Channel,
 }
 
 /// TLS to the nodes' Hubble servers: the CAs their certificates chain to,
@@ -83,7 +86,9 @@ impl Peers {
             Node {
                 name: name.to_string(),
                 address: address.to_string(),
-                client: ObserverClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
+                client: ObserverClient::new(channel.clone())
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                channel,
             },
         );
         Ok(())

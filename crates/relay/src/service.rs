@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::merge::Merge;
 use crate::peers::{self, Peers};
+use crate::raw::{self, Raw};
 
 type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
@@ -315,7 +316,7 @@ fn join_late_nodes(
     req: GetFlowsRequest,
     timeout: Duration,
     reading: ReadingSet,
-) -> mpsc::Receiver<Join<GetFlowsResponse>> {
+) -> mpsc::Receiver<Join<Raw>> {
     let (tx, rx) = mpsc::channel(4);
     let live = GetFlowsRequest {
         number: 0,
@@ -338,21 +339,24 @@ fn join_late_nodes(
                 {
                     continue;
                 }
-                let opened =
-                    tokio::time::timeout(timeout, n.client.clone().get_flows(live.clone())).await;
+                let opened = tokio::time::timeout(
+                    timeout,
+                    raw::get_flows(n.channel.clone(), live.clone(), peers::MAX_MESSAGE_BYTES),
+                )
+                .await;
                 let Ok(Ok(stream)) = opened else { continue };
                 reading
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(n.name.clone());
                 let join = Join {
-                    say: Some(node_status(
+                    say: Some(Raw::of(&node_status(
                         NodeState::NodeConnected,
                         vec![n.name.clone()],
                         String::new(),
-                    )),
+                    ))),
                     name: n.name,
-                    stream: stream.into_inner(),
+                    stream,
                 };
                 if tx.send(join).await.is_err() {
                     return;
@@ -363,32 +367,16 @@ fn join_late_nodes(
     rx
 }
 
-fn check_window(first: bool, follow: bool) -> Result<(), Status> {
-    if first && follow {
-        return Err(Status::invalid_argument(
-            "first cannot be specified with follow",
-        ));
-    }
-    Ok(())
-}
-
-#[tonic::async_trait]
-impl Observer for Relay {
-    type GetFlowsStream = BoxStream<GetFlowsResponse>;
-    type GetAgentEventsStream = BoxStream<GetAgentEventsResponse>;
-    type GetDebugEventsStream = BoxStream<GetDebugEventsResponse>;
-
-    async fn get_flows(
-        &self,
-        request: Request<GetFlowsRequest>,
-    ) -> Result<Response<Self::GetFlowsStream>, Status> {
-        let req = request.into_inner();
+impl Relay {
+    /// GetFlows across the cluster, the responses as the nodes encoded
+    /// them (`raw`): who answered, who did not, then the merged stream.
+    pub async fn get_flows_raw(&self, req: GetFlowsRequest) -> Result<BoxStream<Raw>, Status> {
         check_window(req.first, req.follow)?;
         let started_ns = ns_of(&Some(now_timestamp()));
         let opened = self
             .on_every_node(|n| {
                 let req = req.clone();
-                async move { Ok(n.client.clone().get_flows(req).await?.into_inner()) }
+                async move { raw::get_flows(n.channel, req, peers::MAX_MESSAGE_BYTES).await }
             })
             .await;
         let (tx, rx) = mpsc::channel(256);
@@ -405,7 +393,11 @@ impl Observer for Relay {
         }
         // As Hubble Relay: who answered, then who did not.
         if !up.is_empty() {
-            let _ = tx.try_send(Ok(node_status(NodeState::NodeConnected, up, String::new())));
+            let _ = tx.try_send(Ok(Raw::of(&node_status(
+                NodeState::NodeConnected,
+                up,
+                String::new(),
+            ))));
         }
         if !down.is_empty() {
             let message = down
@@ -414,7 +406,11 @@ impl Observer for Relay {
                 .collect::<Vec<_>>()
                 .join("; ");
             let names = down.into_iter().map(|(n, _)| n).collect();
-            let _ = tx.try_send(Ok(node_status(NodeState::NodeUnavailable, names, message)));
+            let _ = tx.try_send(Ok(Raw::of(&node_status(
+                NodeState::NodeUnavailable,
+                names,
+                message,
+            ))));
         }
         let window = Window {
             number: req.number as usize,
@@ -435,15 +431,48 @@ impl Observer for Relay {
         });
         tokio::spawn(merge_into(
             streams,
-            |r: &GetFlowsResponse| ns_of(&r.time),
+            |r: &Raw| r.time_ns,
             window,
             self.timeouts.drain,
             tx,
-            |node, message| Some(node_status(NodeState::NodeError, vec![node], message)),
+            |node, message| {
+                Some(Raw::of(&node_status(
+                    NodeState::NodeError,
+                    vec![node],
+                    message,
+                )))
+            },
             joins,
             reading,
         ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
+fn check_window(first: bool, follow: bool) -> Result<(), Status> {
+    if first && follow {
+        return Err(Status::invalid_argument(
+            "first cannot be specified with follow",
+        ));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Observer for Relay {
+    type GetFlowsStream = BoxStream<GetFlowsResponse>;
+    type GetAgentEventsStream = BoxStream<GetAgentEventsResponse>;
+    type GetDebugEventsStream = BoxStream<GetDebugEventsResponse>;
+
+    /// Decoded from the merged stream (the served route sends the bytes:
+    /// `routes`).
+    async fn get_flows(
+        &self,
+        request: Request<GetFlowsRequest>,
+    ) -> Result<Response<Self::GetFlowsStream>, Status> {
+        let raw = self.get_flows_raw(request.into_inner()).await?;
+        let decoded = tokio_stream::StreamExt::map(raw, |r| r.and_then(|r| r.decode()));
+        Ok(Response::new(Box::pin(decoded)))
     }
 
     /// Merged across the nodes as flows are (Hubble Relay answers

@@ -183,7 +183,7 @@ async fn relay_over(
             request: Duration::from_secs(2),
         },
     );
-    let address = serve(ObserverServer::new(relay)).await;
+    let address = serve(fibril_relay::routes::Routes::new(Arc::new(relay))).await;
     let client = ObserverClient::connect(format!("http://{address}"))
         .await
         .unwrap();
@@ -410,7 +410,7 @@ async fn nodes_over_tls_and_mutual_tls() {
                     request: Duration::from_secs(3),
                 },
             );
-            let relay_address = serve(ObserverServer::new(relay)).await;
+            let relay_address = serve(fibril_relay::routes::Routes::new(Arc::new(relay))).await;
             let mut client = ObserverClient::connect(format!("http://{relay_address}"))
                 .await
                 .unwrap();
@@ -466,16 +466,14 @@ async fn ready_while_a_node_answers_alive_always() {
                 .map(|r| r.into_inner().status)
         }
     };
-    let wait_for = |service: &'static str, want: ServingStatus| {
-        async move {
-            for _ in 0..50 {
-                if check(service).await.ok() == Some(want as i32) {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+    let wait_for = |service: &'static str, want: ServingStatus| async move {
+        for _ in 0..50 {
+            if check(service).await.ok() == Some(want as i32) {
+                return;
             }
-            panic!("{service} never {want:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        panic!("{service} never {want:?}");
     };
     // No node: alive, not ready.
     assert_eq!(check("").await.unwrap(), ServingStatus::Serving as i32);
