@@ -101,6 +101,11 @@ impl Peers {
         }
     }
 
+    /// Whether the nodes are reached over TLS.
+    pub fn tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
     /// Every node, by name.
     pub fn snapshot(&self) -> Vec<Node> {
         let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());

@@ -538,8 +538,12 @@ impl Observer for Relay {
             .into_iter()
             .map(|(n, r)| {
                 let tls = Some(proto::observer::Tls {
-                    enabled: false,
-                    server_name: String::new(),
+                    enabled: self.peers.tls(),
+                    server_name: if self.peers.tls() {
+                        peers::server_name(&n.name)
+                    } else {
+                        String::new()
+                    },
                 });
                 match r {
                     Ok(s) => Node {

@@ -414,20 +414,30 @@ async fn nodes_over_tls_and_mutual_tls() {
             let mut client = ObserverClient::connect(format!("http://{relay_address}"))
                 .await
                 .unwrap();
-            client
+            let status = client
                 .server_status(ServerStatusRequest {})
                 .await
                 .unwrap()
+                .into_inner();
+            let nodes = client
+                .get_nodes(GetNodesRequest {})
+                .await
+                .unwrap()
                 .into_inner()
+                .nodes;
+            (status, nodes)
         }
     };
-    let s = ask("prod/a", Some(relay_client.clone())).await;
+    let (s, nodes) = ask("prod/a", Some(relay_client.clone())).await;
     assert_eq!((s.num_connected_nodes, s.num_flows), (Some(1), 1), "mTLS");
+    let tls = nodes[0].tls.clone().unwrap();
+    assert!(tls.enabled);
+    assert_eq!(tls.server_name, "a.prod.hubble-grpc.cilium.io");
     // Without the relay's certificate the node refuses it.
-    let s = ask("prod/a", None).await;
+    let (s, _) = ask("prod/a", None).await;
     assert_eq!(s.unavailable_nodes, ["prod/a"], "no client certificate");
     // A node whose certificate does not carry its name is refused.
-    let s = ask("prod/b", Some(relay_client)).await;
+    let (s, _) = ask("prod/b", Some(relay_client)).await;
     assert_eq!(
         s.unavailable_nodes,
         ["prod/b"],
