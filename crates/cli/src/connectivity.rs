@@ -5,9 +5,9 @@
 //! host-network server on each node, kube-dns, and the `world` and
 //! `other-world` (externals of the lab). Each scenario imports its
 //! policies, runs real requests (curl, ping, DNS queries) from the pods or
-//! the world, checks each by its result and by the flows it produced on
-//! the node that decided it, and removes its policies. The lab is removed
-//! at the end.
+//! the world, checks each by its result and by the flows it produced (read
+//! through the lab's Hubble Relay, as Cilium's test reads them), and
+//! removes its policies. The lab is removed at the end.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -823,11 +823,11 @@ pub fn run(opts: &Options) -> anyhow::Result<i32> {
     Ok(if failed.is_empty() { 0 } else { 1 })
 }
 
-/// Where the test's workloads are: each one's network namespace, address
-/// and node.
+/// Where the test's workloads are: each one's network namespace and
+/// address.
 struct Placement {
-    /// name -> (netns, address, node)
-    at: std::collections::BTreeMap<String, (String, String, Option<String>)>,
+    /// name -> (netns, address)
+    at: std::collections::BTreeMap<String, (String, String)>,
 }
 
 impl Placement {
@@ -849,7 +849,7 @@ impl Placement {
                     .map(str::to_string)
                     .with_context(|| format!("no address for {}", p.name))?
             };
-            at.insert(p.name.clone(), (p.netns.clone(), addr, p.node.clone()));
+            at.insert(p.name.clone(), (p.netns.clone(), addr));
         }
         for (x, addr) in [("world", WORLD), ("other-world", OTHER_WORLD)] {
             let ext = st
@@ -857,12 +857,12 @@ impl Placement {
                 .iter()
                 .find(|e| e.name == x)
                 .with_context(|| format!("no external {x}"))?;
-            at.insert(x.to_string(), (ext.netns.clone(), addr.to_string(), None));
+            at.insert(x.to_string(), (ext.netns.clone(), addr.to_string()));
         }
         Ok(Placement { at })
     }
 
-    fn get(&self, name: &str) -> anyhow::Result<&(String, String, Option<String>)> {
+    fn get(&self, name: &str) -> anyhow::Result<&(String, String)> {
         self.at
             .get(name)
             .with_context(|| format!("no workload {name}"))
@@ -872,13 +872,9 @@ impl Placement {
         Ok(self.get(name)?.1.clone())
     }
 
-    fn node(&self, name: &str) -> Option<String> {
-        self.at.get(name).and_then(|w| w.2.clone())
-    }
-
     /// Runs the action's probe; what it got, and what it saw.
     fn probe(&self, a: &Action) -> anyhow::Result<(Expect, String)> {
-        let (netns, _, _) = self.get(a.from)?;
+        let (netns, _) = self.get(a.from)?;
         let dst = self.addr(a.to)?;
         Ok(match a.probe {
             Probe::Http(method, path) => {
@@ -1006,18 +1002,14 @@ fn run_scenarios(opts: &Options, dir: &std::path::Path) -> anyhow::Result<Vec<Re
             let (got, mut detail) = at.probe(&a)?;
             let mut passed = got == a.expect;
             if passed && opts.flow_validation != FlowValidation::Disabled {
-                // The drop is reported where it happened: the source's node
-                // for its egress policy, else the destination's.
-                let nodes: Vec<Option<String>> =
-                    vec![at.node(a.from), at.node(a.to).or_else(|| at.node(a.from))];
+                // Through the lab's Hubble Relay, as Cilium's test reads
+                // them: every node's flows, wherever the verdict was made.
                 let verdict = match a.expect {
                     Expect::Ok => "FORWARDED",
                     Expect::Drop | Expect::Refused => "DROPPED",
                 };
                 let found = wait(Duration::from_secs(3), || {
-                    nodes.iter().any(|n| {
-                        has_flow(n.as_deref(), &src, &dst, verdict, &since).unwrap_or(false)
-                    })
+                    has_flow(&src, &dst, verdict, &since).unwrap_or(false)
                 })
                 .is_ok();
                 if !found {
@@ -1096,19 +1088,16 @@ fn fibril(node: Option<&str>, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Whether node `node` saw a flow `src` -> `dst` with `verdict` at or after
-/// `since`.
-fn has_flow(
-    node: Option<&str>,
-    src: &str,
-    dst: &str,
-    verdict: &str,
-    since: &str,
-) -> anyhow::Result<bool> {
+/// Whether the cluster saw a flow `src` -> `dst` with `verdict` at or
+/// after `since` (asked of the lab's relay).
+fn has_flow(src: &str, dst: &str, verdict: &str, since: &str) -> anyhow::Result<bool> {
+    let relay = format!("unix://{}", lab::relay_socket(LAB).display());
     let out = fibril(
-        node,
+        None,
         &[
             "observe",
+            "--server",
+            &relay,
             "-o",
             "json",
             "--last",

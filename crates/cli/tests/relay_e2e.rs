@@ -114,6 +114,91 @@ fn the_real_hubble_cli_sees_every_node_through_the_relay() {
         to_web3.len()
     );
 
+    // Following while one node's stream lags: n3's agent is stopped for
+    // 200 ms (less than the relay's 500 ms drain timeout) in the middle of
+    // steady traffic to both servers; its flows reach the relay late, and
+    // the merged stream must still be in time order, with n3's flows in.
+    // Into a file: a pipe read only at the end would fill and stall it.
+    let follow_out = std::env::temp_dir().join(format!("fibril-relay-follow-{}.json", lab.name));
+    let mut follow = Command::new(test_support::hubble_cli())
+        .args(["observe", "-f", "-o", "json", "--server", &server])
+        .stdout(std::fs::File::create(&follow_out).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let loop_script = format!(
+        "for i in $(seq 60); do curl -s -m 1 -o /dev/null http://{web2}:8080/; curl -s -m 1 -o /dev/null http://{web3}:8080/; done"
+    );
+    let traffic = Command::new(common::bin("fibril"))
+        .args(["--lab", &lab.name, "lab", "exec", "default/client", "--"])
+        .args(["sh", "-c", &loop_script])
+        .spawn()
+        .unwrap();
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("/run/fibril/labs/{}/lab.json", lab.name)).unwrap(),
+    )
+    .unwrap();
+    let n3_agent = state["nodes"][2]["agent_pid"].as_u64().unwrap().to_string();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let signal = |sig: &str| {
+        assert!(Command::new("kill")
+            .args([sig, &n3_agent])
+            .status()
+            .unwrap()
+            .success());
+    };
+    signal("-STOP");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    signal("-CONT");
+    let mut traffic = traffic;
+    assert!(traffic.wait().unwrap().success());
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+    let text = std::fs::read_to_string(&follow_out).unwrap();
+    std::fs::remove_file(&follow_out).ok();
+    let followed: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v.get("flow").cloned())
+        .collect();
+    let count = |n: &str| followed.iter().filter(|f| f["node_name"] == n).count();
+    let from_n3 = count("n3");
+    assert!(
+        from_n3 >= 60,
+        "{from_n3} flows from n3 while following (n1 {}, n2 {})",
+        count("n1"),
+        count("n2"),
+    );
+    let times: Vec<(String, u32)> = followed.iter().map(time_of).collect();
+    let out_of_order: Vec<String> = followed
+        .windows(2)
+        .filter(|w| time_of(&w[0]) > time_of(&w[1]))
+        .map(|w| {
+            format!(
+                "{} {} then {} {}",
+                w[0]["node_name"], w[0]["time"], w[1]["node_name"], w[1]["time"]
+            )
+        })
+        .collect();
+    let own_disorder = |n: &str| {
+        let t: Vec<(String, u32)> = followed
+            .iter()
+            .filter(|f| f["node_name"] == n)
+            .map(time_of)
+            .collect();
+        t.windows(2).filter(|w| w[0] > w[1]).count()
+    };
+    assert!(
+        out_of_order.is_empty(),
+        "of {} followed flows: {out_of_order:?}; each node's own stream out of order: n1 {} n2 {} n3 {}",
+        times.len(),
+        own_disorder("n1"),
+        own_disorder("n2"),
+        own_disorder("n3")
+    );
+
     // A node goes away: the relay keeps serving the others and says so.
     let stop = lab.fibril(&["lab", "stop-node", "n3"]);
     assert!(

@@ -6,6 +6,7 @@
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::Error;
@@ -178,8 +179,21 @@ impl Drop for Etcd {
     }
 }
 
-/// A loopback port nothing listens on now.
+/// A loopback port nothing listens on now. Taken from a block of 100 of
+/// this process's own below the ephemeral range (32768-60999): a port the
+/// kernel handed out for `bind(0)` and released could be handed out again
+/// to a parallel test before its etcd binds it, and one test's etcd then
+/// answered another's readiness check (seen as "connection refused" once
+/// the other test ended). Falls back to `bind(0)` if the block is taken.
 pub fn free_port() -> Result<SocketAddr, Error> {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 100) as u16 * 100;
+    for _ in 0..100 {
+        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % 100;
+        if let Ok(l) = TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
+            return l.local_addr().map_err(|e| Error::Start(e.to_string()));
+        }
+    }
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|e| Error::Start(e.to_string()))?;
     l.local_addr().map_err(|e| Error::Start(e.to_string()))
 }

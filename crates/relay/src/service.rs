@@ -5,7 +5,7 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use proto::observer::get_flows_response::ResponseTypes;
 use proto::observer::observer_server::Observer;
@@ -124,6 +124,15 @@ async fn readiness(relay: Arc<Relay>, reporter: tonic_health::server::HealthRepo
     }
 }
 
+/// The relay's clock, ns since the epoch (flows' times are compared with
+/// it).
+fn wall_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64
+}
+
 fn ns_of(t: &Option<prost_types::Timestamp>) -> u64 {
     t.as_ref()
         .map(|t| (t.seconds.max(0) as u64) * 1_000_000_000 + t.nanos.max(0) as u64)
@@ -206,7 +215,8 @@ async fn merge_into<T: Send + 'static>(
         names.push(name);
         read(i, s);
     }
-    let mut merge = Merge::new(names.len(), drain, Instant::now());
+    let mut merge = Merge::new(names.len(), drain, wall_ns());
+    let drain_ns = drain.as_nanos() as u64;
     let stopped = |name: &str| {
         reading
             .lock()
@@ -217,7 +227,7 @@ async fn merge_into<T: Send + 'static>(
     let mut history: Option<VecDeque<T>> = (window.number > 0 && !window.first).then(VecDeque::new);
     let mut sent = 0usize;
     loop {
-        let now = Instant::now();
+        let now = wall_ns();
         while let Some(item) = merge.pop(now) {
             if let Some(h) = history.as_mut() {
                 if !window.follow || time(&item) <= window.started_ns {
@@ -243,7 +253,7 @@ async fn merge_into<T: Send + 'static>(
         }
         // Following: the history is over once nothing more is queued and
         // every node has had its drain time.
-        let quiet = merge.queued() == 0 && merge.next_deadline().is_none_or(|d| d <= now);
+        let quiet = merge.queued() == 0 && now >= window.started_ns.saturating_add(drain_ns);
         if window.follow && quiet {
             for old in history.take().into_iter().flatten() {
                 if tx.send(Ok(old)).await.is_err() {
@@ -260,10 +270,17 @@ async fn merge_into<T: Send + 'static>(
             }
             return;
         }
-        let wake = merge
-            .next_deadline()
-            .map(tokio::time::Instant::from_std)
-            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        // Up when the earliest queued flow may go, or (history pending)
+        // when every node has had its drain time since the request.
+        let wake_ns = merge.next_release().or_else(|| {
+            history
+                .is_some()
+                .then(|| window.started_ns.saturating_add(drain_ns))
+        });
+        let wake = tokio::time::Instant::now()
+            + wake_ns.map_or(Duration::from_secs(3600), |t| {
+                Duration::from_nanos(t.saturating_sub(wall_ns()))
+            });
         let join = async {
             match joins.as_mut() {
                 Some(j) => j.recv().await,
@@ -272,7 +289,7 @@ async fn merge_into<T: Send + 'static>(
         };
         tokio::select! {
             got = rx.recv() => match got {
-                Some((i, Ok(Some(item)))) => merge.push(i, time(&item), item, Instant::now()),
+                Some((i, Ok(Some(item)))) => merge.push(i, time(&item), item, wall_ns()),
                 Some((i, Ok(None))) => {
                     merge.end(i);
                     stopped(&names[i]);
@@ -296,7 +313,7 @@ async fn merge_into<T: Send + 'static>(
                             return;
                         }
                     }
-                    let i = merge.add_node(Instant::now());
+                    let i = merge.add_node(wall_ns());
                     names.push(j.name);
                     read(i, j.stream);
                 }

@@ -21,13 +21,23 @@ type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> +
 /// A node that streams flows at `times` (ms after `base`), each after
 /// `delay` and then `gap` between flows; `follow` keeps the stream open.
 struct FakeNode {
+    /// Its flows' times are `times` ms after this (ns since the epoch).
+    base: u64,
     name: String,
     times: Vec<u64>,
     delay: Duration,
     gap: Duration,
 }
 
-const BASE_NS: u64 = 1_800_000_000_000_000_000;
+/// Now, ns since the epoch: the nodes' flows are times in ms after a
+/// test's start, live as the relay (which compares them with its clock)
+/// expects.
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
 
 #[tonic::async_trait]
 impl Observer for FakeNode {
@@ -41,12 +51,17 @@ impl Observer for FakeNode {
     ) -> Result<Response<Self::GetFlowsStream>, Status> {
         let follow = request.into_inner().follow;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let (name, times, delay, gap) =
-            (self.name.clone(), self.times.clone(), self.delay, self.gap);
+        let (name, times, delay, gap, base) = (
+            self.name.clone(),
+            self.times.clone(),
+            self.delay,
+            self.gap,
+            self.base,
+        );
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             for t in times {
-                let ns = BASE_NS + t * 1_000_000;
+                let ns = base + t * 1_000_000;
                 let time = Some(prost_types::Timestamp {
                     seconds: (ns / 1_000_000_000) as i64,
                     nanos: (ns % 1_000_000_000) as i32,
@@ -196,6 +211,7 @@ async fn read(
     client: &mut ObserverClient<tonic::transport::Channel>,
     req: GetFlowsRequest,
     flows: usize,
+    base: u64,
 ) -> (Vec<u64>, Vec<proto::relay::NodeStatusEvent>) {
     let mut stream = client.get_flows(req).await.unwrap().into_inner();
     let (mut times, mut status) = (Vec::new(), Vec::new());
@@ -209,7 +225,7 @@ async fn read(
             Some(ResponseTypes::Flow(f)) => {
                 let t = f.time.unwrap();
                 let ns = t.seconds as u64 * 1_000_000_000 + t.nanos as u64;
-                times.push((ns - BASE_NS) / 1_000_000);
+                times.push((ns - base) / 1_000_000);
             }
             Some(ResponseTypes::NodeStatus(s)) => status.push(s),
             _ => {}
@@ -218,23 +234,26 @@ async fn read(
     (times, status)
 }
 
-fn nodes(late: Duration) -> Vec<FakeNode> {
+fn nodes(late: Duration, base: u64) -> Vec<FakeNode> {
     // Interleaved times; node c's stream starts late (its flows are as old
     // as the others', they only arrive after them).
     vec![
         FakeNode {
+            base,
             name: "a".into(),
             times: (0..50).map(|i| i * 3).collect(),
             delay: Duration::ZERO,
             gap: Duration::from_millis(2),
         },
         FakeNode {
+            base,
             name: "b".into(),
             times: (0..50).map(|i| i * 3 + 1).collect(),
             delay: Duration::ZERO,
             gap: Duration::from_millis(2),
         },
         FakeNode {
+            base,
             name: "c".into(),
             times: (0..50).map(|i| i * 3 + 2).collect(),
             delay: late,
@@ -245,9 +264,13 @@ fn nodes(late: Duration) -> Vec<FakeNode> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_node_does_not_put_flows_out_of_order() {
-    let (mut client, _) =
-        relay_over(nodes(Duration::from_millis(300)), Duration::from_secs(2)).await;
-    let (times, status) = read(&mut client, GetFlowsRequest::default(), 150).await;
+    let base = now_ns();
+    let (mut client, _) = relay_over(
+        nodes(Duration::from_millis(300), base),
+        Duration::from_secs(2),
+    )
+    .await;
+    let (times, status) = read(&mut client, GetFlowsRequest::default(), 150, base).await;
     assert_eq!(
         times,
         (0..150).collect::<Vec<u64>>(),
@@ -269,7 +292,7 @@ async fn a_late_node_does_not_put_flows_out_of_order() {
         follow: true,
         ..Default::default()
     };
-    let (times, _) = read(&mut client, req, 150).await;
+    let (times, _) = read(&mut client, req, 150, base).await;
     assert_eq!(
         times,
         (0..150).collect::<Vec<u64>>(),
@@ -279,12 +302,13 @@ async fn a_late_node_does_not_put_flows_out_of_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn number_and_first_count_across_the_cluster() {
-    let (mut client, _) = relay_over(nodes(Duration::ZERO), Duration::from_secs(2)).await;
+    let base = now_ns();
+    let (mut client, _) = relay_over(nodes(Duration::ZERO, base), Duration::from_secs(2)).await;
     let last = GetFlowsRequest {
         number: 10,
         ..Default::default()
     };
-    let (times, _) = read(&mut client, last, 10).await;
+    let (times, _) = read(&mut client, last, 10, base).await;
     assert_eq!(
         times,
         (140..150).collect::<Vec<u64>>(),
@@ -295,7 +319,7 @@ async fn number_and_first_count_across_the_cluster() {
         first: true,
         ..Default::default()
     };
-    let (times, _) = read(&mut client, first, 10).await;
+    let (times, _) = read(&mut client, first, 10, base).await;
     assert_eq!(
         times,
         (0..10).collect::<Vec<u64>>(),
@@ -312,7 +336,8 @@ async fn number_and_first_count_across_the_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_counts_the_nodes_that_answer() {
-    let (mut client, _) = relay_over(nodes(Duration::ZERO), Duration::from_secs(2)).await;
+    let base = now_ns();
+    let (mut client, _) = relay_over(nodes(Duration::ZERO, base), Duration::from_secs(2)).await;
     let s = client
         .server_status(ServerStatusRequest {})
         .await
@@ -326,13 +351,16 @@ async fn status_counts_the_nodes_that_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_comes_later_joins_a_followed_stream() {
-    let (mut client, peers) = relay_over(nodes(Duration::ZERO), Duration::from_millis(300)).await;
+    let base = now_ns();
+    let (mut client, peers) =
+        relay_over(nodes(Duration::ZERO, base), Duration::from_millis(300)).await;
     let req = GetFlowsRequest {
         follow: true,
         ..Default::default()
     };
     let mut stream = client.get_flows(req).await.unwrap().into_inner();
     let late = FakeNode {
+        base,
         name: "late".into(),
         times: (1000..1010).collect(),
         delay: Duration::ZERO,
@@ -351,9 +379,7 @@ async fn a_node_that_comes_later_joins_a_followed_stream() {
         match r.response_types {
             Some(ResponseTypes::Flow(f)) => {
                 let t = f.time.unwrap();
-                times.push(
-                    (t.seconds as u64 * 1_000_000_000 + t.nanos as u64 - BASE_NS) / 1_000_000,
-                );
+                times.push((t.seconds as u64 * 1_000_000_000 + t.nanos as u64 - base) / 1_000_000);
             }
             Some(ResponseTypes::NodeStatus(s)) => {
                 joined |= s.state_change == proto::relay::NodeState::NodeConnected as i32
@@ -388,6 +414,7 @@ async fn nodes_over_tls_and_mutual_tls() {
         .identity(tonic::transport::Identity::from_pem(cert, key))
         .client_ca_root(tonic::transport::Certificate::from_pem(ca.pem()));
     let node = FakeNode {
+        base: now_ns(),
         name: "a".into(),
         times: (0..5).collect(),
         delay: Duration::ZERO,
@@ -490,6 +517,7 @@ async fn ready_while_a_node_answers_alive_always() {
     wait_for("hubble.server.Observer", ServingStatus::NotServing).await;
     // A node answers: ready.
     let node = FakeNode {
+        base: now_ns(),
         name: "a".into(),
         times: vec![],
         delay: Duration::ZERO,
