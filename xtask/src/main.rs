@@ -376,7 +376,8 @@ fn demo(keep: bool) -> anyhow::Result<()> {
 
 /// The seed's example across two nodes (`labs/two-nodes.yaml`): frontend
 /// on node-1 reaches backend on node-2 through the overlay; other-client
-/// is dropped in node-2's kernel; each node shows its side of the flows.
+/// is dropped in node-2's kernel; each node shows its side of the flows,
+/// and the lab's relay shows both in one stream.
 fn demo_two_nodes(bin: &Path, keep: bool) -> anyhow::Result<()> {
     const LAB: &str = "two-nodes";
     let lab = |args: &[&str]| {
@@ -426,6 +427,11 @@ fn demo_two_nodes(bin: &Path, keep: bool) -> anyhow::Result<()> {
             println!("\n== fibril --lab {LAB} --node {node} observe --last 8");
             run(&mut lab(&["--node", node, "observe", "--last", "8"]))?;
         }
+        // Both nodes' flows as one stream, in time order: the lab's Hubble
+        // Relay (the real hubble CLI works against it too).
+        let relay = format!("unix:///run/fibril/labs/{LAB}/relay.sock");
+        println!("\n== fibril observe --server {relay} --last 12   (Hubble Relay: every node)");
+        run(&mut lab(&["observe", "--server", &relay, "--last", "12"]))?;
         Ok(())
     })();
     if keep {

@@ -46,6 +46,18 @@ impl Relay {
         Relay { peers, timeouts }
     }
 
+    /// Every node's ServerStatus, or why it has none.
+    async fn statuses(&self) -> Vec<(peers::Node, Result<ServerStatusResponse, String>)> {
+        self.on_every_node(|n| async move {
+            Ok(n.client
+                .clone()
+                .server_status(ServerStatusRequest {})
+                .await?
+                .into_inner())
+        })
+        .await
+    }
+
     /// Calls `call` on every node at once (each within the request
     /// timeout): each node's answer or its error, by node.
     async fn on_every_node<T, F, Fut>(&self, call: F) -> Vec<(peers::Node, Result<T, String>)>
@@ -100,15 +112,7 @@ pub async fn health(
 /// 5 s (every second while not ready).
 async fn readiness(relay: Arc<Relay>, reporter: tonic_health::server::HealthReporter) {
     loop {
-        let answers = relay
-            .on_every_node(|n| async move {
-                Ok(n.client
-                    .clone()
-                    .server_status(ServerStatusRequest {})
-                    .await?
-                    .into_inner())
-            })
-            .await;
+        let answers = relay.statuses().await;
         let ready = answers.iter().any(|(_, r)| r.is_ok());
         let status = if ready {
             tonic_health::ServingStatus::Serving
@@ -542,15 +546,7 @@ impl Observer for Relay {
         &self,
         _: Request<GetNodesRequest>,
     ) -> Result<Response<GetNodesResponse>, Status> {
-        let answers = self
-            .on_every_node(|n| async move {
-                Ok(n.client
-                    .clone()
-                    .server_status(ServerStatusRequest {})
-                    .await?
-                    .into_inner())
-            })
-            .await;
+        let answers = self.statuses().await;
         let nodes = answers
             .into_iter()
             .map(|(n, r)| {
@@ -618,15 +614,7 @@ impl Observer for Relay {
         &self,
         _: Request<ServerStatusRequest>,
     ) -> Result<Response<ServerStatusResponse>, Status> {
-        let answers = self
-            .on_every_node(|n| async move {
-                Ok(n.client
-                    .clone()
-                    .server_status(ServerStatusRequest {})
-                    .await?
-                    .into_inner())
-            })
-            .await;
+        let answers = self.statuses().await;
         let mut total = ServerStatusResponse {
             version: format!("{}+fibril-relay", hubble::server::API_VERSION),
             ..Default::default()
