@@ -86,11 +86,11 @@ fn filter_status(e: FilterError) -> Status {
     }
 }
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// `first` reads from the oldest end of the buffer, `follow` waits at the
 /// newest: Hubble refuses the two together.
-fn check_window(first: bool, follow: bool) -> Result<(), Status> {
+pub fn check_window(first: bool, follow: bool) -> Result<(), Status> {
     if first && follow {
         return Err(Status::invalid_argument(
             "first cannot be specified with follow",
@@ -343,9 +343,31 @@ fn stream_flows<B: Backend>(
     );
 }
 
-impl<B: Backend> Service<B> {
-    /// GetFlows with each response already encoded (what the GetFlows
-    /// route sends, see `ObserverRoutes`).
+/// An Observer whose GetFlows responses are sent as bytes already encoded
+/// (`Encoded`): the agent's ring encodes each flow once, the relay passes
+/// on what the nodes sent. `ObserverRoutes` serves it.
+#[tonic::async_trait]
+pub trait EncodedFlows: Observer {
+    async fn get_flows_encoded(
+        &self,
+        request: Request<GetFlowsRequest>,
+    ) -> Result<Response<BoxStream<Encoded>>, Status>;
+}
+
+/// An encoded GetFlows stream decoded back into messages (the generated
+/// route's GetFlows, which `ObserverRoutes` does not use).
+pub fn decoded(encoded: Response<BoxStream<Encoded>>) -> Response<BoxStream<GetFlowsResponse>> {
+    use prost::Message;
+    let (meta, stream, ext) = encoded.into_parts();
+    let decoded = tokio_stream::StreamExt::map(stream, |r| {
+        r.and_then(|e| GetFlowsResponse::decode(e.0).map_err(|e| Status::internal(e.to_string())))
+    });
+    Response::from_parts(meta, Box::pin(decoded), ext)
+}
+
+#[tonic::async_trait]
+impl<B: Backend> EncodedFlows for Service<B> {
+    /// GetFlows with each response already encoded.
     async fn get_flows_encoded(
         &self,
         request: Request<GetFlowsRequest>,
@@ -376,15 +398,24 @@ impl<B: Backend> Service<B> {
     }
 }
 
-/// The Observer service as served: GetFlows sends the responses the ring
-/// encoded once (`Encoded`), every other method is the generated server's.
-/// Byte for byte what the generated GetFlows would send.
-pub struct ObserverRoutes<B: Backend> {
-    service: Arc<Service<B>>,
-    generated: ObserverServer<Service<B>>,
+/// The Observer service as served: GetFlows sends the responses as they
+/// were encoded (`EncodedFlows`), every other method is the generated
+/// server's. Byte for byte what the generated GetFlows would send.
+pub struct ObserverRoutes<S: EncodedFlows> {
+    service: Arc<S>,
+    generated: ObserverServer<S>,
 }
 
-impl<B: Backend> Clone for ObserverRoutes<B> {
+impl<S: EncodedFlows> ObserverRoutes<S> {
+    pub fn new(service: Arc<S>) -> Self {
+        ObserverRoutes {
+            generated: ObserverServer::from_arc(service.clone()),
+            service,
+        }
+    }
+}
+
+impl<S: EncodedFlows> Clone for ObserverRoutes<S> {
     fn clone(&self) -> Self {
         ObserverRoutes {
             service: self.service.clone(),
@@ -393,13 +424,13 @@ impl<B: Backend> Clone for ObserverRoutes<B> {
     }
 }
 
-impl<B: Backend> tonic::server::NamedService for ObserverRoutes<B> {
+impl<S: EncodedFlows> tonic::server::NamedService for ObserverRoutes<S> {
     const NAME: &'static str = "observer.Observer";
 }
 
-struct EncodedGetFlows<B: Backend>(Arc<Service<B>>);
+struct GetFlowsRoute<S>(Arc<S>);
 
-impl<B: Backend> tonic::server::ServerStreamingService<GetFlowsRequest> for EncodedGetFlows<B> {
+impl<S: EncodedFlows> tonic::server::ServerStreamingService<GetFlowsRequest> for GetFlowsRoute<S> {
     type Response = Encoded;
     type ResponseStream = BoxStream<Encoded>;
     type Future = tonic::codegen::BoxFuture<Response<Self::ResponseStream>, Status>;
@@ -410,9 +441,9 @@ impl<B: Backend> tonic::server::ServerStreamingService<GetFlowsRequest> for Enco
     }
 }
 
-impl<B, Body> tonic::codegen::Service<tonic::codegen::http::Request<Body>> for ObserverRoutes<B>
+impl<S, Body> tonic::codegen::Service<tonic::codegen::http::Request<Body>> for ObserverRoutes<S>
 where
-    B: Backend,
+    S: EncodedFlows,
     Body: tonic::codegen::Body + Send + 'static,
     Body::Error: Into<tonic::codegen::StdError> + Send + 'static,
 {
@@ -434,7 +465,7 @@ where
         if req.uri().path() != "/observer.Observer/GetFlows" {
             return self.generated.call(req);
         }
-        let method = EncodedGetFlows(self.service.clone());
+        let method = GetFlowsRoute(self.service.clone());
         Box::pin(async move {
             let codec = tonic_prost::ProstCodec::<Encoded, GetFlowsRequest>::default();
             Ok(tonic::server::Grpc::new(codec)
@@ -456,15 +487,7 @@ impl<B: Backend> Observer for Service<B> {
         &self,
         request: Request<GetFlowsRequest>,
     ) -> Result<Response<Self::GetFlowsStream>, Status> {
-        use prost::Message;
-        let encoded = self.get_flows_encoded(request).await?;
-        let (meta, stream, ext) = encoded.into_parts();
-        let decoded = tokio_stream::StreamExt::map(stream, |r| {
-            r.and_then(|e| {
-                GetFlowsResponse::decode(e.0).map_err(|e| Status::internal(e.to_string()))
-            })
-        });
-        Ok(Response::from_parts(meta, Box::pin(decoded), ext))
+        Ok(decoded(self.get_flows_encoded(request).await?))
     }
 
     /// The same number/first/follow/since/until semantics as GetFlows,
@@ -754,15 +777,9 @@ async fn services<B: Backend>(
     builder
         .max_concurrent_streams(u32::try_from(limits.max_streams + 32).unwrap_or(u32::MAX))
         .add_service(health)
-        .add_service({
-            let service = Arc::new(Service {
-                backend: backend.clone(),
-                streams: streams.clone(),
-            });
-            ObserverRoutes {
-                generated: ObserverServer::from_arc(service.clone()),
-                service,
-            }
-        })
+        .add_service(ObserverRoutes::new(Arc::new(Service {
+            backend: backend.clone(),
+            streams: streams.clone(),
+        })))
         .add_service(PeerServer::new(Service { backend, streams }))
 }

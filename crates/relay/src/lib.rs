@@ -6,5 +6,4 @@
 pub mod merge;
 pub mod peers;
 pub mod raw;
-pub mod routes;
 pub mod service;

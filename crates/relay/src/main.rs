@@ -139,7 +139,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Ok::<_, anyhow::Error>(
                 builder
                     .add_service(health)
-                    .add_service(fibril_relay::routes::Routes::new(relay)),
+                    .add_service(hubble::server::ObserverRoutes::new(relay)),
             )
         }
     };

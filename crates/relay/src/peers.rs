@@ -21,10 +21,15 @@ pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 pub struct Node {
     pub name: String,
     pub address: String,
-    pub client: ObserverClient<Channel>,
-    /// The same connection, for calls made without the generated client
-    /// (`raw::get_flows`).
+    /// Its connection (lazy: made at the first call, again after a loss).
     pub channel: Channel,
+}
+
+impl Node {
+    /// The generated client over the node's connection.
+    pub fn client(&self) -> ObserverClient<Channel> {
+        ObserverClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
 }
 
 /// TLS to the nodes' Hubble servers: the CAs their certificates chain to,
@@ -65,7 +70,7 @@ impl Peers {
             return Ok(());
         }
         let channel = match &self.tls {
-            None => endpoint(address, self.dial_timeout)?,
+            None => endpoint("http", address, self.dial_timeout)?,
             Some(tls) => {
                 let mut config = ClientTlsConfig::new()
                     .ca_certificate(Certificate::from_pem(&tls.ca_pem))
@@ -73,10 +78,7 @@ impl Peers {
                 if let Some((cert, key)) = &tls.identity {
                     config = config.identity(Identity::from_pem(cert, key));
                 }
-                Endpoint::from_shared(format!("https://{address}"))?
-                    .connect_timeout(self.dial_timeout)
-                    .tcp_nodelay(true)
-                    .tls_config(config)?
+                endpoint("https", address, self.dial_timeout)?.tls_config(config)?
             }
         }
         .connect_lazy();
@@ -86,8 +88,6 @@ impl Peers {
             Node {
                 name: name.to_string(),
                 address: address.to_string(),
-                client: ObserverClient::new(channel.clone())
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES),
                 channel,
             },
         );
@@ -121,9 +121,10 @@ pub fn server_name(peer: &str) -> String {
     format!("{}.{cluster}.hubble-grpc.cilium.io", node.replace('.', "-"))
 }
 
-/// A plaintext HTTP/2 endpoint for `address` (`host:port`).
-fn endpoint(address: &str, dial_timeout: Duration) -> anyhow::Result<Endpoint> {
-    Ok(Endpoint::from_shared(format!("http://{address}"))?
+/// An HTTP/2 endpoint for `address` (`host:port`), `scheme` `http` or
+/// `https` (the caller adds the TLS settings).
+fn endpoint(scheme: &str, address: &str, dial_timeout: Duration) -> anyhow::Result<Endpoint> {
+    Ok(Endpoint::from_shared(format!("{scheme}://{address}"))?
         .connect_timeout(dial_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -153,7 +154,9 @@ pub async fn follow(peers: Arc<Peers>, services: Vec<String>) {
 
 /// One `Notify` stream from `address`, applied until it ends.
 async fn notify(peers: &Peers, address: &str) -> anyhow::Result<()> {
-    let channel = endpoint(address, peers.dial_timeout)?.connect().await?;
+    let channel = endpoint("http", address, peers.dial_timeout)?
+        .connect()
+        .await?;
     let mut stream = PeerClient::new(channel)
         .notify(NotifyRequest {})
         .await?

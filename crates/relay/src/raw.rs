@@ -20,20 +20,16 @@ pub struct Raw {
 impl Raw {
     /// A response the relay makes itself.
     pub fn of(r: &GetFlowsResponse) -> Self {
-        let time_ns = r
-            .time
-            .as_ref()
-            .map(|t| t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64)
-            .unwrap_or(0);
         Raw {
             bytes: r.encode_to_vec().into(),
-            time_ns,
+            time_ns: r.time.as_ref().map_or(0, timestamp_ns),
         }
     }
+}
 
-    pub fn decode(&self) -> Result<GetFlowsResponse, Status> {
-        GetFlowsResponse::decode(self.bytes.clone()).map_err(|e| Status::internal(e.to_string()))
-    }
+/// A Timestamp as ns since the epoch (before the epoch: 0).
+pub fn timestamp_ns(t: &prost_types::Timestamp) -> u64 {
+    t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64
 }
 
 /// The time (field 1001) of an encoded GetFlowsResponse: the top-level
@@ -55,8 +51,7 @@ pub fn time_of(mut buf: &[u8]) -> Option<u64> {
                     return None;
                 }
                 if field == 1001 {
-                    let t = prost_types::Timestamp::decode(&buf[..len]).ok()?;
-                    time = t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64;
+                    time = timestamp_ns(&prost_types::Timestamp::decode(&buf[..len]).ok()?);
                 }
                 buf.advance(len);
             }
@@ -154,7 +149,7 @@ mod tests {
         let raw = Raw::of(&r);
         assert_eq!(time_of(&raw.bytes), Some(1_800_000_000_123_456_789));
         assert_eq!(raw.time_ns, 1_800_000_000_123_456_789);
-        assert_eq!(raw.decode().unwrap(), r);
+        assert_eq!(GetFlowsResponse::decode(raw.bytes.clone()).unwrap(), r);
         assert_eq!(
             time_of(&GetFlowsResponse::default().encode_to_vec()),
             Some(0)

@@ -3,10 +3,11 @@
 //! counters summed. A node that is down is reported, never fatal.
 
 use std::collections::{BTreeSet, VecDeque};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hubble::entry::Encoded;
+use hubble::server::{check_window, BoxStream, EncodedFlows};
 use proto::observer::get_flows_response::ResponseTypes;
 use proto::observer::observer_server::Observer;
 use proto::observer::{
@@ -22,8 +23,6 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::merge::Merge;
 use crate::peers::{self, Peers};
 use crate::raw::{self, Raw};
-
-type BoxStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
 /// The relay's own name in the responses it makes (node status events).
 const RELAY_NAME: &str = "hubble-relay";
@@ -49,8 +48,7 @@ impl Relay {
     /// Every node's ServerStatus, or why it has none.
     async fn statuses(&self) -> Vec<(peers::Node, Result<ServerStatusResponse, String>)> {
         self.on_every_node(|n| async move {
-            Ok(n.client
-                .clone()
+            Ok(n.client()
                 .server_status(ServerStatusRequest {})
                 .await?
                 .into_inner())
@@ -137,19 +135,11 @@ fn wall_ns() -> u64 {
         .as_nanos() as u64
 }
 
-fn ns_of(t: &Option<prost_types::Timestamp>) -> u64 {
-    t.as_ref()
-        .map(|t| (t.seconds.max(0) as u64) * 1_000_000_000 + t.nanos.max(0) as u64)
-        .unwrap_or(0)
-}
-
 fn now_timestamp() -> prost_types::Timestamp {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    let ns = wall_ns();
     prost_types::Timestamp {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
+        seconds: (ns / 1_000_000_000) as i64,
+        nanos: (ns % 1_000_000_000) as i32,
     }
 }
 
@@ -241,10 +231,8 @@ async fn merge_into<T: Send + 'static>(
                     h.push_back(item);
                     continue;
                 }
-                for old in history.take().into_iter().flatten() {
-                    if tx.send(Ok(old)).await.is_err() {
-                        return;
-                    }
+                if !flush(&mut history, &tx).await {
+                    return;
                 }
             }
             if tx.send(Ok(item)).await.is_err() {
@@ -258,20 +246,12 @@ async fn merge_into<T: Send + 'static>(
         // Following: the history is over once nothing more is queued and
         // every node has had its drain time.
         let quiet = merge.queued() == 0 && now >= window.started_ns.saturating_add(drain_ns);
-        if window.follow && quiet {
-            for old in history.take().into_iter().flatten() {
-                if tx.send(Ok(old)).await.is_err() {
-                    return;
-                }
-            }
+        if window.follow && quiet && !flush(&mut history, &tx).await {
+            return;
         }
         // A follow with nodes still to come stays open with none streaming.
         if merge.done() && joins.is_none() {
-            for old in history.take().into_iter().flatten() {
-                if tx.send(Ok(old)).await.is_err() {
-                    return;
-                }
-            }
+            flush(&mut history, &tx).await;
             return;
         }
         // Up when the earliest queued flow may go, or (history pending)
@@ -327,6 +307,16 @@ async fn merge_into<T: Send + 'static>(
             _ = tx.closed() => return,
         }
     }
+}
+
+/// Sends the history held back (if any); false when the client is gone.
+async fn flush<T>(history: &mut Option<VecDeque<T>>, tx: &mpsc::Sender<Result<T, Status>>) -> bool {
+    for old in history.take().into_iter().flatten() {
+        if tx.send(Ok(old)).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 /// Following: every second, opens a live-only stream (no history: the
@@ -393,7 +383,7 @@ impl Relay {
     /// them (`raw`): who answered, who did not, then the merged stream.
     pub async fn get_flows_raw(&self, req: GetFlowsRequest) -> Result<BoxStream<Raw>, Status> {
         check_window(req.first, req.follow)?;
-        let started_ns = ns_of(&Some(now_timestamp()));
+        let started_ns = wall_ns();
         let opened = self
             .on_every_node(|n| {
                 let req = req.clone();
@@ -470,13 +460,17 @@ impl Relay {
     }
 }
 
-fn check_window(first: bool, follow: bool) -> Result<(), Status> {
-    if first && follow {
-        return Err(Status::invalid_argument(
-            "first cannot be specified with follow",
-        ));
+/// GetFlows served as the bytes the nodes sent (`ObserverRoutes`).
+#[tonic::async_trait]
+impl EncodedFlows for Relay {
+    async fn get_flows_encoded(
+        &self,
+        request: Request<GetFlowsRequest>,
+    ) -> Result<Response<BoxStream<Encoded>>, Status> {
+        let raw = self.get_flows_raw(request.into_inner()).await?;
+        let encoded = tokio_stream::StreamExt::map(raw, |r| r.map(|r| Encoded(r.bytes)));
+        Ok(Response::new(Box::pin(encoded)))
     }
-    Ok(())
 }
 
 #[tonic::async_trait]
@@ -485,15 +479,15 @@ impl Observer for Relay {
     type GetAgentEventsStream = BoxStream<GetAgentEventsResponse>;
     type GetDebugEventsStream = BoxStream<GetDebugEventsResponse>;
 
-    /// Decoded from the merged stream (the served route sends the bytes:
-    /// `routes`).
+    /// Decoded from the merged stream (the served route,
+    /// `hubble::server::ObserverRoutes`, sends the bytes).
     async fn get_flows(
         &self,
         request: Request<GetFlowsRequest>,
     ) -> Result<Response<Self::GetFlowsStream>, Status> {
-        let raw = self.get_flows_raw(request.into_inner()).await?;
-        let decoded = tokio_stream::StreamExt::map(raw, |r| r.and_then(|r| r.decode()));
-        Ok(Response::new(Box::pin(decoded)))
+        Ok(hubble::server::decoded(
+            self.get_flows_encoded(request).await?,
+        ))
     }
 
     /// Merged across the nodes as flows are (Hubble Relay answers
@@ -504,11 +498,11 @@ impl Observer for Relay {
     ) -> Result<Response<Self::GetAgentEventsStream>, Status> {
         let req = request.into_inner();
         check_window(req.first, req.follow)?;
-        let started_ns = ns_of(&Some(now_timestamp()));
+        let started_ns = wall_ns();
         let opened = self
-            .on_every_node(|n| async move {
-                Ok(n.client.clone().get_agent_events(req).await?.into_inner())
-            })
+            .on_every_node(
+                |n| async move { Ok(n.client().get_agent_events(req).await?.into_inner()) },
+            )
             .await;
         let streams = opened
             .into_iter()
@@ -517,7 +511,7 @@ impl Observer for Relay {
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(merge_into(
             streams,
-            |r: &GetAgentEventsResponse| ns_of(&r.time),
+            |r: &GetAgentEventsResponse| r.time.as_ref().map_or(0, raw::timestamp_ns),
             Window {
                 number: req.number as usize,
                 first: req.first,
@@ -589,8 +583,7 @@ impl Observer for Relay {
     ) -> Result<Response<GetNamespacesResponse>, Status> {
         let answers = self
             .on_every_node(|n| async move {
-                Ok(n.client
-                    .clone()
+                Ok(n.client()
                     .get_namespaces(GetNamespacesRequest {})
                     .await?
                     .into_inner())

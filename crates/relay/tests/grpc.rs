@@ -129,23 +129,9 @@ impl Observer for FakeNode {
     }
 }
 
-async fn serve<S>(service: S) -> String
-where
-    S: tonic::codegen::Service<
-            tonic::codegen::http::Request<tonic::body::Body>,
-            Response = tonic::codegen::http::Response<tonic::body::Body>,
-            Error = std::convert::Infallible,
-        > + tonic::server::NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-{
-    serve_tls(service, None).await
-}
-
-async fn serve_tls<S>(service: S, tls: Option<tonic::transport::ServerTlsConfig>) -> String
+/// Serves `service` on a loopback port of its own (over TLS when given);
+/// its address.
+async fn serve<S>(service: S, tls: Option<tonic::transport::ServerTlsConfig>) -> String
 where
     S: tonic::codegen::Service<
             tonic::codegen::http::Request<tonic::body::Body>,
@@ -183,7 +169,7 @@ async fn relay_over(
     let peers = fibril_relay::peers::Peers::new(Duration::from_millis(500));
     for n in nodes {
         let name = n.name.clone();
-        let address = serve(ObserverServer::new(n)).await;
+        let address = serve(ObserverServer::new(n), None).await;
         peers.upsert(&name, &address).unwrap();
     }
     // Nothing listens there: a node that is down.
@@ -198,7 +184,7 @@ async fn relay_over(
             request: Duration::from_secs(2),
         },
     );
-    let address = serve(fibril_relay::routes::Routes::new(Arc::new(relay))).await;
+    let address = serve(hubble::server::ObserverRoutes::new(Arc::new(relay)), None).await;
     let client = ObserverClient::connect(format!("http://{address}"))
         .await
         .unwrap();
@@ -367,7 +353,7 @@ async fn a_node_that_comes_later_joins_a_followed_stream() {
         gap: Duration::from_millis(2),
     };
     peers
-        .upsert("late", &serve(ObserverServer::new(late)).await)
+        .upsert("late", &serve(ObserverServer::new(late), None).await)
         .unwrap();
     let (mut times, mut joined) = (Vec::new(), false);
     while times.len() < 160 {
@@ -420,7 +406,7 @@ async fn nodes_over_tls_and_mutual_tls() {
         delay: Duration::ZERO,
         gap: Duration::ZERO,
     };
-    let address = serve_tls(ObserverServer::new(node), Some(node_tls)).await;
+    let address = serve(ObserverServer::new(node), Some(node_tls)).await;
     let relay_client = issue("relay.hubble-relay.cilium.io");
     let ask = |peer: &'static str, identity: Option<(Vec<u8>, Vec<u8>)>| {
         let (address, ca_pem) = (address.clone(), ca.pem().into_bytes());
@@ -437,7 +423,8 @@ async fn nodes_over_tls_and_mutual_tls() {
                     request: Duration::from_secs(3),
                 },
             );
-            let relay_address = serve(fibril_relay::routes::Routes::new(Arc::new(relay))).await;
+            let relay_address =
+                serve(hubble::server::ObserverRoutes::new(Arc::new(relay)), None).await;
             let mut client = ObserverClient::connect(format!("http://{relay_address}"))
                 .await
                 .unwrap();
@@ -485,7 +472,7 @@ async fn ready_while_a_node_answers_alive_always() {
             request: Duration::from_secs(1),
         },
     ));
-    let address = serve(fibril_relay::service::health(relay).await).await;
+    let address = serve(fibril_relay::service::health(relay).await, None).await;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
         .unwrap()
         .connect()
@@ -524,7 +511,7 @@ async fn ready_while_a_node_answers_alive_always() {
         gap: Duration::ZERO,
     };
     peers
-        .upsert("a", &serve(ObserverServer::new(node)).await)
+        .upsert("a", &serve(ObserverServer::new(node), None).await)
         .unwrap();
     wait_for("hubble.server.Observer", ServingStatus::Serving).await;
     drop(client);
