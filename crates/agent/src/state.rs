@@ -461,8 +461,7 @@ impl State {
     /// Endpoint `ep`'s pod's declared ports, as the kvstore lists them.
     pub fn kv_named_ports(&self, ep: &Endpoint) -> Vec<kvstore::NamedPort> {
         self.pods
-            .values()
-            .find(|p| p.namespace == ep.namespace && p.name == ep.pod)
+            .get(&format!("{}/{}", ep.namespace, ep.pod))
             .map(|p| {
                 p.ports
                     .iter()

@@ -1111,11 +1111,9 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                         .map(|c| policy::NamedPort {
                             name: c.name.clone(),
                             port: c.container_port,
-                            protocol: match c.protocol.as_str() {
-                                "UDP" => policy::Protocol::Udp,
-                                "SCTP" => policy::Protocol::Sctp,
-                                _ => policy::Protocol::Tcp,
-                            },
+                            // Checked by `parse`: TCP, UDP or SCTP.
+                            protocol: policy::Protocol::from_k8s_name(&c.protocol)
+                                .unwrap_or(policy::Protocol::Tcp),
                         })
                         .collect(),
                 }),

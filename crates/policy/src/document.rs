@@ -1333,16 +1333,13 @@ fn validate_selector_key(key: &str) -> Result<(), String> {
 /// A `ports[]` entry of a CNP (protocol defaults to ANY).
 fn convert_port(ctx: &Ctx<'_>, path: &str, p: RawPort) -> Result<PortSpec, Error> {
     let protocol = match p.protocol.as_deref() {
-        None | Some("ANY") | Some("") => Protocol::Any,
-        Some("TCP") => Protocol::Tcp,
-        Some("UDP") => Protocol::Udp,
-        Some("SCTP") => Protocol::Sctp,
-        Some(other) => {
-            return Err(ctx.err(
+        None | Some("") => Protocol::Any,
+        Some(name) => Protocol::from_k8s_name(name).ok_or_else(|| {
+            ctx.err(
                 format!("{path}.protocol"),
-                format!("expected one of TCP, UDP, SCTP, ANY, found {other:?}"),
-            ))
-        }
+                format!("expected one of TCP, UDP, SCTP, ANY, found {name:?}"),
+            )
+        })?,
     };
     Ok(PortSpec {
         protocol,

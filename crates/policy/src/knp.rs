@@ -207,16 +207,17 @@ fn convert_rule(
     let mut ports = Vec::new();
     for (i, p) in r.ports.into_iter().flatten().enumerate() {
         let ppath = format!("{path}.ports[{i}]");
+        // Kubernetes' port protocols (Cilium's ANY is not one).
         let protocol = match p.protocol.as_deref() {
-            None | Some("TCP") => Protocol::Tcp,
-            Some("UDP") => Protocol::Udp,
-            Some("SCTP") => Protocol::Sctp,
-            Some(other) => {
-                return Err(ctx.err(
-                    format!("{ppath}.protocol"),
-                    format!("expected TCP, UDP or SCTP, found {other:?}"),
-                ))
-            }
+            None => Protocol::Tcp,
+            Some(name) => Protocol::from_k8s_name(name)
+                .filter(|p| *p != Protocol::Any)
+                .ok_or_else(|| {
+                    ctx.err(
+                        format!("{ppath}.protocol"),
+                        format!("expected TCP, UDP or SCTP, found {name:?}"),
+                    )
+                })?,
         };
         let port = port_value(ctx, &ppath, p.port.as_ref(), p.end_port, false)?;
         if p.end_port.is_some() && p.port.is_none() {
