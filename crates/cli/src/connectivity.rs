@@ -823,11 +823,17 @@ pub fn run(opts: &Options) -> anyhow::Result<i32> {
     Ok(if failed.is_empty() { 0 } else { 1 })
 }
 
-/// Where the test's workloads are: each one's network namespace and
-/// address.
+/// Where the test's workloads are.
 struct Placement {
-    /// name -> (netns, address)
-    at: std::collections::BTreeMap<String, (String, String)>,
+    at: std::collections::BTreeMap<String, Workload>,
+}
+
+struct Workload {
+    netns: String,
+    address: String,
+    /// The port its HTTP server listens on (pods and host servers 8080, the
+    /// outside addresses 80).
+    http_port: u16,
 }
 
 impl Placement {
@@ -849,7 +855,14 @@ impl Placement {
                     .map(str::to_string)
                     .with_context(|| format!("no address for {}", p.name))?
             };
-            at.insert(p.name.clone(), (p.netns.clone(), addr));
+            at.insert(
+                p.name.clone(),
+                Workload {
+                    netns: p.netns.clone(),
+                    address: addr,
+                    http_port: 8080,
+                },
+            );
         }
         for (x, addr) in [("world", WORLD), ("other-world", OTHER_WORLD)] {
             let ext = st
@@ -857,28 +870,36 @@ impl Placement {
                 .iter()
                 .find(|e| e.name == x)
                 .with_context(|| format!("no external {x}"))?;
-            at.insert(x.to_string(), (ext.netns.clone(), addr.to_string()));
+            at.insert(
+                x.to_string(),
+                Workload {
+                    netns: ext.netns.clone(),
+                    address: addr.to_string(),
+                    http_port: 80,
+                },
+            );
         }
         Ok(Placement { at })
     }
 
-    fn get(&self, name: &str) -> anyhow::Result<&(String, String)> {
+    fn get(&self, name: &str) -> anyhow::Result<&Workload> {
         self.at
             .get(name)
             .with_context(|| format!("no workload {name}"))
     }
 
     fn addr(&self, name: &str) -> anyhow::Result<String> {
-        Ok(self.get(name)?.1.clone())
+        Ok(self.get(name)?.address.clone())
     }
 
     /// Runs the action's probe; what it got, and what it saw.
     fn probe(&self, a: &Action) -> anyhow::Result<(Expect, String)> {
-        let (netns, _) = self.get(a.from)?;
-        let dst = self.addr(a.to)?;
+        let netns = &self.get(a.from)?.netns;
+        let to = self.get(a.to)?;
+        let dst = to.address.clone();
         Ok(match a.probe {
             Probe::Http(method, path) => {
-                let code = curl(netns, &dst, port_of(a.to), method, path);
+                let code = curl(netns, &dst, to.http_port, method, path);
                 (http_result(&code), format!("HTTP {code}"))
             }
             Probe::Ping => {
@@ -902,7 +923,7 @@ impl Placement {
                 let dns = self.addr("kube-dns")?;
                 match dns_query(netns, &dns, name) {
                     (_, Some(addr)) if addr == dst => {
-                        let code = curl(netns, &addr, port_of(a.to), "GET", "/");
+                        let code = curl(netns, &addr, to.http_port, "GET", "/");
                         (http_result(&code), format!("DNS {addr}, HTTP {code}"))
                     }
                     (_, Some(addr)) => (Expect::Drop, format!("DNS gave {addr}, not {dst}")),
@@ -1049,14 +1070,6 @@ fn run_scenarios(opts: &Options, dir: &std::path::Path) -> anyhow::Result<Vec<Re
     Ok(reports)
 }
 
-fn port_of(to: &str) -> u16 {
-    if to.contains("world") {
-        80
-    } else {
-        8080
-    }
-}
-
 /// curl inside network namespace `netns` (a test pod's): the HTTP code
 /// ("000" when nothing answered).
 fn curl(netns: &str, ip: &str, port: u16, method: &str, path: &str) -> String {
@@ -1089,7 +1102,7 @@ fn fibril(node: Option<&str>, args: &[&str]) -> anyhow::Result<String> {
 }
 
 /// Whether the cluster saw a flow `src` -> `dst` with `verdict` at or
-/// after `since` (asked of the lab's relay).
+/// after `since` (RFC 3339; asked of the lab's relay).
 fn has_flow(src: &str, dst: &str, verdict: &str, since: &str) -> anyhow::Result<bool> {
     let relay = format!("unix://{}", lab::relay_socket(LAB).display());
     let out = fibril(
@@ -1100,8 +1113,8 @@ fn has_flow(src: &str, dst: &str, verdict: &str, since: &str) -> anyhow::Result<
             &relay,
             "-o",
             "json",
-            "--last",
-            "1000",
+            "--since",
+            since,
             "--verdict",
             verdict,
             "--from-ip",
@@ -1110,12 +1123,9 @@ fn has_flow(src: &str, dst: &str, verdict: &str, since: &str) -> anyhow::Result<
             dst,
         ],
     )?;
-    Ok(out.lines().any(|l| {
-        serde_json::from_str::<Value>(l)
-            .ok()
-            .and_then(|v| v["flow"]["time"].as_str().map(|t| t >= since))
-            .unwrap_or(false)
-    }))
+    Ok(out
+        .lines()
+        .any(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| v.get("flow").is_some())))
 }
 
 /// Polls `f` until it holds or `timeout` passes.
@@ -1130,7 +1140,7 @@ fn wait(timeout: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
     bail!("timed out")
 }
 
-/// Now as the flows' RFC 3339 time (UTC, nanoseconds), to compare as text.
+/// Now, RFC 3339 (UTC, nanoseconds): a `--since`.
 fn now_rfc3339() -> String {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
