@@ -13,6 +13,18 @@ use crate::run;
 
 struct Cleanup(Vec<Box<dyn FnMut()>>);
 
+impl Cleanup {
+    /// Creates network namespace `name`, removed with the others.
+    fn netns(&mut self, name: &str) -> anyhow::Result<()> {
+        ip(&["netns", "add", name])?;
+        let n = name.to_string();
+        self.0.push(Box::new(move || {
+            let _ = Command::new("ip").args(["netns", "del", &n]).status();
+        }));
+        Ok(())
+    }
+}
+
 impl Drop for Cleanup {
     fn drop(&mut self) {
         for f in self.0.iter_mut().rev() {
@@ -139,27 +151,7 @@ struct BenchCpus {
 }
 
 fn bench_cpus() -> BenchCpus {
-    let allowed: Vec<usize> = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            let list = s
-                .lines()
-                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
-            Some(
-                list.trim()
-                    .split(',')
-                    .flat_map(|r| match r.split_once('-') {
-                        Some((a, b)) => {
-                            let (a, b) = (a.parse().unwrap_or(0), b.parse().unwrap_or(0));
-                            (a..=b).collect::<Vec<usize>>()
-                        }
-                        None => r.parse().ok().into_iter().collect(),
-                    })
-                    .collect(),
-            )
-        })
-        .unwrap_or_default();
-    match allowed[..] {
+    match allowed_cpus().unwrap_or_default()[..] {
         [c, s, ..] => BenchCpus {
             client: Some(c),
             server: Some(s),
@@ -169,6 +161,21 @@ fn bench_cpus() -> BenchCpus {
             server: None,
         },
     }
+}
+
+/// The CPUs this process may run on (`Cpus_allowed_list: 0,2-3`).
+fn allowed_cpus() -> anyhow::Result<Vec<usize>> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .ok_or_else(|| anyhow::anyhow!("no Cpus_allowed_list in /proc/self/status"))?;
+    let mut cpus = Vec::new();
+    for range in list.trim().split(',') {
+        let (a, b) = range.split_once('-').unwrap_or((range, range));
+        cpus.extend(a.parse::<usize>()?..=b.parse::<usize>()?);
+    }
+    Ok(cpus)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -193,20 +200,8 @@ pub fn run_bench(bin: &Path, args: &[String]) -> anyhow::Result<()> {
 
     let mut cleanup = Cleanup(vec![]);
     // Baseline: two namespaces on one bare veth pair.
-    ip(&["netns", "add", &ns_a])?;
-    {
-        let a = ns_a.clone();
-        cleanup.0.push(Box::new(move || {
-            let _ = Command::new("ip").args(["netns", "del", &a]).status();
-        }));
-    }
-    ip(&["netns", "add", &ns_b])?;
-    {
-        let b = ns_b.clone();
-        cleanup.0.push(Box::new(move || {
-            let _ = Command::new("ip").args(["netns", "del", &b]).status();
-        }));
-    }
+    cleanup.netns(&ns_a)?;
+    cleanup.netns(&ns_b)?;
     ip(&[
         "link", "add", &va, "netns", &ns_a, "type", "veth", "peer", "name", &vb, "netns", &ns_b,
     ])?;
@@ -400,11 +395,7 @@ pub fn run_overlay_bench(bin: &Path, args: &[String]) -> anyhow::Result<()> {
     // namespace of its own): the traffic between their VXLAN addresses.
     let ns_u = format!("fbvx-u{id}");
     for ns in [&ns_a, &ns_b, &ns_u] {
-        ip(&["netns", "add", ns])?;
-        let n = ns.clone();
-        cleanup.0.push(Box::new(move || {
-            let _ = Command::new("ip").args(["netns", "del", &n]).status();
-        }));
+        cleanup.netns(ns)?;
     }
     ip(&["-n", &ns_u, "link", "add", "br0", "type", "bridge"])?;
     ip(&["-n", &ns_u, "link", "set", "br0", "up"])?;
@@ -444,11 +435,7 @@ pub fn run_overlay_bench(bin: &Path, args: &[String]) -> anyhow::Result<()> {
     // would: what the pods' own veth hop costs.
     let (pod_a, pod_b) = (format!("fbvx-pa{id}"), format!("fbvx-pb{id}"));
     for (i, (node, pod)) in [(&ns_a, &pod_a), (&ns_b, &pod_b)].into_iter().enumerate() {
-        ip(&["netns", "add", pod])?;
-        let n = pod.clone();
-        cleanup.0.push(Box::new(move || {
-            let _ = Command::new("ip").args(["netns", "del", &n]).status();
-        }));
+        cleanup.netns(pod)?;
         let (own, other) = (i + 1, 2 - i);
         let gateway = format!("10.195.{own}.1");
         run(Command::new("ip")
@@ -912,7 +899,9 @@ enum Placement<'a> {
 fn one_cpu_lab(lab: &str) -> anyhow::Result<usize> {
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(format!("/run/fibril/labs/{lab}/lab.json"))?)?;
-    let cpu = first_allowed_cpu()?;
+    let cpu = *allowed_cpus()?
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no CPU allowed"))?;
     // `api::L7_PROXY_PID_FILE` (xtask builds without the workspace).
     let proxy: Option<serde_json::Value> =
         std::fs::read_to_string(format!("/run/fibril/labs/{lab}/state/l7proxy.pid"))
@@ -938,17 +927,6 @@ fn one_cpu_lab(lab: &str) -> anyhow::Result<usize> {
         anyhow::ensure!(ok, "taskset of {pid} failed");
     }
     Ok(cpu)
-}
-
-/// The first CPU this process may run on (`Cpus_allowed_list: 0,2-3`).
-fn first_allowed_cpu() -> anyhow::Result<usize> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .and_then(|l| l.trim().split([',', '-']).next())
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no Cpus_allowed_list in /proc/self/status"))
 }
 
 /// Pod creation as a runtime does it: `fibril-cni ADD` (the binary, CNI_*
