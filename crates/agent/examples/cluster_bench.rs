@@ -5,7 +5,7 @@
 //! p50/p99 of `ROUNDS`; then a new pod on one node until another node's
 //! ipcache has it. Then scale: `SCALE_PODS` pods per node (real
 //! endpoints: a network namespace and veth each), with each agent's RSS and
-//! its traffic to etcd (counted by a TCP relay the bench puts between each
+//! its traffic to etcd (counted by a TCP proxy the bench puts between each
 //! agent and etcd) while the pods come and in a quiet minute after. Nodes
 //! are agents on this host side by side (the lab's nodes add only the
 //! underlay hop to etcd).
@@ -25,7 +25,7 @@ struct Node {
     dir: PathBuf,
     bpf: PathBuf,
     /// The agent's traffic to and from etcd.
-    etcd: Relay,
+    etcd: CountingProxy,
 }
 
 impl Drop for Node {
@@ -88,7 +88,7 @@ fn main() -> anyhow::Result<()> {
         let ndir = dir.join(format!("n{i}"));
         let bpf = PathBuf::from("/sys/fs/bpf").join(&name);
         std::fs::create_dir_all(&ndir)?;
-        let relay = Relay::start(etcd.endpoint().trim_start_matches("http://"))?;
+        let proxy = CountingProxy::start(etcd.endpoint().trim_start_matches("http://"))?;
         // Room for the scale part's pods and the convergence part's.
         let child = test_support::agent_command(
             &agent,
@@ -97,7 +97,7 @@ fn main() -> anyhow::Result<()> {
             &format!("n{i}"),
             &format!("10.248.{}.0/21", i * 8),
         )
-        .args(["--cluster-name", "bench", "--kvstore", &relay.endpoint()])
+        .args(["--cluster-name", "bench", "--kvstore", &proxy.endpoint()])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(ndir.join("agent.log"))?)
         .spawn()?;
@@ -105,7 +105,7 @@ fn main() -> anyhow::Result<()> {
             child,
             dir: ndir,
             bpf,
-            etcd: relay,
+            etcd: proxy,
         });
     }
     for n in &nodes {
@@ -295,16 +295,16 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// A TCP relay on loopback in front of etcd that counts the bytes each
+/// A TCP proxy on loopback in front of etcd that counts the bytes each
 /// way: one agent's traffic to the kvstore, whatever it speaks.
-struct Relay {
+struct CountingProxy {
     addr: std::net::SocketAddr,
     /// (to etcd, from etcd)
     counts: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
 }
 
-impl Relay {
-    fn start(etcd: &str) -> anyhow::Result<Relay> {
+impl CountingProxy {
+    fn start(etcd: &str) -> anyhow::Result<CountingProxy> {
         use std::sync::atomic::{AtomicU64, Ordering};
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
@@ -340,7 +340,7 @@ impl Relay {
                 }
             }
         });
-        Ok(Relay { addr, counts })
+        Ok(CountingProxy { addr, counts })
     }
 
     fn endpoint(&self) -> String {
