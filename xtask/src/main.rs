@@ -59,7 +59,40 @@ fn is_root() -> bool {
 fn deps() -> anyhow::Result<()> {
     apt_packages()?;
     hubble_cli()?;
+    audit2policy()?;
     Ok(())
+}
+
+/// hubble-audit2policy from PyPI (the UI test reads the UI's export with
+/// it), installed once per version into the cache outside the clone.
+fn audit2policy() -> anyhow::Result<()> {
+    let dir = test_support::audit2policy_dir();
+    if dir.join("bin/hubble-audit2policy").exists() {
+        return Ok(());
+    }
+    let has_pip = Command::new("python3")
+        .args(["-m", "pip", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_pip {
+        install_apt(&["python3-pip"])?;
+    }
+    eprintln!(
+        "installing hubble-audit2policy {} (PyPI) into {}",
+        test_support::AUDIT2POLICY_VERSION,
+        dir.display()
+    );
+    run(Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--target"])
+        .arg(&dir)
+        .arg(format!(
+            "hubble-audit2policy=={}",
+            test_support::AUDIT2POLICY_VERSION
+        ))
+        // Only into its own directory: Debian's "externally managed"
+        // guard is about the system's packages.
+        .env("PIP_BREAK_SYSTEM_PACKAGES", "1"))
+    .context("installing hubble-audit2policy needs Python 3 with pip and PyPI")
 }
 
 /// The real hubble CLI, built once per version from the Go module proxy
@@ -111,12 +144,18 @@ fn apt_packages() -> anyhow::Result<()> {
         ("tcpdump", "/usr/bin/tcpdump"),
         // The connectivity test's ICMP actions (ping from a pod).
         ("iputils-ping", "/usr/bin/ping"),
+        // The UI's end-to-end test runs it headless (playwright-core).
+        ("chromium", "/usr/bin/chromium"),
     ];
     let missing: Vec<&str> = needed
         .iter()
         .filter(|(_, path)| !Path::new(path).exists())
         .map(|(pkg, _)| *pkg)
         .collect();
+    install_apt(&missing)
+}
+
+fn install_apt(missing: &[&str]) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
@@ -144,7 +183,7 @@ fn apt_packages() -> anyhow::Result<()> {
     }
     let installed = run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
+        .args(missing)
         .env("DEBIAN_FRONTEND", "noninteractive"));
     if ours {
         std::fs::remove_file(policy_rc).ok();
@@ -189,7 +228,7 @@ fn layering() -> anyhow::Result<()> {
     const PURE: [&str; 4] = ["fibril-policy", "fibril-flow", "fibril-abi", "fibril-netns"];
     const FORBIDDEN: [&str; 6] = ["aya", "tokio", "tonic", "hyper", "h2", "prost"];
     // Only the datapath (and the agent, through it) links the eBPF loader.
-    const NO_AYA: [&str; 7] = [
+    const NO_AYA: [&str; 8] = [
         "fibril-cli",
         "fibril-cni",
         "fibril-hubble",
@@ -197,6 +236,7 @@ fn layering() -> anyhow::Result<()> {
         "fibril-proxy",
         "fibril-echo",
         "fibril-relay",
+        "fibril-ui",
     ];
     let checks = PURE
         .iter()

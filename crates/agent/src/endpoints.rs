@@ -559,6 +559,12 @@ impl Endpoints {
                     egress_enforced: computed.is_some_and(|c| c.egress_enforced),
                     policy_entries: computed.map_or(0, |c| c.entries.len()),
                     policy_overflow: policy.overflowed.contains(&e.id),
+                    ingress_selected_by: computed
+                        .map(|c| c.ingress_selected_by.clone())
+                        .unwrap_or_default(),
+                    egress_selected_by: computed
+                        .map(|c| c.egress_selected_by.clone())
+                        .unwrap_or_default(),
                 }
             })
             .collect()

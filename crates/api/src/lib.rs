@@ -188,6 +188,13 @@ pub struct EndpointInfo {
     pub policy_entries: usize,
     /// Its policy did not fit the policy map: it fails closed.
     pub policy_overflow: bool,
+    /// The policies whose default deny selects it, per direction
+    /// (`namespace/name`, or a cluster-wide policy's name): what a drop no
+    /// rule allowed is "default deny, selected by".
+    #[serde(default)]
+    pub ingress_selected_by: Vec<String>,
+    #[serde(default)]
+    pub egress_selected_by: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -194,6 +194,13 @@ pub struct LabState {
     /// router's address, port 4245, and on `relay.sock`).
     #[serde(default)]
     pub relay_pid: Option<u32>,
+    /// The lab's web UI (`fibril-ui` in this host's namespace, over the
+    /// relay, or the agent's Hubble API in a one-node lab) and where it
+    /// serves.
+    #[serde(default)]
+    pub ui_pid: Option<u32>,
+    #[serde(default)]
+    pub ui_address: Option<String>,
 }
 
 /// One node of a multi-node lab.
@@ -1042,6 +1049,7 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                 .map(|n| node_dir(lab, &n.name).join("agent.sock"))
                 .collect()
         };
+        start_ui(&mut st, &sockets)?;
         let ns_labels: BTreeMap<&str, &BTreeMap<String, String>> = parsed
             .file
             .namespaces
@@ -1371,6 +1379,62 @@ fn start_relay(st: &mut LabState) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The web UI's port, as the seed's Hubble UI NodePort.
+pub const UI_PORT: u16 = 31235;
+
+/// Starts the lab's web UI in this host's namespace, on
+/// `127.0.0.1:31235` (a free port instead when another lab holds it),
+/// over the lab's relay (a one-node lab: its agent's Hubble API); it asks
+/// the `agents` which policies select each endpoint.
+fn start_ui(st: &mut LabState, agents: &[PathBuf]) -> anyhow::Result<()> {
+    let dir = lab_dir(&st.name);
+    let hubble = if st.nodes.is_empty() {
+        dir.join("hubble.sock")
+    } else {
+        relay_socket(&st.name)
+    };
+    let preferred = std::net::SocketAddr::from(([127, 0, 0, 1], UI_PORT));
+    let listen = match std::net::TcpListener::bind(preferred) {
+        Ok(_) => preferred,
+        Err(_) => std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+    };
+    let address_file = dir.join("ui.address");
+    std::fs::remove_file(&address_file).ok();
+    let log = dir.join("ui.log");
+    let out = private_file(&log)?;
+    let mut cmd = Command::new("setsid");
+    cmd.arg(resolve("fibril-ui"))
+        .args(["--listen-address", &listen.to_string()])
+        .arg("--relay")
+        .arg(format!("unix://{}", hubble.display()))
+        .arg("--address-file")
+        .arg(&address_file);
+    for a in agents {
+        cmd.arg("--agent-socket").arg(a);
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .context("starting fibril-ui")?;
+    let pid = child.id();
+    st.ui_pid = Some(pid);
+    save(st)?;
+    let start = std::time::Instant::now();
+    let address = loop {
+        if let Ok(a) = std::fs::read_to_string(&address_file) {
+            break a.trim().to_string();
+        }
+        if !alive(pid) || start.elapsed() > Duration::from_secs(10) {
+            bail!("the UI did not start; its log: {}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    st.ui_address = Some(address);
+    save(st)
+}
+
 /// The lab's etcd in the underlay's namespace, on the router's address
 /// (reachable from every node, from nothing outside the lab); waits until
 /// it serves and returns its client URL.
@@ -1490,7 +1554,7 @@ pub fn down(lab: &str) -> anyhow::Result<()> {
             wait_gone(pid);
         }
     }
-    if let Some(pid) = st.relay_pid {
+    for pid in [st.ui_pid, st.relay_pid].into_iter().flatten() {
         kill(pid);
         wait_gone(pid);
     }

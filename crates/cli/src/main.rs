@@ -323,6 +323,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         }
                     }
                 }
+                if let Some(ui) = &st.ui_address {
+                    println!("  UI (service map, flows, policy verdicts): http://{ui}/");
+                }
                 Ok(0)
             }
             LabCmd::Down => {

@@ -1104,14 +1104,6 @@ pub fn request(a: &Args) -> anyhow::Result<GetFlowsRequest> {
     })
 }
 
-/// A `GetFlowsResponse` as `hubble observe -o json` prints it.
-#[derive(serde::Serialize)]
-struct Envelope<'a> {
-    flow: &'a flow::Flow,
-    node_name: &'a str,
-    time: &'a flow::record::Time,
-}
-
 /// How to reach a Hubble-compatible server: the hubble CLI's server flags.
 #[derive(clap::Args, Clone)]
 pub struct Server {
@@ -1289,7 +1281,7 @@ impl<'a> Printer<'a> {
                     }
                     Format::Json | Format::Jsonpb => println!(
                         "{}",
-                        serde_json::to_string(&Envelope {
+                        serde_json::to_string(&flow::format::JsonLine {
                             flow: &f,
                             node_name: &r.node_name,
                             time: &f.time

@@ -101,6 +101,16 @@ impl TimeFormat {
     }
 }
 
+/// A `GetFlowsResponse` as `hubble observe -o json` (and `-o jsonpb`)
+/// prints it, one per line: what hubble-audit2policy and `--input-file`
+/// read back.
+#[derive(serde::Serialize)]
+pub struct JsonLine<'a> {
+    pub flow: &'a Flow,
+    pub node_name: &'a str,
+    pub time: &'a crate::record::Time,
+}
+
 /// How flows are printed: `--time-format`, `--color`, `--ip-translation`
 /// (`--numeric`), `--print-policy-names`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

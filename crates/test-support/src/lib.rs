@@ -235,6 +235,16 @@ pub fn hubble_cli_build_path() -> std::path::PathBuf {
     cache_dir().join(format!("hubble-{version}")).join("hubble")
 }
 
+/// The version of hubble-audit2policy (PyPI) the UI's export is checked
+/// with.
+pub const AUDIT2POLICY_VERSION: &str = "0.18.5";
+
+/// Where `cargo xtask deps` installs hubble-audit2policy (`pip install
+/// --target`): run `bin/hubble-audit2policy` with this on `PYTHONPATH`.
+pub fn audit2policy_dir() -> std::path::PathBuf {
+    cache_dir().join(format!("hubble-audit2policy-{AUDIT2POLICY_VERSION}"))
+}
+
 /// The real hubble CLI (`HUBBLE_CLI`, else the one `cargo xtask deps`
 /// built). Panics with what to run when it is absent.
 pub fn hubble_cli() -> std::path::PathBuf {
