@@ -5,12 +5,15 @@
 //! - `test`:  every tier: fmt, clippy, BPF build with -Werror, unit, ABI,
 //!   BPF_PROG_TEST_RUN, namespace and end-to-end lab tests (needs root).
 //! - `demo`:  the default lab (the seed's microservices example), traffic,
-//!   flows; `--keep` leaves the lab up.
+//!   flows; then the same on two nodes, ending with the address of the
+//!   lab's web UI (that lab stays up for it); `--keep` leaves the one-node
+//!   lab up too.
 //! - `bench`: policy computation (full and incremental, into real maps);
 //!   the flow pipeline (kernel ring buffer to flow ring, lost events) and
 //!   GetFlows throughput;
 //!   datapath request/response rate and throughput against bare veth, with
-//!   and without 10,000 policy entries.
+//!   and without 10,000 policy entries; the cluster, overlay, relay, web UI
+//!   (`--only ui`), CNI and L7 parts (`--only NAME` runs one).
 //! - `layering`: the check `test` makes that `policy`, `flow` and `abi` pull
 //!   in no aya, tokio, tonic, hyper, h2 or prost.
 //! - `ci`:    what `.ci/run` runs (= test).
@@ -411,14 +414,14 @@ fn demo(keep: bool) -> anyhow::Result<()> {
         run(fibril(&bin).args(["lab", "down"]))?;
     }
     result?;
-    demo_two_nodes(&bin, keep)
+    demo_two_nodes(&bin)
 }
 
 /// The seed's example across two nodes (`labs/two-nodes.yaml`): frontend
 /// on node-1 reaches backend on node-2 through the overlay; other-client
 /// is dropped in node-2's kernel; each node shows its side of the flows,
 /// and the lab's relay shows both in one stream.
-fn demo_two_nodes(bin: &Path, keep: bool) -> anyhow::Result<()> {
+fn demo_two_nodes(bin: &Path) -> anyhow::Result<()> {
     const LAB: &str = "two-nodes";
     let lab = |args: &[&str]| {
         let mut c = fibril(bin);
@@ -474,12 +477,43 @@ fn demo_two_nodes(bin: &Path, keep: bool) -> anyhow::Result<()> {
         run(&mut lab(&["observe", "--server", &relay, "--last", "12"]))?;
         Ok(())
     })();
-    if keep {
-        println!("\nThe two-node lab is still up: `target/release/fibril --lab {LAB} --node node-2 observe -f`; `target/release/fibril --lab {LAB} lab down` removes it.");
-    } else {
+    if let Err(e) = result {
         run(&mut lab(&["lab", "down"]))?;
+        return Err(e);
     }
-    result
+    // The lab stays up for its UI: the map of what just happened.
+    let ui = std::fs::read_to_string(format!("/run/fibril/labs/{LAB}/ui.address"))
+        .context("the lab's UI did not say where it serves")?;
+    let ui = ui.trim();
+    let page = ui_page(ui).with_context(|| format!("the UI at {ui} did not answer"))?;
+    println!(
+        "\nThe two-node lab stays up for its UI: `target/release/fibril --lab {LAB} --node node-2 observe -f`; \
+         `target/release/fibril --lab {LAB} lab down` removes it (and the UI)."
+    );
+    println!(
+        "\n== the UI (service map, live flows, policy verdicts; {} bytes of page): http://{ui}/",
+        page.len()
+    );
+    Ok(())
+}
+
+/// The UI's page, fetched once: the address printed is one that serves.
+fn ui_page(address: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(address)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut page = String::new();
+    s.read_to_string(&mut page)?;
+    anyhow::ensure!(
+        page.starts_with("HTTP/1.1 200"),
+        "answered {:?}",
+        page.lines().next()
+    );
+    Ok(page)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -489,7 +523,7 @@ fn main() -> anyhow::Result<()> {
         Some("test") | Some("ci") => test(),
         Some("demo") => demo(args.iter().any(|a| a == "--keep")),
         Some("bench") => {
-            // `--only policy|cluster|relay|flows|packet|datapath|overlay|cni|l7` runs one part.
+            // `--only policy|cluster|relay|ui|flows|packet|datapath|overlay|cni|l7` runs one part.
             let only: Option<String> = bench::flag(&args, "only");
             let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
             deps()?;
@@ -513,6 +547,12 @@ fn main() -> anyhow::Result<()> {
                 run(cargo()
                     .args(["run", "--quiet", "--release", "-p", "fibril-relay"])
                     .args(["--example", "relay_bench"]))?;
+            }
+            if part("ui") {
+                println!("\n== web UI: 100,000 flows/s into 3 nodes, the page open in headless Chromium (UI_BENCH_SECONDS, default 600)");
+                run(cargo()
+                    .args(["run", "--quiet", "--release", "-p", "fibril-ui"])
+                    .args(["--example", "ui_bench"]))?;
             }
             if part("flows") {
                 println!("\n== flow pipeline and Hubble API");
@@ -547,6 +587,6 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some("layering") => layering(),
-        _ => bail!("usage: cargo xtask <deps|test|layering|demo [--keep]|bench [--seconds N] [--only policy|cluster|relay|flows|packet|datapath|overlay|cni|l7]|ci>"),
+        _ => bail!("usage: cargo xtask <deps|test|layering|demo [--keep]|bench [--seconds N] [--only policy|cluster|relay|ui|flows|packet|datapath|overlay|cni|l7]|ci>"),
     }
 }

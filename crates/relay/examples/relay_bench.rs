@@ -16,50 +16,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flow::ring::Shared;
 use hubble::entry::FlowEntry;
-use hubble::server::{self, Backend};
+use hubble::server::{self, RingBackend};
 use proto::observer::get_flows_response::ResponseTypes;
 use proto::observer::observer_client::ObserverClient;
 use proto::observer::{GetFlowsRequest, GetFlowsResponse};
+use test_support::{cpu_seconds, status_kib};
 
 const NODES: u64 = 3;
 /// Each node's ring (2^17 - 1).
 const RING: usize = 131_071;
-
-struct Node {
-    name: String,
-    flows: Shared<Arc<FlowEntry>>,
-    events: Shared<Arc<flow::agent_event::AgentEvent>>,
-}
-
-impl Backend for Node {
-    fn oldest_seq(&self) -> u64 {
-        self.flows.oldest_seq()
-    }
-    fn next_seq(&self) -> u64 {
-        self.flows.next_seq()
-    }
-    fn read(&self, seq: u64, wait: Duration) -> (u64, Vec<Arc<FlowEntry>>, u64) {
-        self.flows.read(seq, wait)
-    }
-    fn agent_events(&self) -> &Shared<Arc<flow::agent_event::AgentEvent>> {
-        &self.events
-    }
-    fn kernel_lost(&self) -> u64 {
-        0
-    }
-    fn counters(&self) -> (u64, u64, u64, u64) {
-        let (n, cap, seen) = self.flows.counts();
-        (n as u64, cap as u64, seen, 1)
-    }
-    fn node_name(&self) -> String {
-        self.name.clone()
-    }
-    fn address(&self) -> String {
-        String::new()
-    }
-}
 
 /// A flow as an agent records one (a pod-to-pod TCP flow with both ends'
 /// labels), at `time_ns`.
@@ -91,35 +57,6 @@ fn ns_of(t: &Option<prost_types::Timestamp>) -> u64 {
 fn percentile(v: &mut [f64], q: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[((v.len() - 1) as f64 * q).round() as usize]
-}
-
-/// A `/proc/PID/status` field in KiB (`VmRSS:`, `VmHWM:`).
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// User + system CPU time of process `pid`, seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // After the command's closing parenthesis: state is field 3, utime 14,
-    // stime 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // USER_HZ: 100 ticks a second on Linux.
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// The follow latencies (ms) of `want` flows read from `s`.
@@ -154,11 +91,7 @@ async fn main() -> anyhow::Result<()> {
     let mut addresses = Vec::new();
     for n in 0..NODES {
         let name = format!("bench/n{n}");
-        let node = Arc::new(Node {
-            name: name.clone(),
-            flows: Shared::new(RING).map_err(anyhow::Error::msg)?,
-            events: Shared::new(15).map_err(anyhow::Error::msg)?,
-        });
+        let node = Arc::new(RingBackend::new(&name, RING).map_err(anyhow::Error::msg)?);
         for i in 0..RING as u64 {
             let t = base + (i * NODES + n) * 1_000;
             node.flows.push(Arc::new(FlowEntry::new(flow(&name, i, t))));

@@ -25,6 +25,11 @@ struct Args {
     /// lists the cluster's nodes; repeat it to have others to fall back on.
     #[arg(long = "peer-service")]
     peer_services: Vec<String>,
+    /// The cluster's name: over TLS the peer service's certificate must
+    /// carry `hubble-peer.<cluster>.hubble-grpc.cilium.io`, as Hubble
+    /// Relay checks it.
+    #[arg(long, default_value = "default")]
+    cluster_name: String,
     /// A node given by hand, `NAME=HOST:PORT` (repeatable).
     #[arg(long = "static-peer")]
     static_peers: Vec<String>,
@@ -118,6 +123,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tokio::spawn(fibril_relay::peers::follow(
             peers.clone(),
             args.peer_services.clone(),
+            args.cluster_name.clone(),
         ));
     }
     let relay = Arc::new(Relay::new(

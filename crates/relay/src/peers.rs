@@ -41,6 +41,20 @@ pub struct ClientTls {
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
+impl ClientTls {
+    /// Checks the server's certificate against the CAs and `server_name`;
+    /// presents the relay's own when there is one.
+    fn config(&self, server_name: &str) -> ClientTlsConfig {
+        let mut config = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .domain_name(server_name);
+        if let Some((cert, key)) = &self.identity {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        config
+    }
+}
+
 /// The relay's nodes, by name.
 pub struct Peers {
     nodes: Mutex<BTreeMap<String, Node>>,
@@ -71,15 +85,8 @@ impl Peers {
         }
         let channel = match &self.tls {
             None => endpoint("http", address, self.dial_timeout)?,
-            Some(tls) => {
-                let mut config = ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(&tls.ca_pem))
-                    .domain_name(server_name(name));
-                if let Some((cert, key)) = &tls.identity {
-                    config = config.identity(Identity::from_pem(cert, key));
-                }
-                endpoint("https", address, self.dial_timeout)?.tls_config(config)?
-            }
+            Some(tls) => endpoint("https", address, self.dial_timeout)?
+                .tls_config(tls.config(&server_name(name)))?,
         }
         .connect_lazy();
         tracing::info!(node = name, address, "peer added");
@@ -135,13 +142,13 @@ fn endpoint(scheme: &str, address: &str, dial_timeout: Duration) -> anyhow::Resu
 /// addresses, tried in turn): every node an agent announces is added, a
 /// deleted one removed. A broken stream is opened again, with a backoff
 /// from 1 s up to 30 s.
-pub async fn follow(peers: Arc<Peers>, services: Vec<String>) {
+pub async fn follow(peers: Arc<Peers>, services: Vec<String>, cluster: String) {
     let mut backoff = Duration::from_secs(1);
     let mut next = 0;
     loop {
         let address = &services[next % services.len()];
         next += 1;
-        match notify(&peers, address).await {
+        match notify(&peers, address, &cluster).await {
             Ok(()) => backoff = Duration::from_secs(1),
             Err(e) => {
                 tracing::warn!(peer_service = %address, error = %e, "peer service unavailable");
@@ -152,11 +159,22 @@ pub async fn follow(peers: Arc<Peers>, services: Vec<String>) {
     }
 }
 
-/// One `Notify` stream from `address`, applied until it ends.
-async fn notify(peers: &Peers, address: &str) -> anyhow::Result<()> {
-    let channel = endpoint("http", address, peers.dial_timeout)?
-        .connect()
-        .await?;
+/// The name the peer service's certificate is checked against, as Hubble
+/// Relay's: the service `hubble-peer` of the cluster, which an agent's
+/// certificate (`*.<cluster>.hubble-grpc.cilium.io`) carries.
+pub fn peer_service_server_name(cluster: &str) -> String {
+    server_name(&format!("{cluster}/hubble-peer"))
+}
+
+/// One `Notify` stream from `address`, applied until it ends; over TLS
+/// (with the relay's certificate when it has one) when the nodes are.
+async fn notify(peers: &Peers, address: &str, cluster: &str) -> anyhow::Result<()> {
+    let endpoint = match &peers.tls {
+        None => endpoint("http", address, peers.dial_timeout)?,
+        Some(tls) => endpoint("https", address, peers.dial_timeout)?
+            .tls_config(tls.config(&peer_service_server_name(cluster)))?,
+    };
+    let channel = endpoint.connect().await?;
     let mut stream = PeerClient::new(channel)
         .notify(NotifyRequest {})
         .await?
@@ -186,6 +204,10 @@ mod tests {
         assert_eq!(
             super::server_name("kind-worker"),
             "kind-worker.default.hubble-grpc.cilium.io"
+        );
+        assert_eq!(
+            super::peer_service_server_name("prod"),
+            "hubble-peer.prod.hubble-grpc.cilium.io"
         );
     }
 }

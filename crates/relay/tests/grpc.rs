@@ -459,6 +459,104 @@ async fn nodes_over_tls_and_mutual_tls() {
     );
 }
 
+/// The peer service over mutual TLS, as Cilium's (agents' certificates
+/// `*.<cluster>.hubble-grpc.cilium.io`, as its Helm chart makes them): the
+/// relay finds the node through its `Notify` and reads it over TLS; the
+/// same service refuses a relay without a certificate, and one that
+/// expects another cluster is refused by the certificate's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_found_through_the_peer_service_over_mutual_tls() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let issue = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let mut node = hubble::server::RingBackend::new("prod/a", 63).unwrap();
+    node.address = address.clone();
+    for i in 0..3u64 {
+        let f: flow::Flow = serde_json::from_value(serde_json::json!({
+            "time": flow::record::rfc3339(now_ns() + i), "uuid": format!("u{i}"),
+            "verdict": "FORWARDED", "Type": "L3_L4", "node_name": "a",
+            "event_type": {"type": 4}, "Summary": "",
+        }))
+        .unwrap();
+        node.flows.push(Arc::new(hubble::entry::FlowEntry::new(f)));
+    }
+    let (cert, key) = issue("*.prod.hubble-grpc.cilium.io");
+    let router = hubble::server::router_with_tls(
+        Arc::new(node),
+        Some(&hubble::server::Tls {
+            cert_pem: cert,
+            key_pem: key,
+            client_ca_pem: Some(ca.pem().into_bytes()),
+        }),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(router.serve_with_incoming(TcpListenerStream::new(listener)));
+    let relay_cert = issue("relay.hubble-relay.cilium.io");
+    let found = |identity: Option<(Vec<u8>, Vec<u8>)>, cluster: &'static str| {
+        let (address, ca_pem) = (address.clone(), ca.pem().into_bytes());
+        async move {
+            let peers = fibril_relay::peers::Peers::with_tls(
+                Duration::from_secs(2),
+                Some(fibril_relay::peers::ClientTls { ca_pem, identity }),
+            );
+            let follow = tokio::spawn(fibril_relay::peers::follow(
+                peers.clone(),
+                vec![address],
+                cluster.to_string(),
+            ));
+            let start = std::time::Instant::now();
+            while peers.snapshot().is_empty() && start.elapsed() < Duration::from_secs(3) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            follow.abort();
+            peers
+        }
+    };
+    let peers = found(Some(relay_cert.clone()), "prod").await;
+    let names: Vec<String> = peers.snapshot().iter().map(|n| n.name.clone()).collect();
+    assert_eq!(names, ["prod/a"], "announced over mTLS");
+    let relay = fibril_relay::service::Relay::new(
+        peers,
+        fibril_relay::service::Timeouts {
+            drain: Duration::from_millis(200),
+            request: Duration::from_secs(3),
+        },
+    );
+    let relay_address = serve(hubble::server::ObserverRoutes::new(Arc::new(relay)), None).await;
+    let mut client = ObserverClient::connect(format!("http://{relay_address}"))
+        .await
+        .unwrap();
+    let status = client
+        .server_status(ServerStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((status.num_connected_nodes, status.num_flows), (Some(1), 3));
+    assert!(
+        found(None, "prod").await.snapshot().is_empty(),
+        "no client certificate: the peer service refuses the relay"
+    );
+    assert!(
+        found(Some(relay_cert), "staging")
+            .await
+            .snapshot()
+            .is_empty(),
+        "another cluster's name: the relay refuses the certificate"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_while_a_node_answers_alive_always() {
     use tonic_health::pb::health_check_response::ServingStatus;

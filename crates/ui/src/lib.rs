@@ -7,6 +7,8 @@
 //! (`session`, `server`). Drops no rule allowed are explained by the
 //! policies selecting their endpoint, asked of the agents (`selection`).
 
+#![forbid(unsafe_code)]
+
 pub mod aggregate;
 pub mod filter;
 pub mod selection;

@@ -56,7 +56,9 @@ try {
   console.log("ok: map: frontend -> backend forwarded, other-client -> backend dropped:", policy);
 
   // The edge's panel says it too.
-  await red.locator("path").click({ force: true });
+  // Dispatched to the arrow itself: the layout may still be settling, and
+  // a click at a point could land on whatever moved there.
+  await red.dispatchEvent("click");
   const detail = await page.getByTestId("edge-policy").textContent();
   if (!detail?.includes("selected by microservices/allow-frontend-to-backend")) throw new Error(`edge panel: ${detail}`);
   await shot(page, "edge-detail");

@@ -134,6 +134,26 @@ export function ServiceMap(props: {
     return i;
   });
   const groups = props.grouped ? [...new Set((snap?.nodes ?? []).map(groupOf))].sort() : [];
+  const geometry = edges.map((e, i) => {
+    const [x1, y1] = pos(e.source);
+    const [x2, y2] = pos(e.target);
+    const dx = x2 - x1, dy = y2 - y1;
+    const len = Math.hypot(dx, dy) || 1;
+    // Stop at the target box's border.
+    const t = Math.min(
+      Math.abs(dx) > 0 ? (NODE_W / 2 + 4) / Math.abs(dx) : Infinity,
+      Math.abs(dy) > 0 ? (NODE_H / 2 + 4) / Math.abs(dy) : Infinity,
+    );
+    const ex = x2 - dx * Math.min(t, 0.5), ey = y2 - dy * Math.min(t, 0.5);
+    const bend = (bends[i] % 2 ? -1 : 1) * Math.ceil(bends[i] / 2) * 36;
+    const mx = (x1 + ex) / 2 - (dy / len) * bend, my = (y1 + ey) / 2 + (dx / len) * bend;
+    const path = e.source === e.target
+      ? `M ${x1} ${y1 - NODE_H / 2} c 60 -70 110 0 ${NODE_W / 2} ${NODE_H / 2}`
+      : `M ${x1} ${y1} Q ${mx} ${my} ${ex} ${ey}`;
+    const total = e.counts.forwarded + e.counts.dropped + e.counts.audit + e.counts.error;
+    const l7 = [...Object.keys(e.http_methods), ...Object.keys(e.http_status), ...e.dns_names.slice(0, 2)].join(" ");
+    return { e, path, mx, my, total, policy: edgePolicyText(e), l7 };
+  });
 
   return (
     <svg ref={svgRef} class="map" data-testid="service-map" onClick={(ev) => {
@@ -163,52 +183,36 @@ export function ServiceMap(props: {
             </g>
           );
         })}
-        {edges.map((e, i) => {
-          const [x1, y1] = pos(e.source);
-          const [x2, y2] = pos(e.target);
-          const dx = x2 - x1, dy = y2 - y1;
-          const len = Math.hypot(dx, dy) || 1;
-          // Stop at the target box's border.
-          const t = Math.min(
-            Math.abs(dx) > 0 ? (NODE_W / 2 + 4) / Math.abs(dx) : Infinity,
-            Math.abs(dy) > 0 ? (NODE_H / 2 + 4) / Math.abs(dy) : Infinity,
-          );
-          const ex = x2 - dx * Math.min(t, 0.5), ey = y2 - dy * Math.min(t, 0.5);
-          const bend = (bends[i] % 2 ? -1 : 1) * Math.ceil(bends[i] / 2) * 36;
-          const mx = (x1 + ex) / 2 - (dy / len) * bend, my = (y1 + ey) / 2 + (dx / len) * bend;
-          const total = e.counts.forwarded + e.counts.dropped + e.counts.audit + e.counts.error;
-          const policy = edgePolicyText(e);
-          const l7 = [
-            ...Object.keys(e.http_methods),
-            ...Object.keys(e.http_status),
-            ...e.dns_names.slice(0, 2),
-          ].join(" ");
-          return (
-            <g
-              class={`edge ${e.verdict}${props.selected === e.id ? " selected" : ""}`}
-              data-testid="edge"
-              data-source={e.source}
-              data-target={e.target}
-              data-verdict={e.verdict}
-              data-policy={policy}
-              onClick={(ev) => {
-                ev.stopPropagation();
-                props.onSelect(e.id);
-              }}
-            >
-              <title>{`${e.source} → ${e.target} ${e.port}/${e.protocol}: ${total} flows; ${policy}`}</title>
-              <path d={e.source === e.target ? `M ${x1} ${y1 - NODE_H / 2} c 60 -70 110 0 ${NODE_W / 2} ${NODE_H / 2}` : `M ${x1} ${y1} Q ${mx} ${my} ${ex} ${ey}`} marker-end={`url(#arrow-${e.verdict})`} />
-              <text x={mx} y={my - 6} class="edge-label">{`${e.port ? e.port + "/" : ""}${e.protocol} · ${total}${l7 ? " · " + l7 : ""}`}</text>
-              {policy ? <text x={mx} y={my + 10} class="edge-policy">{policy}</text> : null}
-            </g>
-          );
-        })}
+        {geometry.map(({ e, path, mx, my, total, policy }) => (
+          <g
+            class={`edge ${e.verdict}${props.selected === e.id ? " selected" : ""}`}
+            data-testid="edge"
+            data-source={e.source}
+            data-target={e.target}
+            data-verdict={e.verdict}
+            data-policy={policy}
+            onClick={(ev) => {
+              ev.stopPropagation();
+              props.onSelect(e.id);
+            }}
+          >
+            <title>{`${e.source} → ${e.target} ${e.port}/${e.protocol}: ${total} flows; ${policy}`}</title>
+            <path d={path} marker-end={`url(#arrow-${e.verdict})`} />
+          </g>
+        ))}
         {[...nodes.current.values()].map((n) => (
           <g class={`node ${n.data.kind}`} data-testid="node" data-id={n.id} transform={`translate(${(n.x ?? 0) - NODE_W / 2},${(n.y ?? 0) - NODE_H / 2})`}>
             <title>{[n.id, `identity ${n.data.identity}`, ...n.data.labels].join("\n")}</title>
             <rect width={NODE_W} height={NODE_H} rx="8" />
             <text x={NODE_W / 2} y="19" class="node-label">{n.data.label.length > 22 ? n.data.label.slice(0, 21) + "…" : n.data.label}</text>
             <text x={NODE_W / 2} y="34" class="node-kind">{n.data.namespace || n.data.kind}</text>
+          </g>
+        ))}
+        {/* Labels above the boxes: an arrow's words are never hidden. */}
+        {geometry.map(({ e, mx, my, total, policy, l7 }) => (
+          <g class={`edge-text ${e.verdict}`} onClick={() => props.onSelect(e.id)}>
+            <text x={mx} y={my - 6} class="edge-label">{`${e.port ? e.port + "/" : ""}${e.protocol} · ${total}${l7 ? " · " + l7 : ""}`}</text>
+            {policy ? <text x={mx} y={my + 10} class="edge-policy">{policy}</text> : null}
           </g>
         ))}
       </g>
