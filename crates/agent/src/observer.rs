@@ -71,6 +71,12 @@ pub struct Sources {
 }
 
 /// A rule's policy as flows name it, with Cilium's derived-from labels.
+/// A flow's policy label naming the rule (its index in `spec`/`specs`).
+pub const RULE_LABEL: &str = "fibril:io.fibril.policy.rule";
+/// A flow's policy label naming the rule's entry (`ingress[1]`: allows
+/// first, then denies, in document order).
+pub const ENTRY_LABEL: &str = "fibril:io.fibril.policy.entry";
+
 pub fn policy_ref(o: &policy::Origin) -> flow::record::PolicyRef {
     let (namespace, name) = match o.policy.split_once('/') {
         Some((ns, n)) => (ns.to_string(), n.to_string()),
@@ -83,6 +89,14 @@ pub fn policy_ref(o: &policy::Origin) -> flow::record::PolicyRef {
     if !namespace.is_empty() {
         labels.push(format!("k8s:io.cilium.k8s.policy.namespace={namespace}"));
     }
+    // Which of its rules, as `fibril policy trace` names it: Hubble's
+    // Policy has no field for it, and its labels are free-form.
+    let direction = match o.direction {
+        policy::Direction::Ingress => "ingress",
+        policy::Direction::Egress => "egress",
+    };
+    labels.push(format!("{RULE_LABEL}={}", o.rule));
+    labels.push(format!("{ENTRY_LABEL}={direction}[{}]", o.entry));
     flow::record::PolicyRef {
         name,
         namespace,

@@ -330,11 +330,24 @@ fn policy_name(p: &pb::Policy) -> String {
     } else {
         format!("{}/{}", p.namespace, p.name)
     };
-    if p.kind.is_empty() {
+    let mut text = if p.kind.is_empty() {
         name
     } else {
         format!("{name} ({})", p.kind)
+    };
+    // The rule, where the agent says which (its policy labels).
+    let label = |key: &str| {
+        p.labels
+            .iter()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+    };
+    if let (Some(rule), Some(entry)) = (
+        label("fibril:io.fibril.policy.rule"),
+        label("fibril:io.fibril.policy.entry"),
+    ) {
+        text.push_str(&format!(" rule {rule} {entry}"));
     }
+    text
 }
 
 fn bounded_insert(set: &mut BTreeSet<String>, value: &str) {
@@ -636,6 +649,10 @@ mod tests {
             name: "allow".into(),
             namespace: "shop".into(),
             kind: "CiliumNetworkPolicy".into(),
+            labels: vec![
+                "fibril:io.fibril.policy.rule=0".into(),
+                "fibril:io.fibril.policy.entry=ingress[1]".into(),
+            ],
             ..Default::default()
         }];
         a.add(&fwd);
@@ -665,7 +682,10 @@ mod tests {
         assert_eq!((green.counts.forwarded, green.verdict), (2, "forwarded"));
         let mixed = &s.edges[1];
         assert_eq!(mixed.verdict, "mixed");
-        assert_eq!(mixed.allowed_by, ["shop/allow (CiliumNetworkPolicy)"]);
+        assert_eq!(
+            mixed.allowed_by,
+            ["shop/allow (CiliumNetworkPolicy) rule 0 ingress[1]"]
+        );
         assert_eq!(mixed.default_deny_by.as_deref(), Some(&[][..]));
         assert_eq!(s.seen, 4);
     }

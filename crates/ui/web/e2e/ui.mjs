@@ -49,7 +49,8 @@ try {
     throw new Error(`the red edge's policy: ${policy}`);
   }
   const green = await edge(page, "frontend", "backend").getAttribute("data-policy");
-  if (!green?.includes("allowed by microservices/allow-frontend-to-backend")) {
+  // The policy and its rule (its first rule's first ingress entry).
+  if (!green?.includes("allowed by microservices/allow-frontend-to-backend (CiliumNetworkPolicy) rule 0 ingress[0]")) {
     throw new Error(`the green edge's policy: ${green}`);
   }
   await shot(page, "map");

@@ -71,6 +71,7 @@ export interface PolicyRef {
   name: string;
   namespace?: string;
   kind: string;
+  labels?: string[];
 }
 
 export interface Flow {
@@ -121,8 +122,15 @@ export function queryString(q: Query): string {
   return p.toString();
 }
 
+// A policy as the page names it, with its rule where the agent says which
+// (its labels `fibril:io.fibril.policy.rule` and `.entry`).
 export function policyName(p: PolicyRef): string {
-  return `${p.namespace ? p.namespace + "/" : ""}${p.name} (${p.kind})`;
+  const label = (key: string) =>
+    p.labels?.find((l) => l.startsWith(key + "="))?.slice(key.length + 1);
+  const rule = label("fibril:io.fibril.policy.rule");
+  const entry = label("fibril:io.fibril.policy.entry");
+  const where = rule !== undefined && entry !== undefined ? ` rule ${rule} ${entry}` : "";
+  return `${p.namespace ? p.namespace + "/" : ""}${p.name} (${p.kind})${where}`;
 }
 
 export function endpointText(e: Endpoint | undefined, ip: string | undefined, names?: string[]): string {
