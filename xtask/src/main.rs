@@ -482,29 +482,37 @@ fn demo_two_nodes(bin: &Path) -> anyhow::Result<()> {
         return Err(e);
     }
     // The lab stays up for its UI: the map of what just happened.
-    let ui = std::fs::read_to_string(format!("/run/fibril/labs/{LAB}/ui.address"))
-        .context("the lab's UI did not say where it serves")?;
-    let ui = ui.trim();
-    let page = ui_page(ui).with_context(|| format!("the UI at {ui} did not answer"))?;
+    let out = lab(&["lab", "ui"]).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "the lab's UI did not say where it serves"
+    );
+    let url = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let ui = url
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split_once('/'))
+        .map(|(address, _)| address.to_string())
+        .context("the UI's address")?;
+    let page = ui_page(&ui).with_context(|| format!("the UI at {ui} did not answer"))?;
     println!(
         "\nThe two-node lab stays up for its UI: `target/release/fibril --lab {LAB} --node node-2 observe -f`; \
          `target/release/fibril --lab {LAB} lab down` removes it (and the UI)."
     );
     println!(
-        "\n== the UI (service map, live flows, policy verdicts; {} bytes of page): http://{ui}/",
-        page.len()
+        "\n== the UI (service map, live flows, policy verdicts; it answered {}): {url}",
+        page.lines().next().unwrap_or_default()
     );
     Ok(())
 }
 
-/// The UI's page, fetched once: the address printed is one that serves.
+/// The UI's health answer: the address printed is one that serves.
 fn ui_page(address: &str) -> anyhow::Result<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(address)?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
     write!(
         s,
-        "GET / HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+        "GET /healthz HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
     )?;
     let mut page = String::new();
     s.read_to_string(&mut page)?;

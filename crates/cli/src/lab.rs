@@ -1379,60 +1379,80 @@ fn start_relay(st: &mut LabState) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The web UI's port, as the seed's Hubble UI NodePort.
-pub const UI_PORT: u16 = 31235;
-
 /// Starts the lab's web UI in this host's namespace, on
 /// `127.0.0.1:31235` (a free port instead when another lab holds it),
 /// over the lab's relay (a one-node lab: its agent's Hubble API); it asks
-/// the `agents` which policies select each endpoint.
+/// the `agents` which policies select each endpoint. It serves only
+/// whoever holds the lab's token (`ui.token`, root's alone, as the flows
+/// are): `ui_url` is its address with the token.
 fn start_ui(st: &mut LabState, agents: &[PathBuf]) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
     let dir = lab_dir(&st.name);
     let hubble = if st.nodes.is_empty() {
         dir.join("hubble.sock")
     } else {
         relay_socket(&st.name)
     };
-    let preferred = std::net::SocketAddr::from(([127, 0, 0, 1], UI_PORT));
-    let listen = match std::net::TcpListener::bind(preferred) {
-        Ok(_) => preferred,
-        Err(_) => std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-    };
+    let mut random = [0u8; 24];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let token: String = random
+        .iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect();
+    let token_file = dir.join("ui.token");
+    private_file(&token_file)?.write_all(token.as_bytes())?;
     let address_file = dir.join("ui.address");
-    std::fs::remove_file(&address_file).ok();
     let log = dir.join("ui.log");
-    let out = private_file(&log)?;
-    let mut cmd = Command::new("setsid");
-    cmd.arg(resolve("fibril-ui"))
-        .args(["--listen-address", &listen.to_string()])
-        .arg("--relay")
-        .arg(format!("unix://{}", hubble.display()))
-        .arg("--address-file")
-        .arg(&address_file);
-    for a in agents {
-        cmd.arg("--agent-socket").arg(a);
+    // The seed's port unless another lab (or anything) holds it; two labs
+    // coming up at once may both see it free, so the loser tries again.
+    for listen in ["127.0.0.1:31235", "127.0.0.1:0"] {
+        std::fs::remove_file(&address_file).ok();
+        let out = private_file(&log)?;
+        let mut cmd = Command::new("setsid");
+        cmd.arg(resolve("fibril-ui"))
+            .args(["--listen-address", listen])
+            .arg("--relay")
+            .arg(format!("unix://{}", hubble.display()))
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--address-file")
+            .arg(&address_file);
+        for a in agents {
+            cmd.arg("--agent-socket").arg(a);
+        }
+        let pid = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("starting fibril-ui")?
+            .id();
+        st.ui_pid = Some(pid);
+        save(st)?;
+        let start = std::time::Instant::now();
+        loop {
+            if let Ok(a) = std::fs::read_to_string(&address_file) {
+                st.ui_address = Some(a.trim().to_string());
+                return save(st);
+            }
+            if !alive(pid) {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("the UI did not start; its log: {}", log.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .spawn()
-        .context("starting fibril-ui")?;
-    let pid = child.id();
-    st.ui_pid = Some(pid);
-    save(st)?;
-    let start = std::time::Instant::now();
-    let address = loop {
-        if let Ok(a) = std::fs::read_to_string(&address_file) {
-            break a.trim().to_string();
-        }
-        if !alive(pid) || start.elapsed() > Duration::from_secs(10) {
-            bail!("the UI did not start; its log: {}", log.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    st.ui_address = Some(address);
-    save(st)
+    bail!("the UI did not start; its log: {}", log.display())
+}
+
+/// The lab's UI address with its token (what to open in a browser).
+pub fn ui_url(lab: &str) -> Option<String> {
+    let st = load_state(lab).ok()?;
+    let token = std::fs::read_to_string(lab_dir(lab).join("ui.token")).ok()?;
+    Some(format!("http://{}/?token={}", st.ui_address?, token.trim()))
 }
 
 /// The lab's etcd in the underlay's namespace, on the router's address

@@ -138,6 +138,9 @@ enum LabCmd {
     },
     /// Remove everything the lab created.
     Down,
+    /// Print the address of the lab's web UI, with its token (the UI
+    /// serves only whoever holds it: the lab's flows are root's).
+    Ui,
     /// Run a command in a pod: `fibril lab exec NS/POD -- CMD...`.
     Exec {
         /// `namespace/pod`.
@@ -323,9 +326,15 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         }
                     }
                 }
-                if let Some(ui) = &st.ui_address {
-                    println!("  UI (service map, flows, policy verdicts): http://{ui}/");
+                if let Some(ui) = lab::ui_url(&cli.lab) {
+                    println!("  UI (service map, flows, policy verdicts): {ui}");
                 }
+                Ok(0)
+            }
+            LabCmd::Ui => {
+                let url = lab::ui_url(&cli.lab)
+                    .with_context(|| format!("lab {:?} has no UI running", cli.lab))?;
+                println!("{url}");
                 Ok(0)
             }
             LabCmd::Down => {

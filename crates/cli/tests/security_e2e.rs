@@ -165,6 +165,44 @@ fn a_labs_state_logs_and_flows_are_roots_alone() {
         hubble.starts_with("unix://"),
         "the lab's Hubble API listens on {hubble}"
     );
+    // The UI listens on loopback TCP, where any local user can connect:
+    // it serves only whoever holds the lab's token (root's alone).
+    for file in ["ui.token", "ui.address", "ui.log"] {
+        let m = mode(&dir.join(file));
+        assert_eq!(m & 0o077, 0, "{file} is open to others: {m:o}");
+    }
+    let address = std::fs::read_to_string(dir.join("ui.address")).unwrap();
+    let token = std::fs::read_to_string(dir.join("ui.token")).unwrap();
+    let ask = |path: &str, header: &str| -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(address.trim()).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\n{header}Connection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.lines().next().unwrap_or_default().to_string()
+    };
+    for path in [
+        "/",
+        "/api/events?ns=*",
+        "/api/export?ns=*",
+        "/api/namespaces",
+    ] {
+        assert!(ask(path, "").contains("401"), "{path} without the token");
+        assert!(
+            ask(path, "Cookie: fibril_ui_token=wrongwrongwrongwrong\r\n").contains("401"),
+            "{path} with a wrong token"
+        );
+    }
+    assert!(ask(&format!("/?token={}", token.trim()), "").contains("303"));
+    assert!(ask(
+        "/api/namespaces",
+        &format!("Cookie: fibril_ui_token={}\r\n", token.trim())
+    )
+    .contains("200"));
 }
 
 /// `fibril ... | head -1`: a reader that went away ends the command

@@ -26,9 +26,16 @@ fn two_node_seed_lab() -> Lab {
 #[test]
 fn the_ui_shows_the_seed_lab_in_chromium_and_exports_for_audit2policy() {
     let lab = two_node_seed_lab();
-    let ui = std::fs::read_to_string(format!("/run/fibril/labs/{}/ui.address", lab.name))
-        .expect("the lab wrote where its UI serves");
-    let url = format!("http://{}/", ui.trim());
+    let out = lab.fibril(&["lab", "ui"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The address with the lab's token: the page takes it, sets a cookie
+    // and leads on without it.
+    let url = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(url.contains("/?token="), "{url}");
     // Two nodes: the /24 halves; backend is node-2's first pod.
     let backend = format!("{}:8080", lab.ip(130));
     let get = |pod: &str| lab.http_get(pod, &format!("http://{backend}/"), "1");

@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod aggregate;
 pub mod filter;
 pub mod selection;

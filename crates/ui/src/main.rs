@@ -25,6 +25,11 @@ struct Args {
     /// endpoint (repeatable: one per node).
     #[arg(long = "agent-socket")]
     agent_sockets: Vec<PathBuf>,
+    /// Serve only whoever holds the token in this file (the address with
+    /// `?token=`, then a cookie; or `Authorization: Bearer`). Without it,
+    /// anyone who reaches the address sees every flow.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
     /// Write the address the page is served on to this file once it
     /// listens (with `--listen-address ...:0`, the port chosen).
     #[arg(long)]
@@ -48,7 +53,18 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     let relay = relay_channel(&args.relay)?;
     let selections = Selections::new(args.agent_sockets.clone());
-    let app = App::new(relay, selections.clone());
+    let mut app = App::new(relay, selections.clone());
+    if let Some(path) = &args.token_file {
+        let token = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", path.display()))?;
+        let token = token.trim();
+        anyhow::ensure!(
+            token.len() >= 16 && token.bytes().all(|b| b.is_ascii_alphanumeric()),
+            "--token-file {}: give at least 16 letters and digits",
+            path.display()
+        );
+        app.access = fibril_ui::access::Access(Some(token.into()));
+    }
     let open = app.open.clone();
     tokio::spawn(selections.follow(Duration::from_secs(2), move || {
         open.load(Ordering::Relaxed) > 0
@@ -59,8 +75,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     if let Some(path) = &args.address_file {
         // Written whole, then renamed: a reader never sees half of it.
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, format!("{address}\n"))?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?
+            .write_all(format!("{address}\n").as_bytes())?;
         std::fs::rename(&tmp, path)?;
     }
     tracing::info!(%address, relay = %args.relay, "UI serving: http://{address}/");

@@ -35,6 +35,7 @@ pub struct App {
     pub selections: Selections,
     /// Pages open now (the policy lookups run only while one is).
     pub open: Arc<AtomicUsize>,
+    pub access: crate::access::Access,
 }
 
 impl App {
@@ -43,6 +44,7 @@ impl App {
             relay: ObserverClient::new(relay).max_decoding_message_size(64 << 20),
             selections,
             open: Arc::default(),
+            access: Default::default(),
         }
     }
 }
@@ -64,6 +66,10 @@ pub fn router(app: App) -> Router {
         .route("/api/filters", get(filters))
         .route("/api/namespaces", get(namespaces))
         .route("/api/status", get(status))
+        .layer(axum::middleware::from_fn_with_state(
+            app.access.clone(),
+            crate::access::guard,
+        ))
         .with_state(app)
 }
 
