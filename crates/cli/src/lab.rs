@@ -53,6 +53,11 @@ pub struct LabFile {
     /// a dead node's pods.
     #[serde(rename = "kvstoreLeaseTTL", default)]
     pub kvstore_lease_ttl: Option<u64>,
+    /// A real Kubernetes control plane in the lab (multi-node labs): the
+    /// apiserver, controller-manager and scheduler on the lab's etcd
+    /// (`crate::k8s`); `fibril lab kubectl` talks to it.
+    #[serde(default)]
+    pub kubernetes: bool,
 }
 
 fn default_underlay() -> String {
@@ -199,6 +204,10 @@ pub struct LabState {
     /// serves.
     #[serde(default)]
     pub ui_pid: Option<u32>,
+    /// `kubernetes: true`: the control plane's processes (apiserver,
+    /// controller-manager, scheduler).
+    #[serde(default)]
+    pub kubernetes_pids: Vec<u32>,
     #[serde(default)]
     pub ui_address: Option<String>,
 }
@@ -553,6 +562,9 @@ pub fn parse(path: Option<&Path>) -> anyhow::Result<Lab> {
 /// them, an underlay with room for them outside the pod CIDR and the
 /// externals, a pod CIDR that splits into one block per node.
 fn validate_nodes(name: &str, file: &LabFile) -> anyhow::Result<()> {
+    if file.kubernetes && file.nodes.is_empty() {
+        bail!("{name}: kubernetes: only in a lab with `nodes:` (the control plane runs in the lab's underlay, beside its etcd)");
+    }
     let mut seen = std::collections::BTreeSet::new();
     for (i, n) in file.nodes.iter().enumerate() {
         valid_name(&format!("{name}: nodes[{i}]"), n)?;
@@ -1024,6 +1036,9 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                 start_node_agent(&mut st, i)?;
             }
             start_relay(&mut st)?;
+            if parsed.file.kubernetes {
+                start_kubernetes(&mut st, &etcd)?;
+            }
         } else {
             if parsed.file.kvstore {
                 let endpoint = start_etcd(&mut st)?;
@@ -1448,6 +1463,42 @@ fn start_ui(st: &mut LabState, agents: &[PathBuf]) -> anyhow::Result<()> {
     bail!("the UI did not start; its log: {}", log.display())
 }
 
+/// Starts the lab's Kubernetes control plane in the underlay namespace on
+/// the router's address, over the lab's etcd (`etcd`), and waits until the
+/// apiserver is ready.
+fn start_kubernetes(st: &mut LabState, etcd: &str) -> anyhow::Result<()> {
+    let ul = st.underlay_netns.clone().context("no underlay")?;
+    let router = underlay_router(&st.underlay_cidr.context("no underlay")?);
+    let dir = lab_dir(&st.name);
+    crate::k8s::make_pki(&dir, router)?;
+    let commands = crate::k8s::commands(&dir, router, etcd)?;
+    let names = [
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+    ];
+    for (i, (command, name)) in commands.iter().zip(names).enumerate() {
+        let log = dir.join(format!("{name}.log"));
+        let pid = spawn_in(&st.name, None, &ul, command, &log)?;
+        st.kubernetes_pids.push(pid);
+        save(st)?;
+        if i == 0 {
+            crate::k8s::wait_ready(&dir, &ul, pid, &log)?;
+        }
+    }
+    Ok(())
+}
+
+/// kubectl against the lab's apiserver (`kubernetes: true`), as its admin.
+pub fn kubectl(lab: &str) -> anyhow::Result<Command> {
+    let st = load_state(lab)?;
+    let ul = st
+        .underlay_netns
+        .filter(|_| !st.kubernetes_pids.is_empty())
+        .with_context(|| format!("lab {lab:?} runs no Kubernetes (kubernetes: true)"))?;
+    crate::k8s::kubectl(&lab_dir(lab), &ul)
+}
+
 /// The lab's UI address with its token (what to open in a browser).
 pub fn ui_url(lab: &str) -> Option<String> {
     let st = load_state(lab).ok()?;
@@ -1571,6 +1622,19 @@ pub fn down(lab: &str) -> anyhow::Result<()> {
     for n in &st.nodes {
         if let Some(pid) = n.agent_pid {
             kill(pid);
+            wait_gone(pid);
+        }
+    }
+    // The control plane before the etcd under it, the scheduler and
+    // controller-manager before the apiserver they watch; the apiserver
+    // drains its watches on SIGTERM, and is killed if that takes long.
+    for pid in st.kubernetes_pids.iter().rev().copied() {
+        kill(pid);
+        wait_gone(pid);
+        if alive(pid) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
             wait_gone(pid);
         }
     }

@@ -3,6 +3,7 @@
 
 mod connectivity;
 mod hubble_cmds;
+mod k8s;
 mod lab;
 mod observe;
 
@@ -138,6 +139,12 @@ enum LabCmd {
     },
     /// Remove everything the lab created.
     Down,
+    /// Run kubectl against the lab's Kubernetes apiserver (`kubernetes:
+    /// true`), as its admin: `fibril lab kubectl -- get pods -A`.
+    Kubectl {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Print the address of the lab's web UI, with its token (the UI
     /// serves only whoever holds it: the lab's flows are root's).
     Ui,
@@ -330,6 +337,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     println!("  UI (service map, flows, policy verdicts): {ui}");
                 }
                 Ok(0)
+            }
+            LabCmd::Kubectl { args } => {
+                let status = lab::kubectl(&cli.lab)?.args(&args).status()?;
+                Ok(status.code().unwrap_or(1))
             }
             LabCmd::Ui => {
                 let url = lab::ui_url(&cli.lab)
