@@ -344,7 +344,8 @@ fn remove_cgroup(lab: &str, nodes: &[NodeState]) {
 
 /// A new file (truncated if it exists) only root can read or write: the
 /// lab's state, logs and pod output are nobody else's business.
-fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+/// A file only root reads (0600), created or emptied.
+pub(crate) fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .create(true)

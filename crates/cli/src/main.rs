@@ -142,6 +142,7 @@ enum LabCmd {
     /// Run kubectl against the lab's Kubernetes apiserver (`kubernetes:
     /// true`), as its admin: `fibril lab kubectl -- get pods -A`.
     Kubectl {
+        /// kubectl's arguments, after `--`.
         #[arg(last = true)]
         args: Vec<String>,
     },

@@ -13,19 +13,9 @@ use std::process::Command;
 
 use common::{bin, wait_until, Lab};
 
-fn two_node_seed_lab() -> Lab {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../labs");
-    let lab = std::fs::read_to_string(root.join("two-nodes.yaml"))
-        .unwrap()
-        .replace("10.202.0.0/16", "POD_CIDR_HERE");
-    let policy = "policies/allow-frontend-to-backend.yaml";
-    let text = std::fs::read_to_string(root.join(policy)).unwrap();
-    Lab::start(&lab, &[(policy, &text)])
-}
-
 #[test]
 fn the_ui_shows_the_seed_lab_in_chromium_and_exports_for_audit2policy() {
-    let lab = two_node_seed_lab();
+    let lab = Lab::seed_lab("two-nodes.yaml", "10.202.0.0/16");
     let out = lab.fibril(&["lab", "ui"]);
     assert!(
         out.status.success(),

@@ -379,20 +379,35 @@ async fn a_node_that_comes_later_joins_a_followed_stream() {
     assert_eq!(times, expected);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nodes_over_tls_and_mutual_tls() {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let issue = |name: &str| {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec![name.to_string()])
+/// A CA of the test's own, issuing (certificate, key) PEMs for a name.
+struct TestCa(rcgen::CertifiedIssuer<'static, rcgen::KeyPair>);
+
+impl TestCa {
+    fn new() -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        TestCa(CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap())
+    }
+
+    fn pem(&self) -> String {
+        self.0.pem()
+    }
+
+    fn issue(&self, name: &str) -> (Vec<u8>, Vec<u8>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_string()])
             .unwrap()
-            .signed_by(&key, &ca)
+            .signed_by(&key, &self.0)
             .unwrap();
         (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_over_tls_and_mutual_tls() {
+    let ca = TestCa::new();
+    let issue = |name: &str| ca.issue(name);
     // The node's certificate carries Hubble's name for node `a` of cluster
     // `prod`; it asks clients for a certificate of the same CA.
     let (cert, key) = issue("a.prod.hubble-grpc.cilium.io");
@@ -466,18 +481,8 @@ async fn nodes_over_tls_and_mutual_tls() {
 /// expects another cluster is refused by the certificate's name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_found_through_the_peer_service_over_mutual_tls() {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let issue = |name: &str| {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec![name.to_string()])
-            .unwrap()
-            .signed_by(&key, &ca)
-            .unwrap();
-        (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
-    };
+    let ca = TestCa::new();
+    let issue = |name: &str| ca.issue(name);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
     let mut node = hubble::server::RingBackend::new("prod/a", 63).unwrap();

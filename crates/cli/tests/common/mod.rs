@@ -37,10 +37,16 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 impl Lab {
     /// The default lab (the seed's example) under a unique name and CIDR.
     pub fn default_lab() -> Self {
+        Self::seed_lab("default.yaml", "10.200.0.0/24")
+    }
+
+    /// A lab file of `labs/` (the seed's example, whose policy it names)
+    /// with its pod CIDR `cidr` replaced by this test's own.
+    pub fn seed_lab(file: &str, cidr: &str) -> Self {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../labs");
-        let lab = std::fs::read_to_string(root.join("default.yaml"))
+        let lab = std::fs::read_to_string(root.join(file))
             .unwrap()
-            .replace("10.200.0.0/24", "POD_CIDR_HERE");
+            .replace(cidr, "POD_CIDR_HERE");
         let policy = "policies/allow-frontend-to-backend.yaml";
         let text = std::fs::read_to_string(root.join(policy)).unwrap();
         Self::start(&lab, &[(policy, &text)])
