@@ -217,6 +217,52 @@ pub fn wait_ready(
     }
 }
 
+/// Creates (or updates) node `name`'s Node object: its pod CIDR in
+/// `spec.podCIDR(s)`, as Kubernetes' node IPAM would set it, and its
+/// address as its InternalIP.
+pub fn register_node(
+    lab_dir: &Path,
+    netns: &str,
+    name: &str,
+    pod_cidr: &str,
+    address: Ipv4Addr,
+) -> anyhow::Result<()> {
+    let node = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
+        "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
+    });
+    let manifest = lab_dir.join("kubernetes").join(format!("node-{name}.json"));
+    write_private(&manifest, &node.to_string())?;
+    let out = kubectl(lab_dir, netns)?
+        .args(["apply", "-f"])
+        .arg(&manifest)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "registering node {name}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    // The address is status (a kubelet's to report): patched there.
+    let status = serde_json::json!({"status": {"addresses": [
+        {"type": "InternalIP", "address": address.to_string()},
+        {"type": "Hostname", "address": name},
+    ]}});
+    let out = kubectl(lab_dir, netns)?
+        .args(["patch", "node", name, "--subresource=status", "--type=merge", "-p"])
+        .arg(status.to_string())
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "node {name}'s address: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// kubectl with the admin's kubeconfig, run inside `netns` (the lab's
 /// underlay, where the apiserver listens).
 pub fn kubectl(lab_dir: &Path, netns: &str) -> anyhow::Result<std::process::Command> {

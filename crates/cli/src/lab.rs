@@ -1487,6 +1487,11 @@ fn start_kubernetes(st: &mut LabState, etcd: &str) -> anyhow::Result<()> {
             crate::k8s::wait_ready(&dir, &ul, pid, &log)?;
         }
     }
+    // The lab's nodes as Node objects, each with its pod CIDR
+    // (`ipam.mode=kubernetes` reads it there) and its underlay address.
+    for n in &st.nodes {
+        crate::k8s::register_node(&dir, &ul, &n.name, &n.pod_cidr, n.address)?;
+    }
     Ok(())
 }
 

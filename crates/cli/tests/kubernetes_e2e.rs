@@ -40,6 +40,34 @@ fn the_lab_runs_a_real_control_plane_that_kubectl_reaches() {
         assert!(namespaces.lines().any(|l| l == ns), "{namespaces}");
     }
 
+    // The lab's nodes are Node objects with their pod CIDRs (the /24
+    // halves) and underlay addresses.
+    let (ok, nodes, err) = kubectl(&["get", "nodes", "-o", "json"]);
+    assert!(ok, "{err}");
+    let nodes: serde_json::Value = serde_json::from_str(&nodes).unwrap();
+    let found: Vec<(String, String, String)> = nodes["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let ip = n["status"]["addresses"]
+                .as_array()
+                .and_then(|a| a.iter().find(|a| a["type"] == "InternalIP"))
+                .and_then(|a| a["address"].as_str())
+                .unwrap_or_default();
+            (
+                n["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+                n["spec"]["podCIDRs"][0].as_str().unwrap_or_default().to_string(),
+                ip.to_string(),
+            )
+        })
+        .collect();
+    let cidr = |host: u8| format!("{}/25", lab.ip(host));
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert_eq!((found[0].0.as_str(), found[0].1.clone()), ("n1", cidr(0)));
+    assert_eq!((found[1].0.as_str(), found[1].1.clone()), ("n2", cidr(128)));
+    assert!(found.iter().all(|n| n.2.starts_with("10.201.")), "{found:?}");
+
     // An object is kept (in the lab's etcd) and read back.
     let dir = std::env::temp_dir().join(format!("fibril-k8s-{}", lab.name));
     std::fs::create_dir_all(&dir).unwrap();
