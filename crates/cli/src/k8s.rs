@@ -251,7 +251,14 @@ pub fn register_node(
         {"type": "Hostname", "address": name},
     ]}});
     let out = kubectl(lab_dir, netns)?
-        .args(["patch", "node", name, "--subresource=status", "--type=merge", "-p"])
+        .args([
+            "patch",
+            "node",
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+        ])
         .arg(status.to_string())
         .output()?;
     if !out.status.success() {

@@ -56,8 +56,14 @@ fn the_lab_runs_a_real_control_plane_that_kubectl_reaches() {
                 .and_then(|a| a["address"].as_str())
                 .unwrap_or_default();
             (
-                n["metadata"]["name"].as_str().unwrap_or_default().to_string(),
-                n["spec"]["podCIDRs"][0].as_str().unwrap_or_default().to_string(),
+                n["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                n["spec"]["podCIDRs"][0]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
                 ip.to_string(),
             )
         })
@@ -66,7 +72,10 @@ fn the_lab_runs_a_real_control_plane_that_kubectl_reaches() {
     assert_eq!(found.len(), 2, "{found:?}");
     assert_eq!((found[0].0.as_str(), found[0].1.clone()), ("n1", cidr(0)));
     assert_eq!((found[1].0.as_str(), found[1].1.clone()), ("n2", cidr(128)));
-    assert!(found.iter().all(|n| n.2.starts_with("10.201.")), "{found:?}");
+    assert!(
+        found.iter().all(|n| n.2.starts_with("10.201.")),
+        "{found:?}"
+    );
 
     // An object is kept (in the lab's etcd) and read back.
     let dir = std::env::temp_dir().join(format!("fibril-k8s-{}", lab.name));
