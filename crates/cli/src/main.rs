@@ -334,6 +334,13 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         }
                     }
                 }
+                if !st.kubernetes_pids.is_empty() {
+                    println!(
+                        "  Kubernetes: kubeconfig {} (the apiserver listens inside the lab: `fibril --lab {} lab kubectl -- get nodes`)",
+                        k8s::admin_kubeconfig(&lab::lab_dir(&cli.lab)).display(),
+                        cli.lab
+                    );
+                }
                 if let Some(ui) = lab::ui_url(&cli.lab) {
                     println!("  UI (service map, flows, policy verdicts): {ui}");
                 }
