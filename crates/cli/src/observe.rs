@@ -1187,15 +1187,7 @@ pub async fn connect(address: &str, s: &Server) -> anyhow::Result<tonic::transpo
         .strip_prefix("unix://")
         .or_else(|| address.strip_prefix("unix:"))
     {
-        let path = std::path::PathBuf::from(path);
-        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        });
+        let connector = hubble::client::unix_connector(path.into());
         return tonic::transport::Endpoint::from_static("http://localhost")
             .connect_timeout(s.timeout)
             .connect_with_connector(connector)

@@ -28,7 +28,7 @@ fn the_lab_runs_a_real_control_plane_that_kubectl_reaches() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
-    // `lab up` said where the kubeconfig is.
+    // The admin's kubeconfig is where `lab up` prints it is.
     let kubeconfig = format!("/run/fibril/labs/{}/kubernetes/admin.kubeconfig", lab.name);
     assert!(std::path::Path::new(&kubeconfig).exists());
     let (ok, ready, err) = kubectl(&["get", "--raw", "/readyz"]);

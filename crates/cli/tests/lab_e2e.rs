@@ -1021,14 +1021,7 @@ fn hubble_api_serves_the_labs_flows_to_a_grpc_client() {
                 .strip_prefix("unix://")
                 .expect("a unix:// address"),
         );
-        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        });
+        let connector = hubble::client::unix_connector(path);
         let channel = tonic::transport::Endpoint::from_static("http://localhost")
             .connect_with_connector(connector)
             .await

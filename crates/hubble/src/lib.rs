@@ -11,3 +11,31 @@ pub mod json;
 pub mod limits;
 pub mod server;
 pub mod unix_authority;
+
+/// Clients' side: a Hubble server on a Unix socket.
+pub mod client {
+    use std::path::PathBuf;
+
+    /// The connector for `tonic`'s `Endpoint::connect_with_connector(_lazy)`
+    /// that dials the Unix socket at `path` (`unix:///...` servers: the
+    /// agent's and the relay's own sockets); the endpoint's URI is ignored.
+    pub fn unix_connector(
+        path: PathBuf,
+    ) -> impl tower::Service<
+        tonic::transport::Uri,
+        Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>,
+        Error = std::io::Error,
+        Future: Send,
+    > + Clone
+           + Send
+           + 'static {
+        tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        })
+    }
+}

@@ -238,15 +238,7 @@ pub fn relay_channel(address: &str) -> anyhow::Result<Channel> {
         .strip_prefix("unix://")
         .or_else(|| address.strip_prefix("unix:"))
     {
-        let path = std::path::PathBuf::from(path);
-        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        });
+        let connector = hubble::client::unix_connector(path.into());
         return Ok(tonic::transport::Endpoint::from_static("http://localhost")
             .connect_timeout(Duration::from_secs(2))
             .connect_with_connector_lazy(connector));
