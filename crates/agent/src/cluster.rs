@@ -32,6 +32,9 @@ pub struct KvstoreConfig {
     pub node_address: std::net::Ipv4Addr,
     /// This node's pod CIDR, as the node registry shows it.
     pub pod_cidr: String,
+    /// Whether the cluster's policies are kept in etcd (false in
+    /// Kubernetes mode, where they are the API server's objects).
+    pub policies: bool,
 }
 
 pub struct Cluster {
@@ -101,7 +104,7 @@ impl Cluster {
                         // again when the Hubble address comes.
                         let followers = async {
                             tokio::select! {
-                                r = follow_policies(&kv, &control, &observer) => if let Err(e) = r {
+                                r = follow_policies(&kv, &control, &observer), if config.policies => if let Err(e) = r {
                                     tracing::warn!(error = %e, "kvstore: following policies");
                                 },
                                 r = follow_identities(&kv, &control) => if let Err(e) = r {

@@ -10,6 +10,7 @@ pub mod endpoints;
 pub mod fqdn;
 pub mod hubble_backend;
 pub mod ipcache;
+pub mod kubernetes;
 pub mod l7;
 pub mod l7proxy;
 pub mod metrics;
@@ -50,6 +51,8 @@ pub struct Config {
     pub ct_endpoint_budget: u32,
     /// Kvstore mode: the cluster's etcd (policies are the cluster's).
     pub kvstore: Option<cluster::KvstoreConfig>,
+    /// Kubernetes mode: the API server (policies are its objects).
+    pub kubernetes: Option<kubernetes::KubernetesConfig>,
     /// The overlay to other nodes' pods (Cilium's `tunnel-protocol:
     /// vxlan`): the UDP port of the node's VXLAN device. Needs the
     /// kvstore (where tunnel endpoints come from). None: no overlay.
@@ -86,6 +89,8 @@ pub struct Agent {
     conntrack: conntrack::Conntrack,
     /// Kvstore mode: the cluster's etcd.
     cluster: Option<Arc<cluster::Cluster>>,
+    /// Kubernetes mode: the API server's watchers.
+    kubernetes: Option<Arc<kubernetes::Kubernetes>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,11 +223,29 @@ impl Agent {
             cluster.clone(),
         );
         endpoints.preload_next(&control.lock());
-        let policies = policies::Policies::new(control.clone(), observer.clone(), cluster.clone());
+        let kubernetes = config
+            .kubernetes
+            .clone()
+            .map(|k| {
+                kubernetes::Kubernetes::start(
+                    k,
+                    &config.node_name,
+                    control.clone(),
+                    observer.clone(),
+                )
+            })
+            .transpose()?;
+        let policies = policies::Policies::new(
+            control.clone(),
+            observer.clone(),
+            cluster.clone(),
+            kubernetes.is_some(),
+        );
         let conntrack = conntrack::Conntrack::new(datapath.clone(), control.clone());
         let fqdn = fqdn::Fqdn::new(config.fqdn, control.clone());
         let agent = Arc::new(Self {
             cluster,
+            kubernetes,
             fqdn,
             policies,
             conntrack,
@@ -235,6 +258,9 @@ impl Agent {
             proxy_stats: std::sync::OnceLock::new(),
             l7_stats: Mutex::new(Vec::new()),
         });
+        if let Some(k) = &agent.kubernetes {
+            k.follow_pods(Arc::downgrade(&agent));
+        }
         agent.conntrack.census();
         // The ipcache's `host` entries follow the host's addresses.
         let weak = Arc::downgrade(&agent);
@@ -350,7 +376,16 @@ impl Agent {
                 .endpoints
                 .pod_delete(&namespace, &name)
                 .map(|_| Response::Ok),
-            Request::EndpointAdd(a) => self.endpoints.add(a).map(Response::Added),
+            Request::EndpointAdd(a) => {
+                if let Some(k) = &self.kubernetes {
+                    // The pod's labels decide its identity: wait for them
+                    // (the runtime saw the pod in the API, so its watch
+                    // brings it within moments), as Cilium's agent fetches
+                    // the pod at CNI ADD.
+                    k.wait_for_pod(&self.control, &a.namespace, &a.pod);
+                }
+                self.endpoints.add(a).map(Response::Added)
+            }
             Request::EndpointDel {
                 container_id,
                 ifname,
@@ -452,6 +487,7 @@ impl Agent {
                     plain: s.plain,
                 }),
             cluster,
+            kubernetes: self.kubernetes.as_ref().map(|k| k.info()),
         }
     }
 }

@@ -116,6 +116,12 @@ struct Args {
     /// Cilium's kvstore-lease-ttl, 15 min).
     #[arg(long, default_value_t = 900, value_parser = clap::value_parser!(u64).range(2..=86_400))]
     kvstore_lease_ttl: u64,
+    /// Kubernetes mode (Cilium's flag): the kubeconfig of the API server
+    /// whose CiliumNetworkPolicies, CiliumClusterwideNetworkPolicies and
+    /// NetworkPolicies are this node's policies (the agent installs the
+    /// CRDs and reports each policy's status).
+    #[arg(long)]
+    k8s_kubeconfig_path: Option<PathBuf>,
     /// Kvstore mode: this node's address on the network between nodes
     /// (where other nodes reach it; its InternalIP).
     #[arg(long, default_value = "0.0.0.0")]
@@ -369,7 +375,12 @@ fn main() -> anyhow::Result<()> {
             lease_ttl: std::time::Duration::from_secs(args.kvstore_lease_ttl),
             node_address: args.node_address,
             pod_cidr: pod_cidr.to_string(),
+            policies: args.k8s_kubeconfig_path.is_none(),
         }),
+        kubernetes: args
+            .k8s_kubeconfig_path
+            .clone()
+            .map(|kubeconfig| fibril_agent::kubernetes::KubernetesConfig { kubeconfig }),
         tunnel_port: (args.tunnel_protocol == "vxlan").then_some(args.tunnel_port),
         mtu: (args.mtu != 0).then_some(args.mtu),
         fqdn: fibril_agent::fqdn::FqdnConfig {

@@ -21,18 +21,25 @@ pub struct Policies {
     /// or delete goes there first, and every node (this one too) applies
     /// what it watches.
     cluster: Option<Arc<Cluster>>,
+    /// Kubernetes mode: policies are the API server's objects, changed
+    /// with kubectl; local imports and deletes are refused.
+    from_kubernetes: bool,
 }
+
+const FROM_KUBERNETES: &str = "policies come from the Kubernetes API on this node (--k8s-kubeconfig-path): change them with kubectl apply / kubectl delete";
 
 impl Policies {
     pub fn new(
         control: Arc<Control>,
         observer: Arc<Observer>,
         cluster: Option<Arc<Cluster>>,
+        from_kubernetes: bool,
     ) -> Self {
         Policies {
             control,
             observer,
             cluster,
+            from_kubernetes,
         }
     }
 
@@ -57,6 +64,9 @@ impl Policies {
         yaml: &str,
         namespace: Option<&str>,
     ) -> Result<Response, Error> {
+        if self.from_kubernetes {
+            return Err(Error::Conflict(FROM_KUBERNETES.into()));
+        }
         let parsed = policy::parse(file, yaml, namespace.unwrap_or("default"))
             .map_err(|e| invalid(e.to_string()))?;
         if parsed.policies.is_empty() {
@@ -134,6 +144,9 @@ impl Policies {
     }
 
     pub fn delete(&self, key: &str) -> Result<(), Error> {
+        if self.from_kubernetes {
+            return Err(Error::Conflict(FROM_KUBERNETES.into()));
+        }
         let known = self.control.lock().policies().contains_key(key);
         let in_cluster = match &self.cluster {
             Some(cluster) => cluster.delete_policy(key)?,

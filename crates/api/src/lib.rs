@@ -128,7 +128,7 @@ pub struct FqdnInfo {
     pub ips: Vec<(std::net::Ipv4Addr, u64)>,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pod {
     pub namespace: String,
     pub name: String,
@@ -233,6 +233,17 @@ pub struct StatusInfo {
     /// Kvstore mode: the cluster as this node sees it; None alone.
     #[serde(default)]
     pub cluster: Option<ClusterInfo>,
+    /// Kubernetes mode: the API server the policies come from.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesInfo>,
+}
+
+/// Kubernetes mode as one node sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubernetesInfo {
+    pub kubeconfig: String,
+    /// Whether the API server was reached and the CRDs installed.
+    pub connected: bool,
 }
 
 /// The cluster as one node sees it (kvstore mode).

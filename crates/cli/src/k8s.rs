@@ -57,6 +57,85 @@ pub fn dir(lab_dir: &Path) -> PathBuf {
     lab_dir.join("kubernetes")
 }
 
+/// The group the lab's agents' certificates carry.
+const AGENT_GROUP: &str = "fibril:agents";
+
+/// The agents' kubeconfig (`--k8s-kubeconfig-path`).
+pub fn agent_kubeconfig(lab_dir: &Path) -> PathBuf {
+    dir(lab_dir).join("fibril-agent.kubeconfig")
+}
+
+/// Gives the lab's agents their ClusterRole.
+pub fn apply_agent_rbac(lab_dir: &Path, netns: &str) -> anyhow::Result<()> {
+    let list = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": k8s::rbac::agent_role_for_group("fibril-agent", AGENT_GROUP),
+    });
+    apply(lab_dir, netns, "agent-rbac", &list)
+}
+
+/// Creates (or updates) namespace `name` with `labels`.
+pub fn create_namespace(
+    lab_dir: &Path,
+    netns: &str,
+    name: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> anyhow::Result<()> {
+    let ns = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": name, "labels": labels},
+    });
+    apply(lab_dir, netns, &format!("namespace-{name}"), &ns)
+}
+
+/// `kubectl apply` of one manifest (written beside the lab's PKI).
+fn apply(
+    lab_dir: &Path,
+    netns: &str,
+    what: &str,
+    manifest: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let path = dir(lab_dir).join(format!("{what}.json"));
+    write_private(&path, &manifest.to_string())?;
+    let out = kubectl(lab_dir, netns)?
+        .args(["apply", "-f"])
+        .arg(&path)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "applying {what}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// `kubectl apply` of a user's YAML (`file` names it in errors).
+pub fn apply_yaml(lab_dir: &Path, netns: &str, file: &str, yaml: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut child = kubectl(lab_dir, netns)?
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("kubectl's stdin")?
+        .write_all(yaml.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "kubectl apply {file}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// The admin's kubeconfig (`system:masters`).
 pub fn admin_kubeconfig(lab_dir: &Path) -> PathBuf {
     dir(lab_dir).join("admin.kubeconfig")
@@ -97,7 +176,7 @@ fn kubeconfig(server: &str, ca: &Path, cert: &Path, key: &Path) -> String {
 }
 
 /// The control plane's files for an apiserver on `router`.
-pub fn make_pki(lab_dir: &Path, router: Ipv4Addr) -> anyhow::Result<()> {
+pub fn make_pki(lab_dir: &Path, router: Ipv4Addr, nodes: &[String]) -> anyhow::Result<()> {
     let d = dir(lab_dir);
     std::fs::create_dir_all(&d)?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
@@ -128,7 +207,21 @@ pub fn make_pki(lab_dir: &Path, router: Ipv4Addr) -> anyhow::Result<()> {
             None,
         ),
         ("kube-scheduler", "system:kube-scheduler", None),
-    ] {
+        // The nodes' agents: their rights are the ClusterRole bound to
+        // this group (`apply_agent_rbac`), as the chart's ServiceAccount's.
+        ("fibril-agent", "fibril-agent", Some(AGENT_GROUP)),
+    ]
+    .into_iter()
+    .map(|(who, cn, org)| (who.to_string(), cn.to_string(), org))
+    // Each node's kubelet, as the Node authorizer knows it.
+    .chain(nodes.iter().map(|n| {
+        (
+            format!("kubelet-{n}"),
+            format!("system:node:{n}"),
+            Some("system:nodes"),
+        )
+    })) {
+        let (who, cn) = (who.as_str(), cn.as_str());
         let (cert, key) = issue(&ca, cn, org, &[])?;
         let (c, k) = (d.join(format!("{who}.crt")), d.join(format!("{who}.key")));
         write_private(&c, &cert)?;
@@ -233,18 +326,7 @@ pub fn register_node(
         "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
         "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
     });
-    let manifest = lab_dir.join("kubernetes").join(format!("node-{name}.json"));
-    write_private(&manifest, &node.to_string())?;
-    let out = kubectl(lab_dir, netns)?
-        .args(["apply", "-f"])
-        .arg(&manifest)
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "registering node {name}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    apply(lab_dir, netns, &format!("node-{name}"), &node)?;
     // The address is status (a kubelet's to report): patched there.
     let status = serde_json::json!({"status": {"addresses": [
         {"type": "InternalIP", "address": address.to_string()},
@@ -304,7 +386,7 @@ mod tests {
     fn the_pki_is_root_only_and_kubeconfigs_name_their_files() {
         use std::os::unix::fs::PermissionsExt;
         let d = std::env::temp_dir().join(format!("fibril-k8s-pki-{}", std::process::id()));
-        super::make_pki(&d, "10.201.0.1".parse().unwrap()).unwrap();
+        super::make_pki(&d, "10.201.0.1".parse().unwrap(), &["n1".to_string()]).unwrap();
         for f in [
             "ca.crt",
             "apiserver.key",

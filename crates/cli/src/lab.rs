@@ -225,6 +225,9 @@ pub struct NodeState {
     /// Stopped by `lab stop-node` (agent killed, underlay link down).
     #[serde(default)]
     pub stopped: bool,
+    /// The lab's kubelet on this node (`kubernetes: true`).
+    #[serde(default)]
+    pub kubelet_pid: Option<u32>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -308,7 +311,7 @@ fn node_cgroup_dir(lab: &str, node: &str) -> Option<PathBuf> {
 
 /// Makes `cmd` start inside the lab's cgroup (node `node`'s in a
 /// multi-node lab; when it has one), before it can open a socket.
-fn in_cgroup(cmd: &mut std::process::Command, lab: &str, node: Option<&str>) {
+pub(crate) fn in_cgroup(cmd: &mut std::process::Command, lab: &str, node: Option<&str>) {
     let dir = match node {
         Some(n) => node_cgroup_dir(lab, n),
         None => cgroup_dir(lab),
@@ -385,7 +388,7 @@ pub fn bin_dir() -> PathBuf {
 }
 
 /// `fibril-echo` and friends resolve to our own build; other names to PATH.
-fn resolve(cmd: &str) -> String {
+pub(crate) fn resolve(cmd: &str) -> String {
     let ours = bin_dir().join(cmd);
     if cmd.starts_with("fibril") && ours.exists() {
         ours.display().to_string()
@@ -765,14 +768,14 @@ fn keep_bound_ports(args: &mut [String], state_dir: &Path) {
     }
 }
 
-fn kill(pid: u32) {
+pub(crate) fn kill(pid: u32) {
     let _ = Command::new("kill")
         .arg(pid.to_string())
         .stderr(Stdio::null())
         .status();
 }
 
-fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
 }
@@ -870,8 +873,8 @@ fn cni(
         .env(
             "CNI_ARGS",
             format!(
-                "K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
-                pod.namespace, pod.name
+                "K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={}",
+                pod.namespace, pod.name, pod.container_id
             ),
         )
         .stdin(Stdio::piped())
@@ -899,6 +902,21 @@ fn cni(
     } else {
         Some(serde_json::from_str(&text)?)
     })
+}
+
+/// CNI ADD of `pod` to its node's agent (the lab's kubelet).
+pub(crate) fn cni_add(st: &LabState, pod: &PodState) -> anyhow::Result<Option<serde_json::Value>> {
+    cni(st, "ADD", pod, &cni_config(&agent_socket_of(st, pod)))
+}
+
+/// CNI DEL of `pod`, with the ADD's result as `prevResult`, as a runtime
+/// does.
+pub(crate) fn cni_del(st: &LabState, pod: &PodState) -> anyhow::Result<()> {
+    let mut conf: serde_json::Value = serde_json::from_str(&cni_config(&agent_socket_of(st, pod)))?;
+    if let Some(r) = &pod.cni_result {
+        conf["prevResult"] = r.clone();
+    }
+    cni(st, "DEL", pod, &conf.to_string()).map(|_| ())
 }
 
 /// The arguments every agent of a lab gets, with its directory
@@ -1004,6 +1022,10 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
         if !parsed.file.nodes.is_empty() {
             build_underlay(&mut st, &parsed.file)?;
             let etcd = start_underlay_etcd(&mut st)?;
+            // The API server first: the agents follow it from their start.
+            if parsed.file.kubernetes {
+                start_kubernetes(&mut st, &etcd, &parsed.file.namespaces)?;
+            }
             for i in 0..st.nodes.len() {
                 let n = st.nodes[i].clone();
                 let ndir = node_dir(lab, &n.name);
@@ -1027,6 +1049,14 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                 if let Some(ttl) = parsed.file.kvstore_lease_ttl {
                     args.extend(["--kvstore-lease-ttl".to_string(), ttl.to_string()]);
                 }
+                if parsed.file.kubernetes {
+                    args.extend([
+                        "--k8s-kubeconfig-path".to_string(),
+                        crate::k8s::agent_kubeconfig(&lab_dir(lab))
+                            .display()
+                            .to_string(),
+                    ]);
+                }
                 if let Some(cg) = node_cgroup_dir(lab, &n.name)
                     .filter(|cg| lab_cgroup.is_some() && make_cgroup(cg))
                 {
@@ -1038,7 +1068,9 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
             }
             start_relay(&mut st)?;
             if parsed.file.kubernetes {
-                start_kubernetes(&mut st, &etcd)?;
+                for i in 0..st.nodes.len() {
+                    start_kubelet(&mut st, i)?;
+                }
             }
         } else {
             if parsed.file.kvstore {
@@ -1118,8 +1150,16 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                     namespace: p.namespace.clone(),
                     name: p.name.clone(),
                     labels: p.labels.clone(),
-                    namespace_labels: (*ns_labels.get(p.namespace.as_str()).unwrap_or(&&empty))
-                        .clone(),
+                    namespace_labels: {
+                        let mut l =
+                            (*ns_labels.get(p.namespace.as_str()).unwrap_or(&&empty)).clone();
+                        // What the API server gives every namespace, as the
+                        // agent sees it for the kubelet's pods.
+                        if parsed.file.kubernetes {
+                            l.insert("kubernetes.io/metadata.name".into(), p.namespace.clone());
+                        }
+                        l
+                    },
                     service_account: None,
                     workloads: p
                         .workload
@@ -1150,6 +1190,11 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
             save(&st)?;
         }
         for (name, yaml) in &parsed.policies {
+            // In a Kubernetes lab policies are the API server's objects.
+            if let (true, Some(ul)) = (parsed.file.kubernetes, &st.underlay_netns) {
+                crate::k8s::apply_yaml(&lab_dir(lab), ul, name, yaml)?;
+                continue;
+            }
             api::call(
                 &sockets[0],
                 &api::Request::PolicyImport {
@@ -1274,6 +1319,7 @@ fn build_underlay(st: &mut LabState, file: &LabFile) -> anyhow::Result<()> {
             agent_pid: None,
             agent_args: Vec::new(),
             stopped: false,
+            kubelet_pid: None,
         });
         save(st)?;
         let port = format!("n{i}");
@@ -1467,11 +1513,12 @@ fn start_ui(st: &mut LabState, agents: &[PathBuf]) -> anyhow::Result<()> {
 /// Starts the lab's Kubernetes control plane in the underlay namespace on
 /// the router's address, over the lab's etcd (`etcd`), and waits until the
 /// apiserver is ready.
-fn start_kubernetes(st: &mut LabState, etcd: &str) -> anyhow::Result<()> {
+fn start_kubernetes(st: &mut LabState, etcd: &str, namespaces: &[Namespace]) -> anyhow::Result<()> {
     let ul = st.underlay_netns.clone().context("no underlay")?;
     let router = underlay_router(&st.underlay_cidr.context("no underlay")?);
     let dir = lab_dir(&st.name);
-    crate::k8s::make_pki(&dir, router)?;
+    let names: Vec<String> = st.nodes.iter().map(|n| n.name.clone()).collect();
+    crate::k8s::make_pki(&dir, router, &names)?;
     let commands = crate::k8s::commands(&dir, router, etcd)?;
     let names = [
         "kube-apiserver",
@@ -1486,6 +1533,11 @@ fn start_kubernetes(st: &mut LabState, etcd: &str) -> anyhow::Result<()> {
         if i == 0 {
             crate::k8s::wait_ready(&dir, &ul, pid, &log)?;
         }
+    }
+    crate::k8s::apply_agent_rbac(&dir, &ul)?;
+    // The lab's namespaces, with their labels (policies select by them).
+    for ns in namespaces {
+        crate::k8s::create_namespace(&dir, &ul, &ns.name, &ns.labels)?;
     }
     // The lab's nodes as Node objects, each with its pod CIDR
     // (`ipam.mode=kubernetes` reads it there) and its underlay address.
@@ -1567,6 +1619,85 @@ pub fn start_etcd_again(lab: &str) -> anyhow::Result<()> {
     wait_for_etcd(&st, &member, pid, netns.as_deref())
 }
 
+/// Starts node `i`'s kubelet inside the node's namespace.
+fn start_kubelet(st: &mut LabState, i: usize) -> anyhow::Result<()> {
+    let node = st.nodes[i].clone();
+    let command = [
+        "fibril".to_string(),
+        "--lab".into(),
+        st.name.clone(),
+        "lab".into(),
+        "kubelet".into(),
+        "--node".into(),
+        node.name.clone(),
+    ];
+    let log = private_file(&node_dir(&st.name, &node.name).join("kubelet.log"))?;
+    // `nsenter --net` alone, as for the agent: `ip netns exec` would give it
+    // a mount namespace of its own, where the pods' namespace files it
+    // makes would be bind mounts no one else sees.
+    let mut cmd = Command::new("setsid");
+    in_cgroup(&mut cmd, &st.name, Some(&node.name));
+    let child = cmd
+        .arg("nsenter")
+        .arg(format!("--net=/run/netns/{}", node.netns))
+        .arg(bin_dir().join("fibril"))
+        .args(&command[1..])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting the lab's kubelet")?;
+    st.nodes[i].kubelet_pid = Some(child.id());
+    save(st)
+}
+
+/// Stops the lab's kube-apiserver (tests of the agents' watches).
+pub fn stop_apiserver(lab: &str) -> anyhow::Result<()> {
+    let st = load_state(lab)?;
+    let pid = *st
+        .kubernetes_pids
+        .first()
+        .with_context(|| format!("lab {lab:?} runs no Kubernetes (kubernetes: true)"))?;
+    stop_or_kill(pid);
+    Ok(())
+}
+
+/// SIGTERM, and SIGKILL if that has not ended it within `wait_gone`'s
+/// time (an apiserver draining its watches).
+fn stop_or_kill(pid: u32) {
+    kill(pid);
+    wait_gone(pid);
+    if alive(pid) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+        wait_gone(pid);
+    }
+}
+
+/// Starts the lab's kube-apiserver again, as `up` did, and waits until it
+/// is ready.
+pub fn start_apiserver_again(lab: &str) -> anyhow::Result<()> {
+    let mut st = load_state(lab)?;
+    let pid = *st
+        .kubernetes_pids
+        .first()
+        .with_context(|| format!("lab {lab:?} runs no Kubernetes (kubernetes: true)"))?;
+    if alive(pid) {
+        bail!("the lab's kube-apiserver is running");
+    }
+    let ul = st.underlay_netns.clone().context("no underlay")?;
+    let router = underlay_router(&st.underlay_cidr.context("no underlay")?);
+    let member = etcd_member(&st)?;
+    let dir = lab_dir(lab);
+    let commands = crate::k8s::commands(&dir, router, &member.client_url())?;
+    let log = dir.join("kube-apiserver.log");
+    let pid = spawn_in(lab, None, &ul, &commands[0], &log)?;
+    st.kubernetes_pids[0] = pid;
+    save(&st)?;
+    crate::k8s::wait_ready(&dir, &ul, pid, &log)
+}
+
 /// Starts `command` in the background inside `netns` (in the cgroup of
 /// node `node` when given), output to `log`.
 fn spawn_in(
@@ -1594,7 +1725,15 @@ fn spawn_in(
 /// Removes everything `up` created, and nothing else. Safe to run on a
 /// half-created lab.
 pub fn down(lab: &str) -> anyhow::Result<()> {
-    let st = load_state(lab)?;
+    let mut st = load_state(lab)?;
+    // The kubelets first (they would start pods again), then their pods
+    // are the lab's to remove.
+    for pid in st.nodes.iter().filter_map(|n| n.kubelet_pid) {
+        kill(pid);
+        wait_gone(pid);
+    }
+    let kubelet_pods = crate::kubelet::pods(lab, &st.nodes);
+    st.pods.extend(kubelet_pods);
     for pid in st
         .pods
         .iter()
@@ -1615,12 +1754,7 @@ pub fn down(lab: &str) -> anyhow::Result<()> {
         if node_of(&st, p).is_some_and(|(_, n)| n.stopped) {
             continue;
         }
-        let mut conf: serde_json::Value =
-            serde_json::from_str(&cni_config(&agent_socket_of(&st, p)))?;
-        if let Some(r) = &p.cni_result {
-            conf["prevResult"] = r.clone();
-        }
-        if let Err(e) = cni(&st, "DEL", p, &conf.to_string()) {
+        if let Err(e) = cni_del(&st, p) {
             eprintln!("warning: {e:#}");
         }
     }
@@ -1635,14 +1769,7 @@ pub fn down(lab: &str) -> anyhow::Result<()> {
     // controller-manager before the apiserver they watch; the apiserver
     // drains its watches on SIGTERM, and is killed if that takes long.
     for pid in st.kubernetes_pids.iter().rev().copied() {
-        kill(pid);
-        wait_gone(pid);
-        if alive(pid) {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            wait_gone(pid);
-        }
+        stop_or_kill(pid);
     }
     for pid in [st.ui_pid, st.relay_pid].into_iter().flatten() {
         kill(pid);
@@ -1851,9 +1978,11 @@ pub fn exec(lab: &str, target: &str, cmd: &[String]) -> anyhow::Result<i32> {
             (n.netns.clone(), Some(n.name.clone()))
         }
         _ => {
+            let kubelet_pods = crate::kubelet::pods(lab, &st.nodes);
             let pod = st
                 .pods
                 .iter()
+                .chain(&kubelet_pods)
                 .find(|p| p.namespace == ns && p.name == name)
                 .with_context(|| format!("no pod {ns}/{name} in lab {lab:?}"))?;
             (pod.netns.clone(), pod.node.clone())

@@ -4,6 +4,7 @@
 mod connectivity;
 mod hubble_cmds;
 mod k8s;
+mod kubelet;
 mod lab;
 mod observe;
 
@@ -175,6 +176,19 @@ enum LabCmd {
     StopEtcd,
     /// Start the lab's etcd again with its data; the agents reconnect.
     StartEtcd,
+    /// The lab's kubelet of one node (`lab up` runs it in the node's
+    /// namespace): runs the pods the scheduler binds to the node.
+    #[command(hide = true)]
+    Kubelet {
+        #[arg(long)]
+        node: String,
+    },
+    /// Stop the lab's kube-apiserver (`kubernetes: true`): the agents keep
+    /// enforcing the policies they have, their watches retry.
+    StopApiserver,
+    /// Start the lab's kube-apiserver again; the agents' watches list
+    /// again and catch up.
+    StartApiserver,
     /// Change a pod's labels live, as `kubectl label`: `key=value` sets,
     /// `key-` removes; its identity follows on every node.
     Label {
@@ -416,6 +430,18 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 lab::start_etcd_again(&cli.lab)?;
                 Ok(0)
             }
+            LabCmd::Kubelet { node } => {
+                kubelet::run(&cli.lab, &node)?;
+                Ok(0)
+            }
+            LabCmd::StopApiserver => {
+                lab::stop_apiserver(&cli.lab)?;
+                Ok(0)
+            }
+            LabCmd::StartApiserver => {
+                lab::start_apiserver_again(&cli.lab)?;
+                Ok(0)
+            }
             LabCmd::Default => {
                 print!("{}", lab::DEFAULT_LAB);
                 Ok(0)
@@ -470,6 +496,13 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     println!(
                         "               {} cluster identities, {} endpoints on other nodes",
                         c.identities, c.remote_endpoints
+                    );
+                }
+                if let Some(k) = &s.kubernetes {
+                    println!(
+                        "Kubernetes:    {} ({}; policies are its CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy and NetworkPolicy objects)",
+                        if k.connected { "connected" } else { "UNREACHABLE" },
+                        k.kubeconfig
                     );
                 }
                 println!("Uptime:        {}s", s.uptime_seconds);

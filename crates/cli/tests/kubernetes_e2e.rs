@@ -7,7 +7,22 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::{custom_lab, wait_until};
+
+/// Polls `f` until it holds or `timeout` passes (pods wait for the
+/// scheduler and the node controller).
+fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
 
 const LAB: &str = r#"
 podCIDR: POD_CIDR_HERE
@@ -92,12 +107,45 @@ fn the_lab_runs_a_real_control_plane_that_kubectl_reaches() {
     let (ok, applied, err) = kubectl(&["apply", "-f", manifest.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(applied.contains("deployment.apps/web created"), "{applied}");
-    // The controller-manager acts on it: a ReplicaSet, then its two pods
-    // (Pending: no node runs a kubelet yet).
-    wait_until("the deployment's two pods", || {
-        let (ok, pods, _) = kubectl(&["get", "pods", "-l", "app=web", "-o", "name"]);
-        ok && pods.lines().count() == 2
-    });
+    // The controller-manager acts on it (a ReplicaSet, its two pods), the
+    // scheduler binds them to the lab's nodes, and each node's kubelet runs
+    // them with Fibril's networking: Running, Ready, with an address from
+    // their node's pod CIDR.
+    eventually(
+        "the deployment's two pods running",
+        Duration::from_secs(60),
+        || {
+            let (ok, pods, _) = kubectl(&["get", "pods", "-l", "app=web", "-o", "json"]);
+            let v: serde_json::Value = serde_json::from_str(&pods).unwrap_or_default();
+            let items = v["items"].as_array().cloned().unwrap_or_default();
+            ok && items.len() == 2
+                && items
+                    .iter()
+                    .all(|p| p["status"]["phase"] == "Running" && p["status"]["podIP"].is_string())
+        },
+    );
+    let (_, pods, _) = kubectl(&["get", "pods", "-l", "app=web", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&pods).unwrap();
+    for p in v["items"].as_array().unwrap() {
+        let node = p["spec"]["nodeName"].as_str().unwrap();
+        let ip: std::net::Ipv4Addr = p["status"]["podIP"].as_str().unwrap().parse().unwrap();
+        let cidr: ipnet::Ipv4Net = match node {
+            "n1" => cidr(0),
+            _ => cidr(128),
+        }
+        .parse()
+        .unwrap();
+        assert!(cidr.contains(&ip), "{ip} outside {node}'s {cidr}");
+        let ready = p["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True");
+        assert!(ready, "{p}");
+        // And it serves: the lab's client reaches it over Fibril's datapath.
+        let url = format!("http://{ip}:8080/");
+        assert!(lab.http_get("default/client", &url, "3"), "client -> {url}");
+    }
     let (ok, rs, err) = kubectl(&["get", "replicasets", "-l", "app=web", "-o", "name"]);
     assert!(ok && rs.lines().count() == 1, "{rs} {err}");
     // A bad object is refused with the field named, and nothing is made.
@@ -127,4 +175,236 @@ fn the_lab_runs_a_real_control_plane_that_kubectl_reaches() {
             std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "));
         assert!(!running, "control-plane process {pid} outlived the lab");
     }
+}
+
+const POLICY_LAB: &str = r#"
+podCIDR: POD_CIDR_HERE
+nodes: [n1, n2]
+kubernetes: true
+namespaces:
+- name: shop
+pods:
+- {name: client, namespace: shop, labels: {app: client}, node: n1}
+- {name: other, namespace: shop, labels: {app: other}, node: n1}
+- {name: web, namespace: shop, labels: {app: web}, node: n2, command: [fibril-echo, http-server, --port, "8080"]}
+"#;
+
+const WEB_FROM_CLIENT: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web-from-client, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"#;
+
+/// Policies are the API server's objects: applied with kubectl, enforced
+/// in every node's kernel, reported in their status, refused at apply by
+/// the CRD's schema, and followed across an apiserver restart.
+#[test]
+fn policies_applied_with_kubectl_are_enforced_in_the_kernel() {
+    let lab = custom_lab(POLICY_LAB);
+    let dir = std::env::temp_dir().join(format!("fibril-k8s-{}", lab.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubectl_in = |args: &[&str], stdin: Option<&str>| {
+        let file = stdin.map(|text| {
+            let f = dir.join(format!("m{}.yaml", rand_suffix()));
+            std::fs::write(&f, text).unwrap();
+            f
+        });
+        let mut all: Vec<&str> = vec!["lab", "kubectl", "--"];
+        all.extend(args);
+        if let Some(f) = &file {
+            all.extend(["-f", f.to_str().unwrap()]);
+        }
+        let out = lab.fibril(&all);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let kubectl = |args: &[&str]| kubectl_in(args, None);
+    let apply = |yaml: &str| kubectl_in(&["apply"], Some(yaml));
+    let web = format!("http://{}:8080/", lab.ip(130));
+    let reaches = |from: &str| lab.http_get(&format!("shop/{from}"), &web, "2");
+
+    // Each node's agent follows the API server.
+    for node in ["n1", "n2"] {
+        let out = lab.fibril(&["--node", node, "status"]);
+        let status = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            status.contains("Kubernetes:    connected"),
+            "{node}: {status}"
+        );
+    }
+    // Its CRDs are installed, with short names.
+    let (ok, crds, err) = kubectl(&["get", "crd", "-o", "name"]);
+    assert!(
+        ok && crds.contains("ciliumnetworkpolicies.cilium.io"),
+        "{crds} {err}"
+    );
+    assert!(reaches("client") && reaches("other"), "no policy: open");
+    // A local import is refused: the API server is the source.
+    let file = dir.join("local.yaml");
+    std::fs::write(&file, WEB_FROM_CLIENT).unwrap();
+    let local = lab.fibril(&["--node", "n1", "policy", "import", file.to_str().unwrap()]);
+    assert!(!local.status.success());
+    assert!(String::from_utf8_lossy(&local.stderr).contains("kubectl apply"));
+
+    let (ok, out, err) = apply(WEB_FROM_CLIENT);
+    assert!(ok, "{out} {err}");
+    wait_until("the policy to drop other -> web", || !reaches("other"));
+    assert!(reaches("client"), "the allowed peer still reaches web");
+    // The drop is the kernel's, on web's node, attributed to the policy.
+    let drops = lab.observe_json(&[
+        "--node",
+        "n2",
+        "--verdict",
+        "DROPPED",
+        "--from-pod",
+        "shop/other",
+    ]);
+    assert!(!drops.is_empty(), "no drop flow on n2");
+
+    // The troubleshooting commands: listed, and each node's view in the
+    // status (`kubectl describe` shows it).
+    let (ok, list, err) = kubectl(&["get", "ciliumnetworkpolicies", "-A"]);
+    assert!(
+        ok && list.contains("web-from-client") && list.contains("shop"),
+        "{list} {err}"
+    );
+    wait_until("both nodes' status", || {
+        let (_, json, _) = kubectl(&["get", "cnp", "-n", "shop", "web-from-client", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+        ["n1", "n2"]
+            .iter()
+            .all(|n| v["status"]["nodes"][n]["enforcing"] == true)
+            && v["status"]["conditions"][0]["status"] == "True"
+    });
+    let (ok, described, err) = kubectl(&[
+        "describe",
+        "ciliumnetworkpolicy",
+        "web-from-client",
+        "-n",
+        "shop",
+    ]);
+    let enforcing = described
+        .lines()
+        .filter(|l| l.trim_start().starts_with("Enforcing:") && l.trim_end().ends_with("true"))
+        .count();
+    assert!(
+        ok && enforcing == 2 && described.contains("n2:"),
+        "{described} {err}"
+    );
+
+    // The CRD's schema refuses at apply what Cilium's refuses, naming the
+    // field; nothing is created.
+    let (ok, _, err) = apply(
+        &WEB_FROM_CLIENT
+            .replace("web-from-client", "bad-port")
+            .replace("\"8080\"", "\"70000\""),
+    );
+    assert!(
+        !ok && err.contains("spec.ingress[0].toPorts[0].ports[0].port"),
+        "{err}"
+    );
+    let (ok, _, err) = apply(
+        &WEB_FROM_CLIENT
+            .replace("web-from-client", "bad-proto")
+            .replace("TCP", "TPC"),
+    );
+    assert!(
+        !ok && err.contains("protocol") && err.contains("TPC"),
+        "{err}"
+    );
+    let (ok, _, err) = apply(
+        &WEB_FROM_CLIENT
+            .replace("web-from-client", "bad-field")
+            .replace("fromEndpoints", "fromEndpoint"),
+    );
+    assert!(!ok && err.contains("fromEndpoint"), "{err}");
+    let (_, names, _) = kubectl(&["get", "cnp", "-n", "shop", "-o", "name"]);
+    assert_eq!(
+        names.trim(),
+        "ciliumnetworkpolicy.cilium.io/web-from-client"
+    );
+
+    // What only the agents validate passes the schema and is reported in
+    // the status by every node: not valid, with the field and why.
+    let fqdn_and_endpoints = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: mixed-peers, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toFQDNs: [{matchName: example.com}]
+    toEndpoints: [{matchLabels: {app: web}}]
+"#;
+    let (ok, _, err) = apply(fqdn_and_endpoints);
+    assert!(ok, "{err}");
+    wait_until("the agents' validation in the status", || {
+        let (_, json, _) = kubectl(&["get", "cnp", "-n", "shop", "mixed-peers", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+        ["n1", "n2"].iter().all(|n| {
+            v["status"]["nodes"][n]["ok"] == false
+                && v["status"]["nodes"][n]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("spec.egress[0]"))
+        }) && v["status"]["conditions"][0]["status"] == "False"
+    });
+    // and not in force: client still reaches web.
+    assert!(reaches("client"));
+    let (ok, _, _) = kubectl(&["delete", "cnp", "-n", "shop", "mixed-peers"]);
+    assert!(ok);
+
+    // The API server goes away and comes back: the datapath kept
+    // enforcing, and an update made right after it is back (while the
+    // watches are still in their backoff) is not lost.
+    let out = lab.fibril(&["lab", "stop-apiserver"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !reaches("other") && reaches("client"),
+        "enforced while the API server is away"
+    );
+    let out = lab.fibril(&["lab", "start-apiserver"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let widened = WEB_FROM_CLIENT.replace(
+        "matchLabels: {app: client}",
+        "matchExpressions: [{key: app, operator: In, values: [client, other]}]",
+    );
+    let (ok, _, err) = apply(&widened);
+    assert!(ok, "{err}");
+    wait_until("the update after the restart", || reaches("other"));
+
+    // Deleted with kubectl: gone from every node.
+    let (ok, _, err) = apply(WEB_FROM_CLIENT);
+    assert!(ok, "{err}");
+    wait_until("the narrowed policy again", || !reaches("other"));
+    let (ok, _, err) = kubectl(&["delete", "cnp", "-n", "shop", "web-from-client"]);
+    assert!(ok, "{err}");
+    wait_until("the policy's removal", || reaches("other"));
+    for node in ["n1", "n2"] {
+        let out = lab.fibril(&["--node", node, "policy", "get"]);
+        let list = String::from_utf8_lossy(&out.stdout);
+        assert!(!list.contains("web-from-client"), "{node}: {list}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
 }

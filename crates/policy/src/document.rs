@@ -349,16 +349,42 @@ pub fn parse(file: &str, text: &str, default_namespace: &str) -> Result<Parsed, 
             parsed.skipped.push((i + 1, kind));
             continue;
         }
-        let policy = if kind == "NetworkPolicy" {
-            crate::knp::parse_document(&ctx, doc, default_namespace)?
-        } else {
-            parse_document(&ctx, doc, default_namespace)?
-        };
+        let policy = parse_kind(&ctx, &kind, doc, default_namespace)?;
         parsed.policies.push(policy);
         parsed.warnings.extend(ctx.warnings.into_inner());
     }
     warn_fqdn_without_dns(file, &mut parsed);
     Ok(parsed)
+}
+
+fn parse_kind(
+    ctx: &Ctx<'_>,
+    kind: &str,
+    doc: Value,
+    default_namespace: &str,
+) -> Result<Policy, Error> {
+    if kind == "NetworkPolicy" {
+        crate::knp::parse_document(ctx, doc, default_namespace)
+    } else {
+        parse_document(ctx, doc, default_namespace)
+    }
+}
+
+/// One policy object as the Kubernetes API serves it (JSON, with the
+/// server's metadata and status), named `name` in errors; its warnings.
+pub fn parse_object(name: &str, object: Value) -> Result<(Policy, Vec<Warning>), Error> {
+    let ctx = Ctx {
+        file: name,
+        document: 1,
+        warnings: Default::default(),
+    };
+    let kind = object
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let policy = parse_kind(&ctx, &kind, object, "default")?;
+    Ok((policy, ctx.warnings.into_inner()))
 }
 
 /// toFQDNs only ever matches IPs the DNS proxy saw: without an egress DNS

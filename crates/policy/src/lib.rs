@@ -15,7 +15,7 @@ pub mod selector;
 pub use compute::{
     endpoint_policy, Context, Decision, Direction, EndpointPolicy, EntryKey, EntryValue, Origin,
 };
-pub use document::{parse, Error, Parsed, Warning};
+pub use document::{parse, parse_object, Error, Parsed, Warning};
 pub use engine::Engine;
 pub use labels::{pod_identity_labels, Label, LabelSet, PodMeta};
 pub use model::{

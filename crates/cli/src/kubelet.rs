@@ -1,0 +1,637 @@
+//! The lab's kubelet (`kubernetes: true`): one per node, run by `lab up`
+//! inside the node's namespace as `fibril lab kubelet --node NAME`. It
+//! keeps the node Ready (its status and its Lease in `kube-node-lease`),
+//! watches the Pods bound to it and runs each as the lab runs its own
+//! pods: a network namespace, the CNI plugin called with a runtime's
+//! arguments (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`, `K8S_POD_INFRA_CONTAINER_ID`), the
+//! first container's command mapped to the lab's programs (`images`), and
+//! reports what happened in the pod's status (podIP, phase, conditions,
+//! container state). A pod being deleted is stopped, CNI DEL'd and then
+//! deleted for good, as a kubelet does. It authenticates as
+//! `system:node:NAME` (the Node authorizer's rules).
+//!
+//! What it runs is written to `nodes/NAME/kubelet-pods.json`, so `lab
+//! exec` finds those pods and `lab down` removes them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::TryStreamExt;
+use k8s::kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use k8s::kube::runtime::watcher::{self, Event};
+use k8s::kube::runtime::WatchStreamExt;
+use k8s::kube::Client;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Container, Node, Pod};
+use serde_json::json;
+
+use crate::lab::{self, PodState};
+
+/// How often the node's Lease is renewed (a kubelet's default: 10 s of a
+/// 40 s duration).
+const LEASE_RENEW: Duration = Duration::from_secs(10);
+const LEASE_SECONDS: i32 = 40;
+/// How often dead containers are looked for.
+const PROBE: Duration = Duration::from_secs(1);
+
+/// The file of the pods the kubelet of `node` runs.
+pub fn pods_file(lab: &str, node: &str) -> PathBuf {
+    lab::node_dir(lab, node).join("kubelet-pods.json")
+}
+
+/// The pods every kubelet of the lab runs now.
+pub fn pods(lab: &str, nodes: &[lab::NodeState]) -> Vec<PodState> {
+    nodes
+        .iter()
+        .filter_map(|n| std::fs::read_to_string(pods_file(lab, &n.name)).ok())
+        .filter_map(|text| serde_json::from_str::<Vec<PodState>>(&text).ok())
+        .flatten()
+        .collect()
+}
+
+/// The node's kubeconfig (`system:node:NAME`).
+pub fn kubeconfig(lab: &str, node: &str) -> PathBuf {
+    crate::k8s::dir(&lab::lab_dir(lab)).join(format!("kubelet-{node}.kubeconfig"))
+}
+
+/// A container's command line in the lab: the lab's programs stand in for
+/// images. `fibril/echo` (or any image named `*echo*`) is `fibril-echo`
+/// with the container's command and args (none: an HTTP server on its
+/// first declared port, else 8080); an image's command that is a program
+/// of this machine (`sleep`, `sh`) runs as it is.
+pub fn command_of(c: &Container) -> Result<Vec<String>, String> {
+    let image = c.image.clone().unwrap_or_default();
+    let repo = image.split(['@', ':']).next().unwrap_or_default();
+    let base = repo.rsplit('/').next().unwrap_or_default();
+    let given: Vec<String> = c
+        .command
+        .iter()
+        .flatten()
+        .chain(c.args.iter().flatten())
+        .cloned()
+        .collect();
+    if base.contains("echo") {
+        let mut argv = vec!["fibril-echo".to_string()];
+        // `command: [fibril-echo, ...]` names the program itself.
+        let rest: Vec<String> = given
+            .iter()
+            .skip_while(|a| a.as_str() == "fibril-echo")
+            .cloned()
+            .collect();
+        if rest.is_empty() {
+            let port = c
+                .ports
+                .iter()
+                .flatten()
+                .next()
+                .map_or(8080, |p| p.container_port);
+            argv.extend(["http-server".into(), "--port".into(), port.to_string()]);
+        } else {
+            argv.extend(rest);
+        }
+        return Ok(argv);
+    }
+    if let Some(first) = given.first() {
+        let found = which(first);
+        if found {
+            return Ok(given);
+        }
+    }
+    Err(format!(
+        "image {image:?} is not one this lab runs (fibril/echo, or a command this machine has)"
+    ))
+}
+
+fn which(program: &str) -> bool {
+    if program.contains('/') {
+        return Path::new(program).exists();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).exists()))
+}
+
+/// One pod the kubelet runs.
+struct Running {
+    state: PodState,
+    uid: String,
+    child: Option<Child>,
+    restarts: i32,
+    /// The status last reported, so it is written once.
+    reported: Option<serde_json::Value>,
+}
+
+struct Kubelet {
+    lab: String,
+    node: lab::NodeState,
+    client: Client,
+    pods: BTreeMap<String, Running>,
+}
+
+/// Runs the kubelet of `node` until killed.
+pub fn run(lab_name: &str, node: &str) -> anyhow::Result<()> {
+    let st = lab::load_state(lab_name)?;
+    let node = st
+        .nodes
+        .iter()
+        .find(|n| n.name == node)
+        .with_context(|| format!("no node {node:?} in lab {lab_name:?}"))?
+        .clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let client = k8s::client::connect(&kubeconfig(lab_name, &node.name)).await?;
+        let mut kubelet = Kubelet {
+            lab: lab_name.to_string(),
+            node,
+            client,
+            pods: BTreeMap::new(),
+        };
+        kubelet.adopt();
+        kubelet.run().await
+    })
+}
+
+impl Kubelet {
+    /// Pods a previous run of this kubelet left running (it restarted).
+    fn adopt(&mut self) {
+        let Ok(text) = std::fs::read_to_string(pods_file(&self.lab, &self.node.name)) else {
+            return;
+        };
+        for state in serde_json::from_str::<Vec<PodState>>(&text).unwrap_or_default() {
+            let uid = state.container_id.clone();
+            self.pods.insert(
+                format!("{}/{}", state.namespace, state.name),
+                Running {
+                    state,
+                    uid,
+                    child: None,
+                    restarts: 0,
+                    reported: None,
+                },
+            );
+        }
+    }
+
+    async fn run(&mut self) -> anyhow::Result<()> {
+        self.node_ready().await?;
+        let pods = watcher::watcher(
+            Api::<Pod>::all(self.client.clone()),
+            watcher::Config::default().fields(&format!("spec.nodeName={}", self.node.name)),
+        )
+        .default_backoff();
+        futures::pin_mut!(pods);
+        let mut lease = tokio::time::interval(LEASE_RENEW);
+        let mut probe = tokio::time::interval(PROBE);
+        let mut listed = Vec::new();
+        loop {
+            tokio::select! {
+                ev = pods.try_next() => match ev {
+                    Ok(Some(Event::Init)) => listed.clear(),
+                    Ok(Some(Event::InitApply(p))) => listed.push(p),
+                    Ok(Some(Event::InitDone)) => {
+                        let listed = std::mem::take(&mut listed);
+                        let keep: Vec<String> = listed.iter().map(key).collect();
+                        let gone: Vec<String> = self.pods.keys().filter(|k| !keep.contains(k)).cloned().collect();
+                        for k in gone {
+                            self.stop(&k);
+                        }
+                        for p in listed {
+                            self.sync(p).await;
+                        }
+                    }
+                    Ok(Some(Event::Apply(p))) => self.sync(p).await,
+                    Ok(Some(Event::Delete(p))) => self.stop(&key(&p)),
+                    Ok(None) => return Ok(()),
+                    Err(e) => eprintln!("kubelet {}: watch: {e}", self.node.name),
+                },
+                _ = lease.tick() => if let Err(e) = self.renew_lease().await {
+                    eprintln!("kubelet {}: lease: {e:#}", self.node.name);
+                },
+                _ = probe.tick() => self.restart_dead().await,
+            }
+        }
+    }
+
+    /// The node's status: Ready, with room for pods (the scheduler places
+    /// none on a node without allocatable pods).
+    async fn node_ready(&self) -> anyhow::Result<()> {
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let status = json!({"status": {
+            "capacity": {"cpu": "2", "memory": "8Gi", "pods": "110"},
+            "allocatable": {"cpu": "2", "memory": "8Gi", "pods": "110"},
+            "conditions": [{
+                "type": "Ready", "status": "True", "reason": "KubeletReady",
+                "message": "the lab's kubelet is posting ready status",
+                "lastHeartbeatTime": now, "lastTransitionTime": now,
+            }],
+            "nodeInfo": {
+                "kubeletVersion": "v1.37.2", "kubeProxyVersion": "", "operatingSystem": "linux",
+                "architecture": std::env::consts::ARCH, "containerRuntimeVersion": "fibril-lab://1",
+                "kernelVersion": "", "osImage": "fibril lab", "machineID": "", "systemUUID": "", "bootID": "",
+            },
+        }});
+        Api::<Node>::all(self.client.clone())
+            .patch_status(
+                &self.node.name,
+                &PatchParams::default(),
+                &Patch::Merge(&status),
+            )
+            .await?;
+        self.renew_lease().await
+    }
+
+    async fn renew_lease(&self) -> anyhow::Result<()> {
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), "kube-node-lease");
+        // A MicroTime: exactly six fractional digits.
+        let now = serde_json::to_value(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+            k8s_openapi::jiff::Timestamp::now(),
+        ))?;
+        let spec = json!({"spec": {
+            "holderIdentity": self.node.name,
+            "leaseDurationSeconds": LEASE_SECONDS,
+            "renewTime": now,
+        }});
+        if api.get_opt(&self.node.name).await?.is_some() {
+            api.patch(
+                &self.node.name,
+                &PatchParams::default(),
+                &Patch::Merge(&spec),
+            )
+            .await?;
+        } else {
+            let lease: Lease = serde_json::from_value(json!({
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": self.node.name, "namespace": "kube-node-lease"},
+                "spec": spec["spec"],
+            }))?;
+            api.create(&PostParams::default(), &lease).await?;
+        }
+        Ok(())
+    }
+
+    /// Brings the node to what the pod object says.
+    async fn sync(&mut self, pod: Pod) {
+        let k = key(&pod);
+        if pod.metadata.deletion_timestamp.is_some() {
+            self.stop(&k);
+            self.finish_deletion(&pod).await;
+            return;
+        }
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        if self.pods.get(&k).is_some_and(|r| r.uid != uid) {
+            // The same name, a new pod: the old one goes first.
+            self.stop(&k);
+        }
+        if !self.pods.contains_key(&k) {
+            match self.start(&pod) {
+                Ok(running) => {
+                    self.pods.insert(k.clone(), running);
+                    self.save();
+                }
+                Err(e) => {
+                    eprintln!("kubelet {}: pod {k}: {e:#}", self.node.name);
+                    self.report_failure(&pod, &format!("{e:#}")).await;
+                    return;
+                }
+            }
+        }
+        self.report(&k, &pod).await;
+    }
+
+    fn start(&self, pod: &Pod) -> anyhow::Result<Running> {
+        let namespace = pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let spec = pod.spec.as_ref().context("the pod has no spec")?;
+        let container = spec
+            .containers
+            .first()
+            .context("the pod has no container")?;
+        let argv = command_of(container).map_err(|e| anyhow::anyhow!(e))?;
+        let host_network = k8s::pod::host_network(pod);
+        // A short, unique namespace name: the lab's, the node's, the uid's
+        // first characters.
+        let netns = if host_network {
+            self.node.netns.clone()
+        } else {
+            format!(
+                "fibril-{}-{}-{}",
+                self.lab,
+                self.node.name,
+                &uid[..uid.len().min(8)]
+            )
+        };
+        let mut state = PodState {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            netns: netns.clone(),
+            container_id: uid.clone(),
+            cni_result: None,
+            pid: None,
+            node: Some(self.node.name.clone()),
+            host_network,
+        };
+        if !host_network {
+            netns::create_netns(&netns)?;
+            let st = lab::load_state(&self.lab)?;
+            match lab::cni_add(&st, &state) {
+                Ok(result) => state.cni_result = result,
+                Err(e) => {
+                    netns::delete_netns(&netns);
+                    return Err(e);
+                }
+            }
+        }
+        let child = self.spawn(&state, &argv)?;
+        state.pid = Some(child.id());
+        Ok(Running {
+            state,
+            uid,
+            child: Some(child),
+            restarts: 0,
+            reported: None,
+        })
+    }
+
+    fn spawn(&self, state: &PodState, argv: &[String]) -> anyhow::Result<Child> {
+        let dir = lab::node_dir(&self.lab, &self.node.name).join("pods");
+        std::fs::create_dir_all(&dir)?;
+        let log = lab::private_file(&dir.join(format!("{}_{}.log", state.namespace, state.name)))?;
+        let mut cmd = Command::new("setsid");
+        lab::in_cgroup(&mut cmd, &self.lab, Some(&self.node.name));
+        cmd.args(["ip", "netns", "exec", &state.netns])
+            .arg(lab::resolve(&argv[0]))
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        cmd.spawn()
+            .with_context(|| format!("starting {argv:?} in {}", state.netns))
+    }
+
+    /// Stops a pod: its process, its attachment (CNI DEL), its namespace.
+    fn stop(&mut self, k: &str) {
+        let Some(mut r) = self.pods.remove(k) else {
+            return;
+        };
+        if let Some(pid) = r.state.pid {
+            lab::kill(pid);
+        }
+        if let Some(c) = &mut r.child {
+            c.wait().ok();
+        }
+        if !r.state.host_network {
+            if let Ok(st) = lab::load_state(&self.lab) {
+                if let Err(e) = lab::cni_del(&st, &r.state) {
+                    eprintln!("kubelet {}: pod {k}: {e:#}", self.node.name);
+                }
+            }
+            netns::delete_netns(&r.state.netns);
+        }
+        self.save();
+    }
+
+    /// The last step of a graceful deletion: the object goes.
+    async fn finish_deletion(&self, pod: &Pod) {
+        let api: Api<Pod> = Api::namespaced(
+            self.client.clone(),
+            pod.metadata.namespace.as_deref().unwrap_or("default"),
+        );
+        let params = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions {
+                uid: pod.metadata.uid.clone(),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        if let Err(e) = api
+            .delete(pod.metadata.name.as_deref().unwrap_or_default(), &params)
+            .await
+        {
+            eprintln!("kubelet {}: deleting pod {}: {e}", self.node.name, key(pod));
+        }
+    }
+
+    /// Containers that exited are started again (restartPolicy Always, the
+    /// lab's pods' only one), counted in restartCount.
+    async fn restart_dead(&mut self) {
+        let mut dead = Vec::new();
+        for (k, r) in &mut self.pods {
+            let exited = match &mut r.child {
+                Some(c) => c.try_wait().ok().flatten().is_some(),
+                None => r.state.pid.is_some_and(|p| !lab::alive(p)),
+            };
+            if exited {
+                dead.push(k.clone());
+            }
+        }
+        for k in dead {
+            let pod = Api::<Pod>::namespaced(
+                self.client.clone(),
+                k.split('/').next().unwrap_or("default"),
+            )
+            .get_opt(k.split('/').nth(1).unwrap_or_default())
+            .await;
+            let Ok(Some(pod)) = pod else { continue };
+            let Some(container) = pod.spec.as_ref().and_then(|s| s.containers.first()) else {
+                continue;
+            };
+            let Ok(argv) = command_of(container) else {
+                continue;
+            };
+            let Some(r) = self.pods.get(&k) else { continue };
+            match self.spawn(&r.state, &argv) {
+                Ok(child) => {
+                    let r = self.pods.get_mut(&k).expect("present");
+                    r.state.pid = Some(child.id());
+                    r.child = Some(child);
+                    r.restarts += 1;
+                    r.reported = None;
+                }
+                Err(e) => eprintln!("kubelet {}: restarting {k}: {e:#}", self.node.name),
+            }
+            self.save();
+            self.report(&k, &pod).await;
+        }
+    }
+
+    /// Writes the pod's status: Running, its address, Ready.
+    async fn report(&mut self, k: &str, pod: &Pod) {
+        let Some(r) = self.pods.get(k) else { return };
+        let ip = if r.state.host_network {
+            Some(self.node.address.to_string())
+        } else {
+            r.state.cni_result.as_ref().and_then(|res| {
+                res["ips"][0]["address"]
+                    .as_str()
+                    .and_then(|a| a.split('/').next())
+                    .map(str::to_string)
+            })
+        };
+        let container = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first())
+            .cloned()
+            .unwrap_or_default();
+        let started = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.start_time.clone())
+            .map(|t| t.0.to_string())
+            .unwrap_or_else(|| k8s_openapi::jiff::Timestamp::now().to_string());
+        let conditions: Vec<serde_json::Value> = [
+            "PodReadyToStartContainers",
+            "Initialized",
+            "ContainersReady",
+            "Ready",
+        ]
+        .iter()
+        .map(|t| json!({"type": t, "status": "True", "lastTransitionTime": started}))
+        .collect();
+        let mut status = json!({
+            "phase": "Running",
+            "hostIP": self.node.address.to_string(),
+            "hostIPs": [{"ip": self.node.address.to_string()}],
+            "startTime": started,
+            "conditions": conditions,
+            "containerStatuses": [{
+                "name": container.name,
+                "image": container.image.unwrap_or_default(),
+                "imageID": "",
+                "containerID": format!("fibril-lab://{}", r.state.pid.unwrap_or_default()),
+                "ready": true,
+                "started": true,
+                "restartCount": r.restarts,
+                "state": {"running": {"startedAt": started}},
+            }],
+        });
+        if let Some(ip) = &ip {
+            status["podIP"] = json!(ip);
+            status["podIPs"] = json!([{"ip": ip}]);
+        }
+        if r.reported.as_ref() == Some(&status) {
+            return;
+        }
+        let api: Api<Pod> = Api::namespaced(
+            self.client.clone(),
+            pod.metadata.namespace.as_deref().unwrap_or("default"),
+        );
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        match api
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"status": status})),
+            )
+            .await
+        {
+            Ok(_) => {
+                if let Some(r) = self.pods.get_mut(k) {
+                    r.reported = Some(status);
+                }
+            }
+            Err(e) => eprintln!("kubelet {}: status of {k}: {e}", self.node.name),
+        }
+    }
+
+    /// A pod that could not start: Pending, its container waiting with
+    /// the reason.
+    async fn report_failure(&self, pod: &Pod, message: &str) {
+        let container = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first())
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
+        let status = json!({"status": {
+            "phase": "Pending",
+            "hostIP": self.node.address.to_string(),
+            "containerStatuses": [{
+                "name": container, "image": "", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": "CreateContainerError", "message": message}},
+            }],
+        }});
+        let api: Api<Pod> = Api::namespaced(
+            self.client.clone(),
+            pod.metadata.namespace.as_deref().unwrap_or("default"),
+        );
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        if let Err(e) = api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+        {
+            eprintln!("kubelet {}: status of {}: {e}", self.node.name, key(pod));
+        }
+    }
+
+    /// Writes what it runs (atomically: `lab exec` and `lab down` read it).
+    fn save(&self) {
+        let states: Vec<&PodState> = self.pods.values().map(|r| &r.state).collect();
+        let path = pods_file(&self.lab, &self.node.name);
+        let tmp = path.with_extension("json.tmp");
+        let written = serde_json::to_vec(&states)
+            .map_err(anyhow::Error::from)
+            .and_then(|bytes| {
+                use std::io::Write;
+                lab::private_file(&tmp)?.write_all(&bytes)?;
+                std::fs::rename(&tmp, &path)?;
+                Ok(())
+            });
+        if let Err(e) = written {
+            eprintln!(
+                "kubelet {}: writing {}: {e:#}",
+                self.node.name,
+                path.display()
+            );
+        }
+    }
+}
+
+fn key(pod: &Pod) -> String {
+    format!(
+        "{}/{}",
+        pod.metadata.namespace.as_deref().unwrap_or("default"),
+        pod.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn container(v: serde_json::Value) -> Container {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn images_map_to_the_labs_programs() {
+        let c = container(
+            json!({"name": "c", "image": "fibril/echo:1", "ports": [{"containerPort": 80}]}),
+        );
+        assert_eq!(
+            command_of(&c).unwrap(),
+            ["fibril-echo", "http-server", "--port", "80"]
+        );
+        let c = container(
+            json!({"name": "c", "image": "ghcr.io/x/echo", "args": ["dns-server", "--port", "53"]}),
+        );
+        assert_eq!(
+            command_of(&c).unwrap(),
+            ["fibril-echo", "dns-server", "--port", "53"]
+        );
+        let c = container(json!({"name": "c", "image": "busybox", "command": ["sleep", "3600"]}));
+        assert_eq!(command_of(&c).unwrap(), ["sleep", "3600"]);
+        let c = container(json!({"name": "c", "image": "nginx"}));
+        assert!(command_of(&c).unwrap_err().contains("nginx"));
+    }
+}
