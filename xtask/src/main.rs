@@ -64,6 +64,34 @@ fn deps() -> anyhow::Result<()> {
     hubble_cli()?;
     audit2policy()?;
     kubernetes_tools()?;
+    helm_cli()?;
+    Ok(())
+}
+
+/// The real helm CLI (`tools/helm`), for the chart's tests: built once per
+/// version into the cache, its version stamped as helm's own build does.
+fn helm_cli() -> anyhow::Result<()> {
+    let out = test_support::helm_build_path();
+    if out.exists() {
+        return Ok(());
+    }
+    let version = test_support::tool_version("helm", "helm.sh/helm/v4");
+    eprintln!(
+        "building the real helm {version} (from the Go module proxy) into {}",
+        out.display()
+    );
+    let started = std::time::Instant::now();
+    run(Command::new("go")
+        .args(["build", "-trimpath", "-ldflags"])
+        .arg(format!(
+            "-X helm.sh/helm/v4/internal/version.version={version}"
+        ))
+        .arg("-o")
+        .arg(&out)
+        .arg("helm.sh/helm/v4/cmd/helm")
+        .current_dir(root().join("tools/helm")))
+    .context("building helm needs Go and the Go module proxy")?;
+    eprintln!("helm built in {:.0?}", started.elapsed());
     Ok(())
 }
 
@@ -595,7 +623,7 @@ fn main() -> anyhow::Result<()> {
         Some("test") | Some("ci") => test(),
         Some("demo") => demo(args.iter().any(|a| a == "--keep")),
         Some("bench") => {
-            // `--only policy|cluster|relay|ui|flows|packet|datapath|overlay|cni|l7` runs one part.
+            // `--only policy|cluster|relay|k8s|ui|flows|packet|datapath|overlay|cni|l7` runs one part.
             let only: Option<String> = bench::flag(&args, "only");
             let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
             deps()?;
@@ -619,6 +647,12 @@ fn main() -> anyhow::Result<()> {
                 run(cargo()
                     .args(["run", "--quiet", "--release", "-p", "fibril-relay"])
                     .args(["--example", "relay_bench"]))?;
+            }
+            if part("k8s") {
+                println!("\n== Kubernetes mode: 3 nodes with the real control plane; policy apply -> in force on every node, pod -> Ready, agent RSS per 1,000 pods");
+                run(cargo()
+                    .args(["run", "--quiet", "--release", "-p", "fibril-cli"])
+                    .args(["--example", "k8s_bench"]))?;
             }
             if part("ui") {
                 println!("\n== web UI: 100,000 flows/s into 3 nodes, the page open in headless Chromium (UI_BENCH_SECONDS, default 600)");

@@ -35,14 +35,32 @@ use crate::{invalid, Error};
 /// Where the API server is.
 #[derive(Clone, Debug)]
 pub struct KubernetesConfig {
-    /// A kubeconfig file (its current context).
-    pub kubeconfig: PathBuf,
+    /// A kubeconfig file (its current context); None: in a pod, the
+    /// in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// This node's pod CIDR from its Node object (`ipam.mode=kubernetes`),
+/// waiting for the controller-manager to allocate it (a minute at most).
+pub fn node_pod_cidr(config: &KubernetesConfig, node: &str) -> Result<String, Error> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| invalid(format!("kubernetes runtime: {e}")))?;
+    rt.block_on(async {
+        let client = k8s::client::connect(config.kubeconfig.as_deref())
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))?;
+        k8s::client::node_pod_cidr(&client, node, Duration::from_secs(60))
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))
+    })
 }
 
 pub struct Kubernetes {
     /// Runs the watchers; dropped with the agent.
     _rt: tokio::runtime::Runtime,
-    kubeconfig: PathBuf,
+    kubeconfig: Option<PathBuf>,
     connected: tokio::sync::watch::Receiver<bool>,
     /// The client, once the API server was reached.
     client: tokio::sync::watch::Receiver<Option<Client>>,
@@ -83,7 +101,7 @@ impl Kubernetes {
                 }
                 tokio::time::sleep(RETRY).await;
             };
-            tracing::info!(kubeconfig = %config.kubeconfig.display(), "Kubernetes API connected; CRDs installed");
+            tracing::info!(kubeconfig = ?config.kubeconfig, "Kubernetes API connected; CRDs installed");
             tx.send_replace(true);
             client_tx.send_replace(Some(client.clone()));
             let followers = k8s::policy::kinds().into_iter().map(|kind| {
@@ -149,14 +167,17 @@ impl Kubernetes {
     /// What `fibril status` shows.
     pub fn info(&self) -> api::KubernetesInfo {
         api::KubernetesInfo {
-            kubeconfig: self.kubeconfig.display().to_string(),
+            kubeconfig: self
+                .kubeconfig
+                .as_ref()
+                .map_or("in-cluster".into(), |p| p.display().to_string()),
             connected: *self.connected.borrow(),
         }
     }
 }
 
 async fn connect(config: &KubernetesConfig) -> Result<Client, k8s::Error> {
-    let client = k8s::client::connect(&config.kubeconfig).await?;
+    let client = k8s::client::connect(config.kubeconfig.as_deref()).await?;
     k8s::client::install_crds(&client).await?;
     Ok(client)
 }

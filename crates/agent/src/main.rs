@@ -18,16 +18,29 @@ use fibril_agent::{drain::Drain, server, state::Cidr, Agent, Config};
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[derive(Parser)]
-#[command(name = "fibril-agent", about = "Fibril per-node agent")]
+#[derive(Debug, Parser)]
+#[command(
+    name = "fibril-agent",
+    about = "Fibril per-node agent",
+    // A flag given twice takes the last: --config-dir's come first, the
+    // command line's after them win.
+    args_override_self = true
+)]
 struct Args {
-    #[arg(long, default_value = "fibril-node")]
+    /// A directory of flags, one file each, named as the flag and holding
+    /// its value (a mounted ConfigMap, as cilium-agent's --config-dir);
+    /// the command line's flags win over it.
+    #[arg(long)]
+    config_dir: Option<PathBuf>,
+    /// This node's name (in a DaemonSet: the downward API's spec.nodeName).
+    #[arg(long, env = "K8S_NODE_NAME", default_value = "fibril-node")]
     node_name: String,
     #[arg(long, default_value = "default")]
     cluster_name: String,
-    /// This node's pod CIDR (ipam.mode=kubernetes hands it from the Node).
-    #[arg(long, default_value = "10.200.0.0/24")]
-    pod_cidr: String,
+    /// This node's pod CIDR. Unset in Kubernetes mode: its Node's
+    /// spec.podCIDRs (ipam.mode=kubernetes); else 10.200.0.0/24.
+    #[arg(long)]
+    pod_cidr: Option<String>,
     #[arg(long, default_value = "/var/lib/fibril")]
     state_dir: PathBuf,
     /// bpffs directory for pinned maps and links.
@@ -47,7 +60,8 @@ struct Args {
     /// anyone who can connect reads every flow, so give it with TLS and a
     /// client CA (mTLS, as Cilium's 4244) wherever others can reach it.
     /// Without it STATE_DIR/hubble.addr says `unix://SOCKET`.
-    #[arg(long)]
+    /// `ip:port`, or `:port` for every address (as Cilium writes it).
+    #[arg(long, value_parser = listen_address)]
     hubble_listen_address: Option<std::net::SocketAddr>,
     /// TLS for the Hubble API's TCP listener: certificate (PEM).
     #[arg(long, requires = "hubble_tls_key_file")]
@@ -124,7 +138,7 @@ struct Args {
     k8s_kubeconfig_path: Option<PathBuf>,
     /// Kvstore mode: this node's address on the network between nodes
     /// (where other nodes reach it; its InternalIP).
-    #[arg(long, default_value = "0.0.0.0")]
+    #[arg(long, env = "FIBRIL_NODE_ADDRESS", default_value = "0.0.0.0")]
     node_address: std::net::Ipv4Addr,
     /// The overlay between nodes (Cilium's --tunnel-protocol): `vxlan`
     /// tunnels traffic to other nodes' pods through a VXLAN device with the
@@ -333,6 +347,82 @@ fn hubble_tls(args: &Args) -> anyhow::Result<Option<hubble::server::Tls>> {
     }))
 }
 
+/// `ip:port`, or Go's `:port` (every IPv4 address).
+fn listen_address(s: &str) -> Result<std::net::SocketAddr, String> {
+    let full = match s.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => s.to_string(),
+    };
+    full.parse()
+        .map_err(|e| format!("{s:?}: {e} (give ip:port or :port)"))
+}
+
+/// Kubernetes mode: a kubeconfig given, or running in a pod
+/// (`KUBERNETES_SERVICE_HOST` set, as Cilium detects it).
+fn kubernetes_config(args: &Args) -> Option<fibril_agent::kubernetes::KubernetesConfig> {
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    (args.k8s_kubeconfig_path.is_some() || in_cluster).then(|| {
+        fibril_agent::kubernetes::KubernetesConfig {
+            kubeconfig: args.k8s_kubeconfig_path.clone(),
+        }
+    })
+}
+
+/// The command line with `--config-dir`'s flags put first: each file a
+/// flag (`true`/`false` for switches), unknown names refused.
+fn argv_with_config_dir(argv: Vec<std::ffi::OsString>) -> anyhow::Result<Vec<std::ffi::OsString>> {
+    use clap::CommandFactory;
+    let text: Vec<String> = argv
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let dir = text.iter().enumerate().find_map(|(i, a)| {
+        a.strip_prefix("--config-dir=")
+            .map(str::to_string)
+            .or_else(|| {
+                (a == "--config-dir")
+                    .then(|| text.get(i + 1).cloned())
+                    .flatten()
+            })
+    });
+    let Some(dir) = dir else { return Ok(argv) };
+    let command = Args::command();
+    let mut from_dir = Vec::new();
+    let mut entries: Vec<_> = std::fs::read_dir(&dir)
+        .with_context(|| format!("--config-dir {dir}"))?
+        .collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // A mounted ConfigMap's own `..data` links and hidden files.
+        if name.starts_with('.') || !entry.path().is_file() {
+            continue;
+        }
+        let value = std::fs::read_to_string(entry.path())
+            .with_context(|| format!("--config-dir {dir}: {name}"))?;
+        let value = value.trim();
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(name.as_str()) && name != "config-dir")
+            .with_context(|| format!("--config-dir {dir}: {name:?} is no flag of fibril-agent"))?;
+        if arg.get_action().takes_values() {
+            from_dir.push(format!("--{name}={value}").into());
+        } else {
+            match value {
+                "true" => from_dir.push(format!("--{name}").into()),
+                "false" => {}
+                other => {
+                    anyhow::bail!("--config-dir {dir}: {name}: {other:?} is not true or false")
+                }
+            }
+        }
+    }
+    let mut out = vec![argv[0].clone()];
+    out.extend(from_dir);
+    out.extend(argv.into_iter().skip(1));
+    Ok(out)
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -340,10 +430,17 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
+    let args = Args::parse_from(argv_with_config_dir(std::env::args_os().collect())?);
     let tls = hubble_tls(&args)?;
-    let pod_cidr: Cidr = args
-        .pod_cidr
+    let kubernetes = kubernetes_config(&args);
+    let kubernetes_mode = kubernetes.is_some();
+    let pod_cidr = match (&args.pod_cidr, &kubernetes) {
+        (Some(c), _) => c.clone(),
+        (None, Some(k)) => fibril_agent::kubernetes::node_pod_cidr(k, &args.node_name)
+            .context("ipam.mode=kubernetes: this node's pod CIDR from its Node object")?,
+        (None, None) => "10.200.0.0/24".to_string(),
+    };
+    let pod_cidr: Cidr = pod_cidr
         .parse()
         .map_err(|e| anyhow::anyhow!("--pod-cidr: {e}"))?;
     std::fs::create_dir_all(&args.state_dir)
@@ -375,12 +472,9 @@ fn main() -> anyhow::Result<()> {
             lease_ttl: std::time::Duration::from_secs(args.kvstore_lease_ttl),
             node_address: args.node_address,
             pod_cidr: pod_cidr.to_string(),
-            policies: args.k8s_kubeconfig_path.is_none(),
+            policies: !kubernetes_mode,
         }),
-        kubernetes: args
-            .k8s_kubeconfig_path
-            .clone()
-            .map(|kubeconfig| fibril_agent::kubernetes::KubernetesConfig { kubeconfig }),
+        kubernetes,
         tunnel_port: (args.tunnel_protocol == "vxlan").then_some(args.tunnel_port),
         mtu: (args.mtu != 0).then_some(args.mtu),
         fqdn: fibril_agent::fqdn::FqdnConfig {
@@ -520,4 +614,55 @@ fn shut_down(
     }
     // Exits with the lock held: nothing changes the state after the write.
     std::process::exit(if saved.is_ok() { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(files: &[(&str, &str)]) -> PathBuf {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let d = std::env::temp_dir().join(format!("fibril-config-dir-{}-{n}", std::process::id()));
+        std::fs::remove_dir_all(&d).ok();
+        std::fs::create_dir_all(d.join("..data")).unwrap();
+        for (k, v) in files {
+            std::fs::write(d.join(k), v).unwrap();
+        }
+        d
+    }
+
+    fn parse(d: &std::path::Path, extra: &[&str]) -> anyhow::Result<Args> {
+        let mut argv: Vec<std::ffi::OsString> = vec![
+            "fibril-agent".into(),
+            format!("--config-dir={}", d.display()).into(),
+        ];
+        argv.extend(extra.iter().map(Into::into));
+        Ok(Args::try_parse_from(argv_with_config_dir(argv)?)?)
+    }
+
+    #[test]
+    fn config_dir_flags_apply_and_the_command_line_wins() {
+        let d = dir(&[
+            ("cluster-name", "prod\n"),
+            ("tunnel-port", "8473"),
+            ("hubble-listen-address", ":4244"),
+        ]);
+        let a = parse(&d, &[]).unwrap();
+        assert_eq!((a.cluster_name.as_str(), a.tunnel_port), ("prod", 8473));
+        let a = parse(&d, &["--cluster-name", "other"]).unwrap();
+        assert_eq!(a.cluster_name, "other");
+        std::fs::remove_dir_all(d).ok();
+    }
+
+    #[test]
+    fn config_dir_refuses_unknown_and_ill_typed_keys() {
+        let d = dir(&[("no-such-flag", "1")]);
+        let e = parse(&d, &[]).unwrap_err().to_string();
+        assert!(e.contains("no-such-flag") && e.contains("no flag"), "{e}");
+        let d2 = dir(&[("tunnel-port", "seventy")]);
+        assert!(parse(&d2, &[]).is_err());
+        std::fs::remove_dir_all(d).ok();
+        std::fs::remove_dir_all(d2).ok();
+    }
 }

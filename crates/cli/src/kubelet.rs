@@ -143,7 +143,7 @@ pub fn run(lab_name: &str, node: &str) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let client = k8s::client::connect(&kubeconfig(lab_name, &node.name)).await?;
+        let client = k8s::client::connect(Some(&kubeconfig(lab_name, &node.name))).await?;
         let mut kubelet = Kubelet {
             lab: lab_name.to_string(),
             node,

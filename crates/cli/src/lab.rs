@@ -735,6 +735,9 @@ fn spawn_agent(
     let child = cmd
         .arg(bin_dir().join("fibril-agent"))
         .args(args)
+        // Kubernetes mode only when the lab says so (a lab run inside a
+        // pod must not make its agents in-cluster ones).
+        .env_remove("KUBERNETES_SERVICE_HOST")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -1069,6 +1072,7 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
             start_relay(&mut st)?;
             if parsed.file.kubernetes {
                 for i in 0..st.nodes.len() {
+                    wait_for_kubernetes(&st, i)?;
                     start_kubelet(&mut st, i)?;
                 }
             }
@@ -1617,6 +1621,31 @@ pub fn start_etcd_again(lab: &str) -> anyhow::Result<()> {
     let netns = st.underlay_netns.clone();
     let pid = spawn_etcd(&mut st, &member, netns.as_deref())?;
     wait_for_etcd(&st, &member, pid, netns.as_deref())
+}
+
+/// Waits until node `i`'s agent follows the API server (its CRDs
+/// installed), so the lab is ready for `kubectl apply` when `up` returns.
+fn wait_for_kubernetes(st: &LabState, i: usize) -> anyhow::Result<()> {
+    let sock = node_dir(&st.name, &st.nodes[i].name).join("agent.sock");
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(api::Response::Status(s)) = api::call(&sock, &api::Request::Status) {
+            if s.kubernetes.is_some_and(|k| k.connected) {
+                return Ok(());
+            }
+        }
+        if Instant::now() > end {
+            bail!(
+                "node {}'s agent did not reach the lab's API server within 60 s; {}",
+                st.nodes[i].name,
+                failed_start(
+                    &st.name,
+                    &node_dir(&st.name, &st.nodes[i].name).join("agent.log")
+                )
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Starts node `i`'s kubelet inside the node's namespace.

@@ -180,6 +180,7 @@ enum LabCmd {
     /// namespace): runs the pods the scheduler binds to the node.
     #[command(hide = true)]
     Kubelet {
+        /// The node (as the lab file names it) whose pods it runs.
         #[arg(long)]
         node: String,
     },

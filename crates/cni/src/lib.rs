@@ -2,6 +2,8 @@
 //! results and errors (`spec/cni.md`). The binary only does I/O.
 #![forbid(unsafe_code)]
 
+pub mod install;
+
 use std::collections::BTreeMap;
 
 use api::{AddResult, Attachment, AttachmentId, Request, Response};

@@ -33,6 +33,12 @@ impl AgentCall for Socket {
 }
 
 fn main() {
+    // `fibril-cni install ...`: the init container's job (a runtime calls
+    // the plugin with no arguments).
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("install") {
+        std::process::exit(install(&args[1..]));
+    }
     let env = Env::from_fn(|k| std::env::var(k).ok());
     let mut stdin = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
@@ -63,6 +69,40 @@ fn main() {
         Err(e) => {
             println!("{}", e.to_json(&version));
             std::process::exit(1);
+        }
+    }
+}
+
+fn install(args: &[String]) -> i32 {
+    let plan = match fibril_cni::install::parse_args(args) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("fibril-cni install: {e}");
+            return 2;
+        }
+    };
+    let me = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("fibril-cni install: this binary's path: {e}");
+            return 1;
+        }
+    };
+    match fibril_cni::install::install(&plan, &me) {
+        Ok(moved) => {
+            for m in moved {
+                eprintln!("moved aside (cni.exclusive): {}", m.display());
+            }
+            eprintln!(
+                "installed {} and {}",
+                plan.bin_dir.join("fibril-cni").display(),
+                plan.conf_dir.join(&plan.conf_file).display()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("fibril-cni install: {e}");
+            1
         }
     }
 }

@@ -17,8 +17,15 @@ use crate::Error;
 pub const FIELD_MANAGER: &str = "fibril";
 
 /// A client for the API server a kubeconfig file names (its current
-/// context).
-pub async fn connect(kubeconfig: &Path) -> Result<Client, Error> {
+/// context), or, with none, the in-cluster one (a pod's service account).
+pub async fn connect(kubeconfig: Option<&Path>) -> Result<Client, Error> {
+    let Some(kubeconfig) = kubeconfig else {
+        let config = Config::incluster().map_err(|e| Error::Kubeconfig {
+            path: "(in-cluster)".into(),
+            message: e.to_string(),
+        })?;
+        return Ok(Client::try_from(config)?);
+    };
     let bad = |message: String| Error::Kubeconfig {
         path: kubeconfig.display().to_string(),
         message,
@@ -60,4 +67,31 @@ pub async fn install_crds(client: &Client) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// Node `node`'s pod CIDR (`spec.podCIDRs[0]`, else `spec.podCIDR`),
+/// waiting up to `wait` for it to be allocated.
+pub async fn node_pod_cidr(client: &Client, node: &str, wait: Duration) -> Result<String, Error> {
+    use k8s_openapi::api::core::v1::Node;
+    let api: Api<Node> = Api::all(client.clone());
+    let end = tokio::time::Instant::now() + wait;
+    loop {
+        let n = api.get_opt(node).await?;
+        let cidr = n.as_ref().and_then(|n| n.spec.as_ref()).and_then(|s| {
+            s.pod_cidrs
+                .as_ref()
+                .and_then(|c| c.first().cloned())
+                .or_else(|| s.pod_cidr.clone())
+        });
+        if let Some(c) = cidr {
+            return Ok(c);
+        }
+        if tokio::time::Instant::now() >= end {
+            return Err(Error::NoPodCidr {
+                node: node.to_string(),
+                exists: n.is_some(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

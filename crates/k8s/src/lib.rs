@@ -19,4 +19,6 @@ pub enum Error {
     Kubeconfig { path: String, message: String },
     #[error("Kubernetes API: {0}")]
     Api(#[from] kube::Error),
+    #[error("node {node}: {}", if *exists { "its Node has no spec.podCIDRs (is the controller-manager run with --allocate-node-cidrs?)" } else { "no Node object of that name" })]
+    NoPodCidr { node: String, exists: bool },
 }

@@ -216,23 +216,38 @@ pub fn cache_dir() -> std::path::PathBuf {
         .join("fibril")
 }
 
+/// The version `tools/<tool>/go.mod` requires of `module` (a `require`
+/// line or a line of a require block).
+pub fn tool_version(tool: &str, module: &str) -> String {
+    let go_mod = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tools")
+        .join(tool)
+        .join("go.mod");
+    let text =
+        std::fs::read_to_string(&go_mod).unwrap_or_else(|e| panic!("{}: {e}", go_mod.display()));
+    text.lines()
+        .find_map(|l| {
+            let l = l.trim().trim_start_matches("require ").trim();
+            l.strip_prefix(module)?
+                .strip_prefix(' ')?
+                .split_whitespace()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| panic!("{} names no {module} version", go_mod.display()))
+}
+
 /// Where `cargo xtask deps` builds the real hubble CLI: the cache, by the
 /// version `tools/hubble-cli/go.mod` requires.
 pub fn hubble_cli_build_path() -> std::path::PathBuf {
-    let go_mod =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/hubble-cli/go.mod");
-    let text = std::fs::read_to_string(&go_mod).expect("tools/hubble-cli/go.mod");
-    let version = text
-        .lines()
-        .find_map(|l| {
-            // `require github.com/cilium/hubble vX` or a line of a block.
-            let l = l.trim().trim_start_matches("require ").trim();
-            l.strip_prefix("github.com/cilium/hubble ")?
-                .split_whitespace()
-                .next()
-        })
-        .expect("tools/hubble-cli/go.mod names the hubble version");
+    let version = tool_version("hubble-cli", "github.com/cilium/hubble");
     cache_dir().join(format!("hubble-{version}")).join("hubble")
+}
+
+/// Where `cargo xtask deps` builds the real helm CLI (`tools/helm`).
+pub fn helm_build_path() -> std::path::PathBuf {
+    let version = tool_version("helm", "helm.sh/helm/v4");
+    cache_dir().join(format!("helm-{version}")).join("helm")
 }
 
 /// The version of hubble-audit2policy (PyPI) the UI's export is checked

@@ -1,0 +1,300 @@
+//! The Helm chart (`install/kubernetes/fibril`) with the real helm CLI
+//! (`tools/helm`, built by `cargo xtask deps`): it lints, renders with the
+//! seed's exact values, refuses unknown, ill-typed and unsupported values
+//! with the reason, carries the agent's RBAC rules, and the seed's `helm
+//! upgrade --install` (the chart's path for the OCI reference) runs against
+//! a lab's real apiserver, followed by the seed's troubleshooting commands
+//! and `helm uninstall`. Needs root for the lab part.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::custom_lab;
+use serde_json::Value;
+
+fn chart() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../install/kubernetes/fibril")
+}
+
+fn helm() -> Command {
+    let bin = test_support::helm_build_path();
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo xtask deps`",
+        bin.display()
+    );
+    let mut c = Command::new(bin);
+    // No user's helm settings, repositories or cache.
+    let home = std::env::temp_dir().join(format!("fibril-helm-home-{}", std::process::id()));
+    c.env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_DATA_HOME", home.join("data"));
+    c
+}
+
+/// The seed's values, as its `helm upgrade --install` sets them.
+const SEED_VALUES: &[&str] = &[
+    "image.pullPolicy=IfNotPresent",
+    "ipam.mode=kubernetes",
+    "cni.exclusive=false",
+    "socketLB.hostNamespaceOnly=true",
+    "kubeProxyReplacement=false",
+    "hubble.enabled=true",
+    "hubble.relay.enabled=true",
+    "hubble.ui.enabled=true",
+    "hubble.ui.service.type=NodePort",
+    "hubble.ui.service.nodePort=31235",
+];
+
+fn set_args(values: &[&str]) -> Vec<String> {
+    values
+        .iter()
+        .flat_map(|v| ["--set".to_string(), v.to_string()])
+        .collect()
+}
+
+fn run(mut c: Command) -> (bool, String, String) {
+    let out = c.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn template(values: &[&str]) -> (bool, String, String) {
+    let mut c = helm();
+    c.args(["template", "fibril"])
+        .arg(chart())
+        .args(["--namespace", "kube-system"]);
+    c.args(set_args(values));
+    run(c)
+}
+
+fn documents(yaml: &str) -> Vec<Value> {
+    serde_saphyr::from_multiple::<Value>(yaml)
+        .unwrap()
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} rendered"))
+}
+
+#[test]
+fn the_chart_lints_renders_the_seed_values_and_refuses_bad_ones() {
+    let mut lint = helm();
+    lint.arg("lint").arg(chart()).args(set_args(SEED_VALUES));
+    let (ok, out, err) = run(lint);
+    assert!(ok, "{out}{err}");
+
+    let (ok, yaml, err) = template(SEED_VALUES);
+    assert!(ok, "{err}");
+    let docs = documents(&yaml);
+    // The agent: a host-network DaemonSet whose init container writes the
+    // CNI configuration without touching other plugins' (cni.exclusive=false).
+    let ds = find(&docs, "DaemonSet", "fibril");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    let init: Vec<&str> = pod["initContainers"][0]["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(init.contains(&"--conf-file=05-fibril.conflist"), "{init:?}");
+    assert!(
+        !init.contains(&"--exclusive"),
+        "cni.exclusive=false: {init:?}"
+    );
+    assert_eq!(pod["containers"][0]["securityContext"]["privileged"], true);
+    // Its configuration: flags of fibril-agent.
+    let cm = find(&docs, "ConfigMap", "fibril-config");
+    assert_eq!(cm["data"]["hubble-listen-address"], ":4244");
+    // The relay, the UI on NodePort 31235, the peer service.
+    find(&docs, "Deployment", "hubble-relay");
+    find(&docs, "Service", "hubble-relay");
+    find(&docs, "Deployment", "hubble-ui");
+    let ui = find(&docs, "Service", "hubble-ui");
+    assert_eq!(ui["spec"]["type"], "NodePort");
+    assert_eq!(ui["spec"]["ports"][0]["nodePort"], 31235);
+    let peer = find(&docs, "Service", "hubble-peer");
+    assert_eq!(peer["spec"]["ports"][0]["targetPort"], 4244);
+    // mTLS between relay and agents, made at install.
+    find(&docs, "Secret", "hubble-server-certs");
+    find(&docs, "Secret", "hubble-relay-client-certs");
+    // The agent's rights are the ones the lab's agents run with.
+    let role = find(&docs, "ClusterRole", "fibril");
+    assert_eq!(role["rules"], k8s::rbac::agent_rules());
+    // cni.exclusive=true moves other configurations aside.
+    let (ok, yaml, err) = template(&["cni.exclusive=true"]);
+    assert!(ok, "{err}");
+    assert!(yaml.contains("- --exclusive"));
+
+    // Unknown and ill-typed values: the schema, naming the value.
+    let (ok, _, err) = template(&["hubble.ui.servce.type=NodePort"]);
+    assert!(!ok && err.contains("servce"), "{err}");
+    let (ok, _, err) = template(&["hubble.ui.service.nodePort=abc"]);
+    assert!(!ok && err.contains("nodePort"), "{err}");
+    let (ok, _, err) = template(&["cni.exclusive=maybe"]);
+    assert!(!ok && err.contains("exclusive"), "{err}");
+    // Features Fibril lacks: refused with the reason.
+    for (value, says) in [
+        ("kubeProxyReplacement=true", "does not replace kube-proxy"),
+        ("ipam.mode=cluster-pool", "spec.podCIDRs"),
+        ("encryption.enabled=true", "encryption"),
+        ("cni.chainingMode=aws-cni", "chains only with portmap"),
+        ("hubble.ui.service.nodePort=80", "30000-32767"),
+    ] {
+        let mut values = SEED_VALUES.to_vec();
+        values.push(value);
+        let (ok, _, err) = template(&values);
+        assert!(!ok && err.contains(says), "{value}: {err}");
+    }
+    let (ok, _, err) = template(&["hubble.ui.enabled=true"]);
+    assert!(
+        !ok && err.contains("needs hubble.relay.enabled=true"),
+        "{err}"
+    );
+}
+
+const LAB: &str = r#"
+podCIDR: POD_CIDR_HERE
+nodes: [n1, n2]
+kubernetes: true
+pods: []
+"#;
+
+fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[test]
+fn the_seeds_helm_install_runs_against_the_labs_apiserver() {
+    let lab = custom_lab(LAB);
+    let st: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("/run/fibril/labs/{}/lab.json", lab.name)).unwrap(),
+    )
+    .unwrap();
+    let underlay = st["underlay_netns"].as_str().unwrap().to_string();
+    let kubeconfig = format!("/run/fibril/labs/{}/kubernetes/admin.kubeconfig", lab.name);
+    // helm inside the lab's underlay, where the apiserver listens.
+    let helm_in_lab = |args: &[String]| {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &underlay])
+            .arg(test_support::helm_build_path());
+        let home = std::env::temp_dir().join(format!("fibril-helm-home-{}", lab.name));
+        c.env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_DATA_HOME", home.join("data"))
+            .env("KUBECONFIG", &kubeconfig)
+            .args(args);
+        run(c)
+    };
+    let kubectl = |args: &[&str]| {
+        let out = lab.fibril(&[&["lab", "kubectl", "--"], args].concat());
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    // The seed's command, the chart's path for the OCI reference.
+    let mut install: Vec<String> = ["upgrade", "--install", "cilium"]
+        .map(String::from)
+        .to_vec();
+    install.push(chart().display().to_string());
+    install.extend(["--version", "0.1.0", "--namespace", "kube-system"].map(String::from));
+    install.extend(set_args(SEED_VALUES));
+    let (ok, out, err) = helm_in_lab(&install);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("STATUS: deployed"), "{out}");
+    // A second run upgrades in place (the seed's script is re-runnable).
+    let (ok, out, err) = helm_in_lab(&install);
+    assert!(ok && out.contains("REVISION: 2"), "{out}{err}");
+
+    // What it made, as the seed's troubleshooting reads it.
+    let (ok, crds, err) = kubectl(&["get", "crd", "-o", "name"]);
+    assert!(
+        ok && crds.contains("ciliumnetworkpolicies.cilium.io"),
+        "{crds}{err}"
+    );
+    let (ok, cnps, err) = kubectl(&["get", "ciliumnetworkpolicies", "-A"]);
+    assert!(ok, "{cnps}{err}");
+    let (ok, ds, err) = kubectl(&["get", "ds", "-n", "kube-system", "fibril", "-o", "json"]);
+    assert!(ok, "{err}");
+    let ds: Value = serde_json::from_str(&ds).unwrap();
+    assert_eq!(ds["spec"]["template"]["spec"]["hostNetwork"], true);
+    let (ok, svc, err) = kubectl(&["get", "svc", "-n", "kube-system", "hubble-ui", "-o", "json"]);
+    assert!(ok, "{err}");
+    let svc: Value = serde_json::from_str(&svc).unwrap();
+    assert_eq!(svc["spec"]["ports"][0]["nodePort"], 31235);
+    // The controllers act on it: one agent pod per node, the relay's pod.
+    eventually("an agent pod per node", Duration::from_secs(60), || {
+        let (ok, pods, _) = kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            "kube-system",
+            "-l",
+            "k8s-app=fibril",
+            "-o",
+            "json",
+        ]);
+        let v: Value = serde_json::from_str(&pods).unwrap_or_default();
+        ok && v["items"].as_array().is_some_and(|a| a.len() == 2)
+    });
+    eventually("the relay's pod", Duration::from_secs(60), || {
+        let (ok, pods, _) = kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            "kube-system",
+            "-l",
+            "k8s-app=hubble-relay",
+            "-o",
+            "name",
+        ]);
+        ok && pods.lines().count() == 1
+    });
+
+    // helm uninstall removes what it installed (CRDs stay, as with any
+    // chart's crds/: policies outlive a reinstall).
+    let (ok, out, err) = helm_in_lab(&[
+        "uninstall".into(),
+        "cilium".into(),
+        "--namespace".into(),
+        "kube-system".into(),
+        "--wait".into(),
+    ]);
+    assert!(ok, "{out}{err}");
+    for (kind, name) in [
+        ("ds", "fibril"),
+        ("deploy", "hubble-relay"),
+        ("svc", "hubble-ui"),
+        ("svc", "hubble-peer"),
+        ("configmap", "fibril-config"),
+        ("clusterrole", "fibril"),
+    ] {
+        let (ok, _, err) = kubectl(&["get", kind, "-n", "kube-system", name]);
+        assert!(
+            !ok && err.contains("NotFound"),
+            "{kind} {name} outlived the uninstall: {err}"
+        );
+    }
+}
