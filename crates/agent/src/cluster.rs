@@ -37,6 +37,47 @@ pub struct KvstoreConfig {
     pub policies: bool,
 }
 
+/// Where the cluster's shared state lives: etcd (kvstore mode, `Cluster`)
+/// or the Kubernetes API (CRD mode, `crd_cluster::CrdCluster`). Callers
+/// hold no lock on the state (both apply their watches under it).
+pub trait ClusterState: Send + Sync {
+    /// The cluster's number for `labels` (this node's reference on it).
+    fn acquire_identity(&self, labels: &policy::LabelSet) -> Result<u32, Error>;
+    fn release_identity(&self, labels: &policy::LabelSet);
+    /// A local endpoint, as other nodes see it (with its pod's ports).
+    fn publish_endpoint(&self, ep: &crate::state::Endpoint, named_ports: Vec<kvstore::NamedPort>);
+    fn withdraw_endpoint(&self, ep: &crate::state::Endpoint);
+    /// Where this node's Hubble API listens (peers and the relay).
+    fn set_hubble_address(&self, address: &str);
+    /// Every node's Hubble address by peer name (`cluster/node`).
+    fn peers(&self) -> watch::Receiver<BTreeMap<String, String>>;
+    fn info(&self, control: &Control) -> api::ClusterInfo;
+}
+
+impl ClusterState for Cluster {
+    fn acquire_identity(&self, labels: &policy::LabelSet) -> Result<u32, Error> {
+        Cluster::acquire_identity(self, labels)
+    }
+    fn release_identity(&self, labels: &policy::LabelSet) {
+        Cluster::release_identity(self, labels)
+    }
+    fn publish_endpoint(&self, ep: &crate::state::Endpoint, named_ports: Vec<kvstore::NamedPort>) {
+        Cluster::publish_endpoint(self, ep, named_ports)
+    }
+    fn withdraw_endpoint(&self, ep: &crate::state::Endpoint) {
+        Cluster::withdraw_endpoint(self, ep.ipv4)
+    }
+    fn set_hubble_address(&self, address: &str) {
+        Cluster::set_hubble_address(self, address)
+    }
+    fn peers(&self) -> watch::Receiver<BTreeMap<String, String>> {
+        Cluster::peers(self)
+    }
+    fn info(&self, control: &Control) -> api::ClusterInfo {
+        Cluster::info(self, control)
+    }
+}
+
 pub struct Cluster {
     rt: tokio::runtime::Runtime,
     /// The etcd members.

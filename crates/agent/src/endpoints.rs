@@ -15,7 +15,7 @@ use datapath::{Datapath, EndpointPrograms};
 use netns as net;
 use policy::labels::{pod_identity_labels, PodMeta};
 
-use crate::cluster::Cluster;
+use crate::cluster::ClusterState;
 use crate::control::Control;
 use crate::observer::Observer;
 use crate::state::{Cidr, Endpoint, State};
@@ -40,7 +40,7 @@ pub struct Endpoints {
     preload: Mutex<std::sync::mpsc::Sender<(u32, Ipv4Addr)>>,
     /// Kvstore mode: identities are the cluster's. Asked with no lock on
     /// the state held (its watch applies changes under that lock).
-    kvstore: Option<Arc<Cluster>>,
+    kvstore: Option<Arc<dyn ClusterState>>,
 }
 
 impl Endpoints {
@@ -51,7 +51,7 @@ impl Endpoints {
         datapath: Arc<Datapath>,
         control: Arc<Control>,
         observer: Arc<Observer>,
-        kvstore: Option<Arc<Cluster>>,
+        kvstore: Option<Arc<dyn ClusterState>>,
     ) -> Self {
         let preloaded: Arc<Mutex<Option<EndpointPrograms>>> = Arc::default();
         let (preload, wanted) = std::sync::mpsc::channel::<(u32, Ipv4Addr)>();
@@ -459,7 +459,7 @@ impl Endpoints {
         let unused = !s.local_identities().contains_key(&ep.identity);
         drop(s);
         if let Some(k) = &self.kvstore {
-            k.withdraw_endpoint(ep.ipv4);
+            k.withdraw_endpoint(&ep);
             if unused {
                 k.release_identity(&ep.labels);
             }

@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod conntrack;
 pub mod control;
+pub mod crd_cluster;
 pub mod drain;
 pub mod endpoints;
 pub mod fqdn;
@@ -51,6 +52,9 @@ pub struct Config {
     pub ct_endpoint_budget: u32,
     /// Kvstore mode: the cluster's etcd (policies are the cluster's).
     pub kvstore: Option<cluster::KvstoreConfig>,
+    /// This node's address between nodes (its InternalIP: where tunnels
+    /// and other nodes reach it).
+    pub node_address: Ipv4Addr,
     /// Kubernetes mode: the API server (policies are its objects).
     pub kubernetes: Option<kubernetes::KubernetesConfig>,
     /// The overlay to other nodes' pods (Cilium's `tunnel-protocol:
@@ -87,8 +91,9 @@ pub struct Agent {
     policies: policies::Policies,
     /// The census, listing, re-checking established connections.
     conntrack: conntrack::Conntrack,
-    /// Kvstore mode: the cluster's etcd.
-    cluster: Option<Arc<cluster::Cluster>>,
+    /// The cluster's shared state: etcd (kvstore mode) or the Kubernetes
+    /// API (CRD mode).
+    cluster: Option<Arc<dyn cluster::ClusterState>>,
     /// Kubernetes mode: the API server's watchers.
     kubernetes: Option<Arc<kubernetes::Kubernetes>>,
 }
@@ -153,12 +158,14 @@ impl Agent {
         dp_config.ct_endpoint_budget = config.ct_endpoint_budget;
         let mut mtu = config.mtu;
         if let Some(port) = config.tunnel_port {
-            let kv = config.kvstore.as_ref().ok_or_else(|| {
-                invalid("a tunnel needs the kvstore (--kvstore): tunnel endpoints come from it")
-            })?;
+            if config.kvstore.is_none() && config.kubernetes.is_none() {
+                return Err(invalid(
+                    "a tunnel needs the cluster's state (--kvstore, or Kubernetes mode): tunnel endpoints come from it",
+                ));
+            }
             dp_config.tunnel_ifindex = net::ensure_vxlan(TUNNEL_DEVICE, port)?;
             if mtu.is_none() {
-                let underlay = net::interface_with_address(kv.node_address)?;
+                let underlay = net::interface_with_address(config.node_address)?;
                 mtu = Some(net::mtu(&underlay)?.saturating_sub(VXLAN_OVERHEAD));
             }
         }
@@ -200,7 +207,7 @@ impl Agent {
             state,
             policy,
         )?);
-        let cluster = config
+        let kv_cluster = config
             .kvstore
             .clone()
             .map(|k| {
@@ -213,6 +220,23 @@ impl Agent {
                 )
             })
             .transpose()?;
+        // The cluster's shared state: etcd when given (kvstore mode), else
+        // in Kubernetes mode the API's CRDs (Cilium's default).
+        let cluster: Option<Arc<dyn cluster::ClusterState>> =
+            match (&kv_cluster, &config.kubernetes) {
+                (Some(c), _) => Some(c.clone()),
+                (None, Some(k)) => Some(crd_cluster::CrdCluster::start(
+                    k.kubeconfig.clone(),
+                    crd_cluster::NodeConfig {
+                        cluster: config.cluster_name.clone(),
+                        node: config.node_name.clone(),
+                        address: config.node_address,
+                        pod_cidr: config.pod_cidr.to_string(),
+                    },
+                    control.clone(),
+                )?),
+                (None, None) => None,
+            };
         let endpoints = endpoints::Endpoints::new(
             config.pod_cidr,
             mtu,
@@ -238,7 +262,7 @@ impl Agent {
         let policies = policies::Policies::new(
             control.clone(),
             observer.clone(),
-            cluster.clone(),
+            kv_cluster,
             kubernetes.is_some(),
         );
         let conntrack = conntrack::Conntrack::new(datapath.clone(), control.clone());
@@ -288,7 +312,7 @@ impl Agent {
     }
 
     /// Kvstore mode: the cluster's etcd.
-    pub fn cluster(&self) -> Option<&Arc<cluster::Cluster>> {
+    pub fn cluster(&self) -> Option<&Arc<dyn cluster::ClusterState>> {
         self.cluster.as_ref()
     }
 

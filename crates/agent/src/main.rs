@@ -267,7 +267,15 @@ fn start_hubble(
     // Other nodes and the relay reach this node's Hubble API at its TCP
     // address (a Unix socket is no peer's).
     if let (Some(cluster), false) = (agent.cluster(), address.starts_with("unix://")) {
-        cluster.set_hubble_address(&address);
+        // Bound to every address (`:4244`): peers reach it at the node's.
+        let node = agent.config().node_address;
+        let reachable = match address.parse::<std::net::SocketAddr>() {
+            Ok(a) if a.ip().is_unspecified() && !node.is_unspecified() => {
+                std::net::SocketAddr::from((node, a.port())).to_string()
+            }
+            _ => address.clone(),
+        };
+        cluster.set_hubble_address(&reachable);
     }
     let backend = Arc::new(fibril_agent::hubble_backend::HubbleBackend {
         agent,
@@ -475,6 +483,7 @@ fn main() -> anyhow::Result<()> {
             policies: !kubernetes_mode,
         }),
         kubernetes,
+        node_address: args.node_address,
         tunnel_port: (args.tunnel_protocol == "vxlan").then_some(args.tunnel_port),
         mtu: (args.mtu != 0).then_some(args.mtu),
         fqdn: fibril_agent::fqdn::FqdnConfig {

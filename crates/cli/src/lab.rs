@@ -34,7 +34,9 @@ pub struct LabFile {
     pub dns_proxy: DnsProxy,
     /// Kvstore mode: the lab runs a real etcd of its own (on loopback,
     /// its data in the lab's directory) and the agent keeps the cluster's
-    /// state there, as Cilium's `--kvstore etcd`.
+    /// state there, as Cilium's `--kvstore etcd`. Multi-node labs always
+    /// do, except with `kubernetes: true`, where the agents keep it in the
+    /// API's CRDs (CRD mode) unless this is also set.
     #[serde(default)]
     pub kvstore: bool,
     /// Several nodes (names): each a network namespace of its own with its
@@ -1042,13 +1044,16 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                 args.extend([
                     "--hubble-listen-address".to_string(),
                     format!("{}:{HUBBLE_PORT}", n.address),
-                    "--kvstore".to_string(),
-                    etcd.clone(),
                     "--node-address".to_string(),
                     n.address.to_string(),
                     "--tunnel-protocol".to_string(),
                     "vxlan".to_string(),
                 ]);
+                // The cluster's state: in a Kubernetes lab the API's CRDs
+                // (Cilium's default) unless `kvstore: true` asks for etcd.
+                if !parsed.file.kubernetes || parsed.file.kvstore {
+                    args.extend(["--kvstore".to_string(), etcd.clone()]);
+                }
                 if let Some(ttl) = parsed.file.kvstore_lease_ttl {
                     args.extend(["--kvstore-lease-ttl".to_string(), ttl.to_string()]);
                 }

@@ -318,6 +318,30 @@ fn policies_applied_with_kubectl_are_enforced_in_the_kernel() {
 
     // The troubleshooting commands: listed, and each node's view in the
     // status (`kubectl describe` shows it).
+    // CRD mode (the lab sets no kvstore): the cross-node decision above
+    // came from the API's objects. Identities by number with their labels,
+    // an endpoint per pod with its identity and node, a node per node.
+    let (ok, ids, err) = kubectl(&["get", "ciliumidentities", "-o", "json"]);
+    assert!(ok, "{err}");
+    let ids: serde_json::Value = serde_json::from_str(&ids).unwrap();
+    let web_id = ids["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["security-labels"]["k8s:app"] == "web")
+        .and_then(|i| i["metadata"]["name"].as_str())
+        .expect("web's CiliumIdentity")
+        .to_string();
+    let (ok, cep, err) = kubectl(&["get", "ciliumendpoint", "-n", "shop", "web", "-o", "json"]);
+    assert!(ok, "{err}");
+    let cep: serde_json::Value = serde_json::from_str(&cep).unwrap();
+    assert_eq!(cep["status"]["identity"]["id"].to_string(), web_id);
+    assert_eq!(
+        cep["status"]["networking"]["addressing"][0]["ipv4"],
+        lab.ip(130)
+    );
+    let (ok, nodes, err) = kubectl(&["get", "ciliumnodes", "-o", "name"]);
+    assert!(ok && nodes.lines().count() == 2, "{nodes}{err}");
     let (ok, list, err) = kubectl(&["get", "ciliumnetworkpolicies", "-A"]);
     assert!(
         ok && list.contains("web-from-client") && list.contains("shop"),
@@ -442,10 +466,17 @@ spec:
     let (ok, _, err) = kubectl(&["delete", "cnp", "-n", "shop", "web-from-client"]);
     assert!(ok, "{err}");
     wait_until("the policy's removal", || reaches("other"));
+    // Every node follows, the one without web too (its watch came back
+    // after the restart as well).
     for node in ["n1", "n2"] {
-        let out = lab.fibril(&["--node", node, "policy", "get"]);
-        let list = String::from_utf8_lossy(&out.stdout);
-        assert!(!list.contains("web-from-client"), "{node}: {list}");
+        eventually(
+            &format!("{node} without the policy"),
+            Duration::from_secs(10),
+            || {
+                let out = lab.fibril(&["--node", node, "policy", "get"]);
+                !String::from_utf8_lossy(&out.stdout).contains("web-from-client")
+            },
+        );
     }
     std::fs::remove_dir_all(&dir).ok();
 }

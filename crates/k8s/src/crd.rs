@@ -391,9 +391,96 @@ fn policy_crd(k: &Kind) -> Value {
     )
 }
 
+/// CiliumIdentity (cluster-scoped, named by its number): the labels an
+/// identity stands for, in `security-labels` (`source:key` -> value).
+fn identity_crd() -> Value {
+    let schema = json!({
+        "type": "object",
+        "required": ["metadata", "security-labels"],
+        "properties": {
+            "apiVersion": string(),
+            "kind": string(),
+            "metadata": {"type": "object"},
+            "security-labels": {"type": "object", "additionalProperties": string()},
+        },
+    });
+    let mut crd = definition(
+        &Kind {
+            kind: "CiliumIdentity",
+            plural: "ciliumidentities",
+            singular: "ciliumidentity",
+            short: &["ciliumid"],
+            namespaced: false,
+        },
+        schema,
+        json!([
+            {"name": "Namespace", "type": "string", "jsonPath": ".metadata.labels.io\\.kubernetes\\.pod\\.namespace"},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ]),
+    );
+    // Identities have no status.
+    crd["spec"]["versions"][0]
+        .as_object_mut()
+        .map(|v| v.remove("subresources"));
+    crd["spec"]["names"]["categories"] = json!(["cilium"]);
+    crd
+}
+
+/// CiliumEndpoint (one per pod, named as the pod) and CiliumNode (one
+/// per node): written and read by agents, their bodies kept as written.
+fn agent_state_crd(k: &Kind, body: &str, columns: Value) -> Value {
+    let schema = json!({
+        "type": "object",
+        "required": ["metadata"],
+        "properties": {
+            "apiVersion": string(),
+            "kind": string(),
+            "metadata": {"type": "object"},
+            body: {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+            "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+        },
+    });
+    let mut crd = definition(k, schema, columns);
+    crd["spec"]["versions"][0]
+        .as_object_mut()
+        .map(|v| v.remove("subresources"));
+    crd["spec"]["names"]["categories"] = json!(["cilium"]);
+    crd
+}
+
 /// Every CRD Fibril installs, in the order to create them.
 pub fn definitions() -> Vec<Value> {
     vec![
+        identity_crd(),
+        agent_state_crd(
+            &Kind {
+                kind: "CiliumEndpoint",
+                plural: "ciliumendpoints",
+                singular: "ciliumendpoint",
+                short: &["cep", "ciliumep"],
+                namespaced: true,
+            },
+            "spec",
+            json!([
+                {"name": "Security Identity", "type": "integer", "jsonPath": ".status.identity.id"},
+                {"name": "Endpoint State", "type": "string", "jsonPath": ".status.state"},
+                {"name": "IPv4", "type": "string", "jsonPath": ".status.networking.addressing[0].ipv4"},
+            ]),
+        ),
+        agent_state_crd(
+            &Kind {
+                kind: "CiliumNode",
+                plural: "ciliumnodes",
+                singular: "ciliumnode",
+                short: &["cn", "ciliumn"],
+                namespaced: false,
+            },
+            "spec",
+            json!([
+                {"name": "CiliumInternalIP", "type": "string", "jsonPath": ".spec.addresses[?(@.type=='InternalIP')].ip"},
+                {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+            ]),
+        ),
         policy_crd(&Kind {
             kind: "CiliumNetworkPolicy",
             plural: "ciliumnetworkpolicies",

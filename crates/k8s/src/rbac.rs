@@ -38,6 +38,11 @@ pub fn agent_rules() -> Value {
             "resources": ["ciliumnetworkpolicies/status", "ciliumclusterwidenetworkpolicies/status"],
             "verbs": ["patch", "update"],
         },
+        {
+            "apiGroups": ["cilium.io"],
+            "resources": ["ciliumidentities", "ciliumendpoints", "ciliumnodes"],
+            "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"],
+        },
     ])
 }
 
