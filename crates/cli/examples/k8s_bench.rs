@@ -4,8 +4,9 @@
 //!   node has it in force (its commit done: maps written), read from the
 //!   `lastUpdated` each agent writes in the object's status right after
 //!   its commit; p50/p99 of `ROUNDS` creations;
-//! - pods: a pod created through the API until its Ready condition is seen
-//!   by a watch (scheduler, kubelet, CNI ADD, endpoint, status);
+//! - pods: a pod created through the API until its Ready condition is
+//!   read back (polled every 10 ms: scheduler, kubelet, CNI ADD, endpoint,
+//!   status);
 //! - agent RSS before and after `SCALE_PODS` pods on one node (lightweight
 //!   `sleep` containers), as KiB per 1,000 pods.
 //!
@@ -17,8 +18,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use k8s::kube::api::{Api, DynamicObject, PostParams, WatchEvent, WatchParams};
+use k8s::kube::api::{Api, DynamicObject, PostParams};
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;
 
@@ -175,33 +175,24 @@ async fn run(kubeconfig: &std::path::Path, agent_pid: u32) -> anyhow::Result<()>
             "metadata": {"name": name, "labels": {"app": "bench"}},
             "spec": {"containers": [{"name": "c", "image": "busybox", "command": ["sleep", "3600"]}]},
         }))?;
-        let mut watch = pods
-            .watch(
-                &WatchParams::default().fields(&format!("metadata.name={name}")),
-                "0",
-            )
-            .await?
-            .boxed();
         let t0 = Instant::now();
         pods.create(&PostParams::default(), &pod).await?;
         let end = Instant::now() + Duration::from_secs(60);
+        // Polled every 10 ms (a watch's first event can lag its list).
         loop {
-            let ev = tokio::time::timeout(Duration::from_secs(60), watch.next()).await?;
-            let ready = match ev {
-                Some(Ok(WatchEvent::Added(p) | WatchEvent::Modified(p))) => p
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True"),
-                Some(Err(e)) => anyhow::bail!("watch: {e}"),
-                None => anyhow::bail!("watch ended"),
-                _ => false,
-            };
+            let ready = pods
+                .get_opt(&name)
+                .await?
+                .and_then(|p| p.status)
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
             if ready {
                 break;
             }
             anyhow::ensure!(Instant::now() < end, "{name}: not Ready within 60 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         samples.push(t0.elapsed().as_secs_f64() * 1000.0);
     }

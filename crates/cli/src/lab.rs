@@ -22,6 +22,9 @@ pub struct LabFile {
     pub pod_cidr: String,
     #[serde(default)]
     pub namespaces: Vec<Namespace>,
+    /// The lab's own pods (a Kubernetes lab may have none: its pods come
+    /// through the API).
+    #[serde(default)]
     pub pods: Vec<PodSpec>,
     #[serde(default)]
     pub policies: Vec<PolicyRef>,
