@@ -623,18 +623,7 @@ async fn follow_endpoints(kv: &Kvstore, control: &Control) -> Result<(), Error> 
                 .map(|r| (r.ip, r))
                 .collect();
             let mut s = control.lock();
-            let gone: Vec<std::net::Ipv4Addr> = s
-                .remote_endpoints()
-                .keys()
-                .filter(|ip| !listed.contains_key(ip))
-                .copied()
-                .collect();
-            for ip in gone {
-                s.set_remote_endpoint(ip, None);
-            }
-            for (ip, r) in listed {
-                s.set_remote_endpoint(ip, Some(r));
-            }
+            s.replace_remote_endpoints(listed);
             control.commit(&mut s)
         },
         |event| {
@@ -706,18 +695,7 @@ async fn follow_identities(kv: &Kvstore, control: &Control) -> Result<(), Error>
             let listed: BTreeMap<u32, policy::LabelSet> =
                 entries.iter().filter_map(|(k, v)| identity(k, v)).collect();
             let mut s = control.lock();
-            let gone: Vec<u32> = s
-                .cluster_identities()
-                .keys()
-                .filter(|id| !listed.contains_key(id))
-                .copied()
-                .collect();
-            for id in gone {
-                s.set_cluster_identity(id, None);
-            }
-            for (id, labels) in listed {
-                s.set_cluster_identity(id, Some(labels));
-            }
+            s.replace_cluster_identities(listed);
             control.commit(&mut s)
         },
         |event| {

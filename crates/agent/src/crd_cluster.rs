@@ -435,18 +435,7 @@ async fn follow_identities(
                 }
             }
             let mut s = control.lock();
-            let gone: Vec<u32> = s
-                .cluster_identities()
-                .keys()
-                .filter(|id| !listed.contains_key(id))
-                .copied()
-                .collect();
-            for id in gone {
-                s.set_cluster_identity(id, None);
-            }
-            for (id, labels) in listed {
-                s.set_cluster_identity(id, Some(labels));
-            }
+            s.replace_cluster_identities(listed);
             commit(&mut s);
             synced.send_replace(true);
         },
@@ -527,21 +516,8 @@ async fn follow_endpoints(client: Client, me: String, control: Arc<Control>) {
                 .collect();
             let mut a = addresses.lock().unwrap_or_else(|e| e.into_inner());
             *a = listed.iter().map(|(k, r)| (k.clone(), r.ip)).collect();
-            let keep: std::collections::BTreeSet<Ipv4Addr> =
-                listed.iter().map(|(_, r)| r.ip).collect();
             let mut s = control.lock();
-            let gone: Vec<Ipv4Addr> = s
-                .remote_endpoints()
-                .keys()
-                .filter(|ip| !keep.contains(ip))
-                .copied()
-                .collect();
-            for ip in gone {
-                s.set_remote_endpoint(ip, None);
-            }
-            for (_, r) in listed {
-                s.set_remote_endpoint(r.ip, Some(r));
-            }
+            s.replace_remote_endpoints(listed.into_iter().map(|(_, r)| (r.ip, r)).collect());
             if let Err(e) = control.commit(&mut s) {
                 tracing::warn!(error = %e, "CRD mode: endpoints not applied");
             }

@@ -346,6 +346,39 @@ impl State {
         &self.cluster_identities
     }
 
+    /// Makes the cluster identities `listed` (a follower's full list):
+    /// those gone removed, the rest set.
+    pub fn replace_cluster_identities(&mut self, listed: BTreeMap<u32, LabelSet>) {
+        let gone: Vec<u32> = self
+            .cluster_identities
+            .keys()
+            .filter(|id| !listed.contains_key(id))
+            .copied()
+            .collect();
+        for id in gone {
+            self.set_cluster_identity(id, None);
+        }
+        for (id, labels) in listed {
+            self.set_cluster_identity(id, Some(labels));
+        }
+    }
+
+    /// Makes the other nodes' endpoints `listed` (a follower's full list).
+    pub fn replace_remote_endpoints(&mut self, listed: BTreeMap<Ipv4Addr, kvstore::IpIdentity>) {
+        let gone: Vec<Ipv4Addr> = self
+            .remote_endpoints
+            .keys()
+            .filter(|ip| !listed.contains_key(ip))
+            .copied()
+            .collect();
+        for ip in gone {
+            self.set_remote_endpoint(ip, None);
+        }
+        for (ip, r) in listed {
+            self.set_remote_endpoint(ip, Some(r));
+        }
+    }
+
     /// Sets (or, `None`, removes) another node's endpoint.
     pub fn set_remote_endpoint(&mut self, ip: Ipv4Addr, value: Option<kvstore::IpIdentity>) {
         if self.remote_endpoints.get(&ip) == value.as_ref() {

@@ -6,9 +6,9 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{custom_lab, Lab};
+use common::{custom_lab, eventually, Lab};
 use serde_json::Value;
 
 const LAB: &str = r#"
@@ -32,18 +32,6 @@ policies:
       - fromEndpoints: [{matchLabels: {app: client}}]
         toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
 "#;
-
-/// Polls `f` until it holds or `timeout` passes.
-fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}");
-}
 
 struct Cluster {
     lab: Lab,

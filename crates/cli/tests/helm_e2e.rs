@@ -10,9 +10,9 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::custom_lab;
+use common::{custom_lab, eventually};
 use serde_json::Value;
 
 fn chart() -> PathBuf {
@@ -171,17 +171,6 @@ nodes: [n1, n2]
 kubernetes: true
 pods: []
 "#;
-
-fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("timed out waiting for {what}");
-}
 
 #[test]
 fn the_seeds_helm_install_runs_against_the_labs_apiserver() {

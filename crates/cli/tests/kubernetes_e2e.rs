@@ -7,22 +7,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{custom_lab, wait_until};
-
-/// Polls `f` until it holds or `timeout` passes (pods wait for the
-/// scheduler and the node controller).
-fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}");
-}
+use common::{custom_lab, eventually, wait_until};
 
 const LAB: &str = r#"
 podCIDR: POD_CIDR_HERE

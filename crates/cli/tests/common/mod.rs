@@ -255,6 +255,19 @@ pub fn netns_list() -> String {
     .into_owned()
 }
 
+/// Polls `f` every 100 ms until it holds or `timeout` passes (what waits on
+/// controllers, schedulers and leases).
+pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let end = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < end {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
+
 pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     for _ in 0..100 {
         if f() {
