@@ -61,7 +61,7 @@ struct Args {
     /// client CA (mTLS, as Cilium's 4244) wherever others can reach it.
     /// Without it STATE_DIR/hubble.addr says `unix://SOCKET`.
     /// `ip:port`, or `:port` for every address (as Cilium writes it).
-    #[arg(long, value_parser = listen_address)]
+    #[arg(long, value_parser = hubble::parse_listen_address)]
     hubble_listen_address: Option<std::net::SocketAddr>,
     /// TLS for the Hubble API's TCP listener: certificate (PEM).
     #[arg(long, requires = "hubble_tls_key_file")]
@@ -353,16 +353,6 @@ fn hubble_tls(args: &Args) -> anyhow::Result<Option<hubble::server::Tls>> {
             .map(read)
             .transpose()?,
     }))
-}
-
-/// `ip:port`, or Go's `:port` (every IPv4 address).
-fn listen_address(s: &str) -> Result<std::net::SocketAddr, String> {
-    let full = match s.strip_prefix(':') {
-        Some(port) => format!("0.0.0.0:{port}"),
-        None => s.to_string(),
-    };
-    full.parse()
-        .map_err(|e| format!("{s:?}: {e} (give ip:port or :port)"))
 }
 
 /// Kubernetes mode: a kubeconfig given, or running in a pod

@@ -28,6 +28,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Container, Node, Pod};
 use serde_json::json;
 
+use crate::kubelet_pod::{self, NodeFs, PodFields, Process};
 use crate::lab::{self, PodState};
 
 /// How often the node's Lease is renewed (a kubelet's default: 10 s of a
@@ -60,8 +61,10 @@ pub fn kubeconfig(lab: &str, node: &str) -> PathBuf {
 /// A container's command line in the lab: the lab's programs stand in for
 /// images. `fibril/echo` (or any image named `*echo*`) is `fibril-echo`
 /// with the container's command and args (none: an HTTP server on its
-/// first declared port, else 8080); an image's command that is a program
-/// of this machine (`sleep`, `sh`) runs as it is.
+/// first declared port, else 8080); a command that is one of Fibril's
+/// programs (`fibril-agent`, `fibril-cni`, `fibril-relay`, `fibril-ui`:
+/// the chart's containers) or a program of this machine (`sleep`, `sh`)
+/// runs as it is.
 pub fn command_of(c: &Container) -> Result<Vec<String>, String> {
     let image = c.image.clone().unwrap_or_default();
     let repo = image.split(['@', ':']).next().unwrap_or_default();
@@ -95,8 +98,10 @@ pub fn command_of(c: &Container) -> Result<Vec<String>, String> {
         return Ok(argv);
     }
     if let Some(first) = given.first() {
-        let found = which(first);
-        if found {
+        // Fibril's own programs (the chart's images run them), or a
+        // program of this machine.
+        let ours = first.starts_with("fibril") && crate::lab::bin_dir().join(first).exists();
+        if ours || which(first) {
             return Ok(given);
         }
     }
@@ -121,6 +126,9 @@ struct Running {
     restarts: i32,
     /// The status last reported, so it is written once.
     reported: Option<serde_json::Value>,
+    /// The main container's process (run again when it exits); None for
+    /// a pod adopted from a previous run of the kubelet.
+    process: Option<Process>,
 }
 
 struct Kubelet {
@@ -128,6 +136,8 @@ struct Kubelet {
     node: lab::NodeState,
     client: Client,
     pods: BTreeMap<String, Running>,
+    /// Pods that could not start yet, with why (tried again each second).
+    waiting: BTreeMap<String, (Pod, String)>,
 }
 
 /// Runs the kubelet of `node` until killed.
@@ -149,6 +159,7 @@ pub fn run(lab_name: &str, node: &str) -> anyhow::Result<()> {
             node,
             client,
             pods: BTreeMap::new(),
+            waiting: BTreeMap::new(),
         };
         kubelet.adopt();
         kubelet.run().await
@@ -171,6 +182,7 @@ impl Kubelet {
                     child: None,
                     restarts: 0,
                     reported: None,
+                    process: None,
                 },
             );
         }
@@ -204,14 +216,23 @@ impl Kubelet {
                         }
                     }
                     Ok(Some(Event::Apply(p))) => self.sync(p).await,
-                    Ok(Some(Event::Delete(p))) => self.stop(&key(&p)),
+                    Ok(Some(Event::Delete(p))) => {
+                        self.waiting.remove(&key(&p));
+                        self.stop(&key(&p));
+                    }
                     Ok(None) => return Ok(()),
                     Err(e) => eprintln!("kubelet {}: watch: {e}", self.node.name),
                 },
                 _ = lease.tick() => if let Err(e) = self.renew_lease().await {
                     eprintln!("kubelet {}: lease: {e:#}", self.node.name);
                 },
-                _ = probe.tick() => self.restart_dead().await,
+                _ = probe.tick() => {
+                    self.restart_dead().await;
+                    let waiting: Vec<Pod> = self.waiting.values().map(|(p, _)| p.clone()).collect();
+                    for p in waiting {
+                        self.sync(p).await;
+                    }
+                }
             }
         }
     }
@@ -287,14 +308,21 @@ impl Kubelet {
             self.stop(&k);
         }
         if !self.pods.contains_key(&k) {
-            match self.start(&pod) {
+            match self.start(&pod).await {
                 Ok(running) => {
+                    self.waiting.remove(&k);
                     self.pods.insert(k.clone(), running);
                     self.save();
                 }
                 Err(e) => {
-                    eprintln!("kubelet {}: pod {k}: {e:#}", self.node.name);
-                    self.report_failure(&pod, &format!("{e:#}")).await;
+                    let message = format!("{e:#}");
+                    if self.waiting.get(&k).map(|(_, m)| m) != Some(&message) {
+                        eprintln!("kubelet {}: pod {k}: {message}", self.node.name);
+                        self.report_failure(&pod, &message).await;
+                    }
+                    // Tried again every second (the network may not be
+                    // ready yet: no CNI configuration before the agent).
+                    self.waiting.insert(k, (pod, message));
                     return;
                 }
             }
@@ -302,7 +330,191 @@ impl Kubelet {
         self.report(&k, &pod).await;
     }
 
-    fn start(&self, pod: &Pod) -> anyhow::Result<Running> {
+    /// The node's filesystem as its pods' hostPaths see it.
+    fn node_fs(&self) -> NodeFs {
+        lab::node_fs(&self.lab, &self.node.name)
+    }
+
+    /// The pod's directory (its volumes, its service-account kubeconfig).
+    fn pod_dir(&self, uid: &str) -> PathBuf {
+        lab::node_dir(&self.lab, &self.node.name)
+            .join("pods")
+            .join(uid)
+    }
+
+    /// Each of the pod's volumes as a directory (or file) of this node.
+    async fn volumes(&self, pod: &Pod, dir: &Path) -> anyhow::Result<BTreeMap<String, PathBuf>> {
+        use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+        let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+        let fs = self.node_fs();
+        let config_maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        let mut out = BTreeMap::new();
+        for v in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
+            let path = if let Some(h) = &v.host_path {
+                let p = fs.host_path(&h.path);
+                if matches!(
+                    h.type_.as_deref(),
+                    None | Some("") | Some("DirectoryOrCreate")
+                ) {
+                    std::fs::create_dir_all(&p)?;
+                }
+                p
+            } else {
+                let p = dir.join("volumes").join(&v.name);
+                let mut files = BTreeMap::new();
+                let add = |files: &mut BTreeMap<String, Vec<u8>>,
+                           data: BTreeMap<String, Vec<u8>>,
+                           items: Option<&Vec<k8s_openapi::api::core::v1::KeyToPath>>|
+                 -> anyhow::Result<()> {
+                    match items {
+                        Some(items) => {
+                            for it in items {
+                                let bytes = data.get(&it.key).with_context(|| {
+                                    format!("volume {}: no key {}", v.name, it.key)
+                                })?;
+                                files.insert(it.path.clone(), bytes.clone());
+                            }
+                        }
+                        None => files.extend(data),
+                    }
+                    Ok(())
+                };
+                let cm_data = |cm: ConfigMap| -> BTreeMap<String, Vec<u8>> {
+                    cm.data
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (k, v.into_bytes()))
+                        .collect()
+                };
+                let secret_data = |s: Secret| -> BTreeMap<String, Vec<u8>> {
+                    s.data
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (k, v.0))
+                        .collect()
+                };
+                if let Some(c) = &v.config_map {
+                    add(
+                        &mut files,
+                        cm_data(config_maps.get(&c.name).await?),
+                        c.items.as_ref(),
+                    )?;
+                } else if let Some(sv) = &v.secret {
+                    let name = sv.secret_name.clone().unwrap_or_default();
+                    add(
+                        &mut files,
+                        secret_data(secrets.get(&name).await?),
+                        sv.items.as_ref(),
+                    )?;
+                } else if let Some(pr) = &v.projected {
+                    for src in pr.sources.iter().flatten() {
+                        if let Some(sp) = &src.secret {
+                            add(
+                                &mut files,
+                                secret_data(secrets.get(&sp.name).await?),
+                                sp.items.as_ref(),
+                            )?;
+                        } else if let Some(cp) = &src.config_map {
+                            add(
+                                &mut files,
+                                cm_data(config_maps.get(&cp.name).await?),
+                                cp.items.as_ref(),
+                            )?;
+                        } else if let Some(t) = &src.service_account_token {
+                            // The volume Kubernetes adds to every pod
+                            // (`kube-api-access-*`): the token itself.
+                            let token = self.token(pod).await?;
+                            files.insert(t.path.clone(), token.into_bytes());
+                        } else if let Some(d) = &src.downward_api {
+                            for it in d.items.iter().flatten() {
+                                let value =
+                                    match it.field_ref.as_ref().map(|f| f.field_path.as_str()) {
+                                        Some("metadata.namespace") => ns.to_string(),
+                                        Some("metadata.name") => {
+                                            pod.metadata.name.clone().unwrap_or_default()
+                                        }
+                                        other => anyhow::bail!(
+                                            "volume {}: downwardAPI {other:?} is not supported",
+                                            v.name
+                                        ),
+                                    };
+                                files.insert(it.path.clone(), value.into_bytes());
+                            }
+                        }
+                    }
+                } else if v.empty_dir.is_none() {
+                    anyhow::bail!("volume {}: only hostPath, emptyDir, configMap, secret and projected volumes are supported by the lab's kubelet", v.name);
+                }
+                kubelet_pod::write_files(&p, &files)?;
+                p
+            };
+            out.insert(v.name.clone(), path);
+        }
+        Ok(out)
+    }
+
+    /// A kubeconfig with the pod's service-account token (asked of the API
+    /// as a kubelet asks for the token it projects), handed as KUBECONFIG:
+    /// the lab's pods share this machine's filesystem, so there is no
+    /// fixed in-cluster path per pod.
+    /// A token of the pod's service account, bound to the pod (what a
+    /// kubelet asks for the token it projects).
+    async fn token(&self, pod: &Pod) -> anyhow::Result<String> {
+        use k8s_openapi::api::core::v1::ServiceAccount;
+        let sa = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into());
+        let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+        let request: k8s_openapi::api::authentication::v1::TokenRequest = serde_json::from_value(
+            json!({
+                "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "spec": {"expirationSeconds": 86400, "boundObjectRef": {"apiVersion": "v1", "kind": "Pod",
+                    "name": pod.metadata.name, "uid": pod.metadata.uid}},
+            }),
+        )?;
+        Api::<ServiceAccount>::namespaced(self.client.clone(), ns)
+            .create_token_request(&sa, &PostParams::default(), &request)
+            .await?
+            .status
+            .and_then(|s| s.token)
+            .context("the TokenRequest has no token")
+    }
+
+    async fn service_account_kubeconfig(
+        &self,
+        pod: &Pod,
+        dir: &Path,
+    ) -> anyhow::Result<Option<PathBuf>> {
+        let spec = pod.spec.as_ref().context("no spec")?;
+        if spec.automount_service_account_token == Some(false) {
+            return Ok(None);
+        }
+        let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+        let token = self.token(pod).await?;
+        let mine =
+            k8s::kube::config::Kubeconfig::read_from(kubeconfig(&self.lab, &self.node.name))?;
+        let cluster = mine
+            .clusters
+            .first()
+            .and_then(|c| c.cluster.clone())
+            .context("no cluster in the node's kubeconfig")?;
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: sa\n  user:\n    token: {token}\ncontexts:\n- name: lab\n  context: {{cluster: lab, user: sa, namespace: {ns}}}\ncurrent-context: lab\n",
+            cluster.server.unwrap_or_default(),
+            cluster.certificate_authority.unwrap_or_default(),
+        );
+        let path = dir.join("serviceaccount.kubeconfig");
+        kubelet_pod::write_files(
+            dir,
+            &BTreeMap::from([("serviceaccount.kubeconfig".to_string(), text.into_bytes())]),
+        )?;
+        Ok(Some(path))
+    }
+
+    async fn start(&self, pod: &Pod) -> anyhow::Result<Running> {
         let namespace = pod
             .metadata
             .namespace
@@ -315,8 +527,13 @@ impl Kubelet {
             .containers
             .first()
             .context("the pod has no container")?;
-        let argv = command_of(container).map_err(|e| anyhow::anyhow!(e))?;
+        // Refused before anything is made.
+        command_of(container).map_err(|e| anyhow::anyhow!(e))?;
         let host_network = k8s::pod::host_network(pod);
+        let dir = self.pod_dir(&uid);
+        std::fs::create_dir_all(&dir)?;
+        let volumes = self.volumes(pod, &dir).await?;
+        let kubeconfig = self.service_account_kubeconfig(pod, &dir).await?;
         // A short, unique namespace name: the lab's, the node's, the uid's
         // first characters.
         let netns = if host_network {
@@ -342,7 +559,9 @@ impl Kubelet {
         if !host_network {
             netns::create_netns(&netns)?;
             let st = lab::load_state(&self.lab)?;
-            match lab::cni_add(&st, &state) {
+            // The node's installed CNI configuration when there is one (a
+            // Helm-installed agent wrote it), else the lab's agent.
+            match lab::cni_add_installed(&st, &state) {
                 Ok(result) => state.cni_result = result,
                 Err(e) => {
                     netns::delete_netns(&netns);
@@ -350,7 +569,56 @@ impl Kubelet {
                 }
             }
         }
-        let child = self.spawn(&state, &argv)?;
+        let fields = PodFields {
+            node_name: self.node.name.clone(),
+            host_ip: self.node.address.to_string(),
+            pod_ip: if host_network {
+                self.node.address.to_string()
+            } else {
+                pod_ip(&state).unwrap_or_default()
+            },
+        };
+        let process_of = |c: &Container| -> anyhow::Result<Process> {
+            let mounts = kubelet_pod::mounts(c, &volumes).map_err(|e| anyhow::anyhow!(e))?;
+            let mut p =
+                kubelet_pod::process(pod, c, &mounts, &fields).map_err(|e| anyhow::anyhow!(e))?;
+            if let Some(k) = &kubeconfig {
+                p.env.push(("KUBECONFIG".into(), k.display().to_string()));
+                // Where a kubelet says the API is (here its real address:
+                // the lab has no service proxy).
+                if let Some((host, port)) = api_host_port(&self.lab, &self.node.name) {
+                    p.env.push(("KUBERNETES_SERVICE_HOST".into(), host));
+                    p.env.push(("KUBERNETES_SERVICE_PORT".into(), port));
+                }
+            }
+            Ok(p)
+        };
+        // Init containers first, each to completion, as a kubelet runs them.
+        for c in spec.init_containers.iter().flatten() {
+            let p = process_of(c)?;
+            let status = self.spawn(&state, &p)?.wait()?;
+            if !status.success() {
+                if !host_network {
+                    netns::delete_netns(&netns);
+                }
+                anyhow::bail!("init container {} exited with {status}", c.name);
+            }
+        }
+        // A ConfigMap's values that are paths in the container (a flag file
+        // naming a mounted certificate) are this machine's paths too.
+        let mounts = kubelet_pod::mounts(container, &volumes).map_err(|e| anyhow::anyhow!(e))?;
+        for v in spec
+            .volumes
+            .iter()
+            .flatten()
+            .filter(|v| v.config_map.is_some())
+        {
+            if let Some(dir) = volumes.get(&v.name) {
+                kubelet_pod::map_file_values(dir, &mounts)?;
+            }
+        }
+        let main = process_of(container)?;
+        let child = self.spawn(&state, &main)?;
         state.pid = Some(child.id());
         Ok(Running {
             state,
@@ -358,23 +626,36 @@ impl Kubelet {
             child: Some(child),
             restarts: 0,
             reported: None,
+            process: Some(main),
         })
     }
 
-    fn spawn(&self, state: &PodState, argv: &[String]) -> anyhow::Result<Child> {
+    fn spawn(&self, state: &PodState, p: &Process) -> anyhow::Result<Child> {
         let dir = lab::node_dir(&self.lab, &self.node.name).join("pods");
         std::fs::create_dir_all(&dir)?;
-        let log = lab::private_file(&dir.join(format!("{}_{}.log", state.namespace, state.name)))?;
+        let log = lab::private_file(&dir.join(format!(
+            "{}_{}_{}.log",
+            state.namespace, state.name, p.container
+        )))?;
         let mut cmd = Command::new("setsid");
         lab::in_cgroup(&mut cmd, &self.lab, Some(&self.node.name));
-        cmd.args(["ip", "netns", "exec", &state.netns])
-            .arg(lab::resolve(&argv[0]))
-            .args(&argv[1..])
+        // A host-network pod shares its node's namespace: entered alone, so
+        // it shares this machine's mounts as the node's agent does.
+        if state.host_network {
+            cmd.arg("nsenter")
+                .arg(format!("--net=/run/netns/{}", state.netns));
+        } else {
+            cmd.args(["ip", "netns", "exec", &state.netns]);
+        }
+        cmd.arg(lab::resolve(&p.argv[0]))
+            .args(&p.argv[1..])
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .envs(p.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
         cmd.spawn()
-            .with_context(|| format!("starting {argv:?} in {}", state.netns))
+            .with_context(|| format!("starting {:?} in {}", p.argv, state.netns))
     }
 
     /// Stops a pod: its process, its attachment (CNI DEL), its namespace.
@@ -442,14 +723,14 @@ impl Kubelet {
             .get_opt(k.split('/').nth(1).unwrap_or_default())
             .await;
             let Ok(Some(pod)) = pod else { continue };
-            let Some(container) = pod.spec.as_ref().and_then(|s| s.containers.first()) else {
-                continue;
-            };
-            let Ok(argv) = command_of(container) else {
-                continue;
-            };
             let Some(r) = self.pods.get(&k) else { continue };
-            match self.spawn(&r.state, &argv) {
+            let Some(process) = r.process.clone() else {
+                // Adopted from a previous run: started afresh.
+                self.stop(&k);
+                self.sync(pod).await;
+                continue;
+            };
+            match self.spawn(&r.state, &process) {
                 Ok(child) => {
                     let r = self.pods.get_mut(&k).expect("present");
                     r.state.pid = Some(child.id());
@@ -595,6 +876,25 @@ impl Kubelet {
             );
         }
     }
+}
+
+/// The API server's host and port, from the node's kubeconfig.
+fn api_host_port(lab: &str, node: &str) -> Option<(String, String)> {
+    let k = k8s::kube::config::Kubeconfig::read_from(kubeconfig(lab, node)).ok()?;
+    let server = k.clusters.first()?.cluster.as_ref()?.server.clone()?;
+    let hostport = server.strip_prefix("https://")?.trim_end_matches('/');
+    let (h, p) = hostport.rsplit_once(':')?;
+    Some((h.to_string(), p.to_string()))
+}
+
+/// The address the CNI result gave the pod.
+fn pod_ip(state: &PodState) -> Option<String> {
+    state.cni_result.as_ref().and_then(|res| {
+        res["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .map(str::to_string)
+    })
 }
 
 fn key(pod: &Pod) -> String {

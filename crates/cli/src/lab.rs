@@ -63,6 +63,15 @@ pub struct LabFile {
     /// (`crate::k8s`); `fibril lab kubectl` talks to it.
     #[serde(default)]
     pub kubernetes: bool,
+    /// Who runs the nodes' agents: `lab` (the lab itself, with its relay
+    /// and UI) or `helm` (none until a Helm install's DaemonSet does, run
+    /// by the lab's kubelets; `kubernetes: true` only).
+    #[serde(default = "default_agents")]
+    pub agents: String,
+}
+
+fn default_agents() -> String {
+    "lab".into()
 }
 
 fn default_underlay() -> String {
@@ -297,7 +306,7 @@ pub fn bpf_dir(lab: &str) -> PathBuf {
 }
 
 /// A node's pinned maps and links.
-fn node_bpf_dir(lab: &str, node: &str) -> PathBuf {
+pub(crate) fn node_bpf_dir(lab: &str, node: &str) -> PathBuf {
     PathBuf::from("/sys/fs/bpf").join(format!("fibril-{lab}-{node}"))
 }
 
@@ -571,6 +580,18 @@ pub fn parse(path: Option<&Path>) -> anyhow::Result<Lab> {
 /// them, an underlay with room for them outside the pod CIDR and the
 /// externals, a pod CIDR that splits into one block per node.
 fn validate_nodes(name: &str, file: &LabFile) -> anyhow::Result<()> {
+    if !["lab", "helm"].contains(&file.agents.as_str()) {
+        bail!(
+            "{name}: agents: {:?}: lab (the lab runs them) or helm (a Helm install does)",
+            file.agents
+        );
+    }
+    if file.agents == "helm" && !file.kubernetes {
+        bail!("{name}: agents: helm needs kubernetes: true (the chart's DaemonSet runs them)");
+    }
+    if file.agents == "helm" && !file.pods.is_empty() {
+        bail!("{name}: agents: helm: the lab's own pods need the lab's agents; run workloads through the API");
+    }
     if file.kubernetes && file.nodes.is_empty() {
         bail!("{name}: kubernetes: only in a lab with `nodes:` (the control plane runs in the lab's underlay, beside its etcd)");
     }
@@ -862,8 +883,19 @@ fn cni(
     pod: &PodState,
     stdin: &str,
 ) -> anyhow::Result<Option<serde_json::Value>> {
+    cni_in(st, command, pod, stdin, &bin_dir())
+}
+
+/// The CNI plugin of `plugins` (its CNI_PATH) run as a runtime runs it.
+fn cni_in(
+    st: &LabState,
+    command: &str,
+    pod: &PodState,
+    stdin: &str,
+    plugins: &Path,
+) -> anyhow::Result<Option<serde_json::Value>> {
     use std::io::Write;
-    let plugin = bin_dir().join("fibril-cni");
+    let plugin = plugins.join("fibril-cni");
     let mut cmd = match node_of(st, pod) {
         Some((_, n)) => {
             let mut c = Command::new("nsenter");
@@ -877,7 +909,7 @@ fn cni(
         .env("CNI_CONTAINERID", &pod.container_id)
         .env("CNI_NETNS", format!("/run/netns/{}", pod.netns))
         .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", bin_dir())
+        .env("CNI_PATH", plugins)
         .env(
             "CNI_ARGS",
             format!(
@@ -917,14 +949,70 @@ pub(crate) fn cni_add(st: &LabState, pod: &PodState) -> anyhow::Result<Option<se
     cni(st, "ADD", pod, &cni_config(&agent_socket_of(st, pod)))
 }
 
+/// The node's filesystem as the kubelet's pods see it (its hostPaths).
+pub(crate) fn node_fs(lab: &str, node: &str) -> crate::kubelet_pod::NodeFs {
+    crate::kubelet_pod::NodeFs {
+        root: node_dir(lab, node).join("host"),
+        bpf: node_bpf_dir(lab, node),
+    }
+}
+
+/// The plugin configuration and CNI binary directory of the node's
+/// installed configuration list (a Helm-installed agent's
+/// `05-fibril.conflist`): its first plugin, its agent socket a path of the
+/// node. None when the node has none (the lab's own agents).
+fn installed_cni(
+    st: &LabState,
+    pod: &PodState,
+) -> anyhow::Result<Option<(serde_json::Value, PathBuf)>> {
+    let Some(node) = pod.node.as_deref() else {
+        return Ok(None);
+    };
+    let fs = node_fs(&st.name, node);
+    let Some(list) = fs.cni_conflist() else {
+        return Ok(None);
+    };
+    let text =
+        std::fs::read_to_string(&list).with_context(|| format!("reading {}", list.display()))?;
+    let conf: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", list.display()))?;
+    let mut plugin = conf["plugins"][0].clone();
+    anyhow::ensure!(plugin.is_object(), "{}: no plugins", list.display());
+    plugin["cniVersion"] = conf["cniVersion"].clone();
+    plugin["name"] = conf["name"].clone();
+    if let Some(sock) = plugin["agentSocket"].as_str() {
+        plugin["agentSocket"] = fs.host_path(sock).display().to_string().into();
+    }
+    Ok(Some((plugin, fs.host_path("/opt/cni/bin"))))
+}
+
+/// CNI ADD of a kubelet's pod: through the node's installed configuration
+/// when there is one, else to the lab's agent.
+pub(crate) fn cni_add_installed(
+    st: &LabState,
+    pod: &PodState,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    match installed_cni(st, pod)? {
+        Some((plugin, bin)) => cni_in(st, "ADD", pod, &plugin.to_string(), &bin),
+        None if st.nodes.iter().any(|n| n.agent_pid.is_some()) => cni_add(st, pod),
+        None => bail!("network not ready: no CNI configuration in the node's /etc/cni/net.d yet"),
+    }
+}
+
 /// CNI DEL of `pod`, with the ADD's result as `prevResult`, as a runtime
 /// does.
 pub(crate) fn cni_del(st: &LabState, pod: &PodState) -> anyhow::Result<()> {
-    let mut conf: serde_json::Value = serde_json::from_str(&cni_config(&agent_socket_of(st, pod)))?;
+    let (mut conf, bin) = match installed_cni(st, pod)? {
+        Some(installed) => installed,
+        None => (
+            serde_json::from_str(&cni_config(&agent_socket_of(st, pod)))?,
+            bin_dir(),
+        ),
+    };
     if let Some(r) = &pod.cni_result {
         conf["prevResult"] = r.clone();
     }
-    cni(st, "DEL", pod, &conf.to_string()).map(|_| ())
+    cni_in(st, "DEL", pod, &conf.to_string(), &bin).map(|_| ())
 }
 
 /// The arguments every agent of a lab gets, with its directory
@@ -1034,7 +1122,8 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
             if parsed.file.kubernetes {
                 start_kubernetes(&mut st, &etcd, &parsed.file.namespaces)?;
             }
-            for i in 0..st.nodes.len() {
+            let lab_agents = parsed.file.agents == "lab";
+            for i in (0..st.nodes.len()).filter(|_| lab_agents) {
                 let n = st.nodes[i].clone();
                 let ndir = node_dir(lab, &n.name);
                 let mut args = agent_args(
@@ -1077,10 +1166,14 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                 save(&st)?;
                 start_node_agent(&mut st, i)?;
             }
-            start_relay(&mut st)?;
+            if lab_agents {
+                start_relay(&mut st)?;
+            }
             if parsed.file.kubernetes {
                 for i in 0..st.nodes.len() {
-                    wait_for_kubernetes(&st, i)?;
+                    if lab_agents {
+                        wait_for_kubernetes(&st, i)?;
+                    }
                     start_kubelet(&mut st, i)?;
                 }
             }
@@ -1109,7 +1202,9 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                 .map(|n| node_dir(lab, &n.name).join("agent.sock"))
                 .collect()
         };
-        start_ui(&mut st, &sockets)?;
+        if parsed.file.agents == "lab" {
+            start_ui(&mut st, &sockets)?;
+        }
         let ns_labels: BTreeMap<&str, &BTreeMap<String, String>> = parsed
             .file
             .namespaces
@@ -1668,7 +1763,9 @@ fn start_kubelet(st: &mut LabState, i: usize) -> anyhow::Result<()> {
         "--node".into(),
         node.name.clone(),
     ];
-    let log = private_file(&node_dir(&st.name, &node.name).join("kubelet.log"))?;
+    let dir = node_dir(&st.name, &node.name);
+    std::fs::create_dir_all(&dir)?;
+    let log = private_file(&dir.join("kubelet.log"))?;
     // `nsenter --net` alone, as for the agent: `ip netns exec` would give it
     // a mount namespace of its own, where the pods' namespace files it
     // makes would be bind mounts no one else sees.
@@ -1819,8 +1916,10 @@ pub fn down(lab: &str) -> anyhow::Result<()> {
     stop_l7_proxy(&lab_dir(lab).join("state"));
     net::proxy_routing_forget(&lab_dir(lab).join("state").join(net::PROXY_ROUTING_FILE));
     for n in &st.nodes {
-        // Its proxy routing goes with its namespace.
+        // Its proxy routing goes with its namespace. A Helm-installed
+        // agent's state is in the node's filesystem.
         stop_l7_proxy(&node_dir(lab, &n.name).join("state"));
+        stop_l7_proxy(&node_dir(lab, &n.name).join("host/var/run/fibril/state"));
     }
     for p in st.pods.iter().filter(|p| !p.host_network) {
         net::delete_netns(&p.netns);

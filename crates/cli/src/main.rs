@@ -5,6 +5,7 @@ mod connectivity;
 mod hubble_cmds;
 mod k8s;
 mod kubelet;
+mod kubelet_pod;
 mod lab;
 mod observe;
 
@@ -337,6 +338,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     let sock = lab::agent_dir(&cli.lab, node).join("agent.sock");
                     if let Some(n) = node {
                         println!("  node {n}:");
+                    }
+                    let lab_agent =
+                        st.agent_pid.is_some() || st.nodes.iter().any(|n| n.agent_pid.is_some());
+                    if !lab_agent {
+                        println!("    no agent yet: `agents: helm` (a Helm install's DaemonSet runs them)");
+                        continue;
                     }
                     if let Response::Endpoints { endpoints } =
                         api::call(&sock, &Request::EndpointList)?

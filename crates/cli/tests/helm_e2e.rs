@@ -165,11 +165,12 @@ fn the_chart_lints_renders_the_seed_values_and_refuses_bad_ones() {
     );
 }
 
+/// Two nodes whose agents only the chart runs (`agents: helm`).
 const LAB: &str = r#"
 podCIDR: POD_CIDR_HERE
 nodes: [n1, n2]
 kubernetes: true
-pods: []
+agents: helm
 "#;
 
 #[test]
@@ -233,34 +234,108 @@ fn the_seeds_helm_install_runs_against_the_labs_apiserver() {
     assert!(ok, "{err}");
     let svc: Value = serde_json::from_str(&svc).unwrap();
     assert_eq!(svc["spec"]["ports"][0]["nodePort"], 31235);
-    // The controllers act on it: one agent pod per node, the relay's pod.
-    eventually("an agent pod per node", Duration::from_secs(60), || {
+    // The lab's kubelets run the chart's pods as the real programs: an
+    // agent per node (host network, configured by fibril-config through
+    // --config-dir, its pod CIDR from its Node), and once their CNI
+    // configuration is installed, the relay's and the UI's pods on the
+    // pod network.
+    let running = |selector: &str, count: usize| {
         let (ok, pods, _) = kubectl(&[
             "get",
             "pods",
             "-n",
             "kube-system",
             "-l",
-            "k8s-app=fibril",
+            selector,
             "-o",
             "json",
         ]);
         let v: Value = serde_json::from_str(&pods).unwrap_or_default();
-        ok && v["items"].as_array().is_some_and(|a| a.len() == 2)
+        let items = v["items"].as_array().cloned().unwrap_or_default();
+        ok && items.len() == count
+            && items
+                .iter()
+                .all(|p| p["status"]["phase"] == "Running" && p["status"]["podIP"].is_string())
+    };
+    eventually("an agent per node", Duration::from_secs(90), || {
+        running("k8s-app=fibril", 2)
     });
-    eventually("the relay's pod", Duration::from_secs(60), || {
-        let (ok, pods, _) = kubectl(&[
-            "get",
-            "pods",
-            "-n",
-            "kube-system",
-            "-l",
-            "k8s-app=hubble-relay",
-            "-o",
-            "name",
+    eventually(
+        "the relay's and the UI's pods",
+        Duration::from_secs(90),
+        || running("k8s-app=hubble-relay", 1) && running("k8s-app=hubble-ui", 1),
+    );
+    for node in ["n1", "n2"] {
+        let sock = format!(
+            "/run/fibril/labs/{}/nodes/{node}/host/var/run/fibril/fibril.sock",
+            lab.name
+        );
+        eventually(
+            &format!("{node}'s agent following the API"),
+            Duration::from_secs(30),
+            || {
+                let out = lab.fibril(&["--socket", &sock, "status"]);
+                let status = String::from_utf8_lossy(&out.stdout).into_owned();
+                status.contains("Kubernetes:    connected")
+                    && status.contains(&format!("Node:          {node}"))
+            },
+        );
+    }
+    // The chart's agents enforce policy: a web server, two clients.
+    for (name, args) in [
+        ("web", vec!["--image=fibril/echo", "--port=8080"]),
+        ("client", vec!["--image=busybox", "--", "sleep", "3600"]),
+        ("other", vec!["--image=busybox", "--", "sleep", "3600"]),
+    ] {
+        let mut a = vec!["create", "deployment", name];
+        a.extend(args);
+        let (ok, _, err) = kubectl(&a);
+        assert!(ok, "{err}");
+    }
+    let pod_of = |app: &str| {
+        let (_, pods, _) = kubectl(&["get", "pods", "-l", &format!("app={app}"), "-o", "json"]);
+        let v: Value = serde_json::from_str(&pods).unwrap_or_default();
+        let p = &v["items"][0];
+        (
+            p["metadata"]["name"].as_str().map(str::to_string),
+            p["status"]["podIP"].as_str().map(str::to_string),
+        )
+    };
+    eventually("the workloads", Duration::from_secs(60), || {
+        ["web", "client", "other"]
+            .iter()
+            .all(|a| pod_of(a).1.is_some())
+    });
+    let web_ip = pod_of("web").1.unwrap();
+    let reaches = |app: &str| {
+        let pod = format!("default/{}", pod_of(app).0.unwrap());
+        let out = lab.fibril(&[
+            "lab",
+            "exec",
+            &pod,
+            "--",
+            "fibril-echo",
+            "http-get",
+            "--timeout",
+            "2",
+            &format!("http://{web_ip}:8080/"),
         ]);
-        ok && pods.lines().count() == 1
+        out.status.success()
+    };
+    eventually("web reachable from both", Duration::from_secs(30), || {
+        reaches("client") && reaches("other")
     });
+    let file = std::env::temp_dir().join(format!("{}-cnp.yaml", lab.name));
+    std::fs::write(&file, "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web-from-client, namespace: default}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n").unwrap();
+    let (ok, _, err) = kubectl(&["apply", "-f", file.to_str().unwrap()]);
+    std::fs::remove_file(&file).ok();
+    assert!(ok, "{err}");
+    eventually(
+        "the chart's agents enforcing it",
+        Duration::from_secs(30),
+        || !reaches("other"),
+    );
+    assert!(reaches("client"));
 
     // helm uninstall removes what it installed (CRDs stay, as with any
     // chart's crds/: policies outlive a reinstall).
@@ -272,6 +347,11 @@ fn the_seeds_helm_install_runs_against_the_labs_apiserver() {
         "--wait".into(),
     ]);
     assert!(ok, "{out}{err}");
+    // The kubelets stop the agents whose pods went.
+    eventually("the agents' pods gone", Duration::from_secs(60), || {
+        let (ok, pods, _) = kubectl(&["get", "pods", "-n", "kube-system", "-o", "name"]);
+        ok && pods.trim().is_empty()
+    });
     for (kind, name) in [
         ("ds", "fibril"),
         ("deploy", "hubble-relay"),

@@ -39,3 +39,34 @@ pub mod client {
         })
     }
 }
+
+/// A listen address as Hubble's flags take it: `ip:port`, or Go's `:port`
+/// for every IPv4 address (`--hubble-listen-address=:4244`, the relay's
+/// `--listen-address=:4245`).
+pub fn parse_listen_address(s: &str) -> Result<std::net::SocketAddr, String> {
+    let full = match s.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => s.to_string(),
+    };
+    full.parse()
+        .map_err(|e| format!("{s:?}: {e} (give ip:port or :port)"))
+}
+
+#[cfg(test)]
+mod listen_address_tests {
+    #[test]
+    fn go_style_addresses_are_every_address() {
+        assert_eq!(
+            super::parse_listen_address(":4244").unwrap().to_string(),
+            "0.0.0.0:4244"
+        );
+        assert_eq!(
+            super::parse_listen_address("10.0.0.1:80")
+                .unwrap()
+                .to_string(),
+            "10.0.0.1:80"
+        );
+        assert!(super::parse_listen_address(":x").is_err());
+        assert!(super::parse_listen_address("4244").is_err());
+    }
+}

@@ -17,10 +17,13 @@ use crate::Error;
 pub const FIELD_MANAGER: &str = "fibril";
 
 /// A client for the API server a kubeconfig file names (its current
-/// context), or, with none, the in-cluster one (a pod's service account).
+/// context), or, with none, the pod's (`KUBECONFIG`, else its mounted
+/// service account).
 pub async fn connect(kubeconfig: Option<&Path>) -> Result<Client, Error> {
     let Some(kubeconfig) = kubeconfig else {
-        let config = Config::incluster().map_err(|e| Error::Kubeconfig {
+        // As clients do in a pod: `KUBECONFIG` if set, else the mounted
+        // service account.
+        let config = Config::infer().await.map_err(|e| Error::Kubeconfig {
             path: "(in-cluster)".into(),
             message: e.to_string(),
         })?;

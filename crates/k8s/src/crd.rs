@@ -167,7 +167,7 @@ fn l7_rules() -> Value {
                 },
             })),
             "headers": strings(),
-            "host": {"type": "string", "format": "idn-hostname"},
+            "host": string(),
             "method": string(),
             "path": string(),
         }))),
@@ -210,7 +210,7 @@ fn port_rule(deny: bool) -> Value {
         },
         "originatingTLS": tls_context(),
         "terminatingTLS": tls_context(),
-        "serverNames": array(json!({"type": "string", "minLength": 1, "format": "idn-hostname"})),
+        "serverNames": array(json!({"type": "string", "minLength": 1})),
     })))
 }
 

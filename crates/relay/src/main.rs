@@ -15,8 +15,9 @@ use fibril_relay::service::{Relay, Timeouts};
     about = "Hubble Relay: every node's flows as one stream"
 )]
 struct Args {
-    /// Serve the relay on this TCP address (Hubble Relay's port is 4245).
-    #[arg(long, default_value = "127.0.0.1:4245")]
+    /// Serve the relay on this TCP address (Hubble Relay's port is 4245;
+    /// `:4245` is every address).
+    #[arg(long, default_value = "127.0.0.1:4245", value_parser = hubble::parse_listen_address)]
     listen_address: std::net::SocketAddr,
     /// Also serve it on this Unix socket.
     #[arg(long)]

@@ -1,0 +1,286 @@
+//! What a pod's containers run on a lab node: the node's filesystem (its
+//! `hostPath`s under the node's own directory, `/sys/fs/bpf` under the
+//! node's bpffs directory, so that two nodes on one machine never share),
+//! each container's mounts (a volume's directory for each `mountPath`),
+//! and its process: the command mapped to the lab's programs, every
+//! argument and environment value that names a path under a `mountPath`
+//! rewritten to the volume's directory (the lab's pods share this
+//! machine's filesystem: no mount namespace per container), and the
+//! environment with the downward API's fields.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+
+/// A node's filesystem as its pods see their `hostPath`s.
+#[derive(Clone, Debug)]
+pub struct NodeFs {
+    /// Where `/` of the node is (`nodes/NAME/host`).
+    pub root: PathBuf,
+    /// Where `/sys/fs/bpf` of the node is (a directory in the bpffs).
+    pub bpf: PathBuf,
+}
+
+impl NodeFs {
+    /// The directory or file a node path is.
+    pub fn host_path(&self, path: &str) -> PathBuf {
+        match path.strip_prefix("/sys/fs/bpf") {
+            Some(rest) if rest.is_empty() || rest.starts_with('/') => {
+                self.bpf.join(rest.trim_start_matches('/'))
+            }
+            _ => self.root.join(path.trim_start_matches('/')),
+        }
+    }
+
+    /// The node's CNI configuration list, the first by name (as a runtime
+    /// picks it), if one is installed.
+    pub fn cni_conflist(&self) -> Option<PathBuf> {
+        let dir = self.host_path("/etc/cni/net.d");
+        let mut lists: Vec<PathBuf> = std::fs::read_dir(dir)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "conflist"))
+            .collect();
+        lists.sort();
+        lists.into_iter().next()
+    }
+}
+
+/// A container's mounts: `mountPath` -> the directory (or file) there,
+/// longest first so the deepest mount wins.
+#[derive(Clone, Debug, Default)]
+pub struct Mounts(Vec<(String, PathBuf)>);
+
+impl Mounts {
+    pub fn new(mut mounts: Vec<(String, PathBuf)>) -> Self {
+        mounts.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+        Mounts(mounts)
+    }
+
+    /// `value` with a path under a mount rewritten: a whole value
+    /// (`/etc/x`) or a flag's (`--config=/etc/x`).
+    pub fn map(&self, value: &str) -> String {
+        let (prefix, path) = match value.split_once('=') {
+            Some((flag, path)) if flag.starts_with('-') => (format!("{flag}="), path),
+            _ => (String::new(), value),
+        };
+        for (mount, dir) in &self.0 {
+            let mount = mount.trim_end_matches('/');
+            if let Some(rest) = path.strip_prefix(mount) {
+                if rest.is_empty() || rest.starts_with('/') {
+                    let mapped = format!("{}{rest}", dir.display());
+                    return format!("{prefix}{mapped}");
+                }
+            }
+        }
+        value.to_string()
+    }
+}
+
+/// What the downward API's `fieldRef`s read.
+#[derive(Clone, Debug)]
+pub struct PodFields {
+    pub node_name: String,
+    pub host_ip: String,
+    /// Known once the pod is attached (its own for a host-network pod).
+    pub pod_ip: String,
+}
+
+/// One process to run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Process {
+    pub container: String,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+/// A container's process with its mounts and fields.
+pub fn process(
+    pod: &Pod,
+    c: &Container,
+    mounts: &Mounts,
+    fields: &PodFields,
+) -> Result<Process, String> {
+    let argv = crate::kubelet::command_of(c)?
+        .iter()
+        .map(|a| mounts.map(a))
+        .collect();
+    let mut env = Vec::new();
+    for e in c.env.iter().flatten() {
+        let value = match (&e.value, &e.value_from) {
+            (Some(v), _) => mounts.map(v),
+            (None, Some(from)) => {
+                let field = from
+                    .field_ref
+                    .as_ref()
+                    .map(|f| f.field_path.as_str())
+                    .ok_or_else(|| {
+                        format!(
+                            "env {}: only fieldRef values are supported by the lab's kubelet",
+                            e.name
+                        )
+                    })?;
+                match field {
+                    "spec.nodeName" => fields.node_name.clone(),
+                    "status.hostIP" => fields.host_ip.clone(),
+                    "status.podIP" => fields.pod_ip.clone(),
+                    "metadata.name" => pod.metadata.name.clone().unwrap_or_default(),
+                    "metadata.namespace" => pod.metadata.namespace.clone().unwrap_or_default(),
+                    "spec.serviceAccountName" => pod
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.service_account_name.clone())
+                        .unwrap_or_default(),
+                    other => {
+                        return Err(format!("env {}: fieldRef {other} is not supported", e.name))
+                    }
+                }
+            }
+            (None, None) => String::new(),
+        };
+        env.push((e.name.clone(), value));
+    }
+    Ok(Process {
+        container: c.name.clone(),
+        argv,
+        env,
+    })
+}
+
+/// A container's mounts over its pod's volume directories.
+pub fn mounts(c: &Container, volumes: &BTreeMap<String, PathBuf>) -> Result<Mounts, String> {
+    let mut out = Vec::new();
+    for m in c.volume_mounts.iter().flatten() {
+        let dir = volumes
+            .get(&m.name)
+            .ok_or_else(|| format!("volumeMount {}: no volume of that name", m.name))?;
+        let dir = match m.sub_path.as_deref().filter(|s| !s.is_empty()) {
+            Some(sub) => dir.join(sub),
+            None => dir.clone(),
+        };
+        out.push((m.mount_path.clone(), dir));
+    }
+    Ok(Mounts::new(out))
+}
+
+/// Rewrites each file of `dir` whose whole value is a path under one of
+/// `mounts` (a mounted ConfigMap's flag files).
+pub fn map_file_values(dir: &Path, mounts: &Mounts) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let value = text.trim();
+        if value.starts_with('/') {
+            let mapped = mounts.map(value);
+            if mapped != value {
+                std::fs::write(&path, mapped)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes `files` (name -> bytes) into `dir`, each `0600`.
+pub fn write_files(dir: &Path, files: &BTreeMap<String, Vec<u8>>) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    for (name, bytes) in files {
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        crate::lab::private_file(&path)?.write_all(bytes)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_under_mounts_are_the_volumes() {
+        let m = Mounts::new(vec![
+            (
+                "/var/run/fibril".into(),
+                "/lab/n1/host/var/run/fibril".into(),
+            ),
+            ("/tmp/fibril/config-map".into(), "/lab/pod/config".into()),
+            ("/var".into(), "/lab/var".into()),
+        ]);
+        assert_eq!(
+            m.map("--config-dir=/tmp/fibril/config-map"),
+            "--config-dir=/lab/pod/config"
+        );
+        assert_eq!(
+            m.map("--socket=/var/run/fibril/fibril.sock"),
+            "--socket=/lab/n1/host/var/run/fibril/fibril.sock"
+        );
+        assert_eq!(m.map("/var/lib/x"), "/lab/var/lib/x");
+        // Not a path under a mount: unchanged.
+        assert_eq!(m.map("--socket=/var2/x"), "--socket=/var2/x");
+        assert_eq!(m.map("--cluster-name=default"), "--cluster-name=default");
+        assert_eq!(m.map("http://hubble-relay:80"), "http://hubble-relay:80");
+    }
+
+    #[test]
+    fn the_nodes_bpffs_and_files_are_its_own() {
+        let fs = NodeFs {
+            root: "/lab/n1/host".into(),
+            bpf: "/sys/fs/bpf/fibril-l-n1".into(),
+        };
+        assert_eq!(
+            fs.host_path("/sys/fs/bpf"),
+            PathBuf::from("/sys/fs/bpf/fibril-l-n1")
+        );
+        assert_eq!(
+            fs.host_path("/sys/fs/bpf/fibril"),
+            PathBuf::from("/sys/fs/bpf/fibril-l-n1/fibril")
+        );
+        assert_eq!(
+            fs.host_path("/etc/cni/net.d"),
+            PathBuf::from("/lab/n1/host/etc/cni/net.d")
+        );
+        assert_eq!(
+            fs.host_path("/sys/fs/bpfx"),
+            PathBuf::from("/lab/n1/host/sys/fs/bpfx")
+        );
+    }
+
+    #[test]
+    fn the_downward_api_fills_the_environment() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "fibril-x", "namespace": "kube-system"},
+            "spec": {"containers": [{"name": "agent", "image": "ghcr.io/fibril/fibril", "command": ["sleep"], "args": ["1"],
+                "env": [
+                    {"name": "K8S_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                    {"name": "FIBRIL_NODE_ADDRESS", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
+                    {"name": "PLAIN", "value": "/tmp/fibril/config-map/x"},
+                    {"name": "SECRET", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}]},
+        }))
+        .unwrap();
+        let fields = PodFields {
+            node_name: "n1".into(),
+            host_ip: "10.0.0.11".into(),
+            pod_ip: String::new(),
+        };
+        let m = Mounts::new(vec![("/tmp/fibril/config-map".into(), "/lab/cfg".into())]);
+        let mut c = pod.spec.as_ref().unwrap().containers[0].clone();
+        let e = process(&pod, &c, &m, &fields).unwrap_err();
+        assert!(e.contains("SECRET"), "{e}");
+        c.env.as_mut().unwrap().pop();
+        let p = process(&pod, &c, &m, &fields).unwrap();
+        assert_eq!(p.argv, ["sleep", "1"]);
+        assert_eq!(
+            p.env,
+            [
+                ("K8S_NODE_NAME".to_string(), "n1".to_string()),
+                ("FIBRIL_NODE_ADDRESS".into(), "10.0.0.11".into()),
+                ("PLAIN".into(), "/lab/cfg/x".into())
+            ]
+        );
+    }
+}
