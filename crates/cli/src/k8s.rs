@@ -176,7 +176,11 @@ fn kubeconfig(server: &str, ca: &Path, cert: &Path, key: &Path) -> String {
 }
 
 /// The control plane's files for an apiserver on `router`.
-pub fn make_pki(lab_dir: &Path, router: Ipv4Addr, nodes: &[String]) -> anyhow::Result<()> {
+pub fn make_pki(
+    lab_dir: &Path,
+    router: Ipv4Addr,
+    nodes: &[(String, Ipv4Addr)],
+) -> anyhow::Result<()> {
     let d = dir(lab_dir);
     std::fs::create_dir_all(&d)?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
@@ -213,8 +217,14 @@ pub fn make_pki(lab_dir: &Path, router: Ipv4Addr, nodes: &[String]) -> anyhow::R
     ]
     .into_iter()
     .map(|(who, cn, org)| (who.to_string(), cn.to_string(), org))
+    // The apiserver's client to the kubelets (`kubectl logs`).
+    .chain([(
+        "apiserver-kubelet-client".to_string(),
+        "kube-apiserver-kubelet-client".to_string(),
+        Some("system:masters"),
+    )])
     // Each node's kubelet, as the Node authorizer knows it.
-    .chain(nodes.iter().map(|n| {
+    .chain(nodes.iter().map(|(n, _)| {
         (
             format!("kubelet-{n}"),
             format!("system:node:{n}"),
@@ -230,6 +240,17 @@ pub fn make_pki(lab_dir: &Path, router: Ipv4Addr, nodes: &[String]) -> anyhow::R
             &d.join(format!("{who}.kubeconfig")),
             &kubeconfig(&server, &d.join("ca.crt"), &c, &k),
         )?;
+    }
+    // Each kubelet's serving certificate, for its node's address.
+    for (n, address) in nodes {
+        let (cert, key) = issue(
+            &ca,
+            &format!("system:node:{n}"),
+            Some("system:nodes"),
+            &[address.to_string(), n.clone()],
+        )?;
+        write_private(&d.join(format!("kubelet-{n}-serving.crt")), &cert)?;
+        write_private(&d.join(format!("kubelet-{n}-serving.key")), &key)?;
     }
     let sa = KeyPair::generate()?;
     write_private(&d.join("sa.key"), &sa.serialize_pem())?;
@@ -257,6 +278,15 @@ pub fn commands(lab_dir: &Path, router: Ipv4Addr, etcd: &str) -> anyhow::Result<
         format!("--service-account-key-file={}", p("sa.pub")),
         format!("--service-account-signing-key-file={}", p("sa.key")),
         "--authorization-mode=Node,RBAC".into(),
+        // `kubectl logs`: the kubelets at their InternalIP, checked against
+        // the lab's CA, the apiserver presenting its kubelet client.
+        "--kubelet-preferred-address-types=InternalIP".into(),
+        format!(
+            "--kubelet-client-certificate={}",
+            p("apiserver-kubelet-client.crt")
+        ),
+        format!("--kubelet-client-key={}", p("apiserver-kubelet-client.key")),
+        format!("--kubelet-certificate-authority={}", p("ca.crt")),
         "--allow-privileged=true".into(),
     ];
     let controller_manager = vec![
@@ -386,7 +416,12 @@ mod tests {
     fn the_pki_is_root_only_and_kubeconfigs_name_their_files() {
         use std::os::unix::fs::PermissionsExt;
         let d = std::env::temp_dir().join(format!("fibril-k8s-pki-{}", std::process::id()));
-        super::make_pki(&d, "10.201.0.1".parse().unwrap(), &["n1".to_string()]).unwrap();
+        super::make_pki(
+            &d,
+            "10.201.0.1".parse().unwrap(),
+            &[("n1".to_string(), "10.201.0.11".parse().unwrap())],
+        )
+        .unwrap();
         for f in [
             "ca.crt",
             "apiserver.key",

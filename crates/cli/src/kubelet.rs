@@ -29,6 +29,7 @@ use k8s_openapi::api::core::v1::{Container, Node, Pod};
 use serde_json::json;
 
 use crate::kubelet_pod::{self, NodeFs, PodFields, Process};
+use crate::kubelet_server;
 use crate::lab::{self, PodState};
 
 /// How often the node's Lease is renewed (a kubelet's default: 10 s of a
@@ -189,6 +190,21 @@ impl Kubelet {
     }
 
     async fn run(&mut self) -> anyhow::Result<()> {
+        // The kubelet API (`kubectl logs`), on the node's address.
+        let pki = crate::k8s::dir(&lab::lab_dir(&self.lab));
+        let read = |f: String| std::fs::read_to_string(pki.join(&f)).with_context(|| f);
+        let tls = kubelet_server::Tls {
+            cert_pem: read(format!("kubelet-{}-serving.crt", self.node.name))?,
+            key_pem: read(format!("kubelet-{}-serving.key", self.node.name))?,
+            client_ca_pem: read("ca.crt".into())?,
+        };
+        let logs = lab::node_dir(&self.lab, &self.node.name).join("pods");
+        let address = std::net::SocketAddr::from((self.node.address, kubelet_server::PORT));
+        tokio::spawn(async move {
+            if let Err(e) = kubelet_server::serve(address, tls, logs).await {
+                eprintln!("kubelet API: {e:#}");
+            }
+        });
         self.node_ready().await?;
         let pods = watcher::watcher(
             Api::<Pod>::all(self.client.clone()),
@@ -249,6 +265,7 @@ impl Kubelet {
                 "message": "the lab's kubelet is posting ready status",
                 "lastHeartbeatTime": now, "lastTransitionTime": now,
             }],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet_server::PORT}},
             "nodeInfo": {
                 "kubeletVersion": "v1.37.2", "kubeProxyVersion": "", "operatingSystem": "linux",
                 "architecture": std::env::consts::ARCH, "containerRuntimeVersion": "fibril-lab://1",

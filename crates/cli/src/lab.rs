@@ -1624,8 +1624,12 @@ fn start_kubernetes(st: &mut LabState, etcd: &str, namespaces: &[Namespace]) -> 
     let ul = st.underlay_netns.clone().context("no underlay")?;
     let router = underlay_router(&st.underlay_cidr.context("no underlay")?);
     let dir = lab_dir(&st.name);
-    let names: Vec<String> = st.nodes.iter().map(|n| n.name.clone()).collect();
-    crate::k8s::make_pki(&dir, router, &names)?;
+    let nodes: Vec<(String, std::net::Ipv4Addr)> = st
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), n.address))
+        .collect();
+    crate::k8s::make_pki(&dir, router, &nodes)?;
     let commands = crate::k8s::commands(&dir, router, etcd)?;
     let names = [
         "kube-apiserver",

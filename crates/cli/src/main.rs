@@ -6,6 +6,7 @@ mod hubble_cmds;
 mod k8s;
 mod kubelet;
 mod kubelet_pod;
+mod kubelet_server;
 mod lab;
 mod observe;
 

@@ -3,8 +3,10 @@
 //! seed's exact values, refuses unknown, ill-typed and unsupported values
 //! with the reason, carries the agent's RBAC rules, and the seed's `helm
 //! upgrade --install` (the chart's path for the OCI reference) runs against
-//! a lab's real apiserver, followed by the seed's troubleshooting commands
-//! and `helm uninstall`. Needs root for the lab part.
+//! a lab's real apiserver, whose kubelets run the chart's agents for real
+//! (they enforce a policy), followed by the seed's troubleshooting commands
+//! (`kubectl logs` of the DaemonSet included) and `helm uninstall`. Needs
+//! root for the lab part.
 
 mod common;
 
@@ -281,6 +283,19 @@ fn the_seeds_helm_install_runs_against_the_labs_apiserver() {
             },
         );
     }
+    // The seed's `kubectl logs -n kube-system ds/cilium`, for Fibril's
+    // DaemonSet: the API server fetches it from the node's kubelet.
+    let (ok, logs, err) = kubectl(&["logs", "-n", "kube-system", "ds/fibril", "--tail=200"]);
+    assert!(ok && logs.contains("agent ready"), "{logs}{err}");
+    let (ok, logs, err) = kubectl(&[
+        "logs",
+        "-n",
+        "kube-system",
+        "ds/fibril",
+        "-c",
+        "install-cni",
+    ]);
+    assert!(ok && logs.contains("05-fibril.conflist"), "{logs}{err}");
     // The chart's agents enforce policy: a web server, two clients.
     for (name, args) in [
         ("web", vec!["--image=fibril/echo", "--port=8080"]),
