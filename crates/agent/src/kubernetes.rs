@@ -220,11 +220,13 @@ impl PolicyFollower {
 
     /// The policy key an object has in the state.
     fn key(&self, obj: &DynamicObject) -> String {
-        let name = obj.metadata.name.clone().unwrap_or_default();
-        match (&obj.metadata.namespace, self.kind.namespaced()) {
-            (Some(ns), true) => format!("{ns}/{name}"),
-            _ => name,
-        }
+        let name = obj.metadata.name.as_deref().unwrap_or_default();
+        let ns = obj
+            .metadata
+            .namespace
+            .as_deref()
+            .filter(|_| self.kind.namespaced());
+        policy::Policy::key_of(self.kind.kind, ns, name)
     }
 
     /// After a (re)list: the list is this node's policies of the kind.

@@ -147,6 +147,18 @@ impl Policies {
         if self.from_kubernetes {
             return Err(Error::Conflict(FROM_KUBERNETES.into()));
         }
+        // `namespace/name` of a NetworkPolicy names it when no
+        // CiliumNetworkPolicy has that name there.
+        let key = {
+            let s = self.control.lock();
+            let knp = format!("{}{key}", policy::model::KNP_KEY_PREFIX);
+            if !s.policies().contains_key(key) && s.policies().contains_key(&knp) {
+                knp
+            } else {
+                key.to_string()
+            }
+        };
+        let key = key.as_str();
         let known = self.control.lock().policies().contains_key(key);
         let in_cluster = match &self.cluster {
             Some(cluster) => cluster.delete_policy(key)?,

@@ -993,6 +993,12 @@ impl Store {
                 state.replay(r);
             }
         }
+        // Keys as this version makes them (a NetworkPolicy's once shared
+        // the spelling of a CiliumNetworkPolicy's).
+        state.policies = std::mem::take(&mut state.policies)
+            .into_values()
+            .map(|p| (p.key(), p))
+            .collect();
         state
             .rebuild()
             .map_err(|e| format!("state in {} is inconsistent: {e}", self.snapshot.display()))?;

@@ -690,7 +690,7 @@ fn policy_cmd(
                                 "{}: {} {} is valid",
                                 f.display(),
                                 pol.kind.name(),
-                                pol.key()
+                                pol.name_key()
                             );
                         }
                         for (doc, kind) in &p.skipped {

@@ -358,6 +358,36 @@ fn policies_applied_with_kubectl_are_enforced_in_the_kernel() {
         "{described} {err}"
     );
 
+    // A NetworkPolicy of the same namespace and name is another policy:
+    // its deletion leaves the CiliumNetworkPolicy in force.
+    let knp = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-from-client, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: client}}}]\n";
+    let (ok, _, err) = apply(knp);
+    assert!(ok, "{err}");
+    eventually(
+        "both policies on web's node",
+        Duration::from_secs(10),
+        || {
+            let out = lab.fibril(&["--node", "n2", "policy", "get"]);
+            String::from_utf8_lossy(&out.stdout)
+                .matches("web-from-client")
+                .count()
+                >= 2
+        },
+    );
+    let (ok, _, err) = kubectl(&["delete", "networkpolicy", "-n", "shop", "web-from-client"]);
+    assert!(ok, "{err}");
+    eventually("the NetworkPolicy gone", Duration::from_secs(10), || {
+        let out = lab.fibril(&["--node", "n2", "policy", "get"]);
+        String::from_utf8_lossy(&out.stdout)
+            .matches("web-from-client")
+            .count()
+            == 1
+    });
+    assert!(
+        !reaches("other") && reaches("client"),
+        "the CiliumNetworkPolicy stays in force"
+    );
+
     // The CRD's schema refuses at apply what Cilium's refuses, naming the
     // field; nothing is created.
     let (ok, _, err) = apply(

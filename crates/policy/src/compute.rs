@@ -534,9 +534,10 @@ pub fn compute_selected(
         .collect();
 
     for (policy, rule_index, rule) in selecting {
-        // Made once per rule: every entry's origin shares them.
+        // Made once per rule: every entry's origin shares them. The origin
+        // names the policy as people do (its kind beside its name).
         let (kind, key): (std::sync::Arc<str>, std::sync::Arc<str>) =
-            (policy.kind.name().into(), policy.key().into());
+            (policy.kind.name().into(), policy.name_key().into());
         for (direction, section, default_deny) in [
             (Direction::Ingress, &rule.ingress, rule.ingress_default_deny),
             (Direction::Egress, &rule.egress, rule.egress_default_deny),

@@ -42,14 +42,35 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// `namespace/name`, or `name` for cluster-wide policies.
+    /// `namespace/name` (a CiliumNetworkPolicy), `name` (cluster-wide), or
+    /// `networkpolicy:namespace/name` (a Kubernetes NetworkPolicy, which
+    /// may share its namespace and name with a CiliumNetworkPolicy, as in
+    /// Kubernetes: both are in force).
     pub fn key(&self) -> String {
+        Policy::key_of(self.kind, self.namespace.as_deref(), &self.name)
+    }
+
+    /// `namespace/name`, or `name` cluster-wide: how a policy is named
+    /// to people and in flows (with its kind beside it).
+    pub fn name_key(&self) -> String {
         match &self.namespace {
             Some(ns) => format!("{ns}/{}", self.name),
             None => self.name.clone(),
         }
     }
+
+    /// The key a policy of `kind` named so has.
+    pub fn key_of(kind: PolicyKind, namespace: Option<&str>, name: &str) -> String {
+        match (kind, namespace) {
+            (PolicyKind::Knp, Some(ns)) => format!("{KNP_KEY_PREFIX}{ns}/{name}"),
+            (_, Some(ns)) => format!("{ns}/{name}"),
+            (_, None) => name.to_string(),
+        }
+    }
 }
+
+/// What a NetworkPolicy's key starts with.
+pub const KNP_KEY_PREFIX: &str = "networkpolicy:";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rule {
@@ -452,5 +473,25 @@ mod fqdn_tests {
         // not two labels: neither `*` nor `**.` reads it so.
         assert!(!p("*.example").matches("allowed\\.example."));
         assert!(!p("**.example").matches("allowed\\.example."));
+    }
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::{Policy, PolicyKind};
+
+    #[test]
+    fn a_network_policy_never_shares_a_ciliums_key() {
+        let key = |kind, ns| Policy::key_of(kind, ns, "allow");
+        assert_eq!(key(PolicyKind::Cnp, Some("shop")), "shop/allow");
+        assert_eq!(key(PolicyKind::Ccnp, None), "allow");
+        assert_eq!(
+            key(PolicyKind::Knp, Some("shop")),
+            "networkpolicy:shop/allow"
+        );
+        assert_ne!(
+            key(PolicyKind::Knp, Some("shop")),
+            key(PolicyKind::Cnp, Some("shop"))
+        );
     }
 }
