@@ -7,8 +7,8 @@
 //! - pods: a pod created through the API until its Ready condition is
 //!   read back (polled every 10 ms: scheduler, kubelet, CNI ADD, endpoint,
 //!   status);
-//! - agent RSS before and after `SCALE_PODS` pods on one node (lightweight
-//!   `sleep` containers), as KiB per 1,000 pods.
+//! - agent RSS at half and all of `SCALE_PODS` pods on one node
+//!   (lightweight `sleep` containers): the slope, as MiB per 1,000 pods.
 //!
 //! Run: `cargo run --release -p fibril-cli --example k8s_bench` (root;
 //! `cargo build --release --bins` and `cargo xtask deps` first; xtask
@@ -200,44 +200,53 @@ async fn run(kubeconfig: &std::path::Path, agent_pid: u32) -> anyhow::Result<()>
     pods.delete_collection(&Default::default(), &Default::default())
         .await?;
 
-    println!("agent RSS: {SCALE_PODS} pods on node n1");
+    println!("agent RSS: {SCALE_PODS} pods on node n1, measured at half and all of them");
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let before = rss_kib(agent_pid);
+    let empty = rss_kib(agent_pid);
     let started = Instant::now();
-    for i in 0..SCALE_PODS {
-        let pod: Pod = serde_json::from_value(json!({
-            "metadata": {"name": format!("scale-{i}"), "labels": {"app": "scale", "n": i.to_string()}},
-            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "busybox", "command": ["sleep", "3600"]}]},
-        }))?;
-        pods.create(&PostParams::default(), &pod).await?;
-    }
-    let end = Instant::now() + Duration::from_secs(600);
-    loop {
-        let list = pods.list(&Default::default()).await?;
-        let running = list
-            .items
-            .iter()
-            .filter(|p| p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some())
-            .count();
-        if running >= SCALE_PODS {
-            break;
+    let mut samples = Vec::new();
+    for (from, to) in [(0, SCALE_PODS / 2), (SCALE_PODS / 2, SCALE_PODS)] {
+        for i in from..to {
+            let pod: Pod = serde_json::from_value(json!({
+                "metadata": {"name": format!("scale-{i}"), "labels": {"app": "scale", "n": i.to_string()}},
+                "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "busybox", "command": ["sleep", "3600"]}]},
+            }))?;
+            pods.create(&PostParams::default(), &pod).await?;
         }
-        anyhow::ensure!(
-            Instant::now() < end,
-            "{running}/{SCALE_PODS} pods running after 600 s"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let end = Instant::now() + Duration::from_secs(600);
+        loop {
+            let list = pods.list(&Default::default()).await?;
+            let running = list
+                .items
+                .iter()
+                .filter(|p| p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some())
+                .count();
+            if running >= to {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < end,
+                "{running}/{to} pods running after 600 s"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        samples.push(rss_kib(agent_pid));
     }
     let took = started.elapsed();
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let after = rss_kib(agent_pid);
+    // The slope between the two measurements: what a pod adds, whatever
+    // the earlier phases left in the allocator.
+    let per_pod = samples[1].saturating_sub(samples[0]) as f64 / (SCALE_PODS / 2) as f64;
     println!(
-        "  {SCALE_PODS} pods running in {:.1} s ({:.1} pods/s); agent RSS {} -> {} KiB: {:.1} MiB per 1,000 pods (each a distinct identity)",
+        "  {SCALE_PODS} pods running in {:.1} s ({:.1} pods/s); agent RSS {} -> {} -> {} KiB (0, {}, {} pods): {:.1} MiB per 1,000 pods (each a distinct identity)",
         took.as_secs_f64(),
         SCALE_PODS as f64 / took.as_secs_f64(),
-        before,
-        after,
-        (after.saturating_sub(before)) as f64 / SCALE_PODS as f64 * 1000.0 / 1024.0
+        empty,
+        samples[0],
+        samples[1],
+        SCALE_PODS / 2,
+        SCALE_PODS,
+        per_pod * 1000.0 / 1024.0
     );
     pods.delete_collection(&Default::default(), &Default::default())
         .await?;
