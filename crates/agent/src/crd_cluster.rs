@@ -201,7 +201,10 @@ impl CrdCluster {
                 Err(k8s::kube::Error::Api(s)) if s.code == 409 => {
                     // Taken: ours if it holds the same labels.
                     let held = api.get_opt(&id.to_string()).await.map_err(unavailable)?;
-                    if held.is_some_and(|o| security_labels(&o) == Some(key.clone())) {
+                    if held
+                        .and_then(|o| parse_identity(&o))
+                        .is_some_and(|(_, l)| l.to_strings() == key)
+                    {
                         self.by_labels
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
@@ -364,16 +367,7 @@ fn identity_object(id: u32, labels: &policy::LabelSet) -> DynamicObject {
     .expect("an identity object")
 }
 
-/// An identity object's labels as `LabelSet::to_strings` writes them.
-fn security_labels(o: &DynamicObject) -> Option<Vec<String>> {
-    let text: String = o.data["security-labels"]
-        .as_object()?
-        .iter()
-        .map(|(k, v)| format!("{k}={};", v.as_str().unwrap_or_default()))
-        .collect();
-    Some(kvstore::keys::parse_labels(&text)?.to_strings())
-}
-
+/// (number, labels) of a CiliumIdentity; one that does not parse is none.
 fn parse_identity(o: &DynamicObject) -> Option<(u32, policy::LabelSet)> {
     let id = o.metadata.name.as_deref()?.parse().ok()?;
     let text: String = o.data["security-labels"]

@@ -768,12 +768,7 @@ impl Kubelet {
         let ip = if r.state.host_network {
             Some(self.node.address.to_string())
         } else {
-            r.state.cni_result.as_ref().and_then(|res| {
-                res["ips"][0]["address"]
-                    .as_str()
-                    .and_then(|a| a.split('/').next())
-                    .map(str::to_string)
-            })
+            pod_ip(&r.state)
         };
         let container = pod
             .spec
