@@ -5,7 +5,7 @@
  * other attach points is in lib/ (identity, ingress to an endpoint,
  * proxies, drops):
  *   from_container: tc ingress of the host veth = packets leaving the pod
- *                   (egress policy; for a peer on this node also the peer's
+ *                   (services translated to a backend; egress policy; for a peer on this node also the peer's
  *                   ingress policy, then bpf_redirect_peer into the peer;
  *                   for one on another node, into the overlay tunnel)
  *   to_container:   tc egress of the host veth = packets entering the pod
@@ -28,6 +28,7 @@
 #include "lib/proxy.h"
 #include "lib/ingress.h"
 #include "lib/tunnel.h"
+#include "lib/lb.h"
 
 /* This endpoint, set by the agent when it loads the program. */
 const volatile __u32 endpoint_id = 0;
@@ -102,6 +103,11 @@ int from_container(struct __sk_buff *skb)
 			    DIR_EGRESS, self->identity, 0, MATCH_NONE, 0);
 	__u32 src_id = self->identity;
 	__u32 flags = self->flags;
+	/* A service's address becomes a backend's before anything looks at
+	 * the destination (lib/lb.h). */
+	int translated = lb4_translate(skb, &pkt, endpoint_id);
+	if (is_drop(translated))
+		return drop(skb, &pkt, (__u8)-translated, DIR_EGRESS, src_id, 0, MATCH_NONE, 0);
 	/* One endpoint-map lookup: the peer, if local, also gives its identity;
 	 * else the ipcache gives it, and the tunnel to a peer on another node. */
 	struct endpoint_info *peer = local_endpoint(pkt.daddr);

@@ -44,6 +44,7 @@ enum fibril_drop_reason {
 	DROP_UNKNOWN_L4 = 142,
 	DROP_UNROUTABLE = 151,            /* from the overlay, for no endpoint of this node */
 	DROP_CT_MAP_INSERT_FAILED = 155,
+	DROP_NO_SERVICE = 158,            /* a service address with no backend */
 	DROP_INVALID_IDENTITY = 171,      /* a source identity a tunnel may not carry (host) */
 	DROP_FRAG_NOT_FOUND = 175,        /* a later fragment whose first was not seen */
 	DROP_SOCKET_LOOKUP_FAILED = 178,  /* the proxy's listener is not there */
@@ -111,6 +112,17 @@ enum fibril_policy_match {
 #define CT_F_PROXY_REDIRECT 0x1 /* the opener's packets go to the L7 proxy */
 #define CT_F_FROM_PROXY 0x2     /* opened by the proxy for its client: replies go back to it */
 #define CT_F_DNS 0x4            /* with CT_F_PROXY_REDIRECT: the DNS proxy's */
+
+/* ct_key.direction of a service connection's entry (client -> service
+ * address): which backend it went to (ct_value.backend_id), so that it
+ * stays there while the service's backends change. */
+#define CT_DIR_SERVICE 3
+
+/* Which end of a flow event was a service address before translation
+ * (flow_event.svc_side). */
+#define SVC_SIDE_NONE 0
+#define SVC_SIDE_DESTINATION 1 /* client -> service: destination translated */
+#define SVC_SIDE_SOURCE 2      /* its reply: source translated back */
 
 /* Counters of the proxy's socket shortcut (fibril_sockmap_stats index). */
 enum fibril_sockmap_stat {
@@ -236,8 +248,12 @@ struct ct_value {
 	__u8 rx_flags_seen;     /* TCP flags seen from the peer */
 	__u8 closing;
 	__u8 flags;             /* CT_F_* */
+	__u32 backend_id;       /* CT_DIR_SERVICE entries: the chosen backend */
+	__u16 rev_nat;          /* the client's entry of a translated connection:
+				 * fibril_lb_reverse_nat index, 0 = none */
+	__u16 pad;
 };
-_Static_assert(sizeof(struct ct_value) == 40, "ct_value size");
+_Static_assert(sizeof(struct ct_value) == 48, "ct_value size");
 
 /*
  * Conntrack budget, per endpoint (hash keyed by endpoint id, __u32): the
@@ -279,7 +295,76 @@ struct flow_event {
 	__u32 policy_cookie;
 	__u8 smac[6];
 	__u8 dmac[6];
+	/* The service address of a translated packet (SVC_SIDE_*): the
+	 * destination it was sent to, or the source a reply is given back. */
+	__u32 svc_addr;         /* network byte order */
+	__u16 svc_port;         /* host byte order */
+	__u8 svc_side;
+	__u8 pad1;
 };
-_Static_assert(sizeof(struct flow_event) == 64, "flow_event size");
+_Static_assert(sizeof(struct flow_event) == 72, "flow_event size");
+
+/*
+ * Load balancing (services), Cilium's layout: a service address, port and
+ * protocol has a master entry (slot 0: how many backends, its reverse-NAT
+ * index, affinity) and one entry per backend slot 1..count naming a
+ * backend by id. Backends are shared by services and keep their id while
+ * any service still names them, so a connection (its CT_DIR_SERVICE entry
+ * holds the id) stays on its backend when others come and go; a
+ * terminating backend is in no slot, but keeps its id while connections
+ * may still use it.
+ */
+struct lb_service_key {
+	__u32 address;   /* network byte order */
+	__u16 dport;     /* network byte order */
+	__u16 slot;      /* 0: the master entry */
+	__u8 protocol;
+	__u8 scope;      /* 0 today (Cilium's external/internal scope) */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct lb_service_key) == 12, "lb_service_key size");
+
+#define LB_SVC_F_AFFINITY 0x1 /* sessionAffinity: ClientIP */
+
+struct lb_service {
+	__u32 backend_id;        /* slots 1..count */
+	__u16 count;             /* master: backends in slots */
+	__u16 rev_nat;           /* master: fibril_lb_reverse_nat index */
+	__u32 affinity_timeout_s;/* master, with LB_SVC_F_AFFINITY */
+	__u32 flags;             /* master: LB_SVC_F_* */
+};
+_Static_assert(sizeof(struct lb_service) == 16, "lb_service size");
+
+struct lb_backend {
+	__u32 address;   /* network byte order */
+	__u16 port;      /* network byte order */
+	__u8 protocol;
+	__u8 flags;      /* 0 */
+};
+_Static_assert(sizeof(struct lb_backend) == 8, "lb_backend size");
+
+/* A reverse-NAT index -> the service address replies come from. */
+struct lb_reverse_nat {
+	__u32 address;   /* network byte order */
+	__u16 port;      /* network byte order */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct lb_reverse_nat) == 8, "lb_reverse_nat size");
+
+/* sessionAffinity ClientIP: a client address and a service (its
+ * reverse-NAT index) -> the backend it last used, and when. */
+struct lb_affinity_key {
+	__u32 client;    /* network byte order */
+	__u16 rev_nat;
+	__u16 pad;
+};
+_Static_assert(sizeof(struct lb_affinity_key) == 8, "lb_affinity_key size");
+
+struct lb_affinity {
+	__u64 last_used_ns;
+	__u32 backend_id;
+	__u32 pad;
+};
+_Static_assert(sizeof(struct lb_affinity) == 16, "lb_affinity size");
 
 #endif /* FIBRIL_ABI_H */

@@ -23,6 +23,7 @@ struct ct_result {
 	__u8 state;              /* fibril_ct_state */
 	__u8 report;             /* worth a trace event (monitor aggregation) */
 	__u8 flags;              /* CT_F_* of the entry */
+	__u16 rev_nat;           /* the entry's reverse-NAT index (lib/lb.h) */
 	__u32 policy_cookie;
 };
 
@@ -110,6 +111,7 @@ FIBRIL_GLOBAL int ct_lookup(const struct packet *pkt, __u8 dir, struct ct_result
 
 	res->report = 0;
 	res->flags = 0;
+	res->rev_nat = 0;
 	res->policy_cookie = 0;
 
 	ct_fill_key(&key, pkt, dir, 0);
@@ -134,6 +136,7 @@ FIBRIL_GLOBAL int ct_lookup(const struct packet *pkt, __u8 dir, struct ct_result
 	if (v && v->expires_ns > now) {
 		res->state = CT_REPLY;
 		res->flags = v->flags;
+		res->rev_nat = v->rev_nat;
 		res->policy_cookie = v->policy_cookie;
 		res->report = ct_touch(v, pkt, 0, now);
 		return 0;
@@ -223,6 +226,10 @@ FIBRIL_GLOBAL int ct_create(const struct packet *pkt, __u8 dir, __u32 cookie, __
 	ct_fill_key(&key, pkt, dir, 0);
 	v.policy_cookie = cookie;
 	v.flags = flags;
+	/* The client's own entry of a translated connection: its replies
+	 * are given back the service's address (lib/lb.h). */
+	if (dir == DIR_EGRESS)
+		v.rev_nat = pkt->rev_nat;
 	v.tx_flags_seen = pkt->tcp_flags;
 	v.packets = 1;
 	v.bytes = pkt->len;

@@ -71,6 +71,10 @@ FIBRIL_GLOBAL int emit_event_meta(struct __sk_buff *skb, const struct packet *pk
 	e->policy_cookie = m->cookie;
 	__builtin_memcpy(e->smac, pkt->smac, 6);
 	__builtin_memcpy(e->dmac, pkt->dmac, 6);
+	e->svc_addr = pkt->svc_addr;
+	e->svc_port = pkt->svc_port;
+	e->svc_side = pkt->svc_side;
+	e->pad1 = 0;
 
 	__u64 pending = bpf_ringbuf_query(&fibril_events, BPF_RB_AVAIL_DATA);
 	bpf_ringbuf_submit(e, pending >= events_wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);

@@ -12,6 +12,7 @@
 #include "ct.h"
 #include "drop.h"
 #include "identity.h"
+#include "lb.h"
 #include "policy.h"
 #include "proxy.h"
 
@@ -135,6 +136,12 @@ static __always_inline int ingress_to_endpoint(struct __sk_buff *skb, struct pac
 	__u8 ct_flags = 0;
 
 	ct_lookup(pkt, DIR_INGRESS, &ct);
+	/* A reply of a connection this endpoint opened to a service: from
+	 * the service's address again. */
+	if (ct.state == CT_REPLY && ct.rev_nat &&
+	    is_drop(lb4_rev_nat(skb, pkt, ct.rev_nat)))
+		return drop_notify(skb, pkt, ep_id, DROP_INVALID_PACKET, DIR_INGRESS, src_id, dst_id,
+				   MATCH_NONE, 0);
 	if (ct.state == CT_NEW) {
 		/* From the overlay, a packet of no connection of the endpoint's
 		 * may still be tracked here: checked only then, so established

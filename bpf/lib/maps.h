@@ -57,6 +57,40 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } fibril_ct_budget SEC(".maps");
 
+/* Services (lib/lb.h): frontends and their backend slots, backends by
+ * id, reverse-NAT entries for replies, ClientIP affinity. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct lb_service_key);
+	__type(value, struct lb_service);
+	__uint(max_entries, 131072);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fibril_lb_services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32); /* backend id */
+	__type(value, struct lb_backend);
+	__uint(max_entries, 65536);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fibril_lb_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u16); /* reverse-NAT index */
+	__type(value, struct lb_reverse_nat);
+	__uint(max_entries, 65535);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fibril_lb_reverse_nat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct lb_affinity_key);
+	__type(value, struct lb_affinity);
+	__uint(max_entries, 65536);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fibril_lb_affinity SEC(".maps");
+
 /* IPv4 fragments: the datagram's ports, from its first fragment, for the
  * fragments after it (they carry no L4 header). Kernel-only (the agent
  * never reads it), so its structs live in lib/frag.h. */

@@ -55,6 +55,15 @@ struct packet {
 	__u16 inner_dport;
 	__u32 inner_saddr; /* network byte order */
 	__u32 inner_daddr;
+	__u16 l4_off;      /* the L4 header's offset in the frame */
+	/* Service translation (lib/lb.h): the service address the packet
+	 * was sent to or a reply is given back from (SVC_SIDE_*), and the
+	 * reverse-NAT index the client's connection entry keeps. */
+	__u8 svc_side;
+	__u8 pad1;
+	__u32 svc_addr;    /* network byte order */
+	__u16 svc_port;    /* host byte order */
+	__u16 rev_nat;
 };
 
 /* ICMP errors carry the IP header and the first 8 bytes of the packet they
@@ -133,6 +142,7 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct packet *pk
 	pkt->icmp_type = 0;
 	pkt->icmp_code = 0;
 	pkt->icmp_error = 0;
+	pkt->l4_off = ETH_HLEN + ihl;
 
 	/* Fragments: the first carries the L4 header (it must hold it whole
 	 * enough for the fields read below); the later ones get the ports it

@@ -77,6 +77,8 @@ pub enum DropReason {
     /// From the overlay, for an address that is no endpoint of this node.
     Unroutable = 151,
     CtMapInsertFailed = 155,
+    /// A service address with no backend (Hubble: SERVICE_BACKEND_NOT_FOUND).
+    NoService = 158,
     /// A source identity a tunnel may not carry (another node's `host`).
     InvalidIdentity = 171,
     /// A later fragment whose first fragment (with the ports) was not seen.
@@ -88,7 +90,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 15] = [
         Self::InvalidSourceIp,
         Self::PolicyDenied,
         Self::InvalidPacket,
@@ -97,6 +99,7 @@ impl DropReason {
         Self::UnknownL4,
         Self::Unroutable,
         Self::CtMapInsertFailed,
+        Self::NoService,
         Self::InvalidIdentity,
         Self::FragNotFound,
         Self::SocketLookupFailed,
@@ -197,6 +200,14 @@ pub const POLICY_F_REDIRECT_DNS: u8 = 0x8;
 pub const CT_F_PROXY_REDIRECT: u8 = 0x1;
 pub const CT_F_FROM_PROXY: u8 = 0x2;
 pub const CT_F_DNS: u8 = 0x4;
+/// `CtKey::direction` of a service connection's entry (its backend).
+pub const CT_DIR_SERVICE: u8 = 3;
+/// `FlowEvent::svc_side`: which end was a service address.
+pub const SVC_SIDE_NONE: u8 = 0;
+pub const SVC_SIDE_DESTINATION: u8 = 1;
+pub const SVC_SIDE_SOURCE: u8 = 2;
+/// `LbService::flags` of a master entry: sessionAffinity ClientIP.
+pub const LB_SVC_F_AFFINITY: u32 = 0x1;
 /// Counters of the L7 proxy's socket shortcut (`fibril_sockmap_stats`).
 pub const SOCKMAP_STAT_SOCKETS: u32 = 0;
 pub const SOCKMAP_STAT_REDIRECTED: u32 = 1;
@@ -302,6 +313,82 @@ pub struct CtValue {
     pub closing: u8,
     /// `CT_F_*`.
     pub flags: u8,
+    /// `CT_DIR_SERVICE` entries: the backend the connection went to.
+    pub backend_id: u32,
+    /// The client's entry of a translated connection: its reverse-NAT index.
+    pub rev_nat: u16,
+    pub pad: u16,
+}
+
+/// A service frontend's slot (`fibril_lb_services`): slot 0 is the master
+/// entry, 1..=count name backends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbServiceKey {
+    /// Network byte order.
+    pub address: u32,
+    /// Network byte order.
+    pub dport: u16,
+    pub slot: u16,
+    pub protocol: u8,
+    pub scope: u8,
+    pub pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LbService {
+    /// Slots 1..=count: the backend's id.
+    pub backend_id: u32,
+    /// Master: backends in slots.
+    pub count: u16,
+    /// Master: the reverse-NAT index of replies.
+    pub rev_nat: u16,
+    pub affinity_timeout_s: u32,
+    /// Master: `LB_SVC_F_*`.
+    pub flags: u32,
+}
+
+/// A backend by id (`fibril_lb_backends`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LbBackend {
+    /// Network byte order.
+    pub address: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub protocol: u8,
+    pub flags: u8,
+}
+
+/// What replies of a service's connections come from
+/// (`fibril_lb_reverse_nat`, keyed by the index).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LbReverseNat {
+    /// Network byte order.
+    pub address: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// sessionAffinity ClientIP (`fibril_lb_affinity`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LbAffinityKey {
+    /// Network byte order.
+    pub client: u32,
+    pub rev_nat: u16,
+    pub pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LbAffinity {
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub pad: u32,
 }
 
 /// An endpoint's conntrack budget (`fibril_ct_budget`, keyed by endpoint
@@ -344,6 +431,12 @@ pub struct FlowEvent {
     pub policy_cookie: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
+    /// A translated packet's service address (network byte order) and
+    /// port, and which end it was (`SVC_SIDE_*`).
+    pub svc_addr: u32,
+    pub svc_port: u16,
+    pub svc_side: u8,
+    pub pad1: u8,
 }
 
 impl FlowEvent {
@@ -386,6 +479,10 @@ impl FlowEvent {
             policy_cookie: u32_at(48),
             smac,
             dmac,
+            svc_addr: u32_at(64),
+            svc_port: u16_at(68),
+            svc_side: b[70],
+            pad1: b[71],
         })
     }
 }
@@ -418,4 +515,16 @@ mod pod {
     unsafe impl aya::Pod for SockKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for PlainKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LbServiceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LbService {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LbBackend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LbReverseNat {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LbAffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LbAffinity {}
 }

@@ -32,7 +32,19 @@ int main(void) {
   O(ct_key, direction)
   O(ct_value, expires_ns) O(ct_value, packets) O(ct_value, bytes) O(ct_value, last_report_ns)
   O(ct_value, policy_cookie) O(ct_value, tx_flags_seen) O(ct_value, rx_flags_seen)
-  O(ct_value, closing) O(ct_value, flags)
+  O(ct_value, closing) O(ct_value, flags) O(ct_value, backend_id) O(ct_value, rev_nat)
+  S(lb_service_key) S(lb_service) S(lb_backend) S(lb_reverse_nat) S(lb_affinity_key) S(lb_affinity)
+  O(lb_service_key, address) O(lb_service_key, dport) O(lb_service_key, slot)
+  O(lb_service_key, protocol) O(lb_service_key, scope)
+  O(lb_service, backend_id) O(lb_service, count) O(lb_service, rev_nat)
+  O(lb_service, affinity_timeout_s) O(lb_service, flags)
+  O(lb_backend, address) O(lb_backend, port) O(lb_backend, protocol) O(lb_backend, flags)
+  O(lb_reverse_nat, address) O(lb_reverse_nat, port)
+  O(lb_affinity_key, client) O(lb_affinity_key, rev_nat)
+  O(lb_affinity, last_used_ns) O(lb_affinity, backend_id)
+  O(flow_event, svc_addr) O(flow_event, svc_port) O(flow_event, svc_side)
+  E(DROP_NO_SERVICE) E(CT_DIR_SERVICE) E(SVC_SIDE_NONE) E(SVC_SIDE_DESTINATION)
+  E(SVC_SIDE_SOURCE) E(LB_SVC_F_AFFINITY)
   O(flow_event, ts_ns) O(flow_event, type) O(flow_event, subtype) O(flow_event, direction)
   O(flow_event, verdict) O(flow_event, ct_state) O(flow_event, protocol)
   O(flow_event, tcp_flags) O(flow_event, ip_version) O(flow_event, ep_id)
@@ -204,6 +216,55 @@ fn sizes_offsets_and_enums_match_the_c_header() {
         ),
         ("flow_event.smac", offset_of!(FlowEvent, smac)),
         ("flow_event.dmac", offset_of!(FlowEvent, dmac)),
+        ("flow_event.svc_addr", offset_of!(FlowEvent, svc_addr)),
+        ("flow_event.svc_port", offset_of!(FlowEvent, svc_port)),
+        ("flow_event.svc_side", offset_of!(FlowEvent, svc_side)),
+        ("ct_value.backend_id", offset_of!(CtValue, backend_id)),
+        ("ct_value.rev_nat", offset_of!(CtValue, rev_nat)),
+        ("lb_service_key", size_of::<LbServiceKey>()),
+        ("lb_service", size_of::<LbService>()),
+        ("lb_backend", size_of::<LbBackend>()),
+        ("lb_reverse_nat", size_of::<LbReverseNat>()),
+        ("lb_affinity_key", size_of::<LbAffinityKey>()),
+        ("lb_affinity", size_of::<LbAffinity>()),
+        ("lb_service_key.address", offset_of!(LbServiceKey, address)),
+        ("lb_service_key.dport", offset_of!(LbServiceKey, dport)),
+        ("lb_service_key.slot", offset_of!(LbServiceKey, slot)),
+        (
+            "lb_service_key.protocol",
+            offset_of!(LbServiceKey, protocol),
+        ),
+        ("lb_service_key.scope", offset_of!(LbServiceKey, scope)),
+        ("lb_service.backend_id", offset_of!(LbService, backend_id)),
+        ("lb_service.count", offset_of!(LbService, count)),
+        ("lb_service.rev_nat", offset_of!(LbService, rev_nat)),
+        (
+            "lb_service.affinity_timeout_s",
+            offset_of!(LbService, affinity_timeout_s),
+        ),
+        ("lb_service.flags", offset_of!(LbService, flags)),
+        ("lb_backend.address", offset_of!(LbBackend, address)),
+        ("lb_backend.port", offset_of!(LbBackend, port)),
+        ("lb_backend.protocol", offset_of!(LbBackend, protocol)),
+        ("lb_backend.flags", offset_of!(LbBackend, flags)),
+        ("lb_reverse_nat.address", offset_of!(LbReverseNat, address)),
+        ("lb_reverse_nat.port", offset_of!(LbReverseNat, port)),
+        ("lb_affinity_key.client", offset_of!(LbAffinityKey, client)),
+        (
+            "lb_affinity_key.rev_nat",
+            offset_of!(LbAffinityKey, rev_nat),
+        ),
+        (
+            "lb_affinity.last_used_ns",
+            offset_of!(LbAffinity, last_used_ns),
+        ),
+        ("lb_affinity.backend_id", offset_of!(LbAffinity, backend_id)),
+        ("DROP_NO_SERVICE", DropReason::NoService as usize),
+        ("CT_DIR_SERVICE", CT_DIR_SERVICE as usize),
+        ("SVC_SIDE_NONE", SVC_SIDE_NONE as usize),
+        ("SVC_SIDE_DESTINATION", SVC_SIDE_DESTINATION as usize),
+        ("SVC_SIDE_SOURCE", SVC_SIDE_SOURCE as usize),
+        ("LB_SVC_F_AFFINITY", LB_SVC_F_AFFINITY as usize),
         ("ID_HOST", identity::HOST as usize),
         ("ID_WORLD", identity::WORLD as usize),
         ("ID_UNMANAGED", identity::UNMANAGED as usize),
@@ -315,13 +376,16 @@ fn sizes_offsets_and_enums_match_the_c_header() {
 
 #[test]
 fn flow_event_decodes_from_bytes() {
-    let mut b = [0u8; 64];
+    let mut b = [0u8; 72];
     b[0..8].copy_from_slice(&123u64.to_ne_bytes());
     b[8] = 1;
     b[9] = 133;
     b[20..24].copy_from_slice(&256u32.to_ne_bytes());
     b[42..44].copy_from_slice(&8080u16.to_ne_bytes());
     b[58..64].copy_from_slice(&[1, 2, 3, 4, 5, 6]);
+    b[64..68].copy_from_slice(&[10, 96, 0, 10]);
+    b[68..70].copy_from_slice(&80u16.to_ne_bytes());
+    b[70] = SVC_SIDE_DESTINATION;
     let e = FlowEvent::from_bytes(&b).unwrap();
     assert_eq!(e.ts_ns, 123);
     assert_eq!(EventType::from_u8(e.r#type), Some(EventType::Drop));
@@ -332,5 +396,7 @@ fn flow_event_decodes_from_bytes() {
     assert_eq!(e.src_identity, 256);
     assert_eq!(e.dport, 8080);
     assert_eq!(e.dmac, [1, 2, 3, 4, 5, 6]);
-    assert!(FlowEvent::from_bytes(&b[..63]).is_none());
+    assert_eq!(e.svc_addr.to_ne_bytes(), [10, 96, 0, 10]);
+    assert_eq!((e.svc_port, e.svc_side), (80, SVC_SIDE_DESTINATION));
+    assert!(FlowEvent::from_bytes(&b[..71]).is_none());
 }

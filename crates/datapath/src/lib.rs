@@ -12,7 +12,10 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use abi::{CtKey, CtValue, EndpointInfo, EndpointKey, IpcacheValue, PolicyKeyData, PolicyValue};
+use abi::{
+    CtKey, CtValue, EndpointInfo, EndpointKey, IpcacheValue, LbAffinity, LbAffinityKey, LbBackend,
+    LbReverseNat, LbService, LbServiceKey, PolicyKeyData, PolicyValue,
+};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
@@ -34,6 +37,10 @@ const MAP_POLICY: &str = "fibril_policy";
 const MAP_CT: &str = "fibril_ct";
 const MAP_CT_BUDGET: &str = "fibril_ct_budget";
 const MAP_EVENTS: &str = "fibril_events";
+const MAP_LB_SERVICES: &str = "fibril_lb_services";
+const MAP_LB_BACKENDS: &str = "fibril_lb_backends";
+const MAP_LB_REVERSE_NAT: &str = "fibril_lb_reverse_nat";
+const MAP_LB_AFFINITY: &str = "fibril_lb_affinity";
 const MAP_EVENTS_LOST: &str = "fibril_events_lost";
 const PROG_FROM_CONTAINER: &str = "from_container";
 const PROG_TO_CONTAINER: &str = "to_container";
@@ -136,6 +143,26 @@ struct Maps {
     ct: BpfHashMap<MapData, CtKey, CtValue>,
     ct_budget: BpfHashMap<MapData, u32, abi::CtBudget>,
     events_lost: PerCpuArray<MapData, u64>,
+    lb_services: BpfHashMap<MapData, LbServiceKey, LbService>,
+    lb_backends: BpfHashMap<MapData, u32, LbBackend>,
+    lb_reverse_nat: BpfHashMap<MapData, u16, LbReverseNat>,
+    lb_affinity: BpfHashMap<MapData, LbAffinityKey, LbAffinity>,
+}
+
+/// One write to the services' maps (`Datapath::lb_apply`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LbWrite {
+    Service(LbServiceKey, Option<LbService>),
+    Backend(u32, Option<LbBackend>),
+    ReverseNat(u16, Option<LbReverseNat>),
+}
+
+/// What the services' maps hold (`Datapath::lb_contents`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LbContents {
+    pub services: std::collections::BTreeMap<LbServiceKey, LbService>,
+    pub backends: std::collections::BTreeMap<u32, LbBackend>,
+    pub reverse_nat: std::collections::BTreeMap<u16, LbReverseNat>,
 }
 
 /// One policy map entry: key data with its LPM prefix length, and value.
@@ -179,6 +206,14 @@ impl Datapath {
                 .map_err(map_err(MAP_CT_BUDGET))?,
             events_lost: PerCpuArray::try_from(take(MAP_EVENTS_LOST)?)
                 .map_err(map_err(MAP_EVENTS_LOST))?,
+            lb_services: BpfHashMap::try_from(take(MAP_LB_SERVICES)?)
+                .map_err(map_err(MAP_LB_SERVICES))?,
+            lb_backends: BpfHashMap::try_from(take(MAP_LB_BACKENDS)?)
+                .map_err(map_err(MAP_LB_BACKENDS))?,
+            lb_reverse_nat: BpfHashMap::try_from(take(MAP_LB_REVERSE_NAT)?)
+                .map_err(map_err(MAP_LB_REVERSE_NAT))?,
+            lb_affinity: BpfHashMap::try_from(take(MAP_LB_AFFINITY)?)
+                .map_err(map_err(MAP_LB_AFFINITY))?,
         };
         let events = RingBuf::try_from(take(MAP_EVENTS)?).map_err(map_err(MAP_EVENTS))?;
         Ok(Self {
@@ -400,6 +435,79 @@ impl Datapath {
             });
         }
         Ok(out)
+    }
+
+    /// Applies writes to the services' maps in order (the caller orders
+    /// them so that the datapath never meets a slot naming a backend that
+    /// is not there yet, nor a master entry counting slots that are not).
+    pub fn lb_apply(&self, writes: &[LbWrite]) -> Result<(), Error> {
+        let mut maps = self.maps();
+        fn removed(r: Result<(), aya::maps::MapError>, map: &'static str) -> Result<(), Error> {
+            match r {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(map_err(map)(e)),
+            }
+        }
+        for w in writes {
+            match *w {
+                LbWrite::Service(k, Some(v)) => maps
+                    .lb_services
+                    .insert(k, v, 0)
+                    .map_err(map_err(MAP_LB_SERVICES))?,
+                LbWrite::Service(k, None) => removed(maps.lb_services.remove(&k), MAP_LB_SERVICES)?,
+                LbWrite::Backend(id, Some(v)) => maps
+                    .lb_backends
+                    .insert(id, v, 0)
+                    .map_err(map_err(MAP_LB_BACKENDS))?,
+                LbWrite::Backend(id, None) => {
+                    removed(maps.lb_backends.remove(&id), MAP_LB_BACKENDS)?
+                }
+                LbWrite::ReverseNat(i, Some(v)) => maps
+                    .lb_reverse_nat
+                    .insert(i, v, 0)
+                    .map_err(map_err(MAP_LB_REVERSE_NAT))?,
+                LbWrite::ReverseNat(i, None) => {
+                    removed(maps.lb_reverse_nat.remove(&i), MAP_LB_REVERSE_NAT)?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything the services' maps hold (an earlier run's entries, at
+    /// start: backend and reverse-NAT numbers are kept from them).
+    pub fn lb_contents(&self) -> Result<LbContents, Error> {
+        let maps = self.maps();
+        let mut out = LbContents::default();
+        for item in maps.lb_services.iter() {
+            let (k, v) = item.map_err(map_err(MAP_LB_SERVICES))?;
+            out.services.insert(k, v);
+        }
+        for item in maps.lb_backends.iter() {
+            let (k, v) = item.map_err(map_err(MAP_LB_BACKENDS))?;
+            out.backends.insert(k, v);
+        }
+        for item in maps.lb_reverse_nat.iter() {
+            let (k, v) = item.map_err(map_err(MAP_LB_REVERSE_NAT))?;
+            out.reverse_nat.insert(k, v);
+        }
+        Ok(out)
+    }
+
+    /// Forgets the ClientIP affinities `doomed` picks (those to backends a
+    /// service no longer has). Returns how many.
+    pub fn lb_affinity_flush(&self, doomed: impl Fn(&LbAffinityKey, &LbAffinity) -> bool) -> usize {
+        let mut maps = self.maps();
+        let keys: Vec<LbAffinityKey> = maps
+            .lb_affinity
+            .iter()
+            .filter_map(|e| e.ok())
+            .filter(|(k, v)| doomed(k, v))
+            .map(|(k, _)| k)
+            .collect();
+        keys.iter()
+            .filter(|k| maps.lb_affinity.remove(k).is_ok())
+            .count()
     }
 
     /// Number of live connection-tracking entries.
@@ -701,6 +809,10 @@ where
 
 /// Makes sure bpffs is mounted at /sys/fs/bpf and `dir` exists on it.
 fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
+    // One thread at a time: a directory made while another thread mounts
+    // bpffs would end up hidden under the mount.
+    static MOUNTING: Mutex<()> = Mutex::new(());
+    let _one = MOUNTING.lock().unwrap_or_else(|e| e.into_inner());
     let root = Path::new("/sys/fs/bpf");
     let mounted = std::fs::read_to_string("/proc/self/mounts")
         .map(|m| {

@@ -6,139 +6,15 @@
 use std::net::Ipv4Addr;
 
 use abi::{
-    DropReason, EndpointInfo, EventType, FlowEvent, PolicyKeyData, PolicyValue, CT_F_DNS,
-    CT_F_PROXY_REDIRECT, EP_F_EGRESS_ENFORCED, EP_F_INGRESS_ENFORCED, POLICY_FULL_PREFIX_BITS,
-    POLICY_F_DENY, POLICY_F_REDIRECT, POLICY_F_REDIRECT_DNS, POLICY_STATIC_PREFIX_BITS,
+    DropReason, EventType, FlowEvent, PolicyKeyData, CT_F_DNS, CT_F_PROXY_REDIRECT,
+    EP_F_EGRESS_ENFORCED, EP_F_INGRESS_ENFORCED, POLICY_FULL_PREFIX_BITS, POLICY_F_REDIRECT,
+    POLICY_F_REDIRECT_DNS,
 };
-use fibril_datapath::{Config, Datapath, EndpointPrograms, Hook, PolicyEntry};
-use test_support::{
-    ipv4_packet, ipv6_udp_packet, unique_name, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
-};
+use fibril_datapath::{EndpointPrograms, Hook};
+use test_support::{ipv4_packet, ipv6_udp_packet, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-
-const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 10);
-const SERVER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 20);
-const CLIENT_ID: u32 = 300;
-const SERVER_ID: u32 = 301;
-
-/// A datapath in its own pin directory, removed on drop.
-struct Lab {
-    dp: Datapath,
-    pin_dir: std::path::PathBuf,
-    reader: std::cell::RefCell<Option<fibril_datapath::EventReader>>,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        Datapath::unpin_all(&self.pin_dir);
-    }
-}
-
-fn lab() -> Lab {
-    lab_with(|_| {})
-}
-
-/// A lab whose datapath configuration `adjust` changes first.
-fn lab_with(adjust: impl FnOnce(&mut Config)) -> Lab {
-    let pin_dir = std::path::PathBuf::from("/sys/fs/bpf").join(unique_name("fibril-test-"));
-    let mut config = Config::new(&pin_dir);
-    adjust(&mut config);
-    let dp = Datapath::open(config).expect("open datapath (needs root and BPF)");
-    for (ip, ep, id, ifindex) in [(CLIENT, 1, CLIENT_ID, 1000), (SERVER, 2, SERVER_ID, 1001)] {
-        dp.upsert_endpoint(
-            ip,
-            EndpointInfo {
-                ep_id: ep,
-                identity: id,
-                host_ifindex: ifindex,
-                flags: 0,
-                pod_mac: [0x02, 0, 0, 0, 1, ep as u8],
-                host_mac: [0x02, 0, 0, 0, 2, ep as u8],
-                pad: 0,
-            },
-        )
-        .unwrap();
-    }
-    Lab {
-        dp,
-        pin_dir,
-        reader: Default::default(),
-    }
-}
-
-fn enforce(lab: &Lab, ip: Ipv4Addr, flags: u32) {
-    let mut info = lab.dp.endpoint(ip).unwrap();
-    info.flags = flags;
-    lab.dp.upsert_endpoint(ip, info).unwrap();
-}
-
-fn allow(lab: &Lab, ep: u32, identity: u32, dir: u8, proto: u8, port: u16, deny: bool) {
-    let flags = if deny { POLICY_F_DENY } else { 0 };
-    policy_entry(lab, ep, identity, dir, proto, port, flags);
-}
-
-/// A policy map entry: any protocol (`proto` 0), any port (`port` 0) or
-/// one port, with `flags` (`POLICY_F_*`).
-fn policy_entry(lab: &Lab, ep: u32, identity: u32, dir: u8, proto: u8, port: u16, flags: u8) {
-    let prefix_len = if proto == 0 {
-        POLICY_STATIC_PREFIX_BITS
-    } else if port == 0 {
-        POLICY_STATIC_PREFIX_BITS + 8
-    } else {
-        POLICY_FULL_PREFIX_BITS
-    };
-    lab.dp
-        .upsert_policy(&PolicyEntry {
-            prefix_len,
-            key: PolicyKeyData {
-                ep_id: ep.to_be(),
-                identity: identity.to_be(),
-                direction: dir,
-                protocol: proto,
-                dport: port.to_be(),
-            },
-            value: PolicyValue {
-                cookie: 42,
-                flags,
-                prefix: (prefix_len - POLICY_STATIC_PREFIX_BITS) as u8,
-                pad: 0,
-            },
-        })
-        .unwrap();
-}
-
-/// The trace, drop and audit events so far (the policy-verdict events of
-/// allowed and denied connections are `all_events`' and
-/// `policy_verdicts_report_each_decided_connection_once`'s concern).
-fn events(lab: &Lab) -> Vec<FlowEvent> {
-    all_events(lab)
-        .into_iter()
-        .filter(|e| e.r#type != EventType::PolicyVerdict as u8 || e.verdict == abi::verdict::AUDIT)
-        .collect()
-}
-
-fn all_events(lab: &Lab) -> Vec<FlowEvent> {
-    let mut slot = lab.reader.borrow_mut();
-    let reader = slot.get_or_insert_with(|| lab.dp.take_event_reader().unwrap());
-    let mut out = Vec::new();
-    reader.poll(std::time::Duration::from_millis(0), |e| out.push(e));
-    out
-}
-
-fn progs(lab: &Lab, ep: u32, ip: Ipv4Addr) -> EndpointPrograms {
-    lab.dp.load_endpoint_programs(ep, ip).unwrap()
-}
-
-fn syn(sport: u16, dport: u16) -> L4 {
-    L4::Tcp {
-        sport,
-        dport,
-        flags: TCP_SYN,
-    }
-}
+mod common;
+use common::*;
 
 #[test]
 fn unenforced_endpoint_forwards_and_tracks_the_connection() {
@@ -706,14 +582,6 @@ fn l7_redirects_fail_closed_for_http_and_fall_back_for_dns() {
         .map(|(_, v)| v.flags)
         .collect();
     assert_eq!(flags, vec![CT_F_PROXY_REDIRECT | CT_F_DNS]);
-}
-
-fn tcp(sport: u16, dport: u16, flags: u8) -> L4 {
-    L4::Tcp {
-        sport,
-        dport,
-        flags,
-    }
 }
 
 /// Removes the policy entry `allow`/`policy_entry` wrote for one port.

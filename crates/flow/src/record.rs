@@ -40,6 +40,17 @@ pub fn http_protocol(p: &str) -> Text {
     known_text(p, &["HTTP/1.1", "HTTP/2", "HTTP/1.0"])
 }
 
+/// `flow.Service`: a Kubernetes service by name (JSON keys in the proto's
+/// order).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ServiceRef {
+    pub name: String,
+    pub namespace: String,
+}
+
+/// A service as flows name it, shared by all of them.
+pub type SharedServiceRef = std::sync::Arc<ServiceRef>;
+
 /// A policy attribution, shared by every flow it decided.
 pub type SharedPolicyRef = std::sync::Arc<PolicyRef>;
 
@@ -253,6 +264,12 @@ pub struct Flow {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub l7: Option<Layer7>,
     pub event_type: EventTypeField,
+    /// The service a translated packet's source or destination was
+    /// (the datapath's load balancing; the ends stay the pods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_service: Option<SharedServiceRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_service: Option<SharedServiceRef>,
     #[serde(default, skip_serializing_if = "TrafficDirection::is_unset")]
     pub traffic_direction: TrafficDirection,
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -470,6 +487,10 @@ pub trait Enricher {
     fn interface_name(&self, _ifindex: u32) -> Option<String> {
         None
     }
+    /// The service whose frontend is `addr:port` (a translated packet's).
+    fn service(&self, _addr: Ipv4Addr, _port: u16) -> Option<SharedServiceRef> {
+        None
+    }
 }
 
 /// The `flow.DropReason` of a datapath drop code (the datapath numbers
@@ -535,6 +556,7 @@ pub fn drop_reason_text(r: enums::DropReason) -> &'static str {
         R::UNKNOWN_L4_PROTOCOL => "Unknown L4 protocol",
         R::STALE_OR_UNROUTABLE_IP => "Stale or unroutable IP",
         R::CT_MAP_INSERTION_FAILED => "CT: Map insertion failed",
+        R::SERVICE_BACKEND_NOT_FOUND => "Service backend not found",
         R::INVALID_IDENTITY => "Invalid identity",
         R::FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND => "First logical datagram fragment not found",
         R::POLICY_DENY => "Policy denied by denylist",
@@ -780,6 +802,12 @@ pub fn from_event(
         attribution[slot].push(p);
     }
     let [egress_allowed_by, ingress_allowed_by, egress_denied_by, ingress_denied_by] = attribution;
+    let service = || enricher.service(Ipv4Addr::from(u32::from_be(e.svc_addr)), e.svc_port);
+    let (source_service, destination_service) = match e.svc_side {
+        abi::SVC_SIDE_DESTINATION => (None, service()),
+        abi::SVC_SIDE_SOURCE => (service(), None),
+        _ => (None, None),
+    };
     Flow {
         time: Time(unix_ns),
         uuid,
@@ -809,6 +837,8 @@ pub fn from_event(
             r#type: e.r#type as i32,
             sub_type,
         },
+        source_service,
+        destination_service,
         traffic_direction: direction(e.direction),
         trace_observation_point: point,
         trace_reason: if is_drop {

@@ -185,6 +185,8 @@ pub fn flow(f: &flow::Flow) -> pb::Flow {
         node_name: f.node_name.clone(),
         source_names: f.source_names.clone(),
         destination_names: f.destination_names.clone(),
+        source_service: f.source_service.as_deref().map(service),
+        destination_service: f.destination_service.as_deref().map(service),
         l7: f.l7.as_ref().map(|l| pb::Layer7 {
             r#type: l.r#type.0,
             latency_ns: l.latency_ns,
@@ -379,6 +381,8 @@ pub fn from_pb(p: &pb::Flow) -> flow::Flow {
         node_name: p.node_name.clone(),
         source_names: p.source_names.clone(),
         destination_names: p.destination_names.clone(),
+        source_service: p.source_service.as_ref().map(service_back),
+        destination_service: p.destination_service.as_ref().map(service_back),
         l7: p.l7.as_ref().map(|l| flow::record::Layer7 {
             r#type: flow::enums::L7FlowType(l.r#type),
             latency_ns: l.latency_ns,
@@ -446,4 +450,18 @@ mod roundtrip {
         let f: flow::Flow = serde_json::from_str(json).unwrap();
         assert_eq!(super::from_pb(&super::flow(&f)), f);
     }
+}
+
+fn service(s: &flow::record::ServiceRef) -> pb::Service {
+    pb::Service {
+        name: s.name.clone(),
+        namespace: s.namespace.clone(),
+    }
+}
+
+fn service_back(s: &pb::Service) -> flow::record::SharedServiceRef {
+    std::sync::Arc::new(flow::record::ServiceRef {
+        name: s.name.clone(),
+        namespace: s.namespace.clone(),
+    })
 }

@@ -108,7 +108,44 @@ pub fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, l4: L4) -> Vec<u8> {
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     p.extend_from_slice(&ip);
     p.extend_from_slice(&l4_bytes);
+    if proto == 6 || proto == 17 {
+        let c = l4_checksum(&p);
+        let at = 14 + 20 + if proto == 6 { 16 } else { 6 };
+        p[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    }
     p
+}
+
+/// The TCP or UDP checksum a frame from `ipv4_packet` should carry (its
+/// checksum field counted as zero).
+fn l4_checksum(frame: &[u8]) -> u16 {
+    let ip = &frame[14..34];
+    let proto = ip[9];
+    let mut l4 = frame[34..].to_vec();
+    let at = if proto == 6 { 16 } else { 6 };
+    l4[at..at + 2].copy_from_slice(&[0, 0]);
+    let mut pseudo = Vec::with_capacity(12 + l4.len());
+    pseudo.extend_from_slice(&ip[12..20]);
+    pseudo.extend_from_slice(&[0, proto]);
+    pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(&l4);
+    let c = checksum(&pseudo);
+    if proto == 17 && c == 0 {
+        0xffff
+    } else {
+        c
+    }
+}
+
+/// Whether a TCP or UDP frame (Ethernet, IPv4 without options) carries
+/// correct IP and L4 checksums: what a rewrite of its addresses or ports
+/// must keep.
+pub fn checksums_valid(frame: &[u8]) -> bool {
+    let ip_ok = checksum(&frame[14..34]) == 0;
+    let proto = frame[14 + 9];
+    let at = 34 + if proto == 6 { 16 } else { 6 };
+    let carried = u16::from_be_bytes([frame[at], frame[at + 1]]);
+    ip_ok && carried == l4_checksum(frame)
 }
 
 /// An ICMP error (`icmp_type`, `code`) from `src` to `dst` about the packet

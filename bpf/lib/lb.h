@@ -1,0 +1,192 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Services: per-packet load balancing at the pod's veth, as Cilium does
+ * for pods with kubeProxyReplacement=false. A packet a pod sends to a
+ * service address and port is given a backend's (DNAT) before anything
+ * else looks at it, so policy, conntrack and delivery all see the backend
+ * (policy selects the backend pod's identity, never the service's). The
+ * connection's CT_DIR_SERVICE entry remembers the backend, so it stays
+ * there while the service's backends change; the client's own connection
+ * entry keeps the service's reverse-NAT index, and a reply gets the
+ * service address back as its source where it enters the client
+ * (`lb4_rev_nat`, from lib/ingress.h). Events keep naming the pods: a
+ * translated packet carries the service address beside them
+ * (`packet.svc_*`). */
+#ifndef FIBRIL_LB_H
+#define FIBRIL_LB_H
+
+#include <linux/if_ether.h>
+#include <linux/pkt_cls.h>
+
+#include "maps.h"
+#include "parse.h"
+#include "ct.h"
+#include "drop.h"
+
+#define IP_CSUM_OFF (ETH_HLEN + 10)
+#define IP_SADDR_OFF (ETH_HLEN + 12)
+#define IP_DADDR_OFF (ETH_HLEN + 16)
+
+/* Rewrites the destination (`dest`) or source address and port of the
+ * packet, and the IP and L4 checksums with them (a UDP checksum of 0, none,
+ * stays 0). Negative when the packet cannot be written. */
+static __always_inline int lb_rewrite(struct __sk_buff *skb, const struct packet *pkt, int dest,
+				      __u32 old_addr, __u32 new_addr, __u16 old_port_be,
+				      __u16 new_port_be)
+{
+	__u32 csum_off = pkt->l4_off + (pkt->protocol == IPPROTO_TCP ? 16 : 6);
+	__u64 mangled = pkt->protocol == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+
+	if (old_addr != new_addr) {
+		if (bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr,
+					BPF_F_PSEUDO_HDR | mangled | sizeof(new_addr)) < 0)
+			return -1;
+		if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, new_addr, sizeof(new_addr)) < 0)
+			return -1;
+		if (bpf_skb_store_bytes(skb, dest ? IP_DADDR_OFF : IP_SADDR_OFF, &new_addr,
+					sizeof(new_addr), 0) < 0)
+			return -1;
+	}
+	if (old_port_be != new_port_be) {
+		if (bpf_l4_csum_replace(skb, csum_off, old_port_be, new_port_be,
+					mangled | sizeof(new_port_be)) < 0)
+			return -1;
+		if (bpf_skb_store_bytes(skb, pkt->l4_off + (dest ? 2 : 0), &new_port_be,
+					sizeof(new_port_be), 0) < 0)
+			return -1;
+	}
+	return 0;
+}
+
+/* A new choice of backend for a connection to service `key` (its master
+ * entry `svc`): the client's affinity while it holds, else a random slot.
+ * 0 when the service has no backend. */
+static __always_inline __u32 lb4_select(struct lb_service_key *key, const struct lb_service *svc,
+					__u32 client, __u64 now)
+{
+	struct lb_affinity_key ak = {.client = client, .rev_nat = svc->rev_nat};
+	struct lb_service *slot;
+	__u16 count = svc->count;
+
+	if (!count)
+		return 0;
+	/* The agent removes a client's affinity to a backend the service no
+	 * longer has in a slot, so one found here is still a choice. */
+	if (svc->flags & LB_SVC_F_AFFINITY) {
+		struct lb_affinity *a = bpf_map_lookup_elem(&fibril_lb_affinity, &ak);
+		if (a && a->last_used_ns + svc->affinity_timeout_s * NSEC_PER_SEC > now) {
+			a->last_used_ns = now;
+			return a->backend_id;
+		}
+	}
+	key->slot = (bpf_get_prandom_u32() % count) + 1;
+	slot = bpf_map_lookup_elem(&fibril_lb_services, key);
+	key->slot = 0;
+	if (!slot)
+		return 0;
+	if (svc->flags & LB_SVC_F_AFFINITY) {
+		struct lb_affinity fresh = {.last_used_ns = now, .backend_id = slot->backend_id};
+		bpf_map_update_elem(&fibril_lb_affinity, &ak, &fresh, BPF_ANY);
+	}
+	return slot->backend_id;
+}
+
+/* Translates a packet a local endpoint (`owner`, charged for the
+ * connection's service entry) sends to a service: 1 when it was (the
+ * packet and `pkt` now carry the backend), 0 when it is for no service,
+ * or a drop: DROP_NO_SERVICE for a service without backends. */
+FIBRIL_GLOBAL int lb4_translate(struct __sk_buff *skb, struct packet *pkt, __u32 owner)
+{
+	if (!skb || !pkt)
+		return 0;
+	if (pkt->frag == FRAG_LATER ||
+	    (pkt->protocol != IPPROTO_TCP && pkt->protocol != IPPROTO_UDP))
+		return 0;
+
+	struct lb_service_key key = {
+		.address = pkt->daddr,
+		.dport = bpf_htons(pkt->dport),
+		.protocol = pkt->protocol,
+	};
+	struct lb_service *svc = bpf_map_lookup_elem(&fibril_lb_services, &key);
+	if (!svc)
+		return 0;
+	__u16 rev_nat = svc->rev_nat;
+	__u64 now = bpf_ktime_get_ns();
+	struct lb_backend *be = NULL;
+	struct ct_key ck;
+	__u32 backend_id = 0;
+
+	/* A connection keeps its backend while that backend is there. */
+	ct_fill_key(&ck, pkt, CT_DIR_SERVICE, 0);
+	struct ct_value *cv = bpf_map_lookup_elem(&fibril_ct, &ck);
+	if (cv && cv->expires_ns > now && !ct_reopens(pkt, cv, 1)) {
+		backend_id = cv->backend_id;
+		be = bpf_map_lookup_elem(&fibril_lb_backends, &backend_id);
+		if (be)
+			ct_touch(cv, pkt, 1, now);
+	}
+	if (!be) {
+		backend_id = lb4_select(&key, svc, pkt->saddr, now);
+		if (!backend_id)
+			return DROP(DROP_NO_SERVICE);
+		be = bpf_map_lookup_elem(&fibril_lb_backends, &backend_id);
+		if (!be)
+			return DROP(DROP_NO_SERVICE);
+		if (ct_budget_take(owner) < 0)
+			return DROP(DROP_CT_MAP_INSERT_FAILED);
+		/* The entry sees the client's packets only: its other side
+		 * counts as acknowledged, so it lives as long as an
+		 * established connection once the client acknowledges. */
+		struct ct_value nv = {
+			.backend_id = backend_id,
+			.rev_nat = rev_nat,
+			.tx_flags_seen = pkt->tcp_flags,
+			.rx_flags_seen = TCP_ACK,
+			.packets = 1,
+			.bytes = pkt->len,
+			.last_report_ns = now,
+		};
+		nv.expires_ns = now + ct_timeout(pkt, &nv);
+		if (bpf_map_update_elem(&fibril_ct, &ck, &nv, BPF_ANY) < 0)
+			return DROP(DROP_CT_MAP_INSERT_FAILED);
+	}
+
+	__u32 addr = be->address;
+	__u16 port = be->port;
+	if (lb_rewrite(skb, pkt, 1, pkt->daddr, addr, bpf_htons(pkt->dport), port) < 0)
+		return DROP(DROP_INVALID_PACKET);
+	pkt->svc_addr = pkt->daddr;
+	pkt->svc_port = pkt->dport;
+	pkt->svc_side = SVC_SIDE_DESTINATION;
+	pkt->rev_nat = rev_nat;
+	pkt->daddr = addr;
+	pkt->dport = bpf_ntohs(port);
+	pkt->policy_port_be = port;
+	return 1;
+}
+
+/* A reply of a translated connection entering its client (`rev_nat`, from
+ * the client's connection entry): its source becomes the service address
+ * again. `pkt` keeps the backend's address, so that events name the pod
+ * that answered, with the service beside it. A service gone leaves the
+ * reply as it is (the client's socket refuses it, as with Cilium). */
+FIBRIL_GLOBAL int lb4_rev_nat(struct __sk_buff *skb, struct packet *pkt, __u32 rev_nat)
+{
+	__u16 index = rev_nat;
+
+	if (!skb || !pkt || !index)
+		return 0;
+	struct lb_reverse_nat *rn = bpf_map_lookup_elem(&fibril_lb_reverse_nat, &index);
+	if (!rn)
+		return 0;
+	__u32 addr = rn->address;
+	__u16 port = rn->port;
+	if (lb_rewrite(skb, pkt, 0, pkt->saddr, addr, bpf_htons(pkt->sport), port) < 0)
+		return DROP(DROP_INVALID_PACKET);
+	pkt->svc_addr = addr;
+	pkt->svc_port = bpf_ntohs(port);
+	pkt->svc_side = SVC_SIDE_SOURCE;
+	return 0;
+}
+
+#endif

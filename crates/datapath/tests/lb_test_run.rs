@@ -1,0 +1,315 @@
+//! Tier 3: per-packet service load balancing (`bpf/lib/lb.h`) in the real
+//! programs, through BPF_PROG_TEST_RUN: translation to a backend with
+//! correct checksums, replies given the service address back, a
+//! connection kept on its backend while the service's backends change,
+//! ClientIP affinity, a service without backends, and policy deciding on
+//! the backend, not the service.
+
+use std::net::Ipv4Addr;
+
+use abi::{
+    DropReason, EventType, LbBackend, LbReverseNat, LbService, LbServiceKey, EP_F_EGRESS_ENFORCED,
+    LB_SVC_F_AFFINITY, SVC_SIDE_DESTINATION, SVC_SIDE_SOURCE,
+};
+use fibril_datapath::{Hook, LbWrite};
+use test_support::{checksums_valid, ipv4_packet, L4, TCP_ACK, TCP_SYN};
+
+mod common;
+use common::*;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// A backend on no local endpoint (another node's pod, or a host).
+const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 30);
+
+fn key(slot: u16) -> LbServiceKey {
+    LbServiceKey {
+        address: u32::from(VIP).to_be(),
+        dport: 80u16.to_be(),
+        slot,
+        protocol: 6,
+        ..Default::default()
+    }
+}
+
+fn backend(addr: Ipv4Addr) -> LbBackend {
+    LbBackend {
+        address: u32::from(addr).to_be(),
+        port: 8080u16.to_be(),
+        protocol: 6,
+        flags: 0,
+    }
+}
+
+/// VIP:80/TCP with `backends` (ids 1.. in slots 1..), reverse-NAT index 7.
+fn service(lab: &Lab, backends: &[(u32, Ipv4Addr)], flags: u32) {
+    let mut w = vec![LbWrite::ReverseNat(
+        7,
+        Some(LbReverseNat {
+            address: u32::from(VIP).to_be(),
+            port: 80u16.to_be(),
+            pad: 0,
+        }),
+    )];
+    for (i, (id, addr)) in backends.iter().enumerate() {
+        w.push(LbWrite::Backend(*id, Some(backend(*addr))));
+        w.push(LbWrite::Service(
+            key(i as u16 + 1),
+            Some(LbService {
+                backend_id: *id,
+                ..Default::default()
+            }),
+        ));
+    }
+    w.push(LbWrite::Service(
+        key(0),
+        Some(LbService {
+            count: backends.len() as u16,
+            rev_nat: 7,
+            affinity_timeout_s: 300,
+            flags,
+            ..Default::default()
+        }),
+    ));
+    lab.dp.lb_apply(&w).unwrap();
+}
+
+fn dst_of(frame: &[u8]) -> (Ipv4Addr, u16) {
+    (
+        Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]),
+        u16::from_be_bytes([frame[36], frame[37]]),
+    )
+}
+
+fn src_of(frame: &[u8]) -> (Ipv4Addr, u16) {
+    (
+        Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]),
+        u16::from_be_bytes([frame[34], frame[35]]),
+    )
+}
+
+fn tcp(sport: u16, dport: u16, flags: u8) -> L4 {
+    L4::Tcp {
+        sport,
+        dport,
+        flags,
+    }
+}
+
+#[test]
+fn a_service_address_becomes_a_backend_and_replies_come_back_from_it() {
+    let lab = lab();
+    service(&lab, &[(1, SERVER), (2, REMOTE)], 0);
+    let mut client = progs(&lab, 1, CLIENT);
+    let syn = ipv4_packet(CLIENT, VIP, tcp(40000, 80, TCP_SYN));
+    let out = client.test_run(Hook::FromContainer, &syn).unwrap();
+    let (backend, port) = dst_of(&out.packet);
+    assert!(backend == SERVER || backend == REMOTE, "{backend}");
+    assert_eq!(port, 8080);
+    assert!(checksums_valid(&out.packet), "checksums after DNAT");
+    // Same node: handed to the server pod; else on to the stack.
+    let expected = if backend == SERVER {
+        TC_ACT_REDIRECT
+    } else {
+        TC_ACT_OK
+    };
+    assert_eq!(out.action, expected);
+
+    // The rest of the connection follows its first packet.
+    for _ in 0..20 {
+        let ack = ipv4_packet(CLIENT, VIP, tcp(40000, 80, TCP_ACK));
+        let out = client.test_run(Hook::FromContainer, &ack).unwrap();
+        assert_eq!(dst_of(&out.packet), (backend, 8080));
+    }
+
+    // The reply enters the client from the service's address.
+    let reply = ipv4_packet(backend, CLIENT, tcp(8080, 40000, TCP_SYN | TCP_ACK));
+    let back = client.test_run(Hook::ToContainer, &reply).unwrap();
+    assert_eq!(back.action, TC_ACT_OK);
+    assert_eq!(src_of(&back.packet), (VIP, 80));
+    assert!(checksums_valid(&back.packet), "checksums after reverse NAT");
+
+    // Events name the backend, with the service beside it.
+    let ev = events(&lab);
+    let first = ev
+        .iter()
+        .find(|e| e.ct_state == abi::ct_state::NEW)
+        .unwrap();
+    assert_eq!(first.daddr, u32::from(backend).to_be());
+    assert_eq!(first.dport, 8080);
+    assert_eq!(
+        (first.svc_addr, first.svc_port, first.svc_side),
+        (u32::from(VIP).to_be(), 80, SVC_SIDE_DESTINATION)
+    );
+    let replied = ev
+        .iter()
+        .find(|e| e.ct_state == abi::ct_state::REPLY)
+        .unwrap();
+    assert_eq!(replied.saddr, u32::from(backend).to_be());
+    assert_eq!(
+        (replied.svc_addr, replied.svc_port, replied.svc_side),
+        (u32::from(VIP).to_be(), 80, SVC_SIDE_SOURCE)
+    );
+
+    // A reply of a connection that was never translated is left alone.
+    let plain = ipv4_packet(CLIENT, SERVER, tcp(40001, 8080, TCP_SYN));
+    client.test_run(Hook::FromContainer, &plain).unwrap();
+    let reply = ipv4_packet(SERVER, CLIENT, tcp(8080, 40001, TCP_SYN | TCP_ACK));
+    let back = client.test_run(Hook::ToContainer, &reply).unwrap();
+    assert_eq!(src_of(&back.packet), (SERVER, 8080));
+}
+
+#[test]
+fn a_connection_keeps_its_backend_while_the_backends_change() {
+    let lab = lab();
+    service(&lab, &[(1, SERVER)], 0);
+    let mut client = progs(&lab, 1, CLIENT);
+    let syn = ipv4_packet(CLIENT, VIP, tcp(40000, 80, TCP_SYN));
+    let out = client.test_run(Hook::FromContainer, &syn).unwrap();
+    assert_eq!(dst_of(&out.packet), (SERVER, 8080));
+
+    // The service now has only another backend; the first one is
+    // terminating (in no slot, still known by id).
+    service(&lab, &[(2, REMOTE)], 0);
+    let ack = ipv4_packet(CLIENT, VIP, tcp(40000, 80, TCP_ACK));
+    let out = client.test_run(Hook::FromContainer, &ack).unwrap();
+    assert_eq!(dst_of(&out.packet), (SERVER, 8080), "kept its backend");
+    // A new connection goes to the service's backend of now.
+    let syn = ipv4_packet(CLIENT, VIP, tcp(40001, 80, TCP_SYN));
+    let out = client.test_run(Hook::FromContainer, &syn).unwrap();
+    assert_eq!(dst_of(&out.packet), (REMOTE, 8080));
+
+    // Once the old backend is gone altogether, its connections move.
+    lab.dp.lb_apply(&[LbWrite::Backend(1, None)]).unwrap();
+    let out = client.test_run(Hook::FromContainer, &ack).unwrap();
+    assert_eq!(dst_of(&out.packet), (REMOTE, 8080));
+}
+
+#[test]
+fn client_ip_affinity_sends_every_connection_of_a_client_to_one_backend() {
+    let lab = lab();
+    let backends: Vec<(u32, Ipv4Addr)> = (1..=8)
+        .map(|i| (i, Ipv4Addr::new(10, 78, 0, i as u8)))
+        .collect();
+    service(&lab, &backends, LB_SVC_F_AFFINITY);
+    let mut client = progs(&lab, 1, CLIENT);
+    let chosen: std::collections::BTreeSet<Ipv4Addr> = (0..16)
+        .map(|i| {
+            let syn = ipv4_packet(CLIENT, VIP, tcp(41000 + i, 80, TCP_SYN));
+            dst_of(&client.test_run(Hook::FromContainer, &syn).unwrap().packet).0
+        })
+        .collect();
+    assert_eq!(chosen.len(), 1, "{chosen:?}");
+
+    // Without affinity, 16 connections over 8 backends meet several.
+    let lab = self::lab();
+    service(&lab, &backends, 0);
+    let mut client = progs(&lab, 1, CLIENT);
+    let chosen: std::collections::BTreeSet<Ipv4Addr> = (0..16)
+        .map(|i| {
+            let syn = ipv4_packet(CLIENT, VIP, tcp(41000 + i, 80, TCP_SYN));
+            dst_of(&client.test_run(Hook::FromContainer, &syn).unwrap().packet).0
+        })
+        .collect();
+    assert!(chosen.len() > 1, "{chosen:?}");
+}
+
+#[test]
+fn a_service_without_backends_drops_with_its_reason() {
+    let lab = lab();
+    service(&lab, &[], 0);
+    let mut client = progs(&lab, 1, CLIENT);
+    let syn = ipv4_packet(CLIENT, VIP, tcp(40000, 80, TCP_SYN));
+    let out = client.test_run(Hook::FromContainer, &syn).unwrap();
+    assert_eq!(out.action, TC_ACT_SHOT);
+    let drops: Vec<_> = events(&lab)
+        .into_iter()
+        .filter(|e| e.r#type == EventType::Drop as u8)
+        .collect();
+    assert_eq!(drops.len(), 1);
+    assert_eq!(drops[0].subtype, DropReason::NoService as u8);
+    // Another port of the address is no service: untouched.
+    let other = ipv4_packet(CLIENT, VIP, tcp(40000, 443, TCP_SYN));
+    let out = client.test_run(Hook::FromContainer, &other).unwrap();
+    assert_eq!(out.action, TC_ACT_OK);
+    assert_eq!(dst_of(&out.packet), (VIP, 443));
+}
+
+#[test]
+fn policy_decides_on_the_backend_not_the_service() {
+    let lab = lab();
+    enforce(&lab, CLIENT, EP_F_EGRESS_ENFORCED);
+    // The server pod's port 8080 is allowed; the service's port 80 is not
+    // mentioned anywhere.
+    allow(
+        &lab,
+        1,
+        SERVER_ID,
+        abi::Direction::Egress as u8,
+        6,
+        8080,
+        false,
+    );
+    service(&lab, &[(1, SERVER)], 0);
+    let mut client = progs(&lab, 1, CLIENT);
+    let syn = ipv4_packet(CLIENT, VIP, tcp(40000, 80, TCP_SYN));
+    let out = client.test_run(Hook::FromContainer, &syn).unwrap();
+    assert_eq!(out.action, TC_ACT_REDIRECT, "allowed to the backend pod");
+    // A backend the policy does not allow: dropped, on the backend's terms.
+    service(&lab, &[(2, REMOTE)], 0);
+    let syn = ipv4_packet(CLIENT, VIP, tcp(40001, 80, TCP_SYN));
+    let out = client.test_run(Hook::FromContainer, &syn).unwrap();
+    assert_eq!(out.action, TC_ACT_SHOT);
+    let drop = events(&lab)
+        .into_iter()
+        .find(|e| e.r#type == EventType::Drop as u8)
+        .unwrap();
+    assert_eq!(drop.daddr, u32::from(REMOTE).to_be());
+    assert_eq!(drop.svc_side, SVC_SIDE_DESTINATION);
+}
+
+#[test]
+fn udp_is_translated_with_its_checksum() {
+    let lab = lab();
+    let udp_key = |slot| LbServiceKey {
+        protocol: 17,
+        ..key(slot)
+    };
+    lab.dp
+        .lb_apply(&[
+            LbWrite::Backend(
+                1,
+                Some(LbBackend {
+                    protocol: 17,
+                    ..backend(REMOTE)
+                }),
+            ),
+            LbWrite::Service(
+                udp_key(1),
+                Some(LbService {
+                    backend_id: 1,
+                    ..Default::default()
+                }),
+            ),
+            LbWrite::Service(
+                udp_key(0),
+                Some(LbService {
+                    count: 1,
+                    rev_nat: 0,
+                    ..Default::default()
+                }),
+            ),
+        ])
+        .unwrap();
+    let mut client = progs(&lab, 1, CLIENT);
+    let dgram = ipv4_packet(
+        CLIENT,
+        VIP,
+        L4::Udp {
+            sport: 5353,
+            dport: 80,
+        },
+    );
+    let out = client.test_run(Hook::FromContainer, &dgram).unwrap();
+    assert_eq!(dst_of(&out.packet), (REMOTE, 8080));
+    assert!(checksums_valid(&out.packet));
+}
