@@ -72,7 +72,9 @@ impl Conntrack {
         let mut checked = 0;
         let mut refused = std::collections::HashSet::new();
         for (k, v) in self.datapath.ct_list() {
-            if v.flags & abi::CT_F_FROM_PROXY != 0 {
+            // The proxy's connections are the proxy's; a service entry
+            // only names the backend (its connection has its own entries).
+            if v.flags & abi::CT_F_FROM_PROXY != 0 || k.direction == abi::CT_DIR_SERVICE {
                 continue;
             }
             let (ep, peer, dir) = if k.direction == abi::Direction::Ingress as u8 {
@@ -138,12 +140,11 @@ impl Conntrack {
                 protocol: k.protocol,
                 source: addr(k.saddr, k.sport),
                 destination: addr(k.daddr, k.dport),
-                direction: if k.direction == abi::Direction::Ingress as u8 {
-                    "ingress"
-                } else {
-                    "egress"
-                }
-                .into(),
+                direction: match k.direction {
+                    abi::CT_DIR_SERVICE => format!("service (backend {})", v.backend_id),
+                    d if d == abi::Direction::Ingress as u8 => "ingress".into(),
+                    _ => "egress".into(),
+                },
                 expires_in_s: (v.expires_ns as i64 - now) / 1_000_000_000,
                 flags,
                 packets: v.packets,

@@ -9,7 +9,10 @@
 //! hot paths (the enricher, the proxies) load immutable snapshots (the
 //! index, the ipcache) that a commit swaps; they take no lock.
 //!
-//! Lock order: `state`, then `policy`, then `store`.
+//! Services (touched ones only) go into the load balancer's maps
+//! (`LbSync`), their frontends into the index (flows' service names).
+//!
+//! Lock order: `state`, then `policy`, then `lb`, then `store`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
@@ -19,6 +22,7 @@ use arc_swap::ArcSwap;
 use datapath::Datapath;
 
 use crate::ipcache::{Entry, Ipcache};
+use crate::lb_sync::LbSync;
 use crate::policy_sync::PolicySync;
 use crate::state::{Changes, Endpoint, State, Store};
 use crate::{invalid, l7proxy, Error};
@@ -41,6 +45,8 @@ pub struct EndpointLookup {
     pub ifname_by_index: Arc<HashMap<u32, String>>,
     /// DNS names learned addresses belong to (flows' `*_names`).
     pub names_by_ip: Arc<HashMap<Ipv4Addr, Vec<String>>>,
+    /// Services by frontend address and port (flows' `*_service`).
+    pub services: Arc<HashMap<(Ipv4Addr, u16), flow::record::SharedServiceRef>>,
     /// Endpoint id -> (address, host ifindex) as indexed: what to remove
     /// when the endpoint changes or goes.
     keys: Arc<HashMap<u32, (Ipv4Addr, u32)>>,
@@ -54,6 +60,7 @@ pub struct Control {
     datapath: Arc<Datapath>,
     state: Mutex<State>,
     policy: Mutex<PolicySync>,
+    lb: Mutex<LbSync>,
     store: Mutex<Store>,
     index: EndpointIndex,
     /// What the kernel's ipcache holds, as of the last commit: the
@@ -95,6 +102,8 @@ impl Control {
             }
         }
         policy.apply(&state, &datapath, cluster, None)?;
+        let mut lb = LbSync::open(&datapath)?;
+        lb.apply(&state, &datapath, None)?;
         store.save(&state)?;
         let control = Self {
             cluster: cluster.to_string(),
@@ -103,6 +112,7 @@ impl Control {
             ipcache: ArcSwap::from_pointee(ipcache),
             host: Mutex::new(host),
             policy: Mutex::new(policy),
+            lb: Mutex::new(lb),
             store: Mutex::new(store),
             state: Mutex::new(state),
             l7_link: OnceLock::new(),
@@ -112,6 +122,7 @@ impl Control {
             let all: BTreeSet<u32> = s.endpoints().keys().copied().collect();
             let remote: BTreeSet<Ipv4Addr> = s.remote_endpoints().keys().copied().collect();
             control.update_index(&s, &all, &remote, true);
+            control.update_services();
         }
         Ok(control)
     }
@@ -212,6 +223,10 @@ impl Control {
             &c.remote_endpoints,
             host_changed || !c.cidr_identities.is_empty() || !c.remote_nodes.is_empty(),
         )?;
+        if !c.services.is_empty() {
+            self.lb().apply(s, &self.datapath, Some(&c.services))?;
+            self.update_services();
+        }
         let started = std::time::Instant::now();
         let mut policy = self.policy();
         let rewritten = policy.apply(s, &self.datapath, &self.cluster, Some(c))?;
@@ -251,6 +266,34 @@ impl Control {
             .unwrap_or_else(|e| e.into_inner())
             .append(s, c)?;
         Ok(())
+    }
+
+    /// The load balancer's owner (what the kernel's services maps hold).
+    pub fn lb(&self) -> MutexGuard<'_, LbSync> {
+        self.lb.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Puts the services' frontends, as written, into the index.
+    fn update_services(&self) {
+        let owners = self.lb().frontend_owners();
+        let mut refs: HashMap<String, flow::record::SharedServiceRef> = HashMap::new();
+        let mut services = HashMap::with_capacity(owners.len());
+        for (frontend, key) in owners {
+            let r = refs
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    let (namespace, name) = key.split_once('/').unwrap_or(("", &key));
+                    Arc::new(flow::record::ServiceRef {
+                        name: name.to_string(),
+                        namespace: namespace.to_string(),
+                    })
+                })
+                .clone();
+            services.insert(frontend, r);
+        }
+        let mut next = EndpointLookup::clone(&self.index.load());
+        next.services = Arc::new(services);
+        self.index.store(Arc::new(next));
     }
 
     /// Patches the endpoint index for `touched` endpoints (and the learned

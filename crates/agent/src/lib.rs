@@ -14,11 +14,13 @@ pub mod ipcache;
 pub mod kubernetes;
 pub mod l7;
 pub mod l7proxy;
+pub mod lb_sync;
 pub mod metrics;
 pub mod observer;
 pub mod policies;
 pub mod policy_sync;
 pub mod server;
+pub mod services;
 pub mod state;
 
 use std::net::Ipv4Addr;
@@ -89,6 +91,8 @@ pub struct Agent {
     pub fqdn: fqdn::Fqdn,
     /// Policies in force, audit mode, trace.
     policies: policies::Policies,
+    /// Services (the load balancer's input) from the API.
+    services: services::Services,
     /// The census, listing, re-checking established connections.
     conntrack: conntrack::Conntrack,
     /// The cluster's shared state: etcd (kvstore mode) or the Kubernetes
@@ -265,6 +269,7 @@ impl Agent {
             kv_cluster,
             kubernetes.is_some(),
         );
+        let services = services::Services::new(control.clone(), kubernetes.is_some());
         let conntrack = conntrack::Conntrack::new(datapath.clone(), control.clone());
         let fqdn = fqdn::Fqdn::new(config.fqdn, control.clone());
         let agent = Arc::new(Self {
@@ -272,6 +277,7 @@ impl Agent {
             kubernetes,
             fqdn,
             policies,
+            services,
             conntrack,
             config,
             datapath,
@@ -460,6 +466,14 @@ impl Agent {
                 .conntrack
                 .enforce_established()
                 .map(|(checked, cut)| Response::Enforced { checked, cut }),
+            Request::ServiceUpsert(svc) => self.services.upsert(svc).map(|_| Response::Ok),
+            Request::ServiceDelete { namespace, name } => self
+                .services
+                .delete(&namespace, &name)
+                .map(|_| Response::Ok),
+            Request::ServiceList => Ok(Response::Services {
+                services: self.services.list(),
+            }),
         };
         result.unwrap_or_else(|e| Response::Error {
             message: e.to_string(),

@@ -117,6 +117,10 @@ impl Enricher for Sources {
         index.ifname_by_index.get(&ifindex).cloned()
     }
 
+    fn service(&self, addr: Ipv4Addr, port: u16) -> Option<flow::record::SharedServiceRef> {
+        self.index.load().services.get(&(addr, port)).cloned()
+    }
+
     fn endpoint(&self, ip: Ipv4Addr, identity: u32) -> (Arc<Endpoint>, Vec<String>) {
         let index = self.index.load();
         let names = index.names_by_ip.get(&ip).cloned().unwrap_or_default();

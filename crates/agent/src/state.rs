@@ -80,6 +80,10 @@ pub struct State {
     /// free (and its conntrack is flushed once more then).
     #[serde(default)]
     quarantined: BTreeMap<Ipv4Addr, u64>,
+    /// Services by `namespace/name`, with their backends (`lb_sync`
+    /// writes them into the datapath's load balancer).
+    #[serde(default)]
+    services: BTreeMap<String, api::Service>,
     #[serde(skip)]
     changes: Changes,
 }
@@ -107,6 +111,7 @@ pub struct Changes {
     pub remote_nodes: BTreeSet<String>,
     pub quarantined: BTreeSet<Ipv4Addr>,
     pub audit_namespaces: BTreeSet<String>,
+    pub services: BTreeSet<String>,
     pub next_endpoint_id: bool,
 }
 
@@ -128,6 +133,7 @@ impl Changes {
         self.remote_nodes.extend(other.remote_nodes);
         self.quarantined.extend(other.quarantined);
         self.audit_namespaces.extend(other.audit_namespaces);
+        self.services.extend(other.services);
         self.next_endpoint_id |= other.next_endpoint_id;
     }
 }
@@ -688,6 +694,43 @@ impl State {
         Some(p)
     }
 
+    /// Adds or replaces a service; false when it was already so.
+    pub fn upsert_service(&mut self, svc: api::Service) -> bool {
+        let key = svc.key();
+        if self.services.get(&key) == Some(&svc) {
+            return false;
+        }
+        self.changes.services.insert(key.clone());
+        self.services.insert(key, svc);
+        true
+    }
+
+    pub fn remove_service(&mut self, key: &str) -> Option<api::Service> {
+        let svc = self.services.remove(key)?;
+        self.changes.services.insert(key.to_string());
+        Some(svc)
+    }
+
+    /// Makes the services `listed` (a full list from the API).
+    pub fn replace_services(&mut self, listed: BTreeMap<String, api::Service>) {
+        let gone: Vec<String> = self
+            .services
+            .keys()
+            .filter(|k| !listed.contains_key(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.remove_service(&k);
+        }
+        for svc in listed.into_values() {
+            self.upsert_service(svc);
+        }
+    }
+
+    pub fn services(&self) -> &BTreeMap<String, api::Service> {
+        &self.services
+    }
+
     /// Puts a namespace in or out of audit mode; false when it already was.
     pub fn set_audit(&mut self, namespace: &str, audit: bool) -> bool {
         let changed = if audit {
@@ -820,6 +863,10 @@ enum Record {
     NextEndpointId {
         value: u32,
     },
+    Service {
+        key: String,
+        value: Option<api::Service>,
+    },
 }
 
 impl State {
@@ -886,6 +933,12 @@ impl State {
                 value: self.audit_namespaces.contains(ns),
             });
         }
+        for key in &c.services {
+            out.push(Record::Service {
+                key: key.clone(),
+                value: self.services.get(key).cloned(),
+            });
+        }
         if c.next_endpoint_id {
             out.push(Record::NextEndpointId {
                 value: self.next_endpoint_id,
@@ -922,6 +975,7 @@ impl State {
                 }
             }
             Record::NextEndpointId { value } => self.next_endpoint_id = value,
+            Record::Service { key, value } => put(&mut self.services, key, value),
         }
     }
 }

@@ -22,6 +22,9 @@ pub fn host_ifname(container_id: &str, ifname: &str) -> String {
     format!("fib{:011x}", h & 0xfff_ffff_ffff)
 }
 
+pub mod service;
+pub use service::Service;
+
 /// Default socket of the agent.
 pub const DEFAULT_SOCKET: &str = "/run/fibril/agent.sock";
 
@@ -96,6 +99,15 @@ pub enum Request {
         #[serde(default)]
         address: Option<std::net::Ipv4Addr>,
     },
+    /// Adds or replaces a service (with its backends): what Kubernetes'
+    /// Service and EndpointSlices say, here from a lab or a user.
+    ServiceUpsert(Service),
+    ServiceDelete {
+        namespace: String,
+        name: String,
+    },
+    /// The services and their frontends (`fibril service list`).
+    ServiceList,
 }
 
 /// The most conntrack entries one `ConntrackList` answer carries.
@@ -342,6 +354,9 @@ pub enum Response {
         entries: Vec<ConntrackInfo>,
         /// More entries matched than one answer carries.
         truncated: bool,
+    },
+    Services {
+        services: Vec<Service>,
     },
     Trace {
         from: String,

@@ -901,12 +901,7 @@ fn api_host_port(lab: &str, node: &str) -> Option<(String, String)> {
 
 /// The address the CNI result gave the pod.
 fn pod_ip(state: &PodState) -> Option<String> {
-    state.cni_result.as_ref().and_then(|res| {
-        res["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .map(str::to_string)
-    })
+    crate::lab::pod_address(state).map(|a| a.to_string())
 }
 
 fn key(pod: &Pod) -> String {

@@ -28,6 +28,11 @@ pub struct LabFile {
     pub pods: Vec<PodSpec>,
     #[serde(default)]
     pub policies: Vec<PolicyRef>,
+    /// Services (Kubernetes' Service fields): their addresses are
+    /// load-balanced to the pods their selector picks
+    /// (`crate::lab_services`).
+    #[serde(default)]
+    pub services: Vec<crate::lab_services::ServiceSpec>,
     /// Hosts outside the cluster (the `world` for policies): namespaces
     /// attached straight to the host, with no Fibril endpoint.
     #[serde(default)]
@@ -551,6 +556,7 @@ pub fn parse(path: Option<&Path>) -> anyhow::Result<Lab> {
         }
     }
     validate_nodes(&name, &file)?;
+    crate::lab_services::validate(&name, &file.services)?;
     let mut policies = Vec::new();
     for (i, r) in file.policies.iter().enumerate() {
         let (pname, yaml) = match (&r.file, &r.inline) {
@@ -999,6 +1005,53 @@ pub(crate) fn cni_add_installed(
     }
 }
 
+/// The lab file's services: to the API server as Service objects in a
+/// Kubernetes lab, else to every agent with the lab's pods as backends.
+fn publish_services(st: &LabState, file: &LabFile, sockets: &[PathBuf]) -> anyhow::Result<()> {
+    let ips = crate::lab_services::cluster_ips(&file.services);
+    if let (true, Some(ul)) = (file.kubernetes, &st.underlay_netns) {
+        for (s, ip) in file.services.iter().zip(&ips) {
+            let manifest = crate::lab_services::to_manifest(s, *ip);
+            crate::k8s::apply_yaml(
+                &lab_dir(&st.name),
+                ul,
+                &format!("service {}/{}", s.namespace, s.name),
+                &manifest.to_string(),
+            )?;
+        }
+        return Ok(());
+    }
+    let pods: Vec<(&PodSpec, std::net::Ipv4Addr)> = file
+        .pods
+        .iter()
+        .filter_map(|spec| {
+            let state = st
+                .pods
+                .iter()
+                .find(|p| p.namespace == spec.namespace && p.name == spec.name)?;
+            Some((spec, pod_address(state)?))
+        })
+        .collect();
+    for (s, ip) in file.services.iter().zip(&ips) {
+        let svc = crate::lab_services::to_api(s, *ip, &pods)?;
+        for sock in sockets {
+            api::call(sock, &api::Request::ServiceUpsert(svc.clone()))
+                .with_context(|| format!("service {}", svc.key()))?;
+        }
+    }
+    Ok(())
+}
+
+/// A pod's address, from its CNI result.
+pub(crate) fn pod_address(pod: &PodState) -> Option<std::net::Ipv4Addr> {
+    pod.cni_result.as_ref().and_then(|res| {
+        res["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+    })
+}
+
 /// CNI DEL of `pod`, with the ADD's result as `prevResult`, as a runtime
 /// does.
 pub(crate) fn cni_del(st: &LabState, pod: &PodState) -> anyhow::Result<()> {
@@ -1296,6 +1349,7 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
             st.pods[idx].cni_result = cni(&st, "ADD", &st.pods[idx], &cni_config(&sock))?;
             save(&st)?;
         }
+        publish_services(&st, &parsed.file, &sockets)?;
         for (name, yaml) in &parsed.policies {
             // In a Kubernetes lab policies are the API server's objects.
             if let (true, Some(ul)) = (parsed.file.kubernetes, &st.underlay_netns) {

@@ -8,6 +8,7 @@ mod kubelet;
 mod kubelet_pod;
 mod kubelet_server;
 mod lab;
+mod lab_services;
 mod observe;
 
 use std::path::PathBuf;
@@ -103,6 +104,12 @@ enum Cmd {
     Ct {
         #[command(subcommand)]
         cmd: CtCmd,
+    },
+    /// Services the agent load-balances (`service list`, as `cilium
+    /// service list`).
+    Service {
+        #[command(subcommand)]
+        cmd: ServiceCmd,
     },
     /// Hubble's list commands: `list nodes`, `list namespaces`.
     List {
@@ -208,6 +215,16 @@ enum LabCmd {
 #[derive(Subcommand)]
 enum ListCmd {
     /// List them.
+    List {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServiceCmd {
+    /// List each service's frontends and their backends.
     List {
         /// Output format.
         #[arg(short, long, value_enum, default_value = "table")]
@@ -596,6 +613,39 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         };
                         println!("{:<40} {:<16} {left}", n.name, ip.to_string());
                     }
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Service {
+            cmd: ServiceCmd::List { output },
+        } => {
+            let Response::Services { services } = call(Request::ServiceList)? else {
+                bail!("unexpected response")
+            };
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&services)?);
+                return Ok(0);
+            }
+            println!("{:<32} {:<24} BACKENDS", "SERVICE", "FRONTEND");
+            for svc in &services {
+                for f in svc.frontends() {
+                    let backends: Vec<String> = f
+                        .active
+                        .iter()
+                        .map(|b| format!("{b} (active)"))
+                        .chain(f.terminating.iter().map(|b| format!("{b} (terminating)")))
+                        .collect();
+                    println!(
+                        "{:<32} {:<24} {}",
+                        svc.key(),
+                        format!("{}:{}/{}", f.address, f.port, f.protocol),
+                        if backends.is_empty() {
+                            "(none)".to_string()
+                        } else {
+                            backends.join(", ")
+                        }
+                    );
                 }
             }
             Ok(0)

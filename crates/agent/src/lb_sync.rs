@@ -1,0 +1,388 @@
+//! Services into the datapath's load balancer (`bpf/lib/lb.h`). Each
+//! frontend (address, port, protocol) is a master entry plus one slot per
+//! backend taking new connections; backends have ids, shared between
+//! frontends and kept while any frontend names them (terminating ones too,
+//! so the connections they hold stay); each frontend address and port has
+//! a reverse-NAT index. A commit writes only the frontends of the services
+//! it touched, and only entries that differ from the kernel's, in an order
+//! the datapath never trips on: backends and reverse-NAT entries first,
+//! then slots, then the master entries that count them; removals the other
+//! way round. Ids are taken back from the kernel at start, so connections
+//! keep their backends across an agent restart.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use abi::{LbBackend, LbReverseNat, LbService, LbServiceKey, LB_SVC_F_AFFINITY};
+use datapath::{Datapath, LbContents, LbWrite};
+
+use crate::state::State;
+use crate::Error;
+
+/// A backend as the datapath knows it: address and port, protocol.
+type BackendAt = (SocketAddrV4, u8);
+
+/// One frontend as written.
+#[derive(Clone, Debug)]
+struct Written {
+    master: LbServiceKey,
+    rev_nat: u16,
+    /// Backend ids in slots 1..
+    active: Vec<u32>,
+    /// Every backend id it names (active and terminating).
+    named: Vec<u32>,
+}
+
+#[derive(Default)]
+pub struct LbSync {
+    /// The services' maps as the kernel holds them.
+    kernel: LbContents,
+    backend_ids: HashMap<BackendAt, u32>,
+    backend_refs: HashMap<u32, usize>,
+    rev_nat_ids: HashMap<SocketAddrV4, u16>,
+    rev_nat_refs: HashMap<u16, usize>,
+    /// Each service's frontends as written, by service key.
+    written: HashMap<String, Vec<Written>>,
+    /// Which service owns each frontend (a second service naming the same
+    /// address and port is refused there).
+    owner: HashMap<LbServiceKey, String>,
+    next_backend: u32,
+    next_rev_nat: u16,
+}
+
+fn master_key(address: Ipv4Addr, port: u16, protocol: u8) -> LbServiceKey {
+    LbServiceKey {
+        address: u32::from(address).to_be(),
+        dport: port.to_be(),
+        slot: 0,
+        protocol,
+        scope: 0,
+        pad: 0,
+    }
+}
+
+impl LbSync {
+    /// Takes over what an earlier run left in the kernel: its backend and
+    /// reverse-NAT numbers are kept for the same backends and frontends.
+    pub fn open(datapath: &Datapath) -> Result<Self, Error> {
+        let kernel = datapath.lb_contents()?;
+        let mut sync = LbSync {
+            next_backend: 1,
+            next_rev_nat: 1,
+            ..Default::default()
+        };
+        for (id, b) in &kernel.backends {
+            let at = SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(b.address)),
+                u16::from_be(b.port),
+            );
+            sync.backend_ids.insert((at, b.protocol), *id);
+        }
+        for (id, r) in &kernel.reverse_nat {
+            let at = SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(r.address)),
+                u16::from_be(r.port),
+            );
+            sync.rev_nat_ids.insert(at, *id);
+        }
+        sync.kernel = kernel;
+        Ok(sync)
+    }
+
+    fn backend_id(&mut self, at: BackendAt) -> Result<u32, Error> {
+        if let Some(id) = self.backend_ids.get(&at) {
+            return Ok(*id);
+        }
+        let in_use: HashSet<u32> = self.backend_ids.values().copied().collect();
+        for _ in 0..=u16::MAX as u32 + 1 {
+            let id = self.next_backend;
+            self.next_backend = self.next_backend.wrapping_add(1).max(1);
+            if !in_use.contains(&id) && !self.kernel.backends.contains_key(&id) {
+                self.backend_ids.insert(at, id);
+                return Ok(id);
+            }
+        }
+        Err(crate::invalid("no free backend id"))
+    }
+
+    fn rev_nat_id(&mut self, at: SocketAddrV4) -> Result<u16, Error> {
+        if let Some(id) = self.rev_nat_ids.get(&at) {
+            return Ok(*id);
+        }
+        let in_use: HashSet<u16> = self.rev_nat_ids.values().copied().collect();
+        for _ in 0..=u16::MAX {
+            let id = self.next_rev_nat;
+            self.next_rev_nat = self.next_rev_nat.wrapping_add(1).max(1);
+            if !in_use.contains(&id) && !self.kernel.reverse_nat.contains_key(&id) {
+                self.rev_nat_ids.insert(at, id);
+                return Ok(id);
+            }
+        }
+        Err(crate::invalid("no free reverse-NAT index"))
+    }
+
+    /// Brings the kernel in line with the services `touched` (all of them
+    /// when `None`, which also removes whatever else the kernel holds).
+    pub fn apply(
+        &mut self,
+        state: &State,
+        datapath: &Datapath,
+        touched: Option<&BTreeSet<String>>,
+    ) -> Result<(), Error> {
+        let keys: BTreeSet<String> = match touched {
+            Some(t) => t.clone(),
+            None => state
+                .services()
+                .keys()
+                .chain(self.written.keys())
+                .cloned()
+                .collect(),
+        };
+        let mut ups: Vec<LbWrite> = Vec::new(); // backends, reverse NAT
+        let mut slots: Vec<LbWrite> = Vec::new();
+        let mut masters: Vec<LbWrite> = Vec::new();
+        let mut master_removals: Vec<LbWrite> = Vec::new();
+        let mut slot_removals: Vec<LbWrite> = Vec::new();
+        let mut left_active: HashSet<(u16, u32)> = HashSet::new();
+        let mut released_backends: Vec<u32> = Vec::new();
+        let mut released_rev_nats: Vec<u16> = Vec::new();
+
+        for key in &keys {
+            let old = self.written.remove(key).unwrap_or_default();
+            for w in &old {
+                self.owner.remove(&w.master);
+            }
+            let mut new: Vec<Written> = Vec::new();
+            if let Some(svc) = state.services().get(key) {
+                let affinity = svc.affinity_timeout_s;
+                for f in svc.frontends() {
+                    let proto = f.protocol.number();
+                    let master = master_key(f.address, f.port, proto);
+                    if let Some(other) = self.owner.get(&master) {
+                        tracing::warn!(
+                            service = %key,
+                            other = %other,
+                            frontend = %format!("{}:{}/{}", f.address, f.port, f.protocol),
+                            "frontend already belongs to another service; skipped"
+                        );
+                        continue;
+                    }
+                    self.owner.insert(master, key.clone());
+                    let rev_nat = self.rev_nat_id(SocketAddrV4::new(f.address, f.port))?;
+                    *self.rev_nat_refs.entry(rev_nat).or_default() += 1;
+                    let rn = LbReverseNat {
+                        address: master.address,
+                        port: master.dport,
+                        pad: 0,
+                    };
+                    if self.kernel.reverse_nat.get(&rev_nat) != Some(&rn) {
+                        ups.push(LbWrite::ReverseNat(rev_nat, Some(rn)));
+                    }
+                    let mut active = Vec::new();
+                    let mut named = Vec::new();
+                    for (at, is_active) in f
+                        .active
+                        .iter()
+                        .map(|a| (a, true))
+                        .chain(f.terminating.iter().map(|a| (a, false)))
+                    {
+                        let id = self.backend_id((*at, proto))?;
+                        *self.backend_refs.entry(id).or_default() += 1;
+                        let be = LbBackend {
+                            address: u32::from(*at.ip()).to_be(),
+                            port: at.port().to_be(),
+                            protocol: proto,
+                            flags: 0,
+                        };
+                        if self.kernel.backends.get(&id) != Some(&be) {
+                            ups.push(LbWrite::Backend(id, Some(be)));
+                        }
+                        named.push(id);
+                        if is_active {
+                            active.push(id);
+                        }
+                    }
+                    for (i, id) in active.iter().enumerate() {
+                        let k = LbServiceKey {
+                            slot: i as u16 + 1,
+                            ..master
+                        };
+                        let v = LbService {
+                            backend_id: *id,
+                            ..Default::default()
+                        };
+                        if self.kernel.services.get(&k) != Some(&v) {
+                            slots.push(LbWrite::Service(k, Some(v)));
+                        }
+                    }
+                    let m = LbService {
+                        backend_id: 0,
+                        count: active.len() as u16,
+                        rev_nat,
+                        affinity_timeout_s: affinity.unwrap_or(0),
+                        flags: if affinity.is_some() {
+                            LB_SVC_F_AFFINITY
+                        } else {
+                            0
+                        },
+                    };
+                    if self.kernel.services.get(&master) != Some(&m) {
+                        masters.push(LbWrite::Service(master, Some(m)));
+                    }
+                    new.push(Written {
+                        master,
+                        rev_nat,
+                        active,
+                        named,
+                    });
+                }
+            }
+            // What the old frontends had and the new ones do not.
+            for w in &old {
+                let now = new.iter().find(|n| n.master == w.master);
+                let kept_slots = now.map_or(0, |n| n.active.len());
+                if now.is_none() {
+                    master_removals.push(LbWrite::Service(w.master, None));
+                }
+                for slot in kept_slots + 1..=w.active.len() {
+                    slot_removals.push(LbWrite::Service(
+                        LbServiceKey {
+                            slot: slot as u16,
+                            ..w.master
+                        },
+                        None,
+                    ));
+                }
+                let still: HashSet<u32> = now
+                    .map(|n| n.active.iter().copied().collect())
+                    .unwrap_or_default();
+                for id in &w.active {
+                    if !still.contains(id) {
+                        left_active.insert((w.rev_nat, *id));
+                    }
+                }
+                for id in &w.named {
+                    released_backends.push(*id);
+                }
+                released_rev_nats.push(w.rev_nat);
+            }
+            if !new.is_empty() {
+                self.written.insert(key.clone(), new);
+            }
+        }
+        // References the old frontends held go only now, so an id both
+        // released and taken again in this commit is never freed.
+        let mut gone_backends = Vec::new();
+        for id in released_backends {
+            let refs = self.backend_refs.entry(id).or_default();
+            *refs = refs.saturating_sub(1);
+            if *refs == 0 {
+                self.backend_refs.remove(&id);
+                gone_backends.push(id);
+            }
+        }
+        let mut gone_rev_nats = Vec::new();
+        for id in released_rev_nats {
+            let refs = self.rev_nat_refs.entry(id).or_default();
+            *refs = refs.saturating_sub(1);
+            if *refs == 0 {
+                self.rev_nat_refs.remove(&id);
+                gone_rev_nats.push(id);
+            }
+        }
+        let mut removals: Vec<LbWrite> = Vec::new();
+        for id in gone_backends {
+            self.backend_ids.retain(|_, v| *v != id);
+            removals.push(LbWrite::Backend(id, None));
+        }
+        for id in gone_rev_nats {
+            self.rev_nat_ids.retain(|_, v| *v != id);
+            removals.push(LbWrite::ReverseNat(id, None));
+        }
+        // A full sync also clears what no service names (an earlier run's).
+        if touched.is_none() {
+            let wanted_masters: HashSet<LbServiceKey> =
+                self.written.values().flatten().map(|w| w.master).collect();
+            for k in self.kernel.services.keys() {
+                let master = LbServiceKey { slot: 0, ..*k };
+                let keep =
+                    wanted_masters.contains(&master)
+                        && (k.slot == 0
+                            || self.written.values().flatten().any(|w| {
+                                w.master == master && (k.slot as usize) <= w.active.len()
+                            }));
+                if !keep {
+                    let w = LbWrite::Service(*k, None);
+                    if k.slot == 0 {
+                        master_removals.push(w);
+                    } else {
+                        slot_removals.push(w);
+                    }
+                }
+            }
+            for id in self.kernel.backends.keys() {
+                if !self.backend_refs.contains_key(id) {
+                    self.backend_ids.retain(|_, v| v != id);
+                    removals.push(LbWrite::Backend(*id, None));
+                }
+            }
+            for id in self.kernel.reverse_nat.keys() {
+                if !self.rev_nat_refs.contains_key(id) {
+                    self.rev_nat_ids.retain(|_, v| v != id);
+                    removals.push(LbWrite::ReverseNat(*id, None));
+                }
+            }
+        }
+        let writes: Vec<LbWrite> = ups
+            .into_iter()
+            .chain(slots)
+            .chain(masters)
+            .chain(master_removals)
+            .chain(slot_removals)
+            .chain(removals)
+            .collect();
+        if !writes.is_empty() {
+            datapath.lb_apply(&writes)?;
+            for w in &writes {
+                match *w {
+                    LbWrite::Service(k, v) => put(&mut self.kernel.services, k, v),
+                    LbWrite::Backend(k, v) => put(&mut self.kernel.backends, k, v),
+                    LbWrite::ReverseNat(k, v) => put(&mut self.kernel.reverse_nat, k, v),
+                }
+            }
+        }
+        if !left_active.is_empty() {
+            datapath.lb_affinity_flush(|k, v| left_active.contains(&(k.rev_nat, v.backend_id)));
+        }
+        Ok(())
+    }
+
+    /// Each frontend (address, port) and the service it belongs to, for
+    /// the flows' service names.
+    pub fn frontend_owners(&self) -> Vec<((Ipv4Addr, u16), String)> {
+        self.owner
+            .iter()
+            .map(|(k, svc)| {
+                (
+                    (
+                        Ipv4Addr::from(u32::from_be(k.address)),
+                        u16::from_be(k.dport),
+                    ),
+                    svc.clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// Entries the kernel holds (tests, `status`).
+    pub fn kernel(&self) -> &LbContents {
+        &self.kernel
+    }
+}
+
+fn put<K: Ord, V>(m: &mut BTreeMap<K, V>, k: K, v: Option<V>) {
+    match v {
+        Some(v) => m.insert(k, v),
+        None => m.remove(&k),
+    };
+}

@@ -1,0 +1,262 @@
+//! A service as the agent load-balances it: a Kubernetes Service with its
+//! EndpointSlices (or a lab file's service, its backends the pods its
+//! selector picks), reduced to what the datapath needs: the addresses and
+//! ports it answers on and, per port, the backends that serve it.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use serde::{Deserialize, Serialize};
+
+/// The most backends one service may have (its slots in the datapath).
+pub const MAX_BACKENDS: usize = 4096;
+
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub enum Protocol {
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+
+    /// Kubernetes' spelling (`TCP`, `UDP`); `None` for what Fibril does not
+    /// balance (SCTP: the kernel here has none).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    /// Every address its ports answer on: cluster IPs, external IPs, load
+    /// balancer ingress IPs.
+    #[serde(default)]
+    pub addresses: Vec<Ipv4Addr>,
+    pub ports: Vec<ServicePort>,
+    #[serde(default)]
+    pub backends: Vec<Backend>,
+    /// sessionAffinity ClientIP: how long a client stays with its backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity_timeout_s: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePort {
+    /// Matches the backends' port of the same name (EndpointSlices name
+    /// their ports as the service does).
+    #[serde(default)]
+    pub name: String,
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    pub address: Ipv4Addr,
+    pub ports: Vec<ServicePort>,
+    /// Going away (EndpointSlice `terminating`, or not ready): no new
+    /// connection goes to it; those it has keep it.
+    #[serde(default)]
+    pub terminating: bool,
+    /// The node it runs on, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+/// One address and port of a service, with the backends of that port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// Backends taking new connections, in a stable order.
+    pub active: Vec<SocketAddrV4>,
+    /// Backends going away (connections they have stay).
+    pub terminating: Vec<SocketAddrV4>,
+}
+
+impl Service {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Checks what the datapath relies on; the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        policy::labels::validate_namespace(&self.namespace)?;
+        policy::labels::validate_object_name("service", &self.name)?;
+        let mut seen = BTreeSet::new();
+        for p in &self.ports {
+            if p.port == 0 {
+                return Err(format!("service {}: port 0", self.key()));
+            }
+            if !seen.insert((p.port, p.protocol)) {
+                return Err(format!(
+                    "service {}: port {}/{} given twice",
+                    self.key(),
+                    p.port,
+                    p.protocol
+                ));
+            }
+        }
+        let names: BTreeSet<&str> = self.ports.iter().map(|p| p.name.as_str()).collect();
+        if names.len() != self.ports.len() {
+            return Err(format!(
+                "service {}: ports need distinct names when there are several",
+                self.key()
+            ));
+        }
+        if self.backends.len() > MAX_BACKENDS {
+            return Err(format!(
+                "service {}: {} backends (at most {MAX_BACKENDS})",
+                self.key(),
+                self.backends.len()
+            ));
+        }
+        for b in &self.backends {
+            if b.ports.iter().any(|p| p.port == 0) {
+                return Err(format!(
+                    "service {}: backend {} has port 0",
+                    self.key(),
+                    b.address
+                ));
+            }
+        }
+        if self.affinity_timeout_s == Some(0) {
+            return Err(format!("service {}: sessionAffinity timeout 0", self.key()));
+        }
+        Ok(())
+    }
+
+    /// Every address and port the service answers on, each with the
+    /// backends of its port (a backend port of the same name and protocol).
+    pub fn frontends(&self) -> Vec<Frontend> {
+        let mut out = Vec::new();
+        for port in &self.ports {
+            let mut active = BTreeSet::new();
+            let mut terminating = BTreeSet::new();
+            for b in &self.backends {
+                let Some(bp) = b
+                    .ports
+                    .iter()
+                    .find(|bp| bp.name == port.name && bp.protocol == port.protocol)
+                else {
+                    continue;
+                };
+                let at = SocketAddrV4::new(b.address, bp.port);
+                if b.terminating {
+                    terminating.insert(at);
+                } else {
+                    active.insert(at);
+                }
+            }
+            // A backend both serving and going away (two slices) serves.
+            let terminating: Vec<SocketAddrV4> = terminating.difference(&active).copied().collect();
+            for address in &self.addresses {
+                out.push(Frontend {
+                    address: *address,
+                    port: port.port,
+                    protocol: port.protocol,
+                    active: active.iter().copied().collect(),
+                    terminating: terminating.clone(),
+                });
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(name: &str, port: u16) -> ServicePort {
+        ServicePort {
+            name: name.into(),
+            port,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    #[test]
+    fn each_port_gets_the_backends_of_its_name() {
+        let s = Service {
+            namespace: "default".into(),
+            name: "web".into(),
+            addresses: vec![Ipv4Addr::new(10, 96, 0, 10)],
+            ports: vec![port("http", 80), port("metrics", 9090)],
+            backends: vec![
+                Backend {
+                    address: Ipv4Addr::new(10, 0, 0, 2),
+                    ports: vec![port("http", 8080), port("metrics", 9100)],
+                    terminating: false,
+                    node: None,
+                },
+                Backend {
+                    address: Ipv4Addr::new(10, 0, 0, 3),
+                    ports: vec![port("http", 8080)],
+                    terminating: true,
+                    node: None,
+                },
+            ],
+            affinity_timeout_s: None,
+        };
+        s.validate().unwrap();
+        let f = s.frontends();
+        assert_eq!(f.len(), 2);
+        assert_eq!(f[0].port, 80);
+        assert_eq!(f[0].active, vec!["10.0.0.2:8080".parse().unwrap()]);
+        assert_eq!(f[0].terminating, vec!["10.0.0.3:8080".parse().unwrap()]);
+        assert_eq!(f[1].active, vec!["10.0.0.2:9100".parse().unwrap()]);
+        assert!(f[1].terminating.is_empty());
+    }
+
+    #[test]
+    fn bad_services_are_refused_with_the_field() {
+        let mut s = Service {
+            namespace: "default".into(),
+            name: "web".into(),
+            ports: vec![port("a", 80), port("b", 80)],
+            ..Default::default()
+        };
+        assert!(s.validate().unwrap_err().contains("80/TCP given twice"));
+        s.ports = vec![port("", 80), port("", 81)];
+        assert!(s.validate().unwrap_err().contains("distinct names"));
+        s.ports = vec![port("", 0)];
+        assert!(s.validate().unwrap_err().contains("port 0"));
+        s.ports = vec![port("", 80)];
+        s.name = "Web_1".into();
+        assert!(s.validate().unwrap_err().contains("service name"));
+    }
+}

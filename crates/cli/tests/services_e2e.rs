@@ -1,0 +1,308 @@
+//! Tier 4: services through the real datapath in a lab (issue 18): a
+//! pod's connection to a ClusterIP is translated at its veth to a backend
+//! pod, on the same node and across the overlay; policy decides on the
+//! backend pod's identity; a service without backends refuses with
+//! SERVICE_BACKEND_NOT_FOUND; flows name the service (`observe
+//! --to-service`); ClientIP affinity; a long connection stays on its
+//! backend while the service's backends change.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{custom_lab, eventually, wait_until, Lab};
+
+const LAB: &str = r#"
+podCIDR: POD_CIDR_HERE
+pods:
+  - name: client
+    labels: {app: client}
+  - name: other-client
+    labels: {app: other-client}
+  - name: web-1
+    labels: {app: web}
+    command: [fibril-echo, http-server, --port, "8080"]
+  - name: web-2
+    labels: {app: web}
+    command: [fibril-echo, http-server, --port, "8080"]
+services:
+  - name: web
+    clusterIP: 10.96.0.50
+    selector: {app: web}
+    ports: [{name: http, port: 80, targetPort: 8080}]
+  - name: sticky
+    clusterIP: 10.96.0.52
+    selector: {app: web}
+    sessionAffinity: ClientIP
+    ports: [{port: 80, targetPort: 8080}]
+  - name: empty
+    clusterIP: 10.96.0.51
+    selector: {app: nothing}
+    ports: [{port: 80}]
+policies:
+  - inline: |
+      apiVersion: cilium.io/v2
+      kind: CiliumNetworkPolicy
+      metadata: {name: web-from-client}
+      spec:
+        endpointSelector: {matchLabels: {app: web}}
+        ingress:
+          - fromEndpoints: [{matchLabels: {app: client}}]
+            toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"#;
+
+fn accepted(lab: &Lab, pod: &str) -> usize {
+    lab.log(pod).matches("accepted").count()
+}
+
+fn agent_socket(lab: &Lab) -> std::path::PathBuf {
+    format!("/run/fibril/labs/{}/agent.sock", lab.name).into()
+}
+
+/// The lab's `web` service with `active` and `terminating` backends (pods'
+/// addresses), as Kubernetes' EndpointSlices would say it.
+fn set_web_backends(lab: &Lab, active: &[&str], terminating: &[&str]) {
+    let backend = |ip: &&str, terminating: bool| api::service::Backend {
+        address: ip.parse().unwrap(),
+        ports: vec![api::service::ServicePort {
+            name: "http".into(),
+            port: 8080,
+            protocol: api::service::Protocol::Tcp,
+        }],
+        terminating,
+        node: None,
+    };
+    let svc = api::Service {
+        namespace: "default".into(),
+        name: "web".into(),
+        addresses: vec!["10.96.0.50".parse().unwrap()],
+        ports: vec![api::service::ServicePort {
+            name: "http".into(),
+            port: 80,
+            protocol: api::service::Protocol::Tcp,
+        }],
+        backends: active
+            .iter()
+            .map(|ip| backend(ip, false))
+            .chain(terminating.iter().map(|ip| backend(ip, true)))
+            .collect(),
+        affinity_timeout_s: None,
+    };
+    let r = api::call(&agent_socket(lab), &api::Request::ServiceUpsert(svc)).unwrap();
+    assert!(matches!(r, api::Response::Ok), "{r:?}");
+}
+
+fn pod_ip(lab: &Lab, pod: &str) -> String {
+    lab.endpoints()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["pod_name"] == pod)
+        .unwrap_or_else(|| panic!("no endpoint {pod}"))["ipv4"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn a_cluster_ip_reaches_its_backends_under_their_policy() {
+    let lab = custom_lab(LAB);
+    wait_until("the web pods to listen", || {
+        lab.log("default/web-1").contains("listening")
+            && lab.log("default/web-2").contains("listening")
+    });
+
+    // The service list shows the frontend and both backends.
+    let out = lab.fibril(&["service", "list"]);
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{list}");
+    let web_line = list
+        .lines()
+        .find(|l| l.contains("10.96.0.50:80/TCP"))
+        .unwrap_or_else(|| panic!("{list}"));
+    assert!(web_line.contains("default/web"), "{web_line}");
+    assert_eq!(web_line.matches(":8080 (active)").count(), 2, "{web_line}");
+
+    // Twenty connections spread over both backends.
+    for _ in 0..20 {
+        assert!(lab.http_get("default/client", "http://10.96.0.50/", "3"));
+    }
+    let (one, two) = (
+        accepted(&lab, "default/web-1"),
+        accepted(&lab, "default/web-2"),
+    );
+    assert_eq!(one + two, 20);
+    assert!(one > 0 && two > 0, "web-1 {one}, web-2 {two}");
+
+    // Flows name the backend pod and the service beside it.
+    eventually("flows to the service", Duration::from_secs(10), || {
+        !lab.observe_json(&["--all", "--to-service", "default/web"])
+            .is_empty()
+    });
+    let flows = lab.observe_json(&["--all", "--to-service", "default/web"]);
+    assert!(flows
+        .iter()
+        .all(|f| f["destination_service"]["name"] == "web"));
+    assert!(flows.iter().all(|f| {
+        let pod = f["destination"]["pod_name"].as_str().unwrap_or("");
+        pod == "web-1" || pod == "web-2"
+    }));
+    assert!(flows.iter().all(|f| f["IP"]["destination"] != "10.96.0.50"));
+    // Replies come from the service, and say so.
+    eventually("replies from the service", Duration::from_secs(10), || {
+        lab.observe_json(&["--all", "--from-service", "default/web"])
+            .iter()
+            .any(|f| f["is_reply"] == true)
+    });
+
+    // Policy decides on the backend pod: other-client is refused by the
+    // web pods' ingress policy, through the service too.
+    assert!(!lab.http_get("default/other-client", "http://10.96.0.50/", "1"));
+    eventually("the policy drop", Duration::from_secs(10), || {
+        lab.observe_json(&[
+            "--all",
+            "--verdict",
+            "DROPPED",
+            "--from-pod",
+            "default/other-client",
+        ])
+        .iter()
+        .any(|f| {
+            f["drop_reason_desc"] == "POLICY_DENIED" && f["destination_service"]["name"] == "web"
+        })
+    });
+
+    // A service without backends refuses in the kernel, with its reason.
+    assert!(!lab.http_get("default/client", "http://10.96.0.51/", "1"));
+    eventually("the no-backend drop", Duration::from_secs(10), || {
+        lab.observe_json(&[
+            "--all",
+            "--verdict",
+            "DROPPED",
+            "--from-pod",
+            "default/client",
+        ])
+        .iter()
+        .any(|f| f["drop_reason_desc"] == "SERVICE_BACKEND_NOT_FOUND")
+    });
+
+    // ClientIP affinity: every connection of the client to one backend.
+    let before = (
+        accepted(&lab, "default/web-1"),
+        accepted(&lab, "default/web-2"),
+    );
+    for _ in 0..10 {
+        assert!(lab.http_get("default/client", "http://10.96.0.52/", "3"));
+    }
+    let after = (
+        accepted(&lab, "default/web-1"),
+        accepted(&lab, "default/web-2"),
+    );
+    let deltas = (after.0 - before.0, after.1 - before.1);
+    assert!(deltas == (10, 0) || deltas == (0, 10), "{deltas:?}");
+}
+
+#[test]
+fn a_long_connection_keeps_its_backend_while_the_backends_change() {
+    let lab = custom_lab(LAB);
+    wait_until("the web pods to listen", || {
+        lab.log("default/web-1").contains("listening")
+            && lab.log("default/web-2").contains("listening")
+    });
+    let (web1, web2) = (pod_ip(&lab, "web-1"), pod_ip(&lab, "web-2"));
+    set_web_backends(&lab, &[&web1], &[]);
+    let mut hold = lab.hold("default/client", "10.96.0.50:80", "6");
+    eventually("the held connection", Duration::from_secs(10), || {
+        accepted(&lab, "default/web-1") == 1
+    });
+    // web-1 is going away, web-2 takes the new connections.
+    set_web_backends(&lab, &[&web2], &[&web1]);
+    for _ in 0..5 {
+        assert!(lab.http_get("default/client", "http://10.96.0.50/", "3"));
+    }
+    assert_eq!(accepted(&lab, "default/web-2"), 5);
+    // More backends come and go; the held connection stays where it was.
+    set_web_backends(&lab, &[&web2, &web1], &[]);
+    set_web_backends(&lab, &[&web2], &[&web1]);
+    let status = hold.wait().unwrap();
+    let mut err = String::new();
+    use std::io::Read;
+    hold.stderr.take().unwrap().read_to_string(&mut err).ok();
+    assert!(status.success(), "the held connection broke: {err}");
+    assert_eq!(
+        accepted(&lab, "default/web-1"),
+        1,
+        "one connection, never moved"
+    );
+
+    // Bad input changes nothing: a second service on the same address.
+    let mut dup = api::Service {
+        namespace: "default".into(),
+        name: "copy".into(),
+        addresses: vec!["10.96.0.50".parse().unwrap()],
+        ports: vec![api::service::ServicePort {
+            name: "".into(),
+            port: 80,
+            protocol: api::service::Protocol::Tcp,
+        }],
+        backends: vec![],
+        affinity_timeout_s: None,
+    };
+    let r = api::call(
+        &agent_socket(&lab),
+        &api::Request::ServiceUpsert(dup.clone()),
+    );
+    let message = r.expect_err("a duplicate frontend was taken").to_string();
+    assert!(
+        message.contains("already service default/web's"),
+        "{message}"
+    );
+    dup.name = "Not_A_Name".into();
+    let r = api::call(&agent_socket(&lab), &api::Request::ServiceUpsert(dup));
+    let message = r.expect_err("a bad name was taken").to_string();
+    assert!(message.contains("service name"), "{message}");
+    assert!(lab.http_get("default/client", "http://10.96.0.50/", "3"));
+
+    // The agent restarts: services and the connections' backends stay.
+    let mut hold = lab.hold("default/client", "10.96.0.50:80", "4");
+    std::thread::sleep(Duration::from_millis(500));
+    let out = lab.fibril(&["lab", "restart-agent"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(hold.wait().unwrap().success(), "held across the restart");
+    let list = String::from_utf8_lossy(&lab.fibril(&["service", "list"]).stdout).into_owned();
+    assert!(list.contains("10.96.0.50:80/TCP"), "{list}");
+}
+
+#[test]
+fn a_cluster_ip_reaches_a_backend_on_another_node() {
+    let lab = custom_lab(
+        r#"
+podCIDR: POD_CIDR_HERE
+nodes: [a, b]
+pods:
+  - name: client
+    labels: {app: client}
+    node: a
+  - name: web
+    labels: {app: web}
+    command: [fibril-echo, http-server, --port, "8080"]
+    node: b
+services:
+  - name: web
+    clusterIP: 10.96.0.60
+    selector: {app: web}
+    ports: [{port: 80, targetPort: 8080}]
+"#,
+    );
+    wait_until("web to listen", || {
+        lab.log("default/web").contains("listening")
+    });
+    for _ in 0..3 {
+        assert!(lab.http_get("default/client", "http://10.96.0.60/", "5"));
+    }
+    assert_eq!(accepted(&lab, "default/web"), 3);
+}
