@@ -11,7 +11,8 @@
 //! goes into the object's status (`status.nodes.<node>` and the `Valid`
 //! condition). An invalid update leaves the last valid version in force.
 //! With the API server gone the node keeps and enforces the policies it
-//! last had (its state log holds them).
+//! last had (its state log holds them). Services and EndpointSlices are
+//! followed the same way (`kubernetes_services`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -104,6 +105,8 @@ impl Kubernetes {
             tracing::info!(kubeconfig = ?config.kubeconfig, "Kubernetes API connected; CRDs installed");
             tx.send_replace(true);
             client_tx.send_replace(Some(client.clone()));
+            let services = crate::kubernetes_services::ServiceFollower::new(control.clone());
+            tokio::spawn(services.run(client.clone()));
             let followers = k8s::policy::kinds().into_iter().map(|kind| {
                 let follower = PolicyFollower {
                     client: client.clone(),

@@ -12,6 +12,7 @@ pub mod fqdn;
 pub mod hubble_backend;
 pub mod ipcache;
 pub mod kubernetes;
+pub mod kubernetes_services;
 pub mod l7;
 pub mod l7proxy;
 pub mod lb_sync;

@@ -133,6 +133,34 @@ fn the_lab_runs_a_real_control_plane_that_kubectl_reaches() {
         let url = format!("http://{ip}:8080/");
         assert!(lab.http_get("default/client", &url, "3"), "client -> {url}");
     }
+    // A Service over the deployment: each node's agent follows it and its
+    // EndpointSlice (the controller-manager's) into its load balancer; the
+    // client reaches both pods through the cluster IP, one of them on the
+    // other node (the overlay).
+    let svc = dir.join("web-svc.yaml");
+    std::fs::write(
+        &svc,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  clusterIP: 10.96.0.80\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n",
+    )
+    .unwrap();
+    let (ok, _, err) = kubectl(&["apply", "-f", svc.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let service_list = |node: &str| {
+        let out = lab.fibril(&["--node", node, "service", "list"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    eventually("both nodes balancing web", Duration::from_secs(30), || {
+        ["n1", "n2"].iter().all(|n| {
+            service_list(n)
+                .lines()
+                .any(|l| l.contains("10.96.0.80:80/TCP") && l.matches("(active)").count() == 2)
+        })
+    });
+    // The API server's own service, from its EndpointSlice.
+    assert!(service_list("n1").contains("default/kubernetes"));
+    for _ in 0..6 {
+        assert!(lab.http_get("default/client", "http://10.96.0.80/", "3"));
+    }
     // `kubectl label` moves a pod to the identity of its new labels on
     // every node: its own (the endpoint) and the other (the ipcache).
     let first = &v["items"][0];
@@ -179,6 +207,13 @@ fn the_lab_runs_a_real_control_plane_that_kubectl_reaches() {
         !String::from_utf8_lossy(&eps.stdout).contains("web-"),
         "endpoints outlived their pods"
     );
+    // The service lost its backends with them: refused in the kernel.
+    eventually("web without backends", Duration::from_secs(30), || {
+        service_list("n1")
+            .lines()
+            .any(|l| l.contains("10.96.0.80:80/TCP") && l.contains("(none)"))
+    });
+    assert!(!lab.http_get("default/client", "http://10.96.0.80/", "1"));
     let (ok, rs, err) = kubectl(&["get", "replicasets", "-l", "app=web", "-o", "name"]);
     assert!(ok && rs.lines().count() == 1, "{rs} {err}");
     // A bad object is refused with the field named, and nothing is made.

@@ -10,6 +10,7 @@ pub mod crd;
 pub mod pod;
 pub mod policy;
 pub mod rbac;
+pub mod service;
 
 pub use kube;
 
