@@ -623,7 +623,7 @@ fn main() -> anyhow::Result<()> {
         Some("test") | Some("ci") => test(),
         Some("demo") => demo(args.iter().any(|a| a == "--keep")),
         Some("bench") => {
-            // `--only policy|cluster|relay|k8s|ui|flows|packet|datapath|overlay|cni|l7` runs one part.
+            // `--only policy|cluster|relay|k8s|ui|flows|packet|lb|datapath|overlay|cni|l7` runs one part.
             let only: Option<String> = bench::flag(&args, "only");
             let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
             deps()?;
@@ -670,6 +670,12 @@ fn main() -> anyhow::Result<()> {
                     .args(["run", "--quiet", "--release", "-p", "fibril-datapath"])
                     .args(["--example", "packet_bench"]))?;
             }
+            if part("lb") {
+                println!("\n== service load balancing per packet (BPF_PROG_TEST_RUN, median of 5,000 single runs)");
+                run(cargo()
+                    .args(["run", "--quiet", "--release", "-p", "fibril-datapath"])
+                    .args(["--example", "lb_bench"]))?;
+            }
             if part("datapath") {
                 println!("\n== datapath");
                 bench::run_bench(&release, &args[1..])?;
@@ -693,6 +699,6 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some("layering") => layering(),
-        _ => bail!("usage: cargo xtask <deps|test|layering|demo [--keep]|bench [--seconds N] [--only policy|cluster|relay|ui|flows|packet|datapath|overlay|cni|l7]|ci>"),
+        _ => bail!("usage: cargo xtask <deps|test|layering|demo [--keep]|bench [--seconds N] [--only policy|cluster|relay|ui|flows|packet|lb|datapath|overlay|cni|l7]|ci>"),
     }
 }
