@@ -367,4 +367,15 @@ struct lb_affinity {
 };
 _Static_assert(sizeof(struct lb_affinity) == 16, "lb_affinity size");
 
+/* Socket load balancing (sock.bpf.c): a socket (its cookie) and the
+ * backend it was connected or sent to -> the service address
+ * (lb_reverse_nat) its peer is shown as (getpeername, recvmsg). */
+struct lb_sock_key {
+	__u64 cookie;
+	__u32 address;   /* network byte order */
+	__u16 port;      /* network byte order */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct lb_sock_key) == 16, "lb_sock_key size");
+
 #endif /* FIBRIL_ABI_H */

@@ -91,6 +91,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } fibril_lb_affinity SEC(".maps");
 
+/* Socket load balancing (sock.bpf.c): what a translated socket's peer is
+ * shown as. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct lb_sock_key);
+	__type(value, struct lb_reverse_nat);
+	__uint(max_entries, 65536);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fibril_lb_sock_revnat SEC(".maps");
+
 /* IPv4 fragments: the datagram's ports, from its first fragment, for the
  * fragments after it (they carry no L4 header). Kernel-only (the agent
  * never reads it), so its structs live in lib/frag.h. */

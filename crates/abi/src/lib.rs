@@ -401,6 +401,19 @@ pub struct CtBudget {
     pub overflows: u64,
 }
 
+/// A translated socket and its backend (`fibril_lb_sock_revnat`, socket
+/// load balancing).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LbSockKey {
+    pub cookie: u64,
+    /// Network byte order.
+    pub address: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub pad: u16,
+}
+
 /// One datapath notification read from the events ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -527,4 +540,6 @@ mod pod {
     unsafe impl aya::Pod for LbAffinityKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for LbAffinity {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LbSockKey {}
 }

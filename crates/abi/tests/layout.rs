@@ -43,6 +43,7 @@ int main(void) {
   O(lb_affinity_key, client) O(lb_affinity_key, rev_nat)
   O(lb_affinity, last_used_ns) O(lb_affinity, backend_id)
   O(flow_event, svc_addr) O(flow_event, svc_port) O(flow_event, svc_side)
+  S(lb_sock_key) O(lb_sock_key, cookie) O(lb_sock_key, address) O(lb_sock_key, port)
   E(DROP_NO_SERVICE) E(CT_DIR_SERVICE) E(SVC_SIDE_NONE) E(SVC_SIDE_DESTINATION)
   E(SVC_SIDE_SOURCE) E(LB_SVC_F_AFFINITY)
   O(flow_event, ts_ns) O(flow_event, type) O(flow_event, subtype) O(flow_event, direction)
@@ -260,6 +261,10 @@ fn sizes_offsets_and_enums_match_the_c_header() {
         ),
         ("lb_affinity.backend_id", offset_of!(LbAffinity, backend_id)),
         ("DROP_NO_SERVICE", DropReason::NoService as usize),
+        ("lb_sock_key", size_of::<LbSockKey>()),
+        ("lb_sock_key.cookie", offset_of!(LbSockKey, cookie)),
+        ("lb_sock_key.address", offset_of!(LbSockKey, address)),
+        ("lb_sock_key.port", offset_of!(LbSockKey, port)),
         ("CT_DIR_SERVICE", CT_DIR_SERVICE as usize),
         ("SVC_SIDE_NONE", SVC_SIDE_NONE as usize),
         ("SVC_SIDE_DESTINATION", SVC_SIDE_DESTINATION as usize),

@@ -80,6 +80,7 @@ impl Control {
     /// `policy`'s realized entries; the snapshot is rewritten.
     pub fn open(
         cluster: &str,
+        node: &str,
         datapath: Arc<Datapath>,
         mut store: Store,
         mut state: State,
@@ -102,7 +103,7 @@ impl Control {
             }
         }
         policy.apply(&state, &datapath, cluster, None)?;
-        let mut lb = LbSync::open(&datapath)?;
+        let mut lb = LbSync::open(&datapath, node)?;
         lb.apply(&state, &datapath, None)?;
         store.save(&state)?;
         let control = Self {

@@ -48,6 +48,9 @@ pub struct LbSync {
     owner: HashMap<LbServiceKey, String>,
     next_backend: u32,
     next_rev_nat: u16,
+    /// This node's name (`internalTrafficPolicy: Local` balances over its
+    /// own backends).
+    node: String,
 }
 
 fn master_key(address: Ipv4Addr, port: u16, protocol: u8) -> LbServiceKey {
@@ -64,11 +67,12 @@ fn master_key(address: Ipv4Addr, port: u16, protocol: u8) -> LbServiceKey {
 impl LbSync {
     /// Takes over what an earlier run left in the kernel: its backend and
     /// reverse-NAT numbers are kept for the same backends and frontends.
-    pub fn open(datapath: &Datapath) -> Result<Self, Error> {
+    pub fn open(datapath: &Datapath, node: &str) -> Result<Self, Error> {
         let kernel = datapath.lb_contents()?;
         let mut sync = LbSync {
             next_backend: 1,
             next_rev_nat: 1,
+            node: node.to_string(),
             ..Default::default()
         };
         for (id, b) in &kernel.backends {
@@ -155,7 +159,7 @@ impl LbSync {
             let mut new: Vec<Written> = Vec::new();
             if let Some(svc) = state.services().get(key) {
                 let affinity = svc.affinity_timeout_s;
-                for f in svc.frontends() {
+                for f in svc.frontends_on(Some(&self.node)) {
                     let proto = f.protocol.number();
                     let master = master_key(f.address, f.port, proto);
                     if let Some(other) = self.owner.get(&master) {

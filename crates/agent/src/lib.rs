@@ -207,6 +207,7 @@ impl Agent {
         }
         let control = Arc::new(control::Control::open(
             &config.cluster_name,
+            &config.node_name,
             datapath.clone(),
             store,
             state,

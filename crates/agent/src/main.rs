@@ -85,6 +85,16 @@ struct Args {
     /// socket to socket, past the TCP/IP stack. None: no shortcut.
     #[arg(long)]
     cgroup_root: Option<std::path::PathBuf>,
+    /// Socket load balancing (Cilium's --bpf-lb-sock): the processes
+    /// under --cgroup-root connect to a service's backend directly, no
+    /// per-packet translation. Needs --cgroup-root.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    bpf_lb_sock: bool,
+    /// With --bpf-lb-sock: only this agent's network namespace
+    /// (`socketLB.hostNamespaceOnly`); pods keep the per-packet
+    /// translation at their veth.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    bpf_lb_sock_hostns_only: bool,
     /// The L7 proxy's port on 127.0.0.1 (0: the previous run's if free,
     /// else any free port).
     #[arg(long, default_value_t = 0)]
@@ -537,6 +547,20 @@ fn main() -> anyhow::Result<()> {
             // Everything works without it, through the stack.
             Err(e) => tracing::warn!(error = %e, "L7 proxy socket shortcut unavailable"),
         }
+    }
+    match (&args.cgroup_root, args.bpf_lb_sock) {
+        (Some(cgroup), true) => agent
+            .datapath()
+            .attach_socket_lb(cgroup, args.bpf_lb_sock_hostns_only)
+            .with_context(|| format!("socket load balancing on {}", cgroup.display()))?,
+        (None, true) => anyhow::bail!("--bpf-lb-sock needs --cgroup-root"),
+        _ => {}
+    }
+    if args.bpf_lb_sock {
+        tracing::info!(
+            host_namespace_only = args.bpf_lb_sock_hostns_only,
+            "socket load balancing attached"
+        );
     }
     {
         // The conntrack census (status's entry count), then toFQDNs:

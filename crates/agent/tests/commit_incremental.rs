@@ -239,6 +239,7 @@ fn every_change_ends_where_a_full_computation_does() {
     }
     let control = Control::open(
         "default",
+        "test-node",
         dp.clone(),
         Store::new(&dir).unwrap(),
         state,

@@ -66,6 +66,10 @@ pub struct Service {
     /// sessionAffinity ClientIP: how long a client stays with its backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity_timeout_s: Option<u32>,
+    /// `internalTrafficPolicy: Local`: a node balances only over the
+    /// backends on itself (none there: the service drops, as kube-proxy's).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub internal_traffic_local: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,11 +166,22 @@ impl Service {
     /// Every address and port the service answers on, each with the
     /// backends of its port (a backend port of the same name and protocol).
     pub fn frontends(&self) -> Vec<Frontend> {
+        self.frontends_on(None)
+    }
+
+    /// The frontends as node `node` balances them: with
+    /// `internal_traffic_local`, over its own backends only (a backend
+    /// whose node is unknown counts as everyone's, as a one-node lab's).
+    pub fn frontends_on(&self, node: Option<&str>) -> Vec<Frontend> {
+        let local = |b: &Backend| match (node, &b.node) {
+            (Some(here), Some(there)) if self.internal_traffic_local => here == there,
+            _ => true,
+        };
         let mut out = Vec::new();
         for port in &self.ports {
             let mut active = BTreeSet::new();
             let mut terminating = BTreeSet::new();
-            for b in &self.backends {
+            for b in self.backends.iter().filter(|b| local(b)) {
                 let Some(bp) = b
                     .ports
                     .iter()
@@ -231,6 +246,7 @@ mod tests {
                 },
             ],
             affinity_timeout_s: None,
+            internal_traffic_local: false,
         };
         s.validate().unwrap();
         let f = s.frontends();
@@ -240,6 +256,40 @@ mod tests {
         assert_eq!(f[0].terminating, vec!["10.0.0.3:8080".parse().unwrap()]);
         assert_eq!(f[1].active, vec!["10.0.0.2:9100".parse().unwrap()]);
         assert!(f[1].terminating.is_empty());
+    }
+
+    #[test]
+    fn internal_traffic_local_balances_over_the_nodes_own_backends() {
+        let backend = |last: u8, node: Option<&str>| Backend {
+            address: Ipv4Addr::new(10, 0, 0, last),
+            ports: vec![port("", 8080)],
+            terminating: false,
+            node: node.map(String::from),
+        };
+        let mut s = Service {
+            namespace: "default".into(),
+            name: "web".into(),
+            addresses: vec![Ipv4Addr::new(10, 96, 0, 10)],
+            ports: vec![port("", 80)],
+            backends: vec![
+                backend(2, Some("a")),
+                backend(3, Some("b")),
+                backend(4, None),
+            ],
+            ..Default::default()
+        };
+        let active = |s: &Service, node| s.frontends_on(node)[0].active.len();
+        assert_eq!(active(&s, Some("a")), 3, "Cluster: every backend");
+        s.internal_traffic_local = true;
+        assert_eq!(
+            s.frontends_on(Some("a"))[0].active,
+            vec![
+                "10.0.0.2:8080".parse().unwrap(),
+                "10.0.0.4:8080".parse().unwrap()
+            ]
+        );
+        assert_eq!(active(&s, Some("c")), 1, "only the one of no known node");
+        assert_eq!(active(&s, None), 3);
     }
 
     #[test]

@@ -73,6 +73,45 @@ pub struct LabFile {
     /// by the lab's kubelets; `kubernetes: true` only).
     #[serde(default = "default_agents")]
     pub agents: String,
+    /// Socket load balancing (Cilium's Helm `socketLB.*`): on, for the
+    /// nodes' own namespaces only (the seed's `hostNamespaceOnly=true`),
+    /// unless the file says otherwise. Needs the lab's cgroup.
+    #[serde(rename = "socketLB", default)]
+    pub socket_lb: SocketLb,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketLb {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(rename = "hostNamespaceOnly", default = "yes")]
+    pub host_namespace_only: bool,
+}
+
+impl Default for SocketLb {
+    fn default() -> Self {
+        SocketLb {
+            enabled: true,
+            host_namespace_only: true,
+        }
+    }
+}
+
+impl SocketLb {
+    /// The agent's flags for it.
+    fn agent_args(&self) -> Vec<String> {
+        vec![
+            "--bpf-lb-sock".into(),
+            self.enabled.to_string(),
+            "--bpf-lb-sock-hostns-only".into(),
+            self.host_namespace_only.to_string(),
+        ]
+    }
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_agents() -> String {
@@ -960,6 +999,7 @@ pub(crate) fn node_fs(lab: &str, node: &str) -> crate::kubelet_pod::NodeFs {
     crate::kubelet_pod::NodeFs {
         root: node_dir(lab, node).join("host"),
         bpf: node_bpf_dir(lab, node),
+        cgroup: node_cgroup_dir(lab, node),
     }
 }
 
@@ -1164,6 +1204,7 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
         if let Some(cg) = &lab_cgroup {
             st.agent_args
                 .extend(["--cgroup-root".to_string(), cg.display().to_string()]);
+            st.agent_args.extend(parsed.file.socket_lb.agent_args());
         }
     }
     save(&st)?;
@@ -1214,6 +1255,7 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                     .filter(|cg| lab_cgroup.is_some() && make_cgroup(cg))
                 {
                     args.extend(["--cgroup-root".to_string(), cg.display().to_string()]);
+                    args.extend(parsed.file.socket_lb.agent_args());
                 }
                 st.nodes[i].agent_args = args;
                 save(&st)?;

@@ -38,6 +38,10 @@ pub struct ServiceSpec {
     pub session_affinity_timeout: Option<u32>,
     #[serde(rename = "externalIPs", default)]
     pub external_ips: Vec<Ipv4Addr>,
+    /// `Cluster` (default) or `Local`: each node balances over its own
+    /// backends only.
+    #[serde(rename = "internalTrafficPolicy", default)]
+    pub internal_traffic_policy: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,6 +122,12 @@ pub fn validate(name: &str, services: &[ServiceSpec]) -> anyhow::Result<()> {
         }
         if s.session_affinity_timeout == Some(0) {
             bail!("{at}.sessionAffinityTimeoutSeconds: must be at least 1");
+        }
+        match s.internal_traffic_policy.as_deref() {
+            None | Some("Cluster") | Some("Local") => {}
+            Some(other) => {
+                bail!("{at}.internalTrafficPolicy: expected Cluster or Local, found {other:?}")
+            }
         }
         let model = to_api(s, Ipv4Addr::UNSPECIFIED, &[])?;
         model.validate().map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
@@ -210,6 +220,7 @@ pub fn to_api(
         ports,
         backends,
         affinity_timeout_s: affinity,
+        internal_traffic_local: s.internal_traffic_policy.as_deref() == Some("Local"),
     })
 }
 
@@ -240,6 +251,9 @@ pub fn to_manifest(s: &ServiceSpec, cluster_ip: Ipv4Addr) -> serde_json::Value {
         "selector": s.selector,
         "ports": ports,
     });
+    if let Some(p) = &s.internal_traffic_policy {
+        spec["internalTrafficPolicy"] = p.clone().into();
+    }
     if !s.external_ips.is_empty() {
         spec["externalIPs"] = s.external_ips.iter().map(|i| i.to_string()).collect();
     }

@@ -87,6 +87,7 @@ fn set_web_backends(lab: &Lab, active: &[&str], terminating: &[&str]) {
             .chain(terminating.iter().map(|ip| backend(ip, true)))
             .collect(),
         affinity_timeout_s: None,
+        internal_traffic_local: false,
     };
     let r = api::call(&agent_socket(lab), &api::Request::ServiceUpsert(svc)).unwrap();
     assert!(matches!(r, api::Response::Ok), "{r:?}");
@@ -247,6 +248,7 @@ fn a_long_connection_keeps_its_backend_while_the_backends_change() {
         }],
         backends: vec![],
         affinity_timeout_s: None,
+        internal_traffic_local: false,
     };
     let r = api::call(
         &agent_socket(&lab),
@@ -277,6 +279,34 @@ fn a_long_connection_keeps_its_backend_while_the_backends_change() {
     assert!(list.contains("10.96.0.50:80/TCP"), "{list}");
 }
 
+/// Conntrack entries of translated connections (the per-packet path's
+/// service entries) on `node` (None: a one-node lab's agent).
+fn service_entries(lab: &Lab, node: Option<&str>) -> usize {
+    let mut args = vec![];
+    if let Some(n) = node {
+        args.extend(["--node", n]);
+    }
+    args.extend(["ct", "list", "-o", "json"]);
+    let out = lab.fibril(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["direction"].as_str().unwrap_or("").starts_with("service"))
+        .count()
+}
+
+/// Socket load balancing (the lab's default: `socketLB.hostNamespaceOnly`,
+/// the seed's): a process in a node's own namespace connects to the
+/// backend at connect (the host stack has no per-packet translation, so
+/// only the socket path can reach the service from there); a pod's
+/// connection is left to the per-packet path (its service entry).
 #[test]
 fn a_cluster_ip_reaches_a_backend_on_another_node() {
     let lab = custom_lab(
@@ -287,15 +317,26 @@ pods:
   - name: client
     labels: {app: client}
     node: a
+  - name: host-client
+    hostNetwork: true
+    node: a
   - name: web
     labels: {app: web}
     command: [fibril-echo, http-server, --port, "8080"]
+    node: b
+  - name: client-b
+    labels: {app: client}
     node: b
 services:
   - name: web
     clusterIP: 10.96.0.60
     selector: {app: web}
     ports: [{port: 80, targetPort: 8080}]
+  - name: web-local
+    clusterIP: 10.96.0.63
+    selector: {app: web}
+    ports: [{port: 80, targetPort: 8080}]
+    internalTrafficPolicy: Local
 "#,
     );
     wait_until("web to listen", || {
@@ -305,4 +346,64 @@ services:
         assert!(lab.http_get("default/client", "http://10.96.0.60/", "5"));
     }
     assert_eq!(accepted(&lab, "default/web"), 3);
+    assert!(service_entries(&lab, Some("a")) > 0, "pods: per packet");
+
+    // The node's own namespace: translated at connect.
+    let before = service_entries(&lab, Some("a"));
+    for _ in 0..3 {
+        assert!(lab.http_get("default/host-client", "http://10.96.0.60/", "5"));
+    }
+    assert_eq!(accepted(&lab, "default/web"), 6);
+    assert_eq!(
+        service_entries(&lab, Some("a")),
+        before,
+        "no per-packet path"
+    );
+
+    // internalTrafficPolicy: Local: node b's pods reach its backend, node
+    // a has none of its own, so its pods reach nothing.
+    assert!(lab.http_get("default/client-b", "http://10.96.0.63/", "5"));
+    assert_eq!(accepted(&lab, "default/web"), 7);
+    assert!(!lab.http_get("default/client", "http://10.96.0.63/", "2"));
+    assert_eq!(accepted(&lab, "default/web"), 7);
+}
+
+/// `socketLB.hostNamespaceOnly: false`: pods' sockets are translated at
+/// connect too (no per-packet service entries).
+#[test]
+fn socket_load_balancing_in_pods_when_asked() {
+    let lab = custom_lab(
+        r#"
+podCIDR: POD_CIDR_HERE
+socketLB: {hostNamespaceOnly: false}
+pods:
+  - name: client
+  - name: web
+    labels: {app: web}
+    command: [fibril-echo, http-server, --port, "8080"]
+services:
+  - name: web
+    clusterIP: 10.96.0.61
+    selector: {app: web}
+    ports: [{port: 80, targetPort: 8080}]
+  - name: empty
+    clusterIP: 10.96.0.62
+    ports: [{port: 80}]
+"#,
+    );
+    wait_until("web to listen", || {
+        lab.log("default/web").contains("listening")
+    });
+    for _ in 0..3 {
+        assert!(lab.http_get("default/client", "http://10.96.0.61/", "5"));
+    }
+    assert_eq!(accepted(&lab, "default/web"), 3);
+    assert_eq!(service_entries(&lab, None), 0, "translated at connect");
+    // A service without backends: the connect fails at once.
+    let started = std::time::Instant::now();
+    assert!(!lab.http_get("default/client", "http://10.96.0.62/", "5"));
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "refused, not timed out"
+    );
 }

@@ -43,8 +43,13 @@ pub const PROXY_MARK_FROM: Knob<u32> = Knob::new("proxy_mark_from");
 /// The node's VXLAN device (0: no overlay).
 pub const TUNNEL_IFINDEX: Knob<u32> = Knob::new("tunnel_ifindex");
 
+/// Socket load balancing: the agent's network namespace (its cookie).
+pub const HOST_NETNS_COOKIE: Knob<u64> = Knob::new("host_netns_cookie");
+/// Socket load balancing for the agent's namespace only (1) or every one.
+pub const SOCKET_LB_HOST_ONLY: Knob<u32> = Knob::new("socket_lb_host_only");
+
 /// Every setting the loader sets: (name, size in bytes).
-pub const SET: [(&str, usize); 9] = [
+pub const SET: [(&str, usize); 11] = [
     (ENDPOINT_ID.name, 4),
     (ENDPOINT_IPV4.name, 4),
     (EVENTS_WAKEUP_BYTES.name, 8),
@@ -54,6 +59,8 @@ pub const SET: [(&str, usize); 9] = [
     (PROXY_MARK_TO.name, 4),
     (PROXY_MARK_FROM.name, 4),
     (TUNNEL_IFINDEX.name, 4),
+    (HOST_NETNS_COOKIE.name, 8),
+    (SOCKET_LB_HOST_ONLY.name, 4),
 ];
 
 /// Settings the programs keep at their C default (conntrack timeouts, as

@@ -7,6 +7,7 @@
 pub mod events;
 pub mod knobs;
 pub mod shortcut;
+pub mod socket_lb;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -179,6 +180,7 @@ pub struct Datapath {
     maps: Mutex<Maps>,
     events: Mutex<Option<RingBuf<MapData>>>,
     shortcut: Mutex<Option<shortcut::ProxyShortcut>>,
+    socket_lb: Mutex<Option<socket_lb::SocketLb>>,
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
@@ -221,6 +223,7 @@ impl Datapath {
             maps: Mutex::new(maps),
             events: Mutex::new(Some(events)),
             shortcut: Mutex::new(None),
+            socket_lb: Mutex::new(None),
         })
     }
 
@@ -606,6 +609,15 @@ impl Datapath {
     pub fn attach_proxy_shortcut(&self, cgroup: &Path) -> Result<(), Error> {
         let s = shortcut::ProxyShortcut::attach(&self.config, cgroup)?;
         *self.shortcut.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+        Ok(())
+    }
+
+    /// Load-balances services at the socket calls of the processes under
+    /// `cgroup` (only this namespace's with `host_only`); replaces an
+    /// earlier attachment.
+    pub fn attach_socket_lb(&self, cgroup: &Path, host_only: bool) -> Result<(), Error> {
+        let s = socket_lb::SocketLb::attach(&self.config, cgroup, host_only)?;
+        *self.socket_lb.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
         Ok(())
     }
 

@@ -146,6 +146,7 @@ pub fn to_api<'a>(
         ports,
         backends,
         affinity_timeout_s: affinity,
+        internal_traffic_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
     })
 }
 
