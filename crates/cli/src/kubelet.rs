@@ -25,7 +25,7 @@ use k8s::kube::runtime::watcher::{self, Event};
 use k8s::kube::runtime::WatchStreamExt;
 use k8s::kube::Client;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Container, Node, Pod};
+use k8s_openapi::api::core::v1::{Container, Node, Pod, Service};
 use serde_json::json;
 
 use crate::kubelet_pod::{self, NodeFs, PodFields, Process};
@@ -563,6 +563,16 @@ impl Kubelet {
                 &uid[..uid.len().min(8)]
             )
         };
+        // Before the pod's namespace is made: a failure leaves none.
+        let service_env = if spec.enable_service_links == Some(false) {
+            Vec::new()
+        } else {
+            let services = Api::<Service>::namespaced(self.client.clone(), &namespace)
+                .list(&Default::default())
+                .await
+                .context("listing the namespace's services for the pod's environment")?;
+            kubelet_pod::service_env(&services.items)
+        };
         let mut state = PodState {
             namespace: namespace.clone(),
             name: name.clone(),
@@ -597,8 +607,8 @@ impl Kubelet {
         };
         let process_of = |c: &Container| -> anyhow::Result<Process> {
             let mounts = kubelet_pod::mounts(c, &volumes).map_err(|e| anyhow::anyhow!(e))?;
-            let mut p =
-                kubelet_pod::process(pod, c, &mounts, &fields).map_err(|e| anyhow::anyhow!(e))?;
+            let mut p = kubelet_pod::process(pod, c, &mounts, &fields, &service_env)
+                .map_err(|e| anyhow::anyhow!(e))?;
             if let Some(k) = &kubeconfig {
                 p.env.push(("KUBECONFIG".into(), k.display().to_string()));
                 // Where a kubelet says the API is (here its real address:

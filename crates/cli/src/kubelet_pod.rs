@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::api::core::v1::{Container, Pod, Service};
 
 /// A node's filesystem as its pods see their `hostPath`s.
 #[derive(Clone, Debug)]
@@ -20,17 +20,26 @@ pub struct NodeFs {
     pub root: PathBuf,
     /// Where `/sys/fs/bpf` of the node is (a directory in the bpffs).
     pub bpf: PathBuf,
+    /// Where `/sys/fs/cgroup` of the node is (the node's cgroup, which
+    /// its pods run in), when this machine has cgroup v2.
+    pub cgroup: Option<PathBuf>,
 }
 
 impl NodeFs {
     /// The directory or file a node path is.
     pub fn host_path(&self, path: &str) -> PathBuf {
-        match path.strip_prefix("/sys/fs/bpf") {
-            Some(rest) if rest.is_empty() || rest.starts_with('/') => {
-                self.bpf.join(rest.trim_start_matches('/'))
-            }
-            _ => self.root.join(path.trim_start_matches('/')),
+        let under = |prefix: &str| {
+            path.strip_prefix(prefix)
+                .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+                .map(|rest| rest.trim_start_matches('/'))
+        };
+        if let Some(rest) = under("/sys/fs/bpf") {
+            return self.bpf.join(rest);
         }
+        if let (Some(rest), Some(cgroup)) = (under("/sys/fs/cgroup"), &self.cgroup) {
+            return cgroup.join(rest);
+        }
+        self.root.join(path.trim_start_matches('/'))
     }
 
     /// The node's CNI configuration list, the first by name (as a runtime
@@ -95,21 +104,21 @@ pub struct Process {
     pub env: Vec<(String, String)>,
 }
 
-/// A container's process with its mounts and fields.
+/// A container's process with its mounts and fields. `service_env` (the
+/// variables a kubelet gives for the namespace's services) comes first, so
+/// the container's own variables override it; `$(NAME)` in a variable's
+/// value, the command and its arguments is expanded as a kubelet does.
 pub fn process(
     pod: &Pod,
     c: &Container,
     mounts: &Mounts,
     fields: &PodFields,
+    service_env: &[(String, String)],
 ) -> Result<Process, String> {
-    let argv = crate::kubelet::command_of(c)?
-        .iter()
-        .map(|a| mounts.map(a))
-        .collect();
-    let mut env = Vec::new();
+    let mut env: Vec<(String, String)> = service_env.to_vec();
     for e in c.env.iter().flatten() {
         let value = match (&e.value, &e.value_from) {
-            (Some(v), _) => mounts.map(v),
+            (Some(v), _) => mounts.map(&expand(v, &env)),
             (None, Some(from)) => {
                 let field = from
                     .field_ref
@@ -139,13 +148,112 @@ pub fn process(
             }
             (None, None) => String::new(),
         };
+        env.retain(|(k, _)| *k != e.name);
         env.push((e.name.clone(), value));
     }
+    let argv = crate::kubelet::command_of(c)?
+        .iter()
+        .map(|a| mounts.map(&expand(a, &env)))
+        .collect();
     Ok(Process {
         container: c.name.clone(),
         argv,
         env,
     })
+}
+
+/// Kubernetes' variable references: `$(NAME)` is `NAME`'s value when it
+/// is defined (else left as written), `$$` is `$`.
+pub fn expand(s: &str, env: &[(String, String)]) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some((name, tail)) = after
+            .strip_prefix('(')
+            .and_then(|a| a.find(')').map(|j| (&a[..j], &a[j + 1..])))
+        {
+            match env.iter().rev().find(|(k, _)| k == name) {
+                Some((_, v)) => out.push_str(v),
+                None => {
+                    out.push_str("$(");
+                    out.push_str(name);
+                    out.push(')');
+                }
+            }
+            rest = tail;
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The variables a kubelet gives a pod for each service of its namespace
+/// that has a cluster IP (`enableServiceLinks`): `NAME_SERVICE_HOST`,
+/// `NAME_SERVICE_PORT` (the first port), `NAME_SERVICE_PORT_PORTNAME` and
+/// Docker's link variables (`NAME_PORT=tcp://IP:PORT`, ...), the name
+/// upper-cased with `-` as `_`. What lets a pod find a service without
+/// cluster DNS.
+pub fn service_env(services: &[Service]) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    for svc in services {
+        let Some(spec) = &svc.spec else { continue };
+        let Some(ip) = spec
+            .cluster_ip
+            .as_deref()
+            .filter(|ip| !ip.is_empty() && *ip != "None")
+        else {
+            continue;
+        };
+        let name = svc
+            .metadata
+            .name
+            .as_deref()
+            .unwrap_or_default()
+            .to_uppercase()
+            .replace('-', "_");
+        let ports = spec.ports.as_deref().unwrap_or_default();
+        let Some(first) = ports.first() else { continue };
+        env.push((format!("{name}_SERVICE_HOST"), ip.to_string()));
+        env.push((format!("{name}_SERVICE_PORT"), first.port.to_string()));
+        for p in ports {
+            if let Some(pn) = p.name.as_deref().filter(|n| !n.is_empty()) {
+                env.push((
+                    format!(
+                        "{name}_SERVICE_PORT_{}",
+                        pn.to_uppercase().replace('-', "_")
+                    ),
+                    p.port.to_string(),
+                ));
+            }
+        }
+        let proto = |p: &k8s_openapi::api::core::v1::ServicePort| {
+            p.protocol.as_deref().unwrap_or("TCP").to_string()
+        };
+        env.push((
+            format!("{name}_PORT"),
+            format!("{}://{ip}:{}", proto(first).to_lowercase(), first.port),
+        ));
+        for p in ports {
+            let pr = proto(p);
+            let prefix = format!("{name}_PORT_{}_{pr}", p.port);
+            env.push((
+                prefix.clone(),
+                format!("{}://{ip}:{}", pr.to_lowercase(), p.port),
+            ));
+            env.push((format!("{prefix}_PROTO"), pr.to_lowercase()));
+            env.push((format!("{prefix}_PORT"), p.port.to_string()));
+            env.push((format!("{prefix}_ADDR"), ip.to_string()));
+        }
+    }
+    env
 }
 
 /// A container's mounts over its pod's volume directories.
@@ -231,7 +339,12 @@ mod tests {
         let fs = NodeFs {
             root: "/lab/n1/host".into(),
             bpf: "/sys/fs/bpf/fibril-l-n1".into(),
+            cgroup: Some("/sys/fs/cgroup/fibril-l/n1".into()),
         };
+        assert_eq!(
+            fs.host_path("/sys/fs/cgroup"),
+            PathBuf::from("/sys/fs/cgroup/fibril-l/n1")
+        );
         assert_eq!(
             fs.host_path("/sys/fs/bpf"),
             PathBuf::from("/sys/fs/bpf/fibril-l-n1")
@@ -269,10 +382,10 @@ mod tests {
         };
         let m = Mounts::new(vec![("/tmp/fibril/config-map".into(), "/lab/cfg".into())]);
         let mut c = pod.spec.as_ref().unwrap().containers[0].clone();
-        let e = process(&pod, &c, &m, &fields).unwrap_err();
+        let e = process(&pod, &c, &m, &fields, &[]).unwrap_err();
         assert!(e.contains("SECRET"), "{e}");
         c.env.as_mut().unwrap().pop();
-        let p = process(&pod, &c, &m, &fields).unwrap();
+        let p = process(&pod, &c, &m, &fields, &[]).unwrap();
         assert_eq!(p.argv, ["sleep", "1"]);
         assert_eq!(
             p.env,
@@ -281,6 +394,61 @@ mod tests {
                 ("FIBRIL_NODE_ADDRESS".into(), "10.0.0.11".into()),
                 ("PLAIN".into(), "/lab/cfg/x".into())
             ]
+        );
+    }
+
+    #[test]
+    fn variable_references_expand_as_a_kubelet_expands_them() {
+        let env = vec![
+            ("A".to_string(), "1".to_string()),
+            ("B".to_string(), "two".to_string()),
+        ];
+        assert_eq!(expand("--x=$(A):$(B)", &env), "--x=1:two");
+        assert_eq!(expand("$(C) $$(A) $ $", &env), "$(C) $(A) $ $");
+        assert_eq!(expand("$(A", &env), "$(A");
+    }
+
+    #[test]
+    fn services_give_their_variables_and_the_container_overrides_them() {
+        let svc = |name: &str, ip: &str| -> Service {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name},
+                "spec": {"clusterIP": ip, "ports": [
+                    {"name": "grpc", "port": 443, "targetPort": 4244},
+                    {"name": "dns-udp", "port": 53, "protocol": "UDP"}]},
+            }))
+            .unwrap()
+        };
+        let env = service_env(&[svc("hubble-peer", "10.96.0.12"), svc("headless", "None")]);
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("HUBBLE_PEER_SERVICE_HOST"), Some("10.96.0.12"));
+        assert_eq!(get("HUBBLE_PEER_SERVICE_PORT"), Some("443"));
+        assert_eq!(get("HUBBLE_PEER_SERVICE_PORT_DNS_UDP"), Some("53"));
+        assert_eq!(get("HUBBLE_PEER_PORT"), Some("tcp://10.96.0.12:443"));
+        assert_eq!(get("HUBBLE_PEER_PORT_53_UDP_ADDR"), Some("10.96.0.12"));
+        assert_eq!(get("HEADLESS_SERVICE_HOST"), None);
+
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "relay", "namespace": "kube-system"},
+            "spec": {"containers": [{"name": "relay", "image": "fibril/relay", "command": ["sleep"],
+                "args": ["--peer=$(HUBBLE_PEER_SERVICE_HOST):$(HUBBLE_PEER_SERVICE_PORT)"],
+                "env": [{"name": "HUBBLE_PEER_SERVICE_PORT", "value": "80"}]}]},
+        }))
+        .unwrap();
+        let fields = PodFields {
+            node_name: "n1".into(),
+            host_ip: "10.0.0.11".into(),
+            pod_ip: String::new(),
+        };
+        let c = pod.spec.as_ref().unwrap().containers[0].clone();
+        let p = process(&pod, &c, &Mounts::default(), &fields, &env).unwrap();
+        assert_eq!(p.argv, ["sleep", "--peer=10.96.0.12:80"]);
+        assert_eq!(
+            p.env
+                .iter()
+                .filter(|(k, _)| k == "HUBBLE_PEER_SERVICE_PORT")
+                .count(),
+            1
         );
     }
 }

@@ -120,6 +120,37 @@ fn the_chart_lints_renders_the_seed_values_and_refuses_bad_ones() {
     // Its configuration: flags of fibril-agent.
     let cm = find(&docs, "ConfigMap", "fibril-config");
     assert_eq!(cm["data"]["hubble-listen-address"], ":4244");
+    // The host's cgroup2 hierarchy, mounted where the flag says.
+    assert_eq!(cm["data"]["cgroup-root"], "/sys/fs/cgroup");
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["hostPath"]["path"] == "/sys/fs/cgroup"),
+        "{pod}"
+    );
+    // The seed's socketLB.hostNamespaceOnly alone turns no socket LB on,
+    // as Cilium's chart; socketLB.enabled does.
+    assert!(cm["data"].get("bpf-lb-sock").is_none(), "{cm}");
+    let mut values = SEED_VALUES.to_vec();
+    values.push("socketLB.enabled=true");
+    let (ok, yaml, err) = template(&values);
+    assert!(ok, "{err}");
+    let docs_lb = documents(&yaml);
+    let cm_lb = find(&docs_lb, "ConfigMap", "fibril-config");
+    assert_eq!(cm_lb["data"]["bpf-lb-sock"], "true");
+    assert_eq!(cm_lb["data"]["bpf-lb-sock-hostns-only"], "true");
+    // The relay finds the peer service by the kubelet's service variables
+    // first (no cluster DNS needed), then by name.
+    let relay = find(&docs, "Deployment", "hubble-relay");
+    let relay_args = relay["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(
+        relay_args
+            .contains("--peer-service=$(HUBBLE_PEER_SERVICE_HOST):$(HUBBLE_PEER_SERVICE_PORT)")
+            && relay_args.contains("hubble-peer.kube-system.svc.cluster.local:443"),
+        "{relay_args}"
+    );
     // The relay, the UI on NodePort 31235, the peer service.
     find(&docs, "Deployment", "hubble-relay");
     find(&docs, "Service", "hubble-relay");
@@ -154,6 +185,7 @@ fn the_chart_lints_renders_the_seed_values_and_refuses_bad_ones() {
         ("encryption.enabled=true", "encryption"),
         ("cni.chainingMode=aws-cni", "chains only with portmap"),
         ("hubble.ui.service.nodePort=80", "30000-32767"),
+        ("cgroup.autoMount.enabled=true", "mounts no cgroup2"),
     ] {
         let mut values = SEED_VALUES.to_vec();
         values.push(value);
@@ -351,6 +383,57 @@ fn the_seeds_helm_install_runs_against_the_labs_apiserver() {
         || !reaches("other"),
     );
     assert!(reaches("client"));
+
+    // The seed's Hubble Relay sees the whole cluster: a pod reaches it
+    // through its Service (the per-packet LB), and it found the nodes
+    // through hubble-peer (the address the kubelet's service variables
+    // gave it; internalTrafficPolicy Local: its own node's agent), then
+    // each node's Hubble over mTLS.
+    let (ok, relay, err) = kubectl(&[
+        "get",
+        "svc",
+        "-n",
+        "kube-system",
+        "hubble-relay",
+        "-o",
+        "json",
+    ]);
+    assert!(ok, "{err}");
+    let relay: Value = serde_json::from_str(&relay).unwrap();
+    let relay_ip = relay["spec"]["clusterIP"].as_str().unwrap().to_string();
+    let client = format!("default/{}", pod_of("client").0.unwrap());
+    let hubble = test_support::hubble_cli();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let out = lab.fibril(&[
+            "lab",
+            "exec",
+            &client,
+            "--",
+            hubble.to_str().unwrap(),
+            "status",
+            "--server",
+            &format!("{relay_ip}:80"),
+            "--timeout",
+            "5s",
+        ]);
+        let status = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        if status.contains("Connected Nodes: 2/2") || std::time::Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    if !status.contains("Connected Nodes: 2/2") {
+        let (_, logs, err) = kubectl(&[
+            "logs",
+            "-n",
+            "kube-system",
+            "deploy/hubble-relay",
+            "--tail=40",
+        ]);
+        panic!("the relay through its service: {status}\nrelay's log:\n{logs}{err}");
+    }
 
     // helm uninstall removes what it installed (CRDs stay, as with any
     // chart's crds/: policies outlive a reinstall).

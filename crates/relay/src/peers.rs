@@ -139,23 +139,33 @@ fn endpoint(scheme: &str, address: &str, dial_timeout: Duration) -> anyhow::Resu
 }
 
 /// Follows the cluster's nodes through `services` (agents' Hubble
-/// addresses, tried in turn): every node an agent announces is added, a
-/// deleted one removed. A broken stream is opened again, with a backoff
-/// from 1 s up to 30 s.
+/// addresses): every node an agent announces is added, a deleted one
+/// removed. Each round tries the addresses in turn until one streams; a
+/// round where none could is followed by a backoff from 1 s up to 30 s
+/// (so an address that never works, a DNS name without cluster DNS, never
+/// delays the one that does).
 pub async fn follow(peers: Arc<Peers>, services: Vec<String>, cluster: String) {
     let mut backoff = Duration::from_secs(1);
-    let mut next = 0;
     loop {
-        let address = &services[next % services.len()];
-        next += 1;
-        match notify(&peers, address, &cluster).await {
-            Ok(()) => backoff = Duration::from_secs(1),
-            Err(e) => {
-                tracing::warn!(peer_service = %address, error = %e, "peer service unavailable");
+        let mut streamed = false;
+        for address in &services {
+            match notify(&peers, address, &cluster).await {
+                Ok(()) => {
+                    streamed = true;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(peer_service = %address, error = %e, "peer service unavailable");
+                }
             }
         }
+        if streamed {
+            backoff = Duration::from_secs(1);
+        }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        if !streamed {
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
     }
 }
 

@@ -22,8 +22,8 @@ before anything is installed (the schema has checked types and names).
 {{- if eq (toString $v.kubeProxyReplacement) "true" -}}
 {{- fail "kubeProxyReplacement=true: Fibril does not replace kube-proxy yet; set kubeProxyReplacement=false and keep kube-proxy" -}}
 {{- end -}}
-{{- if $v.socketLB.enabled -}}
-{{- fail "socketLB.enabled=true: Fibril has no socket-level load balancing yet; leave socketLB.enabled=false" -}}
+{{- if $v.cgroup.autoMount.enabled -}}
+{{- fail (printf "cgroup.autoMount.enabled=true: Fibril mounts no cgroup2 itself; set cgroup.autoMount.enabled=false and cgroup.hostRoot to the host's cgroup2 mount (now %s)" $v.cgroup.hostRoot) -}}
 {{- end -}}
 {{- if $v.encryption.enabled -}}
 {{- fail "encryption.enabled=true: Fibril has no transparent encryption (IPsec/WireGuard) yet" -}}
