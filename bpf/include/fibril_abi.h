@@ -378,4 +378,27 @@ struct lb_sock_key {
 };
 _Static_assert(sizeof(struct lb_sock_key) == 16, "lb_sock_key size");
 
+/* XDP prefilter (xdp.bpf.c, Cilium's prefilter): a source prefix whose
+ * packets are dropped on the node's device before the stack sees them. */
+struct prefilter_key {
+	__u32 prefixlen; /* LPM trie: bits of addr that count */
+	__u8 addr[4];    /* network byte order */
+};
+_Static_assert(sizeof(struct prefilter_key) == 8, "prefilter_key size");
+
+struct prefilter_value {
+	__u32 flags;     /* 0 */
+};
+_Static_assert(sizeof(struct prefilter_value) == 4, "prefilter_value size");
+
+/* Per-CPU counters of the prefilter, and when it last reported a drop
+ * (reports are limited, so a flood cannot flood the ring too). */
+struct prefilter_stats {
+	__u64 dropped_packets;
+	__u64 dropped_bytes;
+	__u64 passed_packets;
+	__u64 last_event_ns;
+};
+_Static_assert(sizeof(struct prefilter_stats) == 32, "prefilter_stats size");
+
 #endif /* FIBRIL_ABI_H */

@@ -101,6 +101,25 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } fibril_lb_sock_revnat SEC(".maps");
 
+/* XDP prefilter (xdp.bpf.c): source prefixes dropped before the stack,
+ * and its per-CPU counters. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct prefilter_key);
+	__type(value, struct prefilter_value);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fibril_prefilter SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct prefilter_stats);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fibril_prefilter_stats SEC(".maps");
+
 /* IPv4 fragments: the datagram's ports, from its first fragment, for the
  * fragments after it (they carry no L4 header). Kernel-only (the agent
  * never reads it), so its structs live in lib/frag.h. */

@@ -414,6 +414,25 @@ pub struct LbSockKey {
     pub pad: u16,
 }
 
+/// An XDP prefilter entry's value (`fibril_prefilter`; its key is an LPM
+/// trie key over the source address, like the ipcache's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefilterValue {
+    pub flags: u32,
+}
+
+/// The XDP prefilter's counters, one per CPU (`fibril_prefilter_stats`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefilterStats {
+    pub dropped_packets: u64,
+    pub dropped_bytes: u64,
+    pub passed_packets: u64,
+    /// When this CPU last reported a drop as a flow.
+    pub last_event_ns: u64,
+}
+
 /// One datapath notification read from the events ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -542,4 +561,8 @@ mod pod {
     unsafe impl aya::Pod for LbAffinity {}
     // SAFETY: as above.
     unsafe impl aya::Pod for LbSockKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PrefilterValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PrefilterStats {}
 }

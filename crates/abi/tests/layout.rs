@@ -44,6 +44,9 @@ int main(void) {
   O(lb_affinity, last_used_ns) O(lb_affinity, backend_id)
   O(flow_event, svc_addr) O(flow_event, svc_port) O(flow_event, svc_side)
   S(lb_sock_key) O(lb_sock_key, cookie) O(lb_sock_key, address) O(lb_sock_key, port)
+  S(prefilter_key) S(prefilter_value) S(prefilter_stats)
+  O(prefilter_stats, dropped_packets) O(prefilter_stats, dropped_bytes)
+  O(prefilter_stats, passed_packets) O(prefilter_stats, last_event_ns)
   E(DROP_NO_SERVICE) E(CT_DIR_SERVICE) E(SVC_SIDE_NONE) E(SVC_SIDE_DESTINATION)
   E(SVC_SIDE_SOURCE) E(LB_SVC_F_AFFINITY)
   O(flow_event, ts_ns) O(flow_event, type) O(flow_event, subtype) O(flow_event, direction)
@@ -265,6 +268,25 @@ fn sizes_offsets_and_enums_match_the_c_header() {
         ("lb_sock_key.cookie", offset_of!(LbSockKey, cookie)),
         ("lb_sock_key.address", offset_of!(LbSockKey, address)),
         ("lb_sock_key.port", offset_of!(LbSockKey, port)),
+        ("prefilter_key", 8),
+        ("prefilter_value", size_of::<PrefilterValue>()),
+        ("prefilter_stats", size_of::<PrefilterStats>()),
+        (
+            "prefilter_stats.dropped_packets",
+            offset_of!(PrefilterStats, dropped_packets),
+        ),
+        (
+            "prefilter_stats.dropped_bytes",
+            offset_of!(PrefilterStats, dropped_bytes),
+        ),
+        (
+            "prefilter_stats.passed_packets",
+            offset_of!(PrefilterStats, passed_packets),
+        ),
+        (
+            "prefilter_stats.last_event_ns",
+            offset_of!(PrefilterStats, last_event_ns),
+        ),
         ("CT_DIR_SERVICE", CT_DIR_SERVICE as usize),
         ("SVC_SIDE_NONE", SVC_SIDE_NONE as usize),
         ("SVC_SIDE_DESTINATION", SVC_SIDE_DESTINATION as usize),

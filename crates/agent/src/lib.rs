@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod observer;
 pub mod policies;
 pub mod policy_sync;
+pub mod prefilter;
 pub mod server;
 pub mod services;
 pub mod state;
@@ -67,6 +68,9 @@ pub struct Config {
     /// Pods' MTU; None: the system's default, or behind a tunnel the
     /// underlay interface's MTU less the VXLAN overhead.
     pub mtu: Option<u32>,
+    /// The XDP prefilter's device and mode (Cilium's `--prefilter-device`);
+    /// None: no prefilter.
+    pub prefilter: Option<(String, datapath::PrefilterMode)>,
 }
 
 /// The node's VXLAN device (Cilium's `cilium_vxlan`).
@@ -94,6 +98,8 @@ pub struct Agent {
     policies: policies::Policies,
     /// Services (the load balancer's input) from the API.
     services: services::Services,
+    /// The XDP prefilter on the node's device.
+    prefilter: prefilter::Prefilter,
     /// The census, listing, re-checking established connections.
     conntrack: conntrack::Conntrack,
     /// The cluster's shared state: etcd (kvstore mode) or the Kubernetes
@@ -272,6 +278,7 @@ impl Agent {
             kubernetes.is_some(),
         );
         let services = services::Services::new(control.clone(), kubernetes.is_some());
+        let prefilter = prefilter::Prefilter::start(datapath.clone(), config.prefilter.clone())?;
         let conntrack = conntrack::Conntrack::new(datapath.clone(), control.clone());
         let fqdn = fqdn::Fqdn::new(config.fqdn, control.clone());
         let agent = Arc::new(Self {
@@ -280,6 +287,7 @@ impl Agent {
             fqdn,
             policies,
             services,
+            prefilter,
             conntrack,
             config,
             datapath,
@@ -476,11 +484,34 @@ impl Agent {
             Request::ServiceList => Ok(Response::Services {
                 services: self.services.list(),
             }),
+            Request::PrefilterList => self.prefilter.list().map(Response::Prefilter),
+            Request::PrefilterUpdate { add, remove } => self
+                .prefilter
+                .update(&add, &remove, &self.node_addresses())
+                .map(|_| Response::Ok),
         };
         result.unwrap_or_else(|e| Response::Error {
             message: e.to_string(),
             cause: e.kind(),
         })
+    }
+
+    /// This node's addresses and the other nodes' (remote-node entries of
+    /// the ipcache), with whose they are: what the prefilter must never
+    /// drop.
+    fn node_addresses(&self) -> Vec<(Ipv4Addr, String)> {
+        let mut out: Vec<(Ipv4Addr, String)> = net::host_ipv4_addresses()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|a| (a, "this node".to_string()))
+            .collect();
+        out.push((self.config.node_address, "this node".into()));
+        for (addr, len, identity, _) in self.datapath.ipcache_entries().unwrap_or_default() {
+            if len == 32 && identity == abi::identity::REMOTE_NODE {
+                out.push((addr, "another node".into()));
+            }
+        }
+        out
     }
 
     pub fn status(&self) -> StatusInfo {

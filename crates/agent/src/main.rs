@@ -95,6 +95,15 @@ struct Args {
     /// translation at their veth.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     bpf_lb_sock_hostns_only: bool,
+    /// The XDP prefilter (Cilium's flag): the device whose packets from
+    /// listed source prefixes (`fibril prefilter update`) are dropped
+    /// before the stack. Unset: no prefilter.
+    #[arg(long)]
+    prefilter_device: Option<String>,
+    /// Where the prefilter runs: `native` (in the driver) or `generic`
+    /// (the stack's XDP hook, for devices without native support).
+    #[arg(long, default_value = "native", value_parser = ["native", "generic"])]
+    prefilter_mode: String,
     /// The L7 proxy's port on 127.0.0.1 (0: the previous run's if free,
     /// else any free port).
     #[arg(long, default_value_t = 0)]
@@ -486,6 +495,14 @@ fn main() -> anyhow::Result<()> {
         node_address: args.node_address,
         tunnel_port: (args.tunnel_protocol == "vxlan").then_some(args.tunnel_port),
         mtu: (args.mtu != 0).then_some(args.mtu),
+        prefilter: args.prefilter_device.clone().map(|d| {
+            let mode = if args.prefilter_mode == "generic" {
+                datapath::PrefilterMode::Generic
+            } else {
+                datapath::PrefilterMode::Native
+            };
+            (d, mode)
+        }),
         fqdn: fibril_agent::fqdn::FqdnConfig {
             min_ttl_s: args.tofqdns_min_ttl,
             idle_grace_s: args.tofqdns_idle_connection_grace_period,

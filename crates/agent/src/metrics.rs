@@ -90,6 +90,26 @@ pub fn render(agent: &Agent) -> String {
         "DNS answer addresses not learned because an endpoint was at --tofqdns-max-ips-per-endpoint.",
         agent.fqdn.refused.load(std::sync::atomic::Ordering::Relaxed),
     );
+    if let Some(p) = agent.prefilter.list().ok().filter(|p| p.device.is_some()) {
+        metric(
+            "fibril_prefilter_dropped_packets_total",
+            "counter",
+            "Packets the XDP prefilter dropped (a listed source prefix).",
+            p.dropped_packets,
+        );
+        metric(
+            "fibril_prefilter_dropped_bytes_total",
+            "counter",
+            "Bytes of the packets the XDP prefilter dropped.",
+            p.dropped_bytes,
+        );
+        metric(
+            "fibril_prefilter_prefixes",
+            "gauge",
+            "Source prefixes the XDP prefilter drops.",
+            p.cidrs.len() as u64,
+        );
+    }
     for (name, help, value) in agent.proxy_counters() {
         metric(name, "counter", help, value);
     }

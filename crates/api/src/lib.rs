@@ -108,7 +108,36 @@ pub enum Request {
     },
     /// The services and their frontends (`fibril service list`).
     ServiceList,
+    /// The XDP prefilter: its device, listed prefixes and counters
+    /// (`fibril prefilter list`).
+    PrefilterList,
+    /// Adds and removes source prefixes (`A.B.C.D/N`) of the XDP
+    /// prefilter; every one is checked before anything changes.
+    PrefilterUpdate {
+        #[serde(default)]
+        add: Vec<String>,
+        #[serde(default)]
+        remove: Vec<String>,
+    },
 }
+
+/// The XDP prefilter as the agent runs it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefilterInfo {
+    /// The device it is attached to (None: not enabled on this node).
+    pub device: Option<String>,
+    /// `native` or `generic`.
+    #[serde(default)]
+    pub mode: String,
+    /// The dropped source prefixes, `A.B.C.D/N`, in address order.
+    pub cidrs: Vec<String>,
+    pub dropped_packets: u64,
+    pub dropped_bytes: u64,
+    pub passed_packets: u64,
+}
+
+/// The most prefixes the XDP prefilter holds (its map's size).
+pub const PREFILTER_MAX: usize = 65_536;
 
 /// The most conntrack entries one `ConntrackList` answer carries.
 pub const CONNTRACK_LIST_MAX: usize = 10_000;
@@ -358,6 +387,7 @@ pub enum Response {
     Services {
         services: Vec<Service>,
     },
+    Prefilter(PrefilterInfo),
     Trace {
         from: String,
         to: String,

@@ -24,7 +24,7 @@ pub const VERSION: &str = "v1.37.2";
 pub const APISERVER_PORT: u16 = 6443;
 /// Services' virtual addresses (the apiserver's `kubernetes` service is
 /// the first).
-pub const SERVICE_CIDR: &str = "10.96.0.0/24";
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 
 /// Where the control plane's binaries are: `FIBRIL_KUBERNETES_DIR`, else
 /// the cache `cargo xtask deps` builds them into.
@@ -211,6 +211,9 @@ pub fn make_pki(
             None,
         ),
         ("kube-scheduler", "system:kube-scheduler", None),
+        // kube-proxy (`kubeProxy:`), the user the bootstrap
+        // system:node-proxier binding names.
+        ("kube-proxy", "system:kube-proxy", None),
         // The nodes' agents: their rights are the ClusterRole bound to
         // this group (`apply_agent_rbac`), as the chart's ServiceAccount's.
         ("fibril-agent", "fibril-agent", Some(AGENT_GROUP)),
@@ -306,6 +309,32 @@ pub fn commands(lab_dir: &Path, router: Ipv4Addr, etcd: &str) -> anyhow::Result<
         "--leader-elect=false".into(),
     ];
     Ok(vec![apiserver, controller_manager, scheduler])
+}
+
+/// kube-proxy's command line for node `node` (address `address`) in
+/// `mode` (`iptables` or `nftables`). It runs in the node's namespace, so
+/// its rules and sysctls are that namespace's; the global conntrack table
+/// size is left alone (a namespace cannot set it).
+pub fn kube_proxy_command(
+    lab_dir: &Path,
+    node: &str,
+    address: Ipv4Addr,
+    cluster_cidr: &str,
+    mode: &str,
+) -> anyhow::Result<Vec<String>> {
+    let d = dir(lab_dir);
+    Ok(vec![
+        binary("kube-proxy")?.display().to_string(),
+        format!("--kubeconfig={}", d.join("kube-proxy.kubeconfig").display()),
+        format!("--hostname-override={node}"),
+        format!("--proxy-mode={mode}"),
+        format!("--cluster-cidr={cluster_cidr}"),
+        format!("--bind-address={address}"),
+        format!("--healthz-bind-address={address}:10256"),
+        format!("--metrics-bind-address={address}:10249"),
+        "--conntrack-max-per-core=0".into(),
+        "--conntrack-min=0".into(),
+    ])
 }
 
 /// Waits until the apiserver says it is ready (`/readyz`), asking with

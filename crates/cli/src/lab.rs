@@ -78,6 +78,16 @@ pub struct LabFile {
     /// unless the file says otherwise. Needs the lab's cgroup.
     #[serde(rename = "socketLB", default)]
     pub socket_lb: SocketLb,
+    /// The real kube-proxy on every node beside Fibril (the seed's
+    /// `kubeProxyReplacement=false`): `iptables` or `nftables` mode;
+    /// `kubernetes: true` only.
+    #[serde(rename = "kubeProxy", default)]
+    pub kube_proxy: Option<String>,
+    /// The XDP prefilter on every node's underlay device (multi-node labs;
+    /// Cilium's prefilter): these source prefixes are dropped there
+    /// before the node's stack; `fibril prefilter update` changes them.
+    #[serde(default)]
+    pub prefilter: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -270,6 +280,9 @@ pub struct LabState {
     pub ui_address: Option<String>,
 }
 
+/// A node's device on the lab's underlay (inside the node's namespace).
+pub const NODE_UNDERLAY_IFNAME: &str = "ul0";
+
 /// One node of a multi-node lab.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeState {
@@ -286,6 +299,9 @@ pub struct NodeState {
     /// The lab's kubelet on this node (`kubernetes: true`).
     #[serde(default)]
     pub kubelet_pid: Option<u32>,
+    /// The real kube-proxy on this node (`kubeProxy:`).
+    #[serde(default)]
+    pub kube_proxy_pid: Option<u32>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -630,6 +646,33 @@ fn validate_nodes(name: &str, file: &LabFile) -> anyhow::Result<()> {
             "{name}: agents: {:?}: lab (the lab runs them) or helm (a Helm install does)",
             file.agents
         );
+    }
+    if let Some(cidrs) = &file.prefilter {
+        if file.agents == "helm" {
+            bail!("{name}: prefilter: the lab's own agents carry it (agents: lab)");
+        }
+        if file.nodes.is_empty() {
+            bail!("{name}: prefilter: only in a lab with `nodes:` (it sits on each node's underlay device)");
+        }
+        for (i, c) in cidrs.iter().enumerate() {
+            let net: ipnet::Ipv4Net = c.parse().map_err(|_| {
+                anyhow::anyhow!("{name}: prefilter[{i}]: {c:?} is not an IPv4 prefix A.B.C.D/N")
+            })?;
+            if net != net.trunc() {
+                bail!(
+                    "{name}: prefilter[{i}]: {c} is not a network address (did you mean {}?)",
+                    net.trunc()
+                );
+            }
+        }
+    }
+    if let Some(mode) = &file.kube_proxy {
+        if !["iptables", "nftables"].contains(&mode.as_str()) {
+            bail!("{name}: kubeProxy: expected iptables or nftables, found {mode:?}");
+        }
+        if !file.kubernetes {
+            bail!("{name}: kubeProxy needs kubernetes: true (it follows the API's Services)");
+        }
     }
     if file.agents == "helm" && !file.kubernetes {
         bail!("{name}: agents: helm needs kubernetes: true (the chart's DaemonSet runs them)");
@@ -1251,6 +1294,12 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                             .to_string(),
                     ]);
                 }
+                if parsed.file.prefilter.is_some() {
+                    args.extend([
+                        "--prefilter-device".to_string(),
+                        NODE_UNDERLAY_IFNAME.to_string(),
+                    ]);
+                }
                 if let Some(cg) = node_cgroup_dir(lab, &n.name)
                     .filter(|cg| lab_cgroup.is_some() && make_cgroup(cg))
                 {
@@ -1270,6 +1319,9 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                         wait_for_kubernetes(&st, i)?;
                     }
                     start_kubelet(&mut st, i)?;
+                    if let Some(mode) = &parsed.file.kube_proxy {
+                        start_kube_proxy(&mut st, i, mode)?;
+                    }
                 }
             }
         } else {
@@ -1392,6 +1444,18 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
             save(&st)?;
         }
         publish_services(&st, &parsed.file, &sockets)?;
+        if let Some(cidrs) = parsed.file.prefilter.as_ref().filter(|c| !c.is_empty()) {
+            for sock in &sockets {
+                api::call(
+                    sock,
+                    &api::Request::PrefilterUpdate {
+                        add: cidrs.clone(),
+                        remove: Vec::new(),
+                    },
+                )
+                .context("the lab's prefilter")?;
+            }
+        }
         for (name, yaml) in &parsed.policies {
             // In a Kubernetes lab policies are the API server's objects.
             if let (true, Some(ul)) = (parsed.file.kubernetes, &st.underlay_netns) {
@@ -1523,21 +1587,31 @@ fn build_underlay(st: &mut LabState, file: &LabFile) -> anyhow::Result<()> {
             agent_args: Vec::new(),
             stopped: false,
             kubelet_pid: None,
+            kube_proxy_pid: None,
         });
         save(st)?;
         let port = format!("n{i}");
         net::ip_netns(
             &ul,
             &[
-                "link", "add", &port, "type", "veth", "peer", "name", "ul0", "netns", &netns,
+                "link",
+                "add",
+                &port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                NODE_UNDERLAY_IFNAME,
+                "netns",
+                &netns,
             ],
         )?;
         net::ip_netns(&ul, &["link", "set", &port, "master", "br0", "up"])?;
         let cidr = format!("{address}/{}", underlay.prefix_len());
         for args in [
             &["link", "set", "lo", "up"][..],
-            &["addr", "add", &cidr, "dev", "ul0"],
-            &["link", "set", "ul0", "up"],
+            &["addr", "add", &cidr, "dev", NODE_UNDERLAY_IFNAME],
+            &["link", "set", NODE_UNDERLAY_IFNAME, "up"],
         ] {
             net::ip_netns(&netns, args)?;
         }
@@ -1885,6 +1959,34 @@ fn start_kubelet(st: &mut LabState, i: usize) -> anyhow::Result<()> {
     save(st)
 }
 
+/// Starts the real kube-proxy on node `i`, in the node's namespace (its
+/// rules are the node's) and cgroup.
+fn start_kube_proxy(st: &mut LabState, i: usize, mode: &str) -> anyhow::Result<()> {
+    let node = st.nodes[i].clone();
+    let command = crate::k8s::kube_proxy_command(
+        &lab_dir(&st.name),
+        &node.name,
+        node.address,
+        &st.pod_cidr,
+        mode,
+    )?;
+    let dir = node_dir(&st.name, &node.name);
+    let log = private_file(&dir.join("kube-proxy.log"))?;
+    let mut cmd = Command::new("setsid");
+    in_cgroup(&mut cmd, &st.name, Some(&node.name));
+    let child = cmd
+        .arg("nsenter")
+        .arg(format!("--net=/run/netns/{}", node.netns))
+        .args(&command)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting kube-proxy")?;
+    st.nodes[i].kube_proxy_pid = Some(child.id());
+    save(st)
+}
+
 /// Stops the lab's kube-apiserver (tests of the agents' watches).
 pub fn stop_apiserver(lab: &str) -> anyhow::Result<()> {
     let st = load_state(lab)?;
@@ -1962,7 +2064,12 @@ pub fn down(lab: &str) -> anyhow::Result<()> {
     let mut st = load_state(lab)?;
     // The kubelets first (they would start pods again), then their pods
     // are the lab's to remove.
-    for pid in st.nodes.iter().filter_map(|n| n.kubelet_pid) {
+    for pid in st
+        .nodes
+        .iter()
+        .flat_map(|n| [n.kubelet_pid, n.kube_proxy_pid])
+        .flatten()
+    {
         kill(pid);
         wait_gone(pid);
     }
@@ -2176,7 +2283,10 @@ pub fn stop_node(lab: &str, node: &str) -> anyhow::Result<()> {
         kill(pid);
         wait_gone(pid);
     }
-    net::ip_netns(&st.nodes[i].netns, &["link", "set", "ul0", "down"])?;
+    net::ip_netns(
+        &st.nodes[i].netns,
+        &["link", "set", NODE_UNDERLAY_IFNAME, "down"],
+    )?;
     st.nodes[i].stopped = true;
     save(&st)
 }
@@ -2186,7 +2296,10 @@ pub fn start_node(lab: &str, node: &str) -> anyhow::Result<()> {
     let mut st = load_state(lab)?;
     let i = node_index(&st, node)?;
     let underlay = st.underlay_cidr.context("no underlay")?;
-    net::ip_netns(&st.nodes[i].netns, &["link", "set", "ul0", "up"])?;
+    net::ip_netns(
+        &st.nodes[i].netns,
+        &["link", "set", NODE_UNDERLAY_IFNAME, "up"],
+    )?;
     node_routes(&st, i, &underlay)?;
     if st.nodes[i].agent_pid.is_some_and(alive) {
         bail!("node {node:?} is running");

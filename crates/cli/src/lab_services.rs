@@ -23,7 +23,7 @@ pub struct ServiceSpec {
     pub name: String,
     #[serde(default = "default_ns")]
     pub namespace: String,
-    /// In the lab's service range (`10.96.0.0/24`); default: the range's
+    /// In the lab's service range (`10.96.0.0/16`); default: the range's
     /// `.10` onwards, one per service, in file order.
     #[serde(rename = "clusterIP", default)]
     pub cluster_ip: Option<Ipv4Addr>,

@@ -111,6 +111,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ServiceCmd,
     },
+    /// The XDP prefilter's source prefixes, dropped on the node's device
+    /// before the stack (as `cilium prefilter list|update|delete`).
+    Prefilter {
+        #[command(subcommand)]
+        cmd: PrefilterCmd,
+    },
     /// Hubble's list commands: `list nodes`, `list namespaces`.
     List {
         #[command(subcommand)]
@@ -229,6 +235,28 @@ enum ServiceCmd {
         /// Output format.
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum PrefilterCmd {
+    /// The device, the prefixes and what was dropped.
+    List {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Drop packets from these source prefixes.
+    Update {
+        /// A.B.C.D/N (repeatable).
+        #[arg(long = "cidr", required = true)]
+        cidrs: Vec<String>,
+    },
+    /// Stop dropping these source prefixes.
+    Delete {
+        /// A.B.C.D/N (repeatable).
+        #[arg(long = "cidr", required = true)]
+        cidrs: Vec<String>,
     },
 }
 
@@ -615,6 +643,44 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     }
                 }
             }
+            Ok(0)
+        }
+        Cmd::Prefilter { cmd } => {
+            let request = match cmd {
+                PrefilterCmd::List { output } => {
+                    let Response::Prefilter(p) = call(Request::PrefilterList)? else {
+                        bail!("unexpected response")
+                    };
+                    if output == Output::Json {
+                        println!("{}", serde_json::to_string_pretty(&p)?);
+                        return Ok(0);
+                    }
+                    match &p.device {
+                        Some(d) => println!(
+                            "Device: {d} ({}), {} prefixes; dropped {} packets ({} bytes), passed {}",
+                            p.mode,
+                            p.cidrs.len(),
+                            p.dropped_packets,
+                            p.dropped_bytes,
+                            p.passed_packets
+                        ),
+                        None => println!("Device: none (fibril-agent --prefilter-device IFNAME)"),
+                    }
+                    for c in &p.cidrs {
+                        println!("{c}");
+                    }
+                    return Ok(0);
+                }
+                PrefilterCmd::Update { cidrs } => Request::PrefilterUpdate {
+                    add: cidrs,
+                    remove: Vec::new(),
+                },
+                PrefilterCmd::Delete { cidrs } => Request::PrefilterUpdate {
+                    add: Vec::new(),
+                    remove: cidrs,
+                },
+            };
+            call(request)?;
             Ok(0)
         }
         Cmd::Service {

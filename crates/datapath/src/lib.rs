@@ -6,6 +6,7 @@
 
 pub mod events;
 pub mod knobs;
+pub mod prefilter;
 pub mod shortcut;
 pub mod socket_lb;
 
@@ -25,6 +26,7 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOp
 use aya::{Ebpf, EbpfLoader};
 
 pub use events::EventReader;
+pub use prefilter::{PrefilterCounters, PrefilterMode, PrefilterProgram};
 
 /// The compiled `bpf/lxc.bpf.c`, embedded at build time.
 static LXC_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lxc.bpf.o"));
@@ -148,6 +150,8 @@ struct Maps {
     lb_backends: BpfHashMap<MapData, u32, LbBackend>,
     lb_reverse_nat: BpfHashMap<MapData, u16, LbReverseNat>,
     lb_affinity: BpfHashMap<MapData, LbAffinityKey, LbAffinity>,
+    prefilter: LpmTrie<MapData, u32, abi::PrefilterValue>,
+    prefilter_stats: PerCpuArray<MapData, abi::PrefilterStats>,
 }
 
 /// One write to the services' maps (`Datapath::lb_apply`).
@@ -216,6 +220,10 @@ impl Datapath {
                 .map_err(map_err(MAP_LB_REVERSE_NAT))?,
             lb_affinity: BpfHashMap::try_from(take(MAP_LB_AFFINITY)?)
                 .map_err(map_err(MAP_LB_AFFINITY))?,
+            prefilter: LpmTrie::try_from(take(prefilter::MAP_PREFILTER)?)
+                .map_err(map_err(prefilter::MAP_PREFILTER))?,
+            prefilter_stats: PerCpuArray::try_from(take(prefilter::MAP_PREFILTER_STATS)?)
+                .map_err(map_err(prefilter::MAP_PREFILTER_STATS))?,
         };
         let events = RingBuf::try_from(take(MAP_EVENTS)?).map_err(map_err(MAP_EVENTS))?;
         Ok(Self {

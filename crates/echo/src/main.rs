@@ -66,6 +66,12 @@ enum Cmd {
         /// (round-robin), instead of wherever the scheduler starts it.
         #[arg(long)]
         spread: bool,
+        /// Each request on a connection of its own, closed with a RST once
+        /// answered (no TIME_WAIT): the rate is then new connections a
+        /// second (netperf's TCP_CRR), what a service's first-packet path
+        /// costs. `connections` is then the number of clients.
+        #[arg(long)]
+        new_connections: bool,
     },
     /// A small authoritative DNS server (UDP and TCP): A records given as
     /// `--record name=address`; other names get NXDOMAIN. Logs each query.
@@ -227,6 +233,13 @@ fn connect(addr: &str, timeout: Duration) -> anyhow::Result<TcpStream> {
     Ok(s)
 }
 
+/// `connect` whose stream closes with a RST (no TIME_WAIT left behind).
+fn connect_rst(addr: &str, timeout: Duration) -> anyhow::Result<TcpStream> {
+    let s = connect(addr, timeout)?;
+    socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
+    Ok(s)
+}
+
 /// `connect` from a fixed source port; the stream closes with a RST.
 fn connect_from(addr: &str, port: u16, timeout: Duration) -> anyhow::Result<TcpStream> {
     use socket2::{Domain, Socket, Type};
@@ -375,7 +388,13 @@ fn http_steady(url: &str, seconds: f64, connections: usize, interval: f64) -> an
     Ok(())
 }
 
-fn http_load(url: &str, seconds: f64, connections: usize, spread: bool) -> anyhow::Result<()> {
+fn http_load(
+    url: &str,
+    seconds: f64,
+    connections: usize,
+    spread: bool,
+    new_connections: bool,
+) -> anyhow::Result<()> {
     let (hostport, path) = parse_url(url)?;
     let end = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
@@ -395,9 +414,22 @@ fn http_load(url: &str, seconds: f64, connections: usize, spread: bool) -> anyho
                     workers::pin_current_thread(cpu)
                         .with_context(|| format!("run on CPU {cpu}"))?;
                 }
+                let mut lat = Vec::with_capacity(1 << 16);
+                if new_connections {
+                    while Instant::now() < end {
+                        let t = Instant::now();
+                        let mut s = connect_rst(&hostport, Duration::from_secs(3))?;
+                        let mut r = BufReader::new(s.try_clone()?);
+                        let status = http_request(&mut s, &mut r, &hostport, &path)?;
+                        if !status.contains(" 2") {
+                            bail!("HTTP status {status}");
+                        }
+                        lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                    }
+                    return Ok(lat);
+                }
                 let mut s = connect(&hostport, Duration::from_secs(3))?;
                 let mut r = BufReader::new(s.try_clone()?);
-                let mut lat = Vec::with_capacity(1 << 16);
                 while Instant::now() < end {
                     let t = Instant::now();
                     let status = http_request(&mut s, &mut r, &hostport, &path)?;
@@ -663,7 +695,8 @@ fn main() {
             seconds,
             connections,
             spread,
-        } => http_load(&url, seconds, connections, spread),
+            new_connections,
+        } => http_load(&url, seconds, connections, spread, new_connections),
         Cmd::HttpGet {
             url,
             timeout,
