@@ -16,7 +16,8 @@
 //! and requests a second on kept-alive connections. Run: `cargo run
 //! --release -p fibril-cli --example service_bench` (root; `cargo build
 //! --release --bins` and `cargo xtask deps` first; xtask does).
-//! `SERVICE_BENCH_SECONDS` (default 5) per measurement. The labs are
+//! `SERVICE_BENCH_SECONDS` (default 5) per measurement;
+//! `SERVICE_BENCH_MODES` (default `iptables,nftables`). The labs are
 //! removed at the end, also on failure.
 
 use std::path::{Path, PathBuf};
@@ -163,7 +164,12 @@ fn main() -> anyhow::Result<()> {
         .filter(|d| d.join("fibril").exists())
         .ok_or_else(|| anyhow::anyhow!("build fibril first (cargo build --release --bins)"))?;
     let secs = std::env::var("SERVICE_BENCH_SECONDS").unwrap_or_else(|_| "5".into());
-    for mode in ["iptables", "nftables"] {
+    // SERVICE_BENCH_MODES: which of kube-proxy's modes (default both).
+    let modes = std::env::var("SERVICE_BENCH_MODES").unwrap_or_else(|_| "iptables,nftables".into());
+    for mode in modes
+        .split(',')
+        .filter(|m| ["iptables", "nftables"].contains(m))
+    {
         println!("kube-proxy in {mode} mode");
         bench_mode(&bin, mode, &secs)?;
     }
@@ -264,6 +270,10 @@ fn bench_mode(bin: &Path, mode: &str, secs: &str) -> anyhow::Result<()> {
             ),
         ];
         for (what, client, url) in rows {
+            // The last run's closing connections leave the conntrack
+            // tables first (10 s; the agent's census then gives the web
+            // pod's budget back within 5 s), so no run pays for another's.
+            std::thread::sleep(Duration::from_secs(16));
             let conns = load(&lab, &client, url, true, secs)?;
             let reqs = load(&lab, &client, url, false, secs)?;
             println!("  {count:>6} services | {what:>34} | {conns:>18.0} | {reqs:>18.0}");
@@ -281,7 +291,13 @@ async fn start_web(kubeconfig: &Path) -> anyhow::Result<String> {
         "spec": {"nodeName": "n1", "containers": [{"name": "web", "image": "fibril/echo",
                  "ports": [{"containerPort": 8080}]}]},
     }))?;
-    pods.create(&PostParams::default(), &pod).await?;
+    // The namespace's default service account comes from the
+    // controller-manager a moment after the lab is up.
+    let end = Instant::now() + Duration::from_secs(60);
+    while let Err(e) = pods.create(&PostParams::default(), &pod).await {
+        anyhow::ensure!(Instant::now() < end, "creating the web pod: {e}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
     let svc: Service = serde_json::from_value(json!({
         "metadata": {"name": "web"},

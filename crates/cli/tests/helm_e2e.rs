@@ -199,12 +199,15 @@ fn the_chart_lints_renders_the_seed_values_and_refuses_bad_ones() {
     );
 }
 
-/// Two nodes whose agents only the chart runs (`agents: helm`).
+/// Two nodes whose agents only the chart runs (`agents: helm`), with the
+/// real kube-proxy beside them, as the seed's `kubeProxyReplacement=false`
+/// has it (it serves the UI's NodePort).
 const LAB: &str = r#"
 podCIDR: POD_CIDR_HERE
 nodes: [n1, n2]
 kubernetes: true
 agents: helm
+kubeProxy: iptables
 "#;
 
 #[test]
@@ -433,6 +436,29 @@ fn the_seeds_helm_install_runs_against_the_labs_apiserver() {
             "--tail=40",
         ]);
         panic!("the relay through its service: {status}\nrelay's log:\n{logs}{err}");
+    }
+
+    // The seed's Hubble UI on NodePort 31235 of every node (kube-proxy's
+    // NodePort, the UI pod on the chart's pod network): from node n1 to
+    // each node's port.
+    for n in 0..2 {
+        let address = st["nodes"][n]["address"].as_str().unwrap().to_string();
+        let url = format!("http://{address}:31235/healthz");
+        eventually(&format!("the UI on {url}"), Duration::from_secs(30), || {
+            lab.fibril(&[
+                "lab",
+                "exec",
+                "node/n1",
+                "--",
+                "fibril-echo",
+                "http-get",
+                "--timeout",
+                "2",
+                &url,
+            ])
+            .status
+            .success()
+        });
     }
 
     // helm uninstall removes what it installed (CRDs stay, as with any

@@ -39,6 +39,16 @@ fn node_address(lab: &Lab, node: usize) -> String {
     st["nodes"][node]["address"].as_str().unwrap().to_string()
 }
 
+/// `fibril --node a prefilter VERB --cidr CIDR`, which must succeed.
+fn change(lab: &Lab, verb: &str, cidr: &str) {
+    let out = lab.fibril(&["--node", "a", "prefilter", verb, "--cidr", cidr]);
+    assert!(
+        out.status.success(),
+        "{verb} {cidr}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn prefilter(lab: &Lab, node: &str) -> serde_json::Value {
     let out = lab.fibril(&["--node", node, "prefilter", "list", "-o", "json"]);
     assert!(
@@ -76,19 +86,7 @@ fn a_listed_source_is_dropped_before_the_nodes_stack() {
 
     // Listed on node a: nothing from the outside host reaches it, its
     // pods included; node b still serves.
-    let out = lab.fibril(&[
-        "--node",
-        "a",
-        "prefilter",
-        "update",
-        "--cidr",
-        "198.18.20.0/24",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    change(&lab, "update", "198.18.20.0/24");
     assert!(
         !from_outside(&host_web),
         "host-network server behind the prefilter"
@@ -147,19 +145,7 @@ fn a_listed_source_is_dropped_before_the_nodes_stack() {
     );
 
     // Deleted: served again.
-    let out = lab.fibril(&[
-        "--node",
-        "a",
-        "prefilter",
-        "delete",
-        "--cidr",
-        "198.18.20.0/24",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    change(&lab, "delete", "198.18.20.0/24");
     assert!(from_outside(&host_web));
     assert!(from_outside(&web));
 }

@@ -722,22 +722,34 @@ impl EndpointPrograms {
             Hook::ToContainer => PROG_TO_CONTAINER,
         };
         let prog = classifier(&mut self.bpf, name)?;
-        let mut out = vec![0u8; packet.len() + 256];
-        let res = prog
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                repeat: repeat.max(1),
-                ..Default::default()
-            })
-            .map_err(prog_err(name))?;
-        out.truncate(res.data_size_out as usize);
-        Ok(TestRunOutcome {
-            action: res.return_value,
-            packet: out,
-            ns_per_run: res.duration.as_nanos() as u64,
-        })
+        test_run_with(name, packet, repeat, |opts| prog.test_run(opts))
     }
+}
+
+/// One BPF_PROG_TEST_RUN of `packet`, `repeat` times, through `run` (the
+/// program's own `test_run`), with room for the program to grow it.
+pub(crate) fn test_run_with(
+    name: &'static str,
+    packet: &[u8],
+    repeat: u32,
+    run: impl FnOnce(
+        TestRunOptions<'_>,
+    ) -> Result<aya::programs::TestRunResult, aya::programs::ProgramError>,
+) -> Result<TestRunOutcome, Error> {
+    let mut out = vec![0u8; packet.len() + 256];
+    let res = run(TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        repeat: repeat.max(1),
+        ..Default::default()
+    })
+    .map_err(prog_err(name))?;
+    out.truncate(res.data_size_out as usize);
+    Ok(TestRunOutcome {
+        action: res.return_value,
+        packet: out,
+        ns_per_run: res.duration.as_nanos() as u64,
+    })
 }
 
 /// A loader that shares the pinned maps of `config.pin_dir`.

@@ -166,22 +166,8 @@ impl PrefilterProgram {
     /// Runs `packet` (an Ethernet frame) `repeat` times: the XDP action
     /// (1 = XDP_DROP, 2 = XDP_PASS) and the kernel's mean time per run.
     pub fn test_run(&mut self, packet: &[u8], repeat: u32) -> Result<crate::TestRunOutcome, Error> {
-        use aya::programs::{TestRun, TestRunOptions};
+        use aya::programs::TestRun;
         let prog: &mut Xdp = program(&mut self.bpf, PROG_PREFILTER)?;
-        let mut out = vec![0u8; packet.len() + 256];
-        let res = prog
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                repeat: repeat.max(1),
-                ..Default::default()
-            })
-            .map_err(prog_err(PROG_PREFILTER))?;
-        out.truncate(res.data_size_out as usize);
-        Ok(crate::TestRunOutcome {
-            action: res.return_value,
-            packet: out,
-            ns_per_run: res.duration.as_nanos() as u64,
-        })
+        crate::test_run_with(PROG_PREFILTER, packet, repeat, |opts| prog.test_run(opts))
     }
 }

@@ -42,6 +42,20 @@ where
     v.into_iter().filter_map(|s| s.parse().ok())
 }
 
+/// A Service's or an EndpointSlice's port, when it is a port of TCP or
+/// UDP (the protocol defaults to TCP, as the API's).
+fn service_port(
+    name: Option<&String>,
+    port: Option<i32>,
+    protocol: Option<&str>,
+) -> Option<api::service::ServicePort> {
+    Some(api::service::ServicePort {
+        name: name.cloned().unwrap_or_default(),
+        port: u16::try_from(port?).ok().filter(|p| *p != 0)?,
+        protocol: api::service::Protocol::parse(protocol.unwrap_or("TCP"))?,
+    })
+}
+
 /// What the agent balances for `svc` with its `slices`; `None` when there
 /// is nothing to balance (ExternalName, headless, no IPv4 address or no
 /// TCP/UDP port).
@@ -72,13 +86,7 @@ pub fn to_api<'a>(
         .ports
         .iter()
         .flatten()
-        .filter_map(|p| {
-            Some(api::service::ServicePort {
-                name: p.name.clone().unwrap_or_default(),
-                port: u16::try_from(p.port).ok().filter(|p| *p != 0)?,
-                protocol: api::service::Protocol::parse(p.protocol.as_deref().unwrap_or("TCP"))?,
-            })
-        })
+        .filter_map(|p| service_port(p.name.as_ref(), Some(p.port), p.protocol.as_deref()))
         .collect();
     if addresses.is_empty() || ports.is_empty() {
         return None;
@@ -92,15 +100,7 @@ pub fn to_api<'a>(
             .ports
             .iter()
             .flatten()
-            .filter_map(|p| {
-                Some(api::service::ServicePort {
-                    name: p.name.clone().unwrap_or_default(),
-                    port: u16::try_from(p.port?).ok().filter(|p| *p != 0)?,
-                    protocol: api::service::Protocol::parse(
-                        p.protocol.as_deref().unwrap_or("TCP"),
-                    )?,
-                })
-            })
+            .filter_map(|p| service_port(p.name.as_ref(), p.port, p.protocol.as_deref()))
             .collect();
         for ep in slice.endpoints.iter().flatten() {
             let c = ep.conditions.as_ref();
