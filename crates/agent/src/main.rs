@@ -571,7 +571,8 @@ fn main() -> anyhow::Result<()> {
             .attach_socket_lb(cgroup, args.bpf_lb_sock_hostns_only)
             .with_context(|| format!("socket load balancing on {}", cgroup.display()))?,
         (None, true) => anyhow::bail!("--bpf-lb-sock needs --cgroup-root"),
-        _ => {}
+        // Off now: an earlier run's pinned programs go.
+        (_, false) => agent.datapath().detach_socket_lb(),
     }
     if args.bpf_lb_sock {
         tracing::info!(

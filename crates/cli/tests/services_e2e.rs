@@ -360,12 +360,40 @@ services:
         "no per-packet path"
     );
 
+    // Node a's agent dies: its socket LB stays attached (pinned links),
+    // so the node's processes still reach the service; a new agent takes
+    // the links over.
+    let st: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("/run/fibril/labs/{}/lab.json", lab.name)).unwrap(),
+    )
+    .unwrap();
+    let pid = st["nodes"][0]["agent_pid"].as_u64().unwrap();
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    wait_until("node a's agent gone", || {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
+    });
+    assert!(lab.http_get("default/host-client", "http://10.96.0.60/", "5"));
+    let out = lab.fibril(&["--node", "a", "lab", "restart-agent"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(lab.http_get("default/host-client", "http://10.96.0.60/", "5"));
+    assert_eq!(accepted(&lab, "default/web"), 8);
+
     // internalTrafficPolicy: Local: node b's pods reach its backend, node
     // a has none of its own, so its pods reach nothing.
     assert!(lab.http_get("default/client-b", "http://10.96.0.63/", "5"));
-    assert_eq!(accepted(&lab, "default/web"), 7);
+    assert_eq!(accepted(&lab, "default/web"), 9);
     assert!(!lab.http_get("default/client", "http://10.96.0.63/", "2"));
-    assert_eq!(accepted(&lab, "default/web"), 7);
+    assert_eq!(accepted(&lab, "default/web"), 9);
 }
 
 /// `socketLB.hostNamespaceOnly: false`: pods' sockets are translated at

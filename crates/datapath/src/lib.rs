@@ -629,6 +629,11 @@ impl Datapath {
         Ok(())
     }
 
+    /// Stops socket load balancing an earlier run left attached.
+    pub fn detach_socket_lb(&self) {
+        socket_lb::detach(&self.config);
+    }
+
     /// The shortcut's counters, when it is attached.
     pub fn proxy_shortcut_stats(&self) -> Option<shortcut::ShortcutStats> {
         self.shortcut

@@ -4,14 +4,34 @@
 //! (getpeername, recvmsg), for the processes under a cgroup. With
 //! `host_only` (`socketLB.hostNamespaceOnly`) only sockets of the agent's
 //! own network namespace are translated; pods keep the per-packet path.
+//! The links are pinned (`links/socket_lb_<program>`), so translation
+//! goes on while the agent is away; a successor attaches its own next to
+//! them, then takes the pins (the old links go with their pins).
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
+use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::Ebpf;
 
 use crate::{knobs, pinned_loader, prog_err, program, Config, Error};
+
+/// Where program `name`'s link is pinned.
+fn pin_path(config: &Config, name: &str) -> std::path::PathBuf {
+    config
+        .pin_dir
+        .join("links")
+        .join(format!("socket_lb_{name}"))
+}
+
+/// Detaches an earlier run's socket LB (removing the pins drops the
+/// links).
+pub fn detach(config: &Config) {
+    for name in PROGRAMS {
+        std::fs::remove_file(pin_path(config, name)).ok();
+    }
+}
 
 /// The compiled `bpf/sock.bpf.c`, embedded at build time.
 static SOCK_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock.bpf.o"));
@@ -41,6 +61,11 @@ impl SocketLb {
         knobs::set(&mut loader, knobs::HOST_NETNS_COOKIE, &cookie);
         knobs::set(&mut loader, knobs::SOCKET_LB_HOST_ONLY, &host_only);
         let mut bpf = loader.load(SOCK_OBJECT)?;
+        let links = config.pin_dir.join("links");
+        std::fs::create_dir_all(&links).map_err(|source| Error::PinDir {
+            path: links.clone(),
+            source,
+        })?;
         for name in PROGRAMS {
             let dir = std::fs::File::open(cgroup).map_err(|source| Error::Cgroup {
                 path: cgroup.into(),
@@ -48,9 +73,24 @@ impl SocketLb {
             })?;
             let p: &mut CgroupSockAddr = program(&mut bpf, name)?;
             p.load().map_err(prog_err(name))?;
-            // A link: several programs side by side (an agent's successor).
-            p.attach(dir, CgroupAttachMode::Single)
+            // A link: several programs side by side (an earlier run's
+            // until its pin goes below; both translating is harmless, the
+            // second finds a backend's address, no service's).
+            let id = p
+                .attach(dir, CgroupAttachMode::Single)
                 .map_err(prog_err(name))?;
+            let pin = pin_path(config, name);
+            let link_err = |message: String| Error::Link {
+                path: pin.clone(),
+                message,
+            };
+            let link: FdLink = p
+                .take_link(id)
+                .map_err(prog_err(name))?
+                .try_into()
+                .map_err(|e| link_err(format!("{e}")))?;
+            std::fs::remove_file(&pin).ok();
+            link.pin(&pin).map_err(|e| link_err(format!("{e}")))?;
         }
         Ok(Self { _bpf: bpf })
     }
