@@ -88,6 +88,10 @@ pub struct LabFile {
     /// before the node's stack; `fibril prefilter update` changes them.
     #[serde(default)]
     pub prefilter: Option<Vec<String>>,
+    /// Conntrack entries one pod's traffic may hold (the agents'
+    /// `--ct-endpoint-budget`; 0: no budget). Default: the agent's.
+    #[serde(rename = "ctEndpointBudget", default)]
+    pub ct_endpoint_budget: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1249,6 +1253,10 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                 .extend(["--cgroup-root".to_string(), cg.display().to_string()]);
             st.agent_args.extend(parsed.file.socket_lb.agent_args());
         }
+        if let Some(budget) = parsed.file.ct_endpoint_budget {
+            st.agent_args
+                .extend(["--ct-endpoint-budget".to_string(), budget.to_string()]);
+        }
     }
     save(&st)?;
     let result = (|| -> anyhow::Result<()> {
@@ -1293,6 +1301,9 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                             .display()
                             .to_string(),
                     ]);
+                }
+                if let Some(budget) = parsed.file.ct_endpoint_budget {
+                    args.extend(["--ct-endpoint-budget".to_string(), budget.to_string()]);
                 }
                 if parsed.file.prefilter.is_some() {
                     args.extend([
