@@ -56,8 +56,8 @@ fn node_netns(lab: &Lab, n: usize) -> String {
 }
 
 /// How many packets kube-proxy's rules for 10.96.0.90 have translated on
-/// node `n` (the counters of its service chain's jump), or None while it
-/// has no rule for it.
+/// node `n` (iptables: the counters of its service chain's jump; nftables,
+/// which keeps no counters: 0), or None while it has no rule for it.
 fn kube_proxy_hits(lab: &Lab, n: usize, mode: &str) -> Option<u64> {
     let netns = node_netns(lab, n);
     let out = if mode == "iptables" {
@@ -154,11 +154,10 @@ fn beside_kube_proxy(mode: &str) {
     for _ in 0..3 {
         assert!(lab.http_get("default/client", url, "5"), "pod -> {url}");
     }
-    assert_eq!(
-        kube_proxy_hits(&lab, 0, mode),
-        Some(0),
-        "{mode}: no double NAT"
-    );
+    if mode == "iptables" {
+        // nftables mode counts nothing per service: conntrack below says.
+        assert_eq!(kube_proxy_hits(&lab, 0, mode), Some(0), "no double NAT");
+    }
     assert_eq!(netfilter_translations(&lab, 0), 0, "{mode}: no double NAT");
     // The node itself (no socket LB here): kube-proxy's rules serve it.
     assert!(

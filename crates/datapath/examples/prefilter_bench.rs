@@ -138,6 +138,28 @@ fn send(tx_ns: &str, ifname: &str, frame: &[u8]) -> anyhow::Result<(u64, f64)> {
     })?
 }
 
+/// `ROUNDS` sends, each read against the filter's drop counter
+/// (`dropped`): the median drops a second and nanoseconds a frame.
+fn rounds(
+    setup: &Setup,
+    frame: &[u8],
+    dropped: impl Fn() -> anyhow::Result<u64>,
+) -> anyhow::Result<(f64, f64)> {
+    let mut rates = Vec::new();
+    let mut costs = Vec::new();
+    for _ in 0..ROUNDS {
+        let before = dropped()?;
+        let (sent, secs) = send(&setup.tx_ns, "pfb-tx", frame)?;
+        rates.push((dropped()? - before) as f64 / secs);
+        costs.push(secs * 1e9 / sent.max(1) as f64);
+    }
+    Ok((median(rates), median(costs)))
+}
+
+fn print_row(count: usize, filter: &str, (rate, cost): (f64, f64)) {
+    println!("  {count:>8} | {filter:>22} | {rate:>16.0} | {cost:>12.0}");
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -202,21 +224,10 @@ fn main() -> anyhow::Result<()> {
         let list = prefixes(count);
         // XDP prefilter.
         dp.prefilter_update(&list, &[])?;
-        let mut rates = Vec::new();
-        let mut costs = Vec::new();
-        for _ in 0..ROUNDS {
-            let before = dp.prefilter_counters()?.dropped_packets;
-            let (sent, secs) = send(&setup.tx_ns, "pfb-tx", &frame)?;
-            let dropped = dp.prefilter_counters()?.dropped_packets - before;
-            rates.push(dropped as f64 / secs);
-            costs.push(secs * 1e9 / sent.max(1) as f64);
-        }
-        println!(
-            "  {count:>8} | {:>22} | {:>16.0} | {:>12.0}",
-            "XDP prefilter",
-            median(rates),
-            median(costs)
-        );
+        let row = rounds(&setup, &frame, || {
+            Ok(dp.prefilter_counters()?.dropped_packets)
+        })?;
+        print_row(count, "XDP prefilter", row);
         dp.prefilter_update(&[], &list)?;
         // iptables: the same prefixes, the sender's last.
         let mut rules = String::from("*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
@@ -225,21 +236,8 @@ fn main() -> anyhow::Result<()> {
         }
         rules.push_str("COMMIT\n");
         iptables_restore(&setup.rx_ns, &rules)?;
-        let mut rates = Vec::new();
-        let mut costs = Vec::new();
-        for _ in 0..ROUNDS {
-            let before = iptables_dropped(&setup.rx_ns)?;
-            let (sent, secs) = send(&setup.tx_ns, "pfb-tx", &frame)?;
-            let dropped = iptables_dropped(&setup.rx_ns)? - before;
-            rates.push(dropped as f64 / secs);
-            costs.push(secs * 1e9 / sent.max(1) as f64);
-        }
-        println!(
-            "  {count:>8} | {:>22} | {:>16.0} | {:>12.0}",
-            "iptables raw, linear",
-            median(rates),
-            median(costs)
-        );
+        let row = rounds(&setup, &frame, || iptables_dropped(&setup.rx_ns))?;
+        print_row(count, "iptables raw, linear", row);
         iptables_restore(
             &setup.rx_ns,
             "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n",
