@@ -8,8 +8,10 @@
  *                   (services translated to a backend; egress policy; for a peer on this node also the peer's
  *                   ingress policy, then bpf_redirect_peer into the peer;
  *                   for one on another node, into the overlay tunnel)
+ *                   (to the node itself, the host firewall's ingress policy)
  *   to_container:   tc egress of the host veth = packets entering the pod
- *                   from the host stack (ingress policy)
+ *                   from the host stack (ingress policy; from the node
+ *                   itself, the host firewall's egress policy first)
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -26,6 +28,7 @@
 #include "lib/drop.h"
 #include "lib/identity.h"
 #include "lib/proxy.h"
+#include "lib/host.h"
 #include "lib/ingress.h"
 #include "lib/tunnel.h"
 #include "lib/lb.h"
@@ -190,6 +193,15 @@ int from_container(struct __sk_buff *skb)
 					    dst_id, peer_pv.match, peer_pv.cookie);
 			redirect = REDIRECT_HTTP;
 		}
+	}
+	/* To the node itself: the host's ingress policy (the host firewall),
+	 * as a peer's ingress above. */
+	if (ct.state == CT_NEW && dst_id == ID_HOST) {
+		struct policy_verdict host_pv = {};
+		int verdict = host_policy(skb, &pkt, DIR_INGRESS, src_id, dst_id, host_flags(),
+					  &host_pv);
+		if (verdict != TC_ACT_OK)
+			return verdict;
 	}
 	/* Tracked only once both sides' policies let it through: a connection
 	 * the peer's ingress refuses leaves no entry behind. */

@@ -62,6 +62,8 @@ enum fibril_trace_point {
 	TRACE_TO_OVERLAY = 4,
 	TRACE_FROM_LXC = 5,
 	TRACE_FROM_OVERLAY = 9,
+	TRACE_FROM_NETWORK = 10, /* the node's device, inbound (host firewall) */
+	TRACE_TO_NETWORK = 11,   /* the node's device, outbound */
 };
 
 /* Verdicts, flow.Verdict numbering. */
@@ -101,6 +103,12 @@ enum fibril_policy_match {
 #define EP_F_EGRESS_ENFORCED 0x2
 #define EP_F_INGRESS_AUDIT 0x4  /* enforced by audit-mode policies only */
 #define EP_F_EGRESS_AUDIT 0x8
+#define EP_F_AUDIT_ALL 0x10     /* host endpoint: every policy drop is an audit */
+#define EP_F_HOST_FIREWALL 0x20 /* host endpoint: the host firewall tracks the node's connections */
+
+/* The host endpoint (the node itself, identity host) in the policy map,
+ * conntrack budget and events: outside the pods' ids (1..65535). */
+#define HOST_ENDPOINT_ID 65536
 
 /* Policy entry flags (policy_value.flags). */
 #define POLICY_F_DENY 0x1
@@ -400,5 +408,16 @@ struct prefilter_stats {
 	__u64 last_event_ns;
 };
 _Static_assert(sizeof(struct prefilter_stats) == 32, "prefilter_stats size");
+
+/*
+ * fibril_host: array, one entry: the host endpoint's EP_F_* flags (host
+ * firewall on, directions enforced, audit), written by the agent's policy
+ * sync. All zero: no host firewall, the node's traffic is not looked at.
+ */
+struct host_endpoint {
+	__u32 flags;
+	__u32 pad;
+};
+_Static_assert(sizeof(struct host_endpoint) == 8, "host_endpoint size");
 
 #endif /* FIBRIL_ABI_H */

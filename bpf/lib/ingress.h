@@ -11,27 +11,11 @@
 
 #include "ct.h"
 #include "drop.h"
+#include "host.h"
 #include "identity.h"
 #include "lb.h"
 #include "policy.h"
 #include "proxy.h"
-
-/* Cilium's policy-verdict notification, for the first packet of each
- * connection a policy lookup decided (`pv`), with how it matched. Returns the
- * verdict: FORWARDED, AUDIT (denied, but by audit-mode policy) or DROPPED. */
-static __always_inline __u8 policy_verdict_event(struct __sk_buff *skb, const struct packet *pkt,
-						 __u32 ep_id, __u8 dir, __u32 ep_flags,
-						 __u32 audit_flag, __u32 src_id, __u32 dst_id,
-						 const struct policy_verdict *pv)
-{
-	__u8 verdict = VERDICT_FORWARDED;
-
-	if (!pv->allowed)
-		verdict = policy_audited(pv, ep_flags, audit_flag) ? VERDICT_AUDIT : VERDICT_DROPPED;
-	emit_event(skb, pkt, ep_id, EVENT_POLICY_VERDICT, pv->allowed ? 0 : pv->drop_reason, dir,
-		   verdict, CT_NEW, src_id, dst_id, pv->match, pv->cookie);
-	return verdict;
-}
 
 /* Ingress policy for a connection opening towards local endpoint `ep_id`.
  * TC_ACT_OK when allowed (then `*redirect` is set if its L7 rules need the
@@ -143,6 +127,16 @@ static __always_inline int ingress_to_endpoint(struct __sk_buff *skb, struct pac
 		return drop_notify(skb, pkt, ep_id, DROP_INVALID_PACKET, DIR_INGRESS, src_id, dst_id,
 				   MATCH_NONE, 0);
 	if (ct.state == CT_NEW) {
+		/* The node opening a connection to its pod: the host's egress
+		 * policy first (the host firewall), as for every connection
+		 * the node opens. */
+		if (src_id == ID_HOST && mode == INGRESS_CHECK) {
+			struct policy_verdict host_pv = {};
+			int verdict = host_policy(skb, pkt, DIR_EGRESS, src_id, dst_id, host_flags(),
+						  &host_pv);
+			if (verdict != TC_ACT_OK)
+				return verdict;
+		}
 		/* From the overlay, a packet of no connection of the endpoint's
 		 * may still be tracked here: checked only then, so established
 		 * connections pay nothing for it. */

@@ -120,6 +120,15 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } fibril_prefilter_stats SEC(".maps");
 
+/* The host endpoint (lib/host.h): its flags, written by the agent. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct host_endpoint);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fibril_host SEC(".maps");
+
 /* IPv4 fragments: the datagram's ports, from its first fragment, for the
  * fragments after it (they carry no L4 header). Kernel-only (the agent
  * never reads it), so its structs live in lib/frag.h. */

@@ -5,6 +5,7 @@
 #ifndef FIBRIL_POLICY_H
 #define FIBRIL_POLICY_H
 
+#include "events.h"
 #include "maps.h"
 
 struct policy_verdict {
@@ -98,13 +99,34 @@ static __always_inline void policy_lookup(__u32 ep_id, __u32 peer, __u8 dir, __u
 
 /* Audit mode: a policy drop that becomes a forward reported as AUDIT. Either
  * the deciding deny comes from an audit-mode policy, or nothing matched and
- * the endpoint is enforced in this direction by audit-mode policies only. */
+ * the endpoint is enforced in this direction by audit-mode policies only,
+ * or the endpoint is the host in audit mode. */
 static __always_inline int policy_audited(const struct policy_verdict *pv, __u32 ep_flags,
 					  __u32 audit_flag)
 {
+	/* The host firewall in audit mode: nothing it would drop is. */
+	if (ep_flags & EP_F_AUDIT_ALL)
+		return 1;
 	if (pv->drop_reason == DROP_POLICY_DENY)
 		return (pv->flags & POLICY_F_AUDIT) != 0;
 	return (ep_flags & audit_flag) != 0;
+}
+
+/* Cilium's policy-verdict notification, for the first packet of each
+ * connection a policy lookup decided (`pv`), with how it matched. Returns the
+ * verdict: FORWARDED, AUDIT (denied, but by audit-mode policy) or DROPPED. */
+static __always_inline __u8 policy_verdict_event(struct __sk_buff *skb, const struct packet *pkt,
+						 __u32 ep_id, __u8 dir, __u32 ep_flags,
+						 __u32 audit_flag, __u32 src_id, __u32 dst_id,
+						 const struct policy_verdict *pv)
+{
+	__u8 verdict = VERDICT_FORWARDED;
+
+	if (!pv->allowed)
+		verdict = policy_audited(pv, ep_flags, audit_flag) ? VERDICT_AUDIT : VERDICT_DROPPED;
+	emit_event(skb, pkt, ep_id, EVENT_POLICY_VERDICT, pv->allowed ? 0 : pv->drop_reason, dir,
+		   verdict, CT_NEW, src_id, dst_id, pv->match, pv->cookie);
+	return verdict;
 }
 
 #endif

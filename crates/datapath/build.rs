@@ -8,7 +8,7 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-changed={}", root.display());
     // One object per attach point; more entries join this list.
-    let entries: &[&str] = &["lxc", "overlay", "sockops", "sock", "xdp"];
+    let entries: &[&str] = &["lxc", "overlay", "host", "sockops", "sock", "xdp"];
     for entry in entries {
         let src = root.join(format!("{entry}.bpf.c"));
         let obj = out.join(format!("{entry}.bpf.o"));

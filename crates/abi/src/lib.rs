@@ -124,6 +124,8 @@ pub enum TracePoint {
     ToOverlay = 4,
     FromLxc = 5,
     FromOverlay = 9,
+    FromNetwork = 10,
+    ToNetwork = 11,
 }
 
 impl TracePoint {
@@ -136,6 +138,8 @@ impl TracePoint {
             4 => Some(Self::ToOverlay),
             5 => Some(Self::FromLxc),
             9 => Some(Self::FromOverlay),
+            10 => Some(Self::FromNetwork),
+            11 => Some(Self::ToNetwork),
             _ => None,
         }
     }
@@ -192,6 +196,13 @@ pub const EP_F_INGRESS_ENFORCED: u32 = 0x1;
 pub const EP_F_EGRESS_ENFORCED: u32 = 0x2;
 pub const EP_F_INGRESS_AUDIT: u32 = 0x4;
 pub const EP_F_EGRESS_AUDIT: u32 = 0x8;
+/// Host endpoint: every policy drop is forwarded as an audit.
+pub const EP_F_AUDIT_ALL: u32 = 0x10;
+/// Host endpoint: the host firewall is on (the node's connections are tracked).
+pub const EP_F_HOST_FIREWALL: u32 = 0x20;
+/// The host endpoint's id in the policy map, budget and events (outside
+/// the pods' 1..=65535).
+pub const HOST_ENDPOINT_ID: u32 = 65536;
 pub const POLICY_F_DENY: u8 = 0x1;
 pub const POLICY_F_AUDIT: u8 = 0x2;
 pub const POLICY_F_REDIRECT: u8 = 0x4;
@@ -433,6 +444,14 @@ pub struct PrefilterStats {
     pub last_event_ns: u64,
 }
 
+/// The host endpoint's flags (`fibril_host`, one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostEndpoint {
+    pub flags: u32,
+    pub pad: u32,
+}
+
 /// One datapath notification read from the events ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -565,4 +584,6 @@ mod pod {
     unsafe impl aya::Pod for PrefilterValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for PrefilterStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for HostEndpoint {}
 }

@@ -18,7 +18,7 @@ const PROBE: &str = r#"
 #define E(n) printf("enum " #n " %d\n", (int)(n));
 int main(void) {
   S(ipcache_key) S(ipcache_value) S(endpoint_key) S(endpoint_info) S(policy_key)
-  S(policy_value) S(ct_key) S(ct_value) S(flow_event) S(ct_budget) S(sock_key) S(plain_key)
+  S(policy_value) S(ct_key) S(ct_value) S(flow_event) S(ct_budget) S(sock_key) S(plain_key) S(host_endpoint)
   O(sock_key, local_ip) O(sock_key, remote_ip) O(sock_key, local_port) O(sock_key, remote_port)
   O(plain_key, sock) O(plain_key, side)
   O(ct_budget, entries) O(ct_budget, overflows)
@@ -65,7 +65,8 @@ int main(void) {
   E(DROP_SOCKET_ASSIGN_FAILED) E(DROP_PROXY_UNSUPPORTED) E(CT_F_PROXY_REDIRECT) E(CT_F_FROM_PROXY)
   E(CT_F_DNS) E(POLICY_F_REDIRECT_DNS)
   E(TRACE_TO_LXC) E(TRACE_TO_PROXY) E(TRACE_TO_HOST) E(TRACE_TO_STACK) E(TRACE_TO_OVERLAY)
-  E(TRACE_FROM_LXC) E(TRACE_FROM_OVERLAY)
+  E(TRACE_FROM_LXC) E(TRACE_FROM_OVERLAY) E(TRACE_FROM_NETWORK) E(TRACE_TO_NETWORK)
+  E(EP_F_AUDIT_ALL) E(EP_F_HOST_FIREWALL) E(HOST_ENDPOINT_ID)
   E(VERDICT_FORWARDED) E(VERDICT_DROPPED) E(VERDICT_AUDIT)
   E(CT_NEW) E(CT_ESTABLISHED) E(CT_REPLY) E(CT_RELATED)
   E(DIR_INGRESS) E(DIR_EGRESS)
@@ -351,6 +352,12 @@ fn sizes_offsets_and_enums_match_the_c_header() {
         ("TRACE_TO_OVERLAY", TracePoint::ToOverlay as usize),
         ("TRACE_FROM_LXC", TracePoint::FromLxc as usize),
         ("TRACE_FROM_OVERLAY", TracePoint::FromOverlay as usize),
+        ("TRACE_FROM_NETWORK", TracePoint::FromNetwork as usize),
+        ("TRACE_TO_NETWORK", TracePoint::ToNetwork as usize),
+        ("EP_F_AUDIT_ALL", EP_F_AUDIT_ALL as usize),
+        ("EP_F_HOST_FIREWALL", EP_F_HOST_FIREWALL as usize),
+        ("HOST_ENDPOINT_ID", HOST_ENDPOINT_ID as usize),
+        ("host_endpoint", size_of::<HostEndpoint>()),
         ("VERDICT_FORWARDED", verdict::FORWARDED as usize),
         ("VERDICT_DROPPED", verdict::DROPPED as usize),
         ("VERDICT_AUDIT", verdict::AUDIT as usize),

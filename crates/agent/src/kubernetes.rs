@@ -44,6 +44,30 @@ pub struct KubernetesConfig {
 /// This node's pod CIDR from its Node object (`ipam.mode=kubernetes`),
 /// waiting for the controller-manager to allocate it (a minute at most).
 pub fn node_pod_cidr(config: &KubernetesConfig, node: &str) -> Result<String, Error> {
+    with_client(config, |client| async move {
+        k8s::client::node_pod_cidr(&client, node, Duration::from_secs(60)).await
+    })
+}
+
+/// This node's labels from its Node object (what host policies'
+/// nodeSelectors match), read once at start as the pod CIDR is.
+pub fn node_labels(
+    config: &KubernetesConfig,
+    node: &str,
+) -> Result<std::collections::BTreeMap<String, String>, Error> {
+    with_client(config, |client| async move {
+        k8s::client::node_labels(&client, node).await
+    })
+}
+
+/// Runs one request against the API server on a runtime of its own.
+fn with_client<T, F>(
+    config: &KubernetesConfig,
+    request: impl FnOnce(Client) -> F,
+) -> Result<T, Error>
+where
+    F: std::future::Future<Output = Result<T, k8s::Error>>,
+{
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -52,7 +76,7 @@ pub fn node_pod_cidr(config: &KubernetesConfig, node: &str) -> Result<String, Er
         let client = k8s::client::connect(config.kubeconfig.as_deref())
             .await
             .map_err(|e| Error::Unavailable(e.to_string()))?;
-        k8s::client::node_pod_cidr(&client, node, Duration::from_secs(60))
+        request(client)
             .await
             .map_err(|e| Error::Unavailable(e.to_string()))
     })

@@ -71,6 +71,18 @@ pub struct Config {
     /// The XDP prefilter's device and mode (Cilium's `--prefilter-device`);
     /// None: no prefilter.
     pub prefilter: Option<(String, datapath::PrefilterMode)>,
+    /// The host firewall (Cilium's `hostFirewall.enabled`); None: off.
+    pub host_firewall: Option<HostFirewall>,
+}
+
+/// The host firewall's settings: the node's devices its programs watch
+/// (Cilium's `devices`), audit mode, and the node's labels that host
+/// policies' nodeSelectors match.
+#[derive(Clone, Debug, Default)]
+pub struct HostFirewall {
+    pub devices: Vec<String>,
+    pub audit: bool,
+    pub node_labels: std::collections::BTreeMap<String, String>,
 }
 
 /// The node's VXLAN device (Cilium's `cilium_vxlan`).
@@ -151,6 +163,49 @@ impl Error {
 
 pub use api::host_ifname;
 
+/// Puts the host firewall's programs on the node's devices (before any
+/// policy: the first apply writes its flags, and its connections are
+/// tracked from then on), or takes away what an earlier run with it left;
+/// the host endpoint the policy sync then keeps.
+fn host_firewall(
+    datapath: &Datapath,
+    config: Option<&HostFirewall>,
+) -> Result<Option<policy_sync::HostEndpoint>, Error> {
+    let links = datapath.pin_dir().join("links");
+    let earlier: Vec<String> = std::fs::read_dir(&links)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|n| n.strip_suffix("_from_netdev").map(str::to_string))
+        .collect();
+    let Some(config) = config else {
+        for dev in earlier {
+            datapath.detach_host_programs(&dev);
+        }
+        return Ok(None);
+    };
+    if config.devices.is_empty() {
+        return Err(invalid(
+            "the host firewall needs the node's devices (--devices): the interfaces its traffic crosses",
+        ));
+    }
+    for dev in &config.devices {
+        if !net::link_exists(dev) {
+            return Err(invalid(format!(
+                "--devices: no interface {dev:?} in this network namespace"
+            )));
+        }
+        datapath.attach_host_programs(dev)?;
+    }
+    for dev in earlier.iter().filter(|d| !config.devices.contains(d)) {
+        datapath.detach_host_programs(dev);
+    }
+    Ok(Some(policy_sync::HostEndpoint {
+        labels: policy::LabelSet::host_endpoint(&config.node_labels),
+        audit: config.audit,
+    }))
+}
+
 impl Agent {
     /// Opens the datapath and restores the persisted state: endpoints whose
     /// veth still exists get their programs re-attached (atomically replacing
@@ -193,6 +248,7 @@ impl Agent {
         ));
         let mut policy = PolicySync::default();
         policy.load_realized(&datapath)?;
+        policy.set_host_endpoint(host_firewall(&datapath, config.host_firewall.as_ref())?);
 
         let stale: Vec<u32> = state
             .endpoints()
@@ -276,6 +332,7 @@ impl Agent {
             observer.clone(),
             kv_cluster,
             kubernetes.is_some(),
+            config.host_firewall.is_some(),
         );
         let services = services::Services::new(control.clone(), kubernetes.is_some());
         let prefilter = prefilter::Prefilter::start(datapath.clone(), config.prefilter.clone())?;

@@ -104,6 +104,23 @@ struct Args {
     /// (the stack's XDP hook, for devices without native support).
     #[arg(long, default_value = "native", value_parser = ["native", "generic"])]
     prefilter_mode: String,
+    /// The host firewall (Cilium's `hostFirewall.enabled`): host policies
+    /// (nodeSelector) enforced on the node's own traffic on --devices,
+    /// from its pods and to its pods.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    enable_host_firewall: bool,
+    /// The host firewall in audit mode: what host policies would drop is
+    /// forwarded and reported with verdict AUDIT.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    host_firewall_audit: bool,
+    /// The node's devices (Cilium's `devices`), comma-separated: where
+    /// the host firewall watches the node's traffic.
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<String>,
+    /// This node's labels, `key=value` comma-separated (host policies'
+    /// nodeSelectors match them). In Kubernetes mode its Node's labels.
+    #[arg(long, value_delimiter = ',', value_parser = parse_node_label)]
+    node_labels: Vec<(String, String)>,
     /// The L7 proxy's port on 127.0.0.1 (0: the previous run's if free,
     /// else any free port).
     #[arg(long, default_value_t = 0)]
@@ -440,6 +457,16 @@ fn argv_with_config_dir(argv: Vec<std::ffi::OsString>) -> anyhow::Result<Vec<std
     Ok(out)
 }
 
+/// A `--node-labels` entry: `key=value`, both as Kubernetes allows.
+fn parse_node_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected key=value"))?;
+    policy::labels::validate_label_key(k).map_err(|e| format!("{k:?}: {e}"))?;
+    policy::labels::validate_label_value(v).map_err(|e| format!("{v:?}: {e}"))?;
+    Ok((k.to_string(), v.to_string()))
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -474,7 +501,22 @@ fn main() -> anyhow::Result<()> {
     .context("starting the L7 proxy")?;
     let (dns_udp, dns_tcp) = proxy::dns::listen(args.dns_proxy_port)
         .with_context(|| format!("binding the DNS proxy on 127.0.0.1:{}", args.dns_proxy_port))?;
+    let host_firewall = if args.enable_host_firewall {
+        let node_labels = match &kubernetes {
+            Some(k) => fibril_agent::kubernetes::node_labels(k, &args.node_name)
+                .context("the host firewall: this node's labels from its Node object")?,
+            None => args.node_labels.iter().cloned().collect(),
+        };
+        Some(fibril_agent::HostFirewall {
+            devices: args.devices.clone(),
+            audit: args.host_firewall_audit,
+            node_labels,
+        })
+    } else {
+        None
+    };
     let config = Config {
+        host_firewall,
         node_name: args.node_name,
         cluster_name: args.cluster_name,
         pod_cidr,

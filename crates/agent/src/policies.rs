@@ -24,6 +24,8 @@ pub struct Policies {
     /// Kubernetes mode: policies are the API server's objects, changed
     /// with kubectl; local imports and deletes are refused.
     from_kubernetes: bool,
+    /// This node enforces host policies (its host firewall is on).
+    host_firewall: bool,
 }
 
 const FROM_KUBERNETES: &str = "policies come from the Kubernetes API on this node (--k8s-kubeconfig-path): change them with kubectl apply / kubectl delete";
@@ -34,12 +36,14 @@ impl Policies {
         observer: Arc<Observer>,
         cluster: Option<Arc<Cluster>>,
         from_kubernetes: bool,
+        host_firewall: bool,
     ) -> Self {
         Policies {
             control,
             observer,
             cluster,
             from_kubernetes,
+            host_firewall,
         }
     }
 
@@ -77,9 +81,25 @@ impl Policies {
             // policy the others never see would enforce alone.
             cluster.put_policies(&parsed.policies)?;
         }
+        let mut warnings: Vec<String> = parsed.warnings.iter().map(|w| w.to_string()).collect();
+        if !self.host_firewall {
+            // Taken (the cluster's other nodes may enforce it), but said.
+            warnings.extend(
+                parsed
+                    .policies
+                    .iter()
+                    .filter(|p| p.rules.iter().any(|r| r.host))
+                    .map(|p| {
+                        format!(
+                            "{}: a host policy (nodeSelector), not enforced on this node: its host firewall is off (fibril-agent --enable-host-firewall)",
+                            p.name_key()
+                        )
+                    }),
+            );
+        }
         let names = apply(&self.control, &self.observer, parsed.policies, vec![])?;
         Ok(Response::Imported {
-            warnings: parsed.warnings.iter().map(|w| w.to_string()).collect(),
+            warnings,
             policies: names,
             skipped: parsed
                 .skipped

@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use abi::{
-    PolicyKeyData, PolicyValue, EP_F_EGRESS_AUDIT, EP_F_EGRESS_ENFORCED, EP_F_INGRESS_AUDIT,
-    EP_F_INGRESS_ENFORCED, POLICY_F_AUDIT, POLICY_F_DENY, POLICY_F_REDIRECT,
-    POLICY_STATIC_PREFIX_BITS,
+    PolicyKeyData, PolicyValue, EP_F_AUDIT_ALL, EP_F_EGRESS_AUDIT, EP_F_EGRESS_ENFORCED,
+    EP_F_HOST_FIREWALL, EP_F_INGRESS_AUDIT, EP_F_INGRESS_ENFORCED, HOST_ENDPOINT_ID,
+    POLICY_F_AUDIT, POLICY_F_DENY, POLICY_F_REDIRECT, POLICY_STATIC_PREFIX_BITS,
 };
 use datapath::{Datapath, PolicyEntry};
 use policy::{EndpointPolicy, Engine, LabelSet, Origin};
@@ -58,6 +58,23 @@ pub struct PolicySync {
     last_local: BTreeSet<u32>,
     /// The last apply compared everything (the proxy is sent everything).
     last_full: bool,
+    /// The host firewall's endpoint (the node itself), when it is on.
+    host: Option<HostEndpoint>,
+    /// With the host endpoint: the local identities and the host's
+    /// (identity host), kept in step with the state's by the changed
+    /// identities (the engine's `local`).
+    local_with_host: BTreeMap<u32, LabelSet>,
+}
+
+/// The node as an endpoint of the host firewall: identity host, labelled
+/// `reserved:host` and with the node's labels (what host policies'
+/// nodeSelectors match).
+#[derive(Clone, Debug)]
+pub struct HostEndpoint {
+    pub labels: LabelSet,
+    /// Audit mode: whatever the host's policy would drop is forwarded and
+    /// reported with verdict AUDIT (how to try host policies safely).
+    pub audit: bool,
 }
 
 /// One identity's policy in the kernel's form, for any of its endpoints.
@@ -134,6 +151,13 @@ impl PolicySync {
         let mut sync = Self::default();
         sync.cookies.reuse_after = delay;
         sync
+    }
+
+    /// Turns the host firewall on (`Some`) or off before the first apply:
+    /// the node's own traffic then meets the host policies selecting it.
+    pub fn set_host_endpoint(&mut self, host: Option<HostEndpoint>) {
+        self.host = host;
+        self.needs_full = true;
     }
 
     /// Reads what an earlier run left in the kernel map.
@@ -354,7 +378,34 @@ impl PolicySync {
             .pod_identities()
             .chain(self.cidr_labels.iter().map(|(id, (_, l))| (*id, l)))
             .collect();
-        let local = state.local_identities();
+        // With the host firewall the host is one more local identity.
+        let mut local_with_host = std::mem::take(&mut self.local_with_host);
+        let local =
+            match &self.host {
+                None => state.local_identities(),
+                Some(h) => {
+                    let theirs = state.local_identities();
+                    if full {
+                        local_with_host = theirs.clone();
+                    } else {
+                        for id in
+                            c.endpoints
+                                .iter()
+                                .filter_map(|ep| self.realized_identity.get(ep))
+                                .chain(c.endpoints.iter().filter_map(|ep| {
+                                    state.endpoints().get(ep).map(|e| &e.identity)
+                                }))
+                        {
+                            match theirs.get(id) {
+                                Some(l) => local_with_host.insert(*id, l.clone()),
+                                None => local_with_host.remove(id),
+                            };
+                        }
+                    }
+                    local_with_host.insert(abi::identity::HOST, h.labels.clone());
+                    &local_with_host
+                }
+            };
         // The identities the changed endpoints had and have now.
         let mut hint = policy::engine::Hint::default();
         for id in &c.endpoints {
@@ -404,7 +455,13 @@ impl PolicySync {
                 }
             }
         }
-        let result = self.write(state, dp, &engine, &changed, (!full).then_some(&c));
+        self.local_with_host = local_with_host;
+        let result = self
+            .write(state, dp, &engine, &changed, (!full).then_some(&c))
+            .and_then(|n| {
+                let host = full || changed.contains(&abi::identity::HOST);
+                Ok(n + usize::from(host && self.write_host(dp, &engine)?))
+            });
         self.engine = Some(engine);
         self.needs_full = result.is_err();
         result
@@ -635,7 +692,7 @@ impl PolicySync {
             None => self
                 .realized
                 .keys()
-                .filter(|id| !state.endpoints().contains_key(id))
+                .filter(|id| **id != HOST_ENDPOINT_ID && !state.endpoints().contains_key(id))
                 .copied()
                 .collect(),
         };
@@ -653,6 +710,58 @@ impl PolicySync {
         let users = &self.identity_users;
         self.templates.retain(|id, _| users.contains_key(id));
         Ok(rewritten)
+    }
+}
+
+impl PolicySync {
+    /// Brings the host endpoint's entries and flags in line with its
+    /// computed policy (none, and flags 0, without the host firewall);
+    /// returns whether anything was written. Entries before flags, as
+    /// for pods.
+    fn write_host(&mut self, dp: &Datapath, engine: &Engine) -> Result<bool, Error> {
+        let (wanted, flags) = match &self.host {
+            Some(h) => {
+                let empty = EndpointPolicy::default();
+                let computed = engine.policy(abi::identity::HOST).unwrap_or(&empty);
+                let (entries, mut flags) = map_entries(HOST_ENDPOINT_ID, computed, |o| {
+                    self.cookies.get(o, std::time::Instant::now())
+                });
+                flags |= EP_F_HOST_FIREWALL;
+                if h.audit {
+                    flags |= EP_F_AUDIT_ALL;
+                }
+                (entries, flags)
+            }
+            None => (BTreeMap::new(), 0),
+        };
+        let have = self.realized.remove(&HOST_ENDPOINT_ID).unwrap_or_default();
+        let counted = !self.uncounted.remove(&HOST_ENDPOINT_ID);
+        let mut wrote = false;
+        for (k, v) in &wanted {
+            if have.get(k) != Some(v) {
+                wrote = true;
+                dp.upsert_policy(&PolicyEntry {
+                    prefix_len: k.0,
+                    key: k.1,
+                    value: *v,
+                })?;
+            }
+        }
+        if dp.host_endpoint()? != flags {
+            wrote = true;
+            dp.set_host_endpoint(flags)?;
+        }
+        for k in have.keys() {
+            if !wanted.contains_key(k) {
+                wrote = true;
+                dp.remove_policy(k.0, k.1)?;
+            }
+        }
+        self.move_holds(&have, counted, &wanted);
+        if !wanted.is_empty() {
+            self.realized.insert(HOST_ENDPOINT_ID, wanted);
+        }
+        Ok(wrote)
     }
 }
 

@@ -92,6 +92,28 @@ pub struct LabFile {
     /// `--ct-endpoint-budget`; 0: no budget). Default: the agent's.
     #[serde(rename = "ctEndpointBudget", default)]
     pub ct_endpoint_budget: Option<u32>,
+    /// The host firewall on every node (Cilium's Helm `hostFirewall.*`):
+    /// host policies (nodeSelector) enforced on the node's underlay device
+    /// and between the node and its pods. The lab keeps its way in: it
+    /// enters nodes through their namespaces (`lab exec node/NAME`), never
+    /// the network, and agents are asked on their Unix sockets.
+    #[serde(rename = "hostFirewall", default)]
+    pub host_firewall: HostFirewall,
+    /// Each node's labels (what host policies' nodeSelectors match), by
+    /// node name (the agents' `--node-labels`).
+    #[serde(rename = "nodeLabels", default)]
+    pub node_labels: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostFirewall {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Audit mode: what host policies would drop is forwarded and reported
+    /// as AUDIT (how to try a host policy without locking a node out).
+    #[serde(default)]
+    pub audit: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -668,6 +690,34 @@ fn validate_nodes(name: &str, file: &LabFile) -> anyhow::Result<()> {
                     net.trunc()
                 );
             }
+        }
+    }
+    if file.host_firewall.enabled || file.host_firewall.audit {
+        if file.agents == "helm" {
+            bail!("{name}: hostFirewall: the lab's own agents carry it (agents: lab)");
+        }
+        if file.nodes.is_empty() {
+            bail!("{name}: hostFirewall: only in a lab with `nodes:` (it sits on each node's underlay device)");
+        }
+        if !file.host_firewall.enabled {
+            bail!("{name}: hostFirewall.audit needs hostFirewall.enabled: true");
+        }
+    }
+    for (node, labels) in &file.node_labels {
+        if !file.nodes.contains(node) {
+            bail!(
+                "{name}: nodeLabels.{node}: no such node (nodes: {:?})",
+                file.nodes
+            );
+        }
+        if file.kubernetes {
+            bail!("{name}: nodeLabels: with kubernetes: true a node's labels are its Node object's (kubectl label node)");
+        }
+        for (k, v) in labels {
+            policy::labels::validate_label_key(k)
+                .map_err(|e| anyhow::anyhow!("{name}: nodeLabels.{node}.{k}: {e}"))?;
+            policy::labels::validate_label_value(v)
+                .map_err(|e| anyhow::anyhow!("{name}: nodeLabels.{node}.{k}: {e}"))?;
         }
     }
     if let Some(mode) = &file.kube_proxy {
@@ -1308,6 +1358,21 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                 if parsed.file.prefilter.is_some() {
                     args.extend([
                         "--prefilter-device".to_string(),
+                        NODE_UNDERLAY_IFNAME.to_string(),
+                    ]);
+                }
+                if let Some(labels) = parsed.file.node_labels.get(&n.name) {
+                    let list: Vec<String> =
+                        labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    args.extend(["--node-labels".to_string(), list.join(",")]);
+                }
+                if parsed.file.host_firewall.enabled {
+                    args.extend([
+                        "--enable-host-firewall".to_string(),
+                        "true".to_string(),
+                        "--host-firewall-audit".to_string(),
+                        parsed.file.host_firewall.audit.to_string(),
+                        "--devices".to_string(),
                         NODE_UNDERLAY_IFNAME.to_string(),
                     ]);
                 }

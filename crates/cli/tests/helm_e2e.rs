@@ -141,6 +141,21 @@ fn the_chart_lints_renders_the_seed_values_and_refuses_bad_ones() {
     let cm_lb = find(&docs_lb, "ConfigMap", "fibril-config");
     assert_eq!(cm_lb["data"]["bpf-lb-sock"], "true");
     assert_eq!(cm_lb["data"]["bpf-lb-sock-hostns-only"], "true");
+    // The host firewall on the given devices, in audit mode if asked.
+    assert!(cm["data"].get("enable-host-firewall").is_none(), "{cm}");
+    let mut values = SEED_VALUES.to_vec();
+    values.extend([
+        "hostFirewall.enabled=true",
+        "hostFirewall.audit=true",
+        "devices={eth0,eth1}",
+    ]);
+    let (ok, yaml, err) = template(&values);
+    assert!(ok, "{err}");
+    let docs_fw = documents(&yaml);
+    let cm_fw = find(&docs_fw, "ConfigMap", "fibril-config");
+    assert_eq!(cm_fw["data"]["enable-host-firewall"], "true");
+    assert_eq!(cm_fw["data"]["host-firewall-audit"], "true");
+    assert_eq!(cm_fw["data"]["devices"], "eth0,eth1");
     // The relay finds the peer service by the kubelet's service variables
     // first (no cluster DNS needed), then by name.
     let relay = find(&docs, "Deployment", "hubble-relay");
@@ -186,6 +201,7 @@ fn the_chart_lints_renders_the_seed_values_and_refuses_bad_ones() {
         ("cni.chainingMode=aws-cni", "chains only with portmap"),
         ("hubble.ui.service.nodePort=80", "30000-32767"),
         ("cgroup.autoMount.enabled=true", "mounts no cgroup2"),
+        ("hostFirewall.enabled=true", "needs devices"),
     ] {
         let mut values = SEED_VALUES.to_vec();
         values.push(value);

@@ -5,6 +5,7 @@
 //! names, makes BPF syscalls or changes links and namespaces.
 
 pub mod events;
+pub mod host_firewall;
 pub mod knobs;
 pub mod prefilter;
 pub mod shortcut;
@@ -26,6 +27,7 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOp
 use aya::{Ebpf, EbpfLoader};
 
 pub use events::EventReader;
+pub use host_firewall::{HostPrograms, NetdevHook};
 pub use prefilter::{PrefilterCounters, PrefilterMode, PrefilterProgram};
 
 /// The compiled `bpf/lxc.bpf.c`, embedded at build time.
@@ -152,6 +154,7 @@ struct Maps {
     lb_affinity: BpfHashMap<MapData, LbAffinityKey, LbAffinity>,
     prefilter: LpmTrie<MapData, u32, abi::PrefilterValue>,
     prefilter_stats: PerCpuArray<MapData, abi::PrefilterStats>,
+    host: aya::maps::Array<MapData, abi::HostEndpoint>,
 }
 
 /// One write to the services' maps (`Datapath::lb_apply`).
@@ -224,6 +227,8 @@ impl Datapath {
                 .map_err(map_err(prefilter::MAP_PREFILTER))?,
             prefilter_stats: PerCpuArray::try_from(take(prefilter::MAP_PREFILTER_STATS)?)
                 .map_err(map_err(prefilter::MAP_PREFILTER_STATS))?,
+            host: aya::maps::Array::try_from(take(host_firewall::MAP_HOST)?)
+                .map_err(map_err(host_firewall::MAP_HOST))?,
         };
         let events = RingBuf::try_from(take(MAP_EVENTS)?).map_err(map_err(MAP_EVENTS))?;
         Ok(Self {
@@ -577,10 +582,14 @@ impl Datapath {
                 out.live_addresses
                     .insert(Ipv4Addr::from(u32::from_be(k.daddr)));
                 // The owner, as the datapath charges it: the sender when
-                // it is a local endpoint, else the receiver.
-                if let Some(ep) = ep_of.get(&k.saddr).or_else(|| ep_of.get(&k.daddr)) {
-                    *held.entry(*ep).or_default() += 1;
-                }
+                // it is a local endpoint, else the receiver; with neither,
+                // the node itself (the host firewall's connections).
+                let owner = ep_of
+                    .get(&k.saddr)
+                    .or_else(|| ep_of.get(&k.daddr))
+                    .copied()
+                    .unwrap_or(abi::HOST_ENDPOINT_ID);
+                *held.entry(owner).or_default() += 1;
             }
         }
         let budgets: Vec<(u32, abi::CtBudget)> =

@@ -521,6 +521,8 @@ pub fn trace_point(point: u8) -> TraceObservationPoint {
         Some(TracePoint::ToProxy) => TraceObservationPoint::TO_PROXY,
         Some(TracePoint::ToOverlay) => TraceObservationPoint::TO_OVERLAY,
         Some(TracePoint::FromOverlay) => TraceObservationPoint::FROM_OVERLAY,
+        Some(TracePoint::FromNetwork) => TraceObservationPoint::FROM_NETWORK,
+        Some(TracePoint::ToNetwork) => TraceObservationPoint::TO_NETWORK,
         None => TraceObservationPoint::UNKNOWN_POINT,
     }
 }

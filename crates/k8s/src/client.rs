@@ -74,6 +74,16 @@ pub async fn install_crds(client: &Client) -> Result<(), Error> {
 
 /// Node `node`'s pod CIDR (`spec.podCIDRs[0]`, else `spec.podCIDR`),
 /// waiting up to `wait` for it to be allocated.
+/// A Node's labels (empty when it has none).
+pub async fn node_labels(
+    client: &Client,
+    node: &str,
+) -> Result<std::collections::BTreeMap<String, String>, Error> {
+    use k8s_openapi::api::core::v1::Node;
+    let api: Api<Node> = Api::all(client.clone());
+    Ok(api.get(node).await?.metadata.labels.unwrap_or_default())
+}
+
 pub async fn node_pod_cidr(client: &Client, node: &str, wait: Duration) -> Result<String, Error> {
     use k8s_openapi::api::core::v1::Node;
     let api: Api<Node> = Api::all(client.clone());

@@ -470,7 +470,7 @@ pub fn endpoint_policy(
     let selecting: Vec<Selected<'_>> = policies
         .iter()
         .flat_map(|p| p.rules.iter().enumerate().map(move |(i, r)| (p, i, r)))
-        .filter(|(_, _, r)| r.selector.matches(labels))
+        .filter(|(_, _, r)| r.selects(labels))
         .collect();
     let mut out = compute_selected(identity, &selecting, ctx, &|_, _, _, _, pr| {
         resolve_peers(pr, ctx)

@@ -76,7 +76,7 @@ struct RawRule {
     #[serde(rename = "endpointSelector")]
     endpoint_selector: Option<Selector>,
     #[serde(rename = "nodeSelector")]
-    node_selector: Option<Value>,
+    node_selector: Option<Selector>,
     ingress: Option<Vec<RawPeerRule>>,
     #[serde(rename = "ingressDeny")]
     ingress_deny: Option<Vec<RawPeerRule>>,
@@ -552,19 +552,31 @@ fn convert_rule(
     kind: PolicyKind,
     namespace: Option<&str>,
 ) -> Result<Rule, Error> {
-    if r.node_selector.is_some() {
+    // A rule selects pods (endpointSelector) or nodes (nodeSelector: a
+    // host policy, enforced on the nodes' own traffic), never both.
+    let (mut selector, host, field) = match (r.endpoint_selector, r.node_selector) {
+        (Some(_), Some(_)) => {
+            return Err(ctx.err(
+                format!("{path}.nodeSelector"),
+                "a rule has an endpointSelector or a nodeSelector, not both",
+            ))
+        }
+        (Some(s), None) => (s, false, "endpointSelector"),
+        (None, Some(s)) => (s, true, "nodeSelector"),
+        (None, None) => {
+            return Err(ctx.err(
+                format!("{path}.endpointSelector"),
+                "a rule needs an endpointSelector (pods) or a nodeSelector (nodes)",
+            ))
+        }
+    };
+    validate_selector(ctx, &format!("{path}.{field}"), &selector)?;
+    if host && namespace.is_some() {
         return Err(ctx.err(
             format!("{path}.nodeSelector"),
-            "host policies (nodeSelector) are not supported yet; select endpoints with endpointSelector",
+            "host policies (nodeSelector) must be CiliumClusterwideNetworkPolicy: nodes belong to no namespace",
         ));
     }
-    let mut selector = r.endpoint_selector.ok_or_else(|| {
-        ctx.err(
-            format!("{path}.endpointSelector"),
-            "a rule needs an endpointSelector",
-        )
-    })?;
-    validate_selector(ctx, &format!("{path}.endpointSelector"), &selector)?;
     if let Some(ns) = namespace {
         // A namespaced policy only ever selects pods of its own namespace.
         if selector
@@ -614,14 +626,52 @@ fn convert_rule(
         (!all.is_empty()).then_some(all)
     };
     let dd = r.enable_default_deny.as_ref();
+    if host {
+        refuse_host_l7(ctx, path, [&ingress, &ingress_deny, &egress, &egress_deny])?;
+    }
     Ok(Rule {
         selector,
+        host,
         ingress: join(ingress, ingress_deny),
         egress: join(egress, egress_deny),
         ingress_default_deny: dd.and_then(|d| d.ingress).unwrap_or(true),
         egress_default_deny: dd.and_then(|d| d.egress).unwrap_or(true),
         description: r.description.unwrap_or_default(),
     })
+}
+
+/// Host policies take L3/L4 rules only: the node's own traffic is never
+/// handed to a proxy (Cilium's host policies allow DNS rules as a beta;
+/// Fibril does not proxy the host's DNS), so L7 rules and toFQDNs, which
+/// learn from that proxy, would never match as written.
+fn refuse_host_l7(
+    ctx: &Ctx<'_>,
+    path: &str,
+    sections: [&Option<Vec<PeerRule>>; 4],
+) -> Result<(), Error> {
+    let names = ["ingress", "ingressDeny", "egress", "egressDeny"];
+    for (name, list) in names.iter().zip(sections) {
+        for (i, pr) in list.iter().flatten().enumerate() {
+            if let Some(j) = pr.to_ports.iter().position(|p| p.l7.is_some()) {
+                return Err(ctx.err(
+                    format!("{path}.{name}[{i}].toPorts[{j}].rules"),
+                    "host policies (nodeSelector) take no L7 rules: the node's own traffic is not proxied",
+                ));
+            }
+            if pr
+                .peers
+                .iter()
+                .flatten()
+                .any(|p| matches!(p, Peer::Fqdn(_)))
+            {
+                return Err(ctx.err(
+                    format!("{path}.{name}[{i}].toFQDNs"),
+                    "host policies (nodeSelector) take no toFQDNs: the node's own DNS is not proxied, so no name would be learned",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -987,7 +1037,7 @@ fn convert_l7(
     let tcp_only = |kind: &str| -> Result<(), Error> {
         for p in ports {
             match p.protocol {
-                Protocol::Udp | Protocol::Sctp => {
+                Protocol::Udp | Protocol::Sctp | Protocol::Vrrp | Protocol::Igmp => {
                     return Err(ctx.err(path, format!("{kind} rules only apply to TCP; this port is {:?}", p.protocol)))
                 }
                 Protocol::Any => ctx.warn(path, format!("{kind} rules only apply to TCP; UDP and SCTP on this port are allowed at L4")),
@@ -1363,14 +1413,21 @@ fn convert_port(ctx: &Ctx<'_>, path: &str, p: RawPort) -> Result<PortSpec, Error
         Some(name) => Protocol::from_k8s_name(name).ok_or_else(|| {
             ctx.err(
                 format!("{path}.protocol"),
-                format!("expected one of TCP, UDP, SCTP, ANY, found {name:?}"),
+                format!("expected one of TCP, UDP, SCTP, VRRP, IGMP, ANY, found {name:?}"),
             )
         })?,
     };
-    Ok(PortSpec {
-        protocol,
-        port: port_value(ctx, path, p.port.as_ref(), p.end_port, true)?,
-    })
+    let port = port_value(ctx, path, p.port.as_ref(), p.end_port, true)?;
+    if !protocol.has_ports() && port != Port::Any {
+        return Err(ctx.err(
+            format!("{path}.port"),
+            format!(
+                "{} has no ports: leave port out (or \"0\")",
+                protocol.k8s_name()
+            ),
+        ));
+    }
+    Ok(PortSpec { protocol, port })
 }
 
 /// A port number or name, with an optional `endPort`. `zero_is_any`: Cilium

@@ -371,7 +371,7 @@ impl Engine {
                     .policies
                     .iter()
                     .flat_map(|(k, p)| p.rules.iter().enumerate().map(move |(ri, r)| (k, ri, r)))
-                    .filter(|(_, _, r)| r.selector.matches(labels))
+                    .filter(|(_, _, r)| r.selects(labels))
                     .map(|(k, ri, _)| (k.clone(), ri))
                     .collect();
                 this.selecting.insert(*id, rules);
@@ -407,7 +407,7 @@ impl Engine {
             let rule = self.policies.get(key).and_then(|p| p.rules.get(*ri));
             for (id, labels) in &self.local {
                 let rules = self.selecting.entry(*id).or_default();
-                let selects = rule.is_some_and(|r| r.selector.matches(labels));
+                let selects = rule.is_some_and(|r| r.selects(labels));
                 let had = rules.contains(&(key.clone(), *ri));
                 if selects {
                     rules.insert((key.clone(), *ri));

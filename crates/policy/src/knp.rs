@@ -153,6 +153,7 @@ pub(crate) fn parse_document(
         namespace: Some(ns),
         rules: vec![Rule {
             selector,
+            host: false,
             ingress: ingress_applies.then_some(ingress),
             egress: egress_applies.then_some(egress),
             ingress_default_deny: true,
@@ -211,7 +212,7 @@ fn convert_rule(
         let protocol = match p.protocol.as_deref() {
             None => Protocol::Tcp,
             Some(name) => Protocol::from_k8s_name(name)
-                .filter(|p| *p != Protocol::Any)
+                .filter(|p| matches!(p, Protocol::Tcp | Protocol::Udp | Protocol::Sctp))
                 .ok_or_else(|| {
                     ctx.err(
                         format!("{ppath}.protocol"),

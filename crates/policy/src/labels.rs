@@ -102,6 +102,23 @@ impl LabelSet {
         self.0.iter()
     }
 
+    /// Whether these are the host endpoint's labels (`reserved:host`).
+    pub fn is_host(&self) -> bool {
+        self.0
+            .iter()
+            .any(|l| l.source == "reserved" && l.key == "host")
+    }
+
+    /// The host endpoint's labels: `reserved:host` and the node's own
+    /// labels (source `k8s`), every one of them, so a nodeSelector on any
+    /// label of the node selects it (Cilium filters some out, and a host
+    /// policy on a filtered label silently selects nothing).
+    pub fn host_endpoint(node_labels: &BTreeMap<String, String>) -> Self {
+        let mut labels = vec![Label::new("reserved", "host", "")];
+        labels.extend(node_labels.iter().map(|(k, v)| Label::new("k8s", k, v)));
+        Self::new(labels)
+    }
+
     /// Values of labels with `key` whose source matches `source` (`any`
     /// matches every source).
     pub fn values<'a>(

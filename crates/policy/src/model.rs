@@ -75,6 +75,11 @@ pub const KNP_KEY_PREFIX: &str = "networkpolicy:";
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rule {
     pub selector: Selector,
+    /// A host policy's rule (`nodeSelector`): `selector` matches the host
+    /// endpoint's labels (`reserved:host` and the node's labels) and no
+    /// pod; an endpointSelector rule never selects the host.
+    #[serde(default)]
+    pub host: bool,
     /// `None`: the rule says nothing about ingress. `Some(_)`, even empty
     /// of allows: endpoints it selects are default-deny for ingress (unless
     /// `ingress_default_deny` is false).
@@ -84,6 +89,13 @@ pub struct Rule {
     pub ingress_default_deny: bool,
     pub egress_default_deny: bool,
     pub description: String,
+}
+
+impl Rule {
+    /// Whether this rule applies to the endpoint (pod or host) with `labels`.
+    pub fn selects(&self, labels: &crate::labels::LabelSet) -> bool {
+        self.host == labels.is_host() && self.selector.matches(labels)
+    }
 }
 
 /// One ingress or egress rule: peers AND ports.
@@ -316,6 +328,9 @@ pub enum Protocol {
     Udp,
     Sctp,
     Any,
+    /// Cilium's extended protocols (no ports): VRRP (112), IGMP (2).
+    Vrrp,
+    Igmp,
 }
 
 impl Protocol {
@@ -326,6 +341,8 @@ impl Protocol {
             Self::Udp => &[17],
             Self::Sctp => &[132],
             Self::Any => &[6, 17, 132],
+            Self::Vrrp => &[112],
+            Self::Igmp => &[2],
         }
     }
 
@@ -337,6 +354,8 @@ impl Protocol {
             Self::Udp => "UDP",
             Self::Sctp => "SCTP",
             Self::Any => "ANY",
+            Self::Vrrp => "VRRP",
+            Self::Igmp => "IGMP",
         }
     }
 
@@ -346,8 +365,15 @@ impl Protocol {
             "UDP" => Some(Self::Udp),
             "SCTP" => Some(Self::Sctp),
             "ANY" => Some(Self::Any),
+            "VRRP" => Some(Self::Vrrp),
+            "IGMP" => Some(Self::Igmp),
             _ => None,
         }
+    }
+
+    /// Whether the protocol has ports (VRRP and IGMP have none).
+    pub fn has_ports(self) -> bool {
+        !matches!(self, Self::Vrrp | Self::Igmp)
     }
 
     pub fn from_number(n: u8) -> Option<Self> {
@@ -355,6 +381,8 @@ impl Protocol {
             6 => Some(Self::Tcp),
             17 => Some(Self::Udp),
             132 => Some(Self::Sctp),
+            112 => Some(Self::Vrrp),
+            2 => Some(Self::Igmp),
             _ => None,
         }
     }

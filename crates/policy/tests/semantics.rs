@@ -216,7 +216,13 @@ fn cluster_wide_policies_select_across_namespaces() {
 fn bad_documents_are_refused_with_file_document_and_field() {
     for (yaml, path, needle) in [
         ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  ingress:\n  - toPorts: [{ports: [{port: \"70000\"}]}]\n", "spec.ingress[0].toPorts[0].ports[0].port", "out of range"),
-        ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  ingress:\n  - toPorts: [{ports: [{port: \"80\", protocol: ICMP}]}]\n", "spec.ingress[0].toPorts[0].ports[0].protocol", "TCP, UDP, SCTP, ANY"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  ingress:\n  - toPorts: [{ports: [{port: \"80\", protocol: ICMP}]}]\n", "spec.ingress[0].toPorts[0].ports[0].protocol", "TCP, UDP, SCTP, VRRP, IGMP, ANY"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: p}\nspec:\n  nodeSelector: {}\n  egress:\n  - toPorts: [{ports: [{port: \"1\", protocol: VRRP}]}]\n", "spec.egress[0].toPorts[0].ports[0].port", "VRRP has no ports"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  nodeSelector: {}\n", "spec.nodeSelector", "must be CiliumClusterwideNetworkPolicy"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: p}\nspec:\n  nodeSelector: {}\n  endpointSelector: {}\n", "spec.nodeSelector", "not both"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: p}\nspec:\n  nodeSelector: {}\n  ingress:\n  - toPorts: [{ports: [{port: \"80\"}], rules: {http: [{}]}}]\n", "spec.ingress[0].toPorts[0].rules", "no L7 rules"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: p}\nspec:\n  nodeSelector: {}\n  egress:\n  - toFQDNs: [{matchName: a.example}]\n", "spec.egress[0].toFQDNs", "no toFQDNs"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: p}\nspec:\n  ingress: [{}]\n", "spec.endpointSelector", "or a nodeSelector"),
         ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  ingres: []\n", "spec.ingres", "unknown field `ingres`"),
         ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  egress:\n  - fromEndpoints: [{}]\n", "spec.egress[0].fromEndpoints", "use the to* spelling"),
         ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector:\n    matchExpressions: [{key: app, operator: In}]\n", "spec.endpointSelector.matchExpressions[0].values", "at least one value"),
@@ -464,4 +470,70 @@ fn peer_rules_stored_by_older_agents_still_load() {
     let again: fibril_policy::model::PeerRule =
         serde_json::from_str(&serde_json::to_string(&pr).unwrap()).unwrap();
     assert_eq!(again, pr);
+}
+
+/// Host policies (`nodeSelector`): they select the host endpoint by the
+/// node's labels and no pod; pods' rules never select the host.
+#[test]
+fn host_policies_select_the_node_and_only_the_node() {
+    let w = World::new();
+    let node = |pairs: &[(&str, &str)]| {
+        LabelSet::host_endpoint(
+            &pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    };
+    let ssh_node = node(&[("node-access", "ssh"), ("kubernetes.io/os", "linux")]);
+    let other_node = node(&[("kubernetes.io/os", "linux")]);
+    // The corpus's demo host policy: the cluster, SSH from anywhere, ping.
+    let demo = policies(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: demo-host-policy}
+spec:
+  nodeSelector: {matchLabels: {node-access: ssh}}
+  ingress:
+  - fromEntities: [cluster]
+  - toPorts: [{ports: [{port: "22", protocol: TCP}]}]
+  - icmps: [{fields: [{type: 8, family: IPv4}]}]
+"#,
+    );
+    let host = w.compute(&ssh_node, &demo);
+    assert!(host.ingress_enforced && !host.egress_enforced);
+    assert!(host
+        .entries
+        .contains_key(&key(0, Direction::Ingress, 6, 22)));
+    assert!(host
+        .entries
+        .contains_key(&key(w.id("shop", "backend"), Direction::Ingress, 0, 0)));
+    // A node without the label, and every pod: untouched.
+    let unselected = w.compute(&other_node, &demo);
+    assert!(!unselected.ingress_enforced && unselected.entries.is_empty());
+    let pod = w.compute(&labels("shop", &[("app", "backend")]), &demo);
+    assert!(!pod.ingress_enforced && pod.entries.is_empty());
+    // A cluster-wide pod policy selecting everything leaves the host alone.
+    let all_pods = policies(
+        "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: all}\nspec:\n  endpointSelector: {}\n  ingress: [{}]\n  egress: [{}]\n",
+    );
+    let host = w.compute(&ssh_node, &all_pods);
+    assert!(!host.ingress_enforced && !host.egress_enforced);
+    // `nodeSelector: {}` selects every node; extended protocols are
+    // entries of their own protocol number with every port.
+    let every_node = policies(
+        "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: vrrp}\nspec:\n  nodeSelector: {}\n  egress:\n  - toPorts: [{ports: [{protocol: VRRP}, {port: \"6443\", protocol: TCP}]}]\n",
+    );
+    let host = w.compute(&other_node, &every_node);
+    assert!(host.egress_enforced && !host.ingress_enforced);
+    let mut got: Vec<EntryKey> = host.entries.keys().copied().collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            key(0, Direction::Egress, 6, 6443),
+            key(0, Direction::Egress, 112, 0)
+        ]
+    );
 }

@@ -25,6 +25,9 @@ before anything is installed (the schema has checked types and names).
 {{- if $v.cgroup.autoMount.enabled -}}
 {{- fail (printf "cgroup.autoMount.enabled=true: Fibril mounts no cgroup2 itself; set cgroup.autoMount.enabled=false and cgroup.hostRoot to the host's cgroup2 mount (now %s)" $v.cgroup.hostRoot) -}}
 {{- end -}}
+{{- if and $v.hostFirewall.enabled (not $v.devices) -}}
+{{- fail "hostFirewall.enabled=true needs devices: the node's interfaces the host firewall watches (e.g. devices={eth0})" -}}
+{{- end -}}
 {{- if $v.encryption.enabled -}}
 {{- fail "encryption.enabled=true: Fibril has no transparent encryption (IPsec/WireGuard) yet" -}}
 {{- end -}}
