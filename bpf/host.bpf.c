@@ -9,8 +9,13 @@
  *                on to pods pass (their programs enforce theirs).
  *   to_netdev:   tc egress = packets leaving the node. Those from the
  *                node's own addresses meet the host's egress policy.
- * With the host firewall off (fibril_host all zero) both pass everything
- * after one array lookup.
+ * With kube-proxy replacement they also serve node ports and external
+ * addresses (Cilium's bpf_host NodePort): `from_netdev` gives a packet
+ * for one its backend (Maglev) before anything else looks at it, so the
+ * connection is the backend's, not the host's; `to_netdev` gives the
+ * backend's replies the address and port the client asked for.
+ * With neither (fibril_host all zero, no replacement) both pass
+ * everything after one array lookup.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -27,12 +32,82 @@
 #include "lib/drop.h"
 #include "lib/identity.h"
 #include "lib/host.h"
+#include "lib/lb.h"
 
 static __always_inline int host_drop(struct __sk_buff *skb, const struct packet *pkt, __u8 reason,
 				     __u8 dir, __u32 src_id, __u32 dst_id)
 {
 	return drop_notify(skb, pkt, HOST_ENDPOINT_ID, reason, dir, src_id, dst_id, MATCH_NONE, 0);
 }
+
+/* Kube-proxy replacement: node ports served here (the agent's setting). */
+const volatile __u32 kube_proxy_replacement = 0;
+
+/* A packet from outside for an external frontend (node port, external or
+ * load balancer address): translated to its backend (Maglev), the reverse
+ * NAT remembered for the replies (CT_DIR_NODEPORT, client -> backend),
+ * then on to the stack, which routes it to a pod of this node or, marked
+ * for masquerading, to another node's. 0 when it is for no external
+ * frontend; else the tc verdict in `*verdict`. */
+static __always_inline int nodeport_in(struct __sk_buff *skb, struct packet *pkt, int *verdict)
+{
+	__u32 src_id = identity_of(pkt->saddr);
+	int t = lb4_translate(skb, pkt, HOST_ENDPOINT_ID, 1);
+
+	if (t == 0)
+		return 0;
+	if (is_drop(t)) {
+		*verdict = host_drop(skb, pkt, (__u8)-t, DIR_INGRESS, src_id, 0);
+		return 1;
+	}
+	struct ct_key key;
+	__u64 now = bpf_ktime_get_ns();
+	ct_fill_key(&key, pkt, CT_DIR_NODEPORT, 0);
+	struct ct_value *v = bpf_map_lookup_elem(&fibril_ct, &key);
+	__u32 dst_id = identity_of(pkt->daddr);
+	if (v && v->expires_ns > now && !ct_reopens(pkt, v, 1)) {
+		ct_touch(v, pkt, 1, now);
+	} else {
+		struct ct_value nv = {
+			.rev_nat = pkt->rev_nat,
+			.tx_flags_seen = pkt->tcp_flags,
+			.rx_flags_seen = TCP_ACK,
+			.packets = 1,
+			.bytes = pkt->len,
+			.last_report_ns = now,
+		};
+		nv.expires_ns = now + ct_timeout(pkt, &nv);
+		if (bpf_map_update_elem(&fibril_ct, &key, &nv, BPF_ANY) < 0) {
+			*verdict = host_drop(skb, pkt, DROP_CT_MAP_INSERT_FAILED, DIR_INGRESS, src_id,
+					     dst_id);
+			return 1;
+		}
+		emit_event(skb, pkt, HOST_ENDPOINT_ID, EVENT_TRACE, TRACE_FROM_NETWORK, DIR_INGRESS,
+			   VERDICT_FORWARDED, CT_NEW, src_id, dst_id, MATCH_NONE, 0);
+	}
+	skb->mark = local_endpoint(pkt->daddr) ? NODEPORT_LOCAL_MARK : NODEPORT_MASQ_MARK;
+	*verdict = TC_ACT_OK;
+	return 1;
+}
+
+/* A backend's reply to a node port's connection leaving for its client:
+ * from the node port's address and port again. */
+static __always_inline int nodeport_out(struct __sk_buff *skb, struct packet *pkt)
+{
+	struct ct_key key;
+	__u64 now = bpf_ktime_get_ns();
+
+	ct_fill_key(&key, pkt, CT_DIR_NODEPORT, 1);
+	struct ct_value *v = bpf_map_lookup_elem(&fibril_ct, &key);
+	if (!v || v->expires_ns <= now)
+		return TC_ACT_OK;
+	ct_touch(v, pkt, 0, now);
+	if (is_drop(lb4_rev_nat(skb, pkt, v->rev_nat)))
+		return host_drop(skb, pkt, DROP_INVALID_PACKET, DIR_EGRESS, identity_of(pkt->saddr),
+				 identity_of(pkt->daddr));
+	return TC_ACT_OK;
+}
+
 
 /* One packet of the node's own traffic in `dir` (the host endpoint's
  * view: ingress = to the node): conntrack, the host's policy for new
@@ -92,10 +167,16 @@ int from_netdev(struct __sk_buff *skb)
 {
 	struct packet pkt = {};
 	__u32 flags = host_flags();
+	int verdict;
 
-	if (!(flags & EP_F_HOST_FIREWALL))
+	if (!(flags & EP_F_HOST_FIREWALL) && !kube_proxy_replacement)
 		return TC_ACT_OK;
 	int kind = parse_packet(skb, &pkt);
+	/* Node ports first: a translated connection is its backend's. */
+	if (kube_proxy_replacement && kind == PARSE_IPV4 && nodeport_in(skb, &pkt, &verdict))
+		return verdict;
+	if (!(flags & EP_F_HOST_FIREWALL))
+		return TC_ACT_OK;
 	if (kind != PARSE_IPV4)
 		return host_non_ipv4(skb, &pkt, kind, DIR_INGRESS, flags);
 	/* Only the node's own addresses: traffic routed on to pods meets
@@ -112,17 +193,22 @@ int to_netdev(struct __sk_buff *skb)
 	struct packet pkt = {};
 	__u32 flags = host_flags();
 
-	if (!(flags & EP_F_HOST_FIREWALL))
+	if (!(flags & EP_F_HOST_FIREWALL) && !kube_proxy_replacement)
 		return TC_ACT_OK;
 	int kind = parse_packet(skb, &pkt);
 	if (kind != PARSE_IPV4)
-		return host_non_ipv4(skb, &pkt, kind, DIR_EGRESS, flags);
-	/* Only what the node itself sends: pods' packets were theirs to
-	 * enforce (no masquerading here: they keep their addresses). */
-	if (!is_host_address(pkt.saddr))
-		return TC_ACT_OK;
-	return host_traffic(skb, &pkt, DIR_EGRESS, ID_HOST, identity_of(pkt.daddr), flags,
-			    TRACE_TO_NETWORK);
+		return (flags & EP_F_HOST_FIREWALL) ? host_non_ipv4(skb, &pkt, kind, DIR_EGRESS, flags)
+						    : TC_ACT_OK;
+	/* What the node itself sends meets its policy; pods' packets were
+	 * theirs to enforce (no masquerading of pods here: they keep their
+	 * addresses), and a backend's reply to a node port is given the node
+	 * port's address back. */
+	if (is_host_address(pkt.saddr))
+		return (flags & EP_F_HOST_FIREWALL)
+			? host_traffic(skb, &pkt, DIR_EGRESS, ID_HOST, identity_of(pkt.daddr),
+				       flags, TRACE_TO_NETWORK)
+			: TC_ACT_OK;
+	return kube_proxy_replacement ? nodeport_out(skb, &pkt) : TC_ACT_OK;
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -108,7 +108,7 @@ int from_container(struct __sk_buff *skb)
 	__u32 flags = self->flags;
 	/* A service's address becomes a backend's before anything looks at
 	 * the destination (lib/lb.h). */
-	int translated = lb4_translate(skb, &pkt, endpoint_id);
+	int translated = lb4_translate(skb, &pkt, endpoint_id, 0);
 	if (is_drop(translated))
 		return drop(skb, &pkt, (__u8)-translated, DIR_EGRESS, src_id, 0, MATCH_NONE, 0);
 	/* One endpoint-map lookup: the peer, if local, also gives its identity;
@@ -146,6 +146,16 @@ int from_container(struct __sk_buff *skb)
 				   VERDICT_FORWARDED, ct.state, src_id, dst_id, MATCH_NONE,
 				   ct.policy_cookie);
 		skb->mark = proxy_mark_to;
+		return TC_ACT_OK;
+	}
+	if (ct.state == CT_REPLY && (ct.flags & CT_F_NODEPORT)) {
+		/* A reply to a node port's client: by the stack to the node's
+		 * device, which gives it the node port's address (never the
+		 * tunnel, which would skip that). */
+		if (ct.report)
+			emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_FROM_LXC, DIR_EGRESS,
+				   VERDICT_FORWARDED, ct.state, src_id, dst_id, MATCH_NONE,
+				   ct.policy_cookie);
 		return TC_ACT_OK;
 	}
 	if (ct.state == CT_NEW) {

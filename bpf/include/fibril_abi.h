@@ -120,11 +120,25 @@ enum fibril_policy_match {
 #define CT_F_PROXY_REDIRECT 0x1 /* the opener's packets go to the L7 proxy */
 #define CT_F_FROM_PROXY 0x2     /* opened by the proxy for its client: replies go back to it */
 #define CT_F_DNS 0x4            /* with CT_F_PROXY_REDIRECT: the DNS proxy's */
+#define CT_F_NODEPORT 0x8       /* a node port's connection to this backend: replies go
+				 * back through the stack to the node's device */
 
 /* ct_key.direction of a service connection's entry (client -> service
  * address): which backend it went to (ct_value.backend_id), so that it
  * stays there while the service's backends change. */
 #define CT_DIR_SERVICE 3
+/* ct_key.direction of a connection from outside the cluster that a node
+ * port (or external address) sent to a backend (client -> backend): its
+ * reverse-NAT index, so the backend's replies leave the node from the
+ * address and port the client asked for (kube-proxy replacement). */
+#define CT_DIR_NODEPORT 4
+/* skb mark of a node port's packet whose backend is on another node: the
+ * agent's netfilter rule masquerades it to the node's address, so the
+ * backend answers through this node. */
+#define NODEPORT_MASQ_MARK 0x00f1d000
+/* skb mark of a node port's packet for a backend on this node: its
+ * connection entry gets CT_F_NODEPORT. */
+#define NODEPORT_LOCAL_MARK 0x00f1e000
 
 /* Which end of a flow event was a service address before translation
  * (flow_event.svc_side). */
@@ -333,6 +347,8 @@ struct lb_service_key {
 _Static_assert(sizeof(struct lb_service_key) == 12, "lb_service_key size");
 
 #define LB_SVC_F_AFFINITY 0x1 /* sessionAffinity: ClientIP */
+#define LB_SVC_F_EXTERNAL 0x2 /* reached from outside (node port, external or LB IP):
+			       * balanced by its Maglev table */
 
 struct lb_service {
 	__u32 backend_id;        /* slots 1..count */

@@ -156,6 +156,10 @@ static __always_inline int ingress_to_endpoint(struct __sk_buff *skb, struct pac
 		} else if (mode == INGRESS_FROM_PROXY) {
 			ct_flags = CT_F_FROM_PROXY;
 		}
+		/* Sent by a node port on this node's device: the replies go
+		 * back there to get the node port's address. */
+		if (mode == INGRESS_CHECK && skb->mark == NODEPORT_LOCAL_MARK)
+			ct_flags |= CT_F_NODEPORT;
 		/* Charged to the sender when it is a local endpoint (the proxy
 		 * connects from its client's address), else to this one. */
 		if (!owner) {

@@ -22,6 +22,9 @@
 #include "ct.h"
 #include "drop.h"
 
+/* Slots of every Maglev table (a prime; the agent's setting). */
+const volatile __u32 lb_maglev_table_size = 16381;
+
 #define IP_CSUM_OFF (ETH_HLEN + 10)
 #define IP_SADDR_OFF (ETH_HLEN + 12)
 #define IP_DADDR_OFF (ETH_HLEN + 16)
@@ -57,11 +60,41 @@ static __always_inline int lb_rewrite(struct __sk_buff *skb, const struct packet
 	return 0;
 }
 
+/* A connection's hash for Maglev: its 5-tuple, mixed (the same on every
+ * node, so any node a client's packets reach picks the same backend). */
+static __always_inline __u32 lb4_hash(const struct packet *pkt)
+{
+	__u32 h = pkt->saddr * 0x9e3779b1u;
+	h ^= (((__u32)pkt->sport << 16) | pkt->dport) * 0x85ebca77u;
+	h ^= pkt->daddr * 0xc2b2ae3du;
+	h ^= pkt->protocol;
+	h ^= h >> 16;
+	h *= 0x7feb352du;
+	h ^= h >> 15;
+	h *= 0x846ca68bu;
+	h ^= h >> 16;
+	return h;
+}
+
+/* The backend an external frontend's Maglev table gives `hash`; 0 when it
+ * has none (yet: the slots then choose). */
+static __always_inline __u32 lb4_maglev(__u16 rev_nat, __u32 hash)
+{
+	__u32 key = rev_nat;
+	void *table = bpf_map_lookup_elem(&fibril_lb_maglev, &key);
+	if (!table || !lb_maglev_table_size)
+		return 0;
+	__u32 slot = hash % lb_maglev_table_size;
+	__u32 *id = bpf_map_lookup_elem(table, &slot);
+	return id ? *id : 0;
+}
+
 /* A new choice of backend for a connection to service `key` (its master
- * entry `svc`): the client's affinity while it holds, else a random slot.
- * 0 when the service has no backend. */
+ * entry `svc`): the client's affinity while it holds, else for an
+ * external frontend its Maglev table's, else a random slot. 0 when the
+ * service has no backend. */
 static __always_inline __u32 lb4_select(struct lb_service_key *key, const struct lb_service *svc,
-					__u32 client, __u64 now)
+					__u32 client, __u32 hash, __u64 now)
 {
 	struct lb_affinity_key ak = {.client = client, .rev_nat = svc->rev_nat};
 	struct lb_service *slot;
@@ -78,23 +111,29 @@ static __always_inline __u32 lb4_select(struct lb_service_key *key, const struct
 			return a->backend_id;
 		}
 	}
-	key->slot = (bpf_get_prandom_u32() % count) + 1;
-	slot = bpf_map_lookup_elem(&fibril_lb_services, key);
-	key->slot = 0;
-	if (!slot)
-		return 0;
+	__u32 chosen = (svc->flags & LB_SVC_F_EXTERNAL) ? lb4_maglev(svc->rev_nat, hash) : 0;
+	if (!chosen) {
+		key->slot = (bpf_get_prandom_u32() % count) + 1;
+		slot = bpf_map_lookup_elem(&fibril_lb_services, key);
+		key->slot = 0;
+		if (!slot)
+			return 0;
+		chosen = slot->backend_id;
+	}
 	if (svc->flags & LB_SVC_F_AFFINITY) {
-		struct lb_affinity fresh = {.last_used_ns = now, .backend_id = slot->backend_id};
+		struct lb_affinity fresh = {.last_used_ns = now, .backend_id = chosen};
 		bpf_map_update_elem(&fibril_lb_affinity, &ak, &fresh, BPF_ANY);
 	}
-	return slot->backend_id;
+	return chosen;
 }
 
 /* Translates a packet a local endpoint (`owner`, charged for the
- * connection's service entry) sends to a service: 1 when it was (the
- * packet and `pkt` now carry the backend), 0 when it is for no service,
- * or a drop: DROP_NO_SERVICE for a service without backends. */
-FIBRIL_GLOBAL int lb4_translate(struct __sk_buff *skb, struct packet *pkt, __u32 owner)
+ * connection's service entry; the host for traffic from outside) sends to
+ * a service: 1 when it was (the packet and `pkt` now carry the backend),
+ * 0 when it is for no service (`external_only`: no frontend reached from
+ * outside), or a drop: DROP_NO_SERVICE for a service without backends. */
+FIBRIL_GLOBAL int lb4_translate(struct __sk_buff *skb, struct packet *pkt, __u32 owner,
+				__u32 external_only)
 {
 	if (!skb || !pkt)
 		return 0;
@@ -108,7 +147,7 @@ FIBRIL_GLOBAL int lb4_translate(struct __sk_buff *skb, struct packet *pkt, __u32
 		.protocol = pkt->protocol,
 	};
 	struct lb_service *svc = bpf_map_lookup_elem(&fibril_lb_services, &key);
-	if (!svc)
+	if (!svc || (external_only && !(svc->flags & LB_SVC_F_EXTERNAL)))
 		return 0;
 	__u16 rev_nat = svc->rev_nat;
 	__u64 now = bpf_ktime_get_ns();
@@ -126,7 +165,7 @@ FIBRIL_GLOBAL int lb4_translate(struct __sk_buff *skb, struct packet *pkt, __u32
 			ct_touch(cv, pkt, 1, now);
 	}
 	if (!be) {
-		backend_id = lb4_select(&key, svc, pkt->saddr, now);
+		backend_id = lb4_select(&key, svc, pkt->saddr, lb4_hash(pkt), now);
 		if (!backend_id)
 			return DROP(DROP_NO_SERVICE);
 		be = bpf_map_lookup_elem(&fibril_lb_backends, &backend_id);

@@ -91,6 +91,25 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } fibril_lb_affinity SEC(".maps");
 
+/* Maglev (lib/lb.h): each external frontend's lookup table by its
+ * reverse-NAT index: an array of `lb_maglev_table_size` backend ids
+ * (BPF_F_INNER_MAP: the size is the agent's setting, not this one). */
+struct lb_maglev_inner {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 16381);
+	__uint(map_flags, BPF_F_INNER_MAP);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__type(key, __u32); /* reverse-NAT index */
+	__uint(max_entries, 4096);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, struct lb_maglev_inner);
+} fibril_lb_maglev SEC(".maps");
+
 /* Socket load balancing (sock.bpf.c): what a translated socket's peer is
  * shown as. */
 struct {

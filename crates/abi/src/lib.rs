@@ -211,14 +211,25 @@ pub const POLICY_F_REDIRECT_DNS: u8 = 0x8;
 pub const CT_F_PROXY_REDIRECT: u8 = 0x1;
 pub const CT_F_FROM_PROXY: u8 = 0x2;
 pub const CT_F_DNS: u8 = 0x4;
+/// A node port's connection to a backend here: replies leave by the stack.
+pub const CT_F_NODEPORT: u8 = 0x8;
 /// `CtKey::direction` of a service connection's entry (its backend).
 pub const CT_DIR_SERVICE: u8 = 3;
+/// `ct_key.direction` of a node port's connection to its backend.
+pub const CT_DIR_NODEPORT: u8 = 4;
+/// The mark of a node port's packet for another node's backend (the
+/// agent's netfilter rule masquerades it).
+pub const NODEPORT_MASQ_MARK: u32 = 0x00f1_d000;
+/// The mark of a node port's packet for a backend on this node.
+pub const NODEPORT_LOCAL_MARK: u32 = 0x00f1_e000;
 /// `FlowEvent::svc_side`: which end was a service address.
 pub const SVC_SIDE_NONE: u8 = 0;
 pub const SVC_SIDE_DESTINATION: u8 = 1;
 pub const SVC_SIDE_SOURCE: u8 = 2;
 /// `LbService::flags` of a master entry: sessionAffinity ClientIP.
 pub const LB_SVC_F_AFFINITY: u32 = 0x1;
+/// A frontend reached from outside: balanced by its Maglev table.
+pub const LB_SVC_F_EXTERNAL: u32 = 0x2;
 /// Counters of the L7 proxy's socket shortcut (`fibril_sockmap_stats`).
 pub const SOCKMAP_STAT_SOCKETS: u32 = 0;
 pub const SOCKMAP_STAT_REDIRECTED: u32 = 1;

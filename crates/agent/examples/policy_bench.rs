@@ -190,7 +190,15 @@ fn main() -> anyhow::Result<()> {
     let dp = std::sync::Arc::new(datapath::Datapath::open(datapath::Config::new(&pin))?);
     let store = Store::new(&dir)?;
     let t = Instant::now();
-    let control = Control::open("default", "bench", dp, store, state, PolicySync::default())?;
+    let control = Control::open(
+        "default",
+        "bench",
+        dp,
+        store,
+        state,
+        PolicySync::default(),
+        None,
+    )?;
     println!(
         "full sync to kernel maps (agent start): {:.1} ms",
         t.elapsed().as_secs_f64() * 1e3

@@ -85,6 +85,7 @@ impl Control {
         mut store: Store,
         mut state: State,
         mut policy: PolicySync,
+        node_ports: Option<crate::lb_sync::NodePorts>,
     ) -> Result<Self, Error> {
         let host = netns::host_ipv4_addresses()?;
         state.refresh_cidr_identities().map_err(invalid)?;
@@ -103,7 +104,7 @@ impl Control {
             }
         }
         policy.apply(&state, &datapath, cluster, None)?;
-        let mut lb = LbSync::open(&datapath, node)?;
+        let mut lb = LbSync::open(&datapath, node, node_ports)?;
         lb.apply(&state, &datapath, None)?;
         store.save(&state)?;
         let control = Self {

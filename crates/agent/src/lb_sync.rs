@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use abi::{LbBackend, LbReverseNat, LbService, LbServiceKey, LB_SVC_F_AFFINITY};
+use abi::{LbBackend, LbReverseNat, LbService, LbServiceKey, LB_SVC_F_AFFINITY, LB_SVC_F_EXTERNAL};
 use datapath::{Datapath, LbContents, LbWrite};
 
 use crate::state::State;
@@ -51,6 +51,20 @@ pub struct LbSync {
     /// This node's name (`internalTrafficPolicy: Local` balances over its
     /// own backends).
     node: String,
+    /// Kube-proxy replacement: node ports on these addresses, external
+    /// frontends balanced by Maglev tables of this size.
+    node_ports: Option<NodePorts>,
+    /// Each external frontend's Maglev table as written (by reverse-NAT
+    /// index).
+    maglev: HashMap<u16, Vec<u32>>,
+}
+
+/// What kube-proxy replacement serves: node ports on the node's
+/// addresses, and Maglev's table size for traffic from outside.
+#[derive(Clone, Debug)]
+pub struct NodePorts {
+    pub addresses: Vec<Ipv4Addr>,
+    pub maglev_table_size: u32,
 }
 
 fn master_key(address: Ipv4Addr, port: u16, protocol: u8) -> LbServiceKey {
@@ -67,14 +81,24 @@ fn master_key(address: Ipv4Addr, port: u16, protocol: u8) -> LbServiceKey {
 impl LbSync {
     /// Takes over what an earlier run left in the kernel: its backend and
     /// reverse-NAT numbers are kept for the same backends and frontends.
-    pub fn open(datapath: &Datapath, node: &str) -> Result<Self, Error> {
+    pub fn open(
+        datapath: &Datapath,
+        node: &str,
+        node_ports: Option<NodePorts>,
+    ) -> Result<Self, Error> {
         let kernel = datapath.lb_contents()?;
         let mut sync = LbSync {
             next_backend: 1,
             next_rev_nat: 1,
             node: node.to_string(),
+            node_ports,
             ..Default::default()
         };
+        // Tables an earlier run wrote: rewritten by the first (full) apply,
+        // removed there if no frontend wants them.
+        for rev_nat in datapath.lb_maglev_keys() {
+            sync.maglev.insert(rev_nat, Vec::new());
+        }
         for (id, b) in &kernel.backends {
             let at = SocketAddrV4::new(
                 Ipv4Addr::from(u32::from_be(b.address)),
@@ -150,6 +174,7 @@ impl LbSync {
         let mut left_active: HashSet<(u16, u32)> = HashSet::new();
         let mut released_backends: Vec<u32> = Vec::new();
         let mut released_rev_nats: Vec<u16> = Vec::new();
+        let mut maglev_writes: Vec<(u16, Vec<u32>)> = Vec::new();
 
         for key in &keys {
             let old = self.written.remove(key).unwrap_or_default();
@@ -159,7 +184,12 @@ impl LbSync {
             let mut new: Vec<Written> = Vec::new();
             if let Some(svc) = state.services().get(key) {
                 let affinity = svc.affinity_timeout_s;
-                for f in svc.frontends_on(Some(&self.node)) {
+                let node_addresses = self
+                    .node_ports
+                    .as_ref()
+                    .map(|n| n.addresses.clone())
+                    .unwrap_or_default();
+                for f in svc.frontends_with_node_ports(Some(&self.node), &node_addresses) {
                     let proto = f.protocol.number();
                     let master = master_key(f.address, f.port, proto);
                     if let Some(other) = self.owner.get(&master) {
@@ -219,16 +249,34 @@ impl LbSync {
                             slots.push(LbWrite::Service(k, Some(v)));
                         }
                     }
+                    // From outside (with kube-proxy replacement): Maglev.
+                    let maglev = self
+                        .node_ports
+                        .as_ref()
+                        .filter(|_| f.external)
+                        .map(|n| n.maglev_table_size);
+                    if let Some(m) = maglev {
+                        let names: Vec<String> = f.active.iter().map(|a| a.to_string()).collect();
+                        let table: Vec<u32> = crate::maglev::table(&names, m)
+                            .into_iter()
+                            .map(|i| active[i as usize])
+                            .collect();
+                        maglev_writes.push((rev_nat, table));
+                    }
+                    let mut flags = if affinity.is_some() {
+                        LB_SVC_F_AFFINITY
+                    } else {
+                        0
+                    };
+                    if maglev.is_some() {
+                        flags |= LB_SVC_F_EXTERNAL;
+                    }
                     let m = LbService {
                         backend_id: 0,
                         count: active.len() as u16,
                         rev_nat,
                         affinity_timeout_s: affinity.unwrap_or(0),
-                        flags: if affinity.is_some() {
-                            LB_SVC_F_AFFINITY
-                        } else {
-                            0
-                        },
+                        flags,
                     };
                     if self.kernel.services.get(&master) != Some(&m) {
                         masters.push(LbWrite::Service(master, Some(m)));
@@ -354,6 +402,38 @@ impl LbSync {
                     LbWrite::ReverseNat(k, v) => put(&mut self.kernel.reverse_nat, k, v),
                 }
             }
+        }
+        // Maglev tables: the new and changed ones (their backends and
+        // masters are in place), then those of frontends gone.
+        let mut wanted: HashSet<u16> = HashSet::new();
+        for (rev_nat, table) in maglev_writes {
+            wanted.insert(rev_nat);
+            if self.maglev.get(&rev_nat) != Some(&table) {
+                datapath.lb_maglev_set(rev_nat, &table)?;
+                self.maglev.insert(rev_nat, table);
+            }
+        }
+        let external: HashSet<u16> = self
+            .written
+            .values()
+            .flatten()
+            .filter(|w| {
+                self.kernel
+                    .services
+                    .get(&w.master)
+                    .is_some_and(|m| m.flags & LB_SVC_F_EXTERNAL != 0)
+            })
+            .map(|w| w.rev_nat)
+            .collect();
+        let stale: Vec<u16> = self
+            .maglev
+            .keys()
+            .filter(|r| !wanted.contains(r) && !external.contains(r))
+            .copied()
+            .collect();
+        for rev_nat in stale {
+            datapath.lb_maglev_set(rev_nat, &[])?;
+            self.maglev.remove(&rev_nat);
         }
         if !left_active.is_empty() {
             datapath.lb_affinity_flush(|k, v| left_active.contains(&(k.rev_nat, v.backend_id)));

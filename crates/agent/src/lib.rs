@@ -16,6 +16,7 @@ pub mod kubernetes_services;
 pub mod l7;
 pub mod l7proxy;
 pub mod lb_sync;
+pub mod maglev;
 pub mod metrics;
 pub mod observer;
 pub mod policies;
@@ -73,6 +74,19 @@ pub struct Config {
     pub prefilter: Option<(String, datapath::PrefilterMode)>,
     /// The host firewall (Cilium's `hostFirewall.enabled`); None: off.
     pub host_firewall: Option<HostFirewall>,
+    /// Kube-proxy replacement (Cilium's `kubeProxyReplacement=true`):
+    /// node ports and external addresses served on `devices` by the
+    /// datapath, balanced by Maglev; None: kube-proxy serves them.
+    pub kube_proxy_replacement: Option<KubeProxyReplacement>,
+}
+
+/// Kube-proxy replacement's settings.
+#[derive(Clone, Debug)]
+pub struct KubeProxyReplacement {
+    /// The node's devices node ports are served on.
+    pub devices: Vec<String>,
+    /// Maglev's table size (a prime of `maglev::TABLE_SIZES`).
+    pub maglev_table_size: u32,
 }
 
 /// The host firewall's settings: the node's devices its programs watch
@@ -163,13 +177,52 @@ impl Error {
 
 pub use api::host_ifname;
 
-/// Puts the host firewall's programs on the node's devices (before any
-/// policy: the first apply writes its flags, and its connections are
-/// tracked from then on), or takes away what an earlier run with it left;
-/// the host endpoint the policy sync then keeps.
-fn host_firewall(
+/// Node ports whose backend is on another node leave masqueraded to this
+/// node's address (the datapath marks them), so the backend answers
+/// through this node, which gives the reply the node port's address back;
+/// netfilter's conntrack keeps the translation. Source ports come from
+/// above Kubernetes' node-port range, so no reply is taken for a new
+/// node-port connection. Idempotent.
+fn masquerade_node_ports() -> Result<(), Error> {
+    let mark = format!("{:#x}", abi::NODEPORT_MASQ_MARK);
+    for proto in ["tcp", "udp"] {
+        let rule = [
+            "POSTROUTING",
+            "-m",
+            "mark",
+            "--mark",
+            &mark,
+            "-p",
+            proto,
+            "-m",
+            "comment",
+            "--comment",
+            "fibril: node ports to other nodes' backends",
+            "-j",
+            "MASQUERADE",
+            "--to-ports",
+            "32768-60999",
+        ];
+        let present = netns::run("iptables", &[&["-t", "nat", "-C"], &rule[..]].concat()).is_ok();
+        if !present {
+            netns::run("iptables", &[&["-t", "nat", "-A"], &rule[..]].concat()).map_err(|e| {
+                invalid(format!(
+                    "kube-proxy replacement: the masquerading rule: {e}"
+                ))
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Puts the host programs on the node's devices for the host firewall
+/// and kube-proxy replacement (before any policy: the first apply writes
+/// the host's flags, and its connections are tracked from then on), or
+/// takes away what an earlier run left; returns the host endpoint the
+/// policy sync then keeps (with the host firewall).
+fn node_devices(
     datapath: &Datapath,
-    config: Option<&HostFirewall>,
+    config: &Config,
 ) -> Result<Option<policy_sync::HostEndpoint>, Error> {
     let links = datapath.pin_dir().join("links");
     let earlier: Vec<String> = std::fs::read_dir(&links)
@@ -178,18 +231,24 @@ fn host_firewall(
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter_map(|n| n.strip_suffix("_from_netdev").map(str::to_string))
         .collect();
-    let Some(config) = config else {
-        for dev in earlier {
-            datapath.detach_host_programs(&dev);
+    let mut devices: Vec<String> = Vec::new();
+    for d in config.host_firewall.iter().flat_map(|h| &h.devices).chain(
+        config
+            .kube_proxy_replacement
+            .iter()
+            .flat_map(|k| &k.devices),
+    ) {
+        if !devices.contains(d) {
+            devices.push(d.clone());
         }
-        return Ok(None);
-    };
-    if config.devices.is_empty() {
+    }
+    let wanted = config.host_firewall.is_some() || config.kube_proxy_replacement.is_some();
+    if wanted && devices.is_empty() {
         return Err(invalid(
-            "the host firewall needs the node's devices (--devices): the interfaces its traffic crosses",
+            "the host firewall and kube-proxy replacement need the node's devices (--devices): the interfaces its traffic crosses",
         ));
     }
-    for dev in &config.devices {
+    for dev in &devices {
         if !net::link_exists(dev) {
             return Err(invalid(format!(
                 "--devices: no interface {dev:?} in this network namespace"
@@ -197,9 +256,15 @@ fn host_firewall(
         }
         datapath.attach_host_programs(dev)?;
     }
-    for dev in earlier.iter().filter(|d| !config.devices.contains(d)) {
+    for dev in earlier.iter().filter(|d| !devices.contains(d)) {
         datapath.detach_host_programs(dev);
     }
+    if config.kube_proxy_replacement.is_some() {
+        masquerade_node_ports()?;
+    }
+    let Some(config) = config.host_firewall.as_ref() else {
+        return Ok(None);
+    };
     Ok(Some(policy_sync::HostEndpoint {
         labels: policy::LabelSet::host_endpoint(&config.node_labels),
         audit: config.audit,
@@ -222,6 +287,17 @@ impl Agent {
         let mut dp_config = datapath::Config::new(&config.bpf_dir);
         dp_config.proxy = config.proxy;
         dp_config.ct_endpoint_budget = config.ct_endpoint_budget;
+        if let Some(k) = &config.kube_proxy_replacement {
+            if !maglev::TABLE_SIZES.contains(&k.maglev_table_size) {
+                return Err(invalid(format!(
+                    "Maglev table size {}: one of {:?} (primes)",
+                    k.maglev_table_size,
+                    maglev::TABLE_SIZES
+                )));
+            }
+            dp_config.kube_proxy_replacement = true;
+            dp_config.maglev_table_size = k.maglev_table_size;
+        }
         let mut mtu = config.mtu;
         if let Some(port) = config.tunnel_port {
             if config.kvstore.is_none() && config.kubernetes.is_none() {
@@ -248,7 +324,7 @@ impl Agent {
         ));
         let mut policy = PolicySync::default();
         policy.load_realized(&datapath)?;
-        policy.set_host_endpoint(host_firewall(&datapath, config.host_firewall.as_ref())?);
+        policy.set_host_endpoint(node_devices(&datapath, &config)?);
 
         let stale: Vec<u32> = state
             .endpoints()
@@ -274,6 +350,13 @@ impl Agent {
             store,
             state,
             policy,
+            config
+                .kube_proxy_replacement
+                .as_ref()
+                .map(|k| lb_sync::NodePorts {
+                    addresses: vec![config.node_address],
+                    maglev_table_size: k.maglev_table_size,
+                }),
         )?);
         let kv_cluster = config
             .kvstore

@@ -113,8 +113,18 @@ struct Args {
     /// forwarded and reported with verdict AUDIT.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     host_firewall_audit: bool,
+    /// Kube-proxy replacement (Cilium's `kube-proxy-replacement`): node
+    /// ports and external addresses served on --devices by the datapath
+    /// (Maglev for traffic from outside), so kube-proxy is not needed.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    kube_proxy_replacement: bool,
+    /// Maglev's table size (Cilium's flag): slots per external frontend,
+    /// one of 251, 509, 1021, 2039, 4093, 8191, 16381, 32749.
+    #[arg(long, default_value_t = fibril_agent::maglev::DEFAULT_TABLE_SIZE)]
+    bpf_lb_maglev_table_size: u32,
     /// The node's devices (Cilium's `devices`), comma-separated: where
-    /// the host firewall watches the node's traffic.
+    /// the host firewall watches the node's traffic and node ports are
+    /// served.
     #[arg(long, value_delimiter = ',')]
     devices: Vec<String>,
     /// This node's labels, `key=value` comma-separated (host policies'
@@ -517,6 +527,12 @@ fn main() -> anyhow::Result<()> {
     };
     let config = Config {
         host_firewall,
+        kube_proxy_replacement: args.kube_proxy_replacement.then(|| {
+            fibril_agent::KubeProxyReplacement {
+                devices: args.devices.clone(),
+                maglev_table_size: args.bpf_lb_maglev_table_size,
+            }
+        }),
         node_name: args.node_name,
         cluster_name: args.cluster_name,
         pod_cidr,

@@ -244,6 +244,7 @@ fn every_change_ends_where_a_full_computation_does() {
         Store::new(&dir).unwrap(),
         state,
         PolicySync::with_cookie_reuse_after(std::time::Duration::ZERO),
+        None,
     )
     .unwrap();
     std::fs::create_dir_all(&dir).unwrap();

@@ -70,6 +70,16 @@ pub struct Service {
     /// backends on itself (none there: the service drops, as kube-proxy's).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub internal_traffic_local: bool,
+    /// Which of `addresses` are reached from outside the cluster (external
+    /// IPs, load balancer IPs): `external_traffic_local` applies to them
+    /// and to node ports, `internal_traffic_local` to the rest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_addresses: Vec<Ipv4Addr>,
+    /// `externalTrafficPolicy: Local`: traffic from outside (node ports,
+    /// external and load balancer IPs) goes only to the receiving node's
+    /// own backends, keeping the client's address.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub external_traffic_local: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +92,11 @@ pub struct ServicePort {
     pub port: u16,
     #[serde(default)]
     pub protocol: Protocol,
+    /// The port this service port has on every node's addresses
+    /// (NodePort and LoadBalancer services), served by Fibril when it
+    /// replaces kube-proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "nodePort")]
+    pub node_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +123,9 @@ pub struct Frontend {
     pub active: Vec<SocketAddrV4>,
     /// Backends going away (connections they have stay).
     pub terminating: Vec<SocketAddrV4>,
+    /// Reached from outside the cluster (a node port, an external or
+    /// load balancer IP): balanced by Maglev where it arrives.
+    pub external: bool,
 }
 
 impl Service {
@@ -170,42 +188,69 @@ impl Service {
     }
 
     /// The frontends as node `node` balances them: with
-    /// `internal_traffic_local`, over its own backends only (a backend
-    /// whose node is unknown counts as everyone's, as a one-node lab's).
+    /// `internal_traffic_local`, the cluster IPs over its own backends
+    /// only, with `external_traffic_local` the external ones likewise (a
+    /// backend whose node is unknown counts as everyone's, as a one-node
+    /// lab's); node ports on `node_addresses` (none: kube-proxy serves
+    /// them).
     pub fn frontends_on(&self, node: Option<&str>) -> Vec<Frontend> {
-        let local = |b: &Backend| match (node, &b.node) {
-            (Some(here), Some(there)) if self.internal_traffic_local => here == there,
+        self.frontends_with_node_ports(node, &[])
+    }
+
+    /// `frontends_on`, with each node port on each of `node_addresses`.
+    pub fn frontends_with_node_ports(
+        &self,
+        node: Option<&str>,
+        node_addresses: &[Ipv4Addr],
+    ) -> Vec<Frontend> {
+        let local = |b: &Backend, only_local: bool| match (node, &b.node) {
+            (Some(here), Some(there)) if only_local => here == there,
             _ => true,
         };
         let mut out = Vec::new();
         for port in &self.ports {
-            let mut active = BTreeSet::new();
-            let mut terminating = BTreeSet::new();
-            for b in self.backends.iter().filter(|b| local(b)) {
-                let Some(bp) = b
-                    .ports
-                    .iter()
-                    .find(|bp| bp.name == port.name && bp.protocol == port.protocol)
-                else {
-                    continue;
-                };
-                let at = SocketAddrV4::new(b.address, bp.port);
-                if b.terminating {
-                    terminating.insert(at);
+            for external in [false, true] {
+                let only_local = if external {
+                    self.external_traffic_local
                 } else {
-                    active.insert(at);
+                    self.internal_traffic_local
+                };
+                let mut active = BTreeSet::new();
+                let mut terminating = BTreeSet::new();
+                for b in self.backends.iter().filter(|b| local(b, only_local)) {
+                    let Some(bp) = b
+                        .ports
+                        .iter()
+                        .find(|bp| bp.name == port.name && bp.protocol == port.protocol)
+                    else {
+                        continue;
+                    };
+                    let at = SocketAddrV4::new(b.address, bp.port);
+                    if b.terminating {
+                        terminating.insert(at);
+                    } else {
+                        active.insert(at);
+                    }
                 }
-            }
-            // A backend both serving and going away (two slices) serves.
-            let terminating: Vec<SocketAddrV4> = terminating.difference(&active).copied().collect();
-            for address in &self.addresses {
-                out.push(Frontend {
-                    address: *address,
-                    port: port.port,
+                // A backend both serving and going away (two slices) serves.
+                let terminating: Vec<SocketAddrV4> =
+                    terminating.difference(&active).copied().collect();
+                let frontend = |address: Ipv4Addr, port_number: u16| Frontend {
+                    address,
+                    port: port_number,
                     protocol: port.protocol,
                     active: active.iter().copied().collect(),
                     terminating: terminating.clone(),
-                });
+                    external,
+                };
+                for address in &self.addresses {
+                    if self.external_addresses.contains(address) == external {
+                        out.push(frontend(*address, port.port));
+                    }
+                }
+                if let (true, Some(np)) = (external, port.node_port) {
+                    out.extend(node_addresses.iter().map(|a| frontend(*a, np)));
+                }
             }
         }
         out
@@ -221,6 +266,7 @@ mod tests {
             name: name.into(),
             port,
             protocol: Protocol::Tcp,
+            node_port: None,
         }
     }
 
@@ -247,6 +293,8 @@ mod tests {
             ],
             affinity_timeout_s: None,
             internal_traffic_local: false,
+            external_addresses: vec![],
+            external_traffic_local: false,
         };
         s.validate().unwrap();
         let f = s.frontends();
@@ -256,6 +304,47 @@ mod tests {
         assert_eq!(f[0].terminating, vec!["10.0.0.3:8080".parse().unwrap()]);
         assert_eq!(f[1].active, vec!["10.0.0.2:9100".parse().unwrap()]);
         assert!(f[1].terminating.is_empty());
+    }
+
+    #[test]
+    fn node_ports_and_external_addresses_follow_the_external_policy() {
+        let backend = |last: u8, node: &str| Backend {
+            address: Ipv4Addr::new(10, 0, 0, last),
+            ports: vec![port("", 8080)],
+            terminating: false,
+            node: Some(node.into()),
+        };
+        let s = Service {
+            namespace: "default".into(),
+            name: "web".into(),
+            addresses: vec![Ipv4Addr::new(10, 96, 0, 10), Ipv4Addr::new(192, 0, 2, 7)],
+            external_addresses: vec![Ipv4Addr::new(192, 0, 2, 7)],
+            ports: vec![ServicePort {
+                node_port: Some(30080),
+                ..port("", 80)
+            }],
+            backends: vec![backend(2, "a"), backend(3, "b")],
+            external_traffic_local: true,
+            ..Default::default()
+        };
+        let node = Ipv4Addr::new(10, 201, 0, 11);
+        let f = s.frontends_with_node_ports(Some("a"), &[node]);
+        let at = |addr: Ipv4Addr, port: u16| {
+            f.iter()
+                .find(|f| f.address == addr && f.port == port)
+                .unwrap_or_else(|| panic!("no frontend {addr}:{port}: {f:?}"))
+        };
+        // The cluster IP: every backend, internal.
+        let cluster = at(Ipv4Addr::new(10, 96, 0, 10), 80);
+        assert!(!cluster.external && cluster.active.len() == 2);
+        // The external IP and the node port: this node's backend only.
+        for f in [at(Ipv4Addr::new(192, 0, 2, 7), 80), at(node, 30080)] {
+            assert!(f.external);
+            assert_eq!(f.active, vec!["10.0.0.2:8080".parse().unwrap()]);
+        }
+        assert_eq!(f.len(), 3);
+        // Without node addresses (kube-proxy serves node ports): none.
+        assert_eq!(s.frontends_on(Some("a")).len(), 2);
     }
 
     #[test]

@@ -103,6 +103,15 @@ pub struct LabFile {
     /// node name (the agents' `--node-labels`).
     #[serde(rename = "nodeLabels", default)]
     pub node_labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// Kube-proxy replacement (Cilium's `kubeProxyReplacement=true`): the
+    /// agents serve node ports and external addresses on each node's
+    /// underlay device, Maglev choosing backends for traffic from
+    /// outside; no kube-proxy (multi-node labs, agents: lab).
+    #[serde(rename = "kubeProxyReplacement", default)]
+    pub kube_proxy_replacement: bool,
+    /// Maglev's table size (the agents' `--bpf-lb-maglev-table-size`).
+    #[serde(rename = "maglevTableSize", default)]
+    pub maglev_table_size: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -701,6 +710,25 @@ fn validate_nodes(name: &str, file: &LabFile) -> anyhow::Result<()> {
         }
         if !file.host_firewall.enabled {
             bail!("{name}: hostFirewall.audit needs hostFirewall.enabled: true");
+        }
+    }
+    if file.kube_proxy_replacement {
+        if file.agents == "helm" {
+            bail!("{name}: kubeProxyReplacement: the lab's own agents carry it (agents: lab; a Helm install takes the chart's kubeProxyReplacement)");
+        }
+        if file.nodes.is_empty() {
+            bail!("{name}: kubeProxyReplacement: only in a lab with `nodes:` (node ports are served on each node's underlay device)");
+        }
+        if file.kube_proxy.is_some() {
+            bail!("{name}: kubeProxyReplacement: true replaces kube-proxy; drop kubeProxy");
+        }
+    }
+    if let Some(m) = file.maglev_table_size {
+        if !file.kube_proxy_replacement {
+            bail!("{name}: maglevTableSize needs kubeProxyReplacement: true (Maglev balances traffic from outside)");
+        }
+        if ![251, 509, 1021, 2039, 4093, 8191, 16381, 32749].contains(&m) {
+            bail!("{name}: maglevTableSize: {m}: one of 251, 509, 1021, 2039, 4093, 8191, 16381, 32749 (primes)");
         }
     }
     for (node, labels) in &file.node_labels {
@@ -1372,9 +1400,16 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                         "true".to_string(),
                         "--host-firewall-audit".to_string(),
                         parsed.file.host_firewall.audit.to_string(),
-                        "--devices".to_string(),
-                        NODE_UNDERLAY_IFNAME.to_string(),
                     ]);
+                }
+                if parsed.file.kube_proxy_replacement {
+                    args.extend(["--kube-proxy-replacement".to_string(), "true".to_string()]);
+                    if let Some(m) = parsed.file.maglev_table_size {
+                        args.extend(["--bpf-lb-maglev-table-size".to_string(), m.to_string()]);
+                    }
+                }
+                if parsed.file.host_firewall.enabled || parsed.file.kube_proxy_replacement {
+                    args.extend(["--devices".to_string(), NODE_UNDERLAY_IFNAME.to_string()]);
                 }
                 if let Some(cg) = node_cgroup_dir(lab, &n.name)
                     .filter(|cg| lab_cgroup.is_some() && make_cgroup(cg))

@@ -42,6 +42,13 @@ pub struct ServiceSpec {
     /// backends only.
     #[serde(rename = "internalTrafficPolicy", default)]
     pub internal_traffic_policy: Option<String>,
+    /// `ClusterIP` (the default) or `NodePort`: each port then answers on
+    /// every node's address at its `nodePort` too (served by kube-proxy,
+    /// or by Fibril with `kubeProxyReplacement: true`).
+    #[serde(rename = "type", default)]
+    pub type_: Option<String>,
+    #[serde(rename = "externalTrafficPolicy", default)]
+    pub external_traffic_policy: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,6 +62,9 @@ pub struct PortSpec {
     pub target_port: Option<TargetPort>,
     #[serde(default = "default_protocol")]
     pub protocol: String,
+    /// NodePort services: the port on every node (Kubernetes' range).
+    #[serde(rename = "nodePort", default)]
+    pub node_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -123,6 +133,35 @@ pub fn validate(name: &str, services: &[ServiceSpec]) -> anyhow::Result<()> {
         if s.session_affinity_timeout == Some(0) {
             bail!("{at}.sessionAffinityTimeoutSeconds: must be at least 1");
         }
+        let node_port_type = match s.type_.as_deref() {
+            None | Some("ClusterIP") => false,
+            Some("NodePort") => true,
+            Some(other) => bail!("{at}.type: expected ClusterIP or NodePort, found {other:?}"),
+        };
+        for (j, p) in s.ports.iter().enumerate() {
+            match p.node_port {
+                Some(_) if !node_port_type => {
+                    bail!("{at}.ports[{j}].nodePort: only with type: NodePort")
+                }
+                Some(n) if !(30000..=32767).contains(&n) => bail!(
+                    "{at}.ports[{j}].nodePort: {n} is outside Kubernetes' NodePort range 30000-32767"
+                ),
+                None if node_port_type => {
+                    bail!("{at}.ports[{j}].nodePort: a NodePort service's ports need one (30000-32767)")
+                }
+                _ => {}
+            }
+        }
+        match s.external_traffic_policy.as_deref() {
+            None | Some("Cluster") => {}
+            Some("Local") if node_port_type || !s.external_ips.is_empty() => {}
+            Some("Local") => bail!(
+                "{at}.externalTrafficPolicy: Local needs type: NodePort or externalIPs (traffic from outside)"
+            ),
+            Some(other) => {
+                bail!("{at}.externalTrafficPolicy: expected Cluster or Local, found {other:?}")
+            }
+        }
         match s.internal_traffic_policy.as_deref() {
             None | Some("Cluster") | Some("Local") => {}
             Some(other) => {
@@ -174,6 +213,7 @@ pub fn to_api(
             name: p.name.clone(),
             port: p.port,
             protocol: api::service::Protocol::parse(&p.protocol).unwrap_or_default(),
+            node_port: p.node_port,
         })
         .collect();
     let selected = pods.iter().filter(|(p, _)| {
@@ -221,6 +261,8 @@ pub fn to_api(
         backends,
         affinity_timeout_s: affinity,
         internal_traffic_local: s.internal_traffic_policy.as_deref() == Some("Local"),
+        external_addresses: s.external_ips.clone(),
+        external_traffic_local: s.external_traffic_policy.as_deref() == Some("Local"),
     })
 }
 
@@ -238,6 +280,9 @@ pub fn to_manifest(s: &ServiceSpec, cluster_ip: Ipv4Addr) -> serde_json::Value {
             if !p.name.is_empty() {
                 v["name"] = p.name.clone().into();
             }
+            if let Some(n) = p.node_port {
+                v["nodePort"] = n.into();
+            }
             match &p.target_port {
                 Some(TargetPort::Number(n)) => v["targetPort"] = (*n).into(),
                 Some(TargetPort::Name(n)) => v["targetPort"] = n.clone().into(),
@@ -253,6 +298,12 @@ pub fn to_manifest(s: &ServiceSpec, cluster_ip: Ipv4Addr) -> serde_json::Value {
     });
     if let Some(p) = &s.internal_traffic_policy {
         spec["internalTrafficPolicy"] = p.clone().into();
+    }
+    if let Some(t) = &s.type_ {
+        spec["type"] = t.clone().into();
+    }
+    if let Some(p) = &s.external_traffic_policy {
+        spec["externalTrafficPolicy"] = p.clone().into();
     }
     if !s.external_ips.is_empty() {
         spec["externalIPs"] = s.external_ips.iter().map(|i| i.to_string()).collect();

@@ -156,6 +156,23 @@ fn the_chart_lints_renders_the_seed_values_and_refuses_bad_ones() {
     assert_eq!(cm_fw["data"]["enable-host-firewall"], "true");
     assert_eq!(cm_fw["data"]["host-firewall-audit"], "true");
     assert_eq!(cm_fw["data"]["devices"], "eth0,eth1");
+    // Kube-proxy replacement on the given devices, with Maglev's size.
+    let mut values = SEED_VALUES.to_vec();
+    values.retain(|v| !v.starts_with("kubeProxyReplacement"));
+    values.extend([
+        "kubeProxyReplacement=true",
+        "devices={eth0}",
+        "maglev.tableSize=1021",
+    ]);
+    let (ok, yaml, err) = template(&values);
+    assert!(ok, "{err}");
+    let docs_kpr = documents(&yaml);
+    let cm_kpr = find(&docs_kpr, "ConfigMap", "fibril-config");
+    assert_eq!(cm_kpr["data"]["kube-proxy-replacement"], "true");
+    assert_eq!(cm_kpr["data"]["bpf-lb-maglev-table-size"], "1021");
+    assert_eq!(cm_kpr["data"]["devices"], "eth0");
+    let (ok, _, err) = template(&["maglev.tableSize=1000"]);
+    assert!(!ok && err.contains("tableSize"), "{err}");
     // The relay finds the peer service by the kubelet's service variables
     // first (no cluster DNS needed), then by name.
     let relay = find(&docs, "Deployment", "hubble-relay");
@@ -195,7 +212,7 @@ fn the_chart_lints_renders_the_seed_values_and_refuses_bad_ones() {
     assert!(!ok && err.contains("exclusive"), "{err}");
     // Features Fibril lacks: refused with the reason.
     for (value, says) in [
-        ("kubeProxyReplacement=true", "does not replace kube-proxy"),
+        ("kubeProxyReplacement=true", "needs devices"),
         ("ipam.mode=cluster-pool", "spec.podCIDRs"),
         ("encryption.enabled=true", "encryption"),
         ("cni.chainingMode=aws-cni", "chains only with portmap"),

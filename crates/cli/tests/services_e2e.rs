@@ -68,6 +68,7 @@ fn set_web_backends(lab: &Lab, active: &[&str], terminating: &[&str]) {
             name: "http".into(),
             port: 8080,
             protocol: api::service::Protocol::Tcp,
+            node_port: None,
         }],
         terminating,
         node: None,
@@ -80,6 +81,7 @@ fn set_web_backends(lab: &Lab, active: &[&str], terminating: &[&str]) {
             name: "http".into(),
             port: 80,
             protocol: api::service::Protocol::Tcp,
+            node_port: None,
         }],
         backends: active
             .iter()
@@ -88,6 +90,8 @@ fn set_web_backends(lab: &Lab, active: &[&str], terminating: &[&str]) {
             .collect(),
         affinity_timeout_s: None,
         internal_traffic_local: false,
+        external_addresses: vec![],
+        external_traffic_local: false,
     };
     let r = api::call(&agent_socket(lab), &api::Request::ServiceUpsert(svc)).unwrap();
     assert!(matches!(r, api::Response::Ok), "{r:?}");
@@ -245,10 +249,13 @@ fn a_long_connection_keeps_its_backend_while_the_backends_change() {
             name: "".into(),
             port: 80,
             protocol: api::service::Protocol::Tcp,
+            node_port: None,
         }],
         backends: vec![],
         affinity_timeout_s: None,
         internal_traffic_local: false,
+        external_addresses: vec![],
+        external_traffic_local: false,
     };
     let r = api::call(
         &agent_socket(&lab),

@@ -103,6 +103,13 @@ impl Datapath {
             knobs::CT_ENDPOINT_BUDGET,
             &self.config.ct_endpoint_budget,
         );
+        knobs::set(
+            &mut l,
+            knobs::LB_MAGLEV_TABLE_SIZE,
+            &self.config.maglev_table_size,
+        );
+        let kpr = u32::from(self.config.kube_proxy_replacement);
+        knobs::set(&mut l, knobs::KUBE_PROXY_REPLACEMENT, &kpr);
         let mut bpf = l.load(HOST_OBJECT)?;
         for (name, _) in PROGRAMS {
             classifier(&mut bpf, name)?.load().map_err(prog_err(name))?;

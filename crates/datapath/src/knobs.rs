@@ -48,8 +48,13 @@ pub const HOST_NETNS_COOKIE: Knob<u64> = Knob::new("host_netns_cookie");
 /// Socket load balancing for the agent's namespace only (1) or every one.
 pub const SOCKET_LB_HOST_ONLY: Knob<u32> = Knob::new("socket_lb_host_only");
 
+/// Maglev table size (a prime): slots of each external frontend's table.
+pub const LB_MAGLEV_TABLE_SIZE: Knob<u32> = Knob::new("lb_maglev_table_size");
+/// Kube-proxy replacement: node ports served on the node's devices (1).
+pub const KUBE_PROXY_REPLACEMENT: Knob<u32> = Knob::new("kube_proxy_replacement");
+
 /// Every setting the loader sets: (name, size in bytes).
-pub const SET: [(&str, usize); 11] = [
+pub const SET: [(&str, usize); 13] = [
     (ENDPOINT_ID.name, 4),
     (ENDPOINT_IPV4.name, 4),
     (EVENTS_WAKEUP_BYTES.name, 8),
@@ -61,6 +66,8 @@ pub const SET: [(&str, usize); 11] = [
     (TUNNEL_IFINDEX.name, 4),
     (HOST_NETNS_COOKIE.name, 8),
     (SOCKET_LB_HOST_ONLY.name, 4),
+    (LB_MAGLEV_TABLE_SIZE.name, 4),
+    (KUBE_PROXY_REPLACEMENT.name, 4),
 ];
 
 /// Settings the programs keep at their C default (conntrack timeouts, as

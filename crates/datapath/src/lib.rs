@@ -46,6 +46,7 @@ const MAP_LB_SERVICES: &str = "fibril_lb_services";
 const MAP_LB_BACKENDS: &str = "fibril_lb_backends";
 const MAP_LB_REVERSE_NAT: &str = "fibril_lb_reverse_nat";
 const MAP_LB_AFFINITY: &str = "fibril_lb_affinity";
+const MAP_LB_MAGLEV: &str = "fibril_lb_maglev";
 const MAP_EVENTS_LOST: &str = "fibril_events_lost";
 const PROG_FROM_CONTAINER: &str = "from_container";
 const PROG_TO_CONTAINER: &str = "to_container";
@@ -95,12 +96,23 @@ pub struct Config {
     /// The node's VXLAN device (external mode): traffic to endpoints on
     /// other nodes is tunnelled through it. 0: one node, no overlay.
     pub tunnel_ifindex: u32,
+    /// Slots of each external frontend's Maglev table (a prime).
+    pub maglev_table_size: u32,
+    /// Kube-proxy replacement: the host programs serve node ports.
+    pub kube_proxy_replacement: bool,
 }
 
 /// The default per-endpoint conntrack budget: a quarter of the table
 /// (262,144 entries), so that it takes four flooding pods, not one, to
 /// fill it.
 pub const DEFAULT_CT_ENDPOINT_BUDGET: u32 = 65_536;
+
+/// The kernel's flag for an inner map whose size may differ from the
+/// outer map's template (`BPF_F_INNER_MAP`).
+const BPF_F_INNER_MAP: u32 = 1 << 12;
+
+/// Cilium's default Maglev table size.
+pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16381;
 
 /// How packets reach the L7 proxy: its listener's port on 127.0.0.1, the
 /// mark (and policy-routing table) that delivers a packet to the local
@@ -137,6 +149,8 @@ impl Config {
             proxy: None,
             ct_endpoint_budget: DEFAULT_CT_ENDPOINT_BUDGET,
             tunnel_ifindex: 0,
+            maglev_table_size: DEFAULT_MAGLEV_TABLE_SIZE,
+            kube_proxy_replacement: false,
         }
     }
 }
@@ -155,6 +169,7 @@ struct Maps {
     prefilter: LpmTrie<MapData, u32, abi::PrefilterValue>,
     prefilter_stats: PerCpuArray<MapData, abi::PrefilterStats>,
     host: aya::maps::Array<MapData, abi::HostEndpoint>,
+    lb_maglev: aya::maps::HashOfMaps<MapData, u32, aya::maps::Array<MapData, u32>>,
 }
 
 /// One write to the services' maps (`Datapath::lb_apply`).
@@ -229,6 +244,8 @@ impl Datapath {
                 .map_err(map_err(prefilter::MAP_PREFILTER_STATS))?,
             host: aya::maps::Array::try_from(take(host_firewall::MAP_HOST)?)
                 .map_err(map_err(host_firewall::MAP_HOST))?,
+            lb_maglev: aya::maps::HashOfMaps::try_from(take(MAP_LB_MAGLEV)?)
+                .map_err(map_err(MAP_LB_MAGLEV))?,
         };
         let events = RingBuf::try_from(take(MAP_EVENTS)?).map_err(map_err(MAP_EVENTS))?;
         Ok(Self {
@@ -527,6 +544,42 @@ impl Datapath {
     }
 
     /// Number of live connection-tracking entries.
+    /// Sets an external frontend's Maglev table (by its reverse-NAT
+    /// index): `table` backend ids, `maglev_table_size` of them; empty
+    /// removes it. A new table replaces the old at once (the outer map
+    /// entry is swapped), so no lookup sees half of one.
+    pub fn lb_maglev_set(&self, rev_nat: u16, table: &[u32]) -> Result<(), Error> {
+        let mut maps = self.maps();
+        let key = u32::from(rev_nat);
+        if table.is_empty() {
+            return match maps.lb_maglev.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(map_err(MAP_LB_MAGLEV)(e)),
+            };
+        }
+        let mut inner: aya::maps::Array<MapData, u32> =
+            aya::maps::Array::create(table.len() as u32, BPF_F_INNER_MAP)
+                .map_err(map_err(MAP_LB_MAGLEV))?;
+        for (slot, id) in table.iter().enumerate() {
+            inner
+                .set(slot as u32, id, 0)
+                .map_err(map_err(MAP_LB_MAGLEV))?;
+        }
+        maps.lb_maglev
+            .insert(key, &inner, 0)
+            .map_err(map_err(MAP_LB_MAGLEV))
+    }
+
+    /// The reverse-NAT indexes that have a Maglev table.
+    pub fn lb_maglev_keys(&self) -> Vec<u16> {
+        self.maps()
+            .lb_maglev
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter_map(|k| u16::try_from(k).ok())
+            .collect()
+    }
+
     pub fn ct_entries(&self) -> usize {
         self.maps().ct.keys().filter(|k| k.is_ok()).count()
     }
@@ -787,6 +840,11 @@ fn loader(config: &Config) -> EbpfLoader<'_> {
         &config.ct_endpoint_budget,
     );
     knobs::set(&mut l, knobs::TUNNEL_IFINDEX, &config.tunnel_ifindex);
+    knobs::set(
+        &mut l,
+        knobs::LB_MAGLEV_TABLE_SIZE,
+        &config.maglev_table_size,
+    );
     if let Some(p) = &config.proxy {
         knobs::set(&mut l, knobs::PROXY_PORT, &p.port);
         knobs::set(&mut l, knobs::DNS_PROXY_PORT, &p.dns_port);

@@ -119,7 +119,8 @@ fn ports() -> Value {
         "maxItems": 40,
         "items": {
             "type": "object",
-            "required": ["port"],
+            // No port: every port (Cilium's extended protocols, VRRP and
+            // IGMP, have none).
             "properties": {
                 "port": {"type": "string", "pattern": PORT_PATTERN},
                 "endPort": {"type": "integer", "format": "int32", "minimum": 0, "maximum": 65535},

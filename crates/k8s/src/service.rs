@@ -53,6 +53,7 @@ fn service_port(
         name: name.cloned().unwrap_or_default(),
         port: u16::try_from(port?).ok().filter(|p| *p != 0)?,
         protocol: api::service::Protocol::parse(protocol.unwrap_or("TCP"))?,
+        node_port: None,
     })
 }
 
@@ -72,21 +73,29 @@ pub fn to_api<'a>(
         Some(ips) => addresses.extend(ipv4s(ips)),
         None => addresses.extend(ipv4s(spec.cluster_ip.iter())),
     }
-    addresses.extend(ipv4s(spec.external_ips.iter().flatten()));
+    let mut external: Vec<Ipv4Addr> = ipv4s(spec.external_ips.iter().flatten()).collect();
     if let Some(ingress) = svc
         .status
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref())
     {
-        addresses.extend(ipv4s(ingress.iter().filter_map(|i| i.ip.as_ref())));
+        external.extend(ipv4s(ingress.iter().filter_map(|i| i.ip.as_ref())));
     }
+    addresses.extend(&external);
     addresses.dedup();
     let ports: Vec<api::service::ServicePort> = spec
         .ports
         .iter()
         .flatten()
-        .filter_map(|p| service_port(p.name.as_ref(), Some(p.port), p.protocol.as_deref()))
+        .filter_map(|p| {
+            let mut sp = service_port(p.name.as_ref(), Some(p.port), p.protocol.as_deref())?;
+            sp.node_port = p
+                .node_port
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|n| *n != 0);
+            Some(sp)
+        })
         .collect();
     if addresses.is_empty() || ports.is_empty() {
         return None;
@@ -147,6 +156,8 @@ pub fn to_api<'a>(
         backends,
         affinity_timeout_s: affinity,
         internal_traffic_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        external_addresses: external,
+        external_traffic_local: spec.external_traffic_policy.as_deref() == Some("Local"),
     })
 }
 
@@ -165,7 +176,8 @@ mod tests {
             "spec": {
                 "clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20"],
                 "externalIPs": ["192.0.2.7"],
-                "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+                "type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": 30080},
                           {"name": "sctp", "port": 90, "protocol": "SCTP"}],
                 "sessionAffinity": "ClientIP",
                 "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}
@@ -194,6 +206,12 @@ mod tests {
             ["10.96.0.20", "192.0.2.7", "198.51.100.9"].map(|a| a.parse::<Ipv4Addr>().unwrap())
         );
         assert_eq!(s.ports.len(), 1, "SCTP is not balanced");
+        assert_eq!(s.ports[0].node_port, Some(30080));
+        assert!(s.external_traffic_local);
+        assert_eq!(
+            s.external_addresses,
+            ["192.0.2.7", "198.51.100.9"].map(|a| a.parse::<Ipv4Addr>().unwrap())
+        );
         assert_eq!(s.affinity_timeout_s, Some(60));
         let f = &s.frontends()[0];
         assert_eq!(

@@ -19,8 +19,8 @@ before anything is installed (the schema has checked types and names).
 {{- if ne $v.ipam.mode "kubernetes" -}}
 {{- fail (printf "ipam.mode=%s: Fibril takes pod addresses from each node's spec.podCIDRs only; set ipam.mode=kubernetes" $v.ipam.mode) -}}
 {{- end -}}
-{{- if eq (toString $v.kubeProxyReplacement) "true" -}}
-{{- fail "kubeProxyReplacement=true: Fibril does not replace kube-proxy yet; set kubeProxyReplacement=false and keep kube-proxy" -}}
+{{- if and (eq (toString $v.kubeProxyReplacement) "true") (not $v.devices) -}}
+{{- fail "kubeProxyReplacement=true needs devices: the node's interfaces node ports are served on (e.g. devices={eth0})" -}}
 {{- end -}}
 {{- if $v.cgroup.autoMount.enabled -}}
 {{- fail (printf "cgroup.autoMount.enabled=true: Fibril mounts no cgroup2 itself; set cgroup.autoMount.enabled=false and cgroup.hostRoot to the host's cgroup2 mount (now %s)" $v.cgroup.hostRoot) -}}

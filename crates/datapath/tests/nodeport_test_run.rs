@@ -1,0 +1,198 @@
+//! Tier 3: kube-proxy replacement on the node's device (`bpf/host.bpf.c`
+//! with `lib/lb.h`) through BPF_PROG_TEST_RUN: a packet from outside to a
+//! node port gets the backend its Maglev table gives its connection's
+//! hash (the same tuple, the same backend, on any node), the backend's
+//! reply leaves from the node port again, and internal frontends
+//! (cluster IPs) are not served from outside. Needs root.
+
+mod common;
+
+use std::net::Ipv4Addr;
+
+use abi::{LbBackend, LbReverseNat, LbService, LbServiceKey, LB_SVC_F_EXTERNAL};
+use common::{lab, lab_with, Lab, SERVER, TC_ACT_OK};
+use fibril_datapath::{LbWrite, NetdevHook};
+use test_support::{checksums_valid, ipv4_packet, L4, TCP_ACK, TCP_SYN};
+
+const NODE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+const OUTSIDER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 30);
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const NODE_PORT: u16 = 30080;
+
+fn key(addr: Ipv4Addr, port: u16, slot: u16) -> LbServiceKey {
+    LbServiceKey {
+        address: u32::from(addr).to_be(),
+        dport: port.to_be(),
+        slot,
+        protocol: 6,
+        ..Default::default()
+    }
+}
+
+/// A frontend with backends SERVER (id 1) and REMOTE (id 2).
+fn frontend(lab: &Lab, addr: Ipv4Addr, port: u16, rev_nat: u16, flags: u32) {
+    let mut w = vec![LbWrite::ReverseNat(
+        rev_nat,
+        Some(LbReverseNat {
+            address: u32::from(addr).to_be(),
+            port: port.to_be(),
+            pad: 0,
+        }),
+    )];
+    for (slot, (id, be)) in [(1u32, SERVER), (2, REMOTE)].into_iter().enumerate() {
+        w.push(LbWrite::Backend(
+            id,
+            Some(LbBackend {
+                address: u32::from(be).to_be(),
+                port: 8080u16.to_be(),
+                protocol: 6,
+                flags: 0,
+            }),
+        ));
+        w.push(LbWrite::Service(
+            key(addr, port, slot as u16 + 1),
+            Some(LbService {
+                backend_id: id,
+                ..Default::default()
+            }),
+        ));
+    }
+    w.push(LbWrite::Service(
+        key(addr, port, 0),
+        Some(LbService {
+            count: 2,
+            rev_nat,
+            flags,
+            ..Default::default()
+        }),
+    ));
+    lab.dp.lb_apply(&w).unwrap();
+}
+
+fn tcp(sport: u16, dport: u16, flags: u8) -> L4 {
+    L4::Tcp {
+        sport,
+        dport,
+        flags,
+    }
+}
+
+fn dst_of(frame: &[u8]) -> (Ipv4Addr, u16) {
+    (
+        Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]),
+        u16::from_be_bytes([frame[36], frame[37]]),
+    )
+}
+
+fn src_of(frame: &[u8]) -> (Ipv4Addr, u16) {
+    (
+        Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]),
+        u16::from_be_bytes([frame[34], frame[35]]),
+    )
+}
+
+fn kpr_lab() -> Lab {
+    let lab = lab_with(|c| {
+        c.kube_proxy_replacement = true;
+        c.maglev_table_size = 251;
+    });
+    lab.dp
+        .upsert_ipcache(NODE, 32, abi::identity::HOST, None)
+        .unwrap();
+    lab
+}
+
+#[test]
+fn a_node_port_goes_where_its_maglev_table_says_and_answers_from_itself() {
+    let lab = kpr_lab();
+    frontend(&lab, NODE, NODE_PORT, 7, LB_SVC_F_EXTERNAL);
+    let mut host = lab.dp.load_host_programs().unwrap();
+    let syn = |sport: u16| ipv4_packet(OUTSIDER, NODE, tcp(sport, NODE_PORT, TCP_SYN));
+
+    // Every slot names the remote backend: every connection goes there.
+    lab.dp.lb_maglev_set(7, &[2; 251]).unwrap();
+    assert_eq!(lab.dp.lb_maglev_keys(), vec![7]);
+    for sport in 40000..40010 {
+        let out = host.test_run(NetdevHook::FromNetdev, &syn(sport)).unwrap();
+        assert_eq!(out.action, TC_ACT_OK);
+        assert_eq!(dst_of(&out.packet), (REMOTE, 8080));
+        assert!(checksums_valid(&out.packet));
+    }
+    // A connection keeps its backend when the table changes; new ones
+    // follow the new table.
+    lab.dp.lb_maglev_set(7, &[1; 251]).unwrap();
+    let ack = ipv4_packet(OUTSIDER, NODE, tcp(40000, NODE_PORT, TCP_ACK));
+    let out = host.test_run(NetdevHook::FromNetdev, &ack).unwrap();
+    assert_eq!(dst_of(&out.packet), (REMOTE, 8080));
+    let out = host.test_run(NetdevHook::FromNetdev, &syn(41000)).unwrap();
+    assert_eq!(dst_of(&out.packet), (SERVER, 8080));
+
+    // The backend's reply leaves from the node port.
+    let reply = ipv4_packet(SERVER, OUTSIDER, tcp(8080, 41000, TCP_SYN | TCP_ACK));
+    let out = host.test_run(NetdevHook::ToNetdev, &reply).unwrap();
+    assert_eq!(out.action, TC_ACT_OK);
+    assert_eq!(src_of(&out.packet), (NODE, NODE_PORT));
+    assert!(checksums_valid(&out.packet));
+    // Another packet of no node port's connection leaves as it is.
+    let other = ipv4_packet(SERVER, OUTSIDER, tcp(8080, 42000, TCP_ACK));
+    let out = host.test_run(NetdevHook::ToNetdev, &other).unwrap();
+    assert_eq!(out.packet, other);
+
+    // Half the slots each: a connection's backend is its hash's, the same
+    // every time it is chosen afresh (as on any other node).
+    let half: Vec<u32> = (0..251).map(|i| 1 + (i % 2)).collect();
+    lab.dp.lb_maglev_set(7, &half).unwrap();
+    let mut first = Vec::new();
+    for sport in 43000..43040 {
+        first.push(
+            dst_of(
+                &host
+                    .test_run(NetdevHook::FromNetdev, &syn(sport))
+                    .unwrap()
+                    .packet,
+            )
+            .0,
+        );
+    }
+    assert!(
+        first.contains(&SERVER) && first.contains(&REMOTE),
+        "{first:?}"
+    );
+    lab.dp.ct_flush(|_, _| true);
+    for (i, sport) in (43000..43040).enumerate() {
+        let again = dst_of(
+            &host
+                .test_run(NetdevHook::FromNetdev, &syn(sport))
+                .unwrap()
+                .packet,
+        )
+        .0;
+        assert_eq!(again, first[i], "port {sport}");
+    }
+}
+
+#[test]
+fn only_external_frontends_are_served_from_outside() {
+    let kpr = kpr_lab();
+    frontend(&kpr, CLUSTER_IP, 80, 8, 0);
+    let mut host = kpr.dp.load_host_programs().unwrap();
+    let to_cluster_ip = ipv4_packet(OUTSIDER, CLUSTER_IP, tcp(40000, 80, TCP_SYN));
+    let out = host
+        .test_run(NetdevHook::FromNetdev, &to_cluster_ip)
+        .unwrap();
+    assert_eq!(
+        out.packet, to_cluster_ip,
+        "a cluster IP is not served from outside"
+    );
+
+    // Without kube-proxy replacement node ports are kube-proxy's.
+    let plain = lab();
+    frontend(&plain, NODE, NODE_PORT, 7, LB_SVC_F_EXTERNAL);
+    let mut host = plain.dp.load_host_programs().unwrap();
+    let syn = ipv4_packet(OUTSIDER, NODE, tcp(40000, NODE_PORT, TCP_SYN));
+    assert_eq!(
+        host.test_run(NetdevHook::FromNetdev, &syn).unwrap().packet,
+        syn
+    );
+}
