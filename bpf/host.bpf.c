@@ -172,9 +172,18 @@ int from_netdev(struct __sk_buff *skb)
 	if (!(flags & EP_F_HOST_FIREWALL) && !kube_proxy_replacement)
 		return TC_ACT_OK;
 	int kind = parse_packet(skb, &pkt);
-	/* Node ports first: a translated connection is its backend's. */
-	if (kube_proxy_replacement && kind == PARSE_IPV4 && nodeport_in(skb, &pkt, &verdict))
-		return verdict;
+	/* Node ports first: a translated connection is its backend's (a
+	 * later fragment follows its first's, whose ports it takes). */
+	if (kube_proxy_replacement && kind == PARSE_IPV4) {
+		int frag = frag_track(&pkt);
+		if (frag != FRAG_OK)
+			return host_drop(skb, &pkt,
+					 frag == FRAG_NOT_FOUND ? DROP_FRAG_NOT_FOUND
+								: DROP_INVALID_PACKET,
+					 DIR_INGRESS, identity_of(pkt.saddr), 0);
+		if (nodeport_in(skb, &pkt, &verdict))
+			return verdict;
+	}
 	if (!(flags & EP_F_HOST_FIREWALL))
 		return TC_ACT_OK;
 	if (kind != PARSE_IPV4)

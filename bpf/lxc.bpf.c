@@ -106,6 +106,24 @@ int from_container(struct __sk_buff *skb)
 			    DIR_EGRESS, self->identity, 0, MATCH_NONE, 0);
 	__u32 src_id = self->identity;
 	__u32 flags = self->flags;
+	/* This pod answering itself through a service (hairpin): back into
+	 * itself, from the service's address. A reply needs no policy. */
+	if (pkt.daddr == LB_LOOPBACK_IPV4) {
+		ct_lookup(&pkt, DIR_EGRESS, &ct);
+		if (ct.state != CT_REPLY)
+			return drop(skb, &pkt, DROP_NO_SERVICE, DIR_EGRESS, src_id, src_id,
+				    MATCH_NONE, 0);
+		int hairpin = lb4_hairpin_reply(skb, &pkt);
+		if (is_drop(hairpin))
+			return drop(skb, &pkt, (__u8)-hairpin, DIR_EGRESS, src_id, src_id,
+				    MATCH_NONE, 0);
+		if (ct.report)
+			emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_TO_LXC, DIR_INGRESS,
+				   VERDICT_FORWARDED, ct.state, src_id, src_id, MATCH_NONE,
+				   ct.policy_cookie);
+		return verdict_or_drop(skb, &pkt, deliver_to_peer(skb, self), DIR_EGRESS, src_id,
+				       src_id);
+	}
 	/* A service's address becomes a backend's before anything looks at
 	 * the destination (lib/lb.h). */
 	int translated = lb4_translate(skb, &pkt, endpoint_id, 0);
@@ -130,6 +148,11 @@ int from_container(struct __sk_buff *skb)
 	/* An ICMP error about a tracked connection (fragmentation needed, port
 	 * unreachable...) passes without a policy lookup. */
 	if (ct_related(&pkt, DIR_EGRESS)) {
+		/* Into a client on this node: about the service it asked for
+		 * (a client elsewhere gets that where it enters). */
+		if (peer_here && is_drop(lb4_icmp_rev_nat(skb, &pkt)))
+			return drop(skb, &pkt, DROP_INVALID_PACKET, DIR_EGRESS, src_id, dst_id,
+				    MATCH_NONE, 0);
 		emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_FROM_LXC, DIR_EGRESS,
 			   VERDICT_FORWARDED, CT_RELATED, src_id, dst_id, MATCH_NONE, 0);
 		return peer_here ? verdict_or_drop(skb, &pkt, deliver_to_peer(skb, peer), DIR_EGRESS,
@@ -291,6 +314,9 @@ int to_container(struct __sk_buff *skb)
 			    DIR_INGRESS, 0, self->identity, MATCH_NONE, 0);
 	__u32 src_id = identity_of(pkt.saddr);
 	if (ct_related(&pkt, DIR_INGRESS)) {
+		if (is_drop(lb4_icmp_rev_nat(skb, &pkt)))
+			return drop(skb, &pkt, DROP_INVALID_PACKET, DIR_INGRESS, src_id,
+				    self->identity, MATCH_NONE, 0);
 		emit_event(skb, &pkt, endpoint_id, EVENT_TRACE, TRACE_TO_LXC, DIR_INGRESS,
 			   VERDICT_FORWARDED, CT_RELATED, src_id, self->identity, MATCH_NONE, 0);
 		return TC_ACT_OK;

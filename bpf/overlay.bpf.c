@@ -24,6 +24,7 @@
 #include "lib/proxy.h"
 #include "lib/ingress.h"
 #include "lib/tunnel.h"
+#include "lib/lb.h"
 
 /* A helper's result as tc's verdict: its drop reported at endpoint
  * `ep_id`, anything else as it is. */
@@ -95,6 +96,9 @@ int from_overlay(struct __sk_buff *skb)
 				   frag == FRAG_NOT_FOUND ? DROP_FRAG_NOT_FOUND : DROP_INVALID_PACKET,
 				   DIR_INGRESS, src_id, dst_id, MATCH_NONE, 0);
 	if (ct_related(&pkt, DIR_INGRESS)) {
+		if (is_drop(lb4_icmp_rev_nat(skb, &pkt)))
+			return drop_notify(skb, &pkt, ep_id, DROP_INVALID_PACKET, DIR_INGRESS, src_id,
+					   dst_id, MATCH_NONE, 0);
 		emit_event(skb, &pkt, ep_id, EVENT_TRACE, TRACE_TO_LXC, DIR_INGRESS,
 			   VERDICT_FORWARDED, CT_RELATED, src_id, dst_id, MATCH_NONE, 0);
 		return deliver(skb, &pkt, ep, src_id);

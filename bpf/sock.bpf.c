@@ -11,6 +11,9 @@
  *   sock4_recvmsg:     cgroup/recvmsg4: a reply's source shown as the
  *                      service address again
  *   sock4_getpeername: cgroup/getpeername4: the peer shown as the service
+ * Each translation is reported as Hubble's trace-sock events, the address
+ * before and after (pre/post, forward at connect and sendmsg, reverse at
+ * recvmsg and getpeername), with the socket's cookie and cgroup.
  * With `host_only` (socketLB.hostNamespaceOnly) sockets of other network
  * namespaces (pods) are left alone: their packets meet the per-packet
  * translation at their veth (lib/lb.h), which is what keeps a chained
@@ -23,6 +26,8 @@
 
 #include "fibril_abi.h"
 #include "lib/maps.h"
+#include "lib/events.h"
+#include "lib/identity.h"
 
 /* The agent's network namespace (its cookie), and whether only its
  * sockets are translated. Set at load time. */
@@ -35,6 +40,41 @@ const volatile __u32 socket_lb_host_only = 0;
 static __always_inline int skipped(struct bpf_sock_addr *ctx)
 {
 	return socket_lb_host_only && bpf_get_netns_cookie(ctx) != host_netns_cookie;
+}
+
+/* One trace-sock event: the socket call's peer `addr`:`port_be` at
+ * `point`; `svc` when that address is the service's (the forward call
+ * before, the reverse one after translating). The socket's own address is
+ * not known yet; the agent's namespace is the host. */
+static __always_inline void sock_event(struct bpf_sock_addr *ctx, __u8 point, __u32 addr,
+				       __u16 port_be, int svc, __u8 proto)
+{
+	struct flow_event *e = bpf_ringbuf_reserve(&fibril_events, sizeof(*e), 0);
+	if (!e) {
+		count_lost_event();
+		return;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ts_ns = bpf_ktime_get_ns();
+	e->type = EVENT_TRACE_SOCK;
+	e->subtype = point;
+	e->verdict = (point == SOCK_XLATE_PRE_FWD || point == SOCK_XLATE_PRE_REV)
+		? VERDICT_TRACED : VERDICT_TRANSLATED;
+	e->protocol = proto;
+	e->ip_version = 4;
+	e->src_identity = bpf_get_netns_cookie(ctx) == host_netns_cookie ? ID_HOST : 0;
+	e->dst_identity = identity_of(addr);
+	e->daddr = addr;
+	e->dport = bpf_ntohs(port_be);
+	if (svc) {
+		e->svc_addr = addr;
+		e->svc_port = bpf_ntohs(port_be);
+		e->svc_side = (point == SOCK_XLATE_PRE_FWD) ? SVC_SIDE_DESTINATION : SVC_SIDE_SOURCE;
+	}
+	e->sock_cookie = bpf_get_socket_cookie(ctx);
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	__u64 pending = bpf_ringbuf_query(&fibril_events, BPF_RB_AVAIL_DATA);
+	bpf_ringbuf_submit(e, pending >= events_wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 }
 
 /* The backend for a socket's connect or datagram to `ctx`'s address, or
@@ -81,8 +121,10 @@ static __always_inline int sock4_translate(struct bpf_sock_addr *ctx, __u8 proto
 		.port = (__u16)ctx->user_port,
 	};
 	bpf_map_update_elem(&fibril_lb_sock_revnat, &key, &rn, BPF_ANY);
+	sock_event(ctx, SOCK_XLATE_PRE_FWD, rn.address, rn.port, 1, proto);
 	ctx->user_ip4 = be->address;
 	ctx->user_port = be->port;
+	sock_event(ctx, SOCK_XLATE_POST_FWD, be->address, be->port, 0, proto);
 	return SYS_PROCEED;
 }
 
@@ -98,8 +140,11 @@ static __always_inline int sock4_reverse(struct bpf_sock_addr *ctx)
 	};
 	struct lb_reverse_nat *rn = bpf_map_lookup_elem(&fibril_lb_sock_revnat, &key);
 	if (rn) {
+		__u8 proto = ctx->protocol == IPPROTO_TCP ? IPPROTO_TCP : IPPROTO_UDP;
+		sock_event(ctx, SOCK_XLATE_PRE_REV, key.address, key.port, 0, proto);
 		ctx->user_ip4 = rn->address;
 		ctx->user_port = rn->port;
+		sock_event(ctx, SOCK_XLATE_POST_REV, rn->address, rn->port, 1, proto);
 	}
 	return SYS_PROCEED;
 }

@@ -32,6 +32,16 @@ enum fibril_event_type {
 	EVENT_DROP = 1,
 	EVENT_TRACE = 4,
 	EVENT_POLICY_VERDICT = 5,
+	EVENT_TRACE_SOCK = 7,   /* socket LB's translation (sock.bpf.c) */
+};
+
+/* Where socket LB saw a socket call (flow_event.subtype of EVENT_TRACE_SOCK;
+ * flow.SocketTranslationPoint numbering). */
+enum fibril_sock_xlate_point {
+	SOCK_XLATE_PRE_FWD = 1,  /* connect/sendmsg to a service, before */
+	SOCK_XLATE_POST_FWD = 2, /* ... to its backend, after */
+	SOCK_XLATE_PRE_REV = 3,  /* recvmsg/getpeername from the backend, before */
+	SOCK_XLATE_POST_REV = 4, /* ... shown as the service, after */
 };
 
 /* Drop reasons: the values of Cilium's bpf/lib/common.h and flow.DropReason. */
@@ -71,6 +81,8 @@ enum fibril_verdict {
 	VERDICT_FORWARDED = 1,
 	VERDICT_DROPPED = 2,
 	VERDICT_AUDIT = 4,
+	VERDICT_TRACED = 6,     /* socket LB, before translating */
+	VERDICT_TRANSLATED = 7, /* socket LB, after */
 };
 
 /* Connection-tracking state of a packet, flow.TraceReason numbering. */
@@ -323,8 +335,11 @@ struct flow_event {
 	__u16 svc_port;         /* host byte order */
 	__u8 svc_side;
 	__u8 pad1;
+	/* EVENT_TRACE_SOCK: the socket and its cgroup (0 otherwise). */
+	__u64 sock_cookie;
+	__u64 cgroup_id;
 };
-_Static_assert(sizeof(struct flow_event) == 72, "flow_event size");
+_Static_assert(sizeof(struct flow_event) == 88, "flow_event size");
 
 /*
  * Load balancing (services), Cilium's layout: a service address, port and

@@ -75,6 +75,8 @@ FIBRIL_GLOBAL int emit_event_meta(struct __sk_buff *skb, const struct packet *pk
 	e->svc_port = pkt->svc_port;
 	e->svc_side = pkt->svc_side;
 	e->pad1 = 0;
+	e->sock_cookie = 0;
+	e->cgroup_id = 0;
 
 	__u64 pending = bpf_ringbuf_query(&fibril_events, BPF_RB_AVAIL_DATA);
 	bpf_ringbuf_submit(e, pending >= events_wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);

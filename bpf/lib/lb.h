@@ -25,6 +25,11 @@
 /* Slots of every Maglev table (a prime; the agent's setting). */
 const volatile __u32 lb_maglev_table_size = 16381;
 
+/* Cilium's service loopback address, 169.254.42.1 (network order): a pod
+ * that reaches itself through a service sees the connection come from
+ * here (its own address as the source would be a martian to its stack). */
+#define LB_LOOPBACK_IPV4 bpf_htonl(0xa9fe2a01)
+
 #define IP_CSUM_OFF (ETH_HLEN + 10)
 #define IP_SADDR_OFF (ETH_HLEN + 12)
 #define IP_DADDR_OFF (ETH_HLEN + 16)
@@ -137,8 +142,7 @@ FIBRIL_GLOBAL int lb4_translate(struct __sk_buff *skb, struct packet *pkt, __u32
 {
 	if (!skb || !pkt)
 		return 0;
-	if (pkt->frag == FRAG_LATER ||
-	    (pkt->protocol != IPPROTO_TCP && pkt->protocol != IPPROTO_UDP))
+	if (pkt->protocol != IPPROTO_TCP && pkt->protocol != IPPROTO_UDP)
 		return 0;
 
 	struct lb_service_key key = {
@@ -163,6 +167,26 @@ FIBRIL_GLOBAL int lb4_translate(struct __sk_buff *skb, struct packet *pkt, __u32
 		be = bpf_map_lookup_elem(&fibril_lb_backends, &backend_id);
 		if (be)
 			ct_touch(cv, pkt, 1, now);
+	}
+	/* A later fragment (its ports are its first's, lib/frag.h) follows
+	 * its datagram's backend: only its address changes (it has no L4
+	 * header). Its datagram's first fragment chose one, or it goes
+	 * nowhere. */
+	if (pkt->frag == FRAG_LATER) {
+		if (!be)
+			return DROP(DROP_FRAG_NOT_FOUND);
+		__u32 to = be->address;
+		if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, pkt->daddr, to, sizeof(to)) < 0 ||
+		    bpf_skb_store_bytes(skb, IP_DADDR_OFF, &to, sizeof(to), 0) < 0)
+			return DROP(DROP_INVALID_PACKET);
+		if (to == pkt->saddr) {
+			__u32 from = LB_LOOPBACK_IPV4;
+			if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, pkt->saddr, from, sizeof(from)) < 0 ||
+			    bpf_skb_store_bytes(skb, IP_SADDR_OFF, &from, sizeof(from), 0) < 0)
+				return DROP(DROP_INVALID_PACKET);
+			pkt->saddr = from;
+		}
+		goto translated;
 	}
 	if (!be) {
 		backend_id = lb4_select(&key, svc, pkt->saddr, lb4_hash(pkt), now);
@@ -190,10 +214,18 @@ FIBRIL_GLOBAL int lb4_translate(struct __sk_buff *skb, struct packet *pkt, __u32
 			return DROP(DROP_CT_MAP_INSERT_FAILED);
 	}
 
+	if (lb_rewrite(skb, pkt, 1, pkt->daddr, be->address, bpf_htons(pkt->dport), be->port) < 0)
+		return DROP(DROP_INVALID_PACKET);
+	/* Hairpin: the client is its own backend. */
+	if (be->address == pkt->saddr) {
+		if (lb_rewrite(skb, pkt, 0, pkt->saddr, LB_LOOPBACK_IPV4, bpf_htons(pkt->sport),
+			       bpf_htons(pkt->sport)) < 0)
+			return DROP(DROP_INVALID_PACKET);
+		pkt->saddr = LB_LOOPBACK_IPV4;
+	}
+translated:;
 	__u32 addr = be->address;
 	__u16 port = be->port;
-	if (lb_rewrite(skb, pkt, 1, pkt->daddr, addr, bpf_htons(pkt->dport), port) < 0)
-		return DROP(DROP_INVALID_PACKET);
 	pkt->svc_addr = pkt->daddr;
 	pkt->svc_port = pkt->dport;
 	pkt->svc_side = SVC_SIDE_DESTINATION;
@@ -202,6 +234,99 @@ FIBRIL_GLOBAL int lb4_translate(struct __sk_buff *skb, struct packet *pkt, __u32
 	pkt->dport = bpf_ntohs(port);
 	pkt->policy_port_be = port;
 	return 1;
+}
+
+/* A backend's reply to itself as a client of its service (hairpin: it
+ * answers the service loopback address): to itself again, from the
+ * service's address, the way its client side asked. The client's entry
+ * (service loopback -> backend) holds the reverse-NAT index. 0, or a
+ * drop; `pkt` keeps its tuple (for conntrack and events). */
+FIBRIL_GLOBAL int lb4_hairpin_reply(struct __sk_buff *skb, struct packet *pkt)
+{
+	struct ct_key key;
+
+	if (!skb || !pkt)
+		return 0;
+	ct_fill_key(&key, pkt, DIR_EGRESS, 1);
+	struct ct_value *v = bpf_map_lookup_elem(&fibril_ct, &key);
+	if (!v || !v->rev_nat)
+		return DROP(DROP_NO_SERVICE);
+	__u16 index = v->rev_nat;
+	struct lb_reverse_nat *rn = bpf_map_lookup_elem(&fibril_lb_reverse_nat, &index);
+	if (!rn)
+		return DROP(DROP_NO_SERVICE);
+	__u32 svc_addr = rn->address;
+	__u16 svc_port = rn->port;
+	if (lb_rewrite(skb, pkt, 1, pkt->daddr, pkt->saddr, bpf_htons(pkt->dport),
+		       bpf_htons(pkt->dport)) < 0 ||
+	    lb_rewrite(skb, pkt, 0, pkt->saddr, svc_addr, bpf_htons(pkt->sport), svc_port) < 0)
+		return DROP(DROP_INVALID_PACKET);
+	pkt->svc_addr = svc_addr;
+	pkt->svc_port = bpf_ntohs(svc_port);
+	pkt->svc_side = SVC_SIDE_SOURCE;
+	return 0;
+}
+
+/* An ICMP error about a translated connection, entering its client (a
+ * backend's port unreachable, a router's fragmentation needed): the
+ * client's stack matches it to its socket by the packet it quotes, which
+ * went to the service, so the quoted destination, and the error's source
+ * when it is the backend, become the service's again (checksums kept:
+ * the quoted header's, the ICMP message's, the outer one's). 0 when it
+ * is about no translated connection, or a drop. */
+FIBRIL_GLOBAL int lb4_icmp_rev_nat(struct __sk_buff *skb, struct packet *pkt)
+{
+	if (!skb || !pkt || !pkt->icmp_error)
+		return 0;
+	struct ct_key key = {
+		.saddr = pkt->inner_saddr,
+		.daddr = pkt->inner_daddr,
+		.sport = pkt->inner_sport,
+		.dport = pkt->inner_dport,
+		.protocol = pkt->inner_protocol,
+		.direction = DIR_EGRESS,
+	};
+	struct ct_value *v = bpf_map_lookup_elem(&fibril_ct, &key);
+	if (!v || !v->rev_nat)
+		return 0;
+	__u16 index = v->rev_nat;
+	struct lb_reverse_nat *rn = bpf_map_lookup_elem(&fibril_lb_reverse_nat, &index);
+	if (!rn)
+		return 0;
+	__u32 svc_addr = rn->address;
+	__u16 svc_port = rn->port;
+	__u32 icmp_csum = pkt->l4_off + 2;
+	__u32 inner_ip = pkt->l4_off + 8;
+	__u32 inner_csum = inner_ip + 10;
+	__u32 backend = pkt->inner_daddr;
+	__u16 old_csum, new_csum;
+
+	/* The quoted destination address, with the quoted header's checksum,
+	 * both inside the ICMP message (so its checksum follows each). */
+	if (bpf_skb_load_bytes(skb, inner_csum, &old_csum, 2) < 0 ||
+	    bpf_l3_csum_replace(skb, inner_csum, backend, svc_addr, 4) < 0 ||
+	    bpf_skb_store_bytes(skb, inner_ip + 16, &svc_addr, 4, 0) < 0 ||
+	    bpf_skb_load_bytes(skb, inner_csum, &new_csum, 2) < 0 ||
+	    bpf_l4_csum_replace(skb, icmp_csum, backend, svc_addr, 4) < 0 ||
+	    bpf_l4_csum_replace(skb, icmp_csum, old_csum, new_csum, 2) < 0)
+		return DROP(DROP_INVALID_PACKET);
+	/* The quoted destination port (ICMP echoes quote no port). */
+	if (pkt->inner_protocol == IPPROTO_TCP || pkt->inner_protocol == IPPROTO_UDP) {
+		__u16 old_port = bpf_htons(pkt->inner_dport);
+		if (bpf_skb_store_bytes(skb, inner_ip + 20 + 2, &svc_port, 2, 0) < 0 ||
+		    bpf_l4_csum_replace(skb, icmp_csum, old_port, svc_port, 2) < 0)
+			return DROP(DROP_INVALID_PACKET);
+	}
+	/* The error's own source, when the backend sent it. */
+	if (pkt->saddr == backend) {
+		if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, backend, svc_addr, 4) < 0 ||
+		    bpf_skb_store_bytes(skb, IP_SADDR_OFF, &svc_addr, 4, 0) < 0)
+			return DROP(DROP_INVALID_PACKET);
+	}
+	pkt->svc_addr = svc_addr;
+	pkt->svc_port = bpf_ntohs(svc_port);
+	pkt->svc_side = SVC_SIDE_SOURCE;
+	return 0;
 }
 
 /* A reply of a translated connection entering its client (`rev_nat`, from

@@ -51,6 +51,8 @@ pub enum EventType {
     Drop = 1,
     Trace = 4,
     PolicyVerdict = 5,
+    /// Socket LB's translation of a socket call (Hubble's trace-sock).
+    TraceSock = 7,
 }
 
 impl EventType {
@@ -59,6 +61,7 @@ impl EventType {
             1 => Some(Self::Drop),
             4 => Some(Self::Trace),
             5 => Some(Self::PolicyVerdict),
+            7 => Some(Self::TraceSock),
             _ => None,
         }
     }
@@ -150,6 +153,16 @@ pub mod verdict {
     pub const FORWARDED: u8 = 1;
     pub const DROPPED: u8 = 2;
     pub const AUDIT: u8 = 4;
+    pub const TRACED: u8 = 6;
+    pub const TRANSLATED: u8 = 7;
+}
+
+/// Socket LB's translation points (`flow.SocketTranslationPoint`).
+pub mod sock_xlate {
+    pub const PRE_FWD: u8 = 1;
+    pub const POST_FWD: u8 = 2;
+    pub const PRE_REV: u8 = 3;
+    pub const POST_REV: u8 = 4;
 }
 
 /// Connection-tracking state of a packet (`flow.TraceReason` numbering).
@@ -499,6 +512,9 @@ pub struct FlowEvent {
     pub svc_port: u16,
     pub svc_side: u8,
     pub pad1: u8,
+    /// Trace-sock events: the socket's cookie and cgroup id.
+    pub sock_cookie: u64,
+    pub cgroup_id: u64,
 }
 
 impl FlowEvent {
@@ -511,14 +527,17 @@ impl FlowEvent {
         }
         let u16_at = |o: usize| u16::from_ne_bytes([b[o], b[o + 1]]);
         let u32_at = |o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-        let mut ts = [0u8; 8];
-        ts.copy_from_slice(&b[0..8]);
+        let u64_at = |o: usize| {
+            let mut v = [0u8; 8];
+            v.copy_from_slice(&b[o..o + 8]);
+            u64::from_ne_bytes(v)
+        };
         let mut smac = [0u8; 6];
         smac.copy_from_slice(&b[52..58]);
         let mut dmac = [0u8; 6];
         dmac.copy_from_slice(&b[58..64]);
         Some(Self {
-            ts_ns: u64::from_ne_bytes(ts),
+            ts_ns: u64_at(0),
             r#type: b[8],
             subtype: b[9],
             direction: b[10],
@@ -545,6 +564,8 @@ impl FlowEvent {
             svc_port: u16_at(68),
             svc_side: b[70],
             pad1: b[71],
+            sock_cookie: u64_at(72),
+            cgroup_id: u64_at(80),
         })
     }
 }

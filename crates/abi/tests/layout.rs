@@ -43,6 +43,9 @@ int main(void) {
   O(lb_affinity_key, client) O(lb_affinity_key, rev_nat)
   O(lb_affinity, last_used_ns) O(lb_affinity, backend_id)
   O(flow_event, svc_addr) O(flow_event, svc_port) O(flow_event, svc_side)
+  O(flow_event, sock_cookie) O(flow_event, cgroup_id) E(EVENT_TRACE_SOCK)
+  E(SOCK_XLATE_PRE_FWD) E(SOCK_XLATE_POST_FWD) E(SOCK_XLATE_PRE_REV) E(SOCK_XLATE_POST_REV)
+  E(VERDICT_TRACED) E(VERDICT_TRANSLATED)
   S(lb_sock_key) O(lb_sock_key, cookie) O(lb_sock_key, address) O(lb_sock_key, port)
   S(prefilter_key) S(prefilter_value) S(prefilter_stats)
   O(prefilter_stats, dropped_packets) O(prefilter_stats, dropped_bytes)
@@ -224,6 +227,15 @@ fn sizes_offsets_and_enums_match_the_c_header() {
         ("flow_event.svc_addr", offset_of!(FlowEvent, svc_addr)),
         ("flow_event.svc_port", offset_of!(FlowEvent, svc_port)),
         ("flow_event.svc_side", offset_of!(FlowEvent, svc_side)),
+        ("flow_event.sock_cookie", offset_of!(FlowEvent, sock_cookie)),
+        ("flow_event.cgroup_id", offset_of!(FlowEvent, cgroup_id)),
+        ("EVENT_TRACE_SOCK", EventType::TraceSock as usize),
+        ("SOCK_XLATE_PRE_FWD", sock_xlate::PRE_FWD as usize),
+        ("SOCK_XLATE_POST_FWD", sock_xlate::POST_FWD as usize),
+        ("SOCK_XLATE_PRE_REV", sock_xlate::PRE_REV as usize),
+        ("SOCK_XLATE_POST_REV", sock_xlate::POST_REV as usize),
+        ("VERDICT_TRACED", verdict::TRACED as usize),
+        ("VERDICT_TRANSLATED", verdict::TRANSLATED as usize),
         ("ct_value.backend_id", offset_of!(CtValue, backend_id)),
         ("ct_value.rev_nat", offset_of!(CtValue, rev_nat)),
         ("lb_service_key", size_of::<LbServiceKey>()),
@@ -415,7 +427,7 @@ fn sizes_offsets_and_enums_match_the_c_header() {
 
 #[test]
 fn flow_event_decodes_from_bytes() {
-    let mut b = [0u8; 72];
+    let mut b = [0u8; FlowEvent::SIZE];
     b[0..8].copy_from_slice(&123u64.to_ne_bytes());
     b[8] = 1;
     b[9] = 133;

@@ -366,6 +366,34 @@ services:
         before,
         "no per-packet path"
     );
+    // Each translation is Hubble's trace-sock pair: the service before
+    // (TRACED, destination_service named), its backend after
+    // (TRANSLATED), one socket cookie.
+    let socks = lab.observe_json(&["--node", "a", "--type", "trace-sock", "--last", "100"]);
+    let pre = socks
+        .iter()
+        .find(|f| f["sock_xlate_point"] == "SOCK_XLATE_POINT_PRE_DIRECTION_FWD")
+        .unwrap_or_else(|| panic!("no pre-xlate-fwd: {socks:?}"));
+    assert_eq!(pre["Type"], "SOCK", "{pre}");
+    assert_eq!(pre["verdict"], "TRACED", "{pre}");
+    assert_eq!(pre["IP"]["destination"], "10.96.0.60", "{pre}");
+    assert_eq!(pre["destination_service"]["name"], "web", "{pre}");
+    assert!(
+        pre["source"]["labels"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|x| x == "reserved:host")),
+        "{pre}"
+    );
+    let post = socks
+        .iter()
+        .find(|f| {
+            f["sock_xlate_point"] == "SOCK_XLATE_POINT_POST_DIRECTION_FWD"
+                && f["socket_cookie"] == pre["socket_cookie"]
+        })
+        .unwrap_or_else(|| panic!("no post-xlate-fwd for {pre}: {socks:?}"));
+    assert_eq!(post["verdict"], "TRANSLATED", "{post}");
+    assert_eq!(post["l4"]["TCP"]["destination_port"], 8080, "{post}");
+    assert_eq!(post["destination"]["pod_name"], "web", "{post}");
 
     // Node a's agent dies: its socket LB stays attached (pinned links),
     // so the node's processes still reach the service; a new agent takes
@@ -440,5 +468,36 @@ services:
     assert!(
         started.elapsed() < Duration::from_secs(4),
         "refused, not timed out"
+    );
+}
+
+/// Hairpin: a pod that is its service's only backend reaches itself
+/// through the service (Cilium's service loopback address).
+#[test]
+fn a_pod_reaches_itself_through_its_service() {
+    let lab = custom_lab(
+        r#"
+podCIDR: POD_CIDR_HERE
+pods:
+  - name: web
+    labels: {app: web}
+    command: [fibril-echo, http-server, --port, "8080"]
+services:
+  - name: web
+    clusterIP: 10.96.0.64
+    selector: {app: web}
+    ports: [{port: 80, targetPort: 8080}]
+"#,
+    );
+    wait_until("web to listen", || {
+        lab.log("default/web").contains("listening")
+    });
+    for _ in 0..3 {
+        assert!(lab.http_get("default/web", "http://10.96.0.64/", "5"));
+    }
+    assert!(
+        lab.log("default/web").contains("accepted 169.254.42.1:"),
+        "{}",
+        lab.log("default/web")
     );
 }

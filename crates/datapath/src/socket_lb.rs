@@ -60,6 +60,11 @@ impl SocketLb {
         let mut loader = pinned_loader(config);
         knobs::set(&mut loader, knobs::HOST_NETNS_COOKIE, &cookie);
         knobs::set(&mut loader, knobs::SOCKET_LB_HOST_ONLY, &host_only);
+        knobs::set(
+            &mut loader,
+            knobs::EVENTS_WAKEUP_BYTES,
+            &config.events_wakeup_bytes,
+        );
         let mut bpf = loader.load(SOCK_OBJECT)?;
         let links = config.pin_dir.join("links");
         std::fs::create_dir_all(&links).map_err(|source| Error::PinDir {

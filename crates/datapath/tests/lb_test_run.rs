@@ -313,3 +313,223 @@ fn udp_is_translated_with_its_checksum() {
     assert_eq!(dst_of(&out.packet), (REMOTE, 8080));
     assert!(checksums_valid(&out.packet));
 }
+
+/// A fragmented datagram to a service goes whole to one backend: the
+/// first fragment chooses it, the later ones (no L4 header; their ports
+/// are the first's) get its address too; a later fragment whose first was
+/// not seen goes nowhere.
+#[test]
+fn later_fragments_follow_their_datagrams_backend() {
+    use test_support::ipv4_fragment;
+    let lab = lab();
+    let udp_key = |slot: u16| LbServiceKey {
+        protocol: 17,
+        ..key(slot)
+    };
+    lab.dp
+        .lb_apply(&[
+            LbWrite::ReverseNat(
+                9,
+                Some(LbReverseNat {
+                    address: u32::from(VIP).to_be(),
+                    port: 80u16.to_be(),
+                    pad: 0,
+                }),
+            ),
+            LbWrite::Backend(
+                1,
+                Some(LbBackend {
+                    protocol: 17,
+                    ..backend(REMOTE)
+                }),
+            ),
+            LbWrite::Service(
+                udp_key(1),
+                Some(LbService {
+                    backend_id: 1,
+                    ..Default::default()
+                }),
+            ),
+            LbWrite::Service(
+                udp_key(0),
+                Some(LbService {
+                    count: 1,
+                    rev_nat: 9,
+                    ..Default::default()
+                }),
+            ),
+        ])
+        .unwrap();
+    let mut client = progs(&lab, 1, CLIENT);
+    let mut head = Vec::new();
+    head.extend_from_slice(&40600u16.to_be_bytes());
+    head.extend_from_slice(&80u16.to_be_bytes());
+    head.extend_from_slice(&((8 + 1472) as u16).to_be_bytes());
+    head.extend_from_slice(&[0, 0]);
+    head.extend(std::iter::repeat_n(0x5a, 1472));
+    let ip_sum = |header: &[u8]| -> u32 {
+        let sum: u32 = header
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum();
+        (sum & 0xffff) + (sum >> 16)
+    };
+    let frag = |id, offset, more, payload: &[u8]| {
+        ipv4_fragment(CLIENT, VIP, 17, id, offset, more, payload)
+    };
+    for (offset, more, payload) in [
+        (0, true, head.clone()),
+        (185, true, vec![0u8; 1480]),
+        (370, false, vec![0u8; 100]),
+    ] {
+        let out = client
+            .test_run(Hook::FromContainer, &frag(7, offset, more, &payload))
+            .unwrap();
+        assert_eq!(out.action, TC_ACT_OK, "fragment at {offset}");
+        let to = Ipv4Addr::new(
+            out.packet[30],
+            out.packet[31],
+            out.packet[32],
+            out.packet[33],
+        );
+        assert_eq!(to, REMOTE, "fragment at {offset}");
+        // The IP header's checksum still holds (the UDP one is 0: none).
+        assert_eq!(ip_sum(&out.packet[14..34]), 0xffff, "fragment at {offset}");
+    }
+    // A later fragment of a datagram never seen: dropped.
+    let out = client
+        .test_run(Hook::FromContainer, &frag(8, 185, false, &[0u8; 100]))
+        .unwrap();
+    assert_eq!(out.action, TC_ACT_SHOT);
+}
+
+/// Hairpin: a pod that is its service's backend reaches itself through
+/// the service. It sees the connection come from the service loopback
+/// address (its own would be a martian source to its stack), and its
+/// answer comes back to it from the service's address.
+#[test]
+fn a_pod_reaches_itself_through_its_service() {
+    let lab = lab();
+    service(&lab, &[(1, CLIENT)], 0);
+    let loopback = Ipv4Addr::new(169, 254, 42, 1);
+    let mut client = progs(&lab, 1, CLIENT);
+    let syn = ipv4_packet(CLIENT, VIP, tcp(40700, 80, TCP_SYN));
+    let out = client.test_run(Hook::FromContainer, &syn).unwrap();
+    assert_eq!(out.action, TC_ACT_REDIRECT, "back into the pod");
+    assert_eq!(dst_of(&out.packet), (CLIENT, 8080));
+    assert_eq!(src_of(&out.packet), (loopback, 40700));
+    assert!(checksums_valid(&out.packet));
+
+    // Its server answers the loopback address: back to its client side,
+    // from the service.
+    let answer = ipv4_packet(CLIENT, loopback, tcp(8080, 40700, TCP_SYN | TCP_ACK));
+    let out = client.test_run(Hook::FromContainer, &answer).unwrap();
+    assert_eq!(out.action, TC_ACT_REDIRECT);
+    assert_eq!(src_of(&out.packet), (VIP, 80));
+    assert_eq!(dst_of(&out.packet), (CLIENT, 40700));
+    assert!(checksums_valid(&out.packet));
+
+    // The rest of the connection the same way.
+    let ack = ipv4_packet(CLIENT, VIP, tcp(40700, 80, TCP_ACK));
+    let out = client.test_run(Hook::FromContainer, &ack).unwrap();
+    assert_eq!(src_of(&out.packet), (loopback, 40700));
+    // Nothing answers the loopback address for a connection never made.
+    let stray = ipv4_packet(CLIENT, loopback, tcp(8080, 40999, TCP_ACK));
+    assert_eq!(
+        client.test_run(Hook::FromContainer, &stray).unwrap().action,
+        TC_ACT_SHOT
+    );
+}
+
+/// An ICMP error about a translated connection (here the remote backend's
+/// port unreachable) reaches the client about the service it asked for:
+/// the quoted destination and the error's source are the service's
+/// again, every checksum intact, so the client's stack finds its socket.
+#[test]
+fn icmp_errors_about_a_translated_connection_name_the_service() {
+    let lab = lab();
+    let udp_key = |slot: u16| LbServiceKey {
+        protocol: 17,
+        ..key(slot)
+    };
+    lab.dp
+        .lb_apply(&[
+            LbWrite::ReverseNat(
+                9,
+                Some(LbReverseNat {
+                    address: u32::from(VIP).to_be(),
+                    port: 80u16.to_be(),
+                    pad: 0,
+                }),
+            ),
+            LbWrite::Backend(
+                1,
+                Some(LbBackend {
+                    protocol: 17,
+                    ..backend(REMOTE)
+                }),
+            ),
+            LbWrite::Service(
+                udp_key(1),
+                Some(LbService {
+                    backend_id: 1,
+                    ..Default::default()
+                }),
+            ),
+            LbWrite::Service(
+                udp_key(0),
+                Some(LbService {
+                    count: 1,
+                    rev_nat: 9,
+                    ..Default::default()
+                }),
+            ),
+        ])
+        .unwrap();
+    let mut client = progs(&lab, 1, CLIENT);
+    let datagram = ipv4_packet(
+        CLIENT,
+        VIP,
+        L4::Udp {
+            sport: 40800,
+            dport: 80,
+        },
+    );
+    let out = client.test_run(Hook::FromContainer, &datagram).unwrap();
+    assert_eq!(dst_of(&out.packet), (REMOTE, 8080));
+    // The backend answers: port unreachable, quoting what it received.
+    let error = test_support::icmp_error_packet(REMOTE, CLIENT, 3, 3, &out.packet);
+    let out = client.test_run(Hook::ToContainer, &error).unwrap();
+    assert_eq!(out.action, TC_ACT_OK);
+    let p = &out.packet;
+    assert_eq!(
+        Ipv4Addr::new(p[26], p[27], p[28], p[29]),
+        VIP,
+        "the error's source"
+    );
+    // The quoted packet: from the client to the service.
+    let quoted = 14 + 20 + 8;
+    assert_eq!(
+        Ipv4Addr::new(
+            p[quoted + 16],
+            p[quoted + 17],
+            p[quoted + 18],
+            p[quoted + 19]
+        ),
+        VIP
+    );
+    assert_eq!(u16::from_be_bytes([p[quoted + 22], p[quoted + 23]]), 80);
+    let ones = |b: &[u8]| -> u32 {
+        let mut sum: u32 = b
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        sum
+    };
+    assert_eq!(ones(&p[14..34]), 0xffff, "outer IP checksum");
+    assert_eq!(ones(&p[34..]), 0xffff, "ICMP checksum");
+    assert_eq!(ones(&p[quoted..quoted + 20]), 0xffff, "quoted IP checksum");
+}

@@ -188,6 +188,19 @@ proto_enum!(
 );
 
 proto_enum!(
+    /// Where socket LB saw a socket call (trace-sock flows).
+    SocketTranslationPoint,
+    "flow.SocketTranslationPoint",
+    [
+        (0, SOCK_XLATE_POINT_UNKNOWN, "SOCK_XLATE_POINT_UNKNOWN"),
+        (1, SOCK_XLATE_POINT_PRE_DIRECTION_FWD, "SOCK_XLATE_POINT_PRE_DIRECTION_FWD"),
+        (2, SOCK_XLATE_POINT_POST_DIRECTION_FWD, "SOCK_XLATE_POINT_POST_DIRECTION_FWD"),
+        (3, SOCK_XLATE_POINT_PRE_DIRECTION_REV, "SOCK_XLATE_POINT_PRE_DIRECTION_REV"),
+        (4, SOCK_XLATE_POINT_POST_DIRECTION_REV, "SOCK_XLATE_POINT_POST_DIRECTION_REV"),
+    ]
+);
+
+proto_enum!(
     /// The IP version of a flow.
     IpVersion,
     "flow.IPVersion",

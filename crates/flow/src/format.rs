@@ -291,6 +291,13 @@ fn type_text(f: &Flow) -> String {
             };
             format!("policy-verdict:{m} {}", f.traffic_direction)
         }
+        7 => match f.sock_xlate_point.0 {
+            1 => "pre-xlate-fwd".into(),
+            2 => "post-xlate-fwd".into(),
+            3 => "pre-xlate-rev".into(),
+            4 => "post-xlate-rev".into(),
+            _ => f.sock_xlate_point.to_string(),
+        },
         crate::record::EVENT_TYPE_ACCESS_LOG => match &f.l7 {
             Some(l7) => {
                 let proto = match (&l7.http, &l7.dns) {

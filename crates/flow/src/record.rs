@@ -296,6 +296,40 @@ pub struct Flow {
     pub egress_denied_by: Vec<SharedPolicyRef>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ingress_denied_by: Vec<SharedPolicyRef>,
+    /// Trace-sock flows (socket LB): where the call was seen, the socket
+    /// and its cgroup (uint64s are strings in protobuf's JSON).
+    #[serde(
+        default,
+        skip_serializing_if = "enums::SocketTranslationPoint::is_unset"
+    )]
+    pub sock_xlate_point: enums::SocketTranslationPoint,
+    #[serde(default, skip_serializing_if = "is_zero_u64", with = "u64_text")]
+    pub socket_cookie: u64,
+    #[serde(default, skip_serializing_if = "is_zero_u64", with = "u64_text")]
+    pub cgroup_id: u64,
+}
+
+/// A uint64 as protobuf's JSON writes it (a string), read from a string or
+/// a number.
+mod u64_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Text<'a> {
+            Number(u64),
+            String(std::borrow::Cow<'a, str>),
+        }
+        match Text::deserialize(d)? {
+            Text::Number(n) => Ok(n),
+            Text::String(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 /// `flow.Layer7`: what the L7 proxy saw (keys in declaration order).
@@ -505,7 +539,11 @@ pub fn drop_reason(code: u8) -> enums::DropReason {
 /// The `flow.Verdict` of a datapath verdict (numbered as the proto).
 pub fn verdict(v: u8) -> Verdict {
     match v {
-        verdict::FORWARDED | verdict::DROPPED | verdict::AUDIT => Verdict(v.into()),
+        verdict::FORWARDED
+        | verdict::DROPPED
+        | verdict::AUDIT
+        | verdict::TRACED
+        | verdict::TRANSLATED => Verdict(v.into()),
         _ => Verdict::VERDICT_UNKNOWN,
     }
 }
@@ -702,6 +740,9 @@ pub fn from_event(
     node: &str,
     enricher: &dyn Enricher,
 ) -> Flow {
+    if e.r#type == EventType::TraceSock as u8 {
+        return from_sock_event(e, unix_ns, uuid, node, enricher);
+    }
     let src = Ipv4Addr::from(u32::from_be(e.saddr));
     let dst = Ipv4Addr::from(u32::from_be(e.daddr));
     let is_drop = e.r#type == EventType::Drop as u8;
@@ -862,6 +903,105 @@ pub fn from_event(
         ingress_denied_by,
         summary,
         l7: None,
+        ..Default::default()
+    }
+}
+
+/// A trace-sock event (socket LB, `bpf/sock.bpf.c`) as Hubble makes it a
+/// flow: Type SOCK, TRACED before and TRANSLATED after the translation,
+/// the peer address the destination (the source, reversed, on the
+/// receiving side), the socket's own address and port not known yet (so
+/// left out), the service named where the address is one.
+fn from_sock_event(
+    e: &FlowEvent,
+    unix_ns: u64,
+    uuid: String,
+    node: &str,
+    enricher: &dyn Enricher,
+) -> Flow {
+    let peer = Ipv4Addr::from(u32::from_be(e.daddr));
+    let reverse = matches!(
+        e.subtype,
+        abi::sock_xlate::PRE_REV | abi::sock_xlate::POST_REV
+    );
+    let (own, _) = enricher.endpoint(Ipv4Addr::UNSPECIFIED, e.src_identity);
+    let (far, far_names) = enricher.endpoint(peer, e.dst_identity);
+    let service = (e.svc_side != abi::SVC_SIDE_NONE)
+        .then(|| enricher.service(Ipv4Addr::from(u32::from_be(e.svc_addr)), e.svc_port))
+        .flatten();
+    let (sport, dport) = if reverse { (e.dport, 0) } else { (0, e.dport) };
+    let (l4, summary) = match e.protocol {
+        6 => (
+            Layer4 {
+                tcp: Some(Tcp {
+                    source_port: sport,
+                    destination_port: dport,
+                    flags: None,
+                }),
+                ..Default::default()
+            },
+            "TCP",
+        ),
+        _ => (
+            Layer4 {
+                udp: Some(Udp {
+                    source_port: sport,
+                    destination_port: dport,
+                }),
+                ..Default::default()
+            },
+            "UDP",
+        ),
+    };
+    let peer_text = crate::text::ipv4(peer);
+    let (ip, source, destination, source_names, destination_names) = if reverse {
+        (
+            Ip {
+                source: peer_text,
+                destination: String::new(),
+                ip_version: IpVersion::IPv4,
+            },
+            far,
+            own,
+            far_names,
+            Vec::new(),
+        )
+    } else {
+        (
+            Ip {
+                source: String::new(),
+                destination: peer_text,
+                ip_version: IpVersion::IPv4,
+            },
+            own,
+            far,
+            Vec::new(),
+            far_names,
+        )
+    };
+    Flow {
+        time: Time(unix_ns),
+        uuid,
+        verdict: verdict(e.verdict),
+        ip: Some(ip),
+        l4: Some(l4),
+        source,
+        destination,
+        r#type: FlowType::SOCK,
+        node_name: node.to_string(),
+        source_names,
+        destination_names,
+        event_type: EventTypeField {
+            r#type: e.r#type as i32,
+            sub_type: e.subtype as i32,
+        },
+        source_service: if reverse { service.clone() } else { None },
+        destination_service: if reverse { None } else { service },
+        sock_xlate_point: enums::SocketTranslationPoint(e.subtype as i32),
+        socket_cookie: e.sock_cookie,
+        cgroup_id: e.cgroup_id,
+        summary: summary.to_string(),
+        ..Default::default()
     }
 }
 
@@ -1104,5 +1244,135 @@ mod tests {
         serde_json::Deserializer::from_str(json)
             .deserialize_map(Keys)
             .unwrap()
+    }
+}
+
+#[cfg(test)]
+mod sock_tests {
+    use super::*;
+
+    /// Names the service 10.96.0.10:80 and the backend pod 10.0.0.5.
+    struct Names;
+
+    impl Enricher for Names {
+        fn endpoint(&self, ip: Ipv4Addr, identity: u32) -> (std::sync::Arc<Endpoint>, Vec<String>) {
+            let pod_name = if ip == Ipv4Addr::new(10, 0, 0, 5) {
+                "web"
+            } else {
+                ""
+            };
+            let labels = if identity == abi::identity::HOST {
+                vec!["reserved:host".to_string()]
+            } else {
+                vec![]
+            };
+            (
+                std::sync::Arc::new(Endpoint {
+                    identity,
+                    labels,
+                    pod_name: pod_name.into(),
+                    ..Default::default()
+                }),
+                vec![],
+            )
+        }
+
+        fn service(&self, addr: Ipv4Addr, port: u16) -> Option<SharedServiceRef> {
+            (addr == Ipv4Addr::new(10, 96, 0, 10) && port == 80).then(|| {
+                std::sync::Arc::new(ServiceRef {
+                    name: "web".into(),
+                    namespace: "default".into(),
+                })
+            })
+        }
+    }
+
+    fn event(point: u8, addr: [u8; 4], port: u16, svc: bool) -> FlowEvent {
+        FlowEvent {
+            r#type: EventType::TraceSock as u8,
+            subtype: point,
+            verdict: if point % 2 == 1 {
+                verdict::TRACED
+            } else {
+                verdict::TRANSLATED
+            },
+            protocol: 6,
+            ip_version: 4,
+            src_identity: abi::identity::HOST,
+            dst_identity: 300,
+            daddr: u32::from(Ipv4Addr::from(addr)).to_be(),
+            dport: port,
+            svc_addr: if svc {
+                u32::from(Ipv4Addr::from(addr)).to_be()
+            } else {
+                0
+            },
+            svc_port: if svc { port } else { 0 },
+            svc_side: match (svc, point) {
+                (false, _) => abi::SVC_SIDE_NONE,
+                (true, abi::sock_xlate::PRE_FWD) => abi::SVC_SIDE_DESTINATION,
+                _ => abi::SVC_SIDE_SOURCE,
+            },
+            sock_cookie: 4242,
+            cgroup_id: 77,
+            ..Default::default()
+        }
+    }
+
+    /// Socket LB's events are Hubble's trace-sock flows: the service
+    /// before, the backend after; reversed on the receiving side.
+    #[test]
+    fn trace_sock_events_are_sock_flows() {
+        let pre = from_event(
+            &event(abi::sock_xlate::PRE_FWD, [10, 96, 0, 10], 80, true),
+            1,
+            "u".into(),
+            "n1",
+            &Names,
+        );
+        let json = serde_json::to_value(&pre).unwrap();
+        assert_eq!(json["Type"], "SOCK");
+        assert_eq!(json["verdict"], "TRACED");
+        assert_eq!(
+            json["sock_xlate_point"],
+            "SOCK_XLATE_POINT_PRE_DIRECTION_FWD"
+        );
+        assert_eq!(json["socket_cookie"], "4242");
+        assert_eq!(json["cgroup_id"], "77");
+        assert_eq!(json["IP"]["destination"], "10.96.0.10");
+        assert_eq!(json["l4"]["TCP"]["destination_port"], 80);
+        assert_eq!(json["destination_service"]["name"], "web");
+        assert_eq!(json["event_type"]["type"], 7);
+        assert_eq!(json["Summary"], "TCP");
+        let line = crate::format::compact(&pre, crate::format::Style::default());
+        assert!(line.contains("pre-xlate-fwd TRACED"), "{line}");
+        // Read back as the API's JSON.
+        let back: Flow = serde_json::from_value(json).unwrap();
+        assert_eq!(back, pre);
+
+        let post = from_event(
+            &event(abi::sock_xlate::POST_FWD, [10, 0, 0, 5], 8080, false),
+            2,
+            "v".into(),
+            "n1",
+            &Names,
+        );
+        assert_eq!(post.verdict, Verdict::TRANSLATED);
+        assert_eq!(post.destination.pod_name, "web");
+        assert!(post.destination_service.is_none());
+
+        // Receiving: the backend before, the service after, as sources.
+        let rev = from_event(
+            &event(abi::sock_xlate::POST_REV, [10, 96, 0, 10], 80, true),
+            3,
+            "w".into(),
+            "n1",
+            &Names,
+        );
+        assert_eq!(rev.ip.as_ref().unwrap().source, "10.96.0.10");
+        assert_eq!(rev.source_service.as_ref().unwrap().name, "web");
+        assert_eq!(rev.destination.labels, vec!["reserved:host".to_string()]);
+        let l4 = rev.l4.as_ref().unwrap().tcp.as_ref().unwrap();
+        assert_eq!((l4.source_port, l4.destination_port), (80, 0));
     }
 }

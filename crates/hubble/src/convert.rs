@@ -238,6 +238,9 @@ pub fn flow(f: &flow::Flow) -> pb::Flow {
         egress_denied_by: policies(&f.egress_denied_by),
         ingress_denied_by: policies(&f.ingress_denied_by),
         summary: f.summary.clone(),
+        sock_xlate_point: f.sock_xlate_point.0,
+        socket_cookie: f.socket_cookie,
+        cgroup_id: f.cgroup_id,
         ..Default::default()
     }
 }
@@ -439,6 +442,9 @@ pub fn from_pb(p: &pb::Flow) -> flow::Flow {
         egress_denied_by: policies_back(&p.egress_denied_by),
         ingress_denied_by: policies_back(&p.ingress_denied_by),
         summary: p.summary.clone(),
+        sock_xlate_point: flow::enums::SocketTranslationPoint(p.sock_xlate_point),
+        socket_cookie: p.socket_cookie,
+        cgroup_id: p.cgroup_id,
     }
 }
 

@@ -55,6 +55,7 @@ fn flow_enums_are_the_protos() {
     check!(enums::TraceObservationPoint, pb::TraceObservationPoint);
     check!(enums::TraceReason, pb::TraceReason);
     check!(enums::IpVersion, pb::IpVersion);
+    check!(enums::SocketTranslationPoint, pb::SocketTranslationPoint);
     check!(enums::L7FlowType, pb::L7FlowType);
     check!(enums::DropReason, pb::DropReason);
 }

@@ -171,8 +171,18 @@ pub fn icmp_error_packet(
     );
     frame.truncate(34);
     frame[16..18].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    let sum = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
     frame.extend_from_slice(&icmp);
+    fix_ip_checksum(&mut frame);
     frame
+}
+
+/// Recomputes the IPv4 header checksum of an Ethernet frame.
+fn fix_ip_checksum(frame: &mut [u8]) {
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let sum = checksum(&frame[14..34]);
+    frame[24..26].copy_from_slice(&sum.to_be_bytes());
 }
 
 /// One IPv4 fragment: `payload` (for the first, the L4 header and data) at
@@ -194,6 +204,7 @@ pub fn ipv4_fragment(
     frame[20..22].copy_from_slice(&flags_offset.to_be_bytes());
     frame[23] = protocol;
     frame.extend_from_slice(payload);
+    fix_ip_checksum(&mut frame);
     frame
 }
 
