@@ -68,16 +68,7 @@ static __always_inline int nodeport_in(struct __sk_buff *skb, struct packet *pkt
 	if (v && v->expires_ns > now && !ct_reopens(pkt, v, 1)) {
 		ct_touch(v, pkt, 1, now);
 	} else {
-		struct ct_value nv = {
-			.rev_nat = pkt->rev_nat,
-			.tx_flags_seen = pkt->tcp_flags,
-			.rx_flags_seen = TCP_ACK,
-			.packets = 1,
-			.bytes = pkt->len,
-			.last_report_ns = now,
-		};
-		nv.expires_ns = now + ct_timeout(pkt, &nv);
-		if (bpf_map_update_elem(&fibril_ct, &key, &nv, BPF_ANY) < 0) {
+		if (lb4_client_entry(&key, pkt, now, 0, pkt->rev_nat) < 0) {
 			*verdict = host_drop(skb, pkt, DROP_CT_MAP_INSERT_FAILED, DIR_INGRESS, src_id,
 					     dst_id);
 			return 1;

@@ -132,6 +132,26 @@ static __always_inline __u32 lb4_select(struct lb_service_key *key, const struct
 	return chosen;
 }
 
+/* Creates the entry of a connection the load balancer translated (its
+ * service entry, a node port's): it sees the client's packets only, so
+ * its other side counts as acknowledged, and it lives as long as an
+ * established connection once the client acknowledges. */
+static __always_inline int lb4_client_entry(struct ct_key *key, const struct packet *pkt,
+					    __u64 now, __u32 backend_id, __u16 rev_nat)
+{
+	struct ct_value nv = {
+		.backend_id = backend_id,
+		.rev_nat = rev_nat,
+		.tx_flags_seen = pkt->tcp_flags,
+		.rx_flags_seen = TCP_ACK,
+		.packets = 1,
+		.bytes = pkt->len,
+		.last_report_ns = now,
+	};
+	nv.expires_ns = now + ct_timeout(pkt, &nv);
+	return bpf_map_update_elem(&fibril_ct, key, &nv, BPF_ANY);
+}
+
 /* Translates a packet a local endpoint (`owner`, charged for the
  * connection's service entry; the host for traffic from outside) sends to
  * a service: 1 when it was (the packet and `pkt` now carry the backend),
@@ -197,20 +217,7 @@ FIBRIL_GLOBAL int lb4_translate(struct __sk_buff *skb, struct packet *pkt, __u32
 			return DROP(DROP_NO_SERVICE);
 		if (ct_budget_take(owner) < 0)
 			return DROP(DROP_CT_MAP_INSERT_FAILED);
-		/* The entry sees the client's packets only: its other side
-		 * counts as acknowledged, so it lives as long as an
-		 * established connection once the client acknowledges. */
-		struct ct_value nv = {
-			.backend_id = backend_id,
-			.rev_nat = rev_nat,
-			.tx_flags_seen = pkt->tcp_flags,
-			.rx_flags_seen = TCP_ACK,
-			.packets = 1,
-			.bytes = pkt->len,
-			.last_report_ns = now,
-		};
-		nv.expires_ns = now + ct_timeout(pkt, &nv);
-		if (bpf_map_update_elem(&fibril_ct, &ck, &nv, BPF_ANY) < 0)
+		if (lb4_client_entry(&ck, pkt, now, backend_id, rev_nat) < 0)
 			return DROP(DROP_CT_MAP_INSERT_FAILED);
 	}
 

@@ -656,24 +656,9 @@ impl PolicySync {
             let have = self.realized.remove(&ep.id).unwrap_or_default();
             let counted = !self.uncounted.remove(&ep.id);
             self.set_realized_identity(ep.id, None);
-            let mut wrote = false;
-            for (k, v) in &wanted {
-                if have.get(k) != Some(v) {
-                    wrote = true;
-                    dp.upsert_policy(&PolicyEntry {
-                        prefix_len: k.0,
-                        key: k.1,
-                        value: *v,
-                    })?;
-                }
-            }
+            let mut wrote = write_new_entries(dp, &have, &wanted)?;
             upsert_endpoint(dp, ep, flags)?;
-            for k in have.keys() {
-                if !wanted.contains_key(k) {
-                    wrote = true;
-                    dp.remove_policy(k.0, k.1)?;
-                }
-            }
+            wrote |= remove_old_entries(dp, &have, &wanted)?;
             if wrote || fresh {
                 rewritten += 1;
             }
@@ -736,33 +721,56 @@ impl PolicySync {
         };
         let have = self.realized.remove(&HOST_ENDPOINT_ID).unwrap_or_default();
         let counted = !self.uncounted.remove(&HOST_ENDPOINT_ID);
-        let mut wrote = false;
-        for (k, v) in &wanted {
-            if have.get(k) != Some(v) {
-                wrote = true;
-                dp.upsert_policy(&PolicyEntry {
-                    prefix_len: k.0,
-                    key: k.1,
-                    value: *v,
-                })?;
-            }
-        }
+        let mut wrote = write_new_entries(dp, &have, &wanted)?;
         if dp.host_endpoint()? != flags {
             wrote = true;
             dp.set_host_endpoint(flags)?;
         }
-        for k in have.keys() {
-            if !wanted.contains_key(k) {
-                wrote = true;
-                dp.remove_policy(k.0, k.1)?;
-            }
-        }
+        wrote |= remove_old_entries(dp, &have, &wanted)?;
         self.move_holds(&have, counted, &wanted);
         if !wanted.is_empty() {
             self.realized.insert(HOST_ENDPOINT_ID, wanted);
         }
         Ok(wrote)
     }
+}
+
+/// Writes the entries of `wanted` that `have` lacks or holds otherwise;
+/// whether it wrote any.
+fn write_new_entries(
+    dp: &Datapath,
+    have: &BTreeMap<MapKey, PolicyValue>,
+    wanted: &BTreeMap<MapKey, PolicyValue>,
+) -> Result<bool, Error> {
+    let mut wrote = false;
+    for (k, v) in wanted {
+        if have.get(k) != Some(v) {
+            wrote = true;
+            dp.upsert_policy(&PolicyEntry {
+                prefix_len: k.0,
+                key: k.1,
+                value: *v,
+            })?;
+        }
+    }
+    Ok(wrote)
+}
+
+/// Removes the entries of `have` that `wanted` lacks; whether it removed
+/// any.
+fn remove_old_entries(
+    dp: &Datapath,
+    have: &BTreeMap<MapKey, PolicyValue>,
+    wanted: &BTreeMap<MapKey, PolicyValue>,
+) -> Result<bool, Error> {
+    let mut removed = false;
+    for k in have.keys() {
+        if !wanted.contains_key(k) {
+            removed = true;
+            dp.remove_policy(k.0, k.1)?;
+        }
+    }
+    Ok(removed)
 }
 
 /// How long a released cookie waits before it names another rule: events

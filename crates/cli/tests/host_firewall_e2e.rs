@@ -71,14 +71,6 @@ spec:
   - fromEntities: [cluster]
 "#;
 
-fn node_address(lab: &Lab, node: usize) -> String {
-    let st: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("/run/fibril/labs/{}/lab.json", lab.name)).unwrap(),
-    )
-    .unwrap();
-    st["nodes"][node]["address"].as_str().unwrap().to_string()
-}
-
 fn import(lab: &Lab, name: &str, yaml: &str) {
     let file = lab.dir.join(name);
     std::fs::write(&file, yaml).unwrap();
@@ -106,7 +98,7 @@ fn delete(lab: &Lab, name: &str) {
 #[test]
 fn host_policies_guard_the_selected_node_and_only_it() {
     let lab = custom_lab(LAB);
-    let (a, b) = (node_address(&lab, 0), node_address(&lab, 1));
+    let (a, b) = (lab.node_address(0), lab.node_address(1));
     let local_ip = lab
         .endpoints()
         .as_array()

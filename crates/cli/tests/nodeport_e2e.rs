@@ -42,14 +42,6 @@ externals:
   - {name: outside, address: 198.18.20.10, command: [fibril-echo, http-server, --port, "9000"]}
 "#;
 
-fn node_address(lab: &Lab, node: usize) -> String {
-    let st: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("/run/fibril/labs/{}/lab.json", lab.name)).unwrap(),
-    )
-    .unwrap();
-    st["nodes"][node]["address"].as_str().unwrap().to_string()
-}
-
 /// The peers a pod's server accepted connections from, in order.
 fn peers(lab: &Lab, pod: &str) -> Vec<String> {
     lab.log(pod)
@@ -62,7 +54,7 @@ fn peers(lab: &Lab, pod: &str) -> Vec<String> {
 #[test]
 fn node_ports_answer_from_outside_without_kube_proxy() {
     let lab = custom_lab(LAB);
-    let (a, b) = (node_address(&lab, 0), node_address(&lab, 1));
+    let (a, b) = (lab.node_address(0), lab.node_address(1));
     let from_outside = |url: &str| lab.http_get("external/outside", url, "3");
     eventually("node a's node port", Duration::from_secs(20), || {
         from_outside(&format!("http://{a}:30080/"))

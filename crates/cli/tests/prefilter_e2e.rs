@@ -31,14 +31,6 @@ externals:
   - {name: outside, address: 198.18.20.10, command: [fibril-echo, http-server, --port, "9000"]}
 "#;
 
-fn node_address(lab: &Lab, node: usize) -> String {
-    let st: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("/run/fibril/labs/{}/lab.json", lab.name)).unwrap(),
-    )
-    .unwrap();
-    st["nodes"][node]["address"].as_str().unwrap().to_string()
-}
-
 /// `fibril --node a prefilter VERB --cidr CIDR`, which must succeed.
 fn change(lab: &Lab, verb: &str, cidr: &str) {
     let out = lab.fibril(&["--node", "a", "prefilter", verb, "--cidr", cidr]);
@@ -62,7 +54,7 @@ fn prefilter(lab: &Lab, node: &str) -> serde_json::Value {
 #[test]
 fn a_listed_source_is_dropped_before_the_nodes_stack() {
     let lab = custom_lab(LAB);
-    let (a, b) = (node_address(&lab, 0), node_address(&lab, 1));
+    let (a, b) = (lab.node_address(0), lab.node_address(1));
     // The pod's address, from node a's endpoints.
     let eps = lab.endpoints();
     let web_ip = eps

@@ -73,18 +73,46 @@ fn service(lab: &Lab, backends: &[(u32, Ipv4Addr)], flags: u32) {
     lab.dp.lb_apply(&w).unwrap();
 }
 
-fn dst_of(frame: &[u8]) -> (Ipv4Addr, u16) {
-    (
-        Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]),
-        u16::from_be_bytes([frame[36], frame[37]]),
-    )
-}
-
-fn src_of(frame: &[u8]) -> (Ipv4Addr, u16) {
-    (
-        Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]),
-        u16::from_be_bytes([frame[34], frame[35]]),
-    )
+/// VIP:80/UDP -> REMOTE:8080 (backend id 1, reverse-NAT index 9).
+fn udp_service(lab: &Lab) {
+    let udp_key = |slot: u16| LbServiceKey {
+        protocol: 17,
+        ..key(slot)
+    };
+    lab.dp
+        .lb_apply(&[
+            LbWrite::ReverseNat(
+                9,
+                Some(LbReverseNat {
+                    address: u32::from(VIP).to_be(),
+                    port: 80u16.to_be(),
+                    pad: 0,
+                }),
+            ),
+            LbWrite::Backend(
+                1,
+                Some(LbBackend {
+                    protocol: 17,
+                    ..backend(REMOTE)
+                }),
+            ),
+            LbWrite::Service(
+                udp_key(1),
+                Some(LbService {
+                    backend_id: 1,
+                    ..Default::default()
+                }),
+            ),
+            LbWrite::Service(
+                udp_key(0),
+                Some(LbService {
+                    count: 1,
+                    rev_nat: 9,
+                    ..Default::default()
+                }),
+            ),
+        ])
+        .unwrap();
 }
 
 fn tcp(sport: u16, dport: u16, flags: u8) -> L4 {
@@ -322,44 +350,7 @@ fn udp_is_translated_with_its_checksum() {
 fn later_fragments_follow_their_datagrams_backend() {
     use test_support::ipv4_fragment;
     let lab = lab();
-    let udp_key = |slot: u16| LbServiceKey {
-        protocol: 17,
-        ..key(slot)
-    };
-    lab.dp
-        .lb_apply(&[
-            LbWrite::ReverseNat(
-                9,
-                Some(LbReverseNat {
-                    address: u32::from(VIP).to_be(),
-                    port: 80u16.to_be(),
-                    pad: 0,
-                }),
-            ),
-            LbWrite::Backend(
-                1,
-                Some(LbBackend {
-                    protocol: 17,
-                    ..backend(REMOTE)
-                }),
-            ),
-            LbWrite::Service(
-                udp_key(1),
-                Some(LbService {
-                    backend_id: 1,
-                    ..Default::default()
-                }),
-            ),
-            LbWrite::Service(
-                udp_key(0),
-                Some(LbService {
-                    count: 1,
-                    rev_nat: 9,
-                    ..Default::default()
-                }),
-            ),
-        ])
-        .unwrap();
+    udp_service(&lab);
     let mut client = progs(&lab, 1, CLIENT);
     let mut head = Vec::new();
     head.extend_from_slice(&40600u16.to_be_bytes());
@@ -448,44 +439,7 @@ fn a_pod_reaches_itself_through_its_service() {
 #[test]
 fn icmp_errors_about_a_translated_connection_name_the_service() {
     let lab = lab();
-    let udp_key = |slot: u16| LbServiceKey {
-        protocol: 17,
-        ..key(slot)
-    };
-    lab.dp
-        .lb_apply(&[
-            LbWrite::ReverseNat(
-                9,
-                Some(LbReverseNat {
-                    address: u32::from(VIP).to_be(),
-                    port: 80u16.to_be(),
-                    pad: 0,
-                }),
-            ),
-            LbWrite::Backend(
-                1,
-                Some(LbBackend {
-                    protocol: 17,
-                    ..backend(REMOTE)
-                }),
-            ),
-            LbWrite::Service(
-                udp_key(1),
-                Some(LbService {
-                    backend_id: 1,
-                    ..Default::default()
-                }),
-            ),
-            LbWrite::Service(
-                udp_key(0),
-                Some(LbService {
-                    count: 1,
-                    rev_nat: 9,
-                    ..Default::default()
-                }),
-            ),
-        ])
-        .unwrap();
+    udp_service(&lab);
     let mut client = progs(&lab, 1, CLIENT);
     let datagram = ipv4_packet(
         CLIENT,

@@ -10,7 +10,7 @@ mod common;
 use std::net::Ipv4Addr;
 
 use abi::{LbBackend, LbReverseNat, LbService, LbServiceKey, LB_SVC_F_EXTERNAL};
-use common::{lab, lab_with, Lab, SERVER, TC_ACT_OK};
+use common::{dst_of, lab, lab_with, src_of, Lab, SERVER, TC_ACT_OK};
 use fibril_datapath::{LbWrite, NetdevHook};
 use test_support::{checksums_valid, ipv4_packet, L4, TCP_ACK, TCP_SYN};
 
@@ -76,20 +76,6 @@ fn tcp(sport: u16, dport: u16, flags: u8) -> L4 {
         dport,
         flags,
     }
-}
-
-fn dst_of(frame: &[u8]) -> (Ipv4Addr, u16) {
-    (
-        Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]),
-        u16::from_be_bytes([frame[36], frame[37]]),
-    )
-}
-
-fn src_of(frame: &[u8]) -> (Ipv4Addr, u16) {
-    (
-        Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]),
-        u16::from_be_bytes([frame[34], frame[35]]),
-    )
 }
 
 fn kpr_lab() -> Lab {

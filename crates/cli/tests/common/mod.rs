@@ -241,6 +241,15 @@ impl Lab {
         assert!(out.status.success());
         serde_json::from_slice(&out.stdout).unwrap()
     }
+
+    /// Node `node`'s address (multi-node labs), from the lab's state.
+    pub fn node_address(&self, node: usize) -> String {
+        let st: Value = serde_json::from_str(
+            &std::fs::read_to_string(format!("/run/fibril/labs/{}/lab.json", self.name)).unwrap(),
+        )
+        .unwrap();
+        st["nodes"][node]["address"].as_str().unwrap().to_string()
+    }
 }
 
 /// `ip netns list`: the host's named network namespaces.

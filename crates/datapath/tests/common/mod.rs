@@ -144,3 +144,19 @@ pub fn tcp(sport: u16, dport: u16, flags: u8) -> L4 {
         flags,
     }
 }
+
+/// A frame's IPv4 destination address and L4 destination port.
+pub fn dst_of(frame: &[u8]) -> (Ipv4Addr, u16) {
+    (
+        Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]),
+        u16::from_be_bytes([frame[36], frame[37]]),
+    )
+}
+
+/// A frame's IPv4 source address and L4 source port.
+pub fn src_of(frame: &[u8]) -> (Ipv4Addr, u16) {
+    (
+        Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]),
+        u16::from_be_bytes([frame[34], frame[35]]),
+    )
+}
