@@ -658,6 +658,25 @@ impl Agent {
         // Before the state is locked: asking etcd waits on the runtime
         // whose watches take that lock.
         let cluster = self.cluster.as_ref().map(|c| c.info(&self.control));
+        // The policy sync's lock is taken once below as well: the host's
+        // policy is read first, that lock released (never held twice).
+        let host_firewall = self.config.host_firewall.as_ref().map(|h| {
+            let policy = self.control.policy();
+            let computed = policy.computed(abi::identity::HOST);
+            api::HostFirewallInfo {
+                devices: h.devices.clone(),
+                audit: h.audit,
+                labels: policy::LabelSet::host_endpoint(&h.node_labels).to_strings(),
+                ingress_enforced: computed.is_some_and(|c| c.ingress_enforced),
+                egress_enforced: computed.is_some_and(|c| c.egress_enforced),
+                ingress_selected_by: computed
+                    .map(|c| c.ingress_selected_by.clone())
+                    .unwrap_or_default(),
+                egress_selected_by: computed
+                    .map(|c| c.egress_selected_by.clone())
+                    .unwrap_or_default(),
+            }
+        });
         let s = self.control.lock();
         let (buffered, seen) = self.observer.counts();
         StatusInfo {
@@ -699,6 +718,13 @@ impl Agent {
                 }),
             cluster,
             kubernetes: self.kubernetes.as_ref().map(|k| k.info()),
+            host_firewall,
+            kube_proxy_replacement: self.config.kube_proxy_replacement.as_ref().map(|k| {
+                api::KubeProxyReplacementInfo {
+                    devices: k.devices.clone(),
+                    maglev_table_size: k.maglev_table_size,
+                }
+            }),
         }
     }
 }

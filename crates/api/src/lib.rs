@@ -277,6 +277,33 @@ pub struct StatusInfo {
     /// Kubernetes mode: the API server the policies come from.
     #[serde(default)]
     pub kubernetes: Option<KubernetesInfo>,
+    /// The host firewall, when on: what the node's own policy enforces.
+    #[serde(default)]
+    pub host_firewall: Option<HostFirewallInfo>,
+    /// Kube-proxy replacement, when on.
+    #[serde(default)]
+    pub kube_proxy_replacement: Option<KubeProxyReplacementInfo>,
+}
+
+/// The host endpoint as the host firewall enforces it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostFirewallInfo {
+    pub devices: Vec<String>,
+    pub audit: bool,
+    /// The node's labels (what host policies' nodeSelectors match).
+    pub labels: Vec<String>,
+    pub ingress_enforced: bool,
+    pub egress_enforced: bool,
+    /// The host policies whose rules select this node, per direction.
+    pub ingress_selected_by: Vec<String>,
+    pub egress_selected_by: Vec<String>,
+}
+
+/// Kube-proxy replacement as the node runs it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubeProxyReplacementInfo {
+    pub devices: Vec<String>,
+    pub maglev_table_size: u32,
 }
 
 /// Kubernetes mode as one node sees it.

@@ -559,6 +559,27 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         k.kubeconfig
                     );
                 }
+                if let Some(h) = &s.host_firewall {
+                    let side = |on: bool, by: &[String]| match (on, by.is_empty()) {
+                        (false, _) => "off (no host policy)".to_string(),
+                        (true, true) => "enforced".to_string(),
+                        (true, false) => format!("enforced by {}", by.join(", ")),
+                    };
+                    println!(
+                        "Host firewall: on {}{}; ingress {}; egress {}",
+                        h.devices.join(","),
+                        if h.audit { " (AUDIT mode)" } else { "" },
+                        side(h.ingress_enforced, &h.ingress_selected_by),
+                        side(h.egress_enforced, &h.egress_selected_by)
+                    );
+                }
+                if let Some(k) = &s.kube_proxy_replacement {
+                    println!(
+                        "KubeProxyReplacement: on {} (node ports, external IPs; Maglev table {})",
+                        k.devices.join(","),
+                        k.maglev_table_size
+                    );
+                }
                 println!("Uptime:        {}s", s.uptime_seconds);
                 match hubble_address(&cli.lab, cli.node.as_deref(), None)
                     .and_then(|a| hubble_cmds::status_lines(&a, &observe::Server::default()))

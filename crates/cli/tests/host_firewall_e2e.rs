@@ -147,6 +147,21 @@ fn host_policies_guard_the_selected_node_and_only_it() {
         "the node's own pod is the cluster"
     );
     assert!(from("external/outside", &web_b), "node b is not selected");
+    // What each node enforces, as `fibril status` says it.
+    let status = |node: &str| {
+        String::from_utf8_lossy(&lab.fibril(&["--node", node, "status"]).stdout).into_owned()
+    };
+    let a_status = status("a");
+    assert!(
+        a_status
+            .contains("Host firewall: on ul0; ingress enforced by demo-host-policy; egress off"),
+        "{a_status}"
+    );
+    let b_status = status("b");
+    assert!(
+        b_status.contains("Host firewall: on ul0; ingress off (no host policy)"),
+        "{b_status}"
+    );
     // Dropped in the kernel: the server never saw the refused requests,
     // and the drop is a flow to the host.
     let drops = lab.observe_json(&["--node", "a", "--last", "500", "--verdict", "DROPPED"]);

@@ -81,6 +81,12 @@ fn node_ports_answer_from_outside_without_kube_proxy() {
     );
     assert!(got_a.iter().all(|p| p == "198.18.20.10"), "{got_a:?}");
     assert!(got_b.iter().all(|p| *p == a), "{got_b:?}");
+    let status =
+        String::from_utf8_lossy(&lab.fibril(&["--node", "a", "status"]).stdout).into_owned();
+    assert!(
+        status.contains("KubeProxyReplacement: on ul0") && status.contains("Maglev table 1021"),
+        "{status}"
+    );
     // And through node b.
     assert!(from_outside(&format!("http://{b}:30080/")));
 
