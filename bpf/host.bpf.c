@@ -51,23 +51,25 @@ const volatile __u32 kube_proxy_replacement = 0;
  * frontend; else the tc verdict in `*verdict`. */
 static __always_inline int nodeport_in(struct __sk_buff *skb, struct packet *pkt, int *verdict)
 {
-	__u32 src_id = identity_of(pkt->saddr);
 	int t = lb4_translate(skb, pkt, HOST_ENDPOINT_ID, 1);
 
 	if (t == 0)
 		return 0;
+	/* Identities are looked up only for what is reported: this runs for
+	 * every packet of the device. */
 	if (is_drop(t)) {
-		*verdict = host_drop(skb, pkt, (__u8)-t, DIR_INGRESS, src_id, 0);
+		*verdict = host_drop(skb, pkt, (__u8)-t, DIR_INGRESS, identity_of(pkt->saddr), 0);
 		return 1;
 	}
 	struct ct_key key;
 	__u64 now = bpf_ktime_get_ns();
 	ct_fill_key(&key, pkt, CT_DIR_NODEPORT, 0);
 	struct ct_value *v = bpf_map_lookup_elem(&fibril_ct, &key);
-	__u32 dst_id = identity_of(pkt->daddr);
 	if (v && v->expires_ns > now && !ct_reopens(pkt, v, 1)) {
 		ct_touch(v, pkt, 1, now);
 	} else {
+		__u32 src_id = identity_of(pkt->saddr);
+		__u32 dst_id = identity_of(pkt->daddr);
 		if (lb4_client_entry(&key, pkt, now, 0, pkt->rev_nat) < 0) {
 			*verdict = host_drop(skb, pkt, DROP_CT_MAP_INSERT_FAILED, DIR_INGRESS, src_id,
 					     dst_id);
@@ -88,6 +90,9 @@ static __always_inline int nodeport_out(struct __sk_buff *skb, struct packet *pk
 	struct ct_key key;
 	__u64 now = bpf_ktime_get_ns();
 
+	/* Node ports are TCP and UDP only: nothing else has an entry. */
+	if (pkt->protocol != IPPROTO_TCP && pkt->protocol != IPPROTO_UDP)
+		return TC_ACT_OK;
 	ct_fill_key(&key, pkt, CT_DIR_NODEPORT, 1);
 	struct ct_value *v = bpf_map_lookup_elem(&fibril_ct, &key);
 	if (!v || v->expires_ns <= now)
@@ -99,21 +104,15 @@ static __always_inline int nodeport_out(struct __sk_buff *skb, struct packet *pk
 	return TC_ACT_OK;
 }
 
-
 /* One packet of the node's own traffic in `dir` (the host endpoint's
- * view: ingress = to the node): conntrack, the host's policy for new
- * connections, the trace at `point`. */
+ * view: ingress = to the node), its fragments tracked: conntrack, the
+ * host's policy for new connections, the trace at `point`. */
 static __always_inline int host_traffic(struct __sk_buff *skb, struct packet *pkt, __u8 dir,
 					__u32 src_id, __u32 dst_id, __u32 flags, __u8 point)
 {
 	struct policy_verdict pv = {};
 	struct ct_result ct;
 
-	int frag = frag_track(pkt);
-	if (frag != FRAG_OK)
-		return host_drop(skb, pkt,
-				 frag == FRAG_NOT_FOUND ? DROP_FRAG_NOT_FOUND : DROP_INVALID_PACKET,
-				 dir, src_id, dst_id);
 	/* An ICMP error about a tracked connection passes as RELATED. */
 	if (ct_related(pkt, dir)) {
 		emit_event(skb, pkt, HOST_ENDPOINT_ID, EVENT_TRACE, point, dir, VERDICT_FORWARDED,
@@ -134,6 +133,18 @@ static __always_inline int host_traffic(struct __sk_buff *skb, struct packet *pk
 		emit_event(skb, pkt, HOST_ENDPOINT_ID, EVENT_TRACE, point, dir, VERDICT_FORWARDED,
 			   ct.state, src_id, dst_id, pv.match, ct.policy_cookie);
 	return TC_ACT_OK;
+}
+
+/* Fragments take their first's ports (lib/frag.h): TC_ACT_OK, or the
+ * drop of a later one whose first was not seen (or that contradicts it). */
+static __always_inline int host_frag(struct __sk_buff *skb, struct packet *pkt, __u8 dir)
+{
+	int frag = frag_track(pkt);
+
+	if (frag == FRAG_OK)
+		return TC_ACT_OK;
+	return host_drop(skb, pkt, frag == FRAG_NOT_FOUND ? DROP_FRAG_NOT_FOUND : DROP_INVALID_PACKET,
+			 dir, identity_of(pkt->saddr), identity_of(pkt->daddr));
 }
 
 /* Not IPv4: ARP passes; IPv6 (not enforced yet) and packets that do not
@@ -163,22 +174,18 @@ int from_netdev(struct __sk_buff *skb)
 	if (!(flags & EP_F_HOST_FIREWALL) && !kube_proxy_replacement)
 		return TC_ACT_OK;
 	int kind = parse_packet(skb, &pkt);
-	/* Node ports first: a translated connection is its backend's (a
-	 * later fragment follows its first's, whose ports it takes). */
-	if (kube_proxy_replacement && kind == PARSE_IPV4) {
-		int frag = frag_track(&pkt);
-		if (frag != FRAG_OK)
-			return host_drop(skb, &pkt,
-					 frag == FRAG_NOT_FOUND ? DROP_FRAG_NOT_FOUND
-								: DROP_INVALID_PACKET,
-					 DIR_INGRESS, identity_of(pkt.saddr), 0);
-		if (nodeport_in(skb, &pkt, &verdict))
-			return verdict;
-	}
+	if (kind != PARSE_IPV4)
+		return (flags & EP_F_HOST_FIREWALL) ? host_non_ipv4(skb, &pkt, kind, DIR_INGRESS, flags)
+						    : TC_ACT_OK;
+	/* Fragments once, for both uses (a later one takes its first's
+	 * ports); then node ports: a translated connection is its backend's. */
+	verdict = host_frag(skb, &pkt, DIR_INGRESS);
+	if (verdict != TC_ACT_OK)
+		return verdict;
+	if (kube_proxy_replacement && nodeport_in(skb, &pkt, &verdict))
+		return verdict;
 	if (!(flags & EP_F_HOST_FIREWALL))
 		return TC_ACT_OK;
-	if (kind != PARSE_IPV4)
-		return host_non_ipv4(skb, &pkt, kind, DIR_INGRESS, flags);
 	/* Only the node's own addresses: traffic routed on to pods meets
 	 * their programs. */
 	if (!is_host_address(pkt.daddr))
@@ -203,11 +210,15 @@ int to_netdev(struct __sk_buff *skb)
 	 * theirs to enforce (no masquerading of pods here: they keep their
 	 * addresses), and a backend's reply to a node port is given the node
 	 * port's address back. */
-	if (is_host_address(pkt.saddr))
-		return (flags & EP_F_HOST_FIREWALL)
-			? host_traffic(skb, &pkt, DIR_EGRESS, ID_HOST, identity_of(pkt.daddr),
-				       flags, TRACE_TO_NETWORK)
-			: TC_ACT_OK;
+	if (is_host_address(pkt.saddr)) {
+		if (!(flags & EP_F_HOST_FIREWALL))
+			return TC_ACT_OK;
+		int verdict = host_frag(skb, &pkt, DIR_EGRESS);
+		if (verdict != TC_ACT_OK)
+			return verdict;
+		return host_traffic(skb, &pkt, DIR_EGRESS, ID_HOST, identity_of(pkt.daddr), flags,
+				    TRACE_TO_NETWORK);
+	}
 	return kube_proxy_replacement ? nodeport_out(skb, &pkt) : TC_ACT_OK;
 }
 

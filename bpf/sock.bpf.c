@@ -49,11 +49,9 @@ static __always_inline int skipped(struct bpf_sock_addr *ctx)
 static __always_inline void sock_event(struct bpf_sock_addr *ctx, __u8 point, __u32 addr,
 				       __u16 port_be, int svc, __u8 proto)
 {
-	struct flow_event *e = bpf_ringbuf_reserve(&fibril_events, sizeof(*e), 0);
-	if (!e) {
-		count_lost_event();
+	struct flow_event *e = event_reserve();
+	if (!e)
 		return;
-	}
 	__builtin_memset(e, 0, sizeof(*e));
 	e->ts_ns = bpf_ktime_get_ns();
 	e->type = EVENT_TRACE_SOCK;
@@ -73,8 +71,7 @@ static __always_inline void sock_event(struct bpf_sock_addr *ctx, __u8 point, __
 	}
 	e->sock_cookie = bpf_get_socket_cookie(ctx);
 	e->cgroup_id = bpf_get_current_cgroup_id();
-	__u64 pending = bpf_ringbuf_query(&fibril_events, BPF_RB_AVAIL_DATA);
-	bpf_ringbuf_submit(e, pending >= events_wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+	event_submit(e);
 }
 
 /* The backend for a socket's connect or datagram to `ctx`'s address, or

@@ -362,6 +362,10 @@ struct lb_service_key {
 _Static_assert(sizeof(struct lb_service_key) == 12, "lb_service_key size");
 
 #define LB_SVC_F_AFFINITY 0x1 /* sessionAffinity: ClientIP */
+/* Maglev's table size by default (Cilium's), and the inner maps'
+ * template size; the agent may choose another of abi's MAGLEV_TABLE_SIZES. */
+#define LB_MAGLEV_DEFAULT_SIZE 16381
+
 #define LB_SVC_F_EXTERNAL 0x2 /* reached from outside (node port, external or LB IP):
 			       * balanced by its Maglev table */
 

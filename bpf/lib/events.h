@@ -18,6 +18,22 @@ static __always_inline void count_lost_event(void)
 		*lost += 1;
 }
 
+/* A record in the ring for an event, or NULL (then counted as lost). */
+static __always_inline struct flow_event *event_reserve(void)
+{
+	struct flow_event *e = bpf_ringbuf_reserve(&fibril_events, sizeof(*e), 0);
+	if (!e)
+		count_lost_event();
+	return e;
+}
+
+/* Hands a filled record to the agent, waking it once enough waits. */
+static __always_inline void event_submit(struct flow_event *e)
+{
+	__u64 pending = bpf_ringbuf_query(&fibril_events, BPF_RB_AVAIL_DATA);
+	bpf_ringbuf_submit(e, pending >= events_wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+}
+
 /* What an event says beyond the packet itself. */
 struct event_meta {
 	__u32 ep_id;
@@ -38,11 +54,9 @@ FIBRIL_GLOBAL int emit_event_meta(struct __sk_buff *skb, const struct packet *pk
 {
 	if (!skb || !pkt || !m)
 		return 0;
-	struct flow_event *e = bpf_ringbuf_reserve(&fibril_events, sizeof(*e), 0);
-	if (!e) {
-		count_lost_event();
+	struct flow_event *e = event_reserve();
+	if (!e)
 		return 0;
-	}
 	e->ts_ns = bpf_ktime_get_ns();
 	e->type = m->type;
 	e->subtype = m->subtype;
@@ -77,9 +91,7 @@ FIBRIL_GLOBAL int emit_event_meta(struct __sk_buff *skb, const struct packet *pk
 	e->pad1 = 0;
 	e->sock_cookie = 0;
 	e->cgroup_id = 0;
-
-	__u64 pending = bpf_ringbuf_query(&fibril_events, BPF_RB_AVAIL_DATA);
-	bpf_ringbuf_submit(e, pending >= events_wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+	event_submit(e);
 	return 0;
 }
 

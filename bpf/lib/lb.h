@@ -23,7 +23,7 @@
 #include "drop.h"
 
 /* Slots of every Maglev table (a prime; the agent's setting). */
-const volatile __u32 lb_maglev_table_size = 16381;
+const volatile __u32 lb_maglev_table_size = LB_MAGLEV_DEFAULT_SIZE;
 
 /* Cilium's service loopback address, 169.254.42.1 (network order): a pod
  * that reaches itself through a service sees the connection come from
@@ -36,17 +36,20 @@ const volatile __u32 lb_maglev_table_size = 16381;
 
 /* Rewrites the destination (`dest`) or source address and port of the
  * packet, and the IP and L4 checksums with them (a UDP checksum of 0, none,
- * stays 0). Negative when the packet cannot be written. */
+ * stays 0). A later fragment has no L4 header (its ports are its first's,
+ * lib/frag.h, and its first carries the datagram's checksum): only its
+ * address changes. Negative when the packet cannot be written. */
 static __always_inline int lb_rewrite(struct __sk_buff *skb, const struct packet *pkt, int dest,
 				      __u32 old_addr, __u32 new_addr, __u16 old_port_be,
 				      __u16 new_port_be)
 {
 	__u32 csum_off = pkt->l4_off + (pkt->protocol == IPPROTO_TCP ? 16 : 6);
 	__u64 mangled = pkt->protocol == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	int l4 = pkt->frag != FRAG_LATER;
 
 	if (old_addr != new_addr) {
-		if (bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr,
-					BPF_F_PSEUDO_HDR | mangled | sizeof(new_addr)) < 0)
+		if (l4 && bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr,
+					      BPF_F_PSEUDO_HDR | mangled | sizeof(new_addr)) < 0)
 			return -1;
 		if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, new_addr, sizeof(new_addr)) < 0)
 			return -1;
@@ -54,7 +57,7 @@ static __always_inline int lb_rewrite(struct __sk_buff *skb, const struct packet
 					sizeof(new_addr), 0) < 0)
 			return -1;
 	}
-	if (old_port_be != new_port_be) {
+	if (l4 && old_port_be != new_port_be) {
 		if (bpf_l4_csum_replace(skb, csum_off, old_port_be, new_port_be,
 					mangled | sizeof(new_port_be)) < 0)
 			return -1;
@@ -188,26 +191,10 @@ FIBRIL_GLOBAL int lb4_translate(struct __sk_buff *skb, struct packet *pkt, __u32
 		if (be)
 			ct_touch(cv, pkt, 1, now);
 	}
-	/* A later fragment (its ports are its first's, lib/frag.h) follows
-	 * its datagram's backend: only its address changes (it has no L4
-	 * header). Its datagram's first fragment chose one, or it goes
-	 * nowhere. */
-	if (pkt->frag == FRAG_LATER) {
-		if (!be)
-			return DROP(DROP_FRAG_NOT_FOUND);
-		__u32 to = be->address;
-		if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, pkt->daddr, to, sizeof(to)) < 0 ||
-		    bpf_skb_store_bytes(skb, IP_DADDR_OFF, &to, sizeof(to), 0) < 0)
-			return DROP(DROP_INVALID_PACKET);
-		if (to == pkt->saddr) {
-			__u32 from = LB_LOOPBACK_IPV4;
-			if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, pkt->saddr, from, sizeof(from)) < 0 ||
-			    bpf_skb_store_bytes(skb, IP_SADDR_OFF, &from, sizeof(from), 0) < 0)
-				return DROP(DROP_INVALID_PACKET);
-			pkt->saddr = from;
-		}
-		goto translated;
-	}
+	/* A later fragment follows its datagram's backend, which its first
+	 * fragment chose, or goes nowhere. */
+	if (pkt->frag == FRAG_LATER && !be)
+		return DROP(DROP_FRAG_NOT_FOUND);
 	if (!be) {
 		backend_id = lb4_select(&key, svc, pkt->saddr, lb4_hash(pkt), now);
 		if (!backend_id)
@@ -230,7 +217,6 @@ FIBRIL_GLOBAL int lb4_translate(struct __sk_buff *skb, struct packet *pkt, __u32
 			return DROP(DROP_INVALID_PACKET);
 		pkt->saddr = LB_LOOPBACK_IPV4;
 	}
-translated:;
 	__u32 addr = be->address;
 	__u16 port = be->port;
 	pkt->svc_addr = pkt->daddr;

@@ -98,7 +98,7 @@ struct lb_maglev_inner {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
 	__type(value, __u32);
-	__uint(max_entries, 16381);
+	__uint(max_entries, LB_MAGLEV_DEFAULT_SIZE);
 	__uint(map_flags, BPF_F_INNER_MAP);
 };
 

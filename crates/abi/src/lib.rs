@@ -243,6 +243,11 @@ pub const SVC_SIDE_SOURCE: u8 = 2;
 pub const LB_SVC_F_AFFINITY: u32 = 0x1;
 /// A frontend reached from outside: balanced by its Maglev table.
 pub const LB_SVC_F_EXTERNAL: u32 = 0x2;
+/// Maglev's table size by default (Cilium's `--bpf-lb-maglev-table-size`).
+pub const MAGLEV_DEFAULT_TABLE_SIZE: u32 = 16381;
+/// The table sizes Cilium accepts: primes, so every backend's permutation
+/// of the slots visits each of them.
+pub const MAGLEV_TABLE_SIZES: [u32; 8] = [251, 509, 1021, 2039, 4093, 8191, 16381, 32749];
 /// Counters of the L7 proxy's socket shortcut (`fibril_sockmap_stats`).
 pub const SOCKMAP_STAT_SOCKETS: u32 = 0;
 pub const SOCKMAP_STAT_REDIRECTED: u32 = 1;

@@ -51,7 +51,7 @@ int main(void) {
   O(prefilter_stats, dropped_packets) O(prefilter_stats, dropped_bytes)
   O(prefilter_stats, passed_packets) O(prefilter_stats, last_event_ns)
   E(DROP_NO_SERVICE) E(CT_DIR_SERVICE) E(SVC_SIDE_NONE) E(SVC_SIDE_DESTINATION)
-  E(SVC_SIDE_SOURCE) E(LB_SVC_F_AFFINITY) E(LB_SVC_F_EXTERNAL) E(CT_DIR_NODEPORT) E(NODEPORT_MASQ_MARK) E(NODEPORT_LOCAL_MARK) E(CT_F_NODEPORT)
+  E(SVC_SIDE_SOURCE) E(LB_SVC_F_AFFINITY) E(LB_SVC_F_EXTERNAL) E(LB_MAGLEV_DEFAULT_SIZE) E(CT_DIR_NODEPORT) E(NODEPORT_MASQ_MARK) E(NODEPORT_LOCAL_MARK) E(CT_F_NODEPORT)
   O(flow_event, ts_ns) O(flow_event, type) O(flow_event, subtype) O(flow_event, direction)
   O(flow_event, verdict) O(flow_event, ct_state) O(flow_event, protocol)
   O(flow_event, tcp_flags) O(flow_event, ip_version) O(flow_event, ep_id)
@@ -306,6 +306,7 @@ fn sizes_offsets_and_enums_match_the_c_header() {
         ("SVC_SIDE_SOURCE", SVC_SIDE_SOURCE as usize),
         ("LB_SVC_F_AFFINITY", LB_SVC_F_AFFINITY as usize),
         ("LB_SVC_F_EXTERNAL", LB_SVC_F_EXTERNAL as usize),
+        ("LB_MAGLEV_DEFAULT_SIZE", MAGLEV_DEFAULT_TABLE_SIZE as usize),
         ("CT_DIR_NODEPORT", CT_DIR_NODEPORT as usize),
         ("NODEPORT_MASQ_MARK", NODEPORT_MASQ_MARK as usize),
         ("NODEPORT_LOCAL_MARK", NODEPORT_LOCAL_MARK as usize),

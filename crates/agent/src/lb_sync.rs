@@ -31,6 +31,9 @@ struct Written {
     active: Vec<u32>,
     /// Every backend id it names (active and terminating).
     named: Vec<u32>,
+    /// Balanced by a Maglev table (reached from outside, kube-proxy
+    /// replacement).
+    maglev: bool,
 }
 
 #[derive(Default)]
@@ -175,6 +178,11 @@ impl LbSync {
         let mut released_backends: Vec<u32> = Vec::new();
         let mut released_rev_nats: Vec<u16> = Vec::new();
         let mut maglev_writes: Vec<(u16, Vec<u32>)> = Vec::new();
+        let node_addresses = self
+            .node_ports
+            .as_ref()
+            .map(|n| n.addresses.clone())
+            .unwrap_or_default();
 
         for key in &keys {
             let old = self.written.remove(key).unwrap_or_default();
@@ -184,11 +192,6 @@ impl LbSync {
             let mut new: Vec<Written> = Vec::new();
             if let Some(svc) = state.services().get(key) {
                 let affinity = svc.affinity_timeout_s;
-                let node_addresses = self
-                    .node_ports
-                    .as_ref()
-                    .map(|n| n.addresses.clone())
-                    .unwrap_or_default();
                 for f in svc.frontends_with_node_ports(Some(&self.node), &node_addresses) {
                     let proto = f.protocol.number();
                     let master = master_key(f.address, f.port, proto);
@@ -286,6 +289,7 @@ impl LbSync {
                         rev_nat,
                         active,
                         named,
+                        maglev: maglev.is_some(),
                     });
                 }
             }
@@ -404,31 +408,24 @@ impl LbSync {
             }
         }
         // Maglev tables: the new and changed ones (their backends and
-        // masters are in place), then those of frontends gone.
-        let mut wanted: HashSet<u16> = HashSet::new();
+        // masters are in place), then those no written frontend has.
         for (rev_nat, table) in maglev_writes {
-            wanted.insert(rev_nat);
             if self.maglev.get(&rev_nat) != Some(&table) {
                 datapath.lb_maglev_set(rev_nat, &table)?;
                 self.maglev.insert(rev_nat, table);
             }
         }
-        let external: HashSet<u16> = self
+        let wanted: HashSet<u16> = self
             .written
             .values()
             .flatten()
-            .filter(|w| {
-                self.kernel
-                    .services
-                    .get(&w.master)
-                    .is_some_and(|m| m.flags & LB_SVC_F_EXTERNAL != 0)
-            })
+            .filter(|w| w.maglev)
             .map(|w| w.rev_nat)
             .collect();
         let stale: Vec<u16> = self
             .maglev
             .keys()
-            .filter(|r| !wanted.contains(r) && !external.contains(r))
+            .filter(|r| !wanted.contains(r))
             .copied()
             .collect();
         for rev_nat in stale {

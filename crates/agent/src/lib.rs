@@ -85,7 +85,7 @@ pub struct Config {
 pub struct KubeProxyReplacement {
     /// The node's devices node ports are served on.
     pub devices: Vec<String>,
-    /// Maglev's table size (a prime of `maglev::TABLE_SIZES`).
+    /// Maglev's table size (a prime of `abi::MAGLEV_TABLE_SIZES`).
     pub maglev_table_size: u32,
 }
 
@@ -288,11 +288,11 @@ impl Agent {
         dp_config.proxy = config.proxy;
         dp_config.ct_endpoint_budget = config.ct_endpoint_budget;
         if let Some(k) = &config.kube_proxy_replacement {
-            if !maglev::TABLE_SIZES.contains(&k.maglev_table_size) {
+            if !abi::MAGLEV_TABLE_SIZES.contains(&k.maglev_table_size) {
                 return Err(invalid(format!(
                     "Maglev table size {}: one of {:?} (primes)",
                     k.maglev_table_size,
-                    maglev::TABLE_SIZES
+                    abi::MAGLEV_TABLE_SIZES
                 )));
             }
             dp_config.kube_proxy_replacement = true;

@@ -4,15 +4,8 @@
 //! slots, filled from each backend's own permutation of the slots. A
 //! connection's hash picks a slot, so every node picks the same backend
 //! for it without sharing state, and when a backend goes only a small
-//! share of the other backends' slots change hands (the property test
-//! bounds it).
-
-/// Cilium's default table size (`--bpf-lb-maglev-table-size`).
-pub const DEFAULT_TABLE_SIZE: u32 = 16381;
-
-/// The table sizes Cilium accepts: primes, so every backend's permutation
-/// visits every slot.
-pub const TABLE_SIZES: [u32; 8] = [251, 509, 1021, 2039, 4093, 8191, 16381, 32749];
+//! share of the other backends' slots change hands (the tests measure
+//! how small).
 
 /// A stable 64-bit hash (FNV-1a) of `bytes` after `seed`: every node
 /// computes the same permutation for the same backend.
@@ -82,8 +75,8 @@ mod tests {
     #[test]
     fn every_backend_gets_its_share() {
         let backends = names(10, 1);
-        let t = table(&backends, DEFAULT_TABLE_SIZE);
-        assert_eq!(t.len(), DEFAULT_TABLE_SIZE as usize);
+        let t = table(&backends, abi::MAGLEV_DEFAULT_TABLE_SIZE);
+        assert_eq!(t.len(), abi::MAGLEV_DEFAULT_TABLE_SIZE as usize);
         let mut counts = [0u32; 10];
         for b in &t {
             counts[*b as usize] += 1;
@@ -93,7 +86,7 @@ mod tests {
         for c in counts {
             assert!((1556..=1720).contains(&c), "{counts:?}");
         }
-        assert!(table(&[], DEFAULT_TABLE_SIZE).is_empty());
+        assert!(table(&[], abi::MAGLEV_DEFAULT_TABLE_SIZE).is_empty());
         assert_eq!(table(&backends[..1], 251), vec![0; 251]);
     }
 
@@ -117,16 +110,16 @@ mod tests {
     /// The share of the table's slots that change backend, beyond the
     /// removed backend's own, when backend `gone` of `backends` leaves.
     fn disruption(backends: &[String], gone: usize) -> f64 {
-        let before = table(backends, DEFAULT_TABLE_SIZE);
+        let before = table(backends, abi::MAGLEV_DEFAULT_TABLE_SIZE);
         let mut rest = backends.to_vec();
         rest.remove(gone);
-        let after = table(&rest, DEFAULT_TABLE_SIZE);
+        let after = table(&rest, abi::MAGLEV_DEFAULT_TABLE_SIZE);
         let moved = before
             .iter()
             .zip(&after)
             .filter(|(b, a)| **b as usize != gone && backends[**b as usize] != rest[**a as usize])
             .count();
-        moved as f64 / f64::from(DEFAULT_TABLE_SIZE)
+        moved as f64 / f64::from(abi::MAGLEV_DEFAULT_TABLE_SIZE)
     }
 
     #[test]

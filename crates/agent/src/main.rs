@@ -120,7 +120,7 @@ struct Args {
     kube_proxy_replacement: bool,
     /// Maglev's table size (Cilium's flag): slots per external frontend,
     /// one of 251, 509, 1021, 2039, 4093, 8191, 16381, 32749.
-    #[arg(long, default_value_t = fibril_agent::maglev::DEFAULT_TABLE_SIZE)]
+    #[arg(long, default_value_t = abi::MAGLEV_DEFAULT_TABLE_SIZE)]
     bpf_lb_maglev_table_size: u32,
     /// The node's devices (Cilium's `devices`), comma-separated: where
     /// the host firewall watches the node's traffic and node ports are

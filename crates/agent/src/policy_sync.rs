@@ -378,34 +378,6 @@ impl PolicySync {
             .pod_identities()
             .chain(self.cidr_labels.iter().map(|(id, (_, l))| (*id, l)))
             .collect();
-        // With the host firewall the host is one more local identity.
-        let mut local_with_host = std::mem::take(&mut self.local_with_host);
-        let local =
-            match &self.host {
-                None => state.local_identities(),
-                Some(h) => {
-                    let theirs = state.local_identities();
-                    if full {
-                        local_with_host = theirs.clone();
-                    } else {
-                        for id in
-                            c.endpoints
-                                .iter()
-                                .filter_map(|ep| self.realized_identity.get(ep))
-                                .chain(c.endpoints.iter().filter_map(|ep| {
-                                    state.endpoints().get(ep).map(|e| &e.identity)
-                                }))
-                        {
-                            match theirs.get(id) {
-                                Some(l) => local_with_host.insert(*id, l.clone()),
-                                None => local_with_host.remove(id),
-                            };
-                        }
-                    }
-                    local_with_host.insert(abi::identity::HOST, h.labels.clone());
-                    &local_with_host
-                }
-            };
         // The identities the changed endpoints had and have now.
         let mut hint = policy::engine::Hint::default();
         for id in &c.endpoints {
@@ -413,6 +385,27 @@ impl PolicySync {
             hint.local
                 .extend(state.endpoints().get(id).map(|e| e.identity));
         }
+        // With the host firewall the host is one more local identity: the
+        // local identities are mirrored, patched by the same hint.
+        let mut local_with_host = std::mem::take(&mut self.local_with_host);
+        let local = match &self.host {
+            None => state.local_identities(),
+            Some(h) => {
+                let theirs = state.local_identities();
+                if full {
+                    local_with_host = theirs.clone();
+                } else {
+                    for id in &hint.local {
+                        match theirs.get(id) {
+                            Some(l) => local_with_host.insert(*id, l.clone()),
+                            None => local_with_host.remove(id),
+                        };
+                    }
+                }
+                local_with_host.insert(abi::identity::HOST, h.labels.clone());
+                &local_with_host
+            }
+        };
         hint.identities = hint.local.clone();
         hint.policies = c.policies.clone();
         hint.identities.extend(cidr_touched);

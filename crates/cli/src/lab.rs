@@ -723,12 +723,24 @@ fn validate_nodes(name: &str, file: &LabFile) -> anyhow::Result<()> {
             bail!("{name}: kubeProxyReplacement: true replaces kube-proxy; drop kubeProxy");
         }
     }
+    if file
+        .services
+        .iter()
+        .any(|s| s.type_.as_deref() == Some("NodePort"))
+        && !file.kube_proxy_replacement
+        && file.kube_proxy.is_none()
+    {
+        bail!("{name}: services of type NodePort need kubeProxyReplacement: true (Fibril serves node ports) or kubeProxy (kubernetes: true): nothing else answers on them");
+    }
     if let Some(m) = file.maglev_table_size {
         if !file.kube_proxy_replacement {
             bail!("{name}: maglevTableSize needs kubeProxyReplacement: true (Maglev balances traffic from outside)");
         }
-        if ![251, 509, 1021, 2039, 4093, 8191, 16381, 32749].contains(&m) {
-            bail!("{name}: maglevTableSize: {m}: one of 251, 509, 1021, 2039, 4093, 8191, 16381, 32749 (primes)");
+        if !abi::MAGLEV_TABLE_SIZES.contains(&m) {
+            bail!(
+                "{name}: maglevTableSize: {m}: one of {:?} (primes)",
+                abi::MAGLEV_TABLE_SIZES
+            );
         }
     }
     for (node, labels) in &file.node_labels {

@@ -248,6 +248,33 @@ fn bad_input_gets_a_precise_error_and_changes_nothing() {
         "{err}"
     );
     assert!(!Path::new(&format!("/run/fibril/labs/{name}")).exists());
+    // The host firewall, kube-proxy replacement and node ports: refused
+    // where they cannot work, with the reason.
+    for (yaml, says) in [
+        ("hostFirewall: {enabled: true}\npods: []\n", "hostFirewall: only in a lab with `nodes:`"),
+        ("nodes: [a, b]\nhostFirewall: {audit: true}\npods: []\n", "hostFirewall.audit needs hostFirewall.enabled"),
+        ("nodes: [a, b]\nnodeLabels: {c: {x: v}}\npods: []\n", "nodeLabels.c: no such node"),
+        ("nodes: [a, b]\nnodeLabels: {a: {\"bad key!\": v}}\npods: []\n", "nodeLabels.a.bad key!"),
+        ("nodes: [a, b]\nkubeProxyReplacement: true\nmaglevTableSize: 1000\npods: []\n", "maglevTableSize: 1000: one of"),
+        ("nodes: [a, b]\nmaglevTableSize: 1021\npods: []\n", "maglevTableSize needs kubeProxyReplacement"),
+        (
+            "nodes: [a, b]\npods: []\nservices:\n- {name: w, type: NodePort, ports: [{port: 80, nodePort: 30080}]}\n",
+            "services of type NodePort need kubeProxyReplacement",
+        ),
+        (
+            "nodes: [a, b]\nkubeProxyReplacement: true\npods: []\nservices:\n- {name: w, type: NodePort, ports: [{port: 80, nodePort: 80}]}\n",
+            "outside Kubernetes' NodePort range",
+        ),
+    ] {
+        std::fs::write(&bad_lab, yaml).unwrap();
+        let out = Command::new(bin("fibril"))
+            .args(["--lab", &name, "lab", "up", "-f", bad_lab.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{yaml}: {err}");
+        assert!(!Path::new(&format!("/run/fibril/labs/{name}")).exists());
+    }
     // Pod CIDRs the agent cannot use are refused up front, not after a wait.
     for (cidr, why) in [
         (

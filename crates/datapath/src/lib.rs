@@ -111,9 +111,6 @@ pub const DEFAULT_CT_ENDPOINT_BUDGET: u32 = 65_536;
 /// outer map's template (`BPF_F_INNER_MAP`).
 const BPF_F_INNER_MAP: u32 = 1 << 12;
 
-/// Cilium's default Maglev table size.
-pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16381;
-
 /// How packets reach the L7 proxy: its listener's port on 127.0.0.1, the
 /// mark (and policy-routing table) that delivers a packet to the local
 /// stack, and the mark of the proxy's upstream sockets. All derive from the
@@ -149,7 +146,7 @@ impl Config {
             proxy: None,
             ct_endpoint_budget: DEFAULT_CT_ENDPOINT_BUDGET,
             tunnel_ifindex: 0,
-            maglev_table_size: DEFAULT_MAGLEV_TABLE_SIZE,
+            maglev_table_size: abi::MAGLEV_DEFAULT_TABLE_SIZE,
             kube_proxy_replacement: false,
         }
     }

@@ -487,3 +487,35 @@ fn icmp_errors_about_a_translated_connection_name_the_service() {
     assert_eq!(ones(&p[34..]), 0xffff, "ICMP checksum");
     assert_eq!(ones(&p[quoted..quoted + 20]), 0xffff, "quoted IP checksum");
 }
+
+/// A fragmented reply from the backend enters its client from the
+/// service's address, every fragment; a later one (no L4 header) only has
+/// its address changed, its payload left alone.
+#[test]
+fn a_fragmented_reply_comes_back_from_the_service() {
+    use test_support::ipv4_fragment;
+    let lab = lab();
+    udp_service(&lab);
+    let mut client = progs(&lab, 1, CLIENT);
+    let request = ipv4_packet(CLIENT, VIP, L4::Udp { sport: 40900, dport: 80 });
+    let out = client.test_run(Hook::FromContainer, &request).unwrap();
+    assert_eq!(dst_of(&out.packet), (REMOTE, 8080));
+    let mut head = Vec::new();
+    head.extend_from_slice(&8080u16.to_be_bytes());
+    head.extend_from_slice(&40900u16.to_be_bytes());
+    head.extend_from_slice(&((8 + 1472) as u16).to_be_bytes());
+    head.extend_from_slice(&[0, 0]);
+    head.extend(std::iter::repeat_n(0x5a, 1472));
+    let payload = vec![0xa5u8; 200];
+    for (offset, more, bytes) in [(0, true, &head), (185, false, &payload)] {
+        let frag = ipv4_fragment(REMOTE, CLIENT, 17, 9, offset, more, bytes);
+        let out = client.test_run(Hook::ToContainer, &frag).unwrap();
+        assert_eq!(out.action, TC_ACT_OK, "fragment at {offset}");
+        assert_eq!(src_of(&out.packet).0, VIP, "fragment at {offset}");
+        if offset == 0 {
+            assert_eq!(src_of(&out.packet).1, 80);
+        } else {
+            assert_eq!(&out.packet[34..], &payload[..], "the later fragment's payload");
+        }
+    }
+}
