@@ -497,7 +497,14 @@ fn a_fragmented_reply_comes_back_from_the_service() {
     let lab = lab();
     udp_service(&lab);
     let mut client = progs(&lab, 1, CLIENT);
-    let request = ipv4_packet(CLIENT, VIP, L4::Udp { sport: 40900, dport: 80 });
+    let request = ipv4_packet(
+        CLIENT,
+        VIP,
+        L4::Udp {
+            sport: 40900,
+            dport: 80,
+        },
+    );
     let out = client.test_run(Hook::FromContainer, &request).unwrap();
     assert_eq!(dst_of(&out.packet), (REMOTE, 8080));
     let mut head = Vec::new();
@@ -515,7 +522,11 @@ fn a_fragmented_reply_comes_back_from_the_service() {
         if offset == 0 {
             assert_eq!(src_of(&out.packet).1, 80);
         } else {
-            assert_eq!(&out.packet[34..], &payload[..], "the later fragment's payload");
+            assert_eq!(
+                &out.packet[34..],
+                &payload[..],
+                "the later fragment's payload"
+            );
         }
     }
 }
