@@ -298,36 +298,7 @@ fn policy_decides_on_the_backend_not_the_service() {
 #[test]
 fn udp_is_translated_with_its_checksum() {
     let lab = lab();
-    let udp_key = |slot| LbServiceKey {
-        protocol: 17,
-        ..key(slot)
-    };
-    lab.dp
-        .lb_apply(&[
-            LbWrite::Backend(
-                1,
-                Some(LbBackend {
-                    protocol: 17,
-                    ..backend(REMOTE)
-                }),
-            ),
-            LbWrite::Service(
-                udp_key(1),
-                Some(LbService {
-                    backend_id: 1,
-                    ..Default::default()
-                }),
-            ),
-            LbWrite::Service(
-                udp_key(0),
-                Some(LbService {
-                    count: 1,
-                    rev_nat: 0,
-                    ..Default::default()
-                }),
-            ),
-        ])
-        .unwrap();
+    udp_service(&lab);
     let mut client = progs(&lab, 1, CLIENT);
     let dgram = ipv4_packet(
         CLIENT,
