@@ -1041,3 +1041,234 @@ policies:
     }
     Ok(())
 }
+
+/// The Kafka proxy against direct (issue 19): the real broker twice in one
+/// lab, one allowed at L4 only, one behind `kafka` rules (produce and
+/// consume of the bench topic, so every request is parsed and checked),
+/// and Kafka's own ProducerPerformance and ConsumerPerformance in a client
+/// pod against each, alternating, medians of the rounds.
+pub fn run_kafka_bench(bin: &Path, args: &[String]) -> anyhow::Result<()> {
+    let rounds = rounds_arg(args, 3);
+    let records: u32 = flag(args, "--records").unwrap_or(200_000);
+    let lib = test_support::kafka_lib().display().to_string();
+    let id = std::process::id() % 10_000;
+    let lab = format!("kbench{id}");
+    let dir = std::env::temp_dir().join(format!("fibril-kbench-{id}"));
+    let data = |n: &str| dir.join(n).display().to_string();
+    let broker = |name: &str, app: &str| {
+        format!(
+            "  - {{name: {name}, labels: {{app: {app}}}, command: [fibril-echo, kafka-broker, --lib, \"{lib}\", --data, \"{}\", --heap-mb, \"512\"]}}\n",
+            data(name)
+        )
+    };
+    let yaml = format!(
+        "podCIDR: 10.197.0.0/24\npods:\n{}{}  - {{name: client, labels: {{app: client}}}}\npolicies:\n{}",
+        broker("direct", "kafka-direct"),
+        broker("proxied", "kafka-proxied"),
+        r#"  - inline: |
+      apiVersion: cilium.io/v2
+      kind: CiliumNetworkPolicy
+      metadata: {name: kafka-direct-l4}
+      spec:
+        endpointSelector: {matchLabels: {app: kafka-direct}}
+        ingress:
+        - fromEndpoints: [{matchLabels: {app: client}}]
+          toPorts: [{ports: [{port: "9092", protocol: TCP}]}]
+  - inline: |
+      apiVersion: cilium.io/v2
+      kind: CiliumNetworkPolicy
+      metadata: {name: kafka-proxied-l7}
+      spec:
+        endpointSelector: {matchLabels: {app: kafka-proxied}}
+        ingress:
+        - fromEndpoints: [{matchLabels: {app: client}}]
+          toPorts:
+          - ports: [{port: "9092", protocol: TCP}]
+            rules:
+              kafka:
+              - {role: produce, topic: bench}
+              - {role: consume, topic: bench}
+"#
+    );
+    let _cleanup = Cleanup(vec![lab_up(bin, &lab, &dir, &yaml)?]);
+    let fibril = |args: &[&str]| {
+        let mut c = Command::new(bin.join("fibril"));
+        c.arg("--lab").arg(&lab).args(args);
+        c
+    };
+    // direct .2, proxied .3, client .4.
+    let (direct, proxied) = ("10.197.0.2:9092", "10.197.0.3:9092");
+    for addr in [direct, proxied] {
+        let connect = format!("exec 3<>/dev/tcp/{}", addr.replace(':', "/"));
+        let end = std::time::Instant::now() + Duration::from_secs(120);
+        while !fibril(&["lab", "exec", "client", "--", "bash", "-c", &connect])
+            .output()?
+            .status
+            .success()
+        {
+            anyhow::ensure!(
+                std::time::Instant::now() < end,
+                "{addr}: no broker within 2 min"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    let cp = format!("{lib}/*");
+    let java = |class: &str, args: &[&str]| -> anyhow::Result<String> {
+        let mut a = vec![
+            "lab",
+            "exec",
+            "client",
+            "--",
+            "java",
+            "-Xmx512m",
+            "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
+            "-cp",
+            &cp,
+            class,
+        ];
+        a.extend(args);
+        let out = fibril(&a).output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        anyhow::ensure!(
+            out.status.success(),
+            "{class}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(text)
+    };
+    let n = records.to_string();
+    // Records/s and MB/s of one producer run: "N records sent, R
+    // records/sec (M MB/sec), ...".
+    let produce = |addr: &str, topic: &str| -> anyhow::Result<(f64, f64)> {
+        let servers = format!("bootstrap.servers={addr}");
+        let out = java(
+            "org.apache.kafka.tools.ProducerPerformance",
+            &[
+                "--topic",
+                topic,
+                "--num-records",
+                &n,
+                "--record-size",
+                "512",
+                "--throughput",
+                "-1",
+                "--producer-props",
+                &servers,
+                "acks=1",
+                "linger.ms=5",
+                "batch.size=65536",
+            ],
+        )?;
+        let line = out
+            .lines()
+            .rfind(|l| l.contains("records sent"))
+            .with_context(|| format!("no summary in {out}"))?;
+        let num = |after: &str| -> Option<f64> {
+            line.split(after)
+                .next()?
+                .rsplit([' ', '('])
+                .next()?
+                .parse()
+                .ok()
+        };
+        Ok((
+            num(" records/sec").context("records/sec")?,
+            num(" MB/sec").context("MB/sec")?,
+        ))
+    };
+    // Fetch rate of one consumer run (ConsumerPerformance's fetch.nMsg.sec
+    // and fetch.MB.sec: the fetching, without the group's join).
+    let consume = |addr: &str, topic: &str| -> anyhow::Result<(f64, f64)> {
+        let out = java(
+            "org.apache.kafka.tools.ConsumerPerformance",
+            &[
+                "--bootstrap-server",
+                addr,
+                "--topic",
+                topic,
+                "--messages",
+                &n,
+                "--timeout",
+                "60000",
+            ],
+        )?;
+        let row: Vec<f64> = out
+            .lines()
+            .last()
+            .context("no output")?
+            .split(", ")
+            .filter_map(|v| v.trim().parse().ok())
+            .collect();
+        // start and end times do not parse: MB, MB/s, n, n/s, rebalance
+        // ms, fetch ms, fetch MB/s, fetch n/s.
+        anyhow::ensure!(row.len() >= 8, "unexpected consumer output: {out}");
+        Ok((row[7], row[6]))
+    };
+    println!(
+        "Kafka {} through the L7 proxy against direct ({records} records of 512 bytes, {rounds} rounds, medians; one client, brokers in lab pods, same run)",
+        test_support::kafka_version()
+    );
+    let (mut pd, mut pp, mut fd, mut fp) = (vec![], vec![], vec![], vec![]);
+    for round in 0..rounds {
+        // Each round appends to `bench` on both brokers (the policy names
+        // that topic) and reads the first `records` of it back; which
+        // goes first alternates.
+        if round % 2 == 0 {
+            pd.push(produce(direct, "bench")?);
+            pp.push(produce(proxied, "bench")?);
+            fd.push(consume(direct, "bench")?);
+            fp.push(consume(proxied, "bench")?);
+        } else {
+            pp.push(produce(proxied, "bench")?);
+            pd.push(produce(direct, "bench")?);
+            fp.push(consume(proxied, "bench")?);
+            fd.push(consume(direct, "bench")?);
+        }
+    }
+    let med = |v: &[(f64, f64)], i: usize| {
+        median(v.iter().map(|x| if i == 0 { x.0 } else { x.1 }).collect())
+    };
+    println!(
+        "{:<8} {:>14} {:>14} {:>7} {:>10} {:>10}",
+        "", "direct rec/s", "proxied rec/s", "ratio", "direct MB/s", "proxy MB/s"
+    );
+    for (what, d, p) in [("produce", &pd, &pp), ("fetch", &fd, &fp)] {
+        println!(
+            "{what:<8} {:>14.0} {:>14.0} {:>7.3} {:>10.1} {:>10.1}",
+            med(d, 0),
+            med(p, 0),
+            med(p, 0) / med(d, 0),
+            med(d, 1),
+            med(p, 1)
+        );
+    }
+    // Proof the proxied runs were proxied (every request checked), and
+    // how their bytes crossed: the socket shortcut joins client, proxy
+    // and broker sockets on the node, which direct TCP over the pods'
+    // veths does not have.
+    let addr = std::fs::read_to_string(format!("/run/fibril/labs/{lab}/state/metrics.addr"))?;
+    let mut c = std::net::TcpStream::connect(addr.trim())?;
+    std::io::Write::write_all(&mut c, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    let mut metrics = String::new();
+    std::io::Read::read_to_string(&mut c, &mut metrics)?;
+    for name in [
+        "fibril_proxy_kafka_requests_forwarded_total",
+        "fibril_proxy_kafka_requests_denied_total",
+    ] {
+        let v = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or("?");
+        println!("{name} {v}");
+    }
+    let status = fibril(&["status", "-o", "json"]).output()?;
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap_or_default();
+    if let Some(s) = status.get("proxy_shortcut").filter(|v| !v.is_null()) {
+        println!(
+            "socket shortcut: {} connection ends, {} sends socket to socket, {} through the stack",
+            s["sockets"], s["redirected"], s["plain"]
+        );
+    }
+    Ok(())
+}

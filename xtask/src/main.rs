@@ -65,6 +65,48 @@ fn deps() -> anyhow::Result<()> {
     audit2policy()?;
     kubernetes_tools()?;
     helm_cli()?;
+    kafka_jars()?;
+    Ok(())
+}
+
+/// The real Apache Kafka (broker and tools) from Maven Central, for the
+/// Kafka proxy's tests: `tools/kafka/pom.xml`'s artifacts and their
+/// runtime dependencies copied once per version into the cache, run with
+/// the machine's Java.
+fn kafka_jars() -> anyhow::Result<()> {
+    let lib = test_support::kafka_lib_dir();
+    let version = test_support::kafka_version();
+    if lib.join(format!("kafka_2.13-{version}.jar")).exists() {
+        return Ok(());
+    }
+    let has = |cmd: &str| {
+        Command::new(cmd)
+            .arg("-version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !has("java") || !has("mvn") {
+        install_apt(&["default-jdk-headless", "maven"])?;
+    }
+    eprintln!(
+        "fetching Apache Kafka {version} (Maven Central) into {}",
+        lib.display()
+    );
+    // Into a fresh directory, then renamed: a half-copied one is never
+    // taken for a whole one.
+    let partial = lib.with_file_name("lib.partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    run(Command::new("mvn")
+        .args([
+            "-q",
+            "-B",
+            "dependency:copy-dependencies",
+            "-DincludeScope=runtime",
+        ])
+        .arg(format!("-DoutputDirectory={}", partial.display()))
+        .current_dir(root().join("tools/kafka")))
+    .context("fetching Kafka needs Maven, Java and Maven Central")?;
+    std::fs::rename(&partial, &lib)?;
     Ok(())
 }
 
@@ -629,7 +671,7 @@ fn main() -> anyhow::Result<()> {
         Some("test") | Some("ci") => test(),
         Some("demo") => demo(args.iter().any(|a| a == "--keep")),
         Some("bench") => {
-            // `--only policy|cluster|relay|k8s|ui|flows|packet|lb|prefilter|services|datapath|overlay|cni|l7` runs one part.
+            // `--only policy|cluster|relay|k8s|ui|flows|packet|lb|prefilter|services|datapath|overlay|cni|l7|kafka` runs one part.
             let only: Option<String> = bench::flag(&args, "only");
             let part = |name: &str| only.as_deref().is_none_or(|o| o == name);
             deps()?;
@@ -689,7 +731,7 @@ fn main() -> anyhow::Result<()> {
                     .args(["--example", "prefilter_bench"]))?;
             }
             if part("services") {
-                println!("\n== services beside the real kube-proxy (iptables, nftables) at 10, 1,000 and 10,000 services: connection and request rates");
+                println!("\n== services: the real kube-proxy (iptables, nftables) against Fibril without it, at 10, 1,000 and 10,000 services: connection and request rates");
                 run(cargo()
                     .args(["run", "--quiet", "--release", "-p", "fibril-cli"])
                     .args(["--example", "service_bench"]))?;
@@ -706,6 +748,10 @@ fn main() -> anyhow::Result<()> {
                 println!("\n== pod creation: CNI ADD/DEL through the binary, against a lab's agent");
                 bench::run_cni_bench(&release, &args[1..])?;
             }
+            if part("kafka") {
+                println!("\n== Kafka proxy: produce and fetch through the proxy against direct");
+                bench::run_kafka_bench(&release, &args[1..])?;
+            }
             if part("l7") {
                 println!("\n== L7 proxy: canonical request target and rule check, per call");
                 run(cargo()
@@ -717,6 +763,6 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some("layering") => layering(),
-        _ => bail!("usage: cargo xtask <deps|test|layering|demo [--keep]|bench [--seconds N] [--only policy|cluster|relay|k8s|ui|flows|packet|lb|prefilter|services|datapath|overlay|cni|l7]|ci>"),
+        _ => bail!("usage: cargo xtask <deps|test|layering|demo [--keep]|bench [--seconds N] [--only policy|cluster|relay|k8s|ui|flows|packet|lb|prefilter|services|datapath|overlay|cni|l7|kafka]|ci>"),
     }
 }

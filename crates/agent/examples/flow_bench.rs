@@ -199,6 +199,7 @@ fn run_l7(p: &Pipeline, pairs: u64) -> (Duration, u64, Duration) {
                     }]
                 },
             }),
+            kafka: None,
         },
         protocol: 6,
         decided_by: by.clone(),

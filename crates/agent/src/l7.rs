@@ -25,7 +25,10 @@ impl ProxyPolicy {
 /// Rule lists compiled once each (every connection a rule list covers asks
 /// for it), found by hash.
 #[derive(Default)]
-pub struct CompiledRules(Mutex<std::collections::HashMap<Vec<HttpRule>, Arc<proxy::HttpRules>>>);
+pub struct CompiledRules(
+    Mutex<std::collections::HashMap<Vec<HttpRule>, Arc<proxy::HttpRules>>>,
+    Mutex<Vec<(Vec<policy::model::KafkaRule>, Arc<proxy::KafkaRules>)>>,
+);
 
 impl CompiledRules {
     pub fn get(&self, rules: &[HttpRule]) -> Option<Arc<proxy::HttpRules>> {
@@ -46,6 +49,26 @@ impl CompiledRules {
             cache.clear();
         }
         cache.insert(rules.to_vec(), compiled.clone());
+        Some(compiled)
+    }
+
+    /// The same for `kafka` rule lists (few, and cheap to compare).
+    pub fn kafka(&self, rules: &[policy::model::KafkaRule]) -> Option<Arc<proxy::KafkaRules>> {
+        let mut cache = self.1.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, c)) = cache.iter().find(|(r, _)| r.as_slice() == rules) {
+            return Some(c.clone());
+        }
+        let compiled = match proxy::KafkaRules::compile(rules) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                tracing::error!(error = %e, "kafka rules do not compile");
+                return None;
+            }
+        };
+        if cache.len() >= COMPILED_CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.push((rules.to_vec(), compiled.clone()));
         Some(compiled)
     }
 }

@@ -175,22 +175,36 @@ impl Snapshot {
             ),
         ];
         let mut sides = Vec::new();
+        let mut kafka = Vec::new();
         for (endpoint, peer, direction) in ends {
             let Some(endpoint) = endpoint else { continue };
             let computed = self.policies.get(&endpoint);
-            if let Some((L7::Http(rules), by)) = l7_rules(computed, peer, direction, 6, dst.port())?
-            {
-                sides.push(proxy::Side {
-                    ingress: direction == Direction::Ingress,
+            let ingress = direction == Direction::Ingress;
+            match l7_rules(computed, peer, direction, 6, dst.port())? {
+                Some((L7::Http(rules), by)) => sides.push(proxy::Side {
+                    ingress,
                     rules: compiled.get(&rules)?,
                     policy: Arc::new(crate::observer::policy_ref(&by)),
-                });
+                }),
+                Some((L7::Kafka(rules), by)) => kafka.push(proxy::Side {
+                    ingress,
+                    rules: compiled.kafka(&rules)?,
+                    policy: Arc::new(crate::observer::policy_ref(&by)),
+                }),
+                _ => {}
             }
+        }
+        if !sides.is_empty() && !kafka.is_empty() {
+            // One side says HTTP, the other Kafka: no request can satisfy
+            // both, so the connection is refused rather than half-checked.
+            tracing::warn!(%client, %dst, "http rules on one side and kafka rules on the other: connection refused");
+            return None;
         }
         Some(proxy::Connection {
             client_identity,
             server_identity,
             sides,
+            kafka: (!kafka.is_empty()).then_some(kafka),
             transparent: server_local,
         })
     }
@@ -216,7 +230,18 @@ pub struct WireRecord {
     url: String,
     http_protocol: String,
     headers: Vec<(String, String)>,
+    /// A Kafka flow's record (then the HTTP fields are empty).
+    kafka: Option<WireKafka>,
     decided_by: Vec<(bool, WirePolicyRef)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct WireKafka {
+    error_code: i32,
+    api_version: i32,
+    api_key: String,
+    correlation_id: i32,
+    topic: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -248,6 +273,13 @@ impl From<&flow::record::L7Record> for WireRecord {
             url: http.url,
             http_protocol: http.protocol.into_owned(),
             headers: http.headers.into_iter().map(|h| (h.key, h.value)).collect(),
+            kafka: r.l7.kafka.as_ref().map(|k| WireKafka {
+                error_code: k.error_code,
+                api_version: k.api_version,
+                api_key: k.api_key.clone(),
+                correlation_id: k.correlation_id,
+                topic: k.topic.clone(),
+            }),
             decided_by: r
                 .decided_by
                 .iter()
@@ -301,7 +333,14 @@ impl From<WireRecord> for flow::record::L7Record {
                 },
                 latency_ns: r.latency_ns,
                 dns: None,
-                http: Some(http),
+                http: r.kafka.is_none().then_some(http),
+                kafka: r.kafka.map(|k| flow::record::Kafka {
+                    error_code: k.error_code,
+                    api_version: k.api_version,
+                    api_key: k.api_key,
+                    correlation_id: k.correlation_id,
+                    topic: k.topic,
+                }),
             },
             protocol: r.protocol,
             decided_by: r
@@ -334,7 +373,7 @@ pub enum ToProxy {
 /// The messages' version: the proxy says it in its hello, and an agent
 /// refuses a proxy of another (a proxy left running across an upgrade:
 /// `lab down` or its pid file stops it).
-pub const PROTOCOL: u32 = 2;
+pub const PROTOCOL: u32 = 3;
 
 /// Proxy -> agent.
 #[derive(Debug, Serialize, Deserialize)]

@@ -912,11 +912,11 @@ fn map_value(
     if v.audit {
         flags |= POLICY_F_AUDIT;
     }
-    // HTTP rules send the connection to the L7 proxy, DNS rules to the DNS
-    // proxy; kafka/l7proto are not enforced yet (import warns) and allow
-    // at L4.
+    // HTTP and Kafka rules send the connection to the L7 proxy, DNS rules
+    // to the DNS proxy; l7proto rules are not enforced (no parser) and
+    // allow at L4.
     match v.l7 {
-        Some(policy::L7::Http(_)) => flags |= POLICY_F_REDIRECT,
+        Some(policy::L7::Http(_) | policy::L7::Kafka(_)) => flags |= POLICY_F_REDIRECT,
         Some(policy::L7::Dns(_)) => flags |= abi::POLICY_F_REDIRECT_DNS,
         _ => {}
     }

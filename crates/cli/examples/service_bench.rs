@@ -1,15 +1,25 @@
-//! Services side by side with the real kube-proxy (issue 18), on a lab of
-//! two nodes with the real control plane and kube-proxy (`kubeProxy:`),
-//! in iptables and then nftables mode, at 10, 1,000 and 10,000 services
-//! (one served by a web pod on node n1, the rest selector-less services
-//! with an EndpointSlice each, as many rules as real ones):
-//! - a host-network client on n1 through kube-proxy's rules (a process of
-//!   the node's namespace outside the lab's cgroup, so Fibril's socket LB
-//!   does not see it) and through Fibril's socket LB (the same client in
-//!   the node's cgroup, `lab exec node/n1`), and against the web pod's own
-//!   address (no load balancing at all);
-//! - a pod client on n1 through Fibril's per-packet LB, and against the
-//!   web pod's own address.
+//! Services side by side with the real kube-proxy (issue 18): a lab of two
+//! nodes with the real control plane, once per way of serving services,
+//! at 10, 1,000 and 10,000 services (four served by a web pod on node n1,
+//! the rest selector-less services with an EndpointSlice each, as many
+//! rules as real ones):
+//! - `iptables`, `nftables`: the real kube-proxy in that mode (`kubeProxy:`,
+//!   the seed's `kubeProxyReplacement=false`). A host-network client on n1
+//!   outside the lab's cgroup (Fibril's socket LB does not see it) reaches
+//!   the cluster IPs through kube-proxy's rules, and the web pod's own
+//!   address (no load balancing: what every new connection of a node pays
+//!   for kube-proxy's rules it does not match); a pod client goes through
+//!   Fibril's per-packet LB, which the seed runs beside kube-proxy.
+//! - `replacement`: no kube-proxy (`kubeProxyReplacement: true`), what a
+//!   user who replaces kube-proxy by Fibril gets: the node's client (in the
+//!   node's cgroup) through Fibril's socket LB and a pod client through the
+//!   per-packet LB, each against the web pod's own address.
+//!
+//! kube-proxy's iptables mode walks its KUBE-SERVICES chain on a
+//! connection's first packet and its order changes with every full sync
+//! (a Go map's), so the cluster-IP rows average the four served services:
+//! a typical service, not a lucky or unlucky one. Their places in the
+//! chain are printed.
 //!
 //! The pods' conntrack budget is off (`ctEndpointBudget: 0`): a client
 //! opening ~5,000 connections a second holds three entries each (its
@@ -22,8 +32,9 @@
 //! --release -p fibril-cli --example service_bench` (root; `cargo build
 //! --release --bins` and `cargo xtask deps` first; xtask does).
 //! `SERVICE_BENCH_SECONDS` (default 5) per measurement;
-//! `SERVICE_BENCH_MODES` (default `iptables,nftables`). The labs are
-//! removed at the end, also on failure.
+//! `SERVICE_BENCH_MODES` (default `iptables,nftables,replacement`). The
+//! labs are removed at the end, also on failure. The summary compares
+//! the rates at 10,000 services.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,7 +47,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::json;
 
 const COUNTS: [usize; 3] = [10, 1_000, 10_000];
-const VIP: &str = "10.96.0.90";
+/// The served services' cluster IPs (web-0 .. web-3).
+const VIPS: [&str; 4] = ["10.96.0.90", "10.96.0.91", "10.96.0.92", "10.96.0.93"];
 const CLIENTS: &str = "2";
 
 struct Lab {
@@ -119,37 +131,52 @@ fn load(lab: &Lab, client: &Client, url: &str, new_conns: bool, secs: &str) -> a
     rate(&out, "requests_per_sec")
 }
 
+/// `iptables-save -t nat` (iptables mode) or kube-proxy's service map
+/// (nftables mode) on node `netns`.
+fn kube_proxy_rules(netns: &str, mode: &str) -> String {
+    let args: &[&str] = if mode == "iptables" {
+        &["iptables-save", "-t", "nat"]
+    } else {
+        &["nft", "list", "map", "ip", "kube-proxy", "service-ips"]
+    };
+    Command::new("ip")
+        .args(["netns", "exec", netns])
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
 /// The services kube-proxy has rules for on node `netns`.
 fn kube_proxy_services(netns: &str, mode: &str) -> usize {
-    let out = if mode == "iptables" {
-        Command::new("ip")
-            .args(["netns", "exec", netns, "iptables-save", "-t", "nat"])
-            .output()
-    } else {
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                netns,
-                "nft",
-                "list",
-                "map",
-                "ip",
-                "kube-proxy",
-                "service-ips",
-            ])
-            .output()
-    };
-    let text = out
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
+    let text = kube_proxy_rules(netns, mode);
     if mode == "iptables" {
-        text.lines()
-            .filter(|l| l.starts_with("-A KUBE-SERVICES -d ") && l.contains("-j KUBE-SVC-"))
-            .count()
+        text.lines().filter(|l| is_service_rule(l)).count()
     } else {
         text.matches(": goto service-").count()
     }
+}
+
+fn is_service_rule(line: &str) -> bool {
+    line.starts_with("-A KUBE-SERVICES -d ") && line.contains("-j KUBE-SVC-")
+}
+
+/// Where each served service's rule sits in KUBE-SERVICES (1-based), as
+/// `place/of`; iptables mode only.
+fn chain_places(netns: &str) -> String {
+    let text = kube_proxy_rules(netns, "iptables");
+    let rules: Vec<&str> = text.lines().filter(|l| is_service_rule(l)).collect();
+    VIPS.iter()
+        .map(|vip| {
+            let needle = format!("-d {vip}/32 ");
+            rules
+                .iter()
+                .position(|l| l.contains(&needle))
+                .map_or_else(|| "-".to_string(), |i| (i + 1).to_string())
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+        + &format!(" of {}", rules.len())
 }
 
 /// The frontends Fibril's agent on node n1 balances.
@@ -161,6 +188,35 @@ fn fibril_services(lab: &Lab) -> usize {
         .unwrap_or(0)
 }
 
+/// How a lab serves services: the real kube-proxy in a mode, or Fibril
+/// alone.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    KubeProxy(&'static str),
+    Replacement,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::KubeProxy(m) => m,
+            Mode::Replacement => "replacement",
+        }
+    }
+}
+
+/// What a row connects to.
+enum Target {
+    /// The web pod's own address (no load balancing).
+    Pod,
+    /// The four served cluster IPs, one after the other; the connection
+    /// rate is their mean.
+    ClusterIps,
+}
+
+/// One measured row: (mode, services, row) -> (connections/s, requests/s).
+type Results = Vec<(&'static str, usize, &'static str, f64, f64)>;
+
 fn main() -> anyhow::Result<()> {
     let bin = std::env::current_exe()?
         .parent()
@@ -169,28 +225,89 @@ fn main() -> anyhow::Result<()> {
         .filter(|d| d.join("fibril").exists())
         .ok_or_else(|| anyhow::anyhow!("build fibril first (cargo build --release --bins)"))?;
     let secs = std::env::var("SERVICE_BENCH_SECONDS").unwrap_or_else(|_| "5".into());
-    // SERVICE_BENCH_MODES: which of kube-proxy's modes (default both).
-    let modes = std::env::var("SERVICE_BENCH_MODES").unwrap_or_else(|_| "iptables,nftables".into());
-    for mode in modes
-        .split(',')
-        .filter(|m| ["iptables", "nftables"].contains(m))
-    {
-        println!("kube-proxy in {mode} mode");
-        bench_mode(&bin, mode, &secs)?;
+    let modes = std::env::var("SERVICE_BENCH_MODES")
+        .unwrap_or_else(|_| "iptables,nftables,replacement".into());
+    let mut results = Results::new();
+    for mode in modes.split(',') {
+        let mode = match mode {
+            "iptables" => Mode::KubeProxy("iptables"),
+            "nftables" => Mode::KubeProxy("nftables"),
+            "replacement" => Mode::Replacement,
+            other => {
+                anyhow::bail!("SERVICE_BENCH_MODES: {other:?}: iptables, nftables or replacement")
+            }
+        };
+        match mode {
+            Mode::KubeProxy(m) => println!("the real kube-proxy in {m} mode (Fibril's socket LB out of its way, per-packet LB for pods)"),
+            Mode::Replacement => println!("no kube-proxy: Fibril's kube-proxy replacement"),
+        }
+        bench_mode(&bin, mode, &secs, &mut results)?;
     }
+    summary(&results);
     Ok(())
 }
 
-fn bench_mode(bin: &Path, mode: &str, secs: &str) -> anyhow::Result<()> {
+/// The ratios the issue asks for, at 10,000 services, from what ran.
+fn summary(results: &Results) {
+    let find = |mode: &str, count: usize, what: &str| {
+        results
+            .iter()
+            .find(|r| r.0 == mode && r.1 == count && r.2 == what)
+            .map(|r| (r.3, r.4))
+    };
+    let top = COUNTS[COUNTS.len() - 1];
+    println!("\nsummary (connections/s):");
+    for kp in ["iptables", "nftables"] {
+        let Some((base, _)) = find(kp, top, ROW_HOST_KUBE_PROXY) else {
+            continue;
+        };
+        for (mode, what) in [
+            ("replacement", ROW_HOST_SOCKET_LB),
+            ("replacement", ROW_POD_PER_PACKET),
+            (kp, ROW_POD_PER_PACKET),
+        ] {
+            if let Some((c, _)) = find(mode, top, what) {
+                println!(
+                    "  {top} services: {what} ({mode}) {c:.0} / kube-proxy {kp} {base:.0} = {:.2}x",
+                    c / base
+                );
+            }
+        }
+    }
+    for what in [ROW_HOST_SOCKET_LB, ROW_POD_PER_PACKET] {
+        if let (Some((first, _)), Some((last, _))) = (
+            find("replacement", COUNTS[0], what),
+            find("replacement", top, what),
+        ) {
+            println!(
+                "  {what} (replacement): {top} services / {} services = {:.2}",
+                COUNTS[0],
+                last / first
+            );
+        }
+    }
+}
+
+const ROW_HOST_POD: &str = "host -> pod address (no LB)";
+const ROW_HOST_KUBE_PROXY: &str = "host -> cluster IP, kube-proxy";
+const ROW_HOST_SOCKET_LB: &str = "host -> cluster IP, Fibril socket LB";
+const ROW_POD_POD: &str = "pod -> pod address (no LB)";
+const ROW_POD_PER_PACKET: &str = "pod -> cluster IP, Fibril per packet";
+
+fn bench_mode(bin: &Path, mode: Mode, secs: &str, results: &mut Results) -> anyhow::Result<()> {
     let lab = Lab {
         name: format!("svcb{}", std::process::id() % 100_000),
         bin: bin.to_path_buf(),
     };
     let file = std::env::temp_dir().join(format!("{}.yaml", lab.name));
+    let serving = match mode {
+        Mode::KubeProxy(m) => format!("kubeProxy: {m}"),
+        Mode::Replacement => "kubeProxyReplacement: true".to_string(),
+    };
     std::fs::write(
         &file,
         format!(
-            "podCIDR: 10.232.0.0/22\nnodes: [n1, n2]\nkubernetes: true\nkubeProxy: {mode}\nctEndpointBudget: 0\n\
+            "podCIDR: 10.232.0.0/22\nnodes: [n1, n2]\nkubernetes: true\n{serving}\nctEndpointBudget: 0\n\
              pods:\n- {{name: client, labels: {{app: client}}, node: n1}}\n\
              - {{name: host-client, hostNetwork: true, node: n1}}\n"
         ),
@@ -223,71 +340,83 @@ fn bench_mode(bin: &Path, mode: &str, secs: &str) -> anyhow::Result<()> {
     // The API client's sockets are made in the lab's underlay, where the
     // apiserver listens.
     let web_ip = netns::in_netns(&underlay, || rt()?.block_on(start_web(&kubeconfig)))??;
-    let mut made = 1;
+    let mut made = VIPS.len();
     println!(
-        "  {:>6} services | {:>34} | {:>18} | {:>18}",
+        "  {:>6} services | {:>36} | {:>14} | {:>12}",
         "", "path", "connections/s", "requests/s"
     );
+    let host = Client::HostOutsideCgroup(&node_netns);
+    let node = Client::LabExec("node/n1");
+    let pod = Client::LabExec("default/client");
+    let rows: Vec<(&'static str, &Client, Target)> = match mode {
+        Mode::KubeProxy(_) => vec![
+            (ROW_HOST_POD, &host, Target::Pod),
+            (ROW_HOST_KUBE_PROXY, &host, Target::ClusterIps),
+            (ROW_POD_PER_PACKET, &pod, Target::ClusterIps),
+        ],
+        Mode::Replacement => vec![
+            (ROW_HOST_POD, &node, Target::Pod),
+            (ROW_HOST_SOCKET_LB, &node, Target::ClusterIps),
+            (ROW_POD_POD, &pod, Target::Pod),
+            (ROW_POD_PER_PACKET, &pod, Target::ClusterIps),
+        ],
+    };
     for count in COUNTS {
         netns::in_netns(&underlay, || {
             rt()?.block_on(add_decoys(&kubeconfig, made, count, &web_ip))
         })??;
         made = count;
         let end = Instant::now() + Duration::from_secs(600);
-        while fibril_services(&lab) < count || kube_proxy_services(&node_netns, mode) < count {
+        let followed = || {
+            fibril_services(&lab) >= count
+                && match mode {
+                    Mode::KubeProxy(m) => kube_proxy_services(&node_netns, m) >= count,
+                    Mode::Replacement => true,
+                }
+        };
+        while !followed() {
             anyhow::ensure!(
                 Instant::now() < end,
-                "{count} services not followed within 10 min (Fibril {}, kube-proxy {})",
+                "{count} services not followed within 10 min (Fibril {})",
                 fibril_services(&lab),
-                kube_proxy_services(&node_netns, mode)
             );
             std::thread::sleep(Duration::from_millis(500));
         }
         // kube-proxy's rules settle (its sync runs at most once a second).
         std::thread::sleep(Duration::from_secs(3));
-        let vip = format!("http://{VIP}/");
         let direct = format!("http://{web_ip}:8080/");
-        let rows: [(&str, Client, &str); 5] = [
-            (
-                "host -> pod address (no LB)",
-                Client::HostOutsideCgroup(&node_netns),
-                &direct,
-            ),
-            (
-                "host -> cluster IP, kube-proxy",
-                Client::HostOutsideCgroup(&node_netns),
-                &vip,
-            ),
-            (
-                "host -> cluster IP, Fibril socket LB",
-                Client::LabExec("node/n1"),
-                &vip,
-            ),
-            (
-                "pod -> pod address (no LB)",
-                Client::LabExec("default/client"),
-                &direct,
-            ),
-            (
-                "pod -> cluster IP, Fibril per packet",
-                Client::LabExec("default/client"),
-                &vip,
-            ),
-        ];
-        for (what, client, url) in rows {
-            // The last run's closing connections leave the conntrack
-            // tables first (10 s; the agent's census then gives the web
-            // pod's budget back within 5 s), so no run pays for another's.
-            std::thread::sleep(Duration::from_secs(16));
-            let conns = load(&lab, &client, url, true, secs)?;
-            let reqs = load(&lab, &client, url, false, secs)?;
-            println!("  {count:>6} services | {what:>34} | {conns:>18.0} | {reqs:>18.0}");
+        for (what, client, target) in &rows {
+            let urls: Vec<String> = match target {
+                Target::Pod => vec![direct.clone()],
+                Target::ClusterIps => VIPS.iter().map(|v| format!("http://{v}/")).collect(),
+            };
+            let mut conns = Vec::new();
+            for url in &urls {
+                // The last run's closing connections leave the conntrack
+                // tables first (10 s; the agent's census then gives the
+                // web pod's budget back within 5 s), so no run pays for
+                // another's.
+                std::thread::sleep(Duration::from_secs(16));
+                conns.push(load(&lab, client, url, true, secs)?);
+            }
+            let conns = conns.iter().sum::<f64>() / conns.len() as f64;
+            // Kept-alive requests walk no rule list: one service is enough.
+            let reqs = load(&lab, client, &urls[0], false, secs)?;
+            println!("  {count:>6} services | {what:>36} | {conns:>14.0} | {reqs:>12.0}");
+            results.push((mode.name(), count, what, conns, reqs));
+        }
+        if mode == Mode::KubeProxy("iptables") {
+            println!(
+                "         served services' places in KUBE-SERVICES now: {}",
+                chain_places(&node_netns)
+            );
         }
     }
     Ok(())
 }
 
-/// The web pod on n1 and its service at `VIP`; its address once it runs.
+/// The web pod on n1 and its services web-0 .. web-3 at `VIPS`; its
+/// address once it runs.
 async fn start_web(kubeconfig: &Path) -> anyhow::Result<String> {
     let client = k8s::client::connect(Some(kubeconfig)).await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
@@ -304,12 +433,14 @@ async fn start_web(kubeconfig: &Path) -> anyhow::Result<String> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
-    let svc: Service = serde_json::from_value(json!({
-        "metadata": {"name": "web"},
-        "spec": {"clusterIP": VIP, "selector": {"app": "web"},
-                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
-    }))?;
-    services.create(&PostParams::default(), &svc).await?;
+    for (i, vip) in VIPS.iter().enumerate() {
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": format!("web-{i}")},
+            "spec": {"clusterIP": vip, "selector": {"app": "web"},
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+        }))?;
+        services.create(&PostParams::default(), &svc).await?;
+    }
     let end = Instant::now() + Duration::from_secs(60);
     loop {
         let p = pods.get("web").await?;
@@ -321,7 +452,7 @@ async fn start_web(kubeconfig: &Path) -> anyhow::Result<String> {
     }
 }
 
-/// Services `from..to` (numbered after the web one): selector-less, each
+/// Services `from..to` (numbered after the web ones): selector-less, each
 /// with an EndpointSlice naming the web pod, so kube-proxy writes the same
 /// rules as for a served service. Made 32 at a time.
 async fn add_decoys(kubeconfig: &Path, from: usize, to: usize, web_ip: &str) -> anyhow::Result<()> {

@@ -15,6 +15,7 @@ use proxy::workers;
 
 mod dns;
 mod http;
+mod kafka;
 
 #[derive(Parser)]
 #[command(name = "fibril-echo")]
@@ -145,6 +146,30 @@ enum Cmd {
         seconds: f64,
         #[arg(long, default_value_t = 8)]
         sockets: usize,
+    },
+    /// The real Apache Kafka broker (one KRaft node) from the jars in
+    /// `lib` (`cargo xtask deps` fetches them), advertising this
+    /// namespace's address; its data in `data`. Becomes the broker's JVM.
+    KafkaBroker {
+        #[arg(long)]
+        lib: std::path::PathBuf,
+        #[arg(long)]
+        data: std::path::PathBuf,
+        #[arg(long, default_value_t = 9092)]
+        port: u16,
+        /// The JVM's heap, in MiB.
+        #[arg(long, default_value_t = 512)]
+        heap_mb: u32,
+    },
+    /// One record to each topic in turn on one connection (ApiVersions,
+    /// then a Produce per topic); prints `produce TOPIC error_code N` per
+    /// answer.
+    KafkaProduce {
+        addr: String,
+        #[arg(long = "topic", required = true)]
+        topics: Vec<String>,
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
     },
     /// Accepts TCP connections and, `after` seconds of silence on each,
     /// writes `pushed` (a server that speaks first on an idle connection).
@@ -715,6 +740,17 @@ fn main() {
             sockets,
         } => udp_flood(&addr, seconds, sockets),
         Cmd::PushServer { port, after } => push_server(port, after),
+        Cmd::KafkaBroker {
+            lib,
+            data,
+            port,
+            heap_mb,
+        } => kafka::broker(&lib, &data, port, heap_mb),
+        Cmd::KafkaProduce {
+            addr,
+            topics,
+            timeout,
+        } => kafka::produce(&addr, &topics, timeout),
         Cmd::TcpWait { addr, timeout } => tcp_wait(&addr, timeout),
         Cmd::BenchServer { port } => bench_server(port),
         Cmd::BenchRr { addr, seconds } => bench_rr(&addr, seconds),

@@ -300,9 +300,10 @@ fn type_text(f: &Flow) -> String {
         },
         crate::record::EVENT_TYPE_ACCESS_LOG => match &f.l7 {
             Some(l7) => {
-                let proto = match (&l7.http, &l7.dns) {
-                    (Some(_), _) => "http",
-                    (None, Some(_)) => "dns",
+                let proto = match (&l7.http, &l7.dns, &l7.kafka) {
+                    (Some(_), _, _) => "http",
+                    (None, Some(_), _) => "dns",
+                    (None, None, Some(_)) => "kafka",
                     _ => "l7",
                 };
                 let mut t = format!("{proto}-{}", l7.r#type.as_str().to_lowercase());

@@ -27,7 +27,7 @@ pub struct Counters {
     series: Mutex<Series>,
 }
 
-const HELP: [(&str, &str); 10] = [
+const HELP: [(&str, &str); 12] = [
     (
         "hubble_flows_processed_total",
         "Total number of flows processed",
@@ -52,6 +52,14 @@ const HELP: [(&str, &str); 10] = [
     (
         "hubble_dns_response_types_total",
         "Number of DNS response types",
+    ),
+    (
+        "hubble_kafka_requests_total",
+        "Count of Kafka requests by topic (refused ones counted with the error code the client got)",
+    ),
+    (
+        "hubble_kafka_request_duration_seconds_bucket",
+        "Quantiles of Kafka request duration in seconds (histogram buckets)",
     ),
 ];
 
@@ -185,6 +193,9 @@ fn observe_l7(s: &mut Series, f: &Flow) {
             s.add("hubble_http_request_duration_seconds_count", &l, 1);
         }
     }
+    if let Some(k) = &l7.kafka {
+        observe_kafka(s, l7, k, f.verdict, reporter);
+    }
     if let Some(d) = &l7.dns {
         let qtypes = d.qtypes.join(",");
         let refused = l7.r#type == L7FlowType::REQUEST && f.verdict == Verdict::DROPPED;
@@ -218,6 +229,61 @@ fn observe_l7(s: &mut Series, f: &Flow) {
                 );
             }
         }
+    }
+}
+
+/// Hubble's `kafka` handler: a request counted once it is answered (by
+/// the broker, or refused by the proxy), labelled with the answer's error
+/// code; the broker's answers also time the request.
+fn observe_kafka(
+    s: &mut Series,
+    l7: &crate::record::Layer7,
+    k: &crate::record::Kafka,
+    verdict: Verdict,
+    reporter: &str,
+) {
+    let answered = match (l7.r#type, verdict) {
+        (L7FlowType::RESPONSE, _) => true,
+        (L7FlowType::REQUEST, Verdict::DROPPED) => false,
+        _ => return,
+    };
+    let error_code = k.error_code.to_string();
+    s.add(
+        "hubble_kafka_requests_total",
+        &[
+            ("api_key", &k.api_key),
+            ("error_code", &error_code),
+            ("reporter", reporter),
+            ("topic", &k.topic),
+        ],
+        1,
+    );
+    if answered {
+        let (le, _) = DURATION_BUCKETS
+            .iter()
+            .find(|(_, bound)| l7.latency_ns <= *bound)
+            .unwrap_or(&DURATION_BUCKETS[DURATION_BUCKETS.len() - 1]);
+        s.add(
+            "hubble_kafka_request_duration_seconds_bucket",
+            &[
+                ("api_key", &k.api_key),
+                ("le", le),
+                ("reporter", reporter),
+                ("topic", &k.topic),
+            ],
+            1,
+        );
+        let l = [
+            ("api_key", &*k.api_key),
+            ("reporter", reporter),
+            ("topic", &*k.topic),
+        ];
+        s.add(
+            "hubble_kafka_request_duration_seconds_sum",
+            &l,
+            l7.latency_ns / 1000,
+        );
+        s.add("hubble_kafka_request_duration_seconds_count", &l, 1);
     }
 }
 
@@ -468,5 +534,30 @@ mod tests {
         );
         assert!(text.lines().any(|l| l
             == r#"hubble_http_request_duration_seconds_count{method="GET",reporter="server"} 3"#));
+    }
+
+    #[test]
+    fn kafka_requests_are_counted_when_answered_or_refused() {
+        let c = Counters::default();
+        let kafka = |verdict: &str, ty: &str, error_code: i32| {
+            flow(&format!(
+                r#"{{"time":"","uuid":"","verdict":"{verdict}","Type":"L7","event_type":{{"type":129}},"traffic_direction":"INGRESS","l7":{{"type":"{ty}","latency_ns":2000000,"kafka":{{"error_code":{error_code},"api_version":9,"api_key":"produce","correlation_id":3,"topic":"empire-announce"}}}},"Summary":""}}"#
+            ))
+        };
+        // A forwarded request counts when its answer comes; a refused one
+        // at once, with the code the client got.
+        c.observe(&kafka("FORWARDED", "REQUEST", 0));
+        c.observe(&kafka("FORWARDED", "RESPONSE", 0));
+        c.observe(&kafka("DROPPED", "REQUEST", 29));
+        let text = c.render(&[]);
+        for line in [
+            r#"hubble_kafka_requests_total{api_key="produce",error_code="0",reporter="server",topic="empire-announce"} 1"#,
+            r#"hubble_kafka_requests_total{api_key="produce",error_code="29",reporter="server",topic="empire-announce"} 1"#,
+            r#"hubble_kafka_request_duration_seconds_bucket{le="0.005",api_key="produce",reporter="server",topic="empire-announce"} 1"#,
+            r#"hubble_kafka_request_duration_seconds_count{api_key="produce",reporter="server",topic="empire-announce"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
+        }
+        assert!(text.contains("# TYPE hubble_kafka_request_duration_seconds histogram"));
     }
 }

@@ -345,6 +345,42 @@ pub struct Layer7 {
     pub dns: Option<Dns>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<Http>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<Kafka>,
+}
+
+/// `flow.Kafka` (deprecated in Hubble's API, still filled and filtered
+/// on: `--protocol kafka`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Kafka {
+    #[serde(default, skip_serializing_if = "is_zero_i32")]
+    pub error_code: i32,
+    #[serde(default, skip_serializing_if = "is_zero_i32")]
+    pub api_version: i32,
+    /// Cilium's name of the request's key (`produce`, `fetch`, ...; the
+    /// number for keys it has no name for).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub api_key: String,
+    #[serde(default, skip_serializing_if = "is_zero_i32")]
+    pub correlation_id: i32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub topic: String,
+}
+
+impl Kafka {
+    /// Hubble's Summary: `Kafka request produce correlation id 7 topic
+    /// 'deathstar-plans'`; a response adds `return code N`.
+    pub fn summary(&self, response: bool) -> String {
+        let kind = if response { "response" } else { "request" };
+        let mut s = format!(
+            "Kafka {kind} {} correlation id {} topic '{}'",
+            self.api_key, self.correlation_id, self.topic
+        );
+        if response {
+            s.push_str(&format!(" return code {}", self.error_code));
+        }
+        s
+    }
 }
 
 /// `flow.DNS`.
@@ -1042,9 +1078,10 @@ pub fn from_l7(r: L7Record, uuid: String, node: &str, enricher: &dyn Enricher) -
     let (source, source_names) = enricher.endpoint(*src.ip(), src_id);
     let (destination, destination_names) = enricher.endpoint(*dst.ip(), dst_id);
     let response = r.l7.r#type == L7FlowType::RESPONSE;
-    let summary = match (&r.l7.http, &r.l7.dns) {
-        (Some(h), _) => h.summary(response.then_some(r.l7.latency_ns)),
-        (None, Some(d)) => d.summary(response),
+    let summary = match (&r.l7.http, &r.l7.dns, &r.l7.kafka) {
+        (Some(h), _, _) => h.summary(response.then_some(r.l7.latency_ns)),
+        (None, Some(d), _) => d.summary(response),
+        (None, None, Some(k)) => k.summary(response),
         _ => String::new(),
     };
     let dropped = r.verdict == Verdict::DROPPED;

@@ -201,6 +201,16 @@ pub fn flow(f: &flow::Flow) -> pb::Flow {
                     qtypes: d.qtypes.clone(),
                     rrtypes: d.rrtypes.clone(),
                 })),
+                (None, None) => l.kafka.as_ref().map(|k| {
+                    #[allow(deprecated)] // flow.Kafka is deprecated, still Hubble's record
+                    pb::layer7::Record::Kafka(pb::Kafka {
+                        error_code: k.error_code,
+                        api_version: k.api_version,
+                        api_key: k.api_key.clone(),
+                        correlation_id: k.correlation_id,
+                        topic: k.topic.clone(),
+                    })
+                }),
                 _ => l.http.as_ref().map(|h| {
                     pb::layer7::Record::Http(pb::Http {
                         code: h.code,
@@ -416,6 +426,17 @@ pub fn from_pb(p: &pb::Flow) -> flow::Flow {
                             value: x.value.clone(),
                         })
                         .collect(),
+                }),
+                _ => None,
+            },
+            #[allow(deprecated)] // flow.Kafka is deprecated, still Hubble's record
+            kafka: match &l.record {
+                Some(pb::layer7::Record::Kafka(k)) => Some(flow::record::Kafka {
+                    error_code: k.error_code,
+                    api_version: k.api_version,
+                    api_key: k.api_key.clone(),
+                    correlation_id: k.correlation_id,
+                    topic: k.topic.clone(),
                 }),
                 _ => None,
             },

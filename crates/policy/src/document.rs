@@ -1109,6 +1109,25 @@ fn convert_l7(
             if k.role.is_some() && k.api_key.is_some() {
                 return Err(ctx.err(&kpath, "role and apiKey cannot both be set"));
             }
+            if let Some(key) = k.api_key.as_deref().filter(|k| !k.is_empty()) {
+                if crate::model::kafka_api_key(key).is_none() {
+                    return Err(ctx.err(
+                        format!("{kpath}.apiKey"),
+                        format!(
+                            "{key:?} is not a Kafka API key (one of {})",
+                            crate::model::KAFKA_API_KEYS.join(", ")
+                        ),
+                    ));
+                }
+            }
+            if let Some(v) = k.api_version.as_deref().filter(|v| !v.is_empty()) {
+                if v.parse::<i16>().ok().filter(|v| *v >= 0).is_none() {
+                    return Err(ctx.err(
+                        format!("{kpath}.apiVersion"),
+                        format!("{v:?} is not a Kafka API version (0 to 32767)"),
+                    ));
+                }
+            }
             if let Some(role) = &k.role {
                 if !["produce", "consume"].contains(&role.to_lowercase().as_str()) {
                     return Err(ctx.err(

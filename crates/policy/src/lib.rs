@@ -19,7 +19,7 @@ pub use document::{parse, parse_object, Error, Parsed, Warning};
 pub use engine::Engine;
 pub use labels::{pod_identity_labels, Label, LabelSet, PodMeta};
 pub use model::{
-    HeaderMatch, HttpRule, NamedPort, Peer, PeerRule, Policy, PolicyKind, Port, PortRule, PortSpec,
-    Protocol, Rule, L7,
+    kafka_api_key, HeaderMatch, HttpRule, KafkaRule, NamedPort, Peer, PeerRule, Policy, PolicyKind,
+    Port, PortRule, PortSpec, Protocol, Rule, KAFKA_API_KEYS, L7,
 };
 pub use selector::Selector;

@@ -460,6 +460,54 @@ pub struct HeaderMatch {
     pub mismatch: Option<String>,
 }
 
+/// The API keys a Kafka rule's `apiKey` may name, by key: Cilium's names
+/// (its `APIKeyMap`, keys 0 to 33), matched case-insensitively.
+pub const KAFKA_API_KEYS: [&str; 34] = [
+    "produce",
+    "fetch",
+    "offsets",
+    "metadata",
+    "leaderandisr",
+    "stopreplica",
+    "updatemetadata",
+    "controlledshutdown",
+    "offsetcommit",
+    "offsetfetch",
+    "findcoordinator",
+    "joingroup",
+    "heartbeat",
+    "leavegroup",
+    "syncgroup",
+    "describegroups",
+    "listgroups",
+    "saslhandshake",
+    "apiversions",
+    "createtopics",
+    "deletetopics",
+    "deleterecords",
+    "initproducerid",
+    "offsetforleaderepoch",
+    "addpartitionstotxn",
+    "addoffsetstotxn",
+    "endtxn",
+    "writetxnmarkers",
+    "txnoffsetcommit",
+    "describeacls",
+    "createacls",
+    "deleteacls",
+    "describeconfigs",
+    "alterconfigs",
+];
+
+/// The key a Kafka rule's `apiKey` names (case-insensitive).
+pub fn kafka_api_key(name: &str) -> Option<i16> {
+    let lower = name.to_ascii_lowercase();
+    KAFKA_API_KEYS
+        .iter()
+        .position(|n| *n == lower)
+        .and_then(|k| i16::try_from(k).ok())
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KafkaRule {
     pub role: Option<String>,

@@ -230,6 +230,8 @@ fn bad_documents_are_refused_with_file_document_and_field() {
         ("apiVersion: cilium.io/v1\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec: {endpointSelector: {}}\n", "apiVersion", "cilium.io/v2"),
         ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {}\nspec: {endpointSelector: {}}\n", "metadata.name", "needs a name"),
         ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec: {endpointSelector: {}}\nspecs: [{endpointSelector: {}}]\n", "spec", "not both"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  ingress:\n  - toPorts: [{ports: [{port: \"9092\", protocol: TCP}], rules: {kafka: [{apiKey: producer}]}}]\n", "spec.ingress[0].toPorts[0].rules.kafka[0].apiKey", "not a Kafka API key"),
+        ("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  ingress:\n  - toPorts: [{ports: [{port: \"9092\", protocol: TCP}], rules: {kafka: [{apiVersion: \"-1\"}]}}]\n", "spec.ingress[0].toPorts[0].rules.kafka[0].apiVersion", "not a Kafka API version"),
     ] {
         let e = parse("bad.yaml", &format!("---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c}}\n---\n{yaml}"), "default").unwrap_err();
         assert_eq!(e.file, "bad.yaml");

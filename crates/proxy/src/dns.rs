@@ -380,6 +380,7 @@ async fn answer(
                 latency_ns: latency,
                 dns: Some(dns),
                 http: None,
+                kafka: None,
             },
             decided_by: conn.policy.iter().map(|p| (false, p.clone())).collect(),
             protocol: if tcp { 6 } else { 17 },

@@ -77,6 +77,8 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let config = Arc::new(config);
+    // Topic IDs the brokers' metadata named, for every Kafka connection.
+    let topic_ids = Arc::new(crate::kafka::wire::TopicIds::default());
     let mut router = crate::workers::Router::new(if workers.is_empty() {
         vec![crate::workers::Worker {
             cpu: None,
@@ -92,6 +94,27 @@ pub async fn serve(
             stats.connections_refused.inc();
             continue;
         };
+        if conn.kafka.is_some() {
+            let kafka = Arc::new(crate::kafka::KafkaConn {
+                client,
+                dst,
+                conn,
+                policy: policy.clone(),
+                config: config.clone(),
+                stats: stats.clone(),
+                topic_ids: topic_ids.clone(),
+            });
+            let Ok(stream) = stream.into_std() else {
+                continue;
+            };
+            let worker = router.pick(crate::workers::incoming_cpu(&stream));
+            worker.handle.spawn(async move {
+                if let Ok(stream) = tokio::net::TcpStream::from_std(stream) {
+                    kafka.serve(stream).await;
+                }
+            });
+            continue;
+        }
         let allowed_by = conn
             .sides
             .iter()
@@ -465,6 +488,7 @@ impl Conn {
                 latency_ns,
                 dns: None,
                 http: Some(http),
+                kafka: None,
             },
             decided_by: by,
             protocol: 6,

@@ -1,14 +1,16 @@
 //! Fibril's L7 proxy. The datapath hands it connections that a policy's
-//! `http` rules cover (transparently: it accepts them with the original
-//! destination as its local address); it checks every request against the
-//! rules of each side that redirected the connection (the client's egress,
-//! the server's ingress), answers refused ones with `403 Access denied` on a
-//! connection that stays usable, forwards the rest from the client's own
-//! address, and reports each request and response as an L7 flow.
+//! `http` or `kafka` rules cover (transparently: it accepts them with the
+//! original destination as its local address); it checks every request
+//! against the rules of each side that redirected the connection (the
+//! client's egress, the server's ingress), answers refused ones itself (HTTP
+//! `403 Access denied`, Kafka's authorization error codes) on a connection
+//! that stays usable, forwards the rest from the client's own address, and
+//! reports each request and response as an L7 flow.
 #![forbid(unsafe_code)]
 
 pub mod dns;
 pub mod http;
+pub mod kafka;
 pub mod rules;
 pub mod socket;
 pub mod workers;
@@ -17,16 +19,28 @@ use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+pub use kafka::rules::KafkaRules;
 pub use rules::HttpRules;
 
-/// One side's L7 rules for a connection.
-#[derive(Clone, Debug)]
-pub struct Side {
+/// One side's L7 rules for a connection (`http` rules unless said).
+#[derive(Debug)]
+pub struct Side<R = HttpRules> {
     /// The server's ingress policy (else the client's egress policy).
     pub ingress: bool,
-    pub rules: Arc<HttpRules>,
+    pub rules: Arc<R>,
     /// The policy the rules come from (flow attribution).
     pub policy: flow::record::SharedPolicyRef,
+}
+
+// By hand: the rules are shared, not cloned (a derive would ask R: Clone).
+impl<R> Clone for Side<R> {
+    fn clone(&self) -> Self {
+        Self {
+            ingress: self.ingress,
+            rules: self.rules.clone(),
+            policy: self.policy.clone(),
+        }
+    }
 }
 
 /// What policy says about one redirected connection.
@@ -37,6 +51,9 @@ pub struct Connection {
     /// Every side's rules must allow a request. Empty: the policy no longer
     /// restricts L7 here; requests are forwarded (and still reported).
     pub sides: Vec<Side>,
+    /// A Kafka connection (`kafka` rules redirected it): its sides' rules,
+    /// all of which must allow a request; `sides` is then empty.
+    pub kafka: Option<Vec<Side<KafkaRules>>>,
     /// The server is a pod on this node: connect from the client's address
     /// so that it sees the real client.
     pub transparent: bool,
@@ -105,6 +122,9 @@ pub struct Stats {
     pub dns_refused: Counter,
     /// Datagrams or messages that are not DNS queries (dropped).
     pub dns_malformed: Counter,
+    pub kafka_forwarded: Counter,
+    /// Kafka requests answered with an authorization error by the rules.
+    pub kafka_denied: Counter,
 }
 
 /// A counter that threads on different CPUs add to without sharing a
@@ -132,7 +152,7 @@ impl Counter {
 
 impl Stats {
     /// `(name, help, value)` for each counter.
-    pub fn snapshot(&self) -> [(&'static str, &'static str, u64); 12] {
+    pub fn snapshot(&self) -> [(&'static str, &'static str, u64); 14] {
         let v = Counter::get;
         [
             (
@@ -194,6 +214,16 @@ impl Stats {
                 "fibril_proxy_dns_malformed_total",
                 "Datagrams or messages to the DNS proxy that are not DNS queries",
                 v(&self.dns_malformed),
+            ),
+            (
+                "fibril_proxy_kafka_requests_forwarded_total",
+                "Kafka requests the kafka rules allowed",
+                v(&self.kafka_forwarded),
+            ),
+            (
+                "fibril_proxy_kafka_requests_denied_total",
+                "Kafka requests answered with an authorization error by the kafka rules",
+                v(&self.kafka_denied),
             ),
         ]
     }

@@ -298,6 +298,41 @@ pub fn helm_build_path() -> std::path::PathBuf {
     cache_dir().join(format!("helm-{version}")).join("helm")
 }
 
+/// The Kafka version `tools/kafka/pom.xml` names (`kafka.version`).
+pub fn kafka_version() -> String {
+    let pom = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/kafka/pom.xml");
+    let text = std::fs::read_to_string(&pom).unwrap_or_else(|e| panic!("{}: {e}", pom.display()));
+    text.split("<kafka.version>")
+        .nth(1)
+        .and_then(|rest| rest.split("</kafka.version>").next())
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("{} names no kafka.version", pom.display()))
+}
+
+/// Where `cargo xtask deps` puts the Kafka jars (broker, tools and their
+/// dependencies): run them with `java -cp '<dir>/*'`. Keyed by the
+/// version and the pom's contents, so a changed pom fetches afresh.
+pub fn kafka_lib_dir() -> std::path::PathBuf {
+    let pom = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/kafka/pom.xml");
+    let text = std::fs::read(&pom).unwrap_or_else(|e| panic!("{}: {e}", pom.display()));
+    let hash = fnv1a(0xcbf2_9ce4_8422_2325, &text);
+    cache_dir()
+        .join(format!("kafka-{}-{:08x}", kafka_version(), hash as u32))
+        .join("lib")
+}
+
+/// The Kafka jars, or a panic saying what to run when they are absent.
+pub fn kafka_lib() -> std::path::PathBuf {
+    let dir = kafka_lib_dir();
+    assert!(
+        dir.join(format!("kafka_2.13-{}.jar", kafka_version()))
+            .exists(),
+        "the Kafka jars are not fetched: run `cargo xtask deps` (it copies them into {})",
+        dir.display()
+    );
+    dir
+}
+
 /// The version of hubble-audit2policy (PyPI) the UI's export is checked
 /// with.
 pub const AUDIT2POLICY_VERSION: &str = "0.18.5";

@@ -1213,6 +1213,7 @@ mod tests {
                 client_identity: 1,
                 server_identity: 2,
                 sides: vec![side],
+                kafka: None,
                 transparent: false,
             },
             policy,
