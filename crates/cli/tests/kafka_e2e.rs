@@ -91,28 +91,34 @@ impl KafkaLab {
     /// not idempotent: the guide's clients predate that); true when all
     /// were acknowledged.
     fn produce(&self, pod: &str, topic: &str, count: u32) -> (bool, String) {
+        self.produce_with(pod, topic, count, &["acks=1", "enable.idempotence=false"])
+    }
+
+    /// The same with producer properties `props` besides the bootstrap
+    /// server and timeouts.
+    fn produce_with(&self, pod: &str, topic: &str, count: u32, props: &[&str]) -> (bool, String) {
         let bootstrap = format!("bootstrap.servers={}", self.bootstrap());
-        let (ok, out) = self.java(
-            pod,
-            "org.apache.kafka.tools.ProducerPerformance",
+        let count_text = count.to_string();
+        let args = [
             &[
                 "--topic",
                 topic,
                 "--num-records",
-                &count.to_string(),
+                &count_text,
                 "--record-size",
                 "32",
                 "--throughput",
                 "-1",
                 "--producer-props",
                 &bootstrap,
-                "acks=1",
-                "enable.idempotence=false",
                 "max.block.ms=20000",
                 "delivery.timeout.ms=20000",
                 "request.timeout.ms=10000",
-            ],
-        );
+            ][..],
+            props,
+        ]
+        .concat();
+        let (ok, out) = self.java(pod, "org.apache.kafka.tools.ProducerPerformance", &args);
         let all_sent = out.contains(&format!("{count} records sent"))
             && !out.contains("Exception")
             && !out.contains("ERROR");
@@ -309,30 +315,8 @@ fn the_star_wars_kafka_policy_is_enforced_against_a_real_broker() {
         &k.lab,
         &corpus.join("examples__policies__getting-started__kafka.yaml"),
     );
-    let bootstrap = format!("bootstrap.servers={}", k.bootstrap());
-    let (_, out) = k.java(
-        "empire-hq",
-        "org.apache.kafka.tools.ProducerPerformance",
-        &[
-            "--topic",
-            "deathstar-plans",
-            "--num-records",
-            "4",
-            "--record-size",
-            "32",
-            "--throughput",
-            "-1",
-            "--producer-props",
-            &bootstrap,
-            "max.block.ms=20000",
-            "delivery.timeout.ms=20000",
-            "request.timeout.ms=10000",
-        ],
-    );
-    assert!(
-        out.contains("4 records sent") && !out.contains("Exception"),
-        "an idempotent producer with role: produce: {out}"
-    );
+    let (ok, out) = k.produce_with("empire-hq", "deathstar-plans", 4, &[]);
+    assert!(ok, "an idempotent producer with role: produce: {out}");
     let (_, out) = k.consume("empire-outpost", "empire-announce", 10);
     assert!(
         out.contains("Processed a total of 10 messages"),

@@ -678,18 +678,14 @@ impl Conn {
     /// A connection to the server (from the client's address when
     /// transparent), within the connect timeout.
     async fn dial(&self) -> Result<tokio::net::TcpStream, String> {
-        tokio::time::timeout(
+        crate::socket::dial(
+            *self.client.ip(),
+            self.dst,
+            self.conn.transparent,
+            self.config.from_mark,
             self.config.connect_timeout,
-            crate::socket::connect(
-                *self.client.ip(),
-                self.dst,
-                self.conn.transparent,
-                self.config.from_mark,
-            ),
         )
         .await
-        .map_err(|_| format!("connecting to {} timed out", self.dst))?
-        .map_err(|e| format!("connecting to {}: {e}", self.dst))
     }
 
     async fn connect(&self, h2: bool) -> Result<Upstream, String> {

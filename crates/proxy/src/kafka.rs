@@ -118,25 +118,18 @@ async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &[u8]) -> std::io:
 impl KafkaConn {
     /// Serves the connection until either end closes it.
     pub(crate) async fn serve(self: Arc<Self>, client: TcpStream) {
-        let upstream = match tokio::time::timeout(
+        let upstream = match crate::socket::dial(
+            *self.client.ip(),
+            self.dst,
+            self.conn.transparent,
+            self.config.from_mark,
             self.config.connect_timeout,
-            crate::socket::connect(
-                *self.client.ip(),
-                self.dst,
-                self.conn.transparent,
-                self.config.from_mark,
-            ),
         )
         .await
         {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::debug!(dst = %self.dst, error = %e, "kafka: connecting to the broker");
-                self.stats.upstream_errors.inc();
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(dst = %self.dst, "kafka: connecting to the broker timed out");
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "kafka: connecting to the broker");
                 self.stats.upstream_errors.inc();
                 return;
             }
@@ -165,10 +158,7 @@ impl KafkaConn {
     ) {
         let mut client = BufReader::with_capacity(64 * 1024, client);
         let sides = self.conn.kafka.as_deref().unwrap_or_default();
-        let allowed_by: Arc<[(bool, flow::record::SharedPolicyRef)]> = sides
-            .iter()
-            .map(|s| (s.ingress, s.policy.clone()))
-            .collect();
+        let allowed_by = self.allowed_by();
         loop {
             let frame = match read_frame(&mut client).await {
                 Ok(Some(f)) => f,
@@ -263,11 +253,7 @@ impl KafkaConn {
         mut queue: mpsc::Receiver<Turn>,
     ) {
         let mut broker = BufReader::with_capacity(64 * 1024, broker);
-        let sides = self.conn.kafka.as_deref().unwrap_or_default();
-        let allowed_by: Arc<[(bool, flow::record::SharedPolicyRef)]> = sides
-            .iter()
-            .map(|s| (s.ingress, s.policy.clone()))
-            .collect();
+        let allowed_by = self.allowed_by();
         while let Some(turn) = queue.recv().await {
             let written = match turn {
                 Turn::Refusal(answer) => client.write_all(&answer).await,
@@ -337,6 +323,15 @@ impl KafkaConn {
             }
         }
         let _ = client.shutdown().await;
+    }
+
+    /// Every side's policy: what a forwarded request's flows name.
+    fn allowed_by(&self) -> Arc<[(bool, flow::record::SharedPolicyRef)]> {
+        let sides = self.conn.kafka.as_deref().unwrap_or_default();
+        sides
+            .iter()
+            .map(|s| (s.ingress, s.policy.clone()))
+            .collect()
     }
 
     /// A request's flows (one per topic).

@@ -52,6 +52,21 @@ pub async fn connect(
     socket.connect(dst.into()).await
 }
 
+/// `connect` within `timeout`, its failure said as text (the L7 proxies'
+/// upstream connections).
+pub async fn dial(
+    client: Ipv4Addr,
+    dst: SocketAddrV4,
+    transparent: bool,
+    mark: u32,
+    timeout: std::time::Duration,
+) -> Result<tokio::net::TcpStream, String> {
+    tokio::time::timeout(timeout, connect(client, dst, transparent, mark))
+        .await
+        .map_err(|_| format!("connecting to {dst} timed out"))?
+        .map_err(|e| format!("connecting to {dst}: {e}"))
+}
+
 /// Accepts the next connection the datapath assigned to `listener`: the
 /// stream, its client and its original destination (the proxy's local
 /// address). Accept errors (out of file descriptors and the like) back off
