@@ -30,6 +30,7 @@ pub const CLUSTER_AUTHORIZATION_FAILED: i16 = 31;
 pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = 53;
 
 const DESCRIBE_CLUSTER: i16 = 60;
+const CONSUMER_GROUP_HEARTBEAT: i16 = 68;
 const GET_TELEMETRY_SUBSCRIPTIONS: i16 = 71;
 const PUSH_TELEMETRY: i16 = 72;
 
@@ -342,7 +343,11 @@ fn frame<T: Encodable>(req: &Request, body: &T) -> Option<Bytes> {
 /// FindCoordinator), Kafka's own authorizer's code for the rest.
 pub fn refusal_code(req: &Request) -> i16 {
     match req.api_key {
-        k::JOIN_GROUP | k::HEARTBEAT | k::LEAVE_GROUP | k::SYNC_GROUP => GROUP_AUTHORIZATION_FAILED,
+        k::JOIN_GROUP
+        | k::HEARTBEAT
+        | k::LEAVE_GROUP
+        | k::SYNC_GROUP
+        | CONSUMER_GROUP_HEARTBEAT => GROUP_AUTHORIZATION_FAILED,
         k::API_VERSIONS => CLUSTER_AUTHORIZATION_FAILED,
         k::INIT_PRODUCER_ID if req.transactional => TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
         k::INIT_PRODUCER_ID | DESCRIBE_CLUSTER | GET_TELEMETRY_SUBSCRIPTIONS | PUSH_TELEMETRY => {
@@ -602,6 +607,12 @@ pub fn refusal(req: &Request) -> Option<Bytes> {
                 &GetTelemetrySubscriptionsResponse::default().with_error_code(code),
             ),
             PUSH_TELEMETRY => frame(req, &PushTelemetryResponse::default().with_error_code(code)),
+            // KIP-848's consumer group protocol: outside Cilium's roles,
+            // refused with the group error its authorizer gives.
+            CONSUMER_GROUP_HEARTBEAT => frame(
+                req,
+                &ConsumerGroupHeartbeatResponse::default().with_error_code(code),
+            ),
             _ => None,
         },
         _ => None,
@@ -826,6 +837,9 @@ pub fn read_answer(api_key: i16, api_version: i16, frame: &Bytes, ids: &TopicIds
             decode::<m::GetTelemetrySubscriptionsResponse>(&mut b, v).map(|r| top(r.error_code))
         }
         PUSH_TELEMETRY => decode::<m::PushTelemetryResponse>(&mut b, v).map(|r| top(r.error_code)),
+        CONSUMER_GROUP_HEARTBEAT => {
+            decode::<m::ConsumerGroupHeartbeatResponse>(&mut b, v).map(|r| top(r.error_code))
+        }
         k::CREATE_TOPICS => decode::<m::CreateTopicsResponse>(&mut b, v).map(|r| Answer {
             error_code: 0,
             topics: r
@@ -1116,6 +1130,13 @@ mod tests {
         });
         check(ApiKey::PushTelemetry, 0..=0, &|v| {
             request(ApiKey::PushTelemetry, v, &PushTelemetryRequest::default())
+        });
+        check(ApiKey::ConsumerGroupHeartbeat, 0..=1, &|v| {
+            request(
+                ApiKey::ConsumerGroupHeartbeat,
+                v,
+                &ConsumerGroupHeartbeatRequest::default(),
+            )
         });
         check(ApiKey::DescribeCluster, 0..=1, &|v| {
             request(
