@@ -555,19 +555,27 @@ impl Endpoints {
                     ipv4: e.ipv4.to_string(),
                     identity: e.identity,
                     labels: e.labels.to_strings(),
-                    ingress_enforced: computed.is_some_and(|c| c.ingress_enforced),
-                    egress_enforced: computed.is_some_and(|c| c.egress_enforced),
+                    enforcement: enforcement(computed),
                     policy_entries: computed.map_or(0, |c| c.entries.len()),
                     policy_overflow: policy.overflowed.contains(&e.id),
-                    ingress_selected_by: computed
-                        .map(|c| c.ingress_selected_by.clone())
-                        .unwrap_or_default(),
-                    egress_selected_by: computed
-                        .map(|c| c.egress_selected_by.clone())
-                        .unwrap_or_default(),
                 }
             })
             .collect()
+    }
+}
+
+/// What an endpoint's computed policy (none: no policy) enforces, as the
+/// API reports it for pods and the host endpoint.
+pub(crate) fn enforcement(computed: Option<&policy::EndpointPolicy>) -> api::Enforcement {
+    api::Enforcement {
+        ingress_enforced: computed.is_some_and(|c| c.ingress_enforced),
+        egress_enforced: computed.is_some_and(|c| c.egress_enforced),
+        ingress_selected_by: computed
+            .map(|c| c.ingress_selected_by.clone())
+            .unwrap_or_default(),
+        egress_selected_by: computed
+            .map(|c| c.egress_selected_by.clone())
+            .unwrap_or_default(),
     }
 }
 

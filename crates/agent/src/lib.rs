@@ -667,14 +667,7 @@ impl Agent {
                 devices: h.devices.clone(),
                 audit: h.audit,
                 labels: policy::LabelSet::host_endpoint(&h.node_labels).to_strings(),
-                ingress_enforced: computed.is_some_and(|c| c.ingress_enforced),
-                egress_enforced: computed.is_some_and(|c| c.egress_enforced),
-                ingress_selected_by: computed
-                    .map(|c| c.ingress_selected_by.clone())
-                    .unwrap_or_default(),
-                egress_selected_by: computed
-                    .map(|c| c.egress_selected_by.clone())
-                    .unwrap_or_default(),
+                enforcement: endpoints::enforcement(computed),
             }
         });
         let s = self.control.lock();

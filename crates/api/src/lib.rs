@@ -224,11 +224,19 @@ pub struct EndpointInfo {
     pub ipv4: String,
     pub identity: u32,
     pub labels: Vec<String>,
-    pub ingress_enforced: bool,
-    pub egress_enforced: bool,
+    #[serde(flatten)]
+    pub enforcement: Enforcement,
     pub policy_entries: usize,
     /// Its policy did not fit the policy map: it fails closed.
     pub policy_overflow: bool,
+}
+
+/// What an endpoint's policy enforces, per direction (pods and the host
+/// endpoint alike; flattened into their JSON).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enforcement {
+    pub ingress_enforced: bool,
+    pub egress_enforced: bool,
     /// The policies whose default deny selects it, per direction
     /// (`namespace/name`, or a cluster-wide policy's name): what a drop no
     /// rule allowed is "default deny, selected by".
@@ -292,11 +300,9 @@ pub struct HostFirewallInfo {
     pub audit: bool,
     /// The node's labels (what host policies' nodeSelectors match).
     pub labels: Vec<String>,
-    pub ingress_enforced: bool,
-    pub egress_enforced: bool,
-    /// The host policies whose rules select this node, per direction.
-    pub ingress_selected_by: Vec<String>,
-    pub egress_selected_by: Vec<String>,
+    /// The host policies selecting this node and what they enforce.
+    #[serde(flatten)]
+    pub enforcement: Enforcement,
 }
 
 /// Kube-proxy replacement as the node runs it.

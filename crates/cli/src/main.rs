@@ -569,8 +569,14 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         "Host firewall: on {}{}; ingress {}; egress {}",
                         h.devices.join(","),
                         if h.audit { " (AUDIT mode)" } else { "" },
-                        side(h.ingress_enforced, &h.ingress_selected_by),
-                        side(h.egress_enforced, &h.egress_selected_by)
+                        side(
+                            h.enforcement.ingress_enforced,
+                            &h.enforcement.ingress_selected_by
+                        ),
+                        side(
+                            h.enforcement.egress_enforced,
+                            &h.enforcement.egress_selected_by
+                        )
                     );
                 }
                 if let Some(k) = &s.kube_proxy_replacement {
@@ -615,8 +621,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         shown(&format!("{}/{}", e.namespace, e.pod_name)),
                         e.ipv4,
                         e.identity,
-                        enforced(e.ingress_enforced),
-                        enforced(e.egress_enforced),
+                        enforced(e.enforcement.ingress_enforced),
+                        enforced(e.enforcement.egress_enforced),
                         shown(&e.labels.join(","))
                     );
                 }

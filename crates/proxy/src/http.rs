@@ -94,20 +94,21 @@ pub async fn serve(
             stats.connections_refused.inc();
             continue;
         };
+        // The socket moves to its worker's own event loop.
+        let Ok(stream) = stream.into_std() else {
+            continue;
+        };
+        let worker = router.pick(crate::workers::incoming_cpu(&stream));
         if conn.kafka.is_some() {
-            let kafka = Arc::new(crate::kafka::KafkaConn {
+            let kafka = Arc::new(crate::kafka::KafkaConn::new(
                 client,
                 dst,
                 conn,
-                policy: policy.clone(),
-                config: config.clone(),
-                stats: stats.clone(),
-                topic_ids: topic_ids.clone(),
-            });
-            let Ok(stream) = stream.into_std() else {
-                continue;
-            };
-            let worker = router.pick(crate::workers::incoming_cpu(&stream));
+                policy.clone(),
+                config.clone(),
+                stats.clone(),
+                topic_ids.clone(),
+            ));
             worker.handle.spawn(async move {
                 if let Ok(stream) = tokio::net::TcpStream::from_std(stream) {
                     kafka.serve(stream).await;
@@ -115,27 +116,17 @@ pub async fn serve(
             });
             continue;
         }
-        let allowed_by = conn
-            .sides
-            .iter()
-            .map(|s| (s.ingress, s.policy.clone()))
-            .collect();
         let state = Arc::new(Conn {
             client,
             dst,
-            ingress: conn.sides.iter().any(|s| s.ingress) || conn.sides.is_empty(),
-            allowed_by,
+            ingress: conn.ingress(),
+            allowed_by: conn.allowed_by(),
             conn,
             policy: policy.clone(),
             config: config.clone(),
             stats: stats.clone(),
             upstream: tokio::sync::Mutex::new(None),
         });
-        // The socket moves to its worker's own event loop.
-        let Ok(stream) = stream.into_std() else {
-            continue;
-        };
-        let worker = router.pick(crate::workers::incoming_cpu(&stream));
         worker.handle.spawn(async move {
             if let Ok(stream) = tokio::net::TcpStream::from_std(stream) {
                 state.serve(stream).await;

@@ -24,7 +24,7 @@ pub mod wire;
 
 use std::net::SocketAddrV4;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use flow::enums::{L7FlowType, Verdict};
@@ -44,13 +44,17 @@ const COALESCE: usize = 64 * 1024;
 
 /// One Kafka client connection and what decides it.
 pub(crate) struct KafkaConn {
-    pub client: SocketAddrV4,
-    pub dst: SocketAddrV4,
-    pub conn: Connection,
-    pub policy: Arc<dyn Policy>,
-    pub config: Arc<crate::http::Config>,
-    pub stats: Arc<Stats>,
-    pub topic_ids: Arc<wire::TopicIds>,
+    client: SocketAddrV4,
+    dst: SocketAddrV4,
+    conn: Connection,
+    /// The flows' direction (`Connection::ingress`).
+    ingress: bool,
+    /// Attribution of forwarded requests (`Connection::allowed_by`).
+    allowed_by: Arc<[(bool, flow::record::SharedPolicyRef)]>,
+    policy: Arc<dyn Policy>,
+    config: Arc<crate::http::Config>,
+    stats: Arc<Stats>,
+    topic_ids: Arc<wire::TopicIds>,
 }
 
 /// What the client gets next, in request order.
@@ -69,12 +73,6 @@ enum Turn {
     },
     /// A refused request's answer, made by the proxy.
     Refusal(Bytes),
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// Reads one frame: `None` at a clean end of stream.
@@ -116,6 +114,28 @@ async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &[u8]) -> std::io:
 }
 
 impl KafkaConn {
+    pub(crate) fn new(
+        client: SocketAddrV4,
+        dst: SocketAddrV4,
+        conn: Connection,
+        policy: Arc<dyn Policy>,
+        config: Arc<crate::http::Config>,
+        stats: Arc<Stats>,
+        topic_ids: Arc<wire::TopicIds>,
+    ) -> Self {
+        Self {
+            client,
+            dst,
+            ingress: conn.ingress(),
+            allowed_by: conn.allowed_by(),
+            conn,
+            policy,
+            config,
+            stats,
+            topic_ids,
+        }
+    }
+
     /// Serves the connection until either end closes it.
     pub(crate) async fn serve(self: Arc<Self>, client: TcpStream) {
         let upstream = match crate::socket::dial(
@@ -158,7 +178,6 @@ impl KafkaConn {
     ) {
         let mut client = BufReader::with_capacity(64 * 1024, client);
         let sides = self.conn.kafka.as_deref().unwrap_or_default();
-        let allowed_by = self.allowed_by();
         loop {
             let frame = match read_frame(&mut client).await {
                 Ok(Some(f)) => f,
@@ -183,7 +202,13 @@ impl KafkaConn {
             match denied_by {
                 None => {
                     self.stats.kafka_forwarded.inc();
-                    self.report(&req, &topics, Verdict::FORWARDED, 0, allowed_by.clone());
+                    self.report(
+                        &req,
+                        &topics,
+                        Verdict::FORWARDED,
+                        0,
+                        self.allowed_by.clone(),
+                    );
                     if req.expects_response {
                         let turn = Turn::Broker {
                             api_key: req.api_key,
@@ -253,7 +278,6 @@ impl KafkaConn {
         mut queue: mpsc::Receiver<Turn>,
     ) {
         let mut broker = BufReader::with_capacity(64 * 1024, broker);
-        let allowed_by = self.allowed_by();
         while let Some(turn) = queue.recv().await {
             let written = match turn {
                 Turn::Refusal(answer) => client.write_all(&answer).await,
@@ -311,7 +335,7 @@ impl KafkaConn {
                                 correlation_id,
                                 topic: topic.to_string(),
                             },
-                            allowed_by.clone(),
+                            self.allowed_by.clone(),
                         );
                     }
                     write_frame(&mut client, &frame).await
@@ -323,15 +347,6 @@ impl KafkaConn {
             }
         }
         let _ = client.shutdown().await;
-    }
-
-    /// Every side's policy: what a forwarded request's flows name.
-    fn allowed_by(&self) -> Arc<[(bool, flow::record::SharedPolicyRef)]> {
-        let sides = self.conn.kafka.as_deref().unwrap_or_default();
-        sides
-            .iter()
-            .map(|s| (s.ingress, s.policy.clone()))
-            .collect()
     }
 
     /// A request's flows (one per topic).
@@ -368,16 +383,15 @@ impl KafkaConn {
         kafka: flow::record::Kafka,
         by: Arc<[(bool, flow::record::SharedPolicyRef)]>,
     ) {
-        let sides = self.conn.kafka.as_deref().unwrap_or_default();
         self.policy.record(flow::record::L7Record {
-            unix_ns: now_ns(),
+            unix_ns: crate::http::now_ns(),
             client: self.client,
             server: self.dst,
             client_identity: self.conn.client_identity,
             server_identity: self.conn.server_identity,
             is_reply,
             verdict,
-            ingress: sides.iter().any(|s| s.ingress) || sides.is_empty(),
+            ingress: self.ingress,
             l7: flow::record::Layer7 {
                 r#type: if is_reply {
                     L7FlowType::RESPONSE

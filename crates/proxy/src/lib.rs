@@ -59,6 +59,31 @@ pub struct Connection {
     pub transparent: bool,
 }
 
+impl Connection {
+    /// The flows' direction: INGRESS when the server's policy redirected
+    /// the connection (or none restricts it any more), else EGRESS.
+    pub fn ingress(&self) -> bool {
+        let mut sides = self.side_policies().peekable();
+        sides.peek().is_none() || sides.any(|(ingress, _)| ingress)
+    }
+
+    /// Attribution of forwarded requests: every side's policy (each side
+    /// allowed them).
+    pub fn allowed_by(&self) -> Arc<[(bool, flow::record::SharedPolicyRef)]> {
+        self.side_policies().collect()
+    }
+
+    fn side_policies(&self) -> impl Iterator<Item = (bool, flow::record::SharedPolicyRef)> + '_ {
+        let http = self.sides.iter().map(|s| (s.ingress, s.policy.clone()));
+        let kafka = self
+            .kafka
+            .iter()
+            .flatten()
+            .map(|s| (s.ingress, s.policy.clone()));
+        http.chain(kafka)
+    }
+}
+
 /// The proxy's view of the agent.
 pub trait Policy: Send + Sync + 'static {
     /// The rules for a connection from `client` to `original_dst`; `None`

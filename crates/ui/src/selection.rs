@@ -66,7 +66,13 @@ impl Selections {
             match answer {
                 Ok(api::Response::Endpoints { endpoints }) => {
                     for e in endpoints {
-                        merged.insert(e.identity, (e.ingress_selected_by, e.egress_selected_by));
+                        merged.insert(
+                            e.identity,
+                            (
+                                e.enforcement.ingress_selected_by,
+                                e.enforcement.egress_selected_by,
+                            ),
+                        );
                     }
                 }
                 Ok(other) => tracing::debug!(agent = %path.display(), ?other, "unexpected answer"),
