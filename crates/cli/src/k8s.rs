@@ -26,18 +26,23 @@ pub const APISERVER_PORT: u16 = 6443;
 /// the first).
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 
+/// The cache `cargo xtask deps` builds third-party programs into (outside
+/// the clone, a directory per program and version).
+pub fn tools_cache() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache"))
+        .join("fibril")
+}
+
 /// Where the control plane's binaries are: `FIBRIL_KUBERNETES_DIR`, else
 /// the cache `cargo xtask deps` builds them into.
 pub fn bin_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("FIBRIL_KUBERNETES_DIR") {
         return d.into();
     }
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from("/var/cache"))
-        .join("fibril")
-        .join(format!("kubernetes-{VERSION}"))
+    tools_cache().join(format!("kubernetes-{VERSION}"))
 }
 
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
@@ -91,7 +96,7 @@ pub fn create_namespace(
 }
 
 /// `kubectl apply` of one manifest (written beside the lab's PKI).
-fn apply(
+pub fn apply(
     lab_dir: &Path,
     netns: &str,
     what: &str,

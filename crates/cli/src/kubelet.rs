@@ -123,13 +123,19 @@ fn which(program: &str) -> bool {
 struct Running {
     state: PodState,
     uid: String,
-    child: Option<Child>,
-    restarts: i32,
+    /// Its containers' processes, in the spec's order; empty for a pod
+    /// adopted from a previous run of the kubelet.
+    containers: Vec<ContainerRun>,
     /// The status last reported, so it is written once.
     reported: Option<serde_json::Value>,
-    /// The main container's process (run again when it exits); None for
-    /// a pod adopted from a previous run of the kubelet.
-    process: Option<Process>,
+}
+
+/// One container's process (run again when it exits).
+struct ContainerRun {
+    process: Process,
+    image: String,
+    child: Child,
+    restarts: i32,
 }
 
 struct Kubelet {
@@ -180,10 +186,8 @@ impl Kubelet {
                 Running {
                     state,
                     uid,
-                    child: None,
-                    restarts: 0,
+                    containers: Vec::new(),
                     reported: None,
-                    process: None,
                 },
             );
         }
@@ -540,12 +544,11 @@ impl Kubelet {
         let name = pod.metadata.name.clone().unwrap_or_default();
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let spec = pod.spec.as_ref().context("the pod has no spec")?;
-        let container = spec
-            .containers
-            .first()
-            .context("the pod has no container")?;
+        anyhow::ensure!(!spec.containers.is_empty(), "the pod has no container");
         // Refused before anything is made.
-        command_of(container).map_err(|e| anyhow::anyhow!(e))?;
+        for c in &spec.containers {
+            command_of(c).map_err(|e| anyhow::anyhow!("container {}: {e}", c.name))?;
+        }
         let host_network = k8s::pod::host_network(pod);
         let dir = self.pod_dir(&uid);
         std::fs::create_dir_all(&dir)?;
@@ -582,13 +585,16 @@ impl Kubelet {
             pid: None,
             node: Some(self.node.name.clone()),
             host_network,
+            ..Default::default()
         };
         if !host_network {
             netns::create_netns(&netns)?;
             let st = lab::load_state(&self.lab)?;
             // The node's installed CNI configuration when there is one (a
             // Helm-installed agent wrote it), else the lab's agent.
-            match lab::cni_add_installed(&st, &state) {
+            let added = crate::cni_chain::of_kubelet_pod(&st, &state)
+                .and_then(|chain| crate::cni_chain::add(&st, &state, &chain));
+            match added {
                 Ok(result) => state.cni_result = result,
                 Err(e) => {
                     netns::delete_netns(&netns);
@@ -632,8 +638,10 @@ impl Kubelet {
             }
         }
         // A ConfigMap's values that are paths in the container (a flag file
-        // naming a mounted certificate) are this machine's paths too.
-        let mounts = kubelet_pod::mounts(container, &volumes).map_err(|e| anyhow::anyhow!(e))?;
+        // naming a mounted certificate) are this machine's paths too (as
+        // the first container mounts them).
+        let mounts =
+            kubelet_pod::mounts(&spec.containers[0], &volumes).map_err(|e| anyhow::anyhow!(e))?;
         for v in spec
             .volumes
             .iter()
@@ -644,16 +652,43 @@ impl Kubelet {
                 kubelet_pod::map_file_values(dir, &mounts)?;
             }
         }
-        let main = process_of(container)?;
-        let child = self.spawn(&state, &main)?;
-        state.pid = Some(child.id());
+        // Every container, in the spec's order, as one pod: the same
+        // network namespace (a sidecar beside its application).
+        let mut containers: Vec<ContainerRun> = Vec::new();
+        for c in &spec.containers {
+            let started = process_of(c).and_then(|p| {
+                let child = self.spawn(&state, &p)?;
+                Ok(ContainerRun {
+                    process: p,
+                    image: c.image.clone().unwrap_or_default(),
+                    child,
+                    restarts: 0,
+                })
+            });
+            match started {
+                Ok(run) => containers.push(run),
+                Err(e) => {
+                    for mut run in containers {
+                        lab::kill(run.child.id());
+                        run.child.wait().ok();
+                    }
+                    if !host_network {
+                        if let Ok(st) = lab::load_state(&self.lab) {
+                            crate::cni_chain::del(&st, &state).ok();
+                        }
+                        netns::delete_netns(&netns);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        state.pid = containers.first().map(|c| c.child.id());
+        state.other_pids = containers.iter().skip(1).map(|c| c.child.id()).collect();
         Ok(Running {
             state,
             uid,
-            child: Some(child),
-            restarts: 0,
+            containers,
             reported: None,
-            process: Some(main),
         })
     }
 
@@ -674,6 +709,15 @@ impl Kubelet {
         } else {
             cmd.args(["ip", "netns", "exec", &state.netns]);
         }
+        // A container's user and group (`securityContext.runAsUser`), taken
+        // once inside the pod's namespace: Istio's redirection, for one,
+        // lets its proxy's user (1337) through by that.
+        if let Some((user, group)) = p.run_as {
+            cmd.arg("setpriv")
+                .arg(format!("--reuid={user}"))
+                .arg(format!("--regid={group}"))
+                .arg("--clear-groups");
+        }
         cmd.arg(lab::resolve(&p.argv[0]))
             .args(&p.argv[1..])
             .env_remove("KUBERNETES_SERVICE_HOST")
@@ -690,15 +734,15 @@ impl Kubelet {
         let Some(mut r) = self.pods.remove(k) else {
             return;
         };
-        if let Some(pid) = r.state.pid {
-            lab::kill(pid);
+        for pid in r.state.pid.iter().chain(&r.state.other_pids) {
+            lab::kill(*pid);
         }
-        if let Some(c) = &mut r.child {
-            c.wait().ok();
+        for c in &mut r.containers {
+            c.child.wait().ok();
         }
         if !r.state.host_network {
             if let Ok(st) = lab::load_state(&self.lab) {
-                if let Err(e) = lab::cni_del(&st, &r.state) {
+                if let Err(e) = crate::cni_chain::del(&st, &r.state) {
                     eprintln!("kubelet {}: pod {k}: {e:#}", self.node.name);
                 }
             }
@@ -732,17 +776,28 @@ impl Kubelet {
     /// Containers that exited are started again (restartPolicy Always, the
     /// lab's pods' only one), counted in restartCount.
     async fn restart_dead(&mut self) {
-        let mut dead = Vec::new();
+        // (pod, the indices of its dead containers; none for an adopted pod
+        // whose processes are gone).
+        let mut dead: Vec<(String, Vec<usize>)> = Vec::new();
         for (k, r) in &mut self.pods {
-            let exited = match &mut r.child {
-                Some(c) => c.try_wait().ok().flatten().is_some(),
-                None => r.state.pid.is_some_and(|p| !lab::alive(p)),
-            };
-            if exited {
-                dead.push(k.clone());
+            if r.containers.is_empty() {
+                let pids = r.state.pid.iter().chain(&r.state.other_pids);
+                if pids.clone().next().is_some() && pids.clone().any(|p| !lab::alive(*p)) {
+                    dead.push((k.clone(), Vec::new()));
+                }
+                continue;
+            }
+            let exited: Vec<usize> = r
+                .containers
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(i, c)| c.child.try_wait().ok().flatten().map(|_| i))
+                .collect();
+            if !exited.is_empty() {
+                dead.push((k.clone(), exited));
             }
         }
-        for k in dead {
+        for (k, exited) in dead {
             let pod = Api::<Pod>::namespaced(
                 self.client.clone(),
                 k.split('/').next().unwrap_or("default"),
@@ -750,22 +805,26 @@ impl Kubelet {
             .get_opt(k.split('/').nth(1).unwrap_or_default())
             .await;
             let Ok(Some(pod)) = pod else { continue };
-            let Some(r) = self.pods.get(&k) else { continue };
-            let Some(process) = r.process.clone() else {
+            if exited.is_empty() {
                 // Adopted from a previous run: started afresh.
                 self.stop(&k);
                 self.sync(pod).await;
                 continue;
-            };
-            match self.spawn(&r.state, &process) {
-                Ok(child) => {
-                    let r = self.pods.get_mut(&k).expect("present");
-                    r.state.pid = Some(child.id());
-                    r.child = Some(child);
-                    r.restarts += 1;
-                    r.reported = None;
+            }
+            for i in exited {
+                let Some(r) = self.pods.get(&k) else { break };
+                match self.spawn(&r.state, &r.containers[i].process) {
+                    Ok(child) => {
+                        let r = self.pods.get_mut(&k).expect("present");
+                        r.containers[i].child = child;
+                        r.containers[i].restarts += 1;
+                        r.reported = None;
+                        r.state.pid = r.containers.first().map(|c| c.child.id());
+                        r.state.other_pids =
+                            r.containers.iter().skip(1).map(|c| c.child.id()).collect();
+                    }
+                    Err(e) => eprintln!("kubelet {}: restarting {k}: {e:#}", self.node.name),
                 }
-                Err(e) => eprintln!("kubelet {}: restarting {k}: {e:#}", self.node.name),
             }
             self.save();
             self.report(&k, &pod).await;
@@ -780,12 +839,6 @@ impl Kubelet {
         } else {
             pod_ip(&r.state)
         };
-        let container = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.containers.first())
-            .cloned()
-            .unwrap_or_default();
         let started = pod
             .status
             .as_ref()
@@ -807,16 +860,7 @@ impl Kubelet {
             "hostIPs": [{"ip": self.node.address.to_string()}],
             "startTime": started,
             "conditions": conditions,
-            "containerStatuses": [{
-                "name": container.name,
-                "image": container.image.unwrap_or_default(),
-                "imageID": "",
-                "containerID": format!("fibril-lab://{}", r.state.pid.unwrap_or_default()),
-                "ready": true,
-                "started": true,
-                "restartCount": r.restarts,
-                "state": {"running": {"startedAt": started}},
-            }],
+            "containerStatuses": container_statuses(pod, r, &started),
         });
         if let Some(ip) = &ip {
             status["podIP"] = json!(ip);
@@ -898,6 +942,32 @@ impl Kubelet {
             );
         }
     }
+}
+
+/// Each container's status, in the spec's order: running, with its
+/// restarts (an adopted pod's containers as the spec names them).
+fn container_statuses(pod: &Pod, r: &Running, started: &str) -> Vec<serde_json::Value> {
+    let spec = pod.spec.iter().flat_map(|s| &s.containers);
+    spec.enumerate()
+        .map(|(i, c)| {
+            let run = r.containers.get(i);
+            let pid = run.map(|run| run.child.id()).or(if i == 0 {
+                r.state.pid
+            } else {
+                r.state.other_pids.get(i - 1).copied()
+            });
+            json!({
+                "name": c.name,
+                "image": run.map_or_else(|| c.image.clone().unwrap_or_default(), |run| run.image.clone()),
+                "imageID": "",
+                "containerID": format!("fibril-lab://{}", pid.unwrap_or_default()),
+                "ready": true,
+                "started": true,
+                "restartCount": run.map_or(0, |run| run.restarts),
+                "state": {"running": {"startedAt": started}},
+            })
+        })
+        .collect()
 }
 
 /// The API server's host and port, from the node's kubeconfig.

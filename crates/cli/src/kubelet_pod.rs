@@ -102,6 +102,35 @@ pub struct Process {
     pub container: String,
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// `securityContext.runAsUser` and `runAsGroup` (the container's, else
+    /// the pod's; the group 0 when only the user is given, as an image
+    /// without a group has it): the process's user and group.
+    pub run_as: Option<(i64, i64)>,
+}
+
+/// The user and group a container runs as, from its security context or
+/// else its pod's.
+fn run_as(pod: &Pod, c: &Container) -> Result<Option<(i64, i64)>, String> {
+    let pod_ctx = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+    let c_ctx = c.security_context.as_ref();
+    let user = c_ctx
+        .and_then(|x| x.run_as_user)
+        .or(pod_ctx.and_then(|x| x.run_as_user));
+    let group = c_ctx
+        .and_then(|x| x.run_as_group)
+        .or(pod_ctx.and_then(|x| x.run_as_group));
+    for id in [user, group].into_iter().flatten() {
+        if !(0..=i64::from(u32::MAX - 1)).contains(&id) {
+            return Err(format!(
+                "container {}: runAsUser/runAsGroup {id} is not a user or group id",
+                c.name
+            ));
+        }
+    }
+    Ok(match (user, group) {
+        (None, None) => None,
+        (u, g) => Some((u.unwrap_or(0), g.unwrap_or(0))),
+    })
 }
 
 /// A container's process with its mounts and fields. `service_env` (the
@@ -159,6 +188,7 @@ pub fn process(
         container: c.name.clone(),
         argv,
         env,
+        run_as: run_as(pod, c)?,
     })
 }
 
@@ -361,6 +391,33 @@ mod tests {
             fs.host_path("/sys/fs/bpfx"),
             PathBuf::from("/lab/n1/host/sys/fs/bpfx")
         );
+    }
+
+    /// A container's security context wins over its pod's; a user alone
+    /// runs in group 0; an id no kernel has is refused.
+    #[test]
+    fn containers_run_as_their_security_context_says() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "mesh"},
+            "spec": {"securityContext": {"runAsUser": 1000, "runAsGroup": 2000},
+                "containers": [
+                    {"name": "app", "command": ["sleep", "1"]},
+                    {"name": "istio-proxy", "command": ["sleep", "1"],
+                     "securityContext": {"runAsUser": 1337, "runAsGroup": 1337}},
+                    {"name": "user-only", "command": ["sleep", "1"], "securityContext": {"runAsUser": 7}},
+                    {"name": "bad", "command": ["sleep", "1"], "securityContext": {"runAsUser": -1}}]},
+        }))
+        .unwrap();
+        let containers = &pod.spec.as_ref().unwrap().containers;
+        assert_eq!(run_as(&pod, &containers[0]).unwrap(), Some((1000, 2000)));
+        assert_eq!(run_as(&pod, &containers[1]).unwrap(), Some((1337, 1337)));
+        assert_eq!(run_as(&pod, &containers[2]).unwrap(), Some((7, 2000)));
+        let e = run_as(&pod, &containers[3]).unwrap_err();
+        assert!(e.contains("bad") && e.contains("-1"), "{e}");
+        let mut plain = pod.clone();
+        plain.spec.as_mut().unwrap().security_context = None;
+        assert_eq!(run_as(&plain, &containers[0]).unwrap(), None);
+        assert_eq!(run_as(&plain, &containers[2]).unwrap(), Some((7, 0)));
     }
 
     #[test]

@@ -359,6 +359,10 @@ pub struct PodState {
     pub container_id: String,
     pub cni_result: Option<serde_json::Value>,
     pub pid: Option<u32>,
+    /// A kubelet's pod: its other containers' processes (`pid` is the
+    /// first's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_pids: Vec<u32>,
     /// Multi-node labs: the pod's node.
     #[serde(default)]
     pub node: Option<String>,
@@ -1018,24 +1022,14 @@ fn stop_l7_proxy(state_dir: &Path) {
     }
 }
 
-fn cni_config(agent_socket: &Path) -> String {
-    serde_json::json!({
-        "cniVersion": "1.1.0",
-        "name": "fibril",
-        "type": "fibril-cni",
-        "agentSocket": agent_socket.display().to_string(),
-    })
-    .to_string()
-}
-
 /// The node of pod `pod` and that node's index (multi-node labs).
-fn node_of<'a>(st: &'a LabState, pod: &PodState) -> Option<(usize, &'a NodeState)> {
+pub(crate) fn node_of<'a>(st: &'a LabState, pod: &PodState) -> Option<(usize, &'a NodeState)> {
     let name = pod.node.as_deref()?;
     st.nodes.iter().enumerate().find(|(_, n)| n.name == name)
 }
 
 /// The socket of the agent that owns `pod`.
-fn agent_socket_of(st: &LabState, pod: &PodState) -> PathBuf {
+pub(crate) fn agent_socket_of(st: &LabState, pod: &PodState) -> PathBuf {
     match node_of(st, pod) {
         Some((_, n)) => node_dir(&st.name, &n.name).join("agent.sock"),
         None => lab_dir(&st.name).join("agent.sock"),
@@ -1057,128 +1051,12 @@ pub fn pod_socket(lab: &str, ns: &str, name: &str) -> PathBuf {
         .unwrap_or_else(|| socket(lab))
 }
 
-/// Runs the CNI plugin the way a runtime does (inside the pod's node's
-/// namespace in a multi-node lab).
-fn cni(
-    st: &LabState,
-    command: &str,
-    pod: &PodState,
-    stdin: &str,
-) -> anyhow::Result<Option<serde_json::Value>> {
-    cni_in(st, command, pod, stdin, &bin_dir())
-}
-
-/// The CNI plugin of `plugins` (its CNI_PATH) run as a runtime runs it.
-fn cni_in(
-    st: &LabState,
-    command: &str,
-    pod: &PodState,
-    stdin: &str,
-    plugins: &Path,
-) -> anyhow::Result<Option<serde_json::Value>> {
-    use std::io::Write;
-    let plugin = plugins.join("fibril-cni");
-    let mut cmd = match node_of(st, pod) {
-        Some((_, n)) => {
-            let mut c = Command::new("nsenter");
-            c.arg(format!("--net=/run/netns/{}", n.netns)).arg(&plugin);
-            c
-        }
-        None => Command::new(&plugin),
-    };
-    let mut child = cmd
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", &pod.container_id)
-        .env("CNI_NETNS", format!("/run/netns/{}", pod.netns))
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", plugins)
-        .env(
-            "CNI_ARGS",
-            format!(
-                "K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={}",
-                pod.namespace, pod.name, pod.container_id
-            ),
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("running fibril-cni")?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(stdin.as_bytes())?;
-    let out = child.wait_with_output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "CNI {command} for {}/{} failed: {}",
-            pod.namespace,
-            pod.name,
-            text.trim()
-        );
-    }
-    Ok(if text.trim().is_empty() {
-        None
-    } else {
-        Some(serde_json::from_str(&text)?)
-    })
-}
-
-/// CNI ADD of `pod` to its node's agent (the lab's kubelet).
-pub(crate) fn cni_add(st: &LabState, pod: &PodState) -> anyhow::Result<Option<serde_json::Value>> {
-    cni(st, "ADD", pod, &cni_config(&agent_socket_of(st, pod)))
-}
-
 /// The node's filesystem as the kubelet's pods see it (its hostPaths).
 pub(crate) fn node_fs(lab: &str, node: &str) -> crate::kubelet_pod::NodeFs {
     crate::kubelet_pod::NodeFs {
         root: node_dir(lab, node).join("host"),
         bpf: node_bpf_dir(lab, node),
         cgroup: node_cgroup_dir(lab, node),
-    }
-}
-
-/// The plugin configuration and CNI binary directory of the node's
-/// installed configuration list (a Helm-installed agent's
-/// `05-fibril.conflist`): its first plugin, its agent socket a path of the
-/// node. None when the node has none (the lab's own agents).
-fn installed_cni(
-    st: &LabState,
-    pod: &PodState,
-) -> anyhow::Result<Option<(serde_json::Value, PathBuf)>> {
-    let Some(node) = pod.node.as_deref() else {
-        return Ok(None);
-    };
-    let fs = node_fs(&st.name, node);
-    let Some(list) = fs.cni_conflist() else {
-        return Ok(None);
-    };
-    let text =
-        std::fs::read_to_string(&list).with_context(|| format!("reading {}", list.display()))?;
-    let conf: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", list.display()))?;
-    let mut plugin = conf["plugins"][0].clone();
-    anyhow::ensure!(plugin.is_object(), "{}: no plugins", list.display());
-    plugin["cniVersion"] = conf["cniVersion"].clone();
-    plugin["name"] = conf["name"].clone();
-    if let Some(sock) = plugin["agentSocket"].as_str() {
-        plugin["agentSocket"] = fs.host_path(sock).display().to_string().into();
-    }
-    Ok(Some((plugin, fs.host_path("/opt/cni/bin"))))
-}
-
-/// CNI ADD of a kubelet's pod: through the node's installed configuration
-/// when there is one, else to the lab's agent.
-pub(crate) fn cni_add_installed(
-    st: &LabState,
-    pod: &PodState,
-) -> anyhow::Result<Option<serde_json::Value>> {
-    match installed_cni(st, pod)? {
-        Some((plugin, bin)) => cni_in(st, "ADD", pod, &plugin.to_string(), &bin),
-        None if st.nodes.iter().any(|n| n.agent_pid.is_some()) => cni_add(st, pod),
-        None => bail!("network not ready: no CNI configuration in the node's /etc/cni/net.d yet"),
     }
 }
 
@@ -1227,22 +1105,6 @@ pub(crate) fn pod_address(pod: &PodState) -> Option<std::net::Ipv4Addr> {
             .and_then(|a| a.split('/').next())
             .and_then(|a| a.parse().ok())
     })
-}
-
-/// CNI DEL of `pod`, with the ADD's result as `prevResult`, as a runtime
-/// does.
-pub(crate) fn cni_del(st: &LabState, pod: &PodState) -> anyhow::Result<()> {
-    let (mut conf, bin) = match installed_cni(st, pod)? {
-        Some(installed) => installed,
-        None => (
-            serde_json::from_str(&cni_config(&agent_socket_of(st, pod)))?,
-            bin_dir(),
-        ),
-    };
-    if let Some(r) = &pod.cni_result {
-        conf["prevResult"] = r.clone();
-    }
-    cni_in(st, "DEL", pod, &conf.to_string(), &bin).map(|_| ())
 }
 
 /// The arguments every agent of a lab gets, with its directory
@@ -1358,6 +1220,15 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                 start_kubernetes(&mut st, &etcd, &parsed.file.namespaces)?;
             }
             let lab_agents = parsed.file.agents == "lab";
+            // Each node's cgroup, whoever runs its agent: a Helm-installed
+            // agent's `cgroup.hostRoot` (its pods' `/sys/fs/cgroup`) is it.
+            if lab_cgroup.is_some() {
+                for n in &st.nodes {
+                    if let Some(cg) = node_cgroup_dir(lab, &n.name) {
+                        make_cgroup(&cg);
+                    }
+                }
+            }
             for i in (0..st.nodes.len()).filter(|_| lab_agents) {
                 let n = st.nodes[i].clone();
                 let ndir = node_dir(lab, &n.name);
@@ -1509,6 +1380,7 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                 pid: None,
                 node,
                 host_network: p.host_network,
+                ..Default::default()
             };
             if p.host_network {
                 pod.netns = node_of(&st, &pod)
@@ -1563,7 +1435,7 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
             st.pods.push(pod);
             save(&st)?;
             let idx = st.pods.len() - 1;
-            st.pods[idx].cni_result = cni(&st, "ADD", &st.pods[idx], &cni_config(&sock))?;
+            st.pods[idx].cni_result = crate::cni_chain::add_to_lab_agent(&st, &st.pods[idx])?;
             save(&st)?;
         }
         publish_services(&st, &parsed.file, &sockets)?;
@@ -2201,7 +2073,7 @@ pub fn down(lab: &str) -> anyhow::Result<()> {
     for pid in st
         .pods
         .iter()
-        .filter_map(|p| p.pid)
+        .flat_map(|p| p.pid.iter().chain(&p.other_pids).copied())
         .chain(st.externals.iter().filter_map(|x| x.pid))
     {
         kill(pid);
@@ -2218,7 +2090,7 @@ pub fn down(lab: &str) -> anyhow::Result<()> {
         if node_of(&st, p).is_some_and(|(_, n)| n.stopped) {
             continue;
         }
-        if let Err(e) = cni_del(&st, p) {
+        if let Err(e) = crate::cni_chain::del(&st, p) {
             eprintln!("warning: {e:#}");
         }
     }
@@ -2433,6 +2305,17 @@ pub fn start_node(lab: &str, node: &str) -> anyhow::Result<()> {
 
 /// Runs a command inside a pod, like `kubectl exec`; `external/NAME` in an
 /// external, `node/NAME` in a node's own namespace (a host-network pod).
+/// Pod `ns/name` of the lab: a lab file's or a kubelet's.
+pub(crate) fn find_pod(st: &LabState, ns: &str, name: &str) -> anyhow::Result<PodState> {
+    let kubelet_pods = crate::kubelet::pods(&st.name, &st.nodes);
+    st.pods
+        .iter()
+        .chain(&kubelet_pods)
+        .find(|p| p.namespace == ns && p.name == name)
+        .cloned()
+        .with_context(|| format!("no pod {ns}/{name} in lab {:?}", st.name))
+}
+
 pub fn exec(lab: &str, target: &str, cmd: &[String]) -> anyhow::Result<i32> {
     let st = load_state(lab)?;
     let (ns, name) = target.split_once('/').unwrap_or(("default", target));
@@ -2450,14 +2333,8 @@ pub fn exec(lab: &str, target: &str, cmd: &[String]) -> anyhow::Result<i32> {
             (n.netns.clone(), Some(n.name.clone()))
         }
         _ => {
-            let kubelet_pods = crate::kubelet::pods(lab, &st.nodes);
-            let pod = st
-                .pods
-                .iter()
-                .chain(&kubelet_pods)
-                .find(|p| p.namespace == ns && p.name == name)
-                .with_context(|| format!("no pod {ns}/{name} in lab {lab:?}"))?;
-            (pod.netns.clone(), pod.node.clone())
+            let pod = find_pod(&st, ns, name)?;
+            (pod.netns, pod.node)
         }
     };
     let first = cmd.first().context("no command given")?;

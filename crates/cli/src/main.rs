@@ -1,8 +1,10 @@
 //! fibril: the command line (`cilium`/`hubble` roles for one node).
 #![forbid(unsafe_code)]
 
+mod cni_chain;
 mod connectivity;
 mod hubble_cmds;
+mod istio_cni;
 mod k8s;
 mod kubelet;
 mod kubelet_pod;
@@ -172,6 +174,32 @@ enum LabCmd {
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
+    },
+    /// Install Istio's CNI plugin on every node of a Kubernetes lab, as
+    /// Istio's istio-cni DaemonSet does: chained after the node's primary
+    /// plugin (Fibril's) in its configuration list. New pods then go
+    /// through both; pods with Istio's sidecar (an `istio-proxy` container
+    /// and the `sidecar.istio.io/status` annotation) get Istio's traffic
+    /// redirection in their namespace.
+    IstioCni {
+        /// The plugin's ambient mode (pods and namespaces labelled
+        /// `istio.io/dataplane-mode=ambient` are handed to Istio's node
+        /// agent, which the lab does not have: their ADD fails).
+        #[arg(long)]
+        ambient: bool,
+        /// Namespaces the plugin leaves alone.
+        #[arg(long = "exclude-namespace", default_value = "kube-system")]
+        exclude_namespaces: Vec<String>,
+        /// Seconds to wait for each node's primary configuration list.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+    },
+    /// Run the CNI CHECK of a pod's network as a runtime does (each
+    /// plugin of its node's configuration list, in order, with the pod's
+    /// result): `fibril lab cni-check NS/POD`.
+    CniCheck {
+        /// `namespace/pod`.
+        pod: String,
     },
     /// Restart the lab's agent, or `--node`'s (pods, programs and maps
     /// stay).
@@ -430,6 +458,26 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 Ok(0)
             }
             LabCmd::Exec { pod, cmd } => lab::exec(&cli.lab, &pod, &cmd),
+            LabCmd::IstioCni {
+                ambient,
+                exclude_namespaces,
+                wait,
+            } => {
+                let options = istio_cni::Options {
+                    ambient,
+                    exclude_namespaces,
+                    wait: std::time::Duration::from_secs(wait),
+                };
+                for line in istio_cni::install(&cli.lab, &options)? {
+                    println!("{line}");
+                }
+                Ok(0)
+            }
+            LabCmd::CniCheck { pod } => {
+                let plugins = cni_chain::check_pod(&cli.lab, &pod)?;
+                println!("CNI CHECK of {pod} passed: {}", plugins.join(", "));
+                Ok(0)
+            }
             LabCmd::Label { pod, labels } => {
                 let (namespace, name) = pod
                     .split_once('/')

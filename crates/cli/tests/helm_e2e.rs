@@ -250,29 +250,8 @@ fn the_seeds_helm_install_runs_against_the_labs_apiserver() {
         &std::fs::read_to_string(format!("/run/fibril/labs/{}/lab.json", lab.name)).unwrap(),
     )
     .unwrap();
-    let underlay = st["underlay_netns"].as_str().unwrap().to_string();
-    let kubeconfig = format!("/run/fibril/labs/{}/kubernetes/admin.kubeconfig", lab.name);
-    // helm inside the lab's underlay, where the apiserver listens.
-    let helm_in_lab = |args: &[String]| {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &underlay])
-            .arg(test_support::helm_build_path());
-        let home = std::env::temp_dir().join(format!("fibril-helm-home-{}", lab.name));
-        c.env("HELM_CONFIG_HOME", home.join("config"))
-            .env("HELM_CACHE_HOME", home.join("cache"))
-            .env("HELM_DATA_HOME", home.join("data"))
-            .env("KUBECONFIG", &kubeconfig)
-            .args(args);
-        run(c)
-    };
-    let kubectl = |args: &[&str]| {
-        let out = lab.fibril(&[&["lab", "kubectl", "--"], args].concat());
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let helm_in_lab = |args: &[String]| lab.helm(args);
+    let kubectl = |args: &[&str]| lab.kubectl(args);
 
     // The seed's command, the chart's path for the OCI reference.
     let mut install: Vec<String> = ["upgrade", "--install", "cilium"]

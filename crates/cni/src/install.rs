@@ -4,7 +4,12 @@
 //! sort first, `05-fibril.conflist`, so the runtime takes it). With
 //! `--exclusive` other plugins' configurations are moved aside
 //! (`<name>.fibril_bak`, as Cilium's `cni.exclusive` does); without it
-//! they are never touched (Istio's CNI then chains itself into the list).
+//! they are never touched, and plugins another installer chained into
+//! Fibril's own list (Istio's CNI appends itself to the primary
+//! configuration) are kept, in their order, when the list is written again
+//! (an agent restarting): Cilium rewrites its file and leaves Istio's
+//! installer to notice and add itself back, with pods started in between
+//! missing Istio's redirection.
 
 use std::path::{Path, PathBuf};
 
@@ -82,6 +87,36 @@ pub fn conflist(i: &Install) -> serde_json::Value {
     serde_json::json!({"cniVersion": "1.1.0", "name": "fibril", "plugins": plugins})
 }
 
+/// The plugin types Fibril's list may hold (a `--chaining-mode` given
+/// before and not now is gone with the new list).
+const OWN_TYPES: [&str; 2] = ["fibril-cni", "portmap"];
+
+/// Fibril's list as it is to be written over `existing` (the file there
+/// now, if any): without `--exclusive`, the plugins others chained after
+/// Fibril's own entries are kept after them, as they were. A file that is
+/// not a list of plugins keeps nothing.
+pub fn merged_conflist(i: &Install, existing: Option<&[u8]>) -> serde_json::Value {
+    let mut list = conflist(i);
+    if i.exclusive {
+        return list;
+    }
+    let Some(old) = existing.and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+    else {
+        return list;
+    };
+    let chained: Vec<serde_json::Value> = old["plugins"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p.is_object() && !OWN_TYPES.iter().any(|t| p["type"] == *t))
+        .cloned()
+        .collect();
+    if let Some(plugins) = list["plugins"].as_array_mut() {
+        plugins.extend(chained);
+    }
+    list
+}
+
 /// Installs `plugin` (this binary) and the configuration; what it moved
 /// aside.
 pub fn install(i: &Install, plugin: &Path) -> std::io::Result<Vec<PathBuf>> {
@@ -94,9 +129,10 @@ pub fn install(i: &Install, plugin: &Path) -> std::io::Result<Vec<PathBuf>> {
     std::fs::rename(&tmp, &bin)?;
     let conf = i.conf_dir.join(&i.conf_file);
     let tmp = i.conf_dir.join(format!(".{}.tmp", i.conf_file));
+    let existing = std::fs::read(&conf).ok();
     std::fs::write(
         &tmp,
-        serde_json::to_string_pretty(&conflist(i)).expect("json"),
+        serde_json::to_string_pretty(&merged_conflist(i, existing.as_deref())).expect("json"),
     )?;
     std::fs::rename(&tmp, &conf)?;
     let mut moved = Vec::new();
@@ -148,6 +184,60 @@ mod tests {
                 .unwrap();
         assert_eq!(written["plugins"][0]["type"], "fibril-cni");
         assert!(i.bin_dir.join("fibril-cni").exists());
+        std::fs::remove_dir_all(root).ok();
+    }
+
+    /// Istio's installer appends its entry to the primary list; an agent
+    /// restarting writes the list again and keeps it (and drops nothing
+    /// of its own twice).
+    #[test]
+    fn plugins_chained_into_our_list_are_kept_unless_exclusive() {
+        let (root, mut i) = dirs("chained");
+        i.chaining_mode = "portmap".into();
+        let me = std::env::current_exe().unwrap();
+        install(&i, &me).unwrap();
+        let path = i.conf_dir.join("05-fibril.conflist");
+        let mut list: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let istio = serde_json::json!({"type": "istio-cni", "cni_agent_run_dir": "/var/run/istio-cni",
+            "exclude_namespaces": ["kube-system"], "plugin_log_level": "info"});
+        list["plugins"].as_array_mut().unwrap().push(istio.clone());
+        std::fs::write(&path, list.to_string()).unwrap();
+
+        install(&i, &me).unwrap();
+        let again: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let types: Vec<&str> = again["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["fibril-cni", "portmap", "istio-cni"]);
+        assert_eq!(
+            again["plugins"][2], istio,
+            "kept as the other installer wrote it"
+        );
+
+        // A chaining mode given up goes with the new list.
+        i.chaining_mode = "none".into();
+        let types: Vec<serde_json::Value> =
+            merged_conflist(&i, Some(&std::fs::read(&path).unwrap()))["plugins"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["type"].clone())
+                .collect();
+        assert_eq!(types, ["fibril-cni", "istio-cni"]);
+        // Exclusive: Fibril's list alone.
+        i.chaining_mode = "portmap".into();
+        i.exclusive = true;
+        install(&i, &me).unwrap();
+        let alone: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(alone["plugins"].as_array().unwrap().len(), 2);
+        // A file that is not JSON keeps nothing and is replaced.
+        assert_eq!(merged_conflist(&i, Some(b"{not json")), conflist(&i));
         std::fs::remove_dir_all(root).ok();
     }
 

@@ -16,6 +16,7 @@ use proxy::workers;
 mod dns;
 mod http;
 mod kafka;
+mod sidecar;
 
 #[derive(Parser)]
 #[command(name = "fibril-echo")]
@@ -170,6 +171,17 @@ enum Cmd {
         topics: Vec<String>,
         #[arg(long, default_value_t = 10.0)]
         timeout: f64,
+    },
+    /// A stand-in for Istio's sidecar (`istio-proxy`) reduced to Envoy's
+    /// passthrough: connections Istio's CNI redirection sends to the
+    /// outbound and inbound ports are forwarded to their original
+    /// destination; each printed as `outbound|inbound PEER -> ORIGINAL`.
+    /// Run it as Istio's proxy user (1337).
+    SidecarProxy {
+        #[arg(long, default_value_t = 15001)]
+        outbound_port: u16,
+        #[arg(long, default_value_t = 15006)]
+        inbound_port: u16,
     },
     /// Accepts TCP connections and, `after` seconds of silence on each,
     /// writes `pushed` (a server that speaks first on an idle connection).
@@ -740,6 +752,10 @@ fn main() {
             sockets,
         } => udp_flood(&addr, seconds, sockets),
         Cmd::PushServer { port, after } => push_server(port, after),
+        Cmd::SidecarProxy {
+            outbound_port,
+            inbound_port,
+        } => sidecar::serve(outbound_port, inbound_port),
         Cmd::KafkaBroker {
             lib,
             data,

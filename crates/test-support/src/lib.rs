@@ -298,6 +298,15 @@ pub fn helm_build_path() -> std::path::PathBuf {
     cache_dir().join(format!("helm-{version}")).join("helm")
 }
 
+/// Where `cargo xtask deps` builds Istio's CNI plugin: the cache, by the
+/// `istio.io/istio` version `tools/istio-cni/go.mod` requires.
+pub fn istio_cni_build_path() -> std::path::PathBuf {
+    let version = tool_version("istio-cni", "istio.io/istio");
+    cache_dir()
+        .join(format!("istio-cni-{version}"))
+        .join("istio-cni")
+}
+
 /// The Kafka version `tools/kafka/pom.xml` names (`kafka.version`).
 pub fn kafka_version() -> String {
     let pom = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/kafka/pom.xml");

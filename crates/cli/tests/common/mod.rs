@@ -91,6 +91,46 @@ impl Lab {
         lab
     }
 
+    /// `fibril lab kubectl -- args`: (success, stdout, stderr).
+    pub fn kubectl(&self, args: &[&str]) -> (bool, String, String) {
+        let out = self.fibril(&[&["lab", "kubectl", "--"], args].concat());
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// The real helm CLI (`cargo xtask deps` builds it) in the lab's
+    /// underlay, where its apiserver listens, as the lab's admin, with no
+    /// user's settings: (success, stdout, stderr).
+    pub fn helm(&self, args: &[String]) -> (bool, String, String) {
+        let st: Value = serde_json::from_str(
+            &std::fs::read_to_string(format!("/run/fibril/labs/{}/lab.json", self.name)).unwrap(),
+        )
+        .unwrap();
+        let underlay = st["underlay_netns"].as_str().unwrap().to_string();
+        let home = std::env::temp_dir().join(format!("fibril-helm-home-{}", self.name));
+        let out = Command::new("ip")
+            .args(["netns", "exec", &underlay])
+            .arg(test_support::helm_build_path())
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_DATA_HOME", home.join("data"))
+            .env(
+                "KUBECONFIG",
+                format!("/run/fibril/labs/{}/kubernetes/admin.kubeconfig", self.name),
+            )
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     pub fn fibril(&self, args: &[&str]) -> Output {
         Command::new(bin("fibril"))
             .arg("--lab")
