@@ -752,7 +752,7 @@ fn main() -> anyhow::Result<()> {
                     .args(["--example", "prefilter_bench"]))?;
             }
             if part("services") {
-                println!("\n== services: the real kube-proxy (iptables, nftables) against Fibril without it, at 10, 1,000 and 10,000 services: connection and request rates");
+                println!("\n== services: the real kube-proxy (iptables, nftables) against Fibril without it, at 10, 1,000 and 10,000 services: HTTP and TCP_CRR connection rates, request rates");
                 run(cargo()
                     .args(["run", "--quiet", "--release", "-p", "fibril-cli"])
                     .args(["--example", "service_bench"]))?;

@@ -26,9 +26,13 @@
 //! connection, the server's, the service's) for the 10 s after close, more
 //! than the default budget's 65,536, which is what this bench is not about.
 //!
-//! Each: new connections a second (`http-load --new-connections`: connect,
-//! one request, close; the first-packet path, where a rule list is walked)
-//! and requests a second on kept-alive connections. Run: `cargo run
+//! Each: new connections a second, two ways: HTTP (`http-load
+//! --new-connections`: connect, one request, close) and netperf's TCP_CRR
+//! (`bench-crr` against the web pod's `crr-server` on port 9000: connect,
+//! a 1-byte request and answer, close; what Cilium's own performance
+//! guide measures connection rates with, and where the first-packet path,
+//! on which a rule list is walked, weighs most), and requests a second on
+//! kept-alive connections. Run: `cargo run
 //! --release -p fibril-cli --example service_bench` (root; `cargo build
 //! --release --bins` and `cargo xtask deps` first; xtask does).
 //! `SERVICE_BENCH_SECONDS` (default 5) per measurement;
@@ -80,7 +84,11 @@ impl Drop for Lab {
     }
 }
 
-/// `fibril-echo http-load` output's `key value` lines.
+/// The web pod's TCP_CRR port (its `crr-server` container), behind port
+/// 9000 of each served service.
+const CRR_PORT: u16 = 9000;
+
+/// `fibril-echo` load output's `key value` lines.
 fn rate(out: &std::process::Output, key: &str) -> anyhow::Result<f64> {
     let text = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(
@@ -101,18 +109,35 @@ enum Client<'a> {
     LabExec(&'a str),
 }
 
-fn load(lab: &Lab, client: &Client, url: &str, new_conns: bool, secs: &str) -> anyhow::Result<f64> {
+/// What a load run measures.
+#[derive(Clone, Copy)]
+enum Load {
+    /// HTTP, a new connection per request.
+    HttpConnections,
+    /// netperf's TCP_CRR.
+    Crr,
+    /// HTTP requests on kept-alive connections.
+    Requests,
+}
+
+/// One load run from `client` to `host` (an address; the web port or the
+/// service's): its rate.
+fn load(lab: &Lab, client: &Client, host: &str, how: Load, secs: &str) -> anyhow::Result<f64> {
     let echo = lab.bin.join("fibril-echo").display().to_string();
-    let mut args: Vec<String> = vec![
-        echo,
-        "http-load".into(),
-        url.into(),
+    let mut args: Vec<String> = vec![echo];
+    match how {
+        Load::Crr => args.extend(["bench-crr".into(), format!("{host}:{CRR_PORT}")]),
+        Load::HttpConnections | Load::Requests => {
+            args.extend(["http-load".into(), format!("http://{host}/")])
+        }
+    }
+    args.extend([
         "--seconds".into(),
         secs.into(),
         "--connections".into(),
         CLIENTS.into(),
-    ];
-    if new_conns {
+    ]);
+    if matches!(how, Load::HttpConnections) {
         args.push("--new-connections".into());
     }
     let out = match client {
@@ -126,9 +151,12 @@ fn load(lab: &Lab, client: &Client, url: &str, new_conns: bool, secs: &str) -> a
             lab.fibril(&a)
         }
     };
-    // One request a connection with --new-connections: requests are
-    // connections.
-    rate(&out, "requests_per_sec")
+    match how {
+        Load::Crr => rate(&out, "connections_per_sec"),
+        // One request a connection with --new-connections: requests are
+        // connections.
+        Load::HttpConnections | Load::Requests => rate(&out, "requests_per_sec"),
+    }
 }
 
 /// `iptables-save -t nat` (iptables mode) or kube-proxy's service map
@@ -214,8 +242,17 @@ enum Target {
     ClusterIps,
 }
 
-/// One measured row: (mode, services, row) -> (connections/s, requests/s).
-type Results = Vec<(&'static str, usize, &'static str, f64, f64)>;
+/// One measured row.
+struct Row {
+    mode: &'static str,
+    services: usize,
+    what: &'static str,
+    /// HTTP connections a second.
+    http_conns: f64,
+    /// TCP_CRR connections a second.
+    crr: f64,
+}
+type Results = Vec<Row>;
 
 fn main() -> anyhow::Result<()> {
     let bin = std::env::current_exe()?
@@ -249,41 +286,49 @@ fn main() -> anyhow::Result<()> {
 
 /// The ratios the issue asks for, at 10,000 services, from what ran.
 fn summary(results: &Results) {
-    let find = |mode: &str, count: usize, what: &str| {
-        results
-            .iter()
-            .find(|r| r.0 == mode && r.1 == count && r.2 == what)
-            .map(|r| (r.3, r.4))
-    };
     let top = COUNTS[COUNTS.len() - 1];
-    println!("\nsummary (connections/s):");
-    for kp in ["iptables", "nftables"] {
-        let Some((base, _)) = find(kp, top, ROW_HOST_KUBE_PROXY) else {
-            continue;
+    for (measure, rate) in [
+        (
+            "HTTP connections/s",
+            (|r: &Row| r.http_conns) as fn(&Row) -> f64,
+        ),
+        ("TCP_CRR connections/s", |r: &Row| r.crr),
+    ] {
+        let find = |mode: &str, count: usize, what: &str| {
+            results
+                .iter()
+                .find(|r| r.mode == mode && r.services == count && r.what == what)
+                .map(rate)
         };
-        for (mode, what) in [
-            ("replacement", ROW_HOST_SOCKET_LB),
-            ("replacement", ROW_POD_PER_PACKET),
-            (kp, ROW_POD_PER_PACKET),
-        ] {
-            if let Some((c, _)) = find(mode, top, what) {
-                println!(
-                    "  {top} services: {what} ({mode}) {c:.0} / kube-proxy {kp} {base:.0} = {:.2}x",
-                    c / base
-                );
+        println!("\nsummary ({measure}):");
+        for kp in ["iptables", "nftables"] {
+            let Some(base) = find(kp, top, ROW_HOST_KUBE_PROXY) else {
+                continue;
+            };
+            for (mode, what) in [
+                ("replacement", ROW_HOST_SOCKET_LB),
+                ("replacement", ROW_POD_PER_PACKET),
+                (kp, ROW_POD_PER_PACKET),
+            ] {
+                if let Some(c) = find(mode, top, what) {
+                    println!(
+                        "  {top} services: {what} ({mode}) {c:.0} / kube-proxy {kp} {base:.0} = {:.2}x",
+                        c / base
+                    );
+                }
             }
         }
-    }
-    for what in [ROW_HOST_SOCKET_LB, ROW_POD_PER_PACKET] {
-        if let (Some((first, _)), Some((last, _))) = (
-            find("replacement", COUNTS[0], what),
-            find("replacement", top, what),
-        ) {
-            println!(
-                "  {what} (replacement): {top} services / {} services = {:.2}",
-                COUNTS[0],
-                last / first
-            );
+        for what in [ROW_HOST_SOCKET_LB, ROW_POD_PER_PACKET] {
+            if let (Some(first), Some(last)) = (
+                find("replacement", COUNTS[0], what),
+                find("replacement", top, what),
+            ) {
+                println!(
+                    "  {what} (replacement): {top} services / {} services = {:.2}",
+                    COUNTS[0],
+                    last / first
+                );
+            }
         }
     }
 }
@@ -342,8 +387,8 @@ fn bench_mode(bin: &Path, mode: Mode, secs: &str, results: &mut Results) -> anyh
     let web_ip = netns::in_netns(&underlay, || rt()?.block_on(start_web(&kubeconfig)))??;
     let mut made = VIPS.len();
     println!(
-        "  {:>6} services | {:>36} | {:>14} | {:>12}",
-        "", "path", "connections/s", "requests/s"
+        "  {:>6} services | {:>36} | {:>12} | {:>14} | {:>12}",
+        "", "path", "HTTP conn/s", "TCP_CRR conn/s", "requests/s"
     );
     let host = Client::HostOutsideCgroup(&node_netns);
     let node = Client::LabExec("node/n1");
@@ -384,26 +429,41 @@ fn bench_mode(bin: &Path, mode: Mode, secs: &str, results: &mut Results) -> anyh
         }
         // kube-proxy's rules settle (its sync runs at most once a second).
         std::thread::sleep(Duration::from_secs(3));
-        let direct = format!("http://{web_ip}:8080/");
+        let direct = format!("{web_ip}:8080");
         for (what, client, target) in &rows {
-            let urls: Vec<String> = match target {
-                Target::Pod => vec![direct.clone()],
-                Target::ClusterIps => VIPS.iter().map(|v| format!("http://{v}/")).collect(),
+            // (the HTTP address, the TCP_CRR address's host)
+            let hosts: Vec<(String, String)> = match target {
+                Target::Pod => vec![(direct.clone(), web_ip.clone())],
+                Target::ClusterIps => VIPS
+                    .iter()
+                    .map(|v| (v.to_string(), v.to_string()))
+                    .collect(),
             };
-            let mut conns = Vec::new();
-            for url in &urls {
+            let (mut conns, mut crr) = (Vec::new(), Vec::new());
+            for (http, crr_host) in &hosts {
                 // The last run's closing connections leave the conntrack
                 // tables first (10 s; the agent's census then gives the
                 // web pod's budget back within 5 s), so no run pays for
                 // another's.
                 std::thread::sleep(Duration::from_secs(16));
-                conns.push(load(&lab, client, url, true, secs)?);
+                conns.push(load(&lab, client, http, Load::HttpConnections, secs)?);
+                std::thread::sleep(Duration::from_secs(16));
+                crr.push(load(&lab, client, crr_host, Load::Crr, secs)?);
             }
-            let conns = conns.iter().sum::<f64>() / conns.len() as f64;
+            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+            let (conns, crr) = (mean(&conns), mean(&crr));
             // Kept-alive requests walk no rule list: one service is enough.
-            let reqs = load(&lab, client, &urls[0], false, secs)?;
-            println!("  {count:>6} services | {what:>36} | {conns:>14.0} | {reqs:>12.0}");
-            results.push((mode.name(), count, what, conns, reqs));
+            let reqs = load(&lab, client, &hosts[0].0, Load::Requests, secs)?;
+            println!(
+                "  {count:>6} services | {what:>36} | {conns:>12.0} | {crr:>14.0} | {reqs:>12.0}"
+            );
+            results.push(Row {
+                mode: mode.name(),
+                services: count,
+                what,
+                http_conns: conns,
+                crr,
+            });
         }
         if mode == Mode::KubeProxy("iptables") {
             println!(
@@ -422,8 +482,10 @@ async fn start_web(kubeconfig: &Path) -> anyhow::Result<String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": "web", "labels": {"app": "web"}},
-        "spec": {"nodeName": "n1", "containers": [{"name": "web", "image": "fibril/echo",
-                 "ports": [{"containerPort": 8080}]}]},
+        "spec": {"nodeName": "n1", "containers": [
+            {"name": "web", "image": "fibril/echo", "ports": [{"containerPort": 8080}]},
+            {"name": "crr", "image": "fibril/echo", "args": ["crr-server", "--port", CRR_PORT.to_string()],
+             "ports": [{"containerPort": CRR_PORT}]}]},
     }))?;
     // The namespace's default service account comes from the
     // controller-manager a moment after the lab is up.
@@ -437,7 +499,8 @@ async fn start_web(kubeconfig: &Path) -> anyhow::Result<String> {
         let svc: Service = serde_json::from_value(json!({
             "metadata": {"name": format!("web-{i}")},
             "spec": {"clusterIP": vip, "selector": {"app": "web"},
-                     "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080},
+                               {"name": "crr", "port": CRR_PORT, "targetPort": CRR_PORT}]},
         }))?;
         services.create(&PostParams::default(), &svc).await?;
     }

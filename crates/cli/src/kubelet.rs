@@ -44,6 +44,20 @@ pub fn pods_file(lab: &str, node: &str) -> PathBuf {
     lab::node_dir(lab, node).join("kubelet-pods.json")
 }
 
+/// A pod's network namespace: a short, unique name of the lab's, the
+/// node's and the uid's first characters.
+fn pod_netns(lab: &str, node: &str, uid: &str) -> String {
+    format!("fibril-{lab}-{node}-{}", &uid[..uid.len().min(8)])
+}
+
+/// Whether `name` is a namespace the kubelet of `node` makes for its pods
+/// (the lab sweeps them: a kubelet stopped while starting a pod has not
+/// written it down yet).
+pub fn is_pod_netns(lab: &str, node: &str, name: &str) -> bool {
+    name.strip_prefix(&format!("fibril-{lab}-{node}-"))
+        .is_some_and(|uid| uid.len() == 8 && uid.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// The pods every kubelet of the lab runs now.
 pub fn pods(lab: &str, nodes: &[lab::NodeState]) -> Vec<PodState> {
     nodes
@@ -554,17 +568,10 @@ impl Kubelet {
         std::fs::create_dir_all(&dir)?;
         let volumes = self.volumes(pod, &dir).await?;
         let kubeconfig = self.service_account_kubeconfig(pod, &dir).await?;
-        // A short, unique namespace name: the lab's, the node's, the uid's
-        // first characters.
         let netns = if host_network {
             self.node.netns.clone()
         } else {
-            format!(
-                "fibril-{}-{}-{}",
-                self.lab,
-                self.node.name,
-                &uid[..uid.len().min(8)]
-            )
+            pod_netns(&self.lab, &self.node.name, &uid)
         };
         // Before the pod's namespace is made: a failure leaves none.
         let service_env = if spec.enable_service_links == Some(false) {
@@ -626,61 +633,67 @@ impl Kubelet {
             }
             Ok(p)
         };
-        // Init containers first, each to completion, as a kubelet runs them.
-        for c in spec.init_containers.iter().flatten() {
-            let p = process_of(c)?;
-            let status = self.spawn(&state, &p)?.wait()?;
-            if !status.success() {
-                if !host_network {
-                    netns::delete_netns(&netns);
-                }
-                anyhow::bail!("init container {} exited with {status}", c.name);
-            }
-        }
-        // A ConfigMap's values that are paths in the container (a flag file
-        // naming a mounted certificate) are this machine's paths too (as
-        // the first container mounts them).
-        let mounts =
-            kubelet_pod::mounts(&spec.containers[0], &volumes).map_err(|e| anyhow::anyhow!(e))?;
-        for v in spec
-            .volumes
-            .iter()
-            .flatten()
-            .filter(|v| v.config_map.is_some())
-        {
-            if let Some(dir) = volumes.get(&v.name) {
-                kubelet_pod::map_file_values(dir, &mounts)?;
-            }
-        }
-        // Every container, in the spec's order, as one pod: the same
-        // network namespace (a sidecar beside its application).
+        // From here on a failure undoes the pod's network: the containers
+        // started, the CNI attachment (DEL through the list), the namespace.
         let mut containers: Vec<ContainerRun> = Vec::new();
-        for c in &spec.containers {
-            let started = process_of(c).and_then(|p| {
+        let started = (|| -> anyhow::Result<()> {
+            // Init containers first, each to completion, as a kubelet runs
+            // them.
+            for c in spec.init_containers.iter().flatten() {
+                let p = process_of(c)?;
+                let status = self.spawn(&state, &p)?.wait()?;
+                anyhow::ensure!(
+                    status.success(),
+                    "init container {} exited with {status}",
+                    c.name
+                );
+            }
+            // A ConfigMap's values that are paths in the container (a flag
+            // file naming a mounted certificate) are this machine's paths
+            // too (as the first container mounts them).
+            let mounts = kubelet_pod::mounts(&spec.containers[0], &volumes)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            for v in spec
+                .volumes
+                .iter()
+                .flatten()
+                .filter(|v| v.config_map.is_some())
+            {
+                if let Some(dir) = volumes.get(&v.name) {
+                    kubelet_pod::map_file_values(dir, &mounts)?;
+                }
+            }
+            // Every container, in the spec's order, as one pod: the same
+            // network namespace (a sidecar beside its application).
+            for c in &spec.containers {
+                let p = process_of(c)?;
                 let child = self.spawn(&state, &p)?;
-                Ok(ContainerRun {
+                containers.push(ContainerRun {
                     process: p,
                     image: c.image.clone().unwrap_or_default(),
                     child,
                     restarts: 0,
-                })
-            });
-            match started {
-                Ok(run) => containers.push(run),
-                Err(e) => {
-                    for mut run in containers {
-                        lab::kill(run.child.id());
-                        run.child.wait().ok();
-                    }
-                    if !host_network {
-                        if let Ok(st) = lab::load_state(&self.lab) {
-                            crate::cni_chain::del(&st, &state).ok();
-                        }
-                        netns::delete_netns(&netns);
-                    }
-                    return Err(e);
-                }
+                });
             }
+            Ok(())
+        })();
+        if let Err(e) = started {
+            for mut run in containers {
+                lab::kill(run.child.id());
+                run.child.wait().ok();
+            }
+            if !host_network {
+                if let Ok(st) = lab::load_state(&self.lab) {
+                    if let Err(d) = crate::cni_chain::del(&st, &state) {
+                        eprintln!(
+                            "kubelet {}: undoing {name}'s network: {d:#}",
+                            self.node.name
+                        );
+                    }
+                }
+                netns::delete_netns(&netns);
+            }
+            return Err(e);
         }
         state.pid = containers.first().map(|c| c.child.id());
         state.other_pids = containers.iter().skip(1).map(|c| c.child.id()).collect();
@@ -998,6 +1011,21 @@ mod tests {
 
     fn container(v: serde_json::Value) -> Container {
         serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn the_lab_sweeps_only_its_nodes_pod_namespaces() {
+        let ns = pod_netns("t1", "n1", "9a4e7258-0000-4000");
+        assert_eq!(ns, "fibril-t1-n1-9a4e7258");
+        assert!(is_pod_netns("t1", "n1", &ns));
+        // Another node's, another lab's (one whose name extends this
+        // one's), the node's own namespace.
+        assert!(!is_pod_netns("t1", "n2", &ns));
+        assert!(!is_pod_netns("t1", "n1", "fibril-t1-n1-x-9a4e7258"));
+        assert!(!is_pod_netns("t1", "n1", "fibril-t1-n1-"));
+        // A lab named t1-n1's underlay.
+        assert!(!is_pod_netns("t1", "n1", "fibril-t1-n1-ul"));
+        assert!(!is_pod_netns("t1", "n", &ns));
     }
 
     #[test]

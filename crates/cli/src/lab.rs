@@ -2130,6 +2130,22 @@ pub fn down(lab: &str) -> anyhow::Result<()> {
             net::delete_link(&api::host_ifname(&p.container_id, "eth0"));
         }
     }
+    // Pods a kubelet was starting when it stopped are nowhere written.
+    let named: Vec<String> = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    for name in &named {
+        if st
+            .nodes
+            .iter()
+            .any(|n| crate::kubelet::is_pod_netns(lab, &n.name, name))
+        {
+            net::delete_netns(name);
+        }
+    }
     // The nodes' namespaces take their veths, VXLAN devices and routes.
     for n in &st.nodes {
         net::delete_netns(&n.netns);

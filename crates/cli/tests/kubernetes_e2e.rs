@@ -219,6 +219,43 @@ fn the_lab_runs_a_real_control_plane_that_kubectl_reaches() {
     // A bad object is refused with the field named, and nothing is made.
     let (ok, _, err) = kubectl(&["create", "deployment", "Bad_Name", "--image=x"]);
     assert!(!ok && err.contains("Bad_Name"), "{err}");
+    // A pod whose init container fails is reported and tried again; every
+    // try undoes its network (a leaked endpoint per try before).
+    let initfail = dir.join("initfail.yaml");
+    std::fs::write(
+        &initfail,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: initfail, namespace: default}\nspec:\n  nodeName: n1\n  initContainers: [{name: setup, image: busybox, command: [\"false\"]}]\n  containers: [{name: web, image: fibril/echo}]\n",
+    )
+    .unwrap();
+    let (ok, _, err) = kubectl(&["apply", "-f", initfail.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    eventually(
+        "the init container's failure reported",
+        Duration::from_secs(20),
+        || {
+            let (_, pod, _) = kubectl(&["get", "pod", "initfail", "-o", "json"]);
+            pod.contains("init container setup exited")
+        },
+    );
+    // Between tries it has no endpoint (one stayed behind before): seen
+    // in none of three looks, as a try's own endpoint lives milliseconds.
+    std::thread::sleep(Duration::from_secs(3));
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let eps = lab.fibril(&["--node", "n1", "endpoint", "list"]);
+        let eps = String::from_utf8_lossy(&eps.stdout).to_string();
+        if eps.contains("default/initfail") {
+            seen.push(eps);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        seen.len() < 3,
+        "a failed try's endpoint stayed:\n{}",
+        seen[0]
+    );
+    let (ok, _, err) = kubectl(&["delete", "pod", "initfail", "--wait=false"]);
+    assert!(ok, "{err}");
     std::fs::remove_dir_all(&dir).ok();
 
     // Nothing of the control plane outlives the lab.

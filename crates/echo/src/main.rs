@@ -203,6 +203,25 @@ enum Cmd {
         #[arg(long)]
         port: u16,
     },
+    /// netperf's TCP_CRR server: each connection gets its 1-byte request
+    /// answered and is closed, served by a few acceptor threads (no thread
+    /// per connection, so the connection path dominates).
+    CrrServer {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
+    /// netperf's TCP_CRR: on each of `connections` threads, connect, send
+    /// one byte, read the answer, close (RST, no TIME_WAIT), again for
+    /// `seconds`; prints `connections_per_sec`.
+    BenchCrr {
+        addr: String,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 2)]
+        connections: usize,
+    },
     /// TCP request/response rate (1-byte ping-pong) for `seconds`.
     BenchRr {
         addr: String,
@@ -627,6 +646,61 @@ fn bench_server(port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn crr_server(port: u16, threads: usize) -> anyhow::Result<()> {
+    let l = TcpListener::bind(("0.0.0.0", port))?;
+    let acceptors: Vec<_> = (0..threads.max(1))
+        .map(|_| {
+            let l = l.try_clone()?;
+            Ok(std::thread::spawn(move || {
+                for conn in l.incoming() {
+                    let Ok(mut c) = conn else { continue };
+                    let _ = c.set_nodelay(true);
+                    let mut b = [0u8; 1];
+                    if c.read_exact(&mut b).is_ok() {
+                        let _ = c.write_all(&b);
+                    }
+                }
+            }))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    for a in acceptors {
+        a.join().ok();
+    }
+    Ok(())
+}
+
+fn bench_crr(addr: &str, seconds: f64, connections: usize) -> anyhow::Result<()> {
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let workers: Vec<_> = (0..connections.max(1))
+        .map(|_| {
+            let addr = addr.to_string();
+            std::thread::spawn(move || -> anyhow::Result<u64> {
+                let mut n = 0u64;
+                let mut b = [0u8; 1];
+                while Instant::now() < end {
+                    let mut s = connect_rst(&addr, Duration::from_secs(3))?;
+                    s.write_all(b"x")?;
+                    s.read_exact(&mut b)?;
+                    n += 1;
+                }
+                Ok(n)
+            })
+        })
+        .collect();
+    let mut total = 0u64;
+    for w in workers {
+        total += w
+            .join()
+            .map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
+    }
+    say(format!(
+        "connections_per_sec {:.0}",
+        total as f64 / start.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
 fn bench_rr(addr: &str, seconds: f64) -> anyhow::Result<()> {
     let mut s = connect(addr, Duration::from_secs(3))?;
     let end = Instant::now() + Duration::from_secs_f64(seconds);
@@ -769,6 +843,12 @@ fn main() {
         } => kafka::produce(&addr, &topics, timeout),
         Cmd::TcpWait { addr, timeout } => tcp_wait(&addr, timeout),
         Cmd::BenchServer { port } => bench_server(port),
+        Cmd::CrrServer { port, threads } => crr_server(port, threads),
+        Cmd::BenchCrr {
+            addr,
+            seconds,
+            connections,
+        } => bench_crr(&addr, seconds, connections),
         Cmd::BenchRr { addr, seconds } => bench_rr(&addr, seconds),
         Cmd::BenchStream { addr, seconds } => bench_stream(&addr, seconds),
         Cmd::HttpSteady {
