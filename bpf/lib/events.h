@@ -27,11 +27,20 @@ static __always_inline struct flow_event *event_reserve(void)
 	return e;
 }
 
-/* Hands a filled record to the agent, waking it once enough waits. */
+/* A record's room in the ring: its header and the event, 8-aligned. */
+#define EVENT_RECORD_BYTES ((BPF_RINGBUF_HDR_SZ + sizeof(struct flow_event) + 7) & ~7)
+
+/* Hands a filled record to the agent, waking it when the waiting data
+ * reaches the threshold with this record. Not again while it stays above:
+ * a wake-up is an interrupt on the agent's CPU, and under load one per
+ * event (until the agent has drained the ring) cost more than the event
+ * itself. A crossing missed by racing CPUs waits for the agent's timer. */
 static __always_inline void event_submit(struct flow_event *e)
 {
 	__u64 pending = bpf_ringbuf_query(&fibril_events, BPF_RB_AVAIL_DATA);
-	bpf_ringbuf_submit(e, pending >= events_wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+	int crossed = pending >= events_wakeup_bytes &&
+		      pending < events_wakeup_bytes + EVENT_RECORD_BYTES;
+	bpf_ringbuf_submit(e, crossed ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 }
 
 /* What an event says beyond the packet itself. */

@@ -1,8 +1,8 @@
 //! Services side by side with the real kube-proxy (issue 18): a lab of two
 //! nodes with the real control plane, once per way of serving services,
-//! at 10, 1,000 and 10,000 services (four served by a web pod on node n1,
-//! the rest selector-less services with an EndpointSlice each, as many
-//! rules as real ones):
+//! at 10, 1,000 and 10,000 services (four HTTP services of a web pod on
+//! node n1, the rest selector-less services with an EndpointSlice each
+//! naming the same pod's TCP_CRR port, as many rules as real ones):
 //! - `iptables`, `nftables`: the real kube-proxy in that mode (`kubeProxy:`,
 //!   the seed's `kubeProxyReplacement=false`). A host-network client on n1
 //!   outside the lab's cgroup (Fibril's socket LB does not see it) reaches
@@ -17,8 +17,10 @@
 //!
 //! kube-proxy's iptables mode walks its KUBE-SERVICES chain on a
 //! connection's first packet and its order changes with every full sync
-//! (a Go map's), so the cluster-IP rows average the four served services:
-//! a typical service, not a lucky or unlucky one. Their places in the
+//! (a Go map's), so the cluster-IP rows average four services: HTTP's
+//! the four web services, wherever they are; TCP_CRR's the services at
+//! an eighth, three eighths, five eighths and seven eighths of the chain
+//! (a typical service, not a lucky or unlucky one). Their places in the
 //! chain are printed.
 //!
 //! The pods' conntrack budget is off (`ctEndpointBudget: 0`): a client
@@ -28,15 +30,16 @@
 //!
 //! Each: new connections a second, two ways: HTTP (`http-load
 //! --new-connections`: connect, one request, close) and netperf's TCP_CRR
-//! (`bench-crr` against the web pod's `crr-server` on port 9000: connect,
-//! a 1-byte request and answer, close; what Cilium's own performance
-//! guide measures connection rates with, and where the first-packet path,
-//! on which a rule list is walked, weighs most), and requests a second on
-//! kept-alive connections. Run: `cargo run
+//! (`bench-crr`, 8 clients, against the web pod's `crr-server` on port
+//! 9000: connect, a 1-byte request and answer, close; what Cilium's own
+//! performance guide measures connection rates with, and where the
+//! first-packet path, on which a rule list is walked, weighs most), and
+//! requests a second on kept-alive connections. Run: `cargo run
 //! --release -p fibril-cli --example service_bench` (root; `cargo build
 //! --release --bins` and `cargo xtask deps` first; xtask does).
 //! `SERVICE_BENCH_SECONDS` (default 5) per measurement;
-//! `SERVICE_BENCH_MODES` (default `iptables,nftables,replacement`). The
+//! `SERVICE_BENCH_MODES` (default `iptables,nftables,replacement`);
+//! `SERVICE_BENCH_COUNTS` (default `10,1000,10000`). The
 //! labs are removed at the end, also on failure. The summary compares
 //! the rates at 10,000 services.
 
@@ -50,10 +53,16 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::json;
 
+/// Service counts measured (`SERVICE_BENCH_COUNTS` may pick some).
 const COUNTS: [usize; 3] = [10, 1_000, 10_000];
 /// The served services' cluster IPs (web-0 .. web-3).
 const VIPS: [&str; 4] = ["10.96.0.90", "10.96.0.91", "10.96.0.92", "10.96.0.93"];
+/// HTTP load clients (each a connection at a time).
 const CLIENTS: &str = "2";
+/// TCP_CRR clients: enough to keep both CPUs busy (2 leave them idle a
+/// tenth of the time, waiting on each other), so the rate measures the
+/// work a connection costs rather than its round trips.
+const CRR_CLIENTS: &str = "8";
 
 struct Lab {
     name: String,
@@ -85,7 +94,7 @@ impl Drop for Lab {
 }
 
 /// The web pod's TCP_CRR port (its `crr-server` container), behind port
-/// 9000 of each served service.
+/// 9000 of each decoy service.
 const CRR_PORT: u16 = 9000;
 
 /// `fibril-echo` load output's `key value` lines.
@@ -131,11 +140,15 @@ fn load(lab: &Lab, client: &Client, host: &str, how: Load, secs: &str) -> anyhow
             args.extend(["http-load".into(), format!("http://{host}/")])
         }
     }
+    let clients = match how {
+        Load::Crr => CRR_CLIENTS,
+        Load::HttpConnections | Load::Requests => CLIENTS,
+    };
     args.extend([
         "--seconds".into(),
         secs.into(),
         "--connections".into(),
-        CLIENTS.into(),
+        clients.into(),
     ]);
     if matches!(how, Load::HttpConnections) {
         args.push("--new-connections".into());
@@ -189,22 +202,74 @@ fn is_service_rule(line: &str) -> bool {
     line.starts_with("-A KUBE-SERVICES -d ") && line.contains("-j KUBE-SVC-")
 }
 
-/// Where each served service's rule sits in KUBE-SERVICES (1-based), as
-/// `place/of`; iptables mode only.
-fn chain_places(netns: &str) -> String {
-    let text = kube_proxy_rules(netns, "iptables");
-    let rules: Vec<&str> = text.lines().filter(|l| is_service_rule(l)).collect();
-    VIPS.iter()
+/// The cluster IPs of KUBE-SERVICES' rules on node `netns`, in the order
+/// the chain walks them (iptables mode).
+fn chain_order(netns: &str) -> Vec<String> {
+    kube_proxy_rules(netns, "iptables")
+        .lines()
+        .filter(|l| is_service_rule(l))
+        .filter_map(|l| {
+            let rest = l.strip_prefix("-A KUBE-SERVICES -d ")?;
+            Some(rest.split('/').next()?.to_string())
+        })
+        .collect()
+}
+
+/// Where each of `vips` sits in KUBE-SERVICES (1-based), as
+/// `place, ... of rules`; iptables mode only.
+fn chain_places(netns: &str, vips: &[String]) -> String {
+    let order = chain_order(netns);
+    vips.iter()
         .map(|vip| {
-            let needle = format!("-d {vip}/32 ");
-            rules
+            order
                 .iter()
-                .position(|l| l.contains(&needle))
+                .position(|v| v == vip)
                 .map_or_else(|| "-".to_string(), |i| (i + 1).to_string())
         })
         .collect::<Vec<_>>()
         .join(", ")
-        + &format!(" of {}", rules.len())
+        + &format!(" of {}", order.len())
+}
+
+/// The places, as shares of a list, that the TCP_CRR rows measure: a
+/// typical service of the list on average (the middle), and its spread.
+const CRR_QUANTILES: [f64; 4] = [0.125, 0.375, 0.625, 0.875];
+
+/// The decoys (their port 9000 leads to the web pod's crr-server) the
+/// TCP_CRR rows connect to: in iptables mode those whose rules sit nearest
+/// `CRR_QUANTILES` of KUBE-SERVICES now, so the rate is a typical
+/// service's by construction (kube-proxy orders the chain anew with every
+/// sync: four services that happen to be served are early or late by
+/// luck, which moved this ratio by a third between runs); otherwise the
+/// decoys at those shares of their list (Fibril's lookup and nftables'
+/// map do not depend on the place).
+fn crr_targets(mode: Mode, node_netns: &str, decoys: &[String]) -> Vec<String> {
+    let pick = |list: &[String]| -> Vec<String> {
+        CRR_QUANTILES
+            .iter()
+            .map(|q| list[((list.len() as f64 * q) as usize).min(list.len() - 1)].clone())
+            .collect()
+    };
+    if mode == Mode::KubeProxy("iptables") {
+        let order = chain_order(node_netns);
+        let total = order.len();
+        let mut targets = Vec::new();
+        for q in CRR_QUANTILES {
+            let want = (total as f64 * q) as usize;
+            // The decoy whose place is nearest the share's.
+            let nearest = order
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| decoys.contains(v) && !targets.contains(*v))
+                .min_by_key(|(i, _)| i.abs_diff(want))
+                .map(|(_, v)| v.clone());
+            targets.extend(nearest);
+        }
+        if targets.len() == CRR_QUANTILES.len() {
+            return targets;
+        }
+    }
+    pick(decoys)
 }
 
 /// The frontends Fibril's agent on node n1 balances.
@@ -264,6 +329,21 @@ fn main() -> anyhow::Result<()> {
     let secs = std::env::var("SERVICE_BENCH_SECONDS").unwrap_or_else(|_| "5".into());
     let modes = std::env::var("SERVICE_BENCH_MODES")
         .unwrap_or_else(|_| "iptables,nftables,replacement".into());
+    let counts: Vec<usize> = match std::env::var("SERVICE_BENCH_COUNTS") {
+        Err(_) => COUNTS.to_vec(),
+        Ok(v) => v
+            .split(',')
+            .map(|c| c.trim().parse::<usize>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("SERVICE_BENCH_COUNTS: {v:?}: {e}"))?,
+    };
+    anyhow::ensure!(
+        !counts.is_empty()
+            && counts[0] >= VIPS.len() + CRR_QUANTILES.len()
+            && counts.windows(2).all(|w| w[0] < w[1]),
+        "SERVICE_BENCH_COUNTS: ascending counts of at least {} services",
+        VIPS.len() + CRR_QUANTILES.len()
+    );
     let mut results = Results::new();
     for mode in modes.split(',') {
         let mode = match mode {
@@ -278,15 +358,16 @@ fn main() -> anyhow::Result<()> {
             Mode::KubeProxy(m) => println!("the real kube-proxy in {m} mode (Fibril's socket LB out of its way, per-packet LB for pods)"),
             Mode::Replacement => println!("no kube-proxy: Fibril's kube-proxy replacement"),
         }
-        bench_mode(&bin, mode, &secs, &mut results)?;
+        bench_mode(&bin, mode, &secs, &counts, &mut results)?;
     }
-    summary(&results);
+    summary(&results, &counts);
     Ok(())
 }
 
-/// The ratios the issue asks for, at 10,000 services, from what ran.
-fn summary(results: &Results) {
-    let top = COUNTS[COUNTS.len() - 1];
+/// The ratios the issue asks for, at the most services measured (10,000),
+/// from what ran.
+fn summary(results: &Results, counts: &[usize]) {
+    let (first, top) = (counts[0], counts[counts.len() - 1]);
     for (measure, rate) in [
         (
             "HTTP connections/s",
@@ -319,14 +400,13 @@ fn summary(results: &Results) {
             }
         }
         for what in [ROW_HOST_SOCKET_LB, ROW_POD_PER_PACKET] {
-            if let (Some(first), Some(last)) = (
-                find("replacement", COUNTS[0], what),
+            if let (Some(low), Some(high)) = (
+                find("replacement", first, what),
                 find("replacement", top, what),
             ) {
                 println!(
-                    "  {what} (replacement): {top} services / {} services = {:.2}",
-                    COUNTS[0],
-                    last / first
+                    "  {what} (replacement): {top} services / {first} services = {:.2}",
+                    high / low
                 );
             }
         }
@@ -339,7 +419,13 @@ const ROW_HOST_SOCKET_LB: &str = "host -> cluster IP, Fibril socket LB";
 const ROW_POD_POD: &str = "pod -> pod address (no LB)";
 const ROW_POD_PER_PACKET: &str = "pod -> cluster IP, Fibril per packet";
 
-fn bench_mode(bin: &Path, mode: Mode, secs: &str, results: &mut Results) -> anyhow::Result<()> {
+fn bench_mode(
+    bin: &Path,
+    mode: Mode,
+    secs: &str,
+    counts: &[usize],
+    results: &mut Results,
+) -> anyhow::Result<()> {
     let lab = Lab {
         name: format!("svcb{}", std::process::id() % 100_000),
         bin: bin.to_path_buf(),
@@ -406,7 +492,7 @@ fn bench_mode(bin: &Path, mode: Mode, secs: &str, results: &mut Results) -> anyh
             (ROW_POD_PER_PACKET, &pod, Target::ClusterIps),
         ],
     };
-    for count in COUNTS {
+    for &count in counts {
         netns::in_netns(&underlay, || {
             rt()?.block_on(add_decoys(&kubeconfig, made, count, &web_ip))
         })??;
@@ -429,6 +515,7 @@ fn bench_mode(bin: &Path, mode: Mode, secs: &str, results: &mut Results) -> anyh
         }
         // kube-proxy's rules settle (its sync runs at most once a second).
         std::thread::sleep(Duration::from_secs(3));
+        let decoys = netns::in_netns(&underlay, || rt()?.block_on(decoy_ips(&kubeconfig)))??;
         let direct = format!("{web_ip}:8080");
         for (what, client, target) in &rows {
             // (the HTTP address, the TCP_CRR address's host)
@@ -436,7 +523,8 @@ fn bench_mode(bin: &Path, mode: Mode, secs: &str, results: &mut Results) -> anyh
                 Target::Pod => vec![(direct.clone(), web_ip.clone())],
                 Target::ClusterIps => VIPS
                     .iter()
-                    .map(|v| (v.to_string(), v.to_string()))
+                    .map(|v| v.to_string())
+                    .zip(crr_targets(mode, &node_netns, &decoys))
                     .collect(),
             };
             let (mut conns, mut crr) = (Vec::new(), Vec::new());
@@ -466,9 +554,11 @@ fn bench_mode(bin: &Path, mode: Mode, secs: &str, results: &mut Results) -> anyh
             });
         }
         if mode == Mode::KubeProxy("iptables") {
+            let served: Vec<String> = VIPS.iter().map(|v| v.to_string()).collect();
             println!(
-                "         served services' places in KUBE-SERVICES now: {}",
-                chain_places(&node_netns)
+                "         places in KUBE-SERVICES now: HTTP's services {}; TCP_CRR's {}",
+                chain_places(&node_netns, &served),
+                chain_places(&node_netns, &crr_targets(mode, &node_netns, &decoys))
             );
         }
     }
@@ -499,8 +589,7 @@ async fn start_web(kubeconfig: &Path) -> anyhow::Result<String> {
         let svc: Service = serde_json::from_value(json!({
             "metadata": {"name": format!("web-{i}")},
             "spec": {"clusterIP": vip, "selector": {"app": "web"},
-                     "ports": [{"name": "http", "port": 80, "targetPort": 8080},
-                               {"name": "crr", "port": CRR_PORT, "targetPort": CRR_PORT}]},
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
         }))?;
         services.create(&PostParams::default(), &svc).await?;
     }
@@ -516,8 +605,8 @@ async fn start_web(kubeconfig: &Path) -> anyhow::Result<String> {
 }
 
 /// Services `from..to` (numbered after the web ones): selector-less, each
-/// with an EndpointSlice naming the web pod, so kube-proxy writes the same
-/// rules as for a served service. Made 32 at a time.
+/// with an EndpointSlice naming the web pod's TCP_CRR port, so kube-proxy
+/// writes the same rules as for a served service. Made 32 at a time.
 async fn add_decoys(kubeconfig: &Path, from: usize, to: usize, web_ip: &str) -> anyhow::Result<()> {
     let client = k8s::client::connect(Some(kubeconfig)).await?;
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
@@ -529,7 +618,7 @@ async fn add_decoys(kubeconfig: &Path, from: usize, to: usize, web_ip: &str) -> 
                 let name = format!("decoy-{i}");
                 let svc: Service = serde_json::from_value(json!({
                     "metadata": {"name": name},
-                    "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
+                    "spec": {"ports": [{"name": "crr", "port": CRR_PORT, "protocol": "TCP"}]},
                 }))?;
                 services.create(&PostParams::default(), &svc).await?;
                 let slice: EndpointSlice = serde_json::from_value(json!({
@@ -537,7 +626,7 @@ async fn add_decoys(kubeconfig: &Path, from: usize, to: usize, web_ip: &str) -> 
                                  "labels": {"kubernetes.io/service-name": name,
                                             "endpointslice.kubernetes.io/managed-by": "fibril-bench"}},
                     "addressType": "IPv4",
-                    "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                    "ports": [{"name": "crr", "port": CRR_PORT, "protocol": "TCP"}],
                     "endpoints": [{"addresses": [web_ip], "conditions": {"ready": true},
                                    "nodeName": "n1"}],
                 }))?;
@@ -549,4 +638,23 @@ async fn add_decoys(kubeconfig: &Path, from: usize, to: usize, web_ip: &str) -> 
         .collect()
         .await;
     results.into_iter().collect()
+}
+
+/// The decoys' cluster IPs, by name.
+async fn decoy_ips(kubeconfig: &Path) -> anyhow::Result<Vec<String>> {
+    let client = k8s::client::connect(Some(kubeconfig)).await?;
+    let services: Api<Service> = Api::namespaced(client, "default");
+    let mut decoys: Vec<(String, String)> = services
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|s| {
+            let name = s.metadata.name?;
+            name.starts_with("decoy-")
+                .then_some((name, s.spec?.cluster_ip?))
+        })
+        .collect();
+    decoys.sort();
+    Ok(decoys.into_iter().map(|(_, ip)| ip).collect())
 }
