@@ -190,16 +190,13 @@ fn kube_proxy_rules(netns: &str, mode: &str) -> String {
 
 /// The services kube-proxy has rules for on node `netns`.
 fn kube_proxy_services(netns: &str, mode: &str) -> usize {
-    let text = kube_proxy_rules(netns, mode);
     if mode == "iptables" {
-        text.lines().filter(|l| is_service_rule(l)).count()
+        chain_order(netns).len()
     } else {
-        text.matches(": goto service-").count()
+        kube_proxy_rules(netns, mode)
+            .matches(": goto service-")
+            .count()
     }
-}
-
-fn is_service_rule(line: &str) -> bool {
-    line.starts_with("-A KUBE-SERVICES -d ") && line.contains("-j KUBE-SVC-")
 }
 
 /// The cluster IPs of KUBE-SERVICES' rules on node `netns`, in the order
@@ -207,7 +204,7 @@ fn is_service_rule(line: &str) -> bool {
 fn chain_order(netns: &str) -> Vec<String> {
     kube_proxy_rules(netns, "iptables")
         .lines()
-        .filter(|l| is_service_rule(l))
+        .filter(|l| l.contains("-j KUBE-SVC-"))
         .filter_map(|l| {
             let rest = l.strip_prefix("-A KUBE-SERVICES -d ")?;
             Some(rest.split('/').next()?.to_string())
@@ -244,32 +241,25 @@ const CRR_QUANTILES: [f64; 4] = [0.125, 0.375, 0.625, 0.875];
 /// decoys at those shares of their list (Fibril's lookup and nftables'
 /// map do not depend on the place).
 fn crr_targets(mode: Mode, node_netns: &str, decoys: &[String]) -> Vec<String> {
-    let pick = |list: &[String]| -> Vec<String> {
+    let at_quantiles = |list: &[String]| -> Vec<String> {
         CRR_QUANTILES
             .iter()
             .map(|q| list[((list.len() as f64 * q) as usize).min(list.len() - 1)].clone())
             .collect()
     };
     if mode == Mode::KubeProxy("iptables") {
-        let order = chain_order(node_netns);
-        let total = order.len();
-        let mut targets = Vec::new();
-        for q in CRR_QUANTILES {
-            let want = (total as f64 * q) as usize;
-            // The decoy whose place is nearest the share's.
-            let nearest = order
-                .iter()
-                .enumerate()
-                .filter(|(_, v)| decoys.contains(v) && !targets.contains(*v))
-                .min_by_key(|(i, _)| i.abs_diff(want))
-                .map(|(_, v)| v.clone());
-            targets.extend(nearest);
-        }
-        if targets.len() == CRR_QUANTILES.len() {
-            return targets;
+        // The chain's decoys in its order: the quantiles of that list are
+        // the quantiles of the chain, give or take the four web services.
+        let decoys: std::collections::HashSet<&String> = decoys.iter().collect();
+        let in_chain: Vec<String> = chain_order(node_netns)
+            .into_iter()
+            .filter(|v| decoys.contains(v))
+            .collect();
+        if in_chain.len() == decoys.len() {
+            return at_quantiles(&in_chain);
         }
     }
-    pick(decoys)
+    at_quantiles(decoys)
 }
 
 /// The frontends Fibril's agent on node n1 balances.

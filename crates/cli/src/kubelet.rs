@@ -678,21 +678,7 @@ impl Kubelet {
             Ok(())
         })();
         if let Err(e) = started {
-            for mut run in containers {
-                lab::kill(run.child.id());
-                run.child.wait().ok();
-            }
-            if !host_network {
-                if let Ok(st) = lab::load_state(&self.lab) {
-                    if let Err(d) = crate::cni_chain::del(&st, &state) {
-                        eprintln!(
-                            "kubelet {}: undoing {name}'s network: {d:#}",
-                            self.node.name
-                        );
-                    }
-                }
-                netns::delete_netns(&netns);
-            }
+            self.tear_down(&state, &mut containers);
             return Err(e);
         }
         state.pid = containers.first().map(|c| c.child.id());
@@ -747,21 +733,39 @@ impl Kubelet {
         let Some(mut r) = self.pods.remove(k) else {
             return;
         };
-        for pid in r.state.pid.iter().chain(&r.state.other_pids) {
-            lab::kill(*pid);
+        self.tear_down(&r.state, &mut r.containers);
+        self.save();
+    }
+
+    /// Ends a pod's containers and undoes its network (CNI DEL through the
+    /// node's list, then its namespace): a pod stopped, or one that failed
+    /// part way through starting.
+    fn tear_down(&self, state: &PodState, containers: &mut [ContainerRun]) {
+        // A pod adopted from a previous kubelet has its pids only.
+        let pids: std::collections::BTreeSet<u32> = state
+            .pid
+            .iter()
+            .chain(&state.other_pids)
+            .copied()
+            .chain(containers.iter().map(|c| c.child.id()))
+            .collect();
+        for pid in pids {
+            lab::kill(pid);
         }
-        for c in &mut r.containers {
+        for c in containers {
             c.child.wait().ok();
         }
-        if !r.state.host_network {
+        if !state.host_network {
             if let Ok(st) = lab::load_state(&self.lab) {
-                if let Err(e) = crate::cni_chain::del(&st, &r.state) {
-                    eprintln!("kubelet {}: pod {k}: {e:#}", self.node.name);
+                if let Err(e) = crate::cni_chain::del(&st, state) {
+                    eprintln!(
+                        "kubelet {}: pod {}/{}: {e:#}",
+                        self.node.name, state.namespace, state.name
+                    );
                 }
             }
-            netns::delete_netns(&r.state.netns);
+            netns::delete_netns(&state.netns);
         }
-        self.save();
     }
 
     /// The last step of a graceful deletion: the object goes.

@@ -29,20 +29,8 @@ const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, name
 
 const WEB_FROM_CLIENT: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web-from-client, namespace: default}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n";
 
-fn kubectl(lab: &Lab, args: &[&str]) -> (bool, String, String) {
-    let out = lab.fibril(&[&["lab", "kubectl", "--"], args].concat());
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn apply(lab: &Lab, yaml: &str, name: &str) {
-    let file = std::env::temp_dir().join(format!("{}-{name}.yaml", lab.name));
-    std::fs::write(&file, yaml).unwrap();
-    let (ok, _, err) = kubectl(lab, &["apply", "-f", file.to_str().unwrap()]);
-    std::fs::remove_file(&file).ok();
+    let (ok, _, err) = lab.apply(name, yaml);
     assert!(ok, "{err}");
 }
 
@@ -121,16 +109,13 @@ fn netfilter_translations(lab: &Lab, n: usize) -> usize {
 
 fn beside_kube_proxy(mode: &str) {
     let lab = custom_lab(&LAB.replace("MODE_HERE", mode));
-    let (ok, _, err) = kubectl(
-        &lab,
-        &[
-            "create",
-            "deployment",
-            "web",
-            "--image=fibril/echo",
-            "--port=8080",
-        ],
-    );
+    let (ok, _, err) = lab.kubectl(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=fibril/echo",
+        "--port=8080",
+    ]);
     assert!(ok, "{err}");
     apply(&lab, SERVICE, "svc");
     let service_list = |node: &str| {

@@ -22,14 +22,7 @@ pods:
 #[test]
 fn the_lab_runs_a_real_control_plane_that_kubectl_reaches() {
     let lab = custom_lab(LAB);
-    let kubectl = |args: &[&str]| {
-        let out = lab.fibril(&[&["lab", "kubectl", "--"], args].concat());
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let kubectl = |args: &[&str]| lab.kubectl(args);
     // The admin's kubeconfig is where `lab up` prints it is.
     let kubeconfig = format!("/run/fibril/labs/{}/kubernetes/admin.kubeconfig", lab.name);
     assert!(std::path::Path::new(&kubeconfig).exists());
@@ -83,15 +76,10 @@ fn the_lab_runs_a_real_control_plane_that_kubectl_reaches() {
     );
 
     // An object is kept (in the lab's etcd) and read back.
-    let dir = std::env::temp_dir().join(format!("fibril-k8s-{}", lab.name));
-    std::fs::create_dir_all(&dir).unwrap();
-    let manifest = dir.join("web.yaml");
-    std::fs::write(
-        &manifest,
+    let (ok, applied, err) = lab.apply(
+        "web",
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: default}\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers: [{name: web, image: fibril/echo}]\n",
-    )
-    .unwrap();
-    let (ok, applied, err) = kubectl(&["apply", "-f", manifest.to_str().unwrap()]);
+    );
     assert!(ok, "{err}");
     assert!(applied.contains("deployment.apps/web created"), "{applied}");
     // The controller-manager acts on it (a ReplicaSet, its two pods), the
@@ -137,13 +125,10 @@ fn the_lab_runs_a_real_control_plane_that_kubectl_reaches() {
     // EndpointSlice (the controller-manager's) into its load balancer; the
     // client reaches both pods through the cluster IP, one of them on the
     // other node (the overlay).
-    let svc = dir.join("web-svc.yaml");
-    std::fs::write(
-        &svc,
+    let (ok, _, err) = lab.apply(
+        "web-svc",
         "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  clusterIP: 10.96.0.80\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n",
-    )
-    .unwrap();
-    let (ok, _, err) = kubectl(&["apply", "-f", svc.to_str().unwrap()]);
+    );
     assert!(ok, "{err}");
     let service_list = |node: &str| {
         let out = lab.fibril(&["--node", node, "service", "list"]);
@@ -221,13 +206,10 @@ fn the_lab_runs_a_real_control_plane_that_kubectl_reaches() {
     assert!(!ok && err.contains("Bad_Name"), "{err}");
     // A pod whose init container fails is reported and tried again; every
     // try undoes its network (a leaked endpoint per try before).
-    let initfail = dir.join("initfail.yaml");
-    std::fs::write(
-        &initfail,
+    let (ok, _, err) = lab.apply(
+        "initfail",
         "apiVersion: v1\nkind: Pod\nmetadata: {name: initfail, namespace: default}\nspec:\n  nodeName: n1\n  initContainers: [{name: setup, image: busybox, command: [\"false\"]}]\n  containers: [{name: web, image: fibril/echo}]\n",
-    )
-    .unwrap();
-    let (ok, _, err) = kubectl(&["apply", "-f", initfail.to_str().unwrap()]);
+    );
     assert!(ok, "{err}");
     eventually(
         "the init container's failure reported",
@@ -256,7 +238,6 @@ fn the_lab_runs_a_real_control_plane_that_kubectl_reaches() {
     );
     let (ok, _, err) = kubectl(&["delete", "pod", "initfail", "--wait=false"]);
     assert!(ok, "{err}");
-    std::fs::remove_dir_all(&dir).ok();
 
     // Nothing of the control plane outlives the lab.
     let pids: Vec<u32> = {

@@ -101,6 +101,16 @@ impl Lab {
         )
     }
 
+    /// `kubectl apply` of `yaml` (through a file named after `name`):
+    /// (success, stdout, stderr).
+    pub fn apply(&self, name: &str, yaml: &str) -> (bool, String, String) {
+        let file = std::env::temp_dir().join(format!("{}-{name}.yaml", self.name));
+        std::fs::write(&file, yaml).unwrap();
+        let out = self.kubectl(&["apply", "-f", file.to_str().unwrap()]);
+        std::fs::remove_file(&file).ok();
+        out
+    }
+
     /// The real helm CLI (`cargo xtask deps` builds it) in the lab's
     /// underlay, where its apiserver listens, as the lab's admin, with no
     /// user's settings: (success, stdout, stderr).
