@@ -13,7 +13,9 @@
  * addresses (Cilium's bpf_host NodePort): `from_netdev` gives a packet
  * for one its backend (Maglev) before anything else looks at it, so the
  * connection is the backend's, not the host's; `to_netdev` gives the
- * backend's replies the address and port the client asked for.
+ * backend's replies the address and port the client asked for. A
+ * connection to another node's backend leaves from the node's address
+ * (lib/nat.h: source NAT in `to_netdev`, undone in `from_netdev`).
  * With neither (fibril_host all zero, no replacement) both pass
  * everything after one array lookup.
  */
@@ -33,6 +35,7 @@
 #include "lib/identity.h"
 #include "lib/host.h"
 #include "lib/lb.h"
+#include "lib/nat.h"
 
 static __always_inline int host_drop(struct __sk_buff *skb, const struct packet *pkt, __u8 reason,
 				     __u8 dir, __u32 src_id, __u32 dst_id)
@@ -47,8 +50,8 @@ const volatile __u32 kube_proxy_replacement = 0;
  * load balancer address): translated to its backend (Maglev), the reverse
  * NAT remembered for the replies (CT_DIR_NODEPORT, client -> backend),
  * then on to the stack, which routes it to a pod of this node or, marked
- * for masquerading, to another node's. 0 when it is for no external
- * frontend; else the tc verdict in `*verdict`. */
+ * for source NAT (`to_netdev`), to another node's. 0 when it is for no
+ * external frontend; else the tc verdict in `*verdict`. */
 static __always_inline int nodeport_in(struct __sk_buff *skb, struct packet *pkt, int *verdict)
 {
 	int t = lb4_translate(skb, pkt, HOST_ENDPOINT_ID, 1);
@@ -182,8 +185,17 @@ int from_netdev(struct __sk_buff *skb)
 	verdict = host_frag(skb, &pkt, DIR_INGRESS);
 	if (verdict != TC_ACT_OK)
 		return verdict;
-	if (kube_proxy_replacement && nodeport_in(skb, &pkt, &verdict))
-		return verdict;
+	if (kube_proxy_replacement) {
+		/* A reply to a connection `to_netdev` gave the node's address:
+		 * its client's again, then routed back out. */
+		int n = nat_in(skb, &pkt);
+		if (n != 0)
+			return is_drop(n) ? host_drop(skb, &pkt, (__u8)-n, DIR_INGRESS,
+						      identity_of(pkt.saddr), 0)
+					  : TC_ACT_OK;
+		if (nodeport_in(skb, &pkt, &verdict))
+			return verdict;
+	}
 	if (!(flags & EP_F_HOST_FIREWALL))
 		return TC_ACT_OK;
 	/* Only the node's own addresses: traffic routed on to pods meets
@@ -208,8 +220,18 @@ int to_netdev(struct __sk_buff *skb)
 						    : TC_ACT_OK;
 	/* What the node itself sends meets its policy; pods' packets were
 	 * theirs to enforce (no masquerading of pods here: they keep their
-	 * addresses), and a backend's reply to a node port is given the node
-	 * port's address back. */
+	 * addresses), a node port's connection to another node's backend
+	 * leaves from the node's address, and a backend's reply to a node port
+	 * is given the node port's address back. */
+	if (kube_proxy_replacement && skb->mark == NODEPORT_MASQ_MARK) {
+		int verdict = host_frag(skb, &pkt, DIR_EGRESS);
+		if (verdict != TC_ACT_OK)
+			return verdict;
+		int n = nat_out(skb, &pkt);
+		return is_drop(n) ? host_drop(skb, &pkt, (__u8)-n, DIR_EGRESS,
+					      identity_of(pkt.saddr), identity_of(pkt.daddr))
+				  : TC_ACT_OK;
+	}
 	if (is_host_address(pkt.saddr)) {
 		if (!(flags & EP_F_HOST_FIREWALL))
 			return TC_ACT_OK;

@@ -55,6 +55,7 @@ enum fibril_drop_reason {
 	DROP_UNROUTABLE = 151,            /* from the overlay, for no endpoint of this node */
 	DROP_CT_MAP_INSERT_FAILED = 155,
 	DROP_NO_SERVICE = 158,            /* a service address with no backend */
+	DROP_NAT_NO_MAPPING = 167,        /* no source port free for a node port's connection */
 	DROP_INVALID_IDENTITY = 171,      /* a source identity a tunnel may not carry (host) */
 	DROP_FRAG_NOT_FOUND = 175,        /* a later fragment whose first was not seen */
 	DROP_SOCKET_LOOKUP_FAILED = 178,  /* the proxy's listener is not there */
@@ -144,9 +145,9 @@ enum fibril_policy_match {
  * reverse-NAT index, so the backend's replies leave the node from the
  * address and port the client asked for (kube-proxy replacement). */
 #define CT_DIR_NODEPORT 4
-/* skb mark of a node port's packet whose backend is on another node: the
- * agent's netfilter rule masquerades it to the node's address, so the
- * backend answers through this node. */
+/* skb mark of a node port's packet whose backend is on another node: it
+ * leaves from the node's address (lib/nat.h, on the node's device), so
+ * the backend answers through this node. */
 #define NODEPORT_MASQ_MARK 0x00f1d000
 /* skb mark of a node port's packet for a backend on this node: its
  * connection entry gets CT_F_NODEPORT. */

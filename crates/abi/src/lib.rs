@@ -82,6 +82,9 @@ pub enum DropReason {
     CtMapInsertFailed = 155,
     /// A service address with no backend (Hubble: SERVICE_BACKEND_NOT_FOUND).
     NoService = 158,
+    /// No source port free for a node port's connection to another node's
+    /// backend (Hubble: NO_MAPPING_FOR_NAT_MASQUERADE).
+    NatNoMapping = 167,
     /// A source identity a tunnel may not carry (another node's `host`).
     InvalidIdentity = 171,
     /// A later fragment whose first fragment (with the ports) was not seen.
@@ -93,7 +96,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 16] = [
         Self::InvalidSourceIp,
         Self::PolicyDenied,
         Self::InvalidPacket,
@@ -103,6 +106,7 @@ impl DropReason {
         Self::Unroutable,
         Self::CtMapInsertFailed,
         Self::NoService,
+        Self::NatNoMapping,
         Self::InvalidIdentity,
         Self::FragNotFound,
         Self::SocketLookupFailed,
@@ -230,8 +234,8 @@ pub const CT_F_NODEPORT: u8 = 0x8;
 pub const CT_DIR_SERVICE: u8 = 3;
 /// `ct_key.direction` of a node port's connection to its backend.
 pub const CT_DIR_NODEPORT: u8 = 4;
-/// The mark of a node port's packet for another node's backend (the
-/// agent's netfilter rule masquerades it).
+/// The mark of a node port's packet for another node's backend (it leaves
+/// from the node's address: source NAT on the node's device).
 pub const NODEPORT_MASQ_MARK: u32 = 0x00f1_d000;
 /// The mark of a node port's packet for a backend on this node.
 pub const NODEPORT_LOCAL_MARK: u32 = 0x00f1_e000;

@@ -5,12 +5,14 @@
 //! one task. Nothing is replaced until both kinds have been listed once,
 //! so the services the node had before (its state log) stay in force while
 //! the API server is away; after every (re)list the node's services are
-//! made the list's. Each event then recomputes only its service.
+//! made the list's. Each event then recomputes only its service; the
+//! events already waiting are taken together, one commit for them all (a
+//! burst of 10,000 new services is a few commits, not 10,000).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
-use futures::TryStreamExt;
+use futures::{FutureExt, TryStreamExt};
 use k8s::kube::api::Api;
 use k8s::kube::runtime::watcher::{self, Event};
 use k8s::kube::runtime::WatchStreamExt;
@@ -35,7 +37,13 @@ pub struct ServiceFollower {
     listing_slices: Vec<EndpointSlice>,
     services_listed: bool,
     slices_listed: bool,
+    /// Taken but not committed: a (re)list, services changed since.
+    relisted: bool,
+    changed: BTreeSet<String>,
 }
+
+/// The most waiting events taken into one commit.
+const BATCH: usize = 4096;
 
 impl ServiceFollower {
     pub fn new(control: Arc<Control>) -> Self {
@@ -47,6 +55,8 @@ impl ServiceFollower {
             listing_slices: Vec::new(),
             services_listed: false,
             slices_listed: false,
+            relisted: false,
+            changed: BTreeSet::new(),
         }
     }
 
@@ -65,6 +75,16 @@ impl ServiceFollower {
                 Ok(None) => return,
                 Err(e) => tracing::warn!(error = %e, "Kubernetes watch (services)"),
             }
+            // What else is waiting goes into the same commit.
+            for _ in 1..BATCH {
+                match stream.try_next().now_or_never() {
+                    Some(Ok(Some(change))) => self.take(change),
+                    Some(Ok(None)) => break,
+                    Some(Err(e)) => tracing::warn!(error = %e, "Kubernetes watch (services)"),
+                    None => break,
+                }
+            }
+            self.flush();
         }
     }
 
@@ -82,17 +102,17 @@ impl ServiceFollower {
                     .map(|s| (k8s::service::key(&s), s))
                     .collect();
                 self.services_listed = true;
-                self.replace_all();
+                self.relisted = true;
             }
             Ok(Event::Apply(s)) => {
                 let key = k8s::service::key(&s);
                 self.services.insert(key.clone(), s);
-                self.refresh(&key);
+                self.changed.insert(key);
             }
             Ok(Event::Delete(s)) => {
                 let key = k8s::service::key(&s);
                 self.services.remove(&key);
-                self.refresh(&key);
+                self.changed.insert(key);
             }
             Err(Event::Init) => self.listing_slices.clear(),
             Err(Event::InitApply(s)) => self.listing_slices.push(s),
@@ -102,11 +122,11 @@ impl ServiceFollower {
                     self.put_slice(s);
                 }
                 self.slices_listed = true;
-                self.replace_all();
+                self.relisted = true;
             }
             Err(Event::Apply(s)) => {
                 if let Some(key) = self.put_slice(s) {
-                    self.refresh(&key);
+                    self.changed.insert(key);
                 }
             }
             Err(Event::Delete(s)) => {
@@ -117,7 +137,7 @@ impl ServiceFollower {
                 if let Some(m) = self.slices.get_mut(&key) {
                     m.remove(&name);
                 }
-                self.refresh(&key);
+                self.changed.insert(key);
             }
         }
     }
@@ -143,12 +163,48 @@ impl ServiceFollower {
         }
     }
 
-    /// After a (re)list of either kind, once both were listed: the node's
-    /// services are the list's.
-    fn replace_all(&mut self) {
+    /// Brings what was taken into the node's services, in one commit: after
+    /// a (re)list of either kind, once both were listed, the list's
+    /// services; else the changed ones.
+    fn flush(&mut self) {
         if !(self.services_listed && self.slices_listed) {
             return;
         }
+        let changed = std::mem::take(&mut self.changed);
+        if std::mem::take(&mut self.relisted) {
+            self.replace_all();
+            return;
+        }
+        if changed.is_empty() {
+            return;
+        }
+        let models: Vec<(String, Option<api::Service>)> = changed
+            .into_iter()
+            .map(|key| {
+                let model = self.model(&key);
+                (key, model)
+            })
+            .collect();
+        self.commit(move |s| {
+            for (key, model) in models {
+                match model {
+                    Some(m) => {
+                        if let Err(e) = crate::services::check_frontends(s, &m) {
+                            tracing::warn!(service = %key, error = %e, "service skipped");
+                            continue;
+                        }
+                        s.upsert_service(m);
+                    }
+                    None => {
+                        s.remove_service(&key);
+                    }
+                }
+            }
+        });
+    }
+
+    /// The node's services become the list's.
+    fn replace_all(&mut self) {
         let mut listed = BTreeMap::new();
         for key in self.services.keys() {
             if let Some(m) = self.model(key) {
@@ -159,37 +215,20 @@ impl ServiceFollower {
         self.commit(|s| {
             // A frontend claimed twice (a cluster IP can belong to one
             // Service only; external IPs can collide): the first keeps it.
+            let mut owned = HashSet::new();
             let mut taken = BTreeMap::new();
             for (k, m) in listed {
-                if crate::services::check_frontends(&taken, &m).is_ok() {
-                    taken.insert(k, m);
-                } else {
+                let frontends = m.frontend_keys();
+                if frontends.iter().any(|f| owned.contains(f)) {
                     tracing::warn!(service = %k, "service names another service's address and port; skipped");
+                    continue;
                 }
+                owned.extend(frontends);
+                taken.insert(k, m);
             }
             s.replace_services(taken)
         });
         tracing::info!(services = count, "services from the Kubernetes API");
-    }
-
-    fn refresh(&mut self, key: &str) {
-        if !(self.services_listed && self.slices_listed) {
-            return;
-        }
-        let model = self.model(key);
-        let key = key.to_string();
-        self.commit(move |s| match model {
-            Some(m) => {
-                if let Err(e) = crate::services::check_frontends(s.services(), &m) {
-                    tracing::warn!(service = %key, error = %e, "service skipped");
-                    return;
-                }
-                s.upsert_service(m);
-            }
-            None => {
-                s.remove_service(&key);
-            }
-        });
     }
 
     /// Changes the state and commits, where blocking is allowed (the

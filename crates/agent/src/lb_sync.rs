@@ -41,8 +41,12 @@ pub struct LbSync {
     /// The services' maps as the kernel holds them.
     kernel: LbContents,
     backend_ids: HashMap<BackendAt, u32>,
+    /// `backend_ids` the other way (an id is taken; whose it is).
+    backend_at: HashMap<u32, BackendAt>,
     backend_refs: HashMap<u32, usize>,
     rev_nat_ids: HashMap<SocketAddrV4, u16>,
+    /// `rev_nat_ids` the other way.
+    rev_nat_at: HashMap<u16, SocketAddrV4>,
     rev_nat_refs: HashMap<u16, usize>,
     /// Each service's frontends as written, by service key.
     written: HashMap<String, Vec<Written>>,
@@ -108,6 +112,7 @@ impl LbSync {
                 u16::from_be(b.port),
             );
             sync.backend_ids.insert((at, b.protocol), *id);
+            sync.backend_at.insert(*id, (at, b.protocol));
         }
         for (id, r) in &kernel.reverse_nat {
             let at = SocketAddrV4::new(
@@ -115,6 +120,7 @@ impl LbSync {
                 u16::from_be(r.port),
             );
             sync.rev_nat_ids.insert(at, *id);
+            sync.rev_nat_at.insert(*id, at);
         }
         sync.kernel = kernel;
         Ok(sync)
@@ -124,28 +130,42 @@ impl LbSync {
         if let Some(id) = self.backend_ids.get(&at) {
             return Ok(*id);
         }
-        let in_use: HashSet<u32> = self.backend_ids.values().copied().collect();
         for _ in 0..=u16::MAX as u32 + 1 {
             let id = self.next_backend;
             self.next_backend = self.next_backend.wrapping_add(1).max(1);
-            if !in_use.contains(&id) && !self.kernel.backends.contains_key(&id) {
+            if !self.backend_at.contains_key(&id) && !self.kernel.backends.contains_key(&id) {
                 self.backend_ids.insert(at, id);
+                self.backend_at.insert(id, at);
                 return Ok(id);
             }
         }
         Err(crate::invalid("no free backend id"))
     }
 
+    /// Backend `id` is no one's any more.
+    fn forget_backend(&mut self, id: u32) {
+        if let Some(at) = self.backend_at.remove(&id) {
+            self.backend_ids.remove(&at);
+        }
+    }
+
+    /// Reverse-NAT index `id` is no one's any more.
+    fn forget_rev_nat(&mut self, id: u16) {
+        if let Some(at) = self.rev_nat_at.remove(&id) {
+            self.rev_nat_ids.remove(&at);
+        }
+    }
+
     fn rev_nat_id(&mut self, at: SocketAddrV4) -> Result<u16, Error> {
         if let Some(id) = self.rev_nat_ids.get(&at) {
             return Ok(*id);
         }
-        let in_use: HashSet<u16> = self.rev_nat_ids.values().copied().collect();
         for _ in 0..=u16::MAX {
             let id = self.next_rev_nat;
             self.next_rev_nat = self.next_rev_nat.wrapping_add(1).max(1);
-            if !in_use.contains(&id) && !self.kernel.reverse_nat.contains_key(&id) {
+            if !self.rev_nat_at.contains_key(&id) && !self.kernel.reverse_nat.contains_key(&id) {
                 self.rev_nat_ids.insert(at, id);
+                self.rev_nat_at.insert(id, at);
                 return Ok(id);
             }
         }
@@ -348,25 +368,28 @@ impl LbSync {
         }
         let mut removals: Vec<LbWrite> = Vec::new();
         for id in gone_backends {
-            self.backend_ids.retain(|_, v| *v != id);
+            self.forget_backend(id);
             removals.push(LbWrite::Backend(id, None));
         }
         for id in gone_rev_nats {
-            self.rev_nat_ids.retain(|_, v| *v != id);
+            self.forget_rev_nat(id);
             removals.push(LbWrite::ReverseNat(id, None));
         }
         // A full sync also clears what no service names (an earlier run's).
         if touched.is_none() {
-            let wanted_masters: HashSet<LbServiceKey> =
-                self.written.values().flatten().map(|w| w.master).collect();
+            // Each written frontend's slots.
+            let wanted_masters: HashMap<LbServiceKey, usize> = self
+                .written
+                .values()
+                .flatten()
+                .map(|w| (w.master, w.active.len()))
+                .collect();
+            let (mut forgotten_backends, mut forgotten_rev_nats) = (Vec::new(), Vec::new());
             for k in self.kernel.services.keys() {
                 let master = LbServiceKey { slot: 0, ..*k };
-                let keep =
-                    wanted_masters.contains(&master)
-                        && (k.slot == 0
-                            || self.written.values().flatten().any(|w| {
-                                w.master == master && (k.slot as usize) <= w.active.len()
-                            }));
+                let keep = wanted_masters
+                    .get(&master)
+                    .is_some_and(|slots| k.slot == 0 || (k.slot as usize) <= *slots);
                 if !keep {
                     let w = LbWrite::Service(*k, None);
                     if k.slot == 0 {
@@ -378,15 +401,21 @@ impl LbSync {
             }
             for id in self.kernel.backends.keys() {
                 if !self.backend_refs.contains_key(id) {
-                    self.backend_ids.retain(|_, v| v != id);
+                    forgotten_backends.push(*id);
                     removals.push(LbWrite::Backend(*id, None));
                 }
             }
             for id in self.kernel.reverse_nat.keys() {
                 if !self.rev_nat_refs.contains_key(id) {
-                    self.rev_nat_ids.retain(|_, v| v != id);
+                    forgotten_rev_nats.push(*id);
                     removals.push(LbWrite::ReverseNat(*id, None));
                 }
+            }
+            for id in forgotten_backends {
+                self.forget_backend(id);
+            }
+            for id in forgotten_rev_nats {
+                self.forget_rev_nat(id);
             }
         }
         let writes: Vec<LbWrite> = ups

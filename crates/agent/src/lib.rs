@@ -177,13 +177,11 @@ impl Error {
 
 pub use api::host_ifname;
 
-/// Node ports whose backend is on another node leave masqueraded to this
-/// node's address (the datapath marks them), so the backend answers
-/// through this node, which gives the reply the node port's address back;
-/// netfilter's conntrack keeps the translation. Source ports come from
-/// above Kubernetes' node-port range, so no reply is taken for a new
-/// node-port connection. Idempotent.
-fn masquerade_node_ports() -> Result<(), Error> {
+/// The netfilter rule an agent before BPF source NAT added for node ports
+/// to other nodes' backends: taken away (a NAT rule switches conntrack on
+/// for every packet of the namespace). Best effort: without iptables, or
+/// without the rule, there is nothing to do.
+fn remove_old_masquerade_rule() {
     let mark = format!("{:#x}", abi::NODEPORT_MASQ_MARK);
     for proto in ["tcp", "udp"] {
         let rule = [
@@ -203,16 +201,10 @@ fn masquerade_node_ports() -> Result<(), Error> {
             "--to-ports",
             "32768-60999",
         ];
-        let present = netns::run("iptables", &[&["-t", "nat", "-C"], &rule[..]].concat()).is_ok();
-        if !present {
-            netns::run("iptables", &[&["-t", "nat", "-A"], &rule[..]].concat()).map_err(|e| {
-                invalid(format!(
-                    "kube-proxy replacement: the masquerading rule: {e}"
-                ))
-            })?;
+        if netns::run("iptables", &[&["-t", "nat", "-C"], &rule[..]].concat()).is_ok() {
+            netns::run("iptables", &[&["-t", "nat", "-D"], &rule[..]].concat()).ok();
         }
     }
-    Ok(())
 }
 
 /// Puts the host programs on the node's devices for the host firewall
@@ -260,7 +252,7 @@ fn node_devices(
         datapath.detach_host_programs(dev);
     }
     if config.kube_proxy_replacement.is_some() {
-        masquerade_node_ports()?;
+        remove_old_masquerade_rule();
     }
     let Some(config) = config.host_firewall.as_ref() else {
         return Ok(None);
@@ -296,6 +288,7 @@ impl Agent {
                 )));
             }
             dp_config.kube_proxy_replacement = true;
+            dp_config.nodeport_snat_address = config.node_address;
             dp_config.maglev_table_size = k.maglev_table_size;
         }
         let mut mtu = config.mtu;

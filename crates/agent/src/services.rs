@@ -3,11 +3,10 @@
 //! `kubernetes`): checked, then committed (`lb_sync` writes the datapath's
 //! load balancer).
 
-use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use crate::control::Control;
+use crate::state::State;
 use crate::{invalid, Error};
 
 const FROM_KUBERNETES: &str = "services come from the Kubernetes API on this node (--k8s-kubeconfig-path): change them with kubectl";
@@ -37,7 +36,7 @@ impl Services {
         }
         svc.validate().map_err(invalid)?;
         let mut s = self.control.lock();
-        check_frontends(s.services(), &svc)?;
+        check_frontends(&mut s, &svc)?;
         if s.upsert_service(svc) {
             self.control.commit(&mut s)?;
         }
@@ -57,25 +56,11 @@ impl Services {
 }
 
 /// A frontend (address, port, protocol) belongs to one service only.
-pub fn check_frontends(
-    services: &BTreeMap<String, api::Service>,
-    svc: &api::Service,
-) -> Result<(), Error> {
-    let key = svc.key();
-    let mine: Vec<(Ipv4Addr, u16, api::service::Protocol)> = svc
-        .frontends()
-        .iter()
-        .map(|f| (f.address, f.port, f.protocol))
-        .collect();
-    for (other_key, other) in services.iter().filter(|(k, _)| **k != key) {
-        for f in other.frontends() {
-            if mine.contains(&(f.address, f.port, f.protocol)) {
-                return Err(Error::Conflict(format!(
-                    "{}:{}/{} is already service {other_key}'s",
-                    f.address, f.port, f.protocol
-                )));
-            }
-        }
+pub fn check_frontends(s: &mut State, svc: &api::Service) -> Result<(), Error> {
+    match s.frontend_taken(svc) {
+        Some(((address, port, protocol), other)) => Err(Error::Conflict(format!(
+            "{address}:{port}/{protocol} is already service {other}'s"
+        ))),
+        None => Ok(()),
     }
-    Ok(())
 }

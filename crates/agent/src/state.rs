@@ -2,7 +2,7 @@
 //! identities. Written atomically after every change, so a restart hands
 //! every endpoint back its address and identity and never reuses an address.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -84,6 +84,11 @@ pub struct State {
     /// writes them into the datapath's load balancer).
     #[serde(default)]
     services: BTreeMap<String, api::Service>,
+    /// Which service answers on each frontend: the conflict check's index
+    /// (a check against every service is quadratic over 10,000 of them).
+    /// A function of `services`: built on first need, never stored.
+    #[serde(skip)]
+    frontend_owners: Option<HashMap<api::service::FrontendKey, String>>,
     #[serde(skip)]
     changes: Changes,
 }
@@ -694,21 +699,57 @@ impl State {
         Some(p)
     }
 
-    /// Adds or replaces a service; false when it was already so.
+    /// Adds or replaces a service; false when it was already so. Its
+    /// frontends are its own from now on (the callers check first that no
+    /// other service has them: `frontend_taken`).
     pub fn upsert_service(&mut self, svc: api::Service) -> bool {
         let key = svc.key();
         if self.services.get(&key) == Some(&svc) {
             return false;
         }
         self.changes.services.insert(key.clone());
-        self.services.insert(key, svc);
+        let old = self.services.insert(key.clone(), svc);
+        if let Some(owners) = &mut self.frontend_owners {
+            disown(owners, old.as_ref(), &key);
+            for f in self.services[&key].frontend_keys() {
+                owners.insert(f, key.clone());
+            }
+        }
         true
     }
 
     pub fn remove_service(&mut self, key: &str) -> Option<api::Service> {
         let svc = self.services.remove(key)?;
         self.changes.services.insert(key.to_string());
+        if let Some(owners) = &mut self.frontend_owners {
+            disown(owners, Some(&svc), key);
+        }
         Some(svc)
+    }
+
+    /// A frontend of `svc` that another service answers on, with that
+    /// service's key: a frontend belongs to one service only.
+    pub fn frontend_taken(
+        &mut self,
+        svc: &api::Service,
+    ) -> Option<(api::service::FrontendKey, String)> {
+        let services = &self.services;
+        let owners = self.frontend_owners.get_or_insert_with(|| {
+            let mut owners = HashMap::new();
+            for (key, s) in services {
+                for f in s.frontend_keys() {
+                    owners.entry(f).or_insert_with(|| key.clone());
+                }
+            }
+            owners
+        });
+        let key = svc.key();
+        svc.frontend_keys().into_iter().find_map(|f| {
+            owners
+                .get(&f)
+                .filter(|o| **o != key)
+                .map(|o| (f, o.clone()))
+        })
     }
 
     /// Makes the services `listed` (a full list from the API).
@@ -975,7 +1016,23 @@ impl State {
                 }
             }
             Record::NextEndpointId { value } => self.next_endpoint_id = value,
-            Record::Service { key, value } => put(&mut self.services, key, value),
+            Record::Service { key, value } => {
+                put(&mut self.services, key, value);
+                self.frontend_owners = None;
+            }
+        }
+    }
+}
+
+/// Frees the frontends `svc` (service `key`, as it was) owned.
+fn disown(
+    owners: &mut HashMap<api::service::FrontendKey, String>,
+    svc: Option<&api::Service>,
+    key: &str,
+) {
+    for f in svc.map(api::Service::frontend_keys).unwrap_or_default() {
+        if owners.get(&f).is_some_and(|o| o == key) {
+            owners.remove(&f);
         }
     }
 }
@@ -1199,6 +1256,54 @@ mod tests {
         s.set_remote_endpoint(Ipv4Addr::new(10, 0, 1, 5), None);
         s.set_remote_endpoint(Ipv4Addr::new(10, 0, 1, 6), None);
         assert!(s.named_ports().is_empty());
+    }
+
+    #[test]
+    fn a_frontend_belongs_to_one_service_across_changes_and_loads() {
+        let svc = |name: &str, vip: [u8; 4]| api::Service {
+            namespace: "default".into(),
+            name: name.into(),
+            addresses: vec![vip.into()],
+            ports: vec![api::service::ServicePort {
+                name: "http".into(),
+                port: 80,
+                protocol: api::service::Protocol::Tcp,
+                node_port: None,
+            }],
+            ..Default::default()
+        };
+        let mut s = State::default();
+        assert_eq!(s.frontend_taken(&svc("a", [10, 96, 0, 1])), None);
+        s.upsert_service(svc("a", [10, 96, 0, 1]));
+        // Itself: no conflict; another service on its address: one.
+        assert_eq!(s.frontend_taken(&svc("a", [10, 96, 0, 1])), None);
+        let taken = s.frontend_taken(&svc("b", [10, 96, 0, 1]));
+        assert_eq!(taken.map(|(_, o)| o), Some("default/a".to_string()));
+        // a moves away; its old address is free, its new one is a's.
+        s.upsert_service(svc("a", [10, 96, 0, 2]));
+        assert_eq!(s.frontend_taken(&svc("b", [10, 96, 0, 1])), None);
+        assert!(s.frontend_taken(&svc("b", [10, 96, 0, 2])).is_some());
+        // b takes 10.96.0.1; a goes: b keeps it, 10.96.0.2 is free.
+        s.upsert_service(svc("b", [10, 96, 0, 1]));
+        s.remove_service("default/a");
+        assert!(s.frontend_taken(&svc("c", [10, 96, 0, 1])).is_some());
+        assert_eq!(s.frontend_taken(&svc("c", [10, 96, 0, 2])), None);
+        // A list replaces everything: b moves to a's old address while a
+        // comes back on b's, in one go (b is replaced after a).
+        let mut listed = BTreeMap::new();
+        listed.insert("default/a".to_string(), svc("a", [10, 96, 0, 1]));
+        listed.insert("default/b".to_string(), svc("b", [10, 96, 0, 2]));
+        s.replace_services(listed);
+        let owner = |s: &mut State, vip: [u8; 4]| s.frontend_taken(&svc("z", vip)).map(|(_, o)| o);
+        assert_eq!(owner(&mut s, [10, 96, 0, 1]).as_deref(), Some("default/a"));
+        assert_eq!(owner(&mut s, [10, 96, 0, 2]).as_deref(), Some("default/b"));
+        // Loaded from its JSON (the index is not stored): rebuilt.
+        let mut back: State = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+        assert_eq!(
+            owner(&mut back, [10, 96, 0, 1]).as_deref(),
+            Some("default/a")
+        );
+        assert_eq!(owner(&mut back, [10, 96, 0, 3]), None);
     }
 
     #[test]

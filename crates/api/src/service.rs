@@ -113,6 +113,9 @@ pub struct Backend {
     pub node: Option<String>,
 }
 
+/// A frontend's address, port and protocol: one service answers on it.
+pub type FrontendKey = (Ipv4Addr, u16, Protocol);
+
 /// One address and port of a service, with the backends of that port.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
@@ -179,6 +182,15 @@ impl Service {
             return Err(format!("service {}: sessionAffinity timeout 0", self.key()));
         }
         Ok(())
+    }
+
+    /// Every address, port and protocol the service answers on (its
+    /// `frontends`, without their backends: cheap, for conflict checks).
+    pub fn frontend_keys(&self) -> Vec<FrontendKey> {
+        self.ports
+            .iter()
+            .flat_map(|p| self.addresses.iter().map(|a| (*a, p.port, p.protocol)))
+            .collect()
     }
 
     /// Every address and port the service answers on, each with the
@@ -345,6 +357,16 @@ mod tests {
         assert_eq!(f.len(), 3);
         // Without node addresses (kube-proxy serves node ports): none.
         assert_eq!(s.frontends_on(Some("a")).len(), 2);
+        // The conflict check's keys are the frontends' (node ports aside).
+        let mut keys: Vec<FrontendKey> = s
+            .frontends()
+            .iter()
+            .map(|f| (f.address, f.port, f.protocol))
+            .collect();
+        keys.sort();
+        let mut cheap = s.frontend_keys();
+        cheap.sort();
+        assert_eq!(cheap, keys);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! (`kubeProxyReplacement: true`, no kube-proxy): a NodePort service
 //! answers from outside the cluster on every node's address, its backends
 //! on both nodes (a backend on the other node answers through the node the
-//! client asked, masqueraded; a local one sees the client's own address);
+//! client asked, from whose address the connection came: source NAT in
+//! BPF, no netfilter rule; a local one sees the client's own address);
 //! `externalTrafficPolicy: Local` keeps the client's address and this
 //! node's backends only; pods and the node's own processes reach node
 //! ports too; flows name the service. Needs root.
@@ -81,6 +82,14 @@ fn node_ports_answer_from_outside_without_kube_proxy() {
     );
     assert!(got_a.iter().all(|p| p == "198.18.20.10"), "{got_a:?}");
     assert!(got_b.iter().all(|p| *p == a), "{got_b:?}");
+    // The source NAT is the datapath's: the node has no netfilter NAT
+    // (whose conntrack every packet of the node and its pods would pay).
+    let (listed, rules) = lab.exec("node/a", &["nft", "list", "ruleset"]);
+    assert!(listed, "nft list ruleset");
+    assert!(
+        !rules.contains("masquerade") && !rules.contains(" nat "),
+        "{rules}"
+    );
     let status =
         String::from_utf8_lossy(&lab.fibril(&["--node", "a", "status"]).stdout).into_owned();
     assert!(

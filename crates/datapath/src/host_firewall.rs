@@ -110,6 +110,8 @@ impl Datapath {
         );
         let kpr = u32::from(self.config.kube_proxy_replacement);
         knobs::set(&mut l, knobs::KUBE_PROXY_REPLACEMENT, &kpr);
+        let snat = u32::from(self.config.nodeport_snat_address).to_be();
+        knobs::set(&mut l, knobs::NODEPORT_SNAT_ADDR, &snat);
         let mut bpf = l.load(HOST_OBJECT)?;
         for (name, _) in PROGRAMS {
             classifier(&mut bpf, name)?.load().map_err(prog_err(name))?;
@@ -131,9 +133,20 @@ impl HostPrograms {
         hook: NetdevHook,
         packet: &[u8],
     ) -> Result<crate::TestRunOutcome, Error> {
+        self.test_run_marked(hook, packet, None)
+    }
+
+    /// `test_run` with the packet carrying `mark` (given: the outcome has
+    /// the mark the program left).
+    pub fn test_run_marked(
+        &mut self,
+        hook: NetdevHook,
+        packet: &[u8],
+        mark: Option<u32>,
+    ) -> Result<crate::TestRunOutcome, Error> {
         use aya::programs::TestRun;
         let name = hook.program();
         let prog = classifier(&mut self.bpf, name)?;
-        crate::test_run_with(name, packet, 1, |opts| prog.test_run(opts))
+        crate::test_run_marked(name, packet, 1, mark, |opts| prog.test_run(opts))
     }
 }

@@ -52,9 +52,12 @@ pub const SOCKET_LB_HOST_ONLY: Knob<u32> = Knob::new("socket_lb_host_only");
 pub const LB_MAGLEV_TABLE_SIZE: Knob<u32> = Knob::new("lb_maglev_table_size");
 /// Kube-proxy replacement: node ports served on the node's devices (1).
 pub const KUBE_PROXY_REPLACEMENT: Knob<u32> = Knob::new("kube_proxy_replacement");
+/// Kube-proxy replacement: the address node ports' connections to other
+/// nodes' backends leave from, network byte order (0: none).
+pub const NODEPORT_SNAT_ADDR: Knob<u32> = Knob::new("nodeport_snat_addr");
 
 /// Every setting the loader sets: (name, size in bytes).
-pub const SET: [(&str, usize); 13] = [
+pub const SET: [(&str, usize); 14] = [
     (ENDPOINT_ID.name, 4),
     (ENDPOINT_IPV4.name, 4),
     (EVENTS_WAKEUP_BYTES.name, 8),
@@ -68,6 +71,7 @@ pub const SET: [(&str, usize); 13] = [
     (SOCKET_LB_HOST_ONLY.name, 4),
     (LB_MAGLEV_TABLE_SIZE.name, 4),
     (KUBE_PROXY_REPLACEMENT.name, 4),
+    (NODEPORT_SNAT_ADDR.name, 4),
 ];
 
 /// Settings the programs keep at their C default (conntrack timeouts, as

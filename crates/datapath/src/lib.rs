@@ -4,6 +4,7 @@
 //! Architecture invariant: this is the only crate that knows map and program
 //! names, makes BPF syscalls or changes links and namespaces.
 
+mod batch;
 pub mod events;
 pub mod host_firewall;
 pub mod knobs;
@@ -20,7 +21,7 @@ use abi::{
     LbReverseNat, LbService, LbServiceKey, PolicyKeyData, PolicyValue,
 };
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{HashMap as BpfHashMap, IterableMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::TcAttachOptions;
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions};
@@ -100,6 +101,9 @@ pub struct Config {
     pub maglev_table_size: u32,
     /// Kube-proxy replacement: the host programs serve node ports.
     pub kube_proxy_replacement: bool,
+    /// Kube-proxy replacement: the address node ports' connections to
+    /// other nodes' backends leave from (the node's; unspecified: none).
+    pub nodeport_snat_address: Ipv4Addr,
 }
 
 /// The default per-endpoint conntrack budget: a quarter of the table
@@ -148,6 +152,7 @@ impl Config {
             tunnel_ifindex: 0,
             maglev_table_size: abi::MAGLEV_DEFAULT_TABLE_SIZE,
             kube_proxy_replacement: false,
+            nodeport_snat_address: Ipv4Addr::UNSPECIFIED,
         }
     }
 }
@@ -204,6 +209,21 @@ pub struct Datapath {
 
 fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
     move |source| Error::Map { map, source }
+}
+
+/// Every conntrack entry, to `each`: read in batches, key by key on a
+/// kernel without batch reads. A read that fails part way stops there,
+/// with a warning (it has no cause but a kernel fault).
+fn ct_each(ct: &BpfHashMap<MapData, CtKey, CtValue>, mut each: impl FnMut(CtKey, CtValue)) {
+    match batch::for_each(ct.map(), &mut each) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+            for (k, v) in ct.iter().filter_map(|e| e.ok()) {
+                each(k, v)
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, map = MAP_CT, "reading the conntrack table"),
+    }
 }
 
 fn prog_err(program: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> Error {
@@ -578,12 +598,16 @@ impl Datapath {
     }
 
     pub fn ct_entries(&self) -> usize {
-        self.maps().ct.keys().filter(|k| k.is_ok()).count()
+        let mut n = 0;
+        ct_each(&self.maps().ct, |_, _| n += 1);
+        n
     }
 
     /// Every connection-tracking entry (tests and diagnostics).
     pub fn ct_list(&self) -> Vec<(CtKey, CtValue)> {
-        self.maps().ct.iter().filter_map(|e| e.ok()).collect()
+        let mut out = Vec::new();
+        ct_each(&self.maps().ct, |k, v| out.push((k, v)));
+        out
     }
 
     /// Deletes the conntrack entries `doomed` picks (both directions and
@@ -591,13 +615,12 @@ impl Datapath {
     /// with them). Returns how many were deleted.
     pub fn ct_flush(&self, doomed: impl Fn(&CtKey, &CtValue) -> bool) -> usize {
         let mut maps = self.maps();
-        let keys: Vec<CtKey> = maps
-            .ct
-            .iter()
-            .filter_map(|e| e.ok())
-            .filter(|(k, v)| doomed(k, v))
-            .map(|(k, _)| k)
-            .collect();
+        let mut keys: Vec<CtKey> = Vec::new();
+        ct_each(&maps.ct, |k, v| {
+            if doomed(&k, &v) {
+                keys.push(k)
+            }
+        });
         keys.iter().filter(|k| maps.ct.remove(k).is_ok()).count()
     }
 
@@ -624,7 +647,7 @@ impl Datapath {
             .collect();
         let mut out = CtCensus::default();
         let mut held: std::collections::HashMap<u32, u32> = Default::default();
-        for (k, v) in maps.ct.iter().filter_map(|e| e.ok()) {
+        ct_each(&maps.ct, |k, v| {
             out.entries += 1;
             if v.expires_ns > now {
                 out.live_addresses
@@ -641,7 +664,7 @@ impl Datapath {
                     .unwrap_or(abi::HOST_ENDPOINT_ID);
                 *held.entry(owner).or_default() += 1;
             }
-        }
+        });
         let budgets: Vec<(u32, abi::CtBudget)> =
             maps.ct_budget.iter().filter_map(|e| e.ok()).collect();
         for (ep, mut b) in budgets {
@@ -765,6 +788,8 @@ pub struct TestRunOutcome {
     pub packet: Vec<u8>,
     /// The kernel's mean time per run, in nanoseconds (`repeat` runs).
     pub ns_per_run: u64,
+    /// The packet's mark after the run (runs given a mark only; else 0).
+    pub mark: u32,
 }
 
 impl EndpointPrograms {
@@ -800,19 +825,48 @@ pub(crate) fn test_run_with(
         TestRunOptions<'_>,
     ) -> Result<aya::programs::TestRunResult, aya::programs::ProgramError>,
 ) -> Result<TestRunOutcome, Error> {
+    test_run_marked(name, packet, repeat, None, run)
+}
+
+/// `struct __sk_buff`'s size and its `mark`'s offset: a tc program's
+/// test run takes the packet's mark (and a few other fields) from it.
+const SK_BUFF_SIZE: usize = 192;
+const SK_BUFF_MARK: usize = 8;
+
+/// `test_run_with`, the packet carrying `mark` when one is given (the
+/// outcome then has the mark the program left).
+pub(crate) fn test_run_marked(
+    name: &'static str,
+    packet: &[u8],
+    repeat: u32,
+    mark: Option<u32>,
+    run: impl FnOnce(
+        TestRunOptions<'_>,
+    ) -> Result<aya::programs::TestRunResult, aya::programs::ProgramError>,
+) -> Result<TestRunOutcome, Error> {
     let mut out = vec![0u8; packet.len() + 256];
+    let mut ctx_in = [0u8; SK_BUFF_SIZE];
+    let mut ctx_out = [0u8; SK_BUFF_SIZE];
+    if let Some(m) = mark {
+        ctx_in[SK_BUFF_MARK..SK_BUFF_MARK + 4].copy_from_slice(&m.to_ne_bytes());
+    }
     let res = run(TestRunOptions {
         data_in: Some(packet),
         data_out: Some(&mut out),
+        ctx_in: mark.is_some().then_some(&ctx_in[..]),
+        ctx_out: mark.is_some().then_some(&mut ctx_out[..]),
         repeat: repeat.max(1),
         ..Default::default()
     })
     .map_err(prog_err(name))?;
     out.truncate(res.data_size_out as usize);
+    let mut mark_out = [0u8; 4];
+    mark_out.copy_from_slice(&ctx_out[SK_BUFF_MARK..SK_BUFF_MARK + 4]);
     Ok(TestRunOutcome {
         action: res.return_value,
         packet: out,
         ns_per_run: res.duration.as_nanos() as u64,
+        mark: u32::from_ne_bytes(mark_out),
     })
 }
 

@@ -2,8 +2,10 @@
 //! with `lib/lb.h`) through BPF_PROG_TEST_RUN: a packet from outside to a
 //! node port gets the backend its Maglev table gives its connection's
 //! hash (the same tuple, the same backend, on any node), the backend's
-//! reply leaves from the node port again, and internal frontends
-//! (cluster IPs) are not served from outside. Needs root.
+//! reply leaves from the node port again, a connection to another node's
+//! backend leaves from the node's address (source NAT) and its reply finds
+//! its client, and internal frontends (cluster IPs) are not served from
+//! outside. Needs root.
 
 mod common;
 
@@ -81,6 +83,7 @@ fn tcp(sport: u16, dport: u16, flags: u8) -> L4 {
 fn kpr_lab() -> Lab {
     let lab = lab_with(|c| {
         c.kube_proxy_replacement = true;
+        c.nodeport_snat_address = NODE;
         c.maglev_table_size = 251;
     });
     lab.dp
@@ -155,6 +158,77 @@ fn a_node_port_goes_where_its_maglev_table_says_and_answers_from_itself() {
         )
         .0;
         assert_eq!(again, first[i], "port {sport}");
+    }
+}
+
+#[test]
+fn a_remote_backends_connection_leaves_from_the_node_and_its_reply_finds_the_client() {
+    let lab = kpr_lab();
+    frontend(&lab, NODE, NODE_PORT, 7, LB_SVC_F_EXTERNAL);
+    // Every slot names the backend on the other node.
+    lab.dp.lb_maglev_set(7, &[2; 251]).unwrap();
+    let mut host = lab.dp.load_host_programs().unwrap();
+    // In, then (the stack routed it to the other node) out: translated,
+    // marked on the way in, from the node's address on the way out.
+    let through = |host: &mut fibril_datapath::HostPrograms, client: Ipv4Addr, sport: u16| {
+        let syn = ipv4_packet(client, NODE, tcp(sport, NODE_PORT, TCP_SYN));
+        let inbound = host
+            .test_run_marked(NetdevHook::FromNetdev, &syn, Some(0))
+            .unwrap();
+        assert_eq!(inbound.mark, abi::NODEPORT_MASQ_MARK);
+        assert_eq!(dst_of(&inbound.packet), (REMOTE, 8080));
+        let out = host
+            .test_run_marked(NetdevHook::ToNetdev, &inbound.packet, Some(inbound.mark))
+            .unwrap();
+        assert_eq!(out.action, TC_ACT_OK);
+        assert_eq!(dst_of(&out.packet), (REMOTE, 8080));
+        assert!(checksums_valid(&out.packet));
+        let (addr, port) = src_of(&out.packet);
+        assert_eq!(addr, NODE);
+        port
+    };
+    // The client's port where it is free (as MASQUERADE keeps it), the
+    // same for the connection's later packets.
+    assert_eq!(through(&mut host, OUTSIDER, 40000), 40000);
+    assert_eq!(through(&mut host, OUTSIDER, 40000), 40000);
+    // Another client on the same port gets another port of the range;
+    // a port under the range is never kept (node ports live there).
+    let other = Ipv4Addr::new(198, 51, 100, 8);
+    let second = through(&mut host, other, 40000);
+    assert!(
+        second != 40000 && (32768..=60999).contains(&second),
+        "{second}"
+    );
+    let low = through(&mut host, other, 1234);
+    assert!((32768..=60999).contains(&low), "{low}");
+
+    // The backend's replies: to their clients again, then (routed back
+    // out) from the node port.
+    for (client, port, sport) in [(OUTSIDER, 40000, 40000), (other, second, 40000)] {
+        let reply = ipv4_packet(REMOTE, NODE, tcp(8080, port, TCP_SYN | TCP_ACK));
+        let back = host.test_run(NetdevHook::FromNetdev, &reply).unwrap();
+        assert_eq!(back.action, TC_ACT_OK);
+        assert_eq!(dst_of(&back.packet), (client, sport));
+        assert!(checksums_valid(&back.packet));
+        let leaving = host.test_run(NetdevHook::ToNetdev, &back.packet).unwrap();
+        assert_eq!(src_of(&leaving.packet), (NODE, NODE_PORT));
+        assert_eq!(dst_of(&leaving.packet), (client, sport));
+        assert!(checksums_valid(&leaving.packet));
+    }
+    // A packet to a port of the node no connection was given is the
+    // node's own: left as it is; an unmarked packet leaves as it is.
+    for (hook, untouched) in [
+        (
+            NetdevHook::FromNetdev,
+            ipv4_packet(REMOTE, NODE, tcp(8080, 50001, TCP_ACK)),
+        ),
+        (
+            NetdevHook::ToNetdev,
+            ipv4_packet(OUTSIDER, REMOTE, tcp(40001, 8080, TCP_SYN)),
+        ),
+    ] {
+        let out = host.test_run(hook, &untouched).unwrap();
+        assert_eq!(out.packet, untouched);
     }
 }
 

@@ -1058,3 +1058,33 @@ fn a_pod_past_its_conntrack_budget_cannot_crowd_out_the_others() {
     lab.dp.ct_census();
     assert_eq!(send(&mut client, CLIENT, 4), TC_ACT_OK);
 }
+
+/// The conntrack table is read in batches (a few thousand entries a
+/// system call): every entry once, past the first batch's end too.
+#[test]
+fn the_conntrack_table_is_read_whole_in_batches() {
+    let lab = lab();
+    let mut client = progs(&lab, 1, CLIENT);
+    const CONNECTIONS: u16 = 10_000;
+    let world = Ipv4Addr::new(192, 0, 2, 1);
+    for port in 1..=CONNECTIONS {
+        let out = client
+            .test_run(
+                Hook::FromContainer,
+                &ipv4_packet(CLIENT, world, syn(port, 80)),
+            )
+            .unwrap();
+        assert_eq!(out.action, TC_ACT_OK);
+    }
+    let list = lab.dp.ct_list();
+    let mut ports: Vec<u16> = list.iter().map(|(k, _)| k.sport).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(list.len(), CONNECTIONS as usize, "each entry once");
+    assert_eq!(ports, (1..=CONNECTIONS).collect::<Vec<_>>());
+    assert_eq!(lab.dp.ct_entries(), CONNECTIONS as usize);
+    assert_eq!(lab.dp.ct_census().entries, CONNECTIONS as usize);
+    let odd = lab.dp.ct_flush(|k, _| k.sport % 2 == 1);
+    assert_eq!(odd, CONNECTIONS as usize / 2);
+    assert!(lab.dp.ct_list().iter().all(|(k, _)| k.sport % 2 == 0));
+}

@@ -633,6 +633,7 @@ pub fn drop_reason_text(r: enums::DropReason) -> &'static str {
         R::STALE_OR_UNROUTABLE_IP => "Stale or unroutable IP",
         R::CT_MAP_INSERTION_FAILED => "CT: Map insertion failed",
         R::SERVICE_BACKEND_NOT_FOUND => "Service backend not found",
+        R::NO_MAPPING_FOR_NAT_MASQUERADE => "No mapping for NAT masquerade",
         R::INVALID_IDENTITY => "Invalid identity",
         R::FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND => "First logical datagram fragment not found",
         R::POLICY_DENY => "Policy denied by denylist",
