@@ -23,6 +23,10 @@
 //! (a typical service, not a lucky or unlucky one). Their places in the
 //! chain are printed.
 //!
+//! Each count's rows start once the CPUs are idle (under 15% busy for
+//! 3 s): kube-proxy rewrites its rules for a minute or more after it has
+//! them all, and its syncs would be measured as its datapath.
+//!
 //! The pods' conntrack budget is off (`ctEndpointBudget: 0`): a client
 //! opening ~5,000 connections a second holds three entries each (its
 //! connection, the server's, the service's) for the 10 s after close, more
@@ -503,8 +507,11 @@ fn bench_mode(
             );
             std::thread::sleep(Duration::from_millis(500));
         }
-        // kube-proxy's rules settle (its sync runs at most once a second).
-        std::thread::sleep(Duration::from_secs(3));
+        // The control planes settle: kube-proxy goes on rewriting its
+        // rules for a minute or more after it has them all (each
+        // iptables-restore of 10,000 services is seconds of CPU), and a
+        // measure taken meanwhile is kube-proxy's sync, not its datapath.
+        wait_quiet();
         let decoys = netns::in_netns(&underlay, || rt()?.block_on(decoy_ips(&kubeconfig)))??;
         let direct = format!("{web_ip}:8080");
         for (what, client, target) in &rows {
@@ -553,6 +560,48 @@ fn bench_mode(
         }
     }
     Ok(())
+}
+
+/// The machine's busy share of its CPUs over `window` (`/proc/stat`).
+fn busy_share(window: Duration) -> f64 {
+    fn sample() -> (u64, u64) {
+        let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let fields: Vec<u64> = text
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        // idle and iowait are the 4th and 5th.
+        let idle = fields.iter().skip(3).take(2).sum();
+        (fields.iter().sum(), idle)
+    }
+    let (total0, idle0) = sample();
+    std::thread::sleep(window);
+    let (total1, idle1) = sample();
+    let total = total1.saturating_sub(total0).max(1);
+    1.0 - idle1.saturating_sub(idle0) as f64 / total as f64
+}
+
+/// Waits (up to 5 minutes) until the CPUs are mostly idle for 3 s, so no
+/// control plane's catching up is measured.
+fn wait_quiet() {
+    let end = Instant::now() + Duration::from_secs(300);
+    loop {
+        let busy = busy_share(Duration::from_secs(3));
+        if busy < 0.15 {
+            return;
+        }
+        if Instant::now() >= end {
+            println!(
+                "         (the machine stayed {:.0}% busy: measuring anyway)",
+                busy * 100.0
+            );
+            return;
+        }
+    }
 }
 
 /// The web pod on n1 and its services web-0 .. web-3 at `VIPS`; its
