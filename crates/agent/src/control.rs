@@ -42,7 +42,7 @@ pub struct EndpointMeta {
 pub struct EndpointLookup {
     pub by_ip: Arc<HashMap<Ipv4Addr, EndpointMeta>>,
     /// Host-side veth names by ifindex: a flow's `interface`.
-    pub ifname_by_index: Arc<HashMap<u32, String>>,
+    pub ifname_by_index: Arc<HashMap<u32, flow::record::InlineText>>,
     /// DNS names learned addresses belong to (flows' `*_names`).
     pub names_by_ip: Arc<HashMap<Ipv4Addr, Vec<String>>>,
     /// Services by frontend address and port (flows' `*_service`).
@@ -328,7 +328,7 @@ impl Control {
                     continue;
                 };
                 keys.insert(ep.id, (ep.ipv4, ep.host_ifindex));
-                ifnames.insert(ep.host_ifindex, ep.host_ifname.clone());
+                ifnames.insert(ep.host_ifindex, ep.host_ifname.as_str().into());
                 by_ip.insert(ep.ipv4, self.endpoint_meta(s, ep));
             }
         }

@@ -513,6 +513,7 @@ impl Agent {
             index: self.control.index(),
             policy_refs: self.control.policy().policy_refs(),
             cluster: self.config.cluster_name.clone(),
+            bare: Default::default(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The flow observer: reads datapath events, enriches them into flows and
 //! keeps them in the flow ring for `observe` readers.
 
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -68,6 +69,37 @@ pub struct Sources {
     /// Cookie - 1 -> the rule's attribution (see `PolicySync::policy_refs`).
     pub policy_refs: std::sync::Arc<std::sync::RwLock<Vec<flow::record::SharedPolicyRef>>>,
     pub cluster: String,
+    pub bare: BareEndpoints,
+}
+
+/// The endpoints of addresses no endpoint here owns (the host, the world,
+/// other nodes' pods), by identity: made once and shared by their flows,
+/// not made anew for each (a host's connection is several flows).
+#[derive(Default)]
+pub struct BareEndpoints(std::cell::RefCell<HashMap<u32, Arc<Endpoint>>>);
+
+impl BareEndpoints {
+    /// Identities kept at most; past it the cache starts again.
+    const LIMIT: usize = 4096;
+
+    fn get(&self, identity: u32) -> Arc<Endpoint> {
+        let mut cache = self.0.borrow_mut();
+        if let Some(e) = cache.get(&identity) {
+            return e.clone();
+        }
+        if cache.len() >= Self::LIMIT {
+            cache.clear();
+        }
+        let e = Arc::new(Endpoint {
+            identity,
+            labels: policy::identity::reserved_name(identity)
+                .map(|n| vec![format!("reserved:{n}")])
+                .unwrap_or_default(),
+            ..Default::default()
+        });
+        cache.insert(identity, e.clone());
+        e
+    }
 }
 
 /// A rule's policy as flows name it, with Cilium's derived-from labels.
@@ -112,7 +144,7 @@ impl Enricher for Sources {
         refs.get(cookie.checked_sub(1)? as usize).cloned()
     }
 
-    fn interface_name(&self, ifindex: u32) -> Option<String> {
+    fn interface_name(&self, ifindex: u32) -> Option<flow::record::InlineText> {
         let index = self.index.load();
         index.ifname_by_index.get(&ifindex).cloned()
     }
@@ -131,13 +163,7 @@ impl Enricher for Sources {
                 identity,
                 ..(*m.endpoint).clone()
             }),
-            None => Arc::new(Endpoint {
-                identity,
-                labels: policy::identity::reserved_name(identity)
-                    .map(|n| vec![format!("reserved:{n}")])
-                    .unwrap_or_default(),
-                ..Default::default()
-            }),
+            None => self.bare.get(identity),
         };
         (endpoint, names)
     }
@@ -285,6 +311,33 @@ impl Observer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An address no endpoint owns gets its identity's endpoint, made once:
+    /// the host's flows share one, labelled as Cilium labels it; the cache
+    /// is bounded.
+    #[test]
+    fn bare_endpoints_are_shared_by_identity() {
+        let sources = Sources {
+            index: Default::default(),
+            policy_refs: Default::default(),
+            cluster: "default".into(),
+            bare: Default::default(),
+        };
+        let host = Ipv4Addr::new(10, 0, 0, 1);
+        let (a, _) = sources.endpoint(host, abi::identity::HOST);
+        let (b, _) = sources.endpoint(Ipv4Addr::new(10, 0, 0, 2), abi::identity::HOST);
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(a.identity, abi::identity::HOST);
+        assert_eq!(a.labels, ["reserved:host"]);
+        let (remote, _) = sources.endpoint(host, 70_000);
+        assert_eq!((remote.identity, remote.labels.len()), (70_000, 0));
+        for identity in 100_000..100_000 + BareEndpoints::LIMIT as u32 {
+            sources.endpoint(host, identity);
+        }
+        assert!(sources.bare.0.borrow().len() <= BareEndpoints::LIMIT);
+        let (c, _) = sources.endpoint(host, abi::identity::HOST);
+        assert_eq!(c.labels, ["reserved:host"]);
+    }
 
     /// A report at `unix_ns`, told apart by its client port `tag`.
     fn report(unix_ns: u64, tag: u16) -> flow::record::L7Record {

@@ -378,14 +378,14 @@ pub fn table(flows: &[Flow], print_node: bool, style: Style) -> String {
         let (sport, dport) = ports(f);
         let mut r = vec![style.time.format(&f.time.to_string())];
         if print_node {
-            r.push(f.node_name.clone());
+            r.push(f.node_name.to_string());
         }
         r.extend([
             host(f, true, sport, style),
             host(f, false, dport, style),
             type_text(f),
             verdict_text(f, style),
-            f.summary.clone(),
+            f.summary.to_string(),
         ]);
         rows.push(r);
     }

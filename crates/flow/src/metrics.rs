@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use crate::enums::{L7FlowType, TrafficDirection, Verdict};
+use crate::enums::{L7FlowType, TraceObservationPoint, TrafficDirection, Verdict};
 use crate::Flow;
 
 /// A series: metric name and label pairs (in label order).
@@ -22,9 +22,65 @@ struct Series(
     foldhash::fast::RandomState,
 );
 
+/// A series of the L3/L4 handlers by the flow's numbers: these count
+/// every datapath flow, so they are found without hashing or comparing
+/// label text, and named only when rendered.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Coded {
+    /// `hubble_flows_processed_total`: the event type, the trace point
+    /// (0 unless a trace), the verdict.
+    Processed(i32, i32, Verdict),
+    /// `hubble_drop_total`: the protocol's name, the drop reason.
+    Drop(&'static str, crate::enums::DropReason),
+    /// `hubble_policy_verdicts_total`: the action, direction and match.
+    PolicyVerdict(&'static str, TrafficDirection, u32),
+    /// `hubble_tcp_flags_total`: the IP family, the flag.
+    TcpFlag(&'static str, &'static str),
+}
+
+impl Coded {
+    /// The series' name and labels, in label order.
+    fn key(self) -> Key {
+        let labels =
+            |l: &[(&'static str, &str)]| l.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        match self {
+            Coded::Processed(ty, point, verdict) => (
+                "hubble_flows_processed_total",
+                labels(&[
+                    ("subtype", &subtype(ty, TraceObservationPoint(point))),
+                    ("type", event_kind(ty)),
+                    ("verdict", verdict.as_str()),
+                ]),
+            ),
+            Coded::Drop(protocol, reason) => (
+                "hubble_drop_total",
+                labels(&[("protocol", protocol), ("reason", reason.as_str())]),
+            ),
+            Coded::PolicyVerdict(action, direction, m) => (
+                "hubble_policy_verdicts_total",
+                labels(&[
+                    ("action", action),
+                    ("direction", &direction.as_str().to_lowercase()),
+                    ("match", match_name(m)),
+                ]),
+            ),
+            Coded::TcpFlag(family, flag) => (
+                "hubble_tcp_flags_total",
+                labels(&[("family", family), ("flag", flag)]),
+            ),
+        }
+    }
+}
+
+#[derive(Default)]
+struct AllSeries {
+    series: Series,
+    coded: std::collections::HashMap<Coded, u64, foldhash::fast::RandomState>,
+}
+
 #[derive(Default)]
 pub struct Counters {
-    series: Mutex<Series>,
+    series: Mutex<AllSeries>,
 }
 
 const HELP: [(&str, &str); 12] = [
@@ -79,14 +135,22 @@ const DURATION_BUCKETS: [(&str, u64); 12] = [
     ("+Inf", u64::MAX),
 ];
 
-fn subtype(f: &Flow) -> String {
-    match f.event_type.r#type {
-        4 if !f.trace_observation_point.is_unset() => f
-            .trace_observation_point
-            .as_str()
-            .to_lowercase()
-            .replace('_', "-"),
+/// The `subtype` label: a trace's observation point, as Hubble writes it.
+fn subtype(event_type: i32, point: TraceObservationPoint) -> String {
+    match event_type {
+        4 if !point.is_unset() => point.as_str().to_lowercase().replace('_', "-"),
         _ => String::new(),
+    }
+}
+
+/// The `type` label of an event type.
+fn event_kind(event_type: i32) -> &'static str {
+    match event_type {
+        1 => "Drop",
+        4 => "Trace",
+        5 => "PolicyVerdict",
+        129 => "L7",
+        _ => "Unknown",
     }
 }
 
@@ -325,55 +389,35 @@ impl Series {
 impl Counters {
     /// Counts one processed flow.
     pub fn observe(&self, f: &Flow) {
-        let mut s = self.series.lock().unwrap_or_else(|e| e.into_inner());
-        let kind = match f.event_type.r#type {
-            1 => "Drop",
-            4 => "Trace",
-            5 => "PolicyVerdict",
-            129 => "L7",
-            _ => "Unknown",
+        let mut all = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        let all = &mut *all;
+        let mut count = |c: Coded| *all.coded.entry(c).or_default() += 1;
+        let ty = f.event_type.r#type;
+        let point = if ty == 4 {
+            f.trace_observation_point.0
+        } else {
+            0
         };
-        let subtype = subtype(f);
-        s.add(
-            "hubble_flows_processed_total",
-            &[
-                ("subtype", &subtype),
-                ("type", kind),
-                ("verdict", f.verdict.as_str()),
-            ],
-            1,
-        );
-        observe_l7(&mut s, f);
+        count(Coded::Processed(ty, point, f.verdict));
         if f.verdict == Verdict::DROPPED && f.l7.is_none() {
-            s.add(
-                "hubble_drop_total",
-                &[
-                    ("protocol", protocol(f)),
-                    ("reason", f.drop_reason_desc.as_str()),
-                ],
-                1,
-            );
+            count(Coded::Drop(protocol(f), f.drop_reason_desc));
         }
         // Policy decisions: the datapath's policy-verdict events (the first
         // packet of each connection an enforcing policy decided), as
         // Cilium's policy handler counts them.
         let decided = match f.verdict {
-            _ if f.event_type.r#type != 5 => None,
+            _ if ty != 5 => None,
             Verdict::DROPPED => Some("dropped"),
             Verdict::AUDIT => Some("audit"),
             Verdict::FORWARDED => Some("forwarded"),
             _ => None,
         };
         if let Some(action) = decided {
-            s.add(
-                "hubble_policy_verdicts_total",
-                &[
-                    ("action", action),
-                    ("direction", &f.traffic_direction.as_str().to_lowercase()),
-                    ("match", match_name(f.policy_match_type)),
-                ],
-                1,
-            );
+            count(Coded::PolicyVerdict(
+                action,
+                f.traffic_direction,
+                f.policy_match_type,
+            ));
         }
         if let Some(flags) =
             f.l4.as_ref()
@@ -396,30 +440,31 @@ impl Counters {
                     flag
                 };
                 if set && !(flag == "ACK" && flags.syn) {
-                    s.add(
-                        "hubble_tcp_flags_total",
-                        &[("family", family), ("flag", name)],
-                        1,
-                    );
+                    count(Coded::TcpFlag(family, name));
                 }
             }
         }
+        observe_l7(&mut all.series, f);
     }
 
     /// Counts events lost at `source` (a `flow.LostEventSource` name).
     pub fn lost(&self, source: &str, n: u64) {
-        let mut s = self.series.lock().unwrap_or_else(|e| e.into_inner());
-        s.add("hubble_lost_events_total", &[("source", source)], n);
+        let mut all = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        all.series
+            .add("hubble_lost_events_total", &[("source", source)], n);
     }
 
     /// Prometheus text exposition; `extra` lost counts (e.g. the kernel's,
     /// read at render time) are added to the lost-events series.
     pub fn render(&self, extra_lost: &[(&str, u64)]) -> String {
-        let mut s = self
-            .series
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .sorted();
+        let mut s = {
+            let all = self.series.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = all.series.sorted();
+            for (c, n) in &all.coded {
+                *s.entry(c.key()).or_default() += n;
+            }
+            s
+        };
         for (source, n) in extra_lost {
             *s.entry((
                 "hubble_lost_events_total",

@@ -17,6 +17,12 @@ use crate::enums::{
 /// them).
 pub type Text = std::borrow::Cow<'static, str>;
 
+/// A short string of a flow's (addresses, MACs, the node's and interface's
+/// names, the summary): up to 24 bytes are kept inside the flow, so making
+/// one costs no allocation and dropping one no free; every datapath event
+/// makes six of them.
+pub type InlineText = compact_str::CompactString;
+
 /// `m` as `Text`, borrowed when it is one of `known`.
 fn known_text(m: &str, known: &[&'static str]) -> Text {
     match known.iter().find(|k| **k == m) {
@@ -123,14 +129,14 @@ fn is_zero(v: &u32) -> bool {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ethernet {
-    pub source: String,
-    pub destination: String,
+    pub source: InlineText,
+    pub destination: InlineText,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ip {
-    pub source: String,
-    pub destination: String,
+    pub source: InlineText,
+    pub destination: InlineText,
     #[serde(rename = "ipVersion")]
     pub ip_version: IpVersion,
 }
@@ -164,8 +170,8 @@ impl TcpFlags {
     }
 
     /// `SYN, ACK` in Hubble's order.
-    pub fn summary(&self) -> String {
-        let mut s = String::with_capacity(24);
+    pub fn summary(&self) -> InlineText {
+        let mut s = InlineText::default();
         for (set, name) in [
             (self.syn, "SYN"),
             (self.ack, "ACK"),
@@ -253,8 +259,8 @@ pub struct Flow {
     pub destination: std::sync::Arc<Endpoint>,
     #[serde(rename = "Type")]
     pub r#type: FlowType,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub node_name: String,
+    #[serde(default, skip_serializing_if = "InlineText::is_empty")]
+    pub node_name: InlineText,
     /// DNS names the source's / destination's address was learned for.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub source_names: Vec<String>,
@@ -286,7 +292,7 @@ pub struct Flow {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<NetworkInterface>,
     #[serde(rename = "Summary", default)]
-    pub summary: String,
+    pub summary: InlineText,
     /// The policies that allowed or denied the flow (Hubble's attribution).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress_allowed_by: Vec<SharedPolicyRef>,
@@ -522,8 +528,8 @@ mod u64_as_string {
 pub struct NetworkInterface {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub index: u32,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub name: String,
+    #[serde(default, skip_serializing_if = "InlineText::is_empty")]
+    pub name: InlineText,
 }
 
 /// `flow.Policy`: a policy a flow is attributed to.
@@ -554,7 +560,7 @@ pub trait Enricher {
         None
     }
     /// The name of the interface the datapath saw the packet on.
-    fn interface_name(&self, _ifindex: u32) -> Option<String> {
+    fn interface_name(&self, _ifindex: u32) -> Option<InlineText> {
         None
     }
     /// The service whose frontend is `addr:port` (a translated packet's).
@@ -789,7 +795,8 @@ pub fn from_event(
     let (l4, summary) = match e.protocol {
         6 => {
             let flags = TcpFlags::from_bits(e.tcp_flags);
-            let summary = ["TCP Flags: ", &flags.summary()].concat();
+            let mut summary = InlineText::from("TCP Flags: ");
+            summary.push_str(&flags.summary());
             (
                 Layer4 {
                     tcp: Some(Tcp {
@@ -810,7 +817,7 @@ pub fn from_event(
                 }),
                 ..Default::default()
             },
-            "UDP".to_string(),
+            InlineText::const_new("UDP"),
         ),
         132 => (
             Layer4 {
@@ -820,7 +827,7 @@ pub fn from_event(
                 }),
                 ..Default::default()
             },
-            "SCTP".to_string(),
+            InlineText::const_new("SCTP"),
         ),
         1 => {
             let (t, c) = ((e.dport >> 8) as u32, (e.dport & 0xff) as u32);
@@ -836,10 +843,10 @@ pub fn from_event(
                     icmpv4: Some(Icmp { r#type: t, code: c }),
                     ..Default::default()
                 },
-                format!("ICMPv4 {name}"),
+                compact_str::format_compact!("ICMPv4 {name}"),
             )
         }
-        _ => (Layer4::default(), String::new()),
+        _ => (Layer4::default(), InlineText::default()),
     };
     let has_ip = e.ip_version == 4;
     let ((source, source_names), (destination, destination_names)) = if has_ip {
@@ -910,7 +917,7 @@ pub fn from_event(
         source,
         destination,
         r#type: FlowType::L3_L4,
-        node_name: node.to_string(),
+        node_name: node.into(),
         source_names,
         destination_names,
         event_type: EventTypeField {
@@ -995,7 +1002,7 @@ fn from_sock_event(
         (
             Ip {
                 source: peer_text,
-                destination: String::new(),
+                destination: InlineText::default(),
                 ip_version: IpVersion::IPv4,
             },
             far,
@@ -1006,7 +1013,7 @@ fn from_sock_event(
     } else {
         (
             Ip {
-                source: String::new(),
+                source: InlineText::default(),
                 destination: peer_text,
                 ip_version: IpVersion::IPv4,
             },
@@ -1025,7 +1032,7 @@ fn from_sock_event(
         source,
         destination,
         r#type: FlowType::SOCK,
-        node_name: node.to_string(),
+        node_name: node.into(),
         source_names,
         destination_names,
         event_type: EventTypeField {
@@ -1037,7 +1044,7 @@ fn from_sock_event(
         sock_xlate_point: enums::SocketTranslationPoint(e.subtype as i32),
         socket_cookie: e.sock_cookie,
         cgroup_id: e.cgroup_id,
-        summary: summary.to_string(),
+        summary: InlineText::const_new(summary),
         ..Default::default()
     }
 }
@@ -1127,7 +1134,7 @@ pub fn from_l7(r: L7Record, uuid: String, node: &str, enricher: &dyn Enricher) -
         source,
         destination,
         r#type: FlowType::L7,
-        node_name: node.to_string(),
+        node_name: node.into(),
         source_names,
         destination_names,
         l7: Some(r.l7),
@@ -1145,7 +1152,7 @@ pub fn from_l7(r: L7Record, uuid: String, node: &str, enricher: &dyn Enricher) -
         ingress_allowed_by,
         egress_denied_by,
         ingress_denied_by,
-        summary,
+        summary: summary.into(),
         ..Default::default()
     }
 }

@@ -5,6 +5,8 @@
 
 use std::net::Ipv4Addr;
 
+use crate::record::InlineText;
+
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// `v` in decimal, zero-padded to at least `width` digits, written into
@@ -36,28 +38,35 @@ pub fn push_hex(s: &mut String, v: u64, digits: u32) {
     }
 }
 
-/// `10.0.0.1`, as `Ipv4Addr`'s `Display` writes it.
-pub fn ipv4(ip: Ipv4Addr) -> String {
-    let mut s = String::with_capacity(15);
+/// `10.0.0.1`, as `Ipv4Addr`'s `Display` writes it (inline: no
+/// allocation; written into a buffer first, as the inline string's own
+/// push goes a character at a time).
+pub fn ipv4(ip: Ipv4Addr) -> InlineText {
+    let mut buf = [0u8; 15];
+    let mut n = 0;
     for (i, o) in ip.octets().into_iter().enumerate() {
         if i > 0 {
-            s.push('.');
+            buf[n] = b'.';
+            n += 1;
         }
-        push_dec(&mut s, o.into(), 1);
+        for (place, digit) in [(100, o / 100), (10, o / 10 % 10), (1, o % 10)] {
+            if o >= place || place == 1 {
+                buf[n] = b'0' + digit;
+                n += 1;
+            }
+        }
     }
-    s
+    InlineText::from(std::str::from_utf8(&buf[..n]).expect("ASCII digits"))
 }
 
-/// `02:00:00:00:01:0a`.
-pub fn mac(m: &[u8; 6]) -> String {
-    let mut s = String::with_capacity(17);
+/// `02:00:00:00:01:0a` (inline: no allocation).
+pub fn mac(m: &[u8; 6]) -> InlineText {
+    let mut buf = [b':'; 17];
     for (i, b) in m.iter().enumerate() {
-        if i > 0 {
-            s.push(':');
-        }
-        push_hex(&mut s, (*b).into(), 2);
+        buf[i * 3] = HEX[usize::from(b >> 4)];
+        buf[i * 3 + 1] = HEX[usize::from(b & 0xf)];
     }
-    s
+    InlineText::from(std::str::from_utf8(&buf).expect("ASCII hex"))
 }
 
 /// A flow's id: `xxxxxxxx-0000-4000-800v-nnnnnnnnnnnn`, from a per-source
@@ -92,6 +101,7 @@ mod tests {
         for ip in [
             Ipv4Addr::UNSPECIFIED,
             Ipv4Addr::new(10, 198, 0, 4),
+            Ipv4Addr::new(100, 9, 10, 109),
             Ipv4Addr::BROADCAST,
         ] {
             assert_eq!(ipv4(ip), ip.to_string());
