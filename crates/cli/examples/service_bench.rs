@@ -1,6 +1,6 @@
 //! Services side by side with the real kube-proxy (issue 18): a lab of two
-//! nodes with the real control plane, once per way of serving services,
-//! at 10, 1,000 and 10,000 services (four HTTP services of a web pod on
+//! nodes with the real control plane per way of serving services, all up
+//! at once, at 10, 1,000 and 10,000 services (four HTTP services of a web pod on
 //! node n1, the rest selector-less services with an EndpointSlice each
 //! naming the same pod's TCP_CRR port, as many rules as real ones):
 //! - `iptables`, `nftables`: the real kube-proxy in that mode (`kubeProxy:`,
@@ -22,6 +22,10 @@
 //! an eighth, three eighths, five eighths and seven eighths of the chain
 //! (a typical service, not a lucky or unlucky one). Their places in the
 //! chain are printed.
+//!
+//! Each count is measured in every lab in turn, so the ratios compare
+//! rates taken minutes apart: measured a lab after the other (20 minutes
+//! apart), this two-core VM's speed moved by a fifth between them.
 //!
 //! Each count's rows start once the CPUs are idle (under 15% busy for
 //! 3 s): kube-proxy rewrites its rules for a minute or more after it has
@@ -338,8 +342,8 @@ fn main() -> anyhow::Result<()> {
         "SERVICE_BENCH_COUNTS: ascending counts of at least {} services",
         VIPS.len() + CRR_QUANTILES.len()
     );
-    let mut results = Results::new();
-    for mode in modes.split(',') {
+    let mut labs = Vec::new();
+    for (index, mode) in modes.split(',').enumerate() {
         let mode = match mode {
             "iptables" => Mode::KubeProxy("iptables"),
             "nftables" => Mode::KubeProxy("nftables"),
@@ -349,10 +353,28 @@ fn main() -> anyhow::Result<()> {
             }
         };
         match mode {
-            Mode::KubeProxy(m) => println!("the real kube-proxy in {m} mode (Fibril's socket LB out of its way, per-packet LB for pods)"),
-            Mode::Replacement => println!("no kube-proxy: Fibril's kube-proxy replacement"),
+            Mode::KubeProxy(m) => println!("{m}: the real kube-proxy in {m} mode (Fibril's socket LB out of its way, per-packet LB for pods)"),
+            Mode::Replacement => println!("replacement: no kube-proxy, Fibril's kube-proxy replacement"),
         }
-        bench_mode(&bin, mode, &secs, &counts, &mut results)?;
+        labs.push(ModeLab::start(&bin, mode, index)?);
+    }
+    let mut results = Results::new();
+    println!(
+        "  {:>6} services | {:>11} | {:>36} | {:>12} | {:>14} | {:>12}",
+        "", "lab", "path", "HTTP conn/s", "TCP_CRR conn/s", "requests/s"
+    );
+    for &count in &counts {
+        for lab in &mut labs {
+            lab.grow_to(count)?;
+        }
+        // The control planes settle: kube-proxy goes on rewriting its
+        // rules for a minute or more after it has them all (each
+        // iptables-restore of 10,000 services is seconds of CPU), and a
+        // measure taken meanwhile is kube-proxy's sync, not its datapath.
+        wait_quiet();
+        for lab in &labs {
+            lab.measure(&secs, &mut results)?;
+        }
     }
     summary(&results, &counts);
     Ok(())
@@ -413,89 +435,94 @@ const ROW_HOST_SOCKET_LB: &str = "host -> cluster IP, Fibril socket LB";
 const ROW_POD_POD: &str = "pod -> pod address (no LB)";
 const ROW_POD_PER_PACKET: &str = "pod -> cluster IP, Fibril per packet";
 
-fn bench_mode(
-    bin: &Path,
+/// One lab serving services in one mode, kept up for the whole run.
+struct ModeLab {
     mode: Mode,
-    secs: &str,
-    counts: &[usize],
-    results: &mut Results,
-) -> anyhow::Result<()> {
-    let lab = Lab {
-        name: format!("svcb{}", std::process::id() % 100_000),
-        bin: bin.to_path_buf(),
-    };
-    let file = std::env::temp_dir().join(format!("{}.yaml", lab.name));
-    let serving = match mode {
-        Mode::KubeProxy(m) => format!("kubeProxy: {m}"),
-        Mode::Replacement => "kubeProxyReplacement: true".to_string(),
-    };
-    std::fs::write(
-        &file,
-        format!(
-            "podCIDR: 10.232.0.0/22\nnodes: [n1, n2]\nkubernetes: true\n{serving}\nctEndpointBudget: 0\n\
-             pods:\n- {{name: client, labels: {{app: client}}, node: n1}}\n\
-             - {{name: host-client, hostNetwork: true, node: n1}}\n"
-        ),
-    )?;
-    let up = lab.fibril(&["lab", "up", "-f", file.to_str().unwrap_or_default()]);
-    std::fs::remove_file(&file).ok();
-    anyhow::ensure!(
-        up.status.success(),
-        "lab up: {}",
-        String::from_utf8_lossy(&up.stderr)
-    );
-    let state = lab.state()?;
-    let underlay = state["underlay_netns"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let node_netns = state["nodes"][0]["netns"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let kubeconfig = PathBuf::from(format!(
-        "/run/fibril/labs/{}/kubernetes/admin.kubeconfig",
-        lab.name
-    ));
-    let rt = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    };
-    // The API client's sockets are made in the lab's underlay, where the
-    // apiserver listens.
-    let web_ip = netns::in_netns(&underlay, || rt()?.block_on(start_web(&kubeconfig)))??;
-    let mut made = VIPS.len();
-    println!(
-        "  {:>6} services | {:>36} | {:>12} | {:>14} | {:>12}",
-        "", "path", "HTTP conn/s", "TCP_CRR conn/s", "requests/s"
-    );
-    let host = Client::HostOutsideCgroup(&node_netns);
-    let node = Client::LabExec("node/n1");
-    let pod = Client::LabExec("default/client");
-    let rows: Vec<(&'static str, &Client, Target)> = match mode {
-        Mode::KubeProxy(_) => vec![
-            (ROW_HOST_POD, &host, Target::Pod),
-            (ROW_HOST_KUBE_PROXY, &host, Target::ClusterIps),
-            (ROW_POD_PER_PACKET, &pod, Target::ClusterIps),
-        ],
-        Mode::Replacement => vec![
-            (ROW_HOST_POD, &node, Target::Pod),
-            (ROW_HOST_SOCKET_LB, &node, Target::ClusterIps),
-            (ROW_POD_POD, &pod, Target::Pod),
-            (ROW_POD_PER_PACKET, &pod, Target::ClusterIps),
-        ],
-    };
-    for &count in counts {
-        netns::in_netns(&underlay, || {
-            rt()?.block_on(add_decoys(&kubeconfig, made, count, &web_ip))
+    lab: Lab,
+    underlay: String,
+    node_netns: String,
+    kubeconfig: PathBuf,
+    web_ip: String,
+    /// Services made so far.
+    made: usize,
+}
+
+/// A new-thread-free runtime for one API call in the lab's underlay.
+fn rt() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+impl ModeLab {
+    /// Brings up the mode's lab (`index` tells its name from the others')
+    /// with the web pod and its four services.
+    fn start(bin: &Path, mode: Mode, index: usize) -> anyhow::Result<Self> {
+        let lab = Lab {
+            name: format!("svc{index}{}", std::process::id() % 100_000),
+            bin: bin.to_path_buf(),
+        };
+        let file = std::env::temp_dir().join(format!("{}.yaml", lab.name));
+        let serving = match mode {
+            Mode::KubeProxy(m) => format!("kubeProxy: {m}"),
+            Mode::Replacement => "kubeProxyReplacement: true".to_string(),
+        };
+        std::fs::write(
+            &file,
+            format!(
+                "podCIDR: 10.232.0.0/22\nnodes: [n1, n2]\nkubernetes: true\n{serving}\nctEndpointBudget: 0\n\
+                 pods:\n- {{name: client, labels: {{app: client}}, node: n1}}\n\
+                 - {{name: host-client, hostNetwork: true, node: n1}}\n"
+            ),
+        )?;
+        let up = lab.fibril(&["lab", "up", "-f", file.to_str().unwrap_or_default()]);
+        std::fs::remove_file(&file).ok();
+        anyhow::ensure!(
+            up.status.success(),
+            "lab up: {}",
+            String::from_utf8_lossy(&up.stderr)
+        );
+        let state = lab.state()?;
+        let underlay = state["underlay_netns"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let node_netns = state["nodes"][0]["netns"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let kubeconfig = PathBuf::from(format!(
+            "/run/fibril/labs/{}/kubernetes/admin.kubeconfig",
+            lab.name
+        ));
+        // The API client's sockets are made in the lab's underlay, where
+        // the apiserver listens.
+        let web_ip = netns::in_netns(&underlay, || rt()?.block_on(start_web(&kubeconfig)))??;
+        Ok(ModeLab {
+            mode,
+            lab,
+            underlay,
+            node_netns,
+            kubeconfig,
+            web_ip,
+            made: VIPS.len(),
+        })
+    }
+
+    /// Makes services up to `count` and waits until the lab serves them
+    /// all (Fibril, and kube-proxy where it runs).
+    fn grow_to(&mut self, count: usize) -> anyhow::Result<()> {
+        let (kubeconfig, web_ip) = (&self.kubeconfig, &self.web_ip);
+        let made = self.made;
+        netns::in_netns(&self.underlay, || {
+            rt()?.block_on(add_decoys(kubeconfig, made, count, web_ip))
         })??;
-        made = count;
+        self.made = count;
         let end = Instant::now() + Duration::from_secs(600);
         let followed = || {
-            fibril_services(&lab) >= count
-                && match mode {
-                    Mode::KubeProxy(m) => kube_proxy_services(&node_netns, m) >= count,
+            fibril_services(&self.lab) >= count
+                && match self.mode {
+                    Mode::KubeProxy(m) => kube_proxy_services(&self.node_netns, m) >= count,
                     Mode::Replacement => true,
                 }
         };
@@ -503,27 +530,47 @@ fn bench_mode(
             anyhow::ensure!(
                 Instant::now() < end,
                 "{count} services not followed within 10 min (Fibril {})",
-                fibril_services(&lab),
+                fibril_services(&self.lab),
             );
             // Not more often: an iptables-save of 10,000 services is
             // half a second of CPU, taken from the control planes.
             std::thread::sleep(Duration::from_secs(2));
         }
-        // The control planes settle: kube-proxy goes on rewriting its
-        // rules for a minute or more after it has them all (each
-        // iptables-restore of 10,000 services is seconds of CPU), and a
-        // measure taken meanwhile is kube-proxy's sync, not its datapath.
-        wait_quiet();
-        let decoys = netns::in_netns(&underlay, || rt()?.block_on(decoy_ips(&kubeconfig)))??;
-        let direct = format!("{web_ip}:8080");
+        Ok(())
+    }
+
+    /// The mode's rows at the services it has now, printed and added to
+    /// `results`.
+    fn measure(&self, secs: &str, results: &mut Results) -> anyhow::Result<()> {
+        let (mode, lab, count) = (self.mode, &self.lab, self.made);
+        let host = Client::HostOutsideCgroup(&self.node_netns);
+        let node = Client::LabExec("node/n1");
+        let pod = Client::LabExec("default/client");
+        let rows: Vec<(&'static str, &Client, Target)> = match mode {
+            Mode::KubeProxy(_) => vec![
+                (ROW_HOST_POD, &host, Target::Pod),
+                (ROW_HOST_KUBE_PROXY, &host, Target::ClusterIps),
+                (ROW_POD_PER_PACKET, &pod, Target::ClusterIps),
+            ],
+            Mode::Replacement => vec![
+                (ROW_HOST_POD, &node, Target::Pod),
+                (ROW_HOST_SOCKET_LB, &node, Target::ClusterIps),
+                (ROW_POD_POD, &pod, Target::Pod),
+                (ROW_POD_PER_PACKET, &pod, Target::ClusterIps),
+            ],
+        };
+        let decoys = netns::in_netns(&self.underlay, || {
+            rt()?.block_on(decoy_ips(&self.kubeconfig))
+        })??;
+        let direct = format!("{}:8080", self.web_ip);
         for (what, client, target) in &rows {
             // (the HTTP address, the TCP_CRR address's host)
             let hosts: Vec<(String, String)> = match target {
-                Target::Pod => vec![(direct.clone(), web_ip.clone())],
+                Target::Pod => vec![(direct.clone(), self.web_ip.clone())],
                 Target::ClusterIps => VIPS
                     .iter()
                     .map(|v| v.to_string())
-                    .zip(crr_targets(mode, &node_netns, &decoys))
+                    .zip(crr_targets(mode, &self.node_netns, &decoys))
                     .collect(),
             };
             let (mut conns, mut crr) = (Vec::new(), Vec::new());
@@ -533,16 +580,17 @@ fn bench_mode(
                 // web pod's budget back within 5 s), so no run pays for
                 // another's.
                 std::thread::sleep(Duration::from_secs(16));
-                conns.push(load(&lab, client, http, Load::HttpConnections, secs)?);
+                conns.push(load(lab, client, http, Load::HttpConnections, secs)?);
                 std::thread::sleep(Duration::from_secs(16));
-                crr.push(load(&lab, client, crr_host, Load::Crr, secs)?);
+                crr.push(load(lab, client, crr_host, Load::Crr, secs)?);
             }
             let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
             let (conns, crr) = (mean(&conns), mean(&crr));
             // Kept-alive requests walk no rule list: one service is enough.
-            let reqs = load(&lab, client, &hosts[0].0, Load::Requests, secs)?;
+            let reqs = load(lab, client, &hosts[0].0, Load::Requests, secs)?;
             println!(
-                "  {count:>6} services | {what:>36} | {conns:>12.0} | {crr:>14.0} | {reqs:>12.0}"
+                "  {count:>6} services | {:>11} | {what:>36} | {conns:>12.0} | {crr:>14.0} | {reqs:>12.0}",
+                mode.name()
             );
             results.push(Row {
                 mode: mode.name(),
@@ -556,12 +604,15 @@ fn bench_mode(
             let served: Vec<String> = VIPS.iter().map(|v| v.to_string()).collect();
             println!(
                 "         places in KUBE-SERVICES now: HTTP's services {}; TCP_CRR's {}",
-                chain_places(&node_netns, &served),
-                chain_places(&node_netns, &crr_targets(mode, &node_netns, &decoys))
+                chain_places(&self.node_netns, &served),
+                chain_places(
+                    &self.node_netns,
+                    &crr_targets(mode, &self.node_netns, &decoys)
+                )
             );
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// The machine's busy share of its CPUs over `window` (`/proc/stat`).
