@@ -28,8 +28,8 @@ struct Series(
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Coded {
     /// `hubble_flows_processed_total`: the event type, the trace point
-    /// (0 unless a trace), the verdict.
-    Processed(i32, i32, Verdict),
+    /// (unset unless a trace), the verdict.
+    Processed(i32, TraceObservationPoint, Verdict),
     /// `hubble_drop_total`: the protocol's name, the drop reason.
     Drop(&'static str, crate::enums::DropReason),
     /// `hubble_policy_verdicts_total`: the action, direction and match.
@@ -47,7 +47,7 @@ impl Coded {
             Coded::Processed(ty, point, verdict) => (
                 "hubble_flows_processed_total",
                 labels(&[
-                    ("subtype", &subtype(ty, TraceObservationPoint(point))),
+                    ("subtype", &subtype(point)),
                     ("type", event_kind(ty)),
                     ("verdict", verdict.as_str()),
                 ]),
@@ -80,7 +80,7 @@ struct AllSeries {
 
 #[derive(Default)]
 pub struct Counters {
-    series: Mutex<AllSeries>,
+    all: Mutex<AllSeries>,
 }
 
 const HELP: [(&str, &str); 12] = [
@@ -135,12 +135,13 @@ const DURATION_BUCKETS: [(&str, u64); 12] = [
     ("+Inf", u64::MAX),
 ];
 
-/// The `subtype` label: a trace's observation point, as Hubble writes it.
-fn subtype(event_type: i32, point: TraceObservationPoint) -> String {
-    match event_type {
-        4 if !point.is_unset() => point.as_str().to_lowercase().replace('_', "-"),
-        _ => String::new(),
+/// The `subtype` label: a trace's observation point, as Hubble writes it
+/// ("" for other events: their point is left unset).
+fn subtype(point: TraceObservationPoint) -> String {
+    if point.is_unset() {
+        return String::new();
     }
+    point.as_str().to_lowercase().replace('_', "-")
 }
 
 /// The `type` label of an event type.
@@ -389,14 +390,14 @@ impl Series {
 impl Counters {
     /// Counts one processed flow.
     pub fn observe(&self, f: &Flow) {
-        let mut all = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all = self.all.lock().unwrap_or_else(|e| e.into_inner());
         let all = &mut *all;
         let mut count = |c: Coded| *all.coded.entry(c).or_default() += 1;
         let ty = f.event_type.r#type;
         let point = if ty == 4 {
-            f.trace_observation_point.0
+            f.trace_observation_point
         } else {
-            0
+            TraceObservationPoint::default()
         };
         count(Coded::Processed(ty, point, f.verdict));
         if f.verdict == Verdict::DROPPED && f.l7.is_none() {
@@ -449,7 +450,7 @@ impl Counters {
 
     /// Counts events lost at `source` (a `flow.LostEventSource` name).
     pub fn lost(&self, source: &str, n: u64) {
-        let mut all = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all = self.all.lock().unwrap_or_else(|e| e.into_inner());
         all.series
             .add("hubble_lost_events_total", &[("source", source)], n);
     }
@@ -458,7 +459,7 @@ impl Counters {
     /// read at render time) are added to the lost-events series.
     pub fn render(&self, extra_lost: &[(&str, u64)]) -> String {
         let mut s = {
-            let all = self.series.lock().unwrap_or_else(|e| e.into_inner());
+            let all = self.all.lock().unwrap_or_else(|e| e.into_inner());
             let mut s = all.series.sorted();
             for (c, n) in &all.coded {
                 *s.entry(c.key()).or_default() += n;
