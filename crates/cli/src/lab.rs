@@ -406,7 +406,7 @@ pub fn bpf_dir(lab: &str) -> PathBuf {
 
 /// A node's pinned maps and links.
 pub(crate) fn node_bpf_dir(lab: &str, node: &str) -> PathBuf {
-    PathBuf::from("/sys/fs/bpf").join(format!("fibril-{lab}-{node}"))
+    PathBuf::from(netns::bpffs::ROOT).join(format!("fibril-{lab}-{node}"))
 }
 
 /// The lab's cgroup (v2): the agent, the pods and `lab exec` commands run
@@ -1228,6 +1228,15 @@ pub fn up(lab: &str, lab_file: Option<&Path>) -> anyhow::Result<()> {
                         make_cgroup(&cg);
                     }
                 }
+            }
+            // And its bpffs directory (its pods' `/sys/fs/bpf`): the
+            // kubelet hands it to a Helm-installed agent as a hostPath, on
+            // a host that may have no bpffs mounted yet.
+            for n in &st.nodes {
+                let dir = node_bpf_dir(lab, &n.name);
+                netns::bpffs::ensure_dir(&dir).with_context(|| {
+                    format!("node {}'s bpffs directory {}", n.name, dir.display())
+                })?;
             }
             for i in (0..st.nodes.len()).filter(|_| lab_agents) {
                 let n = st.nodes[i].clone();

@@ -192,9 +192,14 @@ fn the_chart_lints_renders_the_seed_values_and_refuses_bad_ones() {
     assert_eq!(ui["spec"]["ports"][0]["nodePort"], 31235);
     let peer = find(&docs, "Service", "hubble-peer");
     assert_eq!(peer["spec"]["ports"][0]["targetPort"], 4244);
-    // mTLS between relay and agents, made at install.
-    find(&docs, "Secret", "hubble-server-certs");
-    find(&docs, "Secret", "hubble-relay-client-certs");
+    // mTLS between relay and agents, made at install, by a CA kept in
+    // its own secret (an upgrade signs with it again).
+    let ca = find(&docs, "Secret", "fibril-ca");
+    let server = find(&docs, "Secret", "hubble-server-certs");
+    let relay_certs = find(&docs, "Secret", "hubble-relay-client-certs");
+    assert!(ca["data"]["ca.key"].is_string());
+    assert_eq!(server["data"]["ca.crt"], ca["data"]["ca.crt"]);
+    assert_eq!(relay_certs["data"]["ca.crt"], ca["data"]["ca.crt"]);
     // The agent's rights are the ones the lab's agents run with.
     let role = find(&docs, "ClusterRole", "fibril");
     assert_eq!(role["rules"], k8s::rbac::agent_rules());
@@ -263,9 +268,26 @@ fn the_seeds_helm_install_runs_against_the_labs_apiserver() {
     let (ok, out, err) = helm_in_lab(&install);
     assert!(ok, "{out}{err}");
     assert!(out.contains("STATUS: deployed"), "{out}");
-    // A second run upgrades in place (the seed's script is re-runnable).
+    let hubble_ca = || {
+        let (ok, out, err) = kubectl(&[
+            "get",
+            "secret",
+            "-n",
+            "kube-system",
+            "hubble-server-certs",
+            "-o",
+            "jsonpath={.data.ca\\.crt}",
+        ]);
+        assert!(ok && !out.is_empty(), "{out}{err}");
+        out
+    };
+    let first_ca = hubble_ca();
+    // A second run upgrades in place (the seed's script is re-runnable),
+    // and keeps the CA: agents started before it still trust the relay's
+    // new certificate and it theirs.
     let (ok, out, err) = helm_in_lab(&install);
     assert!(ok && out.contains("REVISION: 2"), "{out}{err}");
+    assert_eq!(hubble_ca(), first_ca, "the upgrade made a new Hubble CA");
 
     // What it made, as the seed's troubleshooting reads it.
     let (ok, crds, err) = kubectl(&["get", "crd", "-o", "name"]);

@@ -964,24 +964,7 @@ where
 
 /// Makes sure bpffs is mounted at /sys/fs/bpf and `dir` exists on it.
 fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
-    // One thread at a time: a directory made while another thread mounts
-    // bpffs would end up hidden under the mount.
-    static MOUNTING: Mutex<()> = Mutex::new(());
-    let _one = MOUNTING.lock().unwrap_or_else(|e| e.into_inner());
-    let root = Path::new("/sys/fs/bpf");
-    let mounted = std::fs::read_to_string("/proc/self/mounts")
-        .map(|m| {
-            m.lines()
-                .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
-        })
-        .unwrap_or(false);
-    if !mounted && dir.starts_with(root) {
-        netns::run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]).map_err(|e| Error::PinDir {
-            path: root.into(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-    }
-    std::fs::create_dir_all(dir).map_err(|source| Error::PinDir {
+    netns::bpffs::ensure_dir(dir).map_err(|source| Error::PinDir {
         path: dir.into(),
         source,
     })

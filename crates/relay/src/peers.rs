@@ -155,7 +155,9 @@ pub async fn follow(peers: Arc<Peers>, services: Vec<String>, cluster: String) {
                     break;
                 }
                 Err(e) => {
-                    tracing::warn!(peer_service = %address, error = %e, "peer service unavailable");
+                    // The whole chain: tonic's own text is only
+                    // "transport error", the cause (refused, TLS) below it.
+                    tracing::warn!(peer_service = %address, error = %format_args!("{e:#}"), "peer service unavailable");
                 }
             }
         }
