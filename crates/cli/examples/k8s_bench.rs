@@ -15,38 +15,19 @@
 //! does). The lab is removed at the end, also on failure.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s::kube::api::{Api, DynamicObject, PostParams};
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;
 
+#[path = "common/bench_lab.rs"]
+mod bench_lab;
+use bench_lab::BenchLab;
+
 const ROUNDS: usize = 100;
 const POD_ROUNDS: usize = 20;
 const SCALE_PODS: usize = 200;
-
-struct Lab {
-    name: String,
-    fibril: PathBuf,
-}
-
-impl Lab {
-    fn fibril(&self, args: &[&str]) -> std::process::Output {
-        Command::new(&self.fibril)
-            .arg("--lab")
-            .arg(&self.name)
-            .args(args)
-            .output()
-            .expect("fibril runs")
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        self.fibril(&["lab", "down"]);
-    }
-}
 
 fn summary(samples: &mut [f64], what: &str) -> String {
     samples.sort_by(|a, b| a.total_cmp(b));
@@ -73,32 +54,13 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let fibril = std::env::current_exe()?
-        .parent()
-        .and_then(|d| d.parent())
-        .map(|d| d.join("fibril"))
-        .filter(|p| p.exists())
-        .ok_or_else(|| anyhow::anyhow!("build fibril first (cargo build --release --bins)"))?;
-    let lab = Lab {
-        name: format!("k8sb{}", std::process::id() % 100_000),
-        fibril,
-    };
-    let file = std::env::temp_dir().join(format!("{}.yaml", lab.name));
-    std::fs::write(
-        &file,
+    let bin = BenchLab::release_bin()?;
+    let lab = BenchLab::up(
+        &bin,
+        format!("k8sb{}", std::process::id() % 100_000),
         "podCIDR: 10.231.0.0/22\nnodes: [n1, n2, n3]\nkubernetes: true\n",
     )?;
-    let up = lab.fibril(&["lab", "up", "-f", file.to_str().unwrap_or_default()]);
-    std::fs::remove_file(&file).ok();
-    anyhow::ensure!(
-        up.status.success(),
-        "lab up: {}",
-        String::from_utf8_lossy(&up.stderr)
-    );
-    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!(
-        "/run/fibril/labs/{}/lab.json",
-        lab.name
-    ))?)?;
+    let state = lab.state()?;
     let underlay = state["underlay_netns"]
         .as_str()
         .unwrap_or_default()

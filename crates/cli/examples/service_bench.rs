@@ -61,6 +61,10 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::json;
 
+#[path = "common/bench_lab.rs"]
+mod bench_lab;
+use bench_lab::BenchLab;
+
 /// Service counts measured (`SERVICE_BENCH_COUNTS` may pick some).
 const COUNTS: [usize; 3] = [10, 1_000, 10_000];
 /// The served services' cluster IPs (web-0 .. web-3).
@@ -71,35 +75,6 @@ const CLIENTS: &str = "2";
 /// tenth of the time, waiting on each other), so the rate measures the
 /// work a connection costs rather than its round trips.
 const CRR_CLIENTS: &str = "8";
-
-struct Lab {
-    name: String,
-    bin: PathBuf,
-}
-
-impl Lab {
-    fn fibril(&self, args: &[&str]) -> std::process::Output {
-        Command::new(self.bin.join("fibril"))
-            .arg("--lab")
-            .arg(&self.name)
-            .args(args)
-            .output()
-            .expect("fibril runs")
-    }
-
-    fn state(&self) -> anyhow::Result<serde_json::Value> {
-        Ok(serde_json::from_str(&std::fs::read_to_string(format!(
-            "/run/fibril/labs/{}/lab.json",
-            self.name
-        ))?)?)
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        self.fibril(&["lab", "down"]);
-    }
-}
 
 /// The web pod's TCP_CRR port (its `crr-server` container), behind port
 /// 9000 of each decoy service.
@@ -139,7 +114,7 @@ enum Load {
 
 /// One load run from `client` to `host` (an address; the web port or the
 /// service's): its rate.
-fn load(lab: &Lab, client: &Client, host: &str, how: Load, secs: &str) -> anyhow::Result<f64> {
+fn load(lab: &BenchLab, client: &Client, host: &str, how: Load, secs: &str) -> anyhow::Result<f64> {
     let echo = lab.bin.join("fibril-echo").display().to_string();
     let mut args: Vec<String> = vec![echo];
     match how {
@@ -271,7 +246,7 @@ fn crr_targets(mode: Mode, node_netns: &str, decoys: &[String]) -> Vec<String> {
 }
 
 /// The frontends Fibril's agent on node n1 balances.
-fn fibril_services(lab: &Lab) -> usize {
+fn fibril_services(lab: &BenchLab) -> usize {
     let out = lab.fibril(&["--node", "n1", "service", "list", "-o", "json"]);
     serde_json::from_slice::<serde_json::Value>(&out.stdout)
         .ok()
@@ -318,12 +293,7 @@ struct Row {
 type Results = Vec<Row>;
 
 fn main() -> anyhow::Result<()> {
-    let bin = std::env::current_exe()?
-        .parent()
-        .and_then(|d| d.parent())
-        .map(Path::to_path_buf)
-        .filter(|d| d.join("fibril").exists())
-        .ok_or_else(|| anyhow::anyhow!("build fibril first (cargo build --release --bins)"))?;
+    let bin = BenchLab::release_bin()?;
     let secs = std::env::var("SERVICE_BENCH_SECONDS").unwrap_or_else(|_| "5".into());
     let modes = std::env::var("SERVICE_BENCH_MODES")
         .unwrap_or_else(|_| "iptables,nftables,replacement".into());
@@ -438,7 +408,7 @@ const ROW_POD_PER_PACKET: &str = "pod -> cluster IP, Fibril per packet";
 /// One lab serving services in one mode, kept up for the whole run.
 struct ModeLab {
     mode: Mode,
-    lab: Lab,
+    lab: BenchLab,
     underlay: String,
     node_netns: String,
     kubeconfig: PathBuf,
@@ -458,30 +428,19 @@ impl ModeLab {
     /// Brings up the mode's lab (`index` tells its name from the others')
     /// with the web pod and its four services.
     fn start(bin: &Path, mode: Mode, index: usize) -> anyhow::Result<Self> {
-        let lab = Lab {
-            name: format!("svc{index}{}", std::process::id() % 100_000),
-            bin: bin.to_path_buf(),
-        };
-        let file = std::env::temp_dir().join(format!("{}.yaml", lab.name));
         let serving = match mode {
             Mode::KubeProxy(m) => format!("kubeProxy: {m}"),
             Mode::Replacement => "kubeProxyReplacement: true".to_string(),
         };
-        std::fs::write(
-            &file,
-            format!(
+        let lab = BenchLab::up(
+            bin,
+            format!("svc{index}{}", std::process::id() % 100_000),
+            &format!(
                 "podCIDR: 10.232.0.0/22\nnodes: [n1, n2]\nkubernetes: true\n{serving}\nctEndpointBudget: 0\n\
                  pods:\n- {{name: client, labels: {{app: client}}, node: n1}}\n\
                  - {{name: host-client, hostNetwork: true, node: n1}}\n"
             ),
         )?;
-        let up = lab.fibril(&["lab", "up", "-f", file.to_str().unwrap_or_default()]);
-        std::fs::remove_file(&file).ok();
-        anyhow::ensure!(
-            up.status.success(),
-            "lab up: {}",
-            String::from_utf8_lossy(&up.stderr)
-        );
         let state = lab.state()?;
         let underlay = state["underlay_netns"]
             .as_str()

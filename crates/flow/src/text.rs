@@ -1,7 +1,8 @@
 //! The strings every flow carries (times, addresses, ids), written digit by
-//! digit into one allocation. They run for every flow; `format!` costs
-//! several times as much (its formatting machinery, and the allocations
-//! it grows through).
+//! digit: times and ids into one allocation, addresses and MACs into a
+//! stack buffer made an inline string (no allocation at all). They run for
+//! every flow; `format!` costs several times as much (its formatting
+//! machinery, and the allocations it grows through).
 
 use std::net::Ipv4Addr;
 

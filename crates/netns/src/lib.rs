@@ -647,7 +647,6 @@ pub fn ip_netns(name: &str, args: &[&str]) -> Result<String, NetError> {
 /// The BPF filesystem, where pinned maps and links outlive their loader.
 pub mod bpffs {
     use std::path::Path;
-    use std::sync::Mutex;
 
     /// Where bpffs is mounted (and mounted here when it is not).
     pub const ROOT: &str = "/sys/fs/bpf";
@@ -657,18 +656,26 @@ pub mod bpffs {
     /// someone mounts it: the agent, or a lab's node before its kubelet
     /// hands `/sys/fs/bpf` to a Helm-installed agent as a hostPath.
     pub fn ensure_dir(dir: &Path) -> std::io::Result<()> {
-        // One thread at a time: a directory made while another thread
-        // mounts bpffs would end up hidden under the mount.
-        static MOUNTING: Mutex<()> = Mutex::new(());
-        let _one = MOUNTING.lock().unwrap_or_else(|e| e.into_inner());
-        let mounted = std::fs::read_to_string("/proc/self/mounts")
-            .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some(ROOT)))
-            .unwrap_or(false);
-        if !mounted && dir.starts_with(ROOT) {
-            super::run("mount", &["-t", "bpf", "bpf", ROOT])
-                .map_err(|e| std::io::Error::other(format!("mounting bpffs at {ROOT}: {e}")))?;
+        if dir.starts_with(ROOT) && !mounted() {
+            // One mounter at a time, across processes (agents start side
+            // by side): a second `mount` would stack another bpffs over the
+            // first and hide what the first one's owner pinned there. The
+            // lock is on the mount point itself (the directory under it
+            // until it is mounted), so nothing is left behind.
+            let under = std::fs::File::open(ROOT)?;
+            under.lock()?;
+            if !mounted() {
+                super::run("mount", &["-t", "bpf", "bpf", ROOT])
+                    .map_err(|e| std::io::Error::other(format!("mounting bpffs at {ROOT}: {e}")))?;
+            }
         }
         std::fs::create_dir_all(dir)
+    }
+
+    fn mounted() -> bool {
+        std::fs::read_to_string("/proc/self/mounts")
+            .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some(ROOT)))
+            .unwrap_or(false)
     }
 }
 
