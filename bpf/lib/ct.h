@@ -19,10 +19,16 @@ const volatile __u64 ct_timeout_any_s = 60;
  * 0: no budget). */
 const volatile __u32 ct_endpoint_budget = 65536;
 
+/* The owner of an entry that takes the place of one of the same tuple
+ * (expired, or closed and reopened): already charged to its endpoint's
+ * budget, so not again. Endpoint ids start at 1. */
+#define CT_OWNER_REPLACED 0
+
 struct ct_result {
 	__u8 state;              /* fibril_ct_state */
 	__u8 report;             /* worth a trace event (monitor aggregation) */
 	__u8 flags;              /* CT_F_* of the entry */
+	__u8 replaces;           /* CT_NEW: its entry replaces one (no charge) */
 	__u16 rev_nat;           /* the entry's reverse-NAT index (lib/lb.h) */
 	__u32 policy_cookie;
 };
@@ -111,13 +117,22 @@ FIBRIL_GLOBAL int ct_lookup(const struct packet *pkt, __u8 dir, struct ct_result
 
 	res->report = 0;
 	res->flags = 0;
+	res->replaces = 0;
 	res->rev_nat = 0;
 	res->policy_cookie = 0;
 
 	ct_fill_key(&key, pkt, dir, 0);
 	v = bpf_map_lookup_elem(&fibril_ct, &key);
+	/* A reused tuple's entry (a client reusing its ports opens most of its
+	 * connections over one) is replaced, not added: the endpoint's budget
+	 * already counts it. Charging it again filled a busy client's budget
+	 * in a second at a few thousand connections/s, whose entries were far
+	 * fewer, and refused its connections until the census. */
+	if (v && (v->expires_ns <= now))
+		res->replaces = 1;
 	if (v && v->expires_ns > now && ct_reopens(pkt, v, 1)) {
 		bpf_map_delete_elem(&fibril_ct, &key);
+		res->replaces = 1;
 		goto new;
 	}
 	if (v && v->expires_ns > now) {
@@ -131,6 +146,7 @@ FIBRIL_GLOBAL int ct_lookup(const struct packet *pkt, __u8 dir, struct ct_result
 	v = bpf_map_lookup_elem(&fibril_ct, &key);
 	if (v && v->expires_ns > now && ct_reopens(pkt, v, 0)) {
 		bpf_map_delete_elem(&fibril_ct, &key);
+		res->replaces = 1;
 		goto new;
 	}
 	if (v && v->expires_ns > now) {
@@ -189,7 +205,7 @@ static __always_inline int ct_budget_take(__u32 owner)
 {
 	struct ct_budget *b;
 
-	if (!ct_endpoint_budget)
+	if (!ct_endpoint_budget || owner == CT_OWNER_REPLACED)
 		return 0;
 	b = bpf_map_lookup_elem(&fibril_ct_budget, &owner);
 	if (!b) {

@@ -1059,6 +1059,47 @@ fn a_pod_past_its_conntrack_budget_cannot_crowd_out_the_others() {
     assert_eq!(send(&mut client, CLIENT, 4), TC_ACT_OK);
 }
 
+/// A connection over a tuple whose entry is still there (a busy client
+/// reuses its ports within the close timeout) replaces that entry: the
+/// budget, which counts it already, is not charged again, so a client
+/// opening connections fast is not refused long before it holds its
+/// budget of entries.
+#[test]
+fn a_reused_tuple_takes_its_old_entrys_place_in_the_budget() {
+    let lab = lab_with(|c| c.ct_endpoint_budget = 1);
+    let mut client = progs(&lab, 1, CLIENT);
+    let world = Ipv4Addr::new(192, 0, 2, 9);
+    let mut send = |sport: u16, flags: u8| {
+        client
+            .test_run(
+                Hook::FromContainer,
+                &ipv4_packet(
+                    CLIENT,
+                    world,
+                    L4::Tcp {
+                        sport,
+                        dport: 80,
+                        flags,
+                    },
+                ),
+            )
+            .unwrap()
+            .action
+    };
+    assert_eq!(send(40700, TCP_SYN), TC_ACT_OK);
+    assert_eq!(send(40700, TCP_ACK), TC_ACT_OK);
+    // Closed by a reset, then the port opens the next connection.
+    assert_eq!(send(40700, TCP_RST | TCP_ACK), TC_ACT_OK);
+    assert_eq!(send(40700, TCP_SYN), TC_ACT_OK, "the reopened tuple");
+    assert_eq!(
+        send(40701, TCP_SYN),
+        TC_ACT_SHOT,
+        "a second tuple: past the budget"
+    );
+    let census = lab.dp.ct_census();
+    assert_eq!((census.busiest, census.overflows), (1, 1));
+}
+
 /// The conntrack table is read in batches (a few thousand entries a
 /// system call): every entry once, past the first batch's end too.
 #[test]
