@@ -127,8 +127,7 @@ static __always_inline int host_traffic(struct __sk_buff *skb, struct packet *pk
 		int verdict = host_policy(skb, pkt, dir, src_id, dst_id, flags, &pv);
 		if (verdict != TC_ACT_OK)
 			return verdict;
-		if (ct_create(pkt, dir, pv.cookie, 0,
-			      ct.replaces ? CT_OWNER_REPLACED : HOST_ENDPOINT_ID) < 0)
+		if (ct_create(pkt, dir, pv.cookie, 0, ct_charge_to(&ct, HOST_ENDPOINT_ID)) < 0)
 			return drop_notify(skb, pkt, HOST_ENDPOINT_ID, DROP_CT_MAP_INSERT_FAILED, dir,
 					   src_id, dst_id, pv.match, pv.cookie);
 		ct.policy_cookie = pv.cookie;

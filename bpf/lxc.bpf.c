@@ -243,7 +243,7 @@ int from_container(struct __sk_buff *skb)
 		if (redirect == REDIRECT_DNS)
 			ct_flags |= CT_F_DNS;
 		if (ct_create(&pkt, DIR_EGRESS, pv.cookie, ct_flags,
-			      ct.replaces ? CT_OWNER_REPLACED : endpoint_id) < 0)
+			      ct_charge_to(&ct, endpoint_id)) < 0)
 			return drop(skb, &pkt, DROP_CT_MAP_INSERT_FAILED, DIR_EGRESS, src_id,
 				    dst_id, pv.match, pv.cookie);
 	}

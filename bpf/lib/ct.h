@@ -19,16 +19,19 @@ const volatile __u64 ct_timeout_any_s = 60;
  * 0: no budget). */
 const volatile __u32 ct_endpoint_budget = 65536;
 
-/* The owner of an entry that takes the place of one of the same tuple
- * (expired, or closed and reopened): already charged to its endpoint's
- * budget, so not again. Endpoint ids start at 1. */
+/* The owner of an entry that takes the place of a live one of its tuple
+ * (closed and reopened): that one is counted in its endpoint's budget, so
+ * this one is not charged again. Endpoint ids start at 1. An expired entry
+ * is no longer counted (the census counts live ones), so one that replaces
+ * it is charged: else an endpoint could revive its expired entries past
+ * its budget. */
 #define CT_OWNER_REPLACED 0
 
 struct ct_result {
 	__u8 state;              /* fibril_ct_state */
 	__u8 report;             /* worth a trace event (monitor aggregation) */
 	__u8 flags;              /* CT_F_* of the entry */
-	__u8 replaces;           /* CT_NEW: its entry replaces one (no charge) */
+	__u8 replaces;           /* CT_NEW: its entry replaces a live one */
 	__u16 rev_nat;           /* the entry's reverse-NAT index (lib/lb.h) */
 	__u32 policy_cookie;
 };
@@ -123,13 +126,11 @@ FIBRIL_GLOBAL int ct_lookup(const struct packet *pkt, __u8 dir, struct ct_result
 
 	ct_fill_key(&key, pkt, dir, 0);
 	v = bpf_map_lookup_elem(&fibril_ct, &key);
-	/* A reused tuple's entry (a client reusing its ports opens most of its
-	 * connections over one) is replaced, not added: the endpoint's budget
-	 * already counts it. Charging it again filled a busy client's budget
-	 * in a second at a few thousand connections/s, whose entries were far
-	 * fewer, and refused its connections until the census. */
-	if (v && (v->expires_ns <= now))
-		res->replaces = 1;
+	/* A reopened tuple's entry (a client reusing its ports within the
+	 * close timeout opens most of its connections over one) is replaced,
+	 * not added. Charging it again filled a busy client's budget in
+	 * seconds at a few thousand connections/s, holding far fewer entries,
+	 * and refused its connections until the census. */
 	if (v && v->expires_ns > now && ct_reopens(pkt, v, 1)) {
 		bpf_map_delete_elem(&fibril_ct, &key);
 		res->replaces = 1;
@@ -145,8 +146,9 @@ FIBRIL_GLOBAL int ct_lookup(const struct packet *pkt, __u8 dir, struct ct_result
 	ct_fill_key(&key, pkt, opposite, 1);
 	v = bpf_map_lookup_elem(&fibril_ct, &key);
 	if (v && v->expires_ns > now && ct_reopens(pkt, v, 0)) {
+		/* The peer's entry (charged to whoever opened that way): the
+		 * new one is charged as any. */
 		bpf_map_delete_elem(&fibril_ct, &key);
-		res->replaces = 1;
 		goto new;
 	}
 	if (v && v->expires_ns > now) {
@@ -197,6 +199,13 @@ static __always_inline int ct_related(const struct packet *pkt, __u8 dir)
 	key.direction = dir;
 	v = bpf_map_lookup_elem(&fibril_ct, &key);
 	return v && v->expires_ns > now;
+}
+
+/* Whom a new entry is charged to: `owner`, unless it replaces a live
+ * entry of its tuple. */
+static __always_inline __u32 ct_charge_to(const struct ct_result *ct, __u32 owner)
+{
+	return ct->replaces ? CT_OWNER_REPLACED : owner;
 }
 
 /* Takes one entry of `owner`'s budget. Returns 0, or -1 when the budget is

@@ -166,8 +166,7 @@ static __always_inline int ingress_to_endpoint(struct __sk_buff *skb, struct pac
 			struct endpoint_info *sender = local_endpoint(pkt->saddr);
 			owner = sender ? sender->ep_id : ep_id;
 		}
-		if (ct_create(pkt, DIR_INGRESS, pv->cookie, ct_flags,
-			      ct.replaces ? CT_OWNER_REPLACED : owner) < 0)
+		if (ct_create(pkt, DIR_INGRESS, pv->cookie, ct_flags, ct_charge_to(&ct, owner)) < 0)
 			return drop_notify(skb, pkt, ep_id, DROP_CT_MAP_INSERT_FAILED, DIR_INGRESS,
 					   src_id, dst_id, pv->match, pv->cookie);
 		ct.policy_cookie = pv->cookie;

@@ -202,9 +202,10 @@ FIBRIL_GLOBAL int lb4_translate(struct __sk_buff *skb, struct packet *pkt, __u32
 		be = bpf_map_lookup_elem(&fibril_lb_backends, &backend_id);
 		if (!be)
 			return DROP(DROP_NO_SERVICE);
-		/* An entry there (expired, or its tuple reopened) is
-		 * replaced: already charged. */
-		if (!cv && ct_budget_take(owner) < 0)
+		/* A live entry there (its tuple reopened, or its backend
+		 * gone) is replaced, already counted; an expired one is not. */
+		int replaces = cv && cv->expires_ns > now;
+		if (!replaces && ct_budget_take(owner) < 0)
 			return DROP(DROP_CT_MAP_INSERT_FAILED);
 		if (lb4_client_entry(&ck, pkt, now, backend_id, rev_nat) < 0)
 			return DROP(DROP_CT_MAP_INSERT_FAILED);
